@@ -1,0 +1,10 @@
+"""patterndsl: a compiler for attention sparsity patterns.
+
+Public API only; see ``../shared/LANGUAGE.md`` section 3 and docs/ARCHITECTURE.md.
+"""
+
+from patterndsl.api import Pattern, attention, compile, load
+from patterndsl.errors import PatternError
+
+__all__ = ["Pattern", "PatternError", "attention", "compile", "load"]
+__version__ = "0.1.0"

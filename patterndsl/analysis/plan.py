@@ -1,0 +1,291 @@
+"""Stage 4 data: the block plan that drives every executor.
+
+Comes in: built by :mod:`patterndsl.analysis` from a bound pattern (or, for
+tests and as the reference, by :func:`plan_from_mask` from a dense mask).
+Goes out: per group of heads that share one pattern, which key tiles each
+query tile visits (CSR lists and compact runs), the transposed lists the
+backward pass needs, the token permutations, and statistics.
+
+Tile states: 0 empty, 1 partial (the predicate must be applied), 2 full (no
+mask work), 3 decided at run time (``route``). Tiles live in the *reordered*
+token space: query tile ``m`` holds reordered query positions
+``m*BM .. m*BM+BM-1``, which are original query indices
+``q_order[m*BM : m*BM+BM]`` (likewise keys with ``kv_order``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from patterndsl import ir
+
+EMPTY, PARTIAL, FULL, DYNAMIC = 0, 1, 2, 3
+
+
+@dataclass(frozen=True)
+class TileList:
+    """Non-empty tiles of one head group in both orientations (CSR / CSC).
+
+    Attributes:
+        row_ptr: int64 ``[nqb + 1]``; query tile ``m`` owns ``cols[row_ptr[m]:row_ptr[m+1]]``.
+        cols: int64 ``[nnz]`` key tile indices, ascending within a row.
+        state: int8 ``[nnz]`` 1 partial, 2 full, 3 run-time.
+        col_ptr: int64 ``[nkb + 1]``; key tile ``n`` owns ``rows[col_ptr[n]:col_ptr[n+1]]``.
+        rows: int64 ``[nnz]`` query tile indices, ascending within a column.
+        state_t: int8 ``[nnz]`` states in the transposed order.
+    """
+
+    row_ptr: torch.Tensor
+    cols: torch.Tensor
+    state: torch.Tensor
+    col_ptr: torch.Tensor
+    rows: torch.Tensor
+    state_t: torch.Tensor
+
+    @property
+    def nnz(self) -> int:
+        return int(self.cols.numel())
+
+    @staticmethod
+    def from_dense(tiles: torch.Tensor) -> TileList:
+        """Build from a dense int8 ``[nqb, nkb]`` tile map (small maps; tests and fallbacks)."""
+        nqb, nkb = tiles.shape
+        rows, cols = torch.nonzero(tiles, as_tuple=True)
+        return TileList.from_coo(rows, cols, tiles[rows, cols].to(torch.int8), nqb, nkb)
+
+    @staticmethod
+    def from_coo(rows, cols, state, nqb: int, nkb: int) -> TileList:
+        """Build from unsorted COO triples (no duplicates)."""
+        rows = rows.to(torch.int64)
+        cols = cols.to(torch.int64)
+        state = state.to(torch.int8)
+        order = torch.argsort(rows * max(nkb, 1) + cols)
+        r, c, s = rows[order], cols[order], state[order]
+        row_ptr = torch.zeros(nqb + 1, dtype=torch.int64)
+        row_ptr[1:] = torch.cumsum(torch.bincount(r, minlength=nqb), 0)
+        order_t = torch.argsort(c * max(nqb, 1) + r)
+        col_ptr = torch.zeros(nkb + 1, dtype=torch.int64)
+        col_ptr[1:] = torch.cumsum(torch.bincount(c, minlength=nkb), 0)
+        return TileList(row_ptr, c, s, col_ptr, r[order_t], s[order_t])
+
+    def to_dense(self, nqb: int, nkb: int) -> torch.Tensor:
+        out = torch.zeros(nqb, nkb, dtype=torch.int8)
+        counts = self.row_ptr[1:] - self.row_ptr[:-1]
+        rows = torch.repeat_interleave(torch.arange(nqb), counts)
+        out[rows, self.cols] = self.state
+        return out
+
+
+@dataclass(frozen=True)
+class Runs:
+    """Compact runs: query tile ``row[i]`` visits key tiles ``lo[i] <= n < hi[i]``, all in ``state[i]``.
+
+    Sorted by ``(row, lo)``; adjacent runs of the same state are merged.
+    """
+
+    row: torch.Tensor
+    lo: torch.Tensor
+    hi: torch.Tensor
+    state: torch.Tensor
+
+    @staticmethod
+    def from_tiles(tl: TileList, nqb: int) -> Runs:
+        counts = tl.row_ptr[1:] - tl.row_ptr[:-1]
+        rows = torch.repeat_interleave(torch.arange(nqb), counts)
+        if rows.numel() == 0:
+            z = torch.zeros(0, dtype=torch.int64)
+            return Runs(z, z, z, z.to(torch.int8))
+        new = torch.ones_like(rows, dtype=torch.bool)
+        new[1:] = (rows[1:] != rows[:-1]) | (tl.cols[1:] != tl.cols[:-1] + 1) | (tl.state[1:] != tl.state[:-1])
+        starts = torch.nonzero(new).flatten()
+        ends = torch.cat([starts[1:], torch.tensor([rows.numel()])])
+        return Runs(rows[starts], tl.cols[starts], tl.cols[ends - 1] + 1, tl.state[starts])
+
+    def __len__(self) -> int:
+        return int(self.row.numel())
+
+
+@dataclass(frozen=True)
+class HeadGroup:
+    """Heads that share one pattern node, and so one tile structure.
+
+    Attributes:
+        heads: the query-head indices in this group.
+        node: the bound pattern of these heads (``where`` may still read ``h``:
+            then the group has one head).
+        tiles: CSR/CSC tile lists.
+        runs: the same tiles as compact runs.
+        forms: optional closed forms of the runs (see :mod:`patterndsl.analysis`), or None.
+    """
+
+    heads: tuple[int, ...]
+    node: ir.Node
+    tiles: TileList
+    runs: Runs
+    forms: Any = None
+
+
+@dataclass
+class PlanStats:
+    """Numbers reported by ``BlockPlan.stats`` and ``patterndsl show --stage plan``."""
+
+    allowed_pairs: int = 0  # sum over heads
+    total_pairs: int = 0  # heads * Lq * Lk
+    tiles_empty: int = 0  # sum over heads
+    tiles_partial: int = 0
+    tiles_full: int = 0
+    tiles_dynamic: int = 0
+    visited_pairs: int = 0  # pairs inside visited (non-empty) tiles, clipped to the lengths
+    tiles_evaluated: int = 0  # tiles whose state needed element-wise evaluation
+    plan_seconds: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def density(self) -> float:
+        return self.allowed_pairs / self.total_pairs if self.total_pairs else 0.0
+
+    @property
+    def block_efficiency(self) -> float:
+        return self.allowed_pairs / self.visited_pairs if self.visited_pairs else 1.0
+
+    def flops(self, head_dim: int, batch: int = 1) -> dict[str, float]:
+        """Estimated forward FLOPs: useful (allowed pairs) and executed (visited pairs)."""
+        per_pair = 4 * head_dim * batch
+        return {"useful": per_pair * self.allowed_pairs, "executed": per_pair * self.visited_pairs}
+
+
+@dataclass
+class BlockPlan:
+    """The block structure of a pattern at given lengths, heads and tile size.
+
+    Attributes:
+        pattern: the bound pattern (:class:`patterndsl.ir.PatternIR`).
+        q_len, kv_len, heads: the sizes planned for.
+        block_m, block_n: tile sizes ``BM``, ``BN``.
+        q_order, kv_order: int64 permutations, new position -> original index.
+        order: ``"identity"`` or a short description of the reordering chosen.
+        groups: head groups; ``head_group[h]`` is the index of head ``h``'s group.
+        stats: :class:`PlanStats`.
+    """
+
+    pattern: Any
+    q_len: int
+    kv_len: int
+    heads: int
+    block_m: int
+    block_n: int
+    q_order: torch.Tensor
+    kv_order: torch.Tensor
+    order: str
+    groups: tuple[HeadGroup, ...]
+    head_group: tuple[int, ...]
+    stats: PlanStats
+
+    @property
+    def block(self) -> tuple[int, int]:
+        return (self.block_m, self.block_n)
+
+    @property
+    def n_q_tiles(self) -> int:
+        return -(-self.q_len // self.block_m)
+
+    @property
+    def n_kv_tiles(self) -> int:
+        return -(-self.kv_len // self.block_n)
+
+    @property
+    def is_identity_order(self) -> bool:
+        return self.order == "identity"
+
+    def group_of(self, h: int) -> HeadGroup:
+        return self.groups[self.head_group[h]]
+
+    def tiles(self) -> torch.Tensor:
+        """int8 ``[heads, nqb, nkb]``: 0 empty, 1 partial, 2 full, 3 decided at run time."""
+        per_group = [g.tiles.to_dense(self.n_q_tiles, self.n_kv_tiles) for g in self.groups]
+        return torch.stack([per_group[self.head_group[h]] for h in range(self.heads)])
+
+    def transposed(self, h: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """For head ``h``: ``(col_ptr, rows, state)``, each key tile's query tiles (for backward)."""
+        tl = self.group_of(h).tiles
+        return tl.col_ptr, tl.rows, tl.state_t
+
+
+def tile_reduce(mask: torch.Tensor, block_m: int, block_n: int) -> torch.Tensor:
+    """Reduce a dense bool mask ``[..., Lq, Lk]`` to tile states ``[..., nqb, nkb]`` (reference).
+
+    A tile is full when every in-range pair is allowed; the padding past the
+    lengths does not count.
+    """
+    *lead, lq, lk = mask.shape
+    nqb, nkb = -(-lq // block_m), -(-lk // block_n)
+    padded = torch.zeros(*lead, nqb * block_m, nkb * block_n, dtype=torch.int32)
+    valid = torch.zeros_like(padded)
+    padded[..., :lq, :lk] = mask.to(torch.int32)
+    valid[..., :lq, :lk] = 1
+    shape = (*lead, nqb, block_m, nkb, block_n)
+    allowed = padded.reshape(shape).sum(dim=(-3, -1))
+    inrange = valid.reshape(shape).sum(dim=(-3, -1))
+    out = torch.zeros_like(allowed, dtype=torch.int8)
+    out[allowed > 0] = PARTIAL
+    out[(allowed == inrange) & (allowed > 0)] = FULL
+    return out
+
+
+def plan_from_mask(
+    mask: torch.Tensor,
+    block: tuple[int, int] = (128, 128),
+    q_order: torch.Tensor | None = None,
+    kv_order: torch.Tensor | None = None,
+    pattern: Any = None,
+    nodes: list[ir.Node] | None = None,
+) -> BlockPlan:
+    """Reference plan built from a dense mask ``[heads, Lq, Lk]`` (tests and small sizes only).
+
+    Args:
+        mask: the dense meaning in original order.
+        block: ``(BM, BN)``.
+        q_order, kv_order: permutations (new -> original); identity when None.
+        pattern: the bound pattern to record, if any.
+        nodes: per-head pattern nodes (heads with equal nodes and equal masks share a group).
+
+    Returns:
+        A :class:`BlockPlan` whose ``tiles()`` is the tile reduction of the permuted mask.
+    """
+    heads, lq, lk = mask.shape
+    bm, bn = block
+    qo = torch.arange(lq) if q_order is None else q_order.to(torch.int64)
+    ko = torch.arange(lk) if kv_order is None else kv_order.to(torch.int64)
+    permuted = mask[:, qo][:, :, ko]
+    dense = tile_reduce(permuted, bm, bn)
+    groups: list[HeadGroup] = []
+    head_group: list[int] = []
+    seen: dict[tuple, int] = {}
+    for h in range(heads):
+        node = nodes[h] if nodes is not None else ir.FULL
+        key = (node, permuted[h].numpy().tobytes())
+        if key not in seen:
+            tl = TileList.from_dense(dense[h])
+            seen[key] = len(groups)
+            groups.append(HeadGroup((h,), node, tl, Runs.from_tiles(tl, dense.shape[1])))
+        else:
+            g = groups[seen[key]]
+            groups[seen[key]] = HeadGroup((*g.heads, h), g.node, g.tiles, g.runs, g.forms)
+        head_group.append(seen[key])
+    nqb, nkb = dense.shape[1:]
+    stats = PlanStats(
+        allowed_pairs=int(mask.sum()),
+        total_pairs=heads * lq * lk,
+        tiles_empty=int((dense == EMPTY).sum()),
+        tiles_partial=int((dense == PARTIAL).sum()),
+        tiles_full=int((dense == FULL).sum()),
+    )
+    rows_len = torch.clamp(lq - torch.arange(nqb) * bm, max=bm)
+    cols_len = torch.clamp(lk - torch.arange(nkb) * bn, max=bn)
+    area = rows_len[:, None] * cols_len[None, :]
+    stats.visited_pairs = int((area[None] * (dense > 0)).sum())
+    order = "identity" if q_order is None and kv_order is None else "custom"
+    return BlockPlan(pattern, lq, lk, heads, bm, bn, qo, ko, order, tuple(groups), tuple(head_group), stats)

@@ -1,0 +1,179 @@
+"""The public Python API: a thin layer over the pipeline's stages.
+
+Comes in: pattern source text (or a file) and parameters. Goes out: a
+:class:`Pattern` whose methods call the stages in order — grammar -> check
+-> semantics / analysis -> codegen / runtime — and nothing else.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from patterndsl import ir
+from patterndsl.errors import PatternError
+
+
+class Pattern:
+    """A parsed, checked pattern with every parameter bound.
+
+    Attributes:
+        ir: the canonical :class:`patterndsl.ir.PatternIR`.
+        name: the pattern's name.
+        params: the bound parameter values.
+    """
+
+    def __init__(self, pir: ir.PatternIR, source: str | None = None, filename: str | None = None):
+        self.ir = pir
+        self.source = source
+        self.filename = filename
+
+    @property
+    def name(self) -> str:
+        return self.ir.name
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return dict(self.ir.params)
+
+    @property
+    def is_dynamic(self) -> bool:
+        """True when some head's pattern uses ``route(...)``."""
+        nodes = [r.node for r in self.ir.heads] + ([self.ir.default] if self.ir.default is not None else [])
+        return any(ir.is_dynamic(n) for n in nodes)
+
+    def __repr__(self) -> str:
+        params = ", ".join(f"{k}={v!r}" for k, v in self.ir.params)
+        return f"<Pattern {self.name}({params})>"
+
+    def __str__(self) -> str:
+        from patterndsl.printer import pattern_to_source
+
+        return pattern_to_source(self.ir)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Pattern) and other.ir == self.ir
+
+    def __hash__(self) -> int:
+        return hash(self.ir)
+
+    def mask(self, q_len: int, kv_len: int | None = None, heads: int = 1, *, q=None, k=None) -> torch.Tensor:
+        """The dense meaning, for inspection and tests at small sizes.
+
+        Args:
+            q_len: number of queries ``Lq``.
+            kv_len: number of keys ``Lk`` (default ``Lq``).
+            heads: number of query heads.
+            q, k: for patterns with ``route``, the tensors ``[batch, heads, seq, head_dim]``
+                the selection is computed from.
+
+        Returns:
+            Bool tensor ``[heads, Lq, Lk]`` (``[batch, heads, Lq, Lk]`` with ``q``/``k``).
+        """
+        from patterndsl import semantics
+
+        return semantics.mask(self.ir, q_len, kv_len, heads, q=q, k=k)
+
+    def plan(
+        self,
+        q_len: int,
+        kv_len: int | None = None,
+        heads: int = 1,
+        block: tuple[int, int] = (128, 128),
+        order: str = "auto",
+    ):
+        """The block structure at these sizes (see :class:`patterndsl.analysis.plan.BlockPlan`).
+
+        Args:
+            q_len, kv_len, heads: sizes to plan for (``kv_len`` defaults to ``q_len``).
+            block: tile sizes ``(BM, BN)``.
+            order: ``"auto"`` (may reorder tokens to make tiles denser) or ``"identity"``.
+
+        Returns:
+            A ``BlockPlan``.
+        """
+        from patterndsl import analysis
+
+        return analysis.plan(self.ir, q_len, kv_len, heads, block=block, order=order)
+
+    def __call__(self, q, k, v, scale=None, return_lse=False, backend="auto"):
+        """Attention under this pattern; see :func:`attention`."""
+        return attention(q, k, v, self, scale=scale, return_lse=return_lse, backend=backend)
+
+    def kernel_source(self, q_len: int, kv_len: int | None = None, heads: int = 1, **options) -> str:
+        """The generated Triton source for a shape and dtype, as text.
+
+        Args:
+            q_len, kv_len, heads: sizes (the plan is specialised to them).
+            **options: ``head_dim`` (64), ``dtype`` (``torch.float16``), ``block`` ((64, 64)),
+                ``kind`` (``"forward"`` or ``"backward"``), ``kv_heads`` (``heads``).
+
+        Returns:
+            Deterministic Triton source text.
+        """
+        from patterndsl import codegen
+
+        return codegen.kernel_source(self, q_len, kv_len, heads, **options)
+
+
+def compile(source: str, name: str | None = None, **params) -> Pattern:  # noqa: A001 - the contract's name
+    """Parse, check and bind one pattern.
+
+    Args:
+        source: pattern-language text with one or more definitions.
+        name: which definition, when there are several.
+        **params: parameter values (int, bool or tuples of those).
+
+    Returns:
+        A :class:`Pattern`.
+
+    Raises:
+        PatternError: on any error in the text or the parameters.
+    """
+    return _compile(source, None, name, params)
+
+
+def load(path, name: str | None = None, **params) -> Pattern:
+    """Like :func:`compile`, reading the source from ``path``."""
+    p = Path(path)
+    try:
+        source = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PatternError(f"cannot read pattern file {str(p)!r}: {exc}") from None
+    return _compile(source, str(p), name, params)
+
+
+def _compile(source: str, filename: str | None, name: str | None, params: dict) -> Pattern:
+    from patterndsl import check, grammar
+
+    if not isinstance(source, str):
+        raise PatternError(f"pattern source must be a str, got {type(source).__name__}")
+    try:
+        module = grammar.parse(source, filename)
+        pir = check.bind(module, name=name, params=params, source=source)
+    except PatternError as err:
+        raise err.with_source(source, filename) from None
+    return Pattern(pir, source, filename)
+
+
+def attention(q, k, v, pattern: Pattern, scale=None, return_lse=False, backend="auto"):
+    """Attention of ``q`` over ``k``/``v`` restricted to ``pattern``.
+
+    Args:
+        q: ``[batch, heads, Lq, head_dim]``.
+        k, v: ``[batch, kv_heads, Lk, head_dim]``; ``kv_heads`` divides ``heads`` (grouped-query).
+        pattern: a :class:`Pattern`.
+        scale: softmax scale, default ``head_dim ** -0.5``.
+        return_lse: also return the log-sum-exp ``[batch, heads, Lq]`` (float32, natural log).
+        backend: ``"auto"`` (by device), ``"triton"`` or ``"cpu"``.
+
+    Returns:
+        ``out`` with the dtype of ``q``, or ``(out, lse)``.
+    """
+    from patterndsl import runtime
+
+    if not isinstance(pattern, Pattern):
+        raise PatternError(f"attention() needs a patterndsl.Pattern, got {type(pattern).__name__}")
+    return runtime.attention(q, k, v, pattern, scale=scale, return_lse=return_lse, backend=backend)

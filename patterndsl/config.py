@@ -1,0 +1,30 @@
+"""Every environment variable patterndsl reads, in one place.
+
+Comes in: the process environment. Goes out: plain values the other stages use.
+Read at call time (not import time) so tests can change them with monkeypatch.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def triton_interpret() -> bool:
+    """True when ``TRITON_INTERPRET=1``: Triton kernels run on CPU tensors under the interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0", "false", "False")
+
+
+def cache_dir() -> Path:
+    """Kernel cache root: ``PATTERNDSL_CACHE_DIR``, else ``$XDG_CACHE_HOME/patterndsl``, else ``~/.cache/patterndsl``."""
+    explicit = os.environ.get("PATTERNDSL_CACHE_DIR")
+    if explicit:
+        return Path(explicit)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg) if xdg else Path.home() / ".cache"
+    return base / "patterndsl"
+
+
+def debug_verify() -> bool:
+    """``PATTERNDSL_DEBUG=1`` re-verifies the IR after every pass and plans against the dense mask."""
+    return os.environ.get("PATTERNDSL_DEBUG", "0") not in ("", "0")
