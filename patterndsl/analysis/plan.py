@@ -109,6 +109,25 @@ class Runs:
 
 
 @dataclass(frozen=True)
+class RunForm:
+    """Closed form of a head group's tiles, for kernels that compute loop bounds instead of loading lists.
+
+    Query tile ``m`` visits key tiles ``lo(m) <= n < hi(m)``; of those,
+    ``full_lo(m) <= n < full_hi(m)`` are full and the rest partial (an empty
+    full range is allowed: ``full_lo >= full_hi``). Expressions are sympy
+    expressions in the integer symbol ``m`` built from ``+ - *``, ``floor``,
+    ``Min`` and ``Max`` only, and are exact for every ``0 <= m < nqb`` (the
+    analysis verifies them against the lists before attaching them).
+    """
+
+    m: Any
+    lo: Any
+    hi: Any
+    full_lo: Any
+    full_hi: Any
+
+
+@dataclass(frozen=True)
 class HeadGroup:
     """Heads that share one pattern node, and so one tile structure.
 
@@ -118,14 +137,14 @@ class HeadGroup:
             then the group has one head).
         tiles: CSR/CSC tile lists.
         runs: the same tiles as compact runs.
-        forms: optional closed forms of the runs (see :mod:`patterndsl.analysis`), or None.
+        forms: a :class:`RunForm` when the tiles have a closed form, else None.
     """
 
     heads: tuple[int, ...]
     node: ir.Node
     tiles: TileList
     runs: Runs
-    forms: Any = None
+    forms: RunForm | None = None
 
 
 @dataclass
