@@ -118,7 +118,7 @@ class Pattern:
         return codegen.kernel_source(self, q_len, kv_len, heads, **options)
 
 
-def compile(source: str, name: str | None = None, **params) -> Pattern:  # noqa: A001 - the contract's name
+def compile(source: str, name: str | None = None, **params) -> Pattern:
     """Parse, check and bind one pattern.
 
     Args:

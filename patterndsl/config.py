@@ -16,7 +16,11 @@ def triton_interpret() -> bool:
 
 
 def cache_dir() -> Path:
-    """Kernel cache root: ``PATTERNDSL_CACHE_DIR``, else ``$XDG_CACHE_HOME/patterndsl``, else ``~/.cache/patterndsl``."""
+    """Kernel cache root: ``PATTERNDSL_CACHE_DIR``, else ``$XDG_CACHE_HOME/patterndsl``, else ``~/.cache/patterndsl``.
+
+    Returns:
+        The directory (not created here).
+    """
     explicit = os.environ.get("PATTERNDSL_CACHE_DIR")
     if explicit:
         return Path(explicit)

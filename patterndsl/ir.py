@@ -278,6 +278,7 @@ def difference(a: Node, b: Node, span: Span | None = None) -> Node:
 
 # --------------------------------------------------------------------------- signatures
 
+
 #: Argument kinds: "int", "ints" (int or tuple of ints), "bools" (bool or tuple
 #: of bools), "pred" (boolean Expr), "pattern" (a Node), "score" (a name).
 @dataclass(frozen=True, slots=True)
@@ -425,9 +426,12 @@ def walk_expr(expr: Expr):
 def uses_head(node: Node) -> bool:
     """True when the pattern's meaning depends on the head index ``h``."""
     for sub in walk(node):
-        if isinstance(sub, Prim) and sub.name == "where":
-            if any(isinstance(e, Var) and e.name == "h" for e in walk_expr(sub.arg("pred"))):
-                return True
+        if (
+            isinstance(sub, Prim)
+            and sub.name == "where"
+            and any(isinstance(e, Var) and e.name == "h" for e in walk_expr(sub.arg("pred")))
+        ):
+            return True
     return False
 
 

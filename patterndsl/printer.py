@@ -49,9 +49,8 @@ def _prim(node: ir.Prim) -> str:
             default = node.arg("block")
         if value == default and type(value) is type(default):
             continue
-        if node.name == "neighborhood" and isinstance(value, tuple) and len(set(value)) == 1:
-            if value[0] == default:
-                continue
+        if isinstance(value, tuple) and len(set(value)) == 1 and value[0] == default:
+            continue
         parts.append(f"{name} = {value_to_source(value)}")
     return f"{node.name}({', '.join(parts)})"
 
