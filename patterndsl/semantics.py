@@ -1,0 +1,658 @@
+"""Stage 3 of the pipeline: the exact, dense meaning of every pattern.
+
+Comes in: canonical IR (:mod:`patterndsl.ir`) and concrete sizes. Goes out:
+boolean tensors saying which (head, query, key) pairs are allowed. This module
+is the reference every other stage is measured against: the block plan calls
+:func:`evaluate` on tiles it cannot classify symbolically, the CPU executor
+calls it for partial tiles, and :func:`mask` is ``Pattern.mask``. Everything
+here is vectorised torch over original (un-reordered) indices; the rules are
+written out for users in ``docs/SEMANTICS.md``.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from patterndsl import ir
+from patterndsl.errors import HeadsError, InputError, LayoutError, PatternError, PatternTypeError, PatternValueError
+
+_MASK64 = (1 << 64) - 1
+_GOLDEN = 0x9E3779B97F4A7C15
+_SEED_MUL = 0x2545F4914F6CDD1D
+_MIX1 = 0xBF58476D1CE4E5B9
+_MIX2 = 0x94D049BB133111EB
+
+
+@dataclass(frozen=True, slots=True)
+class Context:
+    """Sizes a pattern is evaluated at.
+
+    Attributes:
+        q_len: number of queries ``Lq``.
+        kv_len: number of keys ``Lk``.
+        layout: the pattern's ``layout grid(...)``, or None.
+    """
+
+    q_len: int
+    kv_len: int
+    layout: ir.Layout | None = None
+
+    @property
+    def offset(self) -> int:
+        """``Lk - Lq``: added to a query index to get its end-aligned position."""
+        return self.kv_len - self.q_len
+
+
+# --------------------------------------------------------------------------- small helpers
+
+
+def _floordiv(a, b):
+    if isinstance(a, int) and isinstance(b, int):
+        return a // b
+    return torch.div(torch.as_tensor(a), b, rounding_mode="floor")
+
+
+def _mod(a, b):
+    if isinstance(a, int) and isinstance(b, int):
+        return a % b
+    return torch.remainder(torch.as_tensor(a), b)
+
+
+def _shape_of(*values) -> torch.Size:
+    return torch.broadcast_shapes(*(v.shape for v in values if isinstance(v, torch.Tensor)))
+
+
+def _full_like(value: bool, *like) -> torch.Tensor:
+    return torch.full(_shape_of(*like), value, dtype=torch.bool)
+
+
+def _positions(i: torch.Tensor, j: torch.Tensor, ctx: Context) -> tuple[torch.Tensor, torch.Tensor]:
+    return i + ctx.offset, j
+
+
+def grid_coords(pos: torch.Tensor, layout: ir.Layout) -> tuple[torch.Tensor, ...]:
+    """Grid coordinates of flattened positions under a row-major layout (last axis fastest).
+
+    Args:
+        pos: int64 tensor of positions.
+        layout: the pattern's layout.
+
+    Returns:
+        One int64 tensor per axis, in layout order.
+    """
+    coords = []
+    inner = 1
+    for extent in reversed(layout.shape):
+        coords.append(torch.remainder(torch.div(pos, inner, rounding_mode="floor"), extent))
+        inner *= extent
+    return tuple(reversed(coords))
+
+
+def _per_axis(value, rank: int, what: str) -> tuple:
+    if isinstance(value, tuple):
+        if len(value) != rank:
+            raise PatternTypeError(f"{what} has {len(value)} entries but the layout has {rank} axes")
+        return value
+    return (value,) * rank
+
+
+def _need_layout(ctx: Context, prim: ir.Prim) -> ir.Layout:
+    if ctx.layout is None:
+        raise LayoutError(f"{prim.name}(...) needs a 'layout grid(...)' in the pattern", prim.span)
+    return ctx.layout
+
+
+# --------------------------------------------------------------------------- random(...)
+
+
+def _splitmix_next(state: int) -> tuple[int, int]:
+    state = (state + _GOLDEN) & _MASK64
+    z = state
+    z = ((z ^ (z >> 30)) * _MIX1) & _MASK64
+    z = ((z ^ (z >> 27)) * _MIX2) & _MASK64
+    return state, z ^ (z >> 31)
+
+
+def random_blocks(seed: int, qblock: int, n_key_blocks: int, count: int) -> tuple[int, ...]:
+    """The key blocks ``random(count, block, seed)`` gives to one query block.
+
+    The generator is splitmix64 with 64-bit wrap-around. ``next(state)``::
+
+        state = (state + 0x9E3779B97F4A7C15) mod 2^64
+        z = state
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) mod 2^64
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) mod 2^64
+        return state, z ^ (z >> 31)
+
+    The initial state is ``(seed * 0x2545F4914F6CDD1D + qblock * 0x9E3779B97F4A7C15) mod 2^64``
+    (negative seeds or query blocks are reduced mod 2^64). ``r = min(count, n_key_blocks)``
+    distinct blocks are drawn with Floyd's algorithm: ``S = {}``; for ``jj`` from
+    ``n_key_blocks - r`` to ``n_key_blocks - 1``: ``state, z = next(state)``,
+    ``t = z mod (jj + 1)``, add ``jj`` to ``S`` if ``t`` is already in ``S``, else add ``t``.
+
+    Args:
+        seed: the pattern's ``seed``.
+        qblock: the query block ``q // block`` of the end-aligned query position.
+        n_key_blocks: ``ceil(Lk / block)``.
+        count: the pattern's ``blocks``.
+
+    Returns:
+        The drawn key blocks, sorted ascending.
+    """
+    state = (seed * _SEED_MUL + qblock * _GOLDEN) & _MASK64
+    r = max(0, min(count, n_key_blocks))
+    chosen: set[int] = set()
+    for jj in range(n_key_blocks - r, n_key_blocks):
+        state, z = _splitmix_next(state)
+        t = z % (jj + 1)
+        chosen.add(jj if t in chosen else t)
+    return tuple(sorted(chosen))
+
+
+def random_table(seed: int, qblocks: range, n_key_blocks: int, count: int) -> torch.Tensor:
+    """:func:`random_blocks` for many query blocks at once, vectorised over the query blocks.
+
+    Args:
+        seed: the pattern's ``seed``.
+        qblocks: consecutive query blocks (may start below 0 when ``Lq > Lk``).
+        n_key_blocks: ``ceil(Lk / block)``.
+        count: the pattern's ``blocks``.
+
+    Returns:
+        int64 ``[len(qblocks), min(count, n_key_blocks)]``; row ``a`` holds the sorted key
+        blocks of query block ``qblocks[a]``.
+    """
+    r = max(0, min(count, n_key_blocks))
+    n = len(qblocks)
+    if n == 0 or r == 0:
+        return torch.zeros(n, r, dtype=torch.int64)
+    qb = np.arange(qblocks.start, qblocks.stop, qblocks.step, dtype=np.int64).astype(np.uint64)
+    with np.errstate(over="ignore"):
+        state = np.uint64((seed * _SEED_MUL) & _MASK64) + qb * np.uint64(_GOLDEN)
+        chosen = np.empty((n, r), dtype=np.uint64)
+        for step, jj in enumerate(range(n_key_blocks - r, n_key_blocks)):
+            state = state + np.uint64(_GOLDEN)
+            z = state.copy()
+            z = (z ^ (z >> np.uint64(30))) * np.uint64(_MIX1)
+            z = (z ^ (z >> np.uint64(27))) * np.uint64(_MIX2)
+            z = z ^ (z >> np.uint64(31))
+            t = z % np.uint64(jj + 1)
+            seen = (chosen[:, :step] == t[:, None]).any(axis=1)
+            chosen[:, step] = np.where(seen, np.uint64(jj), t)
+    table = torch.from_numpy(chosen.astype(np.int64))
+    return torch.sort(table, dim=1).values
+
+
+@functools.lru_cache(maxsize=64)
+def _random_allowed(seed: int, qb_lo: int, qb_hi: int, n_key_blocks: int, count: int) -> torch.Tensor:
+    # Bool [qb_hi - qb_lo, n_key_blocks]; cached because partial tiles ask again and again.
+    table = random_table(seed, range(qb_lo, qb_hi), n_key_blocks, count)
+    allowed = torch.zeros(qb_hi - qb_lo, n_key_blocks, dtype=torch.bool)
+    allowed.scatter_(1, table, True)
+    return allowed
+
+
+def _random(prim: ir.Prim, q, k, ctx: Context) -> torch.Tensor:
+    count, block, seed = prim.arg("blocks"), prim.arg("block"), prim.arg("seed")
+    n_key_blocks = -(-ctx.kv_len // block)
+    qb_lo = ctx.offset // block
+    qb_hi = (ctx.kv_len - 1) // block + 1
+    allowed = _random_allowed(seed, qb_lo, qb_hi, n_key_blocks, count)
+    qb = torch.div(q, block, rounding_mode="floor") - qb_lo
+    kb = torch.div(k, block, rounding_mode="floor")
+    qb, kb = torch.broadcast_tensors(qb, kb)
+    # Indices outside [0, Lq) x [0, Lk) are not part of the pattern; clamp for safe indexing.
+    inside = (qb >= 0) & (qb < allowed.shape[0]) & (kb >= 0) & (kb < n_key_blocks)
+    return allowed[qb.clamp(0, allowed.shape[0] - 1), kb.clamp(0, max(n_key_blocks - 1, 0))] & inside
+
+
+# --------------------------------------------------------------------------- neighborhood(...)
+
+
+def neighborhood_axis(x, y, n: int, size: int, dilation: int, stride: int, causal: bool) -> torch.Tensor:
+    """NATTEN's neighborhood rule on one axis (LANGUAGE.md section 6).
+
+    Args:
+        x: int64 tensor of query coordinates on this axis.
+        y: int64 tensor of key coordinates, broadcastable against ``x``.
+        n: the axis length.
+        size: window size ``s``.
+        dilation: ``d``; the axis splits into ``d`` interleaved groups.
+        stride: ``r``; queries whose index in their group shares ``p // r`` share a window.
+        causal: the window ends at the query.
+
+    Returns:
+        Bool tensor, the broadcast shape of ``x`` and ``y``.
+    """
+    d, s, r = dilation, size, stride
+    g = torch.remainder(x, d)
+    same_group = torch.remainder(y, d) == g
+    p = torch.div(x, d, rounding_mode="floor")
+    t = torch.div(y, d, rounding_mode="floor")
+    m = torch.div(n - g + d - 1, d, rounding_mode="floor")  # length of the query's group
+    if causal:
+        lead = torch.minimum((p // r) * r + (r - 1), m - 1)
+        return same_group & (t <= p) & (lead - t < s)
+    left = s // 2
+    right = s // 2 + (s % 2 - 1)
+    lead = torch.minimum((p // r) * r + r // 2, m - 1)
+    centre = torch.minimum(torch.clamp(lead, min=left), m - 1 - right)
+    return same_group & (centre - left <= t) & (t <= centre + right)
+
+
+def _neighborhood(prim: ir.Prim, q, k, ctx: Context) -> torch.Tensor:
+    layout = _need_layout(ctx, prim)
+    rank = len(layout.shape)
+    sizes = _per_axis(prim.arg("size"), rank, "neighborhood size")
+    dils = _per_axis(prim.arg("dilation"), rank, "neighborhood dilation")
+    strides = _per_axis(prim.arg("stride"), rank, "neighborhood stride")
+    causals = _per_axis(prim.arg("causal"), rank, "neighborhood causal")
+    out = None
+    for axis, (x, y) in enumerate(zip(grid_coords(q, layout), grid_coords(k, layout), strict=True)):
+        part = neighborhood_axis(x, y, layout.shape[axis], sizes[axis], dils[axis], strides[axis], causals[axis])
+        out = part if out is None else out & part
+    return out
+
+
+# --------------------------------------------------------------------------- where(...)
+
+
+def _expr(e: ir.Expr, env: dict):
+    """Value of a ``where`` expression: a Python int/bool or an int64/bool tensor."""
+    if isinstance(e, ir.Const):
+        return e.value
+    if isinstance(e, ir.Var):
+        return env[e.name]
+    if isinstance(e, ir.Coord):
+        layout = env["layout"]
+        if layout is None or e.axis not in layout.names:
+            raise LayoutError(f"{e.side}.{e.axis}: no such grid axis in the pattern's layout", e.span)
+        return grid_coords(env[e.side], layout)[layout.names.index(e.axis)]
+    if isinstance(e, ir.Arith):
+        a, b = _expr(e.left, env), _expr(e.right, env)
+        if e.op == "+":
+            return a + b
+        if e.op == "-":
+            return a - b
+        if e.op == "*":
+            return a * b
+        if (b == 0) if isinstance(b, int) else bool((b == 0).any()):
+            raise PatternValueError(f"division by zero in '{e.op}' at these sequence lengths", e.span)
+        return _floordiv(a, b) if e.op == "//" else _mod(a, b)
+    if isinstance(e, ir.Neg):
+        return -_expr(e.operand, env)
+    if isinstance(e, ir.Func):
+        args = [_expr(a, env) for a in e.args]
+        if e.fn == "abs":
+            return abs(args[0])
+        if all(isinstance(a, int) for a in args):
+            return min(args) if e.fn == "min" else max(args)
+        a, b = (torch.as_tensor(v) for v in args)
+        return torch.minimum(a, b) if e.fn == "min" else torch.maximum(a, b)
+    if isinstance(e, ir.Cmp):
+        a, b = _expr(e.left, env), _expr(e.right, env)
+        return {
+            "==": lambda: a == b,
+            "!=": lambda: a != b,
+            "<": lambda: a < b,
+            "<=": lambda: a <= b,
+            ">": lambda: a > b,
+            ">=": lambda: a >= b,
+        }[e.op]()
+    if isinstance(e, ir.Logic):
+        values = [_expr(item, env) for item in e.items]
+        out = values[0]
+        for v in values[1:]:
+            out = (out & v) if e.op == "and" else (out | v)
+        return out
+    if isinstance(e, ir.LNot):
+        v = _expr(e.operand, env)
+        return (not v) if isinstance(v, bool) else ~v
+    raise TypeError(f"unknown expression node {type(e).__name__}")
+
+
+def _where(prim: ir.Prim, q, k, h, ctx: Context) -> torch.Tensor:
+    env = {"q": q, "k": k, "h": h, "Lq": ctx.q_len, "Lk": ctx.kv_len, "layout": ctx.layout}
+    value = _expr(prim.arg("pred"), env)
+    if isinstance(value, torch.Tensor) and value.dtype != torch.bool:
+        raise PatternTypeError("where(...) needs a comparison or logic, not an integer", prim.span)
+    if isinstance(value, int) and not isinstance(value, bool):
+        raise PatternTypeError("where(...) needs a comparison or logic, not an integer", prim.span)
+    if isinstance(value, bool):
+        return _full_like(value, q, k, h)
+    return value.expand(_shape_of(value, q, k, h))
+
+
+# --------------------------------------------------------------------------- route(...)
+
+
+def route_blocks(prim: ir.Prim, ctx: Context) -> tuple[int, int, torch.Tensor, torch.Tensor]:
+    """How ``route`` cuts queries into groups and keys into blocks at these sizes.
+
+    Query groups are numbered from the group of the first query: group index
+    ``(q // qblock) - ((Lk - Lq) // qblock)``, so that group 0 holds query index 0
+    whatever the end alignment. With tuple ``block``/``qblock`` on a grid, groups
+    and blocks are the boxes of the grid, numbered row-major over boxes.
+
+    Args:
+        prim: a ``route`` primitive.
+        ctx: the sizes.
+
+    Returns:
+        ``(n_qgroups, n_kblocks, qgroup, kblock)``: the counts, the group of every query
+        index (int64 ``[Lq]``) and the block of every key index (int64 ``[Lk]``).
+    """
+    block = prim.arg("block")
+    qblock = prim.arg("qblock")
+    qblock = block if qblock is None else qblock
+    qpos = torch.arange(ctx.q_len, dtype=torch.int64) + ctx.offset
+    kpos = torch.arange(ctx.kv_len, dtype=torch.int64)
+    if isinstance(block, tuple) or isinstance(qblock, tuple):
+        layout = _need_layout(ctx, prim)
+        rank = len(layout.shape)
+        qgroup, n_q = _box_ids(qpos, layout, _per_axis(qblock, rank, "route qblock"))
+        kblock, n_k = _box_ids(kpos, layout, _per_axis(block, rank, "route block"))
+        return n_q, n_k, qgroup, kblock
+    first = ctx.offset // qblock
+    qgroup = torch.div(qpos, qblock, rounding_mode="floor") - first
+    n_q = (ctx.kv_len - 1) // qblock - first + 1
+    n_k = -(-ctx.kv_len // block)
+    return n_q, n_k, qgroup, torch.div(kpos, block, rounding_mode="floor")
+
+
+def _box_ids(pos: torch.Tensor, layout: ir.Layout, box: Sequence[int]) -> tuple[torch.Tensor, int]:
+    ids = torch.zeros_like(pos)
+    total = 1
+    for coord, extent, side in zip(grid_coords(pos, layout), layout.shape, box, strict=True):
+        n_boxes = -(-extent // side)
+        ids = ids * n_boxes + torch.div(coord, side, rounding_mode="floor")
+        total *= n_boxes
+    return ids, total
+
+
+def _route(prim: ir.Prim, q, k, ctx: Context, selection) -> torch.Tensor:
+    if selection is None or prim not in selection:
+        raise PatternError(
+            "route(...) is chosen from the data: pass q= and k= (the attention inputs) to compute its mask",
+            prim.span,
+        )
+    _, _, qgroup, kblock = route_blocks(prim, ctx)
+    sel = selection[prim]
+    i = q - ctx.offset
+    qi, kj = torch.broadcast_tensors(i, k)
+    inside = (qi >= 0) & (qi < ctx.q_len) & (kj >= 0) & (kj < ctx.kv_len)
+    a = qgroup[qi.clamp(0, ctx.q_len - 1)]
+    b = kblock[kj.clamp(0, ctx.kv_len - 1)]
+    return sel[a, b] & inside
+
+
+def route_selection(prim: ir.Prim, q: torch.Tensor, k: torch.Tensor, ctx: Context, heads=None) -> torch.Tensor:
+    """The reference choice of ``route(...)`` (LANGUAGE.md section 2, dynamic primitives).
+
+    Readable and dense, for small sizes. Scores are ``dot(poolq(Q[a]), poolk(K[b]))``
+    in float32 (float64 for float64 inputs), summed over the query heads that share a
+    key-value head; the candidates of group ``a`` are the key blocks where ``among``
+    allows some pair; each group gets its ``topk`` best candidates, ties towards the
+    lower block index.
+
+    Args:
+        prim: the ``route`` primitive.
+        q: ``[batch, heads, Lq, head_dim]``.
+        k: ``[batch, kv_heads, Lk, head_dim]``; ``kv_heads`` divides ``heads``.
+        ctx: the sizes (``Lq``, ``Lk`` must match the tensors).
+        heads: the query heads whose pattern contains this primitive (all heads when None);
+            only their scores are summed.
+
+    Returns:
+        Bool ``[batch, kv_heads, n_qgroups, n_kblocks]`` (groups/blocks as in :func:`route_blocks`).
+    """
+    batch, n_heads, _, _ = q.shape
+    kv_heads = k.shape[1]
+    share = n_heads // kv_heads
+    heads = range(n_heads) if heads is None else list(heads)
+    n_q, n_k, qgroup, kblock = route_blocks(prim, ctx)
+    dtype = torch.float64 if torch.float64 in (q.dtype, k.dtype) else torch.float32
+    qf, kf = q.to(dtype), k.to(dtype)
+    score = prim.arg("score")
+    reduce = "amax" if score == "max" else "mean"
+    pooled_q = _pool(qf, qgroup, n_q, reduce)  # [B, H, n_q, D]
+    if score == "landmark":
+        last = torch.full((n_k,), -1, dtype=torch.int64).scatter_reduce(
+            0, kblock, torch.arange(ctx.kv_len), "amax", include_self=True
+        )
+        pooled_k = kf[:, :, last]
+    else:
+        pooled_k = _pool(kf, kblock, n_k, reduce)  # [B, Hkv, n_k, D]
+    weight = torch.zeros(n_heads, dtype=dtype)
+    weight[list(heads)] = 1
+    per_head = torch.einsum("bhad,bhcd->bhac", pooled_q, pooled_k.repeat_interleave(share, dim=1))
+    per_head = per_head * weight[None, :, None, None]
+    scores = per_head.reshape(batch, kv_heads, share, n_q, n_k).sum(2)
+    cand = _candidates(prim.arg("among"), qgroup, kblock, n_q, n_k, ctx, heads, share, kv_heads)
+    return _top(scores, cand, prim.arg("topk"))
+
+
+def _pool(x: torch.Tensor, ids: torch.Tensor, count: int, reduce: str) -> torch.Tensor:
+    out = torch.zeros(*x.shape[:2], count, x.shape[3], dtype=x.dtype)
+    return out.index_reduce_(2, ids, x, reduce, include_self=False)
+
+
+def _candidates(among, qgroup, kblock, n_q, n_k, ctx, heads, share, kv_heads) -> torch.Tensor:
+    if ir.is_dynamic(among):
+        raise PatternError("route(among = ...) cannot itself contain route(...)", getattr(among, "span", None))
+    i = torch.arange(ctx.q_len)[:, None]
+    j = torch.arange(ctx.kv_len)[None, :]
+    gq = torch.nn.functional.one_hot(qgroup, n_q).to(torch.float64)  # [Lq, n_q]
+    gk = torch.nn.functional.one_hot(kblock, n_k).to(torch.float64)  # [Lk, n_k]
+    cand = torch.zeros(kv_heads, n_q, n_k, dtype=torch.bool)
+    # Under GQA one choice serves every query head of the group: a block is a candidate
+    # if among allows some pair for some head of the group that uses this route.
+    for h in heads:
+        allowed = evaluate(among, i, j, h, ctx).to(torch.float64)
+        cand[h // share] |= (gq.T @ allowed @ gk) > 0
+    return cand
+
+
+def _top(scores: torch.Tensor, cand: torch.Tensor, topk: int) -> torch.Tensor:
+    # Order: candidates first, then by score descending, ties by block index ascending.
+    # Two stable sorts (the last key sorted last) give exactly that order.
+    n_k = scores.shape[-1]
+    by_score = torch.sort(scores, dim=-1, descending=True, stable=True).indices
+    cand_sorted = torch.gather(cand.expand_as(scores), -1, by_score)
+    by_cand = torch.sort(cand_sorted.to(torch.int8), dim=-1, descending=True, stable=True).indices
+    order = torch.gather(by_score, -1, by_cand)
+    take = min(topk, n_k)
+    chosen = order[..., :take]
+    out = torch.zeros_like(scores, dtype=torch.bool)
+    out.scatter_(-1, chosen, True)
+    return out & cand.expand_as(out)
+
+
+# --------------------------------------------------------------------------- evaluate
+
+
+def _static(prim: ir.Prim, q, k) -> torch.Tensor | None:
+    """The primitives that are a closed formula of ``q`` and ``k``; None for the others."""
+    name, a = prim.name, prim.kwargs
+    if name == "full":
+        return _full_like(True, q, k)
+    if name == "empty":
+        return _full_like(False, q, k)
+    if name == "causal":
+        return k <= q
+    if name == "window":
+        d = a["dilation"]
+        return (torch.remainder(q - k, d) == 0) & (q - a["before"] * d <= k) & (k <= q + a["after"] * d)
+    if name == "strided":
+        return torch.remainder(q - k, a["stride"]) == 0
+    if name == "blocks":
+        size = a["size"]
+        return torch.div(q, size, rounding_mode="floor") == torch.div(k, size, rounding_mode="floor")
+    if name == "summary":
+        return (torch.remainder(k, a["stride"]) >= a["stride"] - a["width"]).expand(_shape_of(q, k))
+    if name == "sink":
+        return (k < a["n"]).expand(_shape_of(q, k))
+    if name == "global":
+        return (q < a["n"]) | (k < a["n"])
+    if name == "landmarks":
+        return (torch.remainder(k, a["every"]) == a["every"] - 1).expand(_shape_of(q, k))
+    return None
+
+
+def evaluate(node: ir.Node, i, j, h, ctx: Context, selection: dict | None = None) -> torch.Tensor:
+    """Whether query index ``i`` may attend to key index ``j`` under ``node``, elementwise.
+
+    Args:
+        node: a pattern node.
+        i: int64 tensor of original query indices in ``[0, Lq)``.
+        j: int64 tensor of original key indices in ``[0, Lk)``, broadcastable against ``i``.
+        h: the head, an int or an int64 tensor broadcastable against ``i`` and ``j``.
+        ctx: the sizes and layout.
+        selection: for patterns with ``route``: a dict from each ``route`` Prim to its bool
+            ``[n_qgroups, n_kblocks]`` choice for one batch element and one head (one slice
+            of :func:`route_selection`).
+
+    Returns:
+        Bool tensor of the broadcast shape of ``i``, ``j`` (and ``h`` when it is a tensor).
+    """
+    i = torch.as_tensor(i, dtype=torch.int64)
+    j = torch.as_tensor(j, dtype=torch.int64)
+    q, k = _positions(i, j, ctx)
+    out = _eval(node, q, k, h, ctx, selection)
+    return out.expand(_shape_of(q, k, h))
+
+
+def _eval(node: ir.Node, q, k, h, ctx: Context, selection) -> torch.Tensor:
+    if isinstance(node, ir.Union):
+        out = _eval(node.items[0], q, k, h, ctx, selection)
+        for item in node.items[1:]:
+            out = out | _eval(item, q, k, h, ctx, selection)
+        return out
+    if isinstance(node, ir.Inter):
+        out = _eval(node.items[0], q, k, h, ctx, selection)
+        for item in node.items[1:]:
+            out = out & _eval(item, q, k, h, ctx, selection)
+        return out
+    if isinstance(node, ir.Not):
+        return ~_eval(node.item, q, k, h, ctx, selection)
+    if not isinstance(node, ir.Prim):
+        raise TypeError(f"unknown pattern node {type(node).__name__}")
+    out = _static(node, q, k)
+    if out is not None:
+        return out
+    if node.name == "random":
+        return _random(node, q, k, ctx)
+    if node.name == "where":
+        return _where(node, q, k, h, ctx)
+    if node.name == "neighborhood":
+        return _neighborhood(node, q, k, ctx)
+    if node.name == "route":
+        return _route(node, q, k, ctx, selection)
+    raise TypeError(f"unknown primitive {node.name!r}")
+
+
+# --------------------------------------------------------------------------- mask
+
+
+def _route_prims(nodes: Iterable[ir.Node]) -> list[ir.Prim]:
+    found: dict[ir.Prim, None] = {}
+    for node in nodes:
+        for sub in ir.walk(node):
+            if isinstance(sub, ir.Prim) and sub.name in ir.DYNAMIC_PRIMITIVES:
+                found[sub] = None
+    return list(found)
+
+
+def _check_inputs(q, k, heads: int, q_len: int, kv_len: int) -> None:
+    for name, t in (("q", q), ("k", k)):
+        if not isinstance(t, torch.Tensor):
+            raise InputError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise InputError(f"{name} must be [batch, heads, seq, head_dim], got shape {tuple(t.shape)}")
+        if not t.is_floating_point():
+            raise InputError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    if q.shape[1] != heads:
+        raise InputError(f"q has {q.shape[1]} heads but heads={heads}")
+    if q.shape[2] != q_len:
+        raise InputError(f"q has sequence length {q.shape[2]} but q_len={q_len}")
+    if k.shape[2] != kv_len:
+        raise InputError(f"k has sequence length {k.shape[2]} but kv_len={kv_len}")
+    if k.shape[0] != q.shape[0]:
+        raise InputError(f"q and k have different batch sizes ({q.shape[0]} and {k.shape[0]})")
+    if k.shape[3] != q.shape[3]:
+        raise InputError(f"q and k have different head_dim ({q.shape[3]} and {k.shape[3]})")
+    if k.shape[1] == 0 or heads % k.shape[1] != 0:
+        raise InputError(f"k has {k.shape[1]} heads, which does not divide the {heads} query heads")
+
+
+def mask(pir: ir.PatternIR, q_len: int, kv_len: int | None = None, heads: int = 1, q=None, k=None) -> torch.Tensor:
+    """The dense meaning of a pattern: ``Pattern.mask``.
+
+    Args:
+        pir: the bound pattern.
+        q_len: ``Lq``.
+        kv_len: ``Lk`` (default ``Lq``).
+        heads: number of query heads.
+        q, k: ``[batch, heads, Lq, head_dim]`` and ``[batch, kv_heads, Lk, head_dim]``; needed
+            when the pattern contains ``route`` (the choice is made from them).
+
+    Returns:
+        Bool ``[heads, Lq, Lk]``, or ``[batch, heads, Lq, Lk]`` when ``q`` and ``k`` are given.
+
+    Raises:
+        PatternError: lengths that do not fit the layout, heads not covered, ``route``
+            without ``q``/``k``, or input tensors of the wrong shape.
+    """
+    from patterndsl import check
+
+    kv_len = q_len if kv_len is None else kv_len
+    check.check_lengths(pir, q_len, kv_len, heads)
+    ctx = Context(q_len, kv_len, pir.layout)
+    nodes = []
+    for h in range(heads):
+        node = pir.node_for_head(h)
+        if node is None:
+            raise HeadsError(f"head {h} is not covered by any 'heads' line and the pattern has no default", pir.span)
+        nodes.append(node)
+    prims = _route_prims(nodes)
+    if (q is None) != (k is None):
+        raise InputError("pass both q= and k= (or neither)")
+    if prims and q is None:
+        raise PatternError(
+            "this pattern uses route(...), which is chosen from the data: pass q= and k= to mask()", pir.span
+        )
+    i = torch.arange(q_len, dtype=torch.int64)[:, None]
+    j = torch.arange(kv_len, dtype=torch.int64)[None, :]
+    if q is None:
+        return _static_mask(nodes, i, j, ctx)
+    _check_inputs(q, k, heads, q_len, kv_len)
+    if not prims:
+        return _static_mask(nodes, i, j, ctx).unsqueeze(0).expand(q.shape[0], -1, -1, -1).clone()
+    share = heads // k.shape[1]
+    selections = {
+        prim: route_selection(prim, q, k, ctx, [h for h in range(heads) if prim in ir.walk(nodes[h])]) for prim in prims
+    }
+    out = torch.zeros(q.shape[0], heads, q_len, kv_len, dtype=torch.bool)
+    for b in range(q.shape[0]):
+        for h in range(heads):
+            chosen = {prim: sel[b, h // share] for prim, sel in selections.items()}
+            out[b, h] = evaluate(nodes[h], i, j, h, ctx, chosen)
+    return out
+
+
+def _static_mask(nodes: list[ir.Node], i, j, ctx: Context) -> torch.Tensor:
+    out = torch.empty(len(nodes), ctx.q_len, ctx.kv_len, dtype=torch.bool)
+    shared: dict[ir.Node, torch.Tensor] = {}
+    for h, node in enumerate(nodes):
+        if ir.uses_head(node):
+            out[h] = evaluate(node, i, j, h, ctx)
+            continue
+        if node not in shared:
+            shared[node] = evaluate(node, i, j, h, ctx)
+        out[h] = shared[node]
+    return out
