@@ -438,8 +438,14 @@ def route_selection(prim: ir.Prim, q: torch.Tensor, k: torch.Tensor, ctx: Contex
 
 
 def _pool(x: torch.Tensor, ids: torch.Tensor, count: int, reduce: str) -> torch.Tensor:
-    out = torch.zeros(*x.shape[:2], count, x.shape[3], dtype=x.dtype)
-    return out.index_reduce_(2, ids, x, reduce, include_self=False)
+    # Pools over the actual members only, so a partial block at the end is not diluted.
+    shape = (*x.shape[:2], count, x.shape[3])
+    if reduce == "amax":
+        index = ids.view(1, 1, -1, 1).expand_as(x)
+        return torch.full(shape, -torch.inf, dtype=x.dtype).scatter_reduce(2, index, x, "amax", include_self=True)
+    total = torch.zeros(shape, dtype=x.dtype).index_add_(2, ids, x)
+    members = torch.bincount(ids, minlength=count).clamp(min=1).to(x.dtype)
+    return total / members.view(1, 1, count, 1)
 
 
 def _candidates(among, qgroup, kblock, n_q, n_k, ctx, heads, share, kv_heads) -> torch.Tensor:

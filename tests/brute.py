@@ -161,3 +161,31 @@ def brute_mask(pir, Lq, Lk=None, heads=1):
             raise ValueError(f"head {h} not covered")
         out.append(brute_node(node, Lq, Lk, h, pir.layout))
     return torch.tensor(out, dtype=torch.bool).reshape(heads, Lq, Lk)
+
+
+def prim(name, *args, **kwargs):
+    """Build an ``ir.Prim`` by hand, arguments in ``ir.SIGNATURES`` order with defaults filled in.
+
+    ``route``'s ``qblock`` defaults to its ``block``, as binding does.
+    """
+    sig = ir.SIGNATURES[name]
+    values = dict(zip((p.name for p in sig), args, strict=False))
+    values.update(kwargs)
+    filled = []
+    for p in sig:
+        if p.name in values:
+            filled.append((p.name, values[p.name]))
+        elif p.required:
+            raise TypeError(f"{name} needs {p.name}")
+        elif name == "route" and p.name == "qblock":
+            filled.append((p.name, values.get("block", 64)))
+        else:
+            filled.append((p.name, p.default))
+    return ir.Prim(name, tuple(filled))
+
+
+def pattern(node, layout=None, heads=()):
+    """Wrap a node into an ``ir.PatternIR``; ``layout`` is a dict axis -> extent, ``heads`` (lo, hi, node) triples."""
+    lay = ir.Layout(tuple(layout.items())) if layout else None
+    rules = tuple(ir.HeadRule(lo, hi, n) for lo, hi, n in heads)
+    return ir.PatternIR("p", (), lay, rules, node)
