@@ -7,7 +7,7 @@ import torch
 
 from patterndsl import ir, semantics
 from patterndsl.errors import InputError, PatternError, PatternValueError
-from tests.brute import brute_mask, drawn_blocks, pattern, prim
+from tests.brute import brute_mask, drawn_blocks, pattern, prim, without_check  # noqa: F401
 
 # Lq == Lk, Lq < Lk (chunked prefill / decoding), Lq > Lk (negative query positions).
 SIZES = [(7, 7), (5, 13), (1, 6), (12, 5), (6, 1), (16, 16)]
@@ -80,20 +80,6 @@ COMBOS = [
     ir.union(prim("strided", 2), ir.complement(prim("window", 1, 1))),
     ir.inter(prim("global", 2), ir.complement(prim("random", 1, 2))),
 ]
-
-
-@pytest.fixture(autouse=True)
-def _lengths_checked_elsewhere(monkeypatch):
-    # Until patterndsl/check.py lands, mask() cannot import check_lengths; stand in a no-op then.
-    try:
-        import patterndsl.check  # noqa: F401
-    except ImportError:
-        import sys
-        import types
-
-        fake = types.ModuleType("patterndsl.check")
-        fake.check_lengths = lambda *a, **k: None
-        monkeypatch.setitem(sys.modules, "patterndsl.check", fake)
 
 
 @pytest.mark.parametrize("Lq,Lk", SIZES)
