@@ -1,0 +1,930 @@
+"""Stage 2 of the pipeline: syntax tree -> checked, canonical IR.
+
+Comes in: a :class:`~patterndsl.grammar.syntax.Module` from ``grammar.parse``
+and parameter values from Python. Goes out: an :class:`~patterndsl.ir.PatternIR`
+with every parameter bound, names resolved, types and arities checked,
+constants folded (floor semantics), neighborhood arguments broadcast to one
+entry per layout axis, and combinators built through ``ir.union``/``inter``/
+``complement``/``difference`` so the result is canonical. Also
+:func:`check_lengths`, the size checks run at mask/plan/run time, and
+:func:`check_module`, the whole-file check behind ``patterndsl check``.
+Nothing here evaluates Python; the expression evaluator below is the only
+interpreter of source expressions.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from patterndsl import ir
+from patterndsl.errors import (
+    HeadsError,
+    LayoutError,
+    PatternError,
+    PatternNameError,
+    PatternSyntaxError,
+    PatternTypeError,
+    PatternValueError,
+    did_you_mean,
+)
+from patterndsl.grammar import syntax
+
+__all__ = ["bind", "check_lengths", "check_module"]
+
+_FUNCTIONS = ir.Func.ARITY
+_ARITH: dict[str, Callable[[int, int], int]] = {
+    "+": operator.add,
+    "-": operator.sub,
+    "*": operator.mul,
+    "//": operator.floordiv,
+    "%": operator.mod,
+}
+_COMPARE: dict[str, Callable[[int, int], bool]] = {
+    "==": operator.eq,
+    "!=": operator.ne,
+    "<": operator.lt,
+    "<=": operator.le,
+    ">": operator.gt,
+    ">=": operator.ge,
+}
+_FOLD_FUNC: dict[str, Callable[..., int]] = {"abs": abs, "min": min, "max": max}
+# Names a parameter or let may not take: they would hide a primitive or a where variable.
+_RESERVED = frozenset(ir.SIGNATURES) | frozenset(ir.Var.NAMES) | frozenset(_FUNCTIONS)
+
+
+@dataclass(frozen=True, slots=True)
+class _Unknown:
+    """A value not known while checking a file without parameter values (``patterndsl check``).
+
+    ``kind`` is ``"int"``, ``"bool"``, ``"pattern"`` or ``None`` (anything); every
+    check that needs the value itself is skipped, every other check still runs.
+    """
+
+    kind: str | None = None
+
+
+Value = Any  # int | bool | tuple | ir.Node | ir.Expr | _Unknown
+
+
+def _is(value: Value, kind: str) -> bool:
+    """True when ``value`` may be of ``kind`` ("int", "bool", "pattern")."""
+    if isinstance(value, _Unknown):
+        return value.kind in (None, kind)
+    if kind == "int":
+        return (isinstance(value, int) and not isinstance(value, bool)) or _expr_kind(value) == "int"
+    if kind == "bool":
+        return isinstance(value, bool) or _expr_kind(value) == "bool"
+    return isinstance(value, ir.Node)
+
+
+def _expr_kind(value: Value) -> str | None:
+    if isinstance(value, (ir.Cmp, ir.Logic, ir.LNot)):
+        return "bool"
+    if isinstance(value, ir.Expr):
+        return "int"
+    return None
+
+
+def _describe(value: Value) -> str:
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, tuple):
+        return "a tuple"
+    if isinstance(value, ir.Node):
+        return "a pattern"
+    if _expr_kind(value) == "bool":
+        return "a condition"
+    if _expr_kind(value) == "int":
+        return "an integer expression of positions"
+    return "a value"
+
+
+def _const(value: Value) -> ir.Expr:
+    return value if isinstance(value, ir.Expr) else ir.Const(value)
+
+
+# --------------------------------------------------------------------------- scope
+
+
+@dataclass
+class _Scope:
+    """Names visible in one pattern body while it is being bound."""
+
+    values: dict[str, Value] = field(default_factory=dict)
+    spans: dict[str, ir.Span] = field(default_factory=dict)
+    #: While checking without parameter values an extent may be an ``_Unknown``.
+    layout: ir.Layout | None = None
+
+    def declare(self, name: str, span: ir.Span, what: str) -> None:
+        if name in _RESERVED:
+            raise PatternNameError(f"'{name}' is a built-in name and cannot be used as a {what} name", span)
+        if name in self.values:
+            first = self.spans[name]
+            raise PatternNameError(f"'{name}' is already defined (line {first.line}, column {first.column})", span)
+        self.spans[name] = span
+
+
+# --------------------------------------------------------------------------- expression evaluator
+
+
+class _Evaluator:
+    """Evaluates syntax expressions to values, folding constants; ``where`` mode keeps q/k/h symbolic."""
+
+    def __init__(self, scope: _Scope):
+        self.scope = scope
+
+    def eval(self, e: syntax.Expr, where: bool = False) -> Value:
+        method = getattr(self, "_" + type(e).__name__.lower())
+        return method(e, where)
+
+    # -- typed entry points
+
+    def int_value(self, e: syntax.Expr, what: str) -> int | _Unknown:
+        value = self.eval(e)
+        if isinstance(value, _Unknown) and value.kind in (None, "int"):
+            return value
+        if not (isinstance(value, int) and not isinstance(value, bool)):
+            raise PatternTypeError(f"{what} must be an integer, got {_describe(value)}", e.span)
+        return value
+
+    def pattern_value(self, e: syntax.Expr, what: str) -> ir.Node | _Unknown:
+        value = self.eval(e)
+        if not _is(value, "pattern"):
+            raise PatternTypeError(f"{what} must be a pattern, got {_describe(value)}", e.span)
+        return value
+
+    # -- atoms
+
+    def _number(self, e: syntax.Number, where: bool) -> int:
+        return e.value
+
+    def _boolean(self, e: syntax.Boolean, where: bool) -> bool:
+        return e.value
+
+    def _name(self, e: syntax.Name, where: bool) -> Value:
+        name = e.name
+        if where and name in ir.Var.NAMES:
+            return ir.Var(name, e.span)
+        if name in self.scope.values:
+            return self.scope.values[name]
+        if name in ("full", "empty", "causal"):
+            return ir.Prim(name, (), e.span)
+        if name in ir.SIGNATURES:
+            raise PatternTypeError(f"primitive '{name}' needs arguments: {name}(...)", e.span)
+        if name in ir.Var.NAMES:
+            raise PatternNameError(f"'{name}' is only defined inside where(...)", e.span)
+        if name in _FUNCTIONS:
+            raise PatternTypeError(f"'{name}' is a function; call it as {name}(...)", e.span)
+        if name in ir.SCORES:
+            raise PatternNameError(f"'{name}' is a route score; it is only valid as route(score = {name})", e.span)
+        candidates = [*self.scope.values, *ir.SIGNATURES]
+        if where:
+            candidates += [*ir.Var.NAMES, *_FUNCTIONS]
+        raise PatternNameError(f"unknown name '{name}'{did_you_mean(name, candidates)}", e.span)
+
+    def _attribute(self, e: syntax.Attribute, where: bool) -> Value:
+        if e.base not in ("q", "k"):
+            raise PatternNameError(f"'{e.base}.{e.attr}': only q.AXIS and k.AXIS exist", e.span)
+        if not where:
+            raise PatternNameError(f"'{e.base}.{e.attr}' is only defined inside where(...)", e.span)
+        layout = self.scope.layout
+        if layout is None:
+            raise LayoutError(f"'{e.base}.{e.attr}' needs a layout grid(...) declared before it", e.span)
+        if e.attr not in layout.names:
+            hint = did_you_mean(e.attr, layout.names)
+            raise PatternNameError(
+                f"the layout has no axis '{e.attr}'{hint}; its axes are {', '.join(layout.names)}", e.attr_span
+            )
+        return ir.Coord(e.base, e.attr, e.span)
+
+    def _tuple(self, e: syntax.Tuple, where: bool) -> Value:
+        items = []
+        for item in e.items:
+            value = self.eval(item, where)
+            if isinstance(value, _Unknown):
+                return _Unknown()
+            if not isinstance(value, int):
+                raise PatternTypeError(
+                    f"tuple entries must be constant integers or booleans, got {_describe(value)}", item.span
+                )
+            items.append(value)
+        return tuple(items)
+
+    def _call(self, e: syntax.Call, where: bool) -> Value:
+        if e.func in ir.SIGNATURES:
+            return _bind_primitive(e, self)
+        if e.func in _FUNCTIONS:
+            return self._function(e, where)
+        if e.func in self.scope.values:
+            raise PatternTypeError(f"'{e.func}' is not a primitive and cannot be called", e.func_span)
+        hint = did_you_mean(e.func, [*ir.SIGNATURES, *_FUNCTIONS])
+        raise PatternNameError(f"unknown primitive '{e.func}'{hint}", e.func_span)
+
+    def _function(self, e: syntax.Call, where: bool) -> Value:
+        arity = _FUNCTIONS[e.func]
+        if e.keywords:
+            raise PatternTypeError(f"{e.func}() takes no keyword arguments", e.keywords[0].span)
+        if len(e.args) != arity:
+            noun = "argument" if arity == 1 else "arguments"
+            raise PatternTypeError(f"{e.func}() takes {arity} {noun}, got {len(e.args)}", e.span)
+        args = [self._int_operand(a, where, f"{e.func}()") for a in e.args]
+        if any(isinstance(a, _Unknown) for a in args):
+            return _Unknown("int")
+        if all(isinstance(a, int) for a in args):
+            return _FOLD_FUNC[e.func](*args)
+        return ir.Func(e.func, tuple(_const(a) for a in args), e.span)
+
+    # -- operators
+
+    def _int_operand(self, e: syntax.Expr, where: bool, op: str) -> Value:
+        value = self.eval(e, where)
+        if not _is(value, "int"):
+            hint = ""
+            if isinstance(value, ir.Node) and op in ("+", "*", "//", "%"):
+                hint = " (patterns combine with | & - ~)"
+            raise PatternTypeError(f"{op} needs an integer, got {_describe(value)}{hint}", e.span)
+        return value
+
+    def _bool_operand(self, e: syntax.Expr, where: bool, op: str) -> Value:
+        value = self.eval(e, where)
+        if not _is(value, "bool"):
+            hint = " (patterns combine with | & ~)" if isinstance(value, ir.Node) else ""
+            raise PatternTypeError(f"'{op}' needs a condition, got {_describe(value)}{hint}", e.span)
+        return value
+
+    def _unary(self, e: syntax.Unary, where: bool) -> Value:
+        if e.op == "not":
+            value = self._bool_operand(e.operand, where, "not")
+            if isinstance(value, _Unknown):
+                return _Unknown("bool")
+            if isinstance(value, bool):
+                return not value
+            return value.operand if isinstance(value, ir.LNot) else ir.LNot(value, e.span)
+        value = self.eval(e.operand, where)
+        if e.op == "~":
+            if not _is(value, "pattern"):
+                raise PatternTypeError(
+                    f"~ (complement) needs a pattern, got {_describe(value)} (negate integers with -)", e.span
+                )
+            return value if isinstance(value, _Unknown) else ir.complement(value, e.span)
+        if not _is(value, "int"):
+            hint = " (the complement of a pattern is ~)" if isinstance(value, ir.Node) else ""
+            raise PatternTypeError(f"unary - needs an integer, got {_describe(value)}{hint}", e.span)
+        if isinstance(value, _Unknown):
+            return _Unknown("int")
+        if isinstance(value, int):
+            return -value
+        return value.operand if isinstance(value, ir.Neg) else ir.Neg(value, e.span)
+
+    def _binary(self, e: syntax.Binary, where: bool) -> Value:
+        if e.op in ("|", "&"):
+            return self._combine(e, where)
+        left = self.eval(e.left, where)
+        if e.op == "-" and isinstance(left, _Unknown) and left.kind is None:
+            right = self.eval(e.right, where)
+            if not (_is(right, "int") or _is(right, "pattern")):
+                raise PatternTypeError(f"'-' needs integers or patterns, got {_describe(right)}", e.right.span)
+            return _Unknown(
+                right.kind if isinstance(right, _Unknown) else ("pattern" if _is(right, "pattern") else "int")
+            )
+        if e.op == "-" and _is(left, "pattern"):
+            return self._combine(e, where, left)
+        if not _is(left, "int"):
+            hint = " (patterns combine with | & - ~)" if isinstance(left, ir.Node) else ""
+            raise PatternTypeError(f"'{e.op}' needs integers, got {_describe(left)}{hint}", e.left.span)
+        right = self._int_operand(e.right, where, f"'{e.op}'")
+        return _arith(e.op, left, right, e.op_span)
+
+    def _combine(self, e: syntax.Binary, where: bool, left: Value = None) -> Value:
+        names = {"|": "union", "&": "intersection", "-": "difference"}
+        hints = {"|": " (for conditions use 'or')", "&": " (for conditions use 'and')", "-": ""}
+        operands = []
+        for side, value in ((e.left, left), (e.right, None)):
+            if value is None:
+                value = self.eval(side, where)
+            if not _is(value, "pattern"):
+                raise PatternTypeError(
+                    f"'{e.op}' ({names[e.op]}) needs patterns, got {_describe(value)}{hints[e.op]}", side.span
+                )
+            operands.append(value)
+        if any(isinstance(v, _Unknown) for v in operands):
+            return _Unknown("pattern")
+        a, b = operands
+        if e.op == "|":
+            return ir.union(a, b, span=e.span)
+        if e.op == "&":
+            return ir.inter(a, b, span=e.span)
+        return ir.difference(a, b, span=e.span)
+
+    def _compare(self, e: syntax.Compare, where: bool) -> Value:
+        operands = [self._int_operand(x, where, f"'{e.ops[0]}'") for x in e.operands]
+        parts = []
+        for i, op in enumerate(e.ops):
+            a, b = operands[i], operands[i + 1]
+            if isinstance(a, _Unknown) or isinstance(b, _Unknown):
+                parts.append(_Unknown("bool"))
+            elif isinstance(a, int) and isinstance(b, int):
+                parts.append(_COMPARE[op](a, b))
+            else:
+                parts.append(ir.Cmp(op, _const(a), _const(b), e.op_spans[i]))
+        return _logic("and", parts, e.span)
+
+    def _boolop(self, e: syntax.BoolOp, where: bool) -> Value:
+        return _logic(e.op, [self._bool_operand(x, where, e.op) for x in e.items], e.span)
+
+
+def _arith(op: str, left: Value, right: Value, span: ir.Span) -> Value:
+    if op in ("//", "%") and isinstance(right, int) and right == 0:
+        raise PatternValueError(f"division by zero: the divisor of '{op}' is 0", span)
+    if isinstance(left, _Unknown) or isinstance(right, _Unknown):
+        return _Unknown("int")
+    if isinstance(left, int) and isinstance(right, int):
+        return _ARITH[op](left, right)
+    return ir.Arith(op, _const(left), _const(right), span)
+
+
+def _logic(op: str, parts: list[Value], span: ir.Span | None) -> Value:
+    """``and``/``or`` over conditions with constants folded and nested chains flattened."""
+    absorbing = op == "or"  # the constant that decides the result
+    items: list[ir.Expr] = []
+    unknown = False
+    for part in parts:
+        if isinstance(part, _Unknown):
+            unknown = True
+        elif isinstance(part, bool):
+            if part == absorbing:
+                return absorbing
+        elif isinstance(part, ir.Logic) and part.op == op:
+            items.extend(part.items)
+        else:
+            items.append(part)
+    if unknown:
+        return _Unknown("bool")
+    if not items:
+        return not absorbing
+    if len(items) == 1:
+        return items[0]
+    return ir.Logic(op, tuple(items), span)
+
+
+# --------------------------------------------------------------------------- primitives
+
+
+def _check(ok: bool, message: str, span: ir.Span) -> None:
+    if not ok:
+        raise PatternValueError(message, span)
+
+
+def _bind_primitive(call: syntax.Call, ev: _Evaluator) -> Value:
+    """Bind ``call`` to its signature, check every argument and build the ``ir.Prim``."""
+    name = call.func
+    sig = ir.SIGNATURES[name]
+    names = [p.name for p in sig]
+    if len(call.args) > len(sig):
+        extra = call.args[len(sig)]
+        takes = f"at most {len(sig)} argument{'s' if len(sig) != 1 else ''} ({', '.join(names)})" if sig else "none"
+        raise PatternTypeError(f"{name}() takes {takes}, got {len(call.args)}", extra.span)
+    given: dict[str, tuple[syntax.Expr, ir.Span]] = {}
+    for param, arg in zip(sig, call.args, strict=False):
+        given[param.name] = (arg, arg.span)
+    for kw in call.keywords:
+        if kw.name not in names:
+            hint = did_you_mean(kw.name, names)
+            listing = ", ".join(names) if names else "no arguments"
+            raise PatternNameError(f"{name}() has no argument '{kw.name}'{hint}; it takes {listing}", kw.span)
+        if kw.name in given:
+            raise PatternTypeError(f"{name}() got argument '{kw.name}' twice", kw.span)
+        given[kw.name] = (kw.value, kw.span)
+    missing = [p.name for p in sig if p.required and p.name not in given]
+    if missing:
+        raise PatternTypeError(f"{name}() is missing required argument '{missing[0]}'", call.span)
+
+    values: dict[str, Value] = {}
+    spans: dict[str, ir.Span] = {}
+    for param in sig:
+        if param.name in given:
+            expr, _ = given[param.name]
+            values[param.name] = _argument(name, param, expr, ev)
+            spans[param.name] = expr.span
+        else:
+            values[param.name] = param.default
+            spans[param.name] = call.span
+    if name in ir.GRID_PRIMITIVES or name == "route":
+        _shape_grid_arguments(name, values, spans, ev.scope.layout, call.span)
+    if any(isinstance(v, _Unknown) for v in values.values()):
+        return _Unknown("pattern")
+    if name == "where":
+        pred = values["pred"]
+        if isinstance(pred, bool):
+            return ir.FULL if pred else ir.EMPTY
+    _CHECKS.get(name, lambda v, s, layout: None)(values, spans, ev.scope.layout)
+    return ir.Prim(name, tuple((p.name, values[p.name]) for p in sig), call.span)
+
+
+def _argument(prim: str, param: ir.Param, expr: syntax.Expr, ev: _Evaluator) -> Value:
+    what = f"{prim}() argument '{param.name}'"
+    if param.kind == "score":
+        if isinstance(expr, syntax.Name) and expr.name in ir.SCORES:
+            return expr.name
+        if isinstance(expr, syntax.Name):
+            hint = did_you_mean(expr.name, ir.SCORES)
+            raise PatternNameError(f"unknown score '{expr.name}'{hint}; scores are {', '.join(ir.SCORES)}", expr.span)
+        raise PatternTypeError(f"{what} must be one of {', '.join(ir.SCORES)}", expr.span)
+    if param.kind == "pred":
+        value = ev.eval(expr, where=True)
+        if not _is(value, "bool"):
+            raise PatternTypeError(f"where() needs a condition, got {_describe(value)}", expr.span)
+        return _const(value) if not isinstance(value, (bool, _Unknown)) else value
+    value = ev.eval(expr)
+    if isinstance(value, _Unknown):
+        return value
+    if param.kind == "pattern":
+        if not isinstance(value, ir.Node):
+            raise PatternTypeError(f"{what} must be a pattern, got {_describe(value)}", expr.span)
+        if ir.is_dynamic(value):
+            raise PatternValueError(f"{what} must be a static pattern (no route inside)", expr.span)
+        return value
+    want_bool = param.kind == "bools"
+    noun = "a boolean" if want_bool else "an integer"
+    if isinstance(value, tuple) and param.kind in ("ints", "bools"):
+        if any(want_bool != isinstance(item, bool) for item in value):
+            plural = "booleans" if want_bool else "integers"
+            raise PatternTypeError(f"{what} must hold {plural}, got {value_text(value)}", expr.span)
+        return value
+    if isinstance(value, tuple):
+        raise PatternTypeError(f"{what} must be {noun}, got a tuple {value_text(value)}", expr.span)
+    if want_bool != isinstance(value, bool) or not isinstance(value, int):
+        raise PatternTypeError(f"{what} must be {noun}, got {_describe(value)}", expr.span)
+    return value
+
+
+def value_text(value: Value) -> str:
+    """Source text of a constant value, for messages."""
+    from patterndsl.printer import value_to_source
+
+    return value_to_source(value)
+
+
+def _shape_grid_arguments(name: str, values: dict, spans: dict, layout: ir.Layout | None, span: ir.Span) -> None:
+    """Broadcast int-or-tuple arguments to one entry per layout axis (neighborhood always, route when boxed)."""
+    if name == "neighborhood":
+        if layout is None:
+            raise LayoutError("neighborhood() needs a layout grid(...) declared before it", span)
+        keys = ("size", "dilation", "stride", "causal")
+    else:
+        keys = ("block", "qblock")
+        if values["qblock"] is None:
+            values["qblock"] = values["block"]
+            spans["qblock"] = spans["block"]
+        if not any(isinstance(values[k], tuple) for k in keys):
+            return
+        if layout is None:
+            bad = next(k for k in keys if isinstance(values[k], tuple))
+            raise LayoutError(f"route() argument '{bad}' is a tuple, which needs a layout grid(...)", spans[bad])
+    rank = len(layout.axes)
+    for key in keys:
+        value = values[key]
+        if isinstance(value, _Unknown):
+            continue
+        if not isinstance(value, tuple):
+            values[key] = (value,) * rank
+        elif len(value) != rank:
+            raise PatternTypeError(
+                f"{name}() argument '{key}' has {len(value)} entries but the layout has {rank} axes "
+                f"({', '.join(layout.names)})",
+                spans[key],
+            )
+
+
+def _check_window(v, s, layout):
+    _check(v["dilation"] >= 1, f"window dilation must be >= 1, got {v['dilation']}", s["dilation"])
+
+
+def _check_strided(v, s, layout):
+    _check(v["stride"] >= 1, f"strided stride must be >= 1, got {v['stride']}", s["stride"])
+
+
+def _check_blocks(v, s, layout):
+    _check(v["size"] >= 1, f"blocks size must be >= 1, got {v['size']}", s["size"])
+
+
+def _check_summary(v, s, layout):
+    _check(v["stride"] >= 1, f"summary stride must be >= 1, got {v['stride']}", s["stride"])
+    _check(
+        0 <= v["width"] <= v["stride"],
+        f"summary width must be in 0..stride ({v['stride']}), got {v['width']}",
+        s["width"],
+    )
+
+
+def _check_count(v, s, layout):
+    _check(v["n"] >= 0, f"the count n must be >= 0, got {v['n']}", s["n"])
+
+
+def _check_landmarks(v, s, layout):
+    _check(v["every"] >= 1, f"landmarks every must be >= 1, got {v['every']}", s["every"])
+
+
+def _check_random(v, s, layout):
+    _check(v["blocks"] >= 0, f"random blocks must be >= 0, got {v['blocks']}", s["blocks"])
+    _check(v["block"] >= 1, f"random block must be >= 1, got {v['block']}", s["block"])
+
+
+def _check_neighborhood(v, s, layout):
+    for axis, n, size, dilation, stride in zip(
+        layout.names, layout.shape, v["size"], v["dilation"], v["stride"], strict=True
+    ):
+        if isinstance(n, _Unknown):
+            continue
+        where = f" on axis '{axis}'"
+        _check(size >= 1, f"neighborhood size must be >= 1{where}, got {size}", s["size"])
+        _check(dilation >= 1, f"neighborhood dilation must be >= 1{where}, got {dilation}", s["dilation"])
+        _check(
+            1 <= stride <= size, f"neighborhood stride must be in 1..size ({size}){where}, got {stride}", s["stride"]
+        )
+        # The shortest dilation group is the last one, g = d - 1: m = ceil((n - g) / d).
+        shortest = -(-(n - dilation + 1) // dilation)
+        _check(
+            size <= shortest,
+            f"neighborhood size {size} with dilation {dilation} does not fit axis '{axis}' of length {n} "
+            f"(a dilation group has only {max(shortest, 0)} positions)",
+            s["size"],
+        )
+
+
+def _check_route(v, s, layout):
+    _check(v["topk"] >= 1, f"route topk must be >= 1, got {v['topk']}", s["topk"])
+    for key in ("block", "qblock"):
+        entries = v[key] if isinstance(v[key], tuple) else (v[key],)
+        _check(all(b >= 1 for b in entries), f"route {key} must be >= 1, got {value_text(v[key])}", s[key])
+
+
+_CHECKS = {
+    "window": _check_window,
+    "strided": _check_strided,
+    "blocks": _check_blocks,
+    "summary": _check_summary,
+    "sink": _check_count,
+    "global": _check_count,
+    "landmarks": _check_landmarks,
+    "random": _check_random,
+    "neighborhood": _check_neighborhood,
+    "route": _check_route,
+}
+
+
+# --------------------------------------------------------------------------- parameters
+
+
+def _python_param(name: str, value: Any, decl: syntax.Param) -> Any:
+    """Validate one parameter value passed from Python; lists become tuples."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (tuple, list)):
+        if not value:
+            raise PatternTypeError(f"parameter '{name}' must not be an empty tuple", decl.span)
+        return tuple(_python_scalar(name, item, decl) for item in value)
+    return _python_scalar(name, value, decl)
+
+
+def _python_scalar(name: str, value: Any, decl: syntax.Param) -> int | bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int):
+        return int(value)
+    if hasattr(type(value), "__index__") and not isinstance(value, float):
+        try:
+            return operator.index(value)
+        except TypeError:
+            pass
+    raise PatternTypeError(
+        f"parameter '{name}' must be an integer, a boolean or a tuple of those, got {type(value).__name__}",
+        decl.span,
+    )
+
+
+def _same_kind(a: Any, b: Any) -> bool:
+    """Booleans and integers do not mix; an integer may stand for a tuple and back (grid arguments)."""
+    flat_a = a if isinstance(a, tuple) else (a,)
+    flat_b = b if isinstance(b, tuple) else (b,)
+    return {isinstance(x, bool) for x in flat_a} == {isinstance(x, bool) for x in flat_b}
+
+
+def _bind_params(pdef: syntax.PatternDef, params: dict, scope: _Scope, ev: _Evaluator, lenient: bool) -> list:
+    declared = [p.name for p in pdef.params]
+    for key in params:
+        if key not in declared:
+            hint = did_you_mean(str(key), declared)
+            have = f"its parameters are {', '.join(declared)}" if declared else "it has no parameters"
+            raise PatternNameError(f"pattern '{pdef.name}' has no parameter '{key}'{hint}; {have}", pdef.name_span)
+    bound = []
+    for decl in pdef.params:
+        scope.declare(decl.name, decl.span, "parameter")
+        default = None
+        if decl.default is not None:
+            default = ev.eval(decl.default)
+            if not isinstance(default, (int, tuple, _Unknown)):
+                raise PatternTypeError(
+                    f"the default of parameter '{decl.name}' must be an integer, boolean or tuple, "
+                    f"got {_describe(default)}",
+                    decl.default.span,
+                )
+        if decl.name in params:
+            value = _python_param(decl.name, params[decl.name], decl)
+            if default is not None and not isinstance(default, _Unknown) and not _same_kind(value, default):
+                raise PatternTypeError(
+                    f"parameter '{decl.name}' must be like its default {value_text(default)}, got {value_text(value)}",
+                    decl.span,
+                )
+        elif decl.default is not None:
+            value = default
+        elif lenient:
+            value = _Unknown()
+        else:
+            raise PatternTypeError(f"pattern '{pdef.name}' needs a value for parameter '{decl.name}'", decl.span)
+        scope.values[decl.name] = value
+        bound.append((decl.name, value))
+    return bound
+
+
+# --------------------------------------------------------------------------- statements
+
+
+def _bind_layout(stmt: syntax.Layout, ev: _Evaluator) -> ir.Layout:
+    if stmt.kind != "grid":
+        raise PatternNameError(f"unknown layout '{stmt.kind}'{did_you_mean(stmt.kind, ['grid'])}", stmt.kind_span)
+    if not stmt.axes:
+        raise PatternValueError("layout grid(...) needs at least one axis", stmt.span)
+    axes = []
+    seen: set[str] = set()
+    for axis in stmt.axes:
+        if axis.name in seen:
+            raise PatternNameError(f"layout axis '{axis.name}' appears twice", axis.span)
+        seen.add(axis.name)
+        extent = ev.int_value(axis.extent, f"the extent of axis '{axis.name}'")
+        if not isinstance(extent, _Unknown):
+            _check(extent >= 1, f"the extent of axis '{axis.name}' must be >= 1, got {extent}", axis.extent.span)
+        axes.append((axis.name, extent))
+    return ir.Layout(tuple(axes), stmt.span)
+
+
+def _bind_definition(pdef: syntax.PatternDef, params: dict, lenient: bool = False) -> ir.PatternIR | None:
+    """Bind one definition; with ``lenient`` unknown parameters are allowed and None is returned."""
+    scope = _Scope()
+    ev = _Evaluator(scope)
+    bound = _bind_params(pdef, params, scope, ev, lenient)
+    rules: list[ir.HeadRule] = []
+    layout_seen: syntax.Layout | None = None
+    for stmt in pdef.statements:
+        if isinstance(stmt, syntax.Layout):
+            if layout_seen is not None:
+                raise LayoutError(
+                    f"a pattern has at most one layout (first one on line {layout_seen.span.line})", stmt.span
+                )
+            layout_seen = stmt
+            scope.layout = _bind_layout(stmt, ev)
+        elif isinstance(stmt, syntax.Let):
+            scope.declare(stmt.name, stmt.name_span, "let")
+            scope.values[stmt.name] = ev.eval(stmt.value)
+        else:
+            rule = _bind_heads(stmt, ev, rules)
+            if rule is not None:
+                rules.append(rule)
+    default = None
+    if pdef.final is not None:
+        default = ev.pattern_value(pdef.final, "the final expression")
+    elif not pdef.statements or not any(isinstance(s, syntax.Heads) for s in pdef.statements):
+        raise PatternSyntaxError(
+            f"pattern '{pdef.name}' has neither a final pattern expression nor heads lines", pdef.name_span
+        )
+    if isinstance(default, _Unknown) or any(isinstance(v, _Unknown) for _, v in bound) or lenient:
+        return None
+    return ir.PatternIR(
+        pdef.name, tuple(bound), scope.layout, tuple(sorted(rules, key=lambda r: r.lo)), default, pdef.span
+    )
+
+
+def _bind_heads(stmt: syntax.Heads, ev: _Evaluator, rules: list[ir.HeadRule]) -> ir.HeadRule | None:
+    lo = ev.int_value(stmt.lo, "the first head of a heads range")
+    hi = ev.int_value(stmt.hi, "the end of a heads range")
+    node = ev.pattern_value(stmt.body, "the pattern of a heads line")
+    if isinstance(lo, _Unknown) or isinstance(hi, _Unknown) or isinstance(node, _Unknown):
+        return None
+    _check(lo >= 0, f"heads ranges start at 0 or later, got {lo}", stmt.lo.span)
+    _check(lo < hi, f"heads range {lo}..{hi} is empty (it means {lo} <= h < {hi})", stmt.span)
+    for rule in rules:
+        if lo < rule.hi and rule.lo < hi:
+            raise PatternValueError(
+                f"heads range {lo}..{hi} overlaps {rule.lo}..{rule.hi} (line {rule.span.line})", stmt.span
+            )
+    return ir.HeadRule(lo, hi, node, stmt.span)
+
+
+# --------------------------------------------------------------------------- entry points
+
+
+def _pick(module: syntax.Module, name: str | None) -> syntax.PatternDef:
+    defs = module.patterns
+    if not defs:
+        raise PatternSyntaxError("the source defines no pattern (expected 'pattern NAME { ... }')")
+    seen: dict[str, syntax.PatternDef] = {}
+    for pdef in defs:
+        if pdef.name in seen:
+            first = seen[pdef.name].span
+            raise PatternNameError(
+                f"pattern '{pdef.name}' is defined twice (first on line {first.line})", pdef.name_span
+            )
+        seen[pdef.name] = pdef
+    if name is None:
+        if len(defs) > 1:
+            raise PatternNameError(
+                f"the source defines {len(defs)} patterns ({', '.join(seen)}); pass name=... to pick one"
+            )
+        return defs[0]
+    if name not in seen:
+        raise PatternNameError(f"no pattern named '{name}'{did_you_mean(str(name), seen)}; defined: {', '.join(seen)}")
+    return seen[name]
+
+
+def _guard(run: Callable[[], Any], source: str | None, filename: str | None = None) -> Any:
+    try:
+        return run()
+    except PatternError as err:
+        raise err.with_source(source, filename) from None
+    except RecursionError:
+        raise PatternSyntaxError("the pattern is nested too deeply to check").with_source(source, filename) from None
+
+
+def bind(module: syntax.Module, name: str | None = None, params: dict | None = None, source: str | None = None):
+    """Check one pattern definition and bind its parameters into canonical IR.
+
+    Args:
+        module: the parsed source (``grammar.parse``).
+        name: which definition; may be omitted when the source has exactly one.
+        params: parameter values from Python (ints, bools, tuples or lists of those).
+        source: the source text, attached to errors for caret rendering.
+
+    Returns:
+        The bound :class:`ir.PatternIR`.
+
+    Raises:
+        PatternError: any syntax-independent error (names, types, arity, values, layouts, heads).
+    """
+    params = dict(params or {})
+    source = source if source is not None else module.source
+    return _guard(lambda: _bind_definition(_pick(module, name), params), source, module.filename)
+
+
+def check_module(module: syntax.Module, source: str | None = None, filename: str | None = None) -> list[PatternError]:
+    """Check every definition of a file as far as possible without parameter values.
+
+    Parameters without a default are treated as unknown: everything that does not
+    depend on their value (names, arity, types of other arguments, layouts, ...)
+    is still checked.
+
+    Args:
+        module: the parsed source.
+        source: the source text (for caret rendering); defaults to ``module.source``.
+        filename: the file name shown in messages; defaults to ``module.filename``.
+
+    Returns:
+        The errors found, at most one per definition, in source order (empty when all is well).
+    """
+    source = source if source is not None else module.source
+    filename = filename if filename is not None else module.filename
+    errors: list[PatternError] = []
+    if not module.patterns:
+        return [PatternSyntaxError("the file defines no pattern").with_source(source, filename)]
+    seen: dict[str, int] = {}
+    for pdef in module.patterns:
+        if pdef.name in seen:
+            err = PatternNameError(
+                f"pattern '{pdef.name}' is defined twice (first on line {seen[pdef.name]})", pdef.name_span
+            )
+            errors.append(err.with_source(source, filename))
+            continue
+        seen[pdef.name] = pdef.span.line
+        try:
+            _guard(lambda pdef=pdef: _bind_definition(pdef, {}, lenient=True), source, filename)
+        except PatternError as err:
+            errors.append(err)
+    return errors
+
+
+# --------------------------------------------------------------------------- size checks
+
+
+def check_lengths(pir: ir.PatternIR, q_len: int, kv_len: int | None, heads: int) -> None:
+    """Check the sizes a pattern is used at (called by mask, plan and the attention ops).
+
+    Args:
+        pir: the bound pattern.
+        q_len: number of queries ``Lq`` (>= 1).
+        kv_len: number of keys ``Lk`` (>= 1), or None for ``Lq``.
+        heads: number of query heads (>= 1).
+
+    Raises:
+        PatternTypeError / PatternValueError: sizes that are not positive integers.
+        LayoutError: a layout whose extents do not multiply to the length, or ``Lq != Lk`` with a layout.
+        HeadsError: heads covered by no ``heads`` line when there is no final expression.
+        PatternValueError: a ``//`` or ``%`` whose divisor is 0 at these lengths.
+    """
+    q_len = _size("q_len", q_len)
+    kv_len = q_len if kv_len is None else _size("kv_len", kv_len)
+    heads = _size("heads", heads)
+    layout = pir.layout
+    if layout is not None:
+        if q_len != kv_len:
+            raise LayoutError(
+                f"pattern '{pir.name}' has a layout, so query and key lengths must be equal (got {q_len} and {kv_len})",
+                layout.span,
+            )
+        if layout.size != q_len:
+            shape = ", ".join(f"{n} = {e}" for n, e in layout.axes)
+            raise LayoutError(
+                f"layout grid({shape}) holds {layout.size} positions but the sequence length is {q_len}", layout.span
+            )
+    if pir.default is None:
+        uncovered = [h for h in range(heads) if pir.node_for_head(h) is None]
+        if uncovered:
+            raise HeadsError(
+                f"pattern '{pir.name}' has no final expression and heads {_ranges(uncovered)} are not covered "
+                f"by any heads line (heads = {heads})",
+                pir.span,
+            )
+    env = {"Lq": q_len, "Lk": kv_len}
+    for used_by, node in _used_nodes(pir, heads):
+        for prim in ir.walk(node):
+            if isinstance(prim, ir.Prim) and prim.name == "where":
+                _check_divisors(prim.arg("pred"), env, used_by)
+
+
+def _size(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not hasattr(type(value), "__index__"):
+        raise PatternTypeError(f"{name} must be a positive integer, got {type(value).__name__}")
+    value = operator.index(value)
+    if value < 1:
+        raise PatternValueError(f"{name} must be >= 1, got {value}")
+    return value
+
+
+def _ranges(heads: list[int]) -> str:
+    runs: list[list[int]] = []
+    for h in heads:
+        if runs and runs[-1][1] == h:
+            runs[-1][1] = h + 1
+        else:
+            runs.append([h, h + 1])
+    return ", ".join(f"{lo}" if hi == lo + 1 else f"{lo}..{hi}" for lo, hi in runs)
+
+
+def _used_nodes(pir: ir.PatternIR, heads: int):
+    """(heads, node) for every pattern some head below ``heads`` uses, with the heads that use it."""
+    for rule in pir.heads:
+        if rule.lo < heads:
+            yield range(rule.lo, min(rule.hi, heads)), rule.node
+    if pir.default is not None:
+        rest = [h for h in range(heads) if not any(r.lo <= h < r.hi for r in pir.heads)]
+        if rest:
+            yield rest, pir.default
+
+
+def _check_divisors(pred: ir.Expr, env: dict[str, int], head_range) -> None:
+    for sub in ir.walk_expr(pred):
+        if not (isinstance(sub, ir.Arith) and sub.op in ("//", "%")):
+            continue
+        names = {e.name for e in ir.walk_expr(sub.right) if isinstance(e, ir.Var)}
+        if any(isinstance(e, ir.Coord) for e in ir.walk_expr(sub.right)) or names & {"q", "k"}:
+            continue  # depends on positions; the dense meaning decides per pair
+        for h in head_range if "h" in names else (None,):
+            if _fold(sub.right, {**env, "h": h}) == 0:
+                at = f" for head {h}" if h is not None else ""
+                raise PatternValueError(
+                    f"division by zero: the divisor of '{sub.op}' is 0 at Lq={env['Lq']}, Lk={env['Lk']}{at}",
+                    sub.span,
+                )
+
+
+def _fold(expr: ir.Expr, env: dict[str, int | None]) -> int | bool | None:
+    """The value of an integer expression over ``env`` (None when a variable is unknown or a divisor is 0)."""
+    if isinstance(expr, ir.Const):
+        return expr.value
+    if isinstance(expr, ir.Var):
+        return env.get(expr.name)
+    if isinstance(expr, ir.Neg):
+        value = _fold(expr.operand, env)
+        return None if value is None else -value
+    if isinstance(expr, ir.Arith):
+        left, right = _fold(expr.left, env), _fold(expr.right, env)
+        if left is None or right is None or (expr.op in ("//", "%") and right == 0):
+            return None
+        return _ARITH[expr.op](left, right)
+    if isinstance(expr, ir.Func):
+        args = [_fold(a, env) for a in expr.args]
+        return None if any(a is None for a in args) else _FOLD_FUNC[expr.fn](*args)
+    return None

@@ -1,0 +1,357 @@
+"""Stage 1 of the pipeline: source text -> syntax tree.
+
+Comes in: pattern-language source text (and its file name, for messages).
+Goes out: a :class:`~patterndsl.grammar.syntax.Module` whose nodes carry
+source spans, or a :class:`~patterndsl.errors.PatternSyntaxError` that names
+``FILE:LINE:COLUMN``, says in words what was expected and shows a caret.
+The grammar lives in ``pattern.lark`` (LALR); a small post-lexer decides
+which line breaks end a statement, and a lark Transformer builds the tree.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+from lark import Lark, Token, Transformer, v_args
+from lark.exceptions import UnexpectedCharacters, UnexpectedInput, UnexpectedToken, VisitError
+
+from patterndsl.errors import PatternError, PatternSyntaxError
+from patterndsl.grammar import syntax
+from patterndsl.ir import Span
+
+__all__ = ["parse", "syntax"]
+
+_STATEMENT_KEYWORDS = frozenset({"LET", "LAYOUT", "HEADS"})
+
+
+class _LineBreaks:
+    """Post-lexer: a line break ends a statement only outside parentheses.
+
+    A body is statements followed by one final expression that may span
+    lines; so a line break becomes the terminator ``_NL`` only while a
+    ``let``/``layout``/``heads`` statement is open at parenthesis depth 0.
+    A ``}`` closes an open statement too. All other line breaks vanish.
+    """
+
+    always_accept = ("NEWLINE",)
+
+    def process(self, stream: Iterator[Token]) -> Iterator[Token]:
+        depth = 0
+        open_statement = False
+        for tok in stream:
+            kind = tok.type
+            if kind == "NEWLINE":
+                if open_statement and depth == 0:
+                    open_statement = False
+                    yield Token.new_borrow_pos("_NL", tok.value, tok)
+                continue
+            if kind == "LPAR":
+                depth += 1
+            elif kind == "RPAR":
+                depth = max(0, depth - 1)
+            elif kind == "SEMI" and depth == 0:
+                open_statement = False
+            elif kind == "RBRACE":
+                if open_statement:
+                    yield Token.new_borrow_pos("_NL", "", tok)
+                open_statement = False
+                depth = 0
+            elif kind in _STATEMENT_KEYWORDS and depth == 0:
+                open_statement = True
+            yield tok
+
+
+_PARSER = Lark(
+    (Path(__file__).with_name("pattern.lark")).read_text(encoding="utf-8"),
+    parser="lalr",
+    lexer="basic",
+    postlex=_LineBreaks(),
+    propagate_positions=True,
+    maybe_placeholders=False,
+)
+
+
+def _token_span(tok: Token, file: str | None) -> Span:
+    line = tok.line or 1
+    column = tok.column or 1
+    end_line = tok.end_line or line
+    end_column = tok.end_column or column + max(1, len(tok.value))
+    if end_line == line and end_column <= column:
+        end_column = column + 1
+    return Span(file, line, column, end_line, end_column)
+
+
+@v_args(meta=True, inline=True)
+class _Builder(Transformer):
+    """Builds :mod:`syntax` nodes from the lark parse tree."""
+
+    def __init__(self, filename: str | None):
+        super().__init__()
+        self.file = filename
+
+    def _span(self, meta) -> Span:
+        if getattr(meta, "empty", True):
+            return Span(self.file, 1, 1, 1, 2)
+        return Span(self.file, meta.line, meta.column, meta.end_line, meta.end_column)
+
+    def _tok(self, tok: Token) -> Span:
+        return _token_span(tok, self.file)
+
+    # -- definitions
+
+    def start(self, meta, *defs):
+        return syntax.Module(tuple(defs), self.file)
+
+    def pattern_def(self, meta, _kw, name, *rest):
+        params: tuple[syntax.Param, ...] = ()
+        statements, final = (), None
+        for item in rest:
+            if isinstance(item, list):
+                params = tuple(item)
+            elif isinstance(item, tuple):
+                statements, final = item
+        return syntax.PatternDef(str(name), params, statements, final, self._span(meta), self._tok(name))
+
+    def param_list(self, meta, *items):
+        return [p for p in items if isinstance(p, syntax.Param)]
+
+    def param(self, meta, name, *rest):
+        default = rest[-1] if rest else None
+        return syntax.Param(str(name), default, self._span(meta))
+
+    def body(self, meta, *items):
+        statements = []
+        final = None
+        for item in items:
+            if isinstance(item, (syntax.Layout, syntax.Let, syntax.Heads)):
+                statements.append(item)
+            elif isinstance(item, syntax.Expr):
+                final = item
+        return (tuple(statements), final)
+
+    def terminator(self, meta, *items):
+        return Token("SEMI", ";")
+
+    def layout_stmt(self, meta, _kw, kind, *items):
+        axes = tuple(a for a in items if isinstance(a, syntax.Axis))
+        return syntax.Layout(str(kind), axes, self._span(meta), self._tok(kind))
+
+    def axis(self, meta, name, _eq, extent):
+        return syntax.Axis(str(name), extent, self._span(meta))
+
+    def let_stmt(self, meta, _kw, name, _eq, value):
+        return syntax.Let(str(name), value, self._span(meta), self._tok(name))
+
+    def heads_stmt(self, meta, _kw, lo, _dots, hi, _colon, body):
+        return syntax.Heads(lo, hi, body, self._span(meta))
+
+    # -- expressions
+
+    def or_expr(self, meta, *items):
+        return syntax.BoolOp("or", tuple(items[::2]), self._span(meta))
+
+    def and_expr(self, meta, *items):
+        return syntax.BoolOp("and", tuple(items[::2]), self._span(meta))
+
+    def not_op(self, meta, _kw, operand):
+        return syntax.Unary("not", operand, self._span(meta))
+
+    def cmp_expr(self, meta, *items):
+        ops = items[1::2]
+        return syntax.Compare(
+            tuple(str(op) for op in ops), tuple(items[::2]), self._span(meta), tuple(self._tok(op) for op in ops)
+        )
+
+    def binop(self, meta, left, op, right):
+        return syntax.Binary(str(op), left, right, self._span(meta), self._tok(op))
+
+    def unop(self, meta, op, operand):
+        return syntax.Unary(str(op), operand, self._span(meta))
+
+    def number(self, meta, tok):
+        return syntax.Number(int(tok), self._span(meta))
+
+    def boolean(self, meta, tok):
+        return syntax.Boolean(tok.type == "TRUE", self._span(meta))
+
+    def name(self, meta, tok):
+        return syntax.Name(str(tok), self._span(meta))
+
+    def attribute(self, meta, base, _dot, attr):
+        return syntax.Attribute(str(base), str(attr), self._span(meta), self._tok(attr))
+
+    def call(self, meta, func, *items):
+        args, keywords = [], []
+        for item in items:
+            if isinstance(item, syntax.Keyword):
+                keywords.append(item)
+            elif isinstance(item, syntax.Expr):
+                if keywords:
+                    raise PatternSyntaxError("a positional argument cannot follow a keyword argument", item.span)
+                args.append(item)
+        return syntax.Call(str(func), tuple(args), tuple(keywords), self._span(meta), self._tok(func))
+
+    def argument(self, meta, value):
+        return value
+
+    def keyword(self, meta, name, _eq, value):
+        return syntax.Keyword(str(name), value, self._span(meta))
+
+    def group(self, meta, _lpar, inner, _rpar):
+        return inner
+
+    def tuple(self, meta, *items):
+        return syntax.Tuple(tuple(i for i in items if isinstance(i, syntax.Expr)), self._span(meta))
+
+
+# --------------------------------------------------------------------------- error messages
+
+_WORDS = {
+    "NAME": "a name",
+    "INT": "a number",
+    "_NL": "the end of the line",
+    "$END": "the end of the input",
+    "PATTERN": "'pattern'",
+    "LAYOUT": "'layout'",
+    "LET": "'let'",
+    "HEADS": "'heads'",
+    "TRUE": "'true'",
+    "FALSE": "'false'",
+    "OR": "'or'",
+    "AND": "'and'",
+    "NOT": "'not'",
+    "CMP_OP": "a comparison",
+    "BAR": "'|'",
+    "PLUS": "'+'",
+    "MINUS": "'-'",
+    "AMP": "'&'",
+    "STAR": "'*'",
+    "FLOORDIV": "'//'",
+    "PERCENT": "'%'",
+    "TILDE": "'~'",
+    "DOTDOT": "'..'",
+    "DOT": "'.'",
+    "COLON": "':'",
+    "SEMI": "';'",
+    "COMMA": "','",
+    "EQUAL": "'='",
+    "LPAR": "'('",
+    "RPAR": "')'",
+    "LBRACE": "'{'",
+    "RBRACE": "'}'",
+}
+# Terminals that can start an expression, and the binary operators.
+_EXPR_START = frozenset({"INT", "NAME", "TRUE", "FALSE", "LPAR", "MINUS", "TILDE", "NOT"})
+_OPERATORS = frozenset({"OR", "AND", "CMP_OP", "BAR", "PLUS", "MINUS", "AMP", "STAR", "FLOORDIV", "PERCENT"})
+
+
+def _describe_expected(expected: set[str]) -> str:
+    expected = {e for e in expected if e in _WORDS}
+    parts: list[str] = []
+    if len(expected & _EXPR_START) >= 4:
+        parts.append("an expression")
+        expected -= _EXPR_START
+    if len(expected & _OPERATORS) >= 4:
+        parts.append("an operator")
+        expected -= _OPERATORS
+    parts.extend(sorted(_WORDS[e] for e in expected))
+    if not parts:
+        return ""
+    if len(parts) == 1:
+        return parts[0]
+    return ", ".join(parts[:-1]) + " or " + parts[-1]
+
+
+def _describe_token(tok: Token) -> str:
+    if tok.type == "$END":
+        return "end of input"
+    if tok.type == "_NL":
+        return "end of line" if tok.value else "end of statement"
+    if tok.type == "NAME":
+        return f"name '{tok.value}'"
+    if tok.type == "INT":
+        return f"number {tok.value}"
+    return f"'{tok.value}'"
+
+
+def _hint(tok: Token, expected: set[str]) -> str:
+    if tok.type == "_NL":
+        return "; a statement ends at the end of its line (wrap it in parentheses to continue it)"
+    if tok.type in _STATEMENT_KEYWORDS and "RBRACE" in expected:
+        return "; statements come before the final expression"
+    if tok.type in _EXPR_START and "RBRACE" in expected:
+        return "; a body has one final expression (combine patterns with | or &)"
+    return ""
+
+
+def _acceptable(err: UnexpectedToken) -> set[str]:
+    """Terminals the parser really accepts here (LALR's raw table also lists merged look-aheads)."""
+    parser = getattr(err, "interactive_parser", None)
+    if parser is not None:
+        try:
+            return set(parser.accepts())
+        except Exception:  # a failed look-ahead simulation only loses precision in the message
+            pass
+    return set(err.expected)
+
+
+def _syntax_error(err: UnexpectedInput, source: str, filename: str | None) -> PatternSyntaxError:
+    if isinstance(err, UnexpectedCharacters):
+        line, column = err.line, err.column
+        char = source[err.pos_in_stream] if 0 <= err.pos_in_stream < len(source) else "?"
+        span = Span(filename, line, column, line, column + 1)
+        if char == "/":
+            message = "unexpected '/': integer division is written '//'"
+        elif char == '"' or char == "'":
+            message = f"unexpected {char}: the language has no strings"
+        else:
+            message = f"unexpected character {char!r}"
+        return PatternSyntaxError(message, span, source)
+    if isinstance(err, UnexpectedToken):
+        tok = err.token
+        span = _token_span(tok, filename)
+        if tok.type == "$END":
+            lines = source.splitlines() or [""]
+            span = Span(filename, len(lines), len(lines[-1]) + 1, len(lines), len(lines[-1]) + 2)
+        expected = _acceptable(err)
+        wanted = _describe_expected(expected)
+        message = f"unexpected {_describe_token(tok)}"
+        if wanted:
+            message += f"; expected {wanted}"
+        return PatternSyntaxError(message + _hint(tok, expected), span, source)
+    return PatternSyntaxError(str(err).splitlines()[0], Span(filename, err.line or 1, err.column or 1, 1, 2), source)
+
+
+def parse(source: str, filename: str | None = None) -> syntax.Module:
+    """Parse pattern-language source text.
+
+    Args:
+        source: the text of one source file (one or more ``pattern`` definitions).
+        filename: the file name to put in spans and messages (None for a string).
+
+    Returns:
+        The :class:`syntax.Module` with one :class:`syntax.PatternDef` per definition.
+
+    Raises:
+        PatternSyntaxError: when the text does not follow the grammar.
+    """
+    if not isinstance(source, str):
+        raise PatternError(f"pattern source must be a str, got {type(source).__name__}")
+    try:
+        tree = _PARSER.parse(source)
+    except UnexpectedInput as err:
+        raise _syntax_error(err, source, filename) from None
+    except RecursionError:
+        raise PatternSyntaxError("the source is nested too deeply", Span(filename, 1, 1, 1, 2), source) from None
+    try:
+        module = _Builder(filename).transform(tree)
+    except VisitError as err:
+        if isinstance(err.orig_exc, PatternError):
+            raise err.orig_exc.with_source(source, filename) from None
+        if isinstance(err.orig_exc, RecursionError):
+            raise PatternSyntaxError("the source is nested too deeply", Span(filename, 1, 1, 1, 2), source) from None
+        raise
+    except RecursionError:
+        raise PatternSyntaxError("the source is nested too deeply", Span(filename, 1, 1, 1, 2), source) from None
+    return syntax.Module(module.patterns, filename, source)
