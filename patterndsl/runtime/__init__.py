@@ -1,0 +1,77 @@
+"""Runtime stage: the single entry point of pattern attention.
+
+Comes in: ``q``, ``k``, ``v`` and a :class:`~patterndsl.api.Pattern` (from
+``Pattern.__call__`` and ``patterndsl.attention``). Goes out: the attention
+output (and log-sum-exp) computed by the ``patterndsl::attention_fwd`` torch op,
+which runs the CPU executor or the generated Triton kernels from the pattern's
+block plan and is differentiable through ``register_autograd``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from patterndsl import ir
+from patterndsl.errors import PatternError
+from patterndsl.runtime import op, plans, validate
+
+#: CPU executor tiles (BM, BN); measured in benchmarks/cpu_attention.py.
+CPU_BLOCK = (64, 64)
+#: Plan tiles for the Triton backend when it does not name its own.
+TRITON_BLOCK = (64, 64)
+
+
+@torch.compiler.assume_constant_result
+def _plan_key(pattern: ir.PatternIR, backend: str) -> str:
+    # Pure Python on the pattern, so torch.compile evaluates it once at trace time
+    # and the op receives a constant string (sizes come from the tensors).
+    nodes = [rule.node for rule in pattern.heads]
+    if pattern.default is not None:
+        nodes.append(pattern.default)
+    if any(ir.is_dynamic(node) for node in nodes):
+        raise PatternError(
+            f"pattern {pattern.name!r} uses route(...), whose tiles are chosen at run time; "
+            "attention with route() is not supported yet",
+            pattern.span,
+        )
+    if backend == "cpu":
+        block = CPU_BLOCK
+    else:
+        from patterndsl.runtime import triton_backend
+
+        block = getattr(triton_backend, "BLOCK", TRITON_BLOCK)
+    return plans.register(pattern, block, "auto")
+
+
+def attention(q, k, v, pattern, scale=None, return_lse=False, backend="auto"):
+    """Attention of ``q`` over ``k``/``v`` restricted to ``pattern``.
+
+    Args:
+        q: ``[batch, heads, Lq, head_dim]``.
+        k, v: ``[batch, kv_heads, Lk, head_dim]``; ``kv_heads`` divides ``heads`` (grouped-query).
+        pattern: a :class:`patterndsl.Pattern`.
+        scale: softmax scale, default ``head_dim ** -0.5``.
+        return_lse: also return the log-sum-exp ``[batch, heads, Lq]`` (float32, natural log).
+        backend: ``"auto"`` (by device), ``"triton"`` or ``"cpu"``. ``"cpu"`` with CUDA tensors
+            is an error (no silent device copies).
+
+    Returns:
+        ``out`` with the dtype of ``q``, or ``(out, lse)``. A query with no allowed key gets
+        zeros and ``lse = -inf``.
+
+    Raises:
+        InputError: tensors of the wrong shape, dtype, device or head count.
+        BackendError: a backend that cannot run on these tensors.
+        PatternError: lengths that do not fit the pattern's layout, heads not covered, or a
+            pattern with ``route(...)``.
+    """
+    pir = getattr(pattern, "ir", None)
+    if not isinstance(pir, ir.PatternIR):
+        raise PatternError(f"attention() needs a patterndsl.Pattern, got {type(pattern).__name__}")
+    inputs = validate.check_inputs(q, k, v, scale, backend)
+    key = _plan_key(pir, inputs.backend)
+    out, lse = op.attention_fwd(q, k, v, key, inputs.scale, inputs.backend)
+    return (out, lse) if return_lse else out
+
+
+__all__ = ["attention"]

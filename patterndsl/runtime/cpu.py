@@ -1,0 +1,452 @@
+"""Runtime stage: the CPU executor, forward and backward, driven by a block plan.
+
+Comes in: ``q``, ``k``, ``v`` (``[batch, heads, seq, head_dim]``, any float
+dtype, grouped-query heads allowed) and the :class:`BlockPlan` of the pattern
+at these sizes. Goes out: the attention output and its log-sum-exp (and, for
+the backward pass, ``dq``, ``dk``, ``dv``) in the original token order.
+
+How it runs. Each head group's tile lists are turned once into a
+:class:`Schedule` (cached per plan): query tiles whose key tiles are one
+contiguous run of the same width, translated by a constant step from one
+query tile to the next (sliding windows, blocks, neighbourhoods), form an
+*affine segment* that runs as one batched matmul over a strided view of K/V
+(``as_strided``, no copy); the remaining query tiles are *gathered* by width
+into buckets. Full tiles get no mask; partial tiles (and key tails) get the
+pattern's element mask from :func:`patterndsl.semantics.evaluate` on original
+indices, stored once per segment, and as one shared mask when every tile of
+the segment has the same one (the translation-invariant interior). Each query
+tile sees all its keys in one step, so the softmax is exact in two passes and
+memory is O(Lq * keys visited per query), cut into chunks of
+:data:`CHUNK_BYTES`. Schedules take tile lists as input, so lists chosen at
+run time (``route``) can be scheduled the same way.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+
+import torch
+
+from patterndsl import semantics
+from patterndsl.analysis.plan import PARTIAL, BlockPlan, HeadGroup
+
+#: Score-matrix bytes per chunk: large enough for efficient batched matmuls,
+#: small enough that the softmax passes stay in cache (measured, see benchmarks/cpu_attention.py).
+CHUNK_BYTES = 4 << 20
+#: Affine segments shorter than this are pooled into gathered buckets (fewer, larger steps).
+MIN_AFFINE = 4
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Query tiles processed together, all visiting ``width`` key tiles.
+
+    Attributes:
+        q_tiles: int64 ``[n]`` query tile indices (consecutive when ``affine``).
+        kv_tiles: int64 ``[n, width]`` key tile indices of each query tile.
+        affine: ``(lo0, step)`` when query tile ``t`` of the segment visits key tiles
+            ``lo0 + t*step .. + width`` (and ``q_tiles`` are consecutive), else None.
+        blocked: bool ``[1 or n, BM, width*BN]``, True where a pair is *not* allowed; None
+            when every tile is full and inside the lengths.
+    """
+
+    q_tiles: torch.Tensor
+    kv_tiles: torch.Tensor
+    affine: tuple[int, int] | None
+    blocked: torch.Tensor | None
+
+    @property
+    def width(self) -> int:
+        return int(self.kv_tiles.shape[1])
+
+    def __len__(self) -> int:
+        return int(self.q_tiles.numel())
+
+    def slice(self, a: int, b: int) -> Segment:
+        """Tiles ``a..b`` of this segment, still affine when this one is."""
+        affine = None if self.affine is None else (self.affine[0] + a * self.affine[1], self.affine[1])
+        blocked = self.blocked
+        if blocked is not None and blocked.shape[0] > 1:
+            blocked = blocked[a:b]
+        return Segment(self.q_tiles[a:b], self.kv_tiles[a:b], affine, blocked)
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """How one head group runs: its heads and its segments."""
+
+    heads: tuple[int, ...]
+    segments: tuple[Segment, ...]
+
+
+def schedule(
+    row_ptr: torch.Tensor,
+    cols: torch.Tensor,
+    state: torch.Tensor,
+    plan: BlockPlan,
+    tile_mask,
+) -> tuple[Segment, ...]:
+    """Group the non-empty tiles of one head group into segments.
+
+    Args:
+        row_ptr, cols, state: CSR tile lists (as in :class:`~patterndsl.analysis.plan.TileList`);
+            they may come from the static plan or be chosen at run time.
+        plan: the plan (tile sizes and lengths).
+        tile_mask: ``f(q_tiles [P], kv_tiles [P]) -> bool [P, BM, BN]``, the allowed pairs of
+            tiles that need masking.
+
+    Returns:
+        Segments covering every query tile with at least one key tile, each once.
+    """
+    counts = (row_ptr[1:] - row_ptr[:-1]).tolist()
+    starts = row_ptr[:-1].tolist()
+    cols_l = cols.tolist()
+    runs: list[list] = []  # [m0, n, lo0, step, width]
+    loose: dict[int, list[int]] = {}
+    for m, (c, s) in enumerate(zip(counts, starts, strict=True)):
+        if c == 0:
+            continue
+        lo, hi = cols_l[s], cols_l[s + c - 1]
+        if hi - lo + 1 != c:
+            loose.setdefault(c, []).append(m)
+            continue
+        cur = runs[-1] if runs else None
+        if cur and cur[4] == c and cur[0] + cur[1] == m:
+            step = lo - (cur[2] + (cur[1] - 1) * cur[3]) if cur[1] > 1 else lo - cur[2]
+            if step >= 0 and (cur[1] == 1 or step == cur[3]):
+                cur[3] = step
+                cur[1] += 1
+                continue
+        runs.append([m, 1, lo, 0, c])
+    segments = []
+    for m0, n, lo0, step, width in runs:
+        if n < MIN_AFFINE:
+            loose.setdefault(width, []).extend(range(m0, m0 + n))
+            continue
+        q_tiles = torch.arange(m0, m0 + n)
+        kv_tiles = lo0 + step * q_tiles[:, None].sub(m0) + torch.arange(width)
+        segments.append((q_tiles, kv_tiles, (lo0, step)))
+    for width, ms in sorted(loose.items()):
+        q_tiles = torch.tensor(sorted(ms), dtype=torch.int64)
+        kv_tiles = torch.stack([cols[row_ptr[m] : row_ptr[m] + width] for m in q_tiles.tolist()])
+        segments.append((q_tiles, kv_tiles, None))
+    return tuple(
+        Segment(qt, kt, aff, _blocked(qt, kt, row_ptr, cols, state, plan, tile_mask)) for qt, kt, aff in segments
+    )
+
+
+def _blocked(q_tiles, kv_tiles, row_ptr, cols, state, plan: BlockPlan, tile_mask) -> torch.Tensor | None:
+    """The not-allowed pairs of a segment, or None when no tile needs a mask."""
+    bm, bn = plan.block
+    n, width = kv_tiles.shape
+    # Tile states in the segment's [n, width] layout, looked up from the CSR lists.
+    st = torch.empty(n, width, dtype=torch.int8)
+    for t, m in enumerate(q_tiles.tolist()):
+        a, b = int(row_ptr[m]), int(row_ptr[m + 1])
+        pos = torch.searchsorted(cols[a:b], kv_tiles[t])
+        st[t] = state[a:b][pos]
+    need = st == PARTIAL
+    if plan.kv_len % bn:
+        need |= kv_tiles == plan.n_kv_tiles - 1
+    if not bool(need.any()):
+        return None
+    blocked = torch.zeros(n, bm, width * bn, dtype=torch.bool)
+    t_idx, w_idx = torch.nonzero(need, as_tuple=True)
+    allowed = tile_mask(q_tiles[t_idx], kv_tiles[t_idx, w_idx])
+    view = blocked.view(n, bm, width, bn)
+    view[t_idx, :, w_idx, :] = ~allowed
+    if n > 1 and torch.equal(blocked, blocked[:1].expand_as(blocked)):
+        return blocked[:1].clone()
+    return blocked
+
+
+def _tile_mask_fn(plan: BlockPlan, group: HeadGroup):
+    """``f(q_tiles, kv_tiles) -> allowed [P, BM, BN]`` on original indices for one head group."""
+    bm, bn = plan.block
+    ctx = semantics.Context(plan.q_len, plan.kv_len, getattr(plan.pattern, "layout", None))
+    head = group.heads[0]
+
+    def tile_mask(q_tiles: torch.Tensor, kv_tiles: torch.Tensor) -> torch.Tensor:
+        rows = q_tiles[:, None] * bm + torch.arange(bm)
+        cols = kv_tiles[:, None] * bn + torch.arange(bn)
+        valid = cols < plan.kv_len
+        i = plan.q_order[rows.clamp(max=plan.q_len - 1)]
+        j = plan.kv_order[cols.clamp(max=plan.kv_len - 1)]
+        allowed = semantics.evaluate(group.node, i[:, :, None], j[:, None, :], head, ctx)
+        return allowed & valid[:, None, :]
+
+    return tile_mask
+
+
+# Per-plan derived data, keyed by id(plan) and dropped when the plan is collected
+# (BlockPlan is a mutable dataclass, so it cannot key a WeakKeyDictionary).
+_DERIVED: dict[tuple[int, str], object] = {}
+
+
+def _derived(plan: BlockPlan, what: str, build):
+    key = (id(plan), what)
+    value = _DERIVED.get(key)
+    if value is None:
+        value = build(plan)
+        _DERIVED[key] = value
+        weakref.finalize(plan, _DERIVED.pop, key, None)
+    return value
+
+
+def _build_schedules(plan: BlockPlan) -> tuple[Schedule, ...]:
+    out = []
+    for group in plan.groups:
+        tl = group.tiles
+        segs = schedule(tl.row_ptr, tl.cols, tl.state, plan, _tile_mask_fn(plan, group))
+        out.append(Schedule(tuple(group.heads), segs))
+    return tuple(out)
+
+
+def schedules(plan: BlockPlan) -> tuple[Schedule, ...]:
+    """The schedule of every head group of a static plan (built once per plan)."""
+    return _derived(plan, "schedules", _build_schedules)
+
+
+# --------------------------------------------------------------------------- layout helpers
+
+
+def _to_tiles(x: torch.Tensor, heads, order: torch.Tensor, identity: bool, length_pad: int, dtype) -> torch.Tensor:
+    """``x[:, heads]`` in plan order, padded with zeros to ``length_pad``, contiguous, in ``dtype``."""
+    b, nh, length, d = x.shape
+    out = x.new_zeros(b, nh if heads is None else len(heads), length_pad, d, dtype=dtype)
+    src = x if heads is None else x[:, heads]
+    if not identity:
+        src = src[:, :, order]
+    out[:, :, :length] = src
+    return out
+
+
+def _from_tiles(x: torch.Tensor, length: int, inverse: torch.Tensor | None) -> torch.Tensor:
+    """Undo :func:`_to_tiles` along the sequence dim (drop padding, restore original order)."""
+    x = x[:, :, :length]
+    return x if inverse is None else x[:, :, inverse]
+
+
+def _build_inverses(plan: BlockPlan) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    qi = None if _is_identity(plan.q_order) else torch.argsort(plan.q_order)
+    ki = None if _is_identity(plan.kv_order) else torch.argsort(plan.kv_order)
+    return (qi, ki)
+
+
+def _inverses(plan: BlockPlan) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Original index -> plan position for queries and keys (None when identity)."""
+    return _derived(plan, "inverses", _build_inverses)
+
+
+def _is_identity(order: torch.Tensor) -> bool:
+    return bool(torch.equal(order, torch.arange(order.numel(), dtype=order.dtype)))
+
+
+def _kv_heads(heads: tuple[int, ...], group_size: int) -> list[int]:
+    return [h // group_size for h in heads]
+
+
+def _chunks(segment: Segment, rows_per_tile: int, bytes_per_elem: int):
+    per_tile = rows_per_tile * segment.width * bytes_per_elem
+    n = max(1, CHUNK_BYTES // max(per_tile, 1))
+    for a in range(0, len(segment), n):
+        yield segment.slice(a, min(a + n, len(segment)))
+
+
+def _q_view(x: torch.Tensor, seg: Segment, bm: int) -> torch.Tensor:
+    """``[B, h, n, BM, D]``: the segment's query tiles (a view when affine)."""
+    b, h, _, d = x.shape
+    if seg.affine is not None:
+        m0 = int(seg.q_tiles[0])
+        return x[:, :, m0 * bm : (m0 + len(seg)) * bm].view(b, h, len(seg), bm, d)
+    return x.view(b, h, -1, bm, d)[:, :, seg.q_tiles]
+
+
+def _kv_view(x: torch.Tensor, seg: Segment, bn: int) -> torch.Tensor:
+    """``[B, h, n, width*BN, D]``: each query tile's keys (a strided view, no copy, when affine)."""
+    b, h, _, d = x.shape
+    if seg.affine is not None:
+        lo0, step = seg.affine
+        sb, sh = x.stride(0), x.stride(1)
+        size = (b, h, len(seg), seg.width * bn, d)
+        return x.as_strided(size, (sb, sh, step * bn * d, d, 1), x.storage_offset() + lo0 * bn * d)
+    return x.view(b, h, -1, bn, d)[:, :, seg.kv_tiles].reshape(b, h, len(seg), seg.width * bn, d)
+
+
+def _scores(qc: torch.Tensor, kc: torch.Tensor, seg: Segment) -> torch.Tensor:
+    s = torch.matmul(qc, kc.transpose(-1, -2))
+    if seg.blocked is not None:
+        s.masked_fill_(seg.blocked, float("-inf"))
+    return s
+
+
+def _put_rows(dst: torch.Tensor, seg: Segment, bm: int, value: torch.Tensor) -> None:
+    """Write per-tile rows ``value [B, h, n, BM, ...]`` into ``dst [B, h, Lq_pad, ...]``."""
+    b, h = dst.shape[:2]
+    tiled = dst.view(b, h, -1, bm, *dst.shape[3:])
+    if seg.affine is not None:
+        m0 = int(seg.q_tiles[0])
+        tiled[:, :, m0 : m0 + len(seg)] = value
+    else:
+        tiled[:, :, seg.q_tiles] = value
+
+
+def _add_keys(dst: torch.Tensor, seg: Segment, bn: int, value: torch.Tensor) -> None:
+    """Accumulate per-tile key gradients ``value [B, h, n, width*BN, D]`` into ``dst [B, h, Lk_pad, D]``."""
+    b, h, _, d = dst.shape
+    n, width = len(seg), seg.width
+    value = value.view(b, h, n, width, bn, d)
+    if seg.affine is not None and seg.affine[1] >= 1:
+        # For a fixed offset w the query tiles touch distinct key tiles, so one strided add each.
+        lo0, step = seg.affine
+        sb, sh = dst.stride(0), dst.stride(1)
+        for w in range(width):
+            view = dst.as_strided((b, h, n, bn, d), (sb, sh, step * bn * d, d, 1), (lo0 + w) * bn * d)
+            view.add_(value[:, :, :, w])
+        return
+    if seg.affine is not None:
+        lo0 = seg.affine[0]
+        dst[:, :, lo0 * bn : (lo0 + width) * bn] += value.sum(2).view(b, h, width * bn, d)
+        return
+    tiled = dst.view(b, h, -1, bn, d)
+    for w in range(width):
+        tiled.index_add_(2, seg.kv_tiles[:, w], value[:, :, :, w])
+
+
+# --------------------------------------------------------------------------- forward / backward
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: BlockPlan, scale: float):
+    """Attention restricted to ``plan``, on CPU.
+
+    Args:
+        q: ``[B, H, Lq, D]``.
+        k, v: ``[B, Hkv, Lk, D]`` with ``Hkv`` dividing ``H``.
+        plan: the pattern's block plan at ``(Lq, Lk, H)``.
+        scale: softmax scale.
+
+    Returns:
+        ``(out, lse)``: ``out`` ``[B, H, Lq, D]`` in ``q``'s dtype, ``lse`` ``[B, H, Lq]`` float32
+        (``-inf`` and a zero output for rows with no allowed key).
+    """
+    b, h, lq, d = q.shape
+    lk = k.shape[2]
+    dt = _compute_dtype(q.dtype)
+    out = q.new_zeros(b, h, lq, d)
+    lse = torch.full((b, h, lq), float("-inf"), dtype=torch.float32)
+    if lq == 0 or lk == 0:
+        return out, lse
+    bm, bn = plan.block
+    g = h // k.shape[1]
+    q_inv, _ = _inverses(plan)
+    q_id, k_id = q_inv is None, _inverses(plan)[1] is None
+    lq_pad, lk_pad = plan.n_q_tiles * bm, plan.n_kv_tiles * bn
+    for sched in schedules(plan):
+        hs = sched.heads
+        all_heads = hs == tuple(range(h))
+        qh = None if all_heads else list(hs)
+        kvh = None if all_heads and g == 1 else _kv_heads(hs, g)
+        qp = _to_tiles(q, qh, plan.q_order, q_id, lq_pad, dt).mul_(scale)
+        kp = _to_tiles(k, kvh, plan.kv_order, k_id, lk_pad, dt)
+        vp = _to_tiles(v, kvh, plan.kv_order, k_id, lk_pad, dt)
+        op = torch.zeros(b, len(hs), lq_pad, d, dtype=dt)
+        lp = torch.full((b, len(hs), lq_pad), float("-inf"), dtype=dt)
+        for seg0 in sched.segments:
+            for seg in _chunks(seg0, b * len(hs) * bm * bn, qp.element_size()):
+                s = _scores(_q_view(qp, seg, bm), _kv_view(kp, seg, bn), seg)
+                m = s.amax(-1, keepdim=True)
+                m.masked_fill_(m == float("-inf"), 0.0)
+                s.sub_(m).exp_()
+                den = s.sum(-1, keepdim=True)
+                o = torch.matmul(s, _kv_view(vp, seg, bn)).div_(den.clamp(min=1.0))
+                _put_rows(op, seg, bm, o)
+                _put_rows(lp, seg, bm, (m + den.log()).squeeze(-1))
+        o_orig = _from_tiles(op, lq, q_inv)
+        l_orig = _from_tiles(lp, lq, q_inv)
+        if all_heads:
+            out.copy_(o_orig)
+            lse.copy_(l_orig)
+        else:
+            out[:, qh] = o_orig.to(out.dtype)
+            lse[:, qh] = l_orig.to(lse.dtype)
+    return out, lse
+
+
+def backward(q, k, v, out, lse, dout, plan: BlockPlan, scale: float, dlse=None):
+    """Gradients of :func:`forward` through the same plan.
+
+    Args:
+        q, k, v, out, lse: the forward's inputs and outputs.
+        dout: gradient of ``out``.
+        plan: the forward's plan.
+        scale: the forward's scale.
+        dlse: gradient of ``lse`` (``[B, H, Lq]``) or None.
+
+    Returns:
+        ``(dq, dk, dv)`` in the dtypes and shapes of ``q``, ``k``, ``v`` (``dk``/``dv`` summed
+        over the query heads that share a key/value head).
+    """
+    b, h, lq, d = q.shape
+    hkv, lk = k.shape[1], k.shape[2]
+    dt = _compute_dtype(q.dtype)
+    dq = torch.zeros_like(q)
+    dk_acc = torch.zeros(b, hkv, lk, d, dtype=dt)
+    dv_acc = torch.zeros(b, hkv, lk, d, dtype=dt)
+    if lq == 0 or lk == 0:
+        return dq, dk_acc.to(k.dtype), dv_acc.to(v.dtype)
+    bm, bn = plan.block
+    g = h // hkv
+    q_inv, k_inv = _inverses(plan)
+    q_id, k_id = q_inv is None, k_inv is None
+    lq_pad, lk_pad = plan.n_q_tiles * bm, plan.n_kv_tiles * bn
+    delta = (dout.to(dt) * out.to(dt)).sum(-1)
+    if dlse is not None:
+        # d lse / d s = P, so a gradient on lse shifts delta: dS = P * (dP - (delta - dlse)).
+        delta = delta - dlse.to(dt)
+    # Rows with no allowed key have lse = -inf; +inf makes their P exactly 0 (never NaN).
+    lse_safe = lse.to(dt).masked_fill(lse == float("-inf"), float("inf"))
+    for sched in schedules(plan):
+        hs = sched.heads
+        all_heads = hs == tuple(range(h))
+        qh = None if all_heads else list(hs)
+        kvh = None if all_heads and g == 1 else _kv_heads(hs, g)
+        qp = _to_tiles(q, qh, plan.q_order, q_id, lq_pad, dt).mul_(scale)
+        dop = _to_tiles(dout, qh, plan.q_order, q_id, lq_pad, dt)
+        kp = _to_tiles(k, kvh, plan.kv_order, k_id, lk_pad, dt)
+        vp = _to_tiles(v, kvh, plan.kv_order, k_id, lk_pad, dt)
+        lp = _to_tiles(lse_safe[..., None], qh, plan.q_order, q_id, lq_pad, dt)[..., 0]
+        dp = _to_tiles(delta[..., None], qh, plan.q_order, q_id, lq_pad, dt)[..., 0]
+        dqp = torch.zeros_like(qp)
+        dkp = torch.zeros_like(kp)
+        dvp = torch.zeros_like(vp)
+        for seg0 in sched.segments:
+            for seg in _chunks(seg0, b * len(hs) * bm * bn, qp.element_size()):
+                qc, kc, vc = _q_view(qp, seg, bm), _kv_view(kp, seg, bn), _kv_view(vp, seg, bn)
+                doc = _q_view(dop, seg, bm)
+                p = _scores(qc, kc, seg)
+                p.sub_(_q_view(lp[..., None], seg, bm)).exp_()
+                _add_keys(dvp, seg, bn, torch.matmul(p.transpose(-1, -2), doc))
+                ds = torch.matmul(doc, vc.transpose(-1, -2))
+                ds.sub_(_q_view(dp[..., None], seg, bm)).mul_(p)
+                _put_rows(dqp, seg, bm, torch.matmul(ds, kc))
+                _add_keys(dkp, seg, bn, torch.matmul(ds.transpose(-1, -2), qc))
+        dq_g = _from_tiles(dqp.mul_(scale), lq, q_inv)
+        dk_g = _from_tiles(dkp, lk, k_inv)
+        dv_g = _from_tiles(dvp, lk, k_inv)
+        if all_heads:
+            dq.copy_(dq_g)
+        else:
+            dq[:, qh] = dq_g.to(dq.dtype)
+        if kvh is None:
+            dk_acc += dk_g
+            dv_acc += dv_g
+        else:
+            idx = torch.tensor(kvh, dtype=torch.int64)
+            dk_acc.index_add_(1, idx, dk_g)
+            dv_acc.index_add_(1, idx, dv_g)
+    return dq, dk_acc.to(k.dtype), dv_acc.to(v.dtype)

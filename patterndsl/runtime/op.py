@@ -1,0 +1,123 @@
+"""Runtime stage: the ``torch.library`` custom ops that make pattern attention one differentiable torch op.
+
+Comes in: validated ``q``, ``k``, ``v``, a plan key from :mod:`patterndsl.runtime.plans`,
+the scale and the backend name (``"cpu"`` or ``"triton"``). Goes out: ``(out, lse)``
+from ``patterndsl::attention_fwd`` and ``(dq, dk, dv)`` from
+``patterndsl::attention_bwd``, wired together with ``register_autograd``. Both
+ops have fake (meta) implementations, so ``torch.compile(fullgraph=True)``
+traces through them without graph breaks. One op family serves every device:
+the implementation dispatches to the CPU executor or, for CUDA tensors (and CPU
+tensors under ``TRITON_INTERPRET=1`` with ``backend="triton"``), to the
+generated Triton kernels, imported lazily so the CPU path never needs them.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+
+from patterndsl.runtime import plans
+
+
+def _backend_module(backend: str):
+    if backend == "cpu":
+        from patterndsl.runtime import cpu
+
+        return cpu
+    from patterndsl.runtime import triton_backend
+
+    return triton_backend
+
+
+@torch.library.custom_op("patterndsl::attention_fwd", mutates_args=())
+def attention_fwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan_key: str, scale: float, backend: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward attention under the plan named by ``plan_key``.
+
+    Args:
+        q: ``[B, H, Lq, D]``; k, v: ``[B, Hkv, Lk, D]``.
+        plan_key: from :func:`patterndsl.runtime.plans.register`.
+        scale: softmax scale.
+        backend: ``"cpu"`` or ``"triton"``.
+
+    Returns:
+        ``(out [B, H, Lq, D] in q's dtype, lse [B, H, Lq] float32)``.
+    """
+    plan = plans.get(plan_key, q.shape[2], k.shape[2], q.shape[1])
+    out, lse = _backend_module(backend).forward(q, k, v, plan, scale)
+    return out, lse.to(torch.float32)
+
+
+@attention_fwd.register_fake
+def _attention_fwd_fake(q, k, v, plan_key, scale, backend):
+    b, h, lq, _ = q.shape
+    return torch.empty_like(q), q.new_empty((b, h, lq), dtype=torch.float32)
+
+
+@torch.library.custom_op("patterndsl::attention_bwd", mutates_args=())
+def attention_bwd(
+    dout: torch.Tensor,
+    dlse: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    plan_key: str,
+    scale: float,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of :func:`attention_fwd` through the same plan.
+
+    Args:
+        dout: gradient of ``out``; dlse: gradient of ``lse`` (zeros when unused).
+        q, k, v, out, lse: the forward's inputs and outputs.
+        plan_key, scale, backend: as in the forward.
+
+    Returns:
+        ``(dq, dk, dv)`` shaped and typed like ``q``, ``k``, ``v``.
+    """
+    plan = plans.get(plan_key, q.shape[2], k.shape[2], q.shape[1])
+    if backend == "cpu":
+        from patterndsl.runtime import cpu
+
+        return cpu.backward(q, k, v, out, lse, dout, plan, scale, dlse=dlse)
+    return _triton_backward(q, k, v, out, lse, dout, dlse, plan, scale)
+
+
+def _triton_backward(q, k, v, out, lse, dout, dlse, plan, scale):
+    from patterndsl.errors import BackendError
+    from patterndsl.runtime import triton_backend
+
+    if "dlse" in inspect.signature(triton_backend.backward).parameters:
+        return triton_backend.backward(q, k, v, out, lse, dout, plan, scale, dlse=dlse)
+    if bool((dlse != 0).any()):
+        raise BackendError("gradients through lse are not supported by the Triton backend; use backend='cpu'")
+    return triton_backend.backward(q, k, v, out, lse, dout, plan, scale)
+
+
+@attention_bwd.register_fake
+def _attention_bwd_fake(dout, dlse, q, k, v, out, lse, plan_key, scale, backend):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, plan_key, scale, backend = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.plan_key, ctx.scale, ctx.backend = plan_key, scale, backend
+
+
+def _backward(ctx, dout, dlse):
+    q, k, v, out, lse = ctx.saved_tensors
+    if dout is None:
+        dout = torch.zeros_like(out)
+    if dlse is None:
+        dlse = torch.zeros_like(lse)
+    dq, dk, dv = attention_bwd(dout, dlse, q, k, v, out, lse, ctx.plan_key, ctx.scale, ctx.backend)
+    return dq, dk, dv, None, None, None
+
+
+attention_fwd.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,135 @@
+"""Runtime stage: the registry that lets a torch custom op receive a block plan by name.
+
+Comes in: a bound pattern (:class:`patterndsl.ir.PatternIR`) with a tile size
+and an ordering policy, registered once under a short string key; later, that
+key plus the run-time sizes ``(Lq, Lk, heads)``. Goes out: the
+:class:`~patterndsl.analysis.plan.BlockPlan` for those sizes, built on first
+use and cached. Custom ops can only take tensors and plain scalars, so the op
+carries the key; the sizes come from the tensors it is given, which keeps the
+key a constant under ``torch.compile`` even when shapes are symbolic.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from patterndsl import ir
+from patterndsl.errors import PatternError
+
+
+@dataclass(frozen=True)
+class PlanSpec:
+    """What a key stands for: the pattern and how to tile it."""
+
+    pattern: ir.PatternIR
+    block: tuple[int, int]
+    order: str
+
+
+_LOCK = threading.Lock()
+_SPECS: dict[str, PlanSpec] = {}
+_KEYS: dict[PlanSpec, str] = {}
+_PLANS: OrderedDict[tuple[str, int, int, int], object] = OrderedDict()
+#: Plans kept in memory; each is small (tile lists, never an L x L tensor).
+MAX_PLANS = 64
+
+
+def register(pattern: ir.PatternIR, block: tuple[int, int], order: str) -> str:
+    """Register a pattern with its tiling and return the string key ops carry.
+
+    Args:
+        pattern: the bound pattern.
+        block: tile sizes ``(BM, BN)``.
+        order: ``"auto"`` or ``"identity"``.
+
+    Returns:
+        A short key such as ``"p3:64x64:auto"``; the same spec always gets the same key.
+    """
+    spec = PlanSpec(pattern, (int(block[0]), int(block[1])), order)
+    with _LOCK:
+        key = _KEYS.get(spec)
+        if key is None:
+            key = f"p{len(_SPECS)}:{spec.block[0]}x{spec.block[1]}:{order}"
+            _SPECS[key] = spec
+            _KEYS[spec] = key
+    return key
+
+
+def spec(key: str) -> PlanSpec:
+    """The spec registered under ``key``.
+
+    Raises:
+        PatternError: for a key this process never registered.
+    """
+    try:
+        return _SPECS[key]
+    except KeyError:
+        raise PatternError(f"unknown plan key {key!r}: patterns are registered by patterndsl.attention") from None
+
+
+def get(key: str, q_len: int, kv_len: int, heads: int):
+    """The block plan of ``key`` at these sizes, built on first use.
+
+    Args:
+        key: from :func:`register`.
+        q_len, kv_len, heads: the run-time sizes.
+
+    Returns:
+        A :class:`~patterndsl.analysis.plan.BlockPlan`.
+
+    Raises:
+        PatternError: sizes that do not fit the pattern (layout extents, heads not covered).
+    """
+    cache_key = (key, int(q_len), int(kv_len), int(heads))
+    with _LOCK:
+        plan = _PLANS.get(cache_key)
+        if plan is not None:
+            _PLANS.move_to_end(cache_key)
+            return plan
+    s = spec(key)
+    plan = build(s.pattern, int(q_len), int(kv_len), int(heads), s.block, s.order)
+    with _LOCK:
+        _PLANS[cache_key] = plan
+        while len(_PLANS) > MAX_PLANS:
+            _PLANS.popitem(last=False)
+    return plan
+
+
+def build(pattern: ir.PatternIR, q_len: int, kv_len: int, heads: int, block: tuple[int, int], order: str):
+    """Check the sizes against the pattern and build its plan (uncached).
+
+    Args:
+        pattern: the bound pattern.
+        q_len, kv_len, heads: sizes.
+        block: ``(BM, BN)``.
+        order: ``"auto"`` or ``"identity"``.
+
+    Returns:
+        A :class:`~patterndsl.analysis.plan.BlockPlan`.
+    """
+    from patterndsl import analysis, check
+
+    check.check_lengths(pattern, q_len, kv_len, heads)
+    planner = getattr(analysis, "plan", None)
+    if callable(planner):
+        return planner(pattern, q_len, kv_len, heads, block=block, order=order)
+    return _dense_plan(pattern, q_len, kv_len, heads, block)
+
+
+def _dense_plan(pattern: ir.PatternIR, q_len: int, kv_len: int, heads: int, block: tuple[int, int]):
+    # Stop-gap while the symbolic planner (analysis, issue 3) is not importable:
+    # the reference planner from the dense mask, identical tiles, O(L^2) plan time.
+    from patterndsl import semantics
+    from patterndsl.analysis.plan import plan_from_mask
+
+    dense = semantics.mask(pattern, q_len, kv_len, heads)
+    nodes = [pattern.node_for_head(h) for h in range(heads)]
+    return plan_from_mask(dense, block, pattern=pattern, nodes=nodes)
+
+
+def clear() -> None:
+    """Forget every cached plan (keys stay valid; plans are rebuilt on demand)."""
+    with _LOCK:
+        _PLANS.clear()

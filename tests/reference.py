@@ -1,0 +1,45 @@
+"""Test oracle: dense float64 attention from a boolean mask.
+
+Comes in: ``q``, ``k``, ``v`` ``[B, H, L, D]`` (grouped-query heads allowed) and a
+dense mask ``[B or 1, H, Lq, Lk]`` (or ``[H, Lq, Lk]``, as ``Pattern.mask``
+returns). Goes out: ``(out, lse)`` in float64, with the contract's convention
+for rows that allow no key: output 0 and ``lse = -inf``. Shared by the CPU
+executor tests and the Triton interpreter tests; differentiable, so gradients
+of the reference are the reference gradients.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def reference_attention(q, k, v, mask, scale=None):
+    """Dense masked softmax attention in float64.
+
+    Args:
+        q: ``[B, H, Lq, D]``.
+        k, v: ``[B, Hkv, Lk, D]`` with ``Hkv`` dividing ``H``.
+        mask: bool ``[H, Lq, Lk]`` or ``[B or 1, H, Lq, Lk]``, True where allowed.
+        scale: softmax scale, default ``D ** -0.5``.
+
+    Returns:
+        ``(out, lse)``: float64 ``[B, H, Lq, D]`` and ``[B, H, Lq]``.
+    """
+    q, k, v = q.double(), k.double(), v.double()
+    h, d = q.shape[1], q.shape[3]
+    group = h // k.shape[1]
+    if group > 1:
+        k = k.repeat_interleave(group, dim=1)
+        v = v.repeat_interleave(group, dim=1)
+    if mask.dim() == 3:
+        mask = mask.unsqueeze(0)
+    mask = mask.to(torch.bool)
+    scale = d**-0.5 if scale is None else scale
+    s = torch.matmul(q, k.transpose(-1, -2)) * scale
+    s = s.masked_fill(~mask, float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)
+    empty = ~mask.any(-1)
+    # Shift by a finite value on empty rows so exp() gives 0 instead of NaN.
+    p = torch.exp(s - lse.masked_fill(empty.expand_as(lse), 0.0)[..., None])
+    out = torch.matmul(p, v)
+    return out, lse
