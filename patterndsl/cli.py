@@ -1,0 +1,572 @@
+"""The ``patterndsl`` command: the user-facing shell around every pipeline stage.
+
+Comes in: command-line arguments (``check``, ``show``, ``plot``, ``bench``,
+``demo``). Goes out: text on stdout, PNG files, and an exit status: 0 on
+success, 1 for an error in the pattern or its inputs (a located
+``PatternError``), 2 for a malformed command line. A user error never prints
+a traceback. Each subcommand calls the public API (:mod:`patterndsl.api`) and
+the stage entry points named in docs/ARCHITECTURE.md; a stage that is not
+built yet reports so instead of failing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from patterndsl.api import Pattern, compile, load
+from patterndsl.errors import PatternError
+
+STAGES = ("ir", "plan", "triton", "ptx", "sass", "reach")
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+#: Largest ``heads * Lq * Lk`` for which ``plot`` draws the dense mask.
+PLOT_MASK_LIMIT = 1 << 22
+
+#: The pattern ``patterndsl demo`` compiles: 3-D video neighborhood attention, causal in time.
+DEMO_SOURCE = """\
+# Video tokens on a (time, height, width) grid: every token sees a 3 x 7 x 7
+# box around it, causal in time (no token sees a later frame), with the
+# semantics of the NATTEN library. See examples/ for more patterns.
+pattern video(T = 4, H = 16, W = 16) {
+    layout grid(t = T, y = H, x = W)
+    neighborhood((3, 7, 7), causal = (true, false, false))
+}
+"""
+
+
+class UsageError(PatternError):
+    """A malformed command line (bad option value, missing argument)."""
+
+
+class StageUnavailable(PatternError):
+    """A pipeline stage that this build of patterndsl does not have yet."""
+
+
+# --------------------------------------------------------------------------- argument parsing
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser that raises instead of exiting, so ``main`` can return a status."""
+
+    def error(self, message: str):
+        raise UsageError(f"{self.format_usage().rstrip()}\n{self.prog}: error: {message}")
+
+
+def parse_param(text: str) -> tuple[str, Any]:
+    """Parse one ``--param K=V``: V is an integer, ``true``/``false``, or a tuple ``(3,7,7)`` / ``3,7,7``.
+
+    Args:
+        text: the option value.
+
+    Returns:
+        ``(name, value)``; never evaluates Python.
+
+    Raises:
+        UsageError: when the text is not of that form.
+    """
+    name, sep, value = text.partition("=")
+    name, value = name.strip(), value.strip()
+    if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+        raise UsageError(f"--param {text!r}: expected NAME=VALUE, e.g. --param span=256")
+    try:
+        return name, _param_value(value)
+    except ValueError:
+        raise UsageError(f"--param {text!r}: a value is an integer, true, false, or a tuple like (3,7,7)") from None
+
+
+def _param_value(text: str) -> Any:
+    if text.startswith("(") and text.endswith(")"):
+        inner = text[1:-1].strip()
+        items = [part.strip() for part in inner.split(",")]
+        if items and items[-1] == "":
+            items.pop()  # a trailing comma, as in (3,)
+        if not items:
+            raise ValueError(text)
+        return tuple(_scalar(item) for item in items)
+    if "," in text:
+        return tuple(_scalar(item.strip()) for item in text.split(","))
+    return _scalar(text)
+
+
+def _scalar(text: str) -> int | bool:
+    if text == "true":
+        return True
+    if text == "false":
+        return False
+    if re.fullmatch(r"-?[0-9]+", text):
+        return int(text)
+    raise ValueError(text)
+
+
+def parse_block(text: str) -> tuple[int, int]:
+    """Parse ``--block BMxBN`` (or a single ``B`` for square tiles) into positive integers."""
+    match = re.fullmatch(r"\s*([0-9]+)\s*(?:[xX*]\s*([0-9]+)\s*)?", text)
+    if not match:
+        raise UsageError(f"--block {text!r}: expected BMxBN, e.g. --block 128x64")
+    bm = int(match.group(1))
+    bn = int(match.group(2) or bm)
+    if bm <= 0 or bn <= 0:
+        raise UsageError(f"--block {text!r}: tile sizes must be positive")
+    return bm, bn
+
+
+def _positive(text: str) -> int:
+    if not re.fullmatch(r"[0-9]+", text.strip()) or int(text) <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return int(text)
+
+
+def _add_pattern_args(p: argparse.ArgumentParser, seq_default: int | None = None) -> None:
+    p.add_argument("file", metavar="FILE", help="pattern source file (.pdsl)")
+    p.add_argument("--pattern", metavar="NAME", help="which pattern, when the file defines several")
+    p.add_argument(
+        "--param",
+        metavar="K=V",
+        action="append",
+        default=[],
+        help="bind a parameter: integer, true/false, or a tuple (3,7,7); repeatable",
+    )
+    seq_help = "query length (default: the layout's size when the pattern has one"
+    seq_help += f", else {seq_default})" if seq_default else ")"
+    p.add_argument("--seq", metavar="N", type=_positive, help=seq_help)
+    p.add_argument("--kv-seq", metavar="M", type=_positive, help="key length (default: N)")
+    p.add_argument("--heads", metavar="H", type=_positive, default=1, help="query heads (default 1)")
+    p.add_argument("--block", metavar="BMxBN", help="tile size (default 128x128 for plans, 64x64 for kernels)")
+    p.add_argument("--order", choices=("auto", "identity"), default="auto", help="token order of the plan")
+    p.set_defaults(seq_default=seq_default)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``patterndsl`` command (all subcommands)."""
+    parser = _Parser(
+        prog="patterndsl",
+        description="A compiler for attention sparsity patterns: check, inspect, plot and time .pdsl files.",
+        epilog="Run 'patterndsl COMMAND --help' for the options of one command.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    p = sub.add_parser("check", help="parse and check a pattern file", description="Parse and check FILE.")
+    p.add_argument("file", metavar="FILE", help="pattern source file (.pdsl)")
+
+    p = sub.add_parser(
+        "show",
+        help="print one stage of the pipeline",
+        description="Print one stage: the bound IR, the block plan (tile map and statistics), the generated "
+        "Triton source, the ahead-of-time PTX/SASS, or the multi-layer reachability.",
+    )
+    _add_pattern_args(p)
+    p.add_argument("--stage", choices=STAGES, required=True, help="which stage to print")
+    p.add_argument("--target", choices=("sm_80", "sm_90"), default="sm_80", help="GPU target for ptx/sass")
+    p.add_argument("--layers", metavar="N", type=_positive, help="stacked layers for --stage reach")
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="float16", help="kernel dtype (default float16)")
+    p.add_argument("--head-dim", metavar="D", type=_positive, default=64, help="head dimension (default 64)")
+    p.add_argument("--kind", choices=("forward", "backward"), default="forward", help="which kernel to generate")
+    p.add_argument("--ascii", action="store_true", help="draw tile maps with ASCII characters only")
+
+    p = sub.add_parser(
+        "plot",
+        help="draw the mask and the tile map into a PNG",
+        description="Draw the dense mask (small sizes only) and the tile map of every head group with matplotlib.",
+    )
+    _add_pattern_args(p)
+    p.add_argument("-o", "--output", metavar="FILE.png", required=True, help="the PNG to write")
+
+    p = sub.add_parser(
+        "bench",
+        help="time the pattern against dense references on this machine",
+        description="Time the patterndsl CPU forward against SDPA with a dense mask and, when it works "
+        "here, compiled FlexAttention. Prints median times and ratios.",
+    )
+    _add_pattern_args(p, seq_default=1024)
+    p.add_argument("--batch", type=_positive, default=1, help="batch size (default 1)")
+    p.add_argument("--head-dim", metavar="D", type=_positive, default=64, help="head dimension (default 64)")
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="float32", help="tensor dtype (default float32)")
+    p.add_argument("--repeat", type=_positive, default=5, help="timed runs per method (default 5)")
+    p.add_argument("--no-flex", action="store_true", help="skip FlexAttention (its compilation takes a while)")
+
+    sub.add_parser(
+        "demo",
+        help="compile a bundled example and show every stage",
+        description="Compile a bundled 3-D video neighborhood pattern and show its IR, block plan, generated "
+        "kernel and CPU attention results against a float64 dense reference.",
+    )
+    return parser
+
+
+# --------------------------------------------------------------------------- shared helpers
+
+
+def require(module: str, attr: str, stage: str):
+    """Return ``module.attr``, or raise :class:`StageUnavailable` naming the stage when it is not built.
+
+    Args:
+        module: dotted module name (``patterndsl.analysis``).
+        attr: the entry point inside it.
+        stage: the stage's name for the message.
+
+    Returns:
+        The attribute.
+    """
+    try:
+        mod = importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        if exc.name and (exc.name == module or module.startswith(exc.name + ".")):
+            raise StageUnavailable(f"the {stage} stage is not available in this build ({module} is missing)") from None
+        raise
+    if not hasattr(mod, attr):
+        raise StageUnavailable(f"the {stage} stage is not available in this build ({module}.{attr} is missing)")
+    return getattr(mod, attr)
+
+
+def _load(args) -> Pattern:
+    params = dict(parse_param(text) for text in args.param)
+    return load(args.file, name=args.pattern, **params)
+
+
+def _lengths(args, pattern: Pattern, stage: str) -> tuple[int, int]:
+    seq = args.seq
+    if seq is None and pattern.ir.layout is not None:
+        seq = pattern.ir.layout.size
+    if seq is None:
+        seq = args.seq_default
+    if seq is None:
+        raise UsageError(f"{stage} needs the sequence length: add --seq N")
+    return seq, args.kv_seq or seq
+
+
+def _block(args, default: tuple[int, int]) -> tuple[int, int]:
+    return parse_block(args.block) if args.block else default
+
+
+def _use_ascii(args) -> bool:
+    if getattr(args, "ascii", False):
+        return True
+    try:
+        "░█".encode(sys.stdout.encoding or "ascii")
+    except (UnicodeEncodeError, LookupError):
+        return True
+    return False
+
+
+def _route_inputs(pattern: Pattern, heads: int, q_len: int, kv_len: int, head_dim: int = 32):
+    """Seeded random ``q``/``k`` for drawing a route pattern's run-time choice."""
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(1, heads, q_len, head_dim, generator=gen)
+    k = torch.randn(1, heads, kv_len, head_dim, generator=gen)
+    return q, k
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def cmd_check(args) -> int:
+    """``patterndsl check FILE``: parse and check every definition in the file."""
+    from patterndsl import check, grammar
+
+    path = Path(args.file)
+    try:
+        source = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PatternError(f"cannot read pattern file {str(path)!r}: {exc}") from None
+    try:
+        module = grammar.parse(source, str(path))
+    except PatternError as err:
+        raise err.with_source(source, str(path)) from None
+    errors = check.check_module(module, source, str(path))
+    for err in errors:
+        print(err.with_source(source, str(path)), file=sys.stderr)
+    if errors:
+        print(f"{path}: {len(errors)} error{'s' if len(errors) != 1 else ''}", file=sys.stderr)
+        return 1
+    names = ", ".join(p.name for p in module.patterns)
+    count = len(module.patterns)
+    print(f"{path}: OK ({count} pattern{'s' if count != 1 else ''}: {names})")
+    return 0
+
+
+def cmd_show(args) -> int:
+    """``patterndsl show``: print one stage of the pipeline."""
+    pattern = _load(args)
+    if args.stage == "ir":
+        print(pattern)
+        return 0
+    q_len, kv_len = _lengths(args, pattern, f"--stage {args.stage}")
+    if args.stage == "plan":
+        print(render_plan(pattern, q_len, kv_len, args.heads, _block(args, (128, 128)), args.order, args))
+    elif args.stage == "triton":
+        require("patterndsl.codegen", "kernel_source", "kernel generation")
+        print(
+            pattern.kernel_source(
+                q_len,
+                kv_len,
+                args.heads,
+                head_dim=args.head_dim,
+                dtype=DTYPES[args.dtype],
+                block=_block(args, (64, 64)),
+                kind=args.kind,
+            ),
+            end="",
+        )
+    elif args.stage in ("ptx", "sass"):
+        print(render_aot(pattern, q_len, kv_len, args))
+    else:
+        print(render_reach(pattern, q_len, kv_len, args))
+    return 0
+
+
+def render_plan(pattern: Pattern, q_len: int, kv_len: int, heads: int, block, order: str, args=None) -> str:
+    """Tile maps of every head group followed by the plan statistics.
+
+    Args:
+        pattern: the bound pattern.
+        q_len, kv_len, heads: sizes.
+        block: ``(BM, BN)``.
+        order: ``"auto"`` or ``"identity"``.
+        args: parsed options (``ascii``, ``head_dim``), or None for defaults.
+
+    Returns:
+        The text to print.
+    """
+    require("patterndsl.analysis", "plan", "block plan")
+    from patterndsl import pictures
+
+    plan = pattern.plan(q_len, kv_len, heads, block=block, order=order)
+    ascii_only = _use_ascii(args) if args is not None else False
+    head_dim = getattr(args, "head_dim", 64) if args is not None else 64
+    return pictures.draw_plan(plan, ascii_only) + "\n\n" + pictures.format_stats(plan, head_dim)
+
+
+def render_aot(pattern: Pattern, q_len: int, kv_len: int, args) -> str:
+    """``--stage ptx|sass``: compile the generated kernel ahead of time for ``--target`` and report it."""
+    inspect = require("patterndsl.codegen.inspect", "compile_aot", "ahead-of-time compilation")
+    artefact = inspect(
+        pattern,
+        q_len,
+        kv_len,
+        args.heads,
+        target=args.target,
+        head_dim=args.head_dim,
+        dtype=DTYPES[args.dtype],
+        block=_block(args, (64, 64)),
+        kind=args.kind,
+    )
+    return artefact.report(args.stage)
+
+
+def render_reach(pattern: Pattern, q_len: int, kv_len: int, args) -> str:
+    """``--stage reach``: whether N stacked layers of the pattern connect every query to every allowed key."""
+    reachability = require("patterndsl.analysis", "reachability", "reachability")
+    result = reachability(
+        pattern.ir, q_len, kv_len, args.heads, layers=args.layers, block=_block(args, (128, 128)), order=args.order
+    )
+    return str(result)
+
+
+def cmd_plot(args) -> int:
+    """``patterndsl plot``: the mask (small sizes) and the tile map as a PNG."""
+    require("patterndsl.analysis", "plan", "block plan")
+    from patterndsl import pictures
+
+    pattern = _load(args)
+    q_len, kv_len = _lengths(args, pattern, "plot")
+    plan = pattern.plan(q_len, kv_len, args.heads, block=_block(args, (128, 128)), order=args.order)
+    mask = note = None
+    size = args.heads * q_len * kv_len
+    if size > PLOT_MASK_LIMIT:
+        note = (
+            f"mask not drawn: heads x Lq x Lk = {size:,} is above the limit of {PLOT_MASK_LIMIT:,};\n"
+            "the tile map is exact at any size"
+        )
+        print(f"patterndsl: {note.replace(chr(10), ' ')}", file=sys.stderr)
+    elif pattern.is_dynamic:
+        q, k = _route_inputs(pattern, args.heads, q_len, kv_len)
+        mask = pattern.mask(q_len, kv_len, args.heads, q=q, k=k)[0]
+    else:
+        mask = pattern.mask(q_len, kv_len, args.heads)
+    title = repr(pattern)
+    if pattern.is_dynamic and mask is not None:
+        title += " (route chosen for seeded random q, k)"
+    out = pictures.plot_plan(plan, args.output, mask=mask, mask_note=note, title=title)
+    print(f"wrote {out}")
+    return 0
+
+
+def _median_ms(fn, repeat: int) -> float:
+    fn()  # warm-up: caches, lazy initialisation
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def _flex_runner(mask: torch.Tensor, q, k, v, scale: float):
+    """Compiled FlexAttention whose mask_mod looks the pattern up in the dense mask."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    dense = mask if mask.dim() == 4 else mask.unsqueeze(0).expand(q.shape[0], *mask.shape)
+    dense = dense.contiguous()
+
+    def mask_mod(b, h, qi, kj):
+        return dense[b, h, qi, kj]
+
+    block_mask = create_block_mask(mask_mod, q.shape[0], q.shape[1], q.shape[2], k.shape[2], device="cpu")
+    compiled = torch.compile(flex_attention, dynamic=False)
+    return lambda: compiled(q, k, v, block_mask=block_mask, scale=scale)
+
+
+def cmd_bench(args) -> int:
+    """``patterndsl bench``: median forward times of patterndsl (CPU) vs SDPA (dense mask) vs FlexAttention."""
+    require("patterndsl.runtime", "attention", "attention runtime")
+    pattern = _load(args)
+    q_len, kv_len = _lengths(args, pattern, "bench")
+    heads, dtype, d = args.heads, DTYPES[args.dtype], args.head_dim
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(args.batch, heads, q_len, d, generator=gen).to(dtype)
+    k = torch.randn(args.batch, heads, kv_len, d, generator=gen).to(dtype)
+    v = torch.randn(args.batch, heads, kv_len, d, generator=gen).to(dtype)
+    scale = d**-0.5
+    if pattern.is_dynamic:
+        mask = pattern.mask(q_len, kv_len, heads, q=q, k=k)
+    else:
+        mask = pattern.mask(q_len, kv_len, heads).unsqueeze(0)
+
+    print(f"{pattern!r}: batch {args.batch}, heads {heads}, Lq {q_len}, Lk {kv_len}, head_dim {d}, {args.dtype}")
+    print(f"density {mask.float().mean().item():.2%}; device cpu, {torch.get_num_threads()} threads")
+    with torch.no_grad():
+        ours = _median_ms(lambda: pattern(q, k, v, scale=scale, backend="cpu"), args.repeat)
+        out = pattern(q, k, v, scale=scale, backend="cpu")
+        sdpa = torch.nn.functional.scaled_dot_product_attention
+        ref_ms = _median_ms(lambda: sdpa(q, k, v, attn_mask=mask, scale=scale), args.repeat)
+        ref = sdpa(q, k, v, attn_mask=mask, scale=scale)
+    rows_ok = mask.any(-1)  # rows with no allowed key are NaN in SDPA and zero in patterndsl
+    err = (out.float() - ref.float()).abs()[rows_ok].max().item() if rows_ok.any() else 0.0
+    results = [("patterndsl cpu", ours, f"max |diff| vs SDPA {err:.2e}"), ("SDPA dense mask", ref_ms, "")]
+    if args.no_flex:
+        results.append(("FlexAttention", None, "skipped (--no-flex)"))
+    else:
+        try:
+            with torch.no_grad():
+                flex_ms = _median_ms(_flex_runner(mask, q, k, v, scale), args.repeat)
+            results.append(("FlexAttention compiled", flex_ms, ""))
+        except Exception as exc:  # any failure of torch.compile here only means the reference is unavailable
+            results.append(("FlexAttention", None, f"unavailable here: {type(exc).__name__}: {str(exc)[:120]}"))
+    print(f"{'method':<24}{'median ms':>12}{'vs patterndsl':>16}  note")
+    for name, ms, note in results:
+        if ms is None:
+            print(f"{name:<24}{'-':>12}{'-':>16}  {note}")
+        else:
+            print(f"{name:<24}{ms:>12.3f}{ms / ours:>15.2f}x  {note}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    """``patterndsl demo``: every available stage on the bundled video pattern."""
+    pattern = compile(DEMO_SOURCE)
+    heads, head_dim = 2, 32
+    seq = pattern.ir.layout.size
+    print("== source (bundled) ==")
+    print(DEMO_SOURCE)
+    print("== bound IR (patterndsl show --stage ir) ==")
+    print(pattern)
+    print()
+    _demo_section("block plan, 64x64 tiles (patterndsl show --stage plan)", lambda: _demo_plan(pattern, seq, heads))
+    _demo_section("generated Triton forward kernel (first 25 lines)", lambda: _demo_kernel(pattern, seq, heads))
+    _demo_section(
+        "attention on CPU vs a dense float64 reference", lambda: _demo_attention(pattern, seq, heads, head_dim)
+    )
+    return 0
+
+
+def _demo_section(title: str, body) -> None:
+    print(f"== {title} ==")
+    try:
+        print(body())
+    except StageUnavailable as err:
+        print(f"(skipped: {err.message})")
+    print()
+
+
+def _demo_plan(pattern: Pattern, seq: int, heads: int) -> str:
+    text = render_plan(pattern, seq, seq, 1, (64, 64), "auto")
+    identity = pattern.plan(seq, seq, 1, block=(64, 64), order="identity").stats
+    auto = pattern.plan(seq, seq, 1, block=(64, 64), order="auto").stats
+    return (
+        f"{text}\n\nblock efficiency: identity order {identity.block_efficiency:.2%}, "
+        f"chosen order {auto.block_efficiency:.2%}"
+    )
+
+
+def _demo_kernel(pattern: Pattern, seq: int, heads: int) -> str:
+    require("patterndsl.codegen", "kernel_source", "kernel generation")
+    source = pattern.kernel_source(seq, seq, heads, head_dim=64, dtype=torch.float16, block=(64, 64))
+    lines = source.splitlines()
+    shown = "\n".join(lines[:25])
+    return f"{shown}\n... ({len(lines)} lines in all; patterndsl show --stage triton prints them)"
+
+
+def _demo_attention(pattern: Pattern, seq: int, heads: int, head_dim: int) -> str:
+    require("patterndsl.runtime", "attention", "attention runtime")
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, heads, seq, head_dim, generator=gen) for _ in range(3))
+    start = time.perf_counter()
+    out, lse = pattern(q, k, v, return_lse=True, backend="cpu")
+    elapsed = time.perf_counter() - start
+    allowed = pattern.mask(seq, seq, heads).unsqueeze(0)
+    scores = (q.double() @ k.double().transpose(-1, -2)) * head_dim**-0.5
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    ref = torch.softmax(scores, -1) @ v.double()
+    ref_lse = torch.logsumexp(scores, -1)
+    return (
+        f"q, k, v: [1, {heads}, {seq}, {head_dim}] float32; patterndsl CPU path took {elapsed * 1e3:.1f} ms\n"
+        f"max |out - reference| = {(out.double() - ref).abs().max().item():.2e}\n"
+        f"max |lse - reference| = {(lse.double() - ref_lse).abs().max().item():.2e}"
+    )
+
+
+COMMANDS = {"check": cmd_check, "show": cmd_show, "plot": cmd_plot, "bench": cmd_bench, "demo": cmd_demo}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the ``patterndsl`` command.
+
+    Args:
+        argv: the arguments after the program name (default ``sys.argv[1:]``).
+
+    Returns:
+        The exit status: 0 success, 1 an error in the pattern or its inputs, 2 a malformed command line.
+    """
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except UsageError as err:
+        print(err.message, file=sys.stderr)
+        return 2
+    except SystemExit as exc:  # --help and --version print and exit through argparse
+        return int(exc.code or 0)
+    try:
+        return COMMANDS[args.command](args)
+    except UsageError as err:
+        print(f"patterndsl {args.command}: error: {err.message}", file=sys.stderr)
+        return 2
+    except PatternError as err:
+        # A located error already starts with FILE:LINE:COLUMN, as compilers print them.
+        prefix = "" if err.location else f"patterndsl {args.command}: error: "
+        print(f"{prefix}{err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
