@@ -9,7 +9,6 @@ or a bool tensor ``[heads, Lq, Lk]``.
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from patterndsl import ir
@@ -190,17 +189,3 @@ def pattern(node, layout=None, heads=()):
     lay = ir.Layout(tuple(layout.items())) if layout else None
     rules = tuple(ir.HeadRule(lo, hi, n) for lo, hi, n in heads)
     return ir.PatternIR("p", (), lay, rules, node)
-
-
-@pytest.fixture(autouse=True)
-def without_check(monkeypatch):
-    # Until patterndsl/check.py lands, mask() cannot import check_lengths; stand in a no-op then.
-    try:
-        import patterndsl.check  # noqa: F401
-    except ImportError:
-        import sys
-        import types
-
-        fake = types.ModuleType("patterndsl.check")
-        fake.check_lengths = lambda *a, **k: None
-        monkeypatch.setitem(sys.modules, "patterndsl.check", fake)

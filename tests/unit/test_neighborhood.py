@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from patterndsl import semantics
-from tests.brute import brute_mask, neighborhood_1d, pattern, prim, without_check  # noqa: F401
+from tests.brute import brute_mask, neighborhood_1d, pattern, prim
 
 
 def natten_flex_axis(x, y, n, s, d, r, causal):

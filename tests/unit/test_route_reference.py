@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from patterndsl import ir, semantics
-from tests.brute import brute_node, coords, pattern, prim, without_check  # noqa: F401
+from tests.brute import brute_node, coords, pattern, prim
 
 
 def col(*values):

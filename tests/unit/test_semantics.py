@@ -7,7 +7,7 @@ import torch
 
 from patterndsl import ir, semantics
 from patterndsl.errors import InputError, PatternError, PatternValueError
-from tests.brute import brute_mask, drawn_blocks, pattern, prim, without_check  # noqa: F401
+from tests.brute import brute_mask, drawn_blocks, pattern, prim
 
 # Lq == Lk, Lq < Lk (chunked prefill / decoding), Lq > Lk (negative query positions).
 SIZES = [(7, 7), (5, 13), (1, 6), (12, 5), (6, 1), (16, 16)]
@@ -209,3 +209,39 @@ def test_static_mask_with_q_and_k_gets_a_batch_dimension():
     q = torch.randn(3, 2, 5, 4)
     got = semantics.mask(pir, 5, heads=2, q=q, k=q)
     assert got.shape == (3, 2, 5, 5) and torch.equal(got[2, 1], semantics.mask(pir, 5)[0])
+
+
+def test_mask_raises_the_length_checks():
+    from patterndsl.errors import HeadsError, LayoutError
+
+    grid = pattern(prim("where", C(True)), {"y": 2, "x": 3})
+    with pytest.raises(LayoutError):
+        semantics.mask(grid, 7)
+    with pytest.raises(LayoutError):
+        semantics.mask(grid, 6, 12)
+    partial = ir.PatternIR("p", (), None, (ir.HeadRule(0, 2, prim("causal")),), None)
+    assert semantics.mask(partial, 4, heads=2).shape == (2, 4, 4)
+    with pytest.raises(HeadsError):
+        semantics.mask(partial, 4, heads=3)
+
+
+COMPILED = [
+    ("pattern s(span = 3, sinks = 2) { causal & (window(span) | sink(sinks)) }", [(9, 9, 1), (4, 11, 1), (10, 3, 1)]),
+    ("pattern b { causal - blocks(3) | global(2) }", [(8, 8, 1), (5, 9, 1)]),
+    ("pattern w { where((q - k) % 3 == h and k >= Lk - Lq - 1) }", [(6, 6, 3), (4, 9, 2)]),
+    (
+        "pattern g {\n layout grid(t = 2, y = 3, x = 6)\n"
+        " neighborhood((2, 3, 3), dilation = (1, 1, 2), causal = (true, false, false)) | where(q.x == k.y)\n}",
+        [(36, 36, 1)],
+    ),
+    ("pattern hd {\n heads 0..2: causal & window(2)\n heads 3..4: random(2, 3, seed = 5)\n full\n}", [(9, 9, 5)]),
+]
+
+
+@pytest.mark.parametrize("source,sizes", COMPILED)
+def test_compiled_patterns_match_brute_force(source, sizes):
+    import patterndsl
+
+    pat = patterndsl.compile(source)
+    for Lq, Lk, heads in sizes:
+        assert torch.equal(pat.mask(Lq, Lk, heads=heads), brute_mask(pat.ir, Lq, Lk, heads))
