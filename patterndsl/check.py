@@ -59,11 +59,12 @@ _RESERVED = frozenset(ir.SIGNATURES) | frozenset(ir.Var.NAMES) | frozenset(_FUNC
 class _Unknown:
     """A value not known while checking a file without parameter values (``patterndsl check``).
 
-    ``kind`` is ``"int"``, ``"bool"``, ``"pattern"`` or ``None`` (anything); every
-    check that needs the value itself is skipped, every other check still runs.
+    ``kind`` is ``"int"``, ``"bool"``, ``"pattern"`` or ``"scalar"`` (a parameter:
+    an integer, boolean or tuple, never a pattern); every check that needs the
+    value itself is skipped, every other check still runs.
     """
 
-    kind: str | None = None
+    kind: str
 
 
 Value = Any  # int | bool | tuple | ir.Node | ir.Expr | _Unknown
@@ -72,7 +73,7 @@ Value = Any  # int | bool | tuple | ir.Node | ir.Expr | _Unknown
 def _is(value: Value, kind: str) -> bool:
     """True when ``value`` may be of ``kind`` ("int", "bool", "pattern")."""
     if isinstance(value, _Unknown):
-        return value.kind in (None, kind)
+        return value.kind == kind or (value.kind == "scalar" and kind in ("int", "bool"))
     if kind == "int":
         return (isinstance(value, int) and not isinstance(value, bool)) or _expr_kind(value) == "int"
     if kind == "bool":
@@ -146,7 +147,7 @@ class _Evaluator:
 
     def int_value(self, e: syntax.Expr, what: str) -> int | _Unknown:
         value = self.eval(e)
-        if isinstance(value, _Unknown) and value.kind in (None, "int"):
+        if isinstance(value, _Unknown) and _is(value, "int"):
             return value
         if not (isinstance(value, int) and not isinstance(value, bool)):
             raise PatternTypeError(f"{what} must be an integer, got {_describe(value)}", e.span)
@@ -207,7 +208,7 @@ class _Evaluator:
         for item in e.items:
             value = self.eval(item, where)
             if isinstance(value, _Unknown):
-                return _Unknown()
+                return _Unknown("scalar")
             if not isinstance(value, int):
                 raise PatternTypeError(
                     f"tuple entries must be constant integers or booleans, got {_describe(value)}", item.span
@@ -285,13 +286,6 @@ class _Evaluator:
         if e.op in ("|", "&"):
             return self._combine(e, where)
         left = self.eval(e.left, where)
-        if e.op == "-" and isinstance(left, _Unknown) and left.kind is None:
-            right = self.eval(e.right, where)
-            if not (_is(right, "int") or _is(right, "pattern")):
-                raise PatternTypeError(f"'-' needs integers or patterns, got {_describe(right)}", e.right.span)
-            return _Unknown(
-                right.kind if isinstance(right, _Unknown) else ("pattern" if _is(right, "pattern") else "int")
-            )
         if e.op == "-" and _is(left, "pattern"):
             return self._combine(e, where, left)
         if not _is(left, "int"):
@@ -644,7 +638,7 @@ def _bind_params(pdef: syntax.PatternDef, params: dict, scope: _Scope, ev: _Eval
         elif decl.default is not None:
             value = default
         elif lenient:
-            value = _Unknown()
+            value = _Unknown("scalar")
         else:
             raise PatternTypeError(f"pattern '{pdef.name}' needs a value for parameter '{decl.name}'", decl.span)
         scope.values[decl.name] = value

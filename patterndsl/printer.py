@@ -49,8 +49,12 @@ def _prim(node: ir.Prim) -> str:
             default = node.arg("block")
         if value == default and type(value) is type(default):
             continue
-        if isinstance(value, tuple) and len(set(value)) == 1 and value[0] == default:
-            continue
+        # Grid primitives broadcast a scalar to every axis, so an all-default tuple prints as nothing;
+        # route keeps a tuple block as a tuple (a box on the grid), so it must stay printed.
+        if node.name in ir.GRID_PRIMITIVES and isinstance(value, tuple) and len(set(value)) == 1:
+            if value[0] == default and type(value[0]) is type(default):
+                continue
+            value = value[0]
         parts.append(f"{name} = {value_to_source(value)}")
     return f"{node.name}({', '.join(parts)})"
 
