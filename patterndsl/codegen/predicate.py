@@ -1,0 +1,357 @@
+"""Stage 5 of the pipeline (codegen): a pattern node rendered as Triton integer code.
+
+Comes in: one head group's bound pattern node (:mod:`patterndsl.ir`), the
+layout and the baked-in lengths. Goes out: the body of a ``@triton.jit``
+function ``_allowed_gN(i, j, h, AUX)`` that returns, for original query
+indices ``i`` (``[BM, 1]``) and key indices ``j`` (``[1, BN]``) of head ``h``,
+whether the pair is allowed, together with the small lookup tables
+(``random``) the body reads from the ``AUX`` int8 tensor.
+
+Rendering is two tables from node kind to code fragment (:data:`_PRIMS` for
+primitives, :data:`_EXPRS` for ``where`` expressions). Triton's ``//`` and
+``%`` truncate towards zero, so floor semantics go through the generated
+helpers ``_fdiv``/``_fmod`` unless both operands are known non-negative.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from patterndsl import ir
+from patterndsl.errors import PatternError
+
+TRUE, FALSE = "True", "False"
+
+
+@dataclass
+class AuxTables:
+    """The int8 lookup tables of every ``random`` primitive, concatenated in render order."""
+
+    chunks: list[torch.Tensor] = field(default_factory=list)
+    size: int = 0
+
+    def add(self, table: torch.Tensor) -> int:
+        """Append a flattened int8 table and return its offset."""
+        offset = self.size
+        flat = table.to(torch.int8).flatten()
+        self.chunks.append(flat)
+        self.size += int(flat.numel())
+        return offset
+
+    def tensor(self) -> torch.Tensor:
+        """All tables as one int8 tensor (one zero byte when there are none: a kernel needs a pointer)."""
+        if not self.chunks:
+            return torch.zeros(1, dtype=torch.int8)
+        return torch.cat(self.chunks)
+
+
+class PredicateRenderer:
+    """Renders one node into statements (``lines``) and a final boolean expression.
+
+    Args:
+        layout: the pattern's layout (None without one).
+        q_len, kv_len: the baked-in lengths ``Lq`` and ``Lk``.
+        aux: where ``random`` tables go.
+    """
+
+    def __init__(self, layout: ir.Layout | None, q_len: int, kv_len: int, aux: AuxTables):
+        self.layout = layout
+        self.q_len = q_len
+        self.kv_len = kv_len
+        self.aux = aux
+        self.lines: list[str] = []
+        self._bound: dict[str, str] = {}
+        self._count = 0
+
+    # ------------------------------------------------------------------ helpers
+
+    def bind(self, hint: str, code: str) -> str:
+        """Emit ``name = code`` once per distinct code and return the name."""
+        if code in self._bound:
+            return self._bound[code]
+        name = f"{hint}{self._count}"
+        self._count += 1
+        self.lines.append(f"{name} = {code}")
+        self._bound[code] = name
+        return name
+
+    @property
+    def q_nonneg(self) -> bool:
+        return self.kv_len >= self.q_len
+
+    def fdiv(self, a: str, b: str, nonneg: bool) -> str:
+        return f"({a}) // ({b})" if nonneg else f"_fdiv({a}, {b})"
+
+    def fmod(self, a: str, b: str, nonneg: bool) -> str:
+        return f"({a}) % ({b})" if nonneg else f"_fmod({a}, {b})"
+
+    def coord(self, side: str, axis: str) -> str:
+        """Grid coordinate of ``q`` or ``k`` on ``axis`` (row-major, last axis fastest)."""
+        if self.layout is None:
+            raise PatternError(f"grid coordinate {side}.{axis} needs a layout grid(...)")
+        names = self.layout.names
+        if axis not in names:
+            raise PatternError(f"layout has no axis {axis!r}")
+        index = names.index(axis)
+        inner = 1
+        for extent in self.layout.shape[index + 1 :]:
+            inner *= extent
+        extent = self.layout.shape[index]
+        pos = "q" if side == "q" else "k"
+        scaled = pos if inner == 1 else f"{pos} // {inner}"
+        return self.bind(f"{side}_{axis}_", f"({scaled}) % {extent}")
+
+    # ------------------------------------------------------------------ entry points
+
+    def node(self, node: ir.Node) -> str:
+        """The boolean code of a pattern node."""
+        if isinstance(node, ir.Prim):
+            rule = _PRIMS.get(node.name)
+            if rule is None:
+                raise PatternError(f"primitive {node.name}(...) cannot be compiled into a kernel yet")
+            return rule(self, node)
+        return _NODES[type(node)](self, node)
+
+    def expr(self, e: ir.Expr) -> tuple[str, bool]:
+        """The code of a ``where`` expression and whether it is known to be non-negative."""
+        return _EXPRS[type(e)](self, e)
+
+
+# ---------------------------------------------------------------------- pattern nodes
+
+
+def _join(op: str, parts: list[str], absorbing: str, neutral: str) -> str:
+    if absorbing in parts:
+        return absorbing
+    parts = [p for p in parts if p != neutral]
+    if not parts:
+        return neutral
+    return f" {op} ".join(f"({p})" for p in parts)
+
+
+def _lnot(code: str) -> str:
+    if code in (TRUE, FALSE):
+        return FALSE if code == TRUE else TRUE
+    return f"~({code})"
+
+
+_NODES: dict[type, Callable[[PredicateRenderer, ir.Node], str]] = {
+    ir.Union: lambda r, n: _join("|", [r.node(x) for x in n.items], TRUE, FALSE),
+    ir.Inter: lambda r, n: _join("&", [r.node(x) for x in n.items], FALSE, TRUE),
+    ir.Not: lambda r, n: _lnot(r.node(n.item)),
+}
+
+
+def _window(r: PredicateRenderer, p: ir.Prim) -> str:
+    before, after, dil = p.arg("before"), p.arg("after"), p.arg("dilation")
+    parts = [f"k >= q - {before * dil}", f"k <= q + {after * dil}"]
+    if dil != 1:
+        parts.append(f"(q - k) % {dil} == 0")  # the sign of a remainder never changes "== 0"
+    return _join("&", parts, FALSE, TRUE)
+
+
+def _blocks(r: PredicateRenderer, p: ir.Prim) -> str:
+    size = p.arg("size")
+    return f"{r.fdiv('q', str(size), r.q_nonneg)} == k // {size}"
+
+
+def _random(r: PredicateRenderer, p: ir.Prim) -> str:
+    from patterndsl import semantics
+
+    count, block, seed = p.arg("blocks"), p.arg("block"), p.arg("seed")
+    n_key_blocks = -(-r.kv_len // block)
+    qb_lo = (r.kv_len - r.q_len) // block
+    qb_hi = (r.kv_len - 1) // block + 1
+    chosen = semantics.random_table(seed, range(qb_lo, qb_hi), n_key_blocks, count)
+    table = torch.zeros(qb_hi - qb_lo, n_key_blocks, dtype=torch.int8)
+    if chosen.numel():
+        table.scatter_(1, chosen, 1)
+    offset = r.aux.add(table)
+    qb = r.fdiv("q", str(block), r.q_nonneg)
+    index = f"{offset} + ({qb} - ({qb_lo})) * {n_key_blocks} + k // {block}"
+    # ``inb`` keeps padded rows and columns inside the table.
+    return r.bind("rnd", f"tl.load(AUX + ({index}), mask=inb, other=0) != 0")
+
+
+def _neighborhood_axis(r: PredicateRenderer, axis: str, n: int, size: int, dil: int, stride: int, causal: bool) -> str:
+    x, y = r.coord("q", axis), r.coord("k", axis)
+    parts = []
+    if dil == 1:
+        p, t, glen = x, y, str(n)
+    else:
+        g = r.bind("g_", f"{x} % {dil}")
+        parts.append(f"{y} % {dil} == {g}")
+        p = r.bind("p_", f"{x} // {dil}")
+        t = r.bind("t_", f"{y} // {dil}")
+        glen = r.bind("len_", f"({n} - {g} + {dil - 1}) // {dil}")
+    base = p if stride == 1 else f"({p} // {stride}) * {stride}"
+    if causal:
+        lead = r.bind("lead_", f"tl.minimum({base} + {stride - 1}, {glen} - 1)")
+        parts += [f"{t} <= {p}", f"{lead} - {t} < {size}"]
+    else:
+        left = size // 2
+        right = size // 2 + (size % 2 - 1)
+        lead = r.bind("lead_", f"tl.minimum({base} + {stride // 2}, {glen} - 1)")
+        centre = r.bind("c_", f"tl.minimum(tl.maximum({lead}, {left}), {glen} - {1 + right})")
+        parts += [f"{t} >= {centre} - {left}", f"{t} <= {centre} + {right}"]
+    return _join("&", parts, FALSE, TRUE)
+
+
+def _neighborhood(r: PredicateRenderer, p: ir.Prim) -> str:
+    if r.layout is None:
+        raise PatternError("neighborhood(...) needs a layout grid(...)")
+    rank = len(r.layout.axes)
+
+    def per_axis(value):
+        return tuple(value) if isinstance(value, tuple) else (value,) * rank
+
+    sizes, dils, strides, causals = (per_axis(p.arg(a)) for a in ("size", "dilation", "stride", "causal"))
+    parts = [
+        _neighborhood_axis(r, name, extent, sizes[a], dils[a], strides[a], bool(causals[a]))
+        for a, (name, extent) in enumerate(r.layout.axes)
+    ]
+    return _join("&", parts, FALSE, TRUE)
+
+
+def _where(r: PredicateRenderer, p: ir.Prim) -> str:
+    code, _ = r.expr(p.arg("pred"))
+    return code
+
+
+def _route(r: PredicateRenderer, p: ir.Prim) -> str:
+    raise PatternError("patterns with route(...) cannot run on the Triton backend yet (selection at run time)")
+
+
+_PRIMS: dict[str, Callable[[PredicateRenderer, ir.Prim], str]] = {
+    "full": lambda r, p: TRUE,
+    "empty": lambda r, p: FALSE,
+    "causal": lambda r, p: "k <= q",
+    "window": _window,
+    "strided": lambda r, p: f"(q - k) % {p.arg('stride')} == 0",
+    "blocks": _blocks,
+    "summary": lambda r, p: f"k % {p.arg('stride')} >= {p.arg('stride') - p.arg('width')}",
+    "sink": lambda r, p: f"k < {p.arg('n')}",
+    "global": lambda r, p: f"(q < {p.arg('n')}) | (k < {p.arg('n')})",
+    "landmarks": lambda r, p: f"k % {p.arg('every')} == {p.arg('every') - 1}",
+    "random": _random,
+    "where": _where,
+    "neighborhood": _neighborhood,
+    "route": _route,
+}
+
+
+# ---------------------------------------------------------------------- where expressions
+
+
+def _const(r: PredicateRenderer, e: ir.Const) -> tuple[str, bool]:
+    if isinstance(e.value, bool):
+        return (TRUE if e.value else FALSE), True
+    return (str(e.value) if e.value >= 0 else f"({e.value})"), e.value >= 0
+
+
+def _var(r: PredicateRenderer, e: ir.Var) -> tuple[str, bool]:
+    if e.name == "Lq":
+        return str(r.q_len), True
+    if e.name == "Lk":
+        return str(r.kv_len), True
+    if e.name == "q":
+        return "q", r.q_nonneg
+    return e.name, True
+
+
+def _is_int_literal(code: str) -> bool:
+    return code.lstrip("(-").rstrip(")").isdigit()
+
+
+def _arith(r: PredicateRenderer, e: ir.Arith) -> tuple[str, bool]:
+    (a, na), (b, nb) = r.expr(e.left), r.expr(e.right)
+    if _is_int_literal(a) and _is_int_literal(b):
+        value = _PY_ARITH[e.op](int(a.strip("()")), int(b.strip("()")))
+        return (str(value) if value >= 0 else f"({value})"), value >= 0
+    if e.op == "//":
+        return r.fdiv(a, b, na and nb), na and nb
+    if e.op == "%":
+        return r.fmod(a, b, na and nb), na and nb
+    return f"({a} {e.op} {b})", na and nb and e.op != "-"
+
+
+_PY_ARITH = {
+    "+": lambda a, b: a + b,
+    "-": lambda a, b: a - b,
+    "*": lambda a, b: a * b,
+    "//": lambda a, b: a // b,
+    "%": lambda a, b: a % b,
+}
+
+
+def _neg(r: PredicateRenderer, e: ir.Neg) -> tuple[str, bool]:
+    a, _ = r.expr(e.operand)
+    return f"(-{a})", False
+
+
+def _func(r: PredicateRenderer, e: ir.Func) -> tuple[str, bool]:
+    args = [r.expr(x) for x in e.args]
+    if e.fn == "abs":
+        return f"tl.abs({args[0][0]})", True
+    (a, na), (b, nb) = args
+    if e.fn == "min":
+        return f"tl.minimum({a}, {b})", na and nb
+    return f"tl.maximum({a}, {b})", na or nb
+
+
+def _cmp(r: PredicateRenderer, e: ir.Cmp) -> tuple[str, bool]:
+    (a, _), (b, _) = r.expr(e.left), r.expr(e.right)
+    return f"{a} {e.op} {b}", True
+
+
+def _logic(r: PredicateRenderer, e: ir.Logic) -> tuple[str, bool]:
+    parts = [r.expr(x)[0] for x in e.items]
+    if e.op == "and":
+        return _join("&", parts, FALSE, TRUE), True
+    return _join("|", parts, TRUE, FALSE), True
+
+
+_EXPRS: dict[type, Callable] = {
+    ir.Const: _const,
+    ir.Var: _var,
+    ir.Coord: lambda r, e: (r.coord(e.side, e.axis), True),
+    ir.Arith: _arith,
+    ir.Neg: _neg,
+    ir.Func: _func,
+    ir.Cmp: _cmp,
+    ir.Logic: _logic,
+    ir.LNot: lambda r, e: (_lnot(r.expr(e.operand)[0]), True),
+}
+
+
+def render_predicate(name: str, node: ir.Node, layout, q_len: int, kv_len: int, aux: AuxTables) -> str:
+    """Render ``node`` as a ``@triton.jit`` function ``name(i, j, h, AUX)``.
+
+    Args:
+        name: the function name.
+        node: the head group's pattern node.
+        layout: the pattern's layout or None.
+        q_len, kv_len: baked-in lengths (end alignment ``q = i + Lk - Lq``).
+        aux: receives the lookup tables the function reads.
+
+    Returns:
+        The function's source text.
+    """
+    r = PredicateRenderer(layout, q_len, kv_len, aux)
+    body = r.node(node)
+    lines = [
+        "@triton.jit",
+        f"def {name}(i, j, h, AUX):",
+        f'    """Allowed (query index i [BM, 1], key index j [1, BN], head h) for: {node}"""',
+        "    inb = (i < LQ) & (j < LK)",
+        "    q = i + (LK - LQ)",
+        "    k = j",
+    ]
+    lines += [f"    {line}" for line in r.lines]
+    lines.append(f"    return inb & ({body})" if body != TRUE else "    return inb")
+    if body == FALSE:
+        lines[-1] = "    return inb & (i < 0)"
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,210 @@
+"""Runtime stage: launching the generated Triton kernels for a block plan.
+
+Comes in: ``q [B, H, Lq, D]``, ``k``/``v`` ``[B, Hkv, Lk, D]`` (``Hkv`` divides
+``H``) on a CUDA device, or on the CPU under ``TRITON_INTERPRET=1``, and the
+:class:`~patterndsl.analysis.plan.BlockPlan` for ``(Lq, Lk, H)``. Goes out:
+``forward -> (out [B, H, Lq, D] in q.dtype, lse [B, H, Lq] float32)`` and
+``backward -> (dq, dk, dv)``. The kernels come from
+:mod:`patterndsl.codegen` through :mod:`patterndsl.runtime.cache`; the plan's
+tile lists (partial tiles first, then full) and the ``random`` tables are
+turned into small int32/int8 device tensors once per plan and device.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+
+from patterndsl import config
+from patterndsl.codegen import generator
+from patterndsl.errors import BackendError, InputError
+from patterndsl.runtime import cache
+
+_prepared: dict[tuple, dict] = {}
+
+
+def target_of(device: torch.device) -> str:
+    """The codegen target for tensors on ``device``: ``"sm_XY"`` on CUDA, ``"interpret"`` on the CPU.
+
+    Args:
+        device: where the inputs live.
+
+    Returns:
+        The target name.
+
+    Raises:
+        BackendError: for CPU tensors without ``TRITON_INTERPRET=1``, or other devices.
+    """
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return f"sm_{major}{minor}"
+    if device.type == "cpu":
+        if not config.triton_interpret():
+            raise BackendError(
+                "the Triton backend needs CUDA tensors; CPU tensors run under it only with TRITON_INTERPRET=1"
+            )
+        return "interpret"
+    raise BackendError(f"the Triton backend cannot run on device {device}")
+
+
+def _split(ptr: torch.Tensor, idx: torch.Tensor, full: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    # Reorder each segment of a CSR list so partial entries come first; ``split`` marks the first full one.
+    n_outer = ptr.numel() - 1
+    outer = torch.repeat_interleave(torch.arange(n_outer), ptr[1:] - ptr[:-1])
+    order = torch.argsort(outer * 2 + full.to(torch.int64), stable=True)
+    n_partial = torch.bincount(outer[~full], minlength=n_outer)
+    split = ptr[:-1] + n_partial
+    values = idx[order]
+    if values.numel() == 0:
+        values = torch.zeros(1, dtype=torch.int64)  # a kernel argument needs storage; never read
+    return ptr.to(torch.int32), split.to(torch.int32), values.to(torch.int32)
+
+
+def _build(plan, spec, device: torch.device) -> dict:
+    tail = plan.kv_len % plan.block_n != 0
+    last = plan.n_kv_tiles - 1
+    groups = []
+    for group in plan.groups:
+        tl_ = group.tiles
+        # The last key tile is masked even when full: its padded columns must not join the softmax.
+        row_full = (tl_.state == 2) & ~((tl_.cols == last) & tail)
+        rows = _split(tl_.row_ptr, tl_.cols, row_full)
+        cols = _split(tl_.col_ptr, tl_.rows, tl_.state_t == 2)
+        heads = torch.tensor(group.heads, dtype=torch.int32)
+        groups.append([t.to(device) for t in (*rows, *cols, heads)])
+    _, aux = generator.aux_tables(spec)
+    q_order = plan.q_order.to(device=device, dtype=torch.int32)
+    kv_order = plan.kv_order.to(device=device, dtype=torch.int32)
+    return {"groups": groups, "aux": aux.to(device), "q_order": q_order, "kv_order": kv_order}
+
+
+def prepared(plan, spec, device: torch.device) -> dict:
+    """Device tensors of a plan: per group ``row_ptr, row_split, row_cols, col_ptr, col_split, col_rows,
+    heads`` (int32), the ``aux`` int8 tables and the int32 orders; built once per plan, spec and device."""
+    key = (id(plan), spec.key, str(device))
+    entry = _prepared.get(key)
+    if entry is None or entry[0]() is not plan:
+        entry = (weakref.ref(plan), _build(plan, spec, device))
+        _prepared[key] = entry
+        weakref.finalize(plan, _prepared.pop, key, None)
+    return entry[1]
+
+
+def _validate(q, k, v, plan) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 4:
+            raise InputError(f"{name} must be [batch, heads, seq, head_dim], got shape {tuple(t.shape)}")
+    if k.shape != v.shape:
+        raise InputError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    b, h, lq, d = q.shape
+    if k.shape[0] != b or k.shape[3] != d:
+        raise InputError(f"k/v shape {tuple(k.shape)} does not match q shape {tuple(q.shape)}")
+    if k.shape[1] < 1 or h % k.shape[1]:
+        raise InputError(f"key/value heads ({k.shape[1]}) must divide query heads ({h})")
+    if (lq, k.shape[2], h) != (plan.q_len, plan.kv_len, plan.heads):
+        raise InputError(
+            f"the plan is for Lq={plan.q_len}, Lk={plan.kv_len}, heads={plan.heads}; "
+            f"got Lq={lq}, Lk={k.shape[2]}, heads={h}"
+        )
+    if not (q.dtype == k.dtype == v.dtype):
+        raise InputError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise InputError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+
+
+def _rows_contiguous(t: torch.Tensor) -> torch.Tensor:
+    # Kernels index the head dim with unit stride; other strides are passed as arguments.
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _strides(t: torch.Tensor) -> tuple[int, int, int]:
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def _setup(q, k, v, plan, kind: str):
+    _validate(q, k, v, plan)
+    target = target_of(q.device)
+    spec = generator.make_spec(plan, kind, q.shape[3], q.dtype, k.shape[1], target)
+    module = cache.load(spec, generator.render)
+    return spec, module, prepared(plan, spec, q.device)
+
+
+def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan, scale: float):
+    """Attention forward through the generated kernels.
+
+    Args:
+        q: ``[B, H, Lq, D]``; k, v: ``[B, Hkv, Lk, D]`` (same dtype and device).
+        plan: the block plan for ``(Lq, Lk, H)``.
+        scale: the softmax scale.
+
+    Returns:
+        ``(out [B, H, Lq, D] in q.dtype, lse [B, H, Lq] float32)``; a row with no allowed key
+        has ``out = 0`` and ``lse = -inf``.
+    """
+    q, k, v = (_rows_contiguous(t) for t in (q, k, v))
+    spec, module, prep = _setup(q, k, v, plan, "forward")
+    b, h, lq, d = q.shape
+    out = torch.empty(b, h, lq, d, dtype=q.dtype, device=q.device)
+    lse = torch.empty(b, h, lq, dtype=torch.float32, device=q.device)
+    if out.numel() == 0 or k.shape[2] == 0:
+        out.zero_()
+        lse.fill_(float("-inf"))
+        return out, lse
+    for g, group in enumerate(plan.groups):
+        row_ptr, row_split, row_cols, _, _, _, heads = prep["groups"][g]
+        grid = (plan.n_q_tiles, b * len(group.heads))
+        getattr(module, f"fwd_g{g}")[grid](
+            q, k, v, out, lse, prep["q_order"], prep["kv_order"], row_ptr, row_split, row_cols, heads, prep["aux"],
+            float(scale), *_strides(q), *_strides(k), *_strides(v),
+            num_warps=spec.num_warps, num_stages=spec.num_stages,
+        )  # fmt: skip
+    return out, lse
+
+
+def backward(q, k, v, out, lse, dout, plan, scale: float, dlse=None):
+    """Attention backward through the generated kernels.
+
+    Args:
+        q, k, v: the forward inputs; out, lse: the forward outputs; dout: ``dL/dout``.
+        plan: the block plan used in the forward pass.
+        scale: the softmax scale.
+        dlse: optional ``dL/dlse`` ``[B, H, Lq]``; since ``dlse/ds = P`` it folds into
+            ``delta`` (``delta - dlse``).
+
+    Returns:
+        ``(dq, dk, dv)`` with the dtypes and shapes of ``q``, ``k``, ``v``; rows with no
+        allowed key contribute nothing (never NaN).
+    """
+    q, k, v, dout = (_rows_contiguous(t) for t in (q, k, v, dout))
+    spec, module, prep = _setup(q, k, v, plan, "backward")
+    b, h, lq, d = q.shape
+    hk, lk = k.shape[1], k.shape[2]
+    dq = torch.empty(b, h, lq, d, dtype=q.dtype, device=q.device)
+    if q.numel() == 0 or lk == 0:
+        return dq.zero_(), torch.zeros_like(k), torch.zeros_like(v)
+    out = out.contiguous()
+    lse = lse.to(torch.float32).contiguous()
+    delta = torch.empty(b, h, lq, dtype=torch.float32, device=q.device)
+    dk_heads = torch.empty(b, h, lk, d, dtype=torch.float32, device=q.device)
+    dv_heads = torch.empty_like(dk_heads)
+    launch = {"num_warps": spec.num_warps, "num_stages": spec.num_stages}
+    module.bwd_preprocess[(plan.n_q_tiles, b * h)](out, dout, delta, *_strides(dout), **launch)
+    if dlse is not None:
+        delta = delta - dlse.to(torch.float32)
+    common = (*_strides(q), *_strides(k), *_strides(v), *_strides(dout))
+    for g, group in enumerate(plan.groups):
+        row_ptr, row_split, row_cols, col_ptr, col_split, col_rows, heads = prep["groups"][g]
+        slots = b * len(group.heads)
+        getattr(module, f"bwd_dq_g{g}")[(plan.n_q_tiles, slots)](
+            q, k, v, dout, lse, delta, dq, prep["q_order"], prep["kv_order"], row_ptr, row_split, row_cols, heads,
+            prep["aux"], float(scale), *common, **launch,
+        )  # fmt: skip
+        getattr(module, f"bwd_dkdv_g{g}")[(plan.n_kv_tiles, slots)](
+            q, k, v, dout, lse, delta, dk_heads, dv_heads, prep["q_order"], prep["kv_order"], col_ptr, col_split,
+            col_rows, heads, prep["aux"], float(scale), *common, **launch,
+        )  # fmt: skip
+    group_size = h // hk
+    dk = dk_heads.view(b, hk, group_size, lk, d).sum(2).to(k.dtype)
+    dv = dv_heads.view(b, hk, group_size, lk, d).sum(2).to(v.dtype)
+    return dq, dk, dv
