@@ -205,9 +205,9 @@ def _random(prim: ir.Prim, q, k, ctx: Context) -> torch.Tensor:
     allowed = _random_allowed(seed, qb_lo, qb_hi, n_key_blocks, count)
     qb = torch.div(q, block, rounding_mode="floor") - qb_lo
     kb = torch.div(k, block, rounding_mode="floor")
-    qb, kb = torch.broadcast_tensors(qb, kb)
     # Indices outside [0, Lq) x [0, Lk) are not part of the pattern; clamp for safe indexing.
-    inside = (qb >= 0) & (qb < allowed.shape[0]) & (kb >= 0) & (kb < n_key_blocks)
+    # Both sides stay unbroadcast until the lookup, which is what keeps [BM, 1] x [1, BN] cheap.
+    inside = ((qb >= 0) & (qb < allowed.shape[0])) & ((kb >= 0) & (kb < n_key_blocks))
     return allowed[qb.clamp(0, allowed.shape[0] - 1), kb.clamp(0, max(n_key_blocks - 1, 0))] & inside
 
 
@@ -458,9 +458,13 @@ def _candidates(among, qgroup, kblock, n_q, n_k, ctx, heads, share, kv_heads) ->
     cand = torch.zeros(kv_heads, n_q, n_k, dtype=torch.bool)
     # Under GQA one choice serves every query head of the group: a block is a candidate
     # if among allows some pair for some head of the group that uses this route.
+    per_head = ir.uses_head(among)
+    reach = None
     for h in heads:
-        allowed = evaluate(among, i, j, h, ctx).to(torch.float64)
-        cand[h // share] |= (gq.T @ allowed @ gk) > 0
+        if reach is None or per_head:
+            allowed = evaluate(among, i, j, h, ctx).to(torch.float64)
+            reach = (gq.T @ allowed @ gk) > 0
+        cand[h // share] |= reach
     return cand
 
 
@@ -493,7 +497,9 @@ def _static(prim: ir.Prim, q, k) -> torch.Tensor | None:
         return k <= q
     if name == "window":
         d = a["dilation"]
-        return (torch.remainder(q - k, d) == 0) & (q - a["before"] * d <= k) & (k <= q + a["after"] * d)
+        diff = q - k
+        band = (diff <= a["before"] * d) & (diff >= -a["after"] * d)
+        return band if d == 1 else band & (torch.remainder(diff, d) == 0)
     if name == "strided":
         return torch.remainder(q - k, a["stride"]) == 0
     if name == "blocks":

@@ -245,3 +245,10 @@ def test_compiled_patterns_match_brute_force(source, sizes):
     pat = patterndsl.compile(source)
     for Lq, Lk, heads in sizes:
         assert torch.equal(pat.mask(Lq, Lk, heads=heads), brute_mask(pat.ir, Lq, Lk, heads))
+
+
+def test_splitmix_is_the_published_generator():
+    # splitmix64's published first outputs from state 0 (Vigna's reference implementation).
+    state, first = semantics._splitmix_next(0)
+    _, second = semantics._splitmix_next(state)
+    assert (first, second) == (0xE220A8397B1DCDAF, 0x6E789E6AA1B965F4)
