@@ -165,7 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_pattern_args(p)
     p.add_argument("--stage", choices=STAGES, required=True, help="which stage to print")
-    p.add_argument("--target", choices=("sm_80", "sm_90"), default="sm_80", help="GPU target for ptx/sass")
+    p.add_argument(
+        "--target", choices=("sm_80", "sm_90"), default="sm_90", help="GPU the kernel is specialised to (default sm_90)"
+    )
     p.add_argument("--layers", metavar="N", type=_positive, help="stacked layers for --stage reach")
     p.add_argument("--dtype", choices=tuple(DTYPES), default="float16", help="kernel dtype (default float16)")
     p.add_argument("--head-dim", metavar="D", type=_positive, default=64, help="head dimension (default 64)")
@@ -222,7 +224,8 @@ def require(module: str, attr: str, stage: str):
         if exc.name and (exc.name == module or module.startswith(exc.name + ".")):
             raise StageUnavailable(f"the {stage} stage is not available in this build ({module} is missing)") from None
         raise
-    if not hasattr(mod, attr):
+    # A submodule of the same name (analysis.plan) is not the entry point.
+    if not callable(getattr(mod, attr, None)):
         raise StageUnavailable(f"the {stage} stage is not available in this build ({module}.{attr} is missing)")
     return getattr(mod, attr)
 
@@ -313,6 +316,8 @@ def cmd_show(args) -> int:
                 dtype=DTYPES[args.dtype],
                 block=_block(args, (64, 64)),
                 kind=args.kind,
+                order=args.order,
+                target=args.target,
             ),
             end="",
         )
