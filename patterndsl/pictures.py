@@ -213,6 +213,7 @@ def plot_plan(
     """
     plt = _pyplot()
     from matplotlib.colors import ListedColormap
+    from matplotlib.ticker import MaxNLocator
 
     groups = plan.groups
     columns = 2 if mask is not None or mask_note else 1
@@ -220,12 +221,12 @@ def plot_plan(
     tile_cmap = ListedColormap(["#ffffff", "#9ecae1", "#08519c", "#fd8d3c"])
     for row, group in enumerate(groups):
         head = group.heads[0]
-        heads = _head_ranges(group.heads)
+        heads = ("head " if len(group.heads) == 1 else "heads ") + _head_ranges(group.heads)
         if columns == 2:
             ax = axes[row][0]
             if mask is not None:
                 ax.imshow(mask[head].to(torch.uint8).numpy(), cmap="Greys", interpolation="nearest", vmin=0, vmax=1)
-                ax.set_title(f"mask, heads {heads} ({plan.q_len} x {plan.kv_len}, original order)", fontsize=9)
+                ax.set_title(f"mask, {heads} ({plan.q_len} x {plan.kv_len}, original order)", fontsize=9)
                 ax.set_xlabel("key index")
                 ax.set_ylabel("query index")
             else:
@@ -235,12 +236,14 @@ def plot_plan(
         tiles = group.tiles.to_dense(plan.n_q_tiles, plan.n_kv_tiles)
         ax.imshow(tiles.numpy(), cmap=tile_cmap, vmin=0, vmax=3, interpolation="nearest")
         ax.set_title(
-            f"tiles, heads {heads} ({plan.block_m}x{plan.block_n}, order: {plan.order})\n"
+            f"tiles, {heads} ({plan.block_m}x{plan.block_n}, order: {plan.order})\n"
             "white empty, light partial, dark full, orange run-time",
             fontsize=9,
         )
         ax.set_xlabel("key tile")
         ax.set_ylabel("query tile")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     s = plan.stats
     fig.suptitle(
         f"{title}\ndensity {s.density:.2%}, block efficiency {s.block_efficiency:.2%}, "
