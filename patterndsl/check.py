@@ -124,7 +124,7 @@ class _Scope:
     def declare(self, name: str, span: ir.Span, what: str) -> None:
         if name in _RESERVED:
             raise PatternNameError(f"'{name}' is a built-in name and cannot be used as a {what} name", span)
-        if name in self.values:
+        if name in self.spans:
             first = self.spans[name]
             raise PatternNameError(f"'{name}' is already defined (line {first.line}, column {first.column})", span)
         self.spans[name] = span
@@ -173,6 +173,8 @@ class _Evaluator:
             return ir.Var(name, e.span)
         if name in self.scope.values:
             return self.scope.values[name]
+        if name in self.scope.spans:
+            raise PatternNameError(f"'{name}' is not defined yet: a default may only use earlier parameters", e.span)
         if name in ("full", "empty", "causal"):
             return ir.Prim(name, (), e.span)
         if name in ir.SIGNATURES:
@@ -616,9 +618,10 @@ def _bind_params(pdef: syntax.PatternDef, params: dict, scope: _Scope, ev: _Eval
             hint = did_you_mean(str(key), declared)
             have = f"its parameters are {', '.join(declared)}" if declared else "it has no parameters"
             raise PatternNameError(f"pattern '{pdef.name}' has no parameter '{key}'{hint}; {have}", pdef.name_span)
-    bound = []
     for decl in pdef.params:
         scope.declare(decl.name, decl.span, "parameter")
+    bound = []
+    for decl in pdef.params:
         default = None
         if decl.default is not None:
             default = ev.eval(decl.default)
@@ -683,8 +686,9 @@ def _bind_definition(pdef: syntax.PatternDef, params: dict, lenient: bool = Fals
             layout_seen = stmt
             scope.layout = _bind_layout(stmt, ev)
         elif isinstance(stmt, syntax.Let):
+            value = ev.eval(stmt.value)
             scope.declare(stmt.name, stmt.name_span, "let")
-            scope.values[stmt.name] = ev.eval(stmt.value)
+            scope.values[stmt.name] = value
         else:
             rule = _bind_heads(stmt, ev, rules)
             if rule is not None:
