@@ -68,7 +68,8 @@ def _shape_of(*values) -> torch.Size:
 
 
 def _full_like(value: bool, *like) -> torch.Tensor:
-    return torch.full(_shape_of(*like), value, dtype=torch.bool)
+    device = next((v.device for v in like if isinstance(v, torch.Tensor)), None)
+    return torch.full(_shape_of(*like), value, dtype=torch.bool, device=device)
 
 
 def _positions(i: torch.Tensor, j: torch.Tensor, ctx: Context) -> tuple[torch.Tensor, torch.Tensor]:
@@ -202,7 +203,7 @@ def _random(prim: ir.Prim, q, k, ctx: Context) -> torch.Tensor:
     n_key_blocks = -(-ctx.kv_len // block)
     qb_lo = ctx.offset // block
     qb_hi = (ctx.kv_len - 1) // block + 1
-    allowed = _random_allowed(seed, qb_lo, qb_hi, n_key_blocks, count)
+    allowed = _random_allowed(seed, qb_lo, qb_hi, n_key_blocks, count).to(q.device)
     qb = torch.div(q, block, rounding_mode="floor") - qb_lo
     kb = torch.div(k, block, rounding_mode="floor")
     # Indices outside [0, Lq) x [0, Lk) are not part of the pattern; clamp for safe indexing.
@@ -382,7 +383,8 @@ def _route(prim: ir.Prim, q, k, ctx: Context, selection) -> torch.Tensor:
             prim.span,
         )
     _, _, qgroup, kblock = route_blocks(prim, ctx)
-    sel = selection[prim]
+    sel = selection[prim].to(q.device)
+    qgroup, kblock = qgroup.to(q.device), kblock.to(q.device)
     i = q - ctx.offset
     qi, kj = torch.broadcast_tensors(i, k)
     inside = (qi >= 0) & (qi < ctx.q_len) & (kj >= 0) & (kj < ctx.kv_len)
@@ -417,7 +419,8 @@ def route_selection(prim: ir.Prim, q: torch.Tensor, k: torch.Tensor, ctx: Contex
     heads = range(n_heads) if heads is None else list(heads)
     n_q, n_k, qgroup, kblock = route_blocks(prim, ctx)
     dtype = torch.float64 if torch.float64 in (q.dtype, k.dtype) else torch.float32
-    qf, kf = q.to(dtype), k.to(dtype)
+    # The reference runs on the CPU and lets no gradient through the choice.
+    qf, kf = q.detach().to("cpu", dtype), k.detach().to("cpu", dtype)
     score = prim.arg("score")
     reduce = "amax" if score == "max" else "mean"
     pooled_q = _pool(qf, qgroup, n_q, reduce)  # [B, H, n_q, D]

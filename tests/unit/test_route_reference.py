@@ -194,3 +194,10 @@ def test_route_only_on_some_heads():
     m = semantics.mask(pir, 2, 4, heads=2, q=q, k=k)
     assert m[0, 0].tolist() == [[True, True, True, False], [True, True, True, True]]
     assert m[0, 1].tolist() == [[False, False, True, True]] * 2
+
+
+def test_inputs_that_require_grad():
+    q = torch.randn(1, 1, 4, 2, requires_grad=True)
+    k = torch.randn(1, 1, 4, 2, requires_grad=True)
+    m = semantics.mask(pattern(prim("route", 1, block=2)), 4, q=q, k=k)
+    assert m.shape == (1, 1, 4, 4) and not m.requires_grad
