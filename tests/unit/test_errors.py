@@ -130,7 +130,7 @@ def test_unknown_pattern_name_and_several_patterns():
     src = "pattern stream { causal }\npattern other { full }"
     with pytest.raises(PatternNameError, match=r"no pattern named 'strem' \(did you mean 'stream'\?\)"):
         patterndsl.compile(src, name="strem")
-    with pytest.raises(PatternNameError, match="2 patterns .*stream, other.*name="):
+    with pytest.raises(PatternNameError, match=r"2 patterns .*stream, other.*name="):
         patterndsl.compile(src)
     with pytest.raises(PatternSyntaxError, match="defines no pattern"):
         patterndsl.compile("# empty")
