@@ -24,6 +24,11 @@ from patterndsl.runtime import cache
 _prepared: dict[tuple, dict] = {}
 
 
+def _empty(*shape: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    # Every output buffer comes from here, so tests can poison them (fill with NaN) before a launch.
+    return torch.empty(*shape, dtype=dtype, device=device)
+
+
 def target_of(device: torch.device) -> str:
     """The codegen target for tensors on ``device``: ``"sm_XY"`` on CUDA, ``"interpret"`` on the CPU.
 
@@ -145,8 +150,8 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan, scale: floa
     q, k, v = (_rows_contiguous(t) for t in (q, k, v))
     spec, module, prep = _setup(q, k, v, plan, "forward")
     b, h, lq, d = q.shape
-    out = torch.empty(b, h, lq, d, dtype=q.dtype, device=q.device)
-    lse = torch.empty(b, h, lq, dtype=torch.float32, device=q.device)
+    out = _empty(b, h, lq, d, dtype=q.dtype, device=q.device)
+    lse = _empty(b, h, lq, dtype=torch.float32, device=q.device)
     if out.numel() == 0 or k.shape[2] == 0:
         out.zero_()
         lse.fill_(float("-inf"))
@@ -180,14 +185,14 @@ def backward(q, k, v, out, lse, dout, plan, scale: float, dlse=None):
     spec, module, prep = _setup(q, k, v, plan, "backward")
     b, h, lq, d = q.shape
     hk, lk = k.shape[1], k.shape[2]
-    dq = torch.empty(b, h, lq, d, dtype=q.dtype, device=q.device)
+    dq = _empty(b, h, lq, d, dtype=q.dtype, device=q.device)
     if q.numel() == 0 or lk == 0:
         return dq.zero_(), torch.zeros_like(k), torch.zeros_like(v)
     out = out.contiguous()
     lse = lse.to(torch.float32).contiguous()
-    delta = torch.empty(b, h, lq, dtype=torch.float32, device=q.device)
-    dk_heads = torch.empty(b, h, lk, d, dtype=torch.float32, device=q.device)
-    dv_heads = torch.empty_like(dk_heads)
+    delta = _empty(b, h, lq, dtype=torch.float32, device=q.device)
+    dk_heads = _empty(b, h, lk, d, dtype=torch.float32, device=q.device)
+    dv_heads = _empty(b, h, lk, d, dtype=torch.float32, device=q.device)
     launch = {"num_warps": spec.num_warps, "num_stages": spec.num_stages}
     module.bwd_preprocess[(plan.n_q_tiles, b * h)](out, dout, delta, *_strides(dout), **launch)
     if dlse is not None:

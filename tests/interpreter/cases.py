@@ -1,0 +1,184 @@
+"""Interpreter cases: generated kernels vs the float64 reference, forward and backward.
+
+Runs inside the worker process (:mod:`tests.interpreter.worker`), which sets
+``TRITON_INTERPRET=1`` before Triton is imported. Every case draws fresh random
+inputs (the seed is in the failure message), poisons every output buffer
+with NaN before the launch, and compares out, lse, dq, dk and dv with
+``tests/reference.py`` on the pattern's dense mask. :data:`CHECKS` maps a case
+name to a zero-argument function that raises on a mismatch.
+"""
+
+from __future__ import annotations
+
+import functools
+import random
+
+import sympy
+import torch
+
+import patterndsl
+from patterndsl import analysis
+from patterndsl.analysis.plan import HeadGroup, RunForm, TileList, plan_from_mask
+from patterndsl.runtime import triton_backend as tb
+from tests.reference import reference_attention
+
+TOL = {torch.float32: (2e-4, 1e-3), torch.float16: (2e-2, 4e-2)}  # (forward, gradients)
+
+# (id, source, Lq, Lk, heads, kv_heads, head_dim, dtype)
+CASES = [
+    ("causal", "pattern p { causal }", 40, 40, 2, 2, 16, torch.float32),
+    ("causal_fp16_d24", "pattern p { causal }", 40, 40, 1, 1, 24, torch.float16),
+    ("sliding", "pattern p { causal & window(5) }", 45, 45, 1, 1, 16, torch.float32),
+    ("window_dilated", "pattern p { window(3, 2, dilation = 2) }", 40, 40, 1, 1, 16, torch.float32),
+    ("strided", "pattern p { causal & strided(3) }", 40, 40, 1, 1, 16, torch.float32),
+    ("blocks", "pattern p { blocks(8) | sink(2) }", 40, 40, 1, 1, 16, torch.float16),
+    ("summary_landmarks", "pattern p { summary(8, 2) | landmarks(5) }", 40, 40, 1, 1, 16, torch.float32),
+    ("streaming", "pattern p { causal & (window(6) | sink(3)) }", 48, 48, 1, 1, 32, torch.float16),
+    ("global", "pattern p { global(3) | window(1, 1) }", 40, 40, 1, 1, 16, torch.float32),
+    ("random", "pattern p { causal & random(2, 8, seed = 3) }", 40, 40, 1, 1, 16, torch.float32),
+    ("where_floor", "pattern p { where((q - k) // 4 == -1 or (k - q) % 5 == 2) }", 40, 40, 1, 1, 16, torch.float32),
+    (
+        "where_funcs",
+        "pattern p { where(abs(q - k) < 3 or min(q, k) * 2 > max(q, k) + Lk // 2 and not (k % 3 == 0)) }",
+        40,
+        40,
+        1,
+        1,
+        16,
+        torch.float32,
+    ),
+    ("complement", "pattern p { ~causal | sink(1) }", 40, 40, 1, 1, 16, torch.float32),
+    ("difference", "pattern p { causal - window(3) }", 40, 40, 1, 1, 16, torch.float32),
+    ("per_head", "pattern p { heads 0..1: causal\n window(2, 2) }", 40, 40, 3, 3, 16, torch.float32),
+    ("head_predicate", "pattern p { where(k <= q + h) }", 33, 33, 2, 2, 16, torch.float32),
+    ("gqa", "pattern p { causal & window(9) }", 40, 40, 4, 2, 16, torch.float16),
+    ("end_aligned_short_q", "pattern p { causal }", 24, 56, 2, 1, 16, torch.float32),
+    ("end_aligned_long_q", "pattern p { causal & window(10) }", 56, 24, 1, 1, 16, torch.float32),
+    ("empty_rows", "pattern p { causal & where(q % 3 != 1 and k > 4) }", 40, 40, 1, 1, 16, torch.float32),
+    ("full_with_tails", "pattern p { full }", 37, 45, 1, 1, 16, torch.float32),
+    ("grid_neighborhood", "pattern p { layout grid(y = 6, x = 8)\n neighborhood(3) }", 48, 48, 1, 1, 16, torch.float32),
+    (
+        "grid_dilated_strided",
+        "pattern p { layout grid(y = 6, x = 8)\n neighborhood((3, 3), dilation = (1, 2), stride = (2, 1)) }",
+        48,
+        48,
+        1,
+        1,
+        16,
+        torch.float32,
+    ),
+    (
+        "grid_causal_coords",
+        "pattern p { layout grid(t = 3, y = 4, x = 4)\n neighborhood((2, 3, 3), causal = (true, false, false))"
+        " | where(q.y == k.x) }",
+        48,
+        48,
+        1,
+        1,
+        16,
+        torch.float16,
+    ),
+]
+
+
+def make_plan(pattern, lq, lk, heads, block=(16, 16), order="auto"):
+    """The planner's plan when it exists, else the dense reference plan (same contract)."""
+    if callable(getattr(analysis, "plan", None)):
+        return pattern.plan(lq, lk, heads, block=block, order=order)
+    nodes = [pattern.ir.node_for_head(h) for h in range(heads)]
+    return plan_from_mask(pattern.mask(lq, lk, heads), block, pattern=pattern.ir, nodes=nodes)
+
+
+def _poisoned_empty(*shape, dtype, device):
+    return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+
+# Every output buffer the backend allocates starts as NaN, so a row the kernel forgets shows up.
+tb._empty = _poisoned_empty
+
+
+def reference_grads(q, k, v, mask, dout, scale):
+    q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
+    out, _ = reference_attention(q64, k64, v64, mask, scale)
+    (out * dout.double()).sum().backward()
+    return q64.grad, k64.grad, v64.grad
+
+
+def check(pattern, plan, lq, lk, heads, kv_heads, d, dtype, batch=2, seed=None):
+    seed = random.randrange(2**31) if seed is None else seed
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, heads, lq, d, generator=gen).to(dtype)
+    k = torch.randn(batch, kv_heads, lk, d, generator=gen).to(dtype)
+    v = torch.randn(batch, kv_heads, lk, d, generator=gen).to(dtype)
+    dout = torch.randn(batch, heads, lq, d, generator=gen).to(dtype)
+    scale = 0.7 * d**-0.5
+    mask = pattern.mask(lq, lk, heads)
+    fwd_tol, grad_tol = TOL[dtype]
+    where = f"(seed {seed})"
+
+    out, lse = tb.forward(q, k, v, plan, scale)
+    ref_out, ref_lse = reference_attention(q, k, v, mask, scale)
+    assert out.dtype == dtype and lse.dtype == torch.float32
+    assert not out.isnan().any() and not lse.isnan().any(), where
+    torch.testing.assert_close(out.double(), ref_out, atol=fwd_tol, rtol=fwd_tol, msg=lambda m: f"out {where}: {m}")
+    assert torch.equal(lse.isneginf(), ref_lse.isneginf()), f"empty rows differ {where}"
+    torch.testing.assert_close(lse.double(), ref_lse, atol=fwd_tol, rtol=fwd_tol, msg=lambda m: f"lse {where}: {m}")
+
+    grads = tb.backward(q, k, v, out, lse, dout, plan, scale)
+    for name, got, want in zip(("dq", "dk", "dv"), grads, reference_grads(q, k, v, mask, dout, scale), strict=True):
+        assert got.dtype == dtype and got.shape == want.shape, name
+        assert not got.isnan().any(), f"{name} has NaN {where}"
+        torch.testing.assert_close(
+            got.double(), want, atol=grad_tol, rtol=grad_tol, msg=lambda m, n=name: f"{n} {where}: {m}"
+        )
+
+
+def pattern_case(source, lq, lk, heads, kv_heads, d, dtype):
+    pattern = patterndsl.compile(source)
+    check(pattern, make_plan(pattern, lq, lk, heads), lq, lk, heads, kv_heads, d, dtype)
+
+
+def case_reordered_plan_gathers_rows_in_kernel():
+    """Random token permutations: tiles live in the new order, results come back in the original one."""
+    pattern = patterndsl.compile("pattern p { causal & window(4, dilation = 3) | sink(2) }")
+    lq = lk = 44
+    gen = torch.Generator().manual_seed(random.randrange(2**31))
+    q_order, kv_order = torch.randperm(lq, generator=gen), torch.randperm(lk, generator=gen)
+    plan = plan_from_mask(pattern.mask(lq, lk), (16, 16), q_order, kv_order, pattern.ir, [pattern.ir.default])
+    check(pattern, plan, lq, lk, 1, 1, 16, torch.float32)
+
+
+def case_closed_form_bounds():
+    """A RunForm drives the key-tile loops with in-kernel bounds (no lists are read)."""
+    pattern = patterndsl.compile("pattern p { causal }")
+    lq = lk = 40
+    plan = make_plan(pattern, lq, lk, 1, order="identity")
+    m = sympy.Symbol("m", integer=True)
+    # Query tile m sees key tiles 0..m; tiles strictly below the diagonal are full.
+    form = RunForm(m, sympy.Integer(0), m + 1, sympy.Integer(0), m)
+    t = plan.groups[0].tiles
+    # Emptied row lists prove forward and dQ take their bounds from the form (dK/dV still read the columns).
+    rowless = TileList(torch.zeros_like(t.row_ptr), t.cols[:0], t.state[:0], t.col_ptr, t.rows, t.state_t)
+    group = plan.groups[0]
+    plan.groups = (HeadGroup(group.heads, group.node, rowless, group.runs, form),)
+    check(pattern, plan, lq, lk, 1, 1, 16, torch.float32)
+    source = tb.generator.render(tb.generator.make_spec(plan, target="interpret", head_dim=16))
+    kernel = source.split("def fwd_g0")[1]
+    assert "hi = (1 + m)" in kernel and "ROW_COLS + idx" not in kernel
+
+
+def case_wrong_shapes_raise_pattern_error():
+    pattern = patterndsl.compile("pattern p { causal }")
+    plan = make_plan(pattern, 32, 32, 2)
+    q = torch.randn(1, 2, 32, 16)
+    for kv, message in ((torch.randn(1, 3, 32, 16), "divide"), (torch.randn(1, 2, 30, 16), "plan is for")):
+        try:
+            tb.forward(q, kv, kv, plan, 0.25)
+        except patterndsl.PatternError as err:
+            assert message in str(err), err
+        else:
+            raise AssertionError(f"no PatternError for k/v {tuple(kv.shape)}")
+
+
+CHECKS = {name: functools.partial(pattern_case, *spec) for name, *spec in CASES}
+CHECKS.update({name[len("case_") :]: fn for name, fn in list(globals().items()) if name.startswith("case_")})
