@@ -18,11 +18,18 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from patterndsl import ir
 
 EMPTY, PARTIAL, FULL, DYNAMIC = 0, 1, 2, 3
+
+
+def _rows_of(row_ptr: torch.Tensor, nqb: int):
+    # numpy: torch.repeat_interleave carries a large fixed cost per call on CPU.
+    ptr = row_ptr.numpy()
+    return np.repeat(np.arange(nqb, dtype=np.int64), np.diff(ptr))
 
 
 @dataclass(frozen=True)
@@ -73,8 +80,7 @@ class TileList:
 
     def to_dense(self, nqb: int, nkb: int) -> torch.Tensor:
         out = torch.zeros(nqb, nkb, dtype=torch.int8)
-        counts = self.row_ptr[1:] - self.row_ptr[:-1]
-        rows = torch.repeat_interleave(torch.arange(nqb), counts)
+        rows = torch.from_numpy(_rows_of(self.row_ptr, nqb))
         out[rows, self.cols] = self.state
         return out
 
@@ -93,8 +99,7 @@ class Runs:
 
     @staticmethod
     def from_tiles(tl: TileList, nqb: int) -> Runs:
-        counts = tl.row_ptr[1:] - tl.row_ptr[:-1]
-        rows = torch.repeat_interleave(torch.arange(nqb), counts)
+        rows = torch.from_numpy(_rows_of(tl.row_ptr, nqb))
         if rows.numel() == 0:
             z = torch.zeros(0, dtype=torch.int64)
             return Runs(z, z, z, z.to(torch.int8))

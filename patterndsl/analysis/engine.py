@@ -1,0 +1,451 @@
+"""Stage 4 (block plan), the tile-set algebra: from a pattern node to the state of every non-empty tile.
+
+Comes in: a (rewritten) pattern node, the query and key :class:`~patterndsl.analysis.tiles.Side`
+and the sizes. Goes out: the sorted keys ``m * n_key_tiles + n`` of the tiles
+that may be non-empty, with a state per tile (1 partial, 2 full, 3 decided at
+run time). Only candidate tiles are ever touched: primitives enumerate the key
+tiles a query tile can reach, intersections hand the tiles that survived so far
+to the next operand as its domain, and a complement works inside its domain.
+
+Combining rule (three-valued, Kleene style), per tile:
+
+* ``~A``: 0 <-> 2, 1 stays 1, 3 stays 3.
+* ``A & B``: any operand 0 gives 0; all 2 gives 2; else any 3 gives 3; else exactly one
+  partial operand gives 1; two or more partial operands are *ambiguous* (the tile may be
+  empty) and are resolved by evaluating that tile's elements.
+* ``A | B``: any operand 2 gives 2; all 0 gives 0; else any 3 gives 3; else exactly one
+  partial operand gives 1; two or more partial operands are ambiguous (the tile may be
+  full) and are resolved by evaluation.
+* An ambiguous tile under a node that contains ``route`` cannot be evaluated statically
+  and is marked 3. A ``route`` primitive is 3 on every tile that meets one of its
+  candidate (query group, key block) pairs and 0 elsewhere.
+
+Every tile whose state needs element-wise evaluation is counted in ``evaluated``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from patterndsl import ir, semantics
+from patterndsl.analysis import classify as cls
+from patterndsl.analysis.tiles import Side
+from patterndsl.errors import PatternError
+
+EMPTY, PARTIAL, FULL, DYNAMIC = 0, 1, 2, 3
+_EVAL_CHUNK = 1 << 22  # elements per batched evaluation
+
+
+def expand_runs(rows: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """All ``(row, col)`` with ``lo <= col < hi`` for each run, row-major."""
+    counts = np.maximum(hi - lo, 0)
+    total = int(counts.sum())
+    r = np.repeat(rows, counts)
+    starts = np.repeat(lo - np.concatenate([[0], np.cumsum(counts)[:-1]]), counts)
+    return r, starts + np.arange(total, dtype=np.int64)
+
+
+class Engine:
+    """Classifies tiles of one pattern node for one head on two sides.
+
+    Args:
+        qside, kside: the tile layouts of queries and keys.
+        env: sizes, layout, head and caches for the classifiers.
+    """
+
+    def __init__(self, qside: Side, kside: Side, env: cls.Env):
+        self.q, self.k, self.env = qside, kside, env
+        self.nkb = kside.n_tiles
+        self.nqb = qside.n_tiles
+        self.evaluated = 0
+        self.ctx = semantics.Context(env.q_len, env.kv_len, env.layout)
+        self._qb = None
+        self._kb = None
+        self._chains = None
+
+    # ----------------------------------------------------------------- entry
+
+    def run(self, node: ir.Node, domain: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Non-empty tiles of ``node`` (within ``domain``, sorted keys, when given) and their states."""
+        if isinstance(node, ir.Inter):
+            return self._inter(node, domain)
+        if isinstance(node, ir.Union):
+            return self._union(node, domain)
+        if isinstance(node, ir.Not):
+            return self._not(node, domain)
+        if node.name == "route":
+            return self._route(node, domain)
+        return self._prim(node, domain)
+
+    # ----------------------------------------------------------------- candidates
+
+    def _bounds(self):
+        if self._qb is None:
+            self._qb = self.q.tile_bounds()
+            self._kb = self.k.tile_bounds()
+        return self._qb, self._kb
+
+    def all_keys(self) -> np.ndarray:
+        return np.arange(self.nqb * self.nkb, dtype=np.int64)
+
+    def _key_chains(self):
+        # Maximal runs of key tiles whose lower and upper bounds both ascend: inside one,
+        # the tiles overlapping a range are a contiguous run found by binary search.
+        if self._chains is None:
+            (_, _, _, _), (klo, khi, _, _) = self._bounds()
+            breaks = np.nonzero((klo[1:] < klo[:-1]) | (khi[1:] < khi[:-1]))[0] + 1
+            edges = np.concatenate([[0], breaks, [len(klo)]])
+            self._chains = list(zip(edges[:-1].tolist(), edges[1:].tolist(), strict=True))
+        return self._chains
+
+    def _overlap(self, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+        """Keys of pairs ``(m, n)`` where key tile ``n``'s position bounds meet ``[lo[m], hi[m]]``."""
+        (_, _, _, _), (klo, khi, _, _) = self._bounds()
+        chains = self._key_chains()
+        if len(chains) > 64:
+            keys = self.all_keys()
+            m, n = keys // self.nkb, keys % self.nkb
+            return keys[(khi[n] >= lo[m]) & (klo[n] <= hi[m])]
+        rows = np.arange(self.nqb, dtype=np.int64)
+        parts = []
+        for c0, c1 in chains:
+            start = c0 + np.searchsorted(khi[c0:c1], lo, "left")
+            end = c0 + np.searchsorted(klo[c0:c1], hi, "right")
+            m, n = expand_runs(rows, start, end)
+            parts.append(m * self.nkb + n)
+        keys = np.concatenate(parts) if parts else np.zeros(0, np.int64)
+        return np.unique(keys) if len(chains) > 1 else keys
+
+    def _candidates(self, prim: ir.Prim) -> np.ndarray:
+        (qlo, qhi, qalo, qahi), (_, _, kalo, kahi) = self._bounds()
+        need = cls.needed_keys(prim, qlo, qhi, qalo, qahi, self.env)
+        if prim.name == "random" and self.q.identity and self.k.identity:
+            return self._random_candidates(prim)
+        if need is None:
+            return self.all_keys()
+        lo, hi, alo, ahi = need
+        keys = self._overlap(lo, hi)
+        if alo is not None:
+            m, n = keys // self.nkb, keys % self.nkb
+            keep = ((kahi[n] >= alo[m]) & (kalo[n] <= ahi[m])).all(1)
+            keys = keys[keep]
+        return keys
+
+    def _random_candidates(self, prim: ir.Prim) -> np.ndarray:
+        size = prim.arg("block")
+        table = cls._random_table(prim, self.env)
+        nkblocks = -(-self.env.kv_len // size)
+        qb_lo = self.env.offset // size
+        qb = table // nkblocks + qb_lo
+        kb = table % nkblocks
+        off, bm, bn = self.env.offset, self.q.block, self.k.block
+        # query indices of the block: [qb*size - off, qb*size + size - 1 - off] clipped.
+        i0 = np.clip(qb * size - off, 0, self.env.q_len - 1)
+        i1 = np.clip(qb * size + size - 1 - off, 0, self.env.q_len - 1)
+        j0 = kb * size
+        j1 = np.minimum(kb * size + size - 1, self.env.kv_len - 1)
+        m0, m1 = i0 // bm, i1 // bm
+        n0, n1 = j0 // bn, j1 // bn
+        parts = []
+        for dm in range(int((m1 - m0).max()) + 1 if len(m0) else 0):
+            for dn in range(int((n1 - n0).max()) + 1):
+                live = (m0 + dm <= m1) & (n0 + dn <= n1)
+                parts.append(((m0 + dm) * self.nkb + n0 + dn)[live])
+        return np.unique(np.concatenate(parts)) if parts else np.zeros(0, np.int64)
+
+    # ----------------------------------------------------------------- primitives
+
+    def _prim(self, prim: ir.Prim, domain: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        if prim.name == "empty":
+            return np.zeros(0, np.int64), np.zeros(0, np.int8)
+        keys = self._candidates(prim) if domain is None else domain
+        if prim.name == "full":
+            return keys, np.full(len(keys), FULL, np.int8)
+        state = self.classify_pairs(prim, keys)
+        keep = state > 0
+        return keys[keep], state[keep]
+
+    def classify_pairs(self, prim: ir.Prim, keys: np.ndarray) -> np.ndarray:
+        """States of the tiles ``keys`` under one static primitive (symbolic, evaluation where needed)."""
+        m, n = keys // self.nkb, keys % self.nkb
+        if self.q.single_piece and self.k.single_piece:
+            qi, ki, seg = m, n, None
+        else:
+            cq = np.diff(self.q.ptr)[m]
+            ck = np.diff(self.k.ptr)[n]
+            per = cq * ck
+            pair = np.repeat(np.arange(len(keys)), per)
+            local = np.arange(int(per.sum()), dtype=np.int64) - np.repeat(np.cumsum(per) - per, per)
+            qi = self.q.ptr[m][pair] + local // ck[pair]
+            ki = self.k.ptr[n][pair] + local % ck[pair]
+            seg = np.cumsum(per) - per
+        nonempty, full, ok = cls.classify(prim, self.q.piece_view(qi), self.k.piece_view(ki), self.env)
+        if seg is not None and len(keys):
+            nonempty = np.logical_or.reduceat(nonempty, seg)
+            full = np.logical_and.reduceat(full, seg)
+            ok = np.logical_and.reduceat(ok, seg)
+        state = np.where(full, FULL, np.where(nonempty, PARTIAL, EMPTY)).astype(np.int8)
+        bad = np.nonzero(~ok)[0]
+        if len(bad):
+            state[bad] = self.evaluate(prim, keys[bad])
+        return state
+
+    # ----------------------------------------------------------------- evaluation
+
+    def evaluate(self, node: ir.Node, keys: np.ndarray) -> np.ndarray:
+        """Exact states of tiles ``keys`` by evaluating their elements (counted)."""
+        out = np.zeros(len(keys), np.int8)
+        if not len(keys):
+            return out
+        if ir.is_dynamic(node):
+            out[:] = DYNAMIC
+            return out
+        self.evaluated += len(keys)
+        m, n = keys // self.nkb, keys % self.nkb
+        area = self.q.block * self.k.block
+        step = max(1, _EVAL_CHUNK // max(area, 1))
+        for s in range(0, len(keys), step):
+            qi = self.q.tile_indices(m[s : s + step])
+            ki = self.k.tile_indices(n[s : s + step])
+            qv = torch.from_numpy(qi >= 0)[:, :, None]
+            kv = torch.from_numpy(ki >= 0)[:, None, :]
+            i = torch.from_numpy(np.maximum(qi, 0))[:, :, None]
+            j = torch.from_numpy(np.maximum(ki, 0))[:, None, :]
+            val = semantics.evaluate(node, i, j, self.env.head, self.ctx)
+            valid = qv & kv
+            anyv = (val & valid).flatten(1).any(1)
+            allv = (val | ~valid).flatten(1).all(1)
+            st = torch.where(allv & anyv, FULL, torch.where(anyv, PARTIAL, EMPTY))
+            out[s : s + step] = st.numpy().astype(np.int8)
+        return out
+
+    # ----------------------------------------------------------------- combinators
+
+    def _inter(self, node: ir.Inter, domain):
+        items = sorted(node.items, key=_cost)
+        keys, state = self.run(items[0], domain)
+        partial = (state == PARTIAL).astype(np.int64)
+        dyn = state == DYNAMIC
+        for item in items[1:]:
+            if not len(keys):
+                break
+            k2, s2 = self.run(item, keys)
+            pos = np.searchsorted(keys, k2)
+            keys, partial, dyn = keys[pos], partial[pos], dyn[pos]
+            partial = partial + (s2 == PARTIAL)
+            dyn = dyn | (s2 == DYNAMIC)
+        state = np.where(dyn, DYNAMIC, np.where(partial == 0, FULL, PARTIAL)).astype(np.int8)
+        amb = np.nonzero(~dyn & (partial >= 2))[0]
+        if len(amb):
+            state[amb] = self.evaluate(node, keys[amb])
+        keep = state > 0
+        return keys[keep], state[keep]
+
+    def _union(self, node: ir.Union, domain):
+        results = [self.run(item, domain) for item in node.items]
+        allk = np.concatenate([r[0] for r in results])
+        alls = np.concatenate([r[1] for r in results])
+        keys, inv = np.unique(allk, return_inverse=True)
+        full = np.zeros(len(keys), bool)
+        dyn = np.zeros(len(keys), bool)
+        partial = np.zeros(len(keys), np.int64)
+        np.logical_or.at(full, inv, alls == FULL)
+        np.logical_or.at(dyn, inv, alls == DYNAMIC)
+        np.add.at(partial, inv, alls == PARTIAL)
+        state = np.where(full, FULL, np.where(dyn, DYNAMIC, PARTIAL)).astype(np.int8)
+        amb = np.nonzero(~full & ~dyn & (partial >= 2))[0]
+        if len(amb):
+            state[amb] = self.evaluate(node, keys[amb])
+        keep = state > 0
+        return keys[keep], state[keep]
+
+    def _not(self, node: ir.Not, domain):
+        base = self.all_keys() if domain is None else domain
+        k2, s2 = self.run(node.item, base)
+        state = np.full(len(base), FULL, np.int8)
+        pos = np.searchsorted(base, k2)
+        flip = np.array([FULL, PARTIAL, EMPTY, DYNAMIC], np.int8)
+        state[pos] = flip[s2]
+        keep = state > 0
+        return base[keep], state[keep]
+
+    # ----------------------------------------------------------------- route
+
+    def _route(self, prim: ir.Prim, domain):
+        among = prim.arg("among")
+        if ir.is_dynamic(among):
+            raise PatternError("route(among = ...) cannot itself contain route(...)", prim.span)
+        n_q, n_k, qgroup, kblock = semantics.route_blocks(prim, self.ctx)
+        qgroup, kblock = qgroup.numpy(), kblock.numpy()
+        boxes = isinstance(prim.arg("block"), tuple) or isinstance(prim.arg("qblock"), tuple)
+        qcoarse = _group_side(qgroup, n_q, self.q, self.env.offset, self.env.layout, boxes)
+        kcoarse = _group_side(kblock, n_k, self.k, 0, self.env.layout, boxes)
+        sub = Engine(qcoarse, kcoarse, self.env)
+        ckeys, _ = sub.run(rewrite_for_plan(among), None)
+        self.evaluated += sub.evaluated
+        a, b = ckeys // n_k, ckeys % n_k
+        qtile = np.empty(len(qgroup), np.int64)
+        qtile[self.q.order] = np.repeat(np.arange(self.nqb), np.diff(self.q.starts))
+        ktile = np.empty(len(kblock), np.int64)
+        ktile[self.k.order] = np.repeat(np.arange(self.nkb), np.diff(self.k.starts))
+        gq = np.unique(qgroup * self.nqb + qtile)
+        gk = np.unique(kblock * self.nkb + ktile)
+        gq_ptr = np.searchsorted(gq // self.nqb, np.arange(n_q + 1))
+        gk_ptr = np.searchsorted(gk // self.nkb, np.arange(n_k + 1))
+        rows, pos = expand_runs(np.arange(len(a)), gq_ptr[a], gq_ptr[a + 1])
+        m = gq[pos] % self.nqb
+        bb = b[rows]
+        r2, pos2 = expand_runs(np.arange(len(bb)), gk_ptr[bb], gk_ptr[bb + 1])
+        keys = np.unique(m[r2] * self.nkb + gk[pos2] % self.nkb)
+        if domain is not None:
+            keys = np.intersect1d(keys, domain, assume_unique=True)
+        return keys, np.full(len(keys), DYNAMIC, np.int8)
+
+
+def _group_side(group: np.ndarray, count: int, fine: Side, offset: int, layout, boxes: bool) -> Side:
+    """A side whose tiles are route's query groups / key blocks (boxes, or runs of positions)."""
+    order = np.argsort(group, kind="stable").astype(np.int64)
+    starts = np.searchsorted(group[order], np.arange(count + 1)).astype(np.int64)
+    idx = order
+    if layout is not None and not boxes:
+        return _runs_side(group, count, fine, order, starts)
+    if layout is None:
+        pos = idx + offset
+        lo = np.full(count, np.iinfo(np.int64).max)
+        hi = np.full(count, np.iinfo(np.int64).min)
+        np.minimum.at(lo, group[idx], pos)
+        np.maximum.at(hi, group[idx], pos)
+        a, s, n = lo[:, None], np.ones((count, 1), np.int64), (hi - lo + 1)[:, None]
+    else:
+        coords = np.stack(np.unravel_index(idx, layout.shape), 1).astype(np.int64)
+        d = coords.shape[1]
+        lo = np.full((count, d), np.iinfo(np.int64).max)
+        hi = np.full((count, d), np.iinfo(np.int64).min)
+        np.minimum.at(lo, group[idx], coords)
+        np.maximum.at(hi, group[idx], coords)
+        a, s, n = lo, np.ones((count, d), np.int64), hi - lo + 1
+    tile = np.arange(count, dtype=np.int64)
+    ptr = np.arange(count + 1, dtype=np.int64)
+    return Side(fine.length, 1, offset, fine.extents, fine.strides, order, ptr, tile, a, s, n, False, starts)
+
+
+def _runs_side(group, count, fine: Side, order, starts) -> Side:
+    # Groups that are runs of flattened grid positions: cut each run into sub-boxes.
+    from patterndsl.analysis.tiles import _range_boxes
+
+    tiles, pa, pn = [], [], []
+    lo = order[starts[:-1]]
+    hi = order[starts[1:] - 1] + 1
+    for t in range(count):
+        for st, ct in _range_boxes(fine.extents, int(lo[t]), int(hi[t])):
+            tiles.append(t)
+            pa.append(st)
+            pn.append(ct)
+    d = len(fine.extents)
+    tile = np.asarray(tiles, np.int64)
+    ptr = np.zeros(count + 1, np.int64)
+    ptr[1:] = np.cumsum(np.bincount(tile, minlength=count))
+    a = np.asarray(pa, np.int64).reshape(-1, d)
+    n = np.asarray(pn, np.int64).reshape(-1, d)
+    return Side(fine.length, 1, 0, fine.extents, fine.strides, order, ptr, tile, a, np.ones_like(a), n, False, starts)
+
+
+def _cost(node: ir.Node) -> int:
+    """Rough rank of how many tiles a node can reach: cheapest first inside an intersection."""
+    if isinstance(node, ir.Prim):
+        return {
+            "empty": 0,
+            "window": 1,
+            "blocks": 1,
+            "neighborhood": 1,
+            "sink": 2,
+            "random": 2,
+            "route": 3,
+            "landmarks": 4,
+            "summary": 4,
+            "global": 4,
+            "causal": 5,
+            "strided": 5,
+            "full": 6,
+        }.get(node.name, 7)
+    if isinstance(node, ir.Inter):
+        return min(_cost(i) for i in node.items)
+    if isinstance(node, ir.Union):
+        return max(_cost(i) for i in node.items)
+    return 8
+
+
+def rewrite_for_plan(node: ir.Node) -> ir.Node:
+    """Deferred import of the rewrite pass (kept in its own module)."""
+    from patterndsl.analysis.rewrite import simplify
+
+    return simplify(node)
+
+
+def _band_of(node: ir.Node):
+    """``(lo, hi, modulus)`` when ``node`` is one band ``lo <= q - k <= hi``, ``(q - k) % modulus == 0``."""
+    if isinstance(node, ir.Prim) and node.name == "window":
+        d = node.arg("dilation")
+        return -node.arg("after") * d, node.arg("before") * d, d
+    if node == ir.CAUSAL:
+        return 0, cls.BIG, 1
+    return None
+
+
+def count_allowed(engine: Engine, node: ir.Node, keys: np.ndarray) -> np.ndarray:
+    """Allowed pairs in each tile ``keys`` (partial tiles): by formula for a single band, else by evaluation.
+
+    A band is counted row by row of each query piece against each key progression, so the
+    cost is one number per query row of a partial tile, never per pair.
+    """
+    out = np.zeros(len(keys), np.int64)
+    if not len(keys):
+        return out
+    band = _band_of(node)
+    q, k = engine.q, engine.k
+    if band is not None and len(q.extents) == 1:
+        lo, hi, mod = band
+        m, n = keys // engine.nkb, keys % engine.nkb
+        cq = np.diff(q.ptr)[m]
+        ck = np.diff(k.ptr)[n]
+        per = cq * ck
+        pair = np.repeat(np.arange(len(keys)), per)
+        local = np.arange(int(per.sum()), dtype=np.int64) - np.repeat(np.cumsum(per) - per, per)
+        qi = q.ptr[m][pair] + local // ck[pair]
+        ki = k.ptr[n][pair] + local % ck[pair]
+        ks = np.where(k.n[ki, 0] > 1, k.s[ki, 0], mod)
+        if ((ks == 1) | (ks % mod == 0)).all():
+            width = int(q.n[qi, 0].max())
+            t = np.arange(width, dtype=np.int64)[None, :]
+            live = t < q.n[qi, 0][:, None]
+            qpos = q.a[qi, 0][:, None] + q.s[qi, 0][:, None] * t
+            ka, kn = k.a[ki, 0][:, None], k.n[ki, 0][:, None]
+            kss = ks[:, None]
+            # keys k = ka + ks*u, 0 <= u < kn, with qpos - hi <= k <= qpos - lo.
+            u0 = np.maximum(-np.floor_divide(-(qpos - hi - ka), kss), 0)
+            u1 = np.minimum(np.floor_divide(qpos - lo - ka, kss), kn - 1)
+            step1 = kss == 1
+            # step 1: count k in [ka+u0, ka+u1] with k == qpos (mod mod)
+            lo_k, hi_k = ka + u0, ka + u1
+            c1 = np.floor_divide(hi_k - qpos, mod) - np.floor_divide(lo_k - 1 - qpos, mod)
+            # step a multiple of mod: the congruence is the same for every key of the piece
+            c2 = np.where((qpos - ka) % mod == 0, u1 - u0 + 1, 0)
+            cnt = np.where(step1, c1, c2)
+            cnt = np.where((u0 <= u1) & live, cnt, 0)
+            np.add.at(out, pair, cnt.sum(1))
+            return out
+    engine_eval = engine.evaluated
+    m, n = keys // engine.nkb, keys % engine.nkb
+    step = max(1, _EVAL_CHUNK // max(q.block * k.block, 1))
+    for s in range(0, len(keys), step):
+        qi = q.tile_indices(m[s : s + step])
+        ki = k.tile_indices(n[s : s + step])
+        valid = torch.from_numpy(qi >= 0)[:, :, None] & torch.from_numpy(ki >= 0)[:, None, :]
+        i = torch.from_numpy(np.maximum(qi, 0))[:, :, None]
+        j = torch.from_numpy(np.maximum(ki, 0))[:, None, :]
+        val = semantics.evaluate(node, i, j, engine.env.head, engine.ctx)
+        out[s : s + step] = (val & valid).flatten(1).sum(1).numpy()
+    engine.counted_by_evaluation = getattr(engine, "counted_by_evaluation", 0) + len(keys)
+    engine.evaluated = engine_eval
+    return out

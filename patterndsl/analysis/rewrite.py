@@ -1,0 +1,111 @@
+"""Stage 4 (block plan), the rewrite pass run before planning: IR -> equivalent IR with less ambiguity.
+
+Comes in: a canonical pattern node. Goes out: a node with the same meaning
+whose structure the tile classifier handles more exactly and more cheaply:
+``where`` predicates split along ``and``/``or``/``not`` into pattern
+combinators (so each comparison is a half-plane the classifier decides
+exactly), ``causal & window(b, a, d)`` folded into ``window(b, min(a, 0), d)``,
+windows of one dilation intersected or merged into one band, and nested
+``blocks`` folded. Pure: never changes the meaning (the property tests check
+plans of rewritten nodes against the dense meaning of the originals).
+"""
+
+from __future__ import annotations
+
+from patterndsl import ir
+
+
+def window(before: int, after: int, dilation: int) -> ir.Prim:
+    """A ``window`` primitive with every argument bound."""
+    return ir.Prim("window", (("before", before), ("after", after), ("dilation", dilation)))
+
+
+def _where(pred: ir.Expr) -> ir.Node:
+    if isinstance(pred, ir.Const) and isinstance(pred.value, bool):
+        return ir.FULL if pred.value else ir.EMPTY
+    if isinstance(pred, ir.Logic):
+        parts = [_where(p) for p in pred.items]
+        return ir.inter(*parts) if pred.op == "and" else ir.union(*parts)
+    if isinstance(pred, ir.LNot):
+        return ir.complement(_where(pred.operand))
+    if isinstance(pred, ir.Cmp) and pred.op == "==":
+        return ir.inter(
+            ir.Prim("where", (("pred", ir.Cmp("<=", pred.left, pred.right)),)),
+            ir.Prim("where", (("pred", ir.Cmp(">=", pred.left, pred.right)),)),
+        )
+    if isinstance(pred, ir.Cmp) and pred.op == "!=":
+        return ir.complement(_where(ir.Cmp("==", pred.left, pred.right)))
+    return ir.Prim("where", (("pred", pred),))
+
+
+def _fold_inter(items: tuple[ir.Node, ...]) -> list[ir.Node]:
+    items = list(items)
+    wins = [p for p in items if isinstance(p, ir.Prim) and p.name == "window"]
+    rest = [p for p in items if p not in wins]
+    by_dil: dict[int, tuple[int, int]] = {}
+    for w in wins:
+        d, b, a = w.arg("dilation"), w.arg("before"), w.arg("after")
+        if d in by_dil:
+            b0, a0 = by_dil[d]
+            b, a = min(b, b0), min(a, a0)
+        by_dil[d] = (b, a)
+    if ir.CAUSAL in rest and by_dil:
+        # causal keeps q - k >= 0: the window's "after" side shrinks to at most 0.
+        rest.remove(ir.CAUSAL)
+        by_dil = {d: (b, min(a, 0)) for d, (b, a) in by_dil.items()}
+    blocks = sorted(p.arg("size") for p in rest if isinstance(p, ir.Prim) and p.name == "blocks")
+    if len(blocks) > 1:
+        keep = [s for s in blocks if not any(s % t == 0 and s != t for t in blocks)]
+        rest = [p for p in rest if not (isinstance(p, ir.Prim) and p.name == "blocks")]
+        rest += [ir.Prim("blocks", (("size", s),)) for s in sorted(set(keep))]
+    return rest + [window(b, a, d) for d, (b, a) in by_dil.items()]
+
+
+def _fold_union(items: tuple[ir.Node, ...]) -> list[ir.Node]:
+    items = list(items)
+    wins = [p for p in items if isinstance(p, ir.Prim) and p.name == "window"]
+    rest = [p for p in items if p not in wins]
+    merged: list[tuple[int, int, int]] = []  # (dilation, lo, hi) with band lo..hi in units of d
+    for w in sorted(wins, key=lambda w: (w.arg("dilation"), -w.arg("after"))):
+        d, lo, hi = w.arg("dilation"), -w.arg("after"), w.arg("before")
+        if lo > hi:
+            continue
+        if merged and merged[-1][0] == d and lo <= merged[-1][2] + 1:
+            pd, plo, phi = merged[-1]
+            merged[-1] = (d, plo, max(phi, hi))
+        else:
+            merged.append((d, lo, hi))
+    blocks = sorted(p.arg("size") for p in rest if isinstance(p, ir.Prim) and p.name == "blocks")
+    if len(blocks) > 1:
+        keep = [s for s in blocks if not any(t % s == 0 and s != t for t in blocks)]
+        rest = [p for p in rest if not (isinstance(p, ir.Prim) and p.name == "blocks")]
+        rest += [ir.Prim("blocks", (("size", s),)) for s in sorted(set(keep))]
+    return rest + [window(hi, -lo, d) for d, lo, hi in merged]
+
+
+def simplify(node: ir.Node) -> ir.Node:
+    """The rewrite pass: an equivalent node that plans with fewer ambiguous tiles.
+
+    Args:
+        node: a canonical pattern node.
+
+    Returns:
+        An equivalent canonical node.
+    """
+    if isinstance(node, ir.Prim):
+        if node.name == "where":
+            return _where(node.arg("pred"))
+        return node
+    if isinstance(node, ir.Not):
+        return ir.complement(simplify(node.item))
+    if isinstance(node, ir.Inter):
+        parts = ir.inter(*[simplify(i) for i in node.items])
+        if isinstance(parts, ir.Inter):
+            return ir.inter(*_fold_inter(parts.items))
+        return parts
+    if isinstance(node, ir.Union):
+        parts = ir.union(*[simplify(i) for i in node.items])
+        if isinstance(parts, ir.Union):
+            return ir.union(*_fold_union(parts.items))
+        return parts
+    return node

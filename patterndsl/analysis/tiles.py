@@ -1,0 +1,293 @@
+"""Stage 4 (block plan), token layout: which positions each tile holds, as small products of progressions.
+
+Comes in: a token order described as segments (each a product of per-axis
+arithmetic progressions over grid coordinates, or over 1-D positions when the
+pattern has no layout), the tile size and the end-alignment offset. Goes out:
+a :class:`Side` per side (queries or keys): the permutation (new position ->
+original index) and, for every tile, its *pieces* — the tile's positions as a
+union of a few per-axis products of progressions. The classifiers in
+:mod:`patterndsl.analysis.classify` reason on these pieces instead of on
+positions, which is what keeps planning free of any L x L (or even L-sized
+per-pair) work.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+#: A segment is ``(a, s, n)``: per-axis tuples; its positions are the row-major product
+#: over axes of ``a[x] + s[x] * t`` for ``0 <= t < n[x]``.
+Segment = tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]
+
+
+@dataclass
+class Side:
+    """The tiles of one side (queries or keys) in a chosen token order.
+
+    Attributes:
+        length: number of tokens on this side.
+        block: tile size along this side.
+        offset: position of index 0 (``Lk - Lq`` for queries, 0 for keys).
+        extents: grid extents (one entry, a large bound, for 1-D positions).
+        strides: row-major strides of the axes (``(1,)`` for 1-D).
+        order: int64 ``[length]`` new position -> original index.
+        ptr: int64 ``[n_tiles + 1]``: tile ``t`` owns pieces ``ptr[t]:ptr[t+1]``.
+        tile: int64 ``[P]`` tile of each piece.
+        a, s, n: int64 ``[P, D]`` per-axis progressions of each piece.
+        identity: True when the order is the identity (tiles are plain index ranges).
+        starts: int64 ``[n_tiles + 1]``: tile ``t`` holds ``order[starts[t]:starts[t+1]]``.
+    """
+
+    length: int
+    block: int
+    offset: int
+    extents: tuple[int, ...]
+    strides: tuple[int, ...]
+    order: np.ndarray
+    ptr: np.ndarray
+    tile: np.ndarray
+    a: np.ndarray
+    s: np.ndarray
+    n: np.ndarray
+    identity: bool
+    starts: np.ndarray
+
+    @property
+    def n_tiles(self) -> int:
+        return len(self.starts) - 1
+
+    def tile_indices(self, tiles: np.ndarray) -> np.ndarray:
+        """Original indices of ``tiles`` as a padded int64 ``[T, width]`` matrix (-1 = padding)."""
+        lo, hi = self.starts[tiles], self.starts[tiles + 1]
+        width = int((hi - lo).max()) if len(tiles) else 0
+        idx = lo[:, None] + np.arange(width, dtype=np.int64)[None, :]
+        valid = idx < hi[:, None]
+        return np.where(valid, self.order[np.minimum(idx, max(len(self.order) - 1, 0))], -1)
+
+    @property
+    def single_piece(self) -> bool:
+        return len(self.tile) == self.n_tiles
+
+    def piece_view(self, idx: np.ndarray) -> Pieces:
+        """Attributes of pieces ``idx`` (an int array), for the classifiers."""
+        return Pieces(self, idx)
+
+    def tile_bounds(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Per tile: min and max flattened position, and per-axis min/max coordinates ``[T, D]``."""
+        w = np.asarray(self.strides, dtype=np.int64)
+        last = self.a + self.s * (self.n - 1)
+        fmin = (self.a * w).sum(1)
+        fmax = (last * w).sum(1)
+        nt = self.n_tiles
+        lo = np.full(nt, np.iinfo(np.int64).max, dtype=np.int64)
+        hi = np.full(nt, np.iinfo(np.int64).min, dtype=np.int64)
+        np.minimum.at(lo, self.tile, fmin)
+        np.maximum.at(hi, self.tile, fmax)
+        d = self.a.shape[1]
+        alo = np.full((nt, d), np.iinfo(np.int64).max, dtype=np.int64)
+        ahi = np.full((nt, d), np.iinfo(np.int64).min, dtype=np.int64)
+        np.minimum.at(alo, self.tile, self.a)
+        np.maximum.at(ahi, self.tile, last)
+        return lo, hi, alo, ahi
+
+
+class Pieces:
+    """Vectorised attributes of a selection of pieces of one side."""
+
+    def __init__(self, side: Side, idx: np.ndarray):
+        self.a = side.a[idx]
+        self.s = side.s[idx]
+        self.n = side.n[idx]
+        self.last = self.a + self.s * (self.n - 1)
+        w = np.asarray(side.strides, dtype=np.int64)
+        ext = np.asarray(side.extents, dtype=np.int64)
+        self.fmin = (self.a * w).sum(1)
+        self.fmax = (self.last * w).sum(1)
+        # The flattened positions form a progression (fa + fs * t, t < fn) when at most one
+        # axis varies, or when the axes after the first varying one are complete and it has
+        # step 1 (then the positions are one contiguous range).
+        varying = self.n > 1
+        count = varying.sum(1)
+        first = np.where(count > 0, np.argmax(varying, axis=1), 0)
+        complete = (self.a == 0) & (self.s == 1) & (self.n == ext)
+        after = np.arange(self.a.shape[1])[None, :] > first[:, None]
+        tail_ok = np.where(after, complete, True).all(1)
+        rows = np.arange(len(first))
+        step_first = self.s[rows, first]
+        contiguous = tail_ok & (step_first == 1)
+        self.isap = (count <= 1) | contiguous
+        single = count <= 1
+        self.fs = np.where(single & (count == 1), step_first * w[first], 1)
+        self.fn = np.where(single, self.n[rows, first], self.fmax - self.fmin + 1)
+        self.fa = self.fmin
+
+
+def _cut_1d(seg: Segment, r0: int, block: int):
+    """Pieces of a 1-axis segment starting at new position ``r0``, cut at tile boundaries."""
+    (a,), (s,), (n,) = seg
+    t0, t1 = r0 // block, (r0 + n - 1) // block
+    tiles = np.arange(t0, t1 + 1, dtype=np.int64)
+    lo = np.maximum(r0, tiles * block) - r0
+    hi = np.minimum(r0 + n, (tiles + 1) * block) - r0
+    return tiles, (a + s * lo)[:, None], np.full((len(tiles), 1), s, np.int64), (hi - lo)[:, None]
+
+
+def _range_boxes(n: tuple[int, ...], lo: int, hi: int):
+    """Split the row-major offsets ``[lo, hi)`` of a box of shape ``n`` into sub-boxes.
+
+    Yields ``(start, count)`` per-axis tuples (at most ``2 * len(n) - 1`` boxes).
+    """
+    if lo >= hi:
+        return
+    if len(n) == 1:
+        yield (lo,), (hi - lo,)
+        return
+    inner = 1
+    for e in n[1:]:
+        inner *= e
+    a, r1 = divmod(lo, inner)
+    b, r2 = divmod(hi, inner)
+    if a == b:
+        for st, ct in _range_boxes(n[1:], r1, r2):
+            yield (a, *st), (1, *ct)
+        return
+    if r1:
+        for st, ct in _range_boxes(n[1:], r1, inner):
+            yield (a, *st), (1, *ct)
+        a += 1
+    if b > a:
+        yield (a,) + (0,) * (len(n) - 1), (b - a, *n[1:])
+    if r2:
+        for st, ct in _range_boxes(n[1:], 0, r2):
+            yield (b, *st), (1, *ct)
+
+
+def _cut_nd(seg: Segment, r0: int, block: int):
+    a, s, n = seg
+    size = int(np.prod(n))
+    tiles, pa, ps, pn = [], [], [], []
+    t = r0 // block
+    while t * block < r0 + size:
+        lo = max(r0, t * block) - r0
+        hi = min(r0 + size, (t + 1) * block) - r0
+        for st, ct in _range_boxes(n, lo, hi):
+            tiles.append(t)
+            pa.append([a[x] + s[x] * st[x] for x in range(len(n))])
+            ps.append(list(s))
+            pn.append(list(ct))
+        t += 1
+    d = len(n)
+    return (
+        np.asarray(tiles, np.int64),
+        np.asarray(pa, np.int64).reshape(-1, d),
+        np.asarray(ps, np.int64).reshape(-1, d),
+        np.asarray(pn, np.int64).reshape(-1, d),
+    )
+
+
+def _segment_positions(seg: Segment, strides: tuple[int, ...]) -> np.ndarray:
+    a, s, n = seg
+    pos = np.zeros(1, dtype=np.int64)
+    for x in range(len(n)):
+        coord = a[x] + s[x] * np.arange(n[x], dtype=np.int64)
+        pos = (pos[:, None] + coord[None, :] * strides[x]).reshape(-1)
+    return pos
+
+
+def build_side(
+    segments: list[Segment],
+    length: int,
+    block: int,
+    offset: int,
+    extents: tuple[int, ...],
+    identity: bool,
+) -> Side:
+    """Lay out one side: the permutation and every tile's pieces.
+
+    Args:
+        segments: the token order, a list of product segments covering every position once.
+        length: tokens on this side.
+        block: tile size.
+        offset: position of index 0.
+        extents: grid extents (``(offset + length,)`` for 1-D).
+        identity: whether the segments spell the identity order.
+
+    Returns:
+        A :class:`Side`.
+    """
+    d = len(extents)
+    strides = tuple(int(np.prod(extents[x + 1 :])) for x in range(d))
+    parts, orders = [], []
+    r0 = 0
+    for seg in segments:
+        size = int(np.prod(seg[2]))
+        if size == 0:
+            continue
+        parts.append(_cut_1d(seg, r0, block) if d == 1 else _cut_nd(seg, r0, block))
+        if not identity:
+            orders.append(_segment_positions(seg, strides) - offset)
+        r0 += size
+    if r0 != length:
+        raise AssertionError(f"segments cover {r0} positions, expected {length}")
+    tile = np.concatenate([p[0] for p in parts])
+    a = np.concatenate([p[1] for p in parts])
+    s = np.concatenate([p[2] for p in parts])
+    n = np.concatenate([p[3] for p in parts])
+    # Pieces are produced tile by tile within a segment; sort so a tile's pieces are adjacent.
+    if len(parts) > 1:
+        srt = np.argsort(tile, kind="stable")
+        tile, a, s, n = tile[srt], a[srt], s[srt], n[srt]
+    nt = -(-length // block)
+    ptr = np.zeros(nt + 1, dtype=np.int64)
+    ptr[1:] = np.cumsum(np.bincount(tile, minlength=nt))
+    order = np.arange(length, dtype=np.int64) if identity else np.concatenate(orders)
+    starts = np.minimum(np.arange(nt + 1, dtype=np.int64) * block, length)
+    return Side(length, block, offset, extents, strides, order, ptr, tile, a, s, n, identity, starts)
+
+
+def identity_segments(length: int, offset: int, extents: tuple[int, ...]) -> list[Segment]:
+    """The identity order: one segment (the whole grid, or the position range in 1-D)."""
+    if len(extents) == 1:
+        return [((offset,), (1,), (length,))]
+    return [((0,) * len(extents), (1,) * len(extents), tuple(extents))]
+
+
+def class_segments(length: int, offset: int, modulus: int) -> list[Segment]:
+    """1-D order grouping positions by ``position % modulus`` (then by position)."""
+    out = []
+    for c in range(modulus):
+        first = offset + ((c - offset) % modulus)
+        end = offset + length
+        count = max(0, -(-(end - first) // modulus))
+        out.append(((first,), (modulus,), (count,)))
+    return out
+
+
+def box_segments(extents: tuple[int, ...], dilation: tuple[int, ...], box: tuple[int, ...]) -> list[Segment]:
+    """Grid order: per dilation group (residues per axis), the group's sub-grid cut into boxes.
+
+    Args:
+        extents: grid extents.
+        dilation: per-axis dilation (1 = no grouping on that axis).
+        box: per-axis box size in group coordinates.
+
+    Returns:
+        Segments, one per (group, box), groups row-major, boxes row-major inside a group.
+    """
+    out: list[Segment] = []
+    d = len(extents)
+    groups = np.stack(np.meshgrid(*[np.arange(x) for x in dilation], indexing="ij"), -1).reshape(-1, d)
+    for g in groups:
+        m = [-(-(extents[x] - int(g[x])) // dilation[x]) for x in range(d)]
+        counts = [-(-m[x] // box[x]) for x in range(d)]
+        for bidx in np.ndindex(*counts):
+            a, s, n = [], [], []
+            for x in range(d):
+                t0 = bidx[x] * box[x]
+                a.append(int(g[x]) + dilation[x] * t0)
+                s.append(dilation[x])
+                n.append(min(box[x], m[x] - t0))
+            out.append((tuple(a), tuple(s), tuple(n)))
+    return out
