@@ -440,6 +440,32 @@ def route_selection(prim: ir.Prim, q: torch.Tensor, k: torch.Tensor, ctx: Contex
     return _top(scores, cand, prim.arg("topk"))
 
 
+def route_bounds(node: ir.Node) -> tuple[ir.Node, ir.Node]:
+    """Static patterns that bound a dynamic one whatever ``route`` chooses.
+
+    Every ``route`` is replaced by ``empty`` or ``full`` according to its polarity
+    (under an odd number of complements the roles swap), so that
+    ``lower ⊆ node ⊆ upper`` for every possible choice: a tile where ``upper`` is
+    empty is empty, one where ``lower`` is full is full, the rest are decided at run time.
+
+    Args:
+        node: a pattern node, possibly containing ``route``.
+
+    Returns:
+        ``(lower, upper)``, both free of ``route`` (``among`` is not part of the meaning).
+    """
+    if isinstance(node, ir.Prim):
+        if node.name in ir.DYNAMIC_PRIMITIVES:
+            return ir.EMPTY, ir.FULL
+        return node, node
+    if isinstance(node, ir.Not):
+        lower, upper = route_bounds(node.item)
+        return ir.complement(upper), ir.complement(lower)
+    parts = [route_bounds(item) for item in node.items]
+    combine = ir.union if isinstance(node, ir.Union) else ir.inter
+    return combine(*(lo for lo, _ in parts)), combine(*(up for _, up in parts))
+
+
 def _pool(x: torch.Tensor, ids: torch.Tensor, count: int, reduce: str) -> torch.Tensor:
     # Pools over the actual members only, so a partial block at the end is not diluted.
     shape = (*x.shape[:2], count, x.shape[3])

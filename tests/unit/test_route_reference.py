@@ -201,3 +201,26 @@ def test_inputs_that_require_grad():
     k = torch.randn(1, 1, 4, 2, requires_grad=True)
     m = semantics.mask(pattern(prim("route", 1, block=2)), 4, q=q, k=k)
     assert m.shape == (1, 1, 4, 4) and not m.requires_grad
+
+
+@pytest.mark.parametrize(
+    "node",
+    [
+        ir.inter(prim("causal"), ir.union(prim("blocks", 4), prim("route", 1, block=4, among=prim("causal")))),
+        ir.difference(prim("window", 5, 2), prim("route", 2, block=3)),
+        ir.union(prim("sink", 1), ir.complement(ir.inter(prim("causal"), prim("route", 1, block=2, qblock=1)))),
+    ],
+    ids=str,
+)
+def test_route_bounds_hold_for_any_data(node):
+    lower, upper = semantics.route_bounds(node)
+    assert not ir.is_dynamic(lower) and not ir.is_dynamic(upper)
+    lo = semantics.mask(pattern(lower), 12, heads=2)
+    up = semantics.mask(pattern(upper), 12, heads=2)
+    for seed in range(4):
+        gen = torch.Generator().manual_seed(seed)
+        q = torch.randn(2, 2, 12, 3, generator=gen)
+        k = torch.randn(2, 1, 12, 3, generator=gen)
+        got = semantics.mask(pattern(node), 12, heads=2, q=q, k=k)
+        assert not (lo & ~got).any() and not (got & ~up).any()
+    assert (up & ~lo).any()  # the route really is undecided somewhere
