@@ -564,8 +564,9 @@ def evaluate(node: ir.Node, i, j, h, ctx: Context, selection: dict | None = None
     i = torch.as_tensor(i, dtype=torch.int64)
     j = torch.as_tensor(j, dtype=torch.int64)
     q, k = _positions(i, j, ctx)
-    out = _eval(node, q, k, h, ctx, selection)
-    return out.expand(_shape_of(q, k, h))
+    out = _eval(node, q, k, h, ctx, selection).expand(_shape_of(q, k, h))
+    # Callers combine results in place; an expanded view (stride 0) would refuse that.
+    return out if out.is_contiguous() else out.contiguous()
 
 
 def _eval(node: ir.Node, q, k, h, ctx: Context, selection) -> torch.Tensor:

@@ -252,3 +252,10 @@ def test_splitmix_is_the_published_generator():
     state, first = semantics._splitmix_next(0)
     _, second = semantics._splitmix_next(state)
     assert (first, second) == (0xE220A8397B1DCDAF, 0x6E789E6AA1B965F4)
+
+
+@pytest.mark.parametrize("node", [prim("full"), prim("sink", 2), prim("summary", 3), prim("where", C(True))], ids=str)
+def test_evaluate_returns_writable_tensors(node):
+    out = semantics.evaluate(node, torch.arange(4)[:, None], torch.arange(5)[None, :], 0, semantics.Context(4, 5))
+    out &= torch.zeros(4, 5, dtype=torch.bool)
+    assert out.shape == (4, 5) and not out.any()
