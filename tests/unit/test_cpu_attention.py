@@ -1,0 +1,221 @@
+"""The CPU executor against the float64 dense reference: forward, LSE and gradients.
+
+Random inputs every run; sizes small enough that the whole file runs in seconds.
+Tiles are shrunk (``CPU_BLOCK``) so that short sequences still have many tiles,
+tails, affine segments and gathered buckets.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import patterndsl
+from patterndsl import runtime, semantics
+from patterndsl.analysis.plan import plan_from_mask
+from patterndsl.runtime import cpu
+from tests.reference import reference_attention
+
+GRID = "layout grid(y = 6, x = 10)\n"
+PATTERNS = {
+    "full": "full",
+    "empty": "empty",
+    "causal": "causal",
+    "window": "window(5)",
+    "window_after": "window(3, 2)",
+    "window_dilated": "causal & window(4, 0, 3)",
+    "strided": "strided(4)",
+    "blocks": "blocks(16)",
+    "summary": "summary(8, 2)",
+    "sink": "causal & sink(3)",
+    "global": "global(5)",
+    "landmarks": "landmarks(7)",
+    "random": "random(2, 16, 1)",
+    "where": "where(abs(q - k) % 5 == 0 or k < 2)",
+    "where_empty_rows": "where(q % 3 == 0 and k <= q)",
+    "streaming": "causal & (window(20) | sink(4))",
+    "difference": "blocks(16) - causal",
+    "complement": "~causal",
+    "strict_causal": "causal - window(0)",
+    "bigbird": "window(3, 3) | global(2) | random(1, 16, 7)",
+    "neighborhood": GRID + "neighborhood(3)",
+    "neighborhood_dil": GRID + "neighborhood((3, 5), dilation = (1, 2))",
+    "neighborhood_causal": GRID + "neighborhood(3, stride = 2, causal = (true, false))",
+    "grid_where": GRID + "where(abs(q.y - k.y) <= 1 and q.x >= k.x)",
+    "per_head": "heads 0..1: causal\nheads 1..3: window(4)\nfull",
+    "head_where": "where((q + h) % 3 != 0)",
+}
+GRID_LEN = 60
+
+
+def _compile(body: str):
+    return patterndsl.compile("pattern p {\n" + body + "\n}")
+
+
+def _inputs(b, h, hkv, lq, lk, d, dtype):
+    q = torch.randn(b, h, lq, d, dtype=dtype, requires_grad=True)
+    k = torch.randn(b, hkv, lk, d, dtype=dtype, requires_grad=True)
+    v = torch.randn(b, hkv, lk, d, dtype=dtype, requires_grad=True)
+    return q, k, v
+
+
+def _check(pattern, q, k, v, scale=None, atol=2e-5, gtol=1e-4):
+    b, h, lq, _ = q.shape
+    lk = k.shape[2]
+    out, lse = pattern(q, k, v, scale=scale, return_lse=True)
+    assert out.dtype == q.dtype and lse.dtype == torch.float32
+    assert out.shape == q.shape and lse.shape == (b, h, lq)
+    mask = pattern.mask(lq, lk, h)
+    ref_out, ref_lse = reference_attention(q, k, v, mask, scale)
+    torch.testing.assert_close(out.double(), ref_out.detach(), atol=atol, rtol=atol)
+    empty = ~mask.any(-1).expand(b, -1, -1)
+    assert bool(torch.isneginf(lse[empty]).all())
+    torch.testing.assert_close(lse[~empty].double(), ref_lse.detach()[~empty], atol=atol, rtol=atol)
+    assert bool((out[empty] == 0).all())
+    grad = torch.randn_like(out)
+    (out.float() * grad).sum().backward()
+    got = [t.grad.clone() for t in (q, k, v)]
+    for t in (q, k, v):
+        t.grad = None
+    (ref_out * grad.double()).sum().backward()
+    for name, g, t in zip("qkv", got, (q, k, v), strict=True):
+        assert bool(torch.isfinite(g).all()), f"d{name} has NaN/inf"
+        expect = t.grad.double()
+        torch.testing.assert_close(g.double(), expect, atol=gtol, rtol=gtol, msg=lambda m, n=name: f"d{n}: {m}")
+    if bool(empty.any()):
+        assert bool((got[0][empty] == 0).all())
+
+
+@pytest.fixture(params=[(16, 16), (16, 32), (64, 64)], ids=lambda b: f"{b[0]}x{b[1]}")
+def block(request, monkeypatch):
+    monkeypatch.setattr(runtime, "CPU_BLOCK", request.param)
+    return request.param
+
+
+@pytest.mark.parametrize("name", sorted(PATTERNS))
+def test_patterns_fp32(name, block):
+    pattern = _compile(PATTERNS[name])
+    length = GRID_LEN if "layout" in PATTERNS[name] else 100
+    _check(pattern, *_inputs(2, 3, 3, length, length, 16, torch.float32))
+
+
+@pytest.mark.parametrize("name", ["causal", "streaming", "where_empty_rows", "bigbird", "per_head", "sink"])
+def test_lq_ne_lk_gqa_tails(name, block):
+    pattern = _compile(PATTERNS[name])
+    _check(pattern, *_inputs(1, 4, 2, 37, 90, 24, torch.float32))
+
+
+@pytest.mark.parametrize("name", ["window", "neighborhood", "head_where"])
+def test_gqa_and_scale(name, block):
+    pattern = _compile(PATTERNS[name])
+    length = GRID_LEN if "layout" in PATTERNS[name] else 83
+    _check(pattern, *_inputs(2, 6, 2, length, length, 8, torch.float32), scale=0.37)
+
+
+@pytest.mark.parametrize("dtype,atol,gtol", [(torch.float16, 2e-3, 2e-2), (torch.bfloat16, 1.6e-2, 1e-1)])
+@pytest.mark.parametrize("name", ["streaming", "bigbird", "neighborhood_dil", "where_empty_rows"])
+def test_low_precision(name, dtype, atol, gtol, block):
+    pattern = _compile(PATTERNS[name])
+    length = GRID_LEN if "layout" in PATTERNS[name] else 96
+    _check(pattern, *_inputs(1, 2, 1, length, length, 32, dtype), atol=atol, gtol=gtol)
+
+
+def test_lse_gradient():
+    pattern = _compile(PATTERNS["streaming"])
+    q, k, v = _inputs(1, 2, 2, 50, 50, 8, torch.float64)
+    mask = pattern.mask(50, 50, 2)
+
+    def loss(fn):
+        out, lse = fn()
+        return (out * 0.5).sum() + (lse * torch.linspace(-1, 1, 50, dtype=lse.dtype)).sum()
+
+    loss(lambda: pattern(q, k, v, return_lse=True)).backward()
+    got = [t.grad.clone() for t in (q, k, v)]
+    for t in (q, k, v):
+        t.grad = None
+    loss(lambda: reference_attention(q, k, v, mask)).backward()
+    for g, t in zip(got, (q, k, v), strict=True):
+        torch.testing.assert_close(g, t.grad, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        PATTERNS["streaming"],
+        PATTERNS["where_empty_rows"],
+        "layout grid(y = 3, x = 4)\nneighborhood(3, stride = 2, causal = (true, false))",
+    ],
+    ids=["streaming", "empty_rows", "neighborhood"],
+)
+def test_gradcheck_float64(body, monkeypatch):
+    monkeypatch.setattr(runtime, "CPU_BLOCK", (4, 4))
+    pattern = _compile(body)
+    q, k, v = _inputs(1, 2, 1, 12, 12, 3, torch.float64)
+    # lse is float32 by contract, too coarse for finite differences; its gradient is
+    # checked against the reference in test_lse_gradient.
+    assert torch.autograd.gradcheck(lambda q, k, v: pattern(q, k, v), (q, k, v))
+
+
+def test_reordered_plan_matches_reference():
+    """A plan that permutes queries and keys still returns results in the original order."""
+    pattern = _compile(PATTERNS["window_dilated"])
+    lq = lk = 70
+    mask = pattern.mask(lq, lk, 2)
+    q_order, kv_order = torch.randperm(lq), torch.randperm(lk)
+    nodes = [pattern.ir.node_for_head(h) for h in range(2)]
+    plan = plan_from_mask(mask, (16, 16), q_order, kv_order, pattern=pattern.ir, nodes=nodes)
+    q, k, v = _inputs(1, 2, 2, lq, lk, 8, torch.float32)
+    out, lse = cpu.forward(q, k, v, plan, 0.3)
+    ref_out, ref_lse = reference_attention(q, k, v, mask, 0.3)
+    torch.testing.assert_close(out.double(), ref_out, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(lse.double(), ref_lse.detach(), atol=2e-5, rtol=2e-5)
+    dout = torch.randn_like(out)
+    dq, dk, dv = cpu.backward(q, k, v, out, lse, dout, plan, 0.3)
+    ref_out.backward(dout.double())
+    for g, t in zip((dq, dk, dv), (q, k, v), strict=True):
+        torch.testing.assert_close(g.double(), t.grad.double(), atol=1e-4, rtol=1e-4)
+
+
+def test_sliding_window_runs_as_one_affine_segment_with_shared_mask():
+    pattern = _compile("causal & window(100)")
+    lq = 1024
+    plan = plan_from_mask(pattern.mask(lq, lq, 1), (64, 64), pattern=pattern.ir, nodes=[pattern.ir.default])
+    (sched,) = cpu.schedules(plan)
+    affine = [s for s in sched.segments if s.affine is not None]
+    assert len(affine) == 1
+    seg = affine[0]
+    assert seg.affine[1] == 1 and seg.width == 3 and len(seg) >= 12
+    assert seg.blocked is not None and seg.blocked.shape[0] == 1  # one mask shared by every tile
+    covered = torch.cat([s.q_tiles for s in sched.segments]).sort().values
+    assert torch.equal(covered, torch.arange(plan.n_q_tiles))
+
+
+def test_full_tiles_get_no_mask():
+    pattern = _compile("blocks(64)")
+    plan = plan_from_mask(pattern.mask(512, 512, 1), (64, 64), pattern=pattern.ir, nodes=[pattern.ir.default])
+    (sched,) = cpu.schedules(plan)
+    assert all(s.blocked is None for s in sched.segments)
+
+
+def test_partial_masks_come_from_semantics(monkeypatch):
+    """Element masks are evaluated only for partial tiles, never for full ones."""
+    calls = []
+    real = semantics.evaluate
+
+    def spy(node, i, j, h, ctx, *args):
+        calls.append(int(i.shape[0]))
+        return real(node, i, j, h, ctx, *args)
+
+    pattern = _compile("causal & window(127)")
+    plan = plan_from_mask(pattern.mask(640, 640, 1), (64, 64), pattern=pattern.ir, nodes=[pattern.ir.default])
+    monkeypatch.setattr(semantics, "evaluate", spy)
+    cpu.schedules(plan)
+    tiles = plan.tiles()
+    assert sum(calls) == int((tiles == 1).sum())
+
+
+def test_zero_length_sequences_are_a_pattern_error():
+    pattern = _compile("causal")
+    q, k, v = _inputs(1, 2, 2, 5, 0, 8, torch.float32)
+    with pytest.raises(patterndsl.PatternError, match="kv_len"):
+        pattern(q, k, v)
