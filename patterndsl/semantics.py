@@ -12,6 +12,7 @@ written out for users in ``docs/SEMANTICS.md``.
 from __future__ import annotations
 
 import functools
+import operator
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -263,6 +264,17 @@ def _neighborhood(prim: ir.Prim, q, k, ctx: Context) -> torch.Tensor:
 # --------------------------------------------------------------------------- where(...)
 
 
+_ARITH = {"+": operator.add, "-": operator.sub, "*": operator.mul, "//": _floordiv, "%": _mod}
+_CMP = {"==": operator.eq, "!=": operator.ne, "<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge}
+
+
+def _min_max(fn: str, a, b):
+    if isinstance(a, int) and isinstance(b, int):
+        return min(a, b) if fn == "min" else max(a, b)
+    a, b = torch.as_tensor(a), torch.as_tensor(b)
+    return torch.minimum(a, b) if fn == "min" else torch.maximum(a, b)
+
+
 def _expr(e: ir.Expr, env: dict):
     """Value of a ``where`` expression: a Python int/bool or an int64/bool tensor."""
     if isinstance(e, ir.Const):
@@ -276,41 +288,22 @@ def _expr(e: ir.Expr, env: dict):
         return grid_coords(env[e.side], layout)[layout.names.index(e.axis)]
     if isinstance(e, ir.Arith):
         a, b = _expr(e.left, env), _expr(e.right, env)
-        if e.op == "+":
-            return a + b
-        if e.op == "-":
-            return a - b
-        if e.op == "*":
-            return a * b
-        if (b == 0) if isinstance(b, int) else bool((b == 0).any()):
-            raise PatternValueError(f"division by zero in '{e.op}' at these sequence lengths", e.span)
-        return _floordiv(a, b) if e.op == "//" else _mod(a, b)
+        if e.op in ("//", "%") and ((b == 0) if isinstance(b, int) else bool((b == 0).any())):
+            raise PatternValueError(
+                f"division by zero: the divisor of '{e.op}' is 0 for some (q, k) at Lq={env['Lq']}, Lk={env['Lk']}",
+                e.span,
+            )
+        return _ARITH[e.op](a, b)
     if isinstance(e, ir.Neg):
         return -_expr(e.operand, env)
     if isinstance(e, ir.Func):
         args = [_expr(a, env) for a in e.args]
-        if e.fn == "abs":
-            return abs(args[0])
-        if all(isinstance(a, int) for a in args):
-            return min(args) if e.fn == "min" else max(args)
-        a, b = (torch.as_tensor(v) for v in args)
-        return torch.minimum(a, b) if e.fn == "min" else torch.maximum(a, b)
+        return abs(args[0]) if e.fn == "abs" else _min_max(e.fn, *args)
     if isinstance(e, ir.Cmp):
-        a, b = _expr(e.left, env), _expr(e.right, env)
-        return {
-            "==": lambda: a == b,
-            "!=": lambda: a != b,
-            "<": lambda: a < b,
-            "<=": lambda: a <= b,
-            ">": lambda: a > b,
-            ">=": lambda: a >= b,
-        }[e.op]()
+        return _CMP[e.op](_expr(e.left, env), _expr(e.right, env))
     if isinstance(e, ir.Logic):
-        values = [_expr(item, env) for item in e.items]
-        out = values[0]
-        for v in values[1:]:
-            out = (out & v) if e.op == "and" else (out | v)
-        return out
+        combine = operator.and_ if e.op == "and" else operator.or_
+        return functools.reduce(combine, (_expr(item, env) for item in e.items))
     if isinstance(e, ir.LNot):
         v = _expr(e.operand, env)
         return (not v) if isinstance(v, bool) else ~v
@@ -320,9 +313,8 @@ def _expr(e: ir.Expr, env: dict):
 def _where(prim: ir.Prim, q, k, h, ctx: Context) -> torch.Tensor:
     env = {"q": q, "k": k, "h": h, "Lq": ctx.q_len, "Lk": ctx.kv_len, "layout": ctx.layout}
     value = _expr(prim.arg("pred"), env)
-    if isinstance(value, torch.Tensor) and value.dtype != torch.bool:
-        raise PatternTypeError("where(...) needs a comparison or logic, not an integer", prim.span)
-    if isinstance(value, int) and not isinstance(value, bool):
+    is_bool = value.dtype == torch.bool if isinstance(value, torch.Tensor) else isinstance(value, bool)
+    if not is_bool:
         raise PatternTypeError("where(...) needs a comparison or logic, not an integer", prim.span)
     if isinstance(value, bool):
         return _full_like(value, q, k, h)

@@ -259,3 +259,10 @@ def test_evaluate_returns_writable_tensors(node):
     out = semantics.evaluate(node, torch.arange(4)[:, None], torch.arange(5)[None, :], 0, semantics.Context(4, 5))
     out &= torch.zeros(4, 5, dtype=torch.bool)
     assert out.shape == (4, 5) and not out.any()
+
+
+def test_where_of_an_integer_is_a_type_error():
+    from patterndsl.errors import PatternTypeError
+
+    with pytest.raises(PatternTypeError):
+        semantics.evaluate(prim("where", A("-", V("q"), V("k"))), 0, 0, 0, semantics.Context(3, 3))
