@@ -32,12 +32,13 @@ PLOT_MASK_LIMIT = 1 << 22
 
 #: The pattern ``patterndsl demo`` compiles: 3-D video neighborhood attention, causal in time.
 DEMO_SOURCE = """\
-# Video tokens on a (time, height, width) grid: every token sees a 3 x 7 x 7
-# box around it, causal in time (no token sees a later frame), with the
-# semantics of the NATTEN library. See examples/ for more patterns.
+# Video tokens on a (time, height, width) grid: every token sees a 3 x 5 x 5
+# box of tokens around it, causal in time (no token sees a later frame) and
+# dilated by 2 in space, with the semantics of the NATTEN library.
+# More patterns in examples/.
 pattern video(T = 4, H = 16, W = 16) {
     layout grid(t = T, y = H, x = W)
-    neighborhood((3, 7, 7), causal = (true, false, false))
+    neighborhood((3, 5, 5), dilation = (1, 2, 2), causal = (true, false, false))
 }
 """
 
@@ -251,7 +252,7 @@ def _block(args, default: tuple[int, int]) -> tuple[int, int]:
 
 
 def _use_ascii(args) -> bool:
-    if getattr(args, "ascii", False):
+    if args is not None and getattr(args, "ascii", False):
         return True
     try:
         "░█".encode(sys.stdout.encoding or "ascii")
@@ -342,11 +343,14 @@ def render_plan(pattern: Pattern, q_len: int, kv_len: int, heads: int, block, or
         The text to print.
     """
     require("patterndsl.analysis", "plan", "block plan")
-    from patterndsl import pictures
-
     plan = pattern.plan(q_len, kv_len, heads, block=block, order=order)
     ascii_only = _use_ascii(args) if args is not None else False
-    head_dim = getattr(args, "head_dim", 64) if args is not None else 64
+    return _plan_text(plan, ascii_only, getattr(args, "head_dim", 64))
+
+
+def _plan_text(plan, ascii_only: bool, head_dim: int = 64) -> str:
+    from patterndsl import pictures
+
     return pictures.draw_plan(plan, ascii_only) + "\n\n" + pictures.format_stats(plan, head_dim)
 
 
@@ -486,7 +490,7 @@ def cmd_demo(args) -> int:
     print(pattern)
     print()
     _demo_section("block plan, 64x64 tiles (patterndsl show --stage plan)", lambda: _demo_plan(pattern, seq, heads))
-    _demo_section("generated Triton forward kernel (first 25 lines)", lambda: _demo_kernel(pattern, seq, heads))
+    _demo_section("generated Triton forward kernel (excerpt)", lambda: _demo_kernel(pattern, seq, heads))
     _demo_section(
         "attention on CPU vs a dense float64 reference", lambda: _demo_attention(pattern, seq, heads, head_dim)
     )
@@ -503,12 +507,12 @@ def _demo_section(title: str, body) -> None:
 
 
 def _demo_plan(pattern: Pattern, seq: int, heads: int) -> str:
-    text = render_plan(pattern, seq, seq, 1, (64, 64), "auto")
-    identity = pattern.plan(seq, seq, 1, block=(64, 64), order="identity").stats
-    auto = pattern.plan(seq, seq, 1, block=(64, 64), order="auto").stats
+    require("patterndsl.analysis", "plan", "block plan")
+    identity = pattern.plan(seq, seq, heads, block=(64, 64), order="identity")
+    auto = pattern.plan(seq, seq, heads, block=(64, 64), order="auto")
     return (
-        f"{text}\n\nblock efficiency: identity order {identity.block_efficiency:.2%}, "
-        f"chosen order {auto.block_efficiency:.2%}"
+        f"{_plan_text(auto, _use_ascii(None))}\n\nblock efficiency: {identity.stats.block_efficiency:.2%} in the "
+        f"original token order, {auto.stats.block_efficiency:.2%} in the order the planner chose ({auto.order})"
     )
 
 
@@ -516,8 +520,16 @@ def _demo_kernel(pattern: Pattern, seq: int, heads: int) -> str:
     require("patterndsl.codegen", "kernel_source", "kernel generation")
     source = pattern.kernel_source(seq, seq, heads, head_dim=64, dtype=torch.float16, block=(64, 64))
     lines = source.splitlines()
-    shown = "\n".join(lines[:25])
-    return f"{shown}\n... ({len(lines)} lines in all; patterndsl show --stage triton prints them)"
+    header = [line for line in lines if line.startswith(("# pattern:", "# tiles:", "# order:"))]
+    # The pattern's own predicate, compiled to Triton, is the most telling part of the kernel.
+    start = next((n for n, line in enumerate(lines) if line.startswith("def _allowed_")), None)
+    if start is None:
+        body = lines[:25]
+    else:
+        end = next((n for n in range(start + 1, len(lines)) if not lines[n].strip()), len(lines))
+        body = lines[start - 1 : end]
+    shown = "\n".join([*header, "...", *body])
+    return f"{shown}\n... ({len(lines)} lines in all; 'patterndsl show FILE --stage triton' prints them)"
 
 
 def _demo_attention(pattern: Pattern, seq: int, heads: int, head_dim: int) -> str:
