@@ -1,0 +1,134 @@
+"""The torch op around pattern attention: registration, torch.compile, input validation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import patterndsl
+from patterndsl.errors import BackendError, InputError, LayoutError, PatternError
+from patterndsl.runtime import op, plans
+from tests.reference import reference_attention
+
+
+def _pattern(body="causal & window(7)"):
+    return patterndsl.compile("pattern p {\n" + body + "\n}")
+
+
+def _qkv(b=1, h=2, hkv=2, lq=40, lk=40, d=8, dtype=torch.float32):
+    return (
+        torch.randn(b, h, lq, d, dtype=dtype),
+        torch.randn(b, hkv, lk, d, dtype=dtype),
+        torch.randn(b, hkv, lk, d, dtype=dtype),
+    )
+
+
+def test_one_op_family_is_registered():
+    assert hasattr(torch.ops.patterndsl, "attention_fwd")
+    assert hasattr(torch.ops.patterndsl, "attention_bwd")
+
+
+def test_opcheck_schema_fake_and_autograd():
+    pattern = _pattern()
+    key = plans.register(pattern.ir, (16, 16), "auto")
+    q, k, v = (t.requires_grad_() for t in _qkv(hkv=1))
+    torch.library.opcheck(op.attention_fwd, (q, k, v, key, 0.5, "cpu"))
+
+
+def test_torch_compile_fullgraph_forward_and_backward():
+    pattern = _pattern("causal & (window(9) | sink(2))")
+
+    def f(q, k, v):
+        out, lse = patterndsl.attention(q, k, v, pattern, return_lse=True)
+        return out.square().sum() + lse.sum()
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    q, k, v = (t.requires_grad_() for t in _qkv())
+    got = compiled(q, k, v)
+    got.backward()
+    grads = [t.grad.clone() for t in (q, k, v)]
+    for t in (q, k, v):
+        t.grad = None
+    expect = f(q, k, v)
+    expect.backward()
+    torch.testing.assert_close(got, expect)
+    for g, t in zip(grads, (q, k, v), strict=True):
+        torch.testing.assert_close(g, t.grad)
+
+
+def test_torch_compile_inductor_no_graph_break():
+    pattern = _pattern()
+    q, k, v = _qkv()
+    explained = torch._dynamo.explain(lambda q, k, v: pattern(q, k, v) * 2)(q, k, v)
+    assert explained.graph_break_count == 0
+    compiled = torch.compile(lambda q, k, v: pattern(q, k, v) * 2, fullgraph=True)
+    torch.testing.assert_close(compiled(q, k, v), pattern(q, k, v) * 2)
+
+
+def test_backend_cpu_explicit_and_results_match_reference():
+    pattern = _pattern()
+    q, k, v = _qkv()
+    out = patterndsl.attention(q, k, v, pattern, backend="cpu")
+    ref, _ = reference_attention(q, k, v, pattern.mask(40, 40, 2))
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_plan_cache_is_reused():
+    pattern = _pattern("blocks(5)")
+    key = plans.register(pattern.ir, (16, 16), "auto")
+    assert plans.register(pattern.ir, (16, 16), "auto") == key
+    assert plans.get(key, 40, 40, 2) is plans.get(key, 40, 40, 2)
+    assert plans.get(key, 40, 40, 2) is not plans.get(key, 48, 48, 2)
+
+
+@pytest.mark.parametrize(
+    "make,match",
+    [
+        (lambda: (torch.randn(2, 40, 8), *_qkv()[1:]), "4 dimensions"),
+        (lambda: (_qkv()[0].int(), *_qkv()[1:]), "dtype int32"),
+        (lambda: (_qkv()[0].half(), *_qkv()[1:]), "one dtype"),
+        (lambda: _qkv(h=3, hkv=2), "does not divide"),
+        (lambda: (_qkv()[0], _qkv(d=4)[1], _qkv()[2]), "head_dim"),
+        (lambda: (_qkv(b=2)[0], *_qkv()[1:]), "batch"),
+        (lambda: (_qkv()[0], _qkv()[1], _qkv(lk=30)[2]), "sequence length"),
+        (lambda: (_qkv()[0], _qkv()[1].to("meta"), _qkv()[2]), "one device"),
+        (lambda: ([[1.0]], *_qkv()[1:]), "torch.Tensor"),
+    ],
+)
+def test_input_errors(make, match):
+    q, k, v = make()
+    with pytest.raises(InputError, match=match):
+        patterndsl.attention(q, k, v, _pattern())
+
+
+def test_bad_scale():
+    with pytest.raises(InputError, match="scale"):
+        _pattern()(*_qkv(), scale=float("nan"))
+
+
+def test_layout_mismatch():
+    pattern = _pattern("layout grid(y = 4, x = 8)\nneighborhood(3)")
+    with pytest.raises(LayoutError):
+        pattern(*_qkv(lq=40, lk=40))
+
+
+def test_unknown_backend():
+    with pytest.raises(PatternError, match="backend must be one of"):
+        _pattern()(*_qkv(), backend="cuda")
+
+
+def test_triton_on_cpu_needs_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(BackendError, match="TRITON_INTERPRET=1"):
+        _pattern()(*_qkv(), backend="triton")
+
+
+def test_route_is_not_supported_yet():
+    pattern = _pattern("causal & route(topk = 1, block = 8)")
+    with pytest.raises(PatternError, match="route"):
+        pattern(*_qkv())
+
+
+def test_not_a_pattern():
+    with pytest.raises(PatternError, match="Pattern"):
+        patterndsl.attention(*_qkv(), "causal")
