@@ -304,7 +304,7 @@ def _syntax_error(err: UnexpectedInput, source: str, filename: str | None) -> Pa
         if char == "/":
             message = "unexpected '/': integer division is written '//'"
         elif char == '"' or char == "'":
-            message = f"unexpected {char}: the language has no strings"
+            message = f"unexpected {char!r}: the language has no strings"
         else:
             message = f"unexpected character {char!r}"
         return PatternSyntaxError(message, span, source)

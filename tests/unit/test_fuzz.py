@@ -1,0 +1,213 @@
+"""Fuzzing the front end: any text gives a Pattern or a PatternError, never another exception or a hang.
+
+Valid example sources are mutated at random (characters and whole tokens
+inserted, deleted, replaced, duplicated or swapped), and random token soup is
+generated; every case is parsed, checked as a file and compiled pattern by
+pattern under a per-case time limit. Patterns that compile must also print
+back to an equal IR. The default run takes a few seconds; the ``slow`` run
+takes many more cases.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import re
+import signal
+
+import pytest
+
+import patterndsl
+from patterndsl import check
+from patterndsl.errors import PatternError
+from patterndsl.grammar import parse
+from patterndsl.printer import pattern_to_source
+
+SEEDS = [
+    """# Sliding window with attention sinks.
+pattern streaming(span = 1024, sinks = 4) {
+    causal & (window(span) | sink(sinks))
+}
+""",
+    """pattern moba(b = 64) {
+  causal & (blocks(b) | route(topk = 2, block = b, qblock = 1, among = causal - blocks(b)))
+}
+""",
+    """pattern img(H = 4, W = 6) {
+  layout grid(y = H, x = W)
+  let n = neighborhood((3, 5), dilation = (1, 1), stride = 1)
+  heads 0..2: n & where(q.y - k.y <= 1 and abs(q.x - k.x) < 3)
+  heads 2..4: neighborhood(3, causal = (true, false))
+  n
+    | global(2)
+}
+""",
+    """pattern mix(w = 3, d = w // 2 + 1, f = false, t = (1, 2)) {
+  let a = window(w, after = 1, dilation = d); let c = 5
+  a - strided(c) & ~summary(4, width = 2) | landmarks(8) | random(2, 4, seed = 7)
+}
+pattern pred { where(0 <= q - k < Lk - Lq + 4 or not (h % 2 == 1) and min(q, k) > max(1, -3)) }
+""",
+    """pattern heads_only {
+  heads 0..1: full; heads 1..3: empty()
+}
+pattern bare { causal() }
+""",
+    """pattern routed {
+  layout grid(t = 2, y = 4, x = 4)
+  route(1, block = (1, 2, 2), score = landmark, among = neighborhood(2) | sink(1), qblock = (1, 1, 2))
+}
+""",
+]
+TOKENS = [
+    *re.findall(
+        r"\S+",
+        """
+        pattern let layout heads grid true false and or not q k h Lq Lk q.x k.y x y n w
+        full empty causal window strided blocks summary sink global landmarks random where neighborhood
+        route abs min max mean max landmark topk block qblock among score size dilation stride seed
+        every width before after 0 1 2 3 -1 64 999999999999
+        ( ) { } , = == != < <= > >= | & - + * // % ~ .. . : ; #
+        """,
+    ),
+    "\n",
+]
+CHARS = "(){}[],;:.=<>!|&-+*/%~#\n\t abcqkhxy0123456789_\"'\\$@?^`\x00é"
+TIME_LIMIT = 2.0  # seconds per case; binding even large inputs takes milliseconds
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float):
+    def expire(signum, frame):
+        raise TimeoutError(f"a fuzz case took longer than {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def tokenize(text: str) -> list[str]:
+    return re.findall(r"\s+|[A-Za-z_][A-Za-z0-9_]*|\d+|//|==|!=|<=|>=|\.\.|.", text)
+
+
+def mutate(rng: random.Random, text: str) -> str:
+    for _ in range(rng.randint(1, 4)):
+        kind = rng.randrange(7)
+        if kind < 3 or not text:
+            pos = rng.randint(0, len(text))
+            if kind == 0 or not text:
+                text = text[:pos] + rng.choice(CHARS) + text[pos:]
+            elif kind == 1:
+                text = text[:pos] + text[pos + rng.randint(1, 3) :]
+            else:
+                text = text[:pos] + rng.choice(CHARS) + text[pos + 1 :]
+            continue
+        tokens = tokenize(text)
+        i, j = rng.randrange(len(tokens)), rng.randrange(len(tokens))
+        if kind == 3:
+            tokens.insert(i, rng.choice(TOKENS) + rng.choice(["", " "]))
+        elif kind == 4:
+            del tokens[i]
+        elif kind == 5:
+            tokens[i] = rng.choice(TOKENS)
+        else:
+            tokens[i], tokens[j] = tokens[j], tokens[i]
+        text = "".join(tokens)
+    return text
+
+
+NAMES = [t for t in TOKENS if re.fullmatch(r"[A-Za-z_]\w*", t)]
+
+
+def mutate_same_class(rng: random.Random, text: str) -> str:
+    """Replace numbers by numbers and names by names: mostly well-formed text that binding must judge."""
+    tokens = tokenize(text)
+    for _ in range(rng.randint(1, 3)):
+        i = rng.randrange(len(tokens))
+        if tokens[i].isdigit():
+            tokens[i] = str(rng.choice([0, 1, 2, 3, 5, 8, 64, 10**12]))
+        elif re.fullmatch(r"[A-Za-z_]\w*", tokens[i]):
+            tokens[i] = rng.choice(NAMES)
+    return "".join(tokens)
+
+
+def soup(rng: random.Random) -> str:
+    body = " ".join(rng.choice(TOKENS) for _ in range(rng.randint(1, 40)))
+    return body if rng.random() < 0.3 else "pattern p { " + body + " }"
+
+
+def run_case(text: str) -> str:
+    """Returns "ok" or "error"; any other exception propagates and fails the test."""
+    with time_limit(TIME_LIMIT):
+        try:
+            module = parse(text)
+        except PatternError:
+            return "error"
+        errors = check.check_module(module, text)
+        assert all(isinstance(e, PatternError) for e in errors)
+        outcome = "error"
+        for name in {p.name for p in module.patterns}:
+            try:
+                pattern = patterndsl.compile(text, name=name)
+            except PatternError as err:
+                assert str(err)
+                continue
+            outcome = "ok"
+            printed = pattern_to_source(pattern.ir)
+            assert patterndsl.compile(printed).ir == pattern.ir, printed
+        return outcome
+
+
+def cases(seed: int, count: int):
+    rng = random.Random(seed)
+    for n in range(count):
+        if n % 5 == 4:
+            yield soup(rng)
+        elif n % 5 == 3:
+            yield mutate_same_class(rng, rng.choice(SEEDS))
+        else:
+            yield mutate(rng, rng.choice(SEEDS))
+
+
+def run_many(seed: int, count: int) -> dict[str, int]:
+    tally = {"ok": 0, "error": 0}
+    for text in cases(seed, count):
+        try:
+            tally[run_case(text)] += 1
+        except Exception as exc:
+            raise AssertionError(f"fuzz case raised {type(exc).__name__}: {exc}\n--- source ---\n{text!r}") from exc
+    return tally
+
+
+def test_seed_sources_are_valid():
+    for text in SEEDS:
+        assert run_case(text) == "ok", text
+        assert check.check_module(parse(text)) == []
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_mutated_sources_give_a_pattern_or_a_pattern_error(seed):
+    tally = run_many(seed, 1500)
+    # Both outcomes must actually occur, or the mutations are not exercising anything.
+    assert tally["ok"] > 20 and tally["error"] > 200, tally
+
+
+def test_deep_nesting_is_an_error_not_a_crash():
+    for text in [
+        "pattern p { " + "(" * 5000 + "causal" + ")" * 5000 + " }",
+        "pattern p { " + "~" * 5000 + "causal }",
+        "pattern p { " + " | ".join(f"sink({i})" for i in range(3000)) + " }",
+        "pattern p { where(" + " + ".join(["q"] * 3000) + " < k) }",
+        "pattern p { where(" + "-" * 3000 + "q < k) }",
+    ]:
+        assert run_case(text) in ("ok", "error")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", range(100, 110))
+def test_mutated_sources_many(seed):
+    run_many(seed, 3000)
