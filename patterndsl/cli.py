@@ -355,9 +355,15 @@ def _plan_text(plan, ascii_only: bool, head_dim: int = 64) -> str:
 
 
 def render_aot(pattern: Pattern, q_len: int, kv_len: int, args) -> str:
-    """``--stage ptx|sass``: compile the generated kernel ahead of time for ``--target`` and report it."""
-    inspect = require("patterndsl.codegen.inspect", "compile_aot", "ahead-of-time compilation")
-    artefact = inspect(
+    """``--stage ptx|sass``: compile the generated kernels ahead of time for ``--target`` (no GPU needed).
+
+    ``ptx`` prints each kernel's PTX; ``sass`` prints the resource table
+    (registers, spills, shared memory, MMA instructions) and then the SASS.
+    """
+    aot_kernels = require("patterndsl.codegen.inspect", "aot_kernels", "ahead-of-time compilation")
+    from patterndsl.codegen import inspect
+
+    kernels = aot_kernels(
         pattern,
         q_len,
         kv_len,
@@ -367,8 +373,12 @@ def render_aot(pattern: Pattern, q_len: int, kv_len: int, args) -> str:
         dtype=DTYPES[args.dtype],
         block=_block(args, (64, 64)),
         kind=args.kind,
+        order=args.order,
     )
-    return artefact.report(args.stage)
+    if args.stage == "ptx":
+        return inspect.render_ptx(kernels)
+    listings = [f"// ===== {k.name} ({k.target})\n{inspect.sass(k.asm['cubin'])}" for k in kernels]
+    return inspect.render_resources(kernels) + "\n\n" + "\n".join(listings)
 
 
 def render_reach(pattern: Pattern, q_len: int, kv_len: int, args) -> str:

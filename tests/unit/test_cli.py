@@ -168,6 +168,15 @@ def test_show_triton(capsys):
     assert "@triton.jit" in out
 
 
+@pytest.mark.aot
+@pytest.mark.parametrize("stage, target, needle", [("ptx", "sm_90", ".target sm_90"), ("sass", "sm_80", "regs")])
+def test_show_ahead_of_time(capsys, stage, target, needle):
+    argv = ["show", STREAMING, "--param", "span=64", "--seq", 256, "--stage", stage, "--target", target]
+    code, out, _ = run(capsys, *argv)
+    assert code == 0
+    assert needle in out and "fwd_g0" in out
+
+
 # --------------------------------------------------------------------------- plot
 
 
