@@ -130,13 +130,14 @@ def _template(name: str) -> string.Template:
     return string.Template((TEMPLATES / name).read_text())
 
 
-def launch_config(head_dim: int, target: str, kind: str) -> tuple[int, int]:
-    """Default ``(num_warps, num_stages)`` for a head dim, target and pass.
+def launch_config(head_dim: int, target: str, kind: str, dtype: str = "float16") -> tuple[int, int]:
+    """Default ``(num_warps, num_stages)`` for a head dim, target, pass and dtype.
 
     Args:
         head_dim: the (unpadded) head dimension.
         target: ``"sm_80"``, ``"sm_90"`` or ``"interpret"``.
         kind: ``"forward"`` or ``"backward"``.
+        dtype: the input dtype name (float32 tiles take twice the shared memory per stage).
 
     Returns:
         ``(num_warps, num_stages)``.
@@ -144,12 +145,13 @@ def launch_config(head_dim: int, target: str, kind: str) -> tuple[int, int]:
     padded = max(16, 1 << (head_dim - 1).bit_length())
     if target == "interpret":
         return 4, 1
+    # Per-stage shared memory grows with the head dim and element size; keep it inside sm_80's 164 KB.
+    weight = padded * (2 if dtype == "float32" else 1)
+    warps = 4 if weight <= 64 else 8
     if kind == "forward":
-        warps = 4 if padded <= 64 else 8
-        stages = 3 if padded <= 128 else 2
+        stages = 3 if weight <= 128 else 2
     else:
-        warps = 4 if padded <= 64 else 8
-        stages = 2 if padded <= 128 else 1
+        stages = 2 if weight <= 128 else 1
     return warps, stages
 
 
@@ -197,7 +199,7 @@ def make_spec(
     if kv_heads < 1 or plan.heads % kv_heads:
         raise BackendError(f"key/value heads ({kv_heads}) must divide the query heads ({plan.heads})")
     _check_static(plan)
-    warps, stages = launch_config(head_dim, target, kind)
+    warps, stages = launch_config(head_dim, target, kind, DTYPES[dtype])
     pir = plan.pattern
     groups = []
     for group in plan.groups:
@@ -294,6 +296,14 @@ def _loops(spec: KernelSpec, g: int, group: GroupSpec) -> str:
     return string.Template(_FORM_LOOPS).substitute(call_partial=partial, call_full=full, **forms)
 
 
+def _dot_precision(spec: KernelSpec) -> str:
+    # float32 inputs run on tensor cores as TF32 on a GPU (IEEE float32 falls back to FMA loops that
+    # spill registers; three-pass TF32 spills too); the interpreter computes exactly anyway.
+    if spec.dtype != "float32":
+        return "tf32"
+    return "ieee" if spec.target == "interpret" else "tf32"
+
+
 def render(spec: KernelSpec) -> str:
     """The Triton source text of a spec (deterministic: no ids, no timestamps).
 
@@ -333,7 +343,7 @@ def render(spec: KernelSpec) -> str:
         NKB_EVEN=spec.kv_len // spec.block_n,
         Q_REORDERED=spec.q_reordered,
         K_REORDERED=spec.k_reordered,
-        DOT_PRECISION="ieee" if spec.dtype == "float32" else "tf32",
+        DOT_PRECISION=_dot_precision(spec),
         dtype=spec.dtype,
         num_warps=spec.num_warps,
         num_stages=spec.num_stages,

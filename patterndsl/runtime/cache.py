@@ -91,11 +91,16 @@ def write_entry(path: Path, source: str) -> None:
             tmp.unlink()
 
 
-def _import(key: str, path: Path) -> ModuleType:
+def _import(key: str, path: Path, interpret: bool) -> ModuleType:
+    import triton
+
     name = f"patterndsl_kernels_{key}"
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    # ``@triton.jit`` picks interpreter or compiler when the module body runs.
+    with triton.knobs.runtime.scope():
+        triton.knobs.runtime.interpret = interpret
+        spec.loader.exec_module(module)
     return module
 
 
@@ -120,18 +125,20 @@ def source_for(spec, render) -> str:
     return source
 
 
-def load(spec, render) -> ModuleType:
+def load(spec, render, interpret: bool | None = None) -> ModuleType:
     """The imported kernel module of ``spec`` (memory, then disk, then generated).
 
     Args:
         spec: a :class:`patterndsl.codegen.KernelSpec`.
         render: ``spec -> source``, called only when no valid entry exists.
+        interpret: load the kernels as interpreter functions (default: ``TRITON_INTERPRET``);
+            ``False`` gives compiled-mode functions for ahead-of-time builds.
 
     Returns:
-        The module; its ``@triton.jit`` functions are interpreter functions when
-        ``TRITON_INTERPRET=1`` was set at load time (memory entries are kept apart per mode).
+        The module (memory entries are kept apart per mode).
     """
-    mem_key = (spec.key, config.triton_interpret())
+    interpret = config.triton_interpret() if interpret is None else interpret
+    mem_key = (spec.key, interpret)
     with _lock:
         module = _modules.get(mem_key)
         if module is not None:
@@ -139,11 +146,11 @@ def load(spec, render) -> ModuleType:
             return module
         source_for(spec, render)
         path = entry_path(spec.key)
-        module = _import(spec.key, path)
+        module = _import(spec.key, path, interpret)
         if read_entry(path) is None:
             # Another writer or a disk fault changed the file under us: rebuild once more.
             write_entry(path, render(spec))
-            module = _import(spec.key, path)
+            module = _import(spec.key, path, interpret)
         _modules[mem_key] = module
         return module
 
