@@ -10,3 +10,6 @@ from patterndsl.analysis.plan import BlockPlan, HeadGroup, PlanStats, RunForm, R
 from patterndsl.analysis.planner import describe, plan
 
 __all__ = ["BlockPlan", "HeadGroup", "PlanStats", "RunForm", "Runs", "TileList", "describe", "plan", "tile_reduce"]
+from patterndsl.analysis.reach import Reach, reachability
+
+__all__ += ["Reach", "reachability"]

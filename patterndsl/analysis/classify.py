@@ -52,10 +52,11 @@ def _cdiv(a, b):
 
 def _inverse_mod(values: np.ndarray, mod: np.ndarray) -> np.ndarray:
     out = np.zeros_like(values)
-    for v, m in set(zip(values.tolist(), mod.tolist(), strict=True)):
-        inv = pow(v % m, -1, m) if m > 1 else 0
-        out[(values == v) & (mod == m)] = inv
-    return out
+    if not len(values) or (mod <= 1).all():
+        return out
+    pairs, inverse = np.unique(np.stack([values, mod], 1), axis=0, return_inverse=True)
+    table = np.array([pow(int(v) % int(m), -1, int(m)) if m > 1 else 0 for v, m in pairs], dtype=np.int64)
+    return table[inverse.reshape(-1)]
 
 
 def band(qp: Pieces, kp: Pieces, lo: int, hi: int, modulus: int):
@@ -73,6 +74,9 @@ def band(qp: Pieces, kp: Pieces, lo: int, hi: int, modulus: int):
     wmin, wmax = -(kp.fn - 1), qp.fn - 1
     blo = np.maximum(_cdiv(lo - d0, step), wmin)
     bhi = np.minimum(_fdiv(hi - d0, step), wmax)
+    if modulus == 1:
+        nonempty = blo <= bhi
+        return nonempty, nonempty & (blo == wmin) & (bhi == wmax), ok
     g = np.gcd(step, modulus)
     solvable = d0 % g == 0
     mod2 = modulus // g

@@ -25,6 +25,8 @@ Every tile whose state needs element-wise evaluation is counted in ``evaluated``
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import torch
 
@@ -391,6 +393,54 @@ def _band_of(node: ir.Node):
     if node == ir.CAUSAL:
         return 0, cls.BIG, 1
     return None
+
+
+def band_total(node: ir.Node, q_len: int, kv_len: int) -> int | None:
+    """Allowed pairs of a single-band node over all queries, one formula per query row (O(Lq)), or None.
+
+    The count does not depend on the token order, so it serves every candidate order.
+    """
+    band = _band_of(node)
+    if band is None:
+        return None
+    lo, hi, mod = band
+    off = kv_len - q_len
+    if mod == 1:
+        return _band_total_closed(lo, hi, off, off + q_len - 1, kv_len)
+    q = np.arange(q_len, dtype=np.int64) + off
+    k0 = np.maximum(0, q - hi)
+    k1 = np.minimum(kv_len - 1, q - lo)
+    if mod == 1:
+        cnt = k1 - k0 + 1
+    else:
+        cnt = np.floor_divide(k1 - q, mod) - np.floor_divide(k0 - 1 - q, mod)
+    return int(np.where(k0 <= k1, cnt, 0).sum())
+
+
+def _band_total_closed(lo: int, hi: int, q0: int, q1: int, kv_len: int) -> int:
+    # r(q) = min(Lk-1, q-lo) - max(0, q-hi) + 1 is linear between its two kinks (q = hi and
+    # q = Lk-1+lo), with slope -1, 0 or 1; sum max(r, 0) piece by piece as arithmetic series.
+    def r(q):
+        return min(kv_len - 1, q - lo) - max(0, q - hi) + 1
+
+    cuts = sorted({q0, q1 + 1} | {c for c in (hi + 1, kv_len + lo) if q0 < c <= q1})
+    total = 0
+    for s, e in itertools.pairwise(cuts):
+        e -= 1
+        rs = r(s)
+        slope = r(s + 1) - rs if e > s else 0
+        if slope == 0:
+            total += (e - s + 1) * max(rs, 0)
+            continue
+        if slope > 0:
+            a = max(s, s + 1 - rs)
+            b = e
+        else:
+            a, b = s, min(e, s + rs - 1)
+        if a <= b:
+            ra, rb = rs + slope * (a - s), rs + slope * (b - s)
+            total += (ra + rb) * (b - a + 1) // 2
+    return total
 
 
 def count_allowed(engine: Engine, node: ir.Node, keys: np.ndarray) -> np.ndarray:

@@ -66,9 +66,9 @@ def evaluate_form(expr, m_values: np.ndarray) -> np.ndarray:
             for a in e.args[1:]:
                 n2, d2 = ev(a)
                 n, d = (n * d2 + n2 * d, d * d2) if isinstance(e, sp.Add) else (n * n2, d * d2)
-                g = np.gcd(n, d)
-                g = np.where(g == 0, 1, g)
-                n, d = n // g, d // g
+                if int(d.max()) > 1 << 20:  # keep int64 far from overflow on deep products
+                    g = np.gcd(n, d)
+                    n, d = n // g, d // g
             return n, d
         if isinstance(e, sp.floor):
             n, d = ev(e.args[0])

@@ -99,15 +99,22 @@ class Runs:
 
     @staticmethod
     def from_tiles(tl: TileList, nqb: int) -> Runs:
-        rows = torch.from_numpy(_rows_of(tl.row_ptr, nqb))
-        if rows.numel() == 0:
+        rows = _rows_of(tl.row_ptr, nqb)
+        cols = tl.cols.numpy()
+        state = tl.state.numpy()
+        if rows.size == 0:
             z = torch.zeros(0, dtype=torch.int64)
             return Runs(z, z, z, z.to(torch.int8))
-        new = torch.ones_like(rows, dtype=torch.bool)
-        new[1:] = (rows[1:] != rows[:-1]) | (tl.cols[1:] != tl.cols[:-1] + 1) | (tl.state[1:] != tl.state[:-1])
-        starts = torch.nonzero(new).flatten()
-        ends = torch.cat([starts[1:], torch.tensor([rows.numel()])])
-        return Runs(rows[starts], tl.cols[starts], tl.cols[ends - 1] + 1, tl.state[starts])
+        new = np.ones(rows.size, dtype=bool)
+        new[1:] = (rows[1:] != rows[:-1]) | (cols[1:] != cols[:-1] + 1) | (state[1:] != state[:-1])
+        starts = np.flatnonzero(new)
+        ends = np.append(starts[1:], rows.size)
+        return Runs(
+            torch.from_numpy(rows[starts]),
+            torch.from_numpy(cols[starts].copy()),
+            torch.from_numpy(cols[ends - 1] + 1),
+            torch.from_numpy(state[starts].copy()),
+        )
 
     def __len__(self) -> int:
         return int(self.row.numel())

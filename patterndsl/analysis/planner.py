@@ -138,8 +138,11 @@ def _assemble(pir, cand: _Candidate, groups, head_group, q_len, kv_len, heads, b
         m, n = keys // nkb, keys % nkb
         area = rows[m] * cols[n]
         partial = state == eng.PARTIAL
-        counts = eng.count_allowed(engine, simplify(node), keys[partial])
-        allowed = int(area[state == eng.FULL].sum()) + int(counts.sum())
+        rewritten = simplify(node)
+        allowed = eng.band_total(rewritten, q_len, kv_len)
+        if allowed is None:
+            counts = eng.count_allowed(engine, rewritten, keys[partial])
+            allowed = int(area[state == eng.FULL].sum()) + int(counts.sum())
         nh = len(hs)
         stats.allowed_pairs += allowed * nh
         stats.visited_pairs += int(area.sum()) * nh
@@ -153,7 +156,7 @@ def _assemble(pir, cand: _Candidate, groups, head_group, q_len, kv_len, heads, b
         )
         tl = _tile_list(m, n, state, nqb, nkb)
         runs = Runs.from_tiles(tl, nqb)
-        form = run_form(simplify(node), cand.qside, cand.kside, runs, nqb, nkb) if cand.qside.identity else None
+        form = run_form(rewritten, cand.qside, cand.kside, runs, nqb, nkb) if cand.qside.identity else None
         out_groups.append(HeadGroup(tuple(hs), node, tl, runs, form))
     stats.tiles_evaluated = evaluated
     stats.extra["orders_tried"] = n_orders

@@ -95,7 +95,7 @@ def candidates(nodes: list[ir.Node], layout: ir.Layout | None, q_len: int, kv_le
         target = tuple(float(a[1] * max(a[3], 1)) for a in axes)
         for dil in {dils, (1,) * rank}:
             gext = tuple(-(-e // d) for e, d in zip(layout.shape, dil, strict=True))
-            for box in box_shapes(gext, target, block[0]) + [gext]:
+            for box in [*box_shapes(gext, target, block[0]), gext]:
                 key = (dil, box)
                 if key in seen or (box == gext and dil == (1,) * rank):
                     continue

@@ -71,7 +71,7 @@ def _fold_union(items: tuple[ir.Node, ...]) -> list[ir.Node]:
         if lo > hi:
             continue
         if merged and merged[-1][0] == d and lo <= merged[-1][2] + 1:
-            pd, plo, phi = merged[-1]
+            _pd, plo, phi = merged[-1]
             merged[-1] = (d, plo, max(phi, hi))
         else:
             merged.append((d, lo, hi))

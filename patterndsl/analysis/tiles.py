@@ -81,6 +81,8 @@ class Side:
         fmin = (self.a * w).sum(1)
         fmax = (last * w).sum(1)
         nt = self.n_tiles
+        if self.single_piece:
+            return fmin, fmax, self.a, last
         lo = np.full(nt, np.iinfo(np.int64).max, dtype=np.int64)
         hi = np.full(nt, np.iinfo(np.int64).min, dtype=np.int64)
         np.minimum.at(lo, self.tile, fmin)
@@ -103,6 +105,13 @@ class Pieces:
         self.last = self.a + self.s * (self.n - 1)
         w = np.asarray(side.strides, dtype=np.int64)
         ext = np.asarray(side.extents, dtype=np.int64)
+        if self.a.shape[1] == 1:
+            # 1-D positions: every piece is a progression already.
+            self.fmin = self.fa = self.a[:, 0]
+            self.fmax = self.last[:, 0]
+            self.isap = np.ones(len(idx), dtype=bool)
+            self.fs, self.fn = self.s[:, 0], self.n[:, 0]
+            return
         self.fmin = (self.a * w).sum(1)
         self.fmax = (self.last * w).sum(1)
         # The flattened positions form a progression (fa + fs * t, t < fn) when at most one
