@@ -1,0 +1,152 @@
+"""Generated Triton source: golden files, determinism, headers and specialisation choices.
+
+``pytest --update-golden`` rewrites ``tests/golden/*.py`` on purpose after a
+deliberate change to the generator; review the diff before committing it.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+import sympy
+import torch
+
+import patterndsl
+from patterndsl.analysis.plan import HeadGroup, RunForm, plan_from_mask
+from patterndsl.codegen import bounds, generator, kernel_source
+
+GOLDEN = Path(__file__).resolve().parents[1] / "golden"
+
+# name -> (source, q_len, kv_len, heads, options)
+GOLDEN_CASES = {
+    "causal_forward": ("pattern causal_lm { causal }", 1024, None, 8, {}),
+    "streaming_backward": (
+        "pattern streaming(span = 256, sinks = 4) { causal & (window(span) | sink(sinks)) }",
+        2048,
+        None,
+        8,
+        {"kind": "backward", "kv_heads": 2, "head_dim": 128, "dtype": torch.bfloat16},
+    ),
+    "neighborhood_2d_forward": (
+        "pattern natten { layout grid(y = 32, x = 32)\n neighborhood(7, dilation = 2) }",
+        1024,
+        None,
+        4,
+        {"head_dim": 96},
+    ),
+    "per_head_where_forward": (
+        "pattern mix { heads 0..2: causal & where((q - k) % 3 == 0 or k < 8)\n random(2, 64, seed = 1) }",
+        512,
+        640,
+        4,
+        {"dtype": torch.float32, "head_dim": 32},
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(GOLDEN_CASES))
+def test_golden_source(name, request):
+    source, q_len, kv_len, heads, options = GOLDEN_CASES[name]
+    text = kernel_source(patterndsl.compile(source), q_len, kv_len, heads, **options)
+    path = GOLDEN / f"{name}.py"
+    if request.config.getoption("--update-golden"):
+        path.write_text(text)
+    assert path.exists(), f"missing {path}; run pytest --update-golden"
+    assert text == path.read_text(), f"generated source changed for {name}; run pytest --update-golden if intended"
+
+
+def test_source_is_deterministic_valid_python_with_header():
+    pattern = patterndsl.compile("pattern w(n = 5) { causal & window(n) | sink(2) }")
+    a = kernel_source(pattern, 300, heads=2, head_dim=40, kind="backward")
+    b = kernel_source(pattern, 300, heads=2, head_dim=40, kind="backward")
+    assert a == b
+    ast.parse(a)
+    spec = patterndsl.codegen.spec_for(pattern, 300, heads=2, head_dim=40, kind="backward")
+    head = a.split("import triton")[0]
+    for needle in ("pattern:    w(n=5)", f"cache key:  {spec.key}", "BM=64", "BN=64", "D=40 padded to DP=64"):
+        assert needle in head, needle
+    for name in generator.kernel_names(spec):
+        assert f"def {name}(" in a
+
+
+def test_cache_key_tracks_everything_that_changes_the_source():
+    pattern = patterndsl.compile("pattern p { causal & window(64) }")
+    base = patterndsl.codegen.spec_for(pattern, 512, heads=4)
+    variants = [
+        patterndsl.codegen.spec_for(pattern, 512, heads=4, dtype=torch.bfloat16),
+        patterndsl.codegen.spec_for(pattern, 512, heads=4, head_dim=128),
+        patterndsl.codegen.spec_for(pattern, 512, heads=4, block=(128, 64)),
+        patterndsl.codegen.spec_for(pattern, 512, 640, heads=4),
+        patterndsl.codegen.spec_for(pattern, 512, heads=4, kv_heads=2),
+        patterndsl.codegen.spec_for(pattern, 512, heads=4, target="sm_80"),
+        patterndsl.codegen.spec_for(pattern, 512, heads=4, num_warps=8),
+        patterndsl.codegen.spec_for(pattern, 512, heads=4, kind="backward"),
+        patterndsl.codegen.spec_for(patterndsl.compile("pattern p { causal & window(65) }"), 512, heads=4),
+    ]
+    keys = {base.key} | {v.key for v in variants}
+    assert len(keys) == len(variants) + 1
+    assert patterndsl.codegen.spec_for(pattern, 512, heads=4).key == base.key
+
+
+def test_full_tiles_carry_no_mask_and_partial_tiles_the_predicate():
+    text = kernel_source(patterndsl.compile("pattern p { causal & strided(3) }"), 256, order="identity")
+    loops = text.split("def fwd_g0")[1]
+    assert "_allowed_g0, True)" in loops and "_allowed_g0, False)" in loops
+    predicate = text.split("def _allowed_g0")[1].split("@triton.jit")[0]
+    assert "(q - k) % 3 == 0" in predicate and "k <= q" in predicate
+
+
+def test_floor_semantics_are_explicit_where_operands_may_be_negative():
+    pattern = patterndsl.compile("pattern p { where((q - k) // 4 == -1) & blocks(16) }")
+    same = kernel_source(pattern, 256, order="identity")
+    assert "_fdiv((q - k), 4)" in same and "(q) // (16) == k // 16" in same
+    longer_q = kernel_source(pattern, 256, 128, order="identity")  # q = i - 128 can be negative
+    assert "_fdiv(q, 16)" in longer_q
+
+
+@pytest.mark.parametrize(
+    ("expr", "code"),
+    [
+        (sympy.Min(3, sympy.floor((16 * sympy.Symbol("m") + 15) / 16) + 1), "tl.minimum(3, (1 + _fdiv("),
+        (sympy.Max(0, sympy.Symbol("m") - 2), "tl.maximum(0, ((-2) + m))"),
+        (sympy.ceiling(sympy.Symbol("m") / 3), "(-_fdiv("),
+    ],
+)
+def test_bounds_render(expr, code):
+    assert code in bounds.render(expr)
+
+
+def test_bounds_outside_the_vocabulary_fall_back_to_lists():
+    m = sympy.Symbol("m", integer=True)
+    assert bounds.render_form(RunForm(m, sympy.Integer(0), m**2, sympy.Integer(0), m)) is None
+    assert bounds.render_form(RunForm(m, sympy.Integer(0), m / 2, sympy.Integer(0), m)) is None
+
+
+def test_route_is_a_pattern_error():
+    pattern = patterndsl.compile("pattern r { causal & route(topk = 2, block = 16) }")
+    nodes = [pattern.ir.default]
+    plan = plan_from_mask(torch.ones(1, 64, 64, dtype=torch.bool), (16, 16), pattern=pattern.ir, nodes=nodes)
+    with pytest.raises(patterndsl.PatternError, match="route"):
+        generator.make_spec(plan)
+
+
+def test_closed_form_groups_read_no_tile_list():
+    pattern = patterndsl.compile("pattern p { causal }")
+    plan = plan_from_mask(pattern.mask(128, 128), (32, 32), pattern=pattern.ir, nodes=[pattern.ir.default])
+    m = sympy.Symbol("m", integer=True)
+    g = plan.groups[0]
+    plan.groups = (HeadGroup(g.heads, g.node, g.tiles, g.runs, RunForm(m, sympy.Integer(0), m + 1, 0, m)),)
+    text = generator.render(generator.make_spec(plan, head_dim=32))
+    kernel = text.split("def fwd_g0")[1]
+    assert "hi = (1 + m)" in kernel and "tl.load(ROW" not in kernel
+
+
+def test_bad_options_are_pattern_errors():
+    pattern = patterndsl.compile("pattern p { causal }")
+    for options in ({"dtype": torch.int32}, {"kv_heads": 3, "heads": 4}, {"target": "gfx90a"}, {"kind": "sideways"}):
+        options = dict(options)
+        heads = options.pop("heads", 1)
+        with pytest.raises(patterndsl.PatternError):
+            kernel_source(pattern, 64, heads=heads, **options)
