@@ -120,6 +120,8 @@ class _Scope:
     spans: dict[str, ir.Span] = field(default_factory=dict)
     #: While checking without parameter values an extent may be an ``_Unknown``.
     layout: ir.Layout | None = None
+    #: Parameters whose values came from Python: type errors about them point at their declaration.
+    passed: set[str] = field(default_factory=set)
 
     def declare(self, name: str, span: ir.Span, what: str) -> None:
         if name in _RESERVED:
@@ -143,6 +145,18 @@ class _Evaluator:
         method = getattr(self, "_" + type(e).__name__.lower())
         return method(e, where)
 
+    def span_of(self, e: syntax.Expr) -> ir.Span:
+        """Where an error about ``e`` points: a parameter given from Python is blamed at its declaration."""
+        if isinstance(e, syntax.Name) and e.name in self.scope.passed:
+            return self.scope.spans[e.name]
+        return e.span
+
+    def type_error(self, message: str, e: syntax.Expr) -> PatternTypeError:
+        """A type error about ``e`` (see :meth:`span_of`), naming the Python value when it is one."""
+        if isinstance(e, syntax.Name) and e.name in self.scope.passed:
+            message += f" (parameter '{e.name}' = {value_text(self.scope.values[e.name])} from Python)"
+        return PatternTypeError(message, self.span_of(e))
+
     # -- typed entry points
 
     def int_value(self, e: syntax.Expr, what: str) -> int | _Unknown:
@@ -150,7 +164,7 @@ class _Evaluator:
         if isinstance(value, _Unknown) and _is(value, "int"):
             return value
         if not (isinstance(value, int) and not isinstance(value, bool)):
-            raise PatternTypeError(f"{what} must be an integer, got {_describe(value)}", e.span)
+            raise self.type_error(f"{what} must be an integer, got {_describe(value)}", e)
         return value
 
     def pattern_value(self, e: syntax.Expr, what: str) -> ir.Node | _Unknown:
@@ -250,14 +264,14 @@ class _Evaluator:
             hint = ""
             if isinstance(value, ir.Node) and op in ("+", "*", "//", "%"):
                 hint = " (patterns combine with | & - ~)"
-            raise PatternTypeError(f"{op} needs an integer, got {_describe(value)}{hint}", e.span)
+            raise self.type_error(f"{op} needs an integer, got {_describe(value)}{hint}", e)
         return value
 
     def _bool_operand(self, e: syntax.Expr, where: bool, op: str) -> Value:
         value = self.eval(e, where)
         if not _is(value, "bool"):
             hint = " (patterns combine with | & ~)" if isinstance(value, ir.Node) else ""
-            raise PatternTypeError(f"'{op}' needs a condition, got {_describe(value)}{hint}", e.span)
+            raise self.type_error(f"'{op}' needs a condition, got {_describe(value)}{hint}", e)
         return value
 
     def _unary(self, e: syntax.Unary, where: bool) -> Value:
@@ -271,13 +285,13 @@ class _Evaluator:
         value = self.eval(e.operand, where)
         if e.op == "~":
             if not _is(value, "pattern"):
-                raise PatternTypeError(
-                    f"~ (complement) needs a pattern, got {_describe(value)} (negate integers with -)", e.span
+                raise self.type_error(
+                    f"~ (complement) needs a pattern, got {_describe(value)} (negate integers with -)", e.operand
                 )
             return value if isinstance(value, _Unknown) else ir.complement(value, e.span)
         if not _is(value, "int"):
             hint = " (the complement of a pattern is ~)" if isinstance(value, ir.Node) else ""
-            raise PatternTypeError(f"unary - needs an integer, got {_describe(value)}{hint}", e.span)
+            raise self.type_error(f"unary - needs an integer, got {_describe(value)}{hint}", e.operand)
         if isinstance(value, _Unknown):
             return _Unknown("int")
         if isinstance(value, int):
@@ -292,7 +306,7 @@ class _Evaluator:
             return self._combine(e, where, left)
         if not _is(left, "int"):
             hint = " (patterns combine with | & - ~)" if isinstance(left, ir.Node) else ""
-            raise PatternTypeError(f"'{e.op}' needs integers, got {_describe(left)}{hint}", e.left.span)
+            raise self.type_error(f"'{e.op}' needs integers, got {_describe(left)}{hint}", e.left)
         right = self._int_operand(e.right, where, f"'{e.op}'")
         return _arith(e.op, left, right, e.op_span)
 
@@ -304,8 +318,8 @@ class _Evaluator:
             if value is None:
                 value = self.eval(side, where)
             if not _is(value, "pattern"):
-                raise PatternTypeError(
-                    f"'{e.op}' ({names[e.op]}) needs patterns, got {_describe(value)}{hints[e.op]}", side.span
+                raise self.type_error(
+                    f"'{e.op}' ({names[e.op]}) needs patterns, got {_describe(value)}{hints[e.op]}", side
                 )
             operands.append(value)
         if any(isinstance(v, _Unknown) for v in operands):
@@ -406,7 +420,7 @@ def _bind_primitive(call: syntax.Call, ev: _Evaluator) -> Value:
         if param.name in given:
             expr, _ = given[param.name]
             values[param.name] = _argument(name, param, expr, ev)
-            spans[param.name] = expr.span
+            spans[param.name] = ev.span_of(expr)
         else:
             values[param.name] = param.default
             spans[param.name] = call.span
@@ -434,14 +448,14 @@ def _argument(prim: str, param: ir.Param, expr: syntax.Expr, ev: _Evaluator) -> 
     if param.kind == "pred":
         value = ev.eval(expr, where=True)
         if not _is(value, "bool"):
-            raise PatternTypeError(f"where() needs a condition, got {_describe(value)}", expr.span)
+            raise ev.type_error(f"where() needs a condition, got {_describe(value)}", expr)
         return _const(value) if not isinstance(value, (bool, _Unknown)) else value
     value = ev.eval(expr)
     if isinstance(value, _Unknown):
         return value
     if param.kind == "pattern":
         if not isinstance(value, ir.Node):
-            raise PatternTypeError(f"{what} must be a pattern, got {_describe(value)}", expr.span)
+            raise ev.type_error(f"{what} must be a pattern, got {_describe(value)}", expr)
         if ir.is_dynamic(value):
             raise PatternValueError(f"{what} must be a static pattern (no route inside)", expr.span)
         return value
@@ -450,12 +464,12 @@ def _argument(prim: str, param: ir.Param, expr: syntax.Expr, ev: _Evaluator) -> 
     if isinstance(value, tuple) and param.kind in ("ints", "bools"):
         if any(want_bool != isinstance(item, bool) for item in value):
             plural = "booleans" if want_bool else "integers"
-            raise PatternTypeError(f"{what} must hold {plural}, got {value_text(value)}", expr.span)
+            raise ev.type_error(f"{what} must hold {plural}, got {value_text(value)}", expr)
         return value
     if isinstance(value, tuple):
-        raise PatternTypeError(f"{what} must be {noun}, got a tuple {value_text(value)}", expr.span)
+        raise ev.type_error(f"{what} must be {noun}, got a tuple {value_text(value)}", expr)
     if want_bool != isinstance(value, bool) or not isinstance(value, int):
-        raise PatternTypeError(f"{what} must be {noun}, got {_describe(value)}", expr.span)
+        raise ev.type_error(f"{what} must be {noun}, got {_describe(value)}", expr)
     return value
 
 
@@ -633,6 +647,7 @@ def _bind_params(pdef: syntax.PatternDef, params: dict, scope: _Scope, ev: _Eval
                 )
         if decl.name in params:
             value = _python_param(decl.name, params[decl.name], decl)
+            scope.passed.add(decl.name)
             if default is not None and not isinstance(default, _Unknown) and not _same_kind(value, default):
                 raise PatternTypeError(
                     f"parameter '{decl.name}' must be like its default {value_text(default)}, got {value_text(value)}",

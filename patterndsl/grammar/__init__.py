@@ -276,7 +276,7 @@ def _describe_token(tok: Token) -> str:
 
 
 def _hint(tok: Token, expected: set[str]) -> str:
-    if tok.type == "_NL":
+    if tok.type == "_NL" and tok.value:
         return "; a statement ends at the end of its line (wrap it in parentheses to continue it)"
     if tok.type in _STATEMENT_KEYWORDS and "RBRACE" in expected:
         return "; statements come before the final expression"

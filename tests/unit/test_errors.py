@@ -151,8 +151,8 @@ TYPES = [
     ("pattern p { window() }", "window", "missing required argument 'before'"),
     ("pattern p { window(after = 2) }", "window", "missing required argument 'before'"),
     ("pattern p { sink(1 & 2) }", "1 &", "'&' (intersection) needs patterns, got an integer"),
-    ("pattern p { ~3 }", "~3", "needs a pattern"),
-    ("pattern p { -causal }", "-causal", "unary - needs an integer"),
+    ("pattern p { ~3 }", "3", "needs a pattern"),
+    ("pattern p { -causal }", "causal", "unary - needs an integer"),
     ("pattern p { causal + full }", "causal +", "needs integers, got a pattern"),
     ("pattern p { where(q + 1) }", "q + 1", "where() needs a condition"),
     ("pattern p { where(q < k and 3) }", "3)", "'and' needs a condition"),
@@ -250,3 +250,13 @@ def test_errors_from_files_name_the_file(tmp_path):
     assert str(info.value).startswith(f"{path}:2:15: unknown primitive 'sinc' (did you mean 'sink'?)")
     errors = check.check_module(parse(path.read_text(), str(path)))
     assert [str(e).splitlines()[0] for e in errors] == [str(info.value).splitlines()[0]]
+
+
+def test_errors_about_python_values_point_at_the_declaration():
+    src = "pattern p(a, d = 1) {\n  layout grid(y = 4, x = 4)\n  window(dilation = d, before = a) | neighborhood(a)\n}"
+    err = expect(src, PatternTypeError, "a, d", "got a boolean (parameter 'a' = true from Python)", a=True)
+    assert "window() argument 'before'" in err.message
+    expect(src, PatternValueError, "d = 1", "dilation must be >= 1", a=1, d=0)
+    expect(src, PatternTypeError, "a, d", "got a tuple (1, 2, 3)", a=(1, 2, 3))
+    src = "pattern p(a) {\n  layout grid(y = 4, x = 4)\n  neighborhood(a)\n}"
+    expect(src, PatternTypeError, "a) {", "has 3 entries", a=(1, 2, 3))
