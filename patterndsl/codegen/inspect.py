@@ -115,11 +115,11 @@ def compile_aot(fn, sig: dict, target: str = DEFAULT_TARGET, num_warps: int = 4,
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    cap = _capability(target)
     if not isinstance(fn, triton.runtime.JITFunction) or not isinstance(
         triton.language.zeros, triton.runtime.JITFunction
     ):
         raise BackendError("ahead-of-time compilation needs a process that imported Triton without TRITON_INTERPRET=1")
-    cap = _capability(target)
     options = {"num_warps": num_warps, "num_stages": num_stages}
     try:
         return triton.compile(ASTSource(fn, sig, {}, attrs or {}), target=GPUTarget("cuda", cap, 32), options=options)
