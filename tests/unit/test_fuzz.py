@@ -1,11 +1,12 @@
 """Fuzzing the front end: any text gives a Pattern or a PatternError, never another exception or a hang.
 
 Valid example sources are mutated at random (characters and whole tokens
-inserted, deleted, replaced, duplicated or swapped), and random token soup is
-generated; every case is parsed, checked as a file and compiled pattern by
-pattern under a per-case time limit. Patterns that compile must also print
-back to an equal IR. The default run takes a few seconds; the ``slow`` run
-takes many more cases.
+inserted, deleted, replaced, duplicated or swapped, or names and numbers
+swapped for others), and random token soup is generated; every case is
+parsed, checked as a file and compiled pattern by pattern under a per-case
+time limit. Patterns that compile must print back to an equal IR, and
+``check_lengths`` on them may raise only PatternErrors. The default run
+takes seconds; the ``slow`` run takes many more cases.
 """
 
 from __future__ import annotations
@@ -159,6 +160,10 @@ def run_case(text: str) -> str:
             outcome = "ok"
             printed = pattern_to_source(pattern.ir)
             assert patterndsl.compile(printed).ir == pattern.ir, printed
+            length = pattern.ir.layout.size if pattern.ir.layout is not None else 16
+            for sizes in [(length, None, 3), (length, length + 1, 1), (length + 1, None, 9)]:
+                with contextlib.suppress(PatternError):
+                    check.check_lengths(pattern.ir, *sizes)
         return outcome
 
 
@@ -191,7 +196,7 @@ def test_seed_sources_are_valid():
 
 @pytest.mark.parametrize("seed", range(4))
 def test_mutated_sources_give_a_pattern_or_a_pattern_error(seed):
-    tally = run_many(seed, 1500)
+    tally = run_many(seed, 1200)
     # Both outcomes must actually occur, or the mutations are not exercising anything.
     assert tally["ok"] > 20 and tally["error"] > 200, tally
 
