@@ -192,6 +192,13 @@ def _pyplot():
     return plt
 
 
+def _draw_mask(ax, mask: torch.Tensor, title: str) -> None:
+    ax.imshow(mask.to(torch.uint8).numpy(), cmap="Greys", interpolation="nearest", vmin=0, vmax=1)
+    ax.set_title(title, fontsize=9)
+    ax.set_xlabel("key index")
+    ax.set_ylabel("query index")
+
+
 def plot_plan(
     plan: BlockPlan,
     path: str | Path,
@@ -216,22 +223,28 @@ def plot_plan(
     from matplotlib.ticker import MaxNLocator
 
     groups = plan.groups
-    columns = 2 if mask is not None or mask_note else 1
+    # With a reordering, the mask is also drawn in the plan's order so it lines up with the tiles.
+    reordered = mask is not None and not plan.is_identity_order
+    columns = 1 + (mask is not None or bool(mask_note)) + reordered
     fig, axes = plt.subplots(len(groups), columns, figsize=(5.2 * columns, 4.6 * len(groups)), squeeze=False)
     tile_cmap = ListedColormap(["#ffffff", "#9ecae1", "#08519c", "#fd8d3c"])
     for row, group in enumerate(groups):
         head = group.heads[0]
         heads = ("head " if len(group.heads) == 1 else "heads ") + _head_ranges(group.heads)
-        if columns == 2:
-            ax = axes[row][0]
-            if mask is not None:
-                ax.imshow(mask[head].to(torch.uint8).numpy(), cmap="Greys", interpolation="nearest", vmin=0, vmax=1)
-                ax.set_title(f"mask, {heads} ({plan.q_len} x {plan.kv_len}, original order)", fontsize=9)
-                ax.set_xlabel("key index")
-                ax.set_ylabel("query index")
-            else:
-                ax.axis("off")
-                ax.text(0.5, 0.5, mask_note or "", ha="center", va="center", wrap=True, fontsize=9)
+        if columns > 1 and mask is None:
+            axes[row][0].axis("off")
+            axes[row][0].text(0.5, 0.5, mask_note or "", ha="center", va="center", wrap=True, fontsize=9)
+        elif columns > 1:
+            _draw_mask(axes[row][0], mask[head], f"mask, {heads} ({plan.q_len} x {plan.kv_len}, original order)")
+        if reordered:
+            permuted = mask[head][plan.q_order][:, plan.kv_order]
+            ax = axes[row][1]
+            _draw_mask(ax, permuted, f"mask, {heads}, in the plan's order\n(lines: tile borders)")
+            if plan.n_q_tiles <= 64 and plan.n_kv_tiles <= 64:
+                for y in range(1, plan.n_q_tiles):
+                    ax.axhline(y * plan.block_m - 0.5, color="#fd8d3c", linewidth=0.4)
+                for x in range(1, plan.n_kv_tiles):
+                    ax.axvline(x * plan.block_n - 0.5, color="#fd8d3c", linewidth=0.4)
         ax = axes[row][columns - 1]
         tiles = group.tiles.to_dense(plan.n_q_tiles, plan.n_kv_tiles)
         ax.imshow(tiles.numpy(), cmap=tile_cmap, vmin=0, vmax=3, interpolation="nearest")

@@ -192,6 +192,14 @@ def test_plot_writes_a_png(capsys, tmp_path):
     assert code == 0 and _is_png(out_file) and str(out_file) in out
 
 
+def test_plot_reordered_plan(capsys, tmp_path):
+    out_file = tmp_path / "nat.png"
+    path = EXAMPLES / "image_neighborhood_2d.pdsl"
+    argv = ["plot", path, "--param", "H=16", "--param", "W=16", "--param", "dilation=2", "--block", "32x32"]
+    code, _, _ = run(capsys, *argv, "-o", out_file)
+    assert code == 0 and _is_png(out_file)
+
+
 def test_plot_large_skips_the_mask_but_draws_tiles(capsys, tmp_path):
     out_file = tmp_path / "big.png"
     code, _, err = run(capsys, "plot", STREAMING, "--seq", 8192, "-o", out_file)
