@@ -443,6 +443,17 @@ def _band_total_closed(lo: int, hi: int, q0: int, q1: int, kv_len: int) -> int:
     return total
 
 
+def without_route(node: ir.Node) -> ir.Node:
+    """``node`` with every ``route`` replaced by ``empty``: its meaning on tiles no route reaches."""
+    if isinstance(node, ir.Prim):
+        return ir.EMPTY if node.name in ir.DYNAMIC_PRIMITIVES else node
+    if isinstance(node, ir.Not):
+        return ir.complement(without_route(node.item))
+    if isinstance(node, ir.Inter):
+        return ir.inter(*[without_route(i) for i in node.items])
+    return ir.union(*[without_route(i) for i in node.items])
+
+
 def count_allowed(engine: Engine, node: ir.Node, keys: np.ndarray) -> np.ndarray:
     """Allowed pairs in each tile ``keys`` (partial tiles): by formula for a single band, else by evaluation.
 
@@ -486,6 +497,7 @@ def count_allowed(engine: Engine, node: ir.Node, keys: np.ndarray) -> np.ndarray
             np.add.at(out, pair, cnt.sum(1))
             return out
     engine_eval = engine.evaluated
+    node = without_route(node)
     m, n = keys // engine.nkb, keys % engine.nkb
     step = max(1, _EVAL_CHUNK // max(q.block * k.block, 1))
     for s in range(0, len(keys), step):

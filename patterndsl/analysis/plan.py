@@ -163,7 +163,7 @@ class HeadGroup:
 class PlanStats:
     """Numbers reported by ``BlockPlan.stats`` and ``patterndsl show --stage plan``."""
 
-    allowed_pairs: int = 0  # sum over heads
+    allowed_pairs: int = 0  # sum over heads; for route patterns, pairs of statically decided tiles only
     total_pairs: int = 0  # heads * Lq * Lk
     tiles_empty: int = 0  # sum over heads
     tiles_partial: int = 0

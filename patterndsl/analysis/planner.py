@@ -144,6 +144,10 @@ def _assemble(pir, cand: _Candidate, groups, head_group, q_len, kv_len, heads, b
             counts = eng.count_allowed(engine, rewritten, keys[partial])
             allowed = int(area[state == eng.FULL].sum()) + int(counts.sum())
         nh = len(hs)
+        dyn = state == eng.DYNAMIC
+        if dyn.any():
+            # run-time tiles: their allowed pairs depend on the data; record the bound
+            stats.extra["dynamic_pairs_bound"] = stats.extra.get("dynamic_pairs_bound", 0) + int(area[dyn].sum()) * nh
         stats.allowed_pairs += allowed * nh
         stats.visited_pairs += int(area.sum()) * nh
         stats.tiles_full += int((state == eng.FULL).sum()) * nh
