@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from patterndsl.errors import PatternSyntaxError
+from patterndsl.errors import PatternError, PatternSyntaxError
 from patterndsl.grammar import parse, syntax
 
 
@@ -203,3 +203,21 @@ def test_filename_is_in_every_span():
     assert module.filename == "x.pdsl"
     assert module.patterns[0].span.file == "x.pdsl"
     assert module.patterns[0].final.span.file == "x.pdsl"
+
+
+def test_ranges_and_floor_division_lex_apart():
+    p = one("heads 0..n//2: causal\nheads n//2..n: full")
+    assert shape(p.statements[0].hi) == ("//", "n", 2)
+    assert shape(p.statements[1].lo) == ("//", "n", 2) and shape(p.statements[1].hi) == "n"
+
+
+def test_windows_line_endings_and_trailing_comments():
+    module = parse("pattern p {\r\n  let a = window(3)  # a comment; with a semicolon\r\n  a | sink(1)\r\n}\r\n")
+    p = module.patterns[0]
+    assert [s.name for s in p.statements] == ["a"]
+    assert shape(p.final) == ("|", "a", ("call", "sink", (1,), ()))
+
+
+def test_source_must_be_text():
+    with pytest.raises(PatternError, match="must be a str"):
+        parse(b"pattern p { full }")
