@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from patterndsl import ir
 from patterndsl.api import Pattern, compile, load
 from patterndsl.errors import PatternError
 
@@ -169,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--target", choices=("sm_80", "sm_90"), default="sm_90", help="GPU the kernel is specialised to (default sm_90)"
     )
-    p.add_argument("--layers", metavar="N", type=_positive, help="stacked layers for --stage reach")
+    p.add_argument("--layers", metavar="N", type=_positive, help="stacked layers for --stage reach (default 1)")
     p.add_argument("--dtype", choices=tuple(DTYPES), default="float16", help="kernel dtype (default float16)")
     p.add_argument("--head-dim", metavar="D", type=_positive, default=64, help="head dimension (default 64)")
     p.add_argument("--kind", choices=("forward", "backward"), default="forward", help="which kernel to generate")
@@ -382,12 +383,28 @@ def render_aot(pattern: Pattern, q_len: int, kv_len: int, args) -> str:
 
 
 def render_reach(pattern: Pattern, q_len: int, kv_len: int, args) -> str:
-    """``--stage reach``: whether N stacked layers of the pattern connect every query to every allowed key."""
+    """``--stage reach``: whether ``--layers`` stacked layers connect every query to every key it may depend on.
+
+    Heads that share one pattern are analysed once; ``--block`` adds the tile graph's lower bound.
+    """
     reachability = require("patterndsl.analysis", "reachability", "reachability")
-    result = reachability(
-        pattern.ir, q_len, kv_len, args.heads, layers=args.layers, block=_block(args, (128, 128)), order=args.order
+    if kv_len != q_len:
+        raise UsageError("--stage reach stacks layers of self-attention: --kv-seq must equal --seq")
+    block = parse_block(args.block) if args.block else None
+    parts, seen = [], {}
+    for h in range(args.heads):
+        node = pattern.ir.node_for_head(h)
+        if node in seen and not ir.uses_head(node):
+            seen[node].append(h)
+            continue
+        seen[node] = [h]
+        result = reachability(pattern.ir, q_len, layers=args.layers or 1, head=h, block=block)
+        parts.append((seen[node], result.text()))
+    if len(parts) == 1:
+        return parts[0][1]
+    return "\n\n".join(
+        f"{'head' if len(heads) == 1 else 'heads'} {', '.join(map(str, heads))}:\n{text}" for heads, text in parts
     )
-    return str(result)
 
 
 def cmd_plot(args) -> int:

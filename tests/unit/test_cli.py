@@ -168,6 +168,32 @@ def test_show_triton(capsys):
     assert "@triton.jit" in out
 
 
+def test_show_reach_matches_the_receptive_field_argument(capsys):
+    # Sparse Transformer: two layers of the strided pattern connect every causal pair.
+    path = EXAMPLES / "sparse_transformer.pdsl"
+    argv = ["show", path, "--pattern", "sparse_strided", "--param", "stride=16", "--seq", 256, "--stage", "reach"]
+    code, out, _ = run(capsys, *argv, "--layers", 2)
+    assert code == 0
+    assert "after 2 layer(s): yes" in out and "smallest number of layers that does: 2" in out
+    # A window of 16 moves information at most 16 positions per layer: query 255 needs key 4
+    # (the first one that is not a sink) after ceil(251 / 16) = 16 layers.
+    argv = ["show", STREAMING, "--param", "span=16", "--seq", 256, "--stage", "reach", "--layers", 4]
+    code, out, _ = run(capsys, *argv)
+    assert code == 0
+    assert "after 4 layer(s): no" in out and "smallest number of layers that does: 16" in out
+
+
+def test_show_reach_per_head_group_and_errors(capsys):
+    path = EXAMPLES / "s2_attention.pdsl"
+    code, out, _ = run(capsys, "show", path, "--param", "local=8", "--seq", 64, "--heads", 6, "--stage", "reach")
+    assert code == 0
+    assert out.count("smallest number of layers") == 5 and "heads 4, 5:" in out
+    code, _, err = run(capsys, "show", EXAMPLES / "moba.pdsl", "--seq", 128, "--stage", "reach")
+    assert code == 1 and "static" in err
+    code, _, err = run(capsys, "show", STREAMING, "--seq", 128, "--kv-seq", 64, "--stage", "reach")
+    assert code == 2 and "--kv-seq" in err
+
+
 @pytest.mark.aot
 @pytest.mark.parametrize("stage, target, needle", [("ptx", "sm_90", ".target sm_90"), ("sass", "sm_80", "regs")])
 def test_show_ahead_of_time(capsys, stage, target, needle):
