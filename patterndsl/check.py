@@ -50,6 +50,7 @@ _COMPARE: dict[str, Callable[[int, int], bool]] = {
     ">": operator.gt,
     ">=": operator.ge,
 }
+_MAX_INT = 2**62
 _FOLD_FUNC: dict[str, Callable[..., int]] = {"abs": abs, "min": min, "max": max}
 # Names a parameter or let may not take: they would hide a primitive or a where variable.
 _RESERVED = frozenset(ir.SIGNATURES) | frozenset(ir.Var.NAMES) | frozenset(_FUNCTIONS)
@@ -176,7 +177,7 @@ class _Evaluator:
     # -- atoms
 
     def _number(self, e: syntax.Number, where: bool) -> int:
-        return e.value
+        return _bounded(e.value, e.span)
 
     def _boolean(self, e: syntax.Boolean, where: bool) -> bool:
         return e.value
@@ -348,13 +349,20 @@ class _Evaluator:
         return _logic(e.op, [self._bool_operand(x, where, e.op) for x in e.items], e.span)
 
 
+def _bounded(value: int, span: ir.Span | None) -> int:
+    """Keep folded integers within int64 range, where every later stage computes."""
+    if abs(value) > _MAX_INT:
+        raise PatternValueError(f"integer out of range: |value| must be at most 2**62 ({_MAX_INT})", span)
+    return value
+
+
 def _arith(op: str, left: Value, right: Value, span: ir.Span) -> Value:
     if op in ("//", "%") and isinstance(right, int) and right == 0:
         raise PatternValueError(f"division by zero: the divisor of '{op}' is 0", span)
     if isinstance(left, _Unknown) or isinstance(right, _Unknown):
         return _Unknown("int")
     if isinstance(left, int) and isinstance(right, int):
-        return _ARITH[op](left, right)
+        return _bounded(_ARITH[op](left, right), span)
     return ir.Arith(op, _const(left), _const(right), span)
 
 
@@ -605,13 +613,17 @@ def _python_param(name: str, value: Any, decl: syntax.Param) -> Any:
 def _python_scalar(name: str, value: Any, decl: syntax.Param) -> int | bool:
     if isinstance(value, bool):
         return value
-    if isinstance(value, int):
-        return int(value)
     if hasattr(type(value), "__index__") and not isinstance(value, float):
         try:
-            return operator.index(value)
+            number = operator.index(value)
         except TypeError:
             pass
+        else:
+            if abs(number) > _MAX_INT:
+                raise PatternValueError(
+                    f"parameter '{name}' is out of range (|value| must be at most 2**62)", decl.span
+                )
+            return number
     raise PatternTypeError(
         f"parameter '{name}' must be an integer, a boolean or a tuple of those, got {type(value).__name__}",
         decl.span,

@@ -170,6 +170,9 @@ class _Builder(Transformer):
         return syntax.Unary(str(op), operand, self._span(meta))
 
     def number(self, meta, tok):
+        # Python refuses to convert very long digit strings; no sensible pattern needs them.
+        if len(tok.lstrip("0")) > 30:
+            raise PatternSyntaxError("number too large", self._tok(tok))
         return syntax.Number(int(tok), self._span(meta))
 
     def boolean(self, meta, tok):

@@ -260,3 +260,11 @@ def test_errors_about_python_values_point_at_the_declaration():
     expect(src, PatternTypeError, "a, d", "got a tuple (1, 2, 3)", a=(1, 2, 3))
     src = "pattern p(a) {\n  layout grid(y = 4, x = 4)\n  neighborhood(a)\n}"
     expect(src, PatternTypeError, "a) {", "has 3 entries", a=(1, 2, 3))
+
+
+def test_huge_integers_are_errors_not_crashes():
+    with pytest.raises(PatternSyntaxError, match="number too large"):
+        patterndsl.compile("pattern p { sink(" + "9" * 5000 + ") }")
+    expect("pattern p { sink(99999999999 * 99999999999) }", PatternValueError, "*", "integer out of range")
+    expect("pattern p(n) { sink(n) }", PatternValueError, "n) {", "out of range", n=10**100)
+    assert patterndsl.compile("pattern p { sink(2 * 2305843009213693952) }").ir.default.arg("n") == 2**62
