@@ -72,6 +72,7 @@ TOKENS = [
         """,
     ),
     "\n",
+    "9" * 40,
 ]
 CHARS = "(){}[],;:.=<>!|&-+*/%~#\n\t abcqkhxy0123456789_\"'\\$@?^`\x00é"
 TIME_LIMIT = 2.0  # seconds per case; binding even large inputs takes milliseconds
