@@ -68,6 +68,17 @@ CASES = [
         torch.float32,
     ),
     (
+        "grid_dilated_reordered",
+        "pattern p { layout grid(y = 12, x = 12)\n neighborhood(3, dilation = 2) }",
+        144,
+        144,
+        1,
+        1,
+        16,
+        torch.float32,
+    ),
+    ("dilated_window_reordered", "pattern p { causal & window(8, dilation = 4) }", 64, 64, 1, 1, 16, torch.float16),
+    (
         "grid_causal_coords",
         "pattern p { layout grid(t = 3, y = 4, x = 4)\n neighborhood((2, 3, 3), causal = (true, false, false))"
         " | where(q.y == k.x) }",
@@ -133,9 +144,37 @@ def check(pattern, plan, lq, lk, heads, kv_heads, d, dtype, batch=2, seed=None):
         )
 
 
-def pattern_case(source, lq, lk, heads, kv_heads, d, dtype):
+# Larger shapes and GPU-like tiles (32 x 32); run with the ``slow`` marker.
+SLOW_CASES = [
+    ("slow_grid_2d", "pattern p { layout grid(y = 16, x = 16)\n neighborhood(5) }", 256, 256, 2, 1, 64, torch.float16),
+    (
+        "slow_grid_3d_reordered",
+        "pattern p { layout grid(t = 4, y = 8, x = 8)\n neighborhood((3, 3, 3), dilation = (1, 2, 2)) }",
+        256,
+        256,
+        1,
+        1,
+        48,
+        torch.float32,
+    ),
+    ("slow_streaming_gqa", "pattern p { causal & (window(40) | sink(4)) }", 200, 200, 8, 2, 40, torch.float16),
+    ("slow_chunked_prefill", "pattern p { causal & window(64) }", 96, 300, 2, 2, 32, torch.float32),
+    (
+        "slow_bigbird",
+        "pattern p { blocks(32) | window(16, 16) | global(8) | random(2, 32, seed = 5) }",
+        224,
+        224,
+        2,
+        2,
+        32,
+        torch.float16,
+    ),
+]
+
+
+def pattern_case(source, lq, lk, heads, kv_heads, d, dtype, block=(16, 16)):
     pattern = patterndsl.compile(source)
-    check(pattern, make_plan(pattern, lq, lk, heads), lq, lk, heads, kv_heads, d, dtype)
+    check(pattern, make_plan(pattern, lq, lk, heads, block), lq, lk, heads, kv_heads, d, dtype)
 
 
 def case_reordered_plan_gathers_rows_in_kernel():
@@ -181,4 +220,5 @@ def case_wrong_shapes_raise_pattern_error():
 
 
 CHECKS = {name: functools.partial(pattern_case, *spec) for name, *spec in CASES}
+CHECKS.update({name: functools.partial(pattern_case, *spec, block=(32, 32)) for name, *spec in SLOW_CASES})
 CHECKS.update({name[len("case_") :]: fn for name, fn in list(globals().items()) if name.startswith("case_")})
