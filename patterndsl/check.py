@@ -407,9 +407,9 @@ def _bind_primitive(call: syntax.Call, ev: _Evaluator) -> Value:
         extra = call.args[len(sig)]
         takes = f"at most {len(sig)} argument{'s' if len(sig) != 1 else ''} ({', '.join(names)})" if sig else "none"
         raise PatternTypeError(f"{name}() takes {takes}, got {len(call.args)}", extra.span)
-    given: dict[str, tuple[syntax.Expr, ir.Span]] = {}
+    given: dict[str, syntax.Expr] = {}
     for param, arg in zip(sig, call.args, strict=False):
-        given[param.name] = (arg, arg.span)
+        given[param.name] = arg
     for kw in call.keywords:
         if kw.name not in names:
             hint = did_you_mean(kw.name, names)
@@ -417,7 +417,7 @@ def _bind_primitive(call: syntax.Call, ev: _Evaluator) -> Value:
             raise PatternNameError(f"{name}() has no argument '{kw.name}'{hint}; it takes {listing}", kw.span)
         if kw.name in given:
             raise PatternTypeError(f"{name}() got argument '{kw.name}' twice", kw.span)
-        given[kw.name] = (kw.value, kw.span)
+        given[kw.name] = kw.value
     missing = [p.name for p in sig if p.required and p.name not in given]
     if missing:
         raise PatternTypeError(f"{name}() is missing required argument '{missing[0]}'", call.span)
@@ -426,7 +426,7 @@ def _bind_primitive(call: syntax.Call, ev: _Evaluator) -> Value:
     spans: dict[str, ir.Span] = {}
     for param in sig:
         if param.name in given:
-            expr, _ = given[param.name]
+            expr = given[param.name]
             values[param.name] = _argument(name, param, expr, ev)
             spans[param.name] = ev.span_of(expr)
         else:
@@ -457,7 +457,7 @@ def _argument(prim: str, param: ir.Param, expr: syntax.Expr, ev: _Evaluator) -> 
         value = ev.eval(expr, where=True)
         if not _is(value, "bool"):
             raise ev.type_error(f"where() needs a condition, got {_describe(value)}", expr)
-        return _const(value) if not isinstance(value, (bool, _Unknown)) else value
+        return value
     value = ev.eval(expr)
     if isinstance(value, _Unknown):
         return value
