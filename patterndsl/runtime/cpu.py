@@ -24,7 +24,7 @@ run time (``route``) can be scheduled the same way.
 from __future__ import annotations
 
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -34,6 +34,12 @@ from patterndsl.analysis.plan import PARTIAL, BlockPlan, HeadGroup
 #: Score-matrix bytes per chunk: large enough for efficient batched matmuls,
 #: small enough that the softmax passes stay in cache (measured, see benchmarks/cpu_attention.py).
 CHUNK_BYTES = 4 << 20
+#: Inner kernel per segment: ``"fused"`` runs torch's CPU flash-attention kernel on the
+#: segment's tile views (one call per segment, fp32 accumulation, no score matrix in
+#: memory); ``"math"`` runs matmul + two-pass softmax in chunks. Both give the same
+#: results; fused is the default because it issues far fewer parallel regions
+#: (see benchmarks/cpu_attention.py --kernel).
+KERNEL = "fused"
 #: Affine segments shorter than this are pooled into gathered buckets (fewer, larger steps).
 MIN_AFFINE = 4
 
@@ -55,6 +61,23 @@ class Segment:
     kv_tiles: torch.Tensor
     affine: tuple[int, int] | None
     blocked: torch.Tensor | None
+    _bias: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def bias(self, dtype: torch.dtype) -> torch.Tensor | None:
+        """``blocked`` as an additive mask ``[1, 1 or n, BM, width*BN]`` (0 / -inf) in ``dtype``."""
+        if self.blocked is None:
+            return None
+        if dtype not in self._bias:
+            zeros = torch.zeros(self.blocked.shape, dtype=dtype)
+            self._bias[dtype] = zeros.masked_fill_(self.blocked, float("-inf")).unsqueeze(0)
+        return self._bias[dtype]
+
+    def empty_rows(self) -> torch.Tensor | None:
+        """Bool ``[1 or n, BM]``: rows with no allowed key in the segment, or None when there are none."""
+        if "empty" not in self._bias:
+            rows = None if self.blocked is None else self.blocked.all(-1)
+            self._bias["empty"] = rows if rows is not None and bool(rows.any()) else None
+        return self._bias["empty"]
 
     @property
     def width(self) -> int:
@@ -296,7 +319,7 @@ def _add_keys(dst: torch.Tensor, seg: Segment, bn: int, value: torch.Tensor) -> 
     """Accumulate per-tile key gradients ``value [B, h, n, width*BN, D]`` into ``dst [B, h, Lk_pad, D]``."""
     b, h, _, d = dst.shape
     n, width = len(seg), seg.width
-    value = value.view(b, h, n, width, bn, d)
+    value = value.reshape(b, h, n, width, bn, d)
     if seg.affine is not None and seg.affine[1] >= 1:
         # For a fixed offset w the query tiles touch distinct key tiles, so one strided add each.
         lo0, step = seg.affine
@@ -321,6 +344,89 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _flat(x: torch.Tensor) -> torch.Tensor:
+    # [B, h, n, rows, ...] -> [B*h, n, rows, ...]: the fused kernel's [batch, heads, L, D].
+    return x.flatten(0, 1)
+
+
+def _forward_fused(qp, kp, vp, op, lp, seg: Segment, block, scale: float) -> None:
+    bm, bn = block
+    b, h = qp.shape[:2]
+    qc, kc, vc = _flat(_q_view(qp, seg, bm)), _flat(_kv_view(kp, seg, bn)), _flat(_kv_view(vp, seg, bn))
+    o, lse = _FLASH(qc, kc, vc, 0.0, False, attn_mask=seg.bias(qp.dtype), scale=scale)
+    lse = lse.unflatten(0, (b, h))
+    empty = seg.empty_rows()
+    if empty is not None:
+        # The kernel reports lse = 0 for rows with no allowed key; the contract says -inf.
+        lse = lse.masked_fill(empty, float("-inf"))
+    _put_rows(op, seg, bm, o.unflatten(0, (b, h)))
+    _put_rows(lp, seg, bm, lse)
+
+
+def _forward_math(qp, kp, vp, op, lp, seg0: Segment, block, scale: float) -> None:
+    bm, bn = block
+    b, h = qp.shape[:2]
+    for seg in _chunks(seg0, b * h * bm * bn, qp.element_size()):
+        s = _scores(_q_view(qp, seg, bm) * scale, _kv_view(kp, seg, bn), seg)
+        m = s.amax(-1, keepdim=True)
+        m.masked_fill_(m == float("-inf"), 0.0)
+        s.sub_(m).exp_()
+        den = s.sum(-1, keepdim=True)
+        # Rows with no allowed key have den = 0 and a zero numerator: clamp makes them 0, not NaN.
+        o = torch.matmul(s, _kv_view(vp, seg, bn)).div_(den.clamp(min=1.0))
+        _put_rows(op, seg, bm, o)
+        _put_rows(lp, seg, bm, (m + den.log()).squeeze(-1))
+
+
+def _backward_fused(t: dict, seg: Segment, block, scale: float) -> None:
+    bm, bn = block
+    b, h = t["q"].shape[:2]
+    qc, doc, oc = (_flat(_q_view(t[name], seg, bm)) for name in ("q", "do", "o"))
+    kc, vc = _flat(_kv_view(t["k"], seg, bn)), _flat(_kv_view(t["v"], seg, bn))
+    lc = _flat(_q_view(t["lse"][..., None], seg, bm)).squeeze(-1)
+    dq, dk, dv = _FLASH_BWD(doc, qc, kc, vc, oc, lc, 0.0, False, attn_mask=seg.bias(qc.dtype), scale=scale)
+    _put_rows(t["dq"], seg, bm, dq.unflatten(0, (b, h)))
+    _add_keys(t["dk"], seg, bn, dk.unflatten(0, (b, h)))
+    _add_keys(t["dv"], seg, bn, dv.unflatten(0, (b, h)))
+
+
+def _backward_math(t: dict, seg0: Segment, block, scale: float) -> None:
+    bm, bn = block
+    b, h = t["q"].shape[:2]
+    for seg in _chunks(seg0, b * h * bm * bn, t["q"].element_size()):
+        qc = _q_view(t["q"], seg, bm) * scale
+        kc, vc = _kv_view(t["k"], seg, bn), _kv_view(t["v"], seg, bn)
+        doc = _q_view(t["do"], seg, bm)
+        p = _scores(qc, kc, seg)
+        p.sub_(_q_view(t["lse"][..., None], seg, bm)).exp_()
+        _add_keys(t["dv"], seg, bn, torch.matmul(p.transpose(-1, -2), doc))
+        ds = torch.matmul(doc, vc.transpose(-1, -2))
+        ds.sub_(_q_view(t["delta"][..., None], seg, bm)).mul_(p)
+        _put_rows(t["dq"], seg, bm, torch.matmul(ds, kc).mul_(scale))
+        # qc carries the scale, so this is scale * dS^T Q.
+        _add_keys(t["dk"], seg, bn, torch.matmul(ds.transpose(-1, -2), qc))
+
+
+_FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+_FLASH_BWD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+
+
+@dataclass(frozen=True)
+class _Heads:
+    """One head group's query heads and the key/value head each reads (None = all, unchanged)."""
+
+    q: list[int] | None
+    kv: list[int] | None
+    count: int
+
+    @staticmethod
+    def of(sched: Schedule, heads: int, group_size: int) -> _Heads:
+        hs = sched.heads
+        if hs == tuple(range(heads)):
+            return _Heads(None, None if group_size == 1 else _kv_heads(hs, group_size), len(hs))
+        return _Heads(list(hs), _kv_heads(hs, group_size), len(hs))
+
+
 def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: BlockPlan, scale: float):
     """Attention restricted to ``plan``, on CPU.
 
@@ -335,45 +441,28 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: BlockPlan, 
         (``-inf`` and a zero output for rows with no allowed key).
     """
     b, h, lq, d = q.shape
-    lk = k.shape[2]
     dt = _compute_dtype(q.dtype)
     out = q.new_zeros(b, h, lq, d)
     lse = torch.full((b, h, lq), float("-inf"), dtype=torch.float32)
-    if lq == 0 or lk == 0:
-        return out, lse
     bm, bn = plan.block
-    g = h // k.shape[1]
-    q_inv, _ = _inverses(plan)
-    q_id, k_id = q_inv is None, _inverses(plan)[1] is None
+    q_inv, k_inv = _inverses(plan)
     lq_pad, lk_pad = plan.n_q_tiles * bm, plan.n_kv_tiles * bn
+    run = _forward_fused if KERNEL == "fused" else _forward_math
     for sched in schedules(plan):
-        hs = sched.heads
-        all_heads = hs == tuple(range(h))
-        qh = None if all_heads else list(hs)
-        kvh = None if all_heads and g == 1 else _kv_heads(hs, g)
-        qp = _to_tiles(q, qh, plan.q_order, q_id, lq_pad, dt).mul_(scale)
-        kp = _to_tiles(k, kvh, plan.kv_order, k_id, lk_pad, dt)
-        vp = _to_tiles(v, kvh, plan.kv_order, k_id, lk_pad, dt)
-        op = torch.zeros(b, len(hs), lq_pad, d, dtype=dt)
-        lp = torch.full((b, len(hs), lq_pad), float("-inf"), dtype=dt)
-        for seg0 in sched.segments:
-            for seg in _chunks(seg0, b * len(hs) * bm * bn, qp.element_size()):
-                s = _scores(_q_view(qp, seg, bm), _kv_view(kp, seg, bn), seg)
-                m = s.amax(-1, keepdim=True)
-                m.masked_fill_(m == float("-inf"), 0.0)
-                s.sub_(m).exp_()
-                den = s.sum(-1, keepdim=True)
-                o = torch.matmul(s, _kv_view(vp, seg, bn)).div_(den.clamp(min=1.0))
-                _put_rows(op, seg, bm, o)
-                _put_rows(lp, seg, bm, (m + den.log()).squeeze(-1))
-        o_orig = _from_tiles(op, lq, q_inv)
-        l_orig = _from_tiles(lp, lq, q_inv)
-        if all_heads:
-            out.copy_(o_orig)
-            lse.copy_(l_orig)
+        hd = _Heads.of(sched, h, h // k.shape[1])
+        qp = _to_tiles(q, hd.q, plan.q_order, q_inv is None, lq_pad, dt)
+        kp = _to_tiles(k, hd.kv, plan.kv_order, k_inv is None, lk_pad, dt)
+        vp = _to_tiles(v, hd.kv, plan.kv_order, k_inv is None, lk_pad, dt)
+        op = torch.zeros(b, hd.count, lq_pad, d, dtype=dt)
+        lp = torch.full((b, hd.count, lq_pad), float("-inf"), dtype=dt)
+        for seg in sched.segments:
+            run(qp, kp, vp, op, lp, seg, plan.block, scale)
+        if hd.q is None:
+            out.copy_(_from_tiles(op, lq, q_inv))
+            lse.copy_(_from_tiles(lp, lq, q_inv))
         else:
-            out[:, qh] = o_orig.to(out.dtype)
-            lse[:, qh] = l_orig.to(lse.dtype)
+            out[:, hd.q] = _from_tiles(op, lq, q_inv).to(out.dtype)
+            lse[:, hd.q] = _from_tiles(lp, lq, q_inv).to(lse.dtype)
     return out, lse
 
 
@@ -397,56 +486,51 @@ def backward(q, k, v, out, lse, dout, plan: BlockPlan, scale: float, dlse=None):
     dq = torch.zeros_like(q)
     dk_acc = torch.zeros(b, hkv, lk, d, dtype=dt)
     dv_acc = torch.zeros(b, hkv, lk, d, dtype=dt)
-    if lq == 0 or lk == 0:
-        return dq, dk_acc.to(k.dtype), dv_acc.to(v.dtype)
     bm, bn = plan.block
-    g = h // hkv
     q_inv, k_inv = _inverses(plan)
     q_id, k_id = q_inv is None, k_inv is None
     lq_pad, lk_pad = plan.n_q_tiles * bm, plan.n_kv_tiles * bn
-    delta = (dout.to(dt) * out.to(dt)).sum(-1)
-    if dlse is not None:
-        # d lse / d s = P, so a gradient on lse shifts delta: dS = P * (dP - (delta - dlse)).
-        delta = delta - dlse.to(dt)
-    # Rows with no allowed key have lse = -inf; +inf makes their P exactly 0 (never NaN).
-    lse_safe = lse.to(dt).masked_fill(lse == float("-inf"), float("inf"))
+    empty = lse == float("-inf")
+    # The fused kernel computes delta = rowsum(dO * O) itself and cannot take a gradient on lse.
+    fused = KERNEL == "fused" and (dlse is None or not bool(dlse.any()))
+    extra: dict[str, torch.Tensor] = {}
+    if fused:
+        # Any finite lse gives P = 0 on rows whose scores are all -inf (no allowed key).
+        extra["lse"] = lse.to(dt).masked_fill(empty, 0.0)
+    else:
+        delta = (dout.to(dt) * out.to(dt)).sum(-1)
+        if dlse is not None:
+            # d lse / d s = P, so a gradient on lse shifts delta: dS = P * (dP - (delta - dlse)).
+            delta = delta - dlse.to(dt)
+        extra["delta"] = delta
+        # +inf makes P exactly 0 on rows with no allowed key (never NaN).
+        extra["lse"] = lse.to(dt).masked_fill(empty, float("inf"))
     for sched in schedules(plan):
-        hs = sched.heads
-        all_heads = hs == tuple(range(h))
-        qh = None if all_heads else list(hs)
-        kvh = None if all_heads and g == 1 else _kv_heads(hs, g)
-        qp = _to_tiles(q, qh, plan.q_order, q_id, lq_pad, dt).mul_(scale)
-        dop = _to_tiles(dout, qh, plan.q_order, q_id, lq_pad, dt)
-        kp = _to_tiles(k, kvh, plan.kv_order, k_id, lk_pad, dt)
-        vp = _to_tiles(v, kvh, plan.kv_order, k_id, lk_pad, dt)
-        lp = _to_tiles(lse_safe[..., None], qh, plan.q_order, q_id, lq_pad, dt)[..., 0]
-        dp = _to_tiles(delta[..., None], qh, plan.q_order, q_id, lq_pad, dt)[..., 0]
-        dqp = torch.zeros_like(qp)
-        dkp = torch.zeros_like(kp)
-        dvp = torch.zeros_like(vp)
-        for seg0 in sched.segments:
-            for seg in _chunks(seg0, b * len(hs) * bm * bn, qp.element_size()):
-                qc, kc, vc = _q_view(qp, seg, bm), _kv_view(kp, seg, bn), _kv_view(vp, seg, bn)
-                doc = _q_view(dop, seg, bm)
-                p = _scores(qc, kc, seg)
-                p.sub_(_q_view(lp[..., None], seg, bm)).exp_()
-                _add_keys(dvp, seg, bn, torch.matmul(p.transpose(-1, -2), doc))
-                ds = torch.matmul(doc, vc.transpose(-1, -2))
-                ds.sub_(_q_view(dp[..., None], seg, bm)).mul_(p)
-                _put_rows(dqp, seg, bm, torch.matmul(ds, kc))
-                _add_keys(dkp, seg, bn, torch.matmul(ds.transpose(-1, -2), qc))
-        dq_g = _from_tiles(dqp.mul_(scale), lq, q_inv)
-        dk_g = _from_tiles(dkp, lk, k_inv)
-        dv_g = _from_tiles(dvp, lk, k_inv)
-        if all_heads:
+        hd = _Heads.of(sched, h, h // hkv)
+        t = {
+            "q": _to_tiles(q, hd.q, plan.q_order, q_id, lq_pad, dt),
+            "do": _to_tiles(dout, hd.q, plan.q_order, q_id, lq_pad, dt),
+            "k": _to_tiles(k, hd.kv, plan.kv_order, k_id, lk_pad, dt),
+            "v": _to_tiles(v, hd.kv, plan.kv_order, k_id, lk_pad, dt),
+        }
+        if fused:
+            t["o"] = _to_tiles(out, hd.q, plan.q_order, q_id, lq_pad, dt)
+        for name, value in extra.items():
+            t[name] = _to_tiles(value[..., None], hd.q, plan.q_order, q_id, lq_pad, dt)[..., 0]
+        t["dq"], t["dk"], t["dv"] = torch.zeros_like(t["q"]), torch.zeros_like(t["k"]), torch.zeros_like(t["v"])
+        for seg in sched.segments:
+            (_backward_fused if fused else _backward_math)(t, seg, plan.block, scale)
+        dq_g = _from_tiles(t["dq"], lq, q_inv)
+        dk_g, dv_g = _from_tiles(t["dk"], lk, k_inv), _from_tiles(t["dv"], lk, k_inv)
+        if hd.q is None:
             dq.copy_(dq_g)
         else:
-            dq[:, qh] = dq_g.to(dq.dtype)
-        if kvh is None:
+            dq[:, hd.q] = dq_g.to(dq.dtype)
+        if hd.kv is None:
             dk_acc += dk_g
             dv_acc += dv_g
         else:
-            idx = torch.tensor(kvh, dtype=torch.int64)
+            idx = torch.tensor(hd.kv, dtype=torch.int64)
             dk_acc.index_add_(1, idx, dk_g)
             dv_acc.index_add_(1, idx, dv_g)
     return dq, dk_acc.to(k.dtype), dv_acc.to(v.dtype)

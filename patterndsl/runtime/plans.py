@@ -112,21 +112,7 @@ def build(pattern: ir.PatternIR, q_len: int, kv_len: int, heads: int, block: tup
     from patterndsl import analysis, check
 
     check.check_lengths(pattern, q_len, kv_len, heads)
-    planner = getattr(analysis, "plan", None)
-    if callable(planner):
-        return planner(pattern, q_len, kv_len, heads, block=block, order=order)
-    return _dense_plan(pattern, q_len, kv_len, heads, block)
-
-
-def _dense_plan(pattern: ir.PatternIR, q_len: int, kv_len: int, heads: int, block: tuple[int, int]):
-    # Stop-gap while the symbolic planner (analysis, issue 3) is not importable:
-    # the reference planner from the dense mask, identical tiles, O(L^2) plan time.
-    from patterndsl import semantics
-    from patterndsl.analysis.plan import plan_from_mask
-
-    dense = semantics.mask(pattern, q_len, kv_len, heads)
-    nodes = [pattern.node_for_head(h) for h in range(heads)]
-    return plan_from_mask(dense, block, pattern=pattern, nodes=nodes)
+    return analysis.plan(pattern, q_len, kv_len, heads, block=block, order=order)
 
 
 def clear() -> None:
