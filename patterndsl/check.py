@@ -414,6 +414,8 @@ def _bind_primitive(call: syntax.Call, ev: _Evaluator) -> Value:
         if kw.name not in names:
             hint = did_you_mean(kw.name, names)
             listing = ", ".join(names) if names else "no arguments"
+            if name == "where":
+                hint += " (equality is written ==)"
             raise PatternNameError(f"{name}() has no argument '{kw.name}'{hint}; it takes {listing}", kw.span)
         if kw.name in given:
             raise PatternTypeError(f"{name}() got argument '{kw.name}' twice", kw.span)

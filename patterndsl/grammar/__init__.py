@@ -278,7 +278,11 @@ def _describe_token(tok: Token) -> str:
     return f"'{tok.value}'"
 
 
-def _hint(tok: Token, expected: set[str]) -> str:
+def _hint(tok: Token, expected: set[str], source: str) -> str:
+    start = tok.start_pos if isinstance(tok.start_pos, int) else 0
+    if tok.type in ("BAR", "AMP") and start > 0 and source[start - 1] == tok.value:
+        word = "or" if tok.type == "BAR" else "and"
+        return f"; there is no '{tok.value * 2}': patterns combine with '{tok.value}', conditions with '{word}'"
     if tok.type == "_NL" and tok.value:
         return "; a statement ends at the end of its line (wrap it in parentheses to continue it)"
     if tok.type in _STATEMENT_KEYWORDS and "RBRACE" in expected:
@@ -322,7 +326,7 @@ def _syntax_error(err: UnexpectedInput, source: str, filename: str | None) -> Pa
         message = f"unexpected {_describe_token(tok)}"
         if wanted:
             message += f"; expected {wanted}"
-        return PatternSyntaxError(message + _hint(tok, expected), span, source)
+        return PatternSyntaxError(message + _hint(tok, expected, source), span, source)
     return PatternSyntaxError(str(err).splitlines()[0], Span(filename, err.line or 1, err.column or 1, 1, 2), source)
 
 

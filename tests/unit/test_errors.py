@@ -57,6 +57,8 @@ SYNTAX = [
     ("pattern p { heads 0: full }", ":", "expected"),
     ("pattern p { sink(4) } }", "} }", "unexpected '}'"),
     ("pattern p { let 3 = 4; full }", "3 =", "unexpected number 3; expected a name"),
+    ("pattern p { causal || full }", "| full", "there is no '||'"),
+    ("pattern p { where(q < k && k > 0) }", "& k", "conditions with 'and'"),
 ]
 
 
@@ -112,6 +114,7 @@ NAMES = [
     ("pattern p(a = b, b = 1) { full }", "b,", "may only use earlier parameters"),
     ("pattern p { sink(mean) }", "mean", "only valid as route(score = mean)"),
     ("pattern p { foo(1) }", "foo", "unknown primitive 'foo'"),
+    ("pattern p { where(q = k) }", "q = k", "equality is written =="),
 ]
 
 
