@@ -271,12 +271,12 @@ _LIST_LOOPS = """\
 
 _CALLS = {
     "forward": (
-        "acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, KORD, AUX, n, rows, h,"
-        " qk_scale, _allowed_g$g, $masked)"
+        "acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, KORD, AUX, n, rows, h,\n"
+        "                          qk_scale, _allowed_g$g, $masked)"
     ),
     "backward": (
-        "dq = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, KORD, AUX, n, rows, h,"
-        " qk_scale, _allowed_g$g, $masked)"
+        "dq = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, KORD, AUX, n, rows, h,\n"
+        "              qk_scale, _allowed_g$g, $masked)"
     ),
 }
 
@@ -288,12 +288,15 @@ def _as_tensor(code: str) -> str:
 
 def _loops(spec: KernelSpec, g: int, group: GroupSpec) -> str:
     call = string.Template(_CALLS[spec.kind])
-    partial = call.substitute(g=g, masked="True")
-    full = call.substitute(g=g, masked="False")
+    # Continuation lines of a call sit under the loop body (8 spaces).
+    partial = call.substitute(g=g, masked="True").replace("\n", "\n        ")
+    full = call.substitute(g=g, masked="False").replace("\n", "\n        ")
     if group.forms is None:
-        return string.Template(_LIST_LOOPS).substitute(call_partial=partial, call_full=full)
-    forms = {name: _as_tensor(code) for name, code in group.forms}
-    return string.Template(_FORM_LOOPS).substitute(call_partial=partial, call_full=full, **forms)
+        text = string.Template(_LIST_LOOPS).substitute(call_partial=partial, call_full=full)
+    else:
+        forms = {name: _as_tensor(code) for name, code in group.forms}
+        text = string.Template(_FORM_LOOPS).substitute(call_partial=partial, call_full=full, **forms)
+    return text.rstrip("\n")
 
 
 def _dot_precision(spec: KernelSpec) -> str:
