@@ -214,7 +214,7 @@ def window_table(n: int, s: int, d: int, r: int, causal: bool) -> tuple[np.ndarr
     m = (n - g + d - 1) // d
     if causal:
         lead = np.minimum((p // r) * r + r - 1, m - 1)
-        return lead - s + 1, p
+        return np.maximum(lead - s + 1, 0), p
     left, right = s // 2, s // 2 + (s % 2 - 1)
     lead = np.minimum((p // r) * r + r // 2, m - 1)
     centre = np.minimum(np.maximum(lead, left), m - 1 - right)

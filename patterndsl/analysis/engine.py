@@ -48,16 +48,23 @@ def expand_runs(rows: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> tuple[np.nd
     return r, starts + np.arange(total, dtype=np.int64)
 
 
+class OverBudget(Exception):
+    """Raised when a candidate order would need more element-wise evaluation than it may spend."""
+
+
 class Engine:
     """Classifies tiles of one pattern node for one head on two sides.
 
     Args:
         qside, kside: the tile layouts of queries and keys.
         env: sizes, layout, head and caches for the classifiers.
+        budget: at most this many elements may be evaluated (None: no limit); beyond it
+            :class:`OverBudget` is raised, so a reordering candidate cannot cost more than it saves.
     """
 
-    def __init__(self, qside: Side, kside: Side, env: cls.Env):
+    def __init__(self, qside: Side, kside: Side, env: cls.Env, budget: int | None = None):
         self.q, self.k, self.env = qside, kside, env
+        self.budget = budget
         self.nkb = kside.n_tiles
         self.nqb = qside.n_tiles
         self.evaluated = 0
@@ -204,8 +211,12 @@ class Engine:
             out[:] = DYNAMIC
             return out
         self.evaluated += len(keys)
-        m, n = keys // self.nkb, keys % self.nkb
         area = self.q.block * self.k.block
+        if self.budget is not None:
+            self.budget -= len(keys) * area
+            if self.budget < 0:
+                raise OverBudget
+        m, n = keys // self.nkb, keys % self.nkb
         step = max(1, _EVAL_CHUNK // max(area, 1))
         for s in range(0, len(keys), step):
             qi = self.q.tile_indices(m[s : s + step])
@@ -392,14 +403,55 @@ def _band_of(node: ir.Node):
         return -node.arg("after") * d, node.arg("before") * d, d
     if node == ir.CAUSAL:
         return 0, cls.BIG, 1
+    if isinstance(node, ir.Prim) and node.name == "strided":
+        return -cls.BIG, cls.BIG, node.arg("stride")
     return None
 
 
-def band_total(node: ir.Node, q_len: int, kv_len: int) -> int | None:
-    """Allowed pairs of a single-band node over all queries, one formula per query row (O(Lq)), or None.
+def symbolic_total(node: ir.Node, q_len: int, kv_len: int, layout, env=None) -> int | None:
+    """Allowed pairs of a single primitive over all queries by formula (at most O(Lq) work), or None.
 
     The count does not depend on the token order, so it serves every candidate order.
     """
+    if not isinstance(node, ir.Prim):
+        return None
+    name, off = node.name, kv_len - q_len
+    q = (
+        None
+        if name in ("full", "empty", "neighborhood", "sink", "summary", "landmarks")
+        else (np.arange(q_len, dtype=np.int64) + off)
+    )
+    if name in ("full", "empty"):
+        return q_len * kv_len if name == "full" else 0
+    if name == "strided":
+        s = node.arg("stride")
+        return int((np.floor_divide(kv_len - 1 - q, s) - np.floor_divide(-1 - q, s)).sum())
+    if name == "blocks":
+        size = node.arg("size")
+        start = np.floor_divide(q, size) * size
+        return int(np.maximum(np.minimum(kv_len - 1, start + size - 1) - np.maximum(0, start) + 1, 0).sum())
+    if name == "sink":
+        return q_len * max(0, min(node.arg("n"), kv_len))
+    if name == "global":
+        n = node.arg("n")
+        return int(np.where(q < n, kv_len, max(0, min(n, kv_len))).sum())
+    if name in ("summary", "landmarks"):
+        stride = node.arg("stride") if name == "summary" else node.arg("every")
+        width = node.arg("width") if name == "summary" else 1
+        w = min(max(width, 0), stride)
+        periods, rest = divmod(kv_len, stride)
+        return q_len * (periods * w + max(0, rest - (stride - w)))
+    if name == "neighborhood" and layout is not None:
+        total = 1
+        for n, s, d, r, c in cls.neighborhood_axes(node, layout):
+            lo, hi = cls.window_table(n, s, d, r, c)
+            total *= int((hi - lo + 1).sum())
+        return total
+    return band_total(node, q_len, kv_len)
+
+
+def band_total(node: ir.Node, q_len: int, kv_len: int) -> int | None:
+    """Allowed pairs of a single-band node over all queries, one formula per query row (O(Lq)), or None."""
     band = _band_of(node)
     if band is None:
         return None
@@ -452,6 +504,41 @@ def without_route(node: ir.Node) -> ir.Node:
     if isinstance(node, ir.Inter):
         return ir.inter(*[without_route(i) for i in node.items])
     return ir.union(*[without_route(i) for i in node.items])
+
+
+def count_tiles(engine: Engine, node: ir.Node, keys: np.ndarray, state: np.ndarray | None = None) -> np.ndarray:
+    """Allowed pairs in each tile ``keys`` (tiles partial under ``node``), following the algebra.
+
+    A partial tile of ``A & B`` whose other operands are full there has the partial operand's
+    count; of ``A | B`` whose other operands are empty there, likewise; of ``~A``, the area
+    minus ``A``'s count. Single bands are counted by formula; what is left is evaluated.
+    """
+    out = np.zeros(len(keys), np.int64)
+    if not len(keys):
+        return out
+    if isinstance(node, ir.Not):
+        m, n = keys // engine.nkb, keys % engine.nkb
+        area = np.diff(engine.q.starts)[m] * np.diff(engine.k.starts)[n]
+        return area - count_tiles(engine, node.item, keys)
+    if isinstance(node, (ir.Inter, ir.Union)) and not ir.is_dynamic(node):
+        other = FULL if isinstance(node, ir.Inter) else EMPTY
+        states = []
+        for item in node.items:
+            k2, s2 = engine.run(item, keys)
+            st = np.zeros(len(keys), np.int8)
+            st[np.searchsorted(keys, k2)] = s2
+            states.append(st)
+        states = np.stack(states)
+        single = ((states == PARTIAL).sum(0) == 1) & ((states == PARTIAL) | (states == other)).all(0)
+        for x, item in enumerate(node.items):
+            sel = np.flatnonzero(single & (states[x] == PARTIAL))
+            if len(sel):
+                out[sel] = count_tiles(engine, item, keys[sel])
+        rest = np.flatnonzero(~single)
+        if len(rest):
+            out[rest] = count_allowed(engine, node, keys[rest])
+        return out
+    return count_allowed(engine, node, keys)
 
 
 def count_allowed(engine: Engine, node: ir.Node, keys: np.ndarray) -> np.ndarray:

@@ -63,29 +63,36 @@ class _Candidate:
         self.results, self.engines = results, engines
 
 
-def _plan_order(desc, qsegs, ksegs, identity, groups, q_len, kv_len, layout, bm, bn):
+#: Element evaluations a reordering candidate may spend before it is dropped.
+CANDIDATE_BUDGET = 1 << 24
+
+
+def _plan_order(desc, qsegs, ksegs, identity, groups, q_len, kv_len, layout, bm, bn, bound=None):
+    """Plan every head group in one order; None when the order cannot beat ``bound`` visited pairs."""
     extents = layout.shape if layout is not None else (kv_len,)
     off = kv_len - q_len
     qside = tiles.build_side(qsegs, q_len, bm, off, extents, identity)
     kside = tiles.build_side(ksegs, kv_len, bn, 0, extents, identity)
+    rows, cols = np.diff(qside.starts), np.diff(kside.starts)
     results, engines = [], []
+    work = 0
+    budget = None if bound is None else CANDIDATE_BUDGET
     for node, heads in groups:
         env = Env(q_len, kv_len, layout, heads[0])
-        engine = eng.Engine(qside, kside, env)
-        keys, state = engine.run(simplify(node))
+        engine = eng.Engine(qside, kside, env, budget)
+        try:
+            keys, state = engine.run(simplify(node))
+        except eng.OverBudget:
+            return None
+        budget = engine.budget
+        work += int((rows[keys // kside.n_tiles] * cols[keys % kside.n_tiles]).sum()) * len(heads)
+        if bound is not None and work >= bound:
+            return None
         results.append((keys, state))
         engines.append(engine)
-    return _Candidate(desc, qside, kside, results, engines)
-
-
-def _visited(cand: _Candidate, groups) -> int:
-    rows = np.diff(cand.qside.starts)
-    cols = np.diff(cand.kside.starts)
-    nkb = cand.kside.n_tiles
-    total = 0
-    for (keys, _), (_, heads) in zip(cand.results, groups, strict=True):
-        total += int((rows[keys // nkb] * cols[keys % nkb]).sum()) * len(heads)
-    return total
+    cand = _Candidate(desc, qside, kside, results, engines)
+    cand.work = work
+    return cand
 
 
 def plan(pir: ir.PatternIR, q_len: int, kv_len: int | None = None, heads: int = 1, block=(128, 128), order="auto"):
@@ -116,12 +123,12 @@ def plan(pir: ir.PatternIR, q_len: int, kv_len: int | None = None, heads: int = 
     cands = reorder.candidates(nodes, pir.layout, q_len, kv_len, (bm, bn))
     if order == "identity":
         cands = cands[:1]
-    best, best_work = None, None
+    best = None
     for desc, qsegs, ksegs, identity in cands:
-        cand = _plan_order(desc, qsegs, ksegs, identity, groups, q_len, kv_len, pir.layout, bm, bn)
-        work = _visited(cand, groups)
-        if best is None or work < best_work:
-            best, best_work = cand, work
+        bound = None if best is None else best.work
+        cand = _plan_order(desc, qsegs, ksegs, identity, groups, q_len, kv_len, pir.layout, bm, bn, bound)
+        if cand is not None:
+            best = cand
     return _assemble(pir, best, groups, head_group, q_len, kv_len, heads, bm, bn, start, len(cands))
 
 
@@ -139,9 +146,9 @@ def _assemble(pir, cand: _Candidate, groups, head_group, q_len, kv_len, heads, b
         area = rows[m] * cols[n]
         partial = state == eng.PARTIAL
         rewritten = simplify(node)
-        allowed = eng.band_total(rewritten, q_len, kv_len)
+        allowed = eng.symbolic_total(rewritten, q_len, kv_len, pir.layout)
         if allowed is None:
-            counts = eng.count_allowed(engine, rewritten, keys[partial])
+            counts = eng.count_tiles(engine, rewritten, keys[partial])
             allowed = int(area[state == eng.FULL].sum()) + int(counts.sum())
         nh = len(hs)
         dyn = state == eng.DYNAMIC

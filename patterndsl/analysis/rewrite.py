@@ -40,6 +40,16 @@ def _where(pred: ir.Expr) -> ir.Node:
 
 def _fold_inter(items: tuple[ir.Node, ...]) -> list[ir.Node]:
     items = list(items)
+    if ir.CAUSAL in items:
+        # causal & (window | window ...) == (causal & window) | ...: each term folds into one band
+        # that already lies in q >= k, so causal is absorbed.
+        distributed = False
+        for x, item in enumerate(items):
+            if isinstance(item, ir.Union) and all(isinstance(p, ir.Prim) and p.name == "window" for p in item.items):
+                items[x] = ir.union(*[ir.inter(*_fold_inter((ir.CAUSAL, p))) for p in item.items])
+                distributed = True
+        if distributed:
+            items.remove(ir.CAUSAL)
     wins = [p for p in items if isinstance(p, ir.Prim) and p.name == "window"]
     rest = [p for p in items if p not in wins]
     by_dil: dict[int, tuple[int, int]] = {}

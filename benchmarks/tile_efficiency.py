@@ -1,0 +1,81 @@
+"""Block efficiency (allowed pairs / pairs in visited tiles) with ``order="auto"`` vs identity order.
+
+Plans a suite of well-known sparse patterns at 128x128 tiles and prints, per
+pattern, the efficiency in identity order, with the automatic reordering, their
+ratio, the order chosen and the plan time; then the geometric mean of the
+ratios. Target: geometric mean >= 2x, no case below 1x.
+
+Run: ``python benchmarks/tile_efficiency.py [--block 128]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+
+import patterndsl as pd
+
+L = 16384
+
+SUITE = [
+    ("causal window", "pattern p { causal & window(1023) }", L, 1),
+    ("dilated window", "pattern p { causal & window(255, dilation = 8) }", L, 1),
+    ("dilated window (bidir)", "pattern p { window(128, 128, dilation = 4) }", L, 1),
+    ("strided", "pattern p { causal & strided(64) }", L, 1),
+    ("sparse transformer", "pattern p { causal & (window(127) | strided(128)) }", L, 1),
+    ("longformer", "pattern p { window(256, 256) | global(16) }", L, 1),
+    ("bigbird", "pattern p { window(191, 192) | global(128) | random(3, 64, seed = 1) }", L, 1),
+    ("2-D neighborhood", "pattern p { layout grid(y = 128, x = 128)\n neighborhood(13) }", L, 1),
+    (
+        "2-D dilated neighborhood",
+        "pattern p { layout grid(y = 128, x = 128)\n neighborhood(7, dilation = 4) }",
+        L,
+        1,
+    ),
+    ("3-D neighborhood", "pattern p { layout grid(t = 16, y = 32, x = 32)\n neighborhood((3, 7, 7)) }", L, 1),
+    (
+        "3-D dilated neighborhood",
+        "pattern p { layout grid(t = 16, y = 32, x = 32)\n neighborhood((3, 7, 7), dilation = (1, 2, 2)) }",
+        L,
+        1,
+    ),
+    (
+        "S2-style heads",
+        """pattern p {
+            heads 0..2: causal & (window(127) | window(1024, dilation = 8))
+            heads 2..4: causal & window(512, dilation = 8)
+            causal & window(255)
+        }""",
+        L,
+        6,
+    ),
+]
+
+
+def main() -> None:
+    """Plan every case in both orders and print the efficiencies and their ratio."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--block", type=int, default=128)
+    args = ap.parse_args()
+    block = (args.block, args.block)
+    print(f"block efficiency at {block[0]}x{block[1]} tiles, L = {L}")
+    print(f"{'case':28s} {'identity':>9s} {'auto':>9s} {'ratio':>7s} {'plan ms':>8s}  order chosen")
+    ratios = []
+    for name, src, length, heads in SUITE:
+        p = pd.compile(src)
+        ident = p.plan(length, heads=heads, block=block, order="identity")
+        t0 = time.perf_counter()
+        auto = p.plan(length, heads=heads, block=block, order="auto")
+        ms = (time.perf_counter() - t0) * 1e3
+        e0, e1 = ident.stats.block_efficiency, auto.stats.block_efficiency
+        assert auto.stats.allowed_pairs == ident.stats.allowed_pairs
+        ratio = e1 / e0
+        ratios.append(ratio)
+        print(f"{name:28s} {e0:9.4f} {e1:9.4f} {ratio:6.2f}x {ms:8.1f}  {auto.order}")
+    geo = math.exp(sum(math.log(r) for r in ratios) / len(ratios))
+    print(f"geometric mean of ratios: {geo:.2f}x (min {min(ratios):.2f}x, max {max(ratios):.2f}x)")
+
+
+if __name__ == "__main__":
+    main()
