@@ -97,10 +97,11 @@ class Segment:
 
 @dataclass(frozen=True)
 class Schedule:
-    """How one head group runs: its heads and its segments."""
+    """How one head group runs: its heads, its segments, and the query tiles no segment covers."""
 
     heads: tuple[int, ...]
     segments: tuple[Segment, ...]
+    idle_q_tiles: torch.Tensor
 
 
 def schedule(
@@ -222,8 +223,15 @@ def _build_schedules(plan: BlockPlan) -> tuple[Schedule, ...]:
     for group in plan.groups:
         tl = group.tiles
         segs = schedule(tl.row_ptr, tl.cols, tl.state, plan, _tile_mask_fn(plan, group))
-        out.append(Schedule(tuple(group.heads), segs))
+        out.append(Schedule(tuple(group.heads), segs, _idle(segs, plan.n_q_tiles)))
     return tuple(out)
+
+
+def _idle(segments: tuple[Segment, ...], n_q_tiles: int) -> torch.Tensor:
+    covered = torch.zeros(n_q_tiles, dtype=torch.bool)
+    for seg in segments:
+        covered[seg.q_tiles] = True
+    return torch.nonzero(~covered).flatten()
 
 
 def schedules(plan: BlockPlan) -> tuple[Schedule, ...]:
@@ -236,12 +244,15 @@ def schedules(plan: BlockPlan) -> tuple[Schedule, ...]:
 
 def _to_tiles(x: torch.Tensor, heads, order: torch.Tensor, identity: bool, length_pad: int, dtype) -> torch.Tensor:
     """``x[:, heads]`` in plan order, padded with zeros to ``length_pad``, contiguous, in ``dtype``."""
-    b, nh, length, d = x.shape
-    out = x.new_zeros(b, nh if heads is None else len(heads), length_pad, d, dtype=dtype)
+    b, _, length, d = x.shape
+    if heads is None and identity and length == length_pad and x.dtype == dtype:
+        return x.contiguous()
     src = x if heads is None else x[:, heads]
     if not identity:
         src = src[:, :, order]
+    out = x.new_empty(b, src.shape[1], length_pad, d, dtype=dtype)
     out[:, :, :length] = src
+    out[:, :, length:] = 0
     return out
 
 
@@ -442,8 +453,10 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: BlockPlan, 
     """
     b, h, lq, d = q.shape
     dt = _compute_dtype(q.dtype)
-    out = q.new_zeros(b, h, lq, d)
-    lse = torch.full((b, h, lq), float("-inf"), dtype=torch.float32)
+    # One head group (the common case) hands its buffers out directly, without a final copy.
+    single = len(plan.groups) == 1
+    out = None if single else q.new_zeros(b, h, lq, d)
+    lse = None if single else torch.full((b, h, lq), float("-inf"), dtype=torch.float32)
     bm, bn = plan.block
     q_inv, k_inv = _inverses(plan)
     lq_pad, lk_pad = plan.n_q_tiles * bm, plan.n_kv_tiles * bn
@@ -453,13 +466,18 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: BlockPlan, 
         qp = _to_tiles(q, hd.q, plan.q_order, q_inv is None, lq_pad, dt)
         kp = _to_tiles(k, hd.kv, plan.kv_order, k_inv is None, lk_pad, dt)
         vp = _to_tiles(v, hd.kv, plan.kv_order, k_inv is None, lk_pad, dt)
-        op = torch.zeros(b, hd.count, lq_pad, d, dtype=dt)
-        lp = torch.full((b, hd.count, lq_pad), float("-inf"), dtype=dt)
+        # Every covered query tile is written by exactly one segment; only the others need clearing.
+        op = torch.empty(b, hd.count, lq_pad, d, dtype=dt)
+        lp = torch.empty(b, hd.count, lq_pad, dtype=dt)
+        idle = sched.idle_q_tiles
+        if idle.numel():
+            op.view(b, hd.count, -1, bm, d)[:, :, idle] = 0
+            lp.view(b, hd.count, -1, bm)[:, :, idle] = float("-inf")
         for seg in sched.segments:
             run(qp, kp, vp, op, lp, seg, plan.block, scale)
-        if hd.q is None:
-            out.copy_(_from_tiles(op, lq, q_inv))
-            lse.copy_(_from_tiles(lp, lq, q_inv))
+        if single:
+            out = _from_tiles(op, lq, q_inv).to(q.dtype).contiguous()
+            lse = _from_tiles(lp, lq, q_inv).to(torch.float32).contiguous()
         else:
             out[:, hd.q] = _from_tiles(op, lq, q_inv).to(out.dtype)
             lse[:, hd.q] = _from_tiles(lp, lq, q_inv).to(lse.dtype)
@@ -517,7 +535,7 @@ def backward(q, k, v, out, lse, dout, plan: BlockPlan, scale: float, dlse=None):
             t["o"] = _to_tiles(out, hd.q, plan.q_order, q_id, lq_pad, dt)
         for name, value in extra.items():
             t[name] = _to_tiles(value[..., None], hd.q, plan.q_order, q_id, lq_pad, dt)[..., 0]
-        t["dq"], t["dk"], t["dv"] = torch.zeros_like(t["q"]), torch.zeros_like(t["k"]), torch.zeros_like(t["v"])
+        t["dq"], t["dk"], t["dv"] = (torch.zeros(x.shape, dtype=dt) for x in (t["q"], t["k"], t["v"]))
         for seg in sched.segments:
             (_backward_fused if fused else _backward_math)(t, seg, plan.block, scale)
         dq_g = _from_tiles(t["dq"], lq, q_inv)

@@ -1,0 +1,268 @@
+"""CPU attention: patterndsl's plan-driven executor against compiled FlexAttention and masked SDPA.
+
+Runs every case on the same inputs (B=1, H=8, D=64, float32) and prints, per
+case: patterndsl forward and forward+backward, compiled FlexAttention forward
+(steady state, after its compile; the BlockMask from ``create_block_mask`` with
+a mask_mod written out for the same pattern), SDPA with a dense boolean mask
+(where the L x L mask fits), the first-call latency of each (patterndsl:
+parse + plan + schedule + run; Flex: create_block_mask + compile + run; SDPA:
+dense mask + run), and the peak extra resident memory during a call (sampled
+from /proc/self/statm). It checks that patterndsl's output equals Flex's and
+the dense reference, then prints the ratios the project's targets are about.
+
+Usage: ``python benchmarks/cpu_attention.py [--quick] [--reps N] [--threads N]``.
+``--quick`` runs small sizes as a smoke test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import patterndsl
+from patterndsl import semantics
+from patterndsl.runtime import cpu, plans
+
+B, H, D = 1, 8, 64
+#: Above this many query x key pairs the dense-mask SDPA baseline is skipped (mask + float scores).
+SDPA_MAX_PAIRS = 8192 * 8192
+
+
+@dataclass
+class Case:
+    name: str
+    source: str
+    length: int
+    mask_mod: object
+
+
+def sliding(window: int):
+    return lambda b, h, q, k: (q >= k) & (q - k < window)
+
+
+def dilated(before: int, dilation: int):
+    return lambda b, h, q, k: (q >= k) & ((q - k) % dilation == 0) & (q - k <= before * dilation)
+
+
+def neighborhood_2d(side: int, size: int):
+    half = size // 2
+
+    def axis(x, y):
+        centre = torch.clamp(x, half, side - 1 - half)
+        return (y >= centre - half) & (y <= centre + half)
+
+    return lambda b, h, q, k: axis(q // side, k // side) & axis(q % side, k % side)
+
+
+def bigbird(length: int, band: int, n_global: int, n_random: int, block: int, seed: int):
+    nb = -(-length // block)
+    table = semantics.random_table(seed, range(nb), nb, n_random)
+    allowed = torch.zeros(nb, nb, dtype=torch.bool).scatter_(1, table, True)
+
+    def mask_mod(b, h, q, k):
+        return (q < n_global) | (k < n_global) | ((q - k).abs() <= band) | allowed[q // block, k // block]
+
+    return mask_mod
+
+
+def cases(quick: bool) -> list[Case]:
+    short, long, side = (1024, 2048, 32) if quick else (4096, 16384, 64)
+    window = 256
+    return [
+        Case(f"causal sliding window {window}, L={short}", f"causal & window({window - 1})", short, sliding(window)),
+        Case(f"causal sliding window {window}, L={long}", f"causal & window({window - 1})", long, sliding(window)),
+        Case(f"dilated window (65 keys, dilation 4), L={short}", "causal & window(64, 0, 4)", short, dilated(64, 4)),
+        Case(
+            f"2-D neighborhood {side}x{side}, 7x7",
+            f"layout grid(y = {side}, x = {side})\nneighborhood(7)",
+            side * side,
+            neighborhood_2d(side, 7),
+        ),
+        Case(
+            f"BigBird (band 96, 64 global, 3 random blocks of 64), L={short}",
+            "window(96, 96) | global(64) | random(3, 64, 0)",
+            short,
+            bigbird(short, 96, 64, 3, 64, 0),
+        ),
+    ]
+
+
+class PeakRSS:
+    """Peak resident memory above the starting point while the block runs (sampled every ~1 ms)."""
+
+    def __enter__(self):
+        self._page = os.sysconf("SC_PAGE_SIZE")
+        self._start = self._rss()
+        self.peak = self._start
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+        return self
+
+    def _rss(self) -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * self._page
+
+    def _poll(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._rss())
+            time.sleep(0.001)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._rss())
+
+    @property
+    def extra_mb(self) -> float:
+        return (self.peak - self._start) / 2**20
+
+
+def timed(fn, reps: int) -> float:
+    """Median wall time of ``reps`` calls (seconds)."""
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def peak_mb(fn) -> float:
+    with PeakRSS() as p:
+        fn()
+    return p.extra_mb
+
+
+def run_case(case: Case, reps: int) -> dict:
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    torch.manual_seed(0)
+    L = case.length
+    q, k, v = (torch.randn(B, H, L, D) for _ in range(3))
+    dout = torch.randn(B, H, L, D)
+    r: dict = {"name": case.name}
+
+    # patterndsl: first call = parse + check + plan + schedule + run, nothing cached.
+    plans.clear()
+    t = time.perf_counter()
+    pattern = patterndsl.compile("pattern p {\n" + case.source + "\n}")
+    with torch.no_grad():
+        ours = pattern(q, k, v)
+    r["ours_first"] = time.perf_counter() - t
+    with torch.no_grad():
+        r["ours_fwd"] = timed(lambda: pattern(q, k, v), reps)
+        r["ours_fwd_mb"] = peak_mb(lambda: pattern(q, k, v))
+    qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
+
+    def fwd_bwd():
+        pattern(qg, kg, vg).backward(dout)
+
+    r["ours_fwdbwd"] = timed(fwd_bwd, reps)
+    r["ours_fwdbwd_mb"] = peak_mb(fwd_bwd)
+
+    # FlexAttention: first call = create_block_mask + compile + run from a clean dynamo cache.
+    torch._dynamo.reset()
+    t = time.perf_counter()
+    block_mask = create_block_mask(case.mask_mod, None, None, L, L, device="cpu")
+    flex = torch.compile(flex_attention)
+    with torch.no_grad():
+        theirs = flex(q, k, v, block_mask=block_mask)
+    r["flex_first"] = time.perf_counter() - t
+    with torch.no_grad():
+        r["flex_fwd"] = timed(lambda: flex(q, k, v, block_mask=block_mask), reps)
+        r["flex_fwd_mb"] = peak_mb(lambda: flex(q, k, v, block_mask=block_mask))
+    r["max_diff_flex"] = float((ours - theirs).abs().max())
+
+    # SDPA with a dense boolean mask, where it fits.
+    if L * L <= SDPA_MAX_PAIRS:
+        t = time.perf_counter()
+        dense = pattern.mask(L, L, 1)
+        with torch.no_grad():
+            ref = F.scaled_dot_product_attention(q, k, v, attn_mask=dense)
+        r["sdpa_first"] = time.perf_counter() - t
+        with torch.no_grad():
+            r["sdpa_fwd"] = timed(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=dense), max(1, reps // 2))
+            r["sdpa_fwd_mb"] = peak_mb(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=dense))
+        r["max_diff_sdpa"] = float((ours - ref).abs().max())
+    return r
+
+
+def fmt_ms(x) -> str:
+    return "-" if x is None else f"{x * 1e3:9.1f}"
+
+
+def report(results: list[dict]) -> None:
+    print()
+    head = (
+        f"{'case':58s} {'ours fwd':>9s} {'ours f+b':>9s} {'flex fwd':>9s} {'sdpa fwd':>9s}"
+        f" {'1st ours':>9s} {'1st flex':>9s} {'1st sdpa':>9s}   (ms)"
+    )
+    print(head)
+    for r in results:
+        print(
+            f"{r['name']:58s} {fmt_ms(r['ours_fwd'])} {fmt_ms(r['ours_fwdbwd'])} {fmt_ms(r['flex_fwd'])}"
+            f" {fmt_ms(r.get('sdpa_fwd'))} {fmt_ms(r['ours_first'])} {fmt_ms(r['flex_first'])}"
+            f" {fmt_ms(r.get('sdpa_first'))}"
+        )
+    print()
+    print(
+        f"{'case':58s} {'ours/flex':>9s} {'sdpa/ours':>9s} {'bwd/fwd':>8s} {'peak MB ours f / f+b / flex / sdpa':>36s}"
+    )
+    for r in results:
+        bwd = r["ours_fwdbwd"] - r["ours_fwd"]
+        sdpa = f"{r['sdpa_fwd'] / r['ours_fwd']:9.2f}" if "sdpa_fwd" in r else f"{'-':>9s}"
+        mem = f"{r['ours_fwd_mb']:.0f} / {r['ours_fwdbwd_mb']:.0f} / {r['flex_fwd_mb']:.0f} / " + (
+            f"{r['sdpa_fwd_mb']:.0f}" if "sdpa_fwd_mb" in r else "-"
+        )
+        print(f"{r['name']:58s} {r['ours_fwd'] / r['flex_fwd']:9.2f} {sdpa} {bwd / r['ours_fwd']:8.2f} {mem:>36s}")
+    print()
+    print("max |ours - flex| / |ours - sdpa| per case:")
+    for r in results:
+        sd = f"{r['max_diff_sdpa']:.2e}" if "max_diff_sdpa" in r else "-"
+        print(f"  {r['name']:58s} {r['max_diff_flex']:.2e} / {sd}")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes, a smoke run")
+    parser.add_argument("--reps", type=int, default=None, help="timed repetitions per measurement")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    parser.add_argument("--only", default=None, help="run only cases whose name contains this text")
+    parser.add_argument("--kernel", choices=("fused", "math"), default=cpu.KERNEL, help="CPU executor inner kernel")
+    args = parser.parse_args(argv)
+    cpu.KERNEL = args.kernel
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    reps = args.reps or (2 if args.quick else 5)
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, B={B} H={H} D={D} float32, "
+        f"reps={reps}, kernel={cpu.KERNEL}, load average {os.getloadavg()[0]:.1f}"
+    )
+    results = []
+    for case in cases(args.quick):
+        if args.only and args.only not in case.name:
+            continue
+        print(f"running: {case.name}", flush=True)
+        results.append(run_case(case, reps))
+    report(results)
+    bad = [r["name"] for r in results if r["max_diff_flex"] > 1e-4 or r.get("max_diff_sdpa", 0.0) > 1e-4]
+    if bad:
+        print(f"MISMATCH against the references: {bad}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
