@@ -180,16 +180,22 @@ def _assemble(pir, cand: _Candidate, groups, head_group, q_len, kv_len, heads, b
 
 
 def _tile_list(m: np.ndarray, n: np.ndarray, state: np.ndarray, nqb: int, nkb: int) -> TileList:
-    # ``keys`` are sorted row-major already: build CSR directly and CSC with one stable sort.
-    cols = torch.from_numpy(n.astype(np.int64))
-    st = torch.from_numpy(state.astype(np.int8))
-    row_ptr = torch.zeros(nqb + 1, dtype=torch.int64)
-    row_ptr[1:] = torch.from_numpy(np.cumsum(np.bincount(m, minlength=nqb)))
+    # ``keys`` are sorted row-major already: CSR directly, CSC with one stable sort (all numpy;
+    # torch only wraps the results, its per-op overhead dominates at these sizes).
+    row_ptr = np.zeros(nqb + 1, dtype=np.int64)
+    np.cumsum(np.bincount(m, minlength=nqb), out=row_ptr[1:])
     order_t = np.argsort(n, kind="stable")
-    col_ptr = torch.zeros(nkb + 1, dtype=torch.int64)
-    col_ptr[1:] = torch.from_numpy(np.cumsum(np.bincount(n, minlength=nkb)))
-    rows_t = torch.from_numpy(m[order_t].astype(np.int64))
-    return TileList(row_ptr, cols, st, col_ptr, rows_t, st[torch.from_numpy(order_t)])
+    col_ptr = np.zeros(nkb + 1, dtype=np.int64)
+    np.cumsum(np.bincount(n, minlength=nkb), out=col_ptr[1:])
+    st = state.astype(np.int8, copy=False)
+    return TileList(
+        torch.from_numpy(row_ptr),
+        torch.from_numpy(n.astype(np.int64, copy=False)),
+        torch.from_numpy(st),
+        torch.from_numpy(col_ptr),
+        torch.from_numpy(m[order_t]),
+        torch.from_numpy(st[order_t]),
+    )
 
 
 def describe(plan: BlockPlan) -> str:
