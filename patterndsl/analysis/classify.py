@@ -395,6 +395,11 @@ def needed_keys(prim: ir.Prim, qlo: np.ndarray, qhi: np.ndarray, qalo, qahi, env
         return np.full_like(qlo, -BIG), np.full_like(qhi, prim.arg("n") - 1), None, None
     if name == "empty":
         return np.full_like(qlo, BIG), np.full_like(qhi, -BIG), None, None
+    if name == "causal":
+        return np.full_like(qlo, -BIG), qhi, None, None
+    if name == "global":
+        n = prim.arg("n")
+        return np.full_like(qlo, -BIG), np.where(qlo < n, BIG, n - 1), None, None
     if name == "neighborhood" and env.layout is not None:
         axes = neighborhood_axes(prim, env.layout)
         alo, ahi = np.empty_like(qalo), np.empty_like(qahi)

@@ -37,6 +37,7 @@ from patterndsl.errors import PatternError
 
 EMPTY, PARTIAL, FULL, DYNAMIC = 0, 1, 2, 3
 _EVAL_CHUNK = 1 << 22  # elements per batched evaluation
+_PAIR_CHUNK = 1 << 22  # tile pairs per symbolic classification batch
 
 
 def expand_runs(rows: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -112,7 +113,7 @@ class Engine:
         """Keys of pairs ``(m, n)`` where key tile ``n``'s position bounds meet ``[lo[m], hi[m]]``."""
         (_, _, _, _), (klo, khi, _, _) = self._bounds()
         chains = self._key_chains()
-        if len(chains) > 64:
+        if len(chains) > 1024:
             keys = self.all_keys()
             m, n = keys // self.nkb, keys % self.nkb
             return keys[(khi[n] >= lo[m]) & (klo[n] <= hi[m])]
@@ -171,9 +172,19 @@ class Engine:
         keys = self._candidates(prim) if domain is None else domain
         if prim.name == "full":
             return keys, np.full(len(keys), FULL, np.int8)
-        state = self.classify_pairs(prim, keys)
-        keep = state > 0
-        return keys[keep], state[keep]
+        # Chunks bound the temporaries of the classifiers to a few times the chunk, not the candidates.
+        out_k, out_s = [], []
+        for s in range(0, len(keys), _PAIR_CHUNK):
+            part = keys[s : s + _PAIR_CHUNK]
+            state = self.classify_pairs(prim, part)
+            keep = state > 0
+            out_k.append(part[keep])
+            out_s.append(state[keep])
+        if len(out_k) == 1:
+            return out_k[0], out_s[0]
+        if not out_k:
+            return keys[:0], np.zeros(0, np.int8)
+        return np.concatenate(out_k), np.concatenate(out_s)
 
     def classify_pairs(self, prim: ir.Prim, keys: np.ndarray) -> np.ndarray:
         """States of the tiles ``keys`` under one static primitive (symbolic, evaluation where needed)."""
@@ -396,8 +407,18 @@ def rewrite_for_plan(node: ir.Node) -> ir.Node:
     return simplify(node)
 
 
-def _band_of(node: ir.Node):
-    """``(lo, hi, modulus)`` when ``node`` is one band ``lo <= q - k <= hi``, ``(q - k) % modulus == 0``."""
+def band_of(node: ir.Node, env: cls.Env | None = None):
+    """``(lo, hi, modulus)`` when ``node`` is one band ``lo <= q - k <= hi``, ``(q - k) % modulus == 0``.
+
+    With ``env`` (1-D), a ``where`` half-plane ``c * (q - k) + c0 >= 0`` counts as a band too.
+    """
+    if isinstance(node, ir.Prim) and node.name == "where" and env is not None and env.layout is None:
+        hp = cls.halfplane_of(node.arg("pred"), env)
+        if hp is not None and hp[0][0] == -hp[1][0] and hp[0][0] != 0:
+            c, c0 = int(hp[0][0]), int(hp[2])
+            if c > 0:  # q - k >= -c0 / c
+                return -((c0) // c), cls.BIG, 1
+            return -cls.BIG, (c0 // -c), 1  # q - k <= c0 / -c
     if isinstance(node, ir.Prim) and node.name == "window":
         d = node.arg("dilation")
         return -node.arg("after") * d, node.arg("before") * d, d
@@ -447,12 +468,12 @@ def symbolic_total(node: ir.Node, q_len: int, kv_len: int, layout, env=None) -> 
             lo, hi = cls.window_table(n, s, d, r, c)
             total *= int((hi - lo + 1).sum())
         return total
-    return band_total(node, q_len, kv_len)
+    return band_total(node, q_len, kv_len, env)
 
 
-def band_total(node: ir.Node, q_len: int, kv_len: int) -> int | None:
+def band_total(node: ir.Node, q_len: int, kv_len: int, env=None) -> int | None:
     """Allowed pairs of a single-band node over all queries, one formula per query row (O(Lq)), or None."""
-    band = _band_of(node)
+    band = band_of(node, env)
     if band is None:
         return None
     lo, hi, mod = band
@@ -550,7 +571,7 @@ def count_allowed(engine: Engine, node: ir.Node, keys: np.ndarray) -> np.ndarray
     out = np.zeros(len(keys), np.int64)
     if not len(keys):
         return out
-    band = _band_of(node)
+    band = band_of(node, engine.env)
     q, k = engine.q, engine.k
     if band is not None and len(q.extents) == 1:
         lo, hi, mod = band

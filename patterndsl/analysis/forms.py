@@ -16,7 +16,7 @@ import sympy as sp
 
 from patterndsl import ir
 from patterndsl.analysis.classify import BIG
-from patterndsl.analysis.engine import _band_of
+from patterndsl.analysis.engine import band_of
 from patterndsl.analysis.plan import RunForm, Runs
 from patterndsl.analysis.tiles import Side
 
@@ -129,7 +129,7 @@ def run_form(node: ir.Node, qside: Side, kside: Side, runs: Runs, nqb: int, nkb:
         m = sp.Symbol("m", integer=True, nonnegative=True)
         parts = (m, sp.Integer(0), sp.Integer(nkb), sp.Integer(0), sp.Integer(nkb))
     else:
-        band = _band_of(node)
+        band = band_of(node)
         if band is None:
             return None
         parts = _band_forms(*band, qside, kside, nkb)

@@ -20,6 +20,12 @@ def window(before: int, after: int, dilation: int) -> ir.Prim:
     return ir.Prim("window", (("before", before), ("after", after), ("dilation", dilation)))
 
 
+def _qk_at_least(c: int) -> ir.Prim:
+    """``where(q - k >= c)``."""
+    diff = ir.Arith("-", ir.Var("q"), ir.Var("k"))
+    return ir.Prim("where", (("pred", ir.Cmp(">=", diff, ir.Const(c))),))
+
+
 def _where(pred: ir.Expr) -> ir.Node:
     if isinstance(pred, ir.Const) and isinstance(pred.value, bool):
         return ir.FULL if pred.value else ir.EMPTY
@@ -59,6 +65,22 @@ def _fold_inter(items: tuple[ir.Node, ...]) -> list[ir.Node]:
             b0, a0 = by_dil[d]
             b, a = min(b, b0), min(a, a0)
         by_dil[d] = (b, a)
+    if ir.CAUSAL in rest:
+        # causal - window(b, a) with a >= 0 (dilation 1) keeps exactly q - k >= b + 1: one half-plane.
+        for p in list(rest):
+            w = p.item if isinstance(p, ir.Not) else None
+            if (
+                isinstance(w, ir.Prim)
+                and w.name == "window"
+                and w.arg("dilation") == 1
+                and w.arg("after") >= 0
+                and w.arg("before") >= 0
+            ):
+                rest.remove(p)
+                rest.append(_qk_at_least(w.arg("before") + 1))
+                if ir.CAUSAL in rest:
+                    rest.remove(ir.CAUSAL)
+                break
     if ir.CAUSAL in rest and by_dil:
         # causal keeps q - k >= 0: the window's "after" side shrinks to at most 0.
         rest.remove(ir.CAUSAL)

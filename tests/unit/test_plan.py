@@ -233,3 +233,25 @@ def test_semantic_context_matches_plan_ir():
     plan = analysis.plan(pir, 20, block=(4, 4))
     ref = tile_reduce(semantics.mask(pir, 20), 4, 4)
     assert torch.equal(plan.tiles(), ref)
+
+
+def test_million_tokens_stay_small_in_memory():
+    import tracemalloc
+
+    p = pd.compile("pattern s { causal & window(1023) }")
+    p.plan(4096)
+    tracemalloc.start()
+    plan = p.plan(1 << 20, block=(128, 128))
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert peak < 64 * 2**20
+    assert plan.stats.tiles_evaluated == 0
+    assert plan.stats.allowed_pairs == sum(min(i, 1023) + 1 for i in range(1 << 20))
+
+
+def test_causal_minus_window_is_symbolic():
+    p = pd.compile("pattern s { causal - window(10, 2) }")
+    plan, dense, ref = reference(p, 150, 170, block=(16, 16))
+    assert torch.equal(plan.tiles(), ref)
+    assert plan.stats.tiles_evaluated == 0
+    assert plan.stats.allowed_pairs == int(dense.sum())
