@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from patterndsl import ir
-from patterndsl.errors import PatternError
+from patterndsl.errors import BackendError, PatternError
 from patterndsl.runtime import op, plans, validate
 
 #: CPU executor tiles (BM, BN); measured in benchmarks/cpu_attention.py.
@@ -34,13 +34,21 @@ def _plan_key(pattern: ir.PatternIR, backend: str) -> str:
             "attention with route() is not supported yet",
             pattern.span,
         )
-    if backend == "cpu":
-        block = CPU_BLOCK
-    else:
-        from patterndsl.runtime import triton_backend
-
-        block = getattr(triton_backend, "BLOCK", TRITON_BLOCK)
+    block = CPU_BLOCK if backend == "cpu" else getattr(triton_backend_module(), "BLOCK", TRITON_BLOCK)
     return plans.register(pattern, block, "auto")
+
+
+def triton_backend_module():
+    """The generated-kernel backend, imported on first use so the CPU path never needs Triton.
+
+    Raises:
+        BackendError: when it cannot be imported here.
+    """
+    try:
+        from patterndsl.runtime import triton_backend
+    except ImportError as exc:
+        raise BackendError(f"the Triton backend is not available: {exc}") from None
+    return triton_backend
 
 
 def attention(q, k, v, pattern, scale=None, return_lse=False, backend="auto"):

@@ -281,9 +281,9 @@ def _kv_heads(heads: tuple[int, ...], group_size: int) -> list[int]:
     return [h // group_size for h in heads]
 
 
-def _chunks(segment: Segment, rows_per_tile: int, bytes_per_elem: int):
-    per_tile = rows_per_tile * segment.width * bytes_per_elem
-    n = max(1, CHUNK_BYTES // max(per_tile, 1))
+def _chunks(segment: Segment, bytes_per_key_tile: int):
+    """Consecutive slices of ``segment`` whose per-tile buffers stay under :data:`CHUNK_BYTES`."""
+    n = max(1, CHUNK_BYTES // max(bytes_per_key_tile * segment.width, 1))
     for a in range(0, len(segment), n):
         yield segment.slice(a, min(a + n, len(segment)))
 
@@ -377,7 +377,7 @@ def _forward_fused(qp, kp, vp, op, lp, seg: Segment, block, scale: float) -> Non
 def _forward_math(qp, kp, vp, op, lp, seg0: Segment, block, scale: float) -> None:
     bm, bn = block
     b, h = qp.shape[:2]
-    for seg in _chunks(seg0, b * h * bm * bn, qp.element_size()):
+    for seg in _chunks(seg0, b * h * bm * bn * qp.element_size()):
         s = _scores(_q_view(qp, seg, bm) * scale, _kv_view(kp, seg, bn), seg)
         m = s.amax(-1, keepdim=True)
         m.masked_fill_(m == float("-inf"), 0.0)
@@ -389,7 +389,15 @@ def _forward_math(qp, kp, vp, op, lp, seg0: Segment, block, scale: float) -> Non
         _put_rows(lp, seg, bm, (m + den.log()).squeeze(-1))
 
 
-def _backward_fused(t: dict, seg: Segment, block, scale: float) -> None:
+def _backward_fused(t: dict, seg0: Segment, block, scale: float) -> None:
+    bn = block[1]
+    b, h, _, d = t["q"].shape
+    # The kernel returns dK/dV per query tile ([n, width*BN, D] each); chunks bound that memory.
+    for seg in _chunks(seg0, 2 * b * h * bn * d * t["q"].element_size()):
+        _backward_fused_chunk(t, seg, block, scale)
+
+
+def _backward_fused_chunk(t: dict, seg: Segment, block, scale: float) -> None:
     bm, bn = block
     b, h = t["q"].shape[:2]
     qc, doc, oc = (_flat(_q_view(t[name], seg, bm)) for name in ("q", "do", "o"))
@@ -404,7 +412,7 @@ def _backward_fused(t: dict, seg: Segment, block, scale: float) -> None:
 def _backward_math(t: dict, seg0: Segment, block, scale: float) -> None:
     bm, bn = block
     b, h = t["q"].shape[:2]
-    for seg in _chunks(seg0, b * h * bm * bn, t["q"].element_size()):
+    for seg in _chunks(seg0, b * h * bm * bn * t["q"].element_size()):
         qc = _q_view(t["q"], seg, bm) * scale
         kc, vc = _kv_view(t["k"], seg, bn), _kv_view(t["v"], seg, bn)
         doc = _q_view(t["do"], seg, bm)
@@ -501,11 +509,14 @@ def backward(q, k, v, out, lse, dout, plan: BlockPlan, scale: float, dlse=None):
     b, h, lq, d = q.shape
     hkv, lk = k.shape[1], k.shape[2]
     dt = _compute_dtype(q.dtype)
-    dq = torch.zeros_like(q)
-    dk_acc = torch.zeros(b, hkv, lk, d, dtype=dt)
-    dv_acc = torch.zeros(b, hkv, lk, d, dtype=dt)
     bm, bn = plan.block
     q_inv, k_inv = _inverses(plan)
+    # One head group without grouped-query sharing hands its buffers out directly.
+    direct = len(plan.groups) == 1 and h == hkv
+    if not direct:
+        dq = torch.zeros_like(q)
+        dk_acc = torch.zeros(b, hkv, lk, d, dtype=dt)
+        dv_acc = torch.zeros(b, hkv, lk, d, dtype=dt)
     q_id, k_id = q_inv is None, k_inv is None
     lq_pad, lk_pad = plan.n_q_tiles * bm, plan.n_kv_tiles * bn
     empty = lse == float("-inf")
@@ -540,15 +551,14 @@ def backward(q, k, v, out, lse, dout, plan: BlockPlan, scale: float, dlse=None):
             (_backward_fused if fused else _backward_math)(t, seg, plan.block, scale)
         dq_g = _from_tiles(t["dq"], lq, q_inv)
         dk_g, dv_g = _from_tiles(t["dk"], lk, k_inv), _from_tiles(t["dv"], lk, k_inv)
+        if direct:
+            return tuple(g.to(x.dtype).contiguous() for g, x in ((dq_g, q), (dk_g, k), (dv_g, v)))
         if hd.q is None:
             dq.copy_(dq_g)
         else:
             dq[:, hd.q] = dq_g.to(dq.dtype)
-        if hd.kv is None:
-            dk_acc += dk_g
-            dv_acc += dv_g
-        else:
-            idx = torch.tensor(hd.kv, dtype=torch.int64)
-            dk_acc.index_add_(1, idx, dk_g)
-            dv_acc.index_add_(1, idx, dv_g)
+        # Query heads sharing a key/value head add their contributions.
+        idx = torch.tensor(hd.kv, dtype=torch.int64)
+        dk_acc.index_add_(1, idx, dk_g)
+        dv_acc.index_add_(1, idx, dv_g)
     return dq, dk_acc.to(k.dtype), dv_acc.to(v.dtype)

@@ -13,8 +13,6 @@ generated Triton kernels, imported lazily so the CPU path never needs them.
 
 from __future__ import annotations
 
-import inspect
-
 import torch
 
 from patterndsl.runtime import plans
@@ -25,9 +23,9 @@ def _backend_module(backend: str):
         from patterndsl.runtime import cpu
 
         return cpu
-    from patterndsl.runtime import triton_backend
+    from patterndsl.runtime import triton_backend_module
 
-    return triton_backend
+    return triton_backend_module()
 
 
 @torch.library.custom_op("patterndsl::attention_fwd", mutates_args=())
@@ -80,22 +78,7 @@ def attention_bwd(
         ``(dq, dk, dv)`` shaped and typed like ``q``, ``k``, ``v``.
     """
     plan = plans.get(plan_key, q.shape[2], k.shape[2], q.shape[1])
-    if backend == "cpu":
-        from patterndsl.runtime import cpu
-
-        return cpu.backward(q, k, v, out, lse, dout, plan, scale, dlse=dlse)
-    return _triton_backward(q, k, v, out, lse, dout, dlse, plan, scale)
-
-
-def _triton_backward(q, k, v, out, lse, dout, dlse, plan, scale):
-    from patterndsl.errors import BackendError
-    from patterndsl.runtime import triton_backend
-
-    if "dlse" in inspect.signature(triton_backend.backward).parameters:
-        return triton_backend.backward(q, k, v, out, lse, dout, plan, scale, dlse=dlse)
-    if bool((dlse != 0).any()):
-        raise BackendError("gradients through lse are not supported by the Triton backend; use backend='cpu'")
-    return triton_backend.backward(q, k, v, out, lse, dout, plan, scale)
+    return _backend_module(backend).backward(q, k, v, out, lse, dout, plan, scale, dlse=dlse)
 
 
 @attention_bwd.register_fake
