@@ -192,3 +192,35 @@ def test_random_patterns_match_dense_large(chunk):
     for pir, lq, lk, heads, block in _cases(50_000 + chunk, 100):
         for order in ("identity", "auto"):
             check_plan(pir, lq, lk, heads, block, order)
+
+
+def _route(rng, layout):
+    among = rand_node(rng, layout, depth=2)
+    if layout is not None and rng.random() < 0.5:
+        box = tuple(rng.randint(1, 4) for _ in layout.shape)
+        return P("route", topk=rng.randint(1, 3), block=box, score="mean", among=among, qblock=box)
+    block = rng.randint(1, 9)
+    qblock = rng.choice([1, block, rng.randint(1, 9)])
+    return P("route", topk=rng.randint(1, 3), block=block, score="mean", among=among, qblock=qblock)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_dynamic_patterns_static_parts_exact(seed):
+    rng = random.Random(7000 + seed)
+    for _ in range(25):
+        pir, lq, lk, heads, block = rand_case(rng)
+        route = _route(rng, pir.layout)
+        node = rng.choice([ir.union, ir.inter])(pir.default, route)
+        if rng.random() < 0.3:
+            node = ir.complement(node)
+        pir = ir.PatternIR("d", (), pir.layout, (), node)
+        plan = analysis.plan(pir, lq, lk, 1, block=block)
+        assert plan.order == "identity"
+        tiles = plan.tiles()[0]
+        for trial in range(2):
+            g = torch.Generator().manual_seed(seed * 100 + trial)
+            q = torch.randn(1, 1, lq, 4, generator=g)
+            k = torch.randn(1, 1, lk, 4, generator=g)
+            actual = tile_reduce(semantics.mask(pir, lq, lk, 1, q=q, k=k)[0], *block)[0]
+            decided = tiles != 3
+            assert torch.equal(tiles[decided], actual[decided]), f"{node}\nLq={lq} Lk={lk} block={block}"
