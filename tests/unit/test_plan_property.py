@@ -208,7 +208,7 @@ def _route(rng, layout):
 def test_dynamic_patterns_static_parts_exact(seed):
     rng = random.Random(7000 + seed)
     for _ in range(25):
-        pir, lq, lk, heads, block = rand_case(rng)
+        pir, lq, lk, _, block = rand_case(rng)
         route = _route(rng, pir.layout)
         node = rng.choice([ir.union, ir.inter])(pir.default, route)
         if rng.random() < 0.3:
