@@ -70,8 +70,8 @@ def draw_tiles(
         ``(text, (factor_r, factor_c))``: the framed map and the subsampling factors used.
     """
     nqb, nkb = tiles.shape
-    factor_r = max(1, math.ceil(nqb / max_rows))
-    factor_c = max(1, math.ceil(nkb / max_cols))
+    # One factor for both axes, so a subsampled map keeps the shape of the full one.
+    factor_r = factor_c = max(1, math.ceil(nqb / max_rows), math.ceil(nkb / max_cols))
     cells = cell_states(tiles, factor_r, factor_c) if (factor_r, factor_c) != (1, 1) else tiles
     chars = ASCII_CHARS if ascii_only else UNICODE_CHARS
     border = "+" + "-" * cells.shape[1] + "+"

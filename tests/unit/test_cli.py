@@ -150,7 +150,7 @@ def test_show_plan_one_map_per_head_group(capsys):
 def test_show_plan_subsamples_large_maps(capsys):
     code, out, _ = run(capsys, "show", STREAMING, "--seq", 65536, "--stage", "plan", "--order", "identity")
     assert code == 0
-    assert "one character = 11 x 6 tiles" in out  # 512 x 512 tiles into at most 48 x 96 characters
+    assert "one character = 11 x 11 tiles" in out  # 512 x 512 tiles into at most 48 x 96 characters
     rows = _map_rows(out)
     assert len(rows) <= pictures.MAX_ROWS and all(len(r) <= pictures.MAX_COLS for r in rows)
 
