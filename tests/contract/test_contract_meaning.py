@@ -261,3 +261,18 @@ def test_random_query_blocks_follow_end_aligned_positions():
     tail = p.mask(10, 32)[0]
     # Query row i of the (10, 32) call is position i + 22: same query block as row i + 22 of the square call.
     assert torch.equal(tail, full[22:])
+
+
+@pytest.mark.xfail(
+    strict=True, reason="contract report C3: where() arithmetic wraps at int64 silently (semantics/runtime)"
+)
+@pytest.mark.parametrize("expr", ["q * 4611686018427387904", "q * 1099511627776 * 1099511627776"])
+def test_where_large_integers_are_exact_or_rejected(expr):
+    # Python integer semantics: q * 2**62 > k and q * 2**80 > k hold for every q >= 1. Either the
+    # product gets them right or it refuses the predicate with a PatternError; a silently
+    # wrapped (int64 overflow) answer is wrong.
+    try:
+        m = patterndsl.compile(f"pattern p {{ where({expr} > k) }}").mask(4)
+    except patterndsl.PatternError:
+        return
+    assert torch.equal(m, o.to_mask(lambda q, k, *_: (q >= 1) & (k >= 0), 4))

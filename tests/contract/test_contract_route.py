@@ -155,6 +155,9 @@ def test_route_mask_requires_data():
     o.expect_pattern_error(lambda: p.mask(16))
 
 
+@pytest.mark.xfail(
+    strict=True, reason="contract report C1: attention with route() raises 'not supported yet' (runtime)"
+)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_route_attention_matches_reference(dtype):
     q, k, v = o.rand_qkv(b=2, hq=2, lq=20, d=8, seed=21)
@@ -167,6 +170,9 @@ def test_route_attention_matches_reference(dtype):
     torch.testing.assert_close(got.double(), want, atol=tol * 10, rtol=tol * 10)
 
 
+@pytest.mark.xfail(
+    strict=True, reason="contract report C1: attention with route() raises 'not supported yet' (runtime)"
+)
 def test_route_gqa_query_heads_share_one_choice():
     q, k, v = o.rand_qkv(b=2, hq=4, hkv=2, lq=16, d=8, seed=13)
     p = patterndsl.compile("pattern p { causal & route(2, block = 4, among = causal) }")
@@ -180,6 +186,9 @@ def test_route_gqa_query_heads_share_one_choice():
     torch.testing.assert_close(lse.double(), want_lse, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.xfail(
+    strict=True, reason="contract report C1: attention with route() raises 'not supported yet' (runtime)"
+)
 def test_route_gradients_flow_through_attention_not_choice():
     q, k, v = o.rand_qkv(b=1, hq=2, lq=16, d=8, seed=17, grad=True)
     p = patterndsl.compile(MOBA)
@@ -211,3 +220,44 @@ def test_route_plan_marks_dynamic_tiles_3_and_others_exact():
     # Above the diagonal nothing is ever allowed (causal): those tiles are exactly empty, not 3.
     for a in range(tiles.shape[1]):
         assert bool((tiles[:, a, a + 1 :] == 0).all())
+
+
+def test_route_plan_unequal_lengths_and_auto_order_exact_outside_dynamic_tiles():
+    src = "pattern p { causal & (window(2) | route(1, block = 4, among = causal)) }"
+    p = patterndsl.compile(src)
+    lq, lk = 12, 20
+    for order in ("auto", "identity"):
+        plan = p.plan(lq, lk, heads=2, block=(4, 4), order=order)
+        qo, ko = plan.q_order, plan.kv_order
+        assert torch.equal(torch.sort(qo).values, torch.arange(lq)) and torch.equal(
+            torch.sort(ko).values, torch.arange(lk)
+        )
+        tiles = plan.tiles()
+        fixed = tiles != 3
+        for seed in range(3):
+            q, k = data(b=1, h=2, lq=lq, lk=lk, seed=200 + seed)
+            am = among_mask(o.causal, lq, lk, 2)
+            static = among_mask(lambda a, b: o.causal(a, b) & o.window(a, b, 2), lq, lk, 2)
+            m = (static[None] | (am[None] & o.route_mask(q, k, topk=1, block=4, among=am)))[0]
+            red = o.tile_reduce(m[:, qo][:, :, ko], 4, 4)
+            assert torch.equal(tiles[fixed], red[fixed])
+
+
+@pytest.mark.xfail(strict=True, reason="contract report C2: plan marks statically decided route tiles as 3 (analysis)")
+def test_route_plan_marks_3_only_tiles_decided_at_run_time():
+    # Diagonal tiles of causal & (window(2) | route(...)) are partial whatever route picks: the
+    # causal upper triangle is never allowed and the diagonal always is. Their state is not
+    # "decided only at run time", so they must be 1, not 3. The off-diagonal lower tiles do
+    # depend on the choice (empty or partial/full) and may be 3.
+    p = patterndsl.compile("pattern p { causal & (window(2) | route(1, block = 4, among = causal)) }")
+    tiles = p.plan(16, block=(4, 4), order="identity").tiles()[0]
+    assert tiles.diagonal().tolist() == [1, 1, 1, 1]
+    # route(1, among = blocks(4)): group a has a single candidate, block a, so it is always chosen.
+    tiles = patterndsl.compile("pattern p { route(1, block = 4, among = blocks(4)) }").plan(16, block=(4, 4)).tiles()[0]
+    assert tiles.tolist() == [[2 if a == b else 0 for b in range(4)] for a in range(4)]
+
+
+@pytest.mark.xfail(strict=True, reason="contract report C1: kernel_source/Triton backend refuse route() (codegen)")
+def test_route_kernel_source_is_text():
+    src = patterndsl.compile(MOBA.replace("(4)", "(64)").replace("block = 4", "block = 64")).kernel_source(256)
+    assert isinstance(src, str) and "triton" in src

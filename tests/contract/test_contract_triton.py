@@ -17,8 +17,8 @@ ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = r"""
 import sys, torch, patterndsl
 from tests.contract import oracle as o
-src, lq, lk, hq, hkv, dtype = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), sys.argv[6]
-dtype = getattr(torch, dtype)
+src, dtype = sys.argv[1], getattr(torch, sys.argv[6])
+lq, lk, hq, hkv = (int(a) for a in sys.argv[2:6])
 p = patterndsl.compile(src)
 q, k, v = o.rand_qkv(b=1, hq=hq, hkv=hkv, lq=lq, lk=lk, d=16, dtype=dtype, seed=3, grad=True)
 out, lse = p(q, k, v, return_lse=True, backend="triton")
