@@ -25,12 +25,21 @@ def _floor(x):
     return sp.floor(x)
 
 
+def _plain(args) -> bool:
+    return not any(sp.sympify(a).has(sp.floor, sp.Min, sp.Max) for a in args)
+
+
 def _min(*args):
-    # evaluate=False: sympy's Min/Max simplification is slow and buys nothing here.
+    # Simplify only when every argument is linear in m (cheap); sympy's Min/Max reasoning on
+    # nested Min/floor terms is slow and buys nothing.
+    if _plain(args):
+        return sp.Min(*args)
     return sp.Min(*args, evaluate=False)
 
 
 def _max(*args):
+    if _plain(args):
+        return sp.Max(*args)
     return sp.Max(*args, evaluate=False)
 
 
@@ -39,7 +48,9 @@ def _band_forms(lo_b: int, hi_b: int, mod: int, qside: Side, kside: Side, nkb: i
     bm, bn = qside.block, kside.block
     off, lq, lk = qside.offset, qside.length, kside.length
     qmin = m * bm + off
-    qmax = _min(m * bm + bm - 1, lq - 1) + off
+    # with Lq a multiple of BM the last tile is whole and qmax is linear (sympy then pulls
+    # m out of every floor); otherwise keep the clamp
+    qmax = m * bm + bm - 1 + off if lq % bm == 0 else _min(m * bm + bm - 1, lq - 1) + off
     lo = sp.Integer(0) if hi_b >= BIG else _max(0, _floor((qmin - hi_b) / sp.Integer(bn)))
     hi = _min(nkb, _floor((qmax - lo_b) / sp.Integer(bn)) + 1)
     if mod > 1:
