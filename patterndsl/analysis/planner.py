@@ -15,7 +15,7 @@ import time
 import numpy as np
 import torch
 
-from patterndsl import ir
+from patterndsl import config, ir
 from patterndsl.analysis import engine as eng
 from patterndsl.analysis import reorder, tiles
 from patterndsl.analysis.classify import Env
@@ -129,7 +129,27 @@ def plan(pir: ir.PatternIR, q_len: int, kv_len: int | None = None, heads: int = 
         cand = _plan_order(desc, qsegs, ksegs, identity, groups, q_len, kv_len, pir.layout, bm, bn, bound)
         if cand is not None:
             best = cand
-    return _assemble(pir, best, groups, head_group, q_len, kv_len, heads, bm, bn, start, len(cands))
+    out = _assemble(pir, best, groups, head_group, q_len, kv_len, heads, bm, bn, start, len(cands))
+    if config.debug_verify():
+        _verify_dense(out, nodes)
+    return out
+
+
+#: Largest ``heads * Lq * Lk`` checked against the dense mask under ``PATTERNDSL_DEBUG=1``.
+DEBUG_VERIFY_LIMIT = 1 << 24
+
+
+def _verify_dense(p: BlockPlan, nodes) -> None:
+    """Debug mode: compare the plan with the tile reduction of the dense meaning (small sizes only)."""
+    from patterndsl import semantics
+    from patterndsl.analysis.plan import tile_reduce
+
+    if any(ir.is_dynamic(n) for n in nodes) or p.heads * p.q_len * p.kv_len > DEBUG_VERIFY_LIMIT:
+        return
+    dense = semantics.mask(p.pattern, p.q_len, p.kv_len, p.heads)
+    ref = tile_reduce(dense[:, p.q_order][:, :, p.kv_order], p.block_m, p.block_n)
+    if not torch.equal(ref, p.tiles()) or p.stats.allowed_pairs != int(dense.sum()):
+        raise AssertionError(f"block plan of {p.pattern.name!r} differs from its dense mask (order {p.order})")
 
 
 def _assemble(pir, cand: _Candidate, groups, head_group, q_len, kv_len, heads, bm, bn, start, n_orders):

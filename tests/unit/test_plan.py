@@ -255,3 +255,10 @@ def test_causal_minus_window_is_symbolic():
     assert torch.equal(plan.tiles(), ref)
     assert plan.stats.tiles_evaluated == 0
     assert plan.stats.allowed_pairs == int(dense.sum())
+
+
+def test_debug_mode_verifies_against_dense(monkeypatch):
+    monkeypatch.setenv("PATTERNDSL_DEBUG", "1")
+    p = pd.compile("pattern t { causal & (window(9) | summary(7, 2)) }")
+    plan = p.plan(90, 70, block=(16, 8))
+    assert plan.stats.allowed_pairs == int(p.mask(90, 70).sum())
