@@ -306,3 +306,37 @@ def test_kernel_source_is_text(kind):
 def test_kernel_source_default_arguments():
     src = patterndsl.compile("pattern p { causal }").kernel_source(64)
     assert isinstance(src, str) and len(src) > 100
+
+
+def test_gradients_flow_through_lse_too():
+    p = patterndsl.compile(PATTERNS["streaming"][0])
+    q, k, v = o.rand_qkv(b=1, hq=2, lq=10, d=4, seed=3, grad=True)
+    out, lse = p(q, k, v, return_lse=True)
+    go, gl = torch.randn_like(out), torch.randn_like(lse)
+    got = torch.autograd.grad((out * go).sum() + (lse * gl).sum(), (q, k, v))
+    q2, k2, v2 = (t.detach().double().requires_grad_(True) for t in (q, k, v))
+    ref, ref_lse = o.reference_attention(q2, k2, v2, dense("streaming", 10, 10, 2))
+    want = torch.autograd.grad((ref * go.double()).sum() + (ref_lse * gl.double()).sum(), (q2, k2, v2))
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a.double(), b, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_large_scores_stay_finite(dtype):
+    # Scores far beyond the float16 range must not overflow: softmax is shift-invariant.
+    p = patterndsl.compile("pattern p { causal & window(6) }")
+    q, k, v = o.rand_qkv(b=1, hq=2, lq=32, d=64, seed=1)
+    q, k, v = (q * 20).to(dtype), (k * 20).to(dtype), v.to(dtype)
+    out, lse = p(q, k, v, return_lse=True)
+    ref, ref_lse = o.reference_attention(q, k, v, p.mask(32, 32, 2))
+    torch.testing.assert_close(out.double(), ref, atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(lse.double(), ref_lse, atol=1e-2, rtol=1e-3)
+
+
+def test_non_contiguous_inputs():
+    p = patterndsl.compile(PATTERNS["dilated"][0])
+    base = torch.randn(2, 12, 3, 8)  # [batch, seq, heads, dim], as many models keep it
+    q = k = v = base.transpose(1, 2)
+    out = p(q, k, v)
+    want, _ = o.reference_attention(q, k, v, dense("dilated", 12, 12, 3))
+    torch.testing.assert_close(out.double(), want, atol=1e-5, rtol=1e-5)

@@ -158,3 +158,16 @@ def test_bench_runs_on_a_tiny_size(capsys, good):
     )
     assert code == 0, err
     assert re.search(r"\d", out)
+
+
+def test_show_on_a_bad_file_names_the_location(capsys, bad):
+    code, out, err = run(capsys, "show", bad, "--pattern", "bad", "--seq", "8", "--stage", "ir")
+    assert code != 0 and re.search(re.escape(str(bad)) + r":4:14\b", out + err)
+
+
+def test_show_params_accept_bools_and_tuples(capsys, tmp_path):
+    path = tmp_path / "na.pdsl"
+    path.write_text("pattern na(s = (3, 3), c = false) {\n layout grid(y = 5, x = 5)\n neighborhood(s, causal = c)\n}\n")
+    code, out, err = run(capsys, "show", path, "--param", "s=(5,3)", "--param", "c=true", "--stage", "ir")
+    assert code == 0, err
+    assert re.search(r"\(\s*5\s*,\s*3\s*\)", out) and "true" in out
