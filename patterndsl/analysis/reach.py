@@ -28,7 +28,7 @@ from patterndsl import ir
 from patterndsl.errors import PatternValueError
 
 MAX_PAIRS = 4_000_000
-MAX_WORK = 30_000_000
+MAX_WORK = 300_000_000  # class-graph BFS edge visits (networkx: roughly 1e6-1e7 per second)
 
 
 @dataclass(frozen=True)
