@@ -340,3 +340,31 @@ def test_non_contiguous_inputs():
     out = p(q, k, v)
     want, _ = o.reference_attention(q, k, v, dense("dilated", 12, 12, 3))
     torch.testing.assert_close(out.double(), want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "src,length,rule",
+    [
+        (
+            "pattern p { layout grid(y = 16, x = 16)\n neighborhood(3, dilation = 4) }",
+            256,
+            lambda: o.neighborhood_mask((16, 16), 3, 4),
+        ),
+        (
+            "pattern p { causal & strided(8) }",
+            512,
+            lambda: dense_rule(lambda q, k: o.causal(q, k) & o.strided(q, k, 8), 512),
+        ),
+        ("pattern p { window(4, 4, 16) }", 512, lambda: dense_rule(lambda q, k: o.window(q, k, 4, 4, 16), 512)),
+    ],
+)
+def test_attention_in_original_order_at_sizes_where_plans_reorder(src, length, rule):
+    p = patterndsl.compile(src)
+    # At the kernel tile sizes the default plan does reorder these (dilation/stride classes, grid boxes) ...
+    assert not torch.equal(p.plan(length, block=(64, 64)).q_order, torch.arange(length))
+    # ... and the attention result must still come back in the original token order.
+    q, k, v = o.rand_qkv(b=1, hq=1, lq=length, d=8, seed=12)
+    out, lse = p(q, k, v, return_lse=True)
+    want, want_lse = o.reference_attention(q, k, v, rule())
+    torch.testing.assert_close(out.double(), want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse.double(), want_lse, atol=1e-5, rtol=1e-5)

@@ -167,7 +167,9 @@ def test_show_on_a_bad_file_names_the_location(capsys, bad):
 
 def test_show_params_accept_bools_and_tuples(capsys, tmp_path):
     path = tmp_path / "na.pdsl"
-    path.write_text("pattern na(s = (3, 3), c = false) {\n layout grid(y = 5, x = 5)\n neighborhood(s, causal = c)\n}\n")
+    path.write_text(
+        "pattern na(s = (3, 3), c = false) {\n layout grid(y = 5, x = 5)\n neighborhood(s, causal = c)\n}\n"
+    )
     code, out, err = run(capsys, "show", path, "--param", "s=(5,3)", "--param", "c=true", "--stage", "ir")
     assert code == 0, err
     assert re.search(r"\(\s*5\s*,\s*3\s*\)", out) and "true" in out

@@ -240,3 +240,18 @@ def test_param_not_declared_is_rejected():
 
 def test_pattern_error_is_exported_exception():
     assert issubclass(PatternError, Exception)
+
+
+def test_let_used_by_heads_lines_and_final_expression():
+    src = """pattern p(half = 2, n_global = 1, local_heads = 1) {
+    let globals = global(n_global)
+    heads 0..local_heads: window(half, half) | globals
+    window(half, half, 2) | globals
+}"""
+    got = patterndsl.compile(src).mask(12, heads=3)
+    want = o.to_mask(
+        lambda q, k, h, *_: (o.window(q, k, 2, 2) if h < 1 else o.window(q, k, 2, 2, 2)) | o.global_(q, k, 1),
+        12,
+        heads=3,
+    )
+    assert torch.equal(got, want)
