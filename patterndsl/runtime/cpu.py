@@ -40,6 +40,8 @@ CHUNK_BYTES = 4 << 20
 #: results; fused is the default because it issues far fewer parallel regions
 #: (see benchmarks/cpu_attention.py --kernel).
 KERNEL = "fused"
+#: Bytes of per-tile dK/dV the fused backward may hold at once (few, large kernel calls).
+FUSED_CHUNK_BYTES = 64 << 20
 #: Affine segments shorter than this are pooled into gathered buckets (fewer, larger steps).
 MIN_AFFINE = 4
 
@@ -150,18 +152,43 @@ def schedule(
             continue
         q_tiles = torch.arange(m0, m0 + n)
         kv_tiles = lo0 + step * q_tiles[:, None].sub(m0) + torch.arange(width)
-        segments.append((q_tiles, kv_tiles, (lo0, step)))
-    for width, ms in sorted(loose.items()):
-        q_tiles = torch.tensor(sorted(ms), dtype=torch.int64)
-        kv_tiles = torch.stack([cols[row_ptr[m] : row_ptr[m] + width] for m in q_tiles.tolist()])
-        segments.append((q_tiles, kv_tiles, None))
+        segments.append((q_tiles, kv_tiles, (lo0, step), None))
+    for bucket in _buckets(loose):
+        width = max(c for c, _ in bucket)
+        ms = sorted(m for c, group in bucket for m in group)
+        q_tiles = torch.tensor(ms, dtype=torch.int64)
+        # Narrower rows are padded with their last key tile, fully blocked: one bigger step
+        # instead of one per width.
+        kv_tiles = torch.empty(len(ms), width, dtype=torch.int64)
+        pad = torch.zeros(len(ms), width, dtype=torch.bool)
+        for t, m in enumerate(ms):
+            a, c = int(row_ptr[m]), counts[m]
+            kv_tiles[t, :c] = cols[a : a + c]
+            kv_tiles[t, c:] = cols[a + c - 1]
+            pad[t, c:] = True
+        segments.append((q_tiles, kv_tiles, None, pad))
     return tuple(
-        Segment(qt, kt, aff, _blocked(qt, kt, row_ptr, cols, state, plan, tile_mask)) for qt, kt, aff in segments
+        Segment(qt, kt, aff, _blocked(qt, kt, row_ptr, cols, state, plan, tile_mask, pad))
+        for qt, kt, aff, pad in segments
     )
 
 
-def _blocked(q_tiles, kv_tiles, row_ptr, cols, state, plan: BlockPlan, tile_mask) -> torch.Tensor | None:
-    """The not-allowed pairs of a segment, or None when no tile needs a mask."""
+def _buckets(loose: dict[int, list[int]]) -> list[list[tuple[int, list[int]]]]:
+    """Group gathered query tiles by width, merging widths while padding at most doubles the work."""
+    buckets: list[list[tuple[int, list[int]]]] = []
+    work = 0
+    for width, ms in sorted(loose.items()):
+        if buckets and width * (sum(len(g) for _, g in buckets[-1]) + len(ms)) <= 2 * (work + width * len(ms)):
+            buckets[-1].append((width, ms))
+            work += width * len(ms)
+        else:
+            buckets.append([(width, ms)])
+            work = width * len(ms)
+    return buckets
+
+
+def _blocked(q_tiles, kv_tiles, row_ptr, cols, state, plan: BlockPlan, tile_mask, pad=None) -> torch.Tensor | None:
+    """The not-allowed pairs of a segment (``pad``: padding tiles, all blocked), or None when no tile needs a mask."""
     bm, bn = plan.block
     n, width = kv_tiles.shape
     # Tile states in the segment's [n, width] layout, looked up from the CSR lists.
@@ -173,13 +200,17 @@ def _blocked(q_tiles, kv_tiles, row_ptr, cols, state, plan: BlockPlan, tile_mask
     need = st == PARTIAL
     if plan.kv_len % bn:
         need |= kv_tiles == plan.n_kv_tiles - 1
-    if not bool(need.any()):
+    pad = torch.zeros_like(need) if pad is None else pad
+    need &= ~pad
+    if not bool(need.any()) and not bool(pad.any()):
         return None
     blocked = torch.zeros(n, bm, width * bn, dtype=torch.bool)
-    t_idx, w_idx = torch.nonzero(need, as_tuple=True)
-    allowed = tile_mask(q_tiles[t_idx], kv_tiles[t_idx, w_idx])
     view = blocked.view(n, bm, width, bn)
-    view[t_idx, :, w_idx, :] = ~allowed
+    t_idx, w_idx = torch.nonzero(need, as_tuple=True)
+    if t_idx.numel():
+        view[t_idx, :, w_idx, :] = ~tile_mask(q_tiles[t_idx], kv_tiles[t_idx, w_idx])
+    t_idx, w_idx = torch.nonzero(pad, as_tuple=True)
+    view[t_idx, :, w_idx, :] = True
     if n > 1 and torch.equal(blocked, blocked[:1].expand_as(blocked)):
         return blocked[:1].clone()
     return blocked
@@ -281,9 +312,9 @@ def _kv_heads(heads: tuple[int, ...], group_size: int) -> list[int]:
     return [h // group_size for h in heads]
 
 
-def _chunks(segment: Segment, bytes_per_key_tile: int):
-    """Consecutive slices of ``segment`` whose per-tile buffers stay under :data:`CHUNK_BYTES`."""
-    n = max(1, CHUNK_BYTES // max(bytes_per_key_tile * segment.width, 1))
+def _chunks(segment: Segment, bytes_per_key_tile: int, budget: int = CHUNK_BYTES):
+    """Consecutive slices of ``segment`` whose per-tile buffers stay under ``budget`` bytes."""
+    n = max(1, budget // max(bytes_per_key_tile * segment.width, 1))
     for a in range(0, len(segment), n):
         yield segment.slice(a, min(a + n, len(segment)))
 
@@ -393,7 +424,7 @@ def _backward_fused(t: dict, seg0: Segment, block, scale: float) -> None:
     bn = block[1]
     b, h, _, d = t["q"].shape
     # The kernel returns dK/dV per query tile ([n, width*BN, D] each); chunks bound that memory.
-    for seg in _chunks(seg0, 2 * b * h * bn * d * t["q"].element_size()):
+    for seg in _chunks(seg0, 2 * b * h * bn * d * t["q"].element_size(), FUSED_CHUNK_BYTES):
         _backward_fused_chunk(t, seg, block, scale)
 
 

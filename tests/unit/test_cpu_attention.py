@@ -201,6 +201,10 @@ def test_sliding_window_runs_as_one_affine_segment_with_shared_mask():
     assert seg.blocked is not None and seg.blocked.shape[0] == 1  # one mask shared by every tile
     covered = torch.cat([s.q_tiles for s in sched.segments]).sort().values
     assert torch.equal(covered, torch.arange(plan.n_q_tiles))
+    # The two narrower leading tiles (widths 1 and 2) share one padded, gathered step.
+    (gathered,) = [s for s in sched.segments if s.affine is None]
+    assert gathered.width == 2 and len(gathered) == 2
+    assert bool(gathered.blocked[0, :, 64:].all())
 
 
 def test_full_tiles_get_no_mask():
