@@ -149,7 +149,7 @@ def compile_spec(spec, target: str | None = None) -> list[AotKernel]:
         sig, attrs = signature(fn, spec.dtype)
         compiled = compile_aot(fn, sig, target, spec.num_warps, spec.num_stages, attrs)
         kernel = AotKernel(name, target, dict(compiled.asm), compiled.metadata.shared, spec.num_warps, spec.num_stages)
-        kernel.resources = sass_resources(kernel.asm["cubin"])
+        kernel.resources = sass_resources(kernel.asm["cubin"], kernel.asm["ptx"], target)
         kernels.append(kernel)
     return kernels
 
@@ -190,18 +190,56 @@ def sass(cubin: bytes) -> str:
         return _run([tool("cuobjdump"), "-sass", path])
 
 
-def sass_resources(cubin: bytes) -> dict:
-    """Resource usage of a cubin from ``cuobjdump -res-usage`` and its SASS.
+def ptxas_report(ptx: str, target: str) -> dict:
+    """Registers, stack frame and spill bytes per thread as ``ptxas -v`` reports them for ``ptx``.
+
+    Args:
+        ptx: PTX text (from ``AotKernel.asm["ptx"]``).
+        target: ``"sm_80"``, ``"sm_90"``, ... (sm_90 and later assemble for the ``a`` variant wgmma needs).
+
+    Returns:
+        ``{"registers", "stack", "spill_stores", "spill_loads"}``.
+    """
+    cap = _capability(target)
+    arch = f"sm_{cap}a" if cap >= 90 else f"sm_{cap}"
+    with tempfile.TemporaryDirectory() as tmp:
+        src, out = Path(tmp) / "kernel.ptx", Path(tmp) / "kernel.cubin"
+        src.write_text(ptx)
+        try:
+            done = subprocess.run(
+                [str(tool("ptxas")), f"-arch={arch}", "-v", str(src), "-o", str(out)],
+                capture_output=True, text=True, timeout=300, check=True,
+            )  # fmt: skip
+        except (OSError, subprocess.SubprocessError) as exc:
+            raise BackendError(f"ptxas failed: {exc}") from exc
+    log = done.stdout + done.stderr
+
+    def number(pattern: str) -> int:
+        found = re.search(pattern, log)
+        return int(found.group(1)) if found else 0
+
+    return {
+        "registers": number(r"Used (\d+) registers"),
+        "stack": number(r"(\d+) bytes stack frame"),
+        "spill_stores": number(r"(\d+) bytes spill stores"),
+        "spill_loads": number(r"(\d+) bytes spill loads"),
+    }
+
+
+def sass_resources(cubin: bytes, ptx: str | None = None, target: str | None = None) -> dict:
+    """Resource usage of a kernel from its cubin (``cuobjdump``) and, given the PTX, ``ptxas -v``.
 
     Args:
         cubin: the binary from ``AotKernel.asm["cubin"]``.
+        ptx: the kernel's PTX; with ``target``, spills are taken from ``ptxas -v``.
+        target: the architecture the cubin was built for.
 
     Returns:
         ``{"registers", "stack", "local", "spills", "shared", "mma", "wgmma", "instructions"}``:
-        registers per thread, stack and local bytes per thread (``spills`` is their sum: register
-        spills land there), static shared bytes, the count of MMA instructions (``HMMA``, ``HGMMA``,
-        ``IMMA``, ...), of those the Hopper warpgroup ones (``HGMMA``, what ``wgmma`` compiles to),
-        and the total SASS instruction count.
+        registers per thread, stack and local bytes per thread, ``spills`` (bytes of spill stores
+        from ``ptxas -v`` when the PTX is given, else the local bytes), static shared bytes, the
+        count of MMA instructions (``HMMA``, ``HGMMA``, ``IMMA``, ...), of those the Hopper
+        warpgroup ones (``HGMMA``, what ``wgmma`` compiles to), and the SASS instruction count.
     """
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "kernel.cubin"
@@ -211,12 +249,16 @@ def sass_resources(cubin: bytes) -> dict:
     fields = dict(re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", usage))
     opcodes = re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9]*)", text)
     mma = [op for op in opcodes if op.endswith("MMA") or op.endswith("GMMA")]
-    stack, local = int(fields.get("STACK", 0)), int(fields.get("LOCAL", 0))
+    local = int(fields.get("LOCAL", 0))
+    spills = local
+    if ptx is not None and target is not None:
+        report = ptxas_report(ptx, target)
+        spills = report["spill_stores"] + report["spill_loads"]
     return {
         "registers": int(fields.get("REG", 0)),
-        "stack": stack,
+        "stack": int(fields.get("STACK", 0)),
         "local": local,
-        "spills": stack + local,
+        "spills": spills,
         "shared": int(fields.get("SHARED", 0)),
         "mma": len(mma),
         "wgmma": sum(op == "HGMMA" for op in mma),
@@ -242,5 +284,5 @@ def render_resources(kernels: list[AotKernel]) -> str:
             f"{k.name:<18} {k.target:<7} {r['registers']:>5} {r['spills']:>7} {shared:>8} {r['mma']:>5} "
             f"{r['wgmma']:>6} {r['instructions']:>6}"
         )
-    rows.append("spills = stack + local bytes per thread; shared = bytes per block (Triton's dynamic shared memory)")
+    rows.append("spills = bytes of spill stores + loads per thread (ptxas -v); shared = bytes per block")
     return "\n".join(rows)

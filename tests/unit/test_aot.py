@@ -22,6 +22,11 @@ pytestmark = pytest.mark.aot
 SHARED_LIMIT = {"sm_80": 163 * 1024, "sm_90": 227 * 1024}
 
 
+@pytest.fixture(autouse=True)
+def _private_cache(monkeypatch, tmp_path_factory):
+    monkeypatch.setenv("PATTERNDSL_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "aot-kernel-cache"))
+
+
 @pytest.fixture(scope="module", autouse=True)
 def _compiled_mode():
     import triton
