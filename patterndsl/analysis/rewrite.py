@@ -26,6 +26,13 @@ def _qk_at_least(c: int) -> ir.Prim:
     return ir.Prim("where", (("pred", ir.Cmp(">=", diff, ir.Const(c))),))
 
 
+def _is_int(e: ir.Expr) -> bool:
+    """True when ``e`` is an integer expression (comparisons of booleans are left alone)."""
+    if isinstance(e, (ir.Cmp, ir.Logic, ir.LNot)):
+        return False
+    return not (isinstance(e, ir.Const) and isinstance(e.value, bool))
+
+
 def _where(pred: ir.Expr) -> ir.Node:
     if isinstance(pred, ir.Const) and isinstance(pred.value, bool):
         return ir.FULL if pred.value else ir.EMPTY
@@ -34,6 +41,8 @@ def _where(pred: ir.Expr) -> ir.Node:
         return ir.inter(*parts) if pred.op == "and" else ir.union(*parts)
     if isinstance(pred, ir.LNot):
         return ir.complement(_where(pred.operand))
+    if isinstance(pred, ir.Cmp) and pred.op in ("==", "!=") and not (_is_int(pred.left) and _is_int(pred.right)):
+        return ir.Prim("where", (("pred", pred),))
     if isinstance(pred, ir.Cmp) and pred.op == "==":
         return ir.inter(
             ir.Prim("where", (("pred", ir.Cmp("<=", pred.left, pred.right)),)),
