@@ -160,7 +160,7 @@ def _check_static(plan) -> None:
     for group in plan.groups:
         if ir.is_dynamic(group.node):
             raise PatternError("patterns with route(...) cannot run on the Triton backend yet (selection at run time)")
-        if any(int(s) == 3 for s in group.tiles.state.tolist()):
+        if bool((group.tiles.state == 3).any()):
             raise PatternError("the plan has tiles decided at run time; the Triton backend cannot run it yet")
 
 

@@ -21,7 +21,8 @@ from patterndsl.codegen import generator
 from patterndsl.errors import BackendError, InputError
 from patterndsl.runtime import cache
 
-_prepared: dict[tuple, dict] = {}
+_prepared: dict[tuple, tuple] = {}
+_specs: dict[tuple, tuple] = {}
 
 
 def _empty(*shape: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -127,10 +128,20 @@ def _strides(t: torch.Tensor) -> tuple[int, int, int]:
     return t.stride(0), t.stride(1), t.stride(2)
 
 
+def _spec(plan, kind: str, head_dim: int, dtype: torch.dtype, kv_heads: int, target: str):
+    # make_spec prints sympy bounds and checks the plan; do it once per plan and launch facts.
+    key = (id(plan), kind, head_dim, dtype, kv_heads, target)
+    entry = _specs.get(key)
+    if entry is None or entry[0]() is not plan:
+        entry = (weakref.ref(plan), generator.make_spec(plan, kind, head_dim, dtype, kv_heads, target))
+        _specs[key] = entry
+        weakref.finalize(plan, _specs.pop, key, None)
+    return entry[1]
+
+
 def _setup(q, k, v, plan, kind: str):
     _validate(q, k, v, plan)
-    target = target_of(q.device)
-    spec = generator.make_spec(plan, kind, q.shape[3], q.dtype, k.shape[1], target)
+    spec = _spec(plan, kind, q.shape[3], q.dtype, k.shape[1], target_of(q.device))
     module = cache.load(spec, generator.render)
     return spec, module, prepared(plan, spec, q.device)
 

@@ -3,7 +3,7 @@
 # from the pattern below whenever anything in the cache key changes.
 #
 # pattern:    causal_lm()
-# cache key:  485804cb3f975458f28928f8721a5b0d
+# cache key:  308c51f9e588255b60fa8c7fe1279f4e
 # shapes:     LQ=1024 queries, LK=1024 keys, NH=8 query heads, NHK=8 key/value heads
 #             (GQA=1 query heads share one key/value head), head dim D=64 padded to DP=64
 # dtype:      float16 (accumulation in float32; DOT_PRECISION=tf32)

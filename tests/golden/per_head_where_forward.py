@@ -3,7 +3,7 @@
 # from the pattern below whenever anything in the cache key changes.
 #
 # pattern:    mix()
-# cache key:  c50d62a47b982fbf5e704ce2d36ea1db
+# cache key:  a77ec98afd0749ece58d0b08a5f78ba3
 # shapes:     LQ=512 queries, LK=640 keys, NH=4 query heads, NHK=4 key/value heads
 #             (GQA=1 query heads share one key/value head), head dim D=32 padded to DP=32
 # dtype:      float32 (accumulation in float32; DOT_PRECISION=tf32)
