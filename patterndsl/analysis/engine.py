@@ -562,6 +562,50 @@ def count_tiles(engine: Engine, node: ir.Node, keys: np.ndarray, state: np.ndarr
     return count_allowed(engine, node, keys)
 
 
+def _count_keys(prim: ir.Prim, a: np.ndarray, s: np.ndarray, n: np.ndarray) -> np.ndarray | None:
+    """Per key progression ``a + s*u`` (``u < n``): how many keys a key-only primitive allows, or None."""
+    name = prim.name
+    if name == "sink":
+        lim = prim.arg("n")
+        return np.clip(-np.floor_divide(-(lim - a), s), 0, n)
+    if name not in ("summary", "landmarks"):
+        return None
+    st = prim.arg("stride") if name == "summary" else prim.arg("every")
+    w = min(max(prim.arg("width") if name == "summary" else 1, 0), st)
+    if not ((s == 1) | (n == 1)).all():
+        return None
+
+    def upto(x):  # allowed keys in [0, x)
+        periods, rest = np.divmod(x, st)
+        return periods * w + np.maximum(0, rest - (st - w))
+
+    return upto(a + n) - upto(a)
+
+
+def _separable_count(engine: Engine, node: ir.Node, keys: np.ndarray) -> np.ndarray | None:
+    """Counts for primitives that test the key (or query) alone: rows x allowed keys per tile."""
+    if not isinstance(node, ir.Prim) or len(engine.q.extents) != 1:
+        return None
+    q, k = engine.q, engine.k
+    m, n = keys // engine.nkb, keys % engine.nkb
+    rows = np.diff(q.starts)[m]
+    cols = np.diff(k.starts)[n]
+    if node.name == "global":
+        lim = node.arg("n")
+        # pairs with q >= n and k >= n are the only ones refused
+        qa, qs, qn = q.a[:, 0], q.s[:, 0], q.n[:, 0]
+        ka, ks, kn = k.a[:, 0], k.s[:, 0], k.n[:, 0]
+        q_low = np.bincount(q.tile, np.clip(-np.floor_divide(-(lim - qa), qs), 0, qn), q.n_tiles)
+        k_low = np.bincount(k.tile, np.clip(-np.floor_divide(-(lim - ka), ks), 0, kn), k.n_tiles)
+        refused = (rows - q_low.astype(np.int64)[m]) * (cols - k_low.astype(np.int64)[n])
+        return rows * cols - refused
+    per_piece = _count_keys(node, k.a[:, 0], k.s[:, 0], k.n[:, 0])
+    if per_piece is None:
+        return None
+    per_tile = np.bincount(k.tile, per_piece, k.n_tiles).astype(np.int64)
+    return rows * per_tile[n]
+
+
 def count_allowed(engine: Engine, node: ir.Node, keys: np.ndarray) -> np.ndarray:
     """Allowed pairs in each tile ``keys`` (partial tiles): by formula for a single band, else by evaluation.
 
@@ -573,6 +617,9 @@ def count_allowed(engine: Engine, node: ir.Node, keys: np.ndarray) -> np.ndarray
         return out
     band = band_of(node, engine.env)
     q, k = engine.q, engine.k
+    separable = _separable_count(engine, node, keys)
+    if separable is not None:
+        return separable
     if band is not None and len(q.extents) == 1:
         lo, hi, mod = band
         m, n = keys // engine.nkb, keys % engine.nkb
