@@ -262,3 +262,12 @@ def test_debug_mode_verifies_against_dense(monkeypatch):
     p = pd.compile("pattern t { causal & (window(9) | summary(7, 2)) }")
     plan = p.plan(90, 70, block=(16, 8))
     assert plan.stats.allowed_pairs == int(p.mask(90, 70).sum())
+
+
+@pytest.mark.parametrize("body", ["causal & landmarks(16)", "causal & summary(8, 3)", "causal & strided(6)"])
+def test_allowed_pairs_counted_without_quadratic_evaluation(body):
+    p = pd.compile(f"pattern t {{ {body} }}")
+    plan = p.plan(2048, block=(64, 64), order="identity")
+    # only tiles where two operands are partial (the diagonal) may be counted element-wise
+    assert plan.stats.extra["tiles_counted_by_evaluation"] <= plan.n_q_tiles
+    assert plan.stats.allowed_pairs == int(p.mask(2048).sum())
