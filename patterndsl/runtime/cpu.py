@@ -9,16 +9,18 @@ How it runs. Each head group's tile lists are turned once into a
 :class:`Schedule` (cached per plan): query tiles whose key tiles are one
 contiguous run of the same width, translated by a constant step from one
 query tile to the next (sliding windows, blocks, neighbourhoods), form an
-*affine segment* that runs as one batched matmul over a strided view of K/V
-(``as_strided``, no copy); the remaining query tiles are *gathered* by width
-into buckets. Full tiles get no mask; partial tiles (and key tails) get the
-pattern's element mask from :func:`patterndsl.semantics.evaluate` on original
-indices, stored once per segment, and as one shared mask when every tile of
-the segment has the same one (the translation-invariant interior). Each query
-tile sees all its keys in one step, so the softmax is exact in two passes and
-memory is O(Lq * keys visited per query), cut into chunks of
-:data:`CHUNK_BYTES`. Schedules take tile lists as input, so lists chosen at
-run time (``route``) can be scheduled the same way.
+*affine segment* that runs as one step over strided views of Q/K/V
+(``as_strided``, no copy); the other query tiles are *gathered* into buckets
+of similar width (narrower rows padded with fully masked tiles). Full tiles
+get no mask; partial tiles (and key tails) get the pattern's element mask from
+:func:`patterndsl.semantics.evaluate` on original indices, computed once per
+plan, and stored once for the whole segment when every tile has the same one
+(the translation-invariant interior). A step is one call of torch's fused CPU
+flash-attention kernel on the segment's ``[batch*heads, tiles, rows, D]``
+views (``KERNEL = "fused"``), or batched matmuls with an exact two-pass
+softmax in chunks of :data:`CHUNK_BYTES` (``KERNEL = "math"``). Memory is
+O(Lq * keys visited per query), never L x L. Schedules take tile lists as
+input, so lists chosen at run time (``route``) can be scheduled the same way.
 """
 
 from __future__ import annotations
@@ -63,23 +65,23 @@ class Segment:
     kv_tiles: torch.Tensor
     affine: tuple[int, int] | None
     blocked: torch.Tensor | None
-    _bias: dict = field(default_factory=dict, compare=False, repr=False)
+    _cache: dict = field(default_factory=dict, compare=False, repr=False)
 
     def bias(self, dtype: torch.dtype) -> torch.Tensor | None:
         """``blocked`` as an additive mask ``[1, 1 or n, BM, width*BN]`` (0 / -inf) in ``dtype``."""
         if self.blocked is None:
             return None
-        if dtype not in self._bias:
+        if dtype not in self._cache:
             zeros = torch.zeros(self.blocked.shape, dtype=dtype)
-            self._bias[dtype] = zeros.masked_fill_(self.blocked, float("-inf")).unsqueeze(0)
-        return self._bias[dtype]
+            self._cache[dtype] = zeros.masked_fill_(self.blocked, float("-inf")).unsqueeze(0)
+        return self._cache[dtype]
 
     def empty_rows(self) -> torch.Tensor | None:
         """Bool ``[1 or n, BM]``: rows with no allowed key in the segment, or None when there are none."""
-        if "empty" not in self._bias:
+        if "empty" not in self._cache:
             rows = None if self.blocked is None else self.blocked.all(-1)
-            self._bias["empty"] = rows if rows is not None and bool(rows.any()) else None
-        return self._bias["empty"]
+            self._cache["empty"] = rows if rows is not None and bool(rows.any()) else None
+        return self._cache["empty"]
 
     @property
     def width(self) -> int:
