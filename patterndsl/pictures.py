@@ -171,6 +171,11 @@ def format_stats(plan: BlockPlan, head_dim: int = 64) -> str:
         ("plan time", f"{s.plan_seconds * 1e3:.2f} ms"),
         ("order", plan.order),
     ]
+    if s.tiles_dynamic:
+        rows.append(
+            ("note", "route(...) tiles are decided at run time: allowed pairs count the static part only, visited "
+             "pairs count every candidate tile")
+        )  # fmt: skip
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
 

@@ -147,6 +147,15 @@ def test_show_plan_one_map_per_head_group(capsys):
     assert "heads 4-5" in titles[-1]
 
 
+def test_show_plan_marks_run_time_tiles(capsys):
+    path = EXAMPLES / "moba.pdsl"
+    code, out, _ = run(capsys, "show", path, "--param", "block=64", "--seq", 512, "--block", "64x64", "--stage", "plan")
+    assert code == 0
+    # Own block on the diagonal (partial: causal inside it), earlier blocks chosen at run time, later ones empty.
+    assert _map_rows(out) == ["?" * m + "░" + " " * (7 - m) for m in range(8)]
+    assert "28 run-time" in out and "decided at run time" in out
+
+
 def test_show_plan_subsamples_large_maps(capsys):
     code, out, _ = run(capsys, "show", STREAMING, "--seq", 65536, "--stage", "plan", "--order", "identity")
     assert code == 0
