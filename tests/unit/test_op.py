@@ -170,3 +170,15 @@ def test_triton_backend_through_the_same_op_under_interpreter():
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "triton-through-op-ok" in done.stdout
+
+
+def test_backend_resolution_by_device():
+    from patterndsl.runtime.validate import resolve_backend
+
+    assert resolve_backend("auto", torch.device("cpu")) == "cpu"
+    assert resolve_backend("auto", torch.device("cuda")) == "triton"
+    assert resolve_backend("triton", torch.device("cuda")) == "triton"
+    with pytest.raises(BackendError, match=r"\.cpu\(\)"):
+        resolve_backend("cpu", torch.device("cuda"))
+    with pytest.raises(BackendError, match="meta"):
+        resolve_backend("auto", torch.device("meta"))
