@@ -122,24 +122,19 @@ def na_axis(x, y, n, s, d=1, r=1, is_causal=False):
         Bool array: may the query at ``x`` see the key at ``y`` on this axis.
     """
     x, y = np.broadcast_arrays(np.asarray(x, np.int64), np.asarray(y, np.int64))
-    out = np.zeros(x.shape, bool)
-    for idx in np.ndindex(x.shape):
-        xv, yv = int(x[idx]), int(y[idx])
-        g = xv % d
-        if yv % d != g:
-            continue
-        p, t = xv // d, yv // d
-        m = math.ceil((n - g) / d)
-        if is_causal:
-            lead = min((p // r) * r + r - 1, m - 1)
-            out[idx] = t <= p and lead - t < s
-        else:
-            left = s // 2
-            right = s // 2 + (s % 2 - 1)
-            lead = min((p // r) * r + r // 2, m - 1)
-            c = min(max(lead, left), m - 1 - right)
-            out[idx] = c - left <= t <= c + right
-    return out
+    g = x % d
+    p, t = x // d, y // d
+    m = -((g - n) // d)  # ceil((n - g) / d)
+    if is_causal:
+        lead = np.minimum((p // r) * r + r - 1, m - 1)
+        ok = (t <= p) & (lead - t < s)
+    else:
+        left = s // 2
+        right = s // 2 + (s % 2 - 1)
+        lead = np.minimum((p // r) * r + r // 2, m - 1)
+        c = np.minimum(np.maximum(lead, left), m - 1 - right)
+        ok = (c - left <= t) & (t <= c + right)
+    return ok & (y % d == g)
 
 
 def neighborhood_mask(extents, size, dilation=1, stride=1, is_causal=False) -> torch.Tensor:

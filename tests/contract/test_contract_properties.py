@@ -106,3 +106,87 @@ def test_random_expressions(seed):
 @pytest.mark.parametrize("seed", range(40, 400))
 def test_random_expressions_many(seed):
     check(seed, attention=seed % 2 == 0)
+
+
+def tup(values) -> str:
+    return "(" + ", ".join(("true" if v else "false") if isinstance(v, bool) else str(v) for v in values) + ")"
+
+
+def grid_leaf(rng: random.Random, extents):
+    """A primitive that needs the layout: neighborhood or a where over grid coordinates."""
+    if rng.random() < 0.5:
+        sizes, dils, strides, causals = [], [], [], []
+        for n in extents:
+            d = rng.randint(1, 2)
+            s = rng.randint(1, max(1, min(5, n // d)))
+            sizes.append(s)
+            dils.append(d)
+            strides.append(rng.randint(1, s))
+            causals.append(rng.random() < 0.3)
+        src = f"neighborhood({tup(sizes)}, dilation = {tup(dils)}, stride = {tup(strides)}, causal = {tup(causals)})"
+        m = o.neighborhood_mask(extents, tuple(sizes), tuple(dils), tuple(strides), tuple(causals))[0].numpy()
+        return src, lambda q, k, h: m[q[:, 0]][:, k[0]]
+    names = ["t", "y", "x"][-len(extents) :]
+    a = rng.randrange(len(extents))
+    w = rng.randint(0, 2)
+
+    def rule(q, k, h):
+        return np.abs(o.coords(q, extents)[a] - o.coords(k, extents)[a]) <= w
+
+    return f"where(abs(q.{names[a]} - k.{names[a]}) <= {w})", rule
+
+
+def big_expr(rng: random.Random, depth: int, extents):
+    """Like :func:`expr`, with grid primitives mixed in when there is a layout."""
+    if depth == 0 or rng.random() < 0.3:
+        return grid_leaf(rng, extents) if extents and rng.random() < 0.5 else leaf(rng)
+    op = rng.choice(["|", "&", "-", "~"])
+    if op == "~":
+        s, f = big_expr(rng, depth - 1, extents)
+        return f"~({s})", lambda q, k, h: ~f(q, k, h)
+    (sa, fa), (sb, fb) = big_expr(rng, depth - 1, extents), big_expr(rng, depth - 1, extents)
+    rule = {
+        "|": lambda q, k, h: fa(q, k, h) | fb(q, k, h),
+        "&": lambda q, k, h: fa(q, k, h) & fb(q, k, h),
+        "-": lambda q, k, h: fa(q, k, h) & ~fb(q, k, h),
+    }[op]
+    return f"({sa}) {op} ({sb})", rule
+
+
+def check_big(seed: int):
+    """Larger sizes and tiles than :func:`check`, grids included; masks, plans (both orders), attention."""
+    rng = random.Random(seed)
+    extents = rng.choice([None, None, (12, 16), (6, 7, 5), (20, 9)])
+    src, rule = big_expr(rng, 3, extents)
+    if extents:
+        lq = lk = int(np.prod(extents))
+        names = ["t", "y", "x"][-len(extents) :]
+        head = "layout grid(" + ", ".join(f"{n} = {e}" for n, e in zip(names, extents, strict=True)) + ")\n"
+    else:
+        lq, lk, head = rng.randint(40, 300), rng.randint(40, 300), ""
+        lk = rng.choice([lq, lk])
+    heads = rng.randint(1, 2)
+    bm, bn = rng.choice([16, 32, 64]), rng.choice([16, 32, 64])
+    want = o.to_mask(lambda q, k, h, *_: rule(q, k, h) & o.full_like(q, k), lq, lk, heads)
+    p = patterndsl.compile(f"pattern p {{ {head}{src} }}")
+    assert torch.equal(p.mask(lq, lk, heads), want), src
+    for order in ("auto", "identity"):
+        plan = p.plan(lq, lk, heads, block=(bm, bn), order=order)
+        qo, ko = plan.q_order, plan.kv_order
+        assert torch.equal(plan.tiles(), o.tile_reduce(want[:, qo][:, :, ko], bm, bn)), (src, order, lq, lk, bm, bn)
+    q, k, v = o.rand_qkv(b=1, hq=heads, lq=lq, lk=lk, d=4, seed=seed)
+    out, lse = p(q, k, v, return_lse=True)
+    ref, ref_lse = o.reference_attention(q, k, v, want)
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse.double(), ref_lse, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_random_expressions_larger(seed):
+    check_big(1000 + seed)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", range(6, 150))
+def test_random_expressions_larger_many(seed):
+    check_big(1000 + seed)
