@@ -173,3 +173,26 @@ def test_show_params_accept_bools_and_tuples(capsys, tmp_path):
     code, out, err = run(capsys, "show", path, "--param", "s=(5,3)", "--param", "c=true", "--stage", "ir")
     assert code == 0, err
     assert re.search(r"\(\s*5\s*,\s*3\s*\)", out) and "true" in out
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["--block", "64by64"],
+        ["--param", "span"],
+        ["--param", "span=abc"],
+        ["--seq", "0"],
+        ["--heads", "0"],
+        ["--pattern", "nosuch"],
+    ],
+)
+def test_show_bad_options_are_clean_errors(capsys, good, extra):
+    code, out, err = run(capsys, "show", good, "--pattern", "streaming", "--seq", "16", "--stage", "plan", *extra)
+    assert code != 0 and (out + err).strip()
+
+
+def test_show_uncovered_heads_is_a_clean_error(capsys, tmp_path):
+    path = tmp_path / "h.pdsl"
+    path.write_text("pattern h {\n    heads 0..2: causal\n}\n")
+    code, out, err = run(capsys, "show", path, "--seq", "16", "--heads", "3", "--stage", "plan")
+    assert code != 0 and "head" in (out + err).lower()

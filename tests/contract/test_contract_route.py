@@ -261,3 +261,15 @@ def test_route_plan_marks_3_only_tiles_decided_at_run_time():
 def test_route_kernel_source_is_text():
     src = patterndsl.compile(MOBA.replace("(4)", "(64)").replace("block = 4", "block = 64")).kernel_source(256)
     assert isinstance(src, str) and "triton" in src
+
+
+def test_route_scores_in_float32_at_least():
+    # float16 inputs whose dot products overflow float16 (8 * 200 * 200 > 65504): computed in
+    # float16 every score is inf and the tie would go to block 0; in float32 block 3 wins.
+    q = torch.full((1, 1, 16, 8), 200.0, dtype=torch.float16)
+    k = torch.cat([torch.full((4, 8), 200.0 + 0.5 * b) for b in range(4)])[None, None].to(torch.float16)
+    got = patterndsl.compile("pattern p { route(1, block = 4) }").mask(16, 16, 1, q=q, k=k)[0, 0]
+    want = torch.zeros(16, 16, dtype=torch.bool)
+    want[:, 12:] = True
+    assert torch.equal(got, want)
+    assert torch.equal(got, o.route_mask(q, k, topk=1, block=4)[0, 0])
