@@ -196,3 +196,19 @@ def test_show_uncovered_heads_is_a_clean_error(capsys, tmp_path):
     path.write_text("pattern h {\n    heads 0..2: causal\n}\n")
     code, out, err = run(capsys, "show", path, "--seq", "16", "--heads", "3", "--stage", "plan")
     assert code != 0 and "head" in (out + err).lower()
+
+
+@pytest.mark.parametrize(
+    "text,loc",
+    [
+        ("pattern p(n = 2) {\n    let w = window(n)\n    causal & where(q % 0 == 0)\n}\n", ":3:"),
+        ("pattern p {\n    layout grid(y = 2)\n    layout grid(x = 2)\n    full\n}\n", ":3:"),
+        ("pattern p {\n    causal &\n}\n", ":3:"),
+        ("pattern p {\n    window(2, dilation = true)\n}\n", ":2:"),
+    ],
+)
+def test_check_reports_semantic_errors_with_location(capsys, tmp_path, text, loc):
+    path = tmp_path / "e.pdsl"
+    path.write_text(text)
+    code, out, err = run(capsys, "check", path)
+    assert code != 0 and f"{path}{loc}" in out + err and "^" in out + err

@@ -276,3 +276,10 @@ def test_where_large_integers_are_exact_or_rejected(expr):
     except patterndsl.PatternError:
         return
     assert torch.equal(m, o.to_mask(lambda q, k, *_: (q >= 1) & (k >= 0), 4))
+
+
+def test_zero_divisor_depending_on_head_is_a_plan_time_error():
+    p = patterndsl.compile("pattern p { where(k % h == 0) }")  # h is not a constant: compiles
+    o.expect_pattern_error(lambda: p.mask(4, heads=2), "zero")
+    ok = patterndsl.compile("pattern p { where(k % (h + 1) == 0) }").mask(6, heads=3)
+    assert torch.equal(ok, o.to_mask(lambda q, k, h, *_: o.full_like(q, k) & (k % (h + 1) == 0), 6, heads=3))
