@@ -190,6 +190,16 @@ def sass(cubin: bytes) -> str:
         return _run([tool("cuobjdump"), "-sass", path])
 
 
+def _ptxas(cap: int) -> Path:
+    # The ptxas Triton itself assembles with: the wheel ships an older one for sm < 90.
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+
+        return Path(get_ptxas(cap).path)
+    except (ImportError, AttributeError, RuntimeError):
+        return tool("ptxas" if cap < 90 else "ptxas-blackwell")
+
+
 def ptxas_report(ptx: str, target: str) -> dict:
     """Registers, stack frame and spill bytes per thread as ``ptxas -v`` reports them for ``ptx``.
 
@@ -207,7 +217,7 @@ def ptxas_report(ptx: str, target: str) -> dict:
         src.write_text(ptx)
         try:
             done = subprocess.run(
-                [str(tool("ptxas")), f"-arch={arch}", "-v", str(src), "-o", str(out)],
+                [str(_ptxas(cap)), f"-arch={arch}", "-v", str(src), "-o", str(out)],
                 capture_output=True, text=True, timeout=300, check=True,
             )  # fmt: skip
         except (OSError, subprocess.SubprocessError) as exc:

@@ -3,7 +3,7 @@
 # from the pattern below whenever anything in the cache key changes.
 #
 # pattern:    natten()
-# cache key:  c7ff4787245bd3a731a072eb1e8f1924
+# cache key:  edc9ed195b133e1297cbc8628fa3676e
 # shapes:     LQ=1024 queries, LK=1024 keys, NH=4 query heads, NHK=4 key/value heads
 #             (GQA=1 query heads share one key/value head), head dim D=96 padded to DP=128
 # dtype:      float16 (accumulation in float32; DOT_PRECISION=tf32)

@@ -3,7 +3,7 @@
 # from the pattern below whenever anything in the cache key changes.
 #
 # pattern:    mix()
-# cache key:  a77ec98afd0749ece58d0b08a5f78ba3
+# cache key:  8f717f1a6fbcace3099f7d3cfa39d2ec
 # shapes:     LQ=512 queries, LK=640 keys, NH=4 query heads, NHK=4 key/value heads
 #             (GQA=1 query heads share one key/value head), head dim D=32 padded to DP=32
 # dtype:      float32 (accumulation in float32; DOT_PRECISION=tf32)
