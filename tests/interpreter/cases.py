@@ -104,8 +104,12 @@ def _poisoned_empty(*shape, dtype, device):
     return torch.full(shape, float("nan"), dtype=dtype, device=device)
 
 
-# Every output buffer the backend allocates starts as NaN, so a row the kernel forgets shows up.
-tb._empty = _poisoned_empty
+def poison() -> None:
+    """Make every output buffer the backend allocates start as NaN, so a row a kernel forgets shows up.
+
+    Called by the worker process only; importing this module changes nothing.
+    """
+    tb._empty = _poisoned_empty
 
 
 def reference_grads(q, k, v, mask, dout, scale):

@@ -18,7 +18,9 @@ MARK = "@@result "
 
 
 def main() -> None:
-    from tests.interpreter.cases import CHECKS
+    from tests.interpreter.cases import CHECKS, poison
+
+    poison()
 
     for line in sys.stdin:
         name = line.strip()
