@@ -98,8 +98,18 @@ def kernel(request, monkeypatch):
     return request.param
 
 
+@pytest.fixture(
+    params=[((16, 16), "fused"), ((16, 32), "fused"), ((16, 32), "math")], ids=["16x16-fused", "16x32-fused", "math"]
+)
+def config(request, monkeypatch):
+    """Tile sizes and inner kernel: both kernels, square and non-square tiles, without the full product."""
+    monkeypatch.setattr(runtime, "CPU_BLOCK", request.param[0])
+    monkeypatch.setattr(cpu, "KERNEL", request.param[1])
+    return request.param
+
+
 @pytest.mark.parametrize("name", sorted(PATTERNS))
-def test_patterns_fp32(name, block, kernel):
+def test_patterns_fp32(name, config):
     pattern = _compile(PATTERNS[name])
     length = GRID_LEN if "layout" in PATTERNS[name] else 100
     _check(pattern, *_inputs(2, 3, 3, length, length, 16, torch.float32))
@@ -113,7 +123,7 @@ def test_default_tiles_longer_sequences(name, kernel):
 
 
 @pytest.mark.parametrize("name", ["causal", "streaming", "where_empty_rows", "bigbird", "per_head", "sink"])
-def test_lq_ne_lk_gqa_tails(name, block, kernel):
+def test_lq_ne_lk_gqa_tails(name, config):
     pattern = _compile(PATTERNS[name])
     _check(pattern, *_inputs(1, 4, 2, 37, 90, 24, torch.float32))
 
