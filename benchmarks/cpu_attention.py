@@ -10,8 +10,10 @@ dense mask + run), and the peak extra resident memory during a call (sampled
 from /proc/self/statm). It checks that patterndsl's output equals Flex's and
 the dense reference, then prints the ratios the project's targets are about.
 
-Usage: ``python benchmarks/cpu_attention.py [--quick] [--reps N] [--threads N]``.
-``--quick`` runs small sizes as a smoke test.
+Usage: ``python benchmarks/cpu_attention.py [--quick] [--reps N] [--threads N] [--only TEXT]
+[--kernel fused|math]``. ``--quick`` runs small sizes as a smoke test. Timings are medians;
+on a shared machine read them with the printed load average in mind. Flex's first call is
+longest for the first case (inductor's one-time setup); later cases reuse its caches.
 """
 
 from __future__ import annotations
