@@ -579,7 +579,11 @@ def backward(q, k, v, out, lse, dout, plan: BlockPlan, scale: float, dlse=None):
             t["o"] = _to_tiles(out, hd.q, plan.q_order, q_id, lq_pad, dt)
         for name, value in extra.items():
             t[name] = _to_tiles(value[..., None], hd.q, plan.q_order, q_id, lq_pad, dt)[..., 0]
-        t["dq"], t["dk"], t["dv"] = (torch.zeros(x.shape, dtype=dt) for x in (t["q"], t["k"], t["v"]))
+        # dK/dV accumulate over query tiles; dQ rows are written once per covered tile.
+        t["dk"], t["dv"] = torch.zeros(t["k"].shape, dtype=dt), torch.zeros(t["v"].shape, dtype=dt)
+        t["dq"] = torch.empty(t["q"].shape, dtype=dt)
+        if sched.idle_q_tiles.numel():
+            t["dq"].view(b, hd.count, -1, bm, d)[:, :, sched.idle_q_tiles] = 0
         for seg in sched.segments:
             (_backward_fused if fused else _backward_math)(t, seg, plan.block, scale)
         dq_g = _from_tiles(t["dq"], lq, q_inv)
