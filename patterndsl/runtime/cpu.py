@@ -169,10 +169,10 @@ def schedule(
             kv_tiles[t, c:] = cols[a + c - 1]
             pad[t, c:] = True
         segments.append((q_tiles, kv_tiles, None, pad))
-    return tuple(
-        Segment(qt, kt, aff, _blocked(qt, kt, row_ptr, cols, state, plan, tile_mask, pad))
-        for qt, kt, aff, pad in segments
-    )
+    # Dense tile states (one byte per tile pair) for lookups by (query tile, key tile).
+    states = torch.zeros(len(counts), plan.n_kv_tiles, dtype=torch.int8)
+    states[torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts)), cols] = state.to(torch.int8)
+    return tuple(Segment(qt, kt, aff, _blocked(qt, kt, states, plan, tile_mask, pad)) for qt, kt, aff, pad in segments)
 
 
 def _buckets(loose: dict[int, list[int]]) -> list[list[tuple[int, list[int]]]]:
@@ -189,16 +189,11 @@ def _buckets(loose: dict[int, list[int]]) -> list[list[tuple[int, list[int]]]]:
     return buckets
 
 
-def _blocked(q_tiles, kv_tiles, row_ptr, cols, state, plan: BlockPlan, tile_mask, pad=None) -> torch.Tensor | None:
+def _blocked(q_tiles, kv_tiles, states: torch.Tensor, plan: BlockPlan, tile_mask, pad=None) -> torch.Tensor | None:
     """The not-allowed pairs of a segment (``pad``: padding tiles, all blocked), or None when no tile needs a mask."""
     bm, bn = plan.block
     n, width = kv_tiles.shape
-    # Tile states in the segment's [n, width] layout, looked up from the CSR lists.
-    st = torch.empty(n, width, dtype=torch.int8)
-    for t, m in enumerate(q_tiles.tolist()):
-        a, b = int(row_ptr[m]), int(row_ptr[m + 1])
-        pos = torch.searchsorted(cols[a:b], kv_tiles[t])
-        st[t] = state[a:b][pos]
+    st = states[q_tiles[:, None], kv_tiles]
     need = st == PARTIAL
     if plan.kv_len % bn:
         need |= kv_tiles == plan.n_kv_tiles - 1
