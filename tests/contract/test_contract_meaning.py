@@ -283,3 +283,27 @@ def test_zero_divisor_depending_on_head_is_a_plan_time_error():
     o.expect_pattern_error(lambda: p.mask(4, heads=2), "zero")
     ok = patterndsl.compile("pattern p { where(k % (h + 1) == 0) }").mask(6, heads=3)
     assert torch.equal(ok, o.to_mask(lambda q, k, h, *_: o.full_like(q, k) & (k % (h + 1) == 0), 6, heads=3))
+
+
+@pytest.mark.parametrize(
+    "src",
+    [
+        "pattern p { random(2, 4, 5) }",
+        "pattern p { where(abs(q // 8 - k // 8) <= 1) | global(8) | random(3, 8, 1) }",
+        "pattern p { causal & random(2, 5, 9) | window(1) }",
+    ],
+)
+@pytest.mark.parametrize("lq,lk,bm,bn", [(40, 40, 8, 8), (24, 50, 4, 16), (50, 30, 16, 4)])
+def test_random_plan_and_attention_follow_the_mask(src, lq, lk, bm, bn):
+    # The generator is the product's, so the mask is taken from Pattern.mask (its structure is
+    # checked above); the plan and the attention must then agree with that mask exactly.
+    p = patterndsl.compile(src)
+    m = p.mask(lq, lk, 2)
+    for order in ("auto", "identity"):
+        plan = p.plan(lq, lk, 2, block=(bm, bn), order=order)
+        assert torch.equal(plan.tiles(), o.tile_reduce(m[:, plan.q_order][:, :, plan.kv_order], bm, bn))
+    q, k, v = o.rand_qkv(b=1, hq=2, lq=lq, lk=lk, d=8, seed=lq + lk)
+    out, lse = p(q, k, v, return_lse=True)
+    want, want_lse = o.reference_attention(q, k, v, m)
+    torch.testing.assert_close(out.double(), want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse.double(), want_lse, atol=1e-5, rtol=1e-5)
