@@ -454,8 +454,13 @@ def _backward_math(t: dict, seg0: Segment, block, scale: float) -> None:
         _add_keys(t["dk"], seg, bn, torch.matmul(ds.transpose(-1, -2), qc))
 
 
-_FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-_FLASH_BWD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+# torch's fused CPU flash-attention kernels (internal aten ops); without them the math path runs.
+_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+_FLASH_BWD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+
+
+def _use_fused() -> bool:
+    return KERNEL == "fused" and _FLASH is not None and _FLASH_BWD is not None
 
 
 @dataclass(frozen=True)
@@ -496,7 +501,7 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: BlockPlan, 
     bm, bn = plan.block
     q_inv, k_inv = _inverses(plan)
     lq_pad, lk_pad = plan.n_q_tiles * bm, plan.n_kv_tiles * bn
-    run = _forward_fused if KERNEL == "fused" else _forward_math
+    run = _forward_fused if _use_fused() else _forward_math
     for sched in schedules(plan):
         hd = _Heads.of(sched, h, h // k.shape[1])
         qp = _to_tiles(q, hd.q, plan.q_order, q_inv is None, lq_pad, dt)
@@ -549,7 +554,7 @@ def backward(q, k, v, out, lse, dout, plan: BlockPlan, scale: float, dlse=None):
     lq_pad, lk_pad = plan.n_q_tiles * bm, plan.n_kv_tiles * bn
     empty = lse == float("-inf")
     # The fused kernel computes delta = rowsum(dO * O) itself and cannot take a gradient on lse.
-    fused = KERNEL == "fused" and (dlse is None or not bool(dlse.any()))
+    fused = _use_fused() and (dlse is None or not bool(dlse.any()))
     extra: dict[str, torch.Tensor] = {}
     if fused:
         # Any finite lse gives P = 0 on rows whose scores are all -inf (no allowed key).
