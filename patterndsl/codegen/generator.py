@@ -147,7 +147,8 @@ def launch_config(head_dim: int, target: str, kind: str, dtype: str = "float16")
         return 4, 1
     # Per-stage shared memory grows with the head dim and element size; keep it inside sm_80's 164 KB.
     weight = padded * (2 if dtype == "float32" else 1)
-    warps = 4 if weight <= 64 else 8
+    # The backward keeps more tiles live (q, dO, dQ or k, v, dK, dV): more warps share the registers.
+    warps = 4 if weight < (64 if kind == "backward" else 128) else 8
     if kind == "forward":
         # float32 tiles with three stages push ptxas into spilling even at small head dims.
         stages = 3 if weight <= 128 and dtype != "float32" else 2
