@@ -7,6 +7,7 @@ Comes in: pattern source text (or a file) and parameters. Goes out: a
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +60,16 @@ class Pattern:
     def __hash__(self) -> int:
         return hash(self.ir)
 
+    @contextmanager
+    def _located(self):
+        """Give errors of later stages (which only know spans) this pattern's source text for the caret."""
+        try:
+            yield
+        except PatternError as err:
+            if err.span is None or err.source is not None or self.source is None:
+                raise
+            raise err.with_source(self.source, self.filename) from None
+
     def mask(self, q_len: int, kv_len: int | None = None, heads: int = 1, *, q=None, k=None) -> torch.Tensor:
         """The dense meaning, for inspection and tests at small sizes.
 
@@ -74,7 +85,8 @@ class Pattern:
         """
         from patterndsl import semantics
 
-        return semantics.mask(self.ir, q_len, kv_len, heads, q=q, k=k)
+        with self._located():
+            return semantics.mask(self.ir, q_len, kv_len, heads, q=q, k=k)
 
     def plan(
         self,
@@ -96,11 +108,13 @@ class Pattern:
         """
         from patterndsl import analysis
 
-        return analysis.plan(self.ir, q_len, kv_len, heads, block=block, order=order)
+        with self._located():
+            return analysis.plan(self.ir, q_len, kv_len, heads, block=block, order=order)
 
     def __call__(self, q, k, v, scale=None, return_lse=False, backend="auto"):
         """Attention under this pattern; see :func:`attention`."""
-        return attention(q, k, v, self, scale=scale, return_lse=return_lse, backend=backend)
+        with self._located():
+            return attention(q, k, v, self, scale=scale, return_lse=return_lse, backend=backend)
 
     def kernel_source(self, q_len: int, kv_len: int | None = None, heads: int = 1, **options) -> str:
         """The generated Triton source for a shape and dtype, as text.
@@ -115,7 +129,8 @@ class Pattern:
         """
         from patterndsl import codegen
 
-        return codegen.kernel_source(self, q_len, kv_len, heads, **options)
+        with self._located():
+            return codegen.kernel_source(self, q_len, kv_len, heads, **options)
 
 
 def compile(source: str, name: str | None = None, **params) -> Pattern:

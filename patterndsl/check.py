@@ -31,6 +31,7 @@ from patterndsl.errors import (
     did_you_mean,
 )
 from patterndsl.grammar import syntax
+from patterndsl.printer import expr_to_source
 
 __all__ = ["bind", "check_lengths", "check_module"]
 
@@ -889,6 +890,83 @@ def check_lengths(pir: ir.PatternIR, q_len: int, kv_len: int | None, heads: int)
         for prim in ir.walk(node):
             if isinstance(prim, ir.Prim) and prim.name == "where":
                 _check_divisors(prim.arg("pred"), env, used_by)
+                ranges = variable_ranges(q_len, kv_len, max(used_by) + 1, layout)
+                for sub in ir.walk_expr(prim.arg("pred")):
+                    lo, hi = expr_bounds(sub, ranges)
+                    if lo < -_INT64 or hi > _INT64:
+                        raise PatternValueError(
+                            f"'{expr_to_source(sub)}' can reach {max(-lo, hi):.3g} at Lq={q_len}, Lk={kv_len}, "
+                            f"beyond 64-bit integer arithmetic (|value| < 2**63)",
+                            sub.span,
+                        )
+
+
+_INT64 = 2**63 - 1
+
+
+def variable_ranges(q_len: int, kv_len: int, heads: int, layout: ir.Layout | None) -> dict:
+    """Inclusive ``(lo, hi)`` of every variable a ``where`` predicate can read at these sizes.
+
+    Keys are variable names (``q``, ``k``, ``h``, ``Lq``, ``Lk``) and ``("q"|"k", axis)`` for grid coordinates.
+    """
+    ranges: dict = {
+        "q": (kv_len - q_len, kv_len - 1),
+        "k": (0, kv_len - 1),
+        "h": (0, max(heads - 1, 0)),
+        "Lq": (q_len, q_len),
+        "Lk": (kv_len, kv_len),
+    }
+    if layout is not None:
+        for name, extent in layout.axes:
+            ranges["q", name] = ranges["k", name] = (0, extent - 1)
+    return ranges
+
+
+def expr_bounds(expr: ir.Expr, ranges: dict) -> tuple[int, int]:
+    """Interval bounds ``(lo, hi)`` of an integer expression (booleans give ``(0, 1)``).
+
+    Sound but not tight: used to reject predicates that could overflow 64-bit
+    arithmetic and by code generators to pick 32- or 64-bit integers.
+
+    Args:
+        expr: a ``where`` expression or sub-expression.
+        ranges: from :func:`variable_ranges`.
+
+    Returns:
+        Inclusive bounds as Python ints.
+    """
+    if isinstance(expr, ir.Const):
+        return int(expr.value), int(expr.value)
+    if isinstance(expr, ir.Var):
+        return ranges[expr.name]
+    if isinstance(expr, ir.Coord):
+        return ranges[expr.side, expr.axis]
+    if isinstance(expr, ir.Neg):
+        lo, hi = expr_bounds(expr.operand, ranges)
+        return -hi, -lo
+    if isinstance(expr, ir.Func):
+        bounds = [expr_bounds(a, ranges) for a in expr.args]
+        if expr.fn == "abs":
+            ((lo, hi),) = bounds
+            return (0 if lo <= 0 <= hi else min(abs(lo), abs(hi))), max(abs(lo), abs(hi))
+        pick = min if expr.fn == "min" else max
+        return pick(b[0] for b in bounds), pick(b[1] for b in bounds)
+    if isinstance(expr, ir.Arith):
+        (a, b), (c, d) = expr_bounds(expr.left, ranges), expr_bounds(expr.right, ranges)
+        if expr.op == "+":
+            return a + c, b + d
+        if expr.op == "-":
+            return a - d, b - c
+        if expr.op == "*":
+            corners = (a * c, a * d, b * c, b * d)
+            return min(corners), max(corners)
+        if expr.op == "//":
+            # |x // y| <= |x| for every non-zero integer y (and x // y == -1 for small negative x).
+            big = max(abs(a), abs(b), 1)
+            return -big, big
+        big = max(abs(c), abs(d))  # x % y lies strictly between 0 and y
+        return -big, big
+    return 0, 1
 
 
 def _size(name: str, value: Any) -> int:
@@ -922,8 +1000,17 @@ def _used_nodes(pir: ir.PatternIR, heads: int):
 
 
 def _check_divisors(pred: ir.Expr, env: dict[str, int], head_range) -> None:
+    # A division behind ``and``/``or`` may be short-circuited away for some pairs or heads;
+    # the dense meaning decides those per element.
+    guarded = {
+        id(e)
+        for logic in ir.walk_expr(pred)
+        if isinstance(logic, ir.Logic)
+        for item in logic.items[1:]
+        for e in ir.walk_expr(item)
+    }
     for sub in ir.walk_expr(pred):
-        if not (isinstance(sub, ir.Arith) and sub.op in ("//", "%")):
+        if not (isinstance(sub, ir.Arith) and sub.op in ("//", "%")) or id(sub) in guarded:
             continue
         names = {e.name for e in ir.walk_expr(sub.right) if isinstance(e, ir.Var)}
         if any(isinstance(e, ir.Coord) for e in ir.walk_expr(sub.right)) or names & {"q", "k"}:

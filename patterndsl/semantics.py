@@ -275,6 +275,20 @@ def _min_max(fn: str, a, b):
     return torch.minimum(a, b) if fn == "min" else torch.maximum(a, b)
 
 
+def _safe_divisor(b, care, e: ir.Arith, env: dict):
+    """The divisor with zeros replaced by 1, after checking no zero is reached where the value matters."""
+    zero = b == 0
+    reached = zero & care
+    if bool(reached.any()) if isinstance(reached, torch.Tensor) else bool(reached):
+        raise PatternValueError(
+            f"division by zero: the divisor of '{e.op}' is 0 for some (q, k) at Lq={env['Lq']}, Lk={env['Lk']}",
+            e.span,
+        )
+    if isinstance(b, torch.Tensor):
+        return torch.where(zero, torch.ones_like(b), b)
+    return 1 if zero else b
+
+
 def _expr(e: ir.Expr, env: dict):
     """Value of a ``where`` expression: a Python int/bool or an int64/bool tensor."""
     if isinstance(e, ir.Const):
@@ -288,11 +302,8 @@ def _expr(e: ir.Expr, env: dict):
         return grid_coords(env[e.side], layout)[layout.names.index(e.axis)]
     if isinstance(e, ir.Arith):
         a, b = _expr(e.left, env), _expr(e.right, env)
-        if e.op in ("//", "%") and ((b == 0) if isinstance(b, int) else bool((b == 0).any())):
-            raise PatternValueError(
-                f"division by zero: the divisor of '{e.op}' is 0 for some (q, k) at Lq={env['Lq']}, Lk={env['Lk']}",
-                e.span,
-            )
+        if e.op in ("//", "%"):
+            b = _safe_divisor(b, env.get("care", True), e, env)
         return _ARITH[e.op](a, b)
     if isinstance(e, ir.Neg):
         return -_expr(e.operand, env)
@@ -302,8 +313,16 @@ def _expr(e: ir.Expr, env: dict):
     if isinstance(e, ir.Cmp):
         return _CMP[e.op](_expr(e.left, env), _expr(e.right, env))
     if isinstance(e, ir.Logic):
+        # Short-circuit like Python: a later operand only matters (and may only fail, e.g. on a
+        # zero divisor) where the earlier ones have not decided the result yet.
         combine = operator.and_ if e.op == "and" else operator.or_
-        return functools.reduce(combine, (_expr(item, env) for item in e.items))
+        care = env.get("care", True)
+        value = None
+        for item in e.items:
+            part = _expr(item, {**env, "care": care})
+            value = part if value is None else combine(value, part)
+            care = care & (value if e.op == "and" else ~value if isinstance(value, torch.Tensor) else not value)
+        return value
     if isinstance(e, ir.LNot):
         v = _expr(e.operand, env)
         return (not v) if isinstance(v, bool) else ~v
@@ -388,11 +407,10 @@ def _route(prim: ir.Prim, q, k, ctx: Context, selection) -> torch.Tensor:
 def route_selection(prim: ir.Prim, q: torch.Tensor, k: torch.Tensor, ctx: Context, heads=None) -> torch.Tensor:
     """The reference choice of ``route(...)`` (LANGUAGE.md section 2, dynamic primitives).
 
-    Readable and dense, for small sizes. Scores are ``dot(poolq(Q[a]), poolk(K[b]))``
-    in float32 (float64 for float64 inputs), summed over the query heads that share a
-    key-value head; the candidates of group ``a`` are the key blocks where ``among``
-    allows some pair; each group gets its ``topk`` best candidates, ties towards the
-    lower block index.
+    Readable and dense, for small sizes. Scores are those of :func:`route_scores`; the
+    candidates of group ``a`` are the key blocks where ``among`` allows some pair (computed
+    here from the dense meaning of ``among``); each group gets its ``topk`` best
+    candidates, ties towards the lower block index (:func:`route_top`).
 
     Args:
         prim: the ``route`` primitive.
@@ -405,31 +423,53 @@ def route_selection(prim: ir.Prim, q: torch.Tensor, k: torch.Tensor, ctx: Contex
     Returns:
         Bool ``[batch, kv_heads, n_qgroups, n_kblocks]`` (groups/blocks as in :func:`route_blocks`).
     """
-    batch, n_heads, _, _ = q.shape
+    n_heads, kv_heads = q.shape[1], k.shape[1]
+    heads = range(n_heads) if heads is None else list(heads)
+    n_q, n_k, qgroup, kblock = route_blocks(prim, ctx)
+    scores = route_scores(prim, q, k, ctx, heads)
+    cand = _candidates(prim.arg("among"), qgroup, kblock, n_q, n_k, ctx, heads, n_heads // kv_heads, kv_heads)
+    return route_top(scores, cand, prim.arg("topk"))
+
+
+def route_scores(prim: ir.Prim, q: torch.Tensor, k: torch.Tensor, ctx: Context, heads=None) -> torch.Tensor:
+    """Scores of every (query group, key block) pair of ``route(...)``, per batch element and key-value head.
+
+    ``dot(poolq(Q[a]), poolk(K[b]))`` in float32 (float64 when an input is float64),
+    summed over the query heads that share a key-value head and whose pattern contains
+    this route. Linear in the tensors plus ``n_groups x n_blocks`` per (batch, kv head);
+    nothing of size ``Lq x Lk``.
+
+    Args:
+        prim, q, k, ctx, heads: as in :func:`route_selection`.
+
+    Returns:
+        Float ``[batch, kv_heads, n_qgroups, n_kblocks]``.
+    """
+    batch, n_heads, _, dim = q.shape
     kv_heads = k.shape[1]
     share = n_heads // kv_heads
     heads = range(n_heads) if heads is None else list(heads)
     n_q, n_k, qgroup, kblock = route_blocks(prim, ctx)
     dtype = torch.float64 if torch.float64 in (q.dtype, k.dtype) else torch.float32
-    # The reference runs on the CPU and lets no gradient through the choice.
-    qf, kf = q.detach().to("cpu", dtype), k.detach().to("cpu", dtype)
+    # No gradient through the choice; the tensors may live on any device.
+    qf, kf = q.detach().to(dtype), k.detach().to(dtype)
+    qgroup, kblock = qgroup.to(q.device), kblock.to(q.device)
     score = prim.arg("score")
     reduce = "amax" if score == "max" else "mean"
-    pooled_q = _pool(qf, qgroup, n_q, reduce)  # [B, H, n_q, D]
+    if len(heads) < n_heads:
+        qf = qf[:, list(heads)]
+    pooled_q = _pool(qf, qgroup, n_q, reduce)  # [B, voters, n_q, D]
     if score == "landmark":
-        last = torch.full((n_k,), -1, dtype=torch.int64).scatter_reduce(
-            0, kblock, torch.arange(ctx.kv_len), "amax", include_self=True
+        last = torch.full((n_k,), -1, dtype=torch.int64, device=q.device).scatter_reduce(
+            0, kblock, torch.arange(ctx.kv_len, device=q.device), "amax", include_self=True
         )
         pooled_k = kf[:, :, last]
     else:
         pooled_k = _pool(kf, kblock, n_k, reduce)  # [B, Hkv, n_k, D]
-    weight = torch.zeros(n_heads, dtype=dtype)
-    weight[list(heads)] = 1
-    per_head = torch.einsum("bhad,bhcd->bhac", pooled_q, pooled_k.repeat_interleave(share, dim=1))
-    per_head = per_head * weight[None, :, None, None]
-    scores = per_head.reshape(batch, kv_heads, share, n_q, n_k).sum(2)
-    cand = _candidates(prim.arg("among"), qgroup, kblock, n_q, n_k, ctx, heads, share, kv_heads)
-    return _top(scores, cand, prim.arg("topk"))
+    # sum_h (q_h . k) == (sum_h q_h) . k: the voting heads of a kv head are summed first.
+    owner = torch.tensor([h // share for h in heads], dtype=torch.int64, device=q.device)
+    summed = torch.zeros(batch, kv_heads, n_q, dim, dtype=dtype, device=q.device).index_add_(1, owner, pooled_q)
+    return summed @ pooled_k.transpose(-1, -2)
 
 
 def route_bounds(node: ir.Node) -> tuple[ir.Node, ir.Node]:
@@ -463,8 +503,9 @@ def _pool(x: torch.Tensor, ids: torch.Tensor, count: int, reduce: str) -> torch.
     shape = (*x.shape[:2], count, x.shape[3])
     if reduce == "amax":
         index = ids.view(1, 1, -1, 1).expand_as(x)
-        return torch.full(shape, -torch.inf, dtype=x.dtype).scatter_reduce(2, index, x, "amax", include_self=True)
-    total = torch.zeros(shape, dtype=x.dtype).index_add_(2, ids, x)
+        init = torch.full(shape, -torch.inf, dtype=x.dtype, device=x.device)
+        return init.scatter_reduce(2, index, x, "amax", include_self=True)
+    total = torch.zeros(shape, dtype=x.dtype, device=x.device).index_add_(2, ids, x)
     members = torch.bincount(ids, minlength=count).clamp(min=1).to(x.dtype)
     return total / members.view(1, 1, count, 1)
 
@@ -489,7 +530,17 @@ def _candidates(among, qgroup, kblock, n_q, n_k, ctx, heads, share, kv_heads) ->
     return cand
 
 
-def _top(scores: torch.Tensor, cand: torch.Tensor, topk: int) -> torch.Tensor:
+def route_top(scores: torch.Tensor, cand: torch.Tensor, topk: int) -> torch.Tensor:
+    """Each group's ``topk`` best candidate blocks, ties towards the lower block index.
+
+    Args:
+        scores: float ``[..., n_qgroups, n_kblocks]``.
+        cand: bool, broadcastable to ``scores``: the candidates.
+        topk: how many blocks each group gets (fewer when it has fewer candidates).
+
+    Returns:
+        Bool, the shape of ``scores``: the chosen blocks.
+    """
     # Order: candidates first, then by score descending, ties by block index ascending.
     # Two stable sorts (the last key sorted last) give exactly that order.
     n_k = scores.shape[-1]

@@ -33,10 +33,19 @@ def _is_int(e: ir.Expr) -> bool:
     return not (isinstance(e, ir.Const) and isinstance(e.value, bool))
 
 
+def _guards_a_divisor(pred: ir.Logic) -> bool:
+    """True when a later operand divides by a non-constant: ``and``/``or`` then guard it (short-circuit)."""
+    return any(
+        isinstance(e, ir.Arith) and e.op in ("//", "%") and not isinstance(e.right, ir.Const)
+        for item in pred.items[1:]
+        for e in ir.walk_expr(item)
+    )
+
+
 def _where(pred: ir.Expr) -> ir.Node:
     if isinstance(pred, ir.Const) and isinstance(pred.value, bool):
         return ir.FULL if pred.value else ir.EMPTY
-    if isinstance(pred, ir.Logic):
+    if isinstance(pred, ir.Logic) and not _guards_a_divisor(pred):
         parts = [_where(p) for p in pred.items]
         return ir.inter(*parts) if pred.op == "and" else ir.union(*parts)
     if isinstance(pred, ir.LNot):

@@ -263,9 +263,6 @@ def test_random_query_blocks_follow_end_aligned_positions():
     assert torch.equal(tail, full[22:])
 
 
-@pytest.mark.xfail(
-    strict=True, reason="contract report C3: where() arithmetic wraps at int64 silently (semantics/runtime)"
-)
 @pytest.mark.parametrize("expr", ["q * 4611686018427387904", "q * 1099511627776 * 1099511627776"])
 def test_where_large_integers_are_exact_or_rejected(expr):
     # Python integer semantics: q * 2**62 > k and q * 2**80 > k hold for every q >= 1. Either the
