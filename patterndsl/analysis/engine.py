@@ -296,7 +296,17 @@ class Engine:
 
     # ----------------------------------------------------------------- route
 
-    def _route(self, prim: ir.Prim, domain):
+    def route_candidates(self, prim: ir.Prim) -> tuple[np.ndarray, int, int, np.ndarray, np.ndarray]:
+        """The (query group, key block) pairs where ``among`` allows some pair, from the plan of ``among``.
+
+        ``among`` is planned on a coarse side whose tiles are route's query groups and key
+        blocks, so the cost follows the candidate pairs, never ``Lq x Lk``.
+
+        Returns:
+            ``(keys, n_groups, n_blocks, qgroup, kblock)``: sorted ``a * n_blocks + b`` of the
+            candidate pairs, the counts, the group of every query index and the block of every
+            key index (as in :func:`patterndsl.semantics.route_blocks`).
+        """
         among = prim.arg("among")
         if ir.is_dynamic(among):
             raise PatternError("route(among = ...) cannot itself contain route(...)", prim.span)
@@ -308,6 +318,10 @@ class Engine:
         sub = Engine(qcoarse, kcoarse, self.env)
         ckeys, _ = sub.run(rewrite_for_plan(among), None)
         self.evaluated += sub.evaluated
+        return ckeys, n_q, n_k, qgroup, kblock
+
+    def _route(self, prim: ir.Prim, domain):
+        ckeys, n_q, n_k, qgroup, kblock = self.route_candidates(prim)
         a, b = ckeys // n_k, ckeys % n_k
         qtile = np.empty(len(qgroup), np.int64)
         qtile[self.q.order] = np.repeat(np.arange(self.nqb), np.diff(self.q.starts))
@@ -666,3 +680,31 @@ def count_allowed(engine: Engine, node: ir.Node, keys: np.ndarray) -> np.ndarray
     engine.counted_by_evaluation = getattr(engine, "counted_by_evaluation", 0) + len(keys)
     engine.evaluated = engine_eval
     return out
+
+
+def identity_engine(q_len: int, kv_len: int, layout, head: int, block: tuple[int, int] | int) -> Engine:
+    """An :class:`Engine` on the identity token order (as plans of ``route`` patterns use).
+
+    Args:
+        q_len, kv_len: sequence lengths.
+        layout: the pattern's layout or None.
+        head: the head index the pattern is classified for.
+        block: tile sizes ``(BM, BN)`` (an int for both).
+
+    Returns:
+        The engine; its tile keys are ``m * n_key_tiles + n``.
+    """
+    from patterndsl.analysis import tiles
+    from patterndsl.analysis.classify import Env
+
+    bm, bn = (block, block) if isinstance(block, int) else block
+    off = kv_len - q_len
+    if layout is None:
+        extents = (kv_len,)
+        qsegs, ksegs = tiles.identity_segments(q_len, off, extents), tiles.identity_segments(kv_len, 0, extents)
+    else:
+        extents = layout.shape
+        qsegs = ksegs = tiles.identity_segments(q_len, 0, extents)
+    qside = tiles.build_side(qsegs, q_len, bm, off, extents, True)
+    kside = tiles.build_side(ksegs, kv_len, bn, 0, extents, True)
+    return Engine(qside, kside, Env(q_len, kv_len, layout, head))

@@ -28,10 +28,10 @@ def _plan_key(pattern: ir.PatternIR, backend: str) -> str:
     nodes = [rule.node for rule in pattern.heads]
     if pattern.default is not None:
         nodes.append(pattern.default)
-    if any(ir.is_dynamic(node) for node in nodes):
+    if backend != "cpu" and any(ir.is_dynamic(node) for node in nodes):
         raise PatternError(
             f"pattern {pattern.name!r} uses route(...), whose tiles are chosen at run time; "
-            "attention with route() is not supported yet",
+            "the Triton backend does not run route() yet (use backend='cpu')",
             pattern.span,
         )
     block = CPU_BLOCK if backend == "cpu" else getattr(triton_backend_module(), "BLOCK", TRITON_BLOCK)
@@ -71,7 +71,7 @@ def attention(q, k, v, pattern, scale=None, return_lse=False, backend="auto"):
         InputError: tensors of the wrong shape, dtype, device or head count.
         BackendError: a backend that cannot run on these tensors.
         PatternError: lengths that do not fit the pattern's layout, heads not covered, or a
-            pattern with ``route(...)``.
+            pattern with ``route(...)`` on the Triton backend.
     """
     pir = getattr(pattern, "ir", None)
     if not isinstance(pir, ir.PatternIR):

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from patterndsl import semantics
+from patterndsl import ir, semantics
 from patterndsl.analysis.plan import PARTIAL, BlockPlan, HeadGroup
 
 #: Score-matrix bytes per chunk: large enough for efficient batched matmuls,
@@ -249,6 +249,10 @@ def _derived(plan: BlockPlan, what: str, build):
 def _build_schedules(plan: BlockPlan) -> tuple[Schedule, ...]:
     out = []
     for group in plan.groups:
+        if ir.is_dynamic(group.node):
+            # Decided per call from the data (see _units).
+            out.append(None)
+            continue
         tl = group.tiles
         segs = schedule(tl.row_ptr, tl.cols, tl.state, plan, _tile_mask_fn(plan, group))
         out.append(Schedule(tuple(group.heads), segs, _idle(segs, plan.n_q_tiles)))
@@ -262,8 +266,8 @@ def _idle(segments: tuple[Segment, ...], n_q_tiles: int) -> torch.Tensor:
     return torch.nonzero(~covered).flatten()
 
 
-def schedules(plan: BlockPlan) -> tuple[Schedule, ...]:
-    """The schedule of every head group of a static plan (built once per plan)."""
+def schedules(plan: BlockPlan) -> tuple[Schedule | None, ...]:
+    """The schedule of every head group of a plan (built once per plan; None for groups with ``route``)."""
     return _derived(plan, "schedules", _build_schedules)
 
 
@@ -485,7 +489,8 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: BlockPlan, 
     Args:
         q: ``[B, H, Lq, D]``.
         k, v: ``[B, Hkv, Lk, D]`` with ``Hkv`` dividing ``H``.
-        plan: the pattern's block plan at ``(Lq, Lk, H)``.
+        plan: the pattern's block plan at ``(Lq, Lk, H)``; tiles marked 3 (``route``) are
+            decided from ``q`` and ``k`` at this call.
         scale: softmax scale.
 
     Returns:
@@ -494,35 +499,68 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: BlockPlan, 
     """
     b, h, lq, d = q.shape
     dt = _compute_dtype(q.dtype)
-    # One head group (the common case) hands its buffers out directly, without a final copy.
-    single = len(plan.groups) == 1
+    units = _units(plan, q, k)
+    # One unit over every head and batch element hands its buffers out directly, without a final copy.
+    single = len(units) == 1 and units[0][0] == slice(None)
     out = None if single else q.new_zeros(b, h, lq, d)
     lse = None if single else torch.full((b, h, lq), float("-inf"), dtype=torch.float32)
     bm, bn = plan.block
     q_inv, k_inv = _inverses(plan)
     lq_pad, lk_pad = plan.n_q_tiles * bm, plan.n_kv_tiles * bn
     run = _forward_fused if _use_fused() else _forward_math
-    for sched in schedules(plan):
+    for bs, sched in units:
         hd = _Heads.of(sched, h, h // k.shape[1])
-        qp = _to_tiles(q, hd.q, plan.q_order, q_inv is None, lq_pad, dt)
-        kp = _to_tiles(k, hd.kv, plan.kv_order, k_inv is None, lk_pad, dt)
-        vp = _to_tiles(v, hd.kv, plan.kv_order, k_inv is None, lk_pad, dt)
+        qb, kb, vb = q[bs], k[bs], v[bs]
+        nb = qb.shape[0]
+        qp = _to_tiles(qb, hd.q, plan.q_order, q_inv is None, lq_pad, dt)
+        kp = _to_tiles(kb, hd.kv, plan.kv_order, k_inv is None, lk_pad, dt)
+        vp = _to_tiles(vb, hd.kv, plan.kv_order, k_inv is None, lk_pad, dt)
         # Every covered query tile is written by exactly one segment; only the others need clearing.
-        op = torch.empty(b, hd.count, lq_pad, d, dtype=dt)
-        lp = torch.empty(b, hd.count, lq_pad, dtype=dt)
+        op = torch.empty(nb, hd.count, lq_pad, d, dtype=dt)
+        lp = torch.empty(nb, hd.count, lq_pad, dtype=dt)
         idle = sched.idle_q_tiles
         if idle.numel():
-            op.view(b, hd.count, -1, bm, d)[:, :, idle] = 0
-            lp.view(b, hd.count, -1, bm)[:, :, idle] = float("-inf")
+            op.view(nb, hd.count, -1, bm, d)[:, :, idle] = 0
+            lp.view(nb, hd.count, -1, bm)[:, :, idle] = float("-inf")
         for seg in sched.segments:
             run(qp, kp, vp, op, lp, seg, plan.block, scale)
         if single:
             out = _from_tiles(op, lq, q_inv).to(q.dtype).contiguous()
             lse = _from_tiles(lp, lq, q_inv).to(torch.float32).contiguous()
         else:
-            out[:, hd.q] = _from_tiles(op, lq, q_inv).to(out.dtype)
-            lse[:, hd.q] = _from_tiles(lp, lq, q_inv).to(lse.dtype)
+            _put(out, bs, hd.q, _from_tiles(op, lq, q_inv))
+            _put(lse, bs, hd.q, _from_tiles(lp, lq, q_inv))
     return out, lse
+
+
+def _put(dst: torch.Tensor, bs: slice, heads: list[int] | None, value: torch.Tensor) -> None:
+    """``dst[bs, heads] = value`` (every head when ``heads`` is None), cast to ``dst``'s dtype."""
+    if heads is None:
+        dst[bs] = value.to(dst.dtype)
+    else:
+        dst[bs, heads] = value.to(dst.dtype)
+
+
+def _units(plan: BlockPlan, q: torch.Tensor, k: torch.Tensor) -> list[tuple[slice, Schedule]]:
+    """What runs: ``(batch slice, schedule)`` pairs covering every (batch element, head) once.
+
+    A static plan runs each head group over the whole batch. With ``route``, the choice is
+    made from ``q`` and ``k`` here and merged with the static tiles
+    (:mod:`patterndsl.runtime.dynamic`): each (batch element, key-value head) of a dynamic
+    head group gets its own schedule; static head groups still run over the whole batch.
+    """
+    if not any(ir.is_dynamic(g.node) for g in plan.groups):
+        return [(slice(None), sched) for sched in schedules(plan)]
+    from patterndsl.runtime import dynamic
+
+    dp = dynamic.dynamic_plan(plan)
+    selections = dynamic.select_all(dp, q, k)
+    units = [(slice(None), sched) for sched, dg in zip(schedules(plan), dp.groups, strict=True) if dg is None]
+    for lists in dynamic.tile_lists(dp, selections, q.shape[1] // k.shape[1]):
+        mask_fn = dynamic.tile_mask_fn(dp, lists, selections)
+        segs = schedule(lists.row_ptr, lists.cols, lists.state, plan, mask_fn)
+        units.append((slice(lists.batch, lists.batch + 1), Schedule(lists.heads, segs, _idle(segs, plan.n_q_tiles))))
+    return units
 
 
 def backward(q, k, v, out, lse, dout, plan: BlockPlan, scale: float, dlse=None):
@@ -545,7 +583,7 @@ def backward(q, k, v, out, lse, dout, plan: BlockPlan, scale: float, dlse=None):
     bm, bn = plan.block
     q_inv, k_inv = _inverses(plan)
     # One head group without grouped-query sharing hands its buffers out directly.
-    direct = len(plan.groups) == 1 and h == hkv
+    direct = len(plan.groups) == 1 and h == hkv and not ir.is_dynamic(plan.groups[0].node)
     if not direct:
         dq = torch.zeros_like(q)
         dk_acc = torch.zeros(b, hkv, lk, d, dtype=dt)
@@ -567,35 +605,37 @@ def backward(q, k, v, out, lse, dout, plan: BlockPlan, scale: float, dlse=None):
         extra["delta"] = delta
         # +inf makes P exactly 0 on rows with no allowed key (never NaN).
         extra["lse"] = lse.to(dt).masked_fill(empty, float("inf"))
-    for sched in schedules(plan):
+    for bs, sched in _units(plan, q, k):
         hd = _Heads.of(sched, h, h // hkv)
+        nb = q[bs].shape[0]
         t = {
-            "q": _to_tiles(q, hd.q, plan.q_order, q_id, lq_pad, dt),
-            "do": _to_tiles(dout, hd.q, plan.q_order, q_id, lq_pad, dt),
-            "k": _to_tiles(k, hd.kv, plan.kv_order, k_id, lk_pad, dt),
-            "v": _to_tiles(v, hd.kv, plan.kv_order, k_id, lk_pad, dt),
+            "q": _to_tiles(q[bs], hd.q, plan.q_order, q_id, lq_pad, dt),
+            "do": _to_tiles(dout[bs], hd.q, plan.q_order, q_id, lq_pad, dt),
+            "k": _to_tiles(k[bs], hd.kv, plan.kv_order, k_id, lk_pad, dt),
+            "v": _to_tiles(v[bs], hd.kv, plan.kv_order, k_id, lk_pad, dt),
         }
         if fused:
-            t["o"] = _to_tiles(out, hd.q, plan.q_order, q_id, lq_pad, dt)
+            t["o"] = _to_tiles(out[bs], hd.q, plan.q_order, q_id, lq_pad, dt)
         for name, value in extra.items():
-            t[name] = _to_tiles(value[..., None], hd.q, plan.q_order, q_id, lq_pad, dt)[..., 0]
+            t[name] = _to_tiles(value[bs][..., None], hd.q, plan.q_order, q_id, lq_pad, dt)[..., 0]
         # dK/dV accumulate over query tiles; dQ rows are written once per covered tile.
         t["dk"], t["dv"] = torch.zeros(t["k"].shape, dtype=dt), torch.zeros(t["v"].shape, dtype=dt)
         t["dq"] = torch.empty(t["q"].shape, dtype=dt)
         if sched.idle_q_tiles.numel():
-            t["dq"].view(b, hd.count, -1, bm, d)[:, :, sched.idle_q_tiles] = 0
+            t["dq"].view(nb, hd.count, -1, bm, d)[:, :, sched.idle_q_tiles] = 0
         for seg in sched.segments:
             (_backward_fused if fused else _backward_math)(t, seg, plan.block, scale)
         dq_g = _from_tiles(t["dq"], lq, q_inv)
         dk_g, dv_g = _from_tiles(t["dk"], lk, k_inv), _from_tiles(t["dv"], lk, k_inv)
         if direct:
             return tuple(g.to(x.dtype).contiguous() for g, x in ((dq_g, q), (dk_g, k), (dv_g, v)))
-        if hd.q is None:
-            dq.copy_(dq_g)
-        else:
-            dq[:, hd.q] = dq_g.to(dq.dtype)
+        _put(dq, bs, hd.q, dq_g)
         # Query heads sharing a key/value head add their contributions.
+        if hd.kv is None:
+            dk_acc[bs] += dk_g
+            dv_acc[bs] += dv_g
+            continue
         idx = torch.tensor(hd.kv, dtype=torch.int64)
-        dk_acc.index_add_(1, idx, dk_g)
-        dv_acc.index_add_(1, idx, dv_g)
+        dk_acc[bs].index_add_(1, idx, dk_g)
+        dv_acc[bs].index_add_(1, idx, dv_g)
     return dq, dk_acc.to(k.dtype), dv_acc.to(v.dtype)

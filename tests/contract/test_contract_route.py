@@ -155,9 +155,6 @@ def test_route_mask_requires_data():
     o.expect_pattern_error(lambda: p.mask(16))
 
 
-@pytest.mark.xfail(
-    strict=True, reason="contract report C1: attention with route() raises 'not supported yet' (runtime)"
-)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_route_attention_matches_reference(dtype):
     q, k, v = o.rand_qkv(b=2, hq=2, lq=20, d=8, seed=21)
@@ -170,9 +167,6 @@ def test_route_attention_matches_reference(dtype):
     torch.testing.assert_close(got.double(), want, atol=tol * 10, rtol=tol * 10)
 
 
-@pytest.mark.xfail(
-    strict=True, reason="contract report C1: attention with route() raises 'not supported yet' (runtime)"
-)
 def test_route_gqa_query_heads_share_one_choice():
     q, k, v = o.rand_qkv(b=2, hq=4, hkv=2, lq=16, d=8, seed=13)
     p = patterndsl.compile("pattern p { causal & route(2, block = 4, among = causal) }")
@@ -186,9 +180,6 @@ def test_route_gqa_query_heads_share_one_choice():
     torch.testing.assert_close(lse.double(), want_lse, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.xfail(
-    strict=True, reason="contract report C1: attention with route() raises 'not supported yet' (runtime)"
-)
 def test_route_gradients_flow_through_attention_not_choice():
     q, k, v = o.rand_qkv(b=1, hq=2, lq=16, d=8, seed=17, grad=True)
     p = patterndsl.compile(MOBA)

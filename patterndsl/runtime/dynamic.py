@@ -1,0 +1,345 @@
+"""Runtime stage: merging the run-time choice of ``route(...)`` with the static block plan.
+
+Comes in: the :class:`~patterndsl.analysis.plan.BlockPlan` of a pattern with
+``route`` (exact static tiles, and tiles marked 3 that only the data decides)
+and, at every call, the :class:`~patterndsl.runtime.routing.Selection` of each
+route. Goes out: for every head group, batch element and key-value head, the
+query-tile -> key-tile lists (CSR, states 1 partial / 2 full) that executors
+run, and the element mask of each partial tile.
+
+How. Planned once per plan (:func:`dynamic_plan`): for every 3-tile, the
+static state of the pattern with each route replaced by ``empty`` or ``full``
+(the *corners*, 2^r for r routes, classified by the analysis engine on those
+tiles only), and which query tiles / key tiles meet which query groups / key
+blocks. At run time each route's choice is reduced to a state per 3-tile
+(none, some or all of its (group, block) pairs chosen: 0, 1, 2); a tile then
+takes the state every corner consistent with those states agrees on, the one
+corner's state when the routes are all decided, and is partial otherwise. That
+is the set algebra of the pattern applied tile by tile; partial tiles are
+exact at element level through :func:`patterndsl.semantics.evaluate` with the
+selection, or, on tiles where the pattern equals one route, a lookup of the
+chosen table per row and column. Nothing is of size ``Lq x Lk``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import weakref
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from patterndsl import ir, semantics
+from patterndsl.analysis import engine as eng
+from patterndsl.analysis.plan import DYNAMIC, EMPTY, FULL, PARTIAL, BlockPlan, HeadGroup, _rows_of
+from patterndsl.analysis.rewrite import simplify
+from patterndsl.runtime import routing
+
+
+@dataclass(frozen=True)
+class RouteTiles:
+    """Which tiles meet which query groups and key blocks of one route (static, per plan).
+
+    Attributes:
+        prim: the ``route`` primitive.
+        voters: the query heads that add their scores (:func:`routing.voters`).
+        q_tile, q_group: int64 ``[P]``: query tile ``q_tile[p]`` holds queries of group ``q_group[p]``.
+        k_ptr, k_block: CSR over key tiles: key tile ``n`` holds keys of blocks
+            ``k_block[k_ptr[n]:k_ptr[n+1]]``.
+    """
+
+    prim: ir.Prim
+    voters: tuple[int, ...]
+    q_tile: torch.Tensor
+    q_group: torch.Tensor
+    k_ptr: torch.Tensor
+    k_block: torch.Tensor
+
+
+@dataclass(frozen=True)
+class DynamicGroup:
+    """A head group whose tiles depend on the data.
+
+    Attributes:
+        group: the plan's head group.
+        routes: the routes in its pattern.
+        static_keys, static_state: tiles decided statically (``m * nkt + n``, states 1/2).
+        dyn_keys: int64 ``[T]`` sorted keys of the tiles marked 3.
+        corners: int8 ``[2^r, T]``: state of each 3-tile with route ``p`` replaced by
+            ``full`` when bit ``p`` of the corner index is set, else ``empty``.
+        pure: bool ``[T]``: the pattern equals its single route on this tile.
+    """
+
+    group: HeadGroup
+    routes: tuple[ir.Prim, ...]
+    static_keys: torch.Tensor
+    static_state: torch.Tensor
+    dyn_keys: torch.Tensor
+    corners: torch.Tensor
+    pure: torch.Tensor
+
+
+@dataclass(frozen=True)
+class DynamicPlan:
+    """The static preparation of a route pattern's plan (built once per plan)."""
+
+    plan: BlockPlan
+    routes: dict[ir.Prim, RouteTiles]
+    groups: tuple[DynamicGroup | None, ...]
+
+    @property
+    def ctx(self) -> semantics.Context:
+        return semantics.Context(self.plan.q_len, self.plan.kv_len, getattr(self.plan.pattern, "layout", None))
+
+
+_CACHE: dict[int, DynamicPlan] = {}
+
+
+def dynamic_plan(plan: BlockPlan) -> DynamicPlan:
+    """The :class:`DynamicPlan` of ``plan`` (cached while the plan lives).
+
+    Args:
+        plan: the block plan of a pattern with ``route``, in identity order.
+
+    Returns:
+        The corners, incidences and static tiles needed to merge selections at run time.
+    """
+    key = id(plan)
+    out = _CACHE.get(key)
+    if out is None:
+        out = _build(plan)
+        _CACHE[key] = out
+        weakref.finalize(plan, _CACHE.pop, key, None)
+    return out
+
+
+def _build(plan: BlockPlan) -> DynamicPlan:
+    if not (plan.is_identity_order or (_is_identity(plan.q_order) and _is_identity(plan.kv_order))):
+        raise AssertionError("plans of route patterns keep the identity order")
+    ctx = semantics.Context(plan.q_len, plan.kv_len, getattr(plan.pattern, "layout", None))
+    votes = routing.voters(plan.pattern, plan.heads)
+    routes = {prim: _route_tiles(prim, heads, plan, ctx) for prim, heads in votes.items()}
+    groups = tuple(_group(plan, g, ctx) if ir.is_dynamic(g.node) else None for g in plan.groups)
+    return DynamicPlan(plan, routes, groups)
+
+
+def _is_identity(order: torch.Tensor) -> bool:
+    return bool(torch.equal(order, torch.arange(order.numel(), dtype=order.dtype)))
+
+
+def _route_tiles(prim: ir.Prim, heads: tuple[int, ...], plan: BlockPlan, ctx: semantics.Context) -> RouteTiles:
+    n_q, n_k, qgroup, kblock = semantics.route_blocks(prim, ctx)
+    bm, bn = plan.block
+    qpairs = torch.unique(torch.div(torch.arange(plan.q_len), bm, rounding_mode="floor") * n_q + qgroup)
+    q_tile = torch.div(qpairs, n_q, rounding_mode="floor")
+    q_group = qpairs % n_q
+    kpairs = torch.unique(torch.div(torch.arange(plan.kv_len), bn, rounding_mode="floor") * n_k + kblock)
+    k_tile = torch.div(kpairs, n_k, rounding_mode="floor")
+    k_ptr = torch.zeros(plan.n_kv_tiles + 1, dtype=torch.int64)
+    k_ptr[1:] = torch.cumsum(torch.bincount(k_tile, minlength=plan.n_kv_tiles), 0)
+    return RouteTiles(prim, heads, q_tile, q_group, k_ptr, kpairs % n_k)
+
+
+def _substitute(node: ir.Node, values: dict[ir.Prim, ir.Node]) -> ir.Node:
+    """``node`` with each route replaced by ``values[route]`` (``among`` is not part of the meaning)."""
+    if isinstance(node, ir.Prim):
+        return values.get(node, node)
+    if isinstance(node, ir.Not):
+        return ir.complement(_substitute(node.item, values))
+    combine = ir.union if isinstance(node, ir.Union) else ir.inter
+    return combine(*(_substitute(item, values) for item in node.items))
+
+
+def _group(plan: BlockPlan, group: HeadGroup, ctx: semantics.Context) -> DynamicGroup:
+    tl = group.tiles
+    nkt = plan.n_kv_tiles
+    rows = torch.from_numpy(_rows_of(tl.row_ptr, plan.n_q_tiles))
+    keys = rows * nkt + tl.cols
+    dyn = tl.state == DYNAMIC
+    dyn_keys = keys[dyn]
+    routes = tuple(dict.fromkeys(p for p in ir.walk(group.node) if isinstance(p, ir.Prim) and p.name == "route"))
+    engine = eng.identity_engine(plan.q_len, plan.kv_len, ctx.layout, group.heads[0], plan.block)
+    domain = dyn_keys.numpy()
+    corners = torch.zeros(1 << len(routes), len(dyn_keys), dtype=torch.int8)
+    for c, bits in enumerate(itertools.product((0, 1), repeat=len(routes))):
+        # Bit p of corner c is route p (the last route is the lowest bit).
+        values = {p: (ir.FULL if bit else ir.EMPTY) for p, bit in zip(routes, bits, strict=True)}
+        k2, s2 = engine.run(simplify(_substitute(group.node, values)), domain)
+        corners[c, torch.from_numpy(np.searchsorted(domain, k2))] = torch.from_numpy(s2)
+    pure = (corners[0] == EMPTY) & (corners[-1] == FULL) if len(routes) == 1 else torch.zeros(len(dyn_keys), dtype=bool)
+    return DynamicGroup(group, routes, keys[~dyn], tl.state[~dyn], dyn_keys, corners, pure)
+
+
+# --------------------------------------------------------------------------- run time
+
+
+def select_all(dp: DynamicPlan, q: torch.Tensor, k: torch.Tensor) -> dict[ir.Prim, routing.Selection]:
+    """Every route's choice for these tensors.
+
+    Args:
+        dp: the dynamic plan.
+        q: ``[B, H, Lq, D]``; k: ``[B, Hkv, Lk, D]``.
+
+    Returns:
+        ``{route: Selection}``.
+    """
+    return {prim: routing.select(prim, q, k, dp.ctx, rt.voters) for prim, rt in dp.routes.items()}
+
+
+def route_states(rt: RouteTiles, sel: routing.Selection, keys: torch.Tensor, nkt: int) -> torch.Tensor:
+    """State of one route on tiles ``keys`` for every batch element and key-value head.
+
+    Args:
+        rt: the route's incidences.
+        sel: its selection.
+        keys: int64 ``[T]`` tile keys ``m * nkt + n``.
+        nkt: number of key tiles.
+
+    Returns:
+        int8 ``[B, Hkv, T]``: 0 when no (group, block) pair meeting the tile is chosen, 2 when
+        all are, 1 otherwise.
+    """
+    b, hkv, _, n_blocks = sel.chosen.shape
+    nqt = int(rt.q_tile.max()) + 1 if rt.q_tile.numel() else 0
+    chosen = sel.chosen.to(torch.int8).reshape(b * hkv, -1, n_blocks).cpu()
+    # Per query tile and block: does any / every group of the tile choose the block?
+    src = chosen[:, rt.q_group]
+    index = rt.q_tile.view(1, -1, 1).expand_as(src)
+    shape = (b * hkv, nqt, n_blocks)
+    anyc = torch.zeros(shape, dtype=torch.int8).scatter_reduce(1, index, src, "amax", include_self=False)
+    allc = torch.ones(shape, dtype=torch.int8).scatter_reduce(1, index, src, "amin", include_self=False)
+    # Then over the blocks each key tile meets.
+    m, n = torch.div(keys, nkt, rounding_mode="floor"), keys % nkt
+    count = rt.k_ptr[n + 1] - rt.k_ptr[n]
+    owner = torch.repeat_interleave(torch.arange(len(keys)), count)
+    local = torch.arange(int(count.sum())) - torch.repeat_interleave(torch.cumsum(count, 0) - count, count)
+    blocks = rt.k_block[rt.k_ptr[n][owner] + local]
+    rows = m[owner]
+    index = owner.view(1, -1).expand(b * hkv, -1)
+    shape = (b * hkv, len(keys))
+    out_any = torch.zeros(shape, dtype=torch.int8).scatter_reduce(
+        1, index, anyc[:, rows, blocks], "amax", include_self=False
+    )
+    out_all = torch.ones(shape, dtype=torch.int8).scatter_reduce(
+        1, index, allc[:, rows, blocks], "amin", include_self=False
+    )
+    state = torch.where(out_all > 0, FULL, torch.where(out_any > 0, PARTIAL, EMPTY)).to(torch.int8)
+    return state.view(b, hkv, len(keys))
+
+
+def merge(dg: DynamicGroup, states: list[torch.Tensor]) -> torch.Tensor:
+    """Run-time states of the 3-tiles from the routes' tile states and the corners.
+
+    Args:
+        dg: the head group.
+        states: one int8 ``[B, Hkv, T]`` per route of ``dg.routes`` (:func:`route_states`).
+
+    Returns:
+        int8 ``[B, Hkv, T]``: 0 empty, 1 partial, 2 full.
+    """
+    all0 = all2 = None
+    count = single = None
+    for c, bits in enumerate(itertools.product((0, 1), repeat=len(dg.routes))):
+        consistent = None
+        for st, bit in zip(states, bits, strict=True):
+            ok = st >= PARTIAL if bit else st <= PARTIAL
+            consistent = ok if consistent is None else consistent & ok
+        cs = dg.corners[c]
+        z, f = ~consistent | (cs == EMPTY), ~consistent | (cs == FULL)
+        all0 = z if all0 is None else all0 & z
+        all2 = f if all2 is None else all2 & f
+        count = consistent.to(torch.int8) if count is None else count + consistent
+        single = torch.where(consistent, cs, torch.zeros_like(cs) if single is None else single)
+    state = torch.where(count == 1, single, torch.full_like(single, PARTIAL))
+    state = torch.where(all2, torch.full_like(state, FULL), state)
+    return torch.where(all0, torch.full_like(state, EMPTY), state).to(torch.int8)
+
+
+@dataclass(frozen=True)
+class Lists:
+    """One (head group, batch element, key-value head)'s tiles at this call."""
+
+    heads: tuple[int, ...]
+    batch: int
+    kv_head: int
+    row_ptr: torch.Tensor
+    cols: torch.Tensor
+    state: torch.Tensor
+    pure: torch.Tensor  # bool per tile of ``cols``: the pattern equals its route there
+
+
+def tile_lists(dp: DynamicPlan, selections: dict[ir.Prim, routing.Selection], share: int) -> list[Lists]:
+    """The merged tile lists of every dynamic head group, batch element and key-value head.
+
+    Args:
+        dp: the dynamic plan.
+        selections: from :func:`select_all`.
+        share: query heads per key-value head.
+
+    Returns:
+        One :class:`Lists` per (dynamic head group, batch element, key-value head with heads in
+        the group).
+    """
+    plan = dp.plan
+    nqt, nkt = plan.n_q_tiles, plan.n_kv_tiles
+    out = []
+    for dg in dp.groups:
+        if dg is None:
+            continue
+        states = [route_states(dp.routes[p], selections[p], dg.dyn_keys, nkt) for p in dg.routes]
+        run = merge(dg, states)
+        batch, hkv = run.shape[:2]
+        for b, kvh in itertools.product(range(batch), range(hkv)):
+            heads = tuple(h for h in dg.group.heads if h // share == kvh)
+            if not heads:
+                continue
+            live = run[b, kvh] > 0
+            keys = torch.cat([dg.static_keys, dg.dyn_keys[live]])
+            state = torch.cat([dg.static_state, run[b, kvh][live]])
+            pure = torch.cat([torch.zeros(len(dg.static_keys), dtype=torch.bool), dg.pure[live]])
+            order = torch.argsort(keys)
+            keys, state, pure = keys[order], state[order], pure[order]
+            row_ptr = torch.zeros(nqt + 1, dtype=torch.int64)
+            row_ptr[1:] = torch.cumsum(torch.bincount(keys // nkt, minlength=nqt), 0)
+            out.append(Lists(heads, b, kvh, row_ptr, keys % nkt, state, pure))
+    return out
+
+
+def tile_mask_fn(dp: DynamicPlan, lists: Lists, selections: dict[ir.Prim, routing.Selection]):
+    """``f(q_tiles [P], kv_tiles [P]) -> allowed bool [P, BM, BN]`` for one :class:`Lists`, exact per element.
+
+    Tiles where the pattern equals its route are a lookup of the chosen table by row group
+    and column block; the others evaluate the pattern with the selection.
+    """
+    plan = dp.plan
+    bm, bn = plan.block
+    nkt = plan.n_kv_tiles
+    ctx = dp.ctx
+    node = plan.group_of(lists.heads[0]).node
+    head = lists.heads[0]
+    chosen = {p: s.chosen[lists.batch, lists.kv_head].cpu() for p, s in selections.items()}
+    pure_keys = (torch.repeat_interleave(torch.arange(plan.n_q_tiles), torch.diff(lists.row_ptr)) * nkt + lists.cols)[
+        lists.pure
+    ]
+    route = next(iter(p for p in chosen if p in set(ir.walk(node))), None)
+
+    def tile_mask(q_tiles: torch.Tensor, kv_tiles: torch.Tensor) -> torch.Tensor:
+        rows = (q_tiles[:, None] * bm + torch.arange(bm)).clamp(max=plan.q_len - 1)
+        cols = kv_tiles[:, None] * bn + torch.arange(bn)
+        valid = cols < plan.kv_len
+        cols = cols.clamp(max=plan.kv_len - 1)
+        out = torch.empty(len(q_tiles), bm, bn, dtype=torch.bool)
+        is_pure = torch.isin(q_tiles * nkt + kv_tiles, pure_keys)
+        if bool(is_pure.any()):
+            sel = selections[route]
+            g = sel.qgroup.cpu()[rows[is_pure]]
+            blk = sel.kblock.cpu()[cols[is_pure]]
+            out[is_pure] = chosen[route][g[:, :, None], blk[:, None, :]]
+        rest = ~is_pure
+        if bool(rest.any()):
+            i, j = rows[rest][:, :, None], cols[rest][:, None, :]
+            out[rest] = semantics.evaluate(node, i, j, head, ctx, chosen)
+        return out & valid[:, None, :]
+
+    return tile_mask
