@@ -499,16 +499,17 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: BlockPlan, 
     """
     b, h, lq, d = q.shape
     dt = _compute_dtype(q.dtype)
-    units = _units(plan, q, k)
+    units, work = _units(plan, q, k)
     # One unit over every head and batch element hands its buffers out directly, without a final copy.
-    single = len(units) == 1 and units[0][0] == slice(None)
-    out = None if single else q.new_zeros(b, h, lq, d)
-    lse = None if single else torch.full((b, h, lq), float("-inf"), dtype=torch.float32)
+    single = len(units) == 1 and units[0][0] == slice(None) and work is None
+    # Gathered route work merges into the outputs afterwards: keep them in the compute dtype until then.
+    out = None if single else torch.zeros(b, h, lq, d, dtype=q.dtype if work is None else dt)
+    lse = None if single else torch.full((b, h, lq), float("-inf"), dtype=torch.float32 if work is None else dt)
     bm, bn = plan.block
     q_inv, k_inv = _inverses(plan)
     lq_pad, lk_pad = plan.n_q_tiles * bm, plan.n_kv_tiles * bn
     run = _forward_fused if _use_fused() else _forward_math
-    for bs, sched in units:
+    for bs, sched, merge in units:
         hd = _Heads.of(sched, h, h // k.shape[1])
         qb, kb, vb = q[bs], k[bs], v[bs]
         nb = qb.shape[0]
@@ -527,9 +528,19 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: BlockPlan, 
         if single:
             out = _from_tiles(op, lq, q_inv).to(q.dtype).contiguous()
             lse = _from_tiles(lp, lq, q_inv).to(torch.float32).contiguous()
+        elif merge:
+            from patterndsl.runtime import cpu_gather
+
+            rows = torch.arange(lq)
+            cpu_gather.merge_rows(out, lse, bs, hd.q, rows, _from_tiles(op, lq, q_inv), _from_tiles(lp, lq, q_inv))
         else:
             _put(out, bs, hd.q, _from_tiles(op, lq, q_inv))
             _put(lse, bs, hd.q, _from_tiles(lp, lq, q_inv))
+    if work is not None:
+        from patterndsl.runtime import cpu_gather
+
+        cpu_gather.forward(q, k, v, out, lse, work, scale)
+        out, lse = out.to(q.dtype), lse.to(torch.float32)
     return out, lse
 
 
@@ -541,26 +552,62 @@ def _put(dst: torch.Tensor, bs: slice, heads: list[int] | None, value: torch.Ten
         dst[bs, heads] = value.to(dst.dtype)
 
 
-def _units(plan: BlockPlan, q: torch.Tensor, k: torch.Tensor) -> list[tuple[slice, Schedule]]:
-    """What runs: ``(batch slice, schedule)`` pairs covering every (batch element, head) once.
+def _route_static_schedules(plan: BlockPlan) -> tuple[Schedule, ...]:
+    """Schedules of what never depends on the data: static groups, and the static tiles of dynamic groups."""
+
+    def build(plan: BlockPlan) -> tuple[Schedule, ...]:
+        from patterndsl.runtime import dynamic
+
+        dp = dynamic.dynamic_plan(plan)
+        out = []
+        for sched, dg in zip(schedules(plan), dp.groups, strict=True):
+            if dg is not None:
+                row_ptr, cols, state = dynamic.static_lists(dg, plan)
+                segs = schedule(row_ptr, cols, state, plan, dynamic.static_mask_fn(dg, plan))
+                sched = Schedule(tuple(dg.group.heads), segs, _idle(segs, plan.n_q_tiles))
+            out.append(sched)
+        return tuple(out)
+
+    return _derived(plan, "route_static", build)
+
+
+def _take(src: torch.Tensor, bs: slice, heads: list[int] | None) -> torch.Tensor:
+    """``src[bs, heads]`` (every head when ``heads`` is None)."""
+    return src[bs] if heads is None else src[bs, heads]
+
+
+def _units(plan: BlockPlan, q: torch.Tensor, k: torch.Tensor):
+    """What runs: ``(batch slice, schedule)`` pairs covering every (batch element, head) once, and gathered work.
 
     A static plan runs each head group over the whole batch. With ``route``, the choice is
     made from ``q`` and ``k`` here and merged with the static tiles
     (:mod:`patterndsl.runtime.dynamic`): each (batch element, key-value head) of a dynamic
-    head group gets its own schedule; static head groups still run over the whole batch.
+    head group gets its own schedule, plus the blocks that run gathered
+    (:mod:`patterndsl.runtime.cpu_gather`); static head groups still run over the whole batch.
+
+    Returns:
+        ``(units, work)``: units are ``(batch slice, schedule, merge)``, where ``merge`` units add
+        to rows earlier units wrote (log-sum-exp merge forward, sums backward); ``work`` is None
+        for static plans, else the gathered work items.
     """
     if not any(ir.is_dynamic(g.node) for g in plan.groups):
-        return [(slice(None), sched) for sched in schedules(plan)]
-    from patterndsl.runtime import dynamic
+        return [(slice(None), sched, False) for sched in schedules(plan)], None
+    from patterndsl.runtime import cpu_gather, dynamic
 
     dp = dynamic.dynamic_plan(plan)
     selections = dynamic.select_all(dp, q, k)
-    units = [(slice(None), sched) for sched, dg in zip(schedules(plan), dp.groups, strict=True) if dg is None]
-    for lists in dynamic.tile_lists(dp, selections, q.shape[1] // k.shape[1]):
-        mask_fn = dynamic.tile_mask_fn(dp, lists, selections)
-        segs = schedule(lists.row_ptr, lists.cols, lists.state, plan, mask_fn)
-        units.append((slice(lists.batch, lists.batch + 1), Schedule(lists.heads, segs, _idle(segs, plan.n_q_tiles))))
-    return units
+    # Static head groups and the static tiles of dynamic groups first (they write every row),
+    # then the run-time tiles of each (batch element, kv head), merged by log-sum-exp.
+    units = [(slice(None), sched, False) for sched in _route_static_schedules(plan)]
+    lists = dynamic.tile_lists(dp, selections, q.shape[1] // k.shape[1])
+    for item in lists:
+        if not item.cols.numel():
+            continue
+        mask_fn = dynamic.tile_mask_fn(dp, item, selections)
+        segs = schedule(item.row_ptr, item.cols, item.state, plan, mask_fn)
+        sched = Schedule(item.heads, segs, _idle(segs, plan.n_q_tiles))
+        units.append((slice(item.batch, item.batch + 1), sched, True))
+    return units, cpu_gather.plan_work(lists, selections, plan.q_len, plan.block_m)
 
 
 def backward(q, k, v, out, lse, dout, plan: BlockPlan, scale: float, dlse=None):
@@ -605,7 +652,11 @@ def backward(q, k, v, out, lse, dout, plan: BlockPlan, scale: float, dlse=None):
         extra["delta"] = delta
         # +inf makes P exactly 0 on rows with no allowed key (never NaN).
         extra["lse"] = lse.to(dt).masked_fill(empty, float("inf"))
-    for bs, sched in _units(plan, q, k):
+    units, work = _units(plan, q, k)
+    if work is not None:
+        direct = False
+        dq = torch.zeros(q.shape, dtype=dt)
+    for bs, sched, merge in units:
         hd = _Heads.of(sched, h, h // hkv)
         nb = q[bs].shape[0]
         t = {
@@ -629,7 +680,10 @@ def backward(q, k, v, out, lse, dout, plan: BlockPlan, scale: float, dlse=None):
         dk_g, dv_g = _from_tiles(t["dk"], lk, k_inv), _from_tiles(t["dv"], lk, k_inv)
         if direct:
             return tuple(g.to(x.dtype).contiguous() for g, x in ((dq_g, q), (dk_g, k), (dv_g, v)))
-        _put(dq, bs, hd.q, dq_g)
+        if merge:
+            _put(dq, bs, hd.q, _take(dq, bs, hd.q) + dq_g)
+        else:
+            _put(dq, bs, hd.q, dq_g)
         # Query heads sharing a key/value head add their contributions.
         if hd.kv is None:
             dk_acc[bs] += dk_g
@@ -638,4 +692,9 @@ def backward(q, k, v, out, lse, dout, plan: BlockPlan, scale: float, dlse=None):
         idx = torch.tensor(hd.kv, dtype=torch.int64)
         dk_acc[bs].index_add_(1, idx, dk_g)
         dv_acc[bs].index_add_(1, idx, dv_g)
-    return dq, dk_acc.to(k.dtype), dv_acc.to(v.dtype)
+    if work is not None:
+        from patterndsl.runtime import cpu_gather
+
+        grads = {"dq": dq, "dk": dk_acc, "dv": dv_acc}
+        cpu_gather.backward(q, k, v, out, lse, dout, dlse, grads, work, scale)
+    return dq.to(q.dtype), dk_acc.to(k.dtype), dv_acc.to(v.dtype)

@@ -68,7 +68,13 @@ class DynamicGroup:
         dyn_keys: int64 ``[T]`` sorted keys of the tiles marked 3.
         corners: int8 ``[2^r, T]``: state of each 3-tile with route ``p`` replaced by
             ``full`` when bit ``p`` of the corner index is set, else ``empty``.
-        pure: bool ``[T]``: the pattern equals its single route on this tile.
+        gather: bool ``[n_q_tiles, n_blocks]`` or None: with a single route, ``gather[m, c]``
+            says that on every tile of query tile ``m`` meeting key block ``c`` the pattern
+            equals the route, so (row, chosen block) pairs there run gathered, per block,
+            with no tile and no mask (:func:`gathered_rows`).
+        drop: bool ``[T]``: 3-tiles entirely covered by gathered work (not in the tile lists).
+        split: bool ``[T]``: 3-tiles where the pattern equals the route but only some of the
+            blocks they meet are gathered: the tile path masks the gathered blocks out.
     """
 
     group: HeadGroup
@@ -77,7 +83,9 @@ class DynamicGroup:
     static_state: torch.Tensor
     dyn_keys: torch.Tensor
     corners: torch.Tensor
-    pure: torch.Tensor
+    gather: torch.Tensor | None
+    drop: torch.Tensor
+    split: torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -120,7 +128,7 @@ def _build(plan: BlockPlan) -> DynamicPlan:
     ctx = semantics.Context(plan.q_len, plan.kv_len, getattr(plan.pattern, "layout", None))
     votes = routing.voters(plan.pattern, plan.heads)
     routes = {prim: _route_tiles(prim, heads, plan, ctx) for prim, heads in votes.items()}
-    groups = tuple(_group(plan, g, ctx) if ir.is_dynamic(g.node) else None for g in plan.groups)
+    groups = tuple(_group(plan, g, ctx, routes) if ir.is_dynamic(g.node) else None for g in plan.groups)
     return DynamicPlan(plan, routes, groups)
 
 
@@ -151,7 +159,7 @@ def _substitute(node: ir.Node, values: dict[ir.Prim, ir.Node]) -> ir.Node:
     return combine(*(_substitute(item, values) for item in node.items))
 
 
-def _group(plan: BlockPlan, group: HeadGroup, ctx: semantics.Context) -> DynamicGroup:
+def _group(plan: BlockPlan, group: HeadGroup, ctx: semantics.Context, route_tiles: dict) -> DynamicGroup:
     tl = group.tiles
     nkt = plan.n_kv_tiles
     rows = torch.from_numpy(_rows_of(tl.row_ptr, plan.n_q_tiles))
@@ -167,8 +175,40 @@ def _group(plan: BlockPlan, group: HeadGroup, ctx: semantics.Context) -> Dynamic
         values = {p: (ir.FULL if bit else ir.EMPTY) for p, bit in zip(routes, bits, strict=True)}
         k2, s2 = engine.run(simplify(_substitute(group.node, values)), domain)
         corners[c, torch.from_numpy(np.searchsorted(domain, k2))] = torch.from_numpy(s2)
-    pure = (corners[0] == EMPTY) & (corners[-1] == FULL) if len(routes) == 1 else torch.zeros(len(dyn_keys), dtype=bool)
-    return DynamicGroup(group, routes, keys[~dyn], tl.state[~dyn], dyn_keys, corners, pure)
+    none = torch.zeros(len(dyn_keys), dtype=torch.bool)
+    if len(routes) != 1:
+        return DynamicGroup(group, routes, keys[~dyn], tl.state[~dyn], dyn_keys, corners, None, none, none)
+    # Tiles where the pattern is exactly its route: empty with the route empty, full with it full.
+    pure = (corners[0] == EMPTY) & (corners[1] == FULL)
+    gather, drop = _gatherable(route_tiles[routes[0]], dyn_keys[pure], plan)
+    full_drop = none.clone()
+    full_drop[pure] = drop
+    split = pure & ~full_drop
+    return DynamicGroup(group, routes, keys[~dyn], tl.state[~dyn], dyn_keys, corners, gather, full_drop, split)
+
+
+def _gatherable(rt: RouteTiles, pure_keys: torch.Tensor, plan: BlockPlan) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which (query tile, block) pairs are route-only on every tile they meet, and which tiles that covers."""
+    nkt = plan.n_kv_tiles
+    n_blocks = int(rt.k_block.max()) + 1 if rt.k_block.numel() else 0
+    m, n = torch.div(pure_keys, nkt, rounding_mode="floor"), pure_keys % nkt
+    owner, blocks = _expand(rt, n)
+    count = torch.zeros(plan.n_q_tiles * n_blocks, dtype=torch.int64)
+    count.index_add_(0, m[owner] * n_blocks + blocks, torch.ones_like(blocks))
+    meets = torch.bincount(rt.k_block, minlength=n_blocks)
+    gather = (count.view(plan.n_q_tiles, n_blocks) == meets) & (meets > 0)
+    # A tile is covered when every block it meets is gathered for its query tile.
+    covered = torch.ones(len(pure_keys), dtype=torch.int64)
+    covered.scatter_reduce_(0, owner, gather[m[owner], blocks].to(torch.int64), "amin", include_self=True)
+    return gather, covered.bool()
+
+
+def _expand(rt: RouteTiles, n: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For key tiles ``n [T]``: ``(owner, block)`` pairs, one per block each tile meets."""
+    count = rt.k_ptr[n + 1] - rt.k_ptr[n]
+    owner = torch.repeat_interleave(torch.arange(len(n)), count)
+    local = torch.arange(int(count.sum())) - torch.repeat_interleave(torch.cumsum(count, 0) - count, count)
+    return owner, rt.k_block[rt.k_ptr[n][owner] + local]
 
 
 # --------------------------------------------------------------------------- run time
@@ -211,10 +251,7 @@ def route_states(rt: RouteTiles, sel: routing.Selection, keys: torch.Tensor, nkt
     allc = torch.ones(shape, dtype=torch.int8).scatter_reduce(1, index, src, "amin", include_self=False)
     # Then over the blocks each key tile meets.
     m, n = torch.div(keys, nkt, rounding_mode="floor"), keys % nkt
-    count = rt.k_ptr[n + 1] - rt.k_ptr[n]
-    owner = torch.repeat_interleave(torch.arange(len(keys)), count)
-    local = torch.arange(int(count.sum())) - torch.repeat_interleave(torch.cumsum(count, 0) - count, count)
-    blocks = rt.k_block[rt.k_ptr[n][owner] + local]
+    owner, blocks = _expand(rt, n)
     rows = m[owner]
     index = owner.view(1, -1).expand(b * hkv, -1)
     shape = (b * hkv, len(keys))
@@ -260,17 +297,22 @@ def merge(dg: DynamicGroup, states: list[torch.Tensor]) -> torch.Tensor:
 class Lists:
     """One (head group, batch element, key-value head)'s tiles at this call."""
 
+    group: DynamicGroup
     heads: tuple[int, ...]
     batch: int
     kv_head: int
     row_ptr: torch.Tensor
     cols: torch.Tensor
     state: torch.Tensor
-    pure: torch.Tensor  # bool per tile of ``cols``: the pattern equals its route there
+    split: torch.Tensor  # bool per tile of ``cols``: route-only tiles with some blocks gathered
 
 
 def tile_lists(dp: DynamicPlan, selections: dict[ir.Prim, routing.Selection], share: int) -> list[Lists]:
-    """The merged tile lists of every dynamic head group, batch element and key-value head.
+    """The run-time tile lists (3-tiles only) of every dynamic head group, batch element and key-value head.
+
+    The static tiles of a dynamic group are the same at every call and run as one static
+    schedule (:func:`static_lists`); these lists hold the 3-tiles that the choice makes
+    non-empty and that gathered work does not cover.
 
     Args:
         dp: the dynamic plan.
@@ -294,35 +336,66 @@ def tile_lists(dp: DynamicPlan, selections: dict[ir.Prim, routing.Selection], sh
             heads = tuple(h for h in dg.group.heads if h // share == kvh)
             if not heads:
                 continue
-            live = run[b, kvh] > 0
-            keys = torch.cat([dg.static_keys, dg.dyn_keys[live]])
-            state = torch.cat([dg.static_state, run[b, kvh][live]])
-            pure = torch.cat([torch.zeros(len(dg.static_keys), dtype=torch.bool), dg.pure[live]])
-            order = torch.argsort(keys)
-            keys, state, pure = keys[order], state[order], pure[order]
+            live = (run[b, kvh] > 0) & ~dg.drop
+            # Split tiles lose their gathered blocks: never full, always masked.
+            state = torch.where(dg.split, PARTIAL, run[b, kvh])[live]
+            keys, split = dg.dyn_keys[live], dg.split[live]
             row_ptr = torch.zeros(nqt + 1, dtype=torch.int64)
             row_ptr[1:] = torch.cumsum(torch.bincount(keys // nkt, minlength=nqt), 0)
-            out.append(Lists(heads, b, kvh, row_ptr, keys % nkt, state, pure))
+            out.append(Lists(dg, heads, b, kvh, row_ptr, keys % nkt, state, split))
     return out
+
+
+def static_lists(dg: DynamicGroup, plan: BlockPlan) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """CSR ``(row_ptr, cols, state)`` of the statically decided tiles of a dynamic head group."""
+    nkt = plan.n_kv_tiles
+    row_ptr = torch.zeros(plan.n_q_tiles + 1, dtype=torch.int64)
+    row_ptr[1:] = torch.cumsum(torch.bincount(dg.static_keys // nkt, minlength=plan.n_q_tiles), 0)
+    return row_ptr, dg.static_keys % nkt, dg.static_state
+
+
+def static_mask_fn(dg: DynamicGroup, plan: BlockPlan):
+    """``f(q_tiles, kv_tiles) -> allowed [P, BM, BN]`` on the static tiles of a dynamic head group.
+
+    On a tile the plan decided statically no route can reach (the engine marks every tile
+    a route reaches 3 unless another operand decides it), so there the pattern equals the
+    pattern with every route replaced by ``empty``, which needs no selection.
+    """
+    node = _substitute(dg.group.node, dict.fromkeys(dg.routes, ir.EMPTY))
+    return _evaluate_tiles(plan, node, dg.group.heads[0])
+
+
+def _evaluate_tiles(plan: BlockPlan, node: ir.Node, head: int, selection=None):
+    bm, bn = plan.block
+    ctx = semantics.Context(plan.q_len, plan.kv_len, getattr(plan.pattern, "layout", None))
+
+    def tile_mask(q_tiles: torch.Tensor, kv_tiles: torch.Tensor) -> torch.Tensor:
+        rows = (q_tiles[:, None] * bm + torch.arange(bm)).clamp(max=plan.q_len - 1)
+        cols = kv_tiles[:, None] * bn + torch.arange(bn)
+        valid = cols < plan.kv_len
+        i, j = rows[:, :, None], cols.clamp(max=plan.kv_len - 1)[:, None, :]
+        return semantics.evaluate(node, i, j, head, ctx, selection) & valid[:, None, :]
+
+    return tile_mask
 
 
 def tile_mask_fn(dp: DynamicPlan, lists: Lists, selections: dict[ir.Prim, routing.Selection]):
     """``f(q_tiles [P], kv_tiles [P]) -> allowed bool [P, BM, BN]`` for one :class:`Lists`, exact per element.
 
-    Tiles where the pattern equals its route are a lookup of the chosen table by row group
-    and column block; the others evaluate the pattern with the selection.
+    Split tiles (the pattern equals its route, some blocks gathered) are a lookup of the
+    chosen table by row group and column block minus the gathered blocks; the others
+    evaluate the pattern with the selection.
     """
     plan = dp.plan
     bm, bn = plan.block
     nkt = plan.n_kv_tiles
-    ctx = dp.ctx
     node = plan.group_of(lists.heads[0]).node
     head = lists.heads[0]
     chosen = {p: s.chosen[lists.batch, lists.kv_head].cpu() for p, s in selections.items()}
-    pure_keys = (torch.repeat_interleave(torch.arange(plan.n_q_tiles), torch.diff(lists.row_ptr)) * nkt + lists.cols)[
-        lists.pure
-    ]
-    route = next(iter(p for p in chosen if p in set(ir.walk(node))), None)
+    rows_of = torch.repeat_interleave(torch.arange(plan.n_q_tiles), torch.diff(lists.row_ptr))
+    split_keys = (rows_of * nkt + lists.cols)[lists.split]
+    dg = lists.group
+    evaluate = _evaluate_tiles(plan, node, head, chosen)
 
     def tile_mask(q_tiles: torch.Tensor, kv_tiles: torch.Tensor) -> torch.Tensor:
         rows = (q_tiles[:, None] * bm + torch.arange(bm)).clamp(max=plan.q_len - 1)
@@ -330,16 +403,56 @@ def tile_mask_fn(dp: DynamicPlan, lists: Lists, selections: dict[ir.Prim, routin
         valid = cols < plan.kv_len
         cols = cols.clamp(max=plan.kv_len - 1)
         out = torch.empty(len(q_tiles), bm, bn, dtype=torch.bool)
-        is_pure = torch.isin(q_tiles * nkt + kv_tiles, pure_keys)
-        if bool(is_pure.any()):
+        is_split = torch.isin(q_tiles * nkt + kv_tiles, split_keys)
+        if bool(is_split.any()):
+            # The pattern is the route here; the gathered blocks are done elsewhere.
+            route = dg.routes[0]
             sel = selections[route]
-            g = sel.qgroup.cpu()[rows[is_pure]]
-            blk = sel.kblock.cpu()[cols[is_pure]]
-            out[is_pure] = chosen[route][g[:, :, None], blk[:, None, :]]
-        rest = ~is_pure
+            g = sel.qgroup.cpu()[rows[is_split]]
+            blk = sel.kblock.cpu()[cols[is_split]]
+            done = dg.gather[q_tiles[is_split]][torch.arange(int(is_split.sum()))[:, None], blk]
+            out[is_split] = chosen[route][g[:, :, None], blk[:, None, :]] & ~done[:, None, :]
+        rest = ~is_split
         if bool(rest.any()):
-            i, j = rows[rest][:, :, None], cols[rest][:, None, :]
-            out[rest] = semantics.evaluate(node, i, j, head, ctx, chosen)
+            out[rest] = evaluate(q_tiles[rest], kv_tiles[rest])
         return out & valid[:, None, :]
 
     return tile_mask
+
+
+def gathered_rows(lists: Lists, selections: dict[ir.Prim, routing.Selection], q_len: int, bm: int):
+    """The gathered work of one :class:`Lists`: for each key block, the query rows that run it.
+
+    Args:
+        lists: one (head group, batch element, key-value head).
+        selections: from :func:`select_all`.
+        q_len: ``Lq``.
+        bm: query tile size.
+
+    Returns:
+        ``(blocks, row_ptr, rows)``: block ``blocks[t]`` is attended in full by query indices
+        ``rows[row_ptr[t]:row_ptr[t+1]]`` (ascending); empty tensors when nothing is gathered.
+    """
+    dg = lists.group
+    if dg.gather is None or not bool(dg.gather.any()):
+        z = torch.zeros(0, dtype=torch.int64)
+        return z, torch.zeros(1, dtype=torch.int64), z
+    sel = selections[dg.routes[0]]
+    chosen = sel.chosen[lists.batch, lists.kv_head].cpu()
+    qgroup = sel.qgroup.cpu()
+    tile = torch.div(torch.arange(q_len), bm, rounding_mode="floor")
+    run = chosen[qgroup] & dg.gather[tile]  # [Lq, n_blocks]: not Lq x Lk
+    blocks, rows = torch.nonzero(run.T, as_tuple=True)
+    used, counts = torch.unique_consecutive(blocks, return_counts=True)
+    row_ptr = torch.zeros(len(used) + 1, dtype=torch.int64)
+    row_ptr[1:] = torch.cumsum(counts, 0)
+    return used, row_ptr, rows
+
+
+def block_keys(prim: ir.Prim, selection: routing.Selection) -> tuple[torch.Tensor, torch.Tensor]:
+    """CSR of the key indices of every block: block ``c`` holds ``keys[ptr[c]:ptr[c+1]]`` (ascending)."""
+    kblock = selection.kblock.cpu()
+    order = torch.argsort(kblock, stable=True)
+    ptr = torch.zeros(selection.n_blocks + 1, dtype=torch.int64)
+    ptr[1:] = torch.cumsum(torch.bincount(kblock, minlength=selection.n_blocks), 0)
+    return ptr, order

@@ -112,9 +112,42 @@ def select(
     with torch.no_grad():
         scores = semantics.route_scores(prim, q, k, ctx, heads)
         cand = candidates(prim, ctx, heads, n_heads // kv_heads, kv_heads).to(scores.device)
-        chosen = semantics.route_top(scores, cand, prim.arg("topk"))
+        chosen = top(scores, cand, prim.arg("topk"))
     qgroup, kblock = _ids(prim, ctx)
     return Selection(chosen, qgroup.to(q.device), kblock.to(q.device))
+
+
+def top(scores: torch.Tensor, cand: torch.Tensor, topk: int) -> torch.Tensor:
+    """:func:`patterndsl.semantics.route_top` with one ``topk`` over exact integer keys instead of two sorts.
+
+    For float32 scores each pair gets a distinct int64 key: candidates above every
+    non-candidate, then the score's order-preserving integer image, then the lower
+    block first, so equal scores resolve exactly as the reference does. Float64 scores
+    (float64 inputs, for tests) go to the reference itself.
+
+    Args:
+        scores: float ``[..., n_groups, n_blocks]``.
+        cand: bool, broadcastable to ``scores``.
+        topk: blocks per group.
+
+    Returns:
+        Bool, the shape of ``scores``.
+    """
+    n = scores.shape[-1]
+    if scores.dtype != torch.float32 or n >= 1 << 31:
+        return semantics.route_top(scores, cand, topk)
+    # + 0.0 turns -0.0 into +0.0 (they tie in the reference); flipping negative floats' bits
+    # makes integer order float order.
+    bits = (scores + 0.0).view(torch.int32)
+    key = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(torch.int64)
+    key += (1 << 31) + 1  # [1, 2^32]: above the level 0 of non-candidates
+    key.masked_fill_(~cand, 0)
+    key <<= 31
+    key += (1 << 31) - 1 - torch.arange(n, device=scores.device)
+    best = torch.topk(key, min(topk, n), dim=-1, sorted=False).indices
+    chosen = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
+    chosen.scatter_(-1, best, True)
+    return chosen & cand
 
 
 @lru_cache(maxsize=64)

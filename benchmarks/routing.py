@@ -1,0 +1,163 @@
+"""Routing at run time on CPU: patterndsl's MoBA-style route attention against FlexAttention fed the same choice.
+
+Pattern (LANGUAGE.md section 2, MoBA):
+``causal & (blocks(512) | route(topk = 2, block = 512, qblock = 1, among = causal - blocks(512)))``
+at B=1, H=8, D=64, fp32 (defaults; see --help).
+
+* ours: ``Pattern.__call__`` on the CPU path, steady state. Inside it, the selection
+  (pooled scores, candidates from the plan of ``among``, top-k) and the merge of the
+  choice with the static plan (tile lists and gathered rows) are timed on their own
+  and printed as a share of our forward.
+* flex: what a FlexAttention user does today with a data-dependent choice: every call,
+  build a BlockMask from the same choice (``BlockMask.from_kv_blocks`` over per-tile
+  unions of the chosen blocks, with a mask_mod that looks the choice up per token; or
+  ``create_block_mask`` with ``--create-block-mask``), then run
+  ``torch.compile(flex_attention)``. The choice itself is computed by the same code as
+  ours and counted in both totals, so the comparison is mask building + attention.
+
+Outputs are compared (max abs difference printed; the run fails above 1e-4). Times are
+medians of ``--reps`` calls after one warm-up; the machine is shared, so expect noise.
+Usage: ``python benchmarks/routing.py [--seq 16384] [--reps 3] [--create-block-mask]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+import torch
+
+import patterndsl
+from patterndsl.runtime import cpu, cpu_gather, dynamic, plans
+
+SOURCE = (
+    "pattern moba(block = 512, topk = 2) {{ causal & (blocks(block) | route(topk = topk, block = block,"
+    " qblock = 1, among = causal - blocks(block))) }}"
+)
+FLEX_BLOCK = 128
+
+
+def timed(fn, reps: int) -> float:
+    """Median seconds of ``reps`` calls after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def flex_block_mask(chosen: torch.Tensor, L: int, block: int, use_create: bool):
+    """A BlockMask for ``causal & (blocks(block) | chosen)`` from the per-token choice ``[B, H, L, n_blocks]``."""
+    from torch.nn.attention.flex_attention import BlockMask, create_block_mask
+
+    b, h, _, n_blocks = chosen.shape
+
+    def mask_mod(bi, hi, qi, ki):
+        kb = ki // block
+        return (ki <= qi) & ((qi // block == kb) | chosen[bi, hi, qi, kb])
+
+    if use_create:
+        return create_block_mask(mask_mod, b, h, L, L, device="cpu", BLOCK_SIZE=FLEX_BLOCK)
+    nt = -(-L // FLEX_BLOCK)
+    per = block // FLEX_BLOCK
+    pad = nt * FLEX_BLOCK - L
+    rows = torch.nn.functional.pad(chosen, (0, 0, 0, pad)).view(b, h, nt, FLEX_BLOCK, n_blocks)
+    any_c, all_c = rows.any(3), rows.all(3)  # [B, H, nt, n_blocks]
+    kb_block = torch.arange(nt) // per
+    routed_any = any_c[..., kb_block]  # [B, H, nt(q), nt(kv)]
+    routed_all = all_c[..., kb_block]
+    qt, kt = torch.arange(nt)[:, None], torch.arange(nt)[None, :]
+    own = (qt // per) == (kt // per)
+    below = kt < qt
+    full = (own & below) | (routed_all & below)
+    partial = ((own & (kt == qt)) | routed_any) & ~full & (kt <= qt)
+
+    def lists(sel):
+        num = sel.sum(-1).to(torch.int32)
+        idx = torch.argsort((~sel).to(torch.int8), dim=-1, stable=True).to(torch.int32)
+        return num, idx
+
+    kv_num, kv_idx = lists(partial)
+    full_num, full_idx = lists(full.expand_as(partial))
+    return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=FLEX_BLOCK, mask_mod=mask_mod)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seq", type=int, default=16384)
+    ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--dim", type=int, default=64)
+    ap.add_argument("--block", type=int, default=512)
+    ap.add_argument("--topk", type=int, default=2)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--create-block-mask", action="store_true", help="build Flex's mask with create_block_mask")
+    args = ap.parse_args(argv)
+    L, H, D = args.seq, args.heads, args.dim
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, H, L, D) for _ in range(3))
+    pattern = patterndsl.compile(SOURCE.format(), block=args.block, topk=args.topk)
+    threads = torch.get_num_threads()
+    print(f"MoBA route at L={L}, B=1, H={H}, D={D}, fp32, block={args.block}, topk={args.topk}; {threads} threads")
+
+    ours = pattern(q, k, v)
+    t_ours = timed(lambda: pattern(q, k, v), args.reps)
+
+    # The parts of our forward that exist only because the choice is made at run time.
+    import patterndsl.runtime as rt
+
+    plan = plans.get(rt._plan_key(pattern.ir, "cpu"), L, L, H)
+    dp = dynamic.dynamic_plan(plan)
+    t_select = timed(lambda: dynamic.select_all(dp, q, k), args.reps)
+    selections = dynamic.select_all(dp, q, k)
+
+    def merge():
+        lists = dynamic.tile_lists(dp, selections, 1)
+        cpu_gather.plan_work(lists, selections, L, plan.block_m)
+        for item in lists:
+            cpu.schedule(item.row_ptr, item.cols, item.state, plan, dynamic.tile_mask_fn(dp, item, selections))
+
+    t_merge = timed(merge, args.reps)
+
+    # FlexAttention fed the same choice, per token: chosen[b, h, i, block].
+    from torch.nn.attention.flex_attention import flex_attention
+
+    (sel,) = selections.values()
+    chosen = sel.chosen[:, :, sel.qgroup]  # [B, Hkv, L, n_blocks], here Hkv == H
+    flex = torch.compile(flex_attention)
+    t = time.perf_counter()
+    theirs = flex(q, k, v, block_mask=flex_block_mask(chosen, L, args.block, args.create_block_mask))
+    t_flex_first = time.perf_counter() - t
+
+    def flex_call():
+        (s,) = dynamic.select_all(dp, q, k).values()
+        bm = flex_block_mask(s.chosen[:, :, s.qgroup], L, args.block, args.create_block_mask)
+        return flex(q, k, v, block_mask=bm)
+
+    t_mask = timed(lambda: flex_block_mask(chosen, L, args.block, args.create_block_mask), args.reps)
+    t_flex = timed(flex_call, args.reps)
+    diff = float((ours - theirs).abs().max())
+
+    how = "create_block_mask" if args.create_block_mask else "BlockMask.from_kv_blocks"
+    rows = [
+        ("ours forward (selection + merge + attention)", t_ours, None),
+        ("  selection (scores, candidates, top-k)", t_select, t_select / t_ours),
+        ("  merge with the plan (lists, gathered rows)", t_merge, t_merge / t_ours),
+        ("  selection + merge", t_select + t_merge, (t_select + t_merge) / t_ours),
+        (f"flex per call (selection + {how} + compiled flex)", t_flex, None),
+        (f"  of which {how}", t_mask, None),
+        ("  flex first call (mask + compile + run)", t_flex_first, None),
+    ]
+    for name, sec, share in rows:
+        print(f"{name:68s} {sec * 1e3:9.1f} ms" + ("" if share is None else f"  = {share:6.1%} of ours"))
+    ratio, share = t_ours / t_flex, t_select / t_ours
+    print(f"ours / flex = {ratio:.2f}x (target <= 1.0); selection share = {share:.1%} (target <= 10%)")
+    print(f"max |ours - flex| = {diff:.2e}")
+    return 0 if diff <= 1e-4 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
