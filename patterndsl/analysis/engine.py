@@ -73,6 +73,10 @@ class Engine:
         self._qb = None
         self._kb = None
         self._chains = None
+        #: ``{route: sorted chosen pair keys a * n_blocks + b}``: when set, those routes are
+        #: classified as static patterns with that fixed choice (bounds of route patterns).
+        self.fixed: dict[ir.Prim, np.ndarray] | None = None
+        self._route_info: dict[ir.Prim, tuple] = {}
 
     # ----------------------------------------------------------------- entry
 
@@ -218,7 +222,8 @@ class Engine:
         out = np.zeros(len(keys), np.int8)
         if not len(keys):
             return out
-        if ir.is_dynamic(node):
+        selection = self.selection(node)
+        if ir.is_dynamic(node) and selection is None:
             out[:] = DYNAMIC
             return out
         self.evaluated += len(keys)
@@ -236,7 +241,7 @@ class Engine:
             kv = torch.from_numpy(ki >= 0)[:, None, :]
             i = torch.from_numpy(np.maximum(qi, 0))[:, :, None]
             j = torch.from_numpy(np.maximum(ki, 0))[:, None, :]
-            val = semantics.evaluate(node, i, j, self.env.head, self.ctx)
+            val = semantics.evaluate(node, i, j, self.env.head, self.ctx, selection)
             valid = qv & kv
             anyv = (val & valid).flatten(1).any(1)
             allv = (val | ~valid).flatten(1).all(1)
@@ -307,6 +312,8 @@ class Engine:
             candidate pairs, the counts, the group of every query index and the block of every
             key index (as in :func:`patterndsl.semantics.route_blocks`).
         """
+        if prim in self._route_info:
+            return self._route_info[prim][:5]
         among = prim.arg("among")
         if ir.is_dynamic(among):
             raise PatternError("route(among = ...) cannot itself contain route(...)", prim.span)
@@ -318,27 +325,93 @@ class Engine:
         sub = Engine(qcoarse, kcoarse, self.env)
         ckeys, _ = sub.run(rewrite_for_plan(among), None)
         self.evaluated += sub.evaluated
-        return ckeys, n_q, n_k, qgroup, kblock
-
-    def _route(self, prim: ir.Prim, domain):
-        ckeys, n_q, n_k, qgroup, kblock = self.route_candidates(prim)
-        a, b = ckeys // n_k, ckeys % n_k
+        # Which tiles each group / block meets: sorted ``group * n_tiles + tile`` (one entry per pair).
         qtile = np.empty(len(qgroup), np.int64)
         qtile[self.q.order] = np.repeat(np.arange(self.nqb), np.diff(self.q.starts))
         ktile = np.empty(len(kblock), np.int64)
         ktile[self.k.order] = np.repeat(np.arange(self.nkb), np.diff(self.k.starts))
         gq = np.unique(qgroup * self.nqb + qtile)
         gk = np.unique(kblock * self.nkb + ktile)
+        info = (ckeys, n_q, n_k, qgroup, kblock, gq, gk)
+        self._route_info[prim] = info
+        return info[:5]
+
+    def route_incidence(self, prim: ir.Prim, pairs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Tiles met by (query group, key block) pairs of a route, one entry per (pair, tile).
+
+        Args:
+            prim: the ``route`` primitive.
+            pairs: sorted pair keys ``a * n_blocks + b``.
+
+        Returns:
+            ``(owner, keys)``: ``pairs[owner[t]]`` meets tile ``keys[t]`` (``m * n_key_tiles + n``);
+            each (pair, tile) once, so counting entries per tile counts the pairs meeting it.
+        """
+        self.route_candidates(prim)
+        _, n_q, n_k, _, _, gq, gk = self._route_info[prim]
+        a, b = pairs // n_k, pairs % n_k
         gq_ptr = np.searchsorted(gq // self.nqb, np.arange(n_q + 1))
         gk_ptr = np.searchsorted(gk // self.nkb, np.arange(n_k + 1))
         rows, pos = expand_runs(np.arange(len(a)), gq_ptr[a], gq_ptr[a + 1])
         m = gq[pos] % self.nqb
-        bb = b[rows]
-        r2, pos2 = expand_runs(np.arange(len(bb)), gk_ptr[bb], gk_ptr[bb + 1])
-        keys = np.unique(m[r2] * self.nkb + gk[pos2] % self.nkb)
+        r2, pos2 = expand_runs(np.arange(len(rows)), gk_ptr[b[rows]], gk_ptr[b[rows] + 1])
+        return rows[r2], m[r2] * self.nkb + gk[pos2] % self.nkb
+
+    def route_pairs_per_tile(self, prim: ir.Prim) -> tuple[np.ndarray, np.ndarray]:
+        """``(groups, blocks)``: how many query groups meet each query tile, key blocks each key tile."""
+        self.route_candidates(prim)
+        gq, gk = self._route_info[prim][5:]
+        return np.bincount(gq % self.nqb, minlength=self.nqb), np.bincount(gk % self.nkb, minlength=self.nkb)
+
+    def selection(self, node: ir.Node) -> dict | None:
+        """The fixed choice of every route in ``node`` as :func:`semantics.evaluate` takes it, or None."""
+        routes = [p for p in ir.walk(node) if isinstance(p, ir.Prim) and p.name in ir.DYNAMIC_PRIMITIVES]
+        if not routes:
+            return {}
+        if self.fixed is None or any(p not in self.fixed for p in routes):
+            return None
+        return {p: PairTable(self.fixed[p], self.route_candidates(p)[2]) for p in routes}
+
+    def _route(self, prim: ir.Prim, domain):
+        fixed = None if self.fixed is None else self.fixed.get(prim)
+        pairs = self.route_candidates(prim)[0] if fixed is None else fixed
+        _, tkeys = self.route_incidence(prim, pairs)
+        keys, count = np.unique(tkeys, return_counts=True)
+        if fixed is None:
+            state = np.full(len(keys), DYNAMIC, np.int8)
+        else:
+            # A fixed choice is a union of (group x block) rectangles that partition the tile:
+            # full exactly when every pair meeting the tile is chosen.
+            groups, blocks = self.route_pairs_per_tile(prim)
+            state = np.where(count == groups[keys // self.nkb] * blocks[keys % self.nkb], FULL, PARTIAL)
+            state = state.astype(np.int8)
         if domain is not None:
-            keys = np.intersect1d(keys, domain, assume_unique=True)
-        return keys, np.full(len(keys), DYNAMIC, np.int8)
+            keep = np.isin(keys, domain, assume_unique=True)
+            keys, state = keys[keep], state[keep]
+        return keys, state
+
+
+class PairTable:
+    """A route's fixed choice as sorted pair keys, indexable like the bool ``[n_groups, n_blocks]`` table.
+
+    :func:`patterndsl.semantics.evaluate` reads a selection as ``table[a, b]``; this answers
+    that by binary search, so no ``n_groups x n_blocks`` table is built.
+    """
+
+    def __init__(self, keys: np.ndarray, n_blocks: int):
+        self.keys = torch.from_numpy(np.ascontiguousarray(keys, dtype=np.int64))
+        self.n_blocks = n_blocks
+
+    def to(self, device) -> PairTable:
+        return self
+
+    def __getitem__(self, index) -> torch.Tensor:
+        a, b = index
+        want = a * self.n_blocks + b
+        if not len(self.keys):
+            return torch.zeros(want.shape, dtype=torch.bool)
+        pos = torch.searchsorted(self.keys, want.reshape(-1)).clamp(max=len(self.keys) - 1).reshape(want.shape)
+        return self.keys[pos] == want
 
 
 def _group_side(group: np.ndarray, count: int, fine: Side, offset: int, layout, boxes: bool) -> Side:
@@ -666,7 +739,9 @@ def count_allowed(engine: Engine, node: ir.Node, keys: np.ndarray) -> np.ndarray
             np.add.at(out, pair, cnt.sum(1))
             return out
     engine_eval = engine.evaluated
-    node = without_route(node)
+    selection = engine.selection(node)
+    if selection is None:
+        node = without_route(node)
     m, n = keys // engine.nkb, keys % engine.nkb
     step = max(1, _EVAL_CHUNK // max(q.block * k.block, 1))
     for s in range(0, len(keys), step):
@@ -675,7 +750,7 @@ def count_allowed(engine: Engine, node: ir.Node, keys: np.ndarray) -> np.ndarray
         valid = torch.from_numpy(qi >= 0)[:, :, None] & torch.from_numpy(ki >= 0)[:, None, :]
         i = torch.from_numpy(np.maximum(qi, 0))[:, :, None]
         j = torch.from_numpy(np.maximum(ki, 0))[:, None, :]
-        val = semantics.evaluate(node, i, j, engine.env.head, engine.ctx)
+        val = semantics.evaluate(node, i, j, engine.env.head, engine.ctx, selection)
         out[s : s + step] = (val & valid).flatten(1).sum(1).numpy()
     engine.counted_by_evaluation = getattr(engine, "counted_by_evaluation", 0) + len(keys)
     engine.evaluated = engine_eval

@@ -150,6 +150,11 @@ class HeadGroup:
         tiles: CSR/CSC tile lists.
         runs: the same tiles as compact runs.
         forms: a :class:`RunForm` when the tiles have a closed form, else None.
+        route_mask: for patterns with ``route``, bool ``[nnz]`` in the order of ``tiles.cols``:
+            some route may allow an element of this tile (state 1 or 3), so its element mask
+            must be computed with the run-time selection, even where the tile's *state* is the
+            same for every choice. Where False, every route is false on the whole tile (the mask
+            is the pattern with each route replaced by ``empty``). None for static patterns.
     """
 
     heads: tuple[int, ...]
@@ -157,13 +162,16 @@ class HeadGroup:
     tiles: TileList
     runs: Runs
     forms: RunForm | None = None
+    route_mask: torch.Tensor | None = None
 
 
 @dataclass
 class PlanStats:
     """Numbers reported by ``BlockPlan.stats`` and ``patterndsl show --stage plan``."""
 
-    allowed_pairs: int = 0  # sum over heads; for route patterns, pairs of statically decided tiles only
+    # sum over heads; for route patterns, pairs of the tiles whose mask no choice can change
+    # (the others' area is extra["dynamic_pairs_bound"])
+    allowed_pairs: int = 0
     total_pairs: int = 0  # heads * Lq * Lk
     tiles_empty: int = 0  # sum over heads
     tiles_partial: int = 0

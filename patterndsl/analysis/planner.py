@@ -17,7 +17,7 @@ import torch
 
 from patterndsl import config, ir
 from patterndsl.analysis import engine as eng
-from patterndsl.analysis import reorder, tiles
+from patterndsl.analysis import reorder, routeplan, tiles
 from patterndsl.analysis.classify import Env
 from patterndsl.analysis.plan import BlockPlan, HeadGroup, PlanStats, Runs, TileList
 from patterndsl.analysis.rewrite import simplify
@@ -81,7 +81,10 @@ def _plan_order(desc, qsegs, ksegs, identity, groups, q_len, kv_len, layout, bm,
         env = Env(q_len, kv_len, layout, heads[0])
         engine = eng.Engine(qside, kside, env, budget)
         try:
-            keys, state = engine.run(simplify(node))
+            if ir.is_dynamic(node):
+                keys, state, engine.route_mask, engine.route_facts = routeplan.classify(engine, simplify(node))
+            else:
+                keys, state = engine.run(simplify(node))
         except eng.OverBudget:
             return None
         budget = engine.budget
@@ -166,12 +169,20 @@ def _assemble(pir, cand: _Candidate, groups, head_group, q_len, kv_len, heads, b
         area = rows[m] * cols[n]
         partial = state == eng.PARTIAL
         rewritten = simplify(node)
+        route_mask = getattr(engine, "route_mask", None)
+        dyn = state == eng.DYNAMIC
+        counted = partial
+        if route_mask is not None:
+            # Tiles open candidates meet may change mask with the choice: bounded, not counted.
+            dyn = engine.route_facts["open"] & (state != eng.FULL)
+            counted = partial & ~dyn
+            unproven = engine.route_facts["unproven"] * len(hs)
+            stats.extra["tiles_dynamic_unproven"] = stats.extra.get("tiles_dynamic_unproven", 0) + unproven
         allowed = eng.symbolic_total(rewritten, q_len, kv_len, pir.layout, engine.env)
         if allowed is None:
-            counts = eng.count_tiles(engine, rewritten, keys[partial])
+            counts = eng.count_tiles(engine, rewritten, keys[counted])
             allowed = int(area[state == eng.FULL].sum()) + int(counts.sum())
         nh = len(hs)
-        dyn = state == eng.DYNAMIC
         if dyn.any():
             # run-time tiles: their allowed pairs depend on the data; record the bound
             stats.extra["dynamic_pairs_bound"] = stats.extra.get("dynamic_pairs_bound", 0) + int(area[dyn].sum()) * nh
@@ -188,7 +199,8 @@ def _assemble(pir, cand: _Candidate, groups, head_group, q_len, kv_len, heads, b
         tl = _tile_list(m, n, state, nqb, nkb)
         runs = Runs.from_tiles(tl, nqb)
         form = run_form(rewritten, cand.qside, cand.kside, runs, nqb, nkb) if cand.qside.identity else None
-        out_groups.append(HeadGroup(tuple(hs), node, tl, runs, form))
+        rmask = None if route_mask is None else torch.from_numpy(route_mask)
+        out_groups.append(HeadGroup(tuple(hs), node, tl, runs, form, rmask))
     stats.tiles_evaluated = evaluated
     stats.extra["orders_tried"] = n_orders
     stats.plan_seconds = time.perf_counter() - start

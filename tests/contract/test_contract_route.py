@@ -234,7 +234,6 @@ def test_route_plan_unequal_lengths_and_auto_order_exact_outside_dynamic_tiles()
             assert torch.equal(tiles[fixed], red[fixed])
 
 
-@pytest.mark.xfail(strict=True, reason="contract report C2: plan marks statically decided route tiles as 3 (analysis)")
 def test_route_plan_marks_3_only_tiles_decided_at_run_time():
     # Diagonal tiles of causal & (window(2) | route(...)) are partial whatever route picks: the
     # causal upper triangle is never allowed and the diagonal always is. Their state is not

@@ -1,0 +1,215 @@
+"""Stage 4 (block plan), patterns with ``route``: which tiles the run-time choice can change.
+
+Comes in: the analysis :class:`~patterndsl.analysis.engine.Engine` of one head group and its
+rewritten node containing ``route``. Goes out: the non-empty tiles with a state each (1
+partial, 2 full, 3 decided at run time) and, per tile, whether its element mask reads a
+route's choice (the executors must then evaluate it with the run-time selection).
+
+A *possible selection* gives every query group ``a`` any ``k_a = min(topk, n_a)`` of its
+``n_a`` candidate blocks, groups and routes independently. A group with ``n_a <= topk`` is
+*forced*: it always gets all its candidates. With ``Forced`` (the pairs of forced groups)
+and ``Cand`` (all candidate pairs), every selection ``R`` has ``Forced ⊆ R ⊆ Cand``, so the
+pattern with each route fixed to ``Forced`` or ``Cand`` by polarity bounds it from below and
+above (a route found under both polarities is bounded by ``empty`` / ``full`` instead, as
+:func:`patterndsl.semantics.route_bounds` does). Both bounds are static patterns, planned by
+the engine with the route as a fixed choice. A tile where the two bounds agree has that
+state for every selection. Where they differ the tile is 3 when both bounds are reachable on
+it (*box* tiles: every open group meeting it can take all or none of its candidates in the
+tile: ``c_in <= k_a <= n_a - c_in``); otherwise, with a single route of one polarity, the
+tile is decided exactly from its elements (which blocks of each group hold elements the
+choice switches, and how many of its picks a group can or must spend there), and in the
+remaining cases (several routes, mixed polarity) it is 3 without proof, which the
+statistics count (``extra["tiles_dynamic_unproven"]``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from patterndsl import ir, semantics
+from patterndsl.analysis import engine as eng
+
+_EVAL_CHUNK = 1 << 22  # elements per batched evaluation
+
+
+class RouteFacts:
+    """The candidates of one route at the engine's sizes, split by whether the choice is forced.
+
+    Attributes:
+        cand: sorted candidate pair keys ``a * n_blocks + b``.
+        forced: the candidate pairs of forced groups (always chosen).
+        n_cand: int64 ``[n_groups]`` candidates per group.
+        take: int64 ``[n_groups]`` blocks each group gets (``min(topk, n_cand)``).
+        qgroup, kblock: group of every query index, block of every key index.
+    """
+
+    def __init__(self, engine: eng.Engine, prim: ir.Prim):
+        self.cand, self.n_q, self.n_k, self.qgroup, self.kblock = engine.route_candidates(prim)
+        self.n_cand = np.bincount(self.cand // self.n_k, minlength=self.n_q).astype(np.int64)
+        self.take = np.minimum(prim.arg("topk"), self.n_cand)
+        self.open = self.n_cand > self.take
+        self.forced = self.cand[~self.open[self.cand // self.n_k]]
+        self.open_pairs = self.cand[self.open[self.cand // self.n_k]]
+
+
+def polarities(node: ir.Node, sign: int = 1, out: dict | None = None) -> dict[ir.Prim, set[int]]:
+    """``{route: {+1, -1}}``: the signs (even / odd number of complements) each route occurs under."""
+    out = {} if out is None else out
+    if isinstance(node, ir.Prim):
+        if node.name in ir.DYNAMIC_PRIMITIVES:
+            out.setdefault(node, set()).add(sign)
+    elif isinstance(node, ir.Not):
+        polarities(node.item, -sign, out)
+    else:
+        for item in node.items:
+            polarities(item, sign, out)
+    return out
+
+
+def _bound(node: ir.Node, mixed: set, lower: bool, sign: int = 1) -> ir.Node:
+    """``node`` with every mixed-polarity route replaced by ``empty``/``full`` (its bound)."""
+    if isinstance(node, ir.Prim):
+        if node in mixed:
+            return ir.EMPTY if (sign > 0) == lower else ir.FULL
+        return node
+    if isinstance(node, ir.Not):
+        return ir.complement(_bound(node.item, mixed, lower, -sign))
+    combine = ir.union if isinstance(node, ir.Union) else ir.inter
+    return combine(*(_bound(item, mixed, lower, sign) for item in node.items))
+
+
+def _states_on(keys: np.ndarray, k2: np.ndarray, s2: np.ndarray) -> np.ndarray:
+    out = np.zeros(len(keys), np.int8)
+    pos = np.searchsorted(keys, k2)
+    out[pos] = s2
+    return out
+
+
+def classify(engine: eng.Engine, node: ir.Node) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
+    """Tile states of a route pattern, 3 exactly where two possible selections differ (see module notes).
+
+    Leaves ``engine.fixed`` at the forced choice of every route, which gives the exact mask
+    on every tile no open group's candidates meet (used to count allowed pairs).
+
+    Args:
+        engine: the head group's engine (identity order).
+        node: the rewritten pattern node, containing ``route``.
+
+    Returns:
+        ``(keys, state, route_mask, facts)``: sorted non-empty tile keys, their states, bool per
+        tile: some route may allow an element there (the mask must be computed with the
+        selection), and ``{"open": bool per tile, open candidates meet it, "unproven": int}``.
+    """
+    pol = polarities(node)
+    facts = {p: RouteFacts(engine, p) for p in pol}
+    mixed = {p for p, signs in pol.items() if len(signs) > 1}
+    low_fix = {p: (f.forced if pol[p] == {1} else f.cand) for p, f in facts.items() if p not in mixed}
+    up_fix = {p: (f.cand if pol[p] == {1} else f.forced) for p, f in facts.items() if p not in mixed}
+    rewrite = eng.rewrite_for_plan
+    lower, upper = rewrite(_bound(node, mixed, True)), rewrite(_bound(node, mixed, False))
+    engine.fixed = up_fix
+    keys, up = engine.run(upper)
+    engine.fixed = low_fix
+    k2, s2 = engine.run(lower, keys)
+    low = _states_on(keys, k2, s2)
+    state = up.copy()
+    maybe = np.flatnonzero(low != up)
+    # Tiles open candidate pairs meet (the only ones a choice can change), and which of
+    # those fail the box test; tiles any candidate meets read a route.
+    reads = np.zeros(len(keys), bool)
+    opened = np.zeros(len(keys), bool)
+    boxed = np.ones(len(maybe), bool)
+    for p, f in facts.items():
+        _, tk = engine.route_incidence(p, f.cand)
+        reads |= np.isin(keys, tk)
+        owner, tk = engine.route_incidence(p, f.open_pairs)
+        opened |= np.isin(keys, tk)
+        boxed &= _box(f, owner, tk, keys[maybe])
+    if mixed:
+        boxed[:] = False  # empty / full bounds are not choices: the box proves nothing
+    state[maybe[boxed]] = eng.DYNAMIC
+    rest = maybe[~boxed]
+    unproven = 0
+    if len(rest):
+        if len(facts) == 1 and not mixed:
+            ((p, f),) = facts.items()
+            state[rest] = _exact(engine, node, p, f, min(pol[p]), keys[rest], low_fix, up_fix)
+        else:
+            state[rest] = eng.DYNAMIC
+            unproven = len(rest)
+    engine.fixed = {p: f.forced for p, f in facts.items()}
+    keep = state > 0
+    route_mask = (reads & (state != eng.FULL))[keep]
+    return keys[keep], state[keep], route_mask, {"open": opened[keep], "unproven": unproven}
+
+
+def _box(f: RouteFacts, owner: np.ndarray, tkeys: np.ndarray, maybe: np.ndarray) -> np.ndarray:
+    """Per tile of ``maybe``: can every open group meeting it take all or none of its candidates there."""
+    out = np.ones(len(maybe), bool)
+    if not len(maybe):
+        return out
+    pos = np.searchsorted(maybe, tkeys)
+    hit = (pos < len(maybe)) & (maybe[np.minimum(pos, len(maybe) - 1)] == tkeys)
+    if not hit.any():
+        return out
+    tile = pos[hit]
+    group = f.open_pairs[owner[hit]] // f.n_k
+    # each (pair, tile) is listed once: counting per (tile, group) gives the candidates inside
+    tg, c_in = np.unique(tile * f.n_q + group, return_counts=True)
+    g = tg % f.n_q
+    bad = (c_in > f.take[g]) | (f.n_cand[g] - c_in < f.take[g])
+    out[np.unique(tg[bad] // f.n_q)] = False
+    return out
+
+
+def _exact(engine: eng.Engine, node, prim, f: RouteFacts, sign: int, keys, low_fix, up_fix) -> np.ndarray:
+    """Exact states of tiles ``keys`` when the pattern has one route, of one polarity, from their elements.
+
+    On such a tile an element the two bounds disagree on is allowed exactly when its pair is
+    chosen (``sign`` +1) or not chosen (-1); elements the bounds agree on are fixed. Per group,
+    ``act`` counts the candidate blocks holding such elements: the tile can be empty / full
+    when every group can choose (or avoid) all of its ``act`` blocks within its ``k_a`` picks.
+    """
+    q, k = engine.q, engine.k
+    m, n = keys // engine.nkb, keys % engine.nkb
+    engine.evaluated += 2 * len(keys)
+    sel_lo = {prim: eng.PairTable(low_fix[prim], f.n_k)}
+    sel_up = {prim: eng.PairTable(up_fix[prim], f.n_k)}
+    out = np.zeros(len(keys), np.int8)
+    step = max(1, _EVAL_CHUNK // max(q.block * k.block, 1))
+    qgroup, kblock = torch.from_numpy(f.qgroup), torch.from_numpy(f.kblock)
+    for s in range(0, len(keys), step):
+        qi, ki = q.tile_indices(m[s : s + step]), k.tile_indices(n[s : s + step])
+        valid = torch.from_numpy(qi >= 0)[:, :, None] & torch.from_numpy(ki >= 0)[:, None, :]
+        i = torch.from_numpy(np.maximum(qi, 0))[:, :, None]
+        j = torch.from_numpy(np.maximum(ki, 0))[:, None, :]
+        lo = semantics.evaluate(node, i, j, engine.env.head, engine.ctx, sel_lo) & valid
+        hi = semantics.evaluate(node, i, j, engine.env.head, engine.ctx, sel_up) & valid
+        fixed_on = lo.flatten(1).any(1).numpy()
+        hi_full = (hi | ~valid).flatten(1).all(1).numpy()
+        switch = lo != hi
+        t, r, c = torch.nonzero(switch, as_tuple=True)
+        a, b = qgroup[i[t, r, 0]].numpy(), kblock[j[t, 0, c]].numpy()
+        # distinct (tile, group, block) holding switched elements, then blocks per (tile, group)
+        tgb = np.unique((t.numpy() * f.n_q + a) * f.n_k + b)
+        tg, act = np.unique(tgb // f.n_k, return_counts=True)
+        g, tt = tg % f.n_q, tg // f.n_q
+        can_all = act <= f.take[g]  # the group can choose every such block
+        can_none = f.n_cand[g] - act >= f.take[g]  # ... or avoid every one
+        width = len(qi)
+        all_ok = np.ones(width, bool)
+        none_ok = np.ones(width, bool)
+        np.logical_and.at(all_ok, tt, can_all)
+        np.logical_and.at(none_ok, tt, can_none)
+        switching = np.bincount(tt, minlength=width) > 0
+        if sign > 0:  # allowed when chosen
+            can_empty, can_full = ~fixed_on & none_ok, hi_full & all_ok
+        else:  # allowed when not chosen
+            can_empty, can_full = ~fixed_on & all_ok, hi_full & none_ok
+        always_full = hi_full & ~switching
+        can_nonempty = fixed_on | switching
+        least = np.where(can_empty, eng.EMPTY, np.where(always_full, eng.FULL, eng.PARTIAL))
+        most = np.where(can_full, eng.FULL, np.where(can_nonempty, eng.PARTIAL, eng.EMPTY))
+        out[s : s + step] = np.where(least == most, least, eng.DYNAMIC)
+    return out
