@@ -56,15 +56,28 @@ def plan_work(lists: list[dynamic.Lists], selections: dict[ir.Prim, routing.Sele
     return out
 
 
-def _block(w: Work, t: int, x: torch.Tensor, dtype) -> torch.Tensor:
-    """Keys (or values) of the ``t``-th gathered block: ``[Kc, D]`` in ``dtype``."""
+def _keys_of(w: Work, t: int) -> slice | torch.Tensor:
+    """Key indices of the ``t``-th gathered block: a slice when they are a run (1-D blocks)."""
     c = int(w.blocks[t])
     a, b = int(w.key_ptr[c]), int(w.key_ptr[c + 1])
     idx = w.keys[a:b]
-    contiguous = b - a == 0 or int(idx[-1]) - int(idx[0]) == b - a - 1
-    src = x[w.batch, w.kv_head]
-    part = src[int(idx[0]) : int(idx[0]) + b - a] if contiguous else src[idx]
-    return part.to(dtype)
+    if b > a and int(idx[-1]) - int(idx[0]) == b - a - 1:
+        return slice(int(idx[0]), int(idx[0]) + b - a)
+    return idx
+
+
+def _block(w: Work, t: int, x: torch.Tensor, dtype) -> torch.Tensor:
+    """Keys (or values) of the ``t``-th gathered block: ``[Kc, D]`` in ``dtype``."""
+    return x[w.batch, w.kv_head][_keys_of(w, t)].to(dtype)
+
+
+def _add_block(w: Work, t: int, dst: torch.Tensor, value: torch.Tensor) -> None:
+    """``dst[batch, kv_head, keys of block t] += value``."""
+    keys = _keys_of(w, t)
+    if isinstance(keys, slice):
+        dst[w.batch, w.kv_head, keys] += value
+    else:
+        dst[w.batch, w.kv_head].index_add_(0, keys, value)
 
 
 def forward(q, k, v, out: torch.Tensor, lse: torch.Tensor, work: list[Work], scale: float) -> None:
@@ -157,8 +170,6 @@ def backward(q, k, v, out, lse, dout, dlse, grads: dict, work: list[Work], scale
                 ds = p * (torch.matmul(dor, vc.T) - delta[:, rows, None])
                 dqb[:, rows] += torch.matmul(ds, kc) * scale
                 dkc += torch.matmul(ds.transpose(-1, -2), qr).sum(0) * scale
-            c = int(w.blocks[t])
-            idx = w.keys[int(w.key_ptr[c]) : int(w.key_ptr[c + 1])]
-            dk[w.batch, w.kv_head].index_add_(0, idx, dkc)
-            dv[w.batch, w.kv_head].index_add_(0, idx, dvc)
+            _add_block(w, t, dk, dkc)
+            _add_block(w, t, dv, dvc)
         dq[w.batch, w.heads] += dqb

@@ -64,8 +64,10 @@ class DynamicGroup:
     Attributes:
         group: the plan's head group.
         routes: the routes in its pattern.
-        static_keys, static_state: tiles decided statically (``m * nkt + n``, states 1/2).
-        dyn_keys: int64 ``[T]`` sorted keys of the tiles marked 3.
+        static_keys, static_state: tiles decided statically (``m * nkt + n``, states 1/2) that
+            need no selection: full, or partial where no route reaches.
+        dyn_keys: int64 ``[T]`` sorted keys of the tiles marked 3 and of the partial tiles a
+            route reaches.
         corners: int8 ``[2^r, T]``: state of each 3-tile with route ``p`` replaced by
             ``full`` when bit ``p`` of the corner index is set, else ``empty``.
         gather: bool ``[n_q_tiles, n_blocks]`` or None: with a single route, ``gather[m, c]``
@@ -164,10 +166,14 @@ def _group(plan: BlockPlan, group: HeadGroup, ctx: semantics.Context, route_tile
     nkt = plan.n_kv_tiles
     rows = torch.from_numpy(_rows_of(tl.row_ptr, plan.n_q_tiles))
     keys = rows * nkt + tl.cols
-    dyn = tl.state == DYNAMIC
-    dyn_keys = keys[dyn]
     routes = tuple(dict.fromkeys(p for p in ir.walk(group.node) if isinstance(p, ir.Prim) and p.name == "route"))
     engine = eng.identity_engine(plan.q_len, plan.kv_len, ctx.layout, group.heads[0], plan.block)
+    # A partial tile whose state is static may still have a mask that depends on the choice
+    # (a route that reaches it without changing its state): it is decided per call too.
+    reach = np.unique(np.concatenate([engine.run(r)[0] for r in routes]))
+    reached = torch.from_numpy(np.isin(keys.numpy(), reach))
+    dyn = (tl.state == DYNAMIC) | ((tl.state == PARTIAL) & reached)
+    dyn_keys = keys[dyn]
     domain = dyn_keys.numpy()
     corners = torch.zeros(1 << len(routes), len(dyn_keys), dtype=torch.int8)
     for c, bits in enumerate(itertools.product((0, 1), repeat=len(routes))):
@@ -175,6 +181,8 @@ def _group(plan: BlockPlan, group: HeadGroup, ctx: semantics.Context, route_tile
         values = {p: (ir.FULL if bit else ir.EMPTY) for p, bit in zip(routes, bits, strict=True)}
         k2, s2 = engine.run(simplify(_substitute(group.node, values)), domain)
         corners[c, torch.from_numpy(np.searchsorted(domain, k2))] = torch.from_numpy(s2)
+    # Statically partial tiles stay partial whatever the corners say about their elements.
+    corners[:, tl.state[dyn] == PARTIAL] = PARTIAL
     none = torch.zeros(len(dyn_keys), dtype=torch.bool)
     if len(routes) != 1:
         return DynamicGroup(group, routes, keys[~dyn], tl.state[~dyn], dyn_keys, corners, None, none, none)
@@ -347,7 +355,7 @@ def tile_lists(dp: DynamicPlan, selections: dict[ir.Prim, routing.Selection], sh
 
 
 def static_lists(dg: DynamicGroup, plan: BlockPlan) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """CSR ``(row_ptr, cols, state)`` of the statically decided tiles of a dynamic head group."""
+    """CSR ``(row_ptr, cols, state)`` of the tiles of a dynamic head group that no route reaches (or full)."""
     nkt = plan.n_kv_tiles
     row_ptr = torch.zeros(plan.n_q_tiles + 1, dtype=torch.int64)
     row_ptr[1:] = torch.cumsum(torch.bincount(dg.static_keys // nkt, minlength=plan.n_q_tiles), 0)
@@ -357,8 +365,8 @@ def static_lists(dg: DynamicGroup, plan: BlockPlan) -> tuple[torch.Tensor, torch
 def static_mask_fn(dg: DynamicGroup, plan: BlockPlan):
     """``f(q_tiles, kv_tiles) -> allowed [P, BM, BN]`` on the static tiles of a dynamic head group.
 
-    On a tile the plan decided statically no route can reach (the engine marks every tile
-    a route reaches 3 unless another operand decides it), so there the pattern equals the
+    These are full tiles and tiles no route reaches (partial tiles a route reaches are
+    decided per call, see ``_group``), so on the masked ones the pattern equals the
     pattern with every route replaced by ``empty``, which needs no selection.
     """
     node = _substitute(dg.group.node, dict.fromkeys(dg.routes, ir.EMPTY))

@@ -35,6 +35,8 @@ CASES = {
         30,
         30,
     ),
+    # Diagonal tiles are partial whatever the choice, but the choice still decides their elements.
+    "static_partial_reached": ("pattern p { causal & (window(2) | route(1, block = 4, among = causal)) }", 24, 24),
     "empty_rows": ("pattern p { route(1, block = 4, qblock = 2, among = causal - blocks(4)) }", 20, 20),
     "per_head": ("pattern p { heads 0..1: causal & window(3)\n causal & (sink(2) | route(2, block = 4)) }", 22, 22),
 }
