@@ -43,7 +43,7 @@ CHUNK_BYTES = 4 << 20
 #: (see benchmarks/cpu_attention.py --kernel).
 KERNEL = "fused"
 #: Bytes of per-tile dK/dV the fused backward may hold at once (few, large kernel calls).
-FUSED_CHUNK_BYTES = 64 << 20
+FUSED_CHUNK_BYTES = 8 << 20
 #: Affine segments shorter than this are pooled into gathered buckets (fewer, larger steps).
 MIN_AFFINE = 4
 
@@ -424,7 +424,8 @@ def _forward_math(qp, kp, vp, op, lp, seg0: Segment, block, scale: float) -> Non
 def _backward_fused(t: dict, seg0: Segment, block, scale: float) -> None:
     bn = block[1]
     b, h, _, d = t["q"].shape
-    # The kernel returns dK/dV per query tile ([n, width*BN, D] each); chunks bound that memory.
+    # The kernel returns dK/dV per query tile ([n, width*BN, D] each); chunks bound that memory
+    # (small enough that the allocator recycles the buffers instead of faulting in fresh pages).
     for seg in _chunks(seg0, 2 * b * h * bn * d * t["q"].element_size(), FUSED_CHUNK_BYTES):
         _backward_fused_chunk(t, seg, block, scale)
 
