@@ -151,9 +151,10 @@ def test_show_plan_marks_run_time_tiles(capsys):
     path = EXAMPLES / "moba.pdsl"
     code, out, _ = run(capsys, "show", path, "--param", "block=64", "--seq", 512, "--block", "64x64", "--stage", "plan")
     assert code == 0
-    # Own block on the diagonal (partial: causal inside it), earlier blocks chosen at run time, later ones empty.
-    assert _map_rows(out) == ["?" * m + "░" + " " * (7 - m) for m in range(8)]
-    assert "28 run-time" in out and "decided at run time" in out
+    # Own block on the diagonal (partial: causal inside it), earlier blocks chosen at run time, later ones
+    # empty; the first topk = 2 query blocks have at most 2 candidates, all always chosen (full).
+    assert _map_rows(out) == [("█" if m <= 2 else "?") * m + "░" + " " * (7 - m) for m in range(8)]
+    assert "25 run-time" in out and "decided at run time" in out
 
 
 def test_show_plan_subsamples_large_maps(capsys):
