@@ -17,7 +17,8 @@ at B=1, H=8, D=64, fp32 (defaults; see --help).
 
 Outputs are compared (max abs difference printed; the run fails above 1e-4). Times are
 medians of ``--reps`` calls after one warm-up; the machine is shared, so expect noise.
-Usage: ``python benchmarks/routing.py [--seq 16384] [--reps 3] [--create-block-mask]``.
+Usage: ``python benchmarks/routing.py [--seq 16384] [--reps 3] [--threads N] [--create-block-mask]``
+(``--threads 1`` gives steadier numbers on a machine shared with other jobs).
 """
 
 from __future__ import annotations
@@ -95,7 +96,10 @@ def main(argv=None) -> int:
     ap.add_argument("--topk", type=int, default=2)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--create-block-mask", action="store_true", help="build Flex's mask with create_block_mask")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads for both sides (default: torch's)")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     L, H, D = args.seq, args.heads, args.dim
     torch.manual_seed(0)
     q, k, v = (torch.randn(1, H, L, D) for _ in range(3))

@@ -458,7 +458,9 @@ def route_scores(prim: ir.Prim, q: torch.Tensor, k: torch.Tensor, ctx: Context, 
     reduce = "amax" if score == "max" else "mean"
     if len(heads) < n_heads:
         qf = qf[:, list(heads)]
-    pooled_q = _pool(qf, qgroup, n_q, reduce)  # [B, voters, n_q, D]
+    singletons = n_q == ctx.q_len and bool(torch.equal(qgroup, torch.arange(ctx.q_len, device=qgroup.device)))
+    # qblock = 1 (per token): every group is one query, pooling is the identity.
+    pooled_q = qf if singletons else _pool(qf, qgroup, n_q, reduce)  # [B, voters, n_q, D]
     if score == "landmark":
         last = torch.full((n_k,), -1, dtype=torch.int64, device=q.device).scatter_reduce(
             0, kblock, torch.arange(ctx.kv_len, device=q.device), "amax", include_self=True
@@ -467,8 +469,11 @@ def route_scores(prim: ir.Prim, q: torch.Tensor, k: torch.Tensor, ctx: Context, 
     else:
         pooled_k = _pool(kf, kblock, n_k, reduce)  # [B, Hkv, n_k, D]
     # sum_h (q_h . k) == (sum_h q_h) . k: the voting heads of a kv head are summed first.
-    owner = torch.tensor([h // share for h in heads], dtype=torch.int64, device=q.device)
-    summed = torch.zeros(batch, kv_heads, n_q, dim, dtype=dtype, device=q.device).index_add_(1, owner, pooled_q)
+    if share == 1 and len(heads) == n_heads:
+        summed = pooled_q
+    else:
+        owner = torch.tensor([h // share for h in heads], dtype=torch.int64, device=q.device)
+        summed = torch.zeros(batch, kv_heads, n_q, dim, dtype=dtype, device=q.device).index_add_(1, owner, pooled_q)
     return summed @ pooled_k.transpose(-1, -2)
 
 

@@ -29,11 +29,9 @@ def _plan_key(pattern: ir.PatternIR, backend: str) -> str:
     if pattern.default is not None:
         nodes.append(pattern.default)
     if backend != "cpu" and any(ir.is_dynamic(node) for node in nodes):
-        raise PatternError(
-            f"pattern {pattern.name!r} uses route(...), whose tiles are chosen at run time; "
-            "the Triton backend does not run route() yet (use backend='cpu')",
-            pattern.span,
-        )
+        from patterndsl.runtime import triton_route
+
+        return plans.register(pattern, triton_route.BLOCK, "identity")
     block = CPU_BLOCK if backend == "cpu" else getattr(triton_backend_module(), "BLOCK", TRITON_BLOCK)
     return plans.register(pattern, block, "auto")
 
@@ -70,8 +68,7 @@ def attention(q, k, v, pattern, scale=None, return_lse=False, backend="auto"):
     Raises:
         InputError: tensors of the wrong shape, dtype, device or head count.
         BackendError: a backend that cannot run on these tensors.
-        PatternError: lengths that do not fit the pattern's layout, heads not covered, or a
-            pattern with ``route(...)`` on the Triton backend.
+        PatternError: lengths that do not fit the pattern's layout or heads not covered.
     """
     pir = getattr(pattern, "ir", None)
     if not isinstance(pir, ir.PatternIR):

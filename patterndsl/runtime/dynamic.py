@@ -151,14 +151,22 @@ def _route_tiles(prim: ir.Prim, heads: tuple[int, ...], plan: BlockPlan, ctx: se
     return RouteTiles(prim, heads, q_tile, q_group, k_ptr, kpairs % n_k)
 
 
-def _substitute(node: ir.Node, values: dict[ir.Prim, ir.Node]) -> ir.Node:
-    """``node`` with each route replaced by ``values[route]`` (``among`` is not part of the meaning)."""
+def substitute(node: ir.Node, values: dict[ir.Prim, ir.Node]) -> ir.Node:
+    """``node`` with each route replaced by ``values[route]`` (``among`` is not part of the meaning).
+
+    Args:
+        node: a pattern node.
+        values: route -> replacement node.
+
+    Returns:
+        The rewritten node.
+    """
     if isinstance(node, ir.Prim):
         return values.get(node, node)
     if isinstance(node, ir.Not):
-        return ir.complement(_substitute(node.item, values))
+        return ir.complement(substitute(node.item, values))
     combine = ir.union if isinstance(node, ir.Union) else ir.inter
-    return combine(*(_substitute(item, values) for item in node.items))
+    return combine(*(substitute(item, values) for item in node.items))
 
 
 def _group(plan: BlockPlan, group: HeadGroup, ctx: semantics.Context, route_tiles: dict) -> DynamicGroup:
@@ -179,7 +187,7 @@ def _group(plan: BlockPlan, group: HeadGroup, ctx: semantics.Context, route_tile
     for c, bits in enumerate(itertools.product((0, 1), repeat=len(routes))):
         # Bit p of corner c is route p (the last route is the lowest bit).
         values = {p: (ir.FULL if bit else ir.EMPTY) for p, bit in zip(routes, bits, strict=True)}
-        k2, s2 = engine.run(simplify(_substitute(group.node, values)), domain)
+        k2, s2 = engine.run(simplify(substitute(group.node, values)), domain)
         corners[c, torch.from_numpy(np.searchsorted(domain, k2))] = torch.from_numpy(s2)
     # Statically partial tiles stay partial whatever the corners say about their elements.
     corners[:, tl.state[dyn] == PARTIAL] = PARTIAL
@@ -369,7 +377,7 @@ def static_mask_fn(dg: DynamicGroup, plan: BlockPlan):
     decided per call, see ``_group``), so on the masked ones the pattern equals the
     pattern with every route replaced by ``empty``, which needs no selection.
     """
-    node = _substitute(dg.group.node, dict.fromkeys(dg.routes, ir.EMPTY))
+    node = substitute(dg.group.node, dict.fromkeys(dg.routes, ir.EMPTY))
     return _evaluate_tiles(plan, node, dg.group.heads[0])
 
 
@@ -464,3 +472,45 @@ def block_keys(prim: ir.Prim, selection: routing.Selection) -> tuple[torch.Tenso
     ptr = torch.zeros(selection.n_blocks + 1, dtype=torch.int64)
     ptr[1:] = torch.cumsum(torch.bincount(kblock, minlength=selection.n_blocks), 0)
     return ptr, order
+
+
+def kernel_lists(dp: DynamicPlan, selections: dict[ir.Prim, routing.Selection], batch: int, kv_heads: int):
+    """Per head group, every tile each (batch element, key-value head) visits, for kernels that mask in place.
+
+    Static and run-time tiles together (no gathered work): the kernel applies the element
+    rule (the corners of the routes, see :mod:`patterndsl.codegen.route_kernels`) on
+    partial tiles.
+
+    Args:
+        dp: the dynamic plan.
+        selections: from :func:`select_all`.
+        batch, kv_heads: sizes of this call.
+
+    Returns:
+        One ``(row_ptr [batch * kv_heads, nqt + 1], cols, state)`` per head group of the plan;
+        ``row_ptr`` holds global offsets into ``cols``/``state`` (list ``b * kv_heads + kv_head``).
+    """
+    plan = dp.plan
+    nqt, nkt = plan.n_q_tiles, plan.n_kv_tiles
+    out = []
+    for group, dg in zip(plan.groups, dp.groups, strict=True):
+        if dg is None:
+            tl = group.tiles
+            per = [(tl.row_ptr, tl.cols, tl.state)] * (batch * kv_heads)
+        else:
+            states = [route_states(dp.routes[p], selections[p], dg.dyn_keys, nkt) for p in dg.routes]
+            run = merge(dg, states).reshape(batch * kv_heads, -1)
+            per = []
+            for lst in range(batch * kv_heads):
+                live = run[lst] > 0
+                keys = torch.cat([dg.static_keys, dg.dyn_keys[live]])
+                state = torch.cat([dg.static_state, run[lst][live]])
+                order = torch.argsort(keys)
+                keys, state = keys[order], state[order]
+                row_ptr = torch.zeros(nqt + 1, dtype=torch.int64)
+                row_ptr[1:] = torch.cumsum(torch.bincount(keys // nkt, minlength=nqt), 0)
+                per.append((row_ptr, keys % nkt, state))
+        shift = torch.cumsum(torch.tensor([0] + [int(p[0][-1]) for p in per[:-1]]), 0)
+        row_ptr = torch.stack([p[0] + s for p, s in zip(per, shift.tolist(), strict=True)])
+        out.append((row_ptr, torch.cat([p[1] for p in per]), torch.cat([p[2] for p in per])))
+    return out

@@ -15,17 +15,24 @@ from __future__ import annotations
 
 import torch
 
+from patterndsl import ir
 from patterndsl.runtime import plans
 
 
-def _backend_module(backend: str):
+def _backend_module(backend: str, plan=None):
     if backend == "cpu":
         from patterndsl.runtime import cpu
 
         return cpu
     from patterndsl.runtime import triton_backend_module
 
-    return triton_backend_module()
+    module = triton_backend_module()
+    if plan is not None and any(ir.is_dynamic(g.node) for g in plan.groups):
+        # Tiles chosen at run time (route): the routed kernels walk per-call lists.
+        from patterndsl.runtime import triton_route
+
+        return triton_route
+    return module
 
 
 @torch.library.custom_op("patterndsl::attention_fwd", mutates_args=())
@@ -44,7 +51,7 @@ def attention_fwd(
         ``(out [B, H, Lq, D] in q's dtype, lse [B, H, Lq] float32)``.
     """
     plan = plans.get(plan_key, q.shape[2], k.shape[2], q.shape[1])
-    out, lse = _backend_module(backend).forward(q, k, v, plan, scale)
+    out, lse = _backend_module(backend, plan).forward(q, k, v, plan, scale)
     return out, lse.to(torch.float32)
 
 
@@ -78,7 +85,7 @@ def attention_bwd(
         ``(dq, dk, dv)`` shaped and typed like ``q``, ``k``, ``v``.
     """
     plan = plans.get(plan_key, q.shape[2], k.shape[2], q.shape[1])
-    return _backend_module(backend).backward(q, k, v, out, lse, dout, plan, scale, dlse=dlse)
+    return _backend_module(backend, plan).backward(q, k, v, out, lse, dout, plan, scale, dlse=dlse)
 
 
 @attention_bwd.register_fake

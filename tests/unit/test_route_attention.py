@@ -12,7 +12,6 @@ import pytest
 import torch
 
 import patterndsl
-from patterndsl.errors import PatternError
 from tests.reference import reference_attention
 
 MOBA = "pattern p { causal & (blocks(8) | route(topk = 2, block = 8, qblock = 1, among = causal - blocks(8))) }"
@@ -124,13 +123,3 @@ def test_choice_follows_the_data():
     assert torch.allclose(p(q, k, v)[0, 0, :, 0], torch.full((8,), 5.5))
     k2 = k.flip(2)
     assert torch.allclose(p(q, k2, v)[0, 0, :, 0], torch.full((8,), 1.5))
-
-
-def test_triton_backend_refuses_route_with_a_pattern_error(monkeypatch):
-    from patterndsl import config
-
-    monkeypatch.setattr(config, "triton_interpret", lambda: True)
-    p = patterndsl.compile(MOBA)
-    q, k, v = _data(1, 1, 1, 16, 16, 8, torch.float32, seed=0)
-    with pytest.raises(PatternError, match="route"):
-        p(q, k, v, backend="triton")

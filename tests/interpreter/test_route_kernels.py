@@ -1,0 +1,120 @@
+"""Routed Triton kernels under ``TRITON_INTERPRET=1``: forward, LSE and gradients against the float64 reference.
+
+Triton must be imported with the variable set, so the cases run in one child
+process (this file run as a script); the pytest process parametrizes over its
+results. Small shapes and 16 x 16 tiles (the interpreter is slow; tails and
+several tiles per block still occur); fp32 and fp16 (bf16 ``tl.dot`` is broken
+under the interpreter). Outputs are poisoned before each call by allocating
+them with ``torch.empty`` after filling the allocator's memory with NaN.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+MOBA = "causal & (blocks(8) | route(topk = 2, block = 8, qblock = 1, among = causal - blocks(8)))"
+CASES = {
+    # name: (body, layout, Lq, Lk, B, H, Hkv, D, dtype)
+    "moba_gqa_tails": (MOBA, None, 40, 40, 2, 4, 2, 16, "float32"),
+    "moba_fp16": (MOBA, None, 33, 33, 1, 2, 1, 16, "float16"),
+    "landmark_decode_chunk": (
+        "causal & (window(5) | route(2, block = 6, score = landmark, qblock = 1, among = causal - window(5)))",
+        None, 20, 44, 1, 2, 2, 16, "float32",
+    ),
+    "long_queries_max": ("causal & route(2, block = 5, score = max, qblock = 4, among = causal)", None, 37, 29, 1, 2, 1,
+                         24, "float32"),
+    "biformer_grid": ("route(topk = 2, block = (4, 4), qblock = (4, 4))", "y = 8, x = 8", 64, 64, 1, 2, 1, 16,
+                      "float32"),
+    "empty_rows_two_routes": (
+        "route(1, block = 4, qblock = 2, among = causal - blocks(4))"
+        " | (route(1, block = 8, among = causal) & window(3))",
+        None, 24, 24, 1, 2, 2, 16, "float32",
+    ),
+    "per_head": ("causal & (sink(2) | route(2, block = 4))", None, 30, 30, 1, 3, 1, 16, "float32"),
+}  # fmt: skip
+
+
+def _source(name):
+    body, layout, *_ = CASES[name]
+    heads = "heads 1..2: causal & window(4)\n" if name == "per_head" else ""
+    lay = f"layout grid({layout})\n" if layout else ""
+    return f"pattern {name} {{ {lay}{heads}{body} }}"
+
+
+def run_case(name: str) -> None:
+    """One case in this (interpreter) process; raises on a mismatch."""
+    import torch
+
+    import patterndsl
+    from patterndsl.runtime import triton_route
+    from tests.reference import reference_attention
+
+    triton_route.BLOCK = (16, 16)
+    _, _, lq, lk, b, h, hkv, d, dtype = CASES[name]
+    dt = getattr(torch, dtype)
+    p = patterndsl.compile(_source(name))
+    gen = torch.Generator().manual_seed(len(name))
+    q, k, v = (torch.randn(b, n, length, d, generator=gen).to(dt) for n, length in ((h, lq), (hkv, lk), (hkv, lk)))
+    torch.full((b, h, lq, d), float("nan")).sum()  # freed NaN memory for the outputs to land on
+    q, k, v = (t.requires_grad_(True) for t in (q, k, v))
+    out, lse = p(q, k, v, return_lse=True, backend="triton")
+    mask = p.mask(lq, lk, h, q=q, k=k)
+    q64, k64, v64 = (t.detach().double().requires_grad_(True) for t in (q, k, v))
+    ref, ref_lse = reference_attention(q64, k64, v64, mask, d**-0.5)
+    tol = 1e-4 if dtype == "float32" else 2e-2
+    torch.testing.assert_close(out.double(), ref, atol=tol, rtol=tol)
+    torch.testing.assert_close(lse.double(), ref_lse, atol=tol, rtol=tol)
+    g = torch.randn(out.shape, generator=gen, dtype=torch.float64)
+    got = torch.autograd.grad(out, (q, k, v), g.to(dt))
+    want = torch.autograd.grad(ref, (q64, k64, v64), g)
+    for a, w in zip(got, want, strict=True):
+        torch.testing.assert_close(a.double(), w, atol=5 * tol, rtol=5 * tol)
+    # And the CPU path agrees with the kernels.
+    cpu_out = p(q.detach(), k.detach(), v.detach(), backend="cpu")
+    torch.testing.assert_close(cpu_out.double(), out.detach().double(), atol=tol, rtol=tol)
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    env = dict(os.environ, TRITON_INTERPRET="1", PATTERNDSL_CACHE_DIR=str(tmp_path_factory.mktemp("route-cache")))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.interpreter.test_route_kernels"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("@@")]
+    if not lines:
+        pytest.fail(f"route interpreter worker failed:\n{proc.stderr[-3000:]}", pytrace=False)
+    return json.loads(lines[-1][2:])
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_route_kernel_matches_reference(results, name):
+    if results.get(name):
+        pytest.fail(results[name], pytrace=False)
+
+
+def main() -> None:
+    import traceback
+
+    out = {}
+    for name in CASES:
+        try:
+            run_case(name)
+            out[name] = ""
+        except Exception:
+            out[name] = traceback.format_exc()
+    print("@@" + json.dumps(out), flush=True)
+
+
+if __name__ == "__main__":
+    assert os.environ.get("TRITON_INTERPRET") == "1"
+    main()
