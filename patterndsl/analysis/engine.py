@@ -38,6 +38,7 @@ from patterndsl.errors import PatternError
 EMPTY, PARTIAL, FULL, DYNAMIC = 0, 1, 2, 3
 _EVAL_CHUNK = 1 << 22  # elements per batched evaluation
 _PAIR_CHUNK = 1 << 22  # tile pairs per symbolic classification batch
+_DENSE_TILES = 1 << 24  # up to this many tiles (or group x tile pairs), count with bincount, not sorting
 
 
 def expand_runs(rows: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -73,9 +74,10 @@ class Engine:
         self._qb = None
         self._kb = None
         self._chains = None
-        #: ``{route: sorted chosen pair keys a * n_blocks + b}``: when set, those routes are
-        #: classified as static patterns with that fixed choice (bounds of route patterns).
-        self.fixed: dict[ir.Prim, np.ndarray] | None = None
+        #: ``{route: (pairs, keys, state)}``: when set, those routes are classified as static
+        #: patterns with a fixed choice (bounds of route patterns): sorted chosen pair keys
+        #: ``a * n_blocks + b`` and the tiles they meet with their states (:meth:`choice_tiles`).
+        self.fixed: dict[ir.Prim, tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None
         self._route_info: dict[ir.Prim, tuple] = {}
 
     # ----------------------------------------------------------------- entry
@@ -363,6 +365,11 @@ class Engine:
         gq, gk = self._route_info[prim][5:]
         return np.bincount(gq % self.nqb, minlength=self.nqb), np.bincount(gk % self.nkb, minlength=self.nkb)
 
+    def route_tiles_per_group(self, prim: ir.Prim) -> np.ndarray:
+        """How many query tiles each query group of ``prim`` meets."""
+        n_q = self.route_candidates(prim)[1]
+        return np.bincount(self._route_info[prim][5] // self.nqb, minlength=n_q)
+
     def selection(self, node: ir.Node) -> dict | None:
         """The fixed choice of every route in ``node`` as :func:`semantics.evaluate` takes it, or None."""
         routes = [p for p in ir.walk(node) if isinstance(p, ir.Prim) and p.name in ir.DYNAMIC_PRIMITIVES]
@@ -370,21 +377,31 @@ class Engine:
             return {}
         if self.fixed is None or any(p not in self.fixed for p in routes):
             return None
-        return {p: PairTable(self.fixed[p], self.route_candidates(p)[2]) for p in routes}
+        return {p: PairTable(self.fixed[p][0], self.route_candidates(p)[2]) for p in routes}
+
+    def choice_tiles(self, prim: ir.Prim, tkeys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """States of the tiles a fixed choice meets, from its incidence (``keys`` of :meth:`route_incidence`).
+
+        A fixed choice is a union of (group x block) rectangles that partition a tile: the
+        tile is full exactly when every pair meeting it is chosen.
+        """
+        if self.nqb * self.nkb <= _DENSE_TILES:
+            count = np.bincount(tkeys, minlength=self.nqb * self.nkb)
+            keys = np.flatnonzero(count)
+            count = count[keys]
+        else:
+            keys, count = np.unique(tkeys, return_counts=True)
+        groups, blocks = self.route_pairs_per_tile(prim)
+        state = np.where(count == groups[keys // self.nkb] * blocks[keys % self.nkb], FULL, PARTIAL)
+        return keys, state.astype(np.int8)
 
     def _route(self, prim: ir.Prim, domain):
         fixed = None if self.fixed is None else self.fixed.get(prim)
-        pairs = self.route_candidates(prim)[0] if fixed is None else fixed
-        _, tkeys = self.route_incidence(prim, pairs)
-        keys, count = np.unique(tkeys, return_counts=True)
         if fixed is None:
+            keys = np.unique(self.route_incidence(prim, self.route_candidates(prim)[0])[1])
             state = np.full(len(keys), DYNAMIC, np.int8)
         else:
-            # A fixed choice is a union of (group x block) rectangles that partition the tile:
-            # full exactly when every pair meeting the tile is chosen.
-            groups, blocks = self.route_pairs_per_tile(prim)
-            state = np.where(count == groups[keys // self.nkb] * blocks[keys % self.nkb], FULL, PARTIAL)
-            state = state.astype(np.int8)
+            _, keys, state = fixed
         if domain is not None:
             keep = np.isin(keys, domain, assume_unique=True)
             keys, state = keys[keep], state[keep]

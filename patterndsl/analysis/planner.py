@@ -179,7 +179,14 @@ def _assemble(pir, cand: _Candidate, groups, head_group, q_len, kv_len, heads, b
             unproven = engine.route_facts["unproven"] * len(hs)
             stats.extra["tiles_dynamic_unproven"] = stats.extra.get("tiles_dynamic_unproven", 0) + unproven
         allowed = eng.symbolic_total(rewritten, q_len, kv_len, pir.layout, engine.env)
-        if allowed is None:
+        if allowed is None and route_mask is not None:
+            # Tiles no route reaches count without the routes (cheaper than with the choice).
+            counts = eng.count_tiles(engine, rewritten, keys[counted & route_mask]).sum()
+            engine.fixed, fixed = None, engine.fixed
+            counts += eng.count_tiles(engine, rewritten, keys[counted & ~route_mask]).sum()
+            engine.fixed = fixed
+            allowed = int(area[state == eng.FULL].sum()) + int(counts)
+        elif allowed is None:
             counts = eng.count_tiles(engine, rewritten, keys[counted])
             allowed = int(area[state == eng.FULL].sum()) + int(counts.sum())
         nh = len(hs)

@@ -50,7 +50,6 @@ class RouteFacts:
         self.take = np.minimum(prim.arg("topk"), self.n_cand)
         self.open = self.n_cand > self.take
         self.forced = self.cand[~self.open[self.cand // self.n_k]]
-        self.open_pairs = self.cand[self.open[self.cand // self.n_k]]
 
 
 def polarities(node: ir.Node, sign: int = 1, out: dict | None = None) -> dict[ir.Prim, set[int]]:
@@ -104,8 +103,16 @@ def classify(engine: eng.Engine, node: ir.Node) -> tuple[np.ndarray, np.ndarray,
     pol = polarities(node)
     facts = {p: RouteFacts(engine, p) for p in pol}
     mixed = {p for p, signs in pol.items() if len(signs) > 1}
-    low_fix = {p: (f.forced if pol[p] == {1} else f.cand) for p, f in facts.items() if p not in mixed}
-    up_fix = {p: (f.cand if pol[p] == {1} else f.forced) for p, f in facts.items() if p not in mixed}
+    # One incidence per route: the candidate pairs' tiles; forced and open ones are subsets.
+    incidence, cand_fix, forced_fix = {}, {}, {}
+    for p, f in facts.items():
+        owner, tk = engine.route_incidence(p, f.cand)
+        is_open = f.open[f.cand[owner] // f.n_k]
+        incidence[p] = (owner, tk, is_open)
+        cand_fix[p] = (f.cand, *engine.choice_tiles(p, tk))
+        forced_fix[p] = (f.forced, *engine.choice_tiles(p, tk[~is_open]))
+    low_fix = {p: (forced_fix[p] if pol[p] == {1} else cand_fix[p]) for p in facts if p not in mixed}
+    up_fix = {p: (cand_fix[p] if pol[p] == {1} else forced_fix[p]) for p in facts if p not in mixed}
     rewrite = eng.rewrite_for_plan
     lower, upper = rewrite(_bound(node, mixed, True)), rewrite(_bound(node, mixed, False))
     engine.fixed = up_fix
@@ -121,11 +128,11 @@ def classify(engine: eng.Engine, node: ir.Node) -> tuple[np.ndarray, np.ndarray,
     opened = np.zeros(len(keys), bool)
     boxed = np.ones(len(maybe), bool)
     for p, f in facts.items():
-        _, tk = engine.route_incidence(p, f.cand)
-        reads |= np.isin(keys, tk)
-        owner, tk = engine.route_incidence(p, f.open_pairs)
-        opened |= np.isin(keys, tk)
-        boxed &= _box(f, owner, tk, keys[maybe])
+        owner, tk, is_open = incidence[p]
+        at = _positions(keys, tk)
+        reads[at[at >= 0]] = True
+        opened[at[(at >= 0) & is_open]] = True
+        boxed &= _box(engine, p, f, owner[is_open], tk[is_open], keys[maybe])
     if mixed:
         boxed[:] = False  # empty / full bounds are not choices: the box proves nothing
     state[maybe[boxed]] = eng.DYNAMIC
@@ -138,28 +145,45 @@ def classify(engine: eng.Engine, node: ir.Node) -> tuple[np.ndarray, np.ndarray,
         else:
             state[rest] = eng.DYNAMIC
             unproven = len(rest)
-    engine.fixed = {p: f.forced for p, f in facts.items()}
+    engine.fixed = forced_fix
     keep = state > 0
     route_mask = (reads & (state != eng.FULL))[keep]
     return keys[keep], state[keep], route_mask, {"open": opened[keep], "unproven": unproven}
 
 
-def _box(f: RouteFacts, owner: np.ndarray, tkeys: np.ndarray, maybe: np.ndarray) -> np.ndarray:
-    """Per tile of ``maybe``: can every open group meeting it take all or none of its candidates there."""
+def _positions(sorted_keys: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Index of each value in ``sorted_keys`` (unique), -1 where absent."""
+    if not len(sorted_keys):
+        return np.full(len(values), -1, np.int64)
+    pos = np.minimum(np.searchsorted(sorted_keys, values), len(sorted_keys) - 1)
+    return np.where(sorted_keys[pos] == values, pos, -1)
+
+
+def _box(engine: eng.Engine, prim, f: RouteFacts, owner, tkeys, maybe: np.ndarray) -> np.ndarray:
+    """Per tile of ``maybe``: can every open group meeting it take all or none of its candidates there.
+
+    ``owner`` / ``tkeys``: the incidence of the open candidate pairs (``owner`` indexes ``f.cand``).
+    The candidates of group ``a`` inside tile ``(m, n)`` do not depend on ``m``: they are
+    counted per (group, key tile), where each (pair, key tile) is listed once per query tile
+    the group meets.
+    """
     out = np.ones(len(maybe), bool)
-    if not len(maybe):
+    if not len(maybe) or not len(tkeys):
         return out
-    pos = np.searchsorted(maybe, tkeys)
-    hit = (pos < len(maybe)) & (maybe[np.minimum(pos, len(maybe) - 1)] == tkeys)
-    if not hit.any():
-        return out
-    tile = pos[hit]
-    group = f.open_pairs[owner[hit]] // f.n_k
-    # each (pair, tile) is listed once: counting per (tile, group) gives the candidates inside
-    tg, c_in = np.unique(tile * f.n_q + group, return_counts=True)
-    g = tg % f.n_q
-    bad = (c_in > f.take[g]) | (f.n_cand[g] - c_in < f.take[g])
-    out[np.unique(tg[bad] // f.n_q)] = False
+    nkb = engine.nkb
+    a = f.cand[owner] // f.n_k
+    an = a * nkb + tkeys % nkb
+    if engine.route_pairs_per_tile(prim)[1].max() <= 1:
+        c_in = np.ones(len(an), np.int64) * engine.route_tiles_per_group(prim)[a]  # one block per key tile
+    elif f.n_q * nkb <= eng._DENSE_TILES:
+        c_in = np.bincount(an, minlength=f.n_q * nkb)[an]
+    else:
+        _, inv, cnt = np.unique(an, return_inverse=True, return_counts=True)
+        c_in = cnt[inv]
+    c_in = c_in // engine.route_tiles_per_group(prim)[a]
+    bad = (c_in > f.take[a]) | (f.n_cand[a] - c_in < f.take[a])
+    at = _positions(maybe, tkeys[bad])
+    out[at[at >= 0]] = False
     return out
 
 
@@ -174,8 +198,8 @@ def _exact(engine: eng.Engine, node, prim, f: RouteFacts, sign: int, keys, low_f
     q, k = engine.q, engine.k
     m, n = keys // engine.nkb, keys % engine.nkb
     engine.evaluated += 2 * len(keys)
-    sel_lo = {prim: eng.PairTable(low_fix[prim], f.n_k)}
-    sel_up = {prim: eng.PairTable(up_fix[prim], f.n_k)}
+    sel_lo = {prim: eng.PairTable(low_fix[prim][0], f.n_k)}
+    sel_up = {prim: eng.PairTable(up_fix[prim][0], f.n_k)}
     out = np.zeros(len(keys), np.int8)
     step = max(1, _EVAL_CHUNK // max(q.block * k.block, 1))
     qgroup, kblock = torch.from_numpy(f.qgroup), torch.from_numpy(f.kblock)
