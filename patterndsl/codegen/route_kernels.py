@@ -282,3 +282,52 @@ def route_bwd(Q, K, V, DO, LSE, DELTA, DQ, DK, DV, ROWPTR, COLS, STATE, HEADS, A
         tl.atomic_add(DK + koff, dk, mask=kvmask)
     tl.store(DQ + qoff, dq * scale, mask=qmask)
 '''
+
+
+#: Pointer arguments by element type (the rest of the kernels' arguments are int32 scalars).
+_INPUTS = {"Q", "K", "V", "O", "DO", "DQ"}
+_FLOAT_PTRS = {"LSE", "DELTA", "DK", "DV"}
+_BYTE_PTRS = {"STATE", "AUX"}
+_FLOAT_SCALARS = {"qk_scale", "scale"}
+
+
+def compile_aot(spec: RouteKernelSpec, target: str = "sm_90", num_stages: int = 2):
+    """Build the routed kernels of ``spec`` ahead of time for a CUDA target (no GPU needed).
+
+    Args:
+        spec: the kernel spec.
+        target: ``"sm_80"`` or ``"sm_90"``.
+        num_stages: software pipelining stages.
+
+    Returns:
+        One :class:`patterndsl.codegen.inspect.AotKernel` per kernel (``route_fwd``, ``route_bwd``)
+        with its SASS resources (registers, spills, MMA counts).
+    """
+    from patterndsl.codegen import inspect as aot
+    from patterndsl.runtime import cache
+
+    ptr = {"float16": "*fp16", "bfloat16": "*bf16", "float32": "*fp32"}[spec.dtype]
+    module = cache.load(spec, render, interpret=False)
+    out = []
+    for name in ("route_fwd", "route_bwd"):
+        fn = getattr(module, name)
+        sig = {}
+        for arg in fn.arg_names:
+            if arg in _INPUTS:
+                sig[arg] = ptr
+            elif arg in _FLOAT_PTRS:
+                sig[arg] = "*fp32"
+            elif arg in _BYTE_PTRS or arg.startswith("CH"):
+                sig[arg] = "*i8"
+            elif arg in _FLOAT_SCALARS:
+                sig[arg] = "fp32"
+            elif arg in ("ROWPTR", "COLS", "HEADS") or arg.startswith(("QG", "KB")):
+                sig[arg] = "*i32"
+            else:
+                sig[arg] = "i32"
+        attrs = {(i,): [["tt.divisibility", 16]] for i, arg in enumerate(fn.arg_names) if sig[arg].startswith("*")}
+        compiled = aot.compile_aot(fn, sig, target, spec.num_warps, num_stages, attrs)
+        kernel = aot.AotKernel(name, target, dict(compiled.asm), compiled.metadata.shared, spec.num_warps, num_stages)
+        kernel.resources = aot.sass_resources(kernel.asm["cubin"], kernel.asm["ptx"], target)
+        out.append(kernel)
+    return out

@@ -18,8 +18,10 @@ import torch
 from patterndsl.codegen import route_kernels
 from patterndsl.runtime import cache, dynamic
 
-#: Plan tiles (BM, BN) of routed Triton kernels.
-BLOCK = (64, 64)
+#: Plan tiles (BM, BN) of routed Triton kernels and their warps: with 8 warps, 64 x 32 tiles
+#: build without register spills for sm_80 and sm_90 at head dim 64 (tests/unit/test_routing.py).
+BLOCK = (64, 32)
+NUM_WARPS = 8
 LOG2E = 1.4426950408889634
 
 
@@ -42,6 +44,7 @@ def _setup(q, k, plan):
             q.shape[3],
             dtype,
             plan.block,
+            NUM_WARPS,
         )
         module = cache.load(spec, route_kernels.render)
         dev = q.device
@@ -53,7 +56,7 @@ def _setup(q, k, plan):
             route_args += [table, qg, kb, sel.n_groups, sel.n_blocks]
         heads = torch.tensor(group.heads, dtype=torch.int32, device=dev)
         tiles = (row_ptr.to(dev, torch.int32), cols.to(dev, torch.int32), state.to(dev, torch.int8))
-        yield module, tiles, heads, route_args
+        yield module, tiles, heads, route_args, spec.num_warps
 
 
 def _walk(node):
@@ -79,13 +82,13 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan, scale: floa
     out = torch.empty_like(q)
     lse = torch.empty(b, h, lq, dtype=torch.float32, device=q.device)
     aux = torch.zeros(1, dtype=torch.int8, device=q.device)
-    for module, tiles, heads, route_args in _setup(q, k, plan):
+    for module, tiles, heads, route_args, warps in _setup(q, k, plan):
         grid = (plan.n_q_tiles, b * len(heads))
         module.route_fwd[grid](
             q, k, v, out, lse, *tiles, heads, aux, *route_args,
             scale * LOG2E, len(heads), plan.n_q_tiles,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            out.stride(0), out.stride(1), out.stride(2),
+            out.stride(0), out.stride(1), out.stride(2), num_warps=warps,
         )  # fmt: skip
     return out, lse
 
@@ -112,11 +115,11 @@ def backward(q, k, v, out, lse, dout, plan, scale: float, dlse=None):
     dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
     dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
     aux = torch.zeros(1, dtype=torch.int8, device=q.device)
-    for module, tiles, heads, route_args in _setup(q, k, plan):
+    for module, tiles, heads, route_args, warps in _setup(q, k, plan):
         grid = (plan.n_q_tiles, b * len(heads))
         module.route_bwd[grid](
             q, k, v, dout, lse, delta, dq, dk, dv, *tiles, heads, aux, *route_args,
             scale * LOG2E, scale, len(heads), plan.n_q_tiles,
-            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), num_warps=warps,
         )  # fmt: skip
     return dq, dk.to(k.dtype), dv.to(v.dtype)

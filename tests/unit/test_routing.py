@@ -159,3 +159,30 @@ def test_merged_tile_states_bound_the_reference(body, Lq, Lk, block):
     # The static tiles are exact whatever the data.
     rows = torch.repeat_interleave(torch.arange(plan.n_q_tiles), torch.diff(dynamic.static_lists(dg, plan)[0]))
     assert torch.equal(ref[:, :, rows, dg.static_keys % nkt], dg.static_state.expand(2, 2, -1).to(ref.dtype))
+
+
+@pytest.mark.aot
+@pytest.mark.parametrize("target", ["sm_80", "sm_90"])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_routed_kernels_build_for_gpus_without_spills(target, dtype, tmp_path, monkeypatch):
+    import triton
+
+    if not isinstance(triton.language.zeros, triton.runtime.JITFunction):
+        pytest.skip("Triton was imported with TRITON_INTERPRET=1 in this process; AOT builds need compiled mode")
+    from patterndsl.codegen import route_kernels
+
+    monkeypatch.setenv("PATTERNDSL_CACHE_DIR", str(tmp_path))
+    from patterndsl.runtime import triton_route
+
+    src = "causal & (blocks(512) | route(topk = 2, block = 512, qblock = 1, among = causal - blocks(512)))"
+    node = patterndsl.compile(f"pattern moba {{ {src} }}").ir.default
+    routes = tuple(p for p in ir.walk(node) if isinstance(p, ir.Prim) and p.name == "route")
+    spec = route_kernels.RouteKernelSpec(
+        "moba", node, routes, None, 4096, 4096, 8, 2, 64, dtype, triton_route.BLOCK, triton_route.NUM_WARPS
+    )
+    kernels = route_kernels.compile_aot(spec, target)
+    assert [k.name for k in kernels] == ["route_fwd", "route_bwd"]
+    for k in kernels:
+        assert k.resources["spills"] == 0, (k.name, k.resources)
+        assert k.resources["mma"] > 0, (k.name, k.resources)
+        assert (k.resources["wgmma"] > 0) == (target == "sm_90"), (k.name, k.resources)
