@@ -130,6 +130,10 @@ class Pattern:
         from patterndsl import codegen
 
         with self._located():
+            if self.is_dynamic:
+                from patterndsl.codegen import route_kernels
+
+                return route_kernels.kernel_source(self, q_len, kv_len, heads, **options)
             return codegen.kernel_source(self, q_len, kv_len, heads, **options)
 
 

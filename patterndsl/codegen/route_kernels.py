@@ -331,3 +331,35 @@ def compile_aot(spec: RouteKernelSpec, target: str = "sm_90", num_stages: int = 
         kernel.resources = aot.sass_resources(kernel.asm["cubin"], kernel.asm["ptx"], target)
         out.append(kernel)
     return out
+
+
+def kernel_source(pattern, q_len: int, kv_len: int | None = None, heads: int = 1, **options) -> str:
+    """The routed kernels' source of a pattern with ``route`` (``Pattern.kernel_source``).
+
+    Args:
+        pattern: a :class:`patterndsl.Pattern` whose pattern uses ``route``.
+        q_len, kv_len, heads: sizes.
+        **options: ``head_dim`` (64), ``dtype`` (``torch.float16``), ``kv_heads`` (``heads``),
+            ``block`` (the routed default); ``kind`` is accepted and ignored (one source holds
+            forward and backward).
+
+    Returns:
+        The source of every head group's kernels, in head-group order.
+    """
+    import torch
+
+    from patterndsl.runtime import plans, triton_route
+
+    kv_len = q_len if kv_len is None else kv_len
+    block = tuple(options.get("block", triton_route.BLOCK))
+    dtype = str(options.get("dtype", torch.float16)).replace("torch.", "")
+    plan = plans.build(pattern.ir, q_len, kv_len, heads, block, "identity")
+    out = []
+    for group in plan.groups:
+        routes = tuple(dict.fromkeys(p for p in ir.walk(group.node) if isinstance(p, ir.Prim) and p.name == "route"))
+        spec = RouteKernelSpec(
+            pattern.ir.name, group.node, routes, pattern.ir.layout, q_len, kv_len, heads,
+            options.get("kv_heads", heads), options.get("head_dim", 64), dtype, block, triton_route.NUM_WARPS,
+        )  # fmt: skip
+        out.append(render(spec))
+    return "\n".join(out)
