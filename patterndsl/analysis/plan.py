@@ -153,8 +153,9 @@ class HeadGroup:
         route_mask: for patterns with ``route``, bool ``[nnz]`` in the order of ``tiles.cols``:
             some route may allow an element of this tile (state 1 or 3), so its element mask
             must be computed with the run-time selection, even where the tile's *state* is the
-            same for every choice. Where False, every route is false on the whole tile (the mask
-            is the pattern with each route replaced by ``empty``). None for static patterns.
+            same for every choice. False on full tiles (no mask work) and on partial tiles where
+            every route is false on the whole tile (the mask is the pattern with each route
+            replaced by ``empty``). None for static patterns.
     """
 
     heads: tuple[int, ...]
