@@ -392,9 +392,75 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
     return x.flatten(0, 1)
 
 
+@dataclass(frozen=True)
+class _Split:
+    """An affine segment run as ``parts`` times more query tiles of ``BM/parts`` rows each.
+
+    A query tile's rows do not all reach its whole key window (a sliding window's first rows
+    stop early, its last rows start late); sub-tile ``i`` (rows ``i*rows ..``) visits only
+    keys ``key0 + i*step .. + width``, which is again affine, with one shared mask.
+    """
+
+    parts: int
+    rows: int
+    key0: int
+    step: int
+    width: int
+    blocked: torch.Tensor
+    bias: torch.Tensor
+
+
+#: Forward only: affine segments run as sub-tiles of this many query rows over narrower key
+#: windows (0 disables). Measured on the 256-key sliding window at 16K: the forward ~10% faster;
+#: the fused backward was slower with 32-row units (and with 128-row ones), so it keeps the tiles.
+SPLIT_ROWS = 32
+
+
+def _rows_view(x: torch.Tensor, start: int, count: int, rows: int, stride: int) -> torch.Tensor:
+    """``[B, h, count, rows, D]`` view of ``x [B, h, L, D]``: item ``i`` is rows ``start + i*stride ..+rows``."""
+    b, h, _, d = x.shape
+    s = x.stride()
+    size, strides = (b, h, count, rows, d), (s[0], s[1], stride * s[2], s[2], s[3])
+    return x.as_strided(size, strides, x.storage_offset() + start * s[2])
+
+
+def _split(seg: Segment, block, dtype: torch.dtype) -> _Split | None:
+    """The sub-tile form of an affine segment with one shared mask, when it visits fewer keys."""
+    key = ("split", dtype)
+    if key in seg._cache:
+        return seg._cache[key]
+    bm, bn = block
+    out = None
+    shared = seg.blocked is not None and seg.blocked.shape[0] == 1
+    if SPLIT_ROWS and seg.affine is not None and shared and bm % SPLIT_ROWS == 0 and bm > SPLIT_ROWS:
+        parts, rows = bm // SPLIT_ROWS, SPLIT_ROWS
+        step = seg.affine[1] * bn
+        allowed = ~seg.blocked[0].view(parts, rows, -1)
+        reach = allowed.any(1)  # [parts, width*BN]
+        if step % parts == 0 and bool(reach.any(1).all()):
+            sub = step // parts
+            cols = torch.arange(reach.shape[1])
+            lo = min(int(cols[r].min()) - i * sub for i, r in enumerate(reach))
+            hi = max(int(cols[r].max()) + 1 - i * sub for i, r in enumerate(reach))
+            lo, hi = lo - lo % 8, hi + (-hi) % 8
+            width = hi - lo
+            fits = lo >= 0 and hi + (parts - 1) * sub <= reach.shape[1] and width <= 0.95 * reach.shape[1]
+            if fits:
+                masks = [seg.blocked[0, i * rows : (i + 1) * rows, lo + i * sub : hi + i * sub] for i in range(parts)]
+                if all(torch.equal(masks[0], m) for m in masks[1:]):
+                    bias = torch.zeros(masks[0].shape, dtype=dtype).masked_fill_(masks[0], float("-inf"))
+                    out = _Split(parts, rows, seg.affine[0] * bn + lo, sub, width, masks[0], bias[None, None])
+    seg._cache[key] = out
+    return out
+
+
 def _forward_fused(qp, kp, vp, op, lp, seg: Segment, block, scale: float) -> None:
     bm, bn = block
     b, h = qp.shape[:2]
+    sp = _split(seg, block, qp.dtype)
+    if sp is not None:
+        _forward_fused_split(qp, kp, vp, op, lp, seg, sp, bm, scale)
+        return
     qc, kc, vc = _flat(_q_view(qp, seg, bm)), _flat(_kv_view(kp, seg, bn)), _flat(_kv_view(vp, seg, bn))
     o, lse = _FLASH(qc, kc, vc, 0.0, False, attn_mask=seg.bias(qp.dtype), scale=scale)
     lse = lse.unflatten(0, (b, h))
@@ -419,6 +485,22 @@ def _forward_math(qp, kp, vp, op, lp, seg0: Segment, block, scale: float) -> Non
         o = torch.matmul(s, _kv_view(vp, seg, bn)).div_(den.clamp(min=1.0))
         _put_rows(op, seg, bm, o)
         _put_rows(lp, seg, bm, (m + den.log()).squeeze(-1))
+
+
+def _forward_fused_split(qp, kp, vp, op, lp, seg: Segment, sp: _Split, bm: int, scale: float) -> None:
+    b, h, _, d = qp.shape
+    r0, r1 = int(seg.q_tiles[0]) * bm, (int(seg.q_tiles[0]) + len(seg)) * bm
+    n = len(seg) * sp.parts
+    qc = _flat(qp[:, :, r0:r1].view(b, h, n, sp.rows, d))
+    kc, vc = (_flat(_rows_view(x, sp.key0, n, sp.width, sp.step)) for x in (kp, vp))
+    o, lse = _FLASH(qc, kc, vc, 0.0, False, attn_mask=sp.bias, scale=scale)
+    # The kernel's lse is laid out [batch, rows, heads]: reshape, not view.
+    lse = lse.reshape(b, h, n, sp.rows)
+    empty = sp.blocked.all(-1)
+    if bool(empty.any()):
+        lse = lse.masked_fill(empty, float("-inf"))
+    op[:, :, r0:r1] = o.reshape(b, h, -1, d)
+    lp[:, :, r0:r1] = lse.reshape(b, h, -1)
 
 
 def _backward_fused(t: dict, seg0: Segment, block, scale: float) -> None:
