@@ -3,7 +3,7 @@
 # from the pattern below whenever anything in the cache key changes.
 #
 # pattern:    natten()
-# cache key:  1d125ccd74fb5e8ed6ae746aa4da2361
+# cache key:  c6895d3e8acd5c2cb91f4c6df4f152a2
 # shapes:     LQ=1024 queries, LK=1024 keys, NH=4 query heads, NHK=4 key/value heads
 #             (GQA=1 query heads share one key/value head), head dim D=96 padded to DP=128
 # dtype:      float16 (accumulation in float32; DOT_PRECISION=tf32)

@@ -3,7 +3,7 @@
 # from the pattern below whenever anything in the cache key changes.
 #
 # pattern:    mix()
-# cache key:  1c372b12b1241ce02007e10939c09e36
+# cache key:  341e91c28203857e634ba097ff4d6e7f
 # shapes:     LQ=512 queries, LK=640 keys, NH=4 query heads, NHK=4 key/value heads
 #             (GQA=1 query heads share one key/value head), head dim D=32 padded to DP=32
 # dtype:      float32 (accumulation in float32; DOT_PRECISION=tf32)
