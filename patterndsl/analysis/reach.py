@@ -20,12 +20,15 @@ networkx on the class graph. A walk of length ``n`` from key ``j`` to query
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import networkx as nx
 import numpy as np
 
 from patterndsl import ir
 from patterndsl.errors import PatternValueError
+
+if TYPE_CHECKING:
+    import networkx as nx
 
 MAX_PAIRS = 4_000_000
 MAX_WORK = 300_000_000  # class-graph BFS edge visits (networkx: roughly 1e6-1e7 per second)
@@ -87,6 +90,8 @@ def _twin_classes(row_ptr: np.ndarray, cols: np.ndarray, length: int):
 
 def _max_distance(graph: nx.DiGraph, n: int, required) -> int | None:
     """Largest shortest-walk length (>= 1 for a node to itself) over required ``(src, dst)``; None if one is missing."""
+    import networkx as nx
+
     worst = 1
     for src in range(n):
         dist = nx.single_source_shortest_path_length(graph, src)
@@ -102,6 +107,8 @@ def _max_distance(graph: nx.DiGraph, n: int, required) -> int | None:
 
 
 def _tile_bound(pir, seq_len: int, head: int, block, causal: bool) -> int | None:
+    import networkx as nx
+
     from patterndsl.analysis.planner import plan
 
     if len(block) != 2 or block[0] != block[1]:
@@ -144,6 +151,9 @@ def reachability(pir: ir.PatternIR, seq_len: int, layers: int = 1, head: int = 0
     Raises:
         PatternError: dynamic patterns, bad sizes, or a size too large for the exact analysis.
     """
+    # networkx is imported here, not at module level: planning (and so every first call) never needs it.
+    import networkx as nx
+
     from patterndsl.analysis.planner import plan
 
     if not isinstance(layers, int) or isinstance(layers, bool) or layers < 1:
