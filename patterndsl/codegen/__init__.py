@@ -10,9 +10,26 @@ from __future__ import annotations
 
 import torch
 
-from patterndsl.codegen.generator import KernelSpec, kernel_names, launch_config, make_spec, render
+from patterndsl.codegen.generator import (
+    DTYPES,
+    KernelSpec,
+    kernel_names,
+    launch_config,
+    launch_tiles,
+    make_spec,
+    render,
+)
 
-__all__ = ["KernelSpec", "kernel_names", "kernel_source", "launch_config", "make_spec", "render", "spec_for"]
+__all__ = [
+    "KernelSpec",
+    "kernel_names",
+    "kernel_source",
+    "launch_config",
+    "launch_tiles",
+    "make_spec",
+    "render",
+    "spec_for",
+]
 
 
 def spec_for(
@@ -23,7 +40,7 @@ def spec_for(
     *,
     head_dim: int = 64,
     dtype: torch.dtype = torch.float16,
-    block: tuple[int, int] = (64, 64),
+    block: tuple[int, int] | None = None,
     kind: str = "forward",
     kv_heads: int | None = None,
     order: str = "auto",
@@ -37,11 +54,14 @@ def spec_for(
         pattern: a :class:`patterndsl.Pattern`.
         q_len, kv_len, heads: sizes (``kv_len`` defaults to ``q_len``).
         head_dim, dtype, block, kind, kv_heads, order, target, num_warps, num_stages:
-            see :func:`patterndsl.codegen.generator.make_spec`; ``order`` goes to the planner.
+            see :func:`patterndsl.codegen.generator.make_spec`; ``order`` goes to the planner;
+            ``block`` defaults to the target's :func:`launch_tiles` ((64, 64) for the interpreter).
 
     Returns:
         The spec.
     """
+    if block is None:
+        block = launch_tiles(head_dim, target, kind, DTYPES.get(dtype, "float16")) or (64, 64)
     plan = pattern.plan(q_len, kv_len, heads, block=tuple(block), order=order)
     return make_spec(
         plan,
@@ -61,7 +81,7 @@ def kernel_source(pattern, q_len: int, kv_len: int | None = None, heads: int = 1
     Args:
         pattern: a :class:`patterndsl.Pattern`.
         q_len, kv_len, heads: sizes the plan is specialised to.
-        **options: ``head_dim`` (64), ``dtype`` (``torch.float16``), ``block`` ((64, 64)),
+        **options: ``head_dim`` (64), ``dtype`` (``torch.float16``), ``block`` (the target's :func:`launch_tiles`),
             ``kind`` (``"forward"`` or ``"backward"``), ``kv_heads`` (``heads``), ``order``
             (``"auto"``), ``target`` (``"sm_90"``), ``num_warps``, ``num_stages``.
 

@@ -130,6 +130,33 @@ def _template(name: str) -> string.Template:
     return string.Template((TEMPLATES / name).read_text())
 
 
+def _launch(head_dim: int, kind: str, dtype: str) -> tuple[int, int, int, int]:
+    # (BM, BN, num_warps, num_stages) for a GPU target, chosen from ahead-of-time builds (ptxas -v and
+    # Triton's shared-memory size, tests/unit/test_aot.py) so every dtype x head dim x pass builds for
+    # sm_80 and sm_90 with zero spills and within sm_80's 163 KB of shared memory. "weight" is the
+    # bytes of one padded row / 2: it is what registers and shared memory per tile scale with.
+    padded = max(16, 1 << (head_dim - 1).bit_length())
+    fp32 = dtype == "float32"
+    weight = padded * (2 if fp32 else 1)
+    if kind == "forward":
+        if weight <= 128:
+            # float32 tiles with three stages push ptxas into spilling even at small head dims.
+            return 64, 64, 4 if weight < 128 else 8, 3 if not fp32 else 2
+        if weight == 256:
+            return 64, 64, 8, 1 if fp32 else 2
+        return 64, 32, 8, 1
+    # The backward keeps q, dO and dQ (or k, v, dK and dV) live: narrower key tiles and one stage
+    # as rows get wider. float32 at head dim 256 cannot keep 64-row tiles (wgmma's minimum) in
+    # registers and shared memory at once; it runs 32 x 16 tiles on mma.sync (HMMA) instead.
+    if weight <= 64 or (weight == 128 and not fp32):
+        return 64, 64, 4 if weight < 64 else 8, 2
+    if weight == 128:
+        return 64, 32, 4, 1
+    if weight == 256:
+        return 64, 16, 4, 1
+    return 32, 16, 4, 1
+
+
 def launch_config(head_dim: int, target: str, kind: str, dtype: str = "float16") -> tuple[int, int]:
     """Default ``(num_warps, num_stages)`` for a head dim, target, pass and dtype.
 
@@ -140,21 +167,25 @@ def launch_config(head_dim: int, target: str, kind: str, dtype: str = "float16")
         dtype: the input dtype name (float32 tiles take twice the shared memory per stage).
 
     Returns:
-        ``(num_warps, num_stages)``.
+        ``(num_warps, num_stages)``; they go with the tiles of :func:`launch_tiles`.
     """
-    padded = max(16, 1 << (head_dim - 1).bit_length())
     if target == "interpret":
         return 4, 1
-    # Per-stage shared memory grows with the head dim and element size; keep it inside sm_80's 164 KB.
-    weight = padded * (2 if dtype == "float32" else 1)
-    # The backward keeps more tiles live (q, dO, dQ or k, v, dK, dV): more warps share the registers.
-    warps = 4 if weight < (64 if kind == "backward" else 128) else 8
-    if kind == "forward":
-        # float32 tiles with three stages push ptxas into spilling even at small head dims.
-        stages = 3 if weight <= 128 and dtype != "float32" else 2
-    else:
-        stages = 2 if weight <= 128 else 1
-    return warps, stages
+    return _launch(head_dim, kind, dtype)[2:]
+
+
+def launch_tiles(head_dim: int, target: str, kind: str, dtype: str = "float16") -> tuple[int, int] | None:
+    """The plan tiles ``(BM, BN)`` the kernels of a GPU target are built with.
+
+    Args:
+        head_dim, target, kind, dtype: as :func:`launch_config`.
+
+    Returns:
+        ``(BM, BN)``, or None for the interpreter (any plan's tiles run there).
+    """
+    if target == "interpret":
+        return None
+    return _launch(head_dim, kind, dtype)[:2]
 
 
 def _check_static(plan) -> None:
@@ -235,7 +266,7 @@ def aux_tables(spec: KernelSpec) -> tuple[list[str], torch.Tensor]:
     """Render every group's predicate; returns the function texts and the AUX tensor they read."""
     aux = AuxTables()
     texts = [
-        render_predicate(f"_allowed_g{g}", group.node, spec.layout, spec.q_len, spec.kv_len, aux)
+        render_predicate(f"_allowed_g{g}", group.node, spec.layout, spec.q_len, spec.kv_len, aux, spec.heads)
         for g, group in enumerate(spec.groups)
     ]
     return texts, aux.tensor()
@@ -309,6 +340,16 @@ def _dot_precision(spec: KernelSpec) -> str:
     return "ieee" if spec.target == "interpret" else "tf32"
 
 
+def _precision_note(spec: KernelSpec) -> str:
+    if spec.dtype != "float32" or _dot_precision(spec) != "tf32":
+        return ""
+    return (
+        "# precision:  float32 inputs: the matrix products (QK^T, PV and the backward's) run as TF32 on\n"
+        "#             tensor cores (10-bit mantissa, relative error ~1e-3); softmax and accumulation\n"
+        "#             stay float32. The CPU backend and the interpreter compute in exact float32.\n"
+    )
+
+
 def render(spec: KernelSpec) -> str:
     """The Triton source text of a spec (deterministic: no ids, no timestamps).
 
@@ -349,6 +390,7 @@ def render(spec: KernelSpec) -> str:
         Q_REORDERED=spec.q_reordered,
         K_REORDERED=spec.k_reordered,
         DOT_PRECISION=_dot_precision(spec),
+        precision_note=_precision_note(spec),
         dtype=spec.dtype,
         num_warps=spec.num_warps,
         num_stages=spec.num_stages,

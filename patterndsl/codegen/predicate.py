@@ -11,6 +11,12 @@ Rendering is two tables from node kind to code fragment (:data:`_PRIMS` for
 primitives, :data:`_EXPRS` for ``where`` expressions). Triton's ``//`` and
 ``%`` truncate towards zero, so floor semantics go through the generated
 helpers ``_fdiv``/``_fmod`` unless both operands are known non-negative.
+A ``where`` whose sub-expressions can leave the int32 range (interval bounds
+from :func:`patterndsl.check.expr_bounds` at the baked-in sizes) computes in
+int64 from its leaves; every other predicate stays in faster int32. A divisor
+that is not a constant is replaced by 1 where it is 0: ``and``/``or`` are
+evaluated element-wise in the kernel, so a division a guard would have
+skipped (``q > 0 and k % q == 0``) still runs, and must not trap.
 """
 
 from __future__ import annotations
@@ -57,11 +63,14 @@ class PredicateRenderer:
         aux: where ``random`` tables go.
     """
 
-    def __init__(self, layout: ir.Layout | None, q_len: int, kv_len: int, aux: AuxTables):
+    def __init__(self, layout: ir.Layout | None, q_len: int, kv_len: int, aux: AuxTables, heads: int = 1):
         self.layout = layout
         self.q_len = q_len
         self.kv_len = kv_len
+        self.heads = heads
         self.aux = aux
+        # Set while rendering a where(...) that needs int64 arithmetic (see _where).
+        self.wide = False
         self.lines: list[str] = []
         self._bound: dict[str, str] = {}
         self._count = 0
@@ -216,8 +225,36 @@ def _neighborhood(r: PredicateRenderer, p: ir.Prim) -> str:
     return _join("&", parts, FALSE, TRUE)
 
 
+_INT32 = (-(2**31), 2**31 - 1)
+
+
+def needs_int64(pred: ir.Expr, layout, q_len: int, kv_len: int, heads: int) -> bool:
+    """Whether some sub-expression of a ``where`` predicate can leave the int32 range at these sizes.
+
+    Args:
+        pred: the ``where`` expression.
+        layout, q_len, kv_len, heads: the baked-in sizes the bounds are taken at.
+
+    Returns:
+        True when int64 arithmetic is needed for exact results.
+    """
+    from patterndsl import check
+
+    ranges = check.variable_ranges(q_len, kv_len, heads, layout)
+    for sub in ir.walk_expr(pred):
+        lo, hi = check.expr_bounds(sub, ranges)
+        if lo < _INT32[0] or hi > _INT32[1]:
+            return True
+    return False
+
+
 def _where(r: PredicateRenderer, p: ir.Prim) -> str:
-    code, _ = r.expr(p.arg("pred"))
+    pred = p.arg("pred")
+    r.wide = needs_int64(pred, r.layout, r.q_len, r.kv_len, r.heads)
+    try:
+        code, _ = r.expr(pred)
+    finally:
+        r.wide = False
     return code
 
 
@@ -257,9 +294,13 @@ def _var(r: PredicateRenderer, e: ir.Var) -> tuple[str, bool]:
         return str(r.q_len), True
     if e.name == "Lk":
         return str(r.kv_len), True
-    if e.name == "q":
-        return "q", r.q_nonneg
-    return e.name, True
+    nonneg = r.q_nonneg if e.name == "q" else True
+    return _leaf(r, e.name, e.name), nonneg
+
+
+def _leaf(r: PredicateRenderer, hint: str, code: str) -> str:
+    # In a wide where(...) every variable enters as int64, so each operation on it is 64-bit.
+    return r.bind(f"{hint}64_", f"({code}).to(tl.int64)") if r.wide else code
 
 
 def _is_int_literal(code: str) -> bool:
@@ -271,6 +312,8 @@ def _arith(r: PredicateRenderer, e: ir.Arith) -> tuple[str, bool]:
     if _is_int_literal(a) and _is_int_literal(b):
         value = _PY_ARITH[e.op](int(a.strip("()")), int(b.strip("()")))
         return (str(value) if value >= 0 else f"({value})"), value >= 0
+    if e.op in ("//", "%") and not _is_int_literal(b):
+        b = r.bind("div_", f"tl.where({b} == 0, 1, {b})")
     if e.op == "//":
         return r.fdiv(a, b, na and nb), na and nb
     if e.op == "%":
@@ -317,7 +360,7 @@ def _logic(r: PredicateRenderer, e: ir.Logic) -> tuple[str, bool]:
 _EXPRS: dict[type, Callable] = {
     ir.Const: _const,
     ir.Var: _var,
-    ir.Coord: lambda r, e: (r.coord(e.side, e.axis), True),
+    ir.Coord: lambda r, e: (_leaf(r, f"{e.side}_{e.axis}_", r.coord(e.side, e.axis)), True),
     ir.Arith: _arith,
     ir.Neg: _neg,
     ir.Func: _func,
@@ -327,7 +370,7 @@ _EXPRS: dict[type, Callable] = {
 }
 
 
-def render_predicate(name: str, node: ir.Node, layout, q_len: int, kv_len: int, aux: AuxTables) -> str:
+def render_predicate(name: str, node: ir.Node, layout, q_len: int, kv_len: int, aux: AuxTables, heads: int = 1) -> str:
     """Render ``node`` as a ``@triton.jit`` function ``name(i, j, h, AUX)``.
 
     Args:
@@ -336,11 +379,12 @@ def render_predicate(name: str, node: ir.Node, layout, q_len: int, kv_len: int, 
         layout: the pattern's layout or None.
         q_len, kv_len: baked-in lengths (end alignment ``q = i + Lk - Lq``).
         aux: receives the lookup tables the function reads.
+        heads: query heads (the range of ``h`` when choosing int32 or int64 arithmetic).
 
     Returns:
         The function's source text.
     """
-    r = PredicateRenderer(layout, q_len, kv_len, aux)
+    r = PredicateRenderer(layout, q_len, kv_len, aux, heads)
     body = r.node(node)
     lines = [
         "@triton.jit",

@@ -23,6 +23,7 @@ from patterndsl.runtime import cache
 
 _prepared: dict[tuple, tuple] = {}
 _specs: dict[tuple, tuple] = {}
+_retiled: dict[tuple, tuple] = {}
 
 
 def _empty(*shape: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -139,11 +140,31 @@ def _spec(plan, kind: str, head_dim: int, dtype: torch.dtype, kv_heads: int, tar
     return entry[1]
 
 
+def _tiled(plan, tiles: tuple[int, int] | None):
+    # GPU kernels are built with the tiles launch_tiles chose for them (zero spills, shared memory within
+    # the target's limit); the plan they run must use the same tiles. Re-planned once per plan and tiles.
+    if tiles is None or tiles == (plan.block_m, plan.block_n):
+        return plan
+    key = (id(plan), tiles)
+    entry = _retiled.get(key)
+    if entry is None or entry[0]() is not plan:
+        from patterndsl import analysis
+
+        order = "identity" if plan.is_identity_order else "auto"
+        tiled = analysis.plan(plan.pattern, plan.q_len, plan.kv_len, plan.heads, block=tiles, order=order)
+        entry = (weakref.ref(plan), tiled)
+        _retiled[key] = entry
+        weakref.finalize(plan, _retiled.pop, key, None)
+    return entry[1]
+
+
 def _setup(q, k, v, plan, kind: str):
     _validate(q, k, v, plan)
-    spec = _spec(plan, kind, q.shape[3], q.dtype, k.shape[1], target_of(q.device))
+    target = target_of(q.device)
+    plan = _tiled(plan, generator.launch_tiles(q.shape[3], target, kind, generator.DTYPES.get(q.dtype, "float16")))
+    spec = _spec(plan, kind, q.shape[3], q.dtype, k.shape[1], target)
     module = cache.load(spec, generator.render)
-    return spec, module, prepared(plan, spec, q.device)
+    return plan, spec, module, prepared(plan, spec, q.device)
 
 
 def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan, scale: float):
@@ -159,7 +180,7 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan, scale: floa
         has ``out = 0`` and ``lse = -inf``.
     """
     q, k, v = (_rows_contiguous(t) for t in (q, k, v))
-    spec, module, prep = _setup(q, k, v, plan, "forward")
+    plan, spec, module, prep = _setup(q, k, v, plan, "forward")
     b, h, lq, d = q.shape
     out = _empty(b, h, lq, d, dtype=q.dtype, device=q.device)
     lse = _empty(b, h, lq, dtype=torch.float32, device=q.device)
@@ -193,7 +214,7 @@ def backward(q, k, v, out, lse, dout, plan, scale: float, dlse=None):
         allowed key contribute nothing (never NaN).
     """
     q, k, v, dout = (_rows_contiguous(t) for t in (q, k, v, dout))
-    spec, module, prep = _setup(q, k, v, plan, "backward")
+    plan, spec, module, prep = _setup(q, k, v, plan, "backward")
     b, h, lq, d = q.shape
     hk, lk = k.shape[1], k.shape[2]
     dq = _empty(b, h, lq, d, dtype=q.dtype, device=q.device)

@@ -54,6 +54,10 @@ CASES = [
     ("gqa", "pattern p { causal & window(9) }", 40, 40, 4, 2, 16, torch.float16),
     ("end_aligned_short_q", "pattern p { causal }", 24, 56, 2, 1, 16, torch.float32),
     ("end_aligned_long_q", "pattern p { causal & window(10) }", 56, 24, 1, 1, 16, torch.float32),
+    # q * 5000011 * k reaches 1.1e10 at L = 48: int32 arithmetic gets 577 of 2304 pairs wrong.
+    ("where_int64", "pattern p { where((q * 5000011 * k) % 5 == 0) }", 48, 48, 1, 1, 16, torch.float32),
+    # Short-circuit guard: k % q is never evaluated at q = 0 in the language; the kernel guards the divisor.
+    ("where_zero_divisor", "pattern p { where(q > 0 and k % q == 0) | sink(1) }", 40, 40, 1, 1, 16, torch.float32),
     ("empty_rows", "pattern p { causal & where(q % 3 != 1 and k > 4) }", 40, 40, 1, 1, 16, torch.float32),
     ("full_with_tails", "pattern p { full }", 37, 45, 1, 1, 16, torch.float32),
     ("grid_neighborhood", "pattern p { layout grid(y = 6, x = 8)\n neighborhood(3) }", 48, 48, 1, 1, 16, torch.float32),

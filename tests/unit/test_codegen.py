@@ -150,3 +150,44 @@ def test_bad_options_are_pattern_errors():
         heads = options.pop("heads", 1)
         with pytest.raises(patterndsl.PatternError):
             kernel_source(pattern, 64, heads=heads, **options)
+
+
+def _predicate_text(source, length):
+    # The renderer alone: planning a where(...) at a million positions is not what is tested here.
+    from patterndsl.codegen.predicate import AuxTables, render_predicate
+
+    pir = patterndsl.compile(source).ir
+    return render_predicate("_allowed_g0", pir.default, pir.layout, length, length, AuxTables(), heads=1)
+
+
+@pytest.mark.parametrize(
+    ("source", "length", "wide"),
+    [
+        ("pattern p { where(q * k % 7 == 0) }", 40_000, False),  # 1.6e9 < 2**31 - 1
+        ("pattern p { where(q * k % 7 == 0) }", 50_000, True),  # 2.5e9 > 2**31 - 1
+        ("pattern p { where((q * 5000011 * k) % 5 == 0) }", 48, True),
+        ("pattern p { where(q - k >= 1000000) }", 1 << 20, False),
+        ("pattern p { where(k * 3000 <= q) }", 1 << 20, True),
+        ("pattern p { causal & window(1000) }", 1 << 20, False),
+    ],
+)
+def test_int64_arithmetic_only_where_bounds_leave_int32(source, length, wide):
+    text = _predicate_text(source, length)
+    assert ("tl.int64" in text) == wide, text
+    if wide:
+        # Every variable is widened before the first product, so no intermediate is computed in int32.
+        assert "q64_" in text and "k64_" in text
+
+
+def test_non_constant_divisors_are_guarded_and_constants_are_not():
+    text = _predicate_text("pattern p { where(q > 0 and k % q == 0 or (k // (q + 1)) % 3 == 0) }", 64)
+    assert "tl.where(q == 0, 1, q)" in text and "tl.where((q + 1) == 0, 1, (q + 1))" in text
+    assert "% (3)" in text and "tl.where(3" not in text
+
+
+def test_float32_kernels_name_tf32_in_their_header():
+    pattern = patterndsl.compile("pattern p { causal }")
+    header = kernel_source(pattern, 128, dtype=torch.float32, target="sm_80").split("import triton")[0]
+    assert "TF32" in header and "precision:" in header
+    assert "TF32" not in kernel_source(pattern, 128, dtype=torch.float16, target="sm_80").split("import triton")[0]
+    assert "TF32" not in kernel_source(pattern, 128, dtype=torch.float32, target="interpret").split("import triton")[0]
