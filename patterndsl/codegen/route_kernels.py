@@ -351,7 +351,7 @@ def kernel_source(pattern, q_len: int, kv_len: int | None = None, heads: int = 1
     from patterndsl.runtime import plans, triton_route
 
     kv_len = q_len if kv_len is None else kv_len
-    block = tuple(options.get("block", triton_route.BLOCK))
+    block = tuple(options.get("block", triton_route.block_for(options.get("head_dim", 64))))
     dtype = str(options.get("dtype", torch.float16)).replace("torch.", "")
     plan = plans.build(pattern.ir, q_len, kv_len, heads, block, "identity")
     out = []

@@ -22,7 +22,7 @@ TRITON_BLOCK = (64, 64)
 
 
 @torch.compiler.assume_constant_result
-def _plan_key(pattern: ir.PatternIR, backend: str) -> str:
+def _plan_key(pattern: ir.PatternIR, backend: str, head_dim: int = 64) -> str:
     # Pure Python on the pattern, so torch.compile evaluates it once at trace time
     # and the op receives a constant string (sizes come from the tensors).
     nodes = [rule.node for rule in pattern.heads]
@@ -31,7 +31,7 @@ def _plan_key(pattern: ir.PatternIR, backend: str) -> str:
     if backend != "cpu" and any(ir.is_dynamic(node) for node in nodes):
         from patterndsl.runtime import triton_route
 
-        return plans.register(pattern, triton_route.BLOCK, "identity")
+        return plans.register(pattern, triton_route.block_for(head_dim), "identity")
     block = CPU_BLOCK if backend == "cpu" else getattr(triton_backend_module(), "BLOCK", TRITON_BLOCK)
     return plans.register(pattern, block, "auto")
 
@@ -74,7 +74,7 @@ def attention(q, k, v, pattern, scale=None, return_lse=False, backend="auto"):
     if not isinstance(pir, ir.PatternIR):
         raise PatternError(f"attention() needs a patterndsl.Pattern, got {type(pattern).__name__}")
     inputs = validate.check_inputs(q, k, v, scale, backend)
-    key = _plan_key(pir, inputs.backend)
+    key = _plan_key(pir, inputs.backend, inputs.head_dim)
     out, lse = op.attention_fwd(q, k, v, key, inputs.scale, inputs.backend)
     return (out, lse) if return_lse else out
 

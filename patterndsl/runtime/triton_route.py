@@ -19,9 +19,18 @@ from patterndsl.codegen import route_kernels
 from patterndsl.runtime import cache, dynamic
 
 #: Plan tiles (BM, BN) of routed Triton kernels and their warps: with 8 warps, 64 x 32 tiles
-#: build without register spills for sm_80 and sm_90 at head dim 64 (tests/unit/test_routing.py).
+#: build without register spills for sm_80 and sm_90 up to head dim 64, 32 x 32 above
+#: (tests/unit/test_routing.py builds both).
 BLOCK = (64, 32)
+WIDE_BLOCK = (32, 32)
 NUM_WARPS = 8
+
+
+def block_for(head_dim: int) -> tuple[int, int]:
+    """Plan tiles for a head dimension (see :data:`BLOCK`)."""
+    return BLOCK if head_dim <= 64 else WIDE_BLOCK
+
+
 LOG2E = 1.4426950408889634
 
 
