@@ -131,7 +131,7 @@ class Pattern:
 
         with self._located():
             if self.is_dynamic:
-                from patterndsl.codegen import route_kernels
+                from patterndsl.codegen import routed as route_kernels
 
                 return route_kernels.kernel_source(self, q_len, kv_len, heads, **options)
             return codegen.kernel_source(self, q_len, kv_len, heads, **options)

@@ -478,7 +478,7 @@ def kernel_lists(dp: DynamicPlan, selections: dict[ir.Prim, routing.Selection], 
     """Per head group, every tile each (batch element, key-value head) visits, for kernels that mask in place.
 
     Static and run-time tiles together (no gathered work): the kernel applies the element
-    rule (the corners of the routes, see :mod:`patterndsl.codegen.route_kernels`) on
+    rule (the corners of the routes, see :mod:`patterndsl.codegen.routed`) on
     partial tiles.
 
     Args:

@@ -5,7 +5,7 @@ Comes in: ``q``, ``k``, ``v`` and the block plan of a pattern with ``route``
 backward pass, ``(dq, dk, dv)``. At every call the choice is made from ``q`` and
 ``k`` (:mod:`patterndsl.runtime.routing`), merged with the static tiles into
 per (batch element, key-value head) CSR lists (:func:`dynamic.kernel_lists`),
-and the kernels of :mod:`patterndsl.codegen.route_kernels` walk those lists,
+and the kernels of :mod:`patterndsl.codegen.routed` walk those lists,
 looking the choice up per element on partial tiles. The backward pass makes the
 same (deterministic) choice again from ``q`` and ``k``; no gradient flows
 through it.
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from patterndsl.codegen import route_kernels
+from patterndsl.codegen import routed as route_kernels
 from patterndsl.runtime import cache, dynamic
 
 #: Plan tiles (BM, BN) of routed Triton kernels and their warps: with 8 warps, 64 x 32 tiles

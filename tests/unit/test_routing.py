@@ -169,7 +169,7 @@ def test_routed_kernels_build_for_gpus_without_spills(target, dtype, head_dim, t
 
     if not isinstance(triton.language.zeros, triton.runtime.JITFunction):
         pytest.skip("Triton was imported with TRITON_INTERPRET=1 in this process; AOT builds need compiled mode")
-    from patterndsl.codegen import route_kernels
+    from patterndsl.codegen import routed as route_kernels
 
     monkeypatch.setenv("PATTERNDSL_CACHE_DIR", str(tmp_path))
     from patterndsl.runtime import triton_route

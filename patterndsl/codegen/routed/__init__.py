@@ -1,4 +1,5 @@
-"""Stage 5 (codegen) for patterns with ``route(...)``: Triton kernels that run tile lists chosen at run time.
+"""Stage 5 (codegen) for patterns with ``route(...)`` (a subpackage so that its text stays out of the
+static kernels' cache key): Triton kernels that run tile lists chosen at run time.
 
 Comes in: a :class:`RouteKernelSpec` (one head group's pattern node and its routes,
 baked-in sizes, dtype, tiles). Goes out: deterministic Triton source with a
