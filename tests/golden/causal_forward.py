@@ -3,7 +3,7 @@
 # from the pattern below whenever anything in the cache key changes.
 #
 # pattern:    causal_lm()
-# cache key:  095934e7ee5ae96b87e20b45f0c73ca1
+# cache key:  3f7c8e80522ab4a911900fdecef243e3
 # shapes:     LQ=1024 queries, LK=1024 keys, NH=8 query heads, NHK=8 key/value heads
 #             (GQA=1 query heads share one key/value head), head dim D=64 padded to DP=64
 # dtype:      float16 (accumulation in float32; DOT_PRECISION=tf32)
@@ -75,8 +75,9 @@ def _tile_index(ORDER, t, B: tl.constexpr, L: tl.constexpr, REORDERED: tl.conste
 @triton.jit
 def _load_rows(base, idx, stride, L: tl.constexpr, CHECK: tl.constexpr):
     # A [len(idx), DP] block of rows idx; CHECK guards rows past L, EVEN_D skips the head-dim mask.
+    # Row offsets are int64: B * H * L * D (or a large stride) can pass 2**31 elements.
     offs_d = tl.arange(0, DP)
-    ptrs = base + idx[:, None] * stride + offs_d[None, :]
+    ptrs = base + idx[:, None].to(tl.int64) * stride + offs_d[None, :]
     if CHECK:
         if EVEN_D:
             x = tl.load(ptrs, mask=idx[:, None] < L, other=0.0)
@@ -93,7 +94,7 @@ def _load_rows(base, idx, stride, L: tl.constexpr, CHECK: tl.constexpr):
 @triton.jit
 def _store_rows(base, idx, stride, x, L: tl.constexpr):
     offs_d = tl.arange(0, DP)
-    tl.store(base + idx[:, None] * stride + offs_d[None, :], x, mask=(idx[:, None] < L) & (offs_d[None, :] < D))
+    tl.store(base + idx[:, None].to(tl.int64) * stride + offs_d[None, :], x, mask=(idx[:, None] < L) & (offs_d[None, :] < D))
 
 
 @triton.jit
@@ -138,9 +139,9 @@ def fwd_g0(Q, K, V, O, LSE, QORD, KORD, ROW_PTR, ROW_SPLIT, ROW_COLS, HEADS, AUX
     h = tl.load(HEADS + slot % 8)
     hk = h // GQA
     rows = _tile_index(QORD, m, BM, LQ, Q_REORDERED)
-    q = _load_rows(Q + b * stride_qz + h * stride_qh, rows, stride_qm, LQ, True)
-    k_base = K + b * stride_kz + hk * stride_kh
-    v_base = V + b * stride_vz + hk * stride_vh
+    q = _load_rows(Q + b * stride_qz + h.to(tl.int64) * stride_qh, rows, stride_qm, LQ, True)
+    k_base = K + b * stride_kz + hk.to(tl.int64) * stride_kh
+    v_base = V + b * stride_vz + hk.to(tl.int64) * stride_vh
     qk_scale = scale * LOG2E
     acc = tl.zeros([BM, DP], dtype=tl.float32)
     l_i = tl.zeros([BM], dtype=tl.float32)

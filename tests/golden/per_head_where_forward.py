@@ -3,10 +3,13 @@
 # from the pattern below whenever anything in the cache key changes.
 #
 # pattern:    mix()
-# cache key:  341e91c28203857e634ba097ff4d6e7f
+# cache key:  307bfb9ec58c6a4002052fbe32a112d1
 # shapes:     LQ=512 queries, LK=640 keys, NH=4 query heads, NHK=4 key/value heads
 #             (GQA=1 query heads share one key/value head), head dim D=32 padded to DP=32
 # dtype:      float32 (accumulation in float32; DOT_PRECISION=tf32)
+# precision:  float32 inputs: the matrix products (QK^T, PV and the backward's) run as TF32 on
+#             tensor cores (10-bit mantissa, relative error ~1e-3); softmax and accumulation
+#             stay float32. The CPU backend and the interpreter compute in exact float32.
 # tiles:      BM=64 query rows x BN=64 keys; num_warps=4, num_stages=2, target=sm_90
 # order:      identity
 # head groups (heads that share one pattern, one kernel each):
@@ -75,8 +78,9 @@ def _tile_index(ORDER, t, B: tl.constexpr, L: tl.constexpr, REORDERED: tl.conste
 @triton.jit
 def _load_rows(base, idx, stride, L: tl.constexpr, CHECK: tl.constexpr):
     # A [len(idx), DP] block of rows idx; CHECK guards rows past L, EVEN_D skips the head-dim mask.
+    # Row offsets are int64: B * H * L * D (or a large stride) can pass 2**31 elements.
     offs_d = tl.arange(0, DP)
-    ptrs = base + idx[:, None] * stride + offs_d[None, :]
+    ptrs = base + idx[:, None].to(tl.int64) * stride + offs_d[None, :]
     if CHECK:
         if EVEN_D:
             x = tl.load(ptrs, mask=idx[:, None] < L, other=0.0)
@@ -93,7 +97,7 @@ def _load_rows(base, idx, stride, L: tl.constexpr, CHECK: tl.constexpr):
 @triton.jit
 def _store_rows(base, idx, stride, x, L: tl.constexpr):
     offs_d = tl.arange(0, DP)
-    tl.store(base + idx[:, None] * stride + offs_d[None, :], x, mask=(idx[:, None] < L) & (offs_d[None, :] < D))
+    tl.store(base + idx[:, None].to(tl.int64) * stride + offs_d[None, :], x, mask=(idx[:, None] < L) & (offs_d[None, :] < D))
 
 
 @triton.jit
@@ -148,9 +152,9 @@ def fwd_g0(Q, K, V, O, LSE, QORD, KORD, ROW_PTR, ROW_SPLIT, ROW_COLS, HEADS, AUX
     h = tl.load(HEADS + slot % 2)
     hk = h // GQA
     rows = _tile_index(QORD, m, BM, LQ, Q_REORDERED)
-    q = _load_rows(Q + b * stride_qz + h * stride_qh, rows, stride_qm, LQ, True)
-    k_base = K + b * stride_kz + hk * stride_kh
-    v_base = V + b * stride_vz + hk * stride_vh
+    q = _load_rows(Q + b * stride_qz + h.to(tl.int64) * stride_qh, rows, stride_qm, LQ, True)
+    k_base = K + b * stride_kz + hk.to(tl.int64) * stride_kh
+    v_base = V + b * stride_vz + hk.to(tl.int64) * stride_vh
     qk_scale = scale * LOG2E
     acc = tl.zeros([BM, DP], dtype=tl.float32)
     l_i = tl.zeros([BM], dtype=tl.float32)
@@ -186,9 +190,9 @@ def fwd_g1(Q, K, V, O, LSE, QORD, KORD, ROW_PTR, ROW_SPLIT, ROW_COLS, HEADS, AUX
     h = tl.load(HEADS + slot % 2)
     hk = h // GQA
     rows = _tile_index(QORD, m, BM, LQ, Q_REORDERED)
-    q = _load_rows(Q + b * stride_qz + h * stride_qh, rows, stride_qm, LQ, True)
-    k_base = K + b * stride_kz + hk * stride_kh
-    v_base = V + b * stride_vz + hk * stride_vh
+    q = _load_rows(Q + b * stride_qz + h.to(tl.int64) * stride_qh, rows, stride_qm, LQ, True)
+    k_base = K + b * stride_kz + hk.to(tl.int64) * stride_kh
+    v_base = V + b * stride_vz + hk.to(tl.int64) * stride_vh
     qk_scale = scale * LOG2E
     acc = tl.zeros([BM, DP], dtype=tl.float32)
     l_i = tl.zeros([BM], dtype=tl.float32)

@@ -3,7 +3,7 @@
 # from the pattern below whenever anything in the cache key changes.
 #
 # pattern:    streaming(span=256, sinks=4)
-# cache key:  d9ab8b50bfd48ef9b1f5a62474436fc3
+# cache key:  f4f77483d072595e02d65692fdf06aee
 # shapes:     LQ=2048 queries, LK=2048 keys, NH=8 query heads, NHK=2 key/value heads
 #             (GQA=4 query heads share one key/value head), head dim D=128 padded to DP=128
 # dtype:      bfloat16 (accumulation in float32; DOT_PRECISION=tf32)
@@ -74,8 +74,9 @@ def _tile_index(ORDER, t, B: tl.constexpr, L: tl.constexpr, REORDERED: tl.conste
 @triton.jit
 def _load_rows(base, idx, stride, L: tl.constexpr, CHECK: tl.constexpr):
     # A [len(idx), DP] block of rows idx; CHECK guards rows past L, EVEN_D skips the head-dim mask.
+    # Row offsets are int64: B * H * L * D (or a large stride) can pass 2**31 elements.
     offs_d = tl.arange(0, DP)
-    ptrs = base + idx[:, None] * stride + offs_d[None, :]
+    ptrs = base + idx[:, None].to(tl.int64) * stride + offs_d[None, :]
     if CHECK:
         if EVEN_D:
             x = tl.load(ptrs, mask=idx[:, None] < L, other=0.0)
@@ -92,7 +93,7 @@ def _load_rows(base, idx, stride, L: tl.constexpr, CHECK: tl.constexpr):
 @triton.jit
 def _store_rows(base, idx, stride, x, L: tl.constexpr):
     offs_d = tl.arange(0, DP)
-    tl.store(base + idx[:, None] * stride + offs_d[None, :], x, mask=(idx[:, None] < L) & (offs_d[None, :] < D))
+    tl.store(base + idx[:, None].to(tl.int64) * stride + offs_d[None, :], x, mask=(idx[:, None] < L) & (offs_d[None, :] < D))
 
 
 @triton.jit
@@ -167,14 +168,14 @@ def bwd_dq_g0(Q, K, V, DO, LSE, DELTA, DQ, QORD, KORD, ROW_PTR, ROW_SPLIT, ROW_C
     hk = h // GQA
     rows = _tile_index(QORD, m, BM, LQ, Q_REORDERED)
     row_base = (b * NH + h) * LQ
-    q = _load_rows(Q + b * stride_qz + h * stride_qh, rows, stride_qm, LQ, True)
-    do = _load_rows(DO + b * stride_dz + h * stride_dh, rows, stride_dm, LQ, True)
+    q = _load_rows(Q + b * stride_qz + h.to(tl.int64) * stride_qh, rows, stride_qm, LQ, True)
+    do = _load_rows(DO + b * stride_dz + h.to(tl.int64) * stride_dh, rows, stride_dm, LQ, True)
     lse = tl.load(LSE + row_base + rows, mask=rows < LQ, other=float("inf"))
     # A row with no allowed key (lse = -inf) must get P = 0, hence +inf.
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse) * LOG2E
     delta = tl.load(DELTA + row_base + rows, mask=rows < LQ, other=0.0)
-    k_base = K + b * stride_kz + hk * stride_kh
-    v_base = V + b * stride_vz + hk * stride_vh
+    k_base = K + b * stride_kz + hk.to(tl.int64) * stride_kh
+    v_base = V + b * stride_vz + hk.to(tl.int64) * stride_vh
     qk_scale = scale * LOG2E
     dq = tl.zeros([BM, DP], dtype=tl.float32)
     # Key tiles of query tile m from the CSR lists: partial ones first, then full ones.
@@ -204,10 +205,10 @@ def bwd_dkdv_g0(Q, K, V, DO, LSE, DELTA, DK, DV, QORD, KORD, COL_PTR, COL_SPLIT,
     h = tl.load(HEADS + slot % 8)
     hk = h // GQA
     cols = _tile_index(KORD, n, BN, LK, K_REORDERED)
-    k = _load_rows(K + b * stride_kz + hk * stride_kh, cols, stride_kn, LK, True)
-    v = _load_rows(V + b * stride_vz + hk * stride_vh, cols, stride_vn, LK, True)
-    q_base = Q + b * stride_qz + h * stride_qh
-    do_base = DO + b * stride_dz + h * stride_dh
+    k = _load_rows(K + b * stride_kz + hk.to(tl.int64) * stride_kh, cols, stride_kn, LK, True)
+    v = _load_rows(V + b * stride_vz + hk.to(tl.int64) * stride_vh, cols, stride_vn, LK, True)
+    q_base = Q + b * stride_qz + h.to(tl.int64) * stride_qh
+    do_base = DO + b * stride_dz + h.to(tl.int64) * stride_dh
     row_base = (b * NH + h) * LQ
     qk_scale = scale * LOG2E
     dk = tl.zeros([BN, DP], dtype=tl.float32)
