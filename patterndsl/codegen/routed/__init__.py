@@ -99,7 +99,11 @@ def render(spec: RouteKernelSpec) -> str:
         for c, bits in enumerate(corners)
     ]
     if aux.size:
-        raise NotImplementedError("random(...) inside a routed pattern is not compiled for Triton")
+        from patterndsl.errors import BackendError
+
+        raise BackendError(
+            f"pattern {spec.name!r}: random(...) together with route(...) is not compiled for Triton; use backend='cpu'"
+        )
     bm, bn = spec.block
     n = len(spec.routes)
     route_args = "".join(f", CH{p}, QG{p}, KB{p}, NG{p}, NB{p}" for p in range(n))
