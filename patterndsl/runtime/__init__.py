@@ -65,6 +65,10 @@ def attention(q, k, v, pattern, scale=None, return_lse=False, backend="auto"):
         ``out`` with the dtype of ``q``, or ``(out, lse)``. A query with no allowed key gets
         zeros and ``lse = -inf``.
 
+    Precision: float32 inputs on a GPU multiply in TF32 on tensor cores (10-bit mantissa,
+    relative error around 1e-3; softmax and accumulation stay float32); the CPU backend
+    computes in full float32.
+
     Raises:
         InputError: tensors of the wrong shape, dtype, device or head count.
         BackendError: a backend that cannot run on these tensors.
