@@ -42,8 +42,13 @@ CHUNK_BYTES = 4 << 20
 #: results; fused is the default because it issues far fewer parallel regions
 #: (see benchmarks/cpu_attention.py --kernel).
 KERNEL = "fused"
-#: Bytes of per-tile dK/dV the fused backward may hold at once (few, large kernel calls).
-FUSED_CHUNK_BYTES = 8 << 20
+#: Bytes of per-tile dK/dV the fused backward may hold at once, with several threads: every kernel
+#: call and add is a parallel region, and on a shared machine each waits for its slowest thread,
+#: so few large calls win (16K sliding window, 2 threads: 8 MiB chunks 2-6 s, 32-64 MiB 0.4-2 s).
+FUSED_CHUNK_BYTES = 64 << 20
+#: The same with one thread, where no region waits: buffers small enough for the allocator to
+#: recycle instead of faulting in fresh pages win (1 thread: 8 MiB ~490 ms CPU, 64 MiB ~550-670 ms).
+FUSED_CHUNK_BYTES_SERIAL = 8 << 20
 #: Affine segments shorter than this are pooled into gathered buckets (fewer, larger steps).
 MIN_AFFINE = 4
 
@@ -506,9 +511,9 @@ def _forward_fused_split(qp, kp, vp, op, lp, seg: Segment, sp: _Split, bm: int, 
 def _backward_fused(t: dict, seg0: Segment, block, scale: float) -> None:
     bn = block[1]
     b, h, _, d = t["q"].shape
-    # The kernel returns dK/dV per query tile ([n, width*BN, D] each); chunks bound that memory
-    # (small enough that the allocator recycles the buffers instead of faulting in fresh pages).
-    for seg in _chunks(seg0, 2 * b * h * bn * d * t["q"].element_size(), FUSED_CHUNK_BYTES):
+    # The kernel returns dK/dV per query tile ([n, width*BN, D] each); chunks bound that memory.
+    budget = FUSED_CHUNK_BYTES_SERIAL if torch.get_num_threads() == 1 else FUSED_CHUNK_BYTES
+    for seg in _chunks(seg0, 2 * b * h * bn * d * t["q"].element_size(), budget):
         _backward_fused_chunk(t, seg, block, scale)
 
 
