@@ -174,10 +174,26 @@ def schedule(
             kv_tiles[t, c:] = cols[a + c - 1]
             pad[t, c:] = True
         segments.append((q_tiles, kv_tiles, None, pad))
-    # Dense tile states (one byte per tile pair) for lookups by (query tile, key tile).
-    states = torch.zeros(len(counts), plan.n_kv_tiles, dtype=torch.int8)
-    states[torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts)), cols] = state.to(torch.int8)
+    # Tile states looked up by (query tile, key tile) through the sorted CSR keys: memory stays
+    # O(non-empty tiles), not O(nqb x nkb).
+    rows = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
+    states = _TileStates(rows * plan.n_kv_tiles + cols, state.to(torch.int8), plan.n_kv_tiles)
     return tuple(Segment(qt, kt, aff, _blocked(qt, kt, states, plan, tile_mask, pad)) for qt, kt, aff, pad in segments)
+
+
+class _TileStates:
+    """Tile states of the non-empty tiles, keyed by ``row * nkb + col`` (sorted, as CSR lists are)."""
+
+    def __init__(self, keys: torch.Tensor, state: torch.Tensor, nkb: int):
+        self.keys, self.state, self.nkb = keys, state, nkb
+
+    def lookup(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        """States at ``(rows, cols)`` (broadcast); 0 for tiles not in the lists."""
+        want = rows * self.nkb + cols
+        if self.keys.numel() == 0:
+            return torch.zeros(want.shape, dtype=torch.int8)
+        pos = torch.searchsorted(self.keys, want).clamp(max=self.keys.numel() - 1)
+        return torch.where(self.keys[pos] == want, self.state[pos], torch.zeros((), dtype=torch.int8))
 
 
 def _buckets(loose: dict[int, list[int]]) -> list[list[tuple[int, list[int]]]]:
@@ -194,11 +210,11 @@ def _buckets(loose: dict[int, list[int]]) -> list[list[tuple[int, list[int]]]]:
     return buckets
 
 
-def _blocked(q_tiles, kv_tiles, states: torch.Tensor, plan: BlockPlan, tile_mask, pad=None) -> torch.Tensor | None:
+def _blocked(q_tiles, kv_tiles, states: _TileStates, plan: BlockPlan, tile_mask, pad=None) -> torch.Tensor | None:
     """The not-allowed pairs of a segment (``pad``: padding tiles, all blocked), or None when no tile needs a mask."""
     bm, bn = plan.block
     n, width = kv_tiles.shape
-    st = states[q_tiles[:, None], kv_tiles]
+    st = states.lookup(q_tiles[:, None], kv_tiles)
     need = st == PARTIAL
     if plan.kv_len % bn:
         need |= kv_tiles == plan.n_kv_tiles - 1
