@@ -26,7 +26,7 @@ import torch
 
 from patterndsl import ir
 from patterndsl.codegen import bounds
-from patterndsl.codegen.predicate import AuxTables, render_predicate
+from patterndsl.codegen.predicate import FLOOR_HELPERS, AuxTables, render_predicate
 from patterndsl.errors import BackendError, PatternError
 
 TEMPLATES = Path(__file__).parent / "templates"
@@ -398,6 +398,7 @@ def render(spec: KernelSpec) -> str:
         target=spec.target,
         order=spec.order,
         group_lines="\n".join(group_lines),
+        floor_helpers=FLOOR_HELPERS,
         predicates="\n\n".join(predicates),
     )
     body = _template(f"{spec.kind}.py.tmpl").substitute(kernels="\n\n".join(kernels))

@@ -399,3 +399,19 @@ def render_predicate(name: str, node: ir.Node, layout, q_len: int, kv_len: int, 
     if body == FALSE:
         lines[-1] = "    return inb & (i < 0)"
     return "\n".join(lines) + "\n"
+
+
+#: Floor-semantics integer helpers every generated module defines (Triton's ``//`` and ``%``
+#: truncate towards zero); the predicates above call them when an operand may be negative.
+FLOOR_HELPERS = """@triton.jit
+def _fdiv(a, b):
+    # Floor division: Triton's // truncates towards zero.
+    t = a // b
+    return t - (((a % b) != 0) & ((a < 0) != (b < 0))).to(t.dtype)
+
+
+@triton.jit
+def _fmod(a, b):
+    # Floor remainder (sign of the divisor), as in Python.
+    r = a % b
+    return r + b * (((r != 0) & ((r < 0) != (b < 0))).to(r.dtype))"""

@@ -25,7 +25,8 @@ import itertools
 from dataclasses import dataclass
 
 from patterndsl import ir
-from patterndsl.codegen.predicate import AuxTables, render_predicate
+from patterndsl.codegen import predicate
+from patterndsl.codegen.predicate import FLOOR_HELPERS, AuxTables, render_predicate
 
 #: Triton dtypes by torch dtype name.
 DTYPES = {"float16": "tl.float16", "bfloat16": "tl.bfloat16", "float32": "tl.float32"}
@@ -68,8 +69,12 @@ class RouteKernelSpec:
     @property
     def key(self) -> str:
         """Hash of everything that changes the source (and of this generator's own text)."""
-        with open(__file__, "rb") as f:
-            me = hashlib.sha256(f.read()).hexdigest()
+        # This module's text and the predicate renderer it calls both shape the source.
+        me = hashlib.sha256()
+        for path in (__file__, predicate.__file__):
+            with open(path, "rb") as f:
+                me.update(f.read())
+        me = me.hexdigest()
         text = repr((me, str(self.node), [str(r) for r in self.routes], self.layout, self.q_len, self.kv_len))
         text += repr((self.heads, self.kv_heads, self.head_dim, self.dtype, self.block, self.num_warps))
         return "route_" + hashlib.sha256(text.encode()).hexdigest()[:24]
@@ -136,6 +141,7 @@ def render(spec: RouteKernelSpec) -> str:
     ]
     precision = "ieee" if spec.dtype == "float32" else "tf32"
     body = _TEMPLATE.format(
+        floor_helpers=FLOOR_HELPERS,
         LQ=spec.q_len,
         LK=spec.kv_len,
         NH=spec.heads,
@@ -172,16 +178,7 @@ LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
 
 
-@triton.jit
-def _fdiv(a, b):
-    t = a // b
-    return t - (((a % b) != 0) & ((a < 0) != (b < 0))).to(t.dtype)
-
-
-@triton.jit
-def _fmod(a, b):
-    r = a % b
-    return r + b * (((r != 0) & ((r < 0) != (b < 0))).to(r.dtype))
+{floor_helpers}
 
 
 {funcs}
