@@ -25,13 +25,13 @@ input, so lists chosen at run time (``route``) can be scheduled the same way.
 
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass, field
 
 import torch
 
 from patterndsl import ir, semantics
 from patterndsl.analysis.plan import PARTIAL, BlockPlan, HeadGroup
+from patterndsl.runtime.plans import per_plan
 
 #: Score-matrix bytes per chunk: large enough for efficient batched matmuls,
 #: small enough that the softmax passes stay in cache (measured, see benchmarks/cpu_attention.py).
@@ -252,19 +252,8 @@ def _tile_mask_fn(plan: BlockPlan, group: HeadGroup):
     return tile_mask
 
 
-# Per-plan derived data, keyed by id(plan) and dropped when the plan is collected
-# (BlockPlan is a mutable dataclass, so it cannot key a WeakKeyDictionary).
-_DERIVED: dict[tuple[int, str], object] = {}
-
-
 def _derived(plan: BlockPlan, what: str, build):
-    key = (id(plan), what)
-    value = _DERIVED.get(key)
-    if value is None:
-        value = build(plan)
-        _DERIVED[key] = value
-        weakref.finalize(plan, _DERIVED.pop, key, None)
-    return value
+    return per_plan(plan, ("cpu", what), lambda: build(plan))
 
 
 def _build_schedules(plan: BlockPlan) -> tuple[Schedule, ...]:

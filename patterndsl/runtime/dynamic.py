@@ -24,7 +24,6 @@ chosen table per row and column. Nothing is of size ``Lq x Lk``.
 from __future__ import annotations
 
 import itertools
-import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,6 +34,7 @@ from patterndsl.analysis import engine as eng
 from patterndsl.analysis.plan import DYNAMIC, EMPTY, FULL, PARTIAL, BlockPlan, HeadGroup, _rows_of
 from patterndsl.analysis.rewrite import simplify
 from patterndsl.runtime import routing
+from patterndsl.runtime.plans import per_plan
 
 
 @dataclass(frozen=True)
@@ -103,7 +103,6 @@ class DynamicPlan:
         return semantics.Context(self.plan.q_len, self.plan.kv_len, getattr(self.plan.pattern, "layout", None))
 
 
-_CACHE: dict[int, DynamicPlan] = {}
 
 
 def dynamic_plan(plan: BlockPlan) -> DynamicPlan:
@@ -115,13 +114,7 @@ def dynamic_plan(plan: BlockPlan) -> DynamicPlan:
     Returns:
         The corners, incidences and static tiles needed to merge selections at run time.
     """
-    key = id(plan)
-    out = _CACHE.get(key)
-    if out is None:
-        out = _build(plan)
-        _CACHE[key] = out
-        weakref.finalize(plan, _CACHE.pop, key, None)
-    return out
+    return per_plan(plan, "dynamic", lambda: _build(plan))
 
 
 def _build(plan: BlockPlan) -> DynamicPlan:

@@ -12,6 +12,7 @@ key a constant under ``torch.compile`` even when shapes are symbolic.
 from __future__ import annotations
 
 import threading
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -119,3 +120,29 @@ def clear() -> None:
     """Forget every cached plan (keys stay valid; plans are rebuilt on demand)."""
     with _LOCK:
         _PLANS.clear()
+
+
+# Data derived from one plan (schedules, device tensors, kernel specs, ...), keyed by the plan's
+# id and a tag, dropped when the plan is collected. The weak reference guards against a new
+# plan reusing a collected one's id before its finalizer ran.
+_PER_PLAN: dict[tuple, tuple] = {}
+
+
+def per_plan(plan, what, build):
+    """``build()`` computed once per (plan, ``what``) and kept while the plan lives.
+
+    Args:
+        plan: a ``BlockPlan`` (any weak-referenceable object).
+        what: a hashable tag naming the derived value and whatever else it depends on.
+        build: zero-argument callable computing the value.
+
+    Returns:
+        The cached value.
+    """
+    key = (id(plan), what)
+    entry = _PER_PLAN.get(key)
+    if entry is None or entry[0]() is not plan:
+        entry = (weakref.ref(plan), build())
+        _PER_PLAN[key] = entry
+        weakref.finalize(plan, _PER_PLAN.pop, key, None)
+    return entry[1]

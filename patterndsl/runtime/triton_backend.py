@@ -12,18 +12,13 @@ turned into small int32/int8 device tensors once per plan and device.
 
 from __future__ import annotations
 
-import weakref
-
 import torch
 
 from patterndsl import config
 from patterndsl.codegen import generator
 from patterndsl.errors import BackendError, InputError
 from patterndsl.runtime import cache
-
-_prepared: dict[tuple, tuple] = {}
-_specs: dict[tuple, tuple] = {}
-_retiled: dict[tuple, tuple] = {}
+from patterndsl.runtime.plans import per_plan
 
 
 def _empty(*shape: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -89,13 +84,7 @@ def _build(plan, spec, device: torch.device) -> dict:
 def prepared(plan, spec, device: torch.device) -> dict:
     """Device tensors of a plan: per group ``row_ptr, row_split, row_cols, col_ptr, col_split, col_rows,
     heads`` (int32), the ``aux`` int8 tables and the int32 orders; built once per plan, spec and device."""
-    key = (id(plan), spec.key, str(device))
-    entry = _prepared.get(key)
-    if entry is None or entry[0]() is not plan:
-        entry = (weakref.ref(plan), _build(plan, spec, device))
-        _prepared[key] = entry
-        weakref.finalize(plan, _prepared.pop, key, None)
-    return entry[1]
+    return per_plan(plan, ("prepared", spec.key, str(device)), lambda: _build(plan, spec, device))
 
 
 def _validate(q, k, v, plan) -> None:
@@ -131,13 +120,11 @@ def _strides(t: torch.Tensor) -> tuple[int, int, int]:
 
 def _spec(plan, kind: str, head_dim: int, dtype: torch.dtype, kv_heads: int, target: str):
     # make_spec prints sympy bounds and checks the plan; do it once per plan and launch facts.
-    key = (id(plan), kind, head_dim, dtype, kv_heads, target)
-    entry = _specs.get(key)
-    if entry is None or entry[0]() is not plan:
-        entry = (weakref.ref(plan), generator.make_spec(plan, kind, head_dim, dtype, kv_heads, target))
-        _specs[key] = entry
-        weakref.finalize(plan, _specs.pop, key, None)
-    return entry[1]
+    return per_plan(
+        plan,
+        ("spec", kind, head_dim, dtype, kv_heads, target),
+        lambda: generator.make_spec(plan, kind, head_dim, dtype, kv_heads, target),
+    )
 
 
 def _tiled(plan, tiles: tuple[int, int] | None):
@@ -145,17 +132,14 @@ def _tiled(plan, tiles: tuple[int, int] | None):
     # the target's limit); the plan they run must use the same tiles. Re-planned once per plan and tiles.
     if tiles is None or tiles == (plan.block_m, plan.block_n):
         return plan
-    key = (id(plan), tiles)
-    entry = _retiled.get(key)
-    if entry is None or entry[0]() is not plan:
-        from patterndsl import analysis
+    from patterndsl import analysis
 
-        order = "identity" if plan.is_identity_order else "auto"
-        tiled = analysis.plan(plan.pattern, plan.q_len, plan.kv_len, plan.heads, block=tiles, order=order)
-        entry = (weakref.ref(plan), tiled)
-        _retiled[key] = entry
-        weakref.finalize(plan, _retiled.pop, key, None)
-    return entry[1]
+    order = "identity" if plan.is_identity_order else "auto"
+    return per_plan(
+        plan,
+        ("tiled", tiles),
+        lambda: analysis.plan(plan.pattern, plan.q_len, plan.kv_len, plan.heads, block=tiles, order=order),
+    )
 
 
 def _setup(q, k, v, plan, kind: str):
