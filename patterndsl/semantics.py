@@ -65,7 +65,18 @@ def _mod(a, b):
 
 
 def _shape_of(*values) -> torch.Size:
-    return torch.broadcast_shapes(*(v.shape for v in values if isinstance(v, torch.Tensor)))
+    # Broadcast by hand: torch.broadcast_shapes imports torch.fx's symbolic shapes and sympy
+    # (0.3 s) on its first call, which would land on a CPU user's first attention call.
+    shapes = [v.shape for v in values if isinstance(v, torch.Tensor)]
+    rank = max((len(s) for s in shapes), default=0)
+    out = [1] * rank
+    for shape in shapes:
+        for axis, size in enumerate(shape, start=rank - len(shape)):
+            if size != 1:
+                if out[axis] not in (1, size):
+                    raise ValueError(f"shapes {[tuple(s) for s in shapes]} do not broadcast")
+                out[axis] = size
+    return torch.Size(out)
 
 
 def _full_like(value: bool, *like) -> torch.Tensor:

@@ -15,6 +15,8 @@ token space: query tile ``m`` holds reordered query positions
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -149,7 +151,10 @@ class HeadGroup:
             then the group has one head).
         tiles: CSR/CSC tile lists.
         runs: the same tiles as compact runs.
-        forms: a :class:`RunForm` when the tiles have a closed form, else None.
+        forms: a :class:`RunForm` when the tiles have a closed form, else None. Derived on
+            first use from ``form_source`` (the derivation imports sympy, which costs a CPU
+            user's first call 0.4 s and is needed only by kernels and inspection).
+        form_source: computes ``forms``; None when the group has no closed form.
         route_mask: for patterns with ``route``, bool ``[nnz]`` in the order of ``tiles.cols``:
             some route may allow an element of this tile (state 1 or 3), so its element mask
             must be computed with the run-time selection, even where the tile's *state* is the
@@ -162,8 +167,12 @@ class HeadGroup:
     node: ir.Node
     tiles: TileList
     runs: Runs
-    forms: RunForm | None = None
+    form_source: Callable[[], RunForm | None] | None = field(default=None, repr=False, compare=False)
     route_mask: torch.Tensor | None = None
+
+    @functools.cached_property
+    def forms(self) -> RunForm | None:
+        return None if self.form_source is None else self.form_source()
 
 
 @dataclass
@@ -313,7 +322,7 @@ def plan_from_mask(
             groups.append(HeadGroup((h,), node, tl, Runs.from_tiles(tl, dense.shape[1])))
         else:
             g = groups[seen[key]]
-            groups[seen[key]] = HeadGroup((*g.heads, h), g.node, g.tiles, g.runs, g.forms)
+            groups[seen[key]] = HeadGroup((*g.heads, h), g.node, g.tiles, g.runs, g.form_source)
         head_group.append(seen[key])
     nqb, nkb = dense.shape[1:]
     stats = PlanStats(

@@ -10,6 +10,7 @@ order with the least visited work -> assemble lists, forms and statistics.
 
 from __future__ import annotations
 
+import functools
 import time
 
 import numpy as np
@@ -155,9 +156,13 @@ def _verify_dense(p: BlockPlan, nodes) -> None:
         raise AssertionError(f"block plan of {p.pattern.name!r} differs from its dense mask (order {p.order})")
 
 
-def _assemble(pir, cand: _Candidate, groups, head_group, q_len, kv_len, heads, bm, bn, start, n_orders):
+def _form(node, qside, kside, runs, nqb, nkb):
     from patterndsl.analysis.forms import run_form
 
+    return run_form(node, qside, kside, runs, nqb, nkb)
+
+
+def _assemble(pir, cand: _Candidate, groups, head_group, q_len, kv_len, heads, bm, bn, start, n_orders):
     nqb, nkb = cand.qside.n_tiles, cand.kside.n_tiles
     rows = np.diff(cand.qside.starts)
     cols = np.diff(cand.kside.starts)
@@ -205,7 +210,9 @@ def _assemble(pir, cand: _Candidate, groups, head_group, q_len, kv_len, heads, b
         )
         tl = _tile_list(m, n, state, nqb, nkb)
         runs = Runs.from_tiles(tl, nqb)
-        form = run_form(rewritten, cand.qside, cand.kside, runs, nqb, nkb) if cand.qside.identity else None
+        form = None
+        if cand.qside.identity:
+            form = functools.partial(_form, rewritten, cand.qside, cand.kside, runs, nqb, nkb)
         rmask = None if route_mask is None else torch.from_numpy(route_mask)
         out_groups.append(HeadGroup(tuple(hs), node, tl, runs, form, rmask))
     stats.tiles_evaluated = evaluated

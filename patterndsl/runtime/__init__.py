@@ -9,8 +9,6 @@ block plan and is differentiable through ``register_autograd``.
 
 from __future__ import annotations
 
-import torch
-
 from patterndsl import ir
 from patterndsl.errors import BackendError, PatternError
 from patterndsl.runtime import op, plans, validate
@@ -21,7 +19,6 @@ CPU_BLOCK = (64, 64)
 TRITON_BLOCK = (64, 64)
 
 
-@torch.compiler.assume_constant_result
 def _plan_key(pattern: ir.PatternIR, backend: str, head_dim: int = 64) -> str:
     # Pure Python on the pattern, so torch.compile evaluates it once at trace time
     # and the op receives a constant string (sizes come from the tensors).
@@ -34,6 +31,11 @@ def _plan_key(pattern: ir.PatternIR, backend: str, head_dim: int = 64) -> str:
         return plans.register(pattern, triton_route.block_for(head_dim), "identity")
     block = CPU_BLOCK if backend == "cpu" else getattr(triton_backend_module(), "BLOCK", TRITON_BLOCK)
     return plans.register(pattern, block, "auto")
+
+
+# What ``torch.compiler.assume_constant_result`` does (torch/_dynamo/decorators.py), spelled
+# out because that call imports torch._dynamo, about one second, on every CPU user's first call.
+_plan_key._dynamo_marked_constant = True
 
 
 def triton_backend_module():

@@ -103,8 +103,6 @@ class DynamicPlan:
         return semantics.Context(self.plan.q_len, self.plan.kv_len, getattr(self.plan.pattern, "layout", None))
 
 
-
-
 def dynamic_plan(plan: BlockPlan) -> DynamicPlan:
     """The :class:`DynamicPlan` of ``plan`` (cached while the plan lives).
 

@@ -35,10 +35,23 @@ def _backend_module(backend: str, plan=None):
     return module
 
 
-@torch.library.custom_op("patterndsl::attention_fwd", mutates_args=())
-def attention_fwd(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan_key: str, scale: float, backend: str
-) -> tuple[torch.Tensor, torch.Tensor]:
+# Registered through torch.library.define/impl rather than @torch.library.custom_op: the
+# latter wraps every kernel in torch._disable_dynamo, whose first call imports torch._dynamo
+# (about one second), which would make every CPU user's first call slow. The op, its fake
+# kernels and its autograd formula are the same either way.
+torch.library.define(
+    "patterndsl::attention_fwd",
+    "(Tensor q, Tensor k, Tensor v, str plan_key, float scale, str backend) -> (Tensor, Tensor)",
+)
+torch.library.define(
+    "patterndsl::attention_bwd",
+    "(Tensor dout, Tensor dlse, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+    "str plan_key, float scale, str backend) -> (Tensor, Tensor, Tensor)",
+)
+
+
+@torch.library.impl("patterndsl::attention_fwd", ["cpu", "cuda"])
+def _attention_fwd_impl(q, k, v, plan_key, scale, backend):
     """Forward attention under the plan named by ``plan_key``.
 
     Args:
@@ -55,26 +68,15 @@ def attention_fwd(
     return out, lse.to(torch.float32)
 
 
-@attention_fwd.register_fake
+@torch.library.register_fake("patterndsl::attention_fwd")
 def _attention_fwd_fake(q, k, v, plan_key, scale, backend):
     b, h, lq, _ = q.shape
     return torch.empty_like(q), q.new_empty((b, h, lq), dtype=torch.float32)
 
 
-@torch.library.custom_op("patterndsl::attention_bwd", mutates_args=())
-def attention_bwd(
-    dout: torch.Tensor,
-    dlse: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    out: torch.Tensor,
-    lse: torch.Tensor,
-    plan_key: str,
-    scale: float,
-    backend: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of :func:`attention_fwd` through the same plan.
+@torch.library.impl("patterndsl::attention_bwd", ["cpu", "cuda"])
+def _attention_bwd_impl(dout, dlse, q, k, v, out, lse, plan_key, scale, backend):
+    """Gradients of ``attention_fwd`` through the same plan.
 
     Args:
         dout: gradient of ``out``; dlse: gradient of ``lse`` (zeros when unused).
@@ -88,9 +90,14 @@ def attention_bwd(
     return _backend_module(backend, plan).backward(q, k, v, out, lse, dout, plan, scale, dlse=dlse)
 
 
-@attention_bwd.register_fake
+@torch.library.register_fake("patterndsl::attention_bwd")
 def _attention_bwd_fake(dout, dlse, q, k, v, out, lse, plan_key, scale, backend):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+#: The two ops, one object each for every device.
+attention_fwd = torch.ops.patterndsl.attention_fwd.default
+attention_bwd = torch.ops.patterndsl.attention_bwd.default
 
 
 def _setup_context(ctx, inputs, output):
@@ -110,4 +117,4 @@ def _backward(ctx, dout, dlse):
     return dq, dk, dv, None, None, None
 
 
-attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+torch.library.register_autograd("patterndsl::attention_fwd", _backward, setup_context=_setup_context)

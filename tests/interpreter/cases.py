@@ -207,7 +207,7 @@ def case_closed_form_bounds():
     # Emptied row lists prove forward and dQ take their bounds from the form (dK/dV still read the columns).
     rowless = TileList(torch.zeros_like(t.row_ptr), t.cols[:0], t.state[:0], t.col_ptr, t.rows, t.state_t)
     group = plan.groups[0]
-    plan.groups = (HeadGroup(group.heads, group.node, rowless, group.runs, form),)
+    plan.groups = (HeadGroup(group.heads, group.node, rowless, group.runs, lambda: form),)
     check(pattern, plan, lq, lk, 1, 1, 16, torch.float32)
     source = tb.generator.render(tb.generator.make_spec(plan, target="interpret", head_dim=16))
     kernel = source.split("def fwd_g0")[1]

@@ -137,7 +137,7 @@ def test_closed_form_groups_read_no_tile_list():
     plan = plan_from_mask(pattern.mask(128, 128), (32, 32), pattern=pattern.ir, nodes=[pattern.ir.default])
     m = sympy.Symbol("m", integer=True)
     g = plan.groups[0]
-    plan.groups = (HeadGroup(g.heads, g.node, g.tiles, g.runs, RunForm(m, sympy.Integer(0), m + 1, 0, m)),)
+    plan.groups = (HeadGroup(g.heads, g.node, g.tiles, g.runs, lambda: RunForm(m, sympy.Integer(0), m + 1, 0, m)),)
     text = generator.render(generator.make_spec(plan, head_dim=32))
     kernel = text.split("def fwd_g0")[1]
     assert "hi = (1 + m)" in kernel and "tl.load(ROW" not in kernel

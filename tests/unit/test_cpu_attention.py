@@ -291,3 +291,70 @@ def test_split_sub_tiles_never_see_keys_outside_their_window(monkeypatch):
         assert not bool(mask[rows][:, ~seen].any())
         # ... and the window's mask blocks exactly the pairs the pattern forbids.
         assert torch.equal(~sp.blocked, mask[rows][:, keys])
+
+
+#: Affine segments of every kind the in-place backward handles: (pattern, Lq, Lk, expected
+#: (step, mask kind) among the affine segments of the plan at 8x8 tiles).
+AFFINE_CASES = {
+    # Query tile m reaches key tiles 2m, 2m+1, fully: step 2, no mask.
+    "step2_full": ("where(k // 16 == (q - 64) // 8)", 64, 128, (2, "none")),
+    # The same with holes that differ from tile to tile: step 2, one mask per tile.
+    "step2_masked": ("where(k // 16 == (q - 64) // 8 and (q + k) % 5 != 0)", 64, 128, (2, "per_tile")),
+    # Every query tile reaches the same two key tiles: step 0, one shared mask.
+    "step0_shared": ("where(k < 13)", 64, 64, (0, "shared")),
+    # A sliding window: step 1, one shared mask.
+    "step1_shared": ("causal & window(12)", 80, 80, (1, "shared")),
+    # Rows with no allowed key inside an affine segment.
+    "empty_rows": ("causal & window(12) & where(q % 8 < 5)", 80, 80, (1, "shared")),
+}
+
+
+def _affine_kinds(plan) -> set[tuple[int, str]]:
+    kinds = set()
+    for sched in cpu.schedules(plan):
+        for seg in sched.segments:
+            if seg.affine is None:
+                continue
+            mask = "none" if seg.blocked is None else "shared" if seg.blocked.shape[0] == 1 else "per_tile"
+            kinds.add((seg.affine[1], mask))
+    return kinds
+
+
+@pytest.mark.parametrize("name", sorted(AFFINE_CASES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_affine_backward_accumulates_in_place(name, dtype, monkeypatch):
+    """dQ/dK/dV (with a gradient on lse too) of affine segments of every step and mask kind."""
+    monkeypatch.setattr(runtime, "CPU_BLOCK", (8, 8))
+    # Steps of 3 query tiles: several steps per segment, the last one short.
+    monkeypatch.setattr(cpu, "AFFINE_BWD_TILES", 3)
+    body, lq, lk, kind = AFFINE_CASES[name]
+    pattern = _compile(body)
+    plan = plan_from_mask(pattern.mask(lq, lk, 1), (8, 8), pattern=pattern.ir, nodes=[pattern.ir.default])
+    assert kind in _affine_kinds(plan), _affine_kinds(plan)
+    q, k, v = _inputs(2, 4, 2, lq, lk, 8, dtype)
+    mask = pattern.mask(lq, lk, 4)
+    w_out, w_lse = torch.randn(2, 4, lq, 8, dtype=dtype), torch.randn(2, 4, lq, dtype=torch.float64)
+
+    def loss(out, lse):
+        # lse of rows with no allowed key is -inf; its gradient there is 0 by contract.
+        lse = lse.double().masked_fill(torch.isinf(lse), 0.0)
+        return (out.double() * w_out.double()).sum() + (lse * w_lse).sum()
+
+    loss(*pattern(q, k, v, return_lse=True)).backward()
+    got = [t.grad.clone() for t in (q, k, v)]
+    for t in (q, k, v):
+        t.grad = None
+    loss(*reference_attention(q, k, v, mask)).backward()
+    # float64 stays limited by the float32 lse the forward saves (the contract's lse dtype).
+    tol = 1e-4 if dtype == torch.float32 else 2e-6
+    for name_, g, t in zip("qkv", got, (q, k, v), strict=True):
+        assert bool(torch.isfinite(g).all())
+        torch.testing.assert_close(g.double(), t.grad.double(), atol=tol, rtol=tol, msg=lambda m, n=name_: f"d{n}: {m}")
+
+
+def test_affine_backward_gradcheck(monkeypatch):
+    monkeypatch.setattr(runtime, "CPU_BLOCK", (4, 4))
+    monkeypatch.setattr(cpu, "AFFINE_BWD_TILES", 2)
+    pattern = _compile("where(k // 8 == (q - 16) // 4 and (q + k) % 5 != 0)")
+    q, k, v = _inputs(1, 2, 1, 16, 32, 3, torch.float64)
+    assert torch.autograd.gradcheck(lambda q, k, v: pattern(q, k, v), (q, k, v), fast_mode=True)

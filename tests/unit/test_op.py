@@ -183,3 +183,30 @@ def test_backend_resolution_by_device():
         resolve_backend("cpu", torch.device("cuda"))
     with pytest.raises(BackendError, match="meta"):
         resolve_backend("auto", torch.device("meta"))
+
+
+def test_first_call_imports_no_compiler_machinery():
+    """A CPU user's first call (compile, forward, backward) stays clear of torch._dynamo and sympy.
+
+    Importing those took 0.4-1.7 s here, most of the first call's time; the op is therefore
+    registered with torch.library.define/impl (custom_op's wrappers import dynamo on first
+    call), closed forms are derived lazily and semantics broadcasts shapes itself.
+    """
+    code = (
+        "import sys, torch, patterndsl\n"
+        "p = patterndsl.compile('pattern p { causal & window(20) }')\n"
+        "q = torch.randn(1, 2, 300, 16, requires_grad=True)\n"
+        "p(q, q, q).sum().backward()\n"
+        "heavy = ['torch._dynamo', 'sympy', 'torch.fx.experimental.symbolic_shapes']\n"
+        "print([m for m in heavy if m in sys.modules])\n"
+    )
+    root = Path(__file__).resolve().parents[2]
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_closed_forms_are_derived_on_first_use():
+    plan = _pattern("causal & window(100)").plan(1024, block=(64, 64))
+    (group,) = plan.groups
+    assert "forms" not in group.__dict__
+    assert group.forms is not None and group.forms is group.forms
