@@ -98,6 +98,7 @@ def cases(quick: bool) -> list[Case]:
             short,
             bigbird(short, 96, 64, 3, 64, 0),
         ),
+        Case(f"causal, L={short}", "causal", short, lambda b, h, q, k: q >= k),
     ]
 
 

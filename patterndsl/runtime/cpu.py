@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import torch
 
 from patterndsl import ir, semantics
-from patterndsl.analysis.plan import PARTIAL, BlockPlan, HeadGroup
+from patterndsl.analysis.plan import FULL, PARTIAL, BlockPlan, HeadGroup
 from patterndsl.runtime.plans import per_plan
 
 #: Score-matrix bytes per chunk: large enough for efficient batched matmuls,
@@ -67,12 +67,15 @@ class Segment:
             ``lo0 + t*step .. + width`` (and ``q_tiles`` are consecutive), else None.
         blocked: bool ``[1 or n, BM, width*BN]``, True where a pair is *not* allowed; None
             when every tile is full and inside the lengths.
+        merge: the rows also have other key tiles, in a segment scheduled earlier: the forward
+            merges this segment's output into theirs by log-sum-exp, the backward adds to dQ.
     """
 
     q_tiles: torch.Tensor
     kv_tiles: torch.Tensor
     affine: tuple[int, int] | None
     blocked: torch.Tensor | None
+    merge: bool = False
     _cache: dict = field(default_factory=dict, compare=False, repr=False)
 
     def bias(self, dtype: torch.dtype) -> torch.Tensor | None:
@@ -104,7 +107,7 @@ class Segment:
         blocked = self.blocked
         if blocked is not None and blocked.shape[0] > 1:
             blocked = blocked[a:b]
-        return Segment(self.q_tiles[a:b], self.kv_tiles[a:b], affine, blocked)
+        return Segment(self.q_tiles[a:b], self.kv_tiles[a:b], affine, blocked, self.merge)
 
 
 @dataclass(frozen=True)
@@ -137,13 +140,89 @@ def schedule(
     """
     counts = (row_ptr[1:] - row_ptr[:-1]).tolist()
     starts = row_ptr[:-1].tolist()
-    cols_l = cols.tolist()
-    runs: list[list] = []  # [m0, n, lo0, step, width]
-    loose: dict[int, list[int]] = {}
-    for m, (c, s) in enumerate(zip(counts, starts, strict=True)):
-        if c == 0:
+    cols_l, state_l = cols.tolist(), state.tolist()
+    rows = {m: cols_l[s : s + c] for m, (c, s) in enumerate(zip(counts, starts, strict=True)) if c}
+    runs, loose = _affine_runs(rows)
+    wide: dict[int, list[int]] = {}
+    if WIDE_MIN:
+        # Loose rows with a long run of full tiles: that run goes alone (no mask, no copy) and
+        # is merged by log-sum-exp; the rest of the row is scheduled again like any row.
+        rest = {}
+        for m in sorted(m for group in loose.values() for m in group):
+            a, b = _full_run(cols_l, state_l, starts[m], counts[m])
+            if b - a >= WIDE_MIN:
+                wide[m] = cols_l[a:b]
+                rows[m] = cols_l[starts[m] : a] + cols_l[b : starts[m] + counts[m]]
+            if rows[m]:
+                rest[m] = rows[m]
+        if wide:
+            more, loose = _affine_runs(rest)
+            runs += more
+    segments = [(*_affine_tiles(*run), None, False) for run in runs]
+    for bucket in _buckets(loose):
+        width = max(c for c, _ in bucket)
+        ms = sorted(m for c, group in bucket for m in group)
+        q_tiles = torch.tensor(ms, dtype=torch.int64)
+        # Narrower rows are padded with their last key tile, fully blocked: one bigger step
+        # instead of one per width.
+        kv_tiles = torch.empty(len(ms), width, dtype=torch.int64)
+        pad = torch.zeros(len(ms), width, dtype=torch.bool)
+        for t, m in enumerate(ms):
+            c = len(rows[m])
+            kv_tiles[t, :c] = torch.tensor(rows[m])
+            kv_tiles[t, c:] = rows[m][-1]
+            pad[t, c:] = True
+        segments.append((q_tiles, kv_tiles, None, pad, False))
+    # Wide runs last: they merge into rows the segments above wrote (or into idle rows).
+    wide_runs, _ = _affine_runs(wide, min_tiles=1)
+    segments += [(*_affine_tiles(*run), None, True) for run in wide_runs]
+    # Tile states looked up by (query tile, key tile) through the sorted CSR keys: memory stays
+    # O(non-empty tiles), not O(nqb x nkb).
+    tile_rows = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
+    states = _TileStates(tile_rows * plan.n_kv_tiles + cols, state.to(torch.int8), plan.n_kv_tiles)
+    return tuple(
+        Segment(qt, kt, aff, _blocked(qt, kt, states, plan, tile_mask, pad), merge)
+        for qt, kt, aff, pad, merge in segments
+    )
+
+
+#: A loose query tile (in no equal-width affine run) whose key tiles include at least this many
+#: consecutive full tiles runs them as a separate segment, unmasked over a strided view, merged
+#: by log-sum-exp: causal and global rows run at dense speed instead of as padded, gathered
+#: (copied) buckets (causal 8K: 3.0 s and 4.9 GB before). 0 disables.
+WIDE_MIN = 8
+
+
+def _full_run(cols: list[int], state: list[int], start: int, count: int) -> tuple[int, int]:
+    """``[a, b)`` positions of the longest run of consecutive full key tiles of one CSR row."""
+    best, a = (start, start), None
+    for i in range(start, start + count):
+        if state[i] != FULL:
+            a = None
             continue
-        lo, hi = cols_l[s], cols_l[s + c - 1]
+        if a is None or cols[i] != cols[i - 1] + 1:
+            a = i
+        if i + 1 - a > best[1] - best[0]:
+            best = (a, i + 1)
+    return best
+
+
+def _affine_runs(rows: dict[int, list[int]], min_tiles: int | None = None):
+    """Equal-width runs of query tiles with contiguous key tiles translated by a constant step.
+
+    Args:
+        rows: query tile -> its sorted key tiles (non-empty), any query tiles.
+        min_tiles: runs of fewer query tiles are loose (default :data:`MIN_AFFINE`).
+
+    Returns:
+        ``(runs, loose)``: runs ``[m0, n, lo0, step, width]``; loose maps a width to the query
+        tiles in no run (key tiles not contiguous, or a run too short).
+    """
+    runs: list[list] = []
+    loose: dict[int, list[int]] = {}
+    for m in sorted(rows):
+        tiles = rows[m]
+        c, lo, hi = len(tiles), tiles[0], tiles[-1]
         if hi - lo + 1 != c:
             loose.setdefault(c, []).append(m)
             continue
@@ -155,33 +234,17 @@ def schedule(
                 cur[1] += 1
                 continue
         runs.append([m, 1, lo, 0, c])
-    segments = []
-    for m0, n, lo0, step, width in runs:
-        if n < MIN_AFFINE:
+    keep = MIN_AFFINE if min_tiles is None else min_tiles
+    for m0, n, _, _, width in runs:
+        if n < keep:
             loose.setdefault(width, []).extend(range(m0, m0 + n))
-            continue
-        q_tiles = torch.arange(m0, m0 + n)
-        kv_tiles = lo0 + step * q_tiles[:, None].sub(m0) + torch.arange(width)
-        segments.append((q_tiles, kv_tiles, (lo0, step), None))
-    for bucket in _buckets(loose):
-        width = max(c for c, _ in bucket)
-        ms = sorted(m for c, group in bucket for m in group)
-        q_tiles = torch.tensor(ms, dtype=torch.int64)
-        # Narrower rows are padded with their last key tile, fully blocked: one bigger step
-        # instead of one per width.
-        kv_tiles = torch.empty(len(ms), width, dtype=torch.int64)
-        pad = torch.zeros(len(ms), width, dtype=torch.bool)
-        for t, m in enumerate(ms):
-            a, c = int(row_ptr[m]), counts[m]
-            kv_tiles[t, :c] = cols[a : a + c]
-            kv_tiles[t, c:] = cols[a + c - 1]
-            pad[t, c:] = True
-        segments.append((q_tiles, kv_tiles, None, pad))
-    # Tile states looked up by (query tile, key tile) through the sorted CSR keys: memory stays
-    # O(non-empty tiles), not O(nqb x nkb).
-    rows = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
-    states = _TileStates(rows * plan.n_kv_tiles + cols, state.to(torch.int8), plan.n_kv_tiles)
-    return tuple(Segment(qt, kt, aff, _blocked(qt, kt, states, plan, tile_mask, pad)) for qt, kt, aff, pad in segments)
+    return [r for r in runs if r[1] >= keep], loose
+
+
+def _affine_tiles(m0: int, n: int, lo0: int, step: int, width: int):
+    q_tiles = torch.arange(m0, m0 + n)
+    kv_tiles = lo0 + step * q_tiles[:, None].sub(m0) + torch.arange(width)
+    return q_tiles, kv_tiles, (lo0, step)
 
 
 class _TileStates:
@@ -273,9 +336,11 @@ def _build_schedules(plan: BlockPlan) -> tuple[Schedule, ...]:
 
 
 def _idle(segments: tuple[Segment, ...], n_q_tiles: int) -> torch.Tensor:
+    """Query tiles no writing segment covers (zeroed first; ``merge`` segments add to them)."""
     covered = torch.zeros(n_q_tiles, dtype=torch.bool)
     for seg in segments:
-        covered[seg.q_tiles] = True
+        if not seg.merge:
+            covered[seg.q_tiles] = True
     return torch.nonzero(~covered).flatten()
 
 
@@ -371,6 +436,25 @@ def _put_rows(dst: torch.Tensor, seg: Segment, bm: int, value: torch.Tensor) -> 
         tiled[:, :, seg.q_tiles] = value
 
 
+def _emit(op: torch.Tensor, lp: torch.Tensor, seg: Segment, bm: int, o: torch.Tensor, lse: torch.Tensor) -> None:
+    """Write a segment's output rows ``o [B, h, n, BM, D]`` and ``lse [B, h, n, BM]``, or merge them.
+
+    A ``merge`` segment (affine) combines with what the rows hold by log-sum-exp, in place;
+    rows where both sides are empty stay 0 / -inf.
+    """
+    if not seg.merge:
+        _put_rows(op, seg, bm, o)
+        _put_rows(lp, seg, bm, lse)
+        return
+    old_o, old_l = _q_view(op, seg, bm), _q_view(lp[..., None], seg, bm)[..., 0]
+    top = torch.maximum(old_l, lse)
+    top.masked_fill_(torch.isinf(top), 0.0)
+    w_old, w_new = (old_l - top).exp_(), (lse - top).exp_()
+    den = w_old + w_new
+    old_o.mul_(w_old[..., None]).add_(o * w_new[..., None]).div_(den.clamp(min=1e-30)[..., None])
+    old_l.copy_(torch.where(den > 0, top + den.log(), old_l))
+
+
 def _add_keys(dst: torch.Tensor, seg: Segment, bn: int, value: torch.Tensor) -> None:
     """Accumulate per-tile key gradients ``value [B, h, n, width*BN, D]`` into ``dst [B, h, Lk_pad, D]``."""
     b, h, _, d = dst.shape
@@ -445,7 +529,8 @@ def _split(seg: Segment, block, dtype: torch.dtype) -> _Split | None:
     bm, bn = block
     out = None
     shared = seg.blocked is not None and seg.blocked.shape[0] == 1
-    if SPLIT_ROWS and seg.affine is not None and shared and bm % SPLIT_ROWS == 0 and bm > SPLIT_ROWS:
+    split = SPLIT_ROWS and seg.affine is not None and shared and not seg.merge
+    if split and bm % SPLIT_ROWS == 0 and bm > SPLIT_ROWS:
         parts, rows = bm // SPLIT_ROWS, SPLIT_ROWS
         step = seg.affine[1] * bn
         allowed = ~seg.blocked[0].view(parts, rows, -1)
@@ -481,8 +566,7 @@ def _forward_fused(qp, kp, vp, op, lp, seg: Segment, block, scale: float) -> Non
     if empty is not None:
         # The kernel reports lse = 0 for rows with no allowed key; the contract says -inf.
         lse = lse.masked_fill(empty, float("-inf"))
-    _put_rows(op, seg, bm, o.unflatten(0, (b, h)))
-    _put_rows(lp, seg, bm, lse)
+    _emit(op, lp, seg, bm, o.unflatten(0, (b, h)), lse)
 
 
 def _forward_math(qp, kp, vp, op, lp, seg0: Segment, block, scale: float) -> None:
@@ -496,8 +580,7 @@ def _forward_math(qp, kp, vp, op, lp, seg0: Segment, block, scale: float) -> Non
         den = s.sum(-1, keepdim=True)
         # Rows with no allowed key have den = 0 and a zero numerator: clamp makes them 0, not NaN.
         o = torch.matmul(s, _kv_view(vp, seg, bn)).div_(den.clamp(min=1.0))
-        _put_rows(op, seg, bm, o)
-        _put_rows(lp, seg, bm, (m + den.log()).squeeze(-1))
+        _emit(op, lp, seg, bm, o, (m + den.log()).squeeze(-1))
 
 
 def _forward_fused_split(qp, kp, vp, op, lp, seg: Segment, sp: _Split, bm: int, scale: float) -> None:
@@ -609,9 +692,12 @@ def _backward_affine(t: dict, seg: Segment, block, scale: float) -> None:
                 p.exp2_()
                 ds = torch.bmm(doc, vw.transpose(1, 2), out=ds_buf[:n])
                 ds.sub_(delta[rows].view(n, bm, 1)).mul_(p)
-                torch.bmm(ds, kw, out=dq[rows].view(n, bm, d))
-                dq[rows].mul_(scale)
-                if step == 0:
+                if seg.merge:
+                    dq[rows].view(n, bm, d).baddbmm_(ds, kw, alpha=scale)
+                else:
+                    torch.bmm(ds, kw, out=dq[rows].view(n, bm, d))
+                    dq[rows].mul_(scale)
+                if step == 0 or n == 1:
                     span = slice(tile * bn, (tile + width) * bn)
                     dv[span].addmm_(p.view(-1, width * bn).t(), doc.reshape(-1, d))
                     dk[span].addmm_(ds.view(-1, width * bn).t(), qc.reshape(-1, d), alpha=scale)

@@ -358,3 +358,45 @@ def test_affine_backward_gradcheck(monkeypatch):
     pattern = _compile("where(k // 8 == (q - 16) // 4 and (q + k) % 5 != 0)")
     q, k, v = _inputs(1, 2, 1, 16, 32, 3, torch.float64)
     assert torch.autograd.gradcheck(lambda q, k, v: pattern(q, k, v), (q, k, v), fast_mode=True)
+
+
+@pytest.mark.parametrize("name", sorted(PATTERNS))
+def test_wide_full_runs_merge_by_lse(name, monkeypatch):
+    """Long runs of full tiles in loose rows run alone and merge by log-sum-exp (any pattern, 8x8 tiles)."""
+    monkeypatch.setattr(runtime, "CPU_BLOCK", (8, 8))
+    monkeypatch.setattr(cpu, "WIDE_MIN", 2)
+    monkeypatch.setattr(cpu, "AFFINE_BWD_TILES", 3)
+    pattern = _compile(PATTERNS[name])
+    length = GRID_LEN if "layout" in PATTERNS[name] else 100
+    _check(pattern, *_inputs(2, 3, 3, length, length, 16, torch.float32))
+
+
+@pytest.mark.parametrize("kernel_name", ["fused", "math"])
+def test_causal_rows_split_into_full_runs_and_diagonal(kernel_name, monkeypatch):
+    """Causal: the diagonal tiles form one masked affine segment, the full prefixes merge into it."""
+    monkeypatch.setattr(cpu, "KERNEL", kernel_name)
+    pattern = _compile("causal")
+    plan = plan_from_mask(pattern.mask(1024, 1024, 1), (64, 64), pattern=pattern.ir, nodes=[pattern.ir.default])
+    (sched,) = cpu.schedules(plan)
+    writers = [s for s in sched.segments if not s.merge]
+    wide = [s for s in sched.segments if s.merge]
+    # Rows with >= WIDE_MIN full tiles before the diagonal: one masked affine diagonal segment
+    # plus one unmasked full prefix each; the shorter first rows are gathered as before.
+    diagonal = [s for s in writers if s.affine is not None]
+    assert len(diagonal) == 1 and diagonal[0].affine == (cpu.WIDE_MIN, 1) and diagonal[0].width == 1
+    assert [int(s.q_tiles[0]) for s in wide] == list(range(cpu.WIDE_MIN, plan.n_q_tiles))
+    assert all(s.blocked is None and s.affine[0] == 0 and s.width == int(s.q_tiles[0]) for s in wide)
+    covered = torch.cat([s.q_tiles for s in writers]).sort().values
+    assert torch.equal(covered, torch.arange(plan.n_q_tiles))
+    # Values and gradients, with a key tail inside the last diagonal tile.
+    monkeypatch.setattr(runtime, "CPU_BLOCK", (64, 64))
+    _check(pattern, *_inputs(1, 2, 1, 1000, 1000, 16, torch.float32))
+
+
+def test_global_rows_run_unmasked_without_copies():
+    pattern = _compile("window(3, 3) | global(70)")
+    plan = plan_from_mask(pattern.mask(1024, 1024, 1), (64, 64), pattern=pattern.ir, nodes=[pattern.ir.default])
+    (sched,) = cpu.schedules(plan)
+    wide = [s for s in sched.segments if s.merge]
+    # Query tile 0 sees every key: one unmasked 16-tile run (the global rows 64..69 share tile 1).
+    assert any(int(s.q_tiles[0]) == 0 and s.width >= 8 and s.blocked is None for s in wide)
