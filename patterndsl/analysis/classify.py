@@ -33,6 +33,9 @@ class Env:
     layout: ir.Layout | None
     head: int
     cache: dict = field(default_factory=dict)
+    #: Query heads of the whole pattern (0: unknown). ``route`` candidates whose ``among`` reads
+    #: ``h`` are the union over these heads (see Engine.route_candidates).
+    heads: int = 0
 
     @property
     def offset(self) -> int:

@@ -25,6 +25,7 @@ Every tile whose state needs element-wise evaluation is counted in ``evaluated``
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import numpy as np
@@ -324,9 +325,18 @@ class Engine:
         boxes = isinstance(prim.arg("block"), tuple) or isinstance(prim.arg("qblock"), tuple)
         qcoarse = _group_side(qgroup, n_q, self.q, self.env.offset, self.env.layout, boxes)
         kcoarse = _group_side(kblock, n_k, self.k, 0, self.env.layout, boxes)
-        sub = Engine(qcoarse, kcoarse, self.env)
-        ckeys, _ = sub.run(rewrite_for_plan(among), None)
-        self.evaluated += sub.evaluated
+        # Under grouped-query attention the heads sharing a key-value head share one choice
+        # among the union of their candidates, and a plan does not know the grouping: when
+        # among reads h, a head's candidates are the union over every head (a superset of any
+        # group's), and RouteFacts treats every group as open (no choice is forced).
+        heads = range(self.env.heads) if ir.uses_head(among) and self.env.heads else [self.env.head]
+        found = []
+        for h in heads:
+            env = self.env if h == self.env.head else dataclasses.replace(self.env, head=h, cache={})
+            sub = Engine(qcoarse, kcoarse, env)
+            found.append(sub.run(rewrite_for_plan(among), None)[0])
+            self.evaluated += sub.evaluated
+        ckeys = found[0] if len(found) == 1 else np.unique(np.concatenate(found))
         # Which tiles each group / block meets: sorted ``group * n_tiles + tile`` (one entry per pair).
         qtile = np.empty(len(qgroup), np.int64)
         qtile[self.q.order] = np.repeat(np.arange(self.nqb), np.diff(self.q.starts))

@@ -78,8 +78,9 @@ def _plan_order(desc, qsegs, ksegs, identity, groups, q_len, kv_len, layout, bm,
     results, engines = [], []
     work = 0
     budget = None if bound is None else CANDIDATE_BUDGET
+    n_heads = sum(len(heads) for _, heads in groups)
     for node, heads in groups:
-        env = Env(q_len, kv_len, layout, heads[0])
+        env = Env(q_len, kv_len, layout, heads[0], heads=n_heads)
         engine = eng.Engine(qside, kside, env, budget)
         try:
             if ir.is_dynamic(node):

@@ -49,6 +49,11 @@ class RouteFacts:
         self.n_cand = np.bincount(self.cand // self.n_k, minlength=self.n_q).astype(np.int64)
         self.take = np.minimum(prim.arg("topk"), self.n_cand)
         self.open = self.n_cand > self.take
+        if ir.uses_head(prim.arg("among")):
+            # The candidates are a union over heads (Engine.route_candidates): a group's run-time
+            # candidates may be fewer, so nothing is forced; every candidate tile stays decided
+            # at run time.
+            self.open = self.n_cand > 0
         self.forced = self.cand[~self.open[self.cand // self.n_k]]
 
 

@@ -38,6 +38,13 @@ CASES = {
     "static_partial_reached": ("pattern p { causal & (window(2) | route(1, block = 4, among = causal)) }", 24, 24),
     "empty_rows": ("pattern p { route(1, block = 4, qblock = 2, among = causal - blocks(4)) }", 20, 20),
     "per_head": ("pattern p { heads 0..1: causal & window(3)\n causal & (sink(2) | route(2, block = 4)) }", 22, 22),
+    # Candidates differ per head; under GQA the heads of a group share the union's choice, so
+    # a head may get a block its own among excludes (the plan must not call such tiles empty).
+    "among_reads_head": (
+        "pattern p { causal & route(1, block = 4, qblock = 4, among = where((k // 4 + h) % 2 == 0)) }",
+        24,
+        24,
+    ),
 }
 
 
