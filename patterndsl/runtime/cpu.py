@@ -623,6 +623,8 @@ def _backward_fused_chunk(t: dict, seg: Segment, block, scale: float) -> None:
 #: Query tiles per step of the in-place affine backward (per head): the step's ``[n, BM,
 #: width*BN]`` probabilities stay cache-sized (16K sliding window, 2 threads: 32-64 best).
 AFFINE_BWD_TILES = 32
+#: ... and fewer when one such score buffer would exceed this many bytes (wide key windows).
+AFFINE_BWD_BYTES = 4 << 20
 
 
 def _window(x: torch.Tensor, tile: int, n: int, step: int, tiles: int, bn: int) -> torch.Tensor:
@@ -671,7 +673,8 @@ def _backward_affine(t: dict, seg: Segment, block, scale: float) -> None:
     lo0, step = seg.affine
     width, m0 = seg.width, int(seg.q_tiles[0])
     columns = _column_biases(seg, bn, t["q"].dtype)
-    chunk = min(AFFINE_BWD_TILES, len(seg))
+    per_tile = bm * width * bn * t["q"].element_size()
+    chunk = max(1, min(AFFINE_BWD_TILES, len(seg), AFFINE_BWD_BYTES // per_tile))
     p_buf = t["q"].new_empty(chunk, bm, width * bn)
     ds_buf = torch.empty_like(p_buf)
     for b in range(nb):
