@@ -107,7 +107,12 @@ class Segment:
         blocked = self.blocked
         if blocked is not None and blocked.shape[0] > 1:
             blocked = blocked[a:b]
-        return Segment(self.q_tiles[a:b], self.kv_tiles[a:b], affine, blocked, self.merge)
+        part = Segment(self.q_tiles[a:b], self.kv_tiles[a:b], affine, blocked, self.merge)
+        for key, bias in self._cache.items():
+            # Additive masks built for this segment serve its slices (built once per plan, not per call).
+            if isinstance(key, torch.dtype):
+                part._cache[key] = bias[:, a:b] if bias.shape[1] > 1 else bias
+        return part
 
 
 @dataclass(frozen=True)
@@ -552,13 +557,26 @@ def _split(seg: Segment, block, dtype: torch.dtype) -> _Split | None:
     return out
 
 
-def _forward_fused(qp, kp, vp, op, lp, seg: Segment, block, scale: float) -> None:
+def _forward_fused(qp, kp, vp, op, lp, seg0: Segment, block, scale: float) -> None:
+    bm, bn = block
+    b, h, _, d = qp.shape
+    sp = _split(seg0, block, qp.dtype)
+    if sp is not None:
+        _forward_fused_split(qp, kp, vp, op, lp, seg0, sp, bm, scale)
+        return
+    if seg0.affine is not None:
+        _forward_fused_step(qp, kp, vp, op, lp, seg0, block, scale)
+        return
+    # Gathered keys are copies ([n, width*BN, D] for K and V): chunks bound that memory.
+    seg0.bias(qp.dtype)
+    budget = FUSED_CHUNK_BYTES_SERIAL if torch.get_num_threads() == 1 else FUSED_CHUNK_BYTES
+    for seg in _chunks(seg0, 2 * b * h * bn * d * qp.element_size(), budget):
+        _forward_fused_step(qp, kp, vp, op, lp, seg, block, scale)
+
+
+def _forward_fused_step(qp, kp, vp, op, lp, seg: Segment, block, scale: float) -> None:
     bm, bn = block
     b, h = qp.shape[:2]
-    sp = _split(seg, block, qp.dtype)
-    if sp is not None:
-        _forward_fused_split(qp, kp, vp, op, lp, seg, sp, bm, scale)
-        return
     qc, kc, vc = _flat(_q_view(qp, seg, bm)), _flat(_kv_view(kp, seg, bn)), _flat(_kv_view(vp, seg, bn))
     o, lse = _FLASH(qc, kc, vc, 0.0, False, attn_mask=seg.bias(qp.dtype), scale=scale)
     lse = lse.unflatten(0, (b, h))
