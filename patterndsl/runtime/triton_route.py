@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from patterndsl.codegen import routed as route_kernels
-from patterndsl.runtime import cache, dynamic
+from patterndsl.runtime import cache, dynamic, plans
 
 #: Plan tiles (BM, BN) of routed Triton kernels and their warps: with 8 warps, 64 x 32 tiles
 #: build without register spills for sm_80 and sm_90 up to head dim 64, 32 x 32 above
@@ -57,6 +57,10 @@ def _setup(q, k, plan):
         )
         module = cache.load(spec, route_kernels.render)
         dev = q.device
+        # random(...) tables the predicates read; built once per plan, kernel spec and device.
+        aux = plans.per_plan(
+            plan, ("route_aux", spec.key, str(dev)), lambda s=spec, d=dev: route_kernels.aux_table(s).to(d)
+        )
         route_args = []
         for p in routes:
             sel = selections[p]
@@ -65,7 +69,7 @@ def _setup(q, k, plan):
             route_args += [table, qg, kb, sel.n_groups, sel.n_blocks]
         heads = torch.tensor(group.heads, dtype=torch.int32, device=dev)
         tiles = (row_ptr.to(dev, torch.int32), cols.to(dev, torch.int32), state.to(dev, torch.int8))
-        yield module, tiles, heads, route_args, spec.num_warps
+        yield module, tiles, heads, aux, route_args, spec.num_warps
 
 
 def _walk(node):
@@ -90,8 +94,7 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan, scale: floa
     b, h, lq, _ = q.shape
     out = torch.empty_like(q)
     lse = torch.empty(b, h, lq, dtype=torch.float32, device=q.device)
-    aux = torch.zeros(1, dtype=torch.int8, device=q.device)
-    for module, tiles, heads, route_args, warps in _setup(q, k, plan):
+    for module, tiles, heads, aux, route_args, warps in _setup(q, k, plan):
         grid = (plan.n_q_tiles, b * len(heads))
         module.route_fwd[grid](
             q, k, v, out, lse, *tiles, heads, aux, *route_args,
@@ -123,8 +126,7 @@ def backward(q, k, v, out, lse, dout, plan, scale: float, dlse=None):
     dq = torch.empty_like(q)
     dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
     dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
-    aux = torch.zeros(1, dtype=torch.int8, device=q.device)
-    for module, tiles, heads, route_args, warps in _setup(q, k, plan):
+    for module, tiles, heads, aux, route_args, warps in _setup(q, k, plan):
         grid = (plan.n_q_tiles, b * len(heads))
         module.route_bwd[grid](
             q, k, v, dout, lse, delta, dq, dk, dv, *tiles, heads, aux, *route_args,

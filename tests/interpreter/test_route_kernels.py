@@ -39,6 +39,9 @@ CASES = {
         None, 24, 24, 1, 2, 2, 16, "float32",
     ),
     "per_head": ("causal & (sink(2) | route(2, block = 4))", None, 30, 30, 1, 3, 1, 16, "float32"),
+    # random(...) tables reach the routed kernels through AUX.
+    "random_and_route": ("causal & (random(1, 8, 3) | route(1, block = 8, among = causal))", None, 40, 40, 1, 2, 1,
+                         16, "float32"),
 }  # fmt: skip
 
 

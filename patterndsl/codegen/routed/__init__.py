@@ -24,6 +24,8 @@ import hashlib
 import itertools
 from dataclasses import dataclass
 
+import torch
+
 from patterndsl import ir
 from patterndsl.codegen import predicate
 from patterndsl.codegen.predicate import FLOOR_HELPERS, AuxTables, render_predicate
@@ -86,6 +88,25 @@ def _corner(node: ir.Node, routes: tuple[ir.Prim, ...], bits: tuple[int, ...]) -
     return substitute(node, {r: (ir.FULL if bit else ir.EMPTY) for r, bit in zip(routes, bits, strict=True)})
 
 
+def _predicates(spec: RouteKernelSpec) -> tuple[list[tuple[int, ...]], list[str], AuxTables]:
+    """The corners (one bit per route: replaced by ``full`` or ``empty``), their predicate texts, and the
+    ``random`` tables the predicates read through ``AUX``."""
+    aux = AuxTables()
+    corners = list(itertools.product((0, 1), repeat=len(spec.routes)))
+    funcs = [
+        render_predicate(
+            f"_corner_{c}", _corner(spec.node, spec.routes, bits), spec.layout, spec.q_len, spec.kv_len, aux
+        )
+        for c, bits in enumerate(corners)
+    ]
+    return corners, funcs, aux
+
+
+def aux_table(spec: RouteKernelSpec) -> torch.Tensor:
+    """The int8 ``AUX`` tensor the kernels of ``spec`` read (``random`` tables; one zero byte without)."""
+    return _predicates(spec)[2].tensor()
+
+
 def render(spec: RouteKernelSpec) -> str:
     """The Triton source of the routed forward and backward kernels of ``spec``.
 
@@ -95,20 +116,7 @@ def render(spec: RouteKernelSpec) -> str:
     Returns:
         Source text starting with a header comment naming the pattern, sizes and cache key.
     """
-    aux = AuxTables()
-    corners = list(itertools.product((0, 1), repeat=len(spec.routes)))
-    funcs = [
-        render_predicate(
-            f"_corner_{c}", _corner(spec.node, spec.routes, bits), spec.layout, spec.q_len, spec.kv_len, aux
-        )
-        for c, bits in enumerate(corners)
-    ]
-    if aux.size:
-        from patterndsl.errors import BackendError
-
-        raise BackendError(
-            f"pattern {spec.name!r}: random(...) together with route(...) is not compiled for Triton; use backend='cpu'"
-        )
+    corners, funcs, _ = _predicates(spec)
     bm, bn = spec.block
     n = len(spec.routes)
     route_args = "".join(f", CH{p}, QG{p}, KB{p}, NG{p}, NB{p}" for p in range(n))
