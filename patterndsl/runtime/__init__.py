@@ -9,6 +9,8 @@ block plan and is differentiable through ``register_autograd``.
 
 from __future__ import annotations
 
+import torch
+
 from patterndsl import ir
 from patterndsl.errors import BackendError, PatternError
 from patterndsl.runtime import op, plans, validate
@@ -56,7 +58,8 @@ def attention(q, k, v, pattern, scale=None, return_lse=False, backend="auto"):
 
     Args:
         q: ``[batch, heads, Lq, head_dim]``.
-        k, v: ``[batch, kv_heads, Lk, head_dim]``; ``kv_heads`` divides ``heads`` (grouped-query).
+        k, v: ``[batch, kv_heads, Lk, head_dim]``; ``kv_heads`` divides ``heads`` (grouped-query);
+            ``v`` may have a head size of its own, as in SDPA (``out`` then has it).
         pattern: a :class:`patterndsl.Pattern`.
         scale: softmax scale, default ``head_dim ** -0.5``.
         return_lse: also return the log-sum-exp ``[batch, heads, Lq]`` (float32, natural log).
@@ -80,8 +83,17 @@ def attention(q, k, v, pattern, scale=None, return_lse=False, backend="auto"):
     if not isinstance(pir, ir.PatternIR):
         raise PatternError(f"attention() needs a patterndsl.Pattern, got {type(pattern).__name__}")
     inputs = validate.check_inputs(q, k, v, scale, backend)
-    key = _plan_key(pir, inputs.backend, inputs.head_dim)
+    v_dim = v.shape[3]
+    if v_dim != inputs.head_dim:
+        # A value head size of its own (as SDPA allows, e.g. MLA): zero columns appended to the
+        # narrower side change neither the scores nor the output's first v_dim columns, so every
+        # backend runs one head size; the pad and the slice carry the gradients back.
+        width = max(v_dim, inputs.head_dim)
+        q, k, v = (torch.nn.functional.pad(t, (0, width - t.shape[3])) for t in (q, k, v))
+    key = _plan_key(pir, inputs.backend, q.shape[3])
     out, lse = op.attention_fwd(q, k, v, key, inputs.scale, inputs.backend)
+    if out.shape[3] != v_dim:
+        out = out[..., :v_dim]
     return (out, lse) if return_lse else out
 
 

@@ -84,7 +84,8 @@ def check_inputs(q, k, v, scale=None, backend="auto") -> Inputs:
 
     Args:
         q: ``[batch, heads, Lq, head_dim]``.
-        k, v: ``[batch, kv_heads, Lk, head_dim]``, ``kv_heads`` dividing ``heads``.
+        k: ``[batch, kv_heads, Lk, head_dim]``, ``kv_heads`` dividing ``heads``.
+        v: ``[batch, kv_heads, Lk, v_dim]``; ``v_dim`` may differ from ``head_dim`` (as in SDPA).
         scale: None or a finite number.
         backend: ``"auto"``, ``"triton"`` or ``"cpu"``.
 
@@ -120,8 +121,10 @@ def check_inputs(q, k, v, scale=None, backend="auto") -> Inputs:
         raise InputError(f"k and v must have the same number of heads, got {k.shape[1]} and {v.shape[1]}")
     if k.shape[2] != v.shape[2]:
         raise InputError(f"k and v must have the same sequence length, got {k.shape[2]} and {v.shape[2]}")
-    if k.shape[3] != d or v.shape[3] != d:
-        raise InputError(f"head_dim differs: q has {d}, k has {k.shape[3]}, v has {v.shape[3]}")
+    if k.shape[3] != d:
+        raise InputError(f"head_dim differs: q has {d}, k has {k.shape[3]}")
+    if v.shape[3] == 0:
+        raise InputError(f"v must have head_dim >= 1, got shape {tuple(v.shape)}")
     hkv = k.shape[1]
     if hkv == 0 or h % hkv != 0:
         raise InputError(f"k and v have {hkv} heads, which does not divide the {h} query heads")

@@ -231,6 +231,25 @@ def case_lse_gradient():
         torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-4)
 
 
+def case_value_head_size_of_its_own():
+    """v with its own head size runs through the public call on the Triton backend (zero-padded there)."""
+    pattern = patterndsl.compile("pattern p { causal & window(9) | sink(2) }")
+    gen = torch.Generator().manual_seed(random.randrange(2**31))
+    q, k = (torch.randn(1, 2, 40, 16, generator=gen, requires_grad=True) for _ in range(2))
+    v = torch.randn(1, 2, 40, 24, generator=gen, requires_grad=True)
+    out, lse = pattern(q, k, v, return_lse=True, backend="triton")
+    assert out.shape == (1, 2, 40, 24)
+    q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
+    ref_out, ref_lse = reference_attention(q64, k64, v64, pattern.mask(40, 40, 2))
+    torch.testing.assert_close(out.double(), ref_out, atol=2e-4, rtol=2e-4)
+    torch.testing.assert_close(lse.double(), ref_lse, atol=2e-4, rtol=2e-4)
+    dout = torch.randn(out.shape, generator=gen)
+    (out * dout).sum().backward()
+    (ref_out * dout.double()).sum().backward()
+    for got, want in zip((q.grad, k.grad, v.grad), (q64.grad, k64.grad, v64.grad), strict=True):
+        torch.testing.assert_close(got.double(), want, atol=1e-3, rtol=1e-3)
+
+
 def case_wrong_shapes_raise_pattern_error():
     pattern = patterndsl.compile("pattern p { causal }")
     plan = make_plan(pattern, 32, 32, 2)

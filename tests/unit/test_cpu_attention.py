@@ -403,3 +403,25 @@ def test_global_rows_run_unmasked_without_copies():
     wide = [s for s in sched.segments if s.merge]
     # Query tile 0 sees every key: one unmasked 16-tile run (the global rows 64..69 share tile 1).
     assert any(int(s.q_tiles[0]) == 0 and s.width >= 8 and s.blocked is None for s in wide)
+
+
+@pytest.mark.parametrize("v_dim", [8, 40])
+@pytest.mark.parametrize("name", ["streaming", "where_empty_rows", "neighborhood"])
+def test_value_head_size_of_its_own(name, v_dim):
+    """v may have its own head size (as SDPA allows, e.g. MLA): values, LSE and gradients."""
+    pattern = _compile(PATTERNS[name])
+    length = GRID_LEN if "layout" in PATTERNS[name] else 77
+    q, k, _ = _inputs(2, 4, 2, length, length, 24, torch.float32)
+    v = torch.randn(2, 2, length, v_dim, requires_grad=True)
+    out, lse = pattern(q, k, v, return_lse=True)
+    assert out.shape == (2, 4, length, v_dim)
+    ref, ref_lse = reference_attention(q, k, v, pattern.mask(length, length, 4))
+    torch.testing.assert_close(out.double(), ref.detach(), atol=2e-5, rtol=2e-5)
+    finite = torch.isfinite(ref_lse)
+    torch.testing.assert_close(lse.double()[finite], ref_lse.detach()[finite], atol=2e-5, rtol=2e-5)
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), grad)
+    want = torch.autograd.grad(ref, (q, k, v), grad.double())
+    for g, w in zip(got, want, strict=True):
+        assert g.shape == w.shape
+        torch.testing.assert_close(g.double(), w.double(), atol=1e-4, rtol=1e-4)
