@@ -182,7 +182,8 @@ def attention(q, k, v, pattern: Pattern, scale=None, return_lse=False, backend="
 
     Args:
         q: ``[batch, heads, Lq, head_dim]``.
-        k, v: ``[batch, kv_heads, Lk, head_dim]``; ``kv_heads`` divides ``heads`` (grouped-query).
+        k, v: ``[batch, kv_heads, Lk, head_dim]``; ``kv_heads`` divides ``heads`` (grouped-query);
+            ``v`` may have a head size of its own, as in SDPA (``out`` then has it).
         pattern: a :class:`Pattern`.
         scale: softmax scale, default ``head_dim ** -0.5``.
         return_lse: also return the log-sum-exp ``[batch, heads, Lq]`` (float32, natural log).
