@@ -286,18 +286,22 @@ def _blocked(q_tiles, kv_tiles, states: _TileStates, plan: BlockPlan, tile_mask,
     bm, bn = plan.block
     n, width = kv_tiles.shape
     st = states.lookup(q_tiles[:, None], kv_tiles)
-    need = st == PARTIAL
-    if plan.kv_len % bn:
-        need |= kv_tiles == plan.n_kv_tiles - 1
-    pad = torch.zeros_like(need) if pad is None else pad
-    need &= ~pad
-    if not bool(need.any()) and not bool(pad.any()):
+    pad = torch.zeros(st.shape, dtype=torch.bool) if pad is None else pad
+    need = (st == PARTIAL) & ~pad
+    # A full tile holding the key tail allows every key that exists: only the padding past
+    # kv_len is blocked (the element mask is not evaluated: for a route's forced choice it
+    # would need the choice).
+    tail = plan.kv_len % bn != 0
+    tail_full = (kv_tiles == plan.n_kv_tiles - 1) & ~need & ~pad if tail else torch.zeros_like(need)
+    if not bool(need.any()) and not bool(pad.any()) and not bool(tail_full.any()):
         return None
     blocked = torch.zeros(n, bm, width * bn, dtype=torch.bool)
     view = blocked.view(n, bm, width, bn)
     t_idx, w_idx = torch.nonzero(need, as_tuple=True)
     if t_idx.numel():
         view[t_idx, :, w_idx, :] = ~tile_mask(q_tiles[t_idx], kv_tiles[t_idx, w_idx])
+    t_idx, w_idx = torch.nonzero(tail_full, as_tuple=True)
+    view[t_idx, :, w_idx, plan.kv_len % bn :] = True
     t_idx, w_idx = torch.nonzero(pad, as_tuple=True)
     view[t_idx, :, w_idx, :] = True
     if n > 1 and torch.equal(blocked, blocked[:1].expand_as(blocked)):
