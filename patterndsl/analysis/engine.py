@@ -784,7 +784,9 @@ def count_allowed(engine: Engine, node: ir.Node, keys: np.ndarray) -> np.ndarray
     return out
 
 
-def identity_engine(q_len: int, kv_len: int, layout, head: int, block: tuple[int, int] | int) -> Engine:
+def identity_engine(
+    q_len: int, kv_len: int, layout, head: int, block: tuple[int, int] | int, heads: int = 0
+) -> Engine:
     """An :class:`Engine` on the identity token order (as plans of ``route`` patterns use).
 
     Args:
@@ -792,6 +794,7 @@ def identity_engine(q_len: int, kv_len: int, layout, head: int, block: tuple[int
         layout: the pattern's layout or None.
         head: the head index the pattern is classified for.
         block: tile sizes ``(BM, BN)`` (an int for both).
+        heads: all query heads of the pattern (0: unknown); see ``Env.heads``.
 
     Returns:
         The engine; its tile keys are ``m * n_key_tiles + n``.
@@ -809,4 +812,4 @@ def identity_engine(q_len: int, kv_len: int, layout, head: int, block: tuple[int
         qsegs = ksegs = tiles.identity_segments(q_len, 0, extents)
     qside = tiles.build_side(qsegs, q_len, bm, off, extents, True)
     kside = tiles.build_side(ksegs, kv_len, bn, 0, extents, True)
-    return Engine(qside, kside, Env(q_len, kv_len, layout, head))
+    return Engine(qside, kside, Env(q_len, kv_len, layout, head, heads=heads))
