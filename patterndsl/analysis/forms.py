@@ -145,4 +145,15 @@ def run_form(node: ir.Node, qside: Side, kside: Side, runs: Runs, nqb: int, nkb:
             return None
         parts = _band_forms(*band, qside, kside, nkb)
     form = RunForm(*parts)
+    if not _int32_constants(form):
+        # An unbounded band end (classify.BIG) left in an expression would overflow the
+        # kernels' int32 loop arithmetic; such groups keep their tile lists.
+        return None
     return form if _verify(form, runs, nqb) else None
+
+
+def _int32_constants(form: RunForm) -> bool:
+    """Every constant of the form's bounds (numerators and denominators) fits comfortably in int32."""
+    exprs = (form.lo, form.hi, form.full_lo, form.full_hi)
+    atoms = (a for e in exprs for a in sp.sympify(e).atoms(sp.Rational))
+    return all(abs(a.p) < 1 << 30 and a.q < 1 << 30 for a in atoms)

@@ -250,6 +250,24 @@ def case_value_head_size_of_its_own():
         torch.testing.assert_close(got.double(), want, atol=1e-3, rtol=1e-3)
 
 
+def case_random_patterns():
+    """Random patterns (the plan property generator): generated kernels against the reference."""
+    from patterndsl.api import Pattern
+    from tests.unit.test_plan_property import rand_case
+
+    rng = random.Random(random.randrange(2**31))
+    for _ in range(6):
+        pir, lq, lk, heads, _ = rand_case(rng)
+        kv_heads = rng.choice([h for h in (1, heads) if heads % h == 0])
+        pattern = Pattern(pir)
+        block = rng.choice([(16, 16), (16, 32), (32, 16)])
+        plan = make_plan(pattern, lq, lk, heads, block, order=rng.choice(["identity", "auto"]))
+        try:
+            check(pattern, plan, lq, lk, heads, kv_heads, rng.choice([16, 24]), torch.float32)
+        except Exception as err:
+            raise AssertionError(f"{pir}\nLq={lq} Lk={lk} heads={heads}/{kv_heads} block={block}: {err!r}") from None
+
+
 def case_wrong_shapes_raise_pattern_error():
     pattern = patterndsl.compile("pattern p { causal }")
     plan = make_plan(pattern, 32, 32, 2)

@@ -273,3 +273,15 @@ def test_allowed_pairs_counted_without_quadratic_evaluation(body):
     # only tiles where two operands are partial (the diagonal) may be counted element-wise
     assert plan.stats.extra["tiles_counted_by_evaluation"] <= plan.n_q_tiles
     assert plan.stats.allowed_pairs == int(p.mask(2048).sum())
+
+
+@pytest.mark.parametrize("body", ["strided(3)", "causal", "window(5)", "causal & window(1023)", "strided(1)"])
+@pytest.mark.parametrize("sizes", [(29, 2), (64, 64), (100, 37)])
+def test_closed_forms_carry_only_int32_constants(body, sizes):
+    """An unbounded band end left in a closed form would overflow the kernels' int32 bounds."""
+    p = pd.compile("pattern p { " + body + " }")
+    form = p.plan(*sizes, 1, block=(16, 32), order="identity").groups[0].forms
+    if form is not None:
+        for expr in (form.lo, form.hi, form.full_lo, form.full_hi):
+            for atom in sp.sympify(expr).atoms(sp.Rational):
+                assert abs(atom.p) < 1 << 30 and atom.q < 1 << 30, (body, sizes, expr)
