@@ -85,6 +85,45 @@ def run_case(name: str) -> None:
     torch.testing.assert_close(cpu_out.double(), out.detach().double(), atol=tol, rtol=tol)
 
 
+def run_random(seed: int, count: int) -> None:
+    """Random patterns joined to a random route (the plan property generators) on the routed kernels."""
+    import random
+
+    import torch
+
+    from patterndsl import ir
+    from patterndsl.api import Pattern
+    from patterndsl.runtime import triton_route
+    from tests.reference import reference_attention
+    from tests.unit.test_plan_property import _route, rand_case
+
+    triton_route.BLOCK = (16, 16)
+    rng = random.Random(seed)
+    for _ in range(count):
+        pir, lq, lk, heads, _ = rand_case(rng)
+        node = rng.choice([ir.union, ir.inter])(pir.default, _route(rng, pir.layout))
+        pir = ir.PatternIR("r", (), pir.layout, pir.heads, node)
+        p = Pattern(pir)
+        hkv = rng.choice([h for h in (1, heads) if heads % h == 0])
+        gen = torch.Generator().manual_seed(rng.randrange(2**31))
+        q = torch.randn(1, heads, lq, 16, generator=gen, requires_grad=True)
+        k, v = (torch.randn(1, hkv, lk, 16, generator=gen, requires_grad=True) for _ in range(2))
+        try:
+            out, lse = p(q, k, v, return_lse=True, backend="triton")
+            mask = p.mask(lq, lk, heads, q=q, k=k)
+            q64, k64, v64 = (t.detach().double().requires_grad_(True) for t in (q, k, v))
+            ref, ref_lse = reference_attention(q64, k64, v64, mask, 16**-0.5)
+            torch.testing.assert_close(out.double(), ref, atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(lse.double(), ref_lse, atol=1e-4, rtol=1e-4)
+            g = torch.randn(out.shape, generator=gen, dtype=torch.float64)
+            got = torch.autograd.grad(out, (q, k, v), g.float())
+            want = torch.autograd.grad(ref, (q64, k64, v64), g)
+            for a, w in zip(got, want, strict=True):
+                torch.testing.assert_close(a.double(), w, atol=5e-4, rtol=5e-4)
+        except Exception as err:
+            raise AssertionError(f"{pir}\nLq={lq} Lk={lk} heads={heads}/{hkv}: {err!r}") from None
+
+
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     env = dict(os.environ, TRITON_INTERPRET="1", PATTERNDSL_CACHE_DIR=str(tmp_path_factory.mktemp("route-cache")))
@@ -105,6 +144,11 @@ def test_route_kernel_matches_reference(results, name):
         pytest.fail(results[name], pytrace=False)
 
 
+def test_random_route_patterns_match_reference(results):
+    if results.get("random_routes"):
+        pytest.fail(results["random_routes"], pytrace=False)
+
+
 def main() -> None:
     import traceback
 
@@ -115,7 +159,18 @@ def main() -> None:
             out[name] = ""
         except Exception:
             out[name] = traceback.format_exc()
+    try:
+        run_random(int(os.environ.get("PATTERNDSL_ROUTE_SEED", "0")) or random_seed(), 6)
+        out["random_routes"] = ""
+    except Exception:
+        out["random_routes"] = traceback.format_exc()
     print("@@" + json.dumps(out), flush=True)
+
+
+def random_seed() -> int:
+    import random
+
+    return random.randrange(1, 2**31)
 
 
 if __name__ == "__main__":
