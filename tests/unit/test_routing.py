@@ -184,3 +184,22 @@ def test_routed_kernels_build_for_gpus_without_spills(target, dtype, head_dim, t
         # Warpgroup MMA needs 64-row tiles; narrower ones use mma.sync on sm_90 as well.
         wgmma = target == "sm_90" and triton_route.block_for(head_dim)[0] >= 64
         assert (k.resources["wgmma"] > 0) == wgmma, (k.name, k.resources)
+
+
+@pytest.mark.aot
+def test_routed_kernels_with_random_tables_build(tmp_path, monkeypatch, compiled_triton):
+    """random(...) beside route(...) reads its tables through AUX; the kernels still build without spills."""
+    from patterndsl.codegen import routed as route_kernels
+    from patterndsl.runtime import triton_route
+
+    monkeypatch.setenv("PATTERNDSL_CACHE_DIR", str(tmp_path))
+    src = "causal & (random(1, 512, 3) | route(topk = 2, block = 512, qblock = 1, among = causal))"
+    node = patterndsl.compile(f"pattern p {{ {src} }}").ir.default
+    routes = tuple(p for p in ir.walk(node) if isinstance(p, ir.Prim) and p.name == "route")
+    spec = route_kernels.RouteKernelSpec(
+        "p", node, routes, None, 4096, 4096, 8, 2, 64, "float16", triton_route.BLOCK, 8
+    )
+    assert route_kernels.aux_table(spec).numel() > 1
+    for k in route_kernels.compile_aot(spec, "sm_90"):
+        assert k.resources["spills"] == 0, (k.name, k.resources)
+        assert k.resources["wgmma"] > 0, (k.name, k.resources)
