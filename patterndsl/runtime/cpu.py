@@ -15,7 +15,9 @@ of similar width (narrower rows padded with fully masked tiles). Full tiles
 get no mask; partial tiles (and key tails) get the pattern's element mask from
 :func:`patterndsl.semantics.evaluate` on original indices, computed once per
 plan, and stored once for the whole segment when every tile has the same one
-(the translation-invariant interior). A step is one call of torch's fused CPU
+(the translation-invariant interior). Other rows give up their long runs of full
+tiles, or are cut into their contiguous runs, as further affine segments whose
+results merge by log-sum-exp (``Segment.merge``). A step is one call of torch's fused CPU
 flash-attention kernel on the segment's ``[batch*heads, tiles, rows, D]``
 views (``KERNEL = "fused"``), or batched matmuls with an exact two-pass
 softmax in chunks of :data:`CHUNK_BYTES` (``KERNEL = "math"``). The backward
@@ -164,6 +166,24 @@ def schedule(
             more, loose = _affine_runs(rest)
             runs += more
     segments = [(*_affine_tiles(*run), None, False) for run in runs]
+    if SPLIT_RUNS:
+        # Loose rows made of a few contiguous runs (box-ordered neighborhoods): run index r of
+        # every such row is scheduled as affine segments over strided views (no copy); index 0
+        # writes, the others merge by log-sum-exp.
+        pieces: dict[int, dict[int, list[int]]] = {}
+        keep: dict[int, list[int]] = {}
+        for width, group in loose.items():
+            for m in group:
+                parts = _contiguous_runs(rows[m])
+                if len(parts) > 1 and min(len(p) for p in parts) >= SPLIT_RUNS:
+                    for r, part in enumerate(parts):
+                        pieces.setdefault(r, {})[m] = part
+                else:
+                    keep.setdefault(width, []).append(m)
+        loose = keep
+        for r in sorted(pieces):
+            split_runs, _ = _affine_runs(pieces[r], min_tiles=1)
+            segments += [(*_affine_tiles(*run), None, r > 0) for run in split_runs]
     for bucket in _buckets(loose):
         width = max(c for c, _ in bucket)
         ms = sorted(m for c, group in bucket for m in group)
@@ -210,6 +230,22 @@ def _full_run(cols: list[int], state: list[int], start: int, count: int) -> tupl
         if i + 1 - a > best[1] - best[0]:
             best = (a, i + 1)
     return best
+
+
+#: Loose rows whose key tiles form several contiguous runs, each at least this long, are split
+#: into one affine piece per run (see schedule); 0 disables.
+SPLIT_RUNS = 2
+
+
+def _contiguous_runs(tiles: list[int]) -> list[list[int]]:
+    """``tiles`` (sorted) cut into maximal runs of consecutive tiles."""
+    out = [[tiles[0]]]
+    for t in tiles[1:]:
+        if t == out[-1][-1] + 1:
+            out[-1].append(t)
+        else:
+            out.append([t])
+    return out
 
 
 def _affine_runs(rows: dict[int, list[int]], min_tiles: int | None = None):
@@ -692,6 +728,10 @@ def _backward_affine(t: dict, seg: Segment, block, scale: float) -> None:
     """
     bm, bn = block
     nb, hc, _, d = t["q"].shape
+    if len(seg) < nb * hc:
+        # Short segments (split rows, edges): fewer steps when the heads are the batch.
+        _backward_affine_by_tile(t, seg, block, scale)
+        return
     lo0, step = seg.affine
     width, m0 = seg.width, int(seg.q_tiles[0])
     columns = _column_biases(seg, bn, t["q"].dtype)
@@ -734,6 +774,39 @@ def _backward_affine(t: dict, seg: Segment, block, scale: float) -> None:
 
 
 _LOG2E = 1.4426950408889634
+
+
+def _backward_affine_by_tile(t: dict, seg: Segment, block, scale: float) -> None:
+    """:func:`_backward_affine` with the (batch, head) pairs as the matmul batch, one query tile per step.
+
+    ``x[:, :, rows]`` of a ``[B, h, L, D]`` buffer is a ``[B*h, rows, D]`` view, so every step is
+    the same handful of batched matmuls whatever the number of heads.
+    """
+    bm, bn = block
+    nb, hc, _, d = t["q"].shape
+    bh = nb * hc
+    lo0, step = seg.affine
+    width, m0 = seg.width, int(seg.q_tiles[0])
+    columns = _column_biases(seg, bn, t["q"].dtype)
+    q, do, k, v, dq, dk, dv = (t[name] for name in ("q", "do", "k", "v", "dq", "dk", "dv"))
+    p_buf = q.new_empty(bh, bm, width * bn)
+    ds_buf = torch.empty_like(p_buf)
+    for i in range(len(seg)):
+        rows = slice((m0 + i) * bm, (m0 + i + 1) * bm)
+        keys = slice((lo0 + step * i) * bn, (lo0 + step * i + width) * bn)
+        qc, doc = q[:, :, rows].view(bh, bm, d), do[:, :, rows].view(bh, bm, d)
+        kw, vw = k[:, :, keys].view(bh, width * bn, d), v[:, :, keys].view(bh, width * bn, d)
+        p = torch.bmm(qc, kw.transpose(1, 2), out=p_buf).mul_(scale * _LOG2E)
+        p.sub_(t["lse2"][:, :, rows].reshape(bh, bm, 1))
+        for w, bias in columns:
+            p[:, :, w * bn : (w + 1) * bn].add_(bias[0] if bias.shape[0] == 1 else bias[i])
+        p.exp2_()
+        ds = torch.bmm(doc, vw.transpose(1, 2), out=ds_buf)
+        ds.sub_(t["delta"][:, :, rows].reshape(bh, bm, 1)).mul_(p)
+        # beta = 0 ignores what the rows held (they are not initialised for writing segments).
+        dq[:, :, rows].view(bh, bm, d).baddbmm_(ds, kw, beta=1 if seg.merge else 0, alpha=scale)
+        dv[:, :, keys].view(bh, width * bn, d).baddbmm_(p.transpose(1, 2), doc)
+        dk[:, :, keys].view(bh, width * bn, d).baddbmm_(ds.transpose(1, 2), qc, alpha=scale)
 
 
 def _backward_math(t: dict, seg0: Segment, block, scale: float) -> None:

@@ -425,3 +425,17 @@ def test_value_head_size_of_its_own(name, v_dim):
     for g, w in zip(got, want, strict=True):
         assert g.shape == w.shape
         torch.testing.assert_close(g.double(), w.double(), atol=1e-4, rtol=1e-4)
+
+
+def test_box_ordered_rows_split_into_affine_pieces():
+    """A 3-D neighborhood in box order: rows of a few contiguous runs become affine pieces merged by
+    log-sum-exp, nothing is gathered (copied), and values and gradients stay exact."""
+    pattern = _compile(
+        "layout grid(t = 4, y = 16, x = 32)\nneighborhood(size = (3, 7, 7), causal = (true, false, false))"
+    )
+    plan = pattern.plan(2048, 2048, 1, block=(64, 64))
+    assert plan.order != "identity"
+    (sched,) = cpu.schedules(plan)
+    assert all(s.affine is not None for s in sched.segments)
+    assert any(s.merge for s in sched.segments)
+    _check(pattern, *_inputs(1, 2, 1, 2048, 2048, 16, torch.float32))

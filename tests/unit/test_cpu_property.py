@@ -28,6 +28,7 @@ def check_case(rng: random.Random, monkeypatch, routes: bool = False) -> None:
     monkeypatch.setattr(cpu, "KERNEL", rng.choice(["fused", "math"]))
     monkeypatch.setattr(cpu, "WIDE_MIN", rng.choice([0, 1, 2, 8]))
     monkeypatch.setattr(cpu, "MIN_AFFINE", rng.choice([1, 2, 4]))
+    monkeypatch.setattr(cpu, "SPLIT_RUNS", rng.choice([0, 1, 2]))
     monkeypatch.setattr(cpu, "AFFINE_BWD_TILES", rng.choice([1, 2, 32]))
     monkeypatch.setattr(cpu, "CHUNK_BYTES", rng.choice([1, 4 << 20]))
     order = rng.choice(["identity", "auto"])
