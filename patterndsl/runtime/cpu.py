@@ -750,13 +750,11 @@ def _backward_affine(t: dict, seg: Segment, block, scale: float) -> None:
                 qc, doc = q[rows].view(n, bm, d), do[rows].view(n, bm, d)
                 tile = lo0 + step * a
                 kw, vw = _window(k, tile, n, step, width, bn), _window(v, tile, n, step, width, bn)
-                p = torch.bmm(qc, kw.transpose(1, 2), out=p_buf[:n]).mul_(scale * _LOG2E)
-                p.sub_(lse2[rows].view(n, bm, 1))
-                for w, bias in columns:
-                    p[:, :, w * bn : (w + 1) * bn].add_(bias if bias.shape[0] == 1 else bias[a : a + n])
-                p.exp2_()
-                ds = torch.bmm(doc, vw.transpose(1, 2), out=ds_buf[:n])
-                ds.sub_(delta[rows].view(n, bm, 1)).mul_(p)
+                biases = [(w, bias if bias.shape[0] == 1 else bias[a : a + n]) for w, bias in columns]
+                p, ds = _probs_and_ds(
+                    qc, doc, kw, vw, lse2[rows].view(n, bm, 1), delta[rows].view(n, bm, 1), biases, bn, scale,
+                    p_buf[:n], ds_buf[:n],
+                )  # fmt: skip
                 if seg.merge:
                     dq[rows].view(n, bm, d).baddbmm_(ds, kw, alpha=scale)
                 else:
@@ -774,6 +772,22 @@ def _backward_affine(t: dict, seg: Segment, block, scale: float) -> None:
 
 
 _LOG2E = 1.4426950408889634
+
+
+def _probs_and_ds(qc, doc, kw, vw, lse2, delta, biases, bn: int, scale: float, p_out, ds_out):
+    """One backward step's ``P`` and ``dS`` (``[batch, rows, width*BN]``), written into ``p_out`` and ``ds_out``.
+
+    ``P = exp2(scale * log2(e) * Q K^T - lse2)`` with the additive ``biases`` ``(w, 0/-inf)`` on
+    the key-tile columns ``w`` that need a mask, and ``dS = P * (dO V^T - delta)``.
+    """
+    p = torch.bmm(qc, kw.transpose(1, 2), out=p_out).mul_(scale * _LOG2E)
+    p.sub_(lse2)
+    for w, bias in biases:
+        p[:, :, w * bn : (w + 1) * bn].add_(bias)
+    p.exp2_()
+    ds = torch.bmm(doc, vw.transpose(1, 2), out=ds_out)
+    ds.sub_(delta).mul_(p)
+    return p, ds
 
 
 def _backward_affine_by_tile(t: dict, seg: Segment, block, scale: float) -> None:
@@ -796,13 +810,9 @@ def _backward_affine_by_tile(t: dict, seg: Segment, block, scale: float) -> None
         keys = slice((lo0 + step * i) * bn, (lo0 + step * i + width) * bn)
         qc, doc = q[:, :, rows].view(bh, bm, d), do[:, :, rows].view(bh, bm, d)
         kw, vw = k[:, :, keys].view(bh, width * bn, d), v[:, :, keys].view(bh, width * bn, d)
-        p = torch.bmm(qc, kw.transpose(1, 2), out=p_buf).mul_(scale * _LOG2E)
-        p.sub_(t["lse2"][:, :, rows].reshape(bh, bm, 1))
-        for w, bias in columns:
-            p[:, :, w * bn : (w + 1) * bn].add_(bias[0] if bias.shape[0] == 1 else bias[i])
-        p.exp2_()
-        ds = torch.bmm(doc, vw.transpose(1, 2), out=ds_buf)
-        ds.sub_(t["delta"][:, :, rows].reshape(bh, bm, 1)).mul_(p)
+        biases = [(w, bias[0] if bias.shape[0] == 1 else bias[i]) for w, bias in columns]
+        lse2, delta = t["lse2"][:, :, rows].reshape(bh, bm, 1), t["delta"][:, :, rows].reshape(bh, bm, 1)
+        p, ds = _probs_and_ds(qc, doc, kw, vw, lse2, delta, biases, bn, scale, p_buf, ds_buf)
         # beta = 0 ignores what the rows held (they are not initialised for writing segments).
         dq[:, :, rows].view(bh, bm, d).baddbmm_(ds, kw, beta=1 if seg.merge else 0, alpha=scale)
         dv[:, :, keys].view(bh, width * bn, d).baddbmm_(p.transpose(1, 2), doc)

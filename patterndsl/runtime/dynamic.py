@@ -166,8 +166,7 @@ def _group(plan: BlockPlan, group: HeadGroup, ctx: semantics.Context, route_tile
     rows = torch.from_numpy(_rows_of(tl.row_ptr, plan.n_q_tiles))
     keys = rows * nkt + tl.cols
     routes = tuple(dict.fromkeys(p for p in ir.walk(group.node) if isinstance(p, ir.Prim) and p.name == "route"))
-    n_heads = sum(len(g.heads) for g in plan.groups)
-    engine = eng.identity_engine(plan.q_len, plan.kv_len, ctx.layout, group.heads[0], plan.block, n_heads)
+    engine = eng.identity_engine(plan.q_len, plan.kv_len, ctx.layout, group.heads[0], plan.block, plan.heads)
     # A partial tile whose state is static may still have a mask that depends on the choice
     # (a route that reaches it without changing its state): it is decided per call too. With
     # the plan's heads, a route whose among reads h reaches what any head's choice may open
