@@ -75,7 +75,7 @@ class KernelSpec:
 
     @property
     def padded_dim(self) -> int:
-        return max(16, 1 << (self.head_dim - 1).bit_length())
+        return padded_head_dim(self.head_dim)
 
     def canonical(self) -> str:
         """A stable text of every field (nodes printed canonically, spans excluded)."""
@@ -130,12 +130,17 @@ def _template(name: str) -> string.Template:
     return string.Template((TEMPLATES / name).read_text())
 
 
+def padded_head_dim(head_dim: int) -> int:
+    """The head dim the kernels compute with: the next power of two, at least 16 (``tl.arange``/``tl.dot``)."""
+    return max(16, 1 << (head_dim - 1).bit_length())
+
+
 def _launch(head_dim: int, kind: str, dtype: str) -> tuple[int, int, int, int]:
     # (BM, BN, num_warps, num_stages) for a GPU target, chosen from ahead-of-time builds (ptxas -v and
     # Triton's shared-memory size, tests/unit/test_aot.py) so every dtype x head dim x pass builds for
     # sm_80 and sm_90 with zero spills and within sm_80's 163 KB of shared memory. "weight" is the
     # bytes of one padded row / 2: it is what registers and shared memory per tile scale with.
-    padded = max(16, 1 << (head_dim - 1).bit_length())
+    padded = padded_head_dim(head_dim)
     fp32 = dtype == "float32"
     weight = padded * (2 if fp32 else 1)
     if kind == "forward":

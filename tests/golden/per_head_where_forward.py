@@ -3,7 +3,7 @@
 # from the pattern below whenever anything in the cache key changes.
 #
 # pattern:    mix()
-# cache key:  6e7b44512e566049c21d0019593b3a34
+# cache key:  372c494950038a7647ec07d5681097e1
 # shapes:     LQ=512 queries, LK=640 keys, NH=4 query heads, NHK=4 key/value heads
 #             (GQA=1 query heads share one key/value head), head dim D=32 padded to DP=32
 # dtype:      float32 (accumulation in float32; DOT_PRECISION=tf32)

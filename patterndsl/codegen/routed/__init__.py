@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from patterndsl import ir
-from patterndsl.codegen import predicate
+from patterndsl.codegen import generator, predicate
 from patterndsl.codegen.predicate import FLOOR_HELPERS, AuxTables, render_predicate
 
 #: Triton dtypes by torch dtype name.
@@ -66,14 +66,14 @@ class RouteKernelSpec:
 
     @property
     def padded_dim(self) -> int:
-        return max(16, 1 << (self.head_dim - 1).bit_length())
+        return generator.padded_head_dim(self.head_dim)
 
     @property
     def key(self) -> str:
         """Hash of everything that changes the source (and of this generator's own text)."""
-        # This module's text and the predicate renderer it calls both shape the source.
+        # This module's text, the predicate renderer it calls and the generator helpers it uses shape the source.
         me = hashlib.sha256()
-        for path in (__file__, predicate.__file__):
+        for path in (__file__, predicate.__file__, generator.__file__):
             with open(path, "rb") as f:
                 me.update(f.read())
         me = me.hexdigest()
