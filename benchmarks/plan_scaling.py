@@ -8,7 +8,12 @@ baseline (after imports and a small warm-up), and prints them side by side
 with their ratios. Targets for the plan: 1M tokens in under 50 ms and under
 64 MB above the baseline; time linear in L.
 
-Run: ``python benchmarks/plan_scaling.py [--repeat 5] [--flex-max 16384]``
+It also times ``compile`` of long unions and intersections (the canonical order of their
+terms): 200, 1,000 and 10,000 terms as one flat source expression, and 1,000 terms joined
+by ``|`` / ``&`` one at a time through the Python operators. Target: 1,000 terms in under
+0.5 s either way; the script exits with status 1 when that target is missed.
+
+Run: ``python benchmarks/plan_scaling.py [--repeat 5] [--flex-max 16384] [--compile-only]``
 """
 
 from __future__ import annotations
@@ -93,18 +98,59 @@ def measure(kind: str, length: int, repeat: int, timeout: float) -> dict | None:
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
+#: Terms of the long unions / intersections timed by :func:`compile_scaling`, and the target.
+CHAIN_TERMS = (200, 1000, 10_000)
+CHAIN_TARGET = (1000, 0.5)
+
+
+def compile_scaling() -> bool:
+    """Print compile times of long unions / intersections; True when the 1,000-term target is met."""
+    import patterndsl as pd
+
+    pd.compile("pattern warm { causal | window(2) }")
+    ok = True
+    print("compile of long unions / intersections (window(1) .. window(n)), seconds")
+    print(f"{'terms':>7s} | {'flat |':>8s} {'flat &':>8s} | {'one by one |':>12s} {'one by one &':>12s}")
+    for n in CHAIN_TERMS:
+        terms = [f"window({i + 1})" for i in range(n)]
+        row = []
+        for op in ("|", "&"):
+            t0 = time.perf_counter()
+            pd.compile("pattern p { " + f" {op} ".join(terms) + " }")
+            row.append(time.perf_counter() - t0)
+        if n <= CHAIN_TARGET[0]:
+            leaves = [pd.compile(f"pattern p {{ {t} }}").ir.default for t in terms]
+            for op in ("|", "&"):
+                t0 = time.perf_counter()
+                acc = leaves[0]
+                for leaf in leaves[1:]:
+                    acc = (acc | leaf) if op == "|" else (acc & leaf)
+                row.append(time.perf_counter() - t0)
+        cells = " ".join(f"{t:8.3f}" for t in row[:2]) + " | " + " ".join(f"{t:12.3f}" for t in row[2:])
+        print(f"{n:7d} | {cells}")
+        if n == CHAIN_TARGET[0] and max(row) >= CHAIN_TARGET[1]:
+            ok = False
+    print(f"target: {CHAIN_TARGET[0]} terms in under {CHAIN_TARGET[1]} s: {'met' if ok else 'MISSED'}")
+    return ok
+
+
 def main() -> None:
     """Measure every size for both implementations and print the table."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--flex-max", type=int, default=16 * 1024, help="largest L for create_block_mask")
     ap.add_argument("--timeout", type=float, default=600)
+    ap.add_argument("--compile-only", action="store_true", help="only time compiling long unions")
     ap.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         kind, length, repeat = args.child
         print(json.dumps(child(kind, int(length), int(repeat))))
         return
+    chains_ok = compile_scaling()
+    if args.compile_only:
+        sys.exit(0 if chains_ok else 1)
+    print()
     print(f"causal & window({WINDOW}), {BLOCK}x{BLOCK} tiles, median of {args.repeat} runs; memory above baseline")
     head = f"{'L':>9s} | {'plan ms':>9s} {'traced MB':>9s} {'RSS MB':>7s} | {'flex ms':>9s} {'flex MB':>8s} |"
     print(head + f" {'time ratio':>10s} {'mem ratio':>9s}")
@@ -126,6 +172,8 @@ def main() -> None:
             print(f"{'':9s}   time per token vs previous size: {per:.2f}x (1.00x = linear)")
         if ours:
             ours_prev = (length, ours["ms"])
+    if not chains_ok:
+        sys.exit(1)
 
 
 if __name__ == "__main__":

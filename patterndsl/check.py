@@ -301,37 +301,43 @@ class _Evaluator:
         return value.operand if isinstance(value, ir.Neg) else ir.Neg(value, e.span)
 
     def _binary(self, e: syntax.Binary, where: bool) -> Value:
-        if e.op in ("|", "&"):
-            return self._combine(e, where)
-        left = self.eval(e.left, where)
+        # ``a OP b OP c ...`` arrives as a left-deep spine (grammar/): it is folded in a loop, so a
+        # long flat chain is no recursion, and each run of one of ``| &`` is combined by a single
+        # ``ir.union``/``ir.inter`` call (one sort, not one insertion per operand).
+        spine = [e]
+        while isinstance(spine[-1].left, syntax.Binary):
+            spine.append(spine[-1].left)
+        spine.reverse()
+        value = self.eval(spine[0].left, where)
+        run: list[Value] = []
+        for at, node in enumerate(spine):
+            if node.op not in ("|", "&"):
+                value = self._step(node, value, where)
+                continue
+            if not run:
+                run.append(self._pattern_operand(value, node, node.left))
+            run.append(self._pattern_operand(self.eval(node.right, where), node, node.right))
+            if at + 1 == len(spine) or spine[at + 1].op != node.op:
+                value, run = _combined(node.op, run, node.span), []
+        return value
+
+    def _step(self, e: syntax.Binary, left: Value, where: bool) -> Value:
+        """``left OP e.right`` for ``+ - * // %`` (``-`` of patterns is their difference)."""
         if e.op == "-" and _is(left, "pattern"):
-            return self._combine(e, where, left)
+            right = self._pattern_operand(self.eval(e.right, where), e, e.right)
+            return _combined("-", [left, right], e.span)
         if not _is(left, "int"):
             hint = " (patterns combine with | & - ~)" if isinstance(left, ir.Node) else ""
             raise self.type_error(f"'{e.op}' needs integers, got {_describe(left)}{hint}", e.left)
         right = self._int_operand(e.right, where, f"'{e.op}'")
         return _arith(e.op, left, right, e.op_span)
 
-    def _combine(self, e: syntax.Binary, where: bool, left: Value = None) -> Value:
-        names = {"|": "union", "&": "intersection", "-": "difference"}
-        hints = {"|": " (for conditions use 'or')", "&": " (for conditions use 'and')", "-": ""}
-        operands = []
-        for side, value in ((e.left, left), (e.right, None)):
-            if value is None:
-                value = self.eval(side, where)
-            if not _is(value, "pattern"):
-                raise self.type_error(
-                    f"'{e.op}' ({names[e.op]}) needs patterns, got {_describe(value)}{hints[e.op]}", side
-                )
-            operands.append(value)
-        if any(isinstance(v, _Unknown) for v in operands):
-            return _Unknown("pattern")
-        a, b = operands
-        if e.op == "|":
-            return ir.union(a, b, span=e.span)
-        if e.op == "&":
-            return ir.inter(a, b, span=e.span)
-        return ir.difference(a, b, span=e.span)
+    def _pattern_operand(self, value: Value, e: syntax.Binary, side: syntax.Expr) -> Value:
+        if not _is(value, "pattern"):
+            names = {"|": "union", "&": "intersection", "-": "difference"}
+            hints = {"|": " (for conditions use 'or')", "&": " (for conditions use 'and')", "-": ""}
+            raise self.type_error(f"'{e.op}' ({names[e.op]}) needs patterns, got {_describe(value)}{hints[e.op]}", side)
+        return value
 
     def _compare(self, e: syntax.Compare, where: bool) -> Value:
         operands = [self._int_operand(x, where, f"'{e.ops[0]}'") for x in e.operands]
@@ -348,6 +354,17 @@ class _Evaluator:
 
     def _boolop(self, e: syntax.BoolOp, where: bool) -> Value:
         return _logic(e.op, [self._bool_operand(x, where, e.op) for x in e.items], e.span)
+
+
+def _combined(op: str, operands: list[Value], span: ir.Span) -> Value:
+    """``|``, ``&`` (any number of operands) or ``-`` (two) of checked pattern operands."""
+    if any(isinstance(v, _Unknown) for v in operands):
+        return _Unknown("pattern")
+    if op == "|":
+        return ir.union(*operands, span=span)
+    if op == "&":
+        return ir.inter(*operands, span=span)
+    return ir.difference(*operands, span=span)
 
 
 def _bounded(value: int, span: ir.Span | None) -> int:

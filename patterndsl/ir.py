@@ -15,15 +15,18 @@ Two small families of nodes:
   arithmetic, ``abs/min/max``, comparisons and logic.
 
 Canonical form: unions and intersections are flattened, deduplicated and
-sorted by their printed form in their constructors, so equal patterns compare
-and hash equal. Source spans ride along but are excluded from equality.
+sorted by a structural key (:func:`sort_key`, computed once per node, never by
+printing) in their constructors, so equal patterns compare and hash equal.
+Source spans ride along but are excluded from equality.
 Use :func:`union`, :func:`inter`, :func:`complement` and :func:`difference`
 to also fold identities (``A | full == full``, ``~~A == A``, ...).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import bisect
+import operator
+from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
 
@@ -43,6 +46,11 @@ class Span:
 
 def _span():
     return field(default=None, compare=False, hash=False, repr=False)
+
+
+def _derived():
+    """A pattern node's cached sort key or hash: a slot outside equality, hashing and the constructor."""
+    return field(init=False, compare=False, hash=False, repr=False)
 
 
 # --------------------------------------------------------------------------- expressions
@@ -158,6 +166,10 @@ class Node:
 
         return node_to_source(self)
 
+    def __reduce__(self):
+        # Rebuilt through the constructor: a cached hash (of str names) is only valid in its process.
+        return type(self), tuple(getattr(self, f.name) for f in fields(self) if f.init)
+
 
 @dataclass(frozen=True, slots=True)
 class Prim(Node):
@@ -172,6 +184,15 @@ class Prim(Node):
     name: str
     args: tuple[tuple[str, Any], ...] = ()
     span: Span | None = _span()
+    _key: tuple = _derived()
+    _hash: int = _derived()
+
+    def __post_init__(self):
+        key = (_RANK_PRIM, self.name, tuple((name, _value_key(value)) for name, value in self.args))
+        _set_key(self, key, hash((self.name, self.args)))
+
+    def __hash__(self) -> int:
+        return self._hash
 
     def arg(self, name: str) -> Any:
         for key, value in self.args:
@@ -184,45 +205,181 @@ class Prim(Node):
         return dict(self.args)
 
 
-def _sort_key(node: Node) -> str:
-    from patterndsl.printer import node_to_source
+# Canonical order. Every pattern node carries ``_key``, a tuple computed once in its
+# constructor from its kind, its name and arguments and its children's keys (already computed:
+# nodes are immutable and built bottom-up); equal nodes have equal keys and unequal nodes unequal
+# ones, so sorting by key and dropping neighbours with equal keys is the canonical
+# flatten-dedupe-sort of unions and intersections. The kind ranks put primitives first (by name,
+# then arguments), then nested unions, intersections and complements: what the printed order
+# mostly gave (``causal & (sink(4) | window(256))``, ``causal & ~window(4)``).
+_RANK_PRIM, _RANK_UNION, _RANK_INTER, _RANK_NOT = 0, 1, 2, 3
 
-    return node_to_source(node)
+
+def _value_key(value: Any) -> tuple:
+    """The sort key of one argument value; a type tag first keeps unlike values comparable."""
+    if isinstance(value, int):  # bool included: True == 1 for equality, so for the key too
+        return (0, value)
+    if isinstance(value, str):
+        return (1, value)
+    if isinstance(value, tuple):
+        return (2, tuple(_value_key(v) for v in value))
+    if isinstance(value, Node):
+        return (3, value._key)
+    if isinstance(value, Expr):
+        return (4, expr_key(value))
+    if value is None:
+        return (-1,)
+    raise TypeError(f"not an IR argument value: {value!r}")
+
+
+def expr_key(expr: Expr) -> tuple:
+    """A structural sort key of a ``where`` expression: equal expressions, equal keys."""
+    if isinstance(expr, Const):
+        return (0, expr.value)
+    if isinstance(expr, Var):
+        return (1, expr.name)
+    if isinstance(expr, Coord):
+        return (2, expr.side, expr.axis)
+    if isinstance(expr, (Arith, Cmp)):
+        return (3 if isinstance(expr, Arith) else 6, expr.op, expr_key(expr.left), expr_key(expr.right))
+    if isinstance(expr, (Neg, LNot)):
+        return (4 if isinstance(expr, Neg) else 8, expr_key(expr.operand))
+    if isinstance(expr, Func):
+        return (5, expr.fn, tuple(expr_key(a) for a in expr.args))
+    if isinstance(expr, Logic):
+        return (7, expr.op, tuple(expr_key(a) for a in expr.items))
+    raise TypeError(f"not an expression: {expr!r}")
+
+
+def sort_key(node: Node) -> tuple:
+    """The structural key that orders the items of unions and intersections (never printed text)."""
+    return node._key
+
+
+_key_of = operator.attrgetter("_key")
+
+
+def _set_key(node: Node, key: tuple, hashed: int) -> None:
+    object.__setattr__(node, "_key", key)
+    object.__setattr__(node, "_hash", hashed)
+
+
+def _find(items: tuple[Node, ...], node: Node) -> int:
+    """Index of ``node`` in sorted ``items``, or -1."""
+    key = node._key
+    at = bisect.bisect_left(items, key, key=_key_of)
+    return at if at < len(items) and items[at]._key == key else -1
 
 
 def _flatten(kind: type, items) -> tuple[Node, ...]:
-    flat: dict[Node, None] = {}
+    """Items of ``kind`` nodes spliced in, sorted by key, duplicates dropped.
+
+    Items that are ``kind`` nodes are sorted already; a canonical node and one more item (the
+    Python operators applied one by one) is a binary search and one copy, not a sort.
+    """
+    if len(items) == 2:
+        a, b = items
+        if isinstance(b, kind) and not isinstance(a, kind):
+            a, b = b, a
+        if isinstance(a, kind) and not isinstance(b, kind):
+            base = a.items
+            at = bisect.bisect_left(base, b._key, key=_key_of)
+            if at < len(base) and base[at]._key == b._key:
+                return base
+            return (*base[:at], b, *base[at:])
+    flat: list[Node] = []
     for item in items:
         if isinstance(item, kind):
-            for sub in item.items:
-                flat[sub] = None
+            flat.extend(item.items)
         else:
-            flat[item] = None
-    return tuple(sorted(flat, key=_sort_key))
+            flat.append(item)
+    if len(flat) < 2:
+        return tuple(flat)
+    flat.sort(key=_key_of)
+    out = [flat[0]]
+    last = flat[0]._key
+    for item in flat[1:]:
+        key = item._key
+        if key != last:
+            out.append(item)
+            last = key
+    return tuple(out)
+
+
+def _has_complement_pair(parts: tuple[Node, ...]) -> bool:
+    """Whether some item's complement is an item too (complements sort last)."""
+    for item in reversed(parts):
+        if not isinstance(item, Not):
+            return False
+        if _find(parts, item.item) >= 0:
+            return True
+    return False
+
+
+def _combined_hash(node: Union | Inter) -> int:
+    # Computed on first use: unions built one operand at a time are rarely hashed on the way.
+    try:
+        return node._hash
+    except AttributeError:
+        hashed = hash((node._key[0], node.items))
+        object.__setattr__(node, "_hash", hashed)
+        return hashed
 
 
 @dataclass(frozen=True, slots=True)
 class Union(Node):
     items: tuple[Node, ...]
     span: Span | None = _span()
+    _key: tuple = _derived()
+    _hash: int = _derived()
 
     def __post_init__(self):
-        object.__setattr__(self, "items", _flatten(Union, self.items))
+        items = _flatten(Union, self.items)
+        object.__setattr__(self, "items", items)
+        object.__setattr__(self, "_key", (_RANK_UNION, tuple(map(_key_of, items))))
+
+    def __hash__(self) -> int:
+        return _combined_hash(self)
 
 
 @dataclass(frozen=True, slots=True)
 class Inter(Node):
     items: tuple[Node, ...]
     span: Span | None = _span()
+    _key: tuple = _derived()
+    _hash: int = _derived()
 
     def __post_init__(self):
-        object.__setattr__(self, "items", _flatten(Inter, self.items))
+        items = _flatten(Inter, self.items)
+        object.__setattr__(self, "items", items)
+        object.__setattr__(self, "_key", (_RANK_INTER, tuple(map(_key_of, items))))
+
+    def __hash__(self) -> int:
+        return _combined_hash(self)
 
 
 @dataclass(frozen=True, slots=True)
 class Not(Node):
     item: Node
     span: Span | None = _span()
+    _key: tuple = _derived()
+    _hash: int = _derived()
+
+    def __post_init__(self):
+        _set_key(self, (_RANK_NOT, self.item._key), hash((_RANK_NOT, self.item)))
+
+    def __hash__(self) -> int:
+        return self._hash
+
+
+def _canonical(kind: type, parts: tuple[Node, ...], span: Span | None) -> Node:
+    """A ``kind`` node over ``parts`` that are canonical already (sorted, deduplicated): no second sort."""
+    node = object.__new__(kind)
+    object.__setattr__(node, "items", parts)
+    object.__setattr__(node, "span", span)
+    rank = _RANK_UNION if kind is Union else _RANK_INTER
+    object.__setattr__(node, "_key", (rank, tuple(map(_key_of, parts))))
+    return node
 
 
 FULL = Prim("full")
@@ -230,34 +387,28 @@ EMPTY = Prim("empty")
 CAUSAL = Prim("causal")
 
 
-def union(*items: Node, span: Span | None = None) -> Node:
-    """``items[0] | items[1] | ...`` with identities folded."""
-    parts = _flatten(Union, items)
-    if FULL in parts:
-        return FULL
-    parts = tuple(p for p in parts if p != EMPTY)
-    if any(Not(p) in parts for p in parts):
-        return FULL
+def _fold(kind: type, items, span: Span | None, absorbing: Node, neutral: Node) -> Node:
+    parts = _flatten(kind, items)
+    if _find(parts, absorbing) >= 0 or _has_complement_pair(parts):
+        return absorbing
+    at = _find(parts, neutral)
+    if at >= 0:
+        parts = parts[:at] + parts[at + 1 :]
     if not parts:
-        return EMPTY
+        return neutral
     if len(parts) == 1:
         return parts[0]
-    return Union(parts, span)
+    return _canonical(kind, parts, span)
+
+
+def union(*items: Node, span: Span | None = None) -> Node:
+    """``items[0] | items[1] | ...`` with identities folded."""
+    return _fold(Union, items, span, FULL, EMPTY)
 
 
 def inter(*items: Node, span: Span | None = None) -> Node:
     """``items[0] & items[1] & ...`` with identities folded."""
-    parts = _flatten(Inter, items)
-    if EMPTY in parts:
-        return EMPTY
-    parts = tuple(p for p in parts if p != FULL)
-    if any(Not(p) in parts for p in parts):
-        return EMPTY
-    if not parts:
-        return FULL
-    if len(parts) == 1:
-        return parts[0]
-    return Inter(parts, span)
+    return _fold(Inter, items, span, EMPTY, FULL)
 
 
 def complement(item: Node, span: Span | None = None) -> Node:

@@ -1,8 +1,9 @@
 """IR -> source text: the readable form shown by ``patterndsl show --stage ir``.
 
 Comes in: canonical IR (:mod:`patterndsl.ir`). Goes out: pattern-language
-text that parses and checks back to an equal IR (printing round-trips), so
-the printed form is also the canonical sort key of unions and intersections.
+text that parses and checks back to an equal IR (printing round-trips). The
+order of the terms of unions and intersections is the IR's structural order
+(:func:`patterndsl.ir.sort_key`); printing never decides it.
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ which line breaks end a statement, and a lark Transformer builds the tree.
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -89,6 +90,8 @@ class _Builder(Transformer):
     def __init__(self, filename: str | None):
         super().__init__()
         self.file = filename
+        #: ``id(node) -> (node, span with the parentheses)`` of parenthesized expressions.
+        self._grouped: dict[int, tuple[syntax.Expr, Span]] = {}
 
     def _span(self, meta) -> Span:
         if getattr(meta, "empty", True):
@@ -163,8 +166,18 @@ class _Builder(Transformer):
             tuple(str(op) for op in ops), tuple(items[::2]), self._span(meta), tuple(self._tok(op) for op in ops)
         )
 
-    def binop(self, meta, left, op, right):
-        return syntax.Binary(str(op), left, right, self._span(meta), self._tok(op))
+    def binop(self, meta, *items):
+        # ``a OP b OP c ...`` of one precedence level, folded to the left without recursion:
+        # ``(a OP b) OP c``. Each step spans from the chain's start to its right operand's end
+        # (a parenthesized operand's end is its closing parenthesis, as the text shows it).
+        start = self._span(meta)
+        out = items[0]
+        for op, right in zip(items[1::2], items[2::2], strict=True):
+            grouped = self._grouped.get(id(right))
+            end = grouped[1] if grouped is not None and grouped[0] is right else right.span
+            span = Span(self.file, start.line, start.column, end.end_line, end.end_column)
+            out = syntax.Binary(str(op), out, right, span, self._tok(op))
+        return out
 
     def unop(self, meta, op, operand):
         return syntax.Unary(str(op), operand, self._span(meta))
@@ -202,6 +215,7 @@ class _Builder(Transformer):
         return syntax.Keyword(str(name), value, self._span(meta))
 
     def group(self, meta, _lpar, inner, _rpar):
+        self._grouped[id(inner)] = (inner, self._span(meta))
         return inner
 
     def tuple(self, meta, *items):
@@ -345,6 +359,18 @@ def parse(source: str, filename: str | None = None) -> syntax.Module:
     """
     if not isinstance(source, str):
         raise PatternError(f"pattern source must be a str, got {type(source).__name__}")
+    # Parse trees hold no reference cycles, and the cyclic collector's full passes over the many
+    # young nodes of a long source cost more than the parse itself (superlinear in its length).
+    paused = gc.isenabled()
+    gc.disable()
+    try:
+        return _parse(source, filename)
+    finally:
+        if paused:
+            gc.enable()
+
+
+def _parse(source: str, filename: str | None) -> syntax.Module:
     try:
         tree = _PARSER.parse(source)
     except UnexpectedInput as err:
