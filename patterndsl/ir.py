@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import bisect
 import operator
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
@@ -589,3 +590,66 @@ def uses_head(node: Node) -> bool:
 def is_dynamic(node: Node) -> bool:
     """True when the pattern contains ``route(...)``."""
     return any(isinstance(sub, Prim) and sub.name in DYNAMIC_PRIMITIVES for sub in walk(node))
+
+
+def routes(node: Node) -> tuple[Prim, ...]:
+    """The distinct run-time primitives (``route``) of ``node``, in the order :func:`walk` meets them."""
+    return tuple(dict.fromkeys(sub for sub in walk(node) if isinstance(sub, Prim) and sub.name in DYNAMIC_PRIMITIVES))
+
+
+# --------------------------------------------------------------------------- passes
+
+
+def substitute(node: Node, fn: Callable[[Prim, int], Node], sign: int = 1) -> Node:
+    """The pass IR -> IR that replaces primitives: each ``p`` by ``fn(p, sign)``, identities folded.
+
+    Every "replace ``route`` by ``empty``/``full``" rewrite (the bounds of a dynamic pattern,
+    its meaning where no route reaches, the corners of the run-time merge) is this pass.
+
+    Args:
+        node: a pattern node.
+        fn: the replacement of a primitive; ``sign`` is its polarity, +1 under an even number of
+            complements and -1 under an odd one. Return the primitive itself to keep it.
+        sign: the polarity of ``node`` itself.
+
+    Returns:
+        The rewritten node; ``node`` itself (span included) when nothing changed. ``route``'s
+        ``among`` is an argument, not part of the meaning: it is not entered.
+    """
+    if isinstance(node, Prim):
+        return fn(node, sign)
+    if isinstance(node, Not):
+        item = substitute(node.item, fn, -sign)
+        return node if item is node.item else complement(item)
+    items = [substitute(item, fn, sign) for item in node.items]
+    if all(new is old for new, old in zip(items, node.items, strict=True)):
+        return node
+    return (union if isinstance(node, Union) else inter)(*items)
+
+
+def route_bound(node: Node, lower: bool, only: Collection[Prim] | None = None) -> Node:
+    """``node`` with each route (of ``only``; all when None) replaced by ``empty``/``full`` as a bound.
+
+    Under its polarity a route is replaced so that the result is contained in ``node`` for
+    every choice (``lower``) or contains it (upper): ``empty`` / ``full`` at +1, swapped at -1.
+    """
+
+    def fn(prim: Prim, sign: int) -> Node:
+        if prim.name not in DYNAMIC_PRIMITIVES or (only is not None and prim not in only):
+            return prim
+        return EMPTY if (sign > 0) == lower else FULL
+
+    return substitute(node, fn)
+
+
+def polarities(node: Node) -> dict[Prim, set[int]]:
+    """``{route: {+1, -1}}``: the polarities (see :func:`substitute`) each route of ``node`` occurs under."""
+    out: dict[Prim, set[int]] = {}
+
+    def record(prim: Prim, sign: int) -> Node:
+        if prim.name in DYNAMIC_PRIMITIVES:
+            out.setdefault(prim, set()).add(sign)
+        return prim
+
+    substitute(node, record)
+    return out

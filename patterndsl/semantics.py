@@ -502,16 +502,7 @@ def route_bounds(node: ir.Node) -> tuple[ir.Node, ir.Node]:
     Returns:
         ``(lower, upper)``, both free of ``route`` (``among`` is not part of the meaning).
     """
-    if isinstance(node, ir.Prim):
-        if node.name in ir.DYNAMIC_PRIMITIVES:
-            return ir.EMPTY, ir.FULL
-        return node, node
-    if isinstance(node, ir.Not):
-        lower, upper = route_bounds(node.item)
-        return ir.complement(upper), ir.complement(lower)
-    parts = [route_bounds(item) for item in node.items]
-    combine = ir.union if isinstance(node, ir.Union) else ir.inter
-    return combine(*(lo for lo, _ in parts)), combine(*(up for _, up in parts))
+    return ir.route_bound(node, True), ir.route_bound(node, False)
 
 
 def _pool(x: torch.Tensor, ids: torch.Tensor, count: int, reduce: str) -> torch.Tensor:
@@ -661,12 +652,7 @@ def _eval(node: ir.Node, q, k, h, ctx: Context, selection) -> torch.Tensor:
 
 
 def _route_prims(nodes: Iterable[ir.Node]) -> list[ir.Prim]:
-    found: dict[ir.Prim, None] = {}
-    for node in nodes:
-        for sub in ir.walk(node):
-            if isinstance(sub, ir.Prim) and sub.name in ir.DYNAMIC_PRIMITIVES:
-                found[sub] = None
-    return list(found)
+    return list(dict.fromkeys(prim for node in nodes for prim in ir.routes(node)))
 
 
 def _check_inputs(q, k, heads: int, q_len: int, kv_len: int) -> None:

@@ -382,7 +382,7 @@ class Engine:
 
     def selection(self, node: ir.Node) -> dict | None:
         """The fixed choice of every route in ``node`` as :func:`semantics.evaluate` takes it, or None."""
-        routes = [p for p in ir.walk(node) if isinstance(p, ir.Prim) and p.name in ir.DYNAMIC_PRIMITIVES]
+        routes = ir.routes(node)
         if not routes:
             return {}
         if self.fixed is None or any(p not in self.fixed for p in routes):
@@ -632,13 +632,7 @@ def _band_total_closed(lo: int, hi: int, q0: int, q1: int, kv_len: int) -> int:
 
 def without_route(node: ir.Node) -> ir.Node:
     """``node`` with every ``route`` replaced by ``empty``: its meaning on tiles no route reaches."""
-    if isinstance(node, ir.Prim):
-        return ir.EMPTY if node.name in ir.DYNAMIC_PRIMITIVES else node
-    if isinstance(node, ir.Not):
-        return ir.complement(without_route(node.item))
-    if isinstance(node, ir.Inter):
-        return ir.inter(*[without_route(i) for i in node.items])
-    return ir.union(*[without_route(i) for i in node.items])
+    return ir.substitute(node, lambda prim, sign: ir.EMPTY if prim.name in ir.DYNAMIC_PRIMITIVES else prim)
 
 
 def count_tiles(engine: Engine, node: ir.Node, keys: np.ndarray, state: np.ndarray | None = None) -> np.ndarray:
@@ -784,9 +778,7 @@ def count_allowed(engine: Engine, node: ir.Node, keys: np.ndarray) -> np.ndarray
     return out
 
 
-def identity_engine(
-    q_len: int, kv_len: int, layout, head: int, block: tuple[int, int] | int, heads: int = 0
-) -> Engine:
+def identity_engine(q_len: int, kv_len: int, layout, head: int, block: tuple[int, int] | int, heads: int = 0) -> Engine:
     """An :class:`Engine` on the identity token order (as plans of ``route`` patterns use).
 
     Args:

@@ -57,32 +57,6 @@ class RouteFacts:
         self.forced = self.cand[~self.open[self.cand // self.n_k]]
 
 
-def polarities(node: ir.Node, sign: int = 1, out: dict | None = None) -> dict[ir.Prim, set[int]]:
-    """``{route: {+1, -1}}``: the signs (even / odd number of complements) each route occurs under."""
-    out = {} if out is None else out
-    if isinstance(node, ir.Prim):
-        if node.name in ir.DYNAMIC_PRIMITIVES:
-            out.setdefault(node, set()).add(sign)
-    elif isinstance(node, ir.Not):
-        polarities(node.item, -sign, out)
-    else:
-        for item in node.items:
-            polarities(item, sign, out)
-    return out
-
-
-def _bound(node: ir.Node, mixed: set, lower: bool, sign: int = 1) -> ir.Node:
-    """``node`` with every mixed-polarity route replaced by ``empty``/``full`` (its bound)."""
-    if isinstance(node, ir.Prim):
-        if node in mixed:
-            return ir.EMPTY if (sign > 0) == lower else ir.FULL
-        return node
-    if isinstance(node, ir.Not):
-        return ir.complement(_bound(node.item, mixed, lower, -sign))
-    combine = ir.union if isinstance(node, ir.Union) else ir.inter
-    return combine(*(_bound(item, mixed, lower, sign) for item in node.items))
-
-
 def _states_on(keys: np.ndarray, k2: np.ndarray, s2: np.ndarray) -> np.ndarray:
     out = np.zeros(len(keys), np.int8)
     pos = np.searchsorted(keys, k2)
@@ -105,7 +79,7 @@ def classify(engine: eng.Engine, node: ir.Node) -> tuple[np.ndarray, np.ndarray,
         tile: some route may allow an element there (the mask must be computed with the
         selection), and ``{"open": bool per tile, open candidates meet it, "unproven": int}``.
     """
-    pol = polarities(node)
+    pol = ir.polarities(node)
     facts = {p: RouteFacts(engine, p) for p in pol}
     mixed = {p for p, signs in pol.items() if len(signs) > 1}
     # One incidence per route: the candidate pairs' tiles; forced and open ones are subsets.
@@ -119,7 +93,7 @@ def classify(engine: eng.Engine, node: ir.Node) -> tuple[np.ndarray, np.ndarray,
     low_fix = {p: (forced_fix[p] if pol[p] == {1} else cand_fix[p]) for p in facts if p not in mixed}
     up_fix = {p: (cand_fix[p] if pol[p] == {1} else forced_fix[p]) for p in facts if p not in mixed}
     rewrite = eng.rewrite_for_plan
-    lower, upper = rewrite(_bound(node, mixed, True)), rewrite(_bound(node, mixed, False))
+    lower, upper = rewrite(ir.route_bound(node, True, mixed)), rewrite(ir.route_bound(node, False, mixed))
     engine.fixed = up_fix
     keys, up = engine.run(upper)
     engine.fixed = low_fix

@@ -143,21 +143,8 @@ def _route_tiles(prim: ir.Prim, heads: tuple[int, ...], plan: BlockPlan, ctx: se
 
 
 def substitute(node: ir.Node, values: dict[ir.Prim, ir.Node]) -> ir.Node:
-    """``node`` with each route replaced by ``values[route]`` (``among`` is not part of the meaning).
-
-    Args:
-        node: a pattern node.
-        values: route -> replacement node.
-
-    Returns:
-        The rewritten node.
-    """
-    if isinstance(node, ir.Prim):
-        return values.get(node, node)
-    if isinstance(node, ir.Not):
-        return ir.complement(substitute(node.item, values))
-    combine = ir.union if isinstance(node, ir.Union) else ir.inter
-    return combine(*(substitute(item, values) for item in node.items))
+    """``node`` with each route replaced by ``values[route]`` (:func:`patterndsl.ir.substitute`)."""
+    return ir.substitute(node, lambda prim, sign: values.get(prim, prim))
 
 
 def _group(plan: BlockPlan, group: HeadGroup, ctx: semantics.Context, route_tiles: dict) -> DynamicGroup:
@@ -165,7 +152,7 @@ def _group(plan: BlockPlan, group: HeadGroup, ctx: semantics.Context, route_tile
     nkt = plan.n_kv_tiles
     rows = torch.from_numpy(_rows_of(tl.row_ptr, plan.n_q_tiles))
     keys = rows * nkt + tl.cols
-    routes = tuple(dict.fromkeys(p for p in ir.walk(group.node) if isinstance(p, ir.Prim) and p.name == "route"))
+    routes = ir.routes(group.node)
     engine = eng.identity_engine(plan.q_len, plan.kv_len, ctx.layout, group.heads[0], plan.block, plan.heads)
     # A partial tile whose state is static may still have a mask that depends on the choice
     # (a route that reaches it without changing its state): it is decided per call too. With

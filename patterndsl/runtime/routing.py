@@ -79,11 +79,8 @@ def voters(pattern: ir.PatternIR, heads: int) -> dict[ir.Prim, tuple[int, ...]]:
     out: dict[ir.Prim, list[int]] = {}
     for h in range(heads):
         node = pattern.node_for_head(h)
-        seen = set()
-        for sub in ir.walk(node) if node is not None else ():
-            if isinstance(sub, ir.Prim) and sub.name in ir.DYNAMIC_PRIMITIVES and sub not in seen:
-                seen.add(sub)
-                out.setdefault(sub, []).append(h)
+        for prim in ir.routes(node) if node is not None else ():
+            out.setdefault(prim, []).append(h)
     return {prim: tuple(hs) for prim, hs in out.items()}
 
 
