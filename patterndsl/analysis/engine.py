@@ -55,6 +55,46 @@ class OverBudget(Exception):
     """Raised when a candidate order would need more element-wise evaluation than it may spend."""
 
 
+@dataclasses.dataclass
+class Tally:
+    """The element-wise work of one head group's planning, kept by its engine and the engines derived from it.
+
+    Attributes:
+        evaluated: tiles whose state was decided by evaluating their elements.
+        counted: tiles whose allowed pairs were counted by evaluating their elements.
+        budget: elements that may still be evaluated (None: no limit); past it :class:`OverBudget`.
+    """
+
+    evaluated: int = 0
+    counted: int = 0
+    budget: int | None = None
+
+    def spend(self, tiles: int, area: int) -> None:
+        """Record ``tiles`` tiles of ``area`` elements evaluated; raises :class:`OverBudget` past the budget."""
+        self.evaluated += tiles
+        if self.budget is not None:
+            self.budget -= tiles * area
+            if self.budget < 0:
+                raise OverBudget
+
+
+class _Caches:
+    """What an engine computes once for its sides and sizes: shared by the engines derived from it."""
+
+    __slots__ = ("bounds", "chains", "routes")
+
+    def __init__(self):
+        self.bounds = None
+        self.chains = None
+        #: ``{route: (cand, n_q, n_k, qgroup, kblock, gq, gk)}`` (see :meth:`Engine.route_candidates`).
+        self.routes: dict[ir.Prim, tuple] = {}
+
+
+#: A route's fixed choice: sorted chosen pair keys ``a * n_blocks + b``, and the tiles they meet
+#: with their states (:meth:`Engine.choice_tiles`).
+Fixed = tuple[np.ndarray, np.ndarray, np.ndarray]
+
+
 class Engine:
     """Classifies tiles of one pattern node for one head on two sides.
 
@@ -63,23 +103,46 @@ class Engine:
         env: sizes, layout, head and caches for the classifiers.
         budget: at most this many elements may be evaluated (None: no limit); beyond it
             :class:`OverBudget` is raised, so a reordering candidate cannot cost more than it saves.
+        fixed: ``{route: Fixed}``: those routes are classified as static patterns with that
+            choice (the bounds of route patterns); see :meth:`fixing`.
+        tally: where the element-wise work is recorded (a new one holding ``budget`` when None).
     """
 
-    def __init__(self, qside: Side, kside: Side, env: cls.Env, budget: int | None = None):
+    def __init__(
+        self,
+        qside: Side,
+        kside: Side,
+        env: cls.Env,
+        budget: int | None = None,
+        *,
+        fixed: dict[ir.Prim, Fixed] | None = None,
+        tally: Tally | None = None,
+        _caches: _Caches | None = None,
+    ):
         self.q, self.k, self.env = qside, kside, env
-        self.budget = budget
         self.nkb = kside.n_tiles
         self.nqb = qside.n_tiles
-        self.evaluated = 0
         self.ctx = semantics.Context(env.q_len, env.kv_len, env.layout)
-        self._qb = None
-        self._kb = None
-        self._chains = None
-        #: ``{route: (pairs, keys, state)}``: when set, those routes are classified as static
-        #: patterns with a fixed choice (bounds of route patterns): sorted chosen pair keys
-        #: ``a * n_blocks + b`` and the tiles they meet with their states (:meth:`choice_tiles`).
-        self.fixed: dict[ir.Prim, tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None
-        self._route_info: dict[ir.Prim, tuple] = {}
+        self.fixed = fixed
+        self.tally = Tally(budget=budget) if tally is None else tally
+        self._caches = _Caches() if _caches is None else _caches
+
+    def fixing(self, fixed: dict[ir.Prim, Fixed] | None) -> Engine:
+        """This engine with each route of ``fixed`` classified as a static pattern with that choice.
+
+        The new engine shares the sides, the caches and the tally; ``self`` is unchanged.
+        """
+        return Engine(self.q, self.k, self.env, fixed=fixed, tally=self.tally, _caches=self._caches)
+
+    @property
+    def evaluated(self) -> int:
+        """Tiles decided by element-wise evaluation so far (in the shared :class:`Tally`)."""
+        return self.tally.evaluated
+
+    @property
+    def budget(self) -> int | None:
+        """Elements that may still be evaluated (None: no limit)."""
+        return self.tally.budget
 
     # ----------------------------------------------------------------- entry
 
@@ -98,10 +161,9 @@ class Engine:
     # ----------------------------------------------------------------- candidates
 
     def _bounds(self):
-        if self._qb is None:
-            self._qb = self.q.tile_bounds()
-            self._kb = self.k.tile_bounds()
-        return self._qb, self._kb
+        if self._caches.bounds is None:
+            self._caches.bounds = (self.q.tile_bounds(), self.k.tile_bounds())
+        return self._caches.bounds
 
     def all_keys(self) -> np.ndarray:
         return np.arange(self.nqb * self.nkb, dtype=np.int64)
@@ -109,12 +171,12 @@ class Engine:
     def _key_chains(self):
         # Maximal runs of key tiles whose lower and upper bounds both ascend: inside one,
         # the tiles overlapping a range are a contiguous run found by binary search.
-        if self._chains is None:
+        if self._caches.chains is None:
             (_, _, _, _), (klo, khi, _, _) = self._bounds()
             breaks = np.nonzero((klo[1:] < klo[:-1]) | (khi[1:] < khi[:-1]))[0] + 1
             edges = np.concatenate([[0], breaks, [len(klo)]])
-            self._chains = list(zip(edges[:-1].tolist(), edges[1:].tolist(), strict=True))
-        return self._chains
+            self._caches.chains = list(zip(edges[:-1].tolist(), edges[1:].tolist(), strict=True))
+        return self._caches.chains
 
     def _overlap(self, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
         """Keys of pairs ``(m, n)`` where key tile ``n``'s position bounds meet ``[lo[m], hi[m]]``."""
@@ -229,28 +291,32 @@ class Engine:
         if ir.is_dynamic(node) and selection is None:
             out[:] = DYNAMIC
             return out
-        self.evaluated += len(keys)
-        area = self.q.block * self.k.block
-        if self.budget is not None:
-            self.budget -= len(keys) * area
-            if self.budget < 0:
-                raise OverBudget
-        m, n = keys // self.nkb, keys % self.nkb
-        step = max(1, _EVAL_CHUNK // max(area, 1))
-        for s in range(0, len(keys), step):
-            qi = self.q.tile_indices(m[s : s + step])
-            ki = self.k.tile_indices(n[s : s + step])
-            qv = torch.from_numpy(qi >= 0)[:, :, None]
-            kv = torch.from_numpy(ki >= 0)[:, None, :]
-            i = torch.from_numpy(np.maximum(qi, 0))[:, :, None]
-            j = torch.from_numpy(np.maximum(ki, 0))[:, None, :]
+        self.tally.spend(len(keys), self.q.block * self.k.block)
+        for part, i, j, valid in self.chunks(keys):
             val = semantics.evaluate(node, i, j, self.env.head, self.ctx, selection)
-            valid = qv & kv
             anyv = (val & valid).flatten(1).any(1)
             allv = (val | ~valid).flatten(1).all(1)
             st = torch.where(allv & anyv, FULL, torch.where(anyv, PARTIAL, EMPTY))
-            out[s : s + step] = st.numpy().astype(np.int8)
+            out[part] = st.numpy().astype(np.int8)
         return out
+
+    def chunks(self, keys: np.ndarray):
+        """The elements of tiles ``keys``, a bounded number at a time: the one chunked evaluation loop.
+
+        Yields:
+            ``(part, i, j, valid)``: the slice of ``keys`` covered, original query indices ``i``
+            ``[T, BM, 1]`` and key indices ``j`` ``[T, 1, BN]`` (int64, padding clamped to 0) and
+            bool ``valid`` ``[T, BM, BN]`` (both indices real), ready for :func:`semantics.evaluate`.
+        """
+        m, n = keys // self.nkb, keys % self.nkb
+        step = max(1, _EVAL_CHUNK // max(self.q.block * self.k.block, 1))
+        for s in range(0, len(keys), step):
+            qi = self.q.tile_indices(m[s : s + step])
+            ki = self.k.tile_indices(n[s : s + step])
+            valid = torch.from_numpy(qi >= 0)[:, :, None] & torch.from_numpy(ki >= 0)[:, None, :]
+            i = torch.from_numpy(np.maximum(qi, 0))[:, :, None]
+            j = torch.from_numpy(np.maximum(ki, 0))[:, None, :]
+            yield slice(s, s + step), i, j, valid
 
     # ----------------------------------------------------------------- combinators
 
@@ -315,8 +381,8 @@ class Engine:
             candidate pairs, the counts, the group of every query index and the block of every
             key index (as in :func:`patterndsl.semantics.route_blocks`).
         """
-        if prim in self._route_info:
-            return self._route_info[prim][:5]
+        if prim in self._caches.routes:
+            return self._caches.routes[prim][:5]
         among = prim.arg("among")
         if ir.is_dynamic(among):
             raise PatternError("route(among = ...) cannot itself contain route(...)", prim.span)
@@ -335,7 +401,7 @@ class Engine:
             env = self.env if h == self.env.head else dataclasses.replace(self.env, head=h, cache={})
             sub = Engine(qcoarse, kcoarse, env)
             found.append(sub.run(rewrite_for_plan(among), None)[0])
-            self.evaluated += sub.evaluated
+            self.tally.evaluated += sub.evaluated
         ckeys = found[0] if len(found) == 1 else np.unique(np.concatenate(found))
         # Which tiles each group / block meets: sorted ``group * n_tiles + tile`` (one entry per pair).
         qtile = np.empty(len(qgroup), np.int64)
@@ -345,7 +411,7 @@ class Engine:
         gq = np.unique(qgroup * self.nqb + qtile)
         gk = np.unique(kblock * self.nkb + ktile)
         info = (ckeys, n_q, n_k, qgroup, kblock, gq, gk)
-        self._route_info[prim] = info
+        self._caches.routes[prim] = info
         return info[:5]
 
     def route_incidence(self, prim: ir.Prim, pairs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -360,7 +426,7 @@ class Engine:
             each (pair, tile) once, so counting entries per tile counts the pairs meeting it.
         """
         self.route_candidates(prim)
-        _, n_q, n_k, _, _, gq, gk = self._route_info[prim]
+        _, n_q, n_k, _, _, gq, gk = self._caches.routes[prim]
         a, b = pairs // n_k, pairs % n_k
         gq_ptr = np.searchsorted(gq // self.nqb, np.arange(n_q + 1))
         gk_ptr = np.searchsorted(gk // self.nkb, np.arange(n_k + 1))
@@ -372,13 +438,13 @@ class Engine:
     def route_pairs_per_tile(self, prim: ir.Prim) -> tuple[np.ndarray, np.ndarray]:
         """``(groups, blocks)``: how many query groups meet each query tile, key blocks each key tile."""
         self.route_candidates(prim)
-        gq, gk = self._route_info[prim][5:]
+        gq, gk = self._caches.routes[prim][5:]
         return np.bincount(gq % self.nqb, minlength=self.nqb), np.bincount(gk % self.nkb, minlength=self.nkb)
 
     def route_tiles_per_group(self, prim: ir.Prim) -> np.ndarray:
         """How many query tiles each query group of ``prim`` meets."""
         n_q = self.route_candidates(prim)[1]
-        return np.bincount(self._route_info[prim][5] // self.nqb, minlength=n_q)
+        return np.bincount(self._caches.routes[prim][5] // self.nqb, minlength=n_q)
 
     def selection(self, node: ir.Node) -> dict | None:
         """The fixed choice of every route in ``node`` as :func:`semantics.evaluate` takes it, or None."""
@@ -597,10 +663,7 @@ def band_total(node: ir.Node, q_len: int, kv_len: int, env=None) -> int | None:
     q = np.arange(q_len, dtype=np.int64) + off
     k0 = np.maximum(0, q - hi)
     k1 = np.minimum(kv_len - 1, q - lo)
-    if mod == 1:
-        cnt = k1 - k0 + 1
-    else:
-        cnt = np.floor_divide(k1 - q, mod) - np.floor_divide(k0 - 1 - q, mod)
+    cnt = np.floor_divide(k1 - q, mod) - np.floor_divide(k0 - 1 - q, mod)
     return int(np.where(k0 <= k1, cnt, 0).sum())
 
 
@@ -759,22 +822,13 @@ def count_allowed(engine: Engine, node: ir.Node, keys: np.ndarray) -> np.ndarray
             cnt = np.where((u0 <= u1) & live, cnt, 0)
             np.add.at(out, pair, cnt.sum(1))
             return out
-    engine_eval = engine.evaluated
     selection = engine.selection(node)
     if selection is None:
         node = without_route(node)
-    m, n = keys // engine.nkb, keys % engine.nkb
-    step = max(1, _EVAL_CHUNK // max(q.block * k.block, 1))
-    for s in range(0, len(keys), step):
-        qi = q.tile_indices(m[s : s + step])
-        ki = k.tile_indices(n[s : s + step])
-        valid = torch.from_numpy(qi >= 0)[:, :, None] & torch.from_numpy(ki >= 0)[:, None, :]
-        i = torch.from_numpy(np.maximum(qi, 0))[:, :, None]
-        j = torch.from_numpy(np.maximum(ki, 0))[:, None, :]
+    for part, i, j, valid in engine.chunks(keys):
         val = semantics.evaluate(node, i, j, engine.env.head, engine.ctx, selection)
-        out[s : s + step] = (val & valid).flatten(1).sum(1).numpy()
-    engine.counted_by_evaluation = getattr(engine, "counted_by_evaluation", 0) + len(keys)
-    engine.evaluated = engine_eval
+        out[part] = (val & valid).flatten(1).sum(1).numpy()
+    engine.tally.counted += len(keys)
     return out
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -56,12 +57,25 @@ def _head_groups(pir: ir.PatternIR, heads: int) -> tuple[list[tuple[ir.Node, lis
     return groups, head_group
 
 
-class _Candidate:
-    """One order's plan of every head group (keys and states per group)."""
+@dataclass(frozen=True)
+class _Classified:
+    """One head group's tiles in one order, and the engine that found them (for counting)."""
 
-    def __init__(self, desc, qside, kside, results, engines):
-        self.desc, self.qside, self.kside = desc, qside, kside
-        self.results, self.engines = results, engines
+    keys: np.ndarray
+    state: np.ndarray
+    engine: eng.Engine
+    routed: routeplan.RoutedTiles | None  # patterns with route: what the choice may change
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    """One order's plan of every head group, and the pairs its tiles visit."""
+
+    desc: str
+    qside: tiles.Side
+    kside: tiles.Side
+    groups: tuple[_Classified, ...]
+    work: int
 
 
 #: Element evaluations a reordering candidate may spend before it is dropped.
@@ -75,7 +89,7 @@ def _plan_order(desc, qsegs, ksegs, identity, groups, q_len, kv_len, layout, bm,
     qside = tiles.build_side(qsegs, q_len, bm, off, extents, identity)
     kside = tiles.build_side(ksegs, kv_len, bn, 0, extents, identity)
     rows, cols = np.diff(qside.starts), np.diff(kside.starts)
-    results, engines = [], []
+    found = []
     work = 0
     budget = None if bound is None else CANDIDATE_BUDGET
     n_heads = sum(len(heads) for _, heads in groups)
@@ -84,8 +98,10 @@ def _plan_order(desc, qsegs, ksegs, identity, groups, q_len, kv_len, layout, bm,
         engine = eng.Engine(qside, kside, env, budget)
         try:
             if ir.is_dynamic(node):
-                keys, state, engine.route_mask, engine.route_facts = routeplan.classify(engine, simplify(node))
+                routed = routeplan.classify(engine, simplify(node))
+                keys, state = routed.keys, routed.state
             else:
+                routed = None
                 keys, state = engine.run(simplify(node))
         except eng.OverBudget:
             return None
@@ -93,11 +109,8 @@ def _plan_order(desc, qsegs, ksegs, identity, groups, q_len, kv_len, layout, bm,
         work += int((rows[keys // kside.n_tiles] * cols[keys % kside.n_tiles]).sum()) * len(heads)
         if bound is not None and work >= bound:
             return None
-        results.append((keys, state))
-        engines.append(engine)
-    cand = _Candidate(desc, qside, kside, results, engines)
-    cand.work = work
-    return cand
+        found.append(_Classified(keys, state, engine, routed))
+    return _Candidate(desc, qside, kside, tuple(found), work)
 
 
 def plan(pir: ir.PatternIR, q_len: int, kv_len: int | None = None, heads: int = 1, block=(128, 128), order="auto"):
@@ -170,27 +183,26 @@ def _assemble(pir, cand: _Candidate, groups, head_group, q_len, kv_len, heads, b
     stats = PlanStats(total_pairs=heads * q_len * kv_len)
     out_groups = []
     evaluated = 0
-    for (node, hs), (keys, state), engine in zip(groups, cand.results, cand.engines, strict=True):
+    for (node, hs), found in zip(groups, cand.groups, strict=True):
+        keys, state, engine, routed = found.keys, found.state, found.engine, found.routed
         m, n = keys // nkb, keys % nkb
         area = rows[m] * cols[n]
         partial = state == eng.PARTIAL
         rewritten = simplify(node)
-        route_mask = getattr(engine, "route_mask", None)
         dyn = state == eng.DYNAMIC
         counted = partial
-        if route_mask is not None:
+        if routed is not None:
             # Tiles open candidates meet may change mask with the choice: bounded, not counted.
-            dyn = engine.route_facts["open"] & (state != eng.FULL)
+            dyn = routed.open & (state != eng.FULL)
             counted = partial & ~dyn
-            unproven = engine.route_facts["unproven"] * len(hs)
+            unproven = routed.unproven * len(hs)
             stats.extra["tiles_dynamic_unproven"] = stats.extra.get("tiles_dynamic_unproven", 0) + unproven
         allowed = eng.symbolic_total(rewritten, q_len, kv_len, pir.layout, engine.env)
-        if allowed is None and route_mask is not None:
+        if allowed is None and routed is not None:
             # Tiles no route reaches count without the routes (cheaper than with the choice).
-            counts = eng.count_tiles(engine, rewritten, keys[counted & route_mask]).sum()
-            engine.fixed, fixed = None, engine.fixed
-            counts += eng.count_tiles(engine, rewritten, keys[counted & ~route_mask]).sum()
-            engine.fixed = fixed
+            forced = engine.fixing(routed.forced)
+            counts = eng.count_tiles(forced, rewritten, keys[counted & routed.route_mask]).sum()
+            counts += eng.count_tiles(engine, rewritten, keys[counted & ~routed.route_mask]).sum()
             allowed = int(area[state == eng.FULL].sum()) + int(counts)
         elif allowed is None:
             counts = eng.count_tiles(engine, rewritten, keys[counted])
@@ -205,16 +217,15 @@ def _assemble(pir, cand: _Candidate, groups, head_group, q_len, kv_len, heads, b
         stats.tiles_partial += int(partial.sum()) * nh
         stats.tiles_dynamic += int((state == eng.DYNAMIC).sum()) * nh
         stats.tiles_empty += (nqb * nkb - len(keys)) * nh
-        evaluated += engine.evaluated
-        stats.extra["tiles_counted_by_evaluation"] = stats.extra.get("tiles_counted_by_evaluation", 0) + getattr(
-            engine, "counted_by_evaluation", 0
-        )
+        evaluated += engine.tally.evaluated
+        counted_tiles = stats.extra.get("tiles_counted_by_evaluation", 0) + engine.tally.counted
+        stats.extra["tiles_counted_by_evaluation"] = counted_tiles
         tl = _tile_list(m, n, state, nqb, nkb)
         runs = Runs.from_tiles(tl, nqb)
         form = None
         if cand.qside.identity:
             form = functools.partial(_form, rewritten, cand.qside, cand.kside, runs, nqb, nkb)
-        rmask = None if route_mask is None else torch.from_numpy(route_mask)
+        rmask = None if routed is None else torch.from_numpy(routed.route_mask)
         out_groups.append(HeadGroup(tuple(hs), node, tl, runs, form, rmask))
     stats.tiles_evaluated = evaluated
     stats.extra["orders_tried"] = n_orders

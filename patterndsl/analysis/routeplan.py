@@ -24,13 +24,13 @@ statistics count (``extra["tiles_dynamic_unproven"]``).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
 from patterndsl import ir, semantics
 from patterndsl.analysis import engine as eng
-
-_EVAL_CHUNK = 1 << 22  # elements per batched evaluation
 
 
 class RouteFacts:
@@ -64,20 +64,38 @@ def _states_on(keys: np.ndarray, k2: np.ndarray, s2: np.ndarray) -> np.ndarray:
     return out
 
 
-def classify(engine: eng.Engine, node: ir.Node) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
+@dataclass(frozen=True)
+class RoutedTiles:
+    """The tiles of a route pattern for one head group (what :func:`classify` returns).
+
+    Attributes:
+        keys, state: sorted non-empty tile keys and their states (1 partial, 2 full, 3 run time).
+        route_mask: bool per tile: some route may allow an element there (the mask must be
+            computed with the selection).
+        open: bool per tile: open candidates meet it (its mask may change with the choice).
+        unproven: tiles marked 3 without proof that two choices differ there.
+        forced: ``{route: Fixed}``, every route fixed to its forced choice: with
+            ``engine.fixing(forced)`` the pattern is exact on every tile no open group's
+            candidates meet (used to count allowed pairs).
+    """
+
+    keys: np.ndarray
+    state: np.ndarray
+    route_mask: np.ndarray
+    open: np.ndarray
+    unproven: int
+    forced: dict[ir.Prim, eng.Fixed]
+
+
+def classify(engine: eng.Engine, node: ir.Node) -> RoutedTiles:
     """Tile states of a route pattern, 3 exactly where two possible selections differ (see module notes).
 
-    Leaves ``engine.fixed`` at the forced choice of every route, which gives the exact mask
-    on every tile no open group's candidates meet (used to count allowed pairs).
-
     Args:
-        engine: the head group's engine (identity order).
+        engine: the head group's engine (identity order, no fixed choice).
         node: the rewritten pattern node, containing ``route``.
 
     Returns:
-        ``(keys, state, route_mask, facts)``: sorted non-empty tile keys, their states, bool per
-        tile: some route may allow an element there (the mask must be computed with the
-        selection), and ``{"open": bool per tile, open candidates meet it, "unproven": int}``.
+        The :class:`RoutedTiles`.
     """
     pol = ir.polarities(node)
     facts = {p: RouteFacts(engine, p) for p in pol}
@@ -94,10 +112,8 @@ def classify(engine: eng.Engine, node: ir.Node) -> tuple[np.ndarray, np.ndarray,
     up_fix = {p: (cand_fix[p] if pol[p] == {1} else forced_fix[p]) for p in facts if p not in mixed}
     rewrite = eng.rewrite_for_plan
     lower, upper = rewrite(ir.route_bound(node, True, mixed)), rewrite(ir.route_bound(node, False, mixed))
-    engine.fixed = up_fix
-    keys, up = engine.run(upper)
-    engine.fixed = low_fix
-    k2, s2 = engine.run(lower, keys)
+    keys, up = engine.fixing(up_fix).run(upper)
+    k2, s2 = engine.fixing(low_fix).run(lower, keys)
     low = _states_on(keys, k2, s2)
     state = up.copy()
     maybe = np.flatnonzero(low != up)
@@ -124,10 +140,9 @@ def classify(engine: eng.Engine, node: ir.Node) -> tuple[np.ndarray, np.ndarray,
         else:
             state[rest] = eng.DYNAMIC
             unproven = len(rest)
-    engine.fixed = forced_fix
     keep = state > 0
     route_mask = (reads & (state != eng.FULL))[keep]
-    return keys[keep], state[keep], route_mask, {"open": opened[keep], "unproven": unproven}
+    return RoutedTiles(keys[keep], state[keep], route_mask, opened[keep], unproven, forced_fix)
 
 
 def _positions(sorted_keys: np.ndarray, values: np.ndarray) -> np.ndarray:
@@ -174,19 +189,12 @@ def _exact(engine: eng.Engine, node, prim, f: RouteFacts, sign: int, keys, low_f
     ``act`` counts the candidate blocks holding such elements: the tile can be empty / full
     when every group can choose (or avoid) all of its ``act`` blocks within its ``k_a`` picks.
     """
-    q, k = engine.q, engine.k
-    m, n = keys // engine.nkb, keys % engine.nkb
-    engine.evaluated += 2 * len(keys)
+    engine.tally.evaluated += 2 * len(keys)
     sel_lo = {prim: eng.PairTable(low_fix[prim][0], f.n_k)}
     sel_up = {prim: eng.PairTable(up_fix[prim][0], f.n_k)}
     out = np.zeros(len(keys), np.int8)
-    step = max(1, _EVAL_CHUNK // max(q.block * k.block, 1))
     qgroup, kblock = torch.from_numpy(f.qgroup), torch.from_numpy(f.kblock)
-    for s in range(0, len(keys), step):
-        qi, ki = q.tile_indices(m[s : s + step]), k.tile_indices(n[s : s + step])
-        valid = torch.from_numpy(qi >= 0)[:, :, None] & torch.from_numpy(ki >= 0)[:, None, :]
-        i = torch.from_numpy(np.maximum(qi, 0))[:, :, None]
-        j = torch.from_numpy(np.maximum(ki, 0))[:, None, :]
+    for part, i, j, valid in engine.chunks(keys):
         lo = semantics.evaluate(node, i, j, engine.env.head, engine.ctx, sel_lo) & valid
         hi = semantics.evaluate(node, i, j, engine.env.head, engine.ctx, sel_up) & valid
         fixed_on = lo.flatten(1).any(1).numpy()
@@ -200,7 +208,7 @@ def _exact(engine: eng.Engine, node, prim, f: RouteFacts, sign: int, keys, low_f
         g, tt = tg % f.n_q, tg // f.n_q
         can_all = act <= f.take[g]  # the group can choose every such block
         can_none = f.n_cand[g] - act >= f.take[g]  # ... or avoid every one
-        width = len(qi)
+        width = len(i)
         all_ok = np.ones(width, bool)
         none_ok = np.ones(width, bool)
         np.logical_and.at(all_ok, tt, can_all)
@@ -214,5 +222,5 @@ def _exact(engine: eng.Engine, node, prim, f: RouteFacts, sign: int, keys, low_f
         can_nonempty = fixed_on | switching
         least = np.where(can_empty, eng.EMPTY, np.where(always_full, eng.FULL, eng.PARTIAL))
         most = np.where(can_full, eng.FULL, np.where(can_nonempty, eng.PARTIAL, eng.EMPTY))
-        out[s : s + step] = np.where(least == most, least, eng.DYNAMIC)
+        out[part] = np.where(least == most, least, eng.DYNAMIC)
     return out

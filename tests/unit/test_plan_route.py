@@ -233,3 +233,23 @@ def test_route_attention_on_statically_decided_tiles(src, cpu_tiles):
     want = torch.autograd.grad(reference_attention(q2, k2, v2, mask)[0], (q2, k2, v2), g)
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_classification_is_pure_results_do_not_depend_on_call_order():
+    """routeplan.classify returns its findings; fixing a choice makes a new engine and leaves the old one alone."""
+    from patterndsl.analysis import engine as eng
+    from patterndsl.analysis import routeplan
+    from patterndsl.analysis.rewrite import simplify
+
+    p = patterndsl.compile("pattern p { causal & (window(6) | route(1, block = 8, among = causal)) }")
+    node = simplify(p.ir.default)
+    engine = eng.identity_engine(48, 48, None, 0, (8, 8))
+    first = routeplan.classify(engine, node)
+    assert engine.fixed is None
+    forced = engine.fixing(first.forced)
+    assert forced.fixed is first.forced and forced.tally is engine.tally and engine.fixed is None
+    again = routeplan.classify(eng.identity_engine(48, 48, None, 0, (8, 8)), node)
+    for name in ("keys", "state", "route_mask", "open"):
+        assert getattr(first, name).tolist() == getattr(again, name).tolist(), name
+    a, b = p.plan(48, block=(8, 8)), p.plan(48, block=(8, 8))
+    assert {**vars(a.stats), "plan_seconds": 0} == {**vars(b.stats), "plan_seconds": 0}
