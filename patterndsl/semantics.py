@@ -14,13 +14,13 @@ from __future__ import annotations
 import functools
 import operator
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from patterndsl import ir
 from patterndsl.errors import HeadsError, InputError, LayoutError, PatternError, PatternTypeError, PatternValueError
+from patterndsl.sizes import Sizes
 
 _MASK64 = (1 << 64) - 1
 _GOLDEN = 0x9E3779B97F4A7C15
@@ -29,24 +29,8 @@ _MIX1 = 0xBF58476D1CE4E5B9
 _MIX2 = 0x94D049BB133111EB
 
 
-@dataclass(frozen=True, slots=True)
-class Context:
-    """Sizes a pattern is evaluated at.
-
-    Attributes:
-        q_len: number of queries ``Lq``.
-        kv_len: number of keys ``Lk``.
-        layout: the pattern's ``layout grid(...)``, or None.
-    """
-
-    q_len: int
-    kv_len: int
-    layout: ir.Layout | None = None
-
-    @property
-    def offset(self) -> int:
-        """``Lk - Lq``: added to a query index to get its end-aligned position."""
-        return self.kv_len - self.q_len
+#: The sizes and layout a pattern is evaluated at (``Context(q_len, kv_len, layout)``, ``ctx.offset``).
+Context = Sizes
 
 
 # --------------------------------------------------------------------------- small helpers

@@ -20,26 +20,44 @@ import numpy as np
 
 from patterndsl import ir
 from patterndsl.analysis.tiles import Pieces
+from patterndsl.sizes import Sizes
 
 BIG = 1 << 50  # stands in for an unbounded band end; far beyond any position
 
 
 @dataclass
 class Env:
-    """What the classifiers need besides the pieces: sizes, layout, head, caches."""
+    """What the classifiers need besides the pieces: the sizes, the head, caches.
 
-    q_len: int
-    kv_len: int
-    layout: ir.Layout | None
+    ``q_len``, ``kv_len``, ``layout``, ``heads`` and ``offset`` read the :class:`Sizes`;
+    ``heads`` is the query head count of the whole pattern (0: unknown): ``route``
+    candidates whose ``among`` reads ``h`` are the union over these heads (see
+    ``Engine.route_candidates``).
+    """
+
+    sizes: Sizes
     head: int
     cache: dict = field(default_factory=dict)
-    #: Query heads of the whole pattern (0: unknown). ``route`` candidates whose ``among`` reads
-    #: ``h`` are the union over these heads (see Engine.route_candidates).
-    heads: int = 0
+
+    @property
+    def q_len(self) -> int:
+        return self.sizes.q_len
+
+    @property
+    def kv_len(self) -> int:
+        return self.sizes.kv_len
+
+    @property
+    def layout(self) -> ir.Layout | None:
+        return self.sizes.layout
+
+    @property
+    def heads(self) -> int:
+        return self.sizes.heads
 
     @property
     def offset(self) -> int:
-        return self.kv_len - self.q_len
+        return self.sizes.offset
 
 
 def _fdiv(a, b):

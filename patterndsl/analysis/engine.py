@@ -35,6 +35,7 @@ from patterndsl import ir, semantics
 from patterndsl.analysis import classify as cls
 from patterndsl.analysis.tiles import Side
 from patterndsl.errors import PatternError
+from patterndsl.sizes import Sizes
 
 EMPTY, PARTIAL, FULL, DYNAMIC = 0, 1, 2, 3
 _EVAL_CHUNK = 1 << 22  # elements per batched evaluation
@@ -122,7 +123,7 @@ class Engine:
         self.q, self.k, self.env = qside, kside, env
         self.nkb = kside.n_tiles
         self.nqb = qside.n_tiles
-        self.ctx = semantics.Context(env.q_len, env.kv_len, env.layout)
+        self.ctx = env.sizes
         self.fixed = fixed
         self.tally = Tally(budget=budget) if tally is None else tally
         self._caches = _Caches() if _caches is None else _caches
@@ -832,15 +833,13 @@ def count_allowed(engine: Engine, node: ir.Node, keys: np.ndarray) -> np.ndarray
     return out
 
 
-def identity_engine(q_len: int, kv_len: int, layout, head: int, block: tuple[int, int] | int, heads: int = 0) -> Engine:
+def identity_engine(sizes: Sizes, head: int, block: tuple[int, int] | int) -> Engine:
     """An :class:`Engine` on the identity token order (as plans of ``route`` patterns use).
 
     Args:
-        q_len, kv_len: sequence lengths.
-        layout: the pattern's layout or None.
+        sizes: lengths, layout and the pattern's query heads (0: unknown; see :class:`Sizes`).
         head: the head index the pattern is classified for.
         block: tile sizes ``(BM, BN)`` (an int for both).
-        heads: all query heads of the pattern (0: unknown); see ``Env.heads``.
 
     Returns:
         The engine; its tile keys are ``m * n_key_tiles + n``.
@@ -849,13 +848,14 @@ def identity_engine(q_len: int, kv_len: int, layout, head: int, block: tuple[int
     from patterndsl.analysis.classify import Env
 
     bm, bn = (block, block) if isinstance(block, int) else block
-    off = kv_len - q_len
+    q_len, kv_len, layout = sizes.q_len, sizes.kv_len, sizes.layout
     if layout is None:
         extents = (kv_len,)
-        qsegs, ksegs = tiles.identity_segments(q_len, off, extents), tiles.identity_segments(kv_len, 0, extents)
+        qsegs = tiles.identity_segments(q_len, sizes.offset, extents)
+        ksegs = tiles.identity_segments(kv_len, 0, extents)
     else:
         extents = layout.shape
         qsegs = ksegs = tiles.identity_segments(q_len, 0, extents)
-    qside = tiles.build_side(qsegs, q_len, bm, off, extents, True)
+    qside = tiles.build_side(qsegs, q_len, bm, sizes.offset, extents, True)
     kside = tiles.build_side(ksegs, kv_len, bn, 0, extents, True)
-    return Engine(qside, kside, Env(q_len, kv_len, layout, head, heads=heads))
+    return Engine(qside, kside, Env(sizes, head))

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from patterndsl import ir
+from patterndsl.sizes import Sizes
 
 EMPTY, PARTIAL, FULL, DYNAMIC = 0, 1, 2, 3
 
@@ -236,6 +237,11 @@ class BlockPlan:
     @property
     def block(self) -> tuple[int, int]:
         return (self.block_m, self.block_n)
+
+    @property
+    def sizes(self) -> Sizes:
+        """The sizes planned for, with the pattern's layout and query heads."""
+        return Sizes(self.q_len, self.kv_len, getattr(self.pattern, "layout", None), self.heads)
 
     @property
     def n_q_tiles(self) -> int:

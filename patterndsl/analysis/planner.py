@@ -24,6 +24,7 @@ from patterndsl.analysis.classify import Env
 from patterndsl.analysis.plan import BlockPlan, HeadGroup, PlanStats, Runs, TileList
 from patterndsl.analysis.rewrite import simplify
 from patterndsl.errors import HeadsError, PatternTypeError, PatternValueError
+from patterndsl.sizes import Sizes
 
 
 def _validate(block, order) -> tuple[int, int]:
@@ -82,19 +83,17 @@ class _Candidate:
 CANDIDATE_BUDGET = 1 << 24
 
 
-def _plan_order(desc, qsegs, ksegs, identity, groups, q_len, kv_len, layout, bm, bn, bound=None):
+def _plan_order(desc, qsegs, ksegs, identity, groups, sizes: Sizes, bm, bn, bound=None):
     """Plan every head group in one order; None when the order cannot beat ``bound`` visited pairs."""
-    extents = layout.shape if layout is not None else (kv_len,)
-    off = kv_len - q_len
-    qside = tiles.build_side(qsegs, q_len, bm, off, extents, identity)
-    kside = tiles.build_side(ksegs, kv_len, bn, 0, extents, identity)
+    extents = sizes.layout.shape if sizes.layout is not None else (sizes.kv_len,)
+    qside = tiles.build_side(qsegs, sizes.q_len, bm, sizes.offset, extents, identity)
+    kside = tiles.build_side(ksegs, sizes.kv_len, bn, 0, extents, identity)
     rows, cols = np.diff(qside.starts), np.diff(kside.starts)
     found = []
     work = 0
     budget = None if bound is None else CANDIDATE_BUDGET
-    n_heads = sum(len(heads) for _, heads in groups)
     for node, heads in groups:
-        env = Env(q_len, kv_len, layout, heads[0], heads=n_heads)
+        env = Env(sizes, heads[0])
         engine = eng.Engine(qside, kside, env, budget)
         try:
             if ir.is_dynamic(node):
@@ -141,13 +140,14 @@ def plan(pir: ir.PatternIR, q_len: int, kv_len: int | None = None, heads: int = 
     cands = reorder.candidates(nodes, pir.layout, q_len, kv_len, (bm, bn))
     if order == "identity":
         cands = cands[:1]
+    sizes = Sizes(q_len, kv_len, pir.layout, heads)
     best = None
     for desc, qsegs, ksegs, identity in cands:
         bound = None if best is None else best.work
-        cand = _plan_order(desc, qsegs, ksegs, identity, groups, q_len, kv_len, pir.layout, bm, bn, bound)
+        cand = _plan_order(desc, qsegs, ksegs, identity, groups, sizes, bm, bn, bound)
         if cand is not None:
             best = cand
-    out = _assemble(pir, best, groups, head_group, q_len, kv_len, heads, bm, bn, start, len(cands))
+    out = _assemble(pir, best, groups, head_group, sizes, bm, bn, start, len(cands))
     if config.debug_verify():
         _verify_dense(out, nodes)
     return out
@@ -176,7 +176,8 @@ def _form(node, qside, kside, runs, nqb, nkb):
     return run_form(node, qside, kside, runs, nqb, nkb)
 
 
-def _assemble(pir, cand: _Candidate, groups, head_group, q_len, kv_len, heads, bm, bn, start, n_orders):
+def _assemble(pir, cand: _Candidate, groups, head_group, sizes: Sizes, bm, bn, start, n_orders):
+    q_len, kv_len, heads = sizes.q_len, sizes.kv_len, sizes.heads
     nqb, nkb = cand.qside.n_tiles, cand.kside.n_tiles
     rows = np.diff(cand.qside.starts)
     cols = np.diff(cand.kside.starts)

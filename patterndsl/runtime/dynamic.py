@@ -100,7 +100,7 @@ class DynamicPlan:
 
     @property
     def ctx(self) -> semantics.Context:
-        return semantics.Context(self.plan.q_len, self.plan.kv_len, getattr(self.plan.pattern, "layout", None))
+        return self.plan.sizes
 
 
 def dynamic_plan(plan: BlockPlan) -> DynamicPlan:
@@ -118,7 +118,7 @@ def dynamic_plan(plan: BlockPlan) -> DynamicPlan:
 def _build(plan: BlockPlan) -> DynamicPlan:
     if not (plan.is_identity_order or (_is_identity(plan.q_order) and _is_identity(plan.kv_order))):
         raise AssertionError("plans of route patterns keep the identity order")
-    ctx = semantics.Context(plan.q_len, plan.kv_len, getattr(plan.pattern, "layout", None))
+    ctx = plan.sizes
     votes = routing.voters(plan.pattern, plan.heads)
     routes = {prim: _route_tiles(prim, heads, plan, ctx) for prim, heads in votes.items()}
     groups = tuple(_group(plan, g, ctx, routes) if ir.is_dynamic(g.node) else None for g in plan.groups)
@@ -153,7 +153,7 @@ def _group(plan: BlockPlan, group: HeadGroup, ctx: semantics.Context, route_tile
     rows = torch.from_numpy(_rows_of(tl.row_ptr, plan.n_q_tiles))
     keys = rows * nkt + tl.cols
     routes = ir.routes(group.node)
-    engine = eng.identity_engine(plan.q_len, plan.kv_len, ctx.layout, group.heads[0], plan.block, plan.heads)
+    engine = eng.identity_engine(ctx, group.heads[0], plan.block)
     # A partial tile whose state is static may still have a mask that depends on the choice
     # (a route that reaches it without changing its state): it is decided per call too. With
     # the plan's heads, a route whose among reads h reaches what any head's choice may open
@@ -363,7 +363,7 @@ def static_mask_fn(dg: DynamicGroup, plan: BlockPlan):
 
 def _evaluate_tiles(plan: BlockPlan, node: ir.Node, head: int, selection=None):
     bm, bn = plan.block
-    ctx = semantics.Context(plan.q_len, plan.kv_len, getattr(plan.pattern, "layout", None))
+    ctx = plan.sizes
 
     def tile_mask(q_tiles: torch.Tensor, kv_tiles: torch.Tensor) -> torch.Tensor:
         rows = (q_tiles[:, None] * bm + torch.arange(bm)).clamp(max=plan.q_len - 1)

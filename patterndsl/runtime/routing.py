@@ -18,6 +18,7 @@ so nothing here is of size ``Lq x Lk``.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -180,7 +181,8 @@ def candidates(prim: ir.Prim, ctx: semantics.Context, heads: tuple[int, ...], sh
     per_head = ir.uses_head(among)
     out = None
     for h in heads if per_head else heads[:1]:
-        engine = eng.identity_engine(ctx.q_len, ctx.kv_len, ctx.layout, h, _SIDE_BLOCK)
+        # heads=0: head h's own candidates, not the union over the pattern's heads
+        engine = eng.identity_engine(dataclasses.replace(ctx, heads=0), h, _SIDE_BLOCK)
         keys, n_q, n_k, _, _ = engine.route_candidates(prim)
         if out is None:
             out = torch.zeros(kv_heads if per_head else 1, n_q, n_k, dtype=torch.bool)

@@ -240,15 +240,16 @@ def test_classification_is_pure_results_do_not_depend_on_call_order():
     from patterndsl.analysis import engine as eng
     from patterndsl.analysis import routeplan
     from patterndsl.analysis.rewrite import simplify
+    from patterndsl.sizes import Sizes
 
     p = patterndsl.compile("pattern p { causal & (window(6) | route(1, block = 8, among = causal)) }")
     node = simplify(p.ir.default)
-    engine = eng.identity_engine(48, 48, None, 0, (8, 8))
+    engine = eng.identity_engine(Sizes(48, 48), 0, (8, 8))
     first = routeplan.classify(engine, node)
     assert engine.fixed is None
     forced = engine.fixing(first.forced)
     assert forced.fixed is first.forced and forced.tally is engine.tally and engine.fixed is None
-    again = routeplan.classify(eng.identity_engine(48, 48, None, 0, (8, 8)), node)
+    again = routeplan.classify(eng.identity_engine(Sizes(48, 48), 0, (8, 8)), node)
     for name in ("keys", "state", "route_mask", "open"):
         assert getattr(first, name).tolist() == getattr(again, name).tolist(), name
     a, b = p.plan(48, block=(8, 8)), p.plan(48, block=(8, 8))

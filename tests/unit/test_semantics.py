@@ -266,3 +266,18 @@ def test_where_of_an_integer_is_a_type_error():
 
     with pytest.raises(PatternTypeError):
         semantics.evaluate(prim("where", A("-", V("q"), V("k"))), 0, 0, 0, semantics.Context(3, 3))
+
+
+def test_one_sizes_value_serves_semantics_analysis_and_plans():
+    from patterndsl.analysis.classify import Env
+    from patterndsl.sizes import Sizes
+
+    layout = ir.Layout((("y", 2), ("x", 3)))
+    sizes = Sizes(6, 6, layout, heads=4)
+    assert semantics.Context is Sizes and semantics.Context(4, 9).offset == 5
+    env = Env(sizes, head=2)
+    assert (env.q_len, env.kv_len, env.layout, env.heads, env.head, env.offset) == (6, 6, layout, 4, 2, 0)
+    import patterndsl
+
+    plan = patterndsl.compile("pattern p { causal }").plan(12, 20, heads=3, block=(4, 4))
+    assert plan.sizes == Sizes(12, 20, None, 3)
