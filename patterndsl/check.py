@@ -32,7 +32,6 @@ from patterndsl.errors import (
 )
 from patterndsl.grammar import syntax
 from patterndsl.primitives.common import require as _check
-from patterndsl.printer import expr_to_source
 
 __all__ = ["bind", "check_lengths", "check_module"]
 
@@ -776,20 +775,11 @@ def check_lengths(pir: ir.PatternIR, q_len: int, kv_len: int | None, heads: int)
                 f"by any heads line (heads = {heads})",
                 pir.span,
             )
-    env = {"Lq": q_len, "Lk": kv_len}
     for used_by, node in _used_nodes(pir, heads):
         for prim in ir.walk(node):
-            if isinstance(prim, ir.Prim) and prim.name == "where":
-                _check_divisors(prim.arg("pred"), env, used_by)
-                ranges = variable_ranges(q_len, kv_len, max(used_by) + 1, layout)
-                for sub in ir.walk_expr(prim.arg("pred")):
-                    lo, hi = expr_bounds(sub, ranges)
-                    if lo < -_INT64 or hi > _INT64:
-                        raise PatternValueError(
-                            f"'{expr_to_source(sub)}' can reach {max(-lo, hi):.3g} at Lq={q_len}, Lk={kv_len}, "
-                            f"beyond 64-bit integer arithmetic (|value| < 2**63)",
-                            sub.span,
-                        )
+            rule = primitives.lookup(prim.name).check_sizes if isinstance(prim, ir.Prim) else None
+            if rule is not None:
+                rule(prim, q_len, kv_len, used_by, layout)
 
 
 _INT64 = 2**63 - 1

@@ -443,13 +443,12 @@ def walk_expr(expr: Expr):
 
 def uses_head(node: Node) -> bool:
     """True when the pattern's meaning depends on the head index ``h``."""
+    registry = _RegistryView._registry()
     for sub in walk(node):
-        if (
-            isinstance(sub, Prim)
-            and sub.name == "where"
-            and any(isinstance(e, Var) and e.name == "h" for e in walk_expr(sub.arg("pred")))
-        ):
-            return True
+        if isinstance(sub, Prim):
+            rule = registry[sub.name].reads_head
+            if rule is not None and rule(sub):
+                return True
     return False
 
 

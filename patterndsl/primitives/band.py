@@ -95,6 +95,8 @@ WINDOW = register(
         params=(param("before", "int"), param("after", "int", 0), param("dilation", "int", 1)),
         check=_window_check,
         shape_args=None,
+        check_sizes=None,
+        reads_head=None,
         meaning=_window_meaning,
         classify=lambda prim, qp, kp, env: band(qp, kp, *_window_band(prim)),
         needed_keys=_window_keys,
@@ -125,6 +127,8 @@ STRIDED = register(
             v["stride"] >= 1, f"strided stride must be >= 1, got {v['stride']}", s["stride"]
         ),
         shape_args=None,
+        check_sizes=None,
+        reads_head=None,
         meaning=lambda prim, q, k, h, ctx, selection: torch.remainder(q - k, prim.arg("stride")) == 0,
         classify=lambda prim, qp, kp, env: band(qp, kp, -BIG, BIG, prim.arg("stride")),
         needed_keys=None,

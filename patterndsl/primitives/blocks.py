@@ -52,6 +52,8 @@ BLOCKS = register(
         params=(param("size", "int"),),
         check=lambda v, s, layout: require(v["size"] >= 1, f"blocks size must be >= 1, got {v['size']}", s["size"]),
         shape_args=None,
+        check_sizes=None,
+        reads_head=None,
         meaning=lambda prim, q, k, h, ctx, selection: (
             torch.div(q, prim.arg("size"), rounding_mode="floor")
             == torch.div(k, prim.arg("size"), rounding_mode="floor")
@@ -171,6 +173,8 @@ RANDOM = register(
         params=(param("blocks", "int"), param("block", "int"), param("seed", "int", 0)),
         check=_random_check,
         shape_args=None,
+        check_sizes=None,
+        reads_head=None,
         meaning=_random_meaning,
         classify=_random_classify,
         needed_keys=None,

@@ -49,6 +49,8 @@ SINK = register(
         params=(param("n", "int"),),
         check=_check_count,
         shape_args=None,
+        check_sizes=None,
+        reads_head=None,
         meaning=lambda prim, q, k, h, ctx, selection: (k < prim.arg("n")).expand(sem._shape_of(q, k)),
         classify=lambda prim, qp, kp, env: (kp.fmin < prim.arg("n"), kp.fmax < prim.arg("n"), exact(len(qp.fa))),
         needed_keys=lambda prim, qlo, qhi, qalo, qahi, env: (
@@ -102,6 +104,8 @@ GLOBAL = register(
         params=(param("n", "int"),),
         check=_check_count,
         shape_args=None,
+        check_sizes=None,
+        reads_head=None,
         meaning=lambda prim, q, k, h, ctx, selection: (q < prim.arg("n")) | (k < prim.arg("n")),
         classify=_global_classify,
         needed_keys=lambda prim, qlo, qhi, qalo, qahi, env: (
@@ -188,6 +192,8 @@ SUMMARY = register(
         params=(param("stride", "int"), param("width", "int", 1)),
         check=_check_summary,
         shape_args=None,
+        check_sizes=None,
+        reads_head=None,
         meaning=lambda prim, q, k, h, ctx, selection: (
             torch.remainder(k, prim.arg("stride")) >= prim.arg("stride") - prim.arg("width")
         ).expand(sem._shape_of(q, k)),
@@ -212,6 +218,8 @@ LANDMARKS = register(
             v["every"] >= 1, f"landmarks every must be >= 1, got {v['every']}", s["every"]
         ),
         shape_args=None,
+        check_sizes=None,
+        reads_head=None,
         meaning=lambda prim, q, k, h, ctx, selection: (
             torch.remainder(k, prim.arg("every")) == prim.arg("every") - 1
         ).expand(sem._shape_of(q, k)),

@@ -228,6 +228,8 @@ NEIGHBORHOOD = register(
         ),
         check=_check,
         shape_args=_shape_args,
+        check_sizes=None,
+        reads_head=None,
         meaning=_meaning,
         classify=_classify,
         needed_keys=_needed_keys,

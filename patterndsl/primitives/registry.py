@@ -52,9 +52,14 @@ class Primitive:
             None: every value of the right kind is valid.
         shape_args: ``(values, spans, layout, span) -> None``: broadcasts int-or-tuple
             arguments to the layout's axes before ``check`` (grid primitives). None: nothing to shape.
+        check_sizes: ``(prim, q_len, kv_len, heads, layout) -> None``: constraints that depend on
+            the sizes it is used at (``heads``: the heads that use it), checked by
+            ``check.check_lengths``. None: valid at every size.
         meaning: ``(prim, q, k, h, ctx, selection) -> BoolTensor``: the dense meaning at
             end-aligned positions ``q``, ``k`` (int64 tensors that broadcast), head ``h``,
             sizes ``ctx`` (``semantics.Context``) and the route choice ``selection``. Required.
+        reads_head: ``(prim) -> bool``: whether this use of it depends on the head ``h`` (then
+            heads are not shared, ``ir.uses_head``). None: never.
         classify: ``(prim, qp, kp, env) -> (nonempty, full, exact) | None``: symbolic tile
             classification on aligned arrays of pieces (``analysis.tiles.Pieces``); returning
             None (or a None rule) means "evaluate element by element".
@@ -80,7 +85,9 @@ class Primitive:
     params: tuple[ir.Param, ...] = MISSING
     check: Callable | None = MISSING
     shape_args: Callable | None = MISSING
+    check_sizes: Callable | None = MISSING
     meaning: Callable = MISSING
+    reads_head: Callable | None = MISSING
     classify: Callable | None = MISSING
     needed_keys: Callable | None = MISSING
     candidates: Callable | None = MISSING

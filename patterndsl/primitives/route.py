@@ -74,6 +74,8 @@ ROUTE = register(
         ),
         check=_check,
         shape_args=_shape_args,
+        check_sizes=None,
+        reads_head=None,
         meaning=_meaning,
         classify=None,  # the plan classifies route by its candidate pairs (Engine._route)
         needed_keys=None,

@@ -13,9 +13,10 @@ import torch
 
 from patterndsl import ir
 from patterndsl import semantics as sem
-from patterndsl.errors import PatternTypeError
+from patterndsl.errors import PatternTypeError, PatternValueError
 from patterndsl.primitives.common import BIG, cdiv, exact, fdiv, param
 from patterndsl.primitives.registry import Primitive, register
+from patterndsl.printer import expr_to_source
 
 
 def linear_form(expr: ir.Expr, env):
@@ -101,6 +102,21 @@ def _where_check(v, s, layout):
     return None
 
 
+def _where_sizes(prim, q_len, kv_len, heads, layout):
+    from patterndsl import check
+
+    check._check_divisors(prim.arg("pred"), {"Lq": q_len, "Lk": kv_len}, heads)
+    ranges = check.variable_ranges(q_len, kv_len, max(heads) + 1, layout)
+    for sub in ir.walk_expr(prim.arg("pred")):
+        lo, hi = check.expr_bounds(sub, ranges)
+        if lo < -check._INT64 or hi > check._INT64:
+            raise PatternValueError(
+                f"'{expr_to_source(sub)}' can reach {max(-lo, hi):.3g} at Lq={q_len}, Lk={kv_len}, "
+                f"beyond 64-bit integer arithmetic (|value| < 2**63)",
+                sub.span,
+            )
+
+
 def _where_meaning(prim, q, k, h, ctx, selection) -> torch.Tensor:
     env = {"q": q, "k": k, "h": h, "Lq": ctx.q_len, "Lk": ctx.kv_len, "layout": ctx.layout}
     value = sem._expr(prim.arg("pred"), env)
@@ -168,6 +184,8 @@ WHERE = register(
         params=(param("pred", "pred"),),
         check=_where_check,
         shape_args=None,
+        check_sizes=_where_sizes,
+        reads_head=lambda prim: any(isinstance(e, ir.Var) and e.name == "h" for e in ir.walk_expr(prim.arg("pred"))),
         meaning=_where_meaning,
         classify=_where_classify,
         needed_keys=_where_keys,

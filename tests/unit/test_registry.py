@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import patterndsl as pd
-from patterndsl import ir, primitives
+from patterndsl import ir, primitives, semantics
 from patterndsl.analysis import engine as eng
 from patterndsl.analysis.classify import Env
 from patterndsl.analysis.plan import tile_reduce
@@ -36,7 +36,7 @@ EXAMPLES = {
     "global": ["global(4)"],
     "summary": ["summary(6, 2)"],
     "landmarks": ["landmarks(5)"],
-    "where": ["where(q - k >= 3)", "where(2 * k <= q + 4)", "where(k % 3 == q % 2)"],
+    "where": ["where(q - k >= 3)", "where(2 * k <= q + 4)", "where(k % 3 == q % 2)", "where(k <= q + 3 * h - 2)"],
     "neighborhood": [
         GRID + "neighborhood(3)",
         GRID + "neighborhood((3, 2), dilation = (1, 2), causal = (true, false))",
@@ -45,6 +45,7 @@ EXAMPLES = {
 #: Dynamic primitives are chosen from the data; tests/unit/test_plan_route.py and friends cover them.
 DYNAMIC = {"route"}
 SIZES = [(30, 30), (21, 30), (30, 21)]
+HEADS = 3
 
 
 def _complete(name: str = "test_half") -> Primitive:
@@ -53,6 +54,8 @@ def _complete(name: str = "test_half") -> Primitive:
         params=(),
         check=None,
         shape_args=None,
+        check_sizes=None,
+        reads_head=None,
         meaning=lambda prim, q, k, h, ctx, selection: 2 * k <= q,
         classify=None,
         needed_keys=None,
@@ -103,7 +106,7 @@ def test_a_record_built_without_a_rule_is_rejected():
     forgotten = Primitive("test_half", params=(), check=None, shape_args=None, meaning=lambda *a: None, cost=1)
     with pytest.raises(TypeError) as err:
         register(forgotten)
-    for field in ("classify", "needed_keys", "candidates", "band", "total", "count", "triton"):
+    for field in ("check_sizes", "reads_head", "classify", "needed_keys", "candidates", "band", "total", "count"):
         assert f"'{field}' is not given" in str(err.value)
     assert "test_half" not in REGISTRY
 
@@ -145,16 +148,19 @@ def test_rules_agree_with_the_meaning(name, body):
     record = REGISTRY[node.name]
     sizes = [(30, 30)] if p.ir.layout is not None else SIZES
     for lq, lk in sizes:
-        dense = p.mask(lq, lk)
+        dense = p.mask(lq, lk, HEADS)
+        ctx = semantics.Context(lq, lk, p.ir.layout)
+        for h in range(HEADS):  # heads share a mask only when the primitive does not read h
+            assert torch.equal(dense[h], semantics.evaluate(node, torch.arange(lq)[:, None], torch.arange(lk), h, ctx))
         for order in ("identity", "auto"):
             for block in ((8, 8), (4, 16), (16, 4)):
-                plan = p.plan(lq, lk, block=block, order=order)
+                plan = p.plan(lq, lk, HEADS, block=block, order=order)
                 ref = tile_reduce(dense[:, plan.q_order][:, :, plan.kv_order], *block)
                 assert torch.equal(plan.tiles(), ref), (body, lq, lk, order, block)
                 assert plan.stats.allowed_pairs == int(dense.sum()), (body, lq, lk, order, block)
         env = Env(lq, lk, p.ir.layout, 0)
         total = eng.symbolic_total(node, lq, lk, p.ir.layout, env)
-        assert total is None or total == int(dense.sum()), (body, lq, lk)
+        assert total is None or total == int(dense[0].sum()), (body, lq, lk)
         band = record.band(node, env) if record.band is not None else None
         if band is not None:
             lo, hi, mod = band
