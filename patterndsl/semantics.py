@@ -6,7 +6,11 @@ is the reference every other stage is measured against: the block plan calls
 :func:`evaluate` on tiles it cannot classify symbolically, the CPU executor
 calls it for partial tiles, and :func:`mask` is ``Pattern.mask``. Everything
 here is vectorised torch over original (un-reordered) indices; the rules are
-written out for users in ``docs/SEMANTICS.md``.
+written out for users in ``docs/SEMANTICS.md``. Each primitive's own meaning
+is the ``meaning`` rule of its record in :mod:`patterndsl.primitives`; this
+module combines them and holds what they share: the ``where`` expression
+evaluator, the ``random`` generator, NATTEN's neighborhood rule and ``route``'s
+choice.
 """
 
 from __future__ import annotations
