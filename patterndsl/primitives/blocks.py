@@ -8,6 +8,8 @@ records. ``random``'s generator is documented and defined in
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 
@@ -112,17 +114,21 @@ def _random_classify(prim, qp, kp, env):
 
 
 def random_pairs(prim, env) -> np.ndarray:
-    """Sorted flattened ``(query block - first) * n_key_blocks + key block`` of every drawn pair."""
-    key = ("random", prim)
-    if key not in env.cache:
-        size = prim.arg("block")
-        nkb = -(-env.kv_len // size)
-        qb_lo = env.offset // size
-        qb_hi = (env.kv_len - 1) // size + 1
-        tab = sem.random_table(prim.arg("seed"), range(qb_lo, qb_hi), nkb, prim.arg("blocks")).numpy()
-        rows = np.arange(qb_hi - qb_lo, dtype=np.int64)[:, None]
-        env.cache[key] = np.sort((rows * nkb + tab).reshape(-1))
-    return env.cache[key]
+    """Sorted flattened ``(query block - first) * n_key_blocks + key block`` of every drawn pair (do not modify)."""
+    return _drawn_pairs(prim.arg("seed"), prim.arg("blocks"), prim.arg("block"), env.q_len, env.kv_len)
+
+
+@functools.lru_cache(maxsize=64)
+def _drawn_pairs(seed: int, count: int, size: int, q_len: int, kv_len: int) -> np.ndarray:
+    # Cached because every chunk of tile pairs and every head asks again; a pure function of its arguments.
+    nkb = -(-kv_len // size)
+    qb_lo = (kv_len - q_len) // size
+    qb_hi = (kv_len - 1) // size + 1
+    tab = sem.random_table(seed, range(qb_lo, qb_hi), nkb, count).numpy()
+    rows = np.arange(qb_hi - qb_lo, dtype=np.int64)[:, None]
+    pairs = np.sort((rows * nkb + tab).reshape(-1))
+    pairs.flags.writeable = False
+    return pairs
 
 
 def _random_candidates(engine, prim) -> np.ndarray | None:

@@ -8,6 +8,8 @@ the reordering heuristics read too. The rule itself, NATTEN's, is
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from patterndsl import ir
@@ -25,19 +27,26 @@ def neighborhood_axes(prim: ir.Prim, layout: ir.Layout):
     return list(zip(layout.shape, *(per_axis(prim.arg(a), rank) for a in _ARGS), strict=True))
 
 
+@functools.lru_cache(maxsize=64)
 def window_table(n: int, s: int, d: int, r: int, causal: bool) -> tuple[np.ndarray, np.ndarray]:
-    """For every coordinate ``x < n``: the allowed key group indices ``tlo[x] <= t <= thi[x]``."""
+    """For every coordinate ``x < n``: the allowed key group indices ``tlo[x] <= t <= thi[x]`` (do not modify)."""
     x = np.arange(n, dtype=np.int64)
     g = x % d
     p = x // d
     m = (n - g + d - 1) // d
     if causal:
         lead = np.minimum((p // r) * r + r - 1, m - 1)
-        return np.maximum(lead - s + 1, 0), p
+        return _frozen(np.maximum(lead - s + 1, 0), p)
     left, right = s // 2, s // 2 + (s % 2 - 1)
     lead = np.minimum((p // r) * r + r // 2, m - 1)
     centre = np.minimum(np.maximum(lead, left), m - 1 - right)
-    return centre - left, centre + right
+    return _frozen(centre - left, centre + right)
+
+
+def _frozen(*arrays: np.ndarray) -> tuple[np.ndarray, ...]:
+    for a in arrays:
+        a.flags.writeable = False
+    return arrays
 
 
 # --------------------------------------------------------------------------- arguments
@@ -110,10 +119,7 @@ def _classify(prim, qp, kp, env):
     full = np.ones(size, dtype=bool)
     ok = np.ones(size, dtype=bool)
     for x, (n, s, d, r, causal) in enumerate(axes):
-        key = ("nbh", n, s, d, r, causal)
-        if key not in env.cache:
-            env.cache[key] = window_table(n, s, d, r, causal)
-        tlo, thi = env.cache[key]
+        tlo, thi = window_table(n, s, d, r, causal)
         xa, xs, xn = qp.a[:, x], qp.s[:, x], qp.n[:, x]
         ya, ys, yn = kp.a[:, x], kp.s[:, x], kp.n[:, x]
         # Within a group, windows move monotonically with the query and consecutive windows
