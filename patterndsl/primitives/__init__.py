@@ -10,20 +10,24 @@ views of it.
 
 How to add a primitive
 ----------------------
-1. Write its module here (or add to a family module): build a
+1. Write its module here (or add it to a family module): build a
    :class:`Primitive` with every field given -- a function, or an explicit
    ``None`` where it has no such rule (no argument constraint, evaluated element
    by element, reaches any key, counted by evaluation, ...) -- and
-   :func:`register` it. ``band.py`` is the model for a closed-formula primitive
-   of ``q - k``; ``keys.py`` for one that tests the key alone.
+   :func:`register` it. ``band.py`` is the model for a closed formula of
+   ``q - k``; ``keys.py`` for one that tests the key alone; ``where.py`` for one
+   with size constraints or one that reads the head.
 2. Add the module's name to :data:`FAMILIES` below (the registry line).
-3. Outside the product: add it to the independent test oracles
-   (``tests/brute.py``, ``tests/contract/oracle.py``) and to LANGUAGE.md / docs.
 
-Nothing else changes: parsing and argument checks, ``Pattern.mask``, the
-plan, the CPU executor and the Triton kernels all find it here.
-:func:`validate` (run by :func:`register`) rejects a record that leaves a field
-out, and ``tests/unit/test_registry.py`` checks every registered primitive.
+That is all the product needs: parsing and argument checks, printing,
+``Pattern.mask``, the plan, the CPU executor and the Triton kernels find it
+here. :func:`validate` (run by :func:`register`) rejects a record that leaves a
+field out. Outside the product: add an example to ``EXAMPLES`` in
+``tests/unit/test_registry.py`` (that test fails until you do, and checks the
+new rules against the meaning), teach the independent oracles
+(``tests/brute.py``, ``tests/contract/oracle.py``) if property tests should
+draw it, and document it in LANGUAGE.md. ``tests/unit/test_primitive_extension.py``
+adds two primitives this way inside a test.
 """
 
 from __future__ import annotations
