@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from patterndsl import ir
+from patterndsl import ir, primitives
 from patterndsl.errors import (
     HeadsError,
     LayoutError,
@@ -31,7 +31,7 @@ from patterndsl.errors import (
     did_you_mean,
 )
 from patterndsl.grammar import syntax
-from patterndsl.printer import expr_to_source
+from patterndsl.primitives.common import require as _check
 
 __all__ = ["bind", "check_lengths", "check_module"]
 
@@ -53,8 +53,11 @@ _COMPARE: dict[str, Callable[[int, int], bool]] = {
 }
 _MAX_INT = 2**62
 _FOLD_FUNC: dict[str, Callable[..., int]] = {"abs": abs, "min": min, "max": max}
-# Names a parameter or let may not take: they would hide a primitive or a where variable.
-_RESERVED = frozenset(ir.SIGNATURES) | frozenset(ir.Var.NAMES) | frozenset(_FUNCTIONS)
+
+
+def _reserved(name: str) -> bool:
+    """Names a parameter or let may not take: they would hide a primitive or a where variable."""
+    return name in primitives.REGISTRY or name in ir.Var.NAMES or name in _FUNCTIONS
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,7 +129,7 @@ class _Scope:
     passed: set[str] = field(default_factory=set)
 
     def declare(self, name: str, span: ir.Span, what: str) -> None:
-        if name in _RESERVED:
+        if _reserved(name):
             raise PatternNameError(f"'{name}' is a built-in name and cannot be used as a {what} name", span)
         if name in self.spans:
             first = self.spans[name]
@@ -191,9 +194,9 @@ class _Evaluator:
             return self.scope.values[name]
         if name in self.scope.spans:
             raise PatternNameError(f"'{name}' is not defined yet: a default may only use earlier parameters", e.span)
-        if name in ("full", "empty", "causal"):
+        if name in primitives.REGISTRY and not primitives.REGISTRY[name].params:
             return ir.Prim(name, (), e.span)
-        if name in ir.SIGNATURES:
+        if name in primitives.REGISTRY:
             raise PatternTypeError(f"primitive '{name}' needs arguments: {name}(...)", e.span)
         if name in ir.Var.NAMES:
             raise PatternNameError(f"'{name}' is only defined inside where(...)", e.span)
@@ -201,7 +204,7 @@ class _Evaluator:
             raise PatternTypeError(f"'{name}' is a function; call it as {name}(...)", e.span)
         if name in ir.SCORES:
             raise PatternNameError(f"'{name}' is a route score; it is only valid as route(score = {name})", e.span)
-        candidates = [*self.scope.values, *ir.SIGNATURES]
+        candidates = [*self.scope.values, *primitives.REGISTRY]
         if where:
             candidates += [*ir.Var.NAMES, *_FUNCTIONS]
         raise PatternNameError(f"unknown name '{name}'{did_you_mean(name, candidates)}", e.span)
@@ -235,13 +238,13 @@ class _Evaluator:
         return tuple(items)
 
     def _call(self, e: syntax.Call, where: bool) -> Value:
-        if e.func in ir.SIGNATURES:
+        if e.func in primitives.REGISTRY:
             return _bind_primitive(e, self)
         if e.func in _FUNCTIONS:
             return self._function(e, where)
         if e.func in self.scope.values:
             raise PatternTypeError(f"'{e.func}' is not a primitive and cannot be called", e.func_span)
-        hint = did_you_mean(e.func, [*ir.SIGNATURES, *_FUNCTIONS])
+        hint = did_you_mean(e.func, [*primitives.REGISTRY, *_FUNCTIONS])
         raise PatternNameError(f"unknown primitive '{e.func}'{hint}", e.func_span)
 
     def _function(self, e: syntax.Call, where: bool) -> Value:
@@ -411,15 +414,11 @@ def _logic(op: str, parts: list[Value], span: ir.Span | None) -> Value:
 # --------------------------------------------------------------------------- primitives
 
 
-def _check(ok: bool, message: str, span: ir.Span) -> None:
-    if not ok:
-        raise PatternValueError(message, span)
-
-
 def _bind_primitive(call: syntax.Call, ev: _Evaluator) -> Value:
     """Bind ``call`` to its signature, check every argument and build the ``ir.Prim``."""
     name = call.func
-    sig = ir.SIGNATURES[name]
+    record = primitives.lookup(name)
+    sig = record.params
     names = [p.name for p in sig]
     if len(call.args) > len(sig):
         extra = call.args[len(sig)]
@@ -432,7 +431,7 @@ def _bind_primitive(call: syntax.Call, ev: _Evaluator) -> Value:
         if kw.name not in names:
             hint = did_you_mean(kw.name, names)
             listing = ", ".join(names) if names else "no arguments"
-            if name == "where":
+            if any(p.kind == "pred" for p in sig):
                 hint += " (equality is written ==)"
             raise PatternNameError(f"{name}() has no argument '{kw.name}'{hint}; it takes {listing}", kw.span)
         if kw.name in given:
@@ -452,15 +451,14 @@ def _bind_primitive(call: syntax.Call, ev: _Evaluator) -> Value:
         else:
             values[param.name] = param.default
             spans[param.name] = call.span
-    if name in ir.GRID_PRIMITIVES or name == "route":
-        _shape_grid_arguments(name, values, spans, ev.scope.layout, call.span)
+    if record.shape_args is not None:
+        record.shape_args(values, spans, ev.scope.layout, call.span)
     if any(isinstance(v, _Unknown) for v in values.values()):
         return _Unknown("pattern")
-    if name == "where":
-        pred = values["pred"]
-        if isinstance(pred, bool):
-            return ir.FULL if pred else ir.EMPTY
-    _CHECKS.get(name, lambda v, s, layout: None)(values, spans, ev.scope.layout)
+    if record.check is not None:
+        simpler = record.check(values, spans, ev.scope.layout)
+        if simpler is not None:
+            return simpler
     return ir.Prim(name, tuple((p.name, values[p.name]) for p in sig), call.span)
 
 
@@ -506,114 +504,6 @@ def value_text(value: Value) -> str:
     from patterndsl.printer import value_to_source
 
     return value_to_source(value)
-
-
-def _shape_grid_arguments(name: str, values: dict, spans: dict, layout: ir.Layout | None, span: ir.Span) -> None:
-    """Broadcast int-or-tuple arguments to one entry per layout axis (neighborhood always, route when boxed)."""
-    if name == "neighborhood":
-        if layout is None:
-            raise LayoutError("neighborhood() needs a layout grid(...) declared before it", span)
-        keys = ("size", "dilation", "stride", "causal")
-    else:
-        keys = ("block", "qblock")
-        if values["qblock"] is None:
-            values["qblock"] = values["block"]
-            spans["qblock"] = spans["block"]
-        if not any(isinstance(values[k], tuple) for k in keys):
-            return
-        if layout is None:
-            bad = next(k for k in keys if isinstance(values[k], tuple))
-            raise LayoutError(f"route() argument '{bad}' is a tuple, which needs a layout grid(...)", spans[bad])
-    rank = len(layout.axes)
-    for key in keys:
-        value = values[key]
-        if isinstance(value, _Unknown):
-            continue
-        if not isinstance(value, tuple):
-            values[key] = (value,) * rank
-        elif len(value) != rank:
-            raise PatternTypeError(
-                f"{name}() argument '{key}' has {len(value)} entries but the layout has {rank} axes "
-                f"({', '.join(layout.names)})",
-                spans[key],
-            )
-
-
-def _check_window(v, s, layout):
-    _check(v["dilation"] >= 1, f"window dilation must be >= 1, got {v['dilation']}", s["dilation"])
-
-
-def _check_strided(v, s, layout):
-    _check(v["stride"] >= 1, f"strided stride must be >= 1, got {v['stride']}", s["stride"])
-
-
-def _check_blocks(v, s, layout):
-    _check(v["size"] >= 1, f"blocks size must be >= 1, got {v['size']}", s["size"])
-
-
-def _check_summary(v, s, layout):
-    _check(v["stride"] >= 1, f"summary stride must be >= 1, got {v['stride']}", s["stride"])
-    _check(
-        0 <= v["width"] <= v["stride"],
-        f"summary width must be in 0..stride ({v['stride']}), got {v['width']}",
-        s["width"],
-    )
-
-
-def _check_count(v, s, layout):
-    _check(v["n"] >= 0, f"the count n must be >= 0, got {v['n']}", s["n"])
-
-
-def _check_landmarks(v, s, layout):
-    _check(v["every"] >= 1, f"landmarks every must be >= 1, got {v['every']}", s["every"])
-
-
-def _check_random(v, s, layout):
-    _check(v["blocks"] >= 0, f"random blocks must be >= 0, got {v['blocks']}", s["blocks"])
-    _check(v["block"] >= 1, f"random block must be >= 1, got {v['block']}", s["block"])
-
-
-def _check_neighborhood(v, s, layout):
-    for axis, n, size, dilation, stride in zip(
-        layout.names, layout.shape, v["size"], v["dilation"], v["stride"], strict=True
-    ):
-        if isinstance(n, _Unknown):
-            continue
-        where = f" on axis '{axis}'"
-        _check(size >= 1, f"neighborhood size must be >= 1{where}, got {size}", s["size"])
-        _check(dilation >= 1, f"neighborhood dilation must be >= 1{where}, got {dilation}", s["dilation"])
-        _check(
-            1 <= stride <= size, f"neighborhood stride must be in 1..size ({size}){where}, got {stride}", s["stride"]
-        )
-        # The shortest dilation group is the last one, g = d - 1: m = ceil((n - g) / d).
-        shortest = -(-(n - dilation + 1) // dilation)
-        _check(
-            size <= shortest,
-            f"neighborhood size {size} with dilation {dilation} does not fit axis '{axis}' of length {n} "
-            f"(a dilation group has only {max(shortest, 0)} positions)",
-            s["size"],
-        )
-
-
-def _check_route(v, s, layout):
-    _check(v["topk"] >= 1, f"route topk must be >= 1, got {v['topk']}", s["topk"])
-    for key in ("block", "qblock"):
-        entries = v[key] if isinstance(v[key], tuple) else (v[key],)
-        _check(all(b >= 1 for b in entries), f"route {key} must be >= 1, got {value_text(v[key])}", s[key])
-
-
-_CHECKS = {
-    "window": _check_window,
-    "strided": _check_strided,
-    "blocks": _check_blocks,
-    "summary": _check_summary,
-    "sink": _check_count,
-    "global": _check_count,
-    "landmarks": _check_landmarks,
-    "random": _check_random,
-    "neighborhood": _check_neighborhood,
-    "route": _check_route,
-}
 
 
 # --------------------------------------------------------------------------- parameters
@@ -902,20 +792,11 @@ def check_lengths(pir: ir.PatternIR, q_len: int, kv_len: int | None, heads: int)
                 f"by any heads line (heads = {heads})",
                 pir.span,
             )
-    env = {"Lq": q_len, "Lk": kv_len}
     for used_by, node in _used_nodes(pir, heads):
         for prim in ir.walk(node):
-            if isinstance(prim, ir.Prim) and prim.name == "where":
-                _check_divisors(prim.arg("pred"), env, used_by)
-                ranges = variable_ranges(q_len, kv_len, max(used_by) + 1, layout)
-                for sub in ir.walk_expr(prim.arg("pred")):
-                    lo, hi = expr_bounds(sub, ranges)
-                    if lo < -_INT64 or hi > _INT64:
-                        raise PatternValueError(
-                            f"'{expr_to_source(sub)}' can reach {max(-lo, hi):.3g} at Lq={q_len}, Lk={kv_len}, "
-                            f"beyond 64-bit integer arithmetic (|value| < 2**63)",
-                            sub.span,
-                        )
+            rule = primitives.lookup(prim.name).check_sizes if isinstance(prim, ir.Prim) else None
+            if rule is not None:
+                rule(prim, q_len, kv_len, used_by, layout)
 
 
 _INT64 = 2**63 - 1

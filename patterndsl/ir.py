@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import bisect
 import operator
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
@@ -441,44 +441,61 @@ class Param:
     required: bool = False
 
 
-def _p(name: str, kind: str, *default) -> Param:
-    return Param(name, kind, default[0] if default else None, not default)
+_REGISTRY: dict | None = None  # patterndsl.primitives.REGISTRY once loaded
 
 
-#: Every primitive of the language: name -> parameters in positional order.
+class _RegistryView(Mapping):
+    """Read-only name -> value view of the primitive registry, loaded on first use.
+
+    ``ir`` is imported before everything else and the registry's family modules import
+    ``ir``, so the registry is looked up lazily here and never imported at module level.
+    """
+
+    def __init__(self, value: Callable[[Any], Any], keep: Callable[[Any], bool] = lambda record: True):
+        self._value = value
+        self._keep = keep
+
+    @staticmethod
+    def _registry() -> dict:
+        global _REGISTRY
+        if _REGISTRY is None:
+            from patterndsl.primitives import REGISTRY
+
+            _REGISTRY = REGISTRY
+        return _REGISTRY
+
+    def _items(self) -> dict[str, Any]:
+        return {name: self._value(r) for name, r in self._registry().items() if self._keep(r)}
+
+    def __getitem__(self, name: str) -> Any:
+        record = self._registry()[name]
+        if not self._keep(record):
+            raise KeyError(name)
+        return self._value(record)
+
+    def __contains__(self, name: object) -> bool:
+        record = self._registry().get(name)
+        return record is not None and self._keep(record)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._items())
+
+    def __len__(self) -> int:
+        return len(self._items())
+
+    def __repr__(self) -> str:
+        return repr(self._items())
+
+
+#: Every primitive of the language: name -> parameters in positional order
+#: (a view of :data:`patterndsl.primitives.REGISTRY`, where each primitive is defined).
 #: ``route``'s ``qblock`` default ``None`` means "same as block".
-SIGNATURES: dict[str, tuple[Param, ...]] = {
-    "full": (),
-    "empty": (),
-    "causal": (),
-    "window": (_p("before", "int"), _p("after", "int", 0), _p("dilation", "int", 1)),
-    "strided": (_p("stride", "int"),),
-    "blocks": (_p("size", "int"),),
-    "summary": (_p("stride", "int"), _p("width", "int", 1)),
-    "sink": (_p("n", "int"),),
-    "global": (_p("n", "int"),),
-    "landmarks": (_p("every", "int"),),
-    "random": (_p("blocks", "int"), _p("block", "int"), _p("seed", "int", 0)),
-    "where": (_p("pred", "pred"),),
-    "neighborhood": (
-        _p("size", "ints"),
-        _p("dilation", "ints", 1),
-        _p("stride", "ints", 1),
-        _p("causal", "bools", False),
-    ),
-    "route": (
-        _p("topk", "int"),
-        _p("block", "ints", 64),
-        _p("score", "score", "mean"),
-        _p("among", "pattern", FULL),
-        _p("qblock", "ints", None),
-    ),
-}
+SIGNATURES: Mapping[str, tuple[Param, ...]] = _RegistryView(lambda record: record.params)
 
-#: Primitives whose meaning needs a ``layout grid(...)``.
-GRID_PRIMITIVES = frozenset({"neighborhood"})
+#: Primitives whose meaning needs a ``layout grid(...)`` (a set-like view: ``name in GRID_PRIMITIVES``).
+GRID_PRIMITIVES = _RegistryView(lambda record: record, lambda record: record.grid).keys()
 #: Primitives decided from the data at run time.
-DYNAMIC_PRIMITIVES = frozenset({"route"})
+DYNAMIC_PRIMITIVES = _RegistryView(lambda record: record, lambda record: record.dynamic).keys()
 #: ``route(score=...)`` values.
 SCORES = ("mean", "max", "landmark")
 
@@ -577,13 +594,12 @@ def walk_expr(expr: Expr):
 
 def uses_head(node: Node) -> bool:
     """True when the pattern's meaning depends on the head index ``h``."""
+    registry = _RegistryView._registry()
     for sub in walk(node):
-        if (
-            isinstance(sub, Prim)
-            and sub.name == "where"
-            and any(isinstance(e, Var) and e.name == "h" for e in walk_expr(sub.arg("pred")))
-        ):
-            return True
+        if isinstance(sub, Prim):
+            rule = registry[sub.name].reads_head
+            if rule is not None and rule(sub):
+                return True
     return False
 
 

@@ -6,7 +6,11 @@ is the reference every other stage is measured against: the block plan calls
 :func:`evaluate` on tiles it cannot classify symbolically, the CPU executor
 calls it for partial tiles, and :func:`mask` is ``Pattern.mask``. Everything
 here is vectorised torch over original (un-reordered) indices; the rules are
-written out for users in ``docs/SEMANTICS.md``.
+written out for users in ``docs/SEMANTICS.md``. Each primitive's own meaning
+is the ``meaning`` rule of its record in :mod:`patterndsl.primitives`; this
+module combines them and holds what they share: the ``where`` expression
+evaluator, the ``random`` generator, NATTEN's neighborhood rule and ``route``'s
+choice.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 import torch
 
-from patterndsl import ir
+from patterndsl import ir, primitives
 from patterndsl.errors import HeadsError, InputError, LayoutError, PatternError, PatternTypeError, PatternValueError
 from patterndsl.sizes import Sizes
 
@@ -194,20 +198,6 @@ def _random_allowed(seed: int, qb_lo: int, qb_hi: int, n_key_blocks: int, count:
     return allowed
 
 
-def _random(prim: ir.Prim, q, k, ctx: Context) -> torch.Tensor:
-    count, block, seed = prim.arg("blocks"), prim.arg("block"), prim.arg("seed")
-    n_key_blocks = -(-ctx.kv_len // block)
-    qb_lo = ctx.offset // block
-    qb_hi = (ctx.kv_len - 1) // block + 1
-    allowed = _random_allowed(seed, qb_lo, qb_hi, n_key_blocks, count).to(q.device)
-    qb = torch.div(q, block, rounding_mode="floor") - qb_lo
-    kb = torch.div(k, block, rounding_mode="floor")
-    # Indices outside [0, Lq) x [0, Lk) are not part of the pattern; clamp for safe indexing.
-    # Both sides stay unbroadcast until the lookup, which is what keeps [BM, 1] x [1, BN] cheap.
-    inside = ((qb >= 0) & (qb < allowed.shape[0])) & ((kb >= 0) & (kb < n_key_blocks))
-    return allowed[qb.clamp(0, allowed.shape[0] - 1), kb.clamp(0, max(n_key_blocks - 1, 0))] & inside
-
-
 # --------------------------------------------------------------------------- neighborhood(...)
 
 
@@ -240,20 +230,6 @@ def neighborhood_axis(x, y, n: int, size: int, dilation: int, stride: int, causa
     lead = torch.minimum((p // r) * r + r // 2, m - 1)
     centre = torch.minimum(torch.clamp(lead, min=left), m - 1 - right)
     return same_group & (centre - left <= t) & (t <= centre + right)
-
-
-def _neighborhood(prim: ir.Prim, q, k, ctx: Context) -> torch.Tensor:
-    layout = _need_layout(ctx, prim)
-    rank = len(layout.shape)
-    sizes = _per_axis(prim.arg("size"), rank, "neighborhood size")
-    dils = _per_axis(prim.arg("dilation"), rank, "neighborhood dilation")
-    strides = _per_axis(prim.arg("stride"), rank, "neighborhood stride")
-    causals = _per_axis(prim.arg("causal"), rank, "neighborhood causal")
-    out = None
-    for axis, (x, y) in enumerate(zip(grid_coords(q, layout), grid_coords(k, layout), strict=True)):
-        part = neighborhood_axis(x, y, layout.shape[axis], sizes[axis], dils[axis], strides[axis], causals[axis])
-        out = part if out is None else out & part
-    return out
 
 
 # --------------------------------------------------------------------------- where(...)
@@ -324,17 +300,6 @@ def _expr(e: ir.Expr, env: dict):
     raise TypeError(f"unknown expression node {type(e).__name__}")
 
 
-def _where(prim: ir.Prim, q, k, h, ctx: Context) -> torch.Tensor:
-    env = {"q": q, "k": k, "h": h, "Lq": ctx.q_len, "Lk": ctx.kv_len, "layout": ctx.layout}
-    value = _expr(prim.arg("pred"), env)
-    is_bool = value.dtype == torch.bool if isinstance(value, torch.Tensor) else isinstance(value, bool)
-    if not is_bool:
-        raise PatternTypeError("where(...) needs a comparison or logic, not an integer", prim.span)
-    if isinstance(value, bool):
-        return _full_like(value, q, k, h)
-    return value.expand(_shape_of(value, q, k, h))
-
-
 # --------------------------------------------------------------------------- route(...)
 
 
@@ -380,23 +345,6 @@ def _box_ids(pos: torch.Tensor, layout: ir.Layout, box: Sequence[int]) -> tuple[
         ids = ids * n_boxes + torch.div(coord, side, rounding_mode="floor")
         total *= n_boxes
     return ids, total
-
-
-def _route(prim: ir.Prim, q, k, ctx: Context, selection) -> torch.Tensor:
-    if selection is None or prim not in selection:
-        raise PatternError(
-            "route(...) is chosen from the data: pass q= and k= (the attention inputs) to compute its mask",
-            prim.span,
-        )
-    _, _, qgroup, kblock = route_blocks(prim, ctx)
-    sel = selection[prim].to(q.device)
-    qgroup, kblock = qgroup.to(q.device), kblock.to(q.device)
-    i = q - ctx.offset
-    qi, kj = torch.broadcast_tensors(i, k)
-    inside = (qi >= 0) & (qi < ctx.q_len) & (kj >= 0) & (kj < ctx.kv_len)
-    a = qgroup[qi.clamp(0, ctx.q_len - 1)]
-    b = kblock[kj.clamp(0, ctx.kv_len - 1)]
-    return sel[a, b] & inside
 
 
 def route_selection(prim: ir.Prim, q: torch.Tensor, k: torch.Tensor, ctx: Context, heads=None) -> torch.Tensor:
@@ -549,36 +497,6 @@ def route_top(scores: torch.Tensor, cand: torch.Tensor, topk: int) -> torch.Tens
 # --------------------------------------------------------------------------- evaluate
 
 
-def _static(prim: ir.Prim, q, k) -> torch.Tensor | None:
-    """The primitives that are a closed formula of ``q`` and ``k``; None for the others."""
-    name, a = prim.name, prim.kwargs
-    if name == "full":
-        return _full_like(True, q, k)
-    if name == "empty":
-        return _full_like(False, q, k)
-    if name == "causal":
-        return k <= q
-    if name == "window":
-        d = a["dilation"]
-        diff = q - k
-        band = (diff <= a["before"] * d) & (diff >= -a["after"] * d)
-        return band if d == 1 else band & (torch.remainder(diff, d) == 0)
-    if name == "strided":
-        return torch.remainder(q - k, a["stride"]) == 0
-    if name == "blocks":
-        size = a["size"]
-        return torch.div(q, size, rounding_mode="floor") == torch.div(k, size, rounding_mode="floor")
-    if name == "summary":
-        return (torch.remainder(k, a["stride"]) >= a["stride"] - a["width"]).expand(_shape_of(q, k))
-    if name == "sink":
-        return (k < a["n"]).expand(_shape_of(q, k))
-    if name == "global":
-        return (q < a["n"]) | (k < a["n"])
-    if name == "landmarks":
-        return (torch.remainder(k, a["every"]) == a["every"] - 1).expand(_shape_of(q, k))
-    return None
-
-
 def evaluate(node: ir.Node, i, j, h, ctx: Context, selection: dict | None = None) -> torch.Tensor:
     """Whether query index ``i`` may attend to key index ``j`` under ``node``, elementwise.
 
@@ -618,18 +536,7 @@ def _eval(node: ir.Node, q, k, h, ctx: Context, selection) -> torch.Tensor:
         return ~_eval(node.item, q, k, h, ctx, selection)
     if not isinstance(node, ir.Prim):
         raise TypeError(f"unknown pattern node {type(node).__name__}")
-    out = _static(node, q, k)
-    if out is not None:
-        return out
-    if node.name == "random":
-        return _random(node, q, k, ctx)
-    if node.name == "where":
-        return _where(node, q, k, h, ctx)
-    if node.name == "neighborhood":
-        return _neighborhood(node, q, k, ctx)
-    if node.name == "route":
-        return _route(node, q, k, ctx, selection)
-    raise TypeError(f"unknown primitive {node.name!r}")
+    return primitives.lookup(node.name).meaning(node, q, k, h, ctx, selection)
 
 
 # --------------------------------------------------------------------------- mask

@@ -31,7 +31,7 @@ import itertools
 import numpy as np
 import torch
 
-from patterndsl import ir, semantics
+from patterndsl import ir, primitives, semantics
 from patterndsl.analysis import classify as cls
 from patterndsl.analysis.tiles import Side
 from patterndsl.errors import PatternError
@@ -155,7 +155,7 @@ class Engine:
             return self._union(node, domain)
         if isinstance(node, ir.Not):
             return self._not(node, domain)
-        if node.name == "route":
+        if primitives.lookup(node.name).dynamic:
             return self._route(node, domain)
         return self._prim(node, domain)
 
@@ -199,9 +199,11 @@ class Engine:
 
     def _candidates(self, prim: ir.Prim) -> np.ndarray:
         (qlo, qhi, qalo, qahi), (_, _, kalo, kahi) = self._bounds()
+        listed = primitives.lookup(prim.name).candidates
+        keys = None if listed is None else listed(self, prim)
+        if keys is not None:
+            return keys
         need = cls.needed_keys(prim, qlo, qhi, qalo, qahi, self.env)
-        if prim.name == "random" and self.q.identity and self.k.identity:
-            return self._random_candidates(prim)
         if need is None:
             return self.all_keys()
         lo, hi, alo, ahi = need
@@ -212,35 +214,13 @@ class Engine:
             keys = keys[keep]
         return keys
 
-    def _random_candidates(self, prim: ir.Prim) -> np.ndarray:
-        size = prim.arg("block")
-        table = cls._random_table(prim, self.env)
-        nkblocks = -(-self.env.kv_len // size)
-        qb_lo = self.env.offset // size
-        qb = table // nkblocks + qb_lo
-        kb = table % nkblocks
-        off, bm, bn = self.env.offset, self.q.block, self.k.block
-        # query indices of the block: [qb*size - off, qb*size + size - 1 - off] clipped.
-        i0 = np.clip(qb * size - off, 0, self.env.q_len - 1)
-        i1 = np.clip(qb * size + size - 1 - off, 0, self.env.q_len - 1)
-        j0 = kb * size
-        j1 = np.minimum(kb * size + size - 1, self.env.kv_len - 1)
-        m0, m1 = i0 // bm, i1 // bm
-        n0, n1 = j0 // bn, j1 // bn
-        parts = []
-        for dm in range(int((m1 - m0).max()) + 1 if len(m0) else 0):
-            for dn in range(int((n1 - n0).max()) + 1):
-                live = (m0 + dm <= m1) & (n0 + dn <= n1)
-                parts.append(((m0 + dm) * self.nkb + n0 + dn)[live])
-        return np.unique(np.concatenate(parts)) if parts else np.zeros(0, np.int64)
-
     # ----------------------------------------------------------------- primitives
 
     def _prim(self, prim: ir.Prim, domain: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-        if prim.name == "empty":
+        if prim == ir.EMPTY:
             return np.zeros(0, np.int64), np.zeros(0, np.int8)
         keys = self._candidates(prim) if domain is None else domain
-        if prim.name == "full":
+        if prim == ir.FULL:
             return keys, np.full(len(keys), FULL, np.int8)
         # Chunks bound the temporaries of the classifiers to a few times the chunk, not the candidates.
         out_k, out_s = [], []
@@ -559,21 +539,7 @@ def _runs_side(group, count, fine: Side, order, starts) -> Side:
 def _cost(node: ir.Node) -> int:
     """Rough rank of how many tiles a node can reach: cheapest first inside an intersection."""
     if isinstance(node, ir.Prim):
-        return {
-            "empty": 0,
-            "window": 1,
-            "blocks": 1,
-            "neighborhood": 1,
-            "sink": 2,
-            "random": 2,
-            "route": 3,
-            "landmarks": 4,
-            "summary": 4,
-            "global": 4,
-            "causal": 5,
-            "strided": 5,
-            "full": 6,
-        }.get(node.name, 7)
+        return primitives.lookup(node.name).cost
     if isinstance(node, ir.Inter):
         return min(_cost(i) for i in node.items)
     if isinstance(node, ir.Union):
@@ -593,21 +559,10 @@ def band_of(node: ir.Node, env: cls.Env | None = None):
 
     With ``env`` (1-D), a ``where`` half-plane ``c * (q - k) + c0 >= 0`` counts as a band too.
     """
-    if isinstance(node, ir.Prim) and node.name == "where" and env is not None and env.layout is None:
-        hp = cls.halfplane_of(node.arg("pred"), env)
-        if hp is not None and hp[0][0] == -hp[1][0] and hp[0][0] != 0:
-            c, c0 = int(hp[0][0]), int(hp[2])
-            if c > 0:  # q - k >= -c0 / c
-                return -((c0) // c), cls.BIG, 1
-            return -cls.BIG, (c0 // -c), 1  # q - k <= c0 / -c
-    if isinstance(node, ir.Prim) and node.name == "window":
-        d = node.arg("dilation")
-        return -node.arg("after") * d, node.arg("before") * d, d
-    if node == ir.CAUSAL:
-        return 0, cls.BIG, 1
-    if isinstance(node, ir.Prim) and node.name == "strided":
-        return -cls.BIG, cls.BIG, node.arg("stride")
-    return None
+    if not isinstance(node, ir.Prim):
+        return None
+    rule = primitives.lookup(node.name).band
+    return None if rule is None else rule(node, env)
 
 
 def symbolic_total(node: ir.Node, q_len: int, kv_len: int, layout, env=None) -> int | None:
@@ -617,39 +572,9 @@ def symbolic_total(node: ir.Node, q_len: int, kv_len: int, layout, env=None) -> 
     """
     if not isinstance(node, ir.Prim):
         return None
-    name, off = node.name, kv_len - q_len
-    q = (
-        None
-        if name in ("full", "empty", "neighborhood", "sink", "summary", "landmarks")
-        else (np.arange(q_len, dtype=np.int64) + off)
-    )
-    if name in ("full", "empty"):
-        return q_len * kv_len if name == "full" else 0
-    if name == "strided":
-        s = node.arg("stride")
-        return int((np.floor_divide(kv_len - 1 - q, s) - np.floor_divide(-1 - q, s)).sum())
-    if name == "blocks":
-        size = node.arg("size")
-        start = np.floor_divide(q, size) * size
-        return int(np.maximum(np.minimum(kv_len - 1, start + size - 1) - np.maximum(0, start) + 1, 0).sum())
-    if name == "sink":
-        return q_len * max(0, min(node.arg("n"), kv_len))
-    if name == "global":
-        n = node.arg("n")
-        return int(np.where(q < n, kv_len, max(0, min(n, kv_len))).sum())
-    if name in ("summary", "landmarks"):
-        stride = node.arg("stride") if name == "summary" else node.arg("every")
-        width = node.arg("width") if name == "summary" else 1
-        w = min(max(width, 0), stride)
-        periods, rest = divmod(kv_len, stride)
-        return q_len * (periods * w + max(0, rest - (stride - w)))
-    if name == "neighborhood" and layout is not None:
-        total = 1
-        for n, s, d, r, c in cls.neighborhood_axes(node, layout):
-            lo, hi = cls.window_table(n, s, d, r, c)
-            total *= int((hi - lo + 1).sum())
-        return total
-    return band_total(node, q_len, kv_len, env)
+    rule = primitives.lookup(node.name).total
+    total = None if rule is None else rule(node, q_len, kv_len, layout, env)
+    return band_total(node, q_len, kv_len, env) if total is None else total
 
 
 def band_total(node: ir.Node, q_len: int, kv_len: int, env=None) -> int | None:
@@ -734,48 +659,12 @@ def count_tiles(engine: Engine, node: ir.Node, keys: np.ndarray, state: np.ndarr
     return count_allowed(engine, node, keys)
 
 
-def _count_keys(prim: ir.Prim, a: np.ndarray, s: np.ndarray, n: np.ndarray) -> np.ndarray | None:
-    """Per key progression ``a + s*u`` (``u < n``): how many keys a key-only primitive allows, or None."""
-    name = prim.name
-    if name == "sink":
-        lim = prim.arg("n")
-        return np.clip(-np.floor_divide(-(lim - a), s), 0, n)
-    if name not in ("summary", "landmarks"):
-        return None
-    st = prim.arg("stride") if name == "summary" else prim.arg("every")
-    w = min(max(prim.arg("width") if name == "summary" else 1, 0), st)
-    if not ((s == 1) | (n == 1)).all():
-        return None
-
-    def upto(x):  # allowed keys in [0, x)
-        periods, rest = np.divmod(x, st)
-        return periods * w + np.maximum(0, rest - (st - w))
-
-    return upto(a + n) - upto(a)
-
-
 def _separable_count(engine: Engine, node: ir.Node, keys: np.ndarray) -> np.ndarray | None:
     """Counts for primitives that test the key (or query) alone: rows x allowed keys per tile."""
     if not isinstance(node, ir.Prim) or len(engine.q.extents) != 1:
         return None
-    q, k = engine.q, engine.k
-    m, n = keys // engine.nkb, keys % engine.nkb
-    rows = np.diff(q.starts)[m]
-    cols = np.diff(k.starts)[n]
-    if node.name == "global":
-        lim = node.arg("n")
-        # pairs with q >= n and k >= n are the only ones refused
-        qa, qs, qn = q.a[:, 0], q.s[:, 0], q.n[:, 0]
-        ka, ks, kn = k.a[:, 0], k.s[:, 0], k.n[:, 0]
-        q_low = np.bincount(q.tile, np.clip(-np.floor_divide(-(lim - qa), qs), 0, qn), q.n_tiles)
-        k_low = np.bincount(k.tile, np.clip(-np.floor_divide(-(lim - ka), ks), 0, kn), k.n_tiles)
-        refused = (rows - q_low.astype(np.int64)[m]) * (cols - k_low.astype(np.int64)[n])
-        return rows * cols - refused
-    per_piece = _count_keys(node, k.a[:, 0], k.s[:, 0], k.n[:, 0])
-    if per_piece is None:
-        return None
-    per_tile = np.bincount(k.tile, per_piece, k.n_tiles).astype(np.int64)
-    return rows * per_tile[n]
+    rule = primitives.lookup(node.name).count
+    return None if rule is None else rule(node, engine, keys)
 
 
 def count_allowed(engine: Engine, node: ir.Node, keys: np.ndarray) -> np.ndarray:

@@ -117,10 +117,10 @@ class KernelSpec:
 
 @cache
 def codegen_hash() -> str:
-    """Hash of every file that shapes generated source: templates and the codegen modules."""
+    """Hash of every file that shapes generated source: templates, the codegen modules and the primitives."""
     h = hashlib.sha256()
     here = Path(__file__).parent
-    for path in sorted([*TEMPLATES.glob("*.tmpl"), *here.glob("*.py")]):
+    for path in sorted([*TEMPLATES.glob("*.tmpl"), *here.glob("*.py"), *(here.parent / "primitives").glob("*.py")]):
         h.update(path.name.encode())
         h.update(path.read_bytes())
     return h.hexdigest()

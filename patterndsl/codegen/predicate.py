@@ -7,8 +7,9 @@ indices ``i`` (``[BM, 1]``) and key indices ``j`` (``[1, BN]``) of head ``h``,
 whether the pair is allowed, together with the small lookup tables
 (``random``) the body reads from the ``AUX`` int8 tensor.
 
-Rendering is two tables from node kind to code fragment (:data:`_PRIMS` for
-primitives, :data:`_EXPRS` for ``where`` expressions). Triton's ``//`` and
+Rendering is two tables from node kind to code fragment: each primitive's
+``triton`` rule in its registry record (:mod:`patterndsl.primitives`) and
+:data:`_EXPRS` for ``where`` expressions. Triton's ``//`` and
 ``%`` truncate towards zero, so floor semantics go through the generated
 helpers ``_fdiv``/``_fmod`` unless both operands are known non-negative.
 A ``where`` whose sub-expressions can leave the int32 range (interval bounds
@@ -26,7 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from patterndsl import ir
+from patterndsl import ir, primitives
 from patterndsl.errors import PatternError
 
 TRUE, FALSE = "True", "False"
@@ -63,6 +64,8 @@ class PredicateRenderer:
         aux: where ``random`` tables go.
     """
 
+    TRUE, FALSE = TRUE, FALSE
+
     def __init__(self, layout: ir.Layout | None, q_len: int, kv_len: int, aux: AuxTables, heads: int = 1):
         self.layout = layout
         self.q_len = q_len
@@ -86,6 +89,10 @@ class PredicateRenderer:
         self.lines.append(f"{name} = {code}")
         self._bound[code] = name
         return name
+
+    def all_of(self, parts: list[str]) -> str:
+        """The conjunction of boolean code fragments (``True`` when there are none)."""
+        return _join("&", parts, FALSE, TRUE)
 
     @property
     def q_nonneg(self) -> bool:
@@ -118,7 +125,7 @@ class PredicateRenderer:
     def node(self, node: ir.Node) -> str:
         """The boolean code of a pattern node."""
         if isinstance(node, ir.Prim):
-            rule = _PRIMS.get(node.name)
+            rule = primitives.lookup(node.name).triton
             if rule is None:
                 raise PatternError(f"primitive {node.name}(...) cannot be compiled into a kernel yet")
             return rule(self, node)
@@ -154,77 +161,6 @@ _NODES: dict[type, Callable[[PredicateRenderer, ir.Node], str]] = {
 }
 
 
-def _window(r: PredicateRenderer, p: ir.Prim) -> str:
-    before, after, dil = p.arg("before"), p.arg("after"), p.arg("dilation")
-    parts = [f"k >= q - {before * dil}", f"k <= q + {after * dil}"]
-    if dil != 1:
-        parts.append(f"(q - k) % {dil} == 0")  # the sign of a remainder never changes "== 0"
-    return _join("&", parts, FALSE, TRUE)
-
-
-def _blocks(r: PredicateRenderer, p: ir.Prim) -> str:
-    size = p.arg("size")
-    return f"{r.fdiv('q', str(size), r.q_nonneg)} == k // {size}"
-
-
-def _random(r: PredicateRenderer, p: ir.Prim) -> str:
-    from patterndsl import semantics
-
-    count, block, seed = p.arg("blocks"), p.arg("block"), p.arg("seed")
-    n_key_blocks = -(-r.kv_len // block)
-    qb_lo = (r.kv_len - r.q_len) // block
-    qb_hi = (r.kv_len - 1) // block + 1
-    chosen = semantics.random_table(seed, range(qb_lo, qb_hi), n_key_blocks, count)
-    table = torch.zeros(qb_hi - qb_lo, n_key_blocks, dtype=torch.int8)
-    if chosen.numel():
-        table.scatter_(1, chosen, 1)
-    offset = r.aux.add(table)
-    qb = r.fdiv("q", str(block), r.q_nonneg)
-    index = f"{offset} + ({qb} - ({qb_lo})) * {n_key_blocks} + k // {block}"
-    # ``inb`` keeps padded rows and columns inside the table.
-    return r.bind("rnd", f"tl.load(AUX + ({index}), mask=inb, other=0) != 0")
-
-
-def _neighborhood_axis(r: PredicateRenderer, axis: str, n: int, size: int, dil: int, stride: int, causal: bool) -> str:
-    x, y = r.coord("q", axis), r.coord("k", axis)
-    parts = []
-    if dil == 1:
-        p, t, glen = x, y, str(n)
-    else:
-        g = r.bind("g_", f"{x} % {dil}")
-        parts.append(f"{y} % {dil} == {g}")
-        p = r.bind("p_", f"{x} // {dil}")
-        t = r.bind("t_", f"{y} // {dil}")
-        glen = r.bind("len_", f"({n} - {g} + {dil - 1}) // {dil}")
-    base = p if stride == 1 else f"({p} // {stride}) * {stride}"
-    if causal:
-        lead = r.bind("lead_", f"tl.minimum({base} + {stride - 1}, {glen} - 1)")
-        parts += [f"{t} <= {p}", f"{lead} - {t} < {size}"]
-    else:
-        left = size // 2
-        right = size // 2 + (size % 2 - 1)
-        lead = r.bind("lead_", f"tl.minimum({base} + {stride // 2}, {glen} - 1)")
-        centre = r.bind("c_", f"tl.minimum(tl.maximum({lead}, {left}), {glen} - {1 + right})")
-        parts += [f"{t} >= {centre} - {left}", f"{t} <= {centre} + {right}"]
-    return _join("&", parts, FALSE, TRUE)
-
-
-def _neighborhood(r: PredicateRenderer, p: ir.Prim) -> str:
-    if r.layout is None:
-        raise PatternError("neighborhood(...) needs a layout grid(...)")
-    rank = len(r.layout.axes)
-
-    def per_axis(value):
-        return tuple(value) if isinstance(value, tuple) else (value,) * rank
-
-    sizes, dils, strides, causals = (per_axis(p.arg(a)) for a in ("size", "dilation", "stride", "causal"))
-    parts = [
-        _neighborhood_axis(r, name, extent, sizes[a], dils[a], strides[a], bool(causals[a]))
-        for a, (name, extent) in enumerate(r.layout.axes)
-    ]
-    return _join("&", parts, FALSE, TRUE)
-
-
 _INT32 = (-(2**31), 2**31 - 1)
 
 
@@ -246,38 +182,6 @@ def needs_int64(pred: ir.Expr, layout, q_len: int, kv_len: int, heads: int) -> b
         if lo < _INT32[0] or hi > _INT32[1]:
             return True
     return False
-
-
-def _where(r: PredicateRenderer, p: ir.Prim) -> str:
-    pred = p.arg("pred")
-    r.wide = needs_int64(pred, r.layout, r.q_len, r.kv_len, r.heads)
-    try:
-        code, _ = r.expr(pred)
-    finally:
-        r.wide = False
-    return code
-
-
-def _route(r: PredicateRenderer, p: ir.Prim) -> str:
-    raise PatternError("patterns with route(...) cannot run on the Triton backend yet (selection at run time)")
-
-
-_PRIMS: dict[str, Callable[[PredicateRenderer, ir.Prim], str]] = {
-    "full": lambda r, p: TRUE,
-    "empty": lambda r, p: FALSE,
-    "causal": lambda r, p: "k <= q",
-    "window": _window,
-    "strided": lambda r, p: f"(q - k) % {p.arg('stride')} == 0",
-    "blocks": _blocks,
-    "summary": lambda r, p: f"k % {p.arg('stride')} >= {p.arg('stride') - p.arg('width')}",
-    "sink": lambda r, p: f"k < {p.arg('n')}",
-    "global": lambda r, p: f"(q < {p.arg('n')}) | (k < {p.arg('n')})",
-    "landmarks": lambda r, p: f"k % {p.arg('every')} == {p.arg('every') - 1}",
-    "random": _random,
-    "where": _where,
-    "neighborhood": _neighborhood,
-    "route": _route,
-}
 
 
 # ---------------------------------------------------------------------- where expressions

@@ -3,7 +3,7 @@
 # from the pattern below whenever anything in the cache key changes.
 #
 # pattern:    natten()
-# cache key:  a295bd242271d6e8d7d197352c0fcd91
+# cache key:  a33de2bbc98498e0b07025efbc354e20
 # shapes:     LQ=1024 queries, LK=1024 keys, NH=4 query heads, NHK=4 key/value heads
 #             (GQA=1 query heads share one key/value head), head dim D=96 padded to DP=128
 # dtype:      float16 (accumulation in float32; DOT_PRECISION=tf32)

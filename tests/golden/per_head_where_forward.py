@@ -3,7 +3,7 @@
 # from the pattern below whenever anything in the cache key changes.
 #
 # pattern:    mix()
-# cache key:  372c494950038a7647ec07d5681097e1
+# cache key:  b561c0626024d61f2e9a0cd50d17b8e0
 # shapes:     LQ=512 queries, LK=640 keys, NH=4 query heads, NHK=4 key/value heads
 #             (GQA=1 query heads share one key/value head), head dim D=32 padded to DP=32
 # dtype:      float32 (accumulation in float32; DOT_PRECISION=tf32)

@@ -3,7 +3,7 @@
 # from the pattern below whenever anything in the cache key changes.
 #
 # pattern:    streaming(span=256, sinks=4)
-# cache key:  829c00d9c82859a65ba3bfec557dcd13
+# cache key:  8304d9225d3703757429622e7058ccd3
 # shapes:     LQ=2048 queries, LK=2048 keys, NH=8 query heads, NHK=2 key/value heads
 #             (GQA=4 query heads share one key/value head), head dim D=128 padded to DP=128
 # dtype:      bfloat16 (accumulation in float32; DOT_PRECISION=tf32)

@@ -1,0 +1,74 @@
+"""Small helpers the primitive families share: tile-rule arithmetic and argument checks.
+
+Comes in: numpy arrays of tile piece ends (tile rules) or bound argument values
+(argument rules). Goes out: arrays and raised ``PatternError``s. Nothing here
+knows any particular primitive.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from patterndsl import ir
+from patterndsl.errors import LayoutError, PatternTypeError, PatternValueError
+
+BIG = 1 << 50  # stands in for an unbounded band end; far beyond any position
+
+
+def fdiv(a, b):
+    return np.floor_divide(a, b)
+
+
+def cdiv(a, b):
+    return -np.floor_divide(-a, b)
+
+
+def exact(size: int) -> np.ndarray:
+    """The ``exact`` answer of a tile rule that decides every pair of pieces."""
+    return np.ones(size, dtype=bool)
+
+
+def require(ok: bool, message: str, span: ir.Span | None) -> None:
+    """Raise ``PatternValueError(message)`` at ``span`` unless ``ok``."""
+    if not ok:
+        raise PatternValueError(message, span)
+
+
+def per_axis(value, rank: int) -> tuple:
+    """A grid argument as one entry per layout axis (a scalar stands for every axis)."""
+    return value if isinstance(value, tuple) else (value,) * rank
+
+
+def broadcast_to_axes(name: str, keys, values: dict, spans: dict, layout: ir.Layout) -> None:
+    """Replace each int-or-tuple argument in ``keys`` by one entry per layout axis, in place.
+
+    Values not known while checking a file without parameter values (neither an int
+    nor a tuple) are left alone.
+
+    Raises:
+        PatternTypeError: a tuple whose length is not the layout's rank.
+    """
+    rank = len(layout.axes)
+    for key in keys:
+        value = values[key]
+        if not isinstance(value, (int, tuple)):
+            continue
+        if not isinstance(value, tuple):
+            values[key] = (value,) * rank
+        elif len(value) != rank:
+            raise PatternTypeError(
+                f"{name}() argument '{key}' has {len(value)} entries but the layout has {rank} axes "
+                f"({', '.join(layout.names)})",
+                spans[key],
+            )
+
+
+def need_layout(name: str, layout: ir.Layout | None, span: ir.Span | None) -> ir.Layout:
+    if layout is None:
+        raise LayoutError(f"{name}() needs a layout grid(...) declared before it", span)
+    return layout
+
+
+def param(name: str, kind: str, *default) -> ir.Param:
+    """A signature entry: required when no default is given."""
+    return ir.Param(name, kind, default[0] if default else None, not default)

@@ -1,0 +1,90 @@
+"""The dynamic primitive ``route(topk, block, score, among, qblock)``: its registry record.
+
+Comes in: nothing at import but the registry. Goes out: one registered record.
+``route`` is chosen from the data, so it has no static tile rules: the plan
+treats it as a set of (query group, key block) pairs (``analysis/engine.py``,
+``analysis/routeplan.py``) and the choice itself, its scores and its grouping
+live in :mod:`patterndsl.semantics` (``route_blocks``, ``route_selection``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from patterndsl import ir
+from patterndsl import semantics as sem
+from patterndsl.errors import LayoutError, PatternError
+from patterndsl.primitives.common import broadcast_to_axes, param, require
+from patterndsl.primitives.registry import Primitive, register
+from patterndsl.printer import value_to_source
+
+_BOXES = ("block", "qblock")
+
+
+def _shape_args(values, spans, layout, span):
+    """``qblock`` defaults to ``block``; tuple blocks are boxes of the grid, one entry per axis."""
+    if values["qblock"] is None:
+        values["qblock"] = values["block"]
+        spans["qblock"] = spans["block"]
+    if not any(isinstance(values[k], tuple) for k in _BOXES):
+        return
+    if layout is None:
+        bad = next(k for k in _BOXES if isinstance(values[k], tuple))
+        raise LayoutError(f"route() argument '{bad}' is a tuple, which needs a layout grid(...)", spans[bad])
+    broadcast_to_axes("route", _BOXES, values, spans, layout)
+
+
+def _check(v, s, layout):
+    require(v["topk"] >= 1, f"route topk must be >= 1, got {v['topk']}", s["topk"])
+    for key in _BOXES:
+        entries = v[key] if isinstance(v[key], tuple) else (v[key],)
+        require(all(b >= 1 for b in entries), f"route {key} must be >= 1, got {value_to_source(v[key])}", s[key])
+
+
+def _meaning(prim, q, k, h, ctx, selection) -> torch.Tensor:
+    if selection is None or prim not in selection:
+        raise PatternError(
+            "route(...) is chosen from the data: pass q= and k= (the attention inputs) to compute its mask",
+            prim.span,
+        )
+    _, _, qgroup, kblock = sem.route_blocks(prim, ctx)
+    sel = selection[prim].to(q.device)
+    qgroup, kblock = qgroup.to(q.device), kblock.to(q.device)
+    i = q - ctx.offset
+    qi, kj = torch.broadcast_tensors(i, k)
+    inside = (qi >= 0) & (qi < ctx.q_len) & (kj >= 0) & (kj < ctx.kv_len)
+    a = qgroup[qi.clamp(0, ctx.q_len - 1)]
+    b = kblock[kj.clamp(0, ctx.kv_len - 1)]
+    return sel[a, b] & inside
+
+
+def _triton(r, p) -> str:
+    raise PatternError("patterns with route(...) cannot run on the Triton backend yet (selection at run time)")
+
+
+ROUTE = register(
+    Primitive(
+        "route",
+        params=(
+            param("topk", "int"),
+            param("block", "ints", 64),
+            param("score", "score", "mean"),
+            param("among", "pattern", ir.FULL),
+            param("qblock", "ints", None),
+        ),
+        check=_check,
+        shape_args=_shape_args,
+        check_sizes=None,
+        reads_head=None,
+        meaning=_meaning,
+        classify=None,  # the plan classifies route by its candidate pairs (Engine._route)
+        needed_keys=None,
+        candidates=None,
+        cost=3,
+        band=None,
+        total=None,
+        count=None,  # by evaluation with a fixed choice
+        triton=_triton,  # static kernels see route replaced by its bounds; the routed kernels pick per element
+        dynamic=True,
+    )
+)

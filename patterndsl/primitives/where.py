@@ -1,0 +1,199 @@
+"""The predicate primitive ``where(pred)``: every rule, for every stage.
+
+Comes in: nothing at import but the registry. Goes out: one registered record
+and the linear-form helpers (:func:`linear_form`, :func:`halfplane_of`) that
+recognise a predicate ``c_q * q + c_k * k + c0 >= 0``, which the tile rules
+decide exactly; any other predicate is evaluated element by element.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from patterndsl import ir
+from patterndsl import semantics as sem
+from patterndsl.errors import PatternTypeError, PatternValueError
+from patterndsl.primitives.common import BIG, cdiv, exact, fdiv, param
+from patterndsl.primitives.registry import Primitive, register
+from patterndsl.printer import expr_to_source
+
+
+def linear_form(expr: ir.Expr, env):
+    """``expr`` as per-axis coefficients on query and key coordinates plus a constant, or None.
+
+    Returns ``(cq, ck, c0)`` with ``cq``/``ck`` int64 ``[D]`` (D = layout axes, or 1 for
+    1-D positions), when ``expr`` is linear in ``q``, ``k`` (and ``q.AXIS``, ``k.AXIS``).
+    """
+    d = len(env.layout.shape) if env.layout is not None else 1
+    strides = [int(np.prod(env.layout.shape[x + 1 :])) for x in range(d)] if env.layout is not None else [1]
+
+    def lin(e):
+        if isinstance(e, ir.Const) and not isinstance(e.value, bool):
+            return np.zeros(d, np.int64), np.zeros(d, np.int64), int(e.value)
+        if isinstance(e, ir.Var):
+            z = np.zeros(d, np.int64)
+            if e.name == "q":
+                return np.asarray(strides, np.int64), z, 0
+            if e.name == "k":
+                return z, np.asarray(strides, np.int64), 0
+            value = {"h": env.head, "Lq": env.q_len, "Lk": env.kv_len}.get(e.name)
+            return None if value is None else (z, z.copy(), value)
+        if isinstance(e, ir.Coord) and env.layout is not None:
+            z = np.zeros(d, np.int64)
+            c = z.copy()
+            c[env.layout.names.index(e.axis)] = 1
+            return (c, z, 0) if e.side == "q" else (z, c, 0)
+        if isinstance(e, ir.Neg):
+            inner = lin(e.operand)
+            return None if inner is None else (-inner[0], -inner[1], -inner[2])
+        if isinstance(e, ir.Arith) and e.op in "+-*":
+            left, right = lin(e.left), lin(e.right)
+            if left is None or right is None:
+                return None
+            if e.op == "+":
+                return left[0] + right[0], left[1] + right[1], left[2] + right[2]
+            if e.op == "-":
+                return left[0] - right[0], left[1] - right[1], left[2] - right[2]
+            for const, other in ((left, right), (right, left)):
+                if not const[0].any() and not const[1].any():
+                    c = const[2]
+                    return other[0] * c, other[1] * c, other[2] * c
+            return None
+        return None
+
+    return lin(expr)
+
+
+def halfplane_of(pred: ir.Expr, env):
+    """A comparison ``L op R`` as ``f >= 0`` with ``f`` linear, or None (``==``/``!=`` are rewritten earlier)."""
+    if not isinstance(pred, ir.Cmp) or pred.op not in ("<", "<=", ">", ">="):
+        return None
+    left, right = linear_form(pred.left, env), linear_form(pred.right, env)
+    if left is None or right is None:
+        return None
+    if pred.op in ("<=", "<"):
+        left, right = right, left
+    cq, ck, c0 = left[0] - right[0], left[1] - right[1], left[2] - right[2]
+    if pred.op in ("<", ">"):
+        c0 -= 1
+    return cq, ck, c0
+
+
+def _halfplane(qp, kp, cq: np.ndarray, ck: np.ndarray, c0: int):
+    """``sum(cq * q_coords) + sum(ck * k_coords) + c0 >= 0``; exact on any product pieces."""
+
+    def extremes(p, c):
+        lo = np.where(c >= 0, p.a, p.last) * c
+        hi = np.where(c >= 0, p.last, p.a) * c
+        return lo.sum(1), hi.sum(1)
+
+    qlo, qhi = extremes(qp, cq)
+    klo, khi = extremes(kp, ck)
+    nonempty = qhi + khi + c0 >= 0
+    full = qlo + klo + c0 >= 0
+    return nonempty, full, np.ones_like(nonempty)
+
+
+def _where_check(v, s, layout):
+    pred = v["pred"]
+    if isinstance(pred, bool):
+        return ir.FULL if pred else ir.EMPTY
+    return None
+
+
+def _where_sizes(prim, q_len, kv_len, heads, layout):
+    from patterndsl import check
+
+    check._check_divisors(prim.arg("pred"), {"Lq": q_len, "Lk": kv_len}, heads)
+    ranges = check.variable_ranges(q_len, kv_len, max(heads) + 1, layout)
+    for sub in ir.walk_expr(prim.arg("pred")):
+        lo, hi = check.expr_bounds(sub, ranges)
+        if lo < -check._INT64 or hi > check._INT64:
+            raise PatternValueError(
+                f"'{expr_to_source(sub)}' can reach {max(-lo, hi):.3g} at Lq={q_len}, Lk={kv_len}, "
+                f"beyond 64-bit integer arithmetic (|value| < 2**63)",
+                sub.span,
+            )
+
+
+def _where_meaning(prim, q, k, h, ctx, selection) -> torch.Tensor:
+    env = {"q": q, "k": k, "h": h, "Lq": ctx.q_len, "Lk": ctx.kv_len, "layout": ctx.layout}
+    value = sem._expr(prim.arg("pred"), env)
+    is_bool = value.dtype == torch.bool if isinstance(value, torch.Tensor) else isinstance(value, bool)
+    if not is_bool:
+        raise PatternTypeError("where(...) needs a comparison or logic, not an integer", prim.span)
+    if isinstance(value, bool):
+        return sem._full_like(value, q, k, h)
+    return value.expand(sem._shape_of(value, q, k, h))
+
+
+def _where_classify(prim, qp, kp, env):
+    pred = prim.arg("pred")
+    if isinstance(pred, ir.Const) and isinstance(pred.value, bool):
+        v = np.full(len(qp.fa), pred.value)
+        return v, v.copy(), exact(len(qp.fa))
+    hp = halfplane_of(pred, env)
+    if hp is not None:
+        return _halfplane(qp, kp, *hp)
+    return None
+
+
+def _where_keys(prim, qlo, qhi, qalo, qahi, env):
+    hp = halfplane_of(prim.arg("pred"), env)
+    if hp is not None and env.layout is None:
+        cq, ck, c0 = hp
+        # cq*q + ck*k + c0 >= 0 with a single key coefficient bounds k on one side.
+        if ck[0] > 0:
+            lo = cdiv(-(c0 + np.maximum(cq[0] * qlo, cq[0] * qhi)), ck[0])
+            return lo, np.full_like(qhi, BIG), None, None
+        if ck[0] < 0:
+            hi = fdiv(c0 + np.maximum(cq[0] * qlo, cq[0] * qhi), -ck[0])
+            return np.full_like(qlo, -BIG), hi, None, None
+    return None
+
+
+def _where_band(prim, env):
+    # In 1-D, a half-plane c * (q - k) + c0 >= 0 is a band.
+    if env is None or env.layout is not None:
+        return None
+    hp = halfplane_of(prim.arg("pred"), env)
+    if hp is not None and hp[0][0] == -hp[1][0] and hp[0][0] != 0:
+        c, c0 = int(hp[0][0]), int(hp[2])
+        if c > 0:  # q - k >= -c0 / c
+            return -((c0) // c), BIG, 1
+        return -BIG, (c0 // -c), 1  # q - k <= c0 / -c
+    return None
+
+
+def _where_triton(r, p) -> str:
+    from patterndsl.codegen.predicate import needs_int64
+
+    pred = p.arg("pred")
+    r.wide = needs_int64(pred, r.layout, r.q_len, r.kv_len, r.heads)
+    try:
+        code, _ = r.expr(pred)
+    finally:
+        r.wide = False
+    return code
+
+
+WHERE = register(
+    Primitive(
+        "where",
+        params=(param("pred", "pred"),),
+        check=_where_check,
+        shape_args=None,
+        check_sizes=_where_sizes,
+        reads_head=lambda prim: any(isinstance(e, ir.Var) and e.name == "h" for e in ir.walk_expr(prim.arg("pred"))),
+        meaning=_where_meaning,
+        classify=_where_classify,
+        needed_keys=_where_keys,
+        candidates=None,
+        cost=7,
+        band=_where_band,
+        total=None,  # its band total when it is a band
+        count=None,  # its band count when it is a band, else by evaluation
+        triton=_where_triton,
+    )
+)
