@@ -21,6 +21,7 @@ from patterndsl.analysis.plan import tile_reduce
 from patterndsl.codegen.predicate import AuxTables, render_predicate
 from patterndsl.errors import PatternError
 from patterndsl.primitives import MISSING, REGISTRY, Primitive, register, validate
+from patterndsl.sizes import Sizes
 
 GRID = "layout grid(y = 5, x = 6)\n"
 #: Example uses of every static primitive (a new primitive must add its own).
@@ -158,7 +159,7 @@ def test_rules_agree_with_the_meaning(name, body):
                 ref = tile_reduce(dense[:, plan.q_order][:, :, plan.kv_order], *block)
                 assert torch.equal(plan.tiles(), ref), (body, lq, lk, order, block)
                 assert plan.stats.allowed_pairs == int(dense.sum()), (body, lq, lk, order, block)
-        env = Env(lq, lk, p.ir.layout, 0)
+        env = Env(Sizes(lq, lk, p.ir.layout), 0)
         total = eng.symbolic_total(node, lq, lk, p.ir.layout, env)
         assert total is None or total == int(dense[0].sum()), (body, lq, lk)
         band = record.band(node, env) if record.band is not None else None
