@@ -305,18 +305,21 @@ _TRITON_SCRIPT = """
 import torch, patterndsl
 from tests.reference import reference_attention
 p = patterndsl.compile("pattern p { causal & window(5) }")
-q, k, v = (torch.randn(1, 2, 24, 16, requires_grad=True) for _ in range(3))
+x = torch.randn(1, 24, 2, 16, requires_grad=True)
+k, v = (torch.randn(1, 2, 24, 16, requires_grad=True) for _ in range(2))
+q = x.transpose(1, 2)  # the Hugging Face layout
 out, lse = p(q, k, v, return_lse=True, backend="triton")
+assert out.is_contiguous()
 ref, ref_lse = reference_attention(q, k, v, p.mask(24, 24, 2))
 torch.testing.assert_close(out.double(), ref.detach(), atol=1e-3, rtol=1e-3)
 torch.testing.assert_close(lse.double(), ref_lse.detach(), atol=1e-3, rtol=1e-3)
 g = torch.randn_like(out)
 (out * g).sum().backward()
-got = [t.grad.clone() for t in (q, k, v)]
-for t in (q, k, v):
+got = [t.grad.clone() for t in (x, k, v)]
+for t in (x, k, v):
     t.grad = None
 (ref * g.double()).sum().backward()
-for a, t in zip(got, (q, k, v)):
+for a, t in zip(got, (x, k, v)):
     torch.testing.assert_close(a.double(), t.grad.double(), atol=1e-3, rtol=1e-3)
 print("triton-through-op-ok")
 """
