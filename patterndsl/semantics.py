@@ -547,25 +547,10 @@ def _route_prims(nodes: Iterable[ir.Node]) -> list[ir.Prim]:
 
 
 def _check_inputs(q, k, heads: int, q_len: int, kv_len: int) -> None:
-    for name, t in (("q", q), ("k", k)):
-        if not isinstance(t, torch.Tensor):
-            raise InputError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise InputError(f"{name} must be [batch, heads, seq, head_dim], got shape {tuple(t.shape)}")
-        if not t.is_floating_point():
-            raise InputError(f"{name} must be a floating-point tensor, got {t.dtype}")
-    if q.shape[1] != heads:
-        raise InputError(f"q has {q.shape[1]} heads but heads={heads}")
-    if q.shape[2] != q_len:
-        raise InputError(f"q has sequence length {q.shape[2]} but q_len={q_len}")
-    if k.shape[2] != kv_len:
-        raise InputError(f"k has sequence length {k.shape[2]} but kv_len={kv_len}")
-    if k.shape[0] != q.shape[0]:
-        raise InputError(f"q and k have different batch sizes ({q.shape[0]} and {k.shape[0]})")
-    if k.shape[3] != q.shape[3]:
-        raise InputError(f"q and k have different head_dim ({q.shape[3]} and {k.shape[3]})")
-    if k.shape[1] == 0 or heads % k.shape[1] != 0:
-        raise InputError(f"k has {k.shape[1]} heads, which does not divide the {heads} query heads")
+    from patterndsl import tensors
+
+    sizes = tensors.check(q, k, dtypes=tensors.FLOAT_DTYPES, who="mask()")
+    tensors.check_sizes(sizes, heads, q_len, kv_len, "mask()")
 
 
 def mask(pir: ir.PatternIR, q_len: int, kv_len: int | None = None, heads: int = 1, q=None, k=None) -> torch.Tensor:

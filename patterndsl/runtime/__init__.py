@@ -91,7 +91,7 @@ def attention(q, k, v, pattern, scale=None, return_lse=False, backend="auto"):
         width = max(v_dim, inputs.head_dim)
         q, k, v = (torch.nn.functional.pad(t, (0, width - t.shape[3])) for t in (q, k, v))
     key = _plan_key(pir, inputs.backend, q.shape[3])
-    out, lse = op.attention_fwd(q, k, v, key, inputs.scale, inputs.backend)
+    out, lse = op.attention_fwd(q, k, v, key, [], inputs.scale, inputs.backend)
     if out.shape[3] != v_dim:
         out = out[..., :v_dim]
     return (out, lse) if return_lse else out

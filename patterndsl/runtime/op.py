@@ -1,22 +1,31 @@
 """Runtime stage: the ``torch.library`` custom ops that make pattern attention one differentiable torch op.
 
-Comes in: validated ``q``, ``k``, ``v``, a plan key from :mod:`patterndsl.runtime.plans`,
-the scale and the backend name (``"cpu"`` or ``"triton"``). Goes out: ``(out, lse)``
-from ``patterndsl::attention_fwd`` and ``(dq, dk, dv)`` from
-``patterndsl::attention_bwd``, wired together with ``register_autograd``. Both
-ops have fake (meta) implementations, so ``torch.compile(fullgraph=True)``
-traces through them without graph breaks. One op family serves every device:
-the implementation dispatches to the CPU executor or, for CUDA tensors (and CPU
-tensors under ``TRITON_INTERPRET=1`` with ``backend="triton"``), to the
-generated Triton kernels, imported lazily so the CPU path never needs them.
+Comes in: validated ``q``, ``k``, ``v``, a plan key from :mod:`patterndsl.runtime.plans`, the
+list of run-time tensors the plan reads (``data``), the scale and the backend name (``"cpu"`` or
+``"triton"``). Goes out: ``(out, lse)`` from ``patterndsl::attention_fwd`` and ``(dq, dk, dv)``
+from ``patterndsl::attention_bwd``, wired together with ``register_autograd``. Both ops have
+fake (meta) implementations whose outputs match the real ones in shape, dtype and strides
+(always contiguous, whatever the layout of the inputs), so ``torch.compile(fullgraph=True)``
+traces through them without graph breaks. One op family serves every device: the
+implementation dispatches to the CPU executor or, for CUDA tensors (and CPU tensors under
+``TRITON_INTERPRET=1`` with ``backend="triton"``), to the generated Triton kernels, imported
+lazily so the CPU path never needs them.
+
+``data`` is how a run-time input (document ids, lengths, score tables, paged caches) reaches
+a backend without another schema change: the caller appends tensors, the plan says what they
+mean. Static patterns and ``route`` pass an empty list today. The tensors carry no gradient.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
+
 import torch
 
 from patterndsl import ir
-from patterndsl.runtime import plans
+from patterndsl.errors import BackendError
+from patterndsl.runtime import plans, validate
 
 
 def _backend_module(backend: str, plan=None):
@@ -35,64 +44,94 @@ def _backend_module(backend: str, plan=None):
     return module
 
 
+@functools.cache
+def _takes_data(entry) -> bool:
+    return "data" in inspect.signature(entry).parameters
+
+
+def _run(module, name: str, *args, data, **kwargs):
+    """``module.name(*args, **kwargs)``, handing ``data`` over as ``data=`` when the entry point takes it.
+
+    Backends written before run-time inputs existed do not take the keyword; they are called as
+    before while the list is empty, and refuse a non-empty one rather than ignore it.
+    """
+    entry = getattr(module, name)
+    if _takes_data(entry):
+        return entry(*args, data=list(data), **kwargs)
+    if data:
+        where = module.__name__.rsplit(".", 1)[-1]
+        raise BackendError(f"the {where} backend does not take run-time inputs yet (got {len(data)} data tensors)")
+    return entry(*args, **kwargs)
+
+
+def _plan(q, k, v, plan_key: str, backend: str):
+    # The op is public (torch.ops.patterndsl), so it checks what it is handed before planning.
+    sizes = validate.check_call(q, k, v, backend)
+    return plans.get(plan_key, sizes.q_len, sizes.kv_len, sizes.heads)
+
+
 # Registered through torch.library.define/impl rather than @torch.library.custom_op: the
 # latter wraps every kernel in torch._disable_dynamo, whose first call imports torch._dynamo
 # (about one second), which would make every CPU user's first call slow. The op, its fake
 # kernels and its autograd formula are the same either way.
 torch.library.define(
     "patterndsl::attention_fwd",
-    "(Tensor q, Tensor k, Tensor v, str plan_key, float scale, str backend) -> (Tensor, Tensor)",
+    "(Tensor q, Tensor k, Tensor v, str plan_key, Tensor[] data, float scale, str backend) -> (Tensor, Tensor)",
 )
 torch.library.define(
     "patterndsl::attention_bwd",
     "(Tensor dout, Tensor dlse, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
-    "str plan_key, float scale, str backend) -> (Tensor, Tensor, Tensor)",
+    "str plan_key, Tensor[] data, float scale, str backend) -> (Tensor, Tensor, Tensor)",
 )
 
 
 @torch.library.impl("patterndsl::attention_fwd", ["cpu", "cuda"])
-def _attention_fwd_impl(q, k, v, plan_key, scale, backend):
+def _attention_fwd_impl(q, k, v, plan_key, data, scale, backend):
     """Forward attention under the plan named by ``plan_key``.
 
     Args:
-        q: ``[B, H, Lq, D]``; k, v: ``[B, Hkv, Lk, D]``.
+        q: ``[B, H, Lq, D]``; k, v: ``[B, Hkv, Lk, D]``; any strides.
         plan_key: from :func:`patterndsl.runtime.plans.register`.
+        data: the run-time tensors the plan reads (empty for static patterns).
         scale: softmax scale.
         backend: ``"cpu"`` or ``"triton"``.
 
     Returns:
-        ``(out [B, H, Lq, D] in q's dtype, lse [B, H, Lq] float32)``.
+        ``(out [B, H, Lq, D] in q's dtype, lse [B, H, Lq] float32)``, both contiguous.
     """
-    plan = plans.get(plan_key, q.shape[2], k.shape[2], q.shape[1])
-    out, lse = _backend_module(backend, plan).forward(q, k, v, plan, scale)
-    return out, lse.to(torch.float32)
+    plan = _plan(q, k, v, plan_key, backend)
+    out, lse = _run(_backend_module(backend, plan), "forward", q, k, v, plan, scale, data=data)
+    return out.contiguous(), lse.to(torch.float32).contiguous()
 
 
 @torch.library.register_fake("patterndsl::attention_fwd")
-def _attention_fwd_fake(q, k, v, plan_key, scale, backend):
-    b, h, lq, _ = q.shape
-    return torch.empty_like(q), q.new_empty((b, h, lq), dtype=torch.float32)
+def _attention_fwd_fake(q, k, v, plan_key, data, scale, backend):
+    # new_empty, not empty_like: the real op returns contiguous tensors whatever q's strides
+    # (a transposed [B, L, H, D] view, an expanded or sliced tensor).
+    b, h, lq, d = q.shape
+    return q.new_empty((b, h, lq, d)), q.new_empty((b, h, lq), dtype=torch.float32)
 
 
 @torch.library.impl("patterndsl::attention_bwd", ["cpu", "cuda"])
-def _attention_bwd_impl(dout, dlse, q, k, v, out, lse, plan_key, scale, backend):
+def _attention_bwd_impl(dout, dlse, q, k, v, out, lse, plan_key, data, scale, backend):
     """Gradients of ``attention_fwd`` through the same plan.
 
     Args:
         dout: gradient of ``out``; dlse: gradient of ``lse`` (zeros when unused).
         q, k, v, out, lse: the forward's inputs and outputs.
-        plan_key, scale, backend: as in the forward.
+        plan_key, data, scale, backend: as in the forward.
 
     Returns:
-        ``(dq, dk, dv)`` shaped and typed like ``q``, ``k``, ``v``.
+        ``(dq, dk, dv)`` shaped and typed like ``q``, ``k``, ``v``, contiguous.
     """
-    plan = plans.get(plan_key, q.shape[2], k.shape[2], q.shape[1])
-    return _backend_module(backend, plan).backward(q, k, v, out, lse, dout, plan, scale, dlse=dlse)
+    plan = _plan(q, k, v, plan_key, backend)
+    grads = _run(_backend_module(backend, plan), "backward", q, k, v, out, lse, dout, plan, scale, dlse=dlse, data=data)
+    return tuple(g.to(x.dtype).contiguous() for g, x in zip(grads, (q, k, v), strict=True))
 
 
 @torch.library.register_fake("patterndsl::attention_bwd")
-def _attention_bwd_fake(dout, dlse, q, k, v, out, lse, plan_key, scale, backend):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+def _attention_bwd_fake(dout, dlse, q, k, v, out, lse, plan_key, data, scale, backend):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 #: The two ops, one object each for every device.
@@ -101,20 +140,21 @@ attention_bwd = torch.ops.patterndsl.attention_bwd.default
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, plan_key, scale, backend = inputs
+    q, k, v, plan_key, data, scale, backend = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.save_for_backward(q, k, v, out, lse, *data)
     ctx.plan_key, ctx.scale, ctx.backend = plan_key, scale, backend
 
 
 def _backward(ctx, dout, dlse):
-    q, k, v, out, lse = ctx.saved_tensors
+    q, k, v, out, lse, *data = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros_like(out)
     if dlse is None:
         dlse = torch.zeros_like(lse)
-    dq, dk, dv = attention_bwd(dout, dlse, q, k, v, out, lse, ctx.plan_key, ctx.scale, ctx.backend)
-    return dq, dk, dv, None, None, None
+    dq, dk, dv = attention_bwd(dout, dlse, q, k, v, out, lse, ctx.plan_key, data, ctx.scale, ctx.backend)
+    # Run-time data (ids, lengths, tables) is not differentiated: one None per tensor of the list.
+    return dq, dk, dv, None, [None] * len(data), None, None
 
 
 torch.library.register_autograd("patterndsl::attention_fwd", _backward, setup_context=_setup_context)

@@ -6,7 +6,9 @@ key plus the run-time sizes ``(Lq, Lk, heads)``. Goes out: the
 :class:`~patterndsl.analysis.plan.BlockPlan` for those sizes, built on first
 use and cached. Custom ops can only take tensors and plain scalars, so the op
 carries the key; the sizes come from the tensors it is given, which keeps the
-key a constant under ``torch.compile`` even when shapes are symbolic.
+key a constant under ``torch.compile`` even when shapes are symbolic. Run-time
+inputs a plan reads (documents, lengths, tables) are tensors, so they travel
+beside the key in the op's ``data`` list rather than in the key.
 """
 
 from __future__ import annotations

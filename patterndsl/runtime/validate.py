@@ -1,51 +1,44 @@
-"""Runtime stage: checks on the tensors and options given to ``attention``.
+"""Runtime stage: checks on the tensors and options given to ``attention``, the op and the backends.
 
 Comes in: ``q``, ``k``, ``v``, ``scale`` and ``backend`` exactly as the user
 passed them. Goes out: the resolved sizes and options (:class:`Inputs`) or an
 :class:`~patterndsl.errors.InputError` / :class:`~patterndsl.errors.BackendError`
-that says what was wrong, before any kernel or executor runs.
+that says what was wrong, before any kernel or executor runs. The tensor checks
+themselves are :mod:`patterndsl.tensors`, shared with ``Pattern.mask``; this module
+adds what only the runtime knows: backends, their dtypes, the scale and the plan.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
 import torch
 
-from patterndsl import config
+from patterndsl import config, tensors
 from patterndsl.errors import BackendError, InputError, PatternError
+from patterndsl.tensors import Sizes
 
 BACKENDS = ("auto", "triton", "cpu")
 #: dtypes the CPU executor accepts (it accumulates in float32, or float64 for float64 inputs).
-CPU_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+CPU_DTYPES = tensors.FLOAT_DTYPES
 #: dtypes the generated Triton kernels accept.
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 @dataclass(frozen=True)
-class Inputs:
+class Inputs(Sizes):
     """Sizes and options of one validated call.
 
     Attributes:
-        batch, heads, kv_heads: ``B``, query heads ``H``, key/value heads ``Hkv`` (divides ``H``).
-        q_len, kv_len, head_dim: ``Lq``, ``Lk``, ``D``.
+        batch, heads, kv_heads, q_len, kv_len, head_dim: see :class:`~patterndsl.tensors.Sizes`.
         scale: the softmax scale (``D ** -0.5`` unless given).
         backend: ``"cpu"`` or ``"triton"`` (``"auto"`` resolved by device).
     """
 
-    batch: int
-    heads: int
-    kv_heads: int
-    q_len: int
-    kv_len: int
-    head_dim: int
     scale: float
     backend: str
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).replace("torch.", "")
 
 
 def resolve_backend(backend, device: torch.device) -> str:
@@ -96,42 +89,45 @@ def check_inputs(q, k, v, scale=None, backend="auto") -> Inputs:
         InputError: wrong type, rank, shape, dtype, device or head count.
         PatternError / BackendError: see :func:`resolve_backend`.
     """
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            raise InputError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise InputError(f"{name} must have 4 dimensions [batch, heads, seq, head_dim], got shape {tuple(t.shape)}")
-    if not (q.device == k.device == v.device):
-        raise InputError(f"q, k and v must be on one device, got {q.device}, {k.device} and {v.device}")
+    named = {"q": q, "k": k, "v": v}
+    tensors.check_kinds(named)
     backend = resolve_backend(backend, q.device)
-    allowed = CPU_DTYPES if backend == "cpu" else TRITON_DTYPES
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.dtype not in allowed:
-            names = ", ".join(_dtype_name(d) for d in allowed)
-            raise InputError(f"{name} has dtype {_dtype_name(t.dtype)}; the {backend} backend supports {names}")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise InputError(
-            f"q, k and v must have one dtype, got {_dtype_name(q.dtype)}, {_dtype_name(k.dtype)} "
-            f"and {_dtype_name(v.dtype)}"
-        )
-    b, h, lq, d = q.shape
-    if k.shape[0] != b or v.shape[0] != b:
-        raise InputError(f"batch sizes differ: q has {b}, k has {k.shape[0]}, v has {v.shape[0]}")
-    if k.shape[1] != v.shape[1]:
-        raise InputError(f"k and v must have the same number of heads, got {k.shape[1]} and {v.shape[1]}")
-    if k.shape[2] != v.shape[2]:
-        raise InputError(f"k and v must have the same sequence length, got {k.shape[2]} and {v.shape[2]}")
-    if k.shape[3] != d:
-        raise InputError(f"head_dim differs: q has {d}, k has {k.shape[3]}")
-    if v.shape[3] == 0:
-        raise InputError(f"v must have head_dim >= 1, got shape {tuple(v.shape)}")
-    hkv = k.shape[1]
-    if hkv == 0 or h % hkv != 0:
-        raise InputError(f"k and v have {hkv} heads, which does not divide the {h} query heads")
-    if h == 0 or d == 0:
-        raise InputError(f"q must have at least one head and head_dim >= 1, got shape {tuple(q.shape)}")
+    tensors.check_dtypes(named, dtypes_of(backend), f"the {backend} backend")
+    sizes = tensors.check_shapes(q, k, v)
+    d = sizes.head_dim
     if scale is None:
         scale = d**-0.5
     elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
         raise InputError(f"scale must be a finite number or None, got {scale!r}")
-    return Inputs(b, h, hkv, lq, k.shape[2], d, float(scale), backend)
+    return Inputs(**dataclasses.asdict(sizes), scale=float(scale), backend=backend)
+
+
+def dtypes_of(backend: str) -> tuple[torch.dtype, ...]:
+    """The dtypes ``backend`` (``"cpu"`` or ``"triton"``) accepts."""
+    return CPU_DTYPES if backend == "cpu" else TRITON_DTYPES
+
+
+def check_call(q, k, v, backend: str, plan=None) -> Sizes:
+    """Validate the tensors handed to the op or a backend entry point (below ``attention``'s padding).
+
+    Backends run one head size (:func:`patterndsl.runtime.attention` pads ``v`` or ``q``/``k``
+    to the wider one first) and, when given, a plan built for the tensors' sizes.
+
+    Args:
+        q, k, v: the tensors, ``[B, H, Lq, D]`` and ``[B, Hkv, Lk, D]``.
+        backend: ``"cpu"`` or ``"triton"``, for the dtypes and the messages.
+        plan: the block plan (``q_len``, ``kv_len``, ``heads``) to check the sizes against, or None.
+
+    Returns:
+        The :class:`~patterndsl.tensors.Sizes`.
+
+    Raises:
+        InputError: as :func:`check_inputs`, plus a ``v`` head size that differs from ``q``'s
+            and sizes the plan was not built for.
+    """
+    sizes = tensors.check(q, k, v, dtypes=dtypes_of(backend), who=f"the {backend} backend")
+    if v.shape[3] != sizes.head_dim:
+        raise InputError(f"head_dim differs: q has {sizes.head_dim}, v has {v.shape[3]} (backends run one head size)")
+    if plan is not None:
+        tensors.check_sizes(sizes, plan.heads, plan.q_len, plan.kv_len, "the plan")
+    return sizes

@@ -1,10 +1,11 @@
-"""The torch op around pattern attention: registration, torch.compile, input validation."""
+"""The torch op around pattern attention: registration, run-time data, fake kernels, torch.compile, validation."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ import torch
 
 import patterndsl
 from patterndsl.errors import BackendError, InputError, LayoutError, PatternError
-from patterndsl.runtime import op, plans
+from patterndsl.runtime import cpu, op, plans
 from tests.reference import reference_attention
 
 
@@ -33,41 +34,165 @@ def test_one_op_family_is_registered():
     assert hasattr(torch.ops.patterndsl, "attention_bwd")
 
 
+B, H, L, D = 2, 4, 24, 8
+#: Input layouts as models produce them: the shapes of leaf tensors and the view taken of each.
+LAYOUTS = {
+    "contiguous": ([(B, H, L, D), (B, 2, L, D), (B, 2, L, D)], lambda x: x),
+    # [B, L, H, D] viewed as [B, H, L, D]: what Hugging Face attention layers pass.
+    "transposed": ([(B, L, H, D), (B, L, 2, D), (B, L, 2, D)], lambda x: x.transpose(1, 2)),
+    # One key/value head expanded over every query head (stride 0), GQA written with expand.
+    "expanded": ([(B, H, L, D), (B, 1, L, D), (B, 1, L, D)], lambda x: x.expand(B, H, L, D)),
+    # Every other row and the first D columns of wider tensors: neither contiguous nor dense.
+    "sliced": ([(B, H, 2 * L, 2 * D), (B, 2, 2 * L, 2 * D), (B, 2, 2 * L, 2 * D)], lambda x: x[:, :, ::2, :D]),
+}
+
+
+def _leaves_and_views(layout, requires_grad=False):
+    shapes, view = LAYOUTS[layout]
+    leaves = [torch.randn(shape, requires_grad=requires_grad) for shape in shapes]
+    return leaves, [view(t) for t in leaves]
+
+
+def _metadata(tensors):
+    return [(tuple(t.shape), t.dtype, t.stride()) for t in tensors]
+
+
 def test_opcheck_schema_fake_and_autograd():
-    pattern = _pattern()
-    key = plans.register(pattern.ir, (16, 16), "auto")
-    q, k, v = (t.requires_grad_() for t in _qkv(hkv=1))
-    torch.library.opcheck(op.attention_fwd, (q, k, v, key, 0.5, "cpu"))
+    key = plans.register(_pattern().ir, (16, 16), "auto")
+    _, (q, k, v) = _leaves_and_views("transposed", requires_grad=True)
+    torch.library.opcheck(op.attention_fwd, (q, k, v, key, [], 0.5, "cpu"))
+    out, lse = op.attention_fwd(q, k, v, key, [], 0.5, "cpu")
+    dout = torch.randn(B, L, H, D).transpose(1, 2)
+    args = (dout, torch.randn_like(lse), *(t.detach() for t in (q, k, v, out, lse)), key, [], 0.5, "cpu")
+    torch.library.opcheck(op.attention_bwd, args)
 
 
-def test_torch_compile_fullgraph_forward_and_backward():
-    pattern = _pattern("causal & (window(9) | sink(2))")
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_fake_kernels_match_the_real_ones(layout):
+    """Shapes, dtypes and strides of the fake (meta) outputs are those of the real ones, forward and backward."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
 
-    def f(q, k, v):
-        out, lse = patterndsl.attention(q, k, v, pattern, return_lse=True)
-        return out.square().sum() + lse.sum()
+    key = plans.register(_pattern().ir, (16, 16), "auto")
+    _, (q, k, v) = _leaves_and_views(layout)
+    out, lse = op.attention_fwd(q, k, v, key, [], 0.5, "cpu")
+    # Upstream gradients in a layout of their own (transposed), as compiled graphs hand them over.
+    dout, dlse = torch.randn(B, L, H, D).transpose(1, 2), torch.randn_like(lse)
+    bwd_args = (dout, dlse, q, k, v, out, lse)
+    grads = op.attention_bwd(*bwd_args, key, [], 0.5, "cpu")
+    with FakeTensorMode() as mode:
+        fq, fk, fv = (mode.from_tensor(t) for t in (q, k, v))
+        fake_out = op.attention_fwd(fq, fk, fv, key, [], 0.5, "cpu")
+        fake_grads = op.attention_bwd(*(mode.from_tensor(t) for t in bwd_args), key, [], 0.5, "cpu")
+    assert _metadata(fake_out) == _metadata((out, lse))
+    assert _metadata(fake_grads) == _metadata(grads)
+    assert all(t.is_contiguous() for t in (out, lse, *grads))
 
-    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
-    q, k, v = (t.requires_grad_() for t in _qkv())
-    got = compiled(q, k, v)
+
+def _assert_compiled_matches_eager(f, leaves, backend):
+    compiled = torch.compile(f, fullgraph=True, backend=backend)
+    got = compiled(*leaves)
     got.backward()
-    grads = [t.grad.clone() for t in (q, k, v)]
-    for t in (q, k, v):
+    grads = [t.grad.clone() for t in leaves]
+    for t in leaves:
         t.grad = None
-    expect = f(q, k, v)
+    expect = f(*leaves)
     expect.backward()
     torch.testing.assert_close(got, expect)
-    for g, t in zip(grads, (q, k, v), strict=True):
+    for g, t in zip(grads, leaves, strict=True):
         torch.testing.assert_close(g, t.grad)
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_torch_compile_fullgraph_forward_and_backward(layout):
+    pattern = _pattern("causal & (window(9) | sink(2))")
+    view = LAYOUTS[layout][1]
+
+    def f(q, k, v):
+        out, lse = patterndsl.attention(view(q), view(k), view(v), pattern, return_lse=True)
+        return out.square().sum() + lse.sum()
+
+    leaves, _ = _leaves_and_views(layout, requires_grad=True)
+    _assert_compiled_matches_eager(f, leaves, "aot_eager")
+
+
 def test_torch_compile_inductor_no_graph_break():
+    """The Hugging Face call: [B, L, H*D] activations viewed as [B, H, L, D], through Inductor."""
     pattern = _pattern()
-    q, k, v = _qkv()
-    explained = torch._dynamo.explain(lambda q, k, v: pattern(q, k, v) * 2)(q, k, v)
+
+    def f(x, y):
+        q = x.view(B, L, H, D).transpose(1, 2)
+        kv = y.view(B, L, 2, D).transpose(1, 2)
+        return (pattern(q, kv, kv) * 2).square().sum()
+
+    leaves = [torch.randn(B, L, H * D, requires_grad=True), torch.randn(B, L, 2 * D, requires_grad=True)]
+    explained = torch._dynamo.explain(f)(*leaves)
     assert explained.graph_break_count == 0
-    compiled = torch.compile(lambda q, k, v: pattern(q, k, v) * 2, fullgraph=True)
-    torch.testing.assert_close(compiled(q, k, v), pattern(q, k, v) * 2)
+    _assert_compiled_matches_eager(f, leaves, "inductor")
+
+
+def _recording_cpu(monkeypatch):
+    """Stand in for a backend that reads run-time data: the CPU executor, recording the data it is given."""
+    seen = []
+    real_forward, real_backward = cpu.forward, cpu.backward
+
+    def forward(q, k, v, plan, scale, data):
+        seen.append(("forward", [t.clone() for t in data]))
+        return real_forward(q, k, v, plan, scale)
+
+    def backward(q, k, v, out, lse, dout, plan, scale, dlse=None, data=()):
+        seen.append(("backward", [t.clone() for t in data]))
+        return real_backward(q, k, v, out, lse, dout, plan, scale, dlse=dlse)
+
+    monkeypatch.setattr(cpu, "forward", forward)
+    monkeypatch.setattr(cpu, "backward", backward)
+    return seen
+
+
+def test_run_time_data_reaches_the_backend_under_torch_compile(monkeypatch):
+    seen = _recording_cpu(monkeypatch)
+    key = plans.register(_pattern().ir, (16, 16), "auto")
+    # What later features pass: ids per token, a float table (which gets no gradient).
+    data = [torch.arange(40) // 10, torch.randn(3, requires_grad=True)]
+
+    def f(q, k, v):
+        out, lse = op.attention_fwd(q, k, v, key, data, 0.5, "cpu")
+        return out.square().sum() + lse.sum()
+
+    leaves = [t.requires_grad_() for t in _qkv(hkv=1)]
+    _assert_compiled_matches_eager(f, leaves, "aot_eager")
+    assert [kind for kind, _ in seen] == ["forward", "backward"] * 2
+    for _, got in seen:
+        assert len(got) == 2
+        for a, b in zip(got, data, strict=True):
+            assert torch.equal(a, b.detach())
+    assert data[1].grad is None
+
+
+def test_run_time_data_passes_opcheck(monkeypatch):
+    _recording_cpu(monkeypatch)
+    key = plans.register(_pattern().ir, (16, 16), "auto")
+    q, k, v = (t.requires_grad_() for t in _qkv(hkv=1))
+    torch.library.opcheck(op.attention_fwd, (q, k, v, key, [torch.arange(40)], 0.5, "cpu"))
+
+
+def test_a_backend_without_data_refuses_a_non_empty_list():
+    calls = []
+    old = types.SimpleNamespace(__name__="patterndsl.runtime.old", forward=lambda *args: calls.append(args) or args)
+    assert op._run(old, "forward", 1, 2, data=[]) == (1, 2)
+    with pytest.raises(BackendError, match="old backend does not take run-time inputs"):
+        op._run(old, "forward", 1, 2, data=[torch.zeros(1)])
+    assert len(calls) == 1
+
+
+def test_the_op_validates_what_it_is_handed():
+    key = plans.register(_pattern().ir, (16, 16), "auto")
+    q, k, v = _qkv()
+    with pytest.raises(InputError, match="head_dim differs: q has 8, v has 4"):
+        op.attention_fwd(q, k, v[..., :4], key, [], 0.5, "cpu")
+    with pytest.raises(InputError, match="q must have 4 dimensions"):
+        op.attention_fwd(q[0], k, v, key, [], 0.5, "cpu")
+    with pytest.raises(InputError, match="float64"):
+        op.attention_fwd(q.double(), k.double(), v.double(), key, [], 0.5, "triton")
 
 
 def test_backend_cpu_explicit_and_results_match_reference():
@@ -104,6 +229,42 @@ def test_input_errors(make, match):
     q, k, v = make()
     with pytest.raises(InputError, match=match):
         patterndsl.attention(q, k, v, _pattern())
+
+
+@pytest.mark.parametrize(
+    "make,match",
+    [
+        (lambda: ([[1.0]], *_qkv()[1:]), "q must be a torch.Tensor, got list"),
+        (lambda: (_qkv()[0][0], *_qkv()[1:]), r"q must have 4 dimensions \[batch, heads, seq, head_dim\]"),
+        (lambda: (_qkv()[0].int(), *_qkv()[1:]), "q has dtype int32; .* supports float16, bfloat16, float32"),
+        (lambda: (_qkv()[0], _qkv()[1].to("meta"), _qkv()[2]), "must be on one device, got cpu(,| and) meta"),
+        (lambda: (_qkv()[0], _qkv(d=4)[1], _qkv()[2]), "head_dim differs: q has 8, k has 4"),
+        (lambda: (_qkv(b=2)[0], *_qkv()[1:]), "batch sizes differ: q has 2, k has 1"),
+        (lambda: _qkv(h=3, hkv=2), "2 heads, which does not divide the 3 query heads"),
+    ],
+)
+def test_one_validator_says_the_same_everywhere(make, match):
+    """attention(), Pattern.mask(q=, k=) and the op itself reject a bad tensor with one message."""
+    q, k, v = make()
+    pattern = _pattern()
+    with pytest.raises(InputError, match=match):
+        patterndsl.attention(q, k, v, pattern)
+    with pytest.raises(InputError, match=match):
+        pattern.mask(40, 40, 2, q=q, k=k)
+    # The dispatcher itself rejects a non-tensor and sends a meta tensor to the fake kernel.
+    if isinstance(q, torch.Tensor) and k.device == q.device:
+        key = plans.register(pattern.ir, (16, 16), "auto")
+        with pytest.raises(InputError, match=match):
+            op.attention_fwd(q, k, v, key, [], 0.5, "cpu")
+
+
+def test_mask_sizes_are_checked_against_its_arguments():
+    pattern = _pattern()
+    q, k, _ = _qkv()
+    with pytest.raises(InputError, match="q has 2 heads but mask"):
+        pattern.mask(40, 40, 4, q=q, k=k)
+    with pytest.raises(InputError, match="k has sequence length 40 but mask"):
+        pattern.mask(40, 32, 2, q=q, k=k)
 
 
 def test_bad_scale():
@@ -144,18 +305,21 @@ _TRITON_SCRIPT = """
 import torch, patterndsl
 from tests.reference import reference_attention
 p = patterndsl.compile("pattern p { causal & window(5) }")
-q, k, v = (torch.randn(1, 2, 24, 16, requires_grad=True) for _ in range(3))
+x = torch.randn(1, 24, 2, 16, requires_grad=True)
+k, v = (torch.randn(1, 2, 24, 16, requires_grad=True) for _ in range(2))
+q = x.transpose(1, 2)  # the Hugging Face layout
 out, lse = p(q, k, v, return_lse=True, backend="triton")
+assert out.is_contiguous()
 ref, ref_lse = reference_attention(q, k, v, p.mask(24, 24, 2))
 torch.testing.assert_close(out.double(), ref.detach(), atol=1e-3, rtol=1e-3)
 torch.testing.assert_close(lse.double(), ref_lse.detach(), atol=1e-3, rtol=1e-3)
 g = torch.randn_like(out)
 (out * g).sum().backward()
-got = [t.grad.clone() for t in (q, k, v)]
-for t in (q, k, v):
+got = [t.grad.clone() for t in (x, k, v)]
+for t in (x, k, v):
     t.grad = None
 (ref * g.double()).sum().backward()
-for a, t in zip(got, (q, k, v)):
+for a, t in zip(got, (x, k, v)):
     torch.testing.assert_close(a.double(), t.grad.double(), atol=1e-3, rtol=1e-3)
 print("triton-through-op-ok")
 """
