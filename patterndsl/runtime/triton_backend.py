@@ -5,7 +5,7 @@ Comes in: ``q [B, H, Lq, D]``, ``k``/``v`` ``[B, Hkv, Lk, D]`` (``Hkv`` divides
 :class:`~patterndsl.analysis.plan.BlockPlan` for ``(Lq, Lk, H)``. Goes out:
 ``forward -> (out [B, H, Lq, D] in q.dtype, lse [B, H, Lq] float32)`` and
 ``backward -> (dq, dk, dv)``. The kernels come from
-:mod:`patterndsl.codegen` through :mod:`patterndsl.runtime.cache`; the plan's
+:mod:`patterndsl.codegen` through :mod:`patterndsl.kernel_cache`; the plan's
 tile lists (partial tiles first, then full) and the ``random`` tables are
 turned into small int32/int8 device tensors once per plan and device.
 """
@@ -14,10 +14,9 @@ from __future__ import annotations
 
 import torch
 
-from patterndsl import config
+from patterndsl import config, kernel_cache
 from patterndsl.codegen import generator
 from patterndsl.errors import BackendError, InputError
-from patterndsl.runtime import cache
 from patterndsl.runtime.plans import per_plan
 
 
@@ -147,7 +146,7 @@ def _setup(q, k, v, plan, kind: str):
     target = target_of(q.device)
     plan = _tiled(plan, generator.launch_tiles(q.shape[3], target, kind, generator.DTYPES.get(q.dtype, "float16")))
     spec = _spec(plan, kind, q.shape[3], q.dtype, k.shape[1], target)
-    module = cache.load(spec, generator.render)
+    module = kernel_cache.load(spec, generator.render)
     return plan, spec, module, prepared(plan, spec, q.device)
 
 

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import torch
 
+from patterndsl import kernel_cache
 from patterndsl.codegen import routed as route_kernels
-from patterndsl.runtime import cache, dynamic, plans
+from patterndsl.runtime import dynamic, plans
 
 #: Plan tiles (BM, BN) of routed Triton kernels and their warps: with 8 warps, 64 x 32 tiles
 #: build without register spills for sm_80 and sm_90 up to head dim 64, 32 x 32 above
@@ -55,7 +56,7 @@ def _setup(q, k, plan):
             plan.block,
             NUM_WARPS,
         )
-        module = cache.load(spec, route_kernels.render)
+        module = kernel_cache.load(spec, route_kernels.render)
         dev = q.device
         # random(...) tables the predicates read; built once per plan, kernel spec and device.
         aux = plans.per_plan(

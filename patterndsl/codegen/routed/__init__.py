@@ -313,11 +313,11 @@ def compile_aot(spec: RouteKernelSpec, target: str = "sm_90", num_stages: int = 
         One :class:`patterndsl.codegen.inspect.AotKernel` per kernel (``route_fwd``, ``route_bwd``)
         with its SASS resources (registers, spills, MMA counts).
     """
+    from patterndsl import kernel_cache
     from patterndsl.codegen import inspect as aot
-    from patterndsl.runtime import cache
 
     ptr = {"float16": "*fp16", "bfloat16": "*bf16", "float32": "*fp32"}[spec.dtype]
-    module = cache.load(spec, render, interpret=False)
+    module = kernel_cache.load(spec, render, interpret=False)
     out = []
     for name in ("route_fwd", "route_bwd"):
         fn = getattr(module, name)
