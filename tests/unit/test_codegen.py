@@ -272,3 +272,54 @@ def test_float32_kernels_name_tf32_in_their_header():
     assert "TF32" in header and "precision:" in header
     assert "TF32" not in kernel_source(pattern, 128, dtype=torch.float16, target="sm_80").split("import triton")[0]
     assert "TF32" not in kernel_source(pattern, 128, dtype=torch.float32, target="interpret").split("import triton")[0]
+
+
+def test_codegen_never_imports_runtime():
+    """Codegen sits below the runtime: rendering and AOT inspection import no runtime module."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, patterndsl, torch\n"
+        "from patterndsl.codegen import inspect, kernel_source\n"
+        "p = patterndsl.compile('pattern m { causal & (sink(4) | route(2, block = 16)) }')\n"
+        "kernel_source(p, 128, kind='backward')\n"
+        "kernel_source(patterndsl.compile('pattern c { causal }'), 128)\n"
+        "print(sorted(m for m in sys.modules if m.startswith('patterndsl.runtime')))\n"
+    )
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]", done.stdout
+
+
+def test_launch_table_rows():
+    from patterndsl.codegen import launch
+
+    static = launch(64, "sm_90", "forward", "float16")
+    assert static.tiles == (64, 64) and static.int64_offsets and static.dot_precision == "tf32"
+    routed = launch(64, "sm_90", "forward", "float16", run_time=True)
+    assert routed.tiles == (64, 32) and routed.num_warps == 8
+    assert launch(128, "sm_80", "backward", "bfloat16", run_time=True).num_stages == 1
+    assert launch(64, "interpret", "forward", "float32").dot_precision == "ieee"
+    assert launch(64, "interpret", "forward", "float32", run_time=True).tiles is None
+    # The spec of a route pattern takes the routed row; its header and kernel_source say so.
+    pattern = patterndsl.compile("pattern r { causal & route(2, block = 64) }")
+    spec = patterndsl.codegen.spec_for(pattern, 512, target="sm_80", kind="backward", head_dim=128)
+    row = launch(128, "sm_80", "backward", "float16", run_time=True)
+    assert (spec.block_m, spec.block_n) == row.tiles and (spec.num_warps, spec.num_stages) == (8, 1)
+    assert "BN=32 keys; num_warps=8, num_stages=1" in generator.render(spec)
+
+
+def test_show_triton_uses_the_launch_table_unless_block_is_given(capsys, tmp_path):
+    from patterndsl import cli
+
+    path = tmp_path / "r.pdsl"
+    path.write_text("pattern r { causal & (blocks(64) | route(2, block = 64, among = causal - blocks(64))) }")
+    assert cli.main(["show", str(path), "--stage", "triton", "--seq", "512"]) == 0
+    assert "BM=64 query rows x BN=32 keys" in capsys.readouterr().out
+    assert (
+        cli.main(["show", str(path), "--stage", "triton", "--seq", "512", "--block", "32x16", "--kind", "backward"])
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "BM=32 query rows x BN=16 keys" in out and "def bwd_dkdv_g0(" in out and "lst * NKT + n" in out
