@@ -117,12 +117,15 @@ class Pattern:
             return attention(q, k, v, self, scale=scale, return_lse=return_lse, backend=backend)
 
     def kernel_source(self, q_len: int, kv_len: int | None = None, heads: int = 1, **options) -> str:
-        """The generated Triton source for a shape and dtype, as text.
+        """The generated Triton source for a shape and dtype, as text (patterns with ``route`` too).
 
         Args:
             q_len, kv_len, heads: sizes (the plan is specialised to them).
-            **options: ``head_dim`` (64), ``dtype`` (``torch.float16``), ``block`` ((64, 64)),
-                ``kind`` (``"forward"`` or ``"backward"``), ``kv_heads`` (``heads``).
+            **options: ``head_dim`` (64), ``dtype`` (``torch.float16``), ``target`` (``"sm_90"``;
+                ``"sm_80"`` or ``"interpret"``), ``block`` (the launch table's tiles for the target,
+                :func:`patterndsl.codegen.launch_tiles`, e.g. (64, 64) for float16 forward at head
+                dim 64 and for the interpreter), ``kind`` (``"forward"`` or ``"backward"``),
+                ``kv_heads`` (``heads``), ``order`` (``"auto"``), ``num_warps``, ``num_stages``.
 
         Returns:
             Deterministic Triton source text.
@@ -130,10 +133,6 @@ class Pattern:
         from patterndsl import codegen
 
         with self._located():
-            if self.is_dynamic:
-                from patterndsl.codegen import routed as route_kernels
-
-                return route_kernels.kernel_source(self, q_len, kv_len, heads, **options)
             return codegen.kernel_source(self, q_len, kv_len, heads, **options)
 
 

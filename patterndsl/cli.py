@@ -5,14 +5,12 @@ Comes in: command-line arguments (``check``, ``show``, ``plot``, ``bench``,
 success, 1 for an error in the pattern or its inputs (a located
 ``PatternError``), 2 for a malformed command line. A user error never prints
 a traceback. Each subcommand calls the public API (:mod:`patterndsl.api`) and
-the stage entry points named in docs/ARCHITECTURE.md; a stage that is not
-built yet reports so instead of failing.
+the stage entry points named in docs/ARCHITECTURE.md.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import re
 import statistics
 import sys
@@ -46,10 +44,6 @@ pattern video(T = 4, H = 16, W = 16) {
 
 class UsageError(PatternError):
     """A malformed command line (bad option value, missing argument)."""
-
-
-class StageUnavailable(PatternError):
-    """A pipeline stage that this build of patterndsl does not have yet."""
 
 
 # --------------------------------------------------------------------------- argument parsing
@@ -141,7 +135,11 @@ def _add_pattern_args(p: argparse.ArgumentParser, seq_default: int | None = None
     p.add_argument("--seq", metavar="N", type=_positive, help=seq_help)
     p.add_argument("--kv-seq", metavar="M", type=_positive, help="key length (default: N)")
     p.add_argument("--heads", metavar="H", type=_positive, default=1, help="query heads (default 1)")
-    p.add_argument("--block", metavar="BMxBN", help="tile size (default 128x128 for plans, 64x64 for kernels)")
+    p.add_argument(
+        "--block",
+        metavar="BMxBN",
+        help="tile size (default 128x128 for plans; for kernels the launch table's tiles for --target)",
+    )
     p.add_argument("--order", choices=("auto", "identity"), default="auto", help="token order of the plan")
     p.set_defaults(seq_default=seq_default)
 
@@ -207,29 +205,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # --------------------------------------------------------------------------- shared helpers
-
-
-def require(module: str, attr: str, stage: str):
-    """Return ``module.attr``, or raise :class:`StageUnavailable` naming the stage when it is not built.
-
-    Args:
-        module: dotted module name (``patterndsl.analysis``).
-        attr: the entry point inside it.
-        stage: the stage's name for the message.
-
-    Returns:
-        The attribute.
-    """
-    try:
-        mod = importlib.import_module(module)
-    except ModuleNotFoundError as exc:
-        if exc.name and (exc.name == module or module.startswith(exc.name + ".")):
-            raise StageUnavailable(f"the {stage} stage is not available in this build ({module} is missing)") from None
-        raise
-    # A submodule of the same name (analysis.plan) is not the entry point.
-    if not callable(getattr(mod, attr, None)):
-        raise StageUnavailable(f"the {stage} stage is not available in this build ({module}.{attr} is missing)")
-    return getattr(mod, attr)
 
 
 def _load(args) -> Pattern:
@@ -308,26 +283,26 @@ def cmd_show(args) -> int:
     if args.stage == "plan":
         print(render_plan(pattern, q_len, kv_len, args.heads, _block(args, (128, 128)), args.order, args))
     elif args.stage == "triton":
-        require("patterndsl.codegen", "kernel_source", "kernel generation")
-        print(
-            pattern.kernel_source(
-                q_len,
-                kv_len,
-                args.heads,
-                head_dim=args.head_dim,
-                dtype=DTYPES[args.dtype],
-                block=_block(args, (64, 64)),
-                kind=args.kind,
-                order=args.order,
-                target=args.target,
-            ),
-            end="",
-        )
+        print(pattern.kernel_source(q_len, kv_len, args.heads, **_kernel_options(args)), end="")
     elif args.stage in ("ptx", "sass"):
         print(render_aot(pattern, q_len, kv_len, args))
     else:
         print(render_reach(pattern, q_len, kv_len, args))
     return 0
+
+
+def _kernel_options(args) -> dict:
+    """The codegen options of ``show --stage triton|ptx|sass`` (``--block`` only when given)."""
+    options = {
+        "head_dim": args.head_dim,
+        "dtype": DTYPES[args.dtype],
+        "kind": args.kind,
+        "order": args.order,
+        "target": args.target,
+    }
+    if args.block:
+        options["block"] = parse_block(args.block)
+    return options
 
 
 def render_plan(pattern: Pattern, q_len: int, kv_len: int, heads: int, block, order: str, args=None) -> str:
@@ -343,7 +318,6 @@ def render_plan(pattern: Pattern, q_len: int, kv_len: int, heads: int, block, or
     Returns:
         The text to print.
     """
-    require("patterndsl.analysis", "plan", "block plan")
     plan = pattern.plan(q_len, kv_len, heads, block=block, order=order)
     ascii_only = _use_ascii(args) if args is not None else False
     return _plan_text(plan, ascii_only, getattr(args, "head_dim", 64))
@@ -361,21 +335,9 @@ def render_aot(pattern: Pattern, q_len: int, kv_len: int, args) -> str:
     ``ptx`` prints each kernel's PTX; ``sass`` prints the resource table
     (registers, spills, shared memory, MMA instructions) and then the SASS.
     """
-    aot_kernels = require("patterndsl.codegen.inspect", "aot_kernels", "ahead-of-time compilation")
     from patterndsl.codegen import inspect
 
-    kernels = aot_kernels(
-        pattern,
-        q_len,
-        kv_len,
-        args.heads,
-        target=args.target,
-        head_dim=args.head_dim,
-        dtype=DTYPES[args.dtype],
-        block=_block(args, (64, 64)),
-        kind=args.kind,
-        order=args.order,
-    )
+    kernels = inspect.aot_kernels(pattern, q_len, kv_len, args.heads, **_kernel_options(args))
     if args.stage == "ptx":
         return inspect.render_ptx(kernels)
     listings = [f"// ===== {k.name} ({k.target})\n{inspect.sass(k.asm['cubin'])}" for k in kernels]
@@ -387,7 +349,8 @@ def render_reach(pattern: Pattern, q_len: int, kv_len: int, args) -> str:
 
     Heads that share one pattern are analysed once; ``--block`` adds the tile graph's lower bound.
     """
-    reachability = require("patterndsl.analysis", "reachability", "reachability")
+    from patterndsl.analysis import reachability
+
     if kv_len != q_len:
         raise UsageError("--stage reach stacks layers of self-attention: --kv-seq must equal --seq")
     block = parse_block(args.block) if args.block else None
@@ -409,7 +372,6 @@ def render_reach(pattern: Pattern, q_len: int, kv_len: int, args) -> str:
 
 def cmd_plot(args) -> int:
     """``patterndsl plot``: the mask (small sizes) and the tile map as a PNG."""
-    require("patterndsl.analysis", "plan", "block plan")
     from patterndsl import pictures
 
     pattern = _load(args)
@@ -464,7 +426,6 @@ def _flex_runner(mask: torch.Tensor, q, k, v, scale: float):
 
 def cmd_bench(args) -> int:
     """``patterndsl bench``: median forward times of patterndsl (CPU) vs SDPA (dense mask) vs FlexAttention."""
-    require("patterndsl.runtime", "attention", "attention runtime")
     pattern = _load(args)
     q_len, kv_len = _lengths(args, pattern, "bench")
     heads, dtype, d = args.heads, DTYPES[args.dtype], args.head_dim
@@ -532,15 +493,11 @@ def cmd_demo(args) -> int:
 
 def _demo_section(title: str, body) -> None:
     print(f"== {title} ==")
-    try:
-        print(body())
-    except StageUnavailable as err:
-        print(f"(skipped: {err.message})")
+    print(body())
     print()
 
 
 def _demo_plan(pattern: Pattern, seq: int, heads: int) -> str:
-    require("patterndsl.analysis", "plan", "block plan")
     identity = pattern.plan(seq, seq, heads, block=(64, 64), order="identity")
     auto = pattern.plan(seq, seq, heads, block=(64, 64), order="auto")
     return (
@@ -550,7 +507,6 @@ def _demo_plan(pattern: Pattern, seq: int, heads: int) -> str:
 
 
 def _demo_kernel(pattern: Pattern, seq: int, heads: int) -> str:
-    require("patterndsl.codegen", "kernel_source", "kernel generation")
     source = pattern.kernel_source(seq, seq, heads, head_dim=64, dtype=torch.float16, block=(64, 64))
     lines = source.splitlines()
     header = [line for line in lines if line.startswith(("# pattern:", "# tiles:", "# order:"))]
@@ -566,7 +522,6 @@ def _demo_kernel(pattern: Pattern, seq: int, heads: int) -> str:
 
 
 def _demo_attention(pattern: Pattern, seq: int, heads: int, head_dim: int) -> str:
-    require("patterndsl.runtime", "attention", "attention runtime")
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, heads, seq, head_dim, generator=gen) for _ in range(3))
     start = time.perf_counter()

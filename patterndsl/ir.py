@@ -643,6 +643,11 @@ def substitute(node: Node, fn: Callable[[Prim, int], Node], sign: int = 1) -> No
     return (union if isinstance(node, Union) else inter)(*items)
 
 
+def replace(node: Node, values: Mapping[Prim, Node]) -> Node:
+    """``node`` with each primitive ``p`` in ``values`` replaced by ``values[p]`` (:func:`substitute`)."""
+    return substitute(node, lambda prim, _sign: values.get(prim, prim))
+
+
 def route_bound(node: Node, lower: bool, only: Collection[Prim] | None = None) -> Node:
     """``node`` with each route (of ``only``; all when None) replaced by ``empty``/``full`` as a bound.
 

@@ -2,28 +2,25 @@
 
 Comes in: a bound pattern (or its block plan) and the shapes, dtype and tile
 sizes to specialise to. Goes out: deterministic Triton source text
-(:func:`kernel_source`); :mod:`patterndsl.codegen.inspect` compiles it ahead
-of time for sm_80 / sm_90 and reports PTX and SASS resources.
+(:func:`kernel_source`), one kernel family for static patterns and patterns
+with ``route(...)``; :mod:`patterndsl.codegen.launch` is the launch table,
+:mod:`patterndsl.codegen.key` what the cache key hashes, and
+:mod:`patterndsl.codegen.inspect` compiles kernels ahead of time for sm_80 /
+sm_90 and reports PTX and SASS resources.
 """
 
 from __future__ import annotations
 
 import torch
 
-from patterndsl.codegen.generator import (
-    DTYPES,
-    KernelSpec,
-    kernel_names,
-    launch_config,
-    launch_tiles,
-    make_spec,
-    render,
-)
+from patterndsl.codegen.generator import DTYPES, KernelSpec, kernel_names, make_spec, render
+from patterndsl.codegen.launch import launch, launch_config, launch_tiles
 
 __all__ = [
     "KernelSpec",
     "kernel_names",
     "kernel_source",
+    "launch",
     "launch_config",
     "launch_tiles",
     "make_spec",
@@ -54,14 +51,18 @@ def spec_for(
         pattern: a :class:`patterndsl.Pattern`.
         q_len, kv_len, heads: sizes (``kv_len`` defaults to ``q_len``).
         head_dim, dtype, block, kind, kv_heads, order, target, num_warps, num_stages:
-            see :func:`patterndsl.codegen.generator.make_spec`; ``order`` goes to the planner;
-            ``block`` defaults to the target's :func:`launch_tiles` ((64, 64) for the interpreter).
+            see :func:`patterndsl.codegen.generator.make_spec`; ``order`` goes to the planner
+            (a pattern with ``route`` is always planned in the identity order: its run-time lists
+            are in token order); ``block`` defaults to the target's :func:`launch_tiles`
+            ((64, 64) for the interpreter).
 
     Returns:
         The spec.
     """
     if block is None:
-        block = launch_tiles(head_dim, target, kind, DTYPES.get(dtype, "float16")) or (64, 64)
+        block = launch_tiles(head_dim, target, kind, DTYPES.get(dtype, "float16"), pattern.is_dynamic) or (64, 64)
+    if pattern.is_dynamic:
+        order = "identity"
     plan = pattern.plan(q_len, kv_len, heads, block=tuple(block), order=order)
     return make_spec(
         plan,
@@ -81,9 +82,10 @@ def kernel_source(pattern, q_len: int, kv_len: int | None = None, heads: int = 1
     Args:
         pattern: a :class:`patterndsl.Pattern`.
         q_len, kv_len, heads: sizes the plan is specialised to.
-        **options: ``head_dim`` (64), ``dtype`` (``torch.float16``), ``block`` (the target's :func:`launch_tiles`),
-            ``kind`` (``"forward"`` or ``"backward"``), ``kv_heads`` (``heads``), ``order``
-            (``"auto"``), ``target`` (``"sm_90"``), ``num_warps``, ``num_stages``.
+        **options: ``head_dim`` (64), ``dtype`` (``torch.float16``), ``block`` (the target's
+            :func:`launch_tiles`; (64, 64) for ``target="interpret"``), ``kind`` (``"forward"`` or
+            ``"backward"``), ``kv_heads`` (``heads``), ``order`` (``"auto"``), ``target``
+            (``"sm_90"``), ``num_warps``, ``num_stages`` (the launch table's).
 
     Returns:
         Deterministic source text whose header names the pattern, tiles and cache key.

@@ -10,7 +10,10 @@ kernel over key tiles and a dK/dV kernel over the transposed plan).
 
 Each head group's key-tile loop is specialised: closed-form bounds from the
 plan's :class:`~patterndsl.analysis.plan.RunForm` when it has one, CSR index
-lists otherwise; full tiles and partial tiles run in separate loops.
+lists otherwise; full tiles and partial tiles run in separate loops. A plan
+whose pattern uses ``route(...)`` gets the same kernels walking run-time lists
+(one per batch element and key/value head, made at every call) with an element
+rule that reads the call's choice (:mod:`patterndsl.codegen.routes`).
 """
 
 from __future__ import annotations
@@ -19,15 +22,15 @@ import hashlib
 import re
 import string
 from dataclasses import dataclass
-from functools import cache
 from pathlib import Path
 
 import torch
 
 from patterndsl import ir
-from patterndsl.codegen import bounds
-from patterndsl.codegen.predicate import FLOOR_HELPERS, AuxTables, render_predicate
-from patterndsl.errors import BackendError, PatternError
+from patterndsl.codegen import bounds, key, routes
+from patterndsl.codegen.launch import dot_precision, launch, padded_head_dim
+from patterndsl.codegen.predicate import FLOOR_HELPERS, AuxTables
+from patterndsl.errors import BackendError
 
 TEMPLATES = Path(__file__).parent / "templates"
 KINDS = ("forward", "backward")
@@ -42,16 +45,22 @@ class GroupSpec:
         heads: query heads of the group.
         node: the group's pattern node.
         forms: closed-form bound code (``lo``, ``hi``, ``full_lo``, ``full_hi``) or None for lists.
+        routes: the ``route`` primitives in ``node`` (empty for a static group).
     """
 
     heads: tuple[int, ...]
     node: ir.Node
     forms: tuple[tuple[str, str], ...] | None
+    routes: tuple[ir.Prim, ...] = ()
 
 
 @dataclass(frozen=True)
 class KernelSpec:
-    """Everything the generated source depends on; its :attr:`key` names the cache entry."""
+    """Everything the generated source depends on; its :attr:`key` names the cache entry.
+
+    ``run_time_lists`` is True for a plan with ``route(...)``: every group's kernels walk the
+    per-call lists of (batch element, key/value head) and read the chosen tables from ``RT``.
+    """
 
     kind: str
     pattern_name: str
@@ -72,6 +81,7 @@ class KernelSpec:
     num_warps: int
     num_stages: int
     target: str
+    run_time_lists: bool = False
 
     @property
     def padded_dim(self) -> int:
@@ -80,7 +90,7 @@ class KernelSpec:
     def canonical(self) -> str:
         """A stable text of every field (nodes printed canonically, spans excluded)."""
         groups = [
-            f"heads={g.heads} node={g.node} forms={g.forms}" for g in self.groups
+            f"heads={g.heads} node={g.node} forms={g.forms} routes={[str(r) for r in g.routes]}" for g in self.groups
         ]  # printed nodes re-parse to equal IR
         layout = None if self.layout is None else self.layout.axes
         fields = [
@@ -103,103 +113,28 @@ class KernelSpec:
             self.num_warps,
             self.num_stages,
             self.target,
+            self.run_time_lists,
         ]
         return "\n".join(str(f) for f in fields)
 
     @property
     def key(self) -> str:
-        """sha256 over the package version, the codegen sources and templates, and :meth:`canonical`."""
-        from patterndsl import __version__
-
-        text = f"patterndsl {__version__}\n{codegen_hash()}\n{self.canonical()}"
+        """sha256 over :func:`patterndsl.codegen.key.sources_hash` and :meth:`canonical`, nothing else."""
+        text = f"{key.sources_hash()}\n{self.canonical()}"
         return hashlib.sha256(text.encode()).hexdigest()[:32]
 
+    @property
+    def route_list(self) -> tuple[ir.Prim, ...]:
+        """Every group's routes, in group order (the order of their tables in ``RT``)."""
+        return tuple(dict.fromkeys(r for g in self.groups for r in g.routes))
 
-@cache
-def codegen_hash() -> str:
-    """Hash of every file that shapes generated source: templates, the codegen modules and the primitives."""
-    h = hashlib.sha256()
-    here = Path(__file__).parent
-    for path in sorted([*TEMPLATES.glob("*.tmpl"), *here.glob("*.py"), *(here.parent / "primitives").glob("*.py")]):
-        h.update(path.name.encode())
-        h.update(path.read_bytes())
-    return h.hexdigest()
+    def run_time_layout(self) -> routes.RunTimeLayout:
+        """Where this spec's kernels find each route's tables in ``RT``."""
+        return routes.layout(self.route_list, self.layout, self.q_len, self.kv_len)
 
 
 def _template(name: str) -> string.Template:
     return string.Template((TEMPLATES / name).read_text())
-
-
-def padded_head_dim(head_dim: int) -> int:
-    """The head dim the kernels compute with: the next power of two, at least 16 (``tl.arange``/``tl.dot``)."""
-    return max(16, 1 << (head_dim - 1).bit_length())
-
-
-def _launch(head_dim: int, kind: str, dtype: str) -> tuple[int, int, int, int]:
-    # (BM, BN, num_warps, num_stages) for a GPU target, chosen from ahead-of-time builds (ptxas -v and
-    # Triton's shared-memory size, tests/unit/test_aot.py) so every dtype x head dim x pass builds for
-    # sm_80 and sm_90 with zero spills and within sm_80's 163 KB of shared memory. "weight" is the
-    # bytes of one padded row / 2: it is what registers and shared memory per tile scale with.
-    padded = padded_head_dim(head_dim)
-    fp32 = dtype == "float32"
-    weight = padded * (2 if fp32 else 1)
-    if kind == "forward":
-        if weight <= 128:
-            # float32 tiles with three stages push ptxas into spilling even at small head dims.
-            return 64, 64, 4 if weight < 128 else 8, 3 if not fp32 else 2
-        if weight == 256:
-            return 64, 64, 8, 1 if fp32 else 2
-        # float32 at head dim 256: 64 x 32 tiles still spill 20 bytes on sm_90.
-        return 64, 16, 8, 1
-    # The backward keeps q, dO and dQ (or k, v, dK and dV) live: narrower key tiles and one stage
-    # as rows get wider. float32 at head dim 256 cannot keep 64-row tiles (wgmma's minimum) in
-    # registers and shared memory at once; it runs 32 x 16 tiles on mma.sync (HMMA) instead.
-    if weight <= 64 or (weight == 128 and not fp32):
-        return 64, 64, 4 if weight < 64 else 8, 2
-    if weight == 128:
-        return 64, 32, 4, 1
-    if weight == 256:
-        return 64, 16, 4, 1
-    return 32, 16, 4, 1
-
-
-def launch_config(head_dim: int, target: str, kind: str, dtype: str = "float16") -> tuple[int, int]:
-    """Default ``(num_warps, num_stages)`` for a head dim, target, pass and dtype.
-
-    Args:
-        head_dim: the (unpadded) head dimension.
-        target: ``"sm_80"``, ``"sm_90"`` or ``"interpret"``.
-        kind: ``"forward"`` or ``"backward"``.
-        dtype: the input dtype name (float32 tiles take twice the shared memory per stage).
-
-    Returns:
-        ``(num_warps, num_stages)``; they go with the tiles of :func:`launch_tiles`.
-    """
-    if target == "interpret":
-        return 4, 1
-    return _launch(head_dim, kind, dtype)[2:]
-
-
-def launch_tiles(head_dim: int, target: str, kind: str, dtype: str = "float16") -> tuple[int, int] | None:
-    """The plan tiles ``(BM, BN)`` the kernels of a GPU target are built with.
-
-    Args:
-        head_dim, target, kind, dtype: as :func:`launch_config`.
-
-    Returns:
-        ``(BM, BN)``, or None for the interpreter (any plan's tiles run there).
-    """
-    if target == "interpret":
-        return None
-    return _launch(head_dim, kind, dtype)[:2]
-
-
-def _check_static(plan) -> None:
-    for group in plan.groups:
-        if ir.is_dynamic(group.node):
-            raise PatternError("patterns with route(...) cannot run on the Triton backend yet (selection at run time)")
-        if bool((group.tiles.state == 3).any()):
-            raise PatternError("the plan has tiles decided at run time; the Triton backend cannot run it yet")
 
 
 def make_spec(
@@ -221,7 +156,7 @@ def make_spec(
         dtype: ``torch.float16``, ``torch.bfloat16`` or ``torch.float32``.
         kv_heads: key/value heads (default: the plan's heads); must divide them.
         target: ``"sm_80"``, ``"sm_90"`` or ``"interpret"``.
-        num_warps, num_stages: override :func:`launch_config`.
+        num_warps, num_stages: override the launch table (:func:`patterndsl.codegen.launch.launch`).
 
     Returns:
         A :class:`KernelSpec`.
@@ -237,13 +172,20 @@ def make_spec(
     kv_heads = plan.heads if kv_heads is None else kv_heads
     if kv_heads < 1 or plan.heads % kv_heads:
         raise BackendError(f"key/value heads ({kv_heads}) must divide the query heads ({plan.heads})")
-    _check_static(plan)
-    warps, stages = launch_config(head_dim, target, kind, DTYPES[dtype])
     pir = plan.pattern
+    run_time = any(ir.is_dynamic(group.node) for group in plan.groups)
+    row = launch(head_dim, target, kind, DTYPES[dtype], run_time)
     groups = []
     for group in plan.groups:
-        forms = bounds.render_form(group.forms)
-        groups.append(GroupSpec(tuple(group.heads), group.node, None if forms is None else tuple(forms.items())))
+        forms = None if run_time else bounds.render_form(group.forms)
+        groups.append(
+            GroupSpec(
+                tuple(group.heads),
+                group.node,
+                None if forms is None else tuple(forms.items()),
+                ir.routes(group.node),
+            )
+        )
     n = torch.arange(plan.q_len)
     return KernelSpec(
         kind=kind,
@@ -262,19 +204,22 @@ def make_spec(
         q_reordered=not torch.equal(plan.q_order, n),
         k_reordered=not torch.equal(plan.kv_order, torch.arange(plan.kv_len)),
         order=plan.order,
-        num_warps=num_warps or warps,
-        num_stages=num_stages or stages,
+        num_warps=num_warps or row.num_warps,
+        num_stages=num_stages or row.num_stages,
         target=target,
+        run_time_lists=run_time,
     )
 
 
 def aux_tables(spec: KernelSpec) -> tuple[list[str], torch.Tensor]:
-    """Render every group's predicate; returns the function texts and the AUX tensor they read."""
+    """Render every group's element rule; returns the function texts and the AUX tensor they read."""
     aux = AuxTables()
+    run_time = spec.run_time_layout()
     texts = [
-        render_predicate(f"_allowed_g{g}", group.node, spec.layout, spec.q_len, spec.kv_len, aux, spec.heads)
+        routes.render_group(f"_allowed_g{g}", group.node, run_time, spec.layout, spec.q_len, spec.kv_len, aux,
+                            spec.heads)
         for g, group in enumerate(spec.groups)
-    ]
+    ]  # fmt: skip
     return texts, aux.tensor()
 
 
@@ -296,10 +241,10 @@ _FORM_LOOPS = """\
 """
 
 _LIST_LOOPS = """\
-    # Key tiles of query tile m from the CSR lists: partial ones first, then full ones.
-    start = tl.load(ROW_PTR + m)
-    split = tl.load(ROW_SPLIT + m)
-    end = tl.load(ROW_PTR + m + 1)
+    # Key tiles of query tile m from the CSR lists$lists_note: partial ones first, then full ones.
+    start = tl.load(ROW_PTR + $row)
+    split = tl.load(ROW_SPLIT + $row)
+    end = tl.load(ROW_PTR + $row + 1)
     for idx in range(start, split):
         n = tl.load(ROW_COLS + idx)
         $call_partial
@@ -310,12 +255,12 @@ _LIST_LOOPS = """\
 
 _CALLS = {
     "forward": (
-        "acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, KORD, AUX, n, rows, h,\n"
-        "                          qk_scale, _allowed_g$g, $masked)"
+        "acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, KORD, AUX, RT, lst, n,\n"
+        "                          rows, h, qk_scale, _allowed_g$g, $masked)"
     ),
     "backward": (
-        "dq = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, KORD, AUX, n, rows, h,\n"
-        "              qk_scale, _allowed_g$g, $masked)"
+        "dq = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, KORD, AUX, RT, lst, n, rows,\n"
+        "              h, qk_scale, _allowed_g$g, $masked)"
     ),
 }
 
@@ -331,23 +276,24 @@ def _loops(spec: KernelSpec, g: int, group: GroupSpec) -> str:
     partial = call.substitute(g=g, masked="True").replace("\n", "\n        ")
     full = call.substitute(g=g, masked="False").replace("\n", "\n        ")
     if group.forms is None:
-        text = string.Template(_LIST_LOOPS).substitute(call_partial=partial, call_full=full)
+        row, note = _list_index(spec, "m", "NQT")
+        text = string.Template(_LIST_LOOPS).substitute(call_partial=partial, call_full=full, row=row, lists_note=note)
     else:
         forms = {name: _as_tensor(code) for name, code in group.forms}
         text = string.Template(_FORM_LOOPS).substitute(call_partial=partial, call_full=full, **forms)
     return text.rstrip("\n")
 
 
-def _dot_precision(spec: KernelSpec) -> str:
-    # float32 inputs run on tensor cores as TF32 on a GPU (IEEE float32 falls back to FMA loops that
-    # spill registers; three-pass TF32 spills too); the interpreter computes exactly anyway.
-    if spec.dtype != "float32":
-        return "tf32"
-    return "ieee" if spec.target == "interpret" else "tf32"
+def _list_index(spec: KernelSpec, tile: str, count: str) -> tuple[str, str]:
+    # Static lists are shared by every batch element and head of a group; run-time lists are one CSR
+    # list per (batch element, key/value head) lst, laid end to end.
+    if spec.run_time_lists:
+        return f"lst * {count} + {tile}", " (this call's list lst)"
+    return tile, ""
 
 
 def _precision_note(spec: KernelSpec) -> str:
-    if spec.dtype != "float32" or _dot_precision(spec) != "tf32":
+    if spec.dtype != "float32" or dot_precision(spec.dtype, spec.target) != "tf32":
         return ""
     return (
         "# precision:  float32 inputs: the matrix products (QK^T, PV and the backward's) run as TF32 on\n"
@@ -369,10 +315,15 @@ def render(spec: KernelSpec) -> str:
     group_template = _template(f"{spec.kind}_group.py.tmpl")
     kernels = []
     group_lines = []
+    col, _ = _list_index(spec, "n", "NKT")
     for g, group in enumerate(spec.groups):
         loop_kind = "closed-form bounds" if group.forms is not None else "CSR tile lists"
+        if spec.run_time_lists:
+            loop_kind = "run-time CSR tile lists"
         kernels.append(
-            group_template.substitute(g=g, n_heads=len(group.heads), loops=_loops(spec, g, group), loop_kind=loop_kind)
+            group_template.substitute(
+                g=g, n_heads=len(group.heads), loops=_loops(spec, g, group), loop_kind=loop_kind, col=col
+            )
         )
         group_lines.append(f"#   g{g}: heads {list(group.heads)}, {loop_kind}: {group.node}")
         if group.forms is not None:
@@ -386,6 +337,9 @@ def render(spec: KernelSpec) -> str:
         LK=spec.kv_len,
         NH=spec.heads,
         NHK=spec.kv_heads,
+        NQT=-(-spec.q_len // spec.block_m),
+        NKT=-(-spec.kv_len // spec.block_n),
+        CH_STRIDE=spec.run_time_layout().chosen_stride,
         GQA=spec.heads // spec.kv_heads,
         D=spec.head_dim,
         DP=spec.padded_dim,
@@ -395,7 +349,7 @@ def render(spec: KernelSpec) -> str:
         NKB_EVEN=spec.kv_len // spec.block_n,
         Q_REORDERED=spec.q_reordered,
         K_REORDERED=spec.k_reordered,
-        DOT_PRECISION=_dot_precision(spec),
+        DOT_PRECISION=dot_precision(spec.dtype, spec.target),
         precision_note=_precision_note(spec),
         dtype=spec.dtype,
         num_warps=spec.num_warps,

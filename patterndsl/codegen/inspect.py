@@ -138,11 +138,11 @@ def compile_spec(spec, target: str | None = None) -> list[AotKernel]:
     Returns:
         One :class:`AotKernel` per kernel, in launch order, with :func:`sass_resources` filled in.
     """
+    from patterndsl import kernel_cache
     from patterndsl.codegen import generator
-    from patterndsl.runtime import cache
 
     target = target or (spec.target if spec.target.startswith("sm_") else DEFAULT_TARGET)
-    module = cache.load(spec, generator.render, interpret=False)
+    module = kernel_cache.load(spec, generator.render, interpret=False)
     kernels = []
     for name in generator.kernel_names(spec):
         fn = getattr(module, name)

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 
 from patterndsl import ir, primitives
-from patterndsl.errors import PatternError
+from patterndsl.errors import BackendError, PatternError
 
 TRUE, FALSE = "True", "False"
 
@@ -127,7 +127,10 @@ class PredicateRenderer:
         if isinstance(node, ir.Prim):
             rule = primitives.lookup(node.name).triton
             if rule is None:
-                raise PatternError(f"primitive {node.name}(...) cannot be compiled into a kernel yet")
+                raise BackendError(
+                    f"primitive {node.name}(...) has no Triton fragment (its registry record opts out); "
+                    "the kernel generator must replace it before rendering"
+                )
             return rule(self, node)
         return _NODES[type(node)](self, node)
 

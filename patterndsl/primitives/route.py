@@ -58,10 +58,6 @@ def _meaning(prim, q, k, h, ctx, selection) -> torch.Tensor:
     return sel[a, b] & inside
 
 
-def _triton(r, p) -> str:
-    raise PatternError("patterns with route(...) cannot run on the Triton backend yet (selection at run time)")
-
-
 ROUTE = register(
     Primitive(
         "route",
@@ -84,7 +80,9 @@ ROUTE = register(
         band=None,
         total=None,
         count=None,  # by evaluation with a fixed choice
-        triton=_triton,  # static kernels see route replaced by its bounds; the routed kernels pick per element
+        # No fragment: kernels never render a route. codegen/routes.py replaces each route by
+        # empty/full (the corners) and picks a corner per element from the call's chosen table.
+        triton=None,
         dynamic=True,
     )
 )

@@ -17,22 +17,22 @@ from patterndsl.runtime import op, plans, validate
 
 #: CPU executor tiles (BM, BN); measured in benchmarks/cpu_attention.py.
 CPU_BLOCK = (64, 64)
-#: Plan tiles for the Triton backend when it does not name its own.
+#: Plan tiles of the Triton backend under the interpreter; on a GPU the launcher re-plans with the
+#: launch table's tiles (:func:`patterndsl.codegen.launch.launch`).
 TRITON_BLOCK = (64, 64)
 
 
-def _plan_key(pattern: ir.PatternIR, backend: str, head_dim: int = 64) -> str:
+def _plan_key(pattern: ir.PatternIR, backend: str) -> str:
     # Pure Python on the pattern, so torch.compile evaluates it once at trace time
     # and the op receives a constant string (sizes come from the tensors).
+    if backend == "cpu":
+        return plans.register(pattern, CPU_BLOCK, "auto")
     nodes = [rule.node for rule in pattern.heads]
     if pattern.default is not None:
         nodes.append(pattern.default)
-    if backend != "cpu" and any(ir.is_dynamic(node) for node in nodes):
-        from patterndsl.runtime import triton_route
-
-        return plans.register(pattern, triton_route.block_for(head_dim), "identity")
-    block = CPU_BLOCK if backend == "cpu" else getattr(triton_backend_module(), "BLOCK", TRITON_BLOCK)
-    return plans.register(pattern, block, "auto")
+    # The run-time lists of route(...) are made in token order.
+    order = "identity" if any(ir.is_dynamic(node) for node in nodes) else "auto"
+    return plans.register(pattern, TRITON_BLOCK, order)
 
 
 # What ``torch.compiler.assume_constant_result`` does (torch/_dynamo/decorators.py), spelled
@@ -90,7 +90,7 @@ def attention(q, k, v, pattern, scale=None, return_lse=False, backend="auto"):
         # backend runs one head size; the pad and the slice carry the gradients back.
         width = max(v_dim, inputs.head_dim)
         q, k, v = (torch.nn.functional.pad(t, (0, width - t.shape[3])) for t in (q, k, v))
-    key = _plan_key(pir, inputs.backend, q.shape[3])
+    key = _plan_key(pir, inputs.backend)
     out, lse = op.attention_fwd(q, k, v, key, [], inputs.scale, inputs.backend)
     if out.shape[3] != v_dim:
         out = out[..., :v_dim]

@@ -142,11 +142,6 @@ def _route_tiles(prim: ir.Prim, heads: tuple[int, ...], plan: BlockPlan, ctx: se
     return RouteTiles(prim, heads, q_tile, q_group, k_ptr, kpairs % n_k)
 
 
-def substitute(node: ir.Node, values: dict[ir.Prim, ir.Node]) -> ir.Node:
-    """``node`` with each route replaced by ``values[route]`` (:func:`patterndsl.ir.substitute`)."""
-    return ir.substitute(node, lambda prim, sign: values.get(prim, prim))
-
-
 def _group(plan: BlockPlan, group: HeadGroup, ctx: semantics.Context, route_tiles: dict) -> DynamicGroup:
     tl = group.tiles
     nkt = plan.n_kv_tiles
@@ -167,7 +162,7 @@ def _group(plan: BlockPlan, group: HeadGroup, ctx: semantics.Context, route_tile
     for c, bits in enumerate(itertools.product((0, 1), repeat=len(routes))):
         # Bit p of corner c is route p (the last route is the lowest bit).
         values = {p: (ir.FULL if bit else ir.EMPTY) for p, bit in zip(routes, bits, strict=True)}
-        k2, s2 = engine.run(simplify(substitute(group.node, values)), domain)
+        k2, s2 = engine.run(simplify(ir.replace(group.node, values)), domain)
         corners[c, torch.from_numpy(np.searchsorted(domain, k2))] = torch.from_numpy(s2)
     # Statically partial tiles stay partial whatever the corners say about their elements.
     corners[:, tl.state[dyn] == PARTIAL] = PARTIAL
@@ -357,7 +352,7 @@ def static_mask_fn(dg: DynamicGroup, plan: BlockPlan):
     decided per call, see ``_group``), so on the masked ones the pattern equals the
     pattern with every route replaced by ``empty``, which needs no selection.
     """
-    node = substitute(dg.group.node, dict.fromkeys(dg.routes, ir.EMPTY))
+    node = ir.replace(dg.group.node, dict.fromkeys(dg.routes, ir.EMPTY))
     return _evaluate_tiles(plan, node, dg.group.heads[0])
 
 
@@ -458,7 +453,7 @@ def kernel_lists(dp: DynamicPlan, selections: dict[ir.Prim, routing.Selection], 
     """Per head group, every tile each (batch element, key-value head) visits, for kernels that mask in place.
 
     Static and run-time tiles together (no gathered work): the kernel applies the element
-    rule (the corners of the routes, see :mod:`patterndsl.codegen.routed`) on
+    rule (the corners of the routes, see :mod:`patterndsl.codegen.routes`) on
     partial tiles.
 
     Args:

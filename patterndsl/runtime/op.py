@@ -23,7 +23,6 @@ import inspect
 
 import torch
 
-from patterndsl import ir
 from patterndsl.errors import BackendError
 from patterndsl.runtime import plans, validate
 
@@ -35,13 +34,8 @@ def _backend_module(backend: str, plan=None):
         return cpu
     from patterndsl.runtime import triton_backend_module
 
-    module = triton_backend_module()
-    if plan is not None and any(ir.is_dynamic(g.node) for g in plan.groups):
-        # Tiles chosen at run time (route): the routed kernels walk per-call lists.
-        from patterndsl.runtime import triton_route
-
-        return triton_route
-    return module
+    # One launcher for static and route patterns (it builds a route pattern's per-call lists).
+    return triton_backend_module()
 
 
 @functools.cache

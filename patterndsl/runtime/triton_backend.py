@@ -5,19 +5,22 @@ Comes in: ``q [B, H, Lq, D]``, ``k``/``v`` ``[B, Hkv, Lk, D]`` (``Hkv`` divides
 :class:`~patterndsl.analysis.plan.BlockPlan` for ``(Lq, Lk, H)``. Goes out:
 ``forward -> (out [B, H, Lq, D] in q.dtype, lse [B, H, Lq] float32)`` and
 ``backward -> (dq, dk, dv)``. The kernels come from
-:mod:`patterndsl.codegen` through :mod:`patterndsl.runtime.cache`; the plan's
+:mod:`patterndsl.codegen` through :mod:`patterndsl.kernel_cache`; the plan's
 tile lists (partial tiles first, then full) and the ``random`` tables are
-turned into small int32/int8 device tensors once per plan and device.
+turned into small int32/int8 device tensors once per plan and device. A plan
+with ``route(...)`` runs the same kernels on lists made at every call
+(:mod:`patterndsl.runtime.triton_route`).
 """
 
 from __future__ import annotations
 
 import torch
 
-from patterndsl import config
+from patterndsl import config, ir, kernel_cache
 from patterndsl.codegen import generator
-from patterndsl.errors import BackendError, InputError
-from patterndsl.runtime import cache
+from patterndsl.codegen.launch import launch_tiles
+from patterndsl.errors import BackendError
+from patterndsl.runtime import validate
 from patterndsl.runtime.plans import per_plan
 
 
@@ -50,8 +53,15 @@ def target_of(device: torch.device) -> str:
     raise BackendError(f"the Triton backend cannot run on device {device}")
 
 
-def _split(ptr: torch.Tensor, idx: torch.Tensor, full: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    # Reorder each segment of a CSR list so partial entries come first; ``split`` marks the first full one.
+def split_lists(ptr: torch.Tensor, idx: torch.Tensor, full: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Reorder each segment of a CSR list so partial entries come first.
+
+    Args:
+        ptr: int64 ``[n + 1]`` segment starts; idx: the entries; full: bool per entry.
+
+    Returns:
+        int32 ``(ptr, split, values)``: ``split[s]`` is the first full entry of segment ``s``.
+    """
     n_outer = ptr.numel() - 1
     outer = torch.repeat_interleave(torch.arange(n_outer), ptr[1:] - ptr[:-1])
     order = torch.argsort(outer * 2 + full.to(torch.int64), stable=True)
@@ -63,50 +73,36 @@ def _split(ptr: torch.Tensor, idx: torch.Tensor, full: torch.Tensor) -> tuple[to
     return ptr.to(torch.int32), split.to(torch.int32), values.to(torch.int32)
 
 
-def _build(plan, spec, device: torch.device) -> dict:
+def row_full(plan, cols: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+    """Which entries of a row list run unmasked: full tiles, except the last key tile when ``Lk % BN``
+    (its padded columns must not join the softmax)."""
     tail = plan.kv_len % plan.block_n != 0
-    last = plan.n_kv_tiles - 1
+    return (state == 2) & ~((cols == plan.n_kv_tiles - 1) & tail)
+
+
+def _build(plan, spec, device: torch.device) -> dict:
     groups = []
     for group in plan.groups:
-        tl_ = group.tiles
-        # The last key tile is masked even when full: its padded columns must not join the softmax.
-        row_full = (tl_.state == 2) & ~((tl_.cols == last) & tail)
-        rows = _split(tl_.row_ptr, tl_.cols, row_full)
-        cols = _split(tl_.col_ptr, tl_.rows, tl_.state_t == 2)
         heads = torch.tensor(group.heads, dtype=torch.int32)
+        if spec.run_time_lists:
+            groups.append([heads.to(device)])  # the lists come with every call
+            continue
+        tl_ = group.tiles
+        rows = split_lists(tl_.row_ptr, tl_.cols, row_full(plan, tl_.cols, tl_.state))
+        cols = split_lists(tl_.col_ptr, tl_.rows, tl_.state_t == 2)
         groups.append([t.to(device) for t in (*rows, *cols, heads)])
     _, aux = generator.aux_tables(spec)
     q_order = plan.q_order.to(device=device, dtype=torch.int32)
     kv_order = plan.kv_order.to(device=device, dtype=torch.int32)
-    return {"groups": groups, "aux": aux.to(device), "q_order": q_order, "kv_order": kv_order}
+    rt = torch.zeros(1, dtype=torch.int32, device=device)
+    return {"groups": groups, "aux": aux.to(device), "q_order": q_order, "kv_order": kv_order, "rt": rt}
 
 
 def prepared(plan, spec, device: torch.device) -> dict:
     """Device tensors of a plan: per group ``row_ptr, row_split, row_cols, col_ptr, col_split, col_rows,
-    heads`` (int32), the ``aux`` int8 tables and the int32 orders; built once per plan, spec and device."""
+    heads`` (int32; only ``heads`` for run-time lists), the ``aux`` int8 tables, the int32 orders and an
+    empty run-time table ``rt``; built once per plan, spec and device."""
     return per_plan(plan, ("prepared", spec.key, str(device)), lambda: _build(plan, spec, device))
-
-
-def _validate(q, k, v, plan) -> None:
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.dim() != 4:
-            raise InputError(f"{name} must be [batch, heads, seq, head_dim], got shape {tuple(t.shape)}")
-    if k.shape != v.shape:
-        raise InputError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
-    b, h, lq, d = q.shape
-    if k.shape[0] != b or k.shape[3] != d:
-        raise InputError(f"k/v shape {tuple(k.shape)} does not match q shape {tuple(q.shape)}")
-    if k.shape[1] < 1 or h % k.shape[1]:
-        raise InputError(f"key/value heads ({k.shape[1]}) must divide query heads ({h})")
-    if (lq, k.shape[2], h) != (plan.q_len, plan.kv_len, plan.heads):
-        raise InputError(
-            f"the plan is for Lq={plan.q_len}, Lk={plan.kv_len}, heads={plan.heads}; "
-            f"got Lq={lq}, Lk={k.shape[2]}, heads={h}"
-        )
-    if not (q.dtype == k.dtype == v.dtype):
-        raise InputError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if not (q.device == k.device == v.device):
-        raise InputError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
 
 
 def _rows_contiguous(t: torch.Tensor) -> torch.Tensor:
@@ -143,12 +139,20 @@ def _tiled(plan, tiles: tuple[int, int] | None):
 
 
 def _setup(q, k, v, plan, kind: str):
-    _validate(q, k, v, plan)
+    validate.check_call(q, k, v, "triton", plan)
     target = target_of(q.device)
-    plan = _tiled(plan, generator.launch_tiles(q.shape[3], target, kind, generator.DTYPES.get(q.dtype, "float16")))
+    run_time = any(ir.is_dynamic(group.node) for group in plan.groups)
+    dtype = generator.DTYPES.get(q.dtype, "float16")
+    plan = _tiled(plan, launch_tiles(q.shape[3], target, kind, dtype, run_time))
     spec = _spec(plan, kind, q.shape[3], q.dtype, k.shape[1], target)
-    module = cache.load(spec, generator.render)
-    return plan, spec, module, prepared(plan, spec, q.device)
+    module = kernel_cache.load(spec, generator.render)
+    prep = prepared(plan, spec, q.device)
+    if spec.run_time_lists:
+        from patterndsl.runtime import triton_route
+
+        prep = dict(prep)
+        prep["groups"], prep["rt"] = triton_route.run_time_lists(plan, spec, q, k, prep["groups"])
+    return plan, spec, module, prep
 
 
 def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan, scale: float):
@@ -177,7 +181,7 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan, scale: floa
         grid = (plan.n_q_tiles, b * len(group.heads))
         getattr(module, f"fwd_g{g}")[grid](
             q, k, v, out, lse, prep["q_order"], prep["kv_order"], row_ptr, row_split, row_cols, heads, prep["aux"],
-            float(scale), *_strides(q), *_strides(k), *_strides(v),
+            prep["rt"], float(scale), *_strides(q), *_strides(k), *_strides(v),
             num_warps=spec.num_warps, num_stages=spec.num_stages,
         )  # fmt: skip
     return out, lse
@@ -219,11 +223,11 @@ def backward(q, k, v, out, lse, dout, plan, scale: float, dlse=None):
         slots = b * len(group.heads)
         getattr(module, f"bwd_dq_g{g}")[(plan.n_q_tiles, slots)](
             q, k, v, dout, lse, delta, dq, prep["q_order"], prep["kv_order"], row_ptr, row_split, row_cols, heads,
-            prep["aux"], float(scale), *common, **launch,
+            prep["aux"], prep["rt"], float(scale), *common, **launch,
         )  # fmt: skip
         getattr(module, f"bwd_dkdv_g{g}")[(plan.n_kv_tiles, slots)](
             q, k, v, dout, lse, delta, dk_heads, dv_heads, prep["q_order"], prep["kv_order"], col_ptr, col_split,
-            col_rows, heads, prep["aux"], float(scale), *common, **launch,
+            col_rows, heads, prep["aux"], prep["rt"], float(scale), *common, **launch,
         )  # fmt: skip
     group_size = h // hk
     dk = dk_heads.view(b, hk, group_size, lk, d).sum(2).to(k.dtype)

@@ -3,7 +3,6 @@
 # from the pattern below whenever anything in the cache key changes.
 #
 # pattern:    causal_lm()
-# cache key:  a766446fa15abfb95bb5c1f70fd73bd6
 # shapes:     LQ=1024 queries, LK=1024 keys, NH=8 query heads, NHK=8 key/value heads
 #             (GQA=1 query heads share one key/value head), head dim D=64 padded to DP=64
 # dtype:      float16 (accumulation in float32; DOT_PRECISION=tf32)
@@ -21,11 +20,15 @@
 #                 gathered from QORD / KORD (new position -> original index), so
 #                 Q/K/V are never copied into the new order
 #   full tile     every in-range pair allowed: no mask arithmetic at all
-#   partial tile  the pattern's predicate _allowed_gN is evaluated per element;
+#   partial tile  the element rule _allowed_gN is evaluated per element;
 #                 the last key tile is always treated as partial when LK % BN != 0
 #   NKB_EVEN      number of key tiles that need no bounds check (LK // BN)
 #   LSE           natural-log sum of exp over allowed keys; -inf for a row with none
 #   AUX           int8 lookup tables of random(...) primitives (a single 0 if none)
+#   RT            int32 run-time table: for route(...), each route's query groups and key
+#                 blocks, then this call's chosen blocks per list (a single 0 if none)
+#   lst           b * NHK + key/value head: which per-call tile list and chosen table a program
+#                 reads (run-time lists are laid end to end, NQT or NKT entries per list)
 # ----------------------------------------------------------------------------
 import triton
 import triton.language as tl
@@ -33,13 +36,17 @@ import triton.language as tl
 LQ = tl.constexpr(1024)
 LK = tl.constexpr(1024)
 NH = tl.constexpr(8)
+NHK = tl.constexpr(8)
 GQA = tl.constexpr(1)
 D = tl.constexpr(64)
 DP = tl.constexpr(64)
 EVEN_D = tl.constexpr(True)
 BM = tl.constexpr(64)
 BN = tl.constexpr(64)
+NQT = tl.constexpr(16)
+NKT = tl.constexpr(16)
 NKB_EVEN = tl.constexpr(16)
+CH_STRIDE = tl.constexpr(0)
 Q_REORDERED = tl.constexpr(False)
 K_REORDERED = tl.constexpr(False)
 DOT_PRECISION = tl.constexpr("tf32")
@@ -98,7 +105,7 @@ def _store_rows(base, idx, stride, x, L: tl.constexpr):
 
 
 @triton.jit
-def _allowed_g0(i, j, h, AUX):
+def _allowed_g0_pattern(i, j, h, AUX):
     """Allowed (query index i [BM, 1], key index j [1, BN], head h) for: causal"""
     inb = (i < LQ) & (j < LK)
     q = i + (LK - LQ)
@@ -107,7 +114,13 @@ def _allowed_g0(i, j, h, AUX):
 
 
 @triton.jit
-def _fwd_tile(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, KORD, AUX, n, rows, h, qk_scale,
+def _allowed_g0(i, j, h, AUX, RT, lst):
+    """Element rule: the pattern's predicate (no run-time input)."""
+    return _allowed_g0_pattern(i, j, h, AUX)
+
+
+@triton.jit
+def _fwd_tile(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, KORD, AUX, RT, lst, n, rows, h, qk_scale,
               ALLOWED: tl.constexpr, MASKED: tl.constexpr):
     # One key tile of the online softmax; scores live in the log2 domain (qk_scale includes LOG2E).
     cols = _tile_index(KORD, n, BN, LK, K_REORDERED)
@@ -115,7 +128,7 @@ def _fwd_tile(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, KORD, AUX,
     v = _load_rows(v_base, cols, stride_vn, LK, MASKED)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
     if MASKED:
-        s = tl.where(ALLOWED(rows[:, None], cols[None, :], h, AUX), s, float("-inf"))
+        s = tl.where(ALLOWED(rows[:, None], cols[None, :], h, AUX, RT, lst), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # A row with no allowed key so far keeps m = -inf; shift by 0 so exp2 gives 0, not NaN.
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -130,7 +143,7 @@ def _fwd_tile(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, KORD, AUX,
 
 
 @triton.jit
-def fwd_g0(Q, K, V, O, LSE, QORD, KORD, ROW_PTR, ROW_SPLIT, ROW_COLS, HEADS, AUX, scale,
+def fwd_g0(Q, K, V, O, LSE, QORD, KORD, ROW_PTR, ROW_SPLIT, ROW_COLS, HEADS, AUX, RT, scale,
             stride_qz, stride_qh, stride_qm, stride_kz, stride_kh, stride_kn, stride_vz, stride_vh, stride_vn):
     # Forward of head group 0 (closed-form bounds). Grid: (query tiles, batch * heads in group).
     m = tl.program_id(0)
@@ -138,6 +151,7 @@ def fwd_g0(Q, K, V, O, LSE, QORD, KORD, ROW_PTR, ROW_SPLIT, ROW_COLS, HEADS, AUX
     b = (slot // 8).to(tl.int64)
     h = tl.load(HEADS + slot % 8)
     hk = h // GQA
+    lst = b * NHK + hk
     rows = _tile_index(QORD, m, BM, LQ, Q_REORDERED)
     q = _load_rows(Q + b * stride_qz + h.to(tl.int64) * stride_qh, rows, stride_qm, LQ, True)
     k_base = K + b * stride_kz + hk.to(tl.int64) * stride_kh
@@ -155,14 +169,14 @@ def fwd_g0(Q, K, V, O, LSE, QORD, KORD, ROW_PTR, ROW_SPLIT, ROW_COLS, HEADS, AUX
     full_lo = tl.where(no_full, hi, full_lo)
     full_hi = tl.where(no_full, hi, full_hi)
     for n in range(lo, full_lo):
-        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, KORD, AUX, n, rows, h,
-                                  qk_scale, _allowed_g0, True)
+        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, KORD, AUX, RT, lst, n,
+                                  rows, h, qk_scale, _allowed_g0, True)
     for n in range(full_lo, full_hi):
-        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, KORD, AUX, n, rows, h,
-                                  qk_scale, _allowed_g0, False)
+        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, KORD, AUX, RT, lst, n,
+                                  rows, h, qk_scale, _allowed_g0, False)
     for n in range(full_hi, hi):
-        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, KORD, AUX, n, rows, h,
-                                  qk_scale, _allowed_g0, True)
+        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, KORD, AUX, RT, lst, n,
+                                  rows, h, qk_scale, _allowed_g0, True)
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]

@@ -3,7 +3,6 @@
 # from the pattern below whenever anything in the cache key changes.
 #
 # pattern:    streaming(span=256, sinks=4)
-# cache key:  8304d9225d3703757429622e7058ccd3
 # shapes:     LQ=2048 queries, LK=2048 keys, NH=8 query heads, NHK=2 key/value heads
 #             (GQA=4 query heads share one key/value head), head dim D=128 padded to DP=128
 # dtype:      bfloat16 (accumulation in float32; DOT_PRECISION=tf32)
@@ -20,11 +19,15 @@
 #                 gathered from QORD / KORD (new position -> original index), so
 #                 Q/K/V are never copied into the new order
 #   full tile     every in-range pair allowed: no mask arithmetic at all
-#   partial tile  the pattern's predicate _allowed_gN is evaluated per element;
+#   partial tile  the element rule _allowed_gN is evaluated per element;
 #                 the last key tile is always treated as partial when LK % BN != 0
 #   NKB_EVEN      number of key tiles that need no bounds check (LK // BN)
 #   LSE           natural-log sum of exp over allowed keys; -inf for a row with none
 #   AUX           int8 lookup tables of random(...) primitives (a single 0 if none)
+#   RT            int32 run-time table: for route(...), each route's query groups and key
+#                 blocks, then this call's chosen blocks per list (a single 0 if none)
+#   lst           b * NHK + key/value head: which per-call tile list and chosen table a program
+#                 reads (run-time lists are laid end to end, NQT or NKT entries per list)
 # ----------------------------------------------------------------------------
 import triton
 import triton.language as tl
@@ -32,13 +35,17 @@ import triton.language as tl
 LQ = tl.constexpr(2048)
 LK = tl.constexpr(2048)
 NH = tl.constexpr(8)
+NHK = tl.constexpr(2)
 GQA = tl.constexpr(4)
 D = tl.constexpr(128)
 DP = tl.constexpr(128)
 EVEN_D = tl.constexpr(True)
 BM = tl.constexpr(64)
 BN = tl.constexpr(64)
+NQT = tl.constexpr(32)
+NKT = tl.constexpr(32)
 NKB_EVEN = tl.constexpr(32)
+CH_STRIDE = tl.constexpr(0)
 Q_REORDERED = tl.constexpr(False)
 K_REORDERED = tl.constexpr(False)
 DOT_PRECISION = tl.constexpr("tf32")
@@ -97,12 +104,18 @@ def _store_rows(base, idx, stride, x, L: tl.constexpr):
 
 
 @triton.jit
-def _allowed_g0(i, j, h, AUX):
+def _allowed_g0_pattern(i, j, h, AUX):
     """Allowed (query index i [BM, 1], key index j [1, BN], head h) for: causal & (sink(4) | window(256))"""
     inb = (i < LQ) & (j < LK)
     q = i + (LK - LQ)
     k = j
     return inb & ((k <= q) & ((k < 4) | ((k >= q - 256) & (k <= q + 0))))
+
+
+@triton.jit
+def _allowed_g0(i, j, h, AUX, RT, lst):
+    """Element rule: the pattern's predicate (no run-time input)."""
+    return _allowed_g0_pattern(i, j, h, AUX)
 
 
 @triton.jit
@@ -118,8 +131,8 @@ def bwd_preprocess(O, DO, DELTA, stride_dz, stride_dh, stride_dm):
 
 
 @triton.jit
-def _dq_tile(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, KORD, AUX, n, rows, h, qk_scale,
-             ALLOWED: tl.constexpr, MASKED: tl.constexpr):
+def _dq_tile(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, KORD, AUX, RT, lst, n, rows, h,
+             qk_scale, ALLOWED: tl.constexpr, MASKED: tl.constexpr):
     # dQ contribution of one key tile: dq += (P * (dP - delta)) @ K  (scale applied at the end).
     cols = _tile_index(KORD, n, BN, LK, K_REORDERED)
     k = _load_rows(k_base, cols, stride_kn, LK, MASKED)
@@ -127,7 +140,7 @@ def _dq_tile(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, KORD,
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
     p = tl.exp2(s - lse2[:, None])
     if MASKED:
-        p = tl.where(ALLOWED(rows[:, None], cols[None, :], h, AUX), p, 0.0)
+        p = tl.where(ALLOWED(rows[:, None], cols[None, :], h, AUX, RT, lst), p, 0.0)
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
     ds = p * (dp - delta[:, None])
     dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
@@ -135,8 +148,8 @@ def _dq_tile(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, KORD,
 
 
 @triton.jit
-def _dkdv_tile(dk, dv, k, v, q_base, do_base, stride_qm, stride_dm, lse_base, delta_base, QORD, AUX, m, cols, h,
-               qk_scale, ALLOWED: tl.constexpr, MASKED: tl.constexpr):
+def _dkdv_tile(dk, dv, k, v, q_base, do_base, stride_qm, stride_dm, lse_base, delta_base, QORD, AUX, RT, lst, m,
+               cols, h, qk_scale, ALLOWED: tl.constexpr, MASKED: tl.constexpr):
     # dK/dV contribution of one query tile: dv += P^T @ dO, dk += (P * (dP - delta))^T @ Q.
     rows = _tile_index(QORD, m, BM, LQ, Q_REORDERED)
     q = _load_rows(q_base, rows, stride_qm, LQ, True)
@@ -148,7 +161,7 @@ def _dkdv_tile(dk, dv, k, v, q_base, do_base, stride_qm, stride_dm, lse_base, de
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
     p = tl.exp2(s - (lse * LOG2E)[:, None])
     if MASKED:
-        p = tl.where(ALLOWED(rows[:, None], cols[None, :], h, AUX), p, 0.0)
+        p = tl.where(ALLOWED(rows[:, None], cols[None, :], h, AUX, RT, lst), p, 0.0)
     dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=DOT_PRECISION)
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
     ds = p * (dp - delta[:, None])
@@ -157,7 +170,7 @@ def _dkdv_tile(dk, dv, k, v, q_base, do_base, stride_qm, stride_dm, lse_base, de
 
 
 @triton.jit
-def bwd_dq_g0(Q, K, V, DO, LSE, DELTA, DQ, QORD, KORD, ROW_PTR, ROW_SPLIT, ROW_COLS, HEADS, AUX, scale,
+def bwd_dq_g0(Q, K, V, DO, LSE, DELTA, DQ, QORD, KORD, ROW_PTR, ROW_SPLIT, ROW_COLS, HEADS, AUX, RT, scale,
                stride_qz, stride_qh, stride_qm, stride_kz, stride_kh, stride_kn, stride_vz, stride_vh, stride_vn,
                stride_dz, stride_dh, stride_dm):
     # dQ of head group 0 over its key tiles (CSR tile lists). Grid: (query tiles, batch * heads in group).
@@ -166,6 +179,7 @@ def bwd_dq_g0(Q, K, V, DO, LSE, DELTA, DQ, QORD, KORD, ROW_PTR, ROW_SPLIT, ROW_C
     b = (slot // 8).to(tl.int64)
     h = tl.load(HEADS + slot % 8)
     hk = h // GQA
+    lst = b * NHK + hk
     rows = _tile_index(QORD, m, BM, LQ, Q_REORDERED)
     row_base = (b * NH + h) * LQ
     q = _load_rows(Q + b * stride_qz + h.to(tl.int64) * stride_qh, rows, stride_qm, LQ, True)
@@ -184,19 +198,19 @@ def bwd_dq_g0(Q, K, V, DO, LSE, DELTA, DQ, QORD, KORD, ROW_PTR, ROW_SPLIT, ROW_C
     end = tl.load(ROW_PTR + m + 1)
     for idx in range(start, split):
         n = tl.load(ROW_COLS + idx)
-        dq = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, KORD, AUX, n, rows, h,
-                      qk_scale, _allowed_g0, True)
+        dq = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, KORD, AUX, RT, lst, n, rows,
+                      h, qk_scale, _allowed_g0, True)
     for idx in range(split, end):
         n = tl.load(ROW_COLS + idx)
-        dq = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, KORD, AUX, n, rows, h,
-                      qk_scale, _allowed_g0, False)
+        dq = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, KORD, AUX, RT, lst, n, rows,
+                      h, qk_scale, _allowed_g0, False)
     _store_rows(DQ + row_base * D, rows, D, (dq * scale).to(DQ.dtype.element_ty), LQ)
 
 
 @triton.jit
-def bwd_dkdv_g0(Q, K, V, DO, LSE, DELTA, DK, DV, QORD, KORD, COL_PTR, COL_SPLIT, COL_ROWS, HEADS, AUX, scale,
-                 stride_qz, stride_qh, stride_qm, stride_kz, stride_kh, stride_kn, stride_vz, stride_vh, stride_vn,
-                 stride_dz, stride_dh, stride_dm):
+def bwd_dkdv_g0(Q, K, V, DO, LSE, DELTA, DK, DV, QORD, KORD, COL_PTR, COL_SPLIT, COL_ROWS, HEADS, AUX, RT,
+                 scale, stride_qz, stride_qh, stride_qm, stride_kz, stride_kh, stride_kn, stride_vz, stride_vh,
+                 stride_vn, stride_dz, stride_dh, stride_dm):
     # dK/dV of head group 0 per query head, over the transposed plan (query tiles of key tile n).
     # DK/DV are float32 [B, NH, LK, D]; the launcher sums the GQA heads that share a key/value head.
     n = tl.program_id(0)
@@ -204,6 +218,7 @@ def bwd_dkdv_g0(Q, K, V, DO, LSE, DELTA, DK, DV, QORD, KORD, COL_PTR, COL_SPLIT,
     b = (slot // 8).to(tl.int64)
     h = tl.load(HEADS + slot % 8)
     hk = h // GQA
+    lst = b * NHK + hk
     cols = _tile_index(KORD, n, BN, LK, K_REORDERED)
     k = _load_rows(K + b * stride_kz + hk.to(tl.int64) * stride_kh, cols, stride_kn, LK, True)
     v = _load_rows(V + b * stride_vz + hk.to(tl.int64) * stride_vh, cols, stride_vn, LK, True)
@@ -219,11 +234,11 @@ def bwd_dkdv_g0(Q, K, V, DO, LSE, DELTA, DK, DV, QORD, KORD, COL_PTR, COL_SPLIT,
     for idx in range(start, split):
         m = tl.load(COL_ROWS + idx)
         dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, stride_qm, stride_dm, LSE + row_base, DELTA + row_base,
-                            QORD, AUX, m, cols, h, qk_scale, _allowed_g0, True)
+                            QORD, AUX, RT, lst, m, cols, h, qk_scale, _allowed_g0, True)
     for idx in range(split, end):
         m = tl.load(COL_ROWS + idx)
         dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, stride_qm, stride_dm, LSE + row_base, DELTA + row_base,
-                            QORD, AUX, m, cols, h, qk_scale, _allowed_g0, False)
+                            QORD, AUX, RT, lst, m, cols, h, qk_scale, _allowed_g0, False)
     col_base = (b * NH + h) * LK
     _store_rows(DK + col_base * D, cols, D, dk * scale, LK)
     _store_rows(DV + col_base * D, cols, D, dv, LK)

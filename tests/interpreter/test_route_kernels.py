@@ -57,10 +57,10 @@ def run_case(name: str) -> None:
     import torch
 
     import patterndsl
-    from patterndsl.runtime import triton_route
+    from patterndsl import runtime
     from tests.reference import reference_attention
 
-    triton_route.BLOCK = (16, 16)
+    runtime.TRITON_BLOCK = (16, 16)
     _, _, lq, lk, b, h, hkv, d, dtype = CASES[name]
     dt = getattr(torch, dtype)
     p = patterndsl.compile(_source(name))
@@ -91,13 +91,12 @@ def run_random(seed: int, count: int) -> None:
 
     import torch
 
-    from patterndsl import ir
+    from patterndsl import ir, runtime
     from patterndsl.api import Pattern
-    from patterndsl.runtime import triton_route
     from tests.reference import reference_attention
     from tests.unit.test_plan_property import _route, rand_case
 
-    triton_route.BLOCK = (16, 16)
+    runtime.TRITON_BLOCK = (16, 16)
     rng = random.Random(seed)
     for _ in range(count):
         pir, lq, lk, heads, _ = rand_case(rng)

@@ -8,6 +8,8 @@ suite's patterns and the dtype/head-dim matrix is ``slow``.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -148,6 +150,47 @@ def test_backward_that_used_to_spill_builds_clean(dtype, d, target):
     """The two backward builds that spilled with 64 x 64 tiles, with the tiles launch_tiles picks now."""
     kernels = build("pattern p { causal }", 1024, kind="backward", head_dim=d, dtype=dtype, target=target)
     assert_sound(kernels, target)
+
+
+MOBA = (
+    "pattern moba { causal & (blocks(512) | route(topk = 2, block = 512, qblock = 1, among = causal - blocks(512))) }"
+)
+ROUTE_RANDOM = "pattern p { causal & (random(1, 512, 3) | route(topk = 2, block = 512, qblock = 1, among = causal)) }"
+
+
+@pytest.mark.parametrize("target", ["sm_80", "sm_90"])
+@pytest.mark.parametrize("kind", ["forward", "backward"])
+def test_route_pattern_builds_without_spills(kind, target):
+    """route(...) runs the same kernels on run-time lists: the launch table's tiles, no spills, wgmma on sm_90."""
+    kernels = build(MOBA, 4096, heads=8, target=target, kind=kind, kv_heads=2, head_dim=64, dtype=torch.float16)
+    assert [k.name for k in kernels] == (
+        ["fwd_g0"] if kind == "forward" else ["bwd_preprocess", "bwd_dq_g0", "bwd_dkdv_g0"]
+    )
+    assert_sound(kernels, target)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target", ["sm_80", "sm_90"])
+@pytest.mark.parametrize("kind", ["forward", "backward"])
+@pytest.mark.parametrize(("source", "dtype", "d"), [(MOBA, torch.bfloat16, 128), (MOBA, torch.float32, 64),
+                                                    (ROUTE_RANDOM, torch.float16, 64)], ids=["moba-bf16-128",
+                                                    "moba-fp32-64", "random-fp16-64"])  # fmt: skip
+def test_route_pattern_matrix_builds(source, dtype, d, kind, target):
+    kernels = build(source, 4096, heads=8, target=target, kind=kind, kv_heads=2, head_dim=d, dtype=dtype)
+    assert_sound(kernels, target)
+
+
+def test_show_ptx_and_sass_cover_route_patterns(capsys):
+    from patterndsl import cli
+
+    moba = str(Path(__file__).resolve().parents[2] / "examples" / "moba.pdsl")
+    assert cli.main(["show", moba, "--stage", "ptx", "--seq", "1024"]) == 0
+    out = capsys.readouterr().out
+    assert "// ===== fwd_g0 (sm_90" in out and "wgmma" in out
+    assert cli.main(["show", moba, "--stage", "sass", "--seq", "1024", "--target", "sm_80", "--kind", "backward"]) == 0
+    table = capsys.readouterr().out.split("\n\n")[0]
+    for name in ("bwd_preprocess", "bwd_dq_g0", "bwd_dkdv_g0"):
+        assert name in table
 
 
 def test_gpu_launch_replans_with_the_chosen_tiles():

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 import patterndsl
+from patterndsl import kernel_cache as cache
 from patterndsl.codegen import generator, spec_for
-from patterndsl.runtime import cache
 
 ROOT = Path(__file__).resolve().parents[2]
 SOURCE = "pattern p { causal & window(33) | sink(2) }"
@@ -24,7 +24,7 @@ CHILD = textwrap.dedent(
     import json, os, sys, time
     import patterndsl
     from patterndsl.codegen import generator, spec_for
-    from patterndsl.runtime import cache
+    from patterndsl import kernel_cache as cache
     go = sys.argv[1]
     while not os.path.exists(go):
         time.sleep(0.01)

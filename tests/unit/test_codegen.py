@@ -2,6 +2,9 @@
 
 ``pytest --update-golden`` rewrites ``tests/golden/*.py`` on purpose after a
 deliberate change to the generator; review the diff before committing it.
+Goldens hold the kernel text without its cache-key line: the key hashes the
+generator's own files (:mod:`patterndsl.codegen.key`), which would make every
+edit of them churn every golden.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import torch
 
 import patterndsl
 from patterndsl.analysis.plan import HeadGroup, RunForm, plan_from_mask
-from patterndsl.codegen import bounds, generator, kernel_source
+from patterndsl.codegen import bounds, generator, kernel_source, key
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden"
 
@@ -43,13 +46,34 @@ GOLDEN_CASES = {
         4,
         {"dtype": torch.float32, "head_dim": 32},
     ),
+    # route(...): the same kernel family walking this call's lists, the choice read from RT.
+    "moba_forward": (
+        "pattern moba { causal & (blocks(256) | route(2, block = 256, qblock = 1, among = causal - blocks(256))) }",
+        2048,
+        None,
+        8,
+        {"kv_heads": 2, "dtype": torch.float32},
+    ),
+    "two_routes_backward": (
+        "pattern r { layout grid(y = 32, x = 32)\n"
+        " route(1, block = (8, 8), qblock = (8, 8)) | (route(2, block = 64, among = causal) & window(100)) }",
+        1024,
+        None,
+        4,
+        {"kind": "backward", "head_dim": 128, "dtype": torch.bfloat16, "target": "sm_80"},
+    ),
 }
+
+
+def without_key(text: str) -> str:
+    """The kernel text without its cache-key line (what goldens hold)."""
+    return "".join(line for line in text.splitlines(keepends=True) if not line.startswith("# cache key:"))
 
 
 @pytest.mark.parametrize("name", sorted(GOLDEN_CASES))
 def test_golden_source(name, request):
     source, q_len, kv_len, heads, options = GOLDEN_CASES[name]
-    text = kernel_source(patterndsl.compile(source), q_len, kv_len, heads, **options)
+    text = without_key(kernel_source(patterndsl.compile(source), q_len, kv_len, heads, **options))
     path = GOLDEN / f"{name}.py"
     if request.config.getoption("--update-golden"):
         path.write_text(text)
@@ -124,12 +148,24 @@ def test_bounds_outside_the_vocabulary_fall_back_to_lists():
     assert bounds.render_form(RunForm(m, sympy.Integer(0), m / 2, sympy.Integer(0), m)) is None
 
 
-def test_route_is_a_pattern_error():
-    pattern = patterndsl.compile("pattern r { causal & route(topk = 2, block = 16) }")
-    nodes = [pattern.ir.default]
-    plan = plan_from_mask(torch.ones(1, 64, 64, dtype=torch.bool), (16, 16), pattern=pattern.ir, nodes=nodes)
-    with pytest.raises(patterndsl.PatternError, match="route"):
-        generator.make_spec(plan)
+def test_route_patterns_get_the_same_kernels_on_run_time_lists():
+    pattern = patterndsl.compile("pattern r { causal & (sink(4) | route(topk = 2, block = 16)) }")
+    static = patterndsl.compile("pattern r { causal & sink(4) }")
+    for kind in generator.KINDS:
+        spec = patterndsl.codegen.spec_for(pattern, 256, heads=2, kind=kind, dtype=torch.float32, target="sm_80")
+        text = generator.render(spec)
+        other = kernel_source(static, 256, heads=2, kind=kind, dtype=torch.float32, target="sm_80")
+        assert spec.run_time_lists and generator.kernel_names(spec) == generator.kernel_names(
+            patterndsl.codegen.spec_for(static, 256, heads=2, kind=kind)
+        )
+        # One family: the tile functions, loaders and the precision policy are the same text.
+        for shared in ("def _load_rows(", "def _fwd_tile(" if kind == "forward" else "def _dkdv_tile("):
+            assert text.split(shared)[1].split("@triton.jit")[0] == other.split(shared)[1].split("@triton.jit")[0]
+        assert "TF32" in text.split("import triton")[0] and 'DOT_PRECISION = tl.constexpr("tf32")' in text
+        assert "lst * NQT + m" in text and "ROW_PTR + m)" not in text
+        assert "idx[:, None].to(tl.int64) * stride" in text  # int64 row offsets, as for static kernels
+    layout = spec.run_time_layout()
+    assert [t.n_blocks for t in layout.tables] == [16] and layout.chosen_stride == 16 * 16
 
 
 def test_closed_form_groups_read_no_tile_list():
@@ -185,9 +221,105 @@ def test_non_constant_divisors_are_guarded_and_constants_are_not():
     assert "% (3)" in text and "tl.where(3" not in text
 
 
+def test_cache_key_hashes_exactly_the_listed_sources(monkeypatch):
+    """Each file of KEY_SOURCES changes the key when its content hash changes; an unlisted one does not."""
+    pattern = patterndsl.compile("pattern p { causal & window(64) }")
+    real = key.file_digest
+    changed = None
+
+    def digest(path):
+        return "changed" if changed is not None and path == key.PACKAGE / changed else real(path)
+
+    monkeypatch.setattr(key, "file_digest", digest)
+
+    def spec_key(name):
+        nonlocal changed
+        changed = name
+        key.sources_hash.cache_clear()
+        return patterndsl.codegen.spec_for(pattern, 512, heads=4).key
+
+    try:
+        base = spec_key(None)
+        for name in key.KEY_SOURCES:
+            assert (key.PACKAGE / name).is_file(), name
+            assert spec_key(name) != base, name
+        for name in ("codegen/inspect.py", "runtime/cpu.py", "kernel_cache.py", "analysis/plan.py", "api.py"):
+            assert name not in key.KEY_SOURCES
+            assert spec_key(name) == base, name
+    finally:
+        key.sources_hash.cache_clear()
+
+
+def test_key_sources_list_every_template_and_codegen_module_that_renders():
+    listed = set(key.KEY_SOURCES)
+    templates = {f"codegen/templates/{p.name}" for p in generator.TEMPLATES.glob("*.tmpl")}
+    assert templates <= listed
+    # Modules the generator calls into for text; inspect (AOT) and key itself do not shape it.
+    for module in ("generator", "launch", "routes", "predicate", "bounds"):
+        assert f"codegen/{module}.py" in listed
+    assert "check.py" in listed  # check.expr_bounds picks int32 or int64 predicates
+
+
+def test_goldens_ignore_the_cache_key_line():
+    text = kernel_source(patterndsl.compile("pattern p { causal }"), 128)
+    assert "# cache key:" in text and "# cache key:" not in without_key(text)
+    assert len(without_key(text).splitlines()) == len(text.splitlines()) - 1
+
+
 def test_float32_kernels_name_tf32_in_their_header():
     pattern = patterndsl.compile("pattern p { causal }")
     header = kernel_source(pattern, 128, dtype=torch.float32, target="sm_80").split("import triton")[0]
     assert "TF32" in header and "precision:" in header
     assert "TF32" not in kernel_source(pattern, 128, dtype=torch.float16, target="sm_80").split("import triton")[0]
     assert "TF32" not in kernel_source(pattern, 128, dtype=torch.float32, target="interpret").split("import triton")[0]
+
+
+def test_codegen_never_imports_runtime():
+    """Codegen sits below the runtime: rendering and AOT inspection import no runtime module."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, patterndsl, torch\n"
+        "from patterndsl.codegen import inspect, kernel_source\n"
+        "p = patterndsl.compile('pattern m { causal & (sink(4) | route(2, block = 16)) }')\n"
+        "kernel_source(p, 128, kind='backward')\n"
+        "kernel_source(patterndsl.compile('pattern c { causal }'), 128)\n"
+        "print(sorted(m for m in sys.modules if m.startswith('patterndsl.runtime')))\n"
+    )
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]", done.stdout
+
+
+def test_launch_table_rows():
+    from patterndsl.codegen import launch
+
+    static = launch(64, "sm_90", "forward", "float16")
+    assert static.tiles == (64, 64) and static.int64_offsets and static.dot_precision == "tf32"
+    routed = launch(64, "sm_90", "forward", "float16", run_time=True)
+    assert routed.tiles == (64, 32) and routed.num_warps == 8
+    assert launch(128, "sm_80", "backward", "bfloat16", run_time=True).num_stages == 1
+    assert launch(64, "interpret", "forward", "float32").dot_precision == "ieee"
+    assert launch(64, "interpret", "forward", "float32", run_time=True).tiles is None
+    # The spec of a route pattern takes the routed row; its header and kernel_source say so.
+    pattern = patterndsl.compile("pattern r { causal & route(2, block = 64) }")
+    spec = patterndsl.codegen.spec_for(pattern, 512, target="sm_80", kind="backward", head_dim=128)
+    row = launch(128, "sm_80", "backward", "float16", run_time=True)
+    assert (spec.block_m, spec.block_n) == row.tiles and (spec.num_warps, spec.num_stages) == (8, 1)
+    assert "BN=32 keys; num_warps=8, num_stages=1" in generator.render(spec)
+
+
+def test_show_triton_uses_the_launch_table_unless_block_is_given(capsys, tmp_path):
+    from patterndsl import cli
+
+    path = tmp_path / "r.pdsl"
+    path.write_text("pattern r { causal & (blocks(64) | route(2, block = 64, among = causal - blocks(64))) }")
+    assert cli.main(["show", str(path), "--stage", "triton", "--seq", "512"]) == 0
+    assert "BM=64 query rows x BN=32 keys" in capsys.readouterr().out
+    assert (
+        cli.main(["show", str(path), "--stage", "triton", "--seq", "512", "--block", "32x16", "--kind", "backward"])
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "BM=32 query rows x BN=16 keys" in out and "def bwd_dkdv_g0(" in out and "lst * NKT + n" in out

@@ -1,8 +1,9 @@
-"""Runtime stage: the kernel cache between code generation and launch.
+"""The kernel cache, below both code generation and the runtime (each imports it, it imports neither).
 
-Comes in: a :class:`patterndsl.codegen.KernelSpec` (its ``key`` hashes the
-package version, codegen templates, canonical IR, baked-in shapes, dtype,
-tiles, num_warps/stages and target). Goes out: the generated module, imported
+Comes in: a spec with a ``key`` (:class:`patterndsl.codegen.KernelSpec`: the key
+hashes the package version, the sources listed in ``codegen.key.KEY_SOURCES``,
+the canonical IR, baked-in shapes, dtype, tiles, num_warps/stages and target)
+and a ``render`` function. Goes out: the generated module, imported
 from a real file so ``@triton.jit`` can read its source. Lookup order: memory,
 then ``config.cache_dir() / "kernels" / KEY.py``, then generate. Files are
 written under a temporary name and moved into place with ``os.replace``, so
