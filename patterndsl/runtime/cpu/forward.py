@@ -8,7 +8,7 @@ flash-attention kernel on the segment's ``[batch*heads, tiles, rows, D]`` views 
 "fused"``; affine segments with one shared mask run as narrower sub-tiles, :func:`split`), or
 batched matmuls with an exact two-pass softmax in chunks of ``chunk_bytes`` (``kernel =
 "math"``). ``merge`` segments, merge units and the gathered ``route`` work combine with what the
-rows hold by log-sum-exp (:func:`patterndsl.runtime.softmax.merge`). Memory is O(Lq * keys
+rows hold by log-sum-exp (:func:`patterndsl.runtime.softmax.merge_into`). Memory is O(Lq * keys
 visited per query), never L x L.
 """
 
@@ -88,10 +88,10 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: BlockPlan, 
             out = from_tiles(op, lq, q_inv).to(q.dtype).contiguous()
             lse = from_tiles(lp, lq, q_inv).to(torch.float32).contiguous()
         elif merge:
-            parts = from_tiles(op, lq, q_inv), from_tiles(lp, lq, q_inv)
-            merged_o, merged_l = softmax.merge(take(out, bs, hd.q), take(lse, bs, hd.q), *parts)
-            put(out, bs, hd.q, merged_o)
-            put(lse, bs, hd.q, merged_l)
+            rows_o, rows_l = take(out, bs, hd.q), take(lse, bs, hd.q)
+            softmax.merge_into(rows_o, rows_l, from_tiles(op, lq, q_inv), from_tiles(lp, lq, q_inv))
+            put(out, bs, hd.q, rows_o)
+            put(lse, bs, hd.q, rows_l)
         else:
             put(out, bs, hd.q, from_tiles(op, lq, q_inv))
             put(lse, bs, hd.q, from_tiles(lp, lq, q_inv))
@@ -114,9 +114,7 @@ def _emit(op: torch.Tensor, lp: torch.Tensor, seg: Segment, bm: int, o: torch.Te
         put_rows(lp, seg, bm, lse)
         return
     old_o, old_l = q_view(op, seg, bm), q_view(lp[..., None], seg, bm)[..., 0]
-    merged_o, merged_l = softmax.merge(old_o, old_l, o, lse)
-    old_o.copy_(merged_o)
-    old_l.copy_(merged_l)
+    softmax.merge_into(old_o, old_l, o, lse)
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ set of query rows attends in full (where the pattern equals its route, the
 "gathered" work), plus the output and log-sum-exp the tile path already
 computed, and the executor's :class:`~patterndsl.runtime.cpu.tuning.CpuOptions`.
 Goes out: those buffers with the gathered blocks merged in
-(:func:`patterndsl.runtime.softmax.merge`), and in the backward pass the
+(:func:`patterndsl.runtime.softmax.merge_into`), and in the backward pass the
 gradients of the gathered pairs added to ``dq``, ``dk``, ``dv``.
 
 Why a second path: with per-token selection (``qblock = 1``, MoBA, NSA,
@@ -106,8 +106,9 @@ def forward(q, k, v, out: torch.Tensor, lse: torch.Tensor, work: list[Work], sca
 
 def _merge(out: torch.Tensor, lse: torch.Tensor, w: Work, o: torch.Tensor, lc: torch.Tensor) -> None:
     """Merge the parts ``o [h, P, D]`` / ``lc [h, P]`` of rows ``w.rows`` into ``out`` / ``lse``."""
-    merged_o, merged_l = softmax.merge(out[w.batch, w.heads], lse[w.batch, w.heads], o, lc, w.rows)
-    out[w.batch, w.heads], lse[w.batch, w.heads] = merged_o, merged_l
+    rows_o, rows_l = out[w.batch, w.heads], lse[w.batch, w.heads]
+    softmax.merge_into(rows_o, rows_l, o, lc, w.rows)
+    out[w.batch, w.heads], lse[w.batch, w.heads] = rows_o, rows_l
 
 
 def backward(q, k, v, lse, dout, delta, grads: dict, work: list[Work], scale: float, opts: CpuOptions) -> None:
