@@ -14,6 +14,7 @@ interpreter of source expressions.
 
 from __future__ import annotations
 
+import math
 import operator
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -604,6 +605,9 @@ def _bind_layout(stmt: syntax.Layout, ev: _Evaluator) -> ir.Layout:
         if not isinstance(extent, _Unknown):
             _check(extent >= 1, f"the extent of axis '{axis.name}' must be >= 1, got {extent}", axis.extent.span)
         axes.append((axis.name, extent))
+    size = math.prod(e for _, e in axes if not isinstance(e, _Unknown))
+    # Each extent is in range alone; the number of positions is their product.
+    _check(size <= _MAX_INT, f"layout grid(...) holds {size:.3g} positions, more than 2**62", stmt.span)
     return ir.Layout(tuple(axes), stmt.span)
 
 
@@ -865,6 +869,60 @@ def expr_bounds(expr: ir.Expr, ranges: dict) -> tuple[int, int]:
         big = max(abs(c), abs(d))  # x % y lies strictly between 0 and y
         return -big, big
     return 0, 1
+
+
+def expr_magnitude(expr: ir.Expr, ranges: dict) -> int:
+    """A bound on ``|x|`` for the value of ``expr`` and for every partial sum of its terms.
+
+    Later stages rearrange sums: the tile rules turn ``L op R`` into a linear form
+    ``cq * q + ck * k + c0`` and add its pieces in whatever order, so a predicate is only
+    safe when the sum of the magnitudes of its additive terms fits, not just its range
+    (``expr_bounds``). Products and the non-linear operators fall back to ``expr_bounds``.
+
+    Args:
+        expr: a ``where`` expression or sub-expression.
+        ranges: from :func:`variable_ranges`.
+
+    Returns:
+        A non-negative Python int.
+    """
+    if isinstance(expr, ir.Neg):
+        return expr_magnitude(expr.operand, ranges)
+    if isinstance(expr, ir.Arith) and expr.op in "+-*":
+        left, right = expr_magnitude(expr.left, ranges), expr_magnitude(expr.right, ranges)
+        return left * right if expr.op == "*" else left + right
+    lo, hi = expr_bounds(expr, ranges)
+    return max(abs(lo), abs(hi))
+
+
+def check_int64(pred: ir.Expr, ranges: dict, sizes: str) -> None:
+    """Reject a predicate some of whose intermediate values can leave 64-bit integers.
+
+    Checks every sub-expression and, for each comparison ``L op R``, the difference
+    ``L - R`` (which the tile rules and the kernels compute), with
+    :func:`expr_magnitude`.
+
+    Args:
+        pred: the ``where`` predicate.
+        ranges: from :func:`variable_ranges`.
+        sizes: the sizes, for the message (``"Lq=16, Lk=13"``).
+
+    Raises:
+        PatternValueError: at the offending sub-expression.
+    """
+    from patterndsl.printer import expr_to_source
+
+    for sub in ir.walk_expr(pred):
+        if isinstance(sub, ir.Cmp):
+            need = expr_magnitude(sub.left, ranges) + expr_magnitude(sub.right, ranges) + 1
+            what = f"the comparison '{expr_to_source(sub)}' needs values up to {need:.3g}"
+        elif isinstance(sub, (ir.Logic, ir.LNot)):
+            continue
+        else:
+            need = expr_magnitude(sub, ranges)
+            what = f"'{expr_to_source(sub)}' can reach {need:.3g}"
+        if need > _INT64:
+            raise PatternValueError(f"{what} at {sizes}, beyond 64-bit integer arithmetic (|value| < 2**63)", sub.span)
 
 
 def _size(name: str, value: Any) -> int:

@@ -1,0 +1,117 @@
+"""Regression tests of issue 11's front-end causes: each input that once gave a traceback, a wrong
+answer or a useless message now gives the right answer or a located ``PatternError``.
+
+Cause 1: products of checked values (a band end ``before * dilation``, a comparison's difference,
+a layout's number of positions) are range-checked as products, so no stage overflows 64-bit integers.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import patterndsl as pd
+from patterndsl.analysis.plan import tile_reduce
+from patterndsl.errors import PatternValueError
+from tests.reference import reference_attention
+
+LIMIT = 2**62
+
+
+def _agrees_with_the_dense_meaning(pattern: pd.Pattern, lq: int, lk: int) -> None:
+    """The plan's tiles and the CPU attention both follow ``mask`` (the dense meaning)."""
+    dense = pattern.mask(lq, lk)
+    for block in [(4, 4), (3, 5), (16, 16)]:
+        plan = pattern.plan(lq, lk, block=block, order="identity")
+        assert torch.equal(plan.tiles(), tile_reduce(dense, *block)), (str(pattern), lq, lk, block)
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 1, lq, 8, generator=gen, dtype=torch.float64)
+    k = torch.randn(1, 1, lk, 8, generator=gen, dtype=torch.float64)
+    v = torch.randn(1, 1, lk, 8, generator=gen, dtype=torch.float64)
+    out = pattern(q, k, v, backend="cpu")
+    want, _ = reference_attention(q, k, v, dense)
+    torch.testing.assert_close(out, want)
+
+
+@pytest.mark.parametrize(
+    "args, which",
+    [
+        ("2, dilation = 4611686018427387904", "before"),  # OverflowError at plan(16) before
+        ("0, 3, dilation = 4611686018427387904", "after"),  # OverflowError at mask(16) before
+        ("2, dilation = 4611686018427387903", "before"),  # a silent wrong plan at Lq=16, Lk=13 before
+        ("4611686018427387904, 1, 2", "before"),
+    ],
+)
+def test_window_band_ends_beyond_the_value_range_are_errors_at_the_argument(args, which):
+    source = f"pattern p {{ window({args}) }}"
+    with pytest.raises(PatternValueError, match=rf"window {which} \* dilation .* out of range") as err:
+        pd.compile(source)
+    assert err.value.span is not None and err.value.span.line == 1
+    assert source[err.value.span.column - 1 :].startswith(args.split(", ")[0 if which == "before" else 1])
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        f"2, dilation = {LIMIT // 2}",  # the band end at exactly 2**62
+        f"2, dilation = {LIMIT // 2 - 1}",
+        f"1, 1, dilation = {LIMIT // 2}",
+        f"0, dilation = {LIMIT}",
+        f"{LIMIT}",
+        f"0, {LIMIT}",
+        f"3, 2, dilation = {LIMIT // 3}",
+    ],
+)
+def test_window_band_ends_at_the_limit_plan_and_attend_like_the_dense_meaning(args):
+    pattern = pd.compile(f"pattern p {{ window({args}) }}")
+    for lq, lk in [(16, 13), (13, 16), (16, 16), (5, 40)]:
+        _agrees_with_the_dense_meaning(pattern, lq, lk)
+
+
+@pytest.mark.parametrize(
+    "pred",
+    [
+        # Each comparison is within range on its own sides, but the tile rules subtract them.
+        "q - -2305843009213693952 - Lq <= -(q * 576460752303423488)",
+        "q * 576460752303423488 >= -(k * 576460752303423488)",
+        "q + 3458764513820540928 + k + 4611686018427387903 != k + -2305843009213693952",
+        "3458764513820540928 - k - -3458764513820540928 >= k + -2305843009213693952",
+        "-4611686018427387904 + Lq + -4611686018427387904 > h - -2305843009213693952",
+        "q - -7 - -4611686018427387903 == q - 4611686018427387903",
+    ],
+)
+def test_where_intermediate_values_beyond_int64_are_errors_at_the_sizes(pred):
+    pattern = pd.compile(f"pattern p {{ where({pred}) }}")
+    for call in (lambda: pattern.mask(16, 13), lambda: pattern.plan(16, 13)):
+        with pytest.raises(PatternValueError, match="beyond 64-bit integer arithmetic") as err:
+            call()
+        assert err.value.location is not None
+
+
+@pytest.mark.parametrize(
+    "pred",
+    [
+        "q - k >= -4611686018427387904",
+        "q * 288230376151711744 >= k * 288230376151711744",
+        "k - q >= -4611686018427387904",
+        "q + 4611686018427387903 >= k",
+    ],
+)
+def test_where_with_large_constants_within_range_follows_the_dense_meaning(pred):
+    pattern = pd.compile(f"pattern p {{ where({pred}) }}")
+    for lq, lk in [(16, 13), (13, 16), (5, 5)]:
+        _agrees_with_the_dense_meaning(pattern, lq, lk)
+
+
+def test_layout_positions_are_a_checked_product():
+    source = "pattern p { layout grid(y = 1099511627776, x = 1099511627776, z = 8); neighborhood(3) }"
+    with pytest.raises(PatternValueError, match=r"holds .* positions, more than 2\*\*62") as err:
+        pd.compile(source)
+    assert err.value.location == "<string>:1:13"
+
+
+@pytest.mark.parametrize("source", ["window(-3)", "window(0, -1)", "window(after = -2, before = 1)", "sink(-1)"])
+def test_negative_counts_are_errors_everywhere(source):
+    with pytest.raises(PatternValueError, match="must be >= 0") as err:
+        pd.compile(f"pattern p {{ {source} }}")
+    assert err.value.location is not None
