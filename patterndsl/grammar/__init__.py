@@ -183,10 +183,12 @@ class _Builder(Transformer):
         return syntax.Unary(str(op), operand, self._span(meta))
 
     def number(self, meta, tok):
-        # Python refuses to convert very long digit strings; no sensible pattern needs them.
-        if len(tok.lstrip("0")) > 30:
-            raise PatternSyntaxError("number too large", self._tok(tok))
-        return syntax.Number(int(tok), self._span(meta))
+        # Python refuses to convert very long digit strings (leading zeros count too): convert the
+        # significant digits only, and refuse more of them than any in-range integer has.
+        digits = tok.lstrip("0") or "0"
+        if len(digits) > 30:
+            raise PatternSyntaxError(f"number too large ({len(digits)} digits)", self._tok(tok))
+        return syntax.Number(int(digits), self._span(meta))
 
     def boolean(self, meta, tok):
         return syntax.Boolean(tok.type == "TRUE", self._span(meta))

@@ -12,7 +12,7 @@ import torch
 
 import patterndsl as pd
 from patterndsl.analysis.plan import tile_reduce
-from patterndsl.errors import PatternValueError
+from patterndsl.errors import PatternSyntaxError, PatternValueError
 from tests.reference import reference_attention
 
 LIMIT = 2**62
@@ -115,3 +115,31 @@ def test_negative_counts_are_errors_everywhere(source):
     with pytest.raises(PatternValueError, match="must be >= 0") as err:
         pd.compile(f"pattern p {{ {source} }}")
     assert err.value.location is not None
+
+
+def test_route_topk_is_a_count_and_zero_chooses_nothing():
+    pattern = pd.compile("pattern p { causal & route(0, block = 4) | sink(1) }")
+    assert not pattern.is_dynamic
+    assert pattern.ir.default == pd.compile("pattern p { sink(1) }").ir.default
+    with pytest.raises(PatternValueError, match="topk must be >= 0"):
+        pd.compile("pattern p { route(-1) }")
+
+
+# Cause 2: long literals.
+
+
+def test_leading_zeros_do_not_count_towards_the_length_of_a_number():
+    pattern = pd.compile("pattern p { window(" + "0" * 4300 + "7) }")
+    assert pattern.ir.default == pd.compile("pattern p { window(7) }").ir.default
+    assert (
+        pd.compile("pattern p { sink(" + "0" * 5000 + ") }").ir.default
+        == pd.compile("pattern p { sink(0) }").ir.default
+    )
+
+
+@pytest.mark.parametrize("digits", ["9" * 31, "1" + "0" * 4300, "0" * 10 + "9" * 5000])
+def test_a_number_too_long_is_a_located_error(digits):
+    source = f"pattern p {{\n  window({digits})\n}}"
+    with pytest.raises(PatternSyntaxError, match="number too large") as err:
+        pd.compile(source)
+    assert err.value.location == "<string>:2:10"
