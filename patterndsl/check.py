@@ -30,6 +30,7 @@ from patterndsl.errors import (
     PatternTypeError,
     PatternValueError,
     did_you_mean,
+    listing,
 )
 from patterndsl.grammar import syntax
 from patterndsl.primitives.common import require as _check
@@ -553,7 +554,7 @@ def _bind_params(pdef: syntax.PatternDef, params: dict, scope: _Scope, ev: _Eval
     for key in params:
         if key not in declared:
             hint = did_you_mean(str(key), declared)
-            have = f"its parameters are {', '.join(declared)}" if declared else "it has no parameters"
+            have = f"its parameters are {listing(declared)}" if declared else "it has no parameters"
             raise PatternNameError(f"pattern '{pdef.name}' has no parameter '{key}'{hint}; {have}", pdef.name_span)
     for decl in pdef.params:
         scope.declare(decl.name, decl.span, "parameter")
@@ -641,6 +642,8 @@ def _bind_definition(pdef: syntax.PatternDef, params: dict, lenient: bool = Fals
         raise PatternSyntaxError(
             f"pattern '{pdef.name}' has neither a final pattern expression nor heads lines", pdef.name_span
         )
+    if default is not None and not isinstance(default, _Unknown):
+        _check_extent(default, pdef.final.span)
     if isinstance(default, _Unknown) or any(isinstance(v, _Unknown) for _, v in bound) or lenient:
         return None
     return ir.PatternIR(
@@ -648,10 +651,49 @@ def _bind_definition(pdef: syntax.PatternDef, params: dict, lenient: bool = Fals
     )
 
 
+#: How deep a bound pattern may nest and how many nodes it may have with every ``let`` written
+#: out where it is used. Syntax nesting is limited by the grammar, but lets nest without
+#: parentheses, and a let used twice in the next one doubles the tree each time: every later
+#: stage walks the tree, recursively and once per use.
+MAX_DEPTH = 100
+MAX_NODES = 50_000
+
+
+def _check_extent(node: ir.Node, span: ir.Span) -> None:
+    """Refuse a pattern deeper than :data:`MAX_DEPTH` or larger than :data:`MAX_NODES` (no recursion)."""
+    depth: dict[int, int] = {}
+    size: dict[int, int] = {}
+    stack = [(node, False)]
+    while stack:
+        current, done = stack.pop()
+        key = id(current)
+        if key in size:
+            continue
+        kids = ir.children(current)
+        if not done:
+            stack.append((current, True))
+            stack.extend((kid, False) for kid in kids if id(kid) not in size)
+            continue
+        depth[key] = 1 + max((depth[id(k)] for k in kids), default=0)
+        size[key] = 1 + sum(size[id(k)] for k in kids)
+        if depth[key] > MAX_DEPTH:
+            raise PatternValueError(
+                f"the pattern nests more than {MAX_DEPTH} levels deep once its lets are written out", span
+            )
+        if size[key] > MAX_NODES:
+            raise PatternValueError(
+                f"the pattern has more than {MAX_NODES} primitives and operators once its lets are written "
+                "out where they are used",
+                span,
+            )
+
+
 def _bind_heads(stmt: syntax.Heads, ev: _Evaluator, rules: list[ir.HeadRule]) -> ir.HeadRule | None:
     lo = ev.int_value(stmt.lo, "the first head of a heads range")
     hi = ev.int_value(stmt.hi, "the end of a heads range")
     node = ev.pattern_value(stmt.body, "the pattern of a heads line")
+    if not isinstance(node, _Unknown):
+        _check_extent(node, stmt.body.span)
     if isinstance(lo, _Unknown) or isinstance(hi, _Unknown) or isinstance(node, _Unknown):
         return None
     _check(lo >= 0, f"heads ranges start at 0 or later, got {lo}", stmt.lo.span)
@@ -682,11 +724,11 @@ def _pick(module: syntax.Module, name: str | None) -> syntax.PatternDef:
     if name is None:
         if len(defs) > 1:
             raise PatternNameError(
-                f"the source defines {len(defs)} patterns ({', '.join(seen)}); pass name=... to pick one"
+                f"the source defines {len(defs)} patterns ({listing(seen)}); pass name=... to pick one"
             )
         return defs[0]
     if name not in seen:
-        raise PatternNameError(f"no pattern named '{name}'{did_you_mean(str(name), seen)}; defined: {', '.join(seen)}")
+        raise PatternNameError(f"no pattern named '{name}'{did_you_mean(str(name), seen)}; defined: {listing(seen)}")
     return seen[name]
 
 

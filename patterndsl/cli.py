@@ -22,7 +22,7 @@ import torch
 
 from patterndsl import ir
 from patterndsl.api import Pattern, compile, load
-from patterndsl.errors import PatternError
+from patterndsl.errors import PatternError, listing
 
 STAGES = ("ir", "plan", "triton", "ptx", "sass", "reach")
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -267,7 +267,7 @@ def cmd_check(args) -> int:
     if errors:
         print(f"{path}: {len(errors)} error{'s' if len(errors) != 1 else ''}", file=sys.stderr)
         return 1
-    names = ", ".join(p.name for p in module.patterns)
+    names = listing(p.name for p in module.patterns)
     count = len(module.patterns)
     print(f"{path}: OK ({count} pattern{'s' if count != 1 else ''}: {names})")
     return 0

@@ -24,6 +24,14 @@ from patterndsl.ir import Span
 __all__ = ["parse", "syntax"]
 
 _STATEMENT_KEYWORDS = frozenset({"LET", "LAYOUT", "HEADS"})
+#: How deep parentheses and prefix operators (``~ - not``) may nest. Every stage walks the tree
+#: recursively; this keeps them all far from Python's recursion limit, and no pattern a person
+#: writes comes near it (a flat chain ``a | b | c ...`` is not nesting and has no limit).
+MAX_NESTING = 64
+_PREFIX = frozenset({"TILDE", "MINUS", "NOT"})
+#: After these a ``-`` is binary; anywhere else it is a prefix minus.
+_OPERAND_END = frozenset({"NAME", "INT", "TRUE", "FALSE", "RPAR"})
+_ATOMS = frozenset({"NAME", "INT", "TRUE", "FALSE"})
 
 
 class _LineBreaks:
@@ -40,8 +48,10 @@ class _LineBreaks:
     def process(self, stream: Iterator[Token]) -> Iterator[Token]:
         depth = 0
         open_statement = False
+        nesting = _Nesting()
         for tok in stream:
             kind = tok.type
+            nesting.step(tok)
             if kind == "NEWLINE":
                 if open_statement and depth == 0:
                     open_statement = False
@@ -61,6 +71,48 @@ class _LineBreaks:
             elif kind in _STATEMENT_KEYWORDS and depth == 0:
                 open_statement = True
             yield tok
+
+
+class _Nesting:
+    """Counts how deeply the expression at each token nests; refuses more than :data:`MAX_NESTING`.
+
+    A level is an open parenthesis or a prefix operator still waiting for its operand: in
+    ``~(~(x`` the name ``x`` sits 4 levels deep. Refusing here, token by token, is what lets the
+    error point at the place that nests too deeply instead of at the start of the file.
+    """
+
+    def __init__(self):
+        self.runs: list[int] = []  # per open parenthesis: the prefix operators before it
+        self.run = 0  # prefix operators since the last parenthesis or operand
+        self.level = 0
+        self.previous: str | None = None
+
+    def step(self, tok: Token) -> None:
+        kind = tok.type
+        if kind == "NEWLINE":
+            return
+        if kind == "LPAR":
+            self.runs.append(self.run)
+            self.run = 0
+            self.level += 1
+        elif kind == "RPAR" and self.runs:
+            self.level -= 1 + self.run + self.runs.pop()
+            self.run = 0
+        elif kind in _PREFIX and (kind != "MINUS" or self.previous not in _OPERAND_END):
+            self.run += 1
+            self.level += 1
+        elif kind in _ATOMS:
+            self.level -= self.run
+            self.run = 0
+        elif kind == "RBRACE":
+            self.runs, self.run, self.level = [], 0, 0
+        self.previous = kind
+        if self.level > MAX_NESTING:
+            raise PatternSyntaxError(
+                f"the expression nests more than {MAX_NESTING} levels deep here (parentheses and ~ - not); "
+                "name inner parts with let",
+                _token_span(tok, None),
+            )
 
 
 _PARSER = Lark(
@@ -375,6 +427,8 @@ def parse(source: str, filename: str | None = None) -> syntax.Module:
 def _parse(source: str, filename: str | None) -> syntax.Module:
     try:
         tree = _PARSER.parse(source)
+    except PatternError as err:  # from the post-lexer
+        raise err.with_source(source, filename) from None
     except UnexpectedInput as err:
         raise _syntax_error(err, source, filename) from None
     except RecursionError:

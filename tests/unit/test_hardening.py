@@ -12,7 +12,7 @@ import torch
 
 import patterndsl as pd
 from patterndsl.analysis.plan import tile_reduce
-from patterndsl.errors import PatternSyntaxError, PatternValueError
+from patterndsl.errors import PatternNameError, PatternSyntaxError, PatternTypeError, PatternValueError
 from tests.reference import reference_attention
 
 LIMIT = 2**62
@@ -143,3 +143,79 @@ def test_a_number_too_long_is_a_located_error(digits):
     with pytest.raises(PatternSyntaxError, match="number too large") as err:
         pd.compile(source)
     assert err.value.location == "<string>:2:10"
+
+
+# Cause 9: error messages that point at the problem.
+
+
+@pytest.mark.parametrize(
+    "body, column",
+    [
+        ("(" * 3000 + "causal" + ")" * 3000, 13 + 64),
+        ("~" * 5000 + "causal", 13 + 64),
+        ("~(" * 40 + "causal" + ")" * 40, 13 + 64),
+        ("where(" + "-" * 3000 + "q < k)", 13 + 6 + 63),
+        ("where(" + "not " * 100 + "q < k)", 13 + 6 + 63 * 4),
+    ],
+)
+def test_deep_nesting_points_at_the_level_that_nests_too_deeply(body, column):
+    source = "pattern p {\n  causal &\n" + " " * 12 + body + " }"
+    with pytest.raises(PatternSyntaxError, match="nests more than 64 levels deep") as err:
+        pd.compile(source)
+    assert err.value.location == f"<string>:3:{column}"
+
+
+def test_nesting_up_to_the_limit_runs_through_every_stage():
+    for body in [
+        "(" * 64 + "causal" + ")" * 64,
+        "~" * 64 + "causal",
+        "where(" + "(q + " * 63 + "1" + ")" * 63 + " > k)",
+    ]:
+        pattern = pd.compile(f"pattern p {{ {body} }}")
+        assert torch.equal(pd.compile(str(pattern)).mask(8), pattern.mask(8))
+        pattern.plan(8)
+        x = torch.randn(1, 1, 8, 4)
+        pattern(x, x, x, backend="cpu")
+
+
+def test_a_flat_union_of_ten_thousand_terms_compiles():
+    terms = [f"window({i})" if i % 2 else f"sink({i})" for i in range(10_000)]
+    pattern = pd.compile("pattern p { " + " | ".join(terms) + " }")
+    assert len(pattern.ir.default.items) == 10_000
+    assert torch.equal(pattern.mask(8)[0], pd.compile("pattern p { window(9999) | sink(9998) }").mask(8)[0])
+
+
+def test_lets_that_nest_or_double_the_tree_are_refused_at_the_expression():
+    lets = "; ".join(f"let a{i + 1} = ~(a{i} & window({i}))" for i in range(60))
+    source = f"pattern p {{ let a0 = causal; {lets}; a60 | sink(1) }}"
+    with pytest.raises(PatternValueError, match="nests more than 100 levels deep") as err:
+        pd.compile(source)
+    assert err.value.span.column == source.index("a60 |") + 1
+    lets = "; ".join(f"let a{i + 1} = (a{i} | sink({i + 1})) & ~(a{i} & window({i + 1}))" for i in range(20))
+    source = f"pattern p {{ let a0 = causal\n  {lets}\n  heads 0..1: a20\n  causal }}"
+    with pytest.raises(PatternValueError, match="more than 50000 primitives and operators") as err:
+        pd.compile(source)
+    assert err.value.location == f"<string>:3:{len('  heads 0..1: ') + 1}"
+
+
+def test_a_file_with_thousands_of_patterns_gives_a_short_message():
+    source = "\n".join(f"pattern p{i} {{ causal }}" for i in range(3000))
+    with pytest.raises(
+        PatternNameError, match=r"defines 3000 patterns \(p0, p1, .*, p9, \.\.\. and 2990 more\)"
+    ) as err:
+        pd.compile(source)
+    assert len(str(err.value)) < 200
+    with pytest.raises(PatternNameError, match=r"defined: p0, .* and 2990 more") as err:
+        pd.compile(source, name="nope")
+    assert len(str(err.value)) < 200
+
+
+def test_an_error_on_a_very_long_line_shows_the_part_around_the_caret():
+    terms = ["causal"] * 2000
+    terms[1000] = "3"
+    source = "pattern p { " + " | ".join(terms) + " }"
+    with pytest.raises(PatternTypeError, match="needs patterns, got an integer") as err:
+        pd.compile(source)
+    _, text, caret = str(err.value).split("\n")
+    assert len(text) < 200 and text.startswith("    ...") and text.endswith("...")
+    assert text[caret.index("^")] == "3"
