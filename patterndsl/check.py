@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import operator
+import reprlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -160,9 +161,13 @@ class _Evaluator:
 
     def type_error(self, message: str, e: syntax.Expr) -> PatternTypeError:
         """A type error about ``e`` (see :meth:`span_of`), naming the Python value when it is one."""
+        return PatternTypeError(message + self.python_note(e), self.span_of(e))
+
+    def python_note(self, e: syntax.Expr) -> str:
+        """`` (parameter 'n' = 3 from Python)`` when ``e`` names a parameter given from Python, else ``""``."""
         if isinstance(e, syntax.Name) and e.name in self.scope.passed:
-            message += f" (parameter '{e.name}' = {value_text(self.scope.values[e.name])} from Python)"
-        return PatternTypeError(message, self.span_of(e))
+            return f" (parameter '{e.name}' = {value_text(self.scope.values[e.name])} from Python)"
+        return ""
 
     # -- typed entry points
 
@@ -453,14 +458,21 @@ def _bind_primitive(call: syntax.Call, ev: _Evaluator) -> Value:
         else:
             values[param.name] = param.default
             spans[param.name] = call.span
-    if record.shape_args is not None:
-        record.shape_args(values, spans, ev.scope.layout, call.span)
-    if any(isinstance(v, _Unknown) for v in values.values()):
-        return _Unknown("pattern")
-    if record.check is not None:
-        simpler = record.check(values, spans, ev.scope.layout)
-        if simpler is not None:
-            return simpler
+    try:
+        if record.shape_args is not None:
+            record.shape_args(values, spans, ev.scope.layout, call.span)
+        if any(isinstance(v, _Unknown) for v in values.values()):
+            return _Unknown("pattern")
+        if record.check is not None:
+            simpler = record.check(values, spans, ev.scope.layout)
+            if simpler is not None:
+                return simpler
+    except PatternError as err:
+        # A rule blames an argument by its span; when that argument is a value from Python, say so.
+        note = next((ev.python_note(e) for p, e in given.items() if spans[p] == err.span and ev.python_note(e)), "")
+        if not note:
+            raise
+        raise type(err)(err.message + note, err.span) from None
     return ir.Prim(name, tuple((p.name, values[p.name]) for p in sig), call.span)
 
 
@@ -511,13 +523,20 @@ def value_text(value: Value) -> str:
 # --------------------------------------------------------------------------- parameters
 
 
+# Errors about values passed from Python point at the parameter's declaration (which parameter) and
+# say that the value came from Python, naming the keyword argument: the file is not wrong.
+
+
 def _python_param(name: str, value: Any, decl: syntax.Param) -> Any:
     """Validate one parameter value passed from Python; lists become tuples."""
     if isinstance(value, bool):
         return value
     if isinstance(value, (tuple, list)):
         if not value:
-            raise PatternTypeError(f"parameter '{name}' must not be an empty tuple", decl.span)
+            raise PatternTypeError(
+                f"the keyword argument {name}= passed from Python for parameter '{name}' must not be an empty tuple",
+                decl.span,
+            )
         return tuple(_python_scalar(name, item, decl) for item in value)
     return _python_scalar(name, value, decl)
 
@@ -533,11 +552,14 @@ def _python_scalar(name: str, value: Any, decl: syntax.Param) -> int | bool:
         else:
             if abs(number) > _MAX_INT:
                 raise PatternValueError(
-                    f"parameter '{name}' is out of range (|value| must be at most 2**62)", decl.span
+                    f"the keyword argument {name}={number:.3g} passed from Python for parameter '{name}' "
+                    "is out of range (|value| must be at most 2**62)",
+                    decl.span,
                 )
             return number
     raise PatternTypeError(
-        f"parameter '{name}' must be an integer, a boolean or a tuple of those, got {type(value).__name__}",
+        f"the keyword argument {name}= passed from Python for parameter '{name}' must be an integer, "
+        f"a boolean or a tuple of those, got {type(value).__name__}",
         decl.span,
     )
 
@@ -555,7 +577,11 @@ def _bind_params(pdef: syntax.PatternDef, params: dict, scope: _Scope, ev: _Eval
         if key not in declared:
             hint = did_you_mean(str(key), declared)
             have = f"its parameters are {listing(declared)}" if declared else "it has no parameters"
-            raise PatternNameError(f"pattern '{pdef.name}' has no parameter '{key}'{hint}; {have}", pdef.name_span)
+            raise PatternNameError(
+                f"the keyword argument {key}= passed from Python names no parameter of pattern '{pdef.name}'{hint}; "
+                f"{have}",
+                pdef.name_span,
+            )
     for decl in pdef.params:
         scope.declare(decl.name, decl.span, "parameter")
     bound = []
@@ -574,7 +600,8 @@ def _bind_params(pdef: syntax.PatternDef, params: dict, scope: _Scope, ev: _Eval
             scope.passed.add(decl.name)
             if default is not None and not isinstance(default, _Unknown) and not _same_kind(value, default):
                 raise PatternTypeError(
-                    f"parameter '{decl.name}' must be like its default {value_text(default)}, got {value_text(value)}",
+                    f"the keyword argument {decl.name}={reprlib.repr(value)} passed from Python for parameter "
+                    f"'{decl.name}' must be like its default {value_text(default)}",
                     decl.span,
                 )
         elif decl.default is not None:
