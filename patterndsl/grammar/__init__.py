@@ -314,6 +314,8 @@ _WORDS = {
 }
 # Terminals that can start an expression, and the binary operators.
 _EXPR_START = frozenset({"INT", "NAME", "TRUE", "FALSE", "LPAR", "MINUS", "TILDE", "NOT"})
+# Tokens that end an expression: an operator just before one of them is left without an operand.
+_CLOSERS = frozenset({"RBRACE", "RPAR", "$END", "_NL", "COMMA", "SEMI", "DOTDOT", "COLON"})
 _OPERATORS = frozenset({"OR", "AND", "CMP_OP", "BAR", "PLUS", "MINUS", "AMP", "STAR", "FLOORDIV", "PERCENT"})
 
 
@@ -371,6 +373,22 @@ def _acceptable(err: UnexpectedToken) -> set[str]:
     return set(err.expected)
 
 
+def _dangling_operator(tok: Token, expected: set[str], source: str) -> Token | None:
+    """The operator just before ``tok`` when it is left without an operand (``tok`` cannot start one)."""
+    if tok.type not in _CLOSERS or len(expected & _EXPR_START) < 4:
+        return None
+    start = tok.start_pos if isinstance(tok.start_pos, int) else len(source)
+    previous = None
+    try:
+        for previous in _PARSER.lex(source[:start]):  # noqa: B007 -- the last token is wanted
+            pass
+    except (UnexpectedInput, PatternError):
+        return None
+    if previous is None or previous.type not in _OPERATORS | {"TILDE", "NOT"}:
+        return None
+    return previous
+
+
 def _syntax_error(err: UnexpectedInput, source: str, filename: str | None) -> PatternSyntaxError:
     if isinstance(err, UnexpectedCharacters):
         line, column = err.line, err.column
@@ -391,6 +409,11 @@ def _syntax_error(err: UnexpectedInput, source: str, filename: str | None) -> Pa
             span = Span(filename, len(lines), len(lines[-1]) + 1, len(lines), len(lines[-1]) + 2)
         expected = _acceptable(err)
         wanted = _describe_expected(expected)
+        dangling = _dangling_operator(tok, expected, source)
+        if dangling is not None:
+            # ``causal &`` at the end of a line: the mistake is the operator, not the next line's ``}``.
+            message = f"'{dangling.value}' has no right operand: expected {wanted}, found {_describe_token(tok)}"
+            return PatternSyntaxError(message + _hint(tok, expected, source), _token_span(dangling, filename), source)
         message = f"unexpected {_describe_token(tok)}"
         if wanted:
             message += f"; expected {wanted}"
