@@ -12,7 +12,7 @@ import torch
 
 import patterndsl as pd
 from patterndsl.analysis.plan import tile_reduce
-from patterndsl.errors import PatternNameError, PatternSyntaxError, PatternTypeError, PatternValueError
+from patterndsl.errors import InputError, PatternNameError, PatternSyntaxError, PatternTypeError, PatternValueError
 from tests.reference import reference_attention
 
 LIMIT = 2**62
@@ -219,3 +219,24 @@ def test_an_error_on_a_very_long_line_shows_the_part_around_the_caret():
     _, text, caret = str(err.value).split("\n")
     assert len(text) < 200 and text.startswith("    ...") and text.endswith("...")
     assert text[caret.index("^")] == "3"
+
+
+@pytest.mark.parametrize(
+    "lq, lk, words",
+    [
+        (0, 3, "q has sequence length 0 (shape (1, 2, 0, 4)); attention needs at least one query"),
+        (
+            3,
+            0,
+            "k and v have sequence length 0 (shape (1, 1, 0, 4) and (1, 1, 0, 4)); attention needs at least one key",
+        ),
+    ],
+)
+def test_zero_length_tensors_are_named(lq, lk, words):
+    pattern = pd.compile("pattern p { causal }")
+    q, k = torch.randn(1, 2, lq, 4), torch.randn(1, 1, lk, 4)
+    with pytest.raises(InputError) as err:
+        pattern(q, k, k.clone())
+    assert str(err.value) == words
+    with pytest.raises(InputError, match="sequence length 0"):
+        pattern.mask(max(lq, 1), max(lk, 1), heads=2, q=q, k=k)
