@@ -105,7 +105,7 @@ def _where_sizes(prim, q_len, kv_len, heads, layout):
     from patterndsl import check
 
     check._check_divisors(prim.arg("pred"), {"Lq": q_len, "Lk": kv_len}, heads)
-    ranges = check.variable_ranges(q_len, kv_len, max(heads) + 1, layout)
+    ranges = check.variable_ranges(q_len, kv_len, heads[-1] + 1, layout)  # heads: an increasing range
     check.check_int64(prim.arg("pred"), ranges, f"Lq={q_len}, Lk={kv_len}")
 
 

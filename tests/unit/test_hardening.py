@@ -240,3 +240,15 @@ def test_zero_length_tensors_are_named(lq, lk, words):
     assert str(err.value) == words
     with pytest.raises(InputError, match="sequence length 0"):
         pattern.mask(max(lq, 1), max(lk, 1), heads=2, q=q, k=k)
+
+
+def test_size_checks_do_not_loop_over_heads():
+    # check_lengths works on head ranges: a huge head count costs nothing here (the plan is issue 11 item 4).
+    from patterndsl import check
+
+    check.check_lengths(pd.compile("pattern p { where(k % (h + 1) == 0) }").ir, 16, 16, 2**40)
+    with pytest.raises(pd.PatternError, match=r"heads 2\.\.5, 7\.\.1099511627776 are not covered") as err:
+        check.check_lengths(pd.compile("pattern p { heads 0..2: causal; heads 5..7: full }").ir, 16, 16, 2**40)
+    assert err.value.location is not None
+    with pytest.raises(PatternValueError, match=r"divisor of '%' is 0 .* for head 1"):
+        check.check_lengths(pd.compile("pattern p { heads 0..1: causal; where(k % (h - 1) == 0) }").ir, 16, 16, 3)
