@@ -252,3 +252,65 @@ def test_size_checks_do_not_loop_over_heads():
     assert err.value.location is not None
     with pytest.raises(PatternValueError, match=r"divisor of '%' is 0 .* for head 1"):
         check.check_lengths(pd.compile("pattern p { heads 0..1: causal; where(k % (h - 1) == 0) }").ir, 16, 16, 3)
+
+
+# Cause 5: every public function checks its arguments and answers with a PatternError naming them.
+
+
+@pytest.mark.parametrize("source", ["pattern p { causal }", "pattern p { causal & route(2, block = 16) }"])
+@pytest.mark.parametrize(
+    "options, words",
+    [
+        ({"foo": 1}, "kernel_source() has no option 'foo'"),
+        ({"head_dm": 64}, "has no option 'head_dm' (did you mean 'head_dim'?)"),
+        ({"head_dim": 0}, "head_dim must be between 1 and 256, got 0"),
+        ({"head_dim": -4}, "head_dim must be between 1 and 256, got -4"),
+        ({"head_dim": 1000}, "head_dim must be between 1 and 256, got 1000"),
+        ({"head_dim": "64"}, "head_dim must be an integer, got str"),
+        ({"dtype": torch.int32}, "dtype must be one of torch.float16, torch.bfloat16, torch.float32, got torch.int32"),
+        ({"dtype": "x"}, "dtype must be one of"),
+        ({"kind": "sideways"}, "kind must be one of 'forward', 'backward', got 'sideways'"),
+        ({"target": 90}, "target must be 'sm_XY'"),
+        ({"target": "sm_x"}, "target must be 'sm_XY'"),
+        ({"block": (0, 64)}, "block[0] must be >= 1, got 0"),
+        ({"block": 64}, "block must be a pair of tile sizes"),
+        ({"kv_heads": 0}, "kv_heads must be >= 1, got 0"),
+        ({"order": "best"}, "order must be one of 'auto', 'identity', got 'best'"),
+        ({"num_warps": 3}, "num_warps must be a power of two, got 3"),
+        ({"num_stages": 0}, "num_stages must be between 1 and 8, got 0"),
+    ],
+)
+def test_kernel_source_options_are_checked(source, options, words):
+    with pytest.raises(pd.PatternError) as err:
+        pd.compile(source).kernel_source(64, **options)
+    assert words in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "call, words",
+    [
+        (lambda: pd.load(None), "load() needs a file path (str or os.PathLike), got NoneType"),
+        (lambda: pd.load(3), "got int"),
+        (lambda: pd.compile("pattern p { causal }", name=["p"]), "name must be a str"),
+        (lambda: pd.compile(b"pattern p { causal }"), "pattern source must be a str, got bytes"),
+        (lambda: P.plan(16, block=(0, 4)), "block[0] must be >= 1, got 0"),
+        (lambda: P.plan(16, block="ab"), "block must be a pair"),
+        (lambda: P.plan(16, order="sideways"), "order must be one of 'auto', 'identity'"),
+        (lambda: P.plan(16.0), "q_len must be a positive integer, got float"),
+        (lambda: P.plan(16, heads=0), "heads must be >= 1, got 0"),
+        (lambda: P.mask(1 << 15), "mask() would build 1.07e+09 entries"),
+        (lambda: P.mask(16, heads=True), "heads must be a positive integer, got bool"),
+        (lambda: P(X, X, X, return_lse="yes"), "return_lse must be True or False, got str"),
+        (lambda: P(X, X, X, backend="gpu"), "backend must be one of"),
+        (lambda: P(X, X, X, scale="x"), "scale"),
+        (lambda: pd.attention(X, X, X, "causal"), "attention() needs a patterndsl.Pattern, got str"),
+    ],
+)
+def test_public_functions_check_their_arguments(call, words):
+    with pytest.raises(pd.PatternError) as err:
+        call()
+    assert words in str(err.value)
+
+
+P = pd.compile("pattern p { causal }")
+X = torch.randn(1, 1, 4, 8)
