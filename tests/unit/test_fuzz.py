@@ -136,7 +136,7 @@ def mutate_same_class(rng: random.Random, text: str) -> str:
     for _ in range(rng.randint(1, 3)):
         i = rng.randrange(len(tokens))
         if tokens[i].isdigit():
-            tokens[i] = str(rng.choice([0, 1, 2, 3, 5, 8, 64, 10**12]))
+            tokens[i] = str(rng.choice([0, 1, 2, 3, 5, 8, 64, 10**12, 2**31, 2**61 + 1, 2**62]))
         elif re.fullmatch(r"[A-Za-z_]\w*", tokens[i]):
             tokens[i] = rng.choice(NAMES)
     return "".join(tokens)
