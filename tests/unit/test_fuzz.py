@@ -152,7 +152,8 @@ def run_case(text: str) -> str:
     with time_limit(TIME_LIMIT):
         try:
             module = parse(text)
-        except PatternError:
+        except PatternError as err:
+            _located(err, "parse")
             return "error"
         errors = check.check_module(module, text)
         assert all(isinstance(e, PatternError) for e in errors)
@@ -161,7 +162,7 @@ def run_case(text: str) -> str:
             try:
                 pattern = patterndsl.compile(text, name=name)
             except PatternError as err:
-                assert str(err)
+                _located(err, "compile")
                 continue
             outcome = "ok"
             printed = pattern_to_source(pattern.ir)
