@@ -270,12 +270,31 @@ def _leaf(rng: random.Random) -> str:
     return f"where({expr} {rng.choice(['<', '<=', '==', '!=', '>'])} {terms[3]})"
 
 
+def _grid_leaf(rng: random.Random) -> str:
+    def arg():
+        return _value(rng) if rng.random() < 0.6 else f"({_value(rng)}, {_value(rng)})"
+
+    kind = rng.randrange(3)
+    if kind == 0:
+        causal = rng.choice(["true", "false", "(true, false)"])
+        return f"neighborhood({arg()}, dilation = {arg()}, stride = {arg()}, causal = {causal})"
+    if kind == 1:
+        return f"route({rng.randint(0, 2)}, block = {arg()}, qblock = {arg()}, among = neighborhood(1))"
+    return f"where(q.y * {_value(rng)} - k.x {rng.choice(['<', '>=', '=='])} {_value(rng)})"
+
+
 def generated(rng: random.Random) -> str:
     """A well-formed source whose arguments come from a pool of edge values (0, negatives, near 2**62)."""
-    expr = _leaf(rng)
+    grid = rng.random() < 0.3
+    leaf = (lambda: rng.choice([_leaf, _grid_leaf])(rng)) if grid else (lambda: _leaf(rng))
+    expr = leaf()
     for _ in range(rng.randint(0, 3)):
-        expr = f"({expr}) {rng.choice(['|', '&', '-'])} {rng.choice(['', '~'])}{_leaf(rng)}"
-    return f"pattern g {{ {expr} }}"
+        expr = f"({expr}) {rng.choice(['|', '&', '-'])} {rng.choice(['', '~'])}{leaf()}"
+    if not grid:
+        return f"pattern g {{ {expr} }}"
+    y, x = rng.choice([(2, 3), (4, 4), (1, 5)])
+    heads = rng.choice(["", f"heads 0..{rng.randint(1, 3)}: causal; "])
+    return f"pattern g {{ layout grid(y = {y}, x = {x}); {heads}{expr} }}"
 
 
 def pipeline_cases(seed: int, count: int):
