@@ -489,6 +489,8 @@ def _argument(prim: str, param: ir.Param, expr: syntax.Expr, ev: _Evaluator) -> 
         value = ev.eval(expr, where=True)
         if not _is(value, "bool"):
             raise ev.type_error(f"where() needs a condition, got {_describe(value)}", expr)
+        if isinstance(value, ir.Expr):
+            _check_expr_depth(value, expr.span)
         return value
     value = ev.eval(expr)
     if isinstance(value, _Unknown):
@@ -712,6 +714,24 @@ def _check_extent(node: ir.Node, span: ir.Span) -> None:
                 f"the pattern has more than {MAX_NODES} primitives and operators once its lets are written "
                 "out where they are used",
                 span,
+            )
+
+
+def _check_expr_depth(expr: ir.Expr, span: ir.Span) -> None:
+    """Refuse a condition deeper than :data:`MAX_DEPTH` (a long flat ``q + q + ...`` is a deep binary tree)."""
+    depth: dict[int, int] = {}
+    stack = [(expr, False)]
+    while stack:
+        current, done = stack.pop()
+        kids = ir.expr_children(current)
+        if not done:
+            stack.append((current, True))
+            stack.extend((kid, False) for kid in kids if id(kid) not in depth)
+            continue
+        depth[id(current)] = 1 + max((depth[id(k)] for k in kids), default=0)
+        if depth[id(current)] > MAX_DEPTH:
+            raise PatternValueError(
+                f"the condition is more than {MAX_DEPTH} operations deep; write it with fewer operations", span
             )
 
 

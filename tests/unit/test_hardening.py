@@ -314,3 +314,12 @@ def test_public_functions_check_their_arguments(call, words):
 
 P = pd.compile("pattern p { causal }")
 X = torch.randn(1, 1, 4, 8)
+
+
+def test_a_long_integer_chain_in_a_condition_is_refused_at_the_condition():
+    source = "pattern p { where(" + " + ".join(["q"] * 3000) + " < k) }"
+    with pytest.raises(PatternValueError, match="more than 100 operations deep") as err:
+        pd.compile(source)
+    assert err.value.location == "<string>:1:19"
+    pattern = pd.compile("pattern p { where(" + " + ".join(["q"] * 90) + " < k * 91) }")
+    assert torch.equal(pattern.mask(8)[0], pd.compile("pattern p { where(90 * q < 91 * k) }").mask(8)[0])
