@@ -209,7 +209,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _load(args) -> Pattern:
     params = dict(parse_param(text) for text in args.param)
-    return load(args.file, name=args.pattern, **params)
+    try:
+        return load(args.file, name=args.pattern, **params)
+    except PatternError as err:
+        # The values came from the command line, not from Python keyword arguments.
+        message = err.message.replace("the keyword argument ", "--param ").replace(" passed from Python", "")
+        message = message.replace(" from Python)", " from --param)").replace("pass name=...", "pass --pattern NAME")
+        if message == err.message:
+            raise
+        raise type(err)(message, err.span, err.source) from None
 
 
 def _lengths(args, pattern: Pattern, stage: str) -> tuple[int, int]:

@@ -323,3 +323,16 @@ def test_a_long_integer_chain_in_a_condition_is_refused_at_the_condition():
     assert err.value.location == "<string>:1:19"
     pattern = pd.compile("pattern p { where(" + " + ".join(["q"] * 90) + " < k * 91) }")
     assert torch.equal(pattern.mask(8)[0], pd.compile("pattern p { where(90 * q < 91 * k) }").mask(8)[0])
+
+
+def test_the_cli_says_bad_values_came_from_param(tmp_path, capsys):
+    from patterndsl import cli
+
+    path = tmp_path / "p.pdsl"
+    path.write_text("pattern p(n = 2) { causal & window(n) }\npattern g { causal }\n")
+    assert cli.main(["show", str(path), "--pattern", "p", "--param", "n=-1", "--stage", "ir"]) == 1
+    assert "window before must be >= 0, got -1 (parameter 'n' = -1 from --param)" in capsys.readouterr().err
+    assert cli.main(["show", str(path), "--pattern", "p", "--param", "m=1", "--stage", "ir"]) == 1
+    assert "--param m= names no parameter of pattern 'p'" in capsys.readouterr().err
+    assert cli.main(["show", str(path), "--stage", "ir"]) == 1
+    assert "pass --pattern NAME to pick one" in capsys.readouterr().err
