@@ -245,7 +245,7 @@ def test_partial_masks_come_from_semantics(monkeypatch):
 def test_zero_length_sequences_are_a_pattern_error():
     pattern = _compile("causal")
     q, k, v = _inputs(1, 2, 2, 5, 0, 8, torch.float32)
-    with pytest.raises(patterndsl.PatternError, match="kv_len"):
+    with pytest.raises(patterndsl.PatternError, match="k and v have sequence length 0"):
         pattern(q, k, v)
 
 
