@@ -60,6 +60,8 @@ def backward(q, k, v, out, lse, dout, plan: BlockPlan, scale: float, dlse=None, 
     hkv, lk = k.shape[1], k.shape[2]
     dt = compute_dtype(q.dtype)
     opts = resolve(options)
+    if b == 0:
+        return q.new_zeros(q.shape), k.new_zeros(k.shape), v.new_zeros(v.shape)
     bm, bn = plan.block
     q_inv, k_inv = inverses(plan)
     # One head group without grouped-query sharing hands its buffers out directly.

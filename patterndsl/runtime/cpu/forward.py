@@ -53,17 +53,19 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: BlockPlan, 
 
     Returns:
         ``(out, lse)``: ``out`` ``[B, H, Lq, D]`` in ``q``'s dtype, ``lse`` ``[B, H, Lq]`` float32
-        (``-inf`` and a zero output for rows with no allowed key).
+        (float64 for float64 inputs; ``-inf`` and a zero output for rows with no allowed key).
     """
     b, h, lq, d = q.shape
     dt = compute_dtype(q.dtype)
     opts = resolve(options)
+    if b == 0:
+        return q.new_zeros(q.shape), torch.zeros(b, h, lq, dtype=dt)
     todo, work = units(plan, q, k, opts)
     # One unit over every head and batch element hands its buffers out directly, without a final copy.
     single = len(todo) == 1 and todo[0][0] == slice(None) and work is None
     # Gathered route work merges into the outputs afterwards: keep them in the compute dtype until then.
     out = None if single else torch.zeros(b, h, lq, d, dtype=q.dtype if work is None else dt)
-    lse = None if single else torch.full((b, h, lq), float("-inf"), dtype=torch.float32 if work is None else dt)
+    lse = None if single else torch.full((b, h, lq), float("-inf"), dtype=dt)
     bm, bn = plan.block
     q_inv, k_inv = inverses(plan)
     lq_pad, lk_pad = plan.n_q_tiles * bm, plan.n_kv_tiles * bn
@@ -86,7 +88,7 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: BlockPlan, 
             run(qp, kp, vp, op, lp, seg, plan.block, scale, opts)
         if single:
             out = from_tiles(op, lq, q_inv).to(q.dtype).contiguous()
-            lse = from_tiles(lp, lq, q_inv).to(torch.float32).contiguous()
+            lse = from_tiles(lp, lq, q_inv).contiguous()
         elif merge:
             rows_o, rows_l = take(out, bs, hd.q), take(lse, bs, hd.q)
             softmax.merge_into(rows_o, rows_l, from_tiles(op, lq, q_inv), from_tiles(lp, lq, q_inv))
@@ -99,7 +101,7 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: BlockPlan, 
         from patterndsl.runtime.cpu import gather
 
         gather.forward(q, k, v, out, lse, work, scale, opts)
-        out, lse = out.to(q.dtype), lse.to(torch.float32)
+        out = out.to(q.dtype)
     return out, lse
 
 
