@@ -86,3 +86,35 @@ def test_fake_lse_dtype_follows_the_inputs(dtype):
         fake_out, fake_lse = op.attention_fwd(fq, fq, fq, key, [], 0.5, "cpu")
     assert fake_lse.dtype == lse.dtype == op.lse_dtype(dtype)
     assert fake_out.dtype == out.dtype == dtype
+
+
+@pytest.mark.parametrize("kernel", ["fused", "math"])
+@pytest.mark.parametrize("what", ["k", "v", "kv"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_nan_in_the_last_key_stays_in_the_row_that_sees_it(kernel, what, value):
+    """The issue's case: causal at L = 40 with a non-finite last key. As with SDPA's is_causal, only the
+    last row sees it; every other row's output and gradient are finite and exact."""
+    from patterndsl.runtime import cpu
+
+    p = patterndsl.compile(CAUSAL)
+    gen = torch.Generator().manual_seed(11)
+    q, k, v = (torch.randn(1, 2, 40, 8, generator=gen, dtype=torch.float64) for _ in range(3))
+    kb, vb = k.clone(), v.clone()
+    for name in what:
+        (kb if name == "k" else vb)[0, 0, -1] = value
+    leaves = [t.clone().requires_grad_() for t in (q, kb, vb)]
+    with cpu.options(kernel=kernel):
+        out = p(*leaves)
+        (out[:, :, :-1] ** 2).sum().backward()
+    ref_leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref = torch.nn.functional.scaled_dot_product_attention(*ref_leaves, is_causal=True)
+    (ref[:, :, :-1] ** 2).sum().backward()
+    torch.testing.assert_close(out[:, :, :-1], ref[:, :, :-1], atol=1e-12, rtol=1e-12)
+    if value != value:
+        assert bool(torch.isnan(out[0, 0, -1]).any())
+    # Row 39 of head 0 attends every key, so only dQ of the other rows is defined there; head 1 holds
+    # no poison at all and must be exact everywhere.
+    dq, ref_dq = leaves[0].grad, ref_leaves[0].grad
+    torch.testing.assert_close(dq[:, 0, :-1], ref_dq[:, 0, :-1], atol=1e-12, rtol=1e-12)
+    for leaf, ref_leaf in zip(leaves, ref_leaves, strict=True):
+        torch.testing.assert_close(leaf.grad[:, 1], ref_leaf.grad[:, 1], atol=1e-12, rtol=1e-12)

@@ -14,7 +14,7 @@ visited per query), never L x L.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -25,11 +25,14 @@ from patterndsl.runtime.cpu.tuning import FLASH, CpuOptions, resolve
 from patterndsl.runtime.cpu.units import Heads, units
 from patterndsl.runtime.cpu.views import (
     chunks,
+    cleaned,
     compute_dtype,
+    finite,
     flat,
     from_tiles,
     inverses,
     kv_view,
+    matmul_seen,
     put,
     put_rows,
     q_view,
@@ -60,6 +63,12 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: BlockPlan, 
     opts = resolve(options)
     if b == 0:
         return q.new_zeros(q.shape), torch.zeros(b, h, lq, dtype=dt)
+    # Non-finite keys or values must not reach the rows that do not attend them: torch's fused kernel
+    # only adds -inf to the scores of blocked pairs (NaN + -inf is NaN, and 0 * NaN in P @ V is NaN),
+    # so such calls run the math kernel, which selects (masked_fill on the scores, cleaned V).
+    safe = not finite(k, v)
+    if safe:
+        opts = replace(opts, kernel="math")
     todo, work = units(plan, q, k, opts)
     # One unit over every head and batch element hands its buffers out directly, without a final copy.
     single = len(todo) == 1 and todo[0][0] == slice(None) and work is None
@@ -77,6 +86,7 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: BlockPlan, 
         qp = to_tiles(qb, hd.q, plan.q_order, q_inv is None, lq_pad, dt)
         kp = to_tiles(kb, hd.kv, plan.kv_order, k_inv is None, lk_pad, dt)
         vp = to_tiles(vb, hd.kv, plan.kv_order, k_inv is None, lk_pad, dt)
+        vp, vbad = cleaned(vp) if safe else (vp, None)
         # Every covered query tile is written by exactly one segment; only the others need clearing.
         op = torch.empty(nb, hd.count, lq_pad, d, dtype=dt)
         lp = torch.empty(nb, hd.count, lq_pad, dtype=dt)
@@ -85,7 +95,10 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: BlockPlan, 
             op.view(nb, hd.count, -1, bm, d)[:, :, idle] = 0
             lp.view(nb, hd.count, -1, bm)[:, :, idle] = float("-inf")
         for seg in sched.segments:
-            run(qp, kp, vp, op, lp, seg, plan.block, scale, opts)
+            if vbad is None:
+                run(qp, kp, vp, op, lp, seg, plan.block, scale, opts)
+            else:
+                _forward_math(qp, kp, vp, op, lp, seg, plan.block, scale, opts, vbad)
         if single:
             out = from_tiles(op, lq, q_inv).to(q.dtype).contiguous()
             lse = from_tiles(lp, lq, q_inv).contiguous()
@@ -205,7 +218,10 @@ def _forward_fused_step(qp, kp, vp, op, lp, seg: Segment, block, scale: float) -
     _emit(op, lp, seg, bm, o.unflatten(0, (b, h)), lse)
 
 
-def _forward_math(qp, kp, vp, op, lp, seg0: Segment, block, scale: float, opts: CpuOptions) -> None:
+def _forward_math(qp, kp, vp, op, lp, seg0: Segment, block, scale: float, opts: CpuOptions, vbad=None) -> None:
+    """Matmuls and an exact softmax; blocked pairs are selected out (``masked_fill``), so a non-finite key
+    there changes nothing, and with ``vbad`` (where the cleaned ``vp`` held non-finite values) neither
+    does a non-finite value (:func:`~patterndsl.runtime.cpu.views.matmul_seen`)."""
     bm, bn = block
     b, h = qp.shape[:2]
     for seg in chunks(seg0, b * h * bm * bn * qp.element_size(), opts.chunk_bytes):
@@ -215,7 +231,8 @@ def _forward_math(qp, kp, vp, op, lp, seg0: Segment, block, scale: float, opts: 
         s.sub_(m).exp_()
         den = s.sum(-1, keepdim=True)
         # Rows with no allowed key have den = 0 and a zero numerator: clamp makes them 0, not NaN.
-        o = torch.matmul(s, kv_view(vp, seg, bn)).div_(den.clamp(min=1.0))
+        vbad_seg = None if vbad is None else kv_view(vbad, seg, bn)
+        o = matmul_seen(s, kv_view(vp, seg, bn), vbad_seg).div_(den.clamp(min=1.0))
         _emit(op, lp, seg, bm, o, (m + den.log()).squeeze(-1))
 
 
