@@ -145,7 +145,11 @@ def check_poisoned_case(rng: random.Random, routes: bool = False) -> None:
     if only_nan:
         assert not bool(torch.isfinite(out[poisoned]).all(-1).any()), f"a query that attends NaN is finite\n{where}"
     use_dlse = rng.random() < 0.5
-    grads = cpu.backward(q, k_bad, v_bad, out, lse, dout, plan, scale, dlse=dlse if use_dlse else None, options=opts)
+    # A loss such as (out ** 2).sum() gives the poisoned rows a NaN output gradient.
+    dout_bad = dout.masked_fill(poisoned[..., None], float("nan")) if rng.random() < 0.5 else dout
+    grads = cpu.backward(
+        q, k_bad, v_bad, out, lse, dout_bad, plan, scale, dlse=dlse if use_dlse else None, options=opts
+    )
     finite = torch.isfinite(ref_lse)
     loss = (ref * dout).sum() + ((ref_lse.masked_fill(~finite, 0.0) * dlse).sum() if use_dlse else 0.0)
     want = torch.autograd.grad(loss, (qr, kr, vr), allow_unused=True)
