@@ -59,17 +59,24 @@ def backward(q, k, v, out, lse, dout, plan: BlockPlan, scale: float, dlse=None, 
         ``(dq, dk, dv)`` in the dtypes and shapes of ``q``, ``k``, ``v`` (``dk``/``dv`` summed
         over the query heads that share a key/value head).
     """
+    opts = resolve(options)
+    if q.shape[0] == 0:
+        return q.new_zeros(q.shape), k.new_zeros(k.shape), v.new_zeros(v.shape)
+    grads = _backward(q, k, v, out, lse, dout, plan, scale, dlse, opts, safe=False)
+    # Non-finite inputs or gradients must not reach the pairs the pattern blocks; the fast paths'
+    # additive masks let them (0 * NaN), but whatever they reach turns non-finite, so finite
+    # gradients are exact. Otherwise every segment runs again through _backward_select.
+    if not finite(*grads):
+        grads = _backward(q, k, v, out, lse, dout, plan, scale, dlse, opts, safe=True)
+    return grads
+
+
+def _backward(q, k, v, out, lse, dout, plan: BlockPlan, scale: float, dlse, opts: CpuOptions, safe: bool):
     b, h, lq, d = q.shape
     hkv, lk = k.shape[1], k.shape[2]
     dt = compute_dtype(q.dtype)
-    opts = resolve(options)
-    if b == 0:
-        return q.new_zeros(q.shape), k.new_zeros(k.shape), v.new_zeros(v.shape)
     bm, bn = plan.block
     q_inv, k_inv = inverses(plan)
-    # Non-finite inputs or gradients must not reach the pairs the pattern blocks: then every
-    # segment runs _backward_select (selects, cleaned operands) instead of the additive masks.
-    safe = not finite(q, k, v, out, dout)
     # One head group without grouped-query sharing hands its buffers out directly.
     direct = len(plan.groups) == 1 and h == hkv and not ir.is_dynamic(plan.groups[0].node)
     if not direct:

@@ -58,17 +58,25 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: BlockPlan, 
         ``(out, lse)``: ``out`` ``[B, H, Lq, D]`` in ``q``'s dtype, ``lse`` ``[B, H, Lq]`` float32
         (float64 for float64 inputs; ``-inf`` and a zero output for rows with no allowed key).
     """
-    b, h, lq, d = q.shape
+    b, h, lq, _ = q.shape
     dt = compute_dtype(q.dtype)
     opts = resolve(options)
     if b == 0:
         return q.new_zeros(q.shape), torch.zeros(b, h, lq, dtype=dt)
-    # Non-finite keys or values must not reach the rows that do not attend them: torch's fused kernel
-    # only adds -inf to the scores of blocked pairs (NaN + -inf is NaN, and 0 * NaN in P @ V is NaN),
-    # so such calls run the math kernel, which selects (masked_fill on the scores, cleaned V).
-    safe = not finite(k, v)
-    if safe:
-        opts = replace(opts, kernel="math")
+    out, lse = _forward(q, k, v, plan, scale, opts, safe=False)
+    # Non-finite keys or values must not reach the rows that do not attend them, but torch's fused
+    # kernel only adds -inf to the scores of blocked pairs (NaN + -inf is NaN, and 0 * NaN in P @ V
+    # is NaN). Whatever a non-finite input reaches turns non-finite, so a finite result is exact;
+    # otherwise the call runs again selecting (the math kernel: masked_fill on the scores, cleaned V).
+    # Checking the output, not the inputs, keeps finite calls at one pass over ``out``.
+    if not (finite(out) and not bool(torch.isnan(lse.sum()))):
+        out, lse = _forward(q, k, v, plan, scale, replace(opts, kernel="math"), safe=True)
+    return out, lse
+
+
+def _forward(q, k, v, plan: BlockPlan, scale: float, opts: CpuOptions, safe: bool):
+    b, h, lq, d = q.shape
+    dt = compute_dtype(q.dtype)
     todo, work = units(plan, q, k, opts)
     # One unit over every head and batch element hands its buffers out directly, without a final copy.
     single = len(todo) == 1 and todo[0][0] == slice(None) and work is None
