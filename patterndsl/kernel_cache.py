@@ -9,17 +9,21 @@ then ``config.cache_dir() / "kernels" / KEY.py``, then generate. Files are
 written under a temporary name and moved into place with ``os.replace``, so
 concurrent writers of the same key all succeed and readers never see half a
 file; the first line holds a sha256 of the rest, so a truncated or corrupted
-entry is detected and rebuilt.
+entry is detected and rebuilt. The cache is only a cache: when it cannot be read or
+written (read-only, full, a directory where an entry belongs) the kernel is rendered
+and kept in memory, with one warning per directory.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-import importlib.util
+import linecache
 import os
 import tempfile
 import threading
 import uuid
+import warnings
 from collections import Counter
 from pathlib import Path
 from types import ModuleType
@@ -29,19 +33,27 @@ from patterndsl import config
 _HEADER = "# patterndsl-cache sha256="
 _lock = threading.Lock()
 _modules: dict[tuple[str, bool], ModuleType] = {}
+_warned: set[Path] = set()
 #: Counts of ``memory`` hits, ``disk`` hits, ``built`` entries and ``rebuilt`` corrupted ones.
 stats: Counter = Counter()
 
 
 def kernel_dir() -> Path:
-    """The directory holding generated kernel files (created on demand)."""
+    """The directory holding generated kernel files (created on demand).
+
+    ``$PATTERNDSL_CACHE_DIR/kernels``, or a private temporary directory when that cannot be
+    created. Whether it can be written is found out by writing (:func:`write_entry` failures
+    are not errors: the kernel is then kept in memory).
+    """
     path = config.cache_dir() / "kernels"
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError:
         # A read-only cache location must not stop attention from running.
         path = Path(tempfile.gettempdir()) / f"patterndsl-kernels-{os.getuid()}"
-        path.mkdir(parents=True, exist_ok=True)
+        # If even that fails, reads miss and writes fail: every kernel is built and kept in memory.
+        with contextlib.suppress(OSError):
+            path.mkdir(parents=True, exist_ok=True)
     return path
 
 
@@ -79,6 +91,10 @@ def write_entry(path: Path, source: str) -> None:
     Args:
         path: the entry file.
         source: the generated source.
+
+    Raises:
+        OSError: when the entry cannot be written (a read-only or full disk, a directory in its
+            place); the temporary file is removed and the entry, if any, is left as it was.
     """
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
     try:
@@ -88,25 +104,53 @@ def write_entry(path: Path, source: str) -> None:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     finally:
-        if tmp.exists():
+        with contextlib.suppress(OSError):
             tmp.unlink()
 
 
-def _import(key: str, path: Path, interpret: bool) -> ModuleType:
+def _import(key: str, source: str, filename: str, interpret: bool) -> ModuleType:
+    """Run ``source`` as the module of ``key``, whatever happens to the file named ``filename`` meanwhile.
+
+    ``@triton.jit`` reads a kernel's text through :mod:`inspect`, i.e. :mod:`linecache`: the text
+    is registered there under ``filename`` (with no modification time, so it is never re-read from
+    disk), so the module runs the source checked here even if the file is changed, removed or was
+    never written (an unwritable cache).
+    """
     import triton
 
-    name = f"patterndsl_kernels_{key}"
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
+    module = ModuleType(f"patterndsl_kernels_{key}")
+    module.__file__ = filename
+    linecache.cache[filename] = (len(source), None, source.splitlines(keepends=True), filename)
+    code = compile(source, filename, "exec")
     # ``@triton.jit`` picks interpreter or compiler when the module body runs.
     with triton.knobs.runtime.scope():
         triton.knobs.runtime.interpret = interpret
-        spec.loader.exec_module(module)
+        exec(code, module.__dict__)
     return module
+
+
+def _store(path: Path, source: str) -> bool:
+    """Write the entry, or warn (once per directory) and carry on when the cache cannot take it."""
+    try:
+        write_entry(path, source)
+        return True
+    except OSError as exc:
+        if path.parent not in _warned:
+            _warned.add(path.parent)
+            warnings.warn(
+                f"patterndsl: cannot write the kernel cache in {path.parent} ({exc}); kernels are kept in memory",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+        return False
 
 
 def source_for(spec, render) -> str:
     """The source of ``spec`` from disk when a valid entry exists, else freshly rendered and stored.
+
+    Every cache failure (an unreadable, unwritable, corrupted or full cache, a directory in the
+    entry's place) degrades to a fresh render with at most a warning; a bad entry is replaced
+    atomically or left alone, never written in place.
 
     Args:
         spec: a :class:`patterndsl.codegen.KernelSpec`.
@@ -115,15 +159,21 @@ def source_for(spec, render) -> str:
     Returns:
         The source text.
     """
-    path = entry_path(spec.key)
+    return _source(spec, render, entry_path(spec.key))[0]
+
+
+def _source(spec, render, path: Path) -> tuple[str, bool]:
     source = read_entry(path)
     if source is not None:
         stats["disk"] += 1
-        return source
-    stats["rebuilt" if path.exists() else "built"] += 1
+        return source, True
+    try:
+        damaged = path.exists() or path.is_symlink()
+    except OSError:
+        damaged = True
+    stats["rebuilt" if damaged else "built"] += 1
     source = render(spec)
-    write_entry(path, source)
-    return source
+    return source, _store(path, source)
 
 
 def load(spec, render, interpret: bool | None = None) -> ModuleType:
@@ -136,7 +186,9 @@ def load(spec, render, interpret: bool | None = None) -> ModuleType:
             ``False`` gives compiled-mode functions for ahead-of-time builds.
 
     Returns:
-        The module (memory entries are kept apart per mode).
+        The module (memory entries are kept apart per mode). Its source is the one that was
+        checked (a valid entry) or rendered, never re-read from a file another process may change;
+        when the cache could not store it, it is named ``<patterndsl-kernel KEY>`` instead of a file.
     """
     interpret = config.triton_interpret() if interpret is None else interpret
     mem_key = (spec.key, interpret)
@@ -145,13 +197,9 @@ def load(spec, render, interpret: bool | None = None) -> ModuleType:
         if module is not None:
             stats["memory"] += 1
             return module
-        source_for(spec, render)
         path = entry_path(spec.key)
-        module = _import(spec.key, path, interpret)
-        if read_entry(path) is None:
-            # Another writer or a disk fault changed the file under us: rebuild once more.
-            write_entry(path, render(spec))
-            module = _import(spec.key, path, interpret)
+        source, on_disk = _source(spec, render, path)
+        module = _import(spec.key, source, str(path) if on_disk else f"<patterndsl-kernel {spec.key}>", interpret)
         _modules[mem_key] = module
         return module
 

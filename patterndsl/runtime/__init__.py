@@ -62,7 +62,8 @@ def attention(q, k, v, pattern, scale=None, return_lse=False, backend="auto"):
             ``v`` may have a head size of its own, as in SDPA (``out`` then has it).
         pattern: a :class:`patterndsl.Pattern`.
         scale: softmax scale, default ``head_dim ** -0.5``.
-        return_lse: also return the log-sum-exp ``[batch, heads, Lq]`` (float32, natural log).
+        return_lse: also return the log-sum-exp ``[batch, heads, Lq]`` (float32, float64 for float64
+            inputs, natural log).
         backend: ``"auto"`` (by device), ``"triton"`` or ``"cpu"``. ``"cpu"`` with CUDA tensors
             is an error (no silent device copies).
 

@@ -27,6 +27,11 @@ from patterndsl.errors import BackendError
 from patterndsl.runtime import plans, validate
 
 
+def lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The log-sum-exp's dtype for inputs of ``dtype``: float64 for float64 inputs, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def _backend_module(backend: str, plan=None):
     if backend == "cpu":
         from patterndsl.runtime import cpu
@@ -91,11 +96,15 @@ def _attention_fwd_impl(q, k, v, plan_key, data, scale, backend):
         backend: ``"cpu"`` or ``"triton"``.
 
     Returns:
-        ``(out [B, H, Lq, D] in q's dtype, lse [B, H, Lq] float32)``, both contiguous.
+        ``(out [B, H, Lq, D] in q's dtype, lse [B, H, Lq] float32, float64 for float64 inputs)``, both
+        contiguous.
     """
     plan = _plan(q, k, v, plan_key, backend)
+    if q.shape[0] == 0:
+        # A zero batch has nothing to run: empty outputs, on every backend.
+        return q.new_zeros(q.shape), q.new_zeros(q.shape[:3], dtype=lse_dtype(q.dtype))
     out, lse = _run(_backend_module(backend, plan), "forward", q, k, v, plan, scale, data=data)
-    return out.contiguous(), lse.to(torch.float32).contiguous()
+    return out.contiguous(), lse.to(lse_dtype(q.dtype)).contiguous()
 
 
 @torch.library.register_fake("patterndsl::attention_fwd")
@@ -103,7 +112,7 @@ def _attention_fwd_fake(q, k, v, plan_key, data, scale, backend):
     # new_empty, not empty_like: the real op returns contiguous tensors whatever q's strides
     # (a transposed [B, L, H, D] view, an expanded or sliced tensor).
     b, h, lq, d = q.shape
-    return q.new_empty((b, h, lq, d)), q.new_empty((b, h, lq), dtype=torch.float32)
+    return q.new_empty((b, h, lq, d)), q.new_empty((b, h, lq), dtype=lse_dtype(q.dtype))
 
 
 @torch.library.impl("patterndsl::attention_bwd", ["cpu", "cuda"])
@@ -119,6 +128,8 @@ def _attention_bwd_impl(dout, dlse, q, k, v, out, lse, plan_key, data, scale, ba
         ``(dq, dk, dv)`` shaped and typed like ``q``, ``k``, ``v``, contiguous.
     """
     plan = _plan(q, k, v, plan_key, backend)
+    if q.shape[0] == 0:
+        return q.new_zeros(q.shape), k.new_zeros(k.shape), v.new_zeros(v.shape)
     grads = _run(_backend_module(backend, plan), "backward", q, k, v, out, lse, dout, plan, scale, dlse=dlse, data=data)
     return tuple(g.to(x.dtype).contiguous() for g, x in zip(grads, (q, k, v), strict=True))
 

@@ -75,7 +75,7 @@ def _data(b, h, hkv, lq, lk, d, dtype, seed):
 def _check(p, q, k, v, atol, scale=None):
     q, k, v = (t.detach().requires_grad_(True) for t in (q, k, v))
     out, lse = p(q, k, v, scale=scale, return_lse=True, backend="cpu")
-    assert out.dtype == q.dtype and lse.dtype == torch.float32
+    assert out.dtype == q.dtype and lse.dtype == (torch.float64 if q.dtype == torch.float64 else torch.float32)
     mask = p.mask(q.shape[2], k.shape[2], q.shape[1], q=q, k=k)
     q64, k64, v64 = (t.detach().double().requires_grad_(True) for t in (q, k, v))
     ref, ref_lse = reference_attention(q64, k64, v64, mask, scale)

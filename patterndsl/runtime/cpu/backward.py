@@ -24,11 +24,14 @@ from patterndsl.runtime.cpu.units import Heads, units
 from patterndsl.runtime.cpu.views import (
     add_keys,
     chunks,
+    cleaned,
     compute_dtype,
+    finite,
     flat,
     from_tiles,
     inverses,
     kv_view,
+    matmul_seen,
     put,
     put_rows,
     q_view,
@@ -56,10 +59,22 @@ def backward(q, k, v, out, lse, dout, plan: BlockPlan, scale: float, dlse=None, 
         ``(dq, dk, dv)`` in the dtypes and shapes of ``q``, ``k``, ``v`` (``dk``/``dv`` summed
         over the query heads that share a key/value head).
     """
+    opts = resolve(options)
+    if q.shape[0] == 0:
+        return q.new_zeros(q.shape), k.new_zeros(k.shape), v.new_zeros(v.shape)
+    grads = _backward(q, k, v, out, lse, dout, plan, scale, dlse, opts, safe=False)
+    # Non-finite inputs or gradients must not reach the pairs the pattern blocks; the fast paths'
+    # additive masks let them (0 * NaN), but whatever they reach turns non-finite, so finite
+    # gradients are exact. Otherwise every segment runs again through _backward_select.
+    if not finite(*grads):
+        grads = _backward(q, k, v, out, lse, dout, plan, scale, dlse, opts, safe=True)
+    return grads
+
+
+def _backward(q, k, v, out, lse, dout, plan: BlockPlan, scale: float, dlse, opts: CpuOptions, safe: bool):
     b, h, lq, d = q.shape
     hkv, lk = k.shape[1], k.shape[2]
     dt = compute_dtype(q.dtype)
-    opts = resolve(options)
     bm, bn = plan.block
     q_inv, k_inv = inverses(plan)
     # One head group without grouped-query sharing hands its buffers out directly.
@@ -78,7 +93,7 @@ def backward(q, k, v, out, lse, dout, plan: BlockPlan, scale: float, dlse=None, 
     extra = {"delta": delta, "lse": lse_inf, "lse2": lse_inf * _LOG2E}
     # Gathered segments run torch's fused kernel, which computes delta itself and cannot take a
     # gradient on lse; any finite lse gives it P = 0 on rows whose scores are all -inf.
-    fused = opts.fused and (dlse is None or not bool(dlse.any()))
+    fused = opts.fused and not safe and (dlse is None or not bool(dlse.any()))
     if fused:
         extra["lse0"] = lse.to(dt).masked_fill(empty, 0.0)
     todo, work = units(plan, q, k, opts)
@@ -94,6 +109,9 @@ def backward(q, k, v, out, lse, dout, plan: BlockPlan, scale: float, dlse=None, 
             "k": to_tiles(k[bs], hd.kv, plan.kv_order, k_id, lk_pad, dt),
             "v": to_tiles(v[bs], hd.kv, plan.kv_order, k_id, lk_pad, dt),
         }
+        if safe:
+            for name in ("q", "do", "k", "v"):
+                t[name], t["bad_" + name] = cleaned(t[name])
         gathered = any(seg.affine is None for seg in sched.segments)
         if fused and gathered:
             t["o"] = to_tiles(out[bs], hd.q, plan.q_order, q_id, lq_pad, dt)
@@ -105,7 +123,9 @@ def backward(q, k, v, out, lse, dout, plan: BlockPlan, scale: float, dlse=None, 
         if sched.idle_q_tiles.numel():
             t["dq"].view(nb, hd.count, -1, bm, d)[:, :, sched.idle_q_tiles] = 0
         for seg in sched.segments:
-            if seg.affine is not None:
+            if safe:
+                _backward_select(t, seg, plan.block, scale, opts)
+            elif seg.affine is not None:
                 _backward_affine(t, seg, plan.block, scale, opts)
             else:
                 (_backward_fused if fused else _backward_math)(t, seg, plan.block, scale, opts)
@@ -294,3 +314,33 @@ def _backward_math(t: dict, seg0: Segment, block, scale: float, opts: CpuOptions
         put_rows(t["dq"], seg, bm, torch.matmul(ds, kc).mul_(scale))
         # qc carries the scale, so this is scale * dS^T Q.
         add_keys(t["dk"], seg, bn, torch.matmul(ds.transpose(-1, -2), qc))
+
+
+def _backward_select(t: dict, seg0: Segment, block, scale: float, opts: CpuOptions) -> None:
+    """The backward of any segment when some input or gradient is not finite: blocked pairs are selected out.
+
+    ``P`` and ``dS`` are set to exactly 0 on blocked pairs after they are computed (a row whose
+    ``lse`` or ``delta`` is NaN would otherwise give NaN there), and every product reads the cleaned
+    operands ``t[name]`` (non-finite values replaced by 0) with ``t["bad_" + name]`` marking where
+    they were (:func:`~patterndsl.runtime.cpu.views.matmul_seen`): a NaN reaches exactly the
+    gradients of the pairs that read it. Handles affine, gathered and ``merge`` segments alike.
+    """
+    bm, bn = block
+    b, h = t["q"].shape[:2]
+    for seg in chunks(seg0, b * h * bm * bn * t["q"].element_size(), opts.chunk_bytes):
+        qc, doc = q_view(t["q"], seg, bm), q_view(t["do"], seg, bm)
+        kc, vc = kv_view(t["k"], seg, bn), kv_view(t["v"], seg, bn)
+        bad = {name: None if t["bad_" + name] is None else view(t["bad_" + name], seg, size)
+               for name, view, size in (("q", q_view, bm), ("do", q_view, bm), ("k", kv_view, bn))}  # fmt: skip
+        p = scores(qc * scale, kc, seg)
+        p.sub_(q_view(t["lse"][..., None], seg, bm)).exp_()
+        ds = torch.matmul(doc, vc.transpose(-1, -2)).sub_(q_view(t["delta"][..., None], seg, bm)).mul_(p)
+        if seg.blocked is not None:
+            p.masked_fill_(seg.blocked, 0.0)
+            ds.masked_fill_(seg.blocked, 0.0)
+        add_keys(t["dv"], seg, bn, matmul_seen(p.transpose(-1, -2), doc, bad["do"]))
+        add_keys(t["dk"], seg, bn, matmul_seen(ds.transpose(-1, -2), qc, bad["q"]).mul_(scale))
+        dq = matmul_seen(ds, kc, bad["k"]).mul_(scale)
+        if seg.merge:
+            dq += q_view(t["dq"], seg, bm)
+        put_rows(t["dq"], seg, bm, dq)

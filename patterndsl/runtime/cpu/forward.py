@@ -9,12 +9,14 @@ flash-attention kernel on the segment's ``[batch*heads, tiles, rows, D]`` views 
 batched matmuls with an exact two-pass softmax in chunks of ``chunk_bytes`` (``kernel =
 "math"``). ``merge`` segments, merge units and the gathered ``route`` work combine with what the
 rows hold by log-sum-exp (:func:`patterndsl.runtime.softmax.merge_into`). Memory is O(Lq * keys
-visited per query), never L x L.
+visited per query), never L x L. A blocked pair never influences an output: when a call's result is
+not finite it runs again selecting (math kernel, ``masked_fill`` on scores, cleaned values), so a
+NaN or Inf in a key or value reaches exactly the rows that attend it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -25,11 +27,14 @@ from patterndsl.runtime.cpu.tuning import FLASH, CpuOptions, resolve
 from patterndsl.runtime.cpu.units import Heads, units
 from patterndsl.runtime.cpu.views import (
     chunks,
+    cleaned,
     compute_dtype,
+    finite,
     flat,
     from_tiles,
     inverses,
     kv_view,
+    matmul_seen,
     put,
     put_rows,
     q_view,
@@ -53,17 +58,33 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: BlockPlan, 
 
     Returns:
         ``(out, lse)``: ``out`` ``[B, H, Lq, D]`` in ``q``'s dtype, ``lse`` ``[B, H, Lq]`` float32
-        (``-inf`` and a zero output for rows with no allowed key).
+        (float64 for float64 inputs; ``-inf`` and a zero output for rows with no allowed key).
     """
-    b, h, lq, d = q.shape
+    b, h, lq, _ = q.shape
     dt = compute_dtype(q.dtype)
     opts = resolve(options)
+    if b == 0:
+        return q.new_zeros(q.shape), torch.zeros(b, h, lq, dtype=dt)
+    out, lse = _forward(q, k, v, plan, scale, opts, safe=False)
+    # Non-finite keys or values must not reach the rows that do not attend them, but torch's fused
+    # kernel only adds -inf to the scores of blocked pairs (NaN + -inf is NaN, and 0 * NaN in P @ V
+    # is NaN). Whatever a non-finite input reaches turns non-finite, so a finite result is exact;
+    # otherwise the call runs again selecting (the math kernel: masked_fill on the scores, cleaned V).
+    # Checking the output, not the inputs, keeps finite calls at one pass over ``out``.
+    if not (finite(out) and not bool(torch.isnan(lse.sum()))):
+        out, lse = _forward(q, k, v, plan, scale, replace(opts, kernel="math"), safe=True)
+    return out, lse
+
+
+def _forward(q, k, v, plan: BlockPlan, scale: float, opts: CpuOptions, safe: bool):
+    b, h, lq, d = q.shape
+    dt = compute_dtype(q.dtype)
     todo, work = units(plan, q, k, opts)
     # One unit over every head and batch element hands its buffers out directly, without a final copy.
     single = len(todo) == 1 and todo[0][0] == slice(None) and work is None
     # Gathered route work merges into the outputs afterwards: keep them in the compute dtype until then.
     out = None if single else torch.zeros(b, h, lq, d, dtype=q.dtype if work is None else dt)
-    lse = None if single else torch.full((b, h, lq), float("-inf"), dtype=torch.float32 if work is None else dt)
+    lse = None if single else torch.full((b, h, lq), float("-inf"), dtype=dt)
     bm, bn = plan.block
     q_inv, k_inv = inverses(plan)
     lq_pad, lk_pad = plan.n_q_tiles * bm, plan.n_kv_tiles * bn
@@ -75,6 +96,7 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: BlockPlan, 
         qp = to_tiles(qb, hd.q, plan.q_order, q_inv is None, lq_pad, dt)
         kp = to_tiles(kb, hd.kv, plan.kv_order, k_inv is None, lk_pad, dt)
         vp = to_tiles(vb, hd.kv, plan.kv_order, k_inv is None, lk_pad, dt)
+        vp, vbad = cleaned(vp) if safe else (vp, None)
         # Every covered query tile is written by exactly one segment; only the others need clearing.
         op = torch.empty(nb, hd.count, lq_pad, d, dtype=dt)
         lp = torch.empty(nb, hd.count, lq_pad, dtype=dt)
@@ -83,10 +105,13 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: BlockPlan, 
             op.view(nb, hd.count, -1, bm, d)[:, :, idle] = 0
             lp.view(nb, hd.count, -1, bm)[:, :, idle] = float("-inf")
         for seg in sched.segments:
-            run(qp, kp, vp, op, lp, seg, plan.block, scale, opts)
+            if vbad is None:
+                run(qp, kp, vp, op, lp, seg, plan.block, scale, opts)
+            else:
+                _forward_math(qp, kp, vp, op, lp, seg, plan.block, scale, opts, vbad)
         if single:
             out = from_tiles(op, lq, q_inv).to(q.dtype).contiguous()
-            lse = from_tiles(lp, lq, q_inv).to(torch.float32).contiguous()
+            lse = from_tiles(lp, lq, q_inv).contiguous()
         elif merge:
             rows_o, rows_l = take(out, bs, hd.q), take(lse, bs, hd.q)
             softmax.merge_into(rows_o, rows_l, from_tiles(op, lq, q_inv), from_tiles(lp, lq, q_inv))
@@ -99,7 +124,7 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: BlockPlan, 
         from patterndsl.runtime.cpu import gather
 
         gather.forward(q, k, v, out, lse, work, scale, opts)
-        out, lse = out.to(q.dtype), lse.to(torch.float32)
+        out = out.to(q.dtype)
     return out, lse
 
 
@@ -203,7 +228,10 @@ def _forward_fused_step(qp, kp, vp, op, lp, seg: Segment, block, scale: float) -
     _emit(op, lp, seg, bm, o.unflatten(0, (b, h)), lse)
 
 
-def _forward_math(qp, kp, vp, op, lp, seg0: Segment, block, scale: float, opts: CpuOptions) -> None:
+def _forward_math(qp, kp, vp, op, lp, seg0: Segment, block, scale: float, opts: CpuOptions, vbad=None) -> None:
+    """Matmuls and an exact softmax; blocked pairs are selected out (``masked_fill``), so a non-finite key
+    there changes nothing, and with ``vbad`` (where the cleaned ``vp`` held non-finite values) neither
+    does a non-finite value (:func:`~patterndsl.runtime.cpu.views.matmul_seen`)."""
     bm, bn = block
     b, h = qp.shape[:2]
     for seg in chunks(seg0, b * h * bm * bn * qp.element_size(), opts.chunk_bytes):
@@ -213,7 +241,8 @@ def _forward_math(qp, kp, vp, op, lp, seg0: Segment, block, scale: float, opts: 
         s.sub_(m).exp_()
         den = s.sum(-1, keepdim=True)
         # Rows with no allowed key have den = 0 and a zero numerator: clamp makes them 0, not NaN.
-        o = torch.matmul(s, kv_view(vp, seg, bn)).div_(den.clamp(min=1.0))
+        vbad_seg = None if vbad is None else kv_view(vbad, seg, bn)
+        o = matmul_seen(s, kv_view(vp, seg, bn), vbad_seg).div_(den.clamp(min=1.0))
         _emit(op, lp, seg, bm, o, (m + den.log()).squeeze(-1))
 
 
