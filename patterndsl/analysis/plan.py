@@ -190,6 +190,7 @@ class PlanStats:
     tiles_dynamic: int = 0
     visited_pairs: int = 0  # pairs inside visited (non-empty) tiles, clipped to the lengths
     tiles_evaluated: int = 0  # tiles whose state needed element-wise evaluation
+    elements_evaluated: int = 0  # (query, key) pairs evaluated element-wise, for tile states and counts
     plan_seconds: float = 0.0
     extra: dict = field(default_factory=dict)
 

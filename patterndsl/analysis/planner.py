@@ -219,6 +219,7 @@ def _assemble(pir, cand: _Candidate, groups, head_group, sizes: Sizes, bm, bn, s
         stats.tiles_dynamic += int((state == eng.DYNAMIC).sum()) * nh
         stats.tiles_empty += (nqb * nkb - len(keys)) * nh
         evaluated += engine.tally.evaluated
+        stats.elements_evaluated += engine.tally.elements
         counted_tiles = stats.extra.get("tiles_counted_by_evaluation", 0) + engine.tally.counted
         stats.extra["tiles_counted_by_evaluation"] = counted_tiles
         tl = _tile_list(m, n, state, nqb, nkb)
@@ -279,7 +280,7 @@ def describe(plan: BlockPlan) -> str:
         f"visited pairs: {s.visited_pairs}",
         f"block efficiency: {s.block_efficiency:.4f} (allowed / visited)",
         "estimated forward FLOPs (head_dim 64, batch 1): " + ", ".join(f"{k} {v:.3g}" for k, v in s.flops(64).items()),
-        f"tiles evaluated element-wise: {s.tiles_evaluated}",
+        f"tiles evaluated element-wise: {s.tiles_evaluated} ({s.elements_evaluated} elements)",
         f"closed-form bounds: {sum(g.forms is not None for g in plan.groups)} of {len(plan.groups)} groups",
         f"plan time: {s.plan_seconds * 1e3:.2f} ms",
     ]

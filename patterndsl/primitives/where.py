@@ -14,6 +14,7 @@ import torch
 from patterndsl import ir
 from patterndsl import semantics as sem
 from patterndsl.errors import PatternTypeError, PatternValueError
+from patterndsl.primitives import intervals
 from patterndsl.primitives.common import BIG, cdiv, exact, fdiv, param
 from patterndsl.primitives.registry import Primitive, register
 from patterndsl.printer import expr_to_source
@@ -136,7 +137,10 @@ def _where_classify(prim, qp, kp, env):
     hp = halfplane_of(pred, env)
     if hp is not None:
         return _halfplane(qp, kp, *hp)
-    return None
+    # Any other predicate: interval bounds over the pieces' hulls settle the pairs where the
+    # predicate cannot be true or cannot be false; the engine refines the rest.
+    can_true, can_false, sound = intervals.decide(pred, intervals.pieces_boxes(qp, kp), env)
+    return can_true, ~can_false, sound & ~(can_true & can_false)
 
 
 def _where_keys(prim, qlo, qhi, qalo, qahi, env):

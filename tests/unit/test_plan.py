@@ -220,13 +220,22 @@ def test_no_dense_tensor_for_long_sparse_patterns():
     assert plan.stats.allowed_pairs == sum(min(i, 127) + 1 for i in range(1 << 18))
 
 
-def test_evaluate_counts_ambiguous_tiles():
-    # two partial operands in one tile: the union must be evaluated there
+def test_ambiguous_union_is_settled_by_boxes():
+    # two partial operands in one tile: refining the tile into boxes decides the union symbolically
     p = pd.compile("pattern t { where(q % 2 == 0) | where(q % 2 == 1) }")
     plan, _, ref = reference(p, 32, block=(8, 8), order="identity")
     assert torch.equal(plan.tiles(), ref)
     assert (ref == 2).all()
+    assert plan.stats.tiles_evaluated == 0 and plan.stats.elements_evaluated == 0
+
+
+def test_evaluate_counts_ambiguous_tiles():
+    # a predicate no box smaller than the tile decides: the tiles are evaluated, and counted
+    p = pd.compile("pattern t { where((q * k) % 3 == 0) | where((q * k) % 3 == 1) }")
+    plan, _, ref = reference(p, 64, block=(32, 32), order="identity")
+    assert torch.equal(plan.tiles(), ref)
     assert plan.stats.tiles_evaluated > 0
+    assert 0 < plan.stats.elements_evaluated <= 2 * 4 * 32 * 32
 
 
 def test_semantic_context_matches_plan_ir():
