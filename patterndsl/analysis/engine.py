@@ -95,10 +95,12 @@ class Tally:
 class _Caches:
     """What an engine computes once for its sides and sizes: shared by the engines derived from it."""
 
-    __slots__ = ("bounds", "chains", "memo", "routes")
+    __slots__ = ("bounds", "chains", "memo", "reach", "routes")
 
     def __init__(self):
         self.bounds = None
+        #: ``{primitive: tiles it reaches, or None when that is not cheap to count}``.
+        self.reach: dict[ir.Prim, int | None] = {}
         #: ``{node: {tile key: (some allowed, some not, allowed pairs)}}`` of tiles evaluated element-wise.
         self.memo: dict[ir.Node, dict[int, tuple[bool, bool, int]]] = {}
         self.chains = None
@@ -189,6 +191,18 @@ class Engine:
             return self._route(node, domain)
         return self._prim(node, domain)
 
+    def _reach(self, node: ir.Node) -> tuple[int, int]:
+        """Sort key inside an intersection: the tiles a primitive reaches (counted by :meth:`search`
+        when its boundary is narrow), then the rough rank of :func:`_cost`; fewest first."""
+        if isinstance(node, ir.Prim) and not primitives.lookup(node.name).dynamic and node not in (ir.FULL, ir.EMPTY):
+            count = self._caches.reach.get(node, -1)
+            if count == -1:
+                count = self.search(self.prim_decide(node), count_only=True)
+                self._caches.reach[node] = count
+            if count is not None:
+                return count, _cost(node)
+        return self.nqb * self.nkb + 1, _cost(node)
+
     def _operand(self, parent: ir.Node, item: ir.Node, domain):
         # Under a node with a route, an open tile cannot wait for the node (it is not evaluated
         # statically there): operands are settled first.
@@ -231,6 +245,136 @@ class Engine:
             parts.append(m * self.nkb + n)
         keys = np.concatenate(parts) if parts else np.zeros(0, np.int64)
         return np.unique(keys) if len(chains) > 1 else keys
+
+    def bounds(self):
+        """``((qlo, qhi, qalo, qahi), (klo, khi, kalo, kahi))``: per tile, flattened and per-axis position bounds."""
+        return self._bounds()
+
+    def prim_decide(self, prim: ir.Prim):
+        """A ``decide`` for :meth:`search` from the primitive's tile rule, applied to hull boxes.
+
+        A hull holds every position of the tiles under it (and maybe more): a rule's "none
+        allowed" or "all allowed" on the hull holds for those tiles too.
+        """
+        one = None
+
+        def decide(box):
+            nonlocal one
+            if box.qalo is None:
+                qb = _BoxSide(
+                    box.qlo[:, None], np.ones((len(box.qlo), 1), np.int64), (box.qhi - box.qlo + 1)[:, None], self.q
+                )
+                kb = _BoxSide(
+                    box.klo[:, None], np.ones((len(box.klo), 1), np.int64), (box.khi - box.klo + 1)[:, None], self.k
+                )
+            else:
+                qb = _BoxSide(box.qalo, np.ones_like(box.qalo), box.qahi - box.qalo + 1, self.q)
+                kb = _BoxSide(box.kalo, np.ones_like(box.kalo), box.kahi - box.kalo + 1, self.k)
+            nonempty, full, ok = cls.classify(prim, qb.pieces(), kb.pieces(), self.env)
+            return nonempty | ~ok, ~full | ~ok, np.ones(len(nonempty), bool)
+
+        return decide
+
+    def node_decide(self, node: ir.Node):
+        """A ``decide`` for :meth:`search` for a whole node: its primitives' rules, combined three-valued."""
+        if isinstance(node, ir.Not):
+            inner = self.node_decide(node.item)
+
+            def negate(box):
+                t, f, ok = inner(box)
+                return f, t, ok
+
+            return negate
+        if isinstance(node, (ir.Inter, ir.Union)):
+            parts = [self.node_decide(item) for item in node.items]
+            conj = isinstance(node, ir.Inter)
+
+            def combine(box):
+                got = [p(box) for p in parts]
+                t = np.stack([g[0] for g in got])
+                f = np.stack([g[1] for g in got])
+                ok = np.logical_and.reduce([g[2] for g in got])
+                return (t.all(0), f.any(0), ok) if conj else (t.any(0), f.all(0), ok)
+
+            return combine
+        if primitives.lookup(node.name).dynamic:
+            return lambda box: (np.ones(len(box.qlo), bool),) * 3
+        return self.prim_decide(node)
+
+    def search(self, decide, count_only: bool = False) -> np.ndarray | int | None:
+        """Candidate tiles by branch and bound over key-tile ranges, per query tile.
+
+        A binary tree over the key tiles holds each node's hull (position bounds); per query
+        tile, a node whose hull the predicate surely fails is dropped, one it surely holds on
+        is taken whole, and the others are split, so the work follows the boundary of the
+        allowed region (about ``nqb * log(nkb)`` boxes), not ``nqb * nkb``.
+
+        Args:
+            decide: ``Boxes -> (can_true, can_false, sound)`` (see :mod:`patterndsl.primitives.intervals`);
+                unsound boxes are split down to single tiles and kept.
+
+            count_only: only count the tiles, and give up (None) when the boundary is not
+                narrow (more than a few undecided ranges per query tile).
+
+        Returns:
+            Sorted keys ``m * nkb + n`` of the tiles that may hold an allowed pair (or their number).
+        """
+        from patterndsl.primitives.intervals import Boxes
+
+        (qlo, qhi, qalo, qahi), (klo, khi, kalo, kahi) = self._bounds()
+        grid = len(self.q.extents) > 1
+        levels = [(klo, khi, kalo, kahi)]
+        while len(levels[-1][0]) > 1:
+            lo, hi, alo, ahi = levels[-1]
+            if len(lo) % 2:
+                lo, hi = np.append(lo, lo[-1]), np.append(hi, hi[-1])
+                alo, ahi = np.concatenate([alo, alo[-1:]]), np.concatenate([ahi, ahi[-1:]])
+            levels.append(
+                (
+                    np.minimum(lo[0::2], lo[1::2]),
+                    np.maximum(hi[0::2], hi[1::2]),
+                    np.minimum(alo[0::2], alo[1::2]),
+                    np.maximum(ahi[0::2], ahi[1::2]),
+                )
+            )
+        m = np.arange(self.nqb if self.nkb else 0, dtype=np.int64)
+        j = np.zeros(len(m), np.int64)
+        found = []
+        total = 0
+        for level in range(len(levels) - 1, -1, -1):
+            if not len(m):
+                break
+            lo, hi, alo, ahi = levels[level]
+            box = Boxes(qlo[m], qhi[m], lo[j], hi[j])
+            if grid:
+                box = Boxes(box.qlo, box.qhi, box.klo, box.khi, qalo[m], qahi[m], alo[j], ahi[j])
+            can_true, can_false, sound = decide(box)
+            whole = sound & ~can_false
+            if whole.any():
+                width = 1 << level
+                first = j[whole] * width
+                if count_only:
+                    total += int((np.minimum(first + width, self.nkb) - first).sum())
+                else:
+                    rows, cols = expand_runs(m[whole], first, np.minimum(first + width, self.nkb))
+                    found.append(rows * self.nkb + cols)
+            rest = ~whole & (can_true | ~sound)
+            m, j = m[rest], j[rest]
+            if count_only and len(m) > 8 * self.nqb + 1024:
+                return None
+            if level == 0:
+                total += len(m)
+                found.append(m * self.nkb + j)
+                break
+            m = np.repeat(m, 2)
+            j = (np.repeat(j, 2) * 2) + np.tile(np.array([0, 1], np.int64), len(j))
+            real = (j << (level - 1)) < self.nkb
+            m, j = m[real], j[real]
+        if count_only:
+            return total
+        if not found:
+            return np.zeros(0, np.int64)
+        return np.sort(np.concatenate(found))
 
     def _candidates(self, prim: ir.Prim) -> np.ndarray:
         (qlo, qhi, qalo, qahi), (_, _, kalo, kahi) = self._bounds()
@@ -458,7 +602,11 @@ class Engine:
     # ----------------------------------------------------------------- combinators
 
     def _inter(self, node: ir.Inter, domain):
-        items = sorted(node.items, key=_cost)
+        if domain is None and not ir.is_dynamic(node):
+            # The operands together bound the tiles far better than any one alone
+            # (``causal & where(q // 256 - k // 256 <= 2)`` is a band; neither operand is).
+            domain = self.search(self.node_decide(node))
+        items = sorted(node.items, key=self._reach)
         keys, state = self._operand(node, items[0], domain)
         partial = (state == PARTIAL).astype(np.int64)
         dyn = state == DYNAMIC

@@ -157,6 +157,15 @@ def _where_keys(prim, qlo, qhi, qalo, qahi, env):
     return None
 
 
+def _where_candidates(engine, prim):
+    # A half-plane has its needed key range; a constant reaches every key or none. Any other
+    # predicate: branch and bound over key-tile ranges with its interval bounds.
+    pred = prim.arg("pred")
+    if isinstance(pred, ir.Const) or halfplane_of(pred, engine.env) is not None:
+        return None
+    return engine.search(lambda boxes: intervals.decide(pred, boxes, engine.env))
+
+
 def _where_band(prim, env):
     # In 1-D, a half-plane c * (q - k) + c0 >= 0 is a band.
     if env is None or env.layout is not None:
@@ -193,7 +202,7 @@ WHERE = register(
         meaning=_where_meaning,
         classify=_where_classify,
         needed_keys=_where_keys,
-        candidates=None,
+        candidates=_where_candidates,
         cost=7,
         band=_where_band,
         total=None,  # its band total when it is a band
