@@ -75,12 +75,16 @@ class Tally:
         evaluated: tiles whose state was decided by evaluating their elements.
         counted: tiles whose allowed pairs were counted by evaluating their elements.
         elements: (query, key) pairs evaluated element-wise, for states and for counts.
+        classified: tiles classified by a primitive's tile rule.
+        searched: (query tile, key-tile range) boxes decided by :meth:`Engine.search`.
         budget: elements that may still be evaluated (None: no limit); past it :class:`OverBudget`.
     """
 
     evaluated: int = 0
     counted: int = 0
     elements: int = 0
+    classified: int = 0
+    searched: int = 0
     budget: int | None = None
 
     def spend(self, tiles: int, area: int) -> None:
@@ -256,20 +260,10 @@ class Engine:
         A hull holds every position of the tiles under it (and maybe more): a rule's "none
         allowed" or "all allowed" on the hull holds for those tiles too.
         """
-        one = None
 
         def decide(box):
-            nonlocal one
-            if box.qalo is None:
-                qb = _BoxSide(
-                    box.qlo[:, None], np.ones((len(box.qlo), 1), np.int64), (box.qhi - box.qlo + 1)[:, None], self.q
-                )
-                kb = _BoxSide(
-                    box.klo[:, None], np.ones((len(box.klo), 1), np.int64), (box.khi - box.klo + 1)[:, None], self.k
-                )
-            else:
-                qb = _BoxSide(box.qalo, np.ones_like(box.qalo), box.qahi - box.qalo + 1, self.q)
-                kb = _BoxSide(box.kalo, np.ones_like(box.kalo), box.kahi - box.kalo + 1, self.k)
+            qb = _BoxSide(box.qalo, np.ones_like(box.qalo), box.qahi - box.qalo + 1, self.q)
+            kb = _BoxSide(box.kalo, np.ones_like(box.kalo), box.kahi - box.kalo + 1, self.k)
             nonempty, full, ok = cls.classify(prim, qb.pieces(), kb.pieces(), self.env)
             return nonempty | ~ok, ~full | ~ok, np.ones(len(nonempty), bool)
 
@@ -322,7 +316,6 @@ class Engine:
         from patterndsl.primitives.intervals import Boxes
 
         (qlo, qhi, qalo, qahi), (klo, khi, kalo, kahi) = self._bounds()
-        grid = len(self.q.extents) > 1
         levels = [(klo, khi, kalo, kahi)]
         while len(levels[-1][0]) > 1:
             lo, hi, alo, ahi = levels[-1]
@@ -345,10 +338,9 @@ class Engine:
             if not len(m):
                 break
             lo, hi, alo, ahi = levels[level]
-            box = Boxes(qlo[m], qhi[m], lo[j], hi[j])
-            if grid:
-                box = Boxes(box.qlo, box.qhi, box.klo, box.khi, qalo[m], qahi[m], alo[j], ahi[j])
+            box = Boxes(qlo[m], qhi[m], lo[j], hi[j], qalo[m], qahi[m], alo[j], ahi[j])
             can_true, can_false, sound = decide(box)
+            self.tally.searched += len(m)
             whole = sound & ~can_false
             if whole.any():
                 width = 1 << level
@@ -421,6 +413,7 @@ class Engine:
         With ``settle`` False, tiles the rule cannot decide are :data:`OPEN` instead of evaluated.
         """
         m, n = keys // self.nkb, keys % self.nkb
+        self.tally.classified += len(keys)
         if self.q.single_piece and self.k.single_piece:
             qi, ki, seg = m, n, None
         else:

@@ -222,6 +222,8 @@ def _assemble(pir, cand: _Candidate, groups, head_group, sizes: Sizes, bm, bn, s
         stats.elements_evaluated += engine.tally.elements
         counted_tiles = stats.extra.get("tiles_counted_by_evaluation", 0) + engine.tally.counted
         stats.extra["tiles_counted_by_evaluation"] = counted_tiles
+        stats.extra["tiles_classified"] = stats.extra.get("tiles_classified", 0) + engine.tally.classified
+        stats.extra["boxes_searched"] = stats.extra.get("boxes_searched", 0) + engine.tally.searched
         tl = _tile_list(m, n, state, nqb, nkb)
         runs = Runs.from_tiles(tl, nqb)
         form = None

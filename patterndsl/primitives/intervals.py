@@ -30,23 +30,21 @@ class Boxes:
 
     Attributes:
         qlo, qhi, klo, khi: int64 ``[B]`` flattened position ranges (inclusive).
-        qalo, qahi, kalo, kahi: int64 ``[B, D]`` per-axis coordinate ranges (None in 1-D).
+        qalo, qahi, kalo, kahi: int64 ``[B, D]`` per-axis coordinate ranges (D = 1 in 1-D).
     """
 
     qlo: np.ndarray
     qhi: np.ndarray
     klo: np.ndarray
     khi: np.ndarray
-    qalo: np.ndarray | None = None
-    qahi: np.ndarray | None = None
-    kalo: np.ndarray | None = None
-    kahi: np.ndarray | None = None
+    qalo: np.ndarray
+    qahi: np.ndarray
+    kalo: np.ndarray
+    kahi: np.ndarray
 
 
 def pieces_boxes(qp, kp) -> Boxes:
     """The hull boxes of aligned query and key pieces (:class:`~patterndsl.analysis.tiles.Pieces`)."""
-    if qp.a.shape[1] == 1:
-        return Boxes(qp.fmin, qp.fmax, kp.fmin, kp.fmax)
     return Boxes(qp.fmin, qp.fmax, kp.fmin, kp.fmax, qp.a, qp.last, kp.a, kp.last)
 
 
