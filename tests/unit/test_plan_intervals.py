@@ -87,10 +87,9 @@ def rand_where_case(rng):
     return pir, lq, lk, heads, block
 
 
-@pytest.mark.parametrize("seed", range(6))
-def test_random_where_predicates_match_dense(seed):
-    rng = random.Random(7000 + seed)
-    for _ in range(40):
+def _check_where_cases(seed: int, count: int):
+    rng = random.Random(seed)
+    for _ in range(count):
         pir, lq, lk, heads, block = rand_where_case(rng)
         for order in ("identity", "auto"):
             p = check_plan(pir, lq, lk, heads, block, order)
@@ -100,14 +99,15 @@ def test_random_where_predicates_match_dense(seed):
                 assert p.stats.elements_evaluated <= 2 * p.stats.total_pairs
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_random_where_predicates_match_dense(seed):
+    _check_where_cases(7000 + seed, 40)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", range(30))
 def test_random_where_predicates_match_dense_large(seed):
-    rng = random.Random(90_000 + seed)
-    for _ in range(60):
-        pir, lq, lk, heads, block = rand_where_case(rng)
-        for order in ("identity", "auto"):
-            check_plan(pir, lq, lk, heads, block, order)
+    _check_where_cases(90_000 + seed, 60)
 
 
 def test_zero_divisor_still_reported_by_the_plan():
