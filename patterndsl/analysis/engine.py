@@ -39,7 +39,7 @@ import torch
 from patterndsl import ir, primitives, semantics
 from patterndsl.analysis import classify as cls
 from patterndsl.analysis.tiles import Pieces, Side
-from patterndsl.errors import PatternError
+from patterndsl.errors import PatternError, PatternValueError
 from patterndsl.sizes import Sizes
 
 EMPTY, PARTIAL, FULL, DYNAMIC = 0, 1, 2, 3
@@ -54,10 +54,26 @@ _REFINE_BOXES = 64  # undecided boxes per tile beyond which the tile stops being
 _DENSE_TILES = 1 << 24  # up to this many tiles (or group x tile pairs), count with bincount, not sorting
 
 
+#: Most tiles (or tile pieces) one plan step may list: beyond it the plan is refused with a
+#: PatternError rather than running out of memory (2**26 int64 keys are 512 MiB, and a plan
+#: step holds a few arrays per tile).
+MAX_TILES = 1 << 26
+
+
+def check_tiles(count: int) -> None:
+    """Refuse a plan that would list more than :data:`MAX_TILES` tiles (a PatternError, not a MemoryError)."""
+    if count > MAX_TILES:
+        raise PatternValueError(
+            f"the block plan would list {count:,} tiles, more than {MAX_TILES:,}: "
+            f"use larger tiles (block=...) or shorter sequences"
+        )
+
+
 def expand_runs(rows: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """All ``(row, col)`` with ``lo <= col < hi`` for each run, row-major."""
     counts = np.maximum(hi - lo, 0)
     total = int(counts.sum())
+    check_tiles(total)
     r = np.repeat(rows, counts)
     starts = np.repeat(lo - np.concatenate([[0], np.cumsum(counts)[:-1]]), counts)
     return r, starts + np.arange(total, dtype=np.int64)
@@ -220,6 +236,7 @@ class Engine:
         return self._caches.bounds
 
     def all_keys(self) -> np.ndarray:
+        check_tiles(self.nqb * self.nkb)
         return np.arange(self.nqb * self.nkb, dtype=np.int64)
 
     def _key_chains(self):
@@ -689,9 +706,13 @@ class Engine:
         ckeys = found[0] if len(found) == 1 else np.unique(np.concatenate(found))
         # Which tiles each group / block meets: sorted ``group * n_tiles + tile`` (one entry per pair).
         qtile = np.empty(len(qgroup), np.int64)
-        qtile[self.q.order] = np.repeat(np.arange(self.nqb), np.diff(self.q.starts))
+        qtile[slice(None) if self.q.order is None else self.q.order] = np.repeat(
+            np.arange(self.nqb), np.diff(self.q.starts)
+        )
         ktile = np.empty(len(kblock), np.int64)
-        ktile[self.k.order] = np.repeat(np.arange(self.nkb), np.diff(self.k.starts))
+        ktile[slice(None) if self.k.order is None else self.k.order] = np.repeat(
+            np.arange(self.nkb), np.diff(self.k.starts)
+        )
         gq = np.unique(qgroup * self.nqb + qtile)
         gk = np.unique(kblock * self.nkb + ktile)
         info = (ckeys, n_q, n_k, qgroup, kblock, gq, gk)

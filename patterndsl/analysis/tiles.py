@@ -32,7 +32,8 @@ class Side:
         offset: position of index 0 (``Lk - Lq`` for queries, 0 for keys).
         extents: grid extents (one entry, a large bound, for 1-D positions).
         strides: row-major strides of the axes (``(1,)`` for 1-D).
-        order: int64 ``[length]`` new position -> original index.
+        order: int64 ``[length]`` new position -> original index; None for the identity order,
+            which is never materialised (a plan's memory follows its tiles, not ``L``).
         ptr: int64 ``[n_tiles + 1]``: tile ``t`` owns pieces ``ptr[t]:ptr[t+1]``.
         tile: int64 ``[P]`` tile of each piece.
         a, s, n: int64 ``[P, D]`` per-axis progressions of each piece.
@@ -45,7 +46,7 @@ class Side:
     offset: int
     extents: tuple[int, ...]
     strides: tuple[int, ...]
-    order: np.ndarray
+    order: np.ndarray | None
     ptr: np.ndarray
     tile: np.ndarray
     a: np.ndarray
@@ -64,6 +65,8 @@ class Side:
         width = int((hi - lo).max()) if len(tiles) else 0
         idx = lo[:, None] + np.arange(width, dtype=np.int64)[None, :]
         valid = idx < hi[:, None]
+        if self.order is None:
+            return np.where(valid, idx, -1)
         return np.where(valid, self.order[np.minimum(idx, max(len(self.order) - 1, 0))], -1)
 
     @property
@@ -251,7 +254,7 @@ def build_side(
     nt = -(-length // block)
     ptr = np.zeros(nt + 1, dtype=np.int64)
     ptr[1:] = np.cumsum(np.bincount(tile, minlength=nt))
-    order = np.arange(length, dtype=np.int64) if identity else np.concatenate(orders)
+    order = None if identity else np.concatenate(orders)
     starts = np.minimum(np.arange(nt + 1, dtype=np.int64) * block, length)
     return Side(length, block, offset, extents, strides, order, ptr, tile, a, s, n, identity, starts)
 

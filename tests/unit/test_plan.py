@@ -294,3 +294,28 @@ def test_closed_forms_carry_only_int32_constants(body, sizes):
         for expr in (form.lo, form.hi, form.full_lo, form.full_hi):
             for atom in sp.sympify(expr).atoms(sp.Rational):
                 assert abs(atom.p) < 1 << 30 and atom.q < 1 << 30, (body, sizes, expr)
+
+
+def test_sizes_beyond_a_plan_are_pattern_errors():
+    # issue 11, huge sizes: refused up front, never an overflow, a runaway loop or a huge allocation
+    p = pd.compile("pattern s { causal & window(255) }")
+    for args, kwargs in (((2**70,), {}), ((64,), {"heads": 2**40}), ((10**12,), {}), ((64, 2**70), {})):
+        with pytest.raises(PatternError, match=r"beyond|tiles"):
+            p.plan(*args, **kwargs)
+
+
+def test_plan_that_would_list_too_many_tiles_is_a_pattern_error(monkeypatch):
+    from patterndsl.analysis import engine
+
+    monkeypatch.setattr(engine, "MAX_TILES", 1000)
+    with pytest.raises(PatternError, match="tiles"):
+        pd.compile("pattern s { causal }").plan(1 << 14, block=(128, 128))
+
+
+def test_identity_orders_are_not_materialised():
+    plan = pd.compile("pattern s { causal & window(127) }").plan(1 << 20, block=(128, 128), order="identity")
+    assert plan.q_perm is None and plan.kv_perm is None
+    assert plan.is_identity_order
+    # still readable as the contract's int64 permutations
+    assert plan.q_order.dtype == torch.int64 and int(plan.q_order[-1]) == (1 << 20) - 1
+    assert torch.equal(plan.kv_order[:5], torch.arange(5))
