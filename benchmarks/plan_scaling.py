@@ -132,11 +132,19 @@ def child(kind: str, index: int, length: int, repeat: int) -> dict:
         import torch
         from torch.nn.attention.flex_attention import create_block_mask
 
-        from patterndsl import ir
+        from patterndsl import ir, semantics
+        from patterndsl.sizes import Sizes
 
         if any(ir.is_dynamic(n) for n in (pattern.ir.default, *(r.node for r in pattern.ir.heads)) if n is not None):
             return {"skipped": True}  # route(...): the mask depends on the data
-        dense = pattern.mask(length, length, 1)[0]
+        # The dense mask of head 0, built a band of rows at a time (no L x L int64 temporaries).
+        node = pattern.ir.node_for_head(0)
+        ctx = Sizes(length, length, pattern.ir.layout, HEADS)
+        dense = torch.empty(length, length, dtype=torch.bool)
+        cols = torch.arange(length)[None, :]
+        for r0 in range(0, length, 512):
+            rows = torch.arange(r0, min(r0 + 512, length))[:, None]
+            dense[r0 : r0 + 512] = semantics.evaluate(node, rows, cols, 0, ctx)
 
         def mask_mod(b, h, q_idx, kv_idx):
             return dense[q_idx, kv_idx]

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 
 import numpy as np
 import torch
@@ -559,6 +560,11 @@ class Engine:
         ki = self.k.ptr[n][owner] + local % ck[owner]
         qb = _BoxSide(self.q.a[qi], self.q.s[qi], self.q.n[qi], self.q)
         kb = _BoxSide(self.k.a[ki], self.k.s[ki], self.k.n[ki], self.k)
+        period = _period(node, self.env) if len(self.q.extents) == 1 else 1
+        if period > 1:
+            # Bands with a modulus (dilations, strides) are checkerboards finer than any
+            # contiguous box: start from the residue classes, on which they are exact.
+            owner, qb, kb = _by_residue(owner, qb, kb, period)
         any_t = np.zeros(len(keys), bool)
         any_f = np.zeros(len(keys), bool)
         true_area = np.zeros(len(keys), np.int64)
@@ -789,6 +795,36 @@ class Engine:
         return keys, state
 
 
+#: Largest period by which :meth:`Engine.refine` first splits boxes into residue classes.
+_MAX_PERIOD = 8
+
+
+def _period(node: ir.Node, env) -> int:
+    """The lcm of the moduli of the bands in ``node`` when small (else 1)."""
+    period = 1
+    for prim in ir.walk(node):
+        band = band_of(prim, env)
+        if band is not None and band[2] > 1:
+            period = period * band[2] // math.gcd(period, band[2])
+            if period > _MAX_PERIOD:
+                return 1
+    return period
+
+
+def _by_residue(owner: np.ndarray, qb: _BoxSide, kb: _BoxSide, period: int):
+    """Every (query, key) box pair split into the pairs of residue classes mod ``period`` (1-D)."""
+    parts_o, parts_q, parts_k = [], [], []
+    for side_q in range(period):
+        q = qb.residue(side_q, period)
+        for side_k in range(period):
+            k = kb.residue(side_k, period)
+            live = (q.n[:, 0] > 0) & (k.n[:, 0] > 0)
+            parts_o.append(owner[live])
+            parts_q.append(q.take(live))
+            parts_k.append(k.take(live))
+    return np.concatenate(parts_o), _BoxSide.cat(parts_q), _BoxSide.cat(parts_k)
+
+
 class _BoxSide:
     """One side of a batch of boxes: per-axis progressions ``a + s * t``, ``t < n`` (int64 ``[B, D]``)."""
 
@@ -822,6 +858,23 @@ class _BoxSide:
         n2[rows, axis] = np.where(cut, full - head, full)
         a2[rows, axis] += np.where(cut, self.s[rows, axis] * head, 0)
         return _BoxSide(self.a, self.s, n1, self.side), _BoxSide(a2, self.s, n2, self.side)
+
+    def residue(self, r: int, period: int) -> _BoxSide:
+        """The elements of each (1-D) box whose position is ``r`` mod ``period`` (count 0 when none).
+
+        For any step ``s`` the class is a progression again, of step ``s * period / gcd(s, period)``.
+        """
+        a, s, n = self.a[:, 0], self.s[:, 0], self.n[:, 0]
+        g = np.gcd(s, period)
+        mod = period // g
+        # first t >= 0 with a + s * t == r (mod period): solvable when g divides r - a
+        ok = (r - a) % g == 0
+        # the inverse of s / g modulo mod (mod <= period is small: search it)
+        x = np.arange(period, dtype=np.int64)[None, :]
+        inv = (((s // g)[:, None] * x) % mod[:, None] == 1 % mod[:, None]).argmax(1)
+        t0 = np.where(mod > 1, (((r - a) // np.where(ok, g, 1)) * inv) % np.maximum(mod, 1), 0)
+        count = np.where(ok & (t0 < n), (n - t0 + mod - 1) // mod, 0)
+        return _BoxSide((a + s * t0)[:, None], (s * mod)[:, None], count[:, None], self.side)
 
     @staticmethod
     def cat(parts: list[_BoxSide]) -> _BoxSide:
