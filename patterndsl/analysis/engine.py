@@ -1159,6 +1159,49 @@ def _separable_count(engine: Engine, node: ir.Node, keys: np.ndarray) -> np.ndar
     return None if rule is None else rule(node, engine, keys)
 
 
+#: Largest band modulus counted by the per-residue closed form (else row by row).
+_MAX_PERIOD_COUNT = 64
+
+
+def _band_rect_count(q0, nq, k0, nk, lo: int, hi: int, mod: int) -> np.ndarray:
+    """Pairs of the rectangles ``[q0, q0+nq) x [k0, k0+nk)`` with ``lo <= q - k <= hi`` and
+    ``(q - k) % mod == 0``: a closed form per residue class, O(mod) per rectangle, not per row."""
+    if mod == 1:
+        return np.maximum(_diff_at_most(q0, nq, k0, nk, hi) - _diff_at_most(q0, nq, k0, nk, lo - 1), 0)
+    out = np.zeros(len(q0), np.int64)
+    for r in range(mod):
+        # queries q = qr + mod * u (u < nu) and keys k = kr + mod * v (v < nv), both == r (mod mod)
+        qr = q0 + (r - q0) % mod
+        kr = k0 + (r - k0) % mod
+        nu = np.maximum(q0 + nq - qr + mod - 1, 0) // mod
+        nv = np.maximum(k0 + nk - kr + mod - 1, 0) // mod
+        d = qr - kr  # a multiple of mod: q - k = d + mod * (u - v)
+        ulo = -((d - lo) // mod)  # ceil((lo - d) / mod)
+        uhi = (hi - d) // mod
+        zero = np.zeros_like(nu)
+        out += np.maximum(_diff_at_most(zero, nu, zero, nv, uhi) - _diff_at_most(zero, nu, zero, nv, ulo - 1), 0)
+    return out
+
+
+def _diff_at_most(q0, nq, k0, nk, t) -> np.ndarray:
+    """Pairs of ``[q0, q0+nq) x [k0, k0+nk)`` with ``q - k <= t`` (arrays; ``t`` may be huge)."""
+    q1, k1 = q0 + nq - 1, k0 + nk - 1
+    # Clip t to where the count changes: below every difference 0 pairs, above all nq * nk.
+    t = np.clip(t, q0 - k1 - 1, q1 - k0)
+
+    def tri(x):
+        x = np.maximum(x, 0)
+        return x * (x + 1) // 2
+
+    def ramp(c):
+        # sum over q in [q0, q1] of max(0, c - q)
+        return tri(c - q0) - tri(c - q1 - 1)
+
+    c = k1 + t + 1  # #{k >= q - t} = clamp(c - q, 0, nk)
+    out = ramp(c) - ramp(c - nk)
+    return np.where((nq > 0) & (nk > 0), out, 0)
+
+
 def count_allowed(engine: Engine, node: ir.Node, keys: np.ndarray) -> np.ndarray:
     """Allowed pairs in each tile ``keys`` (partial tiles): by formula for a single band, else by evaluation.
 
@@ -1173,6 +1216,10 @@ def count_allowed(engine: Engine, node: ir.Node, keys: np.ndarray) -> np.ndarray
     separable = _separable_count(engine, node, keys)
     if separable is not None:
         return separable
+    if band is not None and len(q.extents) == 1 and q.single_piece and k.single_piece and band[2] <= _MAX_PERIOD_COUNT:
+        m, n = keys // engine.nkb, keys % engine.nkb
+        if (q.s[m, 0] == 1).all() and (k.s[n, 0] == 1).all():
+            return _band_rect_count(q.a[m, 0], q.n[m, 0], k.a[n, 0], k.n[n, 0], *band)
     if band is not None and len(q.extents) == 1:
         lo, hi, mod = band
         m, n = keys // engine.nkb, keys % engine.nkb

@@ -173,3 +173,25 @@ def test_plan_ir_where_interval_on_grid_with_heads():
     for order in ("identity", "auto"):
         check_plan(pir, 42, 42, 3, (4, 8), order)
     assert analysis.plan(pir, 42, 42, 3, block=(4, 8), order="identity").stats.allowed_pairs > 0
+
+
+def test_band_rectangle_count_closed_form():
+    # the per-residue closed form that counts a band's partial tiles, against brute force
+    import numpy as np
+
+    from patterndsl.analysis.engine import _band_rect_count
+
+    rng = np.random.default_rng(0)
+    for _ in range(3000):
+        q0, k0 = (int(x) for x in rng.integers(-20, 40, 2))
+        nq, nk = (int(x) for x in rng.integers(0, 20, 2))
+        lo = int(rng.integers(-30, 30))
+        hi = lo + int(rng.integers(-3, 40))
+        mod = int(rng.integers(1, 6))
+        lo = -(1 << 60) if rng.random() < 0.1 else lo
+        hi = (1 << 60) if rng.random() < 0.1 else hi
+        q = np.arange(q0, q0 + nq)[:, None]
+        k = np.arange(k0, k0 + nk)[None, :]
+        ref = int(((q - k >= lo) & (q - k <= hi) & ((q - k) % mod == 0)).sum())
+        got = _band_rect_count(np.array([q0]), np.array([nq]), np.array([k0]), np.array([nk]), lo, hi, mod)
+        assert int(got[0]) == ref
