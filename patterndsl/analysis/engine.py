@@ -621,7 +621,11 @@ class Engine:
         if domain is None and not ir.is_dynamic(node):
             # The operands together bound the tiles far better than any one alone
             # (``causal & where(q // 256 - k // 256 <= 2)`` is a band; neither operand is).
-            domain = self.search(self.node_decide(node))
+            # Only when the boundary is narrow: where no operand prunes (columns in every
+            # key tile), the search would split down to every tile.
+            decide = self.node_decide(node)
+            if self.search(decide, count_only=True) is not None:
+                domain = self.search(decide)
         items = sorted(node.items, key=self._reach)
         keys, state = self._operand(node, items[0], domain)
         partial = (state == PARTIAL).astype(np.int64)
