@@ -56,9 +56,9 @@ _DENSE_TILES = 1 << 24  # up to this many tiles (or group x tile pairs), count w
 
 
 #: Most tiles (or tile pieces) one plan step may list: beyond it the plan is refused with a
-#: PatternError rather than running out of memory (2**26 int64 keys are 512 MiB, and a plan
+#: PatternError rather than running out of memory (2**28 int64 keys are 2 GiB, and a plan
 #: step holds a few arrays per tile).
-MAX_TILES = 1 << 26
+MAX_TILES = 1 << 28
 
 
 def check_tiles(count: int) -> None:
