@@ -212,17 +212,35 @@ class Engine:
             return self._route(node, domain)
         return self._prim(node, domain)
 
+    def _joint_search_pays(self, node: ir.Node) -> bool:
+        # Operands with a needed-key range or listed candidates are bounded one by one already;
+        # a predicate bounded only by intervals (``where`` that is not a half-plane) is where the
+        # operands' joint bounds can be far tighter than each alone.
+        return any(
+            isinstance(p, ir.Prim) and p.name == "where" and cls.halfplane_of(p.arg("pred"), self.env) is None
+            for p in ir.walk(node)
+        )
+
     def _reach(self, node: ir.Node) -> tuple[int, int]:
-        """Sort key inside an intersection: the tiles a primitive reaches (counted by :meth:`search`
+        """Sort key inside an intersection: the tiles an operand reaches (counted by :meth:`search`
         when its boundary is narrow), then the rough rank of :func:`_cost`; fewest first."""
-        if isinstance(node, ir.Prim) and not primitives.lookup(node.name).dynamic and node not in (ir.FULL, ir.EMPTY):
-            count = self._caches.reach.get(node, -1)
-            if count == -1:
-                count = self.search(self.prim_decide(node), count_only=True)
-                self._caches.reach[node] = count
-            if count is not None:
-                return count, _cost(node)
-        return self.nqb * self.nkb + 1, _cost(node)
+        count = self._reach_count(node)
+        return (self.nqb * self.nkb + 1 if count is None else count), _cost(node)
+
+    def _reach_count(self, node: ir.Node) -> int | None:
+        # A bound on the tiles of a node: exact-ish for primitives, a sum over a union, a
+        # minimum over an intersection; None when not cheap to know.
+        if isinstance(node, ir.Union):
+            parts = [self._reach_count(item) for item in node.items]
+            return None if any(p is None for p in parts) else sum(parts)
+        if isinstance(node, ir.Inter):
+            parts = [p for p in (self._reach_count(item) for item in node.items) if p is not None]
+            return min(parts) if parts else None
+        if not isinstance(node, ir.Prim) or primitives.lookup(node.name).dynamic or node in (ir.FULL, ir.EMPTY):
+            return None
+        if node not in self._caches.reach:
+            self._caches.reach[node] = self.search(self.prim_decide(node), count_only=True)
+        return self._caches.reach[node]
 
     def _operand(self, parent: ir.Node, item: ir.Node, domain):
         # Under a node with a route, an open tile cannot wait for the node (it is not evaluated
@@ -618,7 +636,7 @@ class Engine:
     # ----------------------------------------------------------------- combinators
 
     def _inter(self, node: ir.Inter, domain):
-        if domain is None and not ir.is_dynamic(node):
+        if domain is None and not ir.is_dynamic(node) and self._joint_search_pays(node):
             # The operands together bound the tiles far better than any one alone
             # (``causal & where(q // 256 - k // 256 <= 2)`` is a band; neither operand is).
             # Only when the boundary is narrow: where no operand prunes (columns in every
