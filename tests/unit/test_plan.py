@@ -319,3 +319,18 @@ def test_identity_orders_are_not_materialised():
     # still readable as the contract's int64 permutations
     assert plan.q_order.dtype == torch.int64 and int(plan.q_order[-1]) == (1 << 20) - 1
     assert torch.equal(plan.kv_order[:5], torch.arange(5))
+
+
+def test_show_plan_at_a_length_beyond_the_plan_is_a_message(monkeypatch, tmp_path, capsys):
+    # `patterndsl show --seq 2147483648 --stage plan` ends in a message, not a traceback
+    # (here with a small tile limit so the test does not need the memory to find out).
+    from patterndsl import cli
+    from patterndsl.analysis import engine
+
+    monkeypatch.setattr(engine, "MAX_TILES", 1 << 20)
+    src = tmp_path / "band.pdsl"
+    src.write_text("pattern p { causal & window(255) }\n")
+    code = cli.main(["show", str(src), "--seq", "2147483648", "--stage", "plan"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "tiles" in err and "Traceback" not in err
