@@ -824,10 +824,21 @@ _MAX_PERIOD = 8
 def _period(node: ir.Node, env) -> int:
     """The lcm of the moduli of the bands in ``node`` when small (else 1)."""
     period = 1
+    moduli = []
     for prim in ir.walk(node):
         band = band_of(prim, env)
-        if band is not None and band[2] > 1:
-            period = period * band[2] // math.gcd(period, band[2])
+        if band is not None:
+            moduli.append(band[2])
+        elif isinstance(prim, ir.Prim) and prim.name == "where":
+            # ``x % c`` of a where predicate: exact on residue classes of c (interval congruences).
+            moduli += [
+                abs(e.right.value)
+                for e in ir.walk_expr(prim.arg("pred"))
+                if isinstance(e, ir.Arith) and e.op == "%" and isinstance(e.right, ir.Const)
+            ]
+    for mod in moduli:
+        if mod > 1:
+            period = period * mod // math.gcd(period, mod)
             if period > _MAX_PERIOD:
                 return 1
     return period

@@ -31,6 +31,8 @@ class Boxes:
     Attributes:
         qlo, qhi, klo, khi: int64 ``[B]`` flattened position ranges (inclusive).
         qalo, qahi, kalo, kahi: int64 ``[B, D]`` per-axis coordinate ranges (D = 1 in 1-D).
+        qstep, kstep: int64 ``[B, D]`` per-axis steps: every position of the box is ``lo`` plus a
+            multiple of the step (None: 1), which makes ``%`` exact on residue classes.
     """
 
     qlo: np.ndarray
@@ -41,11 +43,13 @@ class Boxes:
     qahi: np.ndarray
     kalo: np.ndarray
     kahi: np.ndarray
+    qstep: np.ndarray | None = None
+    kstep: np.ndarray | None = None
 
 
 def pieces_boxes(qp, kp) -> Boxes:
     """The hull boxes of aligned query and key pieces (:class:`~patterndsl.analysis.tiles.Pieces`)."""
-    return Boxes(qp.fmin, qp.fmax, kp.fmin, kp.fmax, qp.a, qp.last, kp.a, kp.last)
+    return Boxes(qp.fmin, qp.fmax, kp.fmin, kp.fmax, qp.a, qp.last, kp.a, kp.last, qp.s, kp.s)
 
 
 def decide(pred: ir.Expr, boxes: Boxes, env) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -61,19 +65,35 @@ def _full(n, v):
 
 
 def _as_int(value, n):
-    kind, a, b = value
+    kind, a, b = value[:3]
     if kind == "int":
         return a, b
     # A boolean used as a number is 0 or 1.
     return np.where(b, 0, 1).astype(np.int64), np.where(a, 1, 0).astype(np.int64)
 
 
+def _congruence(value, n):
+    """``(g, r)``: every value is ``r`` mod ``g`` (``g == 0``: the value is exactly ``r``)."""
+    if value[0] == "int" and len(value) == 5:
+        return value[3], value[4]
+    return np.ones(n, np.int64), np.zeros(n, np.int64)
+
+
 def _as_bool(value, n):
-    kind, a, b = value
+    kind, a, b = value[:3]
     if kind == "bool":
         return a, b
     # An integer used as a truth value: true where non-zero.
     return (a != 0) | (b != 0) | (a < 0) & (b > 0), (a <= 0) & (b >= 0)
+
+
+def _var(lo, hi, step, n):
+    # Positions lo + step * t: congruent to lo modulo the step (exactly lo when lo == hi).
+    if step is None:
+        g = np.where(lo == hi, 0, 1)
+    else:
+        g = np.where(lo == hi, 0, step)
+    return "int", lo, hi, g.astype(np.int64), lo
 
 
 def _eval(e: ir.Expr, bx: Boxes, env, sound: np.ndarray):
@@ -81,26 +101,40 @@ def _eval(e: ir.Expr, bx: Boxes, env, sound: np.ndarray):
     if isinstance(e, ir.Const):
         if isinstance(e.value, bool):
             return "bool", np.full(n, e.value), np.full(n, not e.value)
-        return "int", _full(n, e.value), _full(n, e.value)
+        return "int", _full(n, e.value), _full(n, e.value), _full(n, 0), _full(n, e.value)
     if isinstance(e, ir.Var):
         if e.name == "q":
-            return "int", bx.qlo, bx.qhi
+            return _var(bx.qlo, bx.qhi, None if bx.qstep is None or bx.qstep.shape[1] != 1 else bx.qstep[:, 0], n)
         if e.name == "k":
-            return "int", bx.klo, bx.khi
+            return _var(bx.klo, bx.khi, None if bx.kstep is None or bx.kstep.shape[1] != 1 else bx.kstep[:, 0], n)
         v = {"h": env.head, "Lq": env.q_len, "Lk": env.kv_len}[e.name]
-        return "int", _full(n, v), _full(n, v)
+        return "int", _full(n, v), _full(n, v), _full(n, 0), _full(n, v)
     if isinstance(e, ir.Coord):
         x = env.layout.names.index(e.axis)
         if e.side == "q":
-            return "int", bx.qalo[:, x], bx.qahi[:, x]
-        return "int", bx.kalo[:, x], bx.kahi[:, x]
+            step = None if bx.qstep is None else bx.qstep[:, x]
+            return _var(bx.qalo[:, x], bx.qahi[:, x], step, n)
+        step = None if bx.kstep is None else bx.kstep[:, x]
+        return _var(bx.kalo[:, x], bx.kahi[:, x], step, n)
     if isinstance(e, ir.Neg):
-        lo, hi = _as_int(_eval(e.operand, bx, env, sound), n)
-        return "int", -hi, -lo
+        inner = _eval(e.operand, bx, env, sound)
+        lo, hi = _as_int(inner, n)
+        g, r = _congruence(inner, n)
+        return "int", -hi, -lo, g, -r
     if isinstance(e, ir.Arith):
-        a = _as_int(_eval(e.left, bx, env, sound), n)
-        b = _as_int(_eval(e.right, bx, env, sound), n)
-        return "int", *_ARITH[e.op](a, b, sound)
+        left, right = _eval(e.left, bx, env, sound), _eval(e.right, bx, env, sound)
+        a, b = _as_int(left, n), _as_int(right, n)
+        lo, hi = _ARITH[e.op](a, b, sound)
+        gl, rl = _congruence(left, n)
+        g, r = _combine_congruence(e.op, (gl, rl), _congruence(right, n))
+        if e.op == "%":
+            # x % c with x == r (mod g) and c dividing g: one value, r % c.
+            c = np.where(b[0] != 0, b[0], 1)
+            known = (b[0] == b[1]) & (b[0] != 0) & (gl % c == 0)
+            value = np.where(known, rl % c, 0)
+            lo, hi = np.where(known, value, lo), np.where(known, value, hi)
+            g, r = np.where(known, 0, 1), np.where(known, value, 0)
+        return "int", lo, hi, g, np.where(g == 0, lo, r)
     if isinstance(e, ir.Func):
         args = [_as_int(_eval(x, bx, env, sound), n) for x in e.args]
         if e.fn == "abs":
@@ -127,6 +161,22 @@ def _eval(e: ir.Expr, bx: Boxes, env, sound: np.ndarray):
         t, f = _as_bool(_eval(e.operand, bx, env, sound), n)
         return "bool", f, t
     raise TypeError(f"unknown expression node {type(e).__name__}")
+
+
+def _combine_congruence(op, left, right):
+    (g1, r1), (g2, r2) = left, right
+    if op == "+":
+        return np.gcd(g1, g2), r1 + r2
+    if op == "-":
+        return np.gcd(g1, g2), r1 - r2
+    if op == "*":
+        # (r1 + g1 i)(r2 + g2 j): exact when one side is a constant (g == 0).
+        const1, const2 = g1 == 0, g2 == 0
+        g = np.where(const2, g1 * np.abs(r2), np.where(const1, g2 * np.abs(r1), 1))
+        return g, np.where(const1 | const2, r1 * r2, 0)
+    one = np.ones_like(g1)
+    both = (g1 == 0) & (g2 == 0)
+    return np.where(both, 0, one), np.zeros_like(r1)
 
 
 def _corners(values):

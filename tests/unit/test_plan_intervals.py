@@ -14,9 +14,11 @@ import random
 from pathlib import Path
 
 import pytest
+import torch
 
 import patterndsl as pd
 from patterndsl import analysis, ir
+from patterndsl.analysis.plan import tile_reduce
 from patterndsl.errors import PatternError
 from tests.unit.test_plan_property import C, V, check_plan, rand_node
 
@@ -195,3 +197,24 @@ def test_band_rectangle_count_closed_form():
         ref = int(((q - k >= lo) & (q - k <= hi) & ((q - k) % mod == 0)).sum())
         got = _band_rect_count(np.array([q0]), np.array([nq]), np.array([k0]), np.array([nk]), lo, hi, mod)
         assert int(got[0]) == ref
+
+
+def test_residue_predicates_are_settled_on_residue_classes():
+    # S2-attention's `where(k % 4 == 0)`: every key tile is partial; on residue classes of 4
+    # (congruences through the interval rules) the tiles are decided without their elements.
+    p = pd.compile("pattern s { causal & (window(128) | where(k % 4 == 0)) }")
+    plan = p.plan(8192, heads=1, order="identity")
+    assert plan.stats.tiles_evaluated == 0
+    # only tiles along the diagonals need elements for their counts, under a quarter of each
+    counted = plan.stats.extra["tiles_counted_by_evaluation"]
+    assert counted <= 2 * plan.n_q_tiles
+    assert plan.stats.elements_evaluated <= counted * 128 * 128 // 4
+    _bounded_work(plan)
+    small, _, ref = _dense_reference(p, 300, (16, 8))
+    assert torch.equal(small.tiles(), ref)
+
+
+def _dense_reference(p, length, block):
+    plan = p.plan(length, block=block, order="identity")
+    dense = p.mask(length)
+    return plan, dense, tile_reduce(dense, *block)
