@@ -209,7 +209,6 @@ def test_residue_predicates_are_settled_on_residue_classes():
     counted = plan.stats.extra["tiles_counted_by_evaluation"]
     assert counted <= 2 * plan.n_q_tiles
     assert plan.stats.elements_evaluated <= counted * 128 * 128 // 4
-    _bounded_work(plan)
     small, _, ref = _dense_reference(p, 300, (16, 8))
     assert torch.equal(small.tiles(), ref)
 
