@@ -19,6 +19,7 @@ longest for the first case (inductor's one-time setup); later cases reuse its ca
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import statistics
 import subprocess
@@ -345,15 +346,15 @@ def main(argv=None) -> int:
     parser.add_argument("--reps", type=int, default=None, help="timed repetitions per measurement")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     parser.add_argument("--only", default=None, help="run only cases whose name contains this text")
-    parser.add_argument("--kernel", choices=("fused", "math"), default=cpu.KERNEL, help="CPU executor inner kernel")
+    parser.add_argument("--kernel", choices=("fused", "math"), default=cpu.current().kernel, help="CPU executor kernel")
     args = parser.parse_args(argv)
-    cpu.KERNEL = args.kernel
+    cpu.set_options(dataclasses.replace(cpu.current(), kernel=args.kernel))
     if args.threads:
         torch.set_num_threads(args.threads)
     reps = args.reps or (2 if args.quick else 5)
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, B={B} H={H} D={D} float32, "
-        f"reps={reps}, kernel={cpu.KERNEL}, load average {os.getloadavg()[0]:.1f}"
+        f"reps={reps}, kernel={cpu.current().kernel}, load average {os.getloadavg()[0]:.1f}"
     )
     results = []
     for case in cases(args.quick):

@@ -31,7 +31,8 @@ import time
 import torch
 
 import patterndsl
-from patterndsl.runtime import cpu, cpu_gather, dynamic, plans
+from patterndsl.runtime import cpu, dynamic, plans
+from patterndsl.runtime.cpu import gather as cpu_gather
 
 SOURCE = (
     "pattern moba(block = 512, topk = 2) {{ causal & (blocks(block) | route(topk = topk, block = block,"

@@ -7,6 +7,7 @@ Comes in: pattern source text (or a file) and parameters. Goes out: a
 
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ from typing import Any
 import torch
 
 from patterndsl import ir
-from patterndsl.errors import PatternError
+from patterndsl.errors import PatternError, PatternTypeError, PatternValueError, did_you_mean
 
 
 class Pattern:
@@ -85,6 +86,7 @@ class Pattern:
         """
         from patterndsl import semantics
 
+        _dense_size(q_len, kv_len, heads, q)
         with self._located():
             return semantics.mask(self.ir, q_len, kv_len, heads, q=q, k=k)
 
@@ -108,6 +110,8 @@ class Pattern:
         """
         from patterndsl import analysis
 
+        block = _block(block)
+        _choice("order", order, ORDERS)
         with self._located():
             return analysis.plan(self.ir, q_len, kv_len, heads, block=block, order=order)
 
@@ -132,6 +136,7 @@ class Pattern:
         """
         from patterndsl import codegen
 
+        _kernel_options(options)
         with self._located():
             return codegen.kernel_source(self, q_len, kv_len, heads, **options)
 
@@ -154,7 +159,9 @@ def compile(source: str, name: str | None = None, **params) -> Pattern:
 
 
 def load(path, name: str | None = None, **params) -> Pattern:
-    """Like :func:`compile`, reading the source from ``path``."""
+    """Like :func:`compile`, reading the source from ``path`` (a ``str`` or ``os.PathLike``)."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise PatternTypeError(f"load() needs a file path (str or os.PathLike), got {type(path).__name__}")
     p = Path(path)
     try:
         source = p.read_text(encoding="utf-8")
@@ -168,6 +175,8 @@ def _compile(source: str, filename: str | None, name: str | None, params: dict) 
 
     if not isinstance(source, str):
         raise PatternError(f"pattern source must be a str, got {type(source).__name__}")
+    if name is not None and not isinstance(name, str):
+        raise PatternTypeError(f"name must be a str (the name of a pattern in the source), got {type(name).__name__}")
     try:
         module = grammar.parse(source, filename)
         pir = check.bind(module, name=name, params=params, source=source)
@@ -195,4 +204,93 @@ def attention(q, k, v, pattern: Pattern, scale=None, return_lse=False, backend="
 
     if not isinstance(pattern, Pattern):
         raise PatternError(f"attention() needs a patterndsl.Pattern, got {type(pattern).__name__}")
+    if not isinstance(return_lse, bool):
+        raise PatternTypeError(f"return_lse must be True or False, got {type(return_lse).__name__}")
     return runtime.attention(q, k, v, pattern, scale=scale, return_lse=return_lse, backend=backend)
+
+
+# --------------------------------------------------------------------------- argument checks
+# Arguments from Python are checked here, before any stage runs, so that a wrong one is a
+# PatternError naming the argument and never a TypeError from deep inside a stage.
+
+ORDERS = ("auto", "identity")
+#: The largest dense mask ``Pattern.mask`` builds (entries): its int64 intermediates take 8 bytes each.
+MASK_LIMIT = 1 << 28
+
+
+def _integer(name: str, value: Any, lo: int = 1, hi: int | None = None) -> int:
+    if isinstance(value, bool) or not hasattr(type(value), "__index__"):
+        raise PatternTypeError(f"{name} must be an integer, got {type(value).__name__}")
+    value = value.__index__()
+    if value < lo or (hi is not None and value > hi):
+        bound = f">= {lo}" if hi is None else f"between {lo} and {hi}"
+        raise PatternValueError(f"{name} must be {bound}, got {value}")
+    return value
+
+
+def _choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
+    if not isinstance(value, str) or value not in choices:
+        shown = value if isinstance(value, str) else type(value).__name__
+        hint = did_you_mean(value, choices) if isinstance(value, str) else ""
+        raise PatternValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {shown!r}{hint}")
+    return value
+
+
+def _block(block: Any) -> tuple[int, int]:
+    if not isinstance(block, (tuple, list)) or len(block) != 2:
+        raise PatternTypeError(f"block must be a pair of tile sizes (BM, BN), got {block!r:.60}")
+    return _integer("block[0]", block[0]), _integer("block[1]", block[1])
+
+
+def _dense_size(q_len: Any, kv_len: Any, heads: Any, q: Any) -> None:
+    """Refuse a dense mask too large to build (before the sizes' own checks, which come later)."""
+    sizes = [q_len, q_len if kv_len is None else kv_len, heads]
+    if q is not None and hasattr(q, "shape") and len(q.shape) == 4:
+        sizes.append(q.shape[0])
+    if all(hasattr(type(x), "__index__") and not isinstance(x, bool) for x in sizes):
+        entries = 1
+        for x in sizes:
+            entries *= max(x.__index__(), 0)
+        if entries > MASK_LIMIT:
+            raise PatternValueError(
+                f"mask() would build {entries:.3g} entries (at most 2**28): the dense mask is for small sizes; "
+                "use plan() or attention at large ones"
+            )
+
+
+def _kernel_options(options: dict) -> None:
+    """Check ``kernel_source``'s options by name, type and range (see :meth:`Pattern.kernel_source`)."""
+    from patterndsl.codegen.generator import DTYPES, KINDS
+
+    for key, value in options.items():
+        if key not in _KERNEL_OPTIONS:
+            hint = did_you_mean(key, _KERNEL_OPTIONS)
+            raise PatternTypeError(
+                f"kernel_source() has no option '{key}'{hint}; its options are {', '.join(_KERNEL_OPTIONS)}"
+            )
+        if key == "head_dim":
+            _integer("head_dim", value, 1, 256)
+        elif key == "dtype" and not (isinstance(value, torch.dtype) and value in DTYPES):
+            names = ", ".join(f"torch.{n}" for n in DTYPES.values())
+            raise PatternValueError(f"dtype must be one of {names}, got {value!r:.60}")
+        elif key == "kind":
+            _choice("kind", value, KINDS)
+        elif key == "order":
+            _choice("order", value, ORDERS)
+        elif key == "target" and not (isinstance(value, str) and (value == "interpret" or _is_sm(value))):
+            raise PatternValueError(f"target must be 'sm_XY' (e.g. 'sm_80', 'sm_90') or 'interpret', got {value!r:.60}")
+        elif key == "block" and value is not None:
+            _block(value)
+        elif key == "kv_heads" and value is not None:
+            _integer("kv_heads", value)
+        elif key == "num_warps" and value is not None and _integer("num_warps", value, 1, 32) & (value - 1):
+            raise PatternValueError(f"num_warps must be a power of two, got {value}")
+        elif key == "num_stages" and value is not None:
+            _integer("num_stages", value, 1, 8)
+
+
+_KERNEL_OPTIONS = ("head_dim", "dtype", "target", "block", "kind", "kv_heads", "order", "num_warps", "num_stages")
+
+
+def _is_sm(target: str) -> bool:
+    return target.startswith("sm_") and target[3:].isdigit() and target[3:].isascii()

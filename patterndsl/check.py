@@ -14,7 +14,9 @@ interpreter of source expressions.
 
 from __future__ import annotations
 
+import math
 import operator
+import reprlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,6 +31,7 @@ from patterndsl.errors import (
     PatternTypeError,
     PatternValueError,
     did_you_mean,
+    listing,
 )
 from patterndsl.grammar import syntax
 from patterndsl.primitives.common import require as _check
@@ -158,9 +161,13 @@ class _Evaluator:
 
     def type_error(self, message: str, e: syntax.Expr) -> PatternTypeError:
         """A type error about ``e`` (see :meth:`span_of`), naming the Python value when it is one."""
+        return PatternTypeError(message + self.python_note(e), self.span_of(e))
+
+    def python_note(self, e: syntax.Expr) -> str:
+        """`` (parameter 'n' = 3 from Python)`` when ``e`` names a parameter given from Python, else ``""``."""
         if isinstance(e, syntax.Name) and e.name in self.scope.passed:
-            message += f" (parameter '{e.name}' = {value_text(self.scope.values[e.name])} from Python)"
-        return PatternTypeError(message, self.span_of(e))
+            return f" (parameter '{e.name}' = {value_text(self.scope.values[e.name])} from Python)"
+        return ""
 
     # -- typed entry points
 
@@ -451,14 +458,21 @@ def _bind_primitive(call: syntax.Call, ev: _Evaluator) -> Value:
         else:
             values[param.name] = param.default
             spans[param.name] = call.span
-    if record.shape_args is not None:
-        record.shape_args(values, spans, ev.scope.layout, call.span)
-    if any(isinstance(v, _Unknown) for v in values.values()):
-        return _Unknown("pattern")
-    if record.check is not None:
-        simpler = record.check(values, spans, ev.scope.layout)
-        if simpler is not None:
-            return simpler
+    try:
+        if record.shape_args is not None:
+            record.shape_args(values, spans, ev.scope.layout, call.span)
+        if any(isinstance(v, _Unknown) for v in values.values()):
+            return _Unknown("pattern")
+        if record.check is not None:
+            simpler = record.check(values, spans, ev.scope.layout)
+            if simpler is not None:
+                return simpler
+    except PatternError as err:
+        # A rule blames an argument by its span; when that argument is a value from Python, say so.
+        note = next((ev.python_note(e) for p, e in given.items() if spans[p] == err.span and ev.python_note(e)), "")
+        if not note:
+            raise
+        raise type(err)(err.message + note, err.span) from None
     return ir.Prim(name, tuple((p.name, values[p.name]) for p in sig), call.span)
 
 
@@ -475,6 +489,8 @@ def _argument(prim: str, param: ir.Param, expr: syntax.Expr, ev: _Evaluator) -> 
         value = ev.eval(expr, where=True)
         if not _is(value, "bool"):
             raise ev.type_error(f"where() needs a condition, got {_describe(value)}", expr)
+        if isinstance(value, ir.Expr):
+            _check_expr_depth(value, expr.span)
         return value
     value = ev.eval(expr)
     if isinstance(value, _Unknown):
@@ -509,13 +525,20 @@ def value_text(value: Value) -> str:
 # --------------------------------------------------------------------------- parameters
 
 
+# Errors about values passed from Python point at the parameter's declaration (which parameter) and
+# say that the value came from Python, naming the keyword argument: the file is not wrong.
+
+
 def _python_param(name: str, value: Any, decl: syntax.Param) -> Any:
     """Validate one parameter value passed from Python; lists become tuples."""
     if isinstance(value, bool):
         return value
     if isinstance(value, (tuple, list)):
         if not value:
-            raise PatternTypeError(f"parameter '{name}' must not be an empty tuple", decl.span)
+            raise PatternTypeError(
+                f"the keyword argument {name}= passed from Python for parameter '{name}' must not be an empty tuple",
+                decl.span,
+            )
         return tuple(_python_scalar(name, item, decl) for item in value)
     return _python_scalar(name, value, decl)
 
@@ -531,11 +554,14 @@ def _python_scalar(name: str, value: Any, decl: syntax.Param) -> int | bool:
         else:
             if abs(number) > _MAX_INT:
                 raise PatternValueError(
-                    f"parameter '{name}' is out of range (|value| must be at most 2**62)", decl.span
+                    f"the keyword argument {name}={number:.3g} passed from Python for parameter '{name}' "
+                    "is out of range (|value| must be at most 2**62)",
+                    decl.span,
                 )
             return number
     raise PatternTypeError(
-        f"parameter '{name}' must be an integer, a boolean or a tuple of those, got {type(value).__name__}",
+        f"the keyword argument {name}= passed from Python for parameter '{name}' must be an integer, "
+        f"a boolean or a tuple of those, got {type(value).__name__}",
         decl.span,
     )
 
@@ -552,8 +578,12 @@ def _bind_params(pdef: syntax.PatternDef, params: dict, scope: _Scope, ev: _Eval
     for key in params:
         if key not in declared:
             hint = did_you_mean(str(key), declared)
-            have = f"its parameters are {', '.join(declared)}" if declared else "it has no parameters"
-            raise PatternNameError(f"pattern '{pdef.name}' has no parameter '{key}'{hint}; {have}", pdef.name_span)
+            have = f"its parameters are {listing(declared)}" if declared else "it has no parameters"
+            raise PatternNameError(
+                f"the keyword argument {key}= passed from Python names no parameter of pattern '{pdef.name}'{hint}; "
+                f"{have}",
+                pdef.name_span,
+            )
     for decl in pdef.params:
         scope.declare(decl.name, decl.span, "parameter")
     bound = []
@@ -572,7 +602,8 @@ def _bind_params(pdef: syntax.PatternDef, params: dict, scope: _Scope, ev: _Eval
             scope.passed.add(decl.name)
             if default is not None and not isinstance(default, _Unknown) and not _same_kind(value, default):
                 raise PatternTypeError(
-                    f"parameter '{decl.name}' must be like its default {value_text(default)}, got {value_text(value)}",
+                    f"the keyword argument {decl.name}={reprlib.repr(value)} passed from Python for parameter "
+                    f"'{decl.name}' must be like its default {value_text(default)}",
                     decl.span,
                 )
         elif decl.default is not None:
@@ -604,6 +635,9 @@ def _bind_layout(stmt: syntax.Layout, ev: _Evaluator) -> ir.Layout:
         if not isinstance(extent, _Unknown):
             _check(extent >= 1, f"the extent of axis '{axis.name}' must be >= 1, got {extent}", axis.extent.span)
         axes.append((axis.name, extent))
+    size = math.prod(e for _, e in axes if not isinstance(e, _Unknown))
+    # Each extent is in range alone; the number of positions is their product.
+    _check(size <= _MAX_INT, f"layout grid(...) holds {size:.3g} positions, more than 2**62", stmt.span)
     return ir.Layout(tuple(axes), stmt.span)
 
 
@@ -637,6 +671,8 @@ def _bind_definition(pdef: syntax.PatternDef, params: dict, lenient: bool = Fals
         raise PatternSyntaxError(
             f"pattern '{pdef.name}' has neither a final pattern expression nor heads lines", pdef.name_span
         )
+    if default is not None and not isinstance(default, _Unknown):
+        _check_extent(default, pdef.final.span)
     if isinstance(default, _Unknown) or any(isinstance(v, _Unknown) for _, v in bound) or lenient:
         return None
     return ir.PatternIR(
@@ -644,10 +680,67 @@ def _bind_definition(pdef: syntax.PatternDef, params: dict, lenient: bool = Fals
     )
 
 
+#: How deep a bound pattern may nest and how many nodes it may have with every ``let`` written
+#: out where it is used. Syntax nesting is limited by the grammar, but lets nest without
+#: parentheses, and a let used twice in the next one doubles the tree each time: every later
+#: stage walks the tree, recursively and once per use.
+MAX_DEPTH = 100
+MAX_NODES = 50_000
+
+
+def _check_extent(node: ir.Node, span: ir.Span) -> None:
+    """Refuse a pattern deeper than :data:`MAX_DEPTH` or larger than :data:`MAX_NODES` (no recursion)."""
+    depth: dict[int, int] = {}
+    size: dict[int, int] = {}
+    stack = [(node, False)]
+    while stack:
+        current, done = stack.pop()
+        key = id(current)
+        if key in size:
+            continue
+        kids = ir.children(current)
+        if not done:
+            stack.append((current, True))
+            stack.extend((kid, False) for kid in kids if id(kid) not in size)
+            continue
+        depth[key] = 1 + max((depth[id(k)] for k in kids), default=0)
+        size[key] = 1 + sum(size[id(k)] for k in kids)
+        if depth[key] > MAX_DEPTH:
+            raise PatternValueError(
+                f"the pattern nests more than {MAX_DEPTH} levels deep once its lets are written out", span
+            )
+        if size[key] > MAX_NODES:
+            raise PatternValueError(
+                f"the pattern has more than {MAX_NODES} primitives and operators once its lets are written "
+                "out where they are used",
+                span,
+            )
+
+
+def _check_expr_depth(expr: ir.Expr, span: ir.Span) -> None:
+    """Refuse a condition deeper than :data:`MAX_DEPTH` (a long flat ``q + q + ...`` is a deep binary tree)."""
+    depth: dict[int, int] = {}
+    stack = [(expr, False)]
+    while stack:
+        current, done = stack.pop()
+        kids = ir.expr_children(current)
+        if not done:
+            stack.append((current, True))
+            stack.extend((kid, False) for kid in kids if id(kid) not in depth)
+            continue
+        depth[id(current)] = 1 + max((depth[id(k)] for k in kids), default=0)
+        if depth[id(current)] > MAX_DEPTH:
+            raise PatternValueError(
+                f"the condition is more than {MAX_DEPTH} operations deep; write it with fewer operations", span
+            )
+
+
 def _bind_heads(stmt: syntax.Heads, ev: _Evaluator, rules: list[ir.HeadRule]) -> ir.HeadRule | None:
     lo = ev.int_value(stmt.lo, "the first head of a heads range")
     hi = ev.int_value(stmt.hi, "the end of a heads range")
     node = ev.pattern_value(stmt.body, "the pattern of a heads line")
+    if not isinstance(node, _Unknown):
+        _check_extent(node, stmt.body.span)
     if isinstance(lo, _Unknown) or isinstance(hi, _Unknown) or isinstance(node, _Unknown):
         return None
     _check(lo >= 0, f"heads ranges start at 0 or later, got {lo}", stmt.lo.span)
@@ -678,11 +771,11 @@ def _pick(module: syntax.Module, name: str | None) -> syntax.PatternDef:
     if name is None:
         if len(defs) > 1:
             raise PatternNameError(
-                f"the source defines {len(defs)} patterns ({', '.join(seen)}); pass name=... to pick one"
+                f"the source defines {len(defs)} patterns ({listing(seen)}); pass name=... to pick one"
             )
         return defs[0]
     if name not in seen:
-        raise PatternNameError(f"no pattern named '{name}'{did_you_mean(str(name), seen)}; defined: {', '.join(seen)}")
+        raise PatternNameError(f"no pattern named '{name}'{did_you_mean(str(name), seen)}; defined: {listing(seen)}")
     return seen[name]
 
 
@@ -785,10 +878,11 @@ def check_lengths(pir: ir.PatternIR, q_len: int, kv_len: int | None, heads: int)
                 f"layout grid({shape}) holds {layout.size} positions but the sequence length is {q_len}", layout.span
             )
     if pir.default is None:
-        uncovered = [h for h in range(heads) if pir.node_for_head(h) is None]
+        uncovered = _uncovered(pir, heads)
         if uncovered:
+            shown = ", ".join(f"{r.start}" if len(r) == 1 else f"{r.start}..{r.stop}" for r in uncovered)
             raise HeadsError(
-                f"pattern '{pir.name}' has no final expression and heads {_ranges(uncovered)} are not covered "
+                f"pattern '{pir.name}' has no final expression and heads {shown} are not covered "
                 f"by any heads line (heads = {heads})",
                 pir.span,
             )
@@ -867,6 +961,60 @@ def expr_bounds(expr: ir.Expr, ranges: dict) -> tuple[int, int]:
     return 0, 1
 
 
+def expr_magnitude(expr: ir.Expr, ranges: dict) -> int:
+    """A bound on ``|x|`` for the value of ``expr`` and for every partial sum of its terms.
+
+    Later stages rearrange sums: the tile rules turn ``L op R`` into a linear form
+    ``cq * q + ck * k + c0`` and add its pieces in whatever order, so a predicate is only
+    safe when the sum of the magnitudes of its additive terms fits, not just its range
+    (``expr_bounds``). Products and the non-linear operators fall back to ``expr_bounds``.
+
+    Args:
+        expr: a ``where`` expression or sub-expression.
+        ranges: from :func:`variable_ranges`.
+
+    Returns:
+        A non-negative Python int.
+    """
+    if isinstance(expr, ir.Neg):
+        return expr_magnitude(expr.operand, ranges)
+    if isinstance(expr, ir.Arith) and expr.op in "+-*":
+        left, right = expr_magnitude(expr.left, ranges), expr_magnitude(expr.right, ranges)
+        return left * right if expr.op == "*" else left + right
+    lo, hi = expr_bounds(expr, ranges)
+    return max(abs(lo), abs(hi))
+
+
+def check_int64(pred: ir.Expr, ranges: dict, sizes: str) -> None:
+    """Reject a predicate some of whose intermediate values can leave 64-bit integers.
+
+    Checks every sub-expression and, for each comparison ``L op R``, the difference
+    ``L - R`` (which the tile rules and the kernels compute), with
+    :func:`expr_magnitude`.
+
+    Args:
+        pred: the ``where`` predicate.
+        ranges: from :func:`variable_ranges`.
+        sizes: the sizes, for the message (``"Lq=16, Lk=13"``).
+
+    Raises:
+        PatternValueError: at the offending sub-expression.
+    """
+    from patterndsl.printer import expr_to_source
+
+    for sub in ir.walk_expr(pred):
+        if isinstance(sub, ir.Cmp):
+            need = expr_magnitude(sub.left, ranges) + expr_magnitude(sub.right, ranges) + 1
+            what = f"the comparison '{expr_to_source(sub)}' needs values up to {need:.3g}"
+        elif isinstance(sub, (ir.Logic, ir.LNot)):
+            continue
+        else:
+            need = expr_magnitude(sub, ranges)
+            what = f"'{expr_to_source(sub)}' can reach {need:.3g}"
+        if need > _INT64:
+            raise PatternValueError(f"{what} at {sizes}, beyond 64-bit integer arithmetic (|value| < 2**63)", sub.span)
+
+
 def _size(name: str, value: Any) -> int:
     if isinstance(value, bool) or not hasattr(type(value), "__index__"):
         raise PatternTypeError(f"{name} must be a positive integer, got {type(value).__name__}")
@@ -876,25 +1024,30 @@ def _size(name: str, value: Any) -> int:
     return value
 
 
-def _ranges(heads: list[int]) -> str:
-    runs: list[list[int]] = []
-    for h in heads:
-        if runs and runs[-1][1] == h:
-            runs[-1][1] = h + 1
-        else:
-            runs.append([h, h + 1])
-    return ", ".join(f"{lo}" if hi == lo + 1 else f"{lo}..{hi}" for lo, hi in runs)
+def _uncovered(pir: ir.PatternIR, heads: int) -> list[range]:
+    """The heads below ``heads`` that no ``heads`` line covers, as ranges (no per-head loop)."""
+    gaps, start = [], 0
+    for rule in pir.heads:  # sorted by ``lo`` and disjoint
+        if rule.lo > start:
+            gaps.append(range(start, min(rule.lo, heads)))
+        start = max(start, rule.hi)
+    gaps.append(range(start, heads))
+    return [g for g in gaps if len(g)]
 
 
 def _used_nodes(pir: ir.PatternIR, heads: int):
-    """(heads, node) for every pattern some head below ``heads`` uses, with the heads that use it."""
+    """(heads, node) for every pattern some head below ``heads`` uses, with the heads (a range) that use it."""
     for rule in pir.heads:
         if rule.lo < heads:
             yield range(rule.lo, min(rule.hi, heads)), rule.node
     if pir.default is not None:
-        rest = [h for h in range(heads) if not any(r.lo <= h < r.hi for r in pir.heads)]
-        if rest:
+        for rest in _uncovered(pir, heads):
             yield rest, pir.default
+
+
+#: A divisor that depends on the head is checked head by head up to this many heads; beyond, the
+#: dense meaning decides per element, as it does for divisors that depend on positions.
+_DIVISOR_HEADS = 4096
 
 
 def _check_divisors(pred: ir.Expr, env: dict[str, int], head_range) -> None:
@@ -913,6 +1066,8 @@ def _check_divisors(pred: ir.Expr, env: dict[str, int], head_range) -> None:
         names = {e.name for e in ir.walk_expr(sub.right) if isinstance(e, ir.Var)}
         if any(isinstance(e, ir.Coord) for e in ir.walk_expr(sub.right)) or names & {"q", "k"}:
             continue  # depends on positions; the dense meaning decides per pair
+        if "h" in names and len(head_range) > _DIVISOR_HEADS:
+            continue
         for h in head_range if "h" in names else (None,):
             if _fold(sub.right, {**env, "h": h}) == 0:
                 at = f" for head {h}" if h is not None else ""

@@ -22,7 +22,7 @@ import torch
 
 from patterndsl import ir
 from patterndsl.api import Pattern, compile, load
-from patterndsl.errors import PatternError
+from patterndsl.errors import PatternError, listing
 
 STAGES = ("ir", "plan", "triton", "ptx", "sass", "reach")
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -209,7 +209,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _load(args) -> Pattern:
     params = dict(parse_param(text) for text in args.param)
-    return load(args.file, name=args.pattern, **params)
+    try:
+        return load(args.file, name=args.pattern, **params)
+    except PatternError as err:
+        # The values came from the command line, not from Python keyword arguments.
+        message = err.message.replace("the keyword argument ", "--param ").replace(" passed from Python", "")
+        message = message.replace(" from Python)", " from --param)").replace("pass name=...", "pass --pattern NAME")
+        if message == err.message:
+            raise
+        raise type(err)(message, err.span, err.source) from None
 
 
 def _lengths(args, pattern: Pattern, stage: str) -> tuple[int, int]:
@@ -267,7 +275,7 @@ def cmd_check(args) -> int:
     if errors:
         print(f"{path}: {len(errors)} error{'s' if len(errors) != 1 else ''}", file=sys.stderr)
         return 1
-    names = ", ".join(p.name for p in module.patterns)
+    names = listing(p.name for p in module.patterns)
     count = len(module.patterns)
     print(f"{path}: OK ({count} pattern{'s' if count != 1 else ''}: {names})")
     return 0

@@ -12,6 +12,18 @@ from __future__ import annotations
 import difflib
 from collections.abc import Iterable
 
+#: A source line longer than this is shown as the part around the error's caret, this many
+#: characters on each side.
+_LONG_LINE = 160
+_CONTEXT = 60
+
+
+def listing(names: Iterable[str], limit: int = 10) -> str:
+    """``a, b, c`` for a message, with at most ``limit`` names (``..., and 2990 more``)."""
+    names = list(names)
+    shown = ", ".join(names[:limit])
+    return shown if len(names) <= limit else f"{shown}, ... and {len(names) - limit} more"
+
 
 class PatternError(Exception):
     """Base class of every error patterndsl raises on purpose.
@@ -54,10 +66,18 @@ class PatternError(Exception):
         if not 1 <= self.span.line <= len(lines):
             return head
         text = lines[self.span.line - 1].expandtabs(1)
+        start = self.span.column - 1
         width = 1
         if self.span.end_line == self.span.line and self.span.end_column > self.span.column:
             width = self.span.end_column - self.span.column
-        caret = " " * (self.span.column - 1) + "^" * max(1, width)
+        # A generated source can have very long lines: show the part around the caret.
+        left = max(0, start - _CONTEXT) if len(text) > _LONG_LINE else 0
+        if left:
+            text, start = "..." + text[left:], start - left + 3
+        if len(text) > _LONG_LINE and len(text) > start + _CONTEXT + width:
+            text = text[: start + _CONTEXT + width] + "..."
+        width = min(width, len(text) - start)
+        caret = " " * start + "^" * max(1, width)
         return f"{head}\n    {text}\n    {caret}"
 
     def __str__(self) -> str:

@@ -121,6 +121,14 @@ def check_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None = None
         raise InputError(f"{_listing(list(kv))} {verb} {hkv} heads, which does not divide the {h} query heads")
     if h == 0 or d == 0:
         raise InputError(f"q must have at least one head and head_dim >= 1, got shape {tuple(q.shape)}")
+    if lq == 0:
+        raise InputError(f"q has sequence length 0 (shape {tuple(q.shape)}); attention needs at least one query")
+    if lk == 0:
+        verb = "has" if v is None else "have"
+        shapes = _listing([str(tuple(t.shape)) for t in kv.values()])
+        raise InputError(
+            f"{_listing(list(kv))} {verb} sequence length 0 (shape {shapes}); attention needs at least one key"
+        )
     return Sizes(b, h, hkv, lq, lk, d)
 
 

@@ -21,6 +21,8 @@ import hashlib
 from functools import cache
 from pathlib import Path
 
+from patterndsl.primitives import FAMILIES
+
 #: The package root every entry of :data:`KEY_SOURCES` is relative to.
 PACKAGE = Path(__file__).resolve().parents[1]
 
@@ -39,13 +41,8 @@ KEY_SOURCES: tuple[str, ...] = (
     "check.py",
     "semantics.py",
     "ir.py",
-    "primitives/basic.py",
-    "primitives/band.py",
-    "primitives/blocks.py",
-    "primitives/keys.py",
-    "primitives/where.py",
-    "primitives/neighborhood.py",
-    "primitives/route.py",
+    # Each primitive family module holds its primitives' Triton fragments.
+    *(f"primitives/{family}.py" for family in FAMILIES),
 )
 
 

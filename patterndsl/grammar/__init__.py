@@ -24,6 +24,14 @@ from patterndsl.ir import Span
 __all__ = ["parse", "syntax"]
 
 _STATEMENT_KEYWORDS = frozenset({"LET", "LAYOUT", "HEADS"})
+#: How deep parentheses and prefix operators (``~ - not``) may nest. Every stage walks the tree
+#: recursively; this keeps them all far from Python's recursion limit, and no pattern a person
+#: writes comes near it (a flat chain ``a | b | c ...`` is not nesting and has no limit).
+MAX_NESTING = 64
+_PREFIX = frozenset({"TILDE", "MINUS", "NOT"})
+#: After these a ``-`` is binary; anywhere else it is a prefix minus.
+_OPERAND_END = frozenset({"NAME", "INT", "TRUE", "FALSE", "RPAR"})
+_ATOMS = frozenset({"NAME", "INT", "TRUE", "FALSE"})
 
 
 class _LineBreaks:
@@ -40,8 +48,10 @@ class _LineBreaks:
     def process(self, stream: Iterator[Token]) -> Iterator[Token]:
         depth = 0
         open_statement = False
+        nesting = _Nesting()
         for tok in stream:
             kind = tok.type
+            nesting.step(tok)
             if kind == "NEWLINE":
                 if open_statement and depth == 0:
                     open_statement = False
@@ -61,6 +71,48 @@ class _LineBreaks:
             elif kind in _STATEMENT_KEYWORDS and depth == 0:
                 open_statement = True
             yield tok
+
+
+class _Nesting:
+    """Counts how deeply the expression at each token nests; refuses more than :data:`MAX_NESTING`.
+
+    A level is an open parenthesis or a prefix operator still waiting for its operand: in
+    ``~(~(x`` the name ``x`` sits 4 levels deep. Refusing here, token by token, is what lets the
+    error point at the place that nests too deeply instead of at the start of the file.
+    """
+
+    def __init__(self):
+        self.runs: list[int] = []  # per open parenthesis: the prefix operators before it
+        self.run = 0  # prefix operators since the last parenthesis or operand
+        self.level = 0
+        self.previous: str | None = None
+
+    def step(self, tok: Token) -> None:
+        kind = tok.type
+        if kind == "NEWLINE":
+            return
+        if kind == "LPAR":
+            self.runs.append(self.run)
+            self.run = 0
+            self.level += 1
+        elif kind == "RPAR" and self.runs:
+            self.level -= 1 + self.run + self.runs.pop()
+            self.run = 0
+        elif kind in _PREFIX and (kind != "MINUS" or self.previous not in _OPERAND_END):
+            self.run += 1
+            self.level += 1
+        elif kind in _ATOMS:
+            self.level -= self.run
+            self.run = 0
+        elif kind == "RBRACE":
+            self.runs, self.run, self.level = [], 0, 0
+        self.previous = kind
+        if self.level > MAX_NESTING:
+            raise PatternSyntaxError(
+                f"the expression nests more than {MAX_NESTING} levels deep here (parentheses and ~ - not); "
+                "name inner parts with let",
+                _token_span(tok, None),
+            )
 
 
 _PARSER = Lark(
@@ -183,10 +235,12 @@ class _Builder(Transformer):
         return syntax.Unary(str(op), operand, self._span(meta))
 
     def number(self, meta, tok):
-        # Python refuses to convert very long digit strings; no sensible pattern needs them.
-        if len(tok.lstrip("0")) > 30:
-            raise PatternSyntaxError("number too large", self._tok(tok))
-        return syntax.Number(int(tok), self._span(meta))
+        # Python refuses to convert very long digit strings (leading zeros count too): convert the
+        # significant digits only, and refuse more of them than any in-range integer has.
+        digits = tok.lstrip("0") or "0"
+        if len(digits) > 30:
+            raise PatternSyntaxError(f"number too large ({len(digits)} digits)", self._tok(tok))
+        return syntax.Number(int(digits), self._span(meta))
 
     def boolean(self, meta, tok):
         return syntax.Boolean(tok.type == "TRUE", self._span(meta))
@@ -260,6 +314,8 @@ _WORDS = {
 }
 # Terminals that can start an expression, and the binary operators.
 _EXPR_START = frozenset({"INT", "NAME", "TRUE", "FALSE", "LPAR", "MINUS", "TILDE", "NOT"})
+# Tokens that end an expression: an operator just before one of them is left without an operand.
+_CLOSERS = frozenset({"RBRACE", "RPAR", "$END", "_NL", "COMMA", "SEMI", "DOTDOT", "COLON"})
 _OPERATORS = frozenset({"OR", "AND", "CMP_OP", "BAR", "PLUS", "MINUS", "AMP", "STAR", "FLOORDIV", "PERCENT"})
 
 
@@ -317,6 +373,22 @@ def _acceptable(err: UnexpectedToken) -> set[str]:
     return set(err.expected)
 
 
+def _dangling_operator(tok: Token, expected: set[str], source: str) -> Token | None:
+    """The operator just before ``tok`` when it is left without an operand (``tok`` cannot start one)."""
+    if tok.type not in _CLOSERS or len(expected & _EXPR_START) < 4:
+        return None
+    start = tok.start_pos if isinstance(tok.start_pos, int) else len(source)
+    previous = None
+    try:
+        for previous in _PARSER.lex(source[:start]):  # noqa: B007 -- the last token is wanted
+            pass
+    except (UnexpectedInput, PatternError):
+        return None
+    if previous is None or previous.type not in _OPERATORS | {"TILDE", "NOT"}:
+        return None
+    return previous
+
+
 def _syntax_error(err: UnexpectedInput, source: str, filename: str | None) -> PatternSyntaxError:
     if isinstance(err, UnexpectedCharacters):
         line, column = err.line, err.column
@@ -337,6 +409,11 @@ def _syntax_error(err: UnexpectedInput, source: str, filename: str | None) -> Pa
             span = Span(filename, len(lines), len(lines[-1]) + 1, len(lines), len(lines[-1]) + 2)
         expected = _acceptable(err)
         wanted = _describe_expected(expected)
+        dangling = _dangling_operator(tok, expected, source)
+        if dangling is not None:
+            # ``causal &`` at the end of a line: the mistake is the operator, not the next line's ``}``.
+            message = f"'{dangling.value}' has no right operand: expected {wanted}, found {_describe_token(tok)}"
+            return PatternSyntaxError(message + _hint(tok, expected, source), _token_span(dangling, filename), source)
         message = f"unexpected {_describe_token(tok)}"
         if wanted:
             message += f"; expected {wanted}"
@@ -373,6 +450,8 @@ def parse(source: str, filename: str | None = None) -> syntax.Module:
 def _parse(source: str, filename: str | None) -> syntax.Module:
     try:
         tree = _PARSER.parse(source)
+    except PatternError as err:  # from the post-lexer
+        raise err.with_source(source, filename) from None
     except UnexpectedInput as err:
         raise _syntax_error(err, source, filename) from None
     except RecursionError:

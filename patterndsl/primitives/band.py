@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from patterndsl.primitives.common import BIG, cdiv, fdiv, param, require
+from patterndsl.primitives.common import BIG, cdiv, fdiv, param, require, require_in_range
 from patterndsl.primitives.registry import Primitive, register
 
 # --------------------------------------------------------------------------- tile rule
@@ -65,7 +65,12 @@ def _window_band(prim, env=None):
 
 
 def _window_check(v, s, layout):
+    for count in ("before", "after"):
+        require(v[count] >= 0, f"window {count} must be >= 0, got {v[count]}", s[count])
     require(v["dilation"] >= 1, f"window dilation must be >= 1, got {v['dilation']}", s["dilation"])
+    # The band ends are products: each factor is in range alone, the product need not be.
+    for count in ("before", "after"):
+        require_in_range(v[count] * v["dilation"], f"window {count} * dilation", s[count])
 
 
 def _window_meaning(prim, q, k, h, ctx, selection):

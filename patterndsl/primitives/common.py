@@ -13,6 +13,10 @@ from patterndsl import ir
 from patterndsl.errors import LayoutError, PatternTypeError, PatternValueError
 
 BIG = 1 << 50  # stands in for an unbounded band end; far beyond any position
+#: The largest magnitude of an integer a pattern may hold or derive from its arguments (a band
+#: end, an offset): the check stage keeps folded values here, so that every later stage can add
+#: a position to it (or subtract one) and stay within 64-bit arithmetic.
+VALUE_LIMIT = 1 << 62
 
 
 def fdiv(a, b):
@@ -32,6 +36,20 @@ def require(ok: bool, message: str, span: ir.Span | None) -> None:
     """Raise ``PatternValueError(message)`` at ``span`` unless ``ok``."""
     if not ok:
         raise PatternValueError(message, span)
+
+
+def require_in_range(value: int, what: str, span: ir.Span | None) -> None:
+    """Raise ``PatternValueError`` at ``span`` unless ``|value| <= VALUE_LIMIT``.
+
+    For quantities an argument rule derives from several arguments (a product such as
+    ``before * dilation``): each argument is bounded alone when it is folded, their
+    products are not.
+    """
+    require(
+        abs(value) <= VALUE_LIMIT,
+        f"{what} = {value:.3g} is out of range (|value| must be at most 2**62)",
+        span,
+    )
 
 
 def per_axis(value, rank: int) -> tuple:

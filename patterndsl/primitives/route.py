@@ -35,10 +35,12 @@ def _shape_args(values, spans, layout, span):
 
 
 def _check(v, s, layout):
-    require(v["topk"] >= 1, f"route topk must be >= 1, got {v['topk']}", s["topk"])
+    require(v["topk"] >= 0, f"route topk must be >= 0, got {v['topk']}", s["topk"])
     for key in _BOXES:
         entries = v[key] if isinstance(v[key], tuple) else (v[key],)
         require(all(b >= 1 for b in entries), f"route {key} must be >= 1, got {value_to_source(v[key])}", s[key])
+    # A count, like every count of the language: choosing no block allows nothing.
+    return ir.EMPTY if v["topk"] == 0 else None
 
 
 def _meaning(prim, q, k, h, ctx, selection) -> torch.Tensor:

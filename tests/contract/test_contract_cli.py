@@ -199,7 +199,7 @@ def test_show_uncovered_heads_is_a_clean_error(capsys, tmp_path):
     [
         ("pattern p(n = 2) {\n    let w = window(n)\n    causal & where(q % 0 == 0)\n}\n", ":3:"),
         ("pattern p {\n    layout grid(y = 2)\n    layout grid(x = 2)\n    full\n}\n", ":3:"),
-        ("pattern p {\n    causal &\n}\n", ":3:"),
+        ("pattern p {\n    causal &\n}\n", ":2:"),  # at the dangling operator (issue 11)
         ("pattern p {\n    window(2, dilation = true)\n}\n", ":2:"),
     ],
 )

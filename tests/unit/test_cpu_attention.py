@@ -14,6 +14,7 @@ import patterndsl
 from patterndsl import runtime, semantics
 from patterndsl.analysis.plan import plan_from_mask
 from patterndsl.runtime import cpu
+from patterndsl.runtime.cpu.forward import split
 from tests.reference import reference_attention
 
 GRID = "layout grid(y = 6, x = 10)\n"
@@ -93,9 +94,9 @@ def block(request, monkeypatch):
 
 
 @pytest.fixture(params=["fused", "math"])
-def kernel(request, monkeypatch):
-    monkeypatch.setattr(cpu, "KERNEL", request.param)
-    return request.param
+def kernel(request):
+    with cpu.options(kernel=request.param):
+        yield request.param
 
 
 @pytest.fixture(
@@ -104,8 +105,8 @@ def kernel(request, monkeypatch):
 def config(request, monkeypatch):
     """Tile sizes and inner kernel: both kernels, square and non-square tiles, without the full product."""
     monkeypatch.setattr(runtime, "CPU_BLOCK", request.param[0])
-    monkeypatch.setattr(cpu, "KERNEL", request.param[1])
-    return request.param
+    with cpu.options(kernel=request.param[1]):
+        yield request.param
 
 
 @pytest.mark.parametrize("name", sorted(PATTERNS))
@@ -244,7 +245,7 @@ def test_partial_masks_come_from_semantics(monkeypatch):
 def test_zero_length_sequences_are_a_pattern_error():
     pattern = _compile("causal")
     q, k, v = _inputs(1, 2, 2, 5, 0, 8, torch.float32)
-    with pytest.raises(patterndsl.PatternError, match="kv_len"):
+    with pytest.raises(patterndsl.PatternError, match="k and v have sequence length 0"):
         pattern(q, k, v)
 
 
@@ -261,16 +262,15 @@ SPLIT_CASES = {
 def test_split_sub_tiles_match_reference(name, monkeypatch):
     """Forward runs affine segments as 32-row sub-tiles over narrower key windows: same values, LSE, gradients."""
     monkeypatch.setattr(runtime, "CPU_BLOCK", (64, 64))
-    monkeypatch.setattr(cpu, "KERNEL", "fused")
     # Small chunks so the backward runs several chunks, whatever the thread count.
-    monkeypatch.setattr(cpu, "FUSED_CHUNK_BYTES", 256 << 10)
-    monkeypatch.setattr(cpu, "FUSED_CHUNK_BYTES_SERIAL", 256 << 10)
+    opts = cpu.CpuOptions(kernel="fused", fused_chunk_bytes=256 << 10, fused_chunk_bytes_serial=256 << 10)
     body, length = SPLIT_CASES[name]
     pattern = _compile(body)
     plan = plan_from_mask(pattern.mask(length, length, 1), (64, 64), pattern=pattern.ir, nodes=[pattern.ir.default])
-    splits = [cpu._split(s, plan.block, torch.float32) for s in cpu.schedules(plan)[0].segments]
+    splits = [split(s, plan.block, torch.float32, opts.split_rows) for s in cpu.schedules(plan, opts)[0].segments]
     assert any(sp is not None and sp.width < 64 * 5 for sp in splits), "the split path is not exercised"
-    _check(pattern, *_inputs(2, 4, 2, length, length, 16, torch.float32))
+    with cpu.options(opts):
+        _check(pattern, *_inputs(2, 4, 2, length, length, 16, torch.float32))
 
 
 def test_split_sub_tiles_never_see_keys_outside_their_window(monkeypatch):
@@ -278,7 +278,7 @@ def test_split_sub_tiles_never_see_keys_outside_their_window(monkeypatch):
     pattern = _compile("causal & window(100)")
     plan = plan_from_mask(pattern.mask(1024, 1024, 1), (64, 64), pattern=pattern.ir, nodes=[pattern.ir.default])
     (seg,) = [s for s in cpu.schedules(plan)[0].segments if s.affine is not None]
-    sp = cpu._split(seg, plan.block, torch.float32)
+    sp = split(seg, plan.block, torch.float32, cpu.CpuOptions().split_rows)
     assert sp is not None and sp.parts == 2 and sp.key0 >= 0
     first = int(seg.q_tiles[0])
     mask = pattern.mask(1024, 1024, 1)[0]
@@ -327,9 +327,7 @@ def test_affine_backward_accumulates_in_place(name, dtype, monkeypatch):
     monkeypatch.setattr(runtime, "CPU_BLOCK", (8, 8))
     # Steps of 3 query tiles: several steps per segment, the last one short; in float64 the
     # byte budget cuts steps to one tile.
-    monkeypatch.setattr(cpu, "AFFINE_BWD_TILES", 3)
-    if dtype == torch.float64:
-        monkeypatch.setattr(cpu, "AFFINE_BWD_BYTES", 1)
+    opts = cpu.CpuOptions(affine_bwd_tiles=3, affine_bwd_bytes=1 if dtype == torch.float64 else 4 << 20)
     body, lq, lk, kind = AFFINE_CASES[name]
     pattern = _compile(body)
     plan = plan_from_mask(pattern.mask(lq, lk, 1), (8, 8), pattern=pattern.ir, nodes=[pattern.ir.default])
@@ -343,7 +341,8 @@ def test_affine_backward_accumulates_in_place(name, dtype, monkeypatch):
         lse = lse.double().masked_fill(torch.isinf(lse), 0.0)
         return (out.double() * w_out.double()).sum() + (lse * w_lse).sum()
 
-    loss(*pattern(q, k, v, return_lse=True)).backward()
+    with cpu.options(opts):
+        loss(*pattern(q, k, v, return_lse=True)).backward()
     got = [t.grad.clone() for t in (q, k, v)]
     for t in (q, k, v):
         t.grad = None
@@ -357,43 +356,43 @@ def test_affine_backward_accumulates_in_place(name, dtype, monkeypatch):
 
 def test_affine_backward_gradcheck(monkeypatch):
     monkeypatch.setattr(runtime, "CPU_BLOCK", (4, 4))
-    monkeypatch.setattr(cpu, "AFFINE_BWD_TILES", 2)
     pattern = _compile("where(k // 8 == (q - 16) // 4 and (q + k) % 5 != 0)")
     q, k, v = _inputs(1, 2, 1, 16, 32, 3, torch.float64)
-    assert torch.autograd.gradcheck(lambda q, k, v: pattern(q, k, v), (q, k, v), fast_mode=True)
+    with cpu.options(affine_bwd_tiles=2):
+        assert torch.autograd.gradcheck(lambda q, k, v: pattern(q, k, v), (q, k, v), fast_mode=True)
 
 
 @pytest.mark.parametrize("name", sorted(PATTERNS))
 def test_wide_full_runs_merge_by_lse(name, kernel, monkeypatch):
     """Long runs of full tiles in loose rows run alone and merge by log-sum-exp (any pattern, 8x8 tiles)."""
     monkeypatch.setattr(runtime, "CPU_BLOCK", (8, 8))
-    monkeypatch.setattr(cpu, "WIDE_MIN", 2)
-    monkeypatch.setattr(cpu, "AFFINE_BWD_TILES", 3)
     pattern = _compile(PATTERNS[name])
     length = GRID_LEN if "layout" in PATTERNS[name] else 100
-    _check(pattern, *_inputs(2, 3, 3, length, length, 16, torch.float32))
+    with cpu.options(wide_min=2, affine_bwd_tiles=3):
+        _check(pattern, *_inputs(2, 3, 3, length, length, 16, torch.float32))
 
 
 @pytest.mark.parametrize("kernel_name", ["fused", "math"])
 def test_causal_rows_split_into_full_runs_and_diagonal(kernel_name, monkeypatch):
     """Causal: the diagonal tiles form one masked affine segment, the full prefixes merge into it."""
-    monkeypatch.setattr(cpu, "KERNEL", kernel_name)
+    opts = cpu.CpuOptions(kernel=kernel_name)
     pattern = _compile("causal")
     plan = plan_from_mask(pattern.mask(1024, 1024, 1), (64, 64), pattern=pattern.ir, nodes=[pattern.ir.default])
-    (sched,) = cpu.schedules(plan)
+    (sched,) = cpu.schedules(plan, opts)
     writers = [s for s in sched.segments if not s.merge]
     wide = [s for s in sched.segments if s.merge]
-    # Rows with >= WIDE_MIN full tiles before the diagonal: one masked affine diagonal segment
+    # Rows with >= wide_min full tiles before the diagonal: one masked affine diagonal segment
     # plus one unmasked full prefix each; the shorter first rows are gathered as before.
     diagonal = [s for s in writers if s.affine is not None]
-    assert len(diagonal) == 1 and diagonal[0].affine == (cpu.WIDE_MIN, 1) and diagonal[0].width == 1
-    assert [int(s.q_tiles[0]) for s in wide] == list(range(cpu.WIDE_MIN, plan.n_q_tiles))
+    assert len(diagonal) == 1 and diagonal[0].affine == (opts.wide_min, 1) and diagonal[0].width == 1
+    assert [int(s.q_tiles[0]) for s in wide] == list(range(opts.wide_min, plan.n_q_tiles))
     assert all(s.blocked is None and s.affine[0] == 0 and s.width == int(s.q_tiles[0]) for s in wide)
     covered = torch.cat([s.q_tiles for s in writers]).sort().values
     assert torch.equal(covered, torch.arange(plan.n_q_tiles))
     # Values and gradients, with a key tail inside the last diagonal tile.
     monkeypatch.setattr(runtime, "CPU_BLOCK", (64, 64))
-    _check(pattern, *_inputs(1, 2, 1, 1000, 1000, 16, torch.float32))
+    with cpu.options(opts):
+        _check(pattern, *_inputs(1, 2, 1, 1000, 1000, 16, torch.float32))
 
 
 def test_global_rows_run_unmasked_without_copies():

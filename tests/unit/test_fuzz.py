@@ -14,15 +14,20 @@ from __future__ import annotations
 import contextlib
 import random
 import re
+import resource
 import signal
+from pathlib import Path
 
 import pytest
+import torch
 
 import patterndsl
 from patterndsl import check
-from patterndsl.errors import PatternError
+from patterndsl.analysis.plan import tile_reduce
+from patterndsl.errors import BackendError, InputError, PatternError
 from patterndsl.grammar import parse
 from patterndsl.printer import pattern_to_source
+from tests.reference import reference_attention
 
 SEEDS = [
     """# Sliding window with attention sinks.
@@ -131,7 +136,7 @@ def mutate_same_class(rng: random.Random, text: str) -> str:
     for _ in range(rng.randint(1, 3)):
         i = rng.randrange(len(tokens))
         if tokens[i].isdigit():
-            tokens[i] = str(rng.choice([0, 1, 2, 3, 5, 8, 64, 10**12]))
+            tokens[i] = str(rng.choice([0, 1, 2, 3, 5, 8, 64, 10**12, 2**31, 2**61 + 1, 2**62]))
         elif re.fullmatch(r"[A-Za-z_]\w*", tokens[i]):
             tokens[i] = rng.choice(NAMES)
     return "".join(tokens)
@@ -147,7 +152,8 @@ def run_case(text: str) -> str:
     with time_limit(TIME_LIMIT):
         try:
             module = parse(text)
-        except PatternError:
+        except PatternError as err:
+            _located(err, "parse")
             return "error"
         errors = check.check_module(module, text)
         assert all(isinstance(e, PatternError) for e in errors)
@@ -156,7 +162,7 @@ def run_case(text: str) -> str:
             try:
                 pattern = patterndsl.compile(text, name=name)
             except PatternError as err:
-                assert str(err)
+                _located(err, "compile")
                 continue
             outcome = "ok"
             printed = pattern_to_source(pattern.ir)
@@ -218,3 +224,169 @@ def test_deep_nesting_is_an_error_not_a_crash():
 @pytest.mark.parametrize("seed", range(100, 110))
 def test_mutated_sources_many(seed):
     run_many(seed, 3000)
+
+
+# --------------------------------------------------------------------------- the whole pipeline
+#
+# Every source that compiles is also masked, planned and attended at small sizes, and the result is
+# compared with the dense reference. Outcomes: success, or a PatternError that carries a location
+# whenever it is about the source. Each case runs under a time limit and a size cap (sequence
+# lengths at most MAX_LEN, so no stage may need much memory), and the process's peak memory may
+# not grow by more than MEMORY_LIMIT over a case.
+
+EXAMPLES = [p.read_text(encoding="utf-8") for p in sorted(Path(__file__).parents[2].glob("examples/*.pdsl"))]
+VALUES = [0, 1, 2, 3, 5, 7, 16, 64, -1, -3, 2**31 - 1, 2**31, 2**61, 2**62 - 1, 2**62, 2**62 + 1, 2**63]
+MAX_LEN = 24
+PIPELINE_TIME_LIMIT = 10.0
+MEMORY_LIMIT = 1 << 30  # bytes of peak-RSS growth per case
+#: Errors that are about no place in the source (a choice among patterns, sizes, tensors).
+SPANLESS = ("the source defines", "no pattern named")
+
+
+def _value(rng: random.Random) -> str:
+    return str(rng.choice(VALUES)) if rng.random() < 0.7 else str(rng.randint(-5, 40))
+
+
+def _leaf(rng: random.Random) -> str:
+    v = lambda: _value(rng)  # noqa: E731
+    kind = rng.randrange(12)
+    if kind == 0:
+        return rng.choice(["full", "empty", "causal"])
+    if kind == 1:
+        return f"window({v()}, {v()}, dilation = {v()})"
+    if kind == 2:
+        return f"window({v()})"
+    if kind == 3:
+        return rng.choice(["strided", "blocks", "sink", "global", "landmarks"]) + f"({v()})"
+    if kind == 4:
+        return f"summary({v()}, {v()})"
+    if kind == 5:
+        return f"random({v()}, {v()}, seed = {v()})"
+    if kind == 6:
+        return f"route({rng.randint(0, 3)}, block = {rng.choice([1, 2, 4, 2**62])}, among = {_leaf(rng)})"
+    terms = [rng.choice(["q", "k", "h", "Lq", "Lk", v(), v()]) for _ in range(4)]
+    ops = [rng.choice(["+", "-", "*", "//", "%"]) for _ in range(2)]
+    expr = f"{terms[0]} {ops[0]} {terms[1]} {ops[1]} {terms[2]}"
+    return f"where({expr} {rng.choice(['<', '<=', '==', '!=', '>'])} {terms[3]})"
+
+
+def _grid_leaf(rng: random.Random) -> str:
+    def arg():
+        return _value(rng) if rng.random() < 0.6 else f"({_value(rng)}, {_value(rng)})"
+
+    kind = rng.randrange(3)
+    if kind == 0:
+        causal = rng.choice(["true", "false", "(true, false)"])
+        return f"neighborhood({arg()}, dilation = {arg()}, stride = {arg()}, causal = {causal})"
+    if kind == 1:
+        return f"route({rng.randint(0, 2)}, block = {arg()}, qblock = {arg()}, among = neighborhood(1))"
+    return f"where(q.y * {_value(rng)} - k.x {rng.choice(['<', '>=', '=='])} {_value(rng)})"
+
+
+def generated(rng: random.Random) -> str:
+    """A well-formed source whose arguments come from a pool of edge values (0, negatives, near 2**62)."""
+    grid = rng.random() < 0.3
+    leaf = (lambda: rng.choice([_leaf, _grid_leaf])(rng)) if grid else (lambda: _leaf(rng))
+    expr = leaf()
+    for _ in range(rng.randint(0, 3)):
+        expr = f"({expr}) {rng.choice(['|', '&', '-'])} {rng.choice(['', '~'])}{leaf()}"
+    if not grid:
+        return f"pattern g {{ {expr} }}"
+    y, x = rng.choice([(2, 3), (4, 4), (1, 5)])
+    heads = rng.choice(["", f"heads 0..{rng.randint(1, 3)}: causal; "])
+    return f"pattern g {{ layout grid(y = {y}, x = {x}); {heads}{expr} }}"
+
+
+def pipeline_cases(seed: int, count: int):
+    rng = random.Random(seed)
+    for n in range(count):
+        pick = n % 4
+        if pick == 0:
+            yield generated(rng)
+        elif pick == 1:
+            yield mutate_same_class(rng, rng.choice(EXAMPLES + SEEDS))
+        elif pick == 2:
+            yield mutate(rng, rng.choice(EXAMPLES))
+        else:
+            yield rng.choice(EXAMPLES) if rng.random() < 0.2 else mutate(rng, rng.choice(SEEDS))
+
+
+def _located(err: PatternError, stage: str) -> None:
+    if err.location is None and not err.message.startswith(SPANLESS):
+        raise AssertionError(f"{stage}: PatternError without a location: {err.message}")
+
+
+def _run_stages(pattern: patterndsl.Pattern, lq: int, lk: int, heads: int) -> None:
+    gen = torch.Generator().manual_seed(lq * 100 + lk)
+    q = torch.randn(1, heads, lq, 4, generator=gen, dtype=torch.float64)
+    k = torch.randn(1, heads, lk, 4, generator=gen, dtype=torch.float64)
+    v = torch.randn(1, heads, lk, 4, generator=gen, dtype=torch.float64)
+    dense = pattern.mask(lq, lk, heads, q=q, k=k) if pattern.is_dynamic else pattern.mask(lq, lk, heads)
+    if not pattern.is_dynamic:
+        for block in [(4, 4), (3, 5)]:
+            plan = pattern.plan(lq, lk, heads, block=block, order="identity")
+            assert torch.equal(plan.tiles(), tile_reduce(dense, *block)), (str(pattern), lq, lk, heads, block)
+    out = pattern(q, k, v, backend="cpu")
+    want, _ = reference_attention(q, k, v, dense)
+    torch.testing.assert_close(out, want, msg=lambda m: f"{pattern} at {lq}, {lk}, {heads}: {m}")
+
+
+def run_pipeline_case(text: str) -> str:
+    """ "ok" (some pattern ran through every stage), "error" (PatternErrors only) or "skipped" (too large)."""
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    outcome = "error"
+    with time_limit(PIPELINE_TIME_LIMIT):
+        try:
+            module = parse(text)
+        except PatternError as err:
+            _located(err, "parse")
+            return "error"
+        for name in list(dict.fromkeys(p.name for p in module.patterns))[:3]:
+            try:
+                pattern = patterndsl.compile(text, name=name)
+            except PatternError as err:
+                _located(err, "compile")
+                continue
+            length = pattern.ir.layout.size if pattern.ir.layout is not None else None
+            if length is not None and length > MAX_LEN:
+                outcome = "skipped" if outcome == "error" else outcome
+                continue
+            sizes = [(length, length, 2)] if length else [(16, 16, 2), (13, 16, 1), (16, 13, 3)]
+            for lq, lk, heads in sizes:
+                try:
+                    _run_stages(pattern, lq, lk, heads)
+                except PatternError as err:
+                    if not isinstance(err, (InputError, BackendError)):
+                        _located(err, f"sizes {lq}, {lk}, {heads}")
+                    continue
+                outcome = "ok"
+    grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+    assert grown < MEMORY_LIMIT, f"peak memory grew by {grown / 2**20:.0f} MiB"
+    return outcome
+
+
+def run_pipeline(seed: int, count: int) -> dict[str, int]:
+    tally = {"ok": 0, "error": 0, "skipped": 0}
+    for text in pipeline_cases(seed, count):
+        try:
+            tally[run_pipeline_case(text)] += 1
+        except Exception as exc:
+            raise AssertionError(f"fuzz case raised {type(exc).__name__}: {exc}\n--- source ---\n{text!r}") from exc
+    return tally
+
+
+def test_examples_run_through_the_pipeline():
+    assert len(EXAMPLES) >= 10
+    for text in EXAMPLES:
+        assert run_pipeline_case(text) in ("ok", "skipped"), text
+
+
+def test_mutated_and_generated_sources_run_through_the_pipeline():
+    tally = run_pipeline(7, 200)
+    assert tally["ok"] > 30 and tally["error"] > 30, tally
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", range(200, 210))
+def test_mutated_and_generated_sources_run_through_the_pipeline_many(seed):
+    run_pipeline(seed, 1000)

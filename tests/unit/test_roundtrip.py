@@ -139,7 +139,7 @@ def static_prims(draw, layout):
     if name in ("full", "empty", "causal"):
         return name + draw(st.sampled_from(["", "()"]))
     if name == "window":
-        values = [draw(ints(-3, 6)), draw(maybe(ints(-3, 6))), draw(maybe(ints(1, 4)))]
+        values = [draw(ints(0, 6)), draw(maybe(ints(0, 6))), draw(maybe(ints(1, 4)))]
     elif name == "strided":
         values = [draw(ints(1, 5))]
     elif name == "blocks":
@@ -278,7 +278,7 @@ def test_printer_handles_the_awkward_cases():
         "pattern p { layout grid(y = 4, x = 4); route(2, block = (2, 2)) }",
         "pattern p { layout grid(y = 4, x = 4); route(2, block = (2, 2), qblock = 1) }",
         "pattern p { layout grid(y = 4, x = 4); neighborhood((3, 1), stride = (1, 1), causal = (false, true)) }",
-        "pattern p { window(-3, -1) }",
+        "pattern p(n = -3) { window(-n, -(n + 2)) }",
         "pattern p { where(q - -3 < -(k * 2) and not (h == 1 or Lq // 2 > k % -3)) }",
         "pattern p { where(q - (k - 1) > (q - k) - 1 and -(q + k) < -q * k) }",
         "pattern p { where(min(q, -k) <= abs(-q)) }",

@@ -48,8 +48,7 @@ CASES = {
     # ... and where such a block lies in a tile that is partial whatever the choice, the tile's
     # elements must still follow the choice (found by tests/unit/test_cpu_property.py).
     "among_reads_head_static_partial": (
-        "pattern p { route(1, block = 5, qblock = 5, among = where((k // 5 + h) % 3 == 0))"
-        " | where((q - k) % 5 == 0) }",
+        "pattern p { route(1, block = 5, qblock = 5, among = where((k // 5 + h) % 3 == 0)) | where((q - k) % 5 == 0) }",
         41,
         12,
     ),

@@ -1,0 +1,296 @@
+"""Runtime stage, CPU executor: the backward pass through the same units and segments as the forward.
+
+Comes in: the forward's ``q``, ``k``, ``v``, ``out``, ``lse``, the gradients of ``out`` (and of
+``lse``), the :class:`BlockPlan` and the executor's
+:class:`~patterndsl.runtime.cpu.tuning.CpuOptions`. Goes out: ``dq``, ``dk``, ``dv`` in the
+inputs' dtypes (``dk``/``dv`` summed over the query heads that share a key/value head). The
+backward of an affine segment is our own (:func:`_backward_affine`): batched matmuls over the
+same strided views as the forward that accumulate dK/dV in place, one key-tile offset at a time,
+with the rows' statistics ``lse`` and ``delta`` (:func:`patterndsl.runtime.softmax.delta`).
+Gathered segments use torch's fused backward in chunks of the fused budget (or the math one in
+chunks of ``chunk_bytes``); the gathered ``route`` work adds its gradients last.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from patterndsl import ir
+from patterndsl.analysis.plan import BlockPlan
+from patterndsl.runtime import softmax
+from patterndsl.runtime.cpu.schedule import Segment
+from patterndsl.runtime.cpu.tuning import FLASH_BWD, CpuOptions, resolve
+from patterndsl.runtime.cpu.units import Heads, units
+from patterndsl.runtime.cpu.views import (
+    add_keys,
+    chunks,
+    compute_dtype,
+    flat,
+    from_tiles,
+    inverses,
+    kv_view,
+    put,
+    put_rows,
+    q_view,
+    scores,
+    take,
+    to_tiles,
+    window,
+)
+
+_LOG2E = 1.4426950408889634
+
+
+def backward(q, k, v, out, lse, dout, plan: BlockPlan, scale: float, dlse=None, options=None):
+    """Gradients of :func:`forward` through the same plan.
+
+    Args:
+        q, k, v, out, lse: the forward's inputs and outputs.
+        dout: gradient of ``out``.
+        plan: the forward's plan.
+        scale: the forward's scale.
+        dlse: gradient of ``lse`` (``[B, H, Lq]``) or None.
+        options: :class:`~patterndsl.runtime.cpu.tuning.CpuOptions`; default: the current ones.
+
+    Returns:
+        ``(dq, dk, dv)`` in the dtypes and shapes of ``q``, ``k``, ``v`` (``dk``/``dv`` summed
+        over the query heads that share a key/value head).
+    """
+    b, h, lq, d = q.shape
+    hkv, lk = k.shape[1], k.shape[2]
+    dt = compute_dtype(q.dtype)
+    opts = resolve(options)
+    bm, bn = plan.block
+    q_inv, k_inv = inverses(plan)
+    # One head group without grouped-query sharing hands its buffers out directly.
+    direct = len(plan.groups) == 1 and h == hkv and not ir.is_dynamic(plan.groups[0].node)
+    if not direct:
+        dq = torch.zeros_like(q)
+        dk_acc = torch.zeros(b, hkv, lk, d, dtype=dt)
+        dv_acc = torch.zeros(b, hkv, lk, d, dtype=dt)
+    q_id, k_id = q_inv is None, k_inv is None
+    lq_pad, lk_pad = plan.n_q_tiles * bm, plan.n_kv_tiles * bn
+    empty = lse == float("-inf")
+    # Affine segments (and the math kernel) need delta = rowsum(dO * O) and lse with +inf on
+    # rows with no allowed key (P is then exactly 0, never NaN).
+    delta = softmax.delta(dout, out, dlse, dt)
+    lse_inf = lse.to(dt).masked_fill(empty, float("inf"))
+    extra = {"delta": delta, "lse": lse_inf, "lse2": lse_inf * _LOG2E}
+    # Gathered segments run torch's fused kernel, which computes delta itself and cannot take a
+    # gradient on lse; any finite lse gives it P = 0 on rows whose scores are all -inf.
+    fused = opts.fused and (dlse is None or not bool(dlse.any()))
+    if fused:
+        extra["lse0"] = lse.to(dt).masked_fill(empty, 0.0)
+    todo, work = units(plan, q, k, opts)
+    if work is not None:
+        direct = False
+        dq = torch.zeros(q.shape, dtype=dt)
+    for bs, sched, merge in todo:
+        hd = Heads.of(sched, h, h // hkv)
+        nb = q[bs].shape[0]
+        t = {
+            "q": to_tiles(q[bs], hd.q, plan.q_order, q_id, lq_pad, dt),
+            "do": to_tiles(dout[bs], hd.q, plan.q_order, q_id, lq_pad, dt),
+            "k": to_tiles(k[bs], hd.kv, plan.kv_order, k_id, lk_pad, dt),
+            "v": to_tiles(v[bs], hd.kv, plan.kv_order, k_id, lk_pad, dt),
+        }
+        gathered = any(seg.affine is None for seg in sched.segments)
+        if fused and gathered:
+            t["o"] = to_tiles(out[bs], hd.q, plan.q_order, q_id, lq_pad, dt)
+        for name, value in extra.items():
+            t[name] = to_tiles(value[bs][..., None], hd.q, plan.q_order, q_id, lq_pad, dt)[..., 0]
+        # dK/dV accumulate over query tiles; dQ rows are written once per covered tile.
+        t["dk"], t["dv"] = torch.zeros(t["k"].shape, dtype=dt), torch.zeros(t["v"].shape, dtype=dt)
+        t["dq"] = torch.empty(t["q"].shape, dtype=dt)
+        if sched.idle_q_tiles.numel():
+            t["dq"].view(nb, hd.count, -1, bm, d)[:, :, sched.idle_q_tiles] = 0
+        for seg in sched.segments:
+            if seg.affine is not None:
+                _backward_affine(t, seg, plan.block, scale, opts)
+            else:
+                (_backward_fused if fused else _backward_math)(t, seg, plan.block, scale, opts)
+        dq_g = from_tiles(t["dq"], lq, q_inv)
+        dk_g, dv_g = from_tiles(t["dk"], lk, k_inv), from_tiles(t["dv"], lk, k_inv)
+        if direct:
+            return tuple(g.to(x.dtype).contiguous() for g, x in ((dq_g, q), (dk_g, k), (dv_g, v)))
+        if merge:
+            put(dq, bs, hd.q, take(dq, bs, hd.q) + dq_g)
+        else:
+            put(dq, bs, hd.q, dq_g)
+        # Query heads sharing a key/value head add their contributions.
+        if hd.kv is None:
+            dk_acc[bs] += dk_g
+            dv_acc[bs] += dv_g
+            continue
+        idx = torch.tensor(hd.kv, dtype=torch.int64)
+        dk_acc[bs].index_add_(1, idx, dk_g)
+        dv_acc[bs].index_add_(1, idx, dv_g)
+    if work is not None:
+        from patterndsl.runtime.cpu import gather
+
+        grads = {"dq": dq, "dk": dk_acc, "dv": dv_acc}
+        gather.backward(q, k, v, lse, dout, delta, grads, work, scale, opts)
+    return dq.to(q.dtype), dk_acc.to(k.dtype), dv_acc.to(v.dtype)
+
+
+def _backward_fused(t: dict, seg0: Segment, block, scale: float, opts: CpuOptions) -> None:
+    bn = block[1]
+    b, h, _, d = t["q"].shape
+    # The kernel returns dK/dV per query tile ([n, width*BN, D] each); chunks bound that memory.
+    for seg in chunks(seg0, 2 * b * h * bn * d * t["q"].element_size(), opts.fused_budget()):
+        _backward_fused_chunk(t, seg, block, scale)
+
+
+def _backward_fused_chunk(t: dict, seg: Segment, block, scale: float) -> None:
+    bm, bn = block
+    b, h = t["q"].shape[:2]
+    qc, doc, oc = (flat(q_view(t[name], seg, bm)) for name in ("q", "do", "o"))
+    kc, vc = flat(kv_view(t["k"], seg, bn)), flat(kv_view(t["v"], seg, bn))
+    lc = flat(q_view(t["lse0"][..., None], seg, bm)).squeeze(-1)
+    dq, dk, dv = FLASH_BWD(doc, qc, kc, vc, oc, lc, 0.0, False, attn_mask=seg.bias(qc.dtype), scale=scale)
+    put_rows(t["dq"], seg, bm, dq.unflatten(0, (b, h)))
+    add_keys(t["dk"], seg, bn, dk.unflatten(0, (b, h)))
+    add_keys(t["dv"], seg, bn, dv.unflatten(0, (b, h)))
+
+
+def _column_biases(seg: Segment, bn: int, dtype: torch.dtype) -> list[tuple[int, torch.Tensor]]:
+    """``(w, bias [1 or n, BM, BN])`` (0 / -inf) for the key-tile offsets ``w`` of ``seg`` that need a mask.
+
+    Adding a bias is several times faster than ``masked_fill_`` with a broadcast mask on CPU.
+    """
+    key = ("columns", dtype)
+    if key not in seg._cache:
+        out = []
+        bias = seg.bias(dtype)
+        if bias is not None:
+            for w in range(seg.width):
+                cols = slice(w * bn, (w + 1) * bn)
+                if bool(seg.blocked[:, :, cols].any()):
+                    out.append((w, bias[0, :, :, cols]))
+        seg._cache[key] = out
+    return seg._cache[key]
+
+
+@torch.no_grad()
+def _backward_affine(t: dict, seg: Segment, block, scale: float, opts: CpuOptions) -> None:
+    """Backward of an affine segment, with dK/dV accumulated in place.
+
+    Per head and step of ``opts.affine_bwd_tiles`` query tiles (fewer when one step's score
+    buffer would exceed ``opts.affine_bwd_bytes``): ``P`` and ``dS`` over the
+    whole key window are one batched matmul each (``[n, BM, width*BN]`` against an
+    overlapping strided view of K/V, no copy), and ``dQ`` one more. For a fixed key-tile
+    offset ``w`` the query tiles of a segment reach distinct key tiles, so ``dK``/``dV``
+    take one ``baddbmm_`` per offset straight into their strided tiles: no per-tile key
+    buffers to zero, hold and add back (what torch's fused CPU backward needs). With
+    ``step == 0`` every query tile reaches the same key tiles, and their contributions
+    are one ``addmm_`` over all rows. ``P`` is computed in base 2 (``exp2`` of scores
+    scaled by ``log2 e``): torch's ``exp2`` is about 2.7x faster than its ``exp`` on CPU
+    and as exact. The step's two score buffers are allocated once, so no step faults in
+    fresh pages. Needs ``t["lse"]`` (+inf on rows with no allowed key) and ``t["delta"]``
+    (``rowsum(dO * O) - dlse``); handles any ``dlse``.
+    """
+    bm, bn = block
+    nb, hc, _, d = t["q"].shape
+    if len(seg) < nb * hc:
+        # Short segments (split rows, edges): fewer steps when the heads are the batch.
+        _backward_affine_by_tile(t, seg, block, scale)
+        return
+    lo0, step = seg.affine
+    width, m0 = seg.width, int(seg.q_tiles[0])
+    columns = _column_biases(seg, bn, t["q"].dtype)
+    per_tile = bm * width * bn * t["q"].element_size()
+    chunk = max(1, min(opts.affine_bwd_tiles, len(seg), opts.affine_bwd_bytes // per_tile))
+    p_buf = t["q"].new_empty(chunk, bm, width * bn)
+    ds_buf = torch.empty_like(p_buf)
+    for b in range(nb):
+        for h in range(hc):
+            q, do, k, v = (t[name][b, h] for name in ("q", "do", "k", "v"))
+            dq, dk, dv = (t[name][b, h] for name in ("dq", "dk", "dv"))
+            lse2, delta = t["lse2"][b, h], t["delta"][b, h]
+            for a in range(0, len(seg), chunk):
+                n = min(chunk, len(seg) - a)
+                rows = slice((m0 + a) * bm, (m0 + a + n) * bm)
+                qc, doc = q[rows].view(n, bm, d), do[rows].view(n, bm, d)
+                tile = lo0 + step * a
+                kw, vw = window(k, tile, n, step, width, bn), window(v, tile, n, step, width, bn)
+                biases = [(w, bias if bias.shape[0] == 1 else bias[a : a + n]) for w, bias in columns]
+                p, ds = _probs_and_ds(
+                    qc, doc, kw, vw, lse2[rows].view(n, bm, 1), delta[rows].view(n, bm, 1), biases, bn, scale,
+                    p_buf[:n], ds_buf[:n],
+                )  # fmt: skip
+                if seg.merge:
+                    dq[rows].view(n, bm, d).baddbmm_(ds, kw, alpha=scale)
+                else:
+                    torch.bmm(ds, kw, out=dq[rows].view(n, bm, d))
+                    dq[rows].mul_(scale)
+                if step == 0 or n == 1:
+                    span = slice(tile * bn, (tile + width) * bn)
+                    dv[span].addmm_(p.view(-1, width * bn).t(), doc.reshape(-1, d))
+                    dk[span].addmm_(ds.view(-1, width * bn).t(), qc.reshape(-1, d), alpha=scale)
+                    continue
+                for w in range(width):
+                    cols = slice(w * bn, (w + 1) * bn)
+                    window(dv, tile + w, n, step, 1, bn).baddbmm_(p[:, :, cols].transpose(1, 2), doc)
+                    window(dk, tile + w, n, step, 1, bn).baddbmm_(ds[:, :, cols].transpose(1, 2), qc, alpha=scale)
+
+
+def _probs_and_ds(qc, doc, kw, vw, lse2, delta, biases, bn: int, scale: float, p_out, ds_out):
+    """One backward step's ``P`` and ``dS`` (``[batch, rows, width*BN]``), written into ``p_out`` and ``ds_out``.
+
+    ``P = exp2(scale * log2(e) * Q K^T - lse2)`` with the additive ``biases`` ``(w, 0/-inf)`` on
+    the key-tile columns ``w`` that need a mask, and ``dS = P * (dO V^T - delta)``.
+    """
+    p = torch.bmm(qc, kw.transpose(1, 2), out=p_out).mul_(scale * _LOG2E)
+    p.sub_(lse2)
+    for w, bias in biases:
+        p[:, :, w * bn : (w + 1) * bn].add_(bias)
+    p.exp2_()
+    ds = torch.bmm(doc, vw.transpose(1, 2), out=ds_out)
+    ds.sub_(delta).mul_(p)
+    return p, ds
+
+
+def _backward_affine_by_tile(t: dict, seg: Segment, block, scale: float) -> None:
+    """:func:`_backward_affine` with the (batch, head) pairs as the matmul batch, one query tile per step.
+
+    ``x[:, :, rows]`` of a ``[B, h, L, D]`` buffer is a ``[B*h, rows, D]`` view, so every step is
+    the same handful of batched matmuls whatever the number of heads.
+    """
+    bm, bn = block
+    nb, hc, _, d = t["q"].shape
+    bh = nb * hc
+    lo0, step = seg.affine
+    width, m0 = seg.width, int(seg.q_tiles[0])
+    columns = _column_biases(seg, bn, t["q"].dtype)
+    q, do, k, v, dq, dk, dv = (t[name] for name in ("q", "do", "k", "v", "dq", "dk", "dv"))
+    p_buf = q.new_empty(bh, bm, width * bn)
+    ds_buf = torch.empty_like(p_buf)
+    for i in range(len(seg)):
+        rows = slice((m0 + i) * bm, (m0 + i + 1) * bm)
+        keys = slice((lo0 + step * i) * bn, (lo0 + step * i + width) * bn)
+        qc, doc = q[:, :, rows].view(bh, bm, d), do[:, :, rows].view(bh, bm, d)
+        kw, vw = k[:, :, keys].view(bh, width * bn, d), v[:, :, keys].view(bh, width * bn, d)
+        biases = [(w, bias[0] if bias.shape[0] == 1 else bias[i]) for w, bias in columns]
+        lse2, delta = t["lse2"][:, :, rows].reshape(bh, bm, 1), t["delta"][:, :, rows].reshape(bh, bm, 1)
+        p, ds = _probs_and_ds(qc, doc, kw, vw, lse2, delta, biases, bn, scale, p_buf, ds_buf)
+        # beta = 0 ignores what the rows held (they are not initialised for writing segments).
+        dq[:, :, rows].view(bh, bm, d).baddbmm_(ds, kw, beta=1 if seg.merge else 0, alpha=scale)
+        dv[:, :, keys].view(bh, width * bn, d).baddbmm_(p.transpose(1, 2), doc)
+        dk[:, :, keys].view(bh, width * bn, d).baddbmm_(ds.transpose(1, 2), qc, alpha=scale)
+
+
+def _backward_math(t: dict, seg0: Segment, block, scale: float, opts: CpuOptions) -> None:
+    bm, bn = block
+    b, h = t["q"].shape[:2]
+    for seg in chunks(seg0, b * h * bm * bn * t["q"].element_size(), opts.chunk_bytes):
+        qc = q_view(t["q"], seg, bm) * scale
+        kc, vc = kv_view(t["k"], seg, bn), kv_view(t["v"], seg, bn)
+        doc = q_view(t["do"], seg, bm)
+        p = scores(qc, kc, seg)
+        p.sub_(q_view(t["lse"][..., None], seg, bm)).exp_()
+        add_keys(t["dv"], seg, bn, torch.matmul(p.transpose(-1, -2), doc))
+        ds = torch.matmul(doc, vc.transpose(-1, -2))
+        ds.sub_(q_view(t["delta"][..., None], seg, bm)).mul_(p)
+        put_rows(t["dq"], seg, bm, torch.matmul(ds, kc).mul_(scale))
+        # qc carries the scale, so this is scale * dS^T Q.
+        add_keys(t["dk"], seg, bn, torch.matmul(ds.transpose(-1, -2), qc))
