@@ -168,6 +168,7 @@ def format_stats(plan: BlockPlan, head_dim: int = 64) -> str:
             f"(forward, head_dim {head_dim}, batch 1)",
         ),
         ("tiles evaluated", f"{s.tiles_evaluated:,} (classified element by element)"),
+        ("pairs evaluated", f"{s.elements_evaluated:,} (element by element, for tile states and counts)"),
         ("plan time", f"{s.plan_seconds * 1e3:.2f} ms"),
         ("order", plan.order),
     ]

@@ -7,46 +7,74 @@ run time). Only candidate tiles are ever touched: primitives enumerate the key
 tiles a query tile can reach, intersections hand the tiles that survived so far
 to the next operand as its domain, and a complement works inside its domain.
 
-Combining rule (three-valued, Kleene style), per tile:
+Combining rule (three-valued, Kleene style), per tile, with a fourth state inside the
+algebra, *open* (4: not decided yet; maybe empty, partial or full):
 
-* ``~A``: 0 <-> 2, 1 stays 1, 3 stays 3.
-* ``A & B``: any operand 0 gives 0; all 2 gives 2; else any 3 gives 3; else exactly one
-  partial operand gives 1; two or more partial operands are *ambiguous* (the tile may be
-  empty) and are resolved by evaluating that tile's elements.
-* ``A | B``: any operand 2 gives 2; all 0 gives 0; else any 3 gives 3; else exactly one
-  partial operand gives 1; two or more partial operands are ambiguous (the tile may be
-  full) and are resolved by evaluation.
-* An ambiguous tile under a node that contains ``route`` cannot be evaluated statically
-  and is marked 3. A ``route`` primitive is 3 on every tile that meets one of its
-  candidate (query group, key block) pairs and 0 elsewhere.
+* ``~A``: 0 <-> 2, 1 stays 1, 3 stays 3, open stays open.
+* ``A & B``: any operand 0 gives 0; all 2 gives 2; else any 3 gives 3; else any open operand,
+  or two or more partial operands (the tile may be empty), gives open; else 1.
+* ``A | B``: any operand 2 gives 2; all 0 gives 0; else any 3 gives 3; else any open operand,
+  or two or more partial operands (the tile may be full), gives open; else 1.
+* A primitive whose tile rule cannot decide a tile leaves it open.
+* :meth:`Engine.run` decides the open tiles of the node it was given, once for the whole node:
+  the tile is cut into boxes that the tile rules classify symbolically (:meth:`Engine.refine`)
+  and only the boxes still undecided are evaluated element by element, so no operand is
+  evaluated on its own and then again as part of the whole.
+* Under a node that contains ``route``, operands are decided first, and a tile still ambiguous
+  cannot be evaluated statically and is marked 3. A ``route`` primitive is 3 on every tile that
+  meets one of its candidate (query group, key block) pairs and 0 elsewhere.
 
-Every tile whose state needs element-wise evaluation is counted in ``evaluated``.
+Every tile whose state needs element-wise evaluation is counted in ``evaluated``, and its
+elements in ``elements`` (:class:`Tally`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 
 import numpy as np
 import torch
 
 from patterndsl import ir, primitives, semantics
 from patterndsl.analysis import classify as cls
-from patterndsl.analysis.tiles import Side
-from patterndsl.errors import PatternError
+from patterndsl.analysis.tiles import Pieces, Side
+from patterndsl.errors import PatternError, PatternValueError
 from patterndsl.sizes import Sizes
 
 EMPTY, PARTIAL, FULL, DYNAMIC = 0, 1, 2, 3
+#: Inside the algebra only: a tile not decided yet (maybe empty, partial or full); the node at
+#: the top of a static subtree decides its open tiles once (:meth:`Engine.run`), so operands
+#: are not evaluated one by one and then again as a whole.
+OPEN = 4
 _EVAL_CHUNK = 1 << 22  # elements per batched evaluation
 _PAIR_CHUNK = 1 << 22  # tile pairs per symbolic classification batch
+_REFINE_LEVELS = 8  # halvings of an undecided tile into boxes before its elements are evaluated
+_REFINE_BOXES = 64  # undecided boxes per tile beyond which the tile stops being refined
 _DENSE_TILES = 1 << 24  # up to this many tiles (or group x tile pairs), count with bincount, not sorting
+
+
+#: Most tiles (or tile pieces) one plan step may list: beyond it the plan is refused with a
+#: PatternError rather than running out of memory (2**28 int64 keys are 2 GiB, and a plan
+#: step holds a few arrays per tile).
+MAX_TILES = 1 << 28
+
+
+def check_tiles(count: int) -> None:
+    """Refuse a plan that would list more than :data:`MAX_TILES` tiles (a PatternError, not a MemoryError)."""
+    if count > MAX_TILES:
+        raise PatternValueError(
+            f"the block plan would list {count:,} tiles, more than {MAX_TILES:,}: "
+            f"use larger tiles (block=...) or shorter sequences"
+        )
 
 
 def expand_runs(rows: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """All ``(row, col)`` with ``lo <= col < hi`` for each run, row-major."""
     counts = np.maximum(hi - lo, 0)
     total = int(counts.sum())
+    check_tiles(total)
     r = np.repeat(rows, counts)
     starts = np.repeat(lo - np.concatenate([[0], np.cumsum(counts)[:-1]]), counts)
     return r, starts + np.arange(total, dtype=np.int64)
@@ -63,11 +91,17 @@ class Tally:
     Attributes:
         evaluated: tiles whose state was decided by evaluating their elements.
         counted: tiles whose allowed pairs were counted by evaluating their elements.
+        elements: (query, key) pairs evaluated element-wise, for states and for counts.
+        classified: tiles classified by a primitive's tile rule.
+        searched: (query tile, key-tile range) boxes decided by :meth:`Engine.search`.
         budget: elements that may still be evaluated (None: no limit); past it :class:`OverBudget`.
     """
 
     evaluated: int = 0
     counted: int = 0
+    elements: int = 0
+    classified: int = 0
+    searched: int = 0
     budget: int | None = None
 
     def spend(self, tiles: int, area: int) -> None:
@@ -82,10 +116,14 @@ class Tally:
 class _Caches:
     """What an engine computes once for its sides and sizes: shared by the engines derived from it."""
 
-    __slots__ = ("bounds", "chains", "routes")
+    __slots__ = ("bounds", "chains", "memo", "reach", "routes")
 
     def __init__(self):
         self.bounds = None
+        #: ``{primitive: tiles it reaches, or None when that is not cheap to count}``.
+        self.reach: dict[ir.Prim, int | None] = {}
+        #: ``{node: {tile key: (some allowed, some not, allowed pairs)}}`` of tiles evaluated element-wise.
+        self.memo: dict[ir.Node, dict[int, tuple[bool, bool, int]]] = {}
         self.chains = None
         #: ``{route: (cand, n_q, n_k, qgroup, kblock, gq, gk)}`` (see :meth:`Engine.route_candidates`).
         self.routes: dict[ir.Prim, tuple] = {}
@@ -149,6 +187,21 @@ class Engine:
 
     def run(self, node: ir.Node, domain: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Non-empty tiles of ``node`` (within ``domain``, sorted keys, when given) and their states."""
+        keys, state = self._run(node, domain)
+        return self._settle(node, keys, state)
+
+    def _settle(self, node: ir.Node, keys: np.ndarray, state: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Decide the tiles left :data:`OPEN` under ``node`` (once, for the whole node) and drop the empty ones."""
+        open_ = np.flatnonzero(state == OPEN)
+        if not len(open_):
+            return keys, state
+        state = state.copy()
+        state[open_] = self.evaluate(node, keys[open_])
+        keep = state > 0
+        return keys[keep], state[keep]
+
+    def _run(self, node: ir.Node, domain: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        # Like run, but a static node may leave tiles OPEN for the node above to decide.
         if isinstance(node, ir.Inter):
             return self._inter(node, domain)
         if isinstance(node, ir.Union):
@@ -159,6 +212,41 @@ class Engine:
             return self._route(node, domain)
         return self._prim(node, domain)
 
+    def _joint_search_pays(self, node: ir.Node) -> bool:
+        # Operands with a needed-key range or listed candidates are bounded one by one already;
+        # a predicate bounded only by intervals (``where`` that is not a half-plane) is where the
+        # operands' joint bounds can be far tighter than each alone.
+        return any(
+            isinstance(p, ir.Prim) and p.name == "where" and cls.halfplane_of(p.arg("pred"), self.env) is None
+            for p in ir.walk(node)
+        )
+
+    def _reach(self, node: ir.Node) -> tuple[int, int]:
+        """Sort key inside an intersection: the tiles an operand reaches (counted by :meth:`search`
+        when its boundary is narrow), then the rough rank of :func:`_cost`; fewest first."""
+        count = self._reach_count(node)
+        return (self.nqb * self.nkb + 1 if count is None else count), _cost(node)
+
+    def _reach_count(self, node: ir.Node) -> int | None:
+        # A bound on the tiles of a node: exact-ish for primitives, a sum over a union, a
+        # minimum over an intersection; None when not cheap to know.
+        if isinstance(node, ir.Union):
+            parts = [self._reach_count(item) for item in node.items]
+            return None if any(p is None for p in parts) else sum(parts)
+        if isinstance(node, ir.Inter):
+            parts = [p for p in (self._reach_count(item) for item in node.items) if p is not None]
+            return min(parts) if parts else None
+        if not isinstance(node, ir.Prim) or primitives.lookup(node.name).dynamic or node in (ir.FULL, ir.EMPTY):
+            return None
+        if node not in self._caches.reach:
+            self._caches.reach[node] = self.search(self.prim_decide(node), count_only=True)
+        return self._caches.reach[node]
+
+    def _operand(self, parent: ir.Node, item: ir.Node, domain):
+        # Under a node with a route, an open tile cannot wait for the node (it is not evaluated
+        # statically there): operands are settled first.
+        return self.run(item, domain) if ir.is_dynamic(parent) else self._run(item, domain)
+
     # ----------------------------------------------------------------- candidates
 
     def _bounds(self):
@@ -167,6 +255,7 @@ class Engine:
         return self._caches.bounds
 
     def all_keys(self) -> np.ndarray:
+        check_tiles(self.nqb * self.nkb)
         return np.arange(self.nqb * self.nkb, dtype=np.int64)
 
     def _key_chains(self):
@@ -197,6 +286,124 @@ class Engine:
         keys = np.concatenate(parts) if parts else np.zeros(0, np.int64)
         return np.unique(keys) if len(chains) > 1 else keys
 
+    def bounds(self):
+        """``((qlo, qhi, qalo, qahi), (klo, khi, kalo, kahi))``: per tile, flattened and per-axis position bounds."""
+        return self._bounds()
+
+    def prim_decide(self, prim: ir.Prim):
+        """A ``decide`` for :meth:`search` from the primitive's tile rule, applied to hull boxes.
+
+        A hull holds every position of the tiles under it (and maybe more): a rule's "none
+        allowed" or "all allowed" on the hull holds for those tiles too.
+        """
+
+        def decide(box):
+            qb = _BoxSide(box.qalo, np.ones_like(box.qalo), box.qahi - box.qalo + 1, self.q)
+            kb = _BoxSide(box.kalo, np.ones_like(box.kalo), box.kahi - box.kalo + 1, self.k)
+            nonempty, full, ok = cls.classify(prim, qb.pieces(), kb.pieces(), self.env)
+            return nonempty | ~ok, ~full | ~ok, np.ones(len(nonempty), bool)
+
+        return decide
+
+    def node_decide(self, node: ir.Node):
+        """A ``decide`` for :meth:`search` for a whole node: its primitives' rules, combined three-valued."""
+        if isinstance(node, ir.Not):
+            inner = self.node_decide(node.item)
+
+            def negate(box):
+                t, f, ok = inner(box)
+                return f, t, ok
+
+            return negate
+        if isinstance(node, (ir.Inter, ir.Union)):
+            parts = [self.node_decide(item) for item in node.items]
+            conj = isinstance(node, ir.Inter)
+
+            def combine(box):
+                got = [p(box) for p in parts]
+                t = np.stack([g[0] for g in got])
+                f = np.stack([g[1] for g in got])
+                ok = np.logical_and.reduce([g[2] for g in got])
+                return (t.all(0), f.any(0), ok) if conj else (t.any(0), f.all(0), ok)
+
+            return combine
+        if primitives.lookup(node.name).dynamic:
+            return lambda box: (np.ones(len(box.qlo), bool),) * 3
+        return self.prim_decide(node)
+
+    def search(self, decide, count_only: bool = False) -> np.ndarray | int | None:
+        """Candidate tiles by branch and bound over key-tile ranges, per query tile.
+
+        A binary tree over the key tiles holds each node's hull (position bounds); per query
+        tile, a node whose hull the predicate surely fails is dropped, one it surely holds on
+        is taken whole, and the others are split, so the work follows the boundary of the
+        allowed region (about ``nqb * log(nkb)`` boxes), not ``nqb * nkb``.
+
+        Args:
+            decide: ``Boxes -> (can_true, can_false, sound)`` (see :mod:`patterndsl.primitives.intervals`);
+                unsound boxes are split down to single tiles and kept.
+
+            count_only: only count the tiles, and give up (None) when the boundary is not
+                narrow (more than a few undecided ranges per query tile).
+
+        Returns:
+            Sorted keys ``m * nkb + n`` of the tiles that may hold an allowed pair (or their number).
+        """
+        from patterndsl.primitives.intervals import Boxes
+
+        (qlo, qhi, qalo, qahi), (klo, khi, kalo, kahi) = self._bounds()
+        levels = [(klo, khi, kalo, kahi)]
+        while len(levels[-1][0]) > 1:
+            lo, hi, alo, ahi = levels[-1]
+            if len(lo) % 2:
+                lo, hi = np.append(lo, lo[-1]), np.append(hi, hi[-1])
+                alo, ahi = np.concatenate([alo, alo[-1:]]), np.concatenate([ahi, ahi[-1:]])
+            levels.append(
+                (
+                    np.minimum(lo[0::2], lo[1::2]),
+                    np.maximum(hi[0::2], hi[1::2]),
+                    np.minimum(alo[0::2], alo[1::2]),
+                    np.maximum(ahi[0::2], ahi[1::2]),
+                )
+            )
+        m = np.arange(self.nqb if self.nkb else 0, dtype=np.int64)
+        j = np.zeros(len(m), np.int64)
+        found = []
+        total = 0
+        for level in range(len(levels) - 1, -1, -1):
+            if not len(m):
+                break
+            lo, hi, alo, ahi = levels[level]
+            box = Boxes(qlo[m], qhi[m], lo[j], hi[j], qalo[m], qahi[m], alo[j], ahi[j])
+            can_true, can_false, sound = decide(box)
+            self.tally.searched += len(m)
+            whole = sound & ~can_false
+            if whole.any():
+                width = 1 << level
+                first = j[whole] * width
+                if count_only:
+                    total += int((np.minimum(first + width, self.nkb) - first).sum())
+                else:
+                    rows, cols = expand_runs(m[whole], first, np.minimum(first + width, self.nkb))
+                    found.append(rows * self.nkb + cols)
+            rest = ~whole & (can_true | ~sound)
+            m, j = m[rest], j[rest]
+            if count_only and len(m) > 8 * self.nqb + 1024:
+                return None
+            if level == 0:
+                total += len(m)
+                found.append(m * self.nkb + j)
+                break
+            m = np.repeat(m, 2)
+            j = (np.repeat(j, 2) * 2) + np.tile(np.array([0, 1], np.int64), len(j))
+            real = (j << (level - 1)) < self.nkb
+            m, j = m[real], j[real]
+        if count_only:
+            return total
+        if not found:
+            return np.zeros(0, np.int64)
+        return np.sort(np.concatenate(found))
+
     def _candidates(self, prim: ir.Prim) -> np.ndarray:
         (qlo, qhi, qalo, qahi), (_, _, kalo, kahi) = self._bounds()
         listed = primitives.lookup(prim.name).candidates
@@ -226,7 +433,7 @@ class Engine:
         out_k, out_s = [], []
         for s in range(0, len(keys), _PAIR_CHUNK):
             part = keys[s : s + _PAIR_CHUNK]
-            state = self.classify_pairs(prim, part)
+            state = self.classify_pairs(prim, part, settle=False)
             keep = state > 0
             out_k.append(part[keep])
             out_s.append(state[keep])
@@ -236,9 +443,13 @@ class Engine:
             return keys[:0], np.zeros(0, np.int8)
         return np.concatenate(out_k), np.concatenate(out_s)
 
-    def classify_pairs(self, prim: ir.Prim, keys: np.ndarray) -> np.ndarray:
-        """States of the tiles ``keys`` under one static primitive (symbolic, evaluation where needed)."""
+    def classify_pairs(self, prim: ir.Prim, keys: np.ndarray, settle: bool = True) -> np.ndarray:
+        """States of the tiles ``keys`` under one static primitive (symbolic, evaluation where needed).
+
+        With ``settle`` False, tiles the rule cannot decide are :data:`OPEN` instead of evaluated.
+        """
         m, n = keys // self.nkb, keys % self.nkb
+        self.tally.classified += len(keys)
         if self.q.single_piece and self.k.single_piece:
             qi, ki, seg = m, n, None
         else:
@@ -258,13 +469,17 @@ class Engine:
         state = np.where(full, FULL, np.where(nonempty, PARTIAL, EMPTY)).astype(np.int8)
         bad = np.nonzero(~ok)[0]
         if len(bad):
-            state[bad] = self.evaluate(prim, keys[bad])
+            state[bad] = self.evaluate(prim, keys[bad]) if settle else OPEN
         return state
 
     # ----------------------------------------------------------------- evaluation
 
     def evaluate(self, node: ir.Node, keys: np.ndarray) -> np.ndarray:
-        """Exact states of tiles ``keys`` by evaluating their elements (counted)."""
+        """Exact states of tiles ``keys`` the algebra left open: box refinement, then elements (counted).
+
+        The tiles are cut into smaller boxes and classified symbolically (:meth:`refine`);
+        only the boxes still undecided have their elements evaluated.
+        """
         out = np.zeros(len(keys), np.int8)
         if not len(keys):
             return out
@@ -272,14 +487,133 @@ class Engine:
         if ir.is_dynamic(node) and selection is None:
             out[:] = DYNAMIC
             return out
-        self.tally.spend(len(keys), self.q.block * self.k.block)
-        for part, i, j, valid in self.chunks(keys):
-            val = semantics.evaluate(node, i, j, self.env.head, self.ctx, selection)
-            anyv = (val & valid).flatten(1).any(1)
-            allv = (val | ~valid).flatten(1).all(1)
-            st = torch.where(allv & anyv, FULL, torch.where(anyv, PARTIAL, EMPTY))
-            out[part] = st.numpy().astype(np.int8)
+        if ir.is_dynamic(node):
+            self.tally.spend(len(keys), self.q.block * self.k.block)
+            for part, i, j, valid in self.chunks(keys):
+                val = semantics.evaluate(node, i, j, self.env.head, self.ctx, selection)
+                anyv = (val & valid).flatten(1).any(1)
+                allv = (val | ~valid).flatten(1).all(1)
+                st = torch.where(allv & anyv, FULL, torch.where(anyv, PARTIAL, EMPTY))
+                out[part] = st.numpy().astype(np.int8)
+            return out
+        if self.tally.budget is not None and len(keys) * self.q.block * self.k.block > self.tally.budget:
+            # A candidate order that could need more evaluation than it may spend is refused
+            # before any work, as if every open tile were evaluated whole.
+            raise OverBudget
+        ref = self.refine(node, keys, counting=False)
+        any_t, any_f = ref.any_true, ref.any_false
+        if len(ref.owner):
+            t, f, _ = self._evaluate_boxes(node, keys, ref, selection, counting=False)
+            any_t = any_t | t
+            any_f = any_f | f
+        out[:] = np.where(any_t & ~any_f, FULL, np.where(any_t, PARTIAL, EMPTY))
         return out
+
+    def _evaluate_boxes(self, node: ir.Node, keys: np.ndarray, ref: Refined, selection, counting: bool):
+        """Evaluate the undecided boxes of ``ref`` (counted), reusing tiles evaluated before.
+
+        Returns per tile of ``keys``: some element allowed, some not, and the allowed pairs of the
+        whole tile (valid for tiles with undecided boxes: all their other boxes were decided whole).
+        """
+        memo = self._caches.memo.setdefault(node, {})
+        owners = np.unique(ref.owner)
+        known = np.array([int(k) in memo for k in keys[owners]], bool)
+        t = np.zeros(len(keys), bool)
+        f = np.zeros(len(keys), bool)
+        count = np.zeros(len(keys), np.int64)
+        for o in owners[known]:
+            t[o], f[o], count[o] = memo[int(keys[o])]
+        fresh = owners[~known]
+        if len(fresh):
+            sub = ref.subset(np.isin(ref.owner, fresh))
+            area = sub.area()
+            if counting:
+                self.tally.counted += len(fresh)
+            else:
+                self.tally.spend(len(fresh), 0)
+            self.tally.elements += area
+            if self.tally.budget is not None:
+                self.tally.budget -= area
+                if self.tally.budget < 0:
+                    raise OverBudget
+            t2, f2, c2 = sub.evaluate(self, node, selection)
+            for o in fresh.tolist():
+                t[o] = bool(t2[o] or ref.any_true[o])
+                f[o] = bool(f2[o] or ref.any_false[o])
+                count[o] = int(ref.true_area[o] + c2[o])
+                memo[int(keys[o])] = (t[o], f[o], count[o])
+        return t, f, count
+
+    def box_states(self, node: ir.Node, qp, kp) -> np.ndarray:
+        """Per box (aligned query / key pieces): 2 every pair allowed, 0 none, 1 not known symbolically."""
+        if isinstance(node, ir.Not):
+            return 2 - self.box_states(node.item, qp, kp)
+        if isinstance(node, (ir.Inter, ir.Union)):
+            states = np.stack([self.box_states(item, qp, kp) for item in node.items])
+            if isinstance(node, ir.Inter):
+                return np.where((states == 0).any(0), 0, np.where((states == 2).all(0), 2, 1)).astype(np.int8)
+            return np.where((states == 2).any(0), 2, np.where((states == 0).all(0), 0, 1)).astype(np.int8)
+        if primitives.lookup(node.name).dynamic:
+            return np.ones(len(qp.fa), np.int8)
+        nonempty, full, ok = cls.classify(node, qp, kp, self.env)
+        return np.where(ok & full & nonempty, 2, np.where(ok & ~nonempty, 0, 1)).astype(np.int8)
+
+    def refine(self, node: ir.Node, keys: np.ndarray, counting: bool) -> Refined:
+        """Cut tiles ``keys`` into boxes, halving undecided boxes, and classify each box symbolically.
+
+        Args:
+            node: a static pattern node.
+            keys: tile keys.
+            counting: keep refining tiles known to be partial (their allowed pairs are wanted),
+                and add up the area of the boxes known to be all allowed.
+
+        Returns:
+            The :class:`Refined` boxes: per tile whether some box is all allowed / all
+            disallowed and the allowed area found, and the boxes left undecided.
+        """
+        m, n = keys // self.nkb, keys % self.nkb
+        cq, ck = np.diff(self.q.ptr)[m], np.diff(self.k.ptr)[n]
+        owner, local = expand_runs(np.arange(len(keys)), np.zeros(len(keys), np.int64), cq * ck)
+        qi = self.q.ptr[m][owner] + local // ck[owner]
+        ki = self.k.ptr[n][owner] + local % ck[owner]
+        qb = _BoxSide(self.q.a[qi], self.q.s[qi], self.q.n[qi], self.q)
+        kb = _BoxSide(self.k.a[ki], self.k.s[ki], self.k.n[ki], self.k)
+        period = _period(node, self.env) if len(self.q.extents) == 1 else 1
+        if period > 1:
+            # Bands with a modulus (dilations, strides) are checkerboards finer than any
+            # contiguous box: start from the residue classes, on which they are exact.
+            owner, qb, kb = _by_residue(owner, qb, kb, period)
+        any_t = np.zeros(len(keys), bool)
+        any_f = np.zeros(len(keys), bool)
+        true_area = np.zeros(len(keys), np.int64)
+        for level in range(_REFINE_LEVELS + 1):
+            if not len(owner):
+                break
+            st = self.box_states(node, qb.pieces(), kb.pieces())
+            area = qb.n.prod(1) * kb.n.prod(1)
+            any_t[owner[st == 2]] = True
+            any_f[owner[st == 0]] = True
+            true_area += np.bincount(owner[st == 2], weights=area[st == 2], minlength=len(keys)).astype(np.int64)
+            live = st == 1
+            if not counting:
+                live &= ~(any_t & any_f)[owner]
+            owner, qb, kb = owner[live], qb.take(live), kb.take(live)
+            if level == _REFINE_LEVELS or not len(owner):
+                break
+            per = np.bincount(owner, minlength=len(keys))
+            # Tiles whose undecided boxes multiply (no boundary, a pattern finer than the boxes)
+            # stop here: their remaining boxes are evaluated element by element.
+            split = (per[owner] <= _REFINE_BOXES) & (area[live] > 1)
+            if not split.any():
+                break
+            keep = ~split
+            sq = qb.n.prod(1) >= kb.n.prod(1)
+            q1, q2 = qb.take(split).halve(sq[split])
+            k1, k2 = kb.take(split).halve(~sq[split])
+            owner = np.concatenate([owner[keep], owner[split], owner[split]])
+            qb = _BoxSide.cat([qb.take(keep), q1, q2])
+            kb = _BoxSide.cat([kb.take(keep), k1, k2])
+        return Refined(any_t, any_f, true_area, owner, qb, kb)
 
     def chunks(self, keys: np.ndarray):
         """The elements of tiles ``keys``, a bounded number at a time: the one chunked evaluation loop.
@@ -302,49 +636,63 @@ class Engine:
     # ----------------------------------------------------------------- combinators
 
     def _inter(self, node: ir.Inter, domain):
-        items = sorted(node.items, key=_cost)
-        keys, state = self.run(items[0], domain)
+        if domain is None and not ir.is_dynamic(node) and self._joint_search_pays(node):
+            # The operands together bound the tiles far better than any one alone
+            # (``causal & where(q // 256 - k // 256 <= 2)`` is a band; neither operand is).
+            # Only when the boundary is narrow: where no operand prunes (columns in every
+            # key tile), the search would split down to every tile.
+            decide = self.node_decide(node)
+            if self.search(decide, count_only=True) is not None:
+                domain = self.search(decide)
+        items = sorted(node.items, key=self._reach)
+        keys, state = self._operand(node, items[0], domain)
         partial = (state == PARTIAL).astype(np.int64)
         dyn = state == DYNAMIC
+        open_ = state == OPEN
         for item in items[1:]:
             if not len(keys):
                 break
-            k2, s2 = self.run(item, keys)
+            k2, s2 = self._operand(node, item, keys)
             pos = np.searchsorted(keys, k2)
-            keys, partial, dyn = keys[pos], partial[pos], dyn[pos]
+            keys, partial, dyn, open_ = keys[pos], partial[pos], dyn[pos], open_[pos]
             partial = partial + (s2 == PARTIAL)
             dyn = dyn | (s2 == DYNAMIC)
+            open_ = open_ | (s2 == OPEN)
         state = np.where(dyn, DYNAMIC, np.where(partial == 0, FULL, PARTIAL)).astype(np.int8)
-        amb = np.nonzero(~dyn & (partial >= 2))[0]
-        if len(amb):
-            state[amb] = self.evaluate(node, keys[amb])
+        # Two partial operands may leave the tile empty: decided by the node (here or above).
+        state[~dyn & (open_ | (partial >= 2))] = OPEN
+        if ir.is_dynamic(node):
+            keys, state = self._settle(node, keys, state)
         keep = state > 0
         return keys[keep], state[keep]
 
     def _union(self, node: ir.Union, domain):
-        results = [self.run(item, domain) for item in node.items]
+        results = [self._operand(node, item, domain) for item in node.items]
         allk = np.concatenate([r[0] for r in results])
         alls = np.concatenate([r[1] for r in results])
         keys, inv = np.unique(allk, return_inverse=True)
         full = np.zeros(len(keys), bool)
         dyn = np.zeros(len(keys), bool)
+        open_ = np.zeros(len(keys), bool)
         partial = np.zeros(len(keys), np.int64)
         np.logical_or.at(full, inv, alls == FULL)
         np.logical_or.at(dyn, inv, alls == DYNAMIC)
+        np.logical_or.at(open_, inv, alls == OPEN)
         np.add.at(partial, inv, alls == PARTIAL)
         state = np.where(full, FULL, np.where(dyn, DYNAMIC, PARTIAL)).astype(np.int8)
-        amb = np.nonzero(~full & ~dyn & (partial >= 2))[0]
-        if len(amb):
-            state[amb] = self.evaluate(node, keys[amb])
+        # Two partial operands may fill the tile: decided by the node (here or above).
+        state[~full & ~dyn & (open_ | (partial >= 2))] = OPEN
+        if ir.is_dynamic(node):
+            keys, state = self._settle(node, keys, state)
         keep = state > 0
         return keys[keep], state[keep]
 
     def _not(self, node: ir.Not, domain):
         base = self.all_keys() if domain is None else domain
-        k2, s2 = self.run(node.item, base)
+        k2, s2 = self._operand(node, node.item, base)
         state = np.full(len(base), FULL, np.int8)
         pos = np.searchsorted(base, k2)
-        flip = np.array([FULL, PARTIAL, EMPTY, DYNAMIC], np.int8)
+        flip = np.array([FULL, PARTIAL, EMPTY, DYNAMIC, OPEN], np.int8)
         state[pos] = flip[s2]
         keep = state > 0
         return base[keep], state[keep]
@@ -386,9 +734,13 @@ class Engine:
         ckeys = found[0] if len(found) == 1 else np.unique(np.concatenate(found))
         # Which tiles each group / block meets: sorted ``group * n_tiles + tile`` (one entry per pair).
         qtile = np.empty(len(qgroup), np.int64)
-        qtile[self.q.order] = np.repeat(np.arange(self.nqb), np.diff(self.q.starts))
+        qtile[slice(None) if self.q.order is None else self.q.order] = np.repeat(
+            np.arange(self.nqb), np.diff(self.q.starts)
+        )
         ktile = np.empty(len(kblock), np.int64)
-        ktile[self.k.order] = np.repeat(np.arange(self.nkb), np.diff(self.k.starts))
+        ktile[slice(None) if self.k.order is None else self.k.order] = np.repeat(
+            np.arange(self.nkb), np.diff(self.k.starts)
+        )
         gq = np.unique(qgroup * self.nqb + qtile)
         gk = np.unique(kblock * self.nkb + ktile)
         info = (ckeys, n_q, n_k, qgroup, kblock, gq, gk)
@@ -463,6 +815,170 @@ class Engine:
             keep = np.isin(keys, domain, assume_unique=True)
             keys, state = keys[keep], state[keep]
         return keys, state
+
+
+#: Largest period by which :meth:`Engine.refine` first splits boxes into residue classes.
+_MAX_PERIOD = 8
+
+
+def _period(node: ir.Node, env) -> int:
+    """The lcm of the moduli of the bands in ``node`` when small (else 1)."""
+    period = 1
+    moduli = []
+    for prim in ir.walk(node):
+        band = band_of(prim, env)
+        if band is not None:
+            moduli.append(band[2])
+        elif isinstance(prim, ir.Prim) and prim.name == "where":
+            # ``x % c`` of a where predicate: exact on residue classes of c (interval congruences).
+            moduli += [
+                abs(e.right.value)
+                for e in ir.walk_expr(prim.arg("pred"))
+                if isinstance(e, ir.Arith) and e.op == "%" and isinstance(e.right, ir.Const)
+            ]
+    for mod in moduli:
+        if mod > 1:
+            period = period * mod // math.gcd(period, mod)
+            if period > _MAX_PERIOD:
+                return 1
+    return period
+
+
+def _by_residue(owner: np.ndarray, qb: _BoxSide, kb: _BoxSide, period: int):
+    """Every (query, key) box pair split into the pairs of residue classes mod ``period`` (1-D)."""
+    parts_o, parts_q, parts_k = [], [], []
+    for side_q in range(period):
+        q = qb.residue(side_q, period)
+        for side_k in range(period):
+            k = kb.residue(side_k, period)
+            live = (q.n[:, 0] > 0) & (k.n[:, 0] > 0)
+            parts_o.append(owner[live])
+            parts_q.append(q.take(live))
+            parts_k.append(k.take(live))
+    return np.concatenate(parts_o), _BoxSide.cat(parts_q), _BoxSide.cat(parts_k)
+
+
+class _BoxSide:
+    """One side of a batch of boxes: per-axis progressions ``a + s * t``, ``t < n`` (int64 ``[B, D]``)."""
+
+    __slots__ = ("a", "n", "s", "side")
+
+    def __init__(self, a: np.ndarray, s: np.ndarray, n: np.ndarray, side: Side):
+        self.a, self.s, self.n, self.side = a, s, n, side
+
+    def pieces(self):
+        return Pieces(self, np.arange(len(self.a)))
+
+    @property
+    def strides(self):
+        return self.side.strides
+
+    @property
+    def extents(self):
+        return self.side.extents
+
+    def take(self, sel) -> _BoxSide:
+        return _BoxSide(self.a[sel], self.s[sel], self.n[sel], self.side)
+
+    def halve(self, cut: np.ndarray) -> tuple[_BoxSide, _BoxSide]:
+        """Both halves (along the longest axis) of the boxes where ``cut``; the others twice unchanged."""
+        rows = np.arange(len(self.a))
+        axis = np.argmax(self.n, axis=1)
+        full = self.n[rows, axis]
+        head = np.where(cut, full // 2, full)
+        n1, n2, a2 = self.n.copy(), self.n.copy(), self.a.copy()
+        n1[rows, axis] = head
+        n2[rows, axis] = np.where(cut, full - head, full)
+        a2[rows, axis] += np.where(cut, self.s[rows, axis] * head, 0)
+        return _BoxSide(self.a, self.s, n1, self.side), _BoxSide(a2, self.s, n2, self.side)
+
+    def residue(self, r: int, period: int) -> _BoxSide:
+        """The elements of each (1-D) box whose position is ``r`` mod ``period`` (count 0 when none).
+
+        For any step ``s`` the class is a progression again, of step ``s * period / gcd(s, period)``.
+        """
+        a, s, n = self.a[:, 0], self.s[:, 0], self.n[:, 0]
+        g = np.gcd(s, period)
+        mod = period // g
+        # first t >= 0 with a + s * t == r (mod period): solvable when g divides r - a
+        ok = (r - a) % g == 0
+        # the inverse of s / g modulo mod (mod <= period is small: search it)
+        x = np.arange(period, dtype=np.int64)[None, :]
+        inv = (((s // g)[:, None] * x) % mod[:, None] == 1 % mod[:, None]).argmax(1)
+        t0 = np.where(mod > 1, (((r - a) // np.where(ok, g, 1)) * inv) % np.maximum(mod, 1), 0)
+        count = np.where(ok & (t0 < n), (n - t0 + mod - 1) // mod, 0)
+        return _BoxSide((a + s * t0)[:, None], (s * mod)[:, None], count[:, None], self.side)
+
+    @staticmethod
+    def cat(parts: list[_BoxSide]) -> _BoxSide:
+        return _BoxSide(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("a", "s", "n")), parts[0].side)
+
+    def indices(self) -> np.ndarray:
+        """Original indices of every box's elements, int64 ``[B, W]`` (-1 = padding)."""
+        size = self.n.prod(1)
+        width = int(size.max()) if len(size) else 0
+        t = np.arange(width, dtype=np.int64)[None, :]
+        pos = np.zeros((len(size), width), np.int64)
+        inner = np.ones(len(size), np.int64)
+        for x in range(self.n.shape[1] - 1, -1, -1):
+            coord = self.a[:, x : x + 1] + self.s[:, x : x + 1] * ((t // inner[:, None]) % self.n[:, x : x + 1])
+            pos += coord * self.side.strides[x]
+            inner = inner * self.n[:, x]
+        return np.where(t < size[:, None], pos - self.side.offset, -1)
+
+
+@dataclasses.dataclass
+class Refined:
+    """What :meth:`Engine.refine` settled: per tile, and the boxes it left undecided.
+
+    Attributes:
+        any_true, any_false: bool ``[T]``: some box of the tile is all allowed / all disallowed.
+        true_area: int64 ``[T]``: pairs in the tile's all-allowed boxes.
+        owner: int64 ``[B]``: the tile of each undecided box.
+        qb, kb: the undecided boxes' query and key sides.
+    """
+
+    any_true: np.ndarray
+    any_false: np.ndarray
+    true_area: np.ndarray
+    owner: np.ndarray
+    qb: _BoxSide
+    kb: _BoxSide
+
+    def area(self) -> int:
+        """Pairs in the undecided boxes."""
+        return int((self.qb.n.prod(1) * self.kb.n.prod(1)).sum())
+
+    def _values(self, engine: Engine, node: ir.Node, selection):
+        # Largest boxes first, so a chunk pads its boxes to similar sizes.
+        size = self.qb.n.prod(1) * self.kb.n.prod(1)
+        order = np.argsort(-size, kind="stable")
+        s = 0
+        while s < len(order):
+            step = max(1, _EVAL_CHUNK // max(int(size[order[s]]), 1))
+            part = order[s : s + step]
+            qi, ki = self.qb.take(part).indices(), self.kb.take(part).indices()
+            valid = torch.from_numpy(qi >= 0)[:, :, None] & torch.from_numpy(ki >= 0)[:, None, :]
+            i = torch.from_numpy(np.maximum(qi, 0))[:, :, None]
+            j = torch.from_numpy(np.maximum(ki, 0))[:, None, :]
+            yield part, semantics.evaluate(node, i, j, engine.env.head, engine.ctx, selection), valid
+            s += step
+
+    def subset(self, sel: np.ndarray) -> Refined:
+        """The same tiles with only the undecided boxes ``sel``."""
+        qb, kb = self.qb.take(sel), self.kb.take(sel)
+        return Refined(self.any_true, self.any_false, self.true_area, self.owner[sel], qb, kb)
+
+    def evaluate(self, engine: Engine, node: ir.Node, selection) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per tile, over the undecided boxes: whether an element is allowed, whether one is not, how many are."""
+        t = np.zeros(len(self.any_true), bool)
+        f = np.zeros(len(self.any_true), bool)
+        c = np.zeros(len(self.any_true), np.int64)
+        for part, val, valid in self._values(engine, node, selection):
+            t[self.owner[part][(val & valid).flatten(1).any(1).numpy()]] = True
+            f[self.owner[part][(~val & valid).flatten(1).any(1).numpy()]] = True
+            np.add.at(c, self.owner[part], (val & valid).flatten(1).sum(1).numpy())
+        return t, f, c
 
 
 class PairTable:
@@ -634,6 +1150,15 @@ def count_tiles(engine: Engine, node: ir.Node, keys: np.ndarray, state: np.ndarr
     out = np.zeros(len(keys), np.int64)
     if not len(keys):
         return out
+    memo = engine._caches.memo.get(node)
+    if memo:
+        # Tiles evaluated while classifying have their counts already.
+        seen = np.array([int(k) in memo for k in keys], bool)
+        if seen.any():
+            out[seen] = [memo[int(k)][2] for k in keys[seen]]
+            rest = np.flatnonzero(~seen)
+            out[rest] = count_tiles(engine, node, keys[rest])
+            return out
     if isinstance(node, ir.Not):
         m, n = keys // engine.nkb, keys % engine.nkb
         area = np.diff(engine.q.starts)[m] * np.diff(engine.k.starts)[n]
@@ -667,6 +1192,49 @@ def _separable_count(engine: Engine, node: ir.Node, keys: np.ndarray) -> np.ndar
     return None if rule is None else rule(node, engine, keys)
 
 
+#: Largest band modulus counted by the per-residue closed form (else row by row).
+_MAX_PERIOD_COUNT = 64
+
+
+def _band_rect_count(q0, nq, k0, nk, lo: int, hi: int, mod: int) -> np.ndarray:
+    """Pairs of the rectangles ``[q0, q0+nq) x [k0, k0+nk)`` with ``lo <= q - k <= hi`` and
+    ``(q - k) % mod == 0``: a closed form per residue class, O(mod) per rectangle, not per row."""
+    if mod == 1:
+        return np.maximum(_diff_at_most(q0, nq, k0, nk, hi) - _diff_at_most(q0, nq, k0, nk, lo - 1), 0)
+    out = np.zeros(len(q0), np.int64)
+    for r in range(mod):
+        # queries q = qr + mod * u (u < nu) and keys k = kr + mod * v (v < nv), both == r (mod mod)
+        qr = q0 + (r - q0) % mod
+        kr = k0 + (r - k0) % mod
+        nu = np.maximum(q0 + nq - qr + mod - 1, 0) // mod
+        nv = np.maximum(k0 + nk - kr + mod - 1, 0) // mod
+        d = qr - kr  # a multiple of mod: q - k = d + mod * (u - v)
+        ulo = -((d - lo) // mod)  # ceil((lo - d) / mod)
+        uhi = (hi - d) // mod
+        zero = np.zeros_like(nu)
+        out += np.maximum(_diff_at_most(zero, nu, zero, nv, uhi) - _diff_at_most(zero, nu, zero, nv, ulo - 1), 0)
+    return out
+
+
+def _diff_at_most(q0, nq, k0, nk, t) -> np.ndarray:
+    """Pairs of ``[q0, q0+nq) x [k0, k0+nk)`` with ``q - k <= t`` (arrays; ``t`` may be huge)."""
+    q1, k1 = q0 + nq - 1, k0 + nk - 1
+    # Clip t to where the count changes: below every difference 0 pairs, above all nq * nk.
+    t = np.clip(t, q0 - k1 - 1, q1 - k0)
+
+    def tri(x):
+        x = np.maximum(x, 0)
+        return x * (x + 1) // 2
+
+    def ramp(c):
+        # sum over q in [q0, q1] of max(0, c - q)
+        return tri(c - q0) - tri(c - q1 - 1)
+
+    c = k1 + t + 1  # #{k >= q - t} = clamp(c - q, 0, nk)
+    out = ramp(c) - ramp(c - nk)
+    return np.where((nq > 0) & (nk > 0), out, 0)
+
+
 def count_allowed(engine: Engine, node: ir.Node, keys: np.ndarray) -> np.ndarray:
     """Allowed pairs in each tile ``keys`` (partial tiles): by formula for a single band, else by evaluation.
 
@@ -681,6 +1249,10 @@ def count_allowed(engine: Engine, node: ir.Node, keys: np.ndarray) -> np.ndarray
     separable = _separable_count(engine, node, keys)
     if separable is not None:
         return separable
+    if band is not None and len(q.extents) == 1 and q.single_piece and k.single_piece and band[2] <= _MAX_PERIOD_COUNT:
+        m, n = keys // engine.nkb, keys % engine.nkb
+        if (q.s[m, 0] == 1).all() and (k.s[n, 0] == 1).all():
+            return _band_rect_count(q.a[m, 0], q.n[m, 0], k.a[n, 0], k.n[n, 0], *band)
     if band is not None and len(q.extents) == 1:
         lo, hi, mod = band
         m, n = keys // engine.nkb, keys % engine.nkb
@@ -715,10 +1287,19 @@ def count_allowed(engine: Engine, node: ir.Node, keys: np.ndarray) -> np.ndarray
     selection = engine.selection(node)
     if selection is None:
         node = without_route(node)
+    if not ir.is_dynamic(node):
+        ref = engine.refine(node, keys, counting=True)
+        out = ref.true_area.copy()
+        if len(ref.owner):
+            _, _, count = engine._evaluate_boxes(node, keys, ref, selection, counting=True)
+            owners = np.unique(ref.owner)
+            out[owners] = count[owners]
+        return out
     for part, i, j, valid in engine.chunks(keys):
         val = semantics.evaluate(node, i, j, engine.env.head, engine.ctx, selection)
         out[part] = (val & valid).flatten(1).sum(1).numpy()
     engine.tally.counted += len(keys)
+    engine.tally.elements += len(keys) * engine.q.block * engine.k.block
     return out
 
 

@@ -190,6 +190,7 @@ class PlanStats:
     tiles_dynamic: int = 0
     visited_pairs: int = 0  # pairs inside visited (non-empty) tiles, clipped to the lengths
     tiles_evaluated: int = 0  # tiles whose state needed element-wise evaluation
+    elements_evaluated: int = 0  # (query, key) pairs evaluated element-wise, for tile states and counts
     plan_seconds: float = 0.0
     extra: dict = field(default_factory=dict)
 
@@ -215,7 +216,8 @@ class BlockPlan:
         pattern: the bound pattern (:class:`patterndsl.ir.PatternIR`).
         q_len, kv_len, heads: the sizes planned for.
         block_m, block_n: tile sizes ``BM``, ``BN``.
-        q_order, kv_order: int64 permutations, new position -> original index.
+        q_perm, kv_perm: int64 permutations, new position -> original index, or None for the
+            identity (not materialised; :attr:`q_order` / :attr:`kv_order` build it when read).
         order: ``"identity"`` or a short description of the reordering chosen.
         groups: head groups; ``head_group[h]`` is the index of head ``h``'s group.
         stats: :class:`PlanStats`.
@@ -227,8 +229,8 @@ class BlockPlan:
     heads: int
     block_m: int
     block_n: int
-    q_order: torch.Tensor
-    kv_order: torch.Tensor
+    q_perm: torch.Tensor | None
+    kv_perm: torch.Tensor | None
     order: str
     groups: tuple[HeadGroup, ...]
     head_group: tuple[int, ...]
@@ -254,6 +256,16 @@ class BlockPlan:
     @property
     def is_identity_order(self) -> bool:
         return self.order == "identity"
+
+    @property
+    def q_order(self) -> torch.Tensor:
+        """int64 ``[Lq]``: new query position -> original index (built on each read for the identity)."""
+        return torch.arange(self.q_len, dtype=torch.int64) if self.q_perm is None else self.q_perm
+
+    @property
+    def kv_order(self) -> torch.Tensor:
+        """int64 ``[Lk]``: new key position -> original index (built on each read for the identity)."""
+        return torch.arange(self.kv_len, dtype=torch.int64) if self.kv_perm is None else self.kv_perm
 
     def group_of(self, h: int) -> HeadGroup:
         return self.groups[self.head_group[h]]
@@ -314,6 +326,8 @@ def plan_from_mask(
     bm, bn = block
     qo = torch.arange(lq) if q_order is None else q_order.to(torch.int64)
     ko = torch.arange(lk) if kv_order is None else kv_order.to(torch.int64)
+    q_perm = None if q_order is None else qo
+    kv_perm = None if kv_order is None else ko
     permuted = mask[:, qo][:, :, ko]
     dense = tile_reduce(permuted, bm, bn)
     groups: list[HeadGroup] = []
@@ -343,4 +357,4 @@ def plan_from_mask(
     area = rows_len[:, None] * cols_len[None, :]
     stats.visited_pairs = int((area[None] * (dense > 0)).sum())
     order = "identity" if q_order is None and kv_order is None else "custom"
-    return BlockPlan(pattern, lq, lk, heads, bm, bn, qo, ko, order, tuple(groups), tuple(head_group), stats)
+    return BlockPlan(pattern, lq, lk, heads, bm, bn, q_perm, kv_perm, order, tuple(groups), tuple(head_group), stats)

@@ -41,6 +41,30 @@ def _validate(block, order) -> tuple[int, int]:
     return int(block[0]), int(block[1])
 
 
+#: Largest length, head count and tile grid a plan represents: tile keys ``m * n_kv_tiles + n``
+#: and positions times small coefficients stay inside int64.
+MAX_LENGTH = 1 << 48
+MAX_HEADS = 1 << 20
+
+
+def _representable(q_len, kv_len, heads, bm: int, bn: int) -> None:
+    """Refuse sizes the plan cannot represent (a PatternError, not an overflow or a runaway loop)."""
+    for name, value, limit in (
+        ("q_len", q_len, MAX_LENGTH),
+        ("kv_len", kv_len, MAX_LENGTH),
+        ("heads", heads, MAX_HEADS),
+    ):
+        if isinstance(value, int) and not isinstance(value, bool) and value > limit:
+            raise PatternValueError(f"{name}={value} is beyond what a block plan represents (at most {limit})")
+    kv_len = q_len if kv_len is None else kv_len
+    if isinstance(q_len, int) and isinstance(kv_len, int):
+        nqb, nkb = -(-q_len // bm), -(-kv_len // bn)
+        # Per-tile arrays are the least a plan holds.
+        eng.check_tiles(nqb + nkb)
+        if nqb * nkb >= 1 << 62:
+            raise PatternValueError(f"{nqb} x {nkb} tiles are beyond what a block plan represents (< 2**62)")
+
+
 def _head_groups(pir: ir.PatternIR, heads: int) -> tuple[list[tuple[ir.Node, list[int]]], list[int]]:
     groups: list[tuple[ir.Node, list[int]]] = []
     index: dict = {}
@@ -133,6 +157,7 @@ def plan(pir: ir.PatternIR, q_len: int, kv_len: int | None = None, heads: int = 
 
     start = time.perf_counter()
     bm, bn = _validate(block, order)
+    _representable(q_len, kv_len, heads, bm, bn)
     check.check_lengths(pir, q_len, kv_len, heads)
     kv_len = q_len if kv_len is None else kv_len
     groups, head_group = _head_groups(pir, heads)
@@ -141,13 +166,19 @@ def plan(pir: ir.PatternIR, q_len: int, kv_len: int | None = None, heads: int = 
     if order == "identity":
         cands = cands[:1]
     sizes = Sizes(q_len, kv_len, pir.layout, heads)
-    best = None
-    for desc, qsegs, ksegs, identity in cands:
-        bound = None if best is None else best.work
-        cand = _plan_order(desc, qsegs, ksegs, identity, groups, sizes, bm, bn, bound)
-        if cand is not None:
-            best = cand
-    out = _assemble(pir, best, groups, head_group, sizes, bm, bn, start, len(cands))
+    try:
+        best = None
+        for desc, qsegs, ksegs, identity in cands:
+            bound = None if best is None else best.work
+            cand = _plan_order(desc, qsegs, ksegs, identity, groups, sizes, bm, bn, bound)
+            if cand is not None:
+                best = cand
+        out = _assemble(pir, best, groups, head_group, sizes, bm, bn, start, len(cands))
+    except MemoryError:
+        raise PatternValueError(
+            f"not enough memory for the block plan at Lq={q_len}, Lk={kv_len} with {bm}x{bn} tiles: "
+            f"use larger tiles (block=...) or shorter sequences"
+        ) from None
     if config.debug_verify():
         _verify_dense(out, nodes)
     return out
@@ -219,8 +250,11 @@ def _assemble(pir, cand: _Candidate, groups, head_group, sizes: Sizes, bm, bn, s
         stats.tiles_dynamic += int((state == eng.DYNAMIC).sum()) * nh
         stats.tiles_empty += (nqb * nkb - len(keys)) * nh
         evaluated += engine.tally.evaluated
+        stats.elements_evaluated += engine.tally.elements
         counted_tiles = stats.extra.get("tiles_counted_by_evaluation", 0) + engine.tally.counted
         stats.extra["tiles_counted_by_evaluation"] = counted_tiles
+        stats.extra["tiles_classified"] = stats.extra.get("tiles_classified", 0) + engine.tally.classified
+        stats.extra["boxes_searched"] = stats.extra.get("boxes_searched", 0) + engine.tally.searched
         tl = _tile_list(m, n, state, nqb, nkb)
         runs = Runs.from_tiles(tl, nqb)
         form = None
@@ -231,8 +265,8 @@ def _assemble(pir, cand: _Candidate, groups, head_group, sizes: Sizes, bm, bn, s
     stats.tiles_evaluated = evaluated
     stats.extra["orders_tried"] = n_orders
     stats.plan_seconds = time.perf_counter() - start
-    q_order = torch.from_numpy(np.ascontiguousarray(cand.qside.order, dtype=np.int64))
-    kv_order = torch.from_numpy(np.ascontiguousarray(cand.kside.order, dtype=np.int64))
+    q_order = None if cand.qside.order is None else torch.from_numpy(cand.qside.order.astype(np.int64, copy=False))
+    kv_order = None if cand.kside.order is None else torch.from_numpy(cand.kside.order.astype(np.int64, copy=False))
     return BlockPlan(
         pir, q_len, kv_len, heads, bm, bn, q_order, kv_order, cand.desc, tuple(out_groups), tuple(head_group), stats
     )
@@ -279,7 +313,7 @@ def describe(plan: BlockPlan) -> str:
         f"visited pairs: {s.visited_pairs}",
         f"block efficiency: {s.block_efficiency:.4f} (allowed / visited)",
         "estimated forward FLOPs (head_dim 64, batch 1): " + ", ".join(f"{k} {v:.3g}" for k, v in s.flops(64).items()),
-        f"tiles evaluated element-wise: {s.tiles_evaluated}",
+        f"tiles evaluated element-wise: {s.tiles_evaluated} ({s.elements_evaluated} elements)",
         f"closed-form bounds: {sum(g.forms is not None for g in plan.groups)} of {len(plan.groups)} groups",
         f"plan time: {s.plan_seconds * 1e3:.2f} ms",
     ]

@@ -13,6 +13,7 @@ per-pair) work.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,7 +33,8 @@ class Side:
         offset: position of index 0 (``Lk - Lq`` for queries, 0 for keys).
         extents: grid extents (one entry, a large bound, for 1-D positions).
         strides: row-major strides of the axes (``(1,)`` for 1-D).
-        order: int64 ``[length]`` new position -> original index.
+        order: int64 ``[length]`` new position -> original index; None for the identity order,
+            which is never materialised (a plan's memory follows its tiles, not ``L``).
         ptr: int64 ``[n_tiles + 1]``: tile ``t`` owns pieces ``ptr[t]:ptr[t+1]``.
         tile: int64 ``[P]`` tile of each piece.
         a, s, n: int64 ``[P, D]`` per-axis progressions of each piece.
@@ -45,7 +47,7 @@ class Side:
     offset: int
     extents: tuple[int, ...]
     strides: tuple[int, ...]
-    order: np.ndarray
+    order: np.ndarray | None
     ptr: np.ndarray
     tile: np.ndarray
     a: np.ndarray
@@ -64,6 +66,8 @@ class Side:
         width = int((hi - lo).max()) if len(tiles) else 0
         idx = lo[:, None] + np.arange(width, dtype=np.int64)[None, :]
         valid = idx < hi[:, None]
+        if self.order is None:
+            return np.where(valid, idx, -1)
         return np.where(valid, self.order[np.minimum(idx, max(len(self.order) - 1, 0))], -1)
 
     @property
@@ -96,41 +100,68 @@ class Side:
 
 
 class Pieces:
-    """Vectorised attributes of a selection of pieces of one side."""
+    """Vectorised attributes of a selection of pieces of one side.
+
+    The flattened-progression view (``fa``, ``fs``, ``fn``, ``isap``) of grid pieces is built
+    on first use: most rules read only the per-axis ends.
+    """
 
     def __init__(self, side: Side, idx: np.ndarray):
         self.a = side.a[idx]
         self.s = side.s[idx]
         self.n = side.n[idx]
         self.last = self.a + self.s * (self.n - 1)
-        w = np.asarray(side.strides, dtype=np.int64)
-        ext = np.asarray(side.extents, dtype=np.int64)
+        self._w = np.asarray(side.strides, dtype=np.int64)
+        self._ext = np.asarray(side.extents, dtype=np.int64)
         if self.a.shape[1] == 1:
             # 1-D positions: every piece is a progression already.
             self.fmin = self.fa = self.a[:, 0]
             self.fmax = self.last[:, 0]
-            self.isap = np.ones(len(idx), dtype=bool)
+            self.isap = np.ones(len(self.a), dtype=bool)
             self.fs, self.fn = self.s[:, 0], self.n[:, 0]
-            return
-        self.fmin = (self.a * w).sum(1)
-        self.fmax = (self.last * w).sum(1)
+
+    @functools.cached_property
+    def fmin(self) -> np.ndarray:
+        return (self.a * self._w).sum(1)
+
+    @functools.cached_property
+    def fmax(self) -> np.ndarray:
+        return (self.last * self._w).sum(1)
+
+    @functools.cached_property
+    def fa(self) -> np.ndarray:
+        return self.fmin
+
+    @functools.cached_property
+    def _flat(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         # The flattened positions form a progression (fa + fs * t, t < fn) when at most one
         # axis varies, or when the axes after the first varying one are complete and it has
         # step 1 (then the positions are one contiguous range).
         varying = self.n > 1
         count = varying.sum(1)
         first = np.where(count > 0, np.argmax(varying, axis=1), 0)
-        complete = (self.a == 0) & (self.s == 1) & (self.n == ext)
+        complete = (self.a == 0) & (self.s == 1) & (self.n == self._ext)
         after = np.arange(self.a.shape[1])[None, :] > first[:, None]
         tail_ok = np.where(after, complete, True).all(1)
         rows = np.arange(len(first))
         step_first = self.s[rows, first]
         contiguous = tail_ok & (step_first == 1)
-        self.isap = (count <= 1) | contiguous
         single = count <= 1
-        self.fs = np.where(single & (count == 1), step_first * w[first], 1)
-        self.fn = np.where(single, self.n[rows, first], self.fmax - self.fmin + 1)
-        self.fa = self.fmin
+        fs = np.where(single & (count == 1), step_first * self._w[first], 1)
+        fn = np.where(single, self.n[rows, first], self.fmax - self.fmin + 1)
+        return (count <= 1) | contiguous, fs, fn
+
+    @functools.cached_property
+    def isap(self) -> np.ndarray:
+        return self._flat[0]
+
+    @functools.cached_property
+    def fs(self) -> np.ndarray:
+        return self._flat[1]
+
+    @functools.cached_property
+    def fn(self) -> np.ndarray:
+        return self._flat[2]
 
 
 def _cut_1d(seg: Segment, r0: int, block: int):
@@ -251,7 +282,7 @@ def build_side(
     nt = -(-length // block)
     ptr = np.zeros(nt + 1, dtype=np.int64)
     ptr[1:] = np.cumsum(np.bincount(tile, minlength=nt))
-    order = np.arange(length, dtype=np.int64) if identity else np.concatenate(orders)
+    order = None if identity else np.concatenate(orders)
     starts = np.minimum(np.arange(nt + 1, dtype=np.int64) * block, length)
     return Side(length, block, offset, extents, strides, order, ptr, tile, a, s, n, identity, starts)
 

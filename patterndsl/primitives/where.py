@@ -14,6 +14,7 @@ import torch
 from patterndsl import ir
 from patterndsl import semantics as sem
 from patterndsl.errors import PatternTypeError
+from patterndsl.primitives import intervals
 from patterndsl.primitives.common import BIG, cdiv, exact, fdiv, param
 from patterndsl.primitives.registry import Primitive, register
 
@@ -128,7 +129,10 @@ def _where_classify(prim, qp, kp, env):
     hp = halfplane_of(pred, env)
     if hp is not None:
         return _halfplane(qp, kp, *hp)
-    return None
+    # Any other predicate: interval bounds over the pieces' hulls settle the pairs where the
+    # predicate cannot be true or cannot be false; the engine refines the rest.
+    can_true, can_false, sound = intervals.decide(pred, intervals.pieces_boxes(qp, kp), env)
+    return can_true, ~can_false, sound & ~(can_true & can_false)
 
 
 def _where_keys(prim, qlo, qhi, qalo, qahi, env):
@@ -143,6 +147,15 @@ def _where_keys(prim, qlo, qhi, qalo, qahi, env):
             hi = fdiv(c0 + np.maximum(cq[0] * qlo, cq[0] * qhi), -ck[0])
             return np.full_like(qlo, -BIG), hi, None, None
     return None
+
+
+def _where_candidates(engine, prim):
+    # A half-plane has its needed key range; a constant reaches every key or none. Any other
+    # predicate: branch and bound over key-tile ranges with its interval bounds.
+    pred = prim.arg("pred")
+    if isinstance(pred, ir.Const) or halfplane_of(pred, engine.env) is not None:
+        return None
+    return engine.search(lambda boxes: intervals.decide(pred, boxes, engine.env))
 
 
 def _where_band(prim, env):
@@ -181,7 +194,7 @@ WHERE = register(
         meaning=_where_meaning,
         classify=_where_classify,
         needed_keys=_where_keys,
-        candidates=None,
+        candidates=_where_candidates,
         cost=7,
         band=_where_band,
         total=None,  # its band total when it is a band

@@ -220,13 +220,22 @@ def test_no_dense_tensor_for_long_sparse_patterns():
     assert plan.stats.allowed_pairs == sum(min(i, 127) + 1 for i in range(1 << 18))
 
 
-def test_evaluate_counts_ambiguous_tiles():
-    # two partial operands in one tile: the union must be evaluated there
+def test_ambiguous_union_is_settled_by_boxes():
+    # two partial operands in one tile: refining the tile into boxes decides the union symbolically
     p = pd.compile("pattern t { where(q % 2 == 0) | where(q % 2 == 1) }")
     plan, _, ref = reference(p, 32, block=(8, 8), order="identity")
     assert torch.equal(plan.tiles(), ref)
     assert (ref == 2).all()
+    assert plan.stats.tiles_evaluated == 0 and plan.stats.elements_evaluated == 0
+
+
+def test_evaluate_counts_ambiguous_tiles():
+    # a predicate no box smaller than the tile decides: the tiles are evaluated, and counted
+    p = pd.compile("pattern t { where((q * k) % 3 == 0) | where((q * k) % 3 == 1) }")
+    plan, _, ref = reference(p, 64, block=(32, 32), order="identity")
+    assert torch.equal(plan.tiles(), ref)
     assert plan.stats.tiles_evaluated > 0
+    assert 0 < plan.stats.elements_evaluated <= 2 * 4 * 32 * 32
 
 
 def test_semantic_context_matches_plan_ir():
@@ -285,3 +294,43 @@ def test_closed_forms_carry_only_int32_constants(body, sizes):
         for expr in (form.lo, form.hi, form.full_lo, form.full_hi):
             for atom in sp.sympify(expr).atoms(sp.Rational):
                 assert abs(atom.p) < 1 << 30 and atom.q < 1 << 30, (body, sizes, expr)
+
+
+def test_sizes_beyond_a_plan_are_pattern_errors():
+    # issue 11, huge sizes: refused up front, never an overflow, a runaway loop or a huge allocation
+    p = pd.compile("pattern s { causal & window(255) }")
+    for args, kwargs in (((2**70,), {}), ((64,), {"heads": 2**40}), ((10**12,), {}), ((64, 2**70), {})):
+        with pytest.raises(PatternError, match=r"beyond|tiles"):
+            p.plan(*args, **kwargs)
+
+
+def test_plan_that_would_list_too_many_tiles_is_a_pattern_error(monkeypatch):
+    from patterndsl.analysis import engine
+
+    monkeypatch.setattr(engine, "MAX_TILES", 1000)
+    with pytest.raises(PatternError, match="tiles"):
+        pd.compile("pattern s { causal }").plan(1 << 14, block=(128, 128))
+
+
+def test_identity_orders_are_not_materialised():
+    plan = pd.compile("pattern s { causal & window(127) }").plan(1 << 20, block=(128, 128), order="identity")
+    assert plan.q_perm is None and plan.kv_perm is None
+    assert plan.is_identity_order
+    # still readable as the contract's int64 permutations
+    assert plan.q_order.dtype == torch.int64 and int(plan.q_order[-1]) == (1 << 20) - 1
+    assert torch.equal(plan.kv_order[:5], torch.arange(5))
+
+
+def test_show_plan_at_a_length_beyond_the_plan_is_a_message(monkeypatch, tmp_path, capsys):
+    # `patterndsl show --seq 2147483648 --stage plan` ends in a message, not a traceback
+    # (here with a small tile limit so the test does not need the memory to find out).
+    from patterndsl import cli
+    from patterndsl.analysis import engine
+
+    monkeypatch.setattr(engine, "MAX_TILES", 1 << 20)
+    src = tmp_path / "band.pdsl"
+    src.write_text("pattern p { causal & window(255) }\n")
+    code = cli.main(["show", str(src), "--seq", "2147483648", "--stage", "plan"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "tiles" in err and "Traceback" not in err
