@@ -188,23 +188,6 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan, scale: floa
     return out, lse
 
 
-def _selecting(q, k, v, dout, out, lse):
-    """The backward's inputs when some are not finite: NaN and Inf reach exactly the pairs that read them.
-
-    The kernels select ``P`` and ``dS`` to 0 on blocked pairs, so what could still leak is ``0 * NaN``
-    in their products with Q, K, V and dO. Those are handed over cleaned (non-finite values set to
-    0) and every row that is not clean, because its query or output gradient holds a non-finite
-    value or the forward gave it a non-finite output or log-sum-exp (it attends a non-finite key or
-    value), gets ``lse = NaN``: its ``P`` is NaN on its allowed pairs only, so its gradients and
-    those of the keys it attends are NaN, as in exact arithmetic, and nothing else is touched.
-    """
-    bad_rows = ~(torch.isfinite(q).all(-1) & torch.isfinite(dout).all(-1) & torch.isfinite(out).all(-1))
-    bad_rows |= torch.isnan(lse) | (lse == float("inf"))
-    lse = lse.masked_fill(bad_rows, float("nan"))
-    cleaned = (torch.where(torch.isfinite(t), t, torch.zeros((), dtype=t.dtype)) for t in (q, k, v, dout))
-    return (*cleaned, lse)
-
-
 def backward(q, k, v, out, lse, dout, plan, scale: float, dlse=None):
     """Attention backward through the generated kernels.
 
@@ -217,14 +200,10 @@ def backward(q, k, v, out, lse, dout, plan, scale: float, dlse=None):
 
     Returns:
         ``(dq, dk, dv)`` with the dtypes and shapes of ``q``, ``k``, ``v``; rows with no
-        allowed key contribute nothing (never NaN), and a non-finite input reaches only the
-        gradients of the pairs that read it (:func:`_selecting`).
+        allowed key contribute nothing (never NaN).
     """
     q, k, v, dout = (_rows_contiguous(t) for t in (q, k, v, dout))
     plan, spec, module, prep = _setup(q, k, v, plan, "backward")
-    # One sum per tensor tells whether any value is non-finite (a huge finite sum only costs the cleaning).
-    if not all(bool(torch.isfinite(t.sum())) for t in (q, k, v, dout, out)):
-        q, k, v, dout, lse = _selecting(q, k, v, dout, out, lse)
     b, h, lq, d = q.shape
     hk, lk = k.shape[1], k.shape[2]
     dq = _empty(b, h, lq, d, dtype=q.dtype, device=q.device)

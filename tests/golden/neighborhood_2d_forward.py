@@ -104,14 +104,6 @@ def _store_rows(base, idx, stride, x, L: tl.constexpr):
 
 
 @triton.jit
-def _clean(x):
-    # Masking selects, it never multiplies: x with its non-finite values set to 0, and which rows held one
-    # (P @ V over a blocked pair is 0 * v, NaN when v is; the callers put NaN back where an allowed pair reads it).
-    ok = tl.abs(x.to(tl.float32)) < float("inf")
-    return tl.where(ok, x, 0.0).to(x.dtype), tl.min(ok.to(tl.int32), 1) == 0
-
-
-@triton.jit
 def _allowed_g0_pattern(i, j, h, AUX):
     """Allowed (query index i [BM, 1], key index j [1, BN], head h) for: neighborhood((7, 7), dilation = 2)"""
     inb = (i < LQ) & (j < LK)
@@ -151,11 +143,7 @@ def _fwd_tile(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, KORD, AUX,
     v = _load_rows(v_base, cols, stride_vn, LK, MASKED)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
     if MASKED:
-        # Scores are selected (a NaN key's score is replaced, not added to), values cleaned: a blocked
-        # pair changes nothing whatever K and V hold there.
-        allowed = ALLOWED(rows[:, None], cols[None, :], h, AUX, RT, lst)
-        v, v_bad = _clean(v)
-        s = tl.where(allowed, s, float("-inf"))
+        s = tl.where(ALLOWED(rows[:, None], cols[None, :], h, AUX, RT, lst), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # A row with no allowed key so far keeps m = -inf; shift by 0 so exp2 gives 0, not NaN.
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -166,10 +154,6 @@ def _fwd_tile(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, KORD, AUX,
     p = tl.exp2(s - m_use[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-    if MASKED:
-        # A row that attends a non-finite value is NaN; no other row sees it.
-        seen = tl.max((allowed & v_bad[None, :]).to(tl.int32), 1) > 0
-        acc = tl.where(seen[:, None], float("nan"), acc)
     return acc, l_i, m_new
 
 

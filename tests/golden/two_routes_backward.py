@@ -104,14 +104,6 @@ def _store_rows(base, idx, stride, x, L: tl.constexpr):
 
 
 @triton.jit
-def _clean(x):
-    # Masking selects, it never multiplies: x with its non-finite values set to 0, and which rows held one
-    # (P @ V over a blocked pair is 0 * v, NaN when v is; the callers put NaN back where an allowed pair reads it).
-    ok = tl.abs(x.to(tl.float32)) < float("inf")
-    return tl.where(ok, x, 0.0).to(x.dtype), tl.min(ok.to(tl.int32), 1) == 0
-
-
-@triton.jit
 def _allowed_g0_c0(i, j, h, AUX):
     """Allowed (query index i [BM, 1], key index j [1, BN], head h) for: empty"""
     inb = (i < LQ) & (j < LK)
@@ -190,12 +182,10 @@ def _dq_tile(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, KORD,
     v = _load_rows(v_base, cols, stride_vn, LK, MASKED)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
     p = tl.exp2(s - lse2[:, None])
+    if MASKED:
+        p = tl.where(ALLOWED(rows[:, None], cols[None, :], h, AUX, RT, lst), p, 0.0)
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
     ds = p * (dp - delta[:, None])
-    if MASKED:
-        # dS is selected to exactly 0 on blocked pairs: NaN in a blocked key's K or V, or in the row's lse or
-        # delta, stays out (the launcher hands non-finite inputs over cleaned, with NaN in their rows' lse).
-        ds = tl.where(ALLOWED(rows[:, None], cols[None, :], h, AUX, RT, lst), ds, 0.0)
     dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
     return dq
 
@@ -213,14 +203,11 @@ def _dkdv_tile(dk, dv, k, v, q_base, do_base, stride_qm, stride_dm, lse_base, de
     delta = tl.load(delta_base + rows, mask=rows < LQ, other=0.0)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
     p = tl.exp2(s - (lse * LOG2E)[:, None])
+    if MASKED:
+        p = tl.where(ALLOWED(rows[:, None], cols[None, :], h, AUX, RT, lst), p, 0.0)
+    dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=DOT_PRECISION)
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
     ds = p * (dp - delta[:, None])
-    if MASKED:
-        # As in _dq_tile: P and dS selected to exactly 0 on blocked pairs.
-        allowed = ALLOWED(rows[:, None], cols[None, :], h, AUX, RT, lst)
-        p = tl.where(allowed, p, 0.0)
-        ds = tl.where(allowed, ds, 0.0)
-    dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=DOT_PRECISION)
     dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=DOT_PRECISION)
     return dk, dv
 

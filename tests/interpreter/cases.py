@@ -17,7 +17,7 @@ import sympy
 import torch
 
 import patterndsl
-from patterndsl import analysis, ir, semantics
+from patterndsl import analysis
 from patterndsl.analysis.plan import HeadGroup, RunForm, TileList, plan_from_mask
 from patterndsl.runtime import triton_backend as tb
 from tests.reference import reference_attention
@@ -266,105 +266,6 @@ def case_random_patterns():
             check(pattern, plan, lq, lk, heads, kv_heads, rng.choice([16, 24]), torch.float32)
         except Exception as err:
             raise AssertionError(f"{pir}\nLq={lq} Lk={lk} heads={heads}/{kv_heads} block={block}: {err!r}") from None
-
-
-def check_poisoned(pattern, plan, heads, kv_heads, d, dtype, rng, routes=False):
-    """NaN/Inf in some keys and values (only values with ``route``, whose choice reads the keys): the queries
-    that do not attend them get the reference's outputs, lse and dQ, and the keys no such query attends
-    get its dK/dV, computed in float64 with the poisoned keys zeroed (masked for every clean query)."""
-    lq, lk = plan.q_len, plan.kv_len
-    seed = rng.randrange(2**31)
-    gen = torch.Generator().manual_seed(seed)
-    batch = rng.choice([1, 2])
-    q = torch.randn(batch, heads, lq, d, generator=gen).to(dtype)
-    k, v = (torch.randn(batch, kv_heads, lk, d, generator=gen).to(dtype) for _ in range(2))
-    dout = torch.randn(batch, heads, lq, d, generator=gen).to(dtype)
-    bad = torch.zeros(batch, kv_heads, lk, dtype=torch.bool)
-    k_bad, v_bad = k.clone(), v.clone()
-    for _ in range(rng.randint(1, 3)):
-        b, kh, j, c = rng.randrange(batch), rng.randrange(kv_heads), rng.randrange(lk), rng.randrange(d)
-        targets = (v_bad,) if routes else rng.choice([(k_bad,), (v_bad,), (k_bad, v_bad)])
-        for t in targets:
-            t[b, kh, j, c] = rng.choice([float("nan"), float("inf"), float("-inf")])
-        bad[b, kh, j] = True
-    where = f"(seed {seed}, poisoned keys {bad.nonzero().tolist()})"
-    mask = semantics.mask(pattern.ir, lq, lk, heads, q=q, k=k) if routes else pattern.mask(lq, lk, heads)
-    mask = mask.expand(batch, heads, lq, lk) if mask.dim() == 4 else mask[None].expand(batch, heads, lq, lk)
-    group = heads // kv_heads
-    poisoned = (mask & bad.repeat_interleave(group, dim=1)[:, :, None, :]).any(-1)
-    clean_keys = (~(mask & poisoned[..., None]).any(2)).view(batch, kv_heads, group, lk).all(2)
-    ok = ~poisoned
-    scale = 0.7 * d**-0.5
-    fwd_tol, grad_tol = TOL[dtype]
-
-    out, lse = tb.forward(q, k_bad, v_bad, plan, scale)
-    # A loss such as (out ** 2).sum() gives the poisoned rows a NaN output gradient.
-    dout_bad = dout.masked_fill(poisoned[..., None], float("nan")) if rng.random() < 0.5 else dout
-    k64, v64 = (x.double().masked_fill(bad[..., None], 0.0).requires_grad_() for x in (k, v))
-    q64 = q.double().requires_grad_()
-    ref_out, ref_lse = reference_attention(q64, k64, v64, mask, scale)
-    torch.testing.assert_close(
-        out.double()[ok], ref_out.detach()[ok], atol=fwd_tol, rtol=fwd_tol, msg=lambda m: f"out {where}: {m}"
-    )
-    torch.testing.assert_close(
-        lse.double()[ok], ref_lse.detach()[ok], atol=fwd_tol, rtol=fwd_tol, msg=lambda m: f"lse {where}: {m}"
-    )
-    grads = tb.backward(q, k_bad, v_bad, out, lse, dout_bad, plan, scale)
-    (ref_out * dout.double()).sum().backward()
-    for name, got, want, sel in zip(
-        ("dq", "dk", "dv"), grads, (q64.grad, k64.grad, v64.grad), (ok, clean_keys, clean_keys), strict=True
-    ):
-        assert bool(torch.isfinite(got[sel]).all()), f"{name} not finite where it must be {where}"
-        torch.testing.assert_close(
-            got.double()[sel], want[sel], atol=grad_tol, rtol=grad_tol, msg=lambda m, n=name: f"{n} {where}: {m}"
-        )
-
-
-def _poisoned_cases(count: int) -> None:
-    from patterndsl.api import Pattern
-    from tests.unit.test_plan_property import _route, rand_case
-
-    rng = random.Random(random.randrange(2**31))
-    for i in range(count):
-        pir, lq, lk, heads, _ = rand_case(rng)
-        routes = i % 3 == 2
-        if routes:
-            node = rng.choice([ir.union, ir.inter])(pir.default, _route(rng, pir.layout))
-            pir = ir.PatternIR("r", (), pir.layout, pir.heads, node)
-        kv_heads = rng.choice([h for h in (1, heads) if heads % h == 0])
-        pattern = Pattern(pir)
-        block = rng.choice([(16, 16), (16, 32), (32, 16)])
-        order = "identity" if routes else rng.choice(["identity", "auto"])
-        dtype = rng.choice([torch.float32, torch.float16])
-        plan = make_plan(pattern, lq, lk, heads, block, order=order)
-        try:
-            check_poisoned(pattern, plan, heads, kv_heads, rng.choice([16, 24]), dtype, rng, routes)
-        except Exception as err:
-            where = f"{pir}\nLq={lq} Lk={lk} heads={heads}/{kv_heads} block={block} {dtype}"
-            raise AssertionError(f"{where}: {err!r}") from None
-
-
-def case_masked_non_finite_keys_never_leak():
-    """Random patterns (static and route) with NaN/Inf in masked keys and values, fp32 and fp16."""
-    _poisoned_cases(6)
-
-
-def case_slow_masked_non_finite_keys_never_leak_many():
-    _poisoned_cases(40)
-
-
-def case_zero_batch():
-    """A zero batch gives empty outputs and gradients, static and route, through the launcher and the op."""
-    for source in ("pattern p { causal }", "pattern p { causal & (blocks(4) | route(1, block = 4, qblock = 1)) }"):
-        pattern = patterndsl.compile(source)
-        plan = make_plan(pattern, 8, 8, 2, order="identity")
-        q = torch.randn(0, 2, 8, 16)
-        out, lse = tb.forward(q, q, q, plan, 0.3)
-        assert out.shape == q.shape and lse.shape == (0, 2, 8)
-        assert [g.shape for g in tb.backward(q, q, q, out, lse, out, plan, 0.3)] == [q.shape] * 3
-        x = q.clone().requires_grad_()
-        pattern(x, x, x, backend="triton").sum().backward()
-        assert x.grad.shape == q.shape
 
 
 def case_wrong_shapes_raise_pattern_error():
