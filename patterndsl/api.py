@@ -71,7 +71,7 @@ class Pattern:
                 raise
             raise err.with_source(self.source, self.filename) from None
 
-    def mask(self, q_len: int, kv_len: int | None = None, heads: int = 1, *, q=None, k=None) -> torch.Tensor:
+    def mask(self, q_len: int, kv_len: int | None = None, heads: int = 1, *, q=None, k=None, **inputs) -> torch.Tensor:
         """The dense meaning, for inspection and tests at small sizes.
 
         Args:
@@ -80,15 +80,30 @@ class Pattern:
             heads: number of query heads.
             q, k: for patterns with ``route``, the tensors ``[batch, heads, seq, head_dim]``
                 the selection is computed from.
+            **inputs: the pattern's run-time inputs by name (LANGUAGE.md section 7).
 
         Returns:
-            Bool tensor ``[heads, Lq, Lk]`` (``[batch, heads, Lq, Lk]`` with ``q``/``k``).
+            Bool tensor ``[heads, Lq, Lk]`` (``[batch, heads, Lq, Lk]`` with ``q``/``k`` or inputs).
         """
         from patterndsl import semantics
 
         _dense_size(q_len, kv_len, heads, q)
         with self._located():
-            return semantics.mask(self.ir, q_len, kv_len, heads, q=q, k=k)
+            bound = self._inputs(inputs, q_len, kv_len, heads, "mask()")
+            if bound is not None:
+                _dense_size(q_len, kv_len, heads * bound.batch, None)
+            return semantics.mask(self.ir, q_len, kv_len, heads, q=q, k=k, inputs=bound)
+
+    def _inputs(self, given: dict, q_len, kv_len, heads, who: str):
+        """The validated inputs of a call (None when the pattern declares none and none are given)."""
+        from patterndsl import binding
+
+        if not given and not self.ir.inputs:
+            return None
+        kv = q_len if kv_len is None else kv_len
+        if not (isinstance(kv, int) and isinstance(heads, int)):
+            return binding.bind(self.ir, given, None, None, who=who)
+        return binding.bind(self.ir, given, kv, heads, who=who)
 
     def plan(
         self,
@@ -97,6 +112,7 @@ class Pattern:
         heads: int = 1,
         block: tuple[int, int] = (128, 128),
         order: str = "auto",
+        **inputs,
     ):
         """The block structure at these sizes (see :class:`patterndsl.analysis.plan.BlockPlan`).
 
@@ -104,16 +120,25 @@ class Pattern:
             q_len, kv_len, heads: sizes to plan for (``kv_len`` defaults to ``q_len``).
             block: tile sizes ``(BM, BN)``.
             order: ``"auto"`` (may reorder tokens to make tiles denser) or ``"identity"``.
+            **inputs: the pattern's run-time inputs (LANGUAGE.md section 7): the plan is then
+                exact for that data (tiles ``[batch, heads, nqb, nkb]``); without them, tiles
+                that depend on the data are 3.
 
         Returns:
-            A ``BlockPlan``.
+            A ``BlockPlan``, or an ``InputPlan`` for given inputs.
         """
         from patterndsl import analysis
 
         block = _block(block)
         _choice("order", order, ORDERS)
         with self._located():
-            return analysis.plan(self.ir, q_len, kv_len, heads, block=block, order=order)
+            bound = self._inputs(inputs, q_len, kv_len, heads, "plan()") if inputs else None
+            static = analysis.plan(self.ir, q_len, kv_len, heads, block=block, order=order)
+            if bound is None:
+                return static
+            from patterndsl.analysis import inputplan
+
+            return inputplan.call_plan(static, bound)
 
     def __call__(self, q, k, v, scale=None, return_lse=False, backend="auto"):
         """Attention under this pattern; see :func:`attention`."""

@@ -92,6 +92,8 @@ def _is(value: Value, kind: str) -> bool:
 def _expr_kind(value: Value) -> str | None:
     if isinstance(value, (ir.Cmp, ir.Logic, ir.LNot)):
         return "bool"
+    if isinstance(value, ir.InputRef) and value.kind == "float":
+        return "float"
     if isinstance(value, ir.Expr):
         return "int"
     return None
@@ -108,6 +110,8 @@ def _describe(value: Value) -> str:
         return "a pattern"
     if _expr_kind(value) == "bool":
         return "a condition"
+    if _expr_kind(value) == "float":
+        return f"float input '{value.name}' (float inputs may appear only in score and as cluster centroids)"
     if _expr_kind(value) == "int":
         return "an integer expression of positions"
     return "a value"
@@ -130,6 +134,10 @@ class _Scope:
     layout: ir.Layout | None = None
     #: Parameters whose values came from Python: type errors about them point at their declaration.
     passed: set[str] = field(default_factory=set)
+    #: Run-time inputs declared so far (section 7), by name.
+    inputs: dict[str, ir.InputDecl] = field(default_factory=dict)
+    #: ``(message, span)`` of indices ``patterndsl check`` cannot prove in range.
+    warnings: list = field(default_factory=list)
 
     def declare(self, name: str, span: ir.Span, what: str) -> None:
         if _reserved(name):
@@ -197,6 +205,8 @@ class _Evaluator:
         name = e.name
         if where and name in ir.Var.NAMES:
             return ir.Var(name, e.span)
+        if name in self.scope.inputs:
+            return _input_ref(self, self.scope.inputs[name], (), e, where)
         if name in self.scope.values:
             return self.scope.values[name]
         if name in self.scope.spans:
@@ -230,6 +240,17 @@ class _Evaluator:
                 f"the layout has no axis '{e.attr}'{hint}; its axes are {', '.join(layout.names)}", e.attr_span
             )
         return ir.Coord(e.base, e.attr, e.span)
+
+    def _index(self, e: syntax.Index, where: bool) -> Value:
+        decl = self.scope.inputs.get(e.base)
+        if decl is None:
+            if e.base in self.scope.values or e.base in self.scope.spans:
+                raise PatternTypeError(f"'{e.base}' is not an input and cannot be indexed", e.base_span)
+            hint = did_you_mean(e.base, self.scope.inputs)
+            raise PatternNameError(
+                f"unknown input '{e.base}'{hint} (declare it: input {e.base}: int[...])", e.base_span
+            )
+        return _input_ref(self, decl, e.indices, e, where)
 
     def _tuple(self, e: syntax.Tuple, where: bool) -> Value:
         items = []
@@ -418,6 +439,118 @@ def _logic(op: str, parts: list[Value], span: ir.Span | None) -> Value:
     return ir.Logic(op, tuple(items), span)
 
 
+# --------------------------------------------------------------------------- run-time inputs
+
+
+def _dims_text(decl: ir.InputDecl) -> str:
+    return f"{decl.kind}[{', '.join(str(d) for d in decl.dims)}]"
+
+
+def _input_ref(ev: _Evaluator, decl: ir.InputDecl, indices: tuple, e: syntax.Expr, where: bool) -> Value:
+    """``NAME[indices]`` (or bare ``NAME``) checked against the declaration: an ``ir.InputRef``."""
+    name = decl.name
+    if not where:
+        raise PatternTypeError(
+            f"input '{name}' is only usable inside where(...), score and as the first argument of within", e.span
+        )
+    dims = decl.index_dims
+    if len(indices) != len(dims):
+        if not indices:
+            shown = ", ".join("q" if d == "token" else "h" if d == "head" else "..." for d in dims)
+            raise PatternTypeError(f"input '{name}' is {_dims_text(decl)}: index it as {name}[{shown}]", e.span)
+        raise PatternTypeError(
+            f"input '{name}' is {_dims_text(decl)}: it takes {len(dims)} "
+            f"ind{'ex' if len(dims) == 1 else 'ices'} (batch is never written), got {len(indices)}",
+            e.span,
+        )
+    out = []
+    for dim, index in zip(dims, indices, strict=True):
+        value = ev._int_operand(index, True, f"an index of '{name}'")
+        if isinstance(value, _Unknown):
+            return _Unknown("int")
+        if dim == "token" and not (isinstance(value, ir.Var) and value.name in ("q", "k")):
+            raise PatternTypeError(
+                f"a token dimension of '{name}' is indexed by a position, q or k (got {_describe(value)})", index.span
+            )
+        if dim == "head" and not (isinstance(value, ir.Var) and value.name == "h"):
+            raise PatternTypeError(f"the head dimension of '{name}' is indexed by h", index.span)
+        if isinstance(dim, int) or dim == "dim":
+            _warn_range(ev.scope, name, dim, value, index.span)
+        out.append(_const(value))
+    return ir.InputRef(name, tuple(out), decl.kind, e.span)
+
+
+def _warn_range(scope: _Scope, name: str, dim, value: Value, span: ir.Span) -> None:
+    """Record a warning unless the index is provably inside the table extent ``dim``."""
+    if isinstance(value, int) and isinstance(dim, int) and 0 <= value < dim:
+        return
+    # Grid coordinates are bounded by the layout; positions and lengths are not known here.
+    gridded = isinstance(dim, int) and isinstance(value, ir.Expr) and scope.layout is not None
+    if gridded and not any(isinstance(x, (ir.Var, ir.InputRef)) for x in ir.walk_expr(value)):
+        ranges = {(side, a): (0, n - 1) for a, n in scope.layout.axes for side in "qk"}
+        lo, hi = expr_bounds(value, ranges)
+        if lo >= 0 and hi < dim:
+            return
+    from patterndsl.printer import value_to_source
+
+    extent = f"[0, {dim})" if isinstance(dim, int) else "the head size"
+    scope.warnings.append(
+        (
+            f"cannot prove that index '{value_to_source(value)}' of input '{name}' stays in {extent}; "
+            "an index outside reads the nearest entry",
+            span,
+        )
+    )
+
+
+def _bind_input(stmt: syntax.Input, ev: _Evaluator) -> ir.InputDecl:
+    scope = ev.scope
+    if stmt.name in scope.inputs:
+        first = scope.inputs[stmt.name].span
+        raise PatternNameError(f"input '{stmt.name}' is declared twice (first on line {first.line})", stmt.name_span)
+    scope.declare(stmt.name, stmt.name_span, "input")
+    if stmt.kind not in ("int", "float"):
+        hint = did_you_mean(stmt.kind, ["int", "float"])
+        raise PatternTypeError(f"an input is int[...] or float[...], got '{stmt.kind}'{hint}", stmt.kind_span)
+    dims: list = []
+    for at, d in enumerate(stmt.dims):
+        if isinstance(d, syntax.Name) and d.name in ir.INPUT_DIMS:
+            if d.name == "batch" and at:
+                raise PatternTypeError("'batch' may only be the first dimension of an input", d.span)
+            if d.name in dims:
+                raise PatternTypeError(f"an input has at most one '{d.name}' dimension", d.span)
+            dims.append(d.name)
+            continue
+        if isinstance(d, syntax.Name) and d.name not in scope.values:
+            hint = did_you_mean(d.name, [*ir.INPUT_DIMS, *scope.values])
+            raise PatternNameError(
+                f"unknown dimension '{d.name}'{hint}: a dimension is batch, token, head, dim or an integer extent",
+                d.span,
+            )
+        extent = ev.int_value(d, "a table extent")
+        if not isinstance(extent, _Unknown):
+            _check(extent >= 1, f"a table extent must be >= 1, got {extent}", d.span)
+        dims.append(extent)
+    return ir.InputDecl(stmt.name, stmt.kind, tuple(dims), stmt.span)
+
+
+def _segments_argument(expr: syntax.Expr, ev: _Evaluator) -> str:
+    """``within``'s first argument: the name of an ``int[batch, token]`` or ``int[token]`` input."""
+    inputs = ev.scope.inputs
+    if not isinstance(expr, syntax.Name) or expr.name not in inputs:
+        name = expr.name if isinstance(expr, syntax.Name) else None
+        hint = did_you_mean(name, inputs) if name else ""
+        what = f"'{name}' is not an input{hint}" if name else "got an expression"
+        raise PatternTypeError(f"within(...) takes an int[batch, token] input first: {what}", expr.span)
+    decl = inputs[expr.name]
+    if decl.kind != "int" or decl.index_dims != ("token",):
+        raise PatternTypeError(
+            f"within(...) needs an int[batch, token] or int[token] input, '{decl.name}' is {_dims_text(decl)}",
+            expr.span,
+        )
+    return decl.name
+
+
 # --------------------------------------------------------------------------- primitives
 
 
@@ -485,6 +618,8 @@ def _argument(prim: str, param: ir.Param, expr: syntax.Expr, ev: _Evaluator) -> 
             hint = did_you_mean(expr.name, ir.SCORES)
             raise PatternNameError(f"unknown score '{expr.name}'{hint}; scores are {', '.join(ir.SCORES)}", expr.span)
         raise PatternTypeError(f"{what} must be one of {', '.join(ir.SCORES)}", expr.span)
+    if param.kind == "segments":
+        return _segments_argument(expr, ev)
     if param.kind == "pred":
         value = ev.eval(expr, where=True)
         if not _is(value, "bool"):
@@ -641,9 +776,14 @@ def _bind_layout(stmt: syntax.Layout, ev: _Evaluator) -> ir.Layout:
     return ir.Layout(tuple(axes), stmt.span)
 
 
-def _bind_definition(pdef: syntax.PatternDef, params: dict, lenient: bool = False) -> ir.PatternIR | None:
-    """Bind one definition; with ``lenient`` unknown parameters are allowed and None is returned."""
-    scope = _Scope()
+def _bind_definition(
+    pdef: syntax.PatternDef, params: dict, lenient: bool = False, warnings: list | None = None
+) -> ir.PatternIR | None:
+    """Bind one definition; with ``lenient`` unknown parameters are allowed and None is returned.
+
+    ``warnings`` (when given) receives ``(message, span)`` of what could not be proved safe.
+    """
+    scope = _Scope(warnings=[] if warnings is None else warnings)
     ev = _Evaluator(scope)
     bound = _bind_params(pdef, params, scope, ev, lenient)
     rules: list[ir.HeadRule] = []
@@ -656,6 +796,9 @@ def _bind_definition(pdef: syntax.PatternDef, params: dict, lenient: bool = Fals
                 )
             layout_seen = stmt
             scope.layout = _bind_layout(stmt, ev)
+        elif isinstance(stmt, syntax.Input):
+            decl = _bind_input(stmt, ev)
+            scope.inputs[decl.name] = decl
         elif isinstance(stmt, syntax.Let):
             value = ev.eval(stmt.value)
             scope.declare(stmt.name, stmt.name_span, "let")
@@ -675,8 +818,9 @@ def _bind_definition(pdef: syntax.PatternDef, params: dict, lenient: bool = Fals
         _check_extent(default, pdef.final.span)
     if isinstance(default, _Unknown) or any(isinstance(v, _Unknown) for _, v in bound) or lenient:
         return None
+    inputs = tuple(scope.inputs.values())
     return ir.PatternIR(
-        pdef.name, tuple(bound), scope.layout, tuple(sorted(rules, key=lambda r: r.lo)), default, pdef.span
+        pdef.name, tuple(bound), scope.layout, tuple(sorted(rules, key=lambda r: r.lo)), default, pdef.span, inputs
     )
 
 
@@ -808,7 +952,9 @@ def bind(module: syntax.Module, name: str | None = None, params: dict | None = N
     return _guard(lambda: _bind_definition(_pick(module, name), params), source, module.filename)
 
 
-def check_module(module: syntax.Module, source: str | None = None, filename: str | None = None) -> list[PatternError]:
+def check_module(
+    module: syntax.Module, source: str | None = None, filename: str | None = None, warnings: list | None = None
+) -> list[PatternError]:
     """Check every definition of a file as far as possible without parameter values.
 
     Parameters without a default are treated as unknown: everything that does not
@@ -822,6 +968,8 @@ def check_module(module: syntax.Module, source: str | None = None, filename: str
 
     Returns:
         The errors found, at most one per definition, in source order (empty when all is well).
+        ``warnings`` (a list, when given) receives one rendered text per index that could not be
+        proved in range (``FILE:LINE:COLUMN: warning: ...``).
     """
     source = source if source is not None else module.source
     filename = filename if filename is not None else module.filename
@@ -837,10 +985,15 @@ def check_module(module: syntax.Module, source: str | None = None, filename: str
             errors.append(err.with_source(source, filename))
             continue
         seen[pdef.name] = pdef.span.line
+        found: list = []
         try:
-            _guard(lambda pdef=pdef: _bind_definition(pdef, {}, lenient=True), source, filename)
+            _guard(lambda pdef=pdef, found=found: _bind_definition(pdef, {}, True, found), source, filename)
         except PatternError as err:
             errors.append(err)
+        if warnings is not None:
+            for message, span in found:
+                text = PatternError(message, span).with_source(source, filename).render()
+                warnings.append(text.replace(": " + message, ": warning: " + message, 1))
     return errors
 
 

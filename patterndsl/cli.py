@@ -269,7 +269,10 @@ def cmd_check(args) -> int:
         module = grammar.parse(source, str(path))
     except PatternError as err:
         raise err.with_source(source, str(path)) from None
-    errors = check.check_module(module, source, str(path))
+    warnings: list[str] = []
+    errors = check.check_module(module, source, str(path), warnings)
+    for text in warnings:
+        print(text, file=sys.stderr)
     for err in errors:
         print(err.with_source(source, str(path)), file=sys.stderr)
     if errors:

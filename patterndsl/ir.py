@@ -89,6 +89,22 @@ class Coord(Expr):
 
 
 @dataclass(frozen=True, slots=True)
+class InputRef(Expr):
+    """An entry of a run-time input (LANGUAGE.md section 7): ``NAME[i, ...]``, or bare ``NAME``.
+
+    ``indices`` index the declared dimensions after ``batch`` (never written: always the current
+    batch element), one expression each; an index outside its dimension reads the nearest entry.
+    ``kind`` is the declared element type, ``"int"`` or ``"float"`` (a float is never part of a
+    mask; ``score`` reads it). :func:`patterndsl.primitives.inputs.read` evaluates it.
+    """
+
+    name: str
+    indices: tuple[Expr, ...] = ()
+    kind: str = "int"
+    span: Span | None = _span()
+
+
+@dataclass(frozen=True, slots=True)
 class Arith(Expr):
     """Integer arithmetic; ``//`` and ``%`` have Python's floor semantics."""
 
@@ -249,6 +265,8 @@ def expr_key(expr: Expr) -> tuple:
         return (5, expr.fn, tuple(expr_key(a) for a in expr.args))
     if isinstance(expr, Logic):
         return (7, expr.op, tuple(expr_key(a) for a in expr.items))
+    if isinstance(expr, InputRef):
+        return (9, expr.name, expr.kind, tuple(expr_key(a) for a in expr.indices))
     raise TypeError(f"not an expression: {expr!r}")
 
 
@@ -536,6 +554,33 @@ class HeadRule:
     span: Span | None = _span()
 
 
+#: Named dimensions of an input declaration (any other dimension is an integer table extent).
+INPUT_DIMS = ("batch", "token", "head", "dim")
+
+
+@dataclass(frozen=True, slots=True)
+class InputDecl:
+    """``input NAME: KIND[DIMS]``: a run-time input the pattern receives at every call.
+
+    ``dims`` are ``"batch"`` (first or absent), ``"token"``, ``"head"``, ``"dim"`` or an integer
+    table extent; ``kind`` is ``"int"`` or ``"float"``.
+    """
+
+    name: str
+    kind: str
+    dims: tuple[str | int, ...]
+    span: Span | None = _span()
+
+    @property
+    def batched(self) -> bool:
+        return bool(self.dims) and self.dims[0] == "batch"
+
+    @property
+    def index_dims(self) -> tuple[str | int, ...]:
+        """The dimensions an expression indexes (all but ``batch``)."""
+        return self.dims[1:] if self.batched else self.dims
+
+
 @dataclass(frozen=True, slots=True)
 class PatternIR:
     """A checked pattern with every parameter bound: what ``compile`` returns inside a Pattern."""
@@ -546,6 +591,16 @@ class PatternIR:
     heads: tuple[HeadRule, ...]
     default: Node | None
     span: Span | None = _span()
+    #: The run-time inputs (section 7), in declaration order.
+    inputs: tuple[InputDecl, ...] = ()
+
+    def input(self, name: str) -> InputDecl | None:
+        """The declaration of input ``name``, or None."""
+        return next((d for d in self.inputs if d.name == name), None)
+
+    def nodes(self) -> tuple[Node, ...]:
+        """Every pattern node of the definition: the heads lines' and the final expression."""
+        return tuple(rule.node for rule in self.heads) + (() if self.default is None else (self.default,))
 
     def node_for_head(self, h: int) -> Node | None:
         """The pattern node of head ``h``: the first ``heads`` line covering it, else the default."""
@@ -577,6 +632,8 @@ def walk(node: Node):
 
 
 def expr_children(expr: Expr) -> tuple[Expr, ...]:
+    if isinstance(expr, InputRef):
+        return expr.indices
     if isinstance(expr, (Arith, Cmp)):
         return (expr.left, expr.right)
     if isinstance(expr, (Neg, LNot)):
@@ -674,3 +731,35 @@ def polarities(node: Node) -> dict[Prim, set[int]]:
 
     substitute(node, record)
     return out
+
+
+# --------------------------------------------------------------------------- run-time inputs
+
+
+def reads_inputs(node: Node) -> bool:
+    """True when ``node``'s meaning reads run-time inputs (``within``, or ``where`` over an input)."""
+    return any(isinstance(sub, Prim) and prim_reads_inputs(sub) for sub in walk(node))
+
+
+def prim_reads_inputs(prim: Prim) -> bool:
+    """True for ``within(...)`` and for a primitive whose expression arguments read an input."""
+    if prim.name == "within":
+        return True
+    return any(
+        isinstance(value, Expr) and any(isinstance(e, InputRef) for e in walk_expr(value)) for _, value in prim.args
+    )
+
+
+def input_bound(node: Node, lower: bool) -> Node:
+    """``node`` with each primitive that reads inputs replaced by ``empty``/``full`` as a bound.
+
+    Like :func:`route_bound`: the result is contained in ``node`` for every input (``lower``)
+    or contains it (upper).
+    """
+
+    def fn(prim: Prim, sign: int) -> Node:
+        if not prim_reads_inputs(prim):
+            return prim
+        return EMPTY if (sign > 0) == lower else FULL
+
+    return substitute(node, fn)

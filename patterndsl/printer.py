@@ -91,6 +91,10 @@ def _expr(expr: ir.Expr) -> tuple[str, int]:
         return expr.name, 99
     if isinstance(expr, ir.Coord):
         return f"{expr.side}.{expr.axis}", 99
+    if isinstance(expr, ir.InputRef):
+        if not expr.indices:
+            return expr.name, 99
+        return f"{expr.name}[{', '.join(expr_to_source(a) for a in expr.indices)}]", 99
     if isinstance(expr, ir.Arith):
         prec = _E_PREC[expr.op]
         left = _ewrap(expr.left, prec)
@@ -129,6 +133,8 @@ def pattern_to_source(pattern: ir.PatternIR) -> str:
     if pattern.layout is not None:
         axes = ", ".join(f"{name} = {extent}" for name, extent in pattern.layout.axes)
         lines.append(f"    layout grid({axes})")
+    for decl in pattern.inputs:
+        lines.append(f"    input {decl.name}: {decl.kind}[{', '.join(str(d) for d in decl.dims)}]")
     for rule in pattern.heads:
         lines.append(f"    heads {rule.lo}..{rule.hi}: {node_to_source(rule.node)}")
     if pattern.default is not None:

@@ -297,6 +297,8 @@ def _expr(e: ir.Expr, env: dict):
     if isinstance(e, ir.LNot):
         v = _expr(e.operand, env)
         return (not v) if isinstance(v, bool) else ~v
+    if isinstance(e, ir.InputRef):
+        return primitives.inputs.read(e, env, lambda index: _expr(index, env))
     raise TypeError(f"unknown expression node {type(e).__name__}")
 
 
@@ -521,6 +523,21 @@ def evaluate(node: ir.Node, i, j, h, ctx: Context, selection: dict | None = None
     return out if out.is_contiguous() else out.contiguous()
 
 
+def evaluate_local(node: ir.Node, q, k, h, length) -> torch.Tensor:
+    """``node`` at positions ``q``, ``k`` of a segment with ``Lq = Lk = length`` (``within``'s pattern).
+
+    Args:
+        node: a pattern without layout, route or inputs.
+        q, k: int64 tensors of positions counted from the segment's start.
+        h: the head.
+        length: the segment's length, an int or an int64 tensor broadcastable against ``q``.
+
+    Returns:
+        Bool tensor, the broadcast shape.
+    """
+    return _eval(node, q, k, h, Context(length, length, None), None)
+
+
 def _eval(node: ir.Node, q, k, h, ctx: Context, selection) -> torch.Tensor:
     if isinstance(node, ir.Union):
         out = _eval(node.items[0], q, k, h, ctx, selection)
@@ -553,7 +570,9 @@ def _check_inputs(q, k, heads: int, q_len: int, kv_len: int) -> None:
     tensors.check_sizes(sizes, heads, q_len, kv_len, "mask()")
 
 
-def mask(pir: ir.PatternIR, q_len: int, kv_len: int | None = None, heads: int = 1, q=None, k=None) -> torch.Tensor:
+def mask(
+    pir: ir.PatternIR, q_len: int, kv_len: int | None = None, heads: int = 1, q=None, k=None, inputs=None
+) -> torch.Tensor:
     """The dense meaning of a pattern: ``Pattern.mask``.
 
     Args:
@@ -563,9 +582,10 @@ def mask(pir: ir.PatternIR, q_len: int, kv_len: int | None = None, heads: int = 
         heads: number of query heads.
         q, k: ``[batch, heads, Lq, head_dim]`` and ``[batch, kv_heads, Lk, head_dim]``; needed
             when the pattern contains ``route`` (the choice is made from them).
+        inputs: the run-time inputs (``binding.Inputs``); needed when the pattern declares inputs.
 
     Returns:
-        Bool ``[heads, Lq, Lk]``, or ``[batch, heads, Lq, Lk]`` when ``q`` and ``k`` are given.
+        Bool ``[heads, Lq, Lk]``, or ``[batch, heads, Lq, Lk]`` when ``q`` and ``k`` or inputs are given.
 
     Raises:
         PatternError: lengths that do not fit the layout, heads not covered, ``route``
@@ -589,22 +609,31 @@ def mask(pir: ir.PatternIR, q_len: int, kv_len: int | None = None, heads: int = 
         raise PatternError(
             "this pattern uses route(...), which is chosen from the data: pass q= and k= to mask()", pir.span
         )
+    if pir.inputs and inputs is None:
+        names = ", ".join(f"{d.name}=..." for d in pir.inputs)
+        raise InputError(f"pattern '{pir.name}' declares run-time inputs: pass {names} to mask()")
     i = torch.arange(q_len, dtype=torch.int64)[:, None]
     j = torch.arange(kv_len, dtype=torch.int64)[None, :]
-    if q is None:
+    if q is None and inputs is None:
         return _static_mask(nodes, i, j, ctx)
-    _check_inputs(q, k, heads, q_len, kv_len)
-    if not prims:
-        return _static_mask(nodes, i, j, ctx).unsqueeze(0).expand(q.shape[0], -1, -1, -1).clone()
-    share = heads // k.shape[1]
+    if q is not None:
+        _check_inputs(q, k, heads, q_len, kv_len)
+    batch = q.shape[0] if q is not None else inputs.batch
+    if not prims and inputs is None:
+        return _static_mask(nodes, i, j, ctx).unsqueeze(0).expand(batch, -1, -1, -1).clone()
+    share = heads // k.shape[1] if k is not None else 1
     selections = {
         prim: route_selection(prim, q, k, ctx, [h for h in range(heads) if prim in ir.walk(nodes[h])]) for prim in prims
     }
-    out = torch.zeros(q.shape[0], heads, q_len, kv_len, dtype=torch.bool)
-    for b in range(q.shape[0]):
+    out = torch.zeros(batch, heads, q_len, kv_len, dtype=torch.bool)
+    for b in range(batch):
+        bound = ctx if inputs is None else primitives.inputs.Bound(ctx, inputs.element(b))
+        if not prims:
+            out[b] = _static_mask(nodes, i, j, bound)
+            continue
         for h in range(heads):
             chosen = {prim: sel[b, h // share] for prim, sel in selections.items()}
-            out[b, h] = evaluate(nodes[h], i, j, h, ctx, chosen)
+            out[b, h] = evaluate(nodes[h], i, j, h, bound, chosen)
     return out
 
 

@@ -160,6 +160,10 @@ def plan(pir: ir.PatternIR, q_len: int, kv_len: int | None = None, heads: int = 
     _representable(q_len, kv_len, heads, bm, bn)
     check.check_lengths(pir, q_len, kv_len, heads)
     kv_len = q_len if kv_len is None else kv_len
+    if any(ir.reads_inputs(node) for node in pir.nodes()):
+        from patterndsl.analysis import inputplan
+
+        return inputplan.static_plan(pir, q_len, kv_len, heads, (bm, bn), order)
     groups, head_group = _head_groups(pir, heads)
     nodes = [n for n, _ in groups]
     cands = reorder.candidates(nodes, pir.layout, q_len, kv_len, (bm, bn))

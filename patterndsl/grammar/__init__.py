@@ -23,14 +23,14 @@ from patterndsl.ir import Span
 
 __all__ = ["parse", "syntax"]
 
-_STATEMENT_KEYWORDS = frozenset({"LET", "LAYOUT", "HEADS"})
+_STATEMENT_KEYWORDS = frozenset({"LET", "LAYOUT", "HEADS", "INPUT"})
 #: How deep parentheses and prefix operators (``~ - not``) may nest. Every stage walks the tree
 #: recursively; this keeps them all far from Python's recursion limit, and no pattern a person
 #: writes comes near it (a flat chain ``a | b | c ...`` is not nesting and has no limit).
 MAX_NESTING = 64
 _PREFIX = frozenset({"TILDE", "MINUS", "NOT"})
 #: After these a ``-`` is binary; anywhere else it is a prefix minus.
-_OPERAND_END = frozenset({"NAME", "INT", "TRUE", "FALSE", "RPAR"})
+_OPERAND_END = frozenset({"NAME", "INT", "TRUE", "FALSE", "RPAR", "RSQB"})
 _ATOMS = frozenset({"NAME", "INT", "TRUE", "FALSE"})
 
 
@@ -57,9 +57,9 @@ class _LineBreaks:
                     open_statement = False
                     yield Token.new_borrow_pos("_NL", tok.value, tok)
                 continue
-            if kind == "LPAR":
+            if kind in ("LPAR", "LSQB"):
                 depth += 1
-            elif kind == "RPAR":
+            elif kind in ("RPAR", "RSQB"):
                 depth = max(0, depth - 1)
             elif kind == "SEMI" and depth == 0:
                 open_statement = False
@@ -91,11 +91,11 @@ class _Nesting:
         kind = tok.type
         if kind == "NEWLINE":
             return
-        if kind == "LPAR":
+        if kind in ("LPAR", "LSQB"):
             self.runs.append(self.run)
             self.run = 0
             self.level += 1
-        elif kind == "RPAR" and self.runs:
+        elif kind in ("RPAR", "RSQB") and self.runs:
             self.level -= 1 + self.run + self.runs.pop()
             self.run = 0
         elif kind in _PREFIX and (kind != "MINUS" or self.previous not in _OPERAND_END):
@@ -179,7 +179,7 @@ class _Builder(Transformer):
         statements = []
         final = None
         for item in items:
-            if isinstance(item, (syntax.Layout, syntax.Let, syntax.Heads)):
+            if isinstance(item, (syntax.Layout, syntax.Let, syntax.Heads, syntax.Input)):
                 statements.append(item)
             elif isinstance(item, syntax.Expr):
                 final = item
@@ -200,6 +200,10 @@ class _Builder(Transformer):
 
     def heads_stmt(self, meta, _kw, lo, _dots, hi, _colon, body):
         return syntax.Heads(lo, hi, body, self._span(meta))
+
+    def input_stmt(self, meta, _kw, name, _colon, kind, *items):
+        dims = tuple(d for d in items if isinstance(d, syntax.Expr))
+        return syntax.Input(str(name), str(kind), dims, self._span(meta), self._tok(name), self._tok(kind))
 
     # -- expressions
 
@@ -251,6 +255,10 @@ class _Builder(Transformer):
     def attribute(self, meta, base, _dot, attr):
         return syntax.Attribute(str(base), str(attr), self._span(meta), self._tok(attr))
 
+    def index(self, meta, base, *items):
+        indices = tuple(i for i in items if isinstance(i, syntax.Expr))
+        return syntax.Index(str(base), indices, self._span(meta), self._tok(base))
+
     def call(self, meta, func, *items):
         args, keywords = [], []
         for item in items:
@@ -287,6 +295,9 @@ _WORDS = {
     "LAYOUT": "'layout'",
     "LET": "'let'",
     "HEADS": "'heads'",
+    "INPUT": "'input'",
+    "LSQB": "'['",
+    "RSQB": "']'",
     "TRUE": "'true'",
     "FALSE": "'false'",
     "OR": "'or'",
@@ -315,7 +326,7 @@ _WORDS = {
 # Terminals that can start an expression, and the binary operators.
 _EXPR_START = frozenset({"INT", "NAME", "TRUE", "FALSE", "LPAR", "MINUS", "TILDE", "NOT"})
 # Tokens that end an expression: an operator just before one of them is left without an operand.
-_CLOSERS = frozenset({"RBRACE", "RPAR", "$END", "_NL", "COMMA", "SEMI", "DOTDOT", "COLON"})
+_CLOSERS = frozenset({"RBRACE", "RPAR", "RSQB", "$END", "_NL", "COMMA", "SEMI", "DOTDOT", "COLON"})
 _OPERATORS = frozenset({"OR", "AND", "CMP_OP", "BAR", "PLUS", "MINUS", "AMP", "STAR", "FLOORDIV", "PERCENT"})
 
 

@@ -54,6 +54,16 @@ class Attribute(Expr):
 
 
 @dataclass(frozen=True, slots=True)
+class Index(Expr):
+    """``NAME[i, j, ...]``: an entry of a run-time input (section 7); ``base`` is checked by check.py."""
+
+    base: str
+    indices: tuple[Expr, ...]
+    span: Span
+    base_span: Span
+
+
+@dataclass(frozen=True, slots=True)
 class Keyword:
     """``name = value`` inside a call."""
 
@@ -156,7 +166,19 @@ class Heads:
     span: Span
 
 
-Statement = Layout | Let | Heads
+@dataclass(frozen=True, slots=True)
+class Input:
+    """``input NAME: KIND[DIMS]``; ``kind`` (``int``/``float``) and the dimensions are checked by check.py."""
+
+    name: str
+    kind: str
+    dims: tuple[Expr, ...]
+    span: Span
+    name_span: Span
+    kind_span: Span
+
+
+Statement = Layout | Let | Heads | Input
 
 
 # --------------------------------------------------------------------------- definitions

@@ -112,6 +112,7 @@ def _where_sizes(prim, q_len, kv_len, heads, layout):
 
 def _where_meaning(prim, q, k, h, ctx, selection) -> torch.Tensor:
     env = {"q": q, "k": k, "h": h, "Lq": ctx.q_len, "Lk": ctx.kv_len, "layout": ctx.layout}
+    env["inputs"] = getattr(ctx, "inputs", None)
     value = sem._expr(prim.arg("pred"), env)
     is_bool = value.dtype == torch.bool if isinstance(value, torch.Tensor) else isinstance(value, bool)
     if not is_bool:

@@ -1,0 +1,108 @@
+"""Plans of patterns with run-time inputs: the static bound (3 where the data decides) and the exact call-time plan."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+import patterndsl as pd
+from patterndsl.analysis import inputplan
+from patterndsl.analysis.plan import tile_reduce
+from tests.inputs_reference import random_documents, random_pattern_source
+
+PACKED = """pattern packed(w = 5, n = 2) {
+    input doc: int[batch, token]
+    within(doc, causal & (window(w) | sink(n)))
+}"""
+
+
+def exact(p, q_len, kv_len, heads, block, **inputs):
+    plan = p.plan(q_len, kv_len, heads, block=block, **inputs)
+    ref = tile_reduce(p.mask(q_len, kv_len, heads, **inputs), *block)
+    assert plan.tiles().shape == ref.shape
+    assert torch.equal(plan.tiles(), ref)
+    return plan
+
+
+def test_static_plan_marks_data_dependent_tiles_3_and_keeps_the_rest_exact():
+    p = pd.compile("pattern p {\n input prefix: int[batch]\n causal & (window(3) | where(k < prefix))\n}")
+    tiles = p.plan(32, 32, 1, block=(8, 8)).tiles()[0]
+    causal = tile_reduce(pd.compile("pattern c { causal & window(3) }").mask(32), 8, 8)[0]
+    upper = tile_reduce(pd.compile("pattern c { causal }").mask(32), 8, 8)[0]
+    assert torch.equal(tiles == 0, upper == 0)
+    assert bool((tiles[(upper != 0) & (causal != upper)] == 3).all())
+
+
+def test_within_causal_documents_plan_is_exact_and_only_boundary_boxes_are_evaluated():
+    p = pd.compile(PACKED)
+    doc = pd.segments([13, 1, 30, 20])
+    plan = exact(p, 64, 64, 1, (8, 8), doc=doc)
+    assert plan.stats["tiles_evaluated"] == 0
+
+
+def test_within_plain_causal_needs_no_element_work():
+    p = pd.compile("pattern d {\n input doc: int[batch, token]\n within(doc, causal & window(9))\n}")
+    doc = pd.segments([5, 40, 1, 1, 17, 64])
+    plan = exact(p, 128, 128, 2, (16, 16), doc=doc)
+    assert plan.stats["elements_evaluated"] == 0
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_random_documents_batches_lq_lk_and_heads(seed):
+    rng = random.Random(seed)
+    p = pd.compile(PACKED, w=rng.randint(0, 9), n=rng.randint(0, 3))
+    kv = rng.randint(1, 70)
+    q_len = rng.randint(1, kv + 5)
+    doc = torch.stack([random_documents(rng, kv) for _ in range(rng.randint(1, 3))])
+    exact(p, q_len, kv, rng.randint(1, 3), (rng.choice([4, 8]), rng.choice([4, 16])), doc=doc)
+
+
+def test_longformer_tags_and_prefixes_are_exact():
+    p = pd.compile(
+        "pattern l(w = 2) {\n input tag: int[batch, token]\n window(w, w) | where(tag[q] == 1 or tag[k] == 1)\n}"
+    )
+    tag = torch.zeros(2, 40, dtype=torch.int64)
+    tag[0, [0, 17]] = 1
+    tag[1, 39] = 1
+    plan = exact(p, 40, 40, 1, (8, 8), tag=tag)
+    # Rows of tags and columns of tags are row/column sets: no element work on them.
+    assert plan.stats["elements_evaluated"] <= 8 * 8 * 12
+    q = pd.compile("pattern x {\n input prefix: int[batch]\n causal | where(k < prefix)\n}")
+    exact(q, 37, 50, 2, (8, 8), prefix=torch.tensor([0, 23, 49]).view(3))
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_random_patterns_with_inputs(seed):
+    rng = random.Random(100 + seed)
+    _, p, make_inputs, q_len, kv, heads = draw(rng, 48, 3)
+    exact(p, q_len, kv, heads, (rng.choice([4, 8]), rng.choice([4, 8])), **make_inputs(rng, kv, heads))
+
+
+def draw(rng: random.Random, max_len: int, max_heads: int):
+    """A random pattern with inputs and sizes: ``(source, pattern, make_inputs, Lq, Lk, heads)``."""
+    source, make_inputs = random_pattern_source(rng)
+    kv = rng.randint(1, max_len)
+    return source, pd.compile(source), make_inputs, rng.randint(1, kv + 4), kv, rng.randint(1, max_heads)
+
+
+def test_call_plan_keeps_static_groups_and_batch_shared_inputs():
+    p = pd.compile(PACKED)
+    doc = pd.segments([3, 5])
+    plan = p.plan(8, 8, 2, block=(4, 4), doc=doc)
+    assert isinstance(plan, inputplan.InputPlan)
+    assert plan.tiles().shape == (1, 2, 2, 2)
+    both = p.plan(8, 8, 2, block=(4, 4), doc=torch.stack([doc, doc.flip(0)]))
+    assert both.tiles().shape == (2, 2, 2, 2)
+
+
+@pytest.mark.parametrize("seed", range(16))
+def test_random_masks_equal_the_independent_reference(seed):
+    from tests.inputs_reference import reference_mask
+
+    rng = random.Random(500 + seed)
+    source, p, make_inputs, q_len, kv, heads = draw(rng, 24, 2)
+    inputs = make_inputs(rng, kv, heads)
+    want = reference_mask(make_inputs.oracle, inputs, q_len, kv, heads)
+    assert torch.equal(p.mask(q_len, kv, heads, **inputs), want), source
