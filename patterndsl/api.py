@@ -140,10 +140,10 @@ class Pattern:
 
             return inputplan.call_plan(static, bound)
 
-    def __call__(self, q, k, v, scale=None, return_lse=False, backend="auto"):
-        """Attention under this pattern; see :func:`attention`."""
+    def __call__(self, q, k, v, scale=None, return_lse=False, backend="auto", **inputs):
+        """Attention under this pattern; see :func:`attention` (``**inputs``: its run-time inputs)."""
         with self._located():
-            return attention(q, k, v, self, scale=scale, return_lse=return_lse, backend=backend)
+            return attention(q, k, v, self, scale=scale, return_lse=return_lse, backend=backend, **inputs)
 
     def kernel_source(self, q_len: int, kv_len: int | None = None, heads: int = 1, **options) -> str:
         """The generated Triton source for a shape and dtype, as text (patterns with ``route`` too).
@@ -210,7 +210,7 @@ def _compile(source: str, filename: str | None, name: str | None, params: dict) 
     return Pattern(pir, source, filename)
 
 
-def attention(q, k, v, pattern: Pattern, scale=None, return_lse=False, backend="auto"):
+def attention(q, k, v, pattern: Pattern, scale=None, return_lse=False, backend="auto", **inputs):
     """Attention of ``q`` over ``k``/``v`` restricted to ``pattern``.
 
     Args:
@@ -221,6 +221,7 @@ def attention(q, k, v, pattern: Pattern, scale=None, return_lse=False, backend="
         scale: softmax scale, default ``head_dim ** -0.5``.
         return_lse: also return the log-sum-exp ``[batch, heads, Lq]`` (float32, natural log).
         backend: ``"auto"`` (by device), ``"triton"`` or ``"cpu"``.
+        **inputs: the pattern's run-time inputs by name (LANGUAGE.md section 7), e.g. ``doc=ids``.
 
     Returns:
         ``out`` with the dtype of ``q``, or ``(out, lse)``.
@@ -231,7 +232,7 @@ def attention(q, k, v, pattern: Pattern, scale=None, return_lse=False, backend="
         raise PatternError(f"attention() needs a patterndsl.Pattern, got {type(pattern).__name__}")
     if not isinstance(return_lse, bool):
         raise PatternTypeError(f"return_lse must be True or False, got {type(return_lse).__name__}")
-    return runtime.attention(q, k, v, pattern, scale=scale, return_lse=return_lse, backend=backend)
+    return runtime.attention(q, k, v, pattern, scale=scale, return_lse=return_lse, backend=backend, inputs=inputs)
 
 
 # --------------------------------------------------------------------------- argument checks

@@ -26,12 +26,12 @@ def _plan_key(pattern: ir.PatternIR, backend: str) -> str:
     # Pure Python on the pattern, so torch.compile evaluates it once at trace time
     # and the op receives a constant string (sizes come from the tensors).
     if backend == "cpu":
-        return plans.register(pattern, CPU_BLOCK, "auto")
+        return plans.register(pattern, CPU_BLOCK, "identity" if pattern.inputs else "auto")
     nodes = [rule.node for rule in pattern.heads]
     if pattern.default is not None:
         nodes.append(pattern.default)
-    # The run-time lists of route(...) are made in token order.
-    order = "identity" if any(ir.is_dynamic(node) for node in nodes) else "auto"
+    # The run-time lists of route(...) and of run-time inputs are made in token order.
+    order = "identity" if any(ir.is_dynamic(node) for node in nodes) or pattern.inputs else "auto"
     return plans.register(pattern, TRITON_BLOCK, order)
 
 
@@ -53,7 +53,7 @@ def triton_backend_module():
     return triton_backend
 
 
-def attention(q, k, v, pattern, scale=None, return_lse=False, backend="auto"):
+def attention(q, k, v, pattern, scale=None, return_lse=False, backend="auto", inputs=None):
     """Attention of ``q`` over ``k``/``v`` restricted to ``pattern``.
 
     Args:
@@ -66,6 +66,7 @@ def attention(q, k, v, pattern, scale=None, return_lse=False, backend="auto"):
             inputs, natural log).
         backend: ``"auto"`` (by device), ``"triton"`` or ``"cpu"``. ``"cpu"`` with CUDA tensors
             is an error (no silent device copies).
+        inputs: the pattern's run-time inputs by name (LANGUAGE.md section 7), a dict.
 
     Returns:
         ``out`` with the dtype of ``q``, or ``(out, lse)``. A query with no allowed key gets
@@ -83,7 +84,16 @@ def attention(q, k, v, pattern, scale=None, return_lse=False, backend="auto"):
     pir = getattr(pattern, "ir", None)
     if not isinstance(pir, ir.PatternIR):
         raise PatternError(f"attention() needs a patterndsl.Pattern, got {type(pattern).__name__}")
+    given = inputs or {}
     inputs = validate.check_inputs(q, k, v, scale, backend)
+    data = []
+    if given or pir.inputs:
+        from patterndsl import binding
+
+        bound = binding.bind(
+            pir, given, inputs.kv_len, inputs.heads, inputs.head_dim, inputs.batch, q.device, "attention()"
+        )
+        data = bound.ordered()
     v_dim = v.shape[3]
     if v_dim != inputs.head_dim:
         # A value head size of its own (as SDPA allows, e.g. MLA): zero columns appended to the
@@ -92,7 +102,7 @@ def attention(q, k, v, pattern, scale=None, return_lse=False, backend="auto"):
         width = max(v_dim, inputs.head_dim)
         q, k, v = (torch.nn.functional.pad(t, (0, width - t.shape[3])) for t in (q, k, v))
     key = _plan_key(pir, inputs.backend)
-    out, lse = op.attention_fwd(q, k, v, key, [], inputs.scale, inputs.backend)
+    out, lse = op.attention_fwd(q, k, v, key, data, inputs.scale, inputs.backend)
     if out.shape[3] != v_dim:
         out = out[..., :v_dim]
     return (out, lse) if return_lse else out

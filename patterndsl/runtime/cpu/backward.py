@@ -44,7 +44,7 @@ from patterndsl.runtime.cpu.views import (
 _LOG2E = 1.4426950408889634
 
 
-def backward(q, k, v, out, lse, dout, plan: BlockPlan, scale: float, dlse=None, options=None):
+def backward(q, k, v, out, lse, dout, plan: BlockPlan, scale: float, dlse=None, options=None, data=None):
     """Gradients of :func:`forward` through the same plan.
 
     Args:
@@ -54,6 +54,7 @@ def backward(q, k, v, out, lse, dout, plan: BlockPlan, scale: float, dlse=None, 
         scale: the forward's scale.
         dlse: gradient of ``lse`` (``[B, H, Lq]``) or None.
         options: :class:`~patterndsl.runtime.cpu.tuning.CpuOptions`; default: the current ones.
+        data: the forward's run-time input tensors.
 
     Returns:
         ``(dq, dk, dv)`` in the dtypes and shapes of ``q``, ``k``, ``v`` (``dk``/``dv`` summed
@@ -62,23 +63,23 @@ def backward(q, k, v, out, lse, dout, plan: BlockPlan, scale: float, dlse=None, 
     opts = resolve(options)
     if q.shape[0] == 0:
         return q.new_zeros(q.shape), k.new_zeros(k.shape), v.new_zeros(v.shape)
-    grads = _backward(q, k, v, out, lse, dout, plan, scale, dlse, opts, safe=False)
+    grads = _backward(q, k, v, out, lse, dout, plan, scale, dlse, opts, safe=False, data=data)
     # Non-finite inputs or gradients must not reach the pairs the pattern blocks; the fast paths'
     # additive masks let them (0 * NaN), but whatever they reach turns non-finite, so finite
     # gradients are exact. Otherwise every segment runs again through _backward_select.
     if not finite(*grads):
-        grads = _backward(q, k, v, out, lse, dout, plan, scale, dlse, opts, safe=True)
+        grads = _backward(q, k, v, out, lse, dout, plan, scale, dlse, opts, safe=True, data=data)
     return grads
 
 
-def _backward(q, k, v, out, lse, dout, plan: BlockPlan, scale: float, dlse, opts: CpuOptions, safe: bool):
+def _backward(q, k, v, out, lse, dout, plan: BlockPlan, scale: float, dlse, opts: CpuOptions, safe: bool, data=None):
     b, h, lq, d = q.shape
     hkv, lk = k.shape[1], k.shape[2]
     dt = compute_dtype(q.dtype)
     bm, bn = plan.block
     q_inv, k_inv = inverses(plan)
     # One head group without grouped-query sharing hands its buffers out directly.
-    direct = len(plan.groups) == 1 and h == hkv and not ir.is_dynamic(plan.groups[0].node)
+    direct = len(plan.groups) == 1 and h == hkv and not ir.is_dynamic(plan.groups[0].node) and not data
     if not direct:
         dq = torch.zeros_like(q)
         dk_acc = torch.zeros(b, hkv, lk, d, dtype=dt)
@@ -96,7 +97,7 @@ def _backward(q, k, v, out, lse, dout, plan: BlockPlan, scale: float, dlse, opts
     fused = opts.fused and not safe and (dlse is None or not bool(dlse.any()))
     if fused:
         extra["lse0"] = lse.to(dt).masked_fill(empty, 0.0)
-    todo, work = units(plan, q, k, opts)
+    todo, work = units(plan, q, k, opts, data)
     if work is not None:
         direct = False
         dq = torch.zeros(q.shape, dtype=dt)

@@ -45,7 +45,7 @@ from patterndsl.runtime.cpu.views import (
 )
 
 
-def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: BlockPlan, scale: float, options=None):
+def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: BlockPlan, scale: float, options=None, data=None):
     """Attention restricted to ``plan``, on CPU.
 
     Args:
@@ -55,6 +55,7 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: BlockPlan, 
             decided from ``q`` and ``k`` at this call.
         scale: softmax scale.
         options: :class:`~patterndsl.runtime.cpu.tuning.CpuOptions`; default: the current ones.
+        data: the run-time input tensors of the pattern, in declaration order (LANGUAGE.md section 7).
 
     Returns:
         ``(out, lse)``: ``out`` ``[B, H, Lq, D]`` in ``q``'s dtype, ``lse`` ``[B, H, Lq]`` float32
@@ -65,21 +66,21 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: BlockPlan, 
     opts = resolve(options)
     if b == 0:
         return q.new_zeros(q.shape), torch.zeros(b, h, lq, dtype=dt)
-    out, lse = _forward(q, k, v, plan, scale, opts, safe=False)
+    out, lse = _forward(q, k, v, plan, scale, opts, safe=False, data=data)
     # Non-finite keys or values must not reach the rows that do not attend them, but torch's fused
     # kernel only adds -inf to the scores of blocked pairs (NaN + -inf is NaN, and 0 * NaN in P @ V
     # is NaN). Whatever a non-finite input reaches turns non-finite, so a finite result is exact;
     # otherwise the call runs again selecting (the math kernel: masked_fill on the scores, cleaned V).
     # Checking the output, not the inputs, keeps finite calls at one pass over ``out``.
     if not (finite(out) and not bool(torch.isnan(lse.sum()))):
-        out, lse = _forward(q, k, v, plan, scale, replace(opts, kernel="math"), safe=True)
+        out, lse = _forward(q, k, v, plan, scale, replace(opts, kernel="math"), safe=True, data=data)
     return out, lse
 
 
-def _forward(q, k, v, plan: BlockPlan, scale: float, opts: CpuOptions, safe: bool):
+def _forward(q, k, v, plan: BlockPlan, scale: float, opts: CpuOptions, safe: bool, data=None):
     b, h, lq, d = q.shape
     dt = compute_dtype(q.dtype)
-    todo, work = units(plan, q, k, opts)
+    todo, work = units(plan, q, k, opts, data)
     # One unit over every head and batch element hands its buffers out directly, without a final copy.
     single = len(todo) == 1 and todo[0][0] == slice(None) and work is None
     # Gathered route work merges into the outputs afterwards: keep them in the compute dtype until then.

@@ -18,6 +18,7 @@ import torch
 
 from patterndsl import ir
 from patterndsl.analysis.plan import BlockPlan
+from patterndsl.errors import InputError
 from patterndsl.runtime.cpu.schedule import Schedule, derived, idle, schedule, schedules
 from patterndsl.runtime.cpu.tuning import CpuOptions
 
@@ -62,7 +63,35 @@ def _route_static_schedules(plan: BlockPlan, opts: CpuOptions) -> tuple[Schedule
     return derived(plan, ("route_static", opts.schedule_key()), build)
 
 
-def units(plan: BlockPlan, q: torch.Tensor, k: torch.Tensor, opts: CpuOptions):
+def _input_units(plan: BlockPlan, q: torch.Tensor, data: list, opts: CpuOptions):
+    """Units of a pattern with run-time inputs: one schedule per head group and batch element.
+
+    The call-time plan is cached per input tensors (:mod:`patterndsl.runtime.inputs`), and the
+    schedules with it, so the backward pass (and every layer given the same inputs) reuses them.
+    When no input has a batch dimension above 1, one schedule serves the whole batch.
+    """
+    from patterndsl.runtime import inputs
+    from patterndsl.runtime.plans import per_plan
+
+    if not data:
+        raise InputError(f"pattern '{plan.pattern.name}' needs its run-time inputs at every call")
+    cp = inputs.call_plan(plan, data, q.shape[0])
+
+    def build():
+        shared = cp.states.stride(0) == 0 or cp.batch == 1
+        out = []
+        for b in range(1 if shared else cp.batch):
+            for g, group in enumerate(plan.groups):
+                row_ptr, cols, state = cp.lists(b, g)
+                segs = schedule(row_ptr, cols, state, plan, cp.tile_mask(b, g), opts)
+                sched = Schedule(tuple(group.heads), segs, idle(segs, plan.n_q_tiles))
+                out.append((slice(None) if shared else slice(b, b + 1), sched, False))
+        return out
+
+    return per_plan(cp, ("cpu-units", opts.schedule_key()), build), None
+
+
+def units(plan: BlockPlan, q: torch.Tensor, k: torch.Tensor, opts: CpuOptions, data=None):
     """What runs: ``(batch slice, schedule)`` pairs covering every (batch element, head) once, and gathered work.
 
     A static plan runs each head group over the whole batch. With ``route``, the choice is
@@ -79,6 +108,8 @@ def units(plan: BlockPlan, q: torch.Tensor, k: torch.Tensor, opts: CpuOptions):
         to rows earlier units wrote (log-sum-exp merge forward, sums backward); ``work`` is None
         for static plans, else the gathered work items.
     """
+    if plan.pattern is not None and getattr(plan.pattern, "inputs", ()):
+        return _input_units(plan, q, data or [], opts)
     if not any(ir.is_dynamic(g.node) for g in plan.groups):
         return [(slice(None), sched, False) for sched in schedules(plan, opts)], None
     from patterndsl.runtime import dynamic
