@@ -141,6 +141,14 @@ def _add_pattern_args(p: argparse.ArgumentParser, seq_default: int | None = None
         help="tile size (default 128x128 for plans; for kernels the launch table's tiles for --target)",
     )
     p.add_argument("--order", choices=("auto", "identity"), default="auto", help="token order of the plan")
+    p.add_argument(
+        "--input",
+        metavar="NAME=SPEC",
+        action="append",
+        default=[],
+        help="a run-time input for one batch element: lengths:300,700,24 (document ids of packed documents), "
+        "positions:0,17 (1 at those positions, 0 elsewhere), values:3,1,4 (the entries) or value:5; repeatable",
+    )
     p.set_defaults(seq_default=seq_default)
 
 
@@ -229,6 +237,47 @@ def _lengths(args, pattern: Pattern, stage: str) -> tuple[int, int]:
     if seq is None:
         raise UsageError(f"{stage} needs the sequence length: add --seq N")
     return seq, args.kv_seq or seq
+
+
+def parse_input(text: str, kv_len: int) -> tuple[str, torch.Tensor]:
+    """``--input NAME=SPEC`` -> ``(name, int64 tensor)`` for one batch element (see the option's help)."""
+    name, eq, spec = text.partition("=")
+    kind, colon, values = spec.partition(":")
+    name, kind = name.strip(), kind.strip()
+    if not eq or not colon or not name:
+        raise UsageError(f"--input expects NAME=KIND:VALUES (e.g. doc=lengths:300,700), got {text!r}")
+    try:
+        numbers = [int(v) for v in values.split(",") if v.strip()]
+    except ValueError:
+        raise UsageError(f"--input {name}: the values must be integers separated by commas, got {values!r}") from None
+    if kind == "lengths":
+        if sum(numbers) != kv_len or any(n < 1 for n in numbers):
+            raise UsageError(f"--input {name}: lengths must be >= 1 and add up to the key length {kv_len}")
+        from patterndsl import segments
+
+        return name, segments(numbers)
+    if kind == "positions":
+        out = torch.zeros(kv_len, dtype=torch.int64)
+        if any(not 0 <= n < kv_len for n in numbers):
+            raise UsageError(f"--input {name}: positions must lie in [0, {kv_len})")
+        out[numbers] = 1
+        return name, out
+    if kind == "values":
+        return name, torch.tensor(numbers, dtype=torch.int64)
+    if kind == "value" and len(numbers) == 1:
+        return name, torch.tensor(numbers[0], dtype=torch.int64)
+    raise UsageError(f"--input {name}: unknown kind {kind!r}; use lengths:, positions:, values: or value:")
+
+
+def _inputs(args, kv_len: int) -> dict:
+    return dict(parse_input(text, kv_len) for text in getattr(args, "input", []))
+
+
+def _plan_for(pattern: Pattern, q_len: int, kv_len: int, heads: int, block, order: str, args):
+    """The plan drawn by ``show``/``plot``: the call-time plan of batch element 0 when inputs are given."""
+    inputs = _inputs(args, kv_len) if args is not None else {}
+    plan = pattern.plan(q_len, kv_len, heads, block=block, order=order, **inputs)
+    return (plan.element(0) if inputs else plan), inputs
 
 
 def _block(args, default: tuple[int, int]) -> tuple[int, int]:
@@ -329,7 +378,7 @@ def render_plan(pattern: Pattern, q_len: int, kv_len: int, heads: int, block, or
     Returns:
         The text to print.
     """
-    plan = pattern.plan(q_len, kv_len, heads, block=block, order=order)
+    plan, _ = _plan_for(pattern, q_len, kv_len, heads, block, order, args)
     ascii_only = _use_ascii(args) if args is not None else False
     return _plan_text(plan, ascii_only, getattr(args, "head_dim", 64))
 
@@ -387,7 +436,7 @@ def cmd_plot(args) -> int:
 
     pattern = _load(args)
     q_len, kv_len = _lengths(args, pattern, "plot")
-    plan = pattern.plan(q_len, kv_len, args.heads, block=_block(args, (128, 128)), order=args.order)
+    plan, inputs = _plan_for(pattern, q_len, kv_len, args.heads, _block(args, (128, 128)), args.order, args)
     mask = note = None
     size = args.heads * q_len * kv_len
     if size > PLOT_MASK_LIMIT:
@@ -399,9 +448,11 @@ def cmd_plot(args) -> int:
     elif pattern.is_dynamic:
         q, k = _route_inputs(pattern, args.heads, q_len, kv_len)
         mask = pattern.mask(q_len, kv_len, args.heads, q=q, k=k)[0]
+    elif inputs:
+        mask = pattern.mask(q_len, kv_len, args.heads, **inputs)[0]
     else:
         mask = pattern.mask(q_len, kv_len, args.heads)
-    title = repr(pattern)
+    title = repr(pattern) + (" for " + ", ".join(args.input) if inputs else "")
     if pattern.is_dynamic and mask is not None:
         title += " (route chosen for seeded random q, k)"
     out = pictures.plot_plan(plan, args.output, mask=mask, mask_note=note, title=title)

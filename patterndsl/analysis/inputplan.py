@@ -28,6 +28,7 @@ tiles; at a call, the validated inputs (:class:`patterndsl.binding.Inputs`). Goe
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -136,6 +137,47 @@ class InputPlan:
         """int8 ``[batch, heads, nqb, nkb]``: 0 empty, 1 partial, 2 full, exact for this data."""
         index = torch.tensor(self.static.head_group, dtype=torch.int64)
         return self.states[:, index]
+
+    def element(self, b: int) -> BlockPlan:
+        """Batch element ``b``'s exact tiles as a :class:`BlockPlan` (for drawing and statistics)."""
+        plan = self.static
+        nqb = plan.n_q_tiles
+        groups = []
+        stats = PlanStats(total_pairs=plan.stats.total_pairs)
+        for g, group in enumerate(plan.groups):
+            dense = self.states[b, g]
+            tl = TileList.from_dense(dense.contiguous())
+            groups.append(HeadGroup(group.heads, group.node, tl, Runs.from_tiles(tl, nqb)))
+            n = len(group.heads)
+            stats.tiles_full += int((dense == FULL).sum()) * n
+            stats.tiles_partial += int((dense == PARTIAL).sum()) * n
+            stats.tiles_empty += int((dense == EMPTY).sum()) * n
+        rows = torch.clamp(plan.q_len - torch.arange(nqb) * plan.block_m, max=plan.block_m)
+        cols = torch.clamp(plan.kv_len - torch.arange(plan.n_kv_tiles) * plan.block_n, max=plan.block_n)
+        area = rows[:, None] * cols[None, :]
+        index = torch.tensor(plan.head_group, dtype=torch.int64)
+        stats.visited_pairs = int((area * (self.states[b, index] > 0)).sum())
+        stats.allowed_pairs = self._count(b, area)
+        stats.elements_evaluated = self.stats.get("elements_evaluated", 0)
+        stats.extra.update(self.stats)
+        return dataclasses.replace(plan, groups=tuple(groups), stats=stats, order="identity")
+
+    def _count(self, b: int, area: torch.Tensor) -> int:
+        """Allowed pairs of batch element ``b``: full tiles by area, partial tiles element by element."""
+        plan = self.static
+        total = 0
+        for g, group in enumerate(plan.groups):
+            dense = self.states[b, g]
+            count = int(area[dense == FULL].sum())
+            m, n = torch.nonzero(dense == PARTIAL, as_tuple=True)
+            mask = self.tile_mask(b, g)
+            per = max(1, CHUNK_ELEMENTS // (plan.block_m * plan.block_n))
+            for lo in range(0, len(m), per):
+                rows = m[lo : lo + per]
+                valid = (rows[:, None] * plan.block_m + torch.arange(plan.block_m)) < plan.q_len
+                count += int((mask(rows, n[lo : lo + per]) & valid[:, :, None]).sum())
+            total += count * len(group.heads)
+        return total
 
     def bound(self, b: int) -> Bound:
         """The evaluation context of batch element ``b`` (sizes and its inputs)."""

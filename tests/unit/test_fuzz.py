@@ -321,14 +321,30 @@ def _run_stages(pattern: patterndsl.Pattern, lq: int, lk: int, heads: int) -> No
     q = torch.randn(1, heads, lq, 4, generator=gen, dtype=torch.float64)
     k = torch.randn(1, heads, lk, 4, generator=gen, dtype=torch.float64)
     v = torch.randn(1, heads, lk, 4, generator=gen, dtype=torch.float64)
-    dense = pattern.mask(lq, lk, heads, q=q, k=k) if pattern.is_dynamic else pattern.mask(lq, lk, heads)
-    if not pattern.is_dynamic:
+    data = _inputs_for(pattern, lk, heads, gen)
+    if pattern.is_dynamic:
+        dense = pattern.mask(lq, lk, heads, q=q, k=k, **data)
+    else:
+        dense = pattern.mask(lq, lk, heads, **data)
         for block in [(4, 4), (3, 5)]:
-            plan = pattern.plan(lq, lk, heads, block=block, order="identity")
+            plan = pattern.plan(lq, lk, heads, block=block, order="identity", **data)
             assert torch.equal(plan.tiles(), tile_reduce(dense, *block)), (str(pattern), lq, lk, heads, block)
-    out = pattern(q, k, v, backend="cpu")
+    out = pattern(q, k, v, backend="cpu", **data)
     want, _ = reference_attention(q, k, v, dense)
     torch.testing.assert_close(out, want, msg=lambda m: f"{pattern} at {lq}, {lk}, {heads}: {m}")
+
+
+def _inputs_for(pattern: patterndsl.Pattern, lk: int, heads: int, gen: torch.Generator) -> dict:
+    """Small random tensors for the pattern's run-time inputs (one batch element; ids in 0..2)."""
+    extents = {"batch": 1, "token": lk, "head": heads, "dim": 4}
+    out = {}
+    for decl in pattern.ir.inputs:
+        shape = [extents[d] if isinstance(d, str) else min(d, 1 << 16) for d in decl.dims]
+        if decl.kind == "float":
+            out[decl.name] = torch.randn(shape, generator=gen)
+        else:
+            out[decl.name] = torch.randint(0, 3, shape, generator=gen)
+    return out
 
 
 def run_pipeline_case(text: str) -> str:

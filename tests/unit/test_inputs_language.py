@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -201,3 +203,41 @@ def test_mask_refuses_bad_inputs(given, text):
         p.mask(8, 8, 1, **given)
     assert text in str(info.value)
     assert "doc" in str(info.value) or "tag" in str(info.value)
+
+
+def test_cli_show_plan_and_plot_take_inputs(tmp_path, capsys):
+    from patterndsl import cli
+
+    examples = Path(__file__).resolve().parents[2] / "examples"
+    packed = str(examples / "packed_documents.pdsl")
+    args = ["show", packed, "--param", "w=16", "--seq", "64", "--block", "8x8", "--stage", "plan", "--ascii"]
+    assert cli.main([*args, "--input", "doc=lengths:30,10,24"]) == 0
+    text = capsys.readouterr().out
+    p = pd.load(packed, w=16)
+    doc = pd.segments([30, 10, 24])
+    want = int(p.mask(64, 64, 1, doc=doc).sum())
+    assert f"({want:,} of 4,096 pairs allowed)" in text
+    assert "?" not in text.split("'.' partial")[0]  # every tile decided for this data
+    tagged = str(examples / "longformer_tagged.pdsl")
+    out = tmp_path / "t.png"
+    base = ["plot", tagged, "--param", "w=2", "--seq", "32", "--block", "8x8", "-o", str(out)]
+    assert cli.main([*base, "--input", "tag=positions:0,17"]) == 0
+    assert out.stat().st_size > 0
+    assert cli.main([*args, "--input", "doc=lengths:30,10"]) != 0
+    assert "add up to the key length 64" in capsys.readouterr().err
+
+
+def test_examples_with_inputs_mean_what_their_headers_say():
+    examples = Path(__file__).resolve().parents[2] / "examples"
+    p = pd.load(examples / "prefix_lm_per_example.pdsl")
+    m = p.mask(6, 6, 1, prefix=torch.tensor([2, 0]))
+    assert m[0, 0, 0].tolist() == [True, True, False, False, False, False]
+    assert m[1, 0, 0].tolist() == [True, False, False, False, False, False]
+    t = pd.load(examples / "longformer_tagged.pdsl", w=1)
+    tag = torch.zeros(8, dtype=torch.int64)
+    tag[5] = 1
+    m = t.mask(8, 8, 1, tag=tag)[0, 0]
+    assert bool(m[5].all()) and bool(m[:, 5].all()) and not bool(m[0, 3])
+    d = pd.load(examples / "packed_documents.pdsl", w=2, sinks=1)
+    m = d.mask(8, 8, 1, doc=pd.segments([3, 5]))[0, 0]
+    assert m[7].tolist() == [False, False, False, True, False, True, True, True]
