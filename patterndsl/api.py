@@ -140,10 +140,34 @@ class Pattern:
 
             return inputplan.call_plan(static, bound)
 
-    def __call__(self, q, k, v, scale=None, return_lse=False, backend="auto", **inputs):
+    def __call__(
+        self,
+        q,
+        k,
+        v,
+        scale=None,
+        return_lse=False,
+        backend="auto",
+        kv_lengths=None,
+        q_lengths=None,
+        block_table=None,
+        **inputs,
+    ):
         """Attention under this pattern; see :func:`attention` (``**inputs``: its run-time inputs)."""
         with self._located():
-            return attention(q, k, v, self, scale=scale, return_lse=return_lse, backend=backend, **inputs)
+            return attention(
+                q,
+                k,
+                v,
+                self,
+                scale=scale,
+                return_lse=return_lse,
+                backend=backend,
+                kv_lengths=kv_lengths,
+                q_lengths=q_lengths,
+                block_table=block_table,
+                **inputs,
+            )
 
     def kernel_source(self, q_len: int, kv_len: int | None = None, heads: int = 1, **options) -> str:
         """The generated Triton source for a shape and dtype, as text (patterns with ``route`` too).
@@ -210,7 +234,19 @@ def _compile(source: str, filename: str | None, name: str | None, params: dict) 
     return Pattern(pir, source, filename)
 
 
-def attention(q, k, v, pattern: Pattern, scale=None, return_lse=False, backend="auto", **inputs):
+def attention(
+    q,
+    k,
+    v,
+    pattern: Pattern,
+    scale=None,
+    return_lse=False,
+    backend="auto",
+    kv_lengths=None,
+    q_lengths=None,
+    block_table=None,
+    **inputs,
+):
     """Attention of ``q`` over ``k``/``v`` restricted to ``pattern``.
 
     Args:
@@ -221,6 +257,11 @@ def attention(q, k, v, pattern: Pattern, scale=None, return_lse=False, backend="
         scale: softmax scale, default ``head_dim ** -0.5``.
         return_lse: also return the log-sum-exp ``[batch, heads, Lq]`` (float32, natural log).
         backend: ``"auto"`` (by device), ``"triton"`` or ``"cpu"``.
+        kv_lengths, q_lengths: int tensors ``[batch]`` (LANGUAGE.md section 9): element ``b`` is its
+            own problem with ``Lk = kv_lengths[b]``, ``Lq = q_lengths[b]`` (end-aligned); missing
+            queries get zeros and ``lse = -inf``.
+        block_table: int ``[batch, max_pages]`` for a paged ``k``/``v`` ``[pages, kv_heads,
+            page_size, head_dim]`` (needs ``kv_lengths``; ``-1`` marks a page not held).
         **inputs: the pattern's run-time inputs by name (LANGUAGE.md section 7), e.g. ``doc=ids``.
 
     Returns:
@@ -232,7 +273,19 @@ def attention(q, k, v, pattern: Pattern, scale=None, return_lse=False, backend="
         raise PatternError(f"attention() needs a patterndsl.Pattern, got {type(pattern).__name__}")
     if not isinstance(return_lse, bool):
         raise PatternTypeError(f"return_lse must be True or False, got {type(return_lse).__name__}")
-    return runtime.attention(q, k, v, pattern, scale=scale, return_lse=return_lse, backend=backend, inputs=inputs)
+    return runtime.attention(
+        q,
+        k,
+        v,
+        pattern,
+        scale=scale,
+        return_lse=return_lse,
+        backend=backend,
+        inputs=inputs,
+        kv_lengths=kv_lengths,
+        q_lengths=q_lengths,
+        block_table=block_table,
+    )
 
 
 # --------------------------------------------------------------------------- argument checks

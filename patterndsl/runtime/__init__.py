@@ -40,6 +40,15 @@ def _plan_key(pattern: ir.PatternIR, backend: str) -> str:
 _plan_key._dynamo_marked_constant = True
 
 
+def _ragged_key(pattern: ir.PatternIR, paged: bool) -> str:
+    from patterndsl.runtime import ragged
+
+    return ragged.register(pattern, CPU_BLOCK, paged)
+
+
+_ragged_key._dynamo_marked_constant = True
+
+
 def triton_backend_module():
     """The generated-kernel backend, imported on first use so the CPU path never needs Triton.
 
@@ -53,7 +62,19 @@ def triton_backend_module():
     return triton_backend
 
 
-def attention(q, k, v, pattern, scale=None, return_lse=False, backend="auto", inputs=None):
+def attention(
+    q,
+    k,
+    v,
+    pattern,
+    scale=None,
+    return_lse=False,
+    backend="auto",
+    inputs=None,
+    kv_lengths=None,
+    q_lengths=None,
+    block_table=None,
+):
     """Attention of ``q`` over ``k``/``v`` restricted to ``pattern``.
 
     Args:
@@ -67,6 +88,8 @@ def attention(q, k, v, pattern, scale=None, return_lse=False, backend="auto", in
         backend: ``"auto"`` (by device), ``"triton"`` or ``"cpu"``. ``"cpu"`` with CUDA tensors
             is an error (no silent device copies).
         inputs: the pattern's run-time inputs by name (LANGUAGE.md section 7), a dict.
+        kv_lengths, q_lengths, block_table: a ragged batch or a paged cache (LANGUAGE.md section 9,
+            :mod:`patterndsl.runtime.ragged`).
 
     Returns:
         ``out`` with the dtype of ``q``, or ``(out, lse)``. A query with no allowed key gets
@@ -85,6 +108,8 @@ def attention(q, k, v, pattern, scale=None, return_lse=False, backend="auto", in
     if not isinstance(pir, ir.PatternIR):
         raise PatternError(f"attention() needs a patterndsl.Pattern, got {type(pattern).__name__}")
     given = inputs or {}
+    if kv_lengths is not None or q_lengths is not None or block_table is not None:
+        return _ragged(q, k, v, pir, scale, return_lse, backend, given, kv_lengths, q_lengths, block_table)
     inputs = validate.check_inputs(q, k, v, scale, backend)
     data = []
     if given or pir.inputs:
@@ -105,6 +130,34 @@ def attention(q, k, v, pattern, scale=None, return_lse=False, backend="auto", in
     out, lse = op.attention_fwd(q, k, v, key, data, inputs.scale, inputs.backend)
     if out.shape[3] != v_dim:
         out = out[..., :v_dim]
+    return (out, lse) if return_lse else out
+
+
+def _ragged(q, k, v, pir, scale, return_lse, backend, given, kv_lengths, q_lengths, block_table):
+    """A call with per-element lengths or a paged cache: validated, then the same op with a ragged key."""
+    from patterndsl import tensors
+    from patterndsl.runtime import ragged
+
+    if given or pir.inputs:
+        raise PatternError("kv_lengths=/q_lengths=/block_table= do not combine with run-time inputs yet", pir.span)
+    if any(ir.is_dynamic(r.node) for r in pir.heads) or (pir.default is not None and ir.is_dynamic(pir.default)):
+        raise PatternError("kv_lengths=/q_lengths=/block_table= do not support route(...) patterns yet", pir.span)
+    if block_table is None:
+        sizes = validate.check_inputs(q, k, v, scale, backend)
+        head_dim = sizes.head_dim
+    else:
+        named = {"q": q, "k": k, "v": v}
+        tensors.check_kinds(named)
+        resolved = validate.resolve_backend(backend, q.device)
+        tensors.check_dtypes(named, validate.dtypes_of(resolved), f"the {resolved} backend")
+        ragged.check_paged(q, k, v)
+        head_dim = q.shape[3]
+        sizes = validate.check_inputs(q, q, q, scale, backend)
+    if v.shape[3] != head_dim:
+        raise PatternError("kv_lengths=/block_table= need v's head size equal to q's for now")
+    data = ragged.check_call(q, k, v, kv_lengths, q_lengths, block_table)
+    key = _ragged_key(pir, block_table is not None)
+    out, lse = op.attention_fwd(q, k, v, key, data, sizes.scale, sizes.backend)
     return (out, lse) if return_lse else out
 
 

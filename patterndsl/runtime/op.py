@@ -24,7 +24,7 @@ import inspect
 import torch
 
 from patterndsl.errors import BackendError
-from patterndsl.runtime import plans, validate
+from patterndsl.runtime import plans, ragged, validate
 
 
 def lse_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -99,6 +99,8 @@ def _attention_fwd_impl(q, k, v, plan_key, data, scale, backend):
         ``(out [B, H, Lq, D] in q's dtype, lse [B, H, Lq] float32, float64 for float64 inputs)``, both
         contiguous.
     """
+    if ragged.owns(plan_key):
+        return ragged.forward_op(q, k, v, plan_key, data, scale, backend)
     plan = _plan(q, k, v, plan_key, backend)
     if q.shape[0] == 0:
         # A zero batch has nothing to run: empty outputs, on every backend.
@@ -127,6 +129,8 @@ def _attention_bwd_impl(dout, dlse, q, k, v, out, lse, plan_key, data, scale, ba
     Returns:
         ``(dq, dk, dv)`` shaped and typed like ``q``, ``k``, ``v``, contiguous.
     """
+    if ragged.owns(plan_key):
+        return ragged.backward_op(dout, dlse, q, k, v, out, lse, plan_key, data, scale, backend)
     plan = _plan(q, k, v, plan_key, backend)
     if q.shape[0] == 0:
         return q.new_zeros(q.shape), k.new_zeros(k.shape), v.new_zeros(v.shape)

@@ -1,0 +1,447 @@
+"""Runtime stage: ragged batches and paged key/value caches (LANGUAGE.md section 9), CPU executor.
+
+Comes in: ``q`` ``[B, H, Lq, D]``; ``k``, ``v`` either ``[B, Hkv, Lk, D]`` or paged
+``[pages, Hkv, page_size, D]``; the op's ``data`` list ``[kv_lengths, q_lengths]`` (int64 ``[B]``)
+or ``[kv_lengths, q_lengths, block_table]`` (int64 ``[B, max_pages]``, ``-1`` for a page that
+is not held); a plan key from :func:`register`. Goes out: ``(out, lse)`` and the gradients, each
+batch element computed as its own problem (``Lk = kv_lengths[b]``, ``Lq = q_lengths[b]``, queries
+end-aligned); rows ``i >= q_lengths[b]`` are zeros with ``lse = -inf`` and get zero gradients.
+
+How: a *frame* places element ``b`` in a block plan. For a pattern whose meaning depends only
+on the positions (:func:`position_only`: no layout, route, inputs or size-reading predicate),
+one plan family serves every length: the square plan at ``S`` (``Lk_b`` rounded up to a power
+of two, at least one tile), in which query ``i`` of element ``b`` is row ``Lk_b - Lq_b + i``
+and keys stop at ``Lk_b``; a decoding step's row reads that plan's tile list for its one row
+tile and never re-plans for a new ``Lk`` (the family has one plan per doubling). Other patterns
+get the exact plan at ``(Lq_b, Lk_b)`` (cached per length pair). Each row tile then gathers
+only the key tiles its list names (through the block table for a paged cache: only those
+positions, never the whole cache), evaluates the pattern on its partial tiles and runs an exact
+two-pass softmax in float32 (float64 for float64 inputs). The backward pass recomputes the
+probabilities from the saved ``lse`` and scatters ``dk``/``dv`` back through the same
+positions (shared pages sum their gradients).
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import torch
+
+from patterndsl import ir, semantics
+from patterndsl.errors import InputError, PatternError
+from patterndsl.runtime import plans
+
+_LOCK = threading.Lock()
+_KEYS: dict[tuple[ir.PatternIR, tuple[int, int], bool], str] = {}
+_SPECS: dict[str, tuple[ir.PatternIR, tuple[int, int], bool]] = {}
+#: Primitives whose meaning reads only the two positions (and the head).
+POSITION_PRIMS = frozenset({"full", "empty", "causal", "window", "strided", "sink", "global", "where"})
+
+
+def register(pattern: ir.PatternIR, block: tuple[int, int], paged: bool) -> str:
+    """The key the op carries for a ragged (``paged``: paged) call of ``pattern`` with tiles ``block``."""
+    spec = (pattern, (int(block[0]), int(block[1])), bool(paged))
+    with _LOCK:
+        key = _KEYS.get(spec)
+        if key is None:
+            key = f"r{len(_SPECS)}:{spec[1][0]}x{spec[1][1]}:{'paged' if paged else 'ragged'}"
+            _KEYS[spec] = key
+            _SPECS[key] = spec
+    return key
+
+
+def owns(plan_key: str) -> bool:
+    """True for keys made by :func:`register` (the op hands those calls here)."""
+    return plan_key in _SPECS
+
+
+def _reads_sizes(prim: ir.Prim) -> bool:
+    if prim.name != "where":
+        return False
+    pred = prim.arg("pred")
+    return any(isinstance(e, ir.Var) and e.name in ("Lq", "Lk") for e in ir.walk_expr(pred)) or any(
+        isinstance(e, (ir.Coord, ir.InputRef)) for e in ir.walk_expr(pred)
+    )
+
+
+def position_only(pattern: ir.PatternIR) -> bool:
+    """Whether every head's mask depends only on the query and key positions (not on ``Lq``/``Lk``)."""
+    if pattern.layout is not None or pattern.inputs:
+        return False
+    nodes = [r.node for r in pattern.heads] + ([pattern.default] if pattern.default is not None else [])
+    for node in nodes:
+        for sub in ir.walk(node):
+            if isinstance(sub, ir.Prim) and (sub.name not in POSITION_PRIMS or _reads_sizes(sub)):
+                return False
+    return True
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _lengths(name: str, t, batch: int, device) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise InputError(f"{name} must be an int tensor [batch], got {type(t).__name__}")
+    if t.dtype not in (torch.int32, torch.int64, torch.int16, torch.int8, torch.uint8):
+        raise InputError(f"{name} must be an integer tensor [batch], got dtype {str(t.dtype).replace('torch.', '')}")
+    if tuple(t.shape) != (batch,):
+        raise InputError(f"{name} must have shape [batch] = [{batch}], got {tuple(t.shape)}")
+    if t.device != device:
+        raise InputError(f"{name} is on {t.device} but q is on {device}")
+    return t.to(torch.int64).contiguous()
+
+
+def check_call(q, k, v, kv_lengths, q_lengths, block_table) -> list[torch.Tensor]:
+    """Validate a ragged or paged call's lengths and table (types, shapes, devices); returns the op's ``data``.
+
+    ``q``, ``k``, ``v`` have passed the shape checks already (the paged ones in :func:`check_paged`).
+    The values are checked by :func:`check_values` inside the op, where they are real numbers also
+    under ``torch.compile``.
+
+    Raises:
+        InputError: naming the argument: a wrong type, dtype, shape or device.
+    """
+    batch, lq = q.shape[0], q.shape[2]
+    if block_table is None:
+        kvl = torch.full((batch,), k.shape[2], dtype=torch.int64, device=q.device) if kv_lengths is None else kv_lengths
+        kvl = _lengths("kv_lengths", kvl, batch, q.device)
+    elif kv_lengths is None:
+        raise InputError("a paged k/v (block_table=) needs kv_lengths= (the number of keys of each element)")
+    else:
+        kvl = _lengths("kv_lengths", kv_lengths, batch, q.device)
+    ql = torch.full((batch,), lq, dtype=torch.int64, device=q.device) if q_lengths is None else q_lengths
+    data = [kvl, _lengths("q_lengths", ql, batch, q.device)]
+    if block_table is not None:
+        data.append(_table(block_table, batch, q.device))
+    return data
+
+
+def check_values(q, k, data) -> None:
+    """The lengths and the table's values: lengths within the tensors, pages within the cache.
+
+    Raises:
+        InputError: naming the argument and the offending value.
+    """
+    batch, lq = q.shape[0], q.shape[2]
+    if not batch:
+        return
+    paged = len(data) > 2
+    if paged:
+        cap, why = data[2].shape[1] * k.shape[2], f"block_table holds {data[2].shape[1]} pages of {k.shape[2]}"
+    else:
+        cap, why = k.shape[2], f"k has {k.shape[2]} positions"
+    for name, t, limit, text in (("kv_lengths", data[0], cap, why), ("q_lengths", data[1], lq, f"q has {lq} queries")):
+        lo, hi = int(t.min()), int(t.max())
+        if lo < 0 or hi > limit:
+            raise InputError(f"{name} holds {lo if lo < 0 else hi}, outside 0..{limit} ({text})")
+    if paged:
+        table, ps = data[2], k.shape[2]
+        held = torch.arange(table.shape[1])[None, :] < ((data[0] + ps - 1) // ps)[:, None]
+        bad = ((table < -1) | (table >= k.shape[0])) & held
+        if bool(bad.any()):
+            b, p = (int(x) for x in torch.nonzero(bad)[0])
+            raise InputError(
+                f"block_table[{b}, {p}] = {int(table[b, p])} is not a page of the cache (0..{k.shape[0] - 1}, "
+                "or -1 for none)"
+            )
+
+
+def _table(t, batch: int, device) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise InputError(f"block_table must be an int tensor [batch, max_pages], got {type(t).__name__}")
+    if t.dtype not in (torch.int32, torch.int64, torch.int16):
+        raise InputError(f"block_table must be an integer tensor, got dtype {str(t.dtype).replace('torch.', '')}")
+    if t.dim() != 2 or t.shape[0] != batch:
+        raise InputError(f"block_table must have shape [batch, max_pages] with batch = {batch}, got {tuple(t.shape)}")
+    if t.device != device:
+        raise InputError(f"block_table is on {t.device} but q is on {device}")
+    return t.to(torch.int64).contiguous()
+
+
+def check_paged(q, k, v) -> None:
+    """Shapes of a paged call: ``q [B, H, Lq, D]``, ``k``/``v`` ``[pages, Hkv, page_size, D]``."""
+    for name, t in (("k", k), ("v", v)):
+        if t.shape[:3] != k.shape[:3]:
+            raise InputError(
+                f"paged k and v must have the same [pages, kv_heads, page_size], got {tuple(k.shape)} "
+                f"and {tuple(v.shape)}"
+            )
+        if t.shape[2] < 1:
+            raise InputError(f"paged {name} must have page_size >= 1, got shape {tuple(t.shape)}")
+    if k.shape[3] != q.shape[3]:
+        raise InputError(f"head_dim differs: q has {q.shape[3]}, k has {k.shape[3]}")
+    h, hkv = q.shape[1], k.shape[1]
+    if hkv < 1 or h % hkv:
+        raise InputError(f"paged k/v have {hkv} kv heads, which does not divide the {h} query heads")
+
+
+# --------------------------------------------------------------------------- frames
+
+
+@dataclass(frozen=True)
+class Frame:
+    """Where batch element ``b`` sits in a plan: its query ``i`` is plan row ``row0 + i``; keys stop at ``kv_len``."""
+
+    plan: object
+    row0: int
+    q_len: int
+    kv_len: int
+    ctx: semantics.Context
+
+
+def family_size(kv_len: int, bn: int) -> int:
+    """The plan family's size for ``kv_len`` keys: a power of two, at least one tile."""
+    s = max(bn, 1)
+    while s < kv_len:
+        s *= 2
+    return s
+
+
+def frame(pattern: ir.PatternIR, block, heads: int, q_len: int, kv_len: int, square: bool) -> Frame:
+    """The :class:`Frame` of an element with ``q_len`` queries over ``kv_len`` keys."""
+    key = plans.register(pattern, block, "identity")
+    if square and q_len <= kv_len:
+        s = family_size(kv_len, block[1])
+        return Frame(plans.get(key, s, s, heads), kv_len - q_len, q_len, kv_len, semantics.Context(s, s, None))
+    plan = plans.get(key, q_len, kv_len, heads)
+    return Frame(plan, 0, q_len, kv_len, semantics.Context(q_len, kv_len, pattern.layout))
+
+
+@dataclass
+class Tile:
+    """One row tile's work: element rows ``i0:i1``, key positions ``keys``, allowed ``[Hg or 1, n, nk]``."""
+
+    i0: int
+    i1: int
+    keys: torch.Tensor
+    allowed: torch.Tensor | None  # None: every pair allowed
+
+
+def row_tiles(fr: Frame, g: int, heads: tuple[int, ...]):
+    """The row tiles of head group ``g`` in frame ``fr``: :class:`Tile` s with their keys and masks."""
+    plan = fr.plan
+    bm, bn = plan.block
+    tl = plan.groups[g].tiles
+    node = plan.groups[g].node
+    ptr = tl.row_ptr
+    if fr.q_len == 0 or fr.kv_len == 0:
+        return
+    per_head = ir.uses_head(node)
+    hidx = torch.tensor(heads, dtype=torch.int64)[:, None, None] if per_head else heads[0]
+    last_tile = (fr.kv_len - 1) // bn
+    for m in range(fr.row0 // bm, (fr.row0 + fr.q_len - 1) // bm + 1):
+        a, b = int(ptr[m]), int(ptr[m + 1])
+        cols, state = tl.cols[a:b], tl.state[a:b]
+        keep = cols <= last_tile
+        cols, state = cols[keep], state[keep]
+        r0, r1 = max(m * bm, fr.row0), min((m + 1) * bm, fr.row0 + fr.q_len)
+        if not cols.numel():
+            continue
+        width = torch.clamp(fr.kv_len - cols * bn, max=bn)
+        starts = cols * bn
+        if bool((width == bn).all()) and int(cols[-1]) - int(cols[0]) + 1 == cols.numel():
+            keys = torch.arange(int(starts[0]), int(starts[-1]) + bn)
+        else:
+            keys = torch.cat([torch.arange(int(s), int(s) + int(w)) for s, w in zip(starts, width, strict=True)])
+        allowed = None
+        if bool((state != 2).any()):
+            rows = torch.arange(r0, r1)[:, None]
+            allowed = semantics.evaluate(node, rows, keys[None, :], hidx, fr.ctx)
+            if allowed.dim() == 2:
+                allowed = allowed[None]
+        yield Tile(r0 - fr.row0, r1 - fr.row0, keys, allowed)
+
+
+# --------------------------------------------------------------------------- key access
+
+
+class Keys:
+    """Reads key/value rows of one batch element: slices of ``[B, Hkv, Lk, D]`` or gathers through a page table."""
+
+    def __init__(self, k, v, b: int, table: torch.Tensor | None):
+        self.k, self.v, self.b, self.table = k, v, b, table
+
+    def _where(self, pos: torch.Tensor):
+        ps = self.k.shape[2]
+        page = self.table[self.b, pos // ps]
+        return page, pos % ps
+
+    def contiguous_range(self, pos: torch.Tensor):
+        n = pos.numel()
+        if self.table is None and n and int(pos[-1]) - int(pos[0]) + 1 == n:
+            return int(pos[0]), int(pos[0]) + n
+        return None
+
+    def get(self, pos: torch.Tensor, allowed):
+        """``(K, V)`` ``[Hkv, n, D]`` at positions ``pos``; checks that no allowed pair reads a missing page."""
+        if self.table is None:
+            span = self.contiguous_range(pos)
+            if span is not None:
+                return self.k[self.b, :, span[0] : span[1]], self.v[self.b, :, span[0] : span[1]]
+            return self.k[self.b][:, pos], self.v[self.b][:, pos]
+        page, off = self._where(pos)
+        missing = page < 0
+        if bool(missing.any()):
+            read = missing if allowed is None else (allowed.any(0).any(0) & missing)
+            if bool(read.any()):
+                p = int(pos[read][0])
+                raise InputError(
+                    f"block_table has no page (-1) for key position {p} of batch element {self.b}, "
+                    "which the pattern lets a query attend"
+                )
+            page = page.clamp(min=0)
+        kk = self.k[page, :, off].transpose(0, 1)
+        vv = self.v[page, :, off].transpose(0, 1)
+        if bool(missing.any()):
+            kk = kk.masked_fill(missing[None, :, None], 0.0)
+            vv = vv.masked_fill(missing[None, :, None], 0.0)
+        return kk, vv
+
+    def add(self, dk, dv, pos: torch.Tensor, gk: torch.Tensor, gv: torch.Tensor) -> None:
+        """Accumulate ``gk``/``gv`` ``[Hkv, n, D]`` into ``dk``/``dv`` at positions ``pos``."""
+        if self.table is None:
+            dk[self.b].index_add_(1, pos, gk.to(dk.dtype))
+            dv[self.b].index_add_(1, pos, gv.to(dv.dtype))
+            return
+        page, off = self._where(pos)
+        ok = page >= 0
+        page, off = page[ok], off[ok]
+        heads = torch.arange(dk.shape[1])[:, None]
+        dk.index_put_((page[None, :], heads, off[None, :]), gk[:, ok].to(dk.dtype), accumulate=True)
+        dv.index_put_((page[None, :], heads, off[None, :]), gv[:, ok].to(dv.dtype), accumulate=True)
+
+
+# --------------------------------------------------------------------------- forward / backward
+
+
+def _spec(plan_key: str):
+    try:
+        return _SPECS[plan_key]
+    except KeyError:
+        raise PatternError(f"unknown ragged plan key {plan_key!r}") from None
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _work(plan_key: str, q, data):
+    """Per element: ``(b, frame, [(group index, query heads, kv head index)])``."""
+    pattern, block, _ = _spec(plan_key)
+    kvl, ql = data[0].tolist(), data[1].tolist()
+    table = data[2] if len(data) > 2 else None
+    square = position_only(pattern)
+    heads = q.shape[1]
+    for b in range(q.shape[0]):
+        if ql[b] == 0 or kvl[b] == 0:
+            continue  # no query, or no key: zeros and lse = -inf
+        fr = frame(pattern, block, heads, ql[b], kvl[b], square)
+        yield b, fr, table
+
+
+def _groups(plan, heads: int, kv_heads: int):
+    share = heads // kv_heads
+    out = []
+    for g, group in enumerate(plan.groups):
+        hs = tuple(group.heads)
+        out.append((g, hs, torch.tensor([h // share for h in hs], dtype=torch.int64)))
+    return out
+
+
+def _scores(qr, kk, allowed, scale):
+    s = torch.matmul(qr * scale, kk.transpose(-1, -2))
+    if allowed is not None:
+        s = s.masked_fill(~allowed, float("-inf"))
+    return s
+
+
+def _pv(p, vv, allowed):
+    """``p @ vv`` where a blocked or zero-weight non-finite value changes nothing."""
+    if allowed is None or bool(torch.isfinite(vv).all()):
+        return torch.matmul(p, vv)
+    seen = p[..., None] * vv[:, None]
+    return seen.masked_fill(~allowed[..., None], 0.0).sum(-2)
+
+
+def forward(q, k, v, plan_key: str, data, scale: float):
+    """``(out, lse)`` of a ragged or paged call (see the module docstring)."""
+    b_, h, lq, _ = q.shape
+    dt = _compute_dtype(q.dtype)
+    out = torch.zeros(b_, h, lq, v.shape[3], dtype=dt)
+    lse = torch.full((b_, h, lq), float("-inf"), dtype=dt)
+    for b, fr, table in _work(plan_key, q, data):
+        keys = Keys(k, v, b, table)
+        for g, hs, kvh in _groups(fr.plan, h, k.shape[1]):
+            hsel = list(hs)
+            for t in row_tiles(fr, g, hs):
+                kk, vv = keys.get(t.keys, t.allowed)
+                kk, vv = kk.to(dt)[kvh], vv.to(dt)[kvh]
+                qr = q[b, hsel, t.i0 : t.i1].to(dt)
+                s = _scores(qr, kk, t.allowed, scale)
+                m = s.amax(-1, keepdim=True)
+                m = m.masked_fill(m == float("-inf"), 0.0)
+                p = (s - m).exp()
+                den = p.sum(-1, keepdim=True)
+                o = _pv(p, vv, t.allowed) / den.clamp(min=torch.finfo(dt).tiny)
+                row_l = (m + den.log()).squeeze(-1)
+                out[b, hsel, t.i0 : t.i1] = o
+                lse[b, hsel, t.i0 : t.i1] = row_l
+    return out.to(q.dtype), lse
+
+
+def backward(q, k, v, out, lse, dout, dlse, plan_key: str, data, scale: float):
+    """``(dq, dk, dv)`` of a ragged or paged call; ``dk``/``dv`` shaped like ``k``/``v`` (paged or not)."""
+    h = q.shape[1]
+    dt = _compute_dtype(q.dtype)
+    dq = torch.zeros(q.shape, dtype=dt)
+    dk = torch.zeros(k.shape, dtype=dt)
+    dv = torch.zeros(v.shape, dtype=dt)
+    hkv = k.shape[1]
+    for b, fr, table in _work(plan_key, q, data):
+        keys = Keys(k, v, b, table)
+        for g, hs, kvh in _groups(fr.plan, h, hkv):
+            hsel = list(hs)
+            for t in row_tiles(fr, g, hs):
+                kk, vv = keys.get(t.keys, t.allowed)
+                kk, vv = kk.to(dt)[kvh], vv.to(dt)[kvh]
+                qr = q[b, hsel, t.i0 : t.i1].to(dt)
+                do = dout[b, hsel, t.i0 : t.i1].to(dt)
+                rl = lse[b, hsel, t.i0 : t.i1].to(dt)[..., None]
+                s = _scores(qr, kk, t.allowed, scale)
+                p = (s - rl.masked_fill(rl == float("-inf"), 0.0)).exp()
+                if t.allowed is not None:
+                    p = p.masked_fill(~t.allowed, 0.0)
+                p = p.masked_fill(rl == float("-inf"), 0.0)
+                delta = (do * out[b, hsel, t.i0 : t.i1].to(dt)).sum(-1, keepdim=True)
+                dp = torch.matmul(do, vv.transpose(-1, -2))
+                ds = p * (dp - delta + dlse[b, hsel, t.i0 : t.i1].to(dt)[..., None])
+                dq[b, hsel, t.i0 : t.i1] += torch.matmul(ds, kk) * scale
+                gk = torch.zeros(hkv, t.keys.numel(), kk.shape[-1], dtype=dt)
+                gv = torch.zeros(hkv, t.keys.numel(), vv.shape[-1], dtype=dt)
+                gk.index_add_(0, kvh, torch.matmul(ds.transpose(-1, -2), qr) * scale)
+                gv.index_add_(0, kvh, torch.matmul(p.transpose(-1, -2), do))
+                keys.add(dk, dv, t.keys, gk, gv)
+    return dq, dk, dv
+
+
+def forward_op(q, k, v, plan_key: str, data, scale: float, backend: str):
+    """The op's forward for a ragged key: CPU only for now."""
+    _backend(backend)
+    check_values(q, k, data)
+    out, lse = forward(q, k, v, plan_key, data, scale)
+    return out.contiguous(), lse.contiguous()
+
+
+def backward_op(dout, dlse, q, k, v, out, lse, plan_key: str, data, scale: float, backend: str):
+    """The op's backward for a ragged key."""
+    _backend(backend)
+    grads = backward(q, k, v, out, lse, dout, dlse, plan_key, data, scale)
+    return tuple(g.to(x.dtype).contiguous() for g, x in zip(grads, (q, k, v), strict=True))
+
+
+def _backend(backend: str) -> None:
+    if backend != "cpu":
+        from patterndsl.errors import BackendError
+
+        raise BackendError("kv_lengths=/q_lengths=/block_table= run on the CPU backend only so far (backend='cpu')")
