@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -106,3 +107,10 @@ def test_random_masks_equal_the_independent_reference(seed):
     inputs = make_inputs(rng, kv, heads)
     want = reference_mask(make_inputs.oracle, inputs, q_len, kv, heads)
     assert torch.equal(p.mask(q_len, kv, heads, **inputs), want), source
+
+
+def test_packed_documents_with_sinks_need_no_element_work():
+    p = pd.load(Path(__file__).resolve().parents[2] / "examples" / "packed_documents.pdsl", w=40, sinks=4)
+    doc = pd.segments([100, 1, 3, 200, 208])
+    plan = exact(p, 512, 512, 1, (32, 32), doc=doc)
+    assert plan.stats["elements_evaluated"] == 0
