@@ -20,10 +20,14 @@ PACKED = """pattern packed(w = 5, n = 2) {
 
 
 def exact(p, q_len, kv_len, heads, block, **inputs):
+    """The call-time tiles equal the dense tile reduction; the static tiles that are not 3 agree with them."""
     plan = p.plan(q_len, kv_len, heads, block=block, **inputs)
     ref = tile_reduce(p.mask(q_len, kv_len, heads, **inputs), *block)
     assert plan.tiles().shape == ref.shape
     assert torch.equal(plan.tiles(), ref)
+    static = p.plan(q_len, kv_len, heads, block=block).tiles()
+    decided = (static != 3).expand_as(ref)
+    assert torch.equal(static.expand_as(ref)[decided], ref[decided])
     return plan
 
 
@@ -45,6 +49,8 @@ def test_within_causal_documents_plan_is_exact_and_only_boundary_boxes_are_evalu
 
 def test_within_plain_causal_needs_no_element_work():
     p = pd.compile("pattern d {\n input doc: int[batch, token]\n within(doc, causal & window(9))\n}")
+    static = p.plan(128, 128, 1, block=(16, 16)).tiles()[0]
+    assert not bool(torch.triu(static, 1).any()), "within's bands bound it statically: nothing above the diagonal"
     doc = pd.segments([5, 40, 1, 1, 17, 64])
     plan = exact(p, 128, 128, 2, (16, 16), doc=doc)
     assert plan.stats["elements_evaluated"] == 0
