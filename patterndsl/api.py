@@ -132,13 +132,15 @@ class Pattern:
         block = _block(block)
         _choice("order", order, ORDERS)
         with self._located():
-            bound = self._inputs(inputs, q_len, kv_len, heads, "plan()") if inputs else None
-            static = analysis.plan(self.ir, q_len, kv_len, heads, block=block, order=order)
-            if bound is None:
-                return static
+            if not inputs:
+                return analysis.plan(self.ir, q_len, kv_len, heads, block=block, order=order)
             from patterndsl.analysis import inputplan
+            from patterndsl.runtime import plans
 
-            return inputplan.call_plan(static, bound)
+            bound = self._inputs(inputs, q_len, kv_len, heads, "plan()")
+            # The plan without data is the same at every call of these sizes: the runtime's cache keeps it.
+            key = plans.register(self.ir, block, order)
+            return inputplan.call_plan(plans.get(key, q_len, q_len if kv_len is None else kv_len, heads), bound)
 
     def __call__(
         self,

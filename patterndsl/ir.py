@@ -760,6 +760,26 @@ def input_bound(node: Node, lower: bool) -> Node:
     def fn(prim: Prim, sign: int) -> Node:
         if not prim_reads_inputs(prim):
             return prim
-        return EMPTY if (sign > 0) == lower else FULL
+        if (sign > 0) == lower:
+            return EMPTY
+        return _within_hull(prim) if prim.name == "within" else FULL
 
     return substitute(node, fn)
+
+
+def _within_hull(prim: Prim) -> Node:
+    """A static superset of ``within(SEG, P)`` for any data: ``P`` keeping its bands.
+
+    A band depends on ``q - k`` only, which a segment's own coordinates do not change, so ``P``
+    with every other primitive replaced by ``full`` (``empty`` under a complement) contains
+    ``within(SEG, P)`` (``within(doc, causal)`` is inside ``causal``).
+    """
+    registry = _RegistryView._registry()
+
+    def keep_bands(inner: Prim, sign: int) -> Node:
+        rule = registry[inner.name].band
+        if rule is not None and rule(inner, None) is not None:
+            return inner
+        return FULL if sign > 0 else EMPTY
+
+    return substitute(prim.arg("body"), keep_bands)

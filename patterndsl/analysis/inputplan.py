@@ -44,6 +44,9 @@ from patterndsl.sizes import Sizes
 
 #: Pairs evaluated per chunk when tiles are evaluated element by element.
 CHUNK_ELEMENTS = 1 << 22
+#: How many times a box of a segment that the tile rules cannot decide is halved before its
+#: elements are evaluated (2 * log2 of the largest tile side reaches single rows and columns).
+SPLIT_DEPTH = 16
 
 
 # --------------------------------------------------------------------------- static plan
@@ -394,19 +397,14 @@ class _Grid:
         # Boxes: every (query piece, key piece) of the same run. Pieces are sorted by run.
         kfirst = torch.searchsorted(kr, qr, right=False)
         klast = torch.searchsorted(kr, qr, right=True)
-        per = klast - kfirst
-        owner = torch.repeat_interleave(torch.arange(len(qr)), per)
-        inner = torch.arange(int(per.sum())) - torch.repeat_interleave(torch.cumsum(per, 0) - per, per)
+        owner, inner = _expand(klast - kfirst)
         kidx = kfirst[owner] + inner
         r = qr[owner]
         s = start[r]
         box = (qa[owner] - s, qb[owner] - s, ka[kidx] - s, kb[kidx] - s, length[r])
         body = prim.arg("body")
-        state = _box_states(body, *(t.numpy() for t in box), self.head)
-        undecided = torch.nonzero(state == DYNAMIC).reshape(-1)
-        self.work["boxes"] += len(state)
-        if len(undecided):
-            state[undecided] = self._evaluate_boxes(body, [t[undecided] for t in box])
+        self.work["boxes"] += len(box[0])
+        state = self._decide(body, box, 0)
         m, n = qm[owner], km[kidx]
         key = m * self.nkb + n
         nonempty = torch.zeros(self.nqb * self.nkb, dtype=torch.bool)
@@ -418,6 +416,29 @@ class _Grid:
         whole = (state == FULL) & (area == tile_area)
         full[key[whole]] = True
         return _state(nonempty, full).view(self.nqb, self.nkb)
+
+    def _decide(self, body: ir.Node, box, depth: int) -> torch.Tensor:
+        """Exact states of ``body`` on boxes: the tile rules first, then undecided boxes halved along
+        their longer side (a sink column or a block edge inside a box is then a box edge), and only
+        what is still undecided after :data:`SPLIT_DEPTH` halvings evaluated element by element."""
+        state = _box_states(body, *(t.numpy() for t in box), self.head)
+        undecided = torch.nonzero(state == DYNAMIC).reshape(-1)
+        if not len(undecided):
+            return state
+        sub = [t[undecided] for t in box]
+        qa, qb, ka, kb, length = sub
+        if depth >= SPLIT_DEPTH:
+            state[undecided] = self._evaluate_boxes(body, sub)
+            return state
+        tall = (qb - qa) >= (kb - ka)
+        qmid = torch.div(qa + qb, 2, rounding_mode="floor")
+        kmid = torch.div(ka + kb, 2, rounding_mode="floor")
+        first = (qa, torch.where(tall, qmid, qb), ka, torch.where(tall, kb, kmid), length)
+        second = (torch.where(tall, qmid + 1, qa), qb, torch.where(tall, ka, kmid + 1), kb, length)
+        halves = self._decide(body, [torch.cat([a, b]) for a, b in zip(first, second, strict=True)], depth + 1)
+        a, b = halves[: len(qa)], halves[len(qa) :]
+        state[undecided] = _state((a > EMPTY) | (b > EMPTY), (a == FULL) & (b == FULL))
+        return state
 
     def _evaluate_boxes(self, body: ir.Node, box) -> torch.Tensor:
         qa, qb, ka, kb, length = box
@@ -492,14 +513,24 @@ def _side(expr: ir.Expr) -> str:
     return "qk" if len(sides) == 2 else "".join(sides)
 
 
+def _expand(count: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For counts ``c [n]``: ``(owner, inner)``; ``owner`` repeats ``i`` ``c[i]`` times, ``inner`` counts 0..c[i]-1.
+
+    numpy: torch.repeat_interleave has a large fixed cost per call on CPU.
+    """
+    c = count.numpy()
+    owner = np.repeat(np.arange(len(c), dtype=np.int64), c)
+    starts = np.cumsum(c) - c
+    inner = np.arange(len(owner), dtype=np.int64) - np.repeat(starts, c)
+    return torch.from_numpy(owner), torch.from_numpy(inner)
+
+
 def _pieces(lo: torch.Tensor, hi: torch.Tensor, run, start, length):
     """Cut each tile ``[lo, hi]`` at segment boundaries: ``(tile, run, first, last)``, sorted by run."""
     top = len(run) - 1
     rlo = run[lo.clamp(0, top)]
     rhi = run[hi.clamp(0, top)]
-    count = rhi - rlo + 1
-    tile = torch.repeat_interleave(torch.arange(len(lo)), count)
-    inner = torch.arange(int(count.sum())) - torch.repeat_interleave(torch.cumsum(count, 0) - count, count)
+    tile, inner = _expand(rhi - rlo + 1)
     r = rlo[tile] + inner
     # Positions below 0 (queries when Lq > Lk) read the first entry: they belong to run 0.
     first = torch.where(r == 0, lo[tile], torch.maximum(start[r], lo[tile]))

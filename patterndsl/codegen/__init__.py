@@ -59,6 +59,15 @@ def spec_for(
     Returns:
         The spec.
     """
+    if pattern.ir.inputs:
+        from patterndsl.errors import BackendError
+
+        names = ", ".join(d.name for d in pattern.ir.inputs)
+        raise BackendError(
+            f"pattern '{pattern.name}' reads run-time inputs ({names}); the generated Triton kernels do not "
+            "take them yet: run it with backend='cpu'",
+            pattern.ir.span,
+        )
     if block is None:
         block = launch_tiles(head_dim, target, kind, DTYPES.get(dtype, "float16"), pattern.is_dynamic) or (64, 64)
     if pattern.is_dynamic:

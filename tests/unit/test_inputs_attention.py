@@ -127,3 +127,16 @@ def test_torch_compile_fullgraph_with_inputs():
         (gq,) = torch.autograd.grad(out.sum(), (q,))
         (rq,) = torch.autograd.grad(ref.sum(), (q,))
         assert torch.allclose(gq.double(), rq.double(), atol=1e-4)
+
+
+def test_triton_refuses_inputs_with_a_backend_error():
+    from patterndsl.errors import BackendError
+
+    for source in (PACKED, "pattern t {\n input tag: int[batch, token]\n where(tag[k] == 1)\n}"):
+        p = pd.compile(source)
+        with pytest.raises(BackendError, match="do not take them yet"):
+            p.kernel_source(64, 64, 1)
+    p = pd.compile(PACKED)
+    q, k, v = tensors(1, 1, 1, 16, 16, 8, torch.float32)
+    with pytest.raises(BackendError):
+        p(q, k, v, doc=pd.segments([8, 8]), backend="triton")

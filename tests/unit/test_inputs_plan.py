@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,10 +20,14 @@ PACKED = """pattern packed(w = 5, n = 2) {
 
 
 def exact(p, q_len, kv_len, heads, block, **inputs):
+    """The call-time tiles equal the dense tile reduction; the static tiles that are not 3 agree with them."""
     plan = p.plan(q_len, kv_len, heads, block=block, **inputs)
     ref = tile_reduce(p.mask(q_len, kv_len, heads, **inputs), *block)
     assert plan.tiles().shape == ref.shape
     assert torch.equal(plan.tiles(), ref)
+    static = p.plan(q_len, kv_len, heads, block=block).tiles()
+    decided = (static != 3).expand_as(ref)
+    assert torch.equal(static.expand_as(ref)[decided], ref[decided])
     return plan
 
 
@@ -44,6 +49,8 @@ def test_within_causal_documents_plan_is_exact_and_only_boundary_boxes_are_evalu
 
 def test_within_plain_causal_needs_no_element_work():
     p = pd.compile("pattern d {\n input doc: int[batch, token]\n within(doc, causal & window(9))\n}")
+    static = p.plan(128, 128, 1, block=(16, 16)).tiles()[0]
+    assert not bool(torch.triu(static, 1).any()), "within's bands bound it statically: nothing above the diagonal"
     doc = pd.segments([5, 40, 1, 1, 17, 64])
     plan = exact(p, 128, 128, 2, (16, 16), doc=doc)
     assert plan.stats["elements_evaluated"] == 0
@@ -106,3 +113,10 @@ def test_random_masks_equal_the_independent_reference(seed):
     inputs = make_inputs(rng, kv, heads)
     want = reference_mask(make_inputs.oracle, inputs, q_len, kv, heads)
     assert torch.equal(p.mask(q_len, kv, heads, **inputs), want), source
+
+
+def test_packed_documents_with_sinks_need_no_element_work():
+    p = pd.load(Path(__file__).resolve().parents[2] / "examples" / "packed_documents.pdsl", w=40, sinks=4)
+    doc = pd.segments([100, 1, 3, 200, 208])
+    plan = exact(p, 512, 512, 1, (32, 32), doc=doc)
+    assert plan.stats["elements_evaluated"] == 0
