@@ -1,0 +1,125 @@
+"""PagedKVCache: decoding through the cache equals attention over the whole history, eviction is safe and complete."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+import patterndsl as pd
+from patterndsl.errors import InputError, PatternError
+from patterndsl.kvcache import live_keys
+
+STREAMING = "pattern s(w = 20, n = 4) { causal & (window(w) | sink(n)) }"
+PATTERNS = [
+    STREAMING,
+    "pattern a { causal }",
+    "pattern a(w = 9) { causal & window(w) }",
+    "pattern a(w = 6, s = 10) { causal & (window(w) | strided(s)) }",
+    "pattern a(w = 5) { heads 0..1: causal & window(w)\n causal & (window(13) | sink(3)) }",
+    "pattern a(c = 16) { causal & blocks(c) }",
+    "pattern a { causal & (where(q - k <= 7) | global(2)) }",
+]
+
+
+def _generate(p, rng, steps, page_size, batch, heads=2, kv_heads=1, d=8, num_pages=400):
+    """Random appends (1..4 positions, random rows) through the cache; each step attends the new queries.
+
+    Returns the history per element (q, k, v lists), and per step what was held.
+    """
+    cache = pd.PagedKVCache(p, num_pages, page_size, kv_heads, d, dtype=torch.float64, batch=batch, heads=heads)
+    hist = [([], [], []) for _ in range(batch)]
+    snapshots = []
+    first = [0] * batch  # per element: the first position of its latest append (later queries start there)
+    for _ in range(steps):
+        rows = sorted(rng.sample(range(batch), rng.randint(1, batch)))
+        n = rng.randint(1, 4)
+        kn = torch.randn(len(rows), kv_heads, n, d, dtype=torch.float64)
+        vn = torch.randn(len(rows), kv_heads, n, d, dtype=torch.float64)
+        qn = torch.randn(batch, heads, n, d, dtype=torch.float64)
+        cache.append(kn, vn, rows=rows)
+        k, v, table, lengths = cache.view()
+        ql = torch.zeros(batch, dtype=torch.int64)
+        ql[rows] = n
+        out = p(qn, k, v, kv_lengths=lengths, q_lengths=ql, block_table=table)
+        for i, b in enumerate(rows):
+            first[b] = int(lengths[b]) - n
+            hist[b][0].append(qn[b])
+            hist[b][1].append(kn[i])
+            hist[b][2].append(vn[i])
+            # The new queries equal the same rows of attention over the element's whole history.
+            kk, vv = torch.cat(hist[b][1], 1)[None], torch.cat(hist[b][2], 1)[None]
+            full = p(torch.cat(hist[b][0], 1)[None], kk, vv)
+            assert torch.allclose(out[b, :, :n], full[0, :, -n:], atol=1e-10)
+        snapshots.append((list(first), table.clone()))
+    return cache, snapshots
+
+
+@pytest.mark.parametrize("seed", range(len(PATTERNS)))
+def test_eviction_never_frees_what_a_later_step_reads_and_frees_the_rest(seed):
+    rng = random.Random(seed)
+    source = PATTERNS[seed % len(PATTERNS)]
+    p = pd.compile(source)
+    page_size = rng.choice([1, 4, 16])
+    cache, snapshots = _generate(p, rng, 40, page_size, batch=2)
+    total = max(cache.lengths())
+    horizon = total + 64
+    mask = p.mask(horizon, horizon, 2)  # [heads, q, k]: position-only patterns, so any square size serves
+    for lengths, table in snapshots:
+        for b in range(2):
+            qlo = lengths[b]
+            for page in range(table.shape[1]):
+                lo, hi = page * page_size, min((page + 1) * page_size, qlo)
+                if lo >= qlo:
+                    continue
+                reached = bool(mask[:, qlo:, lo:hi].any())
+                if int(table[b, page]) < 0:
+                    # Freed: no query from here on attends any of its positions.
+                    assert not reached, (source, b, page)
+                elif hi <= qlo and (page + 1) * page_size <= qlo and "blocks" not in source:
+                    # Held and wholly in the past: some later query (within the horizon) attends it.
+                    assert reached, (source, b, page)
+
+
+def test_streaming_memory_stays_bounded():
+    w, ps = 64, 16
+    p = pd.compile(STREAMING, w=w)
+    cache = pd.PagedKVCache(p, 12, ps, 1, 8)
+    held = []
+    for _ in range(2000):
+        cache.append(torch.randn(1, 1, 1, 8), torch.randn(1, 1, 1, 8))
+        held.append(cache.pages_in_use())
+    bound = 1 + -(-(w + 1) // ps) + 1  # the sink page, the window's pages, the page being filled
+    assert max(held) <= bound
+    assert held[-1] == max(held[1000:])  # constant in generated length
+    with pytest.raises(PatternError, match="out of pages"):
+        cache.append(torch.randn(1, 1, 200, 8), torch.randn(1, 1, 200, 8))
+
+
+def test_causal_keeps_everything():
+    assert live_keys(pd.compile("pattern c { causal }").ir, 1, 1000) == [(-(1 << 50), 1 << 50)]
+    p = pd.compile("pattern c { causal }")
+    cache = pd.PagedKVCache(p, 8, 4, 1, 8)
+    cache.append(torch.randn(1, 1, 30, 8), torch.randn(1, 1, 30, 8))
+    cache.append(torch.randn(1, 1, 2, 8), torch.randn(1, 1, 2, 8))
+    assert cache.pages_in_use() == 8
+    with pytest.raises(PatternError, match="out of pages"):
+        cache.append(torch.randn(1, 1, 1, 8), torch.randn(1, 1, 1, 8))
+    assert cache.lengths() == [32]  # a refused append changes nothing
+
+
+def test_live_keys_of_streaming_are_sinks_and_window():
+    p = pd.compile(STREAMING, w=100)
+    lo_big = -(1 << 50)
+    assert live_keys(p.ir, 1, 1000) == [(lo_big, 3), (900, 1 << 50)]
+
+
+def test_append_checks_its_arguments():
+    cache = pd.PagedKVCache(pd.compile(STREAMING), 8, 4, 2, 8, batch=2)
+    with pytest.raises(InputError, match=r"k_new must have shape \[2, 2, n, 8\]"):
+        cache.append(torch.randn(1, 2, 1, 8), torch.randn(1, 2, 1, 8))
+    with pytest.raises(InputError, match="rows must be distinct batch indices"):
+        cache.append(torch.randn(1, 2, 1, 8), torch.randn(1, 2, 1, 8), rows=[5])
+    with pytest.raises(PatternError, match="num_pages must be"):
+        pd.PagedKVCache(pd.compile(STREAMING), 0, 4, 2, 8)
