@@ -238,18 +238,24 @@ def row_tiles(fr: Frame, g: int, heads: tuple[int, ...]):
         r0, r1 = max(m * bm, fr.row0), min((m + 1) * bm, fr.row0 + fr.q_len)
         if not cols.numel():
             continue
-        width = torch.clamp(fr.kv_len - cols * bn, max=bn)
-        starts = cols * bn
-        if bool((width == bn).all()) and int(cols[-1]) - int(cols[0]) + 1 == cols.numel():
-            keys = torch.arange(int(starts[0]), int(starts[-1]) + bn)
+        # Tile t of the row's list starts at offset t * BN of ``keys`` (only the last tile can be cut short).
+        if int(cols[-1]) - int(cols[0]) + 1 == cols.numel():
+            keys = torch.arange(int(cols[0]) * bn, min((int(cols[-1]) + 1) * bn, fr.kv_len))
         else:
-            keys = torch.cat([torch.arange(int(s), int(s) + int(w)) for s, w in zip(starts, width, strict=True)])
+            keys = (cols[:, None] * bn + torch.arange(bn)).flatten()
+            keys = keys[keys < fr.kv_len]
         allowed = None
-        if bool((state != 2).any()):
-            rows = torch.arange(r0, r1)[:, None]
-            allowed = semantics.evaluate(node, rows, keys[None, :], hidx, fr.ctx)
-            if allowed.dim() == 2:
-                allowed = allowed[None]
+        partial = torch.nonzero(state != 2).flatten()
+        if partial.numel():
+            # The pattern is evaluated on the partial tiles' columns only; full tiles allow every pair.
+            idx = (partial[:, None] * bn + torch.arange(bn)).flatten()
+            idx = idx[idx < keys.numel()]
+            sub = semantics.evaluate(node, torch.arange(r0, r1)[:, None], keys[idx][None, :], hidx, fr.ctx)
+            if idx.numel() == keys.numel():
+                allowed = sub if sub.dim() == 3 else sub[None]
+            else:
+                allowed = torch.ones(len(heads) if per_head else 1, r1 - r0, keys.numel(), dtype=torch.bool)
+                allowed[..., idx] = sub
         yield Tile(r0 - fr.row0, r1 - fr.row0, keys, allowed)
 
 
@@ -340,28 +346,62 @@ def _work(plan_key: str, q, data):
         yield b, fr, table
 
 
-def _groups(plan, heads: int, kv_heads: int):
-    share = heads // kv_heads
-    out = []
-    for g, group in enumerate(plan.groups):
-        hs = tuple(group.heads)
-        out.append((g, hs, torch.tensor([h // share for h in hs], dtype=torch.int64)))
-    return out
+class Group:
+    """One head group's query heads and how they read the key/value heads.
+
+    When the group is every query head in order, ``q`` rows of the ``share`` heads reading one
+    key/value head are stacked (``[Hkv, share * rows, D]``) and multiplied with that head's keys
+    directly; otherwise the keys are indexed per query head and gradients summed back.
+    """
+
+    def __init__(self, index: int, heads: tuple[int, ...], total: int, kv_heads: int):
+        self.index, self.heads = index, heads
+        self.share, self.kv_heads = total // kv_heads, kv_heads
+        self.all = heads == tuple(range(total))
+        self.sel = slice(None) if self.all else list(heads)
+        self.kvh = torch.tensor([h // self.share for h in heads], dtype=torch.int64)
+
+    def rows(self, x: torch.Tensor, b: int, i0: int, i1: int, dt) -> torch.Tensor:
+        """``x[b, heads, i0:i1]`` in ``dt``, ``[Hg, n, D]``."""
+        return x[b, self.sel, i0:i1].to(dt)
+
+    def _stack(self, x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(self.kv_heads, -1, x.shape[-1])
+
+    def mm(self, a: torch.Tensor, kv: torch.Tensor, transpose: bool) -> torch.Tensor:
+        """``a [Hg, n, X] @ kv[head]`` (``kv [Hkv, nk, Y]``; transposed: ``@ kv^T``) per query head."""
+        kt = kv.transpose(-1, -2) if transpose else kv
+        if self.all:
+            return torch.matmul(self._stack(a), kt).view(a.shape[0], a.shape[1], -1)
+        return torch.matmul(a, kt[self.kvh])
+
+    def tmm(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """``sum over the query heads of a key/value head of a^T @ b``: ``[Hkv, nk, Y]``."""
+        if self.all:
+            return torch.matmul(self._stack(a).transpose(-1, -2), self._stack(b))
+        out = torch.zeros(self.kv_heads, a.shape[-1], b.shape[-1], dtype=a.dtype)
+        return out.index_add_(0, self.kvh, torch.matmul(a.transpose(-1, -2), b))
 
 
-def _scores(qr, kk, allowed, scale):
-    s = torch.matmul(qr * scale, kk.transpose(-1, -2))
+def _groups(plan, heads: int, kv_heads: int) -> list[Group]:
+    return [Group(g, tuple(group.heads), heads, kv_heads) for g, group in enumerate(plan.groups)]
+
+
+def _scores(gr: Group, qr, kk, allowed, scale):
+    s = gr.mm(qr * scale, kk, transpose=True)
     if allowed is not None:
         s = s.masked_fill(~allowed, float("-inf"))
     return s
 
 
-def _pv(p, vv, allowed):
-    """``p @ vv`` where a blocked or zero-weight non-finite value changes nothing."""
-    if allowed is None or bool(torch.isfinite(vv).all()):
-        return torch.matmul(p, vv)
-    seen = p[..., None] * vv[:, None]
-    return seen.masked_fill(~allowed[..., None], 0.0).sum(-2)
+def _pv(gr: Group, p, vv, allowed):
+    """``p @ v`` per query head; a non-finite value at a zero weight must not reach the row (LANGUAGE.md
+    section 2): a finite result is exact, otherwise it is recomputed selecting."""
+    o = gr.mm(p, vv, transpose=False)
+    if allowed is None or bool(torch.isfinite(o).all()):
+        return o
+    vh = vv[gr.kvh]
+    return (p[..., None] * vh[:, None]).masked_fill(~allowed[..., None], 0.0).sum(-2)
 
 
 def forward(q, k, v, plan_key: str, data, scale: float):
@@ -372,21 +412,18 @@ def forward(q, k, v, plan_key: str, data, scale: float):
     lse = torch.full((b_, h, lq), float("-inf"), dtype=dt)
     for b, fr, table in _work(plan_key, q, data):
         keys = Keys(k, v, b, table)
-        for g, hs, kvh in _groups(fr.plan, h, k.shape[1]):
-            hsel = list(hs)
-            for t in row_tiles(fr, g, hs):
+        for gr in _groups(fr.plan, h, k.shape[1]):
+            for t in row_tiles(fr, gr.index, gr.heads):
                 kk, vv = keys.get(t.keys, t.allowed)
-                kk, vv = kk.to(dt)[kvh], vv.to(dt)[kvh]
-                qr = q[b, hsel, t.i0 : t.i1].to(dt)
-                s = _scores(qr, kk, t.allowed, scale)
+                kk, vv = kk.to(dt), vv.to(dt)
+                s = _scores(gr, gr.rows(q, b, t.i0, t.i1, dt), kk, t.allowed, scale)
                 m = s.amax(-1, keepdim=True)
                 m = m.masked_fill(m == float("-inf"), 0.0)
-                p = (s - m).exp()
+                p = s.sub_(m).exp_()
                 den = p.sum(-1, keepdim=True)
-                o = _pv(p, vv, t.allowed) / den.clamp(min=torch.finfo(dt).tiny)
-                row_l = (m + den.log()).squeeze(-1)
-                out[b, hsel, t.i0 : t.i1] = o
-                lse[b, hsel, t.i0 : t.i1] = row_l
+                o = _pv(gr, p, vv, t.allowed) / den.clamp(min=torch.finfo(dt).tiny)
+                out[b, gr.sel, t.i0 : t.i1] = o
+                lse[b, gr.sel, t.i0 : t.i1] = (m + den.log()).squeeze(-1)
     return out.to(q.dtype), lse
 
 
@@ -397,31 +434,23 @@ def backward(q, k, v, out, lse, dout, dlse, plan_key: str, data, scale: float):
     dq = torch.zeros(q.shape, dtype=dt)
     dk = torch.zeros(k.shape, dtype=dt)
     dv = torch.zeros(v.shape, dtype=dt)
-    hkv = k.shape[1]
     for b, fr, table in _work(plan_key, q, data):
         keys = Keys(k, v, b, table)
-        for g, hs, kvh in _groups(fr.plan, h, hkv):
-            hsel = list(hs)
-            for t in row_tiles(fr, g, hs):
+        for gr in _groups(fr.plan, h, k.shape[1]):
+            for t in row_tiles(fr, gr.index, gr.heads):
                 kk, vv = keys.get(t.keys, t.allowed)
-                kk, vv = kk.to(dt)[kvh], vv.to(dt)[kvh]
-                qr = q[b, hsel, t.i0 : t.i1].to(dt)
-                do = dout[b, hsel, t.i0 : t.i1].to(dt)
-                rl = lse[b, hsel, t.i0 : t.i1].to(dt)[..., None]
-                s = _scores(qr, kk, t.allowed, scale)
-                p = (s - rl.masked_fill(rl == float("-inf"), 0.0)).exp()
-                if t.allowed is not None:
-                    p = p.masked_fill(~t.allowed, 0.0)
-                p = p.masked_fill(rl == float("-inf"), 0.0)
-                delta = (do * out[b, hsel, t.i0 : t.i1].to(dt)).sum(-1, keepdim=True)
-                dp = torch.matmul(do, vv.transpose(-1, -2))
-                ds = p * (dp - delta + dlse[b, hsel, t.i0 : t.i1].to(dt)[..., None])
-                dq[b, hsel, t.i0 : t.i1] += torch.matmul(ds, kk) * scale
-                gk = torch.zeros(hkv, t.keys.numel(), kk.shape[-1], dtype=dt)
-                gv = torch.zeros(hkv, t.keys.numel(), vv.shape[-1], dtype=dt)
-                gk.index_add_(0, kvh, torch.matmul(ds.transpose(-1, -2), qr) * scale)
-                gv.index_add_(0, kvh, torch.matmul(p.transpose(-1, -2), do))
-                keys.add(dk, dv, t.keys, gk, gv)
+                kk, vv = kk.to(dt), vv.to(dt)
+                qr = gr.rows(q, b, t.i0, t.i1, dt)
+                do = gr.rows(dout, b, t.i0, t.i1, dt)
+                rl = gr.rows(lse[..., None], b, t.i0, t.i1, dt)
+                gone = rl == float("-inf")
+                p = _scores(gr, qr, kk, t.allowed, scale).sub_(rl.masked_fill(gone, 0.0)).exp_()
+                p = p.masked_fill(gone, 0.0)
+                delta = (do * gr.rows(out, b, t.i0, t.i1, dt)).sum(-1, keepdim=True)
+                dp = gr.mm(do, vv, transpose=True)
+                ds = p * (dp - delta + gr.rows(dlse[..., None], b, t.i0, t.i1, dt))
+                dq[b, gr.sel, t.i0 : t.i1] += gr.mm(ds, kk, transpose=False) * scale
+                keys.add(dk, dv, t.keys, gr.tmm(ds, qr) * scale, gr.tmm(p, do))
     return dq, dk, dv
 
 
