@@ -23,6 +23,7 @@ positions (shared pages sum their gradients).
 
 from __future__ import annotations
 
+import bisect
 import threading
 from dataclasses import dataclass
 
@@ -218,43 +219,62 @@ class Tile:
     allowed: torch.Tensor | None  # None: every pair allowed
 
 
-def row_tiles(fr: Frame, g: int, heads: tuple[int, ...]):
-    """The row tiles of head group ``g`` in frame ``fr``: :class:`Tile` s with their keys and masks."""
+@dataclass(frozen=True)
+class RowTile:
+    """A plan row tile's key tiles, kept per plan: ``cols`` (ascending, a Python list for cutting at a
+    length), whether they are one run, and the partial ones' indices into the list."""
+
+    cols: list[int]
+    run: bool
+    partial: list[int]
+
+
+def _row_tile(plan, g: int, m: int) -> RowTile:
+    rows = plans.per_plan(plan, ("ragged-rows", g), dict)
+    got = rows.get(m)
+    if got is None:
+        tl = plan.groups[g].tiles
+        a, b = int(tl.row_ptr[m]), int(tl.row_ptr[m + 1])
+        cols = tl.cols[a:b].tolist()
+        partial = torch.nonzero(tl.state[a:b] != 2).flatten().tolist()
+        got = rows[m] = RowTile(cols, bool(cols) and cols[-1] - cols[0] + 1 == len(cols), partial)
+    return got
+
+
+def row_tiles(fr: Frame, gr: Group):
+    """The row tiles of head group ``gr`` in frame ``fr``: :class:`Tile` s with their keys and masks."""
     plan = fr.plan
     bm, bn = plan.block
-    tl = plan.groups[g].tiles
-    node = plan.groups[g].node
-    ptr = tl.row_ptr
     if fr.q_len == 0 or fr.kv_len == 0:
         return
-    per_head = ir.uses_head(node)
-    hidx = torch.tensor(heads, dtype=torch.int64)[:, None, None] if per_head else heads[0]
     last_tile = (fr.kv_len - 1) // bn
     for m in range(fr.row0 // bm, (fr.row0 + fr.q_len - 1) // bm + 1):
-        a, b = int(ptr[m]), int(ptr[m + 1])
-        cols, state = tl.cols[a:b], tl.state[a:b]
-        keep = cols <= last_tile
-        cols, state = cols[keep], state[keep]
-        r0, r1 = max(m * bm, fr.row0), min((m + 1) * bm, fr.row0 + fr.q_len)
-        if not cols.numel():
+        rt = _row_tile(plan, gr.index, m)
+        n = bisect.bisect_right(rt.cols, last_tile)
+        if not n:
             continue
+        cols = rt.cols[:n]
+        r0, r1 = max(m * bm, fr.row0), min((m + 1) * bm, fr.row0 + fr.q_len)
         # Tile t of the row's list starts at offset t * BN of ``keys`` (only the last tile can be cut short).
-        if int(cols[-1]) - int(cols[0]) + 1 == cols.numel():
-            keys = torch.arange(int(cols[0]) * bn, min((int(cols[-1]) + 1) * bn, fr.kv_len))
+        if rt.run:
+            keys = torch.arange(cols[0] * bn, min((cols[-1] + 1) * bn, fr.kv_len))
         else:
-            keys = (cols[:, None] * bn + torch.arange(bn)).flatten()
+            keys = (torch.tensor(cols)[:, None] * bn + torch.arange(bn)).flatten()
             keys = keys[keys < fr.kv_len]
         allowed = None
-        partial = torch.nonzero(state != 2).flatten()
-        if partial.numel():
+        partial = [t for t in rt.partial if t < n]
+        if partial:
             # The pattern is evaluated on the partial tiles' columns only; full tiles allow every pair.
-            idx = (partial[:, None] * bn + torch.arange(bn)).flatten()
-            idx = idx[idx < keys.numel()]
-            sub = semantics.evaluate(node, torch.arange(r0, r1)[:, None], keys[idx][None, :], hidx, fr.ctx)
+            if len(partial) == 1:
+                idx = torch.arange(partial[0] * bn, min(partial[0] * bn + bn, keys.numel()))
+            else:
+                idx = (torch.tensor(partial)[:, None] * bn + torch.arange(bn)).flatten()
+                idx = idx[idx < keys.numel()]
+            sub = semantics.evaluate(gr.node, torch.arange(r0, r1)[:, None], keys[idx][None, :], gr.hidx, fr.ctx)
             if idx.numel() == keys.numel():
                 allowed = sub if sub.dim() == 3 else sub[None]
             else:
-                allowed = torch.ones(len(heads) if per_head else 1, r1 - r0, keys.numel(), dtype=torch.bool)
+                allowed = torch.ones(sub.shape[0] if sub.dim() == 3 else 1, r1 - r0, keys.numel(), dtype=torch.bool)
                 allowed[..., idx] = sub
         yield Tile(r0 - fr.row0, r1 - fr.row0, keys, allowed)
 
@@ -354,8 +374,9 @@ class Group:
     directly; otherwise the keys are indexed per query head and gradients summed back.
     """
 
-    def __init__(self, index: int, heads: tuple[int, ...], total: int, kv_heads: int):
-        self.index, self.heads = index, heads
+    def __init__(self, index: int, node: ir.Node, heads: tuple[int, ...], total: int, kv_heads: int):
+        self.index, self.heads, self.node = index, heads, node
+        self.hidx = torch.tensor(heads, dtype=torch.int64)[:, None, None] if ir.uses_head(node) else heads[0]
         self.share, self.kv_heads = total // kv_heads, kv_heads
         self.all = heads == tuple(range(total))
         self.sel = slice(None) if self.all else list(heads)
@@ -384,7 +405,10 @@ class Group:
 
 
 def _groups(plan, heads: int, kv_heads: int) -> list[Group]:
-    return [Group(g, tuple(group.heads), heads, kv_heads) for g, group in enumerate(plan.groups)]
+    def build():
+        return [Group(g, group.node, tuple(group.heads), heads, kv_heads) for g, group in enumerate(plan.groups)]
+
+    return plans.per_plan(plan, ("ragged-groups", heads, kv_heads), build)
 
 
 def _scores(gr: Group, qr, kk, allowed, scale):
@@ -413,7 +437,7 @@ def forward(q, k, v, plan_key: str, data, scale: float):
     for b, fr, table in _work(plan_key, q, data):
         keys = Keys(k, v, b, table)
         for gr in _groups(fr.plan, h, k.shape[1]):
-            for t in row_tiles(fr, gr.index, gr.heads):
+            for t in row_tiles(fr, gr):
                 kk, vv = keys.get(t.keys, t.allowed)
                 kk, vv = kk.to(dt), vv.to(dt)
                 s = _scores(gr, gr.rows(q, b, t.i0, t.i1, dt), kk, t.allowed, scale)
@@ -437,7 +461,7 @@ def backward(q, k, v, out, lse, dout, dlse, plan_key: str, data, scale: float):
     for b, fr, table in _work(plan_key, q, data):
         keys = Keys(k, v, b, table)
         for gr in _groups(fr.plan, h, k.shape[1]):
-            for t in row_tiles(fr, gr.index, gr.heads):
+            for t in row_tiles(fr, gr):
                 kk, vv = keys.get(t.keys, t.allowed)
                 kk, vv = kk.to(dt), vv.to(dt)
                 qr = gr.rows(q, b, t.i0, t.i1, dt)
