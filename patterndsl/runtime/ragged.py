@@ -24,7 +24,9 @@ positions (shared pages sum their gradients).
 from __future__ import annotations
 
 import bisect
+import functools
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -199,9 +201,14 @@ def family_size(kv_len: int, bn: int) -> int:
     return s
 
 
+@functools.cache
+def _identity_key(pattern: ir.PatternIR, block) -> str:
+    return plans.register(pattern, block, "identity")
+
+
 def frame(pattern: ir.PatternIR, block, heads: int, q_len: int, kv_len: int, square: bool) -> Frame:
     """The :class:`Frame` of an element with ``q_len`` queries over ``kv_len`` keys."""
-    key = plans.register(pattern, block, "identity")
+    key = _identity_key(pattern, block)
     if square and q_len <= kv_len:
         s = family_size(kv_len, block[1])
         return Frame(plans.get(key, s, s, heads), kv_len - q_len, q_len, kv_len, semantics.Context(s, s, None))
@@ -217,6 +224,7 @@ class Tile:
     i1: int
     keys: torch.Tensor
     allowed: torch.Tensor | None  # None: every pair allowed
+    runs: tuple[tuple[int, int], ...] = ()  # ``keys`` as runs of positions [start, stop)
 
 
 @dataclass(frozen=True)
@@ -239,6 +247,17 @@ def _row_tile(plan, g: int, m: int) -> RowTile:
         partial = torch.nonzero(tl.state[a:b] != 2).flatten().tolist()
         got = rows[m] = RowTile(cols, bool(cols) and cols[-1] - cols[0] + 1 == len(cols), partial)
     return got
+
+
+def _runs(cols: list[int], bn: int, kv_len: int) -> tuple[tuple[int, int], ...]:
+    """Key tiles ``cols`` (ascending) as runs of positions ``[start, stop)``, cut at ``kv_len``."""
+    out = []
+    for c in cols:
+        if out and out[-1][1] == c * bn:
+            out[-1][1] = min(c * bn + bn, kv_len)
+        else:
+            out.append([c * bn, min(c * bn + bn, kv_len)])
+    return tuple((a, z) for a, z in out)
 
 
 def row_tiles(fr: Frame, gr: Group):
@@ -276,7 +295,7 @@ def row_tiles(fr: Frame, gr: Group):
             else:
                 allowed = torch.ones(sub.shape[0] if sub.dim() == 3 else 1, r1 - r0, keys.numel(), dtype=torch.bool)
                 allowed[..., idx] = sub
-        yield Tile(r0 - fr.row0, r1 - fr.row0, keys, allowed)
+        yield Tile(r0 - fr.row0, r1 - fr.row0, keys, allowed, _runs(cols, bn, fr.kv_len))
 
 
 # --------------------------------------------------------------------------- key access
@@ -293,36 +312,48 @@ class Keys:
         page = self.table[self.b, pos // ps]
         return page, pos % ps
 
-    def contiguous_range(self, pos: torch.Tensor):
-        n = pos.numel()
-        if self.table is None and n and int(pos[-1]) - int(pos[0]) + 1 == n:
-            return int(pos[0]), int(pos[0]) + n
-        return None
+    def get(self, tile: Tile):
+        """``(K, V)`` ``[Hkv, n, D]`` at the tile's key positions (views for one unpaged run, else copies of
+        those positions only); checks that no allowed pair reads a missing page."""
+        parts = [self._run(a, z, tile) for a, z in tile.runs]
+        if len(parts) == 1:
+            return parts[0]
+        return torch.cat([kk for kk, _ in parts], 1), torch.cat([vv for _, vv in parts], 1)
 
-    def get(self, pos: torch.Tensor, allowed):
-        """``(K, V)`` ``[Hkv, n, D]`` at positions ``pos``; checks that no allowed pair reads a missing page."""
+    def _run(self, a: int, z: int, tile: Tile):
         if self.table is None:
-            span = self.contiguous_range(pos)
-            if span is not None:
-                return self.k[self.b, :, span[0] : span[1]], self.v[self.b, :, span[0] : span[1]]
-            return self.k[self.b][:, pos], self.v[self.b][:, pos]
-        page, off = self._where(pos)
-        missing = page < 0
+            return self.k[self.b, :, a:z], self.v[self.b, :, a:z]
+        ps = self.k.shape[2]
+        p0, p1 = a // ps, (z - 1) // ps + 1
+        phys = self.table[self.b, p0:p1]
+        missing = phys < 0
         if bool(missing.any()):
-            read = missing if allowed is None else (allowed.any(0).any(0) & missing)
-            if bool(read.any()):
-                p = int(pos[read][0])
-                raise InputError(
-                    f"block_table has no page (-1) for key position {p} of batch element {self.b}, "
-                    "which the pattern lets a query attend"
-                )
-            page = page.clamp(min=0)
-        kk = self.k[page, :, off].transpose(0, 1)
-        vv = self.v[page, :, off].transpose(0, 1)
+            self._check_missing(tile, missing, p0, a, z)
+            phys = phys.clamp(min=0)
+        # Whole pages are gathered (contiguous copies), then the run is sliced out of them.
+        kk, vv = (x.index_select(0, phys) for x in (self.k, self.v))
         if bool(missing.any()):
-            kk = kk.masked_fill(missing[None, :, None], 0.0)
-            vv = vv.masked_fill(missing[None, :, None], 0.0)
-        return kk, vv
+            kk, vv = (x.masked_fill(missing[:, None, None, None], 0.0) for x in (kk, vv))
+        kk, vv = (x.transpose(0, 1).reshape(x.shape[1], -1, x.shape[3]) for x in (kk, vv))
+        off = a - p0 * ps
+        return kk[:, off : off + z - a], vv[:, off : off + z - a]
+
+    def _check_missing(self, tile: Tile, missing: torch.Tensor, p0: int, a: int, z: int) -> None:
+        ps = self.k.shape[2]
+        pos = torch.arange(a, z)
+        lost = missing[pos // ps - p0]
+        if tile.allowed is not None:
+            base = 0
+            for ra, rz in tile.runs:
+                if ra == a:
+                    break
+                base += rz - ra
+            lost = lost & tile.allowed.any(0).any(0)[base : base + z - a]
+        if bool(lost.any()):
+            raise InputError(
+                f"block_table has no page (-1) for key position {int(pos[lost][0])} of batch element {self.b}, "
+                "which the pattern lets a query attend"
+            )
 
     def add(self, dk, dv, pos: torch.Tensor, gk: torch.Tensor, gv: torch.Tensor) -> None:
         """Accumulate ``gk``/``gv`` ``[Hkv, n, D]`` into ``dk``/``dv`` at positions ``pos``."""
@@ -352,18 +383,45 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _work(plan_key: str, q, data):
-    """Per element: ``(b, frame, [(group index, query heads, kv head index)])``."""
-    pattern, block, _ = _spec(plan_key)
+_WORK: OrderedDict = OrderedDict()
+#: Calls whose tile lists are kept (every layer of a model's step repeats the same lengths).
+MAX_WORK = 16
+#: Query rows up to which a call's tile lists and masks are kept (decoding, short chunks).
+WORK_ROWS = 1024
+
+
+def _work(plan_key: str, q, k, data):
+    """Per element with work: ``(b, [(group, [tile, ...]), ...])``, kept per lengths for small calls."""
     kvl, ql = data[0].tolist(), data[1].tolist()
-    table = data[2] if len(data) > 2 else None
+    heads, kv_heads = q.shape[1], k.shape[1]
+    key = (plan_key, tuple(kvl), tuple(ql), heads, kv_heads)
+    with _LOCK:
+        got = _WORK.get(key)
+        if got is not None:
+            _WORK.move_to_end(key)
+            return got
+    pattern, block, _ = _spec(plan_key)
     square = position_only(pattern)
-    heads = q.shape[1]
+    out = []
     for b in range(q.shape[0]):
         if ql[b] == 0 or kvl[b] == 0:
             continue  # no query, or no key: zeros and lse = -inf
         fr = frame(pattern, block, heads, ql[b], kvl[b], square)
-        yield b, fr, table
+        out.append((b, [(gr, row_tiles(fr, gr)) for gr in _groups(fr.plan, heads, kv_heads)]))
+    if sum(ql) > WORK_ROWS:
+        return out  # generators: the tiles are made as they run
+    out = [(b, [(gr, list(tiles)) for gr, tiles in groups]) for b, groups in out]
+    with _LOCK:
+        _WORK[key] = out
+        while len(_WORK) > MAX_WORK:
+            _WORK.popitem(last=False)
+    return out
+
+
+def clear() -> None:
+    """Forget the kept tile lists."""
+    with _LOCK:
+        _WORK.clear()
 
 
 class Group:
@@ -434,11 +492,12 @@ def forward(q, k, v, plan_key: str, data, scale: float):
     dt = _compute_dtype(q.dtype)
     out = torch.zeros(b_, h, lq, v.shape[3], dtype=dt)
     lse = torch.full((b_, h, lq), float("-inf"), dtype=dt)
-    for b, fr, table in _work(plan_key, q, data):
+    table = data[2] if len(data) > 2 else None
+    for b, groups in _work(plan_key, q, k, data):
         keys = Keys(k, v, b, table)
-        for gr in _groups(fr.plan, h, k.shape[1]):
-            for t in row_tiles(fr, gr):
-                kk, vv = keys.get(t.keys, t.allowed)
+        for gr, tiles in groups:
+            for t in tiles:
+                kk, vv = keys.get(t)
                 kk, vv = kk.to(dt), vv.to(dt)
                 s = _scores(gr, gr.rows(q, b, t.i0, t.i1, dt), kk, t.allowed, scale)
                 m = s.amax(-1, keepdim=True)
@@ -453,16 +512,16 @@ def forward(q, k, v, plan_key: str, data, scale: float):
 
 def backward(q, k, v, out, lse, dout, dlse, plan_key: str, data, scale: float):
     """``(dq, dk, dv)`` of a ragged or paged call; ``dk``/``dv`` shaped like ``k``/``v`` (paged or not)."""
-    h = q.shape[1]
     dt = _compute_dtype(q.dtype)
     dq = torch.zeros(q.shape, dtype=dt)
     dk = torch.zeros(k.shape, dtype=dt)
     dv = torch.zeros(v.shape, dtype=dt)
-    for b, fr, table in _work(plan_key, q, data):
+    table = data[2] if len(data) > 2 else None
+    for b, groups in _work(plan_key, q, k, data):
         keys = Keys(k, v, b, table)
-        for gr in _groups(fr.plan, h, k.shape[1]):
-            for t in row_tiles(fr, gr):
-                kk, vv = keys.get(t.keys, t.allowed)
+        for gr, tiles in groups:
+            for t in tiles:
+                kk, vv = keys.get(t)
                 kk, vv = kk.to(dt), vv.to(dt)
                 qr = gr.rows(q, b, t.i0, t.i1, dt)
                 do = gr.rows(dout, b, t.i0, t.i1, dt)
