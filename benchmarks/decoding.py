@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -29,6 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import patterndsl as pd
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from routing import timed
+
 H, HKV, D = 8, 2, 64
 CAUSAL = "pattern causal_ { causal }"
 WINDOW = "pattern window_(w = 4096) { causal & window(w) }"
@@ -36,13 +37,8 @@ STREAMING = "pattern streaming(w = 4096, n = 4) { causal & (window(w) | sink(n))
 
 
 def median_us(fn, reps: int) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times) * 1e6
+    """Median microseconds of ``reps`` calls after a warm-up (``benchmarks/routing.py``'s timer)."""
+    return timed(fn, reps) * 1e6
 
 
 def sdpa_keys(q, k, v, keep):
