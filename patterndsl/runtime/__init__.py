@@ -140,8 +140,6 @@ def _ragged(q, k, v, pir, scale, return_lse, backend, given, kv_lengths, q_lengt
 
     if given or pir.inputs:
         raise PatternError("kv_lengths=/q_lengths=/block_table= do not combine with run-time inputs yet", pir.span)
-    if any(ir.is_dynamic(r.node) for r in pir.heads) or (pir.default is not None and ir.is_dynamic(pir.default)):
-        raise PatternError("kv_lengths=/q_lengths=/block_table= do not support route(...) patterns yet", pir.span)
     if block_table is None:
         sizes = validate.check_inputs(q, k, v, scale, backend)
         head_dim = sizes.head_dim
@@ -156,6 +154,15 @@ def _ragged(q, k, v, pir, scale, return_lse, backend, given, kv_lengths, q_lengt
     if v.shape[3] != head_dim:
         raise PatternError("kv_lengths=/block_table= need v's head size equal to q's for now")
     data = ragged.check_call(q, k, v, kv_lengths, q_lengths, block_table)
+    if any(ir.is_dynamic(r.node) for r in pir.heads) or (pir.default is not None and ir.is_dynamic(pir.default)):
+        # route(...) chooses from the element's own queries and keys: each element runs alone.
+        key = _plan_key(pir, sizes.backend)
+
+        def run(qb, kb, vb):
+            return op.attention_fwd(qb, kb, vb, key, [], sizes.scale, sizes.backend)
+
+        out, lse = ragged.per_element(q, k, v, data, run)
+        return (out, lse) if return_lse else out
     key = _ragged_key(pir, block_table is not None)
     out, lse = op.attention_fwd(q, k, v, key, data, sizes.scale, sizes.backend)
     return (out, lse) if return_lse else out

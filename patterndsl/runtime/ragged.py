@@ -537,6 +537,45 @@ def backward(q, k, v, out, lse, dout, dlse, plan_key: str, data, scale: float):
     return dq, dk, dv
 
 
+def per_element(q, k, v, data, run):
+    """A call run element by element on its own unpadded problem (``route`` patterns), differentiable.
+
+    ``run(q_b, k_b, v_b)`` returns ``(out, lse)`` of one element (``[1, H, Lq_b, D]``); the element's
+    keys are a slice of ``k``/``v`` or, for a paged cache, its pages gathered through the table (every
+    page within the length must be held: the choice may reach any key). Rows past ``q_lengths[b]``
+    are zeros with ``lse = -inf``.
+    """
+    check_values(q, k, data)
+    kvl, ql = data[0].tolist(), data[1].tolist()
+    table = data[2] if len(data) > 2 else None
+    b_, h, lq, _ = q.shape
+    outs, lses = [], []
+    for b in range(b_):
+        out = q.new_zeros(1, h, lq, v.shape[3])
+        lse = torch.full((1, h, lq), float("-inf"), dtype=_compute_dtype(q.dtype), device=q.device)
+        if ql[b] and kvl[b]:
+            if table is None:
+                kb, vb = k[b : b + 1, :, : kvl[b]], v[b : b + 1, :, : kvl[b]]
+            else:
+                ps = k.shape[2]
+                phys = table[b, : -(-kvl[b] // ps)]
+                if bool((phys < 0).any()):
+                    p = int(torch.nonzero(phys < 0)[0])
+                    raise InputError(
+                        f"block_table has no page (-1) for key position {p * ps} of batch element {b}; "
+                        "a route(...) pattern may attend any key, so every page within kv_lengths must be held"
+                    )
+                kb, vb = (
+                    x[phys].transpose(0, 1).reshape(1, x.shape[1], -1, x.shape[3])[:, :, : kvl[b]] for x in (k, v)
+                )
+            o, l_ = run(q[b : b + 1, :, : ql[b]], kb, vb)
+            out = torch.cat([o, out[:, :, ql[b] :]], 2)
+            lse = torch.cat([l_.to(lse.dtype), lse[:, :, ql[b] :]], 2)
+        outs.append(out)
+        lses.append(lse)
+    return torch.cat(outs), torch.cat(lses)
+
+
 def forward_op(q, k, v, plan_key: str, data, scale: float, backend: str):
     """The op's forward for a ragged key: CPU only for now."""
     _backend(backend)
