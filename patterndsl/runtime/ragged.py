@@ -27,13 +27,14 @@ import bisect
 import functools
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from patterndsl import ir, semantics
 from patterndsl.errors import InputError, PatternError
 from patterndsl.runtime import plans
+from patterndsl.runtime.cpu.tuning import FLASH
 
 _LOCK = threading.Lock()
 _KEYS: dict[tuple[ir.PatternIR, tuple[int, int], bool], str] = {}
@@ -225,6 +226,29 @@ class Tile:
     keys: torch.Tensor
     allowed: torch.Tensor | None  # None: every pair allowed
     runs: tuple[tuple[int, int], ...] = ()  # ``keys`` as runs of positions [start, stop)
+    _biases: dict = field(default_factory=dict)
+
+    @functools.cached_property
+    def empty(self) -> torch.Tensor | None:
+        """Bool ``[Hg or 1, n]``: rows with no allowed key (None when there are none)."""
+        if self.allowed is None:
+            return None
+        rows = ~self.allowed.any(-1)
+        return rows if bool(rows.any()) else None
+
+    def bias(self, share: int) -> torch.Tensor:
+        """The additive float32 mask for the fused kernel, ``[1, Hkv or 1, share * n, nk]``, kept per tile."""
+        got = self._biases.get(share)
+        if got is None:
+            a = self.allowed
+            n, nk = a.shape[1], a.shape[2]
+            rows = (
+                a.expand(share, n, nk).reshape(1, 1, share * n, nk)
+                if a.shape[0] == 1
+                else a.reshape(1, -1, share * n, nk)
+            )
+            got = self._biases[share] = torch.zeros(rows.shape).masked_fill_(~rows, float("-inf"))
+        return got
 
 
 @dataclass(frozen=True)
@@ -486,6 +510,32 @@ def _pv(gr: Group, p, vv, allowed):
     return (p[..., None] * vh[:, None]).masked_fill(~allowed[..., None], 0.0).sum(-2)
 
 
+def _tile_math(gr: Group, qr, kk, vv, t: Tile, scale: float):
+    """One row tile by matmuls and an exact softmax: ``(o [Hg, n, D], lse [Hg, n])``."""
+    s = _scores(gr, qr, kk, t.allowed, scale)
+    m = s.amax(-1, keepdim=True)
+    m = m.masked_fill(m == float("-inf"), 0.0)
+    p = s.sub_(m).exp_()
+    den = p.sum(-1, keepdim=True)
+    o = _pv(gr, p, vv, t.allowed) / den.clamp(min=torch.finfo(qr.dtype).tiny)
+    return o, (m + den.log()).squeeze(-1)
+
+
+def _tile_fused(gr: Group, qr, kk, vv, t: Tile, scale: float):
+    """One row tile by torch's fused CPU flash kernel, the heads reading one kv head stacked as rows."""
+    n = t.i1 - t.i0
+    bias = t.bias(gr.share) if t.allowed is not None else None
+    o, lse = FLASH(
+        qr.reshape(1, gr.kv_heads, gr.share * n, -1), kk[None], vv[None], 0.0, False, attn_mask=bias, scale=scale
+    )
+    o = o.reshape(len(gr.heads), n, -1)
+    lse = lse.reshape(len(gr.heads), n)
+    if t.empty is not None:
+        # The kernel reports lse = 0 for rows with no allowed key; the contract says -inf.
+        lse = lse.masked_fill(t.empty, float("-inf"))
+    return o, lse
+
+
 def forward(q, k, v, plan_key: str, data, scale: float):
     """``(out, lse)`` of a ragged or paged call (see the module docstring)."""
     b_, h, lq, _ = q.shape
@@ -493,20 +543,24 @@ def forward(q, k, v, plan_key: str, data, scale: float):
     out = torch.zeros(b_, h, lq, v.shape[3], dtype=dt)
     lse = torch.full((b_, h, lq), float("-inf"), dtype=dt)
     table = data[2] if len(data) > 2 else None
+    fused = FLASH is not None and q.dtype == torch.float32
     for b, groups in _work(plan_key, q, k, data):
         keys = Keys(k, v, b, table)
         for gr, tiles in groups:
             for t in tiles:
                 kk, vv = keys.get(t)
                 kk, vv = kk.to(dt), vv.to(dt)
-                s = _scores(gr, gr.rows(q, b, t.i0, t.i1, dt), kk, t.allowed, scale)
-                m = s.amax(-1, keepdim=True)
-                m = m.masked_fill(m == float("-inf"), 0.0)
-                p = s.sub_(m).exp_()
-                den = p.sum(-1, keepdim=True)
-                o = _pv(gr, p, vv, t.allowed) / den.clamp(min=torch.finfo(dt).tiny)
+                qr = gr.rows(q, b, t.i0, t.i1, dt)
+                o = None
+                if fused and gr.all:
+                    o, row_lse = _tile_fused(gr, qr, kk, vv, t, scale)
+                    # A finite result is exact; a non-finite one may hold a blocked pair's NaN: recompute.
+                    if not bool(torch.isfinite(o).all()):
+                        o = None
+                if o is None:
+                    o, row_lse = _tile_math(gr, qr, kk, vv, t, scale)
                 out[b, gr.sel, t.i0 : t.i1] = o
-                lse[b, gr.sel, t.i0 : t.i1] = (m + den.log()).squeeze(-1)
+                lse[b, gr.sel, t.i0 : t.i1] = row_lse
     return out.to(q.dtype), lse
 
 

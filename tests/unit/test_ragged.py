@@ -291,3 +291,20 @@ def test_torch_compile_fullgraph_with_lengths():
         (g,) = torch.autograd.grad(out.sum(), (q,))
         (w,) = torch.autograd.grad(want.sum(), (q,))
         assert torch.allclose(g, w, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_non_finite_keys_and_values_reach_only_the_rows_that_attend_them(dtype):
+    p = pd.compile("pattern w { causal & window(5) }")
+    q, k, v = _tensors(2, 2, 1, 3, 30, 8, dtype, 2)
+    k[:, :, 2] = float("nan")
+    v[:, :, 3] = float("inf")
+    kvl, ql = torch.tensor([30, 6]), torch.tensor([3, 3])
+    out, lse = p(q, k, v, kv_lengths=kvl, q_lengths=ql, return_lse=True)
+    assert bool(torch.isfinite(out[0]).all()) and bool(torch.isfinite(lse[0]).all())
+    clean_k, clean_v = k.clone(), v.clone()
+    clean_k[:, :, 2] = 0.0
+    clean_v[:, :, 3] = 0.0
+    want = p(q[:1], clean_k[:1], clean_v[:1], kv_lengths=kvl[:1], q_lengths=ql[:1])
+    assert torch.allclose(out[0], want[0], atol=1e-6)
+    assert not bool(torch.isfinite(out[1]).all())  # element 1's rows attend positions 2 and 3
