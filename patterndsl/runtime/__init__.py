@@ -154,8 +154,10 @@ def _ragged(q, k, v, pir, scale, return_lse, backend, given, kv_lengths, q_lengt
     if v.shape[3] != head_dim:
         raise PatternError("kv_lengths=/block_table= need v's head size equal to q's for now")
     data = ragged.check_call(q, k, v, kv_lengths, q_lengths, block_table)
-    if any(ir.is_dynamic(r.node) for r in pir.heads) or (pir.default is not None and ir.is_dynamic(pir.default)):
-        # route(...) chooses from the element's own queries and keys: each element runs alone.
+    dynamic = any(ir.is_dynamic(r.node) for r in pir.heads) or (pir.default is not None and ir.is_dynamic(pir.default))
+    if dynamic or sizes.backend == "triton":
+        # route(...) chooses from the element's own queries and keys, and the generated kernels do not
+        # read lengths or tables yet: each element runs alone on its unpadded problem.
         key = _plan_key(pir, sizes.backend)
 
         def run(qb, kb, vb):
