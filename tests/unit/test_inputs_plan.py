@@ -19,13 +19,14 @@ PACKED = """pattern packed(w = 5, n = 2) {
 }"""
 
 
-def exact(p, q_len, kv_len, heads, block, **inputs):
+def exact(p, q_len, kv_len, heads, block, order="auto", **inputs):
     """The call-time tiles equal the dense tile reduction; the static tiles that are not 3 agree with them."""
-    plan = p.plan(q_len, kv_len, heads, block=block, **inputs)
-    ref = tile_reduce(p.mask(q_len, kv_len, heads, **inputs), *block)
+    plan = p.plan(q_len, kv_len, heads, block=block, order=order, **inputs)
+    mask = p.mask(q_len, kv_len, heads, **inputs)
+    ref = tile_reduce(mask[:, :, plan.q_order][:, :, :, plan.kv_order], *block)
     assert plan.tiles().shape == ref.shape
     assert torch.equal(plan.tiles(), ref)
-    static = p.plan(q_len, kv_len, heads, block=block).tiles()
+    static = p.plan(q_len, kv_len, heads, block=block, order=order).tiles()
     decided = (static != 3).expand_as(ref)
     assert torch.equal(static.expand_as(ref)[decided], ref[decided])
     return plan
@@ -120,3 +121,30 @@ def test_packed_documents_with_sinks_need_no_element_work():
     doc = pd.segments([100, 1, 3, 200, 208])
     plan = exact(p, 512, 512, 1, (32, 32), doc=doc)
     assert plan.stats["elements_evaluated"] == 0
+
+
+REORDERED = """pattern r {
+    input tag: int[batch, token]
+    input prefix: int[batch]
+    window(3, 3, dilation = 4) | strided(5) & where(tag[k] == 1 or q < prefix)
+}"""
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_reordering_applies_where_valid_for_any_data(seed):
+    rng = random.Random(seed)
+    p = pd.compile(REORDERED)
+    kv = rng.randint(40, 90)
+    q_len = rng.randint(30, kv)
+    g = torch.Generator().manual_seed(seed)
+    tag = (torch.rand(2, kv, generator=g) < 0.2).long()
+    prefix = torch.tensor([rng.randint(0, kv), rng.randint(0, kv)])
+    plan = exact(p, q_len, kv, 2, (8, 8), tag=tag, prefix=prefix)
+    assert plan.static.order == "classes mod 4"
+    exact(p, q_len, kv, 2, (8, 8), order="identity", tag=tag, prefix=prefix)
+
+
+def test_within_keeps_token_order():
+    p = pd.compile("pattern d {\n input doc: int[batch, token]\n within(doc, window(2, dilation = 3))\n}")
+    plan = exact(p, 40, 40, 1, (8, 8), doc=pd.segments([17, 23]))
+    assert plan.static.order == "identity"
