@@ -291,6 +291,8 @@ class _Grid:
 
     def exact(self, node: ir.Node) -> torch.Tensor:
         state = self.state(node)
+        if isinstance(node, ir.Prim) and node.name == "within":
+            return state  # exact already (its boxes are decided)
         todo = torch.nonzero(state == DYNAMIC)
         if len(todo):
             state[todo[:, 0], todo[:, 1]] = self._evaluate(node, todo[:, 0], todo[:, 1])
@@ -436,15 +438,14 @@ class _Grid:
         state = self._decide(body, box, 0)
         m, n = qm[owner], km[kidx]
         key = m * self.nkb + n
-        nonempty = torch.zeros(self.nqb * self.nkb, dtype=torch.bool)
-        nonempty[key[state > EMPTY]] = True
-        # A tile is full only when it is one box covering it all (one segment on both sides) and full.
+        # A tile is full only when it is one box covering it all (one segment on both sides) and full;
+        # any other tile a non-empty box meets is partial. Only the boxes' tiles are written.
         area = (box[1] - box[0] + 1) * (box[3] - box[2] + 1)
         tile_area = (qhi[m] - qlo[m] + 1) * (khi[n] - klo[n] + 1)
-        full = torch.zeros(self.nqb * self.nkb, dtype=torch.bool)
-        whole = (state == FULL) & (area == tile_area)
-        full[key[whole]] = True
-        return _state(nonempty, full).view(self.nqb, self.nkb)
+        out = torch.zeros(self.nqb * self.nkb, dtype=torch.int8)
+        out[key[state > EMPTY]] = PARTIAL
+        out[key[(state == FULL) & (area == tile_area)]] = FULL
+        return out.view(self.nqb, self.nkb)
 
     def _decide(self, body: ir.Node, box, depth: int) -> torch.Tensor:
         """Exact states of ``body`` on boxes: the tile rules first, then undecided boxes halved along
