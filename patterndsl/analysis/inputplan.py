@@ -29,6 +29,7 @@ tiles; at a call, the validated inputs (:class:`patterndsl.binding.Inputs`). Goe
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -91,7 +92,6 @@ def static_plan(pir: ir.PatternIR, q_len: int, kv_len: int, heads: int, block, o
     stats.allowed_pairs = lo.stats.allowed_pairs
     stats.visited_pairs = up.stats.visited_pairs
     stats.extra["dynamic_pairs_bound"] = up.stats.allowed_pairs - lo.stats.allowed_pairs
-    stats.extra["orders_tried"] = 1
     return BlockPlan(
         pir,
         q_len,
@@ -140,13 +140,40 @@ class InputPlan:
         states: int8 ``[batch, groups, nqb, nkb]``: 0 empty, 1 partial, 2 full, per batch element
             and head group (``static.groups``).
         inputs: the inputs planned for (:class:`patterndsl.binding.Inputs`).
-        stats: tile counts and the element-wise work done.
+        work: what planning did: ``boxes`` classified, ``boxes_evaluated`` and ``tiles_evaluated``
+            element by element, ``elements_evaluated``.
     """
 
     static: BlockPlan
     states: torch.Tensor
     inputs: object
-    stats: dict = field(default_factory=dict)
+    work: dict = field(default_factory=dict)
+
+    @functools.cached_property
+    def stats(self) -> PlanStats:
+        """Tile counts, visited and allowed pairs over every batch element and head, as :class:`PlanStats`.
+
+        Counting allowed pairs evaluates the partial tiles' elements: computed on first read only.
+        """
+        plan = self.static
+        tiles = self.tiles()
+        area = _areas(plan)
+        stats = PlanStats(total_pairs=self.batch * plan.stats.total_pairs)
+        stats.tiles_full = int((tiles == FULL).sum())
+        stats.tiles_partial = int((tiles == PARTIAL).sum())
+        stats.tiles_empty = int((tiles == EMPTY).sum())
+        stats.visited_pairs = int((area * (tiles > EMPTY)).sum())
+        stats.allowed_pairs = sum(self._count(b, area) for b in range(self.batch))
+        stats.elements_evaluated = self.work.get("elements_evaluated", 0)
+        stats.tiles_evaluated = self.work.get("tiles_evaluated", 0)
+        stats.extra.update(self.work)
+        return stats
+
+    def __getattr__(self, name: str):
+        # Sizes and tiling read like a BlockPlan's (q_len, block_m, n_q_tiles, order, groups, ...).
+        if name.startswith("_") or name in ("static", "states", "inputs", "work"):
+            raise AttributeError(name)
+        return getattr(self.static, name)
 
     @property
     def batch(self) -> int:
@@ -183,15 +210,13 @@ class InputPlan:
             stats.tiles_full += int((dense == FULL).sum()) * n
             stats.tiles_partial += int((dense == PARTIAL).sum()) * n
             stats.tiles_empty += int((dense == EMPTY).sum()) * n
-        rows = torch.clamp(plan.q_len - torch.arange(nqb) * plan.block_m, max=plan.block_m)
-        cols = torch.clamp(plan.kv_len - torch.arange(plan.n_kv_tiles) * plan.block_n, max=plan.block_n)
-        area = rows[:, None] * cols[None, :]
+        area = _areas(plan)
         index = torch.tensor(plan.head_group, dtype=torch.int64)
         stats.visited_pairs = int((area * (self.states[b, index] > 0)).sum())
         stats.allowed_pairs = self._count(b, area)
-        stats.elements_evaluated = self.stats.get("elements_evaluated", 0)
-        stats.extra.update(self.stats)
-        return dataclasses.replace(plan, groups=tuple(groups), stats=stats, order="identity")
+        stats.elements_evaluated = self.work.get("elements_evaluated", 0)
+        stats.extra.update(self.work)
+        return dataclasses.replace(plan, groups=tuple(groups), stats=stats)
 
     def _count(self, b: int, area: torch.Tensor) -> int:
         """Allowed pairs of batch element ``b``: full tiles by area, partial tiles element by element."""
@@ -491,6 +516,13 @@ class _Grid:
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def _areas(plan: BlockPlan) -> torch.Tensor:
+    """int64 ``[nqb, nkb]``: the in-range pairs of every tile."""
+    rows = torch.clamp(plan.q_len - torch.arange(plan.n_q_tiles) * plan.block_m, max=plan.block_m)
+    cols = torch.clamp(plan.kv_len - torch.arange(plan.n_kv_tiles) * plan.block_n, max=plan.block_n)
+    return rows[:, None] * cols[None, :]
 
 
 def _state(nonempty: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
