@@ -6,7 +6,10 @@ causal at Lk = 1K, 8K, 32K; ``causal & window(4096)`` at 32K and 128K; Streaming
 (``kv_lengths=``) against SDPA over the padded cache with a key-padding mask; the same steps
 through a paged cache (``block_table=``, page size 16); compiled FlexAttention where it runs
 (``--flex``). It checks each patterndsl result against SDPA restricted to the same keys, prints
-medians and the ratios (patterndsl time / SDPA time: below 1 is faster), and the memory a
+medians and the ratios (patterndsl time / SDPA time: below 1 is faster), the first call (which
+builds the plan family's member at the next power of two) and a call at a new length of the same
+member (tile lists only, no planning; steady-state times reuse the tile lists of the same
+lengths, as every layer of a model's decoding step does), and the memory a
 ``PagedKVCache`` holds for StreamingLLM as the generation grows.
 
 Usage: ``python benchmarks/decoding.py [--quick] [--reps N] [--threads N] [--flex]``. Timings on a
@@ -18,6 +21,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -94,6 +98,13 @@ def case(name, source, kv_len, batch, reps, flex, lengths=None):
     k = torch.randn(batch, HKV, lk, D, generator=g)
     v = torch.randn(batch, HKV, lk, D, generator=g)
     lengths = torch.full((batch,), lk) if lengths is None else lengths
+    t0 = time.perf_counter()
+    p(q, k, v, kv_lengths=lengths)  # the first call builds the plan family's member for these lengths
+    first = (time.perf_counter() - t0) * 1e3
+    p(q, k, v, kv_lengths=lengths - 1)  # a new length in the same family: tile lists only
+    t0 = time.perf_counter()
+    p(q, k, v, kv_lengths=lengths - 2)
+    new_len = (time.perf_counter() - t0) * 1e6
     ours = median_us(lambda: p(q, k, v, kv_lengths=lengths), reps)
     out = p(q, k, v, kv_lengths=lengths)
     if batch == 1:
@@ -111,7 +122,8 @@ def case(name, source, kv_len, batch, reps, flex, lengths=None):
     paged = median_us(lambda: p(q, kp, vp, kv_lengths=lengths, block_table=table), reps)
     line = (
         f"{name:<34} ours {ours:>9.0f} us  paged {paged:>9.0f} us  sdpa {sdpa:>9.0f} us  "
-        f"ratio {ours / sdpa:>5.2f}  paged ratio {paged / sdpa:>5.2f}  max err {err:.1e}"
+        f"ratio {ours / sdpa:>5.2f}  paged ratio {paged / sdpa:>5.2f}  max err {err:.1e}  "
+        f"first call {first:.0f} ms, new length {new_len:.0f} us"
     )
     if flex and batch == 1:
         try:
