@@ -214,12 +214,14 @@ class Engine:
 
     def _joint_search_pays(self, node: ir.Node) -> bool:
         # Operands with a needed-key range or listed candidates are bounded one by one already;
-        # a predicate bounded only by intervals (``where`` that is not a half-plane) is where the
+        # a primitive bounded only by intervals (its record's ``joint_search``) is where the
         # operands' joint bounds can be far tighter than each alone.
-        return any(
-            isinstance(p, ir.Prim) and p.name == "where" and cls.halfplane_of(p.arg("pred"), self.env) is None
-            for p in ir.walk(node)
-        )
+        for p in ir.walk(node):
+            if isinstance(p, ir.Prim):
+                rule = primitives.lookup(p.name).joint_search
+                if rule is not None and rule(p, self.env):
+                    return True
+        return False
 
     def _reach(self, node: ir.Node) -> tuple[int, int]:
         """Sort key inside an intersection: the tiles an operand reaches (counted by :meth:`search`
@@ -829,13 +831,8 @@ def _period(node: ir.Node, env) -> int:
         band = band_of(prim, env)
         if band is not None:
             moduli.append(band[2])
-        elif isinstance(prim, ir.Prim) and prim.name == "where":
-            # ``x % c`` of a where predicate: exact on residue classes of c (interval congruences).
-            moduli += [
-                abs(e.right.value)
-                for e in ir.walk_expr(prim.arg("pred"))
-                if isinstance(e, ir.Arith) and e.op == "%" and isinstance(e.right, ir.Const)
-            ]
+        elif isinstance(prim, ir.Prim) and primitives.lookup(prim.name).periods is not None:
+            moduli += primitives.lookup(prim.name).periods(prim)
     for mod in moduli:
         if mod > 1:
             period = period * mod // math.gcd(period, mod)

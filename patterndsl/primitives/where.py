@@ -171,6 +171,15 @@ def _where_band(prim, env):
     return None
 
 
+def _where_periods(prim) -> tuple[int, ...]:
+    # ``x % c`` is exact on residue classes of ``c`` (the interval rules track congruences).
+    return tuple(
+        abs(e.right.value)
+        for e in ir.walk_expr(prim.arg("pred"))
+        if isinstance(e, ir.Arith) and e.op == "%" and isinstance(e.right, ir.Const)
+    )
+
+
 def _where_triton(r, p) -> str:
     from patterndsl.codegen.predicate import needs_int64
 
@@ -200,5 +209,7 @@ WHERE = register(
         total=None,  # its band total when it is a band
         count=None,  # its band count when it is a band, else by evaluation
         triton=_where_triton,
+        joint_search=lambda prim, env: halfplane_of(prim.arg("pred"), env) is None,
+        periods=_where_periods,
     )
 )
