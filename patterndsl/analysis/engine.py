@@ -39,6 +39,7 @@ import torch
 
 from patterndsl import ir, primitives, semantics
 from patterndsl.analysis import classify as cls
+from patterndsl.analysis.bandcount import Combination, band_pairs
 from patterndsl.analysis.tiles import Pieces, Side
 from patterndsl.errors import PatternError, PatternValueError
 from patterndsl.sizes import Sizes
@@ -546,19 +547,28 @@ class Engine:
                 memo[int(keys[o])] = (t[o], f[o], count[o])
         return t, f, count
 
-    def box_states(self, node: ir.Node, qp, kp) -> np.ndarray:
-        """Per box (aligned query / key pieces): 2 every pair allowed, 0 none, 1 not known symbolically."""
+    def box_states(self, node: ir.Node, qp, kp, leaves: dict | None = None) -> np.ndarray:
+        """Per box (aligned query / key pieces): 2 every pair allowed, 0 none, 1 not known symbolically.
+
+        ``leaves``, when given, receives every primitive's own states (``{prim: int8 [B]}``).
+        """
         if isinstance(node, ir.Not):
-            return 2 - self.box_states(node.item, qp, kp)
+            return 2 - self.box_states(node.item, qp, kp, leaves)
         if isinstance(node, (ir.Inter, ir.Union)):
-            states = np.stack([self.box_states(item, qp, kp) for item in node.items])
+            states = np.stack([self.box_states(item, qp, kp, leaves) for item in node.items])
             if isinstance(node, ir.Inter):
                 return np.where((states == 0).any(0), 0, np.where((states == 2).all(0), 2, 1)).astype(np.int8)
             return np.where((states == 2).any(0), 2, np.where((states == 0).all(0), 0, 1)).astype(np.int8)
+        if leaves is not None and node in leaves:
+            return leaves[node]
         if primitives.lookup(node.name).dynamic:
-            return np.ones(len(qp.fa), np.int8)
-        nonempty, full, ok = cls.classify(node, qp, kp, self.env)
-        return np.where(ok & full & nonempty, 2, np.where(ok & ~nonempty, 0, 1)).astype(np.int8)
+            st = np.ones(len(qp.fa), np.int8)
+        else:
+            nonempty, full, ok = cls.classify(node, qp, kp, self.env)
+            st = np.where(ok & full & nonempty, 2, np.where(ok & ~nonempty, 0, 1)).astype(np.int8)
+        if leaves is not None:
+            leaves[node] = st
+        return st
 
     def refine(self, node: ir.Node, keys: np.ndarray, counting: bool) -> Refined:
         """Cut tiles ``keys`` into boxes, halving undecided boxes, and classify each box symbolically.
@@ -588,15 +598,29 @@ class Engine:
         any_t = np.zeros(len(keys), bool)
         any_f = np.zeros(len(keys), bool)
         true_area = np.zeros(len(keys), np.int64)
+        combo = self._combination(node)
         for level in range(_REFINE_LEVELS + 1):
             if not len(owner):
                 break
-            st = self.box_states(node, qb.pieces(), kb.pieces())
+            qp, kp, leaves = qb.pieces(), kb.pieces(), {}
+            st = self.box_states(node, qp, kp, leaves)
             area = qb.n.prod(1) * kb.n.prod(1)
-            any_t[owner[st == 2]] = True
-            any_f[owner[st == 0]] = True
-            true_area += np.bincount(owner[st == 2], weights=area[st == 2], minlength=len(keys)).astype(np.int64)
             live = st == 1
+            allowed = np.where(st == 2, area, 0)
+            if combo.usable and live.any():
+                # Boxes where only bands are undecided: counted in closed form, never evaluated.
+                sel = np.flatnonzero(live)
+                count, exact = combo.count(
+                    qb.take(sel).pieces(), kb.take(sel).pieces(), {p: v[sel] for p, v in leaves.items()}
+                )
+                done = sel[exact]
+                allowed[done] = count[exact]
+                st = st.copy()
+                st[done] = np.where(count[exact] == 0, 0, np.where(count[exact] == area[done], 2, 3))
+                live[done] = False
+            any_t[owner[(st == 2) | (st == 3)]] = True
+            any_f[owner[(st == 0) | (st == 3)]] = True
+            true_area += np.bincount(owner, weights=allowed, minlength=len(keys)).astype(np.int64)
             if not counting:
                 live &= ~(any_t & any_f)[owner]
             owner, qb, kb = owner[live], qb.take(live), kb.take(live)
@@ -616,6 +640,9 @@ class Engine:
             qb = _BoxSide.cat([qb.take(keep), q1, q2])
             kb = _BoxSide.cat([kb.take(keep), k1, k2])
         return Refined(any_t, any_f, true_area, owner, qb, kb)
+
+    def _combination(self, node: ir.Node) -> Combination:
+        return Combination(node, lambda prim: band_of(prim, self.env))
 
     def chunks(self, keys: np.ndarray):
         """The elements of tiles ``keys``, a bounded number at a time: the one chunked evaluation loop.
@@ -1189,49 +1216,6 @@ def _separable_count(engine: Engine, node: ir.Node, keys: np.ndarray) -> np.ndar
     return None if rule is None else rule(node, engine, keys)
 
 
-#: Largest band modulus counted by the per-residue closed form (else row by row).
-_MAX_PERIOD_COUNT = 64
-
-
-def _band_rect_count(q0, nq, k0, nk, lo: int, hi: int, mod: int) -> np.ndarray:
-    """Pairs of the rectangles ``[q0, q0+nq) x [k0, k0+nk)`` with ``lo <= q - k <= hi`` and
-    ``(q - k) % mod == 0``: a closed form per residue class, O(mod) per rectangle, not per row."""
-    if mod == 1:
-        return np.maximum(_diff_at_most(q0, nq, k0, nk, hi) - _diff_at_most(q0, nq, k0, nk, lo - 1), 0)
-    out = np.zeros(len(q0), np.int64)
-    for r in range(mod):
-        # queries q = qr + mod * u (u < nu) and keys k = kr + mod * v (v < nv), both == r (mod mod)
-        qr = q0 + (r - q0) % mod
-        kr = k0 + (r - k0) % mod
-        nu = np.maximum(q0 + nq - qr + mod - 1, 0) // mod
-        nv = np.maximum(k0 + nk - kr + mod - 1, 0) // mod
-        d = qr - kr  # a multiple of mod: q - k = d + mod * (u - v)
-        ulo = -((d - lo) // mod)  # ceil((lo - d) / mod)
-        uhi = (hi - d) // mod
-        zero = np.zeros_like(nu)
-        out += np.maximum(_diff_at_most(zero, nu, zero, nv, uhi) - _diff_at_most(zero, nu, zero, nv, ulo - 1), 0)
-    return out
-
-
-def _diff_at_most(q0, nq, k0, nk, t) -> np.ndarray:
-    """Pairs of ``[q0, q0+nq) x [k0, k0+nk)`` with ``q - k <= t`` (arrays; ``t`` may be huge)."""
-    q1, k1 = q0 + nq - 1, k0 + nk - 1
-    # Clip t to where the count changes: below every difference 0 pairs, above all nq * nk.
-    t = np.clip(t, q0 - k1 - 1, q1 - k0)
-
-    def tri(x):
-        x = np.maximum(x, 0)
-        return x * (x + 1) // 2
-
-    def ramp(c):
-        # sum over q in [q0, q1] of max(0, c - q)
-        return tri(c - q0) - tri(c - q1 - 1)
-
-    c = k1 + t + 1  # #{k >= q - t} = clamp(c - q, 0, nk)
-    out = ramp(c) - ramp(c - nk)
-    return np.where((nq > 0) & (nk > 0), out, 0)
-
-
 def count_allowed(engine: Engine, node: ir.Node, keys: np.ndarray) -> np.ndarray:
     """Allowed pairs in each tile ``keys`` (partial tiles): by formula for a single band, else by evaluation.
 
@@ -1246,10 +1230,16 @@ def count_allowed(engine: Engine, node: ir.Node, keys: np.ndarray) -> np.ndarray
     separable = _separable_count(engine, node, keys)
     if separable is not None:
         return separable
-    if band is not None and len(q.extents) == 1 and q.single_piece and k.single_piece and band[2] <= _MAX_PERIOD_COUNT:
+    if band is not None and len(q.extents) == 1:
+        # Every piece pair a trapezoid: counted in O(1) when both pieces share a step.
         m, n = keys // engine.nkb, keys % engine.nkb
-        if (q.s[m, 0] == 1).all() and (k.s[n, 0] == 1).all():
-            return _band_rect_count(q.a[m, 0], q.n[m, 0], k.a[n, 0], k.n[n, 0], *band)
+        cq, ck = np.diff(q.ptr)[m], np.diff(k.ptr)[n]
+        owner, local = expand_runs(np.arange(len(keys)), np.zeros(len(keys), np.int64), cq * ck)
+        qi = q.ptr[m][owner] + local // ck[owner]
+        ki = k.ptr[n][owner] + local % ck[owner]
+        count, ok = band_pairs(q.piece_view(qi), k.piece_view(ki), *band)
+        if ok.all():
+            return np.bincount(owner, weights=count, minlength=len(keys)).astype(np.int64)
     if band is not None and len(q.extents) == 1:
         lo, hi, mod = band
         m, n = keys // engine.nkb, keys % engine.nkb
