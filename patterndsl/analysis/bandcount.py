@@ -19,6 +19,7 @@ import math
 import numpy as np
 
 from patterndsl import ir, primitives
+from patterndsl.primitives.band import inverse_mod
 from patterndsl.primitives.common import cdiv, fdiv
 
 #: Most bands a combination may have to be counted on its Venn regions (``2**b`` band counts).
@@ -48,20 +49,6 @@ def trapezoid(A, B, c, lo, hi, mod, res):
     return np.where(lo <= hi, rise + flat + fall, 0)
 
 
-def _inverse(values: np.ndarray, mod: np.ndarray) -> np.ndarray:
-    # Modular inverses of values coprime to mod (0 where mod is 1), one pow per distinct pair.
-    out = np.zeros_like(values)
-    live = mod > 1
-    if not live.any():
-        return out
-    key = (values[live] % mod[live]) * (int(mod.max()) + 1) + mod[live]
-    uniq, inv = np.unique(key, return_inverse=True)
-    m1 = int(mod.max()) + 1
-    table = np.array([pow(int(k // m1), -1, int(k % m1)) for k in uniq], dtype=np.int64)
-    out[live] = table[inv.reshape(-1)]
-    return out
-
-
 def band_pairs(qp, kp, lo: int, hi: int, modulus: int) -> tuple[np.ndarray, np.ndarray]:
     """Pairs of each aligned box ``(qp[i], kp[i])`` in the band, and whether the count is exact.
 
@@ -80,7 +67,7 @@ def band_pairs(qp, kp, lo: int, hi: int, modulus: int) -> tuple[np.ndarray, np.n
     g = np.gcd(step, modulus)
     solvable = d0 % g == 0
     mod2 = modulus // g
-    w0 = ((-d0 // np.where(solvable, g, 1)) * _inverse(step // g, mod2)) % mod2
+    w0 = ((-d0 // np.where(solvable, g, 1)) * inverse_mod(step // g, mod2)) % mod2
     count = trapezoid(1 - nv, nu - 1, np.minimum(nu, nv), wlo, whi, mod2, w0)
     return np.where(solvable & (nu > 0) & (nv > 0), count, 0), ok
 
