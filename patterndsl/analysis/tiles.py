@@ -14,6 +14,7 @@ per-pair) work.
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -259,6 +260,8 @@ def build_side(
     """
     d = len(extents)
     strides = tuple(int(np.prod(extents[x + 1 :])) for x in range(d))
+    if d > 1 and segments and all(math.prod(seg[2]) == block for seg in segments):
+        return _one_tile_per_segment(segments, length, block, offset, extents, strides, identity)
     parts, orders = [], []
     r0 = 0
     for seg in segments:
@@ -285,6 +288,44 @@ def build_side(
     order = None if identity else np.concatenate(orders)
     starts = np.minimum(np.arange(nt + 1, dtype=np.int64) * block, length)
     return Side(length, block, offset, extents, strides, order, ptr, tile, a, s, n, identity, starts)
+
+
+def _one_tile_per_segment(segments, length, block, offset, extents, strides, identity) -> Side:
+    # Grid boxes of one tile each (the box orders of neighborhoods): every segment is one tile's
+    # one piece, laid out with array operations instead of a loop over segments.
+    a, s, n = (np.asarray([seg[f] for seg in segments], np.int64) for f in range(3))
+    nt = len(segments)
+    if nt * block != length:
+        raise AssertionError(f"segments cover {nt * block} positions, expected {length}")
+    order = None
+    if not identity:
+        order = np.empty((nt, block), np.int64)
+        w = np.asarray(strides, np.int64)
+        # segments of one shape at a time: their positions are one broadcast
+        shapes, which = np.unique(n, axis=0, return_inverse=True)
+        for x, shape in enumerate(shapes):
+            rows = np.flatnonzero(which.reshape(-1) == x)
+            coords = np.stack(np.unravel_index(np.arange(block), tuple(int(e) for e in shape)), 1)
+            pos = ((a[rows, None, :] + s[rows, None, :] * coords[None, :, :]) * w).sum(2)
+            order[rows] = pos - offset
+        order = order.reshape(-1)
+    tile = np.arange(nt, dtype=np.int64)
+    starts = np.arange(nt + 1, dtype=np.int64) * block
+    return Side(
+        length,
+        block,
+        offset,
+        extents,
+        strides,
+        order,
+        np.arange(nt + 1, dtype=np.int64),
+        tile,
+        a,
+        s,
+        n,
+        identity,
+        starts,
+    )
 
 
 def identity_segments(length: int, offset: int, extents: tuple[int, ...]) -> list[Segment]:
