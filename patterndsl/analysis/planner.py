@@ -250,7 +250,7 @@ def _assemble(pir, cand: _Candidate, groups, head_group, sizes: Sizes, bm, bn, s
         stats.tiles_dynamic += int((state == eng.DYNAMIC).sum()) * nh
         stats.tiles_empty += (nqb * nkb - len(keys)) * nh
         evaluated += engine.tally.evaluated
-        stats.elements_evaluated += engine.tally.elements
+        stats.elements_evaluated += engine.tally.elements + engine.env.elements
         counted_tiles = stats.extra.get("tiles_counted_by_evaluation", 0) + engine.tally.counted
         stats.extra["tiles_counted_by_evaluation"] = counted_tiles
         stats.extra["tiles_classified"] = stats.extra.get("tiles_classified", 0) + engine.tally.classified

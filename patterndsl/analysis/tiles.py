@@ -108,18 +108,25 @@ class Pieces:
     """
 
     def __init__(self, side: Side, idx: np.ndarray):
-        self.a = side.a[idx]
-        self.s = side.s[idx]
-        self.n = side.n[idx]
+        w, ext = np.asarray(side.strides, dtype=np.int64), np.asarray(side.extents, dtype=np.int64)
+        self._set(side.a[idx], side.s[idx], side.n[idx], w, ext)
+
+    def _set(self, a, s, n, w, ext) -> None:
+        self.a, self.s, self.n = a, s, n
         self.last = self.a + self.s * (self.n - 1)
-        self._w = np.asarray(side.strides, dtype=np.int64)
-        self._ext = np.asarray(side.extents, dtype=np.int64)
+        self._w, self._ext = w, ext
         if self.a.shape[1] == 1:
             # 1-D positions: every piece is a progression already.
             self.fmin = self.fa = self.a[:, 0]
             self.fmax = self.last[:, 0]
             self.isap = np.ones(len(self.a), dtype=bool)
             self.fs, self.fn = self.s[:, 0], self.n[:, 0]
+
+    def take(self, sel: np.ndarray) -> Pieces:
+        """The pieces at positions ``sel`` of this selection."""
+        out = object.__new__(Pieces)
+        out._set(self.a[sel], self.s[sel], self.n[sel], self._w, self._ext)
+        return out
 
     @functools.cached_property
     def fmin(self) -> np.ndarray:

@@ -118,3 +118,43 @@ def test_plans_of_band_combinations_match_the_dense_mask(source, sizes):
         assert plan.stats.allowed_pairs == int(dense.sum())
         # bands and columns only: no element is evaluated for states or counts
         assert plan.stats.elements_evaluated == 0
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "causal & (window(13) | where(k % 4 == 1))",
+        "where(k % 3 == 0 or k < 5) & window(20, 20)",
+        "where(q % 5 != 2) | strided(7)",
+        "causal & where((k * 7) % 11 < 4 and k // 6 != 2)",
+        "~where(q // 3 % 2 == 0) & window(9, 3, dilation = 2)",
+    ],
+)
+@pytest.mark.parametrize("sizes", [(300, 300), (157, 421), (421, 157)])
+def test_one_sided_predicates_match_the_dense_mask(source, sizes):
+    # read on one side only: decided on that side's pieces, so evaluations follow L, not L x L
+    q_len, kv_len = sizes
+    p = pd.compile(f"pattern p {{ {source} }}")
+    for block, order in (((16, 16), "identity"), ((32, 8), "auto"), ((7, 13), "identity")):
+        plan = p.plan(q_len, kv_len, heads=2, block=block, order=order)
+        dense = p.mask(q_len, kv_len, heads=2)
+        ref = tile_reduce(dense[:, plan.q_order][:, :, plan.kv_order], *block)
+        assert torch.equal(plan.tiles(), ref)
+        assert plan.stats.allowed_pairs == int(dense.sum())
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "where(k.x % 3 == 0) | neighborhood(3)",
+        "where(q.y // 2 == 1 or q.x > 4) & neighborhood(5)",
+    ],
+)
+def test_one_sided_predicates_on_grids_match_the_dense_mask(source):
+    p = pd.compile(f"pattern p {{ layout grid(y = 9, x = 12)\n {source} }}")
+    for block in ((12, 12), (8, 16), (36, 36)):
+        plan = p.plan(108, heads=1, block=block)
+        dense = p.mask(108, heads=1)
+        ref = tile_reduce(dense[:, plan.q_order][:, :, plan.kv_order], *block)
+        assert torch.equal(plan.tiles(), ref)
+        assert plan.stats.allowed_pairs == int(dense.sum())
