@@ -39,6 +39,7 @@ import torch
 
 from patterndsl import ir, primitives, semantics
 from patterndsl.analysis import classify as cls
+from patterndsl.analysis.axes import AxisSplit
 from patterndsl.analysis.bandcount import Combination, band_pairs
 from patterndsl.analysis.tiles import Pieces, Side
 from patterndsl.errors import PatternError, PatternValueError
@@ -590,6 +591,22 @@ class Engine:
         ki = self.k.ptr[n][owner] + local % ck[owner]
         qb = _BoxSide(self.q.a[qi], self.q.s[qi], self.q.n[qi], self.q)
         kb = _BoxSide(self.k.a[ki], self.k.s[ki], self.k.n[ki], self.k)
+        split = AxisSplit(node, self.env.layout)
+        if split.usable:
+            # Parts that read one grid axis each: every box counted axis by axis, none left open.
+            count, spent = split.count(self, qb, kb)
+            self.tally.elements += spent
+            if self.tally.budget is not None:
+                self.tally.budget -= spent
+                if self.tally.budget < 0:
+                    raise OverBudget
+            area = qb.n.prod(1) * kb.n.prod(1)
+            size = len(keys)
+            any_t = np.bincount(owner, count > 0, size) > 0
+            any_f = np.bincount(owner, count < area, size) > 0
+            none = np.zeros(0, np.int64)
+            true_area = np.bincount(owner, count, size).astype(np.int64)
+            return Refined(any_t, any_f, true_area, none, qb.take(none), kb.take(none))
         period = _period(node, self.env) if len(self.q.extents) == 1 else 1
         if period > 1:
             # Bands with a modulus (dilations, strides) are checkerboards finer than any

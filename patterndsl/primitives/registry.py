@@ -85,6 +85,9 @@ class Primitive:
         periods: capability, ``(prim) -> tuple[int, ...]``: moduli its tile rule is exact on
             residue classes of (besides its ``band`` modulus), so refinement splits tiles by them
             first. None: none.
+        axes: capability, ``(prim, layout) -> tuple[int, ...] | None``: the grid axes (indices) its
+            meaning reads, on both sides; None (or a None rule): it may read flattened positions.
+            Parts of a pattern that read one axis each are counted axis by axis.
     """
 
     name: str
@@ -107,6 +110,7 @@ class Primitive:
     # Capabilities: optional, so a record written without them keeps its meaning (None: no such ability).
     joint_search: Callable | None = None
     periods: Callable | None = None
+    axes: Callable | None = None
 
 
 #: Fields that must be a function (no opt-out).

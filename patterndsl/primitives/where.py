@@ -15,7 +15,7 @@ from patterndsl import ir
 from patterndsl import semantics as sem
 from patterndsl.errors import PatternTypeError
 from patterndsl.primitives import intervals
-from patterndsl.primitives.common import BIG, cdiv, exact, fdiv, param
+from patterndsl.primitives.common import BIG, cdiv, distinct_rows, exact, fdiv, param
 from patterndsl.primitives.registry import Primitive, register
 
 
@@ -146,13 +146,7 @@ def side_facts(prim, p, side: str, env) -> tuple[np.ndarray, np.ndarray]:
     rows = np.concatenate([p.a, p.s, p.n], 1)
     if not len(rows):
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    # distinct rows by a lexicographic sort (np.unique(axis=0) sorts a structured view, far slower)
-    order = np.lexsort(rows.T[::-1])
-    first = np.ones(len(rows), bool)
-    first[1:] = (rows[order[1:]] != rows[order[:-1]]).any(1)
-    uniq = rows[order[first]]
-    inv = np.empty(len(rows), np.int64)
-    inv[order] = np.cumsum(first) - 1
+    uniq, inv = distinct_rows(rows)
     cache = env.cache.setdefault(("one side", prim, side), {})
     keys = [tuple(r) for r in uniq.tolist()]
     fresh = [i for i, key in enumerate(keys) if key not in cache]
@@ -267,6 +261,17 @@ def _where_periods(prim) -> tuple[int, ...]:
     )
 
 
+def _where_axes(prim, layout) -> tuple[int, ...] | None:
+    # Grid coordinates name their axis; q and k themselves are flattened positions (every axis).
+    axes = set()
+    for e in ir.walk_expr(prim.arg("pred")):
+        if isinstance(e, ir.Var) and e.name in ("q", "k"):
+            return None
+        if isinstance(e, ir.Coord):
+            axes.add(layout.names.index(e.axis))
+    return tuple(sorted(axes))
+
+
 def _where_triton(r, p) -> str:
     from patterndsl.codegen.predicate import needs_int64
 
@@ -298,5 +303,6 @@ WHERE = register(
         triton=_where_triton,
         joint_search=lambda prim, env: halfplane_of(prim.arg("pred"), env) is None,
         periods=_where_periods,
+        axes=_where_axes,
     )
 )

@@ -158,3 +158,33 @@ def test_one_sided_predicates_on_grids_match_the_dense_mask(source):
         ref = tile_reduce(dense[:, plan.q_order][:, :, plan.kv_order], *block)
         assert torch.equal(plan.tiles(), ref)
         assert plan.stats.allowed_pairs == int(dense.sum())
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        # HaloNet: blocks of 4 with a halo of 1, per axis
+        "where(k.y >= q.y // 4 * 4 - 1 and k.y < q.y // 4 * 4 + 5"
+        " and k.x >= q.x // 4 * 4 - 1 and k.x < q.x // 4 * 4 + 5)",
+        "where(abs(q.y - k.y) <= 1) | where(k.x % 3 == q.x % 3)",
+        "where(q.x // 3 == k.x // 3) & ~where(q.y < k.y - 2)",
+        "where(k.y * 2 <= q.y + h or (q.x + k.x) % 4 == 1)",
+    ],
+)
+def test_parts_reading_one_axis_are_counted_axis_by_axis(source):
+    p = pd.compile(f"pattern p {{ layout grid(y = 10, x = 12)\n {source} }}")
+    for block, order in (((12, 12), "identity"), ((8, 16), "identity"), ((24, 24), "auto")):
+        plan = p.plan(120, heads=2, block=block, order=order)
+        dense = p.mask(120, heads=2)
+        ref = tile_reduce(dense[:, plan.q_order][:, :, plan.kv_order], *block)
+        assert torch.equal(plan.tiles(), ref)
+        assert plan.stats.allowed_pairs == int(dense.sum())
+        # per axis, distinct coordinate ranges only: fewer than the pairs of the partial tiles
+        assert plan.stats.elements_evaluated < _partial_pairs(plan)
+
+
+def _partial_pairs(plan) -> int:
+    tiles = plan.tiles()
+    rows = torch.diff(torch.tensor([min(m * plan.block_m, plan.q_len) for m in range(plan.n_q_tiles + 1)]))
+    cols = torch.diff(torch.tensor([min(n * plan.block_n, plan.kv_len) for n in range(plan.n_kv_tiles + 1)]))
+    return int(((tiles == 1) * rows[:, None] * cols[None, :]).sum())

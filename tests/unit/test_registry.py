@@ -197,3 +197,7 @@ def test_where_capabilities():
     mod = pd.compile("pattern p { where(q % 4 == k % 6) }").ir.default
     assert sorted(set(where.periods(mod))) == [4, 6]
     assert REGISTRY["window"].joint_search is None and REGISTRY["window"].periods is None
+    grid = pd.compile("pattern p { layout grid(y = 4, x = 4)\n where(k.x >= q.x // 2 + h) }")
+    assert where.axes(grid.ir.default, grid.ir.layout) == (1,)
+    flat = pd.compile("pattern p { layout grid(y = 4, x = 4)\n where(k.x >= q) }")
+    assert where.axes(flat.ir.default, flat.ir.layout) is None
