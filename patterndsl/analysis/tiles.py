@@ -367,15 +367,13 @@ def box_segments(extents: tuple[int, ...], dilation: tuple[int, ...], box: tuple
     out: list[Segment] = []
     d = len(extents)
     groups = np.stack(np.meshgrid(*[np.arange(x) for x in dilation], indexing="ij"), -1).reshape(-1, d)
-    for g in groups:
-        m = [-(-(extents[x] - int(g[x])) // dilation[x]) for x in range(d)]
+    for g in groups.tolist():
+        m = [-(-(extents[x] - g[x]) // dilation[x]) for x in range(d)]
         counts = [-(-m[x] // box[x]) for x in range(d)]
-        for bidx in np.ndindex(*counts):
-            a, s, n = [], [], []
-            for x in range(d):
-                t0 = bidx[x] * box[x]
-                a.append(int(g[x]) + dilation[x] * t0)
-                s.append(dilation[x])
-                n.append(min(box[x], m[x] - t0))
-            out.append((tuple(a), tuple(s), tuple(n)))
+        # every box of the group at once: row-major box indices, per axis start and count
+        idx = np.stack(np.unravel_index(np.arange(int(np.prod(counts))), counts), 1) * np.asarray(box)
+        a = np.asarray(g) + np.asarray(dilation) * idx
+        n = np.minimum(np.asarray(box), np.asarray(m) - idx)
+        step = tuple(dilation)
+        out += [(tuple(sa), step, tuple(sn)) for sa, sn in zip(a.tolist(), n.tolist(), strict=True)]
     return out
