@@ -172,14 +172,29 @@ class Pieces:
         return self._flat[2]
 
 
-def _cut_1d(seg: Segment, r0: int, block: int):
-    """Pieces of a 1-axis segment starting at new position ``r0``, cut at tile boundaries."""
-    (a,), (s,), (n,) = seg
-    t0, t1 = r0 // block, (r0 + n - 1) // block
-    tiles = np.arange(t0, t1 + 1, dtype=np.int64)
-    lo = np.maximum(r0, tiles * block) - r0
-    hi = np.minimum(r0 + n, (tiles + 1) * block) - r0
-    return tiles, (a + s * lo)[:, None], np.full((len(tiles), 1), s, np.int64), (hi - lo)[:, None]
+def _cut_1d(segments: list[Segment], block: int, offset: int, identity: bool):
+    """Pieces of 1-axis segments laid end to end, cut at tile boundaries (all segments at once).
+
+    Returns ``(tile, a, s, n, order, covered)``: the pieces in segment order, the new position
+    -> original index map (None for the identity) and the positions covered.
+    """
+    a0, s0, n0 = (np.asarray([seg[f][0] for seg in segments], np.int64) for f in range(3))
+    live = n0 > 0
+    a0, s0, n0 = a0[live], s0[live], n0[live]
+    r0 = np.cumsum(n0) - n0
+    t0, t1 = r0 // block, (r0 + n0 - 1) // block
+    seg = np.repeat(np.arange(len(n0)), t1 - t0 + 1)
+    tile = (
+        t0[seg] + np.arange(len(seg), dtype=np.int64) - np.repeat(np.cumsum(t1 - t0 + 1) - (t1 - t0 + 1), t1 - t0 + 1)
+    )
+    lo = np.maximum(r0[seg], tile * block) - r0[seg]
+    hi = np.minimum(r0[seg] + n0[seg], (tile + 1) * block) - r0[seg]
+    order = None
+    if not identity:
+        local = np.arange(int(n0.sum()), dtype=np.int64) - np.repeat(r0, n0)
+        order = np.repeat(a0, n0) + np.repeat(s0, n0) * local - offset
+    pieces = ((a0[seg] + s0[seg] * lo)[:, None], s0[seg][:, None], (hi - lo)[:, None])
+    return tile, *pieces, order, int(n0.sum())
 
 
 def _range_boxes(n: tuple[int, ...], lo: int, hi: int):
@@ -269,30 +284,30 @@ def build_side(
     strides = tuple(int(np.prod(extents[x + 1 :])) for x in range(d))
     if d > 1 and segments and all(math.prod(seg[2]) == block for seg in segments):
         return _one_tile_per_segment(segments, length, block, offset, extents, strides, identity)
-    parts, orders = [], []
-    r0 = 0
-    for seg in segments:
-        size = int(np.prod(seg[2]))
-        if size == 0:
-            continue
-        parts.append(_cut_1d(seg, r0, block) if d == 1 else _cut_nd(seg, r0, block))
-        if not identity:
-            orders.append(_segment_positions(seg, strides) - offset)
-        r0 += size
+    if d == 1:
+        tile, a, s, n, order, r0 = _cut_1d(segments, block, offset, identity)
+    else:
+        parts, orders = [], []
+        r0 = 0
+        for seg in segments:
+            size = int(np.prod(seg[2]))
+            if size == 0:
+                continue
+            parts.append(_cut_nd(seg, r0, block))
+            if not identity:
+                orders.append(_segment_positions(seg, strides) - offset)
+            r0 += size
+        tile, a, s, n = (np.concatenate([p[f] for p in parts]) for f in range(4))
+        order = None if identity else np.concatenate(orders)
     if r0 != length:
         raise AssertionError(f"segments cover {r0} positions, expected {length}")
-    tile = np.concatenate([p[0] for p in parts])
-    a = np.concatenate([p[1] for p in parts])
-    s = np.concatenate([p[2] for p in parts])
-    n = np.concatenate([p[3] for p in parts])
     # Pieces are produced tile by tile within a segment; sort so a tile's pieces are adjacent.
-    if len(parts) > 1:
+    if len(segments) > 1:
         srt = np.argsort(tile, kind="stable")
         tile, a, s, n = tile[srt], a[srt], s[srt], n[srt]
     nt = -(-length // block)
     ptr = np.zeros(nt + 1, dtype=np.int64)
     ptr[1:] = np.cumsum(np.bincount(tile, minlength=nt))
-    order = None if identity else np.concatenate(orders)
     starts = np.minimum(np.arange(nt + 1, dtype=np.int64) * block, length)
     return Side(length, block, offset, extents, strides, order, ptr, tile, a, s, n, identity, starts)
 
