@@ -204,6 +204,8 @@ class Engine:
 
     def _run(self, node: ir.Node, domain: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
         # Like run, but a static node may leave tiles OPEN for the node above to decide.
+        if isinstance(node, (ir.Inter, ir.Union)) and AxisSplit(node, self.env.layout).usable:
+            return self._by_axes(node, domain)
         if isinstance(node, ir.Inter):
             return self._inter(node, domain)
         if isinstance(node, ir.Union):
@@ -712,6 +714,18 @@ class Engine:
         keep = state > 0
         return keys[keep], state[keep]
 
+    def _by_axes(self, node: ir.Node, domain):
+        # Parts that read one grid axis each: the candidates' counts, axis by axis, are their
+        # states at once (no operand classified on its own, no tile left open).
+        if domain is None:
+            domain = self.search(self.node_decide(node))
+        ref = self.refine(node, domain, counting=True)
+        m, n = domain // self.nkb, domain % self.nkb
+        area = np.diff(self.q.starts)[m] * np.diff(self.k.starts)[n]
+        state = np.where(ref.true_area == area, FULL, PARTIAL).astype(np.int8)
+        keep = ref.true_area > 0
+        return domain[keep], state[keep]
+
     def _union(self, node: ir.Union, domain):
         results = [self._operand(node, item, domain) for item in node.items]
         allk = np.concatenate([r[0] for r in results])
@@ -1204,6 +1218,8 @@ def count_tiles(engine: Engine, node: ir.Node, keys: np.ndarray, state: np.ndarr
         m, n = keys // engine.nkb, keys % engine.nkb
         area = np.diff(engine.q.starts)[m] * np.diff(engine.k.starts)[n]
         return area - count_tiles(engine, node.item, keys)
+    if isinstance(node, (ir.Inter, ir.Union)) and AxisSplit(node, engine.env.layout).usable:
+        return count_allowed(engine, node, keys)  # axis by axis, all operands at once
     if isinstance(node, (ir.Inter, ir.Union)) and not ir.is_dynamic(node):
         other = FULL if isinstance(node, ir.Inter) else EMPTY
         states = []
