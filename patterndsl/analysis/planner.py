@@ -168,12 +168,16 @@ def plan(pir: ir.PatternIR, q_len: int, kv_len: int | None = None, heads: int = 
     sizes = Sizes(q_len, kv_len, pir.layout, heads)
     try:
         best = None
+        tried = 0
         for desc, qsegs, ksegs, identity in cands:
+            if best is not None and all((g.state == eng.FULL).all() for g in best.groups):
+                break  # every visited pair is allowed: no order visits fewer
+            tried += 1
             bound = None if best is None else best.work
             cand = _plan_order(desc, qsegs, ksegs, identity, groups, sizes, bm, bn, bound)
             if cand is not None:
                 best = cand
-        out = _assemble(pir, best, groups, head_group, sizes, bm, bn, start, len(cands))
+        out = _assemble(pir, best, groups, head_group, sizes, bm, bn, start, tried)
     except MemoryError:
         raise PatternValueError(
             f"not enough memory for the block plan at Lq={q_len}, Lk={kv_len} with {bm}x{bn} tiles: "

@@ -188,3 +188,15 @@ def _partial_pairs(plan) -> int:
     rows = torch.diff(torch.tensor([min(m * plan.block_m, plan.q_len) for m in range(plan.n_q_tiles + 1)]))
     cols = torch.diff(torch.tensor([min(n * plan.block_n, plan.kv_len) for n in range(plan.n_kv_tiles + 1)]))
     return int(((tiles == 1) * rows[:, None] * cols[None, :]).sum())
+
+
+def test_orders_stop_once_every_visited_pair_is_allowed():
+    # the dilation offers a second order (classes mod 2), but the identity order visits only
+    # allowed pairs already: no other order is planned
+    p = pd.compile("pattern p { blocks(32) | window(0, dilation = 2) }")
+    plan = p.plan(96, heads=1, block=(16, 16))
+    assert plan.stats.tiles_partial == 0 and plan.stats.extra["orders_tried"] == 1
+    assert plan.stats.allowed_pairs == int(p.mask(96, heads=1).sum())
+    # with partial tiles, the other order is still tried
+    p = pd.compile("pattern p { causal & window(5, dilation = 2) }")
+    assert p.plan(96, heads=1, block=(16, 16)).stats.extra["orders_tried"] == 2
