@@ -731,14 +731,9 @@ class Engine:
         allk = np.concatenate([r[0] for r in results])
         alls = np.concatenate([r[1] for r in results])
         keys, inv = np.unique(allk, return_inverse=True)
-        full = np.zeros(len(keys), bool)
-        dyn = np.zeros(len(keys), bool)
-        open_ = np.zeros(len(keys), bool)
-        partial = np.zeros(len(keys), np.int64)
-        np.logical_or.at(full, inv, alls == FULL)
-        np.logical_or.at(dyn, inv, alls == DYNAMIC)
-        np.logical_or.at(open_, inv, alls == OPEN)
-        np.add.at(partial, inv, alls == PARTIAL)
+        # bincount, not ufunc.at: the same sums many times faster
+        full, dyn, open_, partial = (np.bincount(inv, alls == s, len(keys)) for s in (FULL, DYNAMIC, OPEN, PARTIAL))
+        full, dyn, open_ = full > 0, dyn > 0, open_ > 0
         state = np.where(full, FULL, np.where(dyn, DYNAMIC, PARTIAL)).astype(np.int8)
         # Two partial operands may fill the tile: decided by the node (here or above).
         state[~full & ~dyn & (open_ | (partial >= 2))] = OPEN
