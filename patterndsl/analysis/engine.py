@@ -292,6 +292,24 @@ class Engine:
         keys = np.concatenate(parts) if parts else np.zeros(0, np.int64)
         return np.unique(keys) if len(chains) > 1 else keys
 
+    def _overlap_axes(self, alo: np.ndarray, ahi: np.ndarray) -> np.ndarray:
+        """Keys of pairs ``(m, n)`` where key tile ``n``'s per-axis bounds meet ``[alo[m], ahi[m]]``.
+
+        For key tiles that are boxes in no flattened order (grid box orders): key tiles sorted by
+        their first-axis start; a query tile's candidates start within one tile's extent before
+        its range, so only those are tested, not every key tile.
+        """
+        (_, _, _, _), (_, _, kalo, kahi) = self._bounds()
+        order = np.argsort(kalo[:, 0], kind="stable")
+        start = kalo[order, 0]
+        reach = int((kahi[:, 0] - kalo[:, 0]).max()) if len(kalo) else 0
+        first = np.searchsorted(start, alo[:, 0] - reach, "left")
+        last = np.searchsorted(start, ahi[:, 0], "right")
+        m, pos = expand_runs(np.arange(self.nqb, dtype=np.int64), first, last)
+        n = order[pos]
+        keep = ((kahi[n] >= alo[m]) & (kalo[n] <= ahi[m])).all(1)
+        return np.sort(m[keep] * self.nkb + n[keep])
+
     def bounds(self):
         """``((qlo, qhi, qalo, qahi), (klo, khi, kalo, kahi))``: per tile, flattened and per-axis position bounds."""
         return self._bounds()
@@ -420,6 +438,8 @@ class Engine:
         if need is None:
             return self.all_keys()
         lo, hi, alo, ahi = need
+        if alo is not None and len(self._key_chains()) > 1024:
+            return self._overlap_axes(alo, ahi)
         keys = self._overlap(lo, hi)
         if alo is not None:
             m, n = keys // self.nkb, keys % self.nkb

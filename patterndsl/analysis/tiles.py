@@ -227,7 +227,34 @@ def _range_boxes(n: tuple[int, ...], lo: int, hi: int):
             yield (b, *st), (1, *ct)
 
 
+def _cut_aligned(seg: Segment, r0: int, block: int):
+    """:func:`_cut_nd` when every tile of the segment is one box (None otherwise), without a loop.
+
+    That holds when the segment starts on a tile boundary, its size is a multiple of the tile,
+    and for some axis ``x`` the tile covers whole rows of the axes after ``x`` and divides the
+    rows of axis ``x``: then tile ``t`` is a box at the coordinates of offset ``t * block``.
+    """
+    a, s, n = (np.asarray(v, np.int64) for v in seg)
+    size = int(n.prod())
+    if r0 % block or size % block:
+        return None
+    inner = [math.prod(n[x + 1 :].tolist()) for x in range(len(n))]
+    axis = next((x for x in range(len(n)) if block % inner[x] == 0 and (n[x] * inner[x]) % block == 0), None)
+    if axis is None:
+        return None
+    count = size // block
+    coords = np.stack(np.unravel_index(np.arange(count, dtype=np.int64) * block, tuple(n.tolist())), 1)
+    span = n.copy()
+    span[:axis] = 1
+    span[axis] = block // inner[axis]
+    tiles = r0 // block + np.arange(count, dtype=np.int64)
+    return tiles, a + s * coords, np.broadcast_to(s, coords.shape).copy(), np.broadcast_to(span, coords.shape).copy()
+
+
 def _cut_nd(seg: Segment, r0: int, block: int):
+    aligned = _cut_aligned(seg, r0, block)
+    if aligned is not None:
+        return aligned
     a, s, n = seg
     size = int(np.prod(n))
     tiles, pa, ps, pn = [], [], [], []
