@@ -52,6 +52,8 @@ EMPTY, PARTIAL, FULL, DYNAMIC = 0, 1, 2, 3
 OPEN = 4
 _EVAL_CHUNK = 1 << 22  # elements per batched evaluation
 _PAIR_CHUNK = 1 << 22  # tile pairs per symbolic classification batch
+#: Beyond this many ascending runs of key tiles, candidates are not found by binary search per run.
+_MAX_CHAINS = 1024
 _REFINE_LEVELS = 8  # halvings of an undecided tile into boxes before its elements are evaluated
 _REFINE_BOXES = 64  # undecided boxes per tile beyond which the tile stops being refined
 _DENSE_TILES = 1 << 24  # up to this many tiles (or group x tile pairs), count with bincount, not sorting
@@ -278,7 +280,7 @@ class Engine:
         """Keys of pairs ``(m, n)`` where key tile ``n``'s position bounds meet ``[lo[m], hi[m]]``."""
         (_, _, _, _), (klo, khi, _, _) = self._bounds()
         chains = self._key_chains()
-        if len(chains) > 1024:
+        if len(chains) > _MAX_CHAINS:
             keys = self.all_keys()
             m, n = keys // self.nkb, keys % self.nkb
             return keys[(khi[n] >= lo[m]) & (klo[n] <= hi[m])]
@@ -305,10 +307,18 @@ class Engine:
         reach = int((kahi[:, 0] - kalo[:, 0]).max()) if len(kalo) else 0
         first = np.searchsorted(start, alo[:, 0] - reach, "left")
         last = np.searchsorted(start, ahi[:, 0], "right")
-        m, pos = expand_runs(np.arange(self.nqb, dtype=np.int64), first, last)
-        n = order[pos]
-        keep = ((kahi[n] >= alo[m]) & (kalo[n] <= ahi[m])).all(1)
-        return np.sort(m[keep] * self.nkb + n[keep])
+        # query tiles a chunk at a time: the pairs tested before filtering stay bounded in memory
+        ends = np.cumsum(last - first)
+        found, m0 = [], 0
+        while m0 < self.nqb:
+            m1 = max(m0 + 1, int(np.searchsorted(ends, ends[m0] - (last[m0] - first[m0]) + _PAIR_CHUNK, "right")))
+            rows = np.arange(m0, min(m1, self.nqb), dtype=np.int64)
+            m, pos = expand_runs(rows, first[rows], last[rows])
+            n = order[pos]
+            keep = ((kahi[n] >= alo[m]) & (kalo[n] <= ahi[m])).all(1)
+            found.append(m[keep] * self.nkb + n[keep])
+            m0 = int(rows[-1]) + 1
+        return np.sort(np.concatenate(found)) if found else np.zeros(0, np.int64)
 
     def bounds(self):
         """``((qlo, qhi, qalo, qahi), (klo, khi, kalo, kahi))``: per tile, flattened and per-axis position bounds."""
@@ -438,7 +448,7 @@ class Engine:
         if need is None:
             return self.all_keys()
         lo, hi, alo, ahi = need
-        if alo is not None and len(self._key_chains()) > 1024:
+        if alo is not None and len(self._key_chains()) > _MAX_CHAINS:
             return self._overlap_axes(alo, ahi)
         keys = self._overlap(lo, hi)
         if alo is not None:

@@ -200,3 +200,24 @@ def test_orders_stop_once_every_visited_pair_is_allowed():
     # with partial tiles, the other order is still tried
     p = pd.compile("pattern p { causal & window(5, dilation = 2) }")
     assert p.plan(96, heads=1, block=(16, 16)).stats.extra["orders_tried"] == 2
+
+
+@pytest.mark.parametrize("shape", [(12, 16), (4, 6, 8)])
+def test_box_orders_find_candidates_by_axis(monkeypatch, shape):
+    # many key-tile runs (grid box orders at long lengths): candidates by first-axis start, a few
+    # query tiles at a time; forced here at a small size
+    from patterndsl.analysis import engine
+
+    monkeypatch.setattr(engine, "_MAX_CHAINS", 0)
+    monkeypatch.setattr(engine, "_PAIR_CHUNK", 7)
+    names = "yx" if len(shape) == 2 else "tyx"
+    axes = ", ".join(f"{name} = {n}" for name, n in zip(names, shape, strict=True))
+    size = "3" if len(shape) == 2 else "(3, 3, 5)"
+    p = pd.compile(f"pattern p {{ layout grid({axes})\n neighborhood({size}) | where(k.x == 0) }}")
+    length = int(np.prod(shape))
+    dense = p.mask(length, heads=1)
+    for block in (8, 16):
+        plan = p.plan(length, heads=1, block=(block, block))
+        ref = tile_reduce(dense[:, plan.q_order][:, :, plan.kv_order], block, block)
+        assert torch.equal(plan.tiles(), ref)
+        assert plan.stats.allowed_pairs == int(dense.sum())
