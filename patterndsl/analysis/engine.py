@@ -439,7 +439,7 @@ class Engine:
         return np.sort(np.concatenate(found))
 
     def _candidates(self, prim: ir.Prim) -> np.ndarray:
-        (qlo, qhi, qalo, qahi), (_, _, kalo, kahi) = self._bounds()
+        (qlo, qhi, qalo, qahi), _ = self._bounds()
         listed = primitives.lookup(prim.name).candidates
         keys = None if listed is None else listed(self, prim)
         if keys is not None:
@@ -448,14 +448,10 @@ class Engine:
         if need is None:
             return self.all_keys()
         lo, hi, alo, ahi = need
-        if alo is not None and len(self._key_chains()) > _MAX_CHAINS:
-            return self._overlap_axes(alo, ahi)
-        keys = self._overlap(lo, hi)
         if alo is not None:
-            m, n = keys // self.nkb, keys % self.nkb
-            keep = ((kahi[n] >= alo[m]) & (kalo[n] <= ahi[m])).all(1)
-            keys = keys[keep]
-        return keys
+            # per-axis ranges: a flattened range of a grid box spans whole planes of other tiles
+            return self._overlap_axes(alo, ahi)
+        return self._overlap(lo, hi)
 
     # ----------------------------------------------------------------- primitives
 
