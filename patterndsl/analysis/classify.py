@@ -55,6 +55,8 @@ class Env:
     sizes: Sizes
     head: int
     cache: dict = field(default_factory=dict)
+    #: Elements tile rules evaluated themselves (one-sided ``where`` pieces), for the plan's stats.
+    elements: int = 0
 
     @property
     def q_len(self) -> int:

@@ -39,6 +39,8 @@ import torch
 
 from patterndsl import ir, primitives, semantics
 from patterndsl.analysis import classify as cls
+from patterndsl.analysis.axes import AxisSplit
+from patterndsl.analysis.bandcount import Combination, band_pairs
 from patterndsl.analysis.tiles import Pieces, Side
 from patterndsl.errors import PatternError, PatternValueError
 from patterndsl.sizes import Sizes
@@ -50,6 +52,8 @@ EMPTY, PARTIAL, FULL, DYNAMIC = 0, 1, 2, 3
 OPEN = 4
 _EVAL_CHUNK = 1 << 22  # elements per batched evaluation
 _PAIR_CHUNK = 1 << 22  # tile pairs per symbolic classification batch
+#: Beyond this many ascending runs of key tiles, candidates are not found by binary search per run.
+_MAX_CHAINS = 1024
 _REFINE_LEVELS = 8  # halvings of an undecided tile into boxes before its elements are evaluated
 _REFINE_BOXES = 64  # undecided boxes per tile beyond which the tile stops being refined
 _DENSE_TILES = 1 << 24  # up to this many tiles (or group x tile pairs), count with bincount, not sorting
@@ -202,6 +206,8 @@ class Engine:
 
     def _run(self, node: ir.Node, domain: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
         # Like run, but a static node may leave tiles OPEN for the node above to decide.
+        if isinstance(node, (ir.Inter, ir.Union)) and AxisSplit(node, self.env.layout).usable:
+            return self._by_axes(node, domain)
         if isinstance(node, ir.Inter):
             return self._inter(node, domain)
         if isinstance(node, ir.Union):
@@ -214,12 +220,14 @@ class Engine:
 
     def _joint_search_pays(self, node: ir.Node) -> bool:
         # Operands with a needed-key range or listed candidates are bounded one by one already;
-        # a predicate bounded only by intervals (``where`` that is not a half-plane) is where the
+        # a primitive bounded only by intervals (its record's ``joint_search``) is where the
         # operands' joint bounds can be far tighter than each alone.
-        return any(
-            isinstance(p, ir.Prim) and p.name == "where" and cls.halfplane_of(p.arg("pred"), self.env) is None
-            for p in ir.walk(node)
-        )
+        for p in ir.walk(node):
+            if isinstance(p, ir.Prim):
+                rule = primitives.lookup(p.name).joint_search
+                if rule is not None and rule(p, self.env):
+                    return True
+        return False
 
     def _reach(self, node: ir.Node) -> tuple[int, int]:
         """Sort key inside an intersection: the tiles an operand reaches (counted by :meth:`search`
@@ -272,7 +280,7 @@ class Engine:
         """Keys of pairs ``(m, n)`` where key tile ``n``'s position bounds meet ``[lo[m], hi[m]]``."""
         (_, _, _, _), (klo, khi, _, _) = self._bounds()
         chains = self._key_chains()
-        if len(chains) > 1024:
+        if len(chains) > _MAX_CHAINS:
             keys = self.all_keys()
             m, n = keys // self.nkb, keys % self.nkb
             return keys[(khi[n] >= lo[m]) & (klo[n] <= hi[m])]
@@ -285,6 +293,32 @@ class Engine:
             parts.append(m * self.nkb + n)
         keys = np.concatenate(parts) if parts else np.zeros(0, np.int64)
         return np.unique(keys) if len(chains) > 1 else keys
+
+    def _overlap_axes(self, alo: np.ndarray, ahi: np.ndarray) -> np.ndarray:
+        """Keys of pairs ``(m, n)`` where key tile ``n``'s per-axis bounds meet ``[alo[m], ahi[m]]``.
+
+        For key tiles that are boxes in no flattened order (grid box orders): key tiles sorted by
+        their first-axis start; a query tile's candidates start within one tile's extent before
+        its range, so only those are tested, not every key tile.
+        """
+        (_, _, _, _), (_, _, kalo, kahi) = self._bounds()
+        order = np.argsort(kalo[:, 0], kind="stable")
+        start = kalo[order, 0]
+        reach = int((kahi[:, 0] - kalo[:, 0]).max()) if len(kalo) else 0
+        first = np.searchsorted(start, alo[:, 0] - reach, "left")
+        last = np.searchsorted(start, ahi[:, 0], "right")
+        # query tiles a chunk at a time: the pairs tested before filtering stay bounded in memory
+        ends = np.cumsum(last - first)
+        found, m0 = [], 0
+        while m0 < self.nqb:
+            m1 = max(m0 + 1, int(np.searchsorted(ends, ends[m0] - (last[m0] - first[m0]) + _PAIR_CHUNK, "right")))
+            rows = np.arange(m0, min(m1, self.nqb), dtype=np.int64)
+            m, pos = expand_runs(rows, first[rows], last[rows])
+            n = order[pos]
+            keep = ((kahi[n] >= alo[m]) & (kalo[n] <= ahi[m])).all(1)
+            found.append(m[keep] * self.nkb + n[keep])
+            m0 = int(rows[-1]) + 1
+        return np.sort(np.concatenate(found)) if found else np.zeros(0, np.int64)
 
     def bounds(self):
         """``((qlo, qhi, qalo, qahi), (klo, khi, kalo, kahi))``: per tile, flattened and per-axis position bounds."""
@@ -405,7 +439,7 @@ class Engine:
         return np.sort(np.concatenate(found))
 
     def _candidates(self, prim: ir.Prim) -> np.ndarray:
-        (qlo, qhi, qalo, qahi), (_, _, kalo, kahi) = self._bounds()
+        (qlo, qhi, qalo, qahi), _ = self._bounds()
         listed = primitives.lookup(prim.name).candidates
         keys = None if listed is None else listed(self, prim)
         if keys is not None:
@@ -414,12 +448,10 @@ class Engine:
         if need is None:
             return self.all_keys()
         lo, hi, alo, ahi = need
-        keys = self._overlap(lo, hi)
         if alo is not None:
-            m, n = keys // self.nkb, keys % self.nkb
-            keep = ((kahi[n] >= alo[m]) & (kalo[n] <= ahi[m])).all(1)
-            keys = keys[keep]
-        return keys
+            # per-axis ranges: a flattened range of a grid box spans whole planes of other tiles
+            return self._overlap_axes(alo, ahi)
+        return self._overlap(lo, hi)
 
     # ----------------------------------------------------------------- primitives
 
@@ -544,19 +576,28 @@ class Engine:
                 memo[int(keys[o])] = (t[o], f[o], count[o])
         return t, f, count
 
-    def box_states(self, node: ir.Node, qp, kp) -> np.ndarray:
-        """Per box (aligned query / key pieces): 2 every pair allowed, 0 none, 1 not known symbolically."""
+    def box_states(self, node: ir.Node, qp, kp, leaves: dict | None = None) -> np.ndarray:
+        """Per box (aligned query / key pieces): 2 every pair allowed, 0 none, 1 not known symbolically.
+
+        ``leaves``, when given, receives every primitive's own states (``{prim: int8 [B]}``).
+        """
         if isinstance(node, ir.Not):
-            return 2 - self.box_states(node.item, qp, kp)
+            return 2 - self.box_states(node.item, qp, kp, leaves)
         if isinstance(node, (ir.Inter, ir.Union)):
-            states = np.stack([self.box_states(item, qp, kp) for item in node.items])
+            states = np.stack([self.box_states(item, qp, kp, leaves) for item in node.items])
             if isinstance(node, ir.Inter):
                 return np.where((states == 0).any(0), 0, np.where((states == 2).all(0), 2, 1)).astype(np.int8)
             return np.where((states == 2).any(0), 2, np.where((states == 0).all(0), 0, 1)).astype(np.int8)
+        if leaves is not None and node in leaves:
+            return leaves[node]
         if primitives.lookup(node.name).dynamic:
-            return np.ones(len(qp.fa), np.int8)
-        nonempty, full, ok = cls.classify(node, qp, kp, self.env)
-        return np.where(ok & full & nonempty, 2, np.where(ok & ~nonempty, 0, 1)).astype(np.int8)
+            st = np.ones(len(qp.fa), np.int8)
+        else:
+            nonempty, full, ok = cls.classify(node, qp, kp, self.env)
+            st = np.where(ok & full & nonempty, 2, np.where(ok & ~nonempty, 0, 1)).astype(np.int8)
+        if leaves is not None:
+            leaves[node] = st
+        return st
 
     def refine(self, node: ir.Node, keys: np.ndarray, counting: bool) -> Refined:
         """Cut tiles ``keys`` into boxes, halving undecided boxes, and classify each box symbolically.
@@ -578,6 +619,22 @@ class Engine:
         ki = self.k.ptr[n][owner] + local % ck[owner]
         qb = _BoxSide(self.q.a[qi], self.q.s[qi], self.q.n[qi], self.q)
         kb = _BoxSide(self.k.a[ki], self.k.s[ki], self.k.n[ki], self.k)
+        split = AxisSplit(node, self.env.layout)
+        if split.usable:
+            # Parts that read one grid axis each: every box counted axis by axis, none left open.
+            count, spent = split.count(self, qb, kb)
+            self.tally.elements += spent
+            if self.tally.budget is not None:
+                self.tally.budget -= spent
+                if self.tally.budget < 0:
+                    raise OverBudget
+            area = qb.n.prod(1) * kb.n.prod(1)
+            size = len(keys)
+            any_t = np.bincount(owner, count > 0, size) > 0
+            any_f = np.bincount(owner, count < area, size) > 0
+            none = np.zeros(0, np.int64)
+            true_area = np.bincount(owner, count, size).astype(np.int64)
+            return Refined(any_t, any_f, true_area, none, qb.take(none), kb.take(none))
         period = _period(node, self.env) if len(self.q.extents) == 1 else 1
         if period > 1:
             # Bands with a modulus (dilations, strides) are checkerboards finer than any
@@ -586,15 +643,29 @@ class Engine:
         any_t = np.zeros(len(keys), bool)
         any_f = np.zeros(len(keys), bool)
         true_area = np.zeros(len(keys), np.int64)
+        combo = self._combination(node)
         for level in range(_REFINE_LEVELS + 1):
             if not len(owner):
                 break
-            st = self.box_states(node, qb.pieces(), kb.pieces())
+            qp, kp, leaves = qb.pieces(), kb.pieces(), {}
+            st = self.box_states(node, qp, kp, leaves)
             area = qb.n.prod(1) * kb.n.prod(1)
-            any_t[owner[st == 2]] = True
-            any_f[owner[st == 0]] = True
-            true_area += np.bincount(owner[st == 2], weights=area[st == 2], minlength=len(keys)).astype(np.int64)
             live = st == 1
+            allowed = np.where(st == 2, area, 0)
+            if combo.usable and live.any():
+                # Boxes where only bands are undecided: counted in closed form, never evaluated.
+                sel = np.flatnonzero(live)
+                count, exact = combo.count(
+                    qb.take(sel).pieces(), kb.take(sel).pieces(), {p: v[sel] for p, v in leaves.items()}
+                )
+                done = sel[exact]
+                allowed[done] = count[exact]
+                st = st.copy()
+                st[done] = np.where(count[exact] == 0, 0, np.where(count[exact] == area[done], 2, 3))
+                live[done] = False
+            any_t[owner[(st == 2) | (st == 3)]] = True
+            any_f[owner[(st == 0) | (st == 3)]] = True
+            true_area += np.bincount(owner, weights=allowed, minlength=len(keys)).astype(np.int64)
             if not counting:
                 live &= ~(any_t & any_f)[owner]
             owner, qb, kb = owner[live], qb.take(live), kb.take(live)
@@ -614,6 +685,9 @@ class Engine:
             qb = _BoxSide.cat([qb.take(keep), q1, q2])
             kb = _BoxSide.cat([kb.take(keep), k1, k2])
         return Refined(any_t, any_f, true_area, owner, qb, kb)
+
+    def _combination(self, node: ir.Node) -> Combination:
+        return Combination(node, lambda prim: band_of(prim, self.env))
 
     def chunks(self, keys: np.ndarray):
         """The elements of tiles ``keys``, a bounded number at a time: the one chunked evaluation loop.
@@ -666,19 +740,26 @@ class Engine:
         keep = state > 0
         return keys[keep], state[keep]
 
+    def _by_axes(self, node: ir.Node, domain):
+        # Parts that read one grid axis each: the candidates' counts, axis by axis, are their
+        # states at once (no operand classified on its own, no tile left open).
+        if domain is None:
+            domain = self.search(self.node_decide(node))
+        ref = self.refine(node, domain, counting=True)
+        m, n = domain // self.nkb, domain % self.nkb
+        area = np.diff(self.q.starts)[m] * np.diff(self.k.starts)[n]
+        state = np.where(ref.true_area == area, FULL, PARTIAL).astype(np.int8)
+        keep = ref.true_area > 0
+        return domain[keep], state[keep]
+
     def _union(self, node: ir.Union, domain):
         results = [self._operand(node, item, domain) for item in node.items]
         allk = np.concatenate([r[0] for r in results])
         alls = np.concatenate([r[1] for r in results])
         keys, inv = np.unique(allk, return_inverse=True)
-        full = np.zeros(len(keys), bool)
-        dyn = np.zeros(len(keys), bool)
-        open_ = np.zeros(len(keys), bool)
-        partial = np.zeros(len(keys), np.int64)
-        np.logical_or.at(full, inv, alls == FULL)
-        np.logical_or.at(dyn, inv, alls == DYNAMIC)
-        np.logical_or.at(open_, inv, alls == OPEN)
-        np.add.at(partial, inv, alls == PARTIAL)
+        # bincount, not ufunc.at: the same sums many times faster
+        full, dyn, open_, partial = (np.bincount(inv, alls == s, len(keys)) for s in (FULL, DYNAMIC, OPEN, PARTIAL))
+        full, dyn, open_ = full > 0, dyn > 0, open_ > 0
         state = np.where(full, FULL, np.where(dyn, DYNAMIC, PARTIAL)).astype(np.int8)
         # Two partial operands may fill the tile: decided by the node (here or above).
         state[~full & ~dyn & (open_ | (partial >= 2))] = OPEN
@@ -829,13 +910,8 @@ def _period(node: ir.Node, env) -> int:
         band = band_of(prim, env)
         if band is not None:
             moduli.append(band[2])
-        elif isinstance(prim, ir.Prim) and prim.name == "where":
-            # ``x % c`` of a where predicate: exact on residue classes of c (interval congruences).
-            moduli += [
-                abs(e.right.value)
-                for e in ir.walk_expr(prim.arg("pred"))
-                if isinstance(e, ir.Arith) and e.op == "%" and isinstance(e.right, ir.Const)
-            ]
+        elif isinstance(prim, ir.Prim) and primitives.lookup(prim.name).periods is not None:
+            moduli += primitives.lookup(prim.name).periods(prim)
     for mod in moduli:
         if mod > 1:
             period = period * mod // math.gcd(period, mod)
@@ -1163,6 +1239,8 @@ def count_tiles(engine: Engine, node: ir.Node, keys: np.ndarray, state: np.ndarr
         m, n = keys // engine.nkb, keys % engine.nkb
         area = np.diff(engine.q.starts)[m] * np.diff(engine.k.starts)[n]
         return area - count_tiles(engine, node.item, keys)
+    if isinstance(node, (ir.Inter, ir.Union)) and AxisSplit(node, engine.env.layout).usable:
+        return count_allowed(engine, node, keys)  # axis by axis, all operands at once
     if isinstance(node, (ir.Inter, ir.Union)) and not ir.is_dynamic(node):
         other = FULL if isinstance(node, ir.Inter) else EMPTY
         states = []
@@ -1192,49 +1270,6 @@ def _separable_count(engine: Engine, node: ir.Node, keys: np.ndarray) -> np.ndar
     return None if rule is None else rule(node, engine, keys)
 
 
-#: Largest band modulus counted by the per-residue closed form (else row by row).
-_MAX_PERIOD_COUNT = 64
-
-
-def _band_rect_count(q0, nq, k0, nk, lo: int, hi: int, mod: int) -> np.ndarray:
-    """Pairs of the rectangles ``[q0, q0+nq) x [k0, k0+nk)`` with ``lo <= q - k <= hi`` and
-    ``(q - k) % mod == 0``: a closed form per residue class, O(mod) per rectangle, not per row."""
-    if mod == 1:
-        return np.maximum(_diff_at_most(q0, nq, k0, nk, hi) - _diff_at_most(q0, nq, k0, nk, lo - 1), 0)
-    out = np.zeros(len(q0), np.int64)
-    for r in range(mod):
-        # queries q = qr + mod * u (u < nu) and keys k = kr + mod * v (v < nv), both == r (mod mod)
-        qr = q0 + (r - q0) % mod
-        kr = k0 + (r - k0) % mod
-        nu = np.maximum(q0 + nq - qr + mod - 1, 0) // mod
-        nv = np.maximum(k0 + nk - kr + mod - 1, 0) // mod
-        d = qr - kr  # a multiple of mod: q - k = d + mod * (u - v)
-        ulo = -((d - lo) // mod)  # ceil((lo - d) / mod)
-        uhi = (hi - d) // mod
-        zero = np.zeros_like(nu)
-        out += np.maximum(_diff_at_most(zero, nu, zero, nv, uhi) - _diff_at_most(zero, nu, zero, nv, ulo - 1), 0)
-    return out
-
-
-def _diff_at_most(q0, nq, k0, nk, t) -> np.ndarray:
-    """Pairs of ``[q0, q0+nq) x [k0, k0+nk)`` with ``q - k <= t`` (arrays; ``t`` may be huge)."""
-    q1, k1 = q0 + nq - 1, k0 + nk - 1
-    # Clip t to where the count changes: below every difference 0 pairs, above all nq * nk.
-    t = np.clip(t, q0 - k1 - 1, q1 - k0)
-
-    def tri(x):
-        x = np.maximum(x, 0)
-        return x * (x + 1) // 2
-
-    def ramp(c):
-        # sum over q in [q0, q1] of max(0, c - q)
-        return tri(c - q0) - tri(c - q1 - 1)
-
-    c = k1 + t + 1  # #{k >= q - t} = clamp(c - q, 0, nk)
-    out = ramp(c) - ramp(c - nk)
-    return np.where((nq > 0) & (nk > 0), out, 0)
-
-
 def count_allowed(engine: Engine, node: ir.Node, keys: np.ndarray) -> np.ndarray:
     """Allowed pairs in each tile ``keys`` (partial tiles): by formula for a single band, else by evaluation.
 
@@ -1249,10 +1284,16 @@ def count_allowed(engine: Engine, node: ir.Node, keys: np.ndarray) -> np.ndarray
     separable = _separable_count(engine, node, keys)
     if separable is not None:
         return separable
-    if band is not None and len(q.extents) == 1 and q.single_piece and k.single_piece and band[2] <= _MAX_PERIOD_COUNT:
+    if band is not None and len(q.extents) == 1:
+        # Every piece pair a trapezoid: counted in O(1) when both pieces share a step.
         m, n = keys // engine.nkb, keys % engine.nkb
-        if (q.s[m, 0] == 1).all() and (k.s[n, 0] == 1).all():
-            return _band_rect_count(q.a[m, 0], q.n[m, 0], k.a[n, 0], k.n[n, 0], *band)
+        cq, ck = np.diff(q.ptr)[m], np.diff(k.ptr)[n]
+        owner, local = expand_runs(np.arange(len(keys)), np.zeros(len(keys), np.int64), cq * ck)
+        qi = q.ptr[m][owner] + local // ck[owner]
+        ki = k.ptr[n][owner] + local % ck[owner]
+        count, ok = band_pairs(q.piece_view(qi), k.piece_view(ki), *band)
+        if ok.all():
+            return np.bincount(owner, weights=count, minlength=len(keys)).astype(np.int64)
     if band is not None and len(q.extents) == 1:
         lo, hi, mod = band
         m, n = keys // engine.nkb, keys % engine.nkb

@@ -183,12 +183,16 @@ def plan(
     sizes = Sizes(q_len, kv_len, pir.layout, heads)
     try:
         best = None
+        tried = 0
         for desc, qsegs, ksegs, identity in cands:
+            if best is not None and all((g.state == eng.FULL).all() for g in best.groups):
+                break  # every visited pair is allowed: no order visits fewer
+            tried += 1
             bound = None if best is None else best.work
             cand = _plan_order(desc, qsegs, ksegs, identity, groups, sizes, bm, bn, bound)
             if cand is not None:
                 best = cand
-        out = _assemble(pir, best, groups, head_group, sizes, bm, bn, start, len(cands))
+        out = _assemble(pir, best, groups, head_group, sizes, bm, bn, start, tried)
     except MemoryError:
         raise PatternValueError(
             f"not enough memory for the block plan at Lq={q_len}, Lk={kv_len} with {bm}x{bn} tiles: "
@@ -265,7 +269,7 @@ def _assemble(pir, cand: _Candidate, groups, head_group, sizes: Sizes, bm, bn, s
         stats.tiles_dynamic += int((state == eng.DYNAMIC).sum()) * nh
         stats.tiles_empty += (nqb * nkb - len(keys)) * nh
         evaluated += engine.tally.evaluated
-        stats.elements_evaluated += engine.tally.elements
+        stats.elements_evaluated += engine.tally.elements + engine.env.elements
         counted_tiles = stats.extra.get("tiles_counted_by_evaluation", 0) + engine.tally.counted
         stats.extra["tiles_counted_by_evaluation"] = counted_tiles
         stats.extra["tiles_classified"] = stats.extra.get("tiles_classified", 0) + engine.tally.classified

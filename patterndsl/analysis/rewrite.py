@@ -13,6 +13,7 @@ plans of rewritten nodes against the dense meaning of the originals).
 from __future__ import annotations
 
 from patterndsl import ir
+from patterndsl.primitives.where import one_side
 
 
 def window(before: int, after: int, dilation: int) -> ir.Prim:
@@ -45,6 +46,10 @@ def _guards_a_divisor(pred: ir.Logic) -> bool:
 def _where(pred: ir.Expr) -> ir.Node:
     if isinstance(pred, ir.Const) and isinstance(pred.value, bool):
         return ir.FULL if pred.value else ir.EMPTY
+    if one_side(pred) is not None:
+        # Read on one side only: the tile rule decides it exactly as it stands; split into
+        # comparisons it would leave two partial operands to decide together.
+        return ir.Prim("where", (("pred", pred),))
     if isinstance(pred, ir.Logic) and not _guards_a_divisor(pred):
         parts = [_where(p) for p in pred.items]
         return ir.inter(*parts) if pred.op == "and" else ir.union(*parts)

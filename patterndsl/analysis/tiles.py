@@ -14,6 +14,7 @@ per-pair) work.
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -107,18 +108,25 @@ class Pieces:
     """
 
     def __init__(self, side: Side, idx: np.ndarray):
-        self.a = side.a[idx]
-        self.s = side.s[idx]
-        self.n = side.n[idx]
+        w, ext = np.asarray(side.strides, dtype=np.int64), np.asarray(side.extents, dtype=np.int64)
+        self._set(side.a[idx], side.s[idx], side.n[idx], w, ext)
+
+    def _set(self, a, s, n, w, ext) -> None:
+        self.a, self.s, self.n = a, s, n
         self.last = self.a + self.s * (self.n - 1)
-        self._w = np.asarray(side.strides, dtype=np.int64)
-        self._ext = np.asarray(side.extents, dtype=np.int64)
+        self._w, self._ext = w, ext
         if self.a.shape[1] == 1:
             # 1-D positions: every piece is a progression already.
             self.fmin = self.fa = self.a[:, 0]
             self.fmax = self.last[:, 0]
             self.isap = np.ones(len(self.a), dtype=bool)
             self.fs, self.fn = self.s[:, 0], self.n[:, 0]
+
+    def take(self, sel: np.ndarray) -> Pieces:
+        """The pieces at positions ``sel`` of this selection."""
+        out = object.__new__(Pieces)
+        out._set(self.a[sel], self.s[sel], self.n[sel], self._w, self._ext)
+        return out
 
     @functools.cached_property
     def fmin(self) -> np.ndarray:
@@ -164,14 +172,29 @@ class Pieces:
         return self._flat[2]
 
 
-def _cut_1d(seg: Segment, r0: int, block: int):
-    """Pieces of a 1-axis segment starting at new position ``r0``, cut at tile boundaries."""
-    (a,), (s,), (n,) = seg
-    t0, t1 = r0 // block, (r0 + n - 1) // block
-    tiles = np.arange(t0, t1 + 1, dtype=np.int64)
-    lo = np.maximum(r0, tiles * block) - r0
-    hi = np.minimum(r0 + n, (tiles + 1) * block) - r0
-    return tiles, (a + s * lo)[:, None], np.full((len(tiles), 1), s, np.int64), (hi - lo)[:, None]
+def _cut_1d(segments: list[Segment], block: int, offset: int, identity: bool):
+    """Pieces of 1-axis segments laid end to end, cut at tile boundaries (all segments at once).
+
+    Returns ``(tile, a, s, n, order, covered)``: the pieces in segment order, the new position
+    -> original index map (None for the identity) and the positions covered.
+    """
+    a0, s0, n0 = (np.asarray([seg[f][0] for seg in segments], np.int64) for f in range(3))
+    live = n0 > 0
+    a0, s0, n0 = a0[live], s0[live], n0[live]
+    r0 = np.cumsum(n0) - n0
+    t0, t1 = r0 // block, (r0 + n0 - 1) // block
+    seg = np.repeat(np.arange(len(n0)), t1 - t0 + 1)
+    tile = (
+        t0[seg] + np.arange(len(seg), dtype=np.int64) - np.repeat(np.cumsum(t1 - t0 + 1) - (t1 - t0 + 1), t1 - t0 + 1)
+    )
+    lo = np.maximum(r0[seg], tile * block) - r0[seg]
+    hi = np.minimum(r0[seg] + n0[seg], (tile + 1) * block) - r0[seg]
+    order = None
+    if not identity:
+        local = np.arange(int(n0.sum()), dtype=np.int64) - np.repeat(r0, n0)
+        order = np.repeat(a0, n0) + np.repeat(s0, n0) * local - offset
+    pieces = ((a0[seg] + s0[seg] * lo)[:, None], s0[seg][:, None], (hi - lo)[:, None])
+    return tile, *pieces, order, int(n0.sum())
 
 
 def _range_boxes(n: tuple[int, ...], lo: int, hi: int):
@@ -204,7 +227,34 @@ def _range_boxes(n: tuple[int, ...], lo: int, hi: int):
             yield (b, *st), (1, *ct)
 
 
+def _cut_aligned(seg: Segment, r0: int, block: int):
+    """:func:`_cut_nd` when every tile of the segment is one box (None otherwise), without a loop.
+
+    That holds when the segment starts on a tile boundary, its size is a multiple of the tile,
+    and for some axis ``x`` the tile covers whole rows of the axes after ``x`` and divides the
+    rows of axis ``x``: then tile ``t`` is a box at the coordinates of offset ``t * block``.
+    """
+    a, s, n = (np.asarray(v, np.int64) for v in seg)
+    size = int(n.prod())
+    if r0 % block or size % block:
+        return None
+    inner = [math.prod(n[x + 1 :].tolist()) for x in range(len(n))]
+    axis = next((x for x in range(len(n)) if block % inner[x] == 0 and (n[x] * inner[x]) % block == 0), None)
+    if axis is None:
+        return None
+    count = size // block
+    coords = np.stack(np.unravel_index(np.arange(count, dtype=np.int64) * block, tuple(n.tolist())), 1)
+    span = n.copy()
+    span[:axis] = 1
+    span[axis] = block // inner[axis]
+    tiles = r0 // block + np.arange(count, dtype=np.int64)
+    return tiles, a + s * coords, np.broadcast_to(s, coords.shape).copy(), np.broadcast_to(span, coords.shape).copy()
+
+
 def _cut_nd(seg: Segment, r0: int, block: int):
+    aligned = _cut_aligned(seg, r0, block)
+    if aligned is not None:
+        return aligned
     a, s, n = seg
     size = int(np.prod(n))
     tiles, pa, ps, pn = [], [], [], []
@@ -259,32 +309,72 @@ def build_side(
     """
     d = len(extents)
     strides = tuple(int(np.prod(extents[x + 1 :])) for x in range(d))
-    parts, orders = [], []
-    r0 = 0
-    for seg in segments:
-        size = int(np.prod(seg[2]))
-        if size == 0:
-            continue
-        parts.append(_cut_1d(seg, r0, block) if d == 1 else _cut_nd(seg, r0, block))
-        if not identity:
-            orders.append(_segment_positions(seg, strides) - offset)
-        r0 += size
+    if d > 1 and segments and all(math.prod(seg[2]) == block for seg in segments):
+        return _one_tile_per_segment(segments, length, block, offset, extents, strides, identity)
+    if d == 1:
+        tile, a, s, n, order, r0 = _cut_1d(segments, block, offset, identity)
+    else:
+        parts, orders = [], []
+        r0 = 0
+        for seg in segments:
+            size = int(np.prod(seg[2]))
+            if size == 0:
+                continue
+            parts.append(_cut_nd(seg, r0, block))
+            if not identity:
+                orders.append(_segment_positions(seg, strides) - offset)
+            r0 += size
+        tile, a, s, n = (np.concatenate([p[f] for p in parts]) for f in range(4))
+        order = None if identity else np.concatenate(orders)
     if r0 != length:
         raise AssertionError(f"segments cover {r0} positions, expected {length}")
-    tile = np.concatenate([p[0] for p in parts])
-    a = np.concatenate([p[1] for p in parts])
-    s = np.concatenate([p[2] for p in parts])
-    n = np.concatenate([p[3] for p in parts])
     # Pieces are produced tile by tile within a segment; sort so a tile's pieces are adjacent.
-    if len(parts) > 1:
+    if len(segments) > 1:
         srt = np.argsort(tile, kind="stable")
         tile, a, s, n = tile[srt], a[srt], s[srt], n[srt]
     nt = -(-length // block)
     ptr = np.zeros(nt + 1, dtype=np.int64)
     ptr[1:] = np.cumsum(np.bincount(tile, minlength=nt))
-    order = None if identity else np.concatenate(orders)
     starts = np.minimum(np.arange(nt + 1, dtype=np.int64) * block, length)
     return Side(length, block, offset, extents, strides, order, ptr, tile, a, s, n, identity, starts)
+
+
+def _one_tile_per_segment(segments, length, block, offset, extents, strides, identity) -> Side:
+    # Grid boxes of one tile each (the box orders of neighborhoods): every segment is one tile's
+    # one piece, laid out with array operations instead of a loop over segments.
+    a, s, n = (np.asarray([seg[f] for seg in segments], np.int64) for f in range(3))
+    nt = len(segments)
+    if nt * block != length:
+        raise AssertionError(f"segments cover {nt * block} positions, expected {length}")
+    order = None
+    if not identity:
+        order = np.empty((nt, block), np.int64)
+        w = np.asarray(strides, np.int64)
+        # segments of one shape at a time: their positions are one broadcast
+        shapes, which = np.unique(n, axis=0, return_inverse=True)
+        for x, shape in enumerate(shapes):
+            rows = np.flatnonzero(which.reshape(-1) == x)
+            coords = np.stack(np.unravel_index(np.arange(block), tuple(int(e) for e in shape)), 1)
+            pos = ((a[rows, None, :] + s[rows, None, :] * coords[None, :, :]) * w).sum(2)
+            order[rows] = pos - offset
+        order = order.reshape(-1)
+    tile = np.arange(nt, dtype=np.int64)
+    starts = np.arange(nt + 1, dtype=np.int64) * block
+    return Side(
+        length,
+        block,
+        offset,
+        extents,
+        strides,
+        order,
+        np.arange(nt + 1, dtype=np.int64),
+        tile,
+        a,
+        s,
+        n,
+        identity,
+        starts,
+    )
 
 
 def identity_segments(length: int, offset: int, extents: tuple[int, ...]) -> list[Segment]:
@@ -319,15 +409,13 @@ def box_segments(extents: tuple[int, ...], dilation: tuple[int, ...], box: tuple
     out: list[Segment] = []
     d = len(extents)
     groups = np.stack(np.meshgrid(*[np.arange(x) for x in dilation], indexing="ij"), -1).reshape(-1, d)
-    for g in groups:
-        m = [-(-(extents[x] - int(g[x])) // dilation[x]) for x in range(d)]
+    for g in groups.tolist():
+        m = [-(-(extents[x] - g[x]) // dilation[x]) for x in range(d)]
         counts = [-(-m[x] // box[x]) for x in range(d)]
-        for bidx in np.ndindex(*counts):
-            a, s, n = [], [], []
-            for x in range(d):
-                t0 = bidx[x] * box[x]
-                a.append(int(g[x]) + dilation[x] * t0)
-                s.append(dilation[x])
-                n.append(min(box[x], m[x] - t0))
-            out.append((tuple(a), tuple(s), tuple(n)))
+        # every box of the group at once: row-major box indices, per axis start and count
+        idx = np.stack(np.unravel_index(np.arange(int(np.prod(counts))), counts), 1) * np.asarray(box)
+        a = np.asarray(g) + np.asarray(dilation) * idx
+        n = np.minimum(np.asarray(box), np.asarray(m) - idx)
+        step = tuple(dilation)
+        out += [(tuple(sa), step, tuple(sn)) for sa, sn in zip(a.tolist(), n.tolist(), strict=True)]
     return out

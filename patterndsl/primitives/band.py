@@ -16,13 +16,23 @@ from patterndsl.primitives.registry import Primitive, register
 # --------------------------------------------------------------------------- tile rule
 
 
-def _inverse_mod(values: np.ndarray, mod: np.ndarray) -> np.ndarray:
+def inverse_mod(values: np.ndarray, mod: np.ndarray) -> np.ndarray:
+    """Inverses of ``values`` modulo ``mod`` (coprime; 0 where ``mod`` is 1), one ``pow`` per distinct pair."""
     out = np.zeros_like(values)
-    if not len(values) or (mod <= 1).all():
+    live = mod > 1
+    if not live.any():
         return out
-    pairs, inverse = np.unique(np.stack([values, mod], 1), axis=0, return_inverse=True)
-    table = np.array([pow(int(v) % int(m), -1, int(m)) if m > 1 else 0 for v, m in pairs], dtype=np.int64)
-    return table[inverse.reshape(-1)]
+    m1 = int(mod.max()) + 1
+    v, m = values[live] % mod[live], mod[live]
+    if m1 < 1 << 31:
+        # one int64 key per (value mod m, m): a 1-D unique, far cheaper than unique rows
+        uniq, inv = np.unique(v * m1 + m, return_inverse=True)
+        pairs = zip((uniq // m1).tolist(), (uniq % m1).tolist(), strict=True)
+    else:
+        uniq, inv = np.unique(np.stack([v, m], 1), axis=0, return_inverse=True)
+        pairs = uniq.tolist()
+    out[live] = np.array([pow(a, -1, b) for a, b in pairs], dtype=np.int64)[inv.reshape(-1)]
+    return out
 
 
 def band(qp, kp, lo: int, hi: int, modulus: int):
@@ -46,7 +56,7 @@ def band(qp, kp, lo: int, hi: int, modulus: int):
     g = np.gcd(step, modulus)
     solvable = d0 % g == 0
     mod2 = modulus // g
-    inv = _inverse_mod(step // g, mod2)
+    inv = inverse_mod(step // g, mod2)
     w0 = np.where(mod2 > 1, ((-d0 // np.where(solvable, g, 1)) * inv) % np.maximum(mod2, 1), 0)
     first = blo + (w0 - blo) % np.maximum(mod2, 1)
     nonempty = solvable & (blo <= bhi) & (first <= bhi)

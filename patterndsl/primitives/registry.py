@@ -79,6 +79,15 @@ class Primitive:
             primitive cannot be compiled into a kernel. None: it cannot.
         grid: the meaning needs a ``layout grid(...)``.
         dynamic: decided from the data at run time (``route``).
+        joint_search: capability, ``(prim, env) -> bool``: its tiles are bounded only by interval
+            reasoning (no needed-key range, no listed candidates), so inside an intersection the
+            operands searched together bound the tiles far tighter than each alone. None: never.
+        periods: capability, ``(prim) -> tuple[int, ...]``: moduli its tile rule is exact on
+            residue classes of (besides its ``band`` modulus), so refinement splits tiles by them
+            first. None: none.
+        axes: capability, ``(prim, layout) -> tuple[int, ...] | None``: the grid axes (indices) its
+            meaning reads, on both sides; None (or a None rule): it may read flattened positions.
+            Parts of a pattern that read one axis each are counted axis by axis.
     """
 
     name: str
@@ -98,6 +107,10 @@ class Primitive:
     triton: Callable | None = MISSING
     grid: bool = False
     dynamic: bool = False
+    # Capabilities: optional, so a record written without them keeps its meaning (None: no such ability).
+    joint_search: Callable | None = None
+    periods: Callable | None = None
+    axes: Callable | None = None
 
 
 #: Fields that must be a function (no opt-out).

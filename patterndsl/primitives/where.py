@@ -15,7 +15,7 @@ from patterndsl import ir
 from patterndsl import semantics as sem
 from patterndsl.errors import PatternTypeError
 from patterndsl.primitives import intervals
-from patterndsl.primitives.common import BIG, cdiv, exact, fdiv, param
+from patterndsl.primitives.common import BIG, cdiv, distinct_rows, exact, fdiv, param
 from patterndsl.primitives.registry import Primitive, register
 
 
@@ -122,6 +122,63 @@ def _where_meaning(prim, q, k, h, ctx, selection) -> torch.Tensor:
     return value.expand(sem._shape_of(value, q, k, h))
 
 
+def one_side(pred: ir.Expr) -> str | None:
+    """``"q"`` or ``"k"`` when ``pred`` reads the positions of that side only (else None)."""
+    sides = set()
+    for e in ir.walk_expr(pred):
+        if isinstance(e, ir.Var) and e.name in ("q", "k"):
+            sides.add(e.name)
+        elif isinstance(e, ir.Coord):
+            sides.add(e.side)
+    return sides.pop() if len(sides) == 1 else None
+
+
+#: Elements of one-sided pieces evaluated at a time.
+_SIDE_CHUNK = 1 << 20
+
+
+def side_facts(prim, p, side: str, env) -> tuple[np.ndarray, np.ndarray]:
+    """Per piece ``p`` of ``side``, the allowed positions of a one-sided predicate, and the piece's size.
+
+    Each distinct piece is evaluated once per plan (``env.cache``); its elements are added to
+    ``env.elements``. Exact for any predicate that reads one side: a box is then empty, full
+    or partial as its piece on that side is.
+    """
+    rows = np.concatenate([p.a, p.s, p.n], 1)
+    if not len(rows):
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    uniq, inv = distinct_rows(rows)
+    cache = env.cache.setdefault(("one side", prim, side), {})
+    keys = [tuple(r) for r in uniq.tolist()]
+    fresh = [i for i, key in enumerate(keys) if key not in cache]
+    d = p.a.shape[1]
+    strides = np.asarray(
+        [int(np.prod(env.layout.shape[x + 1 :])) for x in range(d)] if env.layout is not None else [1], np.int64
+    )
+    sizes = uniq[:, 2 * d :].prod(1)
+    start = 0
+    while start < len(fresh):
+        width = int(sizes[fresh[start]])
+        part = fresh[start : start + max(1, _SIDE_CHUNK // max(width, 1))]
+        width = int(sizes[part].max())
+        a, s, n = uniq[part, :d], uniq[part, d : 2 * d], uniq[part, 2 * d :]
+        t = np.arange(width, dtype=np.int64)[None, :]
+        pos = np.zeros((len(part), width), np.int64)
+        inner = np.ones(len(part), np.int64)
+        for x in range(d - 1, -1, -1):
+            pos += (a[:, x : x + 1] + s[:, x : x + 1] * ((t // inner[:, None]) % n[:, x : x + 1])) * strides[x]
+            inner = inner * n[:, x]
+        valid = t < sizes[part][:, None]
+        env.elements += int(sizes[part].sum())
+        tensor = torch.from_numpy(np.where(valid, pos, pos[:, :1]))
+        value = _where_meaning(prim, tensor, tensor, env.head, env.sizes, None).numpy() & valid
+        for i, c in zip(part, value.sum(1).tolist(), strict=True):
+            cache[keys[i]] = c
+        start += len(part)
+    allowed = np.array([cache[key] for key in keys], np.int64)
+    return allowed[inv.reshape(-1)], sizes[inv.reshape(-1)]
+
+
 def _where_classify(prim, qp, kp, env):
     pred = prim.arg("pred")
     if isinstance(pred, ir.Const) and isinstance(pred.value, bool):
@@ -130,10 +187,21 @@ def _where_classify(prim, qp, kp, env):
     hp = halfplane_of(pred, env)
     if hp is not None:
         return _halfplane(qp, kp, *hp)
-    # Any other predicate: interval bounds over the pieces' hulls settle the pairs where the
-    # predicate cannot be true or cannot be false; the engine refines the rest.
+    # Interval bounds over the pieces' hulls settle the pairs where the predicate cannot be
+    # true or cannot be false; the engine refines the rest.
     can_true, can_false, sound = intervals.decide(pred, intervals.pieces_boxes(qp, kp), env)
-    return can_true, ~can_false, sound & ~(can_true & can_false)
+    nonempty, full, ok = can_true, ~can_false, sound & ~(can_true & can_false)
+    side = one_side(pred)
+    if side is not None and not ok.all():
+        # Read on one side only: the pieces of that side decide the rest exactly.
+        rest = np.flatnonzero(~ok)
+        this, other = (qp, kp) if side == "q" else (kp, qp)
+        allowed, size = side_facts(prim, this.take(rest), side, env)
+        some = other.n[rest].prod(1) > 0
+        nonempty[rest] = some & (allowed > 0)
+        full[rest] = some & (allowed == size)
+        ok[rest] = True
+    return nonempty, full, ok
 
 
 def _where_keys(prim, qlo, qhi, qalo, qahi, env):
@@ -159,6 +227,19 @@ def _where_candidates(engine, prim):
     return engine.search(lambda boxes: intervals.decide(pred, boxes, engine.env))
 
 
+def _where_count(prim, engine, keys):
+    # One-sided predicates: a tile's pairs are its other side's size times its allowed positions.
+    side = one_side(prim.arg("pred"))
+    if side is None or isinstance(prim.arg("pred"), ir.Const):
+        return None
+    this, other = (engine.q, engine.k) if side == "q" else (engine.k, engine.q)
+    allowed, _ = side_facts(prim, this.piece_view(np.arange(len(this.tile))), side, engine.env)
+    per_tile = np.bincount(this.tile, allowed, this.n_tiles).astype(np.int64)
+    m, n = keys // engine.nkb, keys % engine.nkb
+    mine, theirs = (m, n) if side == "q" else (n, m)
+    return per_tile[mine] * np.diff(other.starts)[theirs]
+
+
 def _where_band(prim, env):
     # In 1-D, a half-plane c * (q - k) + c0 >= 0 is a band.
     if env is None or env.layout is not None:
@@ -170,6 +251,26 @@ def _where_band(prim, env):
             return -((c0) // c), BIG, 1
         return -BIG, (c0 // -c), 1  # q - k <= c0 / -c
     return None
+
+
+def _where_periods(prim) -> tuple[int, ...]:
+    # ``x % c`` is exact on residue classes of ``c`` (the interval rules track congruences).
+    return tuple(
+        abs(e.right.value)
+        for e in ir.walk_expr(prim.arg("pred"))
+        if isinstance(e, ir.Arith) and e.op == "%" and isinstance(e.right, ir.Const)
+    )
+
+
+def _where_axes(prim, layout) -> tuple[int, ...] | None:
+    # Grid coordinates name their axis; q and k themselves are flattened positions (every axis).
+    axes = set()
+    for e in ir.walk_expr(prim.arg("pred")):
+        if isinstance(e, ir.Var) and e.name in ("q", "k"):
+            return None
+        if isinstance(e, ir.Coord):
+            axes.add(layout.names.index(e.axis))
+    return tuple(sorted(axes))
 
 
 def _where_triton(r, p) -> str:
@@ -199,7 +300,10 @@ WHERE = register(
         cost=7,
         band=_where_band,
         total=None,  # its band total when it is a band
-        count=None,  # its band count when it is a band, else by evaluation
+        count=_where_count,  # one-sided predicates; else its band count when a band, else by evaluation
         triton=_where_triton,
+        joint_search=lambda prim, env: halfplane_of(prim.arg("pred"), env) is None,
+        periods=_where_periods,
+        axes=_where_axes,
     )
 )

@@ -178,3 +178,28 @@ def test_route_has_no_static_fragment():
     route = next(s for s in ir.walk(p.ir.default) if isinstance(s, ir.Prim) and s.name == "route")
     with pytest.raises(PatternError, match="route"):
         render_predicate("_allowed", route, None, 32, 32, AuxTables())
+
+
+def test_the_engine_names_no_primitive():
+    # Capabilities (joint search, periods) are fields of the records, not names in the engine.
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(eng))
+    named = {n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)}
+    assert not named & set(REGISTRY), named & set(REGISTRY)
+
+
+def test_where_capabilities():
+    where = REGISTRY["where"]
+    env = Env(Sizes(64, 64, None, 1), 0)
+    boxed = pd.compile("pattern p { where(abs(q // 8 - k // 8) <= 1) }").ir.default
+    half = pd.compile("pattern p { where(q - k >= 3) }").ir.default
+    assert where.joint_search(boxed, env) and not where.joint_search(half, env)
+    mod = pd.compile("pattern p { where(q % 4 == k % 6) }").ir.default
+    assert sorted(set(where.periods(mod))) == [4, 6]
+    assert REGISTRY["window"].joint_search is None and REGISTRY["window"].periods is None
+    grid = pd.compile("pattern p { layout grid(y = 4, x = 4)\n where(k.x >= q.x // 2 + h) }")
+    assert where.axes(grid.ir.default, grid.ir.layout) == (1,)
+    flat = pd.compile("pattern p { layout grid(y = 4, x = 4)\n where(k.x >= q) }")
+    assert where.axes(flat.ir.default, flat.ir.layout) is None

@@ -1,0 +1,101 @@
+"""Stage 4 (block plan), grid patterns whose parts each read one axis: counted axis by axis.
+
+Comes in: a static node on a grid layout and boxes (per-axis progressions of query and key
+coordinates). Goes out: the allowed pairs of every box. When the node is an intersection (or a
+union) of parts that each read one grid axis (``where(k.x >= q.x // 8 * 8 - 3)``, HaloNet's
+blocks with halos), a box's pairs are a product over axes: a pair is allowed exactly when its
+coordinates on each axis are, so the count is the product of per-axis counts (a union is the
+complement of the intersection of the complements). Each axis is evaluated on the distinct
+(query range, key range) pairs of that axis only, a few hundred elements where the boxes hold
+millions of pairs.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from patterndsl import ir, primitives, semantics
+from patterndsl.primitives.common import distinct_rows
+
+#: Elements evaluated at a time.
+_CHUNK = 1 << 22
+
+
+def _axes_of(node: ir.Node, layout: ir.Layout) -> frozenset | None:
+    """Grid axes the node reads (None: flattened positions or unknown)."""
+    out = frozenset()
+    for p in ir.walk(node):
+        if not isinstance(p, ir.Prim):
+            continue
+        rule = primitives.lookup(p.name).axes
+        axes = None if rule is None else rule(p, layout)
+        if axes is None:
+            return None
+        out |= frozenset(axes)
+    return out
+
+
+class AxisSplit:
+    """A static grid node as an intersection or union of parts that each read one axis.
+
+    Args:
+        node: a static pattern node.
+        layout: the grid layout (None: not usable).
+    """
+
+    def __init__(self, node: ir.Node, layout: ir.Layout | None):
+        self.union = isinstance(node, ir.Union)
+        items = node.items if isinstance(node, (ir.Inter, ir.Union)) else (node,)
+        groups: dict[int, list[ir.Node]] = {}
+        self.usable = layout is not None and not ir.is_dynamic(node)
+        for item in items if self.usable else ():
+            axes = _axes_of(item, layout)
+            if axes is None or len(axes) != 1:
+                self.usable = False
+                break
+            groups.setdefault(next(iter(axes)), []).append(item)
+        self.usable = self.usable and len(groups) > 1
+        combine = ir.union if self.union else ir.inter
+        self.parts = {x: combine(*group) for x, group in groups.items()} if self.usable else {}
+
+    def count(self, engine, qb, kb) -> tuple[np.ndarray, int]:
+        """Allowed pairs of every box ``(qb[i], kb[i])`` and the elements evaluated for them."""
+        qn, kn = qb.n, kb.n
+        area = qn * kn  # per axis [B, D]
+        total = np.ones(len(qn), np.int64)
+        elements = 0
+        for x in range(qn.shape[1]):
+            if x not in self.parts:
+                total *= area[:, x]
+                continue
+            rows = np.stack([qb.a[:, x], qb.s[:, x], qn[:, x], kb.a[:, x], kb.s[:, x], kn[:, x]], 1)
+            uniq, inv = distinct_rows(rows)
+            allowed, spent = self._axis_counts(engine, x, uniq)
+            elements += spent
+            c = allowed[inv]
+            total *= area[:, x] - c if self.union else c
+        if self.union:
+            total = area.prod(1) - total
+        return total, elements
+
+    def _axis_counts(self, engine, x: int, uniq: np.ndarray) -> tuple[np.ndarray, int]:
+        # Positions with every other coordinate 0: the part reads axis x alone.
+        stride = engine.q.strides[x]
+        out = np.zeros(len(uniq), np.int64)
+        sizes = uniq[:, 2] * uniq[:, 5]
+        start = 0
+        while start < len(uniq):
+            step = max(1, _CHUNK // max(int(sizes[start:].max()), 1))
+            part = uniq[start : start + step]
+            wq, wk = int(part[:, 2].max()), int(part[:, 5].max())
+            tq, tk = np.arange(wq, dtype=np.int64)[None, :], np.arange(wk, dtype=np.int64)[None, :]
+            qi = (part[:, 0:1] + part[:, 1:2] * np.minimum(tq, part[:, 2:3] - 1)) * stride
+            ki = (part[:, 3:4] + part[:, 4:5] * np.minimum(tk, part[:, 5:6] - 1)) * stride
+            valid = torch.from_numpy((tq < part[:, 2:3])[:, :, None] & (tk < part[:, 5:6])[:, None, :])
+            i = torch.from_numpy(qi - engine.env.offset)[:, :, None]
+            j = torch.from_numpy(ki)[:, None, :]
+            val = semantics.evaluate(self.parts[x], i, j, engine.env.head, engine.ctx) & valid
+            out[start : start + len(part)] = val.flatten(1).sum(1).numpy()
+            start += len(part)
+        return out, int(sizes.sum())
