@@ -469,6 +469,11 @@ def _candidates(among, qgroup, kblock, n_q, n_k, ctx, heads, share, kv_heads) ->
     return cand
 
 
+def nan_lowest(scores: torch.Tensor) -> torch.Tensor:
+    """``scores`` with NaN replaced by ``-inf`` (how :func:`route_top` ranks a NaN score)."""
+    return torch.where(torch.isnan(scores), float("-inf"), scores)
+
+
 def route_top(scores: torch.Tensor, cand: torch.Tensor, topk: int) -> torch.Tensor:
     """Each group's ``topk`` best candidate blocks, ties towards the lower block index.
 
@@ -481,7 +486,10 @@ def route_top(scores: torch.Tensor, cand: torch.Tensor, topk: int) -> torch.Tens
         Bool, the shape of ``scores``: the chosen blocks.
     """
     # Order: candidates first, then by score descending, ties by block index ascending.
-    # Two stable sorts (the last key sorted last) give exactly that order.
+    # Two stable sorts (the last key sorted last) give exactly that order. A NaN score (a
+    # non-finite key in the block) ranks as -inf, below every number: the choice does not
+    # prefer a block of garbage, and every path chooses alike whatever the NaN's sign bit.
+    scores = nan_lowest(scores)
     n_k = scores.shape[-1]
     by_score = torch.sort(scores, dim=-1, descending=True, stable=True).indices
     cand_sorted = torch.gather(cand.expand_as(scores), -1, by_score)
