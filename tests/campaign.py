@@ -329,6 +329,7 @@ def _run(tally: dict, failures: list, what: str, label: str, thunk) -> None:
     except Exception as exc:
         tally[what, "FAIL"] += 1
         failures.append((what, label, "".join(traceback.format_exception(exc)[-6:])))
+        print(f"--- {what}: {label}\n{failures[-1][2]}", flush=True)
     spent = time.perf_counter() - start
     tally[what, "seconds"] += spent
 
@@ -359,8 +360,7 @@ def main() -> int:
                 _run(tally, failures, "cache", fault, lambda f=fault, w=3 + i + round_: cache_fault(f, w, workdir))
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    for what, label, info in failures:
-        print(f"--- {what}: {label}\n{info}")
+    print(f"{len(failures)} failures (printed above as they happened)")
     print("counts:", {f"{a}/{b}": (round(c, 1) if b == "seconds" else c) for (a, b), c in sorted(tally.items())})
     return 1 if any(b == "FAIL" for (_, b) in tally) else 0
 
