@@ -382,3 +382,44 @@ def test_mask_by_head_groups_equals_mask_head_by_head(seed):
                 chosen = {p: s[b, h // (heads // kv_heads)] for p, s in sel.items()}
                 want = semantics.evaluate(pir.node_for_head(h), i, j, h, ctx, chosen)
                 assert torch.equal(got[b, h], want), (pir, lq, lk, heads, b, h)
+
+
+def test_kernel_spec_of_an_identity_order_builds_nothing_of_size_l(monkeypatch):
+    """The campaign's kernel_source(7, 2**31) spent its time building arange(Lk) to compare the plan's
+    implicit identity order with; an identity order is None and needs no comparison."""
+    from patterndsl.analysis.plan import BlockPlan
+    from patterndsl.codegen import generator
+
+    p = pd.compile("pattern p { causal & window(5) | sink(1) }")
+    plan = p.plan(40, 2**20, 2, block=(16, 16), order="identity")
+
+    def refuse(self):
+        raise AssertionError("an identity order was materialised")
+
+    monkeypatch.setattr(BlockPlan, "q_order", property(refuse))
+    monkeypatch.setattr(BlockPlan, "kv_order", property(refuse))
+    spec = generator.make_spec(plan, "forward", 16, torch.float16, 2, "sm_90")
+    assert not spec.q_reordered and not spec.k_reordered
+
+
+def test_show_reach_follows_heads_lines_not_the_head_count(tmp_path):
+    import contextlib
+    import io
+
+    from patterndsl import cli
+
+    def run(*argv):
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = cli.main([str(a) for a in argv])
+        return code, out.getvalue(), err.getvalue()
+
+    s2 = ["show", "examples/s2_attention.pdsl", "--param", "local=8", "--seq", 32, "--stage", "reach"]
+    code, out, _ = run(*s2, "--heads", 2**40)
+    assert code == 0 and out.count("smallest number of layers") == 5 and "heads 4..1099511627776:" in out
+    source = tmp_path / "h.pdsl"
+    source.write_text("pattern p { causal & where(k >= q - h) }")
+    code, out, _ = run("show", source, "--seq", 16, "--stage", "reach", "--heads", 3)
+    assert code == 0 and "head 2:" in out
+    code, _, err = run("show", source, "--seq", 16, "--stage", "reach", "--heads", 2**40)
+    assert code == 1 and "at most 64" in err
