@@ -30,12 +30,15 @@ import tempfile
 import time
 import traceback
 import warnings
+from collections import Counter
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+# Triton decides at import whether it interprets: the Triton backend runs here on the CPU.
+os.environ["TRITON_INTERPRET"] = "1"
 
 import patterndsl  # noqa: E402
 from patterndsl import cli, kernel_cache  # noqa: E402
@@ -334,24 +337,43 @@ def _run(tally: dict, failures: list, what: str, label: str, thunk) -> None:
     tally[what, "seconds"] += spent
 
 
+def run_sources(seed: int, count: int) -> tuple[Counter, int]:
+    """``count`` sources of :func:`tests.unit.test_fuzz.pipeline_cases` from ``seed``: their tally and failures."""
+    tally, failures = Counter(), []
+    for n, text in enumerate(fuzz.pipeline_cases(seed, count)):
+        _run(tally, failures, "source", repr(text), lambda t=text: fuzz.run_pipeline_case(t))
+        if n % 1000 == 999:
+            print(f"seed {seed}: {n + 1} sources: {dict(tally)}", flush=True)
+    return tally, len(failures)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sources", type=int, default=12000)
     parser.add_argument("--api", type=int, default=1200)
     parser.add_argument("--faults", type=int, default=2, help="rounds over every cache fault")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--jobs", type=int, default=1, help="processes for the sources (seeds seed*1000 + job)")
     args = parser.parse_args()
-    from collections import Counter
 
     tally, failures = Counter(), []
     workdir = Path(tempfile.mkdtemp(prefix="pdsl-campaign-"))
-    os.environ.setdefault("TRITON_INTERPRET", "1")
     rng = random.Random(args.seed)
     try:
-        for n, text in enumerate(fuzz.pipeline_cases(args.seed, args.sources)):
-            _run(tally, failures, "source", repr(text), lambda t=text: fuzz.run_pipeline_case(t))
-            if n % 2000 == 1999:
-                print(f"{n + 1} sources: {dict(tally)}", flush=True)
+        if args.jobs == 1:
+            tally_s, failed = run_sources(args.seed, args.sources)
+        else:
+            import multiprocessing
+
+            shares = [
+                (args.seed * 1000 + w, args.sources // args.jobs + (w < args.sources % args.jobs))
+                for w in range(args.jobs)
+            ]
+            with multiprocessing.get_context("fork").Pool(args.jobs) as pool:
+                results = pool.starmap(run_sources, shares)
+            tally_s, failed = sum((r[0] for r in results), Counter()), sum(r[1] for r in results)
+        tally.update(tally_s)
+        failures.extend([("source", "", "")] * failed)
         for n in range(args.api):
             label, thunk = api_case(rng) if n % 3 else cli_case(rng, workdir)
             _run(tally, failures, "api" if n % 3 else "cli", label, thunk)
