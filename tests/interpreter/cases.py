@@ -304,11 +304,15 @@ def check_poisoned(pattern, plan, heads, kv_heads, d, dtype, rng):
     out, lse = tb.forward(q, k_bad, v_bad, plan, scale)
     # A loss such as (out ** 2).sum() gives the poisoned rows a NaN output gradient.
     dout_bad = dout.masked_fill(poisoned[..., None], float("nan")) if rng.random() < 0.5 else dout
-    grads = tb.backward(q, k_bad, v_bad, out, lse, dout_bad, plan, scale)
+    dlse = torch.randn(batch, heads, lq, generator=gen) if rng.random() < 0.5 else None
+    grads = tb.backward(q, k_bad, v_bad, out, lse, dout_bad, plan, scale, dlse=dlse)
     k64, v64 = (x.double().masked_fill(bad[..., None], 0.0).requires_grad_() for x in (k, v))
     q64 = q.double().requires_grad_()
     ref_out, ref_lse = reference_attention(q64, k64, v64, mask, scale)
-    (ref_out * dout.double()).sum().backward()
+    loss = (ref_out * dout.double()).sum()
+    if dlse is not None:
+        loss = loss + (ref_lse.masked_fill(~torch.isfinite(ref_lse), 0.0) * dlse.double()).sum()
+    loss.backward()
     for name, got, want, sel, tol in zip(
         ("out", "lse", "dq", "dk", "dv"),
         (out, lse, *grads),
@@ -324,7 +328,7 @@ def check_poisoned(pattern, plan, heads, kv_heads, d, dtype, rng):
             got.double()[sel], want[sel], atol=tol, rtol=tol, msg=lambda m, n=name: f"{n} {where}: {m}"
         )
     cpu_out, cpu_lse = cpu.forward(q, k_bad, v_bad, plan, scale)
-    cpu_grads = cpu.backward(q, k_bad, v_bad, cpu_out, cpu_lse, dout_bad, plan, scale)
+    cpu_grads = cpu.backward(q, k_bad, v_bad, cpu_out, cpu_lse, dout_bad, plan, scale, dlse=dlse)
     for name, got, want, tol in zip(
         ("out", "lse", "dq", "dk", "dv"), (out, lse, *grads), (cpu_out, cpu_lse, *cpu_grads),
         (fwd_tol, fwd_tol, grad_tol, grad_tol, grad_tol), strict=True,
