@@ -37,8 +37,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-# Triton decides at import whether it interprets: the Triton backend runs here on the CPU.
-os.environ["TRITON_INTERPRET"] = "1"
+if __name__ == "__main__":
+    # Triton decides at import whether it interprets: run as a script, the Triton backend runs on the CPU.
+    os.environ["TRITON_INTERPRET"] = "1"
 
 import patterndsl  # noqa: E402
 from patterndsl import cli, kernel_cache  # noqa: E402
