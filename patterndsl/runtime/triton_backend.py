@@ -223,7 +223,7 @@ def backward(q, k, v, out, lse, dout, plan, scale: float, dlse=None):
     fix = None
     # lse is -inf on rows with no allowed key: only NaN and +inf are not what the forward gives.
     if not triton_finite.all_finite(q, k, v, dout, out, lse.masked_fill(lse == float("-inf"), 0.0), dlse):
-        extra = triton_finite.finite_rows(out, lse, dout, dlse)
+        extra = triton_finite.non_finite_rows(out, lse, dout, dlse)
         fix = triton_finite.rows_to_fix(plan, q, k, v, extra)
         originals = (q, k, v, out, lse, dout, dlse)
         q, k, v, out, lse, dout, dlse = triton_finite.backward_inputs(*originals, fix)

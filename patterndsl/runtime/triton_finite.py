@@ -56,7 +56,7 @@ def _bad_rows(t: torch.Tensor) -> torch.Tensor:
     return ~torch.isfinite(t).all(-1)
 
 
-def finite_rows(out, lse, dout, dlse) -> torch.Tensor:
+def non_finite_rows(out, lse, dout, dlse) -> torch.Tensor:
     """Bool ``[B, H, Lq]``: rows whose output, output gradient, ``lse`` (NaN or ``+inf``; ``-inf`` is a
     row with no allowed key) or ``dlse`` is not finite."""
     rows = _bad_rows(out) | _bad_rows(dout) | torch.isnan(lse) | (lse == float("inf"))
