@@ -176,3 +176,24 @@ def test_gathered_route_block_with_a_nan_key_reaches_its_rows(kernel):
     ref, ref_lse = reference_attention(q, k.masked_fill(torch.isnan(k), 0.0), v, mask)
     torch.testing.assert_close(out[~poisoned], ref[~poisoned])
     torch.testing.assert_close(lse[~poisoned], ref_lse[~poisoned])
+
+
+def test_rows_a_non_finite_key_reaches_come_from_its_columns_only(monkeypatch):
+    """The Triton launcher finds the rows to compute itself by evaluating the pattern on the non-finite key
+    columns only (never Lq x Lk), per head group, under GQA and with Lq != Lk; they equal the dense answer."""
+    from patterndsl import semantics
+    from patterndsl.runtime import triton_finite
+
+    p = patterndsl.compile("pattern p { heads 0..2: causal & window(3); heads 2..3: where(k <= q - h); sink(1) }")
+    plan = p.plan(12, 20, 4, block=(4, 4), order="auto")
+    bad = torch.zeros(2, 2, 20, dtype=torch.bool)
+    bad[0, 0, [9, 17]] = True
+    bad[1, 1, 0] = True
+    widths = []
+    real = semantics.evaluate
+    monkeypatch.setattr(semantics, "evaluate", lambda n, i, j, *a: widths.append(j.shape[-1]) or real(n, i, j, *a))
+    got = triton_finite.connected(plan, bad, {}, 4)
+    assert max(widths) <= 2 and len(widths) <= 2 * 3, widths
+    mask = p.mask(12, 20, 4)
+    want = (mask[None] & bad.repeat_interleave(2, dim=1)[:, :, None, :]).any(-1)
+    assert torch.equal(got, want)
