@@ -16,6 +16,7 @@ import torch
 
 from patterndsl import ir
 from patterndsl.errors import PatternError, PatternTypeError, PatternValueError, did_you_mean
+from patterndsl.semantics import MASK_LIMIT  # the largest dense mask Pattern.mask builds (entries)
 
 
 class Pattern:
@@ -295,8 +296,6 @@ def attention(
 # PatternError naming the argument and never a TypeError from deep inside a stage.
 
 ORDERS = ("auto", "identity")
-#: The largest dense mask ``Pattern.mask`` builds (entries): its int64 intermediates take 8 bytes each.
-MASK_LIMIT = 1 << 28
 
 
 def _integer(name: str, value: Any, lo: int = 1, hi: int | None = None) -> int:

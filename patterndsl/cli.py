@@ -20,14 +20,16 @@ from typing import Any
 
 import torch
 
-from patterndsl import ir
+from patterndsl import ir, semantics
 from patterndsl.api import Pattern, compile, load
-from patterndsl.errors import PatternError, listing
+from patterndsl.errors import PatternError, PatternValueError, listing
 
 STAGES = ("ir", "plan", "triton", "ptx", "sass", "reach")
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 #: Largest ``heads * Lq * Lk`` for which ``plot`` draws the dense mask.
 PLOT_MASK_LIMIT = 1 << 22
+#: Heads of one pattern that reads ``h`` which ``--stage reach`` analyses one by one.
+REACH_HEADS = 64
 
 #: The pattern ``patterndsl demo`` compiles: 3-D video neighborhood attention, causal in time.
 DEMO_SOURCE = """\
@@ -414,20 +416,32 @@ def render_reach(pattern: Pattern, q_len: int, kv_len: int, args) -> str:
     if kv_len != q_len:
         raise UsageError("--stage reach stacks layers of self-attention: --kv-seq must equal --seq")
     block = parse_block(args.block) if args.block else None
-    parts, seen = [], {}
-    for h in range(args.heads):
-        node = pattern.ir.node_for_head(h)
-        if node in seen and not ir.uses_head(node):
-            seen[node].append(h)
+    # Work follows the heads lines, not the head count: heads of one rule that does not read h share one answer.
+    groups: dict[tuple, list[range]] = {}
+    for lo, hi, node in semantics.head_segments(pattern.ir, args.heads):
+        if not ir.uses_head(node):
+            groups.setdefault((node, None), []).append(range(lo, hi))
             continue
-        seen[node] = [h]
-        result = reachability(pattern.ir, q_len, layers=args.layers or 1, head=h, block=block)
-        parts.append((seen[node], result.text()))
+        if hi - lo > REACH_HEADS:
+            raise PatternValueError(
+                f"--stage reach analyses each head of a pattern that reads h on its own: heads {lo}..{hi} are "
+                f"{hi - lo}, at most {REACH_HEADS}"
+            )
+        groups.update({(node, h): [range(h, h + 1)] for h in range(lo, hi)})
+    parts = []
+    for ranges in groups.values():
+        result = reachability(pattern.ir, q_len, layers=args.layers or 1, head=ranges[0].start, block=block)
+        parts.append((ranges, result.text()))
     if len(parts) == 1:
         return parts[0][1]
-    return "\n\n".join(
-        f"{'head' if len(heads) == 1 else 'heads'} {', '.join(map(str, heads))}:\n{text}" for heads, text in parts
-    )
+    return "\n\n".join(f"{_heads_label(ranges)}:\n{text}" for ranges, text in parts)
+
+
+def _heads_label(ranges: list[range]) -> str:
+    count = sum(len(r) for r in ranges)
+    if count <= 8:
+        return ("head " if count == 1 else "heads ") + ", ".join(str(h) for r in ranges for h in r)
+    return "heads " + ", ".join(f"{r.start}..{r.stop}" if len(r) > 1 else str(r.start) for r in ranges)
 
 
 def cmd_plot(args) -> int:

@@ -33,6 +33,9 @@ _MIX1 = 0xBF58476D1CE4E5B9
 _MIX2 = 0x94D049BB133111EB
 
 
+#: Entries of the largest dense mask :func:`mask` builds (``batch x heads x Lq x Lk``).
+MASK_LIMIT = 1 << 28
+
 #: The sizes and layout a pattern is evaluated at (``Context(q_len, kv_len, layout)``, ``ctx.offset``).
 Context = Sizes
 
@@ -471,6 +474,11 @@ def _candidates(among, qgroup, kblock, n_q, n_k, ctx, heads, share, kv_heads) ->
     return cand
 
 
+def nan_lowest(scores: torch.Tensor) -> torch.Tensor:
+    """``scores`` with NaN replaced by ``-inf`` (how :func:`route_top` ranks a NaN score)."""
+    return torch.where(torch.isnan(scores), float("-inf"), scores)
+
+
 def route_top(scores: torch.Tensor, cand: torch.Tensor, topk: int) -> torch.Tensor:
     """Each group's ``topk`` best candidate blocks, ties towards the lower block index.
 
@@ -483,7 +491,10 @@ def route_top(scores: torch.Tensor, cand: torch.Tensor, topk: int) -> torch.Tens
         Bool, the shape of ``scores``: the chosen blocks.
     """
     # Order: candidates first, then by score descending, ties by block index ascending.
-    # Two stable sorts (the last key sorted last) give exactly that order.
+    # Two stable sorts (the last key sorted last) give exactly that order. A NaN score (a
+    # non-finite key in the block) ranks as -inf, below every number: the choice does not
+    # prefer a block of garbage, and every path chooses alike whatever the NaN's sign bit.
+    scores = nan_lowest(scores)
     n_k = scores.shape[-1]
     by_score = torch.sort(scores, dim=-1, descending=True, stable=True).indices
     cand_sorted = torch.gather(cand.expand_as(scores), -1, by_score)
@@ -595,14 +606,15 @@ def mask(
 
     kv_len = q_len if kv_len is None else kv_len
     check.check_lengths(pir, q_len, kv_len, heads)
+    batch = q.shape[0] if q is not None and hasattr(q, "shape") and len(q.shape) == 4 else 1
+    if batch * heads * q_len * kv_len > MASK_LIMIT:
+        raise PatternValueError(
+            f"mask() would build {batch * heads * q_len * kv_len:.3g} entries (at most 2**28): the dense mask is "
+            "for small sizes; use plan() or attention at large ones"
+        )
     ctx = Context(q_len, kv_len, pir.layout)
-    nodes = []
-    for h in range(heads):
-        node = pir.node_for_head(h)
-        if node is None:
-            raise HeadsError(f"head {h} is not covered by any 'heads' line and the pattern has no default", pir.span)
-        nodes.append(node)
-    prims = _route_prims(nodes)
+    segments = head_segments(pir, heads)
+    prims = _route_prims([node for _, _, node in segments])
     if (q is None) != (k is None):
         raise InputError("pass both q= and k= (or neither)")
     if prims and q is None:
@@ -615,36 +627,78 @@ def mask(
     i = torch.arange(q_len, dtype=torch.int64)[:, None]
     j = torch.arange(kv_len, dtype=torch.int64)[None, :]
     if q is None and inputs is None:
-        return _static_mask(nodes, i, j, ctx)
+        return _static_mask(segments, heads, i, j, ctx)
     if q is not None:
         _check_inputs(q, k, heads, q_len, kv_len)
     batch = q.shape[0] if q is not None else inputs.batch
+    if batch * heads * q_len * kv_len > MASK_LIMIT:
+        raise PatternValueError(
+            f"mask() would build {batch * heads * q_len * kv_len:.3g} entries (at most 2**28): the dense mask is "
+            "for small sizes; use plan() or attention at large ones"
+        )
     if not prims and inputs is None:
-        return _static_mask(nodes, i, j, ctx).unsqueeze(0).expand(batch, -1, -1, -1).clone()
+        return _static_mask(segments, heads, i, j, ctx).unsqueeze(0).expand(batch, -1, -1, -1).clone()
     share = heads // k.shape[1] if k is not None else 1
-    selections = {
-        prim: route_selection(prim, q, k, ctx, [h for h in range(heads) if prim in ir.walk(nodes[h])]) for prim in prims
-    }
+    voters = {prim: [h for lo, hi, node in segments if prim in ir.walk(node) for h in range(lo, hi)] for prim in prims}
+    selections = {prim: route_selection(prim, q, k, ctx, voters[prim]) for prim in prims}
     out = torch.zeros(batch, heads, q_len, kv_len, dtype=torch.bool)
     for b in range(batch):
         bound = ctx if inputs is None else primitives.inputs.Bound(ctx, inputs.element(b))
         if not prims:
-            out[b] = _static_mask(nodes, i, j, bound)
+            out[b] = _static_mask(segments, heads, i, j, bound)
             continue
-        for h in range(heads):
-            chosen = {prim: sel[b, h // share] for prim, sel in selections.items()}
-            out[b, h] = evaluate(nodes[h], i, j, h, bound, chosen)
+        for lo, hi, node in segments:
+            # The heads of one rule that share a key-value head share its choice: one evaluation.
+            for kvh in range(lo // share, (hi - 1) // share + 1):
+                h0, h1 = max(lo, kvh * share), min(hi, (kvh + 1) * share)
+                chosen = {prim: sel[b, kvh] for prim, sel in selections.items()}
+                out[b, h0:h1] = _evaluate_heads(node, h0, h1, i, j, bound, chosen)
     return out
 
 
-def _static_mask(nodes: list[ir.Node], i, j, ctx: Context) -> torch.Tensor:
-    out = torch.empty(len(nodes), ctx.q_len, ctx.kv_len, dtype=torch.bool)
-    shared: dict[ir.Node, torch.Tensor] = {}
-    for h, node in enumerate(nodes):
-        if ir.uses_head(node):
-            out[h] = evaluate(node, i, j, h, ctx)
-            continue
-        if node not in shared:
-            shared[node] = evaluate(node, i, j, h, ctx)
-        out[h] = shared[node]
+def head_segments(pir: ir.PatternIR, heads: int) -> list[tuple[int, int, ir.Node]]:
+    """The heads below ``heads`` as runs ``(lo, hi, node)`` that share one rule, in head order.
+
+    Work follows the ``heads`` lines, never the head count.
+
+    Raises:
+        HeadsError: a head no ``heads`` line covers when the pattern has no final expression.
+    """
+    out, start = [], 0
+    for rule in pir.heads:  # sorted by ``lo`` and disjoint
+        if start >= heads:
+            break
+        if rule.lo > start:
+            out.append((start, min(rule.lo, heads), pir.default))
+        if rule.lo < heads:
+            out.append((rule.lo, min(rule.hi, heads), rule.node))
+        start = max(start, rule.hi)
+    if start < heads:
+        out.append((start, heads, pir.default))
+    for lo, _, node in out:
+        if node is None:
+            raise HeadsError(f"head {lo} is not covered by any 'heads' line and the pattern has no default", pir.span)
+    return out
+
+
+#: Heads evaluated at once by one call of :func:`evaluate` times ``Lq x Lk`` (bounds its temporaries).
+_HEAD_CHUNK = 1 << 22
+
+
+def _evaluate_heads(node: ir.Node, lo: int, hi: int, i, j, ctx: Context, selection=None) -> torch.Tensor:
+    """Bool ``[hi - lo, Lq, Lk]``: ``node`` for heads ``lo .. hi - 1``; one evaluation when it does not read ``h``."""
+    if not ir.uses_head(node):
+        return evaluate(node, i, j, lo, ctx, selection).expand(hi - lo, -1, -1)
+    out = torch.empty(hi - lo, ctx.q_len, ctx.kv_len, dtype=torch.bool)
+    step = max(1, _HEAD_CHUNK // max(ctx.q_len * ctx.kv_len, 1))
+    for a in range(lo, hi, step):
+        h = torch.arange(a, min(a + step, hi), dtype=torch.int64)[:, None, None]
+        out[a - lo : a - lo + len(h)] = evaluate(node, i[None], j[None], h, ctx, selection)
+    return out
+
+
+def _static_mask(segments, heads: int, i, j, ctx: Context) -> torch.Tensor:
+    out = torch.empty(heads, ctx.q_len, ctx.kv_len, dtype=torch.bool)
+    for lo, hi, node in segments:
+        out[lo:hi] = _evaluate_heads(node, lo, hi, i, j, ctx)
     return out

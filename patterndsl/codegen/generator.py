@@ -137,6 +137,11 @@ def _template(name: str) -> string.Template:
     return string.Template((TEMPLATES / name).read_text())
 
 
+def _reordered(perm: torch.Tensor | None) -> bool:
+    # An identity order is implicit (None): nothing of size L is built for it.
+    return perm is not None and not torch.equal(perm, torch.arange(len(perm)))
+
+
 def make_spec(
     plan,
     kind: str = "forward",
@@ -186,7 +191,6 @@ def make_spec(
                 ir.routes(group.node),
             )
         )
-    n = torch.arange(plan.q_len)
     return KernelSpec(
         kind=kind,
         pattern_name=getattr(pir, "name", "<mask>"),
@@ -201,8 +205,8 @@ def make_spec(
         dtype=DTYPES[dtype],
         block_m=plan.block_m,
         block_n=plan.block_n,
-        q_reordered=not torch.equal(plan.q_order, n),
-        k_reordered=not torch.equal(plan.kv_order, torch.arange(plan.kv_len)),
+        q_reordered=_reordered(plan.q_perm),
+        k_reordered=_reordered(plan.kv_perm),
         order=plan.order,
         num_warps=num_warps or row.num_warps,
         num_stages=num_stages or row.num_stages,

@@ -134,6 +134,7 @@ def top(scores: torch.Tensor, cand: torch.Tensor, topk: int) -> torch.Tensor:
     n = scores.shape[-1]
     if scores.dtype != torch.float32 or n >= 1 << 31:
         return semantics.route_top(scores, cand, topk)
+    scores = semantics.nan_lowest(scores)
     # + 0.0 turns -0.0 into +0.0 (they tie in the reference); flipping negative floats' bits
     # makes integer order float order.
     bits = (scores + 0.0).view(torch.int32)

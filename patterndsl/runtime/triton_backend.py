@@ -20,7 +20,7 @@ from patterndsl import config, ir, kernel_cache
 from patterndsl.codegen import generator
 from patterndsl.codegen.launch import launch_tiles
 from patterndsl.errors import BackendError
-from patterndsl.runtime import validate
+from patterndsl.runtime import triton_finite, validate
 from patterndsl.runtime.plans import per_plan
 
 
@@ -166,7 +166,8 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan, scale: floa
 
     Returns:
         ``(out [B, H, Lq, D] in q.dtype, lse [B, H, Lq] float32)``; a row with no allowed key
-        has ``out = 0`` and ``lse = -inf``.
+        has ``out = 0`` and ``lse = -inf``. A non-finite query, key or value reaches exactly the
+        rows that read it (:mod:`patterndsl.runtime.triton_finite`).
     """
     q, k, v = (_rows_contiguous(t) for t in (q, k, v))
     plan, spec, module, prep = _setup(q, k, v, plan, "forward")
@@ -177,6 +178,12 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan, scale: floa
         out.zero_()
         lse.fill_(float("-inf"))
         return out, lse
+    fix = None
+    if not triton_finite.all_finite(q, k, v):
+        # The route lists above were chosen from the original keys; the kernels read cleaned copies.
+        fix = triton_finite.rows_to_fix(plan, q, k, v)
+        q0, k0, v0 = q, k, v
+        q, k, v = (triton_finite.clean(t) for t in (q, k, v))
     for g, group in enumerate(plan.groups):
         row_ptr, row_split, row_cols, _, _, _, heads = prep["groups"][g]
         grid = (plan.n_q_tiles, b * len(group.heads))
@@ -185,6 +192,8 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan, scale: floa
             prep["rt"], float(scale), *_strides(q), *_strides(k), *_strides(v),
             num_warps=spec.num_warps, num_stages=spec.num_stages,
         )  # fmt: skip
+    if fix is not None:
+        triton_finite.forward_rows(q0, k0, v0, plan, scale, fix, out, lse)
     return out, lse
 
 
@@ -200,7 +209,8 @@ def backward(q, k, v, out, lse, dout, plan, scale: float, dlse=None):
 
     Returns:
         ``(dq, dk, dv)`` with the dtypes and shapes of ``q``, ``k``, ``v``; rows with no
-        allowed key contribute nothing (never NaN).
+        allowed key contribute nothing (never NaN), and a non-finite input or gradient reaches
+        exactly the gradients of the pairs that read it (:mod:`patterndsl.runtime.triton_finite`).
     """
     q, k, v, dout = (_rows_contiguous(t) for t in (q, k, v, dout))
     plan, spec, module, prep = _setup(q, k, v, plan, "backward")
@@ -210,6 +220,13 @@ def backward(q, k, v, out, lse, dout, plan, scale: float, dlse=None):
     if q.numel() == 0 or lk == 0:
         return dq.zero_(), torch.zeros_like(k), torch.zeros_like(v)
     out = out.contiguous()
+    fix = None
+    # lse is -inf on rows with no allowed key: only NaN and +inf are not what the forward gives.
+    if not triton_finite.all_finite(q, k, v, dout, out, lse.masked_fill(lse == float("-inf"), 0.0), dlse):
+        extra = triton_finite.non_finite_rows(out, lse, dout, dlse)
+        fix = triton_finite.rows_to_fix(plan, q, k, v, extra)
+        originals = (q, k, v, out, lse, dout, dlse)
+        q, k, v, out, lse, dout, dlse = triton_finite.backward_inputs(*originals, fix)
     lse = lse.to(torch.float32).contiguous()
     delta = _empty(b, h, lq, dtype=torch.float32, device=q.device)
     dk_heads = _empty(b, h, lk, d, dtype=torch.float32, device=q.device)
@@ -230,6 +247,8 @@ def backward(q, k, v, out, lse, dout, plan, scale: float, dlse=None):
             q, k, v, dout, lse, delta, dk_heads, dv_heads, prep["q_order"], prep["kv_order"], col_ptr, col_split,
             col_rows, heads, prep["aux"], prep["rt"], float(scale), *common, **launch,
         )  # fmt: skip
+    if fix is not None:
+        triton_finite.backward_rows(*originals, plan, scale, fix, dq, dk_heads, dv_heads)
     group_size = h // hk
     dk = dk_heads.view(b, hk, group_size, lk, d).sum(2).to(k.dtype)
     dv = dv_heads.view(b, hk, group_size, lk, d).sum(2).to(v.dtype)

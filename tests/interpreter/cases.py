@@ -17,7 +17,7 @@ import sympy
 import torch
 
 import patterndsl
-from patterndsl import analysis
+from patterndsl import analysis, ir, semantics
 from patterndsl.analysis.plan import HeadGroup, RunForm, TileList, plan_from_mask
 from patterndsl.runtime import triton_backend as tb
 from tests.reference import reference_attention
@@ -266,6 +266,116 @@ def case_random_patterns():
             check(pattern, plan, lq, lk, heads, kv_heads, rng.choice([16, 24]), torch.float32)
         except Exception as err:
             raise AssertionError(f"{pir}\nLq={lq} Lk={lk} heads={heads}/{kv_heads} block={block}: {err!r}") from None
+
+
+def check_poisoned(pattern, plan, heads, kv_heads, d, dtype, rng):
+    """NaN/Inf in some key and value rows (the keys also steer ``route``): the queries the pattern does not
+    connect to a poisoned key get the float64 reference's out, lse and dQ computed with those keys zeroed
+    (finite), the keys no such query attends get its dK/dV, and every value, poisoned rows included,
+    equals what the CPU executor gives (NaN where it gives NaN)."""
+    from patterndsl.runtime import cpu
+
+    lq, lk = plan.q_len, plan.kv_len
+    seed = rng.randrange(2**31)
+    gen = torch.Generator().manual_seed(seed)
+    batch = rng.choice([1, 2])
+    q = torch.randn(batch, heads, lq, d, generator=gen).to(dtype)
+    k, v = (torch.randn(batch, kv_heads, lk, d, generator=gen).to(dtype) for _ in range(2))
+    dout = torch.randn(batch, heads, lq, d, generator=gen).to(dtype)
+    bad = torch.zeros(batch, kv_heads, lk, dtype=torch.bool)
+    k_bad, v_bad = k.clone(), v.clone()
+    for _ in range(rng.randint(1, 3)):
+        b, kh, j, c = rng.randrange(batch), rng.randrange(kv_heads), rng.randrange(lk), rng.randrange(d)
+        for t in rng.choice([(k_bad,), (v_bad,), (k_bad, v_bad)]):
+            t[b, kh, j, c] = rng.choice([float("nan"), float("inf"), float("-inf")])
+        bad[b, kh, j] = True
+    where = f"(seed {seed}, batch {batch}, poisoned keys {bad.nonzero().tolist()})"
+    if pattern.is_dynamic:
+        mask = semantics.mask(pattern.ir, lq, lk, heads, q=q, k=k_bad)
+    else:
+        mask = pattern.mask(lq, lk, heads)[None].expand(batch, heads, lq, lk)
+    group = heads // kv_heads
+    poisoned = (mask & bad.repeat_interleave(group, dim=1)[:, :, None, :]).any(-1)
+    clean_keys = (~(mask & poisoned[..., None]).any(2)).view(batch, kv_heads, group, lk).all(2)
+    ok = ~poisoned
+    scale = 0.7 * d**-0.5
+    fwd_tol, grad_tol = TOL[dtype]
+
+    out, lse = tb.forward(q, k_bad, v_bad, plan, scale)
+    # A loss such as (out ** 2).sum() gives the poisoned rows a NaN output gradient.
+    dout_bad = dout.masked_fill(poisoned[..., None], float("nan")) if rng.random() < 0.5 else dout
+    dlse = torch.randn(batch, heads, lq, generator=gen) if rng.random() < 0.5 else None
+    grads = tb.backward(q, k_bad, v_bad, out, lse, dout_bad, plan, scale, dlse=dlse)
+    k64, v64 = (x.double().masked_fill(bad[..., None], 0.0).requires_grad_() for x in (k, v))
+    q64 = q.double().requires_grad_()
+    ref_out, ref_lse = reference_attention(q64, k64, v64, mask, scale)
+    loss = (ref_out * dout.double()).sum()
+    if dlse is not None:
+        loss = loss + (ref_lse.masked_fill(~torch.isfinite(ref_lse), 0.0) * dlse.double()).sum()
+    loss.backward()
+    for name, got, want, sel, tol in zip(
+        ("out", "lse", "dq", "dk", "dv"),
+        (out, lse, *grads),
+        (ref_out.detach(), ref_lse.detach(), q64.grad, k64.grad, v64.grad),
+        (ok, ok, ok, clean_keys, clean_keys),
+        (fwd_tol, fwd_tol, grad_tol, grad_tol, grad_tol),
+        strict=True,
+    ):
+        # lse is -inf on a row with no allowed key, which no poisoned key changes.
+        finite = ~torch.isnan(got[sel]) if name == "lse" else torch.isfinite(got[sel])
+        assert bool(finite.all()), f"{name} not finite where it must be {where}"
+        torch.testing.assert_close(
+            got.double()[sel], want[sel], atol=tol, rtol=tol, msg=lambda m, n=name: f"{n} {where}: {m}"
+        )
+    cpu_out, cpu_lse = cpu.forward(q, k_bad, v_bad, plan, scale)
+    cpu_grads = cpu.backward(q, k_bad, v_bad, cpu_out, cpu_lse, dout_bad, plan, scale, dlse=dlse)
+    for name, got, want, tol in zip(
+        ("out", "lse", "dq", "dk", "dv"), (out, lse, *grads), (cpu_out, cpu_lse, *cpu_grads),
+        (fwd_tol, fwd_tol, grad_tol, grad_tol, grad_tol), strict=True,
+    ):  # fmt: skip
+        # Where a weight reads an infinite value the CPU's gathered route blocks give the IEEE sum (inf) and
+        # its selecting kernels NaN; both are "not finite", and nothing else is.
+        fin = torch.isfinite(got)
+        differ = fin != torch.isfinite(want)
+        assert not bool(differ.any()), f"{name}: finite unlike the CPU path at {differ.nonzero().tolist()[:4]} {where}"
+        torch.testing.assert_close(
+            got.double()[fin], want.double()[fin], atol=tol, rtol=tol, msg=lambda m, n=name: f"{n} vs cpu {where}: {m}"
+        )
+
+
+def _poisoned_cases(count: int) -> None:
+    from patterndsl.api import Pattern
+    from tests.unit.test_plan_property import _route, rand_case
+
+    rng = random.Random(random.randrange(2**31))
+    for i in range(count):
+        pir, lq, lk, heads, _ = rand_case(rng)
+        if i % 3 == 2:
+            node = rng.choice([ir.union, ir.inter])(pir.default, _route(rng, pir.layout))
+            pir = ir.PatternIR("r", (), pir.layout, pir.heads, node)
+        if i % 4 == 1 and pir.layout is None:
+            lk = lq + rng.randint(1, 9)  # Lq != Lk
+        heads = rng.choice([heads, 2 * heads, 4]) if not pir.heads else heads
+        kv_heads = rng.choice([h for h in (1, 2, heads) if heads % h == 0])
+        pattern = Pattern(pir)
+        block = rng.choice([(16, 16), (16, 32), (32, 16)])
+        order = "identity" if pattern.is_dynamic else rng.choice(["identity", "auto"])
+        dtype = rng.choice([torch.float32, torch.float16])
+        plan = make_plan(pattern, lq, lk, heads, block, order=order)
+        try:
+            check_poisoned(pattern, plan, heads, kv_heads, rng.choice([16, 24]), dtype, rng)
+        except Exception as err:
+            where = f"{pir}\nLq={lq} Lk={lk} heads={heads}/{kv_heads} block={block} order={plan.order} {dtype}"
+            raise AssertionError(f"{where}: {err!r}") from None
+
+
+def case_masked_non_finite_keys_never_leak():
+    """Random patterns (static, reordered and route; GQA; Lq != Lk) with NaN/Inf in masked keys and values."""
+    _poisoned_cases(6)
+
+
+def case_slow_masked_non_finite_keys_never_leak_many():
+    _poisoned_cases(40)
 
 
 def case_wrong_shapes_raise_pattern_error():

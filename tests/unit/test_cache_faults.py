@@ -62,6 +62,24 @@ def _fail_writes(monkeypatch, error: OSError, where: str = "open") -> None:
         monkeypatch.setattr(cache.os, "replace", fake_replace)
 
 
+class FullDisk:
+    """A file whose device fills up after 100 characters of the first write."""
+
+    def __init__(self, fh):
+        self.fh = fh
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.fh.close()
+
+    def write(self, text):
+        self.fh.write(text[:100])
+        self.fh.flush()
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+
 def _load_quietly(spec, interpret=False) -> tuple[object, list]:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -157,23 +175,7 @@ def test_full_disk_during_write_leaves_no_partial_file(cache_dir, monkeypatch):
     spec = _spec()
     (cache_dir / "kernels").mkdir()
     real = open
-
-    class Full:
-        def __init__(self, fh):
-            self.fh = fh
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            self.fh.close()
-
-        def write(self, text):
-            self.fh.write(text[:100])
-            self.fh.flush()
-            raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(cache, "open", lambda *a, **k: Full(real(*a, **k)), raising=False)
+    monkeypatch.setattr(cache, "open", lambda *a, **k: FullDisk(real(*a, **k)), raising=False)
     module, warned = _load_quietly(spec)
     assert _is_kernel_module(module, spec) and len(warned) == 1
     assert _listing(cache_dir / "kernels") == []

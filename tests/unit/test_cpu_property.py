@@ -106,7 +106,8 @@ def run_cases(check, seed: int, count: int, route_at: int) -> None:
 def check_poisoned_case(rng: random.Random, routes: bool = False) -> None:
     """NaN or Inf in keys and values: the queries that do not attend them get exact outputs and gradients.
 
-    A few keys get a non-finite value in K and/or V (only V with ``route``, whose choice reads K).
+    A few keys get a non-finite value in K and/or V (with ``route`` the choice reads the poisoned K: a
+    NaN score ranks lowest, and the reference mask is made with the same choice).
     A query is *poisoned* when the pattern lets it attend one of them; a key is clean when no
     poisoned query attends it. Clean queries' outputs, lse and dQ, and clean keys' dK and dV, must
     equal the float64 reference computed with the poisoned keys zeroed (masked for every clean
@@ -121,12 +122,12 @@ def check_poisoned_case(rng: random.Random, routes: bool = False) -> None:
     for _ in range(rng.randint(1, 3)):
         b, kh, j, c = rng.randrange(batch), rng.randrange(kv_heads), rng.randrange(lk), rng.randrange(k.shape[3])
         value = float("nan") if only_nan else rng.choice([float("nan"), float("inf"), float("-inf")])
-        target = v_bad if routes else rng.choice([k_bad, v_bad, None])
+        target = rng.choice([k_bad, v_bad, None])
         for t in (k_bad, v_bad) if target is None else (target,):
             t[b, kh, j, c] = value
         bad[b, kh, j] = True
     where += f"\npoisoned keys {bad.nonzero().tolist()} only_nan={only_nan}"
-    mask = semantics.mask(pir, lq, lk, heads, q=q, k=k) if routes else semantics.mask(pir, lq, lk, heads)
+    mask = semantics.mask(pir, lq, lk, heads, q=q, k=k_bad) if routes else semantics.mask(pir, lq, lk, heads)
     mask = mask.expand(batch, heads, lq, lk) if mask.dim() == 4 else mask[None].expand(batch, heads, lq, lk)
     group = heads // kv_heads
     bad_q = bad.repeat_interleave(group, dim=1)  # [B, H, Lk]: the poisoned keys each query head reads

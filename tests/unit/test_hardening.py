@@ -336,3 +336,90 @@ def test_the_cli_says_bad_values_came_from_param(tmp_path, capsys):
     assert "--param m= names no parameter of pattern 'p'" in capsys.readouterr().err
     assert cli.main(["show", str(path), "--stage", "ir"]) == 1
     assert "pass --pattern NAME to pick one" in capsys.readouterr().err
+
+
+def test_mask_evaluates_per_head_group_not_per_head(monkeypatch):
+    """Pattern.mask follows heads lines: a huge head count costs a few evaluations (one per rule, chunked
+    when the rule reads ``h``), and a size beyond what a dense mask holds is a PatternError."""
+    from patterndsl import semantics
+
+    calls = []
+    real = semantics.evaluate
+    monkeypatch.setattr(semantics, "evaluate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    p = pd.compile("pattern p { heads 0..3: causal; heads 5..9: where(k % (h + 1) == 0); window(1) }")
+    m = p.mask(2, 2, 2**26)
+    assert m.shape == (2**26, 2, 2) and len(calls) <= 8, len(calls)
+    assert torch.equal(m[7], torch.tensor([[True, False], [True, False]]))  # k % 8 == 0
+    assert torch.equal(m[4], m[2**26 - 1]) and torch.equal(m[4], torch.tensor([[True, False], [True, True]]))
+    for call in (lambda: p.mask(2, 2, 2**40), lambda: semantics.mask(p.ir, 1, 1, 2**40)):
+        with pytest.raises(PatternValueError, match="at most 2\\*\\*28"):
+            call()
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_mask_by_head_groups_equals_mask_head_by_head(seed):
+    import random
+
+    from patterndsl import ir, semantics
+    from tests.unit.test_plan_property import _route, rand_case
+
+    rng = random.Random(300 + seed)
+    for n in range(20):
+        pir, lq, lk, heads, _ = rand_case(rng)
+        heads = rng.choice([heads, 5, 6])
+        rules = (ir.HeadRule(1, 3, ir.Prim("where", (("pred", ir.Cmp("<=", ir.Var("k"), ir.Var("h"))),))),)
+        node = rng.choice([ir.union, ir.inter])(pir.default, _route(rng, pir.layout)) if n % 3 == 0 else pir.default
+        pir = ir.PatternIR("t", (), pir.layout, rules if rng.random() < 0.5 else pir.heads, node)
+        i, j = torch.arange(lq)[:, None], torch.arange(lk)[None, :]
+        ctx = semantics.Context(lq, lk, pir.layout)
+        kv_heads = rng.choice([h for h in (1, 2, heads) if heads % h == 0])
+        q, k = torch.randn(2, heads, lq, 4), torch.randn(2, kv_heads, lk, 4)
+        got = semantics.mask(pir, lq, lk, heads, q=q, k=k)
+        voters = {p: [h for h in range(heads) if p in ir.walk(pir.node_for_head(h))] for p in ir.routes(pir.default)}
+        sel = {p: semantics.route_selection(p, q, k, ctx, hs) for p, hs in voters.items()}
+        for b in range(2):
+            for h in range(heads):
+                chosen = {p: s[b, h // (heads // kv_heads)] for p, s in sel.items()}
+                want = semantics.evaluate(pir.node_for_head(h), i, j, h, ctx, chosen)
+                assert torch.equal(got[b, h], want), (pir, lq, lk, heads, b, h)
+
+
+def test_kernel_spec_of_an_identity_order_builds_nothing_of_size_l(monkeypatch):
+    """The campaign's kernel_source(7, 2**31) spent its time building arange(Lk) to compare the plan's
+    implicit identity order with; an identity order is None and needs no comparison."""
+    from patterndsl.analysis.plan import BlockPlan
+    from patterndsl.codegen import generator
+
+    p = pd.compile("pattern p { causal & window(5) | sink(1) }")
+    plan = p.plan(40, 2**20, 2, block=(16, 16), order="identity")
+
+    def refuse(self):
+        raise AssertionError("an identity order was materialised")
+
+    monkeypatch.setattr(BlockPlan, "q_order", property(refuse))
+    monkeypatch.setattr(BlockPlan, "kv_order", property(refuse))
+    spec = generator.make_spec(plan, "forward", 16, torch.float16, 2, "sm_90")
+    assert not spec.q_reordered and not spec.k_reordered
+
+
+def test_show_reach_follows_heads_lines_not_the_head_count(tmp_path):
+    import contextlib
+    import io
+
+    from patterndsl import cli
+
+    def run(*argv):
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = cli.main([str(a) for a in argv])
+        return code, out.getvalue(), err.getvalue()
+
+    s2 = ["show", "examples/s2_attention.pdsl", "--param", "local=8", "--seq", 32, "--stage", "reach"]
+    code, out, _ = run(*s2, "--heads", 2**40)
+    assert code == 0 and out.count("smallest number of layers") == 5 and "heads 4..1099511627776:" in out
+    source = tmp_path / "h.pdsl"
+    source.write_text("pattern p { causal & where(k >= q - h) }")
+    code, out, _ = run("show", source, "--seq", 16, "--stage", "reach", "--heads", 3)
+    assert code == 0 and "head 2:" in out
+    code, _, err = run("show", source, "--seq", 16, "--stage", "reach", "--heads", 2**40)
+    assert code == 1 and "at most 64" in err

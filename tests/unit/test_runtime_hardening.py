@@ -118,3 +118,82 @@ def test_nan_in_the_last_key_stays_in_the_row_that_sees_it(kernel, what, value):
     torch.testing.assert_close(dq[:, 0, :-1], ref_dq[:, 0, :-1], atol=1e-12, rtol=1e-12)
     for leaf, ref_leaf in zip(leaves, ref_leaves, strict=True):
         torch.testing.assert_close(leaf.grad[:, 1], ref_leaf.grad[:, 1], atol=1e-12, rtol=1e-12)
+
+
+def test_merging_a_nan_part_gives_nan_not_an_empty_row():
+    """A part that read a NaN (lse NaN) keeps its row NaN; the merge used to take it for an empty row
+    (lse -inf), so a gathered route block with a NaN key vanished from the row that attends it."""
+    from patterndsl.runtime import softmax
+
+    o, lse = torch.zeros(3, 2), torch.tensor([float("-inf"), float("-inf"), 0.5])
+    softmax.merge_into(o, lse, torch.ones(2, 2), torch.tensor([float("nan"), 1.0]), torch.tensor([0, 1]))
+    assert bool(torch.isnan(lse[0])) and bool(torch.isnan(o[0]).all())
+    assert lse[1] == 1.0 and torch.equal(o[1], torch.ones(2)) and lse[2] == 0.5 and torch.equal(o[2], torch.zeros(2))
+    o, lse = torch.zeros(2, 2), torch.tensor([float("-inf"), 0.0])
+    softmax.merge_into(o, lse, torch.ones(2, 2), torch.tensor([float("nan"), float("-inf")]))
+    assert bool(torch.isnan(lse[0])) and lse[1] == 0.0 and torch.equal(o[1], torch.zeros(2))
+
+
+def test_a_nan_route_score_ranks_lowest_whatever_its_sign():
+    """A non-finite key makes its block's score NaN; the CPU's integer top-k and the reference's sorts rank it
+    below every number (a NaN with the sign bit set used to rank lowest in one and highest in the other)."""
+    from patterndsl import semantics
+    from patterndsl.runtime import routing
+
+    nan = torch.tensor(float("nan"))
+    neg_nan = -nan if bool(torch.signbit(-nan)) else nan.neg()
+    scores = torch.tensor([[0.5, 2.0, -1.0, float("-inf")]]).repeat(3, 1)
+    scores[0, 1] = nan
+    scores[1, 1] = neg_nan
+    scores[2, 0] = float("-inf")
+    cand = torch.ones(3, 4, dtype=torch.bool)
+    for topk in (1, 2, 3, 4):
+        want = semantics.route_top(scores, cand, topk)
+        assert torch.equal(routing.top(scores, cand, topk), want), topk
+        assert torch.equal(routing.top(scores.double(), cand, topk), want), topk
+    assert semantics.route_top(scores, cand, 1)[:2].nonzero()[:, 1].tolist() == [0, 0]
+    # NaN ties with -inf and the lower block wins: [0.5, NaN, -1, -inf] -> 0, 2, then block 1 before 3.
+    assert semantics.route_top(scores, cand, 3)[0].tolist() == [True, True, True, False]
+
+
+@pytest.mark.parametrize("kernel", ["fused", "math"])
+def test_gathered_route_block_with_a_nan_key_reaches_its_rows(kernel):
+    """MoBA (per-token route, gathered on the CPU) with a NaN in one key: exactly the rows whose mask holds
+    that key are NaN; every other row is exact."""
+    from patterndsl.runtime import cpu
+    from tests.reference import reference_attention
+
+    p = patterndsl.compile(MOBA)
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 2, 24, 8, generator=gen, dtype=torch.float64) for _ in range(3))
+    k[0, 1, 9] = float("nan")
+    mask = p.mask(24, 24, 2, q=q, k=k)
+    poisoned = mask[..., 9] & torch.tensor([False, True])[None, :, None]  # head 1's key 9 only
+    assert bool(poisoned.any()) and not bool(poisoned.all())
+    with cpu.options(kernel=kernel):
+        out, lse = p(q, k, v, return_lse=True)
+    assert bool(torch.isnan(lse[poisoned]).all()) and bool(torch.isnan(out[poisoned]).all())
+    ref, ref_lse = reference_attention(q, k.masked_fill(torch.isnan(k), 0.0), v, mask)
+    torch.testing.assert_close(out[~poisoned], ref[~poisoned])
+    torch.testing.assert_close(lse[~poisoned], ref_lse[~poisoned])
+
+
+def test_rows_a_non_finite_key_reaches_come_from_its_columns_only(monkeypatch):
+    """The Triton launcher finds the rows to compute itself by evaluating the pattern on the non-finite key
+    columns only (never Lq x Lk), per head group, under GQA and with Lq != Lk; they equal the dense answer."""
+    from patterndsl import semantics
+    from patterndsl.runtime import triton_finite
+
+    p = patterndsl.compile("pattern p { heads 0..2: causal & window(3); heads 2..3: where(k <= q - h); sink(1) }")
+    plan = p.plan(12, 20, 4, block=(4, 4), order="auto")
+    bad = torch.zeros(2, 2, 20, dtype=torch.bool)
+    bad[0, 0, [9, 17]] = True
+    bad[1, 1, 0] = True
+    widths = []
+    real = semantics.evaluate
+    monkeypatch.setattr(semantics, "evaluate", lambda n, i, j, *a: widths.append(j.shape[-1]) or real(n, i, j, *a))
+    got = triton_finite.connected(plan, bad, {}, 4)
+    assert max(widths) <= 2 and len(widths) <= 2 * 3, widths
+    mask = p.mask(12, 20, 4)
+    want = (mask[None] & bad.repeat_interleave(2, dim=1)[:, :, None, :]).any(-1)
+    assert torch.equal(got, want)
