@@ -158,12 +158,6 @@ def _nodes(pir: ir.PatternIR) -> list[ir.Node]:
     return [r.node for r in pir.heads] + ([pir.default] if pir.default is not None else [])
 
 
-def _plan(pattern, seq_len: int, heads: int, block: int, inputs: dict):
-    """The identity-order plan the layouts and the traffic are computed from."""
-    traffic.refuse_dynamic(pattern)
-    return pattern.plan(seq_len, seq_len, heads, block=(block, block), order="identity", **inputs)
-
-
 def pattern_heads(pattern) -> int:
     """The head count to plan for when none is given: enough to cover every ``heads A..B`` line."""
     return max([1] + [r.hi for r in pattern.ir.heads])
@@ -209,7 +203,7 @@ def shard(pattern, seq_len, world_size, strategy="auto", block=128, heads=None, 
     block = _integer("block", block)
     _choice("strategy", strategy, STRATEGIES)
     heads = pattern_heads(pattern) if heads is None else _integer("heads", heads)
-    vis = traffic.visits(_plan(pattern, seq_len, heads, block, inputs))
+    vis = traffic.plan_visits(pattern, seq_len, heads, block, inputs)
     starts = within_starts(pattern, seq_len, inputs)
     if strategy == "documents" and starts is None:
         hint = did_you_mean(strategy, ("contiguous", "balanced"))

@@ -201,3 +201,95 @@ def check_block(block) -> int:
     if isinstance(block, bool) or not isinstance(block, int) or block < 1:
         raise PatternValueError(f"block must be a positive integer (the tile size), got {block!r:.60}")
     return block
+
+
+# --------------------------------------------------------------------------- runs at scale
+
+#: Largest fine-tile domain classified in one engine call (bounds the memory of one step).
+DOMAIN_CHUNK = 1 << 22
+#: Up to about this many fine tiles (bounded from the coarse tiles) the plan lists them directly.
+DIRECT_TILES = 1 << 23
+
+
+def coarse_factor(n_tiles: int) -> int:
+    """Fine tiles per side of a coarse tile: about ``(n/2)^(1/3)``, a power of two (1: plan directly).
+
+    It balances the coarse tiles of a dense pattern (``(n/c)^2 / 2``) against the fine tiles of
+    the partial coarse tiles on its edge (about ``n * c``).
+    """
+    if n_tiles <= 2048:
+        return 1
+    return 1 << max(0, round(np.log2((n_tiles / 2) ** (1 / 3))))
+
+
+def static_visits(pattern, seq_len: int, heads: int, block: int, factor: int | None = None) -> Visits:
+    """:func:`visits` of a static pattern without listing every visited tile: two levels of tiles.
+
+    The pattern is classified first in coarse tiles of ``factor * block`` tokens (identity order).
+    A full coarse tile makes every fine tile inside visited, an empty one none; only the fine
+    tiles inside partial coarse tiles are classified, by the same engine restricted to them.
+    Causal at 16M tokens (8.6G fine tiles, which no tile list holds) costs about ``n * factor``
+    fine tiles. Exact: equal to the runs of ``Pattern.plan(..., order="identity")``.
+    """
+    from patterndsl import check
+    from patterndsl.analysis import engine as eng
+    from patterndsl.analysis import planner, tiles
+    from patterndsl.analysis.classify import Env
+    from patterndsl.analysis.rewrite import simplify
+    from patterndsl.sizes import Sizes
+
+    pir = pattern.ir
+    refuse_dynamic(pattern)
+    check.check_lengths(pir, seq_len, seq_len, heads)
+    n = -(-seq_len // block)
+    c = coarse_factor(n) if factor is None else factor
+    if c <= 1:
+        return visits(pattern.plan(seq_len, seq_len, heads, block=(block, block), order="identity"))
+    extents = pir.layout.shape if pir.layout is not None else (seq_len,)
+    segs = tiles.identity_segments(seq_len, 0, extents)
+    sizes = Sizes(seq_len, seq_len, pir.layout, heads)
+    coarse_side = tiles.build_side(segs, seq_len, c * block, 0, extents, True)
+    fine_side = tiles.build_side(segs, seq_len, block, 0, extents, True)
+    nc = coarse_side.n_tiles
+    groups, _ = planner._head_groups(pir, heads)
+    coarse = [eng.Engine(coarse_side, coarse_side, Env(sizes, hs[0])).run(simplify(node)) for node, hs in groups]
+    if factor is None and sum(keys.size for keys, _ in coarse) * c * c <= DIRECT_TILES:
+        # Few enough fine tiles for the plan's own candidates (faster than classifying a domain).
+        return visits(pattern.plan(seq_len, seq_len, heads, block=(block, block), order="identity"))
+    rows, los, his = [], [], []
+    for (node, hs), (keys, state) in zip(groups, coarse, strict=True):
+        node = simplify(node)
+        cm, cn = keys // nc, keys % nc
+        full = state == eng.FULL
+        # Every fine row of a full coarse tile visits all its fine columns: runs of full coarse
+        # tiles first (one per coarse row for causal), then one fine run per fine row of each.
+        fm, flo, fhi = merge_runs(cm[full], cn[full], cn[full] + 1)
+        sub = np.arange(c)
+        r = (fm[:, None] * c + sub[None, :]).reshape(-1)
+        ok = r < n
+        rows.append(r[ok])
+        los.append(np.repeat(flo * c, c)[ok])
+        his.append(np.minimum(np.repeat(fhi * c, c), n)[ok])
+        # Partial coarse tiles: classify their fine tiles.
+        pm, pn = cm[~full], cn[~full]
+        fine = eng.Engine(fine_side, fine_side, Env(sizes, hs[0]))
+        per = max(1, DOMAIN_CHUNK // (c * c))
+        for a in range(0, pm.size, per):
+            m = (pm[a : a + per, None, None] * c + sub[None, :, None]).repeat(c, axis=2)
+            k = (pn[a : a + per, None, None] * c + sub[None, None, :]).repeat(c, axis=1)
+            ok = (m < n) & (k < n)
+            domain = np.sort(m[ok] * n + k[ok])  # distinct: the coarse tiles are
+            found, _ = fine.run(node, domain)
+            rows.append(found // n)
+            los.append(found % n)
+            his.append(found % n + 1)
+    row, lo, hi = (np.concatenate(x).astype(np.int64) for x in (rows, los, his))
+    return Visits(*merge_runs(row, lo, hi), n)
+
+
+def plan_visits(pattern, seq_len: int, heads: int, block: int, inputs: dict) -> Visits:
+    """The runs every layout, cost and exchange of ``pattern`` is computed from (identity order)."""
+    refuse_dynamic(pattern)
+    if inputs or pattern.ir.inputs:
+        return visits(pattern.plan(seq_len, seq_len, heads, block=(block, block), order="identity", **inputs))
+    return static_visits(pattern, seq_len, heads, block)
