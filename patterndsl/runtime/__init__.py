@@ -26,7 +26,7 @@ def _plan_key(pattern: ir.PatternIR, backend: str) -> str:
     # Pure Python on the pattern, so torch.compile evaluates it once at trace time
     # and the op receives a constant string (sizes come from the tensors).
     if backend == "cpu":
-        return plans.register(pattern, CPU_BLOCK, "identity" if pattern.inputs else "auto")
+        return plans.register(pattern, CPU_BLOCK, "auto")
     nodes = [rule.node for rule in pattern.heads]
     if pattern.default is not None:
         nodes.append(pattern.default)
