@@ -2,10 +2,12 @@
 
 Part 1 (computed, ``patterndsl.distributed.cost`` on the plan alone, no tensors): for each
 pattern, sequence length (1M-16M tokens) and rank count (8-1,024), the layout ``shard`` picks
-(contiguous vs balanced zigzag by the largest per-rank work, then traffic), the largest
-key/value bytes a rank receives in the forward against an all-gather (torch's Flex CP,
+(contiguous vs balanced zigzag by the largest per-rank work, then traffic), the largest and
+mean key/value bytes a rank receives in the forward against an all-gather (torch's Flex CP,
 ``flex_cp_allgather``: every rank receives every other rank's keys and values) and a ring
 (ring attention moves the same volume in ``world - 1`` steps), and max/mean visited tiles.
+"x fewer" compares the all-gather with our largest per-rank bytes (causal: the rank holding the
+last tokens reads every earlier key, so its bytes equal the all-gather's; the mean is lower).
 B=1, 8 KV heads, D=128, bfloat16, tiles of 128. Patterns: causal; causal & window(4096);
 StreamingLLM (window 4096 + 4 sinks); Longformer-style window(512, 512) | global(256); a 3-D
 video neighborhood (frames of 256x256, neighborhood (3, 7, 7)); packed causal documents of
@@ -73,8 +75,8 @@ def _parse_size(text: str) -> int:
 
 def computed(lengths: list[int], ranks: list[int]) -> None:
     print("== computed by cost() from the plan (B=1, 8 KV heads, D=128, bf16, tiles of 128) ==")
-    head = f"{'pattern':<22}{'tokens':>7}{'ranks':>6} {'layout':<11}{'MiB/rank':>10}{'all-gather':>11}{'ring':>9}"
-    print(head + f"{'x fewer':>9}{'max/mean tiles':>15}{'plan s':>8}")
+    head = f"{'pattern':<22}{'tokens':>7}{'ranks':>6} {'layout':<11}{'max MiB':>9}{'mean MiB':>9}"
+    print(head + f"{'all-gather':>11}{'ring':>9}{'x fewer':>9}{'max/mean tiles':>15}{'plan s':>8}")
     for seq_len in lengths:
         for name, pattern in patterns(seq_len):
             t0 = time.perf_counter()
@@ -98,12 +100,14 @@ def _row(name, seq_len, world, vis, plan_s, starts=None) -> None:
             best = (key, layout, costs, tiles)
     _, layout, costs, tiles = best
     most = max(c.bytes_received for c in costs)
+    mean = sum(c.bytes_received for c in costs) / world
     fewest = min(layout.indices_count(r) for r in range(world))
     gather = (seq_len - fewest) * TOKEN_BYTES  # the rank holding the fewest tokens receives the most
     ring = gather  # ring attention: world - 1 steps, each the neighbour's shard
     ratio = f"{gather / most:8.1f}x" if most else "   (none)"
     print(
-        f"{name:<22}{_size(seq_len):>7}{world:>6} {layout.strategy:<11}{most / 2**20:>10.1f}{gather / 2**20:>11.0f}"
+        f"{name:<22}{_size(seq_len):>7}{world:>6} {layout.strategy:<11}{most / 2**20:>9.1f}{mean / 2**20:>9.1f}"
+        f"{gather / 2**20:>11.0f}"
         f"{ring / 2**20:>9.0f}{ratio:>9}{tiles.max() / tiles.mean():>15.3f}{plan_s:>8.2f}"
     )
 
