@@ -6,7 +6,7 @@ backward, equal to single-process attention). Ranks exchange exactly the key/val
 query tiles visit and do not own.
 """
 
-from patterndsl.distributed.cost import cost
+from patterndsl.distributed.costs import cost
 from patterndsl.distributed.layout import Layout, shard
 from patterndsl.distributed.parallel import attention, last_traffic
 from patterndsl.distributed.traffic import RankCost

@@ -27,8 +27,7 @@ import torch
 import torch.distributed as dist
 
 from patterndsl import semantics
-from patterndsl.distributed import cost as costs
-from patterndsl.distributed import traffic
+from patterndsl.distributed import costs, traffic
 from patterndsl.distributed.layout import Layout
 from patterndsl.errors import PatternError, PatternTypeError, PatternValueError
 from patterndsl.sizes import Sizes
@@ -472,6 +471,12 @@ def attention(q, k, v, pattern, group=None, layout=None, scale=None, return_lse=
     if layout is None:
         sizes = _sizes_of(n_rank, group, world)
         layout = costs.resolve_layout(None, sum(sizes), world, None)
+        if sizes != [layout.indices_count(r) for r in range(world)]:
+            raise PatternValueError(
+                f"layout=None means contiguous tiles of {layout.block} tokens over {world} ranks "
+                f"({[layout.indices_count(r) for r in range(world)]} tokens), but the ranks hold {sizes}: "
+                "pass the layout the shards were cut with (patterndsl.distributed.shard)"
+            )
     else:
         if not isinstance(layout, Layout):
             raise PatternTypeError(f"layout must be a patterndsl.distributed.Layout, got {type(layout).__name__}")

@@ -198,10 +198,14 @@ def _check_rank(rank, world, case):
     v = torch.randn(batch, kv_heads, seq_len, dim, dtype=torch.float64, generator=gen, requires_grad=True)
     dout = torch.randn(batch, heads, seq_len, dim, dtype=torch.float64, generator=gen)
     dlse = torch.randn(batch, heads, seq_len, dtype=torch.float64, generator=gen)
-    lay = D.shard(p, seq_len, world, strategy, block=block, heads=heads, **inputs)
+    if strategy is None:  # layout=None: contiguous in tiles of 128, the length from the shards
+        lay, given = D.shard(p, seq_len, world, "contiguous", heads=heads, **inputs), None
+        block = 128
+    else:
+        lay = given = D.shard(p, seq_len, world, strategy, block=block, heads=heads, **inputs)
     idx = lay.indices(rank)
     ql, kl, vl = (t.detach()[:, :, idx].clone().requires_grad_() for t in (q, k, v))
-    out, lse = D.attention(ql, kl, vl, p, layout=lay, return_lse=True, **inputs)
+    out, lse = D.attention(ql, kl, vl, p, layout=given, return_lse=True, **inputs)
     torch.autograd.backward((out, lse), (dout[:, :, idx], dlse[:, :, idx]))
     ref, rlse = pd.attention(q, k, v, p, return_lse=True, backend="cpu", **inputs)
     torch.autograd.backward((ref, rlse), (dout, dlse))
@@ -247,7 +251,27 @@ def _random_cases(seed: int, count: int, world: int) -> list:
 
 
 def test_two_ranks_random_patterns():
-    _launch(2, _random_cases(1, 5, 2))
+    default_layout = ("pattern p { causal & (window(150) | sink(3)) }", 300, None, 128, 2, 1, {})
+    _launch(2, [*_random_cases(1, 4, 2), default_layout])
+
+
+def test_one_rank_and_shard_size_errors(tmp_path):
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        _check_rank(0, 1, ("pattern p { causal & window(7) }", 50, "contiguous", 16, 2, 2, {}))
+        p = pd.compile("pattern p { causal }")
+        lay = D.shard(p, 64, 1, block=16)
+        x = torch.zeros(1, 1, 60, 4)
+        with pytest.raises(PatternError, match="holds 64 tokens"):
+            D.attention(x, x, x, p, layout=lay)
+        with pytest.raises(PatternError, match="2 ranks"):
+            D.attention(x, x, x, p, layout=D.shard(p, 64, 2, block=16))
+        doc = pd.compile("pattern d { input doc: int[token]\n within(doc, causal) }")
+        y = torch.zeros(1, 1, 64, 4)
+        with pytest.raises(PatternError, match="doc"):
+            D.attention(y, y, y, doc, layout=lay)
+    finally:
+        dist.destroy_process_group()
 
 
 GRID = "pattern g { layout grid(t = 3, y = 6, x = 7)\n neighborhood((3, 3, 5), causal = (true, false, false)) }"
