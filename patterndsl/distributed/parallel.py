@@ -490,6 +490,8 @@ def attention(q, k, v, pattern, group=None, layout=None, scale=None, return_lse=
         )
     if scale is None:
         scale = d**-0.5
+    elif isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise PatternTypeError(f"scale must be a number, got {type(scale).__name__}")
     bound = None
     if inputs or pattern.ir.inputs:
         bound = binding.bind(pattern.ir, inputs, layout.seq_len, h, head_dim=d, batch=b, who="distributed.attention()")

@@ -264,6 +264,8 @@ def test_one_rank_and_shard_size_errors(tmp_path):
         x = torch.zeros(1, 1, 60, 4)
         with pytest.raises(PatternError, match="holds 64 tokens"):
             D.attention(x, x, x, p, layout=lay)
+        with pytest.raises(PatternError, match="scale"):
+            D.attention(y64 := torch.zeros(1, 1, 64, 4), y64, y64, p, layout=lay, scale="big")
         with pytest.raises(PatternError, match="2 ranks"):
             D.attention(x, x, x, p, layout=D.shard(p, 64, 2, block=16))
         doc = pd.compile("pattern d { input doc: int[token]\n within(doc, causal) }")
