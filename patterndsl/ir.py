@@ -546,6 +546,8 @@ class PatternIR:
     heads: tuple[HeadRule, ...]
     default: Node | None
     span: Span | None = _span()
+    #: The ``score`` statement's expression (a :class:`patterndsl.scores.Score`), or None.
+    score: Any = None
 
     def node_for_head(self, h: int) -> Node | None:
         """The pattern node of head ``h``: the first ``heads`` line covering it, else the default."""

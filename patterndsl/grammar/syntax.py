@@ -27,7 +27,9 @@ class Expr:
 
 @dataclass(frozen=True, slots=True)
 class Number(Expr):
-    value: int
+    """An integer literal, or a float literal (written with a decimal point or an exponent)."""
+
+    value: int | float
     span: Span
 
 
@@ -90,7 +92,7 @@ class Unary(Expr):
 
 @dataclass(frozen=True, slots=True)
 class Binary(Expr):
-    """``left OP right`` for ``| + - & * // %``."""
+    """``left OP right`` for ``| + - & * / // % **``."""
 
     op: str
     left: Expr
@@ -156,7 +158,15 @@ class Heads:
     span: Span
 
 
-Statement = Layout | Let | Heads
+@dataclass(frozen=True, slots=True)
+class Score:
+    """``score EXPR``: the logit modifier (a float expression of ``s``, positions, heads, ...)."""
+
+    value: Expr
+    span: Span
+
+
+Statement = Layout | Let | Heads | Score
 
 
 # --------------------------------------------------------------------------- definitions
