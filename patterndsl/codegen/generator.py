@@ -163,6 +163,10 @@ def make_spec(
     """
     if kind not in KINDS:
         raise BackendError(f"kernel kind must be one of {KINDS}, got {kind!r}")
+    if getattr(plan.pattern, "score", None) is not None:
+        raise BackendError(
+            "score modifiers are not rendered into the Triton kernels yet: run this pattern with backend='cpu'"
+        )
     if dtype not in DTYPES:
         raise BackendError(f"the Triton kernels take float16, bfloat16 or float32, got {dtype}")
     if target != "interpret" and not re.fullmatch(r"sm_\d+", target):
