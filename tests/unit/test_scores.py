@@ -104,7 +104,8 @@ def test_score_keyword_is_a_name_elsewhere():
 
 
 def test_score_may_precede_the_final_expression_and_use_lets_and_layouts():
-    p = patterndsl.compile("pattern p(c = 2.0) {\n layout grid(y = 4, x = 4)\n let w = 3\n score s + c + (q.x - k.x) * w\n full\n}")
+    src = "pattern p(c = 2.0) {\n layout grid(y = 4, x = 4)\n let w = 3\n score s + c + (q.x - k.x) * w\n full\n}"
+    p = patterndsl.compile(src)
     assert scores.to_source(p.ir.score.expr) == "s + 2.0 + (q.x - k.x) * 3"
     assert p.ir.score.additive
 
@@ -169,7 +170,7 @@ def test_derivative_matches_finite_differences(seed):
         dsl, _ = float_expr(rng, rng.randint(1, 4), ())
         score = patterndsl.compile(f"pattern t {{ causal\n score {dsl} }}").ir.score
         s = torch.randn(2, 40, 40, generator=gen, dtype=torch.float64) * 2
-        f = lambda x, score=score: scores.evaluate(score.expr, _env(x)).to(torch.float64).expand(s.shape)  # noqa: E731
+        f = lambda x, score=score: scores.evaluate(score.expr, _env(x)).to(torch.float64).expand(x.shape)  # noqa: E731
         ds = torch.ones_like(s) if score.additive else scores.evaluate(score.ds, _env(s)).expand(s.shape)
         if score.additive:
             assert torch.allclose(f(s) - s, scores.evaluate(score.bias, _env(s)).to(torch.float64).expand(s.shape))
