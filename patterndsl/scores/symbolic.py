@@ -65,7 +65,7 @@ def derive(expr: Node) -> Score:
     s = wrt[S]
     d = sp.diff(f, s)
     bias = None
-    if sp.simplify(d - 1) == 0:
+    if d.is_Number and float(d) == 1.0:
         bias = _best(sp, f - s, back)
     ds = num(1.0) if bias is not None else _best(sp, d, back)
     partials = tuple((leaf, _best(sp, sp.diff(f, symbol), back)) for leaf, symbol in wrt.items() if leaf != S)
@@ -91,11 +91,20 @@ def describe_derivatives(score: Score) -> str:
 def _best(sp, e, back) -> Node:
     """``e`` as score nodes: its simplified form when that converts to a smaller tree, else ``e`` itself."""
     plain = _FromSympy(sp, back).convert(e)
+    # sympy's full simplify costs seconds on piecewise forms (abs, min, max, select); it runs only
+    # on small smooth expressions, where it pays (everything else keeps sympy's canonical form).
+    hard = (sp.Piecewise, sp.Abs, sp.sign, sp.Heaviside, sp.Min, sp.Max)
+    if sp.count_ops(e) > _SIMPLIFY_OPS or e.has(*hard):
+        return plain
     try:
         simple = _FromSympy(sp, back).convert(sp.simplify(e))
     except _Unsupported:
         return plain
     return simple if _size(simple) < _size(plain) else plain
+
+
+#: Derivatives with more operations than this keep sympy's canonical form (see :func:`_best`).
+_SIMPLIFY_OPS = 16
 
 
 def _size(node: Node) -> int:

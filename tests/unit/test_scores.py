@@ -195,7 +195,7 @@ def _random_case(rng: random.Random):
     return dataclasses.replace(pir, score=score), lq, lk, heads, block, dsl, py
 
 
-@pytest.mark.parametrize("seed", range(10))
+@pytest.mark.parametrize("seed", range(8))
 def test_random_scores_on_random_patterns_match_the_reference(seed):
     rng = random.Random(1000 + seed)
     for _ in range(4):
@@ -234,7 +234,7 @@ def test_random_scores_on_random_patterns_match_the_reference(seed):
 def test_gradcheck(source):
     p = patterndsl.compile(source)
     gen = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(1, 2, 9, 3, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    q, k, v = (torch.randn(1, 2, 6, 2, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(3))
     assert torch.autograd.gradcheck(lambda a, b, c: p(a, b, c, return_lse=True), (q, k, v))
 
 
