@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -265,3 +266,32 @@ def test_the_plan_is_unchanged_by_score():
         a, b = plain.plan(200, heads=2, block=block), modified.plan(200, heads=2, block=block)
         assert torch.equal(a.tiles(), b.tiles())
         assert dataclasses.replace(a.stats, plan_seconds=0) == dataclasses.replace(b.stats, plan_seconds=0)
+
+
+# --------------------------------------------------------------------------- examples
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+
+def test_t5_buckets_example_matches_hugging_face():
+    t5 = pytest.importorskip("transformers.models.t5.modeling_t5")
+    p = patterndsl.load(EXAMPLES / "t5_buckets.pdsl", slope=-1.0)
+    assert p.ir.score.additive
+    n = 300
+    bias = semantics.modified_scores(p.ir, torch.zeros(1, n, n, dtype=torch.float64))[0]
+    q, k = torch.arange(n)[:, None], torch.arange(n)[None, :]
+    want = t5.T5Attention._relative_position_bucket(k - q, bidirectional=False, num_buckets=32, max_distance=128)
+    allowed = k <= q
+    assert torch.equal(bias[allowed].long(), want[allowed])
+
+
+def test_gemma2_and_alibi_examples():
+    local = patterndsl.load(EXAMPLES / "gemma2.pdsl", name="gemma2_local")
+    glob = patterndsl.load(EXAMPLES / "gemma2.pdsl", name="gemma2_global")
+    assert local.ir.score == glob.ir.score and not local.ir.score.additive
+    assert scores.to_source(local.ir.score.ds) == "1.0 - tanh(0.02 * s) ** 2.0"
+    alibi = patterndsl.load(EXAMPLES / "alibi.pdsl")
+    bias = semantics.modified_scores(alibi.ir, torch.zeros(8, 5, 5, dtype=torch.float64))
+    slopes = torch.tensor([2.0 ** (-(h + 1)) for h in range(8)], dtype=torch.float64)
+    q, k = torch.arange(5)[:, None], torch.arange(5)[None, :]
+    torch.testing.assert_close(bias, -slopes[:, None, None] * (q - k))
