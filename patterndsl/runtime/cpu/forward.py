@@ -109,7 +109,9 @@ def _forward(q, k, v, plan: BlockPlan, scale: float, opts: CpuOptions, safe: boo
             op.view(nb, hd.count, -1, bm, d)[:, :, idle] = 0
             lp.view(nb, hd.count, -1, bm)[:, :, idle] = float("-inf")
         for seg in sched.segments:
-            if modify is not None or vbad is not None:
+            if modify is not None and vbad is None and opts.fused and modify.score.additive:
+                _forward_biased(qp, kp, vp, op, lp, seg, plan.block, scale, opts, modify)
+            elif modify is not None or vbad is not None:
                 _forward_math(qp, kp, vp, op, lp, seg, plan.block, scale, opts, vbad, modify)
             else:
                 run(qp, kp, vp, op, lp, seg, plan.block, scale, opts)
@@ -230,6 +232,21 @@ def _forward_fused_step(qp, kp, vp, op, lp, seg: Segment, block, scale: float) -
         # The kernel reports lse = 0 for rows with no allowed key; the contract says -inf.
         lse = lse.masked_fill(empty, float("-inf"))
     _emit(op, lp, seg, bm, o.unflatten(0, (b, h)), lse)
+
+
+def _forward_biased(qp, kp, vp, op, lp, seg0: Segment, block, scale: float, opts: CpuOptions, modify) -> None:
+    """An additive score (``s + bias``) through the fused kernel: the bias, ``-inf`` on blocked pairs, is
+    its float ``attn_mask``, built per chunk of ``chunk_bytes``. A non-finite result reruns selecting."""
+    bm, bn = block
+    b, h = qp.shape[:2]
+    for seg in chunks(seg0, b * h * bm * bn * qp.element_size(), opts.chunk_bytes):
+        qc, kc, vc = flat(q_view(qp, seg, bm)), flat(kv_view(kp, seg, bn)), flat(kv_view(vp, seg, bn))
+        o, lse = FLASH(qc, kc, vc, 0.0, False, attn_mask=modify.bias(seg, qp.dtype, b), scale=scale)
+        lse = lse.unflatten(0, (b, h))
+        empty = seg.empty_rows()
+        if empty is not None:
+            lse = lse.masked_fill(empty, float("-inf"))
+        _emit(op, lp, seg, bm, o.unflatten(0, (b, h)), lse)
 
 
 def _forward_math(qp, kp, vp, op, lp, seg0: Segment, block, scale: float, opts: CpuOptions, vbad=None, modify=None):

@@ -52,6 +52,23 @@ class Modifier:
         out = scores.evaluate(self.score.expr, self._env(s, seg))
         return out.to(s.dtype).expand(s.shape).contiguous()
 
+    def bias(self, seg: Segment, dtype: torch.dtype, batch: int) -> torch.Tensor:
+        """An additive score's bias on the segment, ``-inf`` on blocked pairs, as ``[batch*h or 1, n, BM, W]``.
+
+        The fused kernel takes it as its float ``attn_mask`` (the score is ``s + bias``).
+        """
+        bm, bn = self.plan.block
+        shape = (len(seg), bm, seg.width * bn)
+        env = self._env(torch.zeros((), dtype=dtype), seg)
+        out = scores.evaluate(self.score.bias, env).to(dtype)
+        heads = out.shape[0] if out.dim() == 4 else 1
+        out = out.expand(heads, *shape).contiguous() if out.dim() == 4 else out.expand(shape)[None].contiguous()
+        if seg.blocked is not None:
+            out.masked_fill_(seg.blocked, float("-inf"))
+        if heads > 1 and batch > 1:
+            out = out.repeat(batch, 1, 1, 1)
+        return out
+
     def derivative(self, s: torch.Tensor, seg: Segment) -> torch.Tensor | None:
         """``d score / d s`` at ``s``, or None when the score is additive in ``s`` (the derivative is 1)."""
         if self.score.additive:
