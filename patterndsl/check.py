@@ -718,7 +718,7 @@ def _bind_definition(pdef: syntax.PatternDef, params: dict, lenient: bool = Fals
     if isinstance(default, _Unknown) or any(isinstance(v, _Unknown) for _, v in bound) or lenient:
         return None
     rules.sort(key=lambda r: r.lo)
-    return ir.PatternIR(pdef.name, tuple(bound), scope.layout, tuple(rules), default, pdef.span, score)
+    return ir.PatternIR(pdef.name, tuple(bound), scope.layout, tuple(rules), default, pdef.span, score=score)
 
 
 def _bind_score(stmt: syntax.Score, scope: _Scope) -> scores.Score | None:

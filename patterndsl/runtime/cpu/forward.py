@@ -236,10 +236,11 @@ def _forward_fused_step(qp, kp, vp, op, lp, seg: Segment, block, scale: float) -
 
 def _forward_biased(qp, kp, vp, op, lp, seg0: Segment, block, scale: float, opts: CpuOptions, modify) -> None:
     """An additive score (``s + bias``) through the fused kernel: the bias, ``-inf`` on blocked pairs, is
-    its float ``attn_mask``, built per chunk of ``chunk_bytes``. A non-finite result reruns selecting."""
+    its float ``attn_mask``, built per chunk of the fused budget. A non-finite result reruns selecting."""
     bm, bn = block
-    b, h = qp.shape[:2]
-    for seg in chunks(seg0, b * h * bm * bn * qp.element_size(), opts.chunk_bytes):
+    b, h, _, d = qp.shape
+    per_tile = b * h * bn * (bm + 2 * d) * qp.element_size()  # the bias and the gathered K/V of a key tile
+    for seg in chunks(seg0, per_tile, opts.fused_budget()):
         qc, kc, vc = flat(q_view(qp, seg, bm)), flat(kv_view(kp, seg, bn)), flat(kv_view(vp, seg, bn))
         o, lse = FLASH(qc, kc, vc, 0.0, False, attn_mask=modify.bias(seg, qp.dtype, b), scale=scale)
         lse = lse.unflatten(0, (b, h))
