@@ -295,3 +295,34 @@ def test_gemma2_and_alibi_examples():
     slopes = torch.tensor([2.0 ** (-(h + 1)) for h in range(8)], dtype=torch.float64)
     q, k = torch.arange(5)[:, None], torch.arange(5)[None, :]
     torch.testing.assert_close(bias, -slopes[:, None, None] * (q - k))
+
+
+# --------------------------------------------------------------------------- hooks and keys
+
+
+def test_float_input_reads_are_leaves_with_partials():
+    """The hook for section 7's float tables: a read is a leaf of evaluation and a variable of differentiation."""
+    from patterndsl.scores.nodes import FLOAT, INT, Read, Sym, make, num
+
+    rel = Read("rel", (Sym("h", INT), make("-", [Sym("q", INT), Sym("k", INT)])), FLOAT)
+    expr = make("+", [make("*", [num(3.0), make("tanh", [scores.nodes.S])]), make("*", [rel, rel])])
+    score = scores.derive(expr)
+    assert scores.to_source(score.ds) == "3.0 - 3.0 * tanh(s) ** 2.0"
+    ((leaf, partial),) = score.partials
+    assert leaf == rel and scores.to_source(partial) == "2.0 * rel[h, q - k]"
+    table = torch.randn(2, 9, dtype=torch.float64)
+    env = _env(torch.zeros(2, 5, 5, dtype=torch.float64), 5, 5)
+    env.read = lambda node, idx: table[idx[0], idx[1].clamp(0, 8)]
+    value = scores.evaluate(partial, env)
+    q, k = torch.arange(5)[:, None], torch.arange(5)[None, :]
+    torch.testing.assert_close(value, 2.0 * table[torch.arange(2)[:, None, None], (q - k).clamp(0, 8)])
+
+
+def test_kernel_cache_key_includes_the_score():
+    from patterndsl.codegen import spec_for
+
+    keys = {
+        spec_for(patterndsl.compile(f"pattern p {{ causal\n{score} }}"), 256, heads=2, target="interpret").key
+        for score in ("", "score s * 2.0", "score s * 3.0", "score s + 0.5 * (q - k)")
+    }
+    assert len(keys) == 4
