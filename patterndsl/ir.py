@@ -593,6 +593,8 @@ class PatternIR:
     span: Span | None = _span()
     #: The run-time inputs (section 7), in declaration order.
     inputs: tuple[InputDecl, ...] = ()
+    #: The ``score`` statement's expression (a :class:`patterndsl.scores.Score`), or None.
+    score: Any = None
 
     def input(self, name: str) -> InputDecl | None:
         """The declaration of input ``name``, or None."""
