@@ -13,7 +13,6 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from patterndsl import PatternError  # noqa: E402
 from patterndsl.integrations.transformers import register  # noqa: E402
 
 TOL = {"atol": 2e-4, "rtol": 2e-4}
@@ -91,6 +90,6 @@ def test_padding_equals_sdpa(kind, side):
     torch.testing.assert_close(a[keep], b[keep], **TOL)
     # each row equals the example run alone
     with torch.no_grad():
-        for row, n in enumerate(real):
+        for row in range(len(real)):
             alone = ids[row][keep[row]][None]
             torch.testing.assert_close(a[row][keep[row]], theirs(alone).logits[0], **TOL)
