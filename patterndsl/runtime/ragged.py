@@ -23,6 +23,7 @@ positions (shared pages sum their gradients).
 
 from __future__ import annotations
 
+import bisect
 import threading
 from dataclasses import dataclass
 
@@ -218,38 +219,63 @@ class Tile:
     allowed: torch.Tensor | None  # None: every pair allowed
 
 
-def row_tiles(fr: Frame, g: int, heads: tuple[int, ...]):
-    """The row tiles of head group ``g`` in frame ``fr``: :class:`Tile` s with their keys and masks."""
+@dataclass(frozen=True)
+class RowTile:
+    """A plan row tile's key tiles, kept per plan: ``cols`` (ascending, a Python list for cutting at a
+    length), whether they are one run, and the partial ones' indices into the list."""
+
+    cols: list[int]
+    run: bool
+    partial: list[int]
+
+
+def _row_tile(plan, g: int, m: int) -> RowTile:
+    rows = plans.per_plan(plan, ("ragged-rows", g), dict)
+    got = rows.get(m)
+    if got is None:
+        tl = plan.groups[g].tiles
+        a, b = int(tl.row_ptr[m]), int(tl.row_ptr[m + 1])
+        cols = tl.cols[a:b].tolist()
+        partial = torch.nonzero(tl.state[a:b] != 2).flatten().tolist()
+        got = rows[m] = RowTile(cols, bool(cols) and cols[-1] - cols[0] + 1 == len(cols), partial)
+    return got
+
+
+def row_tiles(fr: Frame, gr: Group):
+    """The row tiles of head group ``gr`` in frame ``fr``: :class:`Tile` s with their keys and masks."""
     plan = fr.plan
     bm, bn = plan.block
-    tl = plan.groups[g].tiles
-    node = plan.groups[g].node
-    ptr = tl.row_ptr
     if fr.q_len == 0 or fr.kv_len == 0:
         return
-    per_head = ir.uses_head(node)
-    hidx = torch.tensor(heads, dtype=torch.int64)[:, None, None] if per_head else heads[0]
     last_tile = (fr.kv_len - 1) // bn
     for m in range(fr.row0 // bm, (fr.row0 + fr.q_len - 1) // bm + 1):
-        a, b = int(ptr[m]), int(ptr[m + 1])
-        cols, state = tl.cols[a:b], tl.state[a:b]
-        keep = cols <= last_tile
-        cols, state = cols[keep], state[keep]
-        r0, r1 = max(m * bm, fr.row0), min((m + 1) * bm, fr.row0 + fr.q_len)
-        if not cols.numel():
+        rt = _row_tile(plan, gr.index, m)
+        n = bisect.bisect_right(rt.cols, last_tile)
+        if not n:
             continue
-        width = torch.clamp(fr.kv_len - cols * bn, max=bn)
-        starts = cols * bn
-        if bool((width == bn).all()) and int(cols[-1]) - int(cols[0]) + 1 == cols.numel():
-            keys = torch.arange(int(starts[0]), int(starts[-1]) + bn)
+        cols = rt.cols[:n]
+        r0, r1 = max(m * bm, fr.row0), min((m + 1) * bm, fr.row0 + fr.q_len)
+        # Tile t of the row's list starts at offset t * BN of ``keys`` (only the last tile can be cut short).
+        if rt.run:
+            keys = torch.arange(cols[0] * bn, min((cols[-1] + 1) * bn, fr.kv_len))
         else:
-            keys = torch.cat([torch.arange(int(s), int(s) + int(w)) for s, w in zip(starts, width, strict=True)])
+            keys = (torch.tensor(cols)[:, None] * bn + torch.arange(bn)).flatten()
+            keys = keys[keys < fr.kv_len]
         allowed = None
-        if bool((state != 2).any()):
-            rows = torch.arange(r0, r1)[:, None]
-            allowed = semantics.evaluate(node, rows, keys[None, :], hidx, fr.ctx)
-            if allowed.dim() == 2:
-                allowed = allowed[None]
+        partial = [t for t in rt.partial if t < n]
+        if partial:
+            # The pattern is evaluated on the partial tiles' columns only; full tiles allow every pair.
+            if len(partial) == 1:
+                idx = torch.arange(partial[0] * bn, min(partial[0] * bn + bn, keys.numel()))
+            else:
+                idx = (torch.tensor(partial)[:, None] * bn + torch.arange(bn)).flatten()
+                idx = idx[idx < keys.numel()]
+            sub = semantics.evaluate(gr.node, torch.arange(r0, r1)[:, None], keys[idx][None, :], gr.hidx, fr.ctx)
+            if idx.numel() == keys.numel():
+                allowed = sub if sub.dim() == 3 else sub[None]
+            else:
+                allowed = torch.ones(sub.shape[0] if sub.dim() == 3 else 1, r1 - r0, keys.numel(), dtype=torch.bool)
+                allowed[..., idx] = sub
         yield Tile(r0 - fr.row0, r1 - fr.row0, keys, allowed)
 
 
@@ -340,28 +366,66 @@ def _work(plan_key: str, q, data):
         yield b, fr, table
 
 
-def _groups(plan, heads: int, kv_heads: int):
-    share = heads // kv_heads
-    out = []
-    for g, group in enumerate(plan.groups):
-        hs = tuple(group.heads)
-        out.append((g, hs, torch.tensor([h // share for h in hs], dtype=torch.int64)))
-    return out
+class Group:
+    """One head group's query heads and how they read the key/value heads.
+
+    When the group is every query head in order, ``q`` rows of the ``share`` heads reading one
+    key/value head are stacked (``[Hkv, share * rows, D]``) and multiplied with that head's keys
+    directly; otherwise the keys are indexed per query head and gradients summed back.
+    """
+
+    def __init__(self, index: int, node: ir.Node, heads: tuple[int, ...], total: int, kv_heads: int):
+        self.index, self.heads, self.node = index, heads, node
+        self.hidx = torch.tensor(heads, dtype=torch.int64)[:, None, None] if ir.uses_head(node) else heads[0]
+        self.share, self.kv_heads = total // kv_heads, kv_heads
+        self.all = heads == tuple(range(total))
+        self.sel = slice(None) if self.all else list(heads)
+        self.kvh = torch.tensor([h // self.share for h in heads], dtype=torch.int64)
+
+    def rows(self, x: torch.Tensor, b: int, i0: int, i1: int, dt) -> torch.Tensor:
+        """``x[b, heads, i0:i1]`` in ``dt``, ``[Hg, n, D]``."""
+        return x[b, self.sel, i0:i1].to(dt)
+
+    def _stack(self, x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(self.kv_heads, -1, x.shape[-1])
+
+    def mm(self, a: torch.Tensor, kv: torch.Tensor, transpose: bool) -> torch.Tensor:
+        """``a [Hg, n, X] @ kv[head]`` (``kv [Hkv, nk, Y]``; transposed: ``@ kv^T``) per query head."""
+        kt = kv.transpose(-1, -2) if transpose else kv
+        if self.all:
+            return torch.matmul(self._stack(a), kt).view(a.shape[0], a.shape[1], -1)
+        return torch.matmul(a, kt[self.kvh])
+
+    def tmm(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """``sum over the query heads of a key/value head of a^T @ b``: ``[Hkv, nk, Y]``."""
+        if self.all:
+            return torch.matmul(self._stack(a).transpose(-1, -2), self._stack(b))
+        out = torch.zeros(self.kv_heads, a.shape[-1], b.shape[-1], dtype=a.dtype)
+        return out.index_add_(0, self.kvh, torch.matmul(a.transpose(-1, -2), b))
 
 
-def _scores(qr, kk, allowed, scale):
-    s = torch.matmul(qr * scale, kk.transpose(-1, -2))
+def _groups(plan, heads: int, kv_heads: int) -> list[Group]:
+    def build():
+        return [Group(g, group.node, tuple(group.heads), heads, kv_heads) for g, group in enumerate(plan.groups)]
+
+    return plans.per_plan(plan, ("ragged-groups", heads, kv_heads), build)
+
+
+def _scores(gr: Group, qr, kk, allowed, scale):
+    s = gr.mm(qr * scale, kk, transpose=True)
     if allowed is not None:
         s = s.masked_fill(~allowed, float("-inf"))
     return s
 
 
-def _pv(p, vv, allowed):
-    """``p @ vv`` where a blocked or zero-weight non-finite value changes nothing."""
-    if allowed is None or bool(torch.isfinite(vv).all()):
-        return torch.matmul(p, vv)
-    seen = p[..., None] * vv[:, None]
-    return seen.masked_fill(~allowed[..., None], 0.0).sum(-2)
+def _pv(gr: Group, p, vv, allowed):
+    """``p @ v`` per query head; a non-finite value at a zero weight must not reach the row (LANGUAGE.md
+    section 2): a finite result is exact, otherwise it is recomputed selecting."""
+    o = gr.mm(p, vv, transpose=False)
+    if allowed is None or bool(torch.isfinite(o).all()):
+        return o
+    vh = vv[gr.kvh]
+    return (p[..., None] * vh[:, None]).masked_fill(~allowed[..., None], 0.0).sum(-2)
 
 
 def forward(q, k, v, plan_key: str, data, scale: float):
@@ -372,21 +436,18 @@ def forward(q, k, v, plan_key: str, data, scale: float):
     lse = torch.full((b_, h, lq), float("-inf"), dtype=dt)
     for b, fr, table in _work(plan_key, q, data):
         keys = Keys(k, v, b, table)
-        for g, hs, kvh in _groups(fr.plan, h, k.shape[1]):
-            hsel = list(hs)
-            for t in row_tiles(fr, g, hs):
+        for gr in _groups(fr.plan, h, k.shape[1]):
+            for t in row_tiles(fr, gr):
                 kk, vv = keys.get(t.keys, t.allowed)
-                kk, vv = kk.to(dt)[kvh], vv.to(dt)[kvh]
-                qr = q[b, hsel, t.i0 : t.i1].to(dt)
-                s = _scores(qr, kk, t.allowed, scale)
+                kk, vv = kk.to(dt), vv.to(dt)
+                s = _scores(gr, gr.rows(q, b, t.i0, t.i1, dt), kk, t.allowed, scale)
                 m = s.amax(-1, keepdim=True)
                 m = m.masked_fill(m == float("-inf"), 0.0)
-                p = (s - m).exp()
+                p = s.sub_(m).exp_()
                 den = p.sum(-1, keepdim=True)
-                o = _pv(p, vv, t.allowed) / den.clamp(min=torch.finfo(dt).tiny)
-                row_l = (m + den.log()).squeeze(-1)
-                out[b, hsel, t.i0 : t.i1] = o
-                lse[b, hsel, t.i0 : t.i1] = row_l
+                o = _pv(gr, p, vv, t.allowed) / den.clamp(min=torch.finfo(dt).tiny)
+                out[b, gr.sel, t.i0 : t.i1] = o
+                lse[b, gr.sel, t.i0 : t.i1] = (m + den.log()).squeeze(-1)
     return out.to(q.dtype), lse
 
 
@@ -397,31 +458,23 @@ def backward(q, k, v, out, lse, dout, dlse, plan_key: str, data, scale: float):
     dq = torch.zeros(q.shape, dtype=dt)
     dk = torch.zeros(k.shape, dtype=dt)
     dv = torch.zeros(v.shape, dtype=dt)
-    hkv = k.shape[1]
     for b, fr, table in _work(plan_key, q, data):
         keys = Keys(k, v, b, table)
-        for g, hs, kvh in _groups(fr.plan, h, hkv):
-            hsel = list(hs)
-            for t in row_tiles(fr, g, hs):
+        for gr in _groups(fr.plan, h, k.shape[1]):
+            for t in row_tiles(fr, gr):
                 kk, vv = keys.get(t.keys, t.allowed)
-                kk, vv = kk.to(dt)[kvh], vv.to(dt)[kvh]
-                qr = q[b, hsel, t.i0 : t.i1].to(dt)
-                do = dout[b, hsel, t.i0 : t.i1].to(dt)
-                rl = lse[b, hsel, t.i0 : t.i1].to(dt)[..., None]
-                s = _scores(qr, kk, t.allowed, scale)
-                p = (s - rl.masked_fill(rl == float("-inf"), 0.0)).exp()
-                if t.allowed is not None:
-                    p = p.masked_fill(~t.allowed, 0.0)
-                p = p.masked_fill(rl == float("-inf"), 0.0)
-                delta = (do * out[b, hsel, t.i0 : t.i1].to(dt)).sum(-1, keepdim=True)
-                dp = torch.matmul(do, vv.transpose(-1, -2))
-                ds = p * (dp - delta + dlse[b, hsel, t.i0 : t.i1].to(dt)[..., None])
-                dq[b, hsel, t.i0 : t.i1] += torch.matmul(ds, kk) * scale
-                gk = torch.zeros(hkv, t.keys.numel(), kk.shape[-1], dtype=dt)
-                gv = torch.zeros(hkv, t.keys.numel(), vv.shape[-1], dtype=dt)
-                gk.index_add_(0, kvh, torch.matmul(ds.transpose(-1, -2), qr) * scale)
-                gv.index_add_(0, kvh, torch.matmul(p.transpose(-1, -2), do))
-                keys.add(dk, dv, t.keys, gk, gv)
+                kk, vv = kk.to(dt), vv.to(dt)
+                qr = gr.rows(q, b, t.i0, t.i1, dt)
+                do = gr.rows(dout, b, t.i0, t.i1, dt)
+                rl = gr.rows(lse[..., None], b, t.i0, t.i1, dt)
+                gone = rl == float("-inf")
+                p = _scores(gr, qr, kk, t.allowed, scale).sub_(rl.masked_fill(gone, 0.0)).exp_()
+                p = p.masked_fill(gone, 0.0)
+                delta = (do * gr.rows(out, b, t.i0, t.i1, dt)).sum(-1, keepdim=True)
+                dp = gr.mm(do, vv, transpose=True)
+                ds = p * (dp - delta + gr.rows(dlse[..., None], b, t.i0, t.i1, dt))
+                dq[b, gr.sel, t.i0 : t.i1] += gr.mm(ds, kk, transpose=False) * scale
+                keys.add(dk, dv, t.keys, gr.tmm(ds, qr) * scale, gr.tmm(p, do))
     return dq, dk, dv
 
 

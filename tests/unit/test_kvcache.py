@@ -123,3 +123,17 @@ def test_append_checks_its_arguments():
         cache.append(torch.randn(1, 2, 1, 8), torch.randn(1, 2, 1, 8), rows=[5])
     with pytest.raises(PatternError, match="num_pages must be"):
         pd.PagedKVCache(pd.compile(STREAMING), 0, 4, 2, 8)
+
+
+def test_generate_example_holds_constant_memory(capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "examples" / "generate.py"
+    spec = importlib.util.spec_from_file_location("generate_example", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main(["--tokens", "200", "--span", "32", "--page-size", "8"])
+    lines = capsys.readouterr().out.splitlines()
+    held = [int(line.split()[1]) for line in lines if line.strip() and line.split()[0].isdigit()]
+    assert len(held) == 10 and held[-1] == held[4] and held[-1] <= 2 * (1 + 33 // 8 + 2)
