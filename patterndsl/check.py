@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from patterndsl import ir, primitives
+from patterndsl import ir, primitives, scores
 from patterndsl.errors import (
     HeadsError,
     LayoutError,
@@ -104,6 +104,8 @@ def _describe(value: Value) -> str:
         return "a boolean"
     if isinstance(value, int):
         return "an integer"
+    if isinstance(value, float):
+        return "a float (floats are only allowed in score)"
     if isinstance(value, tuple):
         return "a tuple"
     if isinstance(value, ir.Node):
@@ -195,8 +197,8 @@ class _Evaluator:
 
     # -- atoms
 
-    def _number(self, e: syntax.Number, where: bool) -> int:
-        return _bounded(e.value, e.span)
+    def _number(self, e: syntax.Number, where: bool) -> int | float:
+        return e.value if isinstance(e.value, float) else _bounded(e.value, e.span)
 
     def _boolean(self, e: syntax.Boolean, where: bool) -> bool:
         return e.value
@@ -217,6 +219,8 @@ class _Evaluator:
             raise PatternTypeError(f"primitive '{name}' needs arguments: {name}(...)", e.span)
         if name in ir.Var.NAMES:
             raise PatternNameError(f"'{name}' is only defined inside where(...)", e.span)
+        if name == "s":
+            raise PatternNameError("'s' (the scaled logit) is only defined in a score statement", e.span)
         if name in _FUNCTIONS:
             raise PatternTypeError(f"'{name}' is a function; call it as {name}(...)", e.span)
         if name in ir.SCORES:
@@ -272,6 +276,8 @@ class _Evaluator:
             return self._function(e, where)
         if e.func in self.scope.values:
             raise PatternTypeError(f"'{e.func}' is not a primitive and cannot be called", e.func_span)
+        if e.func in scores.FUNCTIONS:
+            raise PatternTypeError(f"{e.func}() is a score function: floats are only allowed in score", e.func_span)
         hint = did_you_mean(e.func, [*primitives.REGISTRY, *_FUNCTIONS])
         raise PatternNameError(f"unknown primitive '{e.func}'{hint}", e.func_span)
 
@@ -360,6 +366,10 @@ class _Evaluator:
         if not _is(left, "int"):
             hint = " (patterns combine with | & - ~)" if isinstance(left, ir.Node) else ""
             raise self.type_error(f"'{e.op}' needs integers, got {_describe(left)}{hint}", e.left)
+        if e.op in ("/", "**"):
+            raise PatternTypeError(
+                f"'{e.op}' gives a float, and floats are only allowed in score (integer division is //)", e.op_span
+            )
         right = self._int_operand(e.right, where, f"'{e.op}'")
         return _arith(e.op, left, right, e.op_span)
 
@@ -678,8 +688,15 @@ def _python_param(name: str, value: Any, decl: syntax.Param) -> Any:
     return _python_scalar(name, value, decl)
 
 
-def _python_scalar(name: str, value: Any, decl: syntax.Param) -> int | bool:
+def _python_scalar(name: str, value: Any, decl: syntax.Param) -> int | bool | float:
     if isinstance(value, bool):
+        return value
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise PatternValueError(
+                f"the keyword argument {name}={value} passed from Python for parameter '{name}' must be finite",
+                decl.span,
+            )
         return value
     if hasattr(type(value), "__index__") and not isinstance(value, float):
         try:
@@ -696,13 +713,18 @@ def _python_scalar(name: str, value: Any, decl: syntax.Param) -> int | bool:
             return number
     raise PatternTypeError(
         f"the keyword argument {name}= passed from Python for parameter '{name}' must be an integer, "
-        f"a boolean or a tuple of those, got {type(value).__name__}",
+        f"a float, a boolean or a tuple of integers or booleans, got {type(value).__name__}",
         decl.span,
     )
 
 
 def _same_kind(a: Any, b: Any) -> bool:
-    """Booleans and integers do not mix; an integer may stand for a tuple and back (grid arguments)."""
+    """Booleans and integers do not mix; an integer may stand for a tuple and back (grid arguments).
+
+    A float parameter takes a float or an integer (promoted); an integer parameter no float.
+    """
+    if isinstance(a, float) or isinstance(b, float):
+        return isinstance(b, float) and not isinstance(a, (bool, tuple))
     flat_a = a if isinstance(a, tuple) else (a,)
     flat_b = b if isinstance(b, tuple) else (b,)
     return {isinstance(x, bool) for x in flat_a} == {isinstance(x, bool) for x in flat_b}
@@ -726,15 +748,24 @@ def _bind_params(pdef: syntax.PatternDef, params: dict, scope: _Scope, ev: _Eval
         default = None
         if decl.default is not None:
             default = ev.eval(decl.default)
-            if not isinstance(default, (int, tuple, _Unknown)):
+            if not isinstance(default, (int, float, tuple, _Unknown)):
                 raise PatternTypeError(
-                    f"the default of parameter '{decl.name}' must be an integer, boolean or tuple, "
+                    f"the default of parameter '{decl.name}' must be an integer, boolean or tuple, or a float, "
                     f"got {_describe(default)}",
                     decl.default.span,
                 )
         if decl.name in params:
             value = _python_param(decl.name, params[decl.name], decl)
+            if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
             scope.passed.add(decl.name)
+            if isinstance(value, float) and not isinstance(default, (float, _Unknown, type(None))):
+                raise PatternTypeError(
+                    f"the keyword argument {decl.name}={value!r} passed from Python for parameter '{decl.name}' "
+                    f"must be an integer, a boolean or a tuple like its default {value_text(default)} "
+                    f"(a float parameter has a float default, e.g. {decl.name} = 1.0)",
+                    decl.span,
+                )
             if default is not None and not isinstance(default, _Unknown) and not _same_kind(value, default):
                 raise PatternTypeError(
                     f"the keyword argument {decl.name}={reprlib.repr(value)} passed from Python for parameter "
@@ -788,8 +819,15 @@ def _bind_definition(
     bound = _bind_params(pdef, params, scope, ev, lenient)
     rules: list[ir.HeadRule] = []
     layout_seen: syntax.Layout | None = None
+    score_seen: syntax.Score | None = None
     for stmt in pdef.statements:
-        if isinstance(stmt, syntax.Layout):
+        if isinstance(stmt, syntax.Score):
+            if score_seen is not None:
+                raise PatternSyntaxError(
+                    f"a pattern has at most one score statement (first one on line {score_seen.span.line})", stmt.span
+                )
+            score_seen = stmt
+        elif isinstance(stmt, syntax.Layout):
             if layout_seen is not None:
                 raise LayoutError(
                     f"a pattern has at most one layout (first one on line {layout_seen.span.line})", stmt.span
@@ -816,12 +854,40 @@ def _bind_definition(
         )
     if default is not None and not isinstance(default, _Unknown):
         _check_extent(default, pdef.final.span)
+    score = None if score_seen is None else _bind_score(score_seen, scope)
+    nodes = [default, *(rule.node for rule in rules)]
+    if score_seen is not None and any(isinstance(n, ir.Node) and ir.is_dynamic(n) for n in nodes):
+        raise PatternValueError("a score modifier does not combine with route(...) yet", score_seen.span)
     if isinstance(default, _Unknown) or any(isinstance(v, _Unknown) for _, v in bound) or lenient:
         return None
     inputs = tuple(scope.inputs.values())
     return ir.PatternIR(
-        pdef.name, tuple(bound), scope.layout, tuple(sorted(rules, key=lambda r: r.lo)), default, pdef.span, inputs
+        pdef.name,
+        tuple(bound),
+        scope.layout,
+        tuple(sorted(rules, key=lambda r: r.lo)),
+        default,
+        pdef.span,
+        inputs=inputs,
+        score=score,
     )
+
+
+def _bind_score(stmt: syntax.Score, scope: _Scope) -> scores.Score | None:
+    """The score statement's expression, typed and folded, with its derivatives (None while unknown)."""
+
+    def meaning(value: Value) -> object:
+        if isinstance(value, _Unknown):
+            return None if value.kind in ("int", "scalar") else f"{_describe(value)}"
+        if isinstance(value, (int, float)):
+            return value
+        return _describe(value)
+
+    names = scores.Names({name: meaning(v) for name, v in scope.values.items()}, scope.layout)
+    expr = scores.bind(stmt.value, names)
+    if any(n.type == scores.ANY for n in scores.walk(expr)):
+        return None
+    return scores.derive(expr)
 
 
 #: How deep a bound pattern may nest and how many nodes it may have with every ``let`` written

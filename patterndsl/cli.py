@@ -338,6 +338,10 @@ def cmd_show(args) -> int:
     pattern = _load(args)
     if args.stage == "ir":
         print(pattern)
+        if pattern.ir.score is not None:
+            from patterndsl.scores import describe_derivatives
+
+            print(describe_derivatives(pattern.ir.score))
         return 0
     q_len, kv_len = _lengths(args, pattern, f"--stage {args.stage}")
     if args.stage == "plan":

@@ -24,6 +24,8 @@ def value_to_source(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, int):
         return str(value)
+    if isinstance(value, float):
+        return repr(value)
     if isinstance(value, tuple):
         inner = ", ".join(value_to_source(v) for v in value)
         return f"({inner},)" if len(value) == 1 else f"({inner})"
@@ -139,5 +141,9 @@ def pattern_to_source(pattern: ir.PatternIR) -> str:
         lines.append(f"    heads {rule.lo}..{rule.hi}: {node_to_source(rule.node)}")
     if pattern.default is not None:
         lines.append(f"    {node_to_source(pattern.default)}")
+    if pattern.score is not None:
+        from patterndsl.scores import to_source
+
+        lines.append(f"    score {to_source(pattern.score.expr)}")
     lines.append("}")
     return "\n".join(lines) + "\n"

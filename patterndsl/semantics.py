@@ -648,3 +648,67 @@ def _static_mask(nodes: list[ir.Node], i, j, ctx: Context) -> torch.Tensor:
             shared[node] = evaluate(node, i, j, h, ctx)
         out[h] = shared[node]
     return out
+
+
+# --------------------------------------------------------------------------- score modifiers
+
+
+def modified_scores(pir: ir.PatternIR, s: torch.Tensor, heads=None, data=None) -> torch.Tensor:
+    """The logits after the pattern's ``score`` statement (contract section 8), for every pair.
+
+    Args:
+        pir: the bound pattern.
+        s: scaled logits ``[..., H, Lq, Lk]`` (query index ``i``, key index ``j``).
+        heads: the head index of each slice of dimension -3 (default ``0..H-1``).
+        data: reads of run-time inputs (:attr:`patterndsl.scores.Env.read`), or None.
+
+    Returns:
+        ``s`` itself when the pattern has no score, else the modified logits in ``s``'s dtype.
+    """
+    if pir.score is None:
+        return s
+    from patterndsl import scores
+
+    h_count, q_len, kv_len = s.shape[-3:]
+    offset = kv_len - q_len
+    head = torch.arange(h_count) if heads is None else torch.as_tensor(heads)
+    env = scores.Env(
+        s=s,
+        q=torch.arange(q_len)[:, None] + offset,
+        k=torch.arange(kv_len)[None, :],
+        h=head[:, None, None],
+        lq=q_len,
+        lk=kv_len,
+        layout=pir.layout,
+        dtype=s.dtype,
+        read=data,
+    )
+    return scores.evaluate(pir.score.expr, env).to(s.dtype).expand(s.shape)
+
+
+def attention(pir: ir.PatternIR, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale=None, data=None):
+    """The dense float64 meaning of pattern attention, score modifier included.
+
+    Args:
+        pir: the bound pattern (static: no ``route``).
+        q: ``[B, H, Lq, D]``; k, v: ``[B, Hkv, Lk, D]`` with ``Hkv`` dividing ``H``.
+        scale: softmax scale (default ``D ** -0.5``).
+        data: reads of run-time inputs, as in :func:`modified_scores`.
+
+    Returns:
+        ``(out, lse)`` in float64: softmax over the modified logits of the allowed keys; rows
+        with no allowed key give 0 and ``lse = -inf``. Differentiable.
+    """
+    _, h, q_len, d = q.shape
+    kv_len = k.shape[2]
+    allowed = mask(pir, q_len, kv_len, h)
+    group = h // k.shape[1]
+    q, k, v = q.double(), k.double().repeat_interleave(group, 1), v.double().repeat_interleave(group, 1)
+    s = torch.matmul(q, k.transpose(-1, -2)) * (d**-0.5 if scale is None else scale)
+    s = modified_scores(pir, s, data=data)
+    # Select, not add: a modified logit of a blocked pair (even NaN) never reaches the softmax.
+    s = torch.where(allowed, s, torch.tensor(float("-inf"), dtype=s.dtype))
+    lse = torch.logsumexp(s, -1)
+    empty = ~allowed.any(-1)
+    p = torch.exp(s - lse.masked_fill(empty, 0.0)[..., None])
+    return torch.matmul(p, v), lse

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 
-def reference_attention(q, k, v, mask, scale=None):
+def reference_attention(q, k, v, mask, scale=None, score=None):
     """Dense masked softmax attention in float64.
 
     Args:
@@ -21,6 +21,8 @@ def reference_attention(q, k, v, mask, scale=None):
         k, v: ``[B, Hkv, Lk, D]`` with ``Hkv`` dividing ``H``.
         mask: bool ``[H, Lq, Lk]`` or ``[B or 1, H, Lq, Lk]``, True where allowed.
         scale: softmax scale, default ``D ** -0.5``.
+        score: ``f(s, q, k, h, Lq, Lk) -> modified s`` (positions end-aligned, ``q`` ``[Lq, 1]``,
+            ``k`` ``[1, Lk]``, ``h`` ``[H, 1, 1]``), applied to every pair before the mask selects.
 
     Returns:
         ``(out, lse)``: float64 ``[B, H, Lq, D]`` and ``[B, H, Lq]``.
@@ -36,6 +38,11 @@ def reference_attention(q, k, v, mask, scale=None):
     mask = mask.to(torch.bool)
     scale = d**-0.5 if scale is None else scale
     s = torch.matmul(q, k.transpose(-1, -2)) * scale
+    if score is not None:
+        lq, lk = s.shape[-2:]
+        pos_q = torch.arange(lq)[:, None] + (lk - lq)
+        s = score(s, pos_q, torch.arange(lk)[None, :], torch.arange(h)[:, None, None], lq, lk)
+        s = torch.where(mask, s, torch.tensor(float("-inf"), dtype=s.dtype))
     s = s.masked_fill(~mask, float("-inf"))
     lse = torch.logsumexp(s, dim=-1)
     empty = ~mask.any(-1)

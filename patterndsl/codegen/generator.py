@@ -28,6 +28,7 @@ import torch
 
 from patterndsl import ir
 from patterndsl.codegen import bounds, key, routes
+from patterndsl.codegen import score as score_code
 from patterndsl.codegen.launch import dot_precision, launch, padded_head_dim
 from patterndsl.codegen.predicate import FLOOR_HELPERS, AuxTables
 from patterndsl.errors import BackendError
@@ -82,6 +83,8 @@ class KernelSpec:
     num_stages: int
     target: str
     run_time_lists: bool = False
+    #: The pattern's :class:`patterndsl.scores.Score` (None without a ``score`` statement).
+    score: object = None
 
     @property
     def padded_dim(self) -> int:
@@ -114,6 +117,7 @@ class KernelSpec:
             self.num_stages,
             self.target,
             self.run_time_lists,
+            score_code.describe(self.score),
         ]
         return "\n".join(str(f) for f in fields)
 
@@ -208,6 +212,7 @@ def make_spec(
         num_stages=num_stages or row.num_stages,
         target=target,
         run_time_lists=run_time,
+        score=getattr(pir, "score", None),
     )
 
 
@@ -358,6 +363,7 @@ def render(spec: KernelSpec) -> str:
         order=spec.order,
         group_lines="\n".join(group_lines),
         floor_helpers=FLOOR_HELPERS,
+        score_functions=score_code.render(spec.score, spec.layout),
         predicates="\n\n".join(predicates),
     )
     body = _template(f"{spec.kind}.py.tmpl").substitute(kernels="\n\n".join(kernels))

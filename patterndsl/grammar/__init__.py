@@ -23,15 +23,19 @@ from patterndsl.ir import Span
 
 __all__ = ["parse", "syntax"]
 
-_STATEMENT_KEYWORDS = frozenset({"LET", "LAYOUT", "HEADS", "INPUT"})
+_STATEMENT_KEYWORDS = frozenset({"LET", "LAYOUT", "HEADS", "INPUT", "SCORE"})
+#: After these (at parenthesis depth 0) the name ``score`` starts a score statement: where a statement
+#: may start, or right after a complete final expression. Anywhere else it stays a name
+#: (``route(score = mean)``, a parameter called ``score``).
+_BEFORE_SCORE = frozenset({"LBRACE", "SEMI", "NEWLINE", "RPAR", "NAME", "INT", "FLOAT", "TRUE", "FALSE", "RSQB"})
 #: How deep parentheses and prefix operators (``~ - not``) may nest. Every stage walks the tree
 #: recursively; this keeps them all far from Python's recursion limit, and no pattern a person
 #: writes comes near it (a flat chain ``a | b | c ...`` is not nesting and has no limit).
 MAX_NESTING = 64
 _PREFIX = frozenset({"TILDE", "MINUS", "NOT"})
 #: After these a ``-`` is binary; anywhere else it is a prefix minus.
-_OPERAND_END = frozenset({"NAME", "INT", "TRUE", "FALSE", "RPAR", "RSQB"})
-_ATOMS = frozenset({"NAME", "INT", "TRUE", "FALSE"})
+_OPERAND_END = frozenset({"NAME", "INT", "FLOAT", "TRUE", "FALSE", "RPAR", "RSQB"})
+_ATOMS = frozenset({"NAME", "INT", "FLOAT", "TRUE", "FALSE"})
 
 
 class _LineBreaks:
@@ -39,8 +43,9 @@ class _LineBreaks:
 
     A body is statements followed by one final expression that may span
     lines; so a line break becomes the terminator ``_NL`` only while a
-    ``let``/``layout``/``heads`` statement is open at parenthesis depth 0.
+    ``let``/``layout``/``heads``/``score`` statement is open at parenthesis depth 0.
     A ``}`` closes an open statement too. All other line breaks vanish.
+    The name ``score`` becomes the keyword ``SCORE`` where a statement may start.
     """
 
     always_accept = ("NEWLINE",)
@@ -49,8 +54,13 @@ class _LineBreaks:
         depth = 0
         open_statement = False
         nesting = _Nesting()
+        previous = "LBRACE"
         for tok in stream:
             kind = tok.type
+            if kind == "NAME" and tok.value == "score" and depth == 0 and previous in _BEFORE_SCORE:
+                tok = Token.new_borrow_pos("SCORE", tok.value, tok)
+                kind = "SCORE"
+            previous = kind
             nesting.step(tok)
             if kind == "NEWLINE":
                 if open_statement and depth == 0:
@@ -179,7 +189,7 @@ class _Builder(Transformer):
         statements = []
         final = None
         for item in items:
-            if isinstance(item, (syntax.Layout, syntax.Let, syntax.Heads, syntax.Input)):
+            if isinstance(item, (syntax.Layout, syntax.Let, syntax.Heads, syntax.Input, syntax.Score)):
                 statements.append(item)
             elif isinstance(item, syntax.Expr):
                 final = item
@@ -204,6 +214,9 @@ class _Builder(Transformer):
     def input_stmt(self, meta, _kw, name, _colon, kind, *items):
         dims = tuple(d for d in items if isinstance(d, syntax.Expr))
         return syntax.Input(str(name), str(kind), dims, self._span(meta), self._tok(name), self._tok(kind))
+
+    def score_stmt(self, meta, _kw, value):
+        return syntax.Score(value, self._span(meta))
 
     # -- expressions
 
@@ -238,7 +251,19 @@ class _Builder(Transformer):
     def unop(self, meta, op, operand):
         return syntax.Unary(str(op), operand, self._span(meta))
 
+    def power(self, meta, base, *rest):
+        # ``?power`` with an alias is not inlined when the optional ``** unary`` is absent.
+        if not rest:
+            return base
+        op, exponent = rest
+        return syntax.Binary("**", base, exponent, self._span(meta), self._tok(op))
+
     def number(self, meta, tok):
+        if tok.type == "FLOAT":
+            value = float(tok)
+            if value != value or value in (float("inf"), float("-inf")):
+                raise PatternSyntaxError(f"number too large ({tok})", self._tok(tok))
+            return syntax.Number(value, self._span(meta))
         # Python refuses to convert very long digit strings (leading zeros count too): convert the
         # significant digits only, and refuse more of them than any in-range integer has.
         digits = tok.lstrip("0") or "0"
@@ -289,6 +314,10 @@ class _Builder(Transformer):
 _WORDS = {
     "NAME": "a name",
     "INT": "a number",
+    "FLOAT": "a number",
+    "SCORE": "'score'",
+    "SLASH": "'/'",
+    "STARSTAR": "'**'",
     "_NL": "the end of the line",
     "$END": "the end of the input",
     "PATTERN": "'pattern'",
@@ -324,10 +353,12 @@ _WORDS = {
     "RBRACE": "'}'",
 }
 # Terminals that can start an expression, and the binary operators.
-_EXPR_START = frozenset({"INT", "NAME", "TRUE", "FALSE", "LPAR", "MINUS", "TILDE", "NOT"})
+_EXPR_START = frozenset({"INT", "FLOAT", "NAME", "TRUE", "FALSE", "LPAR", "MINUS", "TILDE", "NOT"})
 # Tokens that end an expression: an operator just before one of them is left without an operand.
 _CLOSERS = frozenset({"RBRACE", "RPAR", "RSQB", "$END", "_NL", "COMMA", "SEMI", "DOTDOT", "COLON"})
-_OPERATORS = frozenset({"OR", "AND", "CMP_OP", "BAR", "PLUS", "MINUS", "AMP", "STAR", "FLOORDIV", "PERCENT"})
+_OPERATORS = frozenset(
+    {"OR", "AND", "CMP_OP", "BAR", "PLUS", "MINUS", "AMP", "STAR", "STARSTAR", "SLASH", "FLOORDIV", "PERCENT"}
+)
 
 
 def _describe_expected(expected: set[str]) -> str:
@@ -354,7 +385,7 @@ def _describe_token(tok: Token) -> str:
         return "end of line" if tok.value else "end of statement"
     if tok.type == "NAME":
         return f"name '{tok.value}'"
-    if tok.type == "INT":
+    if tok.type in ("INT", "FLOAT"):
         return f"number {tok.value}"
     return f"'{tok.value}'"
 
@@ -405,9 +436,7 @@ def _syntax_error(err: UnexpectedInput, source: str, filename: str | None) -> Pa
         line, column = err.line, err.column
         char = source[err.pos_in_stream] if 0 <= err.pos_in_stream < len(source) else "?"
         span = Span(filename, line, column, line, column + 1)
-        if char == "/":
-            message = "unexpected '/': integer division is written '//'"
-        elif char == '"' or char == "'":
+        if char == '"' or char == "'":
             message = f"unexpected {char!r}: the language has no strings"
         else:
             message = f"unexpected character {char!r}"

@@ -27,7 +27,9 @@ class Expr:
 
 @dataclass(frozen=True, slots=True)
 class Number(Expr):
-    value: int
+    """An integer literal, or a float literal (written with a decimal point or an exponent)."""
+
+    value: int | float
     span: Span
 
 
@@ -100,7 +102,7 @@ class Unary(Expr):
 
 @dataclass(frozen=True, slots=True)
 class Binary(Expr):
-    """``left OP right`` for ``| + - & * // %``."""
+    """``left OP right`` for ``| + - & * / // % **``."""
 
     op: str
     left: Expr
@@ -178,7 +180,15 @@ class Input:
     kind_span: Span
 
 
-Statement = Layout | Let | Heads | Input
+@dataclass(frozen=True, slots=True)
+class Score:
+    """``score EXPR``: the logit modifier (a float expression of ``s``, positions, heads, ...)."""
+
+    value: Expr
+    span: Span
+
+
+Statement = Layout | Let | Heads | Input | Score
 
 
 # --------------------------------------------------------------------------- definitions

@@ -24,6 +24,9 @@
 #                 the last key tile is always treated as partial when LK % BN != 0
 #   NKB_EVEN      number of key tiles that need no bounds check (LK // BN)
 #   LSE           natural-log sum of exp over allowed keys; -inf for a row with none
+#   SCORE, SLOPE  a score modifier: _score(s, i, j, h) replaces the logit of every visited pair
+#                 (full tiles too) before the mask selects; SLOPE: the backward multiplies dS by
+#                 _dscore (d score / d s, derived with sympy), absent for a score additive in s
 #   AUX           int8 lookup tables of random(...) primitives (a single 0 if none)
 #   RT            int32 run-time table: for route(...), each route's query groups and key
 #                 blocks, then this call's chosen blocks per list (a single 0 if none)
@@ -66,6 +69,10 @@ def _fmod(a, b):
     # Floor remainder (sign of the divisor), as in Python.
     r = a % b
     return r + b * (((r != 0) & ((r < 0) != (b < 0))).to(r.dtype))
+
+
+SCORE = tl.constexpr(False)
+SLOPE = tl.constexpr(False)
 
 
 @triton.jit
@@ -127,6 +134,8 @@ def _fwd_tile(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, KORD, AUX,
     k = _load_rows(k_base, cols, stride_kn, LK, MASKED)
     v = _load_rows(v_base, cols, stride_vn, LK, MASKED)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+    if SCORE:
+        s = _score(s * LN2, rows[:, None], cols[None, :], h) * LOG2E
     if MASKED:
         s = tl.where(ALLOWED(rows[:, None], cols[None, :], h, AUX, RT, lst), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))

@@ -23,6 +23,9 @@
 #                 the last key tile is always treated as partial when LK % BN != 0
 #   NKB_EVEN      number of key tiles that need no bounds check (LK // BN)
 #   LSE           natural-log sum of exp over allowed keys; -inf for a row with none
+#   SCORE, SLOPE  a score modifier: _score(s, i, j, h) replaces the logit of every visited pair
+#                 (full tiles too) before the mask selects; SLOPE: the backward multiplies dS by
+#                 _dscore (d score / d s, derived with sympy), absent for a score additive in s
 #   AUX           int8 lookup tables of random(...) primitives (a single 0 if none)
 #   RT            int32 run-time table: for route(...), each route's query groups and key
 #                 blocks, then this call's chosen blocks per list (a single 0 if none)
@@ -65,6 +68,10 @@ def _fmod(a, b):
     # Floor remainder (sign of the divisor), as in Python.
     r = a % b
     return r + b * (((r != 0) & ((r < 0) != (b < 0))).to(r.dtype))
+
+
+SCORE = tl.constexpr(False)
+SLOPE = tl.constexpr(False)
 
 
 @triton.jit
@@ -181,11 +188,20 @@ def _dq_tile(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, KORD,
     k = _load_rows(k_base, cols, stride_kn, LK, MASKED)
     v = _load_rows(v_base, cols, stride_vn, LK, MASKED)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+    if SCORE:
+        raw = s * LN2
+        s = _score(raw, rows[:, None], cols[None, :], h) * LOG2E
     p = tl.exp2(s - lse2[:, None])
     if MASKED:
-        p = tl.where(ALLOWED(rows[:, None], cols[None, :], h, AUX, RT, lst), p, 0.0)
+        allowed = ALLOWED(rows[:, None], cols[None, :], h, AUX, RT, lst)
+        p = tl.where(allowed, p, 0.0)
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
     ds = p * (dp - delta[:, None])
+    if SLOPE:
+        # 0 * NaN is NaN: a blocked pair's slope is selected out, not multiplied away.
+        ds = ds * _dscore(raw, rows[:, None], cols[None, :], h)
+        if MASKED:
+            ds = tl.where(allowed, ds, 0.0)
     dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
     return dq
 
@@ -202,12 +218,20 @@ def _dkdv_tile(dk, dv, k, v, q_base, do_base, stride_qm, stride_dm, lse_base, de
     lse = tl.where(lse == float("-inf"), float("inf"), lse)
     delta = tl.load(delta_base + rows, mask=rows < LQ, other=0.0)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+    if SCORE:
+        raw = s * LN2
+        s = _score(raw, rows[:, None], cols[None, :], h) * LOG2E
     p = tl.exp2(s - (lse * LOG2E)[:, None])
     if MASKED:
-        p = tl.where(ALLOWED(rows[:, None], cols[None, :], h, AUX, RT, lst), p, 0.0)
+        allowed = ALLOWED(rows[:, None], cols[None, :], h, AUX, RT, lst)
+        p = tl.where(allowed, p, 0.0)
     dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=DOT_PRECISION)
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
     ds = p * (dp - delta[:, None])
+    if SLOPE:
+        ds = ds * _dscore(raw, rows[:, None], cols[None, :], h)
+        if MASKED:
+            ds = tl.where(allowed, ds, 0.0)
     dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=DOT_PRECISION)
     return dk, dv
 

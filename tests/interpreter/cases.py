@@ -10,6 +10,7 @@ name to a zero-argument function that raises on a mismatch.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import random
 
@@ -116,14 +117,15 @@ def poison() -> None:
     tb._empty = _poisoned_empty
 
 
-def reference_grads(q, k, v, mask, dout, scale):
+def reference_grads(q, k, v, mask, dout, scale, score=None):
     q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
-    out, _ = reference_attention(q64, k64, v64, mask, scale)
+    out, _ = reference_attention(q64, k64, v64, mask, scale, score=score)
     (out * dout.double()).sum().backward()
-    return q64.grad, k64.grad, v64.grad
+    # A score that reads no logit leaves q and k without a gradient: it is zero.
+    return tuple(torch.zeros_like(x) if x.grad is None else x.grad for x in (q64, k64, v64))
 
 
-def check(pattern, plan, lq, lk, heads, kv_heads, d, dtype, batch=2, seed=None):
+def check(pattern, plan, lq, lk, heads, kv_heads, d, dtype, batch=2, seed=None, score=None):
     seed = random.randrange(2**31) if seed is None else seed
     gen = torch.Generator().manual_seed(seed)
     q = torch.randn(batch, heads, lq, d, generator=gen).to(dtype)
@@ -136,7 +138,7 @@ def check(pattern, plan, lq, lk, heads, kv_heads, d, dtype, batch=2, seed=None):
     where = f"(seed {seed})"
 
     out, lse = tb.forward(q, k, v, plan, scale)
-    ref_out, ref_lse = reference_attention(q, k, v, mask, scale)
+    ref_out, ref_lse = reference_attention(q, k, v, mask, scale, score=score)
     assert out.dtype == dtype and lse.dtype == torch.float32
     assert not out.isnan().any() and not lse.isnan().any(), where
     torch.testing.assert_close(out.double(), ref_out, atol=fwd_tol, rtol=fwd_tol, msg=lambda m: f"out {where}: {m}")
@@ -144,7 +146,8 @@ def check(pattern, plan, lq, lk, heads, kv_heads, d, dtype, batch=2, seed=None):
     torch.testing.assert_close(lse.double(), ref_lse, atol=fwd_tol, rtol=fwd_tol, msg=lambda m: f"lse {where}: {m}")
 
     grads = tb.backward(q, k, v, out, lse, dout, plan, scale)
-    for name, got, want in zip(("dq", "dk", "dv"), grads, reference_grads(q, k, v, mask, dout, scale), strict=True):
+    want_grads = reference_grads(q, k, v, mask, dout, scale, score)
+    for name, got, want in zip(("dq", "dk", "dv"), grads, want_grads, strict=True):
         assert got.dtype == dtype and got.shape == want.shape, name
         assert not got.isnan().any(), f"{name} has NaN {where}"
         torch.testing.assert_close(
@@ -281,6 +284,75 @@ def case_wrong_shapes_raise_pattern_error():
             raise AssertionError(f"no PatternError for k/v {tuple(kv.shape)}")
 
 
+# Score modifiers: (name, source, torch text of the score for tests/score_exprs.python_score, layout, sizes...).
+SCORE_CASES = [
+    (
+        "score_softcap_window",
+        "pattern p(cap = 2.0) { causal & (window(20) | sink(2))\n score cap * tanh(s / cap) }",
+        "(2.0 * torch.tanh(s / 2.0))",
+        None,
+        70,
+        70,
+        4,
+        2,
+        16,
+        torch.float32,
+    ),
+    (
+        "score_alibi_fp16",
+        "pattern p(n = 4) { causal\n score s - 2.0 ** (-8.0 * (h + 1) / n) * (q - k) }",
+        "s - torch.pow(F(2.0), F(-8.0) * (h + 1) / 4) * (q - k)",
+        None,
+        40,
+        72,
+        4,
+        4,
+        32,
+        torch.float16,
+    ),
+    (
+        "score_grid_select",
+        "pattern p { layout grid(y = 8, x = 8)\n neighborhood(5)\n"
+        " score select(s > 0.0, s, 0.25 * s) + 0.1 * (q.x - k.x) - 0.01 * (Lq // 3) }",
+        "torch.where(s > 0.0, s, 0.25 * s) + 0.1 * (C('q', 'x') - C('k', 'x')) - 0.01 * (64 // 3)",
+        (("y", 8), ("x", 8)),
+        64,
+        64,
+        2,
+        1,
+        16,
+        torch.float32,
+    ),
+]
+
+
+def score_case(source, py, layout, lq, lk, heads, kv_heads, d, dtype, block=(16, 16)):
+    from tests.score_exprs import python_score
+
+    pattern = patterndsl.compile(source)
+    plan = make_plan(pattern, lq, lk, heads, block)
+    check(pattern, plan, lq, lk, heads, kv_heads, d, dtype, score=python_score(py, layout))
+
+
+def case_score_random():
+    """Random score expressions (tests/score_exprs.py) on random patterns, float32."""
+    from tests.score_exprs import float_expr, python_score
+    from tests.unit.test_plan_property import rand_case
+
+    rng = random.Random(random.randrange(2**31))
+    for _ in range(3):
+        pir, lq, lk, heads, _ = rand_case(rng)
+        axes = () if pir.layout is None else pir.layout.names
+        dsl, py = float_expr(rng, rng.randint(1, 3), axes)
+        layout = "" if pir.layout is None else f"layout grid({', '.join(f'{n} = {e}' for n, e in pir.layout.axes)})"
+        score = patterndsl.compile(f"pattern t {{ {layout}\n full\n score {dsl} }}").ir.score
+        pattern = patterndsl.Pattern(dataclasses.replace(pir, score=score))
+        plan = make_plan(pattern, lq, lk, heads, (16, 16))
+        layout_axes = None if pir.layout is None else pir.layout.axes
+        check(pattern, plan, lq, lk, heads, 1, 8, torch.float32, score=python_score(py, layout_axes))
+
+
 CHECKS = {name: functools.partial(pattern_case, *spec) for name, *spec in CASES}
+CHECKS.update({name: functools.partial(score_case, *spec) for name, *spec in SCORE_CASES})
 CHECKS.update({name: functools.partial(pattern_case, *spec, block=(32, 32)) for name, *spec in SLOW_CASES})
 CHECKS.update({name[len("case_") :]: fn for name, fn in list(globals().items()) if name.startswith("case_")})

@@ -207,3 +207,59 @@ def test_gpu_launch_replans_with_the_chosen_tiles():
     assert (tiled.block_m, tiled.block_n) == tiles and tiled.pattern == plan.pattern
     assert triton_backend._tiled(plan, tiles) is tiled  # re-planned once
     assert triton_backend._tiled(plan, (64, 64)) is plan
+
+
+# Score modifiers run on every visited tile (full ones too), their derivative in the backward.
+SOFTCAP = "pattern gemma2_local(w = 1024, cap = 50.0) { causal & window(w)\n score cap * tanh(s / cap) }"
+ALIBI = "pattern alibi(n = 8) { causal\n score s - 2.0 ** (-8.0 * (h + 1) / n) * (q - k) }"
+
+
+@pytest.mark.parametrize("kind", ["forward", "backward"])
+def test_softcap_builds_without_spills_on_sm80(kind):
+    """The tightest build of the matrix below (168 registers at fp16, head dim 64, forward)."""
+    kernels = build(SOFTCAP, 4096, heads=8, target="sm_80", kind=kind, kv_heads=2, head_dim=64, dtype=torch.float16)
+    assert_sound(kernels, "sm_80")
+
+
+SCORE_MATRIX = [
+    (source, dtype, d, kind, target)
+    for target in ("sm_80", "sm_90")
+    for kind in ("forward", "backward")
+    for source, dtype, d in [
+        (SOFTCAP, torch.float16, 64),
+        (SOFTCAP, torch.float16, 256),
+        (SOFTCAP, torch.float32, 64),
+        (SOFTCAP, torch.float32, 256),
+        (SOFTCAP, torch.bfloat16, 128),
+        (ALIBI, torch.bfloat16, 64),
+    ]
+]
+
+
+def _score_build(entry):
+    source, dtype, d, kind, target = entry
+    kernels = build(source, 4096, heads=8, target=target, kind=kind, kv_heads=2, head_dim=d, dtype=dtype)
+    return [(k.name, k.shared, k.resources, "wgmma" in k.asm["ptx"], k.num_warps, k.num_stages) for k in kernels]
+
+
+@pytest.fixture(scope="module")
+def score_matrix_results():
+    """Every score matrix entry built once, two at a time in fresh processes."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=2, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return dict(zip(SCORE_MATRIX, pool.map(_score_build, SCORE_MATRIX), strict=True))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("entry", SCORE_MATRIX, ids=lambda e: f"{e[0][8:13]}-{e[1]}-{e[2]}-{e[3]}-{e[4]}")
+def test_score_matrix_builds(score_matrix_results, entry):
+    """Softcap (a derivative in the backward) and ALiBi (additive): zero spills, shared memory, tensor cores."""
+    target = entry[4]
+    kernels = [_Built(*k) for k in score_matrix_results[entry]]
+    if entry[1] == torch.float32 and entry[2] == 256 and entry[3] == "backward":
+        for k in kernels:
+            assert k.resources["spills"] == 0 and k.shared <= SHARED_LIMIT[target]
+        return
+    assert_sound(kernels, target)

@@ -62,6 +62,28 @@ GOLDEN_CASES = {
         4,
         {"kind": "backward", "head_dim": 128, "dtype": torch.bfloat16, "target": "sm_80"},
     ),
+    # score modifiers: a softcap (its sympy derivative in the backward) and an additive ALiBi bias.
+    "softcap_local_backward": (
+        "pattern gemma2_local(w = 1024, cap = 50.0) { causal & window(w)\n score cap * tanh(s / cap) }",
+        2048,
+        None,
+        8,
+        {"kind": "backward", "kv_heads": 4},
+    ),
+    "softcap_local_forward": (
+        "pattern gemma2_local(w = 1024, cap = 50.0) { causal & window(w)\n score cap * tanh(s / cap) }",
+        2048,
+        None,
+        8,
+        {"kv_heads": 4},
+    ),
+    "alibi_forward": (
+        "pattern alibi(n = 8) { causal\n score s - 2.0 ** (-8.0 * (h + 1) / n) * (q - k) }",
+        1024,
+        None,
+        8,
+        {"dtype": torch.float32},
+    ),
 }
 
 

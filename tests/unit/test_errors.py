@@ -45,7 +45,7 @@ def expect(source: str, error: type, at: str, words: str, **params) -> PatternEr
 
 SYNTAX = [
     ("pattern p { causal $ full }", "$", "unexpected character '$'"),
-    ("pattern p { a / b }", "/", "integer division is written '//'"),
+    ("pattern p { causal; score s ** }", "** }", "'**' has no right operand"),
     ("pattern p { window(3 }", "}", "expected ')' or ','"),
     ("pattern p {\n  let a = causal |\n  sink(4)\n  a\n}", "|\n", "'|' has no right operand"),
     ("pattern p {\n  causal\n  let a = 1\n}", "let", "statements come before the final expression"),

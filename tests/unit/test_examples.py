@@ -43,6 +43,9 @@ def test_every_required_example_is_there():
         "s2_attention",
         "moba",
         "landmark",
+        "gemma2",
+        "alibi",
+        "t5_buckets",
     } <= names
 
 

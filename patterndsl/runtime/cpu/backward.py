@@ -19,6 +19,7 @@ from patterndsl import ir
 from patterndsl.analysis.plan import BlockPlan
 from patterndsl.runtime import softmax
 from patterndsl.runtime.cpu.schedule import Segment
+from patterndsl.runtime.cpu.scoremod import Modifier
 from patterndsl.runtime.cpu.tuning import FLASH_BWD, CpuOptions, resolve
 from patterndsl.runtime.cpu.units import Heads, units
 from patterndsl.runtime.cpu.views import (
@@ -123,9 +124,11 @@ def _backward(q, k, v, out, lse, dout, plan: BlockPlan, scale: float, dlse, opts
         t["dq"] = torch.empty(t["q"].shape, dtype=dt)
         if sched.idle_q_tiles.numel():
             t["dq"].view(nb, hd.count, -1, bm, d)[:, :, sched.idle_q_tiles] = 0
+        # A score modifier runs on every visited tile, through the selecting backward.
+        modify = Modifier(plan, hd.q, hd.count) if plan.pattern.score is not None else None
         for seg in sched.segments:
-            if safe:
-                _backward_select(t, seg, plan.block, scale, opts)
+            if safe or modify is not None:
+                _backward_select(t, seg, plan.block, scale, opts, modify)
             elif seg.affine is not None:
                 _backward_affine(t, seg, plan.block, scale, opts)
             else:
@@ -317,7 +320,7 @@ def _backward_math(t: dict, seg0: Segment, block, scale: float, opts: CpuOptions
         add_keys(t["dk"], seg, bn, torch.matmul(ds.transpose(-1, -2), qc))
 
 
-def _backward_select(t: dict, seg0: Segment, block, scale: float, opts: CpuOptions) -> None:
+def _backward_select(t: dict, seg0: Segment, block, scale: float, opts: CpuOptions, modify=None) -> None:
     """The backward of any segment when some input or gradient is not finite: blocked pairs are selected out.
 
     ``P`` and ``dS`` are set to exactly 0 on blocked pairs after they are computed (a row whose
@@ -325,17 +328,30 @@ def _backward_select(t: dict, seg0: Segment, block, scale: float, opts: CpuOptio
     operands ``t[name]`` (non-finite values replaced by 0) with ``t["bad_" + name]`` marking where
     they were (:func:`~patterndsl.runtime.cpu.views.matmul_seen`): a NaN reaches exactly the
     gradients of the pairs that read it. Handles affine, gathered and ``merge`` segments alike.
+    With a score modifier ``modify`` (:class:`~patterndsl.runtime.cpu.scoremod.Modifier`), ``P`` is
+    the softmax of the modified logits and ``dS`` is multiplied by ``d score / d s`` (unless the
+    score is additive in ``s``) before the selection.
     """
     bm, bn = block
     b, h = t["q"].shape[:2]
     for seg in chunks(seg0, b * h * bm * bn * t["q"].element_size(), opts.chunk_bytes):
         qc, doc = q_view(t["q"], seg, bm), q_view(t["do"], seg, bm)
         kc, vc = kv_view(t["k"], seg, bn), kv_view(t["v"], seg, bn)
-        bad = {name: None if t["bad_" + name] is None else view(t["bad_" + name], seg, size)
+        bad = {name: None if t.get("bad_" + name) is None else view(t["bad_" + name], seg, size)
                for name, view, size in (("q", q_view, bm), ("do", q_view, bm), ("k", kv_view, bn))}  # fmt: skip
-        p = scores(qc * scale, kc, seg)
+        raw = None
+        if modify is not None:
+            raw = torch.matmul(qc * scale, kc.transpose(-1, -2))
+            p = modify(raw, seg)
+            if seg.blocked is not None:
+                p.masked_fill_(seg.blocked, float("-inf"))
+        else:
+            p = scores(qc * scale, kc, seg)
         p.sub_(q_view(t["lse"][..., None], seg, bm)).exp_()
         ds = torch.matmul(doc, vc.transpose(-1, -2)).sub_(q_view(t["delta"][..., None], seg, bm)).mul_(p)
+        slope = None if modify is None else modify.derivative(raw, seg)
+        if slope is not None:
+            ds.mul_(slope)
         if seg.blocked is not None:
             p.masked_fill_(seg.blocked, 0.0)
             ds.masked_fill_(seg.blocked, 0.0)

@@ -23,6 +23,7 @@ import torch
 from patterndsl.analysis.plan import BlockPlan
 from patterndsl.runtime import softmax
 from patterndsl.runtime.cpu.schedule import Segment
+from patterndsl.runtime.cpu.scoremod import Modifier
 from patterndsl.runtime.cpu.tuning import FLASH, CpuOptions, resolve
 from patterndsl.runtime.cpu.units import Heads, units
 from patterndsl.runtime.cpu.views import (
@@ -89,9 +90,12 @@ def _forward(q, k, v, plan: BlockPlan, scale: float, opts: CpuOptions, safe: boo
     bm, bn = plan.block
     q_inv, k_inv = inverses(plan)
     lq_pad, lk_pad = plan.n_q_tiles * bm, plan.n_kv_tiles * bn
-    run = _forward_fused if opts.fused else _forward_math
+    score = plan.pattern.score is not None
+    run = _forward_fused if opts.fused and not score else _forward_math
     for bs, sched, merge in todo:
         hd = Heads.of(sched, h, h // k.shape[1])
+        # A score modifier runs on every visited tile (full ones too), through the math kernel.
+        modify = Modifier(plan, hd.q, hd.count) if score else None
         qb, kb, vb = q[bs], k[bs], v[bs]
         nb = qb.shape[0]
         qp = to_tiles(qb, hd.q, plan.q_order, q_inv is None, lq_pad, dt)
@@ -106,10 +110,10 @@ def _forward(q, k, v, plan: BlockPlan, scale: float, opts: CpuOptions, safe: boo
             op.view(nb, hd.count, -1, bm, d)[:, :, idle] = 0
             lp.view(nb, hd.count, -1, bm)[:, :, idle] = float("-inf")
         for seg in sched.segments:
-            if vbad is None:
-                run(qp, kp, vp, op, lp, seg, plan.block, scale, opts)
+            if modify is not None or vbad is not None:
+                _forward_math(qp, kp, vp, op, lp, seg, plan.block, scale, opts, vbad, modify)
             else:
-                _forward_math(qp, kp, vp, op, lp, seg, plan.block, scale, opts, vbad)
+                run(qp, kp, vp, op, lp, seg, plan.block, scale, opts)
         if single:
             out = from_tiles(op, lq, q_inv).to(q.dtype).contiguous()
             lse = from_tiles(lp, lq, q_inv).contiguous()
@@ -229,14 +233,15 @@ def _forward_fused_step(qp, kp, vp, op, lp, seg: Segment, block, scale: float) -
     _emit(op, lp, seg, bm, o.unflatten(0, (b, h)), lse)
 
 
-def _forward_math(qp, kp, vp, op, lp, seg0: Segment, block, scale: float, opts: CpuOptions, vbad=None) -> None:
+def _forward_math(qp, kp, vp, op, lp, seg0: Segment, block, scale: float, opts: CpuOptions, vbad=None, modify=None):
     """Matmuls and an exact softmax; blocked pairs are selected out (``masked_fill``), so a non-finite key
     there changes nothing, and with ``vbad`` (where the cleaned ``vp`` held non-finite values) neither
-    does a non-finite value (:func:`~patterndsl.runtime.cpu.views.matmul_seen`)."""
+    does a non-finite value (:func:`~patterndsl.runtime.cpu.views.matmul_seen`). ``modify``: the score
+    modifier (:class:`~patterndsl.runtime.cpu.scoremod.Modifier`), applied before the selection."""
     bm, bn = block
     b, h = qp.shape[:2]
     for seg in chunks(seg0, b * h * bm * bn * qp.element_size(), opts.chunk_bytes):
-        s = scores(q_view(qp, seg, bm) * scale, kv_view(kp, seg, bn), seg)
+        s = scores(q_view(qp, seg, bm) * scale, kv_view(kp, seg, bn), seg, modify)
         m = s.amax(-1, keepdim=True)
         m.masked_fill_(m == float("-inf"), 0.0)
         s.sub_(m).exp_()

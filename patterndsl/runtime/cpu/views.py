@@ -79,9 +79,11 @@ def kv_view(x: torch.Tensor, seg: Segment, bn: int) -> torch.Tensor:
     return x.view(b, h, -1, bn, d)[:, :, seg.kv_tiles].reshape(b, h, len(seg), seg.width * bn, d)
 
 
-def scores(qc: torch.Tensor, kc: torch.Tensor, seg: Segment) -> torch.Tensor:
-    """``qc @ kc^T`` with the segment's blocked pairs at ``-inf``."""
+def scores(qc: torch.Tensor, kc: torch.Tensor, seg: Segment, modify=None) -> torch.Tensor:
+    """``qc @ kc^T``, through the score modifier ``modify(s, seg)`` when given, with blocked pairs at ``-inf``."""
     s = torch.matmul(qc, kc.transpose(-1, -2))
+    if modify is not None:
+        s = modify(s, seg)
     if seg.blocked is not None:
         s.masked_fill_(seg.blocked, float("-inf"))
     return s

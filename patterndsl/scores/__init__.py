@@ -1,0 +1,34 @@
+"""Score modifiers (``score EXPR``, contract section 8): typed float expressions of the logit.
+
+Comes in: the syntax of a ``score`` statement and what its names mean (from ``check.py``).
+Goes out: a :class:`Score` (the typed, folded expression, its sympy-derived derivatives and,
+for biases, the additive split) that semantics, the CPU executor and the Triton renderer read.
+Modules: :mod:`.nodes` (nodes, types, folding, printing), :mod:`.bind` (syntax -> nodes),
+:mod:`.symbolic` (derivatives), :mod:`.evaluate` (torch evaluation on tiles of pairs).
+"""
+
+from __future__ import annotations
+
+from patterndsl.scores.bind import VARIABLES, Names, bind
+from patterndsl.scores.evaluate import Env, evaluate
+from patterndsl.scores.nodes import ANY, BOOL, FLOAT, FUNCTIONS, INT, Node, to_source, walk
+from patterndsl.scores.symbolic import Score, derive, describe_derivatives
+
+__all__ = [
+    "ANY",
+    "BOOL",
+    "FLOAT",
+    "FUNCTIONS",
+    "INT",
+    "VARIABLES",
+    "Env",
+    "Names",
+    "Node",
+    "Score",
+    "bind",
+    "derive",
+    "describe_derivatives",
+    "evaluate",
+    "to_source",
+    "walk",
+]

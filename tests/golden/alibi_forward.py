@@ -1,0 +1,226 @@
+# ----------------------------------------------------------------------------
+# patterndsl generated Triton kernels (forward pass). Do not edit: regenerated
+# from the pattern below whenever anything in the cache key changes.
+#
+# pattern:    alibi(n=8)
+# shapes:     LQ=1024 queries, LK=1024 keys, NH=8 query heads, NHK=8 key/value heads
+#             (GQA=1 query heads share one key/value head), head dim D=64 padded to DP=64
+# dtype:      float32 (accumulation in float32; DOT_PRECISION=tf32)
+# precision:  float32 inputs: the matrix products (QK^T, PV and the backward's) run as TF32 on
+#             tensor cores (10-bit mantissa, relative error ~1e-3); softmax and accumulation
+#             stay float32. The CPU backend and the interpreter compute in exact float32.
+# tiles:      BM=64 query rows x BN=64 keys; num_warps=8, num_stages=2, target=sm_90
+# order:      identity
+# head groups (heads that share one pattern, one kernel each):
+#   g0: heads [0, 1, 2, 3, 4, 5, 6, 7], closed-form bounds: causal
+#       lo = 0, hi = tl.minimum(16, (1 + m)), full_lo = 0, full_hi = tl.minimum(tl.maximum(m, (16 * tl.minimum(1, tl.maximum(0, ((-1022) + (64 * m)))))), tl.minimum(16, (1 + m)))
+#
+# Symbols:
+#   i, j          original query / key indices; positions are end-aligned:
+#                 q = i + (LK - LQ), k = j  (LANGUAGE.md section 2)
+#   m, n          query tile index (program_id 0) and key tile index
+#   rows, cols    original indices held by a tile; with a reordering plan they are
+#                 gathered from QORD / KORD (new position -> original index), so
+#                 Q/K/V are never copied into the new order
+#   full tile     every in-range pair allowed: no mask arithmetic at all
+#   partial tile  the element rule _allowed_gN is evaluated per element;
+#                 the last key tile is always treated as partial when LK % BN != 0
+#   NKB_EVEN      number of key tiles that need no bounds check (LK // BN)
+#   LSE           natural-log sum of exp over allowed keys; -inf for a row with none
+#   SCORE, SLOPE  a score modifier: _score(s, i, j, h) replaces the logit of every visited pair
+#                 (full tiles too) before the mask selects; SLOPE: the backward multiplies dS by
+#                 _dscore (d score / d s, derived with sympy), absent for a score additive in s
+#   AUX           int8 lookup tables of random(...) primitives (a single 0 if none)
+#   RT            int32 run-time table: for route(...), each route's query groups and key
+#                 blocks, then this call's chosen blocks per list (a single 0 if none)
+#   lst           b * NHK + key/value head: which per-call tile list and chosen table a program
+#                 reads (run-time lists are laid end to end, NQT or NKT entries per list)
+# ----------------------------------------------------------------------------
+import triton
+import triton.language as tl
+
+LQ = tl.constexpr(1024)
+LK = tl.constexpr(1024)
+NH = tl.constexpr(8)
+NHK = tl.constexpr(8)
+GQA = tl.constexpr(1)
+D = tl.constexpr(64)
+DP = tl.constexpr(64)
+EVEN_D = tl.constexpr(True)
+BM = tl.constexpr(64)
+BN = tl.constexpr(64)
+NQT = tl.constexpr(16)
+NKT = tl.constexpr(16)
+NKB_EVEN = tl.constexpr(16)
+CH_STRIDE = tl.constexpr(0)
+Q_REORDERED = tl.constexpr(False)
+K_REORDERED = tl.constexpr(False)
+DOT_PRECISION = tl.constexpr("tf32")
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
+
+
+@triton.jit
+def _fdiv(a, b):
+    # Floor division: Triton's // truncates towards zero.
+    t = a // b
+    return t - (((a % b) != 0) & ((a < 0) != (b < 0))).to(t.dtype)
+
+
+@triton.jit
+def _fmod(a, b):
+    # Floor remainder (sign of the divisor), as in Python.
+    r = a % b
+    return r + b * (((r != 0) & ((r < 0) != (b < 0))).to(r.dtype))
+
+
+SCORE = tl.constexpr(True)
+SLOPE = tl.constexpr(False)
+
+
+@triton.jit
+def _tanh(x):
+    # tanh without libdevice (absent under the interpreter), in one exp and one division (few registers:
+    # it runs on every tile); exp overflowing to inf gives 1, to 0 gives -1; absolute error ~1e-7.
+    return 1.0 - 2.0 / (tl.exp2(x * (2.0 * LOG2E)) + 1.0)
+
+
+@triton.jit
+def _pow(a, b):
+    # a ** b for a > 0 (and 0 ** b = 0 for b > 0); NaN for a < 0, as torch.pow with a non-integer b.
+    return tl.exp2(b * tl.log2(a))
+
+
+@triton.jit
+def _score(s, i, j, h):
+    # score: s - 2.0 ** (-8.0 * (h + 1) / 8) * (q - k)
+    q = i + (LK - LQ)
+    k = j
+    t0 = h + 1
+    t1 = -8.0 * tl.cast(t0, tl.float32)
+    t2 = t1 / 8.0
+    t3 = _pow(2.0, t2)
+    t4 = q - k
+    t5 = t3 * tl.cast(t4, tl.float32)
+    t6 = s - t5
+    return t6
+
+
+@triton.jit
+def _tile_index(ORDER, t, B: tl.constexpr, L: tl.constexpr, REORDERED: tl.constexpr):
+    # Original indices of tile t; padding past L maps to L (out of bounds everywhere).
+    offs = t * B + tl.arange(0, B)
+    if REORDERED:
+        idx = tl.load(ORDER + offs, mask=offs < L, other=L)
+    else:
+        idx = offs
+    return idx
+
+
+@triton.jit
+def _load_rows(base, idx, stride, L: tl.constexpr, CHECK: tl.constexpr):
+    # A [len(idx), DP] block of rows idx; CHECK guards rows past L, EVEN_D skips the head-dim mask.
+    # Row offsets are int64: B * H * L * D (or a large stride) can pass 2**31 elements.
+    offs_d = tl.arange(0, DP)
+    ptrs = base + idx[:, None].to(tl.int64) * stride + offs_d[None, :]
+    if CHECK:
+        if EVEN_D:
+            x = tl.load(ptrs, mask=idx[:, None] < L, other=0.0)
+        else:
+            x = tl.load(ptrs, mask=(idx[:, None] < L) & (offs_d[None, :] < D), other=0.0)
+    else:
+        if EVEN_D:
+            x = tl.load(ptrs)
+        else:
+            x = tl.load(ptrs, mask=offs_d[None, :] < D, other=0.0)
+    return x
+
+
+@triton.jit
+def _store_rows(base, idx, stride, x, L: tl.constexpr):
+    offs_d = tl.arange(0, DP)
+    tl.store(base + idx[:, None].to(tl.int64) * stride + offs_d[None, :], x, mask=(idx[:, None] < L) & (offs_d[None, :] < D))
+
+
+@triton.jit
+def _allowed_g0_pattern(i, j, h, AUX):
+    """Allowed (query index i [BM, 1], key index j [1, BN], head h) for: causal"""
+    inb = (i < LQ) & (j < LK)
+    q = i + (LK - LQ)
+    k = j
+    return inb & (k <= q)
+
+
+@triton.jit
+def _allowed_g0(i, j, h, AUX, RT, lst):
+    """Element rule: the pattern's predicate (no run-time input)."""
+    return _allowed_g0_pattern(i, j, h, AUX)
+
+
+@triton.jit
+def _fwd_tile(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, KORD, AUX, RT, lst, n, rows, h, qk_scale,
+              ALLOWED: tl.constexpr, MASKED: tl.constexpr):
+    # One key tile of the online softmax; scores live in the log2 domain (qk_scale includes LOG2E).
+    cols = _tile_index(KORD, n, BN, LK, K_REORDERED)
+    k = _load_rows(k_base, cols, stride_kn, LK, MASKED)
+    v = _load_rows(v_base, cols, stride_vn, LK, MASKED)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+    if SCORE:
+        s = _score(s * LN2, rows[:, None], cols[None, :], h) * LOG2E
+    if MASKED:
+        s = tl.where(ALLOWED(rows[:, None], cols[None, :], h, AUX, RT, lst), s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # A row with no allowed key so far keeps m = -inf; shift by 0 so exp2 gives 0, not NaN.
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = m_new
+    alpha = tl.exp2(m_i - m_use)
+    p = tl.exp2(s - m_use[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def fwd_g0(Q, K, V, O, LSE, QORD, KORD, ROW_PTR, ROW_SPLIT, ROW_COLS, HEADS, AUX, RT, scale,
+            stride_qz, stride_qh, stride_qm, stride_kz, stride_kh, stride_kn, stride_vz, stride_vh, stride_vn):
+    # Forward of head group 0 (closed-form bounds). Grid: (query tiles, batch * heads in group).
+    m = tl.program_id(0)
+    slot = tl.program_id(1)
+    b = (slot // 8).to(tl.int64)
+    h = tl.load(HEADS + slot % 8)
+    hk = h // GQA
+    lst = b * NHK + hk
+    rows = _tile_index(QORD, m, BM, LQ, Q_REORDERED)
+    q = _load_rows(Q + b * stride_qz + h.to(tl.int64) * stride_qh, rows, stride_qm, LQ, True)
+    k_base = K + b * stride_kz + hk.to(tl.int64) * stride_kh
+    v_base = V + b * stride_vz + hk.to(tl.int64) * stride_vh
+    qk_scale = scale * LOG2E
+    acc = tl.zeros([BM, DP], dtype=tl.float32)
+    l_i = tl.zeros([BM], dtype=tl.float32)
+    m_i = tl.full([BM], float("-inf"), dtype=tl.float32)
+    # Closed-form key-tile range of query tile m (no index tensor is read).
+    lo = tl.cast(0, tl.int32)
+    hi = tl.minimum(16, (1 + m))
+    full_lo = tl.maximum(tl.cast(0, tl.int32), lo)
+    full_hi = tl.minimum(tl.minimum(tl.minimum(tl.maximum(m, (16 * tl.minimum(1, tl.maximum(0, ((-1022) + (64 * m)))))), tl.minimum(16, (1 + m))), hi), NKB_EVEN)
+    no_full = full_lo >= full_hi
+    full_lo = tl.where(no_full, hi, full_lo)
+    full_hi = tl.where(no_full, hi, full_hi)
+    for n in range(lo, full_lo):
+        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, KORD, AUX, RT, lst, n,
+                                  rows, h, qk_scale, _allowed_g0, True)
+    for n in range(full_lo, full_hi):
+        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, KORD, AUX, RT, lst, n,
+                                  rows, h, qk_scale, _allowed_g0, False)
+    for n in range(full_hi, hi):
+        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, KORD, AUX, RT, lst, n,
+                                  rows, h, qk_scale, _allowed_g0, True)
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * LN2)
+    row_base = (b * NH + h) * LQ
+    _store_rows(O + row_base * D, rows, D, out.to(O.dtype.element_ty), LQ)
+    tl.store(LSE + row_base + rows, lse, mask=rows < LQ)
