@@ -411,11 +411,51 @@ def _groups(plan, heads: int, kv_heads: int) -> list[Group]:
     return plans.per_plan(plan, ("ragged-groups", heads, kv_heads), build)
 
 
-def _scores(gr: Group, qr, kk, allowed, scale):
+def _scores(gr: Group, qr, kk, allowed, scale, modify=None):
     s = gr.mm(qr * scale, kk, transpose=True)
+    if modify is not None:
+        s = modify(s)
     if allowed is not None:
         s = s.masked_fill(~allowed, float("-inf"))
     return s
+
+
+def _env(fr: Frame, gr: Group, t: Tile, s: torch.Tensor):
+    """The score variables of a row tile: element positions (queries end-aligned to ``kv_len``)."""
+    from patterndsl import scores
+
+    q = torch.arange(t.i0, t.i1) + (fr.kv_len - fr.q_len)
+    return scores.Env(
+        s=s,
+        q=q[None, :, None],
+        k=t.keys[None, None, :],
+        h=torch.tensor(gr.heads, dtype=torch.int64)[:, None, None],
+        lq=fr.q_len,
+        lk=fr.kv_len,
+        layout=fr.plan.pattern.layout,
+        dtype=s.dtype,
+    )
+
+
+def _modifier(fr: Frame, gr: Group, t: Tile):
+    """The pattern's ``score`` on a row tile's logits (section 8), or None without one."""
+    score = fr.plan.pattern.score
+    if score is None:
+        return None
+    from patterndsl import scores
+
+    return lambda s: scores.evaluate(score.expr, _env(fr, gr, t, s)).to(s.dtype).expand(s.shape)
+
+
+def _slope(fr: Frame, gr: Group, t: Tile, raw: torch.Tensor, allowed):
+    """``d score / d s`` at the raw logits (None when there is no score or it is additive in ``s``)."""
+    score = fr.plan.pattern.score
+    if score is None or score.additive:
+        return None
+    from patterndsl import scores
+
+    d = scores.evaluate(score.ds, _env(fr, gr, t, raw)).to(raw.dtype).expand(raw.shape)
+    return d if allowed is None else d.masked_fill(~allowed, 0.0)
 
 
 def _pv(gr: Group, p, vv, allowed):
@@ -440,7 +480,7 @@ def forward(q, k, v, plan_key: str, data, scale: float):
             for t in row_tiles(fr, gr):
                 kk, vv = keys.get(t.keys, t.allowed)
                 kk, vv = kk.to(dt), vv.to(dt)
-                s = _scores(gr, gr.rows(q, b, t.i0, t.i1, dt), kk, t.allowed, scale)
+                s = _scores(gr, gr.rows(q, b, t.i0, t.i1, dt), kk, t.allowed, scale, _modifier(fr, gr, t))
                 m = s.amax(-1, keepdim=True)
                 m = m.masked_fill(m == float("-inf"), 0.0)
                 p = s.sub_(m).exp_()
@@ -468,11 +508,13 @@ def backward(q, k, v, out, lse, dout, dlse, plan_key: str, data, scale: float):
                 do = gr.rows(dout, b, t.i0, t.i1, dt)
                 rl = gr.rows(lse[..., None], b, t.i0, t.i1, dt)
                 gone = rl == float("-inf")
-                p = _scores(gr, qr, kk, t.allowed, scale).sub_(rl.masked_fill(gone, 0.0)).exp_()
+                p = _scores(gr, qr, kk, t.allowed, scale, _modifier(fr, gr, t)).sub_(rl.masked_fill(gone, 0.0)).exp_()
                 p = p.masked_fill(gone, 0.0)
                 delta = (do * gr.rows(out, b, t.i0, t.i1, dt)).sum(-1, keepdim=True)
                 dp = gr.mm(do, vv, transpose=True)
                 ds = p * (dp - delta + gr.rows(dlse[..., None], b, t.i0, t.i1, dt))
+                if fr.plan.pattern.score is not None and not fr.plan.pattern.score.additive:
+                    ds = ds * _slope(fr, gr, t, gr.mm(qr * scale, kk, transpose=True), t.allowed)
                 dq[b, gr.sel, t.i0 : t.i1] += gr.mm(ds, kk, transpose=False) * scale
                 keys.add(dk, dv, t.keys, gr.tmm(ds, qr) * scale, gr.tmm(p, do))
     return dq, dk, dv
