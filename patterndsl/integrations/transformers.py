@@ -26,7 +26,7 @@ How a call maps onto patterndsl (LANGUAGE.md sections 7, 9, 10):
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -36,7 +36,7 @@ from patterndsl.api import Pattern, attention, compile
 from patterndsl.errors import PatternError
 from patterndsl.nn import as_pattern
 
-__all__ = ["default_pattern", "layer_pattern", "register"]
+__all__ = ["default_pattern", "layer_pattern", "register", "with_softcap"]
 
 #: name -> the pattern spec given to register (Pattern, source, mapping, callable or None).
 _REGISTERED: dict[str, Any] = {}
@@ -111,6 +111,15 @@ def layer_pattern(name: str, config, layer_idx: int) -> Pattern:
     return default_pattern(config, layer_idx) if chosen is None else as_pattern(chosen)
 
 
+def with_softcap(pattern: Pattern, cap: float) -> Pattern:
+    """``pattern`` with ``score cap * tanh(s / cap)`` (Gemma 2's attention softcap)."""
+    if pattern.ir.score is not None:
+        raise PatternError(f"pattern {pattern.name!r} already has a score; it would replace the softcap")
+    text = str(pattern).rstrip()
+    cap = float(cap)
+    return compile(f"{text[:-1].rstrip()}\n    score {cap!r} * tanh(s / {cap!r})\n}}")
+
+
 def _layer_type(config, layer_idx: int):
     types = getattr(config, "layer_types", None)
     return types[layer_idx] if types is not None and layer_idx < len(types) else None
@@ -145,6 +154,9 @@ def _patterns(module) -> _LayerPatterns:
 def _resolve(module) -> _LayerPatterns:
     config = module.config
     pattern = layer_pattern(config._attn_implementation, config, module.layer_idx)
+    cap = getattr(config, "attn_logit_softcapping", None)
+    if cap and pattern.ir.score is None:
+        pattern = with_softcap(pattern, cap)
     found = _LayerPatterns(pattern, _with_documents(pattern))
     module._patterndsl_patterns = found
     return found
@@ -234,7 +246,7 @@ def _refuse(module, dropout, softcap, pattern: Pattern, attention_mask) -> None:
             f"attention dropout ({dropout}) is not implemented by patterndsl: set the config's "
             "attention_dropout to 0.0 or call model.eval()"
         )
-    if softcap:
+    if softcap and pattern.ir.score is None:
         raise PatternError(
             f"the config's attention softcap ({softcap}) needs a pattern with a score modifier; "
             f"pattern {pattern.name!r} has none"
@@ -298,7 +310,3 @@ def _store(config, name: str) -> None:
             raise PatternError(f"register({name!r}): the model config has no num_hidden_layers to store patterns for")
         layers = [str(layer_pattern(name, config, i)) for i in range(count)]
     config.patterndsl = {"name": name, "layers": layers}
-
-
-def _unused(*_: Callable) -> None:  # pragma: no cover - keeps the typing import honest
-    return None

@@ -13,6 +13,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from patterndsl import PatternError  # noqa: E402
 from patterndsl.integrations.transformers import register  # noqa: E402
 
 TOL = {"atol": 2e-4, "rtol": 2e-4}
@@ -43,11 +44,12 @@ def _config(kind: str, **extra):
 
 
 def _pair(kind: str, name: str = "pdsl", **extra):
-    """The same random model twice: under patterndsl and under sdpa."""
+    """The same random model twice: under patterndsl and under sdpa (eager for Gemma 2's softcap)."""
     torch.manual_seed(0)
     config = _config(kind, **extra)
     ours = transformers.AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation=name).eval()
-    theirs = transformers.AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation="sdpa").eval()
+    other = "eager" if kind == "gemma2" else "sdpa"
+    theirs = transformers.AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation=other).eval()
     theirs.load_state_dict(ours.state_dict())
     return ours, theirs
 
@@ -93,3 +95,112 @@ def test_padding_equals_sdpa(kind, side):
         for row in range(len(real)):
             alone = ids[row][keep[row]][None]
             torch.testing.assert_close(a[row][keep[row]], theirs(alone).logits[0], **TOL)
+
+
+def _left_padded(batch=3, length=15, real=(15, 9, 4), seed=3):
+    ids = _ids(batch, length, seed)
+    mask = torch.ones_like(ids)
+    for b, n in enumerate(real):
+        mask[b, : length - n] = 0
+    return ids, mask
+
+
+def test_gemma2_softcap_sliding_and_scaling():
+    ours, theirs = _pair("gemma2", attn_logit_softcapping=1.5, final_logit_softcapping=None)
+    ids, mask = _left_padded()
+    position_ids = (mask.cumsum(1) - 1).clamp(min=0)
+    with torch.no_grad():
+        a = ours(ids, attention_mask=mask, position_ids=position_ids).logits
+        b = theirs(ids, attention_mask=mask, position_ids=position_ids).logits
+    keep = mask.bool()
+    torch.testing.assert_close(a[keep], b[keep], **TOL)
+    patterns = [layer.self_attn._patterndsl_patterns.plain for layer in ours.model.layers]
+    assert "window(4)" in str(patterns[0]) and "tanh" in str(patterns[0])
+    assert "window" not in str(patterns[1]) and "tanh" in str(patterns[1])
+
+
+@pytest.mark.parametrize("kind", ["llama", "mistral"])
+def test_packed_position_ids(kind):
+    ours, theirs = _pair(kind)
+    lengths = [7, 5, 8]
+    ids = _ids(1, sum(lengths), seed=4)
+    position_ids = torch.cat([torch.arange(n) for n in lengths])[None]
+    with torch.no_grad():
+        packed = ours(ids, position_ids=position_ids).logits[0]
+        start = 0
+        for n in lengths:
+            alone = theirs(ids[:, start : start + n]).logits[0]
+            torch.testing.assert_close(packed[start : start + n], alone, **TOL)
+            start += n
+
+
+@pytest.mark.parametrize("kind", ["llama", "mistral", "gemma2"])
+def test_greedy_generation_equals_sdpa(kind):
+    ours, theirs = _pair(kind)
+    ids, mask = _left_padded(real=(15, 10, 6))
+    kw = dict(attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        a = ours.generate(ids, **kw)
+        b = theirs.generate(ids, **kw)
+    assert torch.equal(a, b)
+
+
+def test_static_cache_generation():
+    ours, theirs = _pair("llama")
+    ids, mask = _left_padded(real=(15, 10, 6))
+    kw = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        a = ours.generate(ids, cache_implementation="static", **kw)
+        b = theirs.generate(ids, **kw)
+    assert torch.equal(a, b)
+
+
+def test_refusals():
+    ours, _ = _pair("llama", attention_dropout=0.1)
+    ids = _ids(1, 6)
+    ours.train()
+    with pytest.raises(PatternError, match="dropout"):
+        ours(ids)
+    ours.eval()
+    with pytest.raises(PatternError, match="output_attentions"):
+        ours(ids, output_attentions=True)
+    with pytest.raises(PatternError, match="4-D"):
+        ours(ids, attention_mask=torch.ones(1, 1, 6, 6))
+
+
+def test_layer_mapping_and_save_load(tmp_path):
+    register("pdsl_layers", {0: "pattern a { causal & window(2) }", 1: "pattern b { causal }"})
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(_config("llama"), attn_implementation="pdsl_layers").eval()
+    ids = _ids(2, 12)
+    with torch.no_grad():
+        before = model(ids).logits
+    model.save_pretrained(tmp_path)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert loaded.config._attn_implementation == "pdsl_layers"
+    assert loaded.config.patterndsl["layers"][0].startswith("pattern a")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, before)
+
+
+def test_training_steps_match_sdpa():
+    ours, theirs = _pair("llama")
+    ours.train()
+    theirs.train()
+    ids = _ids(2, 16, seed=5)
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (ours, theirs)]
+    for _ in range(3):
+        losses = []
+        for m, opt in zip((ours, theirs), opts, strict=True):
+            opt.zero_grad()
+            labels = ids.masked_fill(mask == 0, -100)
+            loss = m(ids, attention_mask=mask, labels=labels).loss
+            loss.backward()
+            losses.append(loss.detach())
+        torch.testing.assert_close(losses[0], losses[1], **TOL)
+        for (n, p), q in zip(ours.named_parameters(), theirs.parameters(), strict=True):
+            torch.testing.assert_close(p.grad, q.grad, atol=1e-4, rtol=1e-3, msg=n)
+        for opt in opts:
+            opt.step()
