@@ -36,7 +36,7 @@ from patterndsl.api import Pattern, attention, compile
 from patterndsl.errors import PatternError
 from patterndsl.nn import as_pattern
 
-__all__ = ["default_pattern", "layer_pattern", "register", "with_softcap"]
+__all__ = ["default_pattern", "layer_pattern", "prepare", "register", "with_softcap"]
 
 #: name -> the pattern spec given to register (Pattern, source, mapping, callable or None).
 _REGISTERED: dict[str, Any] = {}
@@ -144,9 +144,25 @@ class _LayerPatterns:
     packed: Pattern | None
 
 
+def prepare(model) -> None:
+    """Resolve every attention layer's pattern now (done when a model is built or its implementation
+    set; a traced forward must not parse patterns)."""
+    name = model.config._attn_implementation
+    if name not in _REGISTERED:
+        return
+    for module in model.modules():
+        if type(module).__name__.endswith("Attention") and hasattr(module, "layer_idx") and hasattr(module, "config"):
+            _resolve(module)
+
+
 def _patterns(module) -> _LayerPatterns:
     found = getattr(module, "_patterndsl_patterns", None)
     if found is None:
+        if torch.compiler.is_compiling():
+            raise PatternError(
+                "the patterndsl attention layers were not prepared before torch.compile: call "
+                "patterndsl.integrations.transformers.prepare(model) first"
+            )
         found = _resolve(module)
     return found
 
@@ -295,6 +311,18 @@ def _install_hooks() -> None:
         return original(self, attn_implementation, *args, **kwargs)
 
     PreTrainedModel._check_and_adjust_attn_implementation = check
+    post_init, set_implementation = PreTrainedModel.post_init, PreTrainedModel.set_attn_implementation
+
+    def post_init_then_prepare(self, *args, **kwargs):
+        post_init(self, *args, **kwargs)
+        prepare(self)
+
+    def set_then_prepare(self, *args, **kwargs):
+        set_implementation(self, *args, **kwargs)
+        prepare(self)
+
+    PreTrainedModel.post_init = post_init_then_prepare
+    PreTrainedModel.set_attn_implementation = set_then_prepare
     _HOOKED = True
 
 

@@ -204,3 +204,25 @@ def test_training_steps_match_sdpa():
             torch.testing.assert_close(p.grad, q.grad, atol=1e-4, rtol=1e-3, msg=n)
         for opt in opts:
             opt.step()
+
+
+@pytest.mark.slow
+def test_compile_fullgraph_prefill_and_training_step():
+    ours, theirs = _pair("llama")
+    ids, mask = _left_padded(batch=2, length=16, real=(16, 11))
+    labels = ids.masked_fill(mask == 0, -100)
+    compiled = torch.compile(ours, fullgraph=True)
+    with torch.no_grad():
+        a = compiled(ids, attention_mask=mask).logits
+        b = theirs(ids, attention_mask=mask).logits
+    torch.testing.assert_close(a[mask.bool()], b[mask.bool()], **TOL)
+    ours.train()
+    theirs.train()
+    compiled = torch.compile(ours, fullgraph=True)
+    loss = compiled(ids, attention_mask=mask, labels=labels).loss
+    loss.backward()
+    want = theirs(ids, attention_mask=mask, labels=labels).loss
+    want.backward()
+    torch.testing.assert_close(loss, want, **TOL)
+    for p, q in zip(ours.parameters(), theirs.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-4, rtol=1e-3)
