@@ -34,9 +34,14 @@ import torch
 from patterndsl import ir
 from patterndsl.api import Pattern, attention, compile
 from patterndsl.errors import PatternError
+from patterndsl.integrations.hf_cache import (
+    PatternCache,
+    note_real,
+    paged_view,
+)
 from patterndsl.nn import as_pattern
 
-__all__ = ["default_pattern", "layer_pattern", "prepare", "register", "with_softcap"]
+__all__ = ["PatternCache", "default_pattern", "layer_pattern", "layer_patterns", "prepare", "register", "with_softcap"]
 
 #: name -> the pattern spec given to register (Pattern, source, mapping, callable or None).
 _REGISTERED: dict[str, Any] = {}
@@ -155,6 +160,17 @@ def prepare(model) -> None:
             _resolve(module)
 
 
+def layer_patterns(model) -> list[Pattern]:
+    """Each attention layer's pattern, in layer order (for :class:`~patterndsl.integrations.hf_cache.PatternCache`)."""
+    prepare(model)
+    found = {m.layer_idx: m._patterndsl_patterns.plain for m in model.modules() if hasattr(m, "_patterndsl_patterns")}
+    if not found:
+        raise PatternError(
+            f"the model does not run a patterndsl attention implementation ({model.config._attn_implementation!r})"
+        )
+    return [found[i] for i in sorted(found)]
+
+
 def _patterns(module) -> _LayerPatterns:
     found = getattr(module, "_patterndsl_patterns", None)
     if found is None:
@@ -192,6 +208,8 @@ def _mask(
     **kwargs,
 ) -> torch.Tensor:
     """Which queries and keys are real tokens, ``[batch, q_length + kv_length]`` (see the module doc)."""
+    if not torch.compiler.is_compiling():
+        note_real(None if attention_mask is None else _real_queries(attention_mask, q_length, q_offset, device))
     if attention_mask is None and isinstance(q_offset, int) and q_offset == 0 and kv_length == q_length:
         # no padding and no cache: the attention reads packed documents from position_ids
         return torch.ones(batch_size, q_length + kv_length, dtype=torch.int8, device=device)
@@ -202,9 +220,15 @@ def _mask(
         given = attention_mask.to(device=device, dtype=torch.bool)
         n = given.shape[-1]
         valid_k = valid_k & given[:, positions.clamp(max=n - 1)] & (positions < n)
-        qpos = torch.arange(q_length, device=device) + q_offset
-        valid_q = given[:, qpos.clamp(max=n - 1)] & (qpos < n)
+        valid_q = _real_queries(given, q_length, q_offset, device)
     return torch.cat((valid_q, valid_k), dim=1)
+
+
+def _real_queries(attention_mask, q_length, q_offset, device):
+    given = attention_mask.to(device=device, dtype=torch.bool)
+    n = given.shape[-1]
+    qpos = torch.arange(q_length, device=device) + q_offset
+    return given[:, qpos.clamp(max=n - 1)] & (qpos < n)
 
 
 def _attention_forward(
@@ -223,7 +247,11 @@ def _attention_forward(
     _refuse(module, dropout, softcap, found.plain, attention_mask)
     batch, _, q_len, _ = query.shape
     kv_len = key.shape[2]
-    if attention_mask is None:
+    paged = None if torch.compiler.is_compiling() else paged_view(key)
+    if paged is not None:
+        valid_q = attention_mask[:, :q_len].bool() if attention_mask is not None else None
+        out = _paged(query, key, value, found.plain, scaling, valid_q, *paged)
+    elif attention_mask is None:
         out = attention(query, key, value, found.plain, scale=scaling)
     elif attention_mask.dtype != torch.bool:
         if position_ids is None or found.packed is None:
@@ -253,6 +281,25 @@ def _attention_forward(
         back = torch.argsort(q_order, dim=1)[:, None, :, None].expand(out.shape)
         out = out.gather(2, back)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _paged(query, key, value, pattern, scaling, valid_q, block_table, kv_lengths):
+    """Attention over a :class:`PatternCache` layer's pages; real queries first, then back in place."""
+    batch, q_len = query.shape[0], query.shape[2]
+    if valid_q is None:
+        valid_q = torch.ones(batch, q_len, dtype=torch.bool, device=query.device)
+    q_order = torch.argsort((~valid_q).to(torch.int8), dim=1, stable=True)
+    out = attention(
+        query.gather(2, q_order[:, None, :, None].expand(query.shape)),
+        key,
+        value,
+        pattern,
+        scale=scaling,
+        q_lengths=valid_q.sum(1, dtype=torch.int32),
+        kv_lengths=kv_lengths,
+        block_table=block_table,
+    )
+    return out.gather(2, torch.argsort(q_order, dim=1)[:, None, :, None].expand(out.shape))
 
 
 def _refuse(module, dropout, softcap, pattern: Pattern, attention_mask) -> None:
