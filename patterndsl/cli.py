@@ -399,9 +399,12 @@ def render_aot(pattern: Pattern, q_len: int, kv_len: int, args) -> str:
     ``ptx`` prints each kernel's PTX; ``sass`` prints the resource table
     (registers, spills, shared memory, MMA instructions) and then the SASS.
     """
+    from patterndsl import progress
     from patterndsl.codegen import inspect
 
-    kernels = inspect.aot_kernels(pattern, q_len, kv_len, args.heads, **_kernel_options(args))
+    with progress.bar(1, f"building kernels for {args.target}") as shown:
+        kernels = inspect.aot_kernels(pattern, q_len, kv_len, args.heads, **_kernel_options(args))
+        shown.update()
     if args.stage == "ptx":
         return inspect.render_ptx(kernels)
     listings = [f"// ===== {k.name} ({k.target})\n{inspect.sass(k.asm['cubin'])}" for k in kernels]
