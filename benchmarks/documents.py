@@ -109,7 +109,7 @@ def child(kind: str, length: int, repeat: int) -> dict:
         base = _peak_rss_mb()
         ms = _median_ms(lambda: p.plan(length, length, HEADS, doc=doc), repeat)
         plan = p.plan(length, length, HEADS, doc=doc)
-        extra = {"elements": plan.stats.get("elements_evaluated", 0), "boxes": plan.stats.get("boxes", 0)}
+        extra = {"elements": plan.work.get("elements_evaluated", 0), "boxes": plan.work.get("boxes", 0)}
         return {"ms": ms, "mb": max(_peak_rss_mb() - base, 0.0), **extra}
     from torch.nn.attention.flex_attention import create_block_mask
 

@@ -861,6 +861,10 @@ def _bind_definition(
     if isinstance(default, _Unknown) or any(isinstance(v, _Unknown) for _, v in bound) or lenient:
         return None
     inputs = tuple(scope.inputs.values())
+    if inputs:
+        for node in [r.node for r in rules] + ([default] if default is not None else []):
+            for prim in ir.routes(node):
+                raise PatternValueError("route(...) cannot be combined with run-time inputs yet", prim.span)
     return ir.PatternIR(
         pdef.name,
         tuple(bound),

@@ -29,6 +29,7 @@ tiles; at a call, the validated inputs (:class:`patterndsl.binding.Inputs`). Goe
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -58,8 +59,9 @@ def static_plan(pir: ir.PatternIR, q_len: int, kv_len: int, heads: int, block, o
     Args:
         pir: the bound pattern (reads inputs).
         q_len, kv_len, heads, block: sizes and tiles.
-        order: ``"auto"`` or ``"identity"``; tokens keep their order (reordering by residue
-            classes or grid axes does not apply inside segments).
+        order: ``"auto"`` or ``"identity"``. With ``"auto"`` the order is the one the part every
+            input leaves in place (the lower bound) plans best in, valid for any data; a pattern
+            with ``within`` keeps token order (segments are runs of positions).
 
     Returns:
         A :class:`BlockPlan` whose head groups hold the original nodes and states 0/1/2/3.
@@ -68,8 +70,10 @@ def static_plan(pir: ir.PatternIR, q_len: int, kv_len: int, heads: int, block, o
 
     lower = _bounded(pir, True)
     upper = _bounded(pir, False)
-    lo = planner.plan(lower, q_len, kv_len, heads, block, "identity")
-    up = planner.plan(upper, q_len, kv_len, heads, block, "identity")
+    cands = orders(pir, q_len, kv_len, heads, block, order)
+    lo = planner.plan(lower, q_len, kv_len, heads, block, "auto", orders=cands)
+    chosen = [c for c in cands if c[0] == lo.order]
+    up = planner.plan(upper, q_len, kv_len, heads, block, "auto", orders=chosen)
     groups, head_group = planner._head_groups(pir, heads)
     out = []
     stats = PlanStats(total_pairs=heads * q_len * kv_len)
@@ -88,10 +92,34 @@ def static_plan(pir: ir.PatternIR, q_len: int, kv_len: int, heads: int, block, o
     stats.allowed_pairs = lo.stats.allowed_pairs
     stats.visited_pairs = up.stats.visited_pairs
     stats.extra["dynamic_pairs_bound"] = up.stats.allowed_pairs - lo.stats.allowed_pairs
-    stats.extra["orders_tried"] = 1
     return BlockPlan(
-        pir, q_len, kv_len, heads, lo.block_m, lo.block_n, None, None, "identity", tuple(out), tuple(head_group), stats
+        pir,
+        q_len,
+        kv_len,
+        heads,
+        lo.block_m,
+        lo.block_n,
+        lo.q_perm,
+        lo.kv_perm,
+        lo.order,
+        tuple(out),
+        tuple(head_group),
+        stats,
     )
+
+
+def orders(pir: ir.PatternIR, q_len: int, kv_len: int, heads: int, block, order: str) -> list:
+    """The candidate token orders of an input pattern: those of its lower bound, identity first.
+
+    Only the identity with ``order="identity"`` or when the pattern uses ``within``.
+    """
+    from patterndsl.analysis import reorder
+
+    lower = _bounded(pir, True)
+    nodes = [lower.node_for_head(h) for h in range(heads)]
+    cands = reorder.candidates([n for n in nodes if n is not None], pir.layout, q_len, kv_len, tuple(block))
+    nested = any(isinstance(sub, ir.Prim) and sub.name == "within" for n in pir.nodes() for sub in ir.walk(n))
+    return cands[:1] if order == "identity" or nested else cands
 
 
 def _bounded(pir: ir.PatternIR, lower: bool) -> ir.PatternIR:
@@ -112,13 +140,40 @@ class InputPlan:
         states: int8 ``[batch, groups, nqb, nkb]``: 0 empty, 1 partial, 2 full, per batch element
             and head group (``static.groups``).
         inputs: the inputs planned for (:class:`patterndsl.binding.Inputs`).
-        stats: tile counts and the element-wise work done.
+        work: what planning did: ``boxes`` classified, ``boxes_evaluated`` and ``tiles_evaluated``
+            element by element, ``elements_evaluated``.
     """
 
     static: BlockPlan
     states: torch.Tensor
     inputs: object
-    stats: dict = field(default_factory=dict)
+    work: dict = field(default_factory=dict)
+
+    @functools.cached_property
+    def stats(self) -> PlanStats:
+        """Tile counts, visited and allowed pairs over every batch element and head, as :class:`PlanStats`.
+
+        Counting allowed pairs evaluates the partial tiles' elements: computed on first read only.
+        """
+        plan = self.static
+        tiles = self.tiles()
+        area = _areas(plan)
+        stats = PlanStats(total_pairs=self.batch * plan.stats.total_pairs)
+        stats.tiles_full = int((tiles == FULL).sum())
+        stats.tiles_partial = int((tiles == PARTIAL).sum())
+        stats.tiles_empty = int((tiles == EMPTY).sum())
+        stats.visited_pairs = int((area * (tiles > EMPTY)).sum())
+        stats.allowed_pairs = sum(self._count(b, area) for b in range(self.batch))
+        stats.elements_evaluated = self.work.get("elements_evaluated", 0)
+        stats.tiles_evaluated = self.work.get("tiles_evaluated", 0)
+        stats.extra.update(self.work)
+        return stats
+
+    def __getattr__(self, name: str):
+        # Sizes and tiling read like a BlockPlan's (q_len, block_m, n_q_tiles, order, groups, ...).
+        if name.startswith("_") or name in ("static", "states", "inputs", "work"):
+            raise AttributeError(name)
+        return getattr(self.static, name)
 
     @property
     def batch(self) -> int:
@@ -155,15 +210,13 @@ class InputPlan:
             stats.tiles_full += int((dense == FULL).sum()) * n
             stats.tiles_partial += int((dense == PARTIAL).sum()) * n
             stats.tiles_empty += int((dense == EMPTY).sum()) * n
-        rows = torch.clamp(plan.q_len - torch.arange(nqb) * plan.block_m, max=plan.block_m)
-        cols = torch.clamp(plan.kv_len - torch.arange(plan.n_kv_tiles) * plan.block_n, max=plan.block_n)
-        area = rows[:, None] * cols[None, :]
+        area = _areas(plan)
         index = torch.tensor(plan.head_group, dtype=torch.int64)
         stats.visited_pairs = int((area * (self.states[b, index] > 0)).sum())
         stats.allowed_pairs = self._count(b, area)
-        stats.elements_evaluated = self.stats.get("elements_evaluated", 0)
-        stats.extra.update(self.stats)
-        return dataclasses.replace(plan, groups=tuple(groups), stats=stats, order="identity")
+        stats.elements_evaluated = self.work.get("elements_evaluated", 0)
+        stats.extra.update(self.work)
+        return dataclasses.replace(plan, groups=tuple(groups), stats=stats)
 
     def _count(self, b: int, area: torch.Tensor) -> int:
         """Allowed pairs of batch element ``b``: full tiles by area, partial tiles element by element."""
@@ -201,11 +254,13 @@ class InputPlan:
         ctx = self.bound(b)
         bm, bn = plan.block
 
+        q_order, kv_order = plan.q_order, plan.kv_order
+
         def tile_mask(q_tiles: torch.Tensor, kv_tiles: torch.Tensor) -> torch.Tensor:
             rows = (q_tiles[:, None] * bm + torch.arange(bm)).clamp(max=plan.q_len - 1)
             cols = kv_tiles[:, None] * bn + torch.arange(bn)
             valid = cols < plan.kv_len
-            i, j = rows[:, :, None], cols.clamp(max=plan.kv_len - 1)[:, None, :]
+            i, j = q_order[rows][:, :, None], kv_order[cols.clamp(max=plan.kv_len - 1)][:, None, :]
             return semantics.evaluate(group.node, i, j, group.heads[0], ctx) & valid[:, None, :]
 
         return tile_mask
@@ -231,7 +286,8 @@ def call_plan(static: BlockPlan, inputs) -> InputPlan:
     states = torch.zeros(count, len(static.groups), nqb, nkb, dtype=torch.int8)
     work = {"elements_evaluated": 0, "boxes": 0, "boxes_evaluated": 0}
     for b in range(count):
-        ctx = Bound(sizes, inputs.element(b))
+        # The tile reasoning runs on the host (numpy tile rules); inputs on a GPU are copied once.
+        ctx = Bound(sizes, {name: t.cpu() for name, t in inputs.element(b).items()})
         for g, group in enumerate(static.groups):
             grid = _Grid(static, ctx, group.heads[0], work)
             states[b, g] = grid.exact(group.node)
@@ -253,11 +309,15 @@ class _Grid:
         self.bm, self.bn = bm, bn
         self.nqb, self.nkb = plan.n_q_tiles, plan.n_kv_tiles
         self.offset = plan.kv_len - plan.q_len
+        # The tiles' tokens in the plan's order (identity: plain ranges).
+        self.q_order, self.kv_order = plan.q_order, plan.kv_order
 
     # -- the exact entry point
 
     def exact(self, node: ir.Node) -> torch.Tensor:
         state = self.state(node)
+        if isinstance(node, ir.Prim) and node.name == "within":
+            return state  # exact already (its boxes are decided)
         todo = torch.nonzero(state == DYNAMIC)
         if len(todo):
             state[todo[:, 0], todo[:, 1]] = self._evaluate(node, todo[:, 0], todo[:, 1])
@@ -273,8 +333,8 @@ class _Grid:
             rows = mm[:, None] * bm + torch.arange(bm)
             cols = nn[:, None] * bn + torch.arange(bn)
             valid = (rows < plan.q_len)[:, :, None] & (cols < plan.kv_len)[:, None, :]
-            i = rows.clamp(max=plan.q_len - 1)[:, :, None]
-            j = cols.clamp(max=plan.kv_len - 1)[:, None, :]
+            i = self.q_order[rows.clamp(max=plan.q_len - 1)][:, :, None]
+            j = self.kv_order[cols.clamp(max=plan.kv_len - 1)][:, None, :]
             allowed = semantics.evaluate(node, i, j, self.head, self.ctx) & valid
             got = allowed.sum((1, 2))
             area = valid.sum((1, 2))
@@ -304,16 +364,13 @@ class _Grid:
         return torch.full((self.nqb, self.nkb), DYNAMIC, dtype=torch.int8)
 
     def _static(self, node: ir.Node) -> torch.Tensor:
-        sizes = self.plan.sizes
-        return _static_tiles(
-            node,
-            sizes.q_len,
-            sizes.kv_len,
-            sizes.layout,
-            self.plan.heads,
-            self.plan.block,
-            self.head if ir.uses_head(node) else 0,
-        ).clone()
+        plan = self.plan
+        head = self.head if ir.uses_head(node) else 0
+        cands = orders(plan.pattern, plan.q_len, plan.kv_len, plan.heads, plan.block, "auto")
+        chosen = tuple(c for c in cands if c[0] == plan.order)
+        layout = plan.pattern.layout
+        tiles = _static_tiles(node, plan.q_len, plan.kv_len, layout, plan.heads, plan.block, head, chosen)
+        return tiles.clone()
 
     # -- where(...) over inputs
 
@@ -356,12 +413,11 @@ class _Grid:
 
     def _per_position(self, pred: ir.Expr, side: str) -> torch.Tensor:
         """Per query (or key) tile: 0 when no position satisfies ``pred``, 2 when all do, else 1."""
-        plan = self.plan
         if side == "q":
-            pos = torch.arange(plan.q_len, dtype=torch.int64) + self.offset
+            pos = self.q_order + self.offset
             env, block, n_tiles = self._env(pos, 0), self.bm, self.nqb
         else:
-            pos = torch.arange(plan.kv_len, dtype=torch.int64)
+            pos = self.kv_order
             env, block, n_tiles = self._env(0, pos), self.bn, self.nkb
         value = torch.as_tensor(semantics._expr(pred, env)).expand(pos.shape).to(torch.int64)
         count = torch.zeros(n_tiles, dtype=torch.int64).index_add_(
@@ -407,15 +463,14 @@ class _Grid:
         state = self._decide(body, box, 0)
         m, n = qm[owner], km[kidx]
         key = m * self.nkb + n
-        nonempty = torch.zeros(self.nqb * self.nkb, dtype=torch.bool)
-        nonempty[key[state > EMPTY]] = True
-        # A tile is full only when it is one box covering it all (one segment on both sides) and full.
+        # A tile is full only when it is one box covering it all (one segment on both sides) and full;
+        # any other tile a non-empty box meets is partial. Only the boxes' tiles are written.
         area = (box[1] - box[0] + 1) * (box[3] - box[2] + 1)
         tile_area = (qhi[m] - qlo[m] + 1) * (khi[n] - klo[n] + 1)
-        full = torch.zeros(self.nqb * self.nkb, dtype=torch.bool)
-        whole = (state == FULL) & (area == tile_area)
-        full[key[whole]] = True
-        return _state(nonempty, full).view(self.nqb, self.nkb)
+        out = torch.zeros(self.nqb * self.nkb, dtype=torch.int8)
+        out[key[state > EMPTY]] = PARTIAL
+        out[key[(state == FULL) & (area == tile_area)]] = FULL
+        return out.view(self.nqb, self.nkb)
 
     def _decide(self, body: ir.Node, box, depth: int) -> torch.Tensor:
         """Exact states of ``body`` on boxes: the tile rules first, then undecided boxes halved along
@@ -461,6 +516,13 @@ class _Grid:
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def _areas(plan: BlockPlan) -> torch.Tensor:
+    """int64 ``[nqb, nkb]``: the in-range pairs of every tile."""
+    rows = torch.clamp(plan.q_len - torch.arange(plan.n_q_tiles) * plan.block_m, max=plan.block_m)
+    cols = torch.clamp(plan.kv_len - torch.arange(plan.n_kv_tiles) * plan.block_n, max=plan.block_n)
+    return rows[:, None] * cols[None, :]
 
 
 def _state(nonempty: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
@@ -542,15 +604,15 @@ def _pieces(lo: torch.Tensor, hi: torch.Tensor, run, start, length):
 _STATIC_CACHE: dict = {}
 
 
-def _static_tiles(node, q_len, kv_len, layout, heads, block, head) -> torch.Tensor:
-    """Dense tiles ``[nqb, nkb]`` of a static sub-pattern (identity order), cached per sizes."""
+def _static_tiles(node, q_len, kv_len, layout, heads, block, head, chosen: tuple) -> torch.Tensor:
+    """Dense tiles ``[nqb, nkb]`` of a static sub-pattern in the order ``chosen``, cached per sizes."""
     from patterndsl.analysis import planner
 
-    key = (node, q_len, kv_len, layout, heads, block, head)
+    key = (node, q_len, kv_len, layout, heads, block, head, chosen[0][0])
     got = _STATIC_CACHE.get(key)
     if got is None:
         pir = ir.PatternIR("sub", (), layout, (), node)
-        p = planner.plan(pir, q_len, kv_len, heads, block, "identity")
+        p = planner.plan(pir, q_len, kv_len, heads, block, "auto", orders=chosen)
         got = p.group_of(head).tiles.to_dense(p.n_q_tiles, p.n_kv_tiles)
         if len(_STATIC_CACHE) > 256:
             _STATIC_CACHE.clear()
@@ -647,9 +709,8 @@ class _Intervals:
 
     def __init__(self, grid: _Grid):
         self.grid = grid
-        plan = grid.plan
-        self.q = _tile_range(torch.arange(plan.q_len, dtype=torch.int64) + grid.offset, grid.bm)
-        self.k = _tile_range(torch.arange(plan.kv_len, dtype=torch.int64), grid.bn)
+        self.q = _tile_range(grid.q_order + grid.offset, grid.bm)
+        self.k = _tile_range(grid.kv_order, grid.bn)
 
     def truth(self, e: ir.Expr):
         """``(can_true, can_false)`` bool tensors broadcastable to ``[nqb, nkb]``."""
@@ -733,10 +794,10 @@ class _Intervals:
             values = table.reshape(-1).to(torch.int64).cpu()
             top = values.numel() - 1
             if name == "q":
-                pos = (torch.arange(self.grid.plan.q_len) + self.grid.offset).clamp(0, top)
+                pos = (self.grid.q_order + self.grid.offset).clamp(0, top)
                 lo, hi = _tile_range(values[pos], self.grid.bm)
                 return lo[:, None], hi[:, None]
-            lo, hi = _tile_range(values[: self.grid.plan.kv_len], self.grid.bn)
+            lo, hi = _tile_range(values[self.grid.kv_order.clamp(0, top)], self.grid.bn)
             return lo[None, :], hi[None, :]
         if all(_side(i) == "" for i in e.indices):
             v = torch.as_tensor(semantics._expr(e, self.grid._env(0, 0))).to(torch.int64).cpu()

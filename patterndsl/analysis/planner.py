@@ -136,7 +136,15 @@ def _plan_order(desc, qsegs, ksegs, identity, groups, sizes: Sizes, bm, bn, boun
     return _Candidate(desc, qside, kside, tuple(found), work)
 
 
-def plan(pir: ir.PatternIR, q_len: int, kv_len: int | None = None, heads: int = 1, block=(128, 128), order="auto"):
+def plan(
+    pir: ir.PatternIR,
+    q_len: int,
+    kv_len: int | None = None,
+    heads: int = 1,
+    block=(128, 128),
+    order="auto",
+    orders=None,
+):
     """The block plan of a pattern at given sizes (``Pattern.plan``).
 
     Args:
@@ -146,6 +154,9 @@ def plan(pir: ir.PatternIR, q_len: int, kv_len: int | None = None, heads: int = 
         heads: number of query heads.
         block: tile sizes ``(BM, BN)``.
         order: ``"auto"`` (may reorder tokens to make tiles denser) or ``"identity"``.
+        orders: the candidate orders to choose from (``reorder.candidates``' entries) instead of
+            the pattern's own: plans of related patterns (the bounds of a pattern with run-time
+            inputs) then share one token order.
 
     Returns:
         A :class:`~patterndsl.analysis.plan.BlockPlan`.
@@ -166,7 +177,7 @@ def plan(pir: ir.PatternIR, q_len: int, kv_len: int | None = None, heads: int = 
         return inputplan.static_plan(pir, q_len, kv_len, heads, (bm, bn), order)
     groups, head_group = _head_groups(pir, heads)
     nodes = [n for n, _ in groups]
-    cands = reorder.candidates(nodes, pir.layout, q_len, kv_len, (bm, bn))
+    cands = reorder.candidates(nodes, pir.layout, q_len, kv_len, (bm, bn)) if orders is None else list(orders)
     if order == "identity":
         cands = cands[:1]
     sizes = Sizes(q_len, kv_len, pir.layout, heads)

@@ -26,7 +26,7 @@ def _plan_key(pattern: ir.PatternIR, backend: str) -> str:
     # Pure Python on the pattern, so torch.compile evaluates it once at trace time
     # and the op receives a constant string (sizes come from the tensors).
     if backend == "cpu":
-        return plans.register(pattern, CPU_BLOCK, "identity" if pattern.inputs else "auto")
+        return plans.register(pattern, CPU_BLOCK, "auto")
     nodes = [rule.node for rule in pattern.heads]
     if pattern.default is not None:
         nodes.append(pattern.default)
@@ -140,8 +140,6 @@ def _ragged(q, k, v, pir, scale, return_lse, backend, given, kv_lengths, q_lengt
 
     if given or pir.inputs:
         raise PatternError("kv_lengths=/q_lengths=/block_table= do not combine with run-time inputs yet", pir.span)
-    if any(ir.is_dynamic(r.node) for r in pir.heads) or (pir.default is not None and ir.is_dynamic(pir.default)):
-        raise PatternError("kv_lengths=/q_lengths=/block_table= do not support route(...) patterns yet", pir.span)
     if block_table is None:
         sizes = validate.check_inputs(q, k, v, scale, backend)
         head_dim = sizes.head_dim
@@ -156,6 +154,18 @@ def _ragged(q, k, v, pir, scale, return_lse, backend, given, kv_lengths, q_lengt
     if v.shape[3] != head_dim:
         raise PatternError("kv_lengths=/block_table= need v's head size equal to q's for now")
     data = ragged.check_call(q, k, v, kv_lengths, q_lengths, block_table)
+    dynamic = any(ir.is_dynamic(r.node) for r in pir.heads) or (pir.default is not None and ir.is_dynamic(pir.default))
+    if dynamic or sizes.backend == "triton" or pir.score is not None:
+        # route(...) chooses from the element's own queries and keys, and the generated kernels do not
+        # read lengths or tables yet; the ragged tile loop does not apply a score yet: each element
+        # runs alone on its unpadded problem.
+        key = _plan_key(pir, sizes.backend)
+
+        def run(qb, kb, vb):
+            return op.attention_fwd(qb, kb, vb, key, [], sizes.scale, sizes.backend)
+
+        out, lse = ragged.per_element(q, k, v, data, run)
+        return (out, lse) if return_lse else out
     key = _ragged_key(pir, block_table is not None)
     out, lse = op.attention_fwd(q, k, v, key, data, sizes.scale, sizes.backend)
     return (out, lse) if return_lse else out

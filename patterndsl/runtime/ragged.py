@@ -24,14 +24,17 @@ positions (shared pages sum their gradients).
 from __future__ import annotations
 
 import bisect
+import functools
 import threading
-from dataclasses import dataclass
+from collections import OrderedDict
+from dataclasses import dataclass, field
 
 import torch
 
 from patterndsl import ir, semantics
 from patterndsl.errors import InputError, PatternError
 from patterndsl.runtime import plans
+from patterndsl.runtime.cpu.tuning import FLASH
 
 _LOCK = threading.Lock()
 _KEYS: dict[tuple[ir.PatternIR, tuple[int, int], bool], str] = {}
@@ -199,9 +202,14 @@ def family_size(kv_len: int, bn: int) -> int:
     return s
 
 
+@functools.cache
+def _identity_key(pattern: ir.PatternIR, block) -> str:
+    return plans.register(pattern, block, "identity")
+
+
 def frame(pattern: ir.PatternIR, block, heads: int, q_len: int, kv_len: int, square: bool) -> Frame:
     """The :class:`Frame` of an element with ``q_len`` queries over ``kv_len`` keys."""
-    key = plans.register(pattern, block, "identity")
+    key = _identity_key(pattern, block)
     if square and q_len <= kv_len:
         s = family_size(kv_len, block[1])
         return Frame(plans.get(key, s, s, heads), kv_len - q_len, q_len, kv_len, semantics.Context(s, s, None))
@@ -217,6 +225,30 @@ class Tile:
     i1: int
     keys: torch.Tensor
     allowed: torch.Tensor | None  # None: every pair allowed
+    runs: tuple[tuple[int, int], ...] = ()  # ``keys`` as runs of positions [start, stop)
+    _biases: dict = field(default_factory=dict)
+
+    @functools.cached_property
+    def empty(self) -> torch.Tensor | None:
+        """Bool ``[Hg or 1, n]``: rows with no allowed key (None when there are none)."""
+        if self.allowed is None:
+            return None
+        rows = ~self.allowed.any(-1)
+        return rows if bool(rows.any()) else None
+
+    def bias(self, share: int) -> torch.Tensor:
+        """The additive float32 mask for the fused kernel, ``[1, Hkv or 1, share * n, nk]``, kept per tile."""
+        got = self._biases.get(share)
+        if got is None:
+            a = self.allowed
+            n, nk = a.shape[1], a.shape[2]
+            rows = (
+                a.expand(share, n, nk).reshape(1, 1, share * n, nk)
+                if a.shape[0] == 1
+                else a.reshape(1, -1, share * n, nk)
+            )
+            got = self._biases[share] = torch.zeros(rows.shape).masked_fill_(~rows, float("-inf"))
+        return got
 
 
 @dataclass(frozen=True)
@@ -239,6 +271,17 @@ def _row_tile(plan, g: int, m: int) -> RowTile:
         partial = torch.nonzero(tl.state[a:b] != 2).flatten().tolist()
         got = rows[m] = RowTile(cols, bool(cols) and cols[-1] - cols[0] + 1 == len(cols), partial)
     return got
+
+
+def _runs(cols: list[int], bn: int, kv_len: int) -> tuple[tuple[int, int], ...]:
+    """Key tiles ``cols`` (ascending) as runs of positions ``[start, stop)``, cut at ``kv_len``."""
+    out = []
+    for c in cols:
+        if out and out[-1][1] == c * bn:
+            out[-1][1] = min(c * bn + bn, kv_len)
+        else:
+            out.append([c * bn, min(c * bn + bn, kv_len)])
+    return tuple((a, z) for a, z in out)
 
 
 def row_tiles(fr: Frame, gr: Group):
@@ -276,7 +319,7 @@ def row_tiles(fr: Frame, gr: Group):
             else:
                 allowed = torch.ones(sub.shape[0] if sub.dim() == 3 else 1, r1 - r0, keys.numel(), dtype=torch.bool)
                 allowed[..., idx] = sub
-        yield Tile(r0 - fr.row0, r1 - fr.row0, keys, allowed)
+        yield Tile(r0 - fr.row0, r1 - fr.row0, keys, allowed, _runs(cols, bn, fr.kv_len))
 
 
 # --------------------------------------------------------------------------- key access
@@ -293,36 +336,48 @@ class Keys:
         page = self.table[self.b, pos // ps]
         return page, pos % ps
 
-    def contiguous_range(self, pos: torch.Tensor):
-        n = pos.numel()
-        if self.table is None and n and int(pos[-1]) - int(pos[0]) + 1 == n:
-            return int(pos[0]), int(pos[0]) + n
-        return None
+    def get(self, tile: Tile):
+        """``(K, V)`` ``[Hkv, n, D]`` at the tile's key positions (views for one unpaged run, else copies of
+        those positions only); checks that no allowed pair reads a missing page."""
+        parts = [self._run(a, z, tile) for a, z in tile.runs]
+        if len(parts) == 1:
+            return parts[0]
+        return torch.cat([kk for kk, _ in parts], 1), torch.cat([vv for _, vv in parts], 1)
 
-    def get(self, pos: torch.Tensor, allowed):
-        """``(K, V)`` ``[Hkv, n, D]`` at positions ``pos``; checks that no allowed pair reads a missing page."""
+    def _run(self, a: int, z: int, tile: Tile):
         if self.table is None:
-            span = self.contiguous_range(pos)
-            if span is not None:
-                return self.k[self.b, :, span[0] : span[1]], self.v[self.b, :, span[0] : span[1]]
-            return self.k[self.b][:, pos], self.v[self.b][:, pos]
-        page, off = self._where(pos)
-        missing = page < 0
+            return self.k[self.b, :, a:z], self.v[self.b, :, a:z]
+        ps = self.k.shape[2]
+        p0, p1 = a // ps, (z - 1) // ps + 1
+        phys = self.table[self.b, p0:p1]
+        missing = phys < 0
         if bool(missing.any()):
-            read = missing if allowed is None else (allowed.any(0).any(0) & missing)
-            if bool(read.any()):
-                p = int(pos[read][0])
-                raise InputError(
-                    f"block_table has no page (-1) for key position {p} of batch element {self.b}, "
-                    "which the pattern lets a query attend"
-                )
-            page = page.clamp(min=0)
-        kk = self.k[page, :, off].transpose(0, 1)
-        vv = self.v[page, :, off].transpose(0, 1)
+            self._check_missing(tile, missing, p0, a, z)
+            phys = phys.clamp(min=0)
+        # Whole pages are gathered (contiguous copies), then the run is sliced out of them.
+        kk, vv = (x.index_select(0, phys) for x in (self.k, self.v))
         if bool(missing.any()):
-            kk = kk.masked_fill(missing[None, :, None], 0.0)
-            vv = vv.masked_fill(missing[None, :, None], 0.0)
-        return kk, vv
+            kk, vv = (x.masked_fill(missing[:, None, None, None], 0.0) for x in (kk, vv))
+        kk, vv = (x.transpose(0, 1).reshape(x.shape[1], -1, x.shape[3]) for x in (kk, vv))
+        off = a - p0 * ps
+        return kk[:, off : off + z - a], vv[:, off : off + z - a]
+
+    def _check_missing(self, tile: Tile, missing: torch.Tensor, p0: int, a: int, z: int) -> None:
+        ps = self.k.shape[2]
+        pos = torch.arange(a, z)
+        lost = missing[pos // ps - p0]
+        if tile.allowed is not None:
+            base = 0
+            for ra, rz in tile.runs:
+                if ra == a:
+                    break
+                base += rz - ra
+            lost = lost & tile.allowed.any(0).any(0)[base : base + z - a]
+        if bool(lost.any()):
+            raise InputError(
+                f"block_table has no page (-1) for key position {int(pos[lost][0])} of batch element {self.b}, "
+                "which the pattern lets a query attend"
+            )
 
     def add(self, dk, dv, pos: torch.Tensor, gk: torch.Tensor, gv: torch.Tensor) -> None:
         """Accumulate ``gk``/``gv`` ``[Hkv, n, D]`` into ``dk``/``dv`` at positions ``pos``."""
@@ -352,18 +407,45 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _work(plan_key: str, q, data):
-    """Per element: ``(b, frame, [(group index, query heads, kv head index)])``."""
-    pattern, block, _ = _spec(plan_key)
+_WORK: OrderedDict = OrderedDict()
+#: Calls whose tile lists are kept (every layer of a model's step repeats the same lengths).
+MAX_WORK = 16
+#: Query rows up to which a call's tile lists and masks are kept (decoding, short chunks).
+WORK_ROWS = 1024
+
+
+def _work(plan_key: str, q, k, data):
+    """Per element with work: ``(b, [(group, [tile, ...]), ...])``, kept per lengths for small calls."""
     kvl, ql = data[0].tolist(), data[1].tolist()
-    table = data[2] if len(data) > 2 else None
+    heads, kv_heads = q.shape[1], k.shape[1]
+    key = (plan_key, tuple(kvl), tuple(ql), heads, kv_heads)
+    with _LOCK:
+        got = _WORK.get(key)
+        if got is not None:
+            _WORK.move_to_end(key)
+            return got
+    pattern, block, _ = _spec(plan_key)
     square = position_only(pattern)
-    heads = q.shape[1]
+    out = []
     for b in range(q.shape[0]):
         if ql[b] == 0 or kvl[b] == 0:
             continue  # no query, or no key: zeros and lse = -inf
         fr = frame(pattern, block, heads, ql[b], kvl[b], square)
-        yield b, fr, table
+        out.append((b, [(gr, row_tiles(fr, gr)) for gr in _groups(fr.plan, heads, kv_heads)]))
+    if sum(ql) > WORK_ROWS:
+        return out  # generators: the tiles are made as they run
+    out = [(b, [(gr, list(tiles)) for gr, tiles in groups]) for b, groups in out]
+    with _LOCK:
+        _WORK[key] = out
+        while len(_WORK) > MAX_WORK:
+            _WORK.popitem(last=False)
+    return out
+
+
+def clear() -> None:
+    """Forget the kept tile lists."""
+    with _LOCK:
+        _WORK.clear()
 
 
 class Group:
@@ -411,51 +493,11 @@ def _groups(plan, heads: int, kv_heads: int) -> list[Group]:
     return plans.per_plan(plan, ("ragged-groups", heads, kv_heads), build)
 
 
-def _scores(gr: Group, qr, kk, allowed, scale, modify=None):
+def _scores(gr: Group, qr, kk, allowed, scale):
     s = gr.mm(qr * scale, kk, transpose=True)
-    if modify is not None:
-        s = modify(s)
     if allowed is not None:
         s = s.masked_fill(~allowed, float("-inf"))
     return s
-
-
-def _env(fr: Frame, gr: Group, t: Tile, s: torch.Tensor):
-    """The score variables of a row tile: element positions (queries end-aligned to ``kv_len``)."""
-    from patterndsl import scores
-
-    q = torch.arange(t.i0, t.i1) + (fr.kv_len - fr.q_len)
-    return scores.Env(
-        s=s,
-        q=q[None, :, None],
-        k=t.keys[None, None, :],
-        h=torch.tensor(gr.heads, dtype=torch.int64)[:, None, None],
-        lq=fr.q_len,
-        lk=fr.kv_len,
-        layout=fr.plan.pattern.layout,
-        dtype=s.dtype,
-    )
-
-
-def _modifier(fr: Frame, gr: Group, t: Tile):
-    """The pattern's ``score`` on a row tile's logits (section 8), or None without one."""
-    score = fr.plan.pattern.score
-    if score is None:
-        return None
-    from patterndsl import scores
-
-    return lambda s: scores.evaluate(score.expr, _env(fr, gr, t, s)).to(s.dtype).expand(s.shape)
-
-
-def _slope(fr: Frame, gr: Group, t: Tile, raw: torch.Tensor, allowed):
-    """``d score / d s`` at the raw logits (None when there is no score or it is additive in ``s``)."""
-    score = fr.plan.pattern.score
-    if score is None or score.additive:
-        return None
-    from patterndsl import scores
-
-    d = scores.evaluate(score.ds, _env(fr, gr, t, raw)).to(raw.dtype).expand(raw.shape)
-    return d if allowed is None else d.masked_fill(~allowed, 0.0)
 
 
 def _pv(gr: Group, p, vv, allowed):
@@ -468,56 +510,124 @@ def _pv(gr: Group, p, vv, allowed):
     return (p[..., None] * vh[:, None]).masked_fill(~allowed[..., None], 0.0).sum(-2)
 
 
+def _tile_math(gr: Group, qr, kk, vv, t: Tile, scale: float):
+    """One row tile by matmuls and an exact softmax: ``(o [Hg, n, D], lse [Hg, n])``."""
+    s = _scores(gr, qr, kk, t.allowed, scale)
+    m = s.amax(-1, keepdim=True)
+    m = m.masked_fill(m == float("-inf"), 0.0)
+    p = s.sub_(m).exp_()
+    den = p.sum(-1, keepdim=True)
+    o = _pv(gr, p, vv, t.allowed) / den.clamp(min=torch.finfo(qr.dtype).tiny)
+    return o, (m + den.log()).squeeze(-1)
+
+
+def _tile_fused(gr: Group, qr, kk, vv, t: Tile, scale: float):
+    """One row tile by torch's fused CPU flash kernel, the heads reading one kv head stacked as rows."""
+    n = t.i1 - t.i0
+    bias = t.bias(gr.share) if t.allowed is not None else None
+    o, lse = FLASH(
+        qr.reshape(1, gr.kv_heads, gr.share * n, -1), kk[None], vv[None], 0.0, False, attn_mask=bias, scale=scale
+    )
+    o = o.reshape(len(gr.heads), n, -1)
+    lse = lse.reshape(len(gr.heads), n)
+    if t.empty is not None:
+        # The kernel reports lse = 0 for rows with no allowed key; the contract says -inf.
+        lse = lse.masked_fill(t.empty, float("-inf"))
+    return o, lse
+
+
 def forward(q, k, v, plan_key: str, data, scale: float):
     """``(out, lse)`` of a ragged or paged call (see the module docstring)."""
     b_, h, lq, _ = q.shape
     dt = _compute_dtype(q.dtype)
     out = torch.zeros(b_, h, lq, v.shape[3], dtype=dt)
     lse = torch.full((b_, h, lq), float("-inf"), dtype=dt)
-    for b, fr, table in _work(plan_key, q, data):
+    table = data[2] if len(data) > 2 else None
+    fused = FLASH is not None and q.dtype == torch.float32
+    for b, groups in _work(plan_key, q, k, data):
         keys = Keys(k, v, b, table)
-        for gr in _groups(fr.plan, h, k.shape[1]):
-            for t in row_tiles(fr, gr):
-                kk, vv = keys.get(t.keys, t.allowed)
+        for gr, tiles in groups:
+            for t in tiles:
+                kk, vv = keys.get(t)
                 kk, vv = kk.to(dt), vv.to(dt)
-                s = _scores(gr, gr.rows(q, b, t.i0, t.i1, dt), kk, t.allowed, scale, _modifier(fr, gr, t))
-                m = s.amax(-1, keepdim=True)
-                m = m.masked_fill(m == float("-inf"), 0.0)
-                p = s.sub_(m).exp_()
-                den = p.sum(-1, keepdim=True)
-                o = _pv(gr, p, vv, t.allowed) / den.clamp(min=torch.finfo(dt).tiny)
+                qr = gr.rows(q, b, t.i0, t.i1, dt)
+                o = None
+                if fused and gr.all:
+                    o, row_lse = _tile_fused(gr, qr, kk, vv, t, scale)
+                    # A finite result is exact; a non-finite one may hold a blocked pair's NaN: recompute.
+                    if not bool(torch.isfinite(o).all()):
+                        o = None
+                if o is None:
+                    o, row_lse = _tile_math(gr, qr, kk, vv, t, scale)
                 out[b, gr.sel, t.i0 : t.i1] = o
-                lse[b, gr.sel, t.i0 : t.i1] = (m + den.log()).squeeze(-1)
+                lse[b, gr.sel, t.i0 : t.i1] = row_lse
     return out.to(q.dtype), lse
 
 
 def backward(q, k, v, out, lse, dout, dlse, plan_key: str, data, scale: float):
     """``(dq, dk, dv)`` of a ragged or paged call; ``dk``/``dv`` shaped like ``k``/``v`` (paged or not)."""
-    h = q.shape[1]
     dt = _compute_dtype(q.dtype)
     dq = torch.zeros(q.shape, dtype=dt)
     dk = torch.zeros(k.shape, dtype=dt)
     dv = torch.zeros(v.shape, dtype=dt)
-    for b, fr, table in _work(plan_key, q, data):
+    table = data[2] if len(data) > 2 else None
+    for b, groups in _work(plan_key, q, k, data):
         keys = Keys(k, v, b, table)
-        for gr in _groups(fr.plan, h, k.shape[1]):
-            for t in row_tiles(fr, gr):
-                kk, vv = keys.get(t.keys, t.allowed)
+        for gr, tiles in groups:
+            for t in tiles:
+                kk, vv = keys.get(t)
                 kk, vv = kk.to(dt), vv.to(dt)
                 qr = gr.rows(q, b, t.i0, t.i1, dt)
                 do = gr.rows(dout, b, t.i0, t.i1, dt)
                 rl = gr.rows(lse[..., None], b, t.i0, t.i1, dt)
                 gone = rl == float("-inf")
-                p = _scores(gr, qr, kk, t.allowed, scale, _modifier(fr, gr, t)).sub_(rl.masked_fill(gone, 0.0)).exp_()
+                p = _scores(gr, qr, kk, t.allowed, scale).sub_(rl.masked_fill(gone, 0.0)).exp_()
                 p = p.masked_fill(gone, 0.0)
                 delta = (do * gr.rows(out, b, t.i0, t.i1, dt)).sum(-1, keepdim=True)
                 dp = gr.mm(do, vv, transpose=True)
                 ds = p * (dp - delta + gr.rows(dlse[..., None], b, t.i0, t.i1, dt))
-                if fr.plan.pattern.score is not None and not fr.plan.pattern.score.additive:
-                    ds = ds * _slope(fr, gr, t, gr.mm(qr * scale, kk, transpose=True), t.allowed)
                 dq[b, gr.sel, t.i0 : t.i1] += gr.mm(ds, kk, transpose=False) * scale
                 keys.add(dk, dv, t.keys, gr.tmm(ds, qr) * scale, gr.tmm(p, do))
     return dq, dk, dv
+
+
+def per_element(q, k, v, data, run):
+    """A call run element by element on its own unpadded problem (``route`` patterns), differentiable.
+
+    ``run(q_b, k_b, v_b)`` returns ``(out, lse)`` of one element (``[1, H, Lq_b, D]``); the element's
+    keys are a slice of ``k``/``v`` or, for a paged cache, its pages gathered through the table (every
+    page within the length must be held: the choice may reach any key). Rows past ``q_lengths[b]``
+    are zeros with ``lse = -inf``.
+    """
+    check_values(q, k, data)
+    kvl, ql = data[0].tolist(), data[1].tolist()
+    table = data[2] if len(data) > 2 else None
+    b_, h, lq, _ = q.shape
+    outs, lses = [], []
+    for b in range(b_):
+        out = q.new_zeros(1, h, lq, v.shape[3])
+        lse = torch.full((1, h, lq), float("-inf"), dtype=_compute_dtype(q.dtype), device=q.device)
+        if ql[b] and kvl[b]:
+            if table is None:
+                kb, vb = k[b : b + 1, :, : kvl[b]], v[b : b + 1, :, : kvl[b]]
+            else:
+                ps = k.shape[2]
+                phys = table[b, : -(-kvl[b] // ps)]
+                if bool((phys < 0).any()):
+                    p = int(torch.nonzero(phys < 0)[0])
+                    raise InputError(
+                        f"block_table has no page (-1) for key position {p * ps} of batch element {b}; "
+                        "a route(...) pattern may attend any key, so every page within kv_lengths must be held"
+                    )
+                kb, vb = (
+                    x[phys].transpose(0, 1).reshape(1, x.shape[1], -1, x.shape[3])[:, :, : kvl[b]] for x in (k, v)
+                )
+            o, l_ = run(q[b : b + 1, :, : ql[b]], kb, vb)
+            out = torch.cat([o, out[:, :, ql[b] :]], 2)
+            lse = torch.cat([l_.to(lse.dtype), lse[:, :, ql[b] :]], 2)
+        outs.append(out)
+        lses.append(lse)
+    return torch.cat(outs), torch.cat(lses)
 
 
 def forward_op(q, k, v, plan_key: str, data, scale: float, backend: str):

@@ -140,3 +140,12 @@ def test_triton_refuses_inputs_with_a_backend_error():
     q, k, v = tensors(1, 1, 1, 16, 16, 8, torch.float32)
     with pytest.raises(BackendError):
         p(q, k, v, doc=pd.segments([8, 8]), backend="triton")
+
+
+def test_reordered_plans_run_in_the_original_order():
+    p = pd.compile("pattern r {\n input tag: int[batch, token]\n window(3, 3, dilation = 4) | where(tag[k] == 1)\n}")
+    tag = torch.zeros(2, 512, dtype=torch.int64)
+    tag[0, [3, 100]] = 1
+    q, k, v = tensors(2, 2, 1, 512, 512, 16, torch.float64)
+    assert p.plan(512, 512, 2, block=(64, 64), tag=tag).static.order == "classes mod 4"
+    check_against_reference(p, q, k, v, p.mask(512, 512, 2, tag=tag), 1e-9, tag=tag)

@@ -19,13 +19,14 @@ PACKED = """pattern packed(w = 5, n = 2) {
 }"""
 
 
-def exact(p, q_len, kv_len, heads, block, **inputs):
+def exact(p, q_len, kv_len, heads, block, order="auto", **inputs):
     """The call-time tiles equal the dense tile reduction; the static tiles that are not 3 agree with them."""
-    plan = p.plan(q_len, kv_len, heads, block=block, **inputs)
-    ref = tile_reduce(p.mask(q_len, kv_len, heads, **inputs), *block)
+    plan = p.plan(q_len, kv_len, heads, block=block, order=order, **inputs)
+    mask = p.mask(q_len, kv_len, heads, **inputs)
+    ref = tile_reduce(mask[:, :, plan.q_order][:, :, :, plan.kv_order], *block)
     assert plan.tiles().shape == ref.shape
     assert torch.equal(plan.tiles(), ref)
-    static = p.plan(q_len, kv_len, heads, block=block).tiles()
+    static = p.plan(q_len, kv_len, heads, block=block, order=order).tiles()
     decided = (static != 3).expand_as(ref)
     assert torch.equal(static.expand_as(ref)[decided], ref[decided])
     return plan
@@ -44,7 +45,7 @@ def test_within_causal_documents_plan_is_exact_and_only_boundary_boxes_are_evalu
     p = pd.compile(PACKED)
     doc = pd.segments([13, 1, 30, 20])
     plan = exact(p, 64, 64, 1, (8, 8), doc=doc)
-    assert plan.stats["tiles_evaluated"] == 0
+    assert plan.work["tiles_evaluated"] == 0
 
 
 def test_within_plain_causal_needs_no_element_work():
@@ -53,7 +54,7 @@ def test_within_plain_causal_needs_no_element_work():
     assert not bool(torch.triu(static, 1).any()), "within's bands bound it statically: nothing above the diagonal"
     doc = pd.segments([5, 40, 1, 1, 17, 64])
     plan = exact(p, 128, 128, 2, (16, 16), doc=doc)
-    assert plan.stats["elements_evaluated"] == 0
+    assert plan.work["elements_evaluated"] == 0
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -75,7 +76,7 @@ def test_longformer_tags_and_prefixes_are_exact():
     tag[1, 39] = 1
     plan = exact(p, 40, 40, 1, (8, 8), tag=tag)
     # Rows of tags and columns of tags are row/column sets: no element work on them.
-    assert plan.stats["elements_evaluated"] <= 8 * 8 * 12
+    assert plan.work["elements_evaluated"] <= 8 * 8 * 12
     q = pd.compile("pattern x {\n input prefix: int[batch]\n causal | where(k < prefix)\n}")
     exact(q, 37, 50, 2, (8, 8), prefix=torch.tensor([0, 23, 49]).view(3))
 
@@ -119,4 +120,46 @@ def test_packed_documents_with_sinks_need_no_element_work():
     p = pd.load(Path(__file__).resolve().parents[2] / "examples" / "packed_documents.pdsl", w=40, sinks=4)
     doc = pd.segments([100, 1, 3, 200, 208])
     plan = exact(p, 512, 512, 1, (32, 32), doc=doc)
-    assert plan.stats["elements_evaluated"] == 0
+    assert plan.work["elements_evaluated"] == 0
+
+
+REORDERED = """pattern r {
+    input tag: int[batch, token]
+    input prefix: int[batch]
+    window(3, 3, dilation = 4) | strided(5) & where(tag[k] == 1 or q < prefix)
+}"""
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_reordering_applies_where_valid_for_any_data(seed):
+    rng = random.Random(seed)
+    p = pd.compile(REORDERED)
+    kv = rng.randint(40, 90)
+    q_len = rng.randint(30, kv)
+    g = torch.Generator().manual_seed(seed)
+    tag = (torch.rand(2, kv, generator=g) < 0.2).long()
+    prefix = torch.tensor([rng.randint(0, kv), rng.randint(0, kv)])
+    plan = exact(p, q_len, kv, 2, (8, 8), tag=tag, prefix=prefix)
+    assert plan.static.order == "classes mod 4"
+    exact(p, q_len, kv, 2, (8, 8), order="identity", tag=tag, prefix=prefix)
+
+
+def test_within_keeps_token_order():
+    p = pd.compile("pattern d {\n input doc: int[batch, token]\n within(doc, window(2, dilation = 3))\n}")
+    plan = exact(p, 40, 40, 1, (8, 8), doc=pd.segments([17, 23]))
+    assert plan.static.order == "identity"
+
+
+def test_call_plan_statistics_count_every_batch_element():
+    p = pd.compile(REORDERED)
+    g = torch.Generator().manual_seed(1)
+    tag = (torch.rand(2, 60, generator=g) < 0.2).long()
+    prefix = torch.tensor([5, 30])
+    plan = p.plan(50, 60, 3, block=(8, 8), tag=tag, prefix=prefix)
+    mask = p.mask(50, 60, 3, tag=tag, prefix=prefix)
+    tiles = plan.tiles()
+    assert plan.stats.allowed_pairs == int(mask.sum())
+    assert plan.stats.tiles_full == int((tiles == 2).sum()) and plan.stats.tiles_partial == int((tiles == 1).sum())
+    assert plan.stats.total_pairs == 2 * 3 * 50 * 60
+    assert 0 < plan.stats.density < 1
+    assert plan.n_q_tiles == 7 and plan.block_m == 8 and plan.order == plan.static.order

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import patterndsl as pd
-from patterndsl.errors import BackendError, InputError, PatternError
+from patterndsl.errors import BackendError, InputError
 from patterndsl.runtime import ragged
 from tests.reference import reference_attention
 
@@ -232,15 +232,50 @@ def test_bad_tables_are_errors():
         p(torch.randn(1, 3, 1, 8), two, two, kv_lengths=torch.tensor([3]), block_table=torch.tensor([[0]]))
 
 
-def test_route_and_triton_are_refused_for_now():
-    q, k, v = _tensors(1, 2, 1, 4, 8, 8, torch.float32, 0)
-    route = pd.compile("pattern r { causal & route(topk = 1, block = 4) }")
-    with pytest.raises(PatternError, match="route"):
-        route(q, k, v, kv_lengths=torch.tensor([8]))
-    from patterndsl.runtime import ragged as r
+ROUTES = [
+    "pattern r { causal & route(topk = 1, block = 4) }",
+    "pattern r { causal & (sink(2) | route(2, block = 5, qblock = 3, among = causal)) }",
+]
 
+
+@pytest.mark.parametrize("source", ROUTES)
+@pytest.mark.parametrize("paged_layout", [False, True])
+def test_route_patterns_run_per_element(source, paged_layout):
+    p = pd.compile(source)
+    rng = random.Random(7)
+    q, k, v = _tensors(3, 4, 2, 9, 40, 8, torch.float64, 1)
+    kvl, ql = torch.tensor([40, 17, 0]), torch.tensor([9, 3, 2])
+    if not paged_layout:
+        _check_route(p, q, k, v, kvl, ql, None, None, None)
+        return
+    kp, vp, table = paged(k, v, kvl, 16, rng)
+    _check_route(p, q, k, v, kvl, ql, kp, vp, table)
+
+
+def _check_route(p, q, k, v, kvl, ql, kp, vp, table):
+    q = q.clone().requires_grad_()
+    kk = (k if kp is None else kp).clone().requires_grad_()
+    vv = (v if vp is None else vp).clone().requires_grad_()
+    out, lse = p(q, kk, vv, kv_lengths=kvl, q_lengths=ql, block_table=table, return_lse=True)
+    (gq,) = torch.autograd.grad(out.sum(), (q,))
+    for b in range(q.shape[0]):
+        lq, lk = int(ql[b]), int(kvl[b])
+        if not lk:
+            assert torch.equal(out[b], torch.zeros_like(out[b])) and bool(torch.isneginf(lse[b]).all())
+            continue
+        qq = q.detach()[b : b + 1, :, :lq].requires_grad_()
+        mask = p.mask(lq, lk, q.shape[1], q=qq.detach(), k=k[b : b + 1, :, :lk])
+        ro, rl = reference_attention(qq, k[b : b + 1, :, :lk], v[b : b + 1, :, :lk], mask)
+        assert torch.allclose(out[b, :, :lq].double(), ro[0], atol=1e-9)
+        assert torch.allclose(lse[b, :, :lq].double(), rl[0], atol=1e-9)
+        assert bool(torch.isneginf(lse[b, :, lq:]).all())
+        (rq,) = torch.autograd.grad(ro.sum(), (qq,))
+        assert torch.allclose(gq[b, :, :lq].double(), rq[0], atol=1e-8)
+
+
+def test_triton_is_refused_for_now():
     with pytest.raises(BackendError, match="CPU backend only"):
-        r._backend("triton")
+        ragged._backend("triton")
 
 
 def test_torch_compile_fullgraph_with_lengths():
@@ -256,3 +291,20 @@ def test_torch_compile_fullgraph_with_lengths():
         (g,) = torch.autograd.grad(out.sum(), (q,))
         (w,) = torch.autograd.grad(want.sum(), (q,))
         assert torch.allclose(g, w, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_non_finite_keys_and_values_reach_only_the_rows_that_attend_them(dtype):
+    p = pd.compile("pattern w { causal & window(5) }")
+    q, k, v = _tensors(2, 2, 1, 3, 30, 8, dtype, 2)
+    k[:, :, 2] = float("nan")
+    v[:, :, 3] = float("inf")
+    kvl, ql = torch.tensor([30, 6]), torch.tensor([3, 3])
+    out, lse = p(q, k, v, kv_lengths=kvl, q_lengths=ql, return_lse=True)
+    assert bool(torch.isfinite(out[0]).all()) and bool(torch.isfinite(lse[0]).all())
+    clean_k, clean_v = k.clone(), v.clone()
+    clean_k[:, :, 2] = 0.0
+    clean_v[:, :, 3] = 0.0
+    want = p(q[:1], clean_k[:1], clean_v[:1], kv_lengths=kvl[:1], q_lengths=ql[:1])
+    assert torch.allclose(out[0], want[0], atol=1e-6)
+    assert not bool(torch.isfinite(out[1]).all())  # element 1's rows attend positions 2 and 3
