@@ -385,3 +385,7 @@ def _store(config, name: str) -> None:
             raise PatternError(f"register({name!r}): the model config has no num_hidden_layers to store patterns for")
         layers = [str(layer_pattern(name, config, i)) for i in range(count)]
     config.patterndsl = {"name": name, "layers": layers}
+
+
+# Importing this module is enough for from_pretrained to restore a saved patterndsl implementation.
+_install_hooks()

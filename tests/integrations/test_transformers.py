@@ -7,6 +7,10 @@ dense recompute), on real tokens only: padded positions are not part of any cont
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -181,6 +185,21 @@ def test_layer_mapping_and_save_load(tmp_path):
     assert loaded.config.patterndsl["layers"][0].startswith("pattern a")
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, before)
+    # a fresh process that only imports the integration restores it too
+    torch.save({"ids": ids, "logits": before}, tmp_path / "expected.pt")
+    script = (
+        "import sys, torch, transformers\n"
+        "import patterndsl.integrations.transformers\n"
+        "m = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1]).eval()\n"
+        "assert m.config._attn_implementation == 'pdsl_layers', m.config._attn_implementation\n"
+        "e = torch.load(sys.argv[1] + '/expected.pt')\n"
+        "with torch.no_grad():\n"
+        "    torch.testing.assert_close(m(e['ids']).logits, e['logits'])\n"
+    )
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path)], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
 
 
 def test_training_steps_match_sdpa():
