@@ -260,8 +260,13 @@ def _attention_forward(
             pos = position_ids.expand(batch, q_len)
             starts = torch.ones_like(pos, dtype=torch.int32)
             starts[:, 1:] = (pos[:, 1:] != pos[:, :-1] + 1).to(torch.int32)
-            doc = starts.cumsum(1, dtype=torch.int32)
-            out = attention(query, key, value, found.packed, scale=scaling, **{_DOC: doc})
+            if _eager_and(lambda: not bool(starts[:, 1:].any())):
+                out = attention(query, key, value, found.plain, scale=scaling)  # one document per row
+            else:
+                doc = starts.cumsum(1, dtype=torch.int32)
+                out = attention(query, key, value, found.packed, scale=scaling, **{_DOC: doc})
+    elif _eager_and(lambda: bool(attention_mask.all())):
+        out = attention(query, key, value, found.plain, scale=scaling)  # no padding, every key written
     else:
         valid_q, valid_k = attention_mask[:, :q_len], attention_mask[:, q_len:]
         q_order = torch.argsort((~valid_q).to(torch.int8), dim=1, stable=True)
@@ -281,6 +286,12 @@ def _attention_forward(
         back = torch.argsort(q_order, dim=1)[:, None, :, None].expand(out.shape)
         out = out.gather(2, back)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _eager_and(test) -> bool:
+    """``test()`` outside tracing; False under torch.compile (a shortcut that reads data, never
+    taken in a traced forward, which always runs the general path)."""
+    return not torch.compiler.is_compiling() and test()
 
 
 def _paged(query, key, value, pattern, scaling, valid_q, block_table, kv_lengths):

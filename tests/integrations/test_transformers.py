@@ -172,7 +172,7 @@ def test_refusals():
         ours(ids, attention_mask=torch.ones(1, 1, 6, 6))
 
 
-def test_layer_mapping_and_save_load(tmp_path):
+def _saved(tmp_path):
     register("pdsl_layers", {0: "pattern a { causal & window(2) }", 1: "pattern b { causal }"})
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(_config("llama"), attn_implementation="pdsl_layers").eval()
@@ -180,26 +180,16 @@ def test_layer_mapping_and_save_load(tmp_path):
     with torch.no_grad():
         before = model(ids).logits
     model.save_pretrained(tmp_path)
+    return ids, before
+
+
+def test_layer_mapping_and_save_load(tmp_path):
+    ids, before = _saved(tmp_path)
     loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     assert loaded.config._attn_implementation == "pdsl_layers"
     assert loaded.config.patterndsl["layers"][0].startswith("pattern a")
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, before)
-    # a fresh process that only imports the integration restores it too
-    torch.save({"ids": ids, "logits": before}, tmp_path / "expected.pt")
-    script = (
-        "import sys, torch, transformers\n"
-        "import patterndsl.integrations.transformers\n"
-        "m = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1]).eval()\n"
-        "assert m.config._attn_implementation == 'pdsl_layers', m.config._attn_implementation\n"
-        "e = torch.load(sys.argv[1] + '/expected.pt')\n"
-        "with torch.no_grad():\n"
-        "    torch.testing.assert_close(m(e['ids']).logits, e['logits'])\n"
-    )
-    root = Path(__file__).resolve().parents[2]
-    env = {**os.environ, "PYTHONPATH": str(root)}
-    done = subprocess.run([sys.executable, "-c", script, str(tmp_path)], env=env, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-2000:]
 
 
 def test_training_steps_match_sdpa():
@@ -280,3 +270,23 @@ def test_streaming_generation_equals_dense_recompute(padded):
     # memory follows the pattern: sinks + window + a page of slack per row, not the 26 positions
     per_row = -(-3 // 2) + -(-6 // 2) + 2
     assert max(cache.pages_in_use()) <= 2 * per_row
+
+
+@pytest.mark.slow
+def test_fresh_process_restores_the_implementation(tmp_path):
+    ids, before = _saved(tmp_path)
+    # a fresh process that only imports the integration restores it too
+    torch.save({"ids": ids, "logits": before}, tmp_path / "expected.pt")
+    script = (
+        "import sys, torch, transformers\n"
+        "import patterndsl.integrations.transformers\n"
+        "m = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1]).eval()\n"
+        "assert m.config._attn_implementation == 'pdsl_layers', m.config._attn_implementation\n"
+        "e = torch.load(sys.argv[1] + '/expected.pt')\n"
+        "with torch.no_grad():\n"
+        "    torch.testing.assert_close(m(e['ids']).logits, e['logits'])\n"
+    )
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path)], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
