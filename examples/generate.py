@@ -66,7 +66,17 @@ def main(argv=None) -> None:
     parser.add_argument("--tokens", type=int, default=600, help="tokens to generate")
     parser.add_argument("--span", type=int, default=64)
     parser.add_argument("--page-size", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=1, help="intra-op threads (a tiny model runs best on one)")
     args = parser.parse_args(argv)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        _generate(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _generate(args) -> None:
     pattern = pd.compile(STREAMING, span=args.span)
     model = TinyDecoder()
     pages = 2 + (args.span + 4) // args.page_size + 2  # sinks' page, the window, the page being filled

@@ -69,6 +69,7 @@ def _reads_sizes(prim: ir.Prim) -> bool:
     )
 
 
+@functools.lru_cache(maxsize=256)
 def position_only(pattern: ir.PatternIR) -> bool:
     """Whether every head's mask depends only on the query and key positions (not on ``Lq``/``Lk``)."""
     if pattern.layout is not None or pattern.inputs:

@@ -133,7 +133,7 @@ def test_generate_example_holds_constant_memory(capsys):
     spec = importlib.util.spec_from_file_location("generate_example", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    module.main(["--tokens", "200", "--span", "32", "--page-size", "8"])
+    module.main(["--tokens", "60", "--span", "8", "--page-size", "4"])
     lines = capsys.readouterr().out.splitlines()
     held = [int(line.split()[1]) for line in lines if line.strip() and line.split()[0].isdigit()]
-    assert len(held) == 10 and held[-1] == held[4] and held[-1] <= 2 * (1 + 33 // 8 + 2)
+    assert len(held) == 10 and held[-1] == held[4] and held[-1] <= 2 * (1 + 9 // 4 + 2)

@@ -308,3 +308,20 @@ def test_non_finite_keys_and_values_reach_only_the_rows_that_attend_them(dtype):
     want = p(q[:1], clean_k[:1], clean_v[:1], kv_lengths=kvl[:1], q_lengths=ql[:1])
     assert torch.allclose(out[0], want[0], atol=1e-6)
     assert not bool(torch.isfinite(out[1]).all())  # element 1's rows attend positions 2 and 3
+
+
+def test_a_decoding_step_reads_only_the_keys_its_rows_reach(monkeypatch):
+    p = pd.compile("pattern s { causal & (window(100) | sink(4)) }")
+    q, k, v = _tensors(2, 2, 1, 2, 40000, 8, torch.float32, 0)
+    read = []
+    real = ragged.Keys.get
+
+    def counting(self, tile):
+        read.append(sum(z - a for a, z in tile.runs))
+        return real(self, tile)
+
+    monkeypatch.setattr(ragged.Keys, "get", counting)
+    out = p(q, k, v, kv_lengths=torch.tensor([39999, 20000]))
+    # Each element's two rows reach the sink tile and the window's tiles: at most 4 tiles of 64 keys.
+    assert len(read) == 2 and max(read) <= 4 * 64
+    assert out.shape == q.shape
