@@ -401,9 +401,12 @@ def render_aot(pattern: Pattern, q_len: int, kv_len: int, args) -> str:
     ``ptx`` prints each kernel's PTX; ``sass`` prints the resource table
     (registers, spills, shared memory, MMA instructions) and then the SASS.
     """
+    from patterndsl import progress
     from patterndsl.codegen import inspect
 
-    kernels = inspect.aot_kernels(pattern, q_len, kv_len, args.heads, **_kernel_options(args))
+    with progress.bar(1, f"building kernels for {args.target}") as shown:
+        kernels = inspect.aot_kernels(pattern, q_len, kv_len, args.heads, **_kernel_options(args))
+        shown.update()
     if args.stage == "ptx":
         return inspect.render_ptx(kernels)
     listings = [f"// ===== {k.name} ({k.target})\n{inspect.sass(k.asm['cubin'])}" for k in kernels]
@@ -450,11 +453,24 @@ def _heads_label(ranges: list[range]) -> str:
 
 def cmd_plot(args) -> int:
     """``patterndsl plot``: the mask (small sizes) and the tile map as a PNG."""
-    from patterndsl import pictures
+    from patterndsl import progress
 
     pattern = _load(args)
     q_len, kv_len = _lengths(args, pattern, "plot")
-    plan, inputs = _plan_for(pattern, q_len, kv_len, args.heads, _block(args, (128, 128)), args.order, args)
+    with progress.bar(2, "planning") as shown:
+        plan, inputs = _plan_for(pattern, q_len, kv_len, args.heads, _block(args, (128, 128)), args.order, args)
+        shown.set_description_str("drawing")
+        shown.update()
+        out = _draw(args, pattern, plan, inputs, q_len, kv_len)
+        shown.update()
+    print(f"wrote {out}")
+    return 0
+
+
+def _draw(args, pattern, plan, inputs, q_len: int, kv_len: int):
+    """The mask (when small enough) and the tile map of ``plot``, written to ``args.output``."""
+    from patterndsl import pictures
+
     mask = note = None
     size = args.heads * q_len * kv_len
     if size > PLOT_MASK_LIMIT:
@@ -473,19 +489,23 @@ def cmd_plot(args) -> int:
     title = repr(pattern) + (" for " + ", ".join(args.input) if inputs else "")
     if pattern.is_dynamic and mask is not None:
         title += " (route chosen for seeded random q, k)"
-    out = pictures.plot_plan(plan, args.output, mask=mask, mask_note=note, title=title)
-    print(f"wrote {out}")
-    return 0
+    return pictures.plot_plan(plan, args.output, mask=mask, mask_note=note, title=title)
 
 
-def _time_ms(fn, repeat: int) -> tuple[float, float]:
-    """Median and best wall time of ``fn`` in milliseconds, after one untimed warm-up call."""
-    fn()  # warm-up: plan and kernel caches, lazy initialisation
+def _time_ms(fn, repeat: int, what: str = "timing") -> tuple[float, float]:
+    """Median and best wall time of ``fn`` in milliseconds, after one untimed warm-up call
+    (a progress bar on a terminal)."""
+    from patterndsl import progress
+
     times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
+    with progress.bar(repeat + 1, what) as shown:
+        fn()  # warm-up: plan and kernel caches, lazy initialisation
+        shown.update()
+        for _ in range(repeat):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+            shown.update()
     return statistics.median(times) * 1e3, min(times) * 1e3
 
 
@@ -522,10 +542,10 @@ def cmd_bench(args) -> int:
     print(f"{pattern!r}: batch {args.batch}, heads {heads}, Lq {q_len}, Lk {kv_len}, head_dim {d}, {args.dtype}")
     print(f"density {mask.float().mean().item():.2%}; device cpu, {torch.get_num_threads()} threads")
     with torch.no_grad():
-        ours = _time_ms(lambda: pattern(q, k, v, scale=scale, backend="cpu"), args.repeat)
+        ours = _time_ms(lambda: pattern(q, k, v, scale=scale, backend="cpu"), args.repeat, "patterndsl cpu")
         out = pattern(q, k, v, scale=scale, backend="cpu")
         sdpa = torch.nn.functional.scaled_dot_product_attention
-        ref_ms = _time_ms(lambda: sdpa(q, k, v, attn_mask=mask, scale=scale), args.repeat)
+        ref_ms = _time_ms(lambda: sdpa(q, k, v, attn_mask=mask, scale=scale), args.repeat, "SDPA")
         ref = sdpa(q, k, v, attn_mask=mask, scale=scale)
     rows_ok = mask.any(-1)  # rows with no allowed key are NaN in SDPA and zero in patterndsl
     err = (out.float() - ref.float()).abs()[rows_ok].max().item() if rows_ok.any() else 0.0
@@ -535,7 +555,7 @@ def cmd_bench(args) -> int:
     else:
         try:
             with torch.no_grad():
-                flex_ms = _time_ms(_flex_runner(mask, q, k, v, scale), args.repeat)
+                flex_ms = _time_ms(_flex_runner(mask, q, k, v, scale), args.repeat, "FlexAttention (compiling)")
             results.append(("FlexAttention compiled", flex_ms, ""))
         except Exception as exc:  # any failure of torch.compile here only means the reference is unavailable
             results.append(("FlexAttention", None, f"unavailable here: {type(exc).__name__}: {str(exc)[:120]}"))

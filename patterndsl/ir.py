@@ -596,6 +596,9 @@ class PatternIR:
     #: The ``score`` statement's expression (a :class:`patterndsl.scores.Score`), or None.
     score: Any = None
 
+    #: The ``score`` statement's expression (a :class:`patterndsl.scores.Score`), or None.
+    score: Any = None
+
     def input(self, name: str) -> InputDecl | None:
         """The declaration of input ``name``, or None."""
         return next((d for d in self.inputs if d.name == name), None)
