@@ -8,8 +8,9 @@ CPU flash-attention kernel on views of its rows: no tile is shared between docum
 is built, so a document costs what it would cost alone. The segments are read once per input
 tensor version (kept with the call-time plan, :mod:`patterndsl.runtime.inputs`).
 
-Anything else (several head groups, other bodies, ``Lq != Lk``, grouped-query heads, a gradient
-on the log-sum-exp, the math kernel) returns None and runs through the tile schedule.
+Grouped-query heads repeat a segment's keys and values for the query heads that share them (and
+sum their gradients back). Anything else (several head groups, other bodies, ``Lq != Lk``, a
+gradient on the log-sum-exp, the math kernel) runs through the tile schedule.
 """
 
 from __future__ import annotations
@@ -62,14 +63,7 @@ def documents(plan: BlockPlan, data: list, batch: int) -> list[list[tuple[int, i
 
 def applies(plan: BlockPlan, q: torch.Tensor, k: torch.Tensor, opts: CpuOptions, data) -> bool:
     """Whether this call runs document by document."""
-    return (
-        bool(data)
-        and opts.fused
-        and FLASH is not None
-        and q.shape[1] == k.shape[1]
-        and q.shape[0] > 0
-        and body_of(plan) is not None
-    )
+    return bool(data) and opts.fused and FLASH is not None and q.shape[0] > 0 and body_of(plan) is not None
 
 
 def _elements(docs: list, batch: int):
@@ -79,18 +73,25 @@ def _elements(docs: list, batch: int):
     return [(slice(b, b + 1), docs[b]) for b in range(batch)]
 
 
+def _heads(x: torch.Tensor, group: int) -> torch.Tensor:
+    """Key/value rows ``[B, Hkv, n, D]`` repeated for the ``group`` query heads that read each."""
+    return x if group == 1 else x.repeat_interleave(group, dim=1)
+
+
 def forward(q, k, v, plan: BlockPlan, scale: float, data) -> tuple[torch.Tensor, torch.Tensor]:
     """``(out, lse)`` as :func:`patterndsl.runtime.cpu.forward.forward` returns them (call :func:`applies` first)."""
     causal = body_of(plan)
     dt = compute_dtype(q.dtype)
     qc, kc, vc = (x.to(dt) for x in (q, k, v))
     b, h, lq, d = q.shape
+    group = h // k.shape[1]
     out = torch.empty(b, h, lq, d, dtype=dt)
     lse = torch.empty(b, h, lq, dtype=dt)
     for bs, segs in _elements(documents(plan, data, b), b):
         for a, n in segs:
             rows = slice(a, a + n)
-            o, l_ = FLASH(qc[bs, :, rows], kc[bs, :, rows], vc[bs, :, rows], 0.0, causal, scale=scale)[:2]
+            ks, vs = _heads(kc[bs, :, rows], group), _heads(vc[bs, :, rows], group)
+            o, l_ = FLASH(qc[bs, :, rows], ks, vs, 0.0, causal, scale=scale)[:2]
             out[bs, :, rows] = o
             lse[bs, :, rows] = l_
     return out.to(q.dtype), lse
@@ -102,21 +103,18 @@ def backward(q, k, v, out, lse, dout, plan: BlockPlan, scale: float, data):
     dt = compute_dtype(q.dtype)
     qc, kc, vc, oc, gc = (x.to(dt) for x in (q, k, v, out, dout))
     lc = lse.to(dt)
-    b = q.shape[0]
+    b, hkv = q.shape[0], k.shape[1]
+    group = q.shape[1] // hkv
     dq, dk, dv = (torch.empty(x.shape, dtype=dt) for x in (q, k, v))
     for bs, segs in _elements(documents(plan, data, b), b):
         for a, n in segs:
             r = slice(a, a + n)
-            got = FLASH_BWD(
-                gc[bs, :, r],
-                qc[bs, :, r],
-                kc[bs, :, r],
-                vc[bs, :, r],
-                oc[bs, :, r],
-                lc[bs, :, r],
-                0.0,
-                causal,
-                scale=scale,
+            ks, vs = _heads(kc[bs, :, r], group), _heads(vc[bs, :, r], group)
+            gq, gk, gv = FLASH_BWD(
+                gc[bs, :, r], qc[bs, :, r], ks, vs, oc[bs, :, r], lc[bs, :, r], 0.0, causal, scale=scale
             )
-            dq[bs, :, r], dk[bs, :, r], dv[bs, :, r] = got
+            dq[bs, :, r] = gq
+            if group > 1:
+                gk, gv = (g.unflatten(1, (hkv, group)).sum(2) for g in (gk, gv))
+            dk[bs, :, r], dv[bs, :, r] = gk, gv
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
