@@ -17,7 +17,7 @@ tiles; at a call, the validated inputs (:class:`patterndsl.binding.Inputs`). Goe
     key tile; a row set combined with a column set by ``or``/``and`` is exact on every tile
     (``R x all | all x C`` is full iff one of them is full). Anything else is bounded by
     intervals over per-tile minima and maxima of the inputs;
-  - ``within(SEG, P)``: segments are the runs of ``SEG`` (a cumulative sum of changes); every
+  - ``within(SEG, P)``: segments are the runs of ``SEG`` (their starts: where ``SEG`` changes); every
     (tile, segment) overlap is a box, and ``P`` is classified on each box in the segment's
     coordinates by the primitives' own tile rules (bands of one ``&`` merged into one band).
     Only boxes those rules cannot decide are evaluated element by element: for ``P`` built from
@@ -40,7 +40,7 @@ from patterndsl import ir, primitives, semantics
 from patterndsl.analysis.plan import DYNAMIC, EMPTY, FULL, PARTIAL, BlockPlan, HeadGroup, PlanStats, Runs, TileList
 from patterndsl.primitives.band import band
 from patterndsl.primitives.common import BIG
-from patterndsl.primitives.inputs import Bound, runs
+from patterndsl.primitives.inputs import Bound
 from patterndsl.sizes import Sizes
 
 #: Pairs evaluated per chunk when tiles are evaluated element by element.
@@ -309,8 +309,15 @@ class _Grid:
         self.bm, self.bn = bm, bn
         self.nqb, self.nkb = plan.n_q_tiles, plan.n_kv_tiles
         self.offset = plan.kv_len - plan.q_len
-        # The tiles' tokens in the plan's order (identity: plain ranges).
-        self.q_order, self.kv_order = plan.q_order, plan.kv_order
+
+    # The tiles' tokens in the plan's order (identity: plain ranges), built only where read.
+    @functools.cached_property
+    def q_order(self) -> torch.Tensor:
+        return self.plan.q_order
+
+    @functools.cached_property
+    def kv_order(self) -> torch.Tensor:
+        return self.plan.kv_order
 
     # -- the exact entry point
 
@@ -441,15 +448,15 @@ class _Grid:
     def _within(self, prim: ir.Prim) -> torch.Tensor:
         plan, bm, bn = self.plan, self.bm, self.bn
         seg = self.ctx.inputs[prim.arg("seg")].reshape(-1)
-        run, start, length = runs(seg)
+        start, length = _run_starts(seg)
         top = plan.kv_len - 1
         # Query tile m: positions [m*bm + offset, min(...)], key tile n: [n*bn, ...].
         qlo = torch.arange(self.nqb) * bm + self.offset
         qhi = torch.clamp(qlo + bm - 1, max=top)
         klo = torch.arange(self.nkb) * bn
         khi = torch.clamp(klo + bn - 1, max=top)
-        qm, qr, qa, qb = _pieces(qlo, qhi, run, start, length)
-        km, kr, ka, kb = _pieces(klo, khi, run, start, length)
+        qm, qr, qa, qb = _pieces(qlo, qhi, start, length)
+        km, kr, ka, kb = _pieces(klo, khi, start, length)
         # Boxes: every (query piece, key piece) of the same run. Pieces are sorted by run.
         kfirst = torch.searchsorted(kr, qr, right=False)
         klast = torch.searchsorted(kr, qr, right=True)
@@ -587,14 +594,27 @@ def _expand(count: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(owner), torch.from_numpy(inner)
 
 
-def _pieces(lo: torch.Tensor, hi: torch.Tensor, run, start, length):
-    """Cut each tile ``[lo, hi]`` at segment boundaries: ``(tile, run, first, last)``, sorted by run."""
-    top = len(run) - 1
-    rlo = run[lo.clamp(0, top)]
-    rhi = run[hi.clamp(0, top)]
+def _run_starts(seg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(start, length)`` of the runs of equal values of ``seg [L]`` (no per-position run index)."""
+    change = torch.ones(seg.numel(), dtype=torch.bool)
+    if seg.numel() > 1:
+        torch.ne(seg[1:], seg[:-1], out=change[1:])
+    start = torch.nonzero(change).reshape(-1)
+    ends = torch.cat([start[1:], torch.tensor([seg.numel()])])
+    return start, ends - start
+
+
+def _pieces(lo: torch.Tensor, hi: torch.Tensor, start: torch.Tensor, length: torch.Tensor):
+    """Cut each tile ``[lo, hi]`` at segment boundaries: ``(tile, run, first, last)``, sorted by run.
+
+    The run of a position is found among the runs' starts (``searchsorted``): only the tiles'
+    ends are looked up, never every position.
+    """
+    top = int(start[-1] + length[-1]) - 1
+    rlo = torch.searchsorted(start, lo.clamp(0, top), right=True) - 1
+    rhi = torch.searchsorted(start, hi.clamp(0, top), right=True) - 1
     tile, inner = _expand(rhi - rlo + 1)
     r = rlo[tile] + inner
-    # Positions below 0 (queries when Lq > Lk) read the first entry: they belong to run 0.
     first = torch.where(r == 0, lo[tile], torch.maximum(start[r], lo[tile]))
     last = torch.minimum(start[r] + length[r] - 1, hi[tile])
     order = torch.argsort(r, stable=True)
