@@ -436,12 +436,8 @@ class _Grid:
     def _intervals(self, pred: ir.Expr) -> torch.Tensor:
         bounds = _Intervals(self)
         can_true, can_false = bounds.truth(pred)
-        can_true = can_true.expand(self.nqb, self.nkb)
-        can_false = can_false.expand(self.nqb, self.nkb)
-        out = torch.full((self.nqb, self.nkb), DYNAMIC, dtype=torch.int8)
-        out[~can_true] = EMPTY
-        out[~can_false] = FULL
-        return out
+        undecided = torch.where(can_true, _const(DYNAMIC), _const(EMPTY))
+        return torch.where(can_false, undecided, _const(FULL)).expand(self.nqb, self.nkb).contiguous()
 
     # -- within(SEG, P)
 
@@ -533,25 +529,23 @@ def _areas(plan: BlockPlan) -> torch.Tensor:
 
 
 def _state(nonempty: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
-    out = torch.where(nonempty, PARTIAL, EMPTY).to(torch.int8)
-    out[full & nonempty] = FULL
-    return out
+    # Arithmetic on the tile grid, not masked assignment: one pass per operation, no index lists.
+    return nonempty.to(torch.int8) + (full & nonempty).to(torch.int8)
+
+
+def _const(value: int) -> torch.Tensor:
+    return torch.tensor(value, dtype=torch.int8)
 
 
 def _not(a: torch.Tensor) -> torch.Tensor:
-    out = a.clone()
-    out[a == EMPTY] = FULL
-    out[a == FULL] = EMPTY
-    return out
+    """Empty and full swap; partial stays partial, undecided undecided."""
+    return torch.where(a == DYNAMIC, a, FULL - a)
 
 
 def _union(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Exact where it can be: full if either is full, the other's state if one is empty, else 3."""
-    out = torch.full_like(a, DYNAMIC)
-    out[a == EMPTY] = b[a == EMPTY]
-    out[b == EMPTY] = a[b == EMPTY]
-    out[(a == FULL) | (b == FULL)] = FULL
-    return out
+    one_empty = torch.where(a == EMPTY, b, torch.where(b == EMPTY, a, _const(DYNAMIC)))
+    return torch.where((a == FULL) | (b == FULL), _const(FULL), one_empty)
 
 
 def _inter(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
