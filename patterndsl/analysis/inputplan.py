@@ -285,12 +285,17 @@ def call_plan(static: BlockPlan, inputs) -> InputPlan:
     nqb, nkb = static.n_q_tiles, static.n_kv_tiles
     states = torch.zeros(count, len(static.groups), nqb, nkb, dtype=torch.int8)
     work = {"elements_evaluated": 0, "boxes": 0, "boxes_evaluated": 0}
-    for b in range(count):
-        # The tile reasoning runs on the host (numpy tile rules); inputs on a GPU are copied once.
-        ctx = Bound(sizes, {name: t.cpu() for name, t in inputs.element(b).items()})
-        for g, group in enumerate(static.groups):
-            grid = _Grid(static, ctx, group.heads[0], work)
-            states[b, g] = grid.exact(group.node)
+    # The tile reasoning runs on the host (numpy tile rules); inputs on a GPU are copied once.
+    host = [{name: t.cpu() for name, t in inputs.element(b).items()} for b in range(count)]
+    for g, group in enumerate(static.groups):
+        node = group.node
+        if count > 1 and isinstance(node, ir.Prim) and node.name == "within":
+            # The whole batch at once (packed documents: the common case).
+            seg = torch.stack([h[node.arg("seg")].reshape(-1) for h in host])
+            states[:, g] = _Grid(static, None, group.heads[0], work).within_all(seg, node.arg("body"))
+            continue
+        for b in range(count):
+            states[b, g] = _Grid(static, Bound(sizes, host[b]), group.heads[0], work).exact(node)
     if count != inputs.batch:
         states = states.expand(inputs.batch, -1, -1, -1)
     work["tiles_evaluated"] = work.pop("tiles_evaluated", 0)
@@ -442,17 +447,26 @@ class _Grid:
     # -- within(SEG, P)
 
     def _within(self, prim: ir.Prim) -> torch.Tensor:
-        plan, bm, bn = self.plan, self.bm, self.bn
-        seg = self.ctx.inputs[prim.arg("seg")].reshape(-1)
+        seg = self.ctx.inputs[prim.arg("seg")].reshape(1, -1)
+        return self.within_all(seg, prim.arg("body"))[0]
+
+    def within_all(self, seg: torch.Tensor, body: ir.Node) -> torch.Tensor:
+        """int8 ``[B, nqb, nkb]``: exact states of ``within(SEG, body)`` for ``SEG`` values ``seg [B, Lk]``.
+
+        Every batch element at once: the rows are laid end to end (a run never crosses a row),
+        so the pieces, boxes and their classification are one set of tensor operations.
+        """
+        bm, bn = self.bm, self.bn
+        count, width = seg.shape
         start, length = _run_starts(seg)
-        top = plan.kv_len - 1
-        # Query tile m: positions [m*bm + offset, min(...)], key tile n: [n*bn, ...].
+        top = width - 1
+        # Query tile m: positions [m*bm + offset, min(...)], key tile n: [n*bn, ...] (in each row).
         qlo = torch.arange(self.nqb) * bm + self.offset
         qhi = torch.clamp(qlo + bm - 1, max=top)
         klo = torch.arange(self.nkb) * bn
         khi = torch.clamp(klo + bn - 1, max=top)
-        qm, qr, qa, qb = _pieces(qlo, qhi, start, length)
-        km, kr, ka, kb = _pieces(klo, khi, start, length)
+        qm, qr, qa, qb = _pieces(qlo, qhi, start, length, count, width)
+        km, kr, ka, kb = _pieces(klo, khi, start, length, count, width)
         # Boxes: every (query piece, key piece) of the same run. Pieces are sorted by run.
         kfirst = torch.searchsorted(kr, qr, right=False)
         klast = torch.searchsorted(kr, qr, right=True)
@@ -461,19 +475,18 @@ class _Grid:
         r = qr[owner]
         s = start[r]
         box = (qa[owner] - s, qb[owner] - s, ka[kidx] - s, kb[kidx] - s, length[r])
-        body = prim.arg("body")
         self.work["boxes"] += len(box[0])
         state = self._decide(body, box, 0)
         m, n = qm[owner], km[kidx]
-        key = m * self.nkb + n
+        key = (torch.div(s, width, rounding_mode="floor") * self.nqb + m) * self.nkb + n
         # A tile is full only when it is one box covering it all (one segment on both sides) and full;
         # any other tile a non-empty box meets is partial. Only the boxes' tiles are written.
         area = (box[1] - box[0] + 1) * (box[3] - box[2] + 1)
         tile_area = (qhi[m] - qlo[m] + 1) * (khi[n] - klo[n] + 1)
-        out = torch.zeros(self.nqb * self.nkb, dtype=torch.int8)
+        out = torch.zeros(count * self.nqb * self.nkb, dtype=torch.int8)
         out[key[state > EMPTY]] = PARTIAL
         out[key[(state == FULL) & (area == tile_area)]] = FULL
-        return out.view(self.nqb, self.nkb)
+        return out.view(count, self.nqb, self.nkb)
 
     def _decide(self, body: ir.Node, box, depth: int) -> torch.Tensor:
         """Exact states of ``body`` on boxes: the tile rules first, then undecided boxes halved along
@@ -589,30 +602,40 @@ def _expand(count: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _run_starts(seg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(start, length)`` of the runs of equal values of ``seg [L]`` (no per-position run index)."""
-    change = torch.ones(seg.numel(), dtype=torch.bool)
-    if seg.numel() > 1:
-        torch.ne(seg[1:], seg[:-1], out=change[1:])
+    """``(start, length)`` of the runs of equal values of each row of ``seg [B, L]``, rows laid end to end.
+
+    ``start`` indexes the flattened rows; every row starts a run. No per-position run index.
+    """
+    flat = seg.reshape(-1)
+    change = torch.ones(flat.numel(), dtype=torch.bool)
+    if flat.numel() > 1:
+        torch.ne(flat[1:], flat[:-1], out=change[1:])
+    change[:: seg.shape[1]] = True
     start = torch.nonzero(change).reshape(-1)
-    ends = torch.cat([start[1:], torch.tensor([seg.numel()])])
+    ends = torch.cat([start[1:], torch.tensor([flat.numel()])])
     return start, ends - start
 
 
-def _pieces(lo: torch.Tensor, hi: torch.Tensor, start: torch.Tensor, length: torch.Tensor):
-    """Cut each tile ``[lo, hi]`` at segment boundaries: ``(tile, run, first, last)``, sorted by run.
+def _pieces(lo: torch.Tensor, hi: torch.Tensor, start: torch.Tensor, length: torch.Tensor, count: int, width: int):
+    """Cut each tile ``[lo, hi]`` of each of ``count`` rows at segment boundaries.
 
-    The run of a position is found among the runs' starts (``searchsorted``): only the tiles'
-    ends are looked up, never every position.
+    Returns ``(tile, run, first, last)`` sorted by run: ``tile`` within its row, ``run`` an index
+    of ``start``, ``first``/``last`` positions in the rows laid end to end (a row's positions
+    below 0, queries when Lq > Lk, belong to its first run). The run of a position is found among
+    the runs' starts (``searchsorted``): only the tiles' ends are looked up, never every position.
     """
-    top = int(start[-1] + length[-1]) - 1
-    rlo = torch.searchsorted(start, lo.clamp(0, top), right=True) - 1
-    rhi = torch.searchsorted(start, hi.clamp(0, top), right=True) - 1
+    tiles = len(lo)
+    base = (torch.arange(count) * width)[:, None]
+    glo, ghi = (base + lo).reshape(-1), (base + hi).reshape(-1)
+    rlo = torch.searchsorted(start, (base + lo.clamp(0, width - 1)).reshape(-1), right=True) - 1
+    rhi = torch.searchsorted(start, (base + hi.clamp(0, width - 1)).reshape(-1), right=True) - 1
     tile, inner = _expand(rhi - rlo + 1)
     r = rlo[tile] + inner
-    first = torch.where(r == 0, lo[tile], torch.maximum(start[r], lo[tile]))
-    last = torch.minimum(start[r] + length[r] - 1, hi[tile])
+    row_start = torch.div(tile, tiles, rounding_mode="floor") * width
+    first = torch.where(start[r] == row_start, glo[tile], torch.maximum(start[r], glo[tile]))
+    last = torch.minimum(start[r] + length[r] - 1, ghi[tile])
     order = torch.argsort(r, stable=True)
-    return tile[order], r[order], first[order], last[order]
+    return tile[order] % tiles, r[order], first[order], last[order]
 
 
 _STATIC_CACHE: dict = {}
