@@ -17,7 +17,7 @@ tiles; at a call, the validated inputs (:class:`patterndsl.binding.Inputs`). Goe
     key tile; a row set combined with a column set by ``or``/``and`` is exact on every tile
     (``R x all | all x C`` is full iff one of them is full). Anything else is bounded by
     intervals over per-tile minima and maxima of the inputs;
-  - ``within(SEG, P)``: segments are the runs of ``SEG`` (a cumulative sum of changes); every
+  - ``within(SEG, P)``: segments are the runs of ``SEG`` (their starts: where ``SEG`` changes); every
     (tile, segment) overlap is a box, and ``P`` is classified on each box in the segment's
     coordinates by the primitives' own tile rules (bands of one ``&`` merged into one band).
     Only boxes those rules cannot decide are evaluated element by element: for ``P`` built from
@@ -40,7 +40,7 @@ from patterndsl import ir, primitives, semantics
 from patterndsl.analysis.plan import DYNAMIC, EMPTY, FULL, PARTIAL, BlockPlan, HeadGroup, PlanStats, Runs, TileList
 from patterndsl.primitives.band import band
 from patterndsl.primitives.common import BIG
-from patterndsl.primitives.inputs import Bound, runs
+from patterndsl.primitives.inputs import Bound
 from patterndsl.sizes import Sizes
 
 #: Pairs evaluated per chunk when tiles are evaluated element by element.
@@ -285,12 +285,17 @@ def call_plan(static: BlockPlan, inputs) -> InputPlan:
     nqb, nkb = static.n_q_tiles, static.n_kv_tiles
     states = torch.zeros(count, len(static.groups), nqb, nkb, dtype=torch.int8)
     work = {"elements_evaluated": 0, "boxes": 0, "boxes_evaluated": 0}
-    for b in range(count):
-        # The tile reasoning runs on the host (numpy tile rules); inputs on a GPU are copied once.
-        ctx = Bound(sizes, {name: t.cpu() for name, t in inputs.element(b).items()})
-        for g, group in enumerate(static.groups):
-            grid = _Grid(static, ctx, group.heads[0], work)
-            states[b, g] = grid.exact(group.node)
+    # The tile reasoning runs on the host (numpy tile rules); inputs on a GPU are copied once.
+    host = [{name: t.cpu() for name, t in inputs.element(b).items()} for b in range(count)]
+    for g, group in enumerate(static.groups):
+        node = group.node
+        if count > 1 and isinstance(node, ir.Prim) and node.name == "within":
+            # The whole batch at once (packed documents: the common case).
+            seg = torch.stack([h[node.arg("seg")].reshape(-1) for h in host])
+            states[:, g] = _Grid(static, None, group.heads[0], work).within_all(seg, node.arg("body"))
+            continue
+        for b in range(count):
+            states[b, g] = _Grid(static, Bound(sizes, host[b]), group.heads[0], work).exact(node)
     if count != inputs.batch:
         states = states.expand(inputs.batch, -1, -1, -1)
     work["tiles_evaluated"] = work.pop("tiles_evaluated", 0)
@@ -309,8 +314,15 @@ class _Grid:
         self.bm, self.bn = bm, bn
         self.nqb, self.nkb = plan.n_q_tiles, plan.n_kv_tiles
         self.offset = plan.kv_len - plan.q_len
-        # The tiles' tokens in the plan's order (identity: plain ranges).
-        self.q_order, self.kv_order = plan.q_order, plan.kv_order
+
+    # The tiles' tokens in the plan's order (identity: plain ranges), built only where read.
+    @functools.cached_property
+    def q_order(self) -> torch.Tensor:
+        return self.plan.q_order
+
+    @functools.cached_property
+    def kv_order(self) -> torch.Tensor:
+        return self.plan.kv_order
 
     # -- the exact entry point
 
@@ -429,27 +441,32 @@ class _Grid:
     def _intervals(self, pred: ir.Expr) -> torch.Tensor:
         bounds = _Intervals(self)
         can_true, can_false = bounds.truth(pred)
-        can_true = can_true.expand(self.nqb, self.nkb)
-        can_false = can_false.expand(self.nqb, self.nkb)
-        out = torch.full((self.nqb, self.nkb), DYNAMIC, dtype=torch.int8)
-        out[~can_true] = EMPTY
-        out[~can_false] = FULL
-        return out
+        undecided = torch.where(can_true, _const(DYNAMIC), _const(EMPTY))
+        return torch.where(can_false, undecided, _const(FULL)).expand(self.nqb, self.nkb).contiguous()
 
     # -- within(SEG, P)
 
     def _within(self, prim: ir.Prim) -> torch.Tensor:
-        plan, bm, bn = self.plan, self.bm, self.bn
-        seg = self.ctx.inputs[prim.arg("seg")].reshape(-1)
-        run, start, length = runs(seg)
-        top = plan.kv_len - 1
-        # Query tile m: positions [m*bm + offset, min(...)], key tile n: [n*bn, ...].
+        seg = self.ctx.inputs[prim.arg("seg")].reshape(1, -1)
+        return self.within_all(seg, prim.arg("body"))[0]
+
+    def within_all(self, seg: torch.Tensor, body: ir.Node) -> torch.Tensor:
+        """int8 ``[B, nqb, nkb]``: exact states of ``within(SEG, body)`` for ``SEG`` values ``seg [B, Lk]``.
+
+        Every batch element at once: the rows are laid end to end (a run never crosses a row),
+        so the pieces, boxes and their classification are one set of tensor operations.
+        """
+        bm, bn = self.bm, self.bn
+        count, width = seg.shape
+        start, length = _run_starts(seg)
+        top = width - 1
+        # Query tile m: positions [m*bm + offset, min(...)], key tile n: [n*bn, ...] (in each row).
         qlo = torch.arange(self.nqb) * bm + self.offset
         qhi = torch.clamp(qlo + bm - 1, max=top)
         klo = torch.arange(self.nkb) * bn
         khi = torch.clamp(klo + bn - 1, max=top)
-        qm, qr, qa, qb = _pieces(qlo, qhi, run, start, length)
-        km, kr, ka, kb = _pieces(klo, khi, run, start, length)
+        qm, qr, qa, qb = _pieces(qlo, qhi, start, length, count, width)
+        km, kr, ka, kb = _pieces(klo, khi, start, length, count, width)
         # Boxes: every (query piece, key piece) of the same run. Pieces are sorted by run.
         kfirst = torch.searchsorted(kr, qr, right=False)
         klast = torch.searchsorted(kr, qr, right=True)
@@ -458,19 +475,18 @@ class _Grid:
         r = qr[owner]
         s = start[r]
         box = (qa[owner] - s, qb[owner] - s, ka[kidx] - s, kb[kidx] - s, length[r])
-        body = prim.arg("body")
         self.work["boxes"] += len(box[0])
         state = self._decide(body, box, 0)
         m, n = qm[owner], km[kidx]
-        key = m * self.nkb + n
+        key = (torch.div(s, width, rounding_mode="floor") * self.nqb + m) * self.nkb + n
         # A tile is full only when it is one box covering it all (one segment on both sides) and full;
         # any other tile a non-empty box meets is partial. Only the boxes' tiles are written.
         area = (box[1] - box[0] + 1) * (box[3] - box[2] + 1)
         tile_area = (qhi[m] - qlo[m] + 1) * (khi[n] - klo[n] + 1)
-        out = torch.zeros(self.nqb * self.nkb, dtype=torch.int8)
+        out = torch.zeros(count * self.nqb * self.nkb, dtype=torch.int8)
         out[key[state > EMPTY]] = PARTIAL
         out[key[(state == FULL) & (area == tile_area)]] = FULL
-        return out.view(self.nqb, self.nkb)
+        return out.view(count, self.nqb, self.nkb)
 
     def _decide(self, body: ir.Node, box, depth: int) -> torch.Tensor:
         """Exact states of ``body`` on boxes: the tile rules first, then undecided boxes halved along
@@ -526,25 +542,23 @@ def _areas(plan: BlockPlan) -> torch.Tensor:
 
 
 def _state(nonempty: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
-    out = torch.where(nonempty, PARTIAL, EMPTY).to(torch.int8)
-    out[full & nonempty] = FULL
-    return out
+    # Arithmetic on the tile grid, not masked assignment: one pass per operation, no index lists.
+    return nonempty.to(torch.int8) + (full & nonempty).to(torch.int8)
+
+
+def _const(value: int) -> torch.Tensor:
+    return torch.tensor(value, dtype=torch.int8)
 
 
 def _not(a: torch.Tensor) -> torch.Tensor:
-    out = a.clone()
-    out[a == EMPTY] = FULL
-    out[a == FULL] = EMPTY
-    return out
+    """Empty and full swap; partial stays partial, undecided undecided."""
+    return torch.where(a == DYNAMIC, a, FULL - a)
 
 
 def _union(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Exact where it can be: full if either is full, the other's state if one is empty, else 3."""
-    out = torch.full_like(a, DYNAMIC)
-    out[a == EMPTY] = b[a == EMPTY]
-    out[b == EMPTY] = a[b == EMPTY]
-    out[(a == FULL) | (b == FULL)] = FULL
-    return out
+    one_empty = torch.where(a == EMPTY, b, torch.where(b == EMPTY, a, _const(DYNAMIC)))
+    return torch.where((a == FULL) | (b == FULL), _const(FULL), one_empty)
 
 
 def _inter(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -587,18 +601,41 @@ def _expand(count: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(owner), torch.from_numpy(inner)
 
 
-def _pieces(lo: torch.Tensor, hi: torch.Tensor, run, start, length):
-    """Cut each tile ``[lo, hi]`` at segment boundaries: ``(tile, run, first, last)``, sorted by run."""
-    top = len(run) - 1
-    rlo = run[lo.clamp(0, top)]
-    rhi = run[hi.clamp(0, top)]
+def _run_starts(seg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(start, length)`` of the runs of equal values of each row of ``seg [B, L]``, rows laid end to end.
+
+    ``start`` indexes the flattened rows; every row starts a run. No per-position run index.
+    """
+    flat = seg.reshape(-1)
+    change = torch.ones(flat.numel(), dtype=torch.bool)
+    if flat.numel() > 1:
+        torch.ne(flat[1:], flat[:-1], out=change[1:])
+    change[:: seg.shape[1]] = True
+    start = torch.nonzero(change).reshape(-1)
+    ends = torch.cat([start[1:], torch.tensor([flat.numel()])])
+    return start, ends - start
+
+
+def _pieces(lo: torch.Tensor, hi: torch.Tensor, start: torch.Tensor, length: torch.Tensor, count: int, width: int):
+    """Cut each tile ``[lo, hi]`` of each of ``count`` rows at segment boundaries.
+
+    Returns ``(tile, run, first, last)`` sorted by run: ``tile`` within its row, ``run`` an index
+    of ``start``, ``first``/``last`` positions in the rows laid end to end (a row's positions
+    below 0, queries when Lq > Lk, belong to its first run). The run of a position is found among
+    the runs' starts (``searchsorted``): only the tiles' ends are looked up, never every position.
+    """
+    tiles = len(lo)
+    base = (torch.arange(count) * width)[:, None]
+    glo, ghi = (base + lo).reshape(-1), (base + hi).reshape(-1)
+    rlo = torch.searchsorted(start, (base + lo.clamp(0, width - 1)).reshape(-1), right=True) - 1
+    rhi = torch.searchsorted(start, (base + hi.clamp(0, width - 1)).reshape(-1), right=True) - 1
     tile, inner = _expand(rhi - rlo + 1)
     r = rlo[tile] + inner
-    # Positions below 0 (queries when Lq > Lk) read the first entry: they belong to run 0.
-    first = torch.where(r == 0, lo[tile], torch.maximum(start[r], lo[tile]))
-    last = torch.minimum(start[r] + length[r] - 1, hi[tile])
+    row_start = torch.div(tile, tiles, rounding_mode="floor") * width
+    first = torch.where(start[r] == row_start, glo[tile], torch.maximum(start[r], glo[tile]))
+    last = torch.minimum(start[r] + length[r] - 1, ghi[tile])
     order = torch.argsort(r, stable=True)
-    return tile[order], r[order], first[order], last[order]
+    return tile[order] % tiles, r[order], first[order], last[order]
 
 
 _STATIC_CACHE: dict = {}

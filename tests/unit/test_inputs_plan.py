@@ -163,3 +163,15 @@ def test_call_plan_statistics_count_every_batch_element():
     assert plan.stats.total_pairs == 2 * 3 * 50 * 60
     assert 0 < plan.stats.density < 1
     assert plan.n_q_tiles == 7 and plan.block_m == 8 and plan.order == plan.static.order
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_within_plans_the_whole_batch_at_once_exactly(seed):
+    # Several batch elements, each its own documents (runs never cross elements), Lq above and below Lk.
+    rng = random.Random(300 + seed)
+    p = pd.compile(PACKED, w=rng.randint(0, 9), n=rng.randint(0, 3))
+    kv = rng.randint(2, 90)
+    q_len = rng.choice([kv, rng.randint(1, kv), kv + rng.randint(1, 7)])
+    doc = torch.stack([random_documents(rng, kv) for _ in range(rng.randint(2, 5))])
+    doc[1:, 0] = doc[:-1, -1]  # an element may start with the id the previous one ends with
+    exact(p, q_len, kv, 2, (rng.choice([4, 8]), rng.choice([4, 16])), doc=doc)

@@ -18,6 +18,7 @@ import torch
 from patterndsl import ir
 from patterndsl.analysis.plan import BlockPlan
 from patterndsl.runtime import softmax
+from patterndsl.runtime.cpu import documents
 from patterndsl.runtime.cpu.schedule import Segment
 from patterndsl.runtime.cpu.scoremod import Modifier
 from patterndsl.runtime.cpu.tuning import FLASH_BWD, CpuOptions, resolve
@@ -64,7 +65,10 @@ def backward(q, k, v, out, lse, dout, plan: BlockPlan, scale: float, dlse=None, 
     opts = resolve(options)
     if q.shape[0] == 0:
         return q.new_zeros(q.shape), k.new_zeros(k.shape), v.new_zeros(v.shape)
-    grads = _backward(q, k, v, out, lse, dout, plan, scale, dlse, opts, safe=False, data=data)
+    if documents.applies(plan, q, k, opts, data) and (dlse is None or not bool(dlse.any())):
+        grads = documents.backward(q, k, v, out, lse, dout, plan, scale, data)
+    else:
+        grads = _backward(q, k, v, out, lse, dout, plan, scale, dlse, opts, safe=False, data=data)
     # Non-finite inputs or gradients must not reach the pairs the pattern blocks; the fast paths'
     # additive masks let them (0 * NaN), but whatever they reach turns non-finite, so finite
     # gradients are exact. Otherwise every segment runs again through _backward_select.

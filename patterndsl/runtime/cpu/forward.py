@@ -22,6 +22,7 @@ import torch
 
 from patterndsl.analysis.plan import BlockPlan
 from patterndsl.runtime import softmax
+from patterndsl.runtime.cpu import documents
 from patterndsl.runtime.cpu.schedule import Segment
 from patterndsl.runtime.cpu.scoremod import Modifier
 from patterndsl.runtime.cpu.tuning import FLASH, CpuOptions, resolve
@@ -67,7 +68,10 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: BlockPlan, 
     opts = resolve(options)
     if b == 0:
         return q.new_zeros(q.shape), torch.zeros(b, h, lq, dtype=dt)
-    out, lse = _forward(q, k, v, plan, scale, opts, safe=False, data=data)
+    if documents.applies(plan, q, k, opts, data):
+        out, lse = documents.forward(q, k, v, plan, scale, data)
+    else:
+        out, lse = _forward(q, k, v, plan, scale, opts, safe=False, data=data)
     # Non-finite keys or values must not reach the rows that do not attend them, but torch's fused
     # kernel only adds -inf to the scores of blocked pairs (NaN + -inf is NaN, and 0 * NaN in P @ V
     # is NaN). Whatever a non-finite input reaches turns non-finite, so a finite result is exact;

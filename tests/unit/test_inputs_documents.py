@@ -1,0 +1,96 @@
+"""``within(doc, causal)`` and ``within(doc, full)`` on the CPU run document by document: exact vs float64."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+import patterndsl as pd
+from patterndsl.runtime.cpu import documents
+from tests.inputs_reference import random_documents
+from tests.reference import reference_attention
+
+SOURCE = """pattern docs {{
+    input doc: int[batch, token]
+    within(doc, {body})
+}}"""
+
+
+def run_mask(ids: torch.Tensor, causal: bool) -> torch.Tensor:
+    """bool ``[B, 1, L, L]``: same run of ``ids`` (runs, not equal values) and, if causal, ``k <= q``."""
+    change = torch.ones(ids.shape, dtype=torch.int64)
+    change[:, 1:] = (ids[:, 1:] != ids[:, :-1]).to(torch.int64)
+    run = change.cumsum(1)
+    same = run[:, :, None] == run[:, None, :]
+    if causal:
+        same &= torch.ones(ids.shape[1], ids.shape[1], dtype=torch.bool).tril()
+    return same[:, None]
+
+
+def check(p, q, k, v, doc, causal, atol, dlse=False):
+    out, lse = p(q, k, v, return_lse=True, backend="cpu", doc=doc)
+    ref, ref_lse = reference_attention(q, k, v, run_mask(doc.expand(q.shape[0], -1), causal))
+    assert torch.allclose(out.double(), ref, atol=atol)
+    assert torch.allclose(lse.double(), ref_lse, atol=atol)
+    dout = torch.randn_like(out)
+    loss, ref_loss = (out * dout).sum(), (ref * dout.double()).sum()
+    if dlse:
+        loss, ref_loss = loss + lse.sum(), ref_loss + ref_lse.sum()
+    got = torch.autograd.grad(loss, (q, k, v))
+    want = torch.autograd.grad(ref_loss, (q, k, v))
+    for a, b in zip(got, want, strict=True):
+        assert torch.allclose(a.double(), b.double(), atol=atol * 10)
+
+
+def tensors(batch, heads, kv_heads, length, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    return [
+        torch.randn(batch, n, length, 16, generator=g, dtype=dtype).requires_grad_()
+        for n in (heads, kv_heads, kv_heads)
+    ]
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_documents_match_float64_reference(seed, monkeypatch):
+    rng = random.Random(1200 + seed)
+    body = rng.choice(["causal", "full"])
+    p = pd.compile(SOURCE.format(body=body))
+    length = rng.randint(1, 300)
+    batch = rng.randint(1, 3)
+    shared = rng.random() < 0.4
+    doc = torch.stack([random_documents(rng, length) for _ in range(1 if shared else batch)])
+    dtype = rng.choice([torch.float32, torch.float64])
+    calls = []
+    flash = documents.FLASH
+    monkeypatch.setattr(documents, "FLASH", lambda *a, **kw: calls.append(1) or flash(*a, **kw))
+    kv_heads = rng.randint(1, 2)
+    q, k, v = tensors(batch, kv_heads * rng.randint(1, 2), kv_heads, length, dtype, seed)
+    check(p, q, k, v, doc, body == "causal", 1e-4 if dtype == torch.float32 else 1e-9)
+    assert calls, "the document path was not taken"
+
+
+def test_documents_with_an_lse_gradient_take_the_tile_schedule():
+    p = pd.compile(SOURCE.format(body="causal"))
+    doc = torch.tensor([[0] * 70 + [1] * 3 + [2] * 60])
+    q, k, v = tensors(2, 2, 2, doc.shape[1], torch.float64, 4)
+    check(p, q, k, v, doc, True, 1e-9, dlse=True)
+
+
+def test_other_bodies_and_lengths_are_not_run_by_document():
+    plan = pd.compile(SOURCE.format(body="causal & window(4)")).plan(64, 64, 2)
+    assert documents.body_of(plan) is None
+    assert documents.body_of(pd.compile(SOURCE.format(body="causal")).plan(32, 64, 2)) is None
+    assert documents.body_of(pd.compile(SOURCE.format(body="causal")).plan(64, 64, 2)) is True
+    assert documents.body_of(pd.compile(SOURCE.format(body="full")).plan(64, 64, 2)) is False
+
+
+def test_a_nan_value_reaches_only_its_own_document():
+    p = pd.compile(SOURCE.format(body="causal"))
+    doc = torch.tensor([[0] * 40 + [1] * 50])
+    q, k, v = (x.detach() for x in tensors(1, 2, 2, 90, torch.float32, 5))
+    v[0, :, 60] = float("nan")
+    out = p(q, k, v, backend="cpu", doc=doc)
+    assert torch.isfinite(out[0, :, :60]).all()
+    assert torch.isnan(out[0, :, 60:]).all()
