@@ -62,6 +62,15 @@ GOLDEN_CASES = {
         4,
         {"kind": "backward", "head_dim": 128, "dtype": torch.bfloat16, "target": "sm_80"},
     ),
+    # Run-time inputs: this call's lists; segment starts/lengths and the tags read from RT.
+    "packed_documents_backward": (
+        "pattern packed(w = 512) {\n input doc: int[batch, token]\n input tag: int[batch, token]\n"
+        " within(doc, causal & (window(w) | sink(4))) | where(tag[q] == 1 and tag[k] == 1) }",
+        2048,
+        None,
+        8,
+        {"kind": "backward", "kv_heads": 2, "head_dim": 64, "dtype": torch.float16},
+    ),
 }
 
 
