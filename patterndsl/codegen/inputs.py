@@ -10,8 +10,8 @@ and :func:`pack`, which fills ``RT`` from one call's input tensors.
 slice of ``stride`` int32 entries per batch element ``b = lst // NHK`` (every key/value head of
 an element reads the same slice). In a slice, at offsets baked into the source: every input an
 expression reads, its non-batch entries row-major (a shared input is copied to every slice);
-then for every input used as ``within``'s ``SEG``, the first position (``start``) and the length
-of the segment holding each token position, ``[Lk]`` each.
+then for every input used as ``within``'s ``SEG``, the first position (``start``) and, when its
+pattern reads ``Lq`` or ``Lk``, the length of the segment holding each token position, ``[Lk]`` each.
 
 Element rule. ``NAME[i1, i2]`` loads ``RT[slice + offset + clamp(i1) * extent2 + clamp(i2)]``
 (indices clamped to their dimension, LANGUAGE.md section 7). ``within(SEG, P)`` at ``(q, k)``
@@ -40,20 +40,21 @@ class InputLayout:
 
     Attributes:
         values: ``(name, extents, offset)`` of every input an expression reads.
-        segments: ``(name, start_offset, length_offset)`` of every ``within`` segment input.
+        segments: ``(name, start_offset, length_offset)`` of every ``within`` segment input
+            (``length_offset`` None when no ``within`` over it reads ``Lq`` or ``Lk``).
         stride: int32 entries per batch element.
         kv_len: ``Lk`` (the extent of ``token`` dimensions and of the segment tables).
     """
 
     values: tuple[tuple[str, tuple[int, ...], int], ...]
-    segments: tuple[tuple[str, int, int], ...]
+    segments: tuple[tuple[str, int, int | None], ...]
     stride: int
     kv_len: int
 
     def value(self, name: str) -> tuple[tuple[int, ...], int]:
         return next((ext, off) for n, ext, off in self.values if n == name)
 
-    def segment(self, name: str) -> tuple[int, int]:
+    def segment(self, name: str) -> tuple[int, int | None]:
         return next((start, length) for n, start, length in self.segments if n == name)
 
 
@@ -67,13 +68,14 @@ def layout(
     decls: tuple[ir.InputDecl, ...], nodes, kv_len: int, heads: int, head_dim: int
 ) -> InputLayout:  # fmt: skip
     """The ``RT`` slice layout of the inputs ``nodes`` read (declaration order; see the module docstring)."""
-    read, segs = set(), set()
+    read, segs = set(), {}
     for node in nodes:
         for sub in ir.walk(node):
             if not isinstance(sub, ir.Prim):
                 continue
             if sub.name == "within":
-                segs.add(sub.arg("seg"))
+                name = sub.arg("seg")
+                segs[name] = segs.get(name, False) or _reads_lengths(sub.arg("body"))
             for _, value in sub.args:
                 if isinstance(value, ir.Expr):
                     read.update(e.name for e in ir.walk_expr(value) if isinstance(e, ir.InputRef))
@@ -86,9 +88,22 @@ def layout(
     segments = []
     for decl in decls:
         if decl.name in segs:
-            segments.append((decl.name, offset, offset + kv_len))
-            offset += 2 * kv_len
+            lengths = offset + kv_len if segs[decl.name] else None
+            segments.append((decl.name, offset, lengths))
+            offset += 2 * kv_len if segs[decl.name] else kv_len
     return InputLayout(tuple(values), tuple(segments), offset, kv_len)
+
+
+def _reads_lengths(body: ir.Node) -> bool:
+    # Whether within's pattern reads Lq or Lk (a segment's length): only then are lengths packed.
+    for sub in ir.walk(body):
+        if isinstance(sub, ir.Prim):
+            for _, value in sub.args:
+                if isinstance(value, ir.Expr) and any(
+                    isinstance(e, ir.Var) and e.name in ("Lq", "Lk") for e in ir.walk_expr(value)
+                ):
+                    return True
+    return False
 
 
 def _product(values) -> int:
@@ -160,11 +175,11 @@ def pack(lay: InputLayout, decls: tuple[ir.InputDecl, ...], data: list[torch.Ten
                 decl.span,
             )
         parts.append(_per_batch(decl, t, batch, ext).reshape(batch, -1).to(torch.int32))
-    for name, _, _ in lay.segments:
+    for name, _, lengths in lay.segments:
         decl, t = by_name[name]
         seg = _per_batch(decl, t, batch, (lay.kv_len,))
         start, length = segment_tables(seg)
-        parts += [start.to(torch.int32), length.to(torch.int32)]
+        parts += [start.to(torch.int32)] + ([length.to(torch.int32)] if lengths is not None else [])
     if not parts:
         return torch.zeros(1, dtype=torch.int32, device=device)
     return torch.cat(parts, 1).reshape(-1).contiguous()

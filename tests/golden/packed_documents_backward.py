@@ -112,12 +112,12 @@ def _allowed_g0_w0(q, k, h, n):
 @triton.jit
 def _allowed_g0(i, j, h, AUX, RT, lst):
     """Allowed (query index i [BM, 1], key index j [1, BN], head h) for: where(tag[q] == 1 and tag[k] == 1) | within(doc, causal & (sink(4) | window(512)))
-    Run-time inputs: batch element lst // NHK reads RT[(lst // NHK) * 6144 + offset]
+    Run-time inputs: batch element lst // NHK reads RT[(lst // NHK) * 4096 + offset]
     (offsets and extents baked in; indices clamped, LANGUAGE.md section 7)."""
     inb = (i < LQ) & (j < LK)
     q = i + (LK - LQ)
     k = j
-    inp = RT + (lst // NHK) * 6144
+    inp = RT + (lst // NHK) * 4096
     tag_0 = tl.load(inp + 0 + tl.minimum(q, 2047))
     tag_1 = tl.load(inp + 0 + tl.minimum(k, 2047))
     qc_2 = tl.minimum(q, 2047)

@@ -264,7 +264,7 @@ def test_key_sources_list_every_template_and_codegen_module_that_renders():
     templates = {f"codegen/templates/{p.name}" for p in generator.TEMPLATES.glob("*.tmpl")}
     assert templates <= listed
     # Modules the generator calls into for text; inspect (AOT) and key itself do not shape it.
-    for module in ("generator", "launch", "routes", "predicate", "bounds"):
+    for module in ("generator", "launch", "routes", "inputs", "predicate", "bounds"):
         assert f"codegen/{module}.py" in listed
     assert "check.py" in listed  # check.expr_bounds picks int32 or int64 predicates
 

@@ -134,7 +134,7 @@ def test_generated_kernels_read_inputs_from_the_run_time_table():
 
     source = pd.compile(PACKED).kernel_source(64, 64, 1)
     assert "within(doc, causal" in source and "def _allowed_g0_w0(q, k, h, n):" in source
-    assert "inp = RT + (lst // NHK) * 128" in source  # segment starts and lengths, [Lk] each
+    assert "inp = RT + (lst // NHK) * 64" in source  # segment starts, [Lk]
     tagged = pd.compile("pattern t {\n input tag: int[batch, token]\n where(tag[k] == 1)\n}").kernel_source(64, 64, 1)
     assert "tl.load(inp + 0 + tl.minimum(k, 63))" in tagged
     p = pd.compile(PACKED)
