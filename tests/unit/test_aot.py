@@ -191,7 +191,9 @@ TABLES = (
 )
 
 
-@pytest.mark.parametrize(("kind", "target"), [("forward", "sm_90"), ("backward", "sm_80")])
+@pytest.mark.parametrize(
+    ("kind", "target"), [pytest.param("forward", "sm_90", marks=pytest.mark.slow), ("backward", "sm_80")]
+)
 def test_input_pattern_builds_without_spills(kind, target):
     """Run-time inputs: the element rule loads segment starts and tags from RT; no spills, tensor cores."""
     kernels = build(PACKED, 4096, heads=8, target=target, kind=kind, kv_heads=2, head_dim=64, dtype=torch.float16)
