@@ -41,6 +41,8 @@ def _inputs(kind: str, rng: random.Random, batch: int, lq: int, lk: int, heads: 
         return {"doc": _docs(rng, batch, lk)}
     if kind == "shared_docs":
         return {"doc": _docs(rng, 1, lk)[0]}
+    if kind == "docs_tags":
+        return {"doc": _docs(rng, batch, lk), "tag": (torch.rand(batch, lk, generator=gen) < 0.1).to(torch.int64)}
     if kind == "tags":
         return {"tag": (torch.rand(batch, lk, generator=gen) < 0.15).to(torch.int32)}
     if kind == "prefix":
@@ -150,5 +152,32 @@ def case_inputs_public_call_autograd():
             torch.testing.assert_close(got.double(), want, atol=1e-3, rtol=1e-3, msg=lambda m: f"seed {seed}: {m}")
 
 
+BODIES = [
+    "causal",
+    "causal & (window(4) | sink(2))",
+    "blocks(8) & ~causal",
+    "where(k >= Lk - 3 or q < 2)",
+    "window(2, 5, dilation = 2)",
+    "full",
+]
+
+
+def case_inputs_random_within():
+    """Random within(...) bodies beside tagged globals, random documents, Lq != Lk and GQA."""
+    rng = random.Random(random.randrange(2**31))
+    for _ in range(3):
+        body = f"input doc: int[batch, token]\n input tag: int[batch, token]\n within(doc, {rng.choice(BODIES)})"
+        if rng.random() < 0.5:
+            body += " | where(tag[k] == 1 and q >= k)"
+        lq, lk = rng.choice([(40, 40), (24, 40), (40, 33)])
+        heads, kv_heads = rng.choice([(2, 1), (2, 2), (4, 2)])
+        seed = rng.randrange(2**31)
+        try:
+            input_case(body, "docs_tags", lq, lk, 2, heads, kv_heads, 16, torch.float32, seed=seed)
+        except Exception as err:
+            raise AssertionError(f"{body}\nLq={lq} Lk={lk} heads={heads}/{kv_heads} seed={seed}: {err!r}") from None
+
+
 INPUT_CHECKS = {name: functools.partial(input_case, *spec) for name, spec in CASES.items()}
 INPUT_CHECKS["inputs_public_call_autograd"] = case_inputs_public_call_autograd
+INPUT_CHECKS["inputs_random_within"] = case_inputs_random_within
