@@ -1148,6 +1148,8 @@ def expr_bounds(expr: ir.Expr, ranges: dict) -> tuple[int, int]:
         return ranges[expr.name]
     if isinstance(expr, ir.Coord):
         return ranges[expr.side, expr.axis]
+    if isinstance(expr, ir.InputRef) and ("input", expr.name) in ranges:
+        return ranges["input", expr.name]  # the generated kernels' value range of an input
     if isinstance(expr, ir.Neg):
         lo, hi = expr_bounds(expr.operand, ranges)
         return -hi, -lo

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from patterndsl.codegen.generator import DTYPES, KernelSpec, kernel_names, make_spec, render
+from patterndsl.codegen.generator import DTYPES, KernelSpec, kernel_names, make_spec, per_call, render
 from patterndsl.codegen.launch import launch, launch_config, launch_tiles
 
 __all__ = [
@@ -52,25 +52,16 @@ def spec_for(
         q_len, kv_len, heads: sizes (``kv_len`` defaults to ``q_len``).
         head_dim, dtype, block, kind, kv_heads, order, target, num_warps, num_stages:
             see :func:`patterndsl.codegen.generator.make_spec`; ``order`` goes to the planner
-            (a pattern with ``route`` is always planned in the identity order: its run-time lists
-            are in token order); ``block`` defaults to the target's :func:`launch_tiles`
+            (a pattern with ``route`` or run-time inputs is always planned in the identity order: its
+            run-time lists are in token order); ``block`` defaults to the target's :func:`launch_tiles`
             ((64, 64) for the interpreter).
 
     Returns:
         The spec.
     """
-    if pattern.ir.inputs:
-        from patterndsl.errors import BackendError
-
-        names = ", ".join(d.name for d in pattern.ir.inputs)
-        raise BackendError(
-            f"pattern '{pattern.name}' reads run-time inputs ({names}); the generated Triton kernels do not "
-            "take them yet: run it with backend='cpu'",
-            pattern.ir.span,
-        )
     if block is None:
-        block = launch_tiles(head_dim, target, kind, DTYPES.get(dtype, "float16"), pattern.is_dynamic) or (64, 64)
-    if pattern.is_dynamic:
+        block = launch_tiles(head_dim, target, kind, DTYPES.get(dtype, "float16"), per_call(pattern.ir)) or (64, 64)
+    if per_call(pattern.ir):
         order = "identity"
     plan = pattern.plan(q_len, kv_len, heads, block=tuple(block), order=order)
     return make_spec(

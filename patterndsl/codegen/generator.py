@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from patterndsl import ir
-from patterndsl.codegen import bounds, key, routes
+from patterndsl.codegen import bounds, inputs, key, routes
 from patterndsl.codegen import score as score_code
 from patterndsl.codegen.launch import dot_precision, launch, padded_head_dim
 from patterndsl.codegen.predicate import FLOOR_HELPERS, AuxTables
@@ -59,8 +59,10 @@ class GroupSpec:
 class KernelSpec:
     """Everything the generated source depends on; its :attr:`key` names the cache entry.
 
-    ``run_time_lists`` is True for a plan with ``route(...)``: every group's kernels walk the
-    per-call lists of (batch element, key/value head) and read the chosen tables from ``RT``.
+    ``run_time_lists`` is True for a plan with ``route(...)`` or run-time inputs: every group's
+    kernels walk the per-call lists of (batch element, key/value head) and read the chosen tables
+    (:mod:`patterndsl.codegen.routes`) or the inputs (``inputs``, :mod:`patterndsl.codegen.inputs`)
+    from ``RT``.
     """
 
     kind: str
@@ -85,6 +87,7 @@ class KernelSpec:
     run_time_lists: bool = False
     #: The pattern's :class:`patterndsl.scores.Score` (None without a ``score`` statement).
     score: object = None
+    inputs: tuple[ir.InputDecl, ...] = ()
 
     @property
     def padded_dim(self) -> int:
@@ -119,6 +122,8 @@ class KernelSpec:
             self.run_time_lists,
             score_code.describe(self.score),
         ]
+        if self.inputs:  # (absent otherwise: the keys of patterns without inputs stay as they were)
+            fields.append(repr([(d.name, d.kind, d.dims) for d in self.inputs]))
         return "\n".join(str(f) for f in fields)
 
     @property
@@ -132,9 +137,20 @@ class KernelSpec:
         """Every group's routes, in group order (the order of their tables in ``RT``)."""
         return tuple(dict.fromkeys(r for g in self.groups for r in g.routes))
 
+    def input_layout(self) -> inputs.InputLayout:
+        """Where this spec's kernels find each batch element's inputs in ``RT``."""
+        nodes = [g.node for g in self.groups]
+        return inputs.layout(self.inputs, nodes, self.kv_len, self.heads, self.head_dim)
+
     def run_time_layout(self) -> routes.RunTimeLayout:
         """Where this spec's kernels find each route's tables in ``RT``."""
         return routes.layout(self.route_list, self.layout, self.q_len, self.kv_len)
+
+
+def per_call(pir) -> bool:
+    """Whether a pattern's kernels walk tile lists made at every call (``route(...)`` or run-time inputs)."""
+    nodes = [rule.node for rule in pir.heads] + ([pir.default] if pir.default is not None else [])
+    return bool(getattr(pir, "inputs", ())) or any(ir.is_dynamic(n) for n in nodes)
 
 
 def _template(name: str) -> string.Template:
@@ -182,7 +198,8 @@ def make_spec(
     if kv_heads < 1 or plan.heads % kv_heads:
         raise BackendError(f"key/value heads ({kv_heads}) must divide the query heads ({plan.heads})")
     pir = plan.pattern
-    run_time = any(ir.is_dynamic(group.node) for group in plan.groups)
+    decls = tuple(getattr(pir, "inputs", ()))
+    run_time = bool(decls) or any(ir.is_dynamic(group.node) for group in plan.groups)
     row = launch(head_dim, target, kind, DTYPES[dtype], run_time)
     groups = []
     for group in plan.groups:
@@ -217,6 +234,7 @@ def make_spec(
         target=target,
         run_time_lists=run_time,
         score=getattr(pir, "score", None),
+        inputs=decls,
     )
 
 
@@ -224,11 +242,13 @@ def aux_tables(spec: KernelSpec) -> tuple[list[str], torch.Tensor]:
     """Render every group's element rule; returns the function texts and the AUX tensor they read."""
     aux = AuxTables()
     run_time = spec.run_time_layout()
-    texts = [
-        routes.render_group(f"_allowed_g{g}", group.node, run_time, spec.layout, spec.q_len, spec.kv_len, aux,
-                            spec.heads)
-        for g, group in enumerate(spec.groups)
-    ]  # fmt: skip
+    texts = []
+    for g, group in enumerate(spec.groups):
+        sizes = (spec.layout, spec.q_len, spec.kv_len, aux, spec.heads)
+        if spec.inputs:
+            texts.append(inputs.render_group(f"_allowed_g{g}", group.node, spec.input_layout(), *sizes))
+        else:
+            texts.append(routes.render_group(f"_allowed_g{g}", group.node, run_time, *sizes))
     return texts, aux.tensor()
 
 

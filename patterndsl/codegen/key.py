@@ -8,11 +8,12 @@ an unrelated edit keeps every cached kernel and a related one can never serve a
 stale one. A file belongs here when a function in it decides generated text:
 the templates and the generator, the predicate renderer, the closed-form bound
 renderer, the launch table (tiles, warps, dot precision in the header), the
-route-table layout, ``check`` (``expr_bounds`` picks int32 or int64 arithmetic
-in predicates), ``semantics`` (``route_blocks`` gives the route tables'
-extents baked into routed kernels), ``ir`` (the substitution pass builds the
-route corners that routed kernels evaluate) and the primitive family modules
-(each holds its primitives' Triton fragment).
+route-table layout, the run-time input table (``codegen/inputs.py``), ``check``
+(``expr_bounds`` picks int32 or int64 arithmetic in predicates), ``semantics``
+(``route_blocks`` gives the route tables' extents baked into routed kernels),
+``ir`` (the substitution pass builds the route corners that routed kernels
+evaluate) and the primitive family modules (each holds its primitives' Triton
+fragment).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ KEY_SOURCES: tuple[str, ...] = (
     "codegen/generator.py",
     "codegen/launch.py",
     "codegen/routes.py",
+    "codegen/inputs.py",
     "codegen/predicate.py",
     "codegen/bounds.py",
     "codegen/score.py",

@@ -98,6 +98,16 @@ class PredicateRenderer:
     def q_nonneg(self) -> bool:
         return self.kv_len >= self.q_len
 
+    def where_ranges(self) -> dict:
+        """Inclusive ranges of the variables a ``where`` reads here (:func:`patterndsl.check.variable_ranges`)."""
+        from patterndsl import check
+
+        return check.variable_ranges(self.q_len, self.kv_len, self.heads, self.layout)
+
+    def needs_int64(self, pred: ir.Expr) -> bool:
+        """Whether ``pred`` needs int64 arithmetic over :meth:`where_ranges`."""
+        return needs_int64(pred, self.layout, self.q_len, self.kv_len, self.heads, self.where_ranges())
+
     def fdiv(self, a: str, b: str, nonneg: bool) -> str:
         return f"({a}) // ({b})" if nonneg else f"_fdiv({a}, {b})"
 
@@ -167,19 +177,21 @@ _NODES: dict[type, Callable[[PredicateRenderer, ir.Node], str]] = {
 _INT32 = (-(2**31), 2**31 - 1)
 
 
-def needs_int64(pred: ir.Expr, layout, q_len: int, kv_len: int, heads: int) -> bool:
+def needs_int64(pred: ir.Expr, layout, q_len: int, kv_len: int, heads: int, ranges: dict | None = None) -> bool:
     """Whether some sub-expression of a ``where`` predicate can leave the int32 range at these sizes.
 
     Args:
         pred: the ``where`` expression.
         layout, q_len, kv_len, heads: the baked-in sizes the bounds are taken at.
+        ranges: the variables' ranges, when not those of these sizes (inputs, ``within``'s segments).
 
     Returns:
         True when int64 arithmetic is needed for exact results.
     """
     from patterndsl import check
 
-    ranges = check.variable_ranges(q_len, kv_len, heads, layout)
+    if ranges is None:
+        ranges = check.variable_ranges(q_len, kv_len, heads, layout)
     for sub in ir.walk_expr(pred):
         lo, hi = check.expr_bounds(sub, ranges)
         if lo < _INT32[0] or hi > _INT32[1]:

@@ -274,10 +274,8 @@ def _where_axes(prim, layout) -> tuple[int, ...] | None:
 
 
 def _where_triton(r, p) -> str:
-    from patterndsl.codegen.predicate import needs_int64
-
     pred = p.arg("pred")
-    r.wide = needs_int64(pred, r.layout, r.q_len, r.kv_len, r.heads)
+    r.wide = r.needs_int64(pred)
     try:
         code, _ = r.expr(pred)
     finally:

@@ -8,15 +8,15 @@ Comes in: ``q [B, H, Lq, D]``, ``k``/``v`` ``[B, Hkv, Lk, D]`` (``Hkv`` divides
 :mod:`patterndsl.codegen` through :mod:`patterndsl.kernel_cache`; the plan's
 tile lists (partial tiles first, then full) and the ``random`` tables are
 turned into small int32/int8 device tensors once per plan and device. A plan
-with ``route(...)`` runs the same kernels on lists made at every call
-(:mod:`patterndsl.runtime.triton_route`).
+with ``route(...)`` or run-time inputs runs the same kernels on lists made at every call
+(:mod:`patterndsl.runtime.triton_route`, :mod:`patterndsl.runtime.triton_inputs`).
 """
 
 from __future__ import annotations
 
 import torch
 
-from patterndsl import config, ir, kernel_cache
+from patterndsl import config, kernel_cache
 from patterndsl.codegen import generator
 from patterndsl.codegen.launch import launch_tiles
 from patterndsl.errors import BackendError
@@ -138,10 +138,10 @@ def _tiled(plan, tiles: tuple[int, int] | None):
     )
 
 
-def _setup(q, k, v, plan, kind: str):
+def _setup(q, k, v, plan, kind: str, data=None):
     validate.check_call(q, k, v, "triton", plan)
     target = target_of(q.device)
-    run_time = any(ir.is_dynamic(group.node) for group in plan.groups)
+    run_time = generator.per_call(plan.pattern)
     dtype = generator.DTYPES.get(q.dtype, "float16")
     plan = _tiled(plan, launch_tiles(q.shape[3], target, kind, dtype, run_time))
     spec = _spec(plan, kind, q.shape[3], q.dtype, k.shape[1], target)
@@ -149,20 +149,26 @@ def _setup(q, k, v, plan, kind: str):
     prep = prepared(plan, spec, q.device)
     if spec.run_time_lists and q.numel() and k.numel():
         # (Nothing runs for a zero batch: the callers return empty outputs before reading the lists.)
-        from patterndsl.runtime import triton_route
-
         prep = dict(prep)
-        prep["groups"], prep["rt"] = triton_route.run_time_lists(plan, spec, q, k, prep["groups"])
+        if spec.inputs:
+            from patterndsl.runtime import triton_inputs
+
+            prep["groups"], prep["rt"] = triton_inputs.run_time_lists(plan, spec, q, data or [], prep["groups"])
+        else:
+            from patterndsl.runtime import triton_route
+
+            prep["groups"], prep["rt"] = triton_route.run_time_lists(plan, spec, q, k, prep["groups"])
     return plan, spec, module, prep
 
 
-def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan, scale: float):
+def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan, scale: float, data=None):
     """Attention forward through the generated kernels.
 
     Args:
         q: ``[B, H, Lq, D]``; k, v: ``[B, Hkv, Lk, D]`` (same dtype and device).
         plan: the block plan for ``(Lq, Lk, H)``.
         scale: the softmax scale.
+        data: the pattern's run-time input tensors in declaration order (LANGUAGE.md section 7).
 
     Returns:
         ``(out [B, H, Lq, D] in q.dtype, lse [B, H, Lq] float32)``; a row with no allowed key
@@ -170,7 +176,7 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan, scale: floa
         rows that read it (:mod:`patterndsl.runtime.triton_finite`).
     """
     q, k, v = (_rows_contiguous(t) for t in (q, k, v))
-    plan, spec, module, prep = _setup(q, k, v, plan, "forward")
+    plan, spec, module, prep = _setup(q, k, v, plan, "forward", data)
     b, h, lq, d = q.shape
     out = _empty(b, h, lq, d, dtype=q.dtype, device=q.device)
     lse = _empty(b, h, lq, dtype=torch.float32, device=q.device)
@@ -197,7 +203,7 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan, scale: floa
     return out, lse
 
 
-def backward(q, k, v, out, lse, dout, plan, scale: float, dlse=None):
+def backward(q, k, v, out, lse, dout, plan, scale: float, dlse=None, data=None):
     """Attention backward through the generated kernels.
 
     Args:
@@ -206,6 +212,7 @@ def backward(q, k, v, out, lse, dout, plan, scale: float, dlse=None):
         scale: the softmax scale.
         dlse: optional ``dL/dlse`` ``[B, H, Lq]``; since ``dlse/ds = P`` it folds into
             ``delta`` (``delta - dlse``).
+        data: the run-time input tensors, as in :func:`forward`.
 
     Returns:
         ``(dq, dk, dv)`` with the dtypes and shapes of ``q``, ``k``, ``v``; rows with no
@@ -213,7 +220,7 @@ def backward(q, k, v, out, lse, dout, plan, scale: float, dlse=None):
         exactly the gradients of the pairs that read it (:mod:`patterndsl.runtime.triton_finite`).
     """
     q, k, v, dout = (_rows_contiguous(t) for t in (q, k, v, dout))
-    plan, spec, module, prep = _setup(q, k, v, plan, "backward")
+    plan, spec, module, prep = _setup(q, k, v, plan, "backward", data)
     b, h, lq, d = q.shape
     hk, lk = k.shape[1], k.shape[2]
     dq = _empty(b, h, lq, d, dtype=q.dtype, device=q.device)

@@ -466,3 +466,8 @@ CHECKS = {name: functools.partial(pattern_case, *spec) for name, *spec in CASES}
 CHECKS.update({name: functools.partial(score_case, *spec) for name, *spec in SCORE_CASES})
 CHECKS.update({name: functools.partial(pattern_case, *spec, block=(32, 32)) for name, *spec in SLOW_CASES})
 CHECKS.update({name[len("case_") :]: fn for name, fn in list(globals().items()) if name.startswith("case_")})
+
+# Patterns with run-time inputs (tests/interpreter/input_cases.py).
+from tests.interpreter.input_cases import INPUT_CHECKS  # noqa: E402
+
+CHECKS.update(INPUT_CHECKS)

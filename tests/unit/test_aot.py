@@ -180,6 +180,48 @@ def test_route_pattern_matrix_builds(source, dtype, d, kind, target):
     assert_sound(kernels, target)
 
 
+PACKED = (
+    "pattern packed(w = 1024) {\n input doc: int[batch, token]\n input tag: int[batch, token]\n"
+    " within(doc, causal & (window(w) | sink(4))) | where(tag[q] == 1 and tag[k] == 1) }"
+)
+TABLES = (
+    "pattern t {\n input lag: int[batch, head]\n input tab: int[16]\n input big: int[batch, token]\n"
+    " input doc: int[token]\n causal & where(k >= q - lag[h] * 64 or k % 16 == tab[q % 19])"
+    " | where((q * 100003 * big[q]) % 7 == 3) | within(doc, where(k >= Lk - 8)) }"
+)
+
+
+@pytest.mark.parametrize(
+    ("kind", "target"), [pytest.param("forward", "sm_90", marks=pytest.mark.slow), ("backward", "sm_80")]
+)
+def test_input_pattern_builds_without_spills(kind, target):
+    """Run-time inputs: the element rule loads segment starts and tags from RT; no spills, tensor cores."""
+    kernels = build(PACKED, 4096, heads=8, target=target, kind=kind, kv_heads=2, head_dim=64, dtype=torch.float16)
+    assert_sound(kernels, target)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target", ["sm_80", "sm_90"])
+@pytest.mark.parametrize("kind", ["forward", "backward"])
+@pytest.mark.parametrize(("source", "dtype", "d"), [(PACKED, torch.bfloat16, 128), (PACKED, torch.float32, 64),
+                                                    (TABLES, torch.float16, 64)], ids=["packed-bf16-128",
+                                                    "packed-fp32-64", "tables-fp16-64"])  # fmt: skip
+def test_input_pattern_matrix_builds(source, dtype, d, kind, target):
+    kernels = build(source, 4096, heads=8, target=target, kind=kind, kv_heads=2, head_dim=d, dtype=dtype)
+    assert_sound(kernels, target)
+
+
+def test_show_ptx_and_sass_cover_input_patterns(capsys):
+    from patterndsl import cli
+
+    packed = str(Path(__file__).resolve().parents[2] / "examples" / "packed_documents.pdsl")
+    assert cli.main(["show", packed, "--stage", "triton", "--seq", "1024"]) == 0
+    assert "def _allowed_g0_w0(q, k, h, n):" in capsys.readouterr().out
+    assert cli.main(["show", packed, "--stage", "sass", "--seq", "1024", "--target", "sm_80"]) == 0
+    out = capsys.readouterr().out
+    assert "fwd_g0" in out.split("\n\n")[0] and "HMMA" in out
+
+
 def test_show_ptx_and_sass_cover_route_patterns(capsys):
     from patterndsl import cli
 

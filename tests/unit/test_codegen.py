@@ -84,6 +84,15 @@ GOLDEN_CASES = {
         8,
         {"dtype": torch.float32},
     ),
+    # Run-time inputs: this call's lists; segment starts/lengths and the tags read from RT.
+    "packed_documents_backward": (
+        "pattern packed(w = 512) {\n input doc: int[batch, token]\n input tag: int[batch, token]\n"
+        " within(doc, causal & (window(w) | sink(4))) | where(tag[q] == 1 and tag[k] == 1) }",
+        2048,
+        None,
+        8,
+        {"kind": "backward", "kv_heads": 2, "head_dim": 64, "dtype": torch.float16},
+    ),
 }
 
 
@@ -277,7 +286,7 @@ def test_key_sources_list_every_template_and_codegen_module_that_renders():
     templates = {f"codegen/templates/{p.name}" for p in generator.TEMPLATES.glob("*.tmpl")}
     assert templates <= listed
     # Modules the generator calls into for text; inspect (AOT) and key itself do not shape it.
-    for module in ("generator", "launch", "routes", "predicate", "bounds"):
+    for module in ("generator", "launch", "routes", "inputs", "predicate", "bounds"):
         assert f"codegen/{module}.py" in listed
     assert "check.py" in listed  # check.expr_bounds picks int32 or int64 predicates
 

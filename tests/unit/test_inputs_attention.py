@@ -129,16 +129,17 @@ def test_torch_compile_fullgraph_with_inputs():
         assert torch.allclose(gq.double(), rq.double(), atol=1e-4)
 
 
-def test_triton_refuses_inputs_with_a_backend_error():
+def test_generated_kernels_read_inputs_from_the_run_time_table():
     from patterndsl.errors import BackendError
 
-    for source in (PACKED, "pattern t {\n input tag: int[batch, token]\n where(tag[k] == 1)\n}"):
-        p = pd.compile(source)
-        with pytest.raises(BackendError, match="do not take them yet"):
-            p.kernel_source(64, 64, 1)
+    source = pd.compile(PACKED).kernel_source(64, 64, 1)
+    assert "within(doc, causal" in source and "def _allowed_g0_w0(q, k, h, n):" in source
+    assert "inp = RT + (lst // NHK) * 64" in source  # segment starts, [Lk]
+    tagged = pd.compile("pattern t {\n input tag: int[batch, token]\n where(tag[k] == 1)\n}").kernel_source(64, 64, 1)
+    assert "tl.load(inp + 0 + tl.minimum(k, 63))" in tagged
     p = pd.compile(PACKED)
     q, k, v = tensors(1, 1, 1, 16, 16, 8, torch.float32)
-    with pytest.raises(BackendError):
+    with pytest.raises(BackendError, match="TRITON_INTERPRET"):
         p(q, k, v, doc=pd.segments([8, 8]), backend="triton")
 
 

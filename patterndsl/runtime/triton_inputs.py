@@ -1,0 +1,69 @@
+"""Runtime stage: the per-call tile lists and input table of patterns with run-time inputs on the Triton backend.
+
+Comes in: the static block plan of a pattern that reads inputs (tiles the data decides are 3),
+its :class:`~patterndsl.codegen.KernelSpec`, this call's ``q`` and the op's ``data`` list (the
+input tensors in declaration order). Goes out: per head group the CSR lists the generated
+kernels walk (rows and their transpose, partial tiles first) and the int32 table ``RT`` the
+element rule reads the inputs from (:func:`patterndsl.codegen.inputs.pack`).
+
+The lists come from the exact call-time plan (:func:`patterndsl.runtime.inputs.call_plan`,
+cached per input tensor version): one list per (batch element, key/value head) ``lst = b * NHK +
+hk``, laid end to end as for ``route`` (every key/value head of an element gets the element's
+tiles). They and ``RT`` are kept with the call-time plan, so the layers of a model that share
+the inputs build them once per device and spec.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from patterndsl.codegen import inputs as codegen_inputs
+from patterndsl.runtime import inputs, triton_backend
+
+
+def _csr(dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    # [segments, width] int8 tile states -> (ptr int64 [segments + 1], entries, states), row-major.
+    rows, cols = torch.nonzero(dense, as_tuple=True)
+    ptr = torch.zeros(dense.shape[0] + 1, dtype=torch.int64)
+    ptr[1:] = torch.cumsum(torch.bincount(rows, minlength=dense.shape[0]), 0)
+    return ptr, cols, dense[rows, cols]
+
+
+def _group_lists(plan, states: torch.Tensor, kv_heads: int) -> list[torch.Tensor]:
+    # states: int8 [batch, nqb, nkb] of one head group -> row and column CSR lists per lst.
+    batch, nqb, nkb = states.shape
+    per_list = states[:, None].expand(batch, kv_heads, nqb, nkb).reshape(batch * kv_heads, nqb, nkb)
+    ptr, cols, state = _csr(per_list.reshape(-1, nkb))
+    rows = triton_backend.split_lists(ptr, cols, triton_backend.row_full(plan, cols, state))
+    tptr, trows, tstate = _csr(per_list.transpose(1, 2).reshape(-1, nqb))
+    tcols = triton_backend.split_lists(tptr, trows, tstate == 2)
+    return [*rows, *tcols]
+
+
+def run_time_lists(plan, spec, q: torch.Tensor, data: list, prepared: list) -> tuple[list, torch.Tensor]:
+    """This call's tile lists and input table for the kernels of ``spec``.
+
+    Args:
+        plan: the static block plan (the tiles ``spec`` was made for).
+        spec: its kernel spec (``inputs`` set).
+        q: this call's queries (batch size and device).
+        data: the input tensors in declaration order.
+        prepared: per head group ``[heads]`` as :func:`triton_backend.prepared` holds it.
+
+    Returns:
+        ``(groups, rt)``: per head group ``row_ptr, row_split, row_cols, col_ptr, col_split, col_rows,
+        heads`` (int32 on ``q``'s device; segment ``lst * NQT + m`` / ``lst * NKT + n``) and ``RT``.
+    """
+    batch = q.shape[0]
+    exact = inputs.call_plan(plan, list(data), batch)
+    kept = vars(exact).setdefault("_triton", {})
+    key = (spec.key, str(q.device), batch)
+    if key not in kept:
+        states = exact.states.expand(batch, -1, -1, -1) if exact.states.shape[0] != batch else exact.states
+        groups = []
+        for g, (heads,) in enumerate(prepared):
+            lists = _group_lists(plan, states[:, g], spec.kv_heads)
+            groups.append([t.to(q.device) for t in lists] + [heads])
+        rt = codegen_inputs.pack(spec.input_layout(), spec.inputs, list(data), batch)
+        kept[key] = (groups, rt.to(q.device))
+    return kept[key]
