@@ -107,7 +107,9 @@ def test_combinations_of_bands_match_brute_force(seed):
         "(window(20, 7, dilation = 3) | strided(11)) - window(5, 5)",
     ],
 )
-@pytest.mark.parametrize("sizes", [(300, 300), (157, 421), (421, 157)])
+@pytest.mark.parametrize(
+    "sizes", [(300, 300), *(pytest.param(s, marks=pytest.mark.slow) for s in [(157, 421), (421, 157)])]
+)
 def test_plans_of_band_combinations_match_the_dense_mask(source, sizes):
     q_len, kv_len = sizes
     p = pd.compile(f"pattern p {{ {source} }}")
@@ -130,7 +132,9 @@ def test_plans_of_band_combinations_match_the_dense_mask(source, sizes):
         "~where(q // 3 % 2 == 0) & window(9, 3, dilation = 2)",
     ],
 )
-@pytest.mark.parametrize("sizes", [(300, 300), (157, 421), (421, 157)])
+@pytest.mark.parametrize(
+    "sizes", [(300, 300), *(pytest.param(s, marks=pytest.mark.slow) for s in [(157, 421), (421, 157)])]
+)
 def test_one_sided_predicates_match_the_dense_mask(source, sizes):
     # read on one side only: decided on that side's pieces, so evaluations follow L, not L x L
     q_len, kv_len = sizes

@@ -47,7 +47,7 @@ def test_zero_length_sequences_are_a_pattern_error_not_a_crash():
         p(x, x, x)
 
 
-@pytest.mark.parametrize("src", [CAUSAL, WINDOW, PER_HEAD, MOBA])
+@pytest.mark.parametrize("src", [CAUSAL, WINDOW, PER_HEAD, pytest.param(MOBA, marks=pytest.mark.slow)])
 def test_float64_gradcheck_at_default_tolerances(src):
     """float64 inputs are computed in float64 throughout: torch's gradcheck passes with its defaults,
     for the output and for the log-sum-exp (which is float64 too)."""
