@@ -21,7 +21,7 @@ import torch.multiprocessing as mp
 import patterndsl as pd
 from patterndsl import distributed as D
 from patterndsl.analysis.plan import tile_reduce
-from patterndsl.distributed import traffic
+from patterndsl.distributed import closed, traffic
 from patterndsl.errors import PatternError
 
 # --------------------------------------------------------------------------- patterns
@@ -146,6 +146,48 @@ def test_two_level_runs_equal_the_plan(src):
             np.array_equal(a, b)
             for a, b in zip((direct.row, direct.lo, direct.hi), (two.row, two.lo, two.hi), strict=True)
         )
+
+
+CLOSED_SOURCES = [
+    "causal",
+    "causal & window(37)",
+    "window(5, 9) | global(3)",
+    "causal & (window(40) | sink(4))",
+    "causal & blocks(50)",
+    "blocks(7) | sink(3)",
+    "blocks(300) & window(20, 20)",
+    "full",
+    "global(9) & causal",
+]
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_closed_form_runs_equal_the_plan(seed):
+    rng = random.Random(seed)
+    seq_len = rng.randint(1, 700)
+    block = rng.choice([1, 4, 8, 16, 32])
+    src = CLOSED_SOURCES[seed % len(CLOSED_SOURCES)] if seed % 2 else random_source(rng, seq_len)
+    p = pd.compile(f"pattern p {{ {src} }}")
+    got = closed.closed_visits(p, seq_len, 1, block)
+    if seed % 2:
+        assert got is not None, src  # every form above has a closed form
+    if got is None:
+        return
+    want = traffic.visits(p.plan(seq_len, seq_len, 1, block=(block, block), order="identity"))
+    assert all(
+        np.array_equal(a, b) for a, b in zip((got.row, got.lo, got.hi), (want.row, want.lo, want.hi), strict=True)
+    ), (src, seq_len, block)
+
+
+def test_closed_form_per_head_and_refusals():
+    p = pd.compile("pattern p { heads 0..1: causal & window(9)\n heads 1..2: window(3, 3) | sink(2) }")
+    got = closed.closed_visits(p, 300, 2, 16)
+    want = traffic.visits(p.plan(300, 300, 2, block=(16, 16), order="identity"))
+    assert all(
+        np.array_equal(a, b) for a, b in zip((got.row, got.lo, got.hi), (want.row, want.lo, want.hi), strict=True)
+    )
+    for src in ("causal - window(4)", "window(4, dilation = 2)", "causal & strided(3)"):
+        assert closed.closed_visits(pd.compile(f"pattern p {{ {src} }}"), 300, 1, 16) is None, src
 
 
 def test_cost_at_scale_is_cheap_and_window_moves_little():
