@@ -190,6 +190,29 @@ def test_closed_form_per_head_and_refusals():
         assert closed.closed_visits(pd.compile(f"pattern p {{ {src} }}"), 300, 1, 16) is None, src
 
 
+@pytest.mark.parametrize("seed", range(16))
+def test_closed_form_grid_neighborhoods_equal_the_plan(seed, monkeypatch):
+    rng = random.Random(seed)
+    shape = [rng.randint(2, 9) for _ in range(rng.randint(1, 3))]
+    size = [rng.randint(1, e) for e in shape]
+    stride = [rng.randint(1, s) for s in size]
+    causal = rng.choice(["true", "false"])
+    axes = ", ".join(f"{a} = {e}" for a, e in zip("tyx"[-len(shape) :], shape, strict=True))
+    body = f"neighborhood(({', '.join(map(str, size))},), stride = ({', '.join(map(str, stride))},), causal = {causal})"
+    if seed % 4 == 0:
+        body += " | neighborhood(1)"
+    p = pd.compile(f"pattern g {{ layout grid({axes})\n {body} }}")
+    seq_len, block = int(np.prod(shape)), rng.choice([1, 2, 3, 8, 16])
+    monkeypatch.setattr(closed, "ROW_CHUNK", rng.choice([1, 3, 1 << 14]))  # chunks of tile rows join exactly
+    got = closed.closed_visits(p, seq_len, 1, block)
+    want = traffic.visits(p.plan(seq_len, seq_len, 1, block=(block, block), order="identity"))
+    assert all(
+        np.array_equal(a, b) for a, b in zip((got.row, got.lo, got.hi), (want.row, want.lo, want.hi), strict=True)
+    ), (str(p), block)
+    dilated = pd.compile("pattern g { layout grid(y = 8, x = 8)\n neighborhood(3, dilation = 2) }")
+    assert closed.closed_visits(dilated, 64, 1, 4) is None
+
+
 def test_cost_at_scale_is_cheap_and_window_moves_little():
     p = pd.compile("pattern p { causal & window(4096) }")
     seq_len = 1 << 20
