@@ -4,7 +4,8 @@ Comes in: a static pattern, the sequence length, the heads and the tile size. Go
 :class:`~patterndsl.distributed.traffic.Visits` the plan implies (identity order), or None when
 the pattern uses something this module has no closed form for (the caller plans instead).
 
-The pattern is written as a union of terms; a term is an intersection of a band
+The pattern is written as a union of terms (``~`` and ``-`` by De Morgan: the complement of a
+term is the union of the other sides of its bounds); a term is an intersection of a band
 ``a <= q - k <= b`` (``causal``, ``window`` without dilation, any primitive whose ``band`` rule
 has modulus 1), a key interval (``sink``, ``global``'s keys, ``blocks``' block) and a query
 interval (``global``'s queries, ``blocks``' block), each bound possibly different per query tile
@@ -51,6 +52,9 @@ def _terms(node: ir.Node, rows: dict, env) -> list[dict] | None:
                 return None
             out = [_meet(x, y) for x in out for y in got]
         return out
+    if isinstance(node, ir.Not):
+        got = _terms(node.item, rows, env)
+        return None if got is None else _complement(got)
     if not isinstance(node, ir.Prim):
         return None
     name = node.name
@@ -80,6 +84,28 @@ def _terms(node: ir.Node, rows: dict, env) -> list[dict] | None:
     if got is None or got[2] != 1:
         return None
     return [{"a": got[0], "b": got[1]}]
+
+
+#: The complement of each bound: the other side of it, as a bound of the other kind.
+_OTHER_SIDE = {
+    "a": ("b", -1),
+    "b": ("a", 1),
+    "klo": ("khi", -1),
+    "khi": ("klo", 1),
+    "qlo": ("qhi", -1),
+    "qhi": ("qlo", 1),
+}
+
+
+def _complement(terms: list[dict]) -> list[dict] | None:
+    """``~(t1 | t2 | ...)`` as terms: the intersection over terms of the union of each bound's other side."""
+    out = [{}]
+    for term in terms:
+        sides = [{other: term[key] + step} for key, (other, step) in _OTHER_SIDE.items() if key in term]
+        if len(out) * len(sides) > MAX_TERMS:
+            return None
+        out = [_meet(x, y) for x in out for y in sides]
+    return out
 
 
 def _meet(x: dict, y: dict) -> dict:
