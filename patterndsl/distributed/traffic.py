@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from patterndsl import ir
+from patterndsl.distributed import closed
 from patterndsl.errors import PatternError, PatternValueError
 
 #: Primitives whose tiles depend on the attention's data: not distributed yet (LANGUAGE.md section 11).
@@ -229,7 +230,8 @@ def static_visits(pattern, seq_len: int, heads: int, block: int, factor: int | N
     A full coarse tile makes every fine tile inside visited, an empty one none; only the fine
     tiles inside partial coarse tiles are classified, by the same engine restricted to them.
     Causal at 16M tokens (8.6G fine tiles, which no tile list holds) costs about ``n * factor``
-    fine tiles. Exact: equal to the runs of ``Pattern.plan(..., order="identity")``.
+    fine tiles. Exact: equal to the runs of ``Pattern.plan(..., order="identity")``. Patterns with
+    a closed form (:mod:`patterndsl.distributed.closed`) skip all this unless ``factor`` is given.
     """
     from patterndsl import check
     from patterndsl.analysis import engine as eng
@@ -241,6 +243,10 @@ def static_visits(pattern, seq_len: int, heads: int, block: int, factor: int | N
     pir = pattern.ir
     refuse_dynamic(pattern)
     check.check_lengths(pir, seq_len, seq_len, heads)
+    if factor is None:
+        exact = closed.closed_visits(pattern, seq_len, heads, block)
+        if exact is not None:
+            return exact
     n = -(-seq_len // block)
     c = coarse_factor(n) if factor is None else factor
     if c <= 1:
