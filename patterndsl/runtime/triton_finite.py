@@ -31,7 +31,7 @@ import torch
 
 from patterndsl import ir, semantics
 from patterndsl.runtime import dynamic, softmax
-from patterndsl.runtime.cpu.views import cleaned, matmul_seen
+from patterndsl.runtime.cpu.views import cleaned, matmul_seen, scores_seen
 
 #: Elements of one chunk's ``[rows, Lk]`` score matrix in the exact recomputation.
 CHUNK_ELEMENTS = 1 << 22
@@ -216,7 +216,9 @@ def backward_rows(q, k, v, out, lse, dout, dlse, plan, scale: float, fix: Rows, 
         row_lse = lse[b, h, idx].to(dt)
         row_lse = row_lse.masked_fill(row_lse == float("-inf"), float("inf"))
         delta = softmax.delta(dout[b, h, idx], out[b, h, idx], None if dlse is None else dlse[b, h, idx], dt)
-        p = ((qc * scale) @ kc.T).sub_(row_lse[:, None]).exp_()
+        # As the forward's: a key whose infinite component gives a -inf score has P = 0 (scoring its cleaned
+        # copy would give a finite score and a P the forward never had).
+        p = scores_seen(qc * scale, kc, k[b, kvh].to(dt), bad_k).sub_(row_lse[:, None]).exp_()
         ds = (doc @ vc.T).sub_(delta[:, None]).mul_(p)
         p.masked_fill_(~allowed, 0.0)
         ds.masked_fill_(~allowed, 0.0)

@@ -38,6 +38,7 @@ from patterndsl.runtime.cpu.views import (
     put_rows,
     q_view,
     scores,
+    scores_seen,
     take,
     to_tiles,
     window,
@@ -116,6 +117,8 @@ def _backward(q, k, v, out, lse, dout, plan: BlockPlan, scale: float, dlse, opts
             "v": to_tiles(v[bs], hd.kv, plan.kv_order, k_id, lk_pad, dt),
         }
         if safe:
+            # The scores also read the keys as given (views.scores_seen), the products the cleaned copies.
+            t["k_raw"] = t["k"]
             for name in ("q", "do", "k", "v"):
                 t[name], t["bad_" + name] = cleaned(t[name])
         gathered = any(seg.affine is None for seg in sched.segments)
@@ -157,7 +160,7 @@ def _backward(q, k, v, out, lse, dout, plan: BlockPlan, scale: float, dlse, opts
         from patterndsl.runtime.cpu import gather
 
         grads = {"dq": dq, "dk": dk_acc, "dv": dv_acc}
-        gather.backward(q, k, v, lse, dout, delta, grads, work, scale, opts)
+        gather.backward(q, k, v, lse, dout, delta, grads, work, scale, opts, safe=safe)
     return dq.to(q.dtype), dk_acc.to(k.dtype), dv_acc.to(v.dtype)
 
 
@@ -343,14 +346,14 @@ def _backward_select(t: dict, seg0: Segment, block, scale: float, opts: CpuOptio
         kc, vc = kv_view(t["k"], seg, bn), kv_view(t["v"], seg, bn)
         bad = {name: None if t.get("bad_" + name) is None else view(t["bad_" + name], seg, size)
                for name, view, size in (("q", q_view, bm), ("do", q_view, bm), ("k", kv_view, bn))}  # fmt: skip
-        raw = None
+        # A key whose infinite component gives a -inf score has P = 0 there, as in the forward.
+        raw = scores_seen(qc * scale, kc, kv_view(t.get("k_raw", t["k"]), seg, bn), bad["k"])
         if modify is not None:
-            raw = torch.matmul(qc * scale, kc.transpose(-1, -2))
             p = modify(raw, seg)
-            if seg.blocked is not None:
-                p.masked_fill_(seg.blocked, float("-inf"))
         else:
-            p = scores(qc * scale, kc, seg)
+            p, raw = raw, None
+        if seg.blocked is not None:
+            p.masked_fill_(seg.blocked, float("-inf"))
         p.sub_(q_view(t["lse"][..., None], seg, bm)).exp_()
         ds = torch.matmul(doc, vc.transpose(-1, -2)).sub_(q_view(t["delta"][..., None], seg, bm)).mul_(p)
         slope = None if modify is None else modify.derivative(raw, seg)

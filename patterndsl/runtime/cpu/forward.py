@@ -134,7 +134,7 @@ def _forward(q, k, v, plan: BlockPlan, scale: float, opts: CpuOptions, safe: boo
     if work is not None:
         from patterndsl.runtime.cpu import gather
 
-        gather.forward(q, k, v, out, lse, work, scale, opts)
+        gather.forward(q, k, v, out, lse, work, scale, opts, safe=safe)
         out = out.to(q.dtype)
     return out, lse
 

@@ -26,6 +26,7 @@ import torch
 from patterndsl import ir
 from patterndsl.runtime import dynamic, routing, softmax
 from patterndsl.runtime.cpu.tuning import FLASH, CpuOptions
+from patterndsl.runtime.cpu.views import cleaned, matmul_seen, scores_seen
 
 
 @dataclass(frozen=True)
@@ -79,8 +80,12 @@ def _add_block(w: Work, t: int, dst: torch.Tensor, value: torch.Tensor) -> None:
         dst[w.batch, w.kv_head].index_add_(0, keys, value)
 
 
-def forward(q, k, v, out: torch.Tensor, lse: torch.Tensor, work: list[Work], scale: float, opts: CpuOptions) -> None:
-    """Merge the gathered blocks into ``out`` / ``lse`` (compute-dtype buffers ``[B, H, Lq, (D)]``) in place."""
+def forward(q, k, v, out, lse, work: list[Work], scale: float, opts: CpuOptions, safe: bool) -> None:
+    """Merge the gathered blocks into ``out`` / ``lse`` (compute-dtype buffers ``[B, H, Lq, (D)]``) in place.
+
+    ``safe`` (the selecting run of a call with non-finite inputs): ``P @ V`` reads a non-finite value only
+    through a non-zero weight (:func:`~patterndsl.runtime.cpu.views.matmul_seen`), as the selecting kernels.
+    """
     dt = out.dtype
     for w in work:
         qb = q[w.batch, w.heads].to(dt)
@@ -98,7 +103,8 @@ def forward(q, k, v, out: torch.Tensor, lse: torch.Tensor, work: list[Work], sca
             else:
                 s = torch.matmul(qr * scale, kc.T)
                 lc = torch.logsumexp(s, -1)
-                o = torch.matmul(torch.exp(s - lc[..., None]), vc)
+                weights = torch.exp(s - lc[..., None])
+                o = matmul_seen(weights, *cleaned(vc)) if safe else torch.matmul(weights, vc)
             parts_o.append(o)
             parts_l.append(lc)
         _merge(out, lse, w, torch.cat(parts_o, 1), torch.cat(parts_l, 1))
@@ -111,12 +117,15 @@ def _merge(out: torch.Tensor, lse: torch.Tensor, w: Work, o: torch.Tensor, lc: t
     out[w.batch, w.heads], lse[w.batch, w.heads] = rows_o, rows_l
 
 
-def backward(q, k, v, lse, dout, delta, grads: dict, work: list[Work], scale: float, opts: CpuOptions) -> None:
+def backward(
+    q, k, v, lse, dout, delta, grads: dict, work: list[Work], scale: float, opts: CpuOptions, safe: bool
+) -> None:
     """Add the gradients of the gathered pairs to ``grads['dq'|'dk'|'dv']`` (compute dtype, in place).
 
     ``lse`` is the final log-sum-exp of every row and ``delta`` (``[B, H, Lq]``) is
     :func:`patterndsl.runtime.softmax.delta` of the final output, so each part's gradient is the
-    usual flash-attention backward with the global statistics.
+    usual flash-attention backward with the global statistics. ``safe``: as in :func:`forward`, every
+    product reads a non-finite operand only through a non-zero weight, the scores too (:func:`.views.scores_seen`).
     """
     dq, dk, dv = grads["dq"], grads["dk"], grads["dv"]
     dt = dq.dtype
@@ -134,6 +143,14 @@ def backward(q, k, v, lse, dout, delta, grads: dict, work: list[Work], scale: fl
             for a in range(0, len(all_rows), chunk):
                 rows = all_rows[a : a + chunk]
                 qr, dor = qb[:, rows], dob[:, rows]
+                if safe:  # as _backward_select: dP from the cleaned copies, NaN only through a non-zero weight
+                    (qs, bad_q), (ks, bad_k), (dos, bad_do) = cleaned(qr), cleaned(kc), cleaned(dor)
+                    p = scores_seen(qs * scale, ks, kc, bad_k).sub_(lb[:, rows, None]).exp_()
+                    dvc += matmul_seen(p.transpose(-1, -2), dos, bad_do).sum(0)
+                    ds = p * (torch.matmul(dos, cleaned(vc)[0].T) - row_delta[:, rows, None])
+                    dqb[:, rows] += matmul_seen(ds, ks, bad_k) * scale
+                    dkc += matmul_seen(ds.transpose(-1, -2), qs, bad_q).sum(0) * scale
+                    continue
                 p = torch.exp(torch.matmul(qr * scale, kc.T) - lb[:, rows, None])
                 dvc += torch.matmul(p.transpose(-1, -2), dor).sum(0)
                 ds = p * (torch.matmul(dor, vc.T) - row_delta[:, rows, None])

@@ -122,6 +122,20 @@ def matmul_seen(a: torch.Tensor, b: torch.Tensor, bad: torch.Tensor | None) -> t
     return out
 
 
+def scores_seen(qc: torch.Tensor, kc: torch.Tensor, k_raw: torch.Tensor, bad_k: torch.Tensor | None) -> torch.Tensor:
+    """``qc @ kc^T`` (``qc`` cleaned and scaled, ``kc`` :func:`cleaned` from ``k_raw`` with ``bad_k``), except that a
+    score reading a non-finite key value through a non-zero query value is ``qc @ k_raw^T`` as IEEE gives it.
+
+    As the forward's scores: a key whose infinite component gives a ``-inf`` score has ``P = 0`` there, not
+    the finite score of its cleaned copy. A zero query row (a padding row) reads nothing, so stays finite.
+    """
+    s = torch.matmul(qc, kc.transpose(-1, -2))
+    if bad_k is None:
+        return s
+    seen = torch.matmul((qc != 0).to(qc.dtype), bad_k.transpose(-1, -2))
+    return torch.where(seen != 0, torch.matmul(qc, k_raw.transpose(-1, -2)), s)
+
+
 def put_rows(dst: torch.Tensor, seg: Segment, bm: int, value: torch.Tensor) -> None:
     """Write per-tile rows ``value [B, h, n, BM, ...]`` into ``dst [B, h, Lq_pad, ...]``."""
     b, h = dst.shape[:2]
