@@ -45,6 +45,9 @@ def _validate(block, order) -> tuple[int, int]:
 #: and positions times small coefficients stay inside int64.
 MAX_LENGTH = 1 << 48
 MAX_HEADS = 1 << 20
+#: Tiles per side: each side keeps per-tile arrays (about 100 bytes a tile while it is built), so a
+#: side beyond this is refused at once rather than built for minutes (2**31 tokens need 128-token tiles).
+MAX_SIDE_TILES = 1 << 24
 
 
 def _representable(q_len, kv_len, heads, bm: int, bn: int) -> None:
@@ -61,6 +64,11 @@ def _representable(q_len, kv_len, heads, bm: int, bn: int) -> None:
         nqb, nkb = -(-q_len // bm), -(-kv_len // bn)
         # Per-tile arrays are the least a plan holds.
         eng.check_tiles(nqb + nkb)
+        if max(nqb, nkb) > MAX_SIDE_TILES:
+            raise PatternValueError(
+                f"{nqb} x {nkb} tiles: a side of more than {MAX_SIDE_TILES:,} tiles is beyond what a block plan "
+                "represents; use larger tiles (block=...) or shorter sequences"
+            )
         if nqb * nkb >= 1 << 62:
             raise PatternValueError(f"{nqb} x {nkb} tiles are beyond what a block plan represents (< 2**62)")
 

@@ -423,3 +423,19 @@ def test_show_reach_follows_heads_lines_not_the_head_count(tmp_path):
     assert code == 0 and "head 2:" in out
     code, _, err = run("show", source, "--seq", 16, "--stage", "reach", "--heads", 2**40)
     assert code == 1 and "at most 64" in err
+
+
+def test_a_side_of_more_tiles_than_a_plan_represents_is_refused_at_once():
+    # 2**31 keys in 64-token tiles: 2**25 tiles on the key side, refused before any per-tile array is built
+    # (this took 25 s and 3.6 GB); 128-token tiles stay within the limit.
+    import time
+
+    import patterndsl
+    from patterndsl.analysis import planner
+
+    p = patterndsl.compile("pattern p { causal & window(5) | sink(1) }")
+    start = time.process_time()
+    with pytest.raises(patterndsl.PatternError, match="larger tiles"):
+        p.plan(2, 2**31, block=(64, 64))
+    assert time.process_time() - start < 2.0
+    assert planner.MAX_SIDE_TILES >= -(-(2**31) // 128)
