@@ -19,6 +19,7 @@ interpreter has no libdevice. Integer parts compute in int32 with floor semantic
 from __future__ import annotations
 
 from patterndsl import ir
+from patterndsl.errors import BackendError
 from patterndsl.scores.nodes import BOOL, COMPARISONS, FLOAT, INT, Coord, Node, Num, Op, Read, Sym, to_source, walk
 
 HELPERS = """@triton.jit
@@ -60,7 +61,8 @@ class _Renderer:
         if node in self.memo:
             return self.memo[node]
         if isinstance(node, Read):
-            raise NotImplementedError("run-time inputs in a Triton score")
+            # check.py refuses input reads in a score today; should one arrive, say so rather than crash.
+            raise BackendError("run-time inputs in a score are not rendered into Triton kernels yet: use backend='cpu'")
         text = self._coord(node) if isinstance(node, Coord) else self._op(node)
         name = f"t{len(self.memo)}"
         self.lines.append(f"    {name} = {text}")
@@ -106,7 +108,7 @@ class _Renderer:
             want = FLOAT
         if op in COMPARISONS or op in ("+", "-", "*", "/"):
             return f"{self.value(args[0], want)} {op} {self.value(args[1], want)}"
-        raise NotImplementedError(op)
+        raise AssertionError(f"score operator {op!r} has no Triton rendering")  # bind.py admits no other
 
     def _power(self, base: Node, exponent: Node) -> str:
         if isinstance(exponent, Num) and float(exponent.value) in (1.0, 2.0, 3.0, 4.0, 0.5, -1.0, -2.0):
