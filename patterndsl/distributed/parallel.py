@@ -217,6 +217,35 @@ def _merge(o1, l1, o2, l2):
     return o1 * w1[..., None] + o2 * w2[..., None], lse
 
 
+def _key_grads(qf, k, v, key_positions, pick, ex, masks, scale, lse, dout, delta, dq):
+    """dK and dV of the keys ``k``/``v`` (at ``key_positions``) over every query chunk of ``ex``;
+    ``pick(chunk)`` gives the chunk's key indices. ``dq`` accumulates in place."""
+    dk, dv = torch.zeros_like(k), torch.zeros_like(v)
+    for c in ex.chunks:
+        cols = pick(c)
+        if not cols.numel():
+            continue
+        mask = masks(ex.positions[c.a : c.b], key_positions[cols])
+        dkc, dvc = torch.zeros_like(k[:, :, cols]), torch.zeros_like(v[:, :, cols])
+        rows = slice(c.a, c.b)
+        _grad_part(
+            qf[:, :, rows],
+            k[:, :, cols],
+            v[:, :, cols],
+            mask,
+            scale,
+            lse[:, :, rows],
+            dout[:, :, rows],
+            delta[:, :, rows],
+            dq[:, :, rows],
+            dkc,
+            dvc,
+        )
+        dk.index_add_(2, cols, dkc)
+        dv.index_add_(2, cols, dvc)
+    return dk, dv
+
+
 def _grad_part(q, k, v, mask, scale, lse, dout, delta, dq, dk, dv):
     """Adds one part's gradients into ``dq [B, H, r, D]``, ``dk``/``dv [B, Hkv, n, D]``."""
     s = _scores(q, k, mask, scale)
@@ -313,28 +342,9 @@ class _ContextParallel(torch.autograd.Function):
         dout = torch.zeros_like(out) if dout is None else dout.to(work)
         delta = row_delta(dout, out, dlse, work)
         dq = torch.zeros_like(qf)
-        dkr, dvr = torch.zeros_like(kr), torch.zeros_like(vr)
-        for c in ex.chunks:
-            if not c.remote.numel():
-                continue
-            mask = masks(ex.positions[c.a : c.b], ex.remote_positions[c.remote])
-            dkc, dvc = torch.zeros_like(kr[:, :, c.remote]), torch.zeros_like(vr[:, :, c.remote])
-            rows = slice(c.a, c.b)
-            _grad_part(
-                qf[:, :, rows],
-                kr[:, :, c.remote],
-                vr[:, :, c.remote],
-                mask,
-                scale,
-                lse[:, :, rows],
-                dout[:, :, rows],
-                delta[:, :, rows],
-                dq[:, :, rows],
-                dkc,
-                dvc,
-            )
-            dkr.index_add_(2, c.remote, dkc)
-            dvr.index_add_(2, c.remote, dvc)
+        dkr, dvr = _key_grads(
+            qf, kr, vr, ex.remote_positions, lambda c: c.remote, ex, masks, scale, lse, dout, delta, dq
+        )
         # Return the received keys' gradients to their owners while the local part runs.
         sends, at = {}, 0
         for r, cnt in sorted(ex.recv.items()):
@@ -347,26 +357,7 @@ class _ContextParallel(torch.autograd.Function):
         dk, dv = torch.zeros_like(kf), torch.zeros_like(vf)
         kl, vl = kf[:, :, ex.local_keys], vf[:, :, ex.local_keys]
         lpos = ex.positions[ex.local_keys]
-        dkl, dvl = torch.zeros_like(kl), torch.zeros_like(vl)
-        for c in ex.chunks:
-            mask = masks(ex.positions[c.a : c.b], lpos[c.local])
-            dkc, dvc = torch.zeros_like(kl[:, :, c.local]), torch.zeros_like(vl[:, :, c.local])
-            rows = slice(c.a, c.b)
-            _grad_part(
-                qf[:, :, rows],
-                kl[:, :, c.local],
-                vl[:, :, c.local],
-                mask,
-                scale,
-                lse[:, :, rows],
-                dout[:, :, rows],
-                delta[:, :, rows],
-                dq[:, :, rows],
-                dkc,
-                dvc,
-            )
-            dkl.index_add_(2, c.local, dkc)
-            dvl.index_add_(2, c.local, dvc)
+        dkl, dvl = _key_grads(qf, kl, vl, lpos, lambda c: c.local, ex, masks, scale, lse, dout, delta, dq)
         dk.index_add_(2, ex.local_keys, dkl)
         dv.index_add_(2, ex.local_keys, dvl)
         for req in reqs:
