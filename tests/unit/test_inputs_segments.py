@@ -125,3 +125,22 @@ def test_runtime_plan_is_cached_per_input_version():
     again = runtime_inputs.call_plan(static, [doc], 1)
     assert again is not first
     assert torch.equal(again.tiles(), tile_reduce(p.mask(32, 32, 2, doc=doc), 8, 8))
+
+
+def test_triton_lists_equal_csr_with_partial_first_and_read_nothing_back():
+    from patterndsl.runtime import triton_backend, triton_inputs
+
+    gen = torch.Generator().manual_seed(0)
+    for shape in ((5, 7), (1, 1), (3, 4), (0, 3)):
+        dense = torch.randint(0, 3, shape, generator=gen).to(torch.int8)
+        full = dense == 2
+        rows, cols = torch.nonzero(dense, as_tuple=True)
+        ptr = torch.zeros(shape[0] + 1, dtype=torch.int64)
+        ptr[1:] = torch.cumsum(torch.bincount(rows, minlength=shape[0]), 0)
+        want = triton_backend.split_lists(ptr, cols, full[rows, cols])
+        with SyncCounter() as counter:
+            got = triton_inputs._lists(dense, full)
+        assert counter.calls == []
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+        n = int(want[0][-1])
+        assert torch.equal(got[2][:n], want[2][:n])
