@@ -179,6 +179,21 @@ def within_states(
     return out[:dummy].view(count, nqb, nkb)
 
 
+def classify(body: ir.Node, box, width: tuple[int, int], head: int = 0) -> torch.Tensor:
+    """Exact int8 states of ``body`` on boxes ``(qa, qb, ka, kb, length)`` in segment coordinates.
+
+    Args:
+        body: a pattern :func:`cuts_of` accepts.
+        box: int64 tensors; each box at most ``width`` ``(queries, keys)`` long (block cuts are
+            counted from it: a body with ``blocks`` needs a small width).
+        width: the longest box sides.
+        head: the head the body is evaluated for.
+    """
+    cuts = cuts_of(body)
+    assert cuts is not None, "classify needs a body cuts_of accepts"
+    return _classify(body, cuts, box, width, head)
+
+
 def _compact(mask: torch.Tensor, cap: int, static: bool) -> torch.Tensor:
     """Indices of ``mask``'s true entries: exactly that many, or ``cap`` entries padded with -1."""
     if static:
