@@ -303,9 +303,12 @@ def call_plan(static: BlockPlan, inputs, static_shapes: bool | None = None) -> I
         if fast[g]:
             seg = _rows(inputs.tensors[node.arg("seg")], count)
             got = segments.within_states(
-                seg, node.arg("body"), static.q_len, static.block, group.heads[0], static_shapes
+                seg, node.arg("body"), static.q_len, static.block, group.heads[0], static_shapes, work
             )
-            states[:, g] = got.to(device)
+            if len(static.groups) == 1:
+                states = got.to(device)[:, None]  # the one group: no copy
+            else:
+                states[:, g] = got.to(device)
             continue
         # The tile reasoning runs on the host (numpy tile rules); inputs on a GPU are copied once.
         if host is None:
@@ -489,7 +492,7 @@ class _Grid:
         so the pieces, boxes and their classification are one set of tensor operations.
         """
         if segments.supported(body, self.plan.block):
-            return segments.within_states(seg, body, self.plan.q_len, self.plan.block, self.head)
+            return segments.within_states(seg, body, self.plan.q_len, self.plan.block, self.head, work=self.work)
         bm, bn = self.bm, self.bn
         count, width = seg.shape
         start, length = _run_starts(seg)

@@ -108,7 +108,13 @@ def supported(body: ir.Node, block: tuple[int, int]) -> bool:
 
 
 def within_states(
-    seg: torch.Tensor, body: ir.Node, q_len: int, block: tuple[int, int], head: int = 0, static: bool = False
+    seg: torch.Tensor,
+    body: ir.Node,
+    q_len: int,
+    block: tuple[int, int],
+    head: int = 0,
+    static: bool = False,
+    work: dict | None = None,
 ) -> torch.Tensor:
     """Exact tile states of ``within(SEG, body)`` for every batch element.
 
@@ -119,6 +125,7 @@ def within_states(
         block: ``(BM, BN)``.
         head: the head the body is evaluated for.
         static: sizes from static upper bounds only (no host synchronisation), else exact sizes.
+        work: when given (and not ``static``), ``work["boxes"]`` grows by the boxes classified.
 
     Returns:
         int8 ``[B, nqb, nkb]`` on ``seg``'s device.
@@ -156,6 +163,8 @@ def within_states(
     per_run = torch.where(valid_run, qn * kn, 0)
     cap = count * (nqb * nkb + kv_len)
     run, inner, live = _expand(per_run, cap, static)
+    if work is not None and not static:
+        work["boxes"] = work.get("boxes", 0) + len(run)
     kr = kn[run].clamp(min=1)
     m = q_first[run] + torch.div(inner, kr, rounding_mode="floor")
     n = k_first[run] + inner % kr
