@@ -20,8 +20,10 @@ tiles; at a call, the validated inputs (:class:`patterndsl.binding.Inputs`). Goe
   - ``within(SEG, P)``: segments are the runs of ``SEG`` (their starts: where ``SEG`` changes); every
     (tile, segment) overlap is a box, and ``P`` is classified on each box in the segment's
     coordinates by the primitives' own tile rules (bands of one ``&`` merged into one band).
-    Only boxes those rules cannot decide are evaluated element by element: for ``P`` built from
-    ``causal``/``window``/``sink``/``blocks``, none.
+    Only boxes those rules cannot decide are evaluated element by element. ``P`` built from
+    ``causal``/``window``/``sink``/``global``/``blocks`` is planned instead by
+    :mod:`patterndsl.analysis.segments`: every box exact from cuts, as torch ops on the inputs'
+    device, no element work and (``static_shapes``) no host synchronisation.
 
   Cost ``O(Lq + Lk + tiles + boxes)``.
 """
@@ -37,6 +39,7 @@ import numpy as np
 import torch
 
 from patterndsl import ir, primitives, semantics
+from patterndsl.analysis import segments
 from patterndsl.analysis.plan import DYNAMIC, EMPTY, FULL, PARTIAL, BlockPlan, HeadGroup, PlanStats, Runs, TileList
 from patterndsl.primitives.band import band
 from patterndsl.primitives.common import BIG
@@ -156,7 +159,7 @@ class InputPlan:
         Counting allowed pairs evaluates the partial tiles' elements: computed on first read only.
         """
         plan = self.static
-        tiles = self.tiles()
+        tiles = self.tiles().cpu()
         area = _areas(plan)
         stats = PlanStats(total_pairs=self.batch * plan.stats.total_pairs)
         stats.tiles_full = int((tiles == FULL).sum())
@@ -193,7 +196,7 @@ class InputPlan:
 
     def tiles(self) -> torch.Tensor:
         """int8 ``[batch, heads, nqb, nkb]``: 0 empty, 1 partial, 2 full, exact for this data."""
-        index = torch.tensor(self.static.head_group, dtype=torch.int64)
+        index = torch.tensor(self.static.head_group, dtype=torch.int64, device=self.states.device)
         return self.states[:, index]
 
     def element(self, b: int) -> BlockPlan:
@@ -203,7 +206,7 @@ class InputPlan:
         groups = []
         stats = PlanStats(total_pairs=plan.stats.total_pairs)
         for g, group in enumerate(plan.groups):
-            dense = self.states[b, g]
+            dense = self.states[b, g].cpu()
             tl = TileList.from_dense(dense.contiguous())
             groups.append(HeadGroup(group.heads, group.node, tl, Runs.from_tiles(tl, nqb)))
             n = len(group.heads)
@@ -212,7 +215,7 @@ class InputPlan:
             stats.tiles_empty += int((dense == EMPTY).sum()) * n
         area = _areas(plan)
         index = torch.tensor(plan.head_group, dtype=torch.int64)
-        stats.visited_pairs = int((area * (self.states[b, index] > 0)).sum())
+        stats.visited_pairs = int((area * (self.states[b, index.to(self.states.device)] > 0).cpu()).sum())
         stats.allowed_pairs = self._count(b, area)
         stats.elements_evaluated = self.work.get("elements_evaluated", 0)
         stats.extra.update(self.work)
@@ -223,7 +226,7 @@ class InputPlan:
         plan = self.static
         total = 0
         for g, group in enumerate(plan.groups):
-            dense = self.states[b, g]
+            dense = self.states[b, g].cpu()
             count = int(area[dense == FULL].sum())
             m, n = torch.nonzero(dense == PARTIAL, as_tuple=True)
             mask = self.tile_mask(b, g)
@@ -241,7 +244,7 @@ class InputPlan:
 
     def lists(self, b: int, g: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """CSR ``(row_ptr, cols, state)`` of batch element ``b`` and head group ``g``."""
-        dense = self.states[b, g]
+        dense = self.states[b, g].cpu()
         rows, cols = torch.nonzero(dense, as_tuple=True)
         row_ptr = torch.zeros(dense.shape[0] + 1, dtype=torch.int64)
         row_ptr[1:] = torch.cumsum(torch.bincount(rows, minlength=dense.shape[0]), 0)
@@ -266,15 +269,19 @@ class InputPlan:
         return tile_mask
 
 
-def call_plan(static: BlockPlan, inputs) -> InputPlan:
+def call_plan(static: BlockPlan, inputs, static_shapes: bool | None = None) -> InputPlan:
     """The exact plan of ``static``'s pattern for these inputs.
 
     Args:
         static: the plan without data (:func:`static_plan`), identity order.
         inputs: validated :class:`patterndsl.binding.Inputs`.
+        static_shapes: plan ``within`` groups with static upper bounds on every size, so nothing
+            is read back to the host (:func:`patterndsl.analysis.segments.within_states`); None:
+            when the inputs are on a CUDA device.
 
     Returns:
-        An :class:`InputPlan`.
+        An :class:`InputPlan`. When every head group is a ``within`` that
+        :mod:`patterndsl.analysis.segments` plans, its states are on the inputs' device.
     """
     sizes = static.sizes
     batched = any(
@@ -283,12 +290,29 @@ def call_plan(static: BlockPlan, inputs) -> InputPlan:
     )
     count = inputs.batch if batched else 1
     nqb, nkb = static.n_q_tiles, static.n_kv_tiles
-    states = torch.zeros(count, len(static.groups), nqb, nkb, dtype=torch.int8)
     work = {"elements_evaluated": 0, "boxes": 0, "boxes_evaluated": 0}
-    # The tile reasoning runs on the host (numpy tile rules); inputs on a GPU are copied once.
-    host = [{name: t.cpu() for name, t in inputs.element(b).items()} for b in range(count)]
+    fast = [_device_within(group.node, static.block) for group in static.groups]
+    devices = {t.device for t in inputs.tensors.values()}
+    device = devices.pop() if all(fast) and len(devices) == 1 else torch.device("cpu")
+    if static_shapes is None:
+        static_shapes = device.type == "cuda"
+    states = torch.zeros(count, len(static.groups), nqb, nkb, dtype=torch.int8, device=device)
+    host = None
     for g, group in enumerate(static.groups):
         node = group.node
+        if fast[g]:
+            seg = _rows(inputs.tensors[node.arg("seg")], count)
+            got = segments.within_states(
+                seg, node.arg("body"), static.q_len, static.block, group.heads[0], static_shapes, work
+            )
+            if len(static.groups) == 1:
+                states = got.to(device)[:, None]  # the one group: no copy
+            else:
+                states[:, g] = got.to(device)
+            continue
+        # The tile reasoning runs on the host (numpy tile rules); inputs on a GPU are copied once.
+        if host is None:
+            host = [{name: t.cpu() for name, t in inputs.element(b).items()} for b in range(count)]
         if count > 1 and isinstance(node, ir.Prim) and node.name == "within":
             # The whole batch at once (packed documents: the common case).
             seg = torch.stack([h[node.arg("seg")].reshape(-1) for h in host])
@@ -300,6 +324,17 @@ def call_plan(static: BlockPlan, inputs) -> InputPlan:
         states = states.expand(inputs.batch, -1, -1, -1)
     work["tiles_evaluated"] = work.pop("tiles_evaluated", 0)
     return InputPlan(static, states, inputs, work)
+
+
+def _device_within(node: ir.Node, block) -> bool:
+    """Whether ``node`` is a ``within`` that :mod:`patterndsl.analysis.segments` plans on the inputs' device."""
+    return isinstance(node, ir.Prim) and node.name == "within" and segments.supported(node.arg("body"), block)
+
+
+def _rows(seg: torch.Tensor, count: int) -> torch.Tensor:
+    """``SEG`` as ``[count, Lk]`` (a tensor shared by the batch serves every row)."""
+    flat = seg.reshape(-1, seg.shape[-1])
+    return flat if flat.shape[0] == count else flat[:1].expand(count, -1)
 
 
 class _Grid:
@@ -456,6 +491,8 @@ class _Grid:
         Every batch element at once: the rows are laid end to end (a run never crosses a row),
         so the pieces, boxes and their classification are one set of tensor operations.
         """
+        if segments.supported(body, self.plan.block):
+            return segments.within_states(seg, body, self.plan.q_len, self.plan.block, self.head, work=self.work)
         bm, bn = self.bm, self.bn
         count, width = seg.shape
         start, length = _run_starts(seg)

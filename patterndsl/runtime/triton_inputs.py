@@ -21,23 +21,37 @@ from patterndsl.codegen import inputs as codegen_inputs
 from patterndsl.runtime import inputs, triton_backend
 
 
-def _csr(dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    # [segments, width] int8 tile states -> (ptr int64 [segments + 1], entries, states), row-major.
-    rows, cols = torch.nonzero(dense, as_tuple=True)
-    ptr = torch.zeros(dense.shape[0] + 1, dtype=torch.int64)
-    ptr[1:] = torch.cumsum(torch.bincount(rows, minlength=dense.shape[0]), 0)
-    return ptr, cols, dense[rows, cols]
+def _lists(dense: torch.Tensor, full: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """int32 ``(ptr, split, entries)`` of the non-empty tiles of every segment (row) of ``dense``.
+
+    ``dense`` ``[segments, width]`` holds int8 tile states, ``full`` which of them run unmasked.
+    Partial entries come first in each segment, by index, then the full ones (``split[s]`` is the
+    first full entry), as :func:`triton_backend.split_lists` orders them. Built without reading a
+    size back to the host (on CUDA): every segment is sorted in place and the entries are
+    gathered with a static capacity (``nonzero_static``); the padding past ``ptr[-1]`` is never read.
+    """
+    segments, width = dense.shape
+    rank = torch.where(dense == 0, 2, full.to(torch.int8)).to(torch.int8)
+    order = torch.sort(rank, dim=1, stable=True).indices
+    counts = (dense != 0).sum(1)
+    ptr = torch.zeros(segments + 1, dtype=torch.int64, device=dense.device)
+    ptr[1:] = torch.cumsum(counts, 0)
+    split = ptr[:-1] + ((dense != 0) & ~full).sum(1)
+    kept = torch.arange(width, device=dense.device) < counts[:, None]
+    at = torch.nonzero_static(kept.reshape(-1), size=max(kept.numel(), 1), fill_value=0).reshape(-1)
+    entries = order.reshape(-1)[at] if kept.numel() else at
+    return ptr.to(torch.int32), split.to(torch.int32), entries.to(torch.int32)
 
 
 def _group_lists(plan, states: torch.Tensor, kv_heads: int) -> list[torch.Tensor]:
-    # states: int8 [batch, nqb, nkb] of one head group -> row and column CSR lists per lst.
+    # states: int8 [batch, nqb, nkb] of one head group -> row and column lists per lst.
     batch, nqb, nkb = states.shape
     per_list = states[:, None].expand(batch, kv_heads, nqb, nkb).reshape(batch * kv_heads, nqb, nkb)
-    ptr, cols, state = _csr(per_list.reshape(-1, nkb))
-    rows = triton_backend.split_lists(ptr, cols, triton_backend.row_full(plan, cols, state))
-    tptr, trows, tstate = _csr(per_list.transpose(1, 2).reshape(-1, nqb))
-    tcols = triton_backend.split_lists(tptr, trows, tstate == 2)
-    return [*rows, *tcols]
+    rows = per_list.reshape(-1, nkb)
+    cols = torch.arange(nkb, device=states.device).expand_as(rows)
+    by_row = _lists(rows, triton_backend.row_full(plan, cols, rows))
+    by_col = per_list.transpose(1, 2).reshape(-1, nqb)
+    return [*by_row, *_lists(by_col, by_col == 2)]
 
 
 def run_time_lists(plan, spec, q: torch.Tensor, data: list, prepared: list) -> tuple[list, torch.Tensor]:
@@ -63,7 +77,7 @@ def run_time_lists(plan, spec, q: torch.Tensor, data: list, prepared: list) -> t
         groups = []
         for g, (heads,) in enumerate(prepared):
             lists = _group_lists(plan, states[:, g], spec.kv_heads)
-            groups.append([t.to(q.device) for t in lists] + [heads])
+            groups.append([t.to(q.device, non_blocking=True) for t in lists] + [heads])
         rt = codegen_inputs.pack(spec.input_layout(), spec.inputs, list(data), batch)
         kept[key] = (groups, rt.to(q.device))
     return kept[key]

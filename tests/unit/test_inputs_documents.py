@@ -78,12 +78,55 @@ def test_documents_with_an_lse_gradient_take_the_tile_schedule():
     check(p, q, k, v, doc, True, 1e-9, dlse=True)
 
 
-def test_other_bodies_and_lengths_are_not_run_by_document():
-    plan = pd.compile(SOURCE.format(body="causal & window(4)")).plan(64, 64, 2)
-    assert documents.body_of(plan) is None
+def test_lengths_and_patterns_beside_within_are_not_run_by_document():
     assert documents.body_of(pd.compile(SOURCE.format(body="causal")).plan(32, 64, 2)) is None
-    assert documents.body_of(pd.compile(SOURCE.format(body="causal")).plan(64, 64, 2)) is True
-    assert documents.body_of(pd.compile(SOURCE.format(body="full")).plan(64, 64, 2)) is False
+    beside = "pattern t {\n input doc: int[batch, token]\n within(doc, causal) | sink(2)\n}"
+    assert documents.body_of(pd.compile(beside).plan(64, 64, 2)) is None
+    body = documents.body_of(pd.compile(SOURCE.format(body="causal & window(4)")).plan(64, 64, 2))
+    assert body is not None and documents._kinds(body, torch.tensor([1, 5, 6, 40]), (16, 16)).tolist() == [
+        documents.DENSE,  # one token: full is causal too; the dense call is preferred
+        documents.CAUSAL,
+        documents.OWN,
+        documents.OWN,
+    ]
+
+
+def test_kinds_of_documents_are_exact():
+    def kinds(body, lengths):
+        plan = pd.compile(SOURCE.format(body=body)).plan(64, 64, 1)
+        return documents._kinds(documents.body_of(plan), torch.tensor(lengths), plan.block).tolist()
+
+    c, d, o = documents.CAUSAL, documents.DENSE, documents.OWN
+    # Up to 10 tokens the sinks and the window cover every earlier key; at 11, key 4 of query 10 is missing.
+    assert kinds("causal & (window(5) | sink(4))", [1, 6, 10, 11, 12]) == [d, c, c, o, o]
+    assert kinds("window(3, 3)", [1, 4, 5]) == [d, d, o]
+    assert kinds("causal | sink(2)", [1, 2, 3]) == [d, d, o]
+    assert kinds("blocks(4)", [2, 9]) == [o, o]  # bodies with block edges always run their own plans
+    assert kinds("causal & window(3, dilation = 2)", [1, 9]) == [o, o]
+
+
+@pytest.mark.parametrize("seed", [0, pytest.param(1, marks=pytest.mark.slow), pytest.param(2, marks=pytest.mark.slow)])
+def test_other_bodies_run_document_by_document_and_match_the_reference(seed):
+    rng = random.Random(1300 + seed)
+    body = ["causal & (window(6) | sink(2))", "window(2, 2) | sink(1)", "causal & window(3, dilation = 2)"][seed]
+    p = pd.compile(SOURCE.format(body=body))
+    length = rng.randint(16, 40)
+    doc = torch.stack([random_documents(rng, length) for _ in range(2)])
+    q, k, v = tensors(2, 4, 2, length, torch.float64, seed)
+    plan = p.plan(length, length, 4)
+    assert documents.applies(plan, q, k, documents.CpuOptions(), [doc]) == (
+        sum(kind == documents.OWN for segs in documents.documents(plan, [doc], 2) for _, _, kind in segs)
+        <= documents.MAX_OWN
+    )
+    out, lse = p(q, k, v, return_lse=True, backend="cpu", doc=doc)
+    ref, ref_lse = reference_attention(q, k, v, p.mask(length, length, 4, doc=doc))
+    assert torch.allclose(out.double(), ref, atol=1e-9)
+    assert torch.allclose(lse.double()[ref_lse > -1e30], ref_lse[ref_lse > -1e30], atol=1e-9)
+    dout = torch.randn_like(out)
+    got = torch.autograd.grad((out * dout).sum(), (q, k, v))
+    want = torch.autograd.grad((ref * dout).sum(), (q, k, v))
+    for a, b in zip(got, want, strict=True):
+        assert torch.allclose(a, b, atol=1e-8)
 
 
 def test_a_nan_value_reaches_only_its_own_document():
