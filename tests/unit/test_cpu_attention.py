@@ -376,7 +376,7 @@ def test_wide_full_runs_merge_by_lse(name, kernel, monkeypatch):
 @pytest.mark.parametrize("kernel_name", ["fused", "math"])
 def test_causal_rows_split_into_full_runs_and_diagonal(kernel_name, monkeypatch):
     """Causal: the diagonal tiles form one masked affine segment, the full prefixes merge into it."""
-    opts = cpu.CpuOptions(kernel=kernel_name)
+    opts = cpu.CpuOptions(kernel=kernel_name, dense=False)
     pattern = _compile("causal")
     plan = plan_from_mask(pattern.mask(1024, 1024, 1), (64, 64), pattern=pattern.ir, nodes=[pattern.ir.default])
     (sched,) = cpu.schedules(plan, opts)

@@ -18,7 +18,7 @@ import torch
 from patterndsl import ir
 from patterndsl.analysis.plan import BlockPlan
 from patterndsl.runtime import softmax
-from patterndsl.runtime.cpu import documents
+from patterndsl.runtime.cpu import dense, documents
 from patterndsl.runtime.cpu.schedule import Segment
 from patterndsl.runtime.cpu.scoremod import Modifier
 from patterndsl.runtime.cpu.tuning import FLASH_BWD, CpuOptions, resolve
@@ -66,8 +66,11 @@ def backward(q, k, v, out, lse, dout, plan: BlockPlan, scale: float, dlse=None, 
     opts = resolve(options)
     if q.shape[0] == 0:
         return q.new_zeros(q.shape), k.new_zeros(k.shape), v.new_zeros(v.shape)
-    if documents.applies(plan, q, k, opts, data) and (dlse is None or not bool(dlse.any())):
+    no_dlse = dlse is None or not bool(dlse.any())
+    if documents.applies(plan, q, k, opts, data) and no_dlse:
         grads = documents.backward(q, k, v, out, lse, dout, plan, scale, data)
+    elif dense.applies(plan, q, v, opts, data) and no_dlse:
+        grads = dense.backward(q, k, v, out, lse, dout, plan, scale)
     else:
         grads = _backward(q, k, v, out, lse, dout, plan, scale, dlse, opts, safe=False, data=data)
     # Non-finite inputs or gradients must not reach the pairs the pattern blocks; the fast paths'

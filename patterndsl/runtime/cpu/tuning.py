@@ -40,6 +40,9 @@ class CpuOptions:
         fused_chunk_bytes_serial: the same with one thread, where no region waits: buffers small
             enough for the allocator to recycle instead of faulting in fresh pages win (1 thread:
             8 MiB ~490 ms CPU, 64 MiB ~550-670 ms).
+        dense: a pattern that is exactly ``causal`` or ``full`` runs as torch's fused kernel on the
+            whole tensors (:mod:`patterndsl.runtime.cpu.dense`, what SDPA's ``is_causal`` runs),
+            not through the tile schedule (causal 4K: 1.4x the kernel's time). False keeps the tiles.
         min_affine: affine segments shorter than this are pooled into gathered buckets (fewer,
             larger steps).
         wide_min: a loose query tile (in no equal-width affine run) whose key tiles include at
@@ -65,6 +68,7 @@ class CpuOptions:
     chunk_bytes: int = 4 << 20
     fused_chunk_bytes: int = 64 << 20
     fused_chunk_bytes_serial: int = 8 << 20
+    dense: bool = True
     min_affine: int = 4
     wide_min: int = 8
     split_runs: int = 2
