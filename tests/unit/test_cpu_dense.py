@@ -129,3 +129,21 @@ def test_a_nan_key_reaches_only_the_rows_that_see_it(calls):
     torch.testing.assert_close(out[0, 0, :12], ref[0, 0, :12], atol=1e-12, rtol=1e-12)
     (out[:, :, :12] ** 2).sum().backward()
     assert bool(torch.isfinite(leaves[0].grad[0, 0, :12]).all())
+
+
+def test_strided_layouts_are_read_as_they_are(calls):
+    """The kernel reads a head's vector as contiguous: a tensor whose head dim is strided (v and dO here)
+    is copied first; a [B, L, H, D] layout seen as [B, H, L, D] is read in place."""
+    pattern = _compile("causal")
+    q = torch.randn(2, 30, 4, 8, dtype=torch.float64).transpose(1, 2).requires_grad_()
+    k = torch.randn(2, 2, 30, 8, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(2, 2, 8, 30, dtype=torch.float64).transpose(2, 3).requires_grad_()
+    grad = torch.randn(2, 4, 8, 30, dtype=torch.float64).transpose(2, 3)
+    out, lse = pattern(q, k, v, return_lse=True)
+    ref, ref_lse = reference_attention(q, k, v, pattern.mask(30, 30, 4))
+    torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(lse, ref_lse, atol=1e-12, rtol=1e-12)
+    got, want = torch.autograd.grad(out, (q, k, v), grad), torch.autograd.grad(ref, (q, k, v), grad)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, atol=1e-12, rtol=1e-12)
+    assert calls == {"forward": 1, "backward": 1}

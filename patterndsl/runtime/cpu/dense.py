@@ -70,10 +70,17 @@ def _parts(plan: BlockPlan) -> tuple[int, list[tuple[int, bool]]]:
     return lq - side, parts
 
 
+def _operand(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x`` in ``dtype`` with a unit stride on the head dim (the kernel reads rows as contiguous
+    vectors whatever the strides say; any other layout is accepted as it is)."""
+    x = x.to(dtype)
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
 def forward(q, k, v, plan: BlockPlan, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """``(out, lse)`` as :func:`patterndsl.runtime.cpu.forward.forward` returns them (call :func:`applies` first)."""
     dt = compute_dtype(q.dtype)
-    qc, kc, vc = (x.to(dt) for x in (q, k, v))
+    qc, kc, vc = (_operand(x, dt) for x in (q, k, v))
     b, h, lq, d = q.shape
     row0, parts = _parts(plan)
     if row0 == 0 and len(parts) == 1:
@@ -96,7 +103,7 @@ def forward(q, k, v, plan: BlockPlan, scale: float) -> tuple[torch.Tensor, torch
 def backward(q, k, v, out, lse, dout, plan: BlockPlan, scale: float):
     """``(dq, dk, dv)`` as :func:`patterndsl.runtime.cpu.backward.backward` returns them (no gradient on lse)."""
     dt = compute_dtype(q.dtype)
-    qc, kc, vc, oc, gc = (x.to(dt) for x in (q, k, v, out, dout))
+    qc, kc, vc, oc, gc = (_operand(x, dt) for x in (q, k, v, out, dout))
     lc = lse.to(dt)
     lq = q.shape[2]
     row0, parts = _parts(plan)
