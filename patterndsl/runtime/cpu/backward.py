@@ -189,10 +189,11 @@ def _backward_affine(t: dict, seg: Segment, block, scale: float, opts: CpuOption
     buffers to zero, hold and add back (what torch's fused CPU backward needs). With
     ``step == 0`` every query tile reaches the same key tiles, and their contributions
     are one ``addmm_`` over all rows. ``P`` is computed in base 2 (``exp2`` of scores
-    scaled by ``log2 e``): torch's ``exp2`` is about 2.7x faster than its ``exp`` on CPU
-    and as exact. The step's two score buffers are allocated once, so no step faults in
-    fresh pages. Needs ``t["lse"]`` (+inf on rows with no allowed key) and ``t["delta"]``
-    (``rowsum(dO * O) - dlse``); handles any ``dlse``.
+    scaled by ``log2 e``, the scale folded into the matmul; torch's ``exp2`` was 2.7x
+    faster than its ``exp`` on CPU, in torch 2.13 they cost about the same). The step's
+    two score buffers are allocated once, so no step faults in fresh pages. Needs
+    ``t["lse2"]`` (+inf on rows with no allowed key) and ``t["delta"]`` (``rowsum(dO * O) -
+    dlse``); handles any ``dlse``.
     """
     bm, bn = block
     nb, hc, _, d = t["q"].shape
