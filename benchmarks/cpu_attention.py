@@ -10,6 +10,12 @@ create_block_mask + compile + run; SDPA: dense mask + run), and the peak extra r
 from /proc/self/statm). It checks that patterndsl's output equals Flex's and
 the dense reference, then prints the ratios the project's targets are about.
 
+It also measures the fp32 matmul ceiling of the machine in the same run (a large ``mm``, best
+GFLOP/s of a reading before and after the cases) and prints each case's useful GFLOP/s (4 * D
+FLOPs per allowed pair, from the plan's stats) and its fraction of that ceiling; on causal cases
+it times SDPA's own ``is_causal`` flash kernel forward and forward+backward, plain and paired
+with ours call by call (issue 17's targets).
+
 Usage: ``python benchmarks/cpu_attention.py [--quick] [--reps N] [--threads N] [--only TEXT]
 [--kernel fused|math]``. ``--quick`` runs small sizes as a smoke test. Timings are medians;
 on a shared machine read them with the printed load average in mind. Flex's first call is
@@ -100,6 +106,7 @@ def cases(quick: bool) -> list[Case]:
             bigbird(short, 96, 64, 3, 64, 0),
         ),
         Case(f"causal, L={short}", "causal", short, lambda b, h, q, k: q >= k),
+        Case(f"causal, L={long}", "causal", long, lambda b, h, q, k: q >= k),
     ]
 
 
@@ -167,6 +174,15 @@ def paired_ratio(fa, fb, reps: int) -> float:
     return statistics.median(ratios)
 
 
+def matmul_ceiling(reps: int, n: int = 2048) -> float:
+    """fp32 GFLOP/s of an ``n x n`` by ``n x n`` matmul on this machine now (best of ``reps``)."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    out = torch.empty(n, n)
+    torch.mm(a, b, out=out)
+    best = min(timed(lambda: torch.mm(a, b, out=out), 1) for _ in range(reps))
+    return 2 * n**3 / best / 1e9
+
+
 def peak_mb(fn) -> float:
     with PeakRSS() as p:
         fn()
@@ -206,6 +222,9 @@ def run_case(case: Case, reps: int) -> dict:
     q, k, v = (torch.randn(B, H, L, D) for _ in range(3))
     dout = torch.randn(B, H, L, D)
     r: dict = {"name": case.name}
+    r["useful_flops"] = (
+        patterndsl.compile("pattern p {\n" + case.source + "\n}").plan(L, L, H).stats.flops(D, B)["useful"]
+    )
 
     # patterndsl: first call = parse + check + plan + schedule + run, nothing cached.
     plans.clear()
@@ -252,6 +271,9 @@ def run_case(case: Case, reps: int) -> dict:
     with torch.no_grad():
         r["ratio_again"] = paired_ratio(lambda: pattern(q, k, v), lambda: flex(q, k, v, block_mask=block_mask), reps)
 
+    if case.source == "causal":
+        sdpa_causal(r, q, k, v, dout, pattern, fwd_bwd, reps)
+
     # SDPA with a dense boolean mask, where it fits.
     if L * L <= SDPA_MAX_PAIRS:
         t = time.perf_counter()
@@ -264,6 +286,69 @@ def run_case(case: Case, reps: int) -> dict:
             r["sdpa_fwd_mb"] = peak_mb(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=dense))
         r["max_diff_sdpa"] = float((ours - ref).abs().max())
     return r
+
+
+def sdpa_causal(r: dict, q, k, v, dout, pattern, fwd_bwd, reps: int) -> None:
+    """SDPA's ``is_causal`` forward and forward+backward, plain and paired with ours, into ``r``."""
+
+    def sdpa_fwd():
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    qs, ks, vs = (t.clone().requires_grad_() for t in (q, k, v))
+
+    def sdpa_fwd_bwd():
+        qs.grad = ks.grad = vs.grad = None
+        F.scaled_dot_product_attention(qs, ks, vs, is_causal=True).backward(dout)
+
+    with torch.no_grad():
+        r["causal_sdpa_fwd"] = timed(sdpa_fwd, reps)
+        r["causal_ratio_fwd"] = paired_ratio(lambda: pattern(q, k, v), sdpa_fwd, reps)
+    sdpa_fwd_bwd()
+    r["causal_sdpa_fwdbwd"] = timed(sdpa_fwd_bwd, reps)
+    r["causal_ratio_fwdbwd"] = paired_ratio(fwd_bwd, sdpa_fwd_bwd, reps)
+
+
+def useful_gflops(r: dict, key: str = "ours_fwd") -> float:
+    """Useful GFLOP/s of our forward (4 * D per allowed pair); forward+backward counts 3.5x those FLOPs."""
+    factor = 3.5 if key == "ours_fwdbwd" else 1.0
+    return factor * r["useful_flops"] / r[key] / 1e9
+
+
+#: Issue 17's targets: (case name contains, what, value of a result and the ceiling, limit, True
+#: when the value must stay at or below the limit). An empty name applies to every case.
+TARGETS_17 = [
+    (
+        "sliding window 256, L=16384",
+        "forward >= 60% of the matmul ceiling (useful FLOPs)",
+        lambda r, ceiling: useful_gflops(r) / ceiling,
+        0.60,
+        False,
+    ),
+    ("causal, L=", "forward <= 1.0x SDPA is_causal", lambda r, c: r["ours_fwd"] / r["causal_sdpa_fwd"], 1.0, True),
+    ("causal, L=", "forward <= 1.0x SDPA is_causal (paired)", lambda r, c: r["causal_ratio_fwd"], 1.0, True),
+    (
+        "causal, L=",
+        "fwd+bwd <= 1.0x SDPA is_causal",
+        lambda r, c: r["ours_fwdbwd"] / r["causal_sdpa_fwdbwd"],
+        1.0,
+        True,
+    ),
+    ("causal, L=", "fwd+bwd <= 1.0x SDPA is_causal (paired)", lambda r, c: r["causal_ratio_fwdbwd"], 1.0, True),
+    ("", "backward <= 2.6x our forward", lambda r, c: (r["ours_fwdbwd"] - r["ours_fwd"]) / r["ours_fwd"], 2.6, True),
+]
+
+
+def verdicts_17(results: list[dict], ceiling: float) -> list[str]:
+    """One ``PASS``/``FAIL`` line per (issue 17 target, case it applies to)."""
+    lines = []
+    for where, what, value, limit, at_most in TARGETS_17:
+        for r in results:
+            if where not in r["name"] or ("SDPA" in what and "causal_sdpa_fwd" not in r):
+                continue
+            x = value(r, ceiling)
+            ok = x <= limit if at_most else x >= limit
+            lines.append(f"{'PASS' if ok else 'FAIL'}  {what:52s} {x:7.2f}  ({r['name']})")
+    return lines
 
 
 #: (case name contains, what, value of a result, limit, True when the value must stay at or
@@ -305,7 +390,7 @@ def fmt_ms(x) -> str:
     return "-" if x is None else f"{x * 1e3:9.1f}"
 
 
-def report(results: list[dict]) -> None:
+def report(results: list[dict], ceiling: float) -> None:
     print()
     head = (
         f"{'case':58s} {'ours fwd':>9s} {'ours f+b':>9s} {'flex fwd':>9s} {'sdpa fwd':>9s}"
@@ -335,8 +420,29 @@ def report(results: list[dict]) -> None:
         sd = f"{r['max_diff_sdpa']:.2e}" if "max_diff_sdpa" in r else "-"
         print(f"  {r['name']:58s} {r['max_diff_flex']:.2e} / {sd}")
     print()
+    print(f"fp32 matmul ceiling measured in this run: {ceiling:.0f} GFLOP/s")
+    print(f"{'case':58s} {'useful GFLOP':>12s} {'fwd GFLOP/s':>11s} {'of ceiling':>10s} {'f+b GFLOP/s':>11s}")
+    for r in results:
+        fwd, both = useful_gflops(r), useful_gflops(r, "ours_fwdbwd")
+        print(f"{r['name']:58s} {r['useful_flops'] / 1e9:12.1f} {fwd:11.1f} {fwd / ceiling:10.0%} {both:11.1f}")
+    causal = [r for r in results if "causal_sdpa_fwd" in r]
+    if causal:
+        print()
+        print(
+            f"{'causal vs SDPA is_causal':58s} {'sdpa fwd':>9s} {'sdpa f+b':>9s} {'fwd x':>6s} {'f+b x':>6s}  (paired)"
+        )
+        for r in causal:
+            print(
+                f"{r['name']:58s} {fmt_ms(r['causal_sdpa_fwd'])} {fmt_ms(r['causal_sdpa_fwdbwd'])}"
+                f" {r['causal_ratio_fwd']:6.2f} {r['causal_ratio_fwdbwd']:6.2f}"
+            )
+    print()
     print(f"targets (load average now {os.getloadavg()[0]:.1f}):")
     for line in verdicts(results):
+        print("  " + line)
+    print()
+    print("issue 17 targets:")
+    for line in verdicts_17(results, ceiling):
         print("  " + line)
 
 
@@ -356,13 +462,17 @@ def main(argv=None) -> int:
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, B={B} H={H} D={D} float32, "
         f"reps={reps}, kernel={cpu.current().kernel}, load average {os.getloadavg()[0]:.1f}"
     )
+    ceiling = matmul_ceiling(reps)
+    print(f"fp32 matmul ceiling before the cases: {ceiling:.0f} GFLOP/s", flush=True)
     results = []
     for case in cases(args.quick):
         if args.only and args.only not in case.name:
             continue
         print(f"running: {case.name}", flush=True)
         results.append(run_case(case, reps))
-    report(results)
+    # A loaded machine lowers a reading, never raises it: the best of two is the ceiling.
+    ceiling = max(ceiling, matmul_ceiling(reps))
+    report(results, ceiling)
     bad = [r["name"] for r in results if r["max_diff_flex"] > 1e-4 or r.get("max_diff_sdpa", 0.0) > 1e-4]
     if bad:
         print(f"MISMATCH against the references: {bad}")

@@ -7,8 +7,9 @@ inputs' dtypes (``dk``/``dv`` summed over the query heads that share a key/value
 backward of an affine segment is our own (:func:`_backward_affine`): batched matmuls over the
 same strided views as the forward that accumulate dK/dV in place, one key-tile offset at a time,
 with the rows' statistics ``lse`` and ``delta`` (:func:`patterndsl.runtime.softmax.delta`).
-Gathered segments use torch's fused backward in chunks of the fused budget (or the math one in
-chunks of ``chunk_bytes``); the gathered ``route`` work adds its gradients last.
+Gathered segments run the same matmuls on gathered copies of their tiles
+(:func:`_backward_gathered`), dK/dV added with one ``index_add_`` per step; the gathered
+``route`` work adds its gradients last.
 """
 
 from __future__ import annotations
@@ -18,10 +19,10 @@ import torch
 from patterndsl import ir
 from patterndsl.analysis.plan import BlockPlan
 from patterndsl.runtime import softmax
-from patterndsl.runtime.cpu import documents
+from patterndsl.runtime.cpu import dense, documents
 from patterndsl.runtime.cpu.schedule import Segment
 from patterndsl.runtime.cpu.scoremod import Modifier
-from patterndsl.runtime.cpu.tuning import FLASH_BWD, CpuOptions, resolve
+from patterndsl.runtime.cpu.tuning import CpuOptions, resolve
 from patterndsl.runtime.cpu.units import Heads, units
 from patterndsl.runtime.cpu.views import (
     add_keys,
@@ -29,7 +30,6 @@ from patterndsl.runtime.cpu.views import (
     cleaned,
     compute_dtype,
     finite,
-    flat,
     from_tiles,
     inverses,
     kv_view,
@@ -37,7 +37,6 @@ from patterndsl.runtime.cpu.views import (
     put,
     put_rows,
     q_view,
-    scores,
     scores_seen,
     take,
     to_tiles,
@@ -66,8 +65,11 @@ def backward(q, k, v, out, lse, dout, plan: BlockPlan, scale: float, dlse=None, 
     opts = resolve(options)
     if q.shape[0] == 0:
         return q.new_zeros(q.shape), k.new_zeros(k.shape), v.new_zeros(v.shape)
-    if documents.applies(plan, q, k, opts, data) and (dlse is None or not bool(dlse.any())):
+    no_dlse = dlse is None or not bool(dlse.any())
+    if documents.applies(plan, q, k, opts, data) and no_dlse:
         grads = documents.backward(q, k, v, out, lse, dout, plan, scale, data)
+    elif dense.applies(plan, q, v, opts, data) and no_dlse:
+        grads = dense.backward(q, k, v, out, lse, dout, plan, scale)
     else:
         grads = _backward(q, k, v, out, lse, dout, plan, scale, dlse, opts, safe=False, data=data)
     # Non-finite inputs or gradients must not reach the pairs the pattern blocks; the fast paths'
@@ -93,16 +95,11 @@ def _backward(q, k, v, out, lse, dout, plan: BlockPlan, scale: float, dlse, opts
     q_id, k_id = q_inv is None, k_inv is None
     lq_pad, lk_pad = plan.n_q_tiles * bm, plan.n_kv_tiles * bn
     empty = lse == float("-inf")
-    # Affine segments (and the math kernel) need delta = rowsum(dO * O) and lse with +inf on
-    # rows with no allowed key (P is then exactly 0, never NaN).
+    # Every segment needs delta = rowsum(dO * O) - dlse and lse with +inf on rows with no allowed
+    # key (P is then exactly 0, never NaN).
     delta = softmax.delta(dout, out, dlse, dt)
     lse_inf = lse.to(dt).masked_fill(empty, float("inf"))
     extra = {"delta": delta, "lse": lse_inf, "lse2": lse_inf * _LOG2E}
-    # Gathered segments run torch's fused kernel, which computes delta itself and cannot take a
-    # gradient on lse; any finite lse gives it P = 0 on rows whose scores are all -inf.
-    fused = opts.fused and not safe and (dlse is None or not bool(dlse.any()))
-    if fused:
-        extra["lse0"] = lse.to(dt).masked_fill(empty, 0.0)
     todo, work = units(plan, q, k, opts, data)
     if work is not None:
         direct = False
@@ -121,9 +118,6 @@ def _backward(q, k, v, out, lse, dout, plan: BlockPlan, scale: float, dlse, opts
             t["k_raw"] = t["k"]
             for name in ("q", "do", "k", "v"):
                 t[name], t["bad_" + name] = cleaned(t[name])
-        gathered = any(seg.affine is None for seg in sched.segments)
-        if fused and gathered:
-            t["o"] = to_tiles(out[bs], hd.q, plan.q_order, q_id, lq_pad, dt)
         for name, value in extra.items():
             t[name] = to_tiles(value[bs][..., None], hd.q, plan.q_order, q_id, lq_pad, dt)[..., 0]
         # dK/dV accumulate over query tiles; dQ rows are written once per covered tile.
@@ -139,7 +133,7 @@ def _backward(q, k, v, out, lse, dout, plan: BlockPlan, scale: float, dlse, opts
             elif seg.affine is not None:
                 _backward_affine(t, seg, plan.block, scale, opts)
             else:
-                (_backward_fused if fused else _backward_math)(t, seg, plan.block, scale, opts)
+                _backward_gathered(t, seg, plan.block, scale, opts)
         dq_g = from_tiles(t["dq"], lq, q_inv)
         dk_g, dv_g = from_tiles(t["dk"], lk, k_inv), from_tiles(t["dv"], lk, k_inv)
         if direct:
@@ -162,26 +156,6 @@ def _backward(q, k, v, out, lse, dout, plan: BlockPlan, scale: float, dlse, opts
         grads = {"dq": dq, "dk": dk_acc, "dv": dv_acc}
         gather.backward(q, k, v, lse, dout, delta, grads, work, scale, opts, safe=safe)
     return dq.to(q.dtype), dk_acc.to(k.dtype), dv_acc.to(v.dtype)
-
-
-def _backward_fused(t: dict, seg0: Segment, block, scale: float, opts: CpuOptions) -> None:
-    bn = block[1]
-    b, h, _, d = t["q"].shape
-    # The kernel returns dK/dV per query tile ([n, width*BN, D] each); chunks bound that memory.
-    for seg in chunks(seg0, 2 * b * h * bn * d * t["q"].element_size(), opts.fused_budget()):
-        _backward_fused_chunk(t, seg, block, scale)
-
-
-def _backward_fused_chunk(t: dict, seg: Segment, block, scale: float) -> None:
-    bm, bn = block
-    b, h = t["q"].shape[:2]
-    qc, doc, oc = (flat(q_view(t[name], seg, bm)) for name in ("q", "do", "o"))
-    kc, vc = flat(kv_view(t["k"], seg, bn)), flat(kv_view(t["v"], seg, bn))
-    lc = flat(q_view(t["lse0"][..., None], seg, bm)).squeeze(-1)
-    dq, dk, dv = FLASH_BWD(doc, qc, kc, vc, oc, lc, 0.0, False, attn_mask=seg.bias(qc.dtype), scale=scale)
-    put_rows(t["dq"], seg, bm, dq.unflatten(0, (b, h)))
-    add_keys(t["dk"], seg, bn, dk.unflatten(0, (b, h)))
-    add_keys(t["dv"], seg, bn, dv.unflatten(0, (b, h)))
 
 
 def _column_biases(seg: Segment, bn: int, dtype: torch.dtype) -> list[tuple[int, torch.Tensor]]:
@@ -215,10 +189,11 @@ def _backward_affine(t: dict, seg: Segment, block, scale: float, opts: CpuOption
     buffers to zero, hold and add back (what torch's fused CPU backward needs). With
     ``step == 0`` every query tile reaches the same key tiles, and their contributions
     are one ``addmm_`` over all rows. ``P`` is computed in base 2 (``exp2`` of scores
-    scaled by ``log2 e``): torch's ``exp2`` is about 2.7x faster than its ``exp`` on CPU
-    and as exact. The step's two score buffers are allocated once, so no step faults in
-    fresh pages. Needs ``t["lse"]`` (+inf on rows with no allowed key) and ``t["delta"]``
-    (``rowsum(dO * O) - dlse``); handles any ``dlse``.
+    scaled by ``log2 e``, the scale folded into the matmul; torch's ``exp2`` was 2.7x
+    faster than its ``exp`` on CPU, in torch 2.13 they cost about the same). The step's
+    two score buffers are allocated once, so no step faults in fresh pages. Needs
+    ``t["lse2"]`` (+inf on rows with no allowed key) and ``t["delta"]`` (``rowsum(dO * O) -
+    dlse``); handles any ``dlse``.
     """
     bm, bn = block
     nb, hc, _, d = t["q"].shape
@@ -269,15 +244,16 @@ def _probs_and_ds(qc, doc, kw, vw, lse2, delta, biases, bn: int, scale: float, p
     """One backward step's ``P`` and ``dS`` (``[batch, rows, width*BN]``), written into ``p_out`` and ``ds_out``.
 
     ``P = exp2(scale * log2(e) * Q K^T - lse2)`` with the additive ``biases`` ``(w, 0/-inf)`` on
-    the key-tile columns ``w`` that need a mask, and ``dS = P * (dO V^T - delta)``.
+    the key-tile columns ``w`` that need a mask, and ``dS = P * (dO V^T - delta)``. The row
+    statistics enter as the matmuls' added term (``baddbmm``): one pass over each buffer fewer
+    than a scale and a subtraction after the product.
     """
-    p = torch.bmm(qc, kw.transpose(1, 2), out=p_out).mul_(scale * _LOG2E)
-    p.sub_(lse2)
+    p = torch.baddbmm(lse2.neg(), qc, kw.transpose(1, 2), alpha=scale * _LOG2E, out=p_out)
     for w, bias in biases:
         p[:, :, w * bn : (w + 1) * bn].add_(bias)
     p.exp2_()
-    ds = torch.bmm(doc, vw.transpose(1, 2), out=ds_out)
-    ds.sub_(delta).mul_(p)
+    ds = torch.baddbmm(delta.neg(), doc, vw.transpose(1, 2), out=ds_out)
+    ds.mul_(p)
     return p, ds
 
 
@@ -310,21 +286,42 @@ def _backward_affine_by_tile(t: dict, seg: Segment, block, scale: float) -> None
         dk[:, :, keys].view(bh, width * bn, d).baddbmm_(ds.transpose(1, 2), qc, alpha=scale)
 
 
-def _backward_math(t: dict, seg0: Segment, block, scale: float, opts: CpuOptions) -> None:
+@torch.no_grad()
+def _backward_gathered(t: dict, seg0: Segment, block, scale: float, opts: CpuOptions) -> None:
+    """Backward of a gathered segment: batched matmuls over every (batch, head, query tile) at once.
+
+    Per step of query tiles (its score buffers and gathered keys under the fused budget,
+    :meth:`~patterndsl.runtime.cpu.tuning.CpuOptions.fused_budget`: few large steps win with
+    several threads on a shared machine), the tiles' rows and key windows are gathered once (copies, as in
+    the forward), ``P`` comes from ``exp2`` with the segment's additive mask and ``dS``, ``dQ``,
+    ``dK``, ``dV`` are one ``bmm`` each; the per-tile key gradients go into dK/dV with one
+    ``index_add_`` over every (tile, offset) (a key tile may repeat across a gathered segment's
+    query tiles, so the affine path's strided adds do not apply). Against torch's fused backward
+    this allocates no zeroed per-tile dK/dV buffers, reads no ``out`` (``delta`` is computed once
+    per call) and handles a gradient on the log-sum-exp. Needs ``t["lse2"]`` and ``t["delta"]``.
+    """
     bm, bn = block
-    b, h = t["q"].shape[:2]
-    for seg in chunks(seg0, b * h * bm * bn * t["q"].element_size(), opts.chunk_bytes):
-        qc = q_view(t["q"], seg, bm) * scale
-        kc, vc = kv_view(t["k"], seg, bn), kv_view(t["v"], seg, bn)
-        doc = q_view(t["do"], seg, bm)
-        p = scores(qc, kc, seg)
-        p.sub_(q_view(t["lse"][..., None], seg, bm)).exp_()
-        add_keys(t["dv"], seg, bn, torch.matmul(p.transpose(-1, -2), doc))
-        ds = torch.matmul(doc, vc.transpose(-1, -2))
-        ds.sub_(q_view(t["delta"][..., None], seg, bm)).mul_(p)
-        put_rows(t["dq"], seg, bm, torch.matmul(ds, kc).mul_(scale))
-        # qc carries the scale, so this is scale * dS^T Q.
-        add_keys(t["dk"], seg, bn, torch.matmul(ds.transpose(-1, -2), qc))
+    b, h, _, d = t["q"].shape
+    dt = t["q"].dtype
+    # P and dS, and the gathered keys and values, per key tile of a query tile.
+    per_tile = b * h * bn * (2 * bm + 2 * d) * t["q"].element_size()
+    for seg in chunks(seg0, per_tile, opts.fused_budget() if opts.fused else opts.chunk_bytes):
+        rows = b * h * len(seg)
+        qc, doc = (q_view(t[name], seg, bm).reshape(rows, bm, d) for name in ("q", "do"))
+        kc, vc = (kv_view(t[name], seg, bn).reshape(rows, -1, d) for name in ("k", "v"))
+        lse2, delta = (q_view(t[name][..., None], seg, bm).reshape(rows, bm, 1) for name in ("lse2", "delta"))
+        p = torch.bmm(qc, kc.transpose(1, 2)).mul_(scale * _LOG2E).sub_(lse2)
+        bias = seg.bias(dt)
+        if bias is not None:
+            p.view(b * h, len(seg), bm, -1).add_(bias[0])
+        p.exp2_()
+        ds = torch.bmm(doc, vc.transpose(1, 2)).sub_(delta).mul_(p)
+        dq = torch.bmm(ds, kc).mul_(scale).view(b, h, len(seg), bm, d)
+        if seg.merge:
+            dq += q_view(t["dq"], seg, bm)
+        put_rows(t["dq"], seg, bm, dq)
+        add_keys(t["dv"], seg, bn, torch.bmm(p.transpose(1, 2), doc))
+        add_keys(t["dk"], seg, bn, torch.bmm(ds.transpose(1, 2), qc).mul_(scale))
 
 
 def _backward_select(t: dict, seg0: Segment, block, scale: float, opts: CpuOptions, modify=None) -> None:

@@ -22,7 +22,7 @@ import torch
 
 from patterndsl.analysis.plan import BlockPlan
 from patterndsl.runtime import softmax
-from patterndsl.runtime.cpu import documents
+from patterndsl.runtime.cpu import dense, documents
 from patterndsl.runtime.cpu.schedule import Segment
 from patterndsl.runtime.cpu.scoremod import Modifier
 from patterndsl.runtime.cpu.tuning import FLASH, CpuOptions, resolve
@@ -70,6 +70,8 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: BlockPlan, 
         return q.new_zeros(q.shape), torch.zeros(b, h, lq, dtype=dt)
     if documents.applies(plan, q, k, opts, data):
         out, lse = documents.forward(q, k, v, plan, scale, data)
+    elif dense.applies(plan, q, v, opts, data):
+        out, lse = dense.forward(q, k, v, plan, scale)
     else:
         out, lse = _forward(q, k, v, plan, scale, opts, safe=False, data=data)
     # Non-finite keys or values must not reach the rows that do not attend them, but torch's fused

@@ -33,13 +33,17 @@ class CpuOptions:
             because it issues far fewer parallel regions (benchmarks/cpu_attention.py --kernel).
         chunk_bytes: score-matrix bytes per chunk of the math kernel: large enough for efficient
             batched matmuls, small enough that the softmax passes stay in cache.
-        fused_chunk_bytes: bytes of per-tile keys or dK/dV a gathered fused step may hold at once,
-            with several threads: every kernel call and add is a parallel region, and on a shared
-            machine each waits for its slowest thread, so few large calls win (16K sliding window,
-            2 threads: 8 MiB chunks 2-6 s, 32-64 MiB 0.4-2 s).
+        fused_chunk_bytes: bytes of per-tile keys or dK/dV a gathered fused step may hold at once
+            (in the backward: its gathered keys and values, ``P`` and ``dS``), with several threads:
+            every kernel call and add is a parallel region, and on a shared machine each waits for
+            its slowest thread, so few large calls win (16K sliding window, 2 threads: 8 MiB chunks
+            2-6 s, 32-64 MiB 0.4-2 s; BigBird 4K backward, loaded: 4 MiB 9.9 s, 64 MiB 2.7 s).
         fused_chunk_bytes_serial: the same with one thread, where no region waits: buffers small
             enough for the allocator to recycle instead of faulting in fresh pages win (1 thread:
             8 MiB ~490 ms CPU, 64 MiB ~550-670 ms).
+        dense: a pattern that is exactly ``causal`` or ``full`` runs as torch's fused kernel on the
+            whole tensors (:mod:`patterndsl.runtime.cpu.dense`, what SDPA's ``is_causal`` runs),
+            not through the tile schedule (causal 4K: 1.4x the kernel's time). False keeps the tiles.
         min_affine: affine segments shorter than this are pooled into gathered buckets (fewer,
             larger steps).
         wide_min: a loose query tile (in no equal-width affine run) whose key tiles include at
@@ -65,6 +69,7 @@ class CpuOptions:
     chunk_bytes: int = 4 << 20
     fused_chunk_bytes: int = 64 << 20
     fused_chunk_bytes_serial: int = 8 << 20
+    dense: bool = True
     min_affine: int = 4
     wide_min: int = 8
     split_runs: int = 2
