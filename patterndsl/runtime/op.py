@@ -63,6 +63,13 @@ def _run(module, name: str, *args, data, **kwargs):
     return entry(*args, **kwargs)
 
 
+def _unit(*xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``xs`` with a unit stride on the head dim: torch's fused CPU flash kernels (which several
+    executor paths call on views of the operands) read each row as a contiguous vector whatever the
+    strides say, so a ``v`` made by a transpose gave wrong outputs there. Other layouts pass as they are."""
+    return tuple(x if x.dim() == 0 or x.stride(-1) == 1 or x.shape[-1] == 1 else x.contiguous() for x in xs)
+
+
 def _plan(q, k, v, plan_key: str, backend: str):
     # The op is public (torch.ops.patterndsl), so it checks what it is handed before planning.
     sizes = validate.check_call(q, k, v, backend)
@@ -99,6 +106,7 @@ def _attention_fwd_impl(q, k, v, plan_key, data, scale, backend):
         ``(out [B, H, Lq, D] in q's dtype, lse [B, H, Lq] float32, float64 for float64 inputs)``, both
         contiguous.
     """
+    q, k, v = _unit(q, k, v)
     if ragged.owns(plan_key):
         return ragged.forward_op(q, k, v, plan_key, data, scale, backend)
     plan = _plan(q, k, v, plan_key, backend)
@@ -129,6 +137,7 @@ def _attention_bwd_impl(dout, dlse, q, k, v, out, lse, plan_key, data, scale, ba
     Returns:
         ``(dq, dk, dv)`` shaped and typed like ``q``, ``k``, ``v``, contiguous.
     """
+    dout, q, k, v, out = _unit(dout, q, k, v, out)
     if ragged.owns(plan_key):
         return ragged.backward_op(dout, dlse, q, k, v, out, lse, plan_key, data, scale, backend)
     plan = _plan(q, k, v, plan_key, backend)
