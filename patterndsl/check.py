@@ -879,7 +879,7 @@ def _bind_score(stmt: syntax.Score, scope: _Scope) -> scores.Score | None:
             return value
         return _describe(value)
 
-    names = scores.Names({name: meaning(v) for name, v in scope.values.items()}, scope.layout)
+    names = scores.Names({name: meaning(v) for name, v in scope.values.items()}, scope.layout, scope.inputs)
     expr = scores.bind(stmt.value, names)
     if any(n.type == scores.ANY for n in scores.walk(expr)):
         return None

@@ -99,7 +99,7 @@ def _forward(q, k, v, plan: BlockPlan, scale: float, opts: CpuOptions, safe: boo
     for bs, sched, merge in todo:
         hd = Heads.of(sched, h, h // k.shape[1])
         # A score modifier runs on every visited tile (full ones too), through the math kernel.
-        modify = Modifier(plan, hd.q, hd.count) if score else None
+        modify = Modifier(plan, hd.q, hd.count, data, torch.arange(b)[bs]) if score else None
         qb, kb, vb = q[bs], k[bs], v[bs]
         nb = qb.shape[0]
         qp = to_tiles(qb, hd.q, plan.q_order, q_inv is None, lq_pad, dt)

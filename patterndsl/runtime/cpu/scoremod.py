@@ -4,7 +4,9 @@ Comes in: the plan (its orders, lengths and layout), the query heads a unit runs
 (:class:`patterndsl.scores.Score`) and, per step, a segment and its raw logits
 ``s = scale * Q K^T`` shaped ``[B, h, n, BM, width*BN]``. Goes out: the modified logits (forward)
 and ``d score / d s`` on the same pairs (backward; None when the score is additive in ``s``,
-where ``dS = dP``). Positions are the original (end-aligned) ones of the tiles' rows and
+where ``dS = dP``), and, for float inputs the score reads (a learned bias table), their gradients
+(:meth:`Modifier.accumulate`: ``dL/d score * d score / d read`` scattered into the table).
+Positions are the original (end-aligned) ones of the tiles' rows and
 columns, clamped inside the lengths for padding, which the segment's mask blocks anyway. The
 steps select blocked pairs out after modifying, so a modifier's NaN or Inf on a blocked pair
 never reaches an output.
@@ -17,16 +19,36 @@ import torch
 from patterndsl import scores
 from patterndsl.analysis.plan import BlockPlan
 from patterndsl.runtime.cpu.schedule import Segment
+from patterndsl.scores.tables import Tables, scatter
 
 
 class Modifier:
-    """Evaluates a score and its derivative on the tiles of segments, for one unit's query heads."""
+    """Evaluates a score and its derivative on the tiles of segments, for one unit's query heads.
 
-    def __init__(self, plan: BlockPlan, heads: list[int] | None, count: int, data=None):
+    Args:
+        plan: the block plan; heads: the unit's query heads (None: all ``count``).
+        data: the call's input tensors in declaration order (the score may read them).
+        batch: the batch elements of the unit's rows (int64 indices), for batched inputs.
+        grads: float input name -> gradient accumulator, filled by :meth:`accumulate` (backward).
+    """
+
+    def __init__(
+        self,
+        plan: BlockPlan,
+        heads: list[int] | None,
+        count: int,
+        data: list[torch.Tensor] | None = None,
+        batch: torch.Tensor | None = None,
+        grads: dict[str, torch.Tensor] | None = None,
+    ):
         self.plan = plan
         self.score = plan.pattern.score
         self.heads = torch.arange(count) if heads is None else torch.tensor(heads, dtype=torch.int64)
-        self.data = data
+        self.data = None
+        if plan.pattern.inputs and data:
+            where = None if batch is None else batch.view(-1, 1, 1, 1, 1)
+            self.data = Tables(plan.pattern.inputs, data, where)
+        self.grads = grads or {}
 
     def _env(self, s: torch.Tensor, seg: Segment) -> scores.Env:
         plan = self.plan
@@ -60,13 +82,15 @@ class Modifier:
         bm, bn = self.plan.block
         shape = (len(seg), bm, seg.width * bn)
         env = self._env(torch.zeros((), dtype=dtype), seg)
-        out = scores.evaluate(self.score.bias, env).to(dtype)
-        heads = out.shape[0] if out.dim() == 4 else 1
-        out = out.expand(heads, *shape).contiguous() if out.dim() == 4 else out.expand(shape)[None].contiguous()
+        value = scores.evaluate(self.score.bias, env).to(dtype)
+        value = value.reshape((1,) * (5 - value.dim()) + tuple(value.shape))
+        # One bias for every (batch element, head) when it depends on neither, else one per pair of them.
+        shared = value.shape[0] == 1 and value.shape[1] == 1
+        out = torch.empty(*((1, 1) if shared else (batch, len(self.heads))), *shape, dtype=dtype)
+        out.copy_(value.expand_as(out))
+        out = out.reshape(-1, *shape)
         if seg.blocked is not None:
             out.masked_fill_(seg.blocked, float("-inf"))
-        if heads > 1 and batch > 1:
-            out = out.repeat(batch, 1, 1, 1)
         return out
 
     def derivative(self, s: torch.Tensor, seg: Segment) -> torch.Tensor | None:
@@ -74,3 +98,37 @@ class Modifier:
         if self.score.additive:
             return None
         return scores.evaluate(self.score.ds, self._env(s, seg)).to(s.dtype)
+
+    def accumulate(self, g: torch.Tensor, s: torch.Tensor, seg: Segment) -> None:
+        """Add ``g * d score / d read`` into the gradient of every float table the score reads.
+
+        Args:
+            g: ``dL / d score`` on the segment's pairs (``[B, h, n, BM, W]``, 0 on blocked pairs).
+            s: the raw logits the forward modified (the partial derivatives may depend on them).
+            seg: the segment.
+        """
+        if not self.grads:
+            return
+        env = self._env(s, seg)
+        for read, partial in self.score.partials:
+            if read.name not in self.grads:
+                continue
+            values = g * scores.evaluate(partial, env).to(g.dtype)
+            if seg.blocked is not None:
+                values = values.masked_fill(seg.blocked, 0.0)
+            indices = [scores.evaluate(i, env) for i in read.indices]
+            scatter(self.grads[read.name], self.data, read, indices, values)
+
+
+def table_grads(plan: BlockPlan, data: list[torch.Tensor] | None, dtype: torch.dtype) -> dict[str, torch.Tensor] | None:
+    """Zeroed gradient accumulators (``dtype``) of the pattern's float inputs, by name, in declaration order.
+
+    None when the pattern has no score or no float input (the backward then returns three gradients).
+    """
+    pattern = plan.pattern
+    if pattern is None or pattern.score is None or not data:
+        return None
+    floats = [(d, t) for d, t in zip(pattern.inputs, data, strict=True) if d.kind == "float"]
+    if not floats:
+        return None
+    return {d.name: torch.zeros(t.shape, dtype=dtype) for d, t in floats}
