@@ -8,6 +8,8 @@ and token-indexed tables, GQA, tails and 2-D grids; ``gradcheck`` on a small flo
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -139,3 +141,68 @@ def test_show_ir_prints_the_partial_derivative_of_each_table():
     text = describe_derivatives(p.ir.score)
     assert "d score / d rel[h, k - q + 6]" in text
     assert "tanh" in text
+
+
+# --------------------------------------------------------------------------- examples
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+
+def _swin_reference(q, k, v, table, win, side):
+    """Swin's own window attention (its relative_position_index construction), independent of patterndsl."""
+    b, h, n, d = q.shape
+    coords = torch.stack(torch.meshgrid(torch.arange(win), torch.arange(win), indexing="ij")).flatten(1)
+    rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + (win - 1)
+    index = rel[..., 0] * (2 * win - 1) + rel[..., 1]  # [win*win, win*win]
+    bias = table.reshape(h, -1)[:, index]  # [h, win*win, win*win]
+
+    def windows(x):  # [b, h, side*side, d] -> [b, h, windows, win*win, d]
+        x = x.reshape(b, h, side // win, win, side // win, win, d).permute(0, 1, 2, 4, 3, 5, 6)
+        return x.reshape(b, h, -1, win * win, d)
+
+    qw, kw, vw = windows(q), windows(k), windows(v)
+    p = torch.softmax(qw @ kw.transpose(-1, -2) * d**-0.5 + bias[:, None], -1)
+    out = (p @ vw).reshape(b, h, side // win, side // win, win, win, d).permute(0, 1, 2, 4, 3, 5, 6)
+    return out.reshape(b, h, n, d)
+
+
+def test_swin_example_equals_swin_window_attention_with_its_table_gradient():
+    win, side, h = 3, 6, 2
+    p = pd.load(EXAMPLES / "swin_relative_bias.pdsl", name="swin", win=win, height=side, width=side)
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, h, side * side, 8, generator=gen, requires_grad=True) for _ in range(3))
+    table = torch.randn(h, 2 * win - 1, 2 * win - 1, generator=gen, requires_grad=True)
+    out = p(q, k, v, rel=table)
+    want = _swin_reference(q, k, v, table, win, side)
+    torch.testing.assert_close(out, want, atol=2e-5, rtol=2e-5)
+    dout = torch.randn(out.shape, generator=gen)
+    got = torch.autograd.grad((out * dout).sum(), (q, k, v, table))
+    ref = torch.autograd.grad((want * dout).sum(), (q, k, v, table))
+    for g, w in zip(got, ref, strict=True):
+        torch.testing.assert_close(g, w, atol=5e-5, rtol=5e-5)
+
+
+def test_shifted_swin_windows_and_learned_t5_against_the_float64_reference():
+    shifted = pd.load(EXAMPLES / "swin_relative_bias.pdsl", name="swin_shifted", win=4, height=8, width=8)
+    m = shifted.mask(64, 64, 1, rel=torch.zeros(1, 7, 7))[0, 0]
+    y, x = torch.arange(64) // 8, torch.arange(64) % 8
+    wy, wx = (y + 2) // 4, (x + 2) // 4
+    assert torch.equal(m, (wy[:, None] == wy[None, :]) & (wx[:, None] == wx[None, :]))
+    t5 = pd.load(EXAMPLES / "t5_buckets.pdsl", name="t5_learned")
+    for p, shapes, length in ((shifted, {"rel": (3, 7, 7)}, 64), (t5, {"rel": (3, 32)}, 150)):
+        source = str(p)
+        got, want = _run(source, lambda h, lk, s=shapes: s, 1, 3, 3, length, length, torch.float32)
+        for g, w in zip(got, want, strict=True):
+            torch.testing.assert_close(g, w.to(g.dtype), atol=3e-5, rtol=3e-4)
+
+
+def test_learned_t5_reads_hugging_face_buckets():
+    hf = pytest.importorskip("transformers.models.t5.modeling_t5")
+    p = pd.load(EXAMPLES / "t5_buckets.pdsl", name="t5_learned")
+    n, h = 300, 2
+    rel = torch.randn(h, 32, dtype=torch.float64)
+    bias = semantics.modified_scores(p.ir, torch.zeros(1, h, n, n, dtype=torch.float64), data={"rel": rel})[0]
+    q, k = torch.arange(n)[:, None], torch.arange(n)[None, :]
+    bucket = hf.T5Attention._relative_position_bucket(k - q, bidirectional=False, num_buckets=32, max_distance=128)
+    allowed = (k <= q).expand(h, n, n)
+    assert torch.equal(bias[allowed], rel[:, bucket][allowed])
