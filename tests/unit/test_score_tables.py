@@ -43,6 +43,15 @@ CASES = {
         }""",
         lambda h, lk: {"temp": (h,), "key_bias": (2, lk)},
     ),
+    "learned_alibi_and_key_bias": (
+        """pattern p {
+            input slope: float[head]
+            input key_bias: float[batch, token]
+            causal | sink(3)
+            score s + slope[h] * (k - q) + key_bias[k]
+        }""",
+        lambda h, lk: {"slope": (h,), "key_bias": (2, lk)},
+    ),
     "grid_windows": (
         """pattern p(win = 3) {
             layout grid(y = 6, x = 6)
@@ -206,3 +215,16 @@ def test_learned_t5_reads_hugging_face_buckets():
     bucket = hf.T5Attention._relative_position_bucket(k - q, bidirectional=False, num_buckets=32, max_distance=128)
     allowed = (k <= q).expand(h, n, n)
     assert torch.equal(bias[allowed], rel[:, bucket][allowed])
+
+
+def test_biases_of_the_form_g_q_plus_u_k_are_recognised():
+    from patterndsl.scores.separable import separable
+
+    def bias(text):
+        return pd.compile(f"pattern p {{ causal\n score s + {text} }}").ir.score.bias
+
+    assert separable(bias("-2.0 ** (-(h + 1) / 2) * (q - k)"))
+    assert separable(bias("0.5 * k - q / 3 + h"))
+    assert not separable(bias("tanh(0.1 * (q - k))"))
+    assert not separable(bias("0.01 * (q - k) * (q - k)"))
+    assert not separable(bias("0.1 * ((q - k) // 4)"))

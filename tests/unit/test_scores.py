@@ -275,7 +275,7 @@ EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 def test_t5_buckets_example_matches_hugging_face():
     t5 = pytest.importorskip("transformers.models.t5.modeling_t5")
-    p = patterndsl.load(EXAMPLES / "t5_buckets.pdsl", slope=-1.0)
+    p = patterndsl.load(EXAMPLES / "t5_buckets.pdsl", name="t5_decoder", slope=-1.0)
     assert p.ir.score.additive
     n = 300
     bias = semantics.modified_scores(p.ir, torch.zeros(1, n, n, dtype=torch.float64))[0]

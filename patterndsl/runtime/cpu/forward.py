@@ -247,8 +247,9 @@ def _forward_biased(qp, kp, vp, op, lp, seg0: Segment, block, scale: float, opts
     per_tile = b * h * bn * (bm + 2 * d) * qp.element_size()  # the bias and the gathered K/V of a key tile
     for seg in chunks(seg0, per_tile, opts.fused_budget()):
         qc, kc, vc = flat(q_view(qp, seg, bm)), flat(kv_view(kp, seg, bn)), flat(kv_view(vp, seg, bn))
-        o, lse = FLASH(qc, kc, vc, 0.0, False, attn_mask=modify.bias(seg, qp.dtype, b), scale=scale)
-        lse = lse.unflatten(0, (b, h))
+        mask, shift = modify.bias(seg, qp.dtype, b)
+        o, lse = FLASH(qc, kc, vc, 0.0, False, attn_mask=mask, scale=scale)
+        lse = lse.unflatten(0, (b, h)) if shift is None else lse.unflatten(0, (b, h)) + shift
         empty = seg.empty_rows()
         if empty is not None:
             lse = lse.masked_fill(empty, float("-inf"))

@@ -19,6 +19,7 @@ import torch
 from patterndsl import scores
 from patterndsl.analysis.plan import BlockPlan
 from patterndsl.runtime.cpu.schedule import Segment
+from patterndsl.scores.separable import separable
 from patterndsl.scores.tables import Tables, scatter
 
 
@@ -49,6 +50,7 @@ class Modifier:
             where = None if batch is None else batch.view(-1, 1, 1, 1, 1)
             self.data = Tables(plan.pattern.inputs, data, where)
         self.grads = grads or {}
+        self._separable = self.score.additive and separable(self.score.bias)
 
     def _env(self, s: torch.Tensor, seg: Segment) -> scores.Env:
         plan = self.plan
@@ -74,24 +76,45 @@ class Modifier:
         out = scores.evaluate(self.score.expr, self._env(s, seg))
         return out.to(s.dtype).expand(s.shape).contiguous()
 
-    def bias(self, seg: Segment, dtype: torch.dtype, batch: int) -> torch.Tensor:
-        """An additive score's bias on the segment, ``-inf`` on blocked pairs, as ``[batch*h or 1, n, BM, W]``.
+    def bias(self, seg: Segment, dtype: torch.dtype, batch: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """An additive score's bias on the segment for the fused kernel, and the shift of each row's ``lse``.
 
-        The fused kernel takes it as its float ``attn_mask`` (the score is ``s + bias``).
+        Returns:
+            ``(mask, shift)``: ``mask`` ``[batch*h or 1, n, BM, W]`` is the fused kernel's float
+            ``attn_mask`` (the score is ``s + bias``; ``-inf`` on blocked pairs). For a bias
+            ``g(q) + u(k)`` (:func:`patterndsl.scores.separable`) it holds each query tile's
+            first row, broadcast over the tile's rows (no per-pair evaluation), and ``shift``
+            (broadcastable to ``[batch, h, n, BM]``) is what the rows' own ``g(q)`` adds to their
+            log-sum-exp; otherwise ``mask`` holds every pair's bias and ``shift`` is None.
         """
         bm, bn = self.plan.block
         shape = (len(seg), bm, seg.width * bn)
         env = self._env(torch.zeros((), dtype=dtype), seg)
-        value = scores.evaluate(self.score.bias, env).to(dtype)
+        shift = None
+        if self._separable:
+            q_all = env.q
+            env.q = q_all[:, :1]
+            first = scores.evaluate(self.score.bias, env).to(dtype)
+            env.memo.clear()
+            env.q, env.k = q_all, env.k[:, :, :1]
+            rows = scores.evaluate(self.score.bias, env).to(dtype)
+            shift = rows - rows[..., :1, :]
+            shift = shift.reshape((1,) * (5 - shift.dim()) + tuple(shift.shape))[..., 0]
+            value = first
+        else:
+            value = scores.evaluate(self.score.bias, env).to(dtype)
         value = value.reshape((1,) * (5 - value.dim()) + tuple(value.shape))
         # One bias for every (batch element, head) when it depends on neither, else one per pair of them.
-        shared = value.shape[0] == 1 and value.shape[1] == 1
-        out = torch.empty(*((1, 1) if shared else (batch, len(self.heads))), *shape, dtype=dtype)
+        lead = (1, 1) if value.shape[0] == 1 and value.shape[1] == 1 else (batch, len(self.heads))
+        if shift is not None and seg.blocked is None:
+            rows_of = value.expand(*lead, len(seg), 1, shape[2]).reshape(-1, len(seg), 1, shape[2])
+            return rows_of.expand(-1, *shape), shift
+        out = torch.empty(*lead, *shape, dtype=dtype)
         out.copy_(value.expand_as(out))
         out = out.reshape(-1, *shape)
         if seg.blocked is not None:
             out.masked_fill_(seg.blocked, float("-inf"))
-        return out
+        return out, shift
 
     def derivative(self, s: torch.Tensor, seg: Segment) -> torch.Tensor | None:
         """``d score / d s`` at ``s``, or None when the score is additive in ``s`` (the derivative is 1)."""
