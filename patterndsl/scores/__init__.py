@@ -11,7 +11,7 @@ Modules: :mod:`.nodes` (nodes, types, folding, printing), :mod:`.bind` (syntax -
 from __future__ import annotations
 
 from patterndsl.scores.bind import VARIABLES, Names, bind
-from patterndsl.scores.evaluate import Env, evaluate
+from patterndsl.scores.evaluate import Env, evaluate, evaluate_in_place
 from patterndsl.scores.nodes import ANY, BOOL, FLOAT, FUNCTIONS, INT, Node, to_source, walk
 from patterndsl.scores.symbolic import Score, derive, describe_derivatives
 from patterndsl.scores.tables import Tables, scatter
@@ -32,6 +32,7 @@ __all__ = [
     "derive",
     "describe_derivatives",
     "evaluate",
+    "evaluate_in_place",
     "scatter",
     "to_source",
     "walk",

@@ -228,3 +228,31 @@ def test_biases_of_the_form_g_q_plus_u_k_are_recognised():
     assert not separable(bias("tanh(0.1 * (q - k))"))
     assert not separable(bias("0.01 * (q - k) * (q - k)"))
     assert not separable(bias("0.1 * ((q - k) // 4)"))
+
+
+@pytest.mark.parametrize(
+    ("text", "reuses"),
+    [
+        ("cap * tanh(s / cap)", True),
+        ("2.0 - s / (h + 1)", True),
+        ("min(s, 3.0) + 0.1 * (q - k)", True),
+        ("-exp(abs(s) / 4.0) + max(s * 0.0, 1.0) * 0.0", False),  # s read twice: evaluated as usual
+        ("sqrt(s ** 2.0 + 1.0) * cap", False),  # ** out of place, then in place on its new buffer
+        ("select(q > k, s, -s)", False),
+    ],
+)
+def test_in_place_evaluation_equals_evaluate(text, reuses):
+    from patterndsl import scores
+
+    score = pd.compile(f"pattern p(cap = 5.0) {{ full\n score {text} }}").ir.score
+    s = torch.randn(3, 4, 6, dtype=torch.float64) * 4
+
+    def env(x):
+        q, k = torch.arange(4)[:, None] + 2, torch.arange(6)[None, :]
+        return scores.Env(x, q, k, torch.arange(3)[:, None, None], 4, 6, None, torch.float64)
+
+    want = scores.evaluate(score.expr, env(s.clone())).expand(s.shape)
+    buf = s.clone()
+    got = scores.evaluate_in_place(score.expr, env(buf))
+    torch.testing.assert_close(got.expand(s.shape), want)
+    assert (got.data_ptr() == buf.data_ptr()) == reuses

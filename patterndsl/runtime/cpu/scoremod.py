@@ -71,9 +71,16 @@ class Modifier:
             read=self.data,
         )
 
-    def __call__(self, s: torch.Tensor, seg: Segment) -> torch.Tensor:
-        """The modified logits of ``s`` (``[B, h, n, BM, W]``), a new tensor in ``s``'s dtype."""
-        out = scores.evaluate(self.score.expr, self._env(s, seg))
+    def __call__(self, s: torch.Tensor, seg: Segment, own: bool = False) -> torch.Tensor:
+        """The modified logits of ``s`` (``[B, h, n, BM, W]``) in ``s``'s dtype.
+
+        With ``own`` (the caller hands ``s`` over) the operators applied to ``s`` run in place in its
+        memory (:func:`patterndsl.scores.evaluate_in_place`); otherwise the result is a new tensor.
+        """
+        env = self._env(s, seg)
+        out = scores.evaluate_in_place(self.score.expr, env) if own else scores.evaluate(self.score.expr, env)
+        if out.shape == s.shape and out.dtype == s.dtype and out.is_contiguous():
+            return out
         return out.to(s.dtype).expand(s.shape).contiguous()
 
     def bias(self, seg: Segment, dtype: torch.dtype, batch: int) -> tuple[torch.Tensor, torch.Tensor | None]:
