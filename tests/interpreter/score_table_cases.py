@@ -4,6 +4,8 @@ The tables are read from ``RT`` as float32 bits and their gradients come from th
 atomic adds into ``DTAB``; outputs, log-sum-exp and the gradients of ``q``, ``k``, ``v`` and every
 table are compared with the float64 reference (:func:`patterndsl.semantics.attention`, through
 autograd), in float32 and float16. Cases are the CPU tests' (``tests/unit/test_score_tables.py``).
+``score`` with ``route`` (the route kernels apply the modifier to the routed pairs) is checked the
+same way (``tests/unit/test_score_route.py``).
 """
 
 from __future__ import annotations
@@ -55,4 +57,27 @@ def case_score_tables_fp16():
     _check("scaled_by_table", torch.float16)
 
 
-SCORE_TABLE_CHECKS = {"score_tables_fp32": case_score_tables_fp32, "score_tables_fp16": case_score_tables_fp16}
+def case_score_route():
+    from tests.unit.test_score_route import SOURCES, reference
+
+    for name, dtype in (("softcap_route_tiles", torch.float16), ("alibi_route_rows", torch.float32)):
+        p = patterndsl.compile(SOURCES[name])
+        gen = torch.Generator().manual_seed(2)
+        q, k, v = (torch.randn(2, 2, 70, 16, generator=gen).to(dtype).requires_grad_() for _ in range(3))
+        out, lse = p(q, k, v, return_lse=True, backend="triton")
+        ref, ref_lse = reference(p, q, k, v)
+        dout = torch.randn(out.shape, generator=gen).to(dtype)
+        got = torch.autograd.grad((out.float() * dout.float()).sum() + lse.sum(), (q, k, v))
+        want = torch.autograd.grad((ref * dout.double()).sum() + ref_lse.sum(), (q, k, v))
+        atol, rtol = TOLERANCE[dtype]
+        torch.testing.assert_close(out.double(), ref, atol=atol, rtol=rtol)
+        torch.testing.assert_close(lse.double(), ref_lse, atol=1e-4, rtol=1e-4)
+        for g, w in zip(got, want, strict=True):
+            torch.testing.assert_close(g.double(), w.double(), atol=atol, rtol=rtol)
+
+
+SCORE_TABLE_CHECKS = {
+    "score_tables_fp32": case_score_tables_fp32,
+    "score_tables_fp16": case_score_tables_fp16,
+    "score_route": case_score_route,
+}

@@ -20,7 +20,7 @@ from patterndsl.analysis.plan import BlockPlan
 from patterndsl.runtime import softmax
 from patterndsl.runtime.cpu import documents
 from patterndsl.runtime.cpu.schedule import Segment
-from patterndsl.runtime.cpu.scoremod import Modifier, table_grads
+from patterndsl.runtime.cpu.scoremod import Modifier, PairModifier, table_grads
 from patterndsl.runtime.cpu.tuning import FLASH_BWD, CpuOptions, resolve
 from patterndsl.runtime.cpu.units import Heads, units
 from patterndsl.runtime.cpu.views import (
@@ -168,7 +168,8 @@ def _backward(
         from patterndsl.runtime.cpu import gather
 
         grads = {"dq": dq, "dk": dk_acc, "dv": dv_acc}
-        gather.backward(q, k, v, lse, dout, delta, grads, work, scale, opts, safe=safe)
+        modify = None if plan.pattern.score is None else PairModifier(plan)
+        gather.backward(q, k, v, lse, dout, delta, grads, work, scale, opts, safe=safe, modify=modify)
     return dq.to(q.dtype), dk_acc.to(k.dtype), dv_acc.to(v.dtype)
 
 

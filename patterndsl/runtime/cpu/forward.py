@@ -24,7 +24,7 @@ from patterndsl.analysis.plan import BlockPlan
 from patterndsl.runtime import softmax
 from patterndsl.runtime.cpu import documents
 from patterndsl.runtime.cpu.schedule import Segment
-from patterndsl.runtime.cpu.scoremod import Modifier
+from patterndsl.runtime.cpu.scoremod import Modifier, PairModifier
 from patterndsl.runtime.cpu.tuning import FLASH, CpuOptions, resolve
 from patterndsl.runtime.cpu.units import Heads, units
 from patterndsl.runtime.cpu.views import (
@@ -134,7 +134,8 @@ def _forward(q, k, v, plan: BlockPlan, scale: float, opts: CpuOptions, safe: boo
     if work is not None:
         from patterndsl.runtime.cpu import gather
 
-        gather.forward(q, k, v, out, lse, work, scale, opts, safe=safe)
+        modify = None if plan.pattern.score is None else PairModifier(plan)
+        gather.forward(q, k, v, out, lse, work, scale, opts, safe=safe, modify=modify)
         out = out.to(q.dtype)
     return out, lse
 

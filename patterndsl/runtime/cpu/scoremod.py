@@ -162,3 +162,40 @@ def table_grads(plan: BlockPlan, data: list[torch.Tensor] | None, dtype: torch.d
     if not floats:
         return None
     return {d.name: torch.zeros(t.shape, dtype=dtype) for d, t in floats}
+
+
+class PairModifier:
+    """The score on gathered ``route`` rows (:mod:`patterndsl.runtime.cpu.gather`): logits ``[h, rows, keys]``.
+
+    Args:
+        plan: the block plan (lengths, layout, the score).
+    """
+
+    def __init__(self, plan: BlockPlan):
+        self.plan = plan
+        self.score = plan.pattern.score
+
+    def _env(self, s: torch.Tensor, heads: list[int], rows: torch.Tensor, keys) -> scores.Env:
+        plan = self.plan
+        k = torch.arange(plan.kv_len)[keys] if isinstance(keys, slice) else keys
+        return scores.Env(
+            s=s,
+            q=(rows + (plan.kv_len - plan.q_len))[None, :, None],
+            k=k[None, None, :],
+            h=torch.tensor(heads, dtype=torch.int64)[:, None, None],
+            lq=plan.q_len,
+            lk=plan.kv_len,
+            layout=plan.pattern.layout,
+            dtype=s.dtype,
+        )
+
+    def __call__(self, s: torch.Tensor, heads: list[int], rows: torch.Tensor, keys) -> torch.Tensor:
+        """The modified logits of ``s`` (``[h, rows, keys]``) for query rows ``rows`` and key indices ``keys``."""
+        out = scores.evaluate(self.score.expr, self._env(s, heads, rows, keys))
+        return out.to(s.dtype).expand(s.shape)
+
+    def derivative(self, s: torch.Tensor, heads: list[int], rows: torch.Tensor, keys) -> torch.Tensor | None:
+        """``d score / d s`` there, or None for a score additive in ``s``."""
+        if self.score.additive:
+            return None
+        return scores.evaluate(self.score.ds, self._env(s, heads, rows, keys)).to(s.dtype)
