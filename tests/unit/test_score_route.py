@@ -48,6 +48,12 @@ def test_route_with_a_score_equals_the_float64_reference(name):
         torch.testing.assert_close(g.double(), w.double(), atol=2e-5, rtol=2e-5)
 
 
+def test_a_score_beside_a_bare_route_compiles():
+    # Refused before score modifiers reached route patterns; now the routed pairs take the score.
+    p = pd.compile("pattern p { route(2)\n score s * 2.0 }")
+    assert p.ir.score is not None and not p.ir.score.additive
+
+
 def test_the_score_does_not_change_what_route_chooses():
     scored, plain = (
         pd.compile(SOURCES["softcap_route_tiles"]),

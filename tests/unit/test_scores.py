@@ -81,7 +81,6 @@ ERRORS = [
     ("pattern p { causal\n score s | s }", "|", PatternTypeError, "combines patterns"),
     ("pattern p { score s\n score s * 2.0\n causal }", "score s * 2.0", PatternError, "at most one score"),
     ("pattern p { causal\n score s + q.y }", "q.y", PatternError, "needs a layout grid"),
-    ("pattern p { route(2)\n score s * 2.0 }", "score s * 2.0", PatternValueError, "route"),
 ]
 
 
