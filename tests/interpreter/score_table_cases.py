@@ -78,6 +78,6 @@ def case_score_route():
 
 SCORE_TABLE_CHECKS = {
     "score_tables_fp32": case_score_tables_fp32,
-    "score_tables_fp16": case_score_tables_fp16,
+    "slow_score_tables_fp16": case_score_tables_fp16,
     "score_route": case_score_route,
 }

@@ -93,6 +93,7 @@ def test_outputs_lse_and_gradients_equal_the_float64_reference(name):
         torch.testing.assert_close(g, w.to(g.dtype), atol=2e-5, rtol=2e-4)
 
 
+@pytest.mark.slow
 def test_gradcheck_float64_learned_table():
     p = pd.compile(CASES["softcapped_bias"][0])
     gen = torch.Generator().manual_seed(1)

@@ -75,7 +75,9 @@ def _flex_grads(name, leaves, dout):
     return torch.autograd.grad(loss, leaves)
 
 
-@pytest.mark.parametrize("name", sorted(CASES))
+@pytest.mark.parametrize(
+    "name", [n if n == "learned_table" else pytest.param(n, marks=pytest.mark.slow) for n in sorted(CASES)]
+)
 def test_gradients_equal_flex_eager_score_mod(name):
     source = CASES[name][0]
     gen = torch.Generator().manual_seed(1)
