@@ -855,9 +855,6 @@ def _bind_definition(
     if default is not None and not isinstance(default, _Unknown):
         _check_extent(default, pdef.final.span)
     score = None if score_seen is None else _bind_score(score_seen, scope)
-    nodes = [default, *(rule.node for rule in rules)]
-    if score_seen is not None and any(isinstance(n, ir.Node) and ir.is_dynamic(n) for n in nodes):
-        raise PatternValueError("a score modifier does not combine with route(...) yet", score_seen.span)
     if isinstance(default, _Unknown) or any(isinstance(v, _Unknown) for _, v in bound) or lenient:
         return None
     inputs = tuple(scope.inputs.values())
@@ -879,7 +876,7 @@ def _bind_score(stmt: syntax.Score, scope: _Scope) -> scores.Score | None:
             return value
         return _describe(value)
 
-    names = scores.Names({name: meaning(v) for name, v in scope.values.items()}, scope.layout)
+    names = scores.Names({name: meaning(v) for name, v in scope.values.items()}, scope.layout, scope.inputs)
     expr = scores.bind(stmt.value, names)
     if any(n.type == scores.ANY for n in scores.walk(expr)):
         return None

@@ -714,15 +714,20 @@ def modified_scores(pir: ir.PatternIR, s: torch.Tensor, heads=None, data=None) -
         pir: the bound pattern.
         s: scaled logits ``[..., H, Lq, Lk]`` (query index ``i``, key index ``j``).
         heads: the head index of each slice of dimension -3 (default ``0..H-1``).
-        data: reads of run-time inputs (:attr:`patterndsl.scores.Env.read`), or None.
+        data: the run-time inputs the score reads, by name (a batched input is indexed by the
+            leading dimension of ``s``), or a read hook (:attr:`patterndsl.scores.Env.read`), or None.
 
     Returns:
-        ``s`` itself when the pattern has no score, else the modified logits in ``s``'s dtype.
+        ``s`` itself when the pattern has no score, else the modified logits in ``s``'s dtype
+        (differentiable in ``s`` and in the float inputs).
     """
     if pir.score is None:
         return s
     from patterndsl import scores
 
+    if isinstance(data, dict):
+        batch = torch.arange(s.shape[0]).view(-1, 1, 1, 1) if s.dim() == 4 else None
+        data = scores.Tables(pir.inputs, [data[d.name] for d in pir.inputs], batch)
     h_count, q_len, kv_len = s.shape[-3:]
     offset = kv_len - q_len
     head = torch.arange(h_count) if heads is None else torch.as_tensor(heads)
@@ -747,7 +752,8 @@ def attention(pir: ir.PatternIR, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
         pir: the bound pattern (static: no ``route``).
         q: ``[B, H, Lq, D]``; k, v: ``[B, Hkv, Lk, D]`` with ``Hkv`` dividing ``H``.
         scale: softmax scale (default ``D ** -0.5``).
-        data: reads of run-time inputs, as in :func:`modified_scores`.
+        data: the run-time inputs by name (the mask and the score read them), or a read hook for
+            the score alone, as in :func:`modified_scores`.
 
     Returns:
         ``(out, lse)`` in float64: softmax over the modified logits of the allowed keys; rows
@@ -755,7 +761,12 @@ def attention(pir: ir.PatternIR, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     """
     _, h, q_len, d = q.shape
     kv_len = k.shape[2]
-    allowed = mask(pir, q_len, kv_len, h)
+    bound = None
+    if isinstance(data, dict):
+        from patterndsl import binding
+
+        bound = binding.bind(pir, data, kv_len, h, d, q.shape[0], who="semantics.attention()")
+    allowed = mask(pir, q_len, kv_len, h, inputs=bound)
     group = h // k.shape[1]
     q, k, v = q.double(), k.double().repeat_interleave(group, 1), v.double().repeat_interleave(group, 1)
     s = torch.matmul(q, k.transpose(-1, -2)) * (d**-0.5 if scale is None else scale)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from patterndsl.codegen import score as score_code
 from patterndsl.codegen.generator import DTYPES, KernelSpec, kernel_names, make_spec, per_call, render
 from patterndsl.codegen.launch import launch, launch_config, launch_tiles
 
@@ -60,7 +61,9 @@ def spec_for(
         The spec.
     """
     if block is None:
-        block = launch_tiles(head_dim, target, kind, DTYPES.get(dtype, "float16"), per_call(pattern.ir)) or (64, 64)
+        tables = score_code.has_tables(pattern.ir.score)
+        block = launch_tiles(head_dim, target, kind, DTYPES.get(dtype, "float16"), per_call(pattern.ir), tables)
+        block = block or (64, 64)
     if per_call(pattern.ir):
         order = "identity"
     plan = pattern.plan(q_len, kv_len, heads, block=tuple(block), order=order)

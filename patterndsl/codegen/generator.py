@@ -140,7 +140,8 @@ class KernelSpec:
     def input_layout(self) -> inputs.InputLayout:
         """Where this spec's kernels find each batch element's inputs in ``RT``."""
         nodes = [g.node for g in self.groups]
-        return inputs.layout(self.inputs, nodes, self.kv_len, self.heads, self.head_dim)
+        read = score_code.inputs_read(self.score)
+        return inputs.layout(self.inputs, nodes, self.kv_len, self.heads, self.head_dim, read)
 
     def run_time_layout(self) -> routes.RunTimeLayout:
         """Where this spec's kernels find each route's tables in ``RT``."""
@@ -200,7 +201,7 @@ def make_spec(
     pir = plan.pattern
     decls = tuple(getattr(pir, "inputs", ()))
     run_time = bool(decls) or any(ir.is_dynamic(group.node) for group in plan.groups)
-    row = launch(head_dim, target, kind, DTYPES[dtype], run_time)
+    row = launch(head_dim, target, kind, DTYPES[dtype], run_time, score_code.has_tables(getattr(pir, "score", None)))
     groups = []
     for group in plan.groups:
         forms = None if run_time else bounds.render_form(group.forms)
@@ -288,8 +289,8 @@ _CALLS = {
         "                          rows, h, qk_scale, _allowed_g$g, $masked)"
     ),
     "backward": (
-        "dq = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, KORD, AUX, RT, lst, n, rows,\n"
-        "              h, qk_scale, _allowed_g$g, $masked)"
+        "dq = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, KORD, AUX, RT, DTAB, lst, n,\n"
+        "              rows, h, qk_scale, _allowed_g$g, $masked)"
     ),
 }
 
@@ -387,7 +388,7 @@ def render(spec: KernelSpec) -> str:
         order=spec.order,
         group_lines="\n".join(group_lines),
         floor_helpers=FLOOR_HELPERS,
-        score_functions=score_code.render(spec.score, spec.layout),
+        score_functions=score_code.render(spec.score, spec.layout, spec.input_layout() if spec.inputs else None),
         predicates="\n\n".join(predicates),
     )
     body = _template(f"{spec.kind}.py.tmpl").substitute(kernels="\n\n".join(kernels))

@@ -65,10 +65,11 @@ def extents(decl: ir.InputDecl, kv_len: int, heads: int, head_dim: int) -> tuple
 
 
 def layout(
-    decls: tuple[ir.InputDecl, ...], nodes, kv_len: int, heads: int, head_dim: int
+    decls: tuple[ir.InputDecl, ...], nodes, kv_len: int, heads: int, head_dim: int, also: tuple[str, ...] = ()
 ) -> InputLayout:  # fmt: skip
-    """The ``RT`` slice layout of the inputs ``nodes`` read (declaration order; see the module docstring)."""
-    read, segs = set(), {}
+    """The ``RT`` slice layout of the inputs ``nodes`` (and a score: ``also``) read (declaration order; see the
+    module docstring). Float inputs a score reads are stored as their float32 bits."""
+    read, segs = set(also), {}
     for node in nodes:
         for sub in ir.walk(node):
             if not isinstance(sub, ir.Prim):
@@ -104,6 +105,11 @@ def _reads_lengths(body: ir.Node) -> bool:
                 ):
                     return True
     return False
+
+
+def volume(values) -> int:
+    """The number of entries of extents ``values``."""
+    return _product(values)
 
 
 def _product(values) -> int:
@@ -168,7 +174,10 @@ def pack(lay: InputLayout, decls: tuple[ir.InputDecl, ...], data: list[torch.Ten
     for name, ext, _ in lay.values:
         decl, t = by_name[name]
         if decl.kind != "int":
-            raise BackendError(f"input '{name}' is a float input; the kernels read int inputs only", decl.span)
+            # A score's float table: its float32 bits (the kernels load them back with a bitcast).
+            bits = _per_batch(decl, t.detach(), batch, ext).reshape(batch, -1).to(torch.float32).contiguous()
+            parts.append(bits.view(torch.int32))
+            continue
         narrow = t.dtype in (torch.int8, torch.uint8, torch.int16, torch.int32)  # fits: no read-back
         if t.numel() and not narrow and (int(t.min()) < _INT32[0] or int(t.max()) > _INT32[1]):
             raise InputError(
@@ -318,4 +327,4 @@ def render_group(
     return "\n\n".join([*r.functions, "\n".join(lines) + "\n"])
 
 
-__all__ = ["InputLayout", "extents", "layout", "pack", "render_group", "segment_tables"]
+__all__ = ["InputLayout", "extents", "layout", "pack", "render_group", "segment_tables", "volume"]

@@ -75,7 +75,9 @@ def dot_precision(dtype: str, target: str) -> str:
     return "ieee" if dtype == "float32" and target == "interpret" else "tf32"
 
 
-def launch(head_dim: int, target: str, kind: str, dtype: str = "float16", run_time: bool = False) -> Launch:
+def launch(
+    head_dim: int, target: str, kind: str, dtype: str = "float16", run_time: bool = False, tables: bool = False
+) -> Launch:
     """The launch table's row for one kernel.
 
     Args:
@@ -84,6 +86,7 @@ def launch(head_dim: int, target: str, kind: str, dtype: str = "float16", run_ti
         kind: ``"forward"`` or ``"backward"``.
         dtype: the input dtype name (float32 tiles take twice the shared memory per stage).
         run_time: the kernels walk run-time lists with a ``route`` element rule.
+        tables: the score reads float inputs, whose gradients the backward adds atomically.
 
     Returns:
         The :class:`Launch`.
@@ -99,19 +102,23 @@ def launch(head_dim: int, target: str, kind: str, dtype: str = "float16", run_ti
         bn, warps = max(16, bn // 2), 8
         if kind == "backward" and _weight(head_dim, dtype) >= 128:
             stages = 1
+    if tables and kind == "backward" and _weight(head_dim, dtype) >= 128:
+        # The table gradient's addresses and partial derivative are live per element beside dS: a 2-D
+        # relative table with a softcap at bf16 head dim 128 spills 32 bytes on sm_90 with 64 x 32 tiles.
+        bn = max(16, bn // 2)
     return Launch((bm, bn), warps, stages, precision)
 
 
 def launch_config(
-    head_dim: int, target: str, kind: str, dtype: str = "float16", run_time: bool = False
+    head_dim: int, target: str, kind: str, dtype: str = "float16", run_time: bool = False, tables: bool = False
 ) -> tuple[int, int]:
     """``(num_warps, num_stages)`` of :func:`launch`."""
-    row = launch(head_dim, target, kind, dtype, run_time)
+    row = launch(head_dim, target, kind, dtype, run_time, tables)
     return row.num_warps, row.num_stages
 
 
 def launch_tiles(
-    head_dim: int, target: str, kind: str, dtype: str = "float16", run_time: bool = False
+    head_dim: int, target: str, kind: str, dtype: str = "float16", run_time: bool = False, tables: bool = False
 ) -> tuple[int, int] | None:
     """The plan tiles ``(BM, BN)`` of :func:`launch`, or None for the interpreter."""
-    return launch(head_dim, target, kind, dtype, run_time).tiles
+    return launch(head_dim, target, kind, dtype, run_time, tables).tiles

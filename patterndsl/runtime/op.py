@@ -2,7 +2,7 @@
 
 Comes in: validated ``q``, ``k``, ``v``, a plan key from :mod:`patterndsl.runtime.plans`, the
 list of run-time tensors the plan reads (``data``), the scale and the backend name (``"cpu"`` or
-``"triton"``). Goes out: ``(out, lse)`` from ``patterndsl::attention_fwd`` and ``(dq, dk, dv)``
+``"triton"``). Goes out: ``(out, lse)`` from ``patterndsl::attention_fwd`` and ``(dq, dk, dv, dtables)``
 from ``patterndsl::attention_bwd``, wired together with ``register_autograd``. Both ops have
 fake (meta) implementations whose outputs match the real ones in shape, dtype and strides
 (always contiguous, whatever the layout of the inputs), so ``torch.compile(fullgraph=True)``
@@ -13,7 +13,9 @@ lazily so the CPU path never needs them.
 
 ``data`` is how a run-time input (document ids, lengths, score tables, paged caches) reaches
 a backend without another schema change: the caller appends tensors, the plan says what they
-mean. Static patterns and ``route`` pass an empty list today. The tensors carry no gradient.
+mean. Static patterns and ``route`` pass an empty list today. Floating-point tensors of the list
+(float inputs, e.g. a learned bias table a ``score`` reads) get gradients: ``dtables`` holds one
+per floating tensor of ``data``, in order; integer tensors get none.
 """
 
 from __future__ import annotations
@@ -87,7 +89,7 @@ torch.library.define(
 torch.library.define(
     "patterndsl::attention_bwd",
     "(Tensor dout, Tensor dlse, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
-    "str plan_key, Tensor[] data, float scale, str backend) -> (Tensor, Tensor, Tensor)",
+    "str plan_key, Tensor[] data, float scale, str backend) -> (Tensor, Tensor, Tensor, Tensor[])",
 )
 
 
@@ -135,21 +137,30 @@ def _attention_bwd_impl(dout, dlse, q, k, v, out, lse, plan_key, data, scale, ba
         plan_key, data, scale, backend: as in the forward.
 
     Returns:
-        ``(dq, dk, dv)`` shaped and typed like ``q``, ``k``, ``v``, contiguous.
+        ``(dq, dk, dv)`` shaped and typed like ``q``, ``k``, ``v``, contiguous, and the list of the
+        gradients of the floating-point tensors of ``data`` (a backend that returns none gives zeros:
+        only a score reads float inputs, and backends that cannot differentiate them refuse it).
     """
     dout, q, k, v, out = _unit(dout, q, k, v, out)
     if ragged.owns(plan_key):
-        return ragged.backward_op(dout, dlse, q, k, v, out, lse, plan_key, data, scale, backend)
-    plan = _plan(q, k, v, plan_key, backend)
-    if q.shape[0] == 0:
-        return q.new_zeros(q.shape), k.new_zeros(k.shape), v.new_zeros(v.shape)
-    grads = _run(_backend_module(backend, plan), "backward", q, k, v, out, lse, dout, plan, scale, dlse=dlse, data=data)
-    return tuple(g.to(x.dtype).contiguous() for g, x in zip(grads, (q, k, v), strict=True))
+        grads = ragged.backward_op(dout, dlse, q, k, v, out, lse, plan_key, data, scale, backend)
+    else:
+        plan = _plan(q, k, v, plan_key, backend)
+        if q.shape[0] == 0:
+            grads = q.new_zeros(q.shape), k.new_zeros(k.shape), v.new_zeros(v.shape)
+        else:
+            module = _backend_module(backend, plan)
+            grads = _run(module, "backward", q, k, v, out, lse, dout, plan, scale, dlse=dlse, data=data)
+    floats = [t for t in data if t.is_floating_point()]
+    tables = list(grads[3]) if len(grads) > 3 else [torch.zeros_like(t) for t in floats]
+    qkv = tuple(g.to(x.dtype).contiguous() for g, x in zip(grads[:3], (q, k, v), strict=True))
+    return (*qkv, [g.to(t.dtype).contiguous() for g, t in zip(tables, floats, strict=True)])
 
 
 @torch.library.register_fake("patterndsl::attention_bwd")
 def _attention_bwd_fake(dout, dlse, q, k, v, out, lse, plan_key, data, scale, backend):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+    tables = [t.new_empty(t.shape) for t in data if t.is_floating_point()]
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), tables
 
 
 #: The two ops, one object each for every device.
@@ -170,9 +181,11 @@ def _backward(ctx, dout, dlse):
         dout = torch.zeros_like(out)
     if dlse is None:
         dlse = torch.zeros_like(lse)
-    dq, dk, dv = attention_bwd(dout, dlse, q, k, v, out, lse, ctx.plan_key, data, ctx.scale, ctx.backend)
-    # Run-time data (ids, lengths, tables) is not differentiated: one None per tensor of the list.
-    return dq, dk, dv, None, [None] * len(data), None, None
+    dq, dk, dv, dtables = attention_bwd(dout, dlse, q, k, v, out, lse, ctx.plan_key, data, ctx.scale, ctx.backend)
+    # Integer data (ids, lengths) has no gradient; float tables get theirs, in order.
+    tables = iter(dtables)
+    grads = [next(tables) if t.is_floating_point() else None for t in data]
+    return dq, dk, dv, None, grads, None, None
 
 
 torch.library.register_autograd("patterndsl::attention_fwd", _backward, setup_context=_setup_context)

@@ -18,6 +18,7 @@ import torch
 
 from patterndsl import config, kernel_cache
 from patterndsl.codegen import generator
+from patterndsl.codegen import score as score_code
 from patterndsl.codegen.launch import launch_tiles
 from patterndsl.errors import BackendError
 from patterndsl.runtime import triton_finite, validate
@@ -143,7 +144,8 @@ def _setup(q, k, v, plan, kind: str, data=None):
     target = target_of(q.device)
     run_time = generator.per_call(plan.pattern)
     dtype = generator.DTYPES.get(q.dtype, "float16")
-    plan = _tiled(plan, launch_tiles(q.shape[3], target, kind, dtype, run_time))
+    tables = score_code.has_tables(getattr(plan.pattern, "score", None))
+    plan = _tiled(plan, launch_tiles(q.shape[3], target, kind, dtype, run_time, tables))
     spec = _spec(plan, kind, q.shape[3], q.dtype, k.shape[1], target)
     module = kernel_cache.load(spec, generator.render)
     prep = prepared(plan, spec, q.device)
@@ -215,7 +217,8 @@ def backward(q, k, v, out, lse, dout, plan, scale: float, dlse=None, data=None):
         data: the run-time input tensors, as in :func:`forward`.
 
     Returns:
-        ``(dq, dk, dv)`` with the dtypes and shapes of ``q``, ``k``, ``v``; rows with no
+        ``(dq, dk, dv)`` with the dtypes and shapes of ``q``, ``k``, ``v`` (and, when the score reads
+        float inputs, the list of their gradients in declaration order); rows with no
         allowed key contribute nothing (never NaN), and a non-finite input or gradient reaches
         exactly the gradients of the pairs that read it (:mod:`patterndsl.runtime.triton_finite`).
     """
@@ -243,12 +246,15 @@ def backward(q, k, v, out, lse, dout, plan, scale: float, dlse=None, data=None):
     if dlse is not None:
         delta = delta - dlse.to(torch.float32)
     common = (*_strides(q), *_strides(k), *_strides(v), *_strides(dout))
+    # Float inputs the score reads get their gradients in DTAB (float32, laid out as RT), by atomic adds.
+    tables = spec.score is not None and bool(spec.score.partials)
+    dtab = torch.zeros(prep["rt"].numel() if tables else 1, dtype=torch.float32, device=q.device)
     for g, group in enumerate(plan.groups):
         row_ptr, row_split, row_cols, col_ptr, col_split, col_rows, heads = prep["groups"][g]
         slots = b * len(group.heads)
         getattr(module, f"bwd_dq_g{g}")[(plan.n_q_tiles, slots)](
             q, k, v, dout, lse, delta, dq, prep["q_order"], prep["kv_order"], row_ptr, row_split, row_cols, heads,
-            prep["aux"], prep["rt"], float(scale), *common, **launch,
+            prep["aux"], prep["rt"], dtab, float(scale), *common, **launch,
         )  # fmt: skip
         getattr(module, f"bwd_dkdv_g{g}")[(plan.n_kv_tiles, slots)](
             q, k, v, dout, lse, delta, dk_heads, dv_heads, prep["q_order"], prep["kv_order"], col_ptr, col_split,
@@ -259,4 +265,8 @@ def backward(q, k, v, out, lse, dout, plan, scale: float, dlse=None, data=None):
     group_size = h // hk
     dk = dk_heads.view(b, hk, group_size, lk, d).sum(2).to(k.dtype)
     dv = dv_heads.view(b, hk, group_size, lk, d).sum(2).to(v.dtype)
+    if tables:
+        from patterndsl.runtime import triton_inputs
+
+        return dq, dk, dv, triton_inputs.table_grads(spec, list(data), dtab, b)
     return dq, dk, dv

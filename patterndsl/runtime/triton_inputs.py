@@ -81,3 +81,37 @@ def run_time_lists(plan, spec, q: torch.Tensor, data: list, prepared: list) -> t
         rt = codegen_inputs.pack(spec.input_layout(), spec.inputs, list(data), batch)
         kept[key] = (groups, rt.to(q.device))
     return kept[key]
+
+
+def table_grads(spec, data: list, dtab: torch.Tensor, batch: int) -> list[torch.Tensor]:
+    """The gradients of the pattern's float inputs from the kernels' ``DTAB`` (laid out as ``RT``).
+
+    Args:
+        spec: the kernel spec (its input declarations and layout).
+        data: the input tensors in declaration order.
+        dtab: float32 ``[batch * stride]`` the backward kernels added into.
+        batch: the call's batch size.
+
+    Returns:
+        One gradient per float input, shaped like its tensor: a shared input (no batch dimension,
+        or extent 1) sums over the batch; an input the score does not read gets zeros.
+    """
+    lay = spec.input_layout()
+    per_batch = dtab.view(batch, -1)
+    out = []
+    for decl, t in zip(spec.inputs, data, strict=True):
+        if decl.kind != "float":
+            continue
+        found = [(ext, off) for name, ext, off in lay.values if name == decl.name]
+        if not found:
+            out.append(torch.zeros_like(t, dtype=torch.float32))
+            continue
+        ext, off = found[0]
+        grad = per_batch[:, off : off + codegen_inputs.volume(ext)].reshape(batch, *ext)
+        batched = decl.batched and t.dim() == len(decl.dims)
+        if not batched:
+            grad = grad.sum(0)
+        elif t.shape[0] != batch:
+            grad = grad.sum(0, keepdim=True)
+        out.append(grad)
+    return out

@@ -16,7 +16,7 @@ from patterndsl.errors import LayoutError, PatternNameError, PatternTypeError, P
 from patterndsl.grammar import syntax
 from patterndsl.ir import Layout
 from patterndsl.scores import nodes
-from patterndsl.scores.nodes import ANY, COMPARISONS, FLOAT, FUNCTIONS, INT, Coord, Node, Sym, make, num
+from patterndsl.scores.nodes import ANY, COMPARISONS, FLOAT, FUNCTIONS, INT, Coord, Node, Read, Sym, make, num
 
 #: The variables of a score expression and their types.
 VARIABLES = {"s": FLOAT, "q": INT, "k": INT, "h": INT, "Lq": INT, "Lk": INT}
@@ -33,7 +33,7 @@ class Names:
             parameter whose value is not known (checking a file), or a string describing a value
             that is no number (``"a pattern"``, ``"a tuple"``).
         layout: the pattern's layout (for ``q.AXIS``), or None.
-        inputs: run-time inputs (section 7) by name; a hook for the binder of ``NAME[...]``.
+        inputs: run-time inputs (section 7) by name (:class:`~patterndsl.ir.InputDecl`), read as ``NAME[...]``.
     """
 
     values: Mapping[str, object]
@@ -95,9 +95,11 @@ class _Binder:
             return num(value, e.span)
         if name in VARIABLES:
             return Sym(name, VARIABLES[name], e.span)
+        if name in (self.names.inputs or {}):
+            return self._read(name, (), e)
         if name in FUNCTIONS:
             raise PatternTypeError(f"'{name}' is a function; call it as {name}(...)", e.span)
-        candidates = [*values, *VARIABLES]
+        candidates = [*values, *VARIABLES, *(self.names.inputs or {})]
         raise PatternNameError(f"unknown name '{name}' in score{did_you_mean(name, candidates)}", e.span)
 
     def _attribute(self, e: syntax.Attribute) -> Node:
@@ -112,6 +114,38 @@ class _Binder:
                 f"the layout has no axis '{e.attr}'{hint}; its axes are {', '.join(layout.names)}", e.attr_span
             )
         return Coord(e.base, e.attr, INT, e.span)
+
+    def _index(self, e: syntax.Index) -> Node:
+        if e.base not in (self.names.inputs or {}):
+            hint = did_you_mean(e.base, list(self.names.inputs or {}))
+            raise PatternNameError(f"'{e.base}' is not a declared input{hint}; only inputs are indexed", e.base_span)
+        return self._read(e.base, e.indices, e)
+
+    def _read(self, name: str, indices: tuple[syntax.Expr, ...], e: syntax.Expr) -> Node:
+        """``NAME[indices]`` checked against the input's declaration (section 7): a :class:`~nodes.Read`."""
+        decl = self.names.inputs[name]
+        dims = decl.index_dims
+        if len(indices) != len(dims):
+            shown = ", ".join("q" if d == "token" else "h" if d == "head" else "..." for d in dims)
+            declared = f"{decl.kind}[{', '.join(str(d) for d in decl.dims)}]"
+            got = f"{len(indices)} ind{'ex' if len(indices) == 1 else 'ices'}"
+            raise PatternTypeError(
+                f"input '{name}' is {declared}: index it as {name}[{shown}] (batch is never written), got {got}", e.span
+            )
+        out = []
+        for dim, index in zip(dims, indices, strict=True):
+            value = self.eval(index)
+            if value.type not in (INT, ANY):
+                raise PatternTypeError(
+                    f"an index of '{name}' must be an integer, got {nodes.describe(value)} (floor() makes one)",
+                    index.span,
+                )
+            if dim == "token" and value not in (Sym("q", INT), Sym("k", INT)):
+                raise PatternTypeError(f"a token dimension of '{name}' is indexed by a position, q or k", index.span)
+            if dim == "head" and value != Sym("h", INT):
+                raise PatternTypeError(f"the head dimension of '{name}' is indexed by h", index.span)
+            out.append(value)
+        return Read(name, tuple(out), FLOAT if decl.kind == "float" else INT, e.span)
 
     def _tuple(self, e: syntax.Tuple) -> Node:
         raise PatternTypeError("a score is a number, not a tuple", e.span)

@@ -150,3 +150,71 @@ def _eval(node: Node, env: Env) -> torch.Tensor:
     if op == "not":
         return ~args[0]
     raise TypeError(f"unknown score operator {op!r}")
+
+
+_IN_PLACE_UNARY = {"tanh": "tanh_", "exp": "exp_", "log": "log_", "sqrt": "sqrt_", "erf": "erf_", "abs": "abs_"}
+
+
+def _spine(node: Node, leaf: Node) -> list[tuple[Op, int]] | None:
+    """The path from ``leaf`` (read exactly once) up to ``node``: ``(op, index of the argument holding it)``."""
+    count = sum(1 for sub in _walk(node) if sub == leaf)
+    if count != 1:
+        return None
+    path = []
+    while node != leaf:
+        index = next(i for i, a in enumerate(node.args) if any(sub == leaf for sub in _walk(a)))
+        path.append((node, index))
+        node = node.args[index]
+    return path[::-1]
+
+
+def _walk(node: Node):
+    from patterndsl.scores.nodes import walk
+
+    return walk(node)
+
+
+def evaluate_in_place(node: Node, env: Env) -> torch.Tensor:
+    """:func:`evaluate` of a float expression that reads ``s`` once, computed in ``env.s``'s own memory.
+
+    The operators on the path from ``s`` to the root (``s / cap``, ``tanh``, ``cap * ...``, ``s + bias``)
+    are applied with in-place torch operations on the logits, the other operands evaluated as usual:
+    no per-operator buffers of the tile's size. An operator with no in-place form on that path (``s ** 2``,
+    ``select``) is evaluated out of place and the path continues in place on its result.
+
+    Args:
+        node: a float score node; env: as for :func:`evaluate`, ``env.s`` a tensor the caller owns.
+
+    Returns:
+        The value, in ``env.s``'s memory when every step ran in place.
+    """
+    from patterndsl.scores.nodes import S
+
+    path = _spine(node, S) if isinstance(env.s, torch.Tensor) and env.s.dtype == env.dtype else None
+    if not path:
+        return evaluate(node, env)
+    buf = env.s
+    for op_node, index in path:
+        others = [evaluate(a, env) for i, a in enumerate(op_node.args) if i != index]
+        op = op_node.op
+        if op in _IN_PLACE_UNARY:
+            buf = getattr(buf, _IN_PLACE_UNARY[op])()
+        elif op == "neg":
+            buf = buf.neg_()
+        elif op in ("+", "*"):
+            buf = buf.add_(others[0]) if op == "+" else buf.mul_(others[0])
+        elif op in ("-", "/") and index == 0:
+            buf = buf.sub_(others[0]) if op == "-" else buf.div_(others[0])
+        elif op == "-":
+            buf = buf.neg_().add_(others[0])
+        elif op == "/":
+            buf = buf.reciprocal_().mul_(others[0])
+        elif op in ("min", "max") and others[0].dtype != torch.bool:
+            fn = torch.minimum if op == "min" else torch.maximum
+            buf = fn(buf, others[0].to(buf.dtype), out=buf)
+        else:
+            # No in-place form: this step out of place, with the path so far memoised as its argument.
+            env.memo[op_node.args[index]] = buf
+            env.memo.pop(op_node, None)
+            buf = _as(evaluate(op_node, env), FLOAT, env)
+    return buf

@@ -29,6 +29,8 @@
 #   SCORE, SLOPE  a score modifier: _score(s, i, j, h) replaces the logit of every visited pair
 #                 (full tiles too) before the mask selects; SLOPE: the backward multiplies dS by
 #                 _dscore (d score / d s, derived with sympy), absent for a score additive in s
+#   TABLES, DTAB  the score reads float inputs: the dQ kernel adds dL/d score * d score / d entry
+#                 into the float32 gradient table DTAB (laid out as RT) with atomic adds
 #   AUX           int8 lookup tables of random(...) primitives (a single 0 if none)
 #   RT            int32 run-time table: for route(...), each route's query groups and key
 #                 blocks, then this call's chosen blocks per list (a single 0 if none)
@@ -75,6 +77,7 @@ def _fmod(a, b):
 
 SCORE = tl.constexpr(False)
 SLOPE = tl.constexpr(False)
+TABLES = tl.constexpr(False)
 
 
 @triton.jit
@@ -156,7 +159,7 @@ def _fwd_tile(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, KORD, AUX,
     v = _load_rows(v_base, cols, stride_vn, LK, MASKED)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
     if SCORE:
-        s = _score(s * LN2, rows[:, None], cols[None, :], h) * LOG2E
+        s = _score(s * LN2, rows[:, None], cols[None, :], h, RT, lst) * LOG2E
     if MASKED:
         s = tl.where(ALLOWED(rows[:, None], cols[None, :], h, AUX, RT, lst), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))

@@ -27,6 +27,8 @@
 #   SCORE, SLOPE  a score modifier: _score(s, i, j, h) replaces the logit of every visited pair
 #                 (full tiles too) before the mask selects; SLOPE: the backward multiplies dS by
 #                 _dscore (d score / d s, derived with sympy), absent for a score additive in s
+#   TABLES, DTAB  the score reads float inputs: the dQ kernel adds dL/d score * d score / d entry
+#                 into the float32 gradient table DTAB (laid out as RT) with atomic adds
 #   AUX           int8 lookup tables of random(...) primitives (a single 0 if none)
 #   RT            int32 run-time table: for route(...), each route's query groups and key
 #                 blocks, then this call's chosen blocks per list (a single 0 if none)
@@ -73,6 +75,7 @@ def _fmod(a, b):
 
 SCORE = tl.constexpr(True)
 SLOPE = tl.constexpr(True)
+TABLES = tl.constexpr(False)
 
 
 @triton.jit
@@ -89,7 +92,7 @@ def _pow(a, b):
 
 
 @triton.jit
-def _score(s, i, j, h):
+def _score(s, i, j, h, RT, lst):
     # score: 50.0 * tanh(s / 50.0)
     q = i + (LK - LQ)
     k = j
@@ -100,7 +103,7 @@ def _score(s, i, j, h):
 
 
 @triton.jit
-def _dscore(s, i, j, h):
+def _dscore(s, i, j, h, RT, lst):
     # d score / d s (sympy): 1.0 - tanh(0.02 * s) ** 2.0
     q = i + (LK - LQ)
     k = j
@@ -175,7 +178,7 @@ def bwd_preprocess(O, DO, DELTA, stride_dz, stride_dh, stride_dm):
 
 
 @triton.jit
-def _dq_tile(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, KORD, AUX, RT, lst, n, rows, h,
+def _dq_tile(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, KORD, AUX, RT, DTAB, lst, n, rows, h,
              qk_scale, ALLOWED: tl.constexpr, MASKED: tl.constexpr):
     # dQ contribution of one key tile: dq += (P * (dP - delta)) @ K  (scale applied at the end).
     cols = _tile_index(KORD, n, BN, LK, K_REORDERED)
@@ -184,16 +187,23 @@ def _dq_tile(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, KORD,
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
     if SCORE:
         raw = s * LN2
-        s = _score(raw, rows[:, None], cols[None, :], h) * LOG2E
+        s = _score(raw, rows[:, None], cols[None, :], h, RT, lst) * LOG2E
     p = tl.exp2(s - lse2[:, None])
     if MASKED:
         allowed = ALLOWED(rows[:, None], cols[None, :], h, AUX, RT, lst)
         p = tl.where(allowed, p, 0.0)
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
     ds = p * (dp - delta[:, None])
+    if TABLES:
+        # ds is dL / d score here: every float input the score reads gets its share (each pair once,
+        # in this kernel only), on the pairs in range and allowed.
+        valid = (rows < LQ)[:, None] & (cols < LK)[None, :]
+        if MASKED:
+            valid = valid & allowed
+        _dtables(ds, raw, rows[:, None], cols[None, :], h, RT, lst, DTAB, valid)
     if SLOPE:
         # 0 * NaN is NaN: a blocked pair's slope is selected out, not multiplied away.
-        ds = ds * _dscore(raw, rows[:, None], cols[None, :], h)
+        ds = ds * _dscore(raw, rows[:, None], cols[None, :], h, RT, lst)
         if MASKED:
             ds = tl.where(allowed, ds, 0.0)
     dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
@@ -214,7 +224,7 @@ def _dkdv_tile(dk, dv, k, v, q_base, do_base, stride_qm, stride_dm, lse_base, de
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
     if SCORE:
         raw = s * LN2
-        s = _score(raw, rows[:, None], cols[None, :], h) * LOG2E
+        s = _score(raw, rows[:, None], cols[None, :], h, RT, lst) * LOG2E
     p = tl.exp2(s - (lse * LOG2E)[:, None])
     if MASKED:
         allowed = ALLOWED(rows[:, None], cols[None, :], h, AUX, RT, lst)
@@ -223,7 +233,7 @@ def _dkdv_tile(dk, dv, k, v, q_base, do_base, stride_qm, stride_dm, lse_base, de
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
     ds = p * (dp - delta[:, None])
     if SLOPE:
-        ds = ds * _dscore(raw, rows[:, None], cols[None, :], h)
+        ds = ds * _dscore(raw, rows[:, None], cols[None, :], h, RT, lst)
         if MASKED:
             ds = tl.where(allowed, ds, 0.0)
     dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=DOT_PRECISION)
@@ -231,7 +241,7 @@ def _dkdv_tile(dk, dv, k, v, q_base, do_base, stride_qm, stride_dm, lse_base, de
 
 
 @triton.jit
-def bwd_dq_g0(Q, K, V, DO, LSE, DELTA, DQ, QORD, KORD, ROW_PTR, ROW_SPLIT, ROW_COLS, HEADS, AUX, RT, scale,
+def bwd_dq_g0(Q, K, V, DO, LSE, DELTA, DQ, QORD, KORD, ROW_PTR, ROW_SPLIT, ROW_COLS, HEADS, AUX, RT, DTAB, scale,
                stride_qz, stride_qh, stride_qm, stride_kz, stride_kh, stride_kn, stride_vz, stride_vh, stride_vn,
                stride_dz, stride_dh, stride_dm):
     # dQ of head group 0 over its key tiles (closed-form bounds). Grid: (query tiles, batch * heads in group).
@@ -262,14 +272,14 @@ def bwd_dq_g0(Q, K, V, DO, LSE, DELTA, DQ, QORD, KORD, ROW_PTR, ROW_SPLIT, ROW_C
     full_lo = tl.where(no_full, hi, full_lo)
     full_hi = tl.where(no_full, hi, full_hi)
     for n in range(lo, full_lo):
-        dq = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, KORD, AUX, RT, lst, n, rows,
-                      h, qk_scale, _allowed_g0, True)
+        dq = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, KORD, AUX, RT, DTAB, lst, n,
+                      rows, h, qk_scale, _allowed_g0, True)
     for n in range(full_lo, full_hi):
-        dq = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, KORD, AUX, RT, lst, n, rows,
-                      h, qk_scale, _allowed_g0, False)
+        dq = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, KORD, AUX, RT, DTAB, lst, n,
+                      rows, h, qk_scale, _allowed_g0, False)
     for n in range(full_hi, hi):
-        dq = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, KORD, AUX, RT, lst, n, rows,
-                      h, qk_scale, _allowed_g0, True)
+        dq = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, KORD, AUX, RT, DTAB, lst, n,
+                      rows, h, qk_scale, _allowed_g0, True)
     _store_rows(DQ + row_base * D, rows, D, (dq * scale).to(DQ.dtype.element_ty), LQ)
 
 

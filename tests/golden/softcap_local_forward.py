@@ -27,6 +27,8 @@
 #   SCORE, SLOPE  a score modifier: _score(s, i, j, h) replaces the logit of every visited pair
 #                 (full tiles too) before the mask selects; SLOPE: the backward multiplies dS by
 #                 _dscore (d score / d s, derived with sympy), absent for a score additive in s
+#   TABLES, DTAB  the score reads float inputs: the dQ kernel adds dL/d score * d score / d entry
+#                 into the float32 gradient table DTAB (laid out as RT) with atomic adds
 #   AUX           int8 lookup tables of random(...) primitives (a single 0 if none)
 #   RT            int32 run-time table: for route(...), each route's query groups and key
 #                 blocks, then this call's chosen blocks per list (a single 0 if none)
@@ -73,6 +75,7 @@ def _fmod(a, b):
 
 SCORE = tl.constexpr(True)
 SLOPE = tl.constexpr(True)
+TABLES = tl.constexpr(False)
 
 
 @triton.jit
@@ -89,7 +92,7 @@ def _pow(a, b):
 
 
 @triton.jit
-def _score(s, i, j, h):
+def _score(s, i, j, h, RT, lst):
     # score: 50.0 * tanh(s / 50.0)
     q = i + (LK - LQ)
     k = j
@@ -100,7 +103,7 @@ def _score(s, i, j, h):
 
 
 @triton.jit
-def _dscore(s, i, j, h):
+def _dscore(s, i, j, h, RT, lst):
     # d score / d s (sympy): 1.0 - tanh(0.02 * s) ** 2.0
     q = i + (LK - LQ)
     k = j
@@ -171,7 +174,7 @@ def _fwd_tile(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, KORD, AUX,
     v = _load_rows(v_base, cols, stride_vn, LK, MASKED)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
     if SCORE:
-        s = _score(s * LN2, rows[:, None], cols[None, :], h) * LOG2E
+        s = _score(s * LN2, rows[:, None], cols[None, :], h, RT, lst) * LOG2E
     if MASKED:
         s = tl.where(ALLOWED(rows[:, None], cols[None, :], h, AUX, RT, lst), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))

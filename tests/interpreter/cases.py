@@ -497,3 +497,8 @@ CHECKS.update({name[len("case_") :]: fn for name, fn in list(globals().items()) 
 from tests.interpreter.input_cases import INPUT_CHECKS  # noqa: E402
 
 CHECKS.update(INPUT_CHECKS)
+
+# Scores that read learned tables (tests/interpreter/score_table_cases.py).
+from tests.interpreter.score_table_cases import SCORE_TABLE_CHECKS  # noqa: E402
+
+CHECKS.update(SCORE_TABLE_CHECKS)

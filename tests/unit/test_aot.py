@@ -254,6 +254,13 @@ def test_gpu_launch_replans_with_the_chosen_tiles():
 # Score modifiers run on every visited tile (full ones too), their derivative in the backward.
 SOFTCAP = "pattern gemma2_local(w = 1024, cap = 50.0) { causal & window(w)\n score cap * tanh(s / cap) }"
 ALIBI = "pattern alibi(n = 8) { causal\n score s - 2.0 ** (-8.0 * (h + 1) / n) * (q - k) }"
+# Learned tables: read from RT as float32 bits; the dQ kernel adds their gradients with atomics.
+REL_TABLE = "pattern rel(w = 1024) { input rel: float[head, 2049]\n causal & window(w)\n score s + rel[h, k - q + w] }"
+SWIN_SOFTCAP = (
+    "pattern swin(win = 8, cap = 30.0) {\n layout grid(y = 64, x = 64)\n input rel: float[head, 15, 15]\n"
+    " where(q.y // win == k.y // win and q.x // win == k.x // win)\n"
+    " score cap * tanh((s + rel[h, q.y - k.y + win - 1, q.x - k.x + win - 1]) / cap) }"
+)
 
 
 @pytest.mark.parametrize("kind", ["forward", "backward"])
@@ -274,6 +281,8 @@ SCORE_MATRIX = [
         (SOFTCAP, torch.float32, 256),
         (SOFTCAP, torch.bfloat16, 128),
         (ALIBI, torch.bfloat16, 64),
+        (REL_TABLE, torch.float16, 64),
+        (SWIN_SOFTCAP, torch.bfloat16, 128),
     ]
 ]
 
@@ -295,7 +304,7 @@ def score_matrix_results():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("entry", SCORE_MATRIX, ids=lambda e: f"{e[0][8:13]}-{e[1]}-{e[2]}-{e[3]}-{e[4]}")
+@pytest.mark.parametrize("entry", SCORE_MATRIX, ids=lambda e: f"{e[0][8:14]}-{e[1]}-{e[2]}-{e[3]}-{e[4]}")
 def test_score_matrix_builds(score_matrix_results, entry):
     """Softcap (a derivative in the backward) and ALiBi (additive): zero spills, shared memory, tensor cores."""
     target = entry[4]

@@ -84,6 +84,17 @@ GOLDEN_CASES = {
         8,
         {"dtype": torch.float32},
     ),
+    # A learned 2-D relative bias (Swin): the score reads the table's float32 bits from RT, and the dQ
+    # kernel adds the table's gradient into DTAB with atomic adds.
+    "swin_bias_backward": (
+        "pattern swin(win = 7) {\n layout grid(y = 56, x = 56)\n input rel: float[head, 13, 13]\n"
+        " where(q.y // win == k.y // win and q.x // win == k.x // win)\n"
+        " score s + rel[h, q.y - k.y + win - 1, q.x - k.x + win - 1] }",
+        3136,
+        None,
+        4,
+        {"kind": "backward", "head_dim": 32, "dtype": torch.float16},
+    ),
     # Run-time inputs: this call's lists; segment starts/lengths and the tags read from RT.
     "packed_documents_backward": (
         "pattern packed(w = 512) {\n input doc: int[batch, token]\n input tag: int[batch, token]\n"

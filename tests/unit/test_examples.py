@@ -46,6 +46,7 @@ def test_every_required_example_is_there():
         "gemma2",
         "alibi",
         "t5_buckets",
+        "swin_relative_bias",
     } <= names
 
 

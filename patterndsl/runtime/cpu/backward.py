@@ -21,7 +21,7 @@ from patterndsl.analysis.plan import BlockPlan
 from patterndsl.runtime import softmax
 from patterndsl.runtime.cpu import dense, documents
 from patterndsl.runtime.cpu.schedule import Segment
-from patterndsl.runtime.cpu.scoremod import Modifier
+from patterndsl.runtime.cpu.scoremod import Modifier, PairModifier, table_grads
 from patterndsl.runtime.cpu.tuning import CpuOptions, resolve
 from patterndsl.runtime.cpu.units import Heads, units
 from patterndsl.runtime.cpu.views import (
@@ -60,27 +60,34 @@ def backward(q, k, v, out, lse, dout, plan: BlockPlan, scale: float, dlse=None, 
 
     Returns:
         ``(dq, dk, dv)`` in the dtypes and shapes of ``q``, ``k``, ``v`` (``dk``/``dv`` summed
-        over the query heads that share a key/value head).
+        over the query heads that share a key/value head), and, when the pattern has float inputs
+        and a score, a fourth item: their gradients in declaration order (compute dtype).
     """
     opts = resolve(options)
     if q.shape[0] == 0:
         return q.new_zeros(q.shape), k.new_zeros(k.shape), v.new_zeros(v.shape)
     no_dlse = dlse is None or not bool(dlse.any())
+    tables = table_grads(plan, data, compute_dtype(q.dtype))
     if documents.applies(plan, q, k, opts, data) and no_dlse:
         grads = documents.backward(q, k, v, out, lse, dout, plan, scale, data)
     elif dense.applies(plan, q, v, opts, data) and no_dlse:
         grads = dense.backward(q, k, v, out, lse, dout, plan, scale)
     else:
-        grads = _backward(q, k, v, out, lse, dout, plan, scale, dlse, opts, safe=False, data=data)
+        grads = _backward(q, k, v, out, lse, dout, plan, scale, dlse, opts, safe=False, data=data, tables=tables)
     # Non-finite inputs or gradients must not reach the pairs the pattern blocks; the fast paths'
     # additive masks let them (0 * NaN), but whatever they reach turns non-finite, so finite
     # gradients are exact. Otherwise every segment runs again through _backward_select.
-    if not finite(*grads):
-        grads = _backward(q, k, v, out, lse, dout, plan, scale, dlse, opts, safe=True, data=data)
-    return grads
+    if not finite(*grads, *(tables or {}).values()):
+        tables = table_grads(plan, data, compute_dtype(q.dtype))
+        grads = _backward(q, k, v, out, lse, dout, plan, scale, dlse, opts, safe=True, data=data, tables=tables)
+    if tables is None:
+        return grads
+    return (*grads, list(tables.values()))
 
 
-def _backward(q, k, v, out, lse, dout, plan: BlockPlan, scale: float, dlse, opts: CpuOptions, safe: bool, data=None):
+def _backward(
+    q, k, v, out, lse, dout, plan: BlockPlan, scale: float, dlse, opts: CpuOptions, safe: bool, data=None, tables=None
+):
     b, h, lq, d = q.shape
     hkv, lk = k.shape[1], k.shape[2]
     dt = compute_dtype(q.dtype)
@@ -126,7 +133,8 @@ def _backward(q, k, v, out, lse, dout, plan: BlockPlan, scale: float, dlse, opts
         if sched.idle_q_tiles.numel():
             t["dq"].view(nb, hd.count, -1, bm, d)[:, :, sched.idle_q_tiles] = 0
         # A score modifier runs on every visited tile, through the selecting backward.
-        modify = Modifier(plan, hd.q, hd.count) if plan.pattern.score is not None else None
+        score = plan.pattern.score
+        modify = None if score is None else Modifier(plan, hd.q, hd.count, data, torch.arange(b)[bs], tables)
         for seg in sched.segments:
             if safe or modify is not None:
                 _backward_select(t, seg, plan.block, scale, opts, modify)
@@ -154,7 +162,8 @@ def _backward(q, k, v, out, lse, dout, plan: BlockPlan, scale: float, dlse, opts
         from patterndsl.runtime.cpu import gather
 
         grads = {"dq": dq, "dk": dk_acc, "dv": dv_acc}
-        gather.backward(q, k, v, lse, dout, delta, grads, work, scale, opts, safe=safe)
+        modify = None if plan.pattern.score is None else PairModifier(plan)
+        gather.backward(q, k, v, lse, dout, delta, grads, work, scale, opts, safe=safe, modify=modify)
     return dq.to(q.dtype), dk_acc.to(k.dtype), dv_acc.to(v.dtype)
 
 
@@ -353,6 +362,9 @@ def _backward_select(t: dict, seg0: Segment, block, scale: float, opts: CpuOptio
             p.masked_fill_(seg.blocked, float("-inf"))
         p.sub_(q_view(t["lse"][..., None], seg, bm)).exp_()
         ds = torch.matmul(doc, vc.transpose(-1, -2)).sub_(q_view(t["delta"][..., None], seg, bm)).mul_(p)
+        if modify is not None:
+            # ds is dL / d score here: float tables the score reads take their share first.
+            modify.accumulate(ds, raw, seg)
         slope = None if modify is None else modify.derivative(raw, seg)
         if slope is not None:
             ds.mul_(slope)

@@ -24,7 +24,7 @@ from patterndsl.analysis.plan import BlockPlan
 from patterndsl.runtime import softmax
 from patterndsl.runtime.cpu import dense, documents
 from patterndsl.runtime.cpu.schedule import Segment
-from patterndsl.runtime.cpu.scoremod import Modifier
+from patterndsl.runtime.cpu.scoremod import Modifier, PairModifier
 from patterndsl.runtime.cpu.tuning import FLASH, CpuOptions, resolve
 from patterndsl.runtime.cpu.units import Heads, units
 from patterndsl.runtime.cpu.views import (
@@ -101,7 +101,7 @@ def _forward(q, k, v, plan: BlockPlan, scale: float, opts: CpuOptions, safe: boo
     for bs, sched, merge in todo:
         hd = Heads.of(sched, h, h // k.shape[1])
         # A score modifier runs on every visited tile (full ones too), through the math kernel.
-        modify = Modifier(plan, hd.q, hd.count) if score else None
+        modify = Modifier(plan, hd.q, hd.count, data, torch.arange(b)[bs]) if score else None
         qb, kb, vb = q[bs], k[bs], v[bs]
         nb = qb.shape[0]
         qp = to_tiles(qb, hd.q, plan.q_order, q_inv is None, lq_pad, dt)
@@ -136,7 +136,8 @@ def _forward(q, k, v, plan: BlockPlan, scale: float, opts: CpuOptions, safe: boo
     if work is not None:
         from patterndsl.runtime.cpu import gather
 
-        gather.forward(q, k, v, out, lse, work, scale, opts, safe=safe)
+        modify = None if plan.pattern.score is None else PairModifier(plan)
+        gather.forward(q, k, v, out, lse, work, scale, opts, safe=safe, modify=modify)
         out = out.to(q.dtype)
     return out, lse
 
@@ -249,8 +250,9 @@ def _forward_biased(qp, kp, vp, op, lp, seg0: Segment, block, scale: float, opts
     per_tile = b * h * bn * (bm + 2 * d) * qp.element_size()  # the bias and the gathered K/V of a key tile
     for seg in chunks(seg0, per_tile, opts.fused_budget()):
         qc, kc, vc = flat(q_view(qp, seg, bm)), flat(kv_view(kp, seg, bn)), flat(kv_view(vp, seg, bn))
-        o, lse = FLASH(qc, kc, vc, 0.0, False, attn_mask=modify.bias(seg, qp.dtype, b), scale=scale)
-        lse = lse.unflatten(0, (b, h))
+        mask, shift = modify.bias(seg, qp.dtype, b)
+        o, lse = FLASH(qc, kc, vc, 0.0, False, attn_mask=mask, scale=scale)
+        lse = lse.unflatten(0, (b, h)) if shift is None else lse.unflatten(0, (b, h)) + shift
         empty = seg.empty_rows()
         if empty is not None:
             lse = lse.masked_fill(empty, float("-inf"))

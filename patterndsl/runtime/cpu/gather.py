@@ -80,11 +80,12 @@ def _add_block(w: Work, t: int, dst: torch.Tensor, value: torch.Tensor) -> None:
         dst[w.batch, w.kv_head].index_add_(0, keys, value)
 
 
-def forward(q, k, v, out, lse, work: list[Work], scale: float, opts: CpuOptions, safe: bool) -> None:
+def forward(q, k, v, out, lse, work: list[Work], scale: float, opts: CpuOptions, safe: bool, modify=None) -> None:
     """Merge the gathered blocks into ``out`` / ``lse`` (compute-dtype buffers ``[B, H, Lq, (D)]``) in place.
 
     ``safe`` (the selecting run of a call with non-finite inputs): ``P @ V`` reads a non-finite value only
     through a non-zero weight (:func:`~patterndsl.runtime.cpu.views.matmul_seen`), as the selecting kernels.
+    ``modify``: the score (:class:`~patterndsl.runtime.cpu.scoremod.PairModifier`), through the math path.
     """
     dt = out.dtype
     for w in work:
@@ -95,13 +96,15 @@ def forward(q, k, v, out, lse, work: list[Work], scale: float, opts: CpuOptions,
             rows = w.rows[int(w.row_ptr[t]) : int(w.row_ptr[t + 1])]
             kc, vc = _block(w, t, k, dt), _block(w, t, v, dt)
             qr = qb[:, rows]
-            if opts.fused:
+            if opts.fused and modify is None:
                 kx = kc.expand(hg, -1, -1) if hg == 1 else kc.expand(hg, -1, -1).contiguous()
                 vx = vc.expand(hg, -1, -1) if hg == 1 else vc.expand(hg, -1, -1).contiguous()
                 o, lc = FLASH(qr[None], kx[None], vx[None], 0.0, False, scale=scale)[:2]
                 o, lc = o[0], lc[0].to(dt)
             else:
                 s = torch.matmul(qr * scale, kc.T)
+                if modify is not None:
+                    s = modify(s, w.heads, rows, _keys_of(w, t))
                 lc = torch.logsumexp(s, -1)
                 weights = torch.exp(s - lc[..., None])
                 o = matmul_seen(weights, *cleaned(vc)) if safe else torch.matmul(weights, vc)
@@ -118,7 +121,7 @@ def _merge(out: torch.Tensor, lse: torch.Tensor, w: Work, o: torch.Tensor, lc: t
 
 
 def backward(
-    q, k, v, lse, dout, delta, grads: dict, work: list[Work], scale: float, opts: CpuOptions, safe: bool
+    q, k, v, lse, dout, delta, grads: dict, work: list[Work], scale: float, opts: CpuOptions, safe: bool, modify=None
 ) -> None:
     """Add the gradients of the gathered pairs to ``grads['dq'|'dk'|'dv']`` (compute dtype, in place).
 
@@ -126,6 +129,7 @@ def backward(
     :func:`patterndsl.runtime.softmax.delta` of the final output, so each part's gradient is the
     usual flash-attention backward with the global statistics. ``safe``: as in :func:`forward`, every
     product reads a non-finite operand only through a non-zero weight, the scores too (:func:`.views.scores_seen`).
+    ``modify``: the score, as in :func:`forward` (``dS`` times its derivative in ``s``).
     """
     dq, dk, dv = grads["dq"], grads["dk"], grads["dv"]
     dt = dq.dtype
@@ -143,6 +147,10 @@ def backward(
             for a in range(0, len(all_rows), chunk):
                 rows = all_rows[a : a + chunk]
                 qr, dor = qb[:, rows], dob[:, rows]
+                if modify is not None:
+                    _backward_modified(qr, dor, kc, vc, lb[:, rows, None], row_delta[:, rows, None], scale, modify,
+                                       (w.heads, rows, _keys_of(w, t)), (dqb, rows, dkc, dvc))  # fmt: skip
+                    continue
                 if safe:  # as _backward_select: dP from the cleaned copies, NaN only through a non-zero weight
                     (qs, bad_q), (ks, bad_k), (dos, bad_do) = cleaned(qr), cleaned(kc), cleaned(dor)
                     p = scores_seen(qs * scale, ks, kc, bad_k).sub_(lb[:, rows, None]).exp_()
@@ -159,3 +167,17 @@ def backward(
             _add_block(w, t, dk, dkc)
             _add_block(w, t, dv, dvc)
         dq[w.batch, w.heads] += dqb
+
+
+def _backward_modified(qr, dor, kc, vc, lse, delta, scale: float, modify, where, into) -> None:
+    """One chunk of gathered rows with a score: ``P`` of the modified logits, ``dS`` times ``d score / d s``."""
+    dqb, rows, dkc, dvc = into
+    raw = torch.matmul(qr * scale, kc.T)
+    p = torch.exp(modify(raw, *where) - lse)
+    dvc += torch.matmul(p.transpose(-1, -2), dor).sum(0)
+    ds = p * (torch.matmul(dor, vc.T) - delta)
+    slope = modify.derivative(raw, *where)
+    if slope is not None:
+        ds = ds * slope
+    dqb[:, rows] += torch.matmul(ds, kc) * scale
+    dkc += torch.matmul(ds.transpose(-1, -2), qr).sum(0) * scale

@@ -89,7 +89,7 @@ def scores(qc: torch.Tensor, kc: torch.Tensor, seg: Segment, modify=None) -> tor
     """``qc @ kc^T``, through the score modifier ``modify(s, seg)`` when given, with blocked pairs at ``-inf``."""
     s = torch.matmul(qc, kc.transpose(-1, -2))
     if modify is not None:
-        s = modify(s, seg)
+        s = modify(s, seg, own=True)
     if seg.blocked is not None:
         s.masked_fill_(seg.blocked, float("-inf"))
     return s
