@@ -41,9 +41,8 @@ def _config(kind: str, **extra):
     if kind == "mistral":
         return transformers.MistralConfig(sliding_window=common.pop("sliding_window", 5), **common)
     if kind == "gemma2":
-        return transformers.Gemma2Config(
-            head_dim=8, sliding_window=common.pop("sliding_window", 5), query_pre_attn_scalar=8, **common
-        )
+        gemma = {"head_dim": 8, "sliding_window": 5, "query_pre_attn_scalar": 8, **common}
+        return transformers.Gemma2Config(**gemma)
     raise AssertionError(kind)
 
 
