@@ -34,11 +34,7 @@ import torch
 from patterndsl import ir
 from patterndsl.api import Pattern, attention, compile
 from patterndsl.errors import PatternError
-from patterndsl.integrations.hf_cache import (
-    PatternCache,
-    note_real,
-    paged_view,
-)
+from patterndsl.integrations.hf_cache import EAGER_REASON, PatternCache, commit
 from patterndsl.nn import as_pattern
 
 __all__ = ["PatternCache", "default_pattern", "layer_pattern", "layer_patterns", "prepare", "register", "with_softcap"]
@@ -208,8 +204,6 @@ def _mask(
     **kwargs,
 ) -> torch.Tensor:
     """Which queries and keys are real tokens, ``[batch, q_length + kv_length]`` (see the module doc)."""
-    if not torch.compiler.is_compiling():
-        note_real(None if attention_mask is None else _real_queries(attention_mask, q_length, q_offset, device))
     if attention_mask is None and isinstance(q_offset, int) and q_offset == 0 and kv_length == q_length:
         # no padding and no cache: the attention reads packed documents from position_ids
         return torch.ones(batch_size, q_length + kv_length, dtype=torch.int8, device=device)
@@ -247,10 +241,8 @@ def _attention_forward(
     _refuse(module, dropout, softcap, found.plain, attention_mask)
     batch, _, q_len, _ = query.shape
     kv_len = key.shape[2]
-    paged = None if torch.compiler.is_compiling() else paged_view(key)
-    if paged is not None:
-        valid_q = attention_mask[:, :q_len].bool() if attention_mask is not None else None
-        out = _paged(query, key, value, found.plain, scaling, valid_q, *paged)
+    if key.dim() == 5:  # a PatternCache layer's pending keys (hf_cache)
+        out = _paged(query, key, value, found.plain, scaling, attention_mask)
     elif attention_mask is None:
         out = attention(query, key, value, found.plain, scale=scaling)
     elif attention_mask.dtype != torch.bool:
@@ -294,11 +286,16 @@ def _eager_and(test) -> bool:
     return not torch.compiler.is_compiling() and test()
 
 
-def _paged(query, key, value, pattern, scaling, valid_q, block_table, kv_lengths):
-    """Attention over a :class:`PatternCache` layer's pages; real queries first, then back in place."""
+@torch.compiler.disable(reason=EAGER_REASON)
+def _paged(query, handle, values, pattern, scaling, attention_mask):
+    """Attention over a :class:`PatternCache` layer's pages after appending the step's real tokens;
+    real queries first, then back in place. Eager under torch.compile (the page bookkeeping is Python)."""
     batch, q_len = query.shape[0], query.shape[2]
-    if valid_q is None:
+    if attention_mask is None:
         valid_q = torch.ones(batch, q_len, dtype=torch.bool, device=query.device)
+    else:
+        valid_q = attention_mask[:, :q_len].bool()
+    key, value, block_table, kv_lengths = commit(handle, valid_q)
     q_order = torch.argsort((~valid_q).to(torch.int8), dim=1, stable=True)
     out = attention(
         query.gather(2, q_order[:, None, :, None].expand(query.shape)),

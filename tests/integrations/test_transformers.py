@@ -289,3 +289,39 @@ def test_fresh_process_restores_the_implementation(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(root)}
     done = subprocess.run([sys.executable, "-c", script, str(tmp_path)], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_pattern_cache_under_torch_compile():
+    """A compiled forward generates with a PatternCache (its cache steps run eagerly) exactly as the dense
+    recompute; fullgraph=True refuses the cache step with the reason patterndsl gives."""
+    from patterndsl.integrations.hf_cache import EAGER_REASON
+    from patterndsl.integrations.transformers import PatternCache
+
+    register("pdsl_stream", STREAM)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(_config("llama"), attn_implementation="pdsl_stream").eval()
+    ids, mask = _left_padded(batch=2, length=12, real=(12, 7))
+    steps = 4  # prefill, the first decoding step, and steps after dynamo's recompile for dynamic lengths
+    want = _dense_greedy(model, ids, mask, steps)
+    eager_forward = model.forward
+    kw = dict(attention_mask=mask, max_new_tokens=steps, do_sample=False, pad_token_id=0)
+    torch._dynamo.reset()
+    # dynamo's tracing and graph breaks are what is tested; the "eager" backend skips inductor's codegen
+    model.forward = torch.compile(eager_forward, backend="eager")
+    with torch.no_grad():
+        got = model.generate(ids, past_key_values=PatternCache(model, num_pages=64, page_size=2), **kw)
+    assert torch.equal(got, want)
+    torch._dynamo.reset()
+    model.forward = torch.compile(eager_forward, backend="eager", fullgraph=True)
+    with torch.no_grad(), pytest.raises(Exception, match="PatternCache keeps its pages") as caught:
+        model.generate(ids, past_key_values=PatternCache(model, num_pages=64, page_size=2), **kw)
+    assert EAGER_REASON in str(caught.value)
+    torch._dynamo.reset()
+
+
+def test_a_stray_five_dimensional_key_is_refused():
+    from patterndsl.integrations.hf_cache import commit
+
+    with pytest.raises(PatternError, match="without a PatternCache update"):
+        commit(torch.zeros(1, 1, 1, 1, 1), None)
