@@ -109,7 +109,8 @@ def _left_padded(batch=3, length=15, real=(15, 9, 4), seed=3):
 
 
 def test_gemma2_softcap_sliding_and_scaling():
-    ours, theirs = _pair("gemma2", attn_logit_softcapping=1.5, final_logit_softcapping=None)
+    # query_pre_attn_scalar=3: a scaling (3 ** -0.5) other than head_dim ** -0.5
+    ours, theirs = _pair("gemma2", attn_logit_softcapping=1.5, final_logit_softcapping=None, query_pre_attn_scalar=3)
     ids, mask = _left_padded()
     position_ids = (mask.cumsum(1) - 1).clamp(min=0)
     with torch.no_grad():
@@ -122,19 +123,32 @@ def test_gemma2_softcap_sliding_and_scaling():
     assert "window" not in str(patterns[1]) and "tanh" in str(patterns[1])
 
 
+PACKED = [[7, 5, 8], [11, 9]]  # two rows of packed documents (position_ids restart at 0), no mask
+
+
+def _packed_ids():
+    ids = _ids(len(PACKED), sum(PACKED[0]), seed=4)
+    position_ids = torch.stack([torch.cat([torch.arange(n) for n in row]) for row in PACKED])
+    return ids, position_ids
+
+
+def _assert_packed(logits, theirs, ids):
+    """Every packed document equals the document run alone."""
+    with torch.no_grad():
+        for row, lengths in enumerate(PACKED):
+            start = 0
+            for n in lengths:
+                alone = theirs(ids[row : row + 1, start : start + n]).logits[0]
+                torch.testing.assert_close(logits[row, start : start + n], alone, **TOL)
+                start += n
+
+
 @pytest.mark.parametrize("kind", ["llama", "mistral"])
 def test_packed_position_ids(kind):
     ours, theirs = _pair(kind)
-    lengths = [7, 5, 8]
-    ids = _ids(1, sum(lengths), seed=4)
-    position_ids = torch.cat([torch.arange(n) for n in lengths])[None]
+    ids, position_ids = _packed_ids()
     with torch.no_grad():
-        packed = ours(ids, position_ids=position_ids).logits[0]
-        start = 0
-        for n in lengths:
-            alone = theirs(ids[:, start : start + n]).logits[0]
-            torch.testing.assert_close(packed[start : start + n], alone, **TOL)
-            start += n
+        _assert_packed(ours(ids, position_ids=position_ids).logits, theirs, ids)
 
 
 @pytest.mark.parametrize("kind", ["llama", "mistral", "gemma2"])
@@ -151,6 +165,11 @@ def test_greedy_generation_equals_sdpa(kind):
 def test_static_cache_generation():
     ours, theirs = _pair("llama")
     ids, mask = _left_padded(real=(15, 10, 6))
+    # prefill into a static cache: 32 key slots, queries not end-aligned to them
+    with torch.no_grad():
+        a = ours(ids, attention_mask=mask, past_key_values=transformers.StaticCache(ours.config, 32)).logits
+        b = theirs(ids, attention_mask=mask).logits
+    torch.testing.assert_close(a[mask.bool()], b[mask.bool()], **TOL)
     kw = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
     with torch.no_grad():
         a = ours.generate(ids, cache_implementation="static", **kw)
@@ -169,6 +188,32 @@ def test_refusals():
         ours(ids, output_attentions=True)
     with pytest.raises(PatternError, match="4-D"):
         ours(ids, attention_mask=torch.ones(1, 1, 6, 6))
+
+
+def test_register_installs_both_interfaces_and_per_layer_choices():
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    from patterndsl.integrations.transformers import layer_patterns
+
+    register(
+        "pdsl_by_type",
+        {"sliding_attention": "pattern s { causal & window(1) }", "full_attention": "pattern f { full }"},
+    )
+    register("pdsl_by_call", lambda index, kind: "pattern second { causal & sink(2) }" if index == 1 else None)
+    for name in ("pdsl_by_type", "pdsl_by_call"):
+        assert name in AttentionInterface._global_mapping and name in AttentionMaskInterface._global_mapping
+    config = _config("gemma2", attn_logit_softcapping=None)
+    assert config.layer_types == ["sliding_attention", "full_attention"]
+    by_type = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="pdsl_by_type")
+    assert [p.name for p in layer_patterns(by_type)] == ["s", "f"]
+    by_call = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="pdsl_by_call")
+    first, second = layer_patterns(by_call)
+    assert "window(4)" in str(first)  # None: the config's own sliding layer (sliding_window = 5)
+    assert second.name == "second"
+    with pytest.raises(PatternError, match="no entry for layer 0"):
+        register("pdsl_partial", {7: "pattern x { causal }"})
+        transformers.AutoModelForCausalLM.from_config(config, attn_implementation="pdsl_partial")
 
 
 def _saved(tmp_path):
@@ -224,6 +269,9 @@ def test_compile_fullgraph_prefill_and_training_step():
         a = compiled(ids, attention_mask=mask).logits
         b = theirs(ids, attention_mask=mask).logits
     torch.testing.assert_close(a[mask.bool()], b[mask.bool()], **TOL)
+    packed_ids, position_ids = _packed_ids()
+    with torch.no_grad():
+        _assert_packed(compiled(packed_ids, position_ids=position_ids).logits, theirs, packed_ids)
     ours.train()
     theirs.train()
     compiled = torch.compile(ours, fullgraph=True)
