@@ -30,6 +30,8 @@ def body_of(plan: BlockPlan) -> bool | None:
     """``is_causal`` of the segments' problem when ``plan`` runs document by document, else None."""
     if len(plan.groups) != 1 or plan.q_len != plan.kv_len or plan.pattern is None:
         return None
+    if plan.pattern.score is not None:
+        return None  # torch's fused kernel cannot apply a score modifier
     node = plan.groups[0].node
     if not (isinstance(node, ir.Prim) and node.name == "within"):
         return None
