@@ -10,11 +10,16 @@ How a call maps onto patterndsl (LANGUAGE.md sections 7, 9, 10):
   queries and which keys are real tokens (padding, and static-cache slots not written yet, are
   not). When the model gave neither a 2-D mask nor a cache (training on packed sequences), it is
   an int8 tensor instead, and the attention function reads documents from ``position_ids``.
-- The attention function moves each row's real keys and queries to the front with one stable
-  gather (no loop over rows), calls :func:`patterndsl.attention` with ``kv_lengths`` /
-  ``q_lengths`` (each element an end-aligned problem whose position 0 is its first real token),
-  and scatters the outputs back; padded queries get zeros. Packed documents go through
-  ``within(doc, P)`` with ``doc`` numbered from ``position_ids`` restarts.
+- A padded prefill (as many keys as queries) runs as one call of ``within(doc, P)`` whose ``doc``
+  is the validity of each token: a row's run of real tokens is a document whose position 0 is its
+  first real token (a run of padding is one too; its queries' outputs are zeros, as with sdpa). Packed
+  documents go through the same ``within(doc, P)`` with ``doc`` numbered from ``position_ids``
+  restarts.
+- Otherwise (decoding over a padded cache, a static cache's unwritten slots, a pattern that cannot
+  sit inside ``within``), the attention function moves each row's real keys and queries to the
+  front with one stable gather (no loop over rows), calls :func:`patterndsl.attention` with
+  ``kv_lengths`` / ``q_lengths`` (each element an end-aligned problem whose position 0 is its first
+  real token), and scatters the outputs back; padded queries get zeros.
 - The pattern of a layer: the given one (a Pattern, text, or a mapping / callable from the layer
   index or ``layer_type``), else ``causal`` or ``causal & window(w - 1)`` for a layer with
   ``sliding_window = w``.
@@ -259,6 +264,13 @@ def _attention_forward(
                 out = attention(query, key, value, found.packed, scale=scaling, **{_DOC: doc})
     elif _eager_and(lambda: bool(attention_mask.all())):
         out = attention(query, key, value, found.plain, scale=scaling)  # no padding, every key written
+    elif q_len == kv_len and found.packed is not None:
+        # a prefill: each row's runs of real tokens and of padding are documents; one call for the batch,
+        # nothing gathered (its keys are its queries' own, so valid_k is valid_q); padded queries get
+        # zeros, as sdpa gives them (a causal LM's loss reads the last padded position's logits)
+        valid = attention_mask[:, q_len:]
+        out = attention(query, key, value, found.packed, scale=scaling, **{_DOC: valid.to(torch.int32)})
+        out = out.masked_fill(~valid[:, None, :, None], 0.0)
     else:
         valid_q, valid_k = attention_mask[:, :q_len], attention_mask[:, q_len:]
         q_order = torch.argsort((~valid_q).to(torch.int8), dim=1, stable=True)
