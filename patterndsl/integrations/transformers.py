@@ -48,6 +48,8 @@ __all__ = ["PatternCache", "default_pattern", "layer_pattern", "layer_patterns",
 _REGISTERED: dict[str, Any] = {}
 #: the input that numbers packed documents in a wrapped pattern.
 _DOC = "pdsl_doc"
+#: Query rows up to which a call over a longer cache runs as decoding (LANGUAGE.md section 9's "Lq up to 16").
+DECODE_ROWS = 16
 
 
 def register(name: str, pattern=None) -> None:
@@ -262,8 +264,14 @@ def _attention_forward(
             else:
                 doc = starts.cumsum(1, dtype=torch.int32)
                 out = attention(query, key, value, found.packed, scale=scaling, **{_DOC: doc})
-    elif _eager_and(lambda: bool(attention_mask.all())):
-        out = attention(query, key, value, found.plain, scale=scaling)  # no padding, every key written
+    elif _eager_and(lambda: bool(attention_mask.all())):  # no padding, every key written
+        if q_len < kv_len and q_len <= DECODE_ROWS and not found.plain.ir.inputs:
+            # decoding: the ragged path reads only the keys the pattern lets these queries see and plans
+            # per row tile (LANGUAGE.md section 9); the dense plan would tile every key for one query
+            lengths = torch.full((batch,), kv_len, dtype=torch.int32, device=query.device)
+            out = attention(query, key, value, found.plain, scale=scaling, kv_lengths=lengths)
+        else:
+            out = attention(query, key, value, found.plain, scale=scaling)
     elif q_len == kv_len and found.packed is not None:
         # a prefill: each row's runs of real tokens and of padding are documents; one call for the batch,
         # nothing gathered (its keys are its queries' own, so valid_k is valid_q); padded queries get
