@@ -357,15 +357,15 @@ def _refuse(module, dropout, softcap, pattern: Pattern, attention_mask) -> None:
             "an explicit 4-D attention mask cannot be expressed by patterndsl; pass a 2-D padding mask "
             "(or position_ids for packed sequences), or put the mask in the pattern"
         )
-    if not torch.compiler.is_compiling():
-        from transformers.utils.output_capturing import _active_collector
+    # transformers' collector is a context variable that torch.compile can read (CompileableContextVar)
+    from transformers.utils.output_capturing import _active_collector
 
-        collecting = _active_collector.get()
-        if collecting and "attentions" in collecting:
-            raise PatternError(
-                "output_attentions is not supported by patterndsl (it never forms attention weights); "
-                "use attn_implementation='eager' to inspect them"
-            )
+    collecting = _active_collector.get()
+    if collecting and "attentions" in collecting:
+        raise PatternError(
+            "output_attentions is not supported by patterndsl (it never forms attention weights); "
+            "use attn_implementation='eager' to inspect them"
+        )
 
 
 # --------------------------------------------------------------------------- config round trip

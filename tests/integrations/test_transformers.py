@@ -342,7 +342,8 @@ def test_fresh_process_restores_the_implementation(tmp_path):
 @pytest.mark.slow
 def test_pattern_cache_under_torch_compile():
     """A compiled forward generates with a PatternCache (its cache steps run eagerly) exactly as the dense
-    recompute; fullgraph=True refuses the cache step with the reason patterndsl gives."""
+    recompute and refuses output_attentions; fullgraph=True refuses the cache step with the reason
+    patterndsl gives."""
     from patterndsl.integrations.hf_cache import EAGER_REASON
     from patterndsl.integrations.transformers import PatternCache
 
@@ -360,6 +361,8 @@ def test_pattern_cache_under_torch_compile():
     with torch.no_grad():
         got = model.generate(ids, past_key_values=PatternCache(model, num_pages=64, page_size=2), **kw)
     assert torch.equal(got, want)
+    with torch.no_grad(), pytest.raises(PatternError, match="output_attentions"):
+        model(ids, output_attentions=True)  # refused in a compiled forward too, never an empty tuple
     torch._dynamo.reset()
     model.forward = torch.compile(eager_forward, backend="eager", fullgraph=True)
     with torch.no_grad(), pytest.raises(Exception, match="PatternCache keeps its pages") as caught:
