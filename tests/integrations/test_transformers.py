@@ -162,6 +162,22 @@ def test_greedy_generation_equals_sdpa(kind):
     assert torch.equal(a, b)
 
 
+def test_unpadded_decoding_takes_the_ragged_path(monkeypatch):
+    """Decoding steps over an unpadded cache run with full kv_lengths and generate what sdpa generates."""
+    import patterndsl.integrations.transformers as integration
+
+    ours, theirs = _pair("mistral")
+    calls = []
+    real = integration.attention
+    monkeypatch.setattr(integration, "attention", lambda *a, **kw: calls.append(kw.get("kv_lengths")) or real(*a, **kw))
+    ids = _ids(2, 9, seed=6)
+    kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        assert torch.equal(ours.generate(ids, **kw), theirs.generate(ids, **kw))
+    decoding = [c for c in calls if c is not None]
+    assert len(decoding) == 2 * 4 and all(c.tolist() == [c[0].item()] * 2 for c in decoding)
+
+
 def test_static_cache_generation():
     ours, theirs = _pair("llama")
     ids, mask = _left_padded(real=(15, 10, 6))
