@@ -31,6 +31,7 @@ How a call maps onto patterndsl (LANGUAGE.md sections 7, 9, 10):
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from collections.abc import Mapping
 from typing import Any
 
@@ -256,13 +257,11 @@ def _attention_forward(
         if position_ids is None or found.packed is None:
             out = attention(query, key, value, found.plain, scale=scaling)
         else:
-            pos = position_ids.expand(batch, q_len)
-            starts = torch.ones_like(pos, dtype=torch.int32)
-            starts[:, 1:] = (pos[:, 1:] != pos[:, :-1] + 1).to(torch.int32)
+            starts = _per_forward(position_ids, lambda: _restarts(position_ids.expand(batch, q_len)))
             if _eager_and(lambda: not bool(starts[:, 1:].any())):
                 out = attention(query, key, value, found.plain, scale=scaling)  # one document per row
             else:
-                doc = starts.cumsum(1, dtype=torch.int32)
+                doc = _per_forward(starts, lambda: starts.cumsum(1, dtype=torch.int32))
                 out = attention(query, key, value, found.packed, scale=scaling, **{_DOC: doc})
     elif _eager_and(lambda: bool(attention_mask.all())):  # no padding, every key written
         if q_len < kv_len and q_len <= DECODE_ROWS and not found.plain.ir.inputs:
@@ -277,7 +276,8 @@ def _attention_forward(
         # nothing gathered (its keys are its queries' own, so valid_k is valid_q); padded queries get
         # zeros, as sdpa gives them (a causal LM's loss reads the last padded position's logits)
         valid = attention_mask[:, q_len:]
-        out = attention(query, key, value, found.packed, scale=scaling, **{_DOC: valid.to(torch.int32)})
+        doc = _per_forward(attention_mask, lambda: valid.to(torch.int32))
+        out = attention(query, key, value, found.packed, scale=scaling, **{_DOC: doc})
         out = out.masked_fill(~valid[:, None, :, None], 0.0)
     else:
         valid_q, valid_k = attention_mask[:, :q_len], attention_mask[:, q_len:]
@@ -300,6 +300,33 @@ def _attention_forward(
             )
             out = _take_rows(out, torch.argsort(q_order, dim=1))
     return out.transpose(1, 2).contiguous(), None
+
+
+def _restarts(pos: torch.Tensor) -> torch.Tensor:
+    """1 where a row's ``position_ids`` do not continue the previous position (a packed document starts)."""
+    starts = torch.ones_like(pos, dtype=torch.int32)
+    starts[:, 1:] = (pos[:, 1:] != pos[:, :-1] + 1).to(torch.int32)
+    return starts
+
+
+#: the tensor derived last from each source tensor: ``id(source) -> (weakref, version, derived)``.
+_DERIVED: dict[int, tuple] = {}
+
+
+def _per_forward(source: torch.Tensor, make):
+    """``make()``, the same tensor object for every layer of an eager forward that passes the same
+    ``source`` (a mask or ``position_ids``): the call-time plan of a run-time input is kept per input
+    tensor (:mod:`patterndsl.runtime.inputs`), so the first layer's plan serves the others."""
+    if torch.compiler.is_compiling():
+        return make()
+    kept = _DERIVED.get(id(source))
+    if kept is not None and kept[0]() is source and kept[1] == source._version:
+        return kept[2]
+    derived = make()
+    if len(_DERIVED) > 8:
+        _DERIVED.clear()
+    _DERIVED[id(source)] = (weakref.ref(source), source._version, derived)
+    return derived
 
 
 def _take_rows(x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:

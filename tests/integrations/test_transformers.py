@@ -392,3 +392,18 @@ def test_a_stray_five_dimensional_key_is_refused():
 
     with pytest.raises(PatternError, match="without a PatternCache update"):
         commit(torch.zeros(1, 1, 1, 1, 1), None)
+
+
+def test_a_derived_input_is_one_tensor_for_every_layer_of_a_forward():
+    """Layers passing the same mask get the same doc tensor (so the call-time plan is built once), and a
+    mask written in place or a new mask get a new one."""
+    from patterndsl.integrations.transformers import _per_forward
+
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    first = _per_forward(mask, lambda: mask.to(torch.int32))
+    assert _per_forward(mask, lambda: mask.to(torch.int32)) is first
+    mask[0, 0] = False
+    again = _per_forward(mask, lambda: mask.to(torch.int32))
+    assert again is not first and again[0, 0] == 0
+    other = mask.clone()
+    assert _per_forward(other, lambda: other.to(torch.int32)) is not again
