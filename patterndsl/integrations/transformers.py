@@ -137,8 +137,8 @@ def _layer_type(config, layer_idx: int):
 def _with_documents(pattern: Pattern) -> Pattern | None:
     """``within(pdsl_doc, P)``, or None when ``P`` cannot sit inside ``within``."""
     pir = pattern.ir
-    if pir.layout is not None or pir.heads or pir.default is None or pattern.is_dynamic:
-        return None
+    if pir.layout is not None or pir.heads or pir.default is None or pattern.is_dynamic or pir.inputs:
+        return None  # (within cannot read a run-time input inside its pattern)
     if any(isinstance(n, ir.Prim) and n.name == "within" for n in ir.walk(pir.default)):
         return None
     body = ir.Prim("within", (("seg", _DOC), ("body", pir.default)))
@@ -249,13 +249,15 @@ def _attention_forward(
     _refuse(module, dropout, softcap, found.plain, attention_mask)
     batch, _, q_len, _ = query.shape
     kv_len = key.shape[2]
+    # run-time inputs the pattern declares arrive as keyword arguments of the model's forward
+    inputs = {d.name: kwargs[d.name] for d in found.plain.ir.inputs if d.name in kwargs}
     if key.dim() == 5:  # a PatternCache layer's pending keys (hf_cache)
         out = _paged(query, key, value, found.plain, scaling, attention_mask)
     elif attention_mask is None:
-        out = attention(query, key, value, found.plain, scale=scaling)
+        out = attention(query, key, value, found.plain, scale=scaling, **inputs)
     elif attention_mask.dtype != torch.bool:
         if position_ids is None or found.packed is None:
-            out = attention(query, key, value, found.plain, scale=scaling)
+            out = attention(query, key, value, found.plain, scale=scaling, **inputs)
         else:
             starts = _per_forward(position_ids, lambda: _restarts(position_ids.expand(batch, q_len)))
             if _eager_and(lambda: not bool(starts[:, 1:].any())):
@@ -270,7 +272,7 @@ def _attention_forward(
             lengths = torch.full((batch,), kv_len, dtype=torch.int32, device=query.device)
             out = attention(query, key, value, found.plain, scale=scaling, kv_lengths=lengths)
         else:
-            out = attention(query, key, value, found.plain, scale=scaling)
+            out = attention(query, key, value, found.plain, scale=scaling, **inputs)
     elif q_len == kv_len and found.packed is not None:
         # a prefill: each row's runs of real tokens and of padding are documents; one call for the batch,
         # nothing gathered (its keys are its queries' own, so valid_k is valid_q); padded queries get

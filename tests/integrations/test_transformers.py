@@ -407,3 +407,17 @@ def test_a_derived_input_is_one_tensor_for_every_layer_of_a_forward():
     assert again is not first and again[0, 0] == 0
     other = mask.clone()
     assert _per_forward(other, lambda: other.to(torch.int32)) is not again
+
+
+def test_run_time_inputs_pass_through_the_model_forward():
+    register(
+        "pdsl_tag", "pattern tagged(w = 2) { input tag: int[batch, token]\n causal & (window(w) | where(tag[k] == 1)) }"
+    )
+    ours, theirs = _pair("llama", name="pdsl_tag")
+    ids = _ids(2, 10, seed=7)
+    with torch.no_grad():
+        every_key = ours(ids, tag=torch.ones_like(ids)).logits  # every key tagged: plain causal
+        torch.testing.assert_close(every_key, theirs(ids).logits, **TOL)
+        assert not torch.allclose(ours(ids, tag=torch.zeros_like(ids)).logits, every_key, **TOL)
+        with pytest.raises(PatternError, match="tag"):
+            ours(ids)
