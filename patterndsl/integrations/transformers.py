@@ -20,6 +20,9 @@ How a call maps onto patterndsl (LANGUAGE.md sections 7, 9, 10):
   front with one stable gather (no loop over rows), calls :func:`patterndsl.attention` with
   ``kv_lengths`` / ``q_lengths`` (each element an end-aligned problem whose position 0 is its first
   real token), and scatters the outputs back; padded queries get zeros.
+- Run-time inputs the pattern declares are keyword arguments of the model's ``forward`` (they reach
+  the attention function in its ``kwargs``); padding with them is refused with a PatternError by the
+  ragged path (lengths do not combine with inputs yet).
 - The pattern of a layer: the given one (a Pattern, text, or a mapping / callable from the layer
   index or ``layer_type``), else ``causal`` or ``causal & window(w - 1)`` for a layer with
   ``sliding_window = w``.
