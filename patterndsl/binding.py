@@ -9,6 +9,7 @@ names the input and the shape, dtype or device expected. Nothing is ever broadca
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -104,21 +105,23 @@ def bind(
     implied = batch
     tensors = {}
     for decl in decls:
-        shape = expected_shape(decl, kv_len, heads, head_dim, batch)
-        what = f"{who}: input '{decl.name}' ({decl.kind}{shape})"
+        # Messages are formatted only to raise: under torch.compile the sizes are symbolic, and str() of
+        # one is untraceable.
+        shape = functools.partial(expected_shape, decl, kv_len, heads, head_dim, batch)
+        what = functools.partial("{}: input '{}' ({}{})".format, who, decl.name, decl.kind)
         if decl.name not in given:
             raise InputError(
-                f"{who}: pattern '{pattern.name}' needs input '{decl.name}': pass {decl.name}= a tensor {shape}"
+                f"{who}: pattern '{pattern.name}' needs input '{decl.name}': pass {decl.name}= a tensor {shape()}"
             )
         t = given[decl.name]
         if not isinstance(t, torch.Tensor):
-            raise InputError(f"{what} must be a torch.Tensor, got {type(t).__name__}")
+            raise InputError(f"{what(shape())} must be a torch.Tensor, got {type(t).__name__}")
         if decl.kind == "int" and (t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool):
-            raise InputError(f"{what} must be an integer tensor, got {t.dtype}")
+            raise InputError(f"{what(shape())} must be an integer tensor, got {t.dtype}")
         if decl.kind == "float" and not t.dtype.is_floating_point:
-            raise InputError(f"{what} must be a floating-point tensor, got {t.dtype}")
+            raise InputError(f"{what(shape())} must be a floating-point tensor, got {t.dtype}")
         if device is not None and t.device != torch.device(device):
-            raise InputError(f"{what} must be on {device} like q, got {t.device}")
+            raise InputError(f"{what(shape())} must be on {device} like q, got {t.device}")
         inner = [_extent(d, kv_len, heads, head_dim) for d in decl.index_dims]
         dims = tuple(t.shape)
         ok = len(dims) == len(inner) and all(w is None or w == n for w, n in zip(inner, dims, strict=True))
@@ -129,7 +132,7 @@ def bind(
                     implied = dims[0]
                 ok = dims[0] == implied
         if not ok:
-            raise InputError(f"{what} has shape {list(dims)}, expected {shape}")
+            raise InputError(f"{what(shape())} has shape {list(dims)}, expected {shape()}")
         tensors[decl.name] = t
     return Inputs(decls, tensors, 1 if implied is None else implied)
 

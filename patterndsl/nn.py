@@ -66,8 +66,9 @@ class Attention(nn.Module):
             given to ``forward``); ``True`` or the rotary base as a number.
         **params: the pattern's parameters (with source text or a path).
 
-    ``forward(x, positions=None, **inputs)``: ``x`` is ``[batch, seq, embed_dim]``; ``inputs`` are
-    the pattern's run-time inputs (LANGUAGE.md section 7). Returns ``[batch, seq, embed_dim]``.
+    ``forward(x, positions=None, **inputs)``: ``x`` is ``[batch, seq, embed_dim]`` (or, for a pattern
+    with a grid layout, ``[batch, *grid, embed_dim]``); ``inputs`` are the pattern's run-time inputs
+    (LANGUAGE.md section 7). Returns a tensor of the shape of ``x``.
     """
 
     def __init__(
@@ -108,8 +109,15 @@ class Attention(nn.Module):
         )
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None, **inputs) -> torch.Tensor:
+        layout = self.pattern.ir.layout
+        grid = [] if layout is None else list(layout.shape)
+        if x.dim() == 2 + len(grid) and len(grid) > 1 and list(x.shape[1:-1]) == grid:
+            return self.forward(x.flatten(1, -2), positions, **inputs).view(x.shape)
         if x.dim() != 3 or x.shape[-1] != self.embed_dim:
-            raise PatternError(f"Attention: x must be [batch, seq, {self.embed_dim}], got {list(x.shape)}")
+            shapes = f"[batch, seq, {self.embed_dim}]" + (
+                f" or [batch, {', '.join(map(str, grid))}, {self.embed_dim}]" if len(grid) > 1 else ""
+            )
+            raise PatternError(f"Attention: x must be {shapes}, got {list(x.shape)}")
         batch, seq, _ = x.shape
         q = self.q_proj(x).view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)

@@ -3,41 +3,52 @@
 Each layer keeps its keys in a paged cache under the layer's pattern, so only the keys the
 pattern can still reach are held (a StreamingLLM pattern keeps its sinks and its window; memory
 follows the pattern) and positions stay each row's own: a row's logical position 0 is its first
-real token. ``update`` returns the page pools; the attention function of
-:mod:`patterndsl.integrations.transformers` recognises them and reads them through the block table.
+real token.
 
-Padding: the mask function records which new tokens of each row are real (``note_real``); only
-those are appended (a left-padded prompt appends each row's own count, one append per row with
-padding; decoding steps append one token to every row at once).
+How a step flows: the model calls ``update`` with the step's new keys and values, which the layer
+holds as *pending* and returns as a 5-D handle ``[1, batch, kv_heads, n, head_dim]`` (a view of
+the new keys); the attention function of :mod:`patterndsl.integrations.transformers` sees the
+fifth dimension (a static property, so tracing needs no data-dependent branch), and
+:func:`commit` appends the new tokens that its mask marks real (a left-padded prompt appends each
+row's own count; decoding steps append one token to every row at once) and returns the page
+pools with their block table and lengths.
 
-Eager only: the paged bookkeeping is Python (``is_compileable = False``).
+Under ``torch.compile``: ``update`` and the paged attention run eagerly (``torch.compiler.disable``:
+the page bookkeeping is host-side Python), so a compiled model generates with a ``PatternCache``
+with graph breaks around each layer's cache step, while the rest (projections, MLPs) is compiled;
+``fullgraph=True`` refuses such a graph break, so it covers prefill and training (no cache, or
+``transformers``' own caches), not generation with a ``PatternCache``.
 """
 
 from __future__ import annotations
 
 import torch
 
+from patterndsl.errors import PatternError
 from patterndsl.kvcache import PagedKVCache
 
-__all__ = ["PatternCache"]
+__all__ = ["EAGER_REASON", "PatternCache", "commit"]
 
-#: id(page pool) -> (pool, block_table, kv_lengths) of the latest update of a layer.
-_VIEWS: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-#: which new tokens of each row are real ([batch, n] bool), written by the mask function.
-_REAL: dict[str, torch.Tensor | None] = {"new": None}
+#: Why the cache step is not traced (shown by torch.compile when ``fullgraph=True`` meets it).
+EAGER_REASON = (
+    "a patterndsl PatternCache keeps its pages with host-side Python bookkeeping; generate with it under "
+    "torch.compile(fullgraph=False), or use fullgraph=True for prefill and training"
+)
+
+#: id(handle) -> the layer whose pending keys the handle stands for (one entry per layer at most).
+_PENDING: dict[int, _PagedLayer] = {}
 
 
-def note_real(valid_q: torch.Tensor | None) -> None:
-    """Record which of the coming tokens are real (called by the mask function)."""
-    _REAL["new"] = valid_q
-
-
-def paged_view(key: torch.Tensor):
-    """``(block_table, kv_lengths)`` when ``key`` is a page pool this module returned, else None."""
-    found = _VIEWS.get(id(key))
-    if found is None or found[0] is not key:
-        return None
-    return found[1], found[2]
+@torch.compiler.disable(reason=EAGER_REASON)
+def commit(handle: torch.Tensor, real: torch.Tensor | None):
+    """Append the pending keys behind ``handle`` (those ``real`` marks, ``[batch, n]`` bool, or all)
+    to their layer's paged cache; returns ``(k_pages, v_pages, block_table, kv_lengths)``."""
+    layer = _PENDING.pop(id(handle), None)
+    if layer is None or layer.pending is None or layer.pending[0] is not handle:
+        raise PatternError("a 5-D key tensor reached the patterndsl attention without a PatternCache update behind it")
+    handle, values = layer.pending
+    layer.pending = None
+    return layer.append(handle[0], values[0], real)
 
 
 def _layer_base():
@@ -54,6 +65,7 @@ class _PagedLayer(_layer_base()):
         super().__init__()
         self.pattern, self.num_pages, self.page_size, self.heads = pattern, num_pages, page_size, heads
         self.paged: PagedKVCache | None = None
+        self.pending: tuple[torch.Tensor, torch.Tensor] | None = None
         self.seen = 0
 
     def lazy_initialization(self, key_states, value_states) -> None:
@@ -71,12 +83,21 @@ class _PagedLayer(_layer_base()):
         )
         self.is_initialized = True
 
+    @torch.compiler.disable(reason=EAGER_REASON)
     def update(self, key_states, value_states, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        real = _REAL["new"]
-        n = key_states.shape[2]
-        if real is None or real.shape != (key_states.shape[0], n) or bool(real.all()):
+        if self.pending is not None:
+            _PENDING.pop(id(self.pending[0]), None)  # a step whose attention never ran
+        handle, values = key_states[None], value_states[None]
+        self.pending = (handle, values)
+        _PENDING[id(handle)] = self
+        self.seen += key_states.shape[2]
+        return handle, values
+
+    def append(self, key_states, value_states, real):
+        """Add the ``real`` new tokens of each row; the cache's view afterwards."""
+        if real is None or bool(real.all()):
             self.paged.append(key_states, value_states)
         else:
             for row in range(key_states.shape[0]):
@@ -85,11 +106,7 @@ class _PagedLayer(_layer_base()):
                     self.paged.append(
                         key_states[row : row + 1, :, keep], value_states[row : row + 1, :, keep], rows=[row]
                     )
-        self.seen += n
-        k, v, table, lengths = self.paged.view()
-        _VIEWS.clear() if len(_VIEWS) > 64 else None
-        _VIEWS[id(k)] = (k, table, lengths)
-        return k, v
+        return self.paged.view()
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.seen + query_length, 0

@@ -41,9 +41,8 @@ def _config(kind: str, **extra):
     if kind == "mistral":
         return transformers.MistralConfig(sliding_window=common.pop("sliding_window", 5), **common)
     if kind == "gemma2":
-        return transformers.Gemma2Config(
-            head_dim=8, sliding_window=common.pop("sliding_window", 5), query_pre_attn_scalar=8, **common
-        )
+        gemma = {"head_dim": 8, "sliding_window": 5, "query_pre_attn_scalar": 8, **common}
+        return transformers.Gemma2Config(**gemma)
     raise AssertionError(kind)
 
 
@@ -110,7 +109,8 @@ def _left_padded(batch=3, length=15, real=(15, 9, 4), seed=3):
 
 
 def test_gemma2_softcap_sliding_and_scaling():
-    ours, theirs = _pair("gemma2", attn_logit_softcapping=1.5, final_logit_softcapping=None)
+    # query_pre_attn_scalar=3: a scaling (3 ** -0.5) other than head_dim ** -0.5
+    ours, theirs = _pair("gemma2", attn_logit_softcapping=1.5, final_logit_softcapping=None, query_pre_attn_scalar=3)
     ids, mask = _left_padded()
     position_ids = (mask.cumsum(1) - 1).clamp(min=0)
     with torch.no_grad():
@@ -123,19 +123,32 @@ def test_gemma2_softcap_sliding_and_scaling():
     assert "window" not in str(patterns[1]) and "tanh" in str(patterns[1])
 
 
+PACKED = [[7, 5, 8], [11, 9]]  # two rows of packed documents (position_ids restart at 0), no mask
+
+
+def _packed_ids():
+    ids = _ids(len(PACKED), sum(PACKED[0]), seed=4)
+    position_ids = torch.stack([torch.cat([torch.arange(n) for n in row]) for row in PACKED])
+    return ids, position_ids
+
+
+def _assert_packed(logits, theirs, ids):
+    """Every packed document equals the document run alone."""
+    with torch.no_grad():
+        for row, lengths in enumerate(PACKED):
+            start = 0
+            for n in lengths:
+                alone = theirs(ids[row : row + 1, start : start + n]).logits[0]
+                torch.testing.assert_close(logits[row, start : start + n], alone, **TOL)
+                start += n
+
+
 @pytest.mark.parametrize("kind", ["llama", "mistral"])
 def test_packed_position_ids(kind):
     ours, theirs = _pair(kind)
-    lengths = [7, 5, 8]
-    ids = _ids(1, sum(lengths), seed=4)
-    position_ids = torch.cat([torch.arange(n) for n in lengths])[None]
+    ids, position_ids = _packed_ids()
     with torch.no_grad():
-        packed = ours(ids, position_ids=position_ids).logits[0]
-        start = 0
-        for n in lengths:
-            alone = theirs(ids[:, start : start + n]).logits[0]
-            torch.testing.assert_close(packed[start : start + n], alone, **TOL)
-            start += n
+        _assert_packed(ours(ids, position_ids=position_ids).logits, theirs, ids)
 
 
 @pytest.mark.parametrize("kind", ["llama", "mistral", "gemma2"])
@@ -149,9 +162,30 @@ def test_greedy_generation_equals_sdpa(kind):
     assert torch.equal(a, b)
 
 
+def test_unpadded_decoding_takes_the_ragged_path(monkeypatch):
+    """Decoding steps over an unpadded cache run with full kv_lengths and generate what sdpa generates."""
+    import patterndsl.integrations.transformers as integration
+
+    ours, theirs = _pair("mistral")
+    calls = []
+    real = integration.attention
+    monkeypatch.setattr(integration, "attention", lambda *a, **kw: calls.append(kw.get("kv_lengths")) or real(*a, **kw))
+    ids = _ids(2, 9, seed=6)
+    kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        assert torch.equal(ours.generate(ids, **kw), theirs.generate(ids, **kw))
+    decoding = [c for c in calls if c is not None]
+    assert len(decoding) == 2 * 4 and all(c.tolist() == [c[0].item()] * 2 for c in decoding)
+
+
 def test_static_cache_generation():
     ours, theirs = _pair("llama")
     ids, mask = _left_padded(real=(15, 10, 6))
+    # prefill into a static cache: 32 key slots, queries not end-aligned to them
+    with torch.no_grad():
+        a = ours(ids, attention_mask=mask, past_key_values=transformers.StaticCache(ours.config, 32)).logits
+        b = theirs(ids, attention_mask=mask).logits
+    torch.testing.assert_close(a[mask.bool()], b[mask.bool()], **TOL)
     kw = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
     with torch.no_grad():
         a = ours.generate(ids, cache_implementation="static", **kw)
@@ -170,6 +204,32 @@ def test_refusals():
         ours(ids, output_attentions=True)
     with pytest.raises(PatternError, match="4-D"):
         ours(ids, attention_mask=torch.ones(1, 1, 6, 6))
+
+
+def test_register_installs_both_interfaces_and_per_layer_choices():
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    from patterndsl.integrations.transformers import layer_patterns
+
+    register(
+        "pdsl_by_type",
+        {"sliding_attention": "pattern s { causal & window(1) }", "full_attention": "pattern f { full }"},
+    )
+    register("pdsl_by_call", lambda index, kind: "pattern second { causal & sink(2) }" if index == 1 else None)
+    for name in ("pdsl_by_type", "pdsl_by_call"):
+        assert name in AttentionInterface._global_mapping and name in AttentionMaskInterface._global_mapping
+    config = _config("gemma2", attn_logit_softcapping=None)
+    assert config.layer_types == ["sliding_attention", "full_attention"]
+    by_type = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="pdsl_by_type")
+    assert [p.name for p in layer_patterns(by_type)] == ["s", "f"]
+    by_call = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="pdsl_by_call")
+    first, second = layer_patterns(by_call)
+    assert "window(4)" in str(first)  # None: the config's own sliding layer (sliding_window = 5)
+    assert second.name == "second"
+    with pytest.raises(PatternError, match="no entry for layer 0"):
+        register("pdsl_partial", {7: "pattern x { causal }"})
+        transformers.AutoModelForCausalLM.from_config(config, attn_implementation="pdsl_partial")
 
 
 def _saved(tmp_path):
@@ -225,6 +285,9 @@ def test_compile_fullgraph_prefill_and_training_step():
         a = compiled(ids, attention_mask=mask).logits
         b = theirs(ids, attention_mask=mask).logits
     torch.testing.assert_close(a[mask.bool()], b[mask.bool()], **TOL)
+    packed_ids, position_ids = _packed_ids()
+    with torch.no_grad():
+        _assert_packed(compiled(packed_ids, position_ids=position_ids).logits, theirs, packed_ids)
     ours.train()
     theirs.train()
     compiled = torch.compile(ours, fullgraph=True)
@@ -290,3 +353,71 @@ def test_fresh_process_restores_the_implementation(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(root)}
     done = subprocess.run([sys.executable, "-c", script, str(tmp_path)], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_pattern_cache_under_torch_compile():
+    """A compiled forward generates with a PatternCache (its cache steps run eagerly) exactly as the dense
+    recompute and refuses output_attentions; fullgraph=True refuses the cache step with the reason
+    patterndsl gives."""
+    from patterndsl.integrations.hf_cache import EAGER_REASON
+    from patterndsl.integrations.transformers import PatternCache
+
+    register("pdsl_stream", STREAM)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(_config("llama"), attn_implementation="pdsl_stream").eval()
+    ids, mask = _left_padded(batch=2, length=12, real=(12, 7))
+    steps = 4  # prefill, the first decoding step, and steps after dynamo's recompile for dynamic lengths
+    want = _dense_greedy(model, ids, mask, steps)
+    eager_forward = model.forward
+    kw = dict(attention_mask=mask, max_new_tokens=steps, do_sample=False, pad_token_id=0)
+    torch._dynamo.reset()
+    # dynamo's tracing and graph breaks are what is tested; the "eager" backend skips inductor's codegen
+    model.forward = torch.compile(eager_forward, backend="eager")
+    with torch.no_grad():
+        got = model.generate(ids, past_key_values=PatternCache(model, num_pages=64, page_size=2), **kw)
+    assert torch.equal(got, want)
+    with torch.no_grad(), pytest.raises(PatternError, match="output_attentions"):
+        model(ids, output_attentions=True)  # refused in a compiled forward too, never an empty tuple
+    torch._dynamo.reset()
+    model.forward = torch.compile(eager_forward, backend="eager", fullgraph=True)
+    with torch.no_grad(), pytest.raises(Exception, match="PatternCache keeps its pages") as caught:
+        model.generate(ids, past_key_values=PatternCache(model, num_pages=64, page_size=2), **kw)
+    assert EAGER_REASON in str(caught.value)
+    torch._dynamo.reset()
+
+
+def test_a_stray_five_dimensional_key_is_refused():
+    from patterndsl.integrations.hf_cache import commit
+
+    with pytest.raises(PatternError, match="without a PatternCache update"):
+        commit(torch.zeros(1, 1, 1, 1, 1), None)
+
+
+def test_a_derived_input_is_one_tensor_for_every_layer_of_a_forward():
+    """Layers passing the same mask get the same doc tensor (so the call-time plan is built once), and a
+    mask written in place or a new mask get a new one."""
+    from patterndsl.integrations.transformers import _per_forward
+
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    first = _per_forward(mask, lambda: mask.to(torch.int32))
+    assert _per_forward(mask, lambda: mask.to(torch.int32)) is first
+    mask[0, 0] = False
+    again = _per_forward(mask, lambda: mask.to(torch.int32))
+    assert again is not first and again[0, 0] == 0
+    other = mask.clone()
+    assert _per_forward(other, lambda: other.to(torch.int32)) is not again
+
+
+def test_run_time_inputs_pass_through_the_model_forward():
+    register(
+        "pdsl_tag", "pattern tagged(w = 2) { input tag: int[batch, token]\n causal & (window(w) | where(tag[k] == 1)) }"
+    )
+    ours, theirs = _pair("llama", name="pdsl_tag")
+    ids = _ids(2, 10, seed=7)
+    with torch.no_grad():
+        every_key = ours(ids, tag=torch.ones_like(ids)).logits  # every key tagged: plain causal
+        torch.testing.assert_close(every_key, theirs(ids).logits, **TOL)
+        assert not torch.allclose(ours(ids, tag=torch.zeros_like(ids)).logits, every_key, **TOL)
+        with pytest.raises(PatternError, match="tag"):
+            ours(ids)

@@ -137,3 +137,14 @@ def test_a_nan_value_reaches_only_its_own_document():
     out = p(q, k, v, backend="cpu", doc=doc)
     assert torch.isfinite(out[0, :, :60]).all()
     assert torch.isnan(out[0, :, 60:]).all()
+
+
+def test_a_score_modifier_is_not_dropped_by_the_document_path():
+    """``within(doc, causal)`` with a ``score`` runs where the score is applied (torch's kernel cannot)."""
+    p = pd.compile("pattern soft { input doc: int[batch, token]\n within(doc, causal)\n score s * 0.25 }")
+    assert documents.body_of(p.plan(16, 16, 2)) is None
+    doc = torch.tensor([[0] * 7 + [1] * 9])
+    q, k, v = (x.detach() for x in tensors(1, 2, 2, 16, torch.float64, 6))
+    # a quarter of the logits is the unmodified attention with a quarter of the scale
+    ref, _ = reference_attention(q * 0.25, k, v, run_mask(doc, True))
+    torch.testing.assert_close(p(q, k, v, backend="cpu", doc=doc).double(), ref, atol=1e-9, rtol=1e-9)

@@ -93,3 +93,22 @@ def test_errors():
         Attention(LOCAL, embed_dim=32, num_heads=4)(torch.randn(3, 32))
     with pytest.raises(PatternError):
         Attention("pattern bad { nonsense(1) }", embed_dim=32, num_heads=4)
+
+
+@pytest.mark.parametrize(
+    "layout, size",
+    [("grid(y = 5, x = 6)", "3"), ("grid(t = 3, y = 4, x = 5)", "(3, 3, 3)")],
+    ids=["image", "video"],
+)
+def test_grid_shaped_input_as_natten_takes_it(layout, size):
+    """``[batch, *grid, embed_dim]`` in and out (NATTEN's NeighborhoodAttention2D/3D), equal to the flat call."""
+    torch.manual_seed(3)
+    m = Attention(f"pattern nat {{ layout {layout}\n neighborhood({size}) }}", embed_dim=16, num_heads=2)
+    grid = list(m.pattern.ir.layout.shape)
+    x = torch.randn(2, *grid, 16)
+    y = m(x)
+    assert y.shape == x.shape
+    flat = x.flatten(1, -2)
+    torch.testing.assert_close(y.flatten(1, -2).double(), _reference(m, flat), atol=2e-5, rtol=2e-5)
+    with pytest.raises(PatternError, match=r"\[batch, seq, 16\] or \[batch, "):
+        m(x.transpose(1, 2))
