@@ -52,8 +52,6 @@ def body_of(plan: BlockPlan) -> ir.Node | None:
     """``P`` when ``plan`` runs document by document, else None (a score keeps the tile schedule)."""
     if len(plan.groups) != 1 or plan.q_len != plan.kv_len or plan.pattern is None or plan.pattern.score is not None:
         return None
-    if plan.pattern.score is not None:
-        return None  # torch's fused kernel cannot apply a score modifier
     node = plan.groups[0].node
     if not (isinstance(node, ir.Prim) and node.name == "within"):
         return None
