@@ -23,7 +23,9 @@ DEFAULT_TARGET = "sm_90"
 _PTR_DTYPES = {"float16": "*fp16", "bfloat16": "*bf16", "float32": "*fp32"}
 # Pointer arguments by name: the input dtype, float32 buffers, int32 lists, int8 tables.
 _INPUT_PTRS = {"Q", "K", "V", "O", "DO", "DQ"}
-_F32_PTRS = {"LSE", "DELTA", "DK", "DV"}
+_F32_PTRS = {"LSE", "DELTA", "DK", "DV", "OP", "LP"}
+# Integer scalars by name (the ragged kernels' padded query count) and constexpr launch arguments.
+_INTS = {"lq"}
 
 
 @dataclass
@@ -86,8 +88,10 @@ def signature(fn, dtype: str) -> tuple[dict, dict]:
             sig[name] = "*i8"
         elif name == "scale":
             sig[name] = "fp32"
-        elif name.startswith("stride_"):
+        elif name.startswith("stride_") or name in _INTS:
             sig[name] = "i32"
+        elif name == "BM":
+            sig[name] = "constexpr"
         else:
             sig[name] = "*i32"
     attrs = {
@@ -98,7 +102,9 @@ def signature(fn, dtype: str) -> tuple[dict, dict]:
     return sig, attrs
 
 
-def compile_aot(fn, sig: dict, target: str = DEFAULT_TARGET, num_warps: int = 4, num_stages: int = 3, attrs=None):
+def compile_aot(
+    fn, sig: dict, target: str = DEFAULT_TARGET, num_warps: int = 4, num_stages: int = 3, attrs=None, constexprs=None
+):
     """``triton.compile`` one kernel for a CUDA target from this CPU machine.
 
     Args:
@@ -107,6 +113,7 @@ def compile_aot(fn, sig: dict, target: str = DEFAULT_TARGET, num_warps: int = 4,
         target: ``"sm_80"``, ``"sm_90"``, ...
         num_warps, num_stages: launch configuration.
         attrs: optional argument attributes (alignment hints).
+        constexprs: values of the kernel's constexpr arguments by name (the ragged kernels' ``BM``).
 
     Returns:
         Triton's ``CompiledKernel`` (``.asm`` holds ttir/ttgir/llir/ptx/cubin).
@@ -122,7 +129,9 @@ def compile_aot(fn, sig: dict, target: str = DEFAULT_TARGET, num_warps: int = 4,
         raise BackendError("ahead-of-time compilation needs a process that imported Triton without TRITON_INTERPRET=1")
     options = {"num_warps": num_warps, "num_stages": num_stages}
     try:
-        return triton.compile(ASTSource(fn, sig, {}, attrs or {}), target=GPUTarget("cuda", cap, 32), options=options)
+        return triton.compile(
+            ASTSource(fn, sig, constexprs or {}, attrs or {}), target=GPUTarget("cuda", cap, 32), options=options
+        )
     except Exception as exc:  # Triton raises many kinds; the user sees one clear error
         raise BackendError(f"Triton could not compile {fn.__name__} for {target}: {exc}") from exc
 
@@ -138,16 +147,37 @@ def compile_spec(spec, target: str | None = None) -> list[AotKernel]:
     Returns:
         One :class:`AotKernel` per kernel, in launch order, with :func:`sass_resources` filled in.
     """
-    from patterndsl import kernel_cache
     from patterndsl.codegen import generator
 
+    return _compile_all(spec, generator.render, generator.kernel_names(spec), target, {})
+
+
+def compile_ragged(spec, rows: int, target: str | None = None) -> list[AotKernel]:
+    """Compile every kernel of a ragged spec (:mod:`patterndsl.codegen.ragged`) for ``rows``-row blocks.
+
+    Args:
+        spec: a :class:`~patterndsl.codegen.ragged.RaggedSpec`.
+        rows: the ``BM`` constexpr (16 for decoding, the plan rows otherwise).
+        target: as :func:`compile_spec`.
+
+    Returns:
+        One :class:`AotKernel` per kernel, with :func:`sass_resources` filled in.
+    """
+    from patterndsl.codegen import ragged
+
+    return _compile_all(spec, ragged.render, ragged.kernel_names(spec), target, {"BM": rows})
+
+
+def _compile_all(spec, render, names: list[str], target: str | None, constexprs: dict) -> list[AotKernel]:
+    from patterndsl import kernel_cache
+
     target = target or (spec.target if spec.target.startswith("sm_") else DEFAULT_TARGET)
-    module = kernel_cache.load(spec, generator.render, interpret=False)
+    module = kernel_cache.load(spec, render, interpret=False)
     kernels = []
-    for name in generator.kernel_names(spec):
+    for name in names:
         fn = getattr(module, name)
         sig, attrs = signature(fn, spec.dtype)
-        compiled = compile_aot(fn, sig, target, spec.num_warps, spec.num_stages, attrs)
+        compiled = compile_aot(fn, sig, target, spec.num_warps, spec.num_stages, attrs, constexprs)
         kernel = AotKernel(name, target, dict(compiled.asm), compiled.metadata.shared, spec.num_warps, spec.num_stages)
         kernel.resources = sass_resources(kernel.asm["cubin"], kernel.asm["ptx"], target)
         kernels.append(kernel)

@@ -155,10 +155,12 @@ def _ragged(q, k, v, pir, scale, return_lse, backend, given, kv_lengths, q_lengt
         raise PatternError("kv_lengths=/block_table= need v's head size equal to q's for now")
     data = ragged.check_call(q, k, v, kv_lengths, q_lengths, block_table)
     dynamic = any(ir.is_dynamic(r.node) for r in pir.heads) or (pir.default is not None and ir.is_dynamic(pir.default))
-    if dynamic or sizes.backend == "triton" or pir.score is not None:
-        # route(...) chooses from the element's own queries and keys, and the generated kernels do not
-        # read lengths or tables yet; the ragged tile loop does not apply a score yet: each element
-        # runs alone on its unpadded problem.
+    if sizes.backend == "triton":
+        # The ragged kernels read lengths and tables for patterns of positions only (no score).
+        dynamic = dynamic or not ragged.position_only(pir)
+    if dynamic or pir.score is not None:
+        # route(...) chooses from the element's own queries and keys, and neither the ragged tile loop
+        # nor the ragged kernels apply a score yet: each element runs alone on its unpadded problem.
         key = _plan_key(pir, sizes.backend)
 
         def run(qb, kb, vb):

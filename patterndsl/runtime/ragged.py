@@ -592,13 +592,41 @@ def backward(q, k, v, out, lse, dout, dlse, plan_key: str, data, scale: float):
     return dq, dk, dv
 
 
+def element_keys(k, v, table, b: int, kv_len: int):
+    """Element ``b``'s keys and values ``[1, Hkv, kv_len, D]``: a slice, or its pages gathered through the table
+    (every page within the length must be held)."""
+    if table is None:
+        return k[b : b + 1, :, :kv_len], v[b : b + 1, :, :kv_len]
+    ps = k.shape[2]
+    phys = table[b, : -(-kv_len // ps)]
+    if bool((phys < 0).any()):
+        p = int(torch.nonzero(phys < 0)[0])
+        raise InputError(
+            f"block_table has no page (-1) for key position {p * ps} of batch element {b}; "
+            "this call reads every page within kv_lengths (a route(...) pattern may attend any key)"
+        )
+    return tuple(x[phys].transpose(0, 1).reshape(1, x.shape[1], -1, x.shape[3])[:, :, :kv_len] for x in (k, v))
+
+
+def add_element_keys(dk, dv, table, b: int, kv_len: int, gk: torch.Tensor, gv: torch.Tensor) -> None:
+    """Add element ``b``'s key/value gradients ``[Hkv, kv_len, D]`` into ``dk``/``dv`` (through the table)."""
+    if table is None:
+        dk[b, :, :kv_len] += gk
+        dv[b, :, :kv_len] += gv
+        return
+    pos = torch.arange(kv_len, device=gk.device)
+    ps = dk.shape[2]
+    page, off = table[b, pos // ps].to(gk.device), pos % ps
+    heads = torch.arange(dk.shape[1], device=gk.device)[:, None]
+    dk.index_put_((page[None, :], heads, off[None, :]), gk.to(dk.dtype), accumulate=True)
+    dv.index_put_((page[None, :], heads, off[None, :]), gv.to(dv.dtype), accumulate=True)
+
+
 def per_element(q, k, v, data, run):
     """A call run element by element on its own unpadded problem (``route`` patterns), differentiable.
 
     ``run(q_b, k_b, v_b)`` returns ``(out, lse)`` of one element (``[1, H, Lq_b, D]``); the element's
-    keys are a slice of ``k``/``v`` or, for a paged cache, its pages gathered through the table (every
-    page within the length must be held: the choice may reach any key). Rows past ``q_lengths[b]``
-    are zeros with ``lse = -inf``.
+    keys are :func:`element_keys`. Rows past ``q_lengths[b]`` are zeros with ``lse = -inf``.
     """
     check_values(q, k, data)
     kvl, ql = data[0].tolist(), data[1].tolist()
@@ -609,20 +637,7 @@ def per_element(q, k, v, data, run):
         out = q.new_zeros(1, h, lq, v.shape[3])
         lse = torch.full((1, h, lq), float("-inf"), dtype=_compute_dtype(q.dtype), device=q.device)
         if ql[b] and kvl[b]:
-            if table is None:
-                kb, vb = k[b : b + 1, :, : kvl[b]], v[b : b + 1, :, : kvl[b]]
-            else:
-                ps = k.shape[2]
-                phys = table[b, : -(-kvl[b] // ps)]
-                if bool((phys < 0).any()):
-                    p = int(torch.nonzero(phys < 0)[0])
-                    raise InputError(
-                        f"block_table has no page (-1) for key position {p * ps} of batch element {b}; "
-                        "a route(...) pattern may attend any key, so every page within kv_lengths must be held"
-                    )
-                kb, vb = (
-                    x[phys].transpose(0, 1).reshape(1, x.shape[1], -1, x.shape[3])[:, :, : kvl[b]] for x in (k, v)
-                )
+            kb, vb = element_keys(k, v, table, b, kvl[b])
             o, l_ = run(q[b : b + 1, :, : ql[b]], kb, vb)
             out = torch.cat([o, out[:, :, ql[b] :]], 2)
             lse = torch.cat([l_.to(lse.dtype), lse[:, :, ql[b] :]], 2)
@@ -632,22 +647,23 @@ def per_element(q, k, v, data, run):
 
 
 def forward_op(q, k, v, plan_key: str, data, scale: float, backend: str):
-    """The op's forward for a ragged key: CPU only for now."""
-    _backend(backend)
+    """The op's forward for a ragged key: the CPU loop below, or the ragged Triton kernels."""
     check_values(q, k, data)
-    out, lse = forward(q, k, v, plan_key, data, scale)
+    if backend == "triton":
+        from patterndsl.runtime import triton_ragged
+
+        out, lse = triton_ragged.forward(q, k, v, _spec(plan_key)[0], data, scale)
+    else:
+        out, lse = forward(q, k, v, plan_key, data, scale)
     return out.contiguous(), lse.contiguous()
 
 
 def backward_op(dout, dlse, q, k, v, out, lse, plan_key: str, data, scale: float, backend: str):
     """The op's backward for a ragged key."""
-    _backend(backend)
-    grads = backward(q, k, v, out, lse, dout, dlse, plan_key, data, scale)
+    if backend == "triton":
+        from patterndsl.runtime import triton_ragged
+
+        grads = triton_ragged.backward(q, k, v, out, lse, dout, dlse, _spec(plan_key)[0], data, scale)
+    else:
+        grads = backward(q, k, v, out, lse, dout, dlse, plan_key, data, scale)
     return tuple(g.to(x.dtype).contiguous() for g, x in zip(grads, (q, k, v), strict=True))
-
-
-def _backend(backend: str) -> None:
-    if backend != "cpu":
-        from patterndsl.errors import BackendError
-
-        raise BackendError("kv_lengths=/q_lengths=/block_table= run on the CPU backend only so far (backend='cpu')")
