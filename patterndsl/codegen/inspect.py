@@ -24,7 +24,7 @@ _PTR_DTYPES = {"float16": "*fp16", "bfloat16": "*bf16", "float32": "*fp32"}
 # Pointer arguments by name: the input dtype, float32 buffers, int32 lists, int8 tables.
 _INPUT_PTRS = {"Q", "K", "V", "O", "DO", "DQ"}
 _F32_PTRS = {"LSE", "DELTA", "DK", "DV", "OP", "LP"}
-# Integer scalars by name (the ragged kernels' padded query count) and constexpr launch arguments.
+# Integer scalars by name (the ragged kernels' padded query count).
 _INTS = {"lq"}
 
 
@@ -90,8 +90,6 @@ def signature(fn, dtype: str) -> tuple[dict, dict]:
             sig[name] = "fp32"
         elif name.startswith("stride_") or name in _INTS:
             sig[name] = "i32"
-        elif name == "BM":
-            sig[name] = "constexpr"
         else:
             sig[name] = "*i32"
     attrs = {
@@ -102,9 +100,7 @@ def signature(fn, dtype: str) -> tuple[dict, dict]:
     return sig, attrs
 
 
-def compile_aot(
-    fn, sig: dict, target: str = DEFAULT_TARGET, num_warps: int = 4, num_stages: int = 3, attrs=None, constexprs=None
-):
+def compile_aot(fn, sig: dict, target: str = DEFAULT_TARGET, num_warps: int = 4, num_stages: int = 3, attrs=None):
     """``triton.compile`` one kernel for a CUDA target from this CPU machine.
 
     Args:
@@ -113,7 +109,6 @@ def compile_aot(
         target: ``"sm_80"``, ``"sm_90"``, ...
         num_warps, num_stages: launch configuration.
         attrs: optional argument attributes (alignment hints).
-        constexprs: values of the kernel's constexpr arguments by name (the ragged kernels' ``BM``).
 
     Returns:
         Triton's ``CompiledKernel`` (``.asm`` holds ttir/ttgir/llir/ptx/cubin).
@@ -129,9 +124,7 @@ def compile_aot(
         raise BackendError("ahead-of-time compilation needs a process that imported Triton without TRITON_INTERPRET=1")
     options = {"num_warps": num_warps, "num_stages": num_stages}
     try:
-        return triton.compile(
-            ASTSource(fn, sig, constexprs or {}, attrs or {}), target=GPUTarget("cuda", cap, 32), options=options
-        )
+        return triton.compile(ASTSource(fn, sig, {}, attrs or {}), target=GPUTarget("cuda", cap, 32), options=options)
     except Exception as exc:  # Triton raises many kinds; the user sees one clear error
         raise BackendError(f"Triton could not compile {fn.__name__} for {target}: {exc}") from exc
 
@@ -149,15 +142,14 @@ def compile_spec(spec, target: str | None = None) -> list[AotKernel]:
     """
     from patterndsl.codegen import generator
 
-    return _compile_all(spec, generator.render, generator.kernel_names(spec), target, {})
+    return _compile_all(spec, generator.render, generator.kernel_names(spec), target)
 
 
-def compile_ragged(spec, rows: int, target: str | None = None) -> list[AotKernel]:
-    """Compile every kernel of a ragged spec (:mod:`patterndsl.codegen.ragged`) for ``rows``-row blocks.
+def compile_ragged(spec, target: str | None = None) -> list[AotKernel]:
+    """Compile every kernel of a ragged spec (:mod:`patterndsl.codegen.ragged`) for a CUDA target.
 
     Args:
         spec: a :class:`~patterndsl.codegen.ragged.RaggedSpec`.
-        rows: the ``BM`` constexpr (16 for decoding, the plan rows otherwise).
         target: as :func:`compile_spec`.
 
     Returns:
@@ -165,10 +157,10 @@ def compile_ragged(spec, rows: int, target: str | None = None) -> list[AotKernel
     """
     from patterndsl.codegen import ragged
 
-    return _compile_all(spec, ragged.render, ragged.kernel_names(spec), target, {"BM": rows})
+    return _compile_all(spec, ragged.render, ragged.kernel_names(spec), target)
 
 
-def _compile_all(spec, render, names: list[str], target: str | None, constexprs: dict) -> list[AotKernel]:
+def _compile_all(spec, render, names: list[str], target: str | None) -> list[AotKernel]:
     from patterndsl import kernel_cache
 
     target = target or (spec.target if spec.target.startswith("sm_") else DEFAULT_TARGET)
@@ -177,7 +169,7 @@ def _compile_all(spec, render, names: list[str], target: str | None, constexprs:
     for name in names:
         fn = getattr(module, name)
         sig, attrs = signature(fn, spec.dtype)
-        compiled = compile_aot(fn, sig, target, spec.num_warps, spec.num_stages, attrs, constexprs)
+        compiled = compile_aot(fn, sig, target, spec.num_warps, spec.num_stages, attrs)
         kernel = AotKernel(name, target, dict(compiled.asm), compiled.metadata.shared, spec.num_warps, spec.num_stages)
         kernel.resources = sass_resources(kernel.asm["cubin"], kernel.asm["ptx"], target)
         kernels.append(kernel)

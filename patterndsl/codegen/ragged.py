@@ -25,7 +25,7 @@ import torch
 from patterndsl import ir
 from patterndsl.codegen import key
 from patterndsl.codegen.generator import DTYPES, TEMPLATES
-from patterndsl.codegen.launch import dot_precision, launch, padded_head_dim
+from patterndsl.codegen.launch import dot_precision, padded_head_dim, ragged_launch
 from patterndsl.codegen.predicate import FLOOR_HELPERS, AuxTables, render_predicate
 from patterndsl.errors import BackendError
 
@@ -45,6 +45,7 @@ class RaggedSpec:
         groups: ``(heads, node)`` per head group.
         heads, kv_heads, head_dim: sizes baked into the source.
         dtype: the input dtype name.
+        block_m: query rows per program (16 for decoding calls).
         block_n: keys per tile (the plan family's ``BN``).
         page_size: keys per page of a paged cache, 0 for ``[B, Hkv, Lk, D]`` keys.
         num_warps, num_stages, target: the launch configuration.
@@ -58,6 +59,7 @@ class RaggedSpec:
     kv_heads: int
     head_dim: int
     dtype: str
+    block_m: int
     block_n: int
     page_size: int
     num_warps: int
@@ -81,6 +83,7 @@ class RaggedSpec:
             self.kv_heads,
             self.head_dim,
             self.dtype,
+            self.block_m,
             self.block_n,
             self.page_size,
             self.num_warps,
@@ -106,6 +109,7 @@ def make_spec(
     dtype: torch.dtype,
     page_size: int = 0,
     target: str = "sm_90",
+    rows: int = DECODE_ROWS,
     block_n: int | None = None,
 ) -> RaggedSpec:
     """The spec of a ragged module.
@@ -118,6 +122,7 @@ def make_spec(
         dtype: ``torch.float16``, ``torch.bfloat16`` or ``torch.float32``.
         page_size: keys per page, or 0 when not paged.
         target: ``"sm_80"``, ``"sm_90"`` or ``"interpret"``.
+        rows: query rows per program (``BM``).
         block_n: keys per tile (default: the launch table's for this pass).
 
     Returns:
@@ -125,7 +130,7 @@ def make_spec(
     """
     if dtype not in DTYPES:
         raise BackendError(f"the Triton kernels take float16, bfloat16 or float32, got {dtype}")
-    row = launch(head_dim, target, kind, DTYPES[dtype])
+    row = ragged_launch(head_dim, target, kind, DTYPES[dtype], rows)
     bn = block_n or (row.tiles[1] if row.tiles else 16)
     return RaggedSpec(
         kind=kind,
@@ -136,6 +141,7 @@ def make_spec(
         kv_heads=kv_heads,
         head_dim=head_dim,
         dtype=DTYPES[dtype],
+        block_m=rows,
         block_n=bn,
         page_size=int(page_size),
         num_warps=row.num_warps,
@@ -179,6 +185,7 @@ def render(spec: RaggedSpec) -> str:
         D=spec.head_dim,
         DP=spec.padded_dim,
         EVEN_D=spec.head_dim == spec.padded_dim,
+        BM=spec.block_m,
         BN=spec.block_n,
         CAP=POSITION_CAP,
         PAGED=bool(ps),

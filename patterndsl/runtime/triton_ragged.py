@@ -28,7 +28,7 @@ import torch
 
 from patterndsl import kernel_cache, runtime
 from patterndsl.codegen import ragged as codegen
-from patterndsl.codegen.launch import launch_tiles
+from patterndsl.codegen.launch import ragged_launch
 from patterndsl.runtime import plans, ragged, triton_backend, triton_finite
 
 
@@ -66,10 +66,10 @@ _LISTS: OrderedDict = OrderedDict()
 MAX_LISTS = 16
 
 
-def _tiles(device: torch.device, head_dim: int, dtype: torch.dtype, kind: str) -> tuple[int, int]:
+def _tiles(device: torch.device, head_dim: int, dtype: torch.dtype, kind: str, rows: int) -> tuple[int, int]:
     """Plan rows and key tile ``BN``: the launch table's on a GPU, the interpreter's plan tiles on the CPU."""
     target = "interpret" if device.type == "cpu" else triton_backend.target_of(device)
-    tiles = launch_tiles(head_dim, target, kind, codegen.DTYPES[dtype])
+    tiles = ragged_launch(head_dim, target, kind, codegen.DTYPES[dtype], rows).tiles
     return tiles or runtime.TRITON_BLOCK
 
 
@@ -138,10 +138,11 @@ def _lists(pattern, heads, kvl: list[int], ql: list[int], bm: int, block: tuple[
     return out
 
 
-def _module(pattern, groups, kind: str, q, k, paged: bool, bn: int):
+def _module(pattern, groups, kind: str, q, k, paged: bool, bm: int, bn: int):
     target = "interpret" if q.device.type == "cpu" else triton_backend.target_of(q.device)
     ps = k.shape[2] if paged else 0
-    spec = codegen.make_spec(pattern, groups, kind, q.shape[1], k.shape[1], q.shape[3], q.dtype, ps, target, bn)
+    h, hkv, d = q.shape[1], k.shape[1], q.shape[3]
+    spec = codegen.make_spec(pattern, groups, kind, h, hkv, d, q.dtype, ps, target, bm, bn)
     return spec, kernel_cache.load(spec, codegen.render)
 
 
@@ -167,8 +168,8 @@ def forward(q, k, v, pattern, data, scale: float):
         return elementwise(q, k, v, pattern, data, scale)
     b_, h, lq, d = q.shape
     paged = len(data) > 2
-    plan_rows, bn = _tiles(q.device, d, q.dtype, "forward")
     small = max(ql, default=0) <= codegen.DECODE_ROWS
+    plan_rows, bn = _tiles(q.device, d, q.dtype, "forward", codegen.DECODE_ROWS if small else 64)
     bm = codegen.DECODE_ROWS if small else plan_rows
     block = (plan_rows, bn)
     out = torch.zeros(b_, h, lq, d, dtype=q.dtype, device=q.device)
@@ -176,7 +177,7 @@ def forward(q, k, v, pattern, data, scale: float):
     if not q.numel() or not k.numel():
         return out, lse
     groups = _plan_groups(pattern, h, block)
-    spec, module = _module(pattern, groups, "forward", q, k, paged, bn)
+    spec, module = _module(pattern, groups, "forward", q, k, paged, bm, bn)
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     table, stride_bt = _table(data, q.device)
     aux = torch.zeros(1, dtype=torch.int8, device=q.device)
@@ -189,12 +190,12 @@ def forward(q, k, v, pattern, data, scale: float):
         lp = torch.empty(parts, h, bm, dtype=torch.float32, device=q.device)
         getattr(module, f"fwd_g{g}")[(lists.pieces.shape[0], heads.numel())](
             q, k, v, out, lse, op, lp, lists.pieces, lists.cols, table, heads, aux, float(scale),
-            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], stride_bt, lq, BM=bm,
+            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], stride_bt, lq,
             num_warps=spec.num_warps, num_stages=spec.num_stages,
         )  # fmt: skip
         if lists.splits.shape[0]:
             module.combine[(lists.splits.shape[0], heads.numel())](
-                out, lse, op, lp, lists.splits, heads, lq, BM=bm, num_warps=spec.num_warps
+                out, lse, op, lp, lists.splits, heads, lq, num_warps=spec.num_warps
             )
     return out, lse
 
@@ -206,8 +207,9 @@ def backward(q, k, v, out, lse, dout, dlse, pattern, data, scale: float):
         return elementwise_backward(q, k, v, dout, dlse, pattern, data, scale)
     _, h, lq, d = q.shape
     paged = len(data) > 2
-    plan_rows, bn = _tiles(q.device, d, q.dtype, "backward")
-    bm = codegen.DECODE_ROWS if max(ql, default=0) <= codegen.DECODE_ROWS else plan_rows
+    small = max(ql, default=0) <= codegen.DECODE_ROWS
+    plan_rows, bn = _tiles(q.device, d, q.dtype, "backward", codegen.DECODE_ROWS if small else 64)
+    bm = codegen.DECODE_ROWS if small else plan_rows
     block = (plan_rows, bn)
     dq = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
     q, k, v, dout = (t.contiguous() for t in (q, k, v, dout))
@@ -220,7 +222,7 @@ def backward(q, k, v, out, lse, dout, dlse, pattern, data, scale: float):
         delta = delta - dlse.float()
     lse = lse.float().contiguous()
     groups = _plan_groups(pattern, h, block)
-    spec, module = _module(pattern, groups, "backward", q, k, paged, bn)
+    spec, module = _module(pattern, groups, "backward", q, k, paged, bm, bn)
     table, stride_bt = _table(data, q.device)
     aux = torch.zeros(1, dtype=torch.int8, device=q.device)
     for g, lists in enumerate(_lists(pattern, h, kvl, ql, bm, block, False, q.device)):
@@ -230,7 +232,7 @@ def backward(q, k, v, out, lse, dout, dlse, pattern, data, scale: float):
         getattr(module, f"bwd_g{g}")[(lists.pieces.shape[0], heads.numel())](
             q, k, v, dout, lse, delta.contiguous(), dq, dk, dv, lists.pieces, lists.cols, table, heads, aux,
             float(scale), *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3], stride_bt, lq,
-            BM=bm, num_warps=spec.num_warps, num_stages=spec.num_stages,
+            num_warps=spec.num_warps, num_stages=spec.num_stages,
         )  # fmt: skip
     return dq, dk.to(k.dtype), dv.to(v.dtype)
 
