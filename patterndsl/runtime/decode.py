@@ -121,7 +121,7 @@ def call(q, k, v, pir, scale, backend, given, kv_lengths, q_lengths, block_table
         def run(qb, kb, vb):
             return op.attention_fwd(qb, kb, vb, checked.key, [], checked.scale, checked.backend)
 
-        return ragged.per_element(q, k, v, data, run)
+        return ragged.per_element(q, k, v, data, run, pir)
     grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     if grad or compiling:
         return op.attention_fwd(q, k, v, checked.key, data, checked.scale, checked.backend)

@@ -632,20 +632,33 @@ def backward(q, k, v, out, lse, dout, dlse, plan_key: str, data, scale: float, l
     return dq, dk, dv
 
 
-def element_keys(k, v, table, b: int, kv_len: int):
-    """Element ``b``'s keys and values ``[1, Hkv, kv_len, D]``: a slice, or its pages gathered through the table
-    (every page within the length must be held)."""
+def element_keys(k, v, table, b: int, kv_len: int, live=None):
+    """Element ``b``'s keys and values ``[1, Hkv, kv_len, D]``: a slice, or its pages gathered through the table.
+
+    A page not held (``-1``) reads as zeros when ``live`` (inclusive intervals of the key positions the
+    element's queries may reach, :func:`patterndsl.kvcache.live_keys`) shows that no query reaches it.
+
+    Raises:
+        InputError: a page not held that a query may reach.
+    """
     if table is None:
         return k[b : b + 1, :, :kv_len], v[b : b + 1, :, :kv_len]
     ps = k.shape[2]
     phys = table[b, : -(-kv_len // ps)]
-    if bool((phys < 0).any()):
-        p = int(torch.nonzero(phys < 0)[0])
-        raise InputError(
-            f"block_table has no page (-1) for key position {p * ps} of batch element {b}; "
-            "this call reads every page within kv_lengths (a route(...) pattern may attend any key)"
-        )
-    return tuple(x[phys].transpose(0, 1).reshape(1, x.shape[1], -1, x.shape[3])[:, :, :kv_len] for x in (k, v))
+    missing = phys < 0
+    if bool(missing.any()):
+        for p in torch.nonzero(missing).flatten().tolist():
+            if live is None or any(lo <= p * ps + ps - 1 and p * ps <= hi for lo, hi in live):
+                raise InputError(
+                    f"block_table has no page (-1) for key position {p * ps} of batch element {b}, which a query of "
+                    "this call may attend (a route(...) may choose any of its candidate blocks)"
+                )
+        phys = phys.clamp(min=0)
+    kb, vb = (x[phys].transpose(0, 1).reshape(1, x.shape[1], -1, x.shape[3])[:, :, :kv_len] for x in (k, v))
+    if bool(missing.any()):
+        gone = missing.repeat_interleave(ps)[:kv_len]
+        kb, vb = (x.masked_fill(gone[:, None], 0.0) for x in (kb, vb))
+    return kb, vb
 
 
 def add_element_keys(dk, dv, table, b: int, kv_len: int, gk: torch.Tensor, gv: torch.Tensor) -> None:
@@ -662,12 +675,15 @@ def add_element_keys(dk, dv, table, b: int, kv_len: int, gk: torch.Tensor, gv: t
     dv.index_put_((page[None, :], heads, off[None, :]), gv.to(dv.dtype), accumulate=True)
 
 
-def per_element(q, k, v, data, run):
+def per_element(q, k, v, data, run, pattern=None):
     """A call run element by element on its own unpadded problem (``route`` patterns), differentiable.
 
     ``run(q_b, k_b, v_b)`` returns ``(out, lse)`` of one element (``[1, H, Lq_b, D]``); the element's
-    keys are :func:`element_keys`. Rows past ``q_lengths[b]`` are zeros with ``lse = -inf``.
+    keys are :func:`element_keys` (pages freed by a :class:`patterndsl.PagedKVCache` of ``pattern`` read
+    as zeros: no query of the call reaches them). Rows past ``q_lengths[b]`` are zeros with ``lse = -inf``.
     """
+    from patterndsl.kvcache import live_keys
+
     check_values(q, k, data)
     kvl, ql = data[0].tolist(), data[1].tolist()
     table = data[2] if len(data) > 2 else None
@@ -677,7 +693,8 @@ def per_element(q, k, v, data, run):
         out = q.new_zeros(1, h, lq, v.shape[3])
         lse = torch.full((1, h, lq), float("-inf"), dtype=_compute_dtype(q.dtype), device=q.device)
         if ql[b] and kvl[b]:
-            kb, vb = element_keys(k, v, table, b, kvl[b])
+            live = None if table is None or pattern is None else live_keys(pattern, h, kvl[b] - ql[b])
+            kb, vb = element_keys(k, v, table, b, kvl[b], live)
             o, l_ = run(q[b : b + 1, :, : ql[b]], kb, vb)
             out = torch.cat([o, out[:, :, ql[b] :]], 2)
             lse = torch.cat([l_.to(lse.dtype), lse[:, :, ql[b] :]], 2)

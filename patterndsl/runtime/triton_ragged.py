@@ -29,6 +29,7 @@ import torch
 from patterndsl import kernel_cache, runtime
 from patterndsl.codegen import ragged as codegen
 from patterndsl.codegen.launch import ragged_launch
+from patterndsl.kvcache import live_keys
 from patterndsl.runtime import plans, ragged, triton_backend, triton_finite
 
 
@@ -240,6 +241,11 @@ def backward(q, k, v, out, lse, dout, dlse, pattern, data, scale: float):
 # --------------------------------------------------------------------------- element by element
 
 
+def _live(pattern, q, table, qlo: int):
+    # Pages a PagedKVCache freed read as zeros: no query at qlo or later reaches them.
+    return None if table is None else live_keys(pattern, q.shape[1], qlo)
+
+
 def _element_plan(pattern, qb, kb):
     return plans.get(runtime._plan_key(pattern, "triton"), qb.shape[2], kb.shape[2], qb.shape[1])
 
@@ -252,7 +258,7 @@ def elementwise(q, k, v, pattern, data, scale: float):
     lse = torch.full(q.shape[:3], float("-inf"), dtype=torch.float32, device=q.device)
     for b in range(q.shape[0]):
         if ql[b] and kvl[b]:
-            kb, vb = ragged.element_keys(k, v, table, b, kvl[b])
+            kb, vb = ragged.element_keys(k, v, table, b, kvl[b], _live(pattern, q, table, kvl[b] - ql[b]))
             qb = q[b : b + 1, :, : ql[b]]
             o, l_ = triton_backend.forward(qb, kb, vb, _element_plan(pattern, qb, kb), scale)
             out[b : b + 1, :, : ql[b]] = o
@@ -270,7 +276,7 @@ def elementwise_backward(q, k, v, dout, dlse, pattern, data, scale: float):
     for b in range(q.shape[0]):
         if not (ql[b] and kvl[b]):
             continue
-        kb, vb = ragged.element_keys(k, v, table, b, kvl[b])
+        kb, vb = ragged.element_keys(k, v, table, b, kvl[b], _live(pattern, q, table, kvl[b] - ql[b]))
         qb = q[b : b + 1, :, : ql[b]]
         plan = _element_plan(pattern, qb, kb)
         o, l_ = triton_backend.forward(qb, kb, vb, plan, scale)
