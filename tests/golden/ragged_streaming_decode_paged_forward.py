@@ -6,7 +6,7 @@
 # shapes:     NH=8 query heads, NHK=2 key/value heads (GQA=4), head dim D=128 padded to DP=128
 # keys:       paged, PS=16 keys per page through the block table BT [batch, max_pages]
 # dtype:      float16 (accumulation in float32; DOT_PRECISION=tf32)
-# tiles:      BM=16 query rows (16 for decoding) x BN=64 keys; num_warps=4, num_stages=3,
+# tiles:      BM=16 query rows (16 for decoding) x BN=32 keys; num_warps=4, num_stages=2,
 #             target=sm_90
 # head groups (heads that share one pattern, one kernel each):
 #   g0: heads [0, 1, 2, 3, 4, 5, 6, 7]: causal & (sink(4) | window(256))
@@ -38,7 +38,7 @@ D = tl.constexpr(128)
 DP = tl.constexpr(128)
 EVEN_D = tl.constexpr(True)
 BM = tl.constexpr(16)
-BN = tl.constexpr(64)
+BN = tl.constexpr(32)
 PAGED = tl.constexpr(True)
 PS = tl.constexpr(16)
 PAGE_TILES = tl.constexpr(False)

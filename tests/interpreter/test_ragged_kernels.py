@@ -102,7 +102,7 @@ def run_split_decode() -> None:
     start = torch.tensor([30, 75])
     for splits in (triton_ragged.SplitOptions(programs=4096, min_tiles=1), triton_ragged.SplitOptions(programs=1)):
         triton_ragged.OPTIONS = splits
-        for step in range(0, 12, 5):
+        for step in (0, 7):
             kvl = start + step
             rows = torch.stack([q[b, :, int(kvl[b]) - 1] for b in range(2)])[:, :, None]
             out = p(rows, k, v, kv_lengths=kvl, backend="triton")
