@@ -146,6 +146,7 @@ def streaming_memory(tokens_list, page_size=16, w=4096):
     pages = 1 + (w + 256) // page_size + 3  # sinks, the window and one append of 256
     cache = pd.PagedKVCache(p, pages, page_size, HKV, D)
     kn = torch.randn(1, HKV, 256, D)
+    pages = []
     done = 0
     for target in tokens_list:
         while done < target:
@@ -156,6 +157,8 @@ def streaming_memory(tokens_list, page_size=16, w=4096):
         print(
             f"  StreamingLLM cache after {target:>7} tokens: {cache.pages_in_use():>4} pages, {held / 2**20:6.2f} MiB"
         )
+        pages.append(cache.pages_in_use())
+    return pages
 
 
 def main(argv=None) -> None:
@@ -178,7 +181,7 @@ def main(argv=None) -> None:
     ratios["streaming 128K"] = case("StreamingLLM, Lk=128K", STREAMING, 131072 // scale, 1, args.reps, args.flex)
     lengths = torch.linspace(1024 // scale, 32768 // scale, 8).long()
     ratios["ragged B=8"] = case("causal, B=8, Lk 1K..32K", CAUSAL, 32768 // scale, 8, args.reps, False, lengths)
-    streaming_memory([1024, 8192, 32768] if args.quick else [8192, 32768, 131072])
+    held = streaming_memory([1024, 8192, 32768] if args.quick else [8192, 32768, 131072])
     print("targets (ratio = patterndsl / SDPA):")
     for name, want, ok in (
         ("causal 1K", "<= 2", ratios["causal 1K"] <= 2),
@@ -187,6 +190,8 @@ def main(argv=None) -> None:
         ("ragged B=8", "<= 0.5", ratios["ragged B=8"] <= 0.5),
     ):
         print(f"  {name:<12} {ratios[name]:6.2f} (want {want}): {'met' if ok else 'MISSED'}")
+    steady = held[-1] == held[-2]
+    print(f"  StreamingLLM cache pages {held} (want constant once past the window): {'met' if steady else 'MISSED'}")
 
 
 if __name__ == "__main__":

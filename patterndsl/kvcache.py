@@ -12,7 +12,9 @@ after it), and each primitive's ``needed_keys`` bounds the keys queries in ``[t,
 reach, combined through ``|`` (union of intervals), ``&`` (intersection) and ``~`` (everything).
 The bound is a superset, so a freed page is never read; for ``causal & (window(w) | sink(s))``
 it is exactly the sinks plus the last window, so memory stays ``O(w + page)`` however long the
-generation. Patterns whose meaning reads the sizes (layouts, ``blocks``, ``random``, ``route``,
+generation. A ``route(...)`` may choose any of its candidates: the key blocks its ``among`` lets a
+later query reach, whole (so ``route(k, among = causal & window(w))`` keeps the window widened to
+the route's blocks). Patterns whose meaning reads the sizes (layouts, ``blocks``, ``random``,
 inputs) keep every page (see :func:`patterndsl.runtime.ragged.position_only`).
 """
 
@@ -65,6 +67,8 @@ def _node_keys(node: ir.Node, qlo: int, env) -> Intervals:
         return out
     if not isinstance(node, ir.Prim):
         return None  # a complement may reach anything
+    if node.name == "route":
+        return _route_keys(node, qlo, env)
     rule = primitives.lookup(node.name).needed_keys
     if rule is None:
         return None
@@ -75,6 +79,31 @@ def _node_keys(node: ir.Node, qlo: int, env) -> Intervals:
     return [(lo, hi)] if lo <= hi else []
 
 
+def _route_keys(node: ir.Prim, qlo: int, env) -> Intervals:
+    """A route may choose any key block that its ``among`` lets a later query reach (its candidates), and
+    then allows the whole block: ``among``'s live keys widened to the route's blocks."""
+    block = node.arg("block")
+    if isinstance(block, tuple):
+        return None  # blocks are boxes of a grid
+    out = _node_keys(node.arg("among"), qlo, env)
+    if out is None:
+        return None
+    return _union([((lo // block) * block, (hi // block) * block + block - 1) for lo, hi in out], [])
+
+
+def _static(node: ir.Node) -> bool:
+    """Whether ``node`` reads positions only, counting a route by its ``among`` (its candidates)."""
+    from patterndsl.runtime import ragged
+
+    for sub in ir.walk(node):
+        if isinstance(sub, ir.Prim) and sub.name == "route":
+            if not _static(sub.arg("among")):
+                return False
+        elif isinstance(sub, ir.Prim) and (sub.name not in ragged.POSITION_PRIMS or ragged._reads_sizes(sub)):
+            return False
+    return True
+
+
 def live_keys(pattern: ir.PatternIR, heads: int, qlo: int) -> Intervals:
     """Key positions some query at a position ``>= qlo`` may attend, over every head (a superset).
 
@@ -82,10 +111,10 @@ def live_keys(pattern: ir.PatternIR, heads: int, qlo: int) -> Intervals:
         Inclusive intervals, or None when any key may be reached (nothing can be freed).
     """
     from patterndsl.analysis.classify import Env
-    from patterndsl.runtime import ragged
     from patterndsl.sizes import Sizes
 
-    if not ragged.position_only(pattern):
+    nodes = [r.node for r in pattern.heads] + ([pattern.default] if pattern.default is not None else [])
+    if pattern.layout is not None or pattern.inputs or not all(_static(n) for n in nodes):
         return None
     big = 1 << 40
     out: Intervals = []

@@ -23,7 +23,9 @@ DEFAULT_TARGET = "sm_90"
 _PTR_DTYPES = {"float16": "*fp16", "bfloat16": "*bf16", "float32": "*fp32"}
 # Pointer arguments by name: the input dtype, float32 buffers, int32 lists, int8 tables.
 _INPUT_PTRS = {"Q", "K", "V", "O", "DO", "DQ"}
-_F32_PTRS = {"LSE", "DELTA", "DK", "DV"}
+_F32_PTRS = {"LSE", "DELTA", "DK", "DV", "OP", "LP"}
+# Integer scalars by name (the ragged kernels' padded query count).
+_INTS = {"lq"}
 
 
 @dataclass
@@ -86,7 +88,7 @@ def signature(fn, dtype: str) -> tuple[dict, dict]:
             sig[name] = "*i8"
         elif name == "scale":
             sig[name] = "fp32"
-        elif name.startswith("stride_"):
+        elif name.startswith("stride_") or name in _INTS:
             sig[name] = "i32"
         else:
             sig[name] = "*i32"
@@ -138,13 +140,33 @@ def compile_spec(spec, target: str | None = None) -> list[AotKernel]:
     Returns:
         One :class:`AotKernel` per kernel, in launch order, with :func:`sass_resources` filled in.
     """
-    from patterndsl import kernel_cache
     from patterndsl.codegen import generator
 
+    return _compile_all(spec, generator.render, generator.kernel_names(spec), target)
+
+
+def compile_ragged(spec, target: str | None = None) -> list[AotKernel]:
+    """Compile every kernel of a ragged spec (:mod:`patterndsl.codegen.ragged`) for a CUDA target.
+
+    Args:
+        spec: a :class:`~patterndsl.codegen.ragged.RaggedSpec`.
+        target: as :func:`compile_spec`.
+
+    Returns:
+        One :class:`AotKernel` per kernel, with :func:`sass_resources` filled in.
+    """
+    from patterndsl.codegen import ragged
+
+    return _compile_all(spec, ragged.render, ragged.kernel_names(spec), target)
+
+
+def _compile_all(spec, render, names: list[str], target: str | None) -> list[AotKernel]:
+    from patterndsl import kernel_cache
+
     target = target or (spec.target if spec.target.startswith("sm_") else DEFAULT_TARGET)
-    module = kernel_cache.load(spec, generator.render, interpret=False)
+    module = kernel_cache.load(spec, render, interpret=False)
     kernels = []
-    for name in generator.kernel_names(spec):
+    for name in names:
         fn = getattr(module, name)
         sig, attrs = signature(fn, spec.dtype)
         compiled = compile_aot(fn, sig, target, spec.num_warps, spec.num_stages, attrs)

@@ -6,7 +6,7 @@ the generated source. A spec's key is that hash plus the spec's canonical text
 (:meth:`patterndsl.codegen.generator.KernelSpec.key`); nothing else goes in, so
 an unrelated edit keeps every cached kernel and a related one can never serve a
 stale one. A file belongs here when a function in it decides generated text:
-the templates and the generator, the predicate renderer, the closed-form bound
+the templates and the generators (``generator.py``, ``ragged.py``), the predicate renderer, the closed-form bound
 renderer, the launch table (tiles, warps, dot precision in the header), the
 route-table layout, the run-time input table (``codegen/inputs.py``), ``check``
 (``expr_bounds`` picks int32 or int64 arithmetic in predicates), ``semantics``
@@ -43,6 +43,12 @@ KEY_SOURCES: tuple[str, ...] = (
     "codegen/templates/forward_group.py.tmpl",
     "codegen/templates/backward.py.tmpl",
     "codegen/templates/backward_group.py.tmpl",
+    "codegen/ragged.py",
+    "codegen/templates/ragged.py.tmpl",
+    "codegen/templates/ragged_forward.py.tmpl",
+    "codegen/templates/ragged_forward_group.py.tmpl",
+    "codegen/templates/ragged_backward.py.tmpl",
+    "codegen/templates/ragged_backward_group.py.tmpl",
     "check.py",
     "semantics.py",
     "ir.py",

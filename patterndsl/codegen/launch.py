@@ -109,6 +109,28 @@ def launch(
     return Launch((bm, bn), warps, stages, precision)
 
 
+def ragged_launch(head_dim: int, target: str, kind: str, dtype: str, rows: int) -> Launch:
+    """The row of the ragged kernels (:mod:`patterndsl.codegen.ragged`) with ``rows``-row query blocks.
+
+    ``tiles`` are the plan family's tiles (plan rows, key tile ``BN``); ``rows`` is 16 for decoding calls.
+    The forward takes the dense forward's row for prefill blocks; 16-row decoding blocks take 32-key tiles,
+    4 warps and two stages (one for rows of 512 bytes and more): the dense rows spill there with per-key page
+    loads, and a decoding row has few keys per tile to share anyway. The backward keeps q, dO, dQ and a key
+    tile's K, V, dK, dV live and adds dK/dV atomically: narrow key tiles and one stage build without spills
+    on sm_80 and sm_90 (tests/unit/test_aot_ragged.py).
+    """
+    precision = dot_precision(dtype, target)
+    if target == "interpret":
+        return Launch(None, 4, 1, precision)
+    if kind == "forward":
+        bm, bn, warps, stages = _gpu(head_dim, kind, dtype)
+        if rows < bm:
+            bn, warps, stages = 32, 4, 2 if _weight(head_dim, dtype) < 256 else 1
+        return Launch((bm, bn), warps, stages, precision)
+    bn = 32 if _weight(head_dim, dtype) <= 64 else 16
+    return Launch((64, bn), 4 if rows < 64 else 8, 1, precision)
+
+
 def launch_config(
     head_dim: int, target: str, kind: str, dtype: str = "float16", run_time: bool = False, tables: bool = False
 ) -> tuple[int, int]:

@@ -13,7 +13,7 @@ import torch
 
 from patterndsl import ir
 from patterndsl.errors import BackendError, PatternError
-from patterndsl.runtime import op, plans, validate
+from patterndsl.runtime import decode, op, plans, validate
 
 #: CPU executor tiles (BM, BN); measured in benchmarks/cpu_attention.py.
 CPU_BLOCK = (64, 64)
@@ -38,15 +38,6 @@ def _plan_key(pattern: ir.PatternIR, backend: str) -> str:
 # What ``torch.compiler.assume_constant_result`` does (torch/_dynamo/decorators.py), spelled
 # out because that call imports torch._dynamo, about one second, on every CPU user's first call.
 _plan_key._dynamo_marked_constant = True
-
-
-def _ragged_key(pattern: ir.PatternIR, paged: bool) -> str:
-    from patterndsl.runtime import ragged
-
-    return ragged.register(pattern, CPU_BLOCK, paged)
-
-
-_ragged_key._dynamo_marked_constant = True
 
 
 def triton_backend_module():
@@ -134,40 +125,8 @@ def attention(
 
 
 def _ragged(q, k, v, pir, scale, return_lse, backend, given, kv_lengths, q_lengths, block_table):
-    """A call with per-element lengths or a paged cache: validated, then the same op with a ragged key."""
-    from patterndsl import tensors
-    from patterndsl.runtime import ragged
-
-    if given or pir.inputs:
-        raise PatternError("kv_lengths=/q_lengths=/block_table= do not combine with run-time inputs yet", pir.span)
-    if block_table is None:
-        sizes = validate.check_inputs(q, k, v, scale, backend)
-        head_dim = sizes.head_dim
-    else:
-        named = {"q": q, "k": k, "v": v}
-        tensors.check_kinds(named)
-        resolved = validate.resolve_backend(backend, q.device)
-        tensors.check_dtypes(named, validate.dtypes_of(resolved), f"the {resolved} backend")
-        ragged.check_paged(q, k, v)
-        head_dim = q.shape[3]
-        sizes = validate.check_inputs(q, q, q, scale, backend)
-    if v.shape[3] != head_dim:
-        raise PatternError("kv_lengths=/block_table= need v's head size equal to q's for now")
-    data = ragged.check_call(q, k, v, kv_lengths, q_lengths, block_table)
-    dynamic = any(ir.is_dynamic(r.node) for r in pir.heads) or (pir.default is not None and ir.is_dynamic(pir.default))
-    if dynamic or sizes.backend == "triton" or pir.score is not None:
-        # route(...) chooses from the element's own queries and keys, and the generated kernels do not
-        # read lengths or tables yet; the ragged tile loop does not apply a score yet: each element
-        # runs alone on its unpadded problem.
-        key = _plan_key(pir, sizes.backend)
-
-        def run(qb, kb, vb):
-            return op.attention_fwd(qb, kb, vb, key, [], sizes.scale, sizes.backend)
-
-        out, lse = ragged.per_element(q, k, v, data, run)
-        return (out, lse) if return_lse else out
-    key = _ragged_key(pir, block_table is not None)
-    out, lse = op.attention_fwd(q, k, v, key, data, sizes.scale, sizes.backend)
+    """A call with per-element lengths or a paged cache (:mod:`patterndsl.runtime.decode`)."""
+    out, lse = decode.call(q, k, v, pir, scale, backend, given, kv_lengths, q_lengths, block_table, _plan_key)
     return (out, lse) if return_lse else out
 
 

@@ -40,6 +40,8 @@ _LOCK = threading.Lock()
 _KEYS: dict[tuple[ir.PatternIR, tuple[int, int], bool], str] = {}
 _SPECS: dict[str, tuple[ir.PatternIR, tuple[int, int], bool]] = {}
 #: Primitives whose meaning reads only the two positions (and the head).
+#: Tiles of the CPU loop's plan family (rows, keys).
+BLOCK = (64, 64)
 POSITION_PRIMS = frozenset({"full", "empty", "causal", "window", "strided", "sink", "global", "where"})
 
 
@@ -85,7 +87,7 @@ def position_only(pattern: ir.PatternIR) -> bool:
 # --------------------------------------------------------------------------- validation
 
 
-def _lengths(name: str, t, batch: int, device) -> torch.Tensor:
+def _lengths(name: str, t, batch: int, device) -> None:
     if not isinstance(t, torch.Tensor):
         raise InputError(f"{name} must be an int tensor [batch], got {type(t).__name__}")
     if t.dtype not in (torch.int32, torch.int64, torch.int16, torch.int8, torch.uint8):
@@ -94,7 +96,6 @@ def _lengths(name: str, t, batch: int, device) -> torch.Tensor:
         raise InputError(f"{name} must have shape [batch] = [{batch}], got {tuple(t.shape)}")
     if t.device != device:
         raise InputError(f"{name} is on {t.device} but q is on {device}")
-    return t.to(torch.int64).contiguous()
 
 
 def check_call(q, k, v, kv_lengths, q_lengths, block_table) -> list[torch.Tensor]:
@@ -107,37 +108,57 @@ def check_call(q, k, v, kv_lengths, q_lengths, block_table) -> list[torch.Tensor
     Raises:
         InputError: naming the argument: a wrong type, dtype, shape or device.
     """
-    batch, lq = q.shape[0], q.shape[2]
-    if block_table is None:
-        kvl = torch.full((batch,), k.shape[2], dtype=torch.int64, device=q.device) if kv_lengths is None else kv_lengths
-        kvl = _lengths("kv_lengths", kvl, batch, q.device)
-    elif kv_lengths is None:
+    batch = q.shape[0]
+    if block_table is not None and kv_lengths is None:
         raise InputError("a paged k/v (block_table=) needs kv_lengths= (the number of keys of each element)")
-    else:
-        kvl = _lengths("kv_lengths", kv_lengths, batch, q.device)
-    ql = torch.full((batch,), lq, dtype=torch.int64, device=q.device) if q_lengths is None else q_lengths
-    data = [kvl, _lengths("q_lengths", ql, batch, q.device)]
+    if kv_lengths is not None:
+        _lengths("kv_lengths", kv_lengths, batch, q.device)
+    if q_lengths is not None:
+        _lengths("q_lengths", q_lengths, batch, q.device)
     if block_table is not None:
-        data.append(_table(block_table, batch, q.device))
+        _table(block_table, batch, q.device)
+    return call_data(q, k, kv_lengths, q_lengths, block_table)
+
+
+def _int64(t: torch.Tensor) -> torch.Tensor:
+    return t if t.dtype == torch.int64 and t.is_contiguous() else t.to(torch.int64).contiguous()
+
+
+def call_data(q, k, kv_lengths, q_lengths, block_table) -> list[torch.Tensor]:
+    """The op's ``data`` for arguments :func:`check_call` accepted: int64 lengths (missing ones filled in) and
+    the table."""
+    batch = q.shape[0]
+    kvl = torch.full((batch,), k.shape[2], dtype=torch.int64, device=q.device) if kv_lengths is None else kv_lengths
+    ql = torch.full((batch,), q.shape[2], dtype=torch.int64, device=q.device) if q_lengths is None else q_lengths
+    data = [_int64(kvl), _int64(ql)]
+    if block_table is not None:
+        data.append(_int64(block_table))
     return data
 
 
-def check_values(q, k, data) -> None:
+def check_values(q, k, data) -> tuple[list[int], list[int]]:
     """The lengths and the table's values: lengths within the tensors, pages within the cache.
+
+    Returns:
+        ``(kv_lengths, q_lengths)`` as lists.
 
     Raises:
         InputError: naming the argument and the offending value.
     """
     batch, lq = q.shape[0], q.shape[2]
+    lengths = data[0].tolist(), data[1].tolist()
     if not batch:
-        return
+        return lengths
     paged = len(data) > 2
     if paged:
         cap, why = data[2].shape[1] * k.shape[2], f"block_table holds {data[2].shape[1]} pages of {k.shape[2]}"
     else:
         cap, why = k.shape[2], f"k has {k.shape[2]} positions"
-    for name, t, limit, text in (("kv_lengths", data[0], cap, why), ("q_lengths", data[1], lq, f"q has {lq} queries")):
-        lo, hi = int(t.min()), int(t.max())
+    for name, t, limit, text in (
+        ("kv_lengths", lengths[0], cap, why),
+        ("q_lengths", lengths[1], lq, f"q has {lq} queries"),
+    ):
+        lo, hi = min(t), max(t)
         if lo < 0 or hi > limit:
             raise InputError(f"{name} holds {lo if lo < 0 else hi}, outside 0..{limit} ({text})")
     if paged:
@@ -150,9 +171,10 @@ def check_values(q, k, data) -> None:
                 f"block_table[{b}, {p}] = {int(table[b, p])} is not a page of the cache (0..{k.shape[0] - 1}, "
                 "or -1 for none)"
             )
+    return lengths
 
 
-def _table(t, batch: int, device) -> torch.Tensor:
+def _table(t, batch: int, device) -> None:
     if not isinstance(t, torch.Tensor):
         raise InputError(f"block_table must be an int tensor [batch, max_pages], got {type(t).__name__}")
     if t.dtype not in (torch.int32, torch.int64, torch.int16):
@@ -161,7 +183,6 @@ def _table(t, batch: int, device) -> torch.Tensor:
         raise InputError(f"block_table must have shape [batch, max_pages] with batch = {batch}, got {tuple(t.shape)}")
     if t.device != device:
         raise InputError(f"block_table is on {t.device} but q is on {device}")
-    return t.to(torch.int64).contiguous()
 
 
 def check_paged(q, k, v) -> None:
@@ -415,9 +436,9 @@ MAX_WORK = 16
 WORK_ROWS = 1024
 
 
-def _work(plan_key: str, q, k, data):
+def _work(plan_key: str, q, k, data, lengths=None):
     """Per element with work: ``(b, [(group, [tile, ...]), ...])``, kept per lengths for small calls."""
-    kvl, ql = data[0].tolist(), data[1].tolist()
+    kvl, ql = lengths or (data[0].tolist(), data[1].tolist())
     heads, kv_heads = q.shape[1], k.shape[1]
     key = (plan_key, tuple(kvl), tuple(ql), heads, kv_heads)
     with _LOCK:
@@ -537,42 +558,61 @@ def _tile_fused(gr: Group, qr, kk, vv, t: Tile, scale: float):
     return o, lse
 
 
-def forward(q, k, v, plan_key: str, data, scale: float):
+def _run_tile(gr: Group, q, b: int, kk, vv, t: Tile, scale: float, dt, fused: bool):
+    """``(o [Hg, n, D], lse [Hg, n])`` of one row tile: the fused kernel when it applies and its result is
+    finite (a non-finite one may hold a blocked pair's NaN), else the exact math path."""
+    kk, vv = kk.to(dt), vv.to(dt)
+    qr = gr.rows(q, b, t.i0, t.i1, dt)
+    if fused and gr.all:
+        o, row_lse = _tile_fused(gr, qr, kk, vv, t, scale)
+        if bool(torch.isfinite(o).all()):
+            return o, row_lse
+    return _tile_math(gr, qr, kk, vv, t, scale)
+
+
+def _single(work, batch: int, q_len: int):
+    """The one group and tile of a call that is a single row tile of every head (a decoding step), or None."""
+    if batch != 1 or len(work) != 1 or work[0][0] != 0 or len(work[0][1]) != 1:
+        return None
+    gr, tiles = work[0][1][0]
+    if not gr.all or not isinstance(tiles, list) or len(tiles) != 1 or (tiles[0].i0, tiles[0].i1) != (0, q_len):
+        return None
+    return gr, tiles[0]
+
+
+def forward(q, k, v, plan_key: str, data, scale: float, lengths=None):
     """``(out, lse)`` of a ragged or paged call (see the module docstring)."""
     b_, h, lq, _ = q.shape
     dt = _compute_dtype(q.dtype)
-    out = torch.zeros(b_, h, lq, v.shape[3], dtype=dt)
-    lse = torch.full((b_, h, lq), float("-inf"), dtype=dt)
     table = data[2] if len(data) > 2 else None
     fused = FLASH is not None and q.dtype == torch.float32
-    for b, groups in _work(plan_key, q, k, data):
+    work = _work(plan_key, q, k, data, lengths)
+    single = _single(work, b_, lq)
+    if single is not None:
+        # A decoding step: the tile's result is the whole output, no buffers to fill.
+        gr, t = single
+        o, row_lse = _run_tile(gr, q, 0, *Keys(k, v, 0, table).get(t), t, scale, dt, fused)
+        return o.view(1, h, lq, -1).to(q.dtype), row_lse.view(1, h, lq)
+    out = torch.zeros(b_, h, lq, v.shape[3], dtype=dt)
+    lse = torch.full((b_, h, lq), float("-inf"), dtype=dt)
+    for b, groups in work:
         keys = Keys(k, v, b, table)
         for gr, tiles in groups:
             for t in tiles:
-                kk, vv = keys.get(t)
-                kk, vv = kk.to(dt), vv.to(dt)
-                qr = gr.rows(q, b, t.i0, t.i1, dt)
-                o = None
-                if fused and gr.all:
-                    o, row_lse = _tile_fused(gr, qr, kk, vv, t, scale)
-                    # A finite result is exact; a non-finite one may hold a blocked pair's NaN: recompute.
-                    if not bool(torch.isfinite(o).all()):
-                        o = None
-                if o is None:
-                    o, row_lse = _tile_math(gr, qr, kk, vv, t, scale)
+                o, row_lse = _run_tile(gr, q, b, *keys.get(t), t, scale, dt, fused)
                 out[b, gr.sel, t.i0 : t.i1] = o
                 lse[b, gr.sel, t.i0 : t.i1] = row_lse
     return out.to(q.dtype), lse
 
 
-def backward(q, k, v, out, lse, dout, dlse, plan_key: str, data, scale: float):
+def backward(q, k, v, out, lse, dout, dlse, plan_key: str, data, scale: float, lengths=None):
     """``(dq, dk, dv)`` of a ragged or paged call; ``dk``/``dv`` shaped like ``k``/``v`` (paged or not)."""
     dt = _compute_dtype(q.dtype)
     dq = torch.zeros(q.shape, dtype=dt)
     dk = torch.zeros(k.shape, dtype=dt)
     dv = torch.zeros(v.shape, dtype=dt)
     table = data[2] if len(data) > 2 else None
-    for b, groups in _work(plan_key, q, k, data):
+    for b, groups in _work(plan_key, q, k, data, lengths):
         keys = Keys(k, v, b, table)
         for gr, tiles in groups:
             for t in tiles:
@@ -592,14 +632,58 @@ def backward(q, k, v, out, lse, dout, dlse, plan_key: str, data, scale: float):
     return dq, dk, dv
 
 
-def per_element(q, k, v, data, run):
+def element_keys(k, v, table, b: int, kv_len: int, live=None):
+    """Element ``b``'s keys and values ``[1, Hkv, kv_len, D]``: a slice, or its pages gathered through the table.
+
+    A page not held (``-1``) reads as zeros when ``live`` (inclusive intervals of the key positions the
+    element's queries may reach, :func:`patterndsl.kvcache.live_keys`) shows that no query reaches it.
+
+    Raises:
+        InputError: a page not held that a query may reach.
+    """
+    if table is None:
+        return k[b : b + 1, :, :kv_len], v[b : b + 1, :, :kv_len]
+    ps = k.shape[2]
+    phys = table[b, : -(-kv_len // ps)]
+    missing = phys < 0
+    if bool(missing.any()):
+        for p in torch.nonzero(missing).flatten().tolist():
+            if live is None or any(lo <= p * ps + ps - 1 and p * ps <= hi for lo, hi in live):
+                raise InputError(
+                    f"block_table has no page (-1) for key position {p * ps} of batch element {b}, which a query of "
+                    "this call may attend (a route(...) may choose any of its candidate blocks)"
+                )
+        phys = phys.clamp(min=0)
+    kb, vb = (x[phys].transpose(0, 1).reshape(1, x.shape[1], -1, x.shape[3])[:, :, :kv_len] for x in (k, v))
+    if bool(missing.any()):
+        gone = missing.repeat_interleave(ps)[:kv_len]
+        kb, vb = (x.masked_fill(gone[:, None], 0.0) for x in (kb, vb))
+    return kb, vb
+
+
+def add_element_keys(dk, dv, table, b: int, kv_len: int, gk: torch.Tensor, gv: torch.Tensor) -> None:
+    """Add element ``b``'s key/value gradients ``[Hkv, kv_len, D]`` into ``dk``/``dv`` (through the table)."""
+    if table is None:
+        dk[b, :, :kv_len] += gk
+        dv[b, :, :kv_len] += gv
+        return
+    pos = torch.arange(kv_len, device=gk.device)
+    ps = dk.shape[2]
+    page, off = table[b, pos // ps].to(gk.device), pos % ps
+    heads = torch.arange(dk.shape[1], device=gk.device)[:, None]
+    dk.index_put_((page[None, :], heads, off[None, :]), gk.to(dk.dtype), accumulate=True)
+    dv.index_put_((page[None, :], heads, off[None, :]), gv.to(dv.dtype), accumulate=True)
+
+
+def per_element(q, k, v, data, run, pattern=None):
     """A call run element by element on its own unpadded problem (``route`` patterns), differentiable.
 
     ``run(q_b, k_b, v_b)`` returns ``(out, lse)`` of one element (``[1, H, Lq_b, D]``); the element's
-    keys are a slice of ``k``/``v`` or, for a paged cache, its pages gathered through the table (every
-    page within the length must be held: the choice may reach any key). Rows past ``q_lengths[b]``
-    are zeros with ``lse = -inf``.
+    keys are :func:`element_keys` (pages freed by a :class:`patterndsl.PagedKVCache` of ``pattern`` read
+    as zeros: no query of the call reaches them). Rows past ``q_lengths[b]`` are zeros with ``lse = -inf``.
     """
+    from patterndsl.kvcache import live_keys
+
     check_values(q, k, data)
     kvl, ql = data[0].tolist(), data[1].tolist()
     table = data[2] if len(data) > 2 else None
@@ -609,20 +693,8 @@ def per_element(q, k, v, data, run):
         out = q.new_zeros(1, h, lq, v.shape[3])
         lse = torch.full((1, h, lq), float("-inf"), dtype=_compute_dtype(q.dtype), device=q.device)
         if ql[b] and kvl[b]:
-            if table is None:
-                kb, vb = k[b : b + 1, :, : kvl[b]], v[b : b + 1, :, : kvl[b]]
-            else:
-                ps = k.shape[2]
-                phys = table[b, : -(-kvl[b] // ps)]
-                if bool((phys < 0).any()):
-                    p = int(torch.nonzero(phys < 0)[0])
-                    raise InputError(
-                        f"block_table has no page (-1) for key position {p * ps} of batch element {b}; "
-                        "a route(...) pattern may attend any key, so every page within kv_lengths must be held"
-                    )
-                kb, vb = (
-                    x[phys].transpose(0, 1).reshape(1, x.shape[1], -1, x.shape[3])[:, :, : kvl[b]] for x in (k, v)
-                )
+            live = None if table is None or pattern is None else live_keys(pattern, h, kvl[b] - ql[b])
+            kb, vb = element_keys(k, v, table, b, kvl[b], live)
             o, l_ = run(q[b : b + 1, :, : ql[b]], kb, vb)
             out = torch.cat([o, out[:, :, ql[b] :]], 2)
             lse = torch.cat([l_.to(lse.dtype), lse[:, :, ql[b] :]], 2)
@@ -632,22 +704,23 @@ def per_element(q, k, v, data, run):
 
 
 def forward_op(q, k, v, plan_key: str, data, scale: float, backend: str):
-    """The op's forward for a ragged key: CPU only for now."""
-    _backend(backend)
-    check_values(q, k, data)
-    out, lse = forward(q, k, v, plan_key, data, scale)
+    """The op's forward for a ragged key: the CPU loop below, or the ragged Triton kernels."""
+    lengths = check_values(q, k, data)
+    if backend == "triton":
+        from patterndsl.runtime import triton_ragged
+
+        out, lse = triton_ragged.forward(q, k, v, _spec(plan_key)[0], data, scale)
+    else:
+        out, lse = forward(q, k, v, plan_key, data, scale, lengths)
     return out.contiguous(), lse.contiguous()
 
 
 def backward_op(dout, dlse, q, k, v, out, lse, plan_key: str, data, scale: float, backend: str):
     """The op's backward for a ragged key."""
-    _backend(backend)
-    grads = backward(q, k, v, out, lse, dout, dlse, plan_key, data, scale)
+    if backend == "triton":
+        from patterndsl.runtime import triton_ragged
+
+        grads = triton_ragged.backward(q, k, v, out, lse, dout, dlse, _spec(plan_key)[0], data, scale)
+    else:
+        grads = backward(q, k, v, out, lse, dout, dlse, plan_key, data, scale)
     return tuple(g.to(x.dtype).contiguous() for g, x in zip(grads, (q, k, v), strict=True))
-
-
-def _backend(backend: str) -> None:
-    if backend != "cpu":
-        from patterndsl.errors import BackendError
-
-        raise BackendError("kv_lengths=/q_lengths=/block_table= run on the CPU backend only so far (backend='cpu')")

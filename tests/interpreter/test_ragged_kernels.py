@@ -1,8 +1,10 @@
-"""Ragged lengths and paged caches on the Triton backend under ``TRITON_INTERPRET=1`` (element by element).
+"""Ragged lengths and paged caches on the Triton backend under ``TRITON_INTERPRET=1``.
 
-The generated kernels do not read lengths or block tables yet: ``attention`` runs each element's
-unpadded problem through them (its pages gathered through the table). This checks outputs, lse
-and gradients against the float64 reference per element, fp32 and fp16, in a child process started
+Patterns of positions only run the ragged kernels (:mod:`patterndsl.codegen.ragged`): lengths and
+block tables read inside the kernels, decoding calls split over their key tiles and merged by
+log-sum-exp (flash decoding); the others (``route``, sizes-reading patterns) and elements with more
+queries than keys run element by element through the ordinary kernels. Outputs, lse and gradients
+are checked against the float64 reference per element, fp32 and fp16, in a child process started
 with the variable set (Triton reads it when it is imported).
 """
 
@@ -23,6 +25,8 @@ CASES = {
     "streaming_fp16_paged": ("causal & (window(6) | sink(2))", "float16", True),
     "route_paged": ("causal & route(1, block = 8, among = causal)", "float32", True),
 }
+#: Random patterns x ragged lengths x paged layouts (tests/unit/test_ragged.py's generator), by seed.
+RANDOM_SEEDS = {"default": (0,), "slow": tuple(range(1, 12))}
 
 
 def run_case(name: str) -> None:
@@ -66,12 +70,67 @@ def run_case(name: str) -> None:
         torch.testing.assert_close(gq[i : i + 1, :, :n].double(), rq, atol=5 * tol, rtol=5 * tol)
 
 
-@pytest.fixture(scope="module")
-def results(tmp_path_factory):
-    env = dict(os.environ, TRITON_INTERPRET="1", PATTERNDSL_CACHE_DIR=str(tmp_path_factory.mktemp("ragged-cache")))
+def run_random(seed: int) -> None:
+    """One random pattern and lengths, unpaged and paged (page sizes 1, 16, 64; element 1 shares element 0's
+    first pages), forward and backward against float64, with decoding calls forced to split."""
+    from patterndsl import runtime
+    from patterndsl.runtime import triton_ragged
+    from tests.unit.test_ragged import _case, _check, shared_paged
+
+    runtime.TRITON_BLOCK = (64, 16)  # plan rows 64: decoding blocks of 16 rows sit inside plan row tiles
+    triton_ragged.OPTIONS = triton_ragged.SplitOptions(programs=4096, min_tiles=1)
+    rng, p, q, k, v, kvl, ql, _ = _case(seed)
+    q, k, v = (t.float() for t in (q, k, v))
+    _check(p, q, k, v, kvl, ql, 2e-4, backend="triton")
+    kp, vp, table = shared_paged(k, v, kvl, (1, 16, 64)[seed % 3], rng)
+    _check(p, q, k, v, kvl, ql, 2e-4, block_table=table, kp=kp, vp=vp, backend="triton")
+
+
+def run_split_decode() -> None:
+    """Decoding steps through the split kernels equal the prefill's last rows; a split call equals an unsplit one."""
+    import torch
+
+    import patterndsl
+    from patterndsl import runtime
+    from patterndsl.runtime import triton_ragged
+
+    runtime.TRITON_BLOCK = (16, 16)
+    p = patterndsl.compile("pattern s(w = 20) { causal & (window(w) | sink(4)) }")
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(2, n, 90, 16, generator=g) for n in (4, 2, 2))
+    full = p(q.double(), k.double(), v.double(), backend="cpu")
+    start = torch.tensor([30, 75])
+    for splits in (triton_ragged.SplitOptions(programs=4096, min_tiles=1), triton_ragged.SplitOptions(programs=1)):
+        triton_ragged.OPTIONS = splits
+        for step in (0, 7):
+            kvl = start + step
+            rows = torch.stack([q[b, :, int(kvl[b]) - 1] for b in range(2)])[:, :, None]
+            out = p(rows, k, v, kv_lengths=kvl, backend="triton")
+            for b in range(2):
+                torch.testing.assert_close(out[b, :, 0].double(), full[b, :, int(kvl[b]) - 1], atol=1e-5, rtol=1e-5)
+    # Elements with more queries than keys, and a non-finite key, run element by element (exactly).
+    k2 = k.clone()
+    k2[0, :, 3] = float("nan")
+    for kk, kvl, ql in ((k, torch.tensor([10, 4]), torch.tensor([12, 7])), (k2, torch.tensor([60, 50]), None)):
+        qq = q[:, :, :12]
+        out = p(qq, kk, v, kv_lengths=kvl, q_lengths=ql, backend="triton")
+        want = p(qq.double(), kk.double(), v.double(), kv_lengths=kvl, q_lengths=ql, backend="cpu")
+        torch.testing.assert_close(out.double(), want, atol=1e-5, rtol=1e-5, equal_nan=True)
+
+
+def _all_cases(slow: bool) -> dict:
+    cases = {name: (lambda name=name: run_case(name)) for name in CASES}
+    cases["split_decode"] = run_split_decode
+    for seed in RANDOM_SEEDS["slow" if slow else "default"]:
+        cases[f"random_{seed}"] = lambda seed=seed: run_random(seed)
+    return cases
+
+
+def _run(cache_dir, *args) -> dict:
+    env = dict(os.environ, TRITON_INTERPRET="1", PATTERNDSL_CACHE_DIR=str(cache_dir))
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     proc = subprocess.run(
-        [sys.executable, "-m", "tests.interpreter.test_ragged_kernels"],
+        [sys.executable, "-m", "tests.interpreter.test_ragged_kernels", *args],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     lines = [line for line in proc.stdout.splitlines() if line.startswith("@@")]
@@ -80,16 +139,30 @@ def results(tmp_path_factory):
     return json.loads(lines[-1][2:])
 
 
-@pytest.mark.parametrize("name", list(CASES))
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    return _run(tmp_path_factory.mktemp("ragged-cache"))
+
+
+@pytest.mark.parametrize("name", list(_all_cases(False)))
 def test_ragged_on_the_triton_interpreter(results, name):
     assert results[name] == "ok", results[name]
 
 
+@pytest.mark.slow
+def test_more_random_ragged_cases_on_the_triton_interpreter(tmp_path):
+    results = _run(tmp_path, "--slow")
+    assert results and all(r == "ok" for r in results.values()), results
+
+
 if __name__ == "__main__":
     out = {}
-    for case in CASES:
+    slow = "--slow" in sys.argv
+    for case, run in _all_cases(slow).items():
+        if slow and not case.startswith("random_"):
+            continue
         try:
-            run_case(case)
+            run()
             out[case] = "ok"
         except Exception as err:  # reported per case by the pytest process
             out[case] = f"{type(err).__name__}: {err}"

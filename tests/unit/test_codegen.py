@@ -123,6 +123,35 @@ def test_golden_source(name, request):
     assert text == path.read_text(), f"generated source changed for {name}; run pytest --update-golden if intended"
 
 
+# Ragged batches and paged caches (codegen/ragged.py): name -> (source, kind, page size, rows, dtype, head dim).
+RAGGED_GOLDEN_CASES = {
+    "ragged_streaming_decode_paged_forward": (
+        "pattern streaming(span = 256, sinks = 4) { causal & (window(span) | sink(sinks)) }",
+        "forward", 16, 16, torch.float16, 128,
+    ),
+    "ragged_per_head_backward": (
+        "pattern mix { heads 0..3: causal & window(64)\n causal & sink(4) }", "backward", 0, 64, torch.bfloat16, 64,
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", sorted(RAGGED_GOLDEN_CASES))
+def test_ragged_golden_source(name, request):
+    from patterndsl import analysis
+    from patterndsl.codegen import ragged
+
+    source, kind, page_size, rows, dtype, head_dim = RAGGED_GOLDEN_CASES[name]
+    p = patterndsl.compile(source)
+    groups = analysis.plan(p.ir, 256, 256, 8, block=(64, 64), order="identity").groups
+    spec = ragged.make_spec(p.ir, groups, kind, 8, 2, head_dim, dtype, page_size, "sm_90", rows)
+    text = without_key(ragged.render(spec))
+    path = GOLDEN / f"{name}.py"
+    if request.config.getoption("--update-golden"):
+        path.write_text(text)
+    assert path.exists(), f"missing {path}; run pytest --update-golden"
+    assert text == path.read_text(), f"generated source changed for {name}; run pytest --update-golden if intended"
+
+
 def test_source_is_deterministic_valid_python_with_header():
     pattern = patterndsl.compile("pattern w(n = 5) { causal & window(n) | sink(2) }")
     a = kernel_source(pattern, 300, heads=2, head_dim=40, kind="backward")

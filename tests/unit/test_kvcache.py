@@ -139,3 +139,36 @@ def test_generate_example_holds_constant_memory(capsys):
     lines = capsys.readouterr().out.splitlines()
     held = [int(line.split()[1]) for line in lines if line.strip() and line.split()[0].isdigit()]
     assert len(held) == 10 and held[-1] == held[4] and held[-1] <= 2 * (1 + 9 // 4 + 2)
+
+
+ROUTES = [
+    "pattern r { causal & route(1, block = 4, qblock = 1, among = causal & window(12)) }",
+    "pattern r { causal & (window(5) | route(2, block = 4, qblock = 1, among = causal & window(30) - window(5))) }",
+]
+
+
+@pytest.mark.parametrize("source", [ROUTES[0], pytest.param(ROUTES[1], marks=pytest.mark.slow)])
+def test_route_caches_free_what_no_candidate_block_reaches(source):
+    # Decoding through the evicting cache equals attention over the whole history (_generate checks every
+    # step), so no page a choice could take was freed; and memory stays bounded by the candidates.
+    p = pd.compile(source)
+    cache, _ = _generate(p, random.Random(7), 16, 4, batch=1, num_pages=40)
+    n = cache.lengths()[0]
+    first = live_keys(p.ir, 1, n - 4)[0][0]  # the latest append started at n - 4 or later
+    assert bool((cache.view()[2][0, : max(first, 0) // 4] == -1).all())  # no candidate reaches them
+    assert source != ROUTES[0] or first > 0  # (the other one frees nothing this early)
+    assert cache.pages_in_use() <= -(-(n - first) // 4) + 1
+
+
+def test_a_freed_page_a_route_may_choose_is_an_error():
+    p = pd.compile(ROUTES[0])
+    q, k, v = torch.randn(1, 1, 1, 8), torch.randn(10, 1, 4, 8), torch.randn(10, 1, 4, 8)
+    table = torch.arange(10)[None].clone()
+    table[0, 6] = -1  # positions 24..27: a candidate block of the query at 39 (window(12) reaches 27)
+    with pytest.raises(InputError, match="may attend"):
+        p(q, k, v, kv_lengths=torch.tensor([40]), block_table=table)
+    table = torch.arange(10)[None].clone()
+    table[0, :6] = -1  # positions 0..23: no candidate (the block of 27 starts at 24)
+    out = p(q, k, v, kv_lengths=torch.tensor([40]), block_table=table)
+    full = p(q, k.transpose(0, 1).reshape(1, 1, 40, 8), v.transpose(0, 1).reshape(1, 1, 40, 8))
+    assert torch.allclose(out, full, atol=1e-6)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import patterndsl as pd
-from patterndsl.errors import BackendError, InputError
+from patterndsl.errors import InputError
 from patterndsl.runtime import ragged
 from tests.reference import reference_attention
 
@@ -83,11 +83,22 @@ def paged(k, v, kvl, page_size, rng, share=0):
     return kp, vp, table
 
 
-def _check(p, q, k, v, kvl, ql, atol, block_table=None, kp=None, vp=None):
+def shared_paged(k, v, kvl, page_size, rng):
+    """:func:`paged` with element 1 sharing element 0's first pages (a shared prompt); ``k``/``v`` are made
+    to agree there first (in place)."""
+    share = 0
+    if k.shape[0] > 1:
+        share = min(int(kvl[0]), int(kvl[1])) // page_size
+        k[1, :, : share * page_size] = k[0, :, : share * page_size]
+        v[1, :, : share * page_size] = v[0, :, : share * page_size]
+    return paged(k, v, kvl, page_size, rng, share)
+
+
+def _check(p, q, k, v, kvl, ql, atol, block_table=None, kp=None, vp=None, backend="cpu"):
     q = q.clone().requires_grad_()
     kk = (k if kp is None else kp).clone().requires_grad_()
     vv = (v if vp is None else vp).clone().requires_grad_()
-    out, lse = p(q, kk, vv, kv_lengths=kvl, q_lengths=ql, block_table=block_table, return_lse=True, backend="cpu")
+    out, lse = p(q, kk, vv, kv_lengths=kvl, q_lengths=ql, block_table=block_table, return_lse=True, backend=backend)
     dout = torch.randn_like(out)
     dq, dk, dv = torch.autograd.grad(out, (q, kk, vv), dout)
     want_dk, want_dv = torch.zeros(kk.shape, dtype=torch.float64), torch.zeros(vv.shape, dtype=torch.float64)
@@ -140,13 +151,7 @@ def test_ragged_lengths_match_float64_reference(seed):
 @pytest.mark.parametrize("page_size", [1, 16, 64])
 def test_paged_layouts_match_float64_reference(seed, page_size):
     rng, p, q, k, v, kvl, ql, atol = _case(seed)
-    share = 0
-    if q.shape[0] > 1:
-        # Element 1 shares element 0's first pages (a shared prompt): make their keys agree there.
-        share = min(int(kvl[0]), int(kvl[1])) // page_size
-        k[1, :, : share * page_size] = k[0, :, : share * page_size]
-        v[1, :, : share * page_size] = v[0, :, : share * page_size]
-    kp, vp, table = paged(k, v, kvl, page_size, rng, share)
+    kp, vp, table = shared_paged(k, v, kvl, page_size, rng)
     _check(p, q, k, v, kvl, ql, atol, block_table=table, kp=kp, vp=vp)
 
 
@@ -271,11 +276,6 @@ def _check_route(p, q, k, v, kvl, ql, kp, vp, table):
         assert bool(torch.isneginf(lse[b, :, lq:]).all())
         (rq,) = torch.autograd.grad(ro.sum(), (qq,))
         assert torch.allclose(gq[b, :, :lq].double(), rq[0], atol=1e-8)
-
-
-def test_triton_is_refused_for_now():
-    with pytest.raises(BackendError, match="CPU backend only"):
-        ragged._backend("triton")
 
 
 def test_torch_compile_fullgraph_with_lengths():

@@ -1,0 +1,134 @@
+"""Runtime stage: the per-call path of ragged and paged calls (LANGUAGE.md section 9, issue 14).
+
+Comes in: what ``attention(..., kv_lengths=, q_lengths=, block_table=)`` was given. Goes out:
+``(out, lse)`` from the ragged op (:mod:`patterndsl.runtime.ragged`) or, for patterns it does not
+serve, from the ordinary op element by element.
+
+A decoding step repeats the same call many times (every layer, every step, with new lengths), so
+what can be decided from the tensors' kinds, shapes, dtypes and devices alone -- the validation, the
+scale, the backend and which path runs -- is decided once per such signature and kept
+(:data:`MAX_CHECKED` signatures); the lengths' values are checked at every call inside the op. A call
+that needs no gradient and is not being traced by ``torch.compile`` calls the op's implementation
+directly (the op's dispatcher and autograd wrappers cost more than a small decoding step).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+
+from patterndsl import ir, tensors
+from patterndsl.errors import PatternError
+from patterndsl.runtime import op, ragged, validate
+
+#: Call signatures whose checks are kept.
+MAX_CHECKED = 256
+_LOCK = threading.Lock()
+_CHECKED: OrderedDict = OrderedDict()
+
+
+@dataclass(frozen=True)
+class Checked:
+    """What a validated signature decided: the scale, the backend, and the op key (ragged or per element)."""
+
+    scale: float
+    backend: str
+    key: str
+    per_element: bool
+
+
+def _meta(t):
+    return None if t is None else (type(t), tuple(t.shape), t.dtype, t.device)
+
+
+def _signature(pir, q, k, v, scale, backend, kv_lengths, q_lengths, block_table):
+    """A hashable summary of everything the checks read, or None (a value that is not a tensor: full checks)."""
+    try:
+        return (pir, type(scale), scale, backend, *(_meta(t) for t in (q, k, v, kv_lengths, q_lengths, block_table)))
+    except (AttributeError, TypeError):
+        return None
+
+
+def _check(q, k, v, pir, scale, backend, block_table, plan_key) -> Checked:
+    if pir.inputs:
+        raise PatternError("kv_lengths=/q_lengths=/block_table= do not combine with run-time inputs yet", pir.span)
+    if block_table is None:
+        sizes = validate.check_inputs(q, k, v, scale, backend)
+    else:
+        named = {"q": q, "k": k, "v": v}
+        tensors.check_kinds(named)
+        resolved = validate.resolve_backend(backend, q.device)
+        tensors.check_dtypes(named, validate.dtypes_of(resolved), f"the {resolved} backend")
+        ragged.check_paged(q, k, v)
+        sizes = validate.check_inputs(q, q, q, scale, backend)
+    if v.shape[3] != q.shape[3]:
+        raise PatternError("kv_lengths=/block_table= need v's head size equal to q's for now")
+    dynamic = any(ir.is_dynamic(r.node) for r in pir.heads) or (pir.default is not None and ir.is_dynamic(pir.default))
+    if sizes.backend == "triton":
+        # The ragged kernels read lengths and tables for patterns of positions only (no score).
+        dynamic = dynamic or not ragged.position_only(pir)
+    # route(...) chooses from the element's own queries and keys, and neither the ragged tile loop nor the
+    # ragged kernels apply a score yet: each element then runs alone on its unpadded problem.
+    per_element = dynamic or pir.score is not None
+    key = plan_key(pir, sizes.backend) if per_element else _ragged_key(pir, block_table is not None)
+    return Checked(sizes.scale, sizes.backend, key, per_element)
+
+
+def _ragged_key(pir: ir.PatternIR, paged: bool) -> str:
+    return ragged.register(pir, ragged.BLOCK, paged)
+
+
+# Pure Python on the pattern: torch.compile evaluates it once at trace time (see runtime._plan_key).
+_ragged_key._dynamo_marked_constant = True
+
+
+def call(q, k, v, pir, scale, backend, given, kv_lengths, q_lengths, block_table, plan_key):
+    """``(out, lse)`` of a ragged or paged call (see the module docstring).
+
+    Args:
+        q, k, v, scale, backend: as ``attention``.
+        pir: the pattern's IR.
+        given: the run-time inputs given (refused: they do not combine with lengths yet).
+        kv_lengths, q_lengths, block_table: LANGUAGE.md section 9.
+        plan_key: ``(pir, backend) -> key`` of the ordinary op (for patterns run element by element).
+
+    Raises:
+        InputError, PatternError, BackendError: as ``attention``, naming the argument.
+    """
+    if given:
+        raise PatternError("kv_lengths=/q_lengths=/block_table= do not combine with run-time inputs yet", pir.span)
+    compiling = torch.compiler.is_compiling()
+    sig = None if compiling else _signature(pir, q, k, v, scale, backend, kv_lengths, q_lengths, block_table)
+    checked = None
+    if sig is not None:
+        with _LOCK:
+            checked = _CHECKED.get(sig)
+    if checked is None:
+        checked = _check(q, k, v, pir, scale, backend, block_table, plan_key)
+        data = ragged.check_call(q, k, v, kv_lengths, q_lengths, block_table)
+        if sig is not None:
+            with _LOCK:
+                _CHECKED[sig] = checked
+                while len(_CHECKED) > MAX_CHECKED:
+                    _CHECKED.popitem(last=False)
+    else:
+        data = ragged.call_data(q, k, kv_lengths, q_lengths, block_table)
+    if checked.per_element:
+
+        def run(qb, kb, vb):
+            return op.attention_fwd(qb, kb, vb, checked.key, [], checked.scale, checked.backend)
+
+        return ragged.per_element(q, k, v, data, run, pir)
+    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    if grad or compiling:
+        return op.attention_fwd(q, k, v, checked.key, data, checked.scale, checked.backend)
+    return ragged.forward_op(q, k, v, checked.key, data, checked.scale, checked.backend)
+
+
+def clear() -> None:
+    """Forget the kept checks."""
+    with _LOCK:
+        _CHECKED.clear()

@@ -1,0 +1,74 @@
+"""Ahead-of-time builds of the ragged/paged kernels (:mod:`patterndsl.codegen.ragged`) for sm_80 and sm_90.
+
+Every kernel (the forward over pieces, the log-sum-exp ``combine`` of split decoding blocks, the
+backward with atomic dK/dV) must build with zero register spills, within the target's shared
+memory, on tensor cores, for decoding blocks (16 rows) and prefill blocks, unpaged and paged (a page
+smaller than a key tile: one table entry per key; a page of whole tiles: one per tile). One case of
+each pass runs by default; the dtype x head dim x page x rows x target matrix is ``slow``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import patterndsl
+from patterndsl import analysis
+from patterndsl.codegen import inspect as aot
+from patterndsl.codegen import ragged
+from tests.unit.test_aot import SHARED_LIMIT
+
+pytestmark = pytest.mark.aot
+
+SOURCE = "pattern streaming(w = 256, n = 4) { causal & (window(w) | sink(n)) }"
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(monkeypatch, tmp_path_factory):
+    monkeypatch.setenv("PATTERNDSL_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "aot-kernel-cache"))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _compiled_mode(compiled_triton):
+    """Every test here builds ahead of time."""
+
+
+def build(kind, dtype, d, page_size, rows, target):
+    p = patterndsl.compile(SOURCE)
+    groups = analysis.plan(p.ir, 256, 256, 8, block=(64, 64), order="identity").groups
+    spec = ragged.make_spec(p.ir, groups, kind, 8, 2, d, dtype, page_size, target, rows)
+    return spec, aot.compile_ragged(spec, target)
+
+
+def check(kind, dtype, d, page_size, rows, target):
+    spec, kernels = build(kind, dtype, d, page_size, rows, target)
+    assert [k.name for k in kernels] == ragged.kernel_names(spec)
+    for k in kernels:
+        r = k.resources
+        where = f"{k.name} ({kind}, {dtype}, D={d}, page {page_size}, {rows} rows) on {target}"
+        assert r["spills"] == 0, f"{where} spills {r['spills']} bytes: {r}"
+        assert max(k.shared, r["shared"]) <= SHARED_LIMIT[target], f"{where}: shared memory {k.shared}"
+        if k.name != "combine":
+            assert r["mma"] > 0, f"{where} has no MMA instruction"
+
+
+@pytest.mark.parametrize(("kind", "target"), [("forward", "sm_90"), ("backward", "sm_80")])
+def test_ragged_kernels_build_without_spills(kind, target):
+    check(kind, torch.float16, 128, 16, 16, target)
+
+
+MATRIX = [
+    (kind, dtype, d, page_size, rows, target)
+    for kind in ("forward", "backward")
+    for dtype in (torch.float16, torch.bfloat16, torch.float32)
+    for d in (64, 128)
+    for page_size in (0, 16, 64)
+    for rows in (16, 64)
+    for target in ("sm_80", "sm_90")
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("kind", "dtype", "d", "page_size", "rows", "target"), MATRIX)
+def test_ragged_kernel_matrix_builds(kind, dtype, d, page_size, rows, target):
+    check(kind, dtype, d, page_size, rows, target)
