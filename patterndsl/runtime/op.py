@@ -65,7 +65,7 @@ def _run(module, name: str, *args, data, **kwargs):
     return entry(*args, **kwargs)
 
 
-def _unit(*xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+def unit_stride(*xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """``xs`` with a unit stride on the head dim: torch's fused CPU flash kernels (which several
     executor paths call on views of the operands) read each row as a contiguous vector whatever the
     strides say, so a ``v`` made by a transpose gave wrong outputs there. Other layouts pass as they are."""
@@ -108,7 +108,7 @@ def _attention_fwd_impl(q, k, v, plan_key, data, scale, backend):
         ``(out [B, H, Lq, D] in q's dtype, lse [B, H, Lq] float32, float64 for float64 inputs)``, both
         contiguous.
     """
-    q, k, v = _unit(q, k, v)
+    q, k, v = unit_stride(q, k, v)
     if ragged.owns(plan_key):
         return ragged.forward_op(q, k, v, plan_key, data, scale, backend)
     plan = _plan(q, k, v, plan_key, backend)
@@ -141,7 +141,7 @@ def _attention_bwd_impl(dout, dlse, q, k, v, out, lse, plan_key, data, scale, ba
         gradients of the floating-point tensors of ``data`` (a backend that returns none gives zeros:
         only a score reads float inputs, and backends that cannot differentiate them refuse it).
     """
-    dout, q, k, v, out = _unit(dout, q, k, v, out)
+    dout, q, k, v, out = unit_stride(dout, q, k, v, out)
     if ragged.owns(plan_key):
         grads = ragged.backward_op(dout, dlse, q, k, v, out, lse, plan_key, data, scale, backend)
     else:
