@@ -165,9 +165,9 @@ def child(kind: str, index: int, length: int, repeat: int) -> dict:
     numbers = {}
     if kind == "patterndsl":
         st = out.stats
-        partial_pairs = (
-            st.visited_pairs - sum(int((g.tiles.state == 2).sum()) * len(g.heads) for g in out.groups) * BLOCK * BLOCK
-        )
+        # full tiles from the runs (reading the tile lists would list every tile of a run-length plan)
+        full_tiles = sum(int(((g.runs.hi - g.runs.lo) * (g.runs.state == 2)).sum()) * len(g.heads) for g in out.groups)
+        partial_pairs = st.visited_pairs - full_tiles * BLOCK * BLOCK
         numbers = {
             "tiles": st.tiles_full + st.tiles_partial + st.tiles_dynamic,
             "elements": st.elements_evaluated,

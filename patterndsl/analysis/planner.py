@@ -19,9 +19,9 @@ import torch
 
 from patterndsl import config, ir
 from patterndsl.analysis import engine as eng
-from patterndsl.analysis import reorder, routeplan, tiles
+from patterndsl.analysis import hierarchy, reorder, routeplan, tiles
 from patterndsl.analysis.classify import Env
-from patterndsl.analysis.plan import BlockPlan, HeadGroup, PlanStats, Runs, TileList
+from patterndsl.analysis.plan import BlockPlan, HeadGroup, PlanStats, Runs, RunTiles, TileList
 from patterndsl.analysis.rewrite import simplify
 from patterndsl.errors import HeadsError, PatternTypeError, PatternValueError
 from patterndsl.sizes import Sizes
@@ -92,12 +92,28 @@ def _head_groups(pir: ir.PatternIR, heads: int) -> tuple[list[tuple[ir.Node, lis
 
 @dataclass(frozen=True)
 class _Classified:
-    """One head group's tiles in one order, and the engine that found them (for counting)."""
+    """One head group's tiles in one order, and the engine that found them (for counting).
+
+    ``keys``/``state`` list the tiles, except those under ``full_runs`` (query tile, first and
+    end key tile of full tiles found whole at coarse levels, :mod:`~patterndsl.analysis.hierarchy`).
+    """
 
     keys: np.ndarray
     state: np.ndarray
     engine: eng.Engine
     routed: routeplan.RoutedTiles | None  # patterns with route: what the choice may change
+    full_runs: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+
+    def runs_area(self, rows: np.ndarray, cols: np.ndarray) -> int:
+        """Pairs of the tiles under ``full_runs`` (``rows``/``cols``: each tile's length per side)."""
+        if self.full_runs is None:
+            return 0
+        m, lo, hi = self.full_runs
+        csum = np.concatenate([[0], np.cumsum(cols)])
+        return int((rows[m] * (csum[hi] - csum[lo])).sum())
+
+    def runs_tiles(self) -> int:
+        return 0 if self.full_runs is None else int((self.full_runs[2] - self.full_runs[1]).sum())
 
 
 @dataclass(frozen=True)
@@ -127,20 +143,31 @@ def _plan_order(desc, qsegs, ksegs, identity, groups, sizes: Sizes, bm, bn, boun
     for node, heads in groups:
         env = Env(sizes, heads[0])
         engine = eng.Engine(qside, kside, env, budget)
+        rewritten = simplify(node)
+        full_runs = None
         try:
             if ir.is_dynamic(node):
-                routed = routeplan.classify(engine, simplify(node))
+                routed = routeplan.classify(engine, rewritten)
                 keys, state = routed.keys, routed.state
             else:
                 routed = None
-                keys, state = engine.run(simplify(node))
+                layered = None
+                if hierarchy.usable(rewritten, qside, kside, sizes.layout):
+                    layered = hierarchy.classify(engine, rewritten)
+                if layered is None:
+                    keys, state = engine.run(rewritten)
+                else:
+                    keys, state = layered.keys, layered.state
+                    full_runs = (layered.row, layered.lo, layered.hi)
         except eng.OverBudget:
             return None
         budget = engine.budget
-        work += int((rows[keys // kside.n_tiles] * cols[keys % kside.n_tiles]).sum()) * len(heads)
+        got = _Classified(keys, state, engine, routed, full_runs)
+        area = int((rows[keys // kside.n_tiles] * cols[keys % kside.n_tiles]).sum()) + got.runs_area(rows, cols)
+        work += area * len(heads)
         if bound is not None and work >= bound:
             return None
-        found.append(_Classified(keys, state, engine, routed))
+        found.append(got)
     return _Candidate(desc, qside, kside, tuple(found), work)
 
 
@@ -265,25 +292,35 @@ def _assemble(pir, cand: _Candidate, groups, head_group, sizes: Sizes, bm, bn, s
             allowed = int(area[state == eng.FULL].sum()) + int(counts)
         elif allowed is None:
             counts = eng.count_tiles(engine, rewritten, keys[counted])
-            allowed = int(area[state == eng.FULL].sum()) + int(counts.sum())
+            allowed = int(area[state == eng.FULL].sum()) + int(counts.sum()) + found.runs_area(rows, cols)
         nh = len(hs)
         if dyn.any():
             # run-time tiles: their allowed pairs depend on the data; record the bound
             stats.extra["dynamic_pairs_bound"] = stats.extra.get("dynamic_pairs_bound", 0) + int(area[dyn].sum()) * nh
         stats.allowed_pairs += allowed * nh
-        stats.visited_pairs += int(area.sum()) * nh
-        stats.tiles_full += int((state == eng.FULL).sum()) * nh
+        stats.visited_pairs += (int(area.sum()) + found.runs_area(rows, cols)) * nh
+        stats.tiles_full += (int((state == eng.FULL).sum()) + found.runs_tiles()) * nh
         stats.tiles_partial += int(partial.sum()) * nh
         stats.tiles_dynamic += int((state == eng.DYNAMIC).sum()) * nh
-        stats.tiles_empty += (nqb * nkb - len(keys)) * nh
+        stats.tiles_empty += (nqb * nkb - len(keys) - found.runs_tiles()) * nh
         evaluated += engine.tally.evaluated
         stats.elements_evaluated += engine.tally.elements + engine.env.elements
         counted_tiles = stats.extra.get("tiles_counted_by_evaluation", 0) + engine.tally.counted
         stats.extra["tiles_counted_by_evaluation"] = counted_tiles
         stats.extra["tiles_classified"] = stats.extra.get("tiles_classified", 0) + engine.tally.classified
         stats.extra["boxes_searched"] = stats.extra.get("boxes_searched", 0) + engine.tally.searched
-        tl = _tile_list(m, n, state, nqb, nkb)
-        runs = Runs.from_tiles(tl, nqb)
+        if found.full_runs is None:
+            tl = TileList.from_sorted(m, n, state, nqb, nkb)
+            runs = Runs.from_tiles(tl, nqb)
+        else:
+            fr, flo, fhi = found.full_runs
+            runs = Runs.merged(
+                np.concatenate([m, fr]),
+                np.concatenate([n, flo]),
+                np.concatenate([n + 1, fhi]),
+                np.concatenate([state.astype(np.int8), np.full(len(fr), eng.FULL, np.int8)]),
+            )
+            tl = RunTiles(runs, nqb, nkb)
         form = None
         if cand.qside.identity:
             form = functools.partial(_form, rewritten, cand.qside, cand.kside, runs, nqb, nkb)
@@ -296,26 +333,6 @@ def _assemble(pir, cand: _Candidate, groups, head_group, sizes: Sizes, bm, bn, s
     kv_order = None if cand.kside.order is None else torch.from_numpy(cand.kside.order.astype(np.int64, copy=False))
     return BlockPlan(
         pir, q_len, kv_len, heads, bm, bn, q_order, kv_order, cand.desc, tuple(out_groups), tuple(head_group), stats
-    )
-
-
-def _tile_list(m: np.ndarray, n: np.ndarray, state: np.ndarray, nqb: int, nkb: int) -> TileList:
-    # ``keys`` are sorted row-major already: CSR directly, CSC with one stable sort (all numpy;
-    # torch only wraps the results, its per-op overhead dominates at these sizes).
-    row_ptr = np.zeros(nqb + 1, dtype=np.int64)
-    np.cumsum(np.bincount(m, minlength=nqb), out=row_ptr[1:])
-    # a stable sort of 16-bit keys is a radix sort in numpy: much faster than on int64
-    order_t = np.argsort(n.astype(np.uint16) if nkb <= 1 << 16 else n, kind="stable")
-    col_ptr = np.zeros(nkb + 1, dtype=np.int64)
-    np.cumsum(np.bincount(n, minlength=nkb), out=col_ptr[1:])
-    st = state.astype(np.int8, copy=False)
-    return TileList(
-        torch.from_numpy(row_ptr),
-        torch.from_numpy(n.astype(np.int64, copy=False)),
-        torch.from_numpy(st),
-        torch.from_numpy(col_ptr),
-        torch.from_numpy(m[order_t]),
-        torch.from_numpy(st[order_t]),
     )
 
 
