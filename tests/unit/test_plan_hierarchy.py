@@ -110,3 +110,22 @@ def test_a_million_causal_tokens_plan_in_runs_without_listing_tiles():
     assert peak < 64 << 20, peak
     assert seconds < 3.0, seconds
     assert "_listed" not in vars(plan.groups[0].tiles)
+
+
+def test_consumers_read_a_plan_kept_in_runs(tiny_levels):
+    # The CPU executor, the describe text and the closed forms of kernels read the runs or the lists.
+    from patterndsl.analysis import describe
+    from patterndsl.runtime import cpu
+    from tests.reference import reference_attention
+
+    p = patterndsl.compile("pattern p { causal | where(q < 20 and k < 20) }")
+    plan = analysis.plan(p.ir, 100, 100, 2, block=(16, 16))
+    assert isinstance(plan.groups[0].tiles, RunTiles)
+    assert analysis.plan(patterndsl.compile("pattern c { causal }").ir, 100, block=(16, 16)).groups[0].forms is not None
+    assert "tiles: " in describe(plan)
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 100, 8, generator=gen, dtype=torch.float64) for _ in range(3))
+    out, lse = cpu.forward(q, k, v, plan, 0.5)
+    ref_out, ref_lse = reference_attention(q, k, v, p.mask(100, 100, 2)[None], 0.5)
+    torch.testing.assert_close(out, ref_out)
+    torch.testing.assert_close(lse, ref_lse)
