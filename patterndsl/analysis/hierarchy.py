@@ -43,6 +43,8 @@ class Layered:
         state: their states (1 partial, 2 full).
         row, lo, hi: runs of full fine tiles: query tile ``row[i]`` and key tiles ``lo[i] <= n < hi[i]``
             (disjoint from ``keys``).
+        partial: ``(row, lo, hi)`` runs of partial fine tiles found by :func:`_columns` (disjoint from
+            the others), and ``partial_allowed`` the allowed pairs they hold.
     """
 
     keys: np.ndarray
@@ -50,6 +52,8 @@ class Layered:
     row: np.ndarray
     lo: np.ndarray
     hi: np.ndarray
+    partial: tuple[np.ndarray, np.ndarray, np.ndarray]
+    partial_allowed: int
 
 
 def levels(nqb: int, nkb: int) -> int:
@@ -93,7 +97,9 @@ def classify(engine: eng.Engine, node: ir.Node) -> Layered | None:
     nqb, nkb = engine.nqb, engine.nkb
     top = levels(nqb, nkb)
     domain = None
-    rows, los, his = [], [], []
+    runs = {True: ([], [], []), False: ([], [], [])}  # full, partial
+    partial_allowed = 0
+    decide = engine.node_decide(node)
     for lvl in range(top, 0, -1):
         f = 1 << lvl
         qs, ks = _coarse_side(engine.q, f), _coarse_side(engine.k, f)
@@ -102,20 +108,26 @@ def classify(engine: eng.Engine, node: ir.Node) -> Layered | None:
         nkc = ks.n_tiles
         cm, cn = keys // nkc, keys % nkc
         full = state == eng.FULL
-        if lvl == top and PAYS and int(full.sum()) * PAYS < len(full):
+        uniform, allowed = _columns(engine, decide, cm[~full], cn[~full], f)
+        partial = np.zeros(len(full), bool)
+        partial[np.flatnonzero(~full)[uniform]] = True
+        if lvl == top and PAYS and int(full.sum() + partial.sum()) * PAYS < len(full):
             return None  # few whole regions: the levels would classify about every tile several times
-        # A coarse run of full tiles covers the same key range in each of its fine rows.
-        fm, flo, fhi = merge_runs(cm[full], cn[full], cn[full] + 1)
-        sub = np.arange(f, dtype=np.int64)
-        r = (fm[:, None] * f + sub[None, :]).reshape(-1)
-        ok = r < nqb
-        rows.append(r[ok])
-        los.append(np.repeat(flo * f, f)[ok])
-        his.append(np.minimum(np.repeat(fhi * f, f), nkb)[ok])
+        partial_allowed += allowed
+        for kind, sel in ((True, full), (False, partial)):
+            # A coarse run covers the same key range in each of its fine rows.
+            fm, flo, fhi = merge_runs(cm[sel], cn[sel], cn[sel] + 1)
+            sub = np.arange(f, dtype=np.int64)
+            r = (fm[:, None] * f + sub[None, :]).reshape(-1)
+            ok = r < nqb
+            runs[kind][0].append(r[ok])
+            runs[kind][1].append(np.repeat(flo * f, f)[ok])
+            runs[kind][2].append(np.minimum(np.repeat(fhi * f, f), nkb)[ok])
         # The four children of every undecided coarse tile are the next level's domain.
         half = f >> 1
         nq1, nk1 = -(-nqb // half), -(-nkb // half)
-        pm, pn = cm[~full], cn[~full]
+        rest = ~full & ~partial
+        pm, pn = cm[rest], cn[rest]
         two = np.arange(2, dtype=np.int64)
         m = (pm[:, None, None] * 2 + two[None, :, None]).repeat(2, axis=2)
         n = (pn[:, None, None] * 2 + two[None, None, :]).repeat(2, axis=1)
@@ -127,8 +139,106 @@ def classify(engine: eng.Engine, node: ir.Node) -> Layered | None:
         keys, state = np.zeros(0, np.int64), np.zeros(0, np.int8)
     else:
         keys, state = engine.run(node, domain)
-    cat = [np.concatenate(x).astype(np.int64) if x else np.zeros(0, np.int64) for x in (rows, los, his)]
-    return Layered(keys, state, *merge_runs(*cat))
+    cat = {
+        kind: [np.concatenate(x).astype(np.int64) if x else np.zeros(0, np.int64) for x in parts]
+        for kind, parts in runs.items()
+    }
+    return Layered(keys, state, *merge_runs(*cat[True]), merge_runs(*cat[False]), partial_allowed)
+
+
+#: Undecided key ranges :func:`_columns` may hold for one key tile at once (beyond it the tile fails).
+_COLUMN_BOXES = 8
+
+
+def _columns(engine: eng.Engine, decide, cm: np.ndarray, cn: np.ndarray, f: int) -> tuple[np.ndarray, int]:
+    """Which undecided coarse tiles ``(cm, cn)`` (factor ``f``) are partial in every fine tile, column by column.
+
+    Coarse tiles of one coarse key column and consecutive coarse rows form a region; for every fine key
+    tile ``n`` of the column, its key range is cut (halving) into ranges the tile rules find full or
+    empty for *all* the region's queries. When every ``n`` is cut completely into such ranges and has
+    both kinds, every fine tile of the region holds an allowed and a blocked pair (partial), and its
+    allowed pairs are its rows times the keys of the full ranges: key columns such as
+    ``causal & (blocks(128) | summary(128, 8))`` below the diagonal (every tile partial, ~L^2/2 tiles)
+    become runs. A region that fails is retried without its first and last coarse rows (the diagonal
+    or the band's edges usually lie there); what still fails is refined as before.
+
+    Returns:
+        ``(uniform, allowed)``: bool per coarse tile, and the allowed pairs of the uniform tiles.
+    """
+    uniform = np.zeros(len(cm), bool)
+    if not len(cm):
+        return uniform, 0
+    order = np.lexsort((cm, cn))
+    m, n = cm[order], cn[order]
+    new = np.ones(len(m), bool)
+    new[1:] = (n[1:] != n[:-1]) | (m[1:] != m[:-1] + 1)
+    start = np.flatnonzero(new)
+    end = np.append(start[1:], len(m)) - 1
+    total = 0
+    ok = np.zeros(len(start), bool)
+    for attempt in range(2):
+        if attempt:
+            retry = ~ok & (end - start >= 2)
+            start, end = start[retry] + 1, end[retry] - 1
+        # One fine key tile (the middle one) of each region first: most regions that fail, fail there.
+        maybe, _ = _column_test(engine, decide, n[start], m[start], m[end], f, sample=True)
+        ok = np.zeros(len(start), bool)
+        ok[maybe], allowed = _column_test(engine, decide, n[start][maybe], m[start][maybe], m[end][maybe], f)
+        total += int(allowed[ok[maybe]].sum())
+        for a, b in zip(start[ok].tolist(), end[ok].tolist(), strict=True):
+            uniform[order[a : b + 1]] = True
+    return uniform, total
+
+
+def _column_test(engine: eng.Engine, decide, col, m0, m1, f, sample=False) -> tuple[np.ndarray, np.ndarray]:
+    """Per region (coarse key column ``col``, coarse rows ``m0..m1``): all partial, and its allowed pairs.
+
+    With ``sample``, only the middle fine key tile of each region is tested (a necessary condition).
+    """
+    from patterndsl.primitives.intervals import Boxes
+
+    q, k = engine.q, engine.k
+    if not len(col):
+        return np.zeros(0, bool), np.zeros(0, np.int64)
+    # the region's query positions and its fine key tiles
+    qlo = q.offset + m0 * f * q.block
+    qhi = q.offset + np.minimum((m1 + 1) * f * q.block, q.length) - 1
+    n0, n1 = col * f, np.minimum(col * f + f, k.n_tiles)
+    if sample:
+        n0 = (n0 + n1) // 2
+        n1 = n0 + 1
+    count = n1 - n0
+    region = np.repeat(np.arange(len(col)), count)
+    tile = np.repeat(n0 - (np.cumsum(count) - count), count) + np.arange(int(count.sum()))
+    pairs = len(tile)
+    has_full, has_empty, bad = np.zeros(pairs, bool), np.zeros(pairs, bool), np.zeros(pairs, bool)
+    full_keys = np.zeros(pairs, np.int64)
+    owner = np.arange(pairs)
+    lo, hi = tile * k.block, np.minimum((tile + 1) * k.block, k.length) - 1
+    while len(owner):
+        r = region[owner]
+        ql, qh = qlo[r], qhi[r]
+        box = Boxes(ql, qh, lo, hi, ql[:, None], qh[:, None], lo[:, None], hi[:, None])
+        can_true, can_false, sound = decide(box)
+        full, empty = sound & ~can_false, sound & ~can_true
+        has_full[owner[full]] = True
+        has_empty[owner[empty]] = True
+        full_keys += np.bincount(owner[full], (hi - lo + 1)[full], pairs).astype(np.int64)
+        open_ = ~full & ~empty
+        bad[owner[open_ & (lo == hi)]] = True
+        split = open_ & (lo < hi)
+        owner, lo, hi = owner[split], lo[split], hi[split]
+        mid = (lo + hi) // 2
+        owner, lo, hi = np.repeat(owner, 2), np.stack([lo, mid + 1], 1).ravel(), np.stack([mid, hi], 1).ravel()
+        bad |= np.bincount(owner, minlength=pairs) > _COLUMN_BOXES
+        # one bad key tile fails its region: drop the region's other ranges too
+        failed = np.bincount(region, bad, len(col)) > 0
+        keep = ~failed[region[owner]]
+        owner, lo, hi = owner[keep], lo[keep], hi[keep]
+    pair_ok = ~bad & has_full & has_empty
+    ok = np.bincount(region, ~pair_ok, len(col)) == 0
+    allowed = np.bincount(region, full_keys, len(col)).astype(np.int64) * (qhi - qlo + 1)
+    return ok, allowed
 
 
 def merge_runs(key: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

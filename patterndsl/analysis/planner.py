@@ -94,26 +94,40 @@ def _head_groups(pir: ir.PatternIR, heads: int) -> tuple[list[tuple[ir.Node, lis
 class _Classified:
     """One head group's tiles in one order, and the engine that found them (for counting).
 
-    ``keys``/``state`` list the tiles, except those under ``full_runs`` (query tile, first and
-    end key tile of full tiles found whole at coarse levels, :mod:`~patterndsl.analysis.hierarchy`).
+    ``keys``/``state`` list the tiles, except those in ``layered``'s runs (full and partial tiles
+    found whole at coarse levels, :mod:`~patterndsl.analysis.hierarchy`).
     """
 
     keys: np.ndarray
     state: np.ndarray
     engine: eng.Engine
     routed: routeplan.RoutedTiles | None  # patterns with route: what the choice may change
-    full_runs: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+    layered: hierarchy.Layered | None = None
 
-    def runs_area(self, rows: np.ndarray, cols: np.ndarray) -> int:
-        """Pairs of the tiles under ``full_runs`` (``rows``/``cols``: each tile's length per side)."""
-        if self.full_runs is None:
+    def _runs(self, full: bool):
+        if self.layered is None:
+            return None
+        lay = self.layered
+        return (lay.row, lay.lo, lay.hi) if full else lay.partial
+
+    def runs_area(self, rows: np.ndarray, cols: np.ndarray, full: bool) -> int:
+        """Pairs of the tiles under the full (or partial) runs (``rows``/``cols``: each tile's length per side)."""
+        runs = self._runs(full)
+        if runs is None:
             return 0
-        m, lo, hi = self.full_runs
+        m, lo, hi = runs
         csum = np.concatenate([[0], np.cumsum(cols)])
         return int((rows[m] * (csum[hi] - csum[lo])).sum())
 
-    def runs_tiles(self) -> int:
-        return 0 if self.full_runs is None else int((self.full_runs[2] - self.full_runs[1]).sum())
+    def runs_tiles(self, full: bool) -> int:
+        runs = self._runs(full)
+        return 0 if runs is None else int((runs[2] - runs[1]).sum())
+
+    def area(self, rows: np.ndarray, cols: np.ndarray) -> int:
+        """Pairs of every listed and run tile."""
+        n = len(cols)
+        listed = int((rows[self.keys // n] * cols[self.keys % n]).sum())
+        return listed + self.runs_area(rows, cols, True) + self.runs_area(rows, cols, False)
 
 
 @dataclass(frozen=True)
@@ -144,27 +158,24 @@ def _plan_order(desc, qsegs, ksegs, identity, groups, sizes: Sizes, bm, bn, boun
         env = Env(sizes, heads[0])
         engine = eng.Engine(qside, kside, env, budget)
         rewritten = simplify(node)
-        full_runs = None
+        layered = None
         try:
             if ir.is_dynamic(node):
                 routed = routeplan.classify(engine, rewritten)
                 keys, state = routed.keys, routed.state
             else:
                 routed = None
-                layered = None
                 if hierarchy.usable(rewritten, qside, kside, sizes.layout):
                     layered = hierarchy.classify(engine, rewritten)
                 if layered is None:
                     keys, state = engine.run(rewritten)
                 else:
                     keys, state = layered.keys, layered.state
-                    full_runs = (layered.row, layered.lo, layered.hi)
         except eng.OverBudget:
             return None
         budget = engine.budget
-        got = _Classified(keys, state, engine, routed, full_runs)
-        area = int((rows[keys // kside.n_tiles] * cols[keys % kside.n_tiles]).sum()) + got.runs_area(rows, cols)
-        work += area * len(heads)
+        got = _Classified(keys, state, engine, routed, layered)
+        work += got.area(rows, cols) * len(heads)
         if bound is not None and work >= bound:
             return None
         found.append(got)
@@ -220,7 +231,7 @@ def plan(
         best = None
         tried = 0
         for desc, qsegs, ksegs, identity in cands:
-            if best is not None and all((g.state == eng.FULL).all() for g in best.groups):
+            if best is not None and all((g.state == eng.FULL).all() and not g.runs_tiles(False) for g in best.groups):
                 break  # every visited pair is allowed: no order visits fewer
             tried += 1
             bound = None if best is None else best.work
@@ -292,33 +303,41 @@ def _assemble(pir, cand: _Candidate, groups, head_group, sizes: Sizes, bm, bn, s
             allowed = int(area[state == eng.FULL].sum()) + int(counts)
         elif allowed is None:
             counts = eng.count_tiles(engine, rewritten, keys[counted])
-            allowed = int(area[state == eng.FULL].sum()) + int(counts.sum()) + found.runs_area(rows, cols)
+            allowed = int(area[state == eng.FULL].sum()) + int(counts.sum()) + found.runs_area(rows, cols, True)
+            allowed += 0 if found.layered is None else found.layered.partial_allowed
         nh = len(hs)
         if dyn.any():
             # run-time tiles: their allowed pairs depend on the data; record the bound
             stats.extra["dynamic_pairs_bound"] = stats.extra.get("dynamic_pairs_bound", 0) + int(area[dyn].sum()) * nh
         stats.allowed_pairs += allowed * nh
-        stats.visited_pairs += (int(area.sum()) + found.runs_area(rows, cols)) * nh
-        stats.tiles_full += (int((state == eng.FULL).sum()) + found.runs_tiles()) * nh
-        stats.tiles_partial += int(partial.sum()) * nh
+        stats.visited_pairs += found.area(rows, cols) * nh
+        stats.tiles_full += (int((state == eng.FULL).sum()) + found.runs_tiles(True)) * nh
+        stats.tiles_partial += (int(partial.sum()) + found.runs_tiles(False)) * nh
         stats.tiles_dynamic += int((state == eng.DYNAMIC).sum()) * nh
-        stats.tiles_empty += (nqb * nkb - len(keys) - found.runs_tiles()) * nh
+        stats.tiles_empty += (nqb * nkb - len(keys) - found.runs_tiles(True) - found.runs_tiles(False)) * nh
         evaluated += engine.tally.evaluated
         stats.elements_evaluated += engine.tally.elements + engine.env.elements
         counted_tiles = stats.extra.get("tiles_counted_by_evaluation", 0) + engine.tally.counted
         stats.extra["tiles_counted_by_evaluation"] = counted_tiles
         stats.extra["tiles_classified"] = stats.extra.get("tiles_classified", 0) + engine.tally.classified
         stats.extra["boxes_searched"] = stats.extra.get("boxes_searched", 0) + engine.tally.searched
-        if found.full_runs is None:
+        if found.layered is None:
             tl = TileList.from_sorted(m, n, state, nqb, nkb)
             runs = Runs.from_tiles(tl, nqb)
         else:
-            fr, flo, fhi = found.full_runs
+            lay = found.layered
+            pr, plo, phi = lay.partial
             runs = Runs.merged(
-                np.concatenate([m, fr]),
-                np.concatenate([n, flo]),
-                np.concatenate([n + 1, fhi]),
-                np.concatenate([state.astype(np.int8), np.full(len(fr), eng.FULL, np.int8)]),
+                np.concatenate([m, lay.row, pr]),
+                np.concatenate([n, lay.lo, plo]),
+                np.concatenate([n + 1, lay.hi, phi]),
+                np.concatenate(
+                    [
+                        state.astype(np.int8),
+                        np.full(len(lay.row), eng.FULL, np.int8),
+                        np.full(len(pr), eng.PARTIAL, np.int8),
+                    ]
+                ),
             )
             tl = RunTiles(runs, nqb, nkb)
         form = None
