@@ -726,7 +726,9 @@ class Engine:
             decide = self.node_decide(node)
             if self.search(decide, count_only=True) is not None:
                 domain = self.search(decide)
-        items = sorted(node.items, key=self._reach)
+        # Within a domain the operands only filter it: their rough cost orders them (counting each
+        # one's reach over every query tile would cost more than the domain itself).
+        items = sorted(node.items, key=self._reach if domain is None else _cost)
         keys, state = self._operand(node, items[0], domain)
         partial = (state == PARTIAL).astype(np.int64)
         dyn = state == DYNAMIC
