@@ -403,11 +403,12 @@ def case_infinite_key_component_gets_no_weight():
 
 def case_slow_masked_non_finite_keys_never_leak_many():
     # Fixed seeds keep CI deterministic. _poisoned_cases(39, 1933961413) used to fail (a route block chosen
-    # for a +inf score was dropped by the CPU's merge): case_route_plus_inf_score_rows_match_cpu holds it.
+    # for a +inf score was dropped by the CPU's merge): tests/unit/test_infinite_route_score.py holds it, and
+    # case_slow_route_plus_inf_score_rows_match_cpu checks the Triton launcher against the CPU on it.
     _poisoned_cases(40, seed=40)
 
 
-def case_route_plus_inf_score_rows_match_cpu():
+def case_slow_route_plus_inf_score_rows_match_cpu():
     """The replay _poisoned_cases(39, 1933961413) reduced: rows whose route chose a block for a +inf score are
     not finite on the Triton launcher's path and on the CPU's (whose merge dropped the block), forward and
     backward, and every finite value agrees."""

@@ -70,7 +70,7 @@ def test_levels_give_the_flat_plan(src, tiny_levels, monkeypatch):
 
 def test_random_patterns_through_levels_match_dense(tiny_levels):
     rng = random.Random(19)
-    for _ in range(30):
+    for _ in range(20):
         pir, lq, lk, heads, block = rand_case(rng)
         check_plan(pir, lq, lk, heads, block, "identity")
 
