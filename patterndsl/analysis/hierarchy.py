@@ -108,7 +108,7 @@ def classify(engine: eng.Engine, node: ir.Node) -> Layered | None:
         nkc = ks.n_tiles
         cm, cn = keys // nkc, keys % nkc
         full = state == eng.FULL
-        uniform, allowed = _columns(engine, decide, cm[~full], cn[~full], f)
+        uniform, allowed = _columns(engine, node, decide, cm[~full], cn[~full], f)
         partial = np.zeros(len(full), bool)
         partial[np.flatnonzero(~full)[uniform]] = True
         if lvl == top and PAYS and int(full.sum() + partial.sum()) * PAYS < len(full):
@@ -150,7 +150,9 @@ def classify(engine: eng.Engine, node: ir.Node) -> Layered | None:
 _COLUMN_BOXES = 8
 
 
-def _columns(engine: eng.Engine, decide, cm: np.ndarray, cn: np.ndarray, f: int) -> tuple[np.ndarray, int]:
+def _columns(
+    engine: eng.Engine, node: ir.Node, decide, cm: np.ndarray, cn: np.ndarray, f: int
+) -> tuple[np.ndarray, int]:
     """Which undecided coarse tiles ``(cm, cn)`` (factor ``f``) are partial in every fine tile, column by column.
 
     Coarse tiles of one coarse key column and consecutive coarse rows form a region; for every fine key
@@ -159,8 +161,9 @@ def _columns(engine: eng.Engine, decide, cm: np.ndarray, cn: np.ndarray, f: int)
     both kinds, every fine tile of the region holds an allowed and a blocked pair (partial), and its
     allowed pairs are its rows times the keys of the full ranges: key columns such as
     ``causal & (blocks(128) | summary(128, 8))`` below the diagonal (every tile partial, ~L^2/2 tiles)
-    become runs. A region that fails is retried without its first and last coarse rows (the diagonal
-    or the band's edges usually lie there); what still fails is refined as before.
+    become runs. A region that fails the column test may pass :func:`_periodic_test`. A region that
+    fails both is retried without its first, its last, both end coarse rows, or its first two (the
+    diagonal or the band's edges usually lie there); what still fails is refined as before.
 
     Returns:
         ``(uniform, allowed)``: bool per coarse tile, and the allowed pairs of the uniform tiles.
@@ -175,19 +178,71 @@ def _columns(engine: eng.Engine, decide, cm: np.ndarray, cn: np.ndarray, f: int)
     start = np.flatnonzero(new)
     end = np.append(start[1:], len(m)) - 1
     total = 0
-    ok = np.zeros(len(start), bool)
-    for attempt in range(2):
-        if attempt:
-            retry = ~ok & (end - start >= 2)
-            start, end = start[retry] + 1, end[retry] - 1
+    done = np.zeros(len(start), bool)
+    for head, tail in ((0, 0), (1, 0), (0, 1), (1, 1), (2, 0), (2, 1)):
+        todo = np.flatnonzero(~done & (end - start >= head + tail))
+        a, b = start[todo] + head, end[todo] - tail
         # One fine key tile (the middle one) of each region first: most regions that fail, fail there.
-        maybe, _ = _column_test(engine, decide, n[start], m[start], m[end], f, sample=True)
-        ok = np.zeros(len(start), bool)
-        ok[maybe], allowed = _column_test(engine, decide, n[start][maybe], m[start][maybe], m[end][maybe], f)
+        maybe, _ = _column_test(engine, decide, n[a], m[a], m[b], f, sample=True)
+        ok = np.zeros(len(todo), bool)
+        ok[maybe], allowed = _column_test(engine, decide, n[a][maybe], m[a][maybe], m[b][maybe], f)
         total += int(allowed[ok[maybe]].sum())
-        for a, b in zip(start[ok].tolist(), end[ok].tolist(), strict=True):
-            uniform[order[a : b + 1]] = True
+        rest = np.flatnonzero(~ok)
+        ok[rest], allowed = _periodic_test(engine, node, n[a][rest], m[a][rest], m[b][rest], f)
+        total += int(allowed.sum())
+        done[todo[ok]] = True
+        for x, y in zip(a[ok].tolist(), b[ok].tolist(), strict=True):
+            uniform[order[x : y + 1]] = True
     return uniform, total
+
+
+def _periodic_test(engine: eng.Engine, node: ir.Node, col, m0, m1, f) -> tuple[np.ndarray, np.ndarray]:
+    """Per region: every fine tile is partial because every fine tile holds the same mask; and its allowed pairs.
+
+    That holds when each primitive of ``node`` is, on the region's box, either decided whole (full
+    or empty) by its tile rule, or a band ``lo <= q - k <= hi, (q - k) % mod == 0`` whose limits the
+    region's ``q - k`` stays inside with ``mod`` dividing both tile sizes (the Sparse Transformer's
+    ``strided`` below its window): shifting a fine tile by whole tiles changes no primitive's mask.
+    The regions hold full-size tiles only; one representative fine tile is classified (and counted)
+    for each, and regions whose representative is partial pass.
+    """
+    q, k = engine.q, engine.k
+    ok = np.zeros(len(col), bool)
+    r0, r1 = m0 * f, np.minimum((m1 + 1) * f, q.n_tiles)
+    c0, c1 = col * f, np.minimum(col * f + f, k.n_tiles)
+    # full-size fine tiles only
+    ok = ((r1 * q.block <= q.length) & (c1 * k.block <= k.length)) if len(col) else ok
+    if not ok.any():
+        return np.zeros(len(col), bool), np.zeros(0, np.int64)
+    qlo, qhi = q.offset + r0 * q.block, q.offset + r1 * q.block - 1
+    klo, khi = c0 * k.block, c1 * k.block - 1
+    from patterndsl.primitives.intervals import Boxes
+
+    box = Boxes(qlo, qhi, klo, khi, qlo[:, None], qhi[:, None], klo[:, None], khi[:, None])
+    for prim in {p for p in ir.walk(node) if isinstance(p, ir.Prim)}:
+        band = eng.band_of(prim, engine.env)
+        if band is not None:
+            lo, hi, mod = band
+            inside = (qlo - khi >= lo) & (qhi - klo <= hi) & (q.block % mod == 0) & (k.block % mod == 0)
+            outside = (qhi - klo < lo) | (qlo - khi > hi)
+            ok &= inside | outside
+            continue
+        can_true, can_false, sound = engine.prim_decide(prim)(box)
+        ok &= sound & ~(can_true & can_false)
+    if not ok.any():
+        return ok, np.zeros(0, np.int64)
+    rep = r0[ok] * engine.nkb + c0[ok]
+    order = np.argsort(rep)
+    keys, state = engine.run(node, rep[order])
+    st = np.zeros(len(rep), np.int8)
+    st[order[np.searchsorted(rep[order], keys)]] = state
+    partial = st == eng.PARTIAL
+    counts = np.zeros(len(rep), np.int64)
+    counts[partial] = eng.count_tiles(engine, node, rep[partial])
+    tiles = ((r1 - r0) * (c1 - c0))[ok]
+    which = np.flatnonzero(ok)
+    ok[which[~partial]] = False
+    return ok, (counts * tiles)[partial]
 
 
 def _column_test(engine: eng.Engine, decide, col, m0, m1, f, sample=False) -> tuple[np.ndarray, np.ndarray]:

@@ -146,3 +146,18 @@ def test_key_columns_below_the_diagonal_are_partial_runs(tiny_levels):
     plan = check_plan(pir, 256, 256, 1, (8, 8), "identity")
     assert plan.stats.elements_evaluated == 0
     assert check_plan(pir, 250, 261, 1, (8, 8), "identity").stats.tiles_partial > 0
+
+
+@pytest.mark.parametrize("src", ["causal & (window(15) | strided(16))", "causal & (window(7) | strided(8))"])
+def test_periodic_regions_below_the_band_are_partial_runs(src, tiny_levels):
+    # Sparse Transformer "strided": below the window every tile holds the same wrapped diagonal.
+    from patterndsl.analysis import engine as eng
+    from patterndsl.analysis.rewrite import simplify
+    from patterndsl.sizes import Sizes
+
+    pir = patterndsl.compile(f"pattern p {{ {src} }}").ir
+    layered = hierarchy.classify(eng.identity_engine(Sizes(512, 512, None, 1), 0, 16), simplify(pir.default))
+    _row, lo, hi = layered.partial
+    assert int((hi - lo).sum()) > 100 and layered.partial_allowed > 0
+    check_plan(pir, 512, 512, 1, (16, 16), "identity")
+    check_plan(pir, 500, 520, 1, (16, 8), "identity")
