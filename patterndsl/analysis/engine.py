@@ -149,6 +149,9 @@ class Engine:
         fixed: ``{route: Fixed}``: those routes are classified as static patterns with that
             choice (the bounds of route patterns); see :meth:`fixing`.
         tally: where the element-wise work is recorded (a new one holding ``budget`` when None).
+        coarse: tiles the rules cannot decide are reported partial (maybe empty, partial or full)
+            instead of evaluated: the coarse levels of :mod:`patterndsl.analysis.hierarchy`, whose
+            partial tiles are split into finer tiles and classified again.
     """
 
     def __init__(
@@ -160,6 +163,7 @@ class Engine:
         *,
         fixed: dict[ir.Prim, Fixed] | None = None,
         tally: Tally | None = None,
+        coarse: bool = False,
         _caches: _Caches | None = None,
     ):
         self.q, self.k, self.env = qside, kside, env
@@ -168,6 +172,7 @@ class Engine:
         self.ctx = env.sizes
         self.fixed = fixed
         self.tally = Tally(budget=budget) if tally is None else tally
+        self.coarse = coarse
         self._caches = _Caches() if _caches is None else _caches
 
     def fixing(self, fixed: dict[ir.Prim, Fixed] | None) -> Engine:
@@ -200,6 +205,9 @@ class Engine:
         if not len(open_):
             return keys, state
         state = state.copy()
+        if self.coarse:
+            state[open_] = PARTIAL
+            return keys, state
         state[open_] = self.evaluate(node, keys[open_])
         keep = state > 0
         return keys[keep], state[keep]
@@ -718,7 +726,9 @@ class Engine:
             decide = self.node_decide(node)
             if self.search(decide, count_only=True) is not None:
                 domain = self.search(decide)
-        items = sorted(node.items, key=self._reach)
+        # Within a domain the operands only filter it: their rough cost orders them (counting each
+        # one's reach over every query tile would cost more than the domain itself).
+        items = sorted(node.items, key=self._reach if domain is None else _cost)
         keys, state = self._operand(node, items[0], domain)
         partial = (state == PARTIAL).astype(np.int64)
         dyn = state == DYNAMIC

@@ -19,9 +19,9 @@ import torch
 
 from patterndsl import config, ir
 from patterndsl.analysis import engine as eng
-from patterndsl.analysis import reorder, routeplan, tiles
+from patterndsl.analysis import hierarchy, reorder, routeplan, tiles
 from patterndsl.analysis.classify import Env
-from patterndsl.analysis.plan import BlockPlan, HeadGroup, PlanStats, Runs, TileList
+from patterndsl.analysis.plan import BlockPlan, HeadGroup, PlanStats, Runs, RunTiles, TileList
 from patterndsl.analysis.rewrite import simplify
 from patterndsl.errors import HeadsError, PatternTypeError, PatternValueError
 from patterndsl.sizes import Sizes
@@ -92,12 +92,42 @@ def _head_groups(pir: ir.PatternIR, heads: int) -> tuple[list[tuple[ir.Node, lis
 
 @dataclass(frozen=True)
 class _Classified:
-    """One head group's tiles in one order, and the engine that found them (for counting)."""
+    """One head group's tiles in one order, and the engine that found them (for counting).
+
+    ``keys``/``state`` list the tiles, except those in ``layered``'s runs (full and partial tiles
+    found whole at coarse levels, :mod:`~patterndsl.analysis.hierarchy`).
+    """
 
     keys: np.ndarray
     state: np.ndarray
     engine: eng.Engine
     routed: routeplan.RoutedTiles | None  # patterns with route: what the choice may change
+    layered: hierarchy.Layered | None = None
+
+    def _runs(self, full: bool):
+        if self.layered is None:
+            return None
+        lay = self.layered
+        return (lay.row, lay.lo, lay.hi) if full else lay.partial
+
+    def runs_area(self, rows: np.ndarray, cols: np.ndarray, full: bool) -> int:
+        """Pairs of the tiles under the full (or partial) runs (``rows``/``cols``: each tile's length per side)."""
+        runs = self._runs(full)
+        if runs is None:
+            return 0
+        m, lo, hi = runs
+        csum = np.concatenate([[0], np.cumsum(cols)])
+        return int((rows[m] * (csum[hi] - csum[lo])).sum())
+
+    def runs_tiles(self, full: bool) -> int:
+        runs = self._runs(full)
+        return 0 if runs is None else int((runs[2] - runs[1]).sum())
+
+    def area(self, rows: np.ndarray, cols: np.ndarray) -> int:
+        """Pairs of every listed and run tile."""
+        n = len(cols)
+        listed = int((rows[self.keys // n] * cols[self.keys % n]).sum())
+        return listed + self.runs_area(rows, cols, True) + self.runs_area(rows, cols, False)
 
 
 @dataclass(frozen=True)
@@ -127,20 +157,28 @@ def _plan_order(desc, qsegs, ksegs, identity, groups, sizes: Sizes, bm, bn, boun
     for node, heads in groups:
         env = Env(sizes, heads[0])
         engine = eng.Engine(qside, kside, env, budget)
+        rewritten = simplify(node)
+        layered = None
         try:
             if ir.is_dynamic(node):
-                routed = routeplan.classify(engine, simplify(node))
+                routed = routeplan.classify(engine, rewritten)
                 keys, state = routed.keys, routed.state
             else:
                 routed = None
-                keys, state = engine.run(simplify(node))
+                if hierarchy.usable(rewritten, qside, kside, sizes.layout):
+                    layered = hierarchy.classify(engine, rewritten)
+                if layered is None:
+                    keys, state = engine.run(rewritten)
+                else:
+                    keys, state = layered.keys, layered.state
         except eng.OverBudget:
             return None
         budget = engine.budget
-        work += int((rows[keys // kside.n_tiles] * cols[keys % kside.n_tiles]).sum()) * len(heads)
+        got = _Classified(keys, state, engine, routed, layered)
+        work += got.area(rows, cols) * len(heads)
         if bound is not None and work >= bound:
             return None
-        found.append(_Classified(keys, state, engine, routed))
+        found.append(got)
     return _Candidate(desc, qside, kside, tuple(found), work)
 
 
@@ -193,7 +231,7 @@ def plan(
         best = None
         tried = 0
         for desc, qsegs, ksegs, identity in cands:
-            if best is not None and all((g.state == eng.FULL).all() for g in best.groups):
+            if best is not None and all((g.state == eng.FULL).all() and not g.runs_tiles(False) for g in best.groups):
                 break  # every visited pair is allowed: no order visits fewer
             tried += 1
             bound = None if best is None else best.work
@@ -265,25 +303,43 @@ def _assemble(pir, cand: _Candidate, groups, head_group, sizes: Sizes, bm, bn, s
             allowed = int(area[state == eng.FULL].sum()) + int(counts)
         elif allowed is None:
             counts = eng.count_tiles(engine, rewritten, keys[counted])
-            allowed = int(area[state == eng.FULL].sum()) + int(counts.sum())
+            allowed = int(area[state == eng.FULL].sum()) + int(counts.sum()) + found.runs_area(rows, cols, True)
+            allowed += 0 if found.layered is None else found.layered.partial_allowed
         nh = len(hs)
         if dyn.any():
             # run-time tiles: their allowed pairs depend on the data; record the bound
             stats.extra["dynamic_pairs_bound"] = stats.extra.get("dynamic_pairs_bound", 0) + int(area[dyn].sum()) * nh
         stats.allowed_pairs += allowed * nh
-        stats.visited_pairs += int(area.sum()) * nh
-        stats.tiles_full += int((state == eng.FULL).sum()) * nh
-        stats.tiles_partial += int(partial.sum()) * nh
+        stats.visited_pairs += found.area(rows, cols) * nh
+        stats.tiles_full += (int((state == eng.FULL).sum()) + found.runs_tiles(True)) * nh
+        stats.tiles_partial += (int(partial.sum()) + found.runs_tiles(False)) * nh
         stats.tiles_dynamic += int((state == eng.DYNAMIC).sum()) * nh
-        stats.tiles_empty += (nqb * nkb - len(keys)) * nh
+        stats.tiles_empty += (nqb * nkb - len(keys) - found.runs_tiles(True) - found.runs_tiles(False)) * nh
         evaluated += engine.tally.evaluated
         stats.elements_evaluated += engine.tally.elements + engine.env.elements
         counted_tiles = stats.extra.get("tiles_counted_by_evaluation", 0) + engine.tally.counted
         stats.extra["tiles_counted_by_evaluation"] = counted_tiles
         stats.extra["tiles_classified"] = stats.extra.get("tiles_classified", 0) + engine.tally.classified
         stats.extra["boxes_searched"] = stats.extra.get("boxes_searched", 0) + engine.tally.searched
-        tl = _tile_list(m, n, state, nqb, nkb)
-        runs = Runs.from_tiles(tl, nqb)
+        if found.layered is None:
+            tl = TileList.from_sorted(m, n, state, nqb, nkb)
+            runs = Runs.from_tiles(tl, nqb)
+        else:
+            lay = found.layered
+            pr, plo, phi = lay.partial
+            runs = Runs.merged(
+                np.concatenate([m, lay.row, pr]),
+                np.concatenate([n, lay.lo, plo]),
+                np.concatenate([n + 1, lay.hi, phi]),
+                np.concatenate(
+                    [
+                        state.astype(np.int8),
+                        np.full(len(lay.row), eng.FULL, np.int8),
+                        np.full(len(pr), eng.PARTIAL, np.int8),
+                    ]
+                ),
+            )
+            tl = RunTiles(runs, nqb, nkb)
         form = None
         if cand.qside.identity:
             form = functools.partial(_form, rewritten, cand.qside, cand.kside, runs, nqb, nkb)
@@ -296,26 +352,6 @@ def _assemble(pir, cand: _Candidate, groups, head_group, sizes: Sizes, bm, bn, s
     kv_order = None if cand.kside.order is None else torch.from_numpy(cand.kside.order.astype(np.int64, copy=False))
     return BlockPlan(
         pir, q_len, kv_len, heads, bm, bn, q_order, kv_order, cand.desc, tuple(out_groups), tuple(head_group), stats
-    )
-
-
-def _tile_list(m: np.ndarray, n: np.ndarray, state: np.ndarray, nqb: int, nkb: int) -> TileList:
-    # ``keys`` are sorted row-major already: CSR directly, CSC with one stable sort (all numpy;
-    # torch only wraps the results, its per-op overhead dominates at these sizes).
-    row_ptr = np.zeros(nqb + 1, dtype=np.int64)
-    np.cumsum(np.bincount(m, minlength=nqb), out=row_ptr[1:])
-    # a stable sort of 16-bit keys is a radix sort in numpy: much faster than on int64
-    order_t = np.argsort(n.astype(np.uint16) if nkb <= 1 << 16 else n, kind="stable")
-    col_ptr = np.zeros(nkb + 1, dtype=np.int64)
-    np.cumsum(np.bincount(n, minlength=nkb), out=col_ptr[1:])
-    st = state.astype(np.int8, copy=False)
-    return TileList(
-        torch.from_numpy(row_ptr),
-        torch.from_numpy(n.astype(np.int64, copy=False)),
-        torch.from_numpy(st),
-        torch.from_numpy(col_ptr),
-        torch.from_numpy(m[order_t]),
-        torch.from_numpy(st[order_t]),
     )
 
 

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from patterndsl import ir
+from patterndsl.analysis.hierarchy import merge_runs
 from patterndsl.distributed import closed
 from patterndsl.errors import PatternError, PatternValueError
 
@@ -76,24 +77,6 @@ def _ranges(starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
         return np.zeros(0, dtype=np.int64)
     offsets = np.repeat(starts - np.concatenate(([0], np.cumsum(counts)[:-1])), counts)
     return np.arange(total, dtype=np.int64) + offsets
-
-
-def merge_runs(key: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Union of intervals ``[lo, hi)`` per ``key``: sorted, disjoint, non-adjacent ``(key, lo, hi)``."""
-    keep = hi > lo
-    key, lo, hi = key[keep], lo[keep], hi[keep]
-    if key.size == 0:
-        return key, lo, hi
-    order = np.lexsort((lo, key))
-    key, lo, hi = key[order], lo[order], hi[order]
-    span = int(max(hi.max(), 1)) + 1
-    a, b = key * span + lo, key * span + hi
-    reach = np.maximum.accumulate(b)
-    new = np.ones(key.size, dtype=bool)
-    new[1:] = a[1:] > reach[:-1]
-    starts = np.flatnonzero(new)
-    ends = np.append(starts[1:], key.size) - 1
-    return key[starts], lo[starts], reach[ends] - key[starts] * span
 
 
 def visits(plan) -> Visits:

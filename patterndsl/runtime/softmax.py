@@ -34,9 +34,10 @@ def merge_into(o, lse, o_new, lse_new, rows: torch.Tensor | None = None) -> None
     else:
         top = lse.scatter_reduce(-1, rows.expand_as(lse_new), lse_new, "amax", include_self=True)
     finite = torch.isfinite(top)
-    # A part that read a non-finite value (lse NaN) makes its row NaN, as exact arithmetic does.
-    lost = torch.isnan(top)
-    # Parts (or earlier rows) with lse = -inf weigh 0; rows with nothing anywhere stay 0 / -inf.
+    # A part that read a non-finite value (lse NaN, or +inf from a score of +inf) makes its row NaN, as
+    # the selecting kernels give it (a +inf part must not be dropped as if it were empty); rows with
+    # nothing anywhere stay 0 / -inf. Parts (or earlier rows) with lse = -inf weigh 0.
+    lost = torch.where(top == float("-inf"), top, float("nan"))
     top.masked_fill_(~finite, 0.0)
     w_old = (lse - top).exp_()
     w_new = (lse_new - (top if rows is None else top[..., rows])).exp_()
@@ -50,7 +51,7 @@ def merge_into(o, lse, o_new, lse_new, rows: torch.Tensor | None = None) -> None
         o.index_add_(-2, rows, part)
     den.clamp_(min=1e-30)
     o.div_(den[..., None])
-    lse.copy_(torch.where(finite, top.add_(den.log_()), lse.masked_fill(lost, float("nan"))))
+    lse.copy_(torch.where(finite, top.add_(den.log_()), lost))
 
 
 def delta(dout: torch.Tensor, out: torch.Tensor, dlse: torch.Tensor | None = None, dtype=torch.float32):

@@ -402,9 +402,32 @@ def case_infinite_key_component_gets_no_weight():
 
 
 def case_slow_masked_non_finite_keys_never_leak_many():
-    # Fixed seeds keep CI deterministic; known open failure (issue 11): _poisoned_cases(39, 1933961413), a
-    # route row reading a poisoned key whose forward lse is finite on one path and not on the other.
+    # Fixed seeds keep CI deterministic. _poisoned_cases(39, 1933961413) used to fail (a route block chosen
+    # for a +inf score was dropped by the CPU's merge): tests/unit/test_infinite_route_score.py holds it, and
+    # case_slow_route_plus_inf_score_rows_match_cpu checks the Triton launcher against the CPU on it.
     _poisoned_cases(40, seed=40)
+
+
+def case_slow_route_plus_inf_score_rows_match_cpu():
+    """The replay _poisoned_cases(39, 1933961413) reduced: rows whose route chose a block for a +inf score are
+    not finite on the Triton launcher's path and on the CPU's (whose merge dropped the block), forward and
+    backward, and every finite value agrees."""
+    from patterndsl.runtime import cpu
+    from tests.unit.test_infinite_route_score import SOURCE, L, inputs
+
+    pattern = patterndsl.compile(SOURCE)
+    plan = make_plan(pattern, L, L, 2, (16, 32), order="identity")
+    q, k, v = inputs()
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(5))
+    got = tb.forward(q, k, v, plan, 0.5)
+    got = (*got, *tb.backward(q, k, v, *got, dout, plan, 0.5))
+    want = cpu.forward(q, k, v, plan, 0.5)
+    want = (*want, *cpu.backward(q, k, v, *want, dout, plan, 0.5))
+    assert not bool(torch.isfinite(got[1][0, 0]).any()), got[1][0, 0]
+    for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), got, want, strict=True):
+        fin = torch.isfinite(a)
+        assert torch.equal(fin, torch.isfinite(b)), f"{name}: finite unlike the CPU path"
+        torch.testing.assert_close(a[fin], b[fin], atol=1e-4, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
 
 
 def case_wrong_shapes_raise_pattern_error():
