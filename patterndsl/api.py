@@ -133,7 +133,11 @@ class Pattern:
         block = _block(block)
         _choice("order", order, ORDERS)
         with self._located():
-            if not inputs:
+            if not inputs or any(ir.contents(n) for n in self.ir.nodes()):
+                # cluster(...)/lsh(...) label tokens from Q and K, which a plan without them does not
+                # have: their tiles stay 3 (the sorted call-time plan is analysis.clusterplan's).
+                if inputs:
+                    self._inputs(inputs, q_len, kv_len, heads, "plan()")
                 return analysis.plan(self.ir, q_len, kv_len, heads, block=block, order=order)
             from patterndsl.analysis import inputplan
             from patterndsl.runtime import plans

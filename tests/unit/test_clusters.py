@@ -6,9 +6,11 @@ import pytest
 import torch
 
 import patterndsl as pd
+from patterndsl.analysis import clusterplan
 from patterndsl.errors import InputError, PatternError, PatternTypeError, PatternValueError
 from patterndsl.primitives import clusters
 from tests.clusters_reference import content_mask, planes
+from tests.reference import reference_attention
 
 ROUTING = """
 pattern routing(n = 4, w = 0) {
@@ -134,3 +136,107 @@ def test_roundtrip_printing():
         p = pd.compile(ROUTING, name)
         again = pd.compile(str(p))
         assert again.ir == p.ir
+
+
+# --------------------------------------------------------------------------- call-time plan and attention
+
+RUNNABLE = [c for c in CASES if c[0] not in ("negated", "mixed")]
+
+
+def _inputs_for(p, q, g, dup=False):
+    if not p.ir.inputs:
+        return {}
+    decl = p.ir.inputs[0]
+    n = p.params["n"]
+    shape = (q.shape[1], n, q.shape[3]) if "head" in decl.dims else (n, q.shape[3])
+    c = torch.randn(*shape, generator=g, dtype=torch.float64)
+    if dup:
+        c[..., 1, :] = c[..., 0, :]
+    return {"C": c}
+
+
+def test_split_keeps_the_window_in_order_and_sorts_the_rest():
+    p = pd.compile(ROUTING, "routing")
+    split = clusterplan.split(p.ir, 2)
+    assert split.static.default == pd.compile("pattern s { causal & window(2) }").ir.default
+    (part,) = split.parts
+    assert part.prim.name == "cluster" and (part.lo, part.hi) == (0, 2)
+    assert part.pred == pd.compile("pattern s { causal - window(2) }").ir.default
+    alone = clusterplan.split(pd.compile(ROUTING, "per_head").ir, 3)
+    assert alone.static is None and alone.parts[0].pred is None
+
+
+@pytest.mark.parametrize("balanced", [False, True])
+def test_sorted_plan_ranges_hold_every_pair_with_equal_labels(balanced):
+    g = torch.Generator().manual_seed(3)
+    if balanced:
+        ql = torch.rand(2, 37, 5, generator=g) < 0.3
+        kl = torch.rand(2, 29, 5, generator=g) < 0.3
+        # Memberships of a balanced rule: every cluster holds the same number of tokens.
+        ql[:, :, :] = False
+        kl[:, :, :] = False
+        for c in range(5):
+            ql[:, torch.randperm(37, generator=g)[:6], c] = True
+            kl[:, torch.randperm(29, generator=g)[:4], c] = True
+    else:
+        ql, kl = torch.randint(0, 6, (2, 37), generator=g), torch.randint(0, 6, (2, 29), generator=g)
+    plan = clusterplan.sorted_plan(ql, kl, balanced, (8, 8))
+    assert (plan.q.label[:, 1:] >= plan.q.label[:, :-1]).all() and (plan.k.label[:, 1:] >= plan.k.label[:, :-1]).all()
+    for grp in range(2):
+        for e in range(plan.q.label.shape[1]):
+            lab = plan.q.label[grp, e]
+            m = e // 8
+            inside = torch.arange(plan.k.label.shape[1])
+            inside = (inside >= plan.start[grp, m]) & (inside < plan.stop[grp, m])
+            assert ((plan.k.label[grp] == lab) <= inside).all()
+        # Stable: equal labels keep the order of positions.
+        same = plan.q.label[grp, 1:] == plan.q.label[grp, :-1]
+        assert (plan.q.index[grp, 1:][same] > plan.q.index[grp, :-1][same]).all()
+    if not balanced:
+        assert plan.stats()["efficiency"] >= clusterplan.unsorted_efficiency(ql, kl, (8, 8))["efficiency"]
+
+
+def _grads(out, lse, tensors, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    go = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    gl = torch.randn(lse.shape, generator=g, dtype=torch.float64)
+    loss = (out.double() * go).sum() + (torch.where(torch.isinf(lse), 0.0, lse.double()) * gl).sum()
+    return torch.autograd.grad(loss, tensors)
+
+
+@pytest.mark.parametrize(("name", "params", "sizes"), RUNNABLE)
+def test_attention_matches_the_reference(name, params, sizes):
+    p = pd.compile(ROUTING, name, **params)
+    q, k, g = _data(**sizes)
+    v = torch.randn(k.shape, generator=g, dtype=torch.float64)
+    inputs = _inputs_for(p, q, g, sizes.get("dup", False))
+    mask = content_mask(p.ir, q, k, **inputs)
+    q, k, v = (t.clone().requires_grad_() for t in (q, k, v))
+    out, lse = p(q, k, v, return_lse=True, **inputs)
+    ref_out, ref_lse = reference_attention(q, k, v, mask)
+    torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-10)
+    assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse))
+    torch.testing.assert_close(lse[~torch.isinf(lse)], ref_lse[~torch.isinf(ref_lse)], rtol=1e-10, atol=1e-10)
+    for a, b in zip(_grads(out, lse, (q, k, v)), _grads(ref_out, ref_lse, (q, k, v)), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
+def test_attention_float32_and_value_head_size():
+    p = pd.compile(ROUTING, "routing", w=3)
+    q, k, g = _data(heads=4, kv_heads=2, lq=20, lk=33)
+    v = torch.randn(2, 2, 33, 6, generator=g, dtype=torch.float64)
+    c = torch.randn(4, 4, generator=g, dtype=torch.float64)
+    mask = content_mask(p.ir, q, k, C=c)
+    out, lse = p(q.float(), k.float(), v.float(), return_lse=True, C=c.float())
+    ref_out, _ = reference_attention(q, k, v, mask)
+    assert out.dtype == torch.float32 and lse.dtype == torch.float32 and out.shape == (2, 4, 20, 6)
+    torch.testing.assert_close(out.double(), ref_out, rtol=1e-4, atol=1e-5)
+
+
+def test_attention_refuses_what_it_does_not_run_yet_with_a_location():
+    q, k, g = _data()
+    for name in ("negated", "mixed"):
+        p = pd.compile(ROUTING, name)
+        with pytest.raises(PatternValueError) as e:
+            p(q, k, k, **_inputs_for(p, q, g))
+        assert e.value.span is not None
