@@ -82,11 +82,8 @@ def _normalised(x: torch.Tensor) -> torch.Tensor:
 
 def _first_max(scores: torch.Tensor) -> torch.Tensor:
     """Index of the largest entry along the last axis, ties to the lower index, NaN as ``-inf``."""
-    scores = torch.nan_to_num(scores, nan=float("-inf"))
-    top = scores.max(-1, keepdim=True).values
-    n = scores.shape[-1]
-    index = torch.arange(n, device=scores.device).expand_as(scores)
-    return torch.where(scores == top, index, torch.full_like(index, n)).min(-1).values
+    # torch.argmax returns the first maximal index (documented), which is the tie rule.
+    return torch.nan_to_num(scores, nan=float("-inf")).argmax(-1)
 
 
 def _top_members(scores: torch.Tensor, w: int) -> torch.Tensor:
@@ -150,6 +147,59 @@ def labels(prim: ir.Prim, q: torch.Tensor, k: torch.Tensor, inputs=None) -> Labe
                 outs_q.append(_first_max(sq))
                 outs_k.append(_first_max(sk))
         return Labels(torch.stack(outs_q), torch.stack(outs_k), w > 0)
+
+
+def update_centroids(
+    centroids: torch.Tensor, vectors: torch.Tensor, labels: torch.Tensor, decay: float
+) -> torch.Tensor:
+    """One exponential-moving-average k-means step, as the Routing Transformer updates its centroids.
+
+    Each centroid moves towards the mean of the normalised vectors labelled with it:
+    ``C[c] <- decay * C[c] + (1 - decay) * mean(x / |x| for x labelled c)``; a centroid no vector
+    is labelled with keeps its value. Per head when ``centroids`` is ``[head, n, dim]``.
+
+    Args:
+        centroids: ``[n, dim]`` or ``[head, n, dim]``.
+        vectors: ``[..., L, dim]``; with per-head centroids ``[batch, head, L, dim]`` (or ``[head, L, dim]``).
+        labels: int ``[..., L]`` in ``[0, n)``, the same leading shape (e.g. the query labels of a call).
+        decay: in ``[0, 1]``: the weight of the old centroid.
+
+    Returns:
+        The new centroids, same shape and dtype (no gradient; ``centroids`` is not written).
+
+    Raises:
+        InputError: shapes that do not fit, labels out of range or a decay outside ``[0, 1]``.
+    """
+    if not 0.0 <= float(decay) <= 1.0:
+        raise InputError(f"update_centroids: decay must be in [0, 1], got {decay}")
+    if centroids.dim() not in (2, 3) or vectors.shape[-1] != centroids.shape[-1]:
+        raise InputError(
+            f"update_centroids: centroids [n, dim] or [head, n, dim] and vectors [..., L, dim] of the same dim, "
+            f"got {tuple(centroids.shape)} and {tuple(vectors.shape)}"
+        )
+    if labels.shape != vectors.shape[:-1] or labels.is_floating_point():
+        raise InputError(f"update_centroids: labels must be integers shaped {tuple(vectors.shape[:-1])}")
+    heads, n, dim = (1, *centroids.shape) if centroids.dim() == 2 else centroids.shape
+    if labels.numel() and (labels.min() < 0 or labels.max() >= n):
+        raise InputError(f"update_centroids: labels must lie in [0, {n})")
+    with torch.no_grad():
+        x = _normalised(vectors.detach().to(_compute_dtype(centroids)))
+        if centroids.dim() == 3:
+            if vectors.dim() == 3:
+                x, labels = x[None], labels[None]
+            if vectors.dim() not in (3, 4) or x.shape[1] != heads:
+                raise InputError(f"update_centroids: per-head centroids need vectors [batch, {heads}, L, dim]")
+            x, labels = x.transpose(0, 1).reshape(heads, -1, dim), labels.transpose(0, 1).reshape(heads, -1)
+        else:
+            x, labels = x.reshape(1, -1, dim), labels.reshape(1, -1)
+        sums = torch.zeros(heads, n, dim, dtype=x.dtype, device=x.device)
+        sums.scatter_add_(1, labels[..., None].expand_as(x), x)
+        counts = torch.zeros(heads, n, dtype=x.dtype, device=x.device)
+        counts.scatter_add_(1, labels, torch.ones_like(labels, dtype=x.dtype))
+        old = centroids.detach().to(x.dtype).reshape(heads, n, dim)
+        mean = sums / counts.clamp(min=1)[..., None]
+        new = torch.where(counts[..., None] > 0, decay * old + (1 - decay) * mean, old)
+        return new.reshape(centroids.shape).to(centroids.dtype)
 
 
 @functools.lru_cache(maxsize=256)

@@ -240,3 +240,43 @@ def test_attention_refuses_what_it_does_not_run_yet_with_a_location():
         with pytest.raises(PatternValueError) as e:
             p(q, k, k, **_inputs_for(p, q, g))
         assert e.value.span is not None
+
+
+# --------------------------------------------------------------------------- helpers and the example
+
+
+def test_update_centroids_is_the_ema_of_normalised_members():
+    g = torch.Generator().manual_seed(5)
+    c = torch.randn(2, 3, 4, generator=g, dtype=torch.float64)
+    x = torch.randn(1, 2, 9, 4, generator=g, dtype=torch.float64)
+    lab = torch.tensor([[[0, 0, 1, 1, 1, 0, 0, 1, 0], [2, 2, 2, 2, 2, 2, 2, 2, 0]]])
+    got = pd.update_centroids(c, x, lab, 0.75)
+    shared = pd.update_centroids(c[0], x[0, 0], lab[0, 0], 0.5)
+    for h in range(2):
+        for j in range(3):
+            members = [x[0, h, t] / x[0, h, t].norm() for t in range(9) if lab[0, h, t] == j]
+            mean = torch.stack(members).mean(0) if members else None
+            torch.testing.assert_close(got[h, j], c[h, j] if not members else 0.75 * c[h, j] + 0.25 * mean)
+            if h == 0:
+                torch.testing.assert_close(shared[j], c[0, j] if not members else 0.5 * c[0, j] + 0.5 * mean)
+    with pytest.raises(InputError, match="decay"):
+        pd.update_centroids(c, x, lab, 1.5)
+    with pytest.raises(InputError, match="labels must lie"):
+        pd.update_centroids(c, x, lab + 1, 0.5)
+
+
+def test_routing_transformer_example_and_labels_helper():
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "examples" / "routing_transformer.pdsl"
+    p = pd.load(path, nheads=4, span=3, n=3)
+    q, k, g = _data(heads=4, kv_heads=2, lq=10, lk=10)
+    c = torch.randn(4, 3, 4, generator=g, dtype=torch.float64)
+    mask = p.mask(10, 10, 4, q=q, k=k, centroids=c)
+    assert torch.equal(mask, content_mask(p.ir, q, k, centroids=c))
+    i, j = torch.arange(10)[:, None], torch.arange(10)[None, :]
+    assert torch.equal(mask[:, :2], ((j <= i) & (i - j <= 3)).expand(2, 2, 10, 10))
+    lab = pd.cluster_labels(p, q, k, centroids=c)
+    assert lab.q.shape == (2, 4, 10) and torch.equal(
+        mask[:, 2:], (lab.q[:, 2:, :, None] == lab.k[:, 2:, None]) & (j <= i)
+    )
