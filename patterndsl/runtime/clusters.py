@@ -178,8 +178,9 @@ class _Run:
         """Indices and the element mask of a chunk of tiles.
 
         Returns:
-            ``(g, rows, cols, allowed)``: group ``[c]``, query tokens ``[c, BM]``, key tokens
-            ``[c, R]`` (original indices, clamped where padded) and bool ``[c, BM, R]``.
+            ``(g, rows, cols, allowed, row_ok)``: group ``[c]``, query tokens ``[c, BM]``, key tokens
+            ``[c, R]`` (original indices, clamped where padded), bool ``[c, BM, R]`` and whether
+            each row is a real entry (bool ``[c, BM]``).
         """
         plan, bm = self.plan, self.plan.block[0]
         tiles_per_group = plan.start.shape[1]
@@ -203,7 +204,7 @@ class _Run:
             allowed &= semantics.evaluate(part.pred, rows[:, :, None], cols[:, None, :], h, self.sizes)
         if plan.q.bits is not None:
             allowed &= _lowest_common(plan.q.bits[gq, rows], plan.k.bits[gk, cols], qlab)
-        return g, rows, cols, allowed
+        return g, rows, cols, allowed, row_ok
 
 
 def _lowest_common(qbits: torch.Tensor, kbits: torch.Tensor, cluster: torch.Tensor) -> torch.Tensor:
@@ -230,14 +231,21 @@ class _SortedAttention(torch.autograd.Function):
         out = torch.zeros(batch * heads * q_len, dv_dim, dtype=dtype, device=q.device)
         lse = torch.full((batch * heads * q_len,), float("-inf"), dtype=dtype, device=q.device)
         for tiles, width in run.chunks():
-            g, rows, cols, allowed = run.tile(tiles, width)
+            g, rows, cols, allowed, row_ok = run.tile(tiles, width)
             s = torch.matmul(qf[g[:, None], rows], kf[g[:, None], cols].transpose(-1, -2)) * run.scale
-            s = s.masked_fill(~allowed, float("-inf"))
-            part_lse = torch.logsumexp(s, -1)
-            p = torch.exp(s - torch.where(torch.isfinite(part_lse), part_lse, 0.0)[..., None])
-            o = torch.matmul(p, vf[g[:, None], cols])
-            flat = (g[:, None] * q_len + rows).reshape(-1)
-            softmax.merge_into(out, lse, o.reshape(-1, dv_dim), part_lse.reshape(-1), flat)
+            s = torch.where(allowed, s, float("-inf"))
+            top = s.amax(-1, keepdim=True)
+            top = torch.where(torch.isfinite(top), top, 0.0)
+            p = torch.exp(s - top)
+            total = p.sum(-1)
+            o = torch.matmul(p, vf[g[:, None], cols]) / total.clamp(min=1e-30)[..., None]
+            part_lse = torch.where(total > 0, top[..., 0] + torch.log(total), float("-inf"))
+            flat = (g[:, None] * q_len + rows)[row_ok]
+            if run.plan.q.bits is None:  # every token is one entry: its result is written once
+                out[flat] = o[row_ok]
+                lse[flat] = part_lse[row_ok]
+            else:  # a token in several clusters: its entries saw disjoint keys
+                softmax.merge_into(out, lse, o[row_ok], part_lse[row_ok], flat)
         out = out.view(batch, heads, q_len, dv_dim)
         lse = lse.view(batch, heads, q_len)
         ctx.save_for_backward(q, k, v, out, lse)
@@ -260,7 +268,7 @@ class _SortedAttention(torch.autograd.Function):
         dk = torch.zeros(batch * heads * kv_len, d, dtype=dtype, device=q.device)
         dv = torch.zeros(batch * heads * kv_len, dv_dim, dtype=dtype, device=q.device)
         for tiles, width in run.chunks():
-            g, rows, cols, allowed = run.tile(tiles, width)
+            g, rows, cols, allowed, _ = run.tile(tiles, width)
             qt, kt, vt = qf[g[:, None], rows], kf[g[:, None], cols], vf[g[:, None], cols]
             qrow = (g[:, None] * q_len + rows).reshape(-1)
             krow = (g[:, None] * kv_len + cols).reshape(-1)
