@@ -27,6 +27,8 @@ from patterndsl.sizes import Sizes
 
 #: Query tile of the sorted order (entries): a tile needs one contiguous range of sorted keys.
 BLOCK = (64, 64)
+#: Tiles of the sorted order under the Triton interpreter.
+INTERPRET_BLOCK = (16, 16)
 #: Score elements computed at once (bounds the temporaries of one chunk of tiles).
 CHUNK_ELEMENTS = 1 << 22
 
@@ -104,7 +106,7 @@ def attention(q, k, v, pir: ir.PatternIR, scale, return_lse: bool, backend: str,
         )
         results.append((out0.to(dtype), lse0.to(dtype)))
     if split.parts:
-        results.append(sorted_parts(q, k, v, pir, split.parts, sizes.scale, bound, dtype))
+        results.append(sorted_parts(q, k, v, pir, split.parts, sizes.scale, bound, dtype, sizes.backend))
     if not results:
         out = q.new_zeros(batch, heads, q_len, v.shape[3])
         lse = torch.full((batch, heads, q_len), float("-inf"), dtype=dtype, device=q.device)
@@ -115,7 +117,7 @@ def attention(q, k, v, pir: ir.PatternIR, scale, return_lse: bool, backend: str,
     return (out, lse) if return_lse else out
 
 
-def sorted_parts(q, k, v, pir, parts, scale: float, bound, dtype):
+def sorted_parts(q, k, v, pir, parts, scale: float, bound, dtype, backend: str = "cpu"):
     """``(out, lse)`` over every head of the pairs only the labels add (0 / ``-inf`` on other heads)."""
     batch, heads, q_len, _ = q.shape
     share = heads // k.shape[1]
@@ -134,9 +136,9 @@ def sorted_parts(q, k, v, pir, parts, scale: float, bound, dtype):
             lab.q[:, part.lo : part.hi].reshape(g, *lab.q.shape[2:]),
             lab.k[:, part.lo : part.hi].reshape(g, *lab.k.shape[2:]),
             lab.balanced,
-            BLOCK,
+            _block(backend, q.device),
         )
-        run = _Run(plan, part, Sizes(q_len, k.shape[2], pir.layout, heads), scale, dtype)
+        run = _Run(plan, part, Sizes(q_len, k.shape[2], pir.layout, heads), scale, dtype, backend, v.shape[3])
         pieces.append(_SortedAttention.apply(q[:, part.lo : part.hi], kk, vv, run))
         at = part.hi
     if at < heads:
@@ -150,11 +152,25 @@ def _nothing(q, v, heads: int, dtype):
     return out, torch.full((batch, heads, q_len), float("-inf"), dtype=dtype, device=q.device)
 
 
-class _Run:
-    """What one sorted part needs besides the tensors: its plan, predicate, sizes and scale."""
+def _block(backend: str, device: torch.device) -> tuple[int, int]:
+    # The interpreter is slow: small tiles there (tails and several tiles per range still occur).
+    if backend == "triton":
+        from patterndsl.codegen import clusters as gen
 
-    def __init__(self, plan: clusterplan.SortedPlan, part: clusterplan.Part, sizes: Sizes, scale, dtype):
+        return INTERPRET_BLOCK if device.type == "cpu" else (gen.BLOCK_M, gen.BLOCK_M)
+    return BLOCK
+
+
+class _Run:
+    """What one sorted part needs besides the tensors: its plan, predicate, sizes, scale and backend."""
+
+    def __init__(
+        self, plan: clusterplan.SortedPlan, part: clusterplan.Part, sizes: Sizes, scale, dtype, backend, dv_dim
+    ):
         self.plan, self.part, self.sizes, self.scale, self.dtype = plan, part, sizes, scale, dtype
+        self.backend, self.dv_dim = backend, dv_dim
+        #: Device copies of the plan the kernels read, made once for forward and backward.
+        self.device_lists: dict = {}
         if part.pred is not None and ir.reads_inputs(part.pred):
             raise PatternError(
                 f"{part.prim.name}(...) combined with run-time inputs in the same head rule is not run yet",
@@ -219,11 +235,26 @@ def _lowest_common(qbits: torch.Tensor, kbits: torch.Tensor, cluster: torch.Tens
     return ok
 
 
+def _on_kernels(run: _Run, q: torch.Tensor) -> bool:
+    if run.backend != "triton":
+        return False
+    from patterndsl.runtime import triton_clusters
+
+    return triton_clusters.supported(run, q, run.dv_dim)
+
+
 class _SortedAttention(torch.autograd.Function):
     """One sorted part: ``(q [B, Hp, Lq, D], k, v [B, Hp, Lk, D]) -> (out, lse)``; backward recomputes by chunk."""
 
     @staticmethod
     def forward(ctx, q, k, v, run: _Run):
+        ctx.run = run
+        if _on_kernels(run, q):
+            from patterndsl.runtime import triton_clusters
+
+            out, lse = triton_clusters.forward(q, k, v, run)
+            ctx.save_for_backward(q, k, v, out, lse)
+            return out.to(run.dtype), lse.to(run.dtype)
         batch, heads, q_len, _ = q.shape
         dv_dim = v.shape[3]
         dtype = run.dtype
@@ -249,13 +280,18 @@ class _SortedAttention(torch.autograd.Function):
         out = out.view(batch, heads, q_len, dv_dim)
         lse = lse.view(batch, heads, q_len)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.run = run
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
         q, k, v, out, lse = ctx.saved_tensors
         run = ctx.run
+        if _on_kernels(run, q):
+            from patterndsl.runtime import triton_clusters
+
+            dout = torch.zeros_like(out) if dout is None else dout
+            delta = softmax.delta(dout, out, dlse)
+            return (*triton_clusters.backward(q, k, v, dout, lse, delta, run), None)
         batch, heads, q_len, d = q.shape
         kv_len, dv_dim = k.shape[2], v.shape[3]
         dtype = run.dtype
