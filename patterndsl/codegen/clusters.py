@@ -22,6 +22,7 @@ of several query tiles). Symbols:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass
 
@@ -50,9 +51,8 @@ class ClusterSpec:
 
     @property
     def key(self) -> str:
-        text = f"clusters|{self.pred}|{self.layout}|{self.q_len}|{self.kv_len}|{self.heads}|{self.head_dim}"
-        text += f"|{self.dtype}|{self.block}|{self.target}|{_digest()}"
-        return "c" + hashlib.sha256(text.encode()).hexdigest()[:24]
+        """Hash of the kernels' text below the header: changes whenever anything that shapes it does."""
+        return _key(self)
 
 
 #: Query tile (sorted entries) of the kernels on a GPU; the call-time plan is made with it.
@@ -65,7 +65,7 @@ def launch(kind: str, width: int) -> tuple[int, int, int]:
     """``(BN, num_warps, num_stages)`` for ``"forward"``/``"backward"`` at a padded head size.
 
     Chosen so that no build spills registers on sm_80 or sm_90 for float16, bfloat16 and
-    float32 (``tests/unit/test_aot.py::test_cluster_kernels_build_without_spills``); the backward
+    float32 (``tests/unit/test_cluster_kernels.py::test_cluster_kernels_build_without_spills``); the backward
     holds dQ, Q, dO and a K/V step, so its key step is short.
     """
     if kind == "forward":
@@ -73,8 +73,9 @@ def launch(kind: str, width: int) -> tuple[int, int, int]:
     return 16, 8, 2
 
 
-def _digest() -> str:
-    return hashlib.sha256((_TEMPLATE + FLOOR_HELPERS).encode()).hexdigest()[:16]
+@functools.lru_cache(maxsize=256)
+def _key(spec: ClusterSpec) -> str:
+    return "c" + hashlib.sha256(_body(spec).encode()).hexdigest()[:24]
 
 
 def aux_tables(spec: ClusterSpec) -> AuxTables:
@@ -87,16 +88,19 @@ def aux_tables(spec: ClusterSpec) -> AuxTables:
 
 def render(spec: ClusterSpec) -> str:
     """The kernels' source for ``spec``: deterministic text (no ids, no timestamps)."""
-    aux = AuxTables()
-    pred = (
-        render_predicate("_pred", spec.pred, spec.layout, spec.q_len, spec.kv_len, aux, spec.heads)
-        if spec.pred is not None
-        else "@triton.jit\ndef _pred(i, j, h, AUX):\n    return (i >= 0) & (j >= 0)\n"
-    )
     header = (
         f"# patterndsl sorted-cluster kernels: predicate {spec.pred}; Lq={spec.q_len} Lk={spec.kv_len} "
         f"D={spec.head_dim} {spec.dtype} tiles {spec.block[0]}x{spec.block[1]} target {spec.target}\n"
         f"# key: {spec.key}\n"
+    )
+    return header + _body(spec)
+
+
+def _body(spec: ClusterSpec) -> str:
+    pred = (
+        render_predicate("_pred", spec.pred, spec.layout, spec.q_len, spec.kv_len, AuxTables(), spec.heads)
+        if spec.pred is not None
+        else "@triton.jit\ndef _pred(i, j, h, AUX):\n    return (i >= 0) & (j >= 0)\n"
     )
     consts = (
         f"LQ = tl.constexpr({spec.q_len})\nLK = tl.constexpr({spec.kv_len})\n"
@@ -104,7 +108,7 @@ def render(spec: ClusterSpec) -> str:
         f"BM = tl.constexpr({spec.block[0]})\nBN = tl.constexpr({spec.block[1]})\n"
         f"D = tl.constexpr({spec.head_dim})\nPRED = tl.constexpr({spec.pred is not None})\n"
     )
-    return header + _IMPORTS + consts + "\n\n" + FLOOR_HELPERS + "\n\n\n" + pred + "\n\n" + _TEMPLATE
+    return _IMPORTS + consts + "\n\n" + FLOOR_HELPERS + "\n\n\n" + pred + "\n\n" + _TEMPLATE
 
 
 _IMPORTS = "import triton\nimport triton.language as tl\n\n"
