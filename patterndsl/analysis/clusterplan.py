@@ -91,6 +91,12 @@ def split(pir: ir.PatternIR, heads: int) -> Split:
         lower = _no_content(node)
         upper = ir.replace(node, {prim: ir.FULL})
         pred = _minus(upper, lower)
+        if ir.is_dynamic(pred):
+            raise PatternValueError(
+                f"attention runs {prim.name}(...) beside route(...) in one head rule not yet (Pattern.mask has the "
+                "meaning; per-head rules may use them apart)",
+                prim.span,
+            )
         if pred != ir.EMPTY:
             parts.append(Part(lo, hi, prim, None if pred == ir.FULL else pred))
     rules = tuple(ir.HeadRule(r.lo, r.hi, _no_content(r.node), r.span) for r in pir.heads)

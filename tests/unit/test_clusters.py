@@ -235,11 +235,17 @@ def test_attention_float32_and_value_head_size():
 
 def test_attention_refuses_what_it_does_not_run_yet_with_a_location():
     q, k, g = _data()
-    for name in ("negated", "mixed"):
-        p = pd.compile(ROUTING, name)
+    routed = pd.compile("pattern t { causal & (route(2, block = 4) | lsh(2)) }")
+    for p in (pd.compile(ROUTING, "negated"), pd.compile(ROUTING, "mixed"), routed):
         with pytest.raises(PatternValueError) as e:
             p(q, k, k, **_inputs_for(p, q, g))
         assert e.value.span is not None
+    # Apart, in their own head rules, they run (route in the static part, lsh sorted).
+    apart = pd.compile("pattern t { heads 0..1: causal & route(1, block = 4)\n heads 1..2: causal & lsh(2) }")
+    out, lse = apart(q, k, k, return_lse=True)
+    ref, ref_lse = reference_attention(q, k, k, apart.mask(11, 11, 2, q=q, k=k))
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(lse, ref_lse)
 
 
 # --------------------------------------------------------------------------- helpers and the example
