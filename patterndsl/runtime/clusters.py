@@ -54,7 +54,8 @@ def lse_combine(parts) -> tuple[torch.Tensor, torch.Tensor]:
     top = torch.where(torch.isfinite(top), top, torch.zeros_like(top)).detach()
     weights = torch.exp(lse - top)
     total = weights.sum(0)
-    merged = torch.logsumexp(lse, 0)
+    # Not torch.logsumexp: its gradient on a row that is -inf in every part is NaN, this one's is 0.
+    merged = torch.where(total > 0, top + torch.log(total.clamp(min=1e-30)), float("-inf"))
     w = weights / total.clamp(min=1e-30)
     out = sum(o.to(w.dtype) * w[i][..., None] for i, o in enumerate(outs))
     return out.to(outs[0].dtype), merged

@@ -286,3 +286,27 @@ def test_routing_transformer_example_and_labels_helper():
     assert lab.q.shape == (2, 4, 10) and torch.equal(
         mask[:, 2:], (lab.q[:, 2:, :, None] == lab.k[:, 2:, None]) & (j <= i)
     )
+
+
+def test_lse_combine_is_exact_and_finite_on_rows_nothing_allows():
+    from patterndsl.runtime.clusters import lse_combine
+
+    g = torch.Generator().manual_seed(2)
+    o1, o2 = (
+        torch.randn(2, 3, 4, generator=g, dtype=torch.float64),
+        torch.randn(2, 3, 4, generator=g, dtype=torch.float64),
+    )
+    l1, l2 = torch.randn(2, 3, generator=g, dtype=torch.float64), torch.randn(2, 3, generator=g, dtype=torch.float64)
+    l1[0, 0] = l2[0, 0] = float("-inf")  # nothing anywhere
+    l2[1, 1] = float("-inf")  # only the first part
+    o1[0, 0] = o2[0, 0] = 0.0
+    o2[1, 1] = 0.0
+    tensors = [t.clone().requires_grad_() for t in (o1, l1, o2, l2)]
+    out, lse = lse_combine([(tensors[0], tensors[1]), (tensors[2], tensors[3])])
+    want = torch.logaddexp(l1, l2)
+    assert torch.equal(torch.isinf(lse), torch.isinf(want))
+    torch.testing.assert_close(lse[~torch.isinf(want)], want[~torch.isinf(want)])
+    w1 = torch.exp(l1 - want).nan_to_num(0.0)
+    torch.testing.assert_close(out, o1 * w1[..., None] + o2 * (1 - w1)[..., None] * (~torch.isinf(want))[..., None])
+    (out.sum() + torch.where(torch.isinf(lse), 0.0, lse).sum()).backward()
+    assert all(torch.isfinite(t.grad).all() for t in tensors)
