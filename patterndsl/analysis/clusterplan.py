@@ -188,7 +188,7 @@ class SortedPlan:
         rows = (eq - torch.arange(self.start.shape[1]) * bm).clamp(max=bm)
         lo = torch.div(self.start, bn, rounding_mode="floor") * bn
         hi = torch.minimum(-torch.div(-self.stop, bn, rounding_mode="floor") * bn, torch.tensor(self.k.label.shape[1]))
-        visited = int((rows * (hi - lo).clamp(min=0)).sum())
+        visited = int((rows * torch.where(self.stop > self.start, hi - lo, 0)).sum())
         allowed = label_pairs(self.q.label, self.k.label)
         return {"allowed": allowed, "visited": visited, "efficiency": allowed / max(visited, 1)}
 

@@ -194,6 +194,22 @@ def test_sorted_plan_ranges_hold_every_pair_with_equal_labels(balanced):
         assert (plan.q.index[grp, 1:][same] > plan.q.index[grp, :-1][same]).all()
     if not balanced:
         assert plan.stats()["efficiency"] >= clusterplan.unsorted_efficiency(ql, kl, (8, 8))["efficiency"]
+        # Visited pairs, counted tile by tile from the dense picture of the sorted order.
+        visited = 0
+        for grp in range(2):
+            same = plan.q.label[grp][:, None] == plan.k.label[grp][None, :]
+            for m in range(plan.start.shape[1]):
+                for n in range(-(-29 // 8)):
+                    tile = same[m * 8 : (m + 1) * 8, n * 8 : (n + 1) * 8]
+                    lo, hi = int(plan.start[grp, m]), int(plan.stop[grp, m])
+                    if hi > lo and n * 8 < hi and (n + 1) * 8 > lo:
+                        visited += tile.numel()
+                    else:
+                        assert not tile.any()
+        stats = plan.stats()
+        assert stats["visited"] == visited and stats["allowed"] == int(
+            sum((plan.q.label[x][:, None] == plan.k.label[x][None, :]).sum() for x in range(2))
+        )
 
 
 def _grads(out, lse, tensors, seed=0):
