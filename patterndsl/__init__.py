@@ -6,9 +6,8 @@ Public API only; see ``../shared/LANGUAGE.md`` section 3 and docs/ARCHITECTURE.m
 from patterndsl.api import Pattern, attention, compile, load
 from patterndsl.errors import PatternError
 from patterndsl.kvcache import PagedKVCache
-from patterndsl.primitives.clusters import update_centroids
+from patterndsl.primitives.clusters import cluster_labels, update_centroids
 from patterndsl.primitives.inputs import segments
-from patterndsl.runtime.clusters import cluster_labels
 
 __all__ = [
     "PagedKVCache",

@@ -202,6 +202,30 @@ def update_centroids(
         return new.reshape(centroids.shape).to(centroids.dtype)
 
 
+def cluster_labels(pattern, q, k, **inputs) -> Labels:
+    """The labels a pattern's ``cluster(...)``/``lsh(...)`` gives the tokens of a call (``patterndsl.cluster_labels``).
+
+    Args:
+        pattern: a :class:`patterndsl.Pattern` with exactly one content primitive.
+        q, k: as for attention; ``**inputs``: its run-time inputs (the centroids).
+
+    Returns:
+        :class:`patterndsl.primitives.clusters.Labels` ``[batch, heads, L]`` (memberships with
+        ``balanced``), e.g. for :func:`patterndsl.update_centroids`.
+    """
+    from patterndsl import binding, tensors
+
+    pir = pattern.ir
+    found = list(dict.fromkeys(p for node in pir.nodes() for p in ir.contents(node)))
+    if len(found) != 1:
+        raise PatternError(f"cluster_labels() needs a pattern with one cluster(...)/lsh(...), it has {len(found)}")
+    sizes = tensors.check(q, k, dtypes=tensors.FLOAT_DTYPES, who="cluster_labels()")
+    bound = binding.bind(
+        pir, inputs, sizes.kv_len, sizes.heads, sizes.head_dim, sizes.batch, q.device, "cluster_labels()"
+    )
+    return labels(found[0], q, k, bound if pir.inputs else None)
+
+
 @functools.lru_cache(maxsize=256)
 def hyperplanes(seed: int, head: int, dim: int, bits: int) -> torch.Tensor:
     """The random hyperplanes of ``lsh(bits, seed)`` for one head: float64 ``[bits, dim]``.

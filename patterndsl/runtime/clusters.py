@@ -61,30 +61,6 @@ def lse_combine(parts) -> tuple[torch.Tensor, torch.Tensor]:
     return out.to(outs[0].dtype), merged
 
 
-def cluster_labels(pattern, q, k, **inputs) -> clusters.Labels:
-    """The labels a pattern's ``cluster(...)``/``lsh(...)`` gives the tokens of a call (``patterndsl.cluster_labels``).
-
-    Args:
-        pattern: a :class:`patterndsl.Pattern` with exactly one content primitive.
-        q, k: as for attention; ``**inputs``: its run-time inputs (the centroids).
-
-    Returns:
-        :class:`patterndsl.primitives.clusters.Labels` ``[batch, heads, L]`` (memberships with
-        ``balanced``), e.g. for :func:`patterndsl.update_centroids`.
-    """
-    from patterndsl import binding, tensors
-
-    pir = pattern.ir
-    found = list(dict.fromkeys(p for node in pir.nodes() for p in ir.contents(node)))
-    if len(found) != 1:
-        raise PatternError(f"cluster_labels() needs a pattern with one cluster(...)/lsh(...), it has {len(found)}")
-    sizes = tensors.check(q, k, dtypes=tensors.FLOAT_DTYPES, who="cluster_labels()")
-    bound = binding.bind(
-        pir, inputs, sizes.kv_len, sizes.heads, sizes.head_dim, sizes.batch, q.device, "cluster_labels()"
-    )
-    return clusters.labels(found[0], q, k, bound if pir.inputs else None)
-
-
 def attention(q, k, v, pir: ir.PatternIR, scale, return_lse: bool, backend: str, given: dict):
     """Attention under a pattern with ``cluster``/``lsh`` (module docstring); arguments as in ``runtime.attention``."""
     from patterndsl import binding
