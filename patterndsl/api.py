@@ -43,9 +43,9 @@ class Pattern:
 
     @property
     def is_dynamic(self) -> bool:
-        """True when some head's pattern uses ``route(...)``."""
+        """True when some head's pattern is chosen from ``q``/``k`` (``route``, ``cluster``, ``lsh``)."""
         nodes = [r.node for r in self.ir.heads] + ([self.ir.default] if self.ir.default is not None else [])
-        return any(ir.is_dynamic(n) for n in nodes)
+        return any(ir.is_dynamic(n) or ir.contents(n) for n in nodes)
 
     def __repr__(self) -> str:
         params = ", ".join(f"{k}={v!r}" for k, v in self.ir.params)
