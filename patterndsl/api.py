@@ -133,12 +133,16 @@ class Pattern:
         block = _block(block)
         _choice("order", order, ORDERS)
         with self._located():
-            if not inputs or any(ir.contents(n) for n in self.ir.nodes()):
-                # cluster(...)/lsh(...) label tokens from Q and K, which a plan without them does not
-                # have: their tiles stay 3 (the sorted call-time plan is analysis.clusterplan's).
-                if inputs:
-                    self._inputs(inputs, q_len, kv_len, heads, "plan()")
+            if not inputs:
                 return analysis.plan(self.ir, q_len, kv_len, heads, block=block, order=order)
+            if any(ir.contents(n) for n in self.ir.nodes()):
+                # cluster(...)/lsh(...) label tokens from Q and K, which a plan does not have: the tiles they
+                # can reach stay 3 for every batch element (the sorted call-time plan is analysis.clusterplan's).
+                from patterndsl.analysis import clusterplan
+
+                bound = self._inputs(inputs, q_len, kv_len, heads, "plan()")
+                static = analysis.plan(self.ir, q_len, kv_len, heads, block=block, order=order)
+                return clusterplan.per_element(static, bound)
             from patterndsl.analysis import inputplan
             from patterndsl.runtime import plans
 

@@ -147,6 +147,23 @@ def _reads(node: ir.Node, name: str) -> bool:
     return False
 
 
+def per_element(static, inputs):
+    """The plan of a content pattern for given inputs: ``static``'s tiles (3 where labels reach) per batch element.
+
+    Args:
+        static: the plan without data (a ``BlockPlan``).
+        inputs: the call's validated inputs (``binding.Inputs``).
+
+    Returns:
+        An ``inputplan.InputPlan`` whose ``tiles()`` is ``[batch, heads, nqb, nkb]``.
+    """
+    from patterndsl.analysis.inputplan import InputPlan
+
+    nqb, nkb = static.n_q_tiles, static.n_kv_tiles
+    states = torch.stack([g.tiles.to_dense(nqb, nkb) for g in static.groups])
+    return InputPlan(static, states.unsqueeze(0).expand(inputs.batch, -1, -1, -1), inputs)
+
+
 # --------------------------------------------------------------------------- the sorted plan
 
 
