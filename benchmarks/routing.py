@@ -15,9 +15,18 @@ at B=1, H=8, D=64, fp32 (defaults; see --help).
   ``torch.compile(flex_attention)``. The choice itself is computed by the same code as
   ours and counted in both totals, so the comparison is mask building + attention.
 
+Clustered case (``--case cluster``; issue 18): the Routing Transformer's k-means routing
+``causal & cluster(C)`` with 64 centroids at the same sizes. Ours: labels + sort + plan (timed
+alone), forward, forward + backward. Flex: ``create_block_mask`` from the same labels (a
+``mask_mod`` comparing them, in the original token order) + compiled ``flex_attention``, and
+its forward + backward. Also the block efficiency of the label pairs in sorted vs original
+order. Targets: sorted efficiency >= 10x unsorted; ours (labels + plan + forward) <= 0.5x
+Flex (create_block_mask + forward).
+
 Outputs are compared (max abs difference printed; the run fails above 1e-4). Times are
 medians of ``--reps`` calls after one warm-up; the machine is shared, so expect noise.
-Usage: ``python benchmarks/routing.py [--seq 16384] [--reps 3] [--threads N] [--create-block-mask]``
+Usage: ``python benchmarks/routing.py [--case moba|cluster|all] [--seq 16384] [--reps 3] [--threads N]
+[--create-block-mask] [--clusters 64]``
 (``--threads 1`` gives steadier numbers on a machine shared with other jobs).
 """
 
@@ -31,6 +40,7 @@ import time
 import torch
 
 import patterndsl
+from patterndsl import binding, ir
 from patterndsl.runtime import cpu, dynamic, plans
 from patterndsl.runtime.cpu import gather as cpu_gather
 
@@ -88,8 +98,89 @@ def flex_block_mask(chosen: torch.Tensor, L: int, block: int, use_create: bool):
     return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=FLEX_BLOCK, mask_mod=mask_mod)
 
 
+CLUSTER_SOURCE = "pattern rt(n = 64) { input C: float[n, dim]\n causal & cluster(C) }"
+
+
+def clustered(args) -> int:
+    """The Routing Transformer case: ours (labels, sort, plan, sorted attention) against Flex from the same labels."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    from patterndsl.analysis import clusterplan
+    from patterndsl.primitives import clusters
+
+    L, H, D, n = args.seq, args.heads, args.dim, args.clusters
+    torch.manual_seed(0)
+    # Tokens near n directions (as trained queries and keys are), centroids at those directions.
+    directions = torch.nn.functional.normalize(torch.randn(n, D), dim=-1)
+    q = directions[torch.randint(0, n, (1, H, L))] * 3 + torch.randn(1, H, L, D) * 0.5
+    k = directions[torch.randint(0, n, (1, H, L))] * 3 + torch.randn(1, H, L, D) * 0.5
+    v = torch.randn(1, H, L, D)
+    c = directions.clone()
+    pattern = patterndsl.compile(CLUSTER_SOURCE, n=n)
+    print(f"\nRouting Transformer clusters at L={L}, B=1, H={H}, D={D}, fp32, {n} centroids, causal")
+    (prim,) = ir.contents(pattern.ir.default)
+    bound = binding.bind(pattern.ir, {"C": c}, L, H, D, 1)
+
+    def labels_and_plan():
+        lab = clusters.labels(prim, q, k, bound)
+        return lab, clusterplan.sorted_plan(lab.q.reshape(H, L), lab.k.reshape(H, L), False, (64, 64))
+
+    t_plan = timed(labels_and_plan, args.reps)
+    lab, plan = labels_and_plan()
+    ordered = plan.stats()
+    original = clusterplan.unsorted_efficiency(lab.q.reshape(H, L), lab.k.reshape(H, L), plan.block)
+    ours = pattern(q, k, v, C=c)
+    t_fwd = timed(lambda: pattern(q, k, v, C=c), args.reps)
+    qg, kg, vg = (t.clone().requires_grad_(True) for t in (q, k, v))
+    t_bwd = timed(lambda: pattern(qg, kg, vg, C=c).sum().backward(), max(1, args.reps // 2))
+
+    flex = torch.compile(flex_attention)
+
+    def flex_mask():
+        lab = clusters.labels(prim, q, k, bound)
+        lq, lk = lab.q[0], lab.k[0]
+
+        def mask_mod(b, h, qi, ki):
+            return (ki <= qi) & (lq[h, qi] == lk[h, ki])
+
+        return create_block_mask(mask_mod, 1, H, L, L, device="cpu", BLOCK_SIZE=FLEX_BLOCK)
+
+    block_mask = flex_mask()
+    theirs = flex(q, k, v, block_mask=block_mask)
+    t_mask = timed(flex_mask, max(1, args.reps // 2))
+    t_flex_fwd = timed(lambda: flex(q, k, v, block_mask=block_mask), args.reps)
+    try:
+        t_flex_bwd = timed(lambda: flex(qg, kg, vg, block_mask=block_mask).sum().backward(), max(1, args.reps // 2))
+    except NotImplementedError:  # FlexAttention has no backward on CPU
+        t_flex_bwd = float("nan")
+    diff = float((ours - theirs).abs().max())
+    rows = [
+        ("ours labels + sort + plan", t_plan),
+        ("ours forward (labels + plan + sorted attention)", t_fwd),
+        ("ours forward + backward", t_bwd),
+        ("flex create_block_mask (from the same labels)", t_mask),
+        ("flex forward (compiled, mask given)", t_flex_fwd),
+        ("flex forward + backward (mask given; nan: Flex has no CPU backward)", t_flex_bwd),
+    ]
+    for name, sec in rows:
+        print(f"{name:68s} {sec * 1e3:9.1f} ms")
+    ratio = ordered["efficiency"] / max(original["efficiency"], 1e-12)
+    print(
+        f"block efficiency of the label pairs ({plan.block[0]}x{plan.block[1]} tiles): sorted "
+        f"{ordered['efficiency']:.3f}, original order {original['efficiency']:.4f}: {ratio:.1f}x (target >= 10x)"
+    )
+    print(
+        f"ours / flex (labels + plan + forward vs create_block_mask + forward) = {t_fwd / (t_mask + t_flex_fwd):.3f}x "
+        f"(target <= 0.5x); fwd+bwd ours / flex (mask included) = {t_bwd / (t_mask + t_flex_bwd):.3f}x"
+    )
+    print(f"max |ours - flex| = {diff:.2e}")
+    return 0 if diff <= 1e-4 else 1
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--case", choices=("moba", "cluster", "all"), default="all")
+    ap.add_argument("--clusters", type=int, default=64)
     ap.add_argument("--seq", type=int, default=16384)
     ap.add_argument("--heads", type=int, default=8)
     ap.add_argument("--dim", type=int, default=64)
@@ -101,6 +192,16 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    status = 0
+    if args.case in ("moba", "all"):
+        status |= moba(args)
+    if args.case in ("cluster", "all"):
+        status |= clustered(args)
+    return status
+
+
+def moba(args) -> int:
+    """The MoBA case: ours against Flex fed the same route choice."""
     L, H, D = args.seq, args.heads, args.dim
     torch.manual_seed(0)
     q, k, v = (torch.randn(1, H, L, D) for _ in range(3))

@@ -43,9 +43,9 @@ class Pattern:
 
     @property
     def is_dynamic(self) -> bool:
-        """True when some head's pattern uses ``route(...)``."""
+        """True when some head's pattern is chosen from ``q``/``k`` (``route``, ``cluster``, ``lsh``)."""
         nodes = [r.node for r in self.ir.heads] + ([self.ir.default] if self.ir.default is not None else [])
-        return any(ir.is_dynamic(n) for n in nodes)
+        return any(ir.is_dynamic(n) or ir.contents(n) for n in nodes)
 
     def __repr__(self) -> str:
         params = ", ".join(f"{k}={v!r}" for k, v in self.ir.params)
@@ -135,6 +135,14 @@ class Pattern:
         with self._located():
             if not inputs:
                 return analysis.plan(self.ir, q_len, kv_len, heads, block=block, order=order)
+            if any(ir.contents(n) for n in self.ir.nodes()):
+                # cluster(...)/lsh(...) label tokens from Q and K, which a plan does not have: the tiles they
+                # can reach stay 3 for every batch element (the sorted call-time plan is analysis.clusterplan's).
+                from patterndsl.analysis import clusterplan
+
+                bound = self._inputs(inputs, q_len, kv_len, heads, "plan()")
+                static = analysis.plan(self.ir, q_len, kv_len, heads, block=block, order=order)
+                return clusterplan.per_element(static, bound)
             from patterndsl.analysis import inputplan
             from patterndsl.runtime import plans
 

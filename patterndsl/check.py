@@ -544,21 +544,46 @@ def _bind_input(stmt: syntax.Input, ev: _Evaluator) -> ir.InputDecl:
     return ir.InputDecl(stmt.name, stmt.kind, tuple(dims), stmt.span)
 
 
-def _segments_argument(expr: syntax.Expr, ev: _Evaluator) -> str:
-    """``within``'s first argument: the name of an ``int[batch, token]`` or ``int[token]`` input."""
+def _input_argument(expr: syntax.Expr, ev: _Evaluator, takes: str, ok, needs: str) -> str:
+    """An argument that names an input (``within``'s segments, ``cluster``'s centroids), checked by ``ok(decl)``."""
     inputs = ev.scope.inputs
     if not isinstance(expr, syntax.Name) or expr.name not in inputs:
         name = expr.name if isinstance(expr, syntax.Name) else None
         hint = did_you_mean(name, inputs) if name else ""
         what = f"'{name}' is not an input{hint}" if name else "got an expression"
-        raise PatternTypeError(f"within(...) takes an int[batch, token] input first: {what}", expr.span)
+        raise PatternTypeError(f"{takes}: {what}", expr.span)
     decl = inputs[expr.name]
-    if decl.kind != "int" or decl.index_dims != ("token",):
-        raise PatternTypeError(
-            f"within(...) needs an int[batch, token] or int[token] input, '{decl.name}' is {_dims_text(decl)}",
-            expr.span,
-        )
+    if not ok(decl):
+        raise PatternTypeError(f"{needs}, '{decl.name}' is {_dims_text(decl)}", expr.span)
     return decl.name
+
+
+def _segments_argument(expr: syntax.Expr, ev: _Evaluator) -> str:
+    """``within``'s first argument: the name of an ``int[batch, token]`` or ``int[token]`` input."""
+    return _input_argument(
+        expr,
+        ev,
+        "within(...) takes an int[batch, token] input first",
+        lambda d: d.kind == "int" and d.index_dims == ("token",),
+        "within(...) needs an int[batch, token] or int[token] input",
+    )
+
+
+def _centroids(decl: ir.InputDecl) -> bool:
+    dims = decl.index_dims
+    shaped = len(dims) in (2, 3) and dims[-1] == "dim" and not isinstance(dims[-2], str)
+    return decl.kind == "float" and shaped and (len(dims) == 2 or dims[0] == "head")
+
+
+def _centroids_argument(expr: syntax.Expr, ev: _Evaluator) -> str:
+    """``cluster``'s first argument: the name of a ``float[n, dim]`` or ``float[head, n, dim]`` input."""
+    return _input_argument(
+        expr,
+        ev,
+        "cluster(...) takes a float[n, dim] input of centroids first",
+        _centroids,
+        "cluster(...) needs a float[n, dim] or float[head, n, dim] input",
+    )
 
 
 # --------------------------------------------------------------------------- primitives
@@ -630,6 +655,8 @@ def _argument(prim: str, param: ir.Param, expr: syntax.Expr, ev: _Evaluator) -> 
         raise PatternTypeError(f"{what} must be one of {', '.join(ir.SCORES)}", expr.span)
     if param.kind == "segments":
         return _segments_argument(expr, ev)
+    if param.kind == "centroids":
+        return _centroids_argument(expr, ev)
     if param.kind == "pred":
         value = ev.eval(expr, where=True)
         if not _is(value, "bool"):

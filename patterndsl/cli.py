@@ -481,7 +481,7 @@ def _draw(args, pattern, plan, inputs, q_len: int, kv_len: int):
         print(f"patterndsl: {note.replace(chr(10), ' ')}", file=sys.stderr)
     elif pattern.is_dynamic:
         q, k = _route_inputs(pattern, args.heads, q_len, kv_len)
-        mask = pattern.mask(q_len, kv_len, args.heads, q=q, k=k)[0]
+        mask = pattern.mask(q_len, kv_len, args.heads, q=q, k=k, **inputs)[0]
     elif inputs:
         mask = pattern.mask(q_len, kv_len, args.heads, **inputs)[0]
     else:

@@ -748,11 +748,20 @@ def reads_inputs(node: Node) -> bool:
 
 def prim_reads_inputs(prim: Prim) -> bool:
     """True for ``within(...)`` and for a primitive whose expression arguments read an input."""
-    if prim.name == "within":
+    if prim.name in ("within", *CONTENT_PRIMITIVES):
         return True
     return any(
         isinstance(value, Expr) and any(isinstance(e, InputRef) for e in walk_expr(value)) for _, value in prim.args
     )
+
+
+#: Primitives that label tokens from the call's ``Q``/``K`` (``primitives/clusters.py``); planned as data.
+CONTENT_PRIMITIVES = ("cluster", "lsh")
+
+
+def contents(node: Node) -> tuple[Prim, ...]:
+    """The distinct content primitives (``cluster``, ``lsh``) of ``node``, in the order :func:`walk` meets them."""
+    return tuple(dict.fromkeys(s for s in walk(node) if isinstance(s, Prim) and s.name in CONTENT_PRIMITIVES))
 
 
 def input_bound(node: Node, lower: bool) -> Node:

@@ -617,9 +617,11 @@ def mask(
     prims = _route_prims([node for _, _, node in segments])
     if (q is None) != (k is None):
         raise InputError("pass both q= and k= (or neither)")
-    if prims and q is None:
+    content = list(dict.fromkeys(p for _, _, node in segments for p in ir.contents(node)))
+    if (prims or content) and q is None:
+        what = ", ".join(dict.fromkeys(f"{p.name}(...)" for p in prims + content))
         raise PatternError(
-            "this pattern uses route(...), which is chosen from the data: pass q= and k= to mask()", pir.span
+            f"this pattern uses {what}, which is chosen from the data: pass q= and k= to mask()", pir.span
         )
     if pir.inputs and inputs is None:
         names = ", ".join(f"{d.name}=..." for d in pir.inputs)
@@ -636,15 +638,16 @@ def mask(
             f"mask() would build {batch * heads * q_len * kv_len:.3g} entries (at most 2**28): the dense mask is "
             "for small sizes; use plan() or attention at large ones"
         )
-    if not prims and inputs is None:
+    if not prims and not content and inputs is None:
         return _static_mask(segments, heads, i, j, ctx).unsqueeze(0).expand(batch, -1, -1, -1).clone()
     share = heads // k.shape[1] if k is not None else 1
     voters = {prim: [h for lo, hi, node in segments if prim in ir.walk(node) for h in range(lo, hi)] for prim in prims}
     selections = {prim: route_selection(prim, q, k, ctx, voters[prim]) for prim in prims}
+    labels = {prim: primitives.clusters.labels(prim, q, k, inputs) for prim in content}
     out = torch.zeros(batch, heads, q_len, kv_len, dtype=torch.bool)
     for b in range(batch):
         bound = ctx if inputs is None else primitives.inputs.Bound(ctx, inputs.element(b))
-        if not prims:
+        if not prims and not content:
             out[b] = _static_mask(segments, heads, i, j, bound)
             continue
         for lo, hi, node in segments:
@@ -652,6 +655,7 @@ def mask(
             for kvh in range(lo // share, (hi - 1) // share + 1):
                 h0, h1 = max(lo, kvh * share), min(hi, (kvh + 1) * share)
                 chosen = {prim: sel[b, kvh] for prim, sel in selections.items()}
+                chosen.update({prim: lab.element(b) for prim, lab in labels.items()})
                 out[b, h0:h1] = _evaluate_heads(node, h0, h1, i, j, bound, chosen)
     return out
 

@@ -48,7 +48,7 @@ from patterndsl.primitives.registry import (
 __all__ = ["FAMILIES", "MISSING", "REGISTRY", "Primitive", "lookup", "register", "registered", "unregister", "validate"]
 
 #: The family modules, imported in this order (the order of ``ir.SIGNATURES``).
-FAMILIES = ("basic", "band", "blocks", "keys", "where", "neighborhood", "route", "inputs")
+FAMILIES = ("basic", "band", "blocks", "keys", "where", "neighborhood", "route", "inputs", "clusters")
 
 for _family in FAMILIES:
     importlib.import_module(f"patterndsl.primitives.{_family}")

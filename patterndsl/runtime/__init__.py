@@ -99,6 +99,12 @@ def attention(
     if not isinstance(pir, ir.PatternIR):
         raise PatternError(f"attention() needs a patterndsl.Pattern, got {type(pattern).__name__}")
     given = inputs or {}
+    from patterndsl.runtime import clusters
+
+    if clusters.has_content(pir):
+        if kv_lengths is not None or q_lengths is not None or block_table is not None:
+            raise PatternError("kv_lengths=/q_lengths=/block_table= do not combine with cluster(...)/lsh(...) yet")
+        return clusters.attention(q, k, v, pir, scale, return_lse, backend, given)
     if kv_lengths is not None or q_lengths is not None or block_table is not None:
         return _ragged(q, k, v, pir, scale, return_lse, backend, given, kv_lengths, q_lengths, block_table)
     inputs = validate.check_inputs(q, k, v, scale, backend)

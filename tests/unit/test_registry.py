@@ -45,8 +45,9 @@ EXAMPLES = {
 }
 #: Dynamic primitives are chosen from the data; tests/unit/test_plan_route.py and friends cover them.
 DYNAMIC = {"route"}
-#: Primitives that read run-time inputs: planned per call (tests/unit/test_inputs_plan.py checks their tiles).
-DATA = {"within"}
+#: Primitives that read run-time inputs or label tokens from the data: planned per call
+#: (tests/unit/test_inputs_plan.py and tests/unit/test_clusters.py check their tiles).
+DATA = {"within", "cluster", "lsh"}
 SIZES = [(30, 30), (21, 30), (30, 21)]
 HEADS = 3
 
