@@ -193,6 +193,25 @@ class PlanStats:
     elements_evaluated: int = 0  # (query, key) pairs evaluated element-wise, for tile states and counts
     plan_seconds: float = 0.0
     extra: dict = field(default_factory=dict)
+    #: When the plan runs as parts (``BlockPlan.parts``), each part's own statistics; the totals
+    #: below (``executed_*``) are over them.
+    part_stats: tuple = ()
+
+    @property
+    def executed_pairs(self) -> int:
+        """Pairs in the tiles the executors visit: summed over the parts when the plan has parts."""
+        return sum(p.visited_pairs for p in self.part_stats) if self.part_stats else self.visited_pairs
+
+    @property
+    def executed_tiles(self) -> int:
+        """Tiles the executors visit (summed over heads, and over the parts when the plan has parts)."""
+        stats = self.part_stats or (self,)
+        return sum(p.tiles_full + p.tiles_partial + p.tiles_dynamic for p in stats)
+
+    @property
+    def executed_efficiency(self) -> float:
+        """Allowed pairs over :attr:`executed_pairs`: the block efficiency of what runs."""
+        return self.allowed_pairs / self.executed_pairs if self.executed_pairs else 1.0
 
     @property
     def density(self) -> float:
@@ -205,7 +224,7 @@ class PlanStats:
     def flops(self, head_dim: int, batch: int = 1) -> dict[str, float]:
         """Estimated forward FLOPs: useful (allowed pairs) and executed (visited pairs)."""
         per_pair = 4 * head_dim * batch
-        return {"useful": per_pair * self.allowed_pairs, "executed": per_pair * self.visited_pairs}
+        return {"useful": per_pair * self.allowed_pairs, "executed": per_pair * self.executed_pairs}
 
 
 @dataclass
@@ -221,6 +240,11 @@ class BlockPlan:
         order: ``"identity"`` or a short description of the reordering chosen.
         groups: head groups; ``head_group[h]`` is the index of head ``h``'s group.
         stats: :class:`PlanStats`.
+        parts: when not empty, what the executors run instead of ``groups``: disjoint parts whose
+            union is the pattern, each a plan of its own (its ``pattern`` gives every head that
+            head's part, ``empty`` where it has none) with its own ``q_order``, ``kv_order`` and
+            tile shape; the passes merge by log-sum-exp (``analysis.parts``). ``groups``,
+            ``tiles()`` and the orders above stay those of the whole pattern in one order.
     """
 
     pattern: Any
@@ -235,6 +259,7 @@ class BlockPlan:
     groups: tuple[HeadGroup, ...]
     head_group: tuple[int, ...]
     stats: PlanStats
+    parts: tuple[BlockPlan, ...] = ()
 
     @property
     def block(self) -> tuple[int, int]:

@@ -10,6 +10,7 @@ order with the least visited work -> assemble lists, forms and statistics.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import time
 from dataclasses import dataclass
@@ -144,6 +145,22 @@ def _plan_order(desc, qsegs, ksegs, identity, groups, sizes: Sizes, bm, bn, boun
     return _Candidate(desc, qside, kside, tuple(found), work)
 
 
+def plan_order(candidate: tuple, groups, sizes: Sizes, bm: int, bn: int, bound: int | None = None):
+    """Classify the tiles of head groups in one candidate order (no lists, no counts): for the split search.
+
+    Args:
+        candidate: ``(description, query segments, key segments, identity)`` as ``reorder.candidates`` gives.
+        groups: ``[(node, heads)]``.
+        sizes: the sizes.
+        bm, bn: the tile size.
+        bound: give up (None) once the visited pairs reach this.
+
+    Returns:
+        The candidate (``work``: visited pairs over heads; ``groups[i].keys``: visited tiles), or None.
+    """
+    return _plan_order(*candidate, groups, sizes, bm, bn, bound)
+
+
 def plan(
     pir: ir.PatternIR,
     q_len: int,
@@ -152,6 +169,7 @@ def plan(
     block=(128, 128),
     order="auto",
     orders=None,
+    parts=None,
 ):
     """The block plan of a pattern at given sizes (``Pattern.plan``).
 
@@ -164,7 +182,9 @@ def plan(
         order: ``"auto"`` (may reorder tokens to make tiles denser) or ``"identity"``.
         orders: the candidate orders to choose from (``reorder.candidates``' entries) instead of
             the pattern's own: plans of related patterns (the bounds of a pattern with run-time
-            inputs) then share one token order.
+            inputs) then share one token order. No parts are tried then.
+        parts: options of the split into parts with their own orders (``analysis.parts.PartOptions``;
+            default: the current ones); only with ``order="auto"``.
 
     Returns:
         A :class:`~patterndsl.analysis.plan.BlockPlan`.
@@ -201,6 +221,8 @@ def plan(
             if cand is not None:
                 best = cand
         out = _assemble(pir, best, groups, head_group, sizes, bm, bn, start, tried)
+        if order == "auto" and orders is None:
+            out = _with_parts(pir, out, parts, start)
     except MemoryError:
         raise PatternValueError(
             f"not enough memory for the block plan at Lq={q_len}, Lk={kv_len} with {bm}x{bn} tiles: "
@@ -209,6 +231,18 @@ def plan(
     if config.debug_verify():
         _verify_dense(out, nodes)
     return out
+
+
+def _with_parts(pir, single: BlockPlan, options, start: float) -> BlockPlan:
+    from patterndsl.analysis import parts
+
+    found = parts.split(pir, single, options)
+    if not found:
+        return single
+    stats = dataclasses.replace(
+        single.stats, part_stats=tuple(p.stats for p in found), plan_seconds=time.perf_counter() - start
+    )
+    return dataclasses.replace(single, parts=found, stats=stats)
 
 
 #: Largest ``heads * Lq * Lk`` checked against the dense mask under ``PATTERNDSL_DEBUG=1``.
