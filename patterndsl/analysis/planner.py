@@ -378,4 +378,10 @@ def describe(plan: BlockPlan) -> str:
         f"closed-form bounds: {sum(g.forms is not None for g in plan.groups)} of {len(plan.groups)} groups",
         f"plan time: {s.plan_seconds * 1e3:.2f} ms",
     ]
+    if plan.parts:
+        lines.append(
+            f"parts: {len(plan.parts)} ("
+            + ", ".join(f"{p.order} {p.block_m}x{p.block_n}" for p in plan.parts)
+            + f"): {s.executed_pairs} visited pairs, block efficiency {s.executed_efficiency:.4f}"
+        )
     return "\n".join(lines)

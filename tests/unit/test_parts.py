@@ -176,3 +176,16 @@ def test_combine_merges_disjoint_key_sets_exactly():
     torch.testing.assert_close(lse, s.logsumexp(-1))
     grads = combine.backward([lambda: (torch.ones(2), torch.full((3,), 2.0)), lambda: (torch.ones(2), torch.ones(3))])
     assert [g.tolist() for g in grads] == [[2.0, 2.0], [3.0, 3.0, 3.0]]
+
+
+def test_show_plan_draws_each_part(tmp_path, capsys):
+    from patterndsl import cli
+
+    path = tmp_path / "dg.pdsl"
+    path.write_text(DILATED_GLOBAL + "\n")
+    with parts.options(EAGER):
+        code = cli.main(["show", str(path), "--seq", "256", "--block", "64x64", "--stage", "plan", "--ascii"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "parts" in out and "part 1 of 3" in out and "part 3 of 3: order classes mod 8, tiles 64x64" in out
+    assert "window(4, after = 4, dilation = 8) & ~(sink(2) | where(q < 2))" in out
