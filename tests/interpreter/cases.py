@@ -497,3 +497,8 @@ CHECKS.update({name[len("case_") :]: fn for name, fn in list(globals().items()) 
 from tests.interpreter.input_cases import INPUT_CHECKS  # noqa: E402
 
 CHECKS.update(INPUT_CHECKS)
+
+# Plans that run as parts with their own orders (tests/interpreter/part_cases.py).
+from tests.interpreter.part_cases import PART_CHECKS  # noqa: E402
+
+CHECKS.update(PART_CHECKS)
