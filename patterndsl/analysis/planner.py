@@ -260,6 +260,11 @@ def _verify_dense(p: BlockPlan, nodes) -> None:
     ref = tile_reduce(dense[:, p.q_order][:, :, p.kv_order], p.block_m, p.block_n)
     if not torch.equal(ref, p.tiles()) or p.stats.allowed_pairs != int(dense.sum()):
         raise AssertionError(f"block plan of {p.pattern.name!r} differs from its dense mask (order {p.order})")
+    if p.parts:
+        # each part was verified when it was planned; here: disjoint, and together the pattern
+        total = sum(semantics.mask(part.pattern, p.q_len, p.kv_len, p.heads).to(torch.int8) for part in p.parts)
+        if not torch.equal(total, dense.to(torch.int8)):
+            raise AssertionError(f"the parts of {p.pattern.name!r} are not a partition of its mask")
 
 
 def _form(node, qside, kside, runs, nqb, nkb):

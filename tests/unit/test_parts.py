@@ -189,3 +189,16 @@ def test_show_plan_draws_each_part(tmp_path, capsys):
     assert code == 0
     assert "parts" in out and "part 1 of 3" in out and "part 3 of 3: order classes mod 8, tiles 64x64" in out
     assert "window(4, after = 4, dilation = 8) & ~(sink(2) | where(q < 2))" in out
+
+
+def test_debug_mode_verifies_the_parts(monkeypatch):
+    from patterndsl import config
+
+    monkeypatch.setattr(config, "debug_verify", lambda: True)
+    with parts.options(EAGER):
+        plan = pd.compile(DILATED_GLOBAL).plan(256, block=(64, 64))
+    assert plan.parts  # planned and verified against the dense meaning
+    whole = pd.compile(DILATED_GLOBAL).plan(256, block=(64, 64), order="identity")
+    monkeypatch.setattr(parts, "split", lambda pir, single, opts=None: (whole, whole))
+    with pytest.raises(AssertionError, match="not a partition"):
+        pd.compile(DILATED_GLOBAL).plan(256, block=(64, 64))
