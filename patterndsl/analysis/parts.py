@@ -390,7 +390,8 @@ def split(pir: ir.PatternIR, single: BlockPlan, opts: PartOptions | None = None)
     for index, (config, by_head) in enumerate(passes.items()):
         part = part_pattern(pir, by_head, single.heads, index)
         bm, bn = config.block
-        out.append(planner.plan(part, single.q_len, single.kv_len, single.heads, (bm, bn), orders=[config.candidate]))
+        planned = planner.plan(part, single.q_len, single.kv_len, single.heads, (bm, bn), orders=[config.candidate])
+        out.append(dataclasses.replace(planned, candidate=config.candidate))
     return tuple(out)
 
 

@@ -245,6 +245,8 @@ class BlockPlan:
             head's part, ``empty`` where it has none) with its own ``q_order``, ``kv_order`` and
             tile shape; the passes merge by log-sum-exp (``analysis.parts``). ``groups``,
             ``tiles()`` and the orders above stay those of the whole pattern in one order.
+        candidate: for a part, the token order it was planned in (a ``reorder.candidates``
+            entry), so that a re-plan with other tiles keeps it; None otherwise.
     """
 
     pattern: Any
@@ -260,6 +262,7 @@ class BlockPlan:
     head_group: tuple[int, ...]
     stats: PlanStats
     parts: tuple[BlockPlan, ...] = ()
+    candidate: tuple | None = field(default=None, repr=False, compare=False)
 
     @property
     def block(self) -> tuple[int, int]:

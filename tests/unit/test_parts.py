@@ -202,3 +202,13 @@ def test_debug_mode_verifies_the_parts(monkeypatch):
     monkeypatch.setattr(parts, "split", lambda pir, single, opts=None: (whole, whole))
     with pytest.raises(AssertionError, match="not a partition"):
         pd.compile(DILATED_GLOBAL).plan(256, block=(64, 64))
+
+
+def test_a_part_replanned_with_launch_tiles_keeps_its_order(eager):
+    from patterndsl.runtime import triton_backend as tb
+
+    plan = pd.compile(FIXED).plan(256, block=(64, 64))
+    part = next(p for p in plan.parts if p.order.startswith("keys of"))
+    again = tb._tiled(part, (32, 32))
+    assert again.block == (32, 32) and again.order == part.order and not again.parts
+    assert torch.equal(again.kv_order, part.kv_order)
