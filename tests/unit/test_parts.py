@@ -60,8 +60,8 @@ def _part_masks(plan):
     "src,lq,lk,heads",
     [
         (DILATED_GLOBAL, 256, 256, 1),
-        (DILATED_GLOBAL, 160, 256, 2),
-        (STRIDED, 1024, 1024, 1),
+        pytest.param(DILATED_GLOBAL, 160, 256, 2, marks=pytest.mark.slow),
+        pytest.param(STRIDED, 1024, 1024, 1, marks=pytest.mark.slow),
         (FIXED, 256, 256, 1),
         (PER_HEAD, 256, 256, 3),
     ],
@@ -135,7 +135,7 @@ def _reference(pir, q, k, v, scale):
         (DILATED_GLOBAL, 256, 256, 2, 1),  # grouped-query heads
         (DILATED_GLOBAL, 160, 256, 2, 2),  # Lq != Lk
         (PER_HEAD, 192, 192, 3, 3),  # per-head rules
-        (FIXED, 256, 256, 1, 1),  # keys-first order
+        pytest.param(FIXED, 256, 256, 1, 1, marks=pytest.mark.slow),  # keys-first order
     ],
 )
 def test_cpu_attention_through_parts_matches_the_reference(eager, src, lq, lk, heads, kv_heads):
@@ -191,6 +191,7 @@ def test_show_plan_draws_each_part(tmp_path, capsys):
     assert "window(4, after = 4, dilation = 8) & ~(sink(2) | where(q < 2))" in out
 
 
+@pytest.mark.slow
 def test_debug_mode_verifies_the_parts(monkeypatch):
     from patterndsl import config
 
