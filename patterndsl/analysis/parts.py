@@ -32,6 +32,7 @@ from patterndsl import ir, semantics
 from patterndsl.analysis import reorder, tiles
 from patterndsl.analysis.plan import BlockPlan
 from patterndsl.analysis.rewrite import simplify
+from patterndsl.errors import PatternError
 from patterndsl.sizes import Sizes
 
 
@@ -50,6 +51,9 @@ class PartOptions:
         min_side: a tile narrower than this costs as if it were this wide (its loads and loop do not
             shrink with it).
         max_runs: most runs of selected keys a keys-first order may have.
+        max_grid: most tiles (``nqb * nkb``) of a tile shape other than the plan's own; also the
+            condition for cutting ``global(n)`` into its keys and its rows (a ``where`` on the query
+            alone is classified on every tile of the grid).
     """
 
     enabled: bool = True
@@ -60,6 +64,7 @@ class PartOptions:
     thin: int = 16
     min_side: int = 32
     max_runs: int = 4096
+    max_grid: int = 1 << 20
 
 
 # A context variable: a plan is built on the thread that first asks for it (the forward's), and
@@ -98,17 +103,18 @@ def options(value: PartOptions | None = None, **changes) -> Iterator[PartOptions
 # ----------------------------------------------------------------------------- terms
 
 
-def terms(node: ir.Node, limit: int) -> list[ir.Node]:
+def terms(node: ir.Node, limit: int, rows: bool = True) -> list[ir.Node]:
     """``node`` as a union of terms (they may overlap), or ``[node]`` when that takes more than ``limit`` terms.
 
     Args:
         node: a canonical pattern node.
         limit: most terms.
+        rows: cut ``global(n)`` into ``sink(n)`` and ``where(q < n)``.
 
     Returns:
         Terms whose union is ``node``, in a fixed order.
     """
-    found = _terms(simplify(node), limit)
+    found = _terms(simplify(node), limit, rows)
     if found is None:
         return [node]
     out: dict[ir.Node, None] = {}
@@ -119,11 +125,11 @@ def terms(node: ir.Node, limit: int) -> list[ir.Node]:
     return list(out) or [node]
 
 
-def _terms(node: ir.Node, limit: int) -> list[ir.Node] | None:
+def _terms(node: ir.Node, limit: int, rows: bool) -> list[ir.Node] | None:
     if isinstance(node, ir.Union):
         acc: list[ir.Node] = []
         for item in node.items:
-            got = _terms(item, limit)
+            got = _terms(item, limit, rows)
             if got is None:
                 return None
             acc += got
@@ -131,14 +137,14 @@ def _terms(node: ir.Node, limit: int) -> list[ir.Node] | None:
     if isinstance(node, ir.Inter):
         combos: list[list[ir.Node]] = [[]]
         for item in node.items:
-            got = _terms(item, limit)
+            got = _terms(item, limit, rows)
             if got is None:
                 return None
             combos = [[*c, t] for c in combos for t in got]
             if len(combos) > limit:
                 return None
         return [ir.inter(*c) for c in combos]
-    if isinstance(node, ir.Prim) and node.name == "global":
+    if rows and isinstance(node, ir.Prim) and node.name == "global":
         # rows q < n and keys k < n want different tiles; as a where, the rows' part is found from
         # its one tile row instead of from the whole tile grid
         n = node.arg("n")
@@ -196,11 +202,15 @@ def _keys_first(term: ir.Node, sizes: Sizes, max_runs: int) -> list[tuple]:
     return out
 
 
+def _grid(sizes: Sizes, shape: tuple[int, int]) -> int:
+    return -(-sizes.q_len // shape[0]) * -(-sizes.kv_len // shape[1])
+
+
 def _shapes(term: ir.Node, block: tuple[int, int], thin: int, spread: tuple[int, int]) -> list[tuple[int, int]]:
     """Tile shapes worth trying besides ``block``: thin ones when the term's tiles at ``block`` lie in at
     most two tile rows (``spread[0]``) or columns (``spread[1]``), and ``random``'s own block."""
     bm, bn = block
-    out = []
+    out: list[tuple[int, int]] = []
     if thin < bm and spread[0] <= 2:
         out.append((thin, bn))
     if thin < bn and spread[1] <= 2:
@@ -270,7 +280,10 @@ class _Search:
         if got is not None and (got[1] is not None or got[0] >= bound):
             return got[1]
         bm, bn = config.block
-        cand = planner.plan_order(config.candidate, [(node, heads)], self.sizes, bm, bn, bound)
+        try:
+            cand = planner.plan_order(config.candidate, [(node, heads)], self.sizes, bm, bn, bound)
+        except PatternError:
+            cand = None  # beyond what a plan lists at this shape: not a candidate
         found = None
         if cand is not None:
             keys = np.concatenate([g.keys for g in cand.groups])
@@ -283,12 +296,14 @@ class _Search:
         self._memo[key] = (bound, found)
         return found
 
-    def best(self, node: ir.Node, heads: list[int]) -> _Piece | None:
-        """The node's cheapest configuration alone: the plan's tiles first, then the shapes they suggest."""
-        found = self._best(node, heads, self.configs(node, self.block), None)
+    def best(self, node: ir.Node, heads: list[int], seed: _Piece | None = None) -> _Piece | None:
+        """The node's cheapest configuration alone: the plan's tiles first (unless ``seed`` is their best
+        already), then the shapes they suggest."""
+        found = seed or self._best(node, heads, self.configs(node, self.block), None)
         if found is not None:
             for shape in _shapes(node, self.block, self.opts.thin, found.spread):
-                found = self._best(node, heads, self.configs(node, shape), found)
+                if _grid(self.sizes, shape) <= self.opts.max_grid:
+                    found = self._best(node, heads, self.configs(node, shape), found)
         return found
 
     def _best(self, node, heads, configs: list[Config], found: _Piece | None) -> _Piece | None:
@@ -298,11 +313,14 @@ class _Search:
                 found = _Piece(config, node, got.cost, got.work, got.spread)
         return found
 
-    def split(self, node: ir.Node, heads: list[int]) -> list[_Piece] | None:
-        """The cheapest parts of one head group's node (one part: the node in its own best order)."""
-        whole = self.best(node, heads)
+    def split(self, node: ir.Node, heads: list[int], seed: _Piece | None = None) -> list[_Piece] | None:
+        """The cheapest parts of one head group's node (one part: the node in its own best order; ``seed``:
+        that order among the plan's candidates at the plan's tiles, when known)."""
+        whole = self.best(node, heads, seed)
         options = [] if whole is None else [[whole]]
-        found = terms(node, self.opts.max_terms)
+        thin = self.opts.thin
+        rows = max(_grid(self.sizes, (thin, self.block[1])), _grid(self.sizes, (self.block[0], thin)))
+        found = terms(node, self.opts.max_terms, rows <= self.opts.max_grid)
         if len(found) > 1:
             wanted: dict = {}
             for term in found:
@@ -372,8 +390,13 @@ def split(pir: ir.PatternIR, single: BlockPlan, opts: PartOptions | None = None)
         return ()  # fewer pairs wasted than one more pass costs (every small plan): nothing to win
     passes: dict[Config, dict[int, ir.Node]] = {}
     cost = work = 0
+    seed = None
+    if len(single.groups) == 1:
+        # one head group: the planner tried every candidate order at these tiles already
+        config = Config(single.order, [], [], single.is_identity_order, single.block)
+        seed = _Piece(config, single.groups[0].node, **_single_cost(single, opts))
     for group in single.groups:
-        pieces = search.split(group.node, list(group.heads))
+        pieces = search.split(group.node, list(group.heads), seed)
         if pieces is None:
             return ()
         for piece in pieces:
@@ -382,10 +405,10 @@ def split(pir: ir.PatternIR, single: BlockPlan, opts: PartOptions | None = None)
             for h in group.heads:
                 passes.setdefault(piece.config, {})[h] = piece.node
     cost += search.pass_cost * len(passes)
-    visited_tiles = single.stats.tiles_full + single.stats.tiles_partial + single.stats.tiles_dynamic
-    single_cost = single.stats.visited_pairs + opts.tile_pairs * visited_tiles + search.pass_cost
-    if cost >= single_cost or work > single.stats.visited_pairs:
+    if cost >= _single_cost(single, opts)["cost"] + search.pass_cost or work > single.stats.visited_pairs:
         return ()
+    if any(not config.qsegs for config in passes):
+        return ()  # the single order itself (a seed) in a pass of its own: nothing gained
     out = []
     for index, (config, by_head) in enumerate(passes.items()):
         part = part_pattern(pir, by_head, single.heads, index)
@@ -393,6 +416,18 @@ def split(pir: ir.PatternIR, single: BlockPlan, opts: PartOptions | None = None)
         planned = planner.plan(part, single.q_len, single.kv_len, single.heads, (bm, bn), orders=[config.candidate])
         out.append(dataclasses.replace(planned, candidate=config.candidate))
     return tuple(out)
+
+
+def _single_cost(single: BlockPlan, opts: PartOptions) -> dict:
+    """The estimate of the single-order plan, as the fields ``cost``, ``work``, ``spread`` of a :class:`_Piece`."""
+    s = single.stats
+    tiles = s.tiles_full + s.tiles_partial + s.tiles_dynamic
+    side = opts.min_side
+    area = max(single.block_m, side) * max(single.block_n, side) - single.block_m * single.block_n
+    rows = np.unique(np.concatenate([np.flatnonzero(np.diff(g.tiles.row_ptr.numpy())) for g in single.groups]))
+    cols = np.unique(np.concatenate([np.flatnonzero(np.diff(g.tiles.col_ptr.numpy())) for g in single.groups]))
+    cost = s.visited_pairs + (opts.tile_pairs + area) * tiles
+    return {"cost": cost, "work": s.visited_pairs, "spread": (len(rows), len(cols))}
 
 
 def part_pattern(pir: ir.PatternIR, by_head: dict[int, ir.Node], heads: int, index: int) -> ir.PatternIR:
