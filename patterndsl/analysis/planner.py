@@ -222,7 +222,7 @@ def plan(
                 best = cand
         out = _assemble(pir, best, groups, head_group, sizes, bm, bn, start, tried)
         if order == "auto" and orders is None:
-            out = _with_parts(pir, out, parts, start)
+            out = _with_parts(pir, out, parts)
     except MemoryError:
         raise PatternValueError(
             f"not enough memory for the block plan at Lq={q_len}, Lk={kv_len} with {bm}x{bn} tiles: "
@@ -233,16 +233,14 @@ def plan(
     return out
 
 
-def _with_parts(pir, single: BlockPlan, options, start: float) -> BlockPlan:
+def _with_parts(pir, single: BlockPlan, options) -> BlockPlan:
     from patterndsl.analysis import parts
 
-    found = parts.split(pir, single, options)
-    if not found:
-        return single
-    stats = dataclasses.replace(
-        single.stats, part_stats=tuple(p.stats for p in found), plan_seconds=time.perf_counter() - start
-    )
-    return dataclasses.replace(single, parts=found, stats=stats)
+    # searched on first use (an executor's first call): Pattern.plan() alone stays as fast as before
+    options = parts.current() if options is None else options
+    source = functools.cache(functools.partial(parts.split, pir, single, options))
+    stats = dataclasses.replace(single.stats, parts_source=source)
+    return dataclasses.replace(single, parts_source=source, stats=stats)
 
 
 #: Largest ``heads * Lq * Lk`` checked against the dense mask under ``PATTERNDSL_DEBUG=1``.
