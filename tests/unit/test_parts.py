@@ -213,3 +213,28 @@ def test_a_part_replanned_with_launch_tiles_keeps_its_order(eager):
     again = tb._tiled(part, (32, 32))
     assert again.block == (32, 32) and again.order == part.order and not again.parts
     assert torch.equal(again.kv_order, part.kv_order)
+
+
+@pytest.mark.slow
+def test_tile_efficiency_targets_hold_at_4k():
+    """The benchmark's 1-D suite at 4K tokens and 64x64 tiles: parts never below the single order or
+    identity, ``window(32, 32, dilation = 8) | global(4)`` >= 1.8x identity, geometric mean >= 3x."""
+    import importlib.util
+    import math
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "tile_efficiency.py"
+    spec = importlib.util.spec_from_file_location("tile_efficiency", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    ratios = {}
+    for name, src, _, heads in bench.SUITE:
+        if "layout" in src:
+            continue
+        p = pd.compile(src)
+        ident = p.plan(4096, heads=heads, block=(64, 64), order="identity")
+        auto = p.plan(4096, heads=heads, block=(64, 64))
+        assert auto.stats.executed_pairs <= auto.stats.visited_pairs <= ident.stats.visited_pairs, name
+        ratios[name] = auto.stats.executed_efficiency / ident.stats.block_efficiency
+    assert ratios["dilated window + global"] >= 1.8
+    assert math.exp(sum(math.log(r) for r in ratios.values()) / len(ratios)) >= 3.0
