@@ -62,7 +62,7 @@ class PartOptions:
     max_terms: int = 6
     keep_above: float = 0.9
     thin: int = 16
-    min_side: int = 32
+    min_side: int = 64
     max_runs: int = 4096
     max_grid: int = 1 << 20
 

@@ -13,8 +13,9 @@ from patterndsl.analysis import parts
 from patterndsl.analysis.plan import tile_reduce
 from patterndsl.runtime import combine, plans
 
-#: Every split pays at these small sizes: no cost per pass, no shortcut on efficient plans.
-EAGER = parts.PartOptions(pass_tiles=0, keep_above=1.0)
+#: Every split pays at these small sizes: no cost per pass, no shortcut on efficient plans, thin
+#: tiles cheaper than the plan's (they are not by default at 64x64).
+EAGER = parts.PartOptions(pass_tiles=0, keep_above=1.0, min_side=32)
 
 DILATED_GLOBAL = "pattern p { window(4, 4, dilation = 8) | global(2) }"
 STRIDED = "pattern p { causal & (window(15) | strided(16)) }"
