@@ -236,6 +236,8 @@ def plan(
 def _with_parts(pir, single: BlockPlan, options) -> BlockPlan:
     from patterndsl.analysis import parts
 
+    if any(ir.is_dynamic(n) for n in pir.nodes()):
+        return single  # a route's tiles are chosen at each call, in token order: one pass
     # searched on first use (an executor's first call): Pattern.plan() alone stays as fast as before
     options = parts.current() if options is None else options
     source = functools.cache(functools.partial(parts.split, pir, single, options))
