@@ -392,7 +392,8 @@ def render_plan(pattern: Pattern, q_len: int, kv_len: int, heads: int, block, or
 def _plan_text(plan, ascii_only: bool, head_dim: int = 64) -> str:
     from patterndsl import pictures
 
-    return pictures.draw_plan(plan, ascii_only) + "\n\n" + pictures.format_stats(plan, head_dim)
+    text = pictures.draw_plan(plan, ascii_only) + "\n\n" + pictures.format_stats(plan, head_dim)
+    return text + ("\n\n" + pictures.draw_parts(plan, ascii_only) if plan.parts else "")
 
 
 def render_aot(pattern: Pattern, q_len: int, kv_len: int, args) -> str:

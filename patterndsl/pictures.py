@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from patterndsl import ir
 from patterndsl.analysis.plan import DYNAMIC, EMPTY, FULL, PARTIAL, BlockPlan, PlanStats
 
 #: One character per tile state: empty, partial, full, decided at run time.
@@ -131,6 +132,29 @@ def draw_plan(plan: BlockPlan, ascii_only: bool = False) -> str:
     return "\n".join(out)
 
 
+def draw_parts(plan: BlockPlan, ascii_only: bool = False) -> str:
+    """Draw each part of a plan that runs as parts (``plan.parts``), empty text when it has none.
+
+    Args:
+        plan: the block plan.
+        ascii_only: use ASCII characters only.
+
+    Returns:
+        Text: per part a title (its order, tile shape, efficiency, each head group's node) and its tile maps.
+    """
+    out: list[str] = []
+    for index, part in enumerate(plan.parts):
+        s = part.stats
+        nodes = "; ".join(f"heads {_head_ranges(g.heads)}: {g.node}" for g in part.groups if g.node != ir.EMPTY)
+        out += [
+            f"part {index + 1} of {len(plan.parts)}: order {part.order}, tiles {part.block_m}x{part.block_n}, "
+            f"{s.visited_pairs:,} visited pairs, block efficiency {s.block_efficiency:.2%}",
+            f"  {nodes}",
+            draw_plan(part, ascii_only),
+        ]
+    return "\n".join(out)
+
+
 def _si(value: float, unit: str) -> str:
     for scale, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
         if abs(value) >= scale:
@@ -172,6 +196,14 @@ def format_stats(plan: BlockPlan, head_dim: int = 64) -> str:
         ("plan time", f"{s.plan_seconds * 1e3:.2f} ms"),
         ("order", plan.order),
     ]
+    if plan.parts:
+        rows.append(
+            (
+                "parts",
+                f"{len(plan.parts)}, each with its own order and tiles, merged by log-sum-exp: "
+                f"{s.executed_pairs:,} visited pairs, block efficiency {s.executed_efficiency:.2%}",
+            )
+        )
     if s.tiles_dynamic:
         rows.append(
             ("note", "route(...) tiles are decided at run time: allowed pairs count the static part only, visited "

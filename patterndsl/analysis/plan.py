@@ -277,6 +277,30 @@ class PlanStats:
     elements_evaluated: int = 0  # (query, key) pairs evaluated element-wise, for tile states and counts
     plan_seconds: float = 0.0
     extra: dict = field(default_factory=dict)
+    #: Computes the plan's parts (``BlockPlan.parts``) on first use, shared with the plan; None: no parts.
+    parts_source: Callable[[], tuple] | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def part_stats(self) -> tuple[PlanStats, ...]:
+        """When the plan runs as parts, each part's own statistics (the ``executed_*`` totals are over them)."""
+        return () if self.parts_source is None else tuple(p.stats for p in self.parts_source())
+
+    @property
+    def executed_pairs(self) -> int:
+        """Pairs in the tiles the executors visit: summed over the parts when the plan has parts."""
+        stats = self.part_stats
+        return sum(p.visited_pairs for p in stats) if stats else self.visited_pairs
+
+    @property
+    def executed_tiles(self) -> int:
+        """Tiles the executors visit (summed over heads, and over the parts when the plan has parts)."""
+        stats = self.part_stats or (self,)
+        return sum(p.tiles_full + p.tiles_partial + p.tiles_dynamic for p in stats)
+
+    @property
+    def executed_efficiency(self) -> float:
+        """Allowed pairs over :attr:`executed_pairs`: the block efficiency of what runs."""
+        return self.allowed_pairs / self.executed_pairs if self.executed_pairs else 1.0
 
     @property
     def density(self) -> float:
@@ -289,7 +313,7 @@ class PlanStats:
     def flops(self, head_dim: int, batch: int = 1) -> dict[str, float]:
         """Estimated forward FLOPs: useful (allowed pairs) and executed (visited pairs)."""
         per_pair = 4 * head_dim * batch
-        return {"useful": per_pair * self.allowed_pairs, "executed": per_pair * self.visited_pairs}
+        return {"useful": per_pair * self.allowed_pairs, "executed": per_pair * self.executed_pairs}
 
 
 @dataclass
@@ -305,6 +329,15 @@ class BlockPlan:
         order: ``"identity"`` or a short description of the reordering chosen.
         groups: head groups; ``head_group[h]`` is the index of head ``h``'s group.
         stats: :class:`PlanStats`.
+        parts_source: computes :attr:`parts` on first use (the split is searched then, so a plan
+            only inspected never pays for it); the parts, when not empty, are what the executors
+            run instead of ``groups``: disjoint parts whose union is the pattern, each a plan of
+            its own (its ``pattern`` gives every head that head's part, ``empty`` where it has
+            none) with its own ``q_order``, ``kv_order`` and tile shape; the passes merge by
+            log-sum-exp (``analysis.parts``). ``groups``, ``tiles()`` and the orders above stay
+            those of the whole pattern in one order.
+        candidate: for a part, the token order it was planned in (a ``reorder.candidates``
+            entry), so that a re-plan with other tiles keeps it; None otherwise.
     """
 
     pattern: Any
@@ -319,10 +352,17 @@ class BlockPlan:
     groups: tuple[HeadGroup, ...]
     head_group: tuple[int, ...]
     stats: PlanStats
+    parts_source: Callable[[], tuple] | None = field(default=None, repr=False, compare=False)
+    candidate: tuple | None = field(default=None, repr=False, compare=False)
 
     @property
     def block(self) -> tuple[int, int]:
         return (self.block_m, self.block_n)
+
+    @property
+    def parts(self) -> tuple[BlockPlan, ...]:
+        """The disjoint parts the executors run instead of ``groups`` (see the class), or ``()``."""
+        return () if self.parts_source is None else self.parts_source()
 
     @property
     def sizes(self) -> Sizes:

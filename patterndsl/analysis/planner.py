@@ -10,6 +10,7 @@ order with the least visited work -> assemble lists, forms and statistics.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import time
 from dataclasses import dataclass
@@ -182,6 +183,22 @@ def _plan_order(desc, qsegs, ksegs, identity, groups, sizes: Sizes, bm, bn, boun
     return _Candidate(desc, qside, kside, tuple(found), work)
 
 
+def plan_order(candidate: tuple, groups, sizes: Sizes, bm: int, bn: int, bound: int | None = None):
+    """Classify the tiles of head groups in one candidate order (no lists, no counts): for the split search.
+
+    Args:
+        candidate: ``(description, query segments, key segments, identity)`` as ``reorder.candidates`` gives.
+        groups: ``[(node, heads)]``.
+        sizes: the sizes.
+        bm, bn: the tile size.
+        bound: give up (None) once the visited pairs reach this.
+
+    Returns:
+        The candidate (``work``: visited pairs over heads; ``groups[i].keys``: visited tiles), or None.
+    """
+    return _plan_order(*candidate, groups, sizes, bm, bn, bound)
+
+
 def plan(
     pir: ir.PatternIR,
     q_len: int,
@@ -190,6 +207,7 @@ def plan(
     block=(128, 128),
     order="auto",
     orders=None,
+    parts=None,
 ):
     """The block plan of a pattern at given sizes (``Pattern.plan``).
 
@@ -202,7 +220,9 @@ def plan(
         order: ``"auto"`` (may reorder tokens to make tiles denser) or ``"identity"``.
         orders: the candidate orders to choose from (``reorder.candidates``' entries) instead of
             the pattern's own: plans of related patterns (the bounds of a pattern with run-time
-            inputs) then share one token order.
+            inputs) then share one token order. No parts are tried then.
+        parts: options of the split into parts with their own orders (``analysis.parts.PartOptions``;
+            default: the current ones); only with ``order="auto"``.
 
     Returns:
         A :class:`~patterndsl.analysis.plan.BlockPlan`.
@@ -239,6 +259,8 @@ def plan(
             if cand is not None:
                 best = cand
         out = _assemble(pir, best, groups, head_group, sizes, bm, bn, start, tried)
+        if order == "auto" and orders is None:
+            out = _with_parts(pir, out, parts)
     except MemoryError:
         raise PatternValueError(
             f"not enough memory for the block plan at Lq={q_len}, Lk={kv_len} with {bm}x{bn} tiles: "
@@ -247,6 +269,18 @@ def plan(
     if config.debug_verify():
         _verify_dense(out, nodes)
     return out
+
+
+def _with_parts(pir, single: BlockPlan, options) -> BlockPlan:
+    from patterndsl.analysis import parts
+
+    if any(ir.is_dynamic(n) for n in pir.nodes()):
+        return single  # a route's tiles are chosen at each call, in token order: one pass
+    # searched on first use (an executor's first call): Pattern.plan() alone stays as fast as before
+    options = parts.current() if options is None else options
+    source = functools.cache(functools.partial(parts.split, pir, single, options))
+    stats = dataclasses.replace(single.stats, parts_source=source)
+    return dataclasses.replace(single, parts_source=source, stats=stats)
 
 
 #: Largest ``heads * Lq * Lk`` checked against the dense mask under ``PATTERNDSL_DEBUG=1``.
@@ -264,6 +298,11 @@ def _verify_dense(p: BlockPlan, nodes) -> None:
     ref = tile_reduce(dense[:, p.q_order][:, :, p.kv_order], p.block_m, p.block_n)
     if not torch.equal(ref, p.tiles()) or p.stats.allowed_pairs != int(dense.sum()):
         raise AssertionError(f"block plan of {p.pattern.name!r} differs from its dense mask (order {p.order})")
+    if p.parts:
+        # each part was verified when it was planned; here: disjoint, and together the pattern
+        total = sum(semantics.mask(part.pattern, p.q_len, p.kv_len, p.heads).to(torch.int8) for part in p.parts)
+        if not torch.equal(total, dense.to(torch.int8)):
+            raise AssertionError(f"the parts of {p.pattern.name!r} are not a partition of its mask")
 
 
 def _form(node, qside, kside, runs, nqb, nkb):
@@ -380,4 +419,10 @@ def describe(plan: BlockPlan) -> str:
         f"closed-form bounds: {sum(g.forms is not None for g in plan.groups)} of {len(plan.groups)} groups",
         f"plan time: {s.plan_seconds * 1e3:.2f} ms",
     ]
+    if plan.parts:
+        lines.append(
+            f"parts: {len(plan.parts)} ("
+            + ", ".join(f"{p.order} {p.block_m}x{p.block_n}" for p in plan.parts)
+            + f"): {s.executed_pairs} visited pairs, block efficiency {s.executed_efficiency:.4f}"
+        )
     return "\n".join(lines)

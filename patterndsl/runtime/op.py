@@ -26,7 +26,7 @@ import inspect
 import torch
 
 from patterndsl.errors import BackendError
-from patterndsl.runtime import plans, ragged, validate
+from patterndsl.runtime import combine, plans, ragged, validate
 
 
 def lse_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -115,7 +115,13 @@ def _attention_fwd_impl(q, k, v, plan_key, data, scale, backend):
     if q.shape[0] == 0:
         # A zero batch has nothing to run: empty outputs, on every backend.
         return q.new_zeros(q.shape), q.new_zeros(q.shape[:3], dtype=lse_dtype(q.dtype))
-    out, lse = _run(_backend_module(backend, plan), "forward", q, k, v, plan, scale, data=data)
+    module = _backend_module(backend, plan)
+    if plan.parts:
+        # disjoint parts with token orders of their own: one pass each, merged by log-sum-exp
+        run = functools.partial(_run, module, "forward", q, k, v, scale=scale, data=data)
+        out, lse = combine.forward(functools.partial(run, plan=part) for part in plan.parts)
+    else:
+        out, lse = _run(module, "forward", q, k, v, plan, scale, data=data)
     return out.contiguous(), lse.to(lse_dtype(q.dtype)).contiguous()
 
 
@@ -150,7 +156,14 @@ def _attention_bwd_impl(dout, dlse, q, k, v, out, lse, plan_key, data, scale, ba
             grads = q.new_zeros(q.shape), k.new_zeros(k.shape), v.new_zeros(v.shape)
         else:
             module = _backend_module(backend, plan)
-            grads = _run(module, "backward", q, k, v, out, lse, dout, plan, scale, dlse=dlse, data=data)
+            run = functools.partial(
+                _run, module, "backward", q, k, v, out, lse, dout, scale=scale, dlse=dlse, data=data
+            )
+            if plan.parts:
+                # parts are split only for patterns without run-time inputs: (dq, dk, dv) each
+                grads = combine.backward(functools.partial(run, plan=part) for part in plan.parts)
+            else:
+                grads = run(plan=plan)
     floats = [t for t in data if t.is_floating_point()]
     tables = list(grads[3]) if len(grads) > 3 else [torch.zeros_like(t) for t in floats]
     qkv = tuple(g.to(x.dtype).contiguous() for g, x in zip(grads[:3], (q, k, v), strict=True))

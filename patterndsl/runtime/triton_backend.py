@@ -132,10 +132,14 @@ def _tiled(plan, tiles: tuple[int, int] | None):
     from patterndsl import analysis
 
     order = "identity" if plan.is_identity_order else "auto"
+    # a part keeps the token order it was split with
+    orders = None if plan.candidate is None else [plan.candidate]
     return per_plan(
         plan,
         ("tiled", tiles),
-        lambda: analysis.plan(plan.pattern, plan.q_len, plan.kv_len, plan.heads, block=tiles, order=order),
+        lambda: analysis.plan(
+            plan.pattern, plan.q_len, plan.kv_len, plan.heads, block=tiles, order=order, orders=orders
+        ),
     )
 
 

@@ -525,3 +525,8 @@ CHECKS.update(INPUT_CHECKS)
 from tests.interpreter.score_table_cases import SCORE_TABLE_CHECKS  # noqa: E402
 
 CHECKS.update(SCORE_TABLE_CHECKS)
+
+# Plans that run as parts with their own orders (tests/interpreter/part_cases.py).
+from tests.interpreter.part_cases import PART_CHECKS  # noqa: E402
+
+CHECKS.update(PART_CHECKS)
