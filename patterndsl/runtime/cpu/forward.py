@@ -37,6 +37,7 @@ from patterndsl.runtime.cpu.views import (
     inverses,
     kv_view,
     matmul_seen,
+    partial_columns,
     put,
     put_rows,
     q_view,
@@ -266,8 +267,9 @@ def _forward_math(qp, kp, vp, op, lp, seg0: Segment, block, scale: float, opts: 
     modifier (:class:`~patterndsl.runtime.cpu.scoremod.Modifier`), applied before the selection."""
     bm, bn = block
     b, h = qp.shape[:2]
+    cols = partial_columns(seg0, bn)
     for seg in chunks(seg0, b * h * bm * bn * qp.element_size(), opts.chunk_bytes):
-        s = scores(q_view(qp, seg, bm) * scale, kv_view(kp, seg, bn), seg, modify)
+        s = scores(q_view(qp, seg, bm) * scale, kv_view(kp, seg, bn), seg, modify, cols)
         m = s.amax(-1, keepdim=True)
         m.masked_fill_(m == float("-inf"), 0.0)
         s.sub_(m).exp_()
