@@ -10,6 +10,7 @@ chunks of one tile and whole segments.
 
 from __future__ import annotations
 
+import functools
 import itertools
 
 import pytest
@@ -18,6 +19,7 @@ import torch
 import patterndsl
 from patterndsl import analysis, semantics
 from patterndsl.runtime import cpu
+from patterndsl.runtime.cpu import pool
 from patterndsl.runtime.cpu.scoremod import reads_positions
 from patterndsl.runtime.cpu.units import units
 from patterndsl.runtime.cpu.views import partial_columns
@@ -103,3 +105,38 @@ def test_modified_forward_and_backward_match_the_reference(source, kernel, chunk
     loss = (ref * dout).sum() + (ref_lse.masked_fill(empty, 0.0) * dlse).sum()
     for g, w in zip(grads, torch.autograd.grad(loss, (qr, kr, vr)), strict=True):
         torch.testing.assert_close(g, w, atol=1e-9, rtol=1e-9)
+
+
+def test_pool_runs_every_step_restores_the_thread_count_and_raises():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        done = []
+        pool.run([functools.partial(done.append, i) for i in range(7)], 2)
+        assert sorted(done) == list(range(7)) and torch.get_num_threads() == 2
+
+        def boom():
+            raise ValueError("step failed")
+
+        with pytest.raises(ValueError, match="step failed"):
+            pool.run([boom, functools.partial(done.append, 7)], 2)
+        assert 7 in done and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_threaded_steps_equal_serial_ones():
+    pir = patterndsl.compile(SOFTCAP).ir
+    plan = analysis.plan(pir, 64, 64, 2, block=(8, 8))
+    opts = cpu.CpuOptions(kernel="math", chunk_bytes=1)
+    q, k, v = (torch.randn(1, 2, 64, 8, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        serial = cpu.forward(q, k, v, plan, 0.5, options=opts)
+        torch.set_num_threads(2)
+        threaded = cpu.forward(q, k, v, plan, 0.5, options=opts)
+    finally:
+        torch.set_num_threads(before)
+    for a, b in zip(serial, threaded, strict=True):
+        assert torch.equal(a, b)
