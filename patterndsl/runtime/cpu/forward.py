@@ -8,11 +8,11 @@ flash-attention kernel on the segment's ``[batch*heads, tiles, rows, D]`` views 
 "fused"``; affine segments with one shared mask run as narrower sub-tiles, :func:`split`), or
 batched matmuls with an exact two-pass softmax in chunks of ``chunk_bytes`` (``kernel =
 "math"``; with a score modifier its chunks run on worker threads, each serially,
-:mod:`~patterndsl.runtime.cpu.pool`). ``merge`` segments, merge units and the gathered ``route`` work combine with what the
-rows hold by log-sum-exp (:func:`patterndsl.runtime.softmax.merge_into`). Memory is O(Lq * keys
-visited per query), never L x L. A blocked pair never influences an output: when a call's result is
-not finite it runs again selecting (math kernel, ``masked_fill`` on scores, cleaned values), so a
-NaN or Inf in a key or value reaches exactly the rows that attend it.
+:mod:`~patterndsl.runtime.cpu.pool`). ``merge`` segments, merge units and the gathered ``route``
+work combine with what the rows hold by log-sum-exp (:func:`patterndsl.runtime.softmax.merge_into`).
+Memory is O(Lq * keys visited per query), never L x L. A blocked pair never influences an output:
+when a call's result is not finite it runs again selecting (math kernel, ``masked_fill`` on scores,
+cleaned values), so a NaN or Inf in a key or value reaches exactly the rows that attend it.
 """
 
 from __future__ import annotations
