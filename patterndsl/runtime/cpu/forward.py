@@ -7,22 +7,24 @@ log-sum-exp in the original token order. A step is one call of torch's fused CPU
 flash-attention kernel on the segment's ``[batch*heads, tiles, rows, D]`` views (``kernel =
 "fused"``; affine segments with one shared mask run as narrower sub-tiles, :func:`split`), or
 batched matmuls with an exact two-pass softmax in chunks of ``chunk_bytes`` (``kernel =
-"math"``). ``merge`` segments, merge units and the gathered ``route`` work combine with what the
-rows hold by log-sum-exp (:func:`patterndsl.runtime.softmax.merge_into`). Memory is O(Lq * keys
-visited per query), never L x L. A blocked pair never influences an output: when a call's result is
-not finite it runs again selecting (math kernel, ``masked_fill`` on scores, cleaned values), so a
-NaN or Inf in a key or value reaches exactly the rows that attend it.
+"math"``; with a score modifier its chunks run on worker threads, each serially,
+:mod:`~patterndsl.runtime.cpu.pool`). ``merge`` segments, merge units and the gathered ``route``
+work combine with what the rows hold by log-sum-exp (:func:`patterndsl.runtime.softmax.merge_into`).
+Memory is O(Lq * keys visited per query), never L x L. A blocked pair never influences an output:
+when a call's result is not finite it runs again selecting (math kernel, ``masked_fill`` on scores,
+cleaned values), so a NaN or Inf in a key or value reaches exactly the rows that attend it.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, replace
 
 import torch
 
 from patterndsl.analysis.plan import BlockPlan
 from patterndsl.runtime import softmax
-from patterndsl.runtime.cpu import dense, documents
+from patterndsl.runtime.cpu import dense, documents, pool
 from patterndsl.runtime.cpu.schedule import Segment
 from patterndsl.runtime.cpu.scoremod import Modifier, PairModifier
 from patterndsl.runtime.cpu.tuning import FLASH, CpuOptions, resolve
@@ -37,6 +39,7 @@ from patterndsl.runtime.cpu.views import (
     inverses,
     kv_view,
     matmul_seen,
+    partial_columns,
     put,
     put_rows,
     q_view,
@@ -266,8 +269,10 @@ def _forward_math(qp, kp, vp, op, lp, seg0: Segment, block, scale: float, opts: 
     modifier (:class:`~patterndsl.runtime.cpu.scoremod.Modifier`), applied before the selection."""
     bm, bn = block
     b, h = qp.shape[:2]
-    for seg in chunks(seg0, b * h * bm * bn * qp.element_size(), opts.chunk_bytes):
-        s = scores(q_view(qp, seg, bm) * scale, kv_view(kp, seg, bn), seg, modify)
+    cols = partial_columns(seg0, bn)
+
+    def step(seg: Segment) -> None:
+        s = scores(q_view(qp, seg, bm) * scale, kv_view(kp, seg, bn), seg, modify, cols)
         m = s.amax(-1, keepdim=True)
         m.masked_fill_(m == float("-inf"), 0.0)
         s.sub_(m).exp_()
@@ -276,6 +281,11 @@ def _forward_math(qp, kp, vp, op, lp, seg0: Segment, block, scale: float, opts: 
         vbad_seg = None if vbad is None else kv_view(vbad, seg, bn)
         o = matmul_seen(s, kv_view(vp, seg, bn), vbad_seg).div_(den.clamp(min=1.0))
         _emit(op, lp, seg, bm, o, (m + den.log()).squeeze(-1))
+
+    parts = list(chunks(seg0, b * h * bm * bn * qp.element_size(), opts.chunk_bytes))
+    # A score modifier's steps (distinct query tiles each) run on worker threads, serially inside (pool).
+    threads = torch.get_num_threads() if modify is not None else 1
+    pool.run([functools.partial(step, seg) for seg in parts], threads)
 
 
 def _forward_fused_split(qp, kp, vp, op, lp, seg: Segment, sp: Split, bm: int, scale: float) -> None:

@@ -51,9 +51,15 @@ class Modifier:
             self.data = Tables(plan.pattern.inputs, data, where)
         self.grads = grads or {}
         self._separable = self.score.additive and separable(self.score.bias)
+        self._positions = reads_positions(self.score)
 
-    def _env(self, s: torch.Tensor, seg: Segment) -> scores.Env:
+    def _env(self, s: torch.Tensor, seg: Segment, positions: bool = False) -> scores.Env:
         plan = self.plan
+        if not (self._positions or positions):
+            # The score reads no position (``cap * tanh(s / cap)``, a per-head term): no per-pair indices.
+            none = torch.zeros((), dtype=torch.int64)
+            h = self.heads[:, None, None, None]
+            return scores.Env(s, none, none, h, plan.q_len, plan.kv_len, plan.pattern.layout, s.dtype, self.data)
         bm, bn = plan.block
         rows = (seg.q_tiles[:, None] * bm + torch.arange(bm)).clamp(max=plan.q_len - 1)
         cols = (seg.kv_tiles[:, :, None] * bn + torch.arange(bn)).reshape(len(seg), -1).clamp(max=plan.kv_len - 1)
@@ -96,7 +102,7 @@ class Modifier:
         """
         bm, bn = self.plan.block
         shape = (len(seg), bm, seg.width * bn)
-        env = self._env(torch.zeros((), dtype=dtype), seg)
+        env = self._env(torch.zeros((), dtype=dtype), seg, positions=True)
         shift = None
         if self._separable:
             q_all = env.q
@@ -148,6 +154,20 @@ class Modifier:
                 values = values.masked_fill(seg.blocked, 0.0)
             indices = [scores.evaluate(i, env) for i in read.indices]
             scatter(self.grads[read.name], self.data, read, indices, values)
+
+
+def reads_positions(score: scores.Score) -> bool:
+    """Whether any of the score's expressions (value, derivatives) reads a query or key position.
+
+    Positions enter through ``q``, ``k``, grid coordinates and the indices of run-time inputs.
+    """
+    from patterndsl.scores.nodes import Coord, Read, Sym, walk
+
+    roots = [score.expr, score.ds, *(p for _, p in score.partials)] + ([score.bias] if score.bias is not None else [])
+    for node in (n for root in roots for n in walk(root)):
+        if isinstance(node, (Coord, Read)) or (isinstance(node, Sym) and node.name in ("q", "k")):
+            return True
+    return False
 
 
 def table_grads(plan: BlockPlan, data: list[torch.Tensor] | None, dtype: torch.dtype) -> dict[str, torch.Tensor] | None:

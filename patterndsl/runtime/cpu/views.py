@@ -85,14 +85,42 @@ def kv_view(x: torch.Tensor, seg: Segment, bn: int) -> torch.Tensor:
     return x.view(b, h, -1, bn, d)[:, :, seg.kv_tiles].reshape(b, h, len(seg), seg.width * bn, d)
 
 
-def scores(qc: torch.Tensor, kc: torch.Tensor, seg: Segment, modify=None) -> torch.Tensor:
-    """``qc @ kc^T``, through the score modifier ``modify(s, seg)`` when given, with blocked pairs at ``-inf``."""
+def scores(qc: torch.Tensor, kc: torch.Tensor, seg: Segment, modify=None, cols=None) -> torch.Tensor:
+    """``qc @ kc^T``, through the score modifier ``modify(s, seg)`` when given, with blocked pairs at ``-inf``.
+
+    ``cols``: the :func:`partial_columns` of the segment (or of the segment ``seg`` was sliced from):
+    only those columns are selected, the full key tiles are left alone. None: every column.
+    """
     s = torch.matmul(qc, kc.transpose(-1, -2))
     if modify is not None:
         s = modify(s, seg, own=True)
     if seg.blocked is not None:
-        s.masked_fill_(seg.blocked, float("-inf"))
+        if cols is None:
+            s.masked_fill_(seg.blocked, float("-inf"))
+        for a, b in cols or ():
+            s[..., a:b].masked_fill_(seg.blocked[..., a:b], float("-inf"))
     return s
+
+
+def partial_columns(seg: Segment, bn: int) -> list[tuple[int, int]]:
+    """Column ranges ``[a, b)`` of the segment's key windows covering every key tile with a blocked pair.
+
+    Runs of consecutive partial key tiles (in any of the segment's query tiles) merge into one range;
+    the slices of the segment (:meth:`Segment.slice`) have their blocked pairs inside the same ranges.
+    A sliding window's affine segment masks 2 of its key tiles, not all of them. Cached on ``seg``.
+    """
+    key = ("partial_columns", bn)
+    if key not in seg._cache:
+        runs: list[tuple[int, int]] = []
+        if seg.blocked is not None:
+            partial = seg.blocked.reshape(-1, seg.width, bn).any(-1).any(0).tolist()
+            for t in (t for t, p in enumerate(partial) if p):
+                if runs and runs[-1][1] == t * bn:
+                    runs[-1] = (runs[-1][0], (t + 1) * bn)
+                else:
+                    runs.append((t * bn, (t + 1) * bn))
+        seg._cache[key] = runs
+    return seg._cache[key]
 
 
 def finite(*tensors: torch.Tensor) -> bool:
