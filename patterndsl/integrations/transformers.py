@@ -46,6 +46,7 @@ from patterndsl.errors import PatternError
 from patterndsl.integrations.hf_cache import EAGER_REASON, PatternCache, commit
 from patterndsl.nn import as_pattern
 from patterndsl.runtime import heads_last
+from patterndsl.runtime.cpu import dense
 
 __all__ = ["PatternCache", "default_pattern", "layer_pattern", "layer_patterns", "prepare", "register", "with_softcap"]
 
@@ -155,6 +156,11 @@ def _with_documents(pattern: Pattern) -> Pattern | None:
 class _LayerPatterns:
     plain: Pattern
     packed: Pattern | None
+
+    def fused_step(self, q_len: int) -> bool:
+        """Whether a decoding step of ``q_len`` queries runs as one fused kernel call on the whole cache
+        (plain ``causal`` / ``full``, one query: every key is seen; runtime/cpu/dense.py)."""
+        return q_len == 1 and dense.plain(self.plain.ir) is not None
 
 
 def prepare(model) -> None:
@@ -270,9 +276,10 @@ def _attention_forward(
                 doc = _per_forward(starts, lambda: starts.cumsum(1, dtype=torch.int32))
                 out = attention(query, key, value, found.packed, scale=scaling, **{_DOC: doc})
     elif (lengths := _all_real(attention_mask, kv_len)) is not None:  # no padding, every key written
-        if q_len < kv_len and q_len <= DECODE_ROWS and not found.plain.ir.inputs:
+        if q_len < kv_len and q_len <= DECODE_ROWS and not found.plain.ir.inputs and not found.fused_step(q_len):
             # decoding: the ragged path reads only the keys the pattern lets these queries see and plans
             # per row tile (LANGUAGE.md section 9); the dense plan would tile every key for one query
+            # (plain causal / full steps of one query are one fused call on the whole cache instead)
             out = attention(query, key, value, found.plain, scale=scaling, kv_lengths=lengths)
         else:
             return heads_last(query, key, value, found.plain, scale=scaling, **inputs), None

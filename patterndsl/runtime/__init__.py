@@ -143,6 +143,11 @@ def heads_last(q, k, v, pattern, scale=None, **inputs):
         direct = sizes.backend == "cpu" and v.shape[3] == sizes.head_dim
     if not direct:
         return attention(q, k, v, pattern, scale=scale, inputs=inputs).transpose(1, 2).contiguous()
+    from patterndsl.runtime.cpu import dense
+
+    out = dense.direct(q, k, v, pir, sizes.scale)
+    if out is not None:
+        return out.transpose(1, 2).contiguous()
     out, _ = op.forward_impl(q, k, v, _plan_key(pir, "cpu"), [], sizes.scale, "cpu", contiguous=False)
     return out.transpose(1, 2).contiguous()
 
