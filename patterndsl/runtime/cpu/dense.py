@@ -14,7 +14,9 @@ are empty (``lse = -inf``, zero output), keys before the first query's position 
 the rest a square causal part, and the two parts merge by log-sum-exp. The backward of each part
 is the kernel's backward with the *final* ``out`` and ``lse`` (the rows' statistics), which is
 exact for a part of a softmax, so the parts' gradients add. Grouped-query heads pass through (the
-kernel reads ``Hkv < H`` itself and sums ``dK``/``dV`` over the sharing heads). A gradient on the
+kernel reads ``Hkv < H`` itself and sums ``dK``/``dV`` over the sharing heads); a few rows that see
+every key (a decoding step) run with the rows of the heads sharing a key/value head stacked as that
+head's rows. :func:`direct` serves eager calls of plain patterns without a plan. A gradient on the
 log-sum-exp, the math kernel and every other pattern run through the tile schedule.
 """
 
@@ -32,6 +34,9 @@ from patterndsl.runtime.cpu.views import compute_dtype, inverses
 
 #: Patterns that run as one fused call, and whether that call is causal.
 KINDS = {"causal": True, "full": False}
+#: Rows (query heads sharing a key/value head x queries) up to which a dense call stacks them as one
+#: head's rows: a decoding step of a grouped-query model then runs in two thirds of the per-head call.
+STACKED_ROWS = 64
 
 
 def plain(pattern: ir.PatternIR) -> bool | None:
@@ -122,7 +127,15 @@ def _forward(q, k, v, causal: bool, scale: float) -> tuple[torch.Tensor, torch.T
     row0, parts = _parts(lq, lk, causal)
     if row0 == 0 and len(parts) == 1:
         start, causal = parts[0]
-        out, lse = FLASH(qc, kc[:, :, start:], vc[:, :, start:], 0.0, causal, scale=scale)[:2]
+        share = h // k.shape[1]
+        if not causal and share > 1 and share * lq <= STACKED_ROWS:
+            # A few rows (a decoding step) that see every key: the rows of the query heads reading one
+            # key/value head are one problem of that head (the kernel reads each key once, not per head).
+            stacked = qc.reshape(b, k.shape[1], share * lq, d)
+            out, lse = FLASH(stacked, kc[:, :, start:], vc[:, :, start:], 0.0, False, scale=scale)[:2]
+            out, lse = out.reshape(b, h, lq, d), lse.reshape(b, h, lq)
+        else:
+            out, lse = FLASH(qc, kc[:, :, start:], vc[:, :, start:], 0.0, causal, scale=scale)[:2]
         return (out if out.dtype == q.dtype else out.to(q.dtype)), lse
     out = torch.zeros(b, h, lq, d, dtype=dt)
     lse = torch.full((b, h, lq), float("-inf"), dtype=dt)
