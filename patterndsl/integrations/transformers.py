@@ -45,6 +45,8 @@ from patterndsl.api import Pattern, attention, compile
 from patterndsl.errors import PatternError
 from patterndsl.integrations.hf_cache import EAGER_REASON, PatternCache, commit
 from patterndsl.nn import as_pattern
+from patterndsl.runtime import heads_last
+from patterndsl.runtime.cpu import dense
 
 __all__ = ["PatternCache", "default_pattern", "layer_pattern", "layer_patterns", "prepare", "register", "with_softcap"]
 
@@ -155,6 +157,11 @@ class _LayerPatterns:
     plain: Pattern
     packed: Pattern | None
 
+    def fused_step(self, q_len: int) -> bool:
+        """Whether a decoding step of ``q_len`` queries runs as one fused kernel call on the whole cache
+        (plain ``causal`` / ``full``, one query: every key is seen; runtime/cpu/dense.py)."""
+        return q_len == 1 and dense.plain(self.plain.ir) is not None
+
 
 def prepare(model) -> None:
     """Resolve every attention layer's pattern now (done when a model is built or its implementation
@@ -257,31 +264,31 @@ def _attention_forward(
     if key.dim() == 5:  # a PatternCache layer's pending keys (hf_cache)
         out = _paged(query, key, value, found.plain, scaling, attention_mask)
     elif attention_mask is None:
-        out = attention(query, key, value, found.plain, scale=scaling, **inputs)
+        return heads_last(query, key, value, found.plain, scale=scaling, **inputs), None
     elif attention_mask.dtype != torch.bool:
         if position_ids is None or found.packed is None:
-            out = attention(query, key, value, found.plain, scale=scaling, **inputs)
+            return heads_last(query, key, value, found.plain, scale=scaling, **inputs), None
         else:
             starts = _per_forward(position_ids, lambda: _restarts(position_ids.expand(batch, q_len)))
             if _eager_and(lambda: not bool(starts[:, 1:].any())):
-                out = attention(query, key, value, found.plain, scale=scaling)  # one document per row
+                return heads_last(query, key, value, found.plain, scale=scaling), None  # one document per row
             else:
                 doc = _per_forward(starts, lambda: starts.cumsum(1, dtype=torch.int32))
                 out = attention(query, key, value, found.packed, scale=scaling, **{_DOC: doc})
-    elif _eager_and(lambda: bool(attention_mask.all())):  # no padding, every key written
-        if q_len < kv_len and q_len <= DECODE_ROWS and not found.plain.ir.inputs:
+    elif (lengths := _all_real(attention_mask, kv_len)) is not None:  # no padding, every key written
+        if q_len < kv_len and q_len <= DECODE_ROWS and not found.plain.ir.inputs and not found.fused_step(q_len):
             # decoding: the ragged path reads only the keys the pattern lets these queries see and plans
             # per row tile (LANGUAGE.md section 9); the dense plan would tile every key for one query
-            lengths = torch.full((batch,), kv_len, dtype=torch.int32, device=query.device)
+            # (plain causal / full steps of one query are one fused call on the whole cache instead)
             out = attention(query, key, value, found.plain, scale=scaling, kv_lengths=lengths)
         else:
-            out = attention(query, key, value, found.plain, scale=scaling, **inputs)
+            return heads_last(query, key, value, found.plain, scale=scaling, **inputs), None
     elif q_len == kv_len and found.packed is not None:
         # a prefill: each row's runs of real tokens and of padding are documents; one call for the batch,
         # nothing gathered (its keys are its queries' own, so valid_k is valid_q); padded queries get
         # zeros, as sdpa gives them (a causal LM's loss reads the last padded position's logits)
         valid = attention_mask[:, q_len:]
-        doc = _per_forward(attention_mask, lambda: valid.to(torch.int32))
+        doc = _per_forward(attention_mask, lambda: valid.to(torch.int32), "doc")
         out = attention(query, key, value, found.packed, scale=scaling, **{_DOC: doc})
         out = out.masked_fill(~valid[:, None, :, None], 0.0)
     else:
@@ -314,23 +321,37 @@ def _restarts(pos: torch.Tensor) -> torch.Tensor:
     return starts
 
 
-#: the tensor derived last from each source tensor: ``id(source) -> (weakref, version, derived)``.
-_DERIVED: dict[int, tuple] = {}
+#: what was derived last from each source tensor: ``(id(source), tag) -> (weakref, version, derived)``.
+_DERIVED: dict[tuple, tuple] = {}
 
 
-def _per_forward(source: torch.Tensor, make):
-    """``make()``, the same tensor object for every layer of an eager forward that passes the same
-    ``source`` (a mask or ``position_ids``): the call-time plan of a run-time input is kept per input
-    tensor (:mod:`patterndsl.runtime.inputs`), so the first layer's plan serves the others."""
+def _all_real(attention_mask: torch.Tensor, kv_len: int) -> torch.Tensor | None:
+    """``kv_lengths`` (int64, every element ``kv_len``) when the mask marks every query and key real, else
+    None; decided once per forward (every layer gets the same mask) and never under tracing."""
+    if torch.compiler.is_compiling():
+        return None
+
+    def make():
+        if not bool(attention_mask.all()):
+            return None
+        return torch.full((attention_mask.shape[0],), kv_len, dtype=torch.int64, device=attention_mask.device)
+
+    return _per_forward(attention_mask, make, ("all", kv_len))
+
+
+def _per_forward(source: torch.Tensor, make, tag=None):
+    """``make()``, the same object for every layer of an eager forward that passes the same ``source``
+    (a mask or ``position_ids``) and ``tag`` (what is derived): the call-time plan of a run-time input is
+    kept per input tensor (:mod:`patterndsl.runtime.inputs`), so the first layer's plan serves the others."""
     if torch.compiler.is_compiling():
         return make()
-    kept = _DERIVED.get(id(source))
+    kept = _DERIVED.get((id(source), tag))
     if kept is not None and kept[0]() is source and kept[1] == source._version:
         return kept[2]
     derived = make()
     if len(_DERIVED) > 8:
         _DERIVED.clear()
-    _DERIVED[id(source)] = (weakref.ref(source), source._version, derived)
+    _DERIVED[(id(source), tag)] = (weakref.ref(source), source._version, derived)
     return derived
 
 

@@ -130,10 +130,38 @@ def attention(
     return (out, lse) if return_lse else out
 
 
+def heads_last(q, k, v, pattern, scale=None, **inputs):
+    """``attention(q, k, v, pattern, scale=scale, **inputs).transpose(1, 2).contiguous()``: the output as
+    ``[batch, Lq, heads, head_dim]`` (what ``transformers``' attention functions return), without copies.
+
+    An eager call that needs no gradient and reads no run-time input runs the op's implementation
+    directly (the dispatcher and autograd wrappers are a measurable part of a small prefill on CPU)
+    and keeps the layout the executor wrote: torch's fused CPU kernel, which plain ``causal`` and
+    ``full`` patterns run, writes ``[B, Lq, H, D]`` memory, so the transpose is free, as it is after
+    SDPA. Everything else (gradients, ``torch.compile``, inputs, a value head size of its own) goes
+    through :func:`attention`.
+    """
+    pir = getattr(pattern, "ir", None)
+    grad = torch.is_grad_enabled() and any(getattr(t, "requires_grad", False) for t in (q, k, v))
+    direct = isinstance(pir, ir.PatternIR) and not (grad or inputs or pir.inputs or torch.compiler.is_compiling())
+    if direct:
+        sizes = validate.check_inputs(q, k, v, scale, "auto")
+        direct = sizes.backend == "cpu" and v.shape[3] == sizes.head_dim
+    if not direct:
+        return attention(q, k, v, pattern, scale=scale, inputs=inputs).transpose(1, 2).contiguous()
+    from patterndsl.runtime.cpu import dense
+
+    out = dense.direct(q, k, v, pir, sizes.scale)
+    if out is not None:
+        return out.transpose(1, 2).contiguous()
+    out, _ = op.forward_impl(q, k, v, _plan_key(pir, "cpu"), [], sizes.scale, "cpu", contiguous=False)
+    return out.transpose(1, 2).contiguous()
+
+
 def _ragged(q, k, v, pir, scale, return_lse, backend, given, kv_lengths, q_lengths, block_table):
     """A call with per-element lengths or a paged cache (:mod:`patterndsl.runtime.decode`)."""
     out, lse = decode.call(q, k, v, pir, scale, backend, given, kv_lengths, q_lengths, block_table, _plan_key)
     return (out, lse) if return_lse else out
 
 
-__all__ = ["attention"]
+__all__ = ["attention", "heads_last"]

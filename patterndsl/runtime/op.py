@@ -108,6 +108,15 @@ def _attention_fwd_impl(q, k, v, plan_key, data, scale, backend):
         ``(out [B, H, Lq, D] in q's dtype, lse [B, H, Lq] float32, float64 for float64 inputs)``, both
         contiguous.
     """
+    return forward_impl(q, k, v, plan_key, data, scale, backend)
+
+
+def forward_impl(q, k, v, plan_key, data, scale, backend, contiguous: bool = True):
+    """What ``attention_fwd`` runs, callable without the dispatcher (an eager call that needs no gradient).
+
+    With ``contiguous=False`` the output keeps the layout the backend produced (torch's fused CPU kernel
+    writes ``[B, Lq, H, D]`` memory, which a caller that wants that layout then takes without a copy).
+    """
     q, k, v = unit_stride(q, k, v)
     if ragged.owns(plan_key):
         return ragged.forward_op(q, k, v, plan_key, data, scale, backend)
@@ -122,7 +131,8 @@ def _attention_fwd_impl(q, k, v, plan_key, data, scale, backend):
         out, lse = combine.forward(functools.partial(run, plan=part) for part in plan.parts)
     else:
         out, lse = _run(module, "forward", q, k, v, plan, scale, data=data)
-    return out.contiguous(), lse.to(lse_dtype(q.dtype)).contiguous()
+    lse = lse.to(lse_dtype(q.dtype))
+    return (out.contiguous(), lse.contiguous()) if contiguous else (out, lse)
 
 
 @torch.library.register_fake("patterndsl::attention_fwd")

@@ -36,7 +36,7 @@ def calls(monkeypatch):
 
 
 @pytest.mark.parametrize("body", ["causal", "full"])
-@pytest.mark.parametrize("lq,lk,h,hkv", [(45, 45, 4, 4), (30, 71, 4, 2), (71, 30, 2, 1)])
+@pytest.mark.parametrize("lq,lk,h,hkv", [(45, 45, 4, 4), (30, 71, 4, 2), (71, 30, 2, 1), (3, 20, 4, 2), (1, 20, 8, 2)])
 def test_values_lse_and_gradients_match_reference(body, lq, lk, h, hkv, calls):
     pattern = _compile(body)
     gen = torch.Generator().manual_seed(lq * lk + h)
