@@ -231,18 +231,9 @@ class _Evaluator:
         raise PatternNameError(f"unknown name '{name}'{did_you_mean(name, candidates)}", e.span)
 
     def _attribute(self, e: syntax.Attribute, where: bool) -> Value:
-        if e.base not in ("q", "k"):
-            raise PatternNameError(f"'{e.base}.{e.attr}': only q.AXIS and k.AXIS exist", e.span)
-        if not where:
+        if e.base in ("q", "k") and not where:
             raise PatternNameError(f"'{e.base}.{e.attr}' is only defined inside where(...)", e.span)
-        layout = self.scope.layout
-        if layout is None:
-            raise LayoutError(f"'{e.base}.{e.attr}' needs a layout grid(...) declared before it", e.span)
-        if e.attr not in layout.names:
-            hint = did_you_mean(e.attr, layout.names)
-            raise PatternNameError(
-                f"the layout has no axis '{e.attr}'{hint}; its axes are {', '.join(layout.names)}", e.attr_span
-            )
+        ir.check_grid_axis(e.base, e.attr, self.scope.layout, e.span, e.attr_span)
         return ir.Coord(e.base, e.attr, e.span)
 
     def _index(self, e: syntax.Index, where: bool) -> Value:

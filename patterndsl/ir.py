@@ -544,6 +544,22 @@ class Layout:
         return total
 
 
+def check_grid_axis(base: str, attr: str, layout: Layout | None, span: Span | None, attr_span: Span | None) -> None:
+    """Refuse ``base.attr`` unless it names a grid coordinate: ``base`` is ``q`` or ``k`` and ``attr`` an
+    axis of the declared ``layout`` (the rule of masks' ``where`` and of ``score`` alike)."""
+    from patterndsl.errors import LayoutError, PatternNameError, did_you_mean
+
+    if base not in ("q", "k"):
+        raise PatternNameError(f"'{base}.{attr}': only q.AXIS and k.AXIS exist", span)
+    if layout is None:
+        raise LayoutError(f"'{base}.{attr}' needs a layout grid(...) declared before it", span)
+    if attr not in layout.names:
+        hint = did_you_mean(attr, layout.names)
+        raise PatternNameError(
+            f"the layout has no axis '{attr}'{hint}; its axes are {', '.join(layout.names)}", attr_span
+        )
+
+
 @dataclass(frozen=True, slots=True)
 class HeadRule:
     """``heads lo..hi: node`` gives heads ``lo <= h < hi`` their own pattern."""

@@ -12,9 +12,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from patterndsl.errors import LayoutError, PatternNameError, PatternTypeError, PatternValueError, did_you_mean
+from patterndsl.errors import PatternNameError, PatternTypeError, PatternValueError, did_you_mean
 from patterndsl.grammar import syntax
-from patterndsl.ir import Layout
+from patterndsl.ir import Layout, check_grid_axis
 from patterndsl.scores import nodes
 from patterndsl.scores.nodes import ANY, COMPARISONS, FLOAT, FUNCTIONS, INT, Coord, Node, Read, Sym, make, num
 
@@ -103,16 +103,7 @@ class _Binder:
         raise PatternNameError(f"unknown name '{name}' in score{did_you_mean(name, candidates)}", e.span)
 
     def _attribute(self, e: syntax.Attribute) -> Node:
-        if e.base not in ("q", "k"):
-            raise PatternNameError(f"'{e.base}.{e.attr}': only q.AXIS and k.AXIS exist", e.span)
-        layout = self.names.layout
-        if layout is None:
-            raise LayoutError(f"'{e.base}.{e.attr}' needs a layout grid(...) declared before it", e.span)
-        if e.attr not in layout.names:
-            hint = did_you_mean(e.attr, layout.names)
-            raise PatternNameError(
-                f"the layout has no axis '{e.attr}'{hint}; its axes are {', '.join(layout.names)}", e.attr_span
-            )
+        check_grid_axis(e.base, e.attr, self.names.layout, e.span, e.attr_span)
         return Coord(e.base, e.attr, INT, e.span)
 
     def _index(self, e: syntax.Index) -> Node:
