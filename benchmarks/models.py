@@ -23,7 +23,6 @@ Run: ``python benchmarks/models.py [--repeat 5] [--prefill 512] [--new 16] [--co
 from __future__ import annotations
 
 import argparse
-import copy
 import sys
 import time
 from pathlib import Path
@@ -35,7 +34,7 @@ sys.path.insert(0, str(HERE.parent))
 
 import transformers  # noqa: E402
 
-from patterndsl.integrations.transformers import register  # noqa: E402
+from patterndsl.integrations.transformers import register, twins  # noqa: E402
 
 TARGETS = {"prefill": 1.2, "prefill compiled": 1.2, "decode step": 1.5, "padded generation b8": 1.5}
 
@@ -64,10 +63,7 @@ def models():
         num_key_value_heads=4,
         max_position_embeddings=4096,
     )
-    torch.manual_seed(0)
-    ours = transformers.AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation="pdsl").eval()
-    theirs = transformers.AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation="sdpa").eval()
-    theirs.load_state_dict(ours.state_dict())
+    ours, theirs = twins(config, "pdsl")
     return {"patterndsl": ours, "sdpa": theirs}
 
 

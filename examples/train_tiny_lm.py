@@ -16,14 +16,13 @@ Runs on CPU in a few minutes on two cores:
 from __future__ import annotations
 
 import argparse
-import copy
 import time
 from pathlib import Path
 
 import torch
 import transformers
 
-from patterndsl.integrations.transformers import PatternCache, register
+from patterndsl.integrations.transformers import PatternCache, register, twins
 
 PATTERN = "pattern streaming(sinks = 4, w = 32) { causal & (sink(sinks) | window(w)) }"
 ROOT = Path(__file__).resolve().parent.parent
@@ -64,10 +63,7 @@ def main(argv=None) -> None:
         num_key_value_heads=2,
         max_position_embeddings=1024,
     )
-    torch.manual_seed(0)
-    ours = transformers.AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation="pdsl_stream")
-    theirs = transformers.AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation="sdpa")
-    theirs.load_state_dict(ours.state_dict())
+    ours, theirs = twins(config, "pdsl_stream")
     models = {"patterndsl": ours, "sdpa": theirs}
     opts = {name: torch.optim.AdamW(m.parameters(), lr=3e-3) for name, m in models.items()}
     seconds = dict.fromkeys(models, 0.0)

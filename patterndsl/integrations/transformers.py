@@ -48,7 +48,16 @@ from patterndsl.nn import as_pattern
 from patterndsl.runtime import heads_last
 from patterndsl.runtime.cpu import dense
 
-__all__ = ["PatternCache", "default_pattern", "layer_pattern", "layer_patterns", "prepare", "register", "with_softcap"]
+__all__ = [
+    "PatternCache",
+    "default_pattern",
+    "layer_pattern",
+    "layer_patterns",
+    "prepare",
+    "register",
+    "twins",
+    "with_softcap",
+]
 
 #: name -> the pattern spec given to register (Pattern, source, mapping, callable or None).
 _REGISTERED: dict[str, Any] = {}
@@ -132,6 +141,33 @@ def with_softcap(pattern: Pattern, cap: float) -> Pattern:
     text = str(pattern).rstrip()
     cap = float(cap)
     return compile(f"{text[:-1].rstrip()}\n    score {cap!r} * tanh(s / {cap!r})\n}}")
+
+
+def twins(config, name: str, other: str = "sdpa", seed: int = 0):
+    """The same randomly initialised causal LM twice: under ``attn_implementation=name`` and ``other``.
+
+    Both models are built from copies of ``config`` (``from_config``: nothing is downloaded), the
+    second loads the first's weights, and both are returned in eval mode, so any difference in their
+    outputs comes from the attention implementations alone.
+
+    Args:
+        config: a ``transformers`` model config.
+        name: the implementation under test (a name given to :func:`register`).
+        other: the reference implementation (``"sdpa"``, ``"eager"``).
+        seed: ``torch.manual_seed`` before the first model is initialised.
+
+    Returns:
+        ``(ours, theirs)``.
+    """
+    import copy
+
+    import transformers
+
+    torch.manual_seed(seed)
+    ours = transformers.AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation=name).eval()
+    theirs = transformers.AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation=other).eval()
+    theirs.load_state_dict(ours.state_dict())
+    return ours, theirs
 
 
 def _layer_type(config, layer_idx: int):

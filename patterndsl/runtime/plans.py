@@ -31,9 +31,44 @@ class PlanSpec:
     order: str
 
 
+class Keys:
+    """Specs interned under short string keys: ops carry the key, never the object.
+
+    One instance per kind of call (static plans here, ragged calls in ``runtime/ragged.py``);
+    ``make(spec, n)`` names the ``n``-th spec, and a prefix of its own keeps kinds apart.
+    """
+
+    def __init__(self, what: str):
+        self.what = what
+        self._lock = threading.Lock()
+        self._specs: dict[str, object] = {}
+        self._keys: dict[object, str] = {}
+
+    def register(self, spec, make) -> str:
+        """The key of ``spec``, made by ``make(spec, n)`` on its first registration."""
+        with self._lock:
+            key = self._keys.get(spec)
+            if key is None:
+                key = make(spec, len(self._specs))
+                self._specs[key] = spec
+                self._keys[spec] = key
+        return key
+
+    def __contains__(self, key) -> bool:
+        return key in self._specs
+
+    def spec(self, key: str):
+        """The spec under ``key``; a PatternError for a key this process never registered."""
+        try:
+            return self._specs[key]
+        except KeyError:
+            raise PatternError(
+                f"unknown {self.what} key {key!r}: patterns are registered by patterndsl.attention"
+            ) from None
+
+
 _LOCK = threading.Lock()
-_SPECS: dict[str, PlanSpec] = {}
-_KEYS: dict[PlanSpec, str] = {}
+_REGISTRY = Keys("plan")
 _PLANS: OrderedDict[tuple[str, int, int, int], object] = OrderedDict()
 #: Plans kept in memory; each is small (tile lists, never an L x L tensor).
 MAX_PLANS = 64
@@ -51,13 +86,7 @@ def register(pattern: ir.PatternIR, block: tuple[int, int], order: str) -> str:
         A short key such as ``"p3:64x64:auto"``; the same spec always gets the same key.
     """
     spec = PlanSpec(pattern, (int(block[0]), int(block[1])), order)
-    with _LOCK:
-        key = _KEYS.get(spec)
-        if key is None:
-            key = f"p{len(_SPECS)}:{spec.block[0]}x{spec.block[1]}:{order}"
-            _SPECS[key] = spec
-            _KEYS[spec] = key
-    return key
+    return _REGISTRY.register(spec, lambda s, n: f"p{n}:{s.block[0]}x{s.block[1]}:{s.order}")
 
 
 def spec(key: str) -> PlanSpec:
@@ -66,10 +95,7 @@ def spec(key: str) -> PlanSpec:
     Raises:
         PatternError: for a key this process never registered.
     """
-    try:
-        return _SPECS[key]
-    except KeyError:
-        raise PatternError(f"unknown plan key {key!r}: patterns are registered by patterndsl.attention") from None
+    return _REGISTRY.spec(key)
 
 
 def get(key: str, q_len: int, kv_len: int, heads: int):

@@ -32,13 +32,12 @@ from dataclasses import dataclass, field
 import torch
 
 from patterndsl import ir, semantics
-from patterndsl.errors import InputError, PatternError
+from patterndsl.errors import InputError
 from patterndsl.runtime import plans
 from patterndsl.runtime.cpu.tuning import FLASH
 
 _LOCK = threading.Lock()
-_KEYS: dict[tuple[ir.PatternIR, tuple[int, int], bool], str] = {}
-_SPECS: dict[str, tuple[ir.PatternIR, tuple[int, int], bool]] = {}
+_REGISTRY = plans.Keys("ragged plan")
 #: Primitives whose meaning reads only the two positions (and the head).
 #: Tiles of the CPU loop's plan family (rows, keys).
 BLOCK = (64, 64)
@@ -48,18 +47,12 @@ POSITION_PRIMS = frozenset({"full", "empty", "causal", "window", "strided", "sin
 def register(pattern: ir.PatternIR, block: tuple[int, int], paged: bool) -> str:
     """The key the op carries for a ragged (``paged``: paged) call of ``pattern`` with tiles ``block``."""
     spec = (pattern, (int(block[0]), int(block[1])), bool(paged))
-    with _LOCK:
-        key = _KEYS.get(spec)
-        if key is None:
-            key = f"r{len(_SPECS)}:{spec[1][0]}x{spec[1][1]}:{'paged' if paged else 'ragged'}"
-            _KEYS[spec] = key
-            _SPECS[key] = spec
-    return key
+    return _REGISTRY.register(spec, lambda s, n: f"r{n}:{s[1][0]}x{s[1][1]}:{'paged' if s[2] else 'ragged'}")
 
 
 def owns(plan_key: str) -> bool:
     """True for keys made by :func:`register` (the op hands those calls here)."""
-    return plan_key in _SPECS
+    return plan_key in _REGISTRY
 
 
 def _reads_sizes(prim: ir.Prim) -> bool:
@@ -419,10 +412,7 @@ class Keys:
 
 
 def _spec(plan_key: str):
-    try:
-        return _SPECS[plan_key]
-    except KeyError:
-        raise PatternError(f"unknown ragged plan key {plan_key!r}") from None
+    return _REGISTRY.spec(plan_key)
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:

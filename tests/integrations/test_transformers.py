@@ -6,7 +6,6 @@ dense recompute), on real tokens only: padded positions are not part of any cont
 
 from __future__ import annotations
 
-import copy
 import os
 import subprocess
 import sys
@@ -18,7 +17,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from patterndsl import PatternError  # noqa: E402
-from patterndsl.integrations.transformers import register  # noqa: E402
+from patterndsl.integrations.transformers import register, twins  # noqa: E402
 
 TOL = {"atol": 2e-4, "rtol": 2e-4}
 VOCAB = 97
@@ -48,13 +47,7 @@ def _config(kind: str, **extra):
 
 def _pair(kind: str, name: str = "pdsl", **extra):
     """The same random model twice: under patterndsl and under sdpa (eager for Gemma 2's softcap)."""
-    torch.manual_seed(0)
-    config = _config(kind, **extra)
-    ours = transformers.AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation=name).eval()
-    other = "eager" if kind == "gemma2" else "sdpa"
-    theirs = transformers.AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation=other).eval()
-    theirs.load_state_dict(ours.state_dict())
-    return ours, theirs
+    return twins(_config(kind, **extra), name, "eager" if kind == "gemma2" else "sdpa")
 
 
 @pytest.fixture(scope="module", autouse=True)
