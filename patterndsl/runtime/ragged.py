@@ -678,7 +678,7 @@ def add_element_keys(dk, dv, table, b: int, kv_len: int, gk: torch.Tensor, gv: t
 def per_element(q, k, v, data, run, pattern=None):
     """A call run element by element on its own unpadded problem (``route`` patterns), differentiable.
 
-    ``run(q_b, k_b, v_b)`` returns ``(out, lse)`` of one element (``[1, H, Lq_b, D]``); the element's
+    ``run(q_b, k_b, v_b, b, kv_len)`` returns ``(out, lse)`` of element ``b`` (``[1, H, Lq_b, D]``); the element's
     keys are :func:`element_keys` (pages freed by a :class:`patterndsl.PagedKVCache` of ``pattern`` read
     as zeros: no query of the call reaches them). Rows past ``q_lengths[b]`` are zeros with ``lse = -inf``.
     """
@@ -695,7 +695,7 @@ def per_element(q, k, v, data, run, pattern=None):
         if ql[b] and kvl[b]:
             live = None if table is None or pattern is None else live_keys(pattern, h, kvl[b] - ql[b])
             kb, vb = element_keys(k, v, table, b, kvl[b], live)
-            o, l_ = run(q[b : b + 1, :, : ql[b]], kb, vb)
+            o, l_ = run(q[b : b + 1, :, : ql[b]], kb, vb, b, kvl[b])
             out = torch.cat([o, out[:, :, ql[b] :]], 2)
             lse = torch.cat([l_.to(lse.dtype), lse[:, :, ql[b] :]], 2)
         outs.append(out)
