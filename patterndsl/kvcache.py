@@ -20,11 +20,16 @@ inputs) keep every page (see :func:`patterndsl.runtime.ragged.position_only`).
 
 from __future__ import annotations
 
+import weakref
+
 import numpy as np
 import torch
 
 from patterndsl import ir
 from patterndsl.errors import InputError, PatternError, PatternValueError
+
+#: Caches by ``id`` of their key pages, so a call over those pages finds the cache's block summaries.
+_OWNERS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 
 #: An interval list ``[(lo, hi), ...]`` (inclusive) of key positions, or None for every key.
 Intervals = list | None
@@ -128,6 +133,22 @@ def live_keys(pattern: ir.PatternIR, heads: int, qlo: int) -> Intervals:
     return out
 
 
+def _summaries(pattern: ir.PatternIR, heads: int, batch: int, kv_heads: int, head_dim: int, dtype, device):
+    """The block summaries the pattern's routes score from (None without a route this cache can summarize)."""
+    from patterndsl.runtime import route_decode
+
+    if not route_decode.serves(pattern):
+        return None
+    prims = {p for node in pattern.nodes() for p in ir.routes(node)}
+    return route_decode.BlockSummaries(sorted(prims, key=ir.sort_key), batch, kv_heads, head_dim, dtype, device)
+
+
+def owner(k, v, kv_lengths: list[int]):
+    """The :class:`PagedKVCache` whose current pages ``k``/``v`` are (see :meth:`PagedKVCache.current`), or None."""
+    cache = _OWNERS.get(id(k))
+    return cache if cache is not None and cache.current(k, v, kv_lengths) else None
+
+
 class PagedKVCache:
     """A paged key/value cache for decoding with a pattern.
 
@@ -170,6 +191,9 @@ class PagedKVCache:
         self._free = list(range(num_pages - 1, -1, -1))
         self._pages: list[list[int]] = [[] for _ in range(batch)]
         self._lengths = [0] * batch
+        self.summaries = _summaries(pattern.ir, self.heads, batch, kv_heads, head_dim, dtype, device)
+        self._written = (self.k._version, self.v._version)
+        _OWNERS[id(self.k)] = self
 
     @property
     def batch(self) -> int:
@@ -225,7 +249,20 @@ class PagedKVCache:
             phys = torch.tensor(pages, dtype=torch.int64)[pos // ps]
             self.k[phys, :, pos % ps] = k_new[i].transpose(0, 1).to(self.k.dtype)
             self.v[phys, :, pos % ps] = v_new[i].transpose(0, 1).to(self.v.dtype)
+            if self.summaries is not None:
+                self.summaries.append(b, start, k_new[i].to(self.k.dtype))
             self._lengths[b] = start + n
+        self._written = (self.k._version, self.v._version)
+
+    def current(self, k, v, kv_lengths: list[int]) -> bool:
+        """Whether ``k``/``v`` are this cache's pages, written only by :meth:`append`, at these lengths (its
+        block summaries then describe them)."""
+        return (
+            k is self.k
+            and v is self.v
+            and (k._version, v._version) == self._written
+            and list(kv_lengths) == self._lengths
+        )
 
     def _rows(self, rows) -> list[int]:
         if rows is None:

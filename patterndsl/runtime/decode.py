@@ -115,6 +115,9 @@ def call(q, k, v, pir, scale, backend, given, kv_lengths, q_lengths, block_table
     else:
         data = ragged.call_data(q, k, kv_lengths, q_lengths, block_table)
     if checked.per_element:
+        step = _route_step(q, k, v, pir, checked, data, given, compiling)
+        if step is not None:
+            return step
         bound = _bind(q, k, pir, given, data) if (given or pir.inputs) else None
 
         def run(qb, kb, vb, b, kv_len):
@@ -126,6 +129,27 @@ def call(q, k, v, pir, scale, backend, given, kv_lengths, q_lengths, block_table
     if grad or compiling:
         return op.attention_fwd(q, k, v, checked.key, data, checked.scale, checked.backend)
     return ragged.forward_op(*op.unit_stride(q, k, v), checked.key, data, checked.scale, checked.backend)
+
+
+def _route_step(q, k, v, pir, checked, data, given, compiling):
+    """A decoding step of a ``route(...)`` pattern over a :class:`~patterndsl.PagedKVCache`'s own pages: scored
+    from the block summaries the cache keeps (:mod:`patterndsl.runtime.route_decode`), or None."""
+    from patterndsl.runtime import route_decode
+
+    if len(data) < 3 or checked.backend != "cpu" or compiling or given or q.shape[2] > route_decode.MAX_ROWS:
+        return None
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return None
+    if not route_decode.serves(pir):
+        return None
+    from patterndsl import kvcache
+
+    cache = kvcache.owner(k, v, data[0].tolist())
+    if cache is None or cache.pattern.ir != pir or cache.summaries is None:
+        return None
+    if q.dtype == torch.float64 and cache.summaries.dtype != torch.float64:
+        return None  # the scores would pool float64 queries against float32 summaries
+    return route_decode.forward(q, k, v, pir, data, checked.scale, cache.summaries)
 
 
 def _bind(q, k, pir, given, data):
