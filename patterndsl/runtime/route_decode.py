@@ -204,7 +204,7 @@ def _candidates(pattern, prim, voters, heads, kv_heads, q_len, kv_len, qgroup, n
 def _choose(pattern, summaries, b, q, heads, kv_heads, q_len, kv_len):
     """``{route: (chosen [kv_heads, n_groups, n_blocks], qgroup [Lq])}`` of element ``b``'s rows."""
     out = {}
-    for prim, voters in routing.voters(pattern, heads).items():
+    for prim, voters in _voters(pattern, heads).items():
         n_q, qgroup = _groups_of(prim, q_len, kv_len)
         n_k = -(-kv_len // prim.arg("block"))
         pooled_k = summaries.pooled(prim, b, n_k)
@@ -214,6 +214,11 @@ def _choose(pattern, summaries, b, q, heads, kv_heads, q_len, kv_len):
         cand = _candidates(pattern, prim, voters, heads, kv_heads, q_len, kv_len, qgroup, n_q)
         out[prim] = (routing.top(scores, cand, prim.arg("topk")), qgroup)
     return out
+
+
+@functools.lru_cache(maxsize=64)
+def _voters(pattern: ir.PatternIR, heads: int):
+    return routing.voters(pattern, heads)
 
 
 # --------------------------------------------------------------------------- one element
@@ -232,23 +237,40 @@ def _keys(pattern, chosen, heads, kv_heads, q_len, kv_len) -> torch.Tensor:
     return torch.unique(torch.cat(parts))
 
 
+@functools.lru_cache(maxsize=256)
+def _corners(node: ir.Node):
+    """``(routes, ((choice, node with each route empty or full as chosen), ...), reads h)`` of a head's node."""
+    prims = ir.routes(node)
+    corners = tuple(
+        (corner, ir.replace(node, {p: (ir.FULL if on else ir.EMPTY) for p, on in zip(prims, corner, strict=True)}))
+        for corner in itertools.product((False, True), repeat=len(prims))
+    )
+    return prims, corners, ir.uses_head(node)
+
+
 def _allowed(pattern, chosen, heads, kv_heads, q_len, kv_len, keys) -> torch.Tensor:
-    """Bool ``[heads, Lq, nk]``: the pattern at the rows and ``keys``, each route as chosen."""
+    """Bool ``[heads, Lq, nk]``: the pattern at the rows and ``keys``, each route as chosen (per key-value head)."""
     ctx = semantics.Context(q_len, kv_len, None)
     share = heads // kv_heads
     rows = torch.arange(q_len)[:, None]
     out = torch.zeros(heads, q_len, keys.numel(), dtype=torch.bool)
+    done = {}
     for h in range(heads):
         node = pattern.node_for_head(h)
         if node is None:
             continue
-        prims = ir.routes(node)
+        prims, corners, per_head = _corners(node)
+        # Heads of one key-value head share the choice: one evaluation serves them unless the node reads h.
+        memo = (node, h if per_head else h // share)
+        if memo in done:
+            out[h] = out[done[memo]]
+            continue
+        done[memo] = h
         picks = []
         for prim in prims:
             sel, qgroup = chosen[prim]
             picks.append(sel[h // share][qgroup[:, None], torch.div(keys, prim.arg("block"), rounding_mode="floor")])
-        for corner in itertools.product((False, True), repeat=len(prims)):
-            here = ir.replace(node, {p: (ir.FULL if on else ir.EMPTY) for p, on in zip(prims, corner, strict=True)})
+        for corner, here in corners:
             where = torch.ones(q_len, keys.numel(), dtype=torch.bool)
             for pick, on in zip(picks, corner, strict=True):
                 where &= pick if on else ~pick
@@ -259,7 +281,7 @@ def _allowed(pattern, chosen, heads, kv_heads, q_len, kv_len, keys) -> torch.Ten
 
 def _gather(k, v, table, b: int, keys: torch.Tensor, allowed: torch.Tensor):
     """Element ``b``'s keys and values at positions ``keys`` through the table: ``[kv_heads, nk, head_dim]``."""
-    ps = k.shape[2]
+    hkv, ps, dim = k.shape[1], k.shape[2], k.shape[3]
     page, off = table[b, torch.div(keys, ps, rounding_mode="floor")], keys % ps
     missing = page < 0
     if bool(missing.any()):
@@ -270,7 +292,9 @@ def _gather(k, v, table, b: int, keys: torch.Tensor, allowed: torch.Tensor):
                 "a query of this call may attend"
             )
         page = page.clamp(min=0)
-    kk, vv = k[page, :, off].transpose(0, 1), v[page, :, off].transpose(0, 1)
+    # One index_select of rows of the flattened pages (faster than advanced indexing over two dims).
+    rows = ((page * (hkv * ps) + off)[None, :] + (torch.arange(hkv) * ps)[:, None]).flatten()
+    kk, vv = (x.reshape(-1, dim).index_select(0, rows).view(hkv, -1, dim) for x in (k, v))
     if bool(missing.any()):
         kk, vv = (x.masked_fill(missing[None, :, None], 0.0) for x in (kk, vv))
     return kk, vv
