@@ -33,7 +33,7 @@ import torch
 
 from patterndsl import ir, semantics
 from patterndsl.errors import InputError, PatternError
-from patterndsl.runtime import plans
+from patterndsl.runtime import paged, plans
 from patterndsl.runtime.cpu.tuning import FLASH
 
 _LOCK = threading.Lock()
@@ -376,6 +376,15 @@ class Keys:
         if bool(missing.any()):
             self._check_missing(tile, missing, p0, a, z)
             phys = phys.clamp(min=0)
+        pos = torch.arange(a, z)
+        kk = paged.flat_rows(self.k, phys[pos // ps - p0], pos % ps)
+        vv = paged.flat_rows(self.v, phys[pos // ps - p0], pos % ps)
+        if kk is not None and vv is not None:
+            # The run's rows only, one copy (masked: a page not held reads as zeros).
+            if bool(missing.any()):
+                gone = missing[pos // ps - p0][None, :, None]
+                kk, vv = kk.masked_fill(gone, 0.0), vv.masked_fill(gone, 0.0)
+            return kk, vv
         # Whole pages are gathered (contiguous copies), then the run is sliced out of them.
         kk, vv = (x.index_select(0, phys) for x in (self.k, self.v))
         if bool(missing.any()):
@@ -591,7 +600,8 @@ def forward(q, k, v, plan_key: str, data, scale: float, lengths=None):
     if single is not None:
         # A decoding step: the tile's result is the whole output, no buffers to fill.
         gr, t = single
-        o, row_lse = _run_tile(gr, q, 0, *Keys(k, v, 0, table).get(t), t, scale, dt, fused)
+        got = None if table is None else paged.in_place(gr, q, 0, k, v, table[0], t, scale, dt)
+        o, row_lse = got if got is not None else _run_tile(gr, q, 0, *Keys(k, v, 0, table).get(t), t, scale, dt, fused)
         return o.view(1, h, lq, -1).to(q.dtype), row_lse.view(1, h, lq)
     out = torch.zeros(b_, h, lq, v.shape[3], dtype=dt)
     lse = torch.full((b_, h, lq), float("-inf"), dtype=dt)
@@ -599,7 +609,8 @@ def forward(q, k, v, plan_key: str, data, scale: float, lengths=None):
         keys = Keys(k, v, b, table)
         for gr, tiles in groups:
             for t in tiles:
-                o, row_lse = _run_tile(gr, q, b, *keys.get(t), t, scale, dt, fused)
+                got = None if table is None else paged.in_place(gr, q, b, k, v, table[b], t, scale, dt)
+                o, row_lse = got if got is not None else _run_tile(gr, q, b, *keys.get(t), t, scale, dt, fused)
                 out[b, gr.sel, t.i0 : t.i1] = o
                 lse[b, gr.sel, t.i0 : t.i1] = row_lse
     return out.to(q.dtype), lse
