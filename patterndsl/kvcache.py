@@ -192,7 +192,7 @@ class PagedKVCache:
         self._pages: list[list[int]] = [[] for _ in range(batch)]
         self._lengths = [0] * batch
         self.summaries = _summaries(pattern.ir, self.heads, batch, kv_heads, head_dim, dtype, device)
-        self._written = (self.k._version, self.v._version)
+        self._written = self._versions()
         _OWNERS[id(self.k)] = self
 
     @property
@@ -252,7 +252,15 @@ class PagedKVCache:
             if self.summaries is not None:
                 self.summaries.append(b, start, k_new[i].to(self.k.dtype))
             self._lengths[b] = start + n
-        self._written = (self.k._version, self.v._version)
+        self._written = self._versions()
+
+    def _versions(self):
+        """The pages' version counters (None for inference tensors, which keep none: then no call trusts the
+        block summaries, since a write outside :meth:`append` could not be seen)."""
+        try:
+            return self.k._version, self.v._version
+        except RuntimeError:
+            return None
 
     def current(self, k, v, kv_lengths: list[int]) -> bool:
         """Whether ``k``/``v`` are this cache's pages, written only by :meth:`append`, at these lengths (its
@@ -260,7 +268,8 @@ class PagedKVCache:
         return (
             k is self.k
             and v is self.v
-            and (k._version, v._version) == self._written
+            and self._written is not None
+            and self._versions() == self._written
             and list(kv_lengths) == self._lengths
         )
 

@@ -140,3 +140,15 @@ def test_pages_written_outside_append_fall_back_to_the_general_path(steps):
     kk = k[:1].clone()
     kk[:, :, 0] += 1.0
     assert torch.allclose(out, p(q[:1, :, -1:], kk, v[:1]), atol=1e-12)
+
+
+def test_caches_made_under_inference_mode_work_without_trusting_summaries(steps):
+    p = pd.compile(ROUTES[0])
+    q, k, v = _tensors(4, 2, 12, 8, torch.float64, 6)
+    with torch.inference_mode():
+        cache = pd.PagedKVCache(p, 16, 4, 2, 8, dtype=torch.float64)
+        cache.append(k[:1], v[:1])
+        kp, vp, table, lens = cache.view()
+        out = p(q[:1, :, -1:], kp, vp, block_table=table, kv_lengths=lens)
+    assert not steps  # inference tensors keep no version counter: a write outside append could not be seen
+    assert torch.allclose(out, p(q[:1, :, -1:], k[:1], v[:1]), atol=1e-12)
