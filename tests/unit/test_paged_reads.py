@@ -11,7 +11,7 @@ import torch
 
 import patterndsl as pd
 from patterndsl.runtime import paged
-from tests.unit.test_ragged import SOURCES, _check, _tensors
+from tests.unit.test_ragged import SOURCES, _check, _tensors, shared_paged
 
 
 def consecutive(k, v, kvl, page_size, gap=1):
@@ -66,6 +66,18 @@ def test_consecutive_pages_are_read_in_place_and_match_the_reference(seed, in_pl
     assert any(in_place_calls)
     assert torch.allclose(out, want, atol=1e-5 if dtype == torch.float32 else 1e-12)
     _check(p, q, k, v, kvl, ql, 1e-4 if dtype == torch.float32 else 1e-9, table, kp, vp)
+
+
+@pytest.mark.parametrize("page_size", [11, 16])
+def test_scattered_and_shared_pages_are_read_in_place_piece_by_piece(page_size, in_place_calls):
+    # Sinks and a window: two runs of keys per row tile; a shared prompt's pages, then each element's own,
+    # shuffled: every run of consecutive physical pages is one piece.
+    p = pd.compile(SOURCES[0])
+    q, k, v = _tensors(2, 4, 2, 2, 150, 8, torch.float64, page_size)
+    kvl, ql = torch.tensor([150, 131]), torch.tensor([2, 1])
+    kp, vp, table = shared_paged(k, v, kvl, page_size, random.Random(page_size))
+    _check(p, q, k, v, kvl, ql, 1e-9, table, kp, vp)
+    assert any(in_place_calls)
 
 
 def test_a_non_finite_value_of_another_head_stays_out(in_place_calls):
