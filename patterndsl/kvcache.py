@@ -188,7 +188,7 @@ class PagedKVCache:
         self.heads = kv_heads if heads is None else _integer("heads", heads)
         self.k = torch.zeros(num_pages, kv_heads, page_size, head_dim, dtype=dtype, device=device)
         self.v = torch.zeros_like(self.k)
-        self._free = list(range(num_pages - 1, -1, -1))
+        self._free_set = set(range(num_pages))
         self._pages: list[list[int]] = [[] for _ in range(batch)]
         self._lengths = [0] * batch
         self.summaries = _summaries(pattern.ir, self.heads, batch, kv_heads, head_dim, dtype, device)
@@ -201,7 +201,7 @@ class PagedKVCache:
 
     def pages_in_use(self) -> int:
         """The number of physical pages held."""
-        return self.k.shape[0] - len(self._free)
+        return self.k.shape[0] - len(self._free_set)
 
     def lengths(self) -> list[int]:
         """Each element's length (positions appended so far)."""
@@ -235,16 +235,16 @@ class PagedKVCache:
         for b in rows:
             self._evict(b, self._lengths[b])
         need = sum(-(-(self._lengths[b] + n) // ps) - len(self._pages[b]) for b in rows)
-        if need > len(self._free):
+        if need > len(self._free_set):
             raise PatternError(
                 f"PagedKVCache is out of pages: appending {n} positions to {len(rows)} elements needs {need} more "
-                f"pages, {len(self._free)} of {self.k.shape[0]} are free"
+                f"pages, {len(self._free_set)} of {self.k.shape[0]} are free"
             )
         for i, b in enumerate(rows):
             start = self._lengths[b]
             pages = self._pages[b]
             while len(pages) * ps < start + n:
-                pages.append(self._free.pop())
+                pages.append(self._take(b))
             pos = torch.arange(start, start + n)
             phys = torch.tensor(pages, dtype=torch.int64)[pos // ps]
             self.k[phys, :, pos % ps] = k_new[i].transpose(0, 1).to(self.k.dtype)
@@ -273,6 +273,19 @@ class PagedKVCache:
             and list(kv_lengths) == self._lengths
         )
 
+    def _take(self, b: int) -> int:
+        """A free page for element ``b``: the one after its last page when free, so that its pages form runs of
+        consecutive physical pages (read in place, :mod:`patterndsl.runtime.paged`); an element's first page is
+        taken at its share of the cache (``b * num_pages // batch``) so that elements appended in step grow in
+        runs of their own; otherwise the lowest free page."""
+        held = [p for p in self._pages[b] if p >= 0]
+        want = held[-1] + 1 if held else b * self.k.shape[0] // self.batch
+        if want not in self._free_set:
+            # The lowest free page: pages freed behind a window come back in order, so runs form again.
+            want = min(self._free_set)
+        self._free_set.discard(want)
+        return want
+
     def _rows(self, rows) -> list[int]:
         if rows is None:
             return list(range(self.batch))
@@ -296,7 +309,7 @@ class PagedKVCache:
                 continue
             lo, hi = p * ps, p * ps + ps - 1
             if not any(a <= hi and lo <= z for a, z in live):
-                self._free.append(pages[p])
+                self._free_set.add(pages[p])
                 pages[p] = -1
 
     def view(self):

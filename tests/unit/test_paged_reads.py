@@ -4,6 +4,7 @@ reference, forward and backward, and a non-finite value in another head's rows s
 
 from __future__ import annotations
 
+import itertools
 import random
 
 import pytest
@@ -101,3 +102,20 @@ def test_scattered_pages_gather_only_the_rows_of_the_run():
     rows = paged.flat_rows(k, torch.tensor([5, 5, 2]), torch.tensor([1, 3, 0]))
     assert torch.equal(rows, torch.stack([k[5, :, 1], k[5, :, 3], k[2, :, 0]], 1))
     assert paged.flat_rows(k.transpose(2, 3).contiguous().transpose(2, 3), torch.tensor([0]), torch.tensor([0])) is None
+
+
+def _runs_of(row):
+    held = [p for p in row if p >= 0]
+    return 1 + sum(1 for a, b in itertools.pairwise(held) if b != a + 1)
+
+
+def test_the_cache_keeps_each_element_on_runs_of_consecutive_pages():
+    # Elements appended in step grow in runs of their own; a window's freed pages come back in order.
+    cache = pd.PagedKVCache(pd.compile("pattern c { causal }"), 64, 4, 1, 8, batch=4)
+    for _ in range(30):
+        cache.append(torch.randn(4, 1, 1, 8), torch.randn(4, 1, 1, 8))
+    assert all(_runs_of(row) == 1 for row in cache.view()[2].tolist())
+    cache = pd.PagedKVCache(pd.compile("pattern s { causal & (window(16) | sink(2)) }"), 9, 4, 1, 8)
+    for _ in range(120):
+        cache.append(torch.randn(1, 1, 1, 8), torch.randn(1, 1, 1, 8))
+        assert _runs_of(cache.view()[2][0].tolist()) <= 3  # the sinks' page, then the window wrapping once
