@@ -36,7 +36,7 @@ import torch
 
 from patterndsl import ir, semantics
 from patterndsl.errors import InputError
-from patterndsl.runtime import ragged, routing
+from patterndsl.runtime import paged, ragged, routing
 
 #: Query rows per element up to which a call counts as a decoding step here.
 MAX_ROWS = 16
@@ -281,7 +281,7 @@ def _allowed(pattern, chosen, heads, kv_heads, q_len, kv_len, keys) -> torch.Ten
 
 def _gather(k, v, table, b: int, keys: torch.Tensor, allowed: torch.Tensor):
     """Element ``b``'s keys and values at positions ``keys`` through the table: ``[kv_heads, nk, head_dim]``."""
-    hkv, ps, dim = k.shape[1], k.shape[2], k.shape[3]
+    ps = k.shape[2]
     page, off = table[b, torch.div(keys, ps, rounding_mode="floor")], keys % ps
     missing = page < 0
     if bool(missing.any()):
@@ -292,9 +292,9 @@ def _gather(k, v, table, b: int, keys: torch.Tensor, allowed: torch.Tensor):
                 "a query of this call may attend"
             )
         page = page.clamp(min=0)
-    # One index_select of rows of the flattened pages (faster than advanced indexing over two dims).
-    rows = ((page * (hkv * ps) + off)[None, :] + (torch.arange(hkv) * ps)[:, None]).flatten()
-    kk, vv = (x.reshape(-1, dim).index_select(0, rows).view(hkv, -1, dim) for x in (k, v))
+    kk, vv = paged.flat_rows(k, page, off), paged.flat_rows(v, page, off)
+    if kk is None or vv is None:
+        kk, vv = k[page, :, off].transpose(0, 1), v[page, :, off].transpose(0, 1)
     if bool(missing.any()):
         kk, vv = (x.masked_fill(missing[None, :, None], 0.0) for x in (kk, vv))
     return kk, vv
