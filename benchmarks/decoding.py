@@ -4,9 +4,10 @@ Cases (H = 8 query heads over 2 key/value heads, D = 64, float32), as issue 14 a
 causal at Lk = 1K, 8K, 32K; ``causal & window(4096)`` at 32K and 128K; StreamingLLM
 (``causal & (window(4096) | sink(4))``) at 128K; a batch of 8 with lengths from 1K to 32K
 (``kv_lengths=``) against SDPA over the padded cache with a key-padding mask; the same steps
-through a paged cache (``block_table=``, page size 16); compiled FlexAttention where it runs
-(``--flex``). It checks each patterndsl result against SDPA restricted to the same keys, prints
-medians and the ratios (patterndsl time / SDPA time: below 1 is faster), the first call (which
+through a paged cache (``block_table=``, page size 16, pages in order: read in place); a MoBA
+``route`` step through a ``PagedKVCache`` (blocks chosen from the summaries the cache keeps); compiled
+FlexAttention where it runs (``--flex``). It checks each patterndsl result against SDPA restricted
+to the same keys, prints medians and the ratios (patterndsl time / SDPA time: below 1 is faster), the first call (which
 builds the plan family's member at the next power of two) and a call at a new length of the same
 member (tile lists only, no planning; steady-state times reuse the tile lists of the same
 lengths, as every layer of a model's decoding step does), and the memory a
@@ -38,6 +39,9 @@ H, HKV, D = 8, 2, 64
 CAUSAL = "pattern causal_ { causal }"
 WINDOW = "pattern window_(w = 4096) { causal & window(w) }"
 STREAMING = "pattern streaming(w = 4096, n = 4) { causal & (window(w) | sink(n)) }"
+MOBA = """pattern moba(c = 512) {
+    causal & (blocks(c) | route(topk = 2, block = c, qblock = 1, among = causal - blocks(c)))
+}"""
 
 
 def median_us(fn, reps: int) -> float:
@@ -141,6 +145,36 @@ def case(name, source, kv_len, batch, reps, flex, lengths=None):
     return ours / sdpa
 
 
+def route_case(kv_len, reps):
+    """A MoBA decoding step through a ``PagedKVCache``: the blocks are chosen for the new query from the block
+    summaries the cache keeps; against SDPA over the whole cache and the same step with the summaries unused
+    (the element-by-element path, which pools every key block again)."""
+    from patterndsl import kvcache
+
+    p = pd.compile(MOBA)
+    g = torch.Generator().manual_seed(0)
+    k = torch.randn(1, HKV, kv_len, D, generator=g)
+    v = torch.randn(1, HKV, kv_len, D, generator=g)
+    q = torch.randn(1, H, 1, D, generator=g)
+    cache = pd.PagedKVCache(p, kv_len // 16 + 1, 16, HKV, D)
+    cache.append(k, v)
+    kp, vp, table, lengths = cache.view()
+    ours = median_us(lambda: p(q, kp, vp, block_table=table, kv_lengths=lengths), reps)
+    out = p(q, kp, vp, block_table=table, kv_lengths=lengths)
+    sdpa = median_us(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True), reps)
+    want = p(q, k, v)  # the ordinary call over the unpaged cache
+    cache.k = cache.k.clone()  # the cache no longer owns kp: the call takes the general path
+    general = median_us(lambda: p(q, kp, vp, block_table=table, kv_lengths=lengths), 3)
+    del kvcache
+    print(
+        f"{'MoBA (route) step, Lk=' + str(kv_len // 1024) + 'K':<34} ours {ours:>9.0f} us  sdpa {sdpa:>9.0f} us  "
+        f"ratio {ours / sdpa:>5.2f}  without summaries {general:>9.0f} us  max err "
+        f"{float((out - want).abs().max()):.1e}",
+        flush=True,
+    )
+    return ours / sdpa
+
+
 def streaming_memory(tokens_list, page_size=16, w=4096):
     p = pd.compile(STREAMING, w=w)
     pages = 1 + (w + 256) // page_size + 3  # sinks, the window and one append of 256
@@ -181,6 +215,7 @@ def main(argv=None) -> None:
     ratios["streaming 128K"] = case("StreamingLLM, Lk=128K", STREAMING, 131072 // scale, 1, args.reps, args.flex)
     lengths = torch.linspace(1024 // scale, 32768 // scale, 8).long()
     ratios["ragged B=8"] = case("causal, B=8, Lk 1K..32K", CAUSAL, 32768 // scale, 8, args.reps, False, lengths)
+    ratios["moba 32K"] = route_case(32768 // scale, args.reps)
     held = streaming_memory([1024, 8192, 32768] if args.quick else [8192, 32768, 131072])
     print("targets (ratio = patterndsl / SDPA):")
     for name, want, ok in (

@@ -20,11 +20,16 @@ inputs) keep every page (see :func:`patterndsl.runtime.ragged.position_only`).
 
 from __future__ import annotations
 
+import weakref
+
 import numpy as np
 import torch
 
 from patterndsl import ir
 from patterndsl.errors import InputError, PatternError, PatternValueError
+
+#: Caches by ``id`` of their key pages, so a call over those pages finds the cache's block summaries.
+_OWNERS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 
 #: An interval list ``[(lo, hi), ...]`` (inclusive) of key positions, or None for every key.
 Intervals = list | None
@@ -128,6 +133,22 @@ def live_keys(pattern: ir.PatternIR, heads: int, qlo: int) -> Intervals:
     return out
 
 
+def _summaries(pattern: ir.PatternIR, heads: int, batch: int, kv_heads: int, head_dim: int, dtype, device):
+    """The block summaries the pattern's routes score from (None without a route this cache can summarize)."""
+    from patterndsl.runtime import route_decode
+
+    if not route_decode.serves(pattern):
+        return None
+    prims = {p for node in pattern.nodes() for p in ir.routes(node)}
+    return route_decode.BlockSummaries(sorted(prims, key=ir.sort_key), batch, kv_heads, head_dim, dtype, device)
+
+
+def owner(k, v, kv_lengths: list[int]):
+    """The :class:`PagedKVCache` whose current pages ``k``/``v`` are (see :meth:`PagedKVCache.current`), or None."""
+    cache = _OWNERS.get(id(k))
+    return cache if cache is not None and cache.current(k, v, kv_lengths) else None
+
+
 class PagedKVCache:
     """A paged key/value cache for decoding with a pattern.
 
@@ -167,9 +188,12 @@ class PagedKVCache:
         self.heads = kv_heads if heads is None else _integer("heads", heads)
         self.k = torch.zeros(num_pages, kv_heads, page_size, head_dim, dtype=dtype, device=device)
         self.v = torch.zeros_like(self.k)
-        self._free = list(range(num_pages - 1, -1, -1))
+        self._free_set = set(range(num_pages))
         self._pages: list[list[int]] = [[] for _ in range(batch)]
         self._lengths = [0] * batch
+        self.summaries = _summaries(pattern.ir, self.heads, batch, kv_heads, head_dim, dtype, device)
+        self._written = self._versions()
+        _OWNERS[id(self.k)] = self
 
     @property
     def batch(self) -> int:
@@ -177,7 +201,7 @@ class PagedKVCache:
 
     def pages_in_use(self) -> int:
         """The number of physical pages held."""
-        return self.k.shape[0] - len(self._free)
+        return self.k.shape[0] - len(self._free_set)
 
     def lengths(self) -> list[int]:
         """Each element's length (positions appended so far)."""
@@ -211,21 +235,56 @@ class PagedKVCache:
         for b in rows:
             self._evict(b, self._lengths[b])
         need = sum(-(-(self._lengths[b] + n) // ps) - len(self._pages[b]) for b in rows)
-        if need > len(self._free):
+        if need > len(self._free_set):
             raise PatternError(
                 f"PagedKVCache is out of pages: appending {n} positions to {len(rows)} elements needs {need} more "
-                f"pages, {len(self._free)} of {self.k.shape[0]} are free"
+                f"pages, {len(self._free_set)} of {self.k.shape[0]} are free"
             )
         for i, b in enumerate(rows):
             start = self._lengths[b]
             pages = self._pages[b]
             while len(pages) * ps < start + n:
-                pages.append(self._free.pop())
+                pages.append(self._take(b))
             pos = torch.arange(start, start + n)
             phys = torch.tensor(pages, dtype=torch.int64)[pos // ps]
             self.k[phys, :, pos % ps] = k_new[i].transpose(0, 1).to(self.k.dtype)
             self.v[phys, :, pos % ps] = v_new[i].transpose(0, 1).to(self.v.dtype)
+            if self.summaries is not None:
+                self.summaries.append(b, start, k_new[i].to(self.k.dtype))
             self._lengths[b] = start + n
+        self._written = self._versions()
+
+    def _versions(self):
+        """The pages' version counters (None for inference tensors, which keep none: then no call trusts the
+        block summaries, since a write outside :meth:`append` could not be seen)."""
+        try:
+            return self.k._version, self.v._version
+        except RuntimeError:
+            return None
+
+    def current(self, k, v, kv_lengths: list[int]) -> bool:
+        """Whether ``k``/``v`` are this cache's pages, written only by :meth:`append`, at these lengths (its
+        block summaries then describe them)."""
+        return (
+            k is self.k
+            and v is self.v
+            and self._written is not None
+            and self._versions() == self._written
+            and list(kv_lengths) == self._lengths
+        )
+
+    def _take(self, b: int) -> int:
+        """A free page for element ``b``: the one after its last page when free, so that its pages form runs of
+        consecutive physical pages (read in place, :mod:`patterndsl.runtime.paged`); an element's first page is
+        taken at its share of the cache (``b * num_pages // batch``) so that elements appended in step grow in
+        runs of their own; otherwise the lowest free page."""
+        held = [p for p in self._pages[b] if p >= 0]
+        want = held[-1] + 1 if held else b * self.k.shape[0] // self.batch
+        if want not in self._free_set:
+            # The lowest free page: pages freed behind a window come back in order, so runs form again.
+            want = min(self._free_set)
+        self._free_set.discard(want)
+        return want
 
     def _rows(self, rows) -> list[int]:
         if rows is None:
@@ -250,7 +309,7 @@ class PagedKVCache:
                 continue
             lo, hi = p * ps, p * ps + ps - 1
             if not any(a <= hi and lo <= z for a, z in live):
-                self._free.append(pages[p])
+                self._free_set.add(pages[p])
                 pages[p] = -1
 
     def view(self):

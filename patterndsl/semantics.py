@@ -393,22 +393,15 @@ def route_scores(prim: ir.Prim, q: torch.Tensor, k: torch.Tensor, ctx: Context, 
     Returns:
         Float ``[batch, kv_heads, n_qgroups, n_kblocks]``.
     """
-    batch, n_heads, _, dim = q.shape
     kv_heads = k.shape[1]
-    share = n_heads // kv_heads
-    heads = range(n_heads) if heads is None else list(heads)
     n_q, n_k, qgroup, kblock = route_blocks(prim, ctx)
     dtype = torch.float64 if torch.float64 in (q.dtype, k.dtype) else torch.float32
     # No gradient through the choice; the tensors may live on any device.
-    qf, kf = q.detach().to(dtype), k.detach().to(dtype)
-    qgroup, kblock = qgroup.to(q.device), kblock.to(q.device)
+    kf = k.detach().to(dtype)
+    kblock = kblock.to(q.device)
     score = prim.arg("score")
     reduce = "amax" if score == "max" else "mean"
-    if len(heads) < n_heads:
-        qf = qf[:, list(heads)]
-    singletons = n_q == ctx.q_len and bool(torch.equal(qgroup, torch.arange(ctx.q_len, device=qgroup.device)))
-    # qblock = 1 (per token): every group is one query, pooling is the identity.
-    pooled_q = qf if singletons else _pool(qf, qgroup, n_q, reduce)  # [B, voters, n_q, D]
+    summed = route_query_pool(prim, q, qgroup.to(q.device), n_q, heads, kv_heads, dtype)
     if score == "landmark":
         last = torch.full((n_k,), -1, dtype=torch.int64, device=q.device).scatter_reduce(
             0, kblock, torch.arange(ctx.kv_len, device=q.device), "amax", include_self=True
@@ -416,13 +409,38 @@ def route_scores(prim: ir.Prim, q: torch.Tensor, k: torch.Tensor, ctx: Context, 
         pooled_k = kf[:, :, last]
     else:
         pooled_k = _pool(kf, kblock, n_k, reduce)  # [B, Hkv, n_k, D]
+    return summed @ pooled_k.transpose(-1, -2)
+
+
+def route_query_pool(prim: ir.Prim, q: torch.Tensor, qgroup, n_q: int, heads, kv_heads: int, dtype) -> torch.Tensor:
+    """``poolq`` of every query group of ``route(...)``, summed over the voting heads of each key-value head.
+
+    Args:
+        prim: the ``route`` primitive.
+        q: ``[batch, heads, Lq, head_dim]``.
+        qgroup: int64 ``[Lq]``, the group of each query index (:func:`route_blocks`).
+        n_q: the number of groups.
+        heads: the voting query heads (all when None).
+        kv_heads: key-value heads.
+        dtype: the scores' dtype (float32 at least).
+
+    Returns:
+        ``[batch, kv_heads, n_q, head_dim]`` in ``dtype``: its product with the pooled keys is the score.
+    """
+    batch, n_heads, q_len, dim = q.shape
+    share = n_heads // kv_heads
+    heads = range(n_heads) if heads is None else list(heads)
+    qf = q.detach().to(dtype)
+    if len(heads) < n_heads:
+        qf = qf[:, list(heads)]
+    singletons = n_q == q_len and bool(torch.equal(qgroup, torch.arange(q_len, device=qgroup.device)))
+    # qblock = 1 (per token): every group is one query, pooling is the identity.
+    pooled_q = qf if singletons else _pool(qf, qgroup, n_q, "amax" if prim.arg("score") == "max" else "mean")
     # sum_h (q_h . k) == (sum_h q_h) . k: the voting heads of a kv head are summed first.
     if share == 1 and len(heads) == n_heads:
-        summed = pooled_q
-    else:
-        owner = torch.tensor([h // share for h in heads], dtype=torch.int64, device=q.device)
-        summed = torch.zeros(batch, kv_heads, n_q, dim, dtype=dtype, device=q.device).index_add_(1, owner, pooled_q)
-    return summed @ pooled_k.transpose(-1, -2)
+        return pooled_q
+    owner = torch.tensor([h // share for h in heads], dtype=torch.int64, device=q.device)
+    return torch.zeros(batch, kv_heads, n_q, dim, dtype=dtype, device=q.device).index_add_(1, owner, pooled_q)
 
 
 def route_bounds(node: ir.Node) -> tuple[ir.Node, ir.Node]:

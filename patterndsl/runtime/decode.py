@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from patterndsl import ir, tensors
-from patterndsl.errors import PatternError
+from patterndsl.errors import InputError, PatternError
 from patterndsl.runtime import op, ragged, validate
 
 #: Call signatures whose checks are kept.
@@ -53,8 +53,6 @@ def _signature(pir, q, k, v, scale, backend, kv_lengths, q_lengths, block_table)
 
 
 def _check(q, k, v, pir, scale, backend, block_table, plan_key) -> Checked:
-    if pir.inputs:
-        raise PatternError("kv_lengths=/q_lengths=/block_table= do not combine with run-time inputs yet", pir.span)
     if block_table is None:
         sizes = validate.check_inputs(q, k, v, scale, backend)
     else:
@@ -71,8 +69,9 @@ def _check(q, k, v, pir, scale, backend, block_table, plan_key) -> Checked:
         # The ragged kernels read lengths and tables for patterns of positions only (no score).
         dynamic = dynamic or not ragged.position_only(pir)
     # route(...) chooses from the element's own queries and keys, and neither the ragged tile loop nor the
-    # ragged kernels apply a score yet: each element then runs alone on its unpadded problem.
-    per_element = dynamic or pir.score is not None
+    # ragged kernels apply a score or read run-time inputs yet: each element then runs alone on its unpadded
+    # problem (its inputs sliced to its own lengths, :func:`element_inputs`).
+    per_element = dynamic or pir.score is not None or bool(pir.inputs)
     key = plan_key(pir, sizes.backend) if per_element else _ragged_key(pir, block_table is not None)
     return Checked(sizes.scale, sizes.backend, key, per_element)
 
@@ -91,15 +90,14 @@ def call(q, k, v, pir, scale, backend, given, kv_lengths, q_lengths, block_table
     Args:
         q, k, v, scale, backend: as ``attention``.
         pir: the pattern's IR.
-        given: the run-time inputs given (refused: they do not combine with lengths yet).
+        given: the run-time inputs given (LANGUAGE.md section 7): each element reads its own row of a batched
+            input and the first ``kv_lengths[b]`` entries of a ``token`` dimension.
         kv_lengths, q_lengths, block_table: LANGUAGE.md section 9.
         plan_key: ``(pir, backend) -> key`` of the ordinary op (for patterns run element by element).
 
     Raises:
         InputError, PatternError, BackendError: as ``attention``, naming the argument.
     """
-    if given:
-        raise PatternError("kv_lengths=/q_lengths=/block_table= do not combine with run-time inputs yet", pir.span)
     compiling = torch.compiler.is_compiling()
     sig = None if compiling else _signature(pir, q, k, v, scale, backend, kv_lengths, q_lengths, block_table)
     checked = None
@@ -117,15 +115,76 @@ def call(q, k, v, pir, scale, backend, given, kv_lengths, q_lengths, block_table
     else:
         data = ragged.call_data(q, k, kv_lengths, q_lengths, block_table)
     if checked.per_element:
+        step = _route_step(q, k, v, pir, checked, data, given, compiling)
+        if step is not None:
+            return step
+        bound = _bind(q, k, pir, given, data) if (given or pir.inputs) else None
 
-        def run(qb, kb, vb):
-            return op.attention_fwd(qb, kb, vb, checked.key, [], checked.scale, checked.backend)
+        def run(qb, kb, vb, b, kv_len):
+            inputs = [] if bound is None else element_inputs(bound, b, kv_len)
+            return op.attention_fwd(qb, kb, vb, checked.key, inputs, checked.scale, checked.backend)
 
         return ragged.per_element(q, k, v, data, run, pir)
     grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     if grad or compiling:
         return op.attention_fwd(q, k, v, checked.key, data, checked.scale, checked.backend)
     return ragged.forward_op(*op.unit_stride(q, k, v), checked.key, data, checked.scale, checked.backend)
+
+
+def _route_step(q, k, v, pir, checked, data, given, compiling):
+    """A decoding step of a ``route(...)`` pattern over a :class:`~patterndsl.PagedKVCache`'s own pages: scored
+    from the block summaries the cache keeps (:mod:`patterndsl.runtime.route_decode`), or None."""
+    from patterndsl.runtime import route_decode
+
+    if len(data) < 3 or checked.backend != "cpu" or compiling or given or q.shape[2] > route_decode.MAX_ROWS:
+        return None
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return None
+    if not route_decode.serves(pir):
+        return None
+    from patterndsl import kvcache
+
+    cache = kvcache.owner(k, v, data[0].tolist())
+    if cache is None or cache.pattern.ir != pir or cache.summaries is None:
+        return None
+    if q.dtype == torch.float64 and cache.summaries.dtype != torch.float64:
+        return None  # the scores would pool float64 queries against float32 summaries
+    return route_decode.forward(q, k, v, pir, data, checked.scale, cache.summaries)
+
+
+def _bind(q, k, pir, given, data):
+    """The call's run-time inputs, checked. A ``token`` dimension has the padded length ``k.shape[2]``; over a
+    paged cache (no padded length) any extent that covers every element's ``kv_lengths`` is taken."""
+    from patterndsl import binding
+
+    paged = len(data) > 2
+    bound = binding.bind(
+        pir, given, None if paged else k.shape[2], q.shape[1], q.shape[3], q.shape[0], q.device, "attention()"
+    )
+    if paged and q.shape[0]:
+        need = int(data[0].max())
+        for decl in pir.inputs:
+            t = bound.tensors[decl.name]
+            lead = t.dim() - len(decl.index_dims)
+            for axis, d in enumerate(decl.index_dims):
+                if d == "token" and t.shape[lead + axis] < need:
+                    raise InputError(
+                        f"attention(): input '{decl.name}' ({decl.kind}) has {t.shape[lead + axis]} token entries, but "
+                        f"kv_lengths holds {need}: a token dimension must cover every element's keys"
+                    )
+    return bound
+
+
+def element_inputs(bound, b: int, kv_len: int) -> list[torch.Tensor]:
+    """Batch element ``b``'s inputs in declaration order: its own row of batched inputs, ``token`` dimensions
+    cut to its ``kv_len`` keys (so its problem is the unpadded one, LANGUAGE.md sections 7 and 9)."""
+    out = []
+    for decl, t in zip(bound.decls, bound.element(b).values(), strict=True):
+        for axis, d in enumerate(decl.index_dims):
+            if d == "token":
+                t = t.narrow(axis, 0, kv_len)
+        out.append(t)
+    return out
 
 
 def clear() -> None:

@@ -33,7 +33,7 @@ import torch
 
 from patterndsl import ir, semantics
 from patterndsl.errors import InputError
-from patterndsl.runtime import plans
+from patterndsl.runtime import paged, plans
 from patterndsl.runtime.cpu.tuning import FLASH
 
 _LOCK = threading.Lock()
@@ -369,6 +369,15 @@ class Keys:
         if bool(missing.any()):
             self._check_missing(tile, missing, p0, a, z)
             phys = phys.clamp(min=0)
+        pos = torch.arange(a, z)
+        kk = paged.flat_rows(self.k, phys[pos // ps - p0], pos % ps)
+        vv = paged.flat_rows(self.v, phys[pos // ps - p0], pos % ps)
+        if kk is not None and vv is not None:
+            # The run's rows only, one copy (masked: a page not held reads as zeros).
+            if bool(missing.any()):
+                gone = missing[pos // ps - p0][None, :, None]
+                kk, vv = kk.masked_fill(gone, 0.0), vv.masked_fill(gone, 0.0)
+            return kk, vv
         # Whole pages are gathered (contiguous copies), then the run is sliced out of them.
         kk, vv = (x.index_select(0, phys) for x in (self.k, self.v))
         if bool(missing.any()):
@@ -581,7 +590,8 @@ def forward(q, k, v, plan_key: str, data, scale: float, lengths=None):
     if single is not None:
         # A decoding step: the tile's result is the whole output, no buffers to fill.
         gr, t = single
-        o, row_lse = _run_tile(gr, q, 0, *Keys(k, v, 0, table).get(t), t, scale, dt, fused)
+        got = None if table is None else paged.in_place(gr, q, 0, k, v, table[0], t, scale, dt)
+        o, row_lse = got if got is not None else _run_tile(gr, q, 0, *Keys(k, v, 0, table).get(t), t, scale, dt, fused)
         return o.view(1, h, lq, -1).to(q.dtype), row_lse.view(1, h, lq)
     out = torch.zeros(b_, h, lq, v.shape[3], dtype=dt)
     lse = torch.full((b_, h, lq), float("-inf"), dtype=dt)
@@ -589,7 +599,8 @@ def forward(q, k, v, plan_key: str, data, scale: float, lengths=None):
         keys = Keys(k, v, b, table)
         for gr, tiles in groups:
             for t in tiles:
-                o, row_lse = _run_tile(gr, q, b, *keys.get(t), t, scale, dt, fused)
+                got = None if table is None else paged.in_place(gr, q, b, k, v, table[b], t, scale, dt)
+                o, row_lse = got if got is not None else _run_tile(gr, q, b, *keys.get(t), t, scale, dt, fused)
                 out[b, gr.sel, t.i0 : t.i1] = o
                 lse[b, gr.sel, t.i0 : t.i1] = row_lse
     return out.to(q.dtype), lse
@@ -668,7 +679,7 @@ def add_element_keys(dk, dv, table, b: int, kv_len: int, gk: torch.Tensor, gv: t
 def per_element(q, k, v, data, run, pattern=None):
     """A call run element by element on its own unpadded problem (``route`` patterns), differentiable.
 
-    ``run(q_b, k_b, v_b)`` returns ``(out, lse)`` of one element (``[1, H, Lq_b, D]``); the element's
+    ``run(q_b, k_b, v_b, b, kv_len)`` returns ``(out, lse)`` of element ``b`` (``[1, H, Lq_b, D]``); the element's
     keys are :func:`element_keys` (pages freed by a :class:`patterndsl.PagedKVCache` of ``pattern`` read
     as zeros: no query of the call reaches them). Rows past ``q_lengths[b]`` are zeros with ``lse = -inf``.
     """
@@ -685,7 +696,7 @@ def per_element(q, k, v, data, run, pattern=None):
         if ql[b] and kvl[b]:
             live = None if table is None or pattern is None else live_keys(pattern, h, kvl[b] - ql[b])
             kb, vb = element_keys(k, v, table, b, kvl[b], live)
-            o, l_ = run(q[b : b + 1, :, : ql[b]], kb, vb)
+            o, l_ = run(q[b : b + 1, :, : ql[b]], kb, vb, b, kvl[b])
             out = torch.cat([o, out[:, :, ql[b] :]], 2)
             lse = torch.cat([l_.to(lse.dtype), lse[:, :, ql[b] :]], 2)
         outs.append(out)

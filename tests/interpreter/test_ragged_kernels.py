@@ -118,9 +118,37 @@ def run_split_decode() -> None:
         torch.testing.assert_close(out.double(), want, atol=1e-5, rtol=1e-5, equal_nan=True)
 
 
+def run_inputs() -> None:
+    """Packed documents with lengths over a paged cache: each element runs alone on its own row of ``doc`` cut to
+    its ``kv_lengths`` (LANGUAGE.md sections 7 and 9), outputs and ``dq`` as the CPU path gives them."""
+    import random
+
+    import torch
+
+    import patterndsl
+    from tests.unit.test_ragged import paged
+    from tests.unit.test_ragged_inputs import PACKED
+
+    p = patterndsl.compile(PACKED)
+    gen = torch.Generator().manual_seed(14)
+    q, k, v = (torch.randn(2, n, length, 16, generator=gen) for n, length in ((2, 3), (1, 20), (1, 20)))
+    doc = torch.tensor([[0] * 7 + [1] * 13, [0] * 3 + [1] * 17])
+    kvl, ql = torch.tensor([20, 11]), torch.tensor([3, 2])
+    kp, vp, table = paged(k, v, kvl, 4, random.Random(1))
+    got = {}
+    for backend in ("triton", "cpu"):
+        qq = q.clone().requires_grad_(True)
+        out = p(qq, kp, vp, kv_lengths=kvl, q_lengths=ql, block_table=table, doc=doc, backend=backend)
+        (gq,) = torch.autograd.grad((out * torch.arange(out.numel()).view(out.shape).sin()).sum(), (qq,))
+        got[backend] = (out, gq)
+    assert torch.allclose(got["triton"][0], got["cpu"][0], atol=1e-4)
+    assert torch.allclose(got["triton"][1], got["cpu"][1], atol=1e-4)
+
+
 def _all_cases(slow: bool) -> dict:
     cases = {name: (lambda name=name: run_case(name)) for name in CASES}
     cases["split_decode"] = run_split_decode
+    cases["inputs_paged"] = run_inputs
     for seed in RANDOM_SEEDS["slow" if slow else "default"]:
         cases[f"random_{seed}"] = lambda seed=seed: run_random(seed)
     return cases

@@ -1,0 +1,109 @@
+"""Runtime stage: reading a paged key/value cache on the CPU without copying it (LANGUAGE.md section 9, issue 14).
+
+Comes in: the ragged executor's row tile (:class:`patterndsl.runtime.ragged.Tile`), the element's block table
+row and the pages ``[pages, kv_heads, page_size, head_dim]``. Goes out: ``(o, lse)`` of the tile, or the
+tile's keys and values gathered as ``[kv_heads, n, head_dim]``.
+
+Why: a decoding step reads every key its rows reach once; gathering those keys into a contiguous buffer
+first (then transposing the pages' head dimension out of the way) read and wrote them twice more, which made
+paged calls 3-5x SDPA's. Two ways around it:
+
+- a tile whose keys lie on a few runs of *consecutive* physical pages (what a
+  :class:`~patterndsl.PagedKVCache` holds for a sequence appended alone, a shared prompt's pages then the
+  element's own, any cache laid out in order) reads them in place, run by run: the pages of a run are one
+  matrix ``[pages * kv_heads * page_size, head_dim]`` whose rows interleave the key-value heads page by
+  page, so one matrix product of every query head with every row gives the scores, of which each head
+  keeps its own key-value head's rows (a strided view), and the output is one product of the
+  probabilities, zero outside each head's own rows, with the value rows: the cache is read once, as SDPA
+  reads it, at ``kv_heads`` times the (small, at few rows) multiply count;
+- otherwise the positions are gathered by one ``index_select`` of rows of the flattened pages.
+"""
+
+from __future__ import annotations
+
+import torch
+
+#: Query rows per key-value head up to which the in-place product is used (decoding steps and short chunks).
+MAX_ROWS = 64
+#: Runs of consecutive physical pages per row tile up to which the tile is read in place.
+MAX_PIECES = 16
+
+
+def flat_rows(k: torch.Tensor, pages: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor | None:
+    """Rows of ``k`` (contiguous ``[pages, kv_heads, page_size, head_dim]``) at ``(pages, offsets)`` per key-value
+    head as one ``index_select``: ``[kv_heads, n, head_dim]``, or None when ``k`` is not contiguous."""
+    if not k.is_contiguous():
+        return None
+    hkv, ps, dim = k.shape[1], k.shape[2], k.shape[3]
+    rows = ((pages * (hkv * ps) + offsets)[None, :] + (torch.arange(hkv) * ps)[:, None]).flatten()
+    return k.view(-1, dim).index_select(0, rows).view(hkv, -1, dim)
+
+
+def _pieces(table_row: torch.Tensor, runs, ps: int):
+    """The tile's key runs as pieces over consecutive physical pages: ``[(first page, pages, offset, keys)]`` in
+    key order (``offset`` into the piece's first page), or None past :data:`MAX_PIECES` or at a missing page."""
+    out = []
+    for a, z in runs:
+        p0, p1 = a // ps, (z - 1) // ps + 1
+        phys = table_row[p0:p1].tolist()
+        if min(phys) < 0:
+            return None
+        start = 0
+        for i in range(1, len(phys) + 1):
+            if i < len(phys) and phys[i] == phys[i - 1] + 1:
+                continue
+            lo, hi = max(a, (p0 + start) * ps), min(z, (p0 + i) * ps)
+            out.append((phys[start], i - start, lo - (p0 + start) * ps, hi - lo))
+            start = i
+            if len(out) > MAX_PIECES:
+                return None
+    return out
+
+
+def in_place(gr, q, b: int, k, v, table_row: torch.Tensor, tile, scale: float, dt):
+    """``(o [heads, n, D], lse [heads, n])`` of a row tile whose keys lie on a few runs of consecutive physical
+    pages, read in place; None when the operands do not allow it, the pages are too scattered (the caller
+    gathers), or the result is not finite (a non-finite value of another head's rows may meet a zero weight:
+    the gathering path decides)."""
+    if not tile.runs or not gr.all or k.dtype != dt or v.dtype != dt:
+        return None
+    if not (k.is_contiguous() and v.is_contiguous()) or k.shape[3] != v.shape[3]:
+        return None
+    hkv, ps, dim = k.shape[1], k.shape[2], k.shape[3]
+    n_rows = (tile.i1 - tile.i0) * gr.share
+    if n_rows > MAX_ROWS:
+        return None
+    pieces = _pieces(table_row, tile.runs, ps)
+    if pieces is None:
+        return None
+    qr = gr.rows(q, b, tile.i0, tile.i1, dt).reshape(hkv * n_rows, dim) * scale  # heads ordered by kv head
+    parts = []
+    for first, count, off, length in pieces:
+        # The pages are one matrix [count * hkv * ps, D] of rows interleaving the kv heads page by page.
+        s_all = torch.matmul(qr, k[first : first + count].view(-1, dim).T).view(hkv, n_rows, count, hkv, ps)
+        # Each query head keeps its own kv head's rows: [hkv, rows, pages, ps] -> [hkv, rows, keys].
+        s = s_all.diagonal(dim1=0, dim2=3).permute(3, 0, 1, 2).reshape(hkv, n_rows, count * ps)
+        parts.append(s[:, :, off : off + length])
+    s = parts[0] if len(parts) == 1 else torch.cat(parts, -1)
+    if tile.allowed is not None:
+        allowed = tile.allowed.expand(len(gr.heads), *tile.allowed.shape[1:]).reshape(hkv, n_rows, -1)
+        s = s.masked_fill(~allowed, float("-inf"))
+    m = s.amax(-1, keepdim=True)
+    m = m.masked_fill(m == float("-inf"), 0.0)
+    p = (s - m).exp_()
+    den = p.sum(-1, keepdim=True)
+    o = None
+    at = 0
+    for first, count, off, length in pieces:
+        # full[h, r, page, c, j]: row r's weight of kv head c's key j of the page (zero unless c == h).
+        full = torch.zeros(hkv, n_rows, count, hkv, ps, dtype=dt)
+        padded = torch.nn.functional.pad(p[:, :, at : at + length], (off, count * ps - off - length))
+        full.diagonal(dim1=0, dim2=3).copy_(padded.view(hkv, n_rows, count, ps).permute(1, 2, 3, 0))
+        got = torch.matmul(full.view(hkv * n_rows, -1), v[first : first + count].view(-1, dim))
+        o = got if o is None else o.add_(got)
+        at += length
+    if not bool(torch.isfinite(o).all()):
+        return None
+    o = o.view(hkv, n_rows, dim) / den.clamp(min=torch.finfo(dt).tiny)
+    n = tile.i1 - tile.i0
+    return o.view(len(gr.heads), n, dim), (m + den.log()).view(len(gr.heads), n)

@@ -1,0 +1,121 @@
+"""Paged caches read without copies on the CPU (issue 14): a tile over consecutive physical pages is computed in
+place (:func:`patterndsl.runtime.paged.in_place`), other tiles gather only their rows; both equal the float64
+reference, forward and backward, and a non-finite value in another head's rows stays out of a row."""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+import pytest
+import torch
+
+import patterndsl as pd
+from patterndsl.runtime import paged
+from tests.unit.test_ragged import SOURCES, _check, _tensors, shared_paged
+
+
+def consecutive(k, v, kvl, page_size, gap=1):
+    """Element ``b``'s pages laid out in order, each element's run after a ``gap`` of unused pages."""
+    batch, hkv, _, d = k.shape
+    counts = [max(-(-int(n) // page_size), 1) for n in kvl]
+    table = torch.full((batch, max(counts) + 1), -1, dtype=torch.int64)
+    kp = torch.randn(sum(counts) + gap * batch + 1, hkv, page_size, d, dtype=k.dtype)
+    vp = torch.randn_like(kp)
+    nxt = gap
+    for b in range(batch):
+        for p in range(counts[b]):
+            table[b, p] = nxt
+            lo, hi = p * page_size, min((p + 1) * page_size, int(kvl[b]))
+            kp[nxt, :, : hi - lo] = k[b, :, lo:hi]
+            vp[nxt, :, : hi - lo] = v[b, :, lo:hi]
+            nxt += 1
+        nxt += gap
+    return kp, vp, table
+
+
+@pytest.fixture
+def in_place_calls(monkeypatch):
+    used = []
+    real = paged.in_place
+
+    def spy(*args, **kwargs):
+        got = real(*args, **kwargs)
+        used.append(got is not None)
+        return got
+
+    monkeypatch.setattr(paged, "in_place", spy)
+    return used
+
+
+@pytest.mark.parametrize("seed", [0, 1, *(pytest.param(s, marks=pytest.mark.slow) for s in (2, 3))])
+def test_consecutive_pages_are_read_in_place_and_match_the_reference(seed, in_place_calls):
+    rng = random.Random(77 + seed)
+    # Runs that start past key 0 with pages that do not divide the tiles: the run starts inside a page.
+    p = pd.compile(["pattern a { causal & window(7) }", SOURCES[0], SOURCES[2], SOURCES[4]][seed])
+    batch, kv_heads = 2, rng.randint(1, 2)
+    lq = rng.choice([1, 3, 9])
+    kvl = torch.tensor([rng.randint(130, 200), rng.randint(lq, 90)])
+    ql = torch.tensor([rng.randint(0, lq) for _ in range(batch)])
+    ql[0] = lq
+    dtype = torch.float32 if seed % 2 else torch.float64
+    q, k, v = _tensors(batch, 2 * kv_heads, kv_heads, lq, int(kvl.max()), 8, dtype, seed)
+    kp, vp, table = consecutive(k, v, kvl, [5, 100, 16, 1][seed])
+    with torch.no_grad():
+        out = p(q, kp, vp, kv_lengths=kvl, q_lengths=ql, block_table=table)
+        want = p(q, k, v, kv_lengths=kvl, q_lengths=ql)
+    assert any(in_place_calls)
+    assert torch.allclose(out, want, atol=1e-5 if dtype == torch.float32 else 1e-12)
+    _check(p, q, k, v, kvl, ql, 1e-4 if dtype == torch.float32 else 1e-9, table, kp, vp)
+
+
+@pytest.mark.parametrize("page_size", [11, 16])
+def test_scattered_and_shared_pages_are_read_in_place_piece_by_piece(page_size, in_place_calls):
+    # Sinks and a window: two runs of keys per row tile; a shared prompt's pages, then each element's own,
+    # shuffled: every run of consecutive physical pages is one piece.
+    p = pd.compile(SOURCES[0])
+    q, k, v = _tensors(2, 4, 2, 2, 150, 8, torch.float64, page_size)
+    kvl, ql = torch.tensor([150, 131]), torch.tensor([2, 1])
+    kp, vp, table = shared_paged(k, v, kvl, page_size, random.Random(page_size))
+    _check(p, q, k, v, kvl, ql, 1e-9, table, kp, vp)
+    assert any(in_place_calls)
+
+
+def test_a_non_finite_value_of_another_head_stays_out(in_place_calls):
+    p = pd.compile("pattern c { causal & window(6) }")
+    q, k, v = _tensors(1, 4, 2, 1, 40, 8, torch.float32, 1)
+    kvl = torch.tensor([40])
+    kp, vp, table = consecutive(k, v, kvl, 4)
+    vp[table[0, 9], 1, 2] = float("inf")  # key 38 of kv head 1 only
+    kp[table[0, 0], 0, 0] = float("nan")  # key 0: outside the window
+    out = p(q, kp, vp, kv_lengths=kvl, block_table=table)
+    assert bool(torch.isfinite(out[:, :2]).all()) and not bool(torch.isfinite(out[:, 2:]).all())
+    clean = vp.clone()
+    clean[table[0, 9], 1, 2] = 0.0
+    kp[table[0, 0], 0, 0] = 0.0
+    want = p(q, kp, clean, kv_lengths=kvl, block_table=table)
+    assert torch.allclose(out[:, :2], want[:, :2], atol=1e-6)
+
+
+def test_scattered_pages_gather_only_the_rows_of_the_run():
+    k = torch.randn(6, 2, 4, 8)
+    rows = paged.flat_rows(k, torch.tensor([5, 5, 2]), torch.tensor([1, 3, 0]))
+    assert torch.equal(rows, torch.stack([k[5, :, 1], k[5, :, 3], k[2, :, 0]], 1))
+    assert paged.flat_rows(k.transpose(2, 3).contiguous().transpose(2, 3), torch.tensor([0]), torch.tensor([0])) is None
+
+
+def _runs_of(row):
+    held = [p for p in row if p >= 0]
+    return 1 + sum(1 for a, b in itertools.pairwise(held) if b != a + 1)
+
+
+def test_the_cache_keeps_each_element_on_runs_of_consecutive_pages():
+    # Elements appended in step grow in runs of their own; a window's freed pages come back in order.
+    cache = pd.PagedKVCache(pd.compile("pattern c { causal }"), 64, 4, 1, 8, batch=4)
+    for _ in range(30):
+        cache.append(torch.randn(4, 1, 1, 8), torch.randn(4, 1, 1, 8))
+    assert all(_runs_of(row) == 1 for row in cache.view()[2].tolist())
+    cache = pd.PagedKVCache(pd.compile("pattern s { causal & (window(16) | sink(2)) }"), 9, 4, 1, 8)
+    for _ in range(120):
+        cache.append(torch.randn(1, 1, 1, 8), torch.randn(1, 1, 1, 8))
+        assert _runs_of(cache.view()[2][0].tolist()) <= 3  # the sinks' page, then the window wrapping once
