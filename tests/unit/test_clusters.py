@@ -144,8 +144,6 @@ def test_roundtrip_printing():
 
 # --------------------------------------------------------------------------- call-time plan and attention
 
-RUNNABLE = [c for c in CASES if c[0] not in ("negated", "mixed")]
-
 
 def _inputs_for(p, q, g, dup=False):
     if not p.ir.inputs:
@@ -224,7 +222,7 @@ def _grads(out, lse, tensors, seed=0):
     return torch.autograd.grad(loss, tensors)
 
 
-@pytest.mark.parametrize(("name", "params", "sizes"), RUNNABLE)
+@pytest.mark.parametrize(("name", "params", "sizes"), CASES)
 def test_attention_matches_the_reference(name, params, sizes):
     p = pd.compile(ROUTING, name, **params)
     q, k, g = _data(**sizes)
@@ -253,13 +251,14 @@ def test_attention_float32_and_value_head_size():
     torch.testing.assert_close(out.double(), ref_out, rtol=1e-4, atol=1e-5)
 
 
-def test_attention_refuses_what_it_does_not_run_yet_with_a_location():
-    q, k, g = _data()
+def test_attention_runs_route_beside_lsh_in_one_rule_and_apart():
+    # Negated and mixed rules run in CASES; tests/unit/test_clusters_compose.py has every composition.
+    q, k, _ = _data(dup=True)
     routed = pd.compile("pattern t { causal & (route(2, block = 4) | lsh(2)) }")
-    for p in (pd.compile(ROUTING, "negated"), pd.compile(ROUTING, "mixed"), routed):
-        with pytest.raises(PatternValueError) as e:
-            p(q, k, k, **_inputs_for(p, q, g))
-        assert e.value.span is not None
+    out, lse = routed(q, k, k, return_lse=True)
+    ref, ref_lse = reference_attention(q, k, k, routed.mask(11, 11, 2, q=q, k=k))
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(lse, ref_lse)
     # Apart, in their own head rules, they run (route in the static part, lsh sorted).
     apart = pd.compile("pattern t { heads 0..1: causal & route(1, block = 4)\n heads 1..2: causal & lsh(2) }")
     out, lse = apart(q, k, k, return_lse=True)
