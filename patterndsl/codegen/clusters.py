@@ -59,6 +59,57 @@ class ClusterSpec:
 BLOCK_M = 64
 #: Widest (padded) head size the kernels take; wider parts run on the torch path.
 MAX_WIDTH = 128
+#: Tiles of the sorted order under the Triton interpreter (small: it is slow; tails still occur).
+INTERPRET_BLOCK = (16, 16)
+
+
+def width(*dims: int) -> int:
+    """The kernels' head size: the widest of ``dims`` padded with zeros to a power of two, at least 16."""
+    out = 16
+    while out < max(dims):
+        out *= 2
+    return out
+
+
+def kernel_source(pattern, q_len: int, kv_len: int | None = None, heads: int = 1, **options) -> str:
+    """The source a content pattern runs: its static part's kernels, then each sorted part's two kernels.
+
+    Args:
+        pattern: a :class:`patterndsl.Pattern` with ``cluster``/``lsh``.
+        q_len, kv_len, heads: sizes.
+        **options: as :func:`patterndsl.codegen.kernel_source` (the static part takes them all; the
+            sorted kernels read ``head_dim``, ``dtype``, ``kind`` and ``target``).
+
+    Returns:
+        Deterministic text: sections headed ``# === ...``. A part that runs in torch (a general part,
+        a predicate reading the call's inputs, a score) says so instead of a kernel.
+    """
+    import torch
+
+    from patterndsl.analysis import clusterplan
+    from patterndsl.codegen import generator, spec_for
+
+    kv_len = q_len if kv_len is None else kv_len
+    split = clusterplan.split(pattern.ir, heads)
+    sections = []
+    if split.static is not None:
+        text = generator.render(spec_for(type(pattern)(split.static), q_len, kv_len, heads, **options))
+        sections.append("# === static part (its own plan and token order)\n" + text)
+    target = options.get("target", "sm_90")
+    dtype = generator.DTYPES.get(options.get("dtype", torch.float16), "float16")
+    wide = width(options.get("head_dim", 64))
+    for part in split.parts:
+        title = f"# === heads {part.lo}..{part.hi}: "
+        if part.prim is None or ir.reads_inputs(part.pred or ir.FULL) or pattern.ir.score is not None:
+            sections.append(title + f"pairs {part.pred} run in torch in token order (evaluated per call)\n")
+            continue
+        if target == "interpret":
+            block = INTERPRET_BLOCK
+        else:
+            block = (BLOCK_M, launch(options.get("kind", "forward"), wide)[0])
+        spec = ClusterSpec(part.pred, pattern.ir.layout, q_len, kv_len, heads, wide, dtype, block, target)
+        sections.append(title + f"{part.prim} in sorted order\n" + render(spec))
+    return "\n\n".join(sections)
 
 
 def launch(kind: str, width: int) -> tuple[int, int, int]:

@@ -19,14 +19,7 @@ _DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: 
 
 def supported(run, q: torch.Tensor, dv_dim: int) -> bool:
     """Whether this part runs on the kernels: one entry per token, a dtype and a head size they take."""
-    return run.plan.q.bits is None and q.dtype in _DTYPES and _width(q.shape[3], dv_dim) <= gen.MAX_WIDTH
-
-
-def _width(*dims: int) -> int:
-    width = 16
-    while width < max(dims):
-        width *= 2
-    return width
+    return run.plan.q.bits is None and q.dtype in _DTYPES and gen.width(q.shape[3], dv_dim) <= gen.MAX_WIDTH
 
 
 def _flat(t: torch.Tensor, width: int) -> torch.Tensor:
@@ -87,7 +80,7 @@ def forward(q, k, v, run):
     """``(out [B, Hp, Lq, Dv], lse float32 [B, Hp, Lq])`` of one sorted part on the kernels."""
     b, hp, q_len, _ = q.shape
     dv_dim = v.shape[3]
-    width = _width(q.shape[3], dv_dim)
+    width = gen.width(q.shape[3], dv_dim)
     module, aux, launch = _module(run, q, width, "forward")
     lists = _lists(run, q.device)
     qf, kf, vf = (_flat(t, width) for t in (q, k, v))
@@ -106,7 +99,7 @@ def backward(q, k, v, dout, lse, delta, run):
     """``(dq, dk, dv)`` of one sorted part on the kernels (``delta = rowsum(dO * O) - dlse``, float32)."""
     b, hp, _, d = q.shape
     kv_len, dv_dim = k.shape[2], v.shape[3]
-    width = _width(d, dv_dim)
+    width = gen.width(d, dv_dim)
     module, aux, launch = _module(run, q, width, "backward")
     lists = _lists(run, q.device)
     qf, kf, vf, dof = (_flat(t, width) for t in (q, k, v, dout.to(q.dtype)))

@@ -211,3 +211,15 @@ def test_a_route_chosen_by_heads_a_label_removes_is_refused_with_a_location():
     with pytest.raises(PatternValueError, match="removes it") as e:
         p(q, k, v)
     assert e.value.span is not None
+
+
+def test_kernel_source_names_every_pass():
+    main = pd.compile("pattern t {\ninput C: float[3, dim]\ncausal & (window(63) | cluster(C))\n}")
+    text = main.kernel_source(256, heads=2, head_dim=40, target="sm_80")
+    assert text == main.kernel_source(256, heads=2, head_dim=40, target="sm_80")
+    heads = [line for line in text.splitlines() if line.startswith("# ===")]
+    assert heads == ["# === static part (its own plan and token order)", "# === heads 0..2: cluster(C) in sorted order"]
+    assert "def _cluster_fwd" in text and "def _cluster_bwd" in text and "D = tl.constexpr(64)" in text
+    general = pd.compile("pattern t {\ninput C: float[3, dim]\n(causal & window(4)) | (sink(2) - cluster(C))\n}")
+    text = general.kernel_source(128, target="interpret")
+    assert "run in torch in token order" in text and "_cluster_fwd" not in text and "static part" in text
