@@ -25,10 +25,10 @@ GOLDEN = ROOT / "tests" / "golden" / "cluster_kernels.py"
 SOURCE = "pattern t(n = 8) { input C: float[n, dim]\n causal & (window(7) | cluster(C)) }"
 
 
-def _spec(target="sm_90", dtype="float16", width=64, kind="forward"):
+def _spec(target="sm_90", dtype="float16", width=64, kind="forward", words=0):
     (part,) = clusterplan.split(pd.compile(SOURCE).ir, 4).parts
     bn = gen.launch(kind, width)[0]
-    return gen.ClusterSpec(part.pred, None, 1024, 1024, 4, width, dtype, (gen.BLOCK_M, bn), target)
+    return gen.ClusterSpec(part.pred, None, 1024, 1024, 4, width, dtype, (gen.BLOCK_M, bn), target, words)
 
 
 def _text(source: str) -> str:
@@ -43,6 +43,7 @@ def test_golden_source(request):
     assert text == GOLDEN.read_text(), "generated cluster kernels changed; run pytest --update-golden if intended"
     assert gen.render(_spec()) == gen.render(_spec())  # deterministic
     assert _spec().key != _spec(dtype="float32").key
+    assert _spec().key != _spec(words=1).key and "balanced (1 words)" in gen.render(_spec(words=1))
 
 
 CHILD = r"""
@@ -57,6 +58,8 @@ out = {}
 for name, params, sizes, dt, tol in [
     ("routing", {}, dict(lq=40, lk=40, heads=2, kv_heads=1), torch.float32, 1e-4),
     ("hashed", {"seed": 3}, dict(lq=21, lk=37, heads=4, kv_heads=2), torch.float16, 2e-2),
+    ("routing", {"w": 5}, dict(lq=19, lk=33, heads=2, kv_heads=2, dup=True), torch.float32, 1e-4),
+    ("routing", {"w": 2, "n": 70}, dict(lq=17, lk=17, heads=2, kv_heads=1), torch.float16, 2e-2),
 ]:
     p = pd.compile(ROUTING, name, **params)
     q, k, g = _data(**sizes)
@@ -95,11 +98,15 @@ def test_interpreter_matches_the_reference(tmp_path):
 _PTR = {"float16": "*fp16", "bfloat16": "*bf16", "float32": "*fp32"}
 
 
-def _signature(fn, dtype):
+def _signature(fn, dtype, balanced=False):
     sig = {}
     for name in fn.arg_names:
-        if name in ("Q", "K", "V", "O", "DO", "DQ"):
+        if balanced and name in ("O", "DQ"):  # per-entry results, merged by the launcher in float32
+            sig[name] = "*fp32"
+        elif name in ("Q", "K", "V", "O", "DO", "DQ"):
             sig[name] = _PTR[dtype]
+        elif name in ("QBITS", "KBITS"):
+            sig[name] = "*i64"
         elif name in ("LSE", "DELTA", "DK", "DV"):
             sig[name] = "*fp32"
         elif name == "AUX":
@@ -115,17 +122,18 @@ def _signature(fn, dtype):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("words", [0, 2])
 @pytest.mark.parametrize("target", ["sm_80", "sm_90"])
 @pytest.mark.parametrize("dtype", ["float16", "float32"])
-def test_cluster_kernels_build_without_spills(target, dtype):
+def test_cluster_kernels_build_without_spills(target, dtype, words):
     from patterndsl import kernel_cache
     from patterndsl.codegen import inspect as ins
 
     for kind, name in (("forward", "_cluster_fwd"), ("backward", "_cluster_bwd")):
-        spec = _spec(target, dtype, gen.MAX_WIDTH, kind)
+        spec = _spec(target, dtype, gen.MAX_WIDTH, kind, words)
         fn = getattr(kernel_cache.load(spec, gen.render, interpret=False), name)
         _, warps, stages = gen.launch(kind, gen.MAX_WIDTH)
-        sig, attrs = _signature(fn, dtype)
+        sig, attrs = _signature(fn, dtype, words > 0)
         built = ins.compile_aot(fn, sig, target, warps, stages, attrs)
         r = ins.sass_resources(built.asm["cubin"], built.asm["ptx"], target)
         assert r["spills"] == 0, f"{name} on {target} {dtype} spills {r['spills']} bytes: {r}"

@@ -223,3 +223,5 @@ def test_kernel_source_names_every_pass():
     general = pd.compile("pattern t {\ninput C: float[3, dim]\n(causal & window(4)) | (sink(2) - cluster(C))\n}")
     text = general.kernel_source(128, target="interpret")
     assert "run in torch in token order" in text and "_cluster_fwd" not in text and "static part" in text
+    balanced = pd.compile("pattern t {\ninput C: float[70, dim]\ncausal & (window(3) | cluster(C, balanced = 4))\n}")
+    assert "WORDS = tl.constexpr(2)" in balanced.kernel_source(128)  # 70 clusters: two words of membership bits
