@@ -352,17 +352,24 @@ class _Run:
         return self.part.prim is not None and not self.per_element and self.score is None
 
     def chunks(self):
-        """``(tiles, width)``: slices of the flattened (group, query tile) list and their key range width."""
+        """``(tiles, width)``: chunks of the flattened (group, query tile) list and their widest key range.
+
+        Tiles are taken by increasing range width (they are independent), so a chunk pads its
+        ranges to a width close to each of its own; a chunk holds about ``CHUNK_ELEMENTS`` scores.
+        """
         width = (self.plan.stop - self.plan.start).reshape(-1)
-        total = width.numel()
-        if total == 0:
-            return
+        order = torch.argsort(width, stable=True)
+        order = order[width[order] > 0]  # a tile with no key range computes nothing
+        wide = width[order].tolist()
         bm = self.plan.block[0]
-        widest = max(int(width.max()), 1)
-        step = max(1, CHUNK_ELEMENTS // (bm * widest))
-        for a in range(0, total, step):
-            tiles = torch.arange(a, min(a + step, total), device=width.device)
-            yield tiles, max(int(width[tiles].max()), 1)
+        a = 0
+        while a < len(wide):
+            # Widths never decrease along ``order``: a chunk's widest range is its last tile's.
+            b = min(len(wide), a + max(1, CHUNK_ELEMENTS // (bm * wide[a])))
+            while b > a + 1 and bm * wide[b - 1] * (b - a) > CHUNK_ELEMENTS:
+                b = a + (b - a) // 2
+            yield order[a:b], wide[b - 1]
+            a = b
 
     def tile(self, tiles: torch.Tensor, width: int):
         """Indices and the element mask of a chunk of tiles.

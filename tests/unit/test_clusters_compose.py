@@ -225,3 +225,23 @@ def test_kernel_source_names_every_pass():
     assert "run in torch in token order" in text and "_cluster_fwd" not in text and "static part" in text
     balanced = pd.compile("pattern t {\ninput C: float[70, dim]\ncausal & (window(3) | cluster(C, balanced = 4))\n}")
     assert "WORDS = tl.constexpr(2)" in balanced.kernel_source(128)  # 70 clusters: two words of membership bits
+
+
+def test_a_paged_cache_reads_each_element_through_its_table():
+    q, k, v, inputs = _data(8, lq=4, lk=16, batch=2)
+    p = pd.compile("pattern t {\ninput C: float[3, dim]\ncausal & (sink(1) | cluster(C) | lsh(1))\n}")
+    page = 4
+    table = torch.tensor([[3, 0, 5, 1], [2, 7, 4, 6]])
+    kp = torch.zeros(8, 2, page, 4, dtype=torch.float64)
+    vp = torch.zeros_like(kp)
+    for b in range(2):
+        for i in range(4):
+            kp[table[b, i]] = k[b, :, i * page : (i + 1) * page]
+            vp[table[b, i]] = v[b, :, i * page : (i + 1) * page]
+    kvl = torch.tensor([16, 11])
+    out, lse = p(q, kp, vp, return_lse=True, kv_lengths=kvl, block_table=table, C=inputs["C"])
+    for b in range(2):
+        n = int(kvl[b])
+        want, want_lse = p(q[b : b + 1], k[b : b + 1, :, :n], v[b : b + 1, :, :n], return_lse=True, C=inputs["C"])
+        torch.testing.assert_close(out[b : b + 1], want, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(lse[b : b + 1], want_lse, rtol=1e-12, atol=1e-12)
