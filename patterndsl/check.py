@@ -876,6 +876,16 @@ def _bind_definition(
     if isinstance(default, _Unknown) or any(isinstance(v, _Unknown) for _, v in bound) or lenient:
         return None
     inputs = tuple(scope.inputs.values())
+    for node in [r.node for r in rules] + ([default] if default is not None else []):
+        for prim in ir.routes(node):
+            for content in ir.contents(prim.arg("among")):
+                # Labels are per query head, the choice per key-value head group: candidates would differ
+                # between the heads that share one choice.
+                raise PatternValueError(
+                    f"route(...)'s among cannot use {content.name}(...): its candidates are shared by the query "
+                    "heads of a key-value head, labels are per query head",
+                    content.span or prim.span,
+                )
     if inputs:
         nodes = [r.node for r in rules] + ([default] if default is not None else [])
         # Centroids are read by the labels alone, which run beside route(...) at call time.

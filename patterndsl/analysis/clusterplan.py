@@ -89,7 +89,7 @@ def split(pir: ir.PatternIR, heads: int) -> Split:
     Raises:
         PatternValueError: a ``route`` that would be chosen by a different set of heads in the static
             part than in the pattern (the same ``route(...)`` in several head rules, removed from some
-            of them by a content primitive), or a content primitive inside ``route``'s ``among``.
+            of them by a content primitive).
     """
     from patterndsl import semantics
 
@@ -99,11 +99,6 @@ def split(pir: ir.PatternIR, heads: int) -> Split:
         found = ir.contents(node)
         if not found:
             continue
-        for prim in ir.routes(node):
-            if ir.contents(prim.arg("among")):
-                raise PatternValueError(
-                    "route(...)'s among cannot use cluster(...)/lsh(...): candidates are static", prim.span
-                )
         part = _sorted(node, found)
         if part is not None:
             if part.pred != ir.EMPTY:

@@ -245,3 +245,9 @@ def test_a_paged_cache_reads_each_element_through_its_table():
         want, want_lse = p(q[b : b + 1], k[b : b + 1, :, :n], v[b : b + 1, :, :n], return_lse=True, C=inputs["C"])
         torch.testing.assert_close(out[b : b + 1], want, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(lse[b : b + 1], want_lse, rtol=1e-12, atol=1e-12)
+
+
+def test_a_label_inside_routes_among_is_refused_at_compile_time_with_a_location():
+    with pytest.raises(PatternValueError, match="among cannot use lsh") as e:
+        pd.compile("pattern t { causal & route(1, block = 4, among = causal & lsh(1)) }")
+    assert e.value.span is not None and e.value.span.column > 40
