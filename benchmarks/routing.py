@@ -21,7 +21,8 @@ alone), forward, forward + backward. Flex: ``create_block_mask`` from the same l
 ``mask_mod`` comparing them, in the original token order) + compiled ``flex_attention``, and
 its forward + backward. Also the block efficiency of the label pairs in sorted vs original
 order. Targets: sorted efficiency >= 10x unsorted; ours (labels + plan + forward) <= 0.5x
-Flex (create_block_mask + forward).
+Flex (create_block_mask + forward). Where Flex fails at ``--seq`` (out of memory in
+``create_block_mask``), the length is halved until it runs and the ratio is printed there.
 
 Outputs are compared (max abs difference printed; the run fails above 1e-4). Times are
 medians of ``--reps`` calls after one warm-up; the machine is shared, so expect noise.
@@ -101,23 +102,24 @@ def flex_block_mask(chosen: torch.Tensor, L: int, block: int, use_create: bool):
 CLUSTER_SOURCE = "pattern rt(n = 64) { input C: float[n, dim]\n causal & cluster(C) }"
 
 
-def clustered(args) -> int:
-    """The Routing Transformer case: ours (labels, sort, plan, sorted attention) against Flex from the same labels."""
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-
-    from patterndsl.analysis import clusterplan
-    from patterndsl.primitives import clusters
-
-    L, H, D, n = args.seq, args.heads, args.dim, args.clusters
+def _cluster_data(L: int, H: int, D: int, n: int):
     torch.manual_seed(0)
     # Tokens near n directions (as trained queries and keys are), centroids at those directions.
     directions = torch.nn.functional.normalize(torch.randn(n, D), dim=-1)
     q = directions[torch.randint(0, n, (1, H, L))] * 3 + torch.randn(1, H, L, D) * 0.5
     k = directions[torch.randint(0, n, (1, H, L))] * 3 + torch.randn(1, H, L, D) * 0.5
     v = torch.randn(1, H, L, D)
-    c = directions.clone()
+    return q, k, v, directions.clone()
+
+
+def _ours(args, L: int) -> dict:
+    """Our side at length ``L``: labels + sort + plan alone, forward, forward + backward, efficiencies."""
+    from patterndsl.analysis import clusterplan
+    from patterndsl.primitives import clusters
+
+    H, D, n = args.heads, args.dim, args.clusters
+    q, k, v, c = _cluster_data(L, H, D, n)
     pattern = patterndsl.compile(CLUSTER_SOURCE, n=n)
-    print(f"\nRouting Transformer clusters at L={L}, B=1, H={H}, D={D}, fp32, {n} centroids, causal")
     (prim,) = ir.contents(pattern.ir.default)
     bound = binding.bind(pattern.ir, {"C": c}, L, H, D, 1)
 
@@ -125,15 +127,29 @@ def clustered(args) -> int:
         lab = clusters.labels(prim, q, k, bound)
         return lab, clusterplan.sorted_plan(lab.q.reshape(H, L), lab.k.reshape(H, L), False, (64, 64))
 
-    t_plan = timed(labels_and_plan, args.reps)
+    out = {"plan": timed(labels_and_plan, args.reps)}
     lab, plan = labels_and_plan()
-    ordered = plan.stats()
-    original = clusterplan.unsorted_efficiency(lab.q.reshape(H, L), lab.k.reshape(H, L), plan.block)
-    ours = pattern(q, k, v, C=c)
-    t_fwd = timed(lambda: pattern(q, k, v, C=c), args.reps)
+    out["sorted"] = plan.stats()
+    out["original"] = clusterplan.unsorted_efficiency(lab.q.reshape(H, L), lab.k.reshape(H, L), plan.block)
+    out["block"] = plan.block
+    out["out"] = pattern(q, k, v, C=c)
+    out["fwd"] = timed(lambda: pattern(q, k, v, C=c), args.reps)
     qg, kg, vg = (t.clone().requires_grad_(True) for t in (q, k, v))
-    t_bwd = timed(lambda: pattern(qg, kg, vg, C=c).sum().backward(), max(1, args.reps // 2))
+    out["bwd"] = timed(lambda: pattern(qg, kg, vg, C=c).sum().backward(), max(1, args.reps // 2))
+    return out
 
+
+def _flex(args, L: int) -> dict:
+    """Flex at length ``L`` from the same labels: create_block_mask, compiled forward, forward + backward."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    from patterndsl.primitives import clusters
+
+    H, D, n = args.heads, args.dim, args.clusters
+    q, k, v, c = _cluster_data(L, H, D, n)
+    pattern = patterndsl.compile(CLUSTER_SOURCE, n=n)
+    (prim,) = ir.contents(pattern.ir.default)
+    bound = binding.bind(pattern.ir, {"C": c}, L, H, D, 1)
     flex = torch.compile(flex_attention)
 
     def flex_mask():
@@ -146,33 +162,99 @@ def clustered(args) -> int:
         return create_block_mask(mask_mod, 1, H, L, L, device="cpu", BLOCK_SIZE=FLEX_BLOCK)
 
     block_mask = flex_mask()
-    theirs = flex(q, k, v, block_mask=block_mask)
-    t_mask = timed(flex_mask, max(1, args.reps // 2))
-    t_flex_fwd = timed(lambda: flex(q, k, v, block_mask=block_mask), args.reps)
+    out = {"out": flex(q, k, v, block_mask=block_mask)}
+    out["mask"] = timed(flex_mask, max(1, args.reps // 2))
+    out["fwd"] = timed(lambda: flex(q, k, v, block_mask=block_mask), args.reps)
+    qg, kg, vg = (t.clone().requires_grad_(True) for t in (q, k, v))
     try:
-        t_flex_bwd = timed(lambda: flex(qg, kg, vg, block_mask=block_mask).sum().backward(), max(1, args.reps // 2))
+        out["bwd"] = timed(lambda: flex(qg, kg, vg, block_mask=block_mask).sum().backward(), max(1, args.reps // 2))
     except NotImplementedError:  # FlexAttention has no backward on CPU
-        t_flex_bwd = float("nan")
-    diff = float((ours - theirs).abs().max())
-    rows = [
-        ("ours labels + sort + plan", t_plan),
-        ("ours forward (labels + plan + sorted attention)", t_fwd),
-        ("ours forward + backward", t_bwd),
-        ("flex create_block_mask (from the same labels)", t_mask),
-        ("flex forward (compiled, mask given)", t_flex_fwd),
-        ("flex forward + backward (mask given; nan: Flex has no CPU backward)", t_flex_bwd),
-    ]
-    for name, sec in rows:
-        print(f"{name:68s} {sec * 1e3:9.1f} ms")
+        out["bwd"] = float("nan")
+    return out
+
+
+#: Peak bytes per (head, query, key) pair of CPU ``create_block_mask`` on this mask_mod: it evaluates every
+#: pair densely (measured 11-14 bytes at L = 2K-4K, H = 8; torch 2.13).
+FLEX_MASK_BYTES_PER_PAIR = 12
+
+
+def _available_bytes() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def _try_flex(args, L: int):
+    """``(result, None)`` or ``(None, why)`` when Flex cannot run at ``L`` (out of memory, typically).
+
+    A length whose dense mask evaluation would not fit in the memory available is not attempted:
+    on a shared machine the kernel's OOM killer, not an exception, would end it (possibly another process).
+    """
+    need = FLEX_MASK_BYTES_PER_PAIR * args.heads * L * L
+    have = _available_bytes()
+    if have is not None and need > 0.8 * have:
+        return None, (
+            f"not attempted: create_block_mask evaluates mask_mod on all {args.heads}x{L}x{L} pairs, "
+            f"~{need / 2**30:.1f} GiB at {FLEX_MASK_BYTES_PER_PAIR} B/pair, {have / 2**30:.1f} GiB available"
+        )
+    try:
+        return _flex(args, L), None
+    except (RuntimeError, MemoryError) as exc:  # torch.OutOfMemoryError is a RuntimeError
+        return None, f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+
+
+def clustered(args) -> int:
+    """The Routing Transformer case: ours (labels, sort, plan, sorted attention) against Flex from the same labels.
+
+    When Flex cannot run at ``--seq`` (its ``create_block_mask`` evaluates every pair), the lengths
+    are halved until it runs, and both sides are compared there as well.
+    """
+    L, H, D, n = args.seq, args.heads, args.dim, args.clusters
+    print(f"\nRouting Transformer clusters at L={L}, B=1, H={H}, D={D}, fp32, {n} centroids, causal")
+    ours = _ours(args, L)
+    for name, key in (
+        ("ours labels + sort + plan", "plan"),
+        ("ours forward (labels + plan + sorted attention)", "fwd"),
+        ("ours forward + backward", "bwd"),
+    ):
+        print(f"{name:68s} {ours[key] * 1e3:9.1f} ms")
+    ordered, original = ours["sorted"], ours["original"]
     ratio = ordered["efficiency"] / max(original["efficiency"], 1e-12)
     print(
-        f"block efficiency of the label pairs ({plan.block[0]}x{plan.block[1]} tiles): sorted "
+        f"block efficiency of the label pairs ({ours['block'][0]}x{ours['block'][1]} tiles): sorted "
         f"{ordered['efficiency']:.3f}, original order {original['efficiency']:.4f}: {ratio:.1f}x (target >= 10x)"
     )
+    size = L
+    flex, why = _try_flex(args, size)
+    while flex is None:
+        print(f"flex at L={size}: fails ({why})")
+        size //= 2
+        if size < 1024:
+            print("flex runs at no length from 1024 up: no ratio")
+            return 0
+        flex, why = _try_flex(args, size)
+    mine = ours if size == L else _ours(args, size)
+    if size != L:
+        print(f"largest length Flex runs (halving from {L}): L={size}; ours again at that length:")
+        print(f"{'ours forward (labels + plan + sorted attention)':68s} {mine['fwd'] * 1e3:9.1f} ms")
+        print(f"{'ours forward + backward':68s} {mine['bwd'] * 1e3:9.1f} ms")
+    for name, key in (
+        ("flex create_block_mask (from the same labels)", "mask"),
+        ("flex forward (compiled, mask given)", "fwd"),
+        ("flex forward + backward (mask given; nan: Flex has no CPU backward)", "bwd"),
+    ):
+        print(f"{name:68s} {flex[key] * 1e3:9.1f} ms")
     print(
-        f"ours / flex (labels + plan + forward vs create_block_mask + forward) = {t_fwd / (t_mask + t_flex_fwd):.3f}x "
-        f"(target <= 0.5x); fwd+bwd ours / flex (mask included) = {t_bwd / (t_mask + t_flex_bwd):.3f}x"
+        f"at L={size}: ours / flex (labels + plan + forward vs create_block_mask + forward) = "
+        f"{mine['fwd'] / (flex['mask'] + flex['fwd']):.3f}x (target <= 0.5x); fwd+bwd ours / flex (mask included) "
+        f"= {mine['bwd'] / (flex['mask'] + flex['bwd']):.3f}x"
     )
+    diff = float((mine["out"] - flex["out"]).abs().max())
     print(f"max |ours - flex| = {diff:.2e}")
     return 0 if diff <= 1e-4 else 1
 

@@ -876,10 +876,24 @@ def _bind_definition(
     if isinstance(default, _Unknown) or any(isinstance(v, _Unknown) for _, v in bound) or lenient:
         return None
     inputs = tuple(scope.inputs.values())
+    for node in [r.node for r in rules] + ([default] if default is not None else []):
+        for prim in ir.routes(node):
+            for content in ir.contents(prim.arg("among")):
+                # Labels are per query head, the choice per key-value head group: candidates would differ
+                # between the heads that share one choice.
+                raise PatternValueError(
+                    f"route(...)'s among cannot use {content.name}(...): its candidates are shared by the query "
+                    "heads of a key-value head, labels are per query head",
+                    content.span or prim.span,
+                )
     if inputs:
-        for node in [r.node for r in rules] + ([default] if default is not None else []):
-            for prim in ir.routes(node):
-                raise PatternValueError("route(...) cannot be combined with run-time inputs yet", prim.span)
+        nodes = [r.node for r in rules] + ([default] if default is not None else [])
+        # Centroids are read by the labels alone, which run beside route(...) at call time.
+        centroids = {p.arg("centroids") for n in nodes for p in ir.contents(n) if p.name == "cluster"}
+        if score is not None or any(d.name not in centroids for d in inputs):
+            for node in nodes:
+                for prim in ir.routes(node):
+                    raise PatternValueError("route(...) cannot be combined with run-time inputs yet", prim.span)
     rules.sort(key=lambda r: r.lo)
     return ir.PatternIR(pdef.name, tuple(bound), scope.layout, tuple(rules), default, pdef.span, inputs, score=score)
 

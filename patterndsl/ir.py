@@ -780,6 +780,33 @@ def contents(node: Node) -> tuple[Prim, ...]:
     return tuple(dict.fromkeys(s for s in walk(node) if isinstance(s, Prim) and s.name in CONTENT_PRIMITIVES))
 
 
+def hoist_contents(node: Node) -> Node:
+    """``node`` with every content primitive moved out of ``within(...)`` bodies (an exact rewrite).
+
+    A label belongs to a token, not to a position, so segment coordinates do not change it:
+    ``within(S, P) == (x & within(S, P[x := full])) | (~x & within(S, P[x := empty]))`` for a content
+    primitive ``x`` of ``P`` (Shannon's expansion), repeated until no body holds one.
+    """
+
+    def fn(prim: Prim, sign: int) -> Node:
+        body = prim.arg("body") if prim.name == "within" else None
+        found = contents(body) if body is not None else ()
+        if not found:
+            return prim
+        x = found[0]
+
+        def within(value: Node) -> Node:
+            if value == EMPTY:
+                return EMPTY
+            args = tuple((k, value if k == "body" else v) for k, v in prim.args)
+            return hoist_contents(Prim(prim.name, args, prim.span))
+
+        allowed, refused = within(replace(body, {x: FULL})), within(replace(body, {x: EMPTY}))
+        return union(inter(x, allowed), inter(complement(x), refused))
+
+    return substitute(node, fn)
+
+
 def input_bound(node: Node, lower: bool) -> Node:
     """``node`` with each primitive that reads inputs replaced by ``empty``/``full`` as a bound.
 

@@ -582,6 +582,9 @@ def _eval(node: ir.Node, q, k, h, ctx: Context, selection) -> torch.Tensor:
         return ~_eval(node.item, q, k, h, ctx, selection)
     if not isinstance(node, ir.Prim):
         raise TypeError(f"unknown pattern node {type(node).__name__}")
+    if node.name == "within" and ir.contents(node.arg("body")):
+        # Labels belong to tokens: segment coordinates do not change them (ir.hoist_contents).
+        return _eval(ir.hoist_contents(node), q, k, h, ctx, selection)
     return primitives.lookup(node.name).meaning(node, q, k, h, ctx, selection)
 
 

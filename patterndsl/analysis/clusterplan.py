@@ -36,20 +36,25 @@ WORD_BITS = 62
 
 @dataclass(frozen=True)
 class Part:
-    """The sorted part of one head rule: heads ``lo <= h < hi``, labels of ``prim``, pairs also in ``pred``.
+    """A part of one head rule run at call time: heads ``lo <= h < hi``.
 
-    ``pred`` is None when every pair with equal labels is allowed (``cluster(C)`` alone).
+    A *sorted* part (``prim`` set) allows the pairs with equal labels of ``prim`` that ``pred``
+    (None: every such pair) also allows, in ``prim``'s sorted order. A *general* part (``prim`` is
+    None) allows the pairs of ``pred``, whose meaning needs the call's labels, route choices or
+    inputs; it runs in token order over the tiles of the static pattern ``reach``, which holds every
+    pair it can allow.
     """
 
     lo: int
     hi: int
-    prim: ir.Prim
+    prim: ir.Prim | None
     pred: ir.Node | None
+    reach: ir.Node | None = None
 
 
 @dataclass(frozen=True)
 class Split:
-    """A content pattern cut in two: ``static`` (None when it allows nothing) and the sorted ``parts``."""
+    """A content pattern cut in two: ``static`` (None when it allows nothing) and the call-time ``parts``."""
 
     static: ir.PatternIR | None
     parts: tuple[Part, ...]
@@ -59,55 +64,111 @@ def _no_content(node: ir.Node) -> ir.Node:
     return ir.substitute(node, lambda p, s: ir.EMPTY if p.name in ir.CONTENT_PRIMITIVES else p)
 
 
+def _content_lower(node: ir.Node) -> ir.Node:
+    """``node`` with each content primitive replaced by its lower bound (``empty`` at +1, ``full`` at -1)."""
+    return ir.substitute(node, lambda p, s: (ir.EMPTY if s > 0 else ir.FULL) if p.name in ir.CONTENT_PRIMITIVES else p)
+
+
+def _sorted(node: ir.Node, found) -> Part | None:
+    """The sorted part of a rule with one content primitive that only adds pairs and a static rest, else None."""
+    if len(found) != 1:
+        return None
+    prim = found[0]
+    if _signs(node, prim) != {1}:
+        return None
+    pred = _minus(ir.replace(node, {prim: ir.FULL}), _no_content(node))
+    if ir.is_dynamic(pred):
+        return None
+    return Part(0, 0, prim, None if pred == ir.FULL else pred)
+
+
 @functools.lru_cache(maxsize=64)
 def split(pir: ir.PatternIR, heads: int) -> Split:
-    """Cut ``pir`` (at ``heads`` query heads) into its static part and its sorted parts (module docstring).
+    """Cut ``pir`` (at ``heads`` query heads) into its static part and its call-time parts (module docstring).
 
     Raises:
-        PatternValueError: a head rule with two content primitives, one under a complement (``~``,
-            the right of ``-``), or a ``score`` with one: not run yet (``Pattern.mask`` has their meaning).
+        PatternValueError: a ``route`` that would be chosen by a different set of heads in the static
+            part than in the pattern (the same ``route(...)`` in several head rules, removed from some
+            of them by a content primitive).
     """
     from patterndsl import semantics
 
     parts = []
     for lo, hi, node in semantics.head_segments(pir, heads):
+        node = ir.hoist_contents(node)
         found = ir.contents(node)
         if not found:
             continue
-        if len(found) > 1:
-            raise PatternValueError(
-                "attention runs one cluster(...)/lsh(...) per head rule for now (Pattern.mask has the meaning)",
-                found[1].span,
-            )
-        prim = found[0]
-        if _signs(node, prim) != {1}:
-            raise PatternValueError(
-                f"attention runs {prim.name}(...) only where it adds pairs, not under '~' or on the right of '-', "
-                "for now (Pattern.mask has the meaning)",
-                prim.span,
-            )
-        if pir.score is not None:
-            raise PatternValueError(f"a score modifier does not combine with {prim.name}(...) yet", prim.span)
-        lower = _no_content(node)
-        upper = ir.replace(node, {prim: ir.FULL})
-        pred = _minus(upper, lower)
-        if ir.is_dynamic(pred):
-            raise PatternValueError(
-                f"attention runs {prim.name}(...) beside route(...) in one head rule not yet (Pattern.mask has the "
-                "meaning; per-head rules may use them apart)",
-                prim.span,
-            )
-        if pred != ir.EMPTY:
-            parts.append(Part(lo, hi, prim, None if pred == ir.FULL else pred))
-    rules = tuple(ir.HeadRule(r.lo, r.hi, _no_content(r.node), r.span) for r in pir.heads)
-    default = None if pir.default is None else _no_content(pir.default)
+        part = _sorted(node, found)
+        if part is not None:
+            if part.pred != ir.EMPTY:
+                parts.append(Part(lo, hi, part.prim, part.pred))
+            continue
+        # General: the pairs allowed whatever the labels stay static; the rest is evaluated per call.
+        lower = _content_lower(node)
+        pred = node if lower == ir.EMPTY else ir.inter(node, ir.complement(lower))
+        upper = ir.input_bound(ir.route_bound(node, lower=False), lower=False)
+        floor = ir.input_bound(ir.route_bound(lower, lower=True), lower=True)
+        reach = upper if floor == ir.EMPTY else ir.inter(upper, ir.complement(floor))
+        if reach != ir.EMPTY:
+            parts.append(Part(lo, hi, None, pred, reach))
+    rules, default = _static_rules(pir)
     nodes = [r.node for r in rules] + ([default] if default is not None else [])
+    _check_voters(pir, heads, rules, default)
     static = None
     if any(n != ir.EMPTY for n in nodes):
         used = {d.name for n in nodes for d in pir.inputs if _reads(n, d.name)}
+        used |= _score_reads(pir)
         inputs = tuple(d for d in pir.inputs if d.name in used)
         static = ir.PatternIR(pir.name, pir.params, pir.layout, rules, default, pir.span, inputs, score=pir.score)
     return Split(static, tuple(parts))
+
+
+def _static_node(node: ir.Node) -> ir.Node:
+    """What the static part runs of a rule: the pairs it allows whatever the labels."""
+    node = ir.hoist_contents(node)
+    found = ir.contents(node)
+    if not found:
+        return node
+    return _no_content(node) if _sorted(node, found) is not None else _content_lower(node)
+
+
+def _static_rules(pir: ir.PatternIR):
+    """The static part's head rules and default (a rule's decision does not depend on the head count)."""
+    rules = tuple(ir.HeadRule(r.lo, r.hi, _static_node(r.node), r.span) for r in pir.heads)
+    return rules, None if pir.default is None else _static_node(pir.default)
+
+
+def _route_heads(segments) -> dict:
+    out: dict = {}
+    for lo, hi, node in segments:
+        for prim in ir.routes(node):
+            out.setdefault(prim, set()).update(range(lo, hi))
+    return out
+
+
+def _check_voters(pir: ir.PatternIR, heads: int, rules, default) -> None:
+    """Refuse a static part in which a ``route`` would be chosen by other heads than in the pattern."""
+    from patterndsl import semantics
+
+    before = _route_heads(semantics.head_segments(pir, heads))
+    static = ir.PatternIR(pir.name, pir.params, pir.layout, rules, default, pir.span, ())
+    after = _route_heads(semantics.head_segments(static, heads))
+    for prim, voters in after.items():
+        if voters != before.get(prim, voters):
+            raise PatternValueError(
+                "attention does not run this route(...) yet: a cluster(...)/lsh(...) removes it from some of the "
+                "head rules that choose it together (Pattern.mask has the meaning)",
+                prim.span,
+            )
+
+
+def _score_reads(pir: ir.PatternIR) -> set[str]:
+    if pir.score is None:
+        return set()
+    from patterndsl.scores import nodes
+
+    return {n.name for n in nodes.walk(pir.score.expr) if isinstance(n, nodes.Read)}
 
 
 def _minus(upper: ir.Node, lower: ir.Node) -> ir.Node:

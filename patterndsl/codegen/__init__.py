@@ -93,4 +93,10 @@ def kernel_source(pattern, q_len: int, kv_len: int | None = None, heads: int = 1
     Returns:
         Deterministic source text whose header names the pattern, tiles and cache key.
     """
+    from patterndsl import ir
+
+    if any(ir.contents(node) for node in pattern.ir.nodes()):
+        from patterndsl.codegen import clusters
+
+        return clusters.kernel_source(pattern, q_len, kv_len, heads, **options)
     return render(spec_for(pattern, q_len, kv_len, heads, **options))

@@ -103,7 +103,8 @@ def attention(
 
     if clusters.has_content(pir):
         if kv_lengths is not None or q_lengths is not None or block_table is not None:
-            raise PatternError("kv_lengths=/q_lengths=/block_table= do not combine with cluster(...)/lsh(...) yet")
+            lengths = (kv_lengths, q_lengths, block_table)
+            return clusters.ragged(q, k, v, pir, scale, return_lse, backend, given, lengths)
         return clusters.attention(q, k, v, pir, scale, return_lse, backend, given)
     if kv_lengths is not None or q_lengths is not None or block_table is not None:
         return _ragged(q, k, v, pir, scale, return_lse, backend, given, kv_lengths, q_lengths, block_table)

@@ -144,8 +144,6 @@ def test_roundtrip_printing():
 
 # --------------------------------------------------------------------------- call-time plan and attention
 
-RUNNABLE = [c for c in CASES if c[0] not in ("negated", "mixed")]
-
 
 def _inputs_for(p, q, g, dup=False):
     if not p.ir.inputs:
@@ -224,7 +222,7 @@ def _grads(out, lse, tensors, seed=0):
     return torch.autograd.grad(loss, tensors)
 
 
-@pytest.mark.parametrize(("name", "params", "sizes"), RUNNABLE)
+@pytest.mark.parametrize(("name", "params", "sizes"), CASES)
 def test_attention_matches_the_reference(name, params, sizes):
     p = pd.compile(ROUTING, name, **params)
     q, k, g = _data(**sizes)
@@ -253,13 +251,14 @@ def test_attention_float32_and_value_head_size():
     torch.testing.assert_close(out.double(), ref_out, rtol=1e-4, atol=1e-5)
 
 
-def test_attention_refuses_what_it_does_not_run_yet_with_a_location():
-    q, k, g = _data()
+def test_attention_runs_route_beside_lsh_in_one_rule_and_apart():
+    # Negated and mixed rules run in CASES; tests/unit/test_clusters_compose.py has every composition.
+    q, k, _ = _data(dup=True)
     routed = pd.compile("pattern t { causal & (route(2, block = 4) | lsh(2)) }")
-    for p in (pd.compile(ROUTING, "negated"), pd.compile(ROUTING, "mixed"), routed):
-        with pytest.raises(PatternValueError) as e:
-            p(q, k, k, **_inputs_for(p, q, g))
-        assert e.value.span is not None
+    out, lse = routed(q, k, k, return_lse=True)
+    ref, ref_lse = reference_attention(q, k, k, routed.mask(11, 11, 2, q=q, k=k))
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(lse, ref_lse)
     # Apart, in their own head rules, they run (route in the static part, lsh sorted).
     apart = pd.compile("pattern t { heads 0..1: causal & route(1, block = 4)\n heads 1..2: causal & lsh(2) }")
     out, lse = apart(q, k, k, return_lse=True)
@@ -308,25 +307,19 @@ def test_routing_transformer_example_and_labels_helper():
     )
 
 
-def test_lse_combine_is_exact_and_finite_on_rows_nothing_allows():
-    from patterndsl.runtime.clusters import lse_combine
-
-    g = torch.Generator().manual_seed(2)
-    o1, o2 = (
-        torch.randn(2, 3, 4, generator=g, dtype=torch.float64),
-        torch.randn(2, 3, 4, generator=g, dtype=torch.float64),
-    )
-    l1, l2 = torch.randn(2, 3, generator=g, dtype=torch.float64), torch.randn(2, 3, generator=g, dtype=torch.float64)
-    l1[0, 0] = l2[0, 0] = float("-inf")  # nothing anywhere
-    l2[1, 1] = float("-inf")  # only the first part
-    o1[0, 0] = o2[0, 0] = 0.0
-    o2[1, 1] = 0.0
-    tensors = [t.clone().requires_grad_() for t in (o1, l1, o2, l2)]
-    out, lse = lse_combine([(tensors[0], tensors[1]), (tensors[2], tensors[3])])
-    want = torch.logaddexp(l1, l2)
-    assert torch.equal(torch.isinf(lse), torch.isinf(want))
-    torch.testing.assert_close(lse[~torch.isinf(want)], want[~torch.isinf(want)])
-    w1 = torch.exp(l1 - want).nan_to_num(0.0)
-    torch.testing.assert_close(out, o1 * w1[..., None] + o2 * (1 - w1)[..., None] * (~torch.isinf(want))[..., None])
-    (out.sum() + torch.where(torch.isinf(lse), 0.0, lse).sum()).backward()
-    assert all(torch.isfinite(t.grad).all() for t in tensors)
+def test_the_merge_of_the_passes_is_exact_and_finite_on_rows_nothing_allows():
+    # A static pass (window & sink) and a call-time pass (lsh above the diagonal): the last rows get nothing.
+    p = pd.compile("pattern t { (window(1) & sink(1)) | (lsh(2) - causal) }")
+    q, k, g = _data(dup=True)
+    v = torch.randn(k.shape, generator=g, dtype=torch.float64)
+    mask = p.mask(11, 11, 2, q=q, k=k)
+    assert not mask[..., -1, :].any() and mask[..., 0, :].any()
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out, lse = p(*leaves, return_lse=True)
+    ref, ref_lse = reference_attention(*leaves, mask)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse)) and (out[..., -1, :] == 0).all()
+    grads = _grads(out, lse, leaves)
+    assert all(torch.isfinite(t).all() for t in grads)
+    for a, b in zip(grads, _grads(ref, ref_lse, leaves), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
