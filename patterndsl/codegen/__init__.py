@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import torch
 
+from patterndsl.codegen import passes
 from patterndsl.codegen import score as score_code
 from patterndsl.codegen.generator import DTYPES, KernelSpec, kernel_names, make_spec, per_call, render
-from patterndsl.codegen.launch import launch, launch_config, launch_tiles
+from patterndsl.codegen.launch import PLAN_TILES, launch, launch_config, launch_tiles
 
 __all__ = [
     "KernelSpec",
@@ -27,6 +28,7 @@ __all__ = [
     "make_spec",
     "render",
     "spec_for",
+    "specs_for",
 ]
 
 
@@ -58,25 +60,56 @@ def spec_for(
             ((64, 64) for the interpreter).
 
     Returns:
-        The spec.
+        The spec (of the whole plan: :func:`specs_for` gives one per part of a plan that splits).
     """
-    if block is None:
-        tables = score_code.has_tables(pattern.ir.score)
-        block = launch_tiles(head_dim, target, kind, DTYPES.get(dtype, "float16"), per_call(pattern.ir), tables)
-        block = block or (64, 64)
+    plan, row, launch_facts = _plan_for(pattern, q_len, kv_len, heads, head_dim, dtype, block, kind, order, target)
+    return make_spec(passes.fitted(plan, row), kv_heads=kv_heads, num_warps=num_warps, num_stages=num_stages,
+                     **launch_facts)  # fmt: skip
+
+
+def specs_for(pattern, q_len: int, kv_len: int | None = None, heads: int = 1, **options) -> list[KernelSpec]:
+    """The :class:`KernelSpec` of every pass the Triton launcher runs for ``pattern`` at these sizes.
+
+    A plan that runs as parts (:mod:`patterndsl.analysis.parts`, split from the plan at
+    :data:`~patterndsl.codegen.launch.PLAN_TILES` as the runtime plans it, or at ``block`` when given) gives
+    one spec per part, each in the part's own token order and at its own tile shape fitted into the launch
+    row (:mod:`patterndsl.codegen.passes`); any other plan gives :func:`spec_for`'s one spec.
+
+    Args:
+        pattern, q_len, kv_len, heads, **options: as :func:`spec_for`.
+
+    Returns:
+        The specs, in the order the launcher runs (and merges) them.
+    """
+    kv_heads, warps, stages = (options.pop(name, None) for name in ("kv_heads", "num_warps", "num_stages"))
+    options.setdefault("head_dim", 64)
+    options.setdefault("dtype", torch.float16)
+    options.setdefault("kind", "forward")
+    options.setdefault("order", "auto")
+    options.setdefault("target", "sm_90")
+    plan, row, facts = _plan_for(pattern, q_len, kv_len, heads, block=options.pop("block", None), split=True, **options)
+    return [
+        make_spec(passes.fitted(p, row), kv_heads=kv_heads, num_warps=warps, num_stages=stages, **facts)
+        for p in passes.passes(plan)
+    ]
+
+
+def _plan_for(pattern, q_len, kv_len, heads, head_dim, dtype, block, kind, order, target, split: bool = False):
+    # The plan (at the launch tiles or the given block; at PLAN_TILES when parts are asked for and no block is
+    # given, as the runtime plans), the tiles every pass is fitted to, and make_spec's launch facts.
+    tables = score_code.has_tables(pattern.ir.score)
+    row = launch_tiles(head_dim, target, kind, DTYPES.get(dtype, "float16"), per_call(pattern.ir), tables)
     if per_call(pattern.ir):
         order = "identity"
-    plan = pattern.plan(q_len, kv_len, heads, block=tuple(block), order=order)
-    return make_spec(
-        plan,
-        kind=kind,
-        head_dim=head_dim,
-        dtype=dtype,
-        kv_heads=kv_heads,
-        target=target,
-        num_warps=num_warps,
-        num_stages=num_stages,
-    )
+    facts = {"kind": kind, "head_dim": head_dim, "dtype": dtype, "target": target}
+    if block is not None:
+        return pattern.plan(q_len, kv_len, heads, block=tuple(block), order=order), tuple(block), facts
+    if split and order == "auto" and not per_call(pattern.ir):
+        whole = pattern.plan(q_len, kv_len, heads, block=PLAN_TILES, order=order)
+        if whole.parts:
+            return whole, row, facts
+    tiles = row or (64, 64)
+    return pattern.plan(q_len, kv_len, heads, block=tiles, order=order), tiles, facts
 
 
 def kernel_source(pattern, q_len: int, kv_len: int | None = None, heads: int = 1, **options) -> str:
@@ -91,6 +124,15 @@ def kernel_source(pattern, q_len: int, kv_len: int | None = None, heads: int = 1
             (``"sm_90"``), ``num_warps``, ``num_stages`` (the launch table's).
 
     Returns:
-        Deterministic source text whose header names the pattern, tiles and cache key.
+        Deterministic source text whose header names the pattern, tiles and cache key. A plan that runs
+        as parts gives each part's source in turn (:func:`specs_for`), each under a line
+        ``# ===== part i of n: ORDER, BMxBN tiles`` (the launcher merges their passes by log-sum-exp).
     """
-    return render(spec_for(pattern, q_len, kv_len, heads, **options))
+    specs = specs_for(pattern, q_len, kv_len, heads, **options)
+    if len(specs) == 1:
+        return render(specs[0])
+    return "\n\n".join(
+        f"# ===== part {i} of {len(specs)}: {s.order}, {s.block_m}x{s.block_n} tiles (passes merged by log-sum-exp)\n"
+        + render(s)
+        for i, s in enumerate(specs)
+    )

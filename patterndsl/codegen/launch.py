@@ -11,6 +11,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+#: The tiles the runtime plans a Triton call at (``runtime.TRITON_BLOCK``): parts are split from that plan, and
+#: each pass is then fitted to its kernel's launch row (:func:`fit_tiles`, :mod:`patterndsl.codegen.passes`).
+PLAN_TILES = (64, 64)
+
 
 def padded_head_dim(head_dim: int) -> int:
     """The head dim the kernels compute with: the next power of two, at least 16 (``tl.arange``/``tl.dot``)."""
@@ -129,6 +133,26 @@ def ragged_launch(head_dim: int, target: str, kind: str, dtype: str, rows: int) 
         return Launch((bm, bn), warps, stages, precision)
     bn = 32 if _weight(head_dim, dtype) <= 64 else 16
     return Launch((64, bn), 4 if rows < 64 else 8, 1, precision)
+
+
+def fit_tiles(tiles: tuple[int, int], shape: tuple[int, int]) -> tuple[int, int]:
+    """The tiles a part planned in ``shape`` runs with under a launch row's ``tiles``: each side the smaller.
+
+    A part's own shape (:mod:`patterndsl.analysis.parts`: thin 16-row or 16-key tiles where its tiles lie
+    in one or two tile rows or columns, ``random``'s block) is never wider than the plan it came from, so
+    on a side where it is narrower than the row it keeps its width (``tl.dot`` takes sides of 16 and more);
+    a side wider than the row's takes the row's, which builds without spills. Narrower tiles keep every
+    register and shared-memory budget of the row (``tests/unit/test_aot.py`` builds the thin ones): warps
+    and stages stay the row's. 16-row tiles run on ``mma.sync`` on sm_90 too (``wgmma`` needs 64 rows).
+
+    Args:
+        tiles: the launch row's ``(BM, BN)``.
+        shape: the part's ``(BM, BN)``.
+
+    Returns:
+        ``(min(BM), min(BN))``.
+    """
+    return min(tiles[0], shape[0]), min(tiles[1], shape[1])
 
 
 def launch_config(

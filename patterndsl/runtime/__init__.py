@@ -12,14 +12,15 @@ from __future__ import annotations
 import torch
 
 from patterndsl import ir
+from patterndsl.codegen.launch import PLAN_TILES
 from patterndsl.errors import BackendError, PatternError
 from patterndsl.runtime import decode, op, plans, validate
 
 #: CPU executor tiles (BM, BN); measured in benchmarks/cpu_attention.py.
 CPU_BLOCK = (64, 64)
-#: Plan tiles of the Triton backend under the interpreter; on a GPU the launcher re-plans with the
-#: launch table's tiles (:func:`patterndsl.codegen.launch.launch`).
-TRITON_BLOCK = (64, 64)
+#: Plan tiles of the Triton backend (parts are split from this plan); on a GPU the launcher fits each pass
+#: to the launch table's tiles (:mod:`patterndsl.codegen.passes`).
+TRITON_BLOCK = PLAN_TILES
 
 
 def _plan_key(pattern: ir.PatternIR, backend: str) -> str:
