@@ -126,13 +126,13 @@ def kernel_source(pattern, q_len: int, kv_len: int | None = None, heads: int = 1
     Returns:
         Deterministic source text whose header names the pattern, tiles and cache key. A plan that runs
         as parts gives each part's source in turn (:func:`specs_for`), each under a line
-        ``# ===== part i of n: ORDER, BMxBN tiles`` (the launcher merges their passes by log-sum-exp).
+        ``# ===== part i of n: order ORDER, tiles BMxBN`` (from 1) (the launcher merges their passes by log-sum-exp).
     """
     specs = specs_for(pattern, q_len, kv_len, heads, **options)
     if len(specs) == 1:
         return render(specs[0])
     return "\n\n".join(
-        f"# ===== part {i} of {len(specs)}: {s.order}, {s.block_m}x{s.block_n} tiles (passes merged by log-sum-exp)\n"
+        f"# ===== part {i} of {len(specs)}: order {s.order}, tiles {s.block_m}x{s.block_n} (passes merged by lse)\n"
         + render(s)
-        for i, s in enumerate(specs)
+        for i, s in enumerate(specs, 1)
     )

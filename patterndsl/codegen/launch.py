@@ -80,7 +80,13 @@ def dot_precision(dtype: str, target: str) -> str:
 
 
 def launch(
-    head_dim: int, target: str, kind: str, dtype: str = "float16", run_time: bool = False, tables: bool = False
+    head_dim: int,
+    target: str,
+    kind: str,
+    dtype: str = "float16",
+    run_time: bool = False,
+    tables: bool = False,
+    shape: tuple[int, int] | None = None,
 ) -> Launch:
     """The launch table's row for one kernel.
 
@@ -91,6 +97,9 @@ def launch(
         dtype: the input dtype name (float32 tiles take twice the shared memory per stage).
         run_time: the kernels walk run-time lists with a ``route`` element rule.
         tables: the score reads float inputs, whose gradients the backward adds atomically.
+        shape: the tiles of the plan the kernel is built for, when known: a part's own shape is kept
+            where it is narrower than the row (:func:`fit_tiles`), and tiles of fewer than 64 rows take
+            at most 4 warps (16-row float32 tiles on 8 warps spill on sm_90 at head dims 96 and 256).
 
     Returns:
         The :class:`Launch`.
@@ -110,6 +119,10 @@ def launch(
         # The table gradient's addresses and partial derivative are live per element beside dS: a 2-D
         # relative table with a softcap at bf16 head dim 128 spills 32 bytes on sm_90 with 64 x 32 tiles.
         bn = max(16, bn // 2)
+    if shape is not None:
+        bm, bn = fit_tiles((bm, bn), shape)
+        if bm < 64:
+            warps = min(warps, 4)
     return Launch((bm, bn), warps, stages, precision)
 
 
@@ -141,9 +154,11 @@ def fit_tiles(tiles: tuple[int, int], shape: tuple[int, int]) -> tuple[int, int]
     A part's own shape (:mod:`patterndsl.analysis.parts`: thin 16-row or 16-key tiles where its tiles lie
     in one or two tile rows or columns, ``random``'s block) is never wider than the plan it came from, so
     on a side where it is narrower than the row it keeps its width (``tl.dot`` takes sides of 16 and more);
-    a side wider than the row's takes the row's, which builds without spills. Narrower tiles keep every
-    register and shared-memory budget of the row (``tests/unit/test_aot.py`` builds the thin ones): warps
-    and stages stay the row's. 16-row tiles run on ``mma.sync`` on sm_90 too (``wgmma`` needs 64 rows).
+    a side wider than the row's takes the row's, which builds without spills. Narrower tiles stay within
+    the row's shared memory; :func:`launch` with ``shape`` gives tiles of fewer than 64 rows at most 4
+    warps, and every thin shape of the matrix builds without spills on sm_80 and sm_90
+    (``tests/unit/test_part_kernels.py``). 16-row tiles run on ``mma.sync`` on sm_90 too (``wgmma``
+    needs 64 rows per warpgroup).
 
     Args:
         tiles: the launch row's ``(BM, BN)``.
