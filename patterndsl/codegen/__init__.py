@@ -62,8 +62,8 @@ def spec_for(
     Returns:
         The spec (of the whole plan: :func:`specs_for` gives one per part of a plan that splits).
     """
-    plan, row, launch_facts = _plan_for(pattern, q_len, kv_len, heads, head_dim, dtype, block, kind, order, target)
-    return make_spec(passes.fitted(plan, row), kv_heads=kv_heads, num_warps=num_warps, num_stages=num_stages,
+    plan, rows, launch_facts = _plan_for(pattern, q_len, kv_len, heads, head_dim, dtype, block, kind, order, target)
+    return make_spec(passes.fitted(plan, rows(plan)), kv_heads=kv_heads, num_warps=num_warps, num_stages=num_stages,
                      **launch_facts)  # fmt: skip
 
 
@@ -87,29 +87,38 @@ def specs_for(pattern, q_len: int, kv_len: int | None = None, heads: int = 1, **
     options.setdefault("kind", "forward")
     options.setdefault("order", "auto")
     options.setdefault("target", "sm_90")
-    plan, row, facts = _plan_for(pattern, q_len, kv_len, heads, block=options.pop("block", None), split=True, **options)
+    block = options.pop("block", None)
+    plan, rows, facts = _plan_for(pattern, q_len, kv_len, heads, block=block, split=True, **options)
     return [
-        make_spec(passes.fitted(p, row), kv_heads=kv_heads, num_warps=warps, num_stages=stages, **facts)
+        make_spec(passes.fitted(p, rows(p)), kv_heads=kv_heads, num_warps=warps, num_stages=stages, **facts)
         for p in passes.passes(plan)
     ]
 
 
 def _plan_for(pattern, q_len, kv_len, heads, head_dim, dtype, block, kind, order, target, split: bool = False):
     # The plan (at the launch tiles or the given block; at PLAN_TILES when parts are asked for and no block is
-    # given, as the runtime plans), the tiles every pass is fitted to, and make_spec's launch facts.
+    # given, as the runtime plans), the launch row's tiles of each pass (reordered plans have rows of their
+    # own), and make_spec's launch facts.
     tables = score_code.has_tables(pattern.ir.score)
-    row = launch_tiles(head_dim, target, kind, DTYPES.get(dtype, "float16"), per_call(pattern.ir), tables)
-    if per_call(pattern.ir):
+    run_time = per_call(pattern.ir)
+
+    def rows(plan):
+        if block is not None:
+            return tuple(block)
+        reordered = not plan.is_identity_order
+        return launch_tiles(head_dim, target, kind, DTYPES.get(dtype, "float16"), run_time, tables, reordered)
+
+    if run_time:
         order = "identity"
     facts = {"kind": kind, "head_dim": head_dim, "dtype": dtype, "target": target}
     if block is not None:
-        return pattern.plan(q_len, kv_len, heads, block=tuple(block), order=order), tuple(block), facts
-    if split and order == "auto" and not per_call(pattern.ir):
+        return pattern.plan(q_len, kv_len, heads, block=tuple(block), order=order), rows, facts
+    if split and order == "auto" and not run_time:
         whole = pattern.plan(q_len, kv_len, heads, block=PLAN_TILES, order=order)
         if whole.parts:
-            return whole, row, facts
-    tiles = row or (64, 64)
-    return pattern.plan(q_len, kv_len, heads, block=tiles, order=order), tiles, facts
+            return whole, rows, facts
+    tiles = launch_tiles(head_dim, target, kind, DTYPES.get(dtype, "float16"), run_time, tables) or (64, 64)
+    return pattern.plan(q_len, kv_len, heads, block=tiles, order=order), rows, facts
 
 
 def kernel_source(pattern, q_len: int, kv_len: int | None = None, heads: int = 1, **options) -> str:

@@ -87,6 +87,7 @@ def launch(
     run_time: bool = False,
     tables: bool = False,
     shape: tuple[int, int] | None = None,
+    reordered: bool = False,
 ) -> Launch:
     """The launch table's row for one kernel.
 
@@ -98,8 +99,10 @@ def launch(
         run_time: the kernels walk run-time lists with a ``route`` element rule.
         tables: the score reads float inputs, whose gradients the backward adds atomically.
         shape: the tiles of the plan the kernel is built for, when known: a part's own shape is kept
-            where it is narrower than the row (:func:`fit_tiles`), and tiles of fewer than 64 rows take
-            at most 4 warps (16-row float32 tiles on 8 warps spill on sm_90 at head dims 96 and 256).
+            where it is narrower than the row (:func:`fit_tiles`), and forward tiles of fewer than 64 rows
+            take at most 4 warps (16-row float32 tiles on 8 warps spill on sm_90 at head dims 96 and 256;
+            the backward keeps its warps: a 16-row dK/dV kernel on 4 warps nears 255 registers).
+        reordered: the plan's tokens are in an order of their own (``QORD``/``KORD`` gathers).
 
     Returns:
         The :class:`Launch`.
@@ -108,6 +111,15 @@ def launch(
     if target == "interpret":
         return Launch(None, 4, 1, precision)
     bm, bn, warps, stages = _gpu(head_dim, kind, dtype)
+    if reordered and kind == "backward" and dtype != "float32":
+        # Gathered rows keep a 64-bit address per element live for q, dO, lse and delta: the reordered dK/dV
+        # kernel spilled 32-64 bytes on sm_80 at head dims 64-128 with two stages (one builds clean), and the
+        # dQ kernel at head dim 256 spilled 72 bytes with 64-row tiles (32 rows build clean).
+        weight = _weight(head_dim, dtype)
+        if weight >= 64:
+            stages = 1
+        if weight == 256:
+            bm = 32
     if run_time:
         # The route element rule keeps 2**r corner predicates and the chosen-table loads live per
         # element: with `random` beside `route`, 64 x 64 tiles spill on sm_80 (tests/unit/test_aot.py).
@@ -121,7 +133,7 @@ def launch(
         bn = max(16, bn // 2)
     if shape is not None:
         bm, bn = fit_tiles((bm, bn), shape)
-        if bm < 64:
+        if bm < 64 and kind == "forward":
             warps = min(warps, 4)
     return Launch((bm, bn), warps, stages, precision)
 
@@ -155,8 +167,8 @@ def fit_tiles(tiles: tuple[int, int], shape: tuple[int, int]) -> tuple[int, int]
     in one or two tile rows or columns, ``random``'s block) is never wider than the plan it came from, so
     on a side where it is narrower than the row it keeps its width (``tl.dot`` takes sides of 16 and more);
     a side wider than the row's takes the row's, which builds without spills. Narrower tiles stay within
-    the row's shared memory; :func:`launch` with ``shape`` gives tiles of fewer than 64 rows at most 4
-    warps, and every thin shape of the matrix builds without spills on sm_80 and sm_90
+    the row's shared memory; :func:`launch` with ``shape`` gives forward tiles of fewer than 64 rows at
+    most 4 warps, and every thin shape of the matrix builds without spills on sm_80 and sm_90
     (``tests/unit/test_part_kernels.py``). 16-row tiles run on ``mma.sync`` on sm_90 too (``wgmma``
     needs 64 rows per warpgroup).
 
@@ -179,7 +191,13 @@ def launch_config(
 
 
 def launch_tiles(
-    head_dim: int, target: str, kind: str, dtype: str = "float16", run_time: bool = False, tables: bool = False
+    head_dim: int,
+    target: str,
+    kind: str,
+    dtype: str = "float16",
+    run_time: bool = False,
+    tables: bool = False,
+    reordered: bool = False,
 ) -> tuple[int, int] | None:
     """The plan tiles ``(BM, BN)`` of :func:`launch`, or None for the interpreter."""
-    return launch(head_dim, target, kind, dtype, run_time, tables).tiles
+    return launch(head_dim, target, kind, dtype, run_time, tables, reordered=reordered).tiles
