@@ -111,10 +111,11 @@ def launch(
     if target == "interpret":
         return Launch(None, 4, 1, precision)
     bm, bn, warps, stages = _gpu(head_dim, kind, dtype)
-    if reordered and kind == "backward" and dtype != "float32":
+    if reordered and kind == "backward" and dtype != "float32" and int(target[3:]) < 90:
         # Gathered rows keep a 64-bit address per element live for q, dO, lse and delta: the reordered dK/dV
         # kernel spilled 32-64 bytes on sm_80 at head dims 64-128 with two stages (one builds clean), and the
-        # dQ kernel at head dim 256 spilled 72 bytes with 64-row tiles (32 rows build clean).
+        # dQ kernel at head dim 256 spilled 72 bytes with 64-row tiles (32 rows build clean). sm_90 builds
+        # them clean with the identity rows (checked over float16/bfloat16 x head dims 16-256).
         weight = _weight(head_dim, dtype)
         if weight >= 64:
             stages = 1

@@ -157,3 +157,16 @@ def test_thin_row_float32_tiles_build_without_spills_on_sm90(compiled, eager, he
     spec = specs_for(p, 256, head_dim=head_dim, dtype=torch.float32)[1]
     assert spec.block_m == 16 and spec.num_warps == 4
     _assert_sound(aot.compile_spec(spec, "sm_90"), "sm_90", {"fwd_g0": 16})
+
+
+@pytest.mark.slow
+@pytest.mark.aot
+def test_reordered_backward_at_head_dim_256_builds_without_spills_on_sm80(compiled):
+    """A dilated window in residue classes, bfloat16 backward at head dim 256: 32-row tiles (64 rows spilled)."""
+    from patterndsl.codegen import inspect as aot
+    from patterndsl.codegen import spec_for
+
+    spec = spec_for(pd.compile("pattern p { window(4, 4, dilation = 8) }"), 256, kind="backward", head_dim=256,
+                    dtype=torch.bfloat16, target="sm_80")  # fmt: skip
+    assert spec.q_reordered and (spec.block_m, spec.block_n, spec.num_stages) == (32, 16, 1)
+    _assert_sound(aot.compile_spec(spec, "sm_80"), "sm_80", {})
