@@ -10,7 +10,8 @@ ratios. Targets (issue 17): geometric mean >= 3x, no case below 1x,
 
 Then the same for the tiles a GPU runs: the Triton runtime plans at ``PLAN_TILES`` (64 x 64), splits
 there, and fits each part into its kernel's launch row (``codegen.passes``; sm_90, float16, head dim 64
-by default): the efficiency of those passes against identity order at the same plan tiles.
+by default): the efficiency of those passes against identity order and the single order, both at the
+row's tiles (what the kernels would run without parts).
 
 Run: ``python benchmarks/tile_efficiency.py [--block 128] [--length 16384] [--head-dim 64] [--kind forward]``
 """
@@ -18,6 +19,7 @@ Run: ``python benchmarks/tile_efficiency.py [--block 128] [--length 16384] [--he
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import time
 
@@ -89,12 +91,14 @@ def _table(block: tuple[int, int], length: int, row: tuple[int, int] | None) -> 
     for name, src, size, heads in SUITE:
         p = pd.compile(src)
         size = size if "layout" in src else length
-        ident = p.plan(size, heads=heads, block=block, order="identity")
+        # identity and the single order at the tiles the kernels run (the row's), like the parts
+        ident = p.plan(size, heads=heads, block=row or block, order="identity")
         t0 = time.perf_counter()
         auto = p.plan(size, heads=heads, block=block, order="auto")
         runs = [passes.fitted(part, row) for part in passes.passes(auto)] if row else passes.passes(auto)
         ms = (time.perf_counter() - t0) * 1e3
-        e0, e1 = ident.stats.block_efficiency, auto.stats.block_efficiency
+        single = passes.fitted(dataclasses.replace(auto, parts_source=None), row) if row else auto
+        e0, e1 = ident.stats.block_efficiency, single.stats.block_efficiency
         e2 = sum(r.stats.allowed_pairs for r in runs) / max(1, sum(r.stats.visited_pairs for r in runs))
         assert auto.stats.allowed_pairs == ident.stats.allowed_pairs
         ratio = e2 / e0
