@@ -103,7 +103,7 @@ def _table(block: tuple[int, int], length: int, row: tuple[int, int] | None) -> 
         assert auto.stats.allowed_pairs == ident.stats.allowed_pairs
         ratio = e2 / e0
         ratios.append(ratio)
-        chosen = auto.order
+        chosen = single.order
         if auto.parts:
             chosen = "; ".join(f"{r.order} {r.block_m}x{r.block_n}" for r in runs)
             chosen = f"{len(runs)} parts: {chosen}"
