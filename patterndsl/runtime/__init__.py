@@ -12,15 +12,15 @@ from __future__ import annotations
 import torch
 
 from patterndsl import ir
-from patterndsl.codegen.launch import PLAN_TILES
 from patterndsl.errors import BackendError, PatternError
 from patterndsl.runtime import decode, op, plans, validate
 
 #: CPU executor tiles (BM, BN); measured in benchmarks/cpu_attention.py.
 CPU_BLOCK = (64, 64)
 #: Plan tiles of the Triton backend (parts are split from this plan); on a GPU the launcher fits each pass
-#: to the launch table's tiles (:mod:`patterndsl.codegen.passes`).
-TRITON_BLOCK = PLAN_TILES
+#: to the launch table's tiles (:mod:`patterndsl.codegen.passes`). Equal to ``codegen.launch.PLAN_TILES``
+#: (a test checks it; importing codegen here would load sympy on a CPU user's first call).
+TRITON_BLOCK = (64, 64)
 
 
 def _plan_key(pattern: ir.PatternIR, backend: str) -> str:

@@ -36,6 +36,12 @@ def _shapes(specs):
     return [(s.order, (s.block_m, s.block_n)) for s in specs]
 
 
+def test_the_runtime_plans_triton_calls_at_plan_tiles():
+    from patterndsl import runtime
+
+    assert runtime.TRITON_BLOCK == PLAN_TILES  # kernel_source splits where the launcher does
+
+
 def test_fit_tiles_keeps_a_parts_narrow_side():
     assert fit_tiles((64, 64), (16, 64)) == (16, 64)
     assert fit_tiles((64, 32), (16, 64)) == (16, 32)
