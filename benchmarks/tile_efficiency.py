@@ -8,16 +8,24 @@ identity, the plan time and what was chosen; then the geometric mean of the
 ratios. Targets (issue 17): geometric mean >= 3x, no case below 1x,
 ``window(32, 32, dilation = 8) | global(4)`` >= 1.8x.
 
-Run: ``python benchmarks/tile_efficiency.py [--block 128]``
+Then the same for the tiles a GPU runs: the Triton runtime plans at ``PLAN_TILES`` (64 x 64), splits
+there, and fits each part into its kernel's launch row (``codegen.passes``; sm_90, float16, head dim 64
+by default): the efficiency of those passes against identity order and the single order, both at the
+row's tiles (what the kernels would run without parts).
+
+Run: ``python benchmarks/tile_efficiency.py [--block 128] [--length 16384] [--head-dim 64] [--kind forward]``
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import time
 
 import patterndsl as pd
+from patterndsl.codegen import launch_tiles, passes
+from patterndsl.codegen.launch import PLAN_TILES
 
 L = 16384
 
@@ -60,29 +68,45 @@ SUITE = [
 
 
 def main() -> None:
-    """Plan every case in both orders and print the efficiencies and their ratio."""
+    """Plan every case in both orders and print the efficiencies and their ratio, then the GPU's."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--block", type=int, default=128)
+    ap.add_argument("--length", type=int, default=L, help="tokens (the 2-D/3-D layouts need 16384)")
+    ap.add_argument("--head-dim", type=int, default=64, help="of the GPU launch row")
+    ap.add_argument("--dtype", default="float16", help="of the GPU launch row")
+    ap.add_argument("--kind", default="forward", help="of the GPU launch row")
     args = ap.parse_args()
     block = (args.block, args.block)
-    print(f"block efficiency at {block[0]}x{block[1]} tiles, L = {L}")
+    print(f"block efficiency at {block[0]}x{block[1]} tiles, L = {args.length}")
+    _table(block, args.length, None)
+    row = launch_tiles(args.head_dim, "sm_90", args.kind, args.dtype)
+    print(f"\nGPU: plan at {PLAN_TILES[0]}x{PLAN_TILES[1]}, parts fitted to the sm_90 {args.dtype} head dim "
+          f"{args.head_dim} {args.kind} row ({row[0]}x{row[1]})")  # fmt: skip
+    _table(PLAN_TILES, args.length, row)
+
+
+def _table(block: tuple[int, int], length: int, row: tuple[int, int] | None) -> None:
     print(f"{'case':28s} {'identity':>9s} {'1 order':>9s} {'parts':>9s} {'ratio':>7s} {'plan ms':>8s}  chosen")
     ratios = []
-    for name, src, length, heads in SUITE:
+    for name, src, size, heads in SUITE:
         p = pd.compile(src)
-        ident = p.plan(length, heads=heads, block=block, order="identity")
+        size = size if "layout" in src else length
+        # identity and the single order at the tiles the kernels run (the row's), like the parts
+        ident = p.plan(size, heads=heads, block=row or block, order="identity")
         t0 = time.perf_counter()
-        auto = p.plan(length, heads=heads, block=block, order="auto")
-        auto.parts  # noqa: B018 -- the split is searched on first use: timed with the plan
+        auto = p.plan(size, heads=heads, block=block, order="auto")
+        runs = [passes.fitted(part, row) for part in passes.passes(auto)] if row else passes.passes(auto)
         ms = (time.perf_counter() - t0) * 1e3
-        e0, e1, e2 = ident.stats.block_efficiency, auto.stats.block_efficiency, auto.stats.executed_efficiency
+        single = passes.fitted(dataclasses.replace(auto, parts_source=None), row) if row else auto
+        e0, e1 = ident.stats.block_efficiency, single.stats.block_efficiency
+        e2 = sum(r.stats.allowed_pairs for r in runs) / max(1, sum(r.stats.visited_pairs for r in runs))
         assert auto.stats.allowed_pairs == ident.stats.allowed_pairs
         ratio = e2 / e0
         ratios.append(ratio)
-        chosen = auto.order
+        chosen = single.order
         if auto.parts:
-            chosen = "; ".join(f"{part.order} {part.block_m}x{part.block_n}" for part in auto.parts)
-            chosen = f"{len(auto.parts)} parts: {chosen}"
+            chosen = "; ".join(f"{r.order} {r.block_m}x{r.block_n}" for r in runs)
+            chosen = f"{len(runs)} parts: {chosen}"
         print(f"{name:28s} {e0:9.4f} {e1:9.4f} {e2:9.4f} {ratio:6.2f}x {ms:8.1f}  {chosen}")
     geo = math.exp(sum(math.log(r) for r in ratios) / len(ratios))
     print(f"geometric mean of ratios (parts / identity): {geo:.2f}x (min {min(ratios):.2f}x, max {max(ratios):.2f}x)")

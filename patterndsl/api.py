@@ -192,7 +192,8 @@ class Pattern:
                 ``kv_heads`` (``heads``), ``order`` (``"auto"``), ``num_warps``, ``num_stages``.
 
         Returns:
-            Deterministic Triton source text.
+            Deterministic Triton source text; for a plan that runs as parts (``plan().parts``), each
+            part's source in turn under a line ``# ===== part i of n: order ..., tiles BMxBN``.
         """
         from patterndsl import codegen
 

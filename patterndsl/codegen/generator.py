@@ -201,7 +201,9 @@ def make_spec(
     pir = plan.pattern
     decls = tuple(getattr(pir, "inputs", ()))
     run_time = bool(decls) or any(ir.is_dynamic(group.node) for group in plan.groups)
-    row = launch(head_dim, target, kind, DTYPES[dtype], run_time, score_code.has_tables(getattr(pir, "score", None)))
+    tables = score_code.has_tables(getattr(pir, "score", None))
+    reordered = _reordered(plan.q_perm) or _reordered(plan.kv_perm)
+    row = launch(head_dim, target, kind, DTYPES[dtype], run_time, tables, (plan.block_m, plan.block_n), reordered)
     groups = []
     for group in plan.groups:
         forms = None if run_time else bounds.render_form(group.forms)

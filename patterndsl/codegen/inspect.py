@@ -33,7 +33,7 @@ class AotKernel:
     """One kernel compiled ahead of time.
 
     Attributes:
-        name: the kernel function name.
+        name: the kernel function name (``partI.NAME`` for the kernels of a plan's part I).
         target: ``"sm_80"``, ``"sm_90"``, ...
         asm: Triton's artifacts: ``ttir``, ``ttgir``, ``llir``, ``ptx`` (text) and ``cubin`` (bytes).
         shared: static shared memory in bytes from Triton's metadata.
@@ -188,12 +188,20 @@ def aot_kernels(
         **options: as :func:`patterndsl.codegen.kernel_source` (``head_dim``, ``dtype``, ``block``, ``kind``, ...).
 
     Returns:
-        The list of :class:`AotKernel`.
+        The list of :class:`AotKernel`; for a plan that runs as parts, every part's kernels in turn, named
+        ``partI.NAME`` from 1 (:func:`patterndsl.codegen.specs_for`).
     """
-    from patterndsl.codegen import spec_for
+    from patterndsl.codegen import specs_for
 
     options.setdefault("target", target)
-    return compile_spec(spec_for(pattern, q_len, kv_len, heads, **options), target)
+    specs = specs_for(pattern, q_len, kv_len, heads, **options)
+    kernels = []
+    for index, spec in enumerate(specs, 1):
+        for kernel in compile_spec(spec, target):
+            if len(specs) > 1:
+                kernel.name = f"part{index}.{kernel.name}"
+            kernels.append(kernel)
+    return kernels
 
 
 def _run(args: list) -> str:

@@ -11,6 +11,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+#: The tiles the runtime plans a Triton call at (``runtime.TRITON_BLOCK``): parts are split from that plan, and
+#: each pass is then fitted to its kernel's launch row (:func:`fit_tiles`, :mod:`patterndsl.codegen.passes`).
+PLAN_TILES = (64, 64)
+
 
 def padded_head_dim(head_dim: int) -> int:
     """The head dim the kernels compute with: the next power of two, at least 16 (``tl.arange``/``tl.dot``)."""
@@ -76,7 +80,14 @@ def dot_precision(dtype: str, target: str) -> str:
 
 
 def launch(
-    head_dim: int, target: str, kind: str, dtype: str = "float16", run_time: bool = False, tables: bool = False
+    head_dim: int,
+    target: str,
+    kind: str,
+    dtype: str = "float16",
+    run_time: bool = False,
+    tables: bool = False,
+    shape: tuple[int, int] | None = None,
+    reordered: bool = False,
 ) -> Launch:
     """The launch table's row for one kernel.
 
@@ -87,6 +98,11 @@ def launch(
         dtype: the input dtype name (float32 tiles take twice the shared memory per stage).
         run_time: the kernels walk run-time lists with a ``route`` element rule.
         tables: the score reads float inputs, whose gradients the backward adds atomically.
+        shape: the tiles of the plan the kernel is built for, when known: a part's own shape is kept
+            where it is narrower than the row (:func:`fit_tiles`), and forward tiles of fewer than 64 rows
+            take at most 4 warps (16-row float32 tiles on 8 warps spill on sm_90 at head dims 96 and 256;
+            the backward keeps its warps: a 16-row dK/dV kernel on 4 warps nears 255 registers).
+        reordered: the plan's tokens are in an order of their own (``QORD``/``KORD`` gathers).
 
     Returns:
         The :class:`Launch`.
@@ -95,6 +111,16 @@ def launch(
     if target == "interpret":
         return Launch(None, 4, 1, precision)
     bm, bn, warps, stages = _gpu(head_dim, kind, dtype)
+    if reordered and kind == "backward" and dtype != "float32" and int(target[3:]) < 90:
+        # Gathered rows keep a 64-bit address per element live for q, dO, lse and delta: the reordered dK/dV
+        # kernel spilled 32-64 bytes on sm_80 at head dims 64-128 with two stages (one builds clean), and the
+        # dQ kernel at head dim 256 spilled 72 bytes with 64-row tiles (32 rows build clean). sm_90 builds
+        # them clean with the identity rows (checked over float16/bfloat16 x head dims 16-256).
+        weight = _weight(head_dim, dtype)
+        if weight >= 64:
+            stages = 1
+        if weight == 256:
+            bm = 32
     if run_time:
         # The route element rule keeps 2**r corner predicates and the chosen-table loads live per
         # element: with `random` beside `route`, 64 x 64 tiles spill on sm_80 (tests/unit/test_aot.py).
@@ -106,6 +132,10 @@ def launch(
         # The table gradient's addresses and partial derivative are live per element beside dS: a 2-D
         # relative table with a softcap at bf16 head dim 128 spills 32 bytes on sm_90 with 64 x 32 tiles.
         bn = max(16, bn // 2)
+    if shape is not None:
+        bm, bn = fit_tiles((bm, bn), shape)
+        if bm < 64 and kind == "forward":
+            warps = min(warps, 4)
     return Launch((bm, bn), warps, stages, precision)
 
 
@@ -131,6 +161,28 @@ def ragged_launch(head_dim: int, target: str, kind: str, dtype: str, rows: int) 
     return Launch((64, bn), 4 if rows < 64 else 8, 1, precision)
 
 
+def fit_tiles(tiles: tuple[int, int], shape: tuple[int, int]) -> tuple[int, int]:
+    """The tiles a part planned in ``shape`` runs with under a launch row's ``tiles``: each side the smaller.
+
+    A part's own shape (:mod:`patterndsl.analysis.parts`: thin 16-row or 16-key tiles where its tiles lie
+    in one or two tile rows or columns, ``random``'s block) is never wider than the plan it came from, so
+    on a side where it is narrower than the row it keeps its width (``tl.dot`` takes sides of 16 and more);
+    a side wider than the row's takes the row's, which builds without spills. Narrower tiles stay within
+    the row's shared memory; :func:`launch` with ``shape`` gives forward tiles of fewer than 64 rows at
+    most 4 warps, and every thin shape of the matrix builds without spills on sm_80 and sm_90
+    (``tests/unit/test_part_kernels.py``). 16-row tiles run on ``mma.sync`` on sm_90 too (``wgmma``
+    needs 64 rows per warpgroup).
+
+    Args:
+        tiles: the launch row's ``(BM, BN)``.
+        shape: the part's ``(BM, BN)``.
+
+    Returns:
+        ``(min(BM), min(BN))``.
+    """
+    return min(tiles[0], shape[0]), min(tiles[1], shape[1])
+
+
 def launch_config(
     head_dim: int, target: str, kind: str, dtype: str = "float16", run_time: bool = False, tables: bool = False
 ) -> tuple[int, int]:
@@ -140,7 +192,13 @@ def launch_config(
 
 
 def launch_tiles(
-    head_dim: int, target: str, kind: str, dtype: str = "float16", run_time: bool = False, tables: bool = False
+    head_dim: int,
+    target: str,
+    kind: str,
+    dtype: str = "float16",
+    run_time: bool = False,
+    tables: bool = False,
+    reordered: bool = False,
 ) -> tuple[int, int] | None:
     """The plan tiles ``(BM, BN)`` of :func:`launch`, or None for the interpreter."""
-    return launch(head_dim, target, kind, dtype, run_time, tables).tiles
+    return launch(head_dim, target, kind, dtype, run_time, tables, reordered=reordered).tiles

@@ -17,8 +17,9 @@ from patterndsl.runtime import decode, op, plans, validate
 
 #: CPU executor tiles (BM, BN); measured in benchmarks/cpu_attention.py.
 CPU_BLOCK = (64, 64)
-#: Plan tiles of the Triton backend under the interpreter; on a GPU the launcher re-plans with the
-#: launch table's tiles (:func:`patterndsl.codegen.launch.launch`).
+#: Plan tiles of the Triton backend (parts are split from this plan); on a GPU the launcher fits each pass
+#: to the launch table's tiles (:mod:`patterndsl.codegen.passes`). Equal to ``codegen.launch.PLAN_TILES``
+#: (a test checks it; importing codegen here would load sympy on a CPU user's first call).
 TRITON_BLOCK = (64, 64)
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from patterndsl import config, kernel_cache
-from patterndsl.codegen import generator
+from patterndsl.codegen import generator, passes
 from patterndsl.codegen import score as score_code
 from patterndsl.codegen.launch import launch_tiles
 from patterndsl.errors import BackendError
@@ -126,21 +126,12 @@ def _spec(plan, kind: str, head_dim: int, dtype: torch.dtype, kv_heads: int, tar
 
 def _tiled(plan, tiles: tuple[int, int] | None):
     # GPU kernels are built with the tiles launch_tiles chose for them (zero spills, shared memory within
-    # the target's limit); the plan they run must use the same tiles. Re-planned once per plan and tiles.
-    if tiles is None or tiles == (plan.block_m, plan.block_n):
+    # the target's limit); the plan they run must use the same tiles, and a part keeps its own token order
+    # and, where the row allows, its own tile shape (codegen.passes). Re-planned once per plan and tiles.
+    tiles = passes.tiles_for(plan, tiles)
+    if tiles is None or tiles == plan.block:
         return plan
-    from patterndsl import analysis
-
-    order = "identity" if plan.is_identity_order else "auto"
-    # a part keeps the token order it was split with
-    orders = None if plan.candidate is None else [plan.candidate]
-    return per_plan(
-        plan,
-        ("tiled", tiles),
-        lambda: analysis.plan(
-            plan.pattern, plan.q_len, plan.kv_len, plan.heads, block=tiles, order=order, orders=orders
-        ),
-    )
+    return per_plan(plan, ("tiled", tiles), lambda: passes.fitted(plan, tiles))
 
 
 def _setup(q, k, v, plan, kind: str, data=None):
@@ -149,7 +140,7 @@ def _setup(q, k, v, plan, kind: str, data=None):
     run_time = generator.per_call(plan.pattern)
     dtype = generator.DTYPES.get(q.dtype, "float16")
     tables = score_code.has_tables(getattr(plan.pattern, "score", None))
-    plan = _tiled(plan, launch_tiles(q.shape[3], target, kind, dtype, run_time, tables))
+    plan = _tiled(plan, launch_tiles(q.shape[3], target, kind, dtype, run_time, tables, not plan.is_identity_order))
     spec = _spec(plan, kind, q.shape[3], q.dtype, k.shape[1], target)
     module = kernel_cache.load(spec, generator.render)
     prep = prepared(plan, spec, q.device)

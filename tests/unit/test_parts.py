@@ -211,9 +211,16 @@ def test_a_part_replanned_with_launch_tiles_keeps_its_order(eager):
 
     plan = pd.compile(FIXED).plan(256, block=(64, 64))
     part = next(p for p in plan.parts if p.order.startswith("keys of"))
+    assert part.block == (64, 16)  # the summary keys in thin key tiles
+    # a launch row of 32 x 32 tiles: the part takes 32 rows and keeps its 16 keys per tile
     again = tb._tiled(part, (32, 32))
-    assert again.block == (32, 32) and again.order == part.order and not again.parts
+    assert again.block == (32, 16) and again.order == part.order and not again.parts
+    assert again.candidate == part.candidate and tb._tiled(part, (32, 32)) is again
     assert torch.equal(again.kv_order, part.kv_order)
+    assert tb._tiled(part, (64, 64)) is part  # its own shape fits the row: not re-planned
+    assert tb._tiled(part, None) is part  # the interpreter runs any tiles
+    # a whole plan takes the row's tiles
+    assert tb._tiled(plan, (32, 32)).block == (32, 32)
 
 
 @pytest.mark.slow
