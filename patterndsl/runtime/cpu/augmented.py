@@ -237,10 +237,15 @@ def _chunks(lay: _Layout, lq: int):
         yield c, slice(a, min(a + lay.size, lq)), a + lay.off
 
 
-def _group_heads(hs, heads: int, kv_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The group's query heads and the key/value head each reads (int64)."""
+def _group(q, k, v, x, y, hs, scale: float):
+    """One group of heads: its query heads and the key/value head each reads (int64), its ``x`` and ``y``,
+    and the augmented ``q'``, ``k'``, ``v'`` (the bias column of ``k'`` still to be written)."""
+    heads, dt = q.shape[1], compute_dtype(q.dtype)
     q_heads = torch.arange(heads)[hs]
-    return q_heads, q_heads // (heads // kv_heads)
+    kv_heads = q_heads // (heads // k.shape[1])
+    xg, yg = (t if t.shape[1] == 1 else t[:, hs] for t in (x, y))
+    qx = _augment(q, q_heads, 1.0, dt, scale)
+    return q_heads, kv_heads, xg, yg, qx, _augment(k, kv_heads, None, dt), _augment(v, kv_heads, None, dt)
 
 
 def forward(q, k, v, plan: BlockPlan, scale: float, data=None):
@@ -255,10 +260,7 @@ def forward(q, k, v, plan: BlockPlan, scale: float, data=None):
     out = torch.empty(b, h, lq, d, dtype=q.dtype)
     lse = torch.empty(b, h, lq, dtype=dt)
     for hs, lay in layouts:
-        q_heads, kv_heads = _group_heads(hs, h, k.shape[1])
-        xg, yg = (t if t.shape[1] == 1 else t[:, hs] for t in (x, y))
-        qx = _augment(q, q_heads, 1.0, dt, scale)
-        kx, vx = _augment(k, kv_heads, None, dt), _augment(v, kv_heads, None, dt)
+        _, _, xg, yg, qx, kx, vx = _group(q, k, v, x, y, hs, scale)
         o, lp = _forward_group(qx, kx, vx, xg, lay, lq)
         lp = lp + (lay.row_shift(lq) + yg).to(dt)
         if lay.row0:
@@ -317,10 +319,7 @@ def backward(q, k, v, out, lse, dout, plan: BlockPlan, scale: float, data=None):
     dq = torch.empty(b, h, lq, d, dtype=q.dtype)
     dk, dv = torch.zeros(b, hk, lk, d, dtype=dt), torch.zeros(b, hk, lk, d, dtype=dt)
     for hs, lay in layouts:
-        q_heads, kv_heads = _group_heads(hs, h, hk)
-        xg, yg = (t if t.shape[1] == 1 else t[:, hs] for t in (x, y))
-        qx = _augment(q, q_heads, 1.0, dt, scale)
-        kx, vx = _augment(k, kv_heads, None, dt), _augment(v, kv_heads, None, dt)
+        q_heads, kv_heads, xg, yg, qx, kx, vx = _group(q, k, v, x, y, hs, scale)
         ox, gx = _augment(out, q_heads, None, dt), _augment(dout, q_heads, None, dt)
         # The kernel's rows' statistics: lse of the augmented scores (c and y_q off), +inf on empty rows.
         lg = lse[:, hs].to(dt)
