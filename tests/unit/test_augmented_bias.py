@@ -85,7 +85,7 @@ def test_steep_heads_run_in_chunks_grouped_by_size():
     plan = analysis.plan(patterndsl.compile(ALIBI.replace("PRIM", "causal")).ir, 300, 300, 4)
     x, _, layouts = augmented.layout_of(plan, 1, 4, None)
     sizes = {int(torch.arange(4)[hs][0]): lay.size for hs, lay in layouts}
-    assert sizes == {0: 100, 1: 150, 2: 300}  # head 3 (slope 1/2) joins head 2: one chunk of every row
+    assert sizes == {0: 100, 1: 150, 2: 300, 3: 300}  # heads 2 and 3: one chunk of every row
     for hs, lay in layouts:
         seen = x[:, hs].cummax(-1).values
         for c, rows, _ in augmented._chunks(lay, 300):
@@ -132,3 +132,25 @@ def test_too_steep_or_a_gradient_on_lse_runs_the_tile_schedule(monkeypatch, stee
     got, want = _run(source, 100, 100, 4, 4, score, dlse=not steep)
     _close(got, want, 1e-9)
     assert calls == {"forward": int(not steep), "backward": 0}
+
+
+def test_public_call_with_gradients_on_worker_threads_leaves_denormals_alone(monkeypatch):
+    """Through the op (inputs requiring grad, two threads: the heads run on workers that flush denormals
+    and do not record a graph); the calling thread's denormal setting is untouched."""
+    calls = _calls(monkeypatch)
+    p = patterndsl.compile(ALIBI.replace("PRIM", "causal"))
+    gen = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, 4, 150, 8, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        out, lse = p(q, k, v, scale=0.5, return_lse=True)
+        got = torch.autograd.grad((out * out.detach()).sum(), (q, k, v))  # no gradient on lse
+    finally:
+        torch.set_num_threads(threads)
+    assert calls == {"forward": 1, "backward": 1}
+    assert (torch.tensor([1e-30]) * 1e-10).item() != 0.0
+    allowed = semantics.mask(p.ir, 150, 150, 4)
+    ref, ref_lse = reference_attention(q, k, v, allowed, 0.5, score=_alibi)
+    want = torch.autograd.grad((ref * ref.detach()).sum(), (q, k, v))
+    _close((out, lse, got), (ref, ref_lse, want), 1e-10)
