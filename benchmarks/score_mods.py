@@ -10,7 +10,8 @@ additive bias's forward / the unmodified forward (target <= 1.3; ALiBi's bias is
 ``causal`` it runs as the fused kernel with one more head column, :mod:`patterndsl.runtime.cpu.augmented`),
 and every case's forward against both peers and forward+backward against the unmodified one.
 
-Usage: ``python benchmarks/score_mods.py [--lengths 4096 16384] [--reps N] [--threads N] [--cases ...]``.
+Usage: ``python benchmarks/score_mods.py [--lengths 4096 16384] [--reps N] [--threads N] [--cases ...]
+[--forward-only]``.
 Timings are medians; on a shared machine read them with the printed load average in mind.
 """
 
@@ -83,6 +84,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
+    parser.add_argument("--forward-only", action="store_true", help="skip forward+backward (a loaded machine)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -108,10 +110,12 @@ def main() -> None:
             flex_mod = run(flex, score_mod=score_mod, block_mask=block_mask)
             fns = {"fwd": run(pattern, q, k, v), "plain": run(plain, q, k, v), "flex": run(flex_mod, q, k, v)}
             times = paired_times(fns, args.reps)
-            fns = {"fb": run(fwd_bwd, pattern, qg, kg, vg), "plain_fb": run(fwd_bwd, plain, qg, kg, vg)}
-            grads = paired_times(fns, args.reps)
-            times.update(grads)
+            if not args.forward_only:
+                fns = {"fb": run(fwd_bwd, pattern, qg, kg, vg), "plain_fb": run(fwd_bwd, plain, qg, kg, vg)}
+                times.update(paired_times(fns, args.reps))
             ms = {key: statistics.median(t) * 1e3 for key, t in times.items()}
+            ms.setdefault("fb", float("nan"))
+            ms.setdefault("plain_fb", float("nan"))
             print(
                 f"L={length:6d} {name:28s} ours fwd {ms['fwd']:9.1f} ms  fwd+bwd {ms['fb']:9.1f} ms  "
                 f"unmodified fwd {ms['plain']:9.1f} ms  fwd+bwd {ms['plain_fb']:9.1f} ms  "
@@ -123,7 +127,8 @@ def main() -> None:
             target_plain = 1.3 if short == "alibi" else None
             ratios.append((length, f"{short} fwd / flex fwd", ratio(times, "fwd", "flex"), target_flex))
             ratios.append((length, f"{short} fwd / unmodified fwd", ratio(times, "fwd", "plain"), target_plain))
-            ratios.append((length, f"{short} fwd+bwd / unmodified fwd+bwd", ratio(times, "fb", "plain_fb"), None))
+            if not args.forward_only:
+                ratios.append((length, f"{short} fwd+bwd / unmodified fwd+bwd", ratio(times, "fb", "plain_fb"), None))
     print("\nratios (provisional on a shared machine):")
     for length, what, value, target in ratios:
         verdict = "" if target is None else f"  target <= {target}: {'met' if value <= target else 'NOT met'}"
