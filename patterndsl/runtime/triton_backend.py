@@ -196,7 +196,7 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan, scale: floa
             num_warps=spec.num_warps, num_stages=spec.num_stages,
         )  # fmt: skip
     if fix is not None:
-        triton_finite.forward_rows(q0, k0, v0, plan, scale, fix, out, lse)
+        triton_finite.forward_rows(q0, k0, v0, plan, scale, fix, out, lse, data=data)
     return out, lse
 
 
@@ -255,13 +255,19 @@ def backward(q, k, v, out, lse, dout, plan, scale: float, dlse=None, data=None):
             q, k, v, dout, lse, delta, dk_heads, dv_heads, prep["q_order"], prep["kv_order"], col_ptr, col_split,
             col_rows, heads, prep["aux"], prep["rt"], float(scale), *common, **launch,
         )  # fmt: skip
+    fixed = None
     if fix is not None:
-        triton_finite.backward_rows(*originals, plan, scale, fix, dq, dk_heads, dv_heads)
+        # The exact rows' share of the float inputs' gradients (the kernels gave those rows P = 0).
+        fixed = triton_finite.table_accumulators(spec.inputs, data) if tables else None
+        triton_finite.backward_rows(*originals, plan, scale, fix, dq, dk_heads, dv_heads, data=data, tables=fixed)
     group_size = h // hk
     dk = dk_heads.view(b, hk, group_size, lk, d).sum(2).to(k.dtype)
     dv = dv_heads.view(b, hk, group_size, lk, d).sum(2).to(v.dtype)
     if tables:
         from patterndsl.runtime import triton_inputs
 
-        return dq, dk, dv, triton_inputs.table_grads(spec, list(data), dtab, b)
+        grads = triton_inputs.table_grads(spec, list(data), dtab, b)
+        if fixed:
+            grads = [g + extra for g, extra in zip(grads, fixed.values(), strict=True)]
+        return dq, dk, dv, grads
     return dq, dk, dv

@@ -170,18 +170,93 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def forward_rows(q, k, v, plan, scale: float, fix: Rows, out: torch.Tensor, lse: torch.Tensor) -> None:
+class _Score:
+    """The pattern's ``score`` on the exact rows (None-safe: no score, no change): the modified logits,
+    ``d score / d s`` and the float tables' gradients, as the CPU's selecting path applies them
+    (:mod:`patterndsl.runtime.cpu.scoremod`), for one (batch element, head) and chunk of rows at a time.
+
+    Args:
+        plan: the block plan; data: the call's input tensors (declaration order) or None.
+        grads: float input name -> gradient accumulator shaped like its tensor (backward), or None.
+    """
+
+    def __init__(self, plan, data=None, grads: dict | None = None):
+        pattern = plan.pattern
+        self.plan = plan
+        self.score = getattr(pattern, "score", None)
+        self.data = list(data) if data and pattern.inputs else None
+        self.grads = grads or {}
+
+    def env(self, s: torch.Tensor, b: int, h: int, idx: torch.Tensor):
+        from patterndsl import scores
+        from patterndsl.scores.tables import Tables
+
+        plan, dev = self.plan, s.device
+        read = None
+        if self.data is not None:
+            read = Tables(plan.pattern.inputs, self.data, torch.tensor(b, device=dev))
+        return scores.Env(
+            s=s,
+            q=(idx.to(dev) + (plan.kv_len - plan.q_len))[:, None],
+            k=torch.arange(plan.kv_len, device=dev)[None, :],
+            h=torch.tensor(h, device=dev),
+            lq=plan.q_len,
+            lk=plan.kv_len,
+            layout=plan.pattern.layout,
+            dtype=s.dtype,
+            read=read,
+        )
+
+    def __call__(self, s: torch.Tensor, b: int, h: int, idx: torch.Tensor) -> torch.Tensor:
+        """The modified logits ``[rows, Lk]`` of raw logits ``s``."""
+        if self.score is None:
+            return s
+        from patterndsl import scores
+
+        return scores.evaluate(self.score.expr, self.env(s, b, h, idx)).to(s.dtype).expand(s.shape).clone()
+
+    def backward(self, ds: torch.Tensor, raw: torch.Tensor, b: int, h: int, idx, allowed: torch.Tensor):
+        """``ds`` (``dL / d score``) becomes ``dL / d s`` in place; the float tables take their share first."""
+        if self.score is None:
+            return
+        from patterndsl import scores
+        from patterndsl.scores.tables import Tables, scatter
+
+        env = self.env(raw, b, h, idx)
+        for read, partial in self.score.partials:
+            if read.name not in self.grads:
+                continue
+            values = (ds * scores.evaluate(partial, env).to(ds.dtype)).masked_fill(~allowed, 0.0)
+            indices = [scores.evaluate(i, env) for i in read.indices]
+            tables = Tables(self.plan.pattern.inputs, self.data, torch.tensor(b, device=ds.device))
+            scatter(self.grads[read.name], tables, read, indices, values)
+        if not self.score.additive:
+            ds.mul_(scores.evaluate(self.score.ds, env).to(ds.dtype))
+
+
+def table_accumulators(decls, data) -> dict[str, torch.Tensor]:
+    """Zeroed float32 gradients of the float inputs (name -> shaped like its tensor), declaration order."""
+    return {
+        d.name: torch.zeros(t.shape, dtype=torch.float32, device=t.device)
+        for d, t in zip(decls, data, strict=True)
+        if d.kind == "float"
+    }
+
+
+def forward_rows(q, k, v, plan, scale: float, fix: Rows, out: torch.Tensor, lse: torch.Tensor, data=None) -> None:
     """Write the exact ``out`` and ``lse`` of the rows of ``fix`` (in place), from the original inputs.
 
-    As the CPU's math kernel: blocked scores selected to ``-inf``, a softmax shifted by the row
-    maximum, ``P @ V`` with NaN where a non-zero weight reads a non-finite value.
+    As the CPU's math kernel: the score modifier on the logits (``data``: the call's run-time inputs),
+    blocked scores selected to ``-inf``, a softmax shifted by the row maximum, ``P @ V`` with NaN where
+    a non-zero weight reads a non-finite value.
     """
     dt = compute_dtype(q.dtype)
     share = q.shape[1] // k.shape[1]
+    modify = _Score(plan, data)
     for b, h, kvh, idx, allowed in _row_chunks(plan, fix, share):
         kc = k[b, kvh].to(dt)
         vc, vbad = cleaned(v[b, kvh].to(dt))
-        s = (q[b, h, idx].to(dt) * scale) @ kc.T
+        s = modify((q[b, h, idx].to(dt) * scale) @ kc.T, b, h, idx)
         s.masked_fill_(~allowed, float("-inf"))
         m = s.amax(-1, keepdim=True)
         m.masked_fill_(m == float("-inf"), 0.0)
@@ -203,11 +278,16 @@ def backward_inputs(q, k, v, out, lse, dout, dlse, fix: Rows):
     return clean(q), clean(k), clean(v), clean(out), lse, clean(dout), dlse
 
 
-def backward_rows(q, k, v, out, lse, dout, dlse, plan, scale: float, fix: Rows, dq, dk_heads, dv_heads) -> None:
+def backward_rows(
+    q, k, v, out, lse, dout, dlse, plan, scale: float, fix: Rows, dq, dk_heads, dv_heads, data=None, tables=None
+) -> None:
     """Add the exact gradients of the rows of ``fix``: their ``dq`` (written) and their pairs' share of
-    ``dk_heads``/``dv_heads`` (``[B, H, Lk, D]``, added), as the CPU's ``_backward_select``."""
+    ``dk_heads``/``dv_heads`` (``[B, H, Lk, D]``, added), as the CPU's ``_backward_select``, with the score
+    modifier and its derivative; ``tables`` (float input name -> gradient shaped like its tensor) take
+    the rows' share of the float inputs' gradients (the kernels gave those rows nothing)."""
     dt = compute_dtype(q.dtype)
     share = q.shape[1] // k.shape[1]
+    modify = _Score(plan, data, tables)
     for b, h, kvh, idx, allowed in _row_chunks(plan, fix, share):
         qc, bad_q = cleaned(q[b, h, idx].to(dt))
         doc, bad_do = cleaned(dout[b, h, idx].to(dt))
@@ -218,8 +298,10 @@ def backward_rows(q, k, v, out, lse, dout, dlse, plan, scale: float, fix: Rows, 
         delta = softmax.delta(dout[b, h, idx], out[b, h, idx], None if dlse is None else dlse[b, h, idx], dt)
         # As the forward's: a key whose infinite component gives a -inf score has P = 0 (scoring its cleaned
         # copy would give a finite score and a P the forward never had).
-        p = scores_seen(qc * scale, kc, k[b, kvh].to(dt), bad_k).sub_(row_lse[:, None]).exp_()
+        raw = scores_seen(qc * scale, kc, k[b, kvh].to(dt), bad_k)
+        p = modify(raw, b, h, idx).masked_fill_(~allowed, float("-inf")).sub_(row_lse[:, None]).exp_()
         ds = (doc @ vc.T).sub_(delta[:, None]).mul_(p)
+        modify.backward(ds, raw, b, h, idx, allowed)
         p.masked_fill_(~allowed, 0.0)
         ds.masked_fill_(~allowed, 0.0)
         dv_heads[b, h] += matmul_seen(p.T, doc, bad_do).to(dv_heads.dtype)

@@ -6,7 +6,8 @@ and inputs). Such a bias (ALiBi's ``-m_h * (q - k)``, a per-key bias) changes th
 through ``u(k)``: a query's row of biases is the row of a reference query ``q0`` plus the constant
 ``f(q, k*) - f(q0, k*)``, which moves the row's log-sum-exp and nothing else. The CPU executor
 then builds one row of biases per query tile, broadcast over the tile's rows, instead of one
-value per pair (:mod:`patterndsl.runtime.cpu.scoremod`).
+value per pair (:mod:`patterndsl.runtime.cpu.scoremod`), and on plain ``causal`` / ``full`` folds
+``u(k)`` into one more head column of the fused kernel (:mod:`patterndsl.runtime.cpu.augmented`).
 """
 
 from __future__ import annotations

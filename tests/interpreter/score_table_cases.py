@@ -76,7 +76,35 @@ def case_score_route():
             torch.testing.assert_close(g.double(), w.double(), atol=atol, rtol=rtol)
 
 
+def case_score_tables_non_finite_key():
+    """A key whose scores are -inf under a score reading two float tables: the launcher's exact rows apply
+    the score and give the tables their share of the gradient (float32, against the float64 reference
+    with the key's pairs blocked)."""
+    from tests.reference import reference_attention
+    from tests.unit.test_triton_finite_scores import BAD, TABLES, W, _inputs, _score
+
+    p = patterndsl.compile(TABLES)
+    q, k, kb, v, w, tables = _inputs()
+    window = patterndsl.compile(f"pattern p {{ causal & window({W}) }}").ir
+    mask = semantics.mask(window, q.shape[2], q.shape[2], 2)[None].repeat(2, 1, 1, 1)
+    mask[0, 1, :, BAD] = False
+    leaves = [t.clone().requires_grad_() for t in (q, k, v, tables["rel"], tables["kb"])]
+    ref, ref_lse = reference_attention(*leaves[:3], mask, 0.5, score=_score(leaves[3], leaves[4]))
+    want = torch.autograd.grad((ref * w).sum() + ref_lse.sum(), leaves)
+    got_leaves = [t.float().requires_grad_() for t in (q, kb, v, tables["rel"], tables["kb"])]
+    qf, kf, vf, rel, key_bias = got_leaves
+    out, lse = p(qf, kf, vf, scale=0.5, return_lse=True, backend="triton", rel=rel, kb=key_bias)
+    got = torch.autograd.grad((out * w.float()).sum() + lse.sum(), got_leaves)
+    torch.testing.assert_close(out.double(), ref.detach(), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(lse.double(), ref_lse.detach(), atol=1e-4, rtol=1e-4)
+    for name, g, want_g in zip(("dq", "dk", "dv", "drel", "dkb"), got, want, strict=True):
+        assert bool(torch.isfinite(g).all()), name
+        scale = max(1.0, float(want_g.abs().max()))
+        torch.testing.assert_close(g.double(), want_g, atol=1e-4 * scale, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
+
+
 SCORE_TABLE_CHECKS = {
+    "score_tables_non_finite_key": case_score_tables_non_finite_key,
     "score_tables_fp32": case_score_tables_fp32,
     "slow_score_tables_fp16": case_score_tables_fp16,
     "score_route": case_score_route,

@@ -19,7 +19,7 @@ import torch
 from patterndsl import ir
 from patterndsl.analysis.plan import BlockPlan
 from patterndsl.runtime import softmax
-from patterndsl.runtime.cpu import dense, documents
+from patterndsl.runtime.cpu import augmented, dense, documents
 from patterndsl.runtime.cpu.schedule import Segment
 from patterndsl.runtime.cpu.scoremod import Modifier, PairModifier, table_grads
 from patterndsl.runtime.cpu.tuning import CpuOptions, resolve
@@ -68,11 +68,14 @@ def backward(q, k, v, out, lse, dout, plan: BlockPlan, scale: float, dlse=None, 
         return q.new_zeros(q.shape), k.new_zeros(k.shape), v.new_zeros(v.shape)
     no_dlse = dlse is None or not bool(dlse.any())
     tables = table_grads(plan, data, compute_dtype(q.dtype))
+    grads = None
     if documents.applies(plan, q, k, opts, data) and no_dlse:
         grads = documents.backward(q, k, v, out, lse, dout, plan, scale, data)
     elif dense.applies(plan, q, v, opts, data) and no_dlse:
         grads = dense.backward(q, k, v, out, lse, dout, plan, scale)
-    else:
+    elif augmented.applies(plan, q, v, opts, tables) and no_dlse:
+        grads = augmented.backward(q, k, v, out, lse, dout, plan, scale, data)
+    if grads is None:
         grads = _backward(q, k, v, out, lse, dout, plan, scale, dlse, opts, safe=False, data=data, tables=tables)
     # Non-finite inputs or gradients must not reach the pairs the pattern blocks; the fast paths'
     # additive masks let them (0 * NaN), but whatever they reach turns non-finite, so finite

@@ -24,7 +24,7 @@ import torch
 
 from patterndsl.analysis.plan import BlockPlan
 from patterndsl.runtime import softmax
-from patterndsl.runtime.cpu import dense, documents, pool
+from patterndsl.runtime.cpu import augmented, dense, documents, pool
 from patterndsl.runtime.cpu.schedule import Segment
 from patterndsl.runtime.cpu.scoremod import Modifier, PairModifier
 from patterndsl.runtime.cpu.tuning import FLASH, CpuOptions, resolve
@@ -71,12 +71,14 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: BlockPlan, 
     opts = resolve(options)
     if b == 0:
         return q.new_zeros(q.shape), torch.zeros(b, h, lq, dtype=dt)
+    done = None
     if documents.applies(plan, q, k, opts, data):
-        out, lse = documents.forward(q, k, v, plan, scale, data)
+        done = documents.forward(q, k, v, plan, scale, data)
     elif dense.applies(plan, q, v, opts, data):
-        out, lse = dense.forward(q, k, v, plan, scale)
-    else:
-        out, lse = _forward(q, k, v, plan, scale, opts, safe=False, data=data)
+        done = dense.forward(q, k, v, plan, scale)
+    elif augmented.applies(plan, q, v, opts):
+        done = augmented.forward(q, k, v, plan, scale, data)
+    out, lse = done or _forward(q, k, v, plan, scale, opts, safe=False, data=data)
     # Non-finite keys or values must not reach the rows that do not attend them, but torch's fused
     # kernel only adds -inf to the scores of blocked pairs (NaN + -inf is NaN, and 0 * NaN in P @ V
     # is NaN). Whatever a non-finite input reaches turns non-finite, so a finite result is exact;
