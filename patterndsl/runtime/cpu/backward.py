@@ -140,7 +140,7 @@ def _backward(
             if safe or modify is not None:
                 _backward_select(t, seg, plan.block, scale, opts, modify)
             elif seg.affine is not None and (sp := _band_split(seg, plan.block, dt, opts)) is not None:
-                band.backward(t, seg, sp, bm, scale, opts.band_bytes)
+                (band.backward_skewed if band.skewable(sp) else band.backward)(t, seg, sp, bm, scale, opts.band_bytes)
             elif seg.affine is not None:
                 _backward_affine(t, seg, plan.block, scale, opts)
             else:

@@ -58,6 +58,31 @@ def _keys_t(xt: torch.Tensor, start: int, n: int, width: int, step: int) -> torc
     return xt.as_strided((n, d, width), (step, length, 1), xt.storage_offset() + start)
 
 
+def _transposed_ones(x: torch.Tensor) -> torch.Tensor:
+    """``[x^T; 1]``: ``[D+1, L]``, contiguous."""
+    out = x.new_empty(x.shape[1] + 1, x.shape[0])
+    out[:-1] = x.t()
+    out[-1] = 1.0
+    return out
+
+
+def _with_column(x: torch.Tensor, col: torch.Tensor, factor: float) -> torch.Tensor:
+    """``[x, factor * col]``: ``[L, D+1]``, contiguous."""
+    out = x.new_empty(x.shape[0], x.shape[1] + 1)
+    out[:, :-1] = x
+    torch.mul(col, factor, out=out[:, -1])
+    return out
+
+
+def _padded(x: torch.Tensor, pad: int) -> torch.Tensor:
+    """``x [L, D]`` with ``pad`` zero rows before and after."""
+    out = x.new_empty(x.shape[0] + 2 * pad, x.shape[1])
+    out[:pad] = 0
+    out[pad : pad + x.shape[0]] = x
+    out[pad + x.shape[0] :] = 0
+    return out
+
+
 def _steps(n: int, per_item: int, budget: int) -> list[tuple[int, int]]:
     size = max(1, budget // max(per_item, 1))
     return [(a, min(a + size, n)) for a in range(0, n, size)]
@@ -163,5 +188,88 @@ def backward(t: dict, seg, sp, bm: int, scale: float, budget: int) -> None:
                 _keys(dvh, k0 + j, nn, e - j, step).add_(gv[:, j:e])
 
     # dK/dV windows of one (batch, head) overlap from step to step: one task per (batch, head) row.
+    tasks = [functools.partial(task, bi, hi) for bi in range(b) for hi in range(h)]
+    pool.run(tasks, torch.get_num_threads() if len(tasks) >= 2 * torch.get_num_threads() else 1)
+
+
+def skewable(sp) -> bool:
+    """Whether :func:`backward_skewed` serves ``sp``: sub-tiles as tall as their step, windows whole steps."""
+    return sp.step > 0 and sp.rows == sp.step and sp.width % sp.step == 0
+
+
+def backward_skewed(t: dict, seg, sp, bm: int, scale: float, budget: int) -> None:
+    """:func:`backward` with ``dK``/``dV`` per key block: one matmul each over every query row that reaches the block.
+
+    With sub-tiles of ``R`` rows, step ``R`` and ``W = m*R`` keys, key block ``j`` (``R`` keys) is column block
+    ``j - i`` of sub-tiles ``i = j-m+1 .. j``. Those ``m`` blocks of ``dS`` are gathered (one strided copy) into
+    an ``[m*R, R]`` matrix, and ``dK`` of the block is its transpose times the ``m*R`` query rows: a matmul
+    with a long inner dimension, not ``m`` short ones, written straight into the block's key rows (likewise
+    ``dV`` from ``P``). The last ``m - 1`` sub-tiles of a step stay in the buffers (moved to their front)
+    for the key blocks the next step completes; the query rows are padded with ``m - 1`` zero sub-tiles
+    at both ends, and so are the buffers.
+    """
+    q = t["q"]
+    b, h, _, d = q.shape
+    r0 = int(seg.q_tiles[0]) * bm
+    n, rows, width = len(seg) * sp.parts, sp.rows, sp.width
+    m = width // rows
+    halo = m - 1
+    tile = rows * width
+    cols, bias, _ = _masks(sp, q.dtype)
+    steps = _steps(n, 3 * tile * q.element_size(), budget)
+    chunk = steps[0][1] - steps[0][0]
+
+    @torch.no_grad()
+    def task(bi: int, hi: int) -> None:
+        qh, doh, kh, vh = (t[name][bi, hi] for name in ("q", "do", "k", "v"))
+        dqh, dkh, dvh = (t[name][bi, hi] for name in ("dq", "dk", "dv"))
+        lse2, delta = t["lse2"][bi, hi], t["delta"][bi, hi]
+        # Scores as plain (NN) matmuls with the rows' statistics inside: [Q, -lse2/alpha] @ [K^T; 1] and
+        # [dO, -delta] @ [V^T; 1] (no pass over P or dS to subtract them).
+        alpha = scale * _LOG2E
+        seg_rows = slice(r0, r0 + n * rows)
+        kt1, vt1 = _transposed_ones(kh), _transposed_ones(vh)
+        q1 = _with_column(qh[seg_rows], lse2[seg_rows], -1 / alpha)
+        do1 = _with_column(doh[seg_rows], delta[seg_rows], -1.0)
+        # Query rows and dO padded with halo zero sub-tiles at both ends.
+        qpad, dopad = (_padded(x[seg_rows], halo * rows) for x in (qh, doh))
+        pbuf, dsbuf = (qh.new_empty(chunk + 2 * halo, rows, width) for _ in range(2))
+        pbuf[:halo] = 0
+        dsbuf[:halo] = 0
+        gbuf = qh.new_empty(chunk + halo, m * rows, rows)
+        for a, z in steps:
+            nn = z - a
+            span = slice(r0 + a * rows, r0 + z * rows)
+            local = slice(a * rows, z * rows)
+            k0 = sp.key0 + a * rows
+            kw = _keys(kh, k0, nn, width, rows)
+            ktw, vtw = _keys_t(kt1, k0, nn, width, rows), _keys_t(vt1, k0, nn, width, rows)
+            p, ds = pbuf[halo : halo + nn], dsbuf[halo : halo + nn]
+            torch.baddbmm(p, q1[local].view(nn, rows, d + 1), ktw, beta=0, alpha=alpha, out=p)
+            for c0, c1 in cols:
+                p[:, :, c0:c1].add_(bias[:, c0:c1])
+            p.exp2_()
+            torch.bmm(do1[local].view(nn, rows, d + 1), vtw, out=ds)
+            ds.mul_(p)
+            dqh[span].view(nn, rows, d).baddbmm_(ds, kw, beta=1 if seg.merge else 0, alpha=scale)
+            last = z == n
+            if last:
+                # The key blocks past the last sub-tile read zeros where no sub-tile follows.
+                pbuf[halo + nn : 2 * halo + nn] = 0
+                dsbuf[halo + nn : 2 * halo + nn] = 0
+            nj = nn + (halo if last else 0)
+            qwin = _keys(qpad, a * rows, nj, m * rows, rows)
+            dowin = _keys(dopad, a * rows, nj, m * rows, rows)
+            g = gbuf[:nj]
+            for buf, wins, dst, factor in ((dsbuf, qwin, dkh, scale), (pbuf, dowin, dvh, 1.0)):
+                # Key block a + i: column block m-1-c of buffer position i + c, for c = 0 .. m-1.
+                blocks = buf.as_strided((nj, m, rows, rows), (tile, tile - rows, width, 1), halo * rows)
+                g.view(nj, m, rows, rows).copy_(blocks)
+                _keys(dst, k0, nj, rows, rows).baddbmm_(g.transpose(1, 2), wins, alpha=factor)
+            if not last and halo:
+                # The step's last halo sub-tiles move to the front for the next step's key blocks.
+                for buf in (pbuf, dsbuf):
+                    buf[:halo] = buf[nn : nn + halo].clone()
+
     tasks = [functools.partial(task, bi, hi) for bi in range(b) for hi in range(h)]
     pool.run(tasks, torch.get_num_threads() if len(tasks) >= 2 * torch.get_num_threads() else 1)

@@ -61,7 +61,8 @@ class CpuOptions:
             forward and backward, instead of torch's fused kernel (forward) and whole tiles (backward).
             Off: measured slower (16K/8K sliding window, 1 thread, CPU time on the loaded machine:
             forward 66-72 ms against 60-64 ms for the fused kernel at 8K; backward with 64-row
-            sub-tiles 180 against 172-176 ms, with 32-row ones 246 ms).
+            sub-tiles 180 against 172-176 ms, with 32-row ones 246 ms; 32-row key-major
+            (:func:`~patterndsl.runtime.cpu.band.backward_skewed`) 179-211 ms against 174-178 ms).
         band_rows_bwd: query rows per sub-tile of the band backward (0: the backward keeps whole tiles).
         band_bytes: bytes of score buffers one band step holds (cache-sized).
         affine_bwd_tiles: query tiles per step of the in-place affine backward (per head): the
