@@ -19,8 +19,7 @@ import torch
 from patterndsl import ir
 from patterndsl.analysis.plan import BlockPlan
 from patterndsl.runtime import softmax
-from patterndsl.runtime.cpu import band, dense, documents
-from patterndsl.runtime.cpu.forward import split
+from patterndsl.runtime.cpu import dense, documents
 from patterndsl.runtime.cpu.schedule import Segment
 from patterndsl.runtime.cpu.scoremod import Modifier, PairModifier, table_grads
 from patterndsl.runtime.cpu.tuning import CpuOptions, resolve
@@ -139,8 +138,6 @@ def _backward(
         for seg in sched.segments:
             if safe or modify is not None:
                 _backward_select(t, seg, plan.block, scale, opts, modify)
-            elif seg.affine is not None and (sp := _band_split(seg, plan.block, dt, opts)) is not None:
-                (band.backward_skewed if band.skewable(sp) else band.backward)(t, seg, sp, bm, scale, opts.band_bytes)
             elif seg.affine is not None:
                 _backward_affine(t, seg, plan.block, scale, opts)
             else:
@@ -168,13 +165,6 @@ def _backward(
         modify = None if plan.pattern.score is None else PairModifier(plan)
         gather.backward(q, k, v, lse, dout, delta, grads, work, scale, opts, safe=safe, modify=modify)
     return dq.to(q.dtype), dk_acc.to(k.dtype), dv_acc.to(v.dtype)
-
-
-def _band_split(seg: Segment, block, dtype: torch.dtype, opts: CpuOptions):
-    """The sub-tiles the band backward runs ``seg`` as (:func:`~patterndsl.runtime.cpu.forward.split`), or None."""
-    if not (opts.band and opts.band_rows_bwd):
-        return None
-    return split(seg, block, dtype, opts.band_rows_bwd)
 
 
 def _column_biases(seg: Segment, bn: int, dtype: torch.dtype) -> list[tuple[int, torch.Tensor]]:

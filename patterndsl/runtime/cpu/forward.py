@@ -24,7 +24,7 @@ import torch
 
 from patterndsl.analysis.plan import BlockPlan
 from patterndsl.runtime import softmax
-from patterndsl.runtime.cpu import band, dense, documents, pool
+from patterndsl.runtime.cpu import dense, documents, pool
 from patterndsl.runtime.cpu.schedule import Segment
 from patterndsl.runtime.cpu.scoremod import Modifier, PairModifier
 from patterndsl.runtime.cpu.tuning import FLASH, CpuOptions, resolve
@@ -220,9 +220,6 @@ def _forward_fused(qp, kp, vp, op, lp, seg0: Segment, block, scale: float, opts:
     bm, bn = block
     b, h, _, d = qp.shape
     sp = split(seg0, block, qp.dtype, opts.split_rows)
-    if sp is not None and opts.band:
-        band.forward(qp, kp, vp, op, lp, seg0, sp, bm, scale, opts.band_bytes)
-        return
     if sp is not None:
         _forward_fused_split(qp, kp, vp, op, lp, seg0, sp, bm, scale)
         return

@@ -55,16 +55,9 @@ class CpuOptions:
         split_rows: forward only: affine segments run as sub-tiles of this many query rows over
             narrower key windows (0 disables). Measured on the 256-key sliding window at 16K: the
             forward ~10% faster; the fused backward was slower with 32-row units (and with 128-row
-            ones), so it keeps the tiles.
-        band: affine segments with one shared mask that :func:`~patterndsl.runtime.cpu.forward.split`
-            cuts into sub-tiles run as our own batched matmuls in base 2 (:mod:`~patterndsl.runtime.cpu.band`),
-            forward and backward, instead of torch's fused kernel (forward) and whole tiles (backward).
-            Off: measured slower (16K/8K sliding window, 1 thread, CPU time on the loaded machine:
-            forward 66-72 ms against 60-64 ms for the fused kernel at 8K; backward with 64-row
-            sub-tiles 180 against 172-176 ms, with 32-row ones 246 ms; 32-row key-major
-            (:func:`~patterndsl.runtime.cpu.band.backward_skewed`) 179-211 ms against 174-178 ms).
-        band_rows_bwd: query rows per sub-tile of the band backward (0: the backward keeps whole tiles).
-        band_bytes: bytes of score buffers one band step holds (cache-sized).
+            ones), so it keeps the tiles. Our own bmm/exp2 steps on the same sub-tiles (K^T kept for
+            NN score matmuls, edge-only masks, a key-major backward) measured slower or equal, forward
+            and backward (commits 8895e64 and 9668791 of branch s7-17c, reverted).
         affine_bwd_tiles: query tiles per step of the in-place affine backward (per head): the
             step's ``[n, BM, width*BN]`` probabilities stay cache-sized (16K sliding window,
             2 threads: 32-64 best).
@@ -83,9 +76,6 @@ class CpuOptions:
     wide_min: int = 8
     split_runs: int = 2
     split_rows: int = 32
-    band: bool = False
-    band_rows_bwd: int = 64
-    band_bytes: int = 1 << 20
     affine_bwd_tiles: int = 32
     affine_bwd_bytes: int = 4 << 20
     gather_row_chunk: int = 2048
@@ -94,10 +84,10 @@ class CpuOptions:
         if self.kernel not in ("fused", "math"):
             raise ValueError(f"kernel must be 'fused' or 'math', got {self.kernel!r}")
         positive = ("chunk_bytes", "fused_chunk_bytes", "fused_chunk_bytes_serial", "min_affine")
-        for name in (*positive, "band_bytes", "affine_bwd_tiles", "affine_bwd_bytes", "gather_row_chunk"):
+        for name in (*positive, "affine_bwd_tiles", "affine_bwd_bytes", "gather_row_chunk"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("wide_min", "split_runs", "split_rows", "band_rows_bwd"):
+        for name in ("wide_min", "split_runs", "split_rows"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be 0 (off) or more, got {getattr(self, name)}")
 
