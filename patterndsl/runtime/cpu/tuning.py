@@ -55,7 +55,9 @@ class CpuOptions:
         split_rows: forward only: affine segments run as sub-tiles of this many query rows over
             narrower key windows (0 disables). Measured on the 256-key sliding window at 16K: the
             forward ~10% faster; the fused backward was slower with 32-row units (and with 128-row
-            ones), so it keeps the tiles.
+            ones), so it keeps the tiles. Our own bmm/exp2 steps on the same sub-tiles (K^T kept for
+            NN score matmuls, edge-only masks, a key-major backward) measured slower or equal, forward
+            and backward (commits 8895e64 and 9668791 of branch s7-17c, reverted).
         affine_bwd_tiles: query tiles per step of the in-place affine backward (per head): the
             step's ``[n, BM, width*BN]`` probabilities stay cache-sized (16K sliding window,
             2 threads: 32-64 best).
