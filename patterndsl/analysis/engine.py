@@ -877,7 +877,11 @@ class Engine:
             return {}
         if self.fixed is None or any(p not in self.fixed for p in routes):
             return None
-        return {p: PairTable(self.fixed[p][0], self.route_candidates(p)[2]) for p in routes}
+        # a fixed choice is sorted pair keys, or already a table (routetiles.RunTable)
+        return {
+            p: PairTable(c, self.route_candidates(p)[2]) if isinstance(c := self.fixed[p][0], np.ndarray) else c
+            for p in routes
+        }
 
     def choice_tiles(self, prim: ir.Prim, tkeys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """States of the tiles a fixed choice meets, from its incidence (``keys`` of :meth:`route_incidence`).

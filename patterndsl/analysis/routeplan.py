@@ -97,6 +97,15 @@ def classify(engine: eng.Engine, node: ir.Node) -> RoutedTiles:
     Returns:
         The :class:`RoutedTiles`.
     """
+    from patterndsl.analysis import routetiles
+
+    if routetiles.usable(engine, node):
+        return routetiles.classify(engine, node)
+    return classify_by_pairs(engine, node)
+
+
+def classify_by_pairs(engine: eng.Engine, node: ir.Node) -> RoutedTiles:
+    """:func:`classify` from the candidate pairs one by one: any route pattern (grids, several routes)."""
     pol = ir.polarities(node)
     facts = {p: RouteFacts(engine, p) for p in pol}
     mixed = {p for p, signs in pol.items() if len(signs) > 1}
@@ -136,7 +145,9 @@ def classify(engine: eng.Engine, node: ir.Node) -> RoutedTiles:
     if len(rest):
         if len(facts) == 1 and not mixed:
             ((p, f),) = facts.items()
-            state[rest] = _exact(engine, node, p, f, min(pol[p]), keys[rest], low_fix, up_fix)
+            sel_lo = {p: eng.PairTable(low_fix[p][0], f.n_k)}
+            sel_up = {p: eng.PairTable(up_fix[p][0], f.n_k)}
+            state[rest] = exact_states(engine, node, f, min(pol[p]), keys[rest], sel_lo, sel_up)
         else:
             state[rest] = eng.DYNAMIC
             unproven = len(rest)
@@ -181,8 +192,12 @@ def _box(engine: eng.Engine, prim, f: RouteFacts, owner, tkeys, maybe: np.ndarra
     return out
 
 
-def _exact(engine: eng.Engine, node, prim, f: RouteFacts, sign: int, keys, low_fix, up_fix) -> np.ndarray:
+def exact_states(engine: eng.Engine, node, f, sign: int, keys, sel_lo, sel_up) -> np.ndarray:
     """Exact states of tiles ``keys`` when the pattern has one route, of one polarity, from their elements.
+
+    ``f`` holds the route's ``n_q``, ``n_k``, ``qgroup``, ``kblock``, ``n_cand`` and ``take`` (a
+    :class:`RouteFacts`); ``sel_lo`` / ``sel_up`` are the lower / upper bound's fixed choices as
+    :func:`patterndsl.semantics.evaluate` takes a selection.
 
     On such a tile an element the two bounds disagree on is allowed exactly when its pair is
     chosen (``sign`` +1) or not chosen (-1); elements the bounds agree on are fixed. Per group,
@@ -190,8 +205,6 @@ def _exact(engine: eng.Engine, node, prim, f: RouteFacts, sign: int, keys, low_f
     when every group can choose (or avoid) all of its ``act`` blocks within its ``k_a`` picks.
     """
     engine.tally.evaluated += 2 * len(keys)
-    sel_lo = {prim: eng.PairTable(low_fix[prim][0], f.n_k)}
-    sel_up = {prim: eng.PairTable(up_fix[prim][0], f.n_k)}
     out = np.zeros(len(keys), np.int8)
     qgroup, kblock = torch.from_numpy(f.qgroup), torch.from_numpy(f.kblock)
     for part, i, j, valid in engine.chunks(keys):

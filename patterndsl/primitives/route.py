@@ -53,11 +53,11 @@ def _meaning(prim, q, k, h, ctx, selection) -> torch.Tensor:
     sel = selection[prim].to(q.device)
     qgroup, kblock = qgroup.to(q.device), kblock.to(q.device)
     i = q - ctx.offset
-    qi, kj = torch.broadcast_tensors(i, k)
-    inside = (qi >= 0) & (qi < ctx.q_len) & (kj >= 0) & (kj < ctx.kv_len)
-    a = qgroup[qi.clamp(0, ctx.q_len - 1)]
-    b = kblock[kj.clamp(0, ctx.kv_len - 1)]
-    return sel[a, b] & inside
+    # groups and blocks looked up on each side's own shape (rows [.., BM, 1], keys [.., 1, BN]),
+    # then one broadcast lookup in the table
+    a = qgroup[i.clamp(0, ctx.q_len - 1)]
+    b = kblock[k.clamp(0, ctx.kv_len - 1)]
+    return sel[a, b] & ((i >= 0) & (i < ctx.q_len)) & ((k >= 0) & (k < ctx.kv_len))
 
 
 ROUTE = register(

@@ -1,0 +1,305 @@
+"""Stage 4 (block plan), route patterns in 1-D token order: tile states from candidate runs, not pair by pair.
+
+Comes in: the identity-order :class:`~patterndsl.analysis.engine.Engine` of one head group and
+its rewritten node with one ``route`` (one polarity, ``among`` not reading ``h``, no layout).
+Goes out: the same :class:`~patterndsl.analysis.routeplan.RoutedTiles` as
+:func:`patterndsl.analysis.routeplan.classify`, computed from the tile level.
+
+A route's candidates are the non-empty cells of ``among`` planned on tiles of one query group
+by one key block (``qblock x block``): at a million tokens and ``qblock = 1`` there are billions
+of candidate pairs but only a few runs of blocks per group (``causal - window(63)``: one run,
+``[0, (q - 64) // 64]``), which the coarse-to-fine plan of ``among`` yields as runs
+(:mod:`patterndsl.analysis.hierarchy`). Everything after that works on runs and on per-tile
+arrays of the fine grid: a run of blocks touches a range of key tiles and covers a smaller
+range whole (blocks are ranges of keys, so both are ranges); per query tile, difference
+arrays over key tiles count the groups touching and covering each tile. So
+
+* a fixed choice (candidates, forced groups' candidates) is empty / partial / full on a tile
+  by those counts (full: every group of the query tile covers it);
+* the box test of :mod:`~patterndsl.analysis.routeplan` (every open group can take all or none
+  of its candidates in the tile) fails only where a group's candidates inside a key tile
+  outnumber ``min(k_a, n_a - k_a)``: on the covered range that is the blocks per key tile,
+  on the at most two partly covered end tiles of a run the overlap, summed per group;
+* element-wise evaluation (with a :class:`RunTable` as the selection) is left to the tiles the
+  static parts and the bounds cannot settle, as before.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from patterndsl import ir
+from patterndsl.analysis import engine as eng
+from patterndsl.analysis import hierarchy
+
+#: Beyond this many tiles the per-tile arrays would not fit the memory a plan may use.
+MAX_DENSE_TILES = 1 << 26
+
+
+def usable(engine: eng.Engine, node: ir.Node) -> bool:
+    """Whether :func:`classify` applies: one route of one polarity, 1-D identity order, aligned groups."""
+    pol = ir.polarities(node)
+    if len(pol) != 1:
+        return False
+    ((prim, signs),) = pol.items()
+    block, qblock = prim.arg("block"), prim.arg("qblock")
+    qblock = block if qblock is None else qblock
+    return (
+        len(signs) == 1
+        and engine.env.layout is None
+        and engine.q.identity
+        and engine.k.identity
+        and engine.q.order is None
+        and engine.k.order is None
+        and isinstance(block, int)
+        and isinstance(qblock, int)
+        and engine.ctx.offset % qblock == 0
+        and not ir.uses_head(prim.arg("among"))
+        and not ir.is_dynamic(prim.arg("among"))
+        and engine.nqb * engine.nkb <= MAX_DENSE_TILES
+    )
+
+
+class RunTable:
+    """A route's fixed choice as runs of blocks per group, indexable like the bool ``[n_groups, n_blocks]`` table.
+
+    Attributes:
+        group, lo, hi: int64 runs, sorted by ``(group, lo)``, disjoint and not touching: group
+            ``group[r]`` has blocks ``lo[r] <= b < hi[r]``.
+        n_blocks: key blocks of the route.
+    """
+
+    def __init__(self, group: np.ndarray, lo: np.ndarray, hi: np.ndarray, n_blocks: int):
+        self.group, self.lo, self.hi, self.n_blocks = group, lo, hi, n_blocks
+        self._lookup = None
+
+    def take(self, keep: np.ndarray) -> RunTable:
+        """The runs where ``keep`` is True."""
+        return RunTable(self.group[keep], self.lo[keep], self.hi[keep], self.n_blocks)
+
+    def to(self, device) -> RunTable:
+        return self
+
+    def _table(self):
+        # [groups, most runs of a group] bounds (empty runs as lo = hi = 0): a few compares per element
+        if self._lookup is None:
+            n_groups = int(self.group.max()) + 1 if len(self.group) else 0
+            per = np.bincount(self.group, minlength=n_groups)
+            width = int(per.max()) if len(per) else 0
+            lo = np.zeros((n_groups + 1, width), np.int64)
+            hi = np.zeros((n_groups + 1, width), np.int64)
+            rank = np.arange(len(self.group)) - np.repeat(np.cumsum(per) - per, per)
+            lo[self.group, rank] = self.lo
+            hi[self.group, rank] = self.hi
+            self._lookup = torch.from_numpy(lo), torch.from_numpy(hi)
+        return self._lookup
+
+    def __getitem__(self, index) -> torch.Tensor:
+        a, b = index
+        lo, hi = self._table()
+        a = a.clamp(max=len(lo) - 1)  # groups past the last run have none (the zero row)
+        out = torch.zeros(torch.broadcast_tensors(a, b)[0].shape, dtype=torch.bool)
+        for r in range(lo.shape[1]):
+            out |= (b >= lo[a, r]) & (b < hi[a, r])
+        return out
+
+
+class _Geometry:
+    """How groups and blocks meet the fine tiles (1-D, identity order, ranges of indices)."""
+
+    def __init__(self, engine: eng.Engine, prim: ir.Prim):
+        block, qblock = prim.arg("block"), prim.arg("qblock")
+        self.block, self.qblock = block, block if qblock is None else qblock
+        qs, ks = engine.q.starts, engine.k.starts
+        self.nqb, self.nkb = engine.nqb, engine.nkb
+        q_len = engine.ctx.q_len
+        self.n_q = -(-q_len // self.qblock)
+        self.n_k = -(-engine.ctx.kv_len // block)
+        # blocks [bt0, bt1) meet key tile n; groups [g0, g1) meet query tile m
+        self.bt0 = ks[:-1] // block
+        self.bt1 = (ks[1:] - 1) // block + 1
+        self.groups_per_tile = (qs[1:] - 1) // self.qblock + 1 - qs[:-1] // self.qblock
+        a = np.arange(self.n_q, dtype=np.int64)
+        self.qt0 = np.searchsorted(qs, a * self.qblock, "right") - 1
+        self.qt1 = np.searchsorted(qs, np.minimum((a + 1) * self.qblock, q_len) - 1, "right")
+
+    def spans(self, runs: RunTable):
+        """Per run: key tiles touched ``[t0, t1)`` and covered whole ``[f0, f1)`` (``f0 >= f1``: none)."""
+        t0 = np.searchsorted(self.bt1, runs.lo, "right")
+        t1 = np.searchsorted(self.bt0, runs.hi, "left")
+        f0 = np.searchsorted(self.bt0, runs.lo, "left")
+        f1 = np.searchsorted(self.bt1, runs.hi, "right")
+        return t0, t1, f0, f1
+
+    def rows(self, group: np.ndarray):
+        """``(run, m)``: every query tile ``m`` of each run's group."""
+        return eng.expand_runs(np.arange(len(group), dtype=np.int64), self.qt0[group], self.qt1[group])
+
+    def count(self, m: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+        """Per tile ``[nqb, nkb]``: how many of the ranges ``(m, [lo, hi))`` hold it."""
+        width = self.nkb + 1
+        ok = lo < hi
+        m, lo, hi = m[ok], lo[ok], hi[ok]
+        size = self.nqb * width
+        diff = np.bincount(m * width + lo, minlength=size) - np.bincount(m * width + hi, minlength=size)
+        return np.cumsum(diff.reshape(self.nqb, width), axis=1)[:, : self.nkb]
+
+
+def candidates(engine: eng.Engine, prim: ir.Prim, geo: _Geometry) -> RunTable:
+    """The candidate blocks of every group as runs: ``among`` planned on ``qblock x block`` tiles.
+
+    A tile of that plan is one (group, key block) cell; it is non-empty exactly when ``among``
+    allows a pair in the cell. Large plans come from the coarse levels as runs.
+    """
+    sub = eng.identity_engine(engine.ctx, engine.env.head, (geo.qblock, geo.block))
+    sub = eng.Engine(sub.q, sub.k, engine.env, tally=engine.tally)
+    among = eng.rewrite_for_plan(prim.arg("among"))
+    layered = None
+    if hierarchy.usable(among, sub.q, sub.k, None):
+        layered = hierarchy.classify(sub, among)
+    if layered is None:
+        keys, _ = sub.run(among)
+        row, lo, hi = keys // sub.nkb, keys % sub.nkb, keys % sub.nkb + 1
+    else:
+        keys = layered.keys
+        pr, plo, phi = layered.partial
+        row = np.concatenate([keys // sub.nkb, layered.row, pr])
+        lo = np.concatenate([keys % sub.nkb, layered.lo, plo])
+        hi = np.concatenate([keys % sub.nkb + 1, layered.hi, phi])
+    return _merged(row.astype(np.int64), lo.astype(np.int64), hi.astype(np.int64), geo.n_k)
+
+
+def _merged(row: np.ndarray, lo: np.ndarray, hi: np.ndarray, n_blocks: int) -> RunTable:
+    """Disjoint runs ``(row, [lo, hi))`` (in any order) merged where they touch, sorted."""
+    order = np.lexsort((lo, row))
+    row, lo, hi = row[order], lo[order], hi[order]
+    new = np.ones(len(row), bool)
+    new[1:] = (row[1:] != row[:-1]) | (lo[1:] != hi[:-1])
+    first = np.flatnonzero(new)
+    last = np.append(first[1:], len(row)) - 1
+    return RunTable(row[first], lo[first], hi[last], n_blocks)
+
+
+def _tiles_of(geo: _Geometry, runs: RunTable):
+    """``(touched, covered)`` per tile ``[nqb, nkb]``: groups whose runs touch / hold it whole."""
+    t0, t1, f0, f1 = geo.spans(runs)
+    r, m = geo.rows(runs.group)
+    return geo.count(m, t0[r], t1[r]), geo.count(m, f0[r], f1[r])
+
+
+def _fixed(geo: _Geometry, runs: RunTable):
+    """A fixed choice as the engine takes it: ``(table, keys, states)`` of the tiles it meets."""
+    touched, covered = _tiles_of(geo, runs)
+    flat = touched.reshape(-1) > 0
+    keys = np.flatnonzero(flat)
+    full = covered.reshape(-1)[keys] == geo.groups_per_tile[keys // geo.nkb]
+    return runs, keys, np.where(full, eng.FULL, eng.PARTIAL).astype(np.int8), touched > 0
+
+
+def _unboxed(geo: _Geometry, runs: RunTable, cap: np.ndarray) -> np.ndarray:
+    """Bool ``[nqb, nkb]``: some group of ``runs`` has more than ``cap[group]`` candidates in the tile.
+
+    A tile covered whole by a run holds ``bt1 - bt0`` of its blocks (no other run of the group
+    meets it); a tile a run touches in part holds the overlaps of every run of the group there.
+    """
+    t0, t1, f0, f1 = geo.spans(runs)
+    g = runs.group
+    nb = geo.bt1 - geo.bt0
+    c = cap[g]
+    over = np.zeros((geo.nqb, geo.nkb), bool)
+    # covered ranges: every tile over the cap, none, or (blocks per tile vary) tile by tile
+    whole = (c < nb.min()) if len(nb) else np.zeros(len(g), bool)
+    mixed = ~whole & (c < nb.max()) & (f0 < f1) if len(nb) else whole
+    r, m = geo.rows(g[whole])
+    idx = np.flatnonzero(whole)[r]
+    over |= geo.count(m, f0[idx], f1[idx]) > 0
+    if mixed.any():
+        sel = np.flatnonzero(mixed)
+        run, n = eng.expand_runs(sel, f0[sel], f1[sel])
+        hot = nb[n] > c[run]
+        _mark(geo, over, g[run[hot]], n[hot])
+    # ends: touched but not covered whole (at most two tiles per run)
+    first_end = np.where(f0 < f1, np.minimum(f0, t1), t1)
+    run_a = np.flatnonzero(t0 < first_end)
+    ends_r = [run_a, np.flatnonzero((f0 < f1) & (f1 < t1))]
+    ends_n = [t0[run_a], f1[ends_r[1]]]
+    if not (f0 < f1).all():
+        # a run covering no tile whole touches at most two tiles: t0 and t0 + 1
+        two = np.flatnonzero((f0 >= f1) & (t1 - t0 == 2))
+        ends_r.append(two)
+        ends_n.append(t0[two] + 1)
+    er, en = np.concatenate(ends_r), np.concatenate(ends_n)
+    if len(er):
+        overlap = np.minimum(runs.hi[er], geo.bt1[en]) - np.maximum(runs.lo[er], geo.bt0[en])
+        gn, inv = np.unique(g[er] * geo.nkb + en, return_inverse=True)
+        total = np.bincount(inv, weights=overlap).astype(np.int64)
+        hot = total > cap[gn // geo.nkb]
+        _mark(geo, over, gn[hot] // geo.nkb, gn[hot] % geo.nkb)
+    return over
+
+
+def _mark(geo: _Geometry, grid: np.ndarray, group: np.ndarray, n: np.ndarray) -> None:
+    """Set ``grid[m, n]`` for every query tile ``m`` of each ``group``."""
+    r, m = geo.rows(group)
+    grid[m, n[r]] = True
+
+
+def classify(engine: eng.Engine, node: ir.Node):
+    """Tile states of a route pattern (see :func:`usable`), equal to :func:`routeplan.classify`'s.
+
+    Args:
+        engine: the head group's engine (identity order, no fixed choice).
+        node: the rewritten pattern node, containing one ``route``.
+
+    Returns:
+        The :class:`~patterndsl.analysis.routeplan.RoutedTiles`.
+    """
+    from patterndsl.analysis import routeplan
+
+    ((prim, signs),) = ir.polarities(node).items()
+    sign = min(signs)
+    geo = _Geometry(engine, prim)
+    cand = candidates(engine, prim, geo)
+    n_cand = np.bincount(cand.group, weights=cand.hi - cand.lo, minlength=geo.n_q).astype(np.int64)
+    take = np.minimum(prim.arg("topk"), n_cand)
+    is_open = n_cand > take
+    run_open = is_open[cand.group]
+    cand_fix = _fixed(geo, cand)
+    forced_fix = _fixed(geo, cand.take(~run_open))
+    low_fix = {prim: (forced_fix if sign > 0 else cand_fix)[:3]}
+    up_fix = {prim: (cand_fix if sign > 0 else forced_fix)[:3]}
+    rewrite = eng.rewrite_for_plan
+    lower, upper = rewrite(ir.route_bound(node, True, ())), rewrite(ir.route_bound(node, False, ()))
+    keys, up = engine.fixing(up_fix).run(upper)
+    k2, s2 = engine.fixing(low_fix).run(lower, keys)
+    low = routeplan._states_on(keys, k2, s2)
+    state = up.copy()
+    maybe = np.flatnonzero(low != up)
+    m, n = keys // geo.nkb, keys % geo.nkb
+    reads = cand_fix[3][m, n]
+    open_runs = cand.take(run_open)
+    opened = _tiles_of(geo, open_runs)[0][m, n] > 0
+    cap = np.minimum(take, n_cand - take)
+    boxed = ~_unboxed(geo, open_runs, cap)[m[maybe], n[maybe]]
+    state[maybe[boxed]] = eng.DYNAMIC
+    rest = maybe[~boxed]
+    if len(rest):
+        facts = _Facts(engine, prim, n_cand, take)
+        sel_lo, sel_up = {prim: low_fix[prim][0]}, {prim: up_fix[prim][0]}
+        state[rest] = routeplan.exact_states(engine, node, facts, sign, keys[rest], sel_lo, sel_up)
+    keep = state > 0
+    route_mask = (reads & (state != eng.FULL))[keep]
+    forced = {prim: forced_fix[:3]}
+    return routeplan.RoutedTiles(keys[keep], state[keep], route_mask, opened[keep], 0, forced)
+
+
+class _Facts:
+    """What :func:`routeplan.exact_states` reads of a route's candidates."""
+
+    def __init__(self, engine: eng.Engine, prim: ir.Prim, n_cand: np.ndarray, take: np.ndarray):
+        from patterndsl import semantics
+
+        self.n_q, self.n_k, qgroup, kblock = semantics.route_blocks(prim, engine.ctx)
+        self.qgroup, self.kblock = qgroup.numpy(), kblock.numpy()
+        self.n_cand, self.take = n_cand, take
