@@ -529,6 +529,7 @@ class Engine:
             return out
         if ir.is_dynamic(node):
             self.tally.spend(len(keys), self.q.block * self.k.block)
+            self.tally.elements += len(keys) * self.q.block * self.k.block
             for part, i, j, valid in self.chunks(keys):
                 val = semantics.evaluate(node, i, j, self.env.head, self.ctx, selection)
                 anyv = (val & valid).flatten(1).any(1)

@@ -205,6 +205,7 @@ def exact_states(engine: eng.Engine, node, f, sign: int, keys, sel_lo, sel_up) -
     when every group can choose (or avoid) all of its ``act`` blocks within its ``k_a`` picks.
     """
     engine.tally.evaluated += 2 * len(keys)
+    engine.tally.elements += 2 * len(keys) * engine.q.block * engine.k.block
     out = np.zeros(len(keys), np.int8)
     qgroup, kblock = torch.from_numpy(f.qgroup), torch.from_numpy(f.kblock)
     for part, i, j, valid in engine.chunks(keys):

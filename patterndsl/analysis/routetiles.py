@@ -270,10 +270,22 @@ def classify(engine: eng.Engine, node: ir.Node):
     low_fix = {prim: (forced_fix if sign > 0 else cand_fix)[:3]}
     up_fix = {prim: (cand_fix if sign > 0 else forced_fix)[:3]}
     rewrite = eng.rewrite_for_plan
+    # The static bounds (the route as empty / full by polarity) settle a tile for every choice
+    # where they agree (a tile some pair of the lower bound holds and the upper one does not fill
+    # is partial whatever is chosen): only the other tiles need the fixed choices, and the
+    # elements of the settled ones are never evaluated.
+    s_keys, s_up = engine.run(rewrite(ir.route_bound(node, False)))
+    s_low = routeplan._states_on(s_keys, *engine.run(rewrite(ir.route_bound(node, True)), s_keys))
+    settled = s_low == s_up
     lower, upper = rewrite(ir.route_bound(node, True, ())), rewrite(ir.route_bound(node, False, ()))
-    keys, up = engine.fixing(up_fix).run(upper)
+    keys, up = engine.fixing(up_fix).run(upper, s_keys[~settled])
     k2, s2 = engine.fixing(low_fix).run(lower, keys)
     low = routeplan._states_on(keys, k2, s2)
+    keys = np.concatenate([keys, s_keys[settled]])
+    order = np.argsort(keys, kind="stable")
+    keys = keys[order]
+    up = np.concatenate([up, s_up[settled]])[order]
+    low = np.concatenate([low, s_up[settled]])[order]
     state = up.copy()
     maybe = np.flatnonzero(low != up)
     m, n = keys // geo.nkb, keys % geo.nkb
