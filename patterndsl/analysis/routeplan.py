@@ -228,13 +228,26 @@ def exact_states(engine: eng.Engine, node, f, sign: int, keys, sel_lo, sel_up) -
         np.logical_and.at(all_ok, tt, can_all)
         np.logical_and.at(none_ok, tt, can_none)
         switching = np.bincount(tt, minlength=width) > 0
-        if sign > 0:  # allowed when chosen
-            can_empty, can_full = ~fixed_on & none_ok, hi_full & all_ok
-        else:  # allowed when not chosen
-            can_empty, can_full = ~fixed_on & all_ok, hi_full & none_ok
-        always_full = hi_full & ~switching
-        can_nonempty = fixed_on | switching
-        least = np.where(can_empty, eng.EMPTY, np.where(always_full, eng.FULL, eng.PARTIAL))
-        most = np.where(can_full, eng.FULL, np.where(can_nonempty, eng.PARTIAL, eng.EMPTY))
-        out[part] = np.where(least == most, least, eng.DYNAMIC)
+        out[part] = states_from_counts(sign, fixed_on, hi_full, switching, all_ok, none_ok)
     return out
+
+
+def states_from_counts(sign: int, fixed_on, hi_full, switching, all_ok, none_ok) -> np.ndarray:
+    """Per tile, the state every choice gives it, or 3 (see :func:`exact_states`).
+
+    Args:
+        sign: the route's polarity.
+        fixed_on: bool, the lower bound allows some pair of the tile.
+        hi_full: bool, the upper bound allows every pair.
+        switching: bool, some element of the tile changes with the choice.
+        all_ok / none_ok: bool, every group can choose / avoid all its blocks holding such elements.
+    """
+    if sign > 0:  # allowed when chosen
+        can_empty, can_full = ~fixed_on & none_ok, hi_full & all_ok
+    else:  # allowed when not chosen
+        can_empty, can_full = ~fixed_on & all_ok, hi_full & none_ok
+    always_full = hi_full & ~switching
+    can_nonempty = fixed_on | switching
+    least = np.where(can_empty, eng.EMPTY, np.where(always_full, eng.FULL, eng.PARTIAL))
+    most = np.where(can_full, eng.FULL, np.where(can_nonempty, eng.PARTIAL, eng.EMPTY))
+    return np.where(least == most, least, eng.DYNAMIC).astype(np.int8)

@@ -191,10 +191,11 @@ def _tiles_of(geo: _Geometry, runs: RunTable):
 def _fixed(geo: _Geometry, runs: RunTable):
     """A fixed choice as the engine takes it: ``(table, keys, states)`` of the tiles it meets."""
     touched, covered = _tiles_of(geo, runs)
-    flat = touched.reshape(-1) > 0
-    keys = np.flatnonzero(flat)
-    full = covered.reshape(-1)[keys] == geo.groups_per_tile[keys // geo.nkb]
-    return runs, keys, np.where(full, eng.FULL, eng.PARTIAL).astype(np.int8), touched > 0
+    touched = touched > 0
+    full = covered == geo.groups_per_tile[:, None]
+    keys = np.flatnonzero(touched.reshape(-1))
+    state = np.where(full.reshape(-1)[keys], eng.FULL, eng.PARTIAL).astype(np.int8)
+    return runs, keys, state, touched, full
 
 
 def _unboxed(geo: _Geometry, runs: RunTable, cap: np.ndarray) -> np.ndarray:
@@ -292,10 +293,29 @@ def classify(engine: eng.Engine, node: ir.Node):
     reads = cand_fix[3][m, n]
     open_runs = cand.take(run_open)
     opened = _tiles_of(geo, open_runs)[0][m, n] > 0
-    cap = np.minimum(take, n_cand - take)
-    boxed = ~_unboxed(geo, open_runs, cap)[m[maybe], n[maybe]]
+    # a group with more candidates in a tile than it takes cannot take them all, one with more
+    # than it leaves cannot avoid them all
+    all_bad = _unboxed(geo, open_runs, take)[m[maybe], n[maybe]]
+    none_bad = _unboxed(geo, open_runs, n_cand - take)[m[maybe], n[maybe]]
+    boxed = ~(all_bad | none_bad)
     state[maybe[boxed]] = eng.DYNAMIC
     rest = maybe[~boxed]
+    # Where the static bounds are empty and full, the pattern is the route itself (or its
+    # complement): the exact rule of routeplan.exact_states reads only per-tile counts there.
+    s_at = np.searchsorted(s_keys, keys[rest])
+    alone = (s_low[s_at] == eng.EMPTY) & (s_up[s_at] == eng.FULL)
+    if alone.any():
+        at = rest[alone]
+        mm, nn = m[at], n[at]
+        lo_fix, hi_fix = (forced_fix, cand_fix) if sign > 0 else (cand_fix, forced_fix)
+        # the lower bound's route is non-empty / its complement is non-empty
+        fixed_on = lo_fix[3][mm, nn] if sign > 0 else ~lo_fix[4][mm, nn]
+        hi_full = hi_fix[4][mm, nn] if sign > 0 else ~hi_fix[3][mm, nn]
+        switching = opened[at]
+        state[at] = routeplan.states_from_counts(
+            sign, fixed_on, hi_full, switching, ~all_bad[~boxed][alone], ~none_bad[~boxed][alone]
+        )
+    rest = rest[~alone]
     if len(rest):
         facts = _Facts(engine, prim, n_cand, take)
         sel_lo, sel_up = {prim: low_fix[prim][0]}, {prim: up_fix[prim][0]}
