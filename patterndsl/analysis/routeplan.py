@@ -145,15 +145,61 @@ def classify_by_pairs(engine: eng.Engine, node: ir.Node) -> RoutedTiles:
     if len(rest):
         if len(facts) == 1 and not mixed:
             ((p, f),) = facts.items()
+            sign = min(pol[p])
+            alone = _route_alone(engine, node, keys[rest])
+            if alone.any():
+                at = rest[alone]
+                state[at] = _alone_states(
+                    engine, p, f, sign, keys[at], opened[at], incidence[p], cand_fix[p], forced_fix[p]
+                )
+            rest = rest[~alone]
             sel_lo = {p: eng.PairTable(low_fix[p][0], f.n_k)}
             sel_up = {p: eng.PairTable(up_fix[p][0], f.n_k)}
-            state[rest] = exact_states(engine, node, f, min(pol[p]), keys[rest], sel_lo, sel_up)
+            state[rest] = exact_states(engine, node, f, sign, keys[rest], sel_lo, sel_up)
         else:
             state[rest] = eng.DYNAMIC
             unproven = len(rest)
     keep = state > 0
     route_mask = (reads & (state != eng.FULL))[keep]
     return RoutedTiles(keys[keep], state[keep], route_mask, opened[keep], unproven, forced_fix)
+
+
+def _route_alone(engine: eng.Engine, node: ir.Node, keys: np.ndarray) -> np.ndarray:
+    """Per tile: the static bounds (the route as empty / full) are empty and full there, so the
+    pattern is the route itself (or its complement) on the tile."""
+    rewrite = eng.rewrite_for_plan
+    up = _states_on(keys, *engine.run(rewrite(ir.route_bound(node, False)), keys))
+    low = _states_on(keys, *engine.run(rewrite(ir.route_bound(node, True)), keys))
+    return (low == eng.EMPTY) & (up == eng.FULL)
+
+
+def _alone_states(engine, prim, f: RouteFacts, sign, keys, opened, incidence, cand_fix, forced_fix) -> np.ndarray:
+    """:func:`exact_states` on tiles where the pattern is the route alone, from the incidence's counts.
+
+    The elements the choice switches there are the cells of the open groups' candidates, so a
+    group's blocks holding them are its open candidates meeting the tile.
+    """
+    owner, tk, is_open = incidence
+    at = _positions(keys, tk)
+    sel = (at >= 0) & is_open
+    a = f.cand[owner[sel]] // f.n_k
+    t = at[sel]
+    # candidate blocks of each (tile, group): each (pair, tile) is listed once
+    tg, act = np.unique(t * f.n_q + a, return_counts=True)
+    tt, g = tg // f.n_q, tg % f.n_q
+    all_ok = np.ones(len(keys), bool)
+    none_ok = np.ones(len(keys), bool)
+    np.logical_and.at(all_ok, tt, act <= f.take[g])
+    np.logical_and.at(none_ok, tt, f.n_cand[g] - act >= f.take[g])
+    lo_fix, hi_fix = (forced_fix, cand_fix) if sign > 0 else (cand_fix, forced_fix)
+    lo_at, hi_at = _positions(lo_fix[1], keys), _positions(hi_fix[1], keys)
+    if sign > 0:  # the lower bound's route meets the tile; the upper one fills it
+        fixed_on = lo_at >= 0
+        hi_full = (hi_at >= 0) & (hi_fix[2][hi_at] == eng.FULL)
+    else:  # the lower bound's complement meets it (the route does not fill it); the upper one's is full
+        fixed_on = ~((lo_at >= 0) & (lo_fix[2][lo_at] == eng.FULL))
+        hi_full = hi_at < 0
+    return states_from_counts(sign, fixed_on, hi_full, opened, all_ok, none_ok)
 
 
 def _positions(sorted_keys: np.ndarray, values: np.ndarray) -> np.ndarray:

@@ -88,3 +88,24 @@ def test_run_table_reads_like_the_bool_table():
     assert torch.equal(got[:, 0], torch.from_numpy(dense))
     # groups beyond the last one holding a run have none
     assert not table[torch.tensor([n_groups + 5]), torch.tensor([0])].any()
+
+
+@pytest.mark.parametrize(
+    ("src", "length", "bm", "bn"),
+    [
+        # the route alone on a grid, tiles cutting regions (the pair path's per-tile counts)
+        ("pattern p { layout grid(y = 6, x = 8)\n ~route(topk = 1, block = (2, 4), qblock = (3, 4)) }", 48, 8, 16),
+        (
+            "pattern p { layout grid(y = 6, x = 6)\n"
+            " route(topk = 2, block = (3, 2), qblock = (1, 6), among = causal) }",
+            36,
+            12,
+            6,
+        ),
+        ("pattern p { layout grid(y = 6, x = 6)\n route(topk = 1, block = (2, 3), among = causal) }", 36, 6, 12),
+    ],
+)
+def test_route_alone_on_grids_matches_the_oracle(src, length, bm, bn):
+    from tests.unit.test_plan_route import _check_plan
+
+    _check_plan(src, length, length, bm, bn)
