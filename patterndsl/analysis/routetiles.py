@@ -38,27 +38,39 @@ MAX_DENSE_TILES = 1 << 26
 
 
 def usable(engine: eng.Engine, node: ir.Node) -> bool:
-    """Whether :func:`classify` applies: one route of one polarity, 1-D identity order, aligned groups."""
+    """Whether :func:`classify` applies (one route of one polarity, identity order; see :func:`_geometry`)."""
+    return _geometry(engine, node) is not None
+
+
+def _geometry(engine: eng.Engine, node: ir.Node):
+    """The geometry :func:`classify` works with, or None: one route of one polarity, ``among`` not
+    reading ``h``, identity order; 1-D groups aligned to the query start (runs), else (grids) when
+    the dense (group x key tile) arrays are small."""
     pol = ir.polarities(node)
     if len(pol) != 1:
-        return False
+        return None
     ((prim, signs),) = pol.items()
+    among = prim.arg("among")
+    if (
+        len(signs) != 1
+        or ir.uses_head(among)
+        or ir.is_dynamic(among)
+        or not (engine.q.identity and engine.k.identity)
+        or engine.q.order is not None
+        or engine.k.order is not None
+        or engine.nqb * engine.nkb > MAX_DENSE_TILES
+    ):
+        return None
     block, qblock = prim.arg("block"), prim.arg("qblock")
     qblock = block if qblock is None else qblock
-    return (
-        len(signs) == 1
-        and engine.env.layout is None
-        and engine.q.identity
-        and engine.k.identity
-        and engine.q.order is None
-        and engine.k.order is None
+    if (
+        engine.env.layout is None
         and isinstance(block, int)
         and isinstance(qblock, int)
         and engine.ctx.offset % qblock == 0
-        and not ir.uses_head(prim.arg("among"))
-        and not ir.is_dynamic(prim.arg("among"))
-        and engine.nqb * engine.nkb <= MAX_DENSE_TILES
-    )
+    ):
+        return _Geometry(engine, prim)
+    return _DenseGeometry.build(engine, prim)
 
 
 class RunTable:
@@ -145,29 +157,138 @@ class _Geometry:
         diff = np.bincount(m * width + lo, minlength=size) - np.bincount(m * width + hi, minlength=size)
         return np.cumsum(diff.reshape(self.nqb, width), axis=1)[:, : self.nkb]
 
+    def candidates(self, engine: eng.Engine, prim: ir.Prim) -> RunTable:
+        """The candidate blocks of every group as runs: ``among`` planned on ``qblock x block`` tiles.
 
-def candidates(engine: eng.Engine, prim: ir.Prim, geo: _Geometry) -> RunTable:
-    """The candidate blocks of every group as runs: ``among`` planned on ``qblock x block`` tiles.
+        A tile of that plan is one (group, key block) cell; it is non-empty exactly when ``among``
+        allows a pair in the cell. Large plans come from the coarse levels as runs.
+        """
+        sub = eng.identity_engine(engine.ctx, engine.env.head, (self.qblock, self.block))
+        sub = eng.Engine(sub.q, sub.k, engine.env, tally=engine.tally)
+        among = eng.rewrite_for_plan(prim.arg("among"))
+        layered = None
+        if hierarchy.usable(among, sub.q, sub.k, None):
+            layered = hierarchy.classify(sub, among)
+        if layered is None:
+            keys, _ = sub.run(among)
+            row, lo, hi = keys // sub.nkb, keys % sub.nkb, keys % sub.nkb + 1
+        else:
+            keys = layered.keys
+            pr, plo, phi = layered.partial
+            row = np.concatenate([keys // sub.nkb, layered.row, pr])
+            lo = np.concatenate([keys % sub.nkb, layered.lo, plo])
+            hi = np.concatenate([keys % sub.nkb + 1, layered.hi, phi])
+        return _merged(row.astype(np.int64), lo.astype(np.int64), hi.astype(np.int64), self.n_k)
 
-    A tile of that plan is one (group, key block) cell; it is non-empty exactly when ``among``
-    allows a pair in the cell. Large plans come from the coarse levels as runs.
+    def cover(self, runs: RunTable):
+        """``(touched, covered)`` per tile ``[nqb, nkb]``: groups whose runs touch / hold it whole."""
+        t0, t1, f0, f1 = self.spans(runs)
+        r, m = self.rows(runs.group)
+        return self.count(m, t0[r], t1[r]), self.count(m, f0[r], f1[r])
+
+    def over(self, runs: RunTable, cap: np.ndarray) -> np.ndarray:
+        """Bool ``[nqb, nkb]``: some group of ``runs`` has more than ``cap[group]`` candidates in the tile.
+
+        A tile covered whole by a run holds ``bt1 - bt0`` of its blocks (no other run of the group
+        meets it); a tile a run touches in part holds the overlaps of every run of the group there.
+        """
+        t0, t1, f0, f1 = self.spans(runs)
+        g = runs.group
+        nb = self.bt1 - self.bt0
+        c = cap[g]
+        over = np.zeros((self.nqb, self.nkb), bool)
+        # covered ranges: every tile over the cap, none, or (blocks per tile vary) tile by tile
+        whole = (c < nb.min()) if len(nb) else np.zeros(len(g), bool)
+        mixed = ~whole & (c < nb.max()) & (f0 < f1) if len(nb) else whole
+        r, m = self.rows(g[whole])
+        idx = np.flatnonzero(whole)[r]
+        over |= self.count(m, f0[idx], f1[idx]) > 0
+        if mixed.any():
+            sel = np.flatnonzero(mixed)
+            run, n = eng.expand_runs(sel, f0[sel], f1[sel])
+            hot = nb[n] > c[run]
+            self._mark(over, g[run[hot]], n[hot])
+        # ends: touched but not covered whole (at most two tiles per run)
+        first_end = np.where(f0 < f1, np.minimum(f0, t1), t1)
+        run_a = np.flatnonzero(t0 < first_end)
+        ends_r = [run_a, np.flatnonzero((f0 < f1) & (f1 < t1))]
+        ends_n = [t0[run_a], f1[ends_r[1]]]
+        if not (f0 < f1).all():
+            # a run covering no tile whole touches at most two tiles: t0 and t0 + 1
+            two = np.flatnonzero((f0 >= f1) & (t1 - t0 == 2))
+            ends_r.append(two)
+            ends_n.append(t0[two] + 1)
+        er, en = np.concatenate(ends_r), np.concatenate(ends_n)
+        if len(er):
+            overlap = np.minimum(runs.hi[er], self.bt1[en]) - np.maximum(runs.lo[er], self.bt0[en])
+            gn, inv = np.unique(g[er] * self.nkb + en, return_inverse=True)
+            total = np.bincount(inv, weights=overlap).astype(np.int64)
+            hot = total > cap[gn // self.nkb]
+            self._mark(over, gn[hot] // self.nkb, gn[hot] % self.nkb)
+        return over
+
+    def _mark(self, grid: np.ndarray, group: np.ndarray, n: np.ndarray) -> None:
+        """Set ``grid[m, n]`` for every query tile ``m`` of each ``group``."""
+        r, m = self.rows(group)
+        grid[m, n[r]] = True
+
+
+class _DenseGeometry:
+    """Groups and blocks of any shape (grid boxes): one row per group over key tiles, as matrices.
+
+    ``meets_q[m, a]`` (group ``a`` meets query tile ``m``) and ``meets_k[b, n]`` (block ``b`` meets
+    key tile ``n``); a choice's blocks per (group, key tile) are ``chosen @ meets_k`` and its
+    groups per tile ``meets_q @ (...)`` (float32 products of 0/1 matrices: exact counts).
     """
-    sub = eng.identity_engine(engine.ctx, engine.env.head, (geo.qblock, geo.block))
-    sub = eng.Engine(sub.q, sub.k, engine.env, tally=engine.tally)
-    among = eng.rewrite_for_plan(prim.arg("among"))
-    layered = None
-    if hierarchy.usable(among, sub.q, sub.k, None):
-        layered = hierarchy.classify(sub, among)
-    if layered is None:
-        keys, _ = sub.run(among)
-        row, lo, hi = keys // sub.nkb, keys % sub.nkb, keys % sub.nkb + 1
-    else:
-        keys = layered.keys
-        pr, plo, phi = layered.partial
-        row = np.concatenate([keys // sub.nkb, layered.row, pr])
-        lo = np.concatenate([keys % sub.nkb, layered.lo, plo])
-        hi = np.concatenate([keys % sub.nkb + 1, layered.hi, phi])
-    return _merged(row.astype(np.int64), lo.astype(np.int64), hi.astype(np.int64), geo.n_k)
+
+    #: Largest matrix (entries) built; beyond it the pair-by-pair plan is used.
+    MAX_ENTRIES = 1 << 23
+
+    def __init__(self, n_q, n_k, meets_q, meets_k):
+        self.n_q, self.n_k = n_q, n_k
+        self.meets_q, self.meets_k = meets_q, meets_k
+        self.nqb, self.nkb = meets_q.shape[0], meets_k.shape[1]
+        self.nb = meets_k.sum(0)
+        self.groups_per_tile = meets_q.sum(1).astype(np.int64)
+
+    @classmethod
+    def build(cls, engine: eng.Engine, prim: ir.Prim):
+        from patterndsl import semantics
+
+        n_q, n_k, qgroup, kblock = semantics.route_blocks(prim, engine.ctx)
+        nqb, nkb = engine.nqb, engine.nkb
+        if max(n_q * n_k, n_k * nkb, nqb * n_q, n_q * nkb) > cls.MAX_ENTRIES:
+            return None
+        meets_q = np.zeros((nqb, n_q), np.float32)
+        qtile = np.searchsorted(engine.q.starts, np.arange(engine.ctx.q_len), "right") - 1
+        meets_q[qtile, qgroup.numpy()] = 1
+        meets_k = np.zeros((n_k, nkb), np.float32)
+        ktile = np.searchsorted(engine.k.starts, np.arange(engine.ctx.kv_len), "right") - 1
+        meets_k[kblock.numpy(), ktile] = 1
+        return cls(n_q, n_k, meets_q, meets_k)
+
+    def candidates(self, engine: eng.Engine, prim: ir.Prim) -> RunTable:
+        """The candidate pairs of ``among``'s coarse plan (:meth:`Engine.route_candidates`) as runs."""
+        keys = engine.route_candidates(prim)[0]
+        a, b = keys // self.n_k, keys % self.n_k
+        return _merged(a, b, b + 1, self.n_k)
+
+    def _blocks(self, runs: RunTable) -> np.ndarray:
+        """``[n_q, nkb]``: blocks of ``runs`` each group has in each key tile."""
+        chosen = np.zeros((self.n_q, self.n_k), np.float32)
+        r, b = eng.expand_runs(np.arange(len(runs.group)), runs.lo, runs.hi)
+        chosen[runs.group[r], b] = 1
+        return chosen @ self.meets_k
+
+    def cover(self, runs: RunTable):
+        held = self._blocks(runs)
+        touched = self.meets_q @ (held > 0).astype(np.float32)
+        covered = self.meets_q @ ((held == self.nb) & (self.nb > 0)).astype(np.float32)
+        return touched.astype(np.int64), covered.astype(np.int64)
+
+    def over(self, runs: RunTable, cap: np.ndarray) -> np.ndarray:
+        held = self._blocks(runs)
+        return (self.meets_q @ (held > cap[:, None]).astype(np.float32)) > 0
 
 
 def _merged(row: np.ndarray, lo: np.ndarray, hi: np.ndarray, n_blocks: int) -> RunTable:
@@ -181,69 +302,14 @@ def _merged(row: np.ndarray, lo: np.ndarray, hi: np.ndarray, n_blocks: int) -> R
     return RunTable(row[first], lo[first], hi[last], n_blocks)
 
 
-def _tiles_of(geo: _Geometry, runs: RunTable):
-    """``(touched, covered)`` per tile ``[nqb, nkb]``: groups whose runs touch / hold it whole."""
-    t0, t1, f0, f1 = geo.spans(runs)
-    r, m = geo.rows(runs.group)
-    return geo.count(m, t0[r], t1[r]), geo.count(m, f0[r], f1[r])
-
-
-def _fixed(geo: _Geometry, runs: RunTable):
+def _fixed(geo, runs: RunTable):
     """A fixed choice as the engine takes it: ``(table, keys, states)`` of the tiles it meets."""
-    touched, covered = _tiles_of(geo, runs)
+    touched, covered = geo.cover(runs)
     touched = touched > 0
     full = covered == geo.groups_per_tile[:, None]
     keys = np.flatnonzero(touched.reshape(-1))
     state = np.where(full.reshape(-1)[keys], eng.FULL, eng.PARTIAL).astype(np.int8)
     return runs, keys, state, touched, full
-
-
-def _unboxed(geo: _Geometry, runs: RunTable, cap: np.ndarray) -> np.ndarray:
-    """Bool ``[nqb, nkb]``: some group of ``runs`` has more than ``cap[group]`` candidates in the tile.
-
-    A tile covered whole by a run holds ``bt1 - bt0`` of its blocks (no other run of the group
-    meets it); a tile a run touches in part holds the overlaps of every run of the group there.
-    """
-    t0, t1, f0, f1 = geo.spans(runs)
-    g = runs.group
-    nb = geo.bt1 - geo.bt0
-    c = cap[g]
-    over = np.zeros((geo.nqb, geo.nkb), bool)
-    # covered ranges: every tile over the cap, none, or (blocks per tile vary) tile by tile
-    whole = (c < nb.min()) if len(nb) else np.zeros(len(g), bool)
-    mixed = ~whole & (c < nb.max()) & (f0 < f1) if len(nb) else whole
-    r, m = geo.rows(g[whole])
-    idx = np.flatnonzero(whole)[r]
-    over |= geo.count(m, f0[idx], f1[idx]) > 0
-    if mixed.any():
-        sel = np.flatnonzero(mixed)
-        run, n = eng.expand_runs(sel, f0[sel], f1[sel])
-        hot = nb[n] > c[run]
-        _mark(geo, over, g[run[hot]], n[hot])
-    # ends: touched but not covered whole (at most two tiles per run)
-    first_end = np.where(f0 < f1, np.minimum(f0, t1), t1)
-    run_a = np.flatnonzero(t0 < first_end)
-    ends_r = [run_a, np.flatnonzero((f0 < f1) & (f1 < t1))]
-    ends_n = [t0[run_a], f1[ends_r[1]]]
-    if not (f0 < f1).all():
-        # a run covering no tile whole touches at most two tiles: t0 and t0 + 1
-        two = np.flatnonzero((f0 >= f1) & (t1 - t0 == 2))
-        ends_r.append(two)
-        ends_n.append(t0[two] + 1)
-    er, en = np.concatenate(ends_r), np.concatenate(ends_n)
-    if len(er):
-        overlap = np.minimum(runs.hi[er], geo.bt1[en]) - np.maximum(runs.lo[er], geo.bt0[en])
-        gn, inv = np.unique(g[er] * geo.nkb + en, return_inverse=True)
-        total = np.bincount(inv, weights=overlap).astype(np.int64)
-        hot = total > cap[gn // geo.nkb]
-        _mark(geo, over, gn[hot] // geo.nkb, gn[hot] % geo.nkb)
-    return over
-
-
-def _mark(geo: _Geometry, grid: np.ndarray, group: np.ndarray, n: np.ndarray) -> None:
-    """Set ``grid[m, n]`` for every query tile ``m`` of each ``group``."""
-    r, m = geo.rows(group)
-    grid[m, n[r]] = True
 
 
 def classify(engine: eng.Engine, node: ir.Node):
@@ -260,8 +326,8 @@ def classify(engine: eng.Engine, node: ir.Node):
 
     ((prim, signs),) = ir.polarities(node).items()
     sign = min(signs)
-    geo = _Geometry(engine, prim)
-    cand = candidates(engine, prim, geo)
+    geo = _geometry(engine, node)
+    cand = geo.candidates(engine, prim)
     n_cand = np.bincount(cand.group, weights=cand.hi - cand.lo, minlength=geo.n_q).astype(np.int64)
     take = np.minimum(prim.arg("topk"), n_cand)
     is_open = n_cand > take
@@ -292,11 +358,11 @@ def classify(engine: eng.Engine, node: ir.Node):
     m, n = keys // geo.nkb, keys % geo.nkb
     reads = cand_fix[3][m, n]
     open_runs = cand.take(run_open)
-    opened = _tiles_of(geo, open_runs)[0][m, n] > 0
+    opened = geo.cover(open_runs)[0][m, n] > 0
     # a group with more candidates in a tile than it takes cannot take them all, one with more
     # than it leaves cannot avoid them all
-    all_bad = _unboxed(geo, open_runs, take)[m[maybe], n[maybe]]
-    none_bad = _unboxed(geo, open_runs, n_cand - take)[m[maybe], n[maybe]]
+    all_bad = geo.over(open_runs, take)[m[maybe], n[maybe]]
+    none_bad = geo.over(open_runs, n_cand - take)[m[maybe], n[maybe]]
     boxed = ~(all_bad | none_bad)
     state[maybe[boxed]] = eng.DYNAMIC
     rest = maybe[~boxed]

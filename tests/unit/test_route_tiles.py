@@ -34,10 +34,11 @@ SOURCES = [
 
 def _both(p, lq, lk, block):
     node = eng.rewrite_for_plan(p.ir.default)
-    engine = eng.identity_engine(Sizes(lq, lk), 0, block)
+    sizes = Sizes(lq, lk, p.ir.layout)
+    engine = eng.identity_engine(sizes, 0, block)
     assert routetiles.usable(engine, node)
     tiles = routetiles.classify(engine, node)
-    pairs = routeplan.classify_by_pairs(eng.identity_engine(Sizes(lq, lk), 0, block), node)
+    pairs = routeplan.classify_by_pairs(eng.identity_engine(sizes, 0, block), node)
     for name in ("keys", "state", "route_mask", "open"):
         assert np.asarray(getattr(tiles, name)).tolist() == np.asarray(getattr(pairs, name)).tolist(), name
     assert tiles.unproven == pairs.unproven == 0
@@ -59,7 +60,7 @@ def test_examples_equal_pair_by_pair(file, name):
     _both(p, 256, 256, (24, 40))
 
 
-def test_grids_several_routes_and_unaligned_groups_take_the_pair_path():
+def test_several_routes_mixed_polarity_and_head_reading_candidates_take_the_pair_path():
     def usable(source, lq=64, lk=64):
         node = eng.rewrite_for_plan(patterndsl.compile(source).ir.default)
         return routetiles.usable(eng.identity_engine(Sizes(lq, lk), 0, (16, 16)), node)
@@ -68,10 +69,53 @@ def test_grids_several_routes_and_unaligned_groups_take_the_pair_path():
     assert not usable("pattern p { route(topk = 2, block = 8) | route(topk = 1, block = 4) }")
     mixed = "pattern p { (route(topk = 2, block = 8) & window(9)) | (sink(3) - route(topk = 2, block = 8)) }"
     assert not usable(mixed)
-    assert usable("pattern p { route(topk = 2, block = 8, qblock = 6) }", 40, 64)  # offset 24, a multiple of 6
-    assert not usable("pattern p { route(topk = 2, block = 8, qblock = 6) }", 42, 64)  # offset 22
-    assert not usable("pattern p { layout grid(y = 8, x = 8)\n route(topk = 2, block = (4, 4)) }")
     assert not usable("pattern p { route(topk = 2, block = 8, among = where(h == 0)) }")
+    # groups not aligned to the first query, and grids: the dense geometry
+    assert isinstance(_geometry("pattern p { route(topk = 2, block = 8, qblock = 6) }", 40), routetiles._Geometry)
+    assert isinstance(_geometry("pattern p { route(topk = 2, block = 8, qblock = 6) }", 42), routetiles._DenseGeometry)
+    grid = "pattern p { layout grid(y = 8, x = 8)\n route(topk = 2, block = (4, 4)) }"
+    assert isinstance(_geometry(grid, 64), routetiles._DenseGeometry)
+
+
+def _geometry(source, lq, lk=64):
+    p = patterndsl.compile(source)
+    node = eng.rewrite_for_plan(p.ir.default)
+    return routetiles._geometry(eng.identity_engine(Sizes(lq, lk, p.ir.layout), 0, (16, 16)), node)
+
+
+@pytest.mark.parametrize(
+    ("source", "lq", "lk", "block"),
+    [
+        (
+            "pattern p { causal & (window(5) | route(topk = 2, block = 8, qblock = 6, among = causal)) }",
+            42,
+            64,
+            (16, 8),
+        ),
+        (
+            "pattern p { layout grid(y = 8, x = 8)\n causal & route(topk = 2, block = (4, 4), among = causal) }",
+            64,
+            64,
+            (16, 8),
+        ),
+        (
+            "pattern p { layout grid(y = 6, x = 8)\n ~route(topk = 1, block = (2, 4), qblock = (3, 4)) }",
+            48,
+            48,
+            (8, 16),
+        ),
+        (
+            "pattern p { layout grid(y = 6, x = 6)\n window(3) | route(topk = 1, block = (2, 3), among = causal) }",
+            36,
+            36,
+            (6, 12),
+        ),
+    ],
+)
+def test_dense_geometry_equals_pair_by_pair(source, lq, lk, block):
+    p = patterndsl.compile(source)
+    assert isinstance(_geometry(source, lq, lk), routetiles._DenseGeometry)
+    _both(p, lq, lk, block)
 
 
 def test_run_table_reads_like_the_bool_table():
