@@ -33,8 +33,9 @@ from patterndsl import ir
 from patterndsl.analysis import engine as eng
 from patterndsl.analysis import hierarchy
 
-#: Beyond this many tiles the per-tile arrays would not fit the memory a plan may use.
-MAX_DENSE_TILES = 1 << 26
+#: Beyond this many tiles the per-tile arrays (several bytes per tile, a few of them) would not fit
+#: the memory a plan may use; such plans go pair by pair.
+MAX_DENSE_TILES = 1 << 24
 
 
 def usable(engine: eng.Engine, node: ir.Node) -> bool:
