@@ -303,6 +303,13 @@ def _merged(row: np.ndarray, lo: np.ndarray, hi: np.ndarray, n_blocks: int) -> R
     return RunTable(row[first], lo[first], hi[last], n_blocks)
 
 
+def _choice_state(geo, fix, keys: np.ndarray, sign: int) -> np.ndarray:
+    """States on tiles ``keys`` of a fixed choice (``_fixed``'s), or of its complement at ``sign`` -1."""
+    m, n = keys // geo.nkb, keys % geo.nkb
+    state = np.where(fix[3][m, n], np.where(fix[4][m, n], eng.FULL, eng.PARTIAL), eng.EMPTY).astype(np.int8)
+    return state if sign > 0 else (eng.FULL - state).astype(np.int8)
+
+
 def _fixed(geo, runs: RunTable):
     """A fixed choice as the engine takes it: ``(table, keys, states)`` of the tiles it meets."""
     touched, covered = geo.cover(runs)
@@ -335,8 +342,8 @@ def classify(engine: eng.Engine, node: ir.Node):
     run_open = is_open[cand.group]
     cand_fix = _fixed(geo, cand)
     forced_fix = _fixed(geo, cand.take(~run_open))
-    low_fix = {prim: (forced_fix if sign > 0 else cand_fix)[:3]}
-    up_fix = {prim: (cand_fix if sign > 0 else forced_fix)[:3]}
+    low_fix = {prim: forced_fix if sign > 0 else cand_fix}
+    up_fix = {prim: cand_fix if sign > 0 else forced_fix}
     rewrite = eng.rewrite_for_plan
     # The static bounds (the route as empty / full by polarity) settle a tile for every choice
     # where they agree (a tile some pair of the lower bound holds and the upper one does not fill
@@ -345,15 +352,21 @@ def classify(engine: eng.Engine, node: ir.Node):
     s_keys, s_up = engine.run(rewrite(ir.route_bound(node, False)))
     s_low = routeplan._states_on(s_keys, *engine.run(rewrite(ir.route_bound(node, True)), s_keys))
     settled = s_low == s_up
+    # Where the static bounds are empty and full the pattern is the route itself (or its
+    # complement, at -1): each bound's state is its fixed choice's, no engine pass needed.
+    alone = ~settled & (s_low == eng.EMPTY) & (s_up == eng.FULL)
+    other = ~settled & ~alone
     lower, upper = rewrite(ir.route_bound(node, True, ())), rewrite(ir.route_bound(node, False, ()))
-    keys, up = engine.fixing(up_fix).run(upper, s_keys[~settled])
-    k2, s2 = engine.fixing(low_fix).run(lower, keys)
-    low = routeplan._states_on(keys, k2, s2)
-    keys = np.concatenate([keys, s_keys[settled]])
+    k_o, up_o = engine.fixing({prim: up_fix[prim][:3]}).run(upper, s_keys[other])
+    low_o = routeplan._states_on(k_o, *engine.fixing({prim: low_fix[prim][:3]}).run(lower, k_o))
+    k_a = s_keys[alone]
+    up_a, low_a = _choice_state(geo, up_fix[prim], k_a, sign), _choice_state(geo, low_fix[prim], k_a, sign)
+    k_a, up_a, low_a = k_a[up_a > 0], up_a[up_a > 0], low_a[up_a > 0]
+    keys = np.concatenate([k_o, k_a, s_keys[settled]])
     order = np.argsort(keys, kind="stable")
     keys = keys[order]
-    up = np.concatenate([up, s_up[settled]])[order]
-    low = np.concatenate([low, s_up[settled]])[order]
+    up = np.concatenate([up_o, up_a, s_up[settled]])[order]
+    low = np.concatenate([low_o, low_a, s_up[settled]])[order]
     state = up.copy()
     maybe = np.flatnonzero(low != up)
     m, n = keys // geo.nkb, keys % geo.nkb
