@@ -303,6 +303,57 @@ def _merged(row: np.ndarray, lo: np.ndarray, hi: np.ndarray, n_blocks: int) -> R
     return RunTable(row[first], lo[first], hi[last], n_blocks)
 
 
+def _cells(engine: eng.Engine, geo, keys: np.ndarray):
+    """The (group x block) cells of tiles ``keys`` when they nest in the tiles (1-D), else None.
+
+    Returns:
+        ``(sub, tile, a, b)``: the engine on ``qblock x block`` tiles, and per cell (sorted by
+        cell key ``a * n_k + b``) its tile's index in ``keys``, its group and block.
+    """
+    if not isinstance(geo, _Geometry) or engine.q.block % geo.qblock or engine.k.block % geo.block:
+        return None
+    per_q, per_k = engine.q.block // geo.qblock, engine.k.block // geo.block
+    m, n = keys // geo.nkb, keys % geo.nkb
+    rows, ga = eng.expand_runs(np.arange(len(keys)), m * per_q, np.minimum((m + 1) * per_q, geo.n_q))
+    at, b = eng.expand_runs(np.arange(len(rows)), n[rows] * per_k, np.minimum((n[rows] + 1) * per_k, geo.n_k))
+    tile, a = rows[at], ga[at]
+    sub = eng.identity_engine(engine.ctx, engine.env.head, (geo.qblock, geo.block))
+    sub = eng.Engine(sub.q, sub.k, engine.env, tally=engine.tally)
+    order = np.argsort(a * geo.n_k + b, kind="stable")
+    return sub, tile[order], a[order], b[order]
+
+
+def _cell_states(engine: eng.Engine, node: ir.Node, cells):
+    """``(lower, upper)`` states on each cell of the static bounds (the route as empty / full)."""
+    sub, _, a, b = cells
+    keys = a * sub.nkb + b
+    rewrite = eng.rewrite_for_plan
+    low = routeplan_states(sub, rewrite(ir.route_bound(node, True)), keys)
+    up = routeplan_states(sub, rewrite(ir.route_bound(node, False)), keys)
+    return low, up
+
+
+def routeplan_states(engine: eng.Engine, node: ir.Node, keys: np.ndarray) -> np.ndarray:
+    """States of a static ``node`` on the sorted tiles ``keys`` (0 where empty)."""
+    from patterndsl.analysis import routeplan
+
+    return routeplan._states_on(keys, *engine.run(node, keys))
+
+
+def _tile_from_cells(cells, s_cells, table: RunTable, sign: int, n_tiles: int) -> np.ndarray:
+    """Per tile, the pattern's state with the route fixed to ``table``: on each cell the route is
+    all or nothing, so the pattern there is the static upper bound (route chosen, at +1) or the
+    lower one."""
+    _, tile, a, b = cells
+    low, up = s_cells
+    chosen = table[torch.from_numpy(a), torch.from_numpy(b)].numpy()
+    state = np.where(chosen == (sign > 0), up, low)
+    cells_in = np.bincount(tile, minlength=n_tiles)
+    full = np.bincount(tile, weights=state == eng.FULL, minlength=n_tiles) == cells_in
+    some = np.bincount(tile, weights=state > eng.EMPTY, minlength=n_tiles) > 0
+    return np.where(full, eng.FULL, np.where(some, eng.PARTIAL, eng.EMPTY)).astype(np.int8)
+
+
 def _choice_state(geo, fix, keys: np.ndarray, sign: int) -> np.ndarray:
     """States on tiles ``keys`` of a fixed choice (``_fixed``'s), or of its complement at ``sign`` -1."""
     m, n = keys // geo.nkb, keys % geo.nkb
@@ -357,8 +408,17 @@ def classify(engine: eng.Engine, node: ir.Node):
     alone = ~settled & (s_low == eng.EMPTY) & (s_up == eng.FULL)
     other = ~settled & ~alone
     lower, upper = rewrite(ir.route_bound(node, True, ())), rewrite(ir.route_bound(node, False, ()))
-    k_o, up_o = engine.fixing({prim: up_fix[prim][:3]}).run(upper, s_keys[other])
-    low_o = routeplan._states_on(k_o, *engine.fixing({prim: low_fix[prim][:3]}).run(lower, k_o))
+    cells = _cells(engine, geo, s_keys[other])
+    if cells is not None:
+        # groups and blocks nest in tiles: each bound from the static bounds on its cells
+        k_o = s_keys[other]
+        s_cells = _cell_states(engine, node, cells)
+        up_o = _tile_from_cells(cells, s_cells, up_fix[prim][0], sign, len(k_o))
+        low_o = _tile_from_cells(cells, s_cells, low_fix[prim][0], sign, len(k_o))
+        k_o, up_o, low_o = k_o[up_o > 0], up_o[up_o > 0], low_o[up_o > 0]
+    else:
+        k_o, up_o = engine.fixing({prim: up_fix[prim][:3]}).run(upper, s_keys[other])
+        low_o = routeplan._states_on(k_o, *engine.fixing({prim: low_fix[prim][:3]}).run(lower, k_o))
     k_a = s_keys[alone]
     up_a, low_a = _choice_state(geo, up_fix[prim], k_a, sign), _choice_state(geo, low_fix[prim], k_a, sign)
     k_a, up_a, low_a = k_a[up_a > 0], up_a[up_a > 0], low_a[up_a > 0]

@@ -153,3 +153,37 @@ def test_route_alone_on_grids_matches_the_oracle(src, length, bm, bn):
     from tests.unit.test_plan_route import _check_plan
 
     _check_plan(src, length, length, bm, bn)
+
+
+@pytest.mark.parametrize(
+    ("source", "lq", "lk", "block"),
+    [
+        (
+            "pattern p { causal & (where(q // 8 - k // 8 <= 1) | route(2, block = 8, qblock = 1, among = causal)) }",
+            96,
+            96,
+            (16, 16),
+        ),
+        (
+            "pattern p { causal - (window(5) & route(topk = 1, block = 12, qblock = 4, among = causal)) }",
+            72,
+            96,
+            (8, 24),
+        ),
+        (
+            "pattern p { (sink(4) | window(6)) & route(topk = 3, block = 6, qblock = 2, among = causal - window(6)) }",
+            60,
+            60,
+            (12, 12),
+        ),
+    ],
+)
+def test_cells_nested_in_tiles_equal_pair_by_pair(source, lq, lk, block):
+    # groups and blocks nest in the tiles: tiles with a static part and the route both partial
+    # are decided from the static bounds on their (group x block) cells
+    p = patterndsl.compile(source)
+    node = eng.rewrite_for_plan(p.ir.default)
+    engine = eng.identity_engine(Sizes(lq, lk), 0, block)
+    geo = routetiles._geometry(engine, node)
+    assert routetiles._cells(engine, geo, np.arange(3, dtype=np.int64)) is not None
+    _both(p, lq, lk, block)
