@@ -83,38 +83,65 @@ def _geometry(source, lq, lk=64):
     return routetiles._geometry(eng.identity_engine(Sizes(lq, lk, p.ir.layout), 0, (16, 16)), node)
 
 
-@pytest.mark.parametrize(
-    ("source", "lq", "lk", "block"),
-    [
-        (
-            "pattern p { causal & (window(5) | route(topk = 2, block = 8, qblock = 6, among = causal)) }",
-            42,
-            64,
-            (16, 8),
-        ),
-        (
-            "pattern p { layout grid(y = 8, x = 8)\n causal & route(topk = 2, block = (4, 4), among = causal) }",
-            64,
-            64,
-            (16, 8),
-        ),
-        (
-            "pattern p { layout grid(y = 6, x = 8)\n ~route(topk = 1, block = (2, 4), qblock = (3, 4)) }",
-            48,
-            48,
-            (8, 16),
-        ),
-        (
-            "pattern p { layout grid(y = 6, x = 6)\n window(3) | route(topk = 1, block = (2, 3), among = causal) }",
-            36,
-            36,
-            (6, 12),
-        ),
-    ],
-)
-def test_dense_geometry_equals_pair_by_pair(source, lq, lk, block):
+#: (source, lq, lk, tiles): grids and unaligned groups (dense geometry), then groups and blocks
+#: nesting in the tiles (tiles where a static part and the route are both partial are decided
+#: from the static bounds on their (group x block) cells)
+GEOMETRY_CASES = [
+    (
+        "pattern p { causal & (window(5) | route(topk = 2, block = 8, qblock = 6, among = causal)) }",
+        42,
+        64,
+        (16, 8),
+    ),
+    (
+        "pattern p { layout grid(y = 8, x = 8)\n causal & route(topk = 2, block = (4, 4), among = causal) }",
+        64,
+        64,
+        (16, 8),
+    ),
+    (
+        "pattern p { layout grid(y = 6, x = 8)\n ~route(topk = 1, block = (2, 4), qblock = (3, 4)) }",
+        48,
+        48,
+        (8, 16),
+    ),
+    (
+        "pattern p { layout grid(y = 6, x = 6)\n window(3) | route(topk = 1, block = (2, 3), among = causal) }",
+        36,
+        36,
+        (6, 12),
+    ),
+    (
+        "pattern p { causal & (where(q // 8 - k // 8 <= 1) | route(2, block = 8, qblock = 1, among = causal)) }",
+        96,
+        96,
+        (16, 16),
+    ),
+    (
+        "pattern p { causal - (window(5) & route(topk = 1, block = 12, qblock = 4, among = causal)) }",
+        72,
+        96,
+        (8, 24),
+    ),
+    (
+        "pattern p { (sink(4) | window(6)) & route(topk = 3, block = 6, qblock = 2, among = causal - window(6)) }",
+        60,
+        60,
+        (12, 12),
+    ),
+]
+
+
+@pytest.mark.parametrize(("source", "lq", "lk", "block"), GEOMETRY_CASES)
+def test_geometries_equal_pair_by_pair(source, lq, lk, block):
     p = patterndsl.compile(source)
-    assert isinstance(_geometry(source, lq, lk), routetiles._DenseGeometry)
+    node = eng.rewrite_for_plan(p.ir.default)
+    engine = eng.identity_engine(Sizes(lq, lk, p.ir.layout), 0, block)
+    geo = routetiles._geometry(engine, node)
+    if p.ir.layout is not None or lq == 42:
+        assert isinstance(geo, routetiles._DenseGeometry)
+    else:
+        assert routetiles._cells(engine, geo, np.arange(3, dtype=np.int64)) is not None
     _both(p, lq, lk, block)
 
 
@@ -153,37 +180,3 @@ def test_route_alone_on_grids_matches_the_oracle(src, length, bm, bn):
     from tests.unit.test_plan_route import _check_plan
 
     _check_plan(src, length, length, bm, bn)
-
-
-@pytest.mark.parametrize(
-    ("source", "lq", "lk", "block"),
-    [
-        (
-            "pattern p { causal & (where(q // 8 - k // 8 <= 1) | route(2, block = 8, qblock = 1, among = causal)) }",
-            96,
-            96,
-            (16, 16),
-        ),
-        (
-            "pattern p { causal - (window(5) & route(topk = 1, block = 12, qblock = 4, among = causal)) }",
-            72,
-            96,
-            (8, 24),
-        ),
-        (
-            "pattern p { (sink(4) | window(6)) & route(topk = 3, block = 6, qblock = 2, among = causal - window(6)) }",
-            60,
-            60,
-            (12, 12),
-        ),
-    ],
-)
-def test_cells_nested_in_tiles_equal_pair_by_pair(source, lq, lk, block):
-    # groups and blocks nest in the tiles: tiles with a static part and the route both partial
-    # are decided from the static bounds on their (group x block) cells
-    p = patterndsl.compile(source)
-    node = eng.rewrite_for_plan(p.ir.default)
-    engine = eng.identity_engine(Sizes(lq, lk), 0, block)
-    geo = routetiles._geometry(engine, node)
-    assert routetiles._cells(engine, geo, np.arange(3, dtype=np.int64)) is not None
-    _both(p, lq, lk, block)
