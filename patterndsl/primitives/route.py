@@ -55,6 +55,7 @@ def _meaning(prim, q, k, h, ctx, selection) -> torch.Tensor:
     # then one broadcast lookup in the table
     ic, kc = i.clamp(0, ctx.q_len - 1), k.clamp(0, ctx.kv_len - 1)
     block, qblock = prim.arg("block"), prim.arg("qblock")
+    qblock = block if qblock is None else qblock
     if isinstance(block, int) and isinstance(qblock, int):
         # 1-D: the formulas of semantics.route_blocks, without its tables of every position
         a = torch.div(ic + ctx.offset, qblock, rounding_mode="floor") - ctx.offset // qblock
