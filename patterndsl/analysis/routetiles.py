@@ -85,11 +85,14 @@ class RunTable:
 
     def __init__(self, group: np.ndarray, lo: np.ndarray, hi: np.ndarray, n_blocks: int):
         self.group, self.lo, self.hi, self.n_blocks = group, lo, hi, n_blocks
+        self.source = None
         self._lookup = None
 
     def take(self, keep: np.ndarray) -> RunTable:
-        """The runs where ``keep`` is True."""
-        return RunTable(self.group[keep], self.lo[keep], self.hi[keep], self.n_blocks)
+        """The runs where ``keep`` is True (whole groups: ``source`` names the table they came from)."""
+        out = RunTable(self.group[keep], self.lo[keep], self.hi[keep], self.n_blocks)
+        out.source = self
+        return out
 
     def to(self, device) -> RunTable:
         return self
@@ -235,22 +238,25 @@ class _Geometry:
 
 
 class _DenseGeometry:
-    """Groups and blocks of any shape (grid boxes): one row per group over key tiles, as matrices.
+    """Groups and blocks of any shape (grid boxes): one row per group over key tiles.
 
-    ``meets_q[m, a]`` (group ``a`` meets query tile ``m``) and ``meets_k[b, n]`` (block ``b`` meets
-    key tile ``n``); a choice's blocks per (group, key tile) are ``chosen @ meets_k`` and its
-    groups per tile ``meets_q @ (...)`` (float32 products of 0/1 matrices: exact counts).
+    From the incidences (query tile, group) and (block, key tile): a choice's blocks per
+    (group, key tile) are sums of its bool ``[groups, blocks]`` table over each key tile's blocks,
+    and per tile the groups of its query tile are summed the same way (``np.add.reduceat``).
     """
 
-    #: Largest matrix (entries) built; beyond it the pair-by-pair plan is used.
+    #: Largest (groups x blocks) or (groups x key tiles) table built; beyond it the pair-by-pair plan is used.
     MAX_ENTRIES = 1 << 23
 
-    def __init__(self, n_q, n_k, meets_q, meets_k):
-        self.n_q, self.n_k = n_q, n_k
-        self.meets_q, self.meets_k = meets_q, meets_k
-        self.nqb, self.nkb = meets_q.shape[0], meets_k.shape[1]
-        self.nb = meets_k.sum(0)
-        self.groups_per_tile = meets_q.sum(1).astype(np.int64)
+    def __init__(self, n_q, n_k, q_pairs, k_pairs, nqb, nkb):
+        self.n_q, self.n_k, self.nqb, self.nkb = n_q, n_k, nqb, nkb
+        (qm, self.qa), (self.kb, kn) = q_pairs, k_pairs
+        self.q_starts = np.searchsorted(qm, np.arange(nqb))
+        self.k_starts = np.searchsorted(kn, np.arange(nkb))
+        self.nb = np.bincount(kn, minlength=nkb)
+        self.groups_per_tile = np.bincount(qm, minlength=nqb).astype(np.int64)
+        self._count = np.uint8 if max(self.nb.max(), self.groups_per_tile.max()) < 255 else np.int32
+        self._held = None  # (candidate table, its blocks per group and key tile)
 
     @classmethod
     def build(cls, engine: eng.Engine, prim: ir.Prim):
@@ -258,15 +264,13 @@ class _DenseGeometry:
 
         n_q, n_k, qgroup, kblock = semantics.route_blocks(prim, engine.ctx)
         nqb, nkb = engine.nqb, engine.nkb
-        if max(n_q * n_k, n_k * nkb, nqb * n_q, n_q * nkb) > cls.MAX_ENTRIES:
+        if max(n_q * n_k, n_q * nkb) > cls.MAX_ENTRIES:
             return None
-        meets_q = np.zeros((nqb, n_q), np.float32)
         qtile = np.searchsorted(engine.q.starts, np.arange(engine.ctx.q_len), "right") - 1
-        meets_q[qtile, qgroup.numpy()] = 1
-        meets_k = np.zeros((n_k, nkb), np.float32)
         ktile = np.searchsorted(engine.k.starts, np.arange(engine.ctx.kv_len), "right") - 1
-        meets_k[kblock.numpy(), ktile] = 1
-        return cls(n_q, n_k, meets_q, meets_k)
+        q_pairs = np.unique(qtile * n_q + qgroup.numpy())  # sorted by query tile
+        k_pairs = np.unique(ktile * n_k + kblock.numpy())  # sorted by key tile
+        return cls(n_q, n_k, (q_pairs // n_q, q_pairs % n_q), (k_pairs % n_k, k_pairs // n_k), nqb, nkb)
 
     def candidates(self, engine: eng.Engine, prim: ir.Prim) -> RunTable:
         """The candidate pairs of ``among``'s coarse plan (:meth:`Engine.route_candidates`) as runs."""
@@ -275,27 +279,43 @@ class _DenseGeometry:
         return _merged(a, b, b + 1, self.n_k)
 
     def _blocks(self, runs: RunTable) -> np.ndarray:
-        """``[n_q, nkb]``: blocks of ``runs`` each group has in each key tile."""
-        chosen = np.zeros((self.n_q, self.n_k), np.float32)
+        """``[n_q, nkb]``: blocks of ``runs`` each group has in each key tile.
+
+        A table whose groups keep all their runs of the first table asked about (the candidates:
+        forced and open groups are such) reuses its counts, rows of other groups zeroed.
+        """
+        if self._held is not None and runs.source is self._held[0]:
+            rows = np.zeros(self.n_q, self._count)
+            rows[runs.group] = 1
+            return self._held[1] * rows[:, None]
+        chosen = np.zeros((self.n_k, self.n_q), self._count)  # block-major: the sums run over rows
         r, b = eng.expand_runs(np.arange(len(runs.group)), runs.lo, runs.hi)
-        chosen[runs.group[r], b] = 1
-        return chosen @ self.meets_k
+        chosen[b, runs.group[r]] = 1
+        held = np.ascontiguousarray(np.add.reduceat(chosen[self.kb], self.k_starts, axis=0).T)
+        if self._held is None:
+            self._held = (runs, held)
+        return held
+
+    def _per_tile(self, per_group: np.ndarray) -> np.ndarray:
+        """``[nqb, nkb]``: sums over the groups of each query tile of a ``[n_q, nkb]`` 0/1 table."""
+        return np.add.reduceat(per_group.astype(self._count)[self.qa], self.q_starts, axis=0).astype(np.int64)
 
     def cover(self, runs: RunTable):
         held = self._blocks(runs)
-        touched = self.meets_q @ (held > 0).astype(np.float32)
-        covered = self.meets_q @ ((held == self.nb) & (self.nb > 0)).astype(np.float32)
-        return touched.astype(np.int64), covered.astype(np.int64)
+        return self._per_tile(held > 0), self._per_tile(held == self.nb)
 
     def over(self, runs: RunTable, cap: np.ndarray) -> np.ndarray:
-        held = self._blocks(runs)
-        return (self.meets_q @ (held > cap[:, None]).astype(np.float32)) > 0
+        return self._per_tile(self._blocks(runs) > cap[:, None]) > 0
 
 
 def _merged(row: np.ndarray, lo: np.ndarray, hi: np.ndarray, n_blocks: int) -> RunTable:
     """Disjoint runs ``(row, [lo, hi))`` (in any order) merged where they touch, sorted."""
-    order = np.lexsort((lo, row))
-    row, lo, hi = row[order], lo[order], hi[order]
+    if not len(row):
+        return RunTable(row, lo, hi, n_blocks)
+    key = row * n_blocks + lo
+    if len(key) > 1 and not (key[1:] > key[:-1]).all():
+        order = np.argsort(key, kind="stable")
+        row, lo, hi = row[order], lo[order], hi[order]
     new = np.ones(len(row), bool)
     new[1:] = (row[1:] != row[:-1]) | (lo[1:] != hi[:-1])
     first = np.flatnonzero(new)

@@ -29,6 +29,8 @@ SOURCES = [
     "pattern p { causal & ~route(topk = 1, block = 96, qblock = 4) }",
     "pattern p { causal & (blocks(100) | route(topk = 1, block = 100, qblock = 1, among = causal - blocks(100))) }",
     "pattern p { sink(5) | route(topk = 4, block = 7, qblock = 2, among = causal & ~window(9)) }",
+    # no candidates at all
+    "pattern p { causal | route(topk = 1, block = 64, among = where(k > 1000)) }",
 ]
 
 
