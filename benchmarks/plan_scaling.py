@@ -50,6 +50,8 @@ WARM_UP = (
     "pattern w { causal & (window(7, dilation = 2) | sink(4) | strided(9)) & ~blocks(5) }",
     "pattern w { where(abs(q // 64 - k // 64) <= 1 or q < 9) | global(64) | random(3, 64, 0) | summary(64, 2) }",
     "pattern w { layout grid(y = 64, x = 64)\n neighborhood(5) | where(k.x // 8 == q.x // 8) }",
+    "pattern w { causal & (window(7) | route(topk = 2, block = 16, qblock = 1, among = causal - window(7))) }",
+    "pattern w { layout grid(y = 64, x = 64)\n route(topk = 2, block = (8, 8)) }",
 )
 
 #: Grid examples: their layout parameters on a grid of 16K tokens (scaled by doubling the

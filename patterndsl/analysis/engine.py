@@ -529,6 +529,7 @@ class Engine:
             return out
         if ir.is_dynamic(node):
             self.tally.spend(len(keys), self.q.block * self.k.block)
+            self.tally.elements += len(keys) * self.q.block * self.k.block
             for part, i, j, valid in self.chunks(keys):
                 val = semantics.evaluate(node, i, j, self.env.head, self.ctx, selection)
                 anyv = (val & valid).flatten(1).any(1)
@@ -877,7 +878,11 @@ class Engine:
             return {}
         if self.fixed is None or any(p not in self.fixed for p in routes):
             return None
-        return {p: PairTable(self.fixed[p][0], self.route_candidates(p)[2]) for p in routes}
+        # a fixed choice is sorted pair keys, or already a table (routetiles.RunTable)
+        return {
+            p: PairTable(c, self.route_candidates(p)[2]) if isinstance(c := self.fixed[p][0], np.ndarray) else c
+            for p in routes
+        }
 
     def choice_tiles(self, prim: ir.Prim, tkeys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """States of the tiles a fixed choice meets, from its incidence (``keys`` of :meth:`route_incidence`).

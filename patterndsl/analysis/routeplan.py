@@ -97,6 +97,15 @@ def classify(engine: eng.Engine, node: ir.Node) -> RoutedTiles:
     Returns:
         The :class:`RoutedTiles`.
     """
+    from patterndsl.analysis import routetiles
+
+    if routetiles.usable(engine, node):
+        return routetiles.classify(engine, node)
+    return classify_by_pairs(engine, node)
+
+
+def classify_by_pairs(engine: eng.Engine, node: ir.Node) -> RoutedTiles:
+    """:func:`classify` from the candidate pairs one by one: any route pattern (grids, several routes)."""
     pol = ir.polarities(node)
     facts = {p: RouteFacts(engine, p) for p in pol}
     mixed = {p for p, signs in pol.items() if len(signs) > 1}
@@ -136,13 +145,61 @@ def classify(engine: eng.Engine, node: ir.Node) -> RoutedTiles:
     if len(rest):
         if len(facts) == 1 and not mixed:
             ((p, f),) = facts.items()
-            state[rest] = _exact(engine, node, p, f, min(pol[p]), keys[rest], low_fix, up_fix)
+            sign = min(pol[p])
+            alone = _route_alone(engine, node, keys[rest])
+            if alone.any():
+                at = rest[alone]
+                state[at] = _alone_states(
+                    engine, p, f, sign, keys[at], opened[at], incidence[p], cand_fix[p], forced_fix[p]
+                )
+            rest = rest[~alone]
+            sel_lo = {p: eng.PairTable(low_fix[p][0], f.n_k)}
+            sel_up = {p: eng.PairTable(up_fix[p][0], f.n_k)}
+            state[rest] = exact_states(engine, node, f, sign, keys[rest], sel_lo, sel_up)
         else:
             state[rest] = eng.DYNAMIC
             unproven = len(rest)
     keep = state > 0
     route_mask = (reads & (state != eng.FULL))[keep]
     return RoutedTiles(keys[keep], state[keep], route_mask, opened[keep], unproven, forced_fix)
+
+
+def _route_alone(engine: eng.Engine, node: ir.Node, keys: np.ndarray) -> np.ndarray:
+    """Per tile: the static bounds (the route as empty / full) are empty and full there, so the
+    pattern is the route itself (or its complement) on the tile."""
+    rewrite = eng.rewrite_for_plan
+    up = _states_on(keys, *engine.run(rewrite(ir.route_bound(node, False)), keys))
+    low = _states_on(keys, *engine.run(rewrite(ir.route_bound(node, True)), keys))
+    return (low == eng.EMPTY) & (up == eng.FULL)
+
+
+def _alone_states(engine, prim, f: RouteFacts, sign, keys, opened, incidence, cand_fix, forced_fix) -> np.ndarray:
+    """:func:`exact_states` on tiles where the pattern is the route alone, from the incidence's counts.
+
+    The elements the choice switches there are the cells of the open groups' candidates, so a
+    group's blocks holding them are its open candidates meeting the tile.
+    """
+    owner, tk, is_open = incidence
+    at = _positions(keys, tk)
+    sel = (at >= 0) & is_open
+    a = f.cand[owner[sel]] // f.n_k
+    t = at[sel]
+    # candidate blocks of each (tile, group): each (pair, tile) is listed once
+    tg, act = np.unique(t * f.n_q + a, return_counts=True)
+    tt, g = tg // f.n_q, tg % f.n_q
+    all_ok = np.ones(len(keys), bool)
+    none_ok = np.ones(len(keys), bool)
+    np.logical_and.at(all_ok, tt, act <= f.take[g])
+    np.logical_and.at(none_ok, tt, f.n_cand[g] - act >= f.take[g])
+    lo_fix, hi_fix = (forced_fix, cand_fix) if sign > 0 else (cand_fix, forced_fix)
+    lo_at, hi_at = _positions(lo_fix[1], keys), _positions(hi_fix[1], keys)
+    if sign > 0:  # the lower bound's route meets the tile; the upper one fills it
+        fixed_on = lo_at >= 0
+        hi_full = (hi_at >= 0) & (hi_fix[2][hi_at] == eng.FULL)
+    else:  # the lower bound's complement meets it (the route does not fill it); the upper one's is full
+        fixed_on = ~((lo_at >= 0) & (lo_fix[2][lo_at] == eng.FULL))
+        hi_full = hi_at < 0
+    return states_from_counts(sign, fixed_on, hi_full, opened, all_ok, none_ok)
 
 
 def _positions(sorted_keys: np.ndarray, values: np.ndarray) -> np.ndarray:
@@ -181,8 +238,12 @@ def _box(engine: eng.Engine, prim, f: RouteFacts, owner, tkeys, maybe: np.ndarra
     return out
 
 
-def _exact(engine: eng.Engine, node, prim, f: RouteFacts, sign: int, keys, low_fix, up_fix) -> np.ndarray:
+def exact_states(engine: eng.Engine, node, f, sign: int, keys, sel_lo, sel_up) -> np.ndarray:
     """Exact states of tiles ``keys`` when the pattern has one route, of one polarity, from their elements.
+
+    ``f`` holds the route's ``n_q``, ``n_k``, ``qgroup``, ``kblock``, ``n_cand`` and ``take`` (a
+    :class:`RouteFacts`); ``sel_lo`` / ``sel_up`` are the lower / upper bound's fixed choices as
+    :func:`patterndsl.semantics.evaluate` takes a selection.
 
     On such a tile an element the two bounds disagree on is allowed exactly when its pair is
     chosen (``sign`` +1) or not chosen (-1); elements the bounds agree on are fixed. Per group,
@@ -190,8 +251,7 @@ def _exact(engine: eng.Engine, node, prim, f: RouteFacts, sign: int, keys, low_f
     when every group can choose (or avoid) all of its ``act`` blocks within its ``k_a`` picks.
     """
     engine.tally.evaluated += 2 * len(keys)
-    sel_lo = {prim: eng.PairTable(low_fix[prim][0], f.n_k)}
-    sel_up = {prim: eng.PairTable(up_fix[prim][0], f.n_k)}
+    engine.tally.elements += 2 * len(keys) * engine.q.block * engine.k.block
     out = np.zeros(len(keys), np.int8)
     qgroup, kblock = torch.from_numpy(f.qgroup), torch.from_numpy(f.kblock)
     for part, i, j, valid in engine.chunks(keys):
@@ -214,13 +274,26 @@ def _exact(engine: eng.Engine, node, prim, f: RouteFacts, sign: int, keys, low_f
         np.logical_and.at(all_ok, tt, can_all)
         np.logical_and.at(none_ok, tt, can_none)
         switching = np.bincount(tt, minlength=width) > 0
-        if sign > 0:  # allowed when chosen
-            can_empty, can_full = ~fixed_on & none_ok, hi_full & all_ok
-        else:  # allowed when not chosen
-            can_empty, can_full = ~fixed_on & all_ok, hi_full & none_ok
-        always_full = hi_full & ~switching
-        can_nonempty = fixed_on | switching
-        least = np.where(can_empty, eng.EMPTY, np.where(always_full, eng.FULL, eng.PARTIAL))
-        most = np.where(can_full, eng.FULL, np.where(can_nonempty, eng.PARTIAL, eng.EMPTY))
-        out[part] = np.where(least == most, least, eng.DYNAMIC)
+        out[part] = states_from_counts(sign, fixed_on, hi_full, switching, all_ok, none_ok)
     return out
+
+
+def states_from_counts(sign: int, fixed_on, hi_full, switching, all_ok, none_ok) -> np.ndarray:
+    """Per tile, the state every choice gives it, or 3 (see :func:`exact_states`).
+
+    Args:
+        sign: the route's polarity.
+        fixed_on: bool, the lower bound allows some pair of the tile.
+        hi_full: bool, the upper bound allows every pair.
+        switching: bool, some element of the tile changes with the choice.
+        all_ok / none_ok: bool, every group can choose / avoid all its blocks holding such elements.
+    """
+    if sign > 0:  # allowed when chosen
+        can_empty, can_full = ~fixed_on & none_ok, hi_full & all_ok
+    else:  # allowed when not chosen
+        can_empty, can_full = ~fixed_on & all_ok, hi_full & none_ok
+    always_full = hi_full & ~switching
+    can_nonempty = fixed_on | switching
+    least = np.where(can_empty, eng.EMPTY, np.where(always_full, eng.FULL, eng.PARTIAL))
+    most = np.where(can_full, eng.FULL, np.where(can_nonempty, eng.PARTIAL, eng.EMPTY))
+    return np.where(least == most, least, eng.DYNAMIC).astype(np.int8)

@@ -49,15 +49,21 @@ def _meaning(prim, q, k, h, ctx, selection) -> torch.Tensor:
             "route(...) is chosen from the data: pass q= and k= (the attention inputs) to compute its mask",
             prim.span,
         )
-    _, _, qgroup, kblock = sem.route_blocks(prim, ctx)
     sel = selection[prim].to(q.device)
-    qgroup, kblock = qgroup.to(q.device), kblock.to(q.device)
     i = q - ctx.offset
-    qi, kj = torch.broadcast_tensors(i, k)
-    inside = (qi >= 0) & (qi < ctx.q_len) & (kj >= 0) & (kj < ctx.kv_len)
-    a = qgroup[qi.clamp(0, ctx.q_len - 1)]
-    b = kblock[kj.clamp(0, ctx.kv_len - 1)]
-    return sel[a, b] & inside
+    # groups and blocks found on each side's own shape (rows [.., BM, 1], keys [.., 1, BN]),
+    # then one broadcast lookup in the table
+    ic, kc = i.clamp(0, ctx.q_len - 1), k.clamp(0, ctx.kv_len - 1)
+    block, qblock = prim.arg("block"), prim.arg("qblock")
+    qblock = block if qblock is None else qblock
+    if isinstance(block, int) and isinstance(qblock, int):
+        # 1-D: the formulas of semantics.route_blocks, without its tables of every position
+        a = torch.div(ic + ctx.offset, qblock, rounding_mode="floor") - ctx.offset // qblock
+        b = torch.div(kc, block, rounding_mode="floor")
+    else:
+        _, _, qgroup, kblock = sem.route_blocks(prim, ctx)
+        a, b = qgroup.to(q.device)[ic], kblock.to(q.device)[kc]
+    return sel[a, b] & ((i >= 0) & (i < ctx.q_len)) & ((k >= 0) & (k < ctx.kv_len))
 
 
 ROUTE = register(
