@@ -74,21 +74,39 @@ def _representable(q_len, kv_len, heads, bm: int, bn: int) -> None:
             raise PatternValueError(f"{nqb} x {nkb} tiles are beyond what a block plan represents (< 2**62)")
 
 
+#: Head groups a plan holds where ``heads`` lines read ``h`` (one group, planned alone, per such head).
+MAX_HEAD_GROUPS = 1 << 8
+
+
 def _head_groups(pir: ir.PatternIR, heads: int) -> tuple[list[tuple[ir.Node, list[int]]], list[int]]:
+    """Heads grouped by their pattern: work follows the ``heads`` lines, one group per head only where ``h`` is read."""
+    from patterndsl.semantics import head_segments
+
+    segments = head_segments(pir, heads)
+    per_head = sum(hi - lo for lo, hi, node in segments if ir.uses_head(node))
+    if per_head > MAX_HEAD_GROUPS:
+        lines = ", ".join(f"{lo}..{hi}" for lo, hi, node in segments if ir.uses_head(node))
+        span = next((r.span for r in pir.heads if r.lo < heads and ir.uses_head(r.node)), pir.span)
+        raise HeadsError(
+            f"heads {lines} read h: {per_head:,} heads planned one by one, more than a block plan holds "
+            f"({MAX_HEAD_GROUPS:,}); use fewer heads",
+            span,
+        )
     groups: list[tuple[ir.Node, list[int]]] = []
     index: dict = {}
-    head_group = []
-    for h in range(heads):
-        node = pir.node_for_head(h)
-        if node is None:
-            raise HeadsError(f"head {h} is not covered by any 'heads' line and the pattern has no default", pir.span)
-        key = (node, h) if ir.uses_head(node) else node
-        if key not in index:
-            index[key] = len(groups)
+    group_of = np.empty(heads, np.int64)
+    for lo, hi, node in segments:
+        if ir.uses_head(node):
+            for h in range(lo, hi):
+                group_of[h] = len(groups)
+                groups.append((node, [h]))
+            continue
+        if node not in index:
+            index[node] = len(groups)
             groups.append((node, []))
-        groups[index[key]][1].append(h)
-        head_group.append(index[key])
-    return groups, head_group
+        groups[index[node]][1].extend(range(lo, hi))
+        group_of[lo:hi] = index[node]
+    return groups, group_of.tolist()
 
 
 @dataclass(frozen=True)
