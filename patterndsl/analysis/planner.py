@@ -46,9 +46,11 @@ def _validate(block, order) -> tuple[int, int]:
 #: and positions times small coefficients stay inside int64.
 MAX_LENGTH = 1 << 48
 MAX_HEADS = 1 << 20
-#: Tiles per side: each side keeps per-tile arrays (about 100 bytes a tile while it is built), so a
-#: side beyond this is refused at once rather than built for minutes (2**31 tokens need 128-token tiles).
-MAX_SIDE_TILES = 1 << 24
+#: Tiles per side. A plan keeps per-tile arrays on each side and its work and peak memory grow by
+#: about 20-60 us and 0.5-2 KB per tile of a side (causal at 2**19 query tiles: ~20 s, ~550 MB on a
+#: loaded machine), so a side beyond this is refused at once rather than built for minutes in
+#: gigabytes: 2**26 tokens in 128-token tiles, 2**31 tokens in 4096-token tiles.
+MAX_SIDE_TILES = 1 << 19
 
 
 def _representable(q_len, kv_len, heads, bm: int, bn: int) -> None:
@@ -66,9 +68,13 @@ def _representable(q_len, kv_len, heads, bm: int, bn: int) -> None:
         # Per-tile arrays are the least a plan holds.
         eng.check_tiles(nqb + nkb)
         if max(nqb, nkb) > MAX_SIDE_TILES:
+            fit = tuple(
+                max(b, 1 << (-(-length // MAX_SIDE_TILES) - 1).bit_length())
+                for b, length in ((bm, q_len), (bn, kv_len))
+            )
             raise PatternValueError(
-                f"{nqb} x {nkb} tiles: a side of more than {MAX_SIDE_TILES:,} tiles is beyond what a block plan "
-                "represents; use larger tiles (block=...) or shorter sequences"
+                f"{nqb:,} x {nkb:,} tiles of {bm}x{bn}: a side of more than {MAX_SIDE_TILES:,} tiles is beyond what a "
+                f"block plan represents; use larger tiles (block={fit}) or shorter sequences"
             )
         if nqb * nkb >= 1 << 62:
             raise PatternValueError(f"{nqb} x {nkb} tiles are beyond what a block plan represents (< 2**62)")
