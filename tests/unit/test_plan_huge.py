@@ -88,3 +88,26 @@ def test_heads_planned_one_by_one_beyond_a_plan_are_a_located_error(monkeypatch)
     assert len(p.plan(16, heads=10, block=(16, 16)).groups) == 9
     with pytest.raises(pd.PatternError, match="more than a block plan holds"):
         p.plan(16, heads=11)
+
+
+@pytest.mark.parametrize("source", ["causal", "causal & window(5) | sink(1)", "global(1)", "causal & window(255)"])
+def test_plans_at_two_to_the_31_are_refused_at_once_everywhere(source, tmp_path):
+    # Unpatched limits: plan(2**31) and kernel_source(2**31) spent 37-89 s and over 5 GB before a
+    # MemoryError (16 GiB before identity orders were implicit); show --stage plan ended in a traceback.
+    import contextlib
+    import io
+
+    from patterndsl import cli
+
+    p = pd.compile(f"pattern p {{ {source} }}")
+    start = time.process_time()
+    for call in (lambda: p.plan(2**31), lambda: p.plan(7, 2**31), lambda: p.kernel_source(2**31)):
+        with pytest.raises(pd.PatternError, match=r"use larger tiles \(block=\(\d+, 4096\)\)"):
+            call()
+    path = tmp_path / "p.pdsl"
+    path.write_text(f"pattern p {{ {source} }}\n")
+    err = io.StringIO()
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+        code = cli.main(["show", str(path), "--seq", "2147483648", "--stage", "plan"])
+    assert code == 1 and "a side of more than 524,288 tiles" in err.getvalue(), err.getvalue()
+    assert time.process_time() - start < 3.0
