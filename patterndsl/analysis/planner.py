@@ -80,6 +80,24 @@ def _representable(q_len, kv_len, heads, bm: int, bn: int) -> None:
             raise PatternValueError(f"{nqb} x {nkb} tiles are beyond what a block plan represents (< 2**62)")
 
 
+#: Longest side a token order other than the identity is built for: it is a permutation held as
+#: int64 per token (128 MiB at 2**24, 16 GiB at 2**31), so longer sides are planned in identity order.
+MAX_ORDER_LENGTH = 1 << 24
+
+
+def _materialisable(cands: list, q_len: int, kv_len: int) -> list:
+    """The candidate orders whose permutations a plan may build: all, or the identity beyond MAX_ORDER_LENGTH."""
+    if max(q_len, kv_len) <= MAX_ORDER_LENGTH:
+        return cands
+    kept = [c for c in cands if c[3]]
+    if not kept:
+        raise PatternValueError(
+            f"Lq={q_len}, Lk={kv_len}: a token order other than the identity is built for at most "
+            f"{MAX_ORDER_LENGTH:,} tokens a side"
+        )
+    return kept
+
+
 #: Head groups a plan holds where ``heads`` lines read ``h`` (one group, planned alone, per such head).
 MAX_HEAD_GROUPS = 1 << 8
 
@@ -270,6 +288,7 @@ def plan(
     cands = reorder.candidates(nodes, pir.layout, q_len, kv_len, (bm, bn)) if orders is None else list(orders)
     if order == "identity":
         cands = cands[:1]
+    cands = _materialisable(cands, q_len, kv_len)
     sizes = Sizes(q_len, kv_len, pir.layout, heads)
     try:
         best = None

@@ -111,3 +111,15 @@ def test_plans_at_two_to_the_31_are_refused_at_once_everywhere(source, tmp_path)
         code = cli.main(["show", str(path), "--seq", "2147483648", "--stage", "plan"])
     assert code == 1 and "a side of more than 524,288 tiles" in err.getvalue(), err.getvalue()
     assert time.process_time() - start < 3.0
+
+
+def test_orders_other_than_the_identity_are_not_built_beyond_a_length(monkeypatch):
+    # window(3, dilation = 2) at 2**31 tokens in 4096-token tiles tried a by-class order: a 16 GiB permutation.
+    p = pd.compile("pattern p { window(3, dilation = 2) }")
+    assert planner.MAX_ORDER_LENGTH < 2**31 <= planner.MAX_SIDE_TILES * 4096
+    assert not p.plan(256, block=(16, 16)).is_identity_order
+    monkeypatch.setattr(planner, "MAX_ORDER_LENGTH", 255)
+    plan = p.plan(256, block=(16, 16))
+    assert plan.is_identity_order and plan.q_perm is None and plan.kv_perm is None
+    assert plan.stats.allowed_pairs == int(p.mask(256).sum())
+    assert p.plan(255, block=(16, 16)).q_perm is not None
