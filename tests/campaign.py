@@ -92,9 +92,8 @@ def api_case(rng: random.Random):
 
         return f"{source}.mask({lq!r}, {lk!r}, {heads!r})", run
     if kind in (0, 1):
-        # A plan at 2**31 tokens with 16-token tiles may legitimately hold 2**27 tiles (minutes):
-        # huge sizes here are the ones beyond what a plan can represent, which must be refused at once.
-        lq, lk = (x if x not in (2**31, 2**40) else 2**62 for x in (lq, lk))
+        # Huge sizes (2**31, 2**40, 2**62 tokens) are beyond what a plan represents in any of these tiles:
+        # refused at once (a side holds at most planner.MAX_SIDE_TILES tiles).
         block = rng.choice([(4, 4), (16, 16), (3, 5), (4, 8), (8, 4), (0, 4), (4, -1), 16, "x", (2**40, 4), None])
         order = rng.choice(["auto", "identity", "identity", "auto", "sideways", 3])
 

@@ -43,6 +43,7 @@ from patterndsl.analysis.axes import AxisSplit
 from patterndsl.analysis.bandcount import Combination, band_pairs
 from patterndsl.analysis.tiles import Pieces, Side
 from patterndsl.errors import PatternError, PatternValueError
+from patterndsl.primitives import sums
 from patterndsl.sizes import Sizes
 
 EMPTY, PARTIAL, FULL, DYNAMIC = 0, 1, 2, 3
@@ -1193,11 +1194,7 @@ def band_total(node: ir.Node, q_len: int, kv_len: int, env=None) -> int | None:
     off = kv_len - q_len
     if mod == 1:
         return _band_total_closed(lo, hi, off, off + q_len - 1, kv_len)
-    q = np.arange(q_len, dtype=np.int64) + off
-    k0 = np.maximum(0, q - hi)
-    k1 = np.minimum(kv_len - 1, q - lo)
-    cnt = np.floor_divide(k1 - q, mod) - np.floor_divide(k0 - 1 - q, mod)
-    return int(np.where(k0 <= k1, cnt, 0).sum())
+    return sums.band_pairs(lo, hi, mod, off, off + q_len - 1, kv_len)
 
 
 def _band_total_closed(lo: int, hi: int, q0: int, q1: int, kv_len: int) -> int:

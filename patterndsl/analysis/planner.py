@@ -46,9 +46,11 @@ def _validate(block, order) -> tuple[int, int]:
 #: and positions times small coefficients stay inside int64.
 MAX_LENGTH = 1 << 48
 MAX_HEADS = 1 << 20
-#: Tiles per side: each side keeps per-tile arrays (about 100 bytes a tile while it is built), so a
-#: side beyond this is refused at once rather than built for minutes (2**31 tokens need 128-token tiles).
-MAX_SIDE_TILES = 1 << 24
+#: Tiles per side. A plan keeps per-tile arrays on each side and its work and peak memory grow by
+#: about 20-60 us and 0.5-2 KB per tile of a side (causal at 2**19 query tiles: ~20 s, ~550 MB on a
+#: loaded machine), so a side beyond this is refused at once rather than built for minutes in
+#: gigabytes: 2**26 tokens in 128-token tiles, 2**31 tokens in 4096-token tiles.
+MAX_SIDE_TILES = 1 << 19
 
 
 def _representable(q_len, kv_len, heads, bm: int, bn: int) -> None:
@@ -63,32 +65,71 @@ def _representable(q_len, kv_len, heads, bm: int, bn: int) -> None:
     kv_len = q_len if kv_len is None else kv_len
     if isinstance(q_len, int) and isinstance(kv_len, int):
         nqb, nkb = -(-q_len // bm), -(-kv_len // bn)
-        # Per-tile arrays are the least a plan holds.
-        eng.check_tiles(nqb + nkb)
+        # Per-tile arrays on each side are the least a plan holds.
         if max(nqb, nkb) > MAX_SIDE_TILES:
+            fit = tuple(
+                max(b, 1 << (-(-length // MAX_SIDE_TILES) - 1).bit_length())
+                for b, length in ((bm, q_len), (bn, kv_len))
+            )
             raise PatternValueError(
-                f"{nqb} x {nkb} tiles: a side of more than {MAX_SIDE_TILES:,} tiles is beyond what a block plan "
-                "represents; use larger tiles (block=...) or shorter sequences"
+                f"{nqb:,} x {nkb:,} tiles of {bm}x{bn}: a side of more than {MAX_SIDE_TILES:,} tiles is beyond what a "
+                f"block plan represents; use larger tiles (block={fit}) or shorter sequences"
             )
         if nqb * nkb >= 1 << 62:
             raise PatternValueError(f"{nqb} x {nkb} tiles are beyond what a block plan represents (< 2**62)")
 
 
+#: Longest side a token order other than the identity is built for: it is a permutation held as
+#: int64 per token (128 MiB at 2**24, 16 GiB at 2**31), so longer sides are planned in identity order.
+MAX_ORDER_LENGTH = 1 << 24
+
+
+def _materialisable(cands: list, q_len: int, kv_len: int) -> list:
+    """The candidate orders whose permutations a plan may build: all, or the identity beyond MAX_ORDER_LENGTH."""
+    if max(q_len, kv_len) <= MAX_ORDER_LENGTH:
+        return cands
+    kept = [c for c in cands if c[3]]
+    if not kept:
+        raise PatternValueError(
+            f"Lq={q_len}, Lk={kv_len}: a token order other than the identity is built for at most "
+            f"{MAX_ORDER_LENGTH:,} tokens a side"
+        )
+    return kept
+
+
+#: Head groups a plan holds where ``heads`` lines read ``h`` (one group, planned alone, per such head).
+MAX_HEAD_GROUPS = 1 << 8
+
+
 def _head_groups(pir: ir.PatternIR, heads: int) -> tuple[list[tuple[ir.Node, list[int]]], list[int]]:
+    """Heads grouped by their pattern: work follows the ``heads`` lines, one group per head only where ``h`` is read."""
+    from patterndsl.semantics import head_segments
+
+    segments = head_segments(pir, heads)
+    per_head = sum(hi - lo for lo, hi, node in segments if ir.uses_head(node))
+    if per_head > MAX_HEAD_GROUPS:
+        lines = ", ".join(f"{lo}..{hi}" for lo, hi, node in segments if ir.uses_head(node))
+        span = next((r.span for r in pir.heads if r.lo < heads and ir.uses_head(r.node)), pir.span)
+        raise HeadsError(
+            f"heads {lines} read h: {per_head:,} heads planned one by one, more than a block plan holds "
+            f"({MAX_HEAD_GROUPS:,}); use fewer heads",
+            span,
+        )
     groups: list[tuple[ir.Node, list[int]]] = []
     index: dict = {}
-    head_group = []
-    for h in range(heads):
-        node = pir.node_for_head(h)
-        if node is None:
-            raise HeadsError(f"head {h} is not covered by any 'heads' line and the pattern has no default", pir.span)
-        key = (node, h) if ir.uses_head(node) else node
-        if key not in index:
-            index[key] = len(groups)
+    group_of = np.empty(heads, np.int64)
+    for lo, hi, node in segments:
+        if ir.uses_head(node):
+            for h in range(lo, hi):
+                group_of[h] = len(groups)
+                groups.append((node, [h]))
+            continue
+        if node not in index:
+            index[node] = len(groups)
             groups.append((node, []))
-        groups[index[key]][1].append(h)
-        head_group.append(index[key])
-    return groups, head_group
+        groups[index[node]][1].extend(range(lo, hi))
+        group_of[lo:hi] = index[node]
+    return groups, group_of.tolist()
 
 
 @dataclass(frozen=True)
@@ -246,6 +287,7 @@ def plan(
     cands = reorder.candidates(nodes, pir.layout, q_len, kv_len, (bm, bn)) if orders is None else list(orders)
     if order == "identity":
         cands = cands[:1]
+    cands = _materialisable(cands, q_len, kv_len)
     sizes = Sizes(q_len, kv_len, pir.layout, heads)
     try:
         best = None

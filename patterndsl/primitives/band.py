@@ -12,6 +12,7 @@ import torch
 
 from patterndsl.primitives.common import BIG, cdiv, fdiv, param, require, require_in_range
 from patterndsl.primitives.registry import Primitive, register
+from patterndsl.primitives.sums import floor_sum_down
 
 # --------------------------------------------------------------------------- tile rule
 
@@ -129,9 +130,9 @@ WINDOW = register(
 
 
 def _strided_total(prim, q_len, kv_len, layout, env):
-    q = np.arange(q_len, dtype=np.int64) + (kv_len - q_len)
-    s = prim.arg("stride")
-    return int((np.floor_divide(kv_len - 1 - q, s) - np.floor_divide(-1 - q, s)).sum())
+    # per query q: (Lk - 1 - q) // s - (-1 - q) // s keys
+    s, q0 = prim.arg("stride"), kv_len - q_len
+    return floor_sum_down(q0, kv_len - 1, kv_len - 1, s) - floor_sum_down(q0, kv_len - 1, -1, s)
 
 
 STRIDED = register(

@@ -37,10 +37,11 @@ def _blocks_keys(prim, qlo, qhi, qalo, qahi, env):
 
 
 def _blocks_total(prim, q_len, kv_len, layout, env):
-    q = np.arange(q_len, dtype=np.int64) + (kv_len - q_len)
+    # Queries q <= Lk - 1: a negative one sees no key, the others their whole block but the
+    # last block (start last) which ends at Lk - 1.
     size = prim.arg("size")
-    start = np.floor_divide(q, size) * size
-    return int(np.maximum(np.minimum(kv_len - 1, start + size - 1) - np.maximum(0, start) + 1, 0).sum())
+    first, last = max(kv_len - q_len, 0), (kv_len - 1) // size * size
+    return size * max(0, last - first) + (kv_len - last) * max(0, kv_len - max(first, last))
 
 
 def _blocks_triton(r, p) -> str:

@@ -13,6 +13,7 @@ import torch
 from patterndsl import semantics as sem
 from patterndsl.primitives.common import BIG, exact, param, require
 from patterndsl.primitives.registry import Primitive, register
+from patterndsl.primitives.sums import clamp
 
 
 def _check_count(v, s, layout):
@@ -78,9 +79,10 @@ def _global_classify(prim, qp, kp, env):
 
 
 def _global_total(prim, q_len, kv_len, layout, env):
-    q = np.arange(q_len, dtype=np.int64) + (kv_len - q_len)
+    # queries q = Lk - Lq .. Lk - 1: those below n see every key, the others the first n
     n = prim.arg("n")
-    return int(np.where(q < n, kv_len, max(0, min(n, kv_len))).sum())
+    early = clamp(n - (kv_len - q_len), 0, q_len)
+    return early * kv_len + (q_len - early) * clamp(n, 0, kv_len)
 
 
 def _global_count(prim, engine, keys):

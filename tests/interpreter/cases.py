@@ -430,6 +430,21 @@ def case_slow_route_plus_inf_score_rows_match_cpu():
         torch.testing.assert_close(a[fin], b[fin], atol=1e-4, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
 
 
+def case_zero_batch():
+    """A zero batch gives empty outputs and gradients, static and route, through the launcher and the op
+    (issue 11, cause 3: the launcher's run-time route lists failed to reshape)."""
+    for source in ("pattern p { causal }", "pattern p { causal & (blocks(4) | route(1, block = 4, qblock = 1)) }"):
+        pattern = patterndsl.compile(source)
+        plan = make_plan(pattern, 8, 8, 2, order="identity")
+        q = torch.randn(0, 2, 8, 16)
+        out, lse = tb.forward(q, q, q, plan, 0.3)
+        assert out.shape == q.shape and lse.shape == (0, 2, 8)
+        assert [g.shape for g in tb.backward(q, q, q, out, lse, out, plan, 0.3)] == [q.shape] * 3
+        x = q.clone().requires_grad_()
+        pattern(x, x, x, backend="triton").sum().backward()
+        assert x.grad.shape == q.shape
+
+
 def case_wrong_shapes_raise_pattern_error():
     pattern = patterndsl.compile("pattern p { causal }")
     plan = make_plan(pattern, 32, 32, 2)

@@ -427,7 +427,9 @@ def test_show_reach_follows_heads_lines_not_the_head_count(tmp_path):
 
 def test_a_side_of_more_tiles_than_a_plan_represents_is_refused_at_once():
     # 2**31 keys in 64-token tiles: 2**25 tiles on the key side, refused before any per-tile array is built
-    # (this took 25 s and 3.6 GB); 128-token tiles stay within the limit.
+    # (this took 25 s and 3.6 GB); so is plan(2**31) in 128-token tiles (37-89 s and over 5 GB before
+    # a MemoryError). The message names tiles that fit, and those plan.
+    import re
     import time
 
     import patterndsl
@@ -435,7 +437,13 @@ def test_a_side_of_more_tiles_than_a_plan_represents_is_refused_at_once():
 
     p = patterndsl.compile("pattern p { causal & window(5) | sink(1) }")
     start = time.process_time()
-    with pytest.raises(patterndsl.PatternError, match="larger tiles"):
-        p.plan(2, 2**31, block=(64, 64))
+    for args, block, fit in [
+        ((2, 2**31), (64, 64), (64, 4096)),
+        ((2**31,), (128, 128), (4096, 4096)),
+        ((2**26 + 1,), (128, 128), (256, 256)),
+    ]:
+        with pytest.raises(patterndsl.PatternError, match=re.escape(f"use larger tiles (block={fit})")):
+            p.plan(*args, block=block)
     assert time.process_time() - start < 2.0
-    assert planner.MAX_SIDE_TILES >= -(-(2**31) // 128)
+    plan = p.plan(2, 2**31, block=(64, 4096))
+    assert plan.n_kv_tiles == planner.MAX_SIDE_TILES and plan.stats.allowed_pairs == 2 * 6 + 2
