@@ -28,7 +28,6 @@ from dataclasses import dataclass
 import torch
 
 from patterndsl import ir
-from patterndsl.errors import PatternValueError
 
 #: Cluster bits held per int64 word of a membership bit set (positive words: no sign bit).
 WORD_BITS = 62
@@ -86,16 +85,22 @@ def _sorted(node: ir.Node, found) -> Part | None:
 def split(pir: ir.PatternIR, heads: int) -> Split:
     """Cut ``pir`` (at ``heads`` query heads) into its static part and its call-time parts (module docstring).
 
-    Raises:
-        PatternValueError: a ``route`` that would be chosen by a different set of heads in the static
-            part than in the pattern (the same ``route(...)`` in several head rules, removed from some
-            of them by a content primitive).
+    A ``route`` is chosen by the query heads whose rule holds it (``semantics.route_selection``'s
+    voters). When the static part would hold it in fewer rules than the pattern (the same
+    ``route(...)`` in several head rules, removed from some of them by a content primitive), every
+    rule holding it runs whole as a general part instead, whose choice has the pattern's voters.
     """
     from patterndsl import semantics
 
+    segments = semantics.head_segments(pir, heads)
+    moved = _moved_routes(pir, heads, _route_heads(segments))
+    rules, default = _static_rules(pir, moved)
     parts = []
-    for lo, hi, node in semantics.head_segments(pir, heads):
+    for lo, hi, node in segments:
         node = ir.hoist_contents(node)
+        if moved.intersection(ir.routes(node)):
+            parts.append(Part(lo, hi, None, node, ir.input_bound(ir.route_bound(node, lower=False), lower=False)))
+            continue
         found = ir.contents(node)
         if not found:
             continue
@@ -112,9 +117,7 @@ def split(pir: ir.PatternIR, heads: int) -> Split:
         reach = upper if floor == ir.EMPTY else ir.inter(upper, ir.complement(floor))
         if reach != ir.EMPTY:
             parts.append(Part(lo, hi, None, pred, reach))
-    rules, default = _static_rules(pir)
     nodes = [r.node for r in rules] + ([default] if default is not None else [])
-    _check_voters(pir, heads, rules, default)
     static = None
     if any(n != ir.EMPTY for n in nodes):
         used = {d.name for n in nodes for d in pir.inputs if _reads(n, d.name)}
@@ -124,8 +127,10 @@ def split(pir: ir.PatternIR, heads: int) -> Split:
     return Split(static, tuple(parts))
 
 
-def _static_node(node: ir.Node) -> ir.Node:
-    """What the static part runs of a rule: the pairs it allows whatever the labels."""
+def _static_node(node: ir.Node, moved: frozenset = frozenset()) -> ir.Node:
+    """What the static part runs of a rule: the pairs it allows whatever the labels (nothing for a moved route)."""
+    if moved.intersection(ir.routes(node)):
+        return ir.EMPTY
     node = ir.hoist_contents(node)
     found = ir.contents(node)
     if not found:
@@ -133,10 +138,10 @@ def _static_node(node: ir.Node) -> ir.Node:
     return _no_content(node) if _sorted(node, found) is not None else _content_lower(node)
 
 
-def _static_rules(pir: ir.PatternIR):
-    """The static part's head rules and default (a rule's decision does not depend on the head count)."""
-    rules = tuple(ir.HeadRule(r.lo, r.hi, _static_node(r.node), r.span) for r in pir.heads)
-    return rules, None if pir.default is None else _static_node(pir.default)
+def _static_rules(pir: ir.PatternIR, moved: frozenset = frozenset()):
+    """The static part's head rules and default, the rules holding a route of ``moved`` emptied."""
+    rules = tuple(ir.HeadRule(r.lo, r.hi, _static_node(r.node, moved), r.span) for r in pir.heads)
+    return rules, None if pir.default is None else _static_node(pir.default, moved)
 
 
 def _route_heads(segments) -> dict:
@@ -147,20 +152,22 @@ def _route_heads(segments) -> dict:
     return out
 
 
-def _check_voters(pir: ir.PatternIR, heads: int, rules, default) -> None:
-    """Refuse a static part in which a ``route`` would be chosen by other heads than in the pattern."""
+def _moved_routes(pir: ir.PatternIR, heads: int, voters: dict) -> frozenset:
+    """The routes whose rules all leave the static part: those it would hold with other voters than ``voters``.
+
+    Emptying a rule may take another route from some of its voters too, hence the fixed point.
+    """
     from patterndsl import semantics
 
-    before = _route_heads(semantics.head_segments(pir, heads))
-    static = ir.PatternIR(pir.name, pir.params, pir.layout, rules, default, pir.span, ())
-    after = _route_heads(semantics.head_segments(static, heads))
-    for prim, voters in after.items():
-        if voters != before.get(prim, voters):
-            raise PatternValueError(
-                "attention does not run this route(...) yet: a cluster(...)/lsh(...) removes it from some of the "
-                "head rules that choose it together (Pattern.mask has the meaning)",
-                prim.span,
-            )
+    moved: frozenset = frozenset()
+    while True:
+        rules, default = _static_rules(pir, moved)
+        static = ir.PatternIR(pir.name, pir.params, pir.layout, rules, default, pir.span, ())
+        after = _route_heads(semantics.head_segments(static, heads))
+        more = {prim for prim, hs in after.items() if hs != voters[prim]}
+        if not more:
+            return moved
+        moved |= more
 
 
 def _score_reads(pir: ir.PatternIR) -> set[str]:

@@ -150,13 +150,25 @@ g = torch.Generator().manual_seed(3)
 q, k, v = (torch.randn(2, h, 24, 16, generator=g) for h in (2, 1, 1))
 c = torch.randn(3, 16, generator=g)
 doc = torch.tensor([[0] * 9 + [1] * 15, [0] * 24])
+# The last: route(1) shared by head rules a label splits (all five heads vote on the one key-value head).
+shared = (
+    "heads 0..1: causal & route(1, block = 8)\n"
+    "heads 1..2: causal & (window(2) | route(1, block = 8) & cluster(C))\n"
+    "heads 2..3: causal & (route(1, block = 8) | route(2, block = 8))\n"
+    "heads 3..4: (causal & route(2, block = 8) & ~lsh(1)) | sink(1)\n"
+    "causal & (window(1) | lsh(1))"
+)
+q5 = torch.randn(2, 5, 24, 16, generator=g)
 for body, score in [
     ("cluster(C) | lsh(2)", None),
     ("causal - cluster(C)", None),
     ("within(doc, causal & (window(2) | cluster(C)))", None),
     ("causal & (window(2) | route(1, block = 8) | lsh(2))", None),
     ("causal & (window(2) | cluster(C))\nscore 3.0 * tanh(s / 3.0)", lambda s, *rest: 3.0 * torch.tanh(s / 3.0)),
+    (shared, None),
 ]:
+    if body == shared:
+        q = q5
     decl = "input C: float[3, dim]\n" if "C" in body else ""
     decl += "input doc: int[batch, token]\n" if "doc" in body else ""
     p = pd.compile("pattern t {\n" + decl + body + "\n}")
@@ -164,7 +176,7 @@ for body, score in [
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
     o, lse = p(*leaves, return_lse=True, backend="triton", **given)
     (o.square().sum() + lse.masked_fill(torch.isinf(lse), 0).sum()).backward()
-    mask = p.mask(24, 24, 2, q=q.double(), k=k.double(), **given)
+    mask = p.mask(24, 24, q.shape[1], q=q.double(), k=k.double(), **given)
     ref = [t.double().requires_grad_() for t in (q, k, v)]
     ro, rl = reference_attention(*ref, mask, score=score)
     (ro.square().sum() + rl.masked_fill(torch.isinf(rl), 0).sum()).backward()

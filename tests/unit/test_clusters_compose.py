@@ -204,13 +204,41 @@ def test_ragged_batches_run_each_element_on_what_exists():
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
 
 
-def test_a_route_chosen_by_heads_a_label_removes_is_refused_with_a_location():
-    q, k, v, _ = _data(6, lq=16)
-    rules = "heads 0..2: causal & route(1, block = 4)\nheads 2..4: causal & route(1, block = 4) & lsh(1)"
-    p = pd.compile("pattern t {\n" + rules + "\n}")
-    with pytest.raises(PatternValueError, match="removes it") as e:
-        p(q, k, v)
-    assert e.value.span is not None
+# The same route in several head rules, a label removing it from some of them (heads 2..4 of the first,
+# heads 1 and 3 of the second, whose static part would hold no route): a route is chosen by every head
+# that holds it, so each rule holding it runs whole in token order. In the second, route(2) shares head 2
+# with route(1) and follows it; head 4 keeps its static part and its sorted part.
+SHARED = [
+    ("heads 0..2: causal & route(1, block = 4)\nheads 2..4: causal & route(1, block = 4) & lsh(1)", 4),
+    (
+        "input C: float[3, dim]\n"
+        "heads 0..1: causal & route(1, block = 4)\n"
+        "heads 1..2: causal & (window(2) | route(1, block = 4) & cluster(C))\n"
+        "heads 2..3: causal & (route(1, block = 4) | route(2, block = 8))\n"
+        "heads 3..4: (causal & route(2, block = 8) & ~lsh(1)) | sink(1)\n"
+        "causal & (window(1) | lsh(1))",
+        5,
+    ),
+]
+
+
+@pytest.mark.parametrize("source, heads", SHARED, ids=["one-route", "two-routes"])
+def test_a_route_chosen_by_heads_a_label_removes_keeps_its_voters(source, heads):
+    from patterndsl import ir
+    from patterndsl.analysis import clusterplan
+
+    q, k, v, inputs = _data(6, lq=16, heads=heads, kv_heads=1)  # one key-value head: every query head votes
+    p = pd.compile("pattern t {\n" + source + "\n}")
+    split = clusterplan.split(p.ir, heads)
+    general = [(x.lo, x.hi) for x in split.parts if x.prim is None]
+    assert general == ([(0, 2), (2, 4)] if heads == 4 else [(0, 1), (1, 2), (2, 3), (3, 4)])
+    assert split.static is None or not any(ir.routes(n) for n in split.static.nodes())
+    given = {"C": inputs["C"]} if "C" in source else {}
+    mask = p.mask(16, 16, heads, q=q, k=k, **given)
+    _compare(p, q, k, v, given, mask)
+    # The choice is the pattern's: heads 0 and 1 voting alone would choose other blocks here.
+    alone = pd.compile("pattern t { causal & route(1, block = 4) }").mask(16, 16, 2, q=q[:, :2], k=k)
+    assert not torch.equal(mask[:, :1], alone[:, :1])
 
 
 def test_kernel_source_names_every_pass():
