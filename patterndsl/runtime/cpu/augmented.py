@@ -221,9 +221,10 @@ def _run(tasks) -> None:
     pool.run([_flushing(task) for task in tasks], torch.get_num_threads())
 
 
-def _augment(x: torch.Tensor, heads: torch.Tensor, value: float | None, dtype, scale: float = 1.0) -> torch.Tensor:
+def _augment(x: torch.Tensor, heads: torch.Tensor, value: float | None, dtype, scale: float | None) -> torch.Tensor:
     """``[scale * x[:, heads], value]`` along the head dim, contiguous in ``dtype`` (``heads``: the head of
-    ``x`` each head of the group reads; a key/value head repeats for the query heads sharing it)."""
+    ``x`` each head of the group reads; a key/value head repeats for the query heads sharing it; ``scale``
+    None: unscaled)."""
     b, _, length, d = x.shape
     first, count = int(heads[0]), len(heads)
     if bool((heads == torch.arange(first, first + count)).all()):
@@ -231,7 +232,7 @@ def _augment(x: torch.Tensor, heads: torch.Tensor, value: float | None, dtype, s
     else:
         src = x.index_select(1, heads)
     out = torch.empty(b, len(heads), length, d + 1, dtype=dtype)
-    if scale == 1.0:
+    if scale is None or scale == 1.0:
         out[..., :d] = src
     else:
         torch.mul(src, scale, out=out[..., :d])
@@ -278,7 +279,7 @@ def _group(q, k, v, x, y, hs, scale: float):
     kv_heads = q_heads // (heads // k.shape[1])
     xg, yg = (t if t.shape[1] == 1 else t[:, hs] for t in (x, y))
     qx = _augment(q, q_heads, 1.0, dt, scale)
-    return q_heads, kv_heads, xg, yg, qx, _augment(k, kv_heads, None, dt), _augment(v, kv_heads, None, dt)
+    return q_heads, kv_heads, xg, yg, qx, _augment(k, kv_heads, None, dt, None), _augment(v, kv_heads, None, dt, None)
 
 
 def forward(q, k, v, plan: BlockPlan, scale: float, data=None):
@@ -358,7 +359,7 @@ def backward(q, k, v, out, lse, dout, plan: BlockPlan, scale: float, data=None):
 
     def head(hs, lay: _Layout) -> None:
         q_heads, kv_heads, xg, yg, qx, kx, vx = _group(q, k, v, x, y, hs, scale)
-        ox, gx = _augment(out, q_heads, None, dt), _augment(dout, q_heads, None, dt)
+        ox, gx = _augment(out, q_heads, None, dt, None), _augment(dout, q_heads, None, dt, None)
         # The kernel's rows' statistics: lse of the augmented scores (c and y_q off), +inf on empty rows.
         lg = lse[:, hs].to(dt)
         lx = (lg - (lay.row_shift(lq) + yg).to(dt)).masked_fill_(lg == float("-inf"), float("inf"))
