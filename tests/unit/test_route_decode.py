@@ -51,8 +51,9 @@ def _tensors(heads, kv_heads, n, dim, dtype, seed):
     return tuple(torch.randn(2, h, n, dim, generator=g, dtype=dtype) for h in (heads, kv_heads, kv_heads))
 
 
-def _decode(p, q, k, v, chunks, page_size, check):
-    """Append ``chunks`` (sizes per step, element 1 a step behind) and call attention on each step's queries."""
+def _decode(p, q, k, v, chunks, page_size, check, **call):
+    """Append ``chunks`` (sizes per step, element 1 a step behind) and call attention on each step's queries
+    (with the keyword arguments ``call`` too)."""
     heads, kv_heads, dim = q.shape[1], k.shape[1], q.shape[3]
     cache = pd.PagedKVCache(p, 64, page_size, kv_heads, dim, dtype=k.dtype, batch=2)
     done = [0, 0]
@@ -69,7 +70,7 @@ def _decode(p, q, k, v, chunks, page_size, check):
         for b, m in zip(rows, ns, strict=True):
             qs[b, :, :m] = q[b, :, done[b] - m : done[b]]
             ql[b] = m
-        out, lse = p(qs, kp, vp, block_table=table, kv_lengths=lens, q_lengths=ql, return_lse=True)
+        out, lse = p(qs, kp, vp, block_table=table, kv_lengths=lens, q_lengths=ql, return_lse=True, **call)
         for b in rows:
             check(b, done[b], int(ql[b]), out[b : b + 1, :, : ql[b]], lse[b : b + 1, :, : ql[b]])
     return cache
