@@ -133,7 +133,8 @@ def call(q, k, v, pir, scale, backend, given, kv_lengths, q_lengths, block_table
 
 def _route_step(q, k, v, pir, checked, data, given, compiling):
     """A decoding step of a ``route(...)`` pattern over a :class:`~patterndsl.PagedKVCache`'s own pages: scored
-    from the block summaries the cache keeps (:mod:`patterndsl.runtime.route_decode`), or None."""
+    from the block summaries the cache keeps (:mod:`patterndsl.runtime.route_decode`; on Triton the route kernels
+    run with that choice), or None."""
     from patterndsl.runtime import route_decode
 
     if (

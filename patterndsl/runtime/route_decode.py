@@ -1,6 +1,6 @@
 """Runtime stage: decoding steps of ``route(...)`` patterns from block summaries kept in the cache (issue 14).
 
-Comes in: a small paged call (``Lq`` up to :data:`MAX_ROWS` queries per element, no gradient, CPU) over the
+Comes in: a small paged call (``Lq`` up to :data:`MAX_ROWS` queries per element, no gradient) over the
 pages of a :class:`patterndsl.PagedKVCache` whose pattern is the call's, and that cache's
 :class:`BlockSummaries`. Goes out: ``(out, lse)`` equal to the element-by-element call (LANGUAGE.md
 sections 2 and 9), or None when the call is not one this path serves (the caller then runs the general
@@ -23,7 +23,9 @@ How, per element ``b`` with ``Lq_b`` queries over ``Lk_b`` keys:
   chosen blocks; the mask on those keys is the pattern's *corners* (each route replaced by ``empty`` or
   ``full``) picked per pair by the routes' choices (exact, any polarity);
 - the keys are gathered through the block table (only those positions) and attended as one tile by the
-  ragged executor's tile math.
+  ragged executor's tile math (CPU, :func:`forward`); on Triton (:func:`forward_triton`) the same choice is
+  handed to the route kernels, whose tile lists and run-time table then hold the static part's tiles and the
+  chosen blocks, over an ``Lk``-long buffer holding the gathered keys (zeros elsewhere, never attended).
 """
 
 from __future__ import annotations
@@ -279,13 +281,14 @@ def _allowed(pattern, chosen, heads, kv_heads, q_len, kv_len, keys) -> torch.Ten
     return out
 
 
-def _gather(k, v, table, b: int, keys: torch.Tensor, allowed: torch.Tensor):
-    """Element ``b``'s keys and values at positions ``keys`` through the table: ``[kv_heads, nk, head_dim]``."""
+def _gather(k, v, table, b: int, keys: torch.Tensor, allowed):
+    """Element ``b``'s keys and values at positions ``keys`` through the table: ``[kv_heads, nk, head_dim]``
+    (``allowed``: the pattern there, or a function giving it, read only where a page is missing)."""
     ps = k.shape[2]
     page, off = table[b, torch.div(keys, ps, rounding_mode="floor")], keys % ps
     missing = page < 0
     if bool(missing.any()):
-        lost = missing & allowed.any(0).any(0)
+        lost = missing & (allowed() if callable(allowed) else allowed).any(0).any(0).to(missing.device)
         if bool(lost.any()):
             raise InputError(
                 f"block_table has no page (-1) for key position {int(keys[lost][0])} of batch element {b}, which "
@@ -300,10 +303,11 @@ def _gather(k, v, table, b: int, keys: torch.Tensor, allowed: torch.Tensor):
     return kk, vv
 
 
-def _elements(q, k, v, pattern: ir.PatternIR, data, summaries: BlockSummaries):
+def _elements(q, k, v, pattern: ir.PatternIR, data, summaries: BlockSummaries, exact: bool = True):
     """Per element with queries and reachable keys: ``(b, q_len, kv_len, chosen, keys, allowed, kk, vv)``, the
     routes' choice from the summaries, the key positions the rows may attend, the pattern there (bool
-    ``[heads, Lq_b, nk]``) and those keys and values gathered through the block table."""
+    ``[heads, Lq_b, nk]``; None unless ``exact``: the kernels evaluate it themselves) and those keys and values
+    gathered through the block table."""
     kvl, ql = ragged.check_values(q, k, data)
     heads, kv_heads = q.shape[1], k.shape[1]
     for b in range(q.shape[0]):
@@ -314,8 +318,9 @@ def _elements(q, k, v, pattern: ir.PatternIR, data, summaries: BlockSummaries):
         keys = _keys(pattern, chosen, heads, kv_heads, q_len, kv_len)
         if not keys.numel():
             continue
-        allowed = _allowed(pattern, chosen, heads, kv_heads, q_len, kv_len, keys)
-        kk, vv = _gather(k, v, data[2], b, keys, allowed)
+        args = (pattern, chosen, heads, kv_heads, q_len, kv_len, keys)
+        allowed = _allowed(*args) if exact else None
+        kk, vv = _gather(k, v, data[2], b, keys, allowed if exact else functools.partial(_allowed, *args))
         yield b, q_len, kv_len, chosen, keys, allowed, kk, vv
 
 
@@ -367,7 +372,7 @@ def forward_triton(q, k, v, pattern: ir.PatternIR, data, scale: float, summaries
     batch, heads, lq, _ = q.shape
     out = torch.zeros(batch, heads, lq, v.shape[3], dtype=q.dtype, device=q.device)
     lse = torch.full((batch, heads, lq), float("-inf"), dtype=torch.float32, device=q.device)
-    for b, q_len, kv_len, chosen, keys, _, kk, vv in _elements(q, k, v, pattern, data, summaries):
+    for b, q_len, kv_len, chosen, keys, _, kk, vv in _elements(q, k, v, pattern, data, summaries, exact=False):
         qb = q[b : b + 1, :, :q_len]
         if not triton_finite.all_finite(qb, kk, vv):
             return None

@@ -153,3 +153,21 @@ def test_caches_made_under_inference_mode_work_without_trusting_summaries(steps)
         out = p(q[:1, :, -1:], kp, vp, block_table=table, kv_lengths=lens)
     assert not steps  # inference tensors keep no version counter: a write outside append could not be seen
     assert torch.allclose(out, p(q[:1, :, -1:], k[:1], v[:1]), atol=1e-12)
+
+
+def test_triton_step_names_a_missing_page_a_query_attends():
+    # The Triton step evaluates the pattern at the gathered keys only where a page is missing; it names it.
+    from patterndsl import runtime
+    from patterndsl.errors import InputError
+
+    p = pd.compile(ROUTES[0])
+    q, k, v = _tensors(4, 2, 12, 8, torch.float32, 7)
+    cache = pd.PagedKVCache(p, 16, 4, 2, 8)
+    cache.append(k[:1], v[:1])
+    kp, vp, table, lens = cache.view()
+    table = table.clone()
+    table[0, 2] = -1  # positions 8..11: the window(5) of the query at 11
+    data = [lens, torch.tensor([1]), table]
+    key = runtime._plan_key(p.ir, "triton")
+    with pytest.raises(InputError, match="key position 8 of batch element 0"):
+        route_decode.forward_triton(q[:1, :, -1:], kp, vp, p.ir, data, 8**-0.5, cache.summaries, key)
