@@ -285,6 +285,7 @@ def _gather(k, v, table, b: int, keys: torch.Tensor, allowed):
     """Element ``b``'s keys and values at positions ``keys`` through the table: ``[kv_heads, nk, head_dim]``
     (``allowed``: the pattern there, or a function giving it, read only where a page is missing)."""
     ps = k.shape[2]
+    keys = keys.to(table.device)
     page, off = table[b, torch.div(keys, ps, rounding_mode="floor")], keys % ps
     missing = page < 0
     if bool(missing.any()):
