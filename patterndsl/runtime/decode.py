@@ -133,10 +133,17 @@ def call(q, k, v, pir, scale, backend, given, kv_lengths, q_lengths, block_table
 
 def _route_step(q, k, v, pir, checked, data, given, compiling):
     """A decoding step of a ``route(...)`` pattern over a :class:`~patterndsl.PagedKVCache`'s own pages: scored
-    from the block summaries the cache keeps (:mod:`patterndsl.runtime.route_decode`), or None."""
+    from the block summaries the cache keeps (:mod:`patterndsl.runtime.route_decode`; on Triton the route kernels
+    run with that choice), or None."""
     from patterndsl.runtime import route_decode
 
-    if len(data) < 3 or checked.backend != "cpu" or compiling or given or q.shape[2] > route_decode.MAX_ROWS:
+    if (
+        len(data) < 3
+        or checked.backend not in ("cpu", "triton")
+        or compiling
+        or given
+        or q.shape[2] > route_decode.MAX_ROWS
+    ):
         return None
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         return None
@@ -149,6 +156,8 @@ def _route_step(q, k, v, pir, checked, data, given, compiling):
         return None
     if q.dtype == torch.float64 and cache.summaries.dtype != torch.float64:
         return None  # the scores would pool float64 queries against float32 summaries
+    if checked.backend == "triton":
+        return route_decode.forward_triton(q, k, v, pir, data, checked.scale, cache.summaries, checked.key)
     return route_decode.forward(q, k, v, pir, data, checked.scale, cache.summaries)
 
 

@@ -1,6 +1,6 @@
 """Runtime stage: decoding steps of ``route(...)`` patterns from block summaries kept in the cache (issue 14).
 
-Comes in: a small paged call (``Lq`` up to :data:`MAX_ROWS` queries per element, no gradient, CPU) over the
+Comes in: a small paged call (``Lq`` up to :data:`MAX_ROWS` queries per element, no gradient) over the
 pages of a :class:`patterndsl.PagedKVCache` whose pattern is the call's, and that cache's
 :class:`BlockSummaries`. Goes out: ``(out, lse)`` equal to the element-by-element call (LANGUAGE.md
 sections 2 and 9), or None when the call is not one this path serves (the caller then runs the general
@@ -23,7 +23,9 @@ How, per element ``b`` with ``Lq_b`` queries over ``Lk_b`` keys:
   chosen blocks; the mask on those keys is the pattern's *corners* (each route replaced by ``empty`` or
   ``full``) picked per pair by the routes' choices (exact, any polarity);
 - the keys are gathered through the block table (only those positions) and attended as one tile by the
-  ragged executor's tile math.
+  ragged executor's tile math (CPU, :func:`forward`); on Triton (:func:`forward_triton`) the same choice is
+  handed to the route kernels, whose tile lists and run-time table then hold the static part's tiles and the
+  chosen blocks, over an ``Lk``-long buffer holding the gathered keys (zeros elsewhere, never attended).
 """
 
 from __future__ import annotations
@@ -211,7 +213,7 @@ def _choose(pattern, summaries, b, q, heads, kv_heads, q_len, kv_len):
         dtype = torch.float64 if torch.float64 in (q.dtype, pooled_k.dtype) else torch.float32
         summed = semantics.route_query_pool(prim, q[b : b + 1, :, :q_len], qgroup, n_q, voters, kv_heads, dtype)
         scores = summed[0] @ pooled_k.to(dtype).transpose(-1, -2)
-        cand = _candidates(pattern, prim, voters, heads, kv_heads, q_len, kv_len, qgroup, n_q)
+        cand = _candidates(pattern, prim, voters, heads, kv_heads, q_len, kv_len, qgroup, n_q).to(scores.device)
         out[prim] = (routing.top(scores, cand, prim.arg("topk")), qgroup)
     return out
 
@@ -279,13 +281,15 @@ def _allowed(pattern, chosen, heads, kv_heads, q_len, kv_len, keys) -> torch.Ten
     return out
 
 
-def _gather(k, v, table, b: int, keys: torch.Tensor, allowed: torch.Tensor):
-    """Element ``b``'s keys and values at positions ``keys`` through the table: ``[kv_heads, nk, head_dim]``."""
+def _gather(k, v, table, b: int, keys: torch.Tensor, allowed):
+    """Element ``b``'s keys and values at positions ``keys`` through the table: ``[kv_heads, nk, head_dim]``
+    (``allowed``: the pattern there, or a function giving it, read only where a page is missing)."""
     ps = k.shape[2]
+    keys = keys.to(table.device)
     page, off = table[b, torch.div(keys, ps, rounding_mode="floor")], keys % ps
     missing = page < 0
     if bool(missing.any()):
-        lost = missing & allowed.any(0).any(0)
+        lost = missing & (allowed() if callable(allowed) else allowed).any(0).any(0).to(missing.device)
         if bool(lost.any()):
             raise InputError(
                 f"block_table has no page (-1) for key position {int(keys[lost][0])} of batch element {b}, which "
@@ -298,6 +302,27 @@ def _gather(k, v, table, b: int, keys: torch.Tensor, allowed: torch.Tensor):
     if bool(missing.any()):
         kk, vv = (x.masked_fill(missing[None, :, None], 0.0) for x in (kk, vv))
     return kk, vv
+
+
+def _elements(q, k, v, pattern: ir.PatternIR, data, summaries: BlockSummaries, exact: bool = True):
+    """Per element with queries and reachable keys: ``(b, q_len, kv_len, chosen, keys, allowed, kk, vv)``, the
+    routes' choice from the summaries, the key positions the rows may attend, the pattern there (bool
+    ``[heads, Lq_b, nk]``; None unless ``exact``: the kernels evaluate it themselves) and those keys and values
+    gathered through the block table."""
+    kvl, ql = ragged.check_values(q, k, data)
+    heads, kv_heads = q.shape[1], k.shape[1]
+    for b in range(q.shape[0]):
+        q_len, kv_len = ql[b], kvl[b]
+        if not q_len or not kv_len:
+            continue
+        chosen = _choose(pattern, summaries, b, q, heads, kv_heads, q_len, kv_len)
+        keys = _keys(pattern, chosen, heads, kv_heads, q_len, kv_len)
+        if not keys.numel():
+            continue
+        args = (pattern, chosen, heads, kv_heads, q_len, kv_len, keys)
+        allowed = _allowed(*args) if exact else None
+        kk, vv = _gather(k, v, data[2], b, keys, allowed if exact else functools.partial(_allowed, *args))
+        yield b, q_len, kv_len, chosen, keys, allowed, kk, vv
 
 
 def forward(q, k, v, pattern: ir.PatternIR, data, scale: float, summaries: BlockSummaries):
@@ -317,30 +342,56 @@ def forward(q, k, v, pattern: ir.PatternIR, data, scale: float, summaries: Block
     Raises:
         InputError: a page not held that a query of the call attends.
     """
-    kvl, ql = ragged.check_values(q, k, data)
-    table = data[2]
     batch, heads, lq, _ = q.shape
-    kv_heads = k.shape[1]
     dt = ragged._compute_dtype(q.dtype)
     out = torch.zeros(batch, heads, lq, v.shape[3], dtype=q.dtype)
     lse = torch.full((batch, heads, lq), float("-inf"), dtype=dt)
-    group = _all_heads(heads, kv_heads)
-    for b in range(batch):
-        q_len, kv_len = ql[b], kvl[b]
-        if not q_len or not kv_len:
-            continue
-        chosen = _choose(pattern, summaries, b, q, heads, kv_heads, q_len, kv_len)
-        keys = _keys(pattern, chosen, heads, kv_heads, q_len, kv_len)
-        if not keys.numel():
-            continue
-        allowed = _allowed(pattern, chosen, heads, kv_heads, q_len, kv_len, keys)
-        kk, vv = _gather(k, v, table, b, keys, allowed)
+    group = _all_heads(heads, k.shape[1])
+    for b, q_len, _, _, keys, allowed, kk, vv in _elements(q, k, v, pattern, data, summaries):
         tile = ragged.Tile(0, q_len, keys, None if bool(allowed.all()) else allowed)
         fused = ragged.FLASH is not None and q.dtype == torch.float32
         o, row_lse = ragged._run_tile(group, q, b, kk, vv, tile, scale, dt, fused)
         out[b, :, :q_len] = o.to(q.dtype)
         lse[b, :, :q_len] = row_lse
     return out, lse
+
+
+def forward_triton(q, k, v, pattern: ir.PatternIR, data, scale: float, summaries: BlockSummaries, plan_key: str):
+    """:func:`forward` through the Triton backend's route kernels, or None (a non-finite input: the general path).
+
+    The choice is the same (:func:`_choose`, from the summaries, on the tensors' device); each element's kernels
+    (:func:`patterndsl.runtime.triton_backend.forward` at its own ``(Lq_b, Lk_b)``) take it as made, so their
+    tile lists and run-time table hold the static part's tiles and the chosen blocks, and they read the keys
+    gathered through the table into an ``Lk_b``-long buffer (zeros at positions no row attends).
+
+    Args:
+        q, k, v, pattern, data, scale, summaries: as :func:`forward`.
+        plan_key: the pattern's Triton plan key (:func:`patterndsl.runtime.plans.register`).
+    """
+    from patterndsl.runtime import plans, triton_backend, triton_finite
+
+    batch, heads, lq, _ = q.shape
+    out = torch.zeros(batch, heads, lq, v.shape[3], dtype=q.dtype, device=q.device)
+    lse = torch.full((batch, heads, lq), float("-inf"), dtype=torch.float32, device=q.device)
+    for b, q_len, kv_len, chosen, keys, _, kk, vv in _elements(q, k, v, pattern, data, summaries, exact=False):
+        qb = q[b : b + 1, :, :q_len]
+        if not triton_finite.all_finite(qb, kk, vv):
+            return None
+        kb, vb = (x.new_zeros(1, x.shape[0], kv_len, x.shape[2]) for x in (kk, vv))
+        at = keys.to(q.device)
+        kb[0, :, at], vb[0, :, at] = kk, vv
+        selections = {prim: _selection(prim, sel, qgroup, kv_len) for prim, (sel, qgroup) in chosen.items()}
+        plan = plans.get(plan_key, q_len, kv_len, heads)
+        o, row_lse = triton_backend.forward(qb, kb, vb, plan, scale, selections=selections)
+        out[b, :, :q_len] = o[0]
+        lse[b, :, :q_len] = row_lse[0]
+    return out, lse
+
+
+def _selection(prim: ir.Prim, chosen: torch.Tensor, qgroup: torch.Tensor, kv_len: int) -> routing.Selection:
+    """One element's choice ``[kv_heads, n_groups, n_blocks]`` as the kernels' lists take it."""
+    kblock = torch.div(torch.arange(kv_len, device=chosen.device), prim.arg("block"), rounding_mode="floor")
+    return routing.Selection(chosen[None], qgroup.to(chosen.device), kblock)
 
 
 @functools.lru_cache(maxsize=32)

@@ -545,3 +545,8 @@ CHECKS.update(SCORE_TABLE_CHECKS)
 from tests.interpreter.part_cases import PART_CHECKS  # noqa: E402
 
 CHECKS.update(PART_CHECKS)
+
+# Decoding route patterns through a PagedKVCache (tests/interpreter/route_decode_cases.py).
+from tests.interpreter.route_decode_cases import ROUTE_DECODE_CHECKS  # noqa: E402
+
+CHECKS.update(ROUTE_DECODE_CHECKS)

@@ -51,8 +51,9 @@ def _tensors(heads, kv_heads, n, dim, dtype, seed):
     return tuple(torch.randn(2, h, n, dim, generator=g, dtype=dtype) for h in (heads, kv_heads, kv_heads))
 
 
-def _decode(p, q, k, v, chunks, page_size, check):
-    """Append ``chunks`` (sizes per step, element 1 a step behind) and call attention on each step's queries."""
+def _decode(p, q, k, v, chunks, page_size, check, **call):
+    """Append ``chunks`` (sizes per step, element 1 a step behind) and call attention on each step's queries
+    (with the keyword arguments ``call`` too)."""
     heads, kv_heads, dim = q.shape[1], k.shape[1], q.shape[3]
     cache = pd.PagedKVCache(p, 64, page_size, kv_heads, dim, dtype=k.dtype, batch=2)
     done = [0, 0]
@@ -69,7 +70,7 @@ def _decode(p, q, k, v, chunks, page_size, check):
         for b, m in zip(rows, ns, strict=True):
             qs[b, :, :m] = q[b, :, done[b] - m : done[b]]
             ql[b] = m
-        out, lse = p(qs, kp, vp, block_table=table, kv_lengths=lens, q_lengths=ql, return_lse=True)
+        out, lse = p(qs, kp, vp, block_table=table, kv_lengths=lens, q_lengths=ql, return_lse=True, **call)
         for b in rows:
             check(b, done[b], int(ql[b]), out[b : b + 1, :, : ql[b]], lse[b : b + 1, :, : ql[b]])
     return cache
@@ -152,3 +153,21 @@ def test_caches_made_under_inference_mode_work_without_trusting_summaries(steps)
         out = p(q[:1, :, -1:], kp, vp, block_table=table, kv_lengths=lens)
     assert not steps  # inference tensors keep no version counter: a write outside append could not be seen
     assert torch.allclose(out, p(q[:1, :, -1:], k[:1], v[:1]), atol=1e-12)
+
+
+def test_triton_step_names_a_missing_page_a_query_attends():
+    # The Triton step evaluates the pattern at the gathered keys only where a page is missing; it names it.
+    from patterndsl import runtime
+    from patterndsl.errors import InputError
+
+    p = pd.compile(ROUTES[0])
+    q, k, v = _tensors(4, 2, 12, 8, torch.float32, 7)
+    cache = pd.PagedKVCache(p, 16, 4, 2, 8)
+    cache.append(k[:1], v[:1])
+    kp, vp, table, lens = cache.view()
+    table = table.clone()
+    table[0, 2] = -1  # positions 8..11: the window(5) of the query at 11
+    data = [lens, torch.tensor([1]), table]
+    key = runtime._plan_key(p.ir, "triton")
+    with pytest.raises(InputError, match="key position 8 of batch element 0"):
+        route_decode.forward_triton(q[:1, :, -1:], kp, vp, p.ir, data, 8**-0.5, cache.summaries, key)
