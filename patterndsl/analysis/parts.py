@@ -32,6 +32,7 @@ from patterndsl import ir, semantics
 from patterndsl.analysis import reorder, tiles
 from patterndsl.analysis.plan import BlockPlan
 from patterndsl.analysis.rewrite import simplify
+from patterndsl.analysis.serial import serial
 from patterndsl.errors import PatternError
 from patterndsl.sizes import Sizes
 
@@ -360,6 +361,7 @@ class _Search:
 # ----------------------------------------------------------------------------- entry point
 
 
+@serial
 def split(pir: ir.PatternIR, single: BlockPlan, opts: PartOptions | None = None) -> tuple[BlockPlan, ...]:
     """The parts to run instead of ``single``, or ``()`` when the single order is at least as good.
 

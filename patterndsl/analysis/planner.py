@@ -24,6 +24,7 @@ from patterndsl.analysis import hierarchy, reorder, routeplan, tiles
 from patterndsl.analysis.classify import Env
 from patterndsl.analysis.plan import BlockPlan, HeadGroup, PlanStats, Runs, RunTiles, TileList
 from patterndsl.analysis.rewrite import simplify
+from patterndsl.analysis.serial import serial
 from patterndsl.errors import HeadsError, PatternTypeError, PatternValueError
 from patterndsl.sizes import Sizes
 
@@ -199,6 +200,7 @@ def plan_order(candidate: tuple, groups, sizes: Sizes, bm: int, bn: int, bound: 
     return _plan_order(*candidate, groups, sizes, bm, bn, bound)
 
 
+@serial
 def plan(
     pir: ir.PatternIR,
     q_len: int,
