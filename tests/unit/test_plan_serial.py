@@ -18,9 +18,30 @@ def test_plan_evaluates_serially_and_restores_threads(monkeypatch):
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        p = pd.compile("pattern p { window(3, 3, dilation = 2) | global(4) | where(q % 7 == k % 5) }")
-        plan = p.plan(1024, block=(64, 64))
+        p = pd.compile("pattern p { window(32, 32, dilation = 8) | global(4) }")
+        plan = p.plan(2048, block=(64, 64))
         assert plan.stats.elements_evaluated > 0 and seen and set(seen) == {1}
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_sampled_order_is_skipped_only_when_it_loses(monkeypatch):
+    from patterndsl.analysis import planner
+
+    planned = []
+    plan_order = planner._plan_order
+
+    def spy(desc, *args, **kwargs):
+        planned.append(desc)
+        return plan_order(desc, *args, **kwargs)
+
+    monkeypatch.setattr(planner, "_plan_order", spy)
+    # residue classes mod 128 make the window scatter over every tile: sampled, never planned whole
+    strided = pd.compile("pattern p { causal & (window(127) | strided(128)) }").plan(2048, block=(16, 16))
+    assert strided.order == "identity" and planned == ["identity"]
+    # classes mod 8 make the dilated window a band: planned whole, and chosen
+    planned.clear()
+    dilated = pd.compile("pattern p { window(32, 32, dilation = 8) }").plan(2048, block=(16, 16))
+    assert dilated.order == "classes mod 8" and planned == ["identity", "classes mod 8"]
+    assert dilated.stats.allowed_pairs == int(pd.compile("pattern p { window(32, 32, dilation = 8) }").mask(2048).sum())
