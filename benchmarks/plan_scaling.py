@@ -51,6 +51,8 @@ WARM_UP = (
     "pattern w { causal & (window(7, dilation = 2) | sink(4) | strided(9)) & ~blocks(5) }",
     "pattern w { where(abs(q // 64 - k // 64) <= 1 or q < 9) | global(64) | random(3, 64, 0) | summary(64, 2) }",
     "pattern w { layout grid(y = 64, x = 64)\n neighborhood(5) | where(k.x // 8 == q.x // 8) }",
+    # run-time inputs: the first such plan imports their planner modules (14 ms, most of a 16K plan)
+    "pattern w { input d: int[batch, token]\n input n: int[batch]\n within(d, causal & window(7)) | where(k < n) }",
 )
 
 #: Grid examples: their layout parameters on a grid of 16K tokens (scaled by doubling the
