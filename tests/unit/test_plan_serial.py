@@ -45,3 +45,28 @@ def test_sampled_order_is_skipped_only_when_it_loses(monkeypatch):
     dilated = pd.compile("pattern p { window(32, 32, dilation = 8) }").plan(2048, block=(16, 16))
     assert dilated.order == "classes mod 8" and planned == ["identity", "classes mod 8"]
     assert dilated.stats.allowed_pairs == int(pd.compile("pattern p { window(32, 32, dilation = 8) }").mask(2048).sum())
+
+
+def test_input_bounds_merged_on_runs_as_on_dense_maps():
+    import numpy as np
+
+    from patterndsl.analysis.inputplan import _agreed
+    from patterndsl.analysis.plan import DYNAMIC, Runs, TileList
+
+    rng = np.random.default_rng(7)
+    nqb, nkb = 9, 13
+    for _ in range(30):
+        a = torch.from_numpy(rng.choice([0, 0, 1, 2, 3], size=(nqb, nkb)).astype(np.int8))
+        other = torch.from_numpy(rng.integers(0, 4, (nqb, nkb)).astype(np.int8))
+        b = torch.where(torch.from_numpy(rng.random((nqb, nkb)) < 0.7), a, other)
+        want = torch.where((a == b) & (a != DYNAMIC), a, torch.full_like(a, DYNAMIC))
+        want[(a == 0) & (b == 0)] = 0
+        ra, rb = (Runs.from_tiles(TileList.from_dense(x), nqb) for x in (a, b))
+        got = _agreed(ra, rb, nkb)
+        dense = torch.zeros(nqb, nkb, dtype=torch.int8)
+        for r, lo, hi, s in zip(got.row.tolist(), got.lo.tolist(), got.hi.tolist(), got.state.tolist(), strict=True):
+            assert (dense[r, lo:hi] == 0).all()
+            dense[r, lo:hi] = s
+        assert torch.equal(dense, want)
+    empty = Runs.from_tiles(TileList.from_dense(torch.zeros(nqb, nkb, dtype=torch.int8)), nqb)
+    assert len(_agreed(empty, empty, nkb)) == 0
