@@ -282,7 +282,10 @@ class _Search:
             return got[1]
         bm, bn = config.block
         try:
-            cand = planner.plan_order(config.candidate, [(node, heads)], self.sizes, bm, bn, bound)
+            if planner.loses(config.candidate, [(node, heads)], self.sizes, bm, bn, bound):
+                cand = None  # its sampled query tiles visit clearly more: not planned whole
+            else:
+                cand = planner.plan_order(config.candidate, [(node, heads)], self.sizes, bm, bn, bound)
         except PatternError:
             cand = None  # beyond what a plan lists at this shape: not a candidate
         found = None
@@ -292,7 +295,12 @@ class _Search:
             side = self.opts.min_side
             # a thin tile still loads its keys and runs its loop: it costs as if min_side wide
             area = max(bm, side) * max(bn, side) - bm * bn
-            spread = (len(np.unique(keys // nkb)), len(np.unique(keys % nkb)))
+            nqb = cand.qside.n_tiles
+            # distinct tile rows and columns by counting (linear), not by sorting every key
+            spread = (
+                int(np.count_nonzero(np.bincount(keys // nkb, minlength=nqb))),
+                int(np.count_nonzero(np.bincount(keys % nkb, minlength=nkb))),
+            )
             found = _Cost(cand.work + (self.opts.tile_pairs + area) * len(keys) * len(heads), cand.work, spread)
         self._memo[key] = (bound, found)
         return found

@@ -154,6 +154,15 @@ SAMPLE_ROWS = 16
 SAMPLE_MARGIN = 1.1
 
 
+def loses(candidate: tuple, groups, sizes: Sizes, bm: int, bn: int, bound: int) -> bool:
+    """True when the order ``candidate`` (as :func:`plan_order` takes it) will not visit fewer than ``bound`` pairs.
+
+    Decided on a sample of its query tiles (:func:`_sampled_work`, at least :data:`SAMPLE_MARGIN`
+    times ``bound``): a heuristic that only ever drops a candidate order, never changes a tile.
+    """
+    return _sampled_work(*candidate, groups, sizes, bm, bn) >= SAMPLE_MARGIN * bound
+
+
 def _sampled_work(desc, qsegs, ksegs, identity, groups, sizes: Sizes, bm, bn) -> float:
     """The visited pairs of a candidate order extrapolated from :data:`SAMPLE_ROWS` evenly spaced query tiles.
 
@@ -298,10 +307,7 @@ def plan(
                 break  # every visited pair is allowed: no order visits fewer
             tried += 1
             bound = None if best is None else best.work
-            if (
-                bound is not None
-                and _sampled_work(desc, qsegs, ksegs, identity, groups, sizes, bm, bn) >= SAMPLE_MARGIN * bound
-            ):
+            if bound is not None and loses((desc, qsegs, ksegs, identity), groups, sizes, bm, bn, bound):
                 continue  # its sampled query tiles visit clearly more than the best order: it will not win
             cand = _plan_order(desc, qsegs, ksegs, identity, groups, sizes, bm, bn, bound)
             if cand is not None:
