@@ -70,3 +70,25 @@ def test_input_bounds_merged_on_runs_as_on_dense_maps():
         assert torch.equal(dense, want)
     empty = Runs.from_tiles(TileList.from_dense(torch.zeros(nqb, nkb, dtype=torch.int8)), nqb)
     assert len(_agreed(empty, empty, nkb)) == 0
+
+
+def test_distinct_rows_by_key_matches_the_lexicographic_sort():
+    import numpy as np
+
+    from patterndsl.primitives.common import distinct_rows
+
+    def reference(rows):
+        uniq, inv = np.unique(rows, axis=0, return_inverse=True)
+        return uniq, inv.reshape(-1)
+
+    rng = np.random.default_rng(3)
+    cases = [
+        rng.integers(0, 5, (400, 3)),  # a small key range: the table
+        rng.integers(-(10**6), 10**6, (300, 2)),  # a wide range: one sorted key
+        np.stack([rng.integers(0, 2, 50) * (1 << 61), rng.integers(0, 1 << 40, 50)], 1),  # beyond int64: lexsort
+        np.zeros((0, 3), np.int64),
+    ]
+    for rows in cases:
+        rows = rows.astype(np.int64)
+        got, want = distinct_rows(rows), reference(rows)
+        assert np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1])
