@@ -32,6 +32,7 @@ from patterndsl import ir, semantics
 from patterndsl.analysis import reorder, tiles
 from patterndsl.analysis.plan import BlockPlan
 from patterndsl.analysis.rewrite import simplify
+from patterndsl.analysis.serial import serial
 from patterndsl.errors import PatternError
 from patterndsl.sizes import Sizes
 
@@ -281,7 +282,10 @@ class _Search:
             return got[1]
         bm, bn = config.block
         try:
-            cand = planner.plan_order(config.candidate, [(node, heads)], self.sizes, bm, bn, bound)
+            if planner.loses(config.candidate, [(node, heads)], self.sizes, bm, bn, bound):
+                cand = None  # its sampled query tiles visit clearly more: not planned whole
+            else:
+                cand = planner.plan_order(config.candidate, [(node, heads)], self.sizes, bm, bn, bound)
         except PatternError:
             cand = None  # beyond what a plan lists at this shape: not a candidate
         found = None
@@ -291,7 +295,12 @@ class _Search:
             side = self.opts.min_side
             # a thin tile still loads its keys and runs its loop: it costs as if min_side wide
             area = max(bm, side) * max(bn, side) - bm * bn
-            spread = (len(np.unique(keys // nkb)), len(np.unique(keys % nkb)))
+            nqb = cand.qside.n_tiles
+            # distinct tile rows and columns by counting (linear), not by sorting every key
+            spread = (
+                int(np.count_nonzero(np.bincount(keys // nkb, minlength=nqb))),
+                int(np.count_nonzero(np.bincount(keys % nkb, minlength=nkb))),
+            )
             found = _Cost(cand.work + (self.opts.tile_pairs + area) * len(keys) * len(heads), cand.work, spread)
         self._memo[key] = (bound, found)
         return found
@@ -360,6 +369,7 @@ class _Search:
 # ----------------------------------------------------------------------------- entry point
 
 
+@serial
 def split(pir: ir.PatternIR, single: BlockPlan, opts: PartOptions | None = None) -> tuple[BlockPlan, ...]:
     """The parts to run instead of ``single``, or ``()`` when the single order is at least as good.
 
