@@ -151,7 +151,9 @@ def child(kind: str, index: int, length: int, repeat: int) -> dict:
         from patterndsl.sizes import Sizes
 
         if any(ir.is_dynamic(n) for n in (pattern.ir.default, *(r.node for r in pattern.ir.heads)) if n is not None):
-            return {"skipped": True}  # route(...): the mask depends on the data
+            return {"skipped": "(data-dependent mask)"}  # route(...): the mask depends on the data
+        if pattern.ir.inputs:
+            return {"skipped": "(run-time inputs)"}  # its mask_mod would read tensors given per call
         # The dense mask of head 0, built a band of rows at a time (no L x L int64 temporaries).
         node = pattern.ir.node_for_head(0)
         ctx = Sizes(length, length, pattern.ir.layout, HEADS)
@@ -319,7 +321,7 @@ def plan_scaling(args) -> list[str]:
             if flex and "ms" in flex:
                 row += f" {flex['ms']:9.1f} {flex['ms'] / ours['ms']:7.1f}x"
             elif flex and flex.get("skipped"):
-                row += f" {'(data-dependent mask)':>18s}"
+                row += f" {flex['skipped']:>18s}"
             print(row, flush=True)
             if length == 16 * 1024:
                 TALLY["16K time"][ours["ms"] <= TARGET_16K_MS] += 1
