@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import torch
 
+from patterndsl.runtime.cpu.tuning import FLASH
+
 #: Query rows per key-value head up to which the in-place product is used (decoding steps and short chunks).
 MAX_ROWS = 64
 #: Runs of consecutive physical pages per row tile up to which the tile is read in place.
@@ -76,7 +78,10 @@ def in_place(gr, q, b: int, k, v, table_row: torch.Tensor, tile, scale: float, d
     pieces = _pieces(table_row, tile.runs, ps)
     if pieces is None:
         return None
-    qr = gr.rows(q, b, tile.i0, tile.i1, dt).reshape(hkv * n_rows, dim) * scale  # heads ordered by kv head
+    qr = gr.rows(q, b, tile.i0, tile.i1, dt).reshape(hkv * n_rows, dim)  # heads ordered by kv head
+    if FLASH is not None and dt == torch.float32 and len(pieces) == 1:
+        return _fused(gr, qr, k, v, tile, pieces[0], scale)
+    qr = qr * scale
     parts = []
     for first, count, off, length in pieces:
         # The pages are one matrix [count * hkv * ps, D] of rows interleaving the kv heads page by page.
@@ -107,3 +112,45 @@ def in_place(gr, q, b: int, k, v, table_row: torch.Tensor, tile, scale: float, d
     o = o.view(hkv, n_rows, dim) / den.clamp(min=torch.finfo(dt).tiny)
     n = tile.i1 - tile.i0
     return o.view(len(gr.heads), n, dim), (m + den.log()).view(len(gr.heads), n)
+
+
+def _bias(gr, tile, piece, hkv: int, ps: int) -> torch.Tensor:
+    """The additive mask ``[1, 1, hkv * rows, count * hkv * ps]`` of a one-piece tile read by the fused kernel:
+    each query row keeps its own key-value head's rows of the piece's pages, inside the piece's keys, where the
+    tile allows them. Kept on the tile per piece shape (it does not depend on which physical pages)."""
+    _, count, off, length = piece
+    key = ("paged", count, off, length, hkv, ps, gr.share)
+    got = tile._biases.get(key)
+    if got is None:
+        n = tile.i1 - tile.i0
+        n_rows = n * gr.share
+        if tile.allowed is None:
+            keep = torch.ones(hkv, n_rows, length, dtype=torch.bool)
+        else:
+            keep = tile.allowed.expand(len(gr.heads), n, length).reshape(hkv, n_rows, length)
+        keep = torch.nn.functional.pad(keep, (off, count * ps - off - length))
+        full = torch.zeros(hkv, n_rows, count, hkv, ps, dtype=torch.bool)
+        full.diagonal(dim1=0, dim2=3).copy_(keep.view(hkv, n_rows, count, ps).permute(1, 2, 3, 0))
+        got = torch.zeros(1, 1, hkv * n_rows, count * hkv * ps).masked_fill_(
+            ~full.view(1, 1, hkv * n_rows, -1), float("-inf")
+        )
+        tile._biases[key] = got
+    return got
+
+
+def _fused(gr, qr, k, v, tile, piece, scale: float):
+    """``(o, lse)`` of a one-piece tile by torch's fused CPU flash kernel over the piece's pages as one matrix of
+    rows interleaving the key-value heads (:func:`_bias` keeps each head's own), or None when not finite."""
+    first, count = piece[0], piece[1]
+    hkv, ps, dim = k.shape[1], k.shape[2], k.shape[3]
+    n = tile.i1 - tile.i0
+    kk = k[first : first + count].view(1, 1, -1, dim)
+    vv = v[first : first + count].view(1, 1, -1, dim)
+    o, lse = FLASH(qr[None, None], kk, vv, 0.0, False, attn_mask=_bias(gr, tile, piece, hkv, ps), scale=scale)
+    if not bool(torch.isfinite(o).all()):
+        return None
+    lse = lse.view(len(gr.heads), n)
+    if tile.empty is not None:
+        # The kernel reports lse = 0 for rows with no allowed key; the contract says -inf.
+        lse = lse.masked_fill(tile.empty.expand(len(gr.heads), n), float("-inf"))
+    return o.view(len(gr.heads), n, dim), lse

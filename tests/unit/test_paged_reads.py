@@ -119,3 +119,27 @@ def test_the_cache_keeps_each_element_on_runs_of_consecutive_pages():
     for _ in range(120):
         cache.append(torch.randn(1, 1, 1, 8), torch.randn(1, 1, 1, 8))
         assert _runs_of(cache.view()[2][0].tolist()) <= 3  # the sinks' page, then the window wrapping once
+
+
+@pytest.mark.parametrize("source", ["pattern c { causal }", "pattern w { causal & window(9) }"])
+def test_a_decoding_step_on_one_run_of_pages_uses_the_fused_kernel(source, monkeypatch):
+    # float32, one query row, the keys on consecutive pages that start inside a page (the window) and end
+    # inside the last page: one piece, computed by torch's flash kernel under a mask kept on the tile.
+    fused = []
+    real = paged._fused
+
+    def spy(*args):
+        got = real(*args)
+        fused.append(got is not None)
+        return got
+
+    monkeypatch.setattr(paged, "_fused", spy)
+    p = pd.compile(source)
+    q, k, v = _tensors(1, 4, 2, 1, 37, 8, torch.float32, 5)
+    kvl = torch.tensor([37])
+    kp, vp, table = consecutive(k, v, kvl, 5)
+    for _ in range(2):  # the second call reuses the tile's mask
+        out, lse = p(q, kp, vp, kv_lengths=kvl, block_table=table, return_lse=True)
+        want, want_lse = p(q.double(), k.double(), v.double(), kv_lengths=kvl, return_lse=True)
+        assert torch.allclose(out.double(), want, atol=1e-5) and torch.allclose(lse.double(), want_lse, atol=1e-5)
+    assert fused == [True, True]
