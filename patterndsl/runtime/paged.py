@@ -21,6 +21,10 @@ paged calls 3-5x SDPA's. Two ways around it:
 
 from __future__ import annotations
 
+import threading
+import weakref
+from collections import OrderedDict
+
 import torch
 
 from patterndsl.runtime.cpu.tuning import FLASH
@@ -29,6 +33,34 @@ from patterndsl.runtime.cpu.tuning import FLASH
 MAX_ROWS = 64
 #: Runs of consecutive physical pages per row tile up to which the tile is read in place.
 MAX_PIECES = 16
+#: Block tables whose pages were found within the cache, per table tensor (every layer of a model's decoding
+#: step passes the same table at the same lengths): the check is skipped while the table is unchanged.
+MAX_CHECKED = 16
+_CHECKED: OrderedDict = OrderedDict()
+_LOCK = threading.Lock()
+
+
+def _checked_key(table: torch.Tensor, n_pages: int, ps: int, kv_lengths) -> tuple:
+    # ``_version`` counts the in-place writes to the tensor and every view of it.
+    return (table._version, tuple(table.shape), n_pages, ps, tuple(kv_lengths))
+
+
+def checked(table: torch.Tensor, n_pages: int, ps: int, kv_lengths) -> bool:
+    """Whether :func:`remember` saw this very table tensor, unchanged since, with the same cache and lengths."""
+    with _LOCK:
+        got = _CHECKED.get(id(table))
+    return got is not None and got[0]() is table and got[1] == _checked_key(table, n_pages, ps, kv_lengths)
+
+
+def remember(table: torch.Tensor, n_pages: int, ps: int, kv_lengths) -> None:
+    """Note that ``table``'s pages reached by ``kv_lengths`` lie within a cache of ``n_pages`` pages of ``ps``."""
+    if table.is_inference():
+        return  # inference tensors keep no version counter
+    with _LOCK:
+        _CHECKED[id(table)] = (weakref.ref(table), _checked_key(table, n_pages, ps, kv_lengths))
+        _CHECKED.move_to_end(id(table))
+        while len(_CHECKED) > MAX_CHECKED:
+            _CHECKED.popitem(last=False)
 
 
 def flat_rows(k: torch.Tensor, pages: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor | None:

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import patterndsl as pd
+from patterndsl.errors import InputError
 from patterndsl.runtime import paged
 from tests.unit.test_ragged import SOURCES, _check, _tensors, shared_paged
 
@@ -143,3 +144,19 @@ def test_a_decoding_step_on_one_run_of_pages_uses_the_fused_kernel(source, monke
         want, want_lse = p(q.double(), k.double(), v.double(), kv_lengths=kvl, return_lse=True)
         assert torch.allclose(out.double(), want, atol=1e-5) and torch.allclose(lse.double(), want_lse, atol=1e-5)
     assert fused == [True, True]
+
+
+def test_a_table_checked_once_is_checked_again_after_a_write():
+    # The pages' check is skipped for the same unchanged table tensor only: an in-place write, other lengths or
+    # a smaller cache are checked again.
+    p = pd.compile("pattern c { causal }")
+    q, k, v = _tensors(1, 2, 1, 1, 20, 8, torch.float32, 3)
+    kvl = torch.tensor([20])
+    kp, vp, table = consecutive(k, v, kvl, 4)
+    p(q, kp, vp, kv_lengths=kvl, block_table=table)
+    assert paged.checked(table, kp.shape[0], 4, [20]) and not paged.checked(table, kp.shape[0], 4, [19])
+    with pytest.raises(InputError, match="is not a page of the cache"):
+        p(q, kp[:3], vp[:3], kv_lengths=kvl, block_table=table)
+    table[0, 2] = kp.shape[0]
+    with pytest.raises(InputError, match=r"block_table\[0, 2\]"):
+        p(q, kp, vp, kv_lengths=kvl, block_table=table)
