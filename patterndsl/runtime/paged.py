@@ -15,7 +15,9 @@ paged calls 3-5x SDPA's. Two ways around it:
   page, so one matrix product of every query head with every row gives the scores, of which each head
   keeps its own key-value head's rows (a strided view), and the output is one product of the
   probabilities, zero outside each head's own rows, with the value rows: the cache is read once, as SDPA
-  reads it, at ``kv_heads`` times the (small, at few rows) multiply count;
+  reads it, at ``kv_heads`` times the (small, at few rows) multiply count; a float32 tile on one such run
+  (a decoding step over pages in order) runs the same product in torch's fused flash kernel, under an
+  additive mask kept on the tile that keeps each head's own rows;
 - otherwise the positions are gathered by one ``index_select`` of rows of the flattened pages.
 """
 
