@@ -35,6 +35,9 @@ from patterndsl.runtime.cpu.tuning import FLASH
 MAX_ROWS = 64
 #: Runs of consecutive physical pages per row tile up to which the tile is read in place.
 MAX_PIECES = 16
+#: Elements up to which the fused path's mask is kept on its tile (past it, about 128K keys of 8 query heads over
+#: 2 key-value heads, it is built per call: the tile lists of recent calls stay small).
+MAX_KEPT_MASK = 1 << 20
 #: Block tables whose pages were found within the cache, per table tensor (every layer of a model's decoding
 #: step passes the same table at the same lengths): the check is skipped while the table is unchanged.
 MAX_CHECKED = 16
@@ -168,7 +171,8 @@ def _bias(gr, tile, piece, hkv: int, ps: int) -> torch.Tensor:
         got = torch.zeros(1, 1, hkv * n_rows, count * hkv * ps).masked_fill_(
             ~full.view(1, 1, hkv * n_rows, -1), float("-inf")
         )
-        tile._biases[key] = got
+        if got.numel() <= MAX_KEPT_MASK:
+            tile._biases[key] = got
     return got
 
 

@@ -12,7 +12,7 @@ import torch
 
 import patterndsl as pd
 from patterndsl.errors import InputError
-from patterndsl.runtime import paged
+from patterndsl.runtime import paged, ragged
 from tests.unit.test_ragged import SOURCES, _check, _tensors, shared_paged
 
 
@@ -122,8 +122,11 @@ def test_the_cache_keeps_each_element_on_runs_of_consecutive_pages():
         assert _runs_of(cache.view()[2][0].tolist()) <= 3  # the sinks' page, then the window wrapping once
 
 
-@pytest.mark.parametrize("source", ["pattern c { causal }", "pattern w { causal & window(9) }"])
-def test_a_decoding_step_on_one_run_of_pages_uses_the_fused_kernel(source, monkeypatch):
+@pytest.mark.parametrize(
+    ("source", "kept"),
+    [("pattern c { causal }", 1 << 20), ("pattern w { causal & window(9) }", 1 << 20), ("pattern c { causal }", 0)],
+)
+def test_a_decoding_step_on_one_run_of_pages_uses_the_fused_kernel(source, kept, monkeypatch):
     # float32, one query row, the keys on consecutive pages that start inside a page (the window) and end
     # inside the last page: one piece, computed by torch's flash kernel under a mask kept on the tile.
     fused = []
@@ -135,6 +138,8 @@ def test_a_decoding_step_on_one_run_of_pages_uses_the_fused_kernel(source, monke
         return got
 
     monkeypatch.setattr(paged, "_fused", spy)
+    monkeypatch.setattr(paged, "MAX_KEPT_MASK", kept)  # 0: the mask is built per call, not kept on the tile
+    ragged.clear()
     p = pd.compile(source)
     q, k, v = _tensors(1, 4, 2, 1, 37, 8, torch.float32, 5)
     kvl = torch.tensor([37])
@@ -144,6 +149,15 @@ def test_a_decoding_step_on_one_run_of_pages_uses_the_fused_kernel(source, monke
         want, want_lse = p(q.double(), k.double(), v.double(), kv_lengths=kvl, return_lse=True)
         assert torch.allclose(out.double(), want, atol=1e-5) and torch.allclose(lse.double(), want_lse, atol=1e-5)
     assert fused == [True, True]
+    masks = [
+        key
+        for work in ragged._WORK.values()
+        for _, groups in work
+        for _, tiles in groups
+        for t in tiles
+        for key in t._biases
+    ]
+    assert any(isinstance(key, tuple) and key[0] == "paged" for key in masks) == bool(kept)
 
 
 def test_a_table_checked_once_is_checked_again_after_a_write():
