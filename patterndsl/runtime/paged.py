@@ -15,18 +15,57 @@ paged calls 3-5x SDPA's. Two ways around it:
   page, so one matrix product of every query head with every row gives the scores, of which each head
   keeps its own key-value head's rows (a strided view), and the output is one product of the
   probabilities, zero outside each head's own rows, with the value rows: the cache is read once, as SDPA
-  reads it, at ``kv_heads`` times the (small, at few rows) multiply count;
+  reads it, at ``kv_heads`` times the (small, at few rows) multiply count; a float32 tile on one such run
+  (a decoding step over pages in order) runs the same product in torch's fused flash kernel, under an
+  additive mask kept on the tile that keeps each head's own rows;
 - otherwise the positions are gathered by one ``index_select`` of rows of the flattened pages.
 """
 
 from __future__ import annotations
 
+import threading
+import weakref
+from collections import OrderedDict
+
 import torch
+
+from patterndsl.runtime.cpu.tuning import FLASH
 
 #: Query rows per key-value head up to which the in-place product is used (decoding steps and short chunks).
 MAX_ROWS = 64
 #: Runs of consecutive physical pages per row tile up to which the tile is read in place.
 MAX_PIECES = 16
+#: Elements up to which the fused path's mask is kept on its tile (past it, about 128K keys of 8 query heads over
+#: 2 key-value heads, it is built per call: the tile lists of recent calls stay small).
+MAX_KEPT_MASK = 1 << 20
+#: Block tables whose pages were found within the cache, per table tensor (every layer of a model's decoding
+#: step passes the same table at the same lengths): the check is skipped while the table is unchanged.
+MAX_CHECKED = 16
+_CHECKED: OrderedDict = OrderedDict()
+_LOCK = threading.Lock()
+
+
+def _checked_key(table: torch.Tensor, n_pages: int, ps: int, kv_lengths) -> tuple:
+    # ``_version`` counts the in-place writes to the tensor and every view of it.
+    return (table._version, tuple(table.shape), n_pages, ps, tuple(kv_lengths))
+
+
+def checked(table: torch.Tensor, n_pages: int, ps: int, kv_lengths) -> bool:
+    """Whether :func:`remember` saw this very table tensor, unchanged since, with the same cache and lengths."""
+    with _LOCK:
+        got = _CHECKED.get(id(table))
+    return got is not None and got[0]() is table and got[1] == _checked_key(table, n_pages, ps, kv_lengths)
+
+
+def remember(table: torch.Tensor, n_pages: int, ps: int, kv_lengths) -> None:
+    """Note that ``table``'s pages reached by ``kv_lengths`` lie within a cache of ``n_pages`` pages of ``ps``."""
+    if table.is_inference():
+        return  # inference tensors keep no version counter
+    with _LOCK:
+        _CHECKED[id(table)] = (weakref.ref(table), _checked_key(table, n_pages, ps, kv_lengths))
+        _CHECKED.move_to_end(id(table))
+        while len(_CHECKED) > MAX_CHECKED:
+            _CHECKED.popitem(last=False)
 
 
 def flat_rows(k: torch.Tensor, pages: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor | None:
@@ -76,7 +115,10 @@ def in_place(gr, q, b: int, k, v, table_row: torch.Tensor, tile, scale: float, d
     pieces = _pieces(table_row, tile.runs, ps)
     if pieces is None:
         return None
-    qr = gr.rows(q, b, tile.i0, tile.i1, dt).reshape(hkv * n_rows, dim) * scale  # heads ordered by kv head
+    qr = gr.rows(q, b, tile.i0, tile.i1, dt).reshape(hkv * n_rows, dim)  # heads ordered by kv head
+    if FLASH is not None and dt == torch.float32 and len(pieces) == 1:
+        return _fused(gr, qr, k, v, tile, pieces[0], scale)
+    qr = qr * scale
     parts = []
     for first, count, off, length in pieces:
         # The pages are one matrix [count * hkv * ps, D] of rows interleaving the kv heads page by page.
@@ -107,3 +149,46 @@ def in_place(gr, q, b: int, k, v, table_row: torch.Tensor, tile, scale: float, d
     o = o.view(hkv, n_rows, dim) / den.clamp(min=torch.finfo(dt).tiny)
     n = tile.i1 - tile.i0
     return o.view(len(gr.heads), n, dim), (m + den.log()).view(len(gr.heads), n)
+
+
+def _bias(gr, tile, piece, hkv: int, ps: int) -> torch.Tensor:
+    """The additive mask ``[1, 1, hkv * rows, count * hkv * ps]`` of a one-piece tile read by the fused kernel:
+    each query row keeps its own key-value head's rows of the piece's pages, inside the piece's keys, where the
+    tile allows them. Kept on the tile per piece shape (it does not depend on which physical pages)."""
+    _, count, off, length = piece
+    key = ("paged", count, off, length, hkv, ps, gr.share)
+    got = tile._biases.get(key)
+    if got is None:
+        n = tile.i1 - tile.i0
+        n_rows = n * gr.share
+        if tile.allowed is None:
+            keep = torch.ones(hkv, n_rows, length, dtype=torch.bool)
+        else:
+            keep = tile.allowed.expand(len(gr.heads), n, length).reshape(hkv, n_rows, length)
+        keep = torch.nn.functional.pad(keep, (off, count * ps - off - length))
+        full = torch.zeros(hkv, n_rows, count, hkv, ps, dtype=torch.bool)
+        full.diagonal(dim1=0, dim2=3).copy_(keep.view(hkv, n_rows, count, ps).permute(1, 2, 3, 0))
+        got = torch.zeros(1, 1, hkv * n_rows, count * hkv * ps).masked_fill_(
+            ~full.view(1, 1, hkv * n_rows, -1), float("-inf")
+        )
+        if got.numel() <= MAX_KEPT_MASK:
+            tile._biases[key] = got
+    return got
+
+
+def _fused(gr, qr, k, v, tile, piece, scale: float):
+    """``(o, lse)`` of a one-piece tile by torch's fused CPU flash kernel over the piece's pages as one matrix of
+    rows interleaving the key-value heads (:func:`_bias` keeps each head's own), or None when not finite."""
+    first, count = piece[0], piece[1]
+    hkv, ps, dim = k.shape[1], k.shape[2], k.shape[3]
+    n = tile.i1 - tile.i0
+    kk = k[first : first + count].view(1, 1, -1, dim)
+    vv = v[first : first + count].view(1, 1, -1, dim)
+    o, lse = FLASH(qr[None, None], kk, vv, 0.0, False, attn_mask=_bias(gr, tile, piece, hkv, ps), scale=scale)
+    if not bool(torch.isfinite(o).all()):
+        return None
+    lse = lse.view(len(gr.heads), n)
+    if tile.empty is not None:
+        # The kernel reports lse = 0 for rows with no allowed key; the contract says -inf.
+        lse = lse.masked_fill(tile.empty.expand(len(gr.heads), n), float("-inf"))
+    return o.view(len(gr.heads), n, dim), lse

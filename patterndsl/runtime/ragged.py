@@ -142,8 +142,8 @@ def check_values(q, k, data) -> tuple[list[int], list[int]]:
     lengths = data[0].tolist(), data[1].tolist()
     if not batch:
         return lengths
-    paged = len(data) > 2
-    if paged:
+    in_pages = len(data) > 2
+    if in_pages:
         cap, why = data[2].shape[1] * k.shape[2], f"block_table holds {data[2].shape[1]} pages of {k.shape[2]}"
     else:
         cap, why = k.shape[2], f"k has {k.shape[2]} positions"
@@ -154,7 +154,7 @@ def check_values(q, k, data) -> tuple[list[int], list[int]]:
         lo, hi = min(t), max(t)
         if lo < 0 or hi > limit:
             raise InputError(f"{name} holds {lo if lo < 0 else hi}, outside 0..{limit} ({text})")
-    if paged:
+    if in_pages and not paged.checked(data[2], k.shape[0], k.shape[2], lengths[0]):
         table, ps = data[2], k.shape[2]
         held = torch.arange(table.shape[1])[None, :] < ((data[0] + ps - 1) // ps)[:, None]
         bad = ((table < -1) | (table >= k.shape[0])) & held
@@ -164,6 +164,7 @@ def check_values(q, k, data) -> tuple[list[int], list[int]]:
                 f"block_table[{b}, {p}] = {int(table[b, p])} is not a page of the cache (0..{k.shape[0] - 1}, "
                 "or -1 for none)"
             )
+        paged.remember(table, k.shape[0], ps, lengths[0])
     return lengths
 
 

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import patterndsl as pd
-from patterndsl.runtime import paged
+from patterndsl.errors import InputError
+from patterndsl.runtime import paged, ragged
 from tests.unit.test_ragged import SOURCES, _check, _tensors, shared_paged
 
 
@@ -119,3 +120,57 @@ def test_the_cache_keeps_each_element_on_runs_of_consecutive_pages():
     for _ in range(120):
         cache.append(torch.randn(1, 1, 1, 8), torch.randn(1, 1, 1, 8))
         assert _runs_of(cache.view()[2][0].tolist()) <= 3  # the sinks' page, then the window wrapping once
+
+
+@pytest.mark.parametrize(
+    ("source", "kept"),
+    [("pattern c { causal }", 1 << 20), ("pattern w { causal & window(9) }", 1 << 20), ("pattern c { causal }", 0)],
+)
+def test_a_decoding_step_on_one_run_of_pages_uses_the_fused_kernel(source, kept, monkeypatch):
+    # float32, one query row, the keys on consecutive pages that start inside a page (the window) and end
+    # inside the last page: one piece, computed by torch's flash kernel under a mask kept on the tile.
+    fused = []
+    real = paged._fused
+
+    def spy(*args):
+        got = real(*args)
+        fused.append(got is not None)
+        return got
+
+    monkeypatch.setattr(paged, "_fused", spy)
+    monkeypatch.setattr(paged, "MAX_KEPT_MASK", kept)  # 0: the mask is built per call, not kept on the tile
+    ragged.clear()
+    p = pd.compile(source)
+    q, k, v = _tensors(1, 4, 2, 1, 37, 8, torch.float32, 5)
+    kvl = torch.tensor([37])
+    kp, vp, table = consecutive(k, v, kvl, 5)
+    for _ in range(2):  # the second call reuses the tile's mask
+        out, lse = p(q, kp, vp, kv_lengths=kvl, block_table=table, return_lse=True)
+        want, want_lse = p(q.double(), k.double(), v.double(), kv_lengths=kvl, return_lse=True)
+        assert torch.allclose(out.double(), want, atol=1e-5) and torch.allclose(lse.double(), want_lse, atol=1e-5)
+    assert fused == [True, True]
+    masks = [
+        key
+        for work in ragged._WORK.values()
+        for _, groups in work
+        for _, tiles in groups
+        for t in tiles
+        for key in t._biases
+    ]
+    assert any(isinstance(key, tuple) and key[0] == "paged" for key in masks) == bool(kept)
+
+
+def test_a_table_checked_once_is_checked_again_after_a_write():
+    # The pages' check is skipped for the same unchanged table tensor only: an in-place write, other lengths or
+    # a smaller cache are checked again.
+    p = pd.compile("pattern c { causal }")
+    q, k, v = _tensors(1, 2, 1, 1, 20, 8, torch.float32, 3)
+    kvl = torch.tensor([20])
+    kp, vp, table = consecutive(k, v, kvl, 4)
+    p(q, kp, vp, kv_lengths=kvl, block_table=table)
+    assert paged.checked(table, kp.shape[0], 4, [20]) and not paged.checked(table, kp.shape[0], 4, [19])
+    with pytest.raises(InputError, match="is not a page of the cache"):
+        p(q, kp[:3], vp[:3], kv_lengths=kvl, block_table=table)
+    table[0, 2] = kp.shape[0]
+    with pytest.raises(InputError, match=r"block_table\[0, 2\]"):
+        p(q, kp, vp, kv_lengths=kvl, block_table=table)
