@@ -92,14 +92,16 @@ def kernel_source(pattern, q_len: int, kv_len: int | None = None, heads: int = 1
     """
     import torch
 
+    from patterndsl import codegen
     from patterndsl.analysis import clusterplan
-    from patterndsl.codegen import generator, spec_for
+    from patterndsl.codegen import generator
 
     kv_len = q_len if kv_len is None else kv_len
     split = clusterplan.split(pattern.ir, heads)
     sections = []
     if split.static is not None:
-        text = generator.render(spec_for(type(pattern)(split.static), q_len, kv_len, heads, **options))
+        # The static part's source as the launcher runs it: one spec, or one per part of its split.
+        text = codegen.kernel_source(type(pattern)(split.static), q_len, kv_len, heads, **options)
         sections.append("# === static part (its own plan and token order)\n" + text)
     target = options.get("target", "sm_90")
     dtype = generator.DTYPES.get(options.get("dtype", torch.float16), "float16")
