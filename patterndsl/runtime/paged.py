@@ -46,15 +46,26 @@ _LOCK = threading.Lock()
 
 
 def _checked_key(table: torch.Tensor, n_pages: int, ps: int, kv_lengths) -> tuple:
-    # ``_version`` counts the in-place writes to the tensor and every view of it.
+    # ``_version`` counts the in-place writes through torch to the tensor and every view of it.
     return (table._version, tuple(table.shape), n_pages, ps, tuple(kv_lengths))
 
 
 def checked(table: torch.Tensor, n_pages: int, ps: int, kv_lengths) -> bool:
-    """Whether :func:`remember` saw this very table tensor, unchanged since, with the same cache and lengths."""
+    """Whether :func:`remember` saw this very table tensor, unchanged since, with the same cache and lengths.
+
+    Unchanged means the same version *and* the same values as the copy kept then: a write through memory the
+    tensor shares (``table.numpy()``, DLPack, ``data_ptr``) does not count as a version, and a page out of the
+    cache must never be read, so the values are compared too (one ``torch.equal`` over the small table, far
+    cheaper than the check it skips).
+    """
     with _LOCK:
         got = _CHECKED.get(id(table))
-    return got is not None and got[0]() is table and got[1] == _checked_key(table, n_pages, ps, kv_lengths)
+    return (
+        got is not None
+        and got[0]() is table
+        and got[1] == _checked_key(table, n_pages, ps, kv_lengths)
+        and torch.equal(got[2], table)
+    )
 
 
 def remember(table: torch.Tensor, n_pages: int, ps: int, kv_lengths) -> None:
@@ -62,7 +73,7 @@ def remember(table: torch.Tensor, n_pages: int, ps: int, kv_lengths) -> None:
     if table.is_inference():
         return  # inference tensors keep no version counter
     with _LOCK:
-        _CHECKED[id(table)] = (weakref.ref(table), _checked_key(table, n_pages, ps, kv_lengths))
+        _CHECKED[id(table)] = (weakref.ref(table), _checked_key(table, n_pages, ps, kv_lengths), table.clone())
         _CHECKED.move_to_end(id(table))
         while len(_CHECKED) > MAX_CHECKED:
             _CHECKED.popitem(last=False)

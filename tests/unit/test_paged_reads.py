@@ -174,3 +174,19 @@ def test_a_table_checked_once_is_checked_again_after_a_write():
     table[0, 2] = kp.shape[0]
     with pytest.raises(InputError, match=r"block_table\[0, 2\]"):
         p(q, kp, vp, kv_lengths=kvl, block_table=table)
+
+
+def test_a_table_written_through_numpy_is_checked_again():
+    # A write through memory the table shares bumps no version counter: the kept check compares values too, so
+    # a page outside the cache is never read.
+    p = pd.compile("pattern c { causal }")
+    q, k, v = _tensors(1, 2, 1, 1, 20, 8, torch.float32, 4)
+    kvl = torch.tensor([20])
+    kp, vp, table = consecutive(k, v, kvl, 4)
+    p(q, kp, vp, kv_lengths=kvl, block_table=table)
+    version = table._version
+    table.numpy()[0, 2] = kp.shape[0] + 7
+    assert table._version == version
+    assert not paged.checked(table, kp.shape[0], 4, [20])
+    with pytest.raises(InputError, match=rf"block_table\[0, 2\] = {kp.shape[0] + 7} is not a page of the cache"):
+        p(q, kp, vp, kv_lengths=kvl, block_table=table)
