@@ -192,6 +192,8 @@ class PagedKVCache:
         self._pages: list[list[int]] = [[] for _ in range(batch)]
         self._lengths = [0] * batch
         self.summaries = _summaries(pattern.ir, self.heads, batch, kv_heads, head_dim, dtype, device)
+        #: Every value appended so far is finite (the Triton route step needs it; O(new keys) to keep).
+        self.finite = True
         self._written = self._versions()
         _OWNERS[id(self.k)] = self
 
@@ -250,7 +252,9 @@ class PagedKVCache:
             self.k[phys, :, pos % ps] = k_new[i].transpose(0, 1).to(self.k.dtype)
             self.v[phys, :, pos % ps] = v_new[i].transpose(0, 1).to(self.v.dtype)
             if self.summaries is not None:
-                self.summaries.append(b, start, k_new[i].to(self.k.dtype))
+                stored = k_new[i].to(self.k.dtype)
+                self.summaries.append(b, start, stored)
+                self.finite = self.finite and bool(torch.isfinite(stored).all() and torch.isfinite(v_new[i].to(self.v.dtype)).all())
             self._lengths[b] = start + n
         self._written = self._versions()
 

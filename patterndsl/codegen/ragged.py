@@ -12,11 +12,21 @@ Every length is read at run time from the piece (``Lq_b``, ``Lk_b``), so one mod
 length; keys are read through the block table when paged and never at or past ``Lk_b``. The element
 rule is the static predicate rendered at a length no call reaches (positions are plan rows of the
 square family, where query and key positions coincide with indices).
+
+Groups whose node holds ``route(...)`` (decoding steps of a :class:`patterndsl.PagedKVCache`, forward
+only) read the call's choice from ``SEL``: per batch element and key/value head, for every route in
+:func:`route_layout` order, ``ROUTE_GROUPS`` query groups of ``topk`` chosen key blocks each (``-1``
+for none). A route holds at ``(i, j)`` where key block ``j // block`` is listed for query group
+``i // qblock - ROW0 // qblock`` (the element's own groups, numbered as
+:func:`patterndsl.semantics.route_blocks` numbers them), and the routes' values pick the corner (each
+route replaced by ``full`` or ``empty``) equal to the pattern there. Nothing in the module depends on a
+length or on the choice, so every step of a generation runs the same compiled kernels.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import string
 from dataclasses import dataclass
 
@@ -33,6 +43,31 @@ from patterndsl.errors import BackendError
 POSITION_CAP = 2**30
 #: Query rows of a decoding call's blocks (``tl.dot`` needs at least 16).
 DECODE_ROWS = 16
+#: Query groups a routed call lists per element and route (a call of at most ``DECODE_ROWS`` queries has at most
+#: that many groups).
+ROUTE_GROUPS = DECODE_ROWS
+
+
+@dataclass(frozen=True)
+class RouteSlot:
+    """Where one route's choice sits in a list of ``SEL``: ``ROUTE_GROUPS x topk`` entries from ``offset``."""
+
+    prim: ir.Prim
+    offset: int
+    topk: int
+
+
+def route_layout(groups) -> tuple[tuple[RouteSlot, ...], int]:
+    """``(slots, stride)``: the routes of ``groups`` (``(heads, node)`` pairs, or objects with ``node``) in
+    ``SEL`` order, and the entries per (element, key/value head) list."""
+    nodes = [g[1] if isinstance(g, tuple) else g.node for g in groups]
+    prims = sorted({p for node in nodes for p in ir.routes(node)}, key=ir.sort_key)
+    slots, at = [], 0
+    for prim in prims:
+        topk = int(prim.arg("topk"))
+        slots.append(RouteSlot(prim, at, topk))
+        at += ROUTE_GROUPS * topk
+    return tuple(slots), at
 
 
 @dataclass(frozen=True)
@@ -163,8 +198,15 @@ def render(spec: RaggedSpec) -> str:
     aux = AuxTables()
     predicates, kernels, lines = [], [], []
     group = _template(f"ragged_{spec.kind}_group.py.tmpl")
+    slots, stride = route_layout(spec.groups)
     for g, (heads, node) in enumerate(spec.groups):
-        predicates.append(render_predicate(f"_allowed_g{g}", node, None, POSITION_CAP, POSITION_CAP, aux, spec.heads))
+        name = f"_allowed_g{g}"
+        if spec.kind == "forward":
+            predicates.append(_element_rule(name, node, slots, aux, spec.heads))
+        elif ir.routes(node):
+            raise BackendError("the ragged backward takes patterns without route(...) (a step with gradients recomputes)")
+        else:
+            predicates.append(render_predicate(name, node, None, POSITION_CAP, POSITION_CAP, aux, spec.heads))
         kernels.append(group.substitute(g=g))
         lines.append(f"#   g{g}: heads {list(heads)}: {node}")
     ps = spec.page_size
@@ -191,6 +233,12 @@ def render(spec: RaggedSpec) -> str:
         PAGED=bool(ps),
         PS=max(ps, 1),
         PAGE_TILES=bool(ps) and ps % spec.block_n == 0,
+        SEL_STRIDE=max(stride, 1),
+        ROUTE_GROUPS=ROUTE_GROUPS,
+        route_lines="\n".join(
+            f"#   SEL[{slot.offset}:{slot.offset + ROUTE_GROUPS * slot.topk}]: {slot.prim}" for slot in slots
+        )
+        or "#   (no route: SEL is one unread entry)",
         DOT_PRECISION=dot_precision(spec.dtype, spec.target),
         dtype=spec.dtype,
         num_warps=spec.num_warps,
@@ -205,6 +253,41 @@ def render(spec: RaggedSpec) -> str:
     if aux.chunks:
         raise BackendError("ragged kernels take patterns without random(...) tables")
     return text.rstrip("\n") + "\n"
+
+
+def _element_rule(name: str, node: ir.Node, slots, aux: AuxTables, heads: int) -> str:
+    """``name(i, j, h, AUX, SEL, sel, row0)``: a forward group's element rule (plan rows ``i``, key positions ``j``;
+    ``SEL + sel`` the list of this element and key/value head, ``row0`` the element's first query row), and the
+    predicates it calls (see the module docstring)."""
+    routes = ir.routes(node)
+    signature = f"def {name}(i, j, h, AUX, SEL, sel, row0):"
+    if not routes:
+        static = render_predicate(f"{name}_static", node, None, POSITION_CAP, POSITION_CAP, aux, heads)
+        rule = ["@triton.jit", signature, f"    return {name}_static(i, j, h, AUX)"]
+        return f"{static}\n\n" + "\n".join(rule) + "\n"
+    funcs, terms = [], []
+    for c, bits in enumerate(itertools.product((0, 1), repeat=len(routes))):
+        values = {r: (ir.FULL if bit else ir.EMPTY) for r, bit in zip(routes, bits, strict=True)}
+        pred = f"{name}_c{c}"
+        funcs.append(render_predicate(pred, ir.replace(node, values), None, POSITION_CAP, POSITION_CAP, aux, heads))
+        conds = [f"r{p}" if bit else f"(r{p} == 0)" for p, bit in enumerate(bits)]
+        terms.append(" & ".join([*conds, f"{pred}(i, j, h, AUX)"]))
+    lines = [
+        "@triton.jit",
+        signature,
+        '    """Element rule: route p holds where the call chose key block j // block_p for query group',
+        "    i // qblock_p - row0 // qblock_p of this element and key/value head (SEL); the routes' values pick the",
+        '    corner (each route replaced by full or empty) that equals the pattern there."""',
+    ]
+    by_prim = {slot.prim: slot for slot in slots}
+    for p, prim in enumerate(routes):
+        slot, qb, kb = by_prim[prim], int(prim.arg("qblock")), int(prim.arg("block"))
+        lines += [
+            f"    # r{p}: {prim}",
+            f"    r{p} = _routed(SEL + sel + {slot.offset}, i // {qb} - row0 // {qb}, j // {kb}, {slot.topk})",
+        ]
+    lines += ["    return (", f"        ({terms[0]})", *(f"        | ({t})" for t in terms[1:]), "    )"]
+    return "\n\n".join([*funcs, "\n".join(lines) + "\n"])
 
 
 def kernel_names(spec: RaggedSpec) -> list[str]:

@@ -133,8 +133,8 @@ def call(q, k, v, pir, scale, backend, given, kv_lengths, q_lengths, block_table
 
 def _route_step(q, k, v, pir, checked, data, given, compiling):
     """A decoding step of a ``route(...)`` pattern over a :class:`~patterndsl.PagedKVCache`'s own pages: scored
-    from the block summaries the cache keeps (:mod:`patterndsl.runtime.route_decode`; on Triton the route kernels
-    run with that choice), or None."""
+    from the block summaries the cache keeps (:mod:`patterndsl.runtime.route_decode`; on Triton the ragged split-K
+    kernels run with that choice), or None."""
     from patterndsl.runtime import route_decode
 
     if (
@@ -157,7 +157,7 @@ def _route_step(q, k, v, pir, checked, data, given, compiling):
     if q.dtype == torch.float64 and cache.summaries.dtype != torch.float64:
         return None  # the scores would pool float64 queries against float32 summaries
     if checked.backend == "triton":
-        return route_decode.forward_triton(q, k, v, pir, data, checked.scale, cache.summaries, checked.key)
+        return route_decode.forward_triton(q, k, v, pir, data, checked.scale, cache.summaries, cache_finite=cache.finite)
     return route_decode.forward(q, k, v, pir, data, checked.scale, cache.summaries)
 
 

@@ -22,10 +22,11 @@ How, per element ``b`` with ``Lq_b`` queries over ``Lk_b`` keys:
   (every route replaced by ``empty``), so the allowed keys lie in the static part's row tiles plus the
   chosen blocks; the mask on those keys is the pattern's *corners* (each route replaced by ``empty`` or
   ``full``) picked per pair by the routes' choices (exact, any polarity);
-- the keys are gathered through the block table (only those positions) and attended as one tile by the
-  ragged executor's tile math (CPU, :func:`forward`); on Triton (:func:`forward_triton`) the same choice is
-  handed to the route kernels, whose tile lists and run-time table then hold the static part's tiles and the
-  chosen blocks, over an ``Lk``-long buffer holding the gathered keys (zeros elsewhere, never attended).
+- on the CPU (:func:`forward`) the keys are gathered through the block table (only those positions) and
+  attended as one tile by the ragged executor's tile math; on Triton (:func:`forward_triton`) the same choice
+  goes to the ragged split-K kernels as a small table of chosen blocks
+  (:mod:`patterndsl.runtime.triton_ragged_route`), which read the static part's key tiles and the chosen
+  blocks' through the block table in place, with kernels built once for every step.
 """
 
 from __future__ import annotations
@@ -281,15 +282,15 @@ def _allowed(pattern, chosen, heads, kv_heads, q_len, kv_len, keys) -> torch.Ten
     return out
 
 
-def _gather(k, v, table, b: int, keys: torch.Tensor, allowed):
+def _gather(k, v, table, b: int, keys: torch.Tensor, allowed: torch.Tensor):
     """Element ``b``'s keys and values at positions ``keys`` through the table: ``[kv_heads, nk, head_dim]``
-    (``allowed``: the pattern there, or a function giving it, read only where a page is missing)."""
+    (``allowed``: the pattern there, read only where a page is missing)."""
     ps = k.shape[2]
     keys = keys.to(table.device)
     page, off = table[b, torch.div(keys, ps, rounding_mode="floor")], keys % ps
     missing = page < 0
     if bool(missing.any()):
-        lost = missing & (allowed() if callable(allowed) else allowed).any(0).any(0).to(missing.device)
+        lost = missing & allowed.any(0).any(0).to(missing.device)
         if bool(lost.any()):
             raise InputError(
                 f"block_table has no page (-1) for key position {int(keys[lost][0])} of batch element {b}, which "
@@ -304,11 +305,10 @@ def _gather(k, v, table, b: int, keys: torch.Tensor, allowed):
     return kk, vv
 
 
-def _elements(q, k, v, pattern: ir.PatternIR, data, summaries: BlockSummaries, exact: bool = True):
-    """Per element with queries and reachable keys: ``(b, q_len, kv_len, chosen, keys, allowed, kk, vv)``, the
-    routes' choice from the summaries, the key positions the rows may attend, the pattern there (bool
-    ``[heads, Lq_b, nk]``; None unless ``exact``: the kernels evaluate it themselves) and those keys and values
-    gathered through the block table."""
+def _elements(q, k, v, pattern: ir.PatternIR, data, summaries: BlockSummaries):
+    """Per element with queries and reachable keys: ``(b, q_len, keys, allowed, kk, vv)``: the key positions the
+    rows may attend under the routes' choice from the summaries, the pattern there (bool ``[heads, Lq_b, nk]``)
+    and those keys and values gathered through the block table."""
     kvl, ql = ragged.check_values(q, k, data)
     heads, kv_heads = q.shape[1], k.shape[1]
     for b in range(q.shape[0]):
@@ -319,10 +319,9 @@ def _elements(q, k, v, pattern: ir.PatternIR, data, summaries: BlockSummaries, e
         keys = _keys(pattern, chosen, heads, kv_heads, q_len, kv_len)
         if not keys.numel():
             continue
-        args = (pattern, chosen, heads, kv_heads, q_len, kv_len, keys)
-        allowed = _allowed(*args) if exact else None
-        kk, vv = _gather(k, v, data[2], b, keys, allowed if exact else functools.partial(_allowed, *args))
-        yield b, q_len, kv_len, chosen, keys, allowed, kk, vv
+        allowed = _allowed(pattern, chosen, heads, kv_heads, q_len, kv_len, keys)
+        kk, vv = _gather(k, v, data[2], b, keys, allowed)
+        yield b, q_len, keys, allowed, kk, vv
 
 
 def forward(q, k, v, pattern: ir.PatternIR, data, scale: float, summaries: BlockSummaries):
@@ -347,7 +346,7 @@ def forward(q, k, v, pattern: ir.PatternIR, data, scale: float, summaries: Block
     out = torch.zeros(batch, heads, lq, v.shape[3], dtype=q.dtype)
     lse = torch.full((batch, heads, lq), float("-inf"), dtype=dt)
     group = _all_heads(heads, k.shape[1])
-    for b, q_len, _, _, keys, allowed, kk, vv in _elements(q, k, v, pattern, data, summaries):
+    for b, q_len, keys, allowed, kk, vv in _elements(q, k, v, pattern, data, summaries):
         tile = ragged.Tile(0, q_len, keys, None if bool(allowed.all()) else allowed)
         fused = ragged.FLASH is not None and q.dtype == torch.float32
         o, row_lse = ragged._run_tile(group, q, b, kk, vv, tile, scale, dt, fused)
@@ -356,42 +355,34 @@ def forward(q, k, v, pattern: ir.PatternIR, data, scale: float, summaries: Block
     return out, lse
 
 
-def forward_triton(q, k, v, pattern: ir.PatternIR, data, scale: float, summaries: BlockSummaries, plan_key: str):
-    """:func:`forward` through the Triton backend's route kernels, or None (a non-finite input: the general path).
+def forward_triton(q, k, v, pattern: ir.PatternIR, data, scale: float, summaries: BlockSummaries, *, cache_finite: bool):
+    """:func:`forward` through the ragged split-K kernels, or None (a non-finite input: the general path).
 
-    The choice is the same (:func:`_choose`, from the summaries, on the tensors' device); each element's kernels
-    (:func:`patterndsl.runtime.triton_backend.forward` at its own ``(Lq_b, Lk_b)``) take it as made, so their
-    tile lists and run-time table hold the static part's tiles and the chosen blocks, and they read the keys
-    gathered through the table into an ``Lk_b``-long buffer (zeros at positions no row attends).
+    The choice is the same (:func:`_choose`, from the summaries, on the tensors' device); the kernels
+    (:mod:`patterndsl.runtime.triton_ragged_route`) take it as a small table of chosen blocks per element, key/value
+    head and query group, walk the static part's key tiles and the chosen blocks' through the block table, and are
+    built once for every step (nothing in them depends on a length or on the choice).
 
     Args:
         q, k, v, pattern, data, scale, summaries: as :func:`forward`.
-        plan_key: the pattern's Triton plan key (:func:`patterndsl.runtime.plans.register`).
+        cache_finite: every value the cache was given is finite (the kernels' products would turn a non-finite
+            key or value beside an attended one into NaN; the general path treats those exactly).
     """
-    from patterndsl.runtime import plans, triton_backend, triton_finite
+    from patterndsl.runtime import triton_finite, triton_ragged_route
 
-    batch, heads, lq, _ = q.shape
-    out = torch.zeros(batch, heads, lq, v.shape[3], dtype=q.dtype, device=q.device)
-    lse = torch.full((batch, heads, lq), float("-inf"), dtype=torch.float32, device=q.device)
-    for b, q_len, kv_len, chosen, keys, _, kk, vv in _elements(q, k, v, pattern, data, summaries, exact=False):
-        qb = q[b : b + 1, :, :q_len]
-        if not triton_finite.all_finite(qb, kk, vv):
-            return None
-        kb, vb = (x.new_zeros(1, x.shape[0], kv_len, x.shape[2]) for x in (kk, vv))
-        at = keys.to(q.device)
-        kb[0, :, at], vb[0, :, at] = kk, vv
-        selections = {prim: _selection(prim, sel, qgroup, kv_len) for prim, (sel, qgroup) in chosen.items()}
-        plan = plans.get(plan_key, q_len, kv_len, heads)
-        o, row_lse = triton_backend.forward(qb, kb, vb, plan, scale, selections=selections)
-        out[b, :, :q_len] = o[0]
-        lse[b, :, :q_len] = row_lse[0]
-    return out, lse
+    if not cache_finite or not triton_finite.all_finite(q):
+        return None
+    kvl, ql = ragged.check_values(q, k, data)
+    heads, kv_heads = q.shape[1], k.shape[1]
+    choices = {}
+    for b in range(q.shape[0]):
+        if ql[b] and kvl[b]:
+            choices[b] = _choose(pattern, summaries, b, q, heads, kv_heads, ql[b], kvl[b])
 
+    def attended(b: int, keys: torch.Tensor) -> torch.Tensor:
+        return _allowed(pattern, choices[b], heads, kv_heads, ql[b], kvl[b], keys).any(0).any(0)
 
-def _selection(prim: ir.Prim, chosen: torch.Tensor, qgroup: torch.Tensor, kv_len: int) -> routing.Selection:
-    """One element's choice ``[kv_heads, n_groups, n_blocks]`` as the kernels' lists take it."""
-    kblock = torch.div(torch.arange(kv_len, device=chosen.device), prim.arg("block"), rounding_mode="floor")
-    return routing.Selection(chosen[None], qgroup.to(chosen.device), kblock)
+    return triton_ragged_route.forward(q, k, v, pattern, data, scale, choices, attended)
 
 
 @functools.lru_cache(maxsize=32)

@@ -52,8 +52,8 @@ OPTIONS = SplitOptions()
 
 @dataclass(frozen=True)
 class Lists:
-    """One head group's pieces for a call: ``pieces`` int32 ``[P, 9]``, ``cols`` int32, ``splits`` int32
-    ``[S, 6]`` (split row blocks for ``combine``), and the number of partial slots."""
+    """One head group's pieces for a call: ``pieces`` int32 ``[P, 10]``, ``cols`` int32, ``splits`` int32
+    ``[S, 7]`` (split row blocks for ``combine``), and the number of partial slots."""
 
     pieces: torch.Tensor
     cols: torch.Tensor
@@ -108,35 +108,44 @@ def _lists(pattern, heads, kvl: list[int], ql: list[int], bm: int, block: tuple[
         for b, fr in blocks:
             for r0 in range((fr.row0 // bm) * bm, fr.row0 + fr.q_len, bm):
                 rows.append((b, fr, r0, *_row_block(pattern, fr.plan, g, r0, bm, fr.kv_len, block[1])))
-        heads_g = len(blocks[0][1].plan.groups[g].heads)
-        want = max(1, -(-OPTIONS.programs // max(1, len(rows) * heads_g))) if split else 1
-        pieces, cols, splits, parts = [], [], [], 0
-        for b, fr, r0, tiles, partial in rows:
-            if not tiles:
-                continue
-            n = min(want, max(1, len(tiles) // OPTIONS.min_tiles))
-            head = [b, fr.row0, r0, fr.q_len, fr.kv_len]
-            if n > 1:
-                splits.append([*head[:4], parts, n])
-            for s in range(n):
-                a, z = len(tiles) * s // n, len(tiles) * (s + 1) // n
-                first = [t for t, p in zip(tiles[a:z], partial[a:z], strict=True) if p]
-                rest = [t for t, p in zip(tiles[a:z], partial[a:z], strict=True) if not p]
-                start = len(cols)
-                cols += first + rest
-                pieces.append([*head, start, start + len(first), len(cols), parts if n > 1 else -1])
-                parts += n > 1
-        tensors = (
-            torch.tensor(pieces, dtype=torch.int32).reshape(-1, 9),
-            torch.tensor(cols or [0], dtype=torch.int32),
-            torch.tensor(splits, dtype=torch.int32).reshape(-1, 6),
-        )
-        out.append(Lists(*(x.to(device) for x in tensors), parts))
+        want = split_wanted(len(rows), len(blocks[0][1].plan.groups[g].heads)) if split else 1
+        out.append(make_lists([(b, fr.row0, r0, fr.q_len, fr.kv_len, -1, t, p) for b, fr, r0, t, p in rows], want, device))
     with _LOCK:
         _LISTS[key] = out
         while len(_LISTS) > MAX_LISTS:
             _LISTS.popitem(last=False)
     return out
+
+
+def make_lists(rows, want: int, device) -> Lists:
+    """The :class:`Lists` of row blocks ``(b, row0, r0, Lq_b, Lk_b, kv head or -1, tiles, partial flags)``, each
+    split into up to ``want`` pieces of at least ``OPTIONS.min_tiles`` tiles (partial tiles first in a piece)."""
+    pieces, cols, splits, parts = [], [], [], 0
+    for *head, kvh, tiles, partial in rows:
+        if not tiles:
+            continue
+        n = min(want, max(1, len(tiles) // OPTIONS.min_tiles))
+        if n > 1:
+            splits.append([*head[:4], parts, n, kvh])
+        for s in range(n):
+            a, z = len(tiles) * s // n, len(tiles) * (s + 1) // n
+            first = [t for t, p in zip(tiles[a:z], partial[a:z], strict=True) if p]
+            rest = [t for t, p in zip(tiles[a:z], partial[a:z], strict=True) if not p]
+            start = len(cols)
+            cols += first + rest
+            pieces.append([*head, start, start + len(first), len(cols), parts if n > 1 else -1, kvh])
+            parts += n > 1
+    tensors = (
+        torch.tensor(pieces, dtype=torch.int32).reshape(-1, 10),
+        torch.tensor(cols or [0], dtype=torch.int32),
+        torch.tensor(splits, dtype=torch.int32).reshape(-1, 7),
+    )
+    return Lists(*(x.to(device) for x in tensors), parts)
+
+
+def split_wanted(blocks: int, heads: int) -> int:
+    """Pieces a split row block aims at so that a call of ``blocks`` row blocks of ``heads`` heads fills the device."""
+    return max(1, -(-OPTIONS.programs // max(1, blocks * heads)))
 
 
 def _module(pattern, groups, kind: str, q, k, paged: bool, bm: int, bn: int):
@@ -179,26 +188,41 @@ def forward(q, k, v, pattern, data, scale: float):
         return out, lse
     groups = _plan_groups(pattern, h, block)
     spec, module = _module(pattern, groups, "forward", q, k, paged, bm, bn)
+    lists = _lists(pattern, h, kvl, ql, bm, block, small, q.device)
+    launch_forward(spec, module, groups, lists, q, k, v, data, scale, out, lse, None)
+    return out, lse
+
+
+def launch_forward(spec, module, groups, lists, q, k, v, data, scale: float, out, lse, sel) -> None:
+    """Run a forward module's kernels over per-group ``lists`` (:class:`Lists`), writing ``out`` and ``lse``.
+
+    Args:
+        spec, module: the ragged forward spec and its loaded module.
+        groups: the spec's head groups (``heads`` each).
+        q, k, v, data, scale: the call's.
+        sel: a routed call's choice table ``SEL`` (int32, see :mod:`patterndsl.codegen.ragged`), or None.
+    """
+    bm, (_, h, _, d), lq = spec.block_m, q.shape, q.shape[2]
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     table, stride_bt = _table(data, q.device)
     aux = torch.zeros(1, dtype=torch.int8, device=q.device)
-    for g, lists in enumerate(_lists(pattern, h, kvl, ql, bm, block, small, q.device)):
-        if not lists.pieces.shape[0]:
+    sel = torch.full((1,), -1, dtype=torch.int32, device=q.device) if sel is None else sel
+    for g, group_lists in enumerate(lists):
+        if not group_lists.pieces.shape[0]:
             continue
         heads = torch.tensor(groups[g].heads, dtype=torch.int32, device=q.device)
-        parts = max(lists.parts, 1)
+        parts = max(group_lists.parts, 1)
         op = torch.empty(parts, h, bm, d, dtype=torch.float32, device=q.device)
         lp = torch.empty(parts, h, bm, dtype=torch.float32, device=q.device)
-        getattr(module, f"fwd_g{g}")[(lists.pieces.shape[0], heads.numel())](
-            q, k, v, out, lse, op, lp, lists.pieces, lists.cols, table, heads, aux, float(scale),
+        getattr(module, f"fwd_g{g}")[(group_lists.pieces.shape[0], heads.numel())](
+            q, k, v, out, lse, op, lp, group_lists.pieces, group_lists.cols, table, heads, aux, sel, float(scale),
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], stride_bt, lq,
             num_warps=spec.num_warps, num_stages=spec.num_stages,
         )  # fmt: skip
-        if lists.splits.shape[0]:
-            module.combine[(lists.splits.shape[0], heads.numel())](
-                out, lse, op, lp, lists.splits, heads, lq, num_warps=spec.num_warps
+        if group_lists.splits.shape[0]:
+            module.combine[(group_lists.splits.shape[0], heads.numel())](
+                out, lse, op, lp, group_lists.splits, heads, lq, num_warps=spec.num_warps
             )
-    return out, lse
 
 
 def backward(q, k, v, out, lse, dout, dlse, pattern, data, scale: float):

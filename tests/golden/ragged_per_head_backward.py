@@ -18,7 +18,8 @@
 #                 first plan row of the BM-row block), Lq_b, Lk_b, the piece's key tiles
 #                 COLS[START:SPLIT] (partial: element rule and Lk_b checked) and COLS[SPLIT:END] (full:
 #                 no mask), and PART: -1 writes O/LSE, else the float32 partial slot a split row
-#                 block (flash decoding) writes for the log-sum-exp combine
+#                 block (flash decoding) writes for the log-sum-exp combine, and KVH: the key/value head
+#                 whose heads run the piece (a routed call's pieces list one head's chosen tiles), -1 for all
 #   rows, cols    query and key positions (plan rows of the square plan family: q = row, k = col);
 #                 element query index i = row - ROW0 exists iff 0 <= i < Lq_b; nothing at or past
 #                 Lk_b is read
@@ -26,6 +27,10 @@
 #                 (-1: a freed page, never read)
 #   LSE           natural-log sum of exp over allowed keys; -inf for a row with none
 #   AUX           int8 lookup tables of random(...) primitives (a single 0 if none)
+#   SEL           int32, a routed call's choice: per list (b * NHK + kv head, SEL_STRIDE entries) and route,
+#                 ROUTE_GROUPS query groups of topk chosen key blocks (-1: none); groups count from the
+#                 element's first query (ROW0 // qblock):
+#   (no route: SEL is one unread entry)
 # ----------------------------------------------------------------------------
 import triton
 import triton.language as tl
@@ -43,7 +48,9 @@ BN = tl.constexpr(32)
 PAGED = tl.constexpr(False)
 PS = tl.constexpr(1)
 PAGE_TILES = tl.constexpr(False)
-NF = tl.constexpr(9)
+NF = tl.constexpr(10)
+SEL_STRIDE = tl.constexpr(1)
+ROUTE_GROUPS = tl.constexpr(16)
 DOT_PRECISION = tl.constexpr("tf32")
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
@@ -91,6 +98,16 @@ def _piece(PIECES, pc):
     ql = tl.load(base + 3)
     kvl = tl.load(base + 4)
     return b, row0, r0, ql, kvl
+
+
+@triton.jit
+def _routed(base, g, blk, TOPK: tl.constexpr):
+    # Whether key block blk [1, BN] is among the TOPK blocks listed at base + g * TOPK for query group g [BM, 1].
+    ok = (g >= 0) & (g < ROUTE_GROUPS)
+    hit = tl.zeros([BM, BN], dtype=tl.int32)
+    for t in range(TOPK):
+        hit += tl.where(tl.load(base + g * TOPK + t, mask=ok, other=-1) == blk, 1, 0)
+    return hit > 0
 
 
 @triton.jit
@@ -170,7 +187,8 @@ def _bwd_tile(dq, q, do, lse2, delta, k_base, v_base, dk_base, dv_base, BT, stri
     return dq
 
 
-@triton.jit
+# A decoding step has new table widths and query counts each call: one compiled kernel serves them all.
+@triton.jit(do_not_specialize=["stride_bt", "lq"])
 def bwd_g0(Q, K, V, DO, LSE, DELTA, DQ, DK, DV, PIECES, COLS, BT, HEADS, AUX, scale, stride_qz, stride_qh,
             stride_qm, stride_kz, stride_kh, stride_kn, stride_vz, stride_vh, stride_vn, stride_dz, stride_dh,
             stride_dm, stride_bt, lq):
@@ -210,7 +228,8 @@ def bwd_g0(Q, K, V, DO, LSE, DELTA, DQ, DK, DV, PIECES, COLS, BT, HEADS, AUX, sc
     _store_queries(DQ + row * D, i, live, D, (dq * scale).to(DQ.dtype.element_ty))
 
 
-@triton.jit
+# A decoding step has new table widths and query counts each call: one compiled kernel serves them all.
+@triton.jit(do_not_specialize=["stride_bt", "lq"])
 def bwd_g1(Q, K, V, DO, LSE, DELTA, DQ, DK, DV, PIECES, COLS, BT, HEADS, AUX, scale, stride_qz, stride_qh,
             stride_qm, stride_kz, stride_kh, stride_kn, stride_vz, stride_vh, stride_vn, stride_dz, stride_dh,
             stride_dm, stride_bt, lq):

@@ -17,7 +17,8 @@
 #                 first plan row of the BM-row block), Lq_b, Lk_b, the piece's key tiles
 #                 COLS[START:SPLIT] (partial: element rule and Lk_b checked) and COLS[SPLIT:END] (full:
 #                 no mask), and PART: -1 writes O/LSE, else the float32 partial slot a split row
-#                 block (flash decoding) writes for the log-sum-exp combine
+#                 block (flash decoding) writes for the log-sum-exp combine, and KVH: the key/value head
+#                 whose heads run the piece (a routed call's pieces list one head's chosen tiles), -1 for all
 #   rows, cols    query and key positions (plan rows of the square plan family: q = row, k = col);
 #                 element query index i = row - ROW0 exists iff 0 <= i < Lq_b; nothing at or past
 #                 Lk_b is read
@@ -25,6 +26,10 @@
 #                 (-1: a freed page, never read)
 #   LSE           natural-log sum of exp over allowed keys; -inf for a row with none
 #   AUX           int8 lookup tables of random(...) primitives (a single 0 if none)
+#   SEL           int32, a routed call's choice: per list (b * NHK + kv head, SEL_STRIDE entries) and route,
+#                 ROUTE_GROUPS query groups of topk chosen key blocks (-1: none); groups count from the
+#                 element's first query (ROW0 // qblock):
+#   (no route: SEL is one unread entry)
 # ----------------------------------------------------------------------------
 import triton
 import triton.language as tl
@@ -42,7 +47,9 @@ BN = tl.constexpr(32)
 PAGED = tl.constexpr(True)
 PS = tl.constexpr(16)
 PAGE_TILES = tl.constexpr(False)
-NF = tl.constexpr(9)
+NF = tl.constexpr(10)
+SEL_STRIDE = tl.constexpr(1)
+ROUTE_GROUPS = tl.constexpr(16)
 DOT_PRECISION = tl.constexpr("tf32")
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
@@ -63,12 +70,17 @@ def _fmod(a, b):
 
 
 @triton.jit
-def _allowed_g0(i, j, h, AUX):
+def _allowed_g0_static(i, j, h, AUX):
     """Allowed (query index i [BM, 1], key index j [1, BN], head h) for: causal & (sink(4) | window(256))"""
     inb = (i < LQ) & (j < LK)
     q = i + (LK - LQ)
     k = j
     return inb & ((k <= q) & ((k < 4) | ((k >= q - 256) & (k <= q + 0))))
+
+
+@triton.jit
+def _allowed_g0(i, j, h, AUX, SEL, sel, row0):
+    return _allowed_g0_static(i, j, h, AUX)
 
 
 
@@ -81,6 +93,16 @@ def _piece(PIECES, pc):
     ql = tl.load(base + 3)
     kvl = tl.load(base + 4)
     return b, row0, r0, ql, kvl
+
+
+@triton.jit
+def _routed(base, g, blk, TOPK: tl.constexpr):
+    # Whether key block blk [1, BN] is among the TOPK blocks listed at base + g * TOPK for query group g [BM, 1].
+    ok = (g >= 0) & (g < ROUTE_GROUPS)
+    hit = tl.zeros([BM, BN], dtype=tl.int32)
+    for t in range(TOPK):
+        hit += tl.where(tl.load(base + g * TOPK + t, mask=ok, other=-1) == blk, 1, 0)
+    return hit > 0
 
 
 @triton.jit
@@ -135,15 +157,15 @@ def _store_queries(base, i, ok, stride, x):
 
 
 @triton.jit
-def _fwd_tile(acc, l_i, m_i, q, k_base, v_base, BT, stride_bt, b, n, kvl, rows, h, qk_scale, stride_kz, stride_kn,
-              stride_vz, stride_vn, AUX, ALLOWED: tl.constexpr, MASKED: tl.constexpr):
+def _fwd_tile(acc, l_i, m_i, q, k_base, v_base, BT, stride_bt, b, n, kvl, row0, rows, h, qk_scale, stride_kz,
+              stride_kn, stride_vz, stride_vn, AUX, SEL, sel, ALLOWED: tl.constexpr, MASKED: tl.constexpr):
     # One key tile of the online softmax; scores live in the log2 domain (qk_scale includes LOG2E).
     cols, page, slot, ok = _keys_at(BT, stride_bt, b, n, kvl)
     k = _load_keys(k_base, page * stride_kz + slot * stride_kn, ok, MASKED)
     v = _load_keys(v_base, page * stride_vz + slot * stride_vn, ok, MASKED)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
     if MASKED:
-        s = tl.where(ALLOWED(rows[:, None], cols[None, :], h, AUX) & ok[None, :], s, float("-inf"))
+        s = tl.where(ALLOWED(rows[:, None], cols[None, :], h, AUX, SEL, sel, row0) & ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # A row with no allowed key so far keeps m = -inf; shift by 0 so exp2 gives 0, not NaN.
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -157,13 +179,16 @@ def _fwd_tile(acc, l_i, m_i, q, k_base, v_base, BT, stride_bt, b, n, kvl, rows, 
     return acc, l_i, m_new
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["lq"])
 def combine(O, LSE, OP, LP, SPLITS, HEADS, lq):
     # Flash decoding's second step: the pieces of one split row block (SPLITS row: b, ROW0, R0, Lq_b,
-    # first part, parts) merged by log-sum-exp. Grid: (split row blocks of a head group, its heads).
+    # first part, parts, KVH) merged by log-sum-exp. Grid: (split row blocks of a head group, its heads).
     t = tl.program_id(0)
     h = tl.load(HEADS + tl.program_id(1))
-    base = SPLITS + t * 6
+    base = SPLITS + t * 7
+    kvh = tl.load(base + 6)
+    if (kvh >= 0) & (kvh != h // GQA):
+        return
     b = tl.load(base).to(tl.int64)
     i = tl.load(base + 2) + tl.arange(0, BM) - tl.load(base + 1)
     live = (i >= 0) & (i < tl.load(base + 3))
@@ -192,14 +217,19 @@ def combine(O, LSE, OP, LP, SPLITS, HEADS, lq):
     tl.store(LSE + row + i, tl.where(empty, float("-inf"), (m + tl.log2(den_safe)) * LN2), mask=live)
 
 
-@triton.jit
-def fwd_g0(Q, K, V, O, LSE, OP, LP, PIECES, COLS, BT, HEADS, AUX, scale, stride_qz, stride_qh, stride_qm,
+# A decoding step has new table widths and query counts each call: one compiled kernel serves them all.
+@triton.jit(do_not_specialize=["stride_bt", "lq"])
+def fwd_g0(Q, K, V, O, LSE, OP, LP, PIECES, COLS, BT, HEADS, AUX, SEL, scale, stride_qz, stride_qh, stride_qm,
             stride_kz, stride_kh, stride_kn, stride_vz, stride_vh, stride_vn, stride_bt, lq):
     # Forward of head group 0 over one piece's key tiles. Grid: (pieces, heads in group).
     pc = tl.program_id(0)
     h = tl.load(HEADS + tl.program_id(1))
     hk = h // GQA
+    kvh = tl.load(PIECES + pc * NF + 9)
+    if (kvh >= 0) & (kvh != hk):
+        return
     b, row0, r0, ql, kvl = _piece(PIECES, pc)
+    sel = (b * NHK + hk) * SEL_STRIDE
     rows = r0 + tl.arange(0, BM)
     i = rows - row0
     live = (i >= 0) & (i < ql)
@@ -215,12 +245,14 @@ def fwd_g0(Q, K, V, O, LSE, OP, LP, PIECES, COLS, BT, HEADS, AUX, scale, stride_
     end = tl.load(PIECES + pc * NF + 7)
     for idx in range(start, split):
         n = tl.load(COLS + idx)
-        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, BT, stride_bt, b, n, kvl, rows, h, qk_scale,
-                                  stride_kz, stride_kn, stride_vz, stride_vn, AUX, _allowed_g0, True)
+        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, BT, stride_bt, b, n, kvl, row0, rows, h,
+                                  qk_scale, stride_kz, stride_kn, stride_vz, stride_vn, AUX, SEL, sel, _allowed_g0,
+                                  True)
     for idx in range(split, end):
         n = tl.load(COLS + idx)
-        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, BT, stride_bt, b, n, kvl, rows, h, qk_scale,
-                                  stride_kz, stride_kn, stride_vz, stride_vn, AUX, _allowed_g0, False)
+        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, BT, stride_bt, b, n, kvl, row0, rows, h,
+                                  qk_scale, stride_kz, stride_kn, stride_vz, stride_vn, AUX, SEL, sel, _allowed_g0,
+                                  False)
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]

@@ -3,8 +3,9 @@
 Every kernel (the forward over pieces, the log-sum-exp ``combine`` of split decoding blocks, the
 backward with atomic dK/dV) must build with zero register spills, within the target's shared
 memory, on tensor cores, for decoding blocks (16 rows) and prefill blocks, unpaged and paged (a page
-smaller than a key tile: one table entry per key; a page of whole tiles: one per tile). One case of
-each pass runs by default; a covering part of the dtype x head dim x page x rows x target matrix is ``slow``.
+smaller than a key tile: one table entry per key; a page of whole tiles: one per tile), and the forward of
+decoding steps of route patterns. One case of each pass runs by default; a covering part of the dtype x head
+dim x page x rows x target matrix, and the routed builds, are ``slow``.
 """
 
 from __future__ import annotations
@@ -86,3 +87,34 @@ MATRIX = [
 @pytest.mark.parametrize(("kind", "dtype", "d", "page_size", "rows", "target"), MATRIX)
 def test_ragged_kernel_matrix_builds(kind, dtype, d, page_size, rows, target):
     check(kind, dtype, d, page_size, rows, target)
+
+
+#: Decoding steps of route patterns (runtime/triton_ragged_route.py): two routes of either polarity and two
+#: groups, the element rule reading the chosen blocks from SEL.
+ROUTED = (
+    "pattern moba { heads 0..3: causal & (window(64) | route(4, block = 64, among = causal - window(64)))\n"
+    " causal - route(2, block = 32, score = max, qblock = 4) | sink(4) }"
+)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("dtype", "d", "page_size"),
+    [(torch.float16, 128, 16), (torch.bfloat16, 64, 64), (torch.float32, 128, 1)],
+)
+@pytest.mark.parametrize("target", ["sm_80", "sm_90"])
+def test_routed_decoding_kernels_build_without_spills(dtype, d, page_size, target):
+    from patterndsl.runtime import triton_ragged_route
+
+    p = patterndsl.compile(ROUTED)
+    groups = triton_ragged_route.groups(p.ir, 8)
+    spec = ragged.make_spec(p.ir, groups, "forward", 8, 2, d, dtype, page_size, target, ragged.DECODE_ROWS)
+    kernels = aot.compile_ragged(spec, target)
+    assert [k.name for k in kernels] == ["fwd_g0", "fwd_g1", "combine"]
+    for k in kernels:
+        r = k.resources
+        where = f"{k.name} (routed, {dtype}, D={d}, page {page_size}) on {target}"
+        assert r["spills"] == 0, f"{where} spills {r['spills']} bytes: {r}"
+        assert max(k.shared, r["shared"]) <= SHARED_LIMIT[target], f"{where}: shared memory {k.shared}"
+        if k.name != "combine":
+            assert r["mma"] > 0, f"{where} has no MMA instruction"

@@ -132,6 +132,12 @@ RAGGED_GOLDEN_CASES = {
     "ragged_per_head_backward": (
         "pattern mix { heads 0..3: causal & window(64)\n causal & sink(4) }", "backward", 0, 64, torch.bfloat16, 64,
     ),
+    # A decoding step of a route pattern (runtime/triton_ragged_route.py): the choice read from SEL.
+    "ragged_route_decode_paged_forward": (
+        "pattern moba { heads 0..3: causal & (window(64) | route(4, block = 64, among = causal - window(64)))\n"
+        " causal - route(2, block = 32, score = max, qblock = 4) | sink(4) }",
+        "forward", 16, 16, torch.float16, 128,
+    ),
 }  # fmt: skip
 
 
@@ -142,7 +148,12 @@ def test_ragged_golden_source(name, request):
 
     source, kind, page_size, rows, dtype, head_dim = RAGGED_GOLDEN_CASES[name]
     p = patterndsl.compile(source)
-    groups = analysis.plan(p.ir, 256, 256, 8, block=(64, 64), order="identity").groups
+    if "route(" in source:
+        from patterndsl.runtime import triton_ragged_route
+
+        groups = triton_ragged_route.groups(p.ir, 8)
+    else:
+        groups = analysis.plan(p.ir, 256, 256, 8, block=(64, 64), order="identity").groups
     spec = ragged.make_spec(p.ir, groups, kind, 8, 2, head_dim, dtype, page_size, "sm_90", rows)
     text = without_key(ragged.render(spec))
     path = GOLDEN / f"{name}.py"

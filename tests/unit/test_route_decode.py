@@ -156,8 +156,7 @@ def test_caches_made_under_inference_mode_work_without_trusting_summaries(steps)
 
 
 def test_triton_step_names_a_missing_page_a_query_attends():
-    # The Triton step evaluates the pattern at the gathered keys only where a page is missing; it names it.
-    from patterndsl import runtime
+    # The Triton step evaluates the pattern at its listed tiles' keys only where a page is missing; it names it.
     from patterndsl.errors import InputError
 
     p = pd.compile(ROUTES[0])
@@ -168,6 +167,5 @@ def test_triton_step_names_a_missing_page_a_query_attends():
     table = table.clone()
     table[0, 2] = -1  # positions 8..11: the window(5) of the query at 11
     data = [lens, torch.tensor([1]), table]
-    key = runtime._plan_key(p.ir, "triton")
     with pytest.raises(InputError, match="key position 8 of batch element 0"):
-        route_decode.forward_triton(q[:1, :, -1:], kp, vp, p.ir, data, 8**-0.5, cache.summaries, key)
+        route_decode.forward_triton(q[:1, :, -1:], kp, vp, p.ir, data, 8**-0.5, cache.summaries, cache_finite=True)
