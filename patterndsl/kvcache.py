@@ -254,7 +254,9 @@ class PagedKVCache:
             if self.summaries is not None:
                 stored = k_new[i].to(self.k.dtype)
                 self.summaries.append(b, start, stored)
-                self.finite = self.finite and bool(torch.isfinite(stored).all() and torch.isfinite(v_new[i].to(self.v.dtype)).all())
+                self.finite = self.finite and bool(
+                    torch.isfinite(stored).all() and torch.isfinite(v_new[i].to(self.v.dtype)).all()
+                )
             self._lengths[b] = start + n
         self._written = self._versions()
 

@@ -204,7 +204,9 @@ def render(spec: RaggedSpec) -> str:
         if spec.kind == "forward":
             predicates.append(_element_rule(name, node, slots, aux, spec.heads))
         elif ir.routes(node):
-            raise BackendError("the ragged backward takes patterns without route(...) (a step with gradients recomputes)")
+            raise BackendError(
+                "the ragged backward takes patterns without route(...) (a step with gradients recomputes)"
+            )
         else:
             predicates.append(render_predicate(name, node, None, POSITION_CAP, POSITION_CAP, aux, spec.heads))
         kernels.append(group.substitute(g=g))

@@ -157,7 +157,9 @@ def _route_step(q, k, v, pir, checked, data, given, compiling):
     if q.dtype == torch.float64 and cache.summaries.dtype != torch.float64:
         return None  # the scores would pool float64 queries against float32 summaries
     if checked.backend == "triton":
-        return route_decode.forward_triton(q, k, v, pir, data, checked.scale, cache.summaries, cache_finite=cache.finite)
+        return route_decode.forward_triton(
+            q, k, v, pir, data, checked.scale, cache.summaries, cache_finite=cache.finite
+        )
     return route_decode.forward(q, k, v, pir, data, checked.scale, cache.summaries)
 
 

@@ -355,7 +355,9 @@ def forward(q, k, v, pattern: ir.PatternIR, data, scale: float, summaries: Block
     return out, lse
 
 
-def forward_triton(q, k, v, pattern: ir.PatternIR, data, scale: float, summaries: BlockSummaries, *, cache_finite: bool):
+def forward_triton(
+    q, k, v, pattern: ir.PatternIR, data, scale: float, summaries: BlockSummaries, *, cache_finite: bool
+):
     """:func:`forward` through the ragged split-K kernels, or None (a non-finite input: the general path).
 
     The choice is the same (:func:`_choose`, from the summaries, on the tensors' device); the kernels

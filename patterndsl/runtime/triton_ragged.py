@@ -109,7 +109,9 @@ def _lists(pattern, heads, kvl: list[int], ql: list[int], bm: int, block: tuple[
             for r0 in range((fr.row0 // bm) * bm, fr.row0 + fr.q_len, bm):
                 rows.append((b, fr, r0, *_row_block(pattern, fr.plan, g, r0, bm, fr.kv_len, block[1])))
         want = split_wanted(len(rows), len(blocks[0][1].plan.groups[g].heads)) if split else 1
-        out.append(make_lists([(b, fr.row0, r0, fr.q_len, fr.kv_len, -1, t, p) for b, fr, r0, t, p in rows], want, device))
+        out.append(
+            make_lists([(b, fr.row0, r0, fr.q_len, fr.kv_len, -1, t, p) for b, fr, r0, t, p in rows], want, device)
+        )
     with _LOCK:
         _LISTS[key] = out
         while len(_LISTS) > MAX_LISTS:

@@ -149,7 +149,9 @@ def _specs(source: str):
     from patterndsl.runtime import triton_ragged_route
 
     p = pd.compile(source)
-    yield codegen.make_spec(p.ir, triton_ragged_route.groups(p.ir, 4), "forward", 4, 2, 16, torch.float32, 2, "interpret")
+    yield codegen.make_spec(
+        p.ir, triton_ragged_route.groups(p.ir, 4), "forward", 4, 2, 16, torch.float32, 2, "interpret"
+    )
 
 
 def case_slow_route_decode_window_frees_pages():
