@@ -37,6 +37,7 @@ BLOCK = (64, 64)
 CHUNK_ELEMENTS = 1 << 22
 
 
+@functools.lru_cache(maxsize=256)
 def has_content(pir: ir.PatternIR) -> bool:
     """True when some head rule of ``pir`` uses ``cluster(...)`` or ``lsh(...)``."""
     return any(ir.contents(node) for node in pir.nodes())

@@ -23,6 +23,7 @@ paged calls 3-5x SDPA's. Two ways around it:
 
 from __future__ import annotations
 
+import math
 import threading
 import weakref
 from collections import OrderedDict
@@ -79,6 +80,12 @@ def remember(table: torch.Tensor, n_pages: int, ps: int, kv_lengths) -> None:
             _CHECKED.popitem(last=False)
 
 
+def finite(t: torch.Tensor) -> bool:
+    """Whether every value of ``t`` is finite, by one sum (a NaN or infinity makes it non-finite; a finite sum
+    that overflows only says False where True was due, which sends the caller down its exact path)."""
+    return math.isfinite(t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32).item())
+
+
 def flat_rows(k: torch.Tensor, pages: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor | None:
     """Rows of ``k`` (contiguous ``[pages, kv_heads, page_size, head_dim]``) at ``(pages, offsets)`` per key-value
     head as one ``index_select``: ``[kv_heads, n, head_dim]``, or None when ``k`` is not contiguous."""
@@ -98,6 +105,11 @@ def _pieces(table_row: torch.Tensor, runs, ps: int):
         phys = table_row[p0:p1].tolist()
         if min(phys) < 0:
             return None
+        if phys == list(range(phys[0], phys[0] + len(phys))):
+            out.append((phys[0], len(phys), a - p0 * ps, z - a))  # one run of consecutive pages (the usual case)
+            if len(out) > MAX_PIECES:
+                return None
+            continue
         start = 0
         for i in range(1, len(phys) + 1):
             if i < len(phys) and phys[i] == phys[i - 1] + 1:
@@ -126,9 +138,13 @@ def in_place(gr, q, b: int, k, v, table_row: torch.Tensor, tile, scale: float, d
     pieces = _pieces(table_row, tile.runs, ps)
     if pieces is None:
         return None
-    qr = gr.rows(q, b, tile.i0, tile.i1, dt).reshape(hkv * n_rows, dim)  # heads ordered by kv head
     if FLASH is not None and dt == torch.float32 and len(pieces) == 1:
+        if q.shape[0] == 1 and q.dtype == dt and q.is_contiguous() and (tile.i0, tile.i1) == (0, q.shape[2]):
+            qr = q.view(hkv * n_rows, dim)  # a decoding step: every row of the call, heads ordered by kv head
+        else:
+            qr = gr.rows(q, b, tile.i0, tile.i1, dt).reshape(hkv * n_rows, dim)
         return _fused(gr, qr, k, v, tile, pieces[0], scale)
+    qr = gr.rows(q, b, tile.i0, tile.i1, dt).reshape(hkv * n_rows, dim)  # heads ordered by kv head
     qr = qr * scale
     parts = []
     for first, count, off, length in pieces:
@@ -155,7 +171,7 @@ def in_place(gr, q, b: int, k, v, table_row: torch.Tensor, tile, scale: float, d
         got = torch.matmul(full.view(hkv * n_rows, -1), v[first : first + count].view(-1, dim))
         o = got if o is None else o.add_(got)
         at += length
-    if not bool(torch.isfinite(o).all()):
+    if not finite(o):
         return None
     o = o.view(hkv, n_rows, dim) / den.clamp(min=torch.finfo(dt).tiny)
     n = tile.i1 - tile.i0
@@ -193,10 +209,11 @@ def _fused(gr, qr, k, v, tile, piece, scale: float):
     first, count = piece[0], piece[1]
     hkv, ps, dim = k.shape[1], k.shape[2], k.shape[3]
     n = tile.i1 - tile.i0
-    kk = k[first : first + count].view(1, 1, -1, dim)
-    vv = v[first : first + count].view(1, 1, -1, dim)
-    o, lse = FLASH(qr[None, None], kk, vv, 0.0, False, attn_mask=_bias(gr, tile, piece, hkv, ps), scale=scale)
-    if not bool(torch.isfinite(o).all()):
+    rows = hkv * ps
+    kk = k.view(1, 1, -1, dim)[:, :, first * rows : (first + count) * rows]
+    vv = v.view(1, 1, -1, dim)[:, :, first * rows : (first + count) * rows]
+    o, lse = FLASH(qr.view(1, 1, -1, dim), kk, vv, 0.0, False, attn_mask=_bias(gr, tile, piece, hkv, ps), scale=scale)
+    if not finite(o):
         return None
     lse = lse.view(len(gr.heads), n)
     if tile.empty is not None:

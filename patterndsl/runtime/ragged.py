@@ -526,7 +526,7 @@ def _pv(gr: Group, p, vv, allowed):
     """``p @ v`` per query head; a non-finite value at a zero weight must not reach the row (LANGUAGE.md
     section 2): a finite result is exact, otherwise it is recomputed selecting."""
     o = gr.mm(p, vv, transpose=False)
-    if allowed is None or bool(torch.isfinite(o).all()):
+    if allowed is None or paged.finite(o):
         return o
     vh = vv[gr.kvh]
     return (p[..., None] * vh[:, None]).masked_fill(~allowed[..., None], 0.0).sum(-2)
@@ -565,7 +565,7 @@ def _run_tile(gr: Group, q, b: int, kk, vv, t: Tile, scale: float, dt, fused: bo
     qr = gr.rows(q, b, t.i0, t.i1, dt)
     if fused and gr.all:
         o, row_lse = _tile_fused(gr, qr, kk, vv, t, scale)
-        if bool(torch.isfinite(o).all()):
+        if paged.finite(o):
             return o, row_lse
     return _tile_math(gr, qr, kk, vv, t, scale)
 
@@ -593,7 +593,8 @@ def forward(q, k, v, plan_key: str, data, scale: float, lengths=None):
         gr, t = single
         got = None if table is None else paged.in_place(gr, q, 0, k, v, table[0], t, scale, dt)
         o, row_lse = got if got is not None else _run_tile(gr, q, 0, *Keys(k, v, 0, table).get(t), t, scale, dt, fused)
-        return o.view(1, h, lq, -1).to(q.dtype), row_lse.view(1, h, lq)
+        o = o.view(1, h, lq, -1)
+        return (o if o.dtype == q.dtype else o.to(q.dtype)), row_lse.view(1, h, lq)
     out = torch.zeros(b_, h, lq, v.shape[3], dtype=dt)
     lse = torch.full((b_, h, lq), float("-inf"), dtype=dt)
     for b, groups in work:

@@ -190,3 +190,21 @@ def test_a_table_written_through_numpy_is_checked_again():
     assert not paged.checked(table, kp.shape[0], 4, [20])
     with pytest.raises(InputError, match=rf"block_table\[0, 2\] = {kp.shape[0] + 7} is not a page of the cache"):
         p(q, kp, vp, kv_lengths=kvl, block_table=table)
+
+
+def test_runs_of_pages_split_where_pages_stop_being_consecutive():
+    table = torch.tensor([4, 5, 6, 7, 9, 10, 2, -1])
+    assert paged._pieces(table, ((3, 16),), 4) == [(4, 4, 3, 13)]  # one run: the fast path
+    assert paged._pieces(table, ((3, 26),), 4) == [(4, 4, 3, 13), (9, 2, 0, 8), (2, 1, 0, 2)]
+    assert paged._pieces(table, ((0, 4), (20, 22)), 4) == [(4, 1, 0, 4), (10, 1, 0, 2)]
+    assert paged._pieces(table, ((24, 30),), 4) is None  # a page not held
+
+
+def test_finite_is_one_sum():
+    x = torch.ones(3, 4)
+    assert paged.finite(x)
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        y = x.clone()
+        y[1, 2] = bad
+        assert not paged.finite(y)
+    assert not paged.finite(torch.full((4,), 3e38))  # an overflowing sum only sends the caller down its exact path
