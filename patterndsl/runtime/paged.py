@@ -46,9 +46,9 @@ _CHECKED: OrderedDict = OrderedDict()
 _LOCK = threading.Lock()
 
 
-def _checked_key(table: torch.Tensor, n_pages: int, ps: int, kv_lengths) -> tuple:
+def _checked_key(table: torch.Tensor, n_pages: int, ps: int) -> tuple:
     # ``_version`` counts the in-place writes through torch to the tensor and every view of it.
-    return (table._version, tuple(table.shape), n_pages, ps, tuple(kv_lengths))
+    return (table._version, tuple(table.shape), n_pages, ps)
 
 
 def checked(table: torch.Tensor, n_pages: int, ps: int, kv_lengths) -> bool:
@@ -64,17 +64,20 @@ def checked(table: torch.Tensor, n_pages: int, ps: int, kv_lengths) -> bool:
     return (
         got is not None
         and got[0]() is table
-        and got[1] == _checked_key(table, n_pages, ps, kv_lengths)
+        and got[1] == _checked_key(table, n_pages, ps)
+        and (got[3] is None or got[3] == tuple(kv_lengths))
         and torch.equal(got[2], table)
     )
 
 
 def remember(table: torch.Tensor, n_pages: int, ps: int, kv_lengths) -> None:
-    """Note that ``table``'s pages reached by ``kv_lengths`` lie within a cache of ``n_pages`` pages of ``ps``."""
+    """Note that ``table``'s pages reached by ``kv_lengths`` (None: every entry, so any lengths) lie within a cache
+    of ``n_pages`` pages of ``ps``."""
     if table.is_inference():
         return  # inference tensors keep no version counter
+    lengths = None if kv_lengths is None else tuple(kv_lengths)
     with _LOCK:
-        _CHECKED[id(table)] = (weakref.ref(table), _checked_key(table, n_pages, ps, kv_lengths), table.clone())
+        _CHECKED[id(table)] = (weakref.ref(table), _checked_key(table, n_pages, ps), table.clone(), lengths)
         _CHECKED.move_to_end(id(table))
         while len(_CHECKED) > MAX_CHECKED:
             _CHECKED.popitem(last=False)

@@ -161,14 +161,17 @@ def test_a_decoding_step_on_one_run_of_pages_uses_the_fused_kernel(source, kept,
 
 
 def test_a_table_checked_once_is_checked_again_after_a_write():
-    # The pages' check is skipped for the same unchanged table tensor only: an in-place write, other lengths or
-    # a smaller cache are checked again.
+    # The pages' check is skipped for the same unchanged table tensor only: an in-place write or a smaller cache
+    # are checked again, and other lengths too unless every entry of the table was a page or -1.
     p = pd.compile("pattern c { causal }")
     q, k, v = _tensors(1, 2, 1, 1, 20, 8, torch.float32, 3)
     kvl = torch.tensor([20])
     kp, vp, table = consecutive(k, v, kvl, 4)
     p(q, kp, vp, kv_lengths=kvl, block_table=table)
-    assert paged.checked(table, kp.shape[0], 4, [20]) and not paged.checked(table, kp.shape[0], 4, [19])
+    assert paged.checked(table, kp.shape[0], 4, [20]) and paged.checked(table, kp.shape[0], 4, [19])
+    loose = torch.cat([table, torch.full((1, 2), 10**6)], 1)  # out of the cache past the element's pages
+    p(q, kp, vp, kv_lengths=kvl, block_table=loose)
+    assert paged.checked(loose, kp.shape[0], 4, [20]) and not paged.checked(loose, kp.shape[0], 4, [19])
     with pytest.raises(InputError, match="is not a page of the cache"):
         p(q, kp[:3], vp[:3], kv_lengths=kvl, block_table=table)
     table[0, 2] = kp.shape[0]
