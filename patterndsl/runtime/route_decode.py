@@ -6,6 +6,13 @@ pages of a :class:`patterndsl.PagedKVCache` whose pattern is the call's, and tha
 sections 2 and 9), or None when the call is not one this path serves (the caller then runs the general
 path).
 
+Steps that need gradients (or are traced by ``torch.compile``) are not served here: the summaries hold no
+graph. They run element by element through the op (:func:`patterndsl.runtime.ragged.per_element`), which
+gathers each element's pages by differentiable indexing, recomputes the choice by pooling all its key blocks
+(``O(Lk * head_dim)`` per step, what the forward of a training step over those keys costs anyway; the same
+choice as the summaries' up to rounding) and recomputes ``P`` from ``lse`` in the backward; the pages'
+gradients sum through the block table.
+
 Why: a route scores every key block by its pooled keys. Recomputing that pooling over the whole cache at
 every step costs ``O(Lk * head_dim)``; the cache instead keeps, per route, element and key-value head, each
 key block's pooling (a running sum and count for ``mean``, a running maximum for ``max``, the last key for

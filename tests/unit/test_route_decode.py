@@ -169,3 +169,36 @@ def test_triton_step_names_a_missing_page_a_query_attends():
     data = [lens, torch.tensor([1]), table]
     with pytest.raises(InputError, match="key position 8 of batch element 0"):
         route_decode.forward_triton(q[:1, :, -1:], kp, vp, p.ir, data, 8**-0.5, cache.summaries, cache_finite=True)
+
+
+def test_steps_with_gradients_recompute_the_choice_and_give_the_reference_gradients(steps):
+    # A step that needs gradients runs element by element through the op (the choice recomputed from the keys,
+    # the backward recomputing P from lse); it equals the summaries' step and the float64 reference, and the
+    # pages' gradients sum through the table.
+    p = pd.compile(ROUTES[1])
+    q, k, v = _tensors(4, 2, 14, 8, torch.float64, 8)
+    cache = pd.PagedKVCache(p, 16, 4, 2, 8, dtype=torch.float64)
+    cache.append(k[:1], v[:1])
+    kp, vp, table, lens = cache.view()
+    qq = q[:1, :, -2:]
+    served = p(qq, kp, vp, block_table=table, kv_lengths=lens)
+    assert len(steps) == 1
+    qg = qq.clone().requires_grad_(True)
+    kg, vg = kp.clone().requires_grad_(True), vp.clone().requires_grad_(True)
+    out = p(qg, kg, vg, block_table=table, kv_lengths=lens)
+    assert len(steps) == 1  # not from the summaries: they take no gradient
+    assert torch.allclose(out, served, atol=1e-12)
+    g = torch.randn(out.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    dq, dk, dv = torch.autograd.grad(out, (qg, kg, vg), g)
+    q64, k64, v64 = (x.detach().clone().requires_grad_(True) for x in (qq, k[:1], v[:1]))
+    mask = p.mask(2, 14, 4, q=q64.detach(), k=k64.detach())
+    ref, _ = reference_attention(q64, k64, v64, mask[0])
+    rq, rk, rv = torch.autograd.grad(ref, (q64, k64, v64), g)
+    assert torch.allclose(out, ref, atol=1e-10) and torch.allclose(dq, rq, atol=1e-10)
+    pos = torch.arange(14)
+    page, slot = table[0, pos // 4], pos % 4
+    assert torch.allclose(dk[page, :, slot].transpose(0, 1), rk[0], atol=1e-10)
+    assert torch.allclose(dv[page, :, slot].transpose(0, 1), rv[0], atol=1e-10)
+    unused = torch.ones(kp.shape[0], dtype=torch.bool)
+    unused[table[0, :4]] = False
+    assert not dk[unused].any() and not dv[unused].any()
