@@ -192,8 +192,8 @@ class PagedKVCache:
         self._pages: list[list[int]] = [[] for _ in range(batch)]
         self._lengths = [0] * batch
         self.summaries = _summaries(pattern.ir, self.heads, batch, kv_heads, head_dim, dtype, device)
-        #: Every value appended so far is finite (the Triton route step needs it; O(new keys) to keep).
-        self.finite = True
+        # Every value appended so far is finite (a device flag: no sync at append; see :attr:`finite`).
+        self._finite = torch.ones((), dtype=torch.bool, device=device)
         self._written = self._versions()
         _OWNERS[id(self.k)] = self
 
@@ -204,6 +204,12 @@ class PagedKVCache:
     def pages_in_use(self) -> int:
         """The number of physical pages held."""
         return self.k.shape[0] - len(self._free_set)
+
+    @property
+    def finite(self) -> bool:
+        """Whether every key and value appended so far is finite (the Triton kernels then need no pass over the
+        pages to know that no non-finite value sits beside an attended one)."""
+        return bool(self._finite)
 
     def lengths(self) -> list[int]:
         """Each element's length (positions appended so far)."""
@@ -249,14 +255,12 @@ class PagedKVCache:
                 pages.append(self._take(b))
             pos = torch.arange(start, start + n)
             phys = torch.tensor(pages, dtype=torch.int64)[pos // ps]
-            self.k[phys, :, pos % ps] = k_new[i].transpose(0, 1).to(self.k.dtype)
-            self.v[phys, :, pos % ps] = v_new[i].transpose(0, 1).to(self.v.dtype)
+            kk, vv = k_new[i].to(self.k.dtype), v_new[i].to(self.v.dtype)
+            self.k[phys, :, pos % ps] = kk.transpose(0, 1)
+            self.v[phys, :, pos % ps] = vv.transpose(0, 1)
+            self._finite &= torch.isfinite(kk).all() & torch.isfinite(vv).all()
             if self.summaries is not None:
-                stored = k_new[i].to(self.k.dtype)
-                self.summaries.append(b, start, stored)
-                self.finite = self.finite and bool(
-                    torch.isfinite(stored).all() and torch.isfinite(v_new[i].to(self.v.dtype)).all()
-                )
+                self.summaries.append(b, start, kk)
             self._lengths[b] = start + n
         self._written = self._versions()
 

@@ -29,7 +29,7 @@ import torch
 from patterndsl import kernel_cache, runtime
 from patterndsl.codegen import ragged as codegen
 from patterndsl.codegen.launch import ragged_launch
-from patterndsl.kvcache import live_keys
+from patterndsl.kvcache import live_keys, owner
 from patterndsl.runtime import plans, ragged, triton_backend, triton_finite
 
 
@@ -170,7 +170,13 @@ def _plan_groups(pattern, heads: int, block):
 
 
 def _needs_elementwise(q, k, v, data, ql: list[int], kvl: list[int]) -> bool:
-    return any(n_q > n_kv > 0 for n_q, n_kv in zip(ql, kvl, strict=True)) or not triton_finite.all_finite(q, k, v)
+    if any(n_q > n_kv > 0 for n_q, n_kv in zip(ql, kvl, strict=True)):
+        return True
+    cache = owner(k, v, kvl) if len(data) > 2 else None
+    if cache is not None:
+        # A PagedKVCache's own pages: it knows whether a non-finite value was ever appended (no pass over them).
+        return not (cache.finite and triton_finite.all_finite(q))
+    return not triton_finite.all_finite(q, k, v)
 
 
 def forward(q, k, v, pattern, data, scale: float):

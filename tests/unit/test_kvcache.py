@@ -172,3 +172,27 @@ def test_a_freed_page_a_route_may_choose_is_an_error():
     out = p(q, k, v, kv_lengths=torch.tensor([40]), block_table=table)
     full = p(q, k.transpose(0, 1).reshape(1, 1, 40, 8), v.transpose(0, 1).reshape(1, 1, 40, 8))
     assert torch.allclose(out, full, atol=1e-6)
+
+
+def test_the_cache_knows_whether_a_non_finite_value_was_appended():
+    # The Triton kernels read that instead of a pass over every page at every call (their products would turn a
+    # non-finite value beside an attended key into NaN; such calls run element by element).
+    from patterndsl.runtime import triton_ragged
+
+    p = pd.compile("pattern c { causal }")
+    cache = pd.PagedKVCache(p, 8, 4, 2, 8)
+    x = torch.randn(1, 2, 5, 8)
+    cache.append(x, x)
+    assert cache.finite
+    kp, vp, table, lens = cache.view()
+    data = [lens, torch.tensor([1]), table]
+    q = torch.randn(1, 2, 1, 8)
+    assert not triton_ragged._needs_elementwise(q, kp, vp, data, [1], lens.tolist())
+    kp[table[0, 0], 0, 0, 0] = float("inf")  # a write outside append: not the cache's state, so the pages are read
+    assert triton_ragged._needs_elementwise(q, kp, vp, data, [1], lens.tolist())
+    y = x[:, :, :1].clone()
+    y[0, 1, 0, 3] = float("nan")
+    cache.append(x[:, :, :1], y)
+    kp, vp, table, lens = cache.view()
+    assert not cache.finite
+    assert triton_ragged._needs_elementwise(q, kp, vp, [lens, torch.tensor([1]), table], [1], lens.tolist())
