@@ -142,7 +142,7 @@ def case(name, source, kv_len, batch, reps, flex, lengths=None):
         except Exception as exc:
             line += f"  flex: did not run ({type(exc).__name__})"
     print(line, flush=True)
-    return ours / sdpa
+    return ours / sdpa, paged / sdpa
 
 
 def route_case(kv_len, reps):
@@ -207,19 +207,20 @@ def main(argv=None) -> None:
     print(f"threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f}; H={H}, Hkv={HKV}, D={D}, fp32")
     scale = 16 if args.quick else 1
     ratios = {}
-    ratios["causal 1K"] = case("causal, Lk=1K", CAUSAL, 1024 // scale, 1, args.reps, args.flex)
-    ratios["causal 8K"] = case("causal, Lk=8K", CAUSAL, 8192 // scale, 1, args.reps, args.flex)
-    ratios["causal 32K"] = case("causal, Lk=32K", CAUSAL, 32768 // scale, 1, args.reps, args.flex)
-    ratios["window 32K"] = case("causal & window(4096), Lk=32K", WINDOW, 32768 // scale, 1, args.reps, args.flex)
-    ratios["window 128K"] = case("causal & window(4096), Lk=128K", WINDOW, 131072 // scale, 1, args.reps, args.flex)
-    ratios["streaming 128K"] = case("StreamingLLM, Lk=128K", STREAMING, 131072 // scale, 1, args.reps, args.flex)
+    ratios["causal 1K"], ratios["paged 1K"] = case("causal, Lk=1K", CAUSAL, 1024 // scale, 1, args.reps, args.flex)
+    ratios["causal 8K"], ratios["paged 8K"] = case("causal, Lk=8K", CAUSAL, 8192 // scale, 1, args.reps, args.flex)
+    ratios["causal 32K"], _ = case("causal, Lk=32K", CAUSAL, 32768 // scale, 1, args.reps, args.flex)
+    ratios["window 32K"], _ = case("causal & window(4096), Lk=32K", WINDOW, 32768 // scale, 1, args.reps, args.flex)
+    ratios["window 128K"], _ = case("causal & window(4096), Lk=128K", WINDOW, 131072 // scale, 1, args.reps, args.flex)
+    ratios["streaming 128K"], _ = case("StreamingLLM, Lk=128K", STREAMING, 131072 // scale, 1, args.reps, args.flex)
     lengths = torch.linspace(1024 // scale, 32768 // scale, 8).long()
-    ratios["ragged B=8"] = case("causal, B=8, Lk 1K..32K", CAUSAL, 32768 // scale, 8, args.reps, False, lengths)
+    ratios["ragged B=8"], _ = case("causal, B=8, Lk 1K..32K", CAUSAL, 32768 // scale, 8, args.reps, False, lengths)
     ratios["moba 32K"] = route_case(32768 // scale, args.reps)
     held = streaming_memory([1024, 8192, 32768] if args.quick else [8192, 32768, 131072])
     print("targets (ratio = patterndsl / SDPA):")
     for name, want, ok in (
         ("causal 1K", "<= 2", ratios["causal 1K"] <= 2),
+        ("paged 1K", "<= 2", ratios["paged 1K"] <= 2),
         ("causal 32K", "<= 1.1", ratios["causal 32K"] <= 1.1),
         ("window 128K", "<= 0.1", ratios["window 128K"] <= 0.1),
         ("ragged B=8", "<= 0.5", ratios["ragged B=8"] <= 0.5),
