@@ -365,7 +365,8 @@ def forward(q, k, v, pattern: ir.PatternIR, data, scale: float, summaries: Block
 def forward_triton(
     q, k, v, pattern: ir.PatternIR, data, scale: float, summaries: BlockSummaries, *, cache_finite: bool
 ):
-    """:func:`forward` through the ragged split-K kernels, or None (a non-finite input: the general path).
+    """:func:`forward` through the ragged split-K kernels, or None (a non-finite input or an element with more
+    queries than keys: the general path).
 
     The choice is the same (:func:`_choose`, from the summaries, on the tensors' device); the kernels
     (:mod:`patterndsl.runtime.triton_ragged_route`) take it as a small table of chosen blocks per element, key/value
@@ -382,6 +383,8 @@ def forward_triton(
     if not cache_finite or not triton_finite.all_finite(q):
         return None
     kvl, ql = ragged.check_values(q, k, data)
+    if any(n_q > n_kv for n_q, n_kv in zip(ql, kvl, strict=True)):
+        return None  # more queries than keys: plan rows are not positions there (the general path is exact)
     heads, kv_heads = q.shape[1], k.shape[1]
     choices = {}
     for b in range(q.shape[0]):

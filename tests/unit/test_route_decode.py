@@ -202,3 +202,21 @@ def test_steps_with_gradients_recompute_the_choice_and_give_the_reference_gradie
     unused = torch.ones(kp.shape[0], dtype=torch.bool)
     unused[table[0, :4]] = False
     assert not dk[unused].any() and not dv[unused].any()
+
+
+def test_triton_step_leaves_elements_with_more_queries_than_keys_to_the_general_path():
+    # The split-K kernels read plan rows as positions, which holds only while an element has no more queries than
+    # keys; such a call (and one over a cache that was given a non-finite value) is not served from the summaries.
+    p = pd.compile(ROUTES[0])
+    q, k, v = _tensors(4, 2, 12, 8, torch.float32, 9)
+    cache = pd.PagedKVCache(p, 16, 4, 2, 8)
+    cache.append(k[:1, :, :3], v[:1, :, :3])
+    kp, vp, table, lens = cache.view()
+    data = [lens, torch.tensor([4]), table]
+    assert (
+        route_decode.forward_triton(q[:1, :, :4], kp, vp, p.ir, data, 0.3, cache.summaries, cache_finite=True) is None
+    )
+    data = [lens, torch.tensor([1]), table]
+    assert (
+        route_decode.forward_triton(q[:1, :, :1], kp, vp, p.ir, data, 0.3, cache.summaries, cache_finite=False) is None
+    )
