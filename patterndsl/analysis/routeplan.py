@@ -97,8 +97,10 @@ def classify(engine: eng.Engine, node: ir.Node) -> RoutedTiles:
     Returns:
         The :class:`RoutedTiles`.
     """
-    from patterndsl.analysis import routetiles
+    from patterndsl.analysis import routeruns, routetiles
 
+    if routeruns.usable(engine, node):
+        return routeruns.classify(engine, node)
     if routetiles.usable(engine, node):
         return routetiles.classify(engine, node)
     return classify_by_pairs(engine, node)

@@ -43,10 +43,11 @@ def usable(engine: eng.Engine, node: ir.Node) -> bool:
     return _geometry(engine, node) is not None
 
 
-def _geometry(engine: eng.Engine, node: ir.Node):
+def _geometry(engine: eng.Engine, node: ir.Node, dense_limit: bool = True):
     """The geometry :func:`classify` works with, or None: one route of one polarity, ``among`` not
     reading ``h``, identity order; 1-D groups aligned to the query start (runs), else (grids) when
-    the dense (group x key tile) arrays are small."""
+    the dense (group x key tile) arrays are small. ``dense_limit=False``: any number of tiles
+    (:mod:`~patterndsl.analysis.routeruns` keeps no per-tile array)."""
     pol = ir.polarities(node)
     if len(pol) != 1:
         return None
@@ -59,7 +60,7 @@ def _geometry(engine: eng.Engine, node: ir.Node):
         or not (engine.q.identity and engine.k.identity)
         or engine.q.order is not None
         or engine.k.order is not None
-        or engine.nqb * engine.nkb > MAX_DENSE_TILES
+        or (dense_limit and engine.nqb * engine.nkb > MAX_DENSE_TILES)
     ):
         return None
     block, qblock = prim.arg("block"), prim.arg("qblock")
