@@ -99,8 +99,9 @@ def classify(engine: eng.Engine, node: ir.Node) -> RoutedTiles:
     """
     from patterndsl.analysis import routeruns, routetiles
 
-    if routeruns.usable(engine, node):
-        return routeruns.classify(engine, node)
+    geo = routeruns.geometry(engine, node)
+    if geo is not None:
+        return routeruns.classify(engine, node, geo)
     if routetiles.usable(engine, node):
         return routetiles.classify(engine, node)
     return classify_by_pairs(engine, node)

@@ -119,16 +119,25 @@ def static_steps(engine: eng.Engine, node: ir.Node) -> Steps:
     return ranges(m, lo, hi, value, nqb, nkb)
 
 
-def candidates(engine: eng.Engine, prim: ir.Prim, geo) -> routetiles.RunTable:
+def _sub_engine(engine: eng.Engine, shape: tuple[int, int], cache: dict) -> eng.Engine:
+    """The engine on tiles of ``shape`` sharing ``engine``'s environment and tally (built once per plan:
+    its sides are per-tile arrays, a million long at one query per tile)."""
+    if shape not in cache:
+        sub = eng.identity_engine(engine.ctx, engine.env.head, shape)
+        cache[shape] = eng.Engine(sub.q, sub.k, engine.env, tally=engine.tally)
+    return cache[shape]
+
+
+def candidates(engine: eng.Engine, prim: ir.Prim, geo, cache: dict | None = None) -> routetiles.RunTable:
     """The candidate blocks of every group as runs (see the module notes: rows halved where partial)."""
     qblock, block, n_q = geo.qblock, geo.block, geo.n_q
     among = eng.rewrite_for_plan(prim.arg("among"))
     top = max(0, (max(min(engine.q.block, GROUP_ROWS) // qblock, 1)).bit_length() - 1)
     out_g, out_lo, out_hi = [], [], []
     domain = None
+    cache = {} if cache is None else cache
     for j in range(top, -1, -1):
-        sub = eng.identity_engine(engine.ctx, engine.env.head, (qblock << j, block))
-        sub = eng.Engine(sub.q, sub.k, engine.env, tally=engine.tally)
+        sub = _sub_engine(engine, (qblock << j, block), cache)
         nk = sub.nkb
         runs = None
         if domain is None:
@@ -307,17 +316,24 @@ class RoutedRuns:
         return routeplan.RoutedTiles(keys, rep[0], rep[2], rep[1], self.unproven, forced)
 
 
+def geometry(engine: eng.Engine, node: ir.Node):
+    """The 1-D geometry of :mod:`routetiles` (any number of tiles) when :func:`classify` applies, else None."""
+    geo = routetiles._geometry(engine, node, dense_limit=False)
+    return geo if isinstance(geo, routetiles._Geometry) else None
+
+
 def usable(engine: eng.Engine, node: ir.Node) -> bool:
-    """Whether :func:`classify` applies: the 1-D geometry of :mod:`routetiles` (any number of tiles)."""
-    return isinstance(routetiles._geometry(engine, node, dense_limit=False), routetiles._Geometry)
+    """Whether :func:`classify` applies (see :func:`geometry`)."""
+    return geometry(engine, node) is not None
 
 
-def classify(engine: eng.Engine, node: ir.Node) -> RoutedRuns:
+def classify(engine: eng.Engine, node: ir.Node, geo=None) -> RoutedRuns:
     """Tile states of a route pattern (see :func:`usable`) as runs, equal to :func:`routetiles.classify`'s.
 
     Args:
         engine: the head group's engine (identity order, no fixed choice).
         node: the rewritten pattern node, containing one ``route``.
+        geo: its :func:`geometry`, when known.
 
     Returns:
         The :class:`RoutedRuns`.
@@ -326,9 +342,10 @@ def classify(engine: eng.Engine, node: ir.Node) -> RoutedRuns:
 
     ((prim, signs),) = ir.polarities(node).items()
     sign = min(signs)
-    geo = routetiles._geometry(engine, node, dense_limit=False)
+    geo = geometry(engine, node) if geo is None else geo
     nkb = geo.nkb
-    cand = candidates(engine, prim, geo)
+    cache: dict = {}
+    cand = candidates(engine, prim, geo, cache)
     n_cand = np.bincount(cand.group, weights=cand.hi - cand.lo, minlength=geo.n_q).astype(np.int64)
     take = np.minimum(prim.arg("topk"), n_cand)
     run_open = (n_cand > take)[cand.group]
@@ -365,7 +382,8 @@ def classify(engine: eng.Engine, node: ir.Node) -> RoutedRuns:
     reads, opened = ct > 0, ot > 0
     out = [(m[~other], lo[~other], hi[~other], state[~other], opened[~other], reads[~other])]
     if other.any():
-        out.append(_other_tiles(engine, node, prim, sign, geo, cand, n_cand, take, values, (m, lo, hi), other))
+        segs = (m, lo, hi)
+        out.append(_other_tiles(engine, node, prim, sign, geo, cand, n_cand, take, values, segs, other, cache))
     om, olo, ohi, ost, oop, ord_ = (np.concatenate(a) for a in zip(*out, strict=True))
     keep = ost > 0
     om, olo, ohi, ost, oop, ord_ = (a[keep] for a in (om, olo, ohi, ost, oop, ord_))
@@ -393,7 +411,7 @@ def classify(engine: eng.Engine, node: ir.Node) -> RoutedRuns:
     )
 
 
-def _other_tiles(engine, node, prim, sign, geo, cand, n_cand, take, values, segs, other):
+def _other_tiles(engine, node, prim, sign, geo, cand, n_cand, take, values, segs, other, cache):
     """Segments where the static bounds neither agree nor are the route alone, tile by tile (as before)."""
     from patterndsl.analysis import routeplan
 
@@ -412,7 +430,7 @@ def _other_tiles(engine, node, prim, sign, geo, cand, n_cand, take, values, segs
     lower, upper = rewrite(ir.route_bound(node, True, ())), rewrite(ir.route_bound(node, False, ()))
     nested = engine.q.block % geo.qblock == 0 and engine.k.block % geo.block == 0
     if nested:
-        up, low = _tile_bounds(engine, node, geo, keys, [tables[up_name], tables[low_name]], sign)
+        up, low = _tile_bounds(engine, node, geo, keys, [tables[up_name], tables[low_name]], sign, cache)
     else:
 
         def fixed(name):
@@ -446,7 +464,7 @@ def _chosen_count(table: routetiles.RunTable, g0: np.ndarray, g1: np.ndarray, b:
     return np.bincount(cell, weights=hit, minlength=len(b)).astype(np.int64)
 
 
-def _tile_bounds(engine: eng.Engine, node: ir.Node, geo, keys: np.ndarray, tables: list, sign: int) -> list:
+def _tile_bounds(engine: eng.Engine, node: ir.Node, geo, keys: np.ndarray, tables: list, sign: int, cache) -> list:
     """Per tile ``keys`` and per choice in ``tables``, the pattern's state with the route fixed to it.
 
     Groups and blocks nest in the tiles. A tile is cut into cells of ``qblock * 2**j`` queries by
@@ -471,8 +489,7 @@ def _tile_bounds(engine: eng.Engine, node: ir.Node, geo, keys: np.ndarray, table
     ok = b < geo.n_k
     owner, r, b = owner[ok], r[ok], b[ok]
     for j in range(top, -1, -1):
-        sub = eng.identity_engine(engine.ctx, engine.env.head, (geo.qblock << j, geo.block))
-        sub = eng.Engine(sub.q, sub.k, engine.env, tally=engine.tally)
+        sub = _sub_engine(engine, (geo.qblock << j, geo.block), cache)
         ok = r < sub.nqb
         owner, r, b = owner[ok], r[ok], b[ok]
         ck = r * sub.nkb + b

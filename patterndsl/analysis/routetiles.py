@@ -138,8 +138,13 @@ class _Geometry:
         self.bt1 = (ks[1:] - 1) // block + 1
         self.groups_per_tile = (qs[1:] - 1) // self.qblock + 1 - qs[:-1] // self.qblock
         a = np.arange(self.n_q, dtype=np.int64)
-        self.qt0 = np.searchsorted(qs, a * self.qblock, "right") - 1
-        self.qt1 = np.searchsorted(qs, np.minimum((a + 1) * self.qblock, q_len) - 1, "right")
+        first, last = a * self.qblock, np.minimum((a + 1) * self.qblock, q_len) - 1
+        bm = engine.q.block
+        if len(qs) == self.nqb + 1 and (qs[:-1] == np.arange(self.nqb, dtype=np.int64) * bm).all():
+            self.qt0, self.qt1 = first // bm, last // bm + 1  # tiles of BM queries from the first: no search
+        else:
+            self.qt0 = np.searchsorted(qs, first, "right") - 1
+            self.qt1 = np.searchsorted(qs, last, "right")
 
     def spans(self, runs: RunTable):
         """Per run: key tiles touched ``[t0, t1)`` and covered whole ``[f0, f1)`` (``f0 >= f1``: none)."""
