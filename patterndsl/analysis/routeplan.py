@@ -95,7 +95,8 @@ def classify(engine: eng.Engine, node: ir.Node) -> RoutedTiles:
         node: the rewritten pattern node, containing ``route``.
 
     Returns:
-        The :class:`RoutedTiles`.
+        The :class:`RoutedTiles`, or in 1-D a :class:`~patterndsl.analysis.routeruns.RoutedRuns` (the same
+        tiles as runs; ``expanded()`` lists them).
     """
     from patterndsl.analysis import routeruns, routetiles
 
