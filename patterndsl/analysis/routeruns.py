@@ -154,6 +154,8 @@ def candidates(engine: eng.Engine, prim: ir.Prim, geo, cache: dict | None = None
             keys, state = sub.run(among, domain)
         m, n = keys // nk, keys % nk
         take = (state == eng.FULL) | (j == 0)  # a non-empty tile of one group is a candidate
+        if j > 0 and not take.all():
+            take |= _edge_column_full(engine, among, qblock << j, block, m, n, cache)
         tm, tlo, thi = m[take], n[take], n[take] + 1
         if runs is not None:
             tm, tlo, thi = np.concatenate([tm, runs[0]]), np.concatenate([tlo, runs[1]]), np.concatenate([thi, runs[2]])
@@ -177,6 +179,28 @@ def candidates(engine: eng.Engine, prim: ir.Prim, geo, cache: dict | None = None
         order = np.argsort(key, kind="stable")
         g, lo, hi = g[order], lo[order], hi[order]
     return routetiles._merged(g, lo, hi, geo.n_k)
+
+
+def _edge_column_full(engine, among, rows: int, block: int, m: np.ndarray, n: np.ndarray, cache: dict) -> np.ndarray:
+    """Per tile ``(m, n)`` of ``rows`` queries by block ``n``: ``among`` allows every query of the tile with the
+    block's first key, or every one with its last (then every group of the tile has the block as a candidate).
+
+    A band's edge crosses a block: ``causal - window(63)`` gives the first query of a 128-query tile
+    only the first key of a block, so the tile is partial, but the column of that key is full; without
+    this its rows would be halved down to one query each.
+    """
+    kv_len = engine.ctx.kv_len
+    sub = _sub_engine(engine, (rows, 1), cache)
+    out = np.zeros(len(m), bool)
+    for key in (n * block, np.minimum((n + 1) * block, kv_len) - 1):
+        sel = np.flatnonzero(~out)
+        if not len(sel):
+            break
+        keys = m[sel] * sub.nkb + key[sel]
+        order = np.argsort(keys, kind="stable")
+        state = routetiles.routeplan_states(sub, among, keys[order])
+        out[sel[order[state == eng.FULL]]] = True
+    return out
 
 
 def _group_runs(m: np.ndarray, lo: np.ndarray, hi: np.ndarray, j: int, n_q: int, n_k: int):
