@@ -217,18 +217,28 @@ def _group_runs(m: np.ndarray, lo: np.ndarray, hi: np.ndarray, j: int, n_q: int,
 class _Spans:
     """The candidate runs with the key tiles each touches / covers whole and the query tiles of its group."""
 
-    def __init__(self, geo, cand: routetiles.RunTable):
+    def __init__(self, geo, cand: routetiles.RunTable, run_open: np.ndarray):
         self.geo, self.cand = geo, cand
         self.t0, self.t1, self.f0, self.f1 = geo.spans(cand)
         self.row_run, self.row_m = geo.rows(cand.group)  # (run, query tile) pairs
+        # Neighbouring groups of a query tile mostly have runs over the same key tiles (a million
+        # groups at qblock = 1, a few distinct spans per query tile): counted once, with a weight.
+        r = self.row_run
+        fields = [self.row_m, self.t0[r], self.t1[r], self.f0[r], self.f1[r], run_open[r]]
+        new = np.ones(len(r), bool)
+        for f in fields:
+            new[1:] |= f[1:] != f[:-1]
+        first = np.flatnonzero(new)
+        self.weight = np.diff(np.append(first, len(r)))
+        self.m, self.tt0, self.tt1, self.ff0, self.ff1, self.open = (f[first] for f in fields)
 
-    def cover(self, keep: np.ndarray):
-        """``(touched, covered)`` Steps: groups of the kept runs touching / holding each tile whole."""
-        sel = keep[self.row_run]
-        r, m = self.row_run[sel], self.row_m[sel]
-        geo = self.geo
-        touched = ranges(m, self.t0[r], self.t1[r], 1, geo.nqb, geo.nkb)
-        return touched, ranges(m, self.f0[r], self.f1[r], 1, geo.nqb, geo.nkb)
+    def cover(self, which: bool | None):
+        """``(touched, covered)`` Steps: groups of the runs (all; open only: True; forced only: False)
+        touching / holding each tile whole."""
+        sel = np.ones(len(self.m), bool) if which is None else self.open == which
+        m, w, geo = self.m[sel], self.weight[sel], self.geo
+        touched = ranges(m, self.tt0[sel], self.tt1[sel], w, geo.nqb, geo.nkb)
+        return touched, ranges(m, self.ff0[sel], self.ff1[sel], w, geo.nqb, geo.nkb)
 
     def over(self, keep: np.ndarray, cap: np.ndarray) -> Steps:
         """Bool Steps: some group of the kept runs has more than ``cap[group]`` candidates in the tile
@@ -373,10 +383,9 @@ def classify(engine: eng.Engine, node: ir.Node, geo=None) -> RoutedRuns:
     n_cand = np.bincount(cand.group, weights=cand.hi - cand.lo, minlength=geo.n_q).astype(np.int64)
     take = np.minimum(prim.arg("topk"), n_cand)
     run_open = (n_cand > take)[cand.group]
-    spans = _Spans(geo, cand)
-    every = np.ones(len(cand.group), bool)
-    cand_cover, forced_cover = spans.cover(every), spans.cover(~run_open)
-    open_touch = spans.cover(run_open)[0]
+    spans = _Spans(geo, cand, run_open)
+    cand_cover, forced_cover = spans.cover(None), spans.cover(False)
+    open_touch = spans.cover(True)[0]
     all_bad, none_bad = spans.over(run_open, take), spans.over(run_open, n_cand - take)
     rewrite = eng.rewrite_for_plan
     s_up = static_steps(engine, rewrite(ir.route_bound(node, False)))
