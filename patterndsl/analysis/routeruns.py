@@ -380,6 +380,8 @@ def classify(engine: eng.Engine, node: ir.Node, geo=None) -> RoutedRuns:
     nkb = geo.nkb
     cache: dict = {}
     cand = candidates(engine, prim, geo, cache)
+    for shape in [s for s in cache if s[1] == 1 and geo.block != 1]:
+        del cache[shape]  # key columns of the candidates' edge test: one tile per key
     n_cand = np.bincount(cand.group, weights=cand.hi - cand.lo, minlength=geo.n_q).astype(np.int64)
     take = np.minimum(prim.arg("topk"), n_cand)
     run_open = (n_cand > take)[cand.group]
@@ -387,6 +389,7 @@ def classify(engine: eng.Engine, node: ir.Node, geo=None) -> RoutedRuns:
     cand_cover, forced_cover = spans.cover(None), spans.cover(False)
     open_touch = spans.cover(True)[0]
     all_bad, none_bad = spans.over(run_open, take), spans.over(run_open, n_cand - take)
+    del spans  # per-run arrays (a million runs at qblock = 1): not needed past here
     rewrite = eng.rewrite_for_plan
     s_up = static_steps(engine, rewrite(ir.route_bound(node, False)))
     s_low = static_steps(engine, rewrite(ir.route_bound(node, True)))
@@ -485,16 +488,29 @@ def _other_tiles(engine, node, prim, sign, geo, cand, n_cand, take, values, segs
     return tm, tn, tn + 1, state, ot > 0, ct > 0
 
 
+#: Most (cell, group) pairs :func:`_chosen_count` lists at once (its memory: a few arrays of this length).
+CHUNK_PAIRS = 1 << 20
+
+
 def _chosen_count(table: routetiles.RunTable, g0: np.ndarray, g1: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Per cell, how many of the groups ``g0 <= a < g1`` have block ``b`` in ``table``."""
-    cell, a = eng.expand_runs(np.arange(len(b), dtype=np.int64), g0, g1)
     lo, hi = (t.numpy() for t in table._table())
-    a = np.minimum(a, len(lo) - 1)  # groups past the last run have none (the zero row)
-    bb = b[cell]
-    hit = np.zeros(len(a), bool)
-    for r in range(lo.shape[1]):
-        hit |= (bb >= lo[a, r]) & (bb < hi[a, r])
-    return np.bincount(cell, weights=hit, minlength=len(b)).astype(np.int64)
+    out = np.zeros(len(b), np.int64)
+    ends = np.cumsum(g1 - g0)
+    start = 0
+    while start < len(b):
+        # cells [start, stop) list at most CHUNK_PAIRS pairs (at least one cell)
+        base = ends[start - 1] if start else 0
+        stop = max(int(np.searchsorted(ends, base + CHUNK_PAIRS, "right")), start + 1)
+        cell, a = eng.expand_runs(np.arange(start, stop, dtype=np.int64), g0[start:stop], g1[start:stop])
+        a = np.minimum(a, len(lo) - 1)  # groups past the last run have none (the zero row)
+        bb = b[cell]
+        hit = np.zeros(len(a), bool)
+        for r in range(lo.shape[1]):
+            hit |= (bb >= lo[a, r]) & (bb < hi[a, r])
+        out[start:stop] = np.bincount(cell - start, weights=hit, minlength=stop - start)
+        start = stop
+    return out
 
 
 def _tile_bounds(engine: eng.Engine, node: ir.Node, geo, keys: np.ndarray, tables: list, sign: int, cache) -> list:
