@@ -55,6 +55,10 @@ class PartOptions:
         max_grid: most tiles (``nqb * nkb``) of a tile shape other than the plan's own; also the
             condition for cutting ``global(n)`` into its keys and its rows (a ``where`` on the query
             alone is classified on every tile of the grid).
+        sample_rows: a configuration with more than four times this many query tiles is costed on
+            this many of them (evenly spaced, plus the first and last), not planned whole; the split
+            found is then planned exactly and kept only if it still beats the single order
+            (0: always plan whole).
     """
 
     enabled: bool = True
@@ -66,6 +70,7 @@ class PartOptions:
     min_side: int = 64
     max_runs: int = 4096
     max_grid: int = 1 << 20
+    sample_rows: int = 16
 
 
 # A context variable: a plan is built on the thread that first asks for it (the forward's), and
@@ -248,6 +253,43 @@ class _Piece:
     spread: tuple[int, int]
 
 
+def _sampled(config: Config, node: ir.Node, heads: list[int], sizes: Sizes, rows: int):
+    """``(visited pairs, tiles, spread)`` of ``node`` in ``config`` estimated from a sample of its query tiles.
+
+    The first and last query tiles (where ``global`` rows and sinks' edges sit) count exactly, the
+    middles of ``rows`` equal strata of the others stand for their stratum; the distinct tile rows
+    are exact when only the first and last have tiles, the distinct columns are those the sample
+    visits. None when the configuration has at most ``4 * rows`` query tiles (planned whole).
+    """
+    from patterndsl.analysis import engine as eng
+    from patterndsl.analysis.classify import Env
+
+    extents = sizes.layout.shape if sizes.layout is not None else (sizes.kv_len,)
+    bm, bn = config.block
+    qside = tiles.build_side(config.qsegs, sizes.q_len, bm, sizes.offset, extents, config.identity)
+    nqb = qside.n_tiles
+    if not rows or nqb <= 4 * rows:
+        return None
+    kside = tiles.build_side(config.ksegs, sizes.kv_len, bn, 0, extents, config.identity)
+    nkb = kside.n_tiles
+    lens, cols = np.diff(qside.starts), np.diff(kside.starts)
+    middle = np.unique(1 + ((np.arange(rows) + 0.5) * (nqb - 2) / rows).astype(np.int64))
+    sample = np.concatenate([[0], middle, [nqb - 1]])
+    domain = (sample[:, None] * nkb + np.arange(nkb, dtype=np.int64)[None, :]).reshape(-1)
+    engine = eng.Engine(qside, kside, Env(sizes, heads[0]))
+    keys, _ = engine.run(simplify(node), domain)
+    m, n = keys // nkb, keys % nkb
+    edge = (m == 0) | (m == nqb - 1)
+    scale = (int(lens.sum()) - int(lens[0]) - int(lens[-1])) / max(int(lens[middle].sum()), 1)
+    pairs = lens[m] * cols[n]
+    work = (int(pairs[edge].sum()) + int(pairs[~edge].sum()) * scale) * len(heads)
+    n_tiles = int(edge.sum()) + int((~edge).sum()) * (nqb - 2) / len(middle)
+    touched = np.unique(m)
+    inner = int((~np.isin(touched, [0, nqb - 1])).sum())
+    spread = (len(touched) - inner + round(inner * (nqb - 2) / len(middle)), len(np.unique(n)))
+    return work, n_tiles, spread
+
+
 def _late(config: Config) -> bool:
     # reordered candidates before identity: the bound then cuts hopeless ones (a strided part in
     # identity order) early
@@ -281,7 +323,18 @@ class _Search:
         if got is not None and (got[1] is not None or got[0] >= bound):
             return got[1]
         bm, bn = config.block
+        side = self.opts.min_side
+        # a thin tile still loads its keys and runs its loop: it costs as if min_side wide
+        area = max(bm, side) * max(bn, side) - bm * bn
         try:
+            sampled = _sampled(config, node, heads, self.sizes, self.opts.sample_rows)
+            if sampled is not None:
+                work, n_tiles, spread = sampled
+                found = None
+                if work < bound:
+                    found = _Cost(int(work + (self.opts.tile_pairs + area) * n_tiles * len(heads)), int(work), spread)
+                self._memo[key] = (bound, found)
+                return found
             if planner.loses(config.candidate, [(node, heads)], self.sizes, bm, bn, bound):
                 cand = None  # its sampled query tiles visit clearly more: not planned whole
             else:
@@ -292,9 +345,6 @@ class _Search:
         if cand is not None:
             keys = np.concatenate([g.keys for g in cand.groups])
             nkb = cand.kside.n_tiles
-            side = self.opts.min_side
-            # a thin tile still loads its keys and runs its loop: it costs as if min_side wide
-            area = max(bm, side) * max(bn, side) - bm * bn
             nqb = cand.qside.n_tiles
             # distinct tile rows and columns by counting (linear), not by sorting every key
             spread = (
@@ -425,15 +475,28 @@ def split(pir: ir.PatternIR, single: BlockPlan, opts: PartOptions | None = None)
         bm, bn = config.block
         planned = planner.plan(part, single.q_len, single.kv_len, single.heads, (bm, bn), orders=[config.candidate])
         out.append(dataclasses.replace(planned, candidate=config.candidate))
-    return tuple(out)
+    # the costs may be estimates from sampled tiles: the planned parts must still beat the single order
+    return tuple(out) if pays(single, out, opts) else ()
 
 
-def _single_cost(single: BlockPlan, opts: PartOptions) -> dict:
-    """The estimate of the single-order plan, as the fields ``cost``, ``work``, ``spread`` of a :class:`_Piece`."""
+def pays(single: BlockPlan, planned: list[BlockPlan], opts: PartOptions) -> bool:
+    """Whether the planned parts cost less than the single order with one pass more, visiting no more pairs."""
+    pass_cost = opts.pass_tiles * single.block_m * single.block_n
+    exact = sum(_single_cost(part, opts, spread=False)["cost"] for part in planned) + pass_cost * len(planned)
+    if exact >= _single_cost(single, opts, spread=False)["cost"] + pass_cost:
+        return False
+    return sum(part.stats.visited_pairs for part in planned) <= single.stats.visited_pairs
+
+
+def _single_cost(single: BlockPlan, opts: PartOptions, spread: bool = True) -> dict:
+    """The estimate of the single-order plan, as the fields ``cost``, ``work``, ``spread`` of a :class:`_Piece`
+    (``spread=False``: cost and work only)."""
     s = single.stats
     tiles = s.tiles_full + s.tiles_partial + s.tiles_dynamic
     side = opts.min_side
     area = max(single.block_m, side) * max(single.block_n, side) - single.block_m * single.block_n
+    if not spread:
+        return {"cost": s.visited_pairs + (opts.tile_pairs + area) * tiles, "work": s.visited_pairs}
     rows = np.unique(np.concatenate([np.flatnonzero(np.diff(g.tiles.row_ptr.numpy())) for g in single.groups]))
     cols = np.unique(np.concatenate([np.flatnonzero(np.diff(g.tiles.col_ptr.numpy())) for g in single.groups]))
     cost = s.visited_pairs + (opts.tile_pairs + area) * tiles

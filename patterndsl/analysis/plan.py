@@ -207,6 +207,58 @@ class RunTiles(TileList):
         return f"RunTiles({len(runs)} runs, {self.nnz} tiles of {nqb}x{nkb})"
 
 
+class TileFlags:
+    """A bool per tile of a head group's lists (in the order of ``tiles.cols``), held as runs of True tiles.
+
+    A route pattern at a million tokens has tens of millions of tiles whose mask reads the choice,
+    in a few runs per query tile: the flags stay runs (``row``, ``lo``, ``hi``: query tile ``row[i]``,
+    key tiles ``lo[i] <= n < hi[i]``, sorted and disjoint) until :meth:`tensor` lists them.
+    """
+
+    def __init__(self, row: np.ndarray, lo: np.ndarray, hi: np.ndarray, tiles: TileList, nqb: int, nkb: int):
+        self.row, self.lo, self.hi = (np.asarray(a, np.int64) for a in (row, lo, hi))
+        self._tiles, self._nqb, self._nkb = tiles, nqb, nkb
+
+    @staticmethod
+    def from_flags(flags: np.ndarray, tiles: TileList, nqb: int, nkb: int) -> TileFlags:
+        """From a bool per tile of ``tiles`` (row-major order)."""
+        rows = _rows_of(tiles.row_ptr, nqb)[flags]
+        cols = tiles.cols.numpy()[flags]
+        new = np.ones(len(rows), bool)
+        new[1:] = (rows[1:] != rows[:-1]) | (cols[1:] != cols[:-1] + 1)
+        first = np.flatnonzero(new)
+        last = (np.append(first[1:], len(rows)) - 1)[: len(first)]
+        return TileFlags(rows[first], cols[first], cols[last] + 1, tiles, nqb, nkb)
+
+    @property
+    def runs(self) -> int:
+        return len(self.row)
+
+    def at(self, m: np.ndarray, n: np.ndarray) -> np.ndarray:
+        """The flags of tiles ``(m, n)`` (numpy), without listing the others."""
+        width = self._nkb + 1
+        starts = self.row * width + self.lo
+        key = np.asarray(m, np.int64) * width + np.asarray(n, np.int64)
+        i = np.searchsorted(starts, key, "right") - 1
+        ok = i >= 0
+        i = np.maximum(i, 0)
+        return ok & (key < self.row[i] * width + self.hi[i]) if len(starts) else np.zeros(key.shape, bool)
+
+    def tensor(self) -> torch.Tensor:
+        """bool ``[nnz]`` in the order of ``tiles.cols`` (lists every tile)."""
+        rows = _rows_of(self._tiles.row_ptr, self._nqb)
+        return torch.from_numpy(self.at(rows, self._tiles.cols.numpy()))
+
+    def tolist(self) -> list[bool]:
+        return self.tensor().tolist()
+
+    def __len__(self) -> int:
+        return self._tiles.nnz
+
+    def __repr__(self) -> str:
+        return f"TileFlags({self.runs} runs)"
+
+
 @dataclass(frozen=True)
 class RunForm:
     """Closed form of a head group's tiles, for kernels that compute loop bounds instead of loading lists.
@@ -240,7 +292,8 @@ class HeadGroup:
             first use from ``form_source`` (the derivation imports sympy, which costs a CPU
             user's first call 0.4 s and is needed only by kernels and inspection).
         form_source: computes ``forms``; None when the group has no closed form.
-        route_mask: for patterns with ``route``, bool ``[nnz]`` in the order of ``tiles.cols``:
+        route_mask: for patterns with ``route``, a :class:`TileFlags` (runs; ``tensor()`` gives bool
+            ``[nnz]`` in the order of ``tiles.cols``):
             some route may allow an element of this tile (state 1 or 3), so its element mask
             must be computed with the run-time selection, even where the tile's *state* is the
             same for every choice. False on full tiles (no mask work) and on partial tiles where
@@ -253,7 +306,7 @@ class HeadGroup:
     tiles: TileList
     runs: Runs
     form_source: Callable[[], RunForm | None] | None = field(default=None, repr=False, compare=False)
-    route_mask: torch.Tensor | None = None
+    route_mask: TileFlags | None = None
 
     @functools.cached_property
     def forms(self) -> RunForm | None:

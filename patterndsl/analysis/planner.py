@@ -21,9 +21,9 @@ import torch
 
 from patterndsl import config, ir
 from patterndsl.analysis import engine as eng
-from patterndsl.analysis import hierarchy, reorder, routeplan, tiles
+from patterndsl.analysis import hierarchy, reorder, routeplan, routeruns, tiles
 from patterndsl.analysis.classify import Env
-from patterndsl.analysis.plan import BlockPlan, HeadGroup, PlanStats, Runs, RunTiles, TileList
+from patterndsl.analysis.plan import BlockPlan, HeadGroup, PlanStats, Runs, RunTiles, TileFlags, TileList
 from patterndsl.analysis.rewrite import simplify
 from patterndsl.analysis.serial import serial
 from patterndsl.errors import HeadsError, PatternTypeError, PatternValueError
@@ -171,7 +171,15 @@ class _Classified:
         """Pairs of every listed and run tile."""
         n = len(cols)
         listed = int((rows[self.keys // n] * cols[self.keys % n]).sum())
+        if isinstance(self.routed, routeruns.RoutedRuns):
+            listed += int(_run_areas(self.routed, rows, cols).sum())
         return listed + self.runs_area(rows, cols, True) + self.runs_area(rows, cols, False)
+
+
+def _run_areas(runs, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """Pairs of each run ``(row, lo, hi)`` of tiles (``rows``/``cols``: each tile's length per side)."""
+    csum = np.concatenate([[0], np.cumsum(cols)])
+    return rows[runs.row] * (csum[runs.hi] - csum[runs.lo])
 
 
 @dataclass(frozen=True)
@@ -255,7 +263,10 @@ def _plan_order(desc, qsegs, ksegs, identity, groups, sizes: Sizes, bm, bn, boun
         try:
             if ir.is_dynamic(node):
                 routed = routeplan.classify(engine, rewritten)
-                keys, state = routed.keys, routed.state
+                if isinstance(routed, routeruns.RoutedRuns):
+                    keys, state = np.zeros(0, np.int64), np.zeros(0, np.int8)  # the tiles are runs
+                else:
+                    keys, state = routed.keys, routed.state
             else:
                 routed = None
                 if hierarchy.usable(rewritten, qside, kside, sizes.layout):
@@ -417,6 +428,11 @@ def _assemble(pir, cand: _Candidate, groups, head_group, sizes: Sizes, bm, bn, s
     evaluated = 0
     for (node, hs), found in zip(groups, cand.groups, strict=True):
         keys, state, engine, routed = found.keys, found.state, found.engine, found.routed
+        if isinstance(routed, routeruns.RoutedRuns):
+            out_groups.append(_routed_runs_group(pir, node, hs, found, stats, rows, cols, cand))
+            evaluated += engine.tally.evaluated
+            _add_tally(stats, engine)
+            continue
         m, n = keys // nkb, keys % nkb
         area = rows[m] * cols[n]
         partial = state == eng.PARTIAL
@@ -451,11 +467,7 @@ def _assemble(pir, cand: _Candidate, groups, head_group, sizes: Sizes, bm, bn, s
         stats.tiles_dynamic += int((state == eng.DYNAMIC).sum()) * nh
         stats.tiles_empty += (nqb * nkb - len(keys) - found.runs_tiles(True) - found.runs_tiles(False)) * nh
         evaluated += engine.tally.evaluated
-        stats.elements_evaluated += engine.tally.elements + engine.env.elements
-        counted_tiles = stats.extra.get("tiles_counted_by_evaluation", 0) + engine.tally.counted
-        stats.extra["tiles_counted_by_evaluation"] = counted_tiles
-        stats.extra["tiles_classified"] = stats.extra.get("tiles_classified", 0) + engine.tally.classified
-        stats.extra["boxes_searched"] = stats.extra.get("boxes_searched", 0) + engine.tally.searched
+        _add_tally(stats, engine)
         if found.layered is None:
             tl = TileList.from_sorted(m, n, state, nqb, nkb)
             runs = Runs.from_tiles(tl, nqb)
@@ -478,7 +490,7 @@ def _assemble(pir, cand: _Candidate, groups, head_group, sizes: Sizes, bm, bn, s
         form = None
         if cand.qside.identity:
             form = functools.partial(_form, rewritten, cand.qside, cand.kside, runs, nqb, nkb)
-        rmask = None if routed is None else torch.from_numpy(routed.route_mask)
+        rmask = None if routed is None else TileFlags.from_flags(routed.route_mask, tl, nqb, nkb)
         out_groups.append(HeadGroup(tuple(hs), node, tl, runs, form, rmask))
     stats.tiles_evaluated = evaluated
     stats.extra["orders_tried"] = n_orders
@@ -488,6 +500,63 @@ def _assemble(pir, cand: _Candidate, groups, head_group, sizes: Sizes, bm, bn, s
     return BlockPlan(
         pir, q_len, kv_len, heads, bm, bn, q_order, kv_order, cand.desc, tuple(out_groups), tuple(head_group), stats
     )
+
+
+def _add_tally(stats: PlanStats, engine: eng.Engine) -> None:
+    stats.elements_evaluated += engine.tally.elements + engine.env.elements
+    counted_tiles = stats.extra.get("tiles_counted_by_evaluation", 0) + engine.tally.counted
+    stats.extra["tiles_counted_by_evaluation"] = counted_tiles
+    stats.extra["tiles_classified"] = stats.extra.get("tiles_classified", 0) + engine.tally.classified
+    stats.extra["boxes_searched"] = stats.extra.get("boxes_searched", 0) + engine.tally.searched
+
+
+def _routed_runs_group(pir, node, hs, found: _Classified, stats: PlanStats, rows, cols, cand) -> HeadGroup:
+    """A route pattern's head group from its runs (:mod:`~patterndsl.analysis.routeruns`): lists, route
+    mask and statistics without listing a tile, except the partial ones whose pairs are counted."""
+    rr, engine = found.routed, found.engine
+    nqb, nkb, nh = cand.qside.n_tiles, cand.kside.n_tiles, len(hs)
+    area = _run_areas(rr, rows, cols)
+    lens = rr.hi - rr.lo
+    full, partial = rr.state == eng.FULL, rr.state == eng.PARTIAL
+    # Tiles open candidates meet may change mask with the choice: bounded, not counted.
+    dyn = rr.open & ~full
+    counted = partial & ~dyn
+    rewritten = simplify(node)
+    allowed = eng.symbolic_total(rewritten, cand.qside.length, cand.kside.length, pir.layout, engine.env)
+    if allowed is None:
+        # Tiles no route reaches count without the routes (cheaper than with the choice).
+        reach = rr.keys_where(counted & rr.route_mask)
+        counts = eng.count_tiles(engine.fixing(rr.forced_on(reach)), rewritten, reach).sum()
+        counts += eng.count_tiles(engine, rewritten, rr.keys_where(counted & ~rr.route_mask)).sum()
+        allowed = int(area[full].sum()) + int(counts)
+    if dyn.any():
+        stats.extra["dynamic_pairs_bound"] = stats.extra.get("dynamic_pairs_bound", 0) + int(area[dyn].sum()) * nh
+    stats.extra["tiles_dynamic_unproven"] = stats.extra.get("tiles_dynamic_unproven", 0)
+    stats.allowed_pairs += allowed * nh
+    stats.visited_pairs += int(area.sum()) * nh
+    stats.tiles_full += int(lens[full].sum()) * nh
+    stats.tiles_partial += int(lens[partial].sum()) * nh
+    stats.tiles_dynamic += int(lens[rr.state == eng.DYNAMIC].sum()) * nh
+    stats.tiles_empty += (nqb * nkb - int(lens.sum())) * nh
+    runs = Runs.merged(rr.row, rr.lo, rr.hi, rr.state)
+    tl = RunTiles(runs, nqb, nkb)
+    on = rr.route_mask
+    rmask = TileFlags(*_merged_flags(rr.row[on], rr.lo[on], rr.hi[on]), tl, nqb, nkb)
+    form = None
+    if cand.qside.identity:
+        form = functools.partial(_form, rewritten, cand.qside, cand.kside, runs, nqb, nkb)
+    return HeadGroup(tuple(hs), node, tl, runs, form, rmask)
+
+
+def _merged_flags(row: np.ndarray, lo: np.ndarray, hi: np.ndarray):
+    """Sorted disjoint runs with touching ones joined."""
+    if not len(row):
+        return row, lo, hi
+    new = np.ones(len(row), bool)
+    new[1:] = (row[1:] != row[:-1]) | (lo[1:] != hi[:-1])
+    first = np.flatnonzero(new)
+    last = np.append(first[1:], len(row)) - 1
+    return row[first], lo[first], hi[last]
 
 
 def describe(plan: BlockPlan) -> str:

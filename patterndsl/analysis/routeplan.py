@@ -95,10 +95,14 @@ def classify(engine: eng.Engine, node: ir.Node) -> RoutedTiles:
         node: the rewritten pattern node, containing ``route``.
 
     Returns:
-        The :class:`RoutedTiles`.
+        The :class:`RoutedTiles`, or in 1-D a :class:`~patterndsl.analysis.routeruns.RoutedRuns` (the same
+        tiles as runs; ``expanded()`` lists them).
     """
-    from patterndsl.analysis import routetiles
+    from patterndsl.analysis import routeruns, routetiles
 
+    geo = routeruns.geometry(engine, node)
+    if geo is not None:
+        return routeruns.classify(engine, node, geo)
     if routetiles.usable(engine, node):
         return routetiles.classify(engine, node)
     return classify_by_pairs(engine, node)

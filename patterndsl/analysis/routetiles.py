@@ -43,10 +43,11 @@ def usable(engine: eng.Engine, node: ir.Node) -> bool:
     return _geometry(engine, node) is not None
 
 
-def _geometry(engine: eng.Engine, node: ir.Node):
+def _geometry(engine: eng.Engine, node: ir.Node, dense_limit: bool = True):
     """The geometry :func:`classify` works with, or None: one route of one polarity, ``among`` not
     reading ``h``, identity order; 1-D groups aligned to the query start (runs), else (grids) when
-    the dense (group x key tile) arrays are small."""
+    the dense (group x key tile) arrays are small. ``dense_limit=False``: any number of tiles
+    (:mod:`~patterndsl.analysis.routeruns` keeps no per-tile array)."""
     pol = ir.polarities(node)
     if len(pol) != 1:
         return None
@@ -59,7 +60,7 @@ def _geometry(engine: eng.Engine, node: ir.Node):
         or not (engine.q.identity and engine.k.identity)
         or engine.q.order is not None
         or engine.k.order is not None
-        or engine.nqb * engine.nkb > MAX_DENSE_TILES
+        or (dense_limit and engine.nqb * engine.nkb > MAX_DENSE_TILES)
     ):
         return None
     block, qblock = prim.arg("block"), prim.arg("qblock")
@@ -137,8 +138,13 @@ class _Geometry:
         self.bt1 = (ks[1:] - 1) // block + 1
         self.groups_per_tile = (qs[1:] - 1) // self.qblock + 1 - qs[:-1] // self.qblock
         a = np.arange(self.n_q, dtype=np.int64)
-        self.qt0 = np.searchsorted(qs, a * self.qblock, "right") - 1
-        self.qt1 = np.searchsorted(qs, np.minimum((a + 1) * self.qblock, q_len) - 1, "right")
+        first, last = a * self.qblock, np.minimum((a + 1) * self.qblock, q_len) - 1
+        bm = engine.q.block
+        if len(qs) == self.nqb + 1 and (qs[:-1] == np.arange(self.nqb, dtype=np.int64) * bm).all():
+            self.qt0, self.qt1 = first // bm, last // bm + 1  # tiles of BM queries from the first: no search
+        else:
+            self.qt0 = np.searchsorted(qs, first, "right") - 1
+            self.qt1 = np.searchsorted(qs, last, "right")
 
     def spans(self, runs: RunTable):
         """Per run: key tiles touched ``[t0, t1)`` and covered whole ``[f0, f1)`` (``f0 >= f1``: none)."""
@@ -242,7 +248,7 @@ class _DenseGeometry:
 
     From the incidences (query tile, group) and (block, key tile): a choice's blocks per
     (group, key tile) are sums of its bool ``[groups, blocks]`` table over each key tile's blocks,
-    and per tile the groups of its query tile are summed the same way (``np.add.reduceat``).
+    and per tile the groups of its query tile are summed the same way (:func:`_row_sums`).
     """
 
     #: Largest (groups x blocks) or (groups x key tiles) table built; beyond it the pair-by-pair plan is used.
@@ -291,14 +297,14 @@ class _DenseGeometry:
         chosen = np.zeros((self.n_k, self.n_q), self._count)  # block-major: the sums run over rows
         r, b = eng.expand_runs(np.arange(len(runs.group)), runs.lo, runs.hi)
         chosen[b, runs.group[r]] = 1
-        held = np.ascontiguousarray(np.add.reduceat(chosen[self.kb], self.k_starts, axis=0).T)
+        held = np.ascontiguousarray(_row_sums(chosen, self.kb, self.k_starts, self._count).T)
         if self._held is None:
             self._held = (runs, held)
         return held
 
     def _per_tile(self, per_group: np.ndarray) -> np.ndarray:
         """``[nqb, nkb]``: sums over the groups of each query tile of a ``[n_q, nkb]`` 0/1 table."""
-        return np.add.reduceat(per_group.astype(self._count)[self.qa], self.q_starts, axis=0).astype(np.int64)
+        return _row_sums(per_group.astype(self._count), self.qa, self.q_starts, self._count).astype(np.int64)
 
     def cover(self, runs: RunTable):
         held = self._blocks(runs)
@@ -306,6 +312,24 @@ class _DenseGeometry:
 
     def over(self, runs: RunTable, cap: np.ndarray) -> np.ndarray:
         return self._per_tile(self._blocks(runs) > cap[:, None]) > 0
+
+
+def _row_sums(rows: np.ndarray, index: np.ndarray, starts: np.ndarray, dtype) -> np.ndarray:
+    """``[len(starts), width]``: segment ``i`` sums ``rows[index[starts[i]:starts[i + 1]]]`` (the last to the end).
+
+    One gather and add per position inside the segments (a few dozen): ``np.add.reduceat`` along
+    the first axis took 0.5 s for the 16K x 1K table of BiFormer at 128K tokens, this 3 ms, and its
+    time per tile grew with the table, not with the tiles.
+    """
+    length = np.diff(np.append(starts, len(index)))
+    out = np.zeros((len(starts), rows.shape[1]), dtype)
+    for k in range(int(length.max()) if len(length) else 0):
+        seg = np.flatnonzero(length > k)
+        if len(seg) == len(starts):
+            out += rows[index[starts + k]]
+        else:
+            out[seg] += rows[index[starts[seg] + k]]
+    return out
 
 
 def _merged(row: np.ndarray, lo: np.ndarray, hi: np.ndarray, n_blocks: int) -> RunTable:

@@ -153,8 +153,11 @@ def _group(plan: BlockPlan, group: HeadGroup, ctx: semantics.Context, route_tile
     # (a route that reaches it without changing its state): it is decided per call too. With
     # the plan's heads, a route whose among reads h reaches what any head's choice may open
     # (under GQA a group shares the union's choice).
-    reach = np.unique(np.concatenate([engine.run(r)[0] for r in routes]))
-    reached = torch.from_numpy(np.isin(keys.numpy(), reach))
+    if group.route_mask is not None:
+        reached = group.route_mask.tensor()  # the plan's flags: no candidate pair listed again
+    else:
+        reach = np.unique(np.concatenate([engine.run(r)[0] for r in routes]))
+        reached = torch.from_numpy(np.isin(keys.numpy(), reach))
     dyn = (tl.state == DYNAMIC) | ((tl.state == PARTIAL) & reached)
     dyn_keys = keys[dyn]
     domain = dyn_keys.numpy()

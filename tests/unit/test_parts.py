@@ -246,3 +246,28 @@ def test_tile_efficiency_targets_hold_at_4k():
         ratios[name] = auto.stats.executed_efficiency / ident.stats.block_efficiency
     assert ratios["dilated window + global"] >= 1.8
     assert math.exp(sum(math.log(r) for r in ratios.values()) / len(ratios)) >= 3.0
+
+
+@pytest.mark.parametrize("src", [DILATED_GLOBAL, STRIDED])
+def test_sampled_search_finds_the_parts_of_the_whole_search(src):
+    # 128 query tiles: configurations are costed on 16 sampled tile rows plus the first and last
+    p = pd.compile(src)
+    single = p.plan(2048, block=(16, 16))
+    sampled = parts.split(p.ir, single, EAGER)
+    whole = parts.split(p.ir, single, parts.PartOptions(**{**vars(EAGER), "sample_rows": 0}))
+    assert len(sampled) >= 2
+    assert [(q.order, q.block) for q in sampled] == [(q.order, q.block) for q in whole]
+    assert sum(q.stats.visited_pairs for q in sampled) == sum(q.stats.visited_pairs for q in whole)
+
+
+def test_a_split_is_kept_only_when_its_planned_parts_pay():
+    # the search may cost configurations on sampled tiles; the parts it settles on are planned and
+    # checked exactly against the single order (with one pass more)
+    p = pd.compile(DILATED_GLOBAL)
+    single = p.plan(2048, block=(16, 16))
+    found = parts.split(p.ir, single, EAGER)
+    assert len(found) >= 2 and parts.pays(single, list(found), EAGER)
+    assert not parts.pays(single, [single, single], EAGER)  # the single order twice costs twice
+    assert not parts.pays(single, [single], EAGER)  # the same work: nothing paid for the pass
+    costly = parts.PartOptions(**{**vars(EAGER), "pass_tiles": 1 << 20})
+    assert not parts.pays(single, list(found), costly)

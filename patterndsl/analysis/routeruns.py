@@ -1,0 +1,575 @@
+"""Stage 4 (block plan), route patterns in 1-D token order, as runs: O(runs) work and memory, not O(tiles).
+
+Comes in: what :mod:`patterndsl.analysis.routetiles` takes (the identity-order engine of one head
+group and its rewritten node with one ``route`` of one polarity, ``among`` not reading ``h``, 1-D
+groups aligned to the query start). Goes out: :class:`RoutedRuns`, the same tiles as
+:class:`~patterndsl.analysis.routeplan.RoutedTiles` held as runs of key tiles per query tile
+(state, open and route-mask flags constant on each run); :meth:`RoutedRuns.expanded` lists them.
+
+At a million tokens a route pattern has about 33 million tiles a head whose state the data
+decides (``causal`` below the diagonal), in a few runs per query tile. Every per-tile quantity
+:func:`routetiles.classify` reads (the static bounds' states, the candidate and forced choices'
+cover counts, the box test's over-the-cap flags) is constant between a few breakpoints per query
+tile: a :class:`Steps` function. The classification overlays them and decides each segment at
+once with the formulas of :func:`routetiles.classify`; only segments where the static bounds are
+neither settled nor the route alone are listed tile by tile and decided as before (cells or
+elements). Candidates come from ``among`` planned on tiles of ``qblock * 2**j`` queries by one
+key block, coarse rows first (full tiles give every group of the row the block; partial ones are
+split in two rows until a tile is one group), so the element-level boundary of ``among`` is met
+only in a few tiles per query tile.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from patterndsl import ir
+from patterndsl.analysis import engine as eng
+from patterndsl.analysis import hierarchy, routetiles
+
+#: Rows of query groups a first-level candidate tile holds at most (as a power of two times ``qblock``).
+GROUP_ROWS = 128
+
+
+@dataclass(frozen=True)
+class Steps:
+    """A function over tiles, piecewise constant along each query tile's key tiles.
+
+    ``key`` (sorted) holds the start ``m * (nkb + 1) + n`` of every segment, each query tile's
+    first segment starting at ``n = 0``; a segment ends where the next one of its row starts,
+    or at ``nkb``. ``value`` is the function on the segment.
+    """
+
+    key: np.ndarray
+    value: np.ndarray
+    width: int
+
+    def at(self, starts: np.ndarray) -> np.ndarray:
+        """The value on the segments starting at ``starts`` (keys of a finer segmentation)."""
+        return self.value[np.searchsorted(self.key, starts, "right") - 1]
+
+
+def _compact(key: np.ndarray, value: np.ndarray, width: int) -> Steps:
+    if not len(key):
+        return Steps(key, value, width)
+    new = np.ones(len(key), bool)
+    new[1:] = (value[1:] != value[:-1]) | (key[1:] // width != key[:-1] // width)
+    return Steps(key[new], value[new], width)
+
+
+def _rle(key: np.ndarray, weight: np.ndarray):
+    """Consecutive equal keys summed (events come grouped by row: most collapse before the sort)."""
+    if len(key) < 2:
+        return key, weight
+    first = np.flatnonzero(np.concatenate([[True], key[1:] != key[:-1]]))
+    return key[first], np.add.reduceat(weight, first)
+
+
+def ranges(m, lo, hi, weight, nqb: int, nkb: int) -> Steps:
+    """The sum of ``weight`` over the ranges ``(m, [lo, hi))`` that hold each tile."""
+    width = nkb + 1
+    ok = lo < hi
+    m, lo, hi = m[ok], lo[ok], hi[ok]
+    weight = np.broadcast_to(np.asarray(weight, np.int64), ok.shape)[ok]
+    k1, w1 = _rle(m * width + lo, weight)
+    k2, w2 = _rle(m * width + hi, -weight)
+    rows = np.arange(nqb, dtype=np.int64) * width
+    keys = np.concatenate([rows, k1, k2])
+    key, inv = np.unique(keys, return_inverse=True)
+    delta = np.bincount(inv, weights=np.concatenate([np.zeros(nqb), w1, w2]), minlength=len(key))
+    value = np.rint(np.cumsum(delta)).astype(np.int64)
+    keep = key % width < nkb
+    return _compact(key[keep], value[keep], width)
+
+
+def tile_steps(keys: np.ndarray, value: np.ndarray, nqb: int, nkb: int) -> Steps:
+    """Values on single tiles ``keys`` (``m * nkb + n``), 0 elsewhere."""
+    m, n = keys // nkb, keys % nkb
+    return ranges(m, n, n + 1, value.astype(np.int64), nqb, nkb)
+
+
+def overlay(steps: list[Steps], nkb: int):
+    """A common segmentation: ``(m, lo, hi, values)`` with each function's value per segment."""
+    width = nkb + 1
+    key = np.unique(np.concatenate([s.key for s in steps]))
+    m = key // width
+    lo = key % width
+    nxt = np.append(key[1:], -1)
+    hi = np.where(nxt // width == m, nxt % width, nkb)
+    hi[-1:] = nkb
+    return m, lo, hi, [s.at(key) for s in steps]
+
+
+def static_steps(engine: eng.Engine, node: ir.Node) -> Steps:
+    """States of a static node on every tile (coarse levels first where they pay)."""
+    nqb, nkb = engine.nqb, engine.nkb
+    lay = None
+    if hierarchy.usable(node, engine.q, engine.k, engine.env.layout):
+        lay = hierarchy.classify(engine, node)
+    if lay is None:
+        keys, state = engine.run(node)
+        return tile_steps(keys, state, nqb, nkb)
+    pr, plo, phi = lay.partial
+    m = np.concatenate([lay.keys // nkb, lay.row, pr])
+    lo = np.concatenate([lay.keys % nkb, lay.lo, plo])
+    hi = np.concatenate([lay.keys % nkb + 1, lay.hi, phi])
+    value = np.concatenate([lay.state.astype(np.int64), np.full(len(lay.row), eng.FULL), np.full(len(pr), eng.PARTIAL)])
+    return ranges(m, lo, hi, value, nqb, nkb)
+
+
+def _sub_engine(engine: eng.Engine, shape: tuple[int, int], cache: dict) -> eng.Engine:
+    """The engine on tiles of ``shape`` sharing ``engine``'s environment and tally (built once per plan:
+    its sides are per-tile arrays, a million long at one query per tile)."""
+    if shape not in cache:
+        sub = eng.identity_engine(engine.ctx, engine.env.head, shape)
+        cache[shape] = eng.Engine(sub.q, sub.k, engine.env, tally=engine.tally)
+    return cache[shape]
+
+
+def candidates(engine: eng.Engine, prim: ir.Prim, geo, cache: dict | None = None) -> routetiles.RunTable:
+    """The candidate blocks of every group as runs (see the module notes: rows halved where partial)."""
+    qblock, block, n_q = geo.qblock, geo.block, geo.n_q
+    among = eng.rewrite_for_plan(prim.arg("among"))
+    top = max(0, (max(min(engine.q.block, GROUP_ROWS) // qblock, 1)).bit_length() - 1)
+    out_g, out_lo, out_hi = [], [], []
+    domain = None
+    cache = {} if cache is None else cache
+    for j in range(top, -1, -1):
+        sub = _sub_engine(engine, (qblock << j, block), cache)
+        nk = sub.nkb
+        runs = None
+        if domain is None:
+            lay = hierarchy.classify(sub, among) if hierarchy.usable(among, sub.q, sub.k, None) else None
+            if lay is None:
+                keys, state = sub.run(among)
+            else:
+                pr, plo, phi = lay.partial
+                pm, pn = eng.expand_runs(pr, plo, phi)
+                keys = np.concatenate([lay.keys, pm * nk + pn])
+                state = np.concatenate([lay.state, np.full(len(pm), eng.PARTIAL, np.int8)])
+                runs = (lay.row, lay.lo, lay.hi)
+        else:
+            keys, state = sub.run(among, domain)
+        m, n = keys // nk, keys % nk
+        take = (state == eng.FULL) | (j == 0)  # a non-empty tile of one group is a candidate
+        if j > 0 and not take.all():
+            take |= _edge_column_full(engine, among, qblock << j, block, m, n, cache)
+        tm, tlo, thi = m[take], n[take], n[take] + 1
+        if runs is not None:
+            tm, tlo, thi = np.concatenate([tm, runs[0]]), np.concatenate([tlo, runs[1]]), np.concatenate([thi, runs[2]])
+        g, lo, hi = _group_runs(tm, tlo, thi, j, n_q, nk)
+        out_g.append(g)
+        out_lo.append(lo)
+        out_hi.append(hi)
+        if j == 0:
+            break
+        pm, pn = m[~take], n[~take]
+        child = np.stack([pm * 2, pm * 2 + 1], 1).reshape(-1)
+        cn = np.repeat(pn, 2)
+        nq_next = -(-engine.ctx.q_len // (qblock << (j - 1)))
+        ok = child < nq_next
+        domain = np.sort(child[ok] * nk + cn[ok])
+        if not len(domain):
+            break
+    g, lo, hi = (np.concatenate(a) if a else np.zeros(0, np.int64) for a in (out_g, out_lo, out_hi))
+    key = g * geo.n_k + lo
+    if len(key) > 1 and not (key[1:] > key[:-1]).all():
+        order = np.argsort(key, kind="stable")
+        g, lo, hi = g[order], lo[order], hi[order]
+    return routetiles._merged(g, lo, hi, geo.n_k)
+
+
+def _edge_column_full(engine, among, rows: int, block: int, m: np.ndarray, n: np.ndarray, cache: dict) -> np.ndarray:
+    """Per tile ``(m, n)`` of ``rows`` queries by block ``n``: ``among`` allows every query of the tile with the
+    block's first key, or every one with its last (then every group of the tile has the block as a candidate).
+
+    A band's edge crosses a block: ``causal - window(63)`` gives the first query of a 128-query tile
+    only the first key of a block, so the tile is partial, but the column of that key is full; without
+    this its rows would be halved down to one query each.
+    """
+    kv_len = engine.ctx.kv_len
+    sub = _sub_engine(engine, (rows, 1), cache)
+    out = np.zeros(len(m), bool)
+    for key in (n * block, np.minimum((n + 1) * block, kv_len) - 1):
+        sel = np.flatnonzero(~out)
+        if not len(sel):
+            break
+        keys = m[sel] * sub.nkb + key[sel]
+        order = np.argsort(keys, kind="stable")
+        state = routetiles.routeplan_states(sub, among, keys[order])
+        out[sel[order[state == eng.FULL]]] = True
+    return out
+
+
+def _group_runs(m: np.ndarray, lo: np.ndarray, hi: np.ndarray, j: int, n_q: int, n_k: int):
+    """Runs of blocks ``(m, [lo, hi))`` of tiles of ``2**j`` groups as runs of every group, sorted by (group, lo)."""
+    rows = routetiles._merged(m, lo, hi, n_k)  # tile runs merged per row before they are repeated per group
+    um, start = np.unique(rows.group, return_index=True)
+    count = np.diff(np.append(start, len(rows.group)))
+    g0 = um << j
+    pair, g = eng.expand_runs(np.arange(len(um), dtype=np.int64), g0, np.minimum((um + 1) << j, n_q))
+    at, r = eng.expand_runs(np.arange(len(g), dtype=np.int64), start[pair], start[pair] + count[pair])
+    return g[at], rows.lo[r], rows.hi[r]
+
+
+class _Spans:
+    """The candidate runs with the key tiles each touches / covers whole and the query tiles of its group."""
+
+    def __init__(self, geo, cand: routetiles.RunTable, run_open: np.ndarray):
+        self.geo, self.cand = geo, cand
+        self.t0, self.t1, self.f0, self.f1 = geo.spans(cand)
+        self.row_run, self.row_m = geo.rows(cand.group)  # (run, query tile) pairs
+        # Neighbouring groups of a query tile mostly have runs over the same key tiles (a million
+        # groups at qblock = 1, a few distinct spans per query tile): counted once, with a weight.
+        r = self.row_run
+        fields = [self.row_m, self.t0[r], self.t1[r], self.f0[r], self.f1[r], run_open[r]]
+        new = np.ones(len(r), bool)
+        for f in fields:
+            new[1:] |= f[1:] != f[:-1]
+        first = np.flatnonzero(new)
+        self.weight = np.diff(np.append(first, len(r)))
+        self.m, self.tt0, self.tt1, self.ff0, self.ff1, self.open = (f[first] for f in fields)
+
+    def cover(self, which: bool | None):
+        """``(touched, covered)`` Steps: groups of the runs (all; open only: True; forced only: False)
+        touching / holding each tile whole."""
+        sel = np.ones(len(self.m), bool) if which is None else self.open == which
+        m, w, geo = self.m[sel], self.weight[sel], self.geo
+        touched = ranges(m, self.tt0[sel], self.tt1[sel], w, geo.nqb, geo.nkb)
+        return touched, ranges(m, self.ff0[sel], self.ff1[sel], w, geo.nqb, geo.nkb)
+
+    def over(self, keep: np.ndarray, cap: np.ndarray) -> Steps:
+        """Bool Steps: some group of the kept runs has more than ``cap[group]`` candidates in the tile
+        (:meth:`routetiles._Geometry.over` as ranges)."""
+        geo = self.geo
+        g, lo, hi = self.cand.group, self.cand.lo, self.cand.hi
+        t0, t1, f0, f1 = self.t0, self.t1, self.f0, self.f1
+        nb = geo.bt1 - geo.bt0
+        c = cap[g]
+        out_m, out_lo, out_hi = [], [], []
+        if len(nb):
+            whole = keep & (c < nb.min())
+            sel = whole[self.row_run]
+            r = self.row_run[sel]
+            out_m.append(self.row_m[sel])
+            out_lo.append(f0[r])
+            out_hi.append(f1[r])
+            mixed = np.flatnonzero(keep & ~whole & (c < nb.max()) & (f0 < f1))
+            if len(mixed):
+                run, n = eng.expand_runs(mixed, f0[mixed], f1[mixed])
+                hot = nb[n] > c[run]
+                self._mark(out_m, out_lo, out_hi, g[run[hot]], n[hot])
+        # ends: touched but not covered whole (at most two tiles per run), summed per (group, tile)
+        first_end = np.where(f0 < f1, np.minimum(f0, t1), t1)
+        run_a = np.flatnonzero(keep & (t0 < first_end))
+        run_b = np.flatnonzero(keep & (f0 < f1) & (f1 < t1))
+        two = np.flatnonzero(keep & (f0 >= f1) & (t1 - t0 == 2))
+        er = np.concatenate([run_a, run_b, two])
+        en = np.concatenate([t0[run_a], f1[run_b], t0[two] + 1])
+        if len(er):
+            overlap = np.minimum(hi[er], geo.bt1[en]) - np.maximum(lo[er], geo.bt0[en])
+            key = g[er] * geo.nkb + en
+            order = np.argsort(key, kind="stable")  # three sorted lists: merged in linear time
+            key, overlap = key[order], overlap[order]
+            key, total = _rle(key, overlap)
+            hot = total > cap[key // geo.nkb]
+            self._mark(out_m, out_lo, out_hi, key[hot] // geo.nkb, key[hot] % geo.nkb)
+        m, lo_, hi_ = (np.concatenate(a) if a else np.zeros(0, np.int64) for a in (out_m, out_lo, out_hi))
+        s = ranges(m, lo_, hi_, 1, geo.nqb, geo.nkb)
+        return _compact(s.key, (s.value > 0).astype(np.int64), s.width)
+
+    def _mark(self, out_m, out_lo, out_hi, group, n):
+        r, m = self.geo.rows(group)
+        out_m.append(m)
+        out_lo.append(n[r])
+        out_hi.append(n[r] + 1)
+
+
+def _choice(on: np.ndarray, full: np.ndarray, sign: int) -> np.ndarray:
+    """State of a fixed choice (touched / covered by every group) or of its complement at ``sign`` -1."""
+    st = np.where(on, np.where(full, eng.FULL, eng.PARTIAL), eng.EMPTY).astype(np.int8)
+    return st if sign > 0 else (eng.FULL - st).astype(np.int8)
+
+
+@dataclass(frozen=True)
+class RoutedRuns:
+    """A route pattern's tiles for one head group as runs (what :func:`classify` returns).
+
+    Attributes:
+        row, lo, hi: query tile ``row[i]`` holds key tiles ``lo[i] <= n < hi[i]``, sorted, disjoint.
+        state, open, route_mask: per run, as per tile in
+            :class:`~patterndsl.analysis.routeplan.RoutedTiles` (state 1, 2 or 3; never empty).
+        unproven: 0 (every 3 is proven).
+        prim: the route; ``forced``: its forced choice as runs, ``forced_cover``: its
+            ``(touched, covered)`` Steps (for :meth:`forced_on`).
+        nkb: key tiles.
+    """
+
+    row: np.ndarray
+    lo: np.ndarray
+    hi: np.ndarray
+    state: np.ndarray
+    open: np.ndarray
+    route_mask: np.ndarray
+    prim: ir.Prim
+    forced_runs: routetiles.RunTable
+    forced_cover: tuple
+    groups_per_tile: np.ndarray
+    nkb: int
+    unproven: int = 0
+
+    @property
+    def tiles(self) -> int:
+        return int((self.hi - self.lo).sum())
+
+    def keys_where(self, sel: np.ndarray) -> np.ndarray:
+        """Sorted tile keys of the runs ``sel`` (bool per run)."""
+        m, n = eng.expand_runs(self.row[sel], self.lo[sel], self.hi[sel])
+        return m * self.nkb + n
+
+    def forced_on(self, keys: np.ndarray) -> dict:
+        """``{route: Fixed}``: the forced choice with the tiles among ``keys`` (sorted) it meets."""
+        width = self.nkb + 1
+        at = keys // self.nkb * width + keys % self.nkb
+        touched, covered = (s.at(at) for s in self.forced_cover)
+        on = touched > 0
+        full = covered[on] == self.groups_per_tile[keys[on] // self.nkb]
+        state = np.where(full, eng.FULL, eng.PARTIAL).astype(np.int8)
+        return {self.prim: (self.forced_runs, keys[on], state)}
+
+    def expanded(self):
+        """The same tiles listed one by one (a :class:`~patterndsl.analysis.routeplan.RoutedTiles`)."""
+        from patterndsl.analysis import routeplan
+
+        counts = self.hi - self.lo
+        keys = self.keys_where(np.ones(len(self.row), bool))
+        rep = [np.repeat(a, counts) for a in (self.state, self.open, self.route_mask)]
+        forced = self.forced_on(np.arange(len(self.groups_per_tile) * self.nkb, dtype=np.int64))
+        return routeplan.RoutedTiles(keys, rep[0], rep[2], rep[1], self.unproven, forced)
+
+
+def geometry(engine: eng.Engine, node: ir.Node):
+    """The 1-D geometry of :mod:`routetiles` (any number of tiles) when :func:`classify` applies, else None."""
+    geo = routetiles._geometry(engine, node, dense_limit=False)
+    return geo if isinstance(geo, routetiles._Geometry) else None
+
+
+def usable(engine: eng.Engine, node: ir.Node) -> bool:
+    """Whether :func:`classify` applies (see :func:`geometry`)."""
+    return geometry(engine, node) is not None
+
+
+def classify(engine: eng.Engine, node: ir.Node, geo=None) -> RoutedRuns:
+    """Tile states of a route pattern (see :func:`usable`) as runs, equal to :func:`routetiles.classify`'s.
+
+    Args:
+        engine: the head group's engine (identity order, no fixed choice).
+        node: the rewritten pattern node, containing one ``route``.
+        geo: its :func:`geometry`, when known.
+
+    Returns:
+        The :class:`RoutedRuns`.
+    """
+    from patterndsl.analysis import routeplan
+
+    ((prim, signs),) = ir.polarities(node).items()
+    sign = min(signs)
+    geo = geometry(engine, node) if geo is None else geo
+    nkb = geo.nkb
+    cache: dict = {}
+    cand = candidates(engine, prim, geo, cache)
+    for shape in [s for s in cache if s[1] == 1 and geo.block != 1]:
+        del cache[shape]  # key columns of the candidates' edge test: one tile per key
+    n_cand = np.bincount(cand.group, weights=cand.hi - cand.lo, minlength=geo.n_q).astype(np.int64)
+    take = np.minimum(prim.arg("topk"), n_cand)
+    run_open = (n_cand > take)[cand.group]
+    spans = _Spans(geo, cand, run_open)
+    cand_cover, forced_cover = spans.cover(None), spans.cover(False)
+    open_touch = spans.cover(True)[0]
+    all_bad, none_bad = spans.over(run_open, take), spans.over(run_open, n_cand - take)
+    del spans  # per-run arrays (a million runs at qblock = 1): not needed past here
+    rewrite = eng.rewrite_for_plan
+    s_up = static_steps(engine, rewrite(ir.route_bound(node, False)))
+    s_low = static_steps(engine, rewrite(ir.route_bound(node, True)))
+    steps = [s_up, s_low, *cand_cover, *forced_cover, open_touch, all_bad, none_bad]
+    m, lo, hi, values = overlay(steps, nkb)
+    up_s, low_s, ct, cc, ft, fc, ot, ab, nb_ = values
+    gpt = geo.groups_per_tile[m]
+    fix = {"cand": (ct > 0, cc == gpt), "forced": (ft > 0, fc == gpt)}
+    lo_fix, hi_fix = (fix["forced"], fix["cand"]) if sign > 0 else (fix["cand"], fix["forced"])
+    up_fix, low_fix = (hi_fix, lo_fix)
+    settled = low_s == up_s
+    alone = ~settled & (low_s == eng.EMPTY) & (up_s == eng.FULL)
+    other = ~settled & ~alone
+    # settled and alone segments: decided per segment
+    up = np.where(alone, _choice(*up_fix, sign), up_s).astype(np.int8)
+    low = np.where(alone, _choice(*low_fix, sign), up_s).astype(np.int8)
+    state = up.copy()
+    boxed = ~((ab > 0) | (nb_ > 0))
+    maybe = (low != up) & ~other
+    state[maybe & boxed] = eng.DYNAMIC
+    rest = maybe & ~boxed
+    if rest.any():
+        fixed_on = lo_fix[0][rest] if sign > 0 else ~lo_fix[1][rest]
+        hi_full = hi_fix[1][rest] if sign > 0 else ~hi_fix[0][rest]
+        state[rest] = routeplan.states_from_counts(sign, fixed_on, hi_full, ot[rest] > 0, ab[rest] == 0, nb_[rest] == 0)
+    reads, opened = ct > 0, ot > 0
+    out = [(m[~other], lo[~other], hi[~other], state[~other], opened[~other], reads[~other])]
+    if other.any():
+        segs = (m, lo, hi)
+        out.append(_other_tiles(engine, node, prim, sign, geo, cand, n_cand, take, values, segs, other, cache))
+    om, olo, ohi, ost, oop, ord_ = (np.concatenate(a) for a in zip(*out, strict=True))
+    keep = ost > 0
+    om, olo, ohi, ost, oop, ord_ = (a[keep] for a in (om, olo, ohi, ost, oop, ord_))
+    rmask = ord_ & (ost != eng.FULL)
+    order = np.lexsort((olo, om))
+    om, olo, ohi, ost, oop, rmask = (a[order] for a in (om, olo, ohi, ost, oop, rmask))
+    new = np.ones(len(om), bool)
+    new[1:] = (om[1:] != om[:-1]) | (olo[1:] != ohi[:-1]) | (ost[1:] != ost[:-1])
+    new[1:] |= (oop[1:] != oop[:-1]) | (rmask[1:] != rmask[:-1])
+    first = np.flatnonzero(new)
+    last = (np.append(first[1:], len(om)) - 1)[: len(first)]
+    forced = cand.take(~run_open)
+    return RoutedRuns(
+        om[first],
+        olo[first],
+        ohi[last],
+        ost[first].astype(np.int8),
+        oop[first],
+        rmask[first],
+        prim,
+        forced,
+        forced_cover,
+        geo.groups_per_tile,
+        nkb,
+    )
+
+
+def _other_tiles(engine, node, prim, sign, geo, cand, n_cand, take, values, segs, other, cache):
+    """Segments where the static bounds neither agree nor are the route alone, tile by tile (as before)."""
+    from patterndsl.analysis import routeplan
+
+    m, lo, hi = (a[other] for a in segs)
+    counts = hi - lo
+    tm, tn = eng.expand_runs(m, lo, hi)
+    keys = tm * geo.nkb + tn
+    _, _, ct, cc, ft, fc, ot, ab, nb_ = (np.repeat(v[other], counts) for v in values)
+    gpt = geo.groups_per_tile[tm]
+    run_open = (n_cand > take)[cand.group]
+    tables = {"cand": cand, "forced": cand.take(~run_open)}
+    on = {"cand": (ct > 0, cc == gpt), "forced": (ft > 0, fc == gpt)}
+    lo_name, hi_name = ("forced", "cand") if sign > 0 else ("cand", "forced")
+    up_name, low_name = hi_name, lo_name
+    rewrite = eng.rewrite_for_plan
+    lower, upper = rewrite(ir.route_bound(node, True, ())), rewrite(ir.route_bound(node, False, ()))
+    nested = engine.q.block % geo.qblock == 0 and engine.k.block % geo.block == 0
+    if nested:
+        up, low = _tile_bounds(engine, node, geo, keys, [tables[up_name], tables[low_name]], sign, cache)
+    else:
+
+        def fixed(name):
+            t, f = on[name]
+            st = np.where(f[t], eng.FULL, eng.PARTIAL).astype(np.int8)
+            return {prim: (tables[name], keys[t], st)}
+
+        up = routeplan._states_on(keys, *engine.fixing(fixed(up_name)).run(upper, keys))
+        low = routeplan._states_on(keys, *engine.fixing(fixed(low_name)).run(lower, keys))
+    state = up.copy()
+    maybe = np.flatnonzero(low != up)
+    boxed = (ab[maybe] == 0) & (nb_[maybe] == 0)
+    state[maybe[boxed]] = eng.DYNAMIC
+    rest = maybe[~boxed]
+    if len(rest):
+        facts = routetiles._Facts(engine, prim, n_cand, take)
+        sel_lo, sel_up = {prim: tables[low_name]}, {prim: tables[up_name]}
+        state[rest] = routeplan.exact_states(engine, node, facts, sign, keys[rest], sel_lo, sel_up)
+    return tm, tn, tn + 1, state, ot > 0, ct > 0
+
+
+#: Most (cell, group) pairs :func:`_chosen_count` lists at once (its memory: a few arrays of this length).
+CHUNK_PAIRS = 1 << 20
+
+
+def _chosen_count(table: routetiles.RunTable, g0: np.ndarray, g1: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Per cell, how many of the groups ``g0 <= a < g1`` have block ``b`` in ``table``."""
+    lo, hi = (t.numpy() for t in table._table())
+    out = np.zeros(len(b), np.int64)
+    ends = np.cumsum(g1 - g0)
+    start = 0
+    while start < len(b):
+        # cells [start, stop) list at most CHUNK_PAIRS pairs (at least one cell)
+        base = ends[start - 1] if start else 0
+        stop = max(int(np.searchsorted(ends, base + CHUNK_PAIRS, "right")), start + 1)
+        cell, a = eng.expand_runs(np.arange(start, stop, dtype=np.int64), g0[start:stop], g1[start:stop])
+        a = np.minimum(a, len(lo) - 1)  # groups past the last run have none (the zero row)
+        bb = b[cell]
+        hit = np.zeros(len(a), bool)
+        for r in range(lo.shape[1]):
+            hit |= (bb >= lo[a, r]) & (bb < hi[a, r])
+        out[start:stop] = np.bincount(cell - start, weights=hit, minlength=stop - start)
+        start = stop
+    return out
+
+
+def _tile_bounds(engine: eng.Engine, node: ir.Node, geo, keys: np.ndarray, tables: list, sign: int, cache) -> list:
+    """Per tile ``keys`` and per choice in ``tables``, the pattern's state with the route fixed to it.
+
+    Groups and blocks nest in the tiles. A tile is cut into cells of ``qblock * 2**j`` queries by
+    one block: where the static bounds (the route as empty / full) agree on a cell, that is its
+    state for any choice; where they are empty and full, the cell is the route alone (full when
+    every group of the cell has the block, empty when none has); elsewhere its rows are halved,
+    down to one group, on which the route is all or nothing: the upper bound where chosen (at +1),
+    else the lower one (:func:`routetiles._tile_from_cells` on every cell, coarse rows first).
+    """
+    rewrite = eng.rewrite_for_plan
+    low_node, up_node = rewrite(ir.route_bound(node, True)), rewrite(ir.route_bound(node, False))
+    per_q, per_k = engine.q.block // geo.qblock, engine.k.block // geo.block
+    top = (per_q & -per_q).bit_length() - 1  # cells of 2**top groups tile a query tile
+    n_t = len(keys)
+    full = [np.ones(n_t, bool) for _ in tables]
+    some = [np.zeros(n_t, bool) for _ in tables]
+    m, n = keys // geo.nkb, keys % geo.nkb
+    step = per_q >> top
+    owner, r = eng.expand_runs(np.arange(n_t, dtype=np.int64), m * step, (m + 1) * step)
+    at, b = eng.expand_runs(np.arange(len(owner), dtype=np.int64), n[owner] * per_k, (n[owner] + 1) * per_k)
+    owner, r = owner[at], r[at]
+    ok = b < geo.n_k
+    owner, r, b = owner[ok], r[ok], b[ok]
+    for j in range(top, -1, -1):
+        sub = _sub_engine(engine, (geo.qblock << j, geo.block), cache)
+        ok = r < sub.nqb
+        owner, r, b = owner[ok], r[ok], b[ok]
+        ck = r * sub.nkb + b
+        order = np.argsort(ck, kind="stable")
+        owner, r, b, ck = owner[order], r[order], b[order], ck[order]
+        low = routetiles.routeplan_states(sub, low_node, ck)
+        up = routetiles.routeplan_states(sub, up_node, ck)
+        g0 = r << j
+        g1 = np.minimum((r + 1) << j, geo.n_q)
+        alone = (low == eng.EMPTY) & (up == eng.FULL)
+        done = (low == up) | alone | (j == 0)
+        for i, table in enumerate(tables):
+            state = low.copy()
+            if alone.any():
+                c = _chosen_count(table, g0[alone], g1[alone], b[alone])
+                if sign < 0:
+                    c = (g1 - g0)[alone] - c
+                state[alone] = np.where(c == (g1 - g0)[alone], eng.FULL, np.where(c > 0, eng.PARTIAL, eng.EMPTY))
+            if j == 0:
+                single = ~(low == up) & ~alone
+                if single.any():
+                    chosen = _chosen_count(table, g0[single], g1[single], b[single]) > 0
+                    state[single] = np.where(chosen == (sign > 0), up[single], low[single])
+            d = np.flatnonzero(done)
+            np.logical_and.at(full[i], owner[d], state[d] == eng.FULL)
+            np.logical_or.at(some[i], owner[d], state[d] > eng.EMPTY)
+        rest = ~done
+        if not rest.any():
+            break
+        owner = np.repeat(owner[rest], 2)
+        b = np.repeat(b[rest], 2)
+        r = (r[rest][:, None] * 2 + np.arange(2)[None, :]).reshape(-1)
+    states = zip(full, some, strict=True)
+    return [np.where(f, eng.FULL, np.where(sm, eng.PARTIAL, eng.EMPTY)).astype(np.int8) for f, sm in states]
