@@ -90,7 +90,9 @@ class Pattern:
 
         _dense_size(q_len, kv_len, heads, q)
         with self._located():
-            bound = self._inputs(inputs, q_len, kv_len, heads, "mask()")
+            # Inputs that only the score reads do not change the mask: it needs none of them.
+            needed = inputs or ir.mask_reads_inputs(self.ir)
+            bound = self._inputs(inputs, q_len, kv_len, heads, "mask()") if needed else None
             if bound is not None:
                 _dense_size(q_len, kv_len, heads * bound.batch, None)
             return semantics.mask(self.ir, q_len, kv_len, heads, q=q, k=k, inputs=bound)

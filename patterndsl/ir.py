@@ -771,6 +771,18 @@ def prim_reads_inputs(prim: Prim) -> bool:
     )
 
 
+def mask_reads_inputs(pattern: PatternIR) -> bool:
+    """True when the pattern's mask (not only its ``score``) reads a declared input.
+
+    ``lsh`` is planned as data but reads only ``Q``/``K``; ``cluster`` reads its centroid input.
+    """
+    return any(
+        isinstance(sub, Prim) and sub.name != "lsh" and prim_reads_inputs(sub)
+        for node in pattern.nodes()
+        for sub in walk(node)
+    )
+
+
 #: Primitives that label tokens from the call's ``Q``/``K`` (``primitives/clusters.py``); planned as data.
 CONTENT_PRIMITIVES = ("cluster", "lsh")
 

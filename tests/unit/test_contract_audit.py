@@ -1,0 +1,67 @@
+"""Fixes from an audit of LANGUAGE.md sections 2, 7, 8, 10 and 11 against the code, each as written there.
+
+Small sizes only: every test here runs in well under a second.
+"""
+
+import pytest
+import torch
+
+import patterndsl as pd
+from patterndsl.errors import PatternSyntaxError
+from patterndsl.nn import Attention
+
+SWIN = """
+pattern swin(win = 2) {
+    layout grid(y = 4, x = 4)
+    input rel: float[head, 2 * win - 1, 2 * win - 1]
+    where(q.y // win == k.y // win and q.x // win == k.x // win)
+    score s + rel[h, q.y - k.y + win - 1, q.x - k.x + win - 1]
+}
+"""
+
+
+def test_mask_needs_no_input_that_only_the_score_reads():
+    # Section 7: mask() is [batch, heads, ...] "when inputs are given"; a score never changes the mask.
+    p = pd.compile(SWIN)
+    y, x = torch.arange(16) // 4, torch.arange(16) % 4
+    block = ((y[:, None] // 2) == (y[None, :] // 2)) & ((x[:, None] // 2) == (x[None, :] // 2))
+    assert torch.equal(p.mask(16, 16, 2), block.expand(2, 16, 16))
+    given = p.mask(16, 16, 2, rel=torch.zeros(2, 3, 3))
+    assert given.shape == (1, 2, 16, 16) and torch.equal(given[0], block.expand(2, 16, 16))
+
+
+def test_mask_still_needs_the_inputs_the_mask_reads():
+    p = pd.compile(
+        "pattern p {\ninput doc: int[batch, token]\ninput b: float[token]\nwithin(doc, causal)\nscore s + b[k]\n}"
+    )
+    with pytest.raises(pd.PatternError, match="needs input 'doc'"):
+        p.mask(4)
+    c = pd.compile("pattern p {\ninput C: float[2, dim]\ncluster(C)\n}")
+    q = torch.randn(1, 1, 4, 8)
+    with pytest.raises(pd.PatternError, match="needs input 'C'"):
+        c.mask(4, 4, 1, q=q, k=q)
+
+
+def test_attention_module_takes_a_path_of_any_suffix(tmp_path):
+    # Section 10: "pattern is a Pattern, source text or a path".
+    path = tmp_path / "local.txt"
+    path.write_text("pattern local(w = 1) { causal & window(w) }")
+    torch.manual_seed(0)
+    x = torch.randn(1, 5, 8)
+    from_path = Attention(str(path), 8, 2, w=2)
+    from_text = Attention(path.read_text(), 8, 2, w=2)
+    from_text.load_state_dict(from_path.state_dict())
+    assert from_path.pattern == from_text.pattern
+    torch.testing.assert_close(from_path(x), from_text(x))
+    with pytest.raises(PatternSyntaxError):
+        Attention("causal & window(2)", 8, 2)  # an expression alone is not a definition, not a path
+
+
+def test_attention_module_passes_an_input_named_positions_to_the_pattern():
+    # Section 10: forward(x, **inputs) passes every declared input, whatever its name.
+    m = Attention("pattern p {\ninput positions: int[batch, token]\nwithin(positions, causal)\n}", 8, 2)
+    docs = Attention("pattern p {\ninput doc: int[batch, token]\nwithin(doc, causal)\n}", 8, 2)
+    docs.load_state_dict(m.state_dict())
+    x = torch.randn(2, 5, 8)
+    ids = torch.tensor([0, 0, 1, 1, 1])
+    torch.testing.assert_close(m(x, positions=ids), docs(x, doc=ids))
