@@ -65,3 +65,21 @@ def test_attention_module_passes_an_input_named_positions_to_the_pattern():
     x = torch.randn(2, 5, 8)
     ids = torch.tensor([0, 0, 1, 1, 1])
     torch.testing.assert_close(m(x, positions=ids), docs(x, doc=ids))
+
+
+def test_transformers_register_takes_a_callable_of_the_layer_index_alone():
+    # Section 10: "a mapping / callable from a layer (its index or its layer_type)": one argument is the index.
+    pytest.importorskip("transformers")
+    from types import SimpleNamespace
+
+    from patterndsl.integrations.transformers import layer_pattern, register
+
+    register("pdsl_audit_one_arg", lambda index: "pattern second { causal & sink(2) }" if index == 1 else None)
+    register(
+        "pdsl_audit_two_args", lambda index, kind: "pattern full_one { full }" if kind == "full_attention" else None
+    )
+    config = SimpleNamespace(sliding_window=3, layer_types=["sliding_attention", "full_attention"])
+    first, second = (layer_pattern("pdsl_audit_one_arg", config, i) for i in (0, 1))
+    assert "window(" in str(first.ir.default) and second.name == "second"
+    assert layer_pattern("pdsl_audit_two_args", config, 1).name == "full_one"
+    assert layer_pattern("pdsl_audit_two_args", config, 0).name.startswith("sliding_")
