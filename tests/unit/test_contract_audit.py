@@ -83,3 +83,17 @@ def test_transformers_register_takes_a_callable_of_the_layer_index_alone():
     assert "window(" in str(first.ir.default) and second.name == "second"
     assert layer_pattern("pdsl_audit_two_args", config, 1).name == "full_one"
     assert layer_pattern("pdsl_audit_two_args", config, 0).name.startswith("sliding_")
+
+
+def test_check_proves_floor_remainders_and_clamps_of_positions_in_range():
+    # Section 7: `patterndsl check` warns where it cannot prove an index in range; these it can.
+    from patterndsl import check
+    from patterndsl.grammar import parse
+
+    proven = "t[q % 4] == 1 and t[min(k, 3)] == 0 and t[max(min(q - k, 3), 0)] == 1 and t[(h + 1) % 2 + 2] == 1"
+    unproven = "t[q % 5] == 1 or t[-(k % 4)] == 0 or t[min(q, 3)] == 1"  # q < 0 when Lq > Lk
+    for body, count in ((proven, 0), (unproven, 3)):
+        source = f"pattern p {{\n    input t: int[4]\n    where({body})\n}}\n"
+        warnings: list[str] = []
+        assert check.check_module(parse(source, "p.pdsl"), source, "p.pdsl", warnings) == []
+        assert len(warnings) == count, warnings
