@@ -4,7 +4,9 @@ Triton decides at import time whether its own library functions are
 interpreted, so the interpreter cases cannot share a process with tests that
 compile for real GPUs. This worker sets ``TRITON_INTERPRET=1`` before anything
 imports Triton, then reads case names from stdin, one per line, and answers
-each with a line ``@@result {"ok": ..., "error": ...}`` on stdout.
+each with a line ``@@result {"name": ..., "ok": ..., "error": ...}`` on stdout.
+The pytest process sends every selected case at the start of the session, so
+the worker runs them on the second core while the rest of the suite runs.
 """
 
 import json
@@ -17,20 +19,35 @@ os.environ["TRITON_INTERPRET"] = "1"
 MARK = "@@result "
 
 
-def main() -> None:
-    from tests.interpreter.cases import CHECKS, poison
+def checks() -> dict:
+    """Every case by name: ``tests/interpreter/cases.py``'s, and the route and ragged kernels' (prefixed)."""
+    from tests.interpreter import test_ragged_kernels, test_route_kernels
+    from tests.interpreter.cases import CHECKS
 
+    return CHECKS | test_route_kernels.interpreter_checks() | test_ragged_kernels.interpreter_checks()
+
+
+def main() -> None:
+    from patterndsl import runtime
+    from patterndsl.runtime import triton_ragged
+    from tests.interpreter.cases import poison
+
+    table = checks()
     poison()
 
     for line in sys.stdin:
         name = line.strip()
         if not name:
             continue
+        # Some cases set their own tiles or split options; every case starts from the defaults.
+        block, splits = runtime.TRITON_BLOCK, triton_ragged.OPTIONS
         try:
-            CHECKS[name]()
-            result = {"ok": True, "error": ""}
+            table[name]()
+            result = {"name": name, "ok": True, "error": ""}
         except BaseException:  # report everything, keep serving
-            result = {"ok": False, "error": traceback.format_exc()}
+            result = {"name": name, "ok": False, "error": traceback.format_exc()}
+        finally:
+            runtime.TRITON_BLOCK, triton_ragged.OPTIONS = block, splits
         print(MARK + json.dumps(result), flush=True)
 
 
