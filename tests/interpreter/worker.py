@@ -20,11 +20,12 @@ MARK = "@@result "
 
 
 def checks() -> dict:
-    """Every case by name: ``tests/interpreter/cases.py``'s, and the route and ragged kernels' (prefixed)."""
-    from tests.interpreter import test_ragged_kernels, test_route_kernels
+    """Every case by name: ``tests/interpreter/cases.py``'s, and the other modules' here (prefixed)."""
+    from tests.interpreter import test_extension_kernels, test_ragged_kernels, test_route_kernels
     from tests.interpreter.cases import CHECKS
 
-    return CHECKS | test_route_kernels.interpreter_checks() | test_ragged_kernels.interpreter_checks()
+    modules = (test_extension_kernels, test_ragged_kernels, test_route_kernels)
+    return CHECKS | {name: run for module in modules for name, run in module.interpreter_checks().items()}
 
 
 def main() -> None:
