@@ -644,7 +644,7 @@ def mask(
         raise PatternError(
             f"this pattern uses {what}, which is chosen from the data: pass q= and k= to mask()", pir.span
         )
-    if inputs is None and ir.mask_reads_inputs(pir):
+    if inputs is None and ir.mask_input_names(pir):
         names = ", ".join(f"{d.name}=..." for d in pir.inputs)
         raise InputError(f"pattern '{pir.name}' declares run-time inputs: pass {names} to mask()")
     i = torch.arange(q_len, dtype=torch.int64)[:, None]

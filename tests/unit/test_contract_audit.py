@@ -30,6 +30,23 @@ def test_mask_needs_no_input_that_only_the_score_reads():
     assert given.shape == (1, 2, 16, 16) and torch.equal(given[0], block.expand(2, 16, 16))
 
 
+def test_mask_and_plan_take_the_inputs_the_mask_reads_without_the_score_only_ones():
+    decls = "input doc: int[batch, token]\ninput b: float[head, token]\n"
+    p = pd.compile("pattern p {\n" + decls + "within(doc, causal)\nscore s + b[h, k]\n}")
+    doc = torch.tensor([[0, 0, 1, 1, 1, 2], [0, 0, 0, 1, 1, 1]])
+    i = torch.arange(6)
+    want = torch.stack([(d[:, None] == d[None, :]) & (i[None, :] <= i[:, None]) for d in doc])[:, None].expand(
+        2, 2, 6, 6
+    )
+    assert torch.equal(p.mask(6, 6, 2, doc=doc), want)
+    assert torch.equal(p.mask(6, 6, 2, doc=doc, b=torch.zeros(2, 6)), want)
+    tiles = p.plan(6, 6, 2, block=(2, 2), order="identity", doc=doc).tiles()
+    assert torch.equal(tiles, p.plan(6, 6, 2, block=(2, 2), order="identity", doc=doc, b=torch.zeros(2, 6)).tiles())
+    assert tiles.shape == (2, 2, 3, 3) and not bool((tiles == 3).any())
+    with pytest.raises(pd.PatternError, match="needs input 'b'"):  # the call reads the score's input
+        p(*(torch.randn(2, 2, 6, 4) for _ in range(3)), doc=doc)
+
+
 def test_mask_still_needs_the_inputs_the_mask_reads():
     p = pd.compile(
         "pattern p {\ninput doc: int[batch, token]\ninput b: float[token]\nwithin(doc, causal)\nscore s + b[k]\n}"
