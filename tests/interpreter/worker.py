@@ -29,10 +29,14 @@ def checks() -> dict:
 
 
 def main() -> None:
+    import torch
+
     from patterndsl import runtime
     from patterndsl.runtime import triton_ragged
     from tests.interpreter.cases import poison
 
+    # The worker runs beside the rest of the suite: one thread keeps it to the core the pytest process leaves.
+    torch.set_num_threads(1)
     table = checks()
     poison()
 
