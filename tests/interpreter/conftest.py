@@ -47,6 +47,7 @@ class Worker:
         self._sent: set[str] = set()
         self._results: dict[str, dict] = {}
         self._ended = False
+        self._answered = 0
         self._changed = threading.Condition()
         threading.Thread(target=self._read, daemon=True).start()
 
@@ -57,6 +58,7 @@ class Worker:
                 result = json.loads(line[len("@@result ") :])
                 with self._changed:
                     self._results[result["name"]] = result
+                    self._answered += 1
                     self._changed.notify_all()
         with self._changed:
             self._ended = True
@@ -85,6 +87,8 @@ class Worker:
             return self._results.pop(name)
 
     def close(self) -> None:
+        if self.proc.poll() is None and self._answered < len(self._sent):
+            self.proc.kill()  # the session ended early (-x, --collect-only, interrupted): drop the queue
         if self.proc.poll() is None:
             self.proc.stdin.close()
             try:
@@ -115,7 +119,7 @@ def case_name(item) -> str | None:
 def pytest_collection_finish(session):
     cases = [(item, case_name(item)) for item in session.items]
     names = [name for _, name in cases if name is not None]
-    if not names:
+    if not names or session.config.option.collectonly:
         return
     # Worker tests last: by the time they run, the worker has had the whole suite's time for them.
     session.items[:] = [item for item, name in cases if name is None] + [item for item, name in cases if name]
