@@ -750,6 +750,13 @@ def modified_scores(pir: ir.PatternIR, s: torch.Tensor, heads=None, data=None) -
         return s
     from patterndsl import scores
 
+    if data is None:
+        from patterndsl.scores.nodes import Read
+
+        read = list(dict.fromkeys(n.name for n in scores.walk(pir.score.expr) if isinstance(n, Read)))
+        if read:
+            names = ", ".join(f"{name}=..." for name in read)
+            raise InputError(f"pattern '{pir.name}' has a score that reads run-time inputs: pass {names}")
     if isinstance(data, dict):
         batch = torch.arange(s.shape[0]).view(-1, 1, 1, 1) if s.dim() == 4 else None
         data = scores.Tables(pir.inputs, [data[d.name] for d in pir.inputs], batch)
