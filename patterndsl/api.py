@@ -90,21 +90,26 @@ class Pattern:
 
         _dense_size(q_len, kv_len, heads, q)
         with self._located():
-            bound = self._inputs(inputs, q_len, kv_len, heads, "mask()")
+            # Inputs that only the score reads do not change the mask: it needs none of them.
+            needed = inputs or ir.mask_input_names(self.ir)
+            bound = self._inputs(inputs, q_len, kv_len, heads, "mask()", optional=True) if needed else None
             if bound is not None:
                 _dense_size(q_len, kv_len, heads * bound.batch, None)
             return semantics.mask(self.ir, q_len, kv_len, heads, q=q, k=k, inputs=bound)
 
-    def _inputs(self, given: dict, q_len, kv_len, heads, who: str):
-        """The validated inputs of a call (None when the pattern declares none and none are given)."""
+    def _inputs(self, given: dict, q_len, kv_len, heads, who: str, optional: bool = False):
+        """The validated inputs of a call (None when the pattern declares none and none are given).
+
+        ``optional``: inputs that only the score reads may be left out (``mask()`` and ``plan()``).
+        """
         from patterndsl import binding
 
         if not given and not self.ir.inputs:
             return None
         kv = q_len if kv_len is None else kv_len
-        if not (isinstance(kv, int) and isinstance(heads, int)):
-            return binding.bind(self.ir, given, None, None, who=who)
-        return binding.bind(self.ir, given, kv, heads, who=who)
+        sizes = (kv, heads) if isinstance(kv, int) and isinstance(heads, int) else (None, None)
+        skip = frozenset(d.name for d in self.ir.inputs) - ir.mask_input_names(self.ir) if optional else frozenset()
+        return binding.bind(self.ir, given, *sizes, who=who, optional=skip)
 
     def plan(
         self,
@@ -140,13 +145,13 @@ class Pattern:
                 # can reach stay 3 for every batch element (the sorted call-time plan is analysis.clusterplan's).
                 from patterndsl.analysis import clusterplan
 
-                bound = self._inputs(inputs, q_len, kv_len, heads, "plan()")
+                bound = self._inputs(inputs, q_len, kv_len, heads, "plan()", optional=True)
                 static = analysis.plan(self.ir, q_len, kv_len, heads, block=block, order=order)
                 return clusterplan.per_element(static, bound)
             from patterndsl.analysis import inputplan
             from patterndsl.runtime import plans
 
-            bound = self._inputs(inputs, q_len, kv_len, heads, "plan()")
+            bound = self._inputs(inputs, q_len, kv_len, heads, "plan()", optional=True)
             # The plan without data is the same at every call of these sizes: the runtime's cache keeps it.
             key = plans.register(self.ir, block, order)
             return inputplan.call_plan(plans.get(key, q_len, q_len if kv_len is None else kv_len, heads), bound)

@@ -76,6 +76,7 @@ def bind(
     batch: int | None = None,
     device: torch.device | None = None,
     who: str = "attention()",
+    optional: frozenset[str] = frozenset(),
 ) -> Inputs:
     """Check the inputs of a call against the pattern's declarations.
 
@@ -88,6 +89,8 @@ def bind(
         batch: the batch size, when known (attention); else implied by the inputs.
         device: the device every input must be on, when known.
         who: the entry point, for messages.
+        optional: inputs that may be left out (``mask()``/``plan()`` need none that only the score
+            reads); one left out is not in the result's ``decls``.
 
     Returns:
         The validated :class:`Inputs`.
@@ -95,8 +98,8 @@ def bind(
     Raises:
         InputError: a missing, extra or misnamed input, or one of the wrong type, dtype, shape or device.
     """
-    decls = pattern.inputs
-    names = [d.name for d in decls]
+    names = [d.name for d in pattern.inputs]
+    decls = tuple(d for d in pattern.inputs if d.name in given or d.name not in optional)
     for key in given:
         if key not in names:
             hint = did_you_mean(str(key), names)

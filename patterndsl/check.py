@@ -481,14 +481,26 @@ def _input_ref(ev: _Evaluator, decl: ir.InputDecl, indices: tuple, e: syntax.Exp
     return ir.InputRef(name, tuple(out), decl.kind, e.span)
 
 
+#: An upper bound on positions, heads and lengths when the sizes are not known (check time).
+UNKNOWN_SIZE = 2**62
+
+
 def _warn_range(scope: _Scope, name: str, dim, value: Value, span: ir.Span) -> None:
     """Record a warning unless the index is provably inside the table extent ``dim``."""
     if isinstance(value, int) and isinstance(dim, int) and 0 <= value < dim:
         return
-    # Grid coordinates are bounded by the layout; positions and lengths are not known here.
-    gridded = isinstance(dim, int) and isinstance(value, ir.Expr) and scope.layout is not None
-    if gridded and not any(isinstance(x, (ir.Var, ir.InputRef)) for x in ir.walk_expr(value)):
-        ranges = {(side, a): (0, n - 1) for a, n in scope.layout.axes for side in "qk"}
+    # Grid coordinates are bounded by the layout; positions, heads and lengths are not known here, so
+    # they range up to a bound no call reaches (an index like q % 4 or min(q, 3) is still provable;
+    # q is negative for the first queries when Lq > Lk).
+    if (
+        isinstance(dim, int)
+        and isinstance(value, ir.Expr)
+        and not any(isinstance(x, ir.InputRef) for x in ir.walk_expr(value))
+    ):
+        ranges = {"q": (-UNKNOWN_SIZE, UNKNOWN_SIZE), "k": (0, UNKNOWN_SIZE), "h": (0, UNKNOWN_SIZE)}
+        ranges |= {"Lq": (0, UNKNOWN_SIZE), "Lk": (0, UNKNOWN_SIZE)}
+        for a, n in scope.layout.axes if scope.layout is not None else ():
+            ranges["q", a] = ranges["k", a] = (0, n - 1)
         lo, hi = expr_bounds(value, ranges)
         if lo >= 0 and hi < dim:
             return
@@ -1202,7 +1214,12 @@ def expr_bounds(expr: ir.Expr, ranges: dict) -> tuple[int, int]:
             # |x // y| <= |x| for every non-zero integer y (and x // y == -1 for small negative x).
             big = max(abs(a), abs(b), 1)
             return -big, big
-        big = max(abs(c), abs(d))  # x % y lies strictly between 0 and y
+        # Floor semantics: x % y lies in [0, y) for y > 0 and in (y, 0] for y < 0.
+        if c > 0:
+            return 0, d - 1
+        if d < 0:
+            return c + 1, 0
+        big = max(abs(c), abs(d))
         return -big, big
     return 0, 1
 

@@ -771,6 +771,23 @@ def prim_reads_inputs(prim: Prim) -> bool:
     )
 
 
+def mask_input_names(pattern: PatternIR) -> frozenset[str]:
+    """The declared inputs the pattern's mask reads: ``within`` segments, ``cluster`` centroids, and inputs
+    in primitive expressions. Inputs that only the ``score`` reads are not among them (``lsh`` reads none).
+    """
+    names: set[str] = set()
+    for node in pattern.nodes():
+        for sub in walk(node):
+            if not isinstance(sub, Prim):
+                continue
+            if sub.name in ("within", "cluster"):
+                names.add(sub.arg("seg" if sub.name == "within" else "centroids"))
+            for _, value in sub.args:
+                if isinstance(value, Expr):
+                    names.update(e.name for e in walk_expr(value) if isinstance(e, InputRef))
+    return frozenset(names)
+
+
 #: Primitives that label tokens from the call's ``Q``/``K`` (``primitives/clusters.py``); planned as data.
 CONTENT_PRIMITIVES = ("cluster", "lsh")
 

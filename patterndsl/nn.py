@@ -27,8 +27,9 @@ def as_pattern(pattern, **params) -> Pattern:
                 "bind them when compiling it"
             )
         return pattern
+    # Every definition has a body in braces: text without one that names a file is a path, whatever its suffix.
     if isinstance(pattern, os.PathLike) or (
-        isinstance(pattern, str) and "{" not in pattern and pattern.endswith(".pdsl")
+        isinstance(pattern, str) and "{" not in pattern and (pattern.endswith(".pdsl") or os.path.isfile(pattern))
     ):
         return load(pattern, **params)
     if isinstance(pattern, str):
@@ -109,6 +110,9 @@ class Attention(nn.Module):
         )
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None, **inputs) -> torch.Tensor:
+        if positions is not None and any(decl.name == "positions" for decl in self.pattern.ir.inputs):
+            # The pattern's own input of that name (LANGUAGE.md section 10: forward(x, **inputs)).
+            inputs["positions"], positions = positions, None
         layout = self.pattern.ir.layout
         grid = [] if layout is None else list(layout.shape)
         if x.dim() == 2 + len(grid) and len(grid) > 1 and list(x.shape[1:-1]) == grid:

@@ -644,7 +644,7 @@ def mask(
         raise PatternError(
             f"this pattern uses {what}, which is chosen from the data: pass q= and k= to mask()", pir.span
         )
-    if pir.inputs and inputs is None:
+    if inputs is None and ir.mask_input_names(pir):
         names = ", ".join(f"{d.name}=..." for d in pir.inputs)
         raise InputError(f"pattern '{pir.name}' declares run-time inputs: pass {names} to mask()")
     i = torch.arange(q_len, dtype=torch.int64)[:, None]
@@ -750,6 +750,13 @@ def modified_scores(pir: ir.PatternIR, s: torch.Tensor, heads=None, data=None) -
         return s
     from patterndsl import scores
 
+    if data is None:
+        from patterndsl.scores.nodes import Read
+
+        read = list(dict.fromkeys(n.name for n in scores.walk(pir.score.expr) if isinstance(n, Read)))
+        if read:
+            names = ", ".join(f"{name}=..." for name in read)
+            raise InputError(f"pattern '{pir.name}' has a score that reads run-time inputs: pass {names}")
     if isinstance(data, dict):
         batch = torch.arange(s.shape[0]).view(-1, 1, 1, 1) if s.dim() == 4 else None
         data = scores.Tables(pir.inputs, [data[d.name] for d in pir.inputs], batch)

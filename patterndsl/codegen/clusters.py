@@ -184,7 +184,17 @@ def _body(spec: ClusterSpec) -> str:
 
 _IMPORTS = "import triton\nimport triton.language as tl\n\n"
 
-_TEMPLATE = """@triton.jit
+# The start both kernels share: the program's group, its sorted query entries and their rows of Q.
+_PROLOGUE = """    pid = tl.program_id(0)
+    g, e, row_ok, rows, qlab = _tile_rows(QIDX, QLAB, pid, n_tiles, EQ)
+    d = tl.arange(0, D)
+    gq = g.to(tl.int64) * LQ
+    gk = g.to(tl.int64) * LK
+    q = tl.load(Q + (gq + rows[:, None]) * D + d[None, :], mask=row_ok[:, None], other=0.0)
+"""
+
+_TEMPLATE = (
+    """@triton.jit
 def _tile_rows(QIDX, QLAB, pid, n_tiles, EQ):
     # The group, and the sorted query entries of this program's tile: entry, valid, token, label.
     g = pid // n_tiles
@@ -230,13 +240,9 @@ def _cluster_fwd(
     Q, K, V, O, LSE, QIDX, QLAB, KIDX, KLAB, START, STOP, QBITS, KBITS, AUX, scale,
     n_tiles, EQ, EK, HP, H_LO,
 ):
-    pid = tl.program_id(0)
-    g, e, row_ok, rows, qlab = _tile_rows(QIDX, QLAB, pid, n_tiles, EQ)
-    d = tl.arange(0, D)
-    gq = g.to(tl.int64) * LQ
-    gk = g.to(tl.int64) * LK
-    q = tl.load(Q + (gq + rows[:, None]) * D + d[None, :], mask=row_ok[:, None], other=0.0)
-    stop = tl.load(STOP + pid)
+"""
+    + _PROLOGUE
+    + """    stop = tl.load(STOP + pid)
     h = H_LO + g % HP
     m_i = tl.full([BM], float("-inf"), tl.float32)
     l_i = tl.zeros([BM], tl.float32)
@@ -270,13 +276,9 @@ def _cluster_bwd(
     Q, K, V, DO, LSE, DELTA, DQ, DK, DV, QIDX, QLAB, KIDX, KLAB, START, STOP, QBITS, KBITS, AUX, scale,
     n_tiles, EQ, EK, HP, H_LO,
 ):
-    pid = tl.program_id(0)
-    g, e, row_ok, rows, qlab = _tile_rows(QIDX, QLAB, pid, n_tiles, EQ)
-    d = tl.arange(0, D)
-    gq = g.to(tl.int64) * LQ
-    gk = g.to(tl.int64) * LK
-    q = tl.load(Q + (gq + rows[:, None]) * D + d[None, :], mask=row_ok[:, None], other=0.0)
-    do = tl.load(DO + (gq + rows[:, None]) * D + d[None, :], mask=row_ok[:, None], other=0.0)
+"""
+    + _PROLOGUE
+    + """    do = tl.load(DO + (gq + rows[:, None]) * D + d[None, :], mask=row_ok[:, None], other=0.0)
     lse = tl.load(LSE + gq + rows, mask=row_ok, other=0.0)
     lse = tl.where(lse == float("-inf"), 0.0, lse)
     delta = tl.load(DELTA + gq + rows, mask=row_ok, other=0.0)
@@ -303,3 +305,4 @@ def _cluster_bwd(
     else:
         tl.store(DQ + (gq + rows[:, None]) * D + d[None, :], dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
 """
+)

@@ -154,8 +154,46 @@ def per_call(pir) -> bool:
     return bool(getattr(pir, "inputs", ())) or any(ir.is_dynamic(n) for n in nodes)
 
 
-def _template(name: str) -> string.Template:
+def template(name: str) -> string.Template:
+    """One of the kernel templates under :data:`TEMPLATES` (shared with :mod:`patterndsl.codegen.ragged`)."""
     return string.Template((TEMPLATES / name).read_text())
+
+
+def header_fields(spec) -> dict[str, object]:
+    """The substitutions every kernel module's header and constants share.
+
+    Args:
+        spec: a :class:`KernelSpec` or a :class:`patterndsl.codegen.ragged.RaggedSpec` (the fields
+            both have: kind, pattern, key, heads, head size, tiles, dtype and launch).
+
+    Returns:
+        ``string.Template`` keyword values by name.
+    """
+    return dict(
+        kind=spec.kind,
+        pattern_name=spec.pattern_name,
+        pattern_params=spec.pattern_params,
+        cache_key=spec.key,
+        NH=spec.heads,
+        NHK=spec.kv_heads,
+        GQA=spec.heads // spec.kv_heads,
+        D=spec.head_dim,
+        DP=spec.padded_dim,
+        EVEN_D=spec.head_dim == spec.padded_dim,
+        BM=spec.block_m,
+        BN=spec.block_n,
+        DOT_PRECISION=dot_precision(spec.dtype, spec.target),
+        dtype=spec.dtype,
+        num_warps=spec.num_warps,
+        num_stages=spec.num_stages,
+        target=spec.target,
+        floor_helpers=FLOOR_HELPERS,
+    )
+
+
+def pattern_header(pir) -> tuple[str, str]:
+    """The pattern's name and ``k=v`` parameter text that a spec's header shows."""
+    return getattr(pir, "name", "<mask>"), ", ".join(f"{k}={v!r}" for k, v in getattr(pir, "params", ()))
 
 
 def _reordered(perm: torch.Tensor | None) -> bool:
@@ -215,10 +253,11 @@ def make_spec(
                 ir.routes(group.node),
             )
         )
+    pattern_name, pattern_params = pattern_header(pir)
     return KernelSpec(
         kind=kind,
-        pattern_name=getattr(pir, "name", "<mask>"),
-        pattern_params=", ".join(f"{k}={v!r}" for k, v in getattr(pir, "params", ())),
+        pattern_name=pattern_name,
+        pattern_params=pattern_params,
         layout=getattr(pir, "layout", None),
         groups=tuple(groups),
         q_len=plan.q_len,
@@ -344,7 +383,7 @@ def render(spec: KernelSpec) -> str:
         Python source defining the ``@triton.jit`` kernels named in :func:`kernel_names`.
     """
     predicates, _ = aux_tables(spec)
-    group_template = _template(f"{spec.kind}_group.py.tmpl")
+    group_template = template(f"{spec.kind}_group.py.tmpl")
     kernels = []
     group_lines = []
     col, _ = _list_index(spec, "n", "NKT")
@@ -360,40 +399,23 @@ def render(spec: KernelSpec) -> str:
         group_lines.append(f"#   g{g}: heads {list(group.heads)}, {loop_kind}: {group.node}")
         if group.forms is not None:
             group_lines.append("#       " + ", ".join(f"{name} = {code}" for name, code in group.forms))
-    common = _template("common.py.tmpl").substitute(
-        kind=spec.kind,
-        pattern_name=spec.pattern_name,
-        pattern_params=spec.pattern_params,
-        cache_key=spec.key,
+    common = template("common.py.tmpl").substitute(
+        header_fields(spec),
         LQ=spec.q_len,
         LK=spec.kv_len,
-        NH=spec.heads,
-        NHK=spec.kv_heads,
         NQT=-(-spec.q_len // spec.block_m),
         NKT=-(-spec.kv_len // spec.block_n),
         CH_STRIDE=spec.run_time_layout().chosen_stride,
-        GQA=spec.heads // spec.kv_heads,
-        D=spec.head_dim,
-        DP=spec.padded_dim,
-        EVEN_D=spec.head_dim == spec.padded_dim,
-        BM=spec.block_m,
-        BN=spec.block_n,
         NKB_EVEN=spec.kv_len // spec.block_n,
         Q_REORDERED=spec.q_reordered,
         K_REORDERED=spec.k_reordered,
-        DOT_PRECISION=dot_precision(spec.dtype, spec.target),
         precision_note=_precision_note(spec),
-        dtype=spec.dtype,
-        num_warps=spec.num_warps,
-        num_stages=spec.num_stages,
-        target=spec.target,
         order=spec.order,
         group_lines="\n".join(group_lines),
-        floor_helpers=FLOOR_HELPERS,
         score_functions=score_code.render(spec.score, spec.layout, spec.input_layout() if spec.inputs else None),
         predicates="\n\n".join(predicates),
     )
-    body = _template(f"{spec.kind}.py.tmpl").substitute(kernels="\n\n".join(kernels))
+    body = template(f"{spec.kind}.py.tmpl").substitute(kernels="\n\n".join(kernels))
     return common.rstrip("\n") + "\n\n\n" + body.rstrip("\n") + "\n"
 
 

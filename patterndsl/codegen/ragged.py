@@ -27,16 +27,15 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import string
 from dataclasses import dataclass
 
 import torch
 
 from patterndsl import ir
 from patterndsl.codegen import key
-from patterndsl.codegen.generator import DTYPES, TEMPLATES
-from patterndsl.codegen.launch import dot_precision, padded_head_dim, ragged_launch
-from patterndsl.codegen.predicate import FLOOR_HELPERS, AuxTables, render_predicate
+from patterndsl.codegen.generator import DTYPES, header_fields, pattern_header, template
+from patterndsl.codegen.launch import padded_head_dim, ragged_launch
+from patterndsl.codegen.predicate import AuxTables, render_predicate
 from patterndsl.errors import BackendError
 
 #: The length the element rules are rendered at: positions stay below it (int32 arithmetic, 2**30 keys).
@@ -167,10 +166,11 @@ def make_spec(
         raise BackendError(f"the Triton kernels take float16, bfloat16 or float32, got {dtype}")
     row = ragged_launch(head_dim, target, kind, DTYPES[dtype], rows)
     bn = block_n or (row.tiles[1] if row.tiles else 16)
+    pattern_name, pattern_params = pattern_header(pir)
     return RaggedSpec(
         kind=kind,
-        pattern_name=getattr(pir, "name", "<mask>"),
-        pattern_params=", ".join(f"{k}={v!r}" for k, v in getattr(pir, "params", ())),
+        pattern_name=pattern_name,
+        pattern_params=pattern_params,
         groups=tuple((tuple(g.heads), g.node) for g in groups),
         heads=heads,
         kv_heads=kv_heads,
@@ -185,10 +185,6 @@ def make_spec(
     )
 
 
-def _template(name: str) -> string.Template:
-    return string.Template((TEMPLATES / name).read_text())
-
-
 def render(spec: RaggedSpec) -> str:
     """The Triton source of a ragged spec (deterministic).
 
@@ -197,7 +193,7 @@ def render(spec: RaggedSpec) -> str:
     """
     aux = AuxTables()
     predicates, kernels, lines = [], [], []
-    group = _template(f"ragged_{spec.kind}_group.py.tmpl")
+    group = template(f"ragged_{spec.kind}_group.py.tmpl")
     slots, stride = route_layout(spec.groups)
     for g, (heads, node) in enumerate(spec.groups):
         name = f"_allowed_g{g}"
@@ -217,20 +213,9 @@ def render(spec: RaggedSpec) -> str:
         if ps
         else "[batch, NHK, Lk, D], element b's keys at b"
     )
-    body = _template(f"ragged_{spec.kind}.py.tmpl").substitute(kernels="\n\n".join(kernels))
-    text = _template("ragged.py.tmpl").substitute(
-        kind=spec.kind,
-        pattern_name=spec.pattern_name,
-        pattern_params=spec.pattern_params,
-        cache_key=spec.key,
-        NH=spec.heads,
-        NHK=spec.kv_heads,
-        GQA=spec.heads // spec.kv_heads,
-        D=spec.head_dim,
-        DP=spec.padded_dim,
-        EVEN_D=spec.head_dim == spec.padded_dim,
-        BM=spec.block_m,
-        BN=spec.block_n,
+    body = template(f"ragged_{spec.kind}.py.tmpl").substitute(kernels="\n\n".join(kernels))
+    text = template("ragged.py.tmpl").substitute(
+        header_fields(spec),
         CAP=POSITION_CAP,
         PAGED=bool(ps),
         PS=max(ps, 1),
@@ -241,14 +226,8 @@ def render(spec: RaggedSpec) -> str:
             f"#   SEL[{slot.offset}:{slot.offset + ROUTE_GROUPS * slot.topk}]: {slot.prim}" for slot in slots
         )
         or "#   (no route: SEL is one unread entry)",
-        DOT_PRECISION=dot_precision(spec.dtype, spec.target),
-        dtype=spec.dtype,
-        num_warps=spec.num_warps,
-        num_stages=spec.num_stages,
-        target=spec.target,
         keys_note=keys_note,
         group_lines="\n".join(lines),
-        floor_helpers=FLOOR_HELPERS,
         predicates="\n\n".join(predicates),
         body=body.rstrip("\n"),
     )

@@ -73,7 +73,8 @@ def register(name: str, pattern=None) -> None:
     Args:
         name: the implementation's name (not one of ``transformers``' own).
         pattern: a :class:`Pattern`, source text, a mapping from layer index or ``layer_type`` to
-            one, a callable ``(layer_idx, layer_type) -> pattern``, or None for each layer's own
+            one, a callable ``(layer_idx, layer_type) -> pattern`` (or ``(layer_idx) -> pattern``;
+            None from it keeps the layer's own), or None for each layer's own
             (``causal``, ``causal & window(w - 1)`` for ``sliding_window = w``).
     """
     from transformers import AttentionInterface
@@ -130,8 +131,21 @@ def layer_pattern(name: str, config, layer_idx: int) -> Pattern:
         raise PatternError(
             f"register({name!r}): the pattern mapping has no entry for layer {layer_idx} (layer_type {kind!r})"
         )
-    chosen = spec(layer_idx, kind)
+    chosen = spec(layer_idx, kind) if _takes_two(spec) else spec(layer_idx)
     return default_pattern(config, layer_idx) if chosen is None else as_pattern(chosen)
+
+
+def _takes_two(fn) -> bool:
+    """Whether a pattern callable takes ``(layer_idx, layer_type)``; one of a single argument gets the index."""
+    import inspect
+
+    try:
+        inspect.signature(fn).bind(0, None)
+    except TypeError:
+        return False
+    except ValueError:  # no signature to inspect (some builtins): the documented two arguments
+        return True
+    return True
 
 
 def with_softcap(pattern: Pattern, cap: float) -> Pattern:

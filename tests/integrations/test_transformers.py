@@ -60,6 +60,17 @@ def _ids(batch, length, seed=1):
     return torch.randint(0, VOCAB, (batch, length), generator=g)
 
 
+def _padded_logits_agree(ours, theirs, ids, mask):
+    """Both models' logits on a padded batch (positions count real tokens) agree on the real tokens."""
+    position_ids = (mask.cumsum(1) - 1).clamp(min=0)
+    with torch.no_grad():
+        a = ours(ids, attention_mask=mask, position_ids=position_ids).logits
+        b = theirs(ids, attention_mask=mask, position_ids=position_ids).logits
+    keep = mask.bool()
+    torch.testing.assert_close(a[keep], b[keep], **TOL)
+    return a, keep
+
+
 @pytest.mark.parametrize("kind", ["llama", "mistral"])
 def test_prefill_equals_sdpa(kind):
     ours, theirs = _pair(kind)
@@ -80,12 +91,7 @@ def test_padding_equals_sdpa(kind, side):
             mask[b, : 17 - n] = 0
         else:
             mask[b, n:] = 0
-    position_ids = (mask.cumsum(1) - 1).clamp(min=0)
-    with torch.no_grad():
-        a = ours(ids, attention_mask=mask, position_ids=position_ids).logits
-        b = theirs(ids, attention_mask=mask, position_ids=position_ids).logits
-    keep = mask.bool()
-    torch.testing.assert_close(a[keep], b[keep], **TOL)
+    a, keep = _padded_logits_agree(ours, theirs, ids, mask)
     # each row equals the example run alone
     with torch.no_grad():
         for row in range(len(real)):
@@ -105,12 +111,7 @@ def test_gemma2_softcap_sliding_and_scaling():
     # query_pre_attn_scalar=3: a scaling (3 ** -0.5) other than head_dim ** -0.5
     ours, theirs = _pair("gemma2", attn_logit_softcapping=1.5, final_logit_softcapping=None, query_pre_attn_scalar=3)
     ids, mask = _left_padded()
-    position_ids = (mask.cumsum(1) - 1).clamp(min=0)
-    with torch.no_grad():
-        a = ours(ids, attention_mask=mask, position_ids=position_ids).logits
-        b = theirs(ids, attention_mask=mask, position_ids=position_ids).logits
-    keep = mask.bool()
-    torch.testing.assert_close(a[keep], b[keep], **TOL)
+    _padded_logits_agree(ours, theirs, ids, mask)
     patterns = [layer.self_attn._patterndsl_patterns.plain for layer in ours.model.layers]
     assert "window(4)" in str(patterns[0]) and "tanh" in str(patterns[0])
     assert "window" not in str(patterns[1]) and "tanh" in str(patterns[1])

@@ -4,8 +4,9 @@ Patterns of positions only run the ragged kernels (:mod:`patterndsl.codegen.ragg
 block tables read inside the kernels, decoding calls split over their key tiles and merged by
 log-sum-exp (flash decoding); the others (``route``, sizes-reading patterns) and elements with more
 queries than keys run element by element through the ordinary kernels. Outputs, lse and gradients
-are checked against the float64 reference per element, fp32 and fp16, in a child process started
-with the variable set (Triton reads it when it is imported).
+are checked against the float64 reference per element, fp32 and fp16, in the shared interpreter
+worker (``conftest.py``; the slow random run in a child process of its own), both started with the
+variable set (Triton reads it when it is imported).
 """
 
 from __future__ import annotations
@@ -167,14 +168,20 @@ def _run(cache_dir, *args) -> dict:
     return json.loads(lines[-1][2:])
 
 
-@pytest.fixture(scope="module")
-def results(tmp_path_factory):
-    return _run(tmp_path_factory.mktemp("ragged-cache"))
+#: Worker case names are this prefix and a name of the default :func:`_all_cases`.
+CASE_PREFIX = "ragged:"
+
+
+def interpreter_checks() -> dict:
+    """The cases the shared interpreter worker (``tests/interpreter/worker.py``) runs for this module."""
+    return {CASE_PREFIX + name: run for name, run in _all_cases(False).items()}
 
 
 @pytest.mark.parametrize("name", list(_all_cases(False)))
-def test_ragged_on_the_triton_interpreter(results, name):
-    assert results[name] == "ok", results[name]
+def test_ragged_on_the_triton_interpreter(interpreter, name):
+    result = interpreter.run(CASE_PREFIX + name)
+    if not result["ok"]:
+        pytest.fail(result["error"], pytrace=False)
 
 
 @pytest.mark.slow

@@ -1,24 +1,19 @@
 """Routed Triton kernels under ``TRITON_INTERPRET=1``: forward, LSE and gradients against the float64 reference.
 
-Triton must be imported with the variable set, so the cases run in one child
-process (this file run as a script); the pytest process parametrizes over its
-results. Small shapes and 16 x 16 tiles (the interpreter is slow; tails and
-several tiles per block still occur); fp32 and fp16 (bf16 ``tl.dot`` is broken
+Triton must be imported with the variable set, so the cases run in the shared
+interpreter worker (``conftest.py``); the pytest process collects their results.
+Small shapes and 16 x 16 tiles (the interpreter is slow; tails and several
+tiles per block still occur); fp32 and fp16 (bf16 ``tl.dot`` is broken
 under the interpreter). Outputs are poisoned before each call by allocating
 them with ``torch.empty`` after filling the allocator's memory with NaN.
 """
 
 from __future__ import annotations
 
-import json
+import functools
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[2]
 
 MOBA = "causal & (blocks(8) | route(topk = 2, block = 8, qblock = 1, among = causal - blocks(8)))"
 CASES = {
@@ -123,55 +118,35 @@ def run_random(seed: int, count: int) -> None:
             raise AssertionError(f"{pir}\nLq={lq} Lk={lk} heads={heads}/{hkv}: {err!r}") from None
 
 
-@pytest.fixture(scope="module")
-def results(tmp_path_factory):
-    env = dict(os.environ, TRITON_INTERPRET="1", PATTERNDSL_CACHE_DIR=str(tmp_path_factory.mktemp("route-cache")))
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    proc = subprocess.run(
-        [sys.executable, "-m", "tests.interpreter.test_route_kernels"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
-    )  # fmt: skip
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("@@")]
-    if not lines:
-        pytest.fail(f"route interpreter worker failed:\n{proc.stderr[-3000:]}", pytrace=False)
-    return json.loads(lines[-1][2:])
+#: Worker case names are this prefix and a name of :data:`CASES` (or ``random_routes``).
+CASE_PREFIX = "route:"
+
+
+def interpreter_checks() -> dict:
+    """The cases the shared interpreter worker (``tests/interpreter/worker.py``) runs for this module."""
+    checks = {CASE_PREFIX + name: functools.partial(run_case, name) for name in CASES}
+    seed = int(os.environ.get("PATTERNDSL_ROUTE_SEED", "0"))
+    checks[CASE_PREFIX + "random_routes"] = lambda: run_random(seed or random_seed(), 6)
+    return checks
+
+
+def _run(interpreter, name):
+    result = interpreter.run(CASE_PREFIX + name)
+    if not result["ok"]:
+        pytest.fail(result["error"], pytrace=False)
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_route_kernel_matches_reference(results, name):
-    if results.get(name):
-        pytest.fail(results[name], pytrace=False)
+def test_route_kernel_matches_reference(interpreter, name):
+    _run(interpreter, name)
 
 
-def test_random_route_patterns_match_reference(results):
-    if results.get("random_routes"):
-        pytest.fail(results["random_routes"], pytrace=False)
-
-
-def main() -> None:
-    import traceback
-
-    out = {}
-    for name in CASES:
-        try:
-            run_case(name)
-            out[name] = ""
-        except Exception:
-            out[name] = traceback.format_exc()
-    try:
-        run_random(int(os.environ.get("PATTERNDSL_ROUTE_SEED", "0")) or random_seed(), 6)
-        out["random_routes"] = ""
-    except Exception:
-        out["random_routes"] = traceback.format_exc()
-    print("@@" + json.dumps(out), flush=True)
+@pytest.mark.parametrize("name", ["random_routes"])
+def test_random_route_patterns_match_reference(interpreter, name):
+    _run(interpreter, name)
 
 
 def random_seed() -> int:
     import random
 
     return random.randrange(1, 2**31)
-
-
-if __name__ == "__main__":
-    assert os.environ.get("TRITON_INTERPRET") == "1"
-    main()

@@ -8,17 +8,13 @@ Two primitives are defined here and registered only while these tests run
 * ``parity``: ``(q + k) % 2 == 0``, nullary, opting out of every tile rule, so
   the plan evaluates its tiles element by element.
 
-The Triton part runs this module as a script in a subprocess with
-``TRITON_INTERPRET=1`` (Triton reads the variable when it is imported); the
-script registers the same records before it compiles anything.
+The Triton part (:func:`kernel_case`) runs in the shared interpreter worker,
+started with ``TRITON_INTERPRET=1`` (Triton reads the variable when it is
+imported), through ``tests/interpreter/test_extension_kernels.py``; each case
+registers the same records while it compiles and runs.
 """
 
 from __future__ import annotations
-
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -32,8 +28,6 @@ from patterndsl.primitives import REGISTRY, Primitive, register, registered, unr
 from patterndsl.primitives.band import band
 from patterndsl.primitives.common import param, require
 from tests.reference import reference_attention
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def _band2_check(values, spans, layout):
@@ -181,34 +175,15 @@ def test_kernel_source_holds_its_fragment():
     assert "q - k >= 0" in source and "q - k <= 6" in source and "(q + k) % 2 == 0" in source
 
 
-def test_triton_interpreter_kernels(tmp_path):
-    env = dict(os.environ, TRITON_INTERPRET="1", PATTERNDSL_CACHE_DIR=str(tmp_path))
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    run = subprocess.run(
-        [sys.executable, "-m", "tests.unit.test_primitive_extension"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert run.returncode == 0, run.stdout + run.stderr
-    assert run.stdout.splitlines() == [f"ok {name}" for name in KERNEL_CASES]
+def kernel_case(name: str) -> None:
+    """Generated kernels (forward and backward, float32) vs the float64 reference, under the interpreter.
 
+    Run by the shared interpreter worker (``tests/interpreter/test_extension_kernels.py``).
+    """
+    from tests.interpreter.cases import check, make_plan
 
-def _interpreter_main() -> None:
-    """Generated kernels (forward and backward, float32) vs the float64 reference, under the interpreter."""
-    from tests.interpreter.cases import check, make_plan, poison
-
-    poison()
-    rng = np.random.default_rng(11)
+    rng = np.random.default_rng(11 + KERNEL_CASES.index(name))
     with registered(BAND2, PARITY):
-        for name in KERNEL_CASES:
-            p = pd.compile(SOURCES[name])
-            lq, lk = (40, 40) if name != "mixed" else (33, 40)
-            check(p, make_plan(p, lq, lk, 2), lq, lk, 2, 1, 16, torch.float32, seed=int(rng.integers(2**31)))
-            print(f"ok {name}", flush=True)
-
-
-if __name__ == "__main__":
-    _interpreter_main()
+        p = pd.compile(SOURCES[name])
+        lq, lk = (40, 40) if name != "mixed" else (33, 40)
+        check(p, make_plan(p, lq, lk, 2), lq, lk, 2, 1, 16, torch.float32, seed=int(rng.integers(2**31)))
