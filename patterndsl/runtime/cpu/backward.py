@@ -19,7 +19,7 @@ import torch
 from patterndsl import ir
 from patterndsl.analysis.plan import BlockPlan
 from patterndsl.runtime import softmax
-from patterndsl.runtime.cpu import augmented, dense, documents
+from patterndsl.runtime.cpu import augmented, dense, documents, native
 from patterndsl.runtime.cpu.schedule import Segment
 from patterndsl.runtime.cpu.scoremod import Modifier, PairModifier, table_grads
 from patterndsl.runtime.cpu.tuning import CpuOptions, resolve
@@ -111,6 +111,7 @@ def _backward(
     lse_inf = lse.to(dt).masked_fill(empty, float("inf"))
     extra = {"delta": delta, "lse": lse_inf, "lse2": lse_inf * _LOG2E}
     todo, work = units(plan, q, k, opts, data)
+    use_native = not safe and native.supports(plan, q, v, opts)
     if work is not None:
         direct = False
         dq = torch.zeros(q.shape, dtype=dt)
@@ -138,7 +139,9 @@ def _backward(
         # A score modifier runs on every visited tile, through the selecting backward.
         score = plan.pattern.score
         modify = None if score is None else Modifier(plan, hd.q, hd.count, data, torch.arange(b)[bs], tables)
-        for seg in sched.segments:
+        if use_native:
+            native.backward(native.program(sched, plan.n_q_tiles, plan.block), t, scale)
+        for seg in () if use_native else sched.segments:
             if safe or modify is not None:
                 _backward_select(t, seg, plan.block, scale, opts, modify)
             elif seg.affine is not None:

@@ -65,6 +65,9 @@ class CpuOptions:
             (wide key windows).
         gather_row_chunk: query rows per step of the gathered (``route``) backward (bounds the
             ``rows x block`` score matrix).
+        native: run each schedule through the native C++ kernel (:mod:`patterndsl.runtime.cpu.native`:
+            one online softmax per query tile over all its key tiles, no gathered copies) where it
+            supports the call and could be built; False keeps the torch steps above.
     """
 
     kernel: str = "fused"
@@ -79,6 +82,7 @@ class CpuOptions:
     affine_bwd_tiles: int = 32
     affine_bwd_bytes: int = 4 << 20
     gather_row_chunk: int = 2048
+    native: bool = True
 
     def __post_init__(self):
         if self.kernel not in ("fused", "math"):

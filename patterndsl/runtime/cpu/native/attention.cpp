@@ -1,0 +1,461 @@
+// patterndsl native CPU attention: flash-style forward and backward over a block plan's tile lists.
+//
+// Symbols (every buffer is float32, row-major, contiguous):
+//   BH            batch x heads of the call (keys/values already repeated per query head)
+//   Lq, Lk        padded lengths (whole tiles); D head size (a multiple of 16)
+//   BM, BN        tile rows / columns; RB rows of one register block (16 * NI, dividing BM)
+//   row_ptr[m]    CSR over query tiles: entries row_ptr[m] .. row_ptr[m+1] are tile m's key tiles
+//   ent_k[e]      key tile of entry e; ent_mask[e] its mask (-1: every pair allowed)
+//   masks         [M][BN][BM/16] uint16: bit r of word (mk, j, g) = row g*16+r may attend key j
+//   scale         softmax scale; the kernels work in base 2 (scores times scale * log2 e)
+// Layout of the math: per register block of RB query rows everything is held transposed
+// (key-major): S^T[j][i], P^T[j][i], O^T[d][i], so the softmax statistics of RB rows are
+// NI vectors and every row-wise operation is vertical. Products are register-blocked
+// FMA microkernels (broadcast one operand, vectors of 16 rows or 16 dims of the other).
+// A key range [jlo, jhi) per (entry, register block) skips keys no row of the block may see;
+// partial tiles select blocked pairs out (-inf before the max, exact zeros after exp2).
+#include <immintrin.h>
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+namespace {
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+// 2^x, x <= 0 (any finite value; -inf gives NaN, selected out by the callers): 2^frac * 2^floor.
+// Degree-5 polynomial on [0, 1): relative error 3.1e-7 (checked against float64 in the tests).
+inline __m512 exp2_ps(__m512 x) {
+  const __m512 f = _mm512_reduce_ps(x, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);  // x - floor(x)
+  __m512 p = _mm512_set1_ps(0.0018265516264364123f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.009106988087296486f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.055732376873493195f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.24018388986587524f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.6931496858596802f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, x);  // p * 2^floor(x)
+}
+
+// S[j][i] (+)= sum_d A[j][d] * Bt[d][i] for MJ rows j of A (row stride D) and RB = 16*NI columns i.
+template <int NI, int MJ>
+inline void rows_times_t(const float* a, int64_t D, const float* bt, float* s) {
+  __m512 acc[MJ][NI];
+#pragma GCC unroll 32
+  for (int j = 0; j < MJ; ++j)
+#pragma GCC unroll 8
+    for (int n = 0; n < NI; ++n) acc[j][n] = _mm512_setzero_ps();
+  for (int64_t d = 0; d < D; ++d) {
+    __m512 b[NI];
+#pragma GCC unroll 8
+    for (int n = 0; n < NI; ++n) b[n] = _mm512_loadu_ps(bt + d * 16 * NI + 16 * n);
+#pragma GCC unroll 32
+    for (int j = 0; j < MJ; ++j) {
+      const __m512 x = _mm512_set1_ps(a[j * D + d]);
+#pragma GCC unroll 8
+      for (int n = 0; n < NI; ++n) acc[j][n] = _mm512_fmadd_ps(x, b[n], acc[j][n]);
+    }
+  }
+#pragma GCC unroll 32
+  for (int j = 0; j < MJ; ++j)
+#pragma GCC unroll 8
+    for (int n = 0; n < NI; ++n) _mm512_storeu_ps(s + j * 16 * NI + 16 * n, acc[j][n]);
+}
+
+template <int NI, int MJ>
+void scores_t(const float* a, int64_t nj, int64_t D, const float* bt, float* s) {
+  int64_t j = 0;
+  for (; j + MJ <= nj; j += MJ) rows_times_t<NI, MJ>(a + j * D, D, bt, s + j * 16 * NI);
+  const int64_t r = nj - j;
+  a += j * D;
+  s += j * 16 * NI;
+  switch (r) {
+#define PDSL_CASE(R) \
+  case R:            \
+    if constexpr (R < MJ) rows_times_t<NI, R>(a, D, bt, s); \
+    break;
+    PDSL_CASE(1) PDSL_CASE(2) PDSL_CASE(3) PDSL_CASE(4) PDSL_CASE(5) PDSL_CASE(6) PDSL_CASE(7) PDSL_CASE(8)
+    PDSL_CASE(9) PDSL_CASE(10) PDSL_CASE(11) PDSL_CASE(12) PDSL_CASE(13) PDSL_CASE(14) PDSL_CASE(15)
+    PDSL_CASE(16) PDSL_CASE(17) PDSL_CASE(18) PDSL_CASE(19) PDSL_CASE(20) PDSL_CASE(21) PDSL_CASE(22)
+    PDSL_CASE(23)
+#undef PDSL_CASE
+    default:
+      break;
+  }
+}
+
+// Ot[d][i] = alpha[i] * Ot[d][i] + sum_j W[j][d] * Pt[j][i] for MD dims d (from d0), RB columns i.
+template <int NI, int MD>
+inline void accumulate_t(const float* w, int64_t nj, int64_t D, const float* pt, float* ot, const __m512* alpha) {
+  __m512 acc[MD][NI];
+#pragma GCC unroll 32
+  for (int d = 0; d < MD; ++d)
+#pragma GCC unroll 8
+    for (int n = 0; n < NI; ++n) {
+      acc[d][n] = _mm512_loadu_ps(ot + d * 16 * NI + 16 * n);
+      if (alpha) acc[d][n] = _mm512_mul_ps(acc[d][n], alpha[n]);
+    }
+  for (int64_t j = 0; j < nj; ++j) {
+    __m512 p[NI];
+#pragma GCC unroll 8
+    for (int n = 0; n < NI; ++n) p[n] = _mm512_loadu_ps(pt + j * 16 * NI + 16 * n);
+#pragma GCC unroll 32
+    for (int d = 0; d < MD; ++d) {
+      const __m512 x = _mm512_set1_ps(w[j * D + d]);
+#pragma GCC unroll 8
+      for (int n = 0; n < NI; ++n) acc[d][n] = _mm512_fmadd_ps(x, p[n], acc[d][n]);
+    }
+  }
+#pragma GCC unroll 32
+  for (int d = 0; d < MD; ++d)
+#pragma GCC unroll 8
+    for (int n = 0; n < NI; ++n) _mm512_storeu_ps(ot + d * 16 * NI + 16 * n, acc[d][n]);
+}
+
+template <int NI>
+void product_t(const float* w, int64_t nj, int64_t D, const float* pt, float* ot, const __m512* alpha) {
+  constexpr int MD = NI == 1 ? 16 : (NI == 2 ? 8 : 4);
+  int64_t d = 0;
+  for (; d + MD <= D; d += MD) accumulate_t<NI, MD>(w + d, nj, D, pt, ot + d * 16 * NI, alpha);
+  for (; d < D; ++d) accumulate_t<NI, 1>(w + d, nj, D, pt, ot + d * 16 * NI, alpha);
+}
+
+// dst[j][d] += sum_i Pt[j][i] * X[i][d] for MJ rows j, 16*ND dims (from d0), RB rows i of X.
+template <int NI, int MJ, int ND>
+inline void rows_accumulate(const float* pt, const float* x, int64_t D, float* dst) {
+  constexpr int RB = 16 * NI;
+  __m512 acc[MJ][ND];
+#pragma GCC unroll 32
+  for (int j = 0; j < MJ; ++j)
+#pragma GCC unroll 8
+    for (int v = 0; v < ND; ++v) acc[j][v] = _mm512_loadu_ps(dst + j * D + 16 * v);
+  for (int i = 0; i < RB; ++i) {
+    __m512 xv[ND];
+#pragma GCC unroll 8
+    for (int v = 0; v < ND; ++v) xv[v] = _mm512_loadu_ps(x + i * D + 16 * v);
+#pragma GCC unroll 32
+    for (int j = 0; j < MJ; ++j) {
+      const __m512 p = _mm512_set1_ps(pt[j * RB + i]);
+#pragma GCC unroll 8
+      for (int v = 0; v < ND; ++v) acc[j][v] = _mm512_fmadd_ps(p, xv[v], acc[j][v]);
+    }
+  }
+#pragma GCC unroll 32
+  for (int j = 0; j < MJ; ++j)
+#pragma GCC unroll 8
+    for (int v = 0; v < ND; ++v) _mm512_storeu_ps(dst + j * D + 16 * v, acc[j][v]);
+}
+
+template <int NI, int ND>
+void rows_accumulate_all(const float* pt, int64_t nj, const float* x, int64_t D, float* dst) {
+  constexpr int MJ = 6;
+  constexpr int RB = 16 * NI;
+  int64_t j = 0;
+  for (; j + MJ <= nj; j += MJ) rows_accumulate<NI, MJ, ND>(pt + j * RB, x, D, dst + j * D);
+  for (; j < nj; ++j) rows_accumulate<NI, 1, ND>(pt + j * RB, x, D, dst + j * D);
+}
+
+template <int NI>
+void key_gradient(const float* pt, int64_t nj, const float* x, int64_t D, float* dst) {
+  int64_t d = 0;
+  for (; d + 64 <= D; d += 64) rows_accumulate_all<NI, 4>(pt, nj, x + d, D, dst + d);
+  switch ((D - d) / 16) {
+    case 3: rows_accumulate_all<NI, 3>(pt, nj, x + d, D, dst + d); break;
+    case 2: rows_accumulate_all<NI, 2>(pt, nj, x + d, D, dst + d); break;
+    case 1: rows_accumulate_all<NI, 1>(pt, nj, x + d, D, dst + d); break;
+    default: break;
+  }
+}
+
+// RB = 16*NI rows of x (row stride D), transposed: out[d][i] = mul * x[i][d] (gathers of 16 rows).
+template <int NI>
+void transpose_rows(const float* x, int64_t D, float mul, float* out) {
+  constexpr int RB = 16 * NI;
+  const __m512i idx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                         _mm512_set1_epi32((int)D));
+  const __m512 mv = _mm512_set1_ps(mul);
+  for (int64_t d = 0; d < D; ++d)
+    for (int n = 0; n < NI; ++n)
+      _mm512_storeu_ps(out + d * RB + 16 * n, _mm512_mul_ps(mv, _mm512_i32gather_ps(idx, x + 16 * n * D + d, 4)));
+}
+
+// The inverse: rows[i][d] = xt[d][i] * mul[i] for RB rows (row stride D) from xt [D][RB].
+template <int NI>
+void untranspose_rows(const float* xt, int64_t D, const float* mul, float* rows) {
+  constexpr int RB = 16 * NI;
+  const __m512i idx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                         _mm512_set1_epi32(RB));
+  for (int i = 0; i < RB; ++i) {
+    const __m512 mv = _mm512_set1_ps(mul ? mul[i] : 1.0f);
+    for (int64_t d = 0; d < D; d += 16)
+      _mm512_storeu_ps(rows + i * D + d, _mm512_mul_ps(mv, _mm512_i32gather_ps(idx, xt + d * RB + i, 4)));
+  }
+}
+
+struct Lists {
+  const int64_t* row_ptr;
+  const int32_t* ent_k;
+  const int32_t* ent_mask;
+  const uint16_t* masks;
+  int64_t BM, BN;
+};
+
+// Keys [lo, hi) of entry e that some row of register block g0 .. g0+NI may attend (lo >= hi: none).
+template <int NI>
+inline void key_range(const Lists& L, int64_t e, int64_t g0, int64_t* lo, int64_t* hi) {
+  const int32_t mk = L.ent_mask[e];
+  if (mk < 0) {
+    *lo = 0;
+    *hi = L.BN;
+    return;
+  }
+  const int64_t groups = L.BM / 16;
+  const uint16_t* w = L.masks + (int64_t)mk * L.BN * groups + g0;
+  int64_t a = 0, b = L.BN;
+  auto any = [&](int64_t j) {
+    uint32_t bits = 0;
+    for (int n = 0; n < NI; ++n) bits |= w[j * groups + n];
+    return bits != 0;
+  };
+  while (a < b && !any(a)) ++a;
+  while (b > a && !any(b - 1)) --b;
+  *lo = a;
+  *hi = b;
+}
+
+inline __mmask16 allowed_bits(const Lists& L, int64_t e, int64_t j, int64_t g) {
+  return (__mmask16)L.masks[((int64_t)L.ent_mask[e] * L.BN + j) * (L.BM / 16) + g];
+}
+
+// Query tiles in decreasing order of work, so the long rows start first under dynamic scheduling.
+std::vector<int64_t> tile_order(const int64_t* row_ptr, int64_t n) {
+  std::vector<int64_t> order(n);
+  for (int64_t m = 0; m < n; ++m) order[m] = m;
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) {
+    return row_ptr[a + 1] - row_ptr[a] > row_ptr[b + 1] - row_ptr[b];
+  });
+  return order;
+}
+
+template <int NI>
+void forward_block(const float* q, const float* k, const float* v, float* o, float* lse, int64_t D, const Lists& L,
+                   int64_t m, int64_t g0, float scale2, float* qt, float* st, float* ot) {
+  constexpr int RB = 16 * NI;
+  transpose_rows<NI>(q, D, scale2, qt);
+  std::fill(ot, ot + D * RB, 0.0f);
+  __m512 mx[NI], sum[NI];
+  const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  const __m512 floor = _mm512_set1_ps(-std::numeric_limits<float>::max());
+  for (int n = 0; n < NI; ++n) {
+    mx[n] = ninf;
+    sum[n] = _mm512_setzero_ps();
+  }
+  for (int64_t e = L.row_ptr[m]; e < L.row_ptr[m + 1]; ++e) {
+    int64_t lo, hi;
+    key_range<NI>(L, e, g0, &lo, &hi);
+    if (lo >= hi) continue;
+    const int64_t nj = hi - lo;
+    const float* kb = k + ((int64_t)L.ent_k[e] * L.BN + lo) * D;
+    const float* vb = v + ((int64_t)L.ent_k[e] * L.BN + lo) * D;
+    scores_t<NI, NI == 1 ? 24 : (NI == 2 ? 12 : 6)>(kb, nj, D, qt, st);
+    const bool partial = L.ent_mask[e] >= 0;
+    __m512 cm[NI];
+    for (int n = 0; n < NI; ++n) cm[n] = mx[n];
+    if (partial) {
+      for (int64_t j = 0; j < nj; ++j)
+        for (int n = 0; n < NI; ++n) {
+          float* s = st + j * RB + 16 * n;
+          const __m512 x = _mm512_mask_blend_ps(allowed_bits(L, e, lo + j, g0 + n), ninf, _mm512_loadu_ps(s));
+          _mm512_storeu_ps(s, x);
+          cm[n] = _mm512_max_ps(cm[n], x);
+        }
+    } else {
+      for (int64_t j = 0; j < nj; ++j)
+        for (int n = 0; n < NI; ++n) cm[n] = _mm512_max_ps(cm[n], _mm512_loadu_ps(st + j * RB + 16 * n));
+    }
+    __m512 alpha[NI], use[NI];
+    bool rescale = false;
+    for (int n = 0; n < NI; ++n) {
+      const __mmask16 none = _mm512_cmp_ps_mask(cm[n], ninf, _CMP_EQ_OQ);
+      use[n] = _mm512_mask_blend_ps(none, cm[n], _mm512_setzero_ps());
+      // exp2(old max - new max); rows with no key so far (old max -inf) hold nothing: 0.
+      const __mmask16 was = _mm512_cmp_ps_mask(mx[n], ninf, _CMP_EQ_OQ);
+      alpha[n] = _mm512_maskz_mov_ps(~was, exp2_ps(_mm512_max_ps(floor, _mm512_sub_ps(mx[n], use[n]))));
+      rescale |= _mm512_cmp_ps_mask(mx[n], cm[n], _CMP_NEQ_UQ) != 0;
+      mx[n] = cm[n];
+    }
+    __m512 add[NI];
+    for (int n = 0; n < NI; ++n) add[n] = _mm512_setzero_ps();
+    for (int64_t j = 0; j < nj; ++j)
+      for (int n = 0; n < NI; ++n) {
+        float* s = st + j * RB + 16 * n;
+        __m512 p = exp2_ps(_mm512_max_ps(floor, _mm512_sub_ps(_mm512_loadu_ps(s), use[n])));
+        if (partial) p = _mm512_maskz_mov_ps(allowed_bits(L, e, lo + j, g0 + n), p);
+        _mm512_storeu_ps(s, p);
+        add[n] = _mm512_add_ps(add[n], p);
+      }
+    for (int n = 0; n < NI; ++n) sum[n] = _mm512_fmadd_ps(sum[n], alpha[n], add[n]);
+    product_t<NI>(vb, nj, D, st, ot, rescale ? alpha : nullptr);
+  }
+  alignas(64) float mv[RB], sv[RB];
+  for (int n = 0; n < NI; ++n) {
+    _mm512_store_ps(mv + 16 * n, mx[n]);
+    _mm512_store_ps(sv + 16 * n, sum[n]);
+  }
+  alignas(64) float inv[RB];
+  for (int i = 0; i < RB; ++i) {
+    // No allowed key (the sum is at least 1 otherwise: the row max contributes exp2(0)): zeros, -inf.
+    inv[i] = sv[i] == 0.0f ? 0.0f : 1.0f / sv[i];
+    lse[i] = sv[i] == 0.0f ? -std::numeric_limits<float>::infinity() : (mv[i] + std::log2(sv[i])) * kLn2;
+  }
+  untranspose_rows<NI>(ot, D, inv, o);
+}
+
+template <int NI>
+void forward_impl(const float* q, const float* k, const float* v, float* o, float* lse, int64_t BH, int64_t Lq,
+                  int64_t Lk, int64_t D, const Lists& L, int64_t n_q_tiles, float scale, int threads) {
+  constexpr int RB = 16 * NI;
+  const std::vector<int64_t> order = tile_order(L.row_ptr, n_q_tiles);
+  const int64_t items = BH * n_q_tiles;
+  const float scale2 = scale * kLog2e;
+#pragma omp parallel num_threads(threads)
+  {
+    std::vector<float, std::allocator<float>> buf(D * RB * 2 + L.BN * RB + 64);
+    float* qt = (float*)(((uintptr_t)buf.data() + 63) & ~(uintptr_t)63);
+    float* ot = qt + D * RB;
+    float* st = ot + D * RB;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t it = 0; it < items; ++it) {
+      const int64_t m = order[it / BH], bh = it % BH;
+      for (int64_t r = 0; r < L.BM; r += RB) {
+        const int64_t row = m * L.BM + r;
+        forward_block<NI>(q + (bh * Lq + row) * D, k + bh * Lk * D, v + bh * Lk * D, o + (bh * Lq + row) * D,
+                          lse + bh * Lq + row, D, L, m, r / 16, scale2, qt, st, ot);
+      }
+    }
+  }
+}
+
+// One register block of the backward: dQ rows written, dK/dV rows added in place.
+template <int NI>
+void backward_block(const float* q, const float* k, const float* v, const float* dout, const float* lse2,
+                    const float* delta, float* dq, float* dk, float* dv, int64_t D, const Lists& L, int64_t m,
+                    int64_t g0, float scale, float* qt, float* dot, float* dqt, float* pt, float* dst) {
+  constexpr int RB = 16 * NI;
+  constexpr int MJ = NI == 1 ? 24 : (NI == 2 ? 12 : 6);
+  transpose_rows<NI>(q, D, scale * kLog2e, qt);
+  transpose_rows<NI>(dout, D, 1.0f, dot);
+  std::fill(dqt, dqt + D * RB, 0.0f);
+  __m512 l2[NI], dl[NI];
+  for (int n = 0; n < NI; ++n) {
+    l2[n] = _mm512_loadu_ps(lse2 + 16 * n);
+    dl[n] = _mm512_loadu_ps(delta + 16 * n);
+  }
+  const __m512 floor = _mm512_set1_ps(-std::numeric_limits<float>::max());
+  const __m512 sc = _mm512_set1_ps(scale);
+  for (int64_t e = L.row_ptr[m]; e < L.row_ptr[m + 1]; ++e) {
+    int64_t lo, hi;
+    key_range<NI>(L, e, g0, &lo, &hi);
+    if (lo >= hi) continue;
+    const int64_t nj = hi - lo, key0 = (int64_t)L.ent_k[e] * L.BN + lo;
+    scores_t<NI, MJ>(k + key0 * D, nj, D, qt, pt);
+    scores_t<NI, MJ>(v + key0 * D, nj, D, dot, dst);
+    const bool partial = L.ent_mask[e] >= 0;
+    for (int64_t j = 0; j < nj; ++j)
+      for (int n = 0; n < NI; ++n) {
+        float* s = pt + j * RB + 16 * n;
+        float* g = dst + j * RB + 16 * n;
+        __m512 p = exp2_ps(_mm512_max_ps(floor, _mm512_sub_ps(_mm512_loadu_ps(s), l2[n])));
+        if (partial) p = _mm512_maskz_mov_ps(allowed_bits(L, e, lo + j, g0 + n), p);
+        _mm512_storeu_ps(s, p);
+        // dS = P * (dP - delta), times the scale both dQ and dK need.
+        _mm512_storeu_ps(g, _mm512_mul_ps(_mm512_mul_ps(p, sc), _mm512_sub_ps(_mm512_loadu_ps(g), dl[n])));
+      }
+    key_gradient<NI>(pt, nj, dout, D, dv + key0 * D);
+    key_gradient<NI>(dst, nj, q, D, dk + key0 * D);
+    product_t<NI>(k + key0 * D, nj, D, dst, dqt, nullptr);
+  }
+  untranspose_rows<NI>(dqt, D, nullptr, dq);
+}
+
+template <int NI>
+void backward_impl(const float* q, const float* k, const float* v, const float* dout, const float* lse2,
+                   const float* delta, float* dq, float* dk, float* dv, int64_t BH, int64_t Lq, int64_t Lk,
+                   int64_t D, const Lists& L, int64_t n_q_tiles, int64_t parts, float scale, int threads) {
+  constexpr int RB = 16 * NI;
+  const int64_t items = BH * parts;
+#pragma omp parallel num_threads(threads)
+  {
+    std::vector<float> buf(D * RB * 3 + 2 * L.BN * RB + 64);
+    float* qt = (float*)(((uintptr_t)buf.data() + 63) & ~(uintptr_t)63);
+    float* dot = qt + D * RB;
+    float* dqt = dot + D * RB;
+    float* pt = dqt + D * RB;
+    float* dst = pt + L.BN * RB;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t it = 0; it < items; ++it) {
+      // Item (part, bh): query tiles part, part + parts, ...; its own dK/dV buffer when parts > 1.
+      const int64_t part = it / BH, bh = it % BH;
+      float* dkb = dk + (part * BH + bh) * Lk * D;
+      float* dvb = dv + (part * BH + bh) * Lk * D;
+      for (int64_t m = part; m < n_q_tiles; m += parts) {
+        for (int64_t r = 0; r < L.BM; r += RB) {
+          const int64_t row = bh * Lq + m * L.BM + r;
+          backward_block<NI>(q + row * D, k + bh * Lk * D, v + bh * Lk * D, dout + row * D, lse2 + row, delta + row,
+                             dq + row * D, dkb, dvb, D, L, m, r / 16, scale, qt, dot, dqt, pt, dst);
+        }
+      }
+    }
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+int pdsl_native_version() { return 1; }
+
+// Forward: o [BH, Lq, D] and lse [BH, Lq] (natural log) for every row of every query tile.
+int pdsl_forward(const float* q, const float* k, const float* v, float* o, float* lse, int64_t BH, int64_t Lq,
+                 int64_t Lk, int64_t D, int64_t BM, int64_t BN, const int64_t* row_ptr, const int32_t* ent_k,
+                 const int32_t* ent_mask, const uint16_t* masks, int64_t n_q_tiles, float scale, int64_t rows,
+                 int threads) {
+  if (D % 16 || BM % rows || rows % 16) return 1;
+  const Lists L{row_ptr, ent_k, ent_mask, masks, BM, BN};
+  if (rows == 16)
+    forward_impl<1>(q, k, v, o, lse, BH, Lq, Lk, D, L, n_q_tiles, scale, threads);
+  else if (rows == 32)
+    forward_impl<2>(q, k, v, o, lse, BH, Lq, Lk, D, L, n_q_tiles, scale, threads);
+  else if (rows == 64)
+    forward_impl<4>(q, k, v, o, lse, BH, Lq, Lk, D, L, n_q_tiles, scale, threads);
+  else
+    return 2;
+  return 0;
+}
+
+// Backward: dq [BH, Lq, D] written for every row; dk, dv [parts, BH, Lk, D] (zeroed by the caller)
+// accumulated in place. lse2 is lse * log2(e) with +inf on rows with no allowed key; delta is
+// rowsum(dO * O) - dlse.
+int pdsl_backward(const float* q, const float* k, const float* v, const float* dout, const float* lse2,
+                  const float* delta, float* dq, float* dk, float* dv, int64_t BH, int64_t Lq, int64_t Lk, int64_t D,
+                  int64_t BM, int64_t BN, const int64_t* row_ptr, const int32_t* ent_k, const int32_t* ent_mask,
+                  const uint16_t* masks, int64_t n_q_tiles, int64_t parts, float scale, int64_t rows, int threads) {
+  if (D % 16 || BM % rows || rows % 16 || parts < 1) return 1;
+  const Lists L{row_ptr, ent_k, ent_mask, masks, BM, BN};
+  if (rows == 16)
+    backward_impl<1>(q, k, v, dout, lse2, delta, dq, dk, dv, BH, Lq, Lk, D, L, n_q_tiles, parts, scale, threads);
+  else if (rows == 32)
+    backward_impl<2>(q, k, v, dout, lse2, delta, dq, dk, dv, BH, Lq, Lk, D, L, n_q_tiles, parts, scale, threads);
+  else if (rows == 64)
+    backward_impl<4>(q, k, v, dout, lse2, delta, dq, dk, dv, BH, Lq, Lk, D, L, n_q_tiles, parts, scale, threads);
+  else
+    return 2;
+  return 0;
+}
+
+}  // extern "C"
