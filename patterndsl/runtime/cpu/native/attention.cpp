@@ -28,6 +28,10 @@ namespace {
 
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
+#ifndef PDSL_KEY_CHUNK
+#define PDSL_KEY_CHUNK 64
+#endif
+constexpr int64_t kKeyChunk = PDSL_KEY_CHUNK;
 
 // 2^x, x <= 0 (any finite value; -inf gives NaN, selected out by the callers): 2^frac * 2^floor.
 // Degree-5 polynomial on [0, 1): relative error 3.1e-7 (checked against float64 in the tests).
@@ -172,28 +176,54 @@ void key_gradient(const float* pt, int64_t nj, const float* x, int64_t D, float*
   }
 }
 
-// RB = 16*NI rows of x (row stride D), transposed: out[d][i] = mul * x[i][d] (gathers of 16 rows).
+// dst[c * dstride + r] = src[r * sstride + c] * mul[c] for r, c < 16: three shuffle stages in registers.
+inline void transpose16(const float* src, int64_t sstride, __m512 mul, float* dst, int64_t dstride) {
+  __m512 r[16], t[16];
+#pragma GCC unroll 16
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_mul_ps(_mm512_loadu_ps(src + i * sstride), mul);
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  // r[4i + j], 128-bit lane L: rows 4i .. 4i+3 of column 4L + j.
+#pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i) {
+    const __m512d a = _mm512_castps_pd(t[4 * i]), b = _mm512_castps_pd(t[4 * i + 1]);
+    const __m512d c = _mm512_castps_pd(t[4 * i + 2]), d = _mm512_castps_pd(t[4 * i + 3]);
+    r[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
+    r[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
+    r[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
+    r[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
+  }
+  // Column 4L + j gathers lane L of r[j], r[4 + j], r[8 + j], r[12 + j].
+#pragma GCC unroll 4
+  for (int j = 0; j < 4; ++j) {
+    const __m512 s0 = _mm512_shuffle_f32x4(r[j], r[4 + j], 0x44), s1 = _mm512_shuffle_f32x4(r[j], r[4 + j], 0xEE);
+    const __m512 s2 = _mm512_shuffle_f32x4(r[8 + j], r[12 + j], 0x44);
+    const __m512 s3 = _mm512_shuffle_f32x4(r[8 + j], r[12 + j], 0xEE);
+    _mm512_storeu_ps(dst + (0 + j) * dstride, _mm512_shuffle_f32x4(s0, s2, 0x88));
+    _mm512_storeu_ps(dst + (4 + j) * dstride, _mm512_shuffle_f32x4(s0, s2, 0xDD));
+    _mm512_storeu_ps(dst + (8 + j) * dstride, _mm512_shuffle_f32x4(s1, s3, 0x88));
+    _mm512_storeu_ps(dst + (12 + j) * dstride, _mm512_shuffle_f32x4(s1, s3, 0xDD));
+  }
+}
+
+// RB = 16*NI rows of x (row stride D), transposed: out[d][i] = mul * x[i][d].
 template <int NI>
 void transpose_rows(const float* x, int64_t D, float mul, float* out) {
   constexpr int RB = 16 * NI;
-  const __m512i idx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                         _mm512_set1_epi32((int)D));
-  const __m512 mv = _mm512_set1_ps(mul);
-  for (int64_t d = 0; d < D; ++d)
-    for (int n = 0; n < NI; ++n)
-      _mm512_storeu_ps(out + d * RB + 16 * n, _mm512_mul_ps(mv, _mm512_i32gather_ps(idx, x + 16 * n * D + d, 4)));
+  for (int n = 0; n < NI; ++n)
+    for (int64_t d = 0; d < D; d += 16) transpose16(x + 16 * n * D + d, D, _mm512_set1_ps(mul), out + d * RB + 16 * n, RB);
 }
 
 // The inverse: rows[i][d] = xt[d][i] * mul[i] for RB rows (row stride D) from xt [D][RB].
 template <int NI>
 void untranspose_rows(const float* xt, int64_t D, const float* mul, float* rows) {
   constexpr int RB = 16 * NI;
-  const __m512i idx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                         _mm512_set1_epi32(RB));
-  for (int i = 0; i < RB; ++i) {
-    const __m512 mv = _mm512_set1_ps(mul ? mul[i] : 1.0f);
-    for (int64_t d = 0; d < D; d += 16)
-      _mm512_storeu_ps(rows + i * D + d, _mm512_mul_ps(mv, _mm512_i32gather_ps(idx, xt + d * RB + i, 4)));
+  for (int n = 0; n < NI; ++n) {
+    const __m512 mv = mul ? _mm512_loadu_ps(mul + 16 * n) : _mm512_set1_ps(1.0f);
+    for (int64_t d = 0; d < D; d += 16) transpose16(xt + d * RB + 16 * n, RB, mv, rows + 16 * n * D + d, D);
   }
 }
 
@@ -242,78 +272,105 @@ std::vector<int64_t> tile_order(const int64_t* row_ptr, int64_t n) {
   return order;
 }
 
+// One chunk of keys [lo, hi) of entry e for one register block (first 16-row group g0): scores,
+// online softmax update of the block's statistics (mxs, sums: RB floats each) and O^T += V^T P^T.
 template <int NI>
-void forward_block(const float* q, const float* k, const float* v, float* o, float* lse, int64_t D, const Lists& L,
-                   int64_t m, int64_t g0, float scale2, float* qt, float* st, float* ot) {
+void forward_chunk(const Lists& L, int64_t e, int64_t lo, int64_t hi, int64_t g0, const float* kb, const float* vb,
+                   int64_t D, const float* qt, float* st, float* ot, float* mxs, float* sums) {
   constexpr int RB = 16 * NI;
-  transpose_rows<NI>(q, D, scale2, qt);
-  std::fill(ot, ot + D * RB, 0.0f);
-  __m512 mx[NI], sum[NI];
+  const int64_t nj = hi - lo;
   const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
   const __m512 floor = _mm512_set1_ps(-std::numeric_limits<float>::max());
-  for (int n = 0; n < NI; ++n) {
-    mx[n] = ninf;
-    sum[n] = _mm512_setzero_ps();
-  }
-  for (int64_t e = L.row_ptr[m]; e < L.row_ptr[m + 1]; ++e) {
-    int64_t lo, hi;
-    key_range<NI>(L, e, g0, &lo, &hi);
-    if (lo >= hi) continue;
-    const int64_t nj = hi - lo;
-    const float* kb = k + ((int64_t)L.ent_k[e] * L.BN + lo) * D;
-    const float* vb = v + ((int64_t)L.ent_k[e] * L.BN + lo) * D;
-    scores_t<NI, NI == 1 ? 24 : (NI == 2 ? 12 : 6)>(kb, nj, D, qt, st);
-    const bool partial = L.ent_mask[e] >= 0;
-    __m512 cm[NI];
-    for (int n = 0; n < NI; ++n) cm[n] = mx[n];
-    if (partial) {
-      for (int64_t j = 0; j < nj; ++j)
-        for (int n = 0; n < NI; ++n) {
-          float* s = st + j * RB + 16 * n;
-          const __m512 x = _mm512_mask_blend_ps(allowed_bits(L, e, lo + j, g0 + n), ninf, _mm512_loadu_ps(s));
-          _mm512_storeu_ps(s, x);
-          cm[n] = _mm512_max_ps(cm[n], x);
-        }
-    } else {
-      for (int64_t j = 0; j < nj; ++j)
-        for (int n = 0; n < NI; ++n) cm[n] = _mm512_max_ps(cm[n], _mm512_loadu_ps(st + j * RB + 16 * n));
-    }
-    __m512 alpha[NI], use[NI];
-    bool rescale = false;
-    for (int n = 0; n < NI; ++n) {
-      const __mmask16 none = _mm512_cmp_ps_mask(cm[n], ninf, _CMP_EQ_OQ);
-      use[n] = _mm512_mask_blend_ps(none, cm[n], _mm512_setzero_ps());
-      // exp2(old max - new max); rows with no key so far (old max -inf) hold nothing: 0.
-      const __mmask16 was = _mm512_cmp_ps_mask(mx[n], ninf, _CMP_EQ_OQ);
-      alpha[n] = _mm512_maskz_mov_ps(~was, exp2_ps(_mm512_max_ps(floor, _mm512_sub_ps(mx[n], use[n]))));
-      rescale |= _mm512_cmp_ps_mask(mx[n], cm[n], _CMP_NEQ_UQ) != 0;
-      mx[n] = cm[n];
-    }
-    __m512 add[NI];
-    for (int n = 0; n < NI; ++n) add[n] = _mm512_setzero_ps();
+  scores_t<NI, NI == 1 ? 24 : (NI == 2 ? 12 : 6)>(kb, nj, D, qt, st);
+  const bool partial = L.ent_mask[e] >= 0;
+  __m512 mx[NI], cm[NI];
+  for (int n = 0; n < NI; ++n) cm[n] = mx[n] = _mm512_loadu_ps(mxs + 16 * n);
+  if (partial) {
     for (int64_t j = 0; j < nj; ++j)
       for (int n = 0; n < NI; ++n) {
         float* s = st + j * RB + 16 * n;
-        __m512 p = exp2_ps(_mm512_max_ps(floor, _mm512_sub_ps(_mm512_loadu_ps(s), use[n])));
-        if (partial) p = _mm512_maskz_mov_ps(allowed_bits(L, e, lo + j, g0 + n), p);
-        _mm512_storeu_ps(s, p);
-        add[n] = _mm512_add_ps(add[n], p);
+        const __m512 x = _mm512_mask_blend_ps(allowed_bits(L, e, lo + j, g0 + n), ninf, _mm512_loadu_ps(s));
+        _mm512_storeu_ps(s, x);
+        cm[n] = _mm512_max_ps(cm[n], x);
       }
-    for (int n = 0; n < NI; ++n) sum[n] = _mm512_fmadd_ps(sum[n], alpha[n], add[n]);
-    product_t<NI>(vb, nj, D, st, ot, rescale ? alpha : nullptr);
+  } else {
+    for (int64_t j = 0; j < nj; ++j)
+      for (int n = 0; n < NI; ++n) cm[n] = _mm512_max_ps(cm[n], _mm512_loadu_ps(st + j * RB + 16 * n));
   }
-  alignas(64) float mv[RB], sv[RB];
+  __m512 alpha[NI], use[NI];
+  bool rescale = false;
   for (int n = 0; n < NI; ++n) {
-    _mm512_store_ps(mv + 16 * n, mx[n]);
-    _mm512_store_ps(sv + 16 * n, sum[n]);
+    const __mmask16 none = _mm512_cmp_ps_mask(cm[n], ninf, _CMP_EQ_OQ);
+    use[n] = _mm512_mask_blend_ps(none, cm[n], _mm512_setzero_ps());
+    // exp2(old max - new max); rows with no key so far (old max -inf) hold nothing: 0.
+    const __mmask16 was = _mm512_cmp_ps_mask(mx[n], ninf, _CMP_EQ_OQ);
+    alpha[n] = _mm512_maskz_mov_ps(~was, exp2_ps(_mm512_max_ps(floor, _mm512_sub_ps(mx[n], use[n]))));
+    rescale |= _mm512_cmp_ps_mask(mx[n], cm[n], _CMP_NEQ_UQ) != 0;
+    _mm512_storeu_ps(mxs + 16 * n, cm[n]);
   }
-  alignas(64) float inv[RB];
-  for (int i = 0; i < RB; ++i) {
-    // No allowed key (the sum is at least 1 otherwise: the row max contributes exp2(0)): zeros, -inf.
-    inv[i] = sv[i] == 0.0f ? 0.0f : 1.0f / sv[i];
-    lse[i] = sv[i] == 0.0f ? -std::numeric_limits<float>::infinity() : (mv[i] + std::log2(sv[i])) * kLn2;
+  __m512 add[NI];
+  for (int n = 0; n < NI; ++n) add[n] = _mm512_setzero_ps();
+  for (int64_t j = 0; j < nj; ++j)
+    for (int n = 0; n < NI; ++n) {
+      float* s = st + j * RB + 16 * n;
+      __m512 p = exp2_ps(_mm512_max_ps(floor, _mm512_sub_ps(_mm512_loadu_ps(s), use[n])));
+      if (partial) p = _mm512_maskz_mov_ps(allowed_bits(L, e, lo + j, g0 + n), p);
+      _mm512_storeu_ps(s, p);
+      add[n] = _mm512_add_ps(add[n], p);
+    }
+  for (int n = 0; n < NI; ++n)
+    _mm512_storeu_ps(sums + 16 * n, _mm512_fmadd_ps(_mm512_loadu_ps(sums + 16 * n), alpha[n], add[n]));
+  product_t<NI>(vb, nj, D, st, ot, rescale ? alpha : nullptr);
+}
+
+// Per-thread buffers: for each register block of a query tile its scaled Q^T and O^T (or Q^T,
+// dO^T, dQ^T), two statistics rows, and score blocks of one key chunk.
+struct Work {
+  std::vector<float> buf;
+  float* base;
+  Work(size_t floats) : buf(floats + 16) { base = (float*)(((uintptr_t)buf.data() + 63) & ~(uintptr_t)63); }
+};
+
+// One query tile m of one (batch, head): every register block walks the tile's key tiles, a key
+// tile at a time for all blocks, so a key tile's K/V rows are read from memory once per query tile.
+template <int NI>
+void forward_tile(const float* q, const float* k, const float* v, float* o, float* lse, int64_t D, const Lists& L,
+                  int64_t m, float scale2, float* w) {
+  constexpr int RB = 16 * NI;
+  const int64_t blocks = L.BM / RB;
+  float* stats = w;                      // [blocks][2][RB]: running max, running sum
+  float* st = stats + 2 * L.BM;          // [kKeyChunk][RB]
+  float* mats = st + kKeyChunk * RB;     // [blocks][2][D][RB]: Q^T, O^T
+  for (int64_t b = 0; b < blocks; ++b) {
+    transpose_rows<NI>(q + b * RB * D, D, scale2, mats + b * 2 * D * RB);
+    std::fill(mats + (b * 2 + 1) * D * RB, mats + (b * 2 + 2) * D * RB, 0.0f);
+    std::fill(stats + b * 2 * RB, stats + b * 2 * RB + RB, -std::numeric_limits<float>::infinity());
+    std::fill(stats + b * 2 * RB + RB, stats + (b + 1) * 2 * RB, 0.0f);
   }
-  untranspose_rows<NI>(ot, D, inv, o);
+  for (int64_t e = L.row_ptr[m]; e < L.row_ptr[m + 1]; ++e) {
+    const int64_t key0 = (int64_t)L.ent_k[e] * L.BN;
+    for (int64_t b = 0; b < blocks; ++b) {
+      int64_t lo0, hi0;
+      key_range<NI>(L, e, b * NI, &lo0, &hi0);
+      // Keys in chunks whose K/V rows and score block stay in L1 with the register block's rows.
+      for (int64_t lo = lo0; lo < hi0; lo += kKeyChunk) {
+        const int64_t hi = std::min(lo + kKeyChunk, hi0);
+        forward_chunk<NI>(L, e, lo, hi, b * NI, k + (key0 + lo) * D, v + (key0 + lo) * D, D, mats + b * 2 * D * RB,
+                          st, mats + (b * 2 + 1) * D * RB, stats + b * 2 * RB, stats + b * 2 * RB + RB);
+      }
+    }
+  }
+  for (int64_t b = 0; b < blocks; ++b) {
+    const float* mv = stats + b * 2 * RB;
+    const float* sv = mv + RB;
+    alignas(64) float inv[RB];
+    for (int i = 0; i < RB; ++i) {
+      // No allowed key (the sum is at least 1 otherwise: the row max contributes exp2(0)): zeros, -inf.
+      inv[i] = sv[i] == 0.0f ? 0.0f : 1.0f / sv[i];
+      lse[b * RB + i] = sv[i] == 0.0f ? -std::numeric_limits<float>::infinity() : (mv[i] + std::log2(sv[i])) * kLn2;
+    }
+    untranspose_rows<NI>(mats + (b * 2 + 1) * D * RB, D, inv, o + b * RB * D);
+  }
 }
 
 template <int NI>
@@ -325,62 +382,81 @@ void forward_impl(const float* q, const float* k, const float* v, float* o, floa
   const float scale2 = scale * kLog2e;
 #pragma omp parallel num_threads(threads)
   {
-    std::vector<float, std::allocator<float>> buf(D * RB * 2 + L.BN * RB + 64);
-    float* qt = (float*)(((uintptr_t)buf.data() + 63) & ~(uintptr_t)63);
-    float* ot = qt + D * RB;
-    float* st = ot + D * RB;
+    Work work(2 * L.BM + kKeyChunk * RB + 2 * L.BM * D);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t it = 0; it < items; ++it) {
       const int64_t m = order[it / BH], bh = it % BH;
-      for (int64_t r = 0; r < L.BM; r += RB) {
-        const int64_t row = m * L.BM + r;
-        forward_block<NI>(q + (bh * Lq + row) * D, k + bh * Lk * D, v + bh * Lk * D, o + (bh * Lq + row) * D,
-                          lse + bh * Lq + row, D, L, m, r / 16, scale2, qt, st, ot);
-      }
+      const int64_t row = bh * Lq + m * L.BM;
+      forward_tile<NI>(q + row * D, k + bh * Lk * D, v + bh * Lk * D, o + row * D, lse + row, D, L, m, scale2,
+                       work.base);
     }
   }
 }
 
-// One register block of the backward: dQ rows written, dK/dV rows added in place.
+// One chunk of the backward for one register block: P and dS recomputed from lse2 and delta, dV
+// and dK rows of the chunk added in place, dQ^T accumulated.
 template <int NI>
-void backward_block(const float* q, const float* k, const float* v, const float* dout, const float* lse2,
-                    const float* delta, float* dq, float* dk, float* dv, int64_t D, const Lists& L, int64_t m,
-                    int64_t g0, float scale, float* qt, float* dot, float* dqt, float* pt, float* dst) {
+void backward_chunk(const Lists& L, int64_t e, int64_t lo, int64_t hi, int64_t g0, const float* kb, const float* vb,
+                    float* dkb, float* dvb, const float* q, const float* dout, const float* lse2, const float* delta,
+                    int64_t D, float scale, const float* qt, const float* dot, float* dqt, float* pt, float* dst) {
   constexpr int RB = 16 * NI;
   constexpr int MJ = NI == 1 ? 24 : (NI == 2 ? 12 : 6);
-  transpose_rows<NI>(q, D, scale * kLog2e, qt);
-  transpose_rows<NI>(dout, D, 1.0f, dot);
-  std::fill(dqt, dqt + D * RB, 0.0f);
+  const int64_t nj = hi - lo;
+  const __m512 floor = _mm512_set1_ps(-std::numeric_limits<float>::max());
+  const __m512 sc = _mm512_set1_ps(scale);
   __m512 l2[NI], dl[NI];
   for (int n = 0; n < NI; ++n) {
     l2[n] = _mm512_loadu_ps(lse2 + 16 * n);
     dl[n] = _mm512_loadu_ps(delta + 16 * n);
   }
-  const __m512 floor = _mm512_set1_ps(-std::numeric_limits<float>::max());
-  const __m512 sc = _mm512_set1_ps(scale);
-  for (int64_t e = L.row_ptr[m]; e < L.row_ptr[m + 1]; ++e) {
-    int64_t lo, hi;
-    key_range<NI>(L, e, g0, &lo, &hi);
-    if (lo >= hi) continue;
-    const int64_t nj = hi - lo, key0 = (int64_t)L.ent_k[e] * L.BN + lo;
-    scores_t<NI, MJ>(k + key0 * D, nj, D, qt, pt);
-    scores_t<NI, MJ>(v + key0 * D, nj, D, dot, dst);
-    const bool partial = L.ent_mask[e] >= 0;
-    for (int64_t j = 0; j < nj; ++j)
-      for (int n = 0; n < NI; ++n) {
-        float* s = pt + j * RB + 16 * n;
-        float* g = dst + j * RB + 16 * n;
-        __m512 p = exp2_ps(_mm512_max_ps(floor, _mm512_sub_ps(_mm512_loadu_ps(s), l2[n])));
-        if (partial) p = _mm512_maskz_mov_ps(allowed_bits(L, e, lo + j, g0 + n), p);
-        _mm512_storeu_ps(s, p);
-        // dS = P * (dP - delta), times the scale both dQ and dK need.
-        _mm512_storeu_ps(g, _mm512_mul_ps(_mm512_mul_ps(p, sc), _mm512_sub_ps(_mm512_loadu_ps(g), dl[n])));
-      }
-    key_gradient<NI>(pt, nj, dout, D, dv + key0 * D);
-    key_gradient<NI>(dst, nj, q, D, dk + key0 * D);
-    product_t<NI>(k + key0 * D, nj, D, dst, dqt, nullptr);
+  scores_t<NI, MJ>(kb, nj, D, qt, pt);
+  scores_t<NI, MJ>(vb, nj, D, dot, dst);
+  const bool partial = L.ent_mask[e] >= 0;
+  for (int64_t j = 0; j < nj; ++j)
+    for (int n = 0; n < NI; ++n) {
+      float* s = pt + j * RB + 16 * n;
+      float* g = dst + j * RB + 16 * n;
+      __m512 p = exp2_ps(_mm512_max_ps(floor, _mm512_sub_ps(_mm512_loadu_ps(s), l2[n])));
+      if (partial) p = _mm512_maskz_mov_ps(allowed_bits(L, e, lo + j, g0 + n), p);
+      _mm512_storeu_ps(s, p);
+      // dS = P * (dP - delta), times the scale both dQ and dK need.
+      _mm512_storeu_ps(g, _mm512_mul_ps(_mm512_mul_ps(p, sc), _mm512_sub_ps(_mm512_loadu_ps(g), dl[n])));
+    }
+  key_gradient<NI>(pt, nj, dout, D, dvb);
+  key_gradient<NI>(dst, nj, q, D, dkb);
+  product_t<NI>(kb, nj, D, dst, dqt, nullptr);
+}
+
+// The backward of one query tile m of one (batch, head), a key tile at a time for all its blocks.
+template <int NI>
+void backward_tile(const float* q, const float* k, const float* v, const float* dout, const float* lse2,
+                   const float* delta, float* dq, float* dk, float* dv, int64_t D, const Lists& L, int64_t m,
+                   float scale, float* w) {
+  constexpr int RB = 16 * NI;
+  const int64_t blocks = L.BM / RB;
+  float* pt = w;                          // [kKeyChunk][RB]
+  float* dst = pt + kKeyChunk * RB;       // [kKeyChunk][RB]
+  float* mats = dst + kKeyChunk * RB;     // [blocks][3][D][RB]: scaled Q^T, dO^T, dQ^T
+  for (int64_t b = 0; b < blocks; ++b) {
+    transpose_rows<NI>(q + b * RB * D, D, scale * kLog2e, mats + b * 3 * D * RB);
+    transpose_rows<NI>(dout + b * RB * D, D, 1.0f, mats + (b * 3 + 1) * D * RB);
+    std::fill(mats + (b * 3 + 2) * D * RB, mats + (b * 3 + 3) * D * RB, 0.0f);
   }
-  untranspose_rows<NI>(dqt, D, nullptr, dq);
+  for (int64_t e = L.row_ptr[m]; e < L.row_ptr[m + 1]; ++e) {
+    const int64_t key0 = (int64_t)L.ent_k[e] * L.BN;
+    for (int64_t b = 0; b < blocks; ++b) {
+      int64_t lo0, hi0;
+      key_range<NI>(L, e, b * NI, &lo0, &hi0);
+      for (int64_t lo = lo0; lo < hi0; lo += kKeyChunk) {
+        const int64_t hi = std::min(lo + kKeyChunk, hi0), at = (key0 + lo) * D;
+        const float* mb = mats + b * 3 * D * RB;
+        backward_chunk<NI>(L, e, lo, hi, b * NI, k + at, v + at, dk + at, dv + at, q + b * RB * D,
+                           dout + b * RB * D, lse2 + b * RB, delta + b * RB, D, scale, mb, mb + D * RB,
+                           mats + (b * 3 + 2) * D * RB, pt, dst);
+      }
+    }
+  }
+  for (int64_t b = 0; b < blocks; ++b) untranspose_rows<NI>(mats + (b * 3 + 2) * D * RB, D, nullptr, dq + b * RB * D);
 }
 
 template <int NI>
@@ -391,12 +467,7 @@ void backward_impl(const float* q, const float* k, const float* v, const float* 
   const int64_t items = BH * parts;
 #pragma omp parallel num_threads(threads)
   {
-    std::vector<float> buf(D * RB * 3 + 2 * L.BN * RB + 64);
-    float* qt = (float*)(((uintptr_t)buf.data() + 63) & ~(uintptr_t)63);
-    float* dot = qt + D * RB;
-    float* dqt = dot + D * RB;
-    float* pt = dqt + D * RB;
-    float* dst = pt + L.BN * RB;
+    Work work(2 * kKeyChunk * RB + 3 * L.BM * D);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t it = 0; it < items; ++it) {
       // Item (part, bh): query tiles part, part + parts, ...; its own dK/dV buffer when parts > 1.
@@ -404,11 +475,9 @@ void backward_impl(const float* q, const float* k, const float* v, const float* 
       float* dkb = dk + (part * BH + bh) * Lk * D;
       float* dvb = dv + (part * BH + bh) * Lk * D;
       for (int64_t m = part; m < n_q_tiles; m += parts) {
-        for (int64_t r = 0; r < L.BM; r += RB) {
-          const int64_t row = bh * Lq + m * L.BM + r;
-          backward_block<NI>(q + row * D, k + bh * Lk * D, v + bh * Lk * D, dout + row * D, lse2 + row, delta + row,
-                             dq + row * D, dkb, dvb, D, L, m, r / 16, scale, qt, dot, dqt, pt, dst);
-        }
+        const int64_t row = bh * Lq + m * L.BM;
+        backward_tile<NI>(q + row * D, k + bh * Lk * D, v + bh * Lk * D, dout + row * D, lse2 + row, delta + row,
+                          dq + row * D, dkb, dvb, D, L, m, scale, work.base);
       }
     }
   }
