@@ -161,6 +161,28 @@ def test_dispatch_is_explicit():
     assert not native.supports(odd, q, q, on)
 
 
+def test_square_causal_runs_natively_and_other_plain_calls_keep_the_fused_kernel(runs):
+    pattern = _compile("causal")
+    q, k, v, dout = _inputs(1, 6, 2, 100, 100, 16, seed=7)
+    qg, kg, vg = (x.clone().requires_grad_() for x in (q, k, v))
+    out = pattern(qg, kg, vg, scale=0.3)
+    out.backward(dout)
+    assert runs == {"forward": 1, "backward": 1}
+    leaves = [x.double().requires_grad_() for x in (q, k, v)]
+    ref = reference_attention(*leaves, pattern.mask(100, 100, 6), 0.3)[0]
+    ref.backward(dout.double())
+    for got, want in zip((out, qg.grad, kg.grad, vg.grad), (ref, *(x.grad for x in leaves)), strict=True):
+        assert float((got.detach().double() - want.detach()).abs().max()) < 2e-5
+    with cpu.options(native_dense=False):
+        pattern(q, k, v)
+    pattern(q[:, :, :60], k, v)  # Lq != Lk
+    _compile("full")(q, k, v)
+    assert runs == {"forward": 1, "backward": 1}
+    plan = pattern.plan(100, 100, 6)
+    assert native.takes_dense(plan, q, v, cpu.CpuOptions())
+    assert not native.takes_dense(plan, q, v, cpu.CpuOptions(native_dense=False))
+
+
 def test_score_modifiers_and_float64_stay_on_the_torch_path(runs):
     q, k, v, dout = _inputs(1, 2, 2, 48, 48, 16, seed=5)
     _run(_compile("causal & window(7)\nscore s * 0.5"), q, k, v, dout, None, native=True)

@@ -71,7 +71,7 @@ def backward(q, k, v, out, lse, dout, plan: BlockPlan, scale: float, dlse=None, 
     grads = None
     if documents.applies(plan, q, k, opts, data) and no_dlse:
         grads = documents.backward(q, k, v, out, lse, dout, plan, scale, data)
-    elif dense.applies(plan, q, v, opts, data) and no_dlse:
+    elif dense.applies(plan, q, v, opts, data) and no_dlse and not native.takes_dense(plan, q, v, opts):
         grads = dense.backward(q, k, v, out, lse, dout, plan, scale)
     elif augmented.applies(plan, q, v, opts, tables) and no_dlse:
         grads = augmented.backward(q, k, v, out, lse, dout, plan, scale, data)

@@ -74,7 +74,7 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: BlockPlan, 
     done = None
     if documents.applies(plan, q, k, opts, data):
         done = documents.forward(q, k, v, plan, scale, data)
-    elif dense.applies(plan, q, v, opts, data):
+    elif dense.applies(plan, q, v, opts, data) and not native.takes_dense(plan, q, v, opts):
         done = dense.forward(q, k, v, plan, scale)
     elif augmented.applies(plan, q, v, opts):
         done = augmented.forward(q, k, v, plan, scale, data)

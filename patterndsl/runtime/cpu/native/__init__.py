@@ -23,11 +23,12 @@ import ctypes
 import torch
 
 from patterndsl.analysis.plan import BlockPlan
+from patterndsl.runtime.cpu import dense
 from patterndsl.runtime.cpu.native import build
 from patterndsl.runtime.cpu.native.program import Program, program
 from patterndsl.runtime.cpu.tuning import CpuOptions
 
-__all__ = ["Program", "available", "backward", "forward", "program", "rows_for", "supports"]
+__all__ = ["Program", "available", "backward", "forward", "program", "rows_for", "supports", "takes_dense"]
 
 _P, _I64, _F32, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
 _FORWARD_ARGS = [_P] * 5 + [_I64] * 6 + [_P] * 4 + [_I64, _F32, _I64, _INT]
@@ -74,6 +75,14 @@ def supports(plan: BlockPlan, q: torch.Tensor, v: torch.Tensor, opts: CpuOptions
     if d % 16 or v.shape[-1] != d or plan.block[0] % 16 or q.numel() == 0:
         return False
     return available()
+
+
+def takes_dense(plan: BlockPlan, q: torch.Tensor, v: torch.Tensor, opts: CpuOptions) -> bool:
+    """Whether a plain ``causal`` call (square) runs here rather than as torch's fused kernel on the whole
+    tensors (:mod:`~patterndsl.runtime.cpu.dense`): ``CpuOptions.native_dense`` and :func:`supports`."""
+    if not opts.native_dense or plan.q_len != plan.kv_len or dense.kind_of(plan) is not True:
+        return False
+    return supports(plan, q, v, opts)
 
 
 def _ptr(x: torch.Tensor) -> int:
