@@ -47,14 +47,17 @@ inline __m512 exp2_ps(__m512 x) {
 }
 
 // S[j][i] (+)= sum_d A[j][d] * Bt[d][i] for MJ rows j of A (row stride D) and RB = 16*NI columns i.
+// pf: rows that the caller reads next (the same MJ rows of V), prefetched one line per d step.
 template <int NI, int MJ>
-inline void rows_times_t(const float* a, int64_t D, const float* bt, float* s) {
+inline void rows_times_t(const float* a, int64_t D, const float* bt, float* s, const float* pf) {
   __m512 acc[MJ][NI];
 #pragma GCC unroll 32
   for (int j = 0; j < MJ; ++j)
 #pragma GCC unroll 8
     for (int n = 0; n < NI; ++n) acc[j][n] = _mm512_setzero_ps();
+  const int64_t lines = pf ? MJ * D / 16 : 0;
   for (int64_t d = 0; d < D; ++d) {
+    if (d < lines) _mm_prefetch((const char*)(pf + d * 16), _MM_HINT_T0);
     __m512 b[NI];
 #pragma GCC unroll 8
     for (int n = 0; n < NI; ++n) b[n] = _mm512_loadu_ps(bt + d * 16 * NI + 16 * n);
@@ -72,16 +75,17 @@ inline void rows_times_t(const float* a, int64_t D, const float* bt, float* s) {
 }
 
 template <int NI, int MJ>
-void scores_t(const float* a, int64_t nj, int64_t D, const float* bt, float* s) {
+void scores_t(const float* a, int64_t nj, int64_t D, const float* bt, float* s, const float* pf = nullptr) {
   int64_t j = 0;
-  for (; j + MJ <= nj; j += MJ) rows_times_t<NI, MJ>(a + j * D, D, bt, s + j * 16 * NI);
+  for (; j + MJ <= nj; j += MJ) rows_times_t<NI, MJ>(a + j * D, D, bt, s + j * 16 * NI, pf ? pf + j * D : nullptr);
   const int64_t r = nj - j;
   a += j * D;
   s += j * 16 * NI;
+  if (pf) pf += j * D;
   switch (r) {
 #define PDSL_CASE(R) \
   case R:            \
-    if constexpr (R < MJ) rows_times_t<NI, R>(a, D, bt, s); \
+    if constexpr (R < MJ) rows_times_t<NI, R>(a, D, bt, s, pf); \
     break;
     PDSL_CASE(1) PDSL_CASE(2) PDSL_CASE(3) PDSL_CASE(4) PDSL_CASE(5) PDSL_CASE(6) PDSL_CASE(7) PDSL_CASE(8)
     PDSL_CASE(9) PDSL_CASE(10) PDSL_CASE(11) PDSL_CASE(12) PDSL_CASE(13) PDSL_CASE(14) PDSL_CASE(15)
@@ -281,9 +285,8 @@ void forward_chunk(const Lists& L, int64_t e, int64_t lo, int64_t hi, int64_t g0
   const int64_t nj = hi - lo;
   const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
   const __m512 floor = _mm512_set1_ps(-std::numeric_limits<float>::max());
-  // V's rows are read only after the scores: fetch them while the scores are computed.
-  for (int64_t j = 0; j < nj * D; j += 16) _mm_prefetch((const char*)(vb + j), _MM_HINT_T0);
-  scores_t<NI, NI == 1 ? 24 : (NI == 2 ? 12 : 6)>(kb, nj, D, qt, st);
+  // V's rows are read only after the scores: fetched while the scores are computed.
+  scores_t<NI, NI == 1 ? 24 : (NI == 2 ? 12 : 6)>(kb, nj, D, qt, st, vb);
   const bool partial = L.ent_mask[e] >= 0;
   __m512 mx[NI], cm[NI];
   for (int n = 0; n < NI; ++n) cm[n] = mx[n] = _mm512_loadu_ps(mxs + 16 * n);
@@ -324,6 +327,15 @@ void forward_chunk(const Lists& L, int64_t e, int64_t lo, int64_t hi, int64_t g0
     _mm512_storeu_ps(sums + 16 * n, _mm512_fmadd_ps(_mm512_loadu_ps(sums + 16 * n), alpha[n], add[n]));
   product_t<NI>(vb, nj, D, st, ot, rescale ? alpha : nullptr);
 }
+
+// Denormal results and operands read as zero while the kernel runs on this thread (a weight below
+// 2^-126 of its row's largest is far below float32's resolution of the row's sum, and denormal
+// operands make FMAs ~100x slower); the thread's previous mode is restored on exit.
+struct Flush {
+  unsigned int saved;
+  Flush() : saved(_mm_getcsr()) { _mm_setcsr(saved | 0x8040); }  // FTZ | DAZ
+  ~Flush() { _mm_setcsr(saved); }
+};
 
 // Per-thread buffers: for each register block of a query tile its scaled Q^T and O^T (or Q^T,
 // dO^T, dQ^T), two statistics rows, and score blocks of one key chunk.
@@ -384,6 +396,7 @@ void forward_impl(const float* q, const float* k, const float* v, float* o, floa
   const float scale2 = scale * kLog2e;
 #pragma omp parallel num_threads(threads)
   {
+    const Flush flush;
     Work work(2 * L.BM + kKeyChunk * RB + 2 * L.BM * D);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t it = 0; it < items; ++it) {
@@ -411,9 +424,8 @@ void backward_chunk(const Lists& L, int64_t e, int64_t lo, int64_t hi, int64_t g
     l2[n] = _mm512_loadu_ps(lse2 + 16 * n);
     dl[n] = _mm512_loadu_ps(delta + 16 * n);
   }
-  for (int64_t j = 0; j < nj * D; j += 16) _mm_prefetch((const char*)(vb + j), _MM_HINT_T0);
-  scores_t<NI, MJ>(kb, nj, D, qt, pt);
-  scores_t<NI, MJ>(vb, nj, D, dot, dst);
+  scores_t<NI, MJ>(kb, nj, D, qt, pt, vb);
+  scores_t<NI, MJ>(vb, nj, D, dot, dst, dvb);
   const bool partial = L.ent_mask[e] >= 0;
   for (int64_t j = 0; j < nj; ++j)
     for (int n = 0; n < NI; ++n) {
@@ -470,6 +482,7 @@ void backward_impl(const float* q, const float* k, const float* v, const float* 
   const int64_t items = BH * parts;
 #pragma omp parallel num_threads(threads)
   {
+    const Flush flush;
     Work work(2 * kKeyChunk * RB + 3 * L.BM * D);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t it = 0; it < items; ++it) {
