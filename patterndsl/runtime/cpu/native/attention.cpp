@@ -181,6 +181,7 @@ void key_gradient(const float* pt, int64_t nj, const float* x, int64_t D, float*
 }
 
 // dst[c * dstride + r] = src[r * sstride + c] * mul[c] for r, c < 16: three shuffle stages in registers.
+template <bool kStream = false>
 inline void transpose16(const float* src, int64_t sstride, __m512 mul, float* dst, int64_t dstride) {
   __m512 r[16], t[16];
 #pragma GCC unroll 16
@@ -206,10 +207,15 @@ inline void transpose16(const float* src, int64_t sstride, __m512 mul, float* ds
     const __m512 s0 = _mm512_shuffle_f32x4(r[j], r[4 + j], 0x44), s1 = _mm512_shuffle_f32x4(r[j], r[4 + j], 0xEE);
     const __m512 s2 = _mm512_shuffle_f32x4(r[8 + j], r[12 + j], 0x44);
     const __m512 s3 = _mm512_shuffle_f32x4(r[8 + j], r[12 + j], 0xEE);
-    _mm512_storeu_ps(dst + (0 + j) * dstride, _mm512_shuffle_f32x4(s0, s2, 0x88));
-    _mm512_storeu_ps(dst + (4 + j) * dstride, _mm512_shuffle_f32x4(s0, s2, 0xDD));
-    _mm512_storeu_ps(dst + (8 + j) * dstride, _mm512_shuffle_f32x4(s1, s3, 0x88));
-    _mm512_storeu_ps(dst + (12 + j) * dstride, _mm512_shuffle_f32x4(s1, s3, 0xDD));
+    const __m512 out[4] = {_mm512_shuffle_f32x4(s0, s2, 0x88), _mm512_shuffle_f32x4(s0, s2, 0xDD),
+                           _mm512_shuffle_f32x4(s1, s3, 0x88), _mm512_shuffle_f32x4(s1, s3, 0xDD)};
+    for (int x = 0; x < 4; ++x) {
+      // Results written once and read by the caller later: streamed past the caches (no read for ownership).
+      if constexpr (kStream)
+        _mm512_stream_ps(dst + (4 * x + j) * dstride, out[x]);
+      else
+        _mm512_storeu_ps(dst + (4 * x + j) * dstride, out[x]);
+    }
   }
 }
 
@@ -225,11 +231,26 @@ void transpose_rows(const float* x, int64_t D, float mul, float* out) {
 template <int NI>
 void untranspose_rows(const float* xt, int64_t D, const float* mul, float* rows) {
   constexpr int RB = 16 * NI;
+  const bool aligned = ((uintptr_t)rows & 63) == 0;  // every row then is (D is a multiple of 16)
   for (int n = 0; n < NI; ++n) {
     const __m512 mv = mul ? _mm512_loadu_ps(mul + 16 * n) : _mm512_set1_ps(1.0f);
-    for (int64_t d = 0; d < D; d += 16) transpose16(xt + d * RB + 16 * n, RB, mv, rows + 16 * n * D + d, D);
+    for (int64_t d = 0; d < D; d += 16) {
+      if (aligned)
+        transpose16<true>(xt + d * RB + 16 * n, RB, mv, rows + 16 * n * D + d, D);
+      else
+        transpose16(xt + d * RB + 16 * n, RB, mv, rows + 16 * n * D + d, D);
+    }
   }
 }
+
+// Fetches the rows of the next query tile a line at a time, spread over the current tile's chunks.
+struct Ahead {
+  const char* next;
+  int64_t left;
+  void step(int64_t lines) {
+    for (; lines > 0 && left > 0; --lines, --left, next += 64) _mm_prefetch(next, _MM_HINT_T1);
+  }
+};
 
 struct Lists {
   const int64_t* row_ptr;
@@ -334,7 +355,10 @@ void forward_chunk(const Lists& L, int64_t e, int64_t lo, int64_t hi, int64_t g0
 struct Flush {
   unsigned int saved;
   Flush() : saved(_mm_getcsr()) { _mm_setcsr(saved | 0x8040); }  // FTZ | DAZ
-  ~Flush() { _mm_setcsr(saved); }
+  ~Flush() {
+    _mm_sfence();  // streamed results are visible before the thread leaves the region
+    _mm_setcsr(saved);
+  }
 };
 
 // Per-thread buffers: for each register block of a query tile its scaled Q^T and O^T (or Q^T,
@@ -349,7 +373,7 @@ struct Work {
 // tile at a time for all blocks, so a key tile's K/V rows are read from memory once per query tile.
 template <int NI>
 void forward_tile(const float* q, const float* k, const float* v, float* o, float* lse, int64_t D, const Lists& L,
-                  int64_t m, float scale2, float* w) {
+                  int64_t m, float scale2, float* w, Ahead ahead) {
   constexpr int RB = 16 * NI;
   const int64_t blocks = L.BM / RB;
   float* stats = w;                      // [blocks][2][RB]: running max, running sum
@@ -371,6 +395,7 @@ void forward_tile(const float* q, const float* k, const float* v, float* o, floa
         const int64_t hi = std::min(lo + kKeyChunk, hi0);
         forward_chunk<NI>(L, e, lo, hi, b * NI, k + (key0 + lo) * D, v + (key0 + lo) * D, D, mats + b * 2 * D * RB,
                           st, mats + (b * 2 + 1) * D * RB, stats + b * 2 * RB, stats + b * 2 * RB + RB);
+        ahead.step(16);
       }
     }
   }
@@ -402,8 +427,14 @@ void forward_impl(const float* q, const float* k, const float* v, float* o, floa
     for (int64_t it = 0; it < items; ++it) {
       const int64_t m = order[it / BH], bh = it % BH;
       const int64_t row = bh * Lq + m * L.BM;
+      // The next item (this thread's or the other's) reads these rows soon: bring them to L2.
+      Ahead ahead{nullptr, 0};
+      if (it + 1 < items) {
+        const int64_t next = (it + 1) % BH * Lq + order[(it + 1) / BH] * L.BM;
+        ahead = Ahead{(const char*)(q + next * D), L.BM * D / 16};
+      }
       forward_tile<NI>(q + row * D, k + bh * Lk * D, v + bh * Lk * D, o + row * D, lse + row, D, L, m, scale2,
-                       work.base);
+                       work.base, ahead);
     }
   }
 }
@@ -446,7 +477,7 @@ void backward_chunk(const Lists& L, int64_t e, int64_t lo, int64_t hi, int64_t g
 template <int NI>
 void backward_tile(const float* q, const float* k, const float* v, const float* dout, const float* lse2,
                    const float* delta, float* dq, float* dk, float* dv, int64_t D, const Lists& L, int64_t m,
-                   float scale, float* w) {
+                   float scale, float* w, Ahead ahead_q, Ahead ahead_do) {
   constexpr int RB = 16 * NI;
   const int64_t blocks = L.BM / RB;
   float* pt = w;                          // [kKeyChunk][RB]
@@ -468,6 +499,8 @@ void backward_tile(const float* q, const float* k, const float* v, const float* 
         backward_chunk<NI>(L, e, lo, hi, b * NI, k + at, v + at, dk + at, dv + at, q + b * RB * D,
                            dout + b * RB * D, lse2 + b * RB, delta + b * RB, D, scale, mb, mb + D * RB,
                            mats + (b * 3 + 2) * D * RB, pt, dst);
+        ahead_q.step(8);
+        ahead_do.step(8);
       }
     }
   }
@@ -492,8 +525,14 @@ void backward_impl(const float* q, const float* k, const float* v, const float* 
       float* dvb = dv + (part * BH + bh) * Lk * D;
       for (int64_t m = part; m < n_q_tiles; m += parts) {
         const int64_t row = bh * Lq + m * L.BM;
+        Ahead ahead_q{nullptr, 0}, ahead_do{nullptr, 0};
+        if (m + parts < n_q_tiles) {
+          const int64_t next = (row + parts * L.BM) * D;
+          ahead_q = Ahead{(const char*)(q + next), L.BM * D / 16};
+          ahead_do = Ahead{(const char*)(dout + next), L.BM * D / 16};
+        }
         backward_tile<NI>(q + row * D, k + bh * Lk * D, v + bh * Lk * D, dout + row * D, lse2 + row, delta + row,
-                          dq + row * D, dkb, dvb, D, L, m, scale, work.base);
+                          dq + row * D, dkb, dvb, D, L, m, scale, work.base, ahead_q, ahead_do);
       }
     }
   }
