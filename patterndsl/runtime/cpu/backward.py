@@ -132,7 +132,9 @@ def _backward(
         for name, value in extra.items():
             t[name] = to_tiles(value[bs][..., None], hd.q, plan.q_order, q_id, lq_pad, dt)[..., 0]
         # dK/dV accumulate over query tiles; dQ rows are written once per covered tile.
-        t["dk"], t["dv"] = torch.zeros(t["k"].shape, dtype=dt), torch.zeros(t["v"].shape, dtype=dt)
+        # (The native kernel makes its own, written whole.)
+        if not use_native:
+            t["dk"], t["dv"] = torch.zeros(t["k"].shape, dtype=dt), torch.zeros(t["v"].shape, dtype=dt)
         t["dq"] = torch.empty(t["q"].shape, dtype=dt)
         if sched.idle_q_tiles.numel():
             t["dq"].view(nb, hd.count, -1, bm, d)[:, :, sched.idle_q_tiles] = 0

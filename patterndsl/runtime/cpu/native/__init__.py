@@ -119,9 +119,9 @@ def backward(prog: Program, t: dict, scale: float) -> None:
     """One unit's backward on the tiled buffers ``t`` of :func:`patterndsl.runtime.cpu.backward._backward`.
 
     Reads ``q``, ``k``, ``v``, ``do``, ``lse2`` (+inf on rows with no allowed key), ``delta``; writes
-    ``dq`` for every query tile and adds into ``dk``/``dv`` (float32, contiguous). With fewer
-    (batch, head) pairs than twice the threads, query tiles are dealt to several items, each with
-    its own key-gradient buffers, summed here: no atomics, no lost updates.
+    ``dq`` for every query tile and puts new ``dk``/``dv`` buffers in ``t`` (written whole: no zeroed
+    buffer is read). With fewer (batch, head) pairs than twice the threads, query tiles are dealt to
+    several items, each with its own key-gradient buffers, summed here: no atomics, no lost updates.
     """
     b, h, lq, d = t["q"].shape
     lk = t["k"].shape[2]
@@ -129,11 +129,9 @@ def backward(prog: Program, t: dict, scale: float) -> None:
     threads = torch.get_num_threads()
     parts = 1 if b * h >= 2 * threads else min(prog.n_q_tiles, -(-2 * threads // (b * h)))
     parts = max(parts, 1)
-    if parts == 1:
-        dk, dv = t["dk"], t["dv"]
-    else:
-        dk = torch.zeros(parts, b, h, lk, d)
-        dv = torch.zeros(parts, b, h, lk, d)
+    # The kernel writes every key row (zeroing each key tile where it first reaches it).
+    dk = torch.empty(parts, b, h, lk, d)
+    dv = torch.empty(parts, b, h, lk, d)
     args = [t[name].contiguous() for name in ("q", "k", "v", "do", "lse2", "delta")]
     rc = _library().pdsl_backward(
         *(_ptr(x) for x in args), _ptr(t["dq"]), _ptr(dk), _ptr(dv), b * h, lq, lk, d, bm, bn,
@@ -142,6 +140,4 @@ def backward(prog: Program, t: dict, scale: float) -> None:
     )  # fmt: skip
     if rc:
         raise RuntimeError(f"native backward refused its arguments (code {rc})")
-    if parts > 1:
-        t["dk"] += dk.sum(0)
-        t["dv"] += dv.sum(0)
+    t["dk"], t["dv"] = (dk[0], dv[0]) if parts == 1 else (dk.sum(0), dv.sum(0))

@@ -477,7 +477,7 @@ void backward_chunk(const Lists& L, int64_t e, int64_t lo, int64_t hi, int64_t g
 template <int NI>
 void backward_tile(const float* q, const float* k, const float* v, const float* dout, const float* lse2,
                    const float* delta, float* dq, float* dk, float* dv, int64_t D, const Lists& L, int64_t m,
-                   float scale, float* w, Ahead ahead_q, Ahead ahead_do) {
+                   float scale, float* w, Ahead ahead_q, Ahead ahead_do, char* touched) {
   constexpr int RB = 16 * NI;
   const int64_t blocks = L.BM / RB;
   float* pt = w;                          // [kKeyChunk][RB]
@@ -490,6 +490,12 @@ void backward_tile(const float* q, const float* k, const float* v, const float* 
   }
   for (int64_t e = L.row_ptr[m]; e < L.row_ptr[m + 1]; ++e) {
     const int64_t key0 = (int64_t)L.ent_k[e] * L.BN;
+    if (!touched[L.ent_k[e]]) {
+      // dK/dV come uninitialised: a key tile is zeroed when first reached (in cache, just before use).
+      std::fill(dk + key0 * D, dk + (key0 + L.BN) * D, 0.0f);
+      std::fill(dv + key0 * D, dv + (key0 + L.BN) * D, 0.0f);
+      touched[L.ent_k[e]] = 1;
+    }
     for (int64_t b = 0; b < blocks; ++b) {
       int64_t lo0, hi0;
       key_range<NI>(L, e, b * NI, &lo0, &hi0);
@@ -523,6 +529,7 @@ void backward_impl(const float* q, const float* k, const float* v, const float* 
       const int64_t part = it / BH, bh = it % BH;
       float* dkb = dk + (part * BH + bh) * Lk * D;
       float* dvb = dv + (part * BH + bh) * Lk * D;
+      std::vector<char> touched(Lk / L.BN, 0);
       for (int64_t m = part; m < n_q_tiles; m += parts) {
         const int64_t row = bh * Lq + m * L.BM;
         Ahead ahead_q{nullptr, 0}, ahead_do{nullptr, 0};
@@ -532,7 +539,12 @@ void backward_impl(const float* q, const float* k, const float* v, const float* 
           ahead_do = Ahead{(const char*)(dout + next), L.BM * D / 16};
         }
         backward_tile<NI>(q + row * D, k + bh * Lk * D, v + bh * Lk * D, dout + row * D, lse2 + row, delta + row,
-                          dq + row * D, dkb, dvb, D, L, m, scale, work.base, ahead_q, ahead_do);
+                          dq + row * D, dkb, dvb, D, L, m, scale, work.base, ahead_q, ahead_do, touched.data());
+      }
+      for (int64_t t = 0; t < Lk / L.BN; ++t) {
+        if (touched[t]) continue;
+        std::fill(dkb + t * L.BN * D, dkb + (t + 1) * L.BN * D, 0.0f);
+        std::fill(dvb + t * L.BN * D, dvb + (t + 1) * L.BN * D, 0.0f);
       }
     }
   }
@@ -562,9 +574,9 @@ int pdsl_forward(const float* q, const float* k, const float* v, float* o, float
   return 0;
 }
 
-// Backward: dq [BH, Lq, D] written for every row; dk, dv [parts, BH, Lk, D] (zeroed by the caller)
-// accumulated in place. lse2 is lse * log2(e) with +inf on rows with no allowed key; delta is
-// rowsum(dO * O) - dlse.
+// Backward: dq [BH, Lq, D] written for every row; dk, dv [parts, BH, Lk, D] written (each key
+// tile zeroed when first reached, then accumulated in place; Lk a multiple of BN). lse2 is
+// lse * log2(e) with +inf on rows with no allowed key; delta is rowsum(dO * O) - dlse.
 int pdsl_backward(const float* q, const float* k, const float* v, const float* dout, const float* lse2,
                   const float* delta, float* dq, float* dk, float* dv, int64_t BH, int64_t Lq, int64_t Lk, int64_t D,
                   int64_t BM, int64_t BN, const int64_t* row_ptr, const int32_t* ent_k, const int32_t* ent_mask,
