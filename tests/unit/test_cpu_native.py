@@ -11,15 +11,18 @@ is found again on disk without compiling.
 from __future__ import annotations
 
 import logging
+import random
 
 import pytest
 import torch
 
 import patterndsl
+from patterndsl import analysis, semantics
 from patterndsl.runtime import cpu
 from patterndsl.runtime.cpu import native
 from patterndsl.runtime.cpu.native import build
 from tests.reference import reference_attention
+from tests.unit.test_plan_property import rand_case
 
 pytestmark = pytest.mark.skipif(not native.available(), reason=f"native kernel unavailable: {build.last_reason[0]}")
 
@@ -143,6 +146,57 @@ def test_route_and_input_units_match_the_torch_path(body, inputs, runs):
     assert runs["forward"] >= 1 and runs["backward"] >= 1
     for x, y in zip(*got, strict=True):
         assert float((x - y).abs().max()) < 2e-5
+
+
+def _max_diff(x: torch.Tensor, y: torch.Tensor) -> float:
+    return float((x.double() - y.detach()).abs().max()) if x.numel() else 0.0
+
+
+def _random_case(rng: random.Random) -> None:
+    """A random pattern of the plan property generator (query tiles of 16 or 32 rows, any key tiles), in
+    float32 through the native kernel, against the float64 reference: out, lse and gradients (with one on lse)."""
+    pir, lq, lk, heads, block = rand_case(rng)
+    block = (rng.choice([16, 32]), block[1])
+    plan = analysis.plan(pir, lq, lk, heads, block=block, order=rng.choice(["identity", "auto"]))
+    kv_heads = rng.choice([h for h in (1, heads) if heads % h == 0])
+    gen = torch.Generator().manual_seed(rng.randrange(2**31))
+    q = torch.randn(rng.choice([1, 2]), heads, lq, 16, generator=gen)
+    k, v = (torch.randn(q.shape[0], kv_heads, lk, 16, generator=gen) for _ in range(2))
+    dout, dlse = torch.randn(q.shape, generator=gen), torch.randn(q.shape[:3], generator=gen)
+    where = f"{pir}\nLq={lq} Lk={lk} heads={heads}/{kv_heads} block={block}"
+    opts = cpu.CpuOptions(dense=False)
+    assert native.supports(plan, q, v, opts)
+    out, lse = cpu.forward(q, k, v, plan, 0.25, options=opts)
+    use_dlse = rng.random() < 0.5
+    grads = cpu.backward(q, k, v, out, lse, dout, plan, 0.25, dlse=dlse if use_dlse else None, options=opts)
+    qr, kr, vr = (x.double().requires_grad_() for x in (q, k, v))
+    ref, ref_lse = reference_attention(qr, kr, vr, semantics.mask(pir, lq, lk, heads), 0.25)
+    finite = torch.isfinite(ref_lse)
+    loss = (ref * dout.double()).sum() + ((ref_lse.masked_fill(~finite, 0.0) * dlse.double()).sum() if use_dlse else 0)
+    want = torch.autograd.grad(loss, (qr, kr, vr), allow_unused=True)
+    assert torch.equal(torch.isfinite(lse), finite), where
+    assert torch.equal(lse[~finite], ref_lse[~finite].float()) and bool((out[~finite] == 0).all()), where
+    for name, x, y in (("out", out, ref), ("lse", lse[finite], ref_lse[finite])):
+        assert _max_diff(x, y) < 1e-5, f"{name}\n{where}"
+    for name, g, w in zip("qkv", grads, want, strict=True):
+        w = torch.zeros_like(g, dtype=torch.float64) if w is None else w
+        assert _max_diff(g, w) < 5e-5, f"d{name}\n{where}"
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_random_patterns_match_float64_reference(seed, runs):
+    rng = random.Random(9100 + seed)
+    for _ in range(5):
+        _random_case(rng)
+    assert runs["forward"] >= 1 and runs["backward"] >= 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", range(5))
+def test_many_random_patterns_match_float64_reference(seed):
+    rng = random.Random(9200 + seed)
+    for _ in range(16):
+        _random_case(rng)
 
 
 def test_empty_rows_are_zero_with_minus_infinite_lse():
