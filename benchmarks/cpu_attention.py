@@ -17,7 +17,8 @@ it times SDPA's own ``is_causal`` flash kernel forward and forward+backward, pla
 with ours call by call (issue 17's targets).
 
 Usage: ``python benchmarks/cpu_attention.py [--quick] [--reps N] [--threads N] [--only TEXT]
-[--kernel fused|math]``. ``--quick`` runs small sizes as a smoke test. Timings are medians;
+[--kernel fused|math] [--no-native]`` (the executor runs its native C++ kernel where it can, as by
+default; ``--no-native`` measures the torch steps). ``--quick`` runs small sizes as a smoke test. Timings are medians;
 on a shared machine read them with the printed load average in mind. Flex's first call is
 longest for the first case (inductor's one-time setup); later cases reuse its caches.
 """
@@ -453,8 +454,9 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     parser.add_argument("--only", default=None, help="run only cases whose name contains this text")
     parser.add_argument("--kernel", choices=("fused", "math"), default=cpu.current().kernel, help="CPU executor kernel")
+    parser.add_argument("--no-native", action="store_true", help="keep the executor off its native C++ kernel")
     args = parser.parse_args(argv)
-    cpu.set_options(dataclasses.replace(cpu.current(), kernel=args.kernel))
+    cpu.set_options(dataclasses.replace(cpu.current(), kernel=args.kernel, native=not args.no_native))
     if args.threads:
         torch.set_num_threads(args.threads)
     reps = args.reps or (2 if args.quick else 5)
@@ -462,6 +464,12 @@ def main(argv=None) -> int:
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, B={B} H={H} D={D} float32, "
         f"reps={reps}, kernel={cpu.current().kernel}, load average {os.getloadavg()[0]:.1f}"
     )
+    from patterndsl.runtime.cpu import native
+    from patterndsl.runtime.cpu.native import build
+
+    use = cpu.current().native and native.available()
+    reason = f" ({build.last_reason[0]})" if build.last_reason[0] else ""
+    print(f"native C++ kernel: {'on' if use else 'off'}{reason}")
     ceiling = matmul_ceiling(reps)
     print(f"fp32 matmul ceiling before the cases: {ceiling:.0f} GFLOP/s", flush=True)
     results = []

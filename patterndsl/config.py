@@ -32,3 +32,13 @@ def cache_dir() -> Path:
 def debug_verify() -> bool:
     """``PATTERNDSL_DEBUG=1`` re-verifies the IR after every pass and plans against the dense mask."""
     return os.environ.get("PATTERNDSL_DEBUG", "0") not in ("", "0")
+
+
+def native_enabled() -> bool:
+    """``PATTERNDSL_NATIVE=0`` keeps the CPU executor off its native C++ kernel (the torch path runs)."""
+    return os.environ.get("PATTERNDSL_NATIVE", "1") not in ("0", "false", "False")
+
+
+def native_compiler() -> str:
+    """The C++ compiler that builds the native CPU kernel: ``PATTERNDSL_CXX``, else ``CXX``, else ``g++``."""
+    return os.environ.get("PATTERNDSL_CXX") or os.environ.get("CXX") or "g++"

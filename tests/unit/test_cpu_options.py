@@ -86,7 +86,7 @@ def test_fused_chunk_budget_reaches_gathered_steps(slices):
     _, plan = _plan(SLIDING, 1024)
     q, k, v = _inputs(1024)
     (gathered,) = [s for s in cpu.schedules(plan)[0].segments if s.affine is None]
-    tiny = cpu.CpuOptions(kernel="fused", fused_chunk_bytes=1, fused_chunk_bytes_serial=1)
+    tiny = cpu.CpuOptions(kernel="fused", fused_chunk_bytes=1, fused_chunk_bytes_serial=1, native=False)
     out, lse = cpu.forward(q, k, v, plan, 0.25, options=tiny)
     assert slices == [(len(gathered), 1)] * len(gathered)
     slices.clear()

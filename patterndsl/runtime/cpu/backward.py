@@ -19,7 +19,7 @@ import torch
 from patterndsl import ir
 from patterndsl.analysis.plan import BlockPlan
 from patterndsl.runtime import softmax
-from patterndsl.runtime.cpu import augmented, dense, documents
+from patterndsl.runtime.cpu import augmented, dense, documents, native
 from patterndsl.runtime.cpu.schedule import Segment
 from patterndsl.runtime.cpu.scoremod import Modifier, PairModifier, table_grads
 from patterndsl.runtime.cpu.tuning import CpuOptions, resolve
@@ -71,7 +71,7 @@ def backward(q, k, v, out, lse, dout, plan: BlockPlan, scale: float, dlse=None, 
     grads = None
     if documents.applies(plan, q, k, opts, data) and no_dlse:
         grads = documents.backward(q, k, v, out, lse, dout, plan, scale, data)
-    elif dense.applies(plan, q, v, opts, data) and no_dlse:
+    elif dense.applies(plan, q, v, opts, data) and no_dlse and not native.takes_dense(plan, q, v, opts):
         grads = dense.backward(q, k, v, out, lse, dout, plan, scale)
     elif augmented.applies(plan, q, v, opts, tables) and no_dlse:
         grads = augmented.backward(q, k, v, out, lse, dout, plan, scale, data)
@@ -111,6 +111,7 @@ def _backward(
     lse_inf = lse.to(dt).masked_fill(empty, float("inf"))
     extra = {"delta": delta, "lse": lse_inf, "lse2": lse_inf * _LOG2E}
     todo, work = units(plan, q, k, opts, data)
+    use_native = not safe and native.supports(plan, q, v, opts)
     if work is not None:
         direct = False
         dq = torch.zeros(q.shape, dtype=dt)
@@ -131,14 +132,18 @@ def _backward(
         for name, value in extra.items():
             t[name] = to_tiles(value[bs][..., None], hd.q, plan.q_order, q_id, lq_pad, dt)[..., 0]
         # dK/dV accumulate over query tiles; dQ rows are written once per covered tile.
-        t["dk"], t["dv"] = torch.zeros(t["k"].shape, dtype=dt), torch.zeros(t["v"].shape, dtype=dt)
+        # (The native kernel makes its own, written whole.)
+        if not use_native:
+            t["dk"], t["dv"] = torch.zeros(t["k"].shape, dtype=dt), torch.zeros(t["v"].shape, dtype=dt)
         t["dq"] = torch.empty(t["q"].shape, dtype=dt)
         if sched.idle_q_tiles.numel():
             t["dq"].view(nb, hd.count, -1, bm, d)[:, :, sched.idle_q_tiles] = 0
         # A score modifier runs on every visited tile, through the selecting backward.
         score = plan.pattern.score
         modify = None if score is None else Modifier(plan, hd.q, hd.count, data, torch.arange(b)[bs], tables)
-        for seg in sched.segments:
+        if use_native:
+            native.backward(native.program(sched, plan.n_q_tiles, plan.block), t, scale)
+        for seg in () if use_native else sched.segments:
             if safe or modify is not None:
                 _backward_select(t, seg, plan.block, scale, opts, modify)
             elif seg.affine is not None:

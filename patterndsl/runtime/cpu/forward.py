@@ -24,7 +24,7 @@ import torch
 
 from patterndsl.analysis.plan import BlockPlan
 from patterndsl.runtime import softmax
-from patterndsl.runtime.cpu import augmented, dense, documents, pool
+from patterndsl.runtime.cpu import augmented, dense, documents, native, pool
 from patterndsl.runtime.cpu.schedule import Segment
 from patterndsl.runtime.cpu.scoremod import Modifier, PairModifier
 from patterndsl.runtime.cpu.tuning import FLASH, CpuOptions, resolve
@@ -74,7 +74,7 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: BlockPlan, 
     done = None
     if documents.applies(plan, q, k, opts, data):
         done = documents.forward(q, k, v, plan, scale, data)
-    elif dense.applies(plan, q, v, opts, data):
+    elif dense.applies(plan, q, v, opts, data) and not native.takes_dense(plan, q, v, opts):
         done = dense.forward(q, k, v, plan, scale)
     elif augmented.applies(plan, q, v, opts):
         done = augmented.forward(q, k, v, plan, scale, data)
@@ -103,6 +103,7 @@ def _forward(q, k, v, plan: BlockPlan, scale: float, opts: CpuOptions, safe: boo
     lq_pad, lk_pad = plan.n_q_tiles * bm, plan.n_kv_tiles * bn
     score = plan.pattern.score is not None
     run = _forward_fused if opts.fused and not score else _forward_math
+    use_native = not safe and native.supports(plan, q, v, opts)
     for bs, sched, merge in todo:
         hd = Heads.of(sched, h, h // k.shape[1])
         # A score modifier runs on every visited tile (full ones too), through the math kernel.
@@ -120,7 +121,10 @@ def _forward(q, k, v, plan: BlockPlan, scale: float, opts: CpuOptions, safe: boo
         if idle.numel():
             op.view(nb, hd.count, -1, bm, d)[:, :, idle] = 0
             lp.view(nb, hd.count, -1, bm)[:, :, idle] = float("-inf")
-        for seg in sched.segments:
+        if use_native:
+            # Every query tile's rows, idle ones too, in one call over the schedule's tile lists.
+            native.forward(native.program(sched, plan.n_q_tiles, plan.block), qp, kp, vp, op, lp, scale)
+        for seg in () if use_native else sched.segments:
             if modify is not None and vbad is None and opts.fused and modify.score.additive:
                 _forward_biased(qp, kp, vp, op, lp, seg, plan.block, scale, opts, modify)
             elif modify is not None or vbad is not None:

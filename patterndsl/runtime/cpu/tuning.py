@@ -65,6 +65,13 @@ class CpuOptions:
             (wide key windows).
         gather_row_chunk: query rows per step of the gathered (``route``) backward (bounds the
             ``rows x block`` score matrix).
+        native: run each schedule through the native C++ kernel (:mod:`patterndsl.runtime.cpu.native`:
+            one online softmax per query tile over all its key tiles, no gathered copies) where it
+            supports the call and could be built; False keeps the torch steps above.
+        native_dense: a square plain ``causal`` call runs the native kernel on its tiles instead of
+            torch's fused kernel on the whole tensors (``dense``): causal 4K, one thread, CPU time,
+            forward ~0.85x and forward+backward ~0.8x of the fused kernel's (what SDPA's
+            ``is_causal`` runs). ``full`` and ``Lq != Lk`` keep the fused kernel.
     """
 
     kernel: str = "fused"
@@ -79,6 +86,8 @@ class CpuOptions:
     affine_bwd_tiles: int = 32
     affine_bwd_bytes: int = 4 << 20
     gather_row_chunk: int = 2048
+    native: bool = True
+    native_dense: bool = True
 
     def __post_init__(self):
         if self.kernel not in ("fused", "math"):

@@ -1,0 +1,143 @@
+"""Runtime stage, CPU executor: the native (C++) flash-attention kernel that runs a schedule's tiles.
+
+Comes in: one unit's tensors in tiles (``[B, h, L_pad, D]`` float32, from
+:func:`~patterndsl.runtime.cpu.views.to_tiles`), the unit's
+:class:`~patterndsl.runtime.cpu.schedule.Schedule` and the plan. Goes out: the unit's output and
+log-sum-exp in tiles (forward), or its ``dQ`` and in-place ``dK``/``dV`` (backward), exactly what
+the segment loops of :mod:`~patterndsl.runtime.cpu.forward` and :mod:`~patterndsl.runtime.cpu.backward`
+produce. The schedule's segments become one list of key tiles per query tile (:mod:`.program`:
+full tiles, and partial ones with the segment's mask as bits), so a query tile's rows run one
+online softmax over all of them (merge segments included) without copying a gathered key.
+
+Dispatch is explicit: :func:`supports` says whether a call may run here (the library built,
+``CpuOptions.native`` on and ``kernel="fused"``: ``"math"`` asks for the torch math steps;
+float32 compute, a head size that is a multiple of 16, query tiles of a multiple of 16 rows, no
+score modifier, finite inputs: the selecting rerun stays on the torch path). Everything else
+runs as before.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+
+from patterndsl.analysis.plan import BlockPlan
+from patterndsl.runtime.cpu import dense
+from patterndsl.runtime.cpu.native import build
+from patterndsl.runtime.cpu.native.program import Program, program
+from patterndsl.runtime.cpu.tuning import CpuOptions
+
+__all__ = ["Program", "available", "backward", "forward", "program", "rows_for", "supports", "takes_dense"]
+
+_P, _I64, _F32, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
+_FORWARD_ARGS = [_P] * 5 + [_I64] * 6 + [_P] * 4 + [_I64, _F32, _I64, _INT]
+_BACKWARD_ARGS = [_P] * 9 + [_I64] * 6 + [_P] * 4 + [_I64, _I64, _F32, _I64, _INT]
+
+
+def _library():
+    lib = build.library()
+    if lib is not None and lib.pdsl_forward.argtypes is None:
+        lib.pdsl_forward.argtypes, lib.pdsl_forward.restype = _FORWARD_ARGS, _INT
+        lib.pdsl_backward.argtypes, lib.pdsl_backward.restype = _BACKWARD_ARGS, _INT
+    return lib
+
+
+def available() -> bool:
+    """Whether the native kernel is built and loaded (building it on the first call)."""
+    return _library() is not None
+
+
+def rows_for(prog: Program) -> int:
+    """Query rows of one register block of the kernel for ``prog``.
+
+    64-row blocks load fewer operands per FMA but visit more keys no row of the block sees at a
+    band's edges: they win where most key tiles are full (causal 4K, one thread: forward ~4%,
+    backward ~6% faster), 32-row blocks win on bands (sliding window 256: ~2% and ~6%).
+    """
+    bm = prog.block[0]
+    if bm % 64 == 0 and 3 * int((prog.ent_mask < 0).sum()) >= 2 * prog.ent_mask.numel():
+        return 64
+    return 32 if bm % 32 == 0 else 16
+
+
+def supports(plan: BlockPlan, q: torch.Tensor, v: torch.Tensor, opts: CpuOptions) -> bool:
+    """Whether the native kernel runs this call's schedules (see the module docstring).
+
+    Args:
+        plan: the call's plan; q, v: the call's queries and values; opts: the executor options.
+
+    Returns:
+        True when the call may run here; the caller still runs the selecting torch path when a
+        result is not finite.
+    """
+    if (
+        not opts.native
+        or opts.kernel != "fused"
+        or q.dtype == torch.float64
+        or plan.pattern is None
+        or plan.pattern.score is not None
+    ):
+        return False
+    d = q.shape[-1]
+    if d % 16 or v.shape[-1] != d or plan.block[0] % 16 or q.numel() == 0:
+        return False
+    return available()
+
+
+def takes_dense(plan: BlockPlan, q: torch.Tensor, v: torch.Tensor, opts: CpuOptions) -> bool:
+    """Whether a plain ``causal`` call (square) runs here rather than as torch's fused kernel on the whole
+    tensors (:mod:`~patterndsl.runtime.cpu.dense`): ``CpuOptions.native_dense`` and :func:`supports`."""
+    if not opts.native_dense or plan.q_len != plan.kv_len or dense.kind_of(plan) is not True:
+        return False
+    return supports(plan, q, v, opts)
+
+
+def _ptr(x: torch.Tensor) -> int:
+    return x.data_ptr()
+
+
+def forward(prog: Program, qp, kp, vp, op, lp, scale: float) -> None:
+    """One unit's forward: ``op [B, h, Lq_pad, D]`` and ``lp [B, h, Lq_pad]`` written for every query tile.
+
+    Args:
+        prog: the unit's :class:`Program`; qp, kp, vp: its tensors in tiles (float32, contiguous);
+        op, lp: float32 contiguous outputs; scale: the softmax scale.
+    """
+    b, h, lq, d = qp.shape
+    bm, bn = prog.block
+    rc = _library().pdsl_forward(
+        _ptr(qp), _ptr(kp), _ptr(vp), _ptr(op), _ptr(lp), b * h, lq, kp.shape[2], d, bm, bn,
+        _ptr(prog.row_ptr), _ptr(prog.ent_k), _ptr(prog.ent_mask), _ptr(prog.masks), prog.n_q_tiles,
+        scale, rows_for(prog), torch.get_num_threads(),
+    )  # fmt: skip
+    if rc:
+        raise RuntimeError(f"native forward refused its arguments (code {rc})")
+
+
+def backward(prog: Program, t: dict, scale: float) -> None:
+    """One unit's backward on the tiled buffers ``t`` of :func:`patterndsl.runtime.cpu.backward._backward`.
+
+    Reads ``q``, ``k``, ``v``, ``do``, ``lse2`` (+inf on rows with no allowed key), ``delta``; writes
+    ``dq`` for every query tile and puts new ``dk``/``dv`` buffers in ``t`` (written whole: no zeroed
+    buffer is read). With fewer (batch, head) pairs than twice the threads, query tiles are dealt to
+    several items, each with its own key-gradient buffers, summed here: no atomics, no lost updates.
+    """
+    b, h, lq, d = t["q"].shape
+    lk = t["k"].shape[2]
+    bm, bn = prog.block
+    threads = torch.get_num_threads()
+    parts = 1 if b * h >= 2 * threads else min(prog.n_q_tiles, -(-2 * threads // (b * h)))
+    parts = max(parts, 1)
+    # The kernel writes every key row (zeroing each key tile where it first reaches it).
+    dk = torch.empty(parts, b, h, lk, d)
+    dv = torch.empty(parts, b, h, lk, d)
+    args = [t[name].contiguous() for name in ("q", "k", "v", "do", "lse2", "delta")]
+    rc = _library().pdsl_backward(
+        *(_ptr(x) for x in args), _ptr(t["dq"]), _ptr(dk), _ptr(dv), b * h, lq, lk, d, bm, bn,
+        _ptr(prog.row_ptr), _ptr(prog.ent_k), _ptr(prog.ent_mask), _ptr(prog.masks), prog.n_q_tiles,
+        parts, scale, rows_for(prog), threads,
+    )  # fmt: skip
+    if rc:
+        raise RuntimeError(f"native backward refused its arguments (code {rc})")
+    t["dk"], t["dv"] = (dk[0], dv[0]) if parts == 1 else (dk.sum(0), dv.sum(0))

@@ -1,0 +1,597 @@
+// patterndsl native CPU attention: flash-style forward and backward over a block plan's tile lists.
+//
+// Symbols (every buffer is float32, row-major, contiguous):
+//   BH            batch x heads of the call (keys/values already repeated per query head)
+//   Lq, Lk        padded lengths (whole tiles); D head size (a multiple of 16)
+//   BM, BN        tile rows / columns; RB rows of one register block (16 * NI, dividing BM)
+//   row_ptr[m]    CSR over query tiles: entries row_ptr[m] .. row_ptr[m+1] are tile m's key tiles
+//   ent_k[e]      key tile of entry e; ent_mask[e] its mask (-1: every pair allowed)
+//   masks         [M][BN][BM/16] uint16: bit r of word (mk, j, g) = row g*16+r may attend key j
+//   scale         softmax scale; the kernels work in base 2 (scores times scale * log2 e)
+// Layout of the math: per register block of RB query rows everything is held transposed
+// (key-major): S^T[j][i], P^T[j][i], O^T[d][i], so the softmax statistics of RB rows are
+// NI vectors and every row-wise operation is vertical. Products are register-blocked
+// FMA microkernels (broadcast one operand, vectors of 16 rows or 16 dims of the other).
+// A key range [jlo, jhi) per (entry, register block) skips keys no row of the block may see;
+// partial tiles select blocked pairs out (-inf before the max, exact zeros after exp2).
+#include <immintrin.h>
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+namespace {
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+#ifndef PDSL_KEY_CHUNK
+#define PDSL_KEY_CHUNK 64
+#endif
+constexpr int64_t kKeyChunk = PDSL_KEY_CHUNK;
+
+// 2^x, x <= 0 (any finite value; -inf gives NaN, selected out by the callers): 2^frac * 2^floor.
+// Degree-5 polynomial on [0, 1): relative error 3.1e-7 (checked against float64 in the tests).
+inline __m512 exp2_ps(__m512 x) {
+  const __m512 f = _mm512_reduce_ps(x, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);  // x - floor(x)
+  __m512 p = _mm512_set1_ps(0.0018265516264364123f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.009106988087296486f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.055732376873493195f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.24018388986587524f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.6931496858596802f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, x);  // p * 2^floor(x)
+}
+
+// S[j][i] (+)= sum_d A[j][d] * Bt[d][i] for MJ rows j of A (row stride D) and RB = 16*NI columns i.
+// pf: rows that the caller reads next (the same MJ rows of V), prefetched one line per d step.
+template <int NI, int MJ>
+inline void rows_times_t(const float* a, int64_t D, const float* bt, float* s, const float* pf) {
+  __m512 acc[MJ][NI];
+#pragma GCC unroll 32
+  for (int j = 0; j < MJ; ++j)
+#pragma GCC unroll 8
+    for (int n = 0; n < NI; ++n) acc[j][n] = _mm512_setzero_ps();
+  const int64_t lines = pf ? MJ * D / 16 : 0;
+  for (int64_t d = 0; d < D; ++d) {
+    if (d < lines) _mm_prefetch((const char*)(pf + d * 16), _MM_HINT_T0);
+    __m512 b[NI];
+#pragma GCC unroll 8
+    for (int n = 0; n < NI; ++n) b[n] = _mm512_loadu_ps(bt + d * 16 * NI + 16 * n);
+#pragma GCC unroll 32
+    for (int j = 0; j < MJ; ++j) {
+      const __m512 x = _mm512_set1_ps(a[j * D + d]);
+#pragma GCC unroll 8
+      for (int n = 0; n < NI; ++n) acc[j][n] = _mm512_fmadd_ps(x, b[n], acc[j][n]);
+    }
+  }
+#pragma GCC unroll 32
+  for (int j = 0; j < MJ; ++j)
+#pragma GCC unroll 8
+    for (int n = 0; n < NI; ++n) _mm512_storeu_ps(s + j * 16 * NI + 16 * n, acc[j][n]);
+}
+
+template <int NI, int MJ>
+void scores_t(const float* a, int64_t nj, int64_t D, const float* bt, float* s, const float* pf = nullptr) {
+  int64_t j = 0;
+  for (; j + MJ <= nj; j += MJ) rows_times_t<NI, MJ>(a + j * D, D, bt, s + j * 16 * NI, pf ? pf + j * D : nullptr);
+  const int64_t r = nj - j;
+  a += j * D;
+  s += j * 16 * NI;
+  if (pf) pf += j * D;
+  switch (r) {
+#define PDSL_CASE(R) \
+  case R:            \
+    if constexpr (R < MJ) rows_times_t<NI, R>(a, D, bt, s, pf); \
+    break;
+    PDSL_CASE(1) PDSL_CASE(2) PDSL_CASE(3) PDSL_CASE(4) PDSL_CASE(5) PDSL_CASE(6) PDSL_CASE(7) PDSL_CASE(8)
+    PDSL_CASE(9) PDSL_CASE(10) PDSL_CASE(11) PDSL_CASE(12) PDSL_CASE(13) PDSL_CASE(14) PDSL_CASE(15)
+    PDSL_CASE(16) PDSL_CASE(17) PDSL_CASE(18) PDSL_CASE(19) PDSL_CASE(20) PDSL_CASE(21) PDSL_CASE(22)
+    PDSL_CASE(23)
+#undef PDSL_CASE
+    default:
+      break;
+  }
+}
+
+// Ot[d][i] = alpha[i] * Ot[d][i] + sum_j W[j][d] * Pt[j][i] for MD dims d (from d0), RB columns i.
+template <int NI, int MD>
+inline void accumulate_t(const float* w, int64_t nj, int64_t D, const float* pt, float* ot, const __m512* alpha) {
+  __m512 acc[MD][NI];
+#pragma GCC unroll 32
+  for (int d = 0; d < MD; ++d)
+#pragma GCC unroll 8
+    for (int n = 0; n < NI; ++n) {
+      acc[d][n] = _mm512_loadu_ps(ot + d * 16 * NI + 16 * n);
+      if (alpha) acc[d][n] = _mm512_mul_ps(acc[d][n], alpha[n]);
+    }
+  for (int64_t j = 0; j < nj; ++j) {
+    __m512 p[NI];
+#pragma GCC unroll 8
+    for (int n = 0; n < NI; ++n) p[n] = _mm512_loadu_ps(pt + j * 16 * NI + 16 * n);
+#pragma GCC unroll 32
+    for (int d = 0; d < MD; ++d) {
+      const __m512 x = _mm512_set1_ps(w[j * D + d]);
+#pragma GCC unroll 8
+      for (int n = 0; n < NI; ++n) acc[d][n] = _mm512_fmadd_ps(x, p[n], acc[d][n]);
+    }
+  }
+#pragma GCC unroll 32
+  for (int d = 0; d < MD; ++d)
+#pragma GCC unroll 8
+    for (int n = 0; n < NI; ++n) _mm512_storeu_ps(ot + d * 16 * NI + 16 * n, acc[d][n]);
+}
+
+template <int NI>
+void product_t(const float* w, int64_t nj, int64_t D, const float* pt, float* ot, const __m512* alpha) {
+  constexpr int MD = NI == 1 ? 16 : (NI == 2 ? 8 : 4);
+  int64_t d = 0;
+  for (; d + MD <= D; d += MD) accumulate_t<NI, MD>(w + d, nj, D, pt, ot + d * 16 * NI, alpha);
+  for (; d < D; ++d) accumulate_t<NI, 1>(w + d, nj, D, pt, ot + d * 16 * NI, alpha);
+}
+
+// dst[j][d] += sum_i Pt[j][i] * X[i][d] for MJ rows j, 16*ND dims (from d0), RB rows i of X.
+template <int NI, int MJ, int ND>
+inline void rows_accumulate(const float* pt, const float* x, int64_t D, float* dst) {
+  constexpr int RB = 16 * NI;
+  __m512 acc[MJ][ND];
+#pragma GCC unroll 32
+  for (int j = 0; j < MJ; ++j)
+#pragma GCC unroll 8
+    for (int v = 0; v < ND; ++v) acc[j][v] = _mm512_loadu_ps(dst + j * D + 16 * v);
+  for (int i = 0; i < RB; ++i) {
+    __m512 xv[ND];
+#pragma GCC unroll 8
+    for (int v = 0; v < ND; ++v) xv[v] = _mm512_loadu_ps(x + i * D + 16 * v);
+#pragma GCC unroll 32
+    for (int j = 0; j < MJ; ++j) {
+      const __m512 p = _mm512_set1_ps(pt[j * RB + i]);
+#pragma GCC unroll 8
+      for (int v = 0; v < ND; ++v) acc[j][v] = _mm512_fmadd_ps(p, xv[v], acc[j][v]);
+    }
+  }
+#pragma GCC unroll 32
+  for (int j = 0; j < MJ; ++j)
+#pragma GCC unroll 8
+    for (int v = 0; v < ND; ++v) _mm512_storeu_ps(dst + j * D + 16 * v, acc[j][v]);
+}
+
+template <int NI, int ND>
+void rows_accumulate_all(const float* pt, int64_t nj, const float* x, int64_t D, float* dst) {
+  constexpr int MJ = 6;
+  constexpr int RB = 16 * NI;
+  int64_t j = 0;
+  for (; j + MJ <= nj; j += MJ) rows_accumulate<NI, MJ, ND>(pt + j * RB, x, D, dst + j * D);
+  for (; j < nj; ++j) rows_accumulate<NI, 1, ND>(pt + j * RB, x, D, dst + j * D);
+}
+
+template <int NI>
+void key_gradient(const float* pt, int64_t nj, const float* x, int64_t D, float* dst) {
+  int64_t d = 0;
+  for (; d + 64 <= D; d += 64) rows_accumulate_all<NI, 4>(pt, nj, x + d, D, dst + d);
+  switch ((D - d) / 16) {
+    case 3: rows_accumulate_all<NI, 3>(pt, nj, x + d, D, dst + d); break;
+    case 2: rows_accumulate_all<NI, 2>(pt, nj, x + d, D, dst + d); break;
+    case 1: rows_accumulate_all<NI, 1>(pt, nj, x + d, D, dst + d); break;
+    default: break;
+  }
+}
+
+// dst[c * dstride + r] = src[r * sstride + c] * mul[c] for r, c < 16: three shuffle stages in registers.
+template <bool kStream = false>
+inline void transpose16(const float* src, int64_t sstride, __m512 mul, float* dst, int64_t dstride) {
+  __m512 r[16], t[16];
+#pragma GCC unroll 16
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_mul_ps(_mm512_loadu_ps(src + i * sstride), mul);
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  // r[4i + j], 128-bit lane L: rows 4i .. 4i+3 of column 4L + j.
+#pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i) {
+    const __m512d a = _mm512_castps_pd(t[4 * i]), b = _mm512_castps_pd(t[4 * i + 1]);
+    const __m512d c = _mm512_castps_pd(t[4 * i + 2]), d = _mm512_castps_pd(t[4 * i + 3]);
+    r[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
+    r[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
+    r[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
+    r[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
+  }
+  // Column 4L + j gathers lane L of r[j], r[4 + j], r[8 + j], r[12 + j].
+#pragma GCC unroll 4
+  for (int j = 0; j < 4; ++j) {
+    const __m512 s0 = _mm512_shuffle_f32x4(r[j], r[4 + j], 0x44), s1 = _mm512_shuffle_f32x4(r[j], r[4 + j], 0xEE);
+    const __m512 s2 = _mm512_shuffle_f32x4(r[8 + j], r[12 + j], 0x44);
+    const __m512 s3 = _mm512_shuffle_f32x4(r[8 + j], r[12 + j], 0xEE);
+    const __m512 out[4] = {_mm512_shuffle_f32x4(s0, s2, 0x88), _mm512_shuffle_f32x4(s0, s2, 0xDD),
+                           _mm512_shuffle_f32x4(s1, s3, 0x88), _mm512_shuffle_f32x4(s1, s3, 0xDD)};
+    for (int x = 0; x < 4; ++x) {
+      // Results written once and read by the caller later: streamed past the caches (no read for ownership).
+      if constexpr (kStream)
+        _mm512_stream_ps(dst + (4 * x + j) * dstride, out[x]);
+      else
+        _mm512_storeu_ps(dst + (4 * x + j) * dstride, out[x]);
+    }
+  }
+}
+
+// RB = 16*NI rows of x (row stride D), transposed: out[d][i] = mul * x[i][d].
+template <int NI>
+void transpose_rows(const float* x, int64_t D, float mul, float* out) {
+  constexpr int RB = 16 * NI;
+  for (int n = 0; n < NI; ++n)
+    for (int64_t d = 0; d < D; d += 16) transpose16(x + 16 * n * D + d, D, _mm512_set1_ps(mul), out + d * RB + 16 * n, RB);
+}
+
+// The inverse: rows[i][d] = xt[d][i] * mul[i] for RB rows (row stride D) from xt [D][RB].
+template <int NI>
+void untranspose_rows(const float* xt, int64_t D, const float* mul, float* rows) {
+  constexpr int RB = 16 * NI;
+  const bool aligned = ((uintptr_t)rows & 63) == 0;  // every row then is (D is a multiple of 16)
+  for (int n = 0; n < NI; ++n) {
+    const __m512 mv = mul ? _mm512_loadu_ps(mul + 16 * n) : _mm512_set1_ps(1.0f);
+    for (int64_t d = 0; d < D; d += 16) {
+      if (aligned)
+        transpose16<true>(xt + d * RB + 16 * n, RB, mv, rows + 16 * n * D + d, D);
+      else
+        transpose16(xt + d * RB + 16 * n, RB, mv, rows + 16 * n * D + d, D);
+    }
+  }
+}
+
+// Fetches the rows of the next query tile a line at a time, spread over the current tile's chunks.
+struct Ahead {
+  const char* next;
+  int64_t left;
+  void step(int64_t lines) {
+    for (; lines > 0 && left > 0; --lines, --left, next += 64) _mm_prefetch(next, _MM_HINT_T1);
+  }
+};
+
+struct Lists {
+  const int64_t* row_ptr;
+  const int32_t* ent_k;
+  const int32_t* ent_mask;
+  const uint16_t* masks;
+  int64_t BM, BN;
+};
+
+// Keys [lo, hi) of entry e that some row of register block g0 .. g0+NI may attend (lo >= hi: none).
+template <int NI>
+inline void key_range(const Lists& L, int64_t e, int64_t g0, int64_t* lo, int64_t* hi) {
+  const int32_t mk = L.ent_mask[e];
+  if (mk < 0) {
+    *lo = 0;
+    *hi = L.BN;
+    return;
+  }
+  const int64_t groups = L.BM / 16;
+  const uint16_t* w = L.masks + (int64_t)mk * L.BN * groups + g0;
+  int64_t a = 0, b = L.BN;
+  auto any = [&](int64_t j) {
+    uint32_t bits = 0;
+    for (int n = 0; n < NI; ++n) bits |= w[j * groups + n];
+    return bits != 0;
+  };
+  while (a < b && !any(a)) ++a;
+  while (b > a && !any(b - 1)) --b;
+  *lo = a;
+  *hi = b;
+}
+
+inline __mmask16 allowed_bits(const Lists& L, int64_t e, int64_t j, int64_t g) {
+  return (__mmask16)L.masks[((int64_t)L.ent_mask[e] * L.BN + j) * (L.BM / 16) + g];
+}
+
+// Query tiles in decreasing order of work, so the long rows start first under dynamic scheduling.
+std::vector<int64_t> tile_order(const int64_t* row_ptr, int64_t n) {
+  std::vector<int64_t> order(n);
+  for (int64_t m = 0; m < n; ++m) order[m] = m;
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) {
+    return row_ptr[a + 1] - row_ptr[a] > row_ptr[b + 1] - row_ptr[b];
+  });
+  return order;
+}
+
+// One chunk of keys [lo, hi) of entry e for one register block (first 16-row group g0): scores,
+// online softmax update of the block's statistics (mxs, sums: RB floats each) and O^T += V^T P^T.
+template <int NI>
+void forward_chunk(const Lists& L, int64_t e, int64_t lo, int64_t hi, int64_t g0, const float* kb, const float* vb,
+                   int64_t D, const float* qt, float* st, float* ot, float* mxs, float* sums) {
+  constexpr int RB = 16 * NI;
+  const int64_t nj = hi - lo;
+  const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  const __m512 floor = _mm512_set1_ps(-std::numeric_limits<float>::max());
+  // V's rows are read only after the scores: fetched while the scores are computed.
+  scores_t<NI, NI == 1 ? 24 : (NI == 2 ? 12 : 6)>(kb, nj, D, qt, st, vb);
+  const bool partial = L.ent_mask[e] >= 0;
+  __m512 mx[NI], cm[NI];
+  for (int n = 0; n < NI; ++n) cm[n] = mx[n] = _mm512_loadu_ps(mxs + 16 * n);
+  if (partial) {
+    for (int64_t j = 0; j < nj; ++j)
+      for (int n = 0; n < NI; ++n) {
+        float* s = st + j * RB + 16 * n;
+        const __m512 x = _mm512_mask_blend_ps(allowed_bits(L, e, lo + j, g0 + n), ninf, _mm512_loadu_ps(s));
+        _mm512_storeu_ps(s, x);
+        cm[n] = _mm512_max_ps(cm[n], x);
+      }
+  } else {
+    for (int64_t j = 0; j < nj; ++j)
+      for (int n = 0; n < NI; ++n) cm[n] = _mm512_max_ps(cm[n], _mm512_loadu_ps(st + j * RB + 16 * n));
+  }
+  __m512 alpha[NI], use[NI];
+  bool rescale = false;
+  for (int n = 0; n < NI; ++n) {
+    const __mmask16 none = _mm512_cmp_ps_mask(cm[n], ninf, _CMP_EQ_OQ);
+    use[n] = _mm512_mask_blend_ps(none, cm[n], _mm512_setzero_ps());
+    // exp2(old max - new max); rows with no key so far (old max -inf) hold nothing: 0.
+    const __mmask16 was = _mm512_cmp_ps_mask(mx[n], ninf, _CMP_EQ_OQ);
+    alpha[n] = _mm512_maskz_mov_ps(~was, exp2_ps(_mm512_max_ps(floor, _mm512_sub_ps(mx[n], use[n]))));
+    rescale |= _mm512_cmp_ps_mask(mx[n], cm[n], _CMP_NEQ_UQ) != 0;
+    _mm512_storeu_ps(mxs + 16 * n, cm[n]);
+  }
+  __m512 add[NI];
+  for (int n = 0; n < NI; ++n) add[n] = _mm512_setzero_ps();
+  for (int64_t j = 0; j < nj; ++j)
+    for (int n = 0; n < NI; ++n) {
+      float* s = st + j * RB + 16 * n;
+      __m512 p = exp2_ps(_mm512_max_ps(floor, _mm512_sub_ps(_mm512_loadu_ps(s), use[n])));
+      if (partial) p = _mm512_maskz_mov_ps(allowed_bits(L, e, lo + j, g0 + n), p);
+      _mm512_storeu_ps(s, p);
+      add[n] = _mm512_add_ps(add[n], p);
+    }
+  for (int n = 0; n < NI; ++n)
+    _mm512_storeu_ps(sums + 16 * n, _mm512_fmadd_ps(_mm512_loadu_ps(sums + 16 * n), alpha[n], add[n]));
+  product_t<NI>(vb, nj, D, st, ot, rescale ? alpha : nullptr);
+}
+
+// Denormal results and operands read as zero while the kernel runs on this thread (a weight below
+// 2^-126 of its row's largest is far below float32's resolution of the row's sum, and denormal
+// operands make FMAs ~100x slower); the thread's previous mode is restored on exit.
+struct Flush {
+  unsigned int saved;
+  Flush() : saved(_mm_getcsr()) { _mm_setcsr(saved | 0x8040); }  // FTZ | DAZ
+  ~Flush() {
+    _mm_sfence();  // streamed results are visible before the thread leaves the region
+    _mm_setcsr(saved);
+  }
+};
+
+// Per-thread buffers: for each register block of a query tile its scaled Q^T and O^T (or Q^T,
+// dO^T, dQ^T), two statistics rows, and score blocks of one key chunk.
+struct Work {
+  std::vector<float> buf;
+  float* base;
+  Work(size_t floats) : buf(floats + 16) { base = (float*)(((uintptr_t)buf.data() + 63) & ~(uintptr_t)63); }
+};
+
+// One query tile m of one (batch, head): every register block walks the tile's key tiles, a key
+// tile at a time for all blocks, so a key tile's K/V rows are read from memory once per query tile.
+template <int NI>
+void forward_tile(const float* q, const float* k, const float* v, float* o, float* lse, int64_t D, const Lists& L,
+                  int64_t m, float scale2, float* w, Ahead ahead) {
+  constexpr int RB = 16 * NI;
+  const int64_t blocks = L.BM / RB;
+  float* stats = w;                      // [blocks][2][RB]: running max, running sum
+  float* st = stats + 2 * L.BM;          // [kKeyChunk][RB]
+  float* mats = st + kKeyChunk * RB;     // [blocks][2][D][RB]: Q^T, O^T
+  for (int64_t b = 0; b < blocks; ++b) {
+    transpose_rows<NI>(q + b * RB * D, D, scale2, mats + b * 2 * D * RB);
+    std::fill(mats + (b * 2 + 1) * D * RB, mats + (b * 2 + 2) * D * RB, 0.0f);
+    std::fill(stats + b * 2 * RB, stats + b * 2 * RB + RB, -std::numeric_limits<float>::infinity());
+    std::fill(stats + b * 2 * RB + RB, stats + (b + 1) * 2 * RB, 0.0f);
+  }
+  for (int64_t e = L.row_ptr[m]; e < L.row_ptr[m + 1]; ++e) {
+    const int64_t key0 = (int64_t)L.ent_k[e] * L.BN;
+    for (int64_t b = 0; b < blocks; ++b) {
+      int64_t lo0, hi0;
+      key_range<NI>(L, e, b * NI, &lo0, &hi0);
+      // Keys in chunks whose K/V rows and score block stay in L1 with the register block's rows.
+      for (int64_t lo = lo0; lo < hi0; lo += kKeyChunk) {
+        const int64_t hi = std::min(lo + kKeyChunk, hi0);
+        forward_chunk<NI>(L, e, lo, hi, b * NI, k + (key0 + lo) * D, v + (key0 + lo) * D, D, mats + b * 2 * D * RB,
+                          st, mats + (b * 2 + 1) * D * RB, stats + b * 2 * RB, stats + b * 2 * RB + RB);
+        ahead.step(16);
+      }
+    }
+  }
+  for (int64_t b = 0; b < blocks; ++b) {
+    const float* mv = stats + b * 2 * RB;
+    const float* sv = mv + RB;
+    alignas(64) float inv[RB];
+    for (int i = 0; i < RB; ++i) {
+      // No allowed key (the sum is at least 1 otherwise: the row max contributes exp2(0)): zeros, -inf.
+      inv[i] = sv[i] == 0.0f ? 0.0f : 1.0f / sv[i];
+      lse[b * RB + i] = sv[i] == 0.0f ? -std::numeric_limits<float>::infinity() : (mv[i] + std::log2(sv[i])) * kLn2;
+    }
+    untranspose_rows<NI>(mats + (b * 2 + 1) * D * RB, D, inv, o + b * RB * D);
+  }
+}
+
+template <int NI>
+void forward_impl(const float* q, const float* k, const float* v, float* o, float* lse, int64_t BH, int64_t Lq,
+                  int64_t Lk, int64_t D, const Lists& L, int64_t n_q_tiles, float scale, int threads) {
+  constexpr int RB = 16 * NI;
+  const std::vector<int64_t> order = tile_order(L.row_ptr, n_q_tiles);
+  const int64_t items = BH * n_q_tiles;
+  const float scale2 = scale * kLog2e;
+#pragma omp parallel num_threads(threads)
+  {
+    const Flush flush;
+    Work work(2 * L.BM + kKeyChunk * RB + 2 * L.BM * D);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t it = 0; it < items; ++it) {
+      const int64_t m = order[it / BH], bh = it % BH;
+      const int64_t row = bh * Lq + m * L.BM;
+      // The next item (this thread's or the other's) reads these rows soon: bring them to L2.
+      Ahead ahead{nullptr, 0};
+      if (it + 1 < items) {
+        const int64_t next = (it + 1) % BH * Lq + order[(it + 1) / BH] * L.BM;
+        ahead = Ahead{(const char*)(q + next * D), L.BM * D / 16};
+      }
+      forward_tile<NI>(q + row * D, k + bh * Lk * D, v + bh * Lk * D, o + row * D, lse + row, D, L, m, scale2,
+                       work.base, ahead);
+    }
+  }
+}
+
+// One chunk of the backward for one register block: P and dS recomputed from lse2 and delta, dV
+// and dK rows of the chunk added in place, dQ^T accumulated.
+template <int NI>
+void backward_chunk(const Lists& L, int64_t e, int64_t lo, int64_t hi, int64_t g0, const float* kb, const float* vb,
+                    float* dkb, float* dvb, const float* q, const float* dout, const float* lse2, const float* delta,
+                    int64_t D, float scale, const float* qt, const float* dot, float* dqt, float* pt, float* dst) {
+  constexpr int RB = 16 * NI;
+  constexpr int MJ = NI == 1 ? 24 : (NI == 2 ? 12 : 6);
+  const int64_t nj = hi - lo;
+  const __m512 floor = _mm512_set1_ps(-std::numeric_limits<float>::max());
+  const __m512 sc = _mm512_set1_ps(scale);
+  __m512 l2[NI], dl[NI];
+  for (int n = 0; n < NI; ++n) {
+    l2[n] = _mm512_loadu_ps(lse2 + 16 * n);
+    dl[n] = _mm512_loadu_ps(delta + 16 * n);
+  }
+  scores_t<NI, MJ>(kb, nj, D, qt, pt, vb);
+  scores_t<NI, MJ>(vb, nj, D, dot, dst, dvb);
+  const bool partial = L.ent_mask[e] >= 0;
+  for (int64_t j = 0; j < nj; ++j)
+    for (int n = 0; n < NI; ++n) {
+      float* s = pt + j * RB + 16 * n;
+      float* g = dst + j * RB + 16 * n;
+      __m512 p = exp2_ps(_mm512_max_ps(floor, _mm512_sub_ps(_mm512_loadu_ps(s), l2[n])));
+      if (partial) p = _mm512_maskz_mov_ps(allowed_bits(L, e, lo + j, g0 + n), p);
+      _mm512_storeu_ps(s, p);
+      // dS = P * (dP - delta), times the scale both dQ and dK need.
+      _mm512_storeu_ps(g, _mm512_mul_ps(_mm512_mul_ps(p, sc), _mm512_sub_ps(_mm512_loadu_ps(g), dl[n])));
+    }
+  key_gradient<NI>(pt, nj, dout, D, dvb);
+  key_gradient<NI>(dst, nj, q, D, dkb);
+  product_t<NI>(kb, nj, D, dst, dqt, nullptr);
+}
+
+// The backward of one query tile m of one (batch, head), a key tile at a time for all its blocks.
+template <int NI>
+void backward_tile(const float* q, const float* k, const float* v, const float* dout, const float* lse2,
+                   const float* delta, float* dq, float* dk, float* dv, int64_t D, const Lists& L, int64_t m,
+                   float scale, float* w, Ahead ahead_q, Ahead ahead_do, char* touched) {
+  constexpr int RB = 16 * NI;
+  const int64_t blocks = L.BM / RB;
+  float* pt = w;                          // [kKeyChunk][RB]
+  float* dst = pt + kKeyChunk * RB;       // [kKeyChunk][RB]
+  float* mats = dst + kKeyChunk * RB;     // [blocks][3][D][RB]: scaled Q^T, dO^T, dQ^T
+  for (int64_t b = 0; b < blocks; ++b) {
+    transpose_rows<NI>(q + b * RB * D, D, scale * kLog2e, mats + b * 3 * D * RB);
+    transpose_rows<NI>(dout + b * RB * D, D, 1.0f, mats + (b * 3 + 1) * D * RB);
+    std::fill(mats + (b * 3 + 2) * D * RB, mats + (b * 3 + 3) * D * RB, 0.0f);
+  }
+  for (int64_t e = L.row_ptr[m]; e < L.row_ptr[m + 1]; ++e) {
+    const int64_t key0 = (int64_t)L.ent_k[e] * L.BN;
+    if (!touched[L.ent_k[e]]) {
+      // dK/dV come uninitialised: a key tile is zeroed when first reached (in cache, just before use).
+      std::fill(dk + key0 * D, dk + (key0 + L.BN) * D, 0.0f);
+      std::fill(dv + key0 * D, dv + (key0 + L.BN) * D, 0.0f);
+      touched[L.ent_k[e]] = 1;
+    }
+    for (int64_t b = 0; b < blocks; ++b) {
+      int64_t lo0, hi0;
+      key_range<NI>(L, e, b * NI, &lo0, &hi0);
+      for (int64_t lo = lo0; lo < hi0; lo += kKeyChunk) {
+        const int64_t hi = std::min(lo + kKeyChunk, hi0), at = (key0 + lo) * D;
+        const float* mb = mats + b * 3 * D * RB;
+        backward_chunk<NI>(L, e, lo, hi, b * NI, k + at, v + at, dk + at, dv + at, q + b * RB * D,
+                           dout + b * RB * D, lse2 + b * RB, delta + b * RB, D, scale, mb, mb + D * RB,
+                           mats + (b * 3 + 2) * D * RB, pt, dst);
+        ahead_q.step(8);
+        ahead_do.step(8);
+      }
+    }
+  }
+  for (int64_t b = 0; b < blocks; ++b) untranspose_rows<NI>(mats + (b * 3 + 2) * D * RB, D, nullptr, dq + b * RB * D);
+}
+
+template <int NI>
+void backward_impl(const float* q, const float* k, const float* v, const float* dout, const float* lse2,
+                   const float* delta, float* dq, float* dk, float* dv, int64_t BH, int64_t Lq, int64_t Lk,
+                   int64_t D, const Lists& L, int64_t n_q_tiles, int64_t parts, float scale, int threads) {
+  constexpr int RB = 16 * NI;
+  const int64_t items = BH * parts;
+#pragma omp parallel num_threads(threads)
+  {
+    const Flush flush;
+    Work work(2 * kKeyChunk * RB + 3 * L.BM * D);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t it = 0; it < items; ++it) {
+      // Item (part, bh): query tiles part, part + parts, ...; its own dK/dV buffer when parts > 1.
+      const int64_t part = it / BH, bh = it % BH;
+      float* dkb = dk + (part * BH + bh) * Lk * D;
+      float* dvb = dv + (part * BH + bh) * Lk * D;
+      std::vector<char> touched(Lk / L.BN, 0);
+      for (int64_t m = part; m < n_q_tiles; m += parts) {
+        const int64_t row = bh * Lq + m * L.BM;
+        Ahead ahead_q{nullptr, 0}, ahead_do{nullptr, 0};
+        if (m + parts < n_q_tiles) {
+          const int64_t next = (row + parts * L.BM) * D;
+          ahead_q = Ahead{(const char*)(q + next), L.BM * D / 16};
+          ahead_do = Ahead{(const char*)(dout + next), L.BM * D / 16};
+        }
+        backward_tile<NI>(q + row * D, k + bh * Lk * D, v + bh * Lk * D, dout + row * D, lse2 + row, delta + row,
+                          dq + row * D, dkb, dvb, D, L, m, scale, work.base, ahead_q, ahead_do, touched.data());
+      }
+      for (int64_t t = 0; t < Lk / L.BN; ++t) {
+        if (touched[t]) continue;
+        std::fill(dkb + t * L.BN * D, dkb + (t + 1) * L.BN * D, 0.0f);
+        std::fill(dvb + t * L.BN * D, dvb + (t + 1) * L.BN * D, 0.0f);
+      }
+    }
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+int pdsl_native_version() { return 1; }
+
+// Forward: o [BH, Lq, D] and lse [BH, Lq] (natural log) for every row of every query tile.
+int pdsl_forward(const float* q, const float* k, const float* v, float* o, float* lse, int64_t BH, int64_t Lq,
+                 int64_t Lk, int64_t D, int64_t BM, int64_t BN, const int64_t* row_ptr, const int32_t* ent_k,
+                 const int32_t* ent_mask, const uint16_t* masks, int64_t n_q_tiles, float scale, int64_t rows,
+                 int threads) {
+  if (D % 16 || BM % rows || rows % 16) return 1;
+  const Lists L{row_ptr, ent_k, ent_mask, masks, BM, BN};
+  if (rows == 16)
+    forward_impl<1>(q, k, v, o, lse, BH, Lq, Lk, D, L, n_q_tiles, scale, threads);
+  else if (rows == 32)
+    forward_impl<2>(q, k, v, o, lse, BH, Lq, Lk, D, L, n_q_tiles, scale, threads);
+  else if (rows == 64)
+    forward_impl<4>(q, k, v, o, lse, BH, Lq, Lk, D, L, n_q_tiles, scale, threads);
+  else
+    return 2;
+  return 0;
+}
+
+// Backward: dq [BH, Lq, D] written for every row; dk, dv [parts, BH, Lk, D] written (each key
+// tile zeroed when first reached, then accumulated in place; Lk a multiple of BN). lse2 is
+// lse * log2(e) with +inf on rows with no allowed key; delta is rowsum(dO * O) - dlse.
+int pdsl_backward(const float* q, const float* k, const float* v, const float* dout, const float* lse2,
+                  const float* delta, float* dq, float* dk, float* dv, int64_t BH, int64_t Lq, int64_t Lk, int64_t D,
+                  int64_t BM, int64_t BN, const int64_t* row_ptr, const int32_t* ent_k, const int32_t* ent_mask,
+                  const uint16_t* masks, int64_t n_q_tiles, int64_t parts, float scale, int64_t rows, int threads) {
+  if (D % 16 || BM % rows || rows % 16 || parts < 1) return 1;
+  const Lists L{row_ptr, ent_k, ent_mask, masks, BM, BN};
+  if (rows == 16)
+    backward_impl<1>(q, k, v, dout, lse2, delta, dq, dk, dv, BH, Lq, Lk, D, L, n_q_tiles, parts, scale, threads);
+  else if (rows == 32)
+    backward_impl<2>(q, k, v, dout, lse2, delta, dq, dk, dv, BH, Lq, Lk, D, L, n_q_tiles, parts, scale, threads);
+  else if (rows == 64)
+    backward_impl<4>(q, k, v, dout, lse2, delta, dq, dk, dv, BH, Lq, Lk, D, L, n_q_tiles, parts, scale, threads);
+  else
+    return 2;
+  return 0;
+}
+
+}  // extern "C"
