@@ -519,9 +519,12 @@ def _tile_bounds(engine: eng.Engine, node: ir.Node, geo, keys: np.ndarray, table
     Groups and blocks nest in the tiles. A tile is cut into cells of ``qblock * 2**j`` queries by
     one block: where the static bounds (the route as empty / full) agree on a cell, that is its
     state for any choice; where they are empty and full, the cell is the route alone (full when
-    every group of the cell has the block, empty when none has); elsewhere its rows are halved,
-    down to one group, on which the route is all or nothing: the upper bound where chosen (at +1),
-    else the lower one (:func:`routetiles._tile_from_cells` on every cell, coarse rows first).
+    every group of the cell has the block, empty when none has); elsewhere the route is all or
+    nothing on each group's row: the upper bound where chosen (at +1), else the lower one. A cell
+    whose groups all take the upper bound is the upper bound's, one whose groups all take the lower
+    one the lower one's (near the diagonal of ``causal & (window(63) | route(...))`` every group
+    of a cell has the block, or none has); only cells mixing both are halved, down to one group
+    (:func:`routetiles._tile_from_cells` on every cell, coarse rows first).
     """
     rewrite = eng.rewrite_for_plan
     low_node, up_node = rewrite(ir.route_bound(node, True)), rewrite(ir.route_bound(node, False))
@@ -549,23 +552,30 @@ def _tile_bounds(engine: eng.Engine, node: ir.Node, geo, keys: np.ndarray, table
         g0 = r << j
         g1 = np.minimum((r + 1) << j, geo.n_q)
         alone = (low == eng.EMPTY) & (up == eng.FULL)
-        done = (low == up) | alone | (j == 0)
+        between = np.flatnonzero((low != up) & ~alone)
+        size = g1 - g0
+        rest = np.zeros(len(low), bool)
         for i, table in enumerate(tables):
             state = low.copy()
+            done = ~rest
             if alone.any():
                 c = _chosen_count(table, g0[alone], g1[alone], b[alone])
                 if sign < 0:
-                    c = (g1 - g0)[alone] - c
-                state[alone] = np.where(c == (g1 - g0)[alone], eng.FULL, np.where(c > 0, eng.PARTIAL, eng.EMPTY))
-            if j == 0:
-                single = ~(low == up) & ~alone
-                if single.any():
-                    chosen = _chosen_count(table, g0[single], g1[single], b[single]) > 0
-                    state[single] = np.where(chosen == (sign > 0), up[single], low[single])
+                    c = size[alone] - c
+                state[alone] = np.where(c == size[alone], eng.FULL, np.where(c > 0, eng.PARTIAL, eng.EMPTY))
+            if len(between):
+                # rows taking the upper bound (the route chosen at +1, not chosen at -1): all of them,
+                # the cell is the upper bound's; none, the lower one's; else its rows are halved
+                c = _chosen_count(table, g0[between], g1[between], b[between])
+                u = c if sign > 0 else size[between] - c
+                state[between] = np.where(u == size[between], up[between], low[between])
+                mixed = between[(u > 0) & (u < size[between])]
+                done[mixed] = False
+                rest[mixed] = True
+            # a cell done for this table but halved for another: its halves repeat its state (all / any)
             d = np.flatnonzero(done)
             np.logical_and.at(full[i], owner[d], state[d] == eng.FULL)
             np.logical_or.at(some[i], owner[d], state[d] > eng.EMPTY)
-        rest = ~done
         if not rest.any():
             break
         owner = np.repeat(owner[rest], 2)

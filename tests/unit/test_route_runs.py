@@ -31,8 +31,12 @@ BODY = [
 ]
 
 
-def _case(seed: int):
-    """A random 1-D route pattern (one route, one polarity), lengths and tiles that :mod:`routeruns` takes."""
+def _case(seed: int, nested: bool = False):
+    """A random 1-D route pattern (one route, one polarity), lengths and tiles that :mod:`routeruns` takes.
+
+    ``nested``: tiles of whole groups and blocks (several groups a tile), so tiles the static bounds
+    leave open are decided on cells of groups x one block (:func:`routeruns._tile_bounds`).
+    """
     gen = np.random.default_rng(seed)
     block = int(gen.choice([4, 6, 8, 16]))
     qblock = int(gen.choice([1, 2, 4, block]))
@@ -43,12 +47,14 @@ def _case(seed: int):
     lq = int(gen.integers(20, 160)) // qblock * qblock + qblock
     lk = lq + int(gen.choice([0, 0, qblock, 3 * qblock]))
     tile = (int(gen.choice([4, 8, 16, 12])), int(gen.choice([4, 8, 16, 24])))
+    if nested:
+        tile = (qblock * int(gen.choice([2, 4, 8])), block * int(gen.choice([1, 2])))
     return f"pattern p {{ {body} }}", lq, lk, tile
 
 
-@pytest.mark.parametrize("seed", range(16))
-def test_runs_expand_to_the_pair_by_pair_plan(seed):
-    source, lq, lk, tile = _case(seed)
+@pytest.mark.parametrize("seed,nested", [(s, False) for s in range(16)] + [(s, True) for s in range(100, 108)])
+def test_runs_expand_to_the_pair_by_pair_plan(seed, nested):
+    source, lq, lk, tile = _case(seed, nested)
     node = eng.rewrite_for_plan(patterndsl.compile(source).ir.default)
     sizes = Sizes(lq, lk)
     engine = eng.identity_engine(sizes, 0, tile)
