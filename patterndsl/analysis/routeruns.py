@@ -250,6 +250,8 @@ class _Spans:
         c = cap[g]
         out_m, out_lo, out_hi = [], [], []
         if len(nb):
+            # a group has at most the blocks of a tile in it: caps of that many or more are never passed
+            keep = keep & (c < nb.max())
             whole = keep & (c < nb.min())
             sel = whole[self.row_run]
             r = self.row_run[sel]
