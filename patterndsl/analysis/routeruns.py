@@ -495,8 +495,24 @@ CHUNK_PAIRS = 1 << 20
 
 
 def _chosen_count(table: routetiles.RunTable, g0: np.ndarray, g1: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Per cell, how many of the groups ``g0 <= a < g1`` have block ``b`` in ``table``."""
+    """Per cell, how many of the groups ``g0 <= a < g1`` have block ``b`` in ``table``.
+
+    When every group has at most one run and the runs' starts and ends do not decrease from group
+    to group (``causal - window(63)``: ``[0, (q - 64) // 64 + 1)``), the groups holding ``b`` are
+    a range found by two binary searches; else the pairs are listed (in chunks).
+    """
     lo, hi = (t.numpy() for t in table._table())
+    if lo.shape[1] == 1:
+        first, last = lo[:-1, 0], hi[:-1, 0]  # the zero row past the last group dropped
+        if (np.diff(first) >= 0).all() and (np.diff(last) >= 0).all():
+            upper = np.minimum(g1, np.searchsorted(first, b, "right"))  # groups below start at or before b
+            lower = np.maximum(g0, np.searchsorted(last, b, "right"))  # groups from there end after b
+            return np.maximum(upper - lower, 0).astype(np.int64)
+    return _chosen_count_listed(lo, hi, g0, g1, b)
+
+
+def _chosen_count_listed(lo: np.ndarray, hi: np.ndarray, g0: np.ndarray, g1: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """:func:`_chosen_count` from the (cell, group) pairs, from the ``[groups + 1, runs]`` bounds."""
     out = np.zeros(len(b), np.int64)
     ends = np.cumsum(g1 - g0)
     start = 0

@@ -103,3 +103,35 @@ def test_a_long_route_plan_stays_runs():
     assert int((dense > 0).sum()) == g.tiles.nnz == nqb * (nqb + 1) // 2
     # the flags list like the tiles: the route reads the tiles it decides, not the own block's
     assert g.route_mask.tensor().tolist() == (g.tiles.state == 3).tolist()
+
+
+@pytest.mark.parametrize("seed", range(9))
+def test_chosen_counts_by_binary_search_equal_the_listed_pairs(seed):
+    # one run a group with non-decreasing starts and ends (searched), else listed: the same counts
+    from patterndsl.analysis import routetiles
+
+    gen = np.random.default_rng(seed)
+    n_groups, n_blocks = int(gen.integers(1, 40)), int(gen.integers(1, 30))
+    lo = np.sort(gen.integers(0, n_blocks, n_groups))
+    hi = np.maximum(np.sort(gen.integers(0, n_blocks + 1, n_groups)), lo + (seed % 2 == 0))  # even: no empty group
+    if seed % 3 == 2:
+        gen.shuffle(hi)  # ends out of order: the listed path
+        hi = np.maximum(hi, lo)
+    if seed % 3 == 1:
+        lo, hi = np.concatenate([lo, lo + n_blocks + 1]), np.concatenate([hi, hi + n_blocks + 1])  # two runs a group
+        group = np.concatenate([np.arange(n_groups)] * 2)
+    else:
+        group = np.arange(n_groups)
+    keep = lo < hi
+    order = np.lexsort((lo[keep], group[keep]))
+    table = routetiles.RunTable(group[keep][order], lo[keep][order], hi[keep][order], 2 * n_blocks + 2)
+    g0 = gen.integers(0, n_groups + 3, 50)
+    g1 = g0 + gen.integers(1, 9, 50)
+    b = gen.integers(0, 2 * n_blocks + 2, 50)
+    want = [
+        sum(((table.group == a) & (table.lo <= bb) & (bb < table.hi)).any() for a in range(a0, a1))
+        for a0, a1, bb in zip(g0, g1, b, strict=True)
+    ]
+    assert routeruns._chosen_count(table, g0, g1, b).tolist() == want
+    lo_t, hi_t = (t.numpy() for t in table._table())
+    assert routeruns._chosen_count_listed(lo_t, hi_t, g0, g1, b).tolist() == want
