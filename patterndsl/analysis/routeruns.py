@@ -27,7 +27,7 @@ import numpy as np
 
 from patterndsl import ir
 from patterndsl.analysis import engine as eng
-from patterndsl.analysis import hierarchy, routetiles
+from patterndsl.analysis import hierarchy, routetiles, tiles
 
 #: Rows of query groups a first-level candidate tile holds at most (as a power of two times ``qblock``).
 GROUP_ROWS = 128
@@ -121,11 +121,21 @@ def static_steps(engine: eng.Engine, node: ir.Node) -> Steps:
 
 def _sub_engine(engine: eng.Engine, shape: tuple[int, int], cache: dict) -> eng.Engine:
     """The engine on tiles of ``shape`` sharing ``engine``'s environment and tally (built once per plan:
-    its sides are per-tile arrays, a million long at one query per tile)."""
+    its sides are per-tile arrays, a million long at one query per tile; each side is built once and
+    shared by the shapes having it: the candidates' levels share their key side)."""
     if shape not in cache:
-        sub = eng.identity_engine(engine.ctx, engine.env.head, shape)
-        cache[shape] = eng.Engine(sub.q, sub.k, engine.env, tally=engine.tally)
+        sides = cache.setdefault(SIDES, {})
+        ctx = engine.ctx
+        for which, block, length, offset in (("q", shape[0], ctx.q_len, ctx.offset), ("k", shape[1], ctx.kv_len, 0)):
+            if (which, block) not in sides:
+                segments = tiles.identity_segments(length, offset, (ctx.kv_len,))
+                sides[which, block] = tiles.build_side(segments, length, block, offset, (ctx.kv_len,), True)
+        cache[shape] = eng.Engine(sides["q", shape[0]], sides["k", shape[1]], engine.env, tally=engine.tally)
     return cache[shape]
+
+
+#: The key of the sides :func:`_sub_engine` keeps in its cache (``(side, block)``: the side).
+SIDES = "sides"
 
 
 def candidates(engine: eng.Engine, prim: ir.Prim, geo, cache: dict | None = None) -> routetiles.RunTable:
@@ -382,8 +392,10 @@ def classify(engine: eng.Engine, node: ir.Node, geo=None) -> RoutedRuns:
     nkb = geo.nkb
     cache: dict = {}
     cand = candidates(engine, prim, geo, cache)
-    for shape in [s for s in cache if s[1] == 1 and geo.block != 1]:
-        del cache[shape]  # key columns of the candidates' edge test: one tile per key
+    if geo.block != 1:  # key columns of the candidates' edge test: one tile per key
+        for shape in [s for s in cache if s != SIDES and s[1] == 1]:
+            del cache[shape]
+        cache.get(SIDES, {}).pop(("k", 1), None)
     n_cand = np.bincount(cand.group, weights=cand.hi - cand.lo, minlength=geo.n_q).astype(np.int64)
     take = np.minimum(prim.arg("topk"), n_cand)
     run_open = (n_cand > take)[cand.group]
