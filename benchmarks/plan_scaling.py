@@ -230,6 +230,8 @@ def _run_child(kind: str, index: int, length: int, repeat: int, timeout: float) 
     except subprocess.TimeoutExpired:
         return {"timeout": True}
     if res.returncode != 0:
+        if "patterndsl.errors.PatternError" in res.stderr:  # refused up front (e.g. too large to plan)
+            return {"timeout": False, "refused": True}
         sys.stderr.write(res.stderr[-2000:])
         return None
     return json.loads(res.stdout.strip().splitlines()[-1])
@@ -302,10 +304,10 @@ def plan_scaling(args) -> list[str]:
             flex = None
             if length == 16 * 1024 and not args.no_flex:
                 flex = measure("flex", index, length, 1, args.timeout)
-            if ours is None or ours.get("timeout"):
+            if ours is None or "timeout" in ours:
                 for target in ("16K time", "1M time and memory"):
                     TALLY[target][False] += length == 16 * 1024 if target == "16K time" else length >= 1 << 20
-                why = "timed out" if ours else "failed"
+                why = "failed" if ours is None else "refused" if ours.get("refused") else "timed out"
                 print(f"{label:44s} {length:8d} | {why:>9s} (longer sizes not tried)")
                 missed.append(f"{label} at {length}: {why}")
                 break

@@ -98,13 +98,14 @@ def classify(engine: eng.Engine, node: ir.Node) -> RoutedTiles:
         The :class:`RoutedTiles`, or in 1-D a :class:`~patterndsl.analysis.routeruns.RoutedRuns` (the same
         tiles as runs; ``expanded()`` lists them).
     """
-    from patterndsl.analysis import routeruns, routetiles
+    from patterndsl.analysis import routelimit, routeruns, routetiles
 
     geo = routeruns.geometry(engine, node)
     if geo is not None:
         return routeruns.classify(engine, node, geo)
     if routetiles.usable(engine, node):
         return routetiles.classify(engine, node)
+    routelimit.check(engine, node)
     return classify_by_pairs(engine, node)
 
 

@@ -27,7 +27,7 @@ import numpy as np
 
 from patterndsl import ir
 from patterndsl.analysis import engine as eng
-from patterndsl.analysis import hierarchy, routetiles
+from patterndsl.analysis import hierarchy, routetiles, tiles
 
 #: Rows of query groups a first-level candidate tile holds at most (as a power of two times ``qblock``).
 GROUP_ROWS = 128
@@ -121,11 +121,21 @@ def static_steps(engine: eng.Engine, node: ir.Node) -> Steps:
 
 def _sub_engine(engine: eng.Engine, shape: tuple[int, int], cache: dict) -> eng.Engine:
     """The engine on tiles of ``shape`` sharing ``engine``'s environment and tally (built once per plan:
-    its sides are per-tile arrays, a million long at one query per tile)."""
+    its sides are per-tile arrays, a million long at one query per tile; each side is built once and
+    shared by the shapes having it: the candidates' levels share their key side)."""
     if shape not in cache:
-        sub = eng.identity_engine(engine.ctx, engine.env.head, shape)
-        cache[shape] = eng.Engine(sub.q, sub.k, engine.env, tally=engine.tally)
+        sides = cache.setdefault(SIDES, {})
+        ctx = engine.ctx
+        for which, block, length, offset in (("q", shape[0], ctx.q_len, ctx.offset), ("k", shape[1], ctx.kv_len, 0)):
+            if (which, block) not in sides:
+                segments = tiles.identity_segments(length, offset, (ctx.kv_len,))
+                sides[which, block] = tiles.build_side(segments, length, block, offset, (ctx.kv_len,), True)
+        cache[shape] = eng.Engine(sides["q", shape[0]], sides["k", shape[1]], engine.env, tally=engine.tally)
     return cache[shape]
+
+
+#: The key of the sides :func:`_sub_engine` keeps in its cache (``(side, block)``: the side).
+SIDES = "sides"
 
 
 def candidates(engine: eng.Engine, prim: ir.Prim, geo, cache: dict | None = None) -> routetiles.RunTable:
@@ -250,6 +260,8 @@ class _Spans:
         c = cap[g]
         out_m, out_lo, out_hi = [], [], []
         if len(nb):
+            # a group has at most the blocks of a tile in it: caps of that many or more are never passed
+            keep = keep & (c < nb.max())
             whole = keep & (c < nb.min())
             sel = whole[self.row_run]
             r = self.row_run[sel]
@@ -380,8 +392,10 @@ def classify(engine: eng.Engine, node: ir.Node, geo=None) -> RoutedRuns:
     nkb = geo.nkb
     cache: dict = {}
     cand = candidates(engine, prim, geo, cache)
-    for shape in [s for s in cache if s[1] == 1 and geo.block != 1]:
-        del cache[shape]  # key columns of the candidates' edge test: one tile per key
+    if geo.block != 1:  # key columns of the candidates' edge test: one tile per key
+        for shape in [s for s in cache if s != SIDES and s[1] == 1]:
+            del cache[shape]
+        cache.get(SIDES, {}).pop(("k", 1), None)
     n_cand = np.bincount(cand.group, weights=cand.hi - cand.lo, minlength=geo.n_q).astype(np.int64)
     take = np.minimum(prim.arg("topk"), n_cand)
     run_open = (n_cand > take)[cand.group]
@@ -493,8 +507,24 @@ CHUNK_PAIRS = 1 << 20
 
 
 def _chosen_count(table: routetiles.RunTable, g0: np.ndarray, g1: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Per cell, how many of the groups ``g0 <= a < g1`` have block ``b`` in ``table``."""
+    """Per cell, how many of the groups ``g0 <= a < g1`` have block ``b`` in ``table``.
+
+    When every group has at most one run and the runs' starts and ends do not decrease from group
+    to group (``causal - window(63)``: ``[0, (q - 64) // 64 + 1)``), the groups holding ``b`` are
+    a range found by two binary searches; else the pairs are listed (in chunks).
+    """
     lo, hi = (t.numpy() for t in table._table())
+    if lo.shape[1] == 1:
+        first, last = lo[:-1, 0], hi[:-1, 0]  # the zero row past the last group dropped
+        if (np.diff(first) >= 0).all() and (np.diff(last) >= 0).all():
+            upper = np.minimum(g1, np.searchsorted(first, b, "right"))  # groups below start at or before b
+            lower = np.maximum(g0, np.searchsorted(last, b, "right"))  # groups from there end after b
+            return np.maximum(upper - lower, 0).astype(np.int64)
+    return _chosen_count_listed(lo, hi, g0, g1, b)
+
+
+def _chosen_count_listed(lo: np.ndarray, hi: np.ndarray, g0: np.ndarray, g1: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """:func:`_chosen_count` from the (cell, group) pairs, from the ``[groups + 1, runs]`` bounds."""
     out = np.zeros(len(b), np.int64)
     ends = np.cumsum(g1 - g0)
     start = 0
@@ -519,9 +549,12 @@ def _tile_bounds(engine: eng.Engine, node: ir.Node, geo, keys: np.ndarray, table
     Groups and blocks nest in the tiles. A tile is cut into cells of ``qblock * 2**j`` queries by
     one block: where the static bounds (the route as empty / full) agree on a cell, that is its
     state for any choice; where they are empty and full, the cell is the route alone (full when
-    every group of the cell has the block, empty when none has); elsewhere its rows are halved,
-    down to one group, on which the route is all or nothing: the upper bound where chosen (at +1),
-    else the lower one (:func:`routetiles._tile_from_cells` on every cell, coarse rows first).
+    every group of the cell has the block, empty when none has); elsewhere the route is all or
+    nothing on each group's row: the upper bound where chosen (at +1), else the lower one. A cell
+    whose groups all take the upper bound is the upper bound's, one whose groups all take the lower
+    one the lower one's (near the diagonal of ``causal & (window(63) | route(...))`` every group
+    of a cell has the block, or none has); only cells mixing both are halved, down to one group
+    (:func:`routetiles._tile_from_cells` on every cell, coarse rows first).
     """
     rewrite = eng.rewrite_for_plan
     low_node, up_node = rewrite(ir.route_bound(node, True)), rewrite(ir.route_bound(node, False))
@@ -549,23 +582,30 @@ def _tile_bounds(engine: eng.Engine, node: ir.Node, geo, keys: np.ndarray, table
         g0 = r << j
         g1 = np.minimum((r + 1) << j, geo.n_q)
         alone = (low == eng.EMPTY) & (up == eng.FULL)
-        done = (low == up) | alone | (j == 0)
+        between = np.flatnonzero((low != up) & ~alone)
+        size = g1 - g0
+        rest = np.zeros(len(low), bool)
         for i, table in enumerate(tables):
             state = low.copy()
+            done = ~rest
             if alone.any():
                 c = _chosen_count(table, g0[alone], g1[alone], b[alone])
                 if sign < 0:
-                    c = (g1 - g0)[alone] - c
-                state[alone] = np.where(c == (g1 - g0)[alone], eng.FULL, np.where(c > 0, eng.PARTIAL, eng.EMPTY))
-            if j == 0:
-                single = ~(low == up) & ~alone
-                if single.any():
-                    chosen = _chosen_count(table, g0[single], g1[single], b[single]) > 0
-                    state[single] = np.where(chosen == (sign > 0), up[single], low[single])
+                    c = size[alone] - c
+                state[alone] = np.where(c == size[alone], eng.FULL, np.where(c > 0, eng.PARTIAL, eng.EMPTY))
+            if len(between):
+                # rows taking the upper bound (the route chosen at +1, not chosen at -1): all of them,
+                # the cell is the upper bound's; none, the lower one's; else its rows are halved
+                c = _chosen_count(table, g0[between], g1[between], b[between])
+                u = c if sign > 0 else size[between] - c
+                state[between] = np.where(u == size[between], up[between], low[between])
+                mixed = between[(u > 0) & (u < size[between])]
+                done[mixed] = False
+                rest[mixed] = True
+            # a cell done for this table but halved for another: its halves repeat its state (all / any)
             d = np.flatnonzero(done)
             np.logical_and.at(full[i], owner[d], state[d] == eng.FULL)
             np.logical_or.at(some[i], owner[d], state[d] > eng.EMPTY)
-        rest = ~done
         if not rest.any():
             break
         owner = np.repeat(owner[rest], 2)

@@ -31,8 +31,12 @@ BODY = [
 ]
 
 
-def _case(seed: int):
-    """A random 1-D route pattern (one route, one polarity), lengths and tiles that :mod:`routeruns` takes."""
+def _case(seed: int, nested: bool = False):
+    """A random 1-D route pattern (one route, one polarity), lengths and tiles that :mod:`routeruns` takes.
+
+    ``nested``: tiles of whole groups and blocks (several groups a tile), so tiles the static bounds
+    leave open are decided on cells of groups x one block (:func:`routeruns._tile_bounds`).
+    """
     gen = np.random.default_rng(seed)
     block = int(gen.choice([4, 6, 8, 16]))
     qblock = int(gen.choice([1, 2, 4, block]))
@@ -43,12 +47,14 @@ def _case(seed: int):
     lq = int(gen.integers(20, 160)) // qblock * qblock + qblock
     lk = lq + int(gen.choice([0, 0, qblock, 3 * qblock]))
     tile = (int(gen.choice([4, 8, 16, 12])), int(gen.choice([4, 8, 16, 24])))
+    if nested:
+        tile = (qblock * int(gen.choice([2, 4, 8])), block * int(gen.choice([1, 2])))
     return f"pattern p {{ {body} }}", lq, lk, tile
 
 
-@pytest.mark.parametrize("seed", range(16))
-def test_runs_expand_to_the_pair_by_pair_plan(seed):
-    source, lq, lk, tile = _case(seed)
+@pytest.mark.parametrize("seed,nested", [(s, False) for s in range(16)] + [(s, True) for s in range(100, 108)])
+def test_runs_expand_to_the_pair_by_pair_plan(seed, nested):
+    source, lq, lk, tile = _case(seed, nested)
     node = eng.rewrite_for_plan(patterndsl.compile(source).ir.default)
     sizes = Sizes(lq, lk)
     engine = eng.identity_engine(sizes, 0, tile)
@@ -97,3 +103,35 @@ def test_a_long_route_plan_stays_runs():
     assert int((dense > 0).sum()) == g.tiles.nnz == nqb * (nqb + 1) // 2
     # the flags list like the tiles: the route reads the tiles it decides, not the own block's
     assert g.route_mask.tensor().tolist() == (g.tiles.state == 3).tolist()
+
+
+@pytest.mark.parametrize("seed", range(9))
+def test_chosen_counts_by_binary_search_equal_the_listed_pairs(seed):
+    # one run a group with non-decreasing starts and ends (searched), else listed: the same counts
+    from patterndsl.analysis import routetiles
+
+    gen = np.random.default_rng(seed)
+    n_groups, n_blocks = int(gen.integers(1, 40)), int(gen.integers(1, 30))
+    lo = np.sort(gen.integers(0, n_blocks, n_groups))
+    hi = np.maximum(np.sort(gen.integers(0, n_blocks + 1, n_groups)), lo + (seed % 2 == 0))  # even: no empty group
+    if seed % 3 == 2:
+        gen.shuffle(hi)  # ends out of order: the listed path
+        hi = np.maximum(hi, lo)
+    if seed % 3 == 1:
+        lo, hi = np.concatenate([lo, lo + n_blocks + 1]), np.concatenate([hi, hi + n_blocks + 1])  # two runs a group
+        group = np.concatenate([np.arange(n_groups)] * 2)
+    else:
+        group = np.arange(n_groups)
+    keep = lo < hi
+    order = np.lexsort((lo[keep], group[keep]))
+    table = routetiles.RunTable(group[keep][order], lo[keep][order], hi[keep][order], 2 * n_blocks + 2)
+    g0 = gen.integers(0, n_groups + 3, 50)
+    g1 = g0 + gen.integers(1, 9, 50)
+    b = gen.integers(0, 2 * n_blocks + 2, 50)
+    want = [
+        sum(((table.group == a) & (table.lo <= bb) & (bb < table.hi)).any() for a in range(a0, a1))
+        for a0, a1, bb in zip(g0, g1, b, strict=True)
+    ]
+    assert routeruns._chosen_count(table, g0, g1, b).tolist() == want
+    lo_t, hi_t = (t.numpy() for t in table._table())
+    assert routeruns._chosen_count_listed(lo_t, hi_t, g0, g1, b).tolist() == want

@@ -1,0 +1,88 @@
+"""Route plans too large for memory are refused up front (analysis/routelimit.py).
+
+The pair-by-pair route plan lists one entry per (candidate pair, tile it meets); ``routelimit``
+counts those entries from the groups' and blocks' tiles before anything is listed and raises a
+PatternError at the route, naming the limit and the length that fits. BiFormer on a 512 x 512
+grid (4,096 regions of 8 x 8, too many for the tables of ``routetiles``) would list a billion
+entries: refused, without allocating them, in a fraction of a second.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import tracemalloc
+from pathlib import Path
+
+import pytest
+import torch
+
+import patterndsl
+from patterndsl import ir
+from patterndsl.analysis import engine as eng
+from patterndsl.analysis import routelimit, routetiles
+from patterndsl.errors import PatternError
+from patterndsl.sizes import Sizes
+
+BIFORMER = (Path(__file__).resolve().parents[2] / "examples" / "biformer.pdsl").read_text()
+
+
+def test_biformer_beyond_the_limit_is_refused_at_the_route_before_allocating():
+    pattern = patterndsl.compile(BIFORMER, "biformer", H=512, W=512)
+    tracemalloc.start()
+    start = time.process_time()
+    try:
+        with pytest.raises(PatternError) as info:
+            pattern.plan(512 * 512, heads=4, block=(128, 128))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert time.process_time() - start < 5.0
+    assert peak < 256 << 20  # the billion entries (tens of GB) were never listed
+    err = info.value
+    assert err.span is not None and err.span.line == 8  # the route(...) line of the example
+    text = str(err)
+    assert "1,073,741,824 (candidate pair, tile) entries" in text
+    assert f"limit of {routelimit.MAX_INCIDENCES:,}" in text
+    fits = int(re.search(r"about ([\d,]+) tokens fit", text).group(1).replace(",", ""))
+    assert 131072 <= fits < 262144  # 128K tokens plan (by routetiles' tables), 256K do not
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "pattern p { layout grid(y = 16, x = 24)\n route(topk = 2, block = (4, 4)) }",
+        "pattern p { layout grid(y = 16, x = 24)\n route(topk = 2, block = (4, 8), among = neighborhood(5)) }",
+        "pattern p { causal & (window(5) | route(topk = 2, block = 8, qblock = 4, among = causal - window(5))) }",
+    ],
+)
+def test_the_count_is_the_pair_by_pair_plans_entries(source, monkeypatch):
+    pir = patterndsl.compile(source).ir
+    node = eng.rewrite_for_plan(pir.default)
+    length = 384
+    engine = eng.identity_engine(Sizes(length, length, pir.layout), 0, (16, 24))
+    ((prim, _),) = ir.polarities(node).items()
+    keys = engine.route_candidates(prim)[0]
+    listed = len(engine.route_incidence(prim, keys)[0])
+    bound = routelimit.incidences(engine, prim)  # within the limit: every pair counted as a candidate
+    assert bound >= listed and (bound == listed or prim.arg("among") != ir.Prim("full"))
+    # with a limit below the count (and the bound), the candidates' count is the one compared
+    monkeypatch.setattr(routelimit, "MAX_INCIDENCES", listed - 1)
+    fresh = eng.identity_engine(Sizes(length, length, pir.layout), 0, (16, 24))
+    assert routelimit.incidences(fresh, prim) == listed
+    with pytest.raises(PatternError) as info:
+        routelimit.check(fresh, node)
+    assert info.value.span is not None and f"{listed:,} (candidate pair, tile) entries" in str(info.value)
+    monkeypatch.setattr(routelimit, "MAX_INCIDENCES", listed)
+    routelimit.check(fresh, node)
+
+
+def test_a_refused_plan_is_refused_by_plan_and_a_small_one_still_plans(monkeypatch):
+    tables = patterndsl.compile(BIFORMER, "biformer", H=32, W=32).plan(1024, heads=1, block=(64, 64))
+    monkeypatch.setattr(routetiles._DenseGeometry, "MAX_ENTRIES", 1)  # force the pair-by-pair plan
+    pairs = patterndsl.compile(BIFORMER, "biformer", H=32, W=32).plan(1024, heads=1, block=(64, 64))
+    assert pairs.groups[0].tiles.nnz == 16 * 16  # every tile may be chosen
+    assert torch.equal(pairs.groups[0].tiles.to_dense(16, 16), tables.groups[0].tiles.to_dense(16, 16))
+    monkeypatch.setattr(routelimit, "MAX_INCIDENCES", 10)
+    with pytest.raises(PatternError, match="limit of 10"):
+        patterndsl.compile(BIFORMER, "biformer", H=32, W=32).plan(1024, heads=1, block=(64, 64))
