@@ -197,6 +197,12 @@ class Engine:
 
     def run(self, node: ir.Node, domain: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Non-empty tiles of ``node`` (within ``domain``, sorted keys, when given) and their states."""
+        if domain is not None and not self.coarse:
+            from patterndsl.analysis import diagonal
+
+            along = diagonal.run(self, node, domain)  # one tile per diagonal, when the node allows it
+            if along is not None:
+                return along
         keys, state = self._run(node, domain)
         return self._settle(node, keys, state)
 
@@ -587,28 +593,35 @@ class Engine:
                 memo[int(keys[o])] = (t[o], f[o], count[o])
         return t, f, count
 
-    def box_states(self, node: ir.Node, qp, kp, leaves: dict | None = None) -> np.ndarray:
+    def box_states(self, node: ir.Node, qp, kp, leaves: dict | None = None, sure: bool = False) -> np.ndarray:
         """Per box (aligned query / key pieces): 2 every pair allowed, 0 none, 1 not known symbolically.
 
-        ``leaves``, when given, receives every primitive's own states (``{prim: int8 [B]}``).
+        ``leaves``, when given, receives every primitive's own states (``{prim: int8 [B]}``, 0 / 1 / 2).
+        With ``sure``, a box known to hold both an allowed and a blocked pair is 3: one operand
+        known partial there and every other one deciding nothing (full under ``&``, empty under ``|``).
         """
         if isinstance(node, ir.Not):
-            return 2 - self.box_states(node.item, qp, kp, leaves)
+            return _FLIP_SURE[self.box_states(node.item, qp, kp, leaves, sure)]
         if isinstance(node, (ir.Inter, ir.Union)):
-            states = np.stack([self.box_states(item, qp, kp, leaves) for item in node.items])
-            if isinstance(node, ir.Inter):
-                return np.where((states == 0).any(0), 0, np.where((states == 2).all(0), 2, 1)).astype(np.int8)
-            return np.where((states == 2).any(0), 2, np.where((states == 0).all(0), 0, 1)).astype(np.int8)
-        if leaves is not None and node in leaves:
+            states = np.stack([self.box_states(item, qp, kp, leaves, sure) for item in node.items])
+            absorb, neutral = (0, 2) if isinstance(node, ir.Inter) else (2, 0)
+            out = np.where((states == absorb).any(0), absorb, np.where((states == neutral).all(0), neutral, 1))
+            if sure:
+                one = ((states == 3).sum(0) == 1) & ((states == 3) | (states == neutral)).all(0)
+                out = np.where(one, 3, out)
+            return out.astype(np.int8)
+        if leaves is not None and node in leaves and not sure:
             return leaves[node]
         if primitives.lookup(node.name).dynamic:
             st = np.ones(len(qp.fa), np.int8)
+            known = np.zeros(len(qp.fa), bool)
         else:
             nonempty, full, ok = cls.classify(node, qp, kp, self.env)
             st = np.where(ok & full & nonempty, 2, np.where(ok & ~nonempty, 0, 1)).astype(np.int8)
+            known = ok & nonempty & ~full
         if leaves is not None:
             leaves[node] = st
-        return st
+        return np.where(known, 3, st).astype(np.int8) if sure else st
 
     def refine(self, node: ir.Node, keys: np.ndarray, counting: bool) -> Refined:
         """Cut tiles ``keys`` into boxes, halving undecided boxes, and classify each box symbolically.
@@ -659,7 +672,8 @@ class Engine:
             if not len(owner):
                 break
             qp, kp, leaves = qb.pieces(), kb.pieces(), {}
-            st = self.box_states(node, qp, kp, leaves)
+            # Classifying only: a box surely partial settles its tile (3, both kinds of pair).
+            st = self.box_states(node, qp, kp, leaves, sure=not counting)
             area = qb.n.prod(1) * kb.n.prod(1)
             live = st == 1
             allowed = np.where(st == 2, area, 0)
@@ -914,6 +928,9 @@ class Engine:
             keys, state = keys[keep], state[keep]
         return keys, state
 
+
+#: :meth:`Engine.box_states` under ``~``: all <-> none, unknown and surely partial stay.
+_FLIP_SURE = np.array([2, 1, 0, 3], np.int8)
 
 #: Largest period by which :meth:`Engine.refine` first splits boxes into residue classes.
 _MAX_PERIOD = 8
@@ -1236,9 +1253,14 @@ def count_tiles(engine: Engine, node: ir.Node, keys: np.ndarray, state: np.ndarr
     count; of ``A | B`` whose other operands are empty there, likewise; of ``~A``, the area
     minus ``A``'s count. Single bands are counted by formula; what is left is evaluated.
     """
+    from patterndsl.analysis import diagonal
+
     out = np.zeros(len(keys), np.int64)
     if not len(keys):
         return out
+    along = diagonal.count(engine, node, keys)  # one tile per diagonal, when the node allows it
+    if along is not None:
+        return along
     memo = engine._caches.memo.get(node)
     if memo:
         # Tiles evaluated while classifying have their counts already.

@@ -14,7 +14,7 @@ import torch
 from patterndsl import ir
 from patterndsl import semantics as sem
 from patterndsl.errors import PatternTypeError
-from patterndsl.primitives import intervals
+from patterndsl.primitives import intervals, residues
 from patterndsl.primitives.common import BIG, cdiv, distinct_rows, exact, fdiv, param
 from patterndsl.primitives.registry import Primitive, register
 
@@ -187,6 +187,9 @@ def _where_classify(prim, qp, kp, env):
     hp = halfplane_of(pred, env)
     if hp is not None:
         return _halfplane(qp, kp, *hp)
+    periodic = residues.classify(prim, qp, kp, env)
+    if periodic is not None:
+        return periodic  # repeats with small periods in q and k: counted from residue histograms
     # Interval bounds over the pieces' hulls settle the pairs where the predicate cannot be
     # true or cannot be false; the engine refines the rest.
     can_true, can_false, sound = intervals.decide(pred, intervals.pieces_boxes(qp, kp), env)
@@ -228,9 +231,14 @@ def _where_candidates(engine, prim):
 
 
 def _where_count(prim, engine, keys):
+    if isinstance(prim.arg("pred"), ir.Const):
+        return None
+    periodic = residues.tile_counts(prim, engine, keys)
+    if periodic is not None:
+        return periodic
     # One-sided predicates: a tile's pairs are its other side's size times its allowed positions.
     side = one_side(prim.arg("pred"))
-    if side is None or isinstance(prim.arg("pred"), ir.Const):
+    if side is None:
         return None
     this, other = (engine.q, engine.k) if side == "q" else (engine.k, engine.q)
     allowed, _ = side_facts(prim, this.piece_view(np.arange(len(this.tile))), side, engine.env)
@@ -260,6 +268,11 @@ def _where_periods(prim) -> tuple[int, ...]:
         for e in ir.walk_expr(prim.arg("pred"))
         if isinstance(e, ir.Arith) and e.op == "%" and isinstance(e.right, ir.Const)
     )
+
+
+def _where_shift_periods(prim, env) -> tuple[int, int] | None:
+    # In 1-D: the meaning repeats when q moves by Pq and k by Pk (residues.periods).
+    return None if env.layout is not None else residues.periods(prim.arg("pred"))
 
 
 def _where_axes(prim, layout) -> tuple[int, ...] | None:
@@ -302,6 +315,7 @@ WHERE = register(
         triton=_where_triton,
         joint_search=lambda prim, env: halfplane_of(prim.arg("pred"), env) is None,
         periods=_where_periods,
+        shift_periods=_where_shift_periods,
         axes=_where_axes,
     )
 )
