@@ -310,14 +310,18 @@ class Engine:
         # the chains partition the key tiles: no key is found twice, so sorting is enough
         return np.sort(keys) if len(chains) > 1 else keys
 
-    def _overlap_axes(self, alo: np.ndarray, ahi: np.ndarray) -> np.ndarray:
+    def _overlap_axes(self, alo: np.ndarray, ahi: np.ndarray, rows=None, cols=None) -> np.ndarray:
         """Keys of pairs ``(m, n)`` where key tile ``n``'s per-axis bounds meet ``[alo[m], ahi[m]]``.
 
         For key tiles that are boxes in no flattened order (grid box orders): key tiles sorted by
         their first-axis start; a query tile's candidates start within one tile's extent before
-        its range, so only those are tested, not every key tile.
+        its range, so only those are tested, not every key tile. ``rows`` / ``cols`` (sorted tile
+        indices, ``alo``/``ahi`` given for ``rows``) restrict the pairs to those query and key tiles.
         """
         (_, _, _, _), (_, _, kalo, kahi) = self._bounds()
+        rows = np.arange(self.nqb, dtype=np.int64) if rows is None else rows
+        cols = np.arange(self.nkb, dtype=np.int64) if cols is None else cols
+        kalo, kahi = kalo[cols], kahi[cols]
         order = np.argsort(kalo[:, 0], kind="stable")
         start = kalo[order, 0]
         reach = int((kahi[:, 0] - kalo[:, 0]).max()) if len(kalo) else 0
@@ -325,16 +329,21 @@ class Engine:
         last = np.searchsorted(start, ahi[:, 0], "right")
         # query tiles a chunk at a time: the pairs tested before filtering stay bounded in memory
         ends = np.cumsum(last - first)
-        found, m0 = [], 0
-        while m0 < self.nqb:
-            m1 = max(m0 + 1, int(np.searchsorted(ends, ends[m0] - (last[m0] - first[m0]) + _PAIR_CHUNK, "right")))
-            rows = np.arange(m0, min(m1, self.nqb), dtype=np.int64)
-            m, pos = expand_runs(rows, first[rows], last[rows])
+        found, r0 = [], 0
+        while r0 < len(rows):
+            r1 = max(r0 + 1, int(np.searchsorted(ends, ends[r0] - (last[r0] - first[r0]) + _PAIR_CHUNK, "right")))
+            at = np.arange(r0, min(r1, len(rows)), dtype=np.int64)
+            i, pos = expand_runs(at, first[at], last[at])
             n = order[pos]
-            keep = ((kahi[n] >= alo[m]) & (kalo[n] <= ahi[m])).all(1)
-            found.append(m[keep] * self.nkb + n[keep])
-            m0 = int(rows[-1]) + 1
+            keep = ((kahi[n] >= alo[i]) & (kalo[n] <= ahi[i])).all(1)
+            found.append(rows[i[keep]] * self.nkb + cols[n[keep]])
+            r0 = int(at[-1]) + 1
         return np.sort(np.concatenate(found)) if found else np.zeros(0, np.int64)
+
+    def overlap_axes(self, alo: np.ndarray, ahi: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        """Sorted keys of pairs of query tiles ``rows`` and key tiles ``cols`` whose per-axis bounds meet
+        (``[alo[i], ahi[i]]`` for ``rows[i]``): for tile rules that know which key tiles can pair at all."""
+        return self._overlap_axes(alo, ahi, rows, cols)
 
     def bounds(self):
         """``((qlo, qhi, qalo, qahi), (klo, khi, kalo, kahi))``: per tile, flattened and per-axis position bounds."""
