@@ -204,20 +204,34 @@ def loses(candidate: tuple, groups, sizes: Sizes, bm: int, bn: int, bound: int) 
     return _sampled_work(*candidate, groups, sizes, bm, bn) >= SAMPLE_MARGIN * bound
 
 
-def _first_by_estimate(cands: list, groups, sizes: Sizes, bm: int, bn: int) -> tuple[list[float], list[int]]:
-    """Every candidate order's sampled visited pairs (:func:`_sampled_work`), and the order to plan them in.
+#: Beyond this many tiles, every candidate order is estimated before any is planned whole.
+ESTIMATE_FIRST_TILES = 1 << 16
 
-    The candidate with the fewest estimated pairs is planned whole first, so its pairs bound the
-    others from the start (they are then skipped on their estimates alone); the identity stays
-    first unless some order's estimate beats it by more than :data:`SAMPLE_MARGIN`. A dilated grid
-    neighborhood's identity order at a million tokens cost seconds to plan for an order that never wins.
+
+def _plan_sequence(cands: list, groups, sizes: Sizes, bm: int, bn: int):
+    """``(estimate, sequence)``: each candidate's sampled visited pairs (:func:`_sampled_work`, on first
+    use) and the order in which to plan the candidates whole.
+
+    Beyond :data:`ESTIMATE_FIRST_TILES` tiles, the candidate with the fewest estimated pairs is planned
+    first, so its pairs bound the others from the start (they are then skipped on their estimates
+    alone); the identity stays first unless some order's estimate beats it by more than
+    :data:`SAMPLE_MARGIN`. A dilated grid neighborhood's identity order at a million tokens took
+    seconds to plan for an order that never wins. Below it, the identity is planned first and the
+    others are estimated only to be skipped (a sample costs about what a small plan does).
     """
-    if len(cands) == 1:
-        return [0.0], [0]
-    estimates = [_sampled_work(*c, groups, sizes, bm, bn) for c in cands]
-    low = min(estimates)
-    first = 0 if estimates[0] <= SAMPLE_MARGIN * low else estimates.index(low)
-    return estimates, [first] + [i for i in range(len(cands)) if i != first]
+    found: dict[int, float] = {}
+
+    def estimate(i: int) -> float:
+        if i not in found:
+            found[i] = _sampled_work(*cands[i], groups, sizes, bm, bn)
+        return found[i]
+
+    tiles_ = -(-sizes.q_len // bm) * -(-sizes.kv_len // bn)
+    if len(cands) == 1 or tiles_ <= ESTIMATE_FIRST_TILES:
+        return estimate, list(range(len(cands)))
+    low = min(estimate(i) for i in range(len(cands)))
+    first = 0 if estimate(0) <= SAMPLE_MARGIN * low else [estimate(i) for i in range(len(cands))].index(low)
+    return estimate, [first] + [i for i in range(len(cands)) if i != first]
 
 
 def _sampled_work(desc, qsegs, ksegs, identity, groups, sizes: Sizes, bm, bn) -> float:
@@ -369,14 +383,14 @@ def plan(
     try:
         best = None
         tried = 0
-        estimates, sequence = _first_by_estimate(cands, groups, sizes, bm, bn)
+        estimate, sequence = _plan_sequence(cands, groups, sizes, bm, bn)
         for i in sequence:
             desc, qsegs, ksegs, identity = cands[i]
             if best is not None and all((g.state == eng.FULL).all() and not g.runs_tiles(False) for g in best.groups):
                 break  # every visited pair is allowed: no order visits fewer
             tried += 1
             bound = None if best is None else best.work
-            if bound is not None and estimates[i] >= SAMPLE_MARGIN * bound:
+            if bound is not None and estimate(i) >= SAMPLE_MARGIN * bound:
                 continue  # its sampled query tiles visit clearly more than the best order: it will not win
             cand = _plan_order(desc, qsegs, ksegs, identity, groups, sizes, bm, bn, bound)
             if cand is not None:
