@@ -77,13 +77,7 @@ def _along(engine: eng.Engine, node: ir.Node, keys: np.ndarray, values) -> np.nd
 def run(engine: eng.Engine, node: ir.Node, domain: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
     """Non-empty tiles of ``node`` within ``domain`` and their states, one tile per diagonal (None: not worth it)."""
 
-    def states(keys):
-        found, state = engine.run(node, keys)
-        out = np.zeros(len(keys), np.int64)
-        out[np.searchsorted(keys, found)] = state
-        return out
-
-    state = _along(engine, node, domain, states)
+    state = _along(engine, node, domain, lambda part: _states(engine, node, part))
     if state is None:
         return None
     keep = state > 0
@@ -93,3 +87,54 @@ def run(engine: eng.Engine, node: ir.Node, domain: np.ndarray) -> tuple[np.ndarr
 def count(engine: eng.Engine, node: ir.Node, keys: np.ndarray) -> np.ndarray | None:
     """Allowed pairs of tiles ``keys``, one tile per diagonal (None: not worth it)."""
     return _along(engine, node, keys, lambda part: eng.count_tiles(engine, node, part))
+
+
+def run_all(engine: eng.Engine, node: ir.Node) -> tuple[np.ndarray, np.ndarray] | None:
+    """Every non-empty tile of ``node`` and its state, from one full-size tile per diagonal (None: not worth it).
+
+    The diagonals' representatives are classified (``n_q + n_k`` tiles), the full-size tiles of the
+    non-empty diagonals are laid out row by row from them, and the edge tiles (a last query row or
+    key column shorter than the tile) are classified on their own.
+    """
+    q, k = engine.q, engine.k
+    if engine.nqb * engine.nkb < MIN_TILES or not invariant(engine, node):
+        return None
+    qf, kf = q.length // q.block, k.length // k.block  # full-size tiles per side
+    if not qf or not kf:
+        return None
+    diag = np.arange(-(qf - 1), kf, dtype=np.int64)
+    first = np.maximum(-diag, 0)
+    reps = first * engine.nkb + first + diag  # the first full-size tile of every diagonal
+    order = np.argsort(reps)
+    found, state = engine.run(node, reps[order])
+    rep_state = np.zeros(len(reps), np.int8)
+    rep_state[order[np.searchsorted(reps[order], found)]] = state
+    live = diag[rep_state > 0]
+    # full-size tiles row by row: (m, m + d) for the live diagonals d, in key order; then the last
+    # key column in each row, when it is an edge tile
+    eng.check_tiles(qf * (len(live) + 1))
+    m = np.arange(qf, dtype=np.int64)[:, None]
+    cols = [m + live[None, :]]
+    states = [np.broadcast_to(rep_state[rep_state > 0][None, :], (qf, len(live)))]
+    if kf < engine.nkb:
+        edge = np.arange(qf, dtype=np.int64) * engine.nkb + kf
+        cols.append(np.full((qf, 1), kf, np.int64))
+        states.append(_states(engine, node, edge)[:, None])
+    col, st = np.concatenate(cols, 1), np.concatenate(states, 1)
+    # full-size columns from the diagonals, the edge column from its own classification
+    keep = (col >= 0) & ((col < kf) | (np.arange(col.shape[1]) >= len(live))[None, :]) & (st > 0)
+    keys = (m * engine.nkb + col)[keep]
+    state = st[keep].astype(np.int8)
+    if qf < engine.nqb:
+        row = qf * engine.nkb + np.arange(engine.nkb, dtype=np.int64)
+        last = _states(engine, node, row)
+        keys = np.concatenate([keys, row[last > 0]])
+        state = np.concatenate([state, last[last > 0].astype(np.int8)])
+    return keys, state
+
+
+def _states(engine: eng.Engine, node: ir.Node, keys: np.ndarray) -> np.ndarray:
+    found, state = engine.run(node, keys)
+    out = np.zeros(len(keys), np.int64)
+    out[np.searchsorted(keys, found)] = state
+    return out

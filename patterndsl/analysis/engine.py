@@ -197,10 +197,11 @@ class Engine:
 
     def run(self, node: ir.Node, domain: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Non-empty tiles of ``node`` (within ``domain``, sorted keys, when given) and their states."""
-        if domain is not None and not self.coarse:
+        if not self.coarse:
             from patterndsl.analysis import diagonal
 
-            along = diagonal.run(self, node, domain)  # one tile per diagonal, when the node allows it
+            # one tile per diagonal, when the node allows it
+            along = diagonal.run_all(self, node) if domain is None else diagonal.run(self, node, domain)
             if along is not None:
                 return along
         keys, state = self._run(node, domain)
@@ -965,11 +966,15 @@ def _period(node: ir.Node, env) -> int:
 
 def _by_residue(owner: np.ndarray, qb: _BoxSide, kb: _BoxSide, period: int):
     """Every (query, key) box pair split into the pairs of residue classes mod ``period`` (1-D)."""
+    if ((qb.s[:, 0] % period == 0) | (qb.n[:, 0] <= 1)).all() and (
+        (kb.s[:, 0] % period == 0) | (kb.n[:, 0] <= 1)
+    ).all():
+        return owner, qb, kb  # one residue class each already (the residue-class orders)
     parts_o, parts_q, parts_k = [], [], []
+    keys = [kb.residue(side_k, period) for side_k in range(period)]
     for side_q in range(period):
         q = qb.residue(side_q, period)
-        for side_k in range(period):
-            k = kb.residue(side_k, period)
+        for k in keys:
             live = (q.n[:, 0] > 0) & (k.n[:, 0] > 0)
             parts_o.append(owner[live])
             parts_q.append(q.take(live))

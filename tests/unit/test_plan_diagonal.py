@@ -70,3 +70,21 @@ def test_one_tile_per_diagonal_is_classified(forced, monkeypatch):
     monkeypatch.setattr(diagonal, "MIN_TILES", 1 << 60)
     each = check_plan(pir, 1024, 1024, 1, (8, 8), "identity").stats.extra["tiles_classified"]
     assert 3 * grouped < each
+
+
+def test_flat_plans_laid_out_from_diagonals_match_dense(monkeypatch):
+    # no coarse levels: every tile of the plan comes from its diagonal's representative (or an edge tile)
+    monkeypatch.setattr(diagonal, "MIN_TILES", 0)
+    rng = random.Random(11)
+    for _ in range(10):
+        pir = patterndsl.compile(f"pattern p {{ {_random_source(rng)} }}").ir
+        lq = rng.randint(40, 100)
+        lk = lq if rng.random() < 0.4 else rng.randint(40, 100)
+        check_plan(pir, lq, lk, 1, (8, 8), "identity")
+    # one tile per diagonal (and the edge row and column) is classified: the work follows the sides,
+    # not the tiles below the diagonal
+    pir = patterndsl.compile("pattern p { causal & (window(20) | where(k % 4 == 1)) }").ir
+    grouped = check_plan(pir, 203, 203, 1, (8, 8), "identity").stats.extra["tiles_classified"]
+    monkeypatch.setattr(diagonal, "MIN_TILES", 1 << 60)
+    each = check_plan(pir, 203, 203, 1, (8, 8), "identity").stats.extra["tiles_classified"]
+    assert 5 * grouped < each
