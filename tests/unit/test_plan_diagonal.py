@@ -45,12 +45,19 @@ def _random_source(rng: random.Random) -> str:
     return rng.choice([f"{a} & ({b} | {c})", f"({a} | {b}) & ~{c}", f"{a} | {b} & {c}", f"{a} & {b}"])
 
 
-def test_random_band_and_periodic_patterns_match_dense(forced):
-    rng = random.Random(7)
-    for _ in range(12):
+@pytest.mark.parametrize("levels", [True, False])
+def test_random_band_and_periodic_patterns_match_dense(levels, monkeypatch):
+    # through the coarse levels (domains grouped by diagonal) and flat (laid out from the diagonals)
+    monkeypatch.setattr(diagonal, "MIN_TILES", 0)
+    if levels:
+        monkeypatch.setattr(hierarchy, "FLAT_TILES", 0)
+        monkeypatch.setattr(hierarchy, "TOP_TILES", 4)
+        monkeypatch.setattr(hierarchy, "PAYS", 0)
+    rng = random.Random(7 if levels else 11)
+    for _ in range(10):
         pir = patterndsl.compile(f"pattern p {{ {_random_source(rng)} }}").ir
-        lq = rng.randint(60, 130)
-        lk = lq if rng.random() < 0.5 else rng.randint(60, 130)
+        lq = rng.randint(40, 130)
+        lk = lq if rng.random() < 0.5 else rng.randint(40, 130)
         check_plan(pir, lq, lk, 1, (8, 8), "identity")
 
 
@@ -72,17 +79,10 @@ def test_one_tile_per_diagonal_is_classified(forced, monkeypatch):
     assert 3 * grouped < each
 
 
-def test_flat_plans_laid_out_from_diagonals_match_dense(monkeypatch):
-    # no coarse levels: every tile of the plan comes from its diagonal's representative (or an edge tile)
-    monkeypatch.setattr(diagonal, "MIN_TILES", 0)
-    rng = random.Random(11)
-    for _ in range(10):
-        pir = patterndsl.compile(f"pattern p {{ {_random_source(rng)} }}").ir
-        lq = rng.randint(40, 100)
-        lk = lq if rng.random() < 0.4 else rng.randint(40, 100)
-        check_plan(pir, lq, lk, 1, (8, 8), "identity")
+def test_flat_plans_classify_one_tile_per_diagonal(monkeypatch):
     # one tile per diagonal (and the edge row and column) is classified: the work follows the sides,
     # not the tiles below the diagonal
+    monkeypatch.setattr(diagonal, "MIN_TILES", 0)
     pir = patterndsl.compile("pattern p { causal & (window(20) | where(k % 4 == 1)) }").ir
     grouped = check_plan(pir, 203, 203, 1, (8, 8), "identity").stats.extra["tiles_classified"]
     monkeypatch.setattr(diagonal, "MIN_TILES", 1 << 60)
