@@ -1,82 +1,98 @@
-"""Stage 4 (block plan), tiles along diagonals: nodes that shifting both sides by one tile leaves unchanged.
+"""Stage 4 (block plan), tiles that are translates: nodes that shifting both sides alike leaves unchanged.
 
-Comes in: an engine (identity order, 1-D positions, square tiles) and a static node whose every
-primitive is a band (``lo <= q - k <= hi`` with any modulus: it reads ``q - k`` only) or repeats
-with periods that divide the tile size (its record's ``shift_periods``: ``where(k % 4 == 0)``).
-Goes out: the states and allowed pairs of a set of tiles, computed on one full-size tile per
-diagonal ``n - m`` and copied along it.
+Comes in: an engine (1-D positions, one piece per tile) and a static node whose every primitive is
+a band (``lo <= q - k <= hi`` with any modulus: it reads ``q - k`` only) or repeats with periods
+in ``q`` and ``k`` (its record's ``shift_periods``: ``where(k % 4 == 0)``). Goes out: the states
+and allowed pairs of a set of tiles, computed on one tile per class of translates and copied.
 
-Moving from tile ``(m, n)`` to ``(m + 1, n + 1)`` adds the tile size to every query and key
-position; such a node holds the same mask on both tiles when both are full size. The tiles near
-the diagonal of ``causal & (window(127) | window(1024, dilation = 8))`` (tens of thousands at a
-million tokens, each needing its residue classes refined) then cost one tile per diagonal.
+Two tiles whose query and key pieces are the same progressions moved by one amount ``t`` (a
+multiple of the periods) hold the same mask under such a node. In identity order those are the
+full-size tiles of one diagonal ``n - m``; in a residue-class order, the tiles of one diagonal
+inside a pair of classes. The tiles near the diagonal of ``causal & (window(127) | window(1024,
+dilation = 8))`` (hundreds of thousands at a million tokens, each needing its residue classes
+refined and counted) then cost one tile per class. A flat plan in identity order (square tiles)
+is laid out from one tile per diagonal (:func:`run_all`).
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 
 from patterndsl import ir, primitives
 from patterndsl.analysis import engine as eng
+from patterndsl.primitives.common import distinct_rows
 
 #: Below this many tiles the grouping costs more than it saves.
 MIN_TILES = 256
+#: Largest period of translation (lcm of the primitives' periods) grouped by.
+MAX_PERIOD = 1 << 12
 
 
-def invariant(engine: eng.Engine, node: ir.Node) -> bool:
-    """Whether ``node`` holds the same mask on every full-size tile of a diagonal on ``engine``'s sides."""
-    q, k = engine.q, engine.k
-    if not (q.identity and k.identity and len(q.extents) == 1 and q.block == k.block) or ir.is_dynamic(node):
-        return False
-    cache = engine.env.cache.setdefault("diagonal invariant", {})
+def period(engine: eng.Engine, node: ir.Node) -> int | None:
+    """The step ``P`` such that moving both sides by a multiple of it leaves ``node``'s mask unchanged, or None."""
+    if len(engine.q.extents) != 1 or ir.is_dynamic(node):
+        return None
+    cache = engine.env.cache.setdefault("translation period", {})
     if node not in cache:
-        cache[node] = all(_shifts(p, engine) for p in ir.walk(node) if isinstance(p, ir.Prim))
+        step = 1
+        for prim in {p for p in ir.walk(node) if isinstance(p, ir.Prim)}:
+            if prim in (ir.FULL, ir.EMPTY) or eng.band_of(prim, engine.env) is not None:
+                continue
+            rule = primitives.lookup(prim.name).shift_periods
+            found = None if rule is None else rule(prim, engine.env)
+            if found is None:
+                step = None
+                break
+            step = math.lcm(step, *found)
+        cache[node] = step if step is not None and step <= MAX_PERIOD else None
     return cache[node]
 
 
-def _shifts(prim: ir.Prim, engine: eng.Engine) -> bool:
-    if prim in (ir.FULL, ir.EMPTY) or eng.band_of(prim, engine.env) is not None:
-        return True
-    rule = primitives.lookup(prim.name).shift_periods
-    found = None if rule is None else rule(prim, engine.env)
-    return found is not None and engine.q.block % found[0] == 0 and engine.k.block % found[1] == 0
-
-
-def _split(engine: eng.Engine, keys: np.ndarray):
-    """``(reps, inverse, full)``: one sorted key per diagonal of the full-size tiles ``keys[full]``,
-    and the representative of each of them (None when that saves less than half the tiles)."""
+def invariant(engine: eng.Engine, node: ir.Node) -> bool:
+    """Whether ``node`` holds the same mask on every full-size tile of a diagonal (identity order, square tiles)."""
     q, k = engine.q, engine.k
-    m, n = keys // engine.nkb, keys % engine.nkb
-    full = ((m + 1) * q.block <= q.length) & ((n + 1) * k.block <= k.length)
-    diag = (n - m)[full]
-    uniq, first, inverse = np.unique(diag, return_index=True, return_inverse=True)
-    if not len(diag) or 2 * len(uniq) > len(diag):
+    if not (q.identity and k.identity and q.block == k.block):
+        return False
+    step = period(engine, node)
+    return step is not None and q.block % step == 0
+
+
+def _split(engine: eng.Engine, keys: np.ndarray, step: int):
+    """``(reps, inverse)``: one sorted key per class of translates among tiles ``keys``, and the class of
+    each (None when that saves less than half the tiles)."""
+    q, k = engine.q, engine.k
+    if not (q.single_piece and k.single_piece):
         return None
+    m, n = keys // engine.nkb, keys % engine.nkb
+    qa, ka = q.a[m, 0], k.a[n, 0]
+    rows = np.stack([q.s[m, 0], q.n[m, 0], k.s[n, 0], k.n[n, 0], ka - qa, qa % step], 1)
+    uniq, inverse = distinct_rows(rows)
+    if 2 * len(uniq) > len(keys):
+        return None
+    first = np.full(len(uniq), len(keys), np.int64)
+    np.minimum.at(first, inverse, np.arange(len(keys), dtype=np.int64))
     order = np.argsort(first)  # representatives in key order: they are sorted then
     rank = np.empty(len(order), np.int64)
     rank[order] = np.arange(len(order))
-    return keys[full][first[order]], rank[inverse.reshape(-1)], full
+    return keys[first[order]], rank[inverse]
 
 
 def _along(engine: eng.Engine, node: ir.Node, keys: np.ndarray, values) -> np.ndarray | None:
-    # ``values(keys) -> int64 per key`` on one full-size tile per diagonal (and on the edge tiles), copied along.
-    if len(keys) < MIN_TILES or not invariant(engine, node):
+    # ``values(keys) -> int64 per key`` on one tile per class of translates, copied to the others.
+    if len(keys) < MIN_TILES:
         return None
-    split = _split(engine, keys)
+    step = period(engine, node)
+    split = None if step is None else _split(engine, keys, step)
     if split is None:
         return None
-    reps, inverse, full = split
-    out = np.zeros(len(keys), np.int64)
-    out[full] = values(reps)[inverse]
-    edge = np.flatnonzero(~full)
-    if len(edge):
-        out[edge] = values(keys[edge])
-    return out
+    reps, inverse = split
+    return values(reps)[inverse]
 
 
 def run(engine: eng.Engine, node: ir.Node, domain: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
-    """Non-empty tiles of ``node`` within ``domain`` and their states, one tile per diagonal (None: not worth it)."""
-
+    """Non-empty tiles of ``node`` within ``domain`` and their states, one tile per class (None: not worth it)."""
     state = _along(engine, node, domain, lambda part: _states(engine, node, part))
     if state is None:
         return None
@@ -84,8 +100,14 @@ def run(engine: eng.Engine, node: ir.Node, domain: np.ndarray) -> tuple[np.ndarr
     return domain[keep], state[keep].astype(np.int8)
 
 
+def evaluate(engine: eng.Engine, node: ir.Node, keys: np.ndarray) -> np.ndarray | None:
+    """Exact states of open tiles ``keys`` (:meth:`Engine.evaluate`), one tile per class (None: not worth it)."""
+    state = _along(engine, node, keys, lambda part: engine.evaluate(node, part))
+    return None if state is None else state.astype(np.int8)
+
+
 def count(engine: eng.Engine, node: ir.Node, keys: np.ndarray) -> np.ndarray | None:
-    """Allowed pairs of tiles ``keys``, one tile per diagonal (None: not worth it)."""
+    """Allowed pairs of tiles ``keys``, one tile per class (None: not worth it)."""
     return _along(engine, node, keys, lambda part: eng.count_tiles(engine, node, part))
 
 

@@ -555,6 +555,11 @@ class Engine:
                 st = torch.where(allv & anyv, FULL, torch.where(anyv, PARTIAL, EMPTY))
                 out[part] = st.numpy().astype(np.int8)
             return out
+        from patterndsl.analysis import diagonal
+
+        along = diagonal.evaluate(self, node, keys)  # one tile per class of translates, when the node allows it
+        if along is not None:
+            return along
         if self.tally.budget is not None and len(keys) * self.q.block * self.k.block > self.tally.budget:
             # A candidate order that could need more evaluation than it may spend is refused
             # before any work, as if every open tile were evaluated whole.
