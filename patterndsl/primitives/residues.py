@@ -98,7 +98,7 @@ def periods(pred: ir.Expr) -> tuple[int, int] | None:
 
 
 def table(prim: ir.Prim, env) -> tuple[np.ndarray, int, int] | None:
-    """The predicate over one period: bool ``T[q % Pq, k % Pk]`` (int64), with ``Pq`` and ``Pk``; cached per plan.
+    """The predicate over one period: ``T[q % Pq, k % Pk]`` (int64 0/1), with ``Pq`` and ``Pk``; cached per plan.
 
     None when the predicate has no small periods, or its evaluation fails on the residues (a
     zero divisor): the tiles are then decided as before, where such an error is reported exactly.
@@ -113,7 +113,10 @@ def table(prim: ir.Prim, env) -> tuple[np.ndarray, int, int] | None:
         found = periods(prim.arg("pred"))
         if found is not None:
             pq, pk = found
-            q = torch.arange(pq, dtype=torch.int64)[:, None]
+            # each residue at the first position of that class (queries start at Lk - Lq): every
+            # entry a tile reads is the meaning at a real position, within the int64 range checked
+            q0 = env.offset
+            q = (q0 + (torch.arange(pq, dtype=torch.int64) - q0) % pq)[:, None]
             k = torch.arange(pk, dtype=torch.int64)[None, :]
             try:
                 value = _where_meaning(prim, q, k, env.head, env.sizes, None).expand(pq, pk)
