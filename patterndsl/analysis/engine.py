@@ -786,6 +786,8 @@ class Engine:
         # Parts that read one grid axis each: the candidates' counts, axis by axis, are their
         # states at once (no operand classified on its own, no tile left open).
         if domain is None:
+            domain = self._bounded_domain(node)
+        if domain is None:
             domain = self.search(self.node_decide(node))
         ref = self.refine(node, domain, counting=True)
         m, n = domain // self.nkb, domain % self.nkb
@@ -793,6 +795,21 @@ class Engine:
         state = np.where(ref.true_area == area, FULL, PARTIAL).astype(np.int8)
         keep = ref.true_area > 0
         return domain[keep], state[keep]
+
+    def _bounded_domain(self, node: ir.Node) -> np.ndarray | None:
+        # An intersection on a grid whose operands bound the key coordinates (each its needed-key
+        # ranges): the key tiles within every operand's ranges, per axis; None when none bounds them.
+        if not isinstance(node, ir.Inter) or self.env.layout is None:
+            return None
+        (qlo, qhi, qalo, qahi), _ = self._bounds()
+        alo = ahi = None
+        for item in node.items:
+            need = cls.needed_keys(item, qlo, qhi, qalo, qahi, self.env) if isinstance(item, ir.Prim) else None
+            if need is None or need[2] is None:
+                continue
+            alo = need[2] if alo is None else np.maximum(alo, need[2])
+            ahi = need[3] if ahi is None else np.minimum(ahi, need[3])
+        return None if alo is None else self._overlap_axes(alo, ahi)
 
     def _union(self, node: ir.Union, domain):
         results = [self._operand(node, item, domain) for item in node.items]

@@ -207,7 +207,40 @@ def _where_classify(prim, qp, kp, env):
     return nonempty, full, ok
 
 
+def _coord_keys(pred: ir.Expr, qlo, qhi, qalo, qahi, env):
+    # ``k.AXIS op E`` (or ``E op k.AXIS``) with ``E`` reading no key: the key coordinate lies within E's
+    # interval over the query tile (``q.y // 8 * 8 - 3 <= k.y``, HaloNet's block and halo), every other
+    # axis anywhere. Per-axis ranges clipped to the grid (a flattened range of a box spans planes).
+    if not isinstance(pred, ir.Cmp) or pred.op in ("!=",):
+        return None
+    op, key, other = pred.op, pred.left, pred.right
+    if not (isinstance(key, ir.Coord) and key.side == "k"):
+        op, key, other = {"<": ">", "<=": ">=", ">": "<", ">=": "<=", "==": "=="}[op], other, key
+    if not (isinstance(key, ir.Coord) and key.side == "k") or one_side(other) not in (None, "q"):
+        return None
+    if any(isinstance(e, ir.Var) and e.name == "k" for e in ir.walk_expr(other)):
+        return None
+    zero = np.zeros_like(qlo)
+    boxes = intervals.Boxes(qlo, qhi, zero, zero, qalo, qahi, np.zeros_like(qalo), np.zeros_like(qahi))
+    sound = np.ones(len(qlo), bool)
+    lo, hi = intervals._as_int(intervals._eval(other, boxes, env, sound), len(qlo))
+    if not sound.all():
+        return None
+    shape = np.asarray(env.layout.shape, np.int64)
+    alo = np.zeros_like(qalo)
+    ahi = np.broadcast_to(shape - 1, qahi.shape).copy()
+    x = env.layout.names.index(key.axis)
+    if op in (">=", ">", "=="):
+        alo[:, x] = np.maximum(lo + (op == ">"), 0)
+    if op in ("<=", "<", "=="):
+        ahi[:, x] = np.minimum(hi - (op == "<"), shape[x] - 1)
+    w = np.asarray([int(np.prod(env.layout.shape[a + 1 :])) for a in range(len(shape))], np.int64)
+    return (alo * w).sum(1), (ahi * w).sum(1), alo, ahi
+
+
 def _where_keys(prim, qlo, qhi, qalo, qahi, env):
+    if env.layout is not None:
+        return _coord_keys(prim.arg("pred"), qlo, qhi, qalo, qahi, env)
     hp = halfplane_of(prim.arg("pred"), env)
     if hp is not None and env.layout is None:
         cq, ck, c0 = hp

@@ -51,3 +51,22 @@ def test_dilation_group_orders_match_dense(src, monkeypatch):
         ref = tile_reduce(dense[:, plan.q_order][:, :, plan.kv_order], 16, 16)
         assert torch.equal(plan.tiles(), ref), cand[0]
         assert plan.stats.allowed_pairs == int(dense.sum())
+
+
+@pytest.mark.parametrize(
+    "pred",
+    [
+        "k.y >= q.y // 4 * 4 - 1 and k.y < q.y // 4 * 4 + 5 and k.x >= q.x // 4 * 4 - 1 and k.x < q.x // 4 * 4 + 5",
+        "k.y <= q.y + 2 and q.y - 3 < k.y and 2 * q.x // 3 == k.x",
+        "k.x > (q.x % 5) * 2 and k.y >= 0 - q.y and k.y <= 30",
+    ],
+)
+def test_key_coordinate_bounds_give_the_candidates(pred):
+    # an intersection of comparisons of one key coordinate each: candidates from the operands'
+    # per-axis bounds (no branch-and-bound search), the plan still the dense meaning's
+    from tests.unit.test_plan_property import check_plan
+
+    pir = patterndsl.compile(f"pattern p {{ layout grid(y = 12, x = 20)\n where({pred}) }}").ir
+    for block in ((16, 16), (8, 24)):
+        plan = check_plan(pir, 240, 240, 1, block, "identity")
+        assert plan.stats.extra["boxes_searched"] == 0
