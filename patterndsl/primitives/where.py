@@ -207,35 +207,60 @@ def _where_classify(prim, qp, kp, env):
     return nonempty, full, ok
 
 
+def _invert(e: ir.Expr, lo, hi):
+    # ``lo <= e <= hi`` (arrays, None: unbounded) with ``e`` increasing in one key coordinate (``k.y``,
+    # ``k.y + c``, ``k.y - c``, ``X // c`` with c > 0): ``(axis name, lo, hi)`` of that coordinate, or None.
+    if isinstance(e, ir.Coord):
+        return (e.axis, lo, hi) if e.side == "k" else None
+    if not isinstance(e, ir.Arith) or not isinstance(e.right, ir.Const) or isinstance(e.right.value, bool):
+        return None
+    c = int(e.right.value)
+    shift = {"+": -c, "-": c}.get(e.op)
+    if shift is not None:
+        return _invert(e.left, None if lo is None else lo + shift, None if hi is None else hi + shift)
+    if e.op == "//" and c > 0:
+        return _invert(e.left, None if lo is None else lo * c, None if hi is None else hi * c + c - 1)
+    return None
+
+
 def _coord_keys(pred: ir.Expr, qlo, qhi, qalo, qahi, env):
-    # ``k.AXIS op E`` (or ``E op k.AXIS``) with ``E`` reading no key: the key coordinate lies within E's
-    # interval over the query tile (``q.y // 8 * 8 - 3 <= k.y``, HaloNet's block and halo), every other
-    # axis anywhere. Per-axis ranges clipped to the grid (a flattened range of a box spans planes).
-    if not isinstance(pred, ir.Cmp) or pred.op in ("!=",):
+    # ``f(k.AXIS) op E`` (either side) with ``f`` increasing (``k.y``, ``(k.y + 3) // 7``) and ``E``
+    # reading no key: the key coordinate lies where ``f`` meets E's interval over the query tile
+    # (HaloNet's ``q.y // 8 * 8 - 3 <= k.y``, Swin's ``q.y // 7 == k.y // 7`` split in two), every
+    # other axis anywhere. Per-axis ranges clipped to the grid (a flattened range of a box spans planes).
+    if not isinstance(pred, ir.Cmp) or pred.op == "!=":
         return None
-    op, key, other = pred.op, pred.left, pred.right
-    if not (isinstance(key, ir.Coord) and key.side == "k"):
-        op, key, other = {"<": ">", "<=": ">=", ">": "<", ">=": "<=", "==": "=="}[op], other, key
-    if not (isinstance(key, ir.Coord) and key.side == "k") or one_side(other) not in (None, "q"):
-        return None
-    if any(isinstance(e, ir.Var) and e.name == "k" for e in ir.walk_expr(other)):
-        return None
-    zero = np.zeros_like(qlo)
-    boxes = intervals.Boxes(qlo, qhi, zero, zero, qalo, qahi, np.zeros_like(qalo), np.zeros_like(qahi))
-    sound = np.ones(len(qlo), bool)
-    lo, hi = intervals._as_int(intervals._eval(other, boxes, env, sound), len(qlo))
-    if not sound.all():
-        return None
-    shape = np.asarray(env.layout.shape, np.int64)
-    alo = np.zeros_like(qalo)
-    ahi = np.broadcast_to(shape - 1, qahi.shape).copy()
-    x = env.layout.names.index(key.axis)
-    if op in (">=", ">", "=="):
-        alo[:, x] = np.maximum(lo + (op == ">"), 0)
-    if op in ("<=", "<", "=="):
-        ahi[:, x] = np.minimum(hi - (op == "<"), shape[x] - 1)
-    w = np.asarray([int(np.prod(env.layout.shape[a + 1 :])) for a in range(len(shape))], np.int64)
-    return (alo * w).sum(1), (ahi * w).sum(1), alo, ahi
+    for op, key, other in ((pred.op, pred.left, pred.right), (_FLIP[pred.op], pred.right, pred.left)):
+        if one_side(other) not in (None, "q") or any(
+            isinstance(e, ir.Var) and e.name == "k" for e in ir.walk_expr(other)
+        ):
+            continue
+        zero = np.zeros_like(qlo)
+        boxes = intervals.Boxes(qlo, qhi, zero, zero, qalo, qahi, np.zeros_like(qalo), np.zeros_like(qahi))
+        sound = np.ones(len(qlo), bool)
+        lo, hi = intervals._as_int(intervals._eval(other, boxes, env, sound), len(qlo))
+        if not sound.all():
+            return None
+        # in float64 (no int64 overflow on far-off bounds), widened by 2 after rounding: a superset
+        lo, hi = lo.astype(np.float64) + (op == ">"), hi.astype(np.float64) - (op == "<")
+        found = _invert(key, lo if op in (">=", ">", "==") else None, hi if op in ("<=", "<", "==") else None)
+        if found is None:
+            continue
+        axis, klo, khi = found
+        shape = np.asarray(env.layout.shape, np.int64)
+        alo = np.zeros_like(qalo)
+        ahi = np.broadcast_to(shape - 1, qahi.shape).copy()
+        x = env.layout.names.index(axis)
+        if klo is not None:
+            alo[:, x] = np.clip(np.floor(klo) - 2, 0, shape[x])
+        if khi is not None:
+            ahi[:, x] = np.clip(np.ceil(khi) + 2, -1, shape[x] - 1)
+        w = np.asarray([int(np.prod(env.layout.shape[a + 1 :])) for a in range(len(shape))], np.int64)
+        return (alo * w).sum(1), (ahi * w).sum(1), alo, ahi
+    return None
+
+
+_FLIP = {"<": ">", "<=": ">=", ">": "<", ">=": "<=", "==": "=="}
 
 
 def _where_keys(prim, qlo, qhi, qalo, qahi, env):

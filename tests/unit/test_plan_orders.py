@@ -70,3 +70,19 @@ def test_key_coordinate_bounds_give_the_candidates(pred):
     for block in ((16, 16), (8, 24)):
         plan = check_plan(pir, 240, 240, 1, block, "identity")
         assert plan.stats.extra["boxes_searched"] == 0
+
+
+@pytest.mark.parametrize(
+    "pred",
+    [
+        "q.y // 3 == k.y // 3 and (q.x + 1) // 4 == (k.x + 1) // 4",
+        "(k.y - 2) // 5 <= q.y // 5 and k.x + 4 >= q.x and k.x // 2 < 4611686018427387 * q.x + 1",
+        "k.y // 7 >= q.y - 4611686018427387903 and k.x <= 13",
+    ],
+)
+def test_key_coordinate_bounds_through_shifts_and_floor_division(pred):
+    from tests.unit.test_plan_property import check_plan
+
+    pir = patterndsl.compile(f"pattern p {{ layout grid(y = 12, x = 20)\n where({pred}) }}").ir
+    plan = check_plan(pir, 240, 240, 1, (16, 16), "identity")
+    assert plan.stats.extra["boxes_searched"] == 0
