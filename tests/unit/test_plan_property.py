@@ -44,19 +44,6 @@ def _lin(rng, grid_axes):
     return e
 
 
-def _periodic_pred(rng):
-    # Positions only under ``% c`` (unaligned moduli of either sign, ``//`` of a residue, products):
-    # decided by the residue tables of primitives/residues.py.
-    def residue(side):
-        x = ir.Arith("*", C(rng.choice([-3, -1, 1, 2])), V(side))
-        if rng.random() < 0.5:
-            x = ir.Arith(rng.choice("+-*"), x, V("k" if side == "q" else "q"))
-        e = ir.Arith("%", ir.Arith("+", x, C(rng.randint(-5, 5))), C(rng.choice([-6, -4, 2, 3, 5, 7])))
-        return ir.Arith("//", e, C(rng.choice([-2, 1, 2]))) if rng.random() < 0.3 else e
-
-    return ir.Cmp(rng.choice(ir.Cmp.OPS), residue("q"), ir.Arith("+", residue("k"), C(rng.randint(-2, 2))))
-
-
 def rand_pred(rng, grid_axes, depth=0):
     r = rng.random()
     if r < 0.55 or depth > 1:
@@ -64,8 +51,6 @@ def rand_pred(rng, grid_axes, depth=0):
         return ir.Cmp(op, _lin(rng, grid_axes), ir.Arith("+", _lin(rng, grid_axes), C(rng.randint(-8, 8))))
     if r < 0.7:
         m = rng.randint(2, 5)
-        if rng.random() < 0.5:
-            return _periodic_pred(rng)
         return ir.Cmp("==", ir.Arith("%", ir.Arith("-", V("q"), V("k")), C(m)), C(rng.randint(0, m - 1)))
     if r < 0.8:
         return ir.Cmp("<=", ir.Func("abs", (ir.Arith("-", V("q"), V("k")),)), C(rng.randint(0, 9)))

@@ -7,11 +7,14 @@ the dense count, at lengths that are not multiples of the tile or of the periods
 
 from __future__ import annotations
 
+import random
+
 import numpy as np
 import pytest
 import torch
 
 import patterndsl as pd
+from patterndsl import ir
 from patterndsl.analysis.plan import tile_reduce
 from patterndsl.primitives import residues
 
@@ -140,3 +143,32 @@ def test_box_counts_match_histograms():
         q = (qa[i] + qs[i] * np.arange(qn[i])) % 6
         k = (ka[i] + ks[i] * np.arange(kn[i])) % 4
         assert got[i] == tab[q[:, None], k[None, :]].sum()
+
+
+def _periodic_pred(rng):
+    # Positions only under ``% c`` (unaligned moduli of either sign, ``//`` of a residue, products).
+    def residue(side):
+        x = ir.Arith("*", ir.Const(rng.choice([-3, -1, 1, 2])), ir.Var(side))
+        if rng.random() < 0.5:
+            x = ir.Arith(rng.choice("+-*"), x, ir.Var("k" if side == "q" else "q"))
+        modulus = ir.Const(rng.choice([-6, -4, 2, 3, 5, 7]))
+        e = ir.Arith("%", ir.Arith("+", x, ir.Const(rng.randint(-5, 5))), modulus)
+        return ir.Arith("//", e, ir.Const(rng.choice([-2, 1, 2]))) if rng.random() < 0.3 else e
+
+    right = ir.Arith("+", residue("k"), ir.Const(rng.randint(-2, 2)))
+    return ir.Cmp(rng.choice(ir.Cmp.OPS), residue("q"), right)
+
+
+def test_random_periodic_predicates_match_dense():
+    from tests.unit.test_plan_property import check_plan
+
+    rng = random.Random(5)
+    for _ in range(12):
+        where = ir.Prim("where", (("pred", _periodic_pred(rng)),))
+        node = where if rng.random() < 0.5 else ir.inter(ir.CAUSAL, ir.union(where, ir.Prim("sink", (("n", 3),))))
+        pir = ir.PatternIR("t", (), None, (), node)
+        lq, lk = rng.randint(20, 70), rng.randint(20, 70)
+        block = (rng.choice([4, 8, 16]), rng.choice([4, 7, 16]))
+        plan = check_plan(pir, lq, lk, 1, block, rng.choice(["identity", "auto"]))
+        if node is where:
+            assert plan.stats.elements_evaluated == 0
