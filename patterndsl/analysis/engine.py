@@ -197,6 +197,13 @@ class Engine:
 
     def run(self, node: ir.Node, domain: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Non-empty tiles of ``node`` (within ``domain``, sorted keys, when given) and their states."""
+        if not self.coarse:
+            from patterndsl.analysis import diagonal
+
+            # one tile per diagonal, when the node allows it
+            along = diagonal.run_all(self, node) if domain is None else diagonal.run(self, node, domain)
+            if along is not None:
+                return along
         keys, state = self._run(node, domain)
         return self._settle(node, keys, state)
 
@@ -304,14 +311,18 @@ class Engine:
         # the chains partition the key tiles: no key is found twice, so sorting is enough
         return np.sort(keys) if len(chains) > 1 else keys
 
-    def _overlap_axes(self, alo: np.ndarray, ahi: np.ndarray) -> np.ndarray:
+    def _overlap_axes(self, alo: np.ndarray, ahi: np.ndarray, rows=None, cols=None) -> np.ndarray:
         """Keys of pairs ``(m, n)`` where key tile ``n``'s per-axis bounds meet ``[alo[m], ahi[m]]``.
 
         For key tiles that are boxes in no flattened order (grid box orders): key tiles sorted by
         their first-axis start; a query tile's candidates start within one tile's extent before
-        its range, so only those are tested, not every key tile.
+        its range, so only those are tested, not every key tile. ``rows`` / ``cols`` (sorted tile
+        indices, ``alo``/``ahi`` given for ``rows``) restrict the pairs to those query and key tiles.
         """
         (_, _, _, _), (_, _, kalo, kahi) = self._bounds()
+        rows = np.arange(self.nqb, dtype=np.int64) if rows is None else rows
+        cols = np.arange(self.nkb, dtype=np.int64) if cols is None else cols
+        kalo, kahi = kalo[cols], kahi[cols]
         order = np.argsort(kalo[:, 0], kind="stable")
         start = kalo[order, 0]
         reach = int((kahi[:, 0] - kalo[:, 0]).max()) if len(kalo) else 0
@@ -319,16 +330,21 @@ class Engine:
         last = np.searchsorted(start, ahi[:, 0], "right")
         # query tiles a chunk at a time: the pairs tested before filtering stay bounded in memory
         ends = np.cumsum(last - first)
-        found, m0 = [], 0
-        while m0 < self.nqb:
-            m1 = max(m0 + 1, int(np.searchsorted(ends, ends[m0] - (last[m0] - first[m0]) + _PAIR_CHUNK, "right")))
-            rows = np.arange(m0, min(m1, self.nqb), dtype=np.int64)
-            m, pos = expand_runs(rows, first[rows], last[rows])
+        found, r0 = [], 0
+        while r0 < len(rows):
+            r1 = max(r0 + 1, int(np.searchsorted(ends, ends[r0] - (last[r0] - first[r0]) + _PAIR_CHUNK, "right")))
+            at = np.arange(r0, min(r1, len(rows)), dtype=np.int64)
+            i, pos = expand_runs(at, first[at], last[at])
             n = order[pos]
-            keep = ((kahi[n] >= alo[m]) & (kalo[n] <= ahi[m])).all(1)
-            found.append(m[keep] * self.nkb + n[keep])
-            m0 = int(rows[-1]) + 1
+            keep = ((kahi[n] >= alo[i]) & (kalo[n] <= ahi[i])).all(1)
+            found.append(rows[i[keep]] * self.nkb + cols[n[keep]])
+            r0 = int(at[-1]) + 1
         return np.sort(np.concatenate(found)) if found else np.zeros(0, np.int64)
+
+    def overlap_axes(self, alo: np.ndarray, ahi: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        """Sorted keys of pairs of query tiles ``rows`` and key tiles ``cols`` whose per-axis bounds meet
+        (``[alo[i], ahi[i]]`` for ``rows[i]``): for tile rules that know which key tiles can pair at all."""
+        return self._overlap_axes(alo, ahi, rows, cols)
 
     def bounds(self):
         """``((qlo, qhi, qalo, qahi), (klo, khi, kalo, kahi))``: per tile, flattened and per-axis position bounds."""
@@ -539,6 +555,11 @@ class Engine:
                 st = torch.where(allv & anyv, FULL, torch.where(anyv, PARTIAL, EMPTY))
                 out[part] = st.numpy().astype(np.int8)
             return out
+        from patterndsl.analysis import diagonal
+
+        along = diagonal.evaluate(self, node, keys)  # one tile per class of translates, when the node allows it
+        if along is not None:
+            return along
         if self.tally.budget is not None and len(keys) * self.q.block * self.k.block > self.tally.budget:
             # A candidate order that could need more evaluation than it may spend is refused
             # before any work, as if every open tile were evaluated whole.
@@ -587,28 +608,35 @@ class Engine:
                 memo[int(keys[o])] = (t[o], f[o], count[o])
         return t, f, count
 
-    def box_states(self, node: ir.Node, qp, kp, leaves: dict | None = None) -> np.ndarray:
+    def box_states(self, node: ir.Node, qp, kp, leaves: dict | None = None, sure: bool = False) -> np.ndarray:
         """Per box (aligned query / key pieces): 2 every pair allowed, 0 none, 1 not known symbolically.
 
-        ``leaves``, when given, receives every primitive's own states (``{prim: int8 [B]}``).
+        ``leaves``, when given, receives every primitive's own states (``{prim: int8 [B]}``, 0 / 1 / 2).
+        With ``sure``, a box known to hold both an allowed and a blocked pair is 3: one operand
+        known partial there and every other one deciding nothing (full under ``&``, empty under ``|``).
         """
         if isinstance(node, ir.Not):
-            return 2 - self.box_states(node.item, qp, kp, leaves)
+            return _FLIP_SURE[self.box_states(node.item, qp, kp, leaves, sure)]
         if isinstance(node, (ir.Inter, ir.Union)):
-            states = np.stack([self.box_states(item, qp, kp, leaves) for item in node.items])
-            if isinstance(node, ir.Inter):
-                return np.where((states == 0).any(0), 0, np.where((states == 2).all(0), 2, 1)).astype(np.int8)
-            return np.where((states == 2).any(0), 2, np.where((states == 0).all(0), 0, 1)).astype(np.int8)
-        if leaves is not None and node in leaves:
+            states = np.stack([self.box_states(item, qp, kp, leaves, sure) for item in node.items])
+            absorb, neutral = (0, 2) if isinstance(node, ir.Inter) else (2, 0)
+            out = np.where((states == absorb).any(0), absorb, np.where((states == neutral).all(0), neutral, 1))
+            if sure:
+                one = ((states == 3).sum(0) == 1) & ((states == 3) | (states == neutral)).all(0)
+                out = np.where(one, 3, out)
+            return out.astype(np.int8)
+        if leaves is not None and node in leaves and not sure:
             return leaves[node]
         if primitives.lookup(node.name).dynamic:
             st = np.ones(len(qp.fa), np.int8)
+            known = np.zeros(len(qp.fa), bool)
         else:
             nonempty, full, ok = cls.classify(node, qp, kp, self.env)
             st = np.where(ok & full & nonempty, 2, np.where(ok & ~nonempty, 0, 1)).astype(np.int8)
+            known = ok & nonempty & ~full
         if leaves is not None:
             leaves[node] = st
-        return st
+        return np.where(known, 3, st).astype(np.int8) if sure else st
 
     def refine(self, node: ir.Node, keys: np.ndarray, counting: bool) -> Refined:
         """Cut tiles ``keys`` into boxes, halving undecided boxes, and classify each box symbolically.
@@ -659,7 +687,8 @@ class Engine:
             if not len(owner):
                 break
             qp, kp, leaves = qb.pieces(), kb.pieces(), {}
-            st = self.box_states(node, qp, kp, leaves)
+            # Classifying only: a box surely partial settles its tile (3, both kinds of pair).
+            st = self.box_states(node, qp, kp, leaves, sure=not counting)
             area = qb.n.prod(1) * kb.n.prod(1)
             live = st == 1
             allowed = np.where(st == 2, area, 0)
@@ -757,6 +786,8 @@ class Engine:
         # Parts that read one grid axis each: the candidates' counts, axis by axis, are their
         # states at once (no operand classified on its own, no tile left open).
         if domain is None:
+            domain = self._bounded_domain(node)
+        if domain is None:
             domain = self.search(self.node_decide(node))
         ref = self.refine(node, domain, counting=True)
         m, n = domain // self.nkb, domain % self.nkb
@@ -764,6 +795,21 @@ class Engine:
         state = np.where(ref.true_area == area, FULL, PARTIAL).astype(np.int8)
         keep = ref.true_area > 0
         return domain[keep], state[keep]
+
+    def _bounded_domain(self, node: ir.Node) -> np.ndarray | None:
+        # An intersection on a grid whose operands bound the key coordinates (each its needed-key
+        # ranges): the key tiles within every operand's ranges, per axis; None when none bounds them.
+        if not isinstance(node, ir.Inter) or self.env.layout is None:
+            return None
+        (qlo, qhi, qalo, qahi), _ = self._bounds()
+        alo = ahi = None
+        for item in node.items:
+            need = cls.needed_keys(item, qlo, qhi, qalo, qahi, self.env) if isinstance(item, ir.Prim) else None
+            if need is None or need[2] is None:
+                continue
+            alo = need[2] if alo is None else np.maximum(alo, need[2])
+            ahi = need[3] if ahi is None else np.minimum(ahi, need[3])
+        return None if alo is None else self._overlap_axes(alo, ahi)
 
     def _union(self, node: ir.Union, domain):
         results = [self._operand(node, item, domain) for item in node.items]
@@ -915,6 +961,9 @@ class Engine:
         return keys, state
 
 
+#: :meth:`Engine.box_states` under ``~``: all <-> none, unknown and surely partial stay.
+_FLIP_SURE = np.array([2, 1, 0, 3], np.int8)
+
 #: Largest period by which :meth:`Engine.refine` first splits boxes into residue classes.
 _MAX_PERIOD = 8
 
@@ -939,11 +988,15 @@ def _period(node: ir.Node, env) -> int:
 
 def _by_residue(owner: np.ndarray, qb: _BoxSide, kb: _BoxSide, period: int):
     """Every (query, key) box pair split into the pairs of residue classes mod ``period`` (1-D)."""
+    if ((qb.s[:, 0] % period == 0) | (qb.n[:, 0] <= 1)).all() and (
+        (kb.s[:, 0] % period == 0) | (kb.n[:, 0] <= 1)
+    ).all():
+        return owner, qb, kb  # one residue class each already (the residue-class orders)
     parts_o, parts_q, parts_k = [], [], []
+    keys = [kb.residue(side_k, period) for side_k in range(period)]
     for side_q in range(period):
         q = qb.residue(side_q, period)
-        for side_k in range(period):
-            k = kb.residue(side_k, period)
+        for k in keys:
             live = (q.n[:, 0] > 0) & (k.n[:, 0] > 0)
             parts_o.append(owner[live])
             parts_q.append(q.take(live))
@@ -1236,9 +1289,14 @@ def count_tiles(engine: Engine, node: ir.Node, keys: np.ndarray, state: np.ndarr
     count; of ``A | B`` whose other operands are empty there, likewise; of ``~A``, the area
     minus ``A``'s count. Single bands are counted by formula; what is left is evaluated.
     """
+    from patterndsl.analysis import diagonal
+
     out = np.zeros(len(keys), np.int64)
     if not len(keys):
         return out
+    along = diagonal.count(engine, node, keys)  # one tile per diagonal, when the node allows it
+    if along is not None:
+        return along
     memo = engine._caches.memo.get(node)
     if memo:
         # Tiles evaluated while classifying have their counts already.

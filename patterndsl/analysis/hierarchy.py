@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from patterndsl import ir
+from patterndsl import ir, primitives
 from patterndsl.analysis import engine as eng
 from patterndsl.analysis import tiles
 
@@ -161,9 +161,10 @@ def _columns(
     both kinds, every fine tile of the region holds an allowed and a blocked pair (partial), and its
     allowed pairs are its rows times the keys of the full ranges: key columns such as
     ``causal & (blocks(128) | summary(128, 8))`` below the diagonal (every tile partial, ~L^2/2 tiles)
-    become runs. A region that fails the column test may pass :func:`_periodic_test`. A region that
-    fails both is retried without its first, its last, both end coarse rows, or its first two (the
-    diagonal or the band's edges usually lie there); what still fails is refined as before.
+    become runs. Regions that pass :func:`_periodic_test` (cheaper, tried first with every trim) are
+    not column-tested. A region that fails a test is retried without its first, its last, both end
+    coarse rows, or its first two (the diagonal or the band's edges usually lie there); what fails
+    both is refined as before.
 
     Returns:
         ``(uniform, allowed)``: bool per coarse tile, and the allowed pairs of the uniform tiles.
@@ -179,20 +180,23 @@ def _columns(
     end = np.append(start[1:], len(m)) - 1
     total = 0
     done = np.zeros(len(start), bool)
-    for head, tail in ((0, 0), (1, 0), (0, 1), (1, 1), (2, 0), (2, 1)):
-        todo = np.flatnonzero(~done & (end - start >= head + tail))
-        a, b = start[todo] + head, end[todo] - tail
-        # One fine key tile (the middle one) of each region first: most regions that fail, fail there.
-        maybe, _ = _column_test(engine, decide, n[a], m[a], m[b], f, sample=True)
-        ok = np.zeros(len(todo), bool)
-        ok[maybe], allowed = _column_test(engine, decide, n[a][maybe], m[a][maybe], m[b][maybe], f)
-        total += int(allowed[ok[maybe]].sum())
-        rest = np.flatnonzero(~ok)
-        ok[rest], allowed = _periodic_test(engine, node, n[a][rest], m[a][rest], m[b][rest], f)
-        total += int(allowed.sum())
-        done[todo[ok]] = True
-        for x, y in zip(a[ok].tolist(), b[ok].tolist(), strict=True):
-            uniform[order[x : y + 1]] = True
+    # Periodic regions first (one fine tile each, every trim), then the column test on the others,
+    # one fine key tile (the middle one) of each region first: most regions that fail, fail there.
+    for periodic in (True, False):
+        for head, tail in ((0, 0), (1, 0), (0, 1), (1, 1), (2, 0), (2, 1)):
+            todo = np.flatnonzero(~done & (end - start >= head + tail))
+            a, b = start[todo] + head, end[todo] - tail
+            if periodic:
+                ok, allowed = _periodic_test(engine, node, n[a], m[a], m[b], f)
+                total += int(allowed.sum())
+            else:
+                ok, _ = _column_test(engine, decide, n[a], m[a], m[b], f, sample=True)
+                maybe = np.flatnonzero(ok)
+                ok[maybe], allowed = _column_test(engine, decide, n[a][maybe], m[a][maybe], m[b][maybe], f)
+                total += int(allowed[ok[maybe]].sum())
+            done[todo[ok]] = True
+            for x, y in zip(a[ok].tolist(), b[ok].tolist(), strict=True):
+                uniform[order[x : y + 1]] = True
     return uniform, total
 
 
@@ -200,7 +204,8 @@ def _periodic_test(engine: eng.Engine, node: ir.Node, col, m0, m1, f) -> tuple[n
     """Per region: every fine tile is partial because every fine tile holds the same mask; and its allowed pairs.
 
     That holds when each primitive of ``node`` is, on the region's box, either decided whole (full
-    or empty) by its tile rule, or a band ``lo <= q - k <= hi, (q - k) % mod == 0`` whose limits the
+    or empty) by its tile rule, or repeats with periods dividing the tile sizes (its record's
+    ``shift_periods``: ``where(k % 4 == 0)``), or a band ``lo <= q - k <= hi, (q - k) % mod == 0`` whose limits the
     region's ``q - k`` stays inside with ``mod`` dividing both tile sizes (the Sparse Transformer's
     ``strided`` below its window): shifting a fine tile by whole tiles changes no primitive's mask.
     The regions hold full-size tiles only; one representative fine tile is classified (and counted)
@@ -227,6 +232,8 @@ def _periodic_test(engine: eng.Engine, node: ir.Node, col, m0, m1, f) -> tuple[n
             outside = (qhi - klo < lo) | (qlo - khi > hi)
             ok &= inside | outside
             continue
+        if _repeats_by_tiles(prim, engine):
+            continue  # the same mask in every fine tile of any region
         can_true, can_false, sound = engine.prim_decide(prim)(box)
         ok &= sound & ~(can_true & can_false)
     if not ok.any():
@@ -243,6 +250,13 @@ def _periodic_test(engine: eng.Engine, node: ir.Node, col, m0, m1, f) -> tuple[n
     which = np.flatnonzero(ok)
     ok[which[~partial]] = False
     return ok, (counts * tiles)[partial]
+
+
+def _repeats_by_tiles(prim: ir.Prim, engine: eng.Engine) -> bool:
+    # A primitive whose meaning repeats with periods that divide the tile sizes (``where(k % 4 == 0)``).
+    rule = primitives.lookup(prim.name).shift_periods
+    found = None if rule is None else rule(prim, engine.env)
+    return found is not None and engine.q.block % found[0] == 0 and engine.k.block % found[1] == 0
 
 
 def _column_test(engine: eng.Engine, decide, col, m0, m1, f, sample=False) -> tuple[np.ndarray, np.ndarray]:

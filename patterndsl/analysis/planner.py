@@ -212,6 +212,40 @@ def loses(candidate: tuple, groups, sizes: Sizes, bm: int, bn: int, bound: int) 
     return _sampled_work(*candidate, groups, sizes, bm, bn) >= SAMPLE_MARGIN * bound
 
 
+#: An order other than the identity whose sample extrapolates to more non-empty tiles (over its head
+#: groups) is not planned: it would list them one by one, where the identity keeps runs.
+MAX_LISTED_TILES = 1 << 20
+
+#: Beyond this many tiles, every candidate order is estimated before any is planned whole.
+ESTIMATE_FIRST_TILES = 1 << 16
+
+
+def _plan_sequence(cands: list, groups, sizes: Sizes, bm: int, bn: int):
+    """``(estimate, sequence)``: each candidate's sampled visited pairs (:func:`_sampled_work`, on first
+    use) and the order in which to plan the candidates whole.
+
+    Beyond :data:`ESTIMATE_FIRST_TILES` tiles, the candidate with the fewest estimated pairs is planned
+    first, so its pairs bound the others from the start (they are then skipped on their estimates
+    alone); the identity stays first unless some order's estimate beats it by more than
+    :data:`SAMPLE_MARGIN`. A dilated grid neighborhood's identity order at a million tokens took
+    seconds to plan for an order that never wins. Below it, the identity is planned first and the
+    others are estimated only to be skipped (a sample costs about what a small plan does).
+    """
+    found: dict[int, float] = {}
+
+    def estimate(i: int) -> float:
+        if i not in found:
+            found[i] = _sampled_work(*cands[i], groups, sizes, bm, bn)
+        return found[i]
+
+    tiles_ = -(-sizes.q_len // bm) * -(-sizes.kv_len // bn)
+    if len(cands) == 1 or tiles_ <= ESTIMATE_FIRST_TILES:
+        return estimate, list(range(len(cands)))
+    low = min(estimate(i) for i in range(len(cands)))
+    first = 0 if estimate(0) <= SAMPLE_MARGIN * low else [estimate(i) for i in range(len(cands))].index(low)
+    return estimate, [first] + [i for i in range(len(cands)) if i != first]
+
+
 def _sampled_work(desc, qsegs, ksegs, identity, groups, sizes: Sizes, bm, bn) -> float:
     """The visited pairs of a candidate order extrapolated from :data:`SAMPLE_ROWS` evenly spaced query tiles.
 
@@ -230,31 +264,53 @@ def _sampled_work(desc, qsegs, ksegs, identity, groups, sizes: Sizes, bm, bn) ->
     qside = tiles.build_side(qsegs, sizes.q_len, bm, sizes.offset, extents, identity)
     if qside.n_tiles <= 2 * SAMPLE_ROWS:
         return 0.0
-    kside = tiles.build_side(ksegs, sizes.kv_len, bn, 0, extents, identity)
+    kside = _key_side(qside, qsegs, ksegs, sizes, bn, extents, identity)
     rows, cols = np.diff(qside.starts), np.diff(kside.starts)
-    # the middle of each of SAMPLE_ROWS equal strata: edge rows (global rows, sinks) are outliers
-    sample = np.unique(((np.arange(SAMPLE_ROWS) + 0.5) * qside.n_tiles / SAMPLE_ROWS).astype(np.int64))
-    domain = (sample[:, None] * kside.n_tiles + np.arange(kside.n_tiles, dtype=np.int64)[None, :]).reshape(-1)
-    work = 0
+    # SAMPLE_ROWS rows spread by the golden ratio: one row per stratum, never aligned with the
+    # period of a residue-class order (the strata's middles were each class's first tile, where
+    # causal leaves the fewest keys: 7x too few tiles for "strided" in classes mod 128); the first
+    # and last rows (global rows, sinks) are outliers and never taken
+    spread = np.modf((np.arange(SAMPLE_ROWS) + 1) * 0.6180339887498949)[0]
+    sample = np.unique(np.clip((spread * qside.n_tiles).astype(np.int64), 1, qside.n_tiles - 2))
+    # the sampled query tiles as a side of their own: their candidates come from the primitives'
+    # bounds, as in a whole plan, rather than from every key tile
+    sampled = qside.take(sample)
+    work = listed = 0
     for node, heads in groups:
-        engine = eng.Engine(qside, kside, Env(sizes, heads[0]), CANDIDATE_BUDGET)
+        engine = eng.Engine(sampled, kside, Env(sizes, heads[0]), CANDIDATE_BUDGET)
         try:
-            keys, _ = engine.run(simplify(node), domain)
+            keys, _ = engine.run(simplify(node))
         except eng.OverBudget:
             return math.inf  # its sample alone needs more element evaluations than the whole order may spend
-        work += int((rows[keys // kside.n_tiles] * cols[keys % kside.n_tiles]).sum()) * len(heads)
+        work += int((rows[sample][keys // kside.n_tiles] * cols[keys % kside.n_tiles]).sum()) * len(heads)
+        listed += len(keys)
+    if not identity and listed * qside.n_tiles > MAX_LISTED_TILES * len(sample):
+        # another order lists every non-empty tile (no coarse runs): Sparse Transformer "strided" in
+        # classes mod 128 at 1M visits fewer pairs but lists 7M tiles (20 s, 1.4 GB to plan)
+        return math.inf
     return work * sizes.q_len / max(int(rows[sample].sum()), 1)
 
 
-def _plan_order(desc, qsegs, ksegs, identity, groups, sizes: Sizes, bm, bn, bound=None):
-    """Plan every head group in one order; None when the order cannot beat ``bound`` visited pairs."""
+def _key_side(qside: tiles.Side, qsegs, ksegs, sizes: Sizes, bn: int, extents, identity) -> tiles.Side:
+    # The query side again when both sides are cut alike (grid box orders): built once, not twice.
+    if ksegs is qsegs and sizes.offset == 0 and bn == qside.block and sizes.kv_len == sizes.q_len:
+        return qside
+    return tiles.build_side(ksegs, sizes.kv_len, bn, 0, extents, identity)
+
+
+def _plan_order(desc, qsegs, ksegs, identity, groups, sizes: Sizes, bm, bn, bound=None, limit=False):
+    """Plan every head group in one order; None when the order cannot beat ``bound`` visited pairs.
+
+    With a bound (or ``limit``: an order planned before the identity, which remains to fall back
+    on), at most :data:`CANDIDATE_BUDGET` elements are evaluated, else None.
+    """
     extents = sizes.layout.shape if sizes.layout is not None else (sizes.kv_len,)
     qside = tiles.build_side(qsegs, sizes.q_len, bm, sizes.offset, extents, identity)
-    kside = tiles.build_side(ksegs, sizes.kv_len, bn, 0, extents, identity)
+    kside = _key_side(qside, qsegs, ksegs, sizes, bn, extents, identity)
     rows, cols = np.diff(qside.starts), np.diff(kside.starts)
     found = []
     work = 0
-    budget = None if bound is None else CANDIDATE_BUDGET
+    budget = None if bound is None and not limit else CANDIDATE_BUDGET
     for node, heads in groups:
         env = Env(sizes, heads[0])
         engine = eng.Engine(qside, kside, env, budget)
@@ -355,14 +411,18 @@ def plan(
     try:
         best = None
         tried = 0
-        for desc, qsegs, ksegs, identity in cands:
+        estimate, sequence = _plan_sequence(cands, groups, sizes, bm, bn)
+        for i in sequence:
+            desc, qsegs, ksegs, identity = cands[i]
             if best is not None and all((g.state == eng.FULL).all() and not g.runs_tiles(False) for g in best.groups):
                 break  # every visited pair is allowed: no order visits fewer
             tried += 1
             bound = None if best is None else best.work
-            if bound is not None and loses((desc, qsegs, ksegs, identity), groups, sizes, bm, bn, bound):
+            if bound is not None and estimate(i) >= SAMPLE_MARGIN * bound:
                 continue  # its sampled query tiles visit clearly more than the best order: it will not win
-            cand = _plan_order(desc, qsegs, ksegs, identity, groups, sizes, bm, bn, bound)
+            # planned before the identity (a better estimate): budgeted, the identity remains
+            limit = bound is None and not identity and any(c[3] for c in cands)
+            cand = _plan_order(desc, qsegs, ksegs, identity, groups, sizes, bm, bn, bound, limit)
             if cand is not None:
                 best = cand
         out = _assemble(pir, best, groups, head_group, sizes, bm, bn, start, tried)

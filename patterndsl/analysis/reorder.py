@@ -11,7 +11,8 @@ does not help is simply not chosen. Candidates:
   an ordinary band inside each class, a stride class a full block).
 * grids: per ``neighborhood`` dilation, group each axis by residue, and tile
   each group's sub-grid into boxes of about one tile's size shaped like the
-  neighborhood, so a query tile is a box and its keys are a few boxes.
+  neighborhood, so a query tile is a box and its keys are a few boxes (plain
+  boxes, without groups, only for neighborhoods without dilation).
 """
 
 from __future__ import annotations
@@ -93,7 +94,9 @@ def candidates(nodes: list[ir.Node], layout: ir.Layout | None, q_len: int, kv_le
         axes = neighborhood_axes(prim, layout)
         dils = tuple(a[2] for a in axes)
         target = tuple(float(a[1] * max(a[3], 1)) for a in axes)
-        for dil in {dils, (1,) * rank}:
+        # A dilated neighborhood pairs only positions of one dilation group per axis: plain boxes mix
+        # every group in a tile and never win, so they come only from undilated neighborhoods.
+        for dil in {dils}:
             gext = tuple(-(-e // d) for e, d in zip(layout.shape, dil, strict=True))
             for box in [*box_shapes(gext, target, block[0]), gext]:
                 key = (dil, box)

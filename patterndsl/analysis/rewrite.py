@@ -13,6 +13,7 @@ plans of rewritten nodes against the dense meaning of the originals).
 from __future__ import annotations
 
 from patterndsl import ir
+from patterndsl.primitives import residues
 from patterndsl.primitives.where import one_side
 
 
@@ -49,6 +50,10 @@ def _where(pred: ir.Expr) -> ir.Node:
     if one_side(pred) is not None:
         # Read on one side only: the tile rule decides it exactly as it stands; split into
         # comparisons it would leave two partial operands to decide together.
+        return ir.Prim("where", (("pred", pred),))
+    if residues.periods(pred) is not None:
+        # Repeats with small periods: the residue rule counts it exactly as it stands, and no
+        # part of it is a half-plane (each reads positions through ``%`` only).
         return ir.Prim("where", (("pred", pred),))
     if isinstance(pred, ir.Logic) and not _guards_a_divisor(pred):
         parts = [_where(p) for p in pred.items]

@@ -71,6 +71,26 @@ class Side:
             return np.where(valid, idx, -1)
         return np.where(valid, self.order[np.minimum(idx, max(len(self.order) - 1, 0))], -1)
 
+    def take(self, rows: np.ndarray) -> Side:
+        """The tiles ``rows`` (sorted) alone, as a side of their own (not an identity order: its indices are listed).
+
+        For estimates on a sample of tiles (the planner's sampled candidate orders): every tile
+        keeps its pieces and its token indices.
+        """
+        count = np.diff(self.ptr)[rows]
+        pieces = np.repeat(self.ptr[rows] - np.concatenate([[0], np.cumsum(count)[:-1]]), count)
+        pieces = pieces + np.arange(int(count.sum()), dtype=np.int64)
+        sizes = np.diff(self.starts)[rows]
+        starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        idx = self.tile_indices(rows)
+        order = idx[idx >= 0]
+        ptr = np.concatenate([[0], np.cumsum(count)]).astype(np.int64)
+        tile = np.repeat(np.arange(len(rows), dtype=np.int64), count)
+        return Side(
+            int(starts[-1]), self.block, self.offset, self.extents, self.strides, order, ptr, tile,
+            self.a[pieces], self.s[pieces], self.n[pieces], False, starts,
+        )  # fmt: skip
+
     @property
     def single_piece(self) -> bool:
         return len(self.tile) == self.n_tiles
@@ -350,13 +370,15 @@ def _one_tile_per_segment(segments, length, block, offset, extents, strides, ide
     if not identity:
         order = np.empty((nt, block), np.int64)
         w = np.asarray(strides, np.int64)
-        # segments of one shape at a time: their positions are one broadcast
-        shapes, which = np.unique(n, axis=0, return_inverse=True)
+        # segments of one shape and step at a time: their positions are one start each plus the
+        # same offsets (a [tiles, block] sum, no per-axis temporaries)
+        d = n.shape[1]
+        shapes, which = np.unique(np.concatenate([n, s], 1), axis=0, return_inverse=True)
         for x, shape in enumerate(shapes):
             rows = np.flatnonzero(which.reshape(-1) == x)
-            coords = np.stack(np.unravel_index(np.arange(block), tuple(int(e) for e in shape)), 1)
-            pos = ((a[rows, None, :] + s[rows, None, :] * coords[None, :, :]) * w).sum(2)
-            order[rows] = pos - offset
+            coords = np.stack(np.unravel_index(np.arange(block), tuple(int(e) for e in shape[:d])), 1)
+            inner = (shape[d:] * coords * w).sum(1)
+            order[rows] = (a[rows] * w).sum(1)[:, None] + (inner - offset)[None, :]
         order = order.reshape(-1)
     tile = np.arange(nt, dtype=np.int64)
     starts = np.arange(nt + 1, dtype=np.int64) * block

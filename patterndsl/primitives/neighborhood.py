@@ -110,6 +110,14 @@ def _residue_range(a, s, n, d: int, g: int):
     return present, first, end
 
 
+def _group_hit(tlo, thi, n: int, d: int, g, q, k) -> np.ndarray:
+    """Whether some query of progression ``q`` in dilation group ``g`` has a key of ``k`` in its window."""
+    qpres, x0, x1 = _residue_range(*q, d, g)
+    kpres, y0, y1 = _residue_range(*k, d, g)
+    x0c, x1c = np.clip(x0, 0, n - 1), np.clip(x1, 0, n - 1)
+    return qpres & kpres & (tlo[x0c] <= y1 // d) & (y0 // d <= thi[x1c])
+
+
 def _classify(prim, qp, kp, env):
     if env.layout is None:
         return None
@@ -126,15 +134,17 @@ def _classify(prim, qp, kp, env):
         # overlap (stride <= size), so the union over a run of queries is one interval.
         q_ok = (xn == 1) | (((xs == 1) | (xs == d)) & (r <= s))
         k_ok = (yn == 1) | (ys == 1) | (ys == d)
-        axis_n = np.zeros(size, dtype=bool)
-        for g in range(d):
-            qpres, x0, x1 = _residue_range(xa, xs, xn, d, g)
-            kpres, y0, y1 = _residue_range(ya, ys, yn, d, g)
-            x0c, x1c = np.clip(x0, 0, n - 1), np.clip(x1, 0, n - 1)
-            hit = qpres & kpres & (tlo[x0c] <= y1 // d) & (y0 // d <= thi[x1c])
-            axis_n |= hit
         q_single = (xn == 1) | (xs % d == 0)
         k_single = (yn == 1) | (ys % d == 0)
+        # A piece inside one dilation group (a single position, or a step of whole groups, as in
+        # the dilation-group orders) meets only its own group: one residue per pair, not d.
+        group = np.where(q_single, xa % d, ya % d)
+        axis_n = _group_hit(tlo, thi, n, d, group, (xa, xs, xn), (ya, ys, yn))
+        mixed = np.flatnonzero(~q_single & ~k_single)
+        for g in range(d if len(mixed) else 0):
+            axis_n[mixed] |= _group_hit(
+                tlo, thi, n, d, g, (xa[mixed], xs[mixed], xn[mixed]), (ya[mixed], ys[mixed], yn[mixed])
+            )
         same = q_single & k_single & (xa % d == ya % d)
         xl = np.clip(xa + xs * (xn - 1), 0, n - 1)
         xf = np.clip(xa, 0, n - 1)
@@ -168,6 +178,36 @@ def _needed_keys(prim, qlo, qhi, qalo, qahi, env):
         alo[:, x], ahi[:, x] = lo_best, hi_best
     w = np.asarray([int(np.prod(env.layout.shape[x + 1 :])) for x in range(len(axes))], np.int64)
     return (alo * w).sum(1), (ahi * w).sum(1), alo, ahi
+
+
+def _groups(side, dil: np.ndarray) -> np.ndarray | None:
+    # The dilation group of every tile (one number per tile), when each tile lies in one group.
+    if not side.single_piece or not ((side.n == 1) | (side.s % dil == 0)).all():
+        return None
+    radix = np.cumprod(np.concatenate([[1], dil[:-1]])).astype(np.int64)
+    return ((side.a % dil) * radix).sum(1)
+
+
+def _candidates(engine, prim):
+    # Dilation-group orders: a query tile pairs only with key tiles of its own group on every axis,
+    # which its bounds alone do not tell (they span every group): 16x fewer candidates at dilation
+    # 4 on two axes. Any other order: the needed key ranges (None).
+    layout = engine.env.layout
+    if layout is None:
+        return None
+    dil = np.asarray([a[2] for a in neighborhood_axes(prim, layout)], np.int64)
+    gq = None if (dil == 1).all() else _groups(engine.q, dil)
+    gk = None if gq is None else _groups(engine.k, dil)
+    if gk is None:
+        return None
+    (qlo, qhi, qalo, qahi), _ = engine.bounds()
+    _, _, alo, ahi = _needed_keys(prim, qlo, qhi, qalo, qahi, engine.env)
+    parts = []
+    for g in np.unique(gq).tolist():
+        rows, cols = np.flatnonzero(gq == g), np.flatnonzero(gk == g)
+        if len(cols):
+            parts.append(engine.overlap_axes(alo[rows], ahi[rows], rows, cols))
+    return np.sort(np.concatenate(parts)) if parts else np.zeros(0, np.int64)
 
 
 def _total(prim, q_len, kv_len, layout, env):
@@ -239,7 +279,7 @@ NEIGHBORHOOD = register(
         meaning=_meaning,
         classify=_classify,
         needed_keys=_needed_keys,
-        candidates=None,
+        candidates=_candidates,
         cost=1,
         band=None,
         total=_total,

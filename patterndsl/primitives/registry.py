@@ -85,6 +85,9 @@ class Primitive:
         periods: capability, ``(prim) -> tuple[int, ...]``: moduli its tile rule is exact on
             residue classes of (besides its ``band`` modulus), so refinement splits tiles by them
             first. None: none.
+        shift_periods: capability, ``(prim, env) -> (Pq, Pk) | None``: in 1-D, periods by which its
+            meaning repeats (the same at ``q + Pq`` and at ``k + Pk``, every position): a region of
+            tiles whose sizes they divide holds the same mask in every tile. None: not known.
         axes: capability, ``(prim, layout) -> tuple[int, ...] | None``: the grid axes (indices) its
             meaning reads, on both sides; None (or a None rule): it may read flattened positions.
             Parts of a pattern that read one axis each are counted axis by axis.
@@ -110,6 +113,7 @@ class Primitive:
     # Capabilities: optional, so a record written without them keeps its meaning (None: no such ability).
     joint_search: Callable | None = None
     periods: Callable | None = None
+    shift_periods: Callable | None = None
     axes: Callable | None = None
 
 

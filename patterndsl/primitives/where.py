@@ -14,7 +14,7 @@ import torch
 from patterndsl import ir
 from patterndsl import semantics as sem
 from patterndsl.errors import PatternTypeError
-from patterndsl.primitives import intervals
+from patterndsl.primitives import intervals, residues
 from patterndsl.primitives.common import BIG, cdiv, distinct_rows, exact, fdiv, param
 from patterndsl.primitives.registry import Primitive, register
 
@@ -187,6 +187,9 @@ def _where_classify(prim, qp, kp, env):
     hp = halfplane_of(pred, env)
     if hp is not None:
         return _halfplane(qp, kp, *hp)
+    periodic = residues.classify(prim, qp, kp, env)
+    if periodic is not None:
+        return periodic  # repeats with small periods in q and k: counted from residue histograms
     # Interval bounds over the pieces' hulls settle the pairs where the predicate cannot be
     # true or cannot be false; the engine refines the rest.
     can_true, can_false, sound = intervals.decide(pred, intervals.pieces_boxes(qp, kp), env)
@@ -204,7 +207,65 @@ def _where_classify(prim, qp, kp, env):
     return nonempty, full, ok
 
 
+def _invert(e: ir.Expr, lo, hi):
+    # ``lo <= e <= hi`` (arrays, None: unbounded) with ``e`` increasing in one key coordinate (``k.y``,
+    # ``k.y + c``, ``k.y - c``, ``X // c`` with c > 0): ``(axis name, lo, hi)`` of that coordinate, or None.
+    if isinstance(e, ir.Coord):
+        return (e.axis, lo, hi) if e.side == "k" else None
+    if not isinstance(e, ir.Arith) or not isinstance(e.right, ir.Const) or isinstance(e.right.value, bool):
+        return None
+    c = int(e.right.value)
+    shift = {"+": -c, "-": c}.get(e.op)
+    if shift is not None:
+        return _invert(e.left, None if lo is None else lo + shift, None if hi is None else hi + shift)
+    if e.op == "//" and c > 0:
+        return _invert(e.left, None if lo is None else lo * c, None if hi is None else hi * c + c - 1)
+    return None
+
+
+def _coord_keys(pred: ir.Expr, qlo, qhi, qalo, qahi, env):
+    # ``f(k.AXIS) op E`` (either side) with ``f`` increasing (``k.y``, ``(k.y + 3) // 7``) and ``E``
+    # reading no key: the key coordinate lies where ``f`` meets E's interval over the query tile
+    # (HaloNet's ``q.y // 8 * 8 - 3 <= k.y``, Swin's ``q.y // 7 == k.y // 7`` split in two), every
+    # other axis anywhere. Per-axis ranges clipped to the grid (a flattened range of a box spans planes).
+    if not isinstance(pred, ir.Cmp) or pred.op == "!=":
+        return None
+    for op, key, other in ((pred.op, pred.left, pred.right), (_FLIP[pred.op], pred.right, pred.left)):
+        if one_side(other) not in (None, "q") or any(
+            isinstance(e, ir.Var) and e.name == "k" for e in ir.walk_expr(other)
+        ):
+            continue
+        zero = np.zeros_like(qlo)
+        boxes = intervals.Boxes(qlo, qhi, zero, zero, qalo, qahi, np.zeros_like(qalo), np.zeros_like(qahi))
+        sound = np.ones(len(qlo), bool)
+        lo, hi = intervals._as_int(intervals._eval(other, boxes, env, sound), len(qlo))
+        if not sound.all():
+            return None
+        # in float64 (no int64 overflow on far-off bounds), widened by 2 after rounding: a superset
+        lo, hi = lo.astype(np.float64) + (op == ">"), hi.astype(np.float64) - (op == "<")
+        found = _invert(key, lo if op in (">=", ">", "==") else None, hi if op in ("<=", "<", "==") else None)
+        if found is None:
+            continue
+        axis, klo, khi = found
+        shape = np.asarray(env.layout.shape, np.int64)
+        alo = np.zeros_like(qalo)
+        ahi = np.broadcast_to(shape - 1, qahi.shape).copy()
+        x = env.layout.names.index(axis)
+        if klo is not None:
+            alo[:, x] = np.clip(np.floor(klo) - 2, 0, shape[x])
+        if khi is not None:
+            ahi[:, x] = np.clip(np.ceil(khi) + 2, -1, shape[x] - 1)
+        w = np.asarray([int(np.prod(env.layout.shape[a + 1 :])) for a in range(len(shape))], np.int64)
+        return (alo * w).sum(1), (ahi * w).sum(1), alo, ahi
+    return None
+
+
+_FLIP = {"<": ">", "<=": ">=", ">": "<", ">=": "<=", "==": "=="}
+
+
 def _where_keys(prim, qlo, qhi, qalo, qahi, env):
+    if env.layout is not None:
+        return _coord_keys(prim.arg("pred"), qlo, qhi, qalo, qahi, env)
     hp = halfplane_of(prim.arg("pred"), env)
     if hp is not None and env.layout is None:
         cq, ck, c0 = hp
@@ -228,9 +289,14 @@ def _where_candidates(engine, prim):
 
 
 def _where_count(prim, engine, keys):
+    if isinstance(prim.arg("pred"), ir.Const):
+        return None
+    periodic = residues.tile_counts(prim, engine, keys)
+    if periodic is not None:
+        return periodic
     # One-sided predicates: a tile's pairs are its other side's size times its allowed positions.
     side = one_side(prim.arg("pred"))
-    if side is None or isinstance(prim.arg("pred"), ir.Const):
+    if side is None:
         return None
     this, other = (engine.q, engine.k) if side == "q" else (engine.k, engine.q)
     allowed, _ = side_facts(prim, this.piece_view(np.arange(len(this.tile))), side, engine.env)
@@ -260,6 +326,11 @@ def _where_periods(prim) -> tuple[int, ...]:
         for e in ir.walk_expr(prim.arg("pred"))
         if isinstance(e, ir.Arith) and e.op == "%" and isinstance(e.right, ir.Const)
     )
+
+
+def _where_shift_periods(prim, env) -> tuple[int, int] | None:
+    # In 1-D: the meaning repeats when q moves by Pq and k by Pk (residues.periods).
+    return None if env.layout is not None else residues.periods(prim.arg("pred"))
 
 
 def _where_axes(prim, layout) -> tuple[int, ...] | None:
@@ -302,6 +373,7 @@ WHERE = register(
         triton=_where_triton,
         joint_search=lambda prim, env: halfplane_of(prim.arg("pred"), env) is None,
         periods=_where_periods,
+        shift_periods=_where_shift_periods,
         axes=_where_axes,
     )
 )

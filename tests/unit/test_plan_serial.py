@@ -44,6 +44,16 @@ def test_sampled_order_is_skipped_only_when_it_loses(monkeypatch):
     planned.clear()
     dilated = pd.compile("pattern p { window(32, 32, dilation = 8) }").plan(2048, block=(16, 16))
     assert dilated.order == "classes mod 8" and planned == ["identity", "classes mod 8"]
+    # with many tiles every order is estimated first: the classes' sample beats the identity's, so
+    # they are planned whole first and the identity (estimated at 8x the pairs) never is
+    planned.clear()
+    monkeypatch.setattr(planner, "ESTIMATE_FIRST_TILES", 0)
+    again = pd.compile("pattern p { window(32, 32, dilation = 8) }").plan(2048, block=(16, 16))
+    assert again.order == "classes mod 8" and planned == ["classes mod 8"]
+    assert torch.equal(again.tiles(), dilated.tiles()) and again.stats.extra["orders_tried"] == 2
+    planned.clear()
+    strided = pd.compile("pattern p { causal & (window(127) | strided(128)) }").plan(2048, block=(16, 16))
+    assert strided.order == "identity" and planned == ["identity"]
     assert dilated.stats.allowed_pairs == int(pd.compile("pattern p { window(32, 32, dilation = 8) }").mask(2048).sum())
 
 

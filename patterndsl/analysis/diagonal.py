@@ -1,0 +1,162 @@
+"""Stage 4 (block plan), tiles that are translates: nodes that shifting both sides alike leaves unchanged.
+
+Comes in: an engine (1-D positions, one piece per tile) and a static node whose every primitive is
+a band (``lo <= q - k <= hi`` with any modulus: it reads ``q - k`` only) or repeats with periods
+in ``q`` and ``k`` (its record's ``shift_periods``: ``where(k % 4 == 0)``). Goes out: the states
+and allowed pairs of a set of tiles, computed on one tile per class of translates and copied.
+
+Two tiles whose query and key pieces are the same progressions moved by one amount ``t`` (a
+multiple of the periods) hold the same mask under such a node. In identity order those are the
+full-size tiles of one diagonal ``n - m``; in a residue-class order, the tiles of one diagonal
+inside a pair of classes. The tiles near the diagonal of ``causal & (window(127) | window(1024,
+dilation = 8))`` (hundreds of thousands at a million tokens, each needing its residue classes
+refined and counted) then cost one tile per class. A flat plan in identity order (square tiles)
+is laid out from one tile per diagonal (:func:`run_all`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from patterndsl import ir, primitives
+from patterndsl.analysis import engine as eng
+from patterndsl.primitives.common import distinct_rows
+
+#: Below this many tiles the grouping costs more than it saves.
+MIN_TILES = 256
+#: Largest period of translation (lcm of the primitives' periods) grouped by.
+MAX_PERIOD = 1 << 12
+
+
+def period(engine: eng.Engine, node: ir.Node) -> int | None:
+    """The step ``P`` such that moving both sides by a multiple of it leaves ``node``'s mask unchanged, or None."""
+    if len(engine.q.extents) != 1 or ir.is_dynamic(node):
+        return None
+    cache = engine.env.cache.setdefault("translation period", {})
+    if node not in cache:
+        step = 1
+        for prim in {p for p in ir.walk(node) if isinstance(p, ir.Prim)}:
+            if prim in (ir.FULL, ir.EMPTY) or eng.band_of(prim, engine.env) is not None:
+                continue
+            rule = primitives.lookup(prim.name).shift_periods
+            found = None if rule is None else rule(prim, engine.env)
+            if found is None:
+                step = None
+                break
+            step = math.lcm(step, *found)
+        cache[node] = step if step is not None and step <= MAX_PERIOD else None
+    return cache[node]
+
+
+def invariant(engine: eng.Engine, node: ir.Node) -> bool:
+    """Whether ``node`` holds the same mask on every full-size tile of a diagonal (identity order, square tiles)."""
+    q, k = engine.q, engine.k
+    if not (q.identity and k.identity and q.block == k.block):
+        return False
+    step = period(engine, node)
+    return step is not None and q.block % step == 0
+
+
+def _split(engine: eng.Engine, keys: np.ndarray, step: int):
+    """``(reps, inverse)``: one sorted key per class of translates among tiles ``keys``, and the class of
+    each (None when that saves less than half the tiles)."""
+    q, k = engine.q, engine.k
+    if not (q.single_piece and k.single_piece):
+        return None
+    m, n = keys // engine.nkb, keys % engine.nkb
+    qa, ka = q.a[m, 0], k.a[n, 0]
+    rows = np.stack([q.s[m, 0], q.n[m, 0], k.s[n, 0], k.n[n, 0], ka - qa, qa % step], 1)
+    uniq, inverse = distinct_rows(rows)
+    if 2 * len(uniq) > len(keys):
+        return None
+    first = np.full(len(uniq), len(keys), np.int64)
+    np.minimum.at(first, inverse, np.arange(len(keys), dtype=np.int64))
+    order = np.argsort(first)  # representatives in key order: they are sorted then
+    rank = np.empty(len(order), np.int64)
+    rank[order] = np.arange(len(order))
+    return keys[first[order]], rank[inverse]
+
+
+def _along(engine: eng.Engine, node: ir.Node, keys: np.ndarray, values) -> np.ndarray | None:
+    # ``values(keys) -> int64 per key`` on one tile per class of translates, copied to the others.
+    if len(keys) < MIN_TILES:
+        return None
+    step = period(engine, node)
+    split = None if step is None else _split(engine, keys, step)
+    if split is None:
+        return None
+    reps, inverse = split
+    return values(reps)[inverse]
+
+
+def run(engine: eng.Engine, node: ir.Node, domain: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """Non-empty tiles of ``node`` within ``domain`` and their states, one tile per class (None: not worth it)."""
+    state = _along(engine, node, domain, lambda part: _states(engine, node, part))
+    if state is None:
+        return None
+    keep = state > 0
+    return domain[keep], state[keep].astype(np.int8)
+
+
+def evaluate(engine: eng.Engine, node: ir.Node, keys: np.ndarray) -> np.ndarray | None:
+    """Exact states of open tiles ``keys`` (:meth:`Engine.evaluate`), one tile per class (None: not worth it)."""
+    state = _along(engine, node, keys, lambda part: engine.evaluate(node, part))
+    return None if state is None else state.astype(np.int8)
+
+
+def count(engine: eng.Engine, node: ir.Node, keys: np.ndarray) -> np.ndarray | None:
+    """Allowed pairs of tiles ``keys``, one tile per class (None: not worth it)."""
+    return _along(engine, node, keys, lambda part: eng.count_tiles(engine, node, part))
+
+
+def run_all(engine: eng.Engine, node: ir.Node) -> tuple[np.ndarray, np.ndarray] | None:
+    """Every non-empty tile of ``node`` and its state, from one full-size tile per diagonal (None: not worth it).
+
+    The diagonals' representatives are classified (``n_q + n_k`` tiles), the full-size tiles of the
+    non-empty diagonals are laid out row by row from them, and the edge tiles (a last query row or
+    key column shorter than the tile) are classified on their own.
+    """
+    q, k = engine.q, engine.k
+    if engine.nqb * engine.nkb < MIN_TILES or not invariant(engine, node):
+        return None
+    qf, kf = q.length // q.block, k.length // k.block  # full-size tiles per side
+    if not qf or not kf:
+        return None
+    diag = np.arange(-(qf - 1), kf, dtype=np.int64)
+    first = np.maximum(-diag, 0)
+    reps = first * engine.nkb + first + diag  # the first full-size tile of every diagonal
+    order = np.argsort(reps)
+    found, state = engine.run(node, reps[order])
+    rep_state = np.zeros(len(reps), np.int8)
+    rep_state[order[np.searchsorted(reps[order], found)]] = state
+    live = diag[rep_state > 0]
+    # full-size tiles row by row: (m, m + d) for the live diagonals d, in key order; then the last
+    # key column in each row, when it is an edge tile
+    eng.check_tiles(qf * (len(live) + 1))
+    m = np.arange(qf, dtype=np.int64)[:, None]
+    cols = [m + live[None, :]]
+    states = [np.broadcast_to(rep_state[rep_state > 0][None, :], (qf, len(live)))]
+    if kf < engine.nkb:
+        edge = np.arange(qf, dtype=np.int64) * engine.nkb + kf
+        cols.append(np.full((qf, 1), kf, np.int64))
+        states.append(_states(engine, node, edge)[:, None])
+    col, st = np.concatenate(cols, 1), np.concatenate(states, 1)
+    # full-size columns from the diagonals, the edge column from its own classification
+    keep = (col >= 0) & ((col < kf) | (np.arange(col.shape[1]) >= len(live))[None, :]) & (st > 0)
+    keys = (m * engine.nkb + col)[keep]
+    state = st[keep].astype(np.int8)
+    if qf < engine.nqb:
+        row = qf * engine.nkb + np.arange(engine.nkb, dtype=np.int64)
+        last = _states(engine, node, row)
+        keys = np.concatenate([keys, row[last > 0]])
+        state = np.concatenate([state, last[last > 0].astype(np.int8)])
+    return keys, state
+
+
+def _states(engine: eng.Engine, node: ir.Node, keys: np.ndarray) -> np.ndarray:
+    found, state = engine.run(node, keys)
+    out = np.zeros(len(keys), np.int64)
+    out[np.searchsorted(keys, found)] = state
+    return out
