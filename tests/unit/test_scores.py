@@ -332,3 +332,21 @@ def test_kernel_cache_key_includes_the_score():
         for score in ("", "score s * 2.0", "score s * 3.0", "score s + 0.5 * (q - k)")
     }
     assert len(keys) == 4
+
+
+@pytest.mark.parametrize("body", ["causal & window(16)", "window(8, 0) | sink(2)"])
+def test_a_constant_bias_shifts_lse_only(body):
+    # A separable bias with neither a query nor a key part is a 0-dimensional tensor on the fused path (it raised
+    # IndexError there): the output is unchanged and lse moves by the constant.
+    p = patterndsl.compile(f"pattern p {{ {body}\n score s + 0.5 }}")
+    gen = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(1, 2, 150, 16, generator=gen, requires_grad=True) for _ in range(3))
+    out, lse = p(q, k, v, return_lse=True)
+    ref, ref_lse = semantics.attention(p.ir, *(t.detach().double() for t in (q, k, v)))
+    torch.testing.assert_close(out, ref.float(), atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(lse, ref_lse.float(), atol=2e-5, rtol=2e-5)
+    (dq,) = torch.autograd.grad(out.sum() + lse.sum(), q)
+    qd = q.detach().double().requires_grad_()
+    o64, l64 = semantics.attention(p.ir, qd, k.detach().double(), v.detach().double())
+    (dq64,) = torch.autograd.grad(o64.sum() + l64.sum(), qd)
+    torch.testing.assert_close(dq, dq64.float(), atol=1e-4, rtol=1e-4)

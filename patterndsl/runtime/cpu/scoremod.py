@@ -111,8 +111,8 @@ class Modifier:
             env.memo.clear()
             env.q, env.k = q_all, env.k[:, :, :1]
             rows = scores.evaluate(self.score.bias, env).to(dtype)
-            shift = rows - rows[..., :1, :]
-            shift = shift.reshape((1,) * (5 - shift.dim()) + tuple(shift.shape))[..., 0]
+            rows = rows.reshape((1,) * (5 - rows.dim()) + tuple(rows.shape))  # a constant bias is 0-dimensional
+            shift = (rows - rows[..., :1, :])[..., 0]
             value = first
         else:
             value = scores.evaluate(self.score.bias, env).to(dtype)
