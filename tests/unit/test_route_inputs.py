@@ -1,0 +1,95 @@
+"""``route(...)`` with run-time inputs (LANGUAGE.md sections 2, 3, 7) on the CPU executor, against the dense meaning."""
+
+import pytest
+import torch
+
+import patterndsl as pd
+
+MOBA = """pattern moba_padded {
+    input n: int[batch]
+    causal & (blocks(16) | route(topk = 2, block = 16, qblock = 1, among = causal - blocks(16))) & where(k < n)
+}"""
+
+TAGGED = """pattern tagged {
+    input tag: int[batch, token]
+    where(tag[q] == 1 or tag[k] == 1) | causal & route(topk = 2, block = 16, qblock = 16)
+}"""
+
+PREFIX = """pattern prefix {
+    input p: int[batch]
+    input n: int[batch]
+    heads 0..2: (where(k < p) | causal & route(topk = 1, block = 32, qblock = 32)) & where(k < n)
+    heads 2..4: causal & route(topk = 2, block = 16, qblock = 16) | where(q < p and k < p)
+}"""
+
+
+def _reference(mask, q, k, v, scale):
+    """Dense float64 attention over ``mask [B, H, Lq, Lk]``: rows with no key give 0."""
+    share = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(share, 1), v.repeat_interleave(share, 1)
+    s = (q @ k.transpose(-1, -2) * scale).masked_fill(~mask, float("-inf"))
+    p = torch.softmax(s, -1).nan_to_num(0.0)
+    return p @ torch.where(mask.any(-2, keepdim=True).transpose(-1, -2), v, 0.0)
+
+
+def _case(seed, source, heads, kv_heads, length):
+    g = torch.Generator().manual_seed(seed)
+    b, d = 2, 8
+    q = torch.randn(b, heads, length, d, generator=g, dtype=torch.float64)
+    k = torch.randn(b, kv_heads, length, d, generator=g, dtype=torch.float64)
+    v = torch.randn(b, kv_heads, length, d, generator=g, dtype=torch.float64)
+    lo = torch.randint(length // 2, length + 1, (b,), generator=g)
+    data = {
+        "n": lo,
+        "p": torch.randint(0, length, (b,), generator=g),
+        "tag": (torch.rand(b, length, generator=g) < 0.1).long(),
+    }
+    p = pd.compile(source)
+    inputs = {d.name: data[d.name] for d in p.ir.inputs}
+    return p, q, k, v, inputs
+
+
+@pytest.mark.parametrize(
+    ("seed", "source", "heads", "kv_heads", "length"),
+    [(0, MOBA, 2, 1, 150), (1, TAGGED, 2, 2, 130), (2, PREFIX, 4, 2, 140)],
+)
+def test_forward_backward_match_dense_meaning(seed, source, heads, kv_heads, length):
+    p, q, k, v, inputs = _case(seed, source, heads, kv_heads, length)
+    mask = p.mask(length, heads=heads, q=q, k=k, **inputs)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = pd.attention(*leaves, p, scale=0.5, backend="cpu", **inputs)
+    ref_leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    want = _reference(mask, *ref_leaves, 0.5)
+    torch.testing.assert_close(out, want, rtol=1e-9, atol=1e-9)
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, leaves, dout)
+    want_grads = torch.autograd.grad(want, ref_leaves, dout)
+    for got, ref in zip(grads, want_grads, strict=True):
+        torch.testing.assert_close(got, ref, rtol=1e-9, atol=1e-9)
+
+
+def test_inputs_shape_only_the_operators_around_the_route():
+    """The route chooses from the original scores among its own candidates; ``where(k < n)`` then intersects."""
+    p, q, k, _, inputs = _case(3, MOBA, 2, 1, 150)
+    unpadded = pd.compile(MOBA.replace(" & where(k < n)", "").replace("    input n: int[batch]\n", ""))
+    got = p.mask(150, heads=2, q=q, k=k, **inputs)
+    keys = torch.arange(150)
+    want = unpadded.mask(150, heads=2, q=q, k=k) & (keys < inputs["n"].view(-1, 1, 1, 1))
+    assert torch.equal(got, want)
+    assert got.any() and not got.all()
+
+
+def test_masked_keys_never_reach_outputs():
+    """Values and gradients at keys every query masks (padding) are poisoned: outputs and grads stay exact."""
+    p, q, k, v, inputs = _case(4, MOBA, 2, 1, 150)
+    n = inputs["n"] = torch.tensor([97, 150])
+    pad = torch.arange(150) >= n.view(-1, 1, 1, 1)
+    poisoned = v.masked_fill(pad.view(2, 1, 150, 1), float("nan"))
+    leaves = [t.clone().requires_grad_() for t in (q, k, poisoned)]
+    out = pd.attention(*leaves, p, backend="cpu", **inputs)
+    mask = p.mask(150, heads=2, q=q, k=k, **inputs)
+    want = _reference(mask, q, k, v.masked_fill(pad.view(2, 1, 150, 1), 0.0), 8**-0.5)
+    torch.testing.assert_close(out, want, rtol=1e-9, atol=1e-9)
+    dq, dk, dv = torch.autograd.grad(out.sum(), leaves)
+    assert torch.isfinite(dq).all() and torch.isfinite(dk).all()
+    assert torch.equal(dv[0, :, 97:], torch.zeros_like(dv[0, :, 97:]))
