@@ -113,6 +113,9 @@ def attention(
     data = []
     if given or pir.inputs:
         from patterndsl import binding
+        from patterndsl.runtime import route_inputs
+
+        route_inputs.check_backend(pir, inputs.backend)
 
         bound = binding.bind(
             pir, given, inputs.kv_len, inputs.heads, inputs.head_dim, inputs.batch, q.device, "attention()"

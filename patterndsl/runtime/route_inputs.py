@@ -26,9 +26,9 @@ from types import SimpleNamespace
 
 import torch
 
-from patterndsl import ir, semantics
+from patterndsl import ir
 from patterndsl.analysis.plan import EMPTY, FULL, PARTIAL, BlockPlan
-from patterndsl.errors import InputError
+from patterndsl.errors import BackendError, InputError
 from patterndsl.runtime import dynamic, inputs, routing
 from patterndsl.runtime.plans import build, per_plan
 
@@ -37,6 +37,23 @@ def applies(plan: BlockPlan) -> bool:
     """Whether ``plan``'s pattern has both run-time inputs and a ``route``."""
     pattern = plan.pattern
     return bool(getattr(pattern, "inputs", ())) and any(ir.routes(g.node) for g in plan.groups)
+
+
+def check_backend(pattern: ir.PatternIR, backend: str) -> None:
+    """Refuse ``route(...)`` with run-time inputs on a backend other than the CPU executor.
+
+    Raises:
+        BackendError: located at the first route, when ``backend`` is not ``"cpu"``.
+    """
+    if backend == "cpu" or not pattern.inputs:
+        return
+    for node in pattern.nodes():
+        for prim in ir.routes(node):
+            raise BackendError(
+                f"pattern '{pattern.name}': route(...) combined with run-time inputs runs on the CPU backend only "
+                "for now (backend='cpu' with CPU tensors); the Triton kernels cannot combine them yet",
+                prim.span,
+            )
 
 
 def corner_plans(plan: BlockPlan) -> tuple[tuple[ir.Prim, ...], list[BlockPlan]]:
@@ -125,23 +142,10 @@ def call_lists(plan: BlockPlan, q: torch.Tensor, k: torch.Tensor, data: list):
                 row_ptr = torch.zeros(plan.n_q_tiles + 1, dtype=torch.int64)
                 row_ptr[1:] = torch.cumsum(torch.bincount(rows, minlength=plan.n_q_tiles), 0)
                 chosen = {p: s.chosen[b, kvh].cpu() for p, s in selections.items()}
-                mask_fn = _mask_fn(plan, group.node, h0, ctx, chosen)
+                mask_fn = dynamic._evaluate_tiles(plan, group.node, h0, chosen, ctx)
                 out.append((b, heads, (row_ptr, cols, merged[rows, cols]), mask_fn))
     return out
 
 
 def _identity(order: torch.Tensor | None, n: int) -> bool:
     return order is None or bool((order.cpu() == torch.arange(n)).all())
-
-
-def _mask_fn(plan: BlockPlan, node: ir.Node, head: int, ctx, chosen: dict):
-    bm, bn = plan.block
-
-    def tile_mask(q_tiles: torch.Tensor, kv_tiles: torch.Tensor) -> torch.Tensor:
-        rows = (q_tiles[:, None] * bm + torch.arange(bm)).clamp(max=plan.q_len - 1)
-        cols = kv_tiles[:, None] * bn + torch.arange(bn)
-        valid = cols < plan.kv_len
-        i, j = rows[:, :, None], cols.clamp(max=plan.kv_len - 1)[:, None, :]
-        return semantics.evaluate(node, i, j, head, ctx, chosen) & valid[:, None, :]
-
-    return tile_mask

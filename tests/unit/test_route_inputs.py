@@ -23,11 +23,11 @@ PREFIX = """pattern prefix {
 }"""
 
 
-def _reference(mask, q, k, v, scale):
-    """Dense float64 attention over ``mask [B, H, Lq, Lk]``: rows with no key give 0."""
+def _reference(mask, q, k, v, scale, bias=0.0):
+    """Dense float64 attention over ``mask [B, H, Lq, Lk]`` (plus ``bias`` on the scores): rows with no key give 0."""
     share = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(share, 1), v.repeat_interleave(share, 1)
-    s = (q @ k.transpose(-1, -2) * scale).masked_fill(~mask, float("-inf"))
+    s = (q @ k.transpose(-1, -2) * scale + bias).masked_fill(~mask, float("-inf"))
     p = torch.softmax(s, -1).nan_to_num(0.0)
     return p @ torch.where(mask.any(-2, keepdim=True).transpose(-1, -2), v, 0.0)
 
@@ -43,6 +43,7 @@ def _case(seed, source, heads, kv_heads, length):
         "n": lo,
         "p": torch.randint(0, length, (b,), generator=g),
         "tag": (torch.rand(b, length, generator=g) < 0.1).long(),
+        "bias": torch.randn(b, length, generator=g, dtype=torch.float64),
     }
     p = pd.compile(source)
     inputs = {d.name: data[d.name] for d in p.ir.inputs}
@@ -65,6 +66,23 @@ def test_forward_backward_match_dense_meaning(seed, source, heads, kv_heads, len
     grads = torch.autograd.grad(out, leaves, dout)
     want_grads = torch.autograd.grad(want, ref_leaves, dout)
     for got, ref in zip(grads, want_grads, strict=True):
+        torch.testing.assert_close(got, ref, rtol=1e-9, atol=1e-9)
+
+
+def test_score_reading_inputs_beside_route():
+    """A score statement reading an input adds to the attention scores, never to the route's choice."""
+    source = TAGGED.replace("    where", "    input bias: float[batch, token]\n    score s + bias[k]\n    where")
+    p, q, k, v, inputs = _case(6, source, 2, 1, 100)
+    bias = inputs["bias"]
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = pd.attention(*leaves, p, backend="cpu", **inputs)
+    mask = p.mask(100, heads=2, q=q, k=k, **inputs)
+    ref_leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    want = _reference(mask, *ref_leaves, 8**-0.5, bias[:, None, None, :])
+    torch.testing.assert_close(out, want, rtol=1e-9, atol=1e-9)
+    for got, ref in zip(
+        torch.autograd.grad(out.sum(), leaves), torch.autograd.grad(want.sum(), ref_leaves), strict=True
+    ):
         torch.testing.assert_close(got, ref, rtol=1e-9, atol=1e-9)
 
 
@@ -93,3 +111,18 @@ def test_masked_keys_never_reach_outputs():
     dq, dk, dv = torch.autograd.grad(out.sum(), leaves)
     assert torch.isfinite(dq).all() and torch.isfinite(dk).all()
     assert torch.equal(dv[0, :, 97:], torch.zeros_like(dv[0, :, 97:]))
+
+
+def test_triton_backend_refuses_with_located_error(monkeypatch):
+    """The Triton kernels cannot combine route(...) with inputs yet: a BackendError with its caret at the route."""
+    from patterndsl import config
+    from patterndsl.errors import BackendError
+
+    monkeypatch.setattr(config, "triton_interpret", lambda: True)
+    p, q, k, v, inputs = _case(5, MOBA, 2, 1, 32)
+    with pytest.raises(BackendError, match="CPU backend only") as info:
+        p(q.float(), k.float(), v.float(), backend="triton", **inputs)
+    span = info.value.span
+    line = MOBA.splitlines()[span.line - 1]
+    assert line[span.column - 1 : span.end_column - 1].startswith("route(topk = 2")
+    assert "^" in str(info.value)
