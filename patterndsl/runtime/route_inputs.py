@@ -27,7 +27,8 @@ from types import SimpleNamespace
 import torch
 
 from patterndsl import ir
-from patterndsl.analysis.plan import EMPTY, FULL, PARTIAL, BlockPlan
+from patterndsl.analysis import inputplan
+from patterndsl.analysis.plan import DYNAMIC, EMPTY, FULL, PARTIAL, BlockPlan
 from patterndsl.errors import BackendError, InputError
 from patterndsl.runtime import dynamic, inputs, routing
 from patterndsl.runtime.plans import build, per_plan
@@ -114,8 +115,7 @@ def call_lists(plan: BlockPlan, q: torch.Tensor, k: torch.Tensor, data: list):
     """
     if not data:
         raise InputError(f"pattern '{plan.pattern.name}' needs its run-time inputs at every call")
-    if not (_identity(plan.q_order, plan.q_len) and _identity(plan.kv_order, plan.kv_len)):
-        raise ValueError(f"pattern '{plan.pattern.name}': route(...) with run-time inputs needs a plan in token order")
+    _token_order(plan)
     routes, corners = corner_plans(plan)
     batch, share = q.shape[0], q.shape[1] // k.shape[1]
     voters = routing.voters(plan.pattern, plan.heads)
@@ -147,5 +147,38 @@ def call_lists(plan: BlockPlan, q: torch.Tensor, k: torch.Tensor, data: list):
     return out
 
 
-def _identity(order: torch.Tensor | None, n: int) -> bool:
-    return order is None or bool((order.cpu() == torch.arange(n)).all())
+def _token_order(plan: BlockPlan) -> None:
+    """Refuse a plan whose tiles reorder tokens (the route's groups and blocks are in token order)."""
+    for order, n in ((plan.q_order, plan.q_len), (plan.kv_order, plan.kv_len)):
+        if order is not None and not bool((order.cpu() == torch.arange(n)).all()):
+            raise ValueError(f"pattern '{plan.pattern.name}': route(...) with run-time inputs needs token order")
+
+
+def plan_for(static: BlockPlan, bound) -> inputplan.InputPlan:
+    """``Pattern.plan(..., **inputs)`` of a pattern with ``route``: exact for the data where the choice cannot matter.
+
+    A tile is empty or full when every corner of the routes says so for this data; partial when every
+    corner and the plan without data say partial (no route reaches it); else 3, decided by ``q`` and ``k``.
+
+    Args:
+        static: the plan without data (token order).
+        bound: the call's validated inputs (:class:`patterndsl.binding.Inputs`).
+
+    Returns:
+        An :class:`~patterndsl.analysis.inputplan.InputPlan` whose states may hold 3.
+    """
+    _token_order(static)
+    _, corners = corner_plans(static)
+    cps = [inputplan.call_plan(c, bound) for c in corners]
+    count = max(cp.states.shape[0] for cp in cps)
+    nqb, nkb = static.n_q_tiles, static.n_kv_tiles
+    states = torch.empty(count, len(static.groups), nqb, nkb, dtype=torch.int8)
+    for g, group in enumerate(static.groups):
+        h0 = group.heads[0]
+        pairs = zip(cps, corners, strict=True)
+        per = torch.stack([cp.states[:, c.head_group[h0]].cpu().expand(count, -1, -1) for cp, c in pairs])
+        agree = (per == per[0]).all(0)
+        fixed = group.tiles.to_dense(nqb, nkb) == PARTIAL
+        known = agree & ((per[0] != PARTIAL) | fixed)
+        states[:, g] = torch.where(known, per[0], torch.full_like(per[0], DYNAMIC))
+    return inputplan.InputPlan(static, states, bound)

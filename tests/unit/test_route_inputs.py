@@ -126,3 +126,22 @@ def test_triton_backend_refuses_with_located_error(monkeypatch):
     line = MOBA.splitlines()[span.line - 1]
     assert line[span.column - 1 : span.end_column - 1].startswith("route(topk = 2")
     assert "^" in str(info.value)
+
+
+def test_plan_with_inputs_is_exact_where_the_choice_cannot_matter():
+    """``plan(**inputs)``: empty/full/partial tiles hold for any q and k; the rest are 3."""
+    p, q, k, _, inputs = _case(7, PREFIX, 4, 2, 140)
+    plan = p.plan(140, heads=4, block=(32, 32), **inputs)
+    tiles = plan.tiles()
+    assert {0, 2, 3} <= set(tiles.unique().tolist())
+    real = torch.nn.functional.pad(torch.ones(140, 140), (0, 20, 0, 20))
+    area = real.view(5, 32, 5, 32).sum((1, 3)).expand_as(tiles)
+    for seed in (0, 1):
+        g = torch.Generator().manual_seed(seed)
+        qs, ks = torch.randn(q.shape, generator=g), torch.randn(k.shape, generator=g)
+        mask = torch.nn.functional.pad(p.mask(140, heads=4, q=qs, k=ks, **inputs), (0, 20, 0, 20))
+        count = mask.view(2, 4, 5, 32, 5, 32).sum((3, 5))
+        assert torch.equal(count[tiles == 0], torch.zeros_like(count[tiles == 0]))
+        assert torch.equal(count[tiles == 2], area[tiles == 2])
+        partial = count[tiles == 1]
+        assert bool(((partial > 0) & (partial < area[tiles == 1])).all())
