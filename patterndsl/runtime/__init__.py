@@ -100,6 +100,10 @@ def attention(
     if not isinstance(pir, ir.PatternIR):
         raise PatternError(f"attention() needs a patterndsl.Pattern, got {type(pattern).__name__}")
     given = inputs or {}
+    if pir.inputs and isinstance(q, torch.Tensor):
+        from patterndsl.runtime import route_inputs
+
+        route_inputs.check_backend(pir, backend, q.device)
     from patterndsl.runtime import clusters
 
     if clusters.has_content(pir):
@@ -113,9 +117,6 @@ def attention(
     data = []
     if given or pir.inputs:
         from patterndsl import binding
-        from patterndsl.runtime import route_inputs
-
-        route_inputs.check_backend(pir, inputs.backend)
 
         bound = binding.bind(
             pir, given, inputs.kv_len, inputs.heads, inputs.head_dim, inputs.batch, q.device, "attention()"

@@ -30,7 +30,7 @@ from patterndsl import ir
 from patterndsl.analysis import inputplan
 from patterndsl.analysis.plan import DYNAMIC, EMPTY, FULL, PARTIAL, BlockPlan
 from patterndsl.errors import BackendError, InputError
-from patterndsl.runtime import dynamic, inputs, routing
+from patterndsl.runtime import dynamic, inputs, routing, validate
 from patterndsl.runtime.plans import build, per_plan
 
 
@@ -40,21 +40,29 @@ def applies(plan: BlockPlan) -> bool:
     return bool(getattr(pattern, "inputs", ())) and any(ir.routes(g.node) for g in plan.groups)
 
 
-def check_backend(pattern: ir.PatternIR, backend: str) -> None:
+def check_backend(pattern: ir.PatternIR, backend: str, device: torch.device) -> None:
     """Refuse ``route(...)`` with run-time inputs on a backend other than the CPU executor.
 
+    Routes beside ``cluster(...)`` whose only inputs are its centroids run on both backends
+    (:mod:`patterndsl.runtime.clusters`); any other input next to a route runs on the CPU only.
+
     Raises:
-        BackendError: located at the first route, when ``backend`` is not ``"cpu"``.
+        BackendError: located at the first route, when ``backend`` resolves to Triton.
     """
-    if backend == "cpu" or not pattern.inputs:
+    nodes = pattern.nodes()
+    routes = [prim for node in nodes for prim in ir.routes(node)]
+    if not pattern.inputs or not routes:
         return
-    for node in pattern.nodes():
-        for prim in ir.routes(node):
-            raise BackendError(
-                f"pattern '{pattern.name}': route(...) combined with run-time inputs runs on the CPU backend only "
-                "for now (backend='cpu' with CPU tensors); the Triton kernels cannot combine them yet",
-                prim.span,
-            )
+    centroids = {p.arg("centroids") for n in nodes for p in ir.contents(n) if p.name == "cluster"}
+    if pattern.score is None and all(d.name in centroids for d in pattern.inputs):
+        return
+    if validate.resolve_backend(backend, device) == "cpu":
+        return
+    raise BackendError(
+        f"pattern '{pattern.name}': route(...) combined with run-time inputs runs on the CPU backend only "
+        "for now (backend='cpu' with CPU tensors); the Triton kernels cannot combine them yet",
+        routes[0].span,
+    )
 
 
 def corner_plans(plan: BlockPlan) -> tuple[tuple[ir.Prim, ...], list[BlockPlan]]:

@@ -44,6 +44,7 @@ def _case(seed, source, heads, kv_heads, length):
         "p": torch.randint(0, length, (b,), generator=g),
         "tag": (torch.rand(b, length, generator=g) < 0.1).long(),
         "bias": torch.randn(b, length, generator=g, dtype=torch.float64),
+        "C": torch.randn(3, d, generator=g, dtype=torch.float64),
     }
     p = pd.compile(source)
     inputs = {d.name: data[d.name] for d in p.ir.inputs}
@@ -101,19 +102,34 @@ def test_inputs_shape_only_the_operators_around_the_route():
     assert got.any() and not got.all()
 
 
-def test_triton_backend_refuses_with_located_error(monkeypatch):
+CLUSTERED = """pattern clustered {
+    input C: float[3, dim]
+    input n: int[batch]
+    causal & (window(2) | route(1, block = 4) | cluster(C)) & where(k < n)
+}"""
+
+
+@pytest.mark.parametrize(("source", "caret"), [(MOBA, "route(topk = 2"), (CLUSTERED, "route(1, block = 4)")])
+def test_triton_backend_refuses_with_located_error(monkeypatch, source, caret):
     """The Triton kernels cannot combine route(...) with inputs yet: a BackendError with its caret at the route."""
     from patterndsl import config
     from patterndsl.errors import BackendError
 
     monkeypatch.setattr(config, "triton_interpret", lambda: True)
-    p, q, k, v, inputs = _case(5, MOBA, 2, 1, 32)
+    p, q, k, v, inputs = _case(5, source, 2, 1, 32)
     with pytest.raises(BackendError, match="CPU backend only") as info:
         p(q.float(), k.float(), v.float(), backend="triton", **inputs)
     span = info.value.span
-    line = MOBA.splitlines()[span.line - 1]
-    assert line[span.column - 1 : span.end_column - 1].startswith("route(topk = 2")
+    line = source.splitlines()[span.line - 1]
+    assert line[span.column - 1 : span.end_column - 1].startswith(caret)
     assert "^" in str(info.value)
+
+
+def test_cluster_route_and_input_on_cpu():
+    p, q, k, v, inputs = _case(8, CLUSTERED, 2, 1, 16)
+    mask = p.mask(16, heads=2, q=q, k=k, **inputs)
+    out = p(q, k, v, backend="cpu", **inputs)
+    torch.testing.assert_close(out, _reference(mask, q, k, v, 8**-0.5), rtol=1e-9, atol=1e-9)
 
 
 def test_plan_with_inputs_is_exact_where_the_choice_cannot_matter():
