@@ -154,7 +154,12 @@ class Pattern:
             bound = self._inputs(inputs, q_len, kv_len, heads, "plan()", optional=True)
             # The plan without data is the same at every call of these sizes: the runtime's cache keeps it.
             key = plans.register(self.ir, block, order)
-            return inputplan.call_plan(plans.get(key, q_len, q_len if kv_len is None else kv_len, heads), bound)
+            static = plans.get(key, q_len, q_len if kv_len is None else kv_len, heads)
+            if any(ir.routes(n) for n in self.ir.nodes()):
+                from patterndsl.runtime import route_inputs
+
+                return route_inputs.plan_for(static, bound)
+            return inputplan.call_plan(static, bound)
 
     def __call__(
         self,

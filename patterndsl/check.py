@@ -899,15 +899,28 @@ def _bind_definition(
                     content.span or prim.span,
                 )
     if inputs:
-        nodes = [r.node for r in rules] + ([default] if default is not None else [])
-        # Centroids are read by the labels alone, which run beside route(...) at call time.
-        centroids = {p.arg("centroids") for n in nodes for p in ir.contents(n) if p.name == "cluster"}
-        if score is not None or any(d.name not in centroids for d in inputs):
-            for node in nodes:
-                for prim in ir.routes(node):
-                    raise PatternValueError("route(...) cannot be combined with run-time inputs yet", prim.span)
+        _check_route_inputs([r.node for r in rules] + ([default] if default is not None else []))
     rules.sort(key=lambda r: r.lo)
     return ir.PatternIR(pdef.name, tuple(bound), scope.layout, tuple(rules), default, pdef.span, inputs, score=score)
+
+
+def _check_route_inputs(nodes: list[ir.Node]) -> None:
+    """Refuse a ``route`` whose ``among`` reads run-time inputs.
+
+    A route's candidates are planned once per size from ``among`` alone
+    (:func:`patterndsl.runtime.routing.candidates`); inputs elsewhere in the pattern only shape the
+    operators around the route (LANGUAGE.md sections 2 and 7), which the call-time plan handles.
+    """
+    for node in nodes:
+        for prim in ir.routes(node):
+            among = prim.arg("among")
+            for sub in ir.walk(among):
+                if isinstance(sub, ir.Prim) and ir.prim_reads_inputs(sub):
+                    raise PatternValueError(
+                        "route(...)'s among cannot read run-time inputs yet: its candidates are planned once "
+                        "per size; read the inputs outside the route, e.g. (route(...) & where(...))",
+                        sub.span or prim.span,
+                    )
 
 
 def _bind_score(stmt: syntax.Score, scope: _Scope) -> scores.Score | None:

@@ -100,6 +100,10 @@ def attention(
     if not isinstance(pir, ir.PatternIR):
         raise PatternError(f"attention() needs a patterndsl.Pattern, got {type(pattern).__name__}")
     given = inputs or {}
+    if pir.inputs and isinstance(q, torch.Tensor) and any(ir.routes(n) for n in pir.nodes()):
+        from patterndsl.runtime import route_inputs
+
+        route_inputs.check_backend(pir, backend, q.device)
     from patterndsl.runtime import clusters
 
     if clusters.has_content(pir):

@@ -359,9 +359,9 @@ def static_mask_fn(dg: DynamicGroup, plan: BlockPlan):
     return _evaluate_tiles(plan, node, dg.group.heads[0])
 
 
-def _evaluate_tiles(plan: BlockPlan, node: ir.Node, head: int, selection=None):
+def _evaluate_tiles(plan: BlockPlan, node: ir.Node, head: int, selection=None, ctx=None):
     bm, bn = plan.block
-    ctx = plan.sizes
+    ctx = plan.sizes if ctx is None else ctx
 
     def tile_mask(q_tiles: torch.Tensor, kv_tiles: torch.Tensor) -> torch.Tensor:
         rows = (q_tiles[:, None] * bm + torch.arange(bm)).clamp(max=plan.q_len - 1)

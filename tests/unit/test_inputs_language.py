@@ -79,7 +79,12 @@ def test_printer_round_trips(body):
         ("within(doc, route(1, 4))", PatternValueError, "static pattern", "route(1, 4)"),
         ("sink(prefix)", PatternTypeError, "only usable inside where", "prefix"),
         ("where(w[q] == 1)", PatternTypeError, "'w' is not an input", "w"),
-        ("causal | route(1, 4)", PatternValueError, "cannot be combined with run-time inputs", "route(1, 4)"),
+        (
+            "causal | route(1, 4, among = where(tag[k] == 1))",
+            PatternValueError,
+            "among cannot read run-time inputs",
+            "where(tag[k] == 1)",
+        ),
     ],
 )
 def test_located_errors(body, error, text, caret):

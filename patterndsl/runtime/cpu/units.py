@@ -91,6 +91,17 @@ def _input_units(plan: BlockPlan, q: torch.Tensor, data: list, opts: CpuOptions)
     return per_plan(cp, ("cpu-units", opts.schedule_key()), build), None
 
 
+def _route_input_units(plan: BlockPlan, q: torch.Tensor, k: torch.Tensor, data: list, opts: CpuOptions):
+    """Units of a pattern with ``route`` and run-time inputs: one per batch element, head group and kv head."""
+    from patterndsl.runtime import route_inputs
+
+    out = []
+    for b, heads, (row_ptr, cols, state), mask_fn in route_inputs.call_lists(plan, q, k, data):
+        segs = schedule(row_ptr, cols, state, plan, mask_fn, opts)
+        out.append((slice(b, b + 1), Schedule(heads, segs, idle(segs, plan.n_q_tiles)), False))
+    return out
+
+
 def units(plan: BlockPlan, q: torch.Tensor, k: torch.Tensor, opts: CpuOptions, data=None):
     """What runs: ``(batch slice, schedule)`` pairs covering every (batch element, head) once, and gathered work.
 
@@ -109,6 +120,10 @@ def units(plan: BlockPlan, q: torch.Tensor, k: torch.Tensor, opts: CpuOptions, d
         for static plans, else the gathered work items.
     """
     if plan.pattern is not None and getattr(plan.pattern, "inputs", ()):
+        from patterndsl.runtime import route_inputs
+
+        if route_inputs.applies(plan):
+            return _route_input_units(plan, q, k, data or [], opts), None
         return _input_units(plan, q, data or [], opts)
     if not any(ir.is_dynamic(g.node) for g in plan.groups):
         return [(slice(None), sched, False) for sched in schedules(plan, opts)], None
