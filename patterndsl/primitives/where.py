@@ -231,10 +231,11 @@ def _coord_keys(pred: ir.Expr, qlo, qhi, qalo, qahi, env):
     if not isinstance(pred, ir.Cmp) or pred.op == "!=":
         return None
     for op, key, other in ((pred.op, pred.left, pred.right), (_FLIP[pred.op], pred.right, pred.left)):
-        if one_side(other) not in (None, "q") or any(
-            isinstance(e, ir.Var) and e.name == "k" for e in ir.walk_expr(other)
+        if any(
+            (isinstance(e, ir.Var) and e.name == "k") or (isinstance(e, ir.Coord) and e.side == "k")
+            for e in ir.walk_expr(other)
         ):
-            continue
+            continue  # E must read no key position or coordinate (one_side is None for mixed sides too)
         zero = np.zeros_like(qlo)
         boxes = intervals.Boxes(qlo, qhi, zero, zero, qalo, qahi, np.zeros_like(qalo), np.zeros_like(qahi))
         sound = np.ones(len(qlo), bool)

@@ -86,3 +86,17 @@ def test_key_coordinate_bounds_through_shifts_and_floor_division(pred):
     pir = patterndsl.compile(f"pattern p {{ layout grid(y = 12, x = 20)\n where({pred}) }}").ir
     plan = check_plan(pir, 240, 240, 1, (16, 16), "identity")
     assert plan.stats.extra["boxes_searched"] == 0
+
+
+@pytest.mark.parametrize(
+    "pred",
+    ["k.x + k.y - q == k.x + 4", "k.y > q.x - k.x + 3", "k.y <= k.x", "k.x == q.x + k.y - 2"],
+)
+def test_a_bound_expression_reading_another_key_coordinate_gives_no_key_bounds(pred):
+    # ``k.AXIS op E`` bounds the axis only when E reads no key: an E with another key coordinate (its sides
+    # mixed) once bounded the axis by E's interval over the query tile alone and dropped allowed pairs.
+    from tests.unit.test_plan_property import check_plan
+
+    pir = patterndsl.compile(f"pattern p {{ layout grid(y = 7, x = 8)\n where({pred}) }}").ir
+    for block in ((5, 1), (8, 8), (3, 7)):
+        check_plan(pir, 56, 56, 1, block, "identity")
