@@ -134,7 +134,7 @@ def _tiled(plan, tiles: tuple[int, int] | None):
     return per_plan(plan, ("tiled", tiles), lambda: passes.fitted(plan, tiles))
 
 
-def _setup(q, k, v, plan, kind: str, data=None, selections=None):
+def _setup(q, k, v, plan, kind: str, data=None):
     validate.check_call(q, k, v, "triton", plan)
     target = target_of(q.device)
     run_time = generator.per_call(plan.pattern)
@@ -154,11 +154,11 @@ def _setup(q, k, v, plan, kind: str, data=None, selections=None):
         else:
             from patterndsl.runtime import triton_route
 
-            prep["groups"], prep["rt"] = triton_route.run_time_lists(plan, spec, q, k, prep["groups"], selections)
+            prep["groups"], prep["rt"] = triton_route.run_time_lists(plan, spec, q, k, prep["groups"])
     return plan, spec, module, prep
 
 
-def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan, scale: float, data=None, selections=None):
+def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan, scale: float, data=None):
     """Attention forward through the generated kernels.
 
     Args:
@@ -166,7 +166,6 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan, scale: floa
         plan: the block plan for ``(Lq, Lk, H)``.
         scale: the softmax scale.
         data: the pattern's run-time input tensors in declaration order (LANGUAGE.md section 7).
-        selections: the routes' choice made already (``{route: Selection}``), or None: made from ``q``, ``k``.
 
     Returns:
         ``(out [B, H, Lq, D] in q.dtype, lse [B, H, Lq] float32)``; a row with no allowed key
@@ -174,7 +173,7 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan, scale: floa
         rows that read it (:mod:`patterndsl.runtime.triton_finite`).
     """
     q, k, v = (_rows_contiguous(t) for t in (q, k, v))
-    plan, spec, module, prep = _setup(q, k, v, plan, "forward", data, selections)
+    plan, spec, module, prep = _setup(q, k, v, plan, "forward", data)
     b, h, lq, d = q.shape
     out = _empty(b, h, lq, d, dtype=q.dtype, device=q.device)
     lse = _empty(b, h, lq, dtype=torch.float32, device=q.device)

@@ -33,9 +33,7 @@ def _transpose(ptr: torch.Tensor, cols: torch.Tensor, nqt: int, nkt: int) -> tup
     return order, col_ptr, m
 
 
-def run_time_lists(
-    plan, spec, q: torch.Tensor, k: torch.Tensor, prepared: list, selections=None
-) -> tuple[list, torch.Tensor]:
+def run_time_lists(plan, spec, q: torch.Tensor, k: torch.Tensor, prepared: list) -> tuple[list, torch.Tensor]:
     """This call's tile lists and run-time table for the kernels of ``spec``.
 
     Args:
@@ -43,16 +41,13 @@ def run_time_lists(
         spec: its kernel spec (``run_time_lists`` set).
         q, k: this call's inputs (the choice is made from them).
         prepared: per head group ``[heads]`` as :func:`triton_backend.prepared` holds it.
-        selections: ``{route: Selection}`` made already (a decoding step's, from a cache's block summaries,
-            :mod:`patterndsl.runtime.route_decode`); made from ``q`` and ``k`` when None.
 
     Returns:
         ``(groups, rt)``: per head group ``row_ptr, row_split, row_cols, col_ptr, col_split, col_rows,
         heads`` (int32 on ``q``'s device; segment ``lst * NQT + m`` / ``lst * NKT + n``) and ``RT``.
     """
     dp = dynamic.dynamic_plan(plan)
-    if selections is None:
-        selections = dynamic.select_all(dp, q, k)
+    selections = dynamic.select_all(dp, q, k)
     lists = dynamic.kernel_lists(dp, selections, q.shape[0], k.shape[1])
     nqt, nkt = plan.n_q_tiles, plan.n_kv_tiles
     groups = []
