@@ -14,6 +14,7 @@ import patterndsl
 from patterndsl.runtime import cpu
 from patterndsl.runtime.cpu import dense
 from tests.reference import reference_attention
+from tests.spies import count_calls
 
 
 def _compile(body: str):
@@ -23,16 +24,7 @@ def _compile(body: str):
 @pytest.fixture
 def calls(monkeypatch):
     """Counts the dense path's forward and backward calls."""
-    seen = {"forward": 0, "backward": 0}
-    for name in seen:
-        original = getattr(dense, name)
-
-        def spy(*args, _original=original, _name=name, **kwargs):
-            seen[_name] += 1
-            return _original(*args, **kwargs)
-
-        monkeypatch.setattr(dense, name, spy)
-    return seen
+    return count_calls(monkeypatch, dense)
 
 
 @pytest.mark.parametrize("body", ["causal", "full"])

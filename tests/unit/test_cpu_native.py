@@ -22,6 +22,7 @@ from patterndsl.runtime import cpu
 from patterndsl.runtime.cpu import native
 from patterndsl.runtime.cpu.native import build
 from tests.reference import reference_attention
+from tests.spies import count_calls
 from tests.unit.test_plan_property import rand_case
 
 pytestmark = pytest.mark.skipif(not native.available(), reason=f"native kernel unavailable: {build.last_reason[0]}")
@@ -34,16 +35,7 @@ def _compile(body: str):
 @pytest.fixture
 def runs(monkeypatch):
     """Counts the native forward and backward calls."""
-    seen = {"forward": 0, "backward": 0}
-    for name in seen:
-        original = getattr(native, name)
-
-        def spy(*args, _original=original, _name=name, **kwargs):
-            seen[_name] += 1
-            return _original(*args, **kwargs)
-
-        monkeypatch.setattr(native, name, spy)
-    return seen
+    return count_calls(monkeypatch, native)
 
 
 def _inputs(b, h, hkv, lq, lk, d, seed):
