@@ -128,7 +128,9 @@ def call(q, k, v, pir, scale, backend, given, kv_lengths, q_lengths, block_table
     grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     if grad or compiling:
         return op.attention_fwd(q, k, v, checked.key, data, checked.scale, checked.backend)
-    return ragged.forward_op(*op.unit_stride(q, k, v), checked.key, data, checked.scale, checked.backend)
+    if checked.backend != "cpu":
+        q, k, v = op.unit_stride(q, k, v)  # (the CPU loop applies it where it runs torch's kernels)
+    return ragged.forward_op(q, k, v, checked.key, data, checked.scale, checked.backend)
 
 
 def _route_step(q, k, v, pir, checked, data, given, compiling):

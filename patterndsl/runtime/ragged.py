@@ -34,6 +34,7 @@ import torch
 from patterndsl import ir, semantics
 from patterndsl.errors import InputError
 from patterndsl.runtime import paged, plans
+from patterndsl.runtime.cpu.native import decoding
 from patterndsl.runtime.cpu.tuning import FLASH
 
 _LOCK = threading.Lock()
@@ -138,12 +139,18 @@ def check_values(q, k, data) -> tuple[list[int], list[int]]:
     Raises:
         InputError: naming the argument and the offending value.
     """
-    batch, lq = q.shape[0], q.shape[2]
+    lengths = check_lengths(q, k, data)
+    check_table(q, k, data, lengths)
+    return lengths
+
+
+def check_lengths(q, k, data) -> tuple[list[int], list[int]]:
+    """The lengths' values (:func:`check_values` without the table's): ``(kv_lengths, q_lengths)`` as lists."""
     lengths = data[0].tolist(), data[1].tolist()
-    if not batch:
+    if not q.shape[0]:
         return lengths
-    in_pages = len(data) > 2
-    if in_pages:
+    lq = q.shape[2]
+    if len(data) > 2:
         cap, why = data[2].shape[1] * k.shape[2], f"block_table holds {data[2].shape[1]} pages of {k.shape[2]}"
     else:
         cap, why = k.shape[2], f"k has {k.shape[2]} positions"
@@ -154,21 +161,27 @@ def check_values(q, k, data) -> tuple[list[int], list[int]]:
         lo, hi = min(t), max(t)
         if lo < 0 or hi > limit:
             raise InputError(f"{name} holds {lo if lo < 0 else hi}, outside 0..{limit} ({text})")
-    if in_pages and not paged.checked(data[2], k.shape[0], k.shape[2], lengths[0]):
-        table, ps = data[2], k.shape[2]
-        held = torch.arange(table.shape[1])[None, :] < ((data[0] + ps - 1) // ps)[:, None]
-        bad = ((table < -1) | (table >= k.shape[0])) & held
-        if bool(bad.any()):
-            b, p = (int(x) for x in torch.nonzero(bad)[0])
-            raise InputError(
-                f"block_table[{b}, {p}] = {int(table[b, p])} is not a page of the cache (0..{k.shape[0] - 1}, "
-                "or -1 for none)"
-            )
-        # A table whose every entry is a page or -1 (what a PagedKVCache hands out) holds for any lengths: the
-        # next step's new lengths skip the check.
-        whole = bool(((table >= -1) & (table < k.shape[0])).all())
-        paged.remember(table, k.shape[0], ps, None if whole else lengths[0])
     return lengths
+
+
+def check_table(q, k, data, lengths) -> None:
+    """The block table's values (a paged call): every page an element holds (below its ``kv_lengths``) is a page
+    of the cache or -1. A table checked before and unchanged since is not checked again (:mod:`.paged`)."""
+    if len(data) < 3 or not q.shape[0] or paged.checked(data[2], k.shape[0], k.shape[2], lengths[0]):
+        return
+    table, ps = data[2], k.shape[2]
+    held = torch.arange(table.shape[1])[None, :] < ((data[0] + ps - 1) // ps)[:, None]
+    bad = ((table < -1) | (table >= k.shape[0])) & held
+    if bool(bad.any()):
+        b, p = (int(x) for x in torch.nonzero(bad)[0])
+        raise InputError(
+            f"block_table[{b}, {p}] = {int(table[b, p])} is not a page of the cache (0..{k.shape[0] - 1}, "
+            "or -1 for none)"
+        )
+    # A table whose every entry is a page or -1 (what a PagedKVCache hands out) holds for any lengths: the
+    # next step's new lengths skip the check.
+    whole = bool(((table >= -1) & (table < k.shape[0])).all())
+    paged.remember(table, k.shape[0], ps, None if whole else lengths[0])
 
 
 def _table(t, batch: int, device) -> None:
@@ -432,6 +445,14 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+class Work(list):
+    """A call's kept tile lists (:func:`_work`): ``[(b, [(group, [tile, ...]), ...]), ...]``, with ``native``, the
+    native decoding kernel's :class:`~patterndsl.runtime.cpu.native.decoding.Program` of them once built (False:
+    the kernel does not take them)."""
+
+    native: object = None
+
+
 _WORK: OrderedDict = OrderedDict()
 #: Calls whose tile lists are kept (every layer of a model's step repeats the same lengths).
 MAX_WORK = 16
@@ -459,7 +480,7 @@ def _work(plan_key: str, q, k, data, lengths=None):
         out.append((b, [(gr, row_tiles(fr, gr)) for gr in _groups(fr.plan, heads, kv_heads)]))
     if sum(ql) > WORK_ROWS:
         return out  # generators: the tiles are made as they run
-    out = [(b, [(gr, list(tiles)) for gr, tiles in groups]) for b, groups in out]
+    out = Work((b, [(gr, list(tiles)) for gr, tiles in groups]) for b, groups in out)
     with _LOCK:
         _WORK[key] = out
         while len(_WORK) > MAX_WORK:
@@ -583,13 +604,35 @@ def _single(work, batch: int, q_len: int):
     return gr, tiles[0]
 
 
+def _native(work, q, k, v, data, scale: float):
+    """``(out, lse)`` by the native decoding kernel (:mod:`patterndsl.runtime.cpu.native.decoding`), or None:
+    kept tile lists only (small calls), tensors and options it serves, and a result it vouches for (the kernel
+    checks the table's entries itself: one outside the cache hands the call back to :func:`check_table`)."""
+    if not isinstance(work, Work) or not decoding.serves(q, k, v):
+        return None
+    prog = work.native
+    if prog is None:
+        prog = work.native = decoding.program(work, q.shape[0], q.shape[1], k.shape[1], q.shape[2]) or False
+    table = data[2] if len(data) > 2 else None
+    return decoding.forward(prog, q, k, v, data[0], table, scale) if prog else None
+
+
 def forward(q, k, v, plan_key: str, data, scale: float, lengths=None):
-    """``(out, lse)`` of a ragged or paged call (see the module docstring)."""
+    """``(out, lse)`` of a ragged or paged call (see the module docstring). ``lengths``: from
+    :func:`check_lengths` (the table's values are then checked here), or None (everything checked already)."""
+    work = _work(plan_key, q, k, data, lengths)
+    got = _native(work, q, k, v, data, scale)
+    if got is not None:
+        return got
+    if lengths is not None:
+        check_table(q, k, data, lengths)
+    from patterndsl.runtime import op  # (op imports this module)
+
+    q, k, v = op.unit_stride(q, k, v)
     b_, h, lq, _ = q.shape
     dt = _compute_dtype(q.dtype)
     table = data[2] if len(data) > 2 else None
     fused = FLASH is not None and q.dtype == torch.float32
-    work = _work(plan_key, q, k, data, lengths)
     single = _single(work, b_, lq)
     if single is not None:
         # A decoding step: the tile's result is the whole output, no buffers to fill.
@@ -711,10 +754,11 @@ def per_element(q, k, v, data, run, pattern=None):
 
 def forward_op(q, k, v, plan_key: str, data, scale: float, backend: str):
     """The op's forward for a ragged key: the CPU loop below, or the ragged Triton kernels."""
-    lengths = check_values(q, k, data)
+    lengths = check_lengths(q, k, data)
     if backend == "triton":
         from patterndsl.runtime import triton_ragged
 
+        check_table(q, k, data, lengths)
         out, lse = triton_ragged.forward(q, k, v, _spec(plan_key)[0], data, scale)
     else:
         out, lse = forward(q, k, v, plan_key, data, scale, lengths)

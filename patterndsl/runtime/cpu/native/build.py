@@ -1,6 +1,6 @@
 """Runtime stage, CPU executor, native kernel: building ``attention.cpp`` once per source, flags and CPU.
 
-Comes in: the C++ source shipped next to this module (package data), the compiler named by
+Comes in: the C++ sources shipped next to this module (package data), the compiler named by
 :func:`patterndsl.config.native_compiler` and the CPU's feature flags. Goes out: the loaded
 shared library (:class:`ctypes.CDLL`), or None with the reason logged once (no compiler, no
 AVX-512, a failed build, ``PATTERNDSL_NATIVE=0``): the executor then runs its torch path.
@@ -32,6 +32,8 @@ from patterndsl import config
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("attention.cpp")
+#: Every source of the library: the tile kernels, and the decoding kernel (``decode.cpp``, issue 14).
+SOURCES = (SOURCE, Path(__file__).with_name("decode.cpp"))
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
 #: CPU features the kernel needs (it is written with AVX-512 intrinsics).
 NEEDED = ("avx512f", "avx512bw", "avx512dq", "avx512vl")
@@ -40,6 +42,8 @@ _lock = threading.Lock()
 _loaded: dict[str, ctypes.CDLL | None] = {}
 #: Why the last attempt gave no library (None after a success), for logs and tests.
 last_reason: list[str | None] = [None]
+#: Counts :func:`reset` calls: what callers derived from :func:`library` holds while it is unchanged.
+generation: list[int] = [0]
 
 
 def cpu_features() -> frozenset[str]:
@@ -80,12 +84,13 @@ def library_dir() -> Path:
     return path
 
 
-def _compile(cxx: str, source: Path, target: Path) -> None:
-    """Compile ``source`` into ``target`` through a temporary file in the same directory."""
+def _compile(cxx: str, sources: tuple[Path, ...], target: Path) -> None:
+    """Compile ``sources`` into the one library ``target`` through a temporary file in the same directory."""
     fd, tmp = tempfile.mkstemp(prefix=target.name, suffix=".tmp", dir=target.parent)
     os.close(fd)
     try:
-        out = subprocess.run([cxx, *FLAGS, str(source), "-o", tmp], capture_output=True, text=True, timeout=600)
+        cmd = [cxx, *FLAGS, *(str(s) for s in sources), "-o", tmp]
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         if out.returncode != 0:
             raise RuntimeError(f"{cxx} failed: {out.stderr.strip()[-2000:]}")
         os.replace(tmp, target)
@@ -104,7 +109,7 @@ def _build() -> ctypes.CDLL:
     cxx = shutil.which(config.native_compiler())
     if cxx is None:
         raise RuntimeError(f"no C++ compiler ({config.native_compiler()!r} not found)")
-    source = SOURCE.read_text()
+    source = "\0".join(s.read_text() for s in SOURCES)
     key = cache_key(source, _compiler_version(cxx), features)
     directory = library_dir()
     target = directory / f"attention-{key}.so"
@@ -113,7 +118,7 @@ def _build() -> ctypes.CDLL:
             fcntl.flock(lock, fcntl.LOCK_EX)  # another process may be building the same key
             if not target.exists():
                 log.info("patterndsl: building the native CPU attention kernel into %s", target)
-                _compile(cxx, SOURCE, target)
+                _compile(cxx, SOURCES, target)
     lib = ctypes.CDLL(str(target))
     if lib.pdsl_native_version() != 1:
         raise RuntimeError(f"{target} is not this version of the kernel")
@@ -145,3 +150,4 @@ def reset() -> None:
     with _lock:
         _loaded.clear()
         last_reason[0] = None
+        generation[0] += 1
