@@ -68,9 +68,16 @@ class Pattern:
         try:
             yield
         except PatternError as err:
-            if err.span is None or err.source is not None or self.source is None:
+            located = self._locate(err)
+            if located is None:
                 raise
-            raise err.with_source(self.source, self.filename) from None
+            raise located from None
+
+    def _locate(self, err: PatternError) -> PatternError | None:
+        """``err`` with this pattern's source text, or None when it has its source or no span to place."""
+        if err.span is None or err.source is not None or self.source is None:
+            return None
+        return err.with_source(self.source, self.filename)
 
     def mask(self, q_len: int, kv_len: int | None = None, heads: int = 1, *, q=None, k=None, **inputs) -> torch.Tensor:
         """The dense meaning, for inspection and tests at small sizes.
@@ -175,7 +182,8 @@ class Pattern:
         **inputs,
     ):
         """Attention under this pattern; see :func:`attention` (``**inputs``: its run-time inputs)."""
-        with self._located():
+        # As ``with self._located():``, without the context manager's cost on every decoding step.
+        try:
             return attention(
                 q,
                 k,
@@ -189,6 +197,11 @@ class Pattern:
                 block_table=block_table,
                 **inputs,
             )
+        except PatternError as err:
+            located = self._locate(err)
+            if located is None:
+                raise
+            raise located from None
 
     def kernel_source(self, q_len: int, kv_len: int | None = None, heads: int = 1, **options) -> str:
         """The generated Triton source for a shape and dtype, as text (patterns with ``route`` too).

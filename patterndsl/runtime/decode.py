@@ -41,13 +41,17 @@ class Checked:
 
 
 def _meta(t):
-    return None if t is None else (type(t), tuple(t.shape), t.dtype, t.device)
+    # A tensor's shape is a torch.Size, hashable as it is; anything else's is made a tuple.
+    return None if t is None else (type(t), t.shape if type(t) is torch.Tensor else tuple(t.shape), t.dtype, t.device)
 
 
 def _signature(pir, q, k, v, scale, backend, kv_lengths, q_lengths, block_table):
     """A hashable summary of everything the checks read, or None (a value that is not a tensor: full checks)."""
     try:
-        return (pir, type(scale), scale, backend, *(_meta(t) for t in (q, k, v, kv_lengths, q_lengths, block_table)))
+        return (
+            pir, type(scale), scale, backend,
+            _meta(q), _meta(k), _meta(v), _meta(kv_lengths), _meta(q_lengths), _meta(block_table),
+        )  # fmt: skip
     except (AttributeError, TypeError):
         return None
 

@@ -118,12 +118,33 @@ def _int64(t: torch.Tensor) -> torch.Tensor:
     return t if t.dtype == torch.int64 and t.is_contiguous() else t.to(torch.int64).contiguous()
 
 
+_FILLED: OrderedDict = OrderedDict()
+#: Lengths tensors kept for arguments left out (a decoding step's ``q_lengths``): filled once, never written.
+MAX_FILLED = 64
+
+
+def _filled(batch: int, value: int, device) -> torch.Tensor:
+    """An int64 ``[batch]`` of ``value`` (kept: every layer of every decoding step asks for the same one; a new one
+    under ``torch.compile``, which traces it)."""
+    if torch.compiler.is_compiling():
+        return torch.full((batch,), value, dtype=torch.int64, device=device)
+    key = (batch, value, device)
+    got = _FILLED.get(key)
+    if got is None:
+        got = torch.full((batch,), value, dtype=torch.int64, device=device)
+        with _LOCK:
+            _FILLED[key] = got
+            while len(_FILLED) > MAX_FILLED:
+                _FILLED.popitem(last=False)
+    return got
+
+
 def call_data(q, k, kv_lengths, q_lengths, block_table) -> list[torch.Tensor]:
     """The op's ``data`` for arguments :func:`check_call` accepted: int64 lengths (missing ones filled in) and
     the table."""
     batch = q.shape[0]
-    kvl = torch.full((batch,), k.shape[2], dtype=torch.int64, device=q.device) if kv_lengths is None else kv_lengths
-    ql = torch.full((batch,), q.shape[2], dtype=torch.int64, device=q.device) if q_lengths is None else q_lengths
+    kvl = _filled(batch, k.shape[2], q.device) if kv_lengths is None else kv_lengths
+    ql = _filled(batch, q.shape[2], q.device) if q_lengths is None else q_lengths
     data = [_int64(kvl), _int64(ql)]
     if block_table is not None:
         data.append(_int64(block_table))
@@ -149,17 +170,17 @@ def check_lengths(q, k, data) -> tuple[list[int], list[int]]:
     lengths = data[0].tolist(), data[1].tolist()
     if not q.shape[0]:
         return lengths
-    lq = q.shape[2]
-    if len(data) > 2:
-        cap, why = data[2].shape[1] * k.shape[2], f"block_table holds {data[2].shape[1]} pages of {k.shape[2]}"
-    else:
-        cap, why = k.shape[2], f"k has {k.shape[2]} positions"
-    for name, t, limit, text in (
-        ("kv_lengths", lengths[0], cap, why),
-        ("q_lengths", lengths[1], lq, f"q has {lq} queries"),
-    ):
+    lq, paged_call = q.shape[2], len(data) > 2
+    cap = data[2].shape[1] * k.shape[2] if paged_call else k.shape[2]
+    for name, t, limit in (("kv_lengths", lengths[0], cap), ("q_lengths", lengths[1], lq)):
         lo, hi = min(t), max(t)
         if lo < 0 or hi > limit:
+            if name == "q_lengths":
+                text = f"q has {lq} queries"
+            elif paged_call:
+                text = f"block_table holds {data[2].shape[1]} pages of {k.shape[2]}"
+            else:
+                text = f"k has {k.shape[2]} positions"
             raise InputError(f"{name} holds {lo if lo < 0 else hi}, outside 0..{limit} ({text})")
     return lengths
 
