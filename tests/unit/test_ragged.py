@@ -293,10 +293,11 @@ def test_torch_compile_fullgraph_with_lengths():
         assert torch.allclose(g, w, atol=1e-6)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_non_finite_keys_and_values_reach_only_the_rows_that_attend_them(dtype):
+@pytest.mark.parametrize(("dtype", "dim"), [(torch.float32, 8), (torch.float64, 8), (torch.float32, 16)])
+def test_non_finite_keys_and_values_reach_only_the_rows_that_attend_them(dtype, dim):
+    # dim 16 in float32: the native decoding kernel's call, handed back to the selecting path (a NaN at a zero weight)
     p = pd.compile("pattern w { causal & window(5) }")
-    q, k, v = _tensors(2, 2, 1, 3, 30, 8, dtype, 2)
+    q, k, v = _tensors(2, 2, 1, 3, 30, dim, dtype, 2)
     k[:, :, 2] = float("nan")
     v[:, :, 3] = float("inf")
     kvl, ql = torch.tensor([30, 6]), torch.tensor([3, 3])

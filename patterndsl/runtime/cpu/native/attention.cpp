@@ -24,6 +24,8 @@
 #include <limits>
 #include <vector>
 
+#include "simd.h"
+
 namespace {
 
 constexpr float kLog2e = 1.4426950408889634f;
@@ -33,18 +35,7 @@ constexpr float kLn2 = 0.6931471805599453f;
 #endif
 constexpr int64_t kKeyChunk = PDSL_KEY_CHUNK;
 
-// 2^x, x <= 0 (any finite value; -inf gives NaN, selected out by the callers): 2^frac * 2^floor.
-// Degree-5 polynomial on [0, 1): relative error 3.1e-7 (checked against float64 in the tests).
-inline __m512 exp2_ps(__m512 x) {
-  const __m512 f = _mm512_reduce_ps(x, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);  // x - floor(x)
-  __m512 p = _mm512_set1_ps(0.0018265516264364123f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.009106988087296486f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.055732376873493195f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.24018388986587524f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.6931496858596802f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-  return _mm512_scalef_ps(p, x);  // p * 2^floor(x)
-}
+using pdsl_simd::exp2_ps;  // (simd.h)
 
 // S[j][i] (+)= sum_d A[j][d] * Bt[d][i] for MJ rows j of A (row stride D) and RB = 16*NI columns i.
 // pf: rows that the caller reads next (the same MJ rows of V), prefetched one line per d step.

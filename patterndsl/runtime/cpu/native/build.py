@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("attention.cpp")
 #: Every source of the library: the tile kernels, and the decoding kernel (``decode.cpp``, issue 14).
 SOURCES = (SOURCE, Path(__file__).with_name("decode.cpp"))
+#: Headers the sources include (part of the cache key).
+HEADERS = (Path(__file__).with_name("simd.h"),)
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
 #: CPU features the kernel needs (it is written with AVX-512 intrinsics).
 NEEDED = ("avx512f", "avx512bw", "avx512dq", "avx512vl")
@@ -109,7 +111,7 @@ def _build() -> ctypes.CDLL:
     cxx = shutil.which(config.native_compiler())
     if cxx is None:
         raise RuntimeError(f"no C++ compiler ({config.native_compiler()!r} not found)")
-    source = "\0".join(s.read_text() for s in SOURCES)
+    source = "\0".join(s.read_text() for s in (*SOURCES, *HEADERS))
     key = cache_key(source, _compiler_version(cxx), features)
     directory = library_dir()
     target = directory / f"attention-{key}.so"

@@ -1,7 +1,7 @@
 // patterndsl native CPU decoding: few query rows over a key/value cache read in place (issue 14).
 //
-// Built into the same library as attention.cpp (its own translation unit; nothing here is shared
-// with the tile kernels). Every buffer is float32 with a contiguous last dimension; the caller
+// Built into the same library as attention.cpp (its own translation unit; only simd.h's helpers are
+// shared with the tile kernels). Every buffer is float32 with a contiguous last dimension; the caller
 // (patterndsl/runtime/cpu/native/decoding.py) has checked the shapes and the table's pages.
 //
 // Symbols:
@@ -32,6 +32,8 @@
 #include <memory>
 #include <vector>
 
+#include "simd.h"
+
 namespace {
 
 constexpr float kDecLog2e = 1.4426950408889634f;
@@ -39,18 +41,6 @@ constexpr float kDecLn2 = 0.6931471805599453f;
 constexpr int64_t kDecMaxRows = 64;  // rows of one item (rounded up to 4)
 constexpr int64_t kDecChunk = 128;   // keys per online-softmax step
 constexpr int64_t kDecMaxDim = 512;
-
-// 2^x for x <= 0 (finite): 2^frac * 2^floor, degree-5 polynomial (relative error ~3e-7).
-inline __m512 dec_exp2(__m512 x) {
-  const __m512 f = _mm512_reduce_ps(x, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-  __m512 p = _mm512_set1_ps(0.0018265516264364123f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.009106988087296486f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.055732376873493195f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.24018388986587524f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.6931496858596802f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-  return _mm512_scalef_ps(p, x);
-}
 
 // Lane i of the result is the sum of the 16 lanes of v[i] (a transposing reduction tree).
 inline __m512 dec_reduce16(__m512 v[16]) {
@@ -205,7 +195,8 @@ int dec_item(const DecArgs& a, const DecItem& it, DecScratch& sc, float* dst_o, 
     for (int64_t j = nj; j < njp; ++j) sc.kr[j] = sc.vr[j] = sc.zeros.data();
     float* s = sc.s.get();
     for (int64_t r0 = 0; r0 < Rp; r0 += 4)
-      for (int64_t j = 0; j < njp; j += 4) dec_scores_4x4(sc.q.get() + r0 * D, sc.kr.data() + j, nd, D, s + r0 * C + j, C);
+      for (int64_t j = 0; j < njp; j += 4)
+        dec_scores_4x4(sc.q.get() + r0 * D, sc.kr.data() + j, nd, D, s + r0 * C + j, C);
     for (int64_t r = 0; r < R; ++r) {
       float* sr = s + r * C;
       const uint8_t* mk = mrow[r] ? mrow[r] + c0 : nullptr;
@@ -237,7 +228,8 @@ int dec_item(const DecArgs& a, const DecItem& it, DecScratch& sc, float* dst_o, 
       for (int64_t j = 0; j < njp; j += 16) {
         const __m512 x = _mm512_loadu_ps(sr + j);
         const __mmask16 live = _mm512_cmp_ps_mask(x, ninf, _CMP_NEQ_OQ);
-        const __m512 p = _mm512_maskz_mov_ps(live, dec_exp2(_mm512_sub_ps(_mm512_maskz_mov_ps(live, x), mv)));
+        const __m512 e = pdsl_simd::exp2_ps(_mm512_sub_ps(_mm512_maskz_mov_ps(live, x), mv));
+        const __m512 p = _mm512_maskz_mov_ps(live, e);
         _mm512_storeu_ps(sr + j, p);
         sum = _mm512_add_ps(sum, p);
       }
@@ -288,7 +280,8 @@ extern "C" {
 int pdsl_decode(const float* q, int64_t qsb, int64_t qsh, int64_t qsi, const float* k, const float* v, int64_t ksp,
                 int64_t ksh, int64_t ksr, int64_t vsp, int64_t vsh, int64_t vsr, int64_t ps, int64_t n_pages,
                 const int64_t* table, int64_t tstride, const int64_t* kv_lengths, int64_t batch, float* out,
-                float* lse, int64_t H, int64_t Lq, int64_t D, int64_t Hkv, int64_t n_tiles, const int64_t* tiles, const int64_t* runs, const uint8_t* masks,
+                float* lse, int64_t H, int64_t Lq, int64_t D, int64_t Hkv, int64_t n_tiles, const int64_t* tiles,
+                const int64_t* runs, const uint8_t* masks,
                 float scale, int64_t min_split, int threads) {
   if (D % 16 || D < 16 || D > kDecMaxDim || Hkv < 1 || H % Hkv || ps < 1 || min_split < 1 || threads < 1) return 1;
   int64_t rp = 4;  // rows of the largest item, rounded up to 4
