@@ -33,7 +33,8 @@ from patterndsl.runtime.cpu.native import build
 MAX_ROWS = 64
 #: Largest head size the kernel takes.
 MAX_DIM = 512
-#: Keys per split below which a (row tile, key-value head) is not cut into parts for more threads.
+#: Fewest keys of a split: a (row tile, key-value head) is cut into splits of at least
+#: ``max(MIN_SPLIT, all the call's keys / (2 * threads))`` keys (about two work items per thread).
 MIN_SPLIT = 2048
 
 _P, _I64, _F32, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
