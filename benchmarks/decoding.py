@@ -4,7 +4,8 @@ Cases (H = 8 query heads over 2 key/value heads, D = 64, float32), as issue 14 a
 causal at Lk = 1K, 8K, 32K; ``causal & window(4096)`` at 32K and 128K; StreamingLLM
 (``causal & (window(4096) | sink(4))``) at 128K; a batch of 8 with lengths from 1K to 32K
 (``kv_lengths=``) against SDPA over the padded cache with a key-padding mask; the same steps
-through a paged cache (``block_table=``, page size 16, pages in order: read in place); a MoBA
+through a paged cache (``block_table=``, page size 16, pages in order: read in place; float32 steps run the
+native decoding kernel where it is built, which the first line says); a MoBA
 ``route`` step through a ``PagedKVCache`` (blocks chosen from the summaries the cache keeps); compiled
 FlexAttention where it runs (``--flex``). It checks each patterndsl result against SDPA restricted
 to the same keys, prints medians and the ratios (patterndsl time / SDPA time: below 1 is faster), the first call (which
@@ -205,6 +206,11 @@ def main(argv=None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f}; H={H}, Hkv={HKV}, D={D}, fp32")
+    from patterndsl.runtime.cpu.native import build, decoding
+
+    probe = torch.zeros(1, H, 1, D)
+    served = decoding.serves(probe, probe[:, :HKV], probe[:, :HKV])
+    print(f"native decoding kernel: {'used' if served else 'not used (' + str(build.last_reason[0]) + ')'}")
     scale = 16 if args.quick else 1
     ratios = {}
     ratios["causal 1K"], ratios["paged 1K"] = case("causal, Lk=1K", CAUSAL, 1024 // scale, 1, args.reps, args.flex)
@@ -221,6 +227,7 @@ def main(argv=None) -> None:
     for name, want, ok in (
         ("causal 1K", "<= 2", ratios["causal 1K"] <= 2),
         ("paged 1K", "<= 2", ratios["paged 1K"] <= 2),
+        ("paged 1K", "<= 1.5 (aim)", ratios["paged 1K"] <= 1.5),
         ("causal 32K", "<= 1.1", ratios["causal 32K"] <= 1.1),
         ("window 128K", "<= 0.1", ratios["window 128K"] <= 0.1),
         ("ragged B=8", "<= 0.5", ratios["ragged B=8"] <= 0.5),

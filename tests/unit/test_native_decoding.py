@@ -166,3 +166,12 @@ def test_the_torch_path_runs_with_the_kernel_off(monkeypatch, runs):
         monkeypatch.undo()
         build.reset()
     assert decoding.serves(q, kp, vp)
+
+
+def test_tiles_of_more_than_sixteen_queries_keep_the_torch_path(runs):
+    # A prefill tile's products are matrices, which torch's fused kernel runs faster than the decoding kernel.
+    p = pd.compile("pattern c { causal }")
+    q, k, v = _tensors(1, 2, 2, 20, 40, 16, torch.float32, 1)
+    out = p(q, k, v, kv_lengths=torch.tensor([40]))
+    assert runs.native == 0 and runs.torch >= 1
+    assert torch.allclose(out.double(), p(q.double(), k.double(), v.double(), kv_lengths=torch.tensor([40])), atol=1e-5)

@@ -13,7 +13,8 @@ read one key-value head processed together as ``(H / Hkv) * rows`` rows against 
 merged by an exact log-sum-exp. An unpaged cache is the same thing with one page per element.
 
 What it serves: float32 ``q``/``k``/``v`` with unit-stride head dimensions, a head size that is a multiple of
-16 (at most 512), every query head in one head group, at most :data:`MAX_ROWS` rows per (tile, key-value head),
+16 (at most 512), every query head in one head group, row tiles of at most :data:`MAX_QUERIES` queries and at
+most :data:`MAX_ROWS` rows per (tile, key-value head),
 and the native library built and enabled (``CpuOptions.native``, ``kernel="fused"``). A page not held that a
 run reaches, or a result that is not finite, hands the call back to the torch path (which raises the located
 error or selects exactly). The arrays the kernel walks are built once per kept tile list (every layer of a
@@ -31,6 +32,9 @@ from patterndsl.runtime.cpu.native import build
 
 #: Rows of one work item (query heads per key-value head times the tile's rows) the kernel takes.
 MAX_ROWS = 64
+#: Query rows of a row tile the kernel takes (decoding, LANGUAGE.md section 9: up to 16). Its products are
+#: matrix-vector shaped: a prefill tile of 64 rows of one head ran ~4x slower than torch's fused kernel.
+MAX_QUERIES = 16
 #: Largest head size the kernel takes.
 MAX_DIM = 512
 #: Fewest keys of a split: a (row tile, key-value head) is cut into splits of at least
@@ -86,7 +90,7 @@ def program(work, batch: int, heads: int, kv_heads: int, q_len: int) -> Program 
             for t in tile_list:
                 n = t.i1 - t.i0
                 nk = int(t.keys.numel())
-                if n * share > MAX_ROWS or not t.runs or nk == 0:
+                if n > MAX_QUERIES or n * share > MAX_ROWS or not t.runs or nk == 0:
                     return None
                 mask_off, mask_heads = -1, 1
                 if t.allowed is not None and not bool(t.allowed.all()):
