@@ -24,6 +24,7 @@ decoding step reuses them), so a call costs one ctypes call and its two output t
 from __future__ import annotations
 
 import ctypes
+import struct
 
 import torch
 
@@ -41,10 +42,8 @@ MAX_DIM = 512
 #: ``max(MIN_SPLIT, all the call's keys / (2 * threads))`` keys (about two work items per thread).
 MIN_SPLIT = 2048
 
-_P, _I64, _F32, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
-# q and its strides; k, v and their strides, page size, pages; table, its stride, kv_lengths, batch; out, lse;
-# H, Lq, D, Hkv, tiles; the tiles, runs and masks; scale, min_split, threads.
-_ARGS = [_P, *[_I64] * 3, _P, _P, *[_I64] * 8, _P, _I64, _P, _I64, _P, _P, *[_I64] * 5, *[_P] * 3, _F32, _I64, _INT]
+#: The kernel's argument block: 30 int64 (pointers as integers) and the scale as a double (``decode.cpp``).
+_CALL = struct.Struct("=30qd")
 #: Kernel return codes that hand the call back to the torch path: a page not held, a result not finite.
 FALLBACK = (2, 3)
 
@@ -60,7 +59,7 @@ def _function():
     lib = build.library()
     fn = None if lib is None else lib.pdsl_decode
     if fn is not None and fn.argtypes is None:
-        fn.argtypes, fn.restype = _ARGS, _INT
+        fn.argtypes, fn.restype = [ctypes.c_char_p], ctypes.c_int
     _KEPT[:] = [build.generation[0], fn]
     return fn
 
@@ -154,12 +153,15 @@ def forward(prog: Program, q, k, v, kv_lengths, table, scale: float):
     else:
         out = torch.zeros(b_, h, lq, d)
         lse = torch.full((b_, h, lq), float("-inf"))
-    rc = _function()(
-        q.data_ptr(), *q.stride()[:3], k.data_ptr(), v.data_ptr(), *k.stride()[:3], *v.stride()[:3], ps, n_pages,
-        table.data_ptr(), table.stride(0), kv_lengths.data_ptr(), b_, out.data_ptr(), lse.data_ptr(),
+    qs, ks, vs = q.stride(), k.stride(), v.stride()
+    # One packed block (bytes, passed as a pointer): the kernel only reads it.
+    block = _CALL.pack(
+        q.data_ptr(), qs[0], qs[1], qs[2], k.data_ptr(), v.data_ptr(), ks[0], ks[1], ks[2], vs[0], vs[1], vs[2],
+        ps, n_pages, table.data_ptr(), table.stride(0), kv_lengths.data_ptr(), b_, out.data_ptr(), lse.data_ptr(),
         h, lq, d, k.shape[1], prog.tiles.shape[0], prog.tiles.data_ptr(), prog.runs.data_ptr(), prog.masks.data_ptr(),
-        scale, MIN_SPLIT, torch.get_num_threads(),
+        MIN_SPLIT, torch.get_num_threads(), scale,
     )  # fmt: skip
+    rc = _function()(block)
     if rc in FALLBACK:
         return None
     if rc:
