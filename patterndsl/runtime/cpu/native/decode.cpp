@@ -63,7 +63,10 @@ inline __m512 dec_reduce16(__m512 v[16]) {
 }
 
 // S[r][j] = q[r] . k[j] for 4 rows (local, row stride D) and 4 keys (pointers), into S (row stride C).
-inline void dec_scores_4x4(const float* q, const float* const* kr, int64_t nd, int64_t D, float* s, int64_t C) {
+inline void dec_scores_4x4(const float* q, const float* const* kr, int64_t nd, int64_t D, float* s, int64_t C,
+                           const float* const* next) {
+  if (next)  // the rows of the keys after these (their first lines; the hardware follows the rest)
+    for (int j = 0; j < 4; ++j) _mm_prefetch((const char*)next[j], _MM_HINT_T0);
   __m512 acc[16];
   for (int i = 0; i < 16; ++i) acc[i] = _mm512_setzero_ps();
   for (int64_t d = 0; d < nd; ++d) {
@@ -182,22 +185,30 @@ int dec_item(const DecArgs& a, const DecItem& it, DecScratch& sc, float* dst_o, 
   for (int64_t c0 = it.j0; c0 < it.j1; c0 += kDecChunk) {
     const int64_t nj = std::min(kDecChunk, it.j1 - c0), njp = (nj + 15) / 16 * 16;
     const int64_t C = njp;
-    for (int64_t j = 0; j < nj; ++j) {
+    for (int64_t j = 0; j < nj;) {
       while (pos >= a.runs[2 * run + 1]) {
         ++run;
         pos = a.runs[2 * run];
       }
+      // The rest of this page within the run and the chunk: one table read, rows by stride.
       const int64_t page = trow[pos / a.ps], off = pos % a.ps;
       if (page < 0 || page >= a.n_pages) return 2;
-      sc.kr[j] = a.k + page * a.ksp + it.kvh * a.ksh + off * a.ksr;
-      sc.vr[j] = a.v + page * a.vsp + it.kvh * a.vsh + off * a.vsr;
-      ++pos;
+      const int64_t m = std::min({a.ps - off, a.runs[2 * run + 1] - pos, nj - j});
+      const float* kp = a.k + page * a.ksp + it.kvh * a.ksh + off * a.ksr;
+      const float* vp = a.v + page * a.vsp + it.kvh * a.vsh + off * a.vsr;
+      for (int64_t i = 0; i < m; ++i) {
+        sc.kr[j + i] = kp + i * a.ksr;
+        sc.vr[j + i] = vp + i * a.vsr;
+      }
+      j += m;
+      pos += m;
     }
     for (int64_t j = nj; j < njp; ++j) sc.kr[j] = sc.vr[j] = sc.zeros.data();
     float* s = sc.s.get();
     for (int64_t r0 = 0; r0 < Rp; r0 += 4)
       for (int64_t j = 0; j < njp; j += 4)
-        dec_scores_4x4(sc.q.get() + r0 * D, sc.kr.data() + j, nd, D, s + r0 * C + j, C);
+        dec_scores_4x4(sc.q.get() + r0 * D, sc.kr.data() + j, nd, D, s + r0 * C + j, C,
+                       r0 == 0 && j + 8 <= njp ? sc.kr.data() + j + 4 : nullptr);
     for (int64_t r = 0; r < R; ++r) {
       float* sr = s + r * C;
       const uint8_t* mk = mrow[r] ? mrow[r] + c0 : nullptr;
