@@ -18,7 +18,9 @@ only the key tiles its list names (through the block table for a paged cache: on
 positions, never the whole cache), evaluates the pattern on its partial tiles and runs an exact
 two-pass softmax in float32 (float64 for float64 inputs). The backward pass recomputes the
 probabilities from the saved ``lse`` and scatters ``dk``/``dv`` back through the same
-positions (shared pages sum their gradients).
+positions (shared pages sum their gradients). Float32 calls of few query rows (decoding) run the native decoding
+kernel over the same tile lists when it is built (:mod:`patterndsl.runtime.cpu.native.decoding`: keys read in
+place through the table, the table's entries checked there), the loop above otherwise.
 """
 
 from __future__ import annotations
