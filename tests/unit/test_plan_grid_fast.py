@@ -72,3 +72,47 @@ def test_grid_neighborhood_orders_match_the_dense_mask(size, grid):
     source = f"pattern p {{ layout grid(y = {grid[0]}, x = {grid[1]})\n neighborhood({size}) }}"
     for order in ("identity", "auto"):
         _exact(source, grid[0] * grid[1], order=order)
+
+
+GRID_AMONG = ["full", "neighborhood(3)", "where(k.y <= q.y)", "neighborhood(5) - neighborhood(1)"]
+GRID_BODY = ["{r}", "neighborhood(3) | {r}", "where(k.x <= q.x) & {r}", "~{r}", "neighborhood(5) - {r}"]
+
+
+def _grid_case(seed: int):
+    """A random 2-D route pattern with box groups and blocks, on a grid whose rows hold whole tiles."""
+    gen = np.random.default_rng(seed)
+    box = (int(gen.integers(1, 5)), int(gen.integers(1, 6)))
+    qbox = box if gen.random() < 0.6 else (int(gen.integers(1, 5)), int(gen.integers(1, 6)))
+    tile = (int(gen.choice([4, 8, 16])), int(gen.choice([4, 8, 16])))
+    w = int(np.lcm(*tile)) * int(gen.integers(1, 3))
+    w = w if w >= 8 else 2 * w  # neighborhood(5) fits
+    h = int(gen.integers(5, 13))
+    among = str(gen.choice(GRID_AMONG))
+    route = f"route(topk = {int(gen.integers(1, 5))}, block = {box}, qblock = {qbox}, among = {among})"
+    body = str(gen.choice(GRID_BODY)).format(r=route)
+    return f"pattern p {{ layout grid(y = {h}, x = {w})\n {body} }}", h * w, tile
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_grid_route_runs_expand_to_the_pair_by_pair_plan(seed):
+    import patterndsl
+    from patterndsl.analysis import engine as eng
+    from patterndsl.analysis import routegrid, routeplan
+    from patterndsl.sizes import Sizes
+
+    source, length, tile = _grid_case(seed)
+    pir = patterndsl.compile(source).ir
+    node = eng.rewrite_for_plan(pir.default)
+    sizes = Sizes(length, length, pir.layout)
+    engine = eng.identity_engine(sizes, 0, tile)
+    assert routegrid.geometry(engine, node) is not None, source
+    runs = routegrid.classify(engine, node)
+    key = runs.row * (runs.nkb + 1) + runs.lo
+    assert (np.diff(key) > 0).all() and (runs.lo < runs.hi).all() and (runs.state > 0).all()
+    got = runs.expanded()
+    want = routeplan.classify_by_pairs(eng.identity_engine(sizes, 0, tile), node)
+    for name in ("keys", "state", "route_mask", "open"):
+        assert getattr(got, name).tolist() == getattr(want, name).tolist(), (name, source, tile)
+    ((prim, fixed),) = want.forced.items()
+    assert got.forced[prim][1].tolist() == fixed[1].tolist()
+    assert got.forced[prim][2].tolist() == fixed[2].tolist()
