@@ -33,7 +33,7 @@ def test_cells_meeting_matches_brute_force(seed):
     np.testing.assert_array_equal(got, _brute(kalo, kahi, alo, ahi, rows, cols, 200))
 
 
-def _exact(source, length, heads=2, block=(16, 16), order="auto"):
+def _exact(source, length, heads=1, block=(16, 16), orders=("auto",)):
     import torch
 
     import patterndsl as pd
@@ -41,12 +41,12 @@ def _exact(source, length, heads=2, block=(16, 16), order="auto"):
     from patterndsl.analysis.plan import tile_reduce
 
     pattern = pd.compile(source)
-    plan = pattern.plan(length, heads=heads, block=block, order=order)
     dense = semantics.mask(pattern.ir, length, length, heads)
-    ref = tile_reduce(dense[:, plan.q_order][:, :, plan.kv_order], *block)
-    assert torch.equal(plan.tiles(), ref), source
-    assert plan.stats.allowed_pairs == int(dense.sum())
-    return plan
+    for order in orders:
+        plan = pattern.plan(length, heads=heads, block=block, order=order)
+        ref = tile_reduce(dense[:, plan.q_order][:, :, plan.kv_order], *block)
+        assert torch.equal(plan.tiles(), ref), (source, order)
+        assert plan.stats.allowed_pairs == int(dense.sum())
 
 
 @pytest.mark.parametrize(
@@ -70,8 +70,7 @@ def test_per_axis_counts_match_the_dense_mask(grid, body):
 @pytest.mark.parametrize("size, grid", [(5, (16, 32)), (3, (20, 12)), (7, (32, 16))])
 def test_grid_neighborhood_orders_match_the_dense_mask(size, grid):
     source = f"pattern p {{ layout grid(y = {grid[0]}, x = {grid[1]})\n neighborhood({size}) }}"
-    for order in ("identity", "auto"):
-        _exact(source, grid[0] * grid[1], order=order)
+    _exact(source, grid[0] * grid[1], orders=("identity", "auto"))
 
 
 GRID_AMONG = ["full", "neighborhood(3)", "where(k.y <= q.y)", "neighborhood(5) - neighborhood(1)"]
@@ -116,3 +115,55 @@ def test_grid_route_runs_expand_to_the_pair_by_pair_plan(seed):
     ((prim, fixed),) = want.forced.items()
     assert got.forced[prim][1].tolist() == fixed[1].tolist()
     assert got.forced[prim][2].tolist() == fixed[2].tolist()
+
+
+_TRITON_GRID_ROUTE = """
+import torch, patterndsl
+from patterndsl.analysis import engine as eng, routegrid
+from patterndsl.sizes import Sizes
+from tests.reference import reference_attention
+p = patterndsl.compile("pattern p { layout grid(y = 6, x = 64)\\n neighborhood(3) | route(topk = 2, block = (2, 8)) }")
+node = eng.rewrite_for_plan(p.ir.default)
+assert routegrid.geometry(eng.identity_engine(Sizes(384, 384, p.ir.layout), 0, (64, 64)), node) is not None
+gen = torch.Generator().manual_seed(0)
+q, k, v = (torch.randn(1, 2, 384, 16, generator=gen) for _ in range(3))
+out, lse = p(q, k, v, return_lse=True, backend="triton")
+ref, ref_lse = reference_attention(q, k, v, p.mask(384, 384, 2, q=q, k=k))
+torch.testing.assert_close(out.double(), ref.detach(), atol=1e-3, rtol=1e-3)
+torch.testing.assert_close(lse.double(), ref_lse.detach(), atol=1e-3, rtol=1e-3)
+print("grid-route-triton-ok")
+"""
+
+
+@pytest.mark.slow
+def test_a_grid_route_planned_as_runs_runs_on_triton_under_the_interpreter():
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(root)}
+    done = subprocess.run(
+        [sys.executable, "-c", _TRITON_GRID_ROUTE], env=env, cwd=root, capture_output=True, text=True, timeout=900
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "grid-route-triton-ok" in done.stdout
+
+
+@pytest.mark.parametrize("tiles", [(8, 8), (4, 16)])
+def test_a_grid_route_planned_as_runs_runs_on_the_cpu(tiles, monkeypatch):
+    import torch
+
+    import patterndsl
+    import patterndsl.runtime as rt
+    from tests.reference import reference_attention
+
+    monkeypatch.setattr(rt, "CPU_BLOCK", tiles)
+    p = patterndsl.compile("pattern p { layout grid(y = 6, x = 16)\n neighborhood(3) | route(topk = 2, block = (2, 4)) }")
+    gen = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, 2, 96, 8, generator=gen, dtype=torch.float64) for _ in range(3))
+    out, lse = p(q, k, v, return_lse=True, backend="cpu")
+    ref, ref_lse = reference_attention(q, k, v, p.mask(96, 96, 2, q=q, k=k))
+    torch.testing.assert_close(out, ref, atol=1e-9, rtol=1e-9)
+    torch.testing.assert_close(lse, ref_lse, atol=1e-9, rtol=1e-9)
