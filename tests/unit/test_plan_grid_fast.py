@@ -160,7 +160,8 @@ def test_a_grid_route_planned_as_runs_runs_on_the_cpu(tiles, monkeypatch):
     from tests.reference import reference_attention
 
     monkeypatch.setattr(rt, "CPU_BLOCK", tiles)
-    p = patterndsl.compile("pattern p { layout grid(y = 6, x = 16)\n neighborhood(3) | route(topk = 2, block = (2, 4)) }")
+    source = "pattern p { layout grid(y = 6, x = 16)\n neighborhood(3) | route(topk = 2, block = (2, 4)) }"
+    p = patterndsl.compile(source)
     gen = torch.Generator().manual_seed(1)
     q, k, v = (torch.randn(1, 2, 96, 8, generator=gen, dtype=torch.float64) for _ in range(3))
     out, lse = p(q, k, v, return_lse=True, backend="cpu")
