@@ -67,8 +67,11 @@ def test_per_axis_counts_match_the_dense_mask(grid, body):
     _exact(f"pattern p {{ layout grid(y = {grid[0]}, x = {grid[1]})\n {body} }}", grid[0] * grid[1])
 
 
-@pytest.mark.parametrize("size, grid", [(5, (16, 32)), (3, (20, 12)), (7, (32, 16))])
+@pytest.mark.parametrize(
+    "size, grid", [(5, (16, 32)), (3, (20, 12)), (7, (32, 16)), ("3, dilation = (2, 3)", (16, 24))]
+)
 def test_grid_neighborhood_orders_match_the_dense_mask(size, grid):
+    # the dilated case: in dilation-group orders every group's candidates come from one binned pass
     source = f"pattern p {{ layout grid(y = {grid[0]}, x = {grid[1]})\n neighborhood({size}) }}"
     _exact(source, grid[0] * grid[1], orders=("identity", "auto"))
 
