@@ -100,12 +100,12 @@ def classify(engine: eng.Engine, node: ir.Node) -> RoutedTiles:
     """
     from patterndsl.analysis import routegrid, routelimit, routeruns, routetiles
 
-    geo = routeruns.geometry(engine, node)
-    if geo is not None:
-        return routeruns.classify(engine, node, geo)
     runs = routegrid.classify(engine, node)  # 2-D grids of box groups and blocks, as runs
     if runs is not None:
         return runs
+    geo = routeruns.geometry(engine, node)
+    if geo is not None:
+        return routeruns.classify(engine, node, geo)
     if routetiles.usable(engine, node):
         return routetiles.classify(engine, node)
     routelimit.check(engine, node)
