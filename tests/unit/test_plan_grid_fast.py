@@ -171,3 +171,27 @@ def test_a_grid_route_planned_as_runs_runs_on_the_cpu(tiles, monkeypatch):
     ref, ref_lse = reference_attention(q, k, v, p.mask(96, 96, 2, q=q, k=k))
     torch.testing.assert_close(out, ref, atol=1e-9, rtol=1e-9)
     torch.testing.assert_close(lse, ref_lse, atol=1e-9, rtol=1e-9)
+
+
+@pytest.mark.parametrize(
+    "extents, dilation, box",
+    [
+        ((12, 20), (1, 1), (2, 4)),
+        ((12, 24), (2, 3), (2, 4)),
+        ((9, 14), (2, 3), (2, 4)),
+        ((4, 6, 10), (1, 2, 1), (2, 1, 4)),
+    ],
+)
+def test_box_segments_carry_their_tuples_as_arrays(extents, dilation, box):
+    from patterndsl.analysis import tiles
+
+    segs = tiles.box_segments(extents, dilation, box)
+    for f, arr in enumerate(segs.arrays):
+        assert arr.tolist() == [list(seg[f]) for seg in segs]
+    if (segs.arrays[2].prod(1) == 8).all():
+        # one tile a box: laid out from the arrays or from the tuples alone, the same side
+        length = int(np.prod(extents))
+        a = tiles.build_side(segs, length, 8, 0, extents, False)
+        b = tiles.build_side(list(segs), length, 8, 0, extents, False)
+        assert np.array_equal(a.order, b.order) and np.array_equal(a.a, b.a) and np.array_equal(a.n, b.n)
+        assert sorted(a.order.tolist()) == list(range(length))
