@@ -27,6 +27,8 @@ on the (group x block) boxes (:meth:`Engine.route_candidates`) when there are at
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from patterndsl import ir
@@ -38,6 +40,8 @@ from patterndsl.analysis.routeruns import Steps, _compact, _rle, end_tiles, rang
 MAX_CANDIDATE_PAIRS = 1 << 25
 #: Most (query tile, key-tile range) entries a Steps function is built from.
 MAX_ENTRIES = 1 << 24
+#: Most elements evaluated (tiles where a static part and the route are both partial) in this form.
+MAX_ELEMENTS = 1 << 26
 
 
 class GridGeometry:
@@ -247,10 +251,25 @@ def classify(engine: eng.Engine, node: ir.Node):
     geo = geometry(engine, node)
     if geo is None:
         return None
+    # Tiles where a static part and the route are both partial are evaluated element by element;
+    # past MAX_ELEMENTS the other plans take over (the pair-by-pair one is refused up front when
+    # it cannot fit), rather than a plan that evaluates for minutes.
+    tally = engine.tally
+    before = dataclasses.replace(tally)
+    tally.budget = MAX_ELEMENTS if before.budget is None else min(before.budget, MAX_ELEMENTS)
     try:
-        return routeruns.classify(engine, node, geo)
-    except TooMany:
+        out = routeruns.classify(engine, node, geo)
+    except (TooMany, eng.OverBudget) as err:
+        for field in dataclasses.fields(tally):
+            setattr(tally, field.name, getattr(before, field.name))
+        if isinstance(err, eng.OverBudget) and before.budget is not None and before.budget <= MAX_ELEMENTS:
+            raise  # the caller's own budget ran out
         return None
+    if before.budget is None:
+        tally.budget = None
+    else:
+        tally.budget = before.budget - (min(before.budget, MAX_ELEMENTS) - tally.budget)
+    return out
 
 
 def _check(entries: int) -> None:

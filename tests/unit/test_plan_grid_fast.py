@@ -195,3 +195,31 @@ def test_box_segments_carry_their_tuples_as_arrays(extents, dilation, box):
         b = tiles.build_side(list(segs), length, 8, 0, extents, False)
         assert np.array_equal(a.order, b.order) and np.array_equal(a.a, b.a) and np.array_equal(a.n, b.n)
         assert sorted(a.order.tolist()) == list(range(length))
+
+
+def test_a_grid_route_past_its_element_budget_is_left_to_the_other_plans(monkeypatch):
+    import torch
+
+    import patterndsl
+    from patterndsl.analysis import routegrid
+
+    source = (
+        "pattern p { layout grid(y = 8, x = 16)\n"
+        " neighborhood(3) | route(topk = 2, block = (2, 4), among = neighborhood(5)) }"
+    )
+    calls = []
+    classify = routegrid.classify
+
+    def spy(engine, node):
+        out = classify(engine, node)
+        calls.append((out is None, engine.tally.budget))
+        return out
+
+    monkeypatch.setattr(routegrid, "classify", spy)
+    runs = patterndsl.compile(source).plan(128, heads=1, block=(8, 8))
+    assert calls == [(False, None)] and runs.stats.elements_evaluated > 0  # static part and route both partial
+    monkeypatch.setattr(routegrid, "MAX_ELEMENTS", 1)
+    other = patterndsl.compile(source).plan(128, heads=1, block=(8, 8))
+    assert calls[1:] == [(True, None)]  # given up, the tally as it was
+    assert torch.equal(other.tiles(), runs.tiles())
+    assert other.stats.elements_evaluated == runs.stats.elements_evaluated
