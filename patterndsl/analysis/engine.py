@@ -121,7 +121,7 @@ class Tally:
 class _Caches:
     """What an engine computes once for its sides and sizes: shared by the engines derived from it."""
 
-    __slots__ = ("bounds", "chains", "memo", "reach", "routes")
+    __slots__ = ("axis_counts", "bounds", "chains", "memo", "reach", "routes")
 
     def __init__(self):
         self.bounds = None
@@ -132,6 +132,8 @@ class _Caches:
         self.chains = None
         #: ``{route: (cand, n_q, n_k, qgroup, kblock, gq, gk)}`` (see :meth:`Engine.route_candidates`).
         self.routes: dict[ir.Prim, tuple] = {}
+        #: ``{node: (sorted tile keys, allowed pairs)}`` counted axis by axis while classifying.
+        self.axis_counts: dict[ir.Node, tuple[np.ndarray, np.ndarray]] = {}
 
 
 #: A route's fixed choice: sorted chosen pair keys ``a * n_blocks + b``, and the tiles they meet
@@ -319,10 +321,15 @@ class Engine:
         its range, so only those are tested, not every key tile. ``rows`` / ``cols`` (sorted tile
         indices, ``alo``/``ahi`` given for ``rows``) restrict the pairs to those query and key tiles.
         """
+        from patterndsl.analysis.gridcands import Cells
+
         (_, _, _, _), (_, _, kalo, kahi) = self._bounds()
         rows = np.arange(self.nqb, dtype=np.int64) if rows is None else rows
         cols = np.arange(self.nkb, dtype=np.int64) if cols is None else cols
         kalo, kahi = kalo[cols], kahi[cols]
+        cells = Cells(kalo, kahi)
+        if cells.usable:
+            return cells.meeting(alo, ahi, rows, cols, self.nkb)
         order = np.argsort(kalo[:, 0], kind="stable")
         start = kalo[order, 0]
         reach = int((kahi[:, 0] - kalo[:, 0]).max()) if len(kalo) else 0
@@ -652,28 +659,36 @@ class Engine:
             disallowed and the allowed area found, and the boxes left undecided.
         """
         m, n = keys // self.nkb, keys % self.nkb
-        cq, ck = np.diff(self.q.ptr)[m], np.diff(self.k.ptr)[n]
-        owner, local = expand_runs(np.arange(len(keys)), np.zeros(len(keys), np.int64), cq * ck)
-        qi = self.q.ptr[m][owner] + local // ck[owner]
-        ki = self.k.ptr[n][owner] + local % ck[owner]
-        qb = _BoxSide(self.q.a[qi], self.q.s[qi], self.q.n[qi], self.q)
-        kb = _BoxSide(self.k.a[ki], self.k.s[ki], self.k.n[ki], self.k)
+        if self.q.single_piece and self.k.single_piece:
+            owner, qi, ki = np.arange(len(keys)), m, n
+        else:
+            cq, ck = np.diff(self.q.ptr)[m], np.diff(self.k.ptr)[n]
+            owner, local = expand_runs(np.arange(len(keys)), np.zeros(len(keys), np.int64), cq * ck)
+            qi = self.q.ptr[m][owner] + local // ck[owner]
+            ki = self.k.ptr[n][owner] + local % ck[owner]
         split = AxisSplit(node, self.env.layout)
         if split.usable:
             # Parts that read one grid axis each: every box counted axis by axis, none left open.
-            count, spent = split.count(self, qb, kb)
+            count, spent = split.count_pieces(self, qi, ki)
             self.tally.elements += spent
             if self.tally.budget is not None:
                 self.tally.budget -= spent
                 if self.tally.budget < 0:
                     raise OverBudget
-            area = qb.n.prod(1) * kb.n.prod(1)
+            area = self.q.n[qi].prod(1) * self.k.n[ki].prod(1)
             size = len(keys)
-            any_t = np.bincount(owner, count > 0, size) > 0
-            any_f = np.bincount(owner, count < area, size) > 0
+            if len(owner) == size:
+                any_t, any_f, true_area = count > 0, count < area, count
+            else:
+                any_t = np.bincount(owner, count > 0, size) > 0
+                any_f = np.bincount(owner, count < area, size) > 0
+                true_area = np.bincount(owner, count, size).astype(np.int64)
             none = np.zeros(0, np.int64)
-            true_area = np.bincount(owner, count, size).astype(np.int64)
-            return Refined(any_t, any_f, true_area, none, qb.take(none), kb.take(none))
+            qb = _BoxSide(self.q.a[none], self.q.s[none], self.q.n[none], self.q)
+            kb = _BoxSide(self.k.a[none], self.k.s[none], self.k.n[none], self.k)
+            return Refined(any_t, any_f, true_area, none, qb, kb)
+        qb = _BoxSide(self.q.a[qi], self.q.s[qi], self.q.n[qi], self.q)
+        kb = _BoxSide(self.k.a[ki], self.k.s[ki], self.k.n[ki], self.k)
         period = _period(node, self.env) if len(self.q.extents) == 1 else 1
         if period > 1:
             # Bands with a modulus (dilations, strides) are checkerboards finer than any
@@ -794,7 +809,17 @@ class Engine:
         area = np.diff(self.q.starts)[m] * np.diff(self.k.starts)[n]
         state = np.where(ref.true_area == area, FULL, PARTIAL).astype(np.int8)
         keep = ref.true_area > 0
+        self._caches.axis_counts[node] = (domain[keep], ref.true_area[keep])  # the plan's counts, not again
         return domain[keep], state[keep]
+
+    def counted_by_axes(self, node: ir.Node, keys: np.ndarray) -> np.ndarray | None:
+        """Allowed pairs of tiles ``keys`` when classifying ``node`` counted them all already (else None)."""
+        found = self._caches.axis_counts.get(node)
+        if found is None or not len(keys):
+            return None
+        known, count = found
+        pos = np.minimum(np.searchsorted(known, keys), max(len(known) - 1, 0))
+        return count[pos] if len(known) and (known[pos] == keys).all() else None
 
     def _bounded_domain(self, node: ir.Node) -> np.ndarray | None:
         # An intersection on a grid whose operands bound the key coordinates (each its needed-key
@@ -1311,7 +1336,8 @@ def count_tiles(engine: Engine, node: ir.Node, keys: np.ndarray, state: np.ndarr
         area = np.diff(engine.q.starts)[m] * np.diff(engine.k.starts)[n]
         return area - count_tiles(engine, node.item, keys)
     if isinstance(node, (ir.Inter, ir.Union)) and AxisSplit(node, engine.env.layout).usable:
-        return count_allowed(engine, node, keys)  # axis by axis, all operands at once
+        known = engine.counted_by_axes(node, keys)
+        return count_allowed(engine, node, keys) if known is None else known  # axis by axis, all operands at once
     if isinstance(node, (ir.Inter, ir.Union)) and not ir.is_dynamic(node):
         other = FULL if isinstance(node, ir.Inter) else EMPTY
         states = []

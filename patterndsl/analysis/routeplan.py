@@ -98,8 +98,11 @@ def classify(engine: eng.Engine, node: ir.Node) -> RoutedTiles:
         The :class:`RoutedTiles`, or in 1-D a :class:`~patterndsl.analysis.routeruns.RoutedRuns` (the same
         tiles as runs; ``expanded()`` lists them).
     """
-    from patterndsl.analysis import routelimit, routeruns, routetiles
+    from patterndsl.analysis import routegrid, routelimit, routeruns, routetiles
 
+    runs = routegrid.classify(engine, node)  # 2-D grids of box groups and blocks, as runs
+    if runs is not None:
+        return runs
     geo = routeruns.geometry(engine, node)
     if geo is not None:
         return routeruns.classify(engine, node, geo)

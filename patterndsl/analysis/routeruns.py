@@ -105,6 +105,9 @@ def overlay(steps: list[Steps], nkb: int):
 def static_steps(engine: eng.Engine, node: ir.Node) -> Steps:
     """States of a static node on every tile (coarse levels first where they pay)."""
     nqb, nkb = engine.nqb, engine.nkb
+    if node in (ir.FULL, ir.EMPTY):  # one segment a query tile, never a list of every tile
+        rows = np.arange(nqb, dtype=np.int64)
+        return ranges(rows, rows * 0, np.full(nqb, nkb), int(node == ir.FULL) * eng.FULL, nqb, nkb)
     lay = None
     if hierarchy.usable(node, engine.q, engine.k, engine.env.layout):
         lay = hierarchy.classify(engine, node)
@@ -274,12 +277,7 @@ class _Spans:
                 hot = nb[n] > c[run]
                 self._mark(out_m, out_lo, out_hi, g[run[hot]], n[hot])
         # ends: touched but not covered whole (at most two tiles per run), summed per (group, tile)
-        first_end = np.where(f0 < f1, np.minimum(f0, t1), t1)
-        run_a = np.flatnonzero(keep & (t0 < first_end))
-        run_b = np.flatnonzero(keep & (f0 < f1) & (f1 < t1))
-        two = np.flatnonzero(keep & (f0 >= f1) & (t1 - t0 == 2))
-        er = np.concatenate([run_a, run_b, two])
-        en = np.concatenate([t0[run_a], f1[run_b], t0[two] + 1])
+        er, en = end_tiles(keep, t0, t1, f0, f1)
         if len(er):
             overlap = np.minimum(hi[er], geo.bt1[en]) - np.maximum(lo[er], geo.bt0[en])
             key = g[er] * geo.nkb + en
@@ -297,6 +295,16 @@ class _Spans:
         out_m.append(m)
         out_lo.append(n[r])
         out_hi.append(n[r] + 1)
+
+
+def end_tiles(keep: np.ndarray, t0, t1, f0, f1) -> tuple[np.ndarray, np.ndarray]:
+    """``(range, tile)`` of every tile a kept range touches ``[t0, t1)`` but does not hold whole
+    ``[f0, f1)`` (``f0 >= f1``: none): at most two a range, its first and last."""
+    first_end = np.where(f0 < f1, np.minimum(f0, t1), t1)
+    run_a = np.flatnonzero(keep & (t0 < first_end))
+    run_b = np.flatnonzero(keep & (f0 < f1) & (f1 < t1))
+    two = np.flatnonzero(keep & (f0 >= f1) & (t1 - t0 == 2))
+    return np.concatenate([run_a, run_b, two]), np.concatenate([t0[run_a], f1[run_b], t0[two] + 1])
 
 
 def _choice(on: np.ndarray, full: np.ndarray, sign: int) -> np.ndarray:
@@ -384,22 +392,23 @@ def classify(engine: eng.Engine, node: ir.Node, geo=None) -> RoutedRuns:
     Returns:
         The :class:`RoutedRuns`.
     """
-    from patterndsl.analysis import routeplan
+    from patterndsl.analysis import routegrid, routeplan
 
     ((prim, signs),) = ir.polarities(node).items()
     sign = min(signs)
     geo = geometry(engine, node) if geo is None else geo
     nkb = geo.nkb
     cache: dict = {}
-    cand = candidates(engine, prim, geo, cache)
-    if geo.block != 1:  # key columns of the candidates' edge test: one tile per key
+    grid = getattr(geo, "grid", False)  # routegrid's geometry: its own candidates and spans
+    cand = routegrid.candidates(engine, prim, geo) if grid else candidates(engine, prim, geo, cache)
+    if not grid and geo.block != 1:  # key columns of the candidates' edge test: one tile per key
         for shape in [s for s in cache if s != SIDES and s[1] == 1]:
             del cache[shape]
         cache.get(SIDES, {}).pop(("k", 1), None)
     n_cand = np.bincount(cand.group, weights=cand.hi - cand.lo, minlength=geo.n_q).astype(np.int64)
     take = np.minimum(prim.arg("topk"), n_cand)
     run_open = (n_cand > take)[cand.group]
-    spans = _Spans(geo, cand, run_open)
+    spans = routegrid.GridSpans(geo, cand, run_open) if grid else _Spans(geo, cand, run_open)
     cand_cover, forced_cover = spans.cover(None), spans.cover(False)
     open_touch = spans.cover(True)[0]
     all_bad, none_bad = spans.over(run_open, take), spans.over(run_open, n_cand - take)
@@ -478,7 +487,7 @@ def _other_tiles(engine, node, prim, sign, geo, cand, n_cand, take, values, segs
     up_name, low_name = hi_name, lo_name
     rewrite = eng.rewrite_for_plan
     lower, upper = rewrite(ir.route_bound(node, True, ())), rewrite(ir.route_bound(node, False, ()))
-    nested = engine.q.block % geo.qblock == 0 and engine.k.block % geo.block == 0
+    nested = not getattr(geo, "grid", False) and engine.q.block % geo.qblock == 0 and engine.k.block % geo.block == 0
     if nested:
         up, low = _tile_bounds(engine, node, geo, keys, [tables[up_name], tables[low_name]], sign, cache)
     else:

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from patterndsl.primitives.common import distinct_rows
+
 #: A segment is ``(a, s, n)``: per-axis tuples; its positions are the row-major product
 #: over axes of ``a[x] + s[x] * t`` for ``0 <= t < n[x]``.
 Segment = tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]
@@ -329,8 +331,12 @@ def build_side(
     """
     d = len(extents)
     strides = tuple(int(np.prod(extents[x + 1 :])) for x in range(d))
+    arrays = getattr(segments, "arrays", None)
+    if d > 1 and arrays is not None and len(segments) and (arrays[2].prod(1) == block).all():
+        return _one_tile_per_segment(arrays, length, block, offset, extents, strides, identity)
     if d > 1 and segments and all(math.prod(seg[2]) == block for seg in segments):
-        return _one_tile_per_segment(segments, length, block, offset, extents, strides, identity)
+        arrays = tuple(np.asarray([seg[f] for seg in segments], np.int64) for f in range(3))
+        return _one_tile_per_segment(arrays, length, block, offset, extents, strides, identity)
     if d == 1:
         tile, a, s, n, order, r0 = _cut_1d(segments, block, offset, identity)
     else:
@@ -359,11 +365,11 @@ def build_side(
     return Side(length, block, offset, extents, strides, order, ptr, tile, a, s, n, identity, starts)
 
 
-def _one_tile_per_segment(segments, length, block, offset, extents, strides, identity) -> Side:
+def _one_tile_per_segment(arrays, length, block, offset, extents, strides, identity) -> Side:
     # Grid boxes of one tile each (the box orders of neighborhoods): every segment is one tile's
     # one piece, laid out with array operations instead of a loop over segments.
-    a, s, n = (np.asarray([seg[f] for seg in segments], np.int64) for f in range(3))
-    nt = len(segments)
+    a, s, n = arrays
+    nt = len(a)
     if nt * block != length:
         raise AssertionError(f"segments cover {nt * block} positions, expected {length}")
     order = None
@@ -373,9 +379,9 @@ def _one_tile_per_segment(segments, length, block, offset, extents, strides, ide
         # segments of one shape and step at a time: their positions are one start each plus the
         # same offsets (a [tiles, block] sum, no per-axis temporaries)
         d = n.shape[1]
-        shapes, which = np.unique(np.concatenate([n, s], 1), axis=0, return_inverse=True)
+        shapes, which = distinct_rows(np.concatenate([n, s], 1))
         for x, shape in enumerate(shapes):
-            rows = np.flatnonzero(which.reshape(-1) == x)
+            rows = np.flatnonzero(which == x)
             coords = np.stack(np.unravel_index(np.arange(block), tuple(int(e) for e in shape[:d])), 1)
             inner = (shape[d:] * coords * w).sum(1)
             order[rows] = (a[rows] * w).sum(1)[:, None] + (inner - offset)[None, :]
@@ -417,6 +423,13 @@ def class_segments(length: int, offset: int, modulus: int) -> list[Segment]:
     return out
 
 
+class SegmentList(list):
+    """Segments (a list of :data:`Segment`) that also hold them as int64 ``[count, D]`` arrays
+    ``arrays = (a, s, n)``: :func:`build_side` reads those instead of converting the tuples back."""
+
+    arrays: tuple[np.ndarray, np.ndarray, np.ndarray]
+
+
 def box_segments(extents: tuple[int, ...], dilation: tuple[int, ...], box: tuple[int, ...]) -> list[Segment]:
     """Grid order: per dilation group (residues per axis), the group's sub-grid cut into boxes.
 
@@ -428,9 +441,10 @@ def box_segments(extents: tuple[int, ...], dilation: tuple[int, ...], box: tuple
     Returns:
         Segments, one per (group, box), groups row-major, boxes row-major inside a group.
     """
-    out: list[Segment] = []
+    out = SegmentList()
     d = len(extents)
     groups = np.stack(np.meshgrid(*[np.arange(x) for x in dilation], indexing="ij"), -1).reshape(-1, d)
+    starts, sizes = [], []
     for g in groups.tolist():
         m = [-(-(extents[x] - g[x]) // dilation[x]) for x in range(d)]
         counts = [-(-m[x] // box[x]) for x in range(d)]
@@ -440,4 +454,9 @@ def box_segments(extents: tuple[int, ...], dilation: tuple[int, ...], box: tuple
         n = np.minimum(np.asarray(box), np.asarray(m) - idx)
         step = tuple(dilation)
         out += [(tuple(sa), step, tuple(sn)) for sa, sn in zip(a.tolist(), n.tolist(), strict=True)]
+        starts.append(a.astype(np.int64))
+        sizes.append(n.astype(np.int64))
+    a = np.concatenate(starts) if starts else np.zeros((0, d), np.int64)
+    n = np.concatenate(sizes) if sizes else np.zeros((0, d), np.int64)
+    out.arrays = (a, np.broadcast_to(np.asarray(dilation, np.int64), a.shape).copy(), n)
     return out

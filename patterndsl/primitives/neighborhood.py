@@ -200,8 +200,15 @@ def _candidates(engine, prim):
     gk = None if gq is None else _groups(engine.k, dil)
     if gk is None:
         return None
-    (qlo, qhi, qalo, qahi), _ = engine.bounds()
+    from patterndsl.analysis.gridcands import Cells
+
+    (qlo, qhi, qalo, qahi), (_, _, kalo, kahi) = engine.bounds()
     _, _, alo, ahi = _needed_keys(prim, qlo, qhi, qalo, qahi, engine.env)
+    # the group as one more axis, a single position wide: every group's candidates in one pass
+    cells = Cells(np.column_stack([kalo, gk]), np.column_stack([kahi, gk]))
+    if cells.usable:
+        rows, cols = np.arange(engine.nqb, dtype=np.int64), np.arange(engine.nkb, dtype=np.int64)
+        return cells.meeting(np.column_stack([alo, gq]), np.column_stack([ahi, gq]), rows, cols, engine.nkb)
     parts = []
     for g in np.unique(gq).tolist():
         rows, cols = np.flatnonzero(gq == g), np.flatnonzero(gk == g)

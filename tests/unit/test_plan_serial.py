@@ -102,3 +102,27 @@ def test_distinct_rows_by_key_matches_the_lexicographic_sort():
         rows = rows.astype(np.int64)
         got, want = distinct_rows(rows), reference(rows)
         assert np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1])
+
+
+def test_plan_pauses_the_cyclic_collector_and_restores_it(monkeypatch):
+    import gc
+
+    from patterndsl.analysis import tiles
+
+    seen = []
+    box_segments = tiles.box_segments
+
+    def spy(*args, **kwargs):
+        seen.append(gc.isenabled())
+        return box_segments(*args, **kwargs)
+
+    monkeypatch.setattr(tiles, "box_segments", spy)
+    assert gc.isenabled()
+    pd.compile("pattern p { layout grid(y = 32, x = 32)\n neighborhood(5) }").plan(1024, block=(16, 16))
+    assert seen and not any(seen) and gc.isenabled()
+    gc.disable()
+    try:
+        pd.compile("pattern p { layout grid(y = 32, x = 32)\n neighborhood(3) }").plan(1024, block=(16, 16))
+        assert not gc.isenabled()  # a caller's paused collector stays paused
+    finally:
+        gc.enable()

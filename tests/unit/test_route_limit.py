@@ -2,9 +2,10 @@
 
 The pair-by-pair route plan lists one entry per (candidate pair, tile it meets); ``routelimit``
 counts those entries from the groups' and blocks' tiles before anything is listed and raises a
-PatternError at the route, naming the limit and the length that fits. BiFormer on a 512 x 512
-grid (4,096 regions of 8 x 8, too many for the tables of ``routetiles``) would list a billion
-entries: refused, without allocating them, in a fraction of a second.
+PatternError at the route, naming the limit and the length that fits. BiFormer's routing on 4
+video frames of 256 x 256 (4,096 regions of 8 x 8 a frame, too many for the tables of
+``routetiles``; 3-D boxes have no run form) would list a billion entries: refused, without
+allocating them, in a fraction of a second. On a 2-D grid the same route plans as runs.
 """
 
 from __future__ import annotations
@@ -27,25 +28,46 @@ from patterndsl.sizes import Sizes
 BIFORMER = (Path(__file__).resolve().parents[2] / "examples" / "biformer.pdsl").read_text()
 
 
-def test_biformer_beyond_the_limit_is_refused_at_the_route_before_allocating():
-    pattern = patterndsl.compile(BIFORMER, "biformer", H=512, W=512)
+#: BiFormer's routing on video frames: 3-D boxes, which have no run form (analysis/routegrid.py takes
+#: 2-D grids), so they are planned pair by pair and limited here.
+VIDEO = "pattern v { layout grid(t = 4, y = 256, x = 256)\n route(topk = 4, block = (1, 8, 8)) }"
+
+
+def test_a_video_route_beyond_the_limit_is_refused_at_the_route_before_allocating():
+    pattern = patterndsl.compile(VIDEO)
     tracemalloc.start()
     start = time.process_time()
     try:
         with pytest.raises(PatternError) as info:
-            pattern.plan(512 * 512, heads=4, block=(128, 128))
+            pattern.plan(4 * 256 * 256, heads=4, block=(128, 128))
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
     assert time.process_time() - start < 5.0
     assert peak < 256 << 20  # the billion entries (tens of GB) were never listed
     err = info.value
-    assert err.span is not None and err.span.line == 8  # the route(...) line of the example
+    assert err.span is not None and err.span.line == 2  # the route(...) line
     text = str(err)
     assert "1,073,741,824 (candidate pair, tile) entries" in text
     assert f"limit of {routelimit.MAX_INCIDENCES:,}" in text
     fits = int(re.search(r"about ([\d,]+) tokens fit", text).group(1).replace(",", ""))
     assert 131072 <= fits < 262144  # 128K tokens plan (by routetiles' tables), 256K do not
+
+
+def test_biformer_on_a_grid_plans_as_runs_where_pairs_were_refused():
+    # the same billion entries in 2-D: BiFormer's grid routes are runs (analysis/routegrid.py)
+    pattern = patterndsl.compile(BIFORMER, "biformer", H=512, W=512)
+    tracemalloc.start()
+    start = time.process_time()
+    try:
+        plan = pattern.plan(512 * 512, heads=4, block=(128, 128))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert time.process_time() - start < 5.0 and peak < 64 << 20
+    (group,) = plan.groups
+    assert len(group.runs.row) == 2048  # one run a query tile: every tile may be chosen
+    assert plan.stats.tiles_dynamic == 4 * 2048 * 2048 and plan.stats.tiles_full == 0
 
 
 @pytest.mark.parametrize(

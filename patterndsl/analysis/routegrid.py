@@ -1,0 +1,281 @@
+"""Stage 4 (block plan), route patterns on a 2-D grid, as runs: O(groups x their tiles), not O(tiles).
+
+Comes in: what :mod:`patterndsl.analysis.routeruns` takes, on a 2-D grid layout with box groups and
+blocks (``route(block = (r, r))``, BiFormer): the identity-order engine of one head group, one
+``route`` of one polarity, ``among`` not reading ``h``, ``Lq = Lk``, and every tile within one row
+of the grid (the row length a multiple of both tile sizes). Goes out: the geometry
+:func:`routeruns.classify` works with (:class:`GridGeometry`), so the tiles come back as
+:class:`~patterndsl.analysis.routeruns.RoutedRuns`.
+
+Blocks are numbered row-major over boxes. A key tile of row ``y`` holding columns ``[c0, c1)``
+meets the blocks of block row ``y // ry`` with block columns ``[c0 // rx, (c1 - 1) // rx]``: one
+contiguous range of block indices. So a group's run of candidate blocks ``[lo, hi)`` (disjoint,
+not touching) touches, covers whole, and meets with a given count exactly what it does block row
+by block row: whole block rows are one range of key tiles, all covered (a tile is covered by the
+union of a group's runs only when one run covers it, its blocks being one range); a partial block
+row gives one range of tiles per grid row, with at most two end tiles, whose counts of candidate
+blocks are summed per group. A group's query tiles are one range per grid row it spans. Every
+per-tile quantity :func:`routeruns.classify` reads (cover counts of the candidates, of the forced
+and the open groups, the box test's over-the-cap flags) is then a :class:`routeruns.Steps` built
+from (query tile, key-tile range) entries, a few per group and query tile: BiFormer at a million
+tokens (16,384 groups and blocks, 67 million tiles a head decided at run time) is 8,192 runs.
+
+Candidates: ``among = full`` gives every group one run of every block; another ``among`` is planned
+on the (group x block) boxes (:meth:`Engine.route_candidates`) when there are at most
+:data:`MAX_CANDIDATE_PAIRS` pairs of them, else the geometry is not used.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from patterndsl import ir
+from patterndsl.analysis import engine as eng
+from patterndsl.analysis import routetiles
+from patterndsl.analysis.routeruns import Steps, _compact, _rle, end_tiles, ranges
+
+#: Most (group, block) pairs whose candidates are listed (``among`` other than ``full``).
+MAX_CANDIDATE_PAIRS = 1 << 25
+#: Most (query tile, key-tile range) entries a Steps function is built from.
+MAX_ENTRIES = 1 << 24
+#: Most elements evaluated (tiles where a static part and the route are both partial) in this form.
+MAX_ELEMENTS = 1 << 26
+
+
+class GridGeometry:
+    """How box groups and blocks meet the tiles of a 2-D grid in identity order (row tiles).
+
+    Attributes:
+        nqb, nkb: query and key tiles; ``n_q``, ``n_k``: groups and blocks.
+        groups_per_tile: int64 ``[nqb]``: groups meeting each query tile.
+        grid: True (the 1-D geometry has no such attribute).
+    """
+
+    grid = True
+
+    def __init__(self, engine: eng.Engine, prim: ir.Prim, qbox: tuple[int, int], kbox: tuple[int, int]):
+        h, w = engine.env.layout.shape
+        self.h, self.w = h, w
+        self.nqb, self.nkb = engine.nqb, engine.nkb
+        self.qy, self.qx = qbox
+        self.ry, self.rx = kbox
+        self.ngx, self.nbx = -(-w // self.qx), -(-w // self.rx)
+        self.n_q = -(-h // self.qy) * self.ngx
+        self.n_k = -(-h // self.ry) * self.nbx
+        bm, bn = engine.q.block, engine.k.block
+        self.tq, self.tk = w // bm, w // bn  # tiles per grid row
+        t = np.arange(self.tk, dtype=np.int64)
+        # key tile t of a row: block columns [bx0, bx1)
+        self.bx0, self.bx1 = t * bn // self.rx, ((t + 1) * bn - 1) // self.rx + 1
+        self.nb = self.bx1 - self.bx0
+        t = np.arange(self.tq, dtype=np.int64)
+        gx0, gx1 = t * bm // self.qx, ((t + 1) * bm - 1) // self.qx + 1
+        self.groups_per_tile = np.tile(gx1 - gx0, h).astype(np.int64)
+        # group column gx: its query tiles of a row [t0, t1)
+        gx = np.arange(self.ngx, dtype=np.int64)
+        self.gt0 = gx * self.qx // bm
+        self.gt1 = (np.minimum((gx + 1) * self.qx, w) - 1) // bm + 1
+
+    def rows(self, group: np.ndarray):
+        """``(index, m)``: every query tile ``m`` of each ``group[index]``."""
+        gy, gx = group // self.ngx, group % self.ngx
+        y0 = gy * self.qy
+        i, y = eng.expand_runs(np.arange(len(group), dtype=np.int64), y0, np.minimum(y0 + self.qy, self.h))
+        j, m = eng.expand_runs(i, y * self.tq + self.gt0[gx[i]], y * self.tq + self.gt1[gx[i]])
+        return j, m
+
+    def pieces(self, cand: routetiles.RunTable):
+        """The key tiles of every run, per block row: ``(whole, part)``.
+
+        ``whole``: ``(run, first, last)``, key tiles ``[first, last)`` of whole block rows (all
+        covered). ``part``: ``(run, by, u0, u1)``, block columns ``[u0, u1)`` of block row ``by``.
+        """
+        lo, hi, nbx = cand.lo, cand.hi, self.nbx
+        run = np.arange(len(lo), dtype=np.int64)
+        b0, b1 = lo // nbx, (hi - 1) // nbx  # first and last block rows
+        head_whole = lo % nbx == 0
+        tail_whole = hi % nbx == 0
+        one = b0 == b1
+        # whole block rows [w0, w1)
+        w0 = np.where(head_whole, b0, b0 + 1)
+        w1 = np.where(tail_whole, b1 + 1, b1)
+        sel = w0 < w1
+        first = w0[sel] * self.ry * self.tk
+        last = np.minimum(w1[sel] * self.ry, self.h) * self.tk
+        whole = (run[sel], first, last)
+        head = ~head_whole | (one & ~tail_whole)
+        tail = ~tail_whole & ~one
+        pr = np.concatenate([run[head], run[tail]])
+        by = np.concatenate([b0[head], b1[tail]])
+        u0 = np.concatenate([lo[head] % nbx, np.zeros(int(tail.sum()), np.int64)])
+        u1 = np.concatenate([np.where(one[head], (hi[head] - 1) % nbx + 1, nbx), (hi[tail] - 1) % nbx + 1])
+        return whole, (pr, by, u0, u1)
+
+
+def geometry(engine: eng.Engine, node: ir.Node) -> GridGeometry | None:
+    """The :class:`GridGeometry` when the module applies (see the module notes), else None."""
+    from patterndsl import semantics
+
+    layout = engine.env.layout
+    pol = ir.polarities(node)
+    if layout is None or len(layout.shape) != 2 or len(pol) != 1:
+        return None
+    ((prim, signs),) = pol.items()
+    among = prim.arg("among")
+    block, qblock = prim.arg("block"), prim.arg("qblock")
+    qblock = block if qblock is None else qblock
+    ctx = engine.ctx
+    if (
+        len(signs) != 1
+        or ir.uses_head(among)
+        or ir.is_dynamic(among)
+        or not (isinstance(block, tuple) or isinstance(qblock, tuple))
+        or not (engine.q.identity and engine.k.identity)
+        or engine.q.order is not None
+        or engine.k.order is not None
+        or ctx.offset != 0
+        or ctx.q_len != ctx.kv_len
+        or layout.shape[1] % engine.q.block
+        or layout.shape[1] % engine.k.block
+    ):
+        return None
+    qbox = tuple(semantics._per_axis(qblock, 2, "route qblock"))
+    kbox = tuple(semantics._per_axis(block, 2, "route block"))
+    geo = GridGeometry(engine, prim, qbox, kbox)
+    if eng.rewrite_for_plan(among) != ir.FULL and geo.n_q * geo.n_k > MAX_CANDIDATE_PAIRS:
+        return None
+    return geo
+
+
+def candidates(engine: eng.Engine, prim: ir.Prim, geo: GridGeometry) -> routetiles.RunTable:
+    """The candidate blocks of every group as runs."""
+    if eng.rewrite_for_plan(prim.arg("among")) == ir.FULL:
+        group = np.arange(geo.n_q, dtype=np.int64)
+        return routetiles.RunTable(group, np.zeros(geo.n_q, np.int64), np.full(geo.n_q, geo.n_k, np.int64), geo.n_k)
+    keys = engine.route_candidates(prim)[0]
+    a, b = keys // geo.n_k, keys % geo.n_k
+    return routetiles._merged(a, b, b + 1, geo.n_k)
+
+
+class GridSpans:
+    """The candidate runs' key tiles (touched, covered, end counts) on the query tiles of their groups:
+    the grid form of :class:`routeruns._Spans` (same :meth:`cover` and :meth:`over`)."""
+
+    def __init__(self, geo: GridGeometry, cand: routetiles.RunTable, run_open: np.ndarray):
+        self.geo, self.cand, self.run_open = geo, cand, run_open
+        (self.w_run, self.w_first, self.w_last), part = geo.pieces(cand)
+        pr, by, u0, u1 = part
+        bx0, bx1 = geo.bx0, geo.bx1
+        t0 = np.searchsorted(bx1, u0, "right")
+        t1 = np.searchsorted(bx0, u1, "left")
+        f0 = np.searchsorted(bx0, u0, "left")
+        f1 = np.searchsorted(bx1, u1, "right")
+        # one range of key tiles per grid row of the block row
+        y0 = by * geo.ry
+        piece, y = eng.expand_runs(np.arange(len(pr), dtype=np.int64), y0, np.minimum(y0 + geo.ry, geo.h))
+        base = y * geo.tk
+        self.p_run = pr[piece]
+        self.p_t0, self.p_t1 = base + t0[piece], base + t1[piece]
+        self.p_f0, self.p_f1 = base + f0[piece], base + f1[piece]
+        self.p_u0, self.p_u1, self.p_base = u0[piece], u1[piece], base
+        # ranges of one run: (run, touched lo, hi, covered lo, hi)
+        self.r_run = np.concatenate([self.w_run, self.p_run])
+        self.r_t = (np.concatenate([self.w_first, self.p_t0]), np.concatenate([self.w_last, self.p_t1]))
+        self.r_f = (np.concatenate([self.w_first, self.p_f0]), np.concatenate([self.w_last, self.p_f1]))
+
+    def _on_tiles(self, sel: np.ndarray, lo: np.ndarray, hi: np.ndarray, weight=1) -> Steps:
+        """Steps summing ``weight`` over the ranges ``[lo, hi)`` of the selected ranges, on every query
+        tile of their run's group."""
+        geo = self.geo
+        group = self.cand.group[self.r_run[sel]]
+        lo, hi = lo[sel], hi[sel]
+        idx, m = geo.rows(group)
+        _check(len(m))
+        return ranges(m, lo[idx], hi[idx], weight, geo.nqb, geo.nkb)
+
+    def cover(self, which: bool | None):
+        """``(touched, covered)`` Steps of the groups' runs (all; open only: True; forced only: False)."""
+        open_ = self.run_open[self.r_run]
+        sel = np.ones(len(self.r_run), bool) if which is None else open_ == which
+        return self._on_tiles(sel, *self.r_t), self._on_tiles(sel, *self.r_f)
+
+    def over(self, keep: np.ndarray, cap: np.ndarray) -> Steps:
+        """Bool Steps: some group of the kept runs has more than ``cap[group]`` candidate blocks in the tile."""
+        geo, g = self.geo, self.cand.group
+        nb = geo.nb
+        c = cap[g]
+        out_g, out_lo, out_hi = [], [], []
+        # covered tiles hold nb[t] of the run's blocks: over everywhere (cap below every nb), nowhere
+        # (cap at least every nb) or tile by tile
+        run = self.r_run
+        f0, f1 = self.r_f
+        live = keep[run] & (c[run] < nb.max()) & (f0 < f1)
+        whole = live & (c[run] < nb.min())
+        out_g.append(g[run[whole]])
+        out_lo.append(f0[whole])
+        out_hi.append(f1[whole])
+        mixed = np.flatnonzero(live & ~whole)
+        if len(mixed):
+            _check(int((f1[mixed] - f0[mixed]).sum()))
+            at, n = eng.expand_runs(mixed, f0[mixed], f1[mixed])
+            hot = nb[n % geo.tk] > c[run[at]]
+            out_g.append(g[run[at[hot]]])
+            out_lo.append(n[hot])
+            out_hi.append(n[hot] + 1)
+        # end tiles of the partial block rows: touched, not covered (at most two per grid row and run)
+        er, en = end_tiles(keep[self.p_run], self.p_t0, self.p_t1, self.p_f0, self.p_f1)
+        if len(er):
+            t = en - self.p_base[er]
+            overlap = np.minimum(self.p_u1[er], geo.bx1[t]) - np.maximum(self.p_u0[er], geo.bx0[t])
+            key = g[self.p_run[er]] * geo.nkb + en
+            order = np.argsort(key, kind="stable")
+            key, total = _rle(key[order], overlap[order])
+            hot = total > cap[key // geo.nkb]
+            out_g.append(key[hot] // geo.nkb)
+            out_lo.append(key[hot] % geo.nkb)
+            out_hi.append(key[hot] % geo.nkb + 1)
+        group, lo, hi = (np.concatenate(a) for a in (out_g, out_lo, out_hi))
+        idx, m = geo.rows(group)
+        _check(len(m))
+        s = ranges(m, lo[idx], hi[idx], 1, geo.nqb, geo.nkb)
+        return _compact(s.key, (s.value > 0).astype(np.int64), s.width)
+
+
+def classify(engine: eng.Engine, node: ir.Node):
+    """:func:`routeruns.classify` with the grid geometry, or None when it does not apply (or its runs
+    would need more than :data:`MAX_ENTRIES` entries)."""
+    from patterndsl.analysis import routeruns
+
+    geo = geometry(engine, node)
+    if geo is None:
+        return None
+    # Tiles where a static part and the route are both partial are evaluated element by element;
+    # past MAX_ELEMENTS the other plans take over (the pair-by-pair one is refused up front when
+    # it cannot fit), rather than a plan that evaluates for minutes.
+    tally = engine.tally
+    before = dataclasses.replace(tally)
+    tally.budget = MAX_ELEMENTS if before.budget is None else min(before.budget, MAX_ELEMENTS)
+    try:
+        out = routeruns.classify(engine, node, geo)
+    except (TooMany, eng.OverBudget) as err:
+        for field in dataclasses.fields(tally):
+            setattr(tally, field.name, getattr(before, field.name))
+        if isinstance(err, eng.OverBudget) and before.budget is not None and before.budget <= MAX_ELEMENTS:
+            raise  # the caller's own budget ran out
+        return None
+    if before.budget is None:
+        tally.budget = None
+    else:
+        tally.budget = before.budget - (min(before.budget, MAX_ELEMENTS) - tally.budget)
+    return out
+
+
+def _check(entries: int) -> None:
+    if entries > MAX_ENTRIES:
+        raise TooMany
+
+
+class TooMany(Exception):
+    """A grid route's runs would need more than :data:`MAX_ENTRIES` entries: planned the other way."""

@@ -1,0 +1,225 @@
+"""Grid plans at scale (issue 19): the binned key-tile candidates, per-axis counts and grid routes
+against exact references at small sizes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from patterndsl.analysis.gridcands import Cells
+
+
+def _brute(kalo, kahi, alo, ahi, rows, cols, nkb):
+    meet = ((kahi[None] >= alo[:, None]) & (kalo[None] <= ahi[:, None])).all(2)
+    i, t = np.nonzero(meet)
+    return np.sort(rows[i] * nkb + cols[t])
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_cells_meeting_matches_brute_force(seed):
+    rng = np.random.default_rng(seed)
+    d = 1 + seed % 3
+    n = int(rng.integers(1, 60))
+    kalo = rng.integers(0, 40, (n, d))
+    kahi = kalo + rng.integers(0, 9, (n, d))
+    nq = int(rng.integers(1, 30))
+    alo = rng.integers(-5, 45, (nq, d))
+    ahi = alo + rng.integers(-2, 12, (nq, d))
+    rows = np.sort(rng.choice(100, nq, replace=False)).astype(np.int64)
+    cols = np.sort(rng.choice(200, n, replace=False)).astype(np.int64)
+    cells = Cells(kalo, kahi)
+    assert cells.usable
+    got = cells.meeting(alo, ahi, rows, cols, 200)
+    np.testing.assert_array_equal(got, _brute(kalo, kahi, alo, ahi, rows, cols, 200))
+
+
+def _exact(source, length, heads=1, block=(16, 16), orders=("auto",)):
+    import torch
+
+    import patterndsl as pd
+    from patterndsl import semantics
+    from patterndsl.analysis.plan import tile_reduce
+
+    pattern = pd.compile(source)
+    dense = semantics.mask(pattern.ir, length, length, heads)
+    for order in orders:
+        plan = pattern.plan(length, heads=heads, block=block, order=order)
+        ref = tile_reduce(dense[:, plan.q_order][:, :, plan.kv_order], *block)
+        assert torch.equal(plan.tiles(), ref), (source, order)
+        assert plan.stats.allowed_pairs == int(dense.sum())
+
+
+@pytest.mark.parametrize(
+    "grid, body",
+    [
+        (
+            (24, 20),
+            "where(k.y >= q.y // 4 * 4 - 2 and k.y < q.y // 4 * 4 + 6"
+            " and k.x >= q.x // 4 * 4 - 2 and k.x < q.x // 4 * 4 + 6)",
+        ),
+        ((16, 32), "where(k.y // 4 == q.y // 4 or k.x // 8 == q.x // 8)"),
+        ((12, 10), "where(k.y >= q.y - 1 and k.y <= q.y + 2 and k.x // 3 == q.x // 3)"),
+    ],
+)
+def test_per_axis_counts_match_the_dense_mask(grid, body):
+    # HaloNet-like blocks with halos (tiles of several pieces when rows do not divide the tiles), and
+    # a union: counted axis by axis from the sides' pieces, the classification's counts reused
+    _exact(f"pattern p {{ layout grid(y = {grid[0]}, x = {grid[1]})\n {body} }}", grid[0] * grid[1])
+
+
+@pytest.mark.parametrize(
+    "size, grid", [(5, (16, 32)), (3, (20, 12)), (7, (32, 16)), ("3, dilation = (2, 3)", (16, 24))]
+)
+def test_grid_neighborhood_orders_match_the_dense_mask(size, grid):
+    # the dilated case: in dilation-group orders every group's candidates come from one binned pass
+    source = f"pattern p {{ layout grid(y = {grid[0]}, x = {grid[1]})\n neighborhood({size}) }}"
+    _exact(source, grid[0] * grid[1], orders=("identity", "auto"))
+
+
+GRID_AMONG = ["full", "neighborhood(3)", "where(k.y <= q.y)", "neighborhood(5) - neighborhood(1)"]
+GRID_BODY = ["{r}", "neighborhood(3) | {r}", "where(k.x <= q.x) & {r}", "~{r}", "neighborhood(5) - {r}"]
+
+
+def _grid_case(seed: int):
+    """A random 2-D route pattern with box groups and blocks, on a grid whose rows hold whole tiles."""
+    gen = np.random.default_rng(seed)
+    box = (int(gen.integers(1, 5)), int(gen.integers(1, 6)))
+    qbox = box if gen.random() < 0.6 else (int(gen.integers(1, 5)), int(gen.integers(1, 6)))
+    tile = (int(gen.choice([4, 8, 16])), int(gen.choice([4, 8, 16])))
+    w = int(np.lcm(*tile)) * int(gen.integers(1, 3))
+    w = w if w >= 8 else 2 * w  # neighborhood(5) fits
+    h = int(gen.integers(5, 13))
+    among = str(gen.choice(GRID_AMONG))
+    route = f"route(topk = {int(gen.integers(1, 5))}, block = {box}, qblock = {qbox}, among = {among})"
+    body = str(gen.choice(GRID_BODY)).format(r=route)
+    return f"pattern p {{ layout grid(y = {h}, x = {w})\n {body} }}", h * w, tile
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_grid_route_runs_expand_to_the_pair_by_pair_plan(seed):
+    import patterndsl
+    from patterndsl.analysis import engine as eng
+    from patterndsl.analysis import routegrid, routeplan
+    from patterndsl.sizes import Sizes
+
+    source, length, tile = _grid_case(seed)
+    pir = patterndsl.compile(source).ir
+    node = eng.rewrite_for_plan(pir.default)
+    sizes = Sizes(length, length, pir.layout)
+    engine = eng.identity_engine(sizes, 0, tile)
+    assert routegrid.geometry(engine, node) is not None, source
+    runs = routegrid.classify(engine, node)
+    key = runs.row * (runs.nkb + 1) + runs.lo
+    assert (np.diff(key) > 0).all() and (runs.lo < runs.hi).all() and (runs.state > 0).all()
+    got = runs.expanded()
+    want = routeplan.classify_by_pairs(eng.identity_engine(sizes, 0, tile), node)
+    for name in ("keys", "state", "route_mask", "open"):
+        assert getattr(got, name).tolist() == getattr(want, name).tolist(), (name, source, tile)
+    ((prim, fixed),) = want.forced.items()
+    assert got.forced[prim][1].tolist() == fixed[1].tolist()
+    assert got.forced[prim][2].tolist() == fixed[2].tolist()
+
+
+_TRITON_GRID_ROUTE = """
+import torch, patterndsl
+from patterndsl.analysis import engine as eng, routegrid
+from patterndsl.sizes import Sizes
+from tests.reference import reference_attention
+p = patterndsl.compile("pattern p { layout grid(y = 6, x = 64)\\n neighborhood(3) | route(topk = 2, block = (2, 8)) }")
+node = eng.rewrite_for_plan(p.ir.default)
+assert routegrid.geometry(eng.identity_engine(Sizes(384, 384, p.ir.layout), 0, (64, 64)), node) is not None
+gen = torch.Generator().manual_seed(0)
+q, k, v = (torch.randn(1, 2, 384, 16, generator=gen) for _ in range(3))
+out, lse = p(q, k, v, return_lse=True, backend="triton")
+ref, ref_lse = reference_attention(q, k, v, p.mask(384, 384, 2, q=q, k=k))
+torch.testing.assert_close(out.double(), ref.detach(), atol=1e-3, rtol=1e-3)
+torch.testing.assert_close(lse.double(), ref_lse.detach(), atol=1e-3, rtol=1e-3)
+print("grid-route-triton-ok")
+"""
+
+
+@pytest.mark.slow
+def test_a_grid_route_planned_as_runs_runs_on_triton_under_the_interpreter():
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(root)}
+    done = subprocess.run(
+        [sys.executable, "-c", _TRITON_GRID_ROUTE], env=env, cwd=root, capture_output=True, text=True, timeout=900
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "grid-route-triton-ok" in done.stdout
+
+
+@pytest.mark.parametrize("tiles", [(8, 8), (4, 16)])
+def test_a_grid_route_planned_as_runs_runs_on_the_cpu(tiles, monkeypatch):
+    import torch
+
+    import patterndsl
+    import patterndsl.runtime as rt
+    from tests.reference import reference_attention
+
+    monkeypatch.setattr(rt, "CPU_BLOCK", tiles)
+    source = "pattern p { layout grid(y = 6, x = 16)\n neighborhood(3) | route(topk = 2, block = (2, 4)) }"
+    p = patterndsl.compile(source)
+    gen = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, 2, 96, 8, generator=gen, dtype=torch.float64) for _ in range(3))
+    out, lse = p(q, k, v, return_lse=True, backend="cpu")
+    ref, ref_lse = reference_attention(q, k, v, p.mask(96, 96, 2, q=q, k=k))
+    torch.testing.assert_close(out, ref, atol=1e-9, rtol=1e-9)
+    torch.testing.assert_close(lse, ref_lse, atol=1e-9, rtol=1e-9)
+
+
+@pytest.mark.parametrize(
+    "extents, dilation, box",
+    [
+        ((12, 20), (1, 1), (2, 4)),
+        ((12, 24), (2, 3), (2, 4)),
+        ((9, 14), (2, 3), (2, 4)),
+        ((4, 6, 10), (1, 2, 1), (2, 1, 4)),
+    ],
+)
+def test_box_segments_carry_their_tuples_as_arrays(extents, dilation, box):
+    from patterndsl.analysis import tiles
+
+    segs = tiles.box_segments(extents, dilation, box)
+    for f, arr in enumerate(segs.arrays):
+        assert arr.tolist() == [list(seg[f]) for seg in segs]
+    if (segs.arrays[2].prod(1) == 8).all():
+        # one tile a box: laid out from the arrays or from the tuples alone, the same side
+        length = int(np.prod(extents))
+        a = tiles.build_side(segs, length, 8, 0, extents, False)
+        b = tiles.build_side(list(segs), length, 8, 0, extents, False)
+        assert np.array_equal(a.order, b.order) and np.array_equal(a.a, b.a) and np.array_equal(a.n, b.n)
+        assert sorted(a.order.tolist()) == list(range(length))
+
+
+def test_a_grid_route_past_its_element_budget_is_left_to_the_other_plans(monkeypatch):
+    import torch
+
+    import patterndsl
+    from patterndsl.analysis import routegrid
+
+    source = (
+        "pattern p { layout grid(y = 8, x = 16)\n"
+        " neighborhood(3) | route(topk = 2, block = (2, 4), among = neighborhood(5)) }"
+    )
+    calls = []
+    classify = routegrid.classify
+
+    def spy(engine, node):
+        out = classify(engine, node)
+        calls.append((out is None, engine.tally.budget))
+        return out
+
+    monkeypatch.setattr(routegrid, "classify", spy)
+    runs = patterndsl.compile(source).plan(128, heads=1, block=(8, 8))
+    assert calls == [(False, None)] and runs.stats.elements_evaluated > 0  # static part and route both partial
+    monkeypatch.setattr(routegrid, "MAX_ELEMENTS", 1)
+    other = patterndsl.compile(source).plan(128, heads=1, block=(8, 8))
+    assert calls[1:] == [(True, None)]  # given up, the tally as it was
+    assert torch.equal(other.tiles(), runs.tiles())
+    assert other.stats.elements_evaluated == runs.stats.elements_evaluated
