@@ -22,6 +22,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <vector>
 
 namespace {
@@ -165,7 +166,15 @@ void rows_accumulate_all(const float* pt, int64_t nj, const float* x, int64_t D,
   constexpr int RB = 16 * NI;
   int64_t j = 0;
   for (; j + MJ <= nj; j += MJ) rows_accumulate<NI, MJ, ND>(pt + j * RB, x, D, dst + j * D);
-  for (; j < nj; ++j) rows_accumulate<NI, 1, ND>(pt + j * RB, x, D, dst + j * D);
+  // The last rows in one block too (a row at a time leaves the FMA units waiting on latency).
+  switch (nj - j) {
+    case 1: rows_accumulate<NI, 1, ND>(pt + j * RB, x, D, dst + j * D); break;
+    case 2: rows_accumulate<NI, 2, ND>(pt + j * RB, x, D, dst + j * D); break;
+    case 3: rows_accumulate<NI, 3, ND>(pt + j * RB, x, D, dst + j * D); break;
+    case 4: rows_accumulate<NI, 4, ND>(pt + j * RB, x, D, dst + j * D); break;
+    case 5: rows_accumulate<NI, 5, ND>(pt + j * RB, x, D, dst + j * D); break;
+    default: break;
+  }
 }
 
 template <int NI>
@@ -618,7 +627,7 @@ void backward_impl(const BackwardIO& io, int64_t BH, int64_t Lq, int64_t Lk, int
     float* own = work.base + 2 * kKeyChunk * RB + 3 * BM * D;
     // With a key map: this (batch, head)'s K, V gathered into plan order and dK, dV accumulated
     // there, scattered to the source rows at the end.
-    std::vector<float> keys(io.k_rows ? 4 * Lk * D : 0);
+    std::unique_ptr<float[]> keys(io.k_rows ? new float[4 * Lk * D] : nullptr);  // written before read
 #pragma omp for schedule(dynamic, 1)
     for (int64_t it = 0; it < items; ++it) {
       // Item (part, bh): query tiles part, part + parts, ...; its own dK/dV buffer when parts > 1.
@@ -628,7 +637,7 @@ void backward_impl(const BackwardIO& io, int64_t BH, int64_t Lq, int64_t Lk, int
       const float *kb = io.k + bh * io.Sk * D, *vb = io.v + bh * io.Sk * D;
       float *dkb = dk_out, *dvb = dv_out;
       if (io.k_rows) {
-        float* kg = keys.data();
+        float* kg = keys.get();
         float* vg = kg + Lk * D;
         dkb = vg + Lk * D;
         dvb = dkb + Lk * D;
