@@ -7,7 +7,9 @@ log-sum-exp in tiles (forward), or its ``dQ`` and in-place ``dK``/``dV`` (backwa
 the segment loops of :mod:`~patterndsl.runtime.cpu.forward` and :mod:`~patterndsl.runtime.cpu.backward`
 produce. The schedule's segments become one list of key tiles per query tile (:mod:`.program`:
 full tiles, and partial ones with the segment's mask as bits), so a query tile's rows run one
-online softmax over all of them (merge segments included) without copying a gathered key.
+online softmax over all of them (merge segments included) without copying a gathered key. The
+backward also takes a whole call's tensors as they are, with the plan's orders as row maps
+(:func:`backward`'s direct layout): no tiled copies in, none back.
 
 Dispatch is explicit: :func:`supports` says whether a call may run here (the library built,
 ``CpuOptions.native`` on and ``kernel="fused"``: ``"math"`` asks for the torch math steps;
