@@ -9,7 +9,9 @@ same strided views as the forward that accumulate dK/dV in place, one key-tile o
 with the rows' statistics ``lse`` and ``delta`` (:func:`patterndsl.runtime.softmax.delta`).
 Gathered segments run the same matmuls on gathered copies of their tiles
 (:func:`_backward_gathered`), dK/dV added with one ``index_add_`` per step; the gathered
-``route`` work adds its gradients last.
+``route`` work adds its gradients last. A call the native kernel takes whole (one unit, every head,
+no grouped-query sharing, float32: :func:`_backward_native`) runs it on the call's tensors as they
+are: no tiled copies, no ``delta`` pass, no pass to check that the gradients are finite.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from patterndsl import ir
 from patterndsl.analysis.plan import BlockPlan
 from patterndsl.runtime import softmax
 from patterndsl.runtime.cpu import augmented, dense, documents, native
-from patterndsl.runtime.cpu.schedule import Segment
+from patterndsl.runtime.cpu.schedule import Segment, derived
 from patterndsl.runtime.cpu.scoremod import Modifier, PairModifier, table_grads
 from patterndsl.runtime.cpu.tuning import CpuOptions, resolve
 from patterndsl.runtime.cpu.units import Heads, units
@@ -68,7 +70,7 @@ def backward(q, k, v, out, lse, dout, plan: BlockPlan, scale: float, dlse=None, 
         return q.new_zeros(q.shape), k.new_zeros(k.shape), v.new_zeros(v.shape)
     no_dlse = dlse is None or not bool(dlse.any())
     tables = table_grads(plan, data, compute_dtype(q.dtype))
-    grads = None
+    grads, known = None, None
     if documents.applies(plan, q, k, opts, data) and no_dlse:
         grads = documents.backward(q, k, v, out, lse, dout, plan, scale, data)
     elif dense.applies(plan, q, v, opts, data) and no_dlse and not native.takes_dense(plan, q, v, opts):
@@ -76,16 +78,64 @@ def backward(q, k, v, out, lse, dout, plan: BlockPlan, scale: float, dlse=None, 
     elif augmented.applies(plan, q, v, opts, tables) and no_dlse:
         grads = augmented.backward(q, k, v, out, lse, dout, plan, scale, data)
     if grads is None:
+        grads, known = _backward_native(q, k, v, out, lse, dout, plan, scale, None if no_dlse else dlse, opts, data)
+    if grads is None:
         grads = _backward(q, k, v, out, lse, dout, plan, scale, dlse, opts, safe=False, data=data, tables=tables)
     # Non-finite inputs or gradients must not reach the pairs the pattern blocks; the fast paths'
     # additive masks let them (0 * NaN), but whatever they reach turns non-finite, so finite
-    # gradients are exact. Otherwise every segment runs again through _backward_select.
-    if not finite(*grads, *(tables or {}).values()):
+    # gradients are exact. Otherwise every segment runs again through _backward_select. (The
+    # native kernel checks what it writes: ``known``.)
+    if not (known if known is not None else finite(*grads, *(tables or {}).values())):
         tables = table_grads(plan, data, compute_dtype(q.dtype))
         grads = _backward(q, k, v, out, lse, dout, plan, scale, dlse, opts, safe=True, data=data, tables=tables)
     if tables is None:
         return grads
     return (*grads, list(tables.values()))
+
+
+def _backward_native(q, k, v, out, lse, dout, plan: BlockPlan, scale: float, dlse, opts: CpuOptions, data):
+    """The whole call as one native kernel call on the tensors as they are, or ``(None, None)``.
+
+    For one unit over every batch element and head without grouped-query sharing and float32
+    tensors: the kernel reads the rows of each tile through the plan's orders (no permuted or
+    padded copies of Q, K, V, dO), computes ``delta`` and ``lse2`` from ``out``, ``lse`` and
+    ``dlse`` itself (no pass of their own), writes dQ, dK, dV in the call's order (no copies back)
+    and says whether they are finite (no pass over them to find out).
+
+    Returns:
+        ``((dq, dk, dv), finite)``, or ``(None, None)`` when the call does not qualify.
+    """
+    h, hkv = q.shape[1], k.shape[1]
+    tensors = (q, k, v, out, dout, lse) + (() if dlse is None else (dlse,))
+    if h != hkv or any(x.dtype != torch.float32 for x in tensors) or not native.supports(plan, q, v, opts):
+        return None, None
+    todo, work = units(plan, q, k, opts, data)
+    if work is not None or len(todo) != 1 or todo[0][0] != slice(None) or todo[0][2]:
+        return None, None
+    sched = todo[0][1]
+    if Heads.of(sched, h, 1).q is not None:
+        return None, None
+    q_rows, k_rows = derived(plan, ("native-rows",), _source_rows)
+    t = {"q": q, "k": k, "v": v, "do": dout, "out": out, "lse": lse, "dlse": dlse, "q_rows": q_rows, "k_rows": k_rows}
+    ok = native.backward(native.program(sched, plan.n_q_tiles, plan.block), t, scale)
+    return (t["dq"], t["dk"], t["dv"]), ok
+
+
+def _source_rows(plan: BlockPlan) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Source row of each padded plan position (int32, -1 for padding), queries and keys; None: the identity."""
+    q_inv, k_inv = inverses(plan)
+    out = []
+    for inv, order, length, pad in (
+        (q_inv, plan.q_order, plan.q_len, plan.n_q_tiles * plan.block[0]),
+        (k_inv, plan.kv_order, plan.kv_len, plan.n_kv_tiles * plan.block[1]),
+    ):
+        if inv is None and length == pad:
+            out.append(None)
+            continue
+        rows = torch.full((pad,), -1, dtype=torch.int32)
+        rows[:length] = order if inv is not None else torch.arange(length)
+        out.append(rows)
+    return out[0], out[1]
 
 
 def _backward(
@@ -135,9 +185,9 @@ def _backward(
         # (The native kernel makes its own, written whole.)
         if not use_native:
             t["dk"], t["dv"] = torch.zeros(t["k"].shape, dtype=dt), torch.zeros(t["v"].shape, dtype=dt)
-        t["dq"] = torch.empty(t["q"].shape, dtype=dt)
-        if sched.idle_q_tiles.numel():
-            t["dq"].view(nb, hd.count, -1, bm, d)[:, :, sched.idle_q_tiles] = 0
+            t["dq"] = torch.empty(t["q"].shape, dtype=dt)
+            if sched.idle_q_tiles.numel():
+                t["dq"].view(nb, hd.count, -1, bm, d)[:, :, sched.idle_q_tiles] = 0
         # A score modifier runs on every visited tile, through the selecting backward.
         score = plan.pattern.score
         modify = None if score is None else Modifier(plan, hd.q, hd.count, data, torch.arange(b)[bs], tables)

@@ -7,7 +7,9 @@ log-sum-exp in tiles (forward), or its ``dQ`` and in-place ``dK``/``dV`` (backwa
 the segment loops of :mod:`~patterndsl.runtime.cpu.forward` and :mod:`~patterndsl.runtime.cpu.backward`
 produce. The schedule's segments become one list of key tiles per query tile (:mod:`.program`:
 full tiles, and partial ones with the segment's mask as bits), so a query tile's rows run one
-online softmax over all of them (merge segments included) without copying a gathered key.
+online softmax over all of them (merge segments included) without copying a gathered key. The
+backward also takes a whole call's tensors as they are, with the plan's orders as row maps
+(:func:`backward`'s direct layout): no tiled copies in, none back.
 
 Dispatch is explicit: :func:`supports` says whether a call may run here (the library built,
 ``CpuOptions.native`` on and ``kernel="fused"``: ``"math"`` asks for the torch math steps;
@@ -32,7 +34,7 @@ __all__ = ["Program", "available", "backward", "forward", "program", "rows_for",
 
 _P, _I64, _F32, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
 _FORWARD_ARGS = [_P] * 5 + [_I64] * 6 + [_P] * 4 + [_I64, _F32, _I64, _INT]
-_BACKWARD_ARGS = [_P] * 9 + [_I64] * 6 + [_P] * 4 + [_I64, _I64, _F32, _I64, _INT]
+_BACKWARD_ARGS = [_P] * 14 + [_I64] * 8 + [_P] * 4 + [_I64, _I64, _F32, _I64, _INT, _P]
 
 
 def _library():
@@ -115,29 +117,48 @@ def forward(prog: Program, qp, kp, vp, op, lp, scale: float) -> None:
         raise RuntimeError(f"native forward refused its arguments (code {rc})")
 
 
-def backward(prog: Program, t: dict, scale: float) -> None:
-    """One unit's backward on the tiled buffers ``t`` of :func:`patterndsl.runtime.cpu.backward._backward`.
+def backward(prog: Program, t: dict, scale: float) -> bool:
+    """One unit's backward: ``t["dq"]``, ``t["dk"]``, ``t["dv"]`` (new buffers, written whole).
 
-    Reads ``q``, ``k``, ``v``, ``do``, ``lse2`` (+inf on rows with no allowed key), ``delta``; writes
-    ``dq`` for every query tile and puts new ``dk``/``dv`` buffers in ``t`` (written whole: no zeroed
-    buffer is read). With fewer (batch, head) pairs than twice the threads, query tiles are dealt to
-    several items, each with its own key-gradient buffers, summed here: no atomics, no lost updates.
+    Two layouts of ``t``. Tiled (what :func:`patterndsl.runtime.cpu.backward._backward` makes):
+    ``q``, ``k``, ``v``, ``do`` in tiles, ``lse2`` (+inf on rows with no allowed key) and ``delta``;
+    the gradients come in tiles. Direct: ``q``, ``k``, ``v``, ``do``, ``out`` as the call has them
+    (``[B, H, L, D]`` float32 contiguous), ``lse`` and ``dlse`` (or None) ``[B, H, Lq]``, and
+    ``q_rows``/``k_rows``: int32 source row of each plan position (-1: padding), or None for the
+    identity; the kernel gathers the tiles' rows, computes ``delta`` and ``lse2`` itself and writes
+    the gradients in the source's order and shapes. With fewer (batch, head) pairs than twice the
+    threads, query tiles are dealt to several items, each with its own key-gradient buffers, summed
+    here: no atomics, no lost updates.
+
+    Returns:
+        Whether every gradient is finite (checked by the kernel as it writes them).
     """
-    b, h, lq, d = t["q"].shape
-    lk = t["k"].shape[2]
+    b, h, sq, d = t["q"].shape
+    sk = t["k"].shape[2]
     bm, bn = prog.block
+    direct = "out" in t
+    q_rows, k_rows = (t.get("q_rows"), t.get("k_rows")) if direct else (None, None)
+    lq = prog.n_q_tiles * bm
+    lk = sk if k_rows is None else k_rows.numel()
     threads = torch.get_num_threads()
     parts = 1 if b * h >= 2 * threads else min(prog.n_q_tiles, -(-2 * threads // (b * h)))
     parts = max(parts, 1)
-    # The kernel writes every key row (zeroing each key tile where it first reaches it).
-    dk = torch.empty(parts, b, h, lk, d)
-    dv = torch.empty(parts, b, h, lk, d)
-    args = [t[name].contiguous() for name in ("q", "k", "v", "do", "lse2", "delta")]
+    # The kernel writes every row of these (zeroing each key tile where it first reaches it).
+    t["dq"] = torch.empty(b, h, sq, d)
+    dk = torch.empty(parts, b, h, sk, d)
+    dv = torch.empty(parts, b, h, sk, d)
+    names = ("q", "k", "v", "do") + (("out", "lse", "dlse") if direct else ("lse2", "delta"))
+    x = {name: None if t.get(name) is None else t[name].contiguous() for name in names}
+    ptr = {name: None if value is None else _ptr(value) for name, value in x.items()}
+    bad = ctypes.c_int(0)
     rc = _library().pdsl_backward(
-        *(_ptr(x) for x in args), _ptr(t["dq"]), _ptr(dk), _ptr(dv), b * h, lq, lk, d, bm, bn,
-        _ptr(prog.row_ptr), _ptr(prog.ent_k), _ptr(prog.ent_mask), _ptr(prog.masks), prog.n_q_tiles,
-        parts, scale, rows_for(prog), threads,
+        ptr["q"], ptr["k"], ptr["v"], ptr["do"], ptr.get("lse2"), ptr.get("delta"), ptr.get("out"),
+        ptr.get("lse"), ptr.get("dlse"), None if q_rows is None else _ptr(q_rows),
+        None if k_rows is None else _ptr(k_rows), _ptr(t["dq"]), _ptr(dk), _ptr(dv), b * h, lq, lk, sq, sk, d,
+        bm, bn, _ptr(prog.row_ptr), _ptr(prog.ent_k), _ptr(prog.ent_mask), _ptr(prog.masks), prog.n_q_tiles,
+        parts, scale, rows_for(prog), threads, ctypes.byref(bad),
     )  # fmt: skip
     if rc:
         raise RuntimeError(f"native backward refused its arguments (code {rc})")
     t["dk"], t["dv"] = (dk[0], dv[0]) if parts == 1 else (dk.sum(0), dv.sum(0))
+    return bad.value == 0

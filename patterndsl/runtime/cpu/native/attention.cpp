@@ -22,6 +22,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <vector>
 
 #include "simd.h"
@@ -156,7 +157,15 @@ void rows_accumulate_all(const float* pt, int64_t nj, const float* x, int64_t D,
   constexpr int RB = 16 * NI;
   int64_t j = 0;
   for (; j + MJ <= nj; j += MJ) rows_accumulate<NI, MJ, ND>(pt + j * RB, x, D, dst + j * D);
-  for (; j < nj; ++j) rows_accumulate<NI, 1, ND>(pt + j * RB, x, D, dst + j * D);
+  // The last rows in one block too (a row at a time leaves the FMA units waiting on latency).
+  switch (nj - j) {
+    case 1: rows_accumulate<NI, 1, ND>(pt + j * RB, x, D, dst + j * D); break;
+    case 2: rows_accumulate<NI, 2, ND>(pt + j * RB, x, D, dst + j * D); break;
+    case 3: rows_accumulate<NI, 3, ND>(pt + j * RB, x, D, dst + j * D); break;
+    case 4: rows_accumulate<NI, 4, ND>(pt + j * RB, x, D, dst + j * D); break;
+    case 5: rows_accumulate<NI, 5, ND>(pt + j * RB, x, D, dst + j * D); break;
+    default: break;
+  }
 }
 
 template <int NI>
@@ -464,19 +473,36 @@ void backward_chunk(const Lists& L, int64_t e, int64_t lo, int64_t hi, int64_t g
   product_t<NI>(kb, nj, D, dst, dqt, nullptr);
 }
 
+// Whether none of the n floats at x (n a multiple of 16) is NaN or infinite.
+inline bool all_finite(const float* x, int64_t n) {
+  __mmask16 bad = 0;
+  for (int64_t i = 0; i < n; i += 16) bad |= _mm512_fpclass_ps_mask(_mm512_loadu_ps(x + i), 0x99);  // NaN, +-inf
+  return bad == 0;
+}
+
+// The rows one query tile's backward reads and writes: BM rows each, contiguous.
+struct TileRows {
+  const float* q;      // [BM][D]
+  const float* dout;   // [BM][D]
+  const float* lse2;   // [BM]: lse * log2 e, +inf on rows with no allowed key
+  const float* delta;  // [BM]: rowsum(dO * O) - dlse
+  float* dq;           // [BM][D], written
+  bool stream;         // dq goes straight to memory (nobody reads it back soon)
+};
+
 // The backward of one query tile m of one (batch, head), a key tile at a time for all its blocks.
+// k, v, dk, dv: the (batch, head)'s keys and key gradients in plan order. Returns whether dQ is finite.
 template <int NI>
-void backward_tile(const float* q, const float* k, const float* v, const float* dout, const float* lse2,
-                   const float* delta, float* dq, float* dk, float* dv, int64_t D, const Lists& L, int64_t m,
-                   float scale, float* w, Ahead ahead_q, Ahead ahead_do, char* touched) {
+bool backward_tile(const float* k, const float* v, float* dk, float* dv, int64_t D, const Lists& L, int64_t m,
+                   float scale, float* w, Ahead ahead_q, Ahead ahead_do, char* touched, const TileRows& rows) {
   constexpr int RB = 16 * NI;
   const int64_t blocks = L.BM / RB;
   float* pt = w;                          // [kKeyChunk][RB]
   float* dst = pt + kKeyChunk * RB;       // [kKeyChunk][RB]
   float* mats = dst + kKeyChunk * RB;     // [blocks][3][D][RB]: scaled Q^T, dO^T, dQ^T
   for (int64_t b = 0; b < blocks; ++b) {
-    transpose_rows<NI>(q + b * RB * D, D, scale * kLog2e, mats + b * 3 * D * RB);
-    transpose_rows<NI>(dout + b * RB * D, D, 1.0f, mats + (b * 3 + 1) * D * RB);
+    transpose_rows<NI>(rows.q + b * RB * D, D, scale * kLog2e, mats + b * 3 * D * RB);
+    transpose_rows<NI>(rows.dout + b * RB * D, D, 1.0f, mats + (b * 3 + 1) * D * RB);
     std::fill(mats + (b * 3 + 2) * D * RB, mats + (b * 3 + 3) * D * RB, 0.0f);
   }
   for (int64_t e = L.row_ptr[m]; e < L.row_ptr[m + 1]; ++e) {
@@ -493,52 +519,176 @@ void backward_tile(const float* q, const float* k, const float* v, const float* 
       for (int64_t lo = lo0; lo < hi0; lo += kKeyChunk) {
         const int64_t hi = std::min(lo + kKeyChunk, hi0), at = (key0 + lo) * D;
         const float* mb = mats + b * 3 * D * RB;
-        backward_chunk<NI>(L, e, lo, hi, b * NI, k + at, v + at, dk + at, dv + at, q + b * RB * D,
-                           dout + b * RB * D, lse2 + b * RB, delta + b * RB, D, scale, mb, mb + D * RB,
-                           mats + (b * 3 + 2) * D * RB, pt, dst);
+        backward_chunk<NI>(L, e, lo, hi, b * NI, k + at, v + at, dk + at, dv + at, rows.q + b * RB * D,
+                           rows.dout + b * RB * D, rows.lse2 + b * RB, rows.delta + b * RB, D, scale, mb,
+                           mb + D * RB, mats + (b * 3 + 2) * D * RB, pt, dst);
         ahead_q.step(8);
         ahead_do.step(8);
       }
     }
   }
-  for (int64_t b = 0; b < blocks; ++b) untranspose_rows<NI>(mats + (b * 3 + 2) * D * RB, D, nullptr, dq + b * RB * D);
+  bool ok = true;
+  for (int64_t b = 0; b < blocks; ++b) {
+    const float* dqt = mats + (b * 3 + 2) * D * RB;
+    ok &= all_finite(dqt, D * RB);
+    if (rows.stream) {
+      untranspose_rows<NI>(dqt, D, nullptr, rows.dq + b * RB * D);
+    } else {
+      for (int n = 0; n < NI; ++n)
+        for (int64_t d = 0; d < D; d += 16)
+          transpose16(dqt + d * RB + 16 * n, RB, _mm512_set1_ps(1.0f), rows.dq + (b * RB + 16 * n) * D + d, D);
+    }
+  }
+  return ok;
+}
+
+// Where the backward reads its inputs and writes its gradients. Plan position p of a (batch, head)
+// is source row q_rows[p] (k_rows[p] for keys; -1: a padding row of zeros); a null map is the identity
+// (then the source has exactly the plan's padded length). The row statistics come either as lse2 and
+// delta in plan order, or (out non-null) are computed here from out, lse and dlse (dlse may be null).
+struct BackwardIO {
+  const float *q, *k, *v, *dout;  // q, dout: [BH][Sq][D]; k, v: [BH][Sk][D]
+  const float *lse2, *delta;      // [BH][Lq] (plan order), when out is null
+  const float *out, *lse, *dlse;  // [BH][Sq][D], [BH][Sq], [BH][Sq] or null
+  const int32_t *q_rows, *k_rows; // [Lq], [Lk] or null
+  float *dq, *dk, *dv;            // dq [BH][Sq][D]; dk, dv [parts][BH][Sk][D]
+  int64_t Sq, Sk;
+};
+
+// lse2 and delta of one source row (its dO and O rows, lse, dlse).
+inline void row_stats(const float* dout, const float* out, float lse, float dlse, int64_t D, float* l2, float* dl) {
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t d = 0; d < D; d += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(dout + d), _mm512_loadu_ps(out + d), acc);
+  *dl = _mm512_reduce_add_ps(acc) - dlse;
+  *l2 = lse == -std::numeric_limits<float>::infinity() ? std::numeric_limits<float>::infinity() : lse * kLog2e;
+}
+
+// One query tile's rows (gathered through q_rows when there is a map) and statistics; `own` holds
+// [BM][D] Q, [BM][D] dO, [BM][D] dQ rows and [BM] lse2, [BM] delta for the tile.
+inline TileRows tile_rows(const BackwardIO& io, int64_t bh, int64_t Lq, int64_t D, int64_t BM, int64_t m, float* own) {
+  float *qo = own, *doo = own + BM * D, *dqo = own + 2 * BM * D, *l2 = own + 3 * BM * D, *dl = l2 + BM;
+  const int64_t base = bh * io.Sq;
+  if (!io.q_rows) {
+    const int64_t row = base + m * BM;
+    TileRows r{io.q + row * D, io.dout + row * D, nullptr, nullptr, io.dq + row * D, true};
+    if (!io.out) {
+      r.lse2 = io.lse2 + bh * Lq + m * BM;
+      r.delta = io.delta + bh * Lq + m * BM;
+      return r;
+    }
+    for (int64_t i = 0; i < BM; ++i)
+      row_stats(io.dout + (row + i) * D, io.out + (row + i) * D, io.lse[row + i], io.dlse ? io.dlse[row + i] : 0.0f,
+                D, l2 + i, dl + i);
+    r.lse2 = l2;
+    r.delta = dl;
+    return r;
+  }
+  for (int64_t i = 0; i < BM; ++i) {
+    const int32_t src = io.q_rows[m * BM + i];
+    if (src < 0) {
+      std::fill(qo + i * D, qo + (i + 1) * D, 0.0f);
+      std::fill(doo + i * D, doo + (i + 1) * D, 0.0f);
+      l2[i] = std::numeric_limits<float>::infinity();
+      dl[i] = 0.0f;
+      continue;
+    }
+    const int64_t row = base + src;
+    std::memcpy(qo + i * D, io.q + row * D, D * sizeof(float));
+    std::memcpy(doo + i * D, io.dout + row * D, D * sizeof(float));
+    if (io.out)
+      row_stats(io.dout + row * D, io.out + row * D, io.lse[row], io.dlse ? io.dlse[row] : 0.0f, D, l2 + i, dl + i);
+    else {
+      l2[i] = io.lse2[bh * Lq + m * BM + i];
+      dl[i] = io.delta[bh * Lq + m * BM + i];
+    }
+  }
+  return TileRows{qo, doo, l2, dl, dqo, false};
 }
 
 template <int NI>
-void backward_impl(const float* q, const float* k, const float* v, const float* dout, const float* lse2,
-                   const float* delta, float* dq, float* dk, float* dv, int64_t BH, int64_t Lq, int64_t Lk,
-                   int64_t D, const Lists& L, int64_t n_q_tiles, int64_t parts, float scale, int threads) {
+void backward_impl(const BackwardIO& io, int64_t BH, int64_t Lq, int64_t Lk, int64_t D, const Lists& L,
+                   int64_t n_q_tiles, int64_t parts, float scale, int threads, int* bad) {
   constexpr int RB = 16 * NI;
-  const int64_t items = BH * parts;
-#pragma omp parallel num_threads(threads)
+  const int64_t BM = L.BM, BN = L.BN, items = BH * parts;
+  int any_bad = 0;
+#pragma omp parallel num_threads(threads) reduction(| : any_bad)
   {
     const Flush flush;
-    Work work(2 * kKeyChunk * RB + 3 * L.BM * D);
+    Work work(2 * kKeyChunk * RB + 3 * BM * D + 3 * BM * D + 2 * BM);
+    float* own = work.base + 2 * kKeyChunk * RB + 3 * BM * D;
+    // With a key map: this (batch, head)'s K, V gathered into plan order and dK, dV accumulated
+    // there, scattered to the source rows at the end.
+    std::unique_ptr<float[]> keys(io.k_rows ? new float[4 * Lk * D] : nullptr);  // written before read
 #pragma omp for schedule(dynamic, 1)
     for (int64_t it = 0; it < items; ++it) {
       // Item (part, bh): query tiles part, part + parts, ...; its own dK/dV buffer when parts > 1.
       const int64_t part = it / BH, bh = it % BH;
-      float* dkb = dk + (part * BH + bh) * Lk * D;
-      float* dvb = dv + (part * BH + bh) * Lk * D;
-      std::vector<char> touched(Lk / L.BN, 0);
-      for (int64_t m = part; m < n_q_tiles; m += parts) {
-        const int64_t row = bh * Lq + m * L.BM;
-        Ahead ahead_q{nullptr, 0}, ahead_do{nullptr, 0};
-        if (m + parts < n_q_tiles) {
-          const int64_t next = (row + parts * L.BM) * D;
-          ahead_q = Ahead{(const char*)(q + next), L.BM * D / 16};
-          ahead_do = Ahead{(const char*)(dout + next), L.BM * D / 16};
+      float* dk_out = io.dk + (part * BH + bh) * io.Sk * D;
+      float* dv_out = io.dv + (part * BH + bh) * io.Sk * D;
+      const float *kb = io.k + bh * io.Sk * D, *vb = io.v + bh * io.Sk * D;
+      float *dkb = dk_out, *dvb = dv_out;
+      if (io.k_rows) {
+        float* kg = keys.get();
+        float* vg = kg + Lk * D;
+        dkb = vg + Lk * D;
+        dvb = dkb + Lk * D;
+        for (int64_t r = 0; r < Lk; ++r) {
+          const int32_t src = io.k_rows[r];
+          if (src < 0) {
+            std::fill(kg + r * D, kg + (r + 1) * D, 0.0f);
+            std::fill(vg + r * D, vg + (r + 1) * D, 0.0f);
+          } else {
+            std::memcpy(kg + r * D, kb + src * D, D * sizeof(float));
+            std::memcpy(vg + r * D, vb + src * D, D * sizeof(float));
+          }
         }
-        backward_tile<NI>(q + row * D, k + bh * Lk * D, v + bh * Lk * D, dout + row * D, lse2 + row, delta + row,
-                          dq + row * D, dkb, dvb, D, L, m, scale, work.base, ahead_q, ahead_do, touched.data());
+        kb = kg;
+        vb = vg;
       }
-      for (int64_t t = 0; t < Lk / L.BN; ++t) {
-        if (touched[t]) continue;
-        std::fill(dkb + t * L.BN * D, dkb + (t + 1) * L.BN * D, 0.0f);
-        std::fill(dvb + t * L.BN * D, dvb + (t + 1) * L.BN * D, 0.0f);
+      std::vector<char> touched(Lk / BN, 0);
+      for (int64_t m = part; m < n_q_tiles; m += parts) {
+        const TileRows rows = tile_rows(io, bh, Lq, D, BM, m, own);
+        Ahead ahead_q{nullptr, 0}, ahead_do{nullptr, 0};
+        if (!io.q_rows && m + parts < n_q_tiles) {
+          const int64_t next = (bh * io.Sq + (m + parts) * BM) * D;
+          ahead_q = Ahead{(const char*)(io.q + next), BM * D / 16};
+          ahead_do = Ahead{(const char*)(io.dout + next), BM * D / 16};
+        }
+        if (!backward_tile<NI>(kb, vb, dkb, dvb, D, L, m, scale, work.base, ahead_q, ahead_do, touched.data(), rows))
+          any_bad = 1;
+        if (io.q_rows)
+          for (int64_t i = 0; i < BM; ++i) {
+            const int32_t src = io.q_rows[m * BM + i];
+            if (src >= 0) std::memcpy(io.dq + (bh * io.Sq + src) * D, rows.dq + i * D, D * sizeof(float));
+          }
+      }
+      if (io.k_rows) {
+        for (int64_t r = 0; r < Lk; ++r) {
+          const int32_t src = io.k_rows[r];
+          if (src < 0) continue;
+          float *dko = dk_out + src * D, *dvo = dv_out + src * D;
+          if (!touched[r / BN]) {
+            std::fill(dko, dko + D, 0.0f);
+            std::fill(dvo, dvo + D, 0.0f);
+            continue;
+          }
+          std::memcpy(dko, dkb + r * D, D * sizeof(float));
+          std::memcpy(dvo, dvb + r * D, D * sizeof(float));
+          if (!all_finite(dko, D) || !all_finite(dvo, D)) any_bad = 1;
+        }
+        continue;
+      }
+      for (int64_t t = 0; t < Lk / BN; ++t) {
+        if (touched[t]) {
+          if (!all_finite(dkb + t * BN * D, BN * D) || !all_finite(dvb + t * BN * D, BN * D)) any_bad = 1;
+          continue;
+        }
+        std::fill(dkb + t * BN * D, dkb + (t + 1) * BN * D, 0.0f);
+        std::fill(dvb + t * BN * D, dvb + (t + 1) * BN * D, 0.0f);
       }
     }
   }
+  *bad = any_bad;
 }
 
 }  // namespace
@@ -565,21 +715,29 @@ int pdsl_forward(const float* q, const float* k, const float* v, float* o, float
   return 0;
 }
 
-// Backward: dq [BH, Lq, D] written for every row; dk, dv [parts, BH, Lk, D] written (each key
-// tile zeroed when first reached, then accumulated in place; Lk a multiple of BN). lse2 is
-// lse * log2(e) with +inf on rows with no allowed key; delta is rowsum(dO * O) - dlse.
+// Backward: dq [BH, Sq, D] written for every row; dk, dv [parts, BH, Sk, D] written (each key tile
+// zeroed when first reached, then accumulated in place; Lq, Lk whole tiles). Plan position p of a
+// (batch, head) reads source row q_rows[p] / k_rows[p] (-1: padding; null maps: the identity, Sq = Lq,
+// Sk = Lk). With out null the row statistics come as lse2 (lse * log2 e, +inf on rows with no allowed
+// key) and delta (rowsum(dO * O) - dlse), [BH, Lq] in plan order; otherwise they are computed from
+// out [BH, Sq, D], lse [BH, Sq] (natural log) and dlse [BH, Sq] (null: zero). *bad is set to 1 when
+// some gradient is NaN or infinite, else 0.
 int pdsl_backward(const float* q, const float* k, const float* v, const float* dout, const float* lse2,
-                  const float* delta, float* dq, float* dk, float* dv, int64_t BH, int64_t Lq, int64_t Lk, int64_t D,
-                  int64_t BM, int64_t BN, const int64_t* row_ptr, const int32_t* ent_k, const int32_t* ent_mask,
-                  const uint16_t* masks, int64_t n_q_tiles, int64_t parts, float scale, int64_t rows, int threads) {
-  if (D % 16 || BM % rows || rows % 16 || parts < 1) return 1;
+                  const float* delta, const float* out, const float* lse, const float* dlse, const int32_t* q_rows,
+                  const int32_t* k_rows, float* dq, float* dk, float* dv, int64_t BH, int64_t Lq, int64_t Lk,
+                  int64_t Sq, int64_t Sk, int64_t D, int64_t BM, int64_t BN, const int64_t* row_ptr,
+                  const int32_t* ent_k, const int32_t* ent_mask, const uint16_t* masks, int64_t n_q_tiles,
+                  int64_t parts, float scale, int64_t rows, int threads, int* bad) {
+  if (D % 16 || BM % rows || rows % 16 || parts < 1 || Lq != n_q_tiles * BM || Lk % BN) return 1;
+  if ((!q_rows && Sq != Lq) || (!k_rows && Sk != Lk) || (!out && !(lse2 && delta))) return 1;
   const Lists L{row_ptr, ent_k, ent_mask, masks, BM, BN};
+  const BackwardIO io{q, k, v, dout, lse2, delta, out, lse, dlse, q_rows, k_rows, dq, dk, dv, Sq, Sk};
   if (rows == 16)
-    backward_impl<1>(q, k, v, dout, lse2, delta, dq, dk, dv, BH, Lq, Lk, D, L, n_q_tiles, parts, scale, threads);
+    backward_impl<1>(io, BH, Lq, Lk, D, L, n_q_tiles, parts, scale, threads, bad);
   else if (rows == 32)
-    backward_impl<2>(q, k, v, dout, lse2, delta, dq, dk, dv, BH, Lq, Lk, D, L, n_q_tiles, parts, scale, threads);
+    backward_impl<2>(io, BH, Lq, Lk, D, L, n_q_tiles, parts, scale, threads, bad);
   else if (rows == 64)
-    backward_impl<4>(q, k, v, dout, lse2, delta, dq, dk, dv, BH, Lq, Lk, D, L, n_q_tiles, parts, scale, threads);
+    backward_impl<4>(io, BH, Lq, Lk, D, L, n_q_tiles, parts, scale, threads, bad);
   else
     return 2;
   return 0;
