@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import numpy as np
 
-#: Rectangles of fewer rows than this are counted row by row (two binary searches a row).
+#: Rectangles of fewer rows than this are counted row by row: a row's few points compared with
+#: the columns (up to :data:`_FEW` a row), else two binary searches a row.
 _SHORT = 4
+_FEW = 8
 
 
 class PointCounter:
@@ -36,7 +38,8 @@ class PointCounter:
         self.n_cols = n_cols
         values = np.ascontiguousarray(table, dtype=np.int64).reshape(-1)
         n = len(values)
-        #: ``row * n_cols + column`` of every point, sorted: a short rectangle is searched row by row
+        #: the table itself, and ``row * n_cols + column`` of every point, sorted: for short rectangles
+        self._table = values.reshape(self.rows, self.per_row)
         self._flat = np.repeat(np.arange(self.rows, dtype=np.int64) * n_cols, self.per_row) + values
         #: per level (top bit first): zeros among the first i values of that level, for i in 0..n
         self._zeros = np.empty((self.bits, n + 1), np.int64)
@@ -72,13 +75,17 @@ class PointCounter:
         hits = np.zeros(r0.shape, np.int64)
         tall = live & (r1 - r0 >= _SHORT)
         short = live & ~tall
-        r, a, b = r0[short], c0[short], c1[short]
+        r, e, a, b = r0[short], r1[short], c0[short], c1[short]
         found = np.zeros(len(r), np.int64)
-        for step in range(_SHORT):
-            row = r + step
-            base = row * self.n_cols
-            within = np.searchsorted(self._flat, base + b, "right") - np.searchsorted(self._flat, base + a)
-            found += np.where(row <= r1[short], within, 0)
+        for step in range(int((e - r).max()) + 1 if len(r) else 0):
+            row = np.minimum(r + step, e)
+            if self.per_row <= _FEW:
+                cols = self._table[row]
+                within = ((cols >= a[:, None]) & (cols <= b[:, None])).sum(1)
+            else:
+                base = row * self.n_cols
+                within = np.searchsorted(self._flat, base + b, "right") - np.searchsorted(self._flat, base + a)
+            found += np.where(r + step <= e, within, 0)
         hits[short] = found
         r, a, b = r0[tall], c0[tall], c1[tall]
         lo, hi = r * self.per_row, (r1[tall] + 1) * self.per_row

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import patterndsl
+from patterndsl.primitives import rectcount
 from patterndsl.primitives.rectcount import PointCounter
 from tests.unit.test_plan_hierarchy import tiny_levels  # noqa: F401  (fixture)
 from tests.unit.test_plan_property import check_plan
@@ -17,7 +18,9 @@ def _brute(table, r0, r1, c0, c1):
     return int(inside.sum())
 
 
-def test_counts_match_brute_force_short_and_tall_rectangles():
+@pytest.mark.parametrize("few", [0, 8])
+def test_counts_match_brute_force_short_and_tall_rectangles(few, monkeypatch):
+    monkeypatch.setattr(rectcount, "_FEW", few)  # short rectangles by binary search, or by comparison
     rng = np.random.default_rng(19)
     for _ in range(60):
         rows, per = int(rng.integers(0, 30)), int(rng.integers(0, 5))
