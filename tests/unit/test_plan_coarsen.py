@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import patterndsl
-from patterndsl import ir
+from patterndsl import analysis, ir
 from patterndsl.analysis import coarsen, reorder, tiles
 from patterndsl.analysis.plan import RunTiles
 from tests.unit.test_plan_hierarchy import tiny_levels  # noqa: F401  (fixture)
@@ -82,3 +82,19 @@ def test_a_million_tokens_of_causal_strided_plan_in_class_runs():
     assert plan.stats.tiles_partial == classes * per
     assert plan.stats.tiles_full == classes * per * (per - 1) // 2
     assert plan.stats.allowed_pairs == classes * (1 << 14) * ((1 << 14) + 1) // 2
+
+
+@pytest.mark.parametrize("src", ["causal & strided(8)", "causal & (blocks(8) | summary(8, 3))"])
+def test_parts_count_the_tiles_under_runs(src, tiny_levels):  # noqa: F811
+    # the split into parts prices an order by its tiles: those kept as runs count too
+    from patterndsl.analysis import parts, planner
+    from patterndsl.sizes import Sizes
+
+    pir = patterndsl.compile(f"pattern p {{ {src} }}").ir
+    for candidate in reorder.candidates([pir.default], None, 200, 200, (4, 4)):
+        cand = planner.plan_order(candidate, [(pir.default, [0])], Sizes(200, 200, None, 1), 4, 4)
+        assert any(g.layered is not None for g in cand.groups)
+        tiles = analysis.plan(pir, 200, 200, 1, block=(4, 4), orders=[candidate]).tiles()[0]
+        visited = tiles > 0
+        want = (int(visited.sum()), (int(visited.any(1).sum()), int(visited.any(0).sum())))
+        assert parts._visited(cand) == want
