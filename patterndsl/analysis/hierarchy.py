@@ -22,8 +22,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from patterndsl import ir, primitives
+from patterndsl.analysis import coarsen, tiles
 from patterndsl.analysis import engine as eng
-from patterndsl.analysis import tiles
 
 #: Tiles of the first (coarsest) level.
 TOP_TILES = 1 << 12
@@ -32,6 +32,9 @@ FLAT_TILES = 1 << 16
 #: The levels are used when at least one in this many non-empty tiles of the first level is full
 #: (0: always).
 PAYS = 4
+#: Outside the identity order, the first level with at least this many non-empty tiles (or the
+#: last one) is the one tested.
+PAYS_TILES = 256
 
 
 @dataclass(frozen=True)
@@ -66,18 +69,20 @@ def levels(nqb: int, nkb: int) -> int:
     return lvl
 
 
-def usable(node: ir.Node, qside: tiles.Side, kside: tiles.Side, layout) -> bool:
-    """Whether :func:`classify` applies: a static node, 1-D positions in identity order, many tiles."""
+def usable(node: ir.Node, qside: tiles.Side, kside: tiles.Side, layout, reordered: bool = False) -> bool:
+    """Whether :func:`classify` applies: a static node, 1-D positions in identity order (or any order
+    with ``reordered``: :mod:`~patterndsl.analysis.coarsen`), many tiles."""
     return (
         layout is None
-        and qside.identity
-        and kside.identity
+        and ((qside.identity and kside.identity) or reordered)
         and not ir.is_dynamic(node)
         and levels(qside.n_tiles, kside.n_tiles) > 0
     )
 
 
 def _coarse_side(fine: tiles.Side, factor: int) -> tiles.Side:
+    if not fine.identity:
+        return coarsen.coarse_side(fine, factor)
     segs = tiles.identity_segments(fine.length, fine.offset, fine.extents)
     return tiles.build_side(segs, fine.length, fine.block * factor, fine.offset, fine.extents, True)
 
@@ -100,6 +105,8 @@ def classify(engine: eng.Engine, node: ir.Node) -> Layered | None:
     runs = {True: ([], [], []), False: ([], [], [])}  # full, partial
     partial_allowed = 0
     decide = engine.node_decide(node)
+    identity = engine.q.identity and engine.k.identity
+    test = True
     for lvl in range(top, 0, -1):
         f = 1 << lvl
         qs, ks = _coarse_side(engine.q, f), _coarse_side(engine.k, f)
@@ -108,11 +115,17 @@ def classify(engine: eng.Engine, node: ir.Node) -> Layered | None:
         nkc = ks.n_tiles
         cm, cn = keys // nkc, keys % nkc
         full = state == eng.FULL
-        uniform, allowed = _columns(engine, node, decide, cm[~full], cn[~full], f)
         partial = np.zeros(len(full), bool)
-        partial[np.flatnonzero(~full)[uniform]] = True
-        if lvl == top and PAYS and int(full.sum() + partial.sum()) * PAYS < len(full):
-            return None  # few whole regions: the levels would classify about every tile several times
+        allowed = 0
+        if identity:  # key columns and periodic regions are found on position ranges
+            uniform, allowed = _columns(engine, node, decide, cm[~full], cn[~full], f)
+            partial[np.flatnonzero(~full)[uniform]] = True
+        if test and (identity or len(full) >= PAYS_TILES or lvl == 1):
+            # in another order the first level may be a few class pairs, all undecided: the test
+            # waits for a level with enough tiles to tell
+            test = False
+            if PAYS and int(full.sum() + partial.sum()) * PAYS < len(full):
+                return None  # few whole regions: the levels would classify about every tile several times
         partial_allowed += allowed
         for kind, sel in ((True, full), (False, partial)):
             # A coarse run covers the same key range in each of its fine rows.

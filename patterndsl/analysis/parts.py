@@ -212,6 +212,24 @@ def _grid(sizes: Sizes, shape: tuple[int, int]) -> int:
     return -(-sizes.q_len // shape[0]) * -(-sizes.kv_len // shape[1])
 
 
+def _visited(cand) -> tuple[int, tuple[int, int]]:
+    """Tiles a planned order visits (listed, and under the coarse levels' runs) and their distinct rows and columns."""
+    nqb, nkb = cand.qside.n_tiles, cand.kside.n_tiles
+    rows, cols, edges = np.zeros(nqb, np.int64), np.zeros(nkb, np.int64), np.zeros(nkb + 1, np.int64)
+    n_tiles = 0
+    for g in cand.groups:
+        # distinct tile rows and columns by counting (linear), not by sorting every key
+        rows += np.bincount(g.keys // nkb, minlength=nqb)
+        cols += np.bincount(g.keys % nkb, minlength=nkb)
+        n_tiles += len(g.keys) + g.runs_tiles(True) + g.runs_tiles(False)
+        lay = g.layered
+        for m, lo, hi in () if lay is None else ((lay.row, lay.lo, lay.hi), lay.partial):
+            rows += np.bincount(m, minlength=nqb)
+            edges += np.bincount(lo, minlength=nkb + 1) - np.bincount(hi, minlength=nkb + 1)
+    cols += np.cumsum(edges)[:nkb]  # a run covers the columns its edges enclose
+    return n_tiles, (int(np.count_nonzero(rows)), int(np.count_nonzero(cols)))
+
+
 def _shapes(term: ir.Node, block: tuple[int, int], thin: int, spread: tuple[int, int]) -> list[tuple[int, int]]:
     """Tile shapes worth trying besides ``block``: thin ones when the term's tiles at ``block`` lie in at
     most two tile rows (``spread[0]``) or columns (``spread[1]``), and ``random``'s own block."""
@@ -343,15 +361,8 @@ class _Search:
             cand = None  # beyond what a plan lists at this shape: not a candidate
         found = None
         if cand is not None:
-            keys = np.concatenate([g.keys for g in cand.groups])
-            nkb = cand.kside.n_tiles
-            nqb = cand.qside.n_tiles
-            # distinct tile rows and columns by counting (linear), not by sorting every key
-            spread = (
-                int(np.count_nonzero(np.bincount(keys // nkb, minlength=nqb))),
-                int(np.count_nonzero(np.bincount(keys % nkb, minlength=nkb))),
-            )
-            found = _Cost(cand.work + (self.opts.tile_pairs + area) * len(keys) * len(heads), cand.work, spread)
+            n_tiles, spread = _visited(cand)
+            found = _Cost(cand.work + (self.opts.tile_pairs + area) * n_tiles * len(heads), cand.work, spread)
         self._memo[key] = (bound, found)
         return found
 

@@ -325,7 +325,7 @@ def _plan_order(desc, qsegs, ksegs, identity, groups, sizes: Sizes, bm, bn, boun
                     keys, state = routed.keys, routed.state
             else:
                 routed = None
-                if hierarchy.usable(rewritten, qside, kside, sizes.layout):
+                if hierarchy.usable(rewritten, qside, kside, sizes.layout, reordered=True):
                     layered = hierarchy.classify(engine, rewritten)
                 if layered is None:
                     keys, state = engine.run(rewritten)

@@ -15,6 +15,7 @@ import torch
 
 from patterndsl import semantics as sem
 from patterndsl.primitives.common import fdiv, param, require
+from patterndsl.primitives.rectcount import PointCounter
 from patterndsl.primitives.registry import Primitive, register
 
 # --------------------------------------------------------------------------- blocks(size)
@@ -97,19 +98,13 @@ def _random_meaning(prim, q, k, h, ctx, selection) -> torch.Tensor:
 
 def _random_classify(prim, qp, kp, env):
     size = prim.arg("block")
-    table = random_pairs(prim, env)
-    nkb = -(-env.kv_len // size)
+    counter = _drawn_counter(prim.arg("seed"), prim.arg("blocks"), size, env.q_len, env.kv_len)
     qb_lo = env.offset // size
     ok = qp.isap & kp.isap & ((qp.fn == 1) | (qp.fs == 1)) & ((kp.fn == 1) | (kp.fs == 1))
     qb0, qb1 = fdiv(qp.fmin, size), fdiv(qp.fmax, size)
     kb0, kb1 = fdiv(kp.fmin, size), fdiv(kp.fmax, size)
-    hits = np.zeros(len(qb0), dtype=np.int64)
-    span = int((qb1 - qb0).max()) + 1 if len(qb0) else 0
-    for o in range(span):
-        row = qb0 + o
-        live = row <= qb1
-        base = (row - qb_lo) * nkb
-        hits += np.where(live, np.searchsorted(table, base + kb1, "right") - np.searchsorted(table, base + kb0), 0)
+    qb0, qb1, kb0, kb1 = np.broadcast_arrays(qb0, qb1, kb0, kb1)
+    hits = counter.count(qb0 - qb_lo, qb1 - qb_lo, kb0, kb1)
     want = (qb1 - qb0 + 1) * (kb1 - kb0 + 1)
     return (hits > 0) | ~ok, (hits == want) & ok, ok
 
@@ -130,6 +125,15 @@ def _drawn_pairs(seed: int, count: int, size: int, q_len: int, kv_len: int) -> n
     pairs = np.sort((rows * nkb + tab).reshape(-1))
     pairs.flags.writeable = False
     return pairs
+
+
+@functools.lru_cache(maxsize=16)
+def _drawn_counter(seed: int, count: int, size: int, q_len: int, kv_len: int) -> PointCounter:
+    # The drawn blocks as points (query block - first, key block), counted in the tiles' rectangles.
+    nkb = -(-kv_len // size)
+    pairs = _drawn_pairs(seed, count, size, q_len, kv_len)
+    rows = (kv_len - 1) // size + 1 - (kv_len - q_len) // size
+    return PointCounter((pairs % nkb).reshape(rows, max(0, min(count, nkb))), nkb)
 
 
 def _random_candidates(engine, prim) -> np.ndarray | None:
