@@ -48,9 +48,10 @@ inline __m512 exp2_ps(__m512 x) {
   return _mm512_scalef_ps(p, x);  // p * 2^floor(x)
 }
 
-// S[j][i] (+)= sum_d A[j][d] * Bt[d][i] for MJ rows j of A (row stride D) and RB = 16*NI columns i.
+// S[j][i] (+)= sum_d A[j][d] * Bt[d][i] for MJ rows j of A (row stride D) and 16*NI columns i (row
+// stride RS of Bt and S: RS > 16*NI runs some of the 16-row groups of a wider register block).
 // pf: rows that the caller reads next (the same MJ rows of V), prefetched one line per d step.
-template <int NI, int MJ>
+template <int NI, int MJ, int RS = 16 * NI>
 inline void rows_times_t(const float* a, int64_t D, const float* bt, float* s, const float* pf) {
   __m512 acc[MJ][NI];
 #pragma GCC unroll 32
@@ -62,7 +63,7 @@ inline void rows_times_t(const float* a, int64_t D, const float* bt, float* s, c
     if (d < lines) _mm_prefetch((const char*)(pf + d * 16), _MM_HINT_T0);
     __m512 b[NI];
 #pragma GCC unroll 8
-    for (int n = 0; n < NI; ++n) b[n] = _mm512_loadu_ps(bt + d * 16 * NI + 16 * n);
+    for (int n = 0; n < NI; ++n) b[n] = _mm512_loadu_ps(bt + d * RS + 16 * n);
 #pragma GCC unroll 32
     for (int j = 0; j < MJ; ++j) {
       const __m512 x = _mm512_set1_ps(a[j * D + d]);
@@ -73,21 +74,21 @@ inline void rows_times_t(const float* a, int64_t D, const float* bt, float* s, c
 #pragma GCC unroll 32
   for (int j = 0; j < MJ; ++j)
 #pragma GCC unroll 8
-    for (int n = 0; n < NI; ++n) _mm512_storeu_ps(s + j * 16 * NI + 16 * n, acc[j][n]);
+    for (int n = 0; n < NI; ++n) _mm512_storeu_ps(s + j * RS + 16 * n, acc[j][n]);
 }
 
-template <int NI, int MJ>
+template <int NI, int MJ, int RS = 16 * NI>
 void scores_t(const float* a, int64_t nj, int64_t D, const float* bt, float* s, const float* pf = nullptr) {
   int64_t j = 0;
-  for (; j + MJ <= nj; j += MJ) rows_times_t<NI, MJ>(a + j * D, D, bt, s + j * 16 * NI, pf ? pf + j * D : nullptr);
+  for (; j + MJ <= nj; j += MJ) rows_times_t<NI, MJ, RS>(a + j * D, D, bt, s + j * RS, pf ? pf + j * D : nullptr);
   const int64_t r = nj - j;
   a += j * D;
-  s += j * 16 * NI;
+  s += j * RS;
   if (pf) pf += j * D;
   switch (r) {
 #define PDSL_CASE(R) \
   case R:            \
-    if constexpr (R < MJ) rows_times_t<NI, R>(a, D, bt, s, pf); \
+    if constexpr (R < MJ) rows_times_t<NI, R, RS>(a, D, bt, s, pf); \
     break;
     PDSL_CASE(1) PDSL_CASE(2) PDSL_CASE(3) PDSL_CASE(4) PDSL_CASE(5) PDSL_CASE(6) PDSL_CASE(7) PDSL_CASE(8)
     PDSL_CASE(9) PDSL_CASE(10) PDSL_CASE(11) PDSL_CASE(12) PDSL_CASE(13) PDSL_CASE(14) PDSL_CASE(15)
@@ -99,21 +100,22 @@ void scores_t(const float* a, int64_t nj, int64_t D, const float* bt, float* s, 
   }
 }
 
-// Ot[d][i] = alpha[i] * Ot[d][i] + sum_j W[j][d] * Pt[j][i] for MD dims d (from d0), RB columns i.
-template <int NI, int MD>
+// Ot[d][i] = alpha[i] * Ot[d][i] + sum_j W[j][d] * Pt[j][i] for MD dims d (from d0), 16*NI columns i
+// (row stride RS of Ot and Pt).
+template <int NI, int MD, int RS = 16 * NI>
 inline void accumulate_t(const float* w, int64_t nj, int64_t D, const float* pt, float* ot, const __m512* alpha) {
   __m512 acc[MD][NI];
 #pragma GCC unroll 32
   for (int d = 0; d < MD; ++d)
 #pragma GCC unroll 8
     for (int n = 0; n < NI; ++n) {
-      acc[d][n] = _mm512_loadu_ps(ot + d * 16 * NI + 16 * n);
+      acc[d][n] = _mm512_loadu_ps(ot + d * RS + 16 * n);
       if (alpha) acc[d][n] = _mm512_mul_ps(acc[d][n], alpha[n]);
     }
   for (int64_t j = 0; j < nj; ++j) {
     __m512 p[NI];
 #pragma GCC unroll 8
-    for (int n = 0; n < NI; ++n) p[n] = _mm512_loadu_ps(pt + j * 16 * NI + 16 * n);
+    for (int n = 0; n < NI; ++n) p[n] = _mm512_loadu_ps(pt + j * RS + 16 * n);
 #pragma GCC unroll 32
     for (int d = 0; d < MD; ++d) {
       const __m512 x = _mm512_set1_ps(w[j * D + d]);
@@ -124,15 +126,15 @@ inline void accumulate_t(const float* w, int64_t nj, int64_t D, const float* pt,
 #pragma GCC unroll 32
   for (int d = 0; d < MD; ++d)
 #pragma GCC unroll 8
-    for (int n = 0; n < NI; ++n) _mm512_storeu_ps(ot + d * 16 * NI + 16 * n, acc[d][n]);
+    for (int n = 0; n < NI; ++n) _mm512_storeu_ps(ot + d * RS + 16 * n, acc[d][n]);
 }
 
-template <int NI>
+template <int NI, int RS = 16 * NI>
 void product_t(const float* w, int64_t nj, int64_t D, const float* pt, float* ot, const __m512* alpha) {
   constexpr int MD = NI == 1 ? 16 : (NI == 2 ? 8 : 4);
   int64_t d = 0;
-  for (; d + MD <= D; d += MD) accumulate_t<NI, MD>(w + d, nj, D, pt, ot + d * 16 * NI, alpha);
-  for (; d < D; ++d) accumulate_t<NI, 1>(w + d, nj, D, pt, ot + d * 16 * NI, alpha);
+  for (; d + MD <= D; d += MD) accumulate_t<NI, MD, RS>(w + d, nj, D, pt, ot + d * RS, alpha);
+  for (; d < D; ++d) accumulate_t<NI, 1, RS>(w + d, nj, D, pt, ot + d * RS, alpha);
 }
 
 // dst[j][d] += sum_i Pt[j][i] * X[i][d] for MJ rows j, 16*ND dims (from d0), RB rows i of X.
@@ -299,35 +301,53 @@ std::vector<int64_t> tile_order(const int64_t* row_ptr, int64_t n) {
   return order;
 }
 
-// One chunk of keys [lo, hi) of entry e for one register block (first 16-row group g0): scores,
-// online softmax update of the block's statistics (mxs, sums: RB floats each) and O^T += V^T P^T.
-template <int NI>
+// Keys [lo, hi) of each 16-row group of each mask: spans[(mask * groups + g) * 2 + {0, 1}] (lo >= hi:
+// the group sees no key of a tile with that mask). Masks are shared by many tiles (a band has two),
+// so their edges are found once per call rather than per tile and head.
+std::vector<int32_t> mask_spans(const Lists& L, int64_t entries) {
+  int64_t count = 0;
+  for (int64_t e = 0; e < entries; ++e) count = std::max<int64_t>(count, (int64_t)L.ent_mask[e] + 1);
+  const int64_t groups = L.BM / 16;
+  std::vector<int32_t> spans(count * groups * 2);
+  for (int64_t mk = 0; mk < count; ++mk)
+    for (int64_t g = 0; g < groups; ++g) {
+      const uint16_t* w = L.masks + mk * L.BN * groups + g;
+      int64_t a = 0, b = L.BN;
+      while (a < b && !w[a * groups]) ++a;
+      while (b > a && !w[(b - 1) * groups]) --b;
+      spans[(mk * groups + g) * 2] = (int32_t)a;
+      spans[(mk * groups + g) * 2 + 1] = (int32_t)b;
+    }
+  return spans;
+}
+
+// One chunk of keys [lo, hi) of entry e for NA 16-row groups of a register block, the first being
+// group g0 of the query tile: scores, online softmax update of the groups' statistics (mxs, sums:
+// 16 * NA floats each) and O^T += V^T P^T. The block's transposed buffers (qt, st, ot) have row
+// stride RS (16 rows per group of the block); every pointer points at the first of the NA groups.
+template <int NA, int RS>
 void forward_chunk(const Lists& L, int64_t e, int64_t lo, int64_t hi, int64_t g0, const float* kb, const float* vb,
                    int64_t D, const float* qt, float* st, float* ot, float* mxs, float* sums) {
-  constexpr int RB = 16 * NI;
   const int64_t nj = hi - lo;
   const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
   const __m512 floor = _mm512_set1_ps(-std::numeric_limits<float>::max());
   // V's rows are read only after the scores: fetched while the scores are computed.
-  scores_t<NI, NI == 1 ? 24 : (NI == 2 ? 12 : 6)>(kb, nj, D, qt, st, vb);
+  scores_t<NA, NA == 1 ? 24 : (NA == 2 ? 12 : (NA == 3 ? 8 : 6)), RS>(kb, nj, D, qt, st, vb);
   const bool partial = L.ent_mask[e] >= 0;
-  __m512 mx[NI], cm[NI];
-  for (int n = 0; n < NI; ++n) cm[n] = mx[n] = _mm512_loadu_ps(mxs + 16 * n);
+  __m512 mx[NA], cm[NA];
+  for (int n = 0; n < NA; ++n) cm[n] = mx[n] = _mm512_loadu_ps(mxs + 16 * n);
+  // Blocked pairs are left out of the max here and selected out after exp2 (whatever they hold).
   if (partial) {
     for (int64_t j = 0; j < nj; ++j)
-      for (int n = 0; n < NI; ++n) {
-        float* s = st + j * RB + 16 * n;
-        const __m512 x = _mm512_mask_blend_ps(allowed_bits(L, e, lo + j, g0 + n), ninf, _mm512_loadu_ps(s));
-        _mm512_storeu_ps(s, x);
-        cm[n] = _mm512_max_ps(cm[n], x);
-      }
+      for (int n = 0; n < NA; ++n)
+        cm[n] = _mm512_mask_max_ps(cm[n], allowed_bits(L, e, lo + j, g0 + n), cm[n], _mm512_loadu_ps(st + j * RS + 16 * n));
   } else {
     for (int64_t j = 0; j < nj; ++j)
-      for (int n = 0; n < NI; ++n) cm[n] = _mm512_max_ps(cm[n], _mm512_loadu_ps(st + j * RB + 16 * n));
+      for (int n = 0; n < NA; ++n) cm[n] = _mm512_max_ps(cm[n], _mm512_loadu_ps(st + j * RS + 16 * n));
   }
-  __m512 alpha[NI], use[NI];
+  __m512 alpha[NA], use[NA];
   bool rescale = false;
-  for (int n = 0; n < NI; ++n) {
+  for (int n = 0; n < NA; ++n) {
     const __mmask16 none = _mm512_cmp_ps_mask(cm[n], ninf, _CMP_EQ_OQ);
     use[n] = _mm512_mask_blend_ps(none, cm[n], _mm512_setzero_ps());
     // exp2(old max - new max); rows with no key so far (old max -inf) hold nothing: 0.
@@ -336,19 +356,91 @@ void forward_chunk(const Lists& L, int64_t e, int64_t lo, int64_t hi, int64_t g0
     rescale |= _mm512_cmp_ps_mask(mx[n], cm[n], _CMP_NEQ_UQ) != 0;
     _mm512_storeu_ps(mxs + 16 * n, cm[n]);
   }
-  __m512 add[NI];
-  for (int n = 0; n < NI; ++n) add[n] = _mm512_setzero_ps();
+  __m512 add[NA];
+  for (int n = 0; n < NA; ++n) add[n] = _mm512_setzero_ps();
   for (int64_t j = 0; j < nj; ++j)
-    for (int n = 0; n < NI; ++n) {
-      float* s = st + j * RB + 16 * n;
+    for (int n = 0; n < NA; ++n) {
+      float* s = st + j * RS + 16 * n;
       __m512 p = exp2_ps(_mm512_max_ps(floor, _mm512_sub_ps(_mm512_loadu_ps(s), use[n])));
       if (partial) p = _mm512_maskz_mov_ps(allowed_bits(L, e, lo + j, g0 + n), p);
       _mm512_storeu_ps(s, p);
       add[n] = _mm512_add_ps(add[n], p);
     }
-  for (int n = 0; n < NI; ++n)
+  for (int n = 0; n < NA; ++n)
     _mm512_storeu_ps(sums + 16 * n, _mm512_fmadd_ps(_mm512_loadu_ps(sums + 16 * n), alpha[n], add[n]));
-  product_t<NI>(vb, nj, D, st, ot, rescale ? alpha : nullptr);
+  product_t<NA, RS>(vb, nj, D, st, ot, rescale ? alpha : nullptr);
+}
+
+// Keys [x, y) of entry e (whose first key row is kb, vb) for groups n0 .. n0+na-1 of register block b,
+// in chunks whose K/V rows and score block stay in L1 with the block's rows. mats, stats: the
+// block's Q^T, O^T and statistics as forward_tile lays them out.
+template <int NI>
+void forward_piece(const Lists& L, int64_t e, int64_t x, int64_t y, int64_t b, int n0, int na, const float* kb,
+                   const float* vb, int64_t D, float* mats, float* st, float* stats, Ahead& ahead) {
+  constexpr int RB = 16 * NI;
+  const float* qt = mats + b * 2 * D * RB + 16 * n0;
+  float* ot = mats + (b * 2 + 1) * D * RB + 16 * n0;
+  float* mxs = stats + b * 2 * RB + 16 * n0;
+  float* sums = mxs + RB;
+  const int64_t g0 = b * NI + n0;
+  for (int64_t lo = x; lo < y; lo += kKeyChunk) {
+    const int64_t hi = std::min(lo + kKeyChunk, y);
+    const float *kc = kb + lo * D, *vc = vb + lo * D;
+    float* sc = st + 16 * n0;
+    if (na == NI) {
+      forward_chunk<NI, RB>(L, e, lo, hi, g0, kc, vc, D, qt, sc, ot, mxs, sums);
+    } else if (na == 1) {
+      forward_chunk<1, RB>(L, e, lo, hi, g0, kc, vc, D, qt, sc, ot, mxs, sums);
+    } else if constexpr (NI == 4) {
+      if (na == 2)
+        forward_chunk<2, RB>(L, e, lo, hi, g0, kc, vc, D, qt, sc, ot, mxs, sums);
+      else
+        forward_chunk<3, RB>(L, e, lo, hi, g0, kc, vc, D, qt, sc, ot, mxs, sums);
+    }
+    ahead.step(16);
+  }
+}
+
+// The keys of entry e that block b's groups see ([lo[n], hi[n]) for group n), as pieces on which the
+// same groups are active: a band's edge tiles run 16-row groups over only the keys they see, not
+// the whole block over the union. Groups inside a piece's span that see none of its keys (holes)
+// are computed and selected out, as before.
+template <int NI>
+void forward_entry(const Lists& L, int64_t e, const int64_t* lo, const int64_t* hi, int64_t b, const float* kb,
+                   const float* vb, int64_t D, float* mats, float* st, float* stats, Ahead& ahead) {
+  int64_t cuts[2 * NI];
+  int c = 0;
+  for (int n = 0; n < NI; ++n)
+    if (lo[n] < hi[n]) {
+      cuts[c++] = lo[n];
+      cuts[c++] = hi[n];
+    }
+  std::sort(cuts, cuts + c);
+  c = (int)(std::unique(cuts, cuts + c) - cuts);
+  int64_t px = 0, py = 0;  // pending piece [px, py) over groups pn0 .. pn0+pna-1
+  int pn0 = 0, pna = 0;
+  for (int i = 0; i + 1 < c; ++i) {
+    const int64_t x = cuts[i], y = cuts[i + 1];
+    int n0 = NI, n1 = -1;
+    for (int n = 0; n < NI; ++n)
+      if (lo[n] <= x && y <= hi[n]) {
+        n0 = std::min(n0, n);
+        n1 = n;
+      }
+    const int na = n1 - n0 + 1;
+    if (pna && (na <= 0 || n0 != pn0 || na != pna || px == py || py != x)) {
+      forward_piece<NI>(L, e, px, py, b, pn0, pna, kb, vb, D, mats, st, stats, ahead);
+      pna = 0;
+    }
+    if (na <= 0) continue;
+    if (!pna) {
+      px = x;
+      pn0 = n0;
+      pna = na;
+    }
+    py = y;
+  }
+  if (pna) forward_piece<NI>(L, e, px, py, b, pn0, pna, kb, vb, D, mats, st, stats, ahead);
 }
 
 // Denormal results and operands read as zero while the kernel runs on this thread (a weight below
@@ -373,9 +465,10 @@ struct Work {
 
 // One query tile m of one (batch, head): every register block walks the tile's key tiles, a key
 // tile at a time for all blocks, so a key tile's K/V rows are read from memory once per query tile.
+// spans: mask_spans of the call.
 template <int NI>
 void forward_tile(const float* q, const float* k, const float* v, float* o, float* lse, int64_t D, const Lists& L,
-                  int64_t m, float scale2, float* w, Ahead ahead) {
+                  const int32_t* spans, int64_t m, float scale2, float* w, Ahead ahead) {
   constexpr int RB = 16 * NI;
   const int64_t blocks = L.BM / RB;
   float* stats = w;                      // [blocks][2][RB]: running max, running sum
@@ -388,17 +481,15 @@ void forward_tile(const float* q, const float* k, const float* v, float* o, floa
     std::fill(stats + b * 2 * RB + RB, stats + (b + 1) * 2 * RB, 0.0f);
   }
   for (int64_t e = L.row_ptr[m]; e < L.row_ptr[m + 1]; ++e) {
-    const int64_t key0 = (int64_t)L.ent_k[e] * L.BN;
+    const int64_t key0 = (int64_t)L.ent_k[e] * L.BN, mk = L.ent_mask[e];
     for (int64_t b = 0; b < blocks; ++b) {
-      int64_t lo0, hi0;
-      key_range<NI>(L, e, b * NI, &lo0, &hi0);
-      // Keys in chunks whose K/V rows and score block stay in L1 with the register block's rows.
-      for (int64_t lo = lo0; lo < hi0; lo += kKeyChunk) {
-        const int64_t hi = std::min(lo + kKeyChunk, hi0);
-        forward_chunk<NI>(L, e, lo, hi, b * NI, k + (key0 + lo) * D, v + (key0 + lo) * D, D, mats + b * 2 * D * RB,
-                          st, mats + (b * 2 + 1) * D * RB, stats + b * 2 * RB, stats + b * 2 * RB + RB);
-        ahead.step(16);
+      int64_t lo[NI], hi[NI];
+      for (int n = 0; n < NI; ++n) {
+        const int32_t* sp = spans + (mk * (L.BM / 16) + b * NI + n) * 2;
+        lo[n] = mk < 0 ? 0 : sp[0];
+        hi[n] = mk < 0 ? L.BN : sp[1];
       }
+      forward_entry<NI>(L, e, lo, hi, b, k + key0 * D, v + key0 * D, D, mats, st, stats, ahead);
     }
   }
   for (int64_t b = 0; b < blocks; ++b) {
@@ -432,6 +523,7 @@ void forward_impl(const float* q, const float* k, const float* v, float* o, floa
   const std::vector<int64_t> order = tile_order(L.row_ptr, n_q_tiles);
   const int64_t items = BH * n_q_tiles;
   const float scale2 = scale * kLog2e;
+  const std::vector<int32_t> spans = mask_spans(L, L.row_ptr[n_q_tiles]);
   prefer_huge_pages(o, (size_t)(BH * Lq * D) * sizeof(float));
 #pragma omp parallel num_threads(threads)
   {
@@ -447,8 +539,8 @@ void forward_impl(const float* q, const float* k, const float* v, float* o, floa
         const int64_t next = (it + 1) % BH * Lq + order[(it + 1) / BH] * L.BM;
         ahead = Ahead{(const char*)(q + next * D), L.BM * D / 16};
       }
-      forward_tile<NI>(q + row * D, k + bh * Lk * D, v + bh * Lk * D, o + row * D, lse + row, D, L, m, scale2,
-                       work.base, ahead);
+      forward_tile<NI>(q + row * D, k + bh * Lk * D, v + bh * Lk * D, o + row * D, lse + row, D, L, spans.data(), m,
+                       scale2, work.base, ahead);
     }
   }
 }
