@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import random
+import sys
 
 import pytest
 import torch
@@ -19,7 +20,7 @@ import torch
 import patterndsl
 from patterndsl import analysis, semantics
 from patterndsl.runtime import cpu
-from patterndsl.runtime.cpu import native
+from patterndsl.runtime.cpu import native, views
 from patterndsl.runtime.cpu.native import build
 from patterndsl.runtime.cpu.views import from_tiles, inverses, to_tiles
 from tests.reference import reference_attention
@@ -420,3 +421,29 @@ def test_forward_register_blocks_of_every_height_match_float64_on_random_bands(r
     rng = random.Random(9300 + rows)
     for _ in range(6):
         _forward_rows_case(rng, rows)
+
+
+def test_native_lse_vouches_for_the_output_and_non_finite_values_still_rerun_selecting(monkeypatch):
+    forward_module = sys.modules[cpu.forward.__module__]
+    checks = []
+    monkeypatch.setattr(forward_module, "finite", lambda *t: checks.append(len(t)) or views.finite(*t))
+    pattern = _compile("causal & window(7)")
+    plan = pattern.plan(64, 64, 2, block=(32, 16))
+    q, k, v, _ = _inputs(1, 2, 2, 64, 64, 16, seed=11)
+    cpu.forward(q, k, v, plan, 0.25)
+    assert checks == []  # finite: no pass over the output
+    # Rows 20..27 of head 1 read value 20 (allowed pairs only: their lse stays finite), head 0's key 40
+    # is Inf (rows 40..47), and a NaN value at key 50 of head 0 only meets blocked pairs of rows 32..49.
+    v[0, 1, 20, 3], k[0, 0, 40, 0], v[0, 0, 50, 5] = float("nan"), float("inf"), float("nan")
+    (sched,) = cpu.schedules(plan)
+    op, lp = torch.empty(1, 2, 64, 16), torch.empty(1, 2, 64)
+    native.forward(native.program(sched, plan.n_q_tiles, plan.block), q, k, v, op, lp, 0.25)
+    bad = ~torch.isfinite(op).all(-1)
+    assert torch.equal(torch.isnan(lp), bad) and bool(bad[0, 1, 20:28].all()) and int(bad.sum()) > 8
+    ours = cpu.forward(q, k, v, plan, 0.25)
+    with cpu.options(native=False):
+        theirs = cpu.forward(q, k, v, plan, 0.25)
+    for x, y in zip(ours, theirs, strict=True):
+        assert torch.equal(torch.isfinite(x), torch.isfinite(y))
+        assert float((x[torch.isfinite(y)] - y[torch.isfinite(y)]).abs().max()) < 1e-5
+    assert not bool(torch.isfinite(ours[0][0, 1, 20:28, 3]).any()) and bool(torch.isfinite(ours[0][0, 1, 28:]).all())

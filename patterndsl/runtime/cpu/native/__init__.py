@@ -121,6 +121,9 @@ def _ptr(x: torch.Tensor) -> int:
 def forward(prog: Program, qp, kp, vp, op, lp, scale: float, rows: int | None = None) -> None:
     """One unit's forward: ``op [B, h, Lq_pad, D]`` and ``lp [B, h, Lq_pad]`` written for every query tile.
 
+    A row whose output is not finite (a NaN or Inf in a key or value it reads, or in a blocked
+    pair's value: ``0 * NaN``) gets a NaN in ``lp``: a NaN-free ``lp`` vouches for a finite ``op``.
+
     Args:
         prog: the unit's :class:`Program`; qp, kp, vp: its tensors in tiles (float32, contiguous);
         op, lp: float32 contiguous outputs; scale: the softmax scale; rows: query rows of a

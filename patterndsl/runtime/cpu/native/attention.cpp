@@ -495,13 +495,21 @@ void forward_tile(const float* q, const float* k, const float* v, float* o, floa
   for (int64_t b = 0; b < blocks; ++b) {
     const float* mv = stats + b * 2 * RB;
     const float* sv = mv + RB;
+    const float* ot = mats + (b * 2 + 1) * D * RB;
+    // Rows whose O^T holds a NaN or Inf (a non-finite key or value reached them, blocked pairs too:
+    // 0 * NaN) get a NaN lse, so one check of lse stands for the output as well (O^T finite: the
+    // output, O^T times 1/sum <= 1, is finite). Class bits: QNaN 0x01, +Inf 0x08, -Inf 0x10, SNaN 0x80.
+    uint32_t bad[NI] = {};
+    for (int64_t d = 0; d < D; ++d)
+      for (int n = 0; n < NI; ++n) bad[n] |= _mm512_fpclass_ps_mask(_mm512_loadu_ps(ot + d * RB + 16 * n), 0x99);
     alignas(64) float inv[RB];
     for (int i = 0; i < RB; ++i) {
       // No allowed key (the sum is at least 1 otherwise: the row max contributes exp2(0)): zeros, -inf.
       inv[i] = sv[i] == 0.0f ? 0.0f : 1.0f / sv[i];
       lse[b * RB + i] = sv[i] == 0.0f ? -std::numeric_limits<float>::infinity() : (mv[i] + std::log2(sv[i])) * kLn2;
+      if ((bad[i / 16] >> (i % 16)) & 1) lse[b * RB + i] = std::numeric_limits<float>::quiet_NaN();
     }
-    untranspose_rows<NI>(mats + (b * 2 + 1) * D * RB, D, inv, o + b * RB * D);
+    untranspose_rows<NI>(ot, D, inv, o + b * RB * D);
   }
 }
 
@@ -662,7 +670,8 @@ extern "C" {
 
 int pdsl_native_version() { return 1; }
 
-// Forward: o [BH, Lq, D] and lse [BH, Lq] (natural log) for every row of every query tile.
+// Forward: o [BH, Lq, D] and lse [BH, Lq] (natural log) for every row of every query tile; lse is NaN
+// on every row whose output is not finite.
 int pdsl_forward(const float* q, const float* k, const float* v, float* o, float* lse, int64_t BH, int64_t Lq,
                  int64_t Lk, int64_t D, int64_t BM, int64_t BN, const int64_t* row_ptr, const int32_t* ent_k,
                  const int32_t* ent_mask, const uint16_t* masks, int64_t n_q_tiles, float scale, int64_t rows,
