@@ -697,6 +697,7 @@ int pdsl_backward(const float* q, const float* k, const float* v, const float* d
                   int64_t BM, int64_t BN, const int64_t* row_ptr, const int32_t* ent_k, const int32_t* ent_mask,
                   const uint16_t* masks, int64_t n_q_tiles, int64_t parts, float scale, int64_t rows, int threads) {
   if (D % 16 || BM % rows || rows % 16 || parts < 1) return 1;
+  for (float* x : {dq, dk, dv}) prefer_huge_pages(x, (size_t)((x == dq ? BH * Lq : parts * BH * Lk) * D) * sizeof(float));
   const Lists L{row_ptr, ent_k, ent_mask, masks, BM, BN};
   if (rows == 16)
     backward_impl<1>(q, k, v, dout, lse2, delta, dq, dk, dv, BH, Lq, Lk, D, L, n_q_tiles, parts, scale, threads);
