@@ -447,3 +447,13 @@ def test_native_lse_vouches_for_the_output_and_non_finite_values_still_rerun_sel
         assert torch.equal(torch.isfinite(x), torch.isfinite(y))
         assert float((x[torch.isfinite(y)] - y[torch.isfinite(y)]).abs().max()) < 1e-5
     assert not bool(torch.isfinite(ours[0][0, 1, 20:28, 3]).any()) and bool(torch.isfinite(ours[0][0, 1, 28:]).all())
+
+
+def test_forward_runs_of_many_query_tiles_per_thread_cover_every_row_once():
+    # 12 (batch, head) pairs x 25 query tiles: runs of several consecutive tiles, some across heads.
+    pattern = _compile("causal & window(40) | sink(2)")
+    q, k, v, _ = _inputs(2, 6, 3, 400, 400, 16, seed=12)
+    plan = pattern.plan(400, 400, 6, block=(16, 16))
+    out, lse = cpu.forward(q, k, v, plan, 0.25)
+    ref, ref_lse = reference_attention(q, k, v, pattern.mask(400, 400, 6), 0.25)
+    assert _max_diff(out, ref) < 1e-5 and _max_diff(lse, ref_lse) < 1e-5

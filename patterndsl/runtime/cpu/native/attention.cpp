@@ -291,16 +291,6 @@ inline __mmask16 allowed_bits(const Lists& L, int64_t e, int64_t j, int64_t g) {
   return (__mmask16)L.masks[((int64_t)L.ent_mask[e] * L.BN + j) * (L.BM / 16) + g];
 }
 
-// Query tiles in decreasing order of work, so the long rows start first under dynamic scheduling.
-std::vector<int64_t> tile_order(const int64_t* row_ptr, int64_t n) {
-  std::vector<int64_t> order(n);
-  for (int64_t m = 0; m < n; ++m) order[m] = m;
-  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) {
-    return row_ptr[a + 1] - row_ptr[a] > row_ptr[b + 1] - row_ptr[b];
-  });
-  return order;
-}
-
 // Keys [lo, hi) of each 16-row group of each mask: spans[(mask * groups + g) * 2 + {0, 1}] (lo >= hi:
 // the group sees no key of a tile with that mask). Masks are shared by many tiles (a band has two),
 // so their edges are found once per call rather than per tile and head.
@@ -524,12 +514,33 @@ void prefer_huge_pages(void* p, size_t bytes) {
   if (b > a) madvise((void*)a, b - a, MADV_HUGEPAGE);
 }
 
+// The forward's items, (batch-head bh, query tile m) numbered bh * n_q_tiles + m, cut into runs of
+// consecutive items of about equal work (a query tile's key tiles, plus one for its own rows), 32
+// per thread: returns the first item of each run, then the item count. A thread walks a run's query
+// tiles in order, so the key tiles neighbouring query tiles share (2 of a band's 3) are still in its
+// L2 and the next query tile it prefetches is its own; threads take runs dynamically (a core that
+// is busy elsewhere takes fewer), and a run is at most ~1/32 of a thread's share (the tail).
+std::vector<int64_t> item_runs(const int64_t* row_ptr, int64_t n_q_tiles, int64_t BH, int threads) {
+  const int64_t items = BH * n_q_tiles;
+  const int64_t work = BH * (row_ptr[n_q_tiles] - row_ptr[0] + n_q_tiles);
+  const int64_t runs = std::max<int64_t>(1, std::min<int64_t>(items, 32 * (int64_t)threads));
+  std::vector<int64_t> starts{0};
+  int64_t done = 0;
+  for (int64_t it = 0; it + 1 < items; ++it) {
+    const int64_t m = it % n_q_tiles;
+    done += row_ptr[m + 1] - row_ptr[m] + 1;
+    if (done * runs >= work * (int64_t)starts.size()) starts.push_back(it + 1);
+  }
+  starts.push_back(items);
+  return starts;
+}
+
 template <int NI>
 void forward_impl(const float* q, const float* k, const float* v, float* o, float* lse, int64_t BH, int64_t Lq,
                   int64_t Lk, int64_t D, const Lists& L, int64_t n_q_tiles, float scale, int threads) {
   constexpr int RB = 16 * NI;
-  const std::vector<int64_t> order = tile_order(L.row_ptr, n_q_tiles);
-  const int64_t items = BH * n_q_tiles;
+  const std::vector<int64_t> runs = item_runs(L.row_ptr, n_q_tiles, BH, threads);
+  const int64_t n_runs = (int64_t)runs.size() - 1;
   const float scale2 = scale * kLog2e;
   const std::vector<int32_t> spans = mask_spans(L, L.row_ptr[n_q_tiles]);
   prefer_huge_pages(o, (size_t)(BH * Lq * D) * sizeof(float));
@@ -538,18 +549,19 @@ void forward_impl(const float* q, const float* k, const float* v, float* o, floa
     const Flush flush;
     Work work(2 * L.BM + kKeyChunk * RB + 2 * L.BM * D);
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t it = 0; it < items; ++it) {
-      const int64_t m = order[it / BH], bh = it % BH;
-      const int64_t row = bh * Lq + m * L.BM;
-      // The next item (this thread's or the other's) reads these rows soon: bring them to L2.
-      Ahead ahead{nullptr, 0};
-      if (it + 1 < items) {
-        const int64_t next = (it + 1) % BH * Lq + order[(it + 1) / BH] * L.BM;
-        ahead = Ahead{(const char*)(q + next * D), L.BM * D / 16};
+    for (int64_t r = 0; r < n_runs; ++r)
+      for (int64_t it = runs[r]; it < runs[r + 1]; ++it) {
+        const int64_t bh = it / n_q_tiles, m = it % n_q_tiles;
+        const int64_t row = bh * Lq + m * L.BM;
+        // This thread's next query tile: its rows are brought to L2 while this one runs.
+        Ahead ahead{nullptr, 0};
+        if (it + 1 < runs[r + 1]) {
+          const int64_t next = (it + 1) / n_q_tiles * Lq + (it + 1) % n_q_tiles * L.BM;
+          ahead = Ahead{(const char*)(q + next * D), L.BM * D / 16};
+        }
+        forward_tile<NI>(q + row * D, k + bh * Lk * D, v + bh * Lk * D, o + row * D, lse + row, D, L, spans.data(),
+                         m, scale2, work.base, ahead);
       }
-      forward_tile<NI>(q + row * D, k + bh * Lk * D, v + bh * Lk * D, o + row * D, lse + row, D, L, spans.data(), m,
-                       scale2, work.base, ahead);
-    }
   }
 }
 
