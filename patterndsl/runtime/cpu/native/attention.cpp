@@ -263,6 +263,7 @@ struct Lists {
   const int32_t* ent_mask;
   const uint16_t* masks;
   int64_t BM, BN;
+  const int32_t* spans = nullptr;  // the forward's mask_spans of the call; null: group_span scans the bits
 };
 
 // Keys [lo, hi) of entry e that some row of register block g0 .. g0+NI may attend (lo >= hi: none).
@@ -292,20 +293,37 @@ inline __mmask16 allowed_bits(const Lists& L, int64_t e, int64_t j, int64_t g) {
   return (__mmask16)L.masks[((int64_t)L.ent_mask[e] * L.BN + j) * (L.BM / 16) + g];
 }
 
-// Keys [lo, hi) of each 16-row group of each mask: spans[(mask * groups + g) * 2 + {0, 1}] (lo >= hi:
-// the group sees no key of a tile with that mask). Masks are shared by many tiles (a band has two),
-// so their edges are found once per call rather than per tile and head.
+// Keys [lo, hi) of a tile with mask mk (-1: every pair) that 16-row group g may attend (lo >= hi: none).
+inline void group_span(const Lists& L, int64_t mk, int64_t g, int64_t* lo, int64_t* hi) {
+  const int64_t groups = L.BM / 16;
+  if (mk < 0) {
+    *lo = 0;
+    *hi = L.BN;
+  } else if (L.spans) {
+    *lo = L.spans[(mk * groups + g) * 2];
+    *hi = L.spans[(mk * groups + g) * 2 + 1];
+  } else {
+    const uint16_t* w = L.masks + mk * L.BN * groups + g;
+    int64_t a = 0, b = L.BN;
+    while (a < b && !w[a * groups]) ++a;
+    while (b > a && !w[(b - 1) * groups]) --b;
+    *lo = a;
+    *hi = b;
+  }
+}
+
+// group_span of every group of every mask: spans[(mask * groups + g) * 2 + {0, 1}]. Masks are shared
+// by many tiles (a band has two), so their edges are found once per call rather than per tile and head.
 std::vector<int32_t> mask_spans(const Lists& L, int64_t entries) {
   int64_t count = 0;
   for (int64_t e = 0; e < entries; ++e) count = std::max<int64_t>(count, (int64_t)L.ent_mask[e] + 1);
   const int64_t groups = L.BM / 16;
   std::vector<int32_t> spans(count * groups * 2);
+  const Lists scan{L.row_ptr, L.ent_k, L.ent_mask, L.masks, L.BM, L.BN, nullptr};
   for (int64_t mk = 0; mk < count; ++mk)
     for (int64_t g = 0; g < groups; ++g) {
-      const uint16_t* w = L.masks + mk * L.BN * groups + g;
-      int64_t a = 0, b = L.BN;
-      while (a < b && !w[a * groups]) ++a;
-      while (b > a && !w[(b - 1) * groups]) --b;
+      int64_t a, b;
+      group_span(scan, mk, g, &a, &b);
       spans[(mk * groups + g) * 2] = (int32_t)a;
       spans[(mk * groups + g) * 2 + 1] = (int32_t)b;
     }
@@ -316,7 +334,7 @@ std::vector<int32_t> mask_spans(const Lists& L, int64_t entries) {
 // group g0 of the query tile: scores, online softmax update of the groups' statistics (mxs, sums:
 // 16 * NA floats each) and O^T += V^T P^T. The block's transposed buffers (qt, st, ot) have row
 // stride RS (16 rows per group of the block); every pointer points at the first of the NA groups.
-template <int NA, int RS>
+template <int NA, int RS = 16 * NA>
 void forward_chunk(const Lists& L, int64_t e, int64_t lo, int64_t hi, int64_t g0, const float* kb, const float* vb,
                    int64_t D, const float* qt, float* st, float* ot, float* mxs, float* sums) {
   const int64_t nj = hi - lo;
@@ -456,10 +474,9 @@ struct Work {
 
 // One query tile m of one (batch, head): every register block walks the tile's key tiles, a key
 // tile at a time for all blocks, so a key tile's K/V rows are read from memory once per query tile.
-// spans: mask_spans of the call.
 template <int NI>
 void forward_tile(const float* q, const float* k, const float* v, float* o, float* lse, int64_t D, const Lists& L,
-                  const int32_t* spans, int64_t m, float scale2, float* w, Ahead ahead) {
+                  int64_t m, float scale2, float* w, Ahead ahead) {
   constexpr int RB = 16 * NI;
   const int64_t blocks = L.BM / RB;
   float* stats = w;                      // [blocks][2][RB]: running max, running sum
@@ -475,11 +492,7 @@ void forward_tile(const float* q, const float* k, const float* v, float* o, floa
     const int64_t key0 = (int64_t)L.ent_k[e] * L.BN, mk = L.ent_mask[e];
     for (int64_t b = 0; b < blocks; ++b) {
       int64_t lo[NI], hi[NI];
-      for (int n = 0; n < NI; ++n) {
-        const int32_t* sp = spans + (mk * (L.BM / 16) + b * NI + n) * 2;
-        lo[n] = mk < 0 ? 0 : sp[0];
-        hi[n] = mk < 0 ? L.BN : sp[1];
-      }
+      for (int n = 0; n < NI; ++n) group_span(L, mk, b * NI + n, lo + n, hi + n);
       forward_entry<NI>(L, e, lo, hi, b, k + key0 * D, v + key0 * D, D, mats, st, stats, ahead);
     }
   }
@@ -544,6 +557,8 @@ void forward_impl(const float* q, const float* k, const float* v, float* o, floa
   const int64_t n_runs = (int64_t)runs.size() - 1;
   const float scale2 = scale * kLog2e;
   const std::vector<int32_t> spans = mask_spans(L, L.row_ptr[n_q_tiles]);
+  Lists LS = L;
+  LS.spans = spans.data();
   prefer_huge_pages(o, (size_t)(BH * Lq * D) * sizeof(float));
 #pragma omp parallel num_threads(threads)
   {
@@ -560,8 +575,8 @@ void forward_impl(const float* q, const float* k, const float* v, float* o, floa
           const int64_t next = (it + 1) / n_q_tiles * Lq + (it + 1) % n_q_tiles * L.BM;
           ahead = Ahead{(const char*)(q + next * D), L.BM * D / 16};
         }
-        forward_tile<NI>(q + row * D, k + bh * Lk * D, v + bh * Lk * D, o + row * D, lse + row, D, L, spans.data(),
-                         m, scale2, work.base, ahead);
+        forward_tile<NI>(q + row * D, k + bh * Lk * D, v + bh * Lk * D, o + row * D, lse + row, D, LS, m, scale2,
+                         work.base, ahead);
       }
   }
 }
