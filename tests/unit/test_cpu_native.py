@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import random
+import sys
 
 import pytest
 import torch
@@ -19,8 +20,9 @@ import torch
 import patterndsl
 from patterndsl import analysis, semantics
 from patterndsl.runtime import cpu
-from patterndsl.runtime.cpu import native
+from patterndsl.runtime.cpu import native, views
 from patterndsl.runtime.cpu.native import build
+from patterndsl.runtime.cpu.views import from_tiles, inverses, to_tiles
 from tests.reference import reference_attention
 from tests.spies import count_calls
 from tests.unit.test_plan_property import rand_case
@@ -421,3 +423,81 @@ def test_fresh_build_in_an_empty_cache(monkeypatch, tmp_path):
     finally:
         monkeypatch.undo()
         build.reset()
+
+
+def _forward_rows_case(rng: random.Random, rows: int) -> None:
+    """A random band (window, after-window, dilation, causal or not, odd lengths) through the native forward
+    with register blocks of ``rows`` rows on query tiles of 64 or 128 rows, against the float64 reference."""
+    before, after, dilation = rng.randint(0, 70), rng.choice([0, 0, rng.randint(1, 20)]), rng.choice([1, 1, 2, 3])
+    body = f"window({before}, {after}, {dilation})" + rng.choice(["", " & causal", " | sink(3)"])
+    lq = rng.randint(60, 300)
+    lk = lq if "causal" in body else rng.randint(60, 300)
+    block = (rng.choice([64, 128]), rng.choice([16, 32, 64]))
+    pattern = _compile(body)
+    plan = pattern.plan(lq, lk, 2, block=block)
+    d = rng.choice([16, 32])
+    gen = torch.Generator().manual_seed(rng.randrange(2**31))
+    q, k, v = (
+        torch.randn(1, 2, lq, d, generator=gen),
+        torch.randn(1, 2, lk, d, generator=gen),
+        torch.randn(1, 2, lk, d, generator=gen),
+    )
+    (sched,) = cpu.schedules(plan)
+    prog = native.program(sched, plan.n_q_tiles, plan.block)
+    lq_pad, lk_pad = plan.n_q_tiles * block[0], plan.n_kv_tiles * block[1]
+    q_inv, k_inv = inverses(plan)  # dilated bands may be planned in another token order
+    qp = to_tiles(q, None, plan.q_order, q_inv is None, lq_pad, torch.float32)
+    kp, vp = (to_tiles(x, None, plan.kv_order, k_inv is None, lk_pad, torch.float32) for x in (k, v))
+    op, lp = torch.empty(1, 2, lq_pad, d), torch.empty(1, 2, lq_pad)
+    native.forward(prog, qp, kp, vp, op, lp, 0.3, rows=rows)
+    out, lse = from_tiles(op, lq, q_inv), from_tiles(lp, lq, q_inv)
+    ref, ref_lse = reference_attention(q, k, v, pattern.mask(lq, lk, 2), 0.3)
+    where = f"{body} Lq={lq} Lk={lk} block={block} rows={rows}"
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), finite), where
+    assert bool((out[~finite] == 0).all()), where
+    assert _max_diff(out, ref) < 1e-5 and _max_diff(lse[finite], ref_lse[finite]) < 1e-5, where
+
+
+@pytest.mark.parametrize("rows", [16, 32, 64])
+def test_forward_register_blocks_of_every_height_match_float64_on_random_bands(rows):
+    # 64-row blocks run a band's edge tiles as pieces over 1, 2, 3 or 4 of their 16-row groups.
+    rng = random.Random(9300 + rows)
+    for _ in range(6):
+        _forward_rows_case(rng, rows)
+
+
+def test_native_lse_vouches_for_the_output_and_non_finite_values_still_rerun_selecting(monkeypatch):
+    forward_module = sys.modules[cpu.forward.__module__]
+    checks = []
+    monkeypatch.setattr(forward_module, "finite", lambda *t: checks.append(len(t)) or views.finite(*t))
+    pattern = _compile("causal & window(7)")
+    plan = pattern.plan(64, 64, 2, block=(32, 16))
+    q, k, v, _ = _inputs(1, 2, 2, 64, 64, 16, seed=11)
+    cpu.forward(q, k, v, plan, 0.25)
+    assert checks == []  # finite: no pass over the output
+    # Rows 20..27 of head 1 read value 20 (allowed pairs only: their lse stays finite), head 0's key 40
+    # is Inf (rows 40..47), and a NaN value at key 50 of head 0 only meets blocked pairs of rows 32..49.
+    v[0, 1, 20, 3], k[0, 0, 40, 0], v[0, 0, 50, 5] = float("nan"), float("inf"), float("nan")
+    (sched,) = cpu.schedules(plan)
+    op, lp = torch.empty(1, 2, 64, 16), torch.empty(1, 2, 64)
+    native.forward(native.program(sched, plan.n_q_tiles, plan.block), q, k, v, op, lp, 0.25)
+    bad = ~torch.isfinite(op).all(-1)
+    assert torch.equal(torch.isnan(lp), bad) and bool(bad[0, 1, 20:28].all()) and int(bad.sum()) > 8
+    ours = cpu.forward(q, k, v, plan, 0.25)
+    with cpu.options(native=False):
+        theirs = cpu.forward(q, k, v, plan, 0.25)
+    for x, y in zip(ours, theirs, strict=True):
+        assert torch.equal(torch.isfinite(x), torch.isfinite(y))
+        assert float((x[torch.isfinite(y)] - y[torch.isfinite(y)]).abs().max()) < 1e-5
+    assert not bool(torch.isfinite(ours[0][0, 1, 20:28, 3]).any()) and bool(torch.isfinite(ours[0][0, 1, 28:]).all())
+
+
+def test_forward_runs_of_many_query_tiles_per_thread_cover_every_row_once():
+    # 12 (batch, head) pairs x 25 query tiles: runs of several consecutive tiles, some across heads.
+    pattern = _compile("causal & window(40) | sink(2)")
+    q, k, v, _ = _inputs(2, 6, 3, 400, 400, 16, seed=12)
+    plan = pattern.plan(400, 400, 6, block=(16, 16))
+    out, lse = cpu.forward(q, k, v, plan, 0.25)
+    ref, ref_lse = reference_attention(q, k, v, pattern.mask(400, 400, 6), 0.25)
+    assert _max_diff(out, ref) < 1e-5 and _max_diff(lse, ref_lse) < 1e-5

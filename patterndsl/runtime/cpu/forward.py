@@ -78,14 +78,15 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: BlockPlan, 
         done = dense.forward(q, k, v, plan, scale)
     elif augmented.applies(plan, q, v, opts):
         done = augmented.forward(q, k, v, plan, scale, data)
-    out, lse = done or _forward(q, k, v, plan, scale, opts, safe=False, data=data)
+    out, lse, vouched = (*done, False) if done else _forward(q, k, v, plan, scale, opts, safe=False, data=data)
     # Non-finite keys or values must not reach the rows that do not attend them, but torch's fused
     # kernel only adds -inf to the scores of blocked pairs (NaN + -inf is NaN, and 0 * NaN in P @ V
     # is NaN). Whatever a non-finite input reaches turns non-finite, so a finite result is exact;
     # otherwise the call runs again selecting (the math kernel: masked_fill on the scores, cleaned V).
-    # Checking the output, not the inputs, keeps finite calls at one pass over ``out``.
-    if not (finite(out) and not bool(torch.isnan(lse.sum()))):
-        out, lse = _forward(q, k, v, plan, scale, replace(opts, kernel="math"), safe=True, data=data)
+    # Checking the output, not the inputs, keeps finite calls at one pass over ``out`` (none when
+    # the native kernel wrote every row: its lse is NaN where its output is not finite).
+    if not ((vouched or finite(out)) and not bool(torch.isnan(lse.sum()))):
+        out, lse, _ = _forward(q, k, v, plan, scale, replace(opts, kernel="math"), safe=True, data=data)
     return out, lse
 
 
@@ -148,7 +149,9 @@ def _forward(q, k, v, plan: BlockPlan, scale: float, opts: CpuOptions, safe: boo
         modify = None if plan.pattern.score is None else PairModifier(plan)
         gather.forward(q, k, v, out, lse, work, scale, opts, safe=safe, modify=modify)
         out = out.to(q.dtype)
-    return out, lse
+    # One native unit wrote every row: its NaN lse rows mark every non-finite output row (in float32:
+    # a narrower dtype may overflow in the cast).
+    return out, lse, single and use_native and not todo[0][2] and q.dtype == dt
 
 
 def _emit(op: torch.Tensor, lp: torch.Tensor, seg: Segment, bm: int, o: torch.Tensor, lse: torch.Tensor) -> None:

@@ -12,10 +12,13 @@
 // (key-major): S^T[j][i], P^T[j][i], O^T[d][i], so the softmax statistics of RB rows are
 // NI vectors and every row-wise operation is vertical. Products are register-blocked
 // FMA microkernels (broadcast one operand, vectors of 16 rows or 16 dims of the other).
-// A key range [jlo, jhi) per (entry, register block) skips keys no row of the block may see;
-// partial tiles select blocked pairs out (-inf before the max, exact zeros after exp2).
+// A key range [jlo, jhi) per (entry, register block) skips keys no row of the block may see; the
+// forward cuts it finer, per 16-row group (pieces of an entry on which the same groups are active);
+// partial tiles select blocked pairs out (left out of the max, exact zeros after exp2).
 #include <immintrin.h>
 #include <omp.h>
+#include <sys/mman.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cmath>
@@ -38,9 +41,10 @@ constexpr int64_t kKeyChunk = PDSL_KEY_CHUNK;
 
 using pdsl_simd::exp2_ps;  // (simd.h)
 
-// S[j][i] (+)= sum_d A[j][d] * Bt[d][i] for MJ rows j of A (row stride D) and RB = 16*NI columns i.
+// S[j][i] (+)= sum_d A[j][d] * Bt[d][i] for MJ rows j of A (row stride D) and 16*NI columns i (row
+// stride RS of Bt and S: RS > 16*NI runs some of the 16-row groups of a wider register block).
 // pf: rows that the caller reads next (the same MJ rows of V), prefetched one line per d step.
-template <int NI, int MJ>
+template <int NI, int MJ, int RS = 16 * NI>
 inline void rows_times_t(const float* a, int64_t D, const float* bt, float* s, const float* pf) {
   __m512 acc[MJ][NI];
 #pragma GCC unroll 32
@@ -52,7 +56,7 @@ inline void rows_times_t(const float* a, int64_t D, const float* bt, float* s, c
     if (d < lines) _mm_prefetch((const char*)(pf + d * 16), _MM_HINT_T0);
     __m512 b[NI];
 #pragma GCC unroll 8
-    for (int n = 0; n < NI; ++n) b[n] = _mm512_loadu_ps(bt + d * 16 * NI + 16 * n);
+    for (int n = 0; n < NI; ++n) b[n] = _mm512_loadu_ps(bt + d * RS + 16 * n);
 #pragma GCC unroll 32
     for (int j = 0; j < MJ; ++j) {
       const __m512 x = _mm512_set1_ps(a[j * D + d]);
@@ -63,21 +67,21 @@ inline void rows_times_t(const float* a, int64_t D, const float* bt, float* s, c
 #pragma GCC unroll 32
   for (int j = 0; j < MJ; ++j)
 #pragma GCC unroll 8
-    for (int n = 0; n < NI; ++n) _mm512_storeu_ps(s + j * 16 * NI + 16 * n, acc[j][n]);
+    for (int n = 0; n < NI; ++n) _mm512_storeu_ps(s + j * RS + 16 * n, acc[j][n]);
 }
 
-template <int NI, int MJ>
+template <int NI, int MJ, int RS = 16 * NI>
 void scores_t(const float* a, int64_t nj, int64_t D, const float* bt, float* s, const float* pf = nullptr) {
   int64_t j = 0;
-  for (; j + MJ <= nj; j += MJ) rows_times_t<NI, MJ>(a + j * D, D, bt, s + j * 16 * NI, pf ? pf + j * D : nullptr);
+  for (; j + MJ <= nj; j += MJ) rows_times_t<NI, MJ, RS>(a + j * D, D, bt, s + j * RS, pf ? pf + j * D : nullptr);
   const int64_t r = nj - j;
   a += j * D;
-  s += j * 16 * NI;
+  s += j * RS;
   if (pf) pf += j * D;
   switch (r) {
 #define PDSL_CASE(R) \
   case R:            \
-    if constexpr (R < MJ) rows_times_t<NI, R>(a, D, bt, s, pf); \
+    if constexpr (R < MJ) rows_times_t<NI, R, RS>(a, D, bt, s, pf); \
     break;
     PDSL_CASE(1) PDSL_CASE(2) PDSL_CASE(3) PDSL_CASE(4) PDSL_CASE(5) PDSL_CASE(6) PDSL_CASE(7) PDSL_CASE(8)
     PDSL_CASE(9) PDSL_CASE(10) PDSL_CASE(11) PDSL_CASE(12) PDSL_CASE(13) PDSL_CASE(14) PDSL_CASE(15)
@@ -89,21 +93,22 @@ void scores_t(const float* a, int64_t nj, int64_t D, const float* bt, float* s, 
   }
 }
 
-// Ot[d][i] = alpha[i] * Ot[d][i] + sum_j W[j][d] * Pt[j][i] for MD dims d (from d0), RB columns i.
-template <int NI, int MD>
+// Ot[d][i] = alpha[i] * Ot[d][i] + sum_j W[j][d] * Pt[j][i] for MD dims d (from d0), 16*NI columns i
+// (row stride RS of Ot and Pt).
+template <int NI, int MD, int RS = 16 * NI>
 inline void accumulate_t(const float* w, int64_t nj, int64_t D, const float* pt, float* ot, const __m512* alpha) {
   __m512 acc[MD][NI];
 #pragma GCC unroll 32
   for (int d = 0; d < MD; ++d)
 #pragma GCC unroll 8
     for (int n = 0; n < NI; ++n) {
-      acc[d][n] = _mm512_loadu_ps(ot + d * 16 * NI + 16 * n);
+      acc[d][n] = _mm512_loadu_ps(ot + d * RS + 16 * n);
       if (alpha) acc[d][n] = _mm512_mul_ps(acc[d][n], alpha[n]);
     }
   for (int64_t j = 0; j < nj; ++j) {
     __m512 p[NI];
 #pragma GCC unroll 8
-    for (int n = 0; n < NI; ++n) p[n] = _mm512_loadu_ps(pt + j * 16 * NI + 16 * n);
+    for (int n = 0; n < NI; ++n) p[n] = _mm512_loadu_ps(pt + j * RS + 16 * n);
 #pragma GCC unroll 32
     for (int d = 0; d < MD; ++d) {
       const __m512 x = _mm512_set1_ps(w[j * D + d]);
@@ -114,15 +119,15 @@ inline void accumulate_t(const float* w, int64_t nj, int64_t D, const float* pt,
 #pragma GCC unroll 32
   for (int d = 0; d < MD; ++d)
 #pragma GCC unroll 8
-    for (int n = 0; n < NI; ++n) _mm512_storeu_ps(ot + d * 16 * NI + 16 * n, acc[d][n]);
+    for (int n = 0; n < NI; ++n) _mm512_storeu_ps(ot + d * RS + 16 * n, acc[d][n]);
 }
 
-template <int NI>
+template <int NI, int RS = 16 * NI>
 void product_t(const float* w, int64_t nj, int64_t D, const float* pt, float* ot, const __m512* alpha) {
   constexpr int MD = NI == 1 ? 16 : (NI == 2 ? 8 : 4);
   int64_t d = 0;
-  for (; d + MD <= D; d += MD) accumulate_t<NI, MD>(w + d, nj, D, pt, ot + d * 16 * NI, alpha);
-  for (; d < D; ++d) accumulate_t<NI, 1>(w + d, nj, D, pt, ot + d * 16 * NI, alpha);
+  for (; d + MD <= D; d += MD) accumulate_t<NI, MD, RS>(w + d, nj, D, pt, ot + d * RS, alpha);
+  for (; d < D; ++d) accumulate_t<NI, 1, RS>(w + d, nj, D, pt, ot + d * RS, alpha);
 }
 
 // dst[j][d] += sum_i Pt[j][i] * X[i][d] for MJ rows j, 16*ND dims (from d0), RB rows i of X.
@@ -258,6 +263,7 @@ struct Lists {
   const int32_t* ent_mask;
   const uint16_t* masks;
   int64_t BM, BN;
+  const int32_t* spans = nullptr;  // the forward's mask_spans of the call; null: group_span scans the bits
 };
 
 // Keys [lo, hi) of entry e that some row of register block g0 .. g0+NI may attend (lo >= hi: none).
@@ -287,45 +293,70 @@ inline __mmask16 allowed_bits(const Lists& L, int64_t e, int64_t j, int64_t g) {
   return (__mmask16)L.masks[((int64_t)L.ent_mask[e] * L.BN + j) * (L.BM / 16) + g];
 }
 
-// Query tiles in decreasing order of work, so the long rows start first under dynamic scheduling.
-std::vector<int64_t> tile_order(const int64_t* row_ptr, int64_t n) {
-  std::vector<int64_t> order(n);
-  for (int64_t m = 0; m < n; ++m) order[m] = m;
-  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) {
-    return row_ptr[a + 1] - row_ptr[a] > row_ptr[b + 1] - row_ptr[b];
-  });
-  return order;
+// Keys [lo, hi) of a tile with mask mk (-1: every pair) that 16-row group g may attend (lo >= hi: none).
+inline void group_span(const Lists& L, int64_t mk, int64_t g, int64_t* lo, int64_t* hi) {
+  const int64_t groups = L.BM / 16;
+  if (mk < 0) {
+    *lo = 0;
+    *hi = L.BN;
+  } else if (L.spans) {
+    *lo = L.spans[(mk * groups + g) * 2];
+    *hi = L.spans[(mk * groups + g) * 2 + 1];
+  } else {
+    const uint16_t* w = L.masks + mk * L.BN * groups + g;
+    int64_t a = 0, b = L.BN;
+    while (a < b && !w[a * groups]) ++a;
+    while (b > a && !w[(b - 1) * groups]) --b;
+    *lo = a;
+    *hi = b;
+  }
 }
 
-// One chunk of keys [lo, hi) of entry e for one register block (first 16-row group g0): scores,
-// online softmax update of the block's statistics (mxs, sums: RB floats each) and O^T += V^T P^T.
-template <int NI>
+// group_span of every group of every mask: spans[(mask * groups + g) * 2 + {0, 1}]. Masks are shared
+// by many tiles (a band has two), so their edges are found once per call rather than per tile and head.
+std::vector<int32_t> mask_spans(const Lists& L, int64_t entries) {
+  int64_t count = 0;
+  for (int64_t e = 0; e < entries; ++e) count = std::max<int64_t>(count, (int64_t)L.ent_mask[e] + 1);
+  const int64_t groups = L.BM / 16;
+  std::vector<int32_t> spans(count * groups * 2);
+  const Lists scan{L.row_ptr, L.ent_k, L.ent_mask, L.masks, L.BM, L.BN, nullptr};
+  for (int64_t mk = 0; mk < count; ++mk)
+    for (int64_t g = 0; g < groups; ++g) {
+      int64_t a, b;
+      group_span(scan, mk, g, &a, &b);
+      spans[(mk * groups + g) * 2] = (int32_t)a;
+      spans[(mk * groups + g) * 2 + 1] = (int32_t)b;
+    }
+  return spans;
+}
+
+// One chunk of keys [lo, hi) of entry e for NA 16-row groups of a register block, the first being
+// group g0 of the query tile: scores, online softmax update of the groups' statistics (mxs, sums:
+// 16 * NA floats each) and O^T += V^T P^T. The block's transposed buffers (qt, st, ot) have row
+// stride RS (16 rows per group of the block); every pointer points at the first of the NA groups.
+template <int NA, int RS = 16 * NA>
 void forward_chunk(const Lists& L, int64_t e, int64_t lo, int64_t hi, int64_t g0, const float* kb, const float* vb,
                    int64_t D, const float* qt, float* st, float* ot, float* mxs, float* sums) {
-  constexpr int RB = 16 * NI;
   const int64_t nj = hi - lo;
   const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
   const __m512 floor = _mm512_set1_ps(-std::numeric_limits<float>::max());
   // V's rows are read only after the scores: fetched while the scores are computed.
-  scores_t<NI, NI == 1 ? 24 : (NI == 2 ? 12 : 6)>(kb, nj, D, qt, st, vb);
+  scores_t<NA, NA == 1 ? 24 : (NA == 2 ? 12 : (NA == 3 ? 8 : 6)), RS>(kb, nj, D, qt, st, vb);
   const bool partial = L.ent_mask[e] >= 0;
-  __m512 mx[NI], cm[NI];
-  for (int n = 0; n < NI; ++n) cm[n] = mx[n] = _mm512_loadu_ps(mxs + 16 * n);
+  __m512 mx[NA], cm[NA];
+  for (int n = 0; n < NA; ++n) cm[n] = mx[n] = _mm512_loadu_ps(mxs + 16 * n);
+  // Blocked pairs are left out of the max here and selected out after exp2 (whatever they hold).
   if (partial) {
     for (int64_t j = 0; j < nj; ++j)
-      for (int n = 0; n < NI; ++n) {
-        float* s = st + j * RB + 16 * n;
-        const __m512 x = _mm512_mask_blend_ps(allowed_bits(L, e, lo + j, g0 + n), ninf, _mm512_loadu_ps(s));
-        _mm512_storeu_ps(s, x);
-        cm[n] = _mm512_max_ps(cm[n], x);
-      }
+      for (int n = 0; n < NA; ++n)
+        cm[n] = _mm512_mask_max_ps(cm[n], allowed_bits(L, e, lo + j, g0 + n), cm[n], _mm512_loadu_ps(st + j * RS + 16 * n));
   } else {
     for (int64_t j = 0; j < nj; ++j)
-      for (int n = 0; n < NI; ++n) cm[n] = _mm512_max_ps(cm[n], _mm512_loadu_ps(st + j * RB + 16 * n));
+      for (int n = 0; n < NA; ++n) cm[n] = _mm512_max_ps(cm[n], _mm512_loadu_ps(st + j * RS + 16 * n));
   }
-  __m512 alpha[NI], use[NI];
+  __m512 alpha[NA], use[NA];
   bool rescale = false;
-  for (int n = 0; n < NI; ++n) {
+  for (int n = 0; n < NA; ++n) {
     const __mmask16 none = _mm512_cmp_ps_mask(cm[n], ninf, _CMP_EQ_OQ);
     use[n] = _mm512_mask_blend_ps(none, cm[n], _mm512_setzero_ps());
     // exp2(old max - new max); rows with no key so far (old max -inf) hold nothing: 0.
@@ -334,19 +365,91 @@ void forward_chunk(const Lists& L, int64_t e, int64_t lo, int64_t hi, int64_t g0
     rescale |= _mm512_cmp_ps_mask(mx[n], cm[n], _CMP_NEQ_UQ) != 0;
     _mm512_storeu_ps(mxs + 16 * n, cm[n]);
   }
-  __m512 add[NI];
-  for (int n = 0; n < NI; ++n) add[n] = _mm512_setzero_ps();
+  __m512 add[NA];
+  for (int n = 0; n < NA; ++n) add[n] = _mm512_setzero_ps();
   for (int64_t j = 0; j < nj; ++j)
-    for (int n = 0; n < NI; ++n) {
-      float* s = st + j * RB + 16 * n;
+    for (int n = 0; n < NA; ++n) {
+      float* s = st + j * RS + 16 * n;
       __m512 p = exp2_ps(_mm512_max_ps(floor, _mm512_sub_ps(_mm512_loadu_ps(s), use[n])));
       if (partial) p = _mm512_maskz_mov_ps(allowed_bits(L, e, lo + j, g0 + n), p);
       _mm512_storeu_ps(s, p);
       add[n] = _mm512_add_ps(add[n], p);
     }
-  for (int n = 0; n < NI; ++n)
+  for (int n = 0; n < NA; ++n)
     _mm512_storeu_ps(sums + 16 * n, _mm512_fmadd_ps(_mm512_loadu_ps(sums + 16 * n), alpha[n], add[n]));
-  product_t<NI>(vb, nj, D, st, ot, rescale ? alpha : nullptr);
+  product_t<NA, RS>(vb, nj, D, st, ot, rescale ? alpha : nullptr);
+}
+
+// Keys [x, y) of entry e (whose first key row is kb, vb) for groups n0 .. n0+na-1 of register block b,
+// in chunks whose K/V rows and score block stay in L1 with the block's rows. mats, stats: the
+// block's Q^T, O^T and statistics as forward_tile lays them out.
+template <int NI>
+void forward_piece(const Lists& L, int64_t e, int64_t x, int64_t y, int64_t b, int n0, int na, const float* kb,
+                   const float* vb, int64_t D, float* mats, float* st, float* stats, Ahead& ahead) {
+  constexpr int RB = 16 * NI;
+  const float* qt = mats + b * 2 * D * RB + 16 * n0;
+  float* ot = mats + (b * 2 + 1) * D * RB + 16 * n0;
+  float* mxs = stats + b * 2 * RB + 16 * n0;
+  float* sums = mxs + RB;
+  const int64_t g0 = b * NI + n0;
+  for (int64_t lo = x; lo < y; lo += kKeyChunk) {
+    const int64_t hi = std::min(lo + kKeyChunk, y);
+    const float *kc = kb + lo * D, *vc = vb + lo * D;
+    float* sc = st + 16 * n0;
+    if (na == NI) {
+      forward_chunk<NI, RB>(L, e, lo, hi, g0, kc, vc, D, qt, sc, ot, mxs, sums);
+    } else if (na == 1) {
+      forward_chunk<1, RB>(L, e, lo, hi, g0, kc, vc, D, qt, sc, ot, mxs, sums);
+    } else if constexpr (NI == 4) {
+      if (na == 2)
+        forward_chunk<2, RB>(L, e, lo, hi, g0, kc, vc, D, qt, sc, ot, mxs, sums);
+      else
+        forward_chunk<3, RB>(L, e, lo, hi, g0, kc, vc, D, qt, sc, ot, mxs, sums);
+    }
+    ahead.step(16);
+  }
+}
+
+// The keys of entry e that block b's groups see ([lo[n], hi[n]) for group n), as pieces on which the
+// same groups are active: a band's edge tiles run 16-row groups over only the keys they see, not
+// the whole block over the union. Groups inside a piece's span that see none of its keys (holes)
+// are computed and selected out, as before.
+template <int NI>
+void forward_entry(const Lists& L, int64_t e, const int64_t* lo, const int64_t* hi, int64_t b, const float* kb,
+                   const float* vb, int64_t D, float* mats, float* st, float* stats, Ahead& ahead) {
+  int64_t cuts[2 * NI];
+  int c = 0;
+  for (int n = 0; n < NI; ++n)
+    if (lo[n] < hi[n]) {
+      cuts[c++] = lo[n];
+      cuts[c++] = hi[n];
+    }
+  std::sort(cuts, cuts + c);
+  c = (int)(std::unique(cuts, cuts + c) - cuts);
+  int64_t px = 0, py = 0;  // pending piece [px, py) over groups pn0 .. pn0+pna-1
+  int pn0 = 0, pna = 0;
+  for (int i = 0; i + 1 < c; ++i) {
+    const int64_t x = cuts[i], y = cuts[i + 1];
+    int n0 = NI, n1 = -1;
+    for (int n = 0; n < NI; ++n)
+      if (lo[n] <= x && y <= hi[n]) {
+        n0 = std::min(n0, n);
+        n1 = n;
+      }
+    const int na = n1 - n0 + 1;
+    if (pna && (na <= 0 || n0 != pn0 || na != pna || px == py || py != x)) {
+      forward_piece<NI>(L, e, px, py, b, pn0, pna, kb, vb, D, mats, st, stats, ahead);
+      pna = 0;
+    }
+    if (na <= 0) continue;
+    if (!pna) {
+      px = x;
+      pn0 = n0;
+      pna = na;
+    }
+    py = y;
+  }
+  if (pna) forward_piece<NI>(L, e, px, py, b, pn0, pna, kb, vb, D, mats, st, stats, ahead);
 }
 
 // Denormal results and operands read as zero while the kernel runs on this thread (a weight below
@@ -386,56 +489,95 @@ void forward_tile(const float* q, const float* k, const float* v, float* o, floa
     std::fill(stats + b * 2 * RB + RB, stats + (b + 1) * 2 * RB, 0.0f);
   }
   for (int64_t e = L.row_ptr[m]; e < L.row_ptr[m + 1]; ++e) {
-    const int64_t key0 = (int64_t)L.ent_k[e] * L.BN;
+    const int64_t key0 = (int64_t)L.ent_k[e] * L.BN, mk = L.ent_mask[e];
     for (int64_t b = 0; b < blocks; ++b) {
-      int64_t lo0, hi0;
-      key_range<NI>(L, e, b * NI, &lo0, &hi0);
-      // Keys in chunks whose K/V rows and score block stay in L1 with the register block's rows.
-      for (int64_t lo = lo0; lo < hi0; lo += kKeyChunk) {
-        const int64_t hi = std::min(lo + kKeyChunk, hi0);
-        forward_chunk<NI>(L, e, lo, hi, b * NI, k + (key0 + lo) * D, v + (key0 + lo) * D, D, mats + b * 2 * D * RB,
-                          st, mats + (b * 2 + 1) * D * RB, stats + b * 2 * RB, stats + b * 2 * RB + RB);
-        ahead.step(16);
-      }
+      int64_t lo[NI], hi[NI];
+      for (int n = 0; n < NI; ++n) group_span(L, mk, b * NI + n, lo + n, hi + n);
+      forward_entry<NI>(L, e, lo, hi, b, k + key0 * D, v + key0 * D, D, mats, st, stats, ahead);
     }
   }
   for (int64_t b = 0; b < blocks; ++b) {
     const float* mv = stats + b * 2 * RB;
     const float* sv = mv + RB;
+    const float* ot = mats + (b * 2 + 1) * D * RB;
+    // Rows whose O^T holds a NaN or Inf (a non-finite key or value reached them, blocked pairs too:
+    // 0 * NaN) get a NaN lse, so one check of lse stands for the output as well (O^T finite: the
+    // output, O^T times 1/sum <= 1, is finite). Class bits: QNaN 0x01, +Inf 0x08, -Inf 0x10, SNaN 0x80.
+    uint32_t bad[NI] = {};
+    for (int64_t d = 0; d < D; ++d)
+      for (int n = 0; n < NI; ++n) bad[n] |= _mm512_fpclass_ps_mask(_mm512_loadu_ps(ot + d * RB + 16 * n), 0x99);
     alignas(64) float inv[RB];
     for (int i = 0; i < RB; ++i) {
       // No allowed key (the sum is at least 1 otherwise: the row max contributes exp2(0)): zeros, -inf.
       inv[i] = sv[i] == 0.0f ? 0.0f : 1.0f / sv[i];
       lse[b * RB + i] = sv[i] == 0.0f ? -std::numeric_limits<float>::infinity() : (mv[i] + std::log2(sv[i])) * kLn2;
+      if ((bad[i / 16] >> (i % 16)) & 1) lse[b * RB + i] = std::numeric_limits<float>::quiet_NaN();
     }
-    untranspose_rows<NI>(mats + (b * 2 + 1) * D * RB, D, inv, o + b * RB * D);
+    untranspose_rows<NI>(ot, D, inv, o + b * RB * D);
   }
+}
+
+// A fresh output of many MiB (torch.empty: new pages from mmap) costs a page fault per 4 KiB page
+// on its first write: 8192 faults (~25 ms on this machine's VM, a third of the kernel's time) for
+// the 32 MiB output of a 16K sliding window. Transparent huge pages take 2 MiB per fault. A hint
+// only (THP "madvise" mode); pages already there, or a kernel that ignores it, change nothing.
+void prefer_huge_pages(void* p, size_t bytes) {
+  if (bytes < ((size_t)4 << 20)) return;
+  const uintptr_t page = (uintptr_t)sysconf(_SC_PAGESIZE);
+  const uintptr_t a = ((uintptr_t)p + page - 1) & ~(page - 1), b = ((uintptr_t)p + bytes) & ~(page - 1);
+  if (b > a) madvise((void*)a, b - a, MADV_HUGEPAGE);
+}
+
+// The forward's items, (batch-head bh, query tile m) numbered bh * n_q_tiles + m, cut into runs of
+// consecutive items of about equal work (a query tile's key tiles, plus one for its own rows), 32
+// per thread: returns the first item of each run, then the item count. A thread walks a run's query
+// tiles in order, so the key tiles neighbouring query tiles share (2 of a band's 3) are still in its
+// L2 and the next query tile it prefetches is its own; threads take runs dynamically (a core that
+// is busy elsewhere takes fewer), and a run is at most ~1/32 of a thread's share (the tail).
+std::vector<int64_t> item_runs(const int64_t* row_ptr, int64_t n_q_tiles, int64_t BH, int threads) {
+  const int64_t items = BH * n_q_tiles;
+  const int64_t work = BH * (row_ptr[n_q_tiles] - row_ptr[0] + n_q_tiles);
+  const int64_t runs = std::max<int64_t>(1, std::min<int64_t>(items, 32 * (int64_t)threads));
+  std::vector<int64_t> starts{0};
+  int64_t done = 0;
+  for (int64_t it = 0; it + 1 < items; ++it) {
+    const int64_t m = it % n_q_tiles;
+    done += row_ptr[m + 1] - row_ptr[m] + 1;
+    if (done * runs >= work * (int64_t)starts.size()) starts.push_back(it + 1);
+  }
+  starts.push_back(items);
+  return starts;
 }
 
 template <int NI>
 void forward_impl(const float* q, const float* k, const float* v, float* o, float* lse, int64_t BH, int64_t Lq,
                   int64_t Lk, int64_t D, const Lists& L, int64_t n_q_tiles, float scale, int threads) {
   constexpr int RB = 16 * NI;
-  const std::vector<int64_t> order = tile_order(L.row_ptr, n_q_tiles);
-  const int64_t items = BH * n_q_tiles;
+  const std::vector<int64_t> runs = item_runs(L.row_ptr, n_q_tiles, BH, threads);
+  const int64_t n_runs = (int64_t)runs.size() - 1;
   const float scale2 = scale * kLog2e;
+  const std::vector<int32_t> spans = mask_spans(L, L.row_ptr[n_q_tiles]);
+  Lists LS = L;
+  LS.spans = spans.data();
+  prefer_huge_pages(o, (size_t)(BH * Lq * D) * sizeof(float));
 #pragma omp parallel num_threads(threads)
   {
     const Flush flush;
     Work work(2 * L.BM + kKeyChunk * RB + 2 * L.BM * D);
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t it = 0; it < items; ++it) {
-      const int64_t m = order[it / BH], bh = it % BH;
-      const int64_t row = bh * Lq + m * L.BM;
-      // The next item (this thread's or the other's) reads these rows soon: bring them to L2.
-      Ahead ahead{nullptr, 0};
-      if (it + 1 < items) {
-        const int64_t next = (it + 1) % BH * Lq + order[(it + 1) / BH] * L.BM;
-        ahead = Ahead{(const char*)(q + next * D), L.BM * D / 16};
+    for (int64_t r = 0; r < n_runs; ++r)
+      for (int64_t it = runs[r]; it < runs[r + 1]; ++it) {
+        const int64_t bh = it / n_q_tiles, m = it % n_q_tiles;
+        const int64_t row = bh * Lq + m * L.BM;
+        // This thread's next query tile: its rows are brought to L2 while this one runs.
+        Ahead ahead{nullptr, 0};
+        if (it + 1 < runs[r + 1]) {
+          const int64_t next = (it + 1) / n_q_tiles * Lq + (it + 1) % n_q_tiles * L.BM;
+          ahead = Ahead{(const char*)(q + next * D), L.BM * D / 16};
+        }
+        forward_tile<NI>(q + row * D, k + bh * Lk * D, v + bh * Lk * D, o + row * D, lse + row, D, LS, m, scale2,
+                         work.base, ahead);
       }
-      forward_tile<NI>(q + row * D, k + bh * Lk * D, v + bh * Lk * D, o + row * D, lse + row, D, L, m, scale2,
-                       work.base, ahead);
-    }
   }
 }
 
@@ -697,7 +839,8 @@ extern "C" {
 
 int pdsl_native_version() { return 1; }
 
-// Forward: o [BH, Lq, D] and lse [BH, Lq] (natural log) for every row of every query tile.
+// Forward: o [BH, Lq, D] and lse [BH, Lq] (natural log) for every row of every query tile; lse is NaN
+// on every row whose output is not finite.
 int pdsl_forward(const float* q, const float* k, const float* v, float* o, float* lse, int64_t BH, int64_t Lq,
                  int64_t Lk, int64_t D, int64_t BM, int64_t BN, const int64_t* row_ptr, const int32_t* ent_k,
                  const int32_t* ent_mask, const uint16_t* masks, int64_t n_q_tiles, float scale, int64_t rows,
@@ -730,6 +873,8 @@ int pdsl_backward(const float* q, const float* k, const float* v, const float* d
                   int64_t parts, float scale, int64_t rows, int threads, int* bad) {
   if (D % 16 || BM % rows || rows % 16 || parts < 1 || Lq != n_q_tiles * BM || Lk % BN) return 1;
   if ((!q_rows && Sq != Lq) || (!k_rows && Sk != Lk) || (!out && !(lse2 && delta))) return 1;
+  for (float* x : {dq, dk, dv})
+    prefer_huge_pages(x, (size_t)((x == dq ? BH * Sq : parts * BH * Sk) * D) * sizeof(float));
   const Lists L{row_ptr, ent_k, ent_mask, masks, BM, BN};
   const BackwardIO io{q, k, v, dout, lse2, delta, out, lse, dlse, q_rows, k_rows, dq, dk, dv, Sq, Sk};
   if (rows == 16)
