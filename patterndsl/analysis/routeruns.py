@@ -27,7 +27,7 @@ import numpy as np
 
 from patterndsl import ir
 from patterndsl.analysis import engine as eng
-from patterndsl.analysis import hierarchy, routegroups, routetiles, tiles
+from patterndsl.analysis import hierarchy, routeedges, routegroups, routetiles, tiles
 
 #: Rows of query groups a first-level candidate tile holds at most (as a power of two times ``qblock``).
 GROUP_ROWS = 128
@@ -166,7 +166,7 @@ def candidates(engine: eng.Engine, prim: ir.Prim, geo, cache: dict | None = None
         m, n = keys // nk, keys % nk
         take = (state == eng.FULL) | (j == 0)  # a non-empty tile of one group is a candidate
         if j > 0 and not take.all():
-            take |= _edge_column_full(engine, among, qblock << j, block, m, n, cache)
+            take |= routeedges.edge_column_full(sub.q, engine.env, engine.tally, among, block, m, n)
         tm, tlo, thi = m[take], n[take], n[take] + 1
         if runs is not None:
             tm, tlo, thi = np.concatenate([tm, runs[0]]), np.concatenate([tlo, runs[1]]), np.concatenate([thi, runs[2]])
@@ -184,28 +184,6 @@ def candidates(engine: eng.Engine, prim: ir.Prim, geo, cache: dict | None = None
         if not len(domain):
             break
     return routegroups.segmented(rows, geo)
-
-
-def _edge_column_full(engine, among, rows: int, block: int, m: np.ndarray, n: np.ndarray, cache: dict) -> np.ndarray:
-    """Per tile ``(m, n)`` of ``rows`` queries by block ``n``: ``among`` allows every query of the tile with the
-    block's first key, or every one with its last (then every group of the tile has the block as a candidate).
-
-    A band's edge crosses a block: ``causal - window(63)`` gives the first query of a 128-query tile
-    only the first key of a block, so the tile is partial, but the column of that key is full; without
-    this its rows would be halved down to one query each.
-    """
-    kv_len = engine.ctx.kv_len
-    sub = _sub_engine(engine, (rows, 1), cache)
-    out = np.zeros(len(m), bool)
-    for key in (n * block, np.minimum((n + 1) * block, kv_len) - 1):
-        sel = np.flatnonzero(~out)
-        if not len(sel):
-            break
-        keys = m[sel] * sub.nkb + key[sel]
-        order = np.argsort(keys, kind="stable")
-        state = routetiles.routeplan_states(sub, among, keys[order])
-        out[sel[order[state == eng.FULL]]] = True
-    return out
 
 
 class _Spans:
@@ -383,10 +361,6 @@ def classify(engine: eng.Engine, node: ir.Node, geo=None) -> RoutedRuns:
     nkb = geo.nkb
     cache: dict = {}
     cand = candidates(engine, prim, geo, cache)
-    if geo.block != 1:  # key columns of the candidates' edge test: one tile per key
-        for shape in [s for s in cache if s != SIDES and s[1] == 1]:
-            del cache[shape]
-        cache.get(SIDES, {}).pop(("k", 1), None)
     # per segment of groups (its groups have the same candidates)
     n_cand = np.bincount(cand.group, weights=cand.hi - cand.lo, minlength=cand.segments).astype(np.int64)
     take = np.minimum(prim.arg("topk"), n_cand)
