@@ -165,7 +165,9 @@ def candidates(engine: eng.Engine, prim: ir.Prim, geo, cache: dict | None = None
             keys, state = sub.run(among, domain)
         m, n = keys // nk, keys % nk
         take = (state == eng.FULL) | (j == 0)  # a non-empty tile of one group is a candidate
-        if j > 0 and not take.all():
+        if 0 < j < top and not take.all():
+            # tiles partial in their parent's row too (a first level's partial tiles are mostly edges
+            # that halving settles: blocks aligned with among's own edges, nsa_select)
             take |= routeedges.edge_column_full(sub.q, engine.env, engine.tally, among, block, m, n)
         tm, tlo, thi = m[take], n[take], n[take] + 1
         if runs is not None:
