@@ -391,7 +391,7 @@ class Engine:
             return lambda box: (np.ones(len(box.qlo), bool),) * 3
         return self.prim_decide(node)
 
-    def search(self, decide, count_only: bool = False) -> np.ndarray | int | None:
+    def search(self, decide, count_only: bool = False, narrow: bool = False) -> np.ndarray | int | None:
         """Candidate tiles by branch and bound over key-tile ranges, per query tile.
 
         A binary tree over the key tiles holds each node's hull (position bounds); per query
@@ -405,6 +405,8 @@ class Engine:
 
             count_only: only count the tiles, and give up (None) when the boundary is not
                 narrow (more than a few undecided ranges per query tile).
+            narrow: list the tiles, but give up (None) like ``count_only`` (one pass where a
+                count, then the listing, took two).
 
         Returns:
             Sorted keys ``m * nkb + n`` of the tiles that may hold an allowed pair (or their number).
@@ -443,16 +445,15 @@ class Engine:
                 first = j[whole] * width
                 if count_only:
                     total += int((np.minimum(first + width, self.nkb) - first).sum())
-                else:
-                    rows, cols = expand_runs(m[whole], first, np.minimum(first + width, self.nkb))
-                    found.append(rows * self.nkb + cols)
+                else:  # as runs, listed at the end (not at all when a narrow search gives up)
+                    found.append((m[whole], first, np.minimum(first + width, self.nkb)))
             rest = ~whole & (can_true | ~sound)
             m, j = m[rest], j[rest]
-            if count_only and len(m) > 8 * self.nqb + 1024:
+            if (count_only or narrow) and len(m) > 8 * self.nqb + 1024:
                 return None
             if level == 0:
                 total += len(m)
-                found.append(m * self.nkb + j)
+                found.append((m, j, j + 1))
                 break
             m = np.repeat(m, 2)
             j = (np.repeat(j, 2) * 2) + np.tile(np.array([0, 1], np.int64), len(j))
@@ -462,7 +463,8 @@ class Engine:
             return total
         if not found:
             return np.zeros(0, np.int64)
-        return np.sort(np.concatenate(found))
+        rows, cols = expand_runs(*(np.concatenate(f) for f in zip(*found, strict=True)))
+        return np.sort(rows * self.nkb + cols)
 
     def _candidates(self, prim: ir.Prim) -> np.ndarray:
         (qlo, qhi, qalo, qahi), _ = self._bounds()
@@ -755,9 +757,7 @@ class Engine:
             # (``causal & where(q // 256 - k // 256 <= 2)`` is a band; neither operand is).
             # Only when the boundary is narrow: where no operand prunes (columns in every
             # key tile), the search would split down to every tile.
-            decide = self.node_decide(node)
-            if self.search(decide, count_only=True) is not None:
-                domain = self.search(decide)
+            domain = self.search(self.node_decide(node), narrow=True)
         # Within a domain the operands only filter it: their rough cost orders them (counting each
         # one's reach over every query tile would cost more than the domain itself).
         items = sorted(node.items, key=self._reach if domain is None else _cost)
