@@ -381,10 +381,10 @@ class Engine:
 
             def combine(box):
                 got = [p(box) for p in parts]
-                t = np.stack([g[0] for g in got])
-                f = np.stack([g[1] for g in got])
-                ok = np.logical_and.reduce([g[2] for g in got])
-                return (t.all(0), f.any(0), ok) if conj else (t.any(0), f.all(0), ok)
+                t, f, ok = got[0]
+                for t2, f2, ok2 in got[1:]:  # pairwise: no stacked copies
+                    t, f, ok = (t & t2, f | f2, ok & ok2) if conj else (t | t2, f & f2, ok & ok2)
+                return t, f, ok
 
             return combine
         if primitives.lookup(node.name).dynamic:
@@ -1013,7 +1013,7 @@ class _BoxSide:
         self.a, self.s, self.n, self.side = a, s, n, side
 
     def pieces(self):
-        return Pieces(self, np.arange(len(self.a)))
+        return Pieces.of(self.a, self.s, self.n, self.side)
 
     @property
     def strides(self):
