@@ -391,7 +391,7 @@ class Engine:
             return lambda box: (np.ones(len(box.qlo), bool),) * 3
         return self.prim_decide(node)
 
-    def search(self, decide, count_only: bool = False, narrow: bool = False) -> np.ndarray | int | None:
+    def search(self, decide, count_only: bool = False, narrow: bool = False, whole: bool = False):
         """Candidate tiles by branch and bound over key-tile ranges, per query tile.
 
         A binary tree over the key tiles holds each node's hull (position bounds); per query
@@ -407,9 +407,12 @@ class Engine:
                 narrow (more than a few undecided ranges per query tile).
             narrow: list the tiles, but give up (None) like ``count_only`` (one pass where a
                 count, then the listing, took two).
+            whole: also return, per tile, whether ``decide`` found the predicate surely true on a
+                hull holding it (then every pair of the tile is allowed).
 
         Returns:
-            Sorted keys ``m * nkb + n`` of the tiles that may hold an allowed pair (or their number).
+            Sorted keys ``m * nkb + n`` of the tiles that may hold an allowed pair (or their number;
+            with ``whole``, the keys and a bool per key).
         """
         from patterndsl.primitives.intervals import Boxes
 
@@ -439,21 +442,21 @@ class Engine:
             box = Boxes(qlo[m], qhi[m], lo[j], hi[j], qalo[m], qahi[m], alo[j], ahi[j])
             can_true, can_false, sound = decide(box)
             self.tally.searched += len(m)
-            whole = sound & ~can_false
-            if whole.any():
+            sure = sound & ~can_false
+            if sure.any():
                 width = 1 << level
-                first = j[whole] * width
+                first = j[sure] * width
                 if count_only:
                     total += int((np.minimum(first + width, self.nkb) - first).sum())
                 else:  # as runs, listed at the end (not at all when a narrow search gives up)
-                    found.append((m[whole], first, np.minimum(first + width, self.nkb)))
-            rest = ~whole & (can_true | ~sound)
+                    found.append((m[sure], first, np.minimum(first + width, self.nkb), np.ones(len(first), bool)))
+            rest = ~sure & (can_true | ~sound)
             m, j = m[rest], j[rest]
             if (count_only or narrow) and len(m) > 8 * self.nqb + 1024:
                 return None
             if level == 0:
                 total += len(m)
-                found.append((m, j, j + 1))
+                found.append((m, j, j + 1, np.zeros(len(m), bool)))
                 break
             m = np.repeat(m, 2)
             j = (np.repeat(j, 2) * 2) + np.tile(np.array([0, 1], np.int64), len(j))
@@ -462,9 +465,12 @@ class Engine:
         if count_only:
             return total
         if not found:
-            return np.zeros(0, np.int64)
-        rows, cols = expand_runs(*(np.concatenate(f) for f in zip(*found, strict=True)))
-        return np.sort(rows * self.nkb + cols)
+            return (np.zeros(0, np.int64), np.zeros(0, bool)) if whole else np.zeros(0, np.int64)
+        m, lo, hi, flag = (np.concatenate(f) for f in zip(*found, strict=True))
+        run, cols = expand_runs(np.arange(len(m), dtype=np.int64), lo, hi)
+        keys = m[run] * self.nkb + cols
+        order = np.argsort(keys, kind="stable")
+        return (keys[order], flag[run][order]) if whole else keys[order]
 
     def _candidates(self, prim: ir.Prim) -> np.ndarray:
         (qlo, qhi, qalo, qahi), _ = self._bounds()
@@ -757,7 +763,17 @@ class Engine:
             # (``causal & where(q // 256 - k // 256 <= 2)`` is a band; neither operand is).
             # Only when the boundary is narrow: where no operand prunes (columns in every
             # key tile), the search would split down to every tile.
-            domain = self.search(self.node_decide(node), narrow=True)
+            found = self.search(self.node_decide(node), narrow=True, whole=True)
+            if found is not None and found[1].any():
+                # tiles under a hull on which every operand surely holds are full: only the others
+                # are classified operand by operand
+                keys, sure = found
+                k2, s2 = self._inter(node, keys[~sure]) if not sure.all() else (keys[:0], np.zeros(0, np.int8))
+                out = np.concatenate([keys[sure], k2])
+                order = np.argsort(out, kind="stable")
+                state = np.concatenate([np.full(int(sure.sum()), FULL, np.int8), s2.astype(np.int8)])
+                return out[order], state[order]
+            domain = None if found is None else found[0]
         # Within a domain the operands only filter it: their rough cost orders them (counting each
         # one's reach over every query tile would cost more than the domain itself).
         items = sorted(node.items, key=self._reach if domain is None else _cost)
