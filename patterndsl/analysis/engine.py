@@ -388,17 +388,17 @@ class Engine:
 
             def combine(box):
                 got = [p(box) for p in parts]
-                t = np.stack([g[0] for g in got])
-                f = np.stack([g[1] for g in got])
-                ok = np.logical_and.reduce([g[2] for g in got])
-                return (t.all(0), f.any(0), ok) if conj else (t.any(0), f.all(0), ok)
+                t, f, ok = got[0]
+                for t2, f2, ok2 in got[1:]:  # pairwise: no stacked copies
+                    t, f, ok = (t & t2, f | f2, ok & ok2) if conj else (t | t2, f & f2, ok & ok2)
+                return t, f, ok
 
             return combine
         if primitives.lookup(node.name).dynamic:
             return lambda box: (np.ones(len(box.qlo), bool),) * 3
         return self.prim_decide(node)
 
-    def search(self, decide, count_only: bool = False) -> np.ndarray | int | None:
+    def search(self, decide, count_only: bool = False, narrow: bool = False, whole: bool = False):
         """Candidate tiles by branch and bound over key-tile ranges, per query tile.
 
         A binary tree over the key tiles holds each node's hull (position bounds); per query
@@ -412,9 +412,14 @@ class Engine:
 
             count_only: only count the tiles, and give up (None) when the boundary is not
                 narrow (more than a few undecided ranges per query tile).
+            narrow: list the tiles, but give up (None) like ``count_only`` (one pass where a
+                count, then the listing, took two).
+            whole: also return, per tile, whether ``decide`` found the predicate surely true on a
+                hull holding it (then every pair of the tile is allowed).
 
         Returns:
-            Sorted keys ``m * nkb + n`` of the tiles that may hold an allowed pair (or their number).
+            Sorted keys ``m * nkb + n`` of the tiles that may hold an allowed pair (or their number;
+            with ``whole``, the keys and a bool per key).
         """
         from patterndsl.primitives.intervals import Boxes
 
@@ -444,22 +449,21 @@ class Engine:
             box = Boxes(qlo[m], qhi[m], lo[j], hi[j], qalo[m], qahi[m], alo[j], ahi[j])
             can_true, can_false, sound = decide(box)
             self.tally.searched += len(m)
-            whole = sound & ~can_false
-            if whole.any():
+            sure = sound & ~can_false
+            if sure.any():
                 width = 1 << level
-                first = j[whole] * width
+                first = j[sure] * width
                 if count_only:
                     total += int((np.minimum(first + width, self.nkb) - first).sum())
-                else:
-                    rows, cols = expand_runs(m[whole], first, np.minimum(first + width, self.nkb))
-                    found.append(rows * self.nkb + cols)
-            rest = ~whole & (can_true | ~sound)
+                else:  # as runs, listed at the end (not at all when a narrow search gives up)
+                    found.append((m[sure], first, np.minimum(first + width, self.nkb), np.ones(len(first), bool)))
+            rest = ~sure & (can_true | ~sound)
             m, j = m[rest], j[rest]
-            if count_only and len(m) > 8 * self.nqb + 1024:
+            if (count_only or narrow) and len(m) > 8 * self.nqb + 1024:
                 return None
             if level == 0:
                 total += len(m)
-                found.append(m * self.nkb + j)
+                found.append((m, j, j + 1, np.zeros(len(m), bool)))
                 break
             m = np.repeat(m, 2)
             j = (np.repeat(j, 2) * 2) + np.tile(np.array([0, 1], np.int64), len(j))
@@ -468,8 +472,12 @@ class Engine:
         if count_only:
             return total
         if not found:
-            return np.zeros(0, np.int64)
-        return np.sort(np.concatenate(found))
+            return (np.zeros(0, np.int64), np.zeros(0, bool)) if whole else np.zeros(0, np.int64)
+        m, lo, hi, flag = (np.concatenate(f) for f in zip(*found, strict=True))
+        run, cols = expand_runs(np.arange(len(m), dtype=np.int64), lo, hi)
+        keys = m[run] * self.nkb + cols
+        order = np.argsort(keys, kind="stable")
+        return (keys[order], flag[run][order]) if whole else keys[order]
 
     def _candidates(self, prim: ir.Prim) -> np.ndarray:
         (qlo, qhi, qalo, qahi), _ = self._bounds()
@@ -770,9 +778,17 @@ class Engine:
             # (``causal & where(q // 256 - k // 256 <= 2)`` is a band; neither operand is).
             # Only when the boundary is narrow: where no operand prunes (columns in every
             # key tile), the search would split down to every tile.
-            decide = self.node_decide(node)
-            if self.search(decide, count_only=True) is not None:
-                domain = self.search(decide)
+            found = self.search(self.node_decide(node), narrow=True, whole=True)
+            if found is not None and found[1].any():
+                # tiles under a hull on which every operand surely holds are full: only the others
+                # are classified operand by operand
+                keys, sure = found
+                k2, s2 = self._inter(node, keys[~sure]) if not sure.all() else (keys[:0], np.zeros(0, np.int8))
+                out = np.concatenate([keys[sure], k2])
+                order = np.argsort(out, kind="stable")
+                state = np.concatenate([np.full(int(sure.sum()), FULL, np.int8), s2.astype(np.int8)])
+                return out[order], state[order]
+            domain = None if found is None else found[0]
         # Within a domain the operands only filter it: their rough cost orders them (counting each
         # one's reach over every query tile would cost more than the domain itself).
         items = sorted(node.items, key=self._reach if domain is None else _cost)
@@ -1038,7 +1054,7 @@ class _BoxSide:
         self.a, self.s, self.n, self.side = a, s, n, side
 
     def pieces(self):
-        return Pieces(self, np.arange(len(self.a)))
+        return Pieces.of(self.a, self.s, self.n, self.side)
 
     @property
     def strides(self):

@@ -27,7 +27,7 @@ import numpy as np
 
 from patterndsl import ir
 from patterndsl.analysis import engine as eng
-from patterndsl.analysis import hierarchy, routetiles, tiles
+from patterndsl.analysis import hierarchy, routeedges, routegroups, routetiles, tiles
 
 #: Rows of query groups a first-level candidate tile holds at most (as a power of two times ``qblock``).
 GROUP_ROWS = 128
@@ -141,12 +141,13 @@ def _sub_engine(engine: eng.Engine, shape: tuple[int, int], cache: dict) -> eng.
 SIDES = "sides"
 
 
-def candidates(engine: eng.Engine, prim: ir.Prim, geo, cache: dict | None = None) -> routetiles.RunTable:
-    """The candidate blocks of every group as runs (see the module notes: rows halved where partial)."""
+def candidates(engine: eng.Engine, prim: ir.Prim, geo, cache: dict | None = None) -> routegroups.GroupRuns:
+    """The candidate blocks of every group as runs over segments of groups (see the module notes: rows
+    halved where partial; :mod:`~patterndsl.analysis.routegroups`: no per-group array)."""
     qblock, block, n_q = geo.qblock, geo.block, geo.n_q
     among = eng.rewrite_for_plan(prim.arg("among"))
     top = max(0, (max(min(engine.q.block, GROUP_ROWS) // qblock, 1)).bit_length() - 1)
-    out_g, out_lo, out_hi = [], [], []
+    rows = []
     domain = None
     cache = {} if cache is None else cache
     for j in range(top, -1, -1):
@@ -167,15 +168,16 @@ def candidates(engine: eng.Engine, prim: ir.Prim, geo, cache: dict | None = None
             keys, state = sub.run(among, domain)
         m, n = keys // nk, keys % nk
         take = (state == eng.FULL) | (j == 0)  # a non-empty tile of one group is a candidate
-        if j > 0 and not take.all():
-            take |= _edge_column_full(engine, among, qblock << j, block, m, n, cache)
+        if 0 < j < top and not take.all():
+            # tiles partial in their parent's row too (a first level's partial tiles are mostly edges
+            # that halving settles: blocks aligned with among's own edges, nsa_select)
+            take |= routeedges.edge_column_full(sub.q, engine.env, engine.tally, among, block, m, n)
         tm, tlo, thi = m[take], n[take], n[take] + 1
         if runs is not None:
             tm, tlo, thi = np.concatenate([tm, runs[0]]), np.concatenate([tlo, runs[1]]), np.concatenate([thi, runs[2]])
-        g, lo, hi = _group_runs(tm, tlo, thi, j, n_q, nk)
-        out_g.append(g)
-        out_lo.append(lo)
-        out_hi.append(hi)
+        merged = routetiles._merged(tm, tlo, thi, nk)  # a row's runs merged before it is cut into segments
+        g0 = merged.group << j
+        rows.append((g0, np.minimum(g0 + (1 << j), n_q), merged.lo, merged.hi))
         if j == 0:
             break
         pm, pn = m[~take], n[~take]
@@ -186,51 +188,17 @@ def candidates(engine: eng.Engine, prim: ir.Prim, geo, cache: dict | None = None
         domain = np.sort(child[ok] * nk + cn[ok])
         if not len(domain):
             break
-    g, lo, hi = (np.concatenate(a) if a else np.zeros(0, np.int64) for a in (out_g, out_lo, out_hi))
-    key = g * geo.n_k + lo
-    if len(key) > 1 and not (key[1:] > key[:-1]).all():
-        order = np.argsort(key, kind="stable")
-        g, lo, hi = g[order], lo[order], hi[order]
-    return routetiles._merged(g, lo, hi, geo.n_k)
-
-
-def _edge_column_full(engine, among, rows: int, block: int, m: np.ndarray, n: np.ndarray, cache: dict) -> np.ndarray:
-    """Per tile ``(m, n)`` of ``rows`` queries by block ``n``: ``among`` allows every query of the tile with the
-    block's first key, or every one with its last (then every group of the tile has the block as a candidate).
-
-    A band's edge crosses a block: ``causal - window(63)`` gives the first query of a 128-query tile
-    only the first key of a block, so the tile is partial, but the column of that key is full; without
-    this its rows would be halved down to one query each.
-    """
-    kv_len = engine.ctx.kv_len
-    sub = _sub_engine(engine, (rows, 1), cache)
-    out = np.zeros(len(m), bool)
-    for key in (n * block, np.minimum((n + 1) * block, kv_len) - 1):
-        sel = np.flatnonzero(~out)
-        if not len(sel):
-            break
-        keys = m[sel] * sub.nkb + key[sel]
-        order = np.argsort(keys, kind="stable")
-        state = routetiles.routeplan_states(sub, among, keys[order])
-        out[sel[order[state == eng.FULL]]] = True
-    return out
-
-
-def _group_runs(m: np.ndarray, lo: np.ndarray, hi: np.ndarray, j: int, n_q: int, n_k: int):
-    """Runs of blocks ``(m, [lo, hi))`` of tiles of ``2**j`` groups as runs of every group, sorted by (group, lo)."""
-    rows = routetiles._merged(m, lo, hi, n_k)  # tile runs merged per row before they are repeated per group
-    um, start = np.unique(rows.group, return_index=True)
-    count = np.diff(np.append(start, len(rows.group)))
-    g0 = um << j
-    pair, g = eng.expand_runs(np.arange(len(um), dtype=np.int64), g0, np.minimum((um + 1) << j, n_q))
-    at, r = eng.expand_runs(np.arange(len(g), dtype=np.int64), start[pair], start[pair] + count[pair])
-    return g[at], rows.lo[r], rows.hi[r]
+    return routegroups.segmented(rows, geo)
 
 
 class _Spans:
-    """The candidate runs with the key tiles each touches / covers whole and the query tiles of its group."""
+    """The candidate runs with the key tiles each touches / covers whole and the query tiles of its group.
 
-    def __init__(self, geo, cand: routetiles.RunTable, run_open: np.ndarray):
+    ``geo`` may see segments of groups in the groups' place (:class:`routegroups.SegmentGeometry`):
+    ``sizes`` then gives each segment's groups, the weight of its runs in the counts.
+    """
+
+    def __init__(self, geo, cand, run_open: np.ndarray, sizes: np.ndarray | None = None):
         self.geo, self.cand = geo, cand
         self.t0, self.t1, self.f0, self.f1 = geo.spans(cand)
         self.row_run, self.row_m = geo.rows(cand.group)  # (run, query tile) pairs
@@ -242,7 +210,10 @@ class _Spans:
         for f in fields:
             new[1:] |= f[1:] != f[:-1]
         first = np.flatnonzero(new)
-        self.weight = np.diff(np.append(first, len(r)))
+        if sizes is None:
+            self.weight = np.diff(np.append(first, len(r)))
+        else:
+            self.weight = np.add.reduceat(sizes[cand.group[r]], first) if len(first) else first
         self.m, self.tt0, self.tt1, self.ff0, self.ff1, self.open = (f[first] for f in fields)
 
     def cover(self, which: bool | None):
@@ -334,7 +305,7 @@ class RoutedRuns:
     open: np.ndarray
     route_mask: np.ndarray
     prim: ir.Prim
-    forced_runs: routetiles.RunTable
+    forced_runs: routegroups.GroupRuns
     forced_cover: tuple
     groups_per_tile: np.ndarray
     nkb: int
@@ -400,15 +371,19 @@ def classify(engine: eng.Engine, node: ir.Node, geo=None) -> RoutedRuns:
     nkb = geo.nkb
     cache: dict = {}
     grid = getattr(geo, "grid", False)  # routegrid's geometry: its own candidates and spans
-    cand = routegrid.candidates(engine, prim, geo) if grid else candidates(engine, prim, geo, cache)
-    if not grid and geo.block != 1:  # key columns of the candidates' edge test: one tile per key
-        for shape in [s for s in cache if s != SIDES and s[1] == 1]:
-            del cache[shape]
-        cache.get(SIDES, {}).pop(("k", 1), None)
-    n_cand = np.bincount(cand.group, weights=cand.hi - cand.lo, minlength=geo.n_q).astype(np.int64)
+    if grid:
+        cand = routegrid.candidates(engine, prim, geo)
+        n_cand = np.bincount(cand.group, weights=cand.hi - cand.lo, minlength=geo.n_q).astype(np.int64)
+    else:
+        cand = candidates(engine, prim, geo, cache)
+        # per segment of groups (its groups have the same candidates)
+        n_cand = np.bincount(cand.group, weights=cand.hi - cand.lo, minlength=cand.segments).astype(np.int64)
     take = np.minimum(prim.arg("topk"), n_cand)
     run_open = (n_cand > take)[cand.group]
-    spans = routegrid.GridSpans(geo, cand, run_open) if grid else _Spans(geo, cand, run_open)
+    if grid:
+        spans = routegrid.GridSpans(geo, cand, run_open)
+    else:
+        spans = _Spans(routegroups.SegmentGeometry(geo, cand), cand, run_open, cand.sizes)
     cand_cover, forced_cover = spans.cover(None), spans.cover(False)
     open_touch = spans.cover(True)[0]
     all_bad, none_bad = spans.over(run_open, take), spans.over(run_open, n_cand - take)
@@ -505,14 +480,12 @@ def _other_tiles(engine, node, prim, sign, geo, cand, n_cand, take, values, segs
     state[maybe[boxed]] = eng.DYNAMIC
     rest = maybe[~boxed]
     if len(rest):
-        facts = routetiles._Facts(engine, prim, n_cand, take)
+        per_group = getattr(cand, "per_group", None)  # segments of groups (1-D) or one row per group (grid)
+        counts = (per_group(n_cand), per_group(take)) if per_group else (n_cand, take)
+        facts = routetiles._Facts(engine, prim, *counts)
         sel_lo, sel_up = {prim: tables[low_name]}, {prim: tables[up_name]}
         state[rest] = routeplan.exact_states(engine, node, facts, sign, keys[rest], sel_lo, sel_up)
     return tm, tn, tn + 1, state, ot > 0, ct > 0
-
-
-#: Most (cell, group) pairs :func:`_chosen_count` lists at once (its memory: a few arrays of this length).
-CHUNK_PAIRS = 1 << 20
 
 
 def _chosen_count(table: routetiles.RunTable, g0: np.ndarray, g1: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -522,6 +495,8 @@ def _chosen_count(table: routetiles.RunTable, g0: np.ndarray, g1: np.ndarray, b:
     to group (``causal - window(63)``: ``[0, (q - 64) // 64 + 1)``), the groups holding ``b`` are
     a range found by two binary searches; else the pairs are listed (in chunks).
     """
+    if isinstance(table, routegroups.GroupRuns):
+        return table.chosen_count(g0, g1, b)
     lo, hi = (t.numpy() for t in table._table())
     if lo.shape[1] == 1:
         first, last = lo[:-1, 0], hi[:-1, 0]  # the zero row past the last group dropped
@@ -534,22 +509,7 @@ def _chosen_count(table: routetiles.RunTable, g0: np.ndarray, g1: np.ndarray, b:
 
 def _chosen_count_listed(lo: np.ndarray, hi: np.ndarray, g0: np.ndarray, g1: np.ndarray, b: np.ndarray) -> np.ndarray:
     """:func:`_chosen_count` from the (cell, group) pairs, from the ``[groups + 1, runs]`` bounds."""
-    out = np.zeros(len(b), np.int64)
-    ends = np.cumsum(g1 - g0)
-    start = 0
-    while start < len(b):
-        # cells [start, stop) list at most CHUNK_PAIRS pairs (at least one cell)
-        base = ends[start - 1] if start else 0
-        stop = max(int(np.searchsorted(ends, base + CHUNK_PAIRS, "right")), start + 1)
-        cell, a = eng.expand_runs(np.arange(start, stop, dtype=np.int64), g0[start:stop], g1[start:stop])
-        a = np.minimum(a, len(lo) - 1)  # groups past the last run have none (the zero row)
-        bb = b[cell]
-        hit = np.zeros(len(a), bool)
-        for r in range(lo.shape[1]):
-            hit |= (bb >= lo[a, r]) & (bb < hi[a, r])
-        out[start:stop] = np.bincount(cell - start, weights=hit, minlength=stop - start)
-        start = stop
-    return out
+    return routegroups.count_listed(lo, hi, np.arange(len(lo), dtype=np.int64), g0, g1, b)
 
 
 def _tile_bounds(engine: eng.Engine, node: ir.Node, geo, keys: np.ndarray, tables: list, sign: int, cache) -> list:

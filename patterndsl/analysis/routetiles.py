@@ -137,14 +137,30 @@ class _Geometry:
         self.bt0 = ks[:-1] // block
         self.bt1 = (ks[1:] - 1) // block + 1
         self.groups_per_tile = (qs[1:] - 1) // self.qblock + 1 - qs[:-1] // self.qblock
-        a = np.arange(self.n_q, dtype=np.int64)
-        first, last = a * self.qblock, np.minimum((a + 1) * self.qblock, q_len) - 1
-        bm = engine.q.block
-        if len(qs) == self.nqb + 1 and (qs[:-1] == np.arange(self.nqb, dtype=np.int64) * bm).all():
-            self.qt0, self.qt1 = first // bm, last // bm + 1  # tiles of BM queries from the first: no search
-        else:
-            self.qt0 = np.searchsorted(qs, first, "right") - 1
-            self.qt1 = np.searchsorted(qs, last, "right")
+        self.q_starts, self.q_len, self._bm = qs, q_len, engine.q.block
+        self._regular = len(qs) == self.nqb + 1 and (qs[:-1] == np.arange(self.nqb, dtype=np.int64) * self._bm).all()
+        self._qt = None
+
+    def group_tiles(self, a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Query tiles ``[qt0, qt1)`` that groups ``a`` meet."""
+        first, last = a * self.qblock, np.minimum((a + 1) * self.qblock, self.q_len) - 1
+        if self._regular:
+            return first // self._bm, last // self._bm + 1  # tiles of BM queries from the first: no search
+        return np.searchsorted(self.q_starts, first, "right") - 1, np.searchsorted(self.q_starts, last, "right")
+
+    def _per_group(self) -> tuple[np.ndarray, np.ndarray]:
+        # every group's query tiles, built when first read (routeruns works on segments of groups)
+        if self._qt is None:
+            self._qt = self.group_tiles(np.arange(self.n_q, dtype=np.int64))
+        return self._qt
+
+    @property
+    def qt0(self) -> np.ndarray:
+        return self._per_group()[0]
+
+    @property
+    def qt1(self) -> np.ndarray:
+        return self._per_group()[1]
 
     def spans(self, runs: RunTable):
         """Per run: key tiles touched ``[t0, t1)`` and covered whole ``[f0, f1)`` (``f0 >= f1``: none)."""

@@ -144,6 +144,14 @@ class Pieces:
             self.isap = np.ones(len(self.a), dtype=bool)
             self.fs, self.fn = self.s[:, 0], self.n[:, 0]
 
+    @classmethod
+    def of(cls, a: np.ndarray, s: np.ndarray, n: np.ndarray, side) -> Pieces:
+        """The pieces ``a + s * t`` (``t < n``, ``[B, D]`` each, read, never written) of ``side``'s layout."""
+        out = object.__new__(cls)
+        w, ext = np.asarray(side.strides, dtype=np.int64), np.asarray(side.extents, dtype=np.int64)
+        out._set(a, s, n, w, ext)
+        return out
+
     def take(self, sel: np.ndarray) -> Pieces:
         """The pieces at positions ``sel`` of this selection."""
         out = object.__new__(Pieces)

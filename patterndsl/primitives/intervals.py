@@ -180,8 +180,9 @@ def _combine_congruence(op, left, right):
 
 
 def _corners(values):
-    stack = np.stack(values)
-    return stack.min(0), stack.max(0)
+    # pairwise minimum / maximum: no stacked copy of the four corners
+    a, b, c, d = values
+    return np.minimum(np.minimum(a, b), np.minimum(c, d)), np.maximum(np.maximum(a, b), np.maximum(c, d))
 
 
 def _mul(a, b, sound):
@@ -199,6 +200,9 @@ def _nonzero_divisor(b, sound):
 
 def _floordiv(a, b, sound):
     (alo, ahi) = a
+    if len(b[0]) and b[0][0] > 0 and (b[0] == b[0][0]).all() and (b[1] == b[0][0]).all():
+        # one positive divisor (``q // 64``): floor division is non-decreasing in a
+        return alo // b[0][0], ahi // b[0][0]
     blo, bhi = _nonzero_divisor(b, sound)
     # b does not change sign, so a / b is monotone in each argument and floor keeps that:
     # the extremes are at the corners.

@@ -184,7 +184,10 @@ def _where_classify(prim, qp, kp, env):
     if isinstance(pred, ir.Const) and isinstance(pred.value, bool):
         v = np.full(len(qp.fa), pred.value)
         return v, v.copy(), exact(len(qp.fa))
-    hp = halfplane_of(pred, env)
+    facts = env.cache.setdefault("where facts", {})  # the predicate's forms, once per plan (not per box batch)
+    if (pred, env.head) not in facts:
+        facts[pred, env.head] = halfplane_of(pred, env), one_side(pred)
+    hp, side = facts[pred, env.head]
     if hp is not None:
         return _halfplane(qp, kp, *hp)
     periodic = residues.classify(prim, qp, kp, env)
@@ -194,7 +197,6 @@ def _where_classify(prim, qp, kp, env):
     # true or cannot be false; the engine refines the rest.
     can_true, can_false, sound = intervals.decide(pred, intervals.pieces_boxes(qp, kp), env)
     nonempty, full, ok = can_true, ~can_false, sound & ~(can_true & can_false)
-    side = one_side(pred)
     if side is not None and not ok.all():
         # Read on one side only: the pieces of that side decide the rest exactly.
         rest = np.flatnonzero(~ok)
