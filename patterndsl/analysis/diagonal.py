@@ -28,6 +28,10 @@ from patterndsl.primitives.common import distinct_rows
 MIN_TILES = 256
 #: Largest period of translation (lcm of the primitives' periods) grouped by.
 MAX_PERIOD = 1 << 12
+#: Most bands whose inside / outside sets name a class of tiles (:func:`_by_bands`).
+_MAX_BANDS = 24
+#: Band limits beyond this are as good as unbounded.
+_LIMIT = 1 << 62
 
 
 def period(engine: eng.Engine, node: ir.Node) -> int | None:
@@ -73,10 +77,63 @@ def _split(engine: eng.Engine, keys: np.ndarray, step: int):
         return None
     first = np.full(len(uniq), len(keys), np.int64)
     np.minimum.at(first, inverse, np.arange(len(keys), dtype=np.int64))
-    order = np.argsort(first)  # representatives in key order: they are sorted then
+    return _in_key_order(keys, first, inverse)
+
+
+def _in_key_order(keys: np.ndarray, first: np.ndarray, inverse: np.ndarray):
+    # ``(reps, inverse)`` from each class's first tile and each tile's class: representatives in key
+    # order (sorted, as ``keys`` are), classes renumbered alike
+    order = np.argsort(first)
     rank = np.empty(len(order), np.int64)
     rank[order] = np.arange(len(order))
     return keys[first[order]], rank[inverse]
+
+
+def _bands(engine: eng.Engine, node: ir.Node) -> list[tuple[int, int, int]]:
+    """The distinct bands ``(lo, hi, mod)`` among ``node``'s primitives (limits clipped to int64)."""
+    cache = engine.env.cache.setdefault("translation bands", {})
+    if node not in cache:
+        found = {eng.band_of(p, engine.env) for p in ir.walk(node) if isinstance(p, ir.Prim)} - {None}
+        cache[node] = sorted((max(lo, -_LIMIT), min(hi, _LIMIT), mod) for lo, hi, mod in found)
+    return cache[node]
+
+
+def _by_bands(engine: eng.Engine, node: ir.Node, keys: np.ndarray):
+    """``(reps, inverse)`` like :func:`_split`, in identity order with square tiles (:func:`invariant`).
+
+    A full-size tile on a diagonal where every band of ``node`` is decided whole (``q - k`` outside its
+    limits on the whole tile, or inside them with the modulus dividing the tile) holds the same mask
+    as every other such tile with the same bands inside: its other primitives repeat with periods
+    dividing the tile on each side alone, so moving its queries, then its keys, by whole tiles changes
+    nothing. Those tiles form one class per set of bands inside; a diagonal that cuts a band is a
+    class of its own, and an edge tile (shorter than the tile) is one alone.
+    """
+    q, k = engine.q, engine.k
+    bands = _bands(engine, node)
+    if len(bands) > _MAX_BANDS:
+        return None
+    size = q.block
+    m, n = keys // engine.nkb, keys % engine.nkb
+    full = (m < q.length // size) & (n < k.length // size)
+    diff = q.a[m, 0] - k.a[n, 0]  # q - k at the tile's first pair: one value per diagonal
+    low, high = diff - (size - 1), diff + (size - 1)
+    cut = ~full
+    code = np.zeros(len(keys), np.int64)
+    for bit, (lo, hi, mod) in enumerate(bands):
+        inside = (low >= lo) & (high <= hi) & (size % mod == 0)
+        cut |= ~(inside | (high < lo) | (low > hi))
+        code |= inside.astype(np.int64) << bit
+    if cut.any():
+        # a diagonal of its own (offset past every set of bands), an edge tile alone past those
+        span = int(diff.max()) - int(diff.min()) + 1
+        base = 1 << len(bands)
+        code[cut] = base + diff[cut] - int(diff.min())
+        edge = np.flatnonzero(~full)
+        code[edge] = base + span + np.arange(len(edge))
+    _, first, inverse = np.unique(code, return_index=True, return_inverse=True)
+    if 2 * len(first) > len(keys):
+        return None
+    return _in_key_order(keys, first, inverse.reshape(-1))
 
 
 def _along(engine: eng.Engine, node: ir.Node, keys: np.ndarray, values) -> np.ndarray | None:
@@ -84,7 +141,10 @@ def _along(engine: eng.Engine, node: ir.Node, keys: np.ndarray, values) -> np.nd
     if len(keys) < MIN_TILES:
         return None
     step = period(engine, node)
-    split = None if step is None else _split(engine, keys, step)
+    if step is not None and invariant(engine, node):
+        split = _by_bands(engine, node, keys)
+    else:
+        split = None if step is None else _split(engine, keys, step)
     if split is None:
         return None
     reps, inverse = split

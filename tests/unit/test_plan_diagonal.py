@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import random
 
+import numpy as np
 import pytest
+import torch
 
 import patterndsl
 from patterndsl.analysis import diagonal, hierarchy
@@ -90,3 +92,50 @@ def test_flat_plans_classify_one_tile_per_diagonal(monkeypatch):
     monkeypatch.setattr(diagonal, "MIN_TILES", 1 << 60)
     each = check_plan(pir, 203, 203, 1, (8, 8), "identity").stats.extra["tiles_classified"]
     assert 5 * grouped < each
+
+
+def _tile_masks(engine, node, keys):
+    # every tile's element mask (padding cleared), [T, BM, BN]
+    from patterndsl import semantics
+
+    out = []
+    for _, i, j, valid in engine.chunks(keys):
+        out.append(semantics.evaluate(node, i, j, engine.env.head, engine.ctx) & valid)
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize(
+    ("source", "lq", "lk"),
+    [
+        ("causal & (window(9) | where(k % 4 == 1))", 256, 256),  # S2-attention's shards
+        ("causal & (window(9) | where(k % 4 == 1))", 203, 230),  # edge tiles, Lq != Lk
+        ("window(14, 14) | where(k % 4 == 1)", 128, 128),  # one past a tile's reach: the window cut
+        ("window(12, 3) & ~window(2) | where((q - k) % 8 < 3)", 200, 200),
+        ("causal & (window(20) | window(40, dilation = 3))", 160, 180),  # a modulus not dividing the tile
+        ("causal & (window(20) | window(40, dilation = 4))", 160, 160),
+    ],
+)
+def test_classes_by_bands_hold_one_mask(source, lq, lk, monkeypatch):
+    # tiles of one class (every band decided alike, or one diagonal cutting a band) hold one mask
+    node = simplify(patterndsl.compile(f"pattern p {{ {source} }}").ir.default)
+    engine = eng.identity_engine(Sizes(lq, lk, None, 1), 0, 8)
+    keys = engine.all_keys()
+    assert diagonal.invariant(engine, node)
+    reps, inverse = diagonal._by_bands(engine, node, keys)
+    masks = _tile_masks(engine, node, keys)
+    assert torch.equal(masks, masks[np.searchsorted(keys, reps)][inverse])
+    assert np.array_equal(reps, np.sort(reps)) and len(reps) < len(keys) // 4
+    counts = masks.flatten(1).sum(1).numpy()
+    partial = np.flatnonzero((counts > 0) & (counts < masks[0].numel()))
+    monkeypatch.setattr(diagonal, "MIN_TILES", 0)
+    grouped = diagonal.count(engine, node, keys[partial])
+    assert grouped is not None and np.array_equal(grouped, counts[partial])
+
+
+def test_bands_decided_alike_share_a_class():
+    # below the window every tile of S2-attention's shard holds the same mask: few classes, not one per diagonal
+    node = simplify(patterndsl.compile("pattern p { causal & (window(9) | where(k % 4 == 1)) }").ir.default)
+    engine = eng.identity_engine(Sizes(512, 512, None, 1), 0, 8)
+    reps, _ = diagonal._by_bands(engine, node, engine.all_keys())
+    # above causal, on it, the diagonal below (window cut), the one after it (window inside)... below
+    assert len(reps) <= 5
