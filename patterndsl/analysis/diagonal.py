@@ -167,8 +167,13 @@ def evaluate(engine: eng.Engine, node: ir.Node, keys: np.ndarray) -> np.ndarray 
 
 
 def count(engine: eng.Engine, node: ir.Node, keys: np.ndarray) -> np.ndarray | None:
-    """Allowed pairs of tiles ``keys``, one tile per class (None: not worth it)."""
-    return _along(engine, node, keys, lambda part: eng.count_tiles(engine, node, part))
+    """Allowed pairs of tiles ``keys``, one tile per class (None: not worth it).
+
+    The representatives are counted on the whole node at once (one box refinement, where the bands'
+    closed forms and the periodic primitives' residue tables apply), not through the algebra operand
+    by operand: they are a few tiles, and each operand pass costs a refinement of its own.
+    """
+    return _along(engine, node, keys, lambda part: eng.count_allowed(engine, node, part))
 
 
 def run_all(engine: eng.Engine, node: ir.Node) -> tuple[np.ndarray, np.ndarray] | None:
