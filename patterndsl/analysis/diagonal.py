@@ -29,7 +29,7 @@ MIN_TILES = 256
 #: Largest period of translation (lcm of the primitives' periods) grouped by.
 MAX_PERIOD = 1 << 12
 #: Most bands whose inside / outside sets name a class of tiles (:func:`_by_bands`).
-_MAX_BANDS = 24
+_MAX_BANDS = 16
 #: Band limits beyond this are as good as unbounded.
 _LIMIT = 1 << 62
 
@@ -110,8 +110,6 @@ def _by_bands(engine: eng.Engine, node: ir.Node, keys: np.ndarray):
     """
     q, k = engine.q, engine.k
     bands = _bands(engine, node)
-    if len(bands) > _MAX_BANDS:
-        return None
     size = q.block
     m, n = keys // engine.nkb, keys % engine.nkb
     full = (m < q.length // size) & (n < k.length // size)
@@ -124,16 +122,21 @@ def _by_bands(engine: eng.Engine, node: ir.Node, keys: np.ndarray):
         cut |= ~(inside | (high < lo) | (low > hi))
         code |= inside.astype(np.int64) << bit
     if cut.any():
-        # a diagonal of its own (offset past every set of bands), an edge tile alone past those
-        span = int(diff.max()) - int(diff.min()) + 1
+        # a diagonal of its own (numbered past every set of bands), an edge tile alone past those
+        diag = m - n
         base = 1 << len(bands)
-        code[cut] = base + diff[cut] - int(diff.min())
+        code[cut] = base + diag[cut] - int(diag.min())
         edge = np.flatnonzero(~full)
-        code[edge] = base + span + np.arange(len(edge))
-    _, first, inverse = np.unique(code, return_index=True, return_inverse=True)
-    if 2 * len(first) > len(keys):
+        code[edge] = base + int(diag.max()) - int(diag.min()) + 1 + np.arange(len(edge))
+    # classes numbered densely (codes are below 2**len(bands) + tiles): counted, not sorted
+    present = np.bincount(code) > 0
+    inverse = (np.cumsum(present) - 1)[code]
+    classes = int(present.sum())
+    if 2 * classes > len(keys):
         return None
-    return _in_key_order(keys, first, inverse.reshape(-1))
+    first = np.full(classes, len(keys), np.int64)
+    np.minimum.at(first, inverse, np.arange(len(keys), dtype=np.int64))
+    return _in_key_order(keys, first, inverse)
 
 
 def _along(engine: eng.Engine, node: ir.Node, keys: np.ndarray, values) -> np.ndarray | None:
@@ -141,7 +144,7 @@ def _along(engine: eng.Engine, node: ir.Node, keys: np.ndarray, values) -> np.nd
     if len(keys) < MIN_TILES:
         return None
     step = period(engine, node)
-    if step is not None and invariant(engine, node):
+    if step is not None and invariant(engine, node) and len(_bands(engine, node)) <= _MAX_BANDS:
         split = _by_bands(engine, node, keys)
     else:
         split = None if step is None else _split(engine, keys, step)
