@@ -139,3 +139,18 @@ def test_bands_decided_alike_share_a_class():
     reps, _ = diagonal._by_bands(engine, node, engine.all_keys())
     # above causal, on it, the diagonal below (window cut), the one after it (window inside)... below
     assert len(reps) <= 5
+
+
+def test_many_bands_group_by_diagonal(monkeypatch):
+    # beyond MAX_BANDS the classes are the diagonals' (the duplicate-row search), still exact
+    rings = " | ".join(f"(window({3 * i + 2}) & ~window({3 * i}))" for i in range(1, 10))
+    node = simplify(patterndsl.compile(f"pattern p {{ causal & ({rings} | where(k % 4 == 1)) }}").ir.default)
+    engine = eng.identity_engine(Sizes(203, 203, None, 1), 0, 8)
+    assert len(diagonal._bands(engine, node)) > diagonal._MAX_BANDS
+    keys = engine.all_keys()
+    counts = _tile_masks(engine, node, keys).flatten(1).sum(1).numpy()
+    partial = np.flatnonzero((counts > 0) & (counts < 64))
+    monkeypatch.setattr(diagonal, "MIN_TILES", 0)
+    monkeypatch.setattr(diagonal, "_by_bands", None)  # not reached
+    grouped = diagonal.count(engine, node, keys[partial])
+    assert grouped is not None and np.array_equal(grouped, counts[partial])
