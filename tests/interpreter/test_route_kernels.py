@@ -37,7 +37,12 @@ CASES = {
     # random(...) tables reach the routed kernels through AUX.
     "random_and_route": ("causal & (random(1, 8, 3) | route(1, block = 8, among = causal))", None, 40, 40, 1, 2, 1,
                          16, "float32"),
+    # A grid route planned as runs (analysis/routegrid.py; tests/unit/test_plan_grid_fast.py checks it applies).
+    "grid_route_runs": ("neighborhood(3) | route(topk = 2, block = (2, 8))", "y = 6, x = 64", 384, 384, 1, 2, 2, 16,
+                        "float32"),
 }  # fmt: skip
+#: Cases too slow for the default run (about 26 s in the interpreter).
+SLOW = {"grid_route_runs"}
 
 
 def _source(name):
@@ -136,7 +141,7 @@ def _run(interpreter, name):
         pytest.fail(result["error"], pytrace=False)
 
 
-@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in CASES])
 def test_route_kernel_matches_reference(interpreter, name):
     _run(interpreter, name)
 

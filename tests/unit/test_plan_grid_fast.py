@@ -120,38 +120,18 @@ def test_grid_route_runs_expand_to_the_pair_by_pair_plan(seed):
     assert got.forced[prim][2].tolist() == fixed[2].tolist()
 
 
-_TRITON_GRID_ROUTE = """
-import torch, patterndsl
-from patterndsl.analysis import engine as eng, routegrid
-from patterndsl.sizes import Sizes
-from tests.reference import reference_attention
-p = patterndsl.compile("pattern p { layout grid(y = 6, x = 64)\\n neighborhood(3) | route(topk = 2, block = (2, 8)) }")
-node = eng.rewrite_for_plan(p.ir.default)
-assert routegrid.geometry(eng.identity_engine(Sizes(384, 384, p.ir.layout), 0, (64, 64)), node) is not None
-gen = torch.Generator().manual_seed(0)
-q, k, v = (torch.randn(1, 2, 384, 16, generator=gen) for _ in range(3))
-out, lse = p(q, k, v, return_lse=True, backend="triton")
-ref, ref_lse = reference_attention(q, k, v, p.mask(384, 384, 2, q=q, k=k))
-torch.testing.assert_close(out.double(), ref.detach(), atol=1e-3, rtol=1e-3)
-torch.testing.assert_close(lse.double(), ref_lse.detach(), atol=1e-3, rtol=1e-3)
-print("grid-route-triton-ok")
-"""
+@pytest.mark.parametrize("tile", [(16, 16), (64, 64)])
+def test_the_interpreter_case_of_a_grid_route_is_planned_as_runs(tile):
+    """tests/interpreter/test_route_kernels.py's ``grid_route_runs`` (16 x 16 Triton tiles there) takes routegrid."""
+    import patterndsl
+    from patterndsl.analysis import engine as eng
+    from patterndsl.analysis import routegrid
+    from patterndsl.sizes import Sizes
+    from tests.interpreter.test_route_kernels import _source
 
-
-@pytest.mark.slow
-def test_a_grid_route_planned_as_runs_runs_on_triton_under_the_interpreter():
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[2]
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(root)}
-    done = subprocess.run(
-        [sys.executable, "-c", _TRITON_GRID_ROUTE], env=env, cwd=root, capture_output=True, text=True, timeout=900
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "grid-route-triton-ok" in done.stdout
+    p = patterndsl.compile(_source("grid_route_runs"))
+    node = eng.rewrite_for_plan(p.ir.default)
+    assert routegrid.geometry(eng.identity_engine(Sizes(384, 384, p.ir.layout), 0, tile), node) is not None
 
 
 @pytest.mark.parametrize("tiles", [(8, 8), (4, 16)])
