@@ -352,8 +352,14 @@ def verdicts_17(results: list[dict], ceiling: float) -> list[str]:
     return lines
 
 
+#: Cases added by issue 17 (plain causal, against SDPA's is_causal): issue 5's targets name only the
+#: window, dilated, neighborhood and BigBird cases. Causal at 16K is 275 GFLOP of useful work, about
+#: 0.9 s at the matmul ceiling, so "first call < 1 s" cannot be a target there; its first call is
+#: still printed in the table.
+ISSUE_17_ONLY = "causal, L="
+
 #: (case name contains, what, value of a result, limit, True when the value must stay at or
-#: below the limit): the targets of issue 5.
+#: below the limit): the targets of issue 5, on issue 5's cases.
 TARGETS = [
     ("L=16384", "forward <= 1.0x compiled Flex", lambda r: r["ours_fwd"] / r["flex_fwd"], 1.0, True),
     ("L=16384", "forward <= 1.0x compiled Flex (paired reading)", lambda r: r["ratio_again"], 1.0, True),
@@ -378,6 +384,8 @@ def verdicts(results: list[dict]) -> list[str]:
     for where, what, value, limit, at_most in TARGETS:
         for r in results:
             if where not in r["name"] or (where and "sliding" not in r["name"]):
+                continue
+            if r["name"].startswith(ISSUE_17_ONLY):
                 continue
             if "sdpa" in what and "sdpa_fwd" not in r:
                 continue
