@@ -109,6 +109,23 @@ class GridGeometry:
         base = row * self.tq
         return eng.expand_runs(i, base + self.gt0[gx[i]], base + self.gt1[gx[i]])
 
+    def _outer(self, row: np.ndarray, box: tuple[int, ...], radix: tuple[int, ...]) -> np.ndarray:
+        """The outer index of the box (of extents ``box``, ``radix`` of them per axis) holding each row."""
+        coords = np.unravel_index(row, self.outer)
+        return np.ravel_multi_index(tuple(x // e for x, e in zip(coords, box, strict=False)), radix[:-1])
+
+    def cell_groups(self, r: np.ndarray, j: int) -> tuple[np.ndarray, np.ndarray]:
+        """Groups ``[g0, g1)`` of the cell rows ``r`` of ``qx * 2**j`` queries (inside one row: ``qx * 2**j``
+        divides the tile, which divides the row; consecutive group columns of one outer box)."""
+        p = r * (self.qx << j)
+        g0 = self._outer(p // self.w, self.qbox, self.ng) * self.ngx + p % self.w // self.qx
+        return g0, g0 + (1 << j)
+
+    def cell_blocks(self, c: np.ndarray) -> np.ndarray:
+        """The block of each cell column ``c`` of ``rx`` keys (a block's piece of one row)."""
+        p = c * self.rx
+        return self._outer(p // self.w, self.kbox, self.nbk) * self.nbx + p % self.w // self.rx
+
     def pieces(self, cand: routetiles.RunTable):
         """The key tiles of every run, box by box of its blocks: ``(whole, part)``.
 

@@ -167,8 +167,8 @@ def test_a_grid_route_past_its_element_budget_is_left_to_the_other_plans(monkeyp
 
     source = (
         "pattern p { layout grid(y = 8, x = 16)\n"
-        " neighborhood(3) | route(topk = 2, block = (2, 4), among = neighborhood(5)) }"
-    )
+        " neighborhood(3) | route(topk = 2, block = (2, 3), among = neighborhood(5)) }"
+    )  # blocks 3 wide do not nest in 8-key tiles: the tiles the cells do not decide are evaluated
     calls = []
     classify = routegrid.classify
 
