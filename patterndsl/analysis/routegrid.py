@@ -24,8 +24,8 @@ group and query tile: BiFormer at a million tokens (16,384 groups and blocks, 67
 decided at run time) is 8,192 runs, and so is its routing on 16 video frames of 256 x 256.
 
 Candidates: ``among = full`` gives every group one run of every block; another ``among`` is planned
-on the (group x block) boxes (:meth:`Engine.route_candidates`) when there are at most
-:data:`MAX_CANDIDATE_PAIRS` pairs of them, else the geometry is not used.
+on the (group x block) boxes (:meth:`Engine.route_candidates`, its cost following the candidates) and
+listed when there are at most :data:`MAX_CANDIDATE_PAIRS` of them, else the geometry is not used.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from patterndsl.analysis import engine as eng
 from patterndsl.analysis import routetiles
 from patterndsl.analysis.routeruns import Steps, _compact, _rle, end_tiles, ranges
 
-#: Most (group, block) pairs whose candidates are listed (``among`` other than ``full``).
+#: Most candidate (group, block) pairs listed (``among`` other than ``full``).
 MAX_CANDIDATE_PAIRS = 1 << 25
 #: Most (query tile, key-tile range) entries a Steps function is built from.
 MAX_ENTRIES = 1 << 24
@@ -217,7 +217,10 @@ def geometry(engine: eng.Engine, node: ir.Node) -> GridGeometry | None:
     qbox = tuple(semantics._per_axis(qblock, rank, "route qblock"))
     kbox = tuple(semantics._per_axis(block, rank, "route block"))
     geo = GridGeometry(engine, prim, qbox, kbox)
-    if eng.rewrite_for_plan(among) != ir.FULL and geo.n_q * geo.n_k > MAX_CANDIDATE_PAIRS:
+    # The candidates are listed anyway by every plan of this route (the pairs' one counts its entries from
+    # them, routelimit.incidences; the engine keeps them): taken when there are few.
+    many = eng.rewrite_for_plan(among) != ir.FULL and geo.n_q * geo.n_k > MAX_CANDIDATE_PAIRS
+    if many and len(engine.route_candidates(prim)[0]) > MAX_CANDIDATE_PAIRS:
         return None
     return geo
 
