@@ -17,8 +17,10 @@ whose last axis is whole holds whole rows: one range of key tiles, all covered, 
 prefix's blocks (one range in 2-D; a tile is covered by the union of a group's runs only when one run
 covers it, its blocks being one range); a box of a range of block columns gives one range of tiles
 per row it spans, with at most two end tiles, whose counts of candidate blocks are summed per group.
-A group's query tiles are one range per row it spans. Every per-tile quantity :func:`routeruns.classify`
-reads (cover counts of the candidates, of the forced and the open groups, the box test's over-the-cap
+A group's query tiles are one range per row it spans, and every row of a box of groups holds the same
+groups at a tile column: the quantities below are built on one *shared* query tile per box and tile
+column and copied to the box's rows (:meth:`GridGeometry.spread`). Every per-tile quantity
+:func:`routeruns.classify` reads (cover counts of the candidates, of the forced and the open groups, the box test's over-the-cap
 flags) is then a :class:`routeruns.Steps` built from (query tile, key-tile range) entries, a few per
 group and query tile: BiFormer at a million tokens (16,384 groups and blocks, 67 million tiles a head
 decided at run time) is 8,192 runs, and so is its routing on 16 video frames of 256 x 256.
@@ -88,6 +90,27 @@ class GridGeometry:
         self.gt0 = gx * self.qx // bm
         self.gt1 = (np.minimum((gx + 1) * self.qx, self.w) - 1) // bm + 1
 
+    def shared_rows(self, group: np.ndarray):
+        """``(index, v)``: every *shared* query tile ``v`` of each ``group[index]``: one per outer group box and
+        tile column, standing for the query tiles of every row of the box at that column (their groups are
+        the same, so is every per-tile quantity of the candidates: built once, copied by :meth:`spread`)."""
+        gx = group % self.ngx
+        base = group // self.ngx * self.tq
+        return eng.expand_runs(np.arange(len(group), dtype=np.int64), base + self.gt0[gx], base + self.gt1[gx])
+
+    @property
+    def n_shared(self) -> int:
+        return self.n_q // self.ngx * self.tq
+
+    def spread(self, s: Steps) -> Steps:
+        """Steps over the shared query tiles (:meth:`shared_rows`) as Steps over every query tile."""
+        width = s.width
+        m = np.arange(self.nqb, dtype=np.int64)
+        v = self._outer(m // self.tq, self.qbox, self.ng) * self.tq + m % self.tq
+        start = np.searchsorted(s.key, np.arange(self.n_shared + 1, dtype=np.int64) * width)
+        mm, pos = eng.expand_runs(m, start[v], start[v + 1])
+        return Steps(mm * width + s.key[pos] % width, s.value[pos], width)
+
     def _box_rows(self, outer: np.ndarray, box: tuple[int, ...], radix: tuple[int, ...], axes: int | None = None):
         """``(index, row)``: every row of the grid holding the outer box ``outer[index]`` (row-major over
         ``radix``), on the first ``axes`` outer axes (all by default; ``row`` then counts on those only)."""
@@ -101,13 +124,6 @@ class GridGeometry:
             at, c = eng.expand_runs(np.arange(len(idx), dtype=np.int64), lo[idx], hi[idx])
             idx, row = idx[at], row[at] * self.outer[k] + c
         return idx, row
-
-    def rows(self, group: np.ndarray):
-        """``(index, m)``: every query tile ``m`` of each ``group[index]``."""
-        gx = group % self.ngx
-        i, row = self._box_rows(group // self.ngx, self.qbox[:-1], self.ng[:-1])
-        base = row * self.tq
-        return eng.expand_runs(i, base + self.gt0[gx[i]], base + self.gt1[gx[i]])
 
     def _outer(self, row: np.ndarray, box: tuple[int, ...], radix: tuple[int, ...]) -> np.ndarray:
         """The outer index of the box (of extents ``box``, ``radix`` of them per axis) holding each row."""
@@ -259,22 +275,27 @@ class GridSpans:
         self.r_run = np.concatenate([self.w_run, self.p_run])
         self.r_t = (np.concatenate([self.w_first, self.p_t0]), np.concatenate([self.w_last, self.p_t1]))
         self.r_f = (np.concatenate([self.w_first, self.p_f0]), np.concatenate([self.w_last, self.p_f1]))
+        self._rows = None
 
     def _on_tiles(self, sel: np.ndarray, lo: np.ndarray, hi: np.ndarray, weight=1) -> Steps:
         """Steps summing ``weight`` over the ranges ``[lo, hi)`` of the selected ranges, on every query
         tile of their run's group."""
         geo = self.geo
-        group = self.cand.group[self.r_run[sel]]
-        lo, hi = lo[sel], hi[sel]
-        idx, m = geo.rows(group)
-        _check(len(m))
-        return ranges(m, lo[idx], hi[idx], weight, geo.nqb, geo.nkb)
+        if self._rows is None:  # (range, shared query tile) pairs: listed once for every Steps built
+            idx, v = geo.shared_rows(self.cand.group[self.r_run])
+            _check(len(v))
+            self._rows = idx, v
+        idx, v = self._rows
+        keep = sel[idx]
+        idx = idx[keep]
+        return geo.spread(ranges(v[keep], lo[idx], hi[idx], weight, geo.n_shared, geo.nkb))
 
-    def cover(self, which: bool | None):
-        """``(touched, covered)`` Steps of the groups' runs (all; open only: True; forced only: False)."""
+    def cover(self, which: bool | None, covered: bool = True):
+        """``(touched, covered)`` Steps of the groups' runs (all; open only: True; forced only: False);
+        ``covered=False``: ``(touched, None)``."""
         open_ = self.run_open[self.r_run]
         sel = np.ones(len(self.r_run), bool) if which is None else open_ == which
-        return self._on_tiles(sel, *self.r_t), self._on_tiles(sel, *self.r_f)
+        return self._on_tiles(sel, *self.r_t), self._on_tiles(sel, *self.r_f) if covered else None
 
     def over(self, keep: np.ndarray, cap: np.ndarray) -> Steps:
         """Bool Steps: some group of the kept runs has more than ``cap[group]`` candidate blocks in the tile."""
@@ -312,9 +333,9 @@ class GridSpans:
             out_lo.append(key[hot] % geo.nkb)
             out_hi.append(key[hot] % geo.nkb + 1)
         group, lo, hi = (np.concatenate(a) for a in (out_g, out_lo, out_hi))
-        idx, m = geo.rows(group)
-        _check(len(m))
-        s = ranges(m, lo[idx], hi[idx], 1, geo.nqb, geo.nkb)
+        idx, v = geo.shared_rows(group)
+        _check(len(v))
+        s = geo.spread(ranges(v, lo[idx], hi[idx], 1, geo.n_shared, geo.nkb))
         return _compact(s.key, (s.value > 0).astype(np.int64), s.width)
 
 

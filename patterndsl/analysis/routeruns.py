@@ -218,13 +218,13 @@ class _Spans:
             self.weight = np.add.reduceat(sizes[cand.group[r]], first) if len(first) else first
         self.m, self.tt0, self.tt1, self.ff0, self.ff1, self.open = (f[first] for f in fields)
 
-    def cover(self, which: bool | None):
+    def cover(self, which: bool | None, covered: bool = True):
         """``(touched, covered)`` Steps: groups of the runs (all; open only: True; forced only: False)
-        touching / holding each tile whole."""
+        touching / holding each tile whole (``covered=False``: ``(touched, None)``)."""
         sel = np.ones(len(self.m), bool) if which is None else self.open == which
         m, w, geo = self.m[sel], self.weight[sel], self.geo
         touched = ranges(m, self.tt0[sel], self.tt1[sel], w, geo.nqb, geo.nkb)
-        return touched, ranges(m, self.ff0[sel], self.ff1[sel], w, geo.nqb, geo.nkb)
+        return touched, ranges(m, self.ff0[sel], self.ff1[sel], w, geo.nqb, geo.nkb) if covered else None
 
     def over(self, keep: np.ndarray, cap: np.ndarray) -> Steps:
         """Bool Steps: some group of the kept runs has more than ``cap[group]`` candidates in the tile
@@ -387,7 +387,7 @@ def classify(engine: eng.Engine, node: ir.Node, geo=None) -> RoutedRuns:
     else:
         spans = _Spans(routegroups.SegmentGeometry(geo, cand), cand, run_open, cand.sizes)
     cand_cover, forced_cover = spans.cover(None), spans.cover(False)
-    open_touch = spans.cover(True)[0]
+    open_touch = spans.cover(True, covered=False)[0]
     all_bad, none_bad = spans.over(run_open, take), spans.over(run_open, n_cand - take)
     del spans  # per-run arrays (a million runs at qblock = 1): not needed past here
     rewrite = eng.rewrite_for_plan
@@ -543,6 +543,14 @@ def _chosen_count_listed(lo: np.ndarray, hi: np.ndarray, g0: np.ndarray, g1: np.
     return routegroups.count_listed(lo, hi, np.arange(len(lo), dtype=np.int64), g0, g1, b)
 
 
+def _cell_states(sub: eng.Engine, node: ir.Node, keys: np.ndarray) -> np.ndarray:
+    """States of a static bound on the cells ``keys`` (``full`` / ``empty``, as a union's upper bound
+    often is: no engine pass)."""
+    if node in (ir.FULL, ir.EMPTY):
+        return np.full(len(keys), eng.FULL if node == ir.FULL else eng.EMPTY, np.int8)
+    return routetiles.routeplan_states(sub, node, keys)
+
+
 def _tile_bounds(engine: eng.Engine, node: ir.Node, geo, keys: np.ndarray, tables: list, sign: int, static, cache):
     """Per tile ``keys`` and per choice in ``tables``, the pattern's state with the route fixed to it.
 
@@ -590,8 +598,7 @@ def _tile_bounds(engine: eng.Engine, node: ir.Node, geo, keys: np.ndarray, table
         ck = r * sub.nkb + col
         order = np.argsort(ck, kind="stable")
         owner, r, col, b, ck = owner[order], r[order], col[order], b[order], ck[order]
-        low = routetiles.routeplan_states(sub, low_node, ck)
-        up = routetiles.routeplan_states(sub, up_node, ck)
+        low, up = (_cell_states(sub, bound, ck) for bound in (low_node, up_node))
         g0, g1 = geo.cell_groups(r, j) if grid else (r << j, np.minimum((r + 1) << j, geo.n_q))
         alone = (low == eng.EMPTY) & (up == eng.FULL)
         between = np.flatnonzero((low != up) & ~alone)
