@@ -582,7 +582,30 @@ def _tile_bounds(engine: eng.Engine, node: ir.Node, geo, keys: np.ndarray, table
     some = [low_s > eng.EMPTY for _ in tables]
     m, n = keys // geo.nkb, keys % geo.nkb
     step = per_q >> top
-    owner, r = eng.expand_runs(np.arange(n_t, dtype=np.int64), m * step, (m + 1) * step)
+    counters = [_counter(table, geo.n_q) for table in tables]
+    chunk = max(1, CELL_CHUNK // (step * per_k))
+    for t0 in range(0, n_t, chunk):  # tiles a chunk at a time: the cells' arrays stay small
+        part = np.arange(t0, min(t0 + chunk, n_t), dtype=np.int64)
+        owner, r = eng.expand_runs(part, m[part] * step, (m[part] + 1) * step)
+        _cells_of_tiles(
+            engine, geo, (owner, r, n), (per_k, top), (low_node, up_node), counters, sign, (full, some), cache
+        )
+    states = zip(full, some, strict=True)
+    return [np.where(f, eng.FULL, np.where(sm, eng.PARTIAL, eng.EMPTY)).astype(np.int8) for f, sm in states]
+
+
+#: Cells :func:`_tile_bounds` lays out at once (a chunk of tiles; several int64 arrays per cell).
+CELL_CHUNK = 1 << 18
+
+
+def _cells_of_tiles(engine, geo, rows, shape, bounds, counters, sign, acc, cache) -> None:
+    """:func:`_tile_bounds` on the tiles of ``rows`` (``owner``: tile index of each cell row ``r`` of the top
+    level; ``n``: every tile's key tile), folded into ``acc`` (per table, full and some per tile)."""
+    owner, r, n = rows
+    per_k, top = shape
+    low_node, up_node = bounds
+    full, some = acc
+    n_t = len(full[0])
     # col: a cell's column of keys (a block in 1-D; on a grid a block's piece of one row)
     at, col = eng.expand_runs(np.arange(len(owner), dtype=np.int64), n[owner] * per_k, (n[owner] + 1) * per_k)
     owner, r = owner[at], r[at]
@@ -590,7 +613,6 @@ def _tile_bounds(engine: eng.Engine, node: ir.Node, geo, keys: np.ndarray, table
     owner, r, col = owner[ok], r[ok], col[ok]
     grid = getattr(geo, "grid", False)
     b = geo.cell_blocks(col) if grid else col
-    counters = [_counter(table, geo.n_q) for table in tables]
     for j in range(top, -1, -1):
         sub = _sub_engine(engine, (geo.qblock << j, geo.block), cache)
         ok = r < sub.nqb
@@ -635,5 +657,3 @@ def _tile_bounds(engine: eng.Engine, node: ir.Node, geo, keys: np.ndarray, table
         owner = np.repeat(owner[rest], 2)
         b, col = np.repeat(b[rest], 2), np.repeat(col[rest], 2)
         r = (r[rest][:, None] * 2 + np.arange(2)[None, :]).reshape(-1)
-    states = zip(full, some, strict=True)
-    return [np.where(f, eng.FULL, np.where(sm, eng.PARTIAL, eng.EMPTY)).astype(np.int8) for f, sm in states]

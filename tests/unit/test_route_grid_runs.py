@@ -188,3 +188,9 @@ def test_grid_routes_planned_as_runs_run_on_the_cpu(layout, body, monkeypatch):
     torch.testing.assert_close(out, ref, atol=1e-9, rtol=1e-9)
     torch.testing.assert_close(lse, ref_lse, atol=1e-9, rtol=1e-9)
     assert taken and all(t is not None for t in taken)
+
+
+@pytest.mark.parametrize("seed,rank", [(4, 2), (9, 3)])
+def test_cells_laid_out_a_few_tiles_at_a_time_give_the_same_plan(seed, rank, monkeypatch):
+    monkeypatch.setattr(routeruns, "CELL_CHUNK", 64)  # a few tiles a chunk
+    equal_to_pairs(*_nested_case(seed, rank))
