@@ -20,10 +20,13 @@ per row it spans, with at most two end tiles, whose counts of candidate blocks a
 A group's query tiles are one range per row it spans, and every row of a box of groups holds the same
 groups at a tile column: the quantities below are built on one *shared* query tile per box and tile
 column and copied to the box's rows (:meth:`GridGeometry.spread`). Every per-tile quantity
-:func:`routeruns.classify` reads (cover counts of the candidates, of the forced and the open groups, the box test's over-the-cap
-flags) is then a :class:`routeruns.Steps` built from (query tile, key-tile range) entries, a few per
-group and query tile: BiFormer at a million tokens (16,384 groups and blocks, 67 million tiles a head
-decided at run time) is 8,192 runs, and so is its routing on 16 video frames of 256 x 256.
+:func:`routeruns.classify` reads (cover counts of the candidates, of the forced and the open groups,
+the box test's over-the-cap flags) is then a :class:`routeruns.Steps` built from (shared query tile,
+key-tile range) entries, a few per group and tile column: BiFormer at a million tokens (16,384 groups
+and blocks, 67 million tiles a head decided at run time) is 8,192 runs, and so is its routing on 16
+video frames of 256 x 256. Tiles where a static part and the route are both partial are decided on
+cells of one row (:func:`routeruns._tile_bounds`, :meth:`GridGeometry.cell_groups` and
+:meth:`GridGeometry.cell_blocks`) when the boxes' extents on the last axis divide the tiles.
 
 Candidates: ``among = full`` gives every group one run of every block; another ``among`` is planned
 on the (group x block) boxes (:meth:`Engine.route_candidates`, its cost following the candidates) and
