@@ -1,7 +1,7 @@
 """Plan time and memory of every example pattern vs FlexAttention's ``create_block_mask``.
 
-For every pattern in ``examples/`` and in ``benchmarks/tile_efficiency.py`` this
-plans at L = 16K, 128K and 1M tokens (4 heads, 128x128 tiles; grid patterns on a
+For every pattern in ``examples/`` and in ``benchmarks/tile_efficiency.py`` (and the grid routes of
+:data:`ROUTES`) this plans at L = 16K, 128K and 1M tokens (4 heads, 128x128 tiles; grid patterns on a
 grid scaled to that many tokens, or at their own layout size when they fix it),
 each measurement in a fresh subprocess so memory starts from the interpreter's
 baseline after imports and a small warm-up plan. Per pattern and length it prints
@@ -72,8 +72,33 @@ GRID_PARAMS = {
 }
 
 
+#: Route patterns of issue 19 outside ``examples/`` and the tile-efficiency suite: a grid route whose static
+#: part and route are both partial (planned on cells), and routing between 3-D boxes of video frames (two
+#: frames by 8 x 8); ``(label, source, grid at 16K or {length: grid})``.
+ROUTES = (
+    (
+        "partial grid route",
+        "pattern p { layout grid(y = 128, x = 128)\n"
+        " neighborhood(7) | route(topk = 4, block = (8, 8), among = neighborhood(17) - neighborhood(7)) }",
+        {"y": 128, "x": 128},
+    ),
+    (
+        "video route",
+        "pattern p { layout grid(t = 4, y = 32, x = 128)\n route(topk = 4, block = (2, 8, 8)) }",
+        {
+            16 * 1024: {"t": 4, "y": 32, "x": 128},
+            128 * 1024: {"t": 8, "y": 128, "x": 128},
+            1024 * 1024: {"t": 16, "y": 256, "x": 256},
+        },
+    ),
+)
+
+
 def _scaled(dims: dict, length: int) -> dict | None:
-    """``dims`` with axes doubled (shortest first) until they hold ``length`` tokens; None if they cannot."""
+    """``dims`` with axes doubled (shortest first) until they hold ``length`` tokens; None if they cannot
+    (``dims`` keyed by lengths: the grid given for ``length``)."""
+    if all(isinstance(key, int) for key in dims):
+        return dims.get(length)
     dims = dict(dims)
     while math.prod(dims.values()) < length:
         shortest = min(dims, key=dims.get)
@@ -95,6 +120,7 @@ def cases() -> list[tuple[str, str, str | None, dict | None]]:
         grid = re.search(r"grid\(([^)]*)\)", source)
         dims = None if grid is None else {k: int(v) for k, v in re.findall(r"(\w+) = (\d+)", grid.group(1))}
         out.append((f"suite:{label}", source, None, dims))
+    out.extend((f"route:{label}", source, None, dims) for label, source, dims in ROUTES)
     return out
 
 

@@ -1,33 +1,42 @@
-"""Stage 4 (block plan), route patterns on a 2-D grid, as runs: O(groups x their tiles), not O(tiles).
+"""Stage 4 (block plan), route patterns on a grid (2-D, 3-D video, ...), as runs: O(groups x their tiles), not O(tiles).
 
-Comes in: what :mod:`patterndsl.analysis.routeruns` takes, on a 2-D grid layout with box groups and
-blocks (``route(block = (r, r))``, BiFormer): the identity-order engine of one head group, one
-``route`` of one polarity, ``among`` not reading ``h``, ``Lq = Lk``, and every tile within one row
-of the grid (the row length a multiple of both tile sizes). Goes out: the geometry
-:func:`routeruns.classify` works with (:class:`GridGeometry`), so the tiles come back as
-:class:`~patterndsl.analysis.routeruns.RoutedRuns`.
+Comes in: what :mod:`patterndsl.analysis.routeruns` takes, on a grid layout of two or more axes with
+box groups and blocks (``route(block = (r, r))``, BiFormer; ``block = (1, r, r)`` on video frames):
+the identity-order engine of one head group, one ``route`` of one polarity, ``among`` not reading
+``h``, ``Lq = Lk``, and every tile within one row of the grid (a line along the last axis, whose
+length is a multiple of both tile sizes). Goes out: the geometry :func:`routeruns.classify` works with
+(:class:`GridGeometry`), so the tiles come back as :class:`~patterndsl.analysis.routeruns.RoutedRuns`.
 
 Blocks are numbered row-major over boxes. A key tile of row ``y`` holding columns ``[c0, c1)``
-meets the blocks of block row ``y // ry`` with block columns ``[c0 // rx, (c1 - 1) // rx]``: one
-contiguous range of block indices. So a group's run of candidate blocks ``[lo, hi)`` (disjoint,
-not touching) touches, covers whole, and meets with a given count exactly what it does block row
-by block row: whole block rows are one range of key tiles, all covered (a tile is covered by the
-union of a group's runs only when one run covers it, its blocks being one range); a partial block
-row gives one range of tiles per grid row, with at most two end tiles, whose counts of candidate
-blocks are summed per group. A group's query tiles are one range per grid row it spans. Every
-per-tile quantity :func:`routeruns.classify` reads (cover counts of the candidates, of the forced
-and the open groups, the box test's over-the-cap flags) is then a :class:`routeruns.Steps` built
-from (query tile, key-tile range) entries, a few per group and query tile: BiFormer at a million
-tokens (16,384 groups and blocks, 67 million tiles a head decided at run time) is 8,192 runs.
+meets the blocks of the block row over ``y`` (the boxes holding it on the axes before the last) with
+block columns ``[c0 // rx, (c1 - 1) // rx]``: one contiguous range of block indices. So a group's run of
+candidate blocks ``[lo, hi)`` (disjoint, not touching) touches, covers whole, and meets with a given
+count exactly what its boxes do: a range of indices in row-major order is at most two boxes per axis
+(:func:`mixed_radix_boxes`: a prefix of fixed blocks, a range on one axis, anything after it). A box
+whose last axis is whole holds whole rows: one range of key tiles, all covered, per row of its fixed
+prefix's blocks (one range in 2-D; a tile is covered by the union of a group's runs only when one run
+covers it, its blocks being one range); a box of a range of block columns gives one range of tiles
+per row it spans, with at most two end tiles, whose counts of candidate blocks are summed per group.
+A group's query tiles are one range per row it spans, and every row of a box of groups holds the same
+groups at a tile column: the quantities below are built on one *shared* query tile per box and tile
+column and copied to the box's rows (:meth:`GridGeometry.spread`). Every per-tile quantity
+:func:`routeruns.classify` reads (cover counts of the candidates, of the forced and the open groups,
+the box test's over-the-cap flags) is then a :class:`routeruns.Steps` built from (shared query tile,
+key-tile range) entries, a few per group and tile column: BiFormer at a million tokens (16,384 groups
+and blocks, 67 million tiles a head decided at run time) is 8,192 runs, and so is its routing on 16
+video frames of 256 x 256. Tiles where a static part and the route are both partial are decided on
+cells of one row (:func:`routeruns._tile_bounds`, :meth:`GridGeometry.cell_groups` and
+:meth:`GridGeometry.cell_blocks`) when the boxes' extents on the last axis divide the tiles.
 
 Candidates: ``among = full`` gives every group one run of every block; another ``among`` is planned
-on the (group x block) boxes (:meth:`Engine.route_candidates`) when there are at most
-:data:`MAX_CANDIDATE_PAIRS` pairs of them, else the geometry is not used.
+on the (group x block) boxes (:meth:`Engine.route_candidates`, its cost following the candidates) and
+listed when there are at most :data:`MAX_CANDIDATE_PAIRS` of them, else the geometry is not used.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 
@@ -36,7 +45,7 @@ from patterndsl.analysis import engine as eng
 from patterndsl.analysis import routetiles
 from patterndsl.analysis.routeruns import Steps, _compact, _rle, end_tiles, ranges
 
-#: Most (group, block) pairs whose candidates are listed (``among`` other than ``full``).
+#: Most candidate (group, block) pairs listed (``among`` other than ``full``).
 MAX_CANDIDATE_PAIRS = 1 << 25
 #: Most (query tile, key-tile range) entries a Steps function is built from.
 MAX_ENTRIES = 1 << 24
@@ -45,7 +54,11 @@ MAX_ELEMENTS = 1 << 26
 
 
 class GridGeometry:
-    """How box groups and blocks meet the tiles of a 2-D grid in identity order (row tiles).
+    """How box groups and blocks meet the tiles of a grid (2-D, 3-D, ...) in identity order (row tiles).
+
+    A *row* is a line of the grid along its last axis (``x``); every tile lies in one row. Groups and
+    blocks are numbered row-major over boxes; a box's *outer* index numbers its position on the axes
+    before the last one.
 
     Attributes:
         nqb, nkb: query and key tiles; ``n_q``, ``n_k``: groups and blocks.
@@ -55,63 +68,141 @@ class GridGeometry:
 
     grid = True
 
-    def __init__(self, engine: eng.Engine, prim: ir.Prim, qbox: tuple[int, int], kbox: tuple[int, int]):
-        h, w = engine.env.layout.shape
-        self.h, self.w = h, w
+    def __init__(self, engine: eng.Engine, prim: ir.Prim, qbox: tuple[int, ...], kbox: tuple[int, ...]):
+        shape = tuple(engine.env.layout.shape)
+        self.shape, self.outer, self.w = shape, shape[:-1], shape[-1]
         self.nqb, self.nkb = engine.nqb, engine.nkb
-        self.qy, self.qx = qbox
-        self.ry, self.rx = kbox
-        self.ngx, self.nbx = -(-w // self.qx), -(-w // self.rx)
-        self.n_q = -(-h // self.qy) * self.ngx
-        self.n_k = -(-h // self.ry) * self.nbx
+        self.qbox, self.kbox = tuple(qbox), tuple(kbox)
+        self.qx, self.rx = qbox[-1], kbox[-1]
+        self.ng = tuple(-(-n // b) for n, b in zip(shape, qbox, strict=True))  # groups per axis
+        self.nbk = tuple(-(-n // b) for n, b in zip(shape, kbox, strict=True))  # blocks per axis
+        self.ngx, self.nbx = self.ng[-1], self.nbk[-1]
+        self.n_q, self.n_k = math.prod(self.ng), math.prod(self.nbk)
+        self.qblock, self.block = self.qx, self.rx  # along a row (routeruns' cells)
         bm, bn = engine.q.block, engine.k.block
-        self.tq, self.tk = w // bm, w // bn  # tiles per grid row
+        self.tq, self.tk = self.w // bm, self.w // bn  # tiles per row
         t = np.arange(self.tk, dtype=np.int64)
         # key tile t of a row: block columns [bx0, bx1)
         self.bx0, self.bx1 = t * bn // self.rx, ((t + 1) * bn - 1) // self.rx + 1
         self.nb = self.bx1 - self.bx0
         t = np.arange(self.tq, dtype=np.int64)
         gx0, gx1 = t * bm // self.qx, ((t + 1) * bm - 1) // self.qx + 1
-        self.groups_per_tile = np.tile(gx1 - gx0, h).astype(np.int64)
+        self.groups_per_tile = np.tile(gx1 - gx0, math.prod(self.outer)).astype(np.int64)
         # group column gx: its query tiles of a row [t0, t1)
         gx = np.arange(self.ngx, dtype=np.int64)
         self.gt0 = gx * self.qx // bm
-        self.gt1 = (np.minimum((gx + 1) * self.qx, w) - 1) // bm + 1
+        self.gt1 = (np.minimum((gx + 1) * self.qx, self.w) - 1) // bm + 1
 
-    def rows(self, group: np.ndarray):
-        """``(index, m)``: every query tile ``m`` of each ``group[index]``."""
-        gy, gx = group // self.ngx, group % self.ngx
-        y0 = gy * self.qy
-        i, y = eng.expand_runs(np.arange(len(group), dtype=np.int64), y0, np.minimum(y0 + self.qy, self.h))
-        j, m = eng.expand_runs(i, y * self.tq + self.gt0[gx[i]], y * self.tq + self.gt1[gx[i]])
-        return j, m
+    def shared_rows(self, group: np.ndarray):
+        """``(index, v)``: every *shared* query tile ``v`` of each ``group[index]``: one per outer group box and
+        tile column, standing for the query tiles of every row of the box at that column (their groups are
+        the same, so is every per-tile quantity of the candidates: built once, copied by :meth:`spread`)."""
+        gx = group % self.ngx
+        base = group // self.ngx * self.tq
+        return eng.expand_runs(np.arange(len(group), dtype=np.int64), base + self.gt0[gx], base + self.gt1[gx])
+
+    @property
+    def n_shared(self) -> int:
+        return self.n_q // self.ngx * self.tq
+
+    def spread(self, s: Steps) -> Steps:
+        """Steps over the shared query tiles (:meth:`shared_rows`) as Steps over every query tile."""
+        width = s.width
+        m = np.arange(self.nqb, dtype=np.int64)
+        v = self._outer(m // self.tq, self.qbox, self.ng) * self.tq + m % self.tq
+        start = np.searchsorted(s.key, np.arange(self.n_shared + 1, dtype=np.int64) * width)
+        mm, pos = eng.expand_runs(m, start[v], start[v + 1])
+        return Steps(mm * width + s.key[pos] % width, s.value[pos], width)
+
+    def _box_rows(self, outer: np.ndarray, box: tuple[int, ...], radix: tuple[int, ...], axes: int | None = None):
+        """``(index, row)``: every row of the grid holding the outer box ``outer[index]`` (row-major over
+        ``radix``), on the first ``axes`` outer axes (all by default; ``row`` then counts on those only)."""
+        axes = len(self.outer) if axes is None else axes
+        idx = np.arange(len(outer), dtype=np.int64)
+        row = np.zeros(len(outer), np.int64)
+        digits = np.unravel_index(outer, radix) if radix else ()
+        for k in range(axes):
+            lo = digits[k] * box[k]
+            hi = np.minimum(lo + box[k], self.outer[k])
+            at, c = eng.expand_runs(np.arange(len(idx), dtype=np.int64), lo[idx], hi[idx])
+            idx, row = idx[at], row[at] * self.outer[k] + c
+        return idx, row
+
+    def _outer(self, row: np.ndarray, box: tuple[int, ...], radix: tuple[int, ...]) -> np.ndarray:
+        """The outer index of the box (of extents ``box``, ``radix`` of them per axis) holding each row."""
+        coords = np.unravel_index(row, self.outer)
+        return np.ravel_multi_index(tuple(x // e for x, e in zip(coords, box, strict=False)), radix[:-1])
+
+    def cell_groups(self, r: np.ndarray, j: int) -> tuple[np.ndarray, np.ndarray]:
+        """Groups ``[g0, g1)`` of the cell rows ``r`` of ``qx * 2**j`` queries (inside one row: ``qx * 2**j``
+        divides the tile, which divides the row; consecutive group columns of one outer box)."""
+        p = r * (self.qx << j)
+        g0 = self._outer(p // self.w, self.qbox, self.ng) * self.ngx + p % self.w // self.qx
+        return g0, g0 + (1 << j)
+
+    def cell_blocks(self, c: np.ndarray) -> np.ndarray:
+        """The block of each cell column ``c`` of ``rx`` keys (a block's piece of one row)."""
+        p = c * self.rx
+        return self._outer(p // self.w, self.kbox, self.nbk) * self.nbx + p % self.w // self.rx
 
     def pieces(self, cand: routetiles.RunTable):
-        """The key tiles of every run, per block row: ``(whole, part)``.
+        """The key tiles of every run, box by box of its blocks: ``(whole, part)``.
 
-        ``whole``: ``(run, first, last)``, key tiles ``[first, last)`` of whole block rows (all
-        covered). ``part``: ``(run, by, u0, u1)``, block columns ``[u0, u1)`` of block row ``by``.
+        ``whole``: ``(run, first, last)``, key tiles ``[first, last)`` of whole rows (all covered).
+        ``part``: ``(run, outer, u0, u1)``, block columns ``[u0, u1)`` of the blocks of outer index ``outer``.
         """
-        lo, hi, nbx = cand.lo, cand.hi, self.nbx
-        run = np.arange(len(lo), dtype=np.int64)
-        b0, b1 = lo // nbx, (hi - 1) // nbx  # first and last block rows
-        head_whole = lo % nbx == 0
-        tail_whole = hi % nbx == 0
-        one = b0 == b1
-        # whole block rows [w0, w1)
-        w0 = np.where(head_whole, b0, b0 + 1)
-        w1 = np.where(tail_whole, b1 + 1, b1)
-        sel = w0 < w1
-        first = w0[sel] * self.ry * self.tk
-        last = np.minimum(w1[sel] * self.ry, self.h) * self.tk
-        whole = (run[sel], first, last)
-        head = ~head_whole | (one & ~tail_whole)
-        tail = ~tail_whole & ~one
-        pr = np.concatenate([run[head], run[tail]])
-        by = np.concatenate([b0[head], b1[tail]])
-        u0 = np.concatenate([lo[head] % nbx, np.zeros(int(tail.sum()), np.int64)])
-        u1 = np.concatenate([np.where(one[head], (hi[head] - 1) % nbx + 1, nbx), (hi[tail] - 1) % nbx + 1])
-        return whole, (pr, by, u0, u1)
+        run, level, prefix, u0, u1 = mixed_radix_boxes(cand.lo, cand.hi, self.nbk)
+        last = len(self.shape) - 1
+        part = level == last
+        w_run, w_first, w_last = [], [], []
+        for j in range(last):
+            sel = np.flatnonzero(level == j)
+            if not len(sel):
+                continue
+            # a prefix of blocks on the axes before j, blocks [u0, u1) on axis j, every block after it:
+            # one range of rows per row of the prefix's boxes
+            i, row = self._box_rows(prefix[sel], self.kbox[:j], self.nbk[:j], axes=j)
+            s = sel[i]
+            n_j, r_j = self.outer[j], self.kbox[j]
+            after = math.prod(self.outer[j + 1 :])
+            first = (row * n_j + u0[s] * r_j) * after
+            end = (row * n_j + np.minimum(u1[s] * r_j, n_j)) * after
+            w_run.append(run[s])
+            w_first.append(first * self.tk)
+            w_last.append(end * self.tk)
+        whole = tuple(np.concatenate(a) if a else np.zeros(0, np.int64) for a in (w_run, w_first, w_last))
+        return whole, (run[part], prefix[part], u0[part], u1[part])
+
+
+def mixed_radix_boxes(lo: np.ndarray, hi: np.ndarray, radix: tuple[int, ...]):
+    """Index ranges ``[lo, hi)`` (row-major over ``radix``) as boxes: ``(run, level, prefix, u0, u1)``.
+
+    Box ``i`` of range ``run[i]`` holds the indices whose digits before axis ``level[i]`` spell ``prefix[i]``
+    (row-major over those axes), whose digit on that axis is in ``[u0[i], u1[i])`` and whose later digits
+    are anything: at most two boxes a range per axis (its head and tail at each level, finest first).
+    """
+    d = len(radix)
+    suffix = [math.prod(radix[j + 1 :]) for j in range(d)]
+    lo, hi = lo.astype(np.int64), hi.astype(np.int64)
+    idx = np.arange(len(lo), dtype=np.int64)
+    out = []
+
+    def emit(sel, a, b, j):
+        a, b, chunk = a[sel], b[sel], suffix[j] * radix[j]
+        u0 = a % chunk // suffix[j]
+        out.append((idx[sel], np.full(len(a), j, np.int64), a // chunk, u0, u0 + (b - a) // suffix[j]))
+
+    for j in range(d - 1, 0, -1):
+        # lo and hi are multiples of suffix[j] here; peel what is not a multiple of the next coarser chunk
+        chunk = suffix[j - 1]
+        up = np.minimum(-(-lo // chunk) * chunk, hi)
+        emit((lo % chunk != 0) & (lo < up), lo, up, j)
+        lo = np.where(lo % chunk != 0, up, lo)
+        down = np.maximum(hi // chunk * chunk, lo)
+        emit((hi % chunk != 0) & (down < hi), down, hi, j)
+        hi = np.where(hi % chunk != 0, down, hi)
+    emit(lo < hi, lo, hi, 0)
+    return tuple(np.concatenate(a) for a in zip(*out, strict=True))
 
 
 def geometry(engine: eng.Engine, node: ir.Node) -> GridGeometry | None:
@@ -120,7 +211,7 @@ def geometry(engine: eng.Engine, node: ir.Node) -> GridGeometry | None:
 
     layout = engine.env.layout
     pol = ir.polarities(node)
-    if layout is None or len(layout.shape) != 2 or len(pol) != 1:
+    if layout is None or len(layout.shape) < 2 or len(pol) != 1:
         return None
     ((prim, signs),) = pol.items()
     among = prim.arg("among")
@@ -137,14 +228,18 @@ def geometry(engine: eng.Engine, node: ir.Node) -> GridGeometry | None:
         or engine.k.order is not None
         or ctx.offset != 0
         or ctx.q_len != ctx.kv_len
-        or layout.shape[1] % engine.q.block
-        or layout.shape[1] % engine.k.block
+        or layout.shape[-1] % engine.q.block
+        or layout.shape[-1] % engine.k.block
     ):
         return None
-    qbox = tuple(semantics._per_axis(qblock, 2, "route qblock"))
-    kbox = tuple(semantics._per_axis(block, 2, "route block"))
+    rank = len(layout.shape)
+    qbox = tuple(semantics._per_axis(qblock, rank, "route qblock"))
+    kbox = tuple(semantics._per_axis(block, rank, "route block"))
     geo = GridGeometry(engine, prim, qbox, kbox)
-    if eng.rewrite_for_plan(among) != ir.FULL and geo.n_q * geo.n_k > MAX_CANDIDATE_PAIRS:
+    # The candidates are listed anyway by every plan of this route (the pairs' one counts its entries from
+    # them, routelimit.incidences; the engine keeps them): taken when there are few.
+    many = eng.rewrite_for_plan(among) != ir.FULL and geo.n_q * geo.n_k > MAX_CANDIDATE_PAIRS
+    if many and len(engine.route_candidates(prim)[0]) > MAX_CANDIDATE_PAIRS:
         return None
     return geo
 
@@ -166,16 +261,15 @@ class GridSpans:
     def __init__(self, geo: GridGeometry, cand: routetiles.RunTable, run_open: np.ndarray):
         self.geo, self.cand, self.run_open = geo, cand, run_open
         (self.w_run, self.w_first, self.w_last), part = geo.pieces(cand)
-        pr, by, u0, u1 = part
+        pr, outer, u0, u1 = part
         bx0, bx1 = geo.bx0, geo.bx1
         t0 = np.searchsorted(bx1, u0, "right")
         t1 = np.searchsorted(bx0, u1, "left")
         f0 = np.searchsorted(bx0, u0, "left")
         f1 = np.searchsorted(bx1, u1, "right")
-        # one range of key tiles per grid row of the block row
-        y0 = by * geo.ry
-        piece, y = eng.expand_runs(np.arange(len(pr), dtype=np.int64), y0, np.minimum(y0 + geo.ry, geo.h))
-        base = y * geo.tk
+        # one range of key tiles per row of the grid the blocks span
+        piece, row = geo._box_rows(outer, geo.kbox[:-1], geo.nbk[:-1])
+        base = row * geo.tk
         self.p_run = pr[piece]
         self.p_t0, self.p_t1 = base + t0[piece], base + t1[piece]
         self.p_f0, self.p_f1 = base + f0[piece], base + f1[piece]
@@ -184,22 +278,27 @@ class GridSpans:
         self.r_run = np.concatenate([self.w_run, self.p_run])
         self.r_t = (np.concatenate([self.w_first, self.p_t0]), np.concatenate([self.w_last, self.p_t1]))
         self.r_f = (np.concatenate([self.w_first, self.p_f0]), np.concatenate([self.w_last, self.p_f1]))
+        self._rows = None
 
     def _on_tiles(self, sel: np.ndarray, lo: np.ndarray, hi: np.ndarray, weight=1) -> Steps:
         """Steps summing ``weight`` over the ranges ``[lo, hi)`` of the selected ranges, on every query
         tile of their run's group."""
         geo = self.geo
-        group = self.cand.group[self.r_run[sel]]
-        lo, hi = lo[sel], hi[sel]
-        idx, m = geo.rows(group)
-        _check(len(m))
-        return ranges(m, lo[idx], hi[idx], weight, geo.nqb, geo.nkb)
+        if self._rows is None:  # (range, shared query tile) pairs: listed once for every Steps built
+            idx, v = geo.shared_rows(self.cand.group[self.r_run])
+            _check(len(v))
+            self._rows = idx, v
+        idx, v = self._rows
+        keep = sel[idx]
+        idx = idx[keep]
+        return geo.spread(ranges(v[keep], lo[idx], hi[idx], weight, geo.n_shared, geo.nkb))
 
-    def cover(self, which: bool | None):
-        """``(touched, covered)`` Steps of the groups' runs (all; open only: True; forced only: False)."""
+    def cover(self, which: bool | None, covered: bool = True):
+        """``(touched, covered)`` Steps of the groups' runs (all; open only: True; forced only: False);
+        ``covered=False``: ``(touched, None)``."""
         open_ = self.run_open[self.r_run]
         sel = np.ones(len(self.r_run), bool) if which is None else open_ == which
-        return self._on_tiles(sel, *self.r_t), self._on_tiles(sel, *self.r_f)
+        return self._on_tiles(sel, *self.r_t), self._on_tiles(sel, *self.r_f) if covered else None
 
     def over(self, keep: np.ndarray, cap: np.ndarray) -> Steps:
         """Bool Steps: some group of the kept runs has more than ``cap[group]`` candidate blocks in the tile."""
@@ -237,9 +336,9 @@ class GridSpans:
             out_lo.append(key[hot] % geo.nkb)
             out_hi.append(key[hot] % geo.nkb + 1)
         group, lo, hi = (np.concatenate(a) for a in (out_g, out_lo, out_hi))
-        idx, m = geo.rows(group)
-        _check(len(m))
-        s = ranges(m, lo[idx], hi[idx], 1, geo.nqb, geo.nkb)
+        idx, v = geo.shared_rows(group)
+        _check(len(v))
+        s = geo.spread(ranges(v, lo[idx], hi[idx], 1, geo.n_shared, geo.nkb))
         return _compact(s.key, (s.value > 0).astype(np.int64), s.width)
 
 

@@ -10,7 +10,8 @@ That plan lists one entry per (candidate pair, tile it meets) and holds a few in
 that length (owner, tile key, open flag, positions: about 40 bytes an entry). BiFormer on a
 1024 x 1024 grid (8 x 8 regions, 128-token tiles) has 16,384 groups and blocks, each meeting 8
 tiles: 1.7e10 entries, hundreds of GB; it grew to 12 GB before it was killed (2-D grids like it
-are now planned as runs by :mod:`~patterndsl.analysis.routegrid`; 3-D boxes still come here). The count is
+and 3-D video boxes are planned as runs by :mod:`~patterndsl.analysis.routegrid` when rows hold whole
+tiles; the others still come here). The count is
 known before anything is listed: a group meets ``tq`` query tiles and a block ``tk`` key tiles
 (from the group and block of every index, O(L)), so a candidate pair ``(a, b)`` meets
 ``tq[a] * tk[b]`` tiles; with every pair a candidate (``among = full``, the default) the sum is

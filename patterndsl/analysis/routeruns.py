@@ -129,10 +129,12 @@ def _sub_engine(engine: eng.Engine, shape: tuple[int, int], cache: dict) -> eng.
     if shape not in cache:
         sides = cache.setdefault(SIDES, {})
         ctx = engine.ctx
+        layout = engine.env.layout
+        extents = (ctx.kv_len,) if layout is None else tuple(layout.shape)  # a grid's tiles: runs of a row
         for which, block, length, offset in (("q", shape[0], ctx.q_len, ctx.offset), ("k", shape[1], ctx.kv_len, 0)):
             if (which, block) not in sides:
-                segments = tiles.identity_segments(length, offset, (ctx.kv_len,))
-                sides[which, block] = tiles.build_side(segments, length, block, offset, (ctx.kv_len,), True)
+                segments = tiles.identity_segments(length, offset if layout is None else 0, extents)
+                sides[which, block] = tiles.build_side(segments, length, block, offset, extents, True)
         cache[shape] = eng.Engine(sides["q", shape[0]], sides["k", shape[1]], engine.env, tally=engine.tally)
     return cache[shape]
 
@@ -216,13 +218,13 @@ class _Spans:
             self.weight = np.add.reduceat(sizes[cand.group[r]], first) if len(first) else first
         self.m, self.tt0, self.tt1, self.ff0, self.ff1, self.open = (f[first] for f in fields)
 
-    def cover(self, which: bool | None):
+    def cover(self, which: bool | None, covered: bool = True):
         """``(touched, covered)`` Steps: groups of the runs (all; open only: True; forced only: False)
-        touching / holding each tile whole."""
+        touching / holding each tile whole (``covered=False``: ``(touched, None)``)."""
         sel = np.ones(len(self.m), bool) if which is None else self.open == which
         m, w, geo = self.m[sel], self.weight[sel], self.geo
         touched = ranges(m, self.tt0[sel], self.tt1[sel], w, geo.nqb, geo.nkb)
-        return touched, ranges(m, self.ff0[sel], self.ff1[sel], w, geo.nqb, geo.nkb)
+        return touched, ranges(m, self.ff0[sel], self.ff1[sel], w, geo.nqb, geo.nkb) if covered else None
 
     def over(self, keep: np.ndarray, cap: np.ndarray) -> Steps:
         """Bool Steps: some group of the kept runs has more than ``cap[group]`` candidates in the tile
@@ -385,7 +387,7 @@ def classify(engine: eng.Engine, node: ir.Node, geo=None) -> RoutedRuns:
     else:
         spans = _Spans(routegroups.SegmentGeometry(geo, cand), cand, run_open, cand.sizes)
     cand_cover, forced_cover = spans.cover(None), spans.cover(False)
-    open_touch = spans.cover(True)[0]
+    open_touch = spans.cover(True, covered=False)[0]
     all_bad, none_bad = spans.over(run_open, take), spans.over(run_open, n_cand - take)
     del spans  # per-run arrays (a million runs at qblock = 1): not needed past here
     rewrite = eng.rewrite_for_plan
@@ -453,7 +455,7 @@ def _other_tiles(engine, node, prim, sign, geo, cand, n_cand, take, values, segs
     counts = hi - lo
     tm, tn = eng.expand_runs(m, lo, hi)
     keys = tm * geo.nkb + tn
-    _, _, ct, cc, ft, fc, ot, ab, nb_ = (np.repeat(v[other], counts) for v in values)
+    up_s, low_s, ct, cc, ft, fc, ot, ab, nb_ = (np.repeat(v[other], counts) for v in values)
     gpt = geo.groups_per_tile[tm]
     run_open = (n_cand > take)[cand.group]
     tables = {"cand": cand, "forced": cand.take(~run_open)}
@@ -462,9 +464,12 @@ def _other_tiles(engine, node, prim, sign, geo, cand, n_cand, take, values, segs
     up_name, low_name = hi_name, lo_name
     rewrite = eng.rewrite_for_plan
     lower, upper = rewrite(ir.route_bound(node, True, ())), rewrite(ir.route_bound(node, False, ()))
-    nested = not getattr(geo, "grid", False) and engine.q.block % geo.qblock == 0 and engine.k.block % geo.block == 0
+    # groups and blocks nest in the tiles (on a grid: along a row, ``geo.qblock`` / ``geo.block`` being
+    # the boxes' extents on the last axis)
+    nested = engine.q.block % geo.qblock == 0 and engine.k.block % geo.block == 0
     if nested:
-        up, low = _tile_bounds(engine, node, geo, keys, [tables[up_name], tables[low_name]], sign, cache)
+        static = (low_s, up_s)
+        up, low = _tile_bounds(engine, node, geo, keys, [tables[up_name], tables[low_name]], sign, static, cache)
     else:
 
         def fixed(name):
@@ -498,13 +503,39 @@ def _chosen_count(table: routetiles.RunTable, g0: np.ndarray, g1: np.ndarray, b:
     if isinstance(table, routegroups.GroupRuns):
         return table.chosen_count(g0, g1, b)
     lo, hi = (t.numpy() for t in table._table())
-    if lo.shape[1] == 1:
+    if _monotone(lo, hi):
         first, last = lo[:-1, 0], hi[:-1, 0]  # the zero row past the last group dropped
-        if (np.diff(first) >= 0).all() and (np.diff(last) >= 0).all():
-            upper = np.minimum(g1, np.searchsorted(first, b, "right"))  # groups below start at or before b
-            lower = np.maximum(g0, np.searchsorted(last, b, "right"))  # groups from there end after b
-            return np.maximum(upper - lower, 0).astype(np.int64)
+        upper = np.minimum(g1, np.searchsorted(first, b, "right"))  # groups below start at or before b
+        lower = np.maximum(g0, np.searchsorted(last, b, "right"))  # groups from there end after b
+        return np.maximum(upper - lower, 0).astype(np.int64)
     return _chosen_count_listed(lo, hi, g0, g1, b)
+
+
+def _monotone(lo: np.ndarray, hi: np.ndarray) -> bool:
+    """Every group has at most one run, their starts and ends not decreasing (``[groups + 1, runs]`` bounds)."""
+    return lo.shape[1] == 1 and bool((np.diff(lo[:-1, 0]) >= 0).all() and (np.diff(hi[:-1, 0]) >= 0).all())
+
+
+#: Most (group, block) pairs :func:`_counter` lists a choice as (8 bytes each).
+MAX_LISTED_PAIRS = 1 << 24
+
+
+def _counter(table, n_q: int):
+    """``count(g0, g1, b)``, :func:`_chosen_count` of ``table``. A per-group table of at most
+    :data:`MAX_LISTED_PAIRS` pairs whose runs are not one non-decreasing run a group (a grid's candidates
+    under ``among = neighborhood(...)``) is listed once as pair keys sorted by (block, group): each cell
+    is then two binary searches, not a pass over its groups."""
+    if isinstance(table, routetiles.RunTable) and int((table.hi - table.lo).sum()) <= MAX_LISTED_PAIRS:
+        lo, hi = (t.numpy() for t in table._table())
+        if not _monotone(lo, hi):
+            r, blocks = eng.expand_runs(np.arange(len(table.group), dtype=np.int64), table.lo, table.hi)
+            keys = np.sort(blocks * n_q + table.group[r])
+
+            def count(g0, g1, b):
+                return np.searchsorted(keys, b * n_q + g1) - np.searchsorted(keys, b * n_q + g0)
+
+            return count
+    return lambda g0, g1, b: _chosen_count(table, g0, g1, b)
 
 
 def _chosen_count_listed(lo: np.ndarray, hi: np.ndarray, g0: np.ndarray, g1: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -512,7 +543,15 @@ def _chosen_count_listed(lo: np.ndarray, hi: np.ndarray, g0: np.ndarray, g1: np.
     return routegroups.count_listed(lo, hi, np.arange(len(lo), dtype=np.int64), g0, g1, b)
 
 
-def _tile_bounds(engine: eng.Engine, node: ir.Node, geo, keys: np.ndarray, tables: list, sign: int, cache) -> list:
+def _cell_states(sub: eng.Engine, node: ir.Node, keys: np.ndarray) -> np.ndarray:
+    """States of a static bound on the cells ``keys`` (``full`` / ``empty``, as a union's upper bound
+    often is: no engine pass)."""
+    if node in (ir.FULL, ir.EMPTY):
+        return np.full(len(keys), eng.FULL if node == ir.FULL else eng.EMPTY, np.int8)
+    return routetiles.routeplan_states(sub, node, keys)
+
+
+def _tile_bounds(engine: eng.Engine, node: ir.Node, geo, keys: np.ndarray, tables: list, sign: int, static, cache):
     """Per tile ``keys`` and per choice in ``tables``, the pattern's state with the route fixed to it.
 
     Groups and blocks nest in the tiles. A tile is cut into cells of ``qblock * 2**j`` queries by
@@ -523,49 +562,82 @@ def _tile_bounds(engine: eng.Engine, node: ir.Node, geo, keys: np.ndarray, table
     whose groups all take the upper bound is the upper bound's, one whose groups all take the lower
     one the lower one's (near the diagonal of ``causal & (window(63) | route(...))`` every group
     of a cell has the block, or none has); only cells mixing both are halved, down to one group
-    (:func:`routetiles._tile_from_cells` on every cell, coarse rows first).
+    (:func:`routetiles._tile_from_cells` on every cell, coarse rows first), and only in tiles not
+    yet known to be neither empty nor full. ``static``, the static bounds' ``(lower, upper)`` states
+    on each tile, say so from the start where the lower one is non-empty (the tile is for every
+    choice) or the upper one not full.
+
+    On a grid (``geo`` from :mod:`~patterndsl.analysis.routegrid`) a cell's rows and columns are pieces
+    of one row of the grid (``qblock``, ``block``: the boxes' extents on the last axis), the groups of
+    a cell row consecutive group columns of one outer box (``geo.cell_groups``), and a cell column
+    one block's piece (``geo.cell_blocks``).
     """
     rewrite = eng.rewrite_for_plan
     low_node, up_node = rewrite(ir.route_bound(node, True)), rewrite(ir.route_bound(node, False))
     per_q, per_k = engine.q.block // geo.qblock, engine.k.block // geo.block
     top = (per_q & -per_q).bit_length() - 1  # cells of 2**top groups tile a query tile
     n_t = len(keys)
-    full = [np.ones(n_t, bool) for _ in tables]
-    some = [np.zeros(n_t, bool) for _ in tables]
+    low_s, up_s = static
+    full = [up_s == eng.FULL for _ in tables]
+    some = [low_s > eng.EMPTY for _ in tables]
     m, n = keys // geo.nkb, keys % geo.nkb
     step = per_q >> top
-    owner, r = eng.expand_runs(np.arange(n_t, dtype=np.int64), m * step, (m + 1) * step)
-    at, b = eng.expand_runs(np.arange(len(owner), dtype=np.int64), n[owner] * per_k, (n[owner] + 1) * per_k)
+    counters = [_counter(table, geo.n_q) for table in tables]
+    chunk = max(1, CELL_CHUNK // (step * per_k))
+    for t0 in range(0, n_t, chunk):  # tiles a chunk at a time: the cells' arrays stay small
+        part = np.arange(t0, min(t0 + chunk, n_t), dtype=np.int64)
+        owner, r = eng.expand_runs(part, m[part] * step, (m[part] + 1) * step)
+        _cells_of_tiles(
+            engine, geo, (owner, r, n), (per_k, top), (low_node, up_node), counters, sign, (full, some), cache
+        )
+    states = zip(full, some, strict=True)
+    return [np.where(f, eng.FULL, np.where(sm, eng.PARTIAL, eng.EMPTY)).astype(np.int8) for f, sm in states]
+
+
+#: Cells :func:`_tile_bounds` lays out at once (a chunk of tiles; several int64 arrays per cell).
+CELL_CHUNK = 1 << 18
+
+
+def _cells_of_tiles(engine, geo, rows, shape, bounds, counters, sign, acc, cache) -> None:
+    """:func:`_tile_bounds` on the tiles of ``rows`` (``owner``: tile index of each cell row ``r`` of the top
+    level; ``n``: every tile's key tile), folded into ``acc`` (per table, full and some per tile)."""
+    owner, r, n = rows
+    per_k, top = shape
+    low_node, up_node = bounds
+    full, some = acc
+    n_t = len(full[0])
+    # col: a cell's column of keys (a block in 1-D; on a grid a block's piece of one row)
+    at, col = eng.expand_runs(np.arange(len(owner), dtype=np.int64), n[owner] * per_k, (n[owner] + 1) * per_k)
     owner, r = owner[at], r[at]
-    ok = b < geo.n_k
-    owner, r, b = owner[ok], r[ok], b[ok]
+    ok = col < -(-engine.ctx.kv_len // geo.block)
+    owner, r, col = owner[ok], r[ok], col[ok]
+    grid = getattr(geo, "grid", False)
+    b = geo.cell_blocks(col) if grid else col
     for j in range(top, -1, -1):
         sub = _sub_engine(engine, (geo.qblock << j, geo.block), cache)
         ok = r < sub.nqb
-        owner, r, b = owner[ok], r[ok], b[ok]
-        ck = r * sub.nkb + b
+        owner, r, col, b = owner[ok], r[ok], col[ok], b[ok]
+        ck = r * sub.nkb + col
         order = np.argsort(ck, kind="stable")
-        owner, r, b, ck = owner[order], r[order], b[order], ck[order]
-        low = routetiles.routeplan_states(sub, low_node, ck)
-        up = routetiles.routeplan_states(sub, up_node, ck)
-        g0 = r << j
-        g1 = np.minimum((r + 1) << j, geo.n_q)
+        owner, r, col, b, ck = owner[order], r[order], col[order], b[order], ck[order]
+        low, up = (_cell_states(sub, bound, ck) for bound in (low_node, up_node))
+        g0, g1 = geo.cell_groups(r, j) if grid else (r << j, np.minimum((r + 1) << j, geo.n_q))
         alone = (low == eng.EMPTY) & (up == eng.FULL)
         between = np.flatnonzero((low != up) & ~alone)
         size = g1 - g0
         rest = np.zeros(len(low), bool)
-        for i, table in enumerate(tables):
+        for i, count in enumerate(counters):
             state = low.copy()
             done = ~rest
             if alone.any():
-                c = _chosen_count(table, g0[alone], g1[alone], b[alone])
+                c = count(g0[alone], g1[alone], b[alone])
                 if sign < 0:
                     c = size[alone] - c
                 state[alone] = np.where(c == size[alone], eng.FULL, np.where(c > 0, eng.PARTIAL, eng.EMPTY))
             if len(between):
                 # rows taking the upper bound (the route chosen at +1, not chosen at -1): all of them,
                 # the cell is the upper bound's; none, the lower one's; else its rows are halved
-                c = _chosen_count(table, g0[between], g1[between], b[between])
+                c = count(g0[between], g1[between], b[between])
                 u = c if sign > 0 else size[between] - c
                 state[between] = np.where(u == size[between], up[between], low[between])
                 mixed = between[(u > 0) & (u < size[between])]
@@ -575,10 +647,13 @@ def _tile_bounds(engine: eng.Engine, node: ir.Node, geo, keys: np.ndarray, table
             d = np.flatnonzero(done)
             np.logical_and.at(full[i], owner[d], state[d] == eng.FULL)
             np.logical_or.at(some[i], owner[d], state[d] > eng.EMPTY)
+        # a tile found neither full nor empty under every choice is settled: its other cells need no halving
+        unsettled = np.zeros(n_t, bool)
+        for f, sm in zip(full, some, strict=True):
+            unsettled |= f | ~sm
+        rest &= unsettled[owner]
         if not rest.any():
             break
         owner = np.repeat(owner[rest], 2)
-        b = np.repeat(b[rest], 2)
+        b, col = np.repeat(b[rest], 2), np.repeat(col[rest], 2)
         r = (r[rest][:, None] * 2 + np.arange(2)[None, :]).reshape(-1)
-    states = zip(full, some, strict=True)
-    return [np.where(f, eng.FULL, np.where(sm, eng.PARTIAL, eng.EMPTY)).astype(np.int8) for f, sm in states]

@@ -101,6 +101,8 @@ def _meaning(prim, q, k, h, ctx, selection):
 def _residue_range(a, s, n, d: int, g: int):
     """First and last element ``== g (mod d)`` of a progression (step 1 or a multiple of d)."""
     last = a + s * (n - 1)
+    if d == 1:  # one group: every progression is in it (the modulo passes cost most of a plan's time)
+        return np.ones(np.shape(a), bool), a, last
     first = a + (g - a) % d
     end = last - (last - g) % d
     single = (s % d == 0) | (n == 1)
@@ -115,6 +117,8 @@ def _group_hit(tlo, thi, n: int, d: int, g, q, k) -> np.ndarray:
     qpres, x0, x1 = _residue_range(*q, d, g)
     kpres, y0, y1 = _residue_range(*k, d, g)
     x0c, x1c = np.clip(x0, 0, n - 1), np.clip(x1, 0, n - 1)
+    if d == 1:
+        return (tlo[x0c] <= y1) & (y0 <= thi[x1c])
     return qpres & kpres & (tlo[x0c] <= y1 // d) & (y0 // d <= thi[x1c])
 
 
@@ -138,18 +142,18 @@ def _classify(prim, qp, kp, env):
         k_single = (yn == 1) | (ys % d == 0)
         # A piece inside one dilation group (a single position, or a step of whole groups, as in
         # the dilation-group orders) meets only its own group: one residue per pair, not d.
-        group = np.where(q_single, xa % d, ya % d)
+        group = 0 if d == 1 else np.where(q_single, xa % d, ya % d)
         axis_n = _group_hit(tlo, thi, n, d, group, (xa, xs, xn), (ya, ys, yn))
         mixed = np.flatnonzero(~q_single & ~k_single)
         for g in range(d if len(mixed) else 0):
             axis_n[mixed] |= _group_hit(
                 tlo, thi, n, d, g, (xa[mixed], xs[mixed], xn[mixed]), (ya[mixed], ys[mixed], yn[mixed])
             )
-        same = q_single & k_single & (xa % d == ya % d)
+        same = q_single & k_single if d == 1 else q_single & k_single & (xa % d == ya % d)
         xl = np.clip(xa + xs * (xn - 1), 0, n - 1)
         xf = np.clip(xa, 0, n - 1)
         yl = ya + ys * (yn - 1)
-        axis_f = same & (tlo[xl] <= ya // d) & (yl // d <= thi[xf])
+        axis_f = same & ((tlo[xl] <= ya) & (yl <= thi[xf]) if d == 1 else (tlo[xl] <= ya // d) & (yl // d <= thi[xf]))
         nonempty &= axis_n
         full &= axis_f
         ok &= q_ok & k_ok

@@ -97,27 +97,9 @@ def _grid_case(seed: int):
 
 @pytest.mark.parametrize("seed", range(12))
 def test_grid_route_runs_expand_to_the_pair_by_pair_plan(seed):
-    import patterndsl
-    from patterndsl.analysis import engine as eng
-    from patterndsl.analysis import routegrid, routeplan
-    from patterndsl.sizes import Sizes
+    from tests.unit.test_route_grid_runs import equal_to_pairs
 
-    source, length, tile = _grid_case(seed)
-    pir = patterndsl.compile(source).ir
-    node = eng.rewrite_for_plan(pir.default)
-    sizes = Sizes(length, length, pir.layout)
-    engine = eng.identity_engine(sizes, 0, tile)
-    assert routegrid.geometry(engine, node) is not None, source
-    runs = routegrid.classify(engine, node)
-    key = runs.row * (runs.nkb + 1) + runs.lo
-    assert (np.diff(key) > 0).all() and (runs.lo < runs.hi).all() and (runs.state > 0).all()
-    got = runs.expanded()
-    want = routeplan.classify_by_pairs(eng.identity_engine(sizes, 0, tile), node)
-    for name in ("keys", "state", "route_mask", "open"):
-        assert getattr(got, name).tolist() == getattr(want, name).tolist(), (name, source, tile)
-    ((prim, fixed),) = want.forced.items()
-    assert got.forced[prim][1].tolist() == fixed[1].tolist()
-    assert got.forced[prim][2].tolist() == fixed[2].tolist()
+    equal_to_pairs(*_grid_case(seed))
 
 
 @pytest.mark.parametrize("tile", [(16, 16), (64, 64)])
@@ -185,8 +167,8 @@ def test_a_grid_route_past_its_element_budget_is_left_to_the_other_plans(monkeyp
 
     source = (
         "pattern p { layout grid(y = 8, x = 16)\n"
-        " neighborhood(3) | route(topk = 2, block = (2, 4), among = neighborhood(5)) }"
-    )
+        " neighborhood(3) | route(topk = 2, block = (2, 3), among = neighborhood(5)) }"
+    )  # blocks 3 wide do not nest in 8-key tiles: the tiles the cells do not decide are evaluated
     calls = []
     classify = routegrid.classify
 

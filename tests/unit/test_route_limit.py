@@ -4,8 +4,9 @@ The pair-by-pair route plan lists one entry per (candidate pair, tile it meets);
 counts those entries from the groups' and blocks' tiles before anything is listed and raises a
 PatternError at the route, naming the limit and the length that fits. BiFormer's routing on 4
 video frames of 256 x 256 (4,096 regions of 8 x 8 a frame, too many for the tables of
-``routetiles``; 3-D boxes have no run form) would list a billion entries: refused, without
-allocating them, in a fraction of a second. On a 2-D grid the same route plans as runs.
+``routetiles``) plans as runs (``routegrid``, grids of any rank whose rows hold whole tiles); with
+rows of 200 positions, which 128-token tiles do not divide, it would list 655 million entries:
+refused, without allocating them, in a fraction of a second.
 """
 
 from __future__ import annotations
@@ -28,30 +29,52 @@ from patterndsl.sizes import Sizes
 BIFORMER = (Path(__file__).resolve().parents[2] / "examples" / "biformer.pdsl").read_text()
 
 
-#: BiFormer's routing on video frames: 3-D boxes, which have no run form (analysis/routegrid.py takes
-#: 2-D grids), so they are planned pair by pair and limited here.
-VIDEO = "pattern v { layout grid(t = 4, y = 256, x = 256)\n route(topk = 4, block = (1, 8, 8)) }"
+#: BiFormer's routing on video frames: 3-D boxes, planned as runs (analysis/routegrid.py).
+VIDEO = "pattern v {{ layout grid(t = 4, y = 256, x = {x})\n route(topk = 4, block = (1, 8, 8)) }}"
 
 
-def test_a_video_route_beyond_the_limit_is_refused_at_the_route_before_allocating():
-    pattern = patterndsl.compile(VIDEO)
+def test_a_route_beyond_the_limit_is_refused_at_the_route_before_allocating():
+    # rows of 200 positions hold no whole 128-token tile: no run form, planned pair by pair
+    pattern = patterndsl.compile(VIDEO.format(x=200))
     tracemalloc.start()
     start = time.process_time()
     try:
         with pytest.raises(PatternError) as info:
-            pattern.plan(4 * 256 * 256, heads=4, block=(128, 128))
+            pattern.plan(4 * 256 * 200, heads=4, block=(128, 128))
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
     assert time.process_time() - start < 5.0
-    assert peak < 256 << 20  # the billion entries (tens of GB) were never listed
+    assert peak < 256 << 20  # the 655 million entries (tens of GB) were never listed
     err = info.value
     assert err.span is not None and err.span.line == 2  # the route(...) line
     text = str(err)
-    assert "1,073,741,824 (candidate pair, tile) entries" in text
+    assert "655,360,000 (candidate pair, tile) entries" in text
     assert f"limit of {routelimit.MAX_INCIDENCES:,}" in text
     fits = int(re.search(r"about ([\d,]+) tokens fit", text).group(1).replace(",", ""))
-    assert 131072 <= fits < 262144  # 128K tokens plan (by routetiles' tables), 256K do not
+    assert 131072 <= fits < 204800
+
+
+def test_a_video_route_plans_as_runs_where_pairs_were_refused(monkeypatch):
+    # the billion entries of 4 frames of 256 x 256: 3-D boxes laid out as runs, like BiFormer in 2-D
+    from patterndsl.analysis import routegrid
+
+    taken = []
+    classify = routegrid.classify
+    monkeypatch.setattr(routegrid, "classify", lambda e, n: taken.append(classify(e, n)) or taken[-1])
+    pattern = patterndsl.compile(VIDEO.format(x=256))
+    tracemalloc.start()
+    start = time.process_time()
+    try:
+        plan = pattern.plan(4 * 256 * 256, heads=4, block=(128, 128))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert time.process_time() - start < 5.0 and peak < 64 << 20
+    assert len(taken) == 1 and taken[0] is not None  # the run form, not the pairs
+    (group,) = plan.groups
+    assert len(group.runs.row) == 2048  # one run a query tile: every tile may be chosen
+    assert plan.stats.tiles_dynamic == 4 * 2048 * 2048 and plan.stats.tiles_full == 0
 
 
 def test_biformer_on_a_grid_plans_as_runs_where_pairs_were_refused():
