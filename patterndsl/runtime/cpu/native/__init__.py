@@ -34,6 +34,7 @@ __all__ = [
     "Program",
     "available",
     "backward",
+    "backward_pairs",
     "forward",
     "forward_rows",
     "program",
@@ -52,6 +53,7 @@ def _library():
     if lib is not None and lib.pdsl_forward.argtypes is None:
         lib.pdsl_forward.argtypes, lib.pdsl_forward.restype = _FORWARD_ARGS, _INT
         lib.pdsl_backward.argtypes, lib.pdsl_backward.restype = _BACKWARD_ARGS, _INT
+        lib.pdsl_backward_pairs.argtypes, lib.pdsl_backward_pairs.restype = [], _I64
     return lib
 
 
@@ -140,6 +142,13 @@ def forward(prog: Program, qp, kp, vp, op, lp, scale: float, rows: int | None = 
     )  # fmt: skip
     if rc:
         raise RuntimeError(f"native forward refused its arguments (code {rc})")
+
+
+def backward_pairs() -> int:
+    """Query x key pairs the native backward has computed in this process (every call, batch element and
+    head): each register block's 16-row groups run over only the stretches of keys they see, so a band's
+    or neighborhood's edge tile costs about its allowed pairs (tests and benchmarks compare the two)."""
+    return int(_library().pdsl_backward_pairs())
 
 
 def backward(prog: Program, t: dict, scale: float) -> bool:
