@@ -148,7 +148,8 @@ def backward_pairs() -> int:
     """Query x key pairs the native backward has computed in this process (every call, batch element and
     head): each register block's 16-row groups run over only the stretches of keys they see, so a band's
     or neighborhood's edge tile costs about its allowed pairs (tests and benchmarks compare the two)."""
-    return int(_library().pdsl_backward_pairs())
+    lib = _library()
+    return 0 if lib is None else int(lib.pdsl_backward_pairs())
 
 
 def backward(prog: Program, t: dict, scale: float) -> bool:

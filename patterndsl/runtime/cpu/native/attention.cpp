@@ -12,8 +12,9 @@
 // (key-major): S^T[j][i], P^T[j][i], O^T[d][i], so the softmax statistics of RB rows are
 // NI vectors and every row-wise operation is vertical. Products are register-blocked
 // FMA microkernels (broadcast one operand, vectors of 16 rows or 16 dims of the other).
-// A key range [jlo, jhi) per (entry, register block) skips keys no row of the block may see; the
-// forward cuts it finer, per 16-row group (pieces of an entry on which the same groups are active);
+// An entry's keys run per 16-row group: pieces of the entry on which the same groups of a register
+// block are active (cut_pieces), over the span each group sees (forward) or the stretches it sees
+// (backward: runs of keys, so a 2-D neighborhood's group skips the keys between its grid rows);
 // partial tiles select blocked pairs out (left out of the max, exact zeros after exp2).
 #include <immintrin.h>
 #include <omp.h>
