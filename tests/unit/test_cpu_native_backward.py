@@ -144,3 +144,8 @@ def test_edge_tiles_run_as_pieces_over_the_stretches_their_groups_see(monkeypatc
     # 16-row blocks compute exactly their groups' stretches; wider blocks add only holes inside pieces.
     assert counted[16] == h * stretched
     assert h * stretched <= counted[32] <= counted[64] < h * spans
+
+
+def test_pair_counter_reads_zero_without_the_library(monkeypatch):
+    monkeypatch.setattr(native, "_library", lambda: None)
+    assert native.backward_pairs() == 0

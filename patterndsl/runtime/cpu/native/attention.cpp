@@ -22,6 +22,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -673,7 +674,7 @@ struct TileRows {
 
 // Pairs the backward computed (keys times rows of its chunks) since the library was loaded: tests check
 // that edge tiles run as pieces (pdsl_backward_pairs).
-int64_t backward_pairs_total = 0;
+std::atomic<int64_t> backward_pairs_total{0};
 
 // Keys [x, y) of entry e (whose first key row is at offset `at` of k, v, dk, dv) for groups n0 ..
 // n0+na-1 of register block b, in chunks of kKeyChunk keys. mats: the blocks' Q^T, dO^T, dQ^T as
