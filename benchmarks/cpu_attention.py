@@ -12,7 +12,8 @@ the dense reference, then prints the ratios the project's targets are about.
 
 It also measures the fp32 matmul ceiling of the machine in the same run (a large ``mm``, best
 GFLOP/s of a reading before and after the cases) and prints each case's useful GFLOP/s (4 * D
-FLOPs per allowed pair, from the plan's stats) and its fraction of that ceiling; on causal cases
+FLOPs per allowed pair, from the plan's stats) and its fraction of that ceiling, and the pairs the
+native backward computed per allowed pair (``native.backward_pairs``); on causal cases
 it times SDPA's own ``is_causal`` flash kernel forward and forward+backward, plain and paired
 with ours call by call (issue 17's targets).
 
@@ -248,7 +249,11 @@ def run_case(case: Case, reps: int) -> dict:
 
     # Steady state, as the forward: the first backward of a process also pays torch's own one-time
     # import behind Tensor.backward(gradient) (torch.fx symbolic shapes, ~0.3 s), not ours.
+    pairs = cpu.native.backward_pairs()
     fwd_bwd()
+    # Pairs the native backward computed (0: it did not run) per allowed pair: a band's or neighborhood's
+    # edge tiles cost their groups' stretches of keys, not whole tiles.
+    r["bwd_pairs"] = (cpu.native.backward_pairs() - pairs) / (r["useful_flops"] / (4 * D))
     r["ours_fwdbwd"] = timed(fwd_bwd, reps)
     r["ours_fwdbwd_cpu"] = LAST_CPU[0]
     r["ours_fwdbwd_mb"] = peak_mb(fwd_bwd)
@@ -430,10 +435,14 @@ def report(results: list[dict], ceiling: float) -> None:
         print(f"  {r['name']:58s} {r['max_diff_flex']:.2e} / {sd}")
     print()
     print(f"fp32 matmul ceiling measured in this run: {ceiling:.0f} GFLOP/s")
-    print(f"{'case':58s} {'useful GFLOP':>12s} {'fwd GFLOP/s':>11s} {'of ceiling':>10s} {'f+b GFLOP/s':>11s}")
+    print(
+        f"{'case':58s} {'useful GFLOP':>12s} {'fwd GFLOP/s':>11s} {'of ceiling':>10s} {'f+b GFLOP/s':>11s}"
+        f" {'bwd pairs/allowed':>17s}"
+    )
     for r in results:
         fwd, both = useful_gflops(r), useful_gflops(r, "ours_fwdbwd")
-        print(f"{r['name']:58s} {r['useful_flops'] / 1e9:12.1f} {fwd:11.1f} {fwd / ceiling:10.0%} {both:11.1f}")
+        pairs = f"{r['bwd_pairs']:17.2f}" if r["bwd_pairs"] else f"{'-':>17s}"
+        print(f"{r['name']:58s} {r['useful_flops'] / 1e9:12.1f} {fwd:11.1f} {fwd / ceiling:10.0%} {both:11.1f} {pairs}")
     causal = [r for r in results if "causal_sdpa_fwd" in r]
     if causal:
         print()

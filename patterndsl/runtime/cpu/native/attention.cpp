@@ -12,8 +12,9 @@
 // (key-major): S^T[j][i], P^T[j][i], O^T[d][i], so the softmax statistics of RB rows are
 // NI vectors and every row-wise operation is vertical. Products are register-blocked
 // FMA microkernels (broadcast one operand, vectors of 16 rows or 16 dims of the other).
-// A key range [jlo, jhi) per (entry, register block) skips keys no row of the block may see; the
-// forward cuts it finer, per 16-row group (pieces of an entry on which the same groups are active);
+// An entry's keys run per 16-row group: pieces of the entry on which the same groups of a register
+// block are active (cut_pieces), over the span each group sees (forward) or the stretches it sees
+// (backward: runs of keys, so a 2-D neighborhood's group skips the keys between its grid rows);
 // partial tiles select blocked pairs out (left out of the max, exact zeros after exp2).
 #include <immintrin.h>
 #include <omp.h>
@@ -21,6 +22,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -130,22 +132,22 @@ void product_t(const float* w, int64_t nj, int64_t D, const float* pt, float* ot
   for (; d < D; ++d) accumulate_t<NI, 1, RS>(w + d, nj, D, pt, ot + d * RS, alpha);
 }
 
-// dst[j][d] += sum_i Pt[j][i] * X[i][d] for MJ rows j, 16*ND dims (from d0), RB rows i of X.
-template <int NI, int MJ, int ND>
+// dst[j][d] += sum_i Pt[j][i] * X[i][d] for MJ rows j, 16*ND dims (from d0), 16*NI rows i of X (row
+// stride RS of Pt: RS > 16*NI runs some of the 16-row groups of a wider register block).
+template <int NI, int MJ, int ND, int RS = 16 * NI>
 inline void rows_accumulate(const float* pt, const float* x, int64_t D, float* dst) {
-  constexpr int RB = 16 * NI;
   __m512 acc[MJ][ND];
 #pragma GCC unroll 32
   for (int j = 0; j < MJ; ++j)
 #pragma GCC unroll 8
     for (int v = 0; v < ND; ++v) acc[j][v] = _mm512_loadu_ps(dst + j * D + 16 * v);
-  for (int i = 0; i < RB; ++i) {
+  for (int i = 0; i < 16 * NI; ++i) {
     __m512 xv[ND];
 #pragma GCC unroll 8
     for (int v = 0; v < ND; ++v) xv[v] = _mm512_loadu_ps(x + i * D + 16 * v);
 #pragma GCC unroll 32
     for (int j = 0; j < MJ; ++j) {
-      const __m512 p = _mm512_set1_ps(pt[j * RB + i]);
+      const __m512 p = _mm512_set1_ps(pt[j * RS + i]);
 #pragma GCC unroll 8
       for (int v = 0; v < ND; ++v) acc[j][v] = _mm512_fmadd_ps(p, xv[v], acc[j][v]);
     }
@@ -156,31 +158,30 @@ inline void rows_accumulate(const float* pt, const float* x, int64_t D, float* d
     for (int v = 0; v < ND; ++v) _mm512_storeu_ps(dst + j * D + 16 * v, acc[j][v]);
 }
 
-template <int NI, int ND>
+template <int NI, int ND, int RS = 16 * NI>
 void rows_accumulate_all(const float* pt, int64_t nj, const float* x, int64_t D, float* dst) {
   constexpr int MJ = 6;
-  constexpr int RB = 16 * NI;
   int64_t j = 0;
-  for (; j + MJ <= nj; j += MJ) rows_accumulate<NI, MJ, ND>(pt + j * RB, x, D, dst + j * D);
+  for (; j + MJ <= nj; j += MJ) rows_accumulate<NI, MJ, ND, RS>(pt + j * RS, x, D, dst + j * D);
   // The last rows in one block too (a row at a time leaves the FMA units waiting on latency).
   switch (nj - j) {
-    case 1: rows_accumulate<NI, 1, ND>(pt + j * RB, x, D, dst + j * D); break;
-    case 2: rows_accumulate<NI, 2, ND>(pt + j * RB, x, D, dst + j * D); break;
-    case 3: rows_accumulate<NI, 3, ND>(pt + j * RB, x, D, dst + j * D); break;
-    case 4: rows_accumulate<NI, 4, ND>(pt + j * RB, x, D, dst + j * D); break;
-    case 5: rows_accumulate<NI, 5, ND>(pt + j * RB, x, D, dst + j * D); break;
+    case 1: rows_accumulate<NI, 1, ND, RS>(pt + j * RS, x, D, dst + j * D); break;
+    case 2: rows_accumulate<NI, 2, ND, RS>(pt + j * RS, x, D, dst + j * D); break;
+    case 3: rows_accumulate<NI, 3, ND, RS>(pt + j * RS, x, D, dst + j * D); break;
+    case 4: rows_accumulate<NI, 4, ND, RS>(pt + j * RS, x, D, dst + j * D); break;
+    case 5: rows_accumulate<NI, 5, ND, RS>(pt + j * RS, x, D, dst + j * D); break;
     default: break;
   }
 }
 
-template <int NI>
+template <int NI, int RS = 16 * NI>
 void key_gradient(const float* pt, int64_t nj, const float* x, int64_t D, float* dst) {
   int64_t d = 0;
-  for (; d + 64 <= D; d += 64) rows_accumulate_all<NI, 4>(pt, nj, x + d, D, dst + d);
+  for (; d + 64 <= D; d += 64) rows_accumulate_all<NI, 4, RS>(pt, nj, x + d, D, dst + d);
   switch ((D - d) / 16) {
-    case 3: rows_accumulate_all<NI, 3>(pt, nj, x + d, D, dst + d); break;
-    case 2: rows_accumulate_all<NI, 2>(pt, nj, x + d, D, dst + d); break;
-    case 1: rows_accumulate_all<NI, 1>(pt, nj, x + d, D, dst + d); break;
+    case 3: rows_accumulate_all<NI, 3, RS>(pt, nj, x + d, D, dst + d); break;
+    case 2: rows_accumulate_all<NI, 2, RS>(pt, nj, x + d, D, dst + d); break;
+    case 1: rows_accumulate_all<NI, 1, RS>(pt, nj, x + d, D, dst + d); break;
     default: break;
   }
 }
@@ -266,29 +267,6 @@ struct Lists {
   const int32_t* spans = nullptr;  // the forward's mask_spans of the call; null: group_span scans the bits
 };
 
-// Keys [lo, hi) of entry e that some row of register block g0 .. g0+NI may attend (lo >= hi: none).
-template <int NI>
-inline void key_range(const Lists& L, int64_t e, int64_t g0, int64_t* lo, int64_t* hi) {
-  const int32_t mk = L.ent_mask[e];
-  if (mk < 0) {
-    *lo = 0;
-    *hi = L.BN;
-    return;
-  }
-  const int64_t groups = L.BM / 16;
-  const uint16_t* w = L.masks + (int64_t)mk * L.BN * groups + g0;
-  int64_t a = 0, b = L.BN;
-  auto any = [&](int64_t j) {
-    uint32_t bits = 0;
-    for (int n = 0; n < NI; ++n) bits |= w[j * groups + n];
-    return bits != 0;
-  };
-  while (a < b && !any(a)) ++a;
-  while (b > a && !any(b - 1)) --b;
-  *lo = a;
-  *hi = b;
-}
-
 inline __mmask16 allowed_bits(const Lists& L, int64_t e, int64_t j, int64_t g) {
   return (__mmask16)L.masks[((int64_t)L.ent_mask[e] * L.BN + j) * (L.BM / 16) + g];
 }
@@ -328,6 +306,89 @@ std::vector<int32_t> mask_spans(const Lists& L, int64_t entries) {
       spans[(mk * groups + g) * 2 + 1] = (int32_t)b;
     }
   return spans;
+}
+
+// The keys each 16-row group of each mask sees, as up to kStretches stretches (runs of keys some row of
+// the group attends; runs closer than kStretchGap keys are one stretch, and past kStretches the closest
+// are joined). Record (mask * groups + g) is its count, then [lo, hi) pairs. A 2-D neighborhood's edge
+// tile has a group see a stretch per grid row it covers, far apart: the keys between are skipped.
+constexpr int kStretches = 4;
+constexpr int kStretchRecord = 1 + 2 * kStretches;
+#ifndef PDSL_STRETCH_GAP
+#define PDSL_STRETCH_GAP 4
+#endif
+constexpr int64_t kStretchGap = PDSL_STRETCH_GAP;
+
+std::vector<int32_t> mask_stretches(const Lists& L, int64_t entries) {
+  int64_t count = 0;
+  for (int64_t e = 0; e < entries; ++e) count = std::max<int64_t>(count, (int64_t)L.ent_mask[e] + 1);
+  const int64_t groups = L.BM / 16;
+  std::vector<int32_t> out(count * groups * kStretchRecord, 0);
+  std::vector<int32_t> runs;
+  for (int64_t mk = 0; mk < count; ++mk)
+    for (int64_t g = 0; g < groups; ++g) {
+      const uint16_t* w = L.masks + mk * L.BN * groups + g;
+      runs.clear();
+      for (int64_t j = 0; j < L.BN; ++j) {
+        if (!w[j * groups]) continue;
+        if (!runs.empty() && j - runs.back() < kStretchGap)
+          runs.back() = (int32_t)j + 1;
+        else
+          runs.insert(runs.end(), {(int32_t)j, (int32_t)j + 1});
+      }
+      while ((int64_t)runs.size() > 2 * kStretches) {  // join the two runs with the smallest gap
+        size_t at = 1;
+        for (size_t i = 3; i + 1 < runs.size(); i += 2)
+          if (runs[i + 1] - runs[i] < runs[at + 1] - runs[at]) at = i;
+        runs.erase(runs.begin() + at, runs.begin() + at + 2);
+      }
+      int32_t* rec = out.data() + (mk * groups + g) * kStretchRecord;
+      rec[0] = (int32_t)(runs.size() / 2);
+      std::copy(runs.begin(), runs.end(), rec + 1);
+    }
+  return out;
+}
+
+// Cuts the keys that NI groups see (group n: the count[n] stretches [iv[n][2s], iv[n][2s+1])) into
+// pieces on which the same groups are active and calls piece(x, y, n0, na) for keys [x, y) and groups
+// n0 .. n0+na-1, in key order. Groups inside a piece's range that see none of its keys (holes) are
+// computed and selected out.
+template <int NI, class Piece>
+void cut_pieces(const int32_t* const* iv, const int* count, Piece&& piece) {
+  int64_t cuts[2 * NI * kStretches];
+  int c = 0;
+  for (int n = 0; n < NI; ++n)
+    for (int s = 0; s < 2 * count[n]; ++s) {
+      int i = c++;  // insertion into the sorted cuts (a handful)
+      for (; i > 0 && cuts[i - 1] > iv[n][s]; --i) cuts[i] = cuts[i - 1];
+      cuts[i] = iv[n][s];
+    }
+  c = (int)(std::unique(cuts, cuts + c) - cuts);
+  int64_t px = 0, py = 0;  // pending piece [px, py) over groups pn0 .. pn0+pna-1
+  int pn0 = 0, pna = 0;
+  for (int i = 0; i + 1 < c; ++i) {
+    const int64_t x = cuts[i], y = cuts[i + 1];
+    int n0 = NI, n1 = -1;
+    for (int n = 0; n < NI; ++n)
+      for (int s = 0; s < count[n]; ++s)
+        if (iv[n][2 * s] <= x && y <= iv[n][2 * s + 1]) {
+          n0 = std::min(n0, n);
+          n1 = n;
+        }
+    const int na = n1 - n0 + 1;
+    if (pna && (na <= 0 || n0 != pn0 || na != pna || py != x)) {
+      piece(px, py, pn0, pna);
+      pna = 0;
+    }
+    if (na <= 0) continue;
+    if (!pna) {
+      px = x;
+      pn0 = n0;
+      pna = na;
+    }
+    py = y;
+  }
+  if (pna) piece(px, py, pn0, pna);
 }
 
 // One chunk of keys [lo, hi) of entry e for NA 16-row groups of a register block, the first being
@@ -411,45 +472,23 @@ void forward_piece(const Lists& L, int64_t e, int64_t x, int64_t y, int64_t b, i
 }
 
 // The keys of entry e that block b's groups see ([lo[n], hi[n]) for group n), as pieces on which the
-// same groups are active: a band's edge tiles run 16-row groups over only the keys they see, not
-// the whole block over the union. Groups inside a piece's span that see none of its keys (holes)
-// are computed and selected out, as before.
+// same groups are active (cut_pieces): a band's edge tiles run 16-row groups over only the keys they
+// see, not the whole block over the union.
 template <int NI>
 void forward_entry(const Lists& L, int64_t e, const int64_t* lo, const int64_t* hi, int64_t b, const float* kb,
                    const float* vb, int64_t D, float* mats, float* st, float* stats, Ahead& ahead) {
-  int64_t cuts[2 * NI];
-  int c = 0;
-  for (int n = 0; n < NI; ++n)
-    if (lo[n] < hi[n]) {
-      cuts[c++] = lo[n];
-      cuts[c++] = hi[n];
-    }
-  std::sort(cuts, cuts + c);
-  c = (int)(std::unique(cuts, cuts + c) - cuts);
-  int64_t px = 0, py = 0;  // pending piece [px, py) over groups pn0 .. pn0+pna-1
-  int pn0 = 0, pna = 0;
-  for (int i = 0; i + 1 < c; ++i) {
-    const int64_t x = cuts[i], y = cuts[i + 1];
-    int n0 = NI, n1 = -1;
-    for (int n = 0; n < NI; ++n)
-      if (lo[n] <= x && y <= hi[n]) {
-        n0 = std::min(n0, n);
-        n1 = n;
-      }
-    const int na = n1 - n0 + 1;
-    if (pna && (na <= 0 || n0 != pn0 || na != pna || px == py || py != x)) {
-      forward_piece<NI>(L, e, px, py, b, pn0, pna, kb, vb, D, mats, st, stats, ahead);
-      pna = 0;
-    }
-    if (na <= 0) continue;
-    if (!pna) {
-      px = x;
-      pn0 = n0;
-      pna = na;
-    }
-    py = y;
+  int32_t span[NI][2];
+  const int32_t* iv[NI];
+  int count[NI];
+  for (int n = 0; n < NI; ++n) {
+    span[n][0] = (int32_t)lo[n];
+    span[n][1] = (int32_t)hi[n];
+    iv[n] = span[n];
+    count[n] = lo[n] < hi[n];
   }
-  if (pna) forward_piece<NI>(L, e, px, py, b, pn0, pna, kb, vb, D, mats, st, stats, ahead);
+  cut_pieces<NI>(iv, count, [&](int64_t x, int64_t y, int n0, int na) {
+    forward_piece<NI>(L, e, x, y, b, n0, na, kb, vb, D, mats, st, stats, ahead);
+  });
 }
 
 // Denormal results and operands read as zero while the kernel runs on this thread (a weight below
@@ -581,38 +620,39 @@ void forward_impl(const float* q, const float* k, const float* v, float* o, floa
   }
 }
 
-// One chunk of the backward for one register block: P and dS recomputed from lse2 and delta, dV
-// and dK rows of the chunk added in place, dQ^T accumulated.
-template <int NI>
+// One chunk of keys [lo, hi) of entry e for NA 16-row groups of a register block, the first being group
+// g0 of the query tile: P and dS recomputed from lse2 and delta, dV and dK rows of the chunk added in
+// place, dQ^T accumulated. The block's transposed buffers (qt, dot, dqt, pt, dst) have row stride RS;
+// every row pointer (q, dout, lse2, delta and the transposed ones) points at the first of the NA groups.
+template <int NA, int RS = 16 * NA>
 void backward_chunk(const Lists& L, int64_t e, int64_t lo, int64_t hi, int64_t g0, const float* kb, const float* vb,
                     float* dkb, float* dvb, const float* q, const float* dout, const float* lse2, const float* delta,
                     int64_t D, float scale, const float* qt, const float* dot, float* dqt, float* pt, float* dst) {
-  constexpr int RB = 16 * NI;
-  constexpr int MJ = NI == 1 ? 24 : (NI == 2 ? 12 : 6);
+  constexpr int MJ = NA == 1 ? 24 : (NA == 2 ? 12 : (NA == 3 ? 8 : 6));
   const int64_t nj = hi - lo;
   const __m512 floor = _mm512_set1_ps(-std::numeric_limits<float>::max());
   const __m512 sc = _mm512_set1_ps(scale);
-  __m512 l2[NI], dl[NI];
-  for (int n = 0; n < NI; ++n) {
+  __m512 l2[NA], dl[NA];
+  for (int n = 0; n < NA; ++n) {
     l2[n] = _mm512_loadu_ps(lse2 + 16 * n);
     dl[n] = _mm512_loadu_ps(delta + 16 * n);
   }
-  scores_t<NI, MJ>(kb, nj, D, qt, pt, vb);
-  scores_t<NI, MJ>(vb, nj, D, dot, dst, dvb);
+  scores_t<NA, MJ, RS>(kb, nj, D, qt, pt, vb);
+  scores_t<NA, MJ, RS>(vb, nj, D, dot, dst, dvb);
   const bool partial = L.ent_mask[e] >= 0;
   for (int64_t j = 0; j < nj; ++j)
-    for (int n = 0; n < NI; ++n) {
-      float* s = pt + j * RB + 16 * n;
-      float* g = dst + j * RB + 16 * n;
+    for (int n = 0; n < NA; ++n) {
+      float* s = pt + j * RS + 16 * n;
+      float* g = dst + j * RS + 16 * n;
       __m512 p = exp2_ps(_mm512_max_ps(floor, _mm512_sub_ps(_mm512_loadu_ps(s), l2[n])));
       if (partial) p = _mm512_maskz_mov_ps(allowed_bits(L, e, lo + j, g0 + n), p);
       _mm512_storeu_ps(s, p);
       // dS = P * (dP - delta), times the scale both dQ and dK need.
       _mm512_storeu_ps(g, _mm512_mul_ps(_mm512_mul_ps(p, sc), _mm512_sub_ps(_mm512_loadu_ps(g), dl[n])));
     }
-  key_gradient<NI>(pt, nj, dout, D, dvb);
-  key_gradient<NI>(dst, nj, q, D, dkb);
-  product_t<NI>(kb, nj, D, dst, dqt, nullptr);
+  key_gradient<NA, RS>(pt, nj, dout, D, dvb);
+  key_gradient<NA, RS>(dst, nj, q, D, dkb);
+  product_t<NA, RS>(kb, nj, D, dst, dqt, nullptr);
 }
 
 // Whether none of the n floats at x (n a multiple of 16) is NaN or infinite.
@@ -632,13 +672,57 @@ struct TileRows {
   bool stream;         // dq goes straight to memory (nobody reads it back soon)
 };
 
-// The backward of one query tile m of one (batch, head), a key tile at a time for all its blocks.
-// k, v, dk, dv: the (batch, head)'s keys and key gradients in plan order. Returns whether dQ is finite.
+// Pairs the backward computed (keys times rows of its chunks) since the library was loaded: tests check
+// that edge tiles run as pieces (pdsl_backward_pairs).
+std::atomic<int64_t> backward_pairs_total{0};
+
+// Keys [x, y) of entry e (whose first key row is at offset `at` of k, v, dk, dv) for groups n0 ..
+// n0+na-1 of register block b, in chunks of kKeyChunk keys. mats: the blocks' Q^T, dO^T, dQ^T as
+// backward_tile lays them out; pt, dst: score blocks of one chunk. Returns the pairs computed.
 template <int NI>
-bool backward_tile(const float* k, const float* v, float* dk, float* dv, int64_t D, const Lists& L, int64_t m,
-                   float scale, float* w, Ahead ahead_q, Ahead ahead_do, char* touched, const TileRows& rows) {
+int64_t backward_piece(const Lists& L, int64_t e, int64_t x, int64_t y, int64_t b, int n0, int na, const float* kb,
+                       const float* vb, float* dkb, float* dvb, const TileRows& rows, int64_t D, float scale,
+                       float* mats, float* pt, float* dst, Ahead& ahead_q, Ahead& ahead_do) {
   constexpr int RB = 16 * NI;
-  const int64_t blocks = L.BM / RB;
+  const int64_t r0 = b * RB + 16 * n0, g0 = b * NI + n0;
+  const float *q = rows.q + r0 * D, *dout = rows.dout + r0 * D, *lse2 = rows.lse2 + r0, *delta = rows.delta + r0;
+  const float* qt = mats + b * 3 * D * RB + 16 * n0;
+  const float* dot = qt + D * RB;
+  float* dqt = mats + (b * 3 + 2) * D * RB + 16 * n0;
+  pt += 16 * n0;
+  dst += 16 * n0;
+  for (int64_t lo = x; lo < y; lo += kKeyChunk) {
+    const int64_t hi = std::min(lo + kKeyChunk, y), at = lo * D;
+#define PDSL_CHUNK(NA) \
+  backward_chunk<NA, RB>(L, e, lo, hi, g0, kb + at, vb + at, dkb + at, dvb + at, q, dout, lse2, delta, D, scale, qt, \
+                         dot, dqt, pt, dst)
+    if (na == NI) {
+      PDSL_CHUNK(NI);
+    } else if (na == 1) {
+      PDSL_CHUNK(1);
+    } else if constexpr (NI == 4) {
+      if (na == 2)
+        PDSL_CHUNK(2);
+      else
+        PDSL_CHUNK(3);
+    }
+#undef PDSL_CHUNK
+    ahead_q.step(8);
+    ahead_do.step(8);
+  }
+  return (y - x) * 16 * na;
+}
+
+// The backward of one query tile m of one (batch, head), a key tile at a time for all its blocks; each
+// block's groups run over the stretches of keys they see, as pieces (cut_pieces). k, v, dk, dv: the
+// (batch, head)'s keys and key gradients in plan order; stretches: mask_stretches of the call.
+// Returns whether dQ is finite; adds the pairs computed to *pairs.
+template <int NI>
+bool backward_tile(const float* k, const float* v, float* dk, float* dv, int64_t D, const Lists& L,
+                   const int32_t* stretches, int64_t m, float scale, float* w, Ahead ahead_q, Ahead ahead_do,
+                   char* touched, const TileRows& rows, int64_t* pairs) {
+  constexpr int RB = 16 * NI;
+  const int64_t blocks = L.BM / RB, groups = L.BM / 16;
   float* pt = w;                          // [kKeyChunk][RB]
   float* dst = pt + kKeyChunk * RB;       // [kKeyChunk][RB]
   float* mats = dst + kKeyChunk * RB;     // [blocks][3][D][RB]: scaled Q^T, dO^T, dQ^T
@@ -647,26 +731,27 @@ bool backward_tile(const float* k, const float* v, float* dk, float* dv, int64_t
     transpose_rows<NI>(rows.dout + b * RB * D, D, 1.0f, mats + (b * 3 + 1) * D * RB);
     std::fill(mats + (b * 3 + 2) * D * RB, mats + (b * 3 + 3) * D * RB, 0.0f);
   }
+  const int32_t whole[2] = {0, (int32_t)L.BN};
   for (int64_t e = L.row_ptr[m]; e < L.row_ptr[m + 1]; ++e) {
-    const int64_t key0 = (int64_t)L.ent_k[e] * L.BN;
+    const int64_t key0 = (int64_t)L.ent_k[e] * L.BN, mk = L.ent_mask[e], at = key0 * D;
     if (!touched[L.ent_k[e]]) {
       // dK/dV come uninitialised: a key tile is zeroed when first reached (in cache, just before use).
-      std::fill(dk + key0 * D, dk + (key0 + L.BN) * D, 0.0f);
-      std::fill(dv + key0 * D, dv + (key0 + L.BN) * D, 0.0f);
+      std::fill(dk + at, dk + at + L.BN * D, 0.0f);
+      std::fill(dv + at, dv + at + L.BN * D, 0.0f);
       touched[L.ent_k[e]] = 1;
     }
     for (int64_t b = 0; b < blocks; ++b) {
-      int64_t lo0, hi0;
-      key_range<NI>(L, e, b * NI, &lo0, &hi0);
-      for (int64_t lo = lo0; lo < hi0; lo += kKeyChunk) {
-        const int64_t hi = std::min(lo + kKeyChunk, hi0), at = (key0 + lo) * D;
-        const float* mb = mats + b * 3 * D * RB;
-        backward_chunk<NI>(L, e, lo, hi, b * NI, k + at, v + at, dk + at, dv + at, rows.q + b * RB * D,
-                           rows.dout + b * RB * D, rows.lse2 + b * RB, rows.delta + b * RB, D, scale, mb,
-                           mb + D * RB, mats + (b * 3 + 2) * D * RB, pt, dst);
-        ahead_q.step(8);
-        ahead_do.step(8);
+      const int32_t* iv[NI];
+      int count[NI];
+      for (int n = 0; n < NI; ++n) {
+        const int32_t* rec = mk < 0 ? nullptr : stretches + (mk * groups + b * NI + n) * kStretchRecord;
+        iv[n] = rec ? rec + 1 : whole;
+        count[n] = rec ? rec[0] : 1;
       }
+      cut_pieces<NI>(iv, count, [&](int64_t x, int64_t y, int n0, int na) {
+        *pairs += backward_piece<NI>(L, e, x, y, b, n0, na, k + at, v + at, dk + at, dv + at, rows, D, scale, mats,
+                                     pt, dst, ahead_q, ahead_do);
+      });
     }
   }
   bool ok = true;
@@ -752,8 +837,10 @@ void backward_impl(const BackwardIO& io, int64_t BH, int64_t Lq, int64_t Lk, int
                    int64_t n_q_tiles, int64_t parts, float scale, int threads, int* bad) {
   constexpr int RB = 16 * NI;
   const int64_t BM = L.BM, BN = L.BN, items = BH * parts;
+  const std::vector<int32_t> stretches = mask_stretches(L, L.row_ptr[n_q_tiles]);
   int any_bad = 0;
-#pragma omp parallel num_threads(threads) reduction(| : any_bad)
+  int64_t pairs = 0;
+#pragma omp parallel num_threads(threads) reduction(| : any_bad) reduction(+ : pairs)
   {
     const Flush flush;
     Work work(2 * kKeyChunk * RB + 3 * BM * D + 3 * BM * D + 2 * BM);
@@ -796,7 +883,8 @@ void backward_impl(const BackwardIO& io, int64_t BH, int64_t Lq, int64_t Lk, int
           ahead_q = Ahead{(const char*)(io.q + next), BM * D / 16};
           ahead_do = Ahead{(const char*)(io.dout + next), BM * D / 16};
         }
-        if (!backward_tile<NI>(kb, vb, dkb, dvb, D, L, m, scale, work.base, ahead_q, ahead_do, touched.data(), rows))
+        if (!backward_tile<NI>(kb, vb, dkb, dvb, D, L, stretches.data(), m, scale, work.base, ahead_q, ahead_do,
+                               touched.data(), rows, &pairs))
           any_bad = 1;
         if (io.q_rows)
           for (int64_t i = 0; i < BM; ++i) {
@@ -831,6 +919,7 @@ void backward_impl(const BackwardIO& io, int64_t BH, int64_t Lq, int64_t Lk, int
     }
   }
   *bad = any_bad;
+  backward_pairs_total += pairs;
 }
 
 }  // namespace
@@ -838,6 +927,9 @@ void backward_impl(const BackwardIO& io, int64_t BH, int64_t Lq, int64_t Lk, int
 extern "C" {
 
 int pdsl_native_version() { return 1; }
+
+// Query x key pairs the backward's chunks computed since the library was loaded (every (batch, head)).
+int64_t pdsl_backward_pairs() { return backward_pairs_total; }
 
 // Forward: o [BH, Lq, D] and lse [BH, Lq] (natural log) for every row of every query tile; lse is NaN
 // on every row whose output is not finite.
