@@ -435,7 +435,7 @@ def _forward_rows_case(rng: random.Random, rows: int) -> None:
     block = (rng.choice([64, 128]), rng.choice([16, 32, 64]))
     pattern = _compile(body)
     plan = pattern.plan(lq, lk, 2, block=block)
-    d = rng.choice([16, 32])
+    d = rng.choice([16, 32, 48, 64])  # the forward's O^T update runs blocks of 24/12/8/6 dims, then of 4
     gen = torch.Generator().manual_seed(rng.randrange(2**31))
     q, k, v = (
         torch.randn(1, 2, lq, d, generator=gen),

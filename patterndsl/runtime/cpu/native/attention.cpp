@@ -130,6 +130,20 @@ void product_t(const float* w, int64_t nj, int64_t D, const float* pt, float* ot
   for (; d < D; ++d) accumulate_t<NI, 1, RS>(w + d, nj, D, pt, ot + d * RS, alpha);
 }
 
+// The forward's Ot update (as product_t): blocks of MD dims whose MD * NI accumulators fill the register
+// file, so P^T is read once per block, fewer times per FMA (16 KB of P^T per 64-key chunk, read
+// D / MD times: one thread, 16K sliding window 256: ~3% less CPU time than product_t's blocks);
+// the rest in blocks of 4 dims (D is a multiple of 16).
+template <int NI, int RS = 16 * NI>
+void forward_product_t(const float* w, int64_t nj, int64_t D, const float* pt, float* ot, const __m512* alpha) {
+  constexpr int MD = NI == 1 ? 24 : (NI == 2 ? 12 : (NI == 3 ? 8 : 6));
+  int64_t blocks = D / MD;
+  while ((D - blocks * MD) % 4) --blocks;
+  int64_t d = 0;
+  for (; d < blocks * MD; d += MD) accumulate_t<NI, MD, RS>(w + d, nj, D, pt, ot + d * RS, alpha);
+  for (; d < D; d += 4) accumulate_t<NI, 4, RS>(w + d, nj, D, pt, ot + d * RS, alpha);
+}
+
 // dst[j][d] += sum_i Pt[j][i] * X[i][d] for MJ rows j, 16*ND dims (from d0), RB rows i of X.
 template <int NI, int MJ, int ND>
 inline void rows_accumulate(const float* pt, const float* x, int64_t D, float* dst) {
@@ -377,7 +391,7 @@ void forward_chunk(const Lists& L, int64_t e, int64_t lo, int64_t hi, int64_t g0
     }
   for (int n = 0; n < NA; ++n)
     _mm512_storeu_ps(sums + 16 * n, _mm512_fmadd_ps(_mm512_loadu_ps(sums + 16 * n), alpha[n], add[n]));
-  product_t<NA, RS>(vb, nj, D, st, ot, rescale ? alpha : nullptr);
+  forward_product_t<NA, RS>(vb, nj, D, st, ot, rescale ? alpha : nullptr);
 }
 
 // Keys [x, y) of entry e (whose first key row is kb, vb) for groups n0 .. n0+na-1 of register block b,
