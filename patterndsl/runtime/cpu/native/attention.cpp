@@ -488,8 +488,9 @@ struct Work {
 
 // One query tile m of one (batch, head): every register block walks the tile's key tiles, a key
 // tile at a time for all blocks, so a key tile's K/V rows are read from memory once per query tile.
+// Returns whether every lse it wrote is below +inf and not NaN (so is every output row then).
 template <int NI>
-void forward_tile(const float* q, const float* k, const float* v, float* o, float* lse, int64_t D, const Lists& L,
+bool forward_tile(const float* q, const float* k, const float* v, float* o, float* lse, int64_t D, const Lists& L,
                   int64_t m, float scale2, float* w, Ahead ahead) {
   constexpr int RB = 16 * NI;
   const int64_t blocks = L.BM / RB;
@@ -510,6 +511,7 @@ void forward_tile(const float* q, const float* k, const float* v, float* o, floa
       forward_entry<NI>(L, e, lo, hi, b, k + key0 * D, v + key0 * D, D, mats, st, stats, ahead);
     }
   }
+  bool ok = true;
   for (int64_t b = 0; b < blocks; ++b) {
     const float* mv = stats + b * 2 * RB;
     const float* sv = mv + RB;
@@ -526,9 +528,11 @@ void forward_tile(const float* q, const float* k, const float* v, float* o, floa
       inv[i] = sv[i] == 0.0f ? 0.0f : 1.0f / sv[i];
       lse[b * RB + i] = sv[i] == 0.0f ? -std::numeric_limits<float>::infinity() : (mv[i] + std::log2(sv[i])) * kLn2;
       if ((bad[i / 16] >> (i % 16)) & 1) lse[b * RB + i] = std::numeric_limits<float>::quiet_NaN();
+      ok &= lse[b * RB + i] < std::numeric_limits<float>::infinity();
     }
     untranspose_rows<NI>(ot, D, inv, o + b * RB * D);
   }
+  return ok;
 }
 
 // A fresh output of many MiB (torch.empty: new pages from mmap) costs a page fault per 4 KiB page
@@ -570,7 +574,7 @@ std::vector<int64_t> item_runs(const int64_t* row_ptr, int64_t n_q_tiles, int64_
 
 template <int NI>
 void forward_impl(const float* q, const float* k, const float* v, float* o, float* lse, int64_t BH, int64_t Lq,
-                  int64_t Lk, int64_t D, const Lists& L, int64_t n_q_tiles, float scale, int threads) {
+                  int64_t Lk, int64_t D, const Lists& L, int64_t n_q_tiles, float scale, int threads, int* bad) {
   constexpr int RB = 16 * NI;
   const std::vector<int64_t> runs = item_runs(L.row_ptr, n_q_tiles, BH, threads);
   const int64_t n_runs = (int64_t)runs.size() - 1;
@@ -579,7 +583,8 @@ void forward_impl(const float* q, const float* k, const float* v, float* o, floa
   Lists LS = L;
   LS.spans = spans.data();
   prefer_huge_pages(o, (size_t)(BH * Lq * D) * sizeof(float));
-#pragma omp parallel num_threads(threads)
+  int any_bad = 0;
+#pragma omp parallel num_threads(threads) reduction(| : any_bad)
   {
     const Flush flush;
     Work work(2 * L.BM + kKeyChunk * RB + 2 * L.BM * D);
@@ -594,10 +599,12 @@ void forward_impl(const float* q, const float* k, const float* v, float* o, floa
           const int64_t next = (it + 1) / n_q_tiles * Lq + (it + 1) % n_q_tiles * L.BM;
           ahead = Ahead{(const char*)(q + next * D), L.BM * D / 16};
         }
-        forward_tile<NI>(q + row * D, k + bh * Lk * D, v + bh * Lk * D, o + row * D, lse + row, D, LS, m, scale2,
-                         work.base, ahead);
+        if (!forward_tile<NI>(q + row * D, k + bh * Lk * D, v + bh * Lk * D, o + row * D, lse + row, D, LS, m,
+                              scale2, work.base, ahead))
+          any_bad = 1;
       }
   }
+  *bad = any_bad;
 }
 
 // One chunk of the backward for one register block: P and dS recomputed from lse2 and delta, dV
@@ -859,19 +866,20 @@ extern "C" {
 int pdsl_native_version() { return 1; }
 
 // Forward: o [BH, Lq, D] and lse [BH, Lq] (natural log) for every row of every query tile; lse is NaN
-// on every row whose output is not finite.
+// on every row whose output is not finite. *bad is set to 1 when some lse is NaN (or +inf), else 0, so
+// the caller needs no pass over either (a parallel reduction waits on a descheduled thread).
 int pdsl_forward(const float* q, const float* k, const float* v, float* o, float* lse, int64_t BH, int64_t Lq,
                  int64_t Lk, int64_t D, int64_t BM, int64_t BN, const int64_t* row_ptr, const int32_t* ent_k,
                  const int32_t* ent_mask, const uint16_t* masks, int64_t n_q_tiles, float scale, int64_t rows,
-                 int threads) {
+                 int threads, int* bad) {
   if (D % 16 || BM % rows || rows % 16) return 1;
   const Lists L{row_ptr, ent_k, ent_mask, masks, BM, BN};
   if (rows == 16)
-    forward_impl<1>(q, k, v, o, lse, BH, Lq, Lk, D, L, n_q_tiles, scale, threads);
+    forward_impl<1>(q, k, v, o, lse, BH, Lq, Lk, D, L, n_q_tiles, scale, threads, bad);
   else if (rows == 32)
-    forward_impl<2>(q, k, v, o, lse, BH, Lq, Lk, D, L, n_q_tiles, scale, threads);
+    forward_impl<2>(q, k, v, o, lse, BH, Lq, Lk, D, L, n_q_tiles, scale, threads, bad);
   else if (rows == 64)
-    forward_impl<4>(q, k, v, o, lse, BH, Lq, Lk, D, L, n_q_tiles, scale, threads);
+    forward_impl<4>(q, k, v, o, lse, BH, Lq, Lk, D, L, n_q_tiles, scale, threads, bad);
   else
     return 2;
   return 0;
