@@ -435,7 +435,7 @@ def _forward_rows_case(rng: random.Random, rows: int) -> None:
     block = (rng.choice([64, 128]), rng.choice([16, 32, 64]))
     pattern = _compile(body)
     plan = pattern.plan(lq, lk, 2, block=block)
-    d = rng.choice([16, 32])
+    d = rng.choice([16, 32, 48, 64])  # the forward's O^T update runs blocks of 24/12/8/6 dims, then of 4
     gen = torch.Generator().manual_seed(rng.randrange(2**31))
     q, k, v = (
         torch.randn(1, 2, lq, d, generator=gen),
@@ -469,19 +469,21 @@ def test_forward_register_blocks_of_every_height_match_float64_on_random_bands(r
 
 def test_native_lse_vouches_for_the_output_and_non_finite_values_still_rerun_selecting(monkeypatch):
     forward_module = sys.modules[cpu.forward.__module__]
-    checks = []
+    checks, nan_checks, isnan = [], [], torch.isnan
     monkeypatch.setattr(forward_module, "finite", lambda *t: checks.append(len(t)) or views.finite(*t))
+    monkeypatch.setattr(forward_module.torch, "isnan", lambda x: nan_checks.append(x.shape) or isnan(x))
     pattern = _compile("causal & window(7)")
     plan = pattern.plan(64, 64, 2, block=(32, 16))
     q, k, v, _ = _inputs(1, 2, 2, 64, 64, 16, seed=11)
     cpu.forward(q, k, v, plan, 0.25)
-    assert checks == []  # finite: no pass over the output
+    assert checks == [] and nan_checks == []  # the kernel said finite: no pass over the output, no sum of lse
     # Rows 20..27 of head 1 read value 20 (allowed pairs only: their lse stays finite), head 0's key 40
     # is Inf (rows 40..47), and a NaN value at key 50 of head 0 only meets blocked pairs of rows 32..49.
     v[0, 1, 20, 3], k[0, 0, 40, 0], v[0, 0, 50, 5] = float("nan"), float("inf"), float("nan")
     (sched,) = cpu.schedules(plan)
     op, lp = torch.empty(1, 2, 64, 16), torch.empty(1, 2, 64)
-    native.forward(native.program(sched, plan.n_q_tiles, plan.block), q, k, v, op, lp, 0.25)
+    prog = native.program(sched, plan.n_q_tiles, plan.block)
+    assert native.forward(prog, q, k, v, op, lp, 0.25) is False
     bad = ~torch.isfinite(op).all(-1)
     assert torch.equal(torch.isnan(lp), bad) and bool(bad[0, 1, 20:28].all()) and int(bad.sum()) > 8
     ours = cpu.forward(q, k, v, plan, 0.25)

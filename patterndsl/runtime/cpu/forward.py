@@ -78,14 +78,16 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: BlockPlan, 
         done = dense.forward(q, k, v, plan, scale)
     elif augmented.applies(plan, q, v, opts):
         done = augmented.forward(q, k, v, plan, scale, data)
-    out, lse, vouched = (*done, False) if done else _forward(q, k, v, plan, scale, opts, safe=False, data=data)
+    out, lse, clean = (*done, None) if done else _forward(q, k, v, plan, scale, opts, safe=False, data=data)
     # Non-finite keys or values must not reach the rows that do not attend them, but torch's fused
     # kernel only adds -inf to the scores of blocked pairs (NaN + -inf is NaN, and 0 * NaN in P @ V
     # is NaN). Whatever a non-finite input reaches turns non-finite, so a finite result is exact;
     # otherwise the call runs again selecting (the math kernel: masked_fill on the scores, cleaned V).
-    # Checking the output, not the inputs, keeps finite calls at one pass over ``out`` (none when
-    # the native kernel wrote every row: its lse is NaN where its output is not finite).
-    if not ((vouched or finite(out)) and not bool(torch.isnan(lse.sum()))):
+    # Checking the output, not the inputs, keeps finite calls at one pass over ``out`` and a sum of
+    # ``lse`` (none when one native unit wrote every row: it reports whether any is not finite).
+    if clean is None:
+        clean = finite(out) and not bool(torch.isnan(lse.sum()))
+    if not clean:
         out, lse, _ = _forward(q, k, v, plan, scale, replace(opts, kernel="math"), safe=True, data=data)
     return out, lse
 
@@ -105,6 +107,7 @@ def _forward(q, k, v, plan: BlockPlan, scale: float, opts: CpuOptions, safe: boo
     score = plan.pattern.score is not None
     run = _forward_fused if opts.fused and not score else _forward_math
     use_native = not safe and native.supports(plan, q, v, opts)
+    clean = None
     for bs, sched, merge in todo:
         hd = Heads.of(sched, h, h // k.shape[1])
         # A score modifier runs on every visited tile (full ones too), through the math kernel.
@@ -124,7 +127,7 @@ def _forward(q, k, v, plan: BlockPlan, scale: float, opts: CpuOptions, safe: boo
             lp.view(nb, hd.count, -1, bm)[:, :, idle] = float("-inf")
         if use_native:
             # Every query tile's rows, idle ones too, in one call over the schedule's tile lists.
-            native.forward(native.program(sched, plan.n_q_tiles, plan.block), qp, kp, vp, op, lp, scale)
+            clean = native.forward(native.program(sched, plan.n_q_tiles, plan.block), qp, kp, vp, op, lp, scale)
         for seg in () if use_native else sched.segments:
             if modify is not None and vbad is None and opts.fused and modify.score.additive:
                 _forward_biased(qp, kp, vp, op, lp, seg, plan.block, scale, opts, modify)
@@ -149,9 +152,9 @@ def _forward(q, k, v, plan: BlockPlan, scale: float, opts: CpuOptions, safe: boo
         modify = None if plan.pattern.score is None else PairModifier(plan)
         gather.forward(q, k, v, out, lse, work, scale, opts, safe=safe, modify=modify)
         out = out.to(q.dtype)
-    # One native unit wrote every row: its NaN lse rows mark every non-finite output row (in float32:
-    # a narrower dtype may overflow in the cast).
-    return out, lse, single and use_native and not todo[0][2] and q.dtype == dt
+    # One native unit wrote every row and said whether any is not finite (in float32: a narrower dtype
+    # may overflow in the cast); otherwise None: the caller checks.
+    return out, lse, clean if single and use_native and not todo[0][2] and q.dtype == dt else None
 
 
 def _emit(op: torch.Tensor, lp: torch.Tensor, seg: Segment, bm: int, o: torch.Tensor, lse: torch.Tensor) -> None:

@@ -44,7 +44,7 @@ __all__ = [
 ]
 
 _P, _I64, _F32, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
-_FORWARD_ARGS = [_P] * 5 + [_I64] * 6 + [_P] * 4 + [_I64, _F32, _I64, _INT]
+_FORWARD_ARGS = [_P] * 5 + [_I64] * 6 + [_P] * 4 + [_I64, _F32, _I64, _INT, _P]
 _BACKWARD_ARGS = [_P] * 14 + [_I64] * 8 + [_P] * 4 + [_I64, _I64, _F32, _I64, _INT, _P]
 
 
@@ -122,7 +122,7 @@ def _ptr(x: torch.Tensor) -> int:
     return x.data_ptr()
 
 
-def forward(prog: Program, qp, kp, vp, op, lp, scale: float, rows: int | None = None) -> None:
+def forward(prog: Program, qp, kp, vp, op, lp, scale: float, rows: int | None = None) -> bool:
     """One unit's forward: ``op [B, h, Lq_pad, D]`` and ``lp [B, h, Lq_pad]`` written for every query tile.
 
     A row whose output is not finite (a NaN or Inf in a key or value it reads, or in a blocked
@@ -132,16 +132,23 @@ def forward(prog: Program, qp, kp, vp, op, lp, scale: float, rows: int | None = 
         prog: the unit's :class:`Program`; qp, kp, vp: its tensors in tiles (float32, contiguous);
         op, lp: float32 contiguous outputs; scale: the softmax scale; rows: query rows of a
         register block (16, 32 or 64 dividing ``BM``; default :func:`forward_rows`).
+
+    Returns:
+        Whether every row of ``lp`` (padding rows too) is below ``+inf`` and not NaN, checked by the
+        kernel as it writes them: then every row of ``op`` is finite, and the caller needs no pass
+        over either.
     """
     b, h, lq, d = qp.shape
     bm, bn = prog.block
+    bad = ctypes.c_int(0)
     rc = _library().pdsl_forward(
         _ptr(qp), _ptr(kp), _ptr(vp), _ptr(op), _ptr(lp), b * h, lq, kp.shape[2], d, bm, bn,
         _ptr(prog.row_ptr), _ptr(prog.ent_k), _ptr(prog.ent_mask), _ptr(prog.masks), prog.n_q_tiles,
-        scale, rows or forward_rows(prog), torch.get_num_threads(),
+        scale, rows or forward_rows(prog), torch.get_num_threads(), ctypes.byref(bad),
     )  # fmt: skip
     if rc:
         raise RuntimeError(f"native forward refused its arguments (code {rc})")
+    return bad.value == 0
 
 
 def backward_pairs() -> int:

@@ -132,6 +132,20 @@ void product_t(const float* w, int64_t nj, int64_t D, const float* pt, float* ot
   for (; d < D; ++d) accumulate_t<NI, 1, RS>(w + d, nj, D, pt, ot + d * RS, alpha);
 }
 
+// The forward's Ot update (as product_t): blocks of MD dims whose MD * NI accumulators fill the register
+// file, so P^T is read once per block, fewer times per FMA (16 KB of P^T per 64-key chunk, read
+// D / MD times: one thread, 16K sliding window 256: ~3% less CPU time than product_t's blocks);
+// the rest in blocks of 4 dims (D is a multiple of 16).
+template <int NI, int RS = 16 * NI>
+void forward_product_t(const float* w, int64_t nj, int64_t D, const float* pt, float* ot, const __m512* alpha) {
+  constexpr int MD = NI == 1 ? 24 : (NI == 2 ? 12 : (NI == 3 ? 8 : 6));
+  int64_t blocks = D / MD;
+  while ((D - blocks * MD) % 4) --blocks;
+  int64_t d = 0;
+  for (; d < blocks * MD; d += MD) accumulate_t<NI, MD, RS>(w + d, nj, D, pt, ot + d * RS, alpha);
+  for (; d < D; d += 4) accumulate_t<NI, 4, RS>(w + d, nj, D, pt, ot + d * RS, alpha);
+}
+
 // dst[j][d] += sum_i Pt[j][i] * X[i][d] for MJ rows j, 16*ND dims (from d0), 16*NI rows i of X (row
 // stride RS of Pt: RS > 16*NI runs some of the 16-row groups of a wider register block).
 template <int NI, int MJ, int ND, int RS = 16 * NI>
@@ -438,7 +452,7 @@ void forward_chunk(const Lists& L, int64_t e, int64_t lo, int64_t hi, int64_t g0
     }
   for (int n = 0; n < NA; ++n)
     _mm512_storeu_ps(sums + 16 * n, _mm512_fmadd_ps(_mm512_loadu_ps(sums + 16 * n), alpha[n], add[n]));
-  product_t<NA, RS>(vb, nj, D, st, ot, rescale ? alpha : nullptr);
+  forward_product_t<NA, RS>(vb, nj, D, st, ot, rescale ? alpha : nullptr);
 }
 
 // Keys [x, y) of entry e (whose first key row is kb, vb) for groups n0 .. n0+na-1 of register block b,
@@ -513,8 +527,9 @@ struct Work {
 
 // One query tile m of one (batch, head): every register block walks the tile's key tiles, a key
 // tile at a time for all blocks, so a key tile's K/V rows are read from memory once per query tile.
+// Returns whether every lse it wrote is below +inf and not NaN (so is every output row then).
 template <int NI>
-void forward_tile(const float* q, const float* k, const float* v, float* o, float* lse, int64_t D, const Lists& L,
+bool forward_tile(const float* q, const float* k, const float* v, float* o, float* lse, int64_t D, const Lists& L,
                   int64_t m, float scale2, float* w, Ahead ahead) {
   constexpr int RB = 16 * NI;
   const int64_t blocks = L.BM / RB;
@@ -535,6 +550,7 @@ void forward_tile(const float* q, const float* k, const float* v, float* o, floa
       forward_entry<NI>(L, e, lo, hi, b, k + key0 * D, v + key0 * D, D, mats, st, stats, ahead);
     }
   }
+  bool ok = true;
   for (int64_t b = 0; b < blocks; ++b) {
     const float* mv = stats + b * 2 * RB;
     const float* sv = mv + RB;
@@ -551,9 +567,11 @@ void forward_tile(const float* q, const float* k, const float* v, float* o, floa
       inv[i] = sv[i] == 0.0f ? 0.0f : 1.0f / sv[i];
       lse[b * RB + i] = sv[i] == 0.0f ? -std::numeric_limits<float>::infinity() : (mv[i] + std::log2(sv[i])) * kLn2;
       if ((bad[i / 16] >> (i % 16)) & 1) lse[b * RB + i] = std::numeric_limits<float>::quiet_NaN();
+      ok &= lse[b * RB + i] < std::numeric_limits<float>::infinity();
     }
     untranspose_rows<NI>(ot, D, inv, o + b * RB * D);
   }
+  return ok;
 }
 
 // A fresh output of many MiB (torch.empty: new pages from mmap) costs a page fault per 4 KiB page
@@ -569,20 +587,25 @@ void prefer_huge_pages(void* p, size_t bytes) {
 
 // The forward's items, (batch-head bh, query tile m) numbered bh * n_q_tiles + m, cut into runs of
 // consecutive items of about equal work (a query tile's key tiles, plus one for its own rows), 32
-// per thread: returns the first item of each run, then the item count. A thread walks a run's query
-// tiles in order, so the key tiles neighbouring query tiles share (2 of a band's 3) are still in its
-// L2 and the next query tile it prefetches is its own; threads take runs dynamically (a core that
-// is busy elsewhere takes fewer), and a run is at most ~1/32 of a thread's share (the tail).
+// per thread, the last two per thread cut 8 times finer: returns the first item of each run, then
+// the item count. A thread walks a run's query tiles in order, so the key tiles neighbouring query
+// tiles share (2 of a band's 3) are still in its L2 and the next query tile it prefetches is its
+// own; threads take runs dynamically (a core that is busy elsewhere takes fewer), and the call ends
+// at most ~1/256 of a thread's share after its first thread runs out of work (with whole runs of
+// ~1/32 a thread waited half a run on average: ~0.6 ms of a 16K sliding window's ~37 ms on 2 threads).
 std::vector<int64_t> item_runs(const int64_t* row_ptr, int64_t n_q_tiles, int64_t BH, int threads) {
   const int64_t items = BH * n_q_tiles;
   const int64_t work = BH * (row_ptr[n_q_tiles] - row_ptr[0] + n_q_tiles);
   const int64_t runs = std::max<int64_t>(1, std::min<int64_t>(items, 32 * (int64_t)threads));
+  // Boundary n of the runs lies at `at(n)` eighths of a run's work: every 8 up to the tail, then every 1.
+  const int64_t bulk = std::max<int64_t>(0, runs - 2 * (int64_t)threads);
+  auto at = [&](int64_t n) { return n <= bulk ? 8 * n : 8 * bulk + (n - bulk); };
   std::vector<int64_t> starts{0};
   int64_t done = 0;
   for (int64_t it = 0; it + 1 < items; ++it) {
     const int64_t m = it % n_q_tiles;
     done += row_ptr[m + 1] - row_ptr[m] + 1;
-    if (done * runs >= work * (int64_t)starts.size()) starts.push_back(it + 1);
+    if (8 * done * runs >= work * at((int64_t)starts.size())) starts.push_back(it + 1);
   }
   starts.push_back(items);
   return starts;
@@ -590,7 +613,7 @@ std::vector<int64_t> item_runs(const int64_t* row_ptr, int64_t n_q_tiles, int64_
 
 template <int NI>
 void forward_impl(const float* q, const float* k, const float* v, float* o, float* lse, int64_t BH, int64_t Lq,
-                  int64_t Lk, int64_t D, const Lists& L, int64_t n_q_tiles, float scale, int threads) {
+                  int64_t Lk, int64_t D, const Lists& L, int64_t n_q_tiles, float scale, int threads, int* bad) {
   constexpr int RB = 16 * NI;
   const std::vector<int64_t> runs = item_runs(L.row_ptr, n_q_tiles, BH, threads);
   const int64_t n_runs = (int64_t)runs.size() - 1;
@@ -599,7 +622,8 @@ void forward_impl(const float* q, const float* k, const float* v, float* o, floa
   Lists LS = L;
   LS.spans = spans.data();
   prefer_huge_pages(o, (size_t)(BH * Lq * D) * sizeof(float));
-#pragma omp parallel num_threads(threads)
+  int any_bad = 0;
+#pragma omp parallel num_threads(threads) reduction(| : any_bad)
   {
     const Flush flush;
     Work work(2 * L.BM + kKeyChunk * RB + 2 * L.BM * D);
@@ -614,10 +638,12 @@ void forward_impl(const float* q, const float* k, const float* v, float* o, floa
           const int64_t next = (it + 1) / n_q_tiles * Lq + (it + 1) % n_q_tiles * L.BM;
           ahead = Ahead{(const char*)(q + next * D), L.BM * D / 16};
         }
-        forward_tile<NI>(q + row * D, k + bh * Lk * D, v + bh * Lk * D, o + row * D, lse + row, D, LS, m, scale2,
-                         work.base, ahead);
+        if (!forward_tile<NI>(q + row * D, k + bh * Lk * D, v + bh * Lk * D, o + row * D, lse + row, D, LS, m,
+                              scale2, work.base, ahead))
+          any_bad = 1;
       }
   }
+  *bad = any_bad;
 }
 
 // One chunk of keys [lo, hi) of entry e for NA 16-row groups of a register block, the first being group
@@ -932,19 +958,20 @@ int pdsl_native_version() { return 1; }
 int64_t pdsl_backward_pairs() { return backward_pairs_total; }
 
 // Forward: o [BH, Lq, D] and lse [BH, Lq] (natural log) for every row of every query tile; lse is NaN
-// on every row whose output is not finite.
+// on every row whose output is not finite. *bad is set to 1 when some lse is NaN (or +inf), else 0, so
+// the caller needs no pass over either (a parallel reduction waits on a descheduled thread).
 int pdsl_forward(const float* q, const float* k, const float* v, float* o, float* lse, int64_t BH, int64_t Lq,
                  int64_t Lk, int64_t D, int64_t BM, int64_t BN, const int64_t* row_ptr, const int32_t* ent_k,
                  const int32_t* ent_mask, const uint16_t* masks, int64_t n_q_tiles, float scale, int64_t rows,
-                 int threads) {
+                 int threads, int* bad) {
   if (D % 16 || BM % rows || rows % 16) return 1;
   const Lists L{row_ptr, ent_k, ent_mask, masks, BM, BN};
   if (rows == 16)
-    forward_impl<1>(q, k, v, o, lse, BH, Lq, Lk, D, L, n_q_tiles, scale, threads);
+    forward_impl<1>(q, k, v, o, lse, BH, Lq, Lk, D, L, n_q_tiles, scale, threads, bad);
   else if (rows == 32)
-    forward_impl<2>(q, k, v, o, lse, BH, Lq, Lk, D, L, n_q_tiles, scale, threads);
+    forward_impl<2>(q, k, v, o, lse, BH, Lq, Lk, D, L, n_q_tiles, scale, threads, bad);
   else if (rows == 64)
-    forward_impl<4>(q, k, v, o, lse, BH, Lq, Lk, D, L, n_q_tiles, scale, threads);
+    forward_impl<4>(q, k, v, o, lse, BH, Lq, Lk, D, L, n_q_tiles, scale, threads, bad);
   else
     return 2;
   return 0;
