@@ -96,11 +96,25 @@ def _step(side: Side) -> int | None:
     return None if len(steps) > 1 else int(steps[0]) if len(steps) else 0
 
 
-def key_runs(side: Side, step: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def key_runs(side: Side, step: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
     """``(a, n, start)``: maximal runs ``a + step * j`` (``j < n``) of consecutive keys in the order, and
-    the order index of each run's first key (the pieces of one class, joined across tile ends)."""
+    the order index of each run's first key (the pieces of one class, joined across tile ends).
+
+    None when the pieces do not spell the order piece by piece (a side whose pieces are hulls of
+    its tiles' positions, such as route's key blocks when they are not runs).
+    """
     a, n = side.a[:, 0], side.n[:, 0]
     at = np.cumsum(n) - n  # the pieces tile the order in piece order
+    if not np.array_equal(np.append(at, at[-1] + n[-1] if len(n) else 0)[side.ptr], side.starts):
+        return None
+    if side.order is not None and len(n):
+        live = n > 0
+        first, last = at[live], (at + n - 1)[live]
+        if not (
+            np.array_equal(side.order[first] + side.offset, a[live])
+            and np.array_equal(side.order[last] + side.offset, (a + step * (n - 1))[live])
+        ):
+            return None
     new = np.ones(len(a), bool)
     new[1:] = a[1:] != a[:-1] + step * n[:-1]
     first = np.flatnonzero(new)
@@ -134,7 +148,10 @@ def candidates(engine, node: ir.Node) -> np.ndarray | None:
     if qstep is None or kstep is None or (qstep and kstep and qstep != kstep):
         return None
     step = max(qstep, kstep, 1)
-    ka, kn, kstart = key_runs(k, step)
+    runs = key_runs(k, step)
+    if runs is None:
+        return None
+    ka, kn, kstart = runs
     if len(q.tile) * len(ka) * len(bands) * _SHARE > engine.nqb * engine.nkb:
         return None
     rows = max(1, _CHUNK // max(len(ka) * len(bands), 1))

@@ -123,3 +123,17 @@ def test_sparse_transformer_strided_classifies_few_tiles_in_its_class_order():
     assert plan.order == "classes mod 16"
     kept = plan.stats.tiles_full + plan.stats.tiles_partial
     assert plan.stats.extra["tiles_classified"] < kept // 4
+
+
+def test_key_sides_whose_pieces_are_hulls_give_no_runs():
+    # route's key blocks as a side: one hull piece per block; blocks of residues are not runs of keys
+    from patterndsl.analysis.engine import _group_side
+
+    fine = tiles.build_side(tiles.identity_segments(60, 0, (60,)), 60, 4, 0, (60,), True)
+    runs = _group_side(np.arange(60) // 5, 12, fine, 0, None, False)
+    assert classbands.key_runs(runs, 1) is not None
+    hulls = _group_side(np.arange(60) % 3, 3, fine, 0, None, False)
+    assert classbands.key_runs(hulls, 1) is None
+    qside = _side(60, 0, 3, 4, 60)
+    engine = eng.Engine(qside, hulls, Env(Sizes(60, 60, None, 1), 0))
+    assert classbands.candidates(engine, P("causal")) is None
