@@ -69,19 +69,21 @@ def region(node: ir.Node, env) -> list[Band] | None:
         return None if found is None else [tuple(int(x) for x in found)]
     if not isinstance(node, (ir.Union, ir.Inter)):
         return None
-    parts = [region(item, env) for item in node.items]
-    if any(p is None for p in parts):
-        return None
-    if isinstance(node, ir.Union):
-        out = list(dict.fromkeys(b for p in parts for b in p))
-        return out if len(out) <= MAX_BANDS else None
-    out = [(-(1 << 62), 1 << 62, 1)]
-    for p in parts:
-        out = [_meet(a, b) for a in out for b in p]
-        out = list(dict.fromkeys(b for b in out if b is not None))
+    union = isinstance(node, ir.Union)
+    out = {} if union else {(-(1 << 62), 1 << 62, 1): None}
+    # item by item, stopping at the first that has no region or past MAX_BANDS (a long union is
+    # not walked whole at every level of the engine's recursion)
+    for item in node.items:
+        part = region(item, env)
+        if part is None:
+            return None
+        if union:
+            out.update(dict.fromkeys(part))
+        else:
+            out = dict.fromkeys(m for a in out for b in part if (m := _meet(a, b)) is not None)
         if len(out) > MAX_BANDS:
             return None
-    return out
+    return list(out)
 
 
 def _meet(a: Band, b: Band) -> Band | None:
