@@ -199,6 +199,8 @@ class Engine:
 
     def run(self, node: ir.Node, domain: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Non-empty tiles of ``node`` (within ``domain``, sorted keys, when given) and their states."""
+        if domain is None:
+            domain = self._class_domain(node)
         if not self.coarse:
             from patterndsl.analysis import diagonal
 
@@ -224,6 +226,8 @@ class Engine:
 
     def _run(self, node: ir.Node, domain: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
         # Like run, but a static node may leave tiles OPEN for the node above to decide.
+        if domain is None:
+            domain = self._class_domain(node)
         if isinstance(node, (ir.Inter, ir.Union)) and AxisSplit(node, self.env.layout).usable:
             return self._by_axes(node, domain)
         if isinstance(node, ir.Inter):
@@ -235,6 +239,15 @@ class Engine:
         if primitives.lookup(node.name).dynamic:
             return self._route(node, domain)
         return self._prim(node, domain)
+
+    def _class_domain(self, node: ir.Node) -> np.ndarray | None:
+        # Outside the identity order, a node of bands takes its candidates from the bands mapped
+        # through the order (exact per class pair), not from position hulls that meet every class.
+        if (self.q.identity and self.k.identity) or ir.is_dynamic(node):
+            return None
+        from patterndsl.analysis import classbands
+
+        return classbands.candidates(self, node)
 
     def _joint_search_pays(self, node: ir.Node) -> bool:
         # Operands with a needed-key range or listed candidates are bounded one by one already;
