@@ -26,8 +26,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from patterndsl import ir
+from patterndsl.analysis import cellshift, hierarchy, routeedges, routegroups, routetiles, tiles
 from patterndsl.analysis import engine as eng
-from patterndsl.analysis import hierarchy, routeedges, routegroups, routetiles, tiles
 
 #: Rows of query groups a first-level candidate tile holds at most (as a power of two times ``qblock``).
 GROUP_ROWS = 128
@@ -620,7 +620,10 @@ def _cells_of_tiles(engine, geo, rows, shape, bounds, counters, sign, acc, cache
         ck = r * sub.nkb + col
         order = np.argsort(ck, kind="stable")
         owner, r, col, b, ck = owner[order], r[order], col[order], b[order], ck[order]
-        low, up = (_cell_states(sub, bound, ck) for bound in (low_node, up_node))
+        if grid:  # cells repeating along the outer axes (away from the borders): decided once per class
+            low, up = cellshift.cell_states(sub, (low_node, up_node), r, col, _cell_states)
+        else:
+            low, up = (_cell_states(sub, bound, ck) for bound in (low_node, up_node))
         g0, g1 = geo.cell_groups(r, j) if grid else (r << j, np.minimum((r + 1) << j, geo.n_q))
         alone = (low == eng.EMPTY) & (up == eng.FULL)
         between = np.flatnonzero((low != up) & ~alone)
