@@ -24,7 +24,7 @@ import math
 
 import numpy as np
 
-from patterndsl import ir
+from patterndsl import ir, semantics
 from patterndsl.analysis import engine as eng
 from patterndsl.primitives.neighborhood import neighborhood_axes, window_table
 
@@ -51,25 +51,122 @@ def outer_classes(node: ir.Node, layout: ir.Layout) -> tuple[np.ndarray, ...] | 
         return None
     out = []
     for a, n in enumerate(layout.shape[:-1]):
-        sig, period = [], 1
-        y = np.arange(n, dtype=np.int64)
-        for prim in prims:
-            _n, s, d, r, causal = neighborhood_axes(prim, layout)[a]
-            tlo, thi = window_table(n, s, d, r, causal)
-            sig += [d * tlo + y % d - y, d * thi + y % d - y]
-            period = math.lcm(period, d * r)
-        rep = y.copy()
-        if sig and period < n:
-            sig = np.stack(sig, 1)
-            same = (sig[period:] == sig[:-period]).all(1)  # row y + period repeats row y
-            for c in range(period):  # each residue: runs of repeating rows share their first row
-                idx = y[c::period]
-                link = np.concatenate([[False], same[c::period][: len(idx) - 1]])
-                start = np.maximum.accumulate(np.where(link, 0, np.arange(len(idx))))
-                rep[idx] = idx[start]
+        sig, period = _signature(prims, layout, a)
+        link = np.zeros(n, bool)
+        if len(prims) and period < n:
+            link[period:] = (sig[period:] == sig[:-period]).all(1)  # row y repeats row y - period
+        rep = _chains(link, period)
         rep.flags.writeable = False
         out.append(rep)
     return tuple(out)
+
+
+def _signature(prims, layout: ir.Layout, a: int) -> tuple[np.ndarray, int]:
+    """``(sig, period)``: per coordinate of axis ``a``, every neighborhood's window relative to it (``[n, 2p]``),
+    and a multiple of every dilation times stride (rows that far apart may repeat, whatever the stride)."""
+    n = layout.shape[a]
+    y = np.arange(n, dtype=np.int64)
+    sig, period = [np.zeros(n, np.int64)], 1
+    for prim in prims:
+        _n, s, d, r, causal = neighborhood_axes(prim, layout)[a]
+        tlo, thi = window_table(n, s, d, r, causal)
+        sig += [d * tlo + y % d - y, d * thi + y % d - y]
+        period = math.lcm(period, d * r)
+    return np.stack(sig, 1), period
+
+
+def _chains(link: np.ndarray, step: int) -> np.ndarray:
+    """``rep[i]``: the first index of the chain ``i, i - step, ...`` while ``link`` holds (``link[i]``: ``i``
+    repeats ``i - step``)."""
+    i = np.arange(len(link), dtype=np.int64)
+    rep = i.copy()
+    for c in range(min(step, len(link))):
+        idx = i[c::step]
+        start = np.maximum.accumulate(np.where(link[c::step], 0, np.arange(len(idx))))
+        rep[idx] = idx[start]
+    return rep
+
+
+def route_box_candidates(engine: eng.Engine, prim: ir.Prim, node: ir.Node, sub: eng.Engine) -> np.ndarray | None:
+    """:func:`box_candidates` of a route with box groups and blocks (``node``: its rewritten ``among``; ``sub``:
+    the engine on its group x block boxes), when queries and keys are the same grid; else None."""
+    ctx, layout = engine.ctx, engine.env.layout
+    if layout is None or engine.env.offset != 0 or ctx.q_len != ctx.kv_len:
+        return None
+    rank = len(layout.shape)
+    block = prim.arg("block")
+    qblock = block if prim.arg("qblock") is None else prim.arg("qblock")
+    qbox, kbox = (semantics._per_axis(b, rank, name) for b, name in ((qblock, "route qblock"), (block, "route block")))
+    return box_candidates(node, layout, tuple(qbox), tuple(kbox), lambda domain: sub.run(node, domain)[0])
+
+
+def _allows_outside(node: ir.Node) -> bool:
+    """Whether ``node`` allows a pair no neighborhood of it holds (``~neighborhood(3)``): such pairs reach past
+    any window, to keys a shift moves out of the grid."""
+    if isinstance(node, ir.Union):
+        return any(_allows_outside(item) for item in node.items)
+    if isinstance(node, ir.Inter):
+        return all(_allows_outside(item) for item in node.items)
+    if isinstance(node, ir.Not):
+        return not _allows_outside(node.item)
+    return node == ir.FULL
+
+
+#: Most (group, block) pairs :func:`box_candidates` evaluates for the representative groups.
+MAX_REP_PAIRS = 1 << 22
+
+
+def box_candidates(node: ir.Node, layout: ir.Layout, qbox, kbox, run) -> np.ndarray | None:
+    """Sorted keys ``g * n_k + b`` of the (query group box, key block box) pairs where ``node`` allows some
+    pair, groups and blocks being boxes of ``qbox`` / ``kbox`` numbered row-major, the queries and keys
+    the same grid; None when ``node`` gets no classes (or its representatives would be too many pairs).
+
+    A group box whose coordinates repeat (relative windows the same) those ``P`` lower on an axis
+    (``P`` a multiple of both boxes' extents there, both boxes whole) has the candidates of that box
+    shifted by ``P`` (no key a window holds leaves the grid): ``run(domain)`` (the engine's non-empty
+    keys among the sorted ``domain``) is called on the first group box of each class only."""
+    prims = _neighborhoods(node)
+    if not prims or layout is None or _allows_outside(node):
+        return None
+    shape = tuple(layout.shape)
+    ng = tuple(-(-n // b) for n, b in zip(shape, qbox, strict=True))
+    nb = tuple(-(-n // b) for n, b in zip(shape, kbox, strict=True))
+    n_q, n_k = math.prod(ng), math.prod(nb)
+    reps, shifts = [], []
+    for a, n in enumerate(shape):
+        qb, kb = qbox[a], kbox[a]
+        sig, _period = _signature(prims, layout, a)
+        shift = math.lcm(qb, kb)
+        step = shift // qb
+        i = np.arange(ng[a], dtype=np.int64)
+        same = np.zeros(n, bool)
+        if shift < n:
+            same[shift:] = (sig[shift:] == sig[:-shift]).all(1)
+        whole = (i + 1) * qb <= n
+        box_same = np.zeros(ng[a], bool)
+        full = int(whole.sum())
+        box_same[:full] = same[: full * qb].reshape(full, qb).all(1)
+        rep = _chains((i >= step) & whole & box_same, step)
+        reps.append(rep)
+        shifts.append((i - rep) * qb // kb)  # in blocks along the axis
+    digits = np.unravel_index(np.arange(n_q, dtype=np.int64), ng)
+    rep_g = np.ravel_multi_index(tuple(r[x] for r, x in zip(reps, digits, strict=True)), ng)
+    heads = np.unique(rep_g)
+    if len(heads) * n_k > MAX_REP_PAIRS:
+        return None
+    found = run((heads[:, None] * n_k + np.arange(n_k, dtype=np.int64)[None, :]).reshape(-1))
+    ptr = np.searchsorted(found // n_k, np.append(heads, n_q))  # each representative's candidates
+    at = np.searchsorted(heads, rep_g)
+    g, pos = eng.expand_runs(np.arange(n_q, dtype=np.int64), ptr[at], ptr[at + 1])
+    bd = np.unravel_index(found[pos] % n_k, nb)
+    moved = []
+    for a in range(len(shape)):
+        x = bd[a] + shifts[a][digits[a][g]]
+        if (x >= nb[a]).any():  # a candidate block past the grid (not expected): no shortcut
+            return None
+        moved.append(x)
+    TALLY.copied += len(g) - len(found)
+    return g * n_k + np.ravel_multi_index(tuple(moved), nb)
 
 
 def canonical(classes, layout: ir.Layout, qsize: int, ksize: int, r: np.ndarray, col: np.ndarray):
@@ -115,9 +212,11 @@ def cell_states(sub: eng.Engine, nodes, r: np.ndarray, col: np.ndarray, states) 
 
 
 class _Tally:
-    """Cells whose state was copied from their class's representative (tests read it)."""
+    """Cells whose state was copied from their class's representative, candidate pairs copied from their
+    group's (tests read them)."""
 
     shifted = 0
+    copied = 0
 
 
 TALLY = _Tally()

@@ -910,7 +910,13 @@ class Engine:
         for h in heads:
             env = self.env if h == self.env.head else dataclasses.replace(self.env, head=h, cache={})
             sub = Engine(qcoarse, kcoarse, env)
-            found.append(sub.run(rewrite_for_plan(among), None)[0])
+            node = rewrite_for_plan(among)
+            shifted = None
+            if boxes and len(heads) == 1:  # group boxes repeating by translation: the engine run once per class
+                from patterndsl.analysis import cellshift
+
+                shifted = cellshift.route_box_candidates(self, prim, node, sub)
+            found.append(sub.run(node, None)[0] if shifted is None else shifted)
             self.tally.evaluated += sub.evaluated
         ckeys = found[0] if len(found) == 1 else np.unique(np.concatenate(found))
         # Which tiles each group / block meets: sorted ``group * n_tiles + tile`` (one entry per pair).

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import patterndsl
+from patterndsl import ir
 from patterndsl.analysis import cellshift, routegrid, routetiles
 from patterndsl.analysis import engine as eng
 from patterndsl.sizes import Sizes
@@ -81,3 +82,36 @@ def test_dilated_partial_grid_route_with_uneven_rows_equals_the_pairs_plan():
     before = cellshift.TALLY.shifted
     equal_to_pairs(source, 29 * 8, (4, 4))
     assert cellshift.TALLY.shifted > before
+
+
+ROUTES = [
+    # (grid, among, block, qblock, whether group boxes repeat)
+    ("y = 40, x = 40", "neighborhood(9) - neighborhood(3)", (4, 4), None, True),
+    ("y = 37, x = 30", "neighborhood(7)", (3, 2), (2, 3), True),  # boxes cut by the borders, unlike extents
+    ("y = 12, x = 12", "neighborhood(11)", (2, 2), None, False),  # windows as wide as the grid
+    ("y = 41, x = 24", "neighborhood((5, 3), dilation = (3, 1)) | neighborhood(3, stride = 2)", (2, 4), (4, 2), True),
+    ("y = 33, x = 16", "neighborhood((4, 3), causal = (true, false)) & ~neighborhood(1)", (4, 4), None, True),
+    ("t = 9, y = 10, x = 12", "neighborhood((3, 5, 3), dilation = (1, 2, 1)) - neighborhood(1)", (1, 2, 3), None, True),
+    ("y = 40, x = 40", "~neighborhood(3)", (4, 4), None, False),  # pairs outside every window: no shortcut
+    ("y = 40, x = 40", "neighborhood(5) | where(k.y <= q.y)", (4, 4), None, False),
+]
+
+
+def _candidates(grid, among, block, qblock):
+    qb = "" if qblock is None else f", qblock = {qblock}"
+    source = f"pattern p {{ layout grid({grid})\n route(topk = 2, block = {block}{qb}, among = {among}) }}"
+    pir = patterndsl.compile(source).ir
+    length = pir.layout.size
+    engine = eng.identity_engine(Sizes(length, length, pir.layout), 0, (4, 4))
+    (prim,) = ir.polarities(eng.rewrite_for_plan(pir.default))
+    return engine.route_candidates(prim)[0]
+
+
+@pytest.mark.parametrize("grid, among, block, qblock, repeat", ROUTES)
+def test_route_candidates_by_class_equal_the_engines(grid, among, block, qblock, repeat, monkeypatch):
+    before = cellshift.TALLY.copied
+    got = _candidates(grid, among, block, qblock)
+    assert (cellshift.TALLY.copied > before) == repeat
+    monkeypatch.setattr(cellshift, "route_box_candidates", lambda *a: None)
+    want = _candidates(grid, among, block, qblock)
+    assert len(want) and got.tolist() == want.tolist()
