@@ -1216,8 +1216,11 @@ def _group_side(group: np.ndarray, count: int, fine: Side, offset: int, layout, 
         d = coords.shape[1]
         lo = np.full((count, d), np.iinfo(np.int64).max)
         hi = np.full((count, d), np.iinfo(np.int64).min)
-        np.minimum.at(lo, group[idx], coords)
-        np.maximum.at(hi, group[idx], coords)
+        # idx is sorted by group: each group's extremes by one reduceat over its run (ufunc.at is slow)
+        some = np.flatnonzero(starts[1:] > starts[:-1])
+        if len(some):
+            lo[some] = np.minimum.reduceat(coords, starts[some], axis=0)
+            hi[some] = np.maximum.reduceat(coords, starts[some], axis=0)
         a, s, n = lo, np.ones((count, d), np.int64), hi - lo + 1
     tile = np.arange(count, dtype=np.int64)
     ptr = np.arange(count + 1, dtype=np.int64)

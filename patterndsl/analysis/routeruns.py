@@ -657,8 +657,8 @@ def _cells_of_tiles(engine, geo, rows, shape, bounds, counters, sign, acc, cache
                 rest[mixed] = True
             # a cell done for this table but halved for another: its halves repeat its state (all / any)
             d = np.flatnonzero(done)
-            np.logical_and.at(full[i], owner[d], state[d] == eng.FULL)
-            np.logical_or.at(some[i], owner[d], state[d] > eng.EMPTY)
+            full[i][owner[d[state[d] != eng.FULL]]] = False  # (ufunc.at's and / or, as plain stores)
+            some[i][owner[d[state[d] > eng.EMPTY]]] = True
         # a tile found neither full nor empty under every choice is settled: its other cells need no halving
         unsettled = np.zeros(n_t, bool)
         for f, sm in zip(full, some, strict=True):
