@@ -1,9 +1,11 @@
-"""Stage 4 (block plan), grid cells of a static bound equal up to a shift of the grid's outer axes.
+"""Stage 4 (block plan), grid cells and route boxes equal up to a shift of the grid (translation classes).
 
 Comes in: a static node (a grid route's bound: the route as empty or full) and the cells
 :func:`routeruns._tile_bounds` decides on a grid (a piece of one grid row of queries by a piece of one
-grid row of keys, as tiles of a sub-engine). Goes out: :func:`cell_states`, the node's states on the
-cells, the same as the engine's on every cell, the engine being run on one cell per class only.
+grid row of keys, as tiles of a sub-engine); or a route's ``among`` and its (group box x block box)
+engine. Goes out: :func:`cell_states`, the node's states on the cells, the same as the engine's on every
+cell, the engine being run on one cell per class only; :func:`route_box_candidates`, the candidate
+(group, block) pairs, the engine being run on one group box per class only.
 
 A neighborhood on axis ``a`` holds ``(y, y')`` when ``y' = y (mod d)`` and
 ``y + lo[y] <= y' <= y + hi[y]``, its window relative to the query (``lo``, ``hi`` from
