@@ -43,13 +43,18 @@ def _neighborhoods(node: ir.Node) -> list[ir.Prim] | None:
     return out
 
 
-@functools.lru_cache(maxsize=32)
 def outer_classes(node: ir.Node, layout: ir.Layout) -> tuple[np.ndarray, ...] | None:
     """Per outer axis (every axis but the last), the representative row ``rep[y] <= y`` of each row
     (``y - rep[y]`` a multiple of that axis's period, every neighborhood's relative window the same
     at both and at the rows between them a period apart); None when ``node`` gets no classes."""
     prims = _neighborhoods(node)
-    if prims is None or len(layout.shape) < 2:
+    return None if prims is None else _outer_classes(tuple(prims), layout)
+
+
+@functools.lru_cache(maxsize=32)
+def _outer_classes(prims: tuple[ir.Prim, ...], layout: ir.Layout) -> tuple[np.ndarray, ...] | None:
+    """:func:`outer_classes` of the nodes whose neighborhoods are ``prims`` (classes of all of them)."""
+    if len(layout.shape) < 2:
         return None
     out = []
     for a, n in enumerate(layout.shape[:-1]):
@@ -200,17 +205,19 @@ def cell_states(sub: eng.Engine, nodes, r: np.ndarray, col: np.ndarray, states) 
     keys = r * sub.nkb + col
     if layout is None or len(layout.shape) < 2:
         return [states(sub, node, keys) for node in nodes]
-    out = []
-    for node in nodes:
-        classes = None if node in (ir.FULL, ir.EMPTY) else outer_classes(node, layout)
-        if classes is None:
-            out.append(states(sub, node, keys))
-            continue
-        cr, cc = canonical(classes, layout, sub.q.block, sub.k.block, r, col)
-        uniq, inv = np.unique(cr * sub.nkb + cc, return_inverse=True)
-        TALLY.shifted += len(keys) - len(uniq)
-        out.append(states(sub, node, uniq)[inv.reshape(-1)])
-    return out
+    # one set of classes for every node: those of all their neighborhoods together (one canonical pass)
+    found = [_neighborhoods(node) for node in nodes]
+    if any(p is None for p in found):
+        return [states(sub, node, keys) for node in nodes]
+    prims = tuple(dict.fromkeys(p for ps in found for p in ps))
+    classes = _outer_classes(prims, layout)
+    if classes is None:
+        return [states(sub, node, keys) for node in nodes]
+    cr, cc = canonical(classes, layout, sub.q.block, sub.k.block, r, col)
+    uniq, inv = np.unique(cr * sub.nkb + cc, return_inverse=True)
+    TALLY.shifted += len(keys) - len(uniq)
+    inv = inv.reshape(-1)
+    return [states(sub, node, uniq)[inv] for node in nodes]
 
 
 class _Tally:
