@@ -183,6 +183,12 @@ def canonical(classes, layout: ir.Layout, qsize: int, ksize: int, r: np.ndarray,
     shape = tuple(layout.shape)
     outer, w = shape[:-1], shape[-1]
     pq, pk = r * qsize, col * ksize
+    if len(outer) == 1:  # 2-D: the row is the outer coordinate
+        (rep,) = classes
+        yq, yk = pq // w, pk // w
+        delta = yq - rep[yq]
+        delta[(yk < delta) | (yk - delta >= outer[0])] = 0  # key rows leaving the grid: not moved
+        return r - delta * (w // qsize), col - delta * (w // ksize)
     yq = np.unravel_index(pq // w, outer)
     yk = np.unravel_index(pk // w, outer)
     shifted_q, shifted_k = [], []
