@@ -923,7 +923,13 @@ class Engine:
         for h in heads:
             env = self.env if h == self.env.head else dataclasses.replace(self.env, head=h, cache={})
             sub = Engine(qcoarse, kcoarse, env)
-            found.append(sub.run(rewrite_for_plan(among), None)[0])
+            node = rewrite_for_plan(among)
+            shifted = None
+            if boxes and len(heads) == 1:  # group boxes repeating by translation: the engine run once per class
+                from patterndsl.analysis import cellshift
+
+                shifted = cellshift.route_box_candidates(self, prim, node, sub)
+            found.append(sub.run(node, None)[0] if shifted is None else shifted)
             self.tally.evaluated += sub.evaluated
         ckeys = found[0] if len(found) == 1 else np.unique(np.concatenate(found))
         # Which tiles each group / block meets: sorted ``group * n_tiles + tile`` (one entry per pair).
@@ -1223,8 +1229,11 @@ def _group_side(group: np.ndarray, count: int, fine: Side, offset: int, layout, 
         d = coords.shape[1]
         lo = np.full((count, d), np.iinfo(np.int64).max)
         hi = np.full((count, d), np.iinfo(np.int64).min)
-        np.minimum.at(lo, group[idx], coords)
-        np.maximum.at(hi, group[idx], coords)
+        # idx is sorted by group: each group's extremes by one reduceat over its run (ufunc.at is slow)
+        some = np.flatnonzero(starts[1:] > starts[:-1])
+        if len(some):
+            lo[some] = np.minimum.reduceat(coords, starts[some], axis=0)
+            hi[some] = np.maximum.reduceat(coords, starts[some], axis=0)
         a, s, n = lo, np.ones((count, d), np.int64), hi - lo + 1
     tile = np.arange(count, dtype=np.int64)
     ptr = np.arange(count + 1, dtype=np.int64)

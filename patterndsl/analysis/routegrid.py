@@ -130,6 +130,8 @@ class GridGeometry:
 
     def _outer(self, row: np.ndarray, box: tuple[int, ...], radix: tuple[int, ...]) -> np.ndarray:
         """The outer index of the box (of extents ``box``, ``radix`` of them per axis) holding each row."""
+        if len(self.outer) == 1:  # 2-D: the row is the outer coordinate
+            return row // box[0]
         coords = np.unravel_index(row, self.outer)
         return np.ravel_multi_index(tuple(x // e for x, e in zip(coords, box, strict=False)), radix[:-1])
 

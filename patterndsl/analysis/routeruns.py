@@ -26,8 +26,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from patterndsl import ir
+from patterndsl.analysis import cellshift, hierarchy, routeedges, routegroups, routetiles, tiles
 from patterndsl.analysis import engine as eng
-from patterndsl.analysis import hierarchy, routeedges, routegroups, routetiles, tiles
 
 #: Rows of query groups a first-level candidate tile holds at most (as a power of two times ``qblock``).
 GROUP_ROWS = 128
@@ -93,13 +93,22 @@ def tile_steps(keys: np.ndarray, value: np.ndarray, nqb: int, nkb: int) -> Steps
 def overlay(steps: list[Steps], nkb: int):
     """A common segmentation: ``(m, lo, hi, values)`` with each function's value per segment."""
     width = nkb + 1
-    key = np.unique(np.concatenate([s.key for s in steps]))
+    key = sorted_unique(np.concatenate([s.key for s in steps]))
     m = key // width
     lo = key % width
     nxt = np.append(key[1:], -1)
     hi = np.where(nxt // width == m, nxt % width, nkb)
     hi[-1:] = nkb
     return m, lo, hi, [s.at(key) for s in steps]
+
+
+def sorted_unique(keys: np.ndarray) -> np.ndarray:
+    """``np.unique(keys)`` of a concatenation of sorted arrays: a stable sort merges the sorted runs (numpy's
+    hashed unique takes seconds on the tens of millions of keys a grid route's Steps hold at a million tokens)."""
+    keys = np.sort(keys, kind="stable")
+    new = np.ones(len(keys), bool)
+    new[1:] = keys[1:] != keys[:-1]
+    return keys[new]
 
 
 def static_steps(engine: eng.Engine, node: ir.Node) -> Steps:
@@ -620,7 +629,10 @@ def _cells_of_tiles(engine, geo, rows, shape, bounds, counters, sign, acc, cache
         ck = r * sub.nkb + col
         order = np.argsort(ck, kind="stable")
         owner, r, col, b, ck = owner[order], r[order], col[order], b[order], ck[order]
-        low, up = (_cell_states(sub, bound, ck) for bound in (low_node, up_node))
+        if grid:  # cells repeating along the outer axes (away from the borders): decided once per class
+            low, up = cellshift.cell_states(sub, (low_node, up_node), r, col, _cell_states)
+        else:
+            low, up = (_cell_states(sub, bound, ck) for bound in (low_node, up_node))
         g0, g1 = geo.cell_groups(r, j) if grid else (r << j, np.minimum((r + 1) << j, geo.n_q))
         alone = (low == eng.EMPTY) & (up == eng.FULL)
         between = np.flatnonzero((low != up) & ~alone)
@@ -645,8 +657,8 @@ def _cells_of_tiles(engine, geo, rows, shape, bounds, counters, sign, acc, cache
                 rest[mixed] = True
             # a cell done for this table but halved for another: its halves repeat its state (all / any)
             d = np.flatnonzero(done)
-            np.logical_and.at(full[i], owner[d], state[d] == eng.FULL)
-            np.logical_or.at(some[i], owner[d], state[d] > eng.EMPTY)
+            full[i][owner[d[state[d] != eng.FULL]]] = False  # (ufunc.at's and / or, as plain stores)
+            some[i][owner[d[state[d] > eng.EMPTY]]] = True
         # a tile found neither full nor empty under every choice is settled: its other cells need no halving
         unsettled = np.zeros(n_t, bool)
         for f, sm in zip(full, some, strict=True):
