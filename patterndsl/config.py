@@ -42,3 +42,18 @@ def native_enabled() -> bool:
 def native_compiler() -> str:
     """The C++ compiler that builds the native CPU kernel: ``PATTERNDSL_CXX``, else ``CXX``, else ``g++``."""
     return os.environ.get("PATTERNDSL_CXX") or os.environ.get("CXX") or "g++"
+
+
+def cpu_pool_bytes() -> int:
+    """``PATTERNDSL_CPU_POOL_MB`` (default 256): bytes of large CPU outputs kept for reuse; 0 turns that off.
+
+    Raises:
+        PatternError: the value is not a non-negative whole number (located at the variable's name).
+    """
+    raw = os.environ.get("PATTERNDSL_CPU_POOL_MB", "256")
+    mb = int(raw) if raw.strip().isdigit() else -1
+    if mb < 0:
+        from patterndsl.errors import PatternError
+
+        raise PatternError(f"environment variable PATTERNDSL_CPU_POOL_MB: expected a whole number of MiB, got {raw!r}")
+    return mb << 20

@@ -24,7 +24,7 @@ import torch
 
 from patterndsl.analysis.plan import BlockPlan
 from patterndsl.runtime import softmax
-from patterndsl.runtime.cpu import augmented, dense, documents, native, pool
+from patterndsl.runtime.cpu import augmented, dense, documents, memory, native, pool
 from patterndsl.runtime.cpu.schedule import Segment
 from patterndsl.runtime.cpu.scoremod import Modifier, PairModifier
 from patterndsl.runtime.cpu.tuning import FLASH, CpuOptions, resolve
@@ -119,7 +119,7 @@ def _forward(q, k, v, plan: BlockPlan, scale: float, opts: CpuOptions, safe: boo
         vp = to_tiles(vb, hd.kv, plan.kv_order, k_inv is None, lk_pad, dt)
         vp, vbad = cleaned(vp) if safe else (vp, None)
         # Every covered query tile is written by exactly one segment; only the others need clearing.
-        op = torch.empty(nb, hd.count, lq_pad, d, dtype=dt)
+        op = memory.empty((nb, hd.count, lq_pad, d), dt)
         lp = torch.empty(nb, hd.count, lq_pad, dtype=dt)
         idle = sched.idle_q_tiles
         if idle.numel():

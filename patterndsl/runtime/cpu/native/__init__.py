@@ -25,7 +25,7 @@ import ctypes
 import torch
 
 from patterndsl.analysis.plan import BlockPlan
-from patterndsl.runtime.cpu import dense
+from patterndsl.runtime.cpu import dense, memory
 from patterndsl.runtime.cpu.native import build
 from patterndsl.runtime.cpu.native.program import Program, program
 from patterndsl.runtime.cpu.tuning import CpuOptions
@@ -186,9 +186,9 @@ def backward(prog: Program, t: dict, scale: float) -> bool:
     parts = 1 if b * h >= 2 * threads else min(prog.n_q_tiles, -(-2 * threads // (b * h)))
     parts = max(parts, 1)
     # The kernel writes every row of these (zeroing each key tile where it first reaches it).
-    t["dq"] = torch.empty(b, h, sq, d)
-    dk = torch.empty(parts, b, h, sk, d)
-    dv = torch.empty(parts, b, h, sk, d)
+    t["dq"] = memory.empty((b, h, sq, d), torch.float32)
+    dk = memory.empty((parts, b, h, sk, d), torch.float32)
+    dv = memory.empty((parts, b, h, sk, d), torch.float32)
     names = ("q", "k", "v", "do") + (("out", "lse", "dlse") if direct else ("lse2", "delta"))
     x = {name: None if t.get(name) is None else t[name].contiguous() for name in names}
     ptr = {name: None if value is None else _ptr(value) for name, value in x.items()}
