@@ -48,7 +48,7 @@ def cpu_pool_bytes() -> int:
     """``PATTERNDSL_CPU_POOL_MB`` (default 256): bytes of large CPU outputs kept for reuse; 0 turns that off.
 
     Raises:
-        PatternError: the value is not a non-negative whole number (located at the variable's name).
+        PatternError: the value is not a non-negative whole number (the message names the variable).
     """
     raw = os.environ.get("PATTERNDSL_CPU_POOL_MB", "256")
     mb = int(raw) if raw.strip().isdigit() else -1
