@@ -50,3 +50,15 @@ def reference_attention(q, k, v, mask, scale=None, score=None):
     p = torch.exp(s - lse.masked_fill(empty.expand_as(lse), 0.0)[..., None])
     out = torch.matmul(p, v)
     return out, lse
+
+
+def check_cpu_against_reference(pattern, length: int, seed: int, heads: int = 2, dim: int = 8) -> None:
+    """Run ``pattern`` on the CPU executor over random float64 ``[1, heads, length, dim]`` inputs and
+    assert its output and ``lse`` equal the dense reference's to 1e-9 (``route`` choices read from
+    the same ``q`` and ``k``)."""
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(1, heads, length, dim, generator=gen, dtype=torch.float64) for _ in range(3))
+    out, lse = pattern(q, k, v, return_lse=True, backend="cpu")
+    ref, ref_lse = reference_attention(q, k, v, pattern.mask(length, length, heads, q=q, k=k))
+    torch.testing.assert_close(out, ref, atol=1e-9, rtol=1e-9)
+    torch.testing.assert_close(lse, ref_lse, atol=1e-9, rtol=1e-9)

@@ -118,21 +118,15 @@ def test_the_interpreter_case_of_a_grid_route_is_planned_as_runs(tile):
 
 @pytest.mark.parametrize("tiles", [(8, 8), (4, 16)])
 def test_a_grid_route_planned_as_runs_runs_on_the_cpu(tiles, monkeypatch):
-    import torch
 
     import patterndsl
     import patterndsl.runtime as rt
-    from tests.reference import reference_attention
+    from tests.reference import check_cpu_against_reference
 
     monkeypatch.setattr(rt, "CPU_BLOCK", tiles)
     source = "pattern p { layout grid(y = 6, x = 16)\n neighborhood(3) | route(topk = 2, block = (2, 4)) }"
     p = patterndsl.compile(source)
-    gen = torch.Generator().manual_seed(1)
-    q, k, v = (torch.randn(1, 2, 96, 8, generator=gen, dtype=torch.float64) for _ in range(3))
-    out, lse = p(q, k, v, return_lse=True, backend="cpu")
-    ref, ref_lse = reference_attention(q, k, v, p.mask(96, 96, 2, q=q, k=k))
-    torch.testing.assert_close(out, ref, atol=1e-9, rtol=1e-9)
-    torch.testing.assert_close(lse, ref_lse, atol=1e-9, rtol=1e-9)
+    check_cpu_against_reference(p, 96, seed=1)
 
 
 @pytest.mark.parametrize(

@@ -171,22 +171,16 @@ def test_the_benchmarks_partial_route_evaluates_no_element():
 )
 def test_grid_routes_planned_as_runs_run_on_the_cpu(layout, body, monkeypatch):
     """A 3-D route and a partial 2-D one, planned by routegrid (spied), attend as the dense reference says."""
-    import torch
 
     import patterndsl.runtime as rt
-    from tests.reference import reference_attention
+    from tests.reference import check_cpu_against_reference
 
     taken = []
     classify = routegrid.classify
     monkeypatch.setattr(routegrid, "classify", lambda e, n: taken.append(classify(e, n)) or taken[-1])
     monkeypatch.setattr(rt, "CPU_BLOCK", (8, 8))
     p = patterndsl.compile(f"pattern p {{ layout grid({layout})\n {body} }}")
-    gen = torch.Generator().manual_seed(2)
-    q, k, v = (torch.randn(1, 2, 96, 8, generator=gen, dtype=torch.float64) for _ in range(3))
-    out, lse = p(q, k, v, return_lse=True, backend="cpu")
-    ref, ref_lse = reference_attention(q, k, v, p.mask(96, 96, 2, q=q, k=k))
-    torch.testing.assert_close(out, ref, atol=1e-9, rtol=1e-9)
-    torch.testing.assert_close(lse, ref_lse, atol=1e-9, rtol=1e-9)
+    check_cpu_against_reference(p, 96, seed=2)
     assert taken and all(t is not None for t in taken)
 
 
