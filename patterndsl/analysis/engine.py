@@ -208,7 +208,7 @@ class Engine:
             along = diagonal.run_all(self, node) if domain is None else diagonal.run(self, node, domain)
             if along is not None:
                 return along
-        keys, state = self._run(node, domain)
+        keys, state = self._dispatch(node, domain)
         return self._settle(node, keys, state)
 
     def _settle(self, node: ir.Node, keys: np.ndarray, state: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -228,6 +228,10 @@ class Engine:
         # Like run, but a static node may leave tiles OPEN for the node above to decide.
         if domain is None:
             domain = self._class_domain(node)
+        return self._dispatch(node, domain)
+
+    def _dispatch(self, node: ir.Node, domain: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        # _run once the class-order candidates were looked for (run did it already: not twice).
         if isinstance(node, (ir.Inter, ir.Union)) and AxisSplit(node, self.env.layout).usable:
             return self._by_axes(node, domain)
         if isinstance(node, ir.Inter):
