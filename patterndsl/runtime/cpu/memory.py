@@ -41,7 +41,7 @@ def empty(shape, dtype: torch.dtype) -> torch.Tensor:
 
     The contents are arbitrary (as ``torch.empty``): callers write every element.
     """
-    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    nbytes = math.prod(shape) * dtype.itemsize
     limit = config.cpu_pool_bytes()
     if nbytes < MIN_BYTES or nbytes > limit:
         return torch.empty(shape, dtype=dtype)
