@@ -1246,22 +1246,14 @@ def _group_side(group: np.ndarray, count: int, fine: Side, offset: int, layout, 
 
 def _runs_side(group, count, fine: Side, order, starts) -> Side:
     # Groups that are runs of flattened grid positions: cut each run into sub-boxes.
-    from patterndsl.analysis.tiles import _range_boxes
+    from patterndsl.analysis.tiles import range_boxes
 
-    tiles, pa, pn = [], [], []
     lo = order[starts[:-1]]
     hi = order[starts[1:] - 1] + 1
-    for t in range(count):
-        for st, ct in _range_boxes(fine.extents, int(lo[t]), int(hi[t])):
-            tiles.append(t)
-            pa.append(st)
-            pn.append(ct)
-    d = len(fine.extents)
-    tile = np.asarray(tiles, np.int64)
+    shape = np.asarray(fine.extents, np.int64)[None, :]
+    tile, a, n = range_boxes(shape, lo, np.where(starts[1:] > starts[:-1], hi, lo))
     ptr = np.zeros(count + 1, np.int64)
     ptr[1:] = np.cumsum(np.bincount(tile, minlength=count))
-    a = np.asarray(pa, np.int64).reshape(-1, d)
-    n = np.asarray(pn, np.int64).reshape(-1, d)
     return Side(fine.length, 1, 0, fine.extents, fine.strides, order, ptr, tile, a, np.ones_like(a), n, False, starts)
 
 
