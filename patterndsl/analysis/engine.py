@@ -370,6 +370,11 @@ class Engine:
         (``[alo[i], ahi[i]]`` for ``rows[i]``): for tile rules that know which key tiles can pair at all."""
         return self._overlap_axes(alo, ahi, rows, cols)
 
+    def overlap_pieces(self, prim: ir.Prim, qgroup: np.ndarray, kgroup: np.ndarray) -> np.ndarray | None:
+        """Candidate tiles of ``prim`` from its needed key ranges piece by piece, pieces meeting only within
+        the same group (``qgroup`` / ``kgroup``, one number per piece); see :meth:`_overlap_pieces`."""
+        return self._overlap_pieces(prim, qgroup, kgroup)
+
     def bounds(self):
         """``((qlo, qhi, qalo, qahi), (klo, khi, kalo, kahi))``: per tile, flattened and per-axis position bounds."""
         return self._bounds()
@@ -508,8 +513,33 @@ class Engine:
         lo, hi, alo, ahi = need
         if alo is not None:
             # per-axis ranges: a flattened range of a grid box spans whole planes of other tiles
-            return self._overlap_axes(alo, ahi)
+            keys = None if self.q.single_piece and self.k.single_piece else self._overlap_pieces(prim)
+            return self._overlap_axes(alo, ahi) if keys is None else keys
         return self._overlap(lo, hi)
+
+    def _overlap_pieces(self, prim: ir.Prim, qgroup=None, kgroup=None) -> np.ndarray | None:
+        """:meth:`_overlap_axes` of the needed key ranges, piece by piece: the pairs of tiles of which some
+        query piece's range meets some key piece's box (None when the key pieces are too sparse to bin).
+
+        A tile across grid rows or boxes (a 125-wide grid in 128-token tiles, boxes cut at the grid's
+        edge, a tile across dilation groups) is bounded by a box far larger than its pieces, up to
+        every column of its rows: its pieces' ranges find the key tiles their union can reach.
+        ``qgroup`` / ``kgroup``: one more coordinate per piece that must be equal (a dilation group)."""
+        from patterndsl.analysis.gridcands import Cells
+
+        qlo, qhi, qalo, qahi = self.q.piece_bounds()
+        _, _, kalo, kahi = self.k.piece_bounds()
+        need = cls.needed_keys(prim, qlo, qhi, qalo, qahi, self.env)
+        if need is None or need[2] is None:
+            return None
+        alo, ahi = need[2], need[3]
+        if qgroup is not None:
+            alo, ahi = np.column_stack([alo, qgroup]), np.column_stack([ahi, qgroup])
+            kalo, kahi = np.column_stack([kalo, kgroup]), np.column_stack([kahi, kgroup])
+        cells = Cells(kalo, kahi)
+        if not cells.usable:
+            return None
+        return np.unique(cells.meeting(alo, ahi, self.q.tile, self.k.tile, self.nkb))
 
     # ----------------------------------------------------------------- primitives
 

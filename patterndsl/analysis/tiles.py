@@ -101,6 +101,14 @@ class Side:
         """Attributes of pieces ``idx`` (an int array), for the classifiers."""
         return Pieces(self, idx)
 
+    def piece_bounds(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Per piece: min and max flattened position, and per-axis min/max coordinates ``[P, D]``
+        (the tile of piece ``p`` is ``tile[p]``). A tile of several pieces (a tile across grid rows
+        or boxes) is their union, often far smaller than the box bounding them all."""
+        w = np.asarray(self.strides, dtype=np.int64)
+        last = self.a + self.s * (self.n - 1)
+        return (self.a * w).sum(1), (last * w).sum(1), self.a, last
+
     def tile_bounds(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Per tile: min and max flattened position, and per-axis min/max coordinates ``[T, D]``."""
         w = np.asarray(self.strides, dtype=np.int64)
@@ -316,16 +324,38 @@ def _cut_segments(a: np.ndarray, s: np.ndarray, n: np.ndarray, block: int):
     return tile[row], a[owner] + s[owner] * start, s[owner], count
 
 
+#: Most distinct segment shapes :func:`_positions` lays out one shape at a time.
+_MAX_SHAPES = 64
+
+
 def _positions(a: np.ndarray, s: np.ndarray, n: np.ndarray, strides: tuple[int, ...]) -> np.ndarray:
     """Flattened positions of grid segments (``[K, D]`` each), each in row-major order, end to end."""
     size = n.prod(1)
     total = int(size.sum())
+    first = np.cumsum(size) - size
+    w = np.asarray(strides, np.int64)
+    shapes, which = distinct_rows(np.concatenate([n, s], 1))
+    d = n.shape[1]
+    pos = np.empty(total, np.int64)
+    if len(shapes) <= _MAX_SHAPES:
+        # segments of one shape and step: one start each plus the same offsets
+        for x, shape in enumerate(shapes):
+            rows = np.flatnonzero(which == x)
+            ext = tuple(int(e) for e in shape[:d])
+            count = math.prod(ext)
+            if not count:
+                continue
+            coords = np.stack(np.unravel_index(np.arange(count), ext), 1)
+            inner = (shape[d:] * coords * w).sum(1)
+            at = first[rows][:, None] + np.arange(count, dtype=np.int64)[None, :]
+            pos[at] = (a[rows] * w).sum(1)[:, None] + inner[None, :]
+        return pos
     seg = np.repeat(np.arange(len(size), dtype=np.int64), size)
-    local = np.arange(total, dtype=np.int64) - np.repeat(np.cumsum(size) - size, size)
-    pos = np.zeros(total, np.int64)
-    for x in range(n.shape[1] - 1, -1, -1):
+    local = np.arange(total, dtype=np.int64) - np.repeat(first, size)
+    pos[:] = 0
+    for x in range(d - 1, -1, -1):
         ext = n[seg, x]
-        pos += (a[seg, x] + s[seg, x] * (local % ext)) * strides[x]
+        pos += (a[seg, x] + s[seg, x] * (local % ext)) * w[x]
         local //= ext
     return pos
 

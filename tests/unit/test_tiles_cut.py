@@ -106,3 +106,14 @@ def test_positions_row_major_per_segment():
     a, s, n = np.asarray([[1, 2], [0, 0]]), np.asarray([[2, 1], [1, 3]]), np.asarray([[2, 3], [1, 2]])
     # segment 0: rows 1, 3 by columns 2..4; segment 1: row 0, columns 0 and 3 (grid of width 10)
     assert tiles._positions(a, s, n, (10, 1)).tolist() == [12, 13, 14, 32, 33, 34, 0, 3]
+
+
+def test_positions_by_shape_equal_the_general_layout(monkeypatch):
+    segments = tiles.box_segments((23, 17, 9), (2, 1, 3), (3, 5, 2))  # edge boxes of several shapes
+    arrays = segments.arrays
+    strides = (17 * 9, 9, 1)
+    by_shape = tiles._positions(*arrays, strides)
+    monkeypatch.setattr(tiles, "_MAX_SHAPES", 0)
+    general = tiles._positions(*arrays, strides)
+    assert by_shape.tolist() == general.tolist()
+    assert sorted(general.tolist()) == list(range(23 * 17 * 9))  # every position once
