@@ -366,8 +366,9 @@ def plan_scaling(args) -> list[str]:
             scale = "" if base is None else f"{per_tile / base:7.2f}x"
             base = per_tile if base is None else base
             ratio = ours["elements"] / ours["partial_pairs"] if ours["partial_pairs"] else 0.0
+            tokens = ours.get("length", length)
             row = (
-                f"{label:44s} {ours.get('length', length):8d} | {ours['ms']:9.1f} {ours['cpu_ms']:8.1f} {mb:7.1f} {ours['tiles']:9d} "
+                f"{label:44s} {tokens:8d} | {ours['ms']:9.1f} {ours['cpu_ms']:8.1f} {mb:7.1f} {ours['tiles']:9d} "
                 f"{scale:>8s} {ratio:9.3f} |"
             )
             if flex and "ms" in flex:

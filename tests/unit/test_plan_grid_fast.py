@@ -179,3 +179,30 @@ def test_a_grid_route_past_its_element_budget_is_left_to_the_other_plans(monkeyp
     assert calls[1:] == [(True, None)]  # given up, the tally as it was
     assert torch.equal(other.tiles(), runs.tiles())
     assert other.stats.elements_evaluated == runs.stats.elements_evaluated
+
+
+@pytest.mark.parametrize(
+    "size, grid, block",
+    [
+        ("5", (23, 21), (16, 16)),  # rows of 21 in 16-token tiles: tiles across rows
+        ("3, dilation = 2", (25, 19), (16, 16)),  # dilation groups of odd sizes: tiles across groups
+        ("(3, 5), dilation = (2, 3)", (22, 27), (32, 32)),
+        ("(3, 3, 5), dilation = (1, 2, 1)", (5, 9, 13), (16, 16)),
+    ],
+)
+def test_odd_grid_candidates_piece_by_piece(size, grid, block):
+    # Tiles of several pieces (a tile across grid rows, boxes cut at the edge, dilation groups): the
+    # plan is exact, and the tiles classified are the non-empty ones plus few, not every tile a box
+    # bounding a whole tile meets (on a 1000 x 1000 grid that was 7x the non-empty tiles).
+    import math
+
+    import patterndsl as pd
+
+    dims = ", ".join(f"{a} = {n}" for a, n in zip("tyx"[-len(grid) :], grid, strict=True))
+    source = f"pattern p {{ layout grid({dims})\n neighborhood({size}) }}"
+    length = math.prod(grid)
+    _exact(source, length, block=block, orders=("identity", "auto"))
+    for order in ("identity", "auto"):
+        plan = pd.compile(source).plan(length, block=block, order=order)
+        nonempty = plan.stats.tiles_full + plan.stats.tiles_partial
+        assert plan.stats.extra["tiles_classified"] <= 1.25 * nonempty, (order, plan.order)
