@@ -518,28 +518,30 @@ class Engine:
         return self._overlap(lo, hi)
 
     def _overlap_pieces(self, prim: ir.Prim, qgroup=None, kgroup=None) -> np.ndarray | None:
-        """:meth:`_overlap_axes` of the needed key ranges, piece by piece: the pairs of tiles of which some
-        query piece's range meets some key piece's box (None when the key pieces are too sparse to bin).
+        """:meth:`_overlap_axes` of the needed key ranges over the sides' :meth:`~Side.boxes`: a tile far
+        smaller than the box bounding it is searched piece by piece (None when the key boxes are too
+        sparse to bin).
 
-        A tile across grid rows or boxes (a 125-wide grid in 128-token tiles, boxes cut at the grid's
-        edge, a tile across dilation groups) is bounded by a box far larger than its pieces, up to
+        A tile across grid rows or boxes (boxes cut at the grid's edges, a tile across dilation
+        groups, across planes of a 3-D grid) can be bounded by a box far larger than its pieces, up to
         every column of its rows: its pieces' ranges find the key tiles their union can reach.
         ``qgroup`` / ``kgroup``: one more coordinate per piece that must be equal (a dilation group)."""
         from patterndsl.analysis.gridcands import Cells
 
-        qlo, qhi, qalo, qahi = self.q.piece_bounds()
-        _, _, kalo, kahi = self.k.piece_bounds()
+        (qt, qlo, qhi, qalo, qahi, qg), qcut = self.q.boxes(qgroup)
+        (kt, _, _, kalo, kahi, kg), kcut = self.k.boxes(kgroup)
         need = cls.needed_keys(prim, qlo, qhi, qalo, qahi, self.env)
         if need is None or need[2] is None:
             return None
         alo, ahi = need[2], need[3]
         if qgroup is not None:
-            alo, ahi = np.column_stack([alo, qgroup]), np.column_stack([ahi, qgroup])
-            kalo, kahi = np.column_stack([kalo, kgroup]), np.column_stack([kahi, kgroup])
+            alo, ahi = np.column_stack([alo, qg]), np.column_stack([ahi, qg])
+            kalo, kahi = np.column_stack([kalo, kg]), np.column_stack([kahi, kg])
         cells = Cells(kalo, kahi)
         if not cells.usable:
             return None
-        return np.unique(cells.meeting(alo, ahi, self.q.tile, self.k.tile, self.nkb))
+        keys = cells.meeting(alo, ahi, qt, kt, self.nkb)
+        return np.unique(keys) if qcut or kcut else keys
 
     # ----------------------------------------------------------------- primitives
 

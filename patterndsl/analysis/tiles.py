@@ -26,6 +26,11 @@ from patterndsl.primitives.common import distinct_rows
 Segment = tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]
 
 
+#: A tile whose bounding box holds more than this many times its positions is searched piece by piece
+#: (:meth:`Side.boxes`).
+LOOSE = 2
+
+
 @dataclass
 class Side:
     """The tiles of one side (queries or keys) in a chosen token order.
@@ -108,6 +113,36 @@ class Side:
         w = np.asarray(self.strides, dtype=np.int64)
         last = self.a + self.s * (self.n - 1)
         return (self.a * w).sum(1), (last * w).sum(1), self.a, last
+
+    def boxes(self, group: np.ndarray | None = None):
+        """The tiles as boxes for candidate searches: a tile whose bounding box holds at most
+        :data:`LOOSE` times its positions is that box, any other tile its pieces' boxes.
+
+        ``group``: one number per piece (a dilation group); a tile whose pieces differ in it is cut
+        into its pieces too. Returns ``(tile, lo, hi, alo, ahi, group)`` per box (flattened and per-axis
+        bounds; ``group`` None when not given) and whether some tile is cut (its boxes may find the
+        same key tile twice).
+        """
+        tlo, thi, talo, tahi = self.tile_bounds()
+        plo, phi, palo, pahi = self.piece_bounds()
+        if self.single_piece:
+            return (self.tile, plo, phi, palo, pahi, group), False
+        loose = (tahi - talo + 1).prod(1) > LOOSE * np.diff(self.starts)
+        if group is not None:
+            gmin = np.minimum.reduceat(group, self.ptr[:-1]) if len(group) else group
+            gmax = np.maximum.reduceat(group, self.ptr[:-1]) if len(group) else group
+            loose |= gmin != gmax
+        whole = np.flatnonzero(~loose)
+        cut = np.flatnonzero(loose[self.tile])
+        out = (
+            np.concatenate([whole, self.tile[cut]]),
+            np.concatenate([tlo[whole], plo[cut]]),
+            np.concatenate([thi[whole], phi[cut]]),
+            np.concatenate([talo[whole], palo[cut]]),
+            np.concatenate([tahi[whole], pahi[cut]]),
+            None if group is None else np.concatenate([group[self.ptr[whole]], group[cut]]),
+        )
+        return out, bool(loose.any())
 
     def tile_bounds(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Per tile: min and max flattened position, and per-axis min/max coordinates ``[T, D]``."""
@@ -484,7 +519,11 @@ def box_segments(extents: tuple[int, ...], dilation: tuple[int, ...], box: tuple
         box: per-axis box size in group coordinates.
 
     Returns:
-        Segments, one per (group, box), groups row-major, boxes row-major inside a group.
+        Segments, one per (group, box): first every whole box (groups row-major, boxes row-major inside
+        a group), then the boxes cut short at the grid's edges, in the same order. Whole boxes of one
+        tile each then stay one tile each on a grid whose extents the boxes do not divide (edge boxes
+        in between shifted every later tile off its box: two or three pieces a tile, on 999 x 999
+        five times the plan time).
     """
     out = SegmentList()
     d = len(extents)
@@ -503,5 +542,11 @@ def box_segments(extents: tuple[int, ...], dilation: tuple[int, ...], box: tuple
         sizes.append(n.astype(np.int64))
     a = np.concatenate(starts) if starts else np.zeros((0, d), np.int64)
     n = np.concatenate(sizes) if sizes else np.zeros((0, d), np.int64)
+    edge = (n != np.asarray(box, np.int64)).any(1)
+    if edge.any():
+        first = np.concatenate([np.flatnonzero(~edge), np.flatnonzero(edge)])
+        a, n = a[first], n[first]
+        listed = SegmentList(out[i] for i in first.tolist())
+        out = listed
     out.arrays = (a, np.broadcast_to(np.asarray(dilation, np.int64), a.shape).copy(), n)
     return out

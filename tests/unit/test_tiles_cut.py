@@ -117,3 +117,18 @@ def test_positions_by_shape_equal_the_general_layout(monkeypatch):
     general = tiles._positions(*arrays, strides)
     assert by_shape.tolist() == general.tolist()
     assert sorted(general.tolist()) == list(range(23 * 17 * 9))  # every position once
+
+
+@pytest.mark.parametrize(
+    ("extents", "dilation", "box"), [((23, 21), (1, 1), (4, 4)), ((25, 19, 7), (2, 1, 1), (2, 2, 4))]
+)
+def test_box_orders_keep_whole_boxes_one_tile_each(extents, dilation, box):
+    # whole boxes first, the boxes cut at the grid's edges last: every whole box is one tile of one piece
+    segments = tiles.box_segments(extents, dilation, box)
+    block = math.prod(box)
+    side = tiles.build_side(segments, math.prod(extents), block, 0, extents, identity=False)
+    whole = int((segments.arrays[2] == np.asarray(box)).all(1).sum())
+    assert 0 < whole < len(segments)
+    pieces = np.diff(side.ptr)
+    assert (pieces[:whole] == 1).all() and (side.n[:whole] == np.asarray(box)).all()
+    assert sorted(side.order.tolist()) == list(range(math.prod(extents)))
