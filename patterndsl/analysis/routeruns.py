@@ -579,7 +579,8 @@ def _tile_bounds(engine: eng.Engine, node: ir.Node, geo, keys: np.ndarray, table
     On a grid (``geo`` from :mod:`~patterndsl.analysis.routegrid`) a cell's rows and columns are pieces
     of one row of the grid (``qblock``, ``block``: the boxes' extents on the last axis), the groups of
     a cell row consecutive group columns of one outer box (``geo.cell_groups``), and a cell column
-    one block's piece (``geo.cell_blocks``).
+    one block's piece (``geo.cell_blocks``). Tiles equal up to a shift of the grid's outer axes (the
+    windows and the choices repeating) are decided once per class (:mod:`~patterndsl.analysis.tileshift`).
     """
     rewrite = eng.rewrite_for_plan
     low_node, up_node = rewrite(ir.route_bound(node, True)), rewrite(ir.route_bound(node, False))

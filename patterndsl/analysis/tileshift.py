@@ -16,7 +16,7 @@ cells move to cells (same columns, rows shifted):
 
 - the static bounds, unions, intersections and complements of neighborhoods, hold a pair ``(y, y')``
   exactly when they hold ``(y - P, y' - P)``, where every neighborhood's window relative to the query row
-  is the same at ``y`` and ``y - P`` and ``P`` is a multiple of every dilation (the argument of
+  is the same at ``y`` and ``y - P`` and ``P`` is a multiple of every dilation times stride (the argument of
   :mod:`~patterndsl.analysis.cellshift`); a key row the move would take out of the grid: the tile is
   not moved (:func:`cellshift.canonical`);
 - ``P`` is also a multiple of the route's query box and key box extents on the axis, so the groups of a
@@ -24,16 +24,17 @@ cells move to cells (same columns, rows shifted):
   ``P / kbox`` block rows lower (floor division commutes with a shift by a multiple of the divisor);
 - every choice has, at each box row linked to the one ``P / qbox`` lower, the blocks of that row's groups
   shifted by ``P / kbox`` block rows (checked here on the runs, :func:`_table_links`, for every outer box
-  of that row: the same runs, block for block, every block's digit on the axis at least the shift, so
-  the index shift is the digit shift), so a group has a block exactly when its shifted group has the
-  shifted block, and a cell's count is its shifted cell's.
+  of that row: as many runs, each the partner's run with groups and blocks shifted, every block's digit
+  on the axis at least the shift, so the index shift is the digit shift), so a group has a block exactly
+  when its shifted group has the shifted block, and a cell's count is its shifted cell's.
 
 A row is linked to the row ``P`` lower when both conditions hold (windows and choices), and ``rep[y]`` is
 the first row of its chain of links: the conditions compose along it, and on grids of three or more axes
 axis by axis (each link holds whatever the other axes' coordinates). Nothing needs the boxes to be whole:
-a box cut by the grid's border has its own candidates, which the choices' check compares like any
-other. Layouts without outer axes, bounds reading anything but neighborhoods, ``full`` and ``empty``
-get no classes (None: the caller decides every tile).
+a cell lies in one group box row and one block box, so a group holds the cell's pairs exactly when it
+has the block, whatever the boxes' sizes, and a box cut by the grid's border has its own candidates,
+which the choices' check compares like any other. Layouts without outer axes, bounds reading anything
+but neighborhoods, ``full`` and ``empty`` get no classes (None: the caller decides every tile).
 """
 
 from __future__ import annotations
