@@ -42,6 +42,12 @@ CASES = [
         (16, 16),
     ),
     (
+        "y = 52, x = 32",
+        "neighborhood((5, 3), causal = (true, false)) | route(topk = 6, block = (2, 4), qblock = (4, 4),"
+        " among = neighborhood(11) - neighborhood((5, 3), causal = (true, false)))",
+        (8, 16),
+    ),
+    (
         "t = 7, y = 26, x = 16",
         "neighborhood(3) | route(topk = 2, block = (2, 4, 4), among = neighborhood((3, 9, 9)) - neighborhood(3))",
         (8, 8),
