@@ -228,10 +228,12 @@ def cell_states(sub: eng.Engine, nodes, r: np.ndarray, col: np.ndarray, states) 
 
 class _Tally:
     """Cells whose state was copied from their class's representative, candidate pairs copied from their
-    group's (tests read them)."""
+    group's, tiles whose states were copied from their class's (:mod:`~patterndsl.analysis.tileshift`;
+    tests read them)."""
 
     shifted = 0
     copied = 0
+    tiles = 0
 
 
 TALLY = _Tally()
