@@ -118,6 +118,10 @@ class Tally:
                 raise OverBudget
 
 
+#: Piece pairs :meth:`Engine.classify_pairs` gives a tile rule at a time.
+CLASSIFY_CHUNK = 1 << 17
+
+
 class _Caches:
     """What an engine computes once for its sides and sizes: shared by the engines derived from it."""
 
@@ -569,30 +573,47 @@ class Engine:
         """States of the tiles ``keys`` under one static primitive (symbolic, evaluation where needed).
 
         With ``settle`` False, tiles the rule cannot decide are :data:`OPEN` instead of evaluated.
+        The rule sees :data:`CLASSIFY_CHUNK` piece pairs at a time (a rule's temporaries are a few
+        dozen numbers per pair: at a million tokens in tiles of several pieces, hundreds of MB at once).
         """
-        m, n = keys // self.nkb, keys % self.nkb
         self.tally.classified += len(keys)
-        if self.q.single_piece and self.k.single_piece:
+        m, n = keys // self.nkb, keys % self.nkb
+        per = None
+        if not (self.q.single_piece and self.k.single_piece):
+            per = np.diff(self.q.ptr)[m] * np.diff(self.k.ptr)[n]
+        ends = np.arange(1, len(keys) + 1) if per is None else np.cumsum(per)
+        state = np.empty(len(keys), np.int8)
+        ok = np.empty(len(keys), bool)
+        t0 = 0
+        while t0 < len(keys):
+            before = int(ends[t0 - 1]) if t0 else 0
+            t1 = max(t0 + 1, int(np.searchsorted(ends, before + CLASSIFY_CHUNK, "right")))
+            part = slice(t0, t1)
+            state[part], ok[part] = self._classify_chunk(prim, m[part], n[part], None if per is None else per[part])
+            t0 = t1
+        bad = np.nonzero(~ok)[0]
+        if len(bad):
+            state[bad] = self.evaluate(prim, keys[bad]) if settle else OPEN
+        return state
+
+    def _classify_chunk(self, prim: ir.Prim, m: np.ndarray, n: np.ndarray, per) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`classify_pairs` on tiles ``(m, n)`` (``per``: their piece pairs, None for one each): the
+        rule's states and where the rule decided."""
+        if per is None:
             qi, ki, seg = m, n, None
         else:
-            cq = np.diff(self.q.ptr)[m]
             ck = np.diff(self.k.ptr)[n]
-            per = cq * ck
-            pair = np.repeat(np.arange(len(keys)), per)
+            pair = np.repeat(np.arange(len(m)), per)
             local = np.arange(int(per.sum()), dtype=np.int64) - np.repeat(np.cumsum(per) - per, per)
             qi = self.q.ptr[m][pair] + local // ck[pair]
             ki = self.k.ptr[n][pair] + local % ck[pair]
             seg = np.cumsum(per) - per
         nonempty, full, ok = cls.classify(prim, self.q.piece_view(qi), self.k.piece_view(ki), self.env)
-        if seg is not None and len(keys):
+        if seg is not None and len(m):
             nonempty = np.logical_or.reduceat(nonempty, seg)
             full = np.logical_and.reduceat(full, seg)
             ok = np.logical_and.reduceat(ok, seg)
-        state = np.where(full, FULL, np.where(nonempty, PARTIAL, EMPTY)).astype(np.int8)
-        bad = np.nonzero(~ok)[0]
-        if len(bad):
-            state[bad] = self.evaluate(prim, keys[bad]) if settle else OPEN
-        return state
+        return np.where(full, FULL, np.where(nonempty, PARTIAL, EMPTY)).astype(np.int8), ok
 
     # ----------------------------------------------------------------- evaluation
 

@@ -241,3 +241,19 @@ def test_halonet_on_odd_grids_counts_axes_from_one_matrix(grid):
     _exact(source, grid[0] * grid[1], orders=("identity",))
     plan = pd.compile(source).plan(grid[0] * grid[1], block=(16, 16), order="identity")
     assert 0 < plan.stats.elements_evaluated <= 2 * (grid[0] ** 2 + grid[1] ** 2)
+
+
+def test_classify_pairs_in_chunks_gives_the_same_plan(monkeypatch):
+    # the rule sees a few piece pairs at a time (bounded memory); chunks cut inside a tile's pieces never
+    import torch
+
+    import patterndsl as pd
+    from patterndsl.analysis import engine
+
+    source = "pattern p { layout grid(t = 5, y = 9, x = 13)\n neighborhood((3, 3, 5), dilation = (1, 2, 1)) }"
+    whole = pd.compile(source).plan(585, block=(16, 16), order="identity")
+    monkeypatch.setattr(engine, "CLASSIFY_CHUNK", 7)
+    chunked = pd.compile(source).plan(585, block=(16, 16), order="identity")
+    assert torch.equal(whole.tiles(), chunked.tiles())
+    assert whole.stats.allowed_pairs == chunked.stats.allowed_pairs
+    _exact(source, 585, orders=("identity",))
