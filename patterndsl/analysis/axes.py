@@ -225,10 +225,13 @@ def _product_terms(node: ir.Node, layout: ir.Layout) -> list[dict] | None:
             term.setdefault(next(iter(axes)), []).append(atom)
         if len(term) == 1 and not any(isinstance(f, ir.Prim) and f.name == "neighborhood" for f in atoms):
             ((x, factors),) = term.items()
-            single.setdefault(x, []).append(ir.inter(*factors))
+            single.setdefault(x, []).append(factors)
         else:
             terms.append(term)
-    terms += [{x: [ir.union(*nodes)]} for x, nodes in single.items()]
+    # one term per axis: its factors as they are (their key ranges bound it), or the union of several
+    terms += [
+        {x: group[0] if len(group) == 1 else [ir.union(*(ir.inter(*f) for f in group))]} for x, group in single.items()
+    ]
     return terms if product and len(terms) <= MAX_TERMS else None
 
 

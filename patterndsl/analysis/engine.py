@@ -888,6 +888,9 @@ class Engine:
         # states at once (no operand classified on its own, no tile left open).
         if domain is None:
             domain = self._bounded_domain(node)
+        terms = AxisSplit(node, self.env.layout).terms
+        if domain is None and terms is not None:
+            domain = self._terms_domain(terms)
         if domain is None:
             domain = self.search(self.node_decide(node))
         ref = self.refine(node, domain, counting=True)
@@ -906,6 +909,32 @@ class Engine:
         known, count = found
         pos = np.minimum(np.searchsorted(known, keys), max(len(known) - 1, 0))
         return count[pos] if len(known) and (known[pos] == keys).all() else None
+
+    def _terms_domain(self, terms: list[dict]) -> np.ndarray | None:
+        """Candidate tiles of a union of products over axes (:attr:`AxisSplit.terms`): per term, the key
+        tiles within every factor's needed-key ranges (per axis, as :meth:`_bounded_domain`), over the
+        sides' :meth:`~Side.boxes`; the union over terms. None when some term has no factor bounding its
+        keys (a branch and bound over key-tile ranges then)."""
+        from patterndsl.analysis.gridcands import Cells
+
+        (qt, qlo, qhi, qalo, qahi, _), _ = self.q.boxes()
+        (kt, _, _, kalo, kahi, _), _ = self.k.boxes()
+        cells = Cells(kalo, kahi)
+        if not cells.usable:
+            return None
+        parts = []
+        for term in terms:
+            alo = ahi = None
+            for factor in dict.fromkeys(f for factors in term.values() for f in factors):
+                need = cls.needed_keys(factor, qlo, qhi, qalo, qahi, self.env) if isinstance(factor, ir.Prim) else None
+                if need is None or need[2] is None:
+                    continue
+                alo = need[2] if alo is None else np.maximum(alo, need[2])
+                ahi = need[3] if ahi is None else np.minimum(ahi, need[3])
+            if alo is None:
+                return None
+            parts.append(cells.meeting(alo, ahi, qt, kt, self.nkb))
+        return np.unique(np.concatenate(parts)) if parts else np.zeros(0, np.int64)
 
     def _bounded_domain(self, node: ir.Node) -> np.ndarray | None:
         # An intersection on a grid whose operands bound the key coordinates (each its needed-key

@@ -286,3 +286,7 @@ def test_unions_of_products_over_axes_are_counted_exactly(grid, body):
     _exact(source, length, orders=("identity", "auto"))
     plan = pattern.plan(length, block=(16, 16), order="identity")
     assert plan.stats.elements_evaluated <= 8 * sum(n * n for n in grid)  # a few matrices, no tile's pairs
+    if body.count("where") <= 1:
+        # every term bounds its keys (a neighborhood's windows, `k.y == q.y`): candidates from those
+        # ranges, no branch and bound over key-tile ranges
+        assert plan.stats.extra["boxes_searched"] == 0
