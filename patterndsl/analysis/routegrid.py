@@ -43,7 +43,7 @@ import numpy as np
 from patterndsl import ir
 from patterndsl.analysis import engine as eng
 from patterndsl.analysis import routetiles
-from patterndsl.analysis.routeruns import Steps, _compact, _rle, end_tiles, ranges
+from patterndsl.analysis.routeruns import Steps, _compact, _summed, end_tiles, merged, ranges
 
 #: Most candidate (group, block) pairs listed (``among`` other than ``full``).
 MAX_CANDIDATE_PAIRS = 1 << 25
@@ -104,6 +104,13 @@ class GridGeometry:
     @property
     def n_shared(self) -> int:
         return self.n_q // self.ngx * self.tq
+
+    def spread_all(self, steps: list[Steps]) -> Steps:
+        """Functions over the shared query tiles, overlaid there and copied to every query tile once: one
+        Steps whose value holds a column per function (the segments the functions copied one by one would
+        overlay into, and their values)."""
+        key, values = merged(steps)
+        return self.spread(Steps(key, np.stack(values, 1), steps[0].width))
 
     def spread(self, s: Steps) -> Steps:
         """Steps over the shared query tiles (:meth:`shared_rows`) as Steps over every query tile."""
@@ -281,10 +288,12 @@ class GridSpans:
         self.r_t = (np.concatenate([self.w_first, self.p_t0]), np.concatenate([self.w_last, self.p_t1]))
         self.r_f = (np.concatenate([self.w_first, self.p_f0]), np.concatenate([self.w_last, self.p_f1]))
         self._rows = None
+        self._covers = {}
+        self._end_tiles = None
 
     def _on_tiles(self, sel: np.ndarray, lo: np.ndarray, hi: np.ndarray, weight=1) -> Steps:
-        """Steps summing ``weight`` over the ranges ``[lo, hi)`` of the selected ranges, on every query
-        tile of their run's group."""
+        """Steps summing ``weight`` over the ranges ``[lo, hi)`` of the selected ranges, on the shared query
+        tiles of their run's group."""
         geo = self.geo
         if self._rows is None:  # (range, shared query tile) pairs: listed once for every Steps built
             idx, v = geo.shared_rows(self.cand.group[self.r_run])
@@ -293,17 +302,37 @@ class GridSpans:
         idx, v = self._rows
         keep = sel[idx]
         idx = idx[keep]
-        return geo.spread(ranges(v[keep], lo[idx], hi[idx], weight, geo.n_shared, geo.nkb))
+        return ranges(v[keep], lo[idx], hi[idx], weight, geo.n_shared, geo.nkb)
 
     def cover(self, which: bool | None, covered: bool = True):
-        """``(touched, covered)`` Steps of the groups' runs (all; open only: True; forced only: False);
-        ``covered=False``: ``(touched, None)``."""
+        """``(touched, covered)`` Steps over the shared query tiles (:meth:`GridGeometry.shared_rows`) of the
+        groups' runs (all; open only: True; forced only: False); ``covered=False``: ``(touched, None)``.
+        A selection of every run gives the Steps of all of them, the same object."""
         open_ = self.run_open[self.r_run]
         sel = np.ones(len(self.r_run), bool) if which is None else open_ == which
-        return self._on_tiles(sel, *self.r_t), self._on_tiles(sel, *self.r_f) if covered else None
+        which = None if sel.all() else which
+        out = []
+        for name, (lo, hi) in (("touched", self.r_t), ("covered", self.r_f))[: 2 if covered else 1]:
+            if (which, name) not in self._covers:
+                self._covers[which, name] = self._on_tiles(sel, lo, hi)
+            out.append(self._covers[which, name])
+        return out[0], out[1] if covered else None
+
+    def _ends(self, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(key, blocks)``: the end tiles of the kept runs' partial block rows (touched, not covered: at most
+        two per grid row and run) as sorted ``group * nkb + tile``, with the group's candidate blocks in each
+        (the same for every cap: found once for the runs ``keep``)."""
+        if self._end_tiles is None or self._end_tiles[0] is not keep:
+            geo = self.geo
+            er, en = end_tiles(keep[self.p_run], self.p_t0, self.p_t1, self.p_f0, self.p_f1)
+            t = en - self.p_base[er]
+            overlap = np.minimum(self.p_u1[er], geo.bx1[t]) - np.maximum(self.p_u0[er], geo.bx0[t])
+            self._end_tiles = (keep, *_summed(self.cand.group[self.p_run[er]] * geo.nkb + en, overlap))
+        return self._end_tiles[1:]
 
     def over(self, keep: np.ndarray, cap: np.ndarray) -> Steps:
-        """Bool Steps: some group of the kept runs has more than ``cap[group]`` candidate blocks in the tile."""
+        """Bool Steps over the shared query tiles: some group of the kept runs has more than ``cap[group]``
+        candidate blocks in the tile."""
         geo, g = self.geo, self.cand.group
         nb = geo.nb
         c = cap[g]
@@ -326,13 +355,8 @@ class GridSpans:
             out_lo.append(n[hot])
             out_hi.append(n[hot] + 1)
         # end tiles of the partial block rows: touched, not covered (at most two per grid row and run)
-        er, en = end_tiles(keep[self.p_run], self.p_t0, self.p_t1, self.p_f0, self.p_f1)
-        if len(er):
-            t = en - self.p_base[er]
-            overlap = np.minimum(self.p_u1[er], geo.bx1[t]) - np.maximum(self.p_u0[er], geo.bx0[t])
-            key = g[self.p_run[er]] * geo.nkb + en
-            order = np.argsort(key, kind="stable")
-            key, total = _rle(key[order], overlap[order])
+        key, total = self._ends(keep)
+        if len(key):
             hot = total > cap[key // geo.nkb]
             out_g.append(key[hot] // geo.nkb)
             out_lo.append(key[hot] % geo.nkb)
@@ -340,7 +364,7 @@ class GridSpans:
         group, lo, hi = (np.concatenate(a) for a in (out_g, out_lo, out_hi))
         idx, v = geo.shared_rows(group)
         _check(len(v))
-        s = geo.spread(ranges(v, lo[idx], hi[idx], 1, geo.n_shared, geo.nkb))
+        s = ranges(v, lo[idx], hi[idx], 1, geo.n_shared, geo.nkb)
         return _compact(s.key, (s.value > 0).astype(np.int64), s.width)
 
 

@@ -76,12 +76,34 @@ def ranges(m, lo, hi, weight, nqb: int, nkb: int) -> Steps:
     k1, w1 = _rle(m * width + lo, weight)
     k2, w2 = _rle(m * width + hi, -weight)
     rows = np.arange(nqb, dtype=np.int64) * width
-    keys = np.concatenate([rows, k1, k2])
-    key, inv = np.unique(keys, return_inverse=True)
-    delta = np.bincount(inv, weights=np.concatenate([np.zeros(nqb), w1, w2]), minlength=len(key))
-    value = np.rint(np.cumsum(delta)).astype(np.int64)
-    keep = key % width < nkb
-    return _compact(key[keep], value[keep], width)
+    key, delta = _summed(np.concatenate([rows, k1, k2]), np.concatenate([np.zeros(nqb, np.int64), w1, w2]))
+    value = np.cumsum(delta)
+    col = key % width
+    keep = col < nkb
+    key, value, col = key[keep], value[keep], col[keep]
+    new = np.ones(len(key), bool)  # _compact, every row starting at col 0
+    new[1:] = (value[1:] != value[:-1]) | (col[1:] == 0)
+    return Steps(key[new], value[new], width)
+
+
+def _summed(keys: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct ``keys`` (non-negative) sorted, with the ``weights`` (integers) of each summed.
+
+    Each weight rides in the low digits of its key, so that one plain sort (numpy's vectorised one,
+    a few times faster than an argsort or ``np.unique(return_inverse=True)`` on a million keys) orders
+    both; an argsort when the packed keys would not fit in 62 bits."""
+    if not len(keys):
+        return keys, weights
+    bound = int(np.abs(weights).max())
+    shift = (2 * bound).bit_length()
+    if int(keys.max()) < (1 << (62 - shift)):
+        packed = np.sort((keys << shift) | (weights + bound))
+        keys, weights = packed >> shift, (packed & ((1 << shift) - 1)) - bound
+    else:
+        order = np.argsort(keys, kind="stable")
+        keys, weights = keys[order], weights[order]
+    first = np.flatnonzero(np.concatenate([[True], keys[1:] != keys[:-1]]))
+    return keys[first], np.add.reduceat(weights, first)
 
 
 def tile_steps(keys: np.ndarray, value: np.ndarray, nqb: int, nkb: int) -> Steps:
@@ -93,13 +115,35 @@ def tile_steps(keys: np.ndarray, value: np.ndarray, nqb: int, nkb: int) -> Steps
 def overlay(steps: list[Steps], nkb: int):
     """A common segmentation: ``(m, lo, hi, values)`` with each function's value per segment."""
     width = nkb + 1
-    key = sorted_unique(np.concatenate([s.key for s in steps]))
+    key, values = merged(steps)
     m = key // width
-    lo = key % width
+    lo = key - m * width
     nxt = np.append(key[1:], -1)
     hi = np.where(nxt // width == m, nxt % width, nkb)
     hi[-1:] = nkb
-    return m, lo, hi, [s.at(key) for s in steps]
+    return m, lo, hi, values
+
+
+def merged(steps: list[Steps]) -> tuple[np.ndarray, list[np.ndarray]]:
+    """The segment starts of every function of ``steps`` (over the same query tiles) together, sorted, and
+    each function's value on them (the same object given twice is read once).
+
+    Each start carries the index of its function in its low bits: one sort merges them, and a function's
+    segment at a start is the count of its own starts up to there (no binary search per function)."""
+    distinct = list({id(s): s for s in steps}.values())
+    shift = max(1, (len(distinct) - 1).bit_length())
+    top = max((int(s.key[-1]) for s in distinct if len(s.key)), default=0)
+    if top >= 1 << (62 - shift):
+        key = sorted_unique(np.concatenate([s.key for s in distinct]))
+        found = {id(s): s.at(key) for s in distinct}
+        return key, [found[id(s)] for s in steps]
+    tagged = np.sort(np.concatenate([(s.key << shift) | i for i, s in enumerate(distinct)]))
+    every, source = tagged >> shift, tagged & ((1 << shift) - 1)
+    last = np.flatnonzero(np.append(every[1:] != every[:-1], True))  # the last entry of each start
+    found = {}
+    for i, s in enumerate(distinct):
+        found[id(s)] = s.value[np.cumsum(source == i)[last] - 1]
+    return every[last], [found[id(s)] for s in steps]
 
 
 def sorted_unique(keys: np.ndarray) -> np.ndarray:
@@ -399,11 +443,16 @@ def classify(engine: eng.Engine, node: ir.Node, geo=None) -> RoutedRuns:
     open_touch = spans.cover(True, covered=False)[0]
     all_bad, none_bad = spans.over(run_open, take), spans.over(run_open, n_cand - take)
     del spans  # per-run arrays (a million runs at qblock = 1): not needed past here
+    route = [*cand_cover, *forced_cover, open_touch, all_bad, none_bad]
+    if grid:  # over the shared query tiles: overlaid there, copied to every query tile once
+        route = [geo.spread_all(route)]
+        forced_cover = tuple(geo.spread(s) for s in forced_cover)
     rewrite = eng.rewrite_for_plan
     s_up = static_steps(engine, rewrite(ir.route_bound(node, False)))
     s_low = static_steps(engine, rewrite(ir.route_bound(node, True)))
-    steps = [s_up, s_low, *cand_cover, *forced_cover, open_touch, all_bad, none_bad]
-    m, lo, hi, values = overlay(steps, nkb)
+    m, lo, hi, values = overlay([s_up, s_low, *route], nkb)
+    if grid:
+        values = values[:2] + [np.ascontiguousarray(column) for column in values[2].T]
     up_s, low_s, ct, cc, ft, fc, ot, ab, nb_ = values
     gpt = geo.groups_per_tile[m]
     fix = {"cand": (ct > 0, cc == gpt), "forced": (ft > 0, fc == gpt)}
@@ -433,7 +482,8 @@ def classify(engine: eng.Engine, node: ir.Node, geo=None) -> RoutedRuns:
     keep = ost > 0
     om, olo, ohi, ost, oop, ord_ = (a[keep] for a in (om, olo, ohi, ost, oop, ord_))
     rmask = ord_ & (ost != eng.FULL)
-    order = np.lexsort((olo, om))
+    # the segments and the other tiles, each sorted by (row, start) and disjoint: a stable sort merges them
+    order = np.argsort(om * (nkb + 1) + olo, kind="stable")
     om, olo, ohi, ost, oop, rmask = (a[order] for a in (om, olo, ohi, ost, oop, rmask))
     new = np.ones(len(om), bool)
     new[1:] = (om[1:] != om[:-1]) | (olo[1:] != ohi[:-1]) | (ost[1:] != ost[:-1])

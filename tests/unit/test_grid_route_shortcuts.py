@@ -17,7 +17,7 @@ import torch
 
 from patterndsl import ir, semantics
 from patterndsl.analysis import engine as eng
-from patterndsl.analysis import tiles
+from patterndsl.analysis import routeruns, tiles
 
 GRIDS = [
     ((16, 16), (4, 4)),
@@ -63,3 +63,63 @@ def test_a_box_side_is_the_side_sorted_from_every_position(shape, box):
             assert got.dtype == want.dtype and np.array_equal(got, want), field.name
         else:
             assert got == want, field.name
+
+
+# --------------------------------------------------------------------------- Steps: sums and overlays
+
+
+def _dense_sum(m, lo, hi, weight, nqb: int, nkb: int) -> np.ndarray:
+    out = np.zeros((nqb, nkb), np.int64)
+    for r, a, b, w in zip(m, lo, hi, np.broadcast_to(weight, m.shape), strict=True):
+        out[r, a:b] += w
+    return out
+
+
+def _dense(steps: routeruns.Steps, nqb: int, nkb: int) -> np.ndarray:
+    keys = (np.arange(nqb)[:, None] * (nkb + 1) + np.arange(nkb)[None, :]).reshape(-1)
+    return steps.at(keys).reshape(nqb, nkb)
+
+
+def _random_ranges(gen, nqb: int, nkb: int, count: int):
+    m = gen.integers(0, nqb, count)
+    lo = gen.integers(0, nkb + 1, count)
+    hi = np.clip(lo + gen.integers(-1, 5, count), 0, nkb)
+    return m, lo, hi
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_ranges_sum_the_weights_of_the_ranges_holding_each_tile(seed):
+    gen = np.random.default_rng(seed)
+    nqb, nkb = 7, 11
+    m, lo, hi = _random_ranges(gen, nqb, nkb, 60)
+    weight = gen.integers(-3, 4, len(m))
+    steps = routeruns.ranges(m, lo, hi, weight, nqb, nkb)
+    assert np.array_equal(_dense(steps, nqb, nkb), _dense_sum(m, lo, hi, weight, nqb, nkb))
+    key = steps.key
+    assert (np.diff(key) > 0).all() and set(range(0, nqb * (nkb + 1), nkb + 1)) <= set(key.tolist())
+    same_row = key[1:] // (nkb + 1) == key[:-1] // (nkb + 1)
+    assert (steps.value[1:][same_row] != steps.value[:-1][same_row]).all()  # compact: no segment repeats its left
+
+
+def test_summed_keys_too_large_to_pack_are_sorted_by_an_argsort():
+    keys = np.array([5, 1 << 61, 5, 3, 1 << 61], np.int64)
+    got = routeruns._summed(keys, np.array([1, 2, 3, -4, 5], np.int64))
+    assert got[0].tolist() == [3, 5, 1 << 61] and got[1].tolist() == [-4, 4, 7]
+    got = routeruns._summed(keys[[0, 2, 3]], np.array([1, 3, -4], np.int64))
+    assert got[0].tolist() == [3, 5] and got[1].tolist() == [-4, 4]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_an_overlay_reads_every_function_on_the_union_of_their_segments(seed):
+    gen = np.random.default_rng(seed)
+    nqb, nkb = 5, 9
+    steps = [routeruns.ranges(*_random_ranges(gen, nqb, nkb, 12), 1, nqb, nkb) for _ in range(4)]
+    steps.append(steps[1])  # the same object twice
+    m, lo, hi, values = routeruns.overlay(steps, nkb)
+    width = nkb + 1
+    want = routeruns.sorted_unique(np.concatenate([s.key for s in steps]))
+    assert np.array_equal(m * width + lo, want)
+    assert (hi > lo).all() and (hi <= nkb).all()
+    assert np.array_equal(hi[:-1], np.where(m[1:] == m[:-1], lo[1:], nkb)) and hi[-1] == nkb
+    for s, v in zip(steps, values, strict=True):
+        assert np.array_equal(v, s.at(want))
