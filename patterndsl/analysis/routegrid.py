@@ -105,12 +105,13 @@ class GridGeometry:
     def n_shared(self) -> int:
         return self.n_q // self.ngx * self.tq
 
-    def spread_all(self, steps: list[Steps]) -> Steps:
-        """Functions over the shared query tiles, overlaid there and copied to every query tile once: one
-        Steps whose value holds a column per function (the segments the functions copied one by one would
-        overlay into, and their values)."""
+    def spread_all(self, steps: list[Steps]) -> tuple[Steps, list[np.ndarray]]:
+        """Functions over the shared query tiles, overlaid there and copied to every query tile once:
+        ``(index, values)``, Steps over every query tile of the index of its segment among the overlaid
+        ones (the segments the functions copied one by one would overlay into), and each function's
+        value on those (read at the index)."""
         key, values = merged(steps)
-        return self.spread(Steps(key, np.stack(values, 1), steps[0].width))
+        return self.spread(Steps(key, np.arange(len(key), dtype=np.int64), steps[0].width)), values
 
     def spread(self, s: Steps) -> Steps:
         """Steps over the shared query tiles (:meth:`shared_rows`) as Steps over every query tile."""

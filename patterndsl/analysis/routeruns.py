@@ -118,9 +118,10 @@ def overlay(steps: list[Steps], nkb: int):
     key, values = merged(steps)
     m = key // width
     lo = key - m * width
-    nxt = np.append(key[1:], -1)
-    hi = np.where(nxt // width == m, nxt % width, nkb)
-    hi[-1:] = nkb
+    # a segment ends where the next one starts, unless that one starts a row (every function has a
+    # segment at the start of every row, so they all do)
+    hi = np.append(lo[1:], 0)
+    hi[hi == 0] = nkb
     return m, lo, hi, values
 
 
@@ -445,14 +446,15 @@ def classify(engine: eng.Engine, node: ir.Node, geo=None) -> RoutedRuns:
     del spans  # per-run arrays (a million runs at qblock = 1): not needed past here
     route = [*cand_cover, *forced_cover, open_touch, all_bad, none_bad]
     if grid:  # over the shared query tiles: overlaid there, copied to every query tile once
-        route = [geo.spread_all(route)]
+        index, shared = geo.spread_all(route)
+        route = [index]
         forced_cover = tuple(geo.spread(s) for s in forced_cover)
     rewrite = eng.rewrite_for_plan
     s_up = static_steps(engine, rewrite(ir.route_bound(node, False)))
     s_low = static_steps(engine, rewrite(ir.route_bound(node, True)))
     m, lo, hi, values = overlay([s_up, s_low, *route], nkb)
     if grid:
-        values = values[:2] + [np.ascontiguousarray(column) for column in values[2].T]
+        values = values[:2] + [v[values[2]] for v in shared]
     up_s, low_s, ct, cc, ft, fc, ot, ab, nb_ = values
     gpt = geo.groups_per_tile[m]
     fix = {"cand": (ct > 0, cc == gpt), "forced": (ft > 0, fc == gpt)}
