@@ -139,10 +139,11 @@ def box_candidates(node: ir.Node, layout: ir.Layout, qbox, kbox, run) -> np.ndar
     ng = tuple(-(-n // b) for n, b in zip(shape, qbox, strict=True))
     nb = tuple(-(-n // b) for n, b in zip(shape, kbox, strict=True))
     n_q, n_k = math.prod(ng), math.prod(nb)
-    reps, shifts = [], []
+    reps, shifts, reach = [], [], []
     for a, n in enumerate(shape):
         qb, kb = qbox[a], kbox[a]
         sig, _period = _signature(prims, layout, a)
+        reach.append(_block_reach(sig, qb, kb))
         shift = math.lcm(qb, kb)
         step = shift // qb
         i = np.arange(ng[a], dtype=np.int64)
@@ -161,7 +162,14 @@ def box_candidates(node: ir.Node, layout: ir.Layout, qbox, kbox, run) -> np.ndar
     heads = np.unique(rep_g)
     if len(heads) * n_k > MAX_REP_PAIRS:
         return None
-    found = run((heads[:, None] * n_k + np.arange(n_k, dtype=np.int64)[None, :]).reshape(-1))
+    # each representative's pairs with the blocks its groups' windows reach (the node allows no pair outside
+    # every window of its neighborhoods): the engine's answer on every block, for a fraction of the pairs
+    owner, block = np.arange(len(heads), dtype=np.int64), np.zeros(len(heads), np.int64)
+    for a, digit in enumerate(np.unravel_index(heads, ng)):
+        lo, hi = reach[a]
+        at, x = eng.expand_runs(np.arange(len(owner), dtype=np.int64), lo[digit[owner]], hi[digit[owner]] + 1)
+        owner, block = owner[at], block[at] * nb[a] + x
+    found = run(heads[owner] * n_k + block)
     ptr = np.searchsorted(found // n_k, np.append(heads, n_q))  # each representative's candidates
     at = np.searchsorted(heads, rep_g)
     g, pos = eng.expand_runs(np.arange(n_q, dtype=np.int64), ptr[at], ptr[at + 1])
@@ -174,6 +182,17 @@ def box_candidates(node: ir.Node, layout: ir.Layout, qbox, kbox, run) -> np.ndar
         moved.append(x)
     TALLY.copied += len(g) - len(found)
     return g * n_k + np.ravel_multi_index(tuple(moved), nb)
+
+
+def _block_reach(sig: np.ndarray, qb: int, kb: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per group box on an axis (of ``qb`` coordinates), the first and last block (of ``kb``) some window
+    of its coordinates reaches (``sig``: :func:`_signature`'s relative windows, lows and highs alternating)."""
+    n = len(sig)
+    y = np.arange(n, dtype=np.int64)[:, None]
+    starts = np.arange(0, n, qb)
+    lo = np.minimum.reduceat((y + sig[:, 1::2]).min(1), starts)
+    hi = np.maximum.reduceat((y + sig[:, 2::2]).max(1), starts)
+    return lo // kb, hi // kb
 
 
 def canonical(classes, layout: ir.Layout, qsize: int, ksize: int, r: np.ndarray, col: np.ndarray):

@@ -92,6 +92,7 @@ class GridGeometry:
         gx = np.arange(self.ngx, dtype=np.int64)
         self.gt0 = gx * self.qx // bm
         self.gt1 = (np.minimum((gx + 1) * self.qx, self.w) - 1) // bm + 1
+        self.one_tile = bool((self.gt1 - self.gt0 == 1).all())
 
     def shared_rows(self, group: np.ndarray):
         """``(index, v)``: every *shared* query tile ``v`` of each ``group[index]``: one per outer group box and
@@ -99,6 +100,8 @@ class GridGeometry:
         the same, so is every per-tile quantity of the candidates: built once, copied by :meth:`spread`)."""
         gx = group % self.ngx
         base = group // self.ngx * self.tq
+        if self.one_tile:  # every group column inside one tile: one shared tile a group
+            return np.arange(len(group), dtype=np.int64), base + self.gt0[gx]
         return eng.expand_runs(np.arange(len(group), dtype=np.int64), base + self.gt0[gx], base + self.gt1[gx])
 
     @property
@@ -321,14 +324,20 @@ class GridSpans:
 
     def _ends(self, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``(key, blocks)``: the end tiles of the kept runs' partial block rows (touched, not covered: at most
-        two per grid row and run) as sorted ``group * nkb + tile``, with the group's candidate blocks in each
-        (the same for every cap: found once for the runs ``keep``)."""
+        two per grid row and run) as distinct ``group * nkb + tile``, with the group's candidate blocks in
+        each (the same for every cap: found once for the runs ``keep``)."""
         if self._end_tiles is None or self._end_tiles[0] is not keep:
             geo = self.geo
             er, en = end_tiles(keep[self.p_run], self.p_t0, self.p_t1, self.p_f0, self.p_f1)
             t = en - self.p_base[er]
             overlap = np.minimum(self.p_u1[er], geo.bx1[t]) - np.maximum(self.p_u0[er], geo.bx0[t])
-            self._end_tiles = (keep, *_summed(self.cand.group[self.p_run[er]] * geo.nkb + en, overlap))
+            key = self.cand.group[self.p_run[er]] * geo.nkb + en
+            # Two runs of a group in one block row may end in one tile: their blocks there are summed. When
+            # no group has two (consecutive) runs in a block row, every (group, tile) comes once (a piece's
+            # two ends are two tiles), in no particular order (the Steps built from them sort).
+            cand, nbx = self.cand, geo.nbx
+            shared = (cand.group[1:] == cand.group[:-1]) & ((cand.hi[:-1] - 1) // nbx == cand.lo[1:] // nbx)
+            self._end_tiles = (keep, *((key, overlap) if not shared.any() else _summed(key, overlap)))
         return self._end_tiles[1:]
 
     def over(self, keep: np.ndarray, cap: np.ndarray) -> Steps:
@@ -367,6 +376,16 @@ class GridSpans:
         _check(len(v))
         s = ranges(v, lo[idx], hi[idx], 1, geo.n_shared, geo.nkb)
         return _compact(s.key, (s.value > 0).astype(np.int64), s.width)
+
+
+def read_at(values: list[np.ndarray], index: np.ndarray) -> list[np.ndarray]:
+    """``[v[index] for v in values]``, an array given twice read once, a constant one filled (the route's
+    counts on the shared segments, read on every segment: the forced ones are often none)."""
+    found = {}
+    for v in values:
+        if id(v) not in found:
+            found[id(v)] = np.full(len(index), v[0]) if len(v) and v.min() == v.max() else v[index]
+    return [found[id(v)] for v in values]
 
 
 def classify(engine: eng.Engine, node: ir.Node):

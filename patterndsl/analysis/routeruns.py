@@ -63,7 +63,10 @@ def _rle(key: np.ndarray, weight: np.ndarray):
     """Consecutive equal keys summed (events come grouped by row: most collapse before the sort)."""
     if len(key) < 2:
         return key, weight
-    first = np.flatnonzero(np.concatenate([[True], key[1:] != key[:-1]]))
+    new = np.concatenate([[True], key[1:] != key[:-1]])
+    if new.all():  # nothing collapses (a grid route's events): no copies
+        return key, weight
+    first = np.flatnonzero(new)
     return key[first], np.add.reduceat(weight, first)
 
 
@@ -108,8 +111,26 @@ def _summed(keys: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarr
 
 def tile_steps(keys: np.ndarray, value: np.ndarray, nqb: int, nkb: int) -> Steps:
     """Values on single tiles ``keys`` (``m * nkb + n``), 0 elsewhere."""
-    m, n = keys // nkb, keys % nkb
-    return ranges(m, n, n + 1, value.astype(np.int64), nqb, nkb)
+    m = keys // nkb
+    n = keys - m * nkb
+    value = value.astype(np.int64)
+    if len(keys) > 1 and not (keys[1:] > keys[:-1]).all():
+        return ranges(m, n, n + 1, value, nqb, nkb)
+    # sorted distinct tiles (an engine's plan): each tile's segment, then a zero one unless the next tile
+    # follows or the row ends, already in order; the rows' zero segments inserted before their first tile
+    width = nkb + 1
+    start = m * width + n
+    ends = n < nkb - 1
+    ends[:-1] &= start[1:] != start[:-1] + 1
+    take = np.stack([np.ones(len(start), bool), ends], 1)
+    key = np.stack([start, start + 1], 1)[take]
+    val = np.stack([value, np.zeros_like(value)], 1)[take]
+    bare = np.ones(nqb, bool)
+    bare[m[n == 0]] = False
+    rows = np.flatnonzero(bare) * width
+    at = np.searchsorted(key, rows)
+    key, val = np.insert(key, at, rows), np.insert(val, at, 0)
+    return _compact(key, val, width)
 
 
 def overlay(steps: list[Steps], nkb: int):
@@ -454,7 +475,7 @@ def classify(engine: eng.Engine, node: ir.Node, geo=None) -> RoutedRuns:
     s_low = static_steps(engine, rewrite(ir.route_bound(node, True)))
     m, lo, hi, values = overlay([s_up, s_low, *route], nkb)
     if grid:
-        values = values[:2] + [v[values[2]] for v in shared]
+        values = values[:2] + routegrid.read_at(shared, values[2])
     up_s, low_s, ct, cc, ft, fc, ot, ab, nb_ = values
     gpt = geo.groups_per_tile[m]
     fix = {"cand": (ct > 0, cc == gpt), "forced": (ft > 0, fc == gpt)}

@@ -2,8 +2,11 @@
 general computations they replace, on small and odd grids.
 
 Each shortcut must give exactly what the general code gives: the boxes of positions from a table of the
-grid (``semantics._box_ids``) against their coordinates, a route's group / block side built box by box
-(``engine._box_side``) against the one sorted from the group of every position.
+grid (``semantics._box_ids``) against their coordinates; a route's group / block side built box by box
+(``engine._box_side``) against the one sorted from the group of every position; sums over ranges and
+overlays of :class:`routeruns.Steps` (one packed sort, starts counted per function) against dense sums
+and binary searches; single tiles' Steps built in order against their ranges; the end tiles of a grid
+route's runs summed only where two runs of a group can share one (against the pair-by-pair plan).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import torch
 from patterndsl import ir, semantics
 from patterndsl.analysis import engine as eng
 from patterndsl.analysis import routeruns, tiles
+from tests.unit.test_route_grid_runs import equal_to_pairs
 
 GRIDS = [
     ((16, 16), (4, 4)),
@@ -123,3 +127,27 @@ def test_an_overlay_reads_every_function_on_the_union_of_their_segments(seed):
     assert np.array_equal(hi[:-1], np.where(m[1:] == m[:-1], lo[1:], nkb)) and hi[-1] == nkb
     for s, v in zip(steps, values, strict=True):
         assert np.array_equal(v, s.at(want))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_steps_of_single_tiles_in_order_are_those_of_their_ranges(seed):
+    gen = np.random.default_rng(seed)
+    nqb, nkb = 6, 8
+    keys = np.flatnonzero(gen.random(nqb * nkb) < [0.1, 0.5, 0.9][seed % 3])
+    value = gen.integers(0, 3, len(keys)).astype(np.int8)
+    got = routeruns.tile_steps(keys, value, nqb, nkb)
+    want = routeruns.ranges(keys // nkb, keys % nkb, keys % nkb + 1, value.astype(np.int64), nqb, nkb)
+    assert np.array_equal(got.key, want.key) and np.array_equal(got.value, want.value)
+    assert got.key.dtype == want.key.dtype and got.value.dtype == want.value.dtype
+    empty = routeruns.tile_steps(keys[:0], value[:0], nqb, nkb)
+    assert empty.key.tolist() == list(range(0, nqb * (nkb + 1), nkb + 1)) and not empty.value.any()
+    shuffled = gen.permutation(len(keys))  # not in order: the ranges
+    again = routeruns.tile_steps(keys[shuffled], value[shuffled], nqb, nkb)
+    assert np.array_equal(again.key, want.key) and np.array_equal(again.value, want.value)
+
+
+def test_two_runs_of_a_group_ending_in_one_tile_count_their_blocks_together():
+    # a group's candidates on both sides of its own block (the window's hole), in one 32-key tile: two
+    # runs of one block row whose ends share the tile, over the cap of 1 only together
+    route = "route(topk = 1, block = (1, 4), qblock = (1, 1), among = neighborhood((1, 17)) - neighborhood((1, 9)))"
+    equal_to_pairs(f"pattern p {{ layout grid(y = 6, x = 64)\n {route} }}", 6 * 64, (4, 32))
