@@ -151,3 +151,10 @@ def test_two_runs_of_a_group_ending_in_one_tile_count_their_blocks_together():
     # runs of one block row whose ends share the tile, over the cap of 1 only together
     route = "route(topk = 1, block = (1, 4), qblock = (1, 1), among = neighborhood((1, 17)) - neighborhood((1, 9)))"
     equal_to_pairs(f"pattern p {{ layout grid(y = 6, x = 64)\n {route} }}", 6 * 64, (4, 32))
+
+
+def test_tiles_a_box_covers_are_over_the_cap_where_they_hold_more_blocks_than_it():
+    # blocks of 3 keys in tiles of 8: a covered tile holds 3 or 4 of a group's blocks, the cap (3) passed in
+    # the tiles of 4 only
+    route = "route(topk = 3, block = (1, 3), qblock = (1, 4), among = neighborhood((1, 31)))"
+    equal_to_pairs(f"pattern p {{ layout grid(y = 4, x = 48)\n neighborhood(3) | {route} }}", 4 * 48, (4, 8))
