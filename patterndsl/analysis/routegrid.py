@@ -114,16 +114,22 @@ class GridGeometry:
         ones (the segments the functions copied one by one would overlay into), and each function's
         value on those (read at the index)."""
         key, values = merged(steps)
-        return self.spread(Steps(key, np.arange(len(key), dtype=np.int64), steps[0].width)), values
+        key, index = self._spread(key, steps[0].width)
+        return Steps(key, index, steps[0].width), values
 
     def spread(self, s: Steps) -> Steps:
         """Steps over the shared query tiles (:meth:`shared_rows`) as Steps over every query tile."""
-        width = s.width
+        key, index = self._spread(s.key, s.width)
+        return Steps(key, s.value[index], s.width)
+
+    def _spread(self, key: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
+        """The segment starts ``key`` over the shared query tiles copied to every query tile, and the index
+        of the start each copy comes from."""
         m = np.arange(self.nqb, dtype=np.int64)
         v = self._outer(m // self.tq, self.qbox, self.ng) * self.tq + m % self.tq
-        start = np.searchsorted(s.key, np.arange(self.n_shared + 1, dtype=np.int64) * width)
-        mm, pos = eng.expand_runs(m, start[v], start[v + 1])
-        return Steps(mm * width + s.key[pos] % width, s.value[pos], width)
+        start = np.searchsorted(key, np.arange(self.n_shared + 1, dtype=np.int64) * width)
+        mm, index = eng.expand_runs(m, start[v], start[v + 1])
+        return mm * width + (key % width)[index], index
 
     def _box_rows(self, outer: np.ndarray, box: tuple[int, ...], radix: tuple[int, ...], axes: int | None = None):
         """``(index, row)``: every row of the grid holding the outer box ``outer[index]`` (row-major over
@@ -417,12 +423,12 @@ class GridSpans:
 
 
 def read_at(values: list[np.ndarray], index: np.ndarray) -> list[np.ndarray]:
-    """``[v[index] for v in values]``, an array given twice read once, a constant one filled (the route's
-    counts on the shared segments, read on every segment: the forced ones are often none)."""
+    """``[v[index] for v in values]``, an array given twice read once, a constant one a read-only broadcast
+    (the route's counts on the shared segments, read on every segment: the forced ones are often none)."""
     found = {}
     for v in values:
         if id(v) not in found:
-            found[id(v)] = np.full(len(index), v[0]) if len(v) and v.min() == v.max() else v[index]
+            found[id(v)] = np.broadcast_to(v[0], len(index)) if len(v) and v.min() == v.max() else v[index]
     return [found[id(v)] for v in values]
 
 

@@ -153,19 +153,26 @@ def merged(steps: list[Steps]) -> tuple[np.ndarray, list[np.ndarray]]:
     Each start carries the index of its function in its low bits: one sort merges them, and a function's
     segment at a start is the count of its own starts up to there (no binary search per function)."""
     distinct = list({id(s): s for s in steps}.values())
+    # a function of one value everywhere (its starts those of the rows, which every function has) is no
+    # part of the merge
+    rows = min(len(s.key) for s in distinct)
+    flat = {id(s): s.value[0] for s in distinct if 0 < rows == len(s.key) and s.value.min() == s.value.max()}
+    if len(flat) == len(distinct):
+        flat.pop(id(distinct[0]))
+    distinct = [s for s in distinct if id(s) not in flat]
     shift = max(1, (len(distinct) - 1).bit_length())
     top = max((int(s.key[-1]) for s in distinct if len(s.key)), default=0)
     if top >= 1 << (62 - shift):
         key = sorted_unique(np.concatenate([s.key for s in distinct]))
         found = {id(s): s.at(key) for s in distinct}
-        return key, [found[id(s)] for s in steps]
-    tagged = np.sort(np.concatenate([(s.key << shift) | i for i, s in enumerate(distinct)]))
-    every, source = tagged >> shift, tagged & ((1 << shift) - 1)
-    last = np.flatnonzero(np.append(every[1:] != every[:-1], True))  # the last entry of each start
-    found = {}
-    for i, s in enumerate(distinct):
-        found[id(s)] = s.value[np.cumsum(source == i)[last] - 1]
-    return every[last], [found[id(s)] for s in steps]
+    else:
+        tagged = np.sort(np.concatenate([(s.key << shift) | i for i, s in enumerate(distinct)]))
+        every, source = tagged >> shift, tagged & ((1 << shift) - 1)
+        last = np.flatnonzero(np.append(every[1:] != every[:-1], True))  # the last entry of each start
+        key = every[last]
+        found = {id(s): s.value[np.cumsum(source == i)[last] - 1] for i, s in enumerate(distinct)}
+    found.update({i: np.full(len(key), v) for i, v in flat.items()})
+    return key, [found[id(s)] for s in steps]
 
 
 def sorted_unique(keys: np.ndarray) -> np.ndarray:
@@ -497,17 +504,19 @@ def classify(engine: eng.Engine, node: ir.Node, geo=None) -> RoutedRuns:
         hi_full = hi_fix[1][rest] if sign > 0 else ~hi_fix[0][rest]
         state[rest] = routeplan.states_from_counts(sign, fixed_on, hi_full, ot[rest] > 0, ab[rest] == 0, nb_[rest] == 0)
     reads, opened = ct > 0, ot > 0
-    out = [(m[~other], lo[~other], hi[~other], state[~other], opened[~other], reads[~other])]
+    keep = ~other & (state > 0)  # empty segments are no runs
+    out = [(m[keep], lo[keep], hi[keep], state[keep], opened[keep], reads[keep])]
     if other.any():
         segs = (m, lo, hi)
-        out.append(_other_tiles(engine, node, prim, sign, geo, cand, n_cand, take, values, segs, other, cache))
+        tiles = _other_tiles(engine, node, prim, sign, geo, cand, n_cand, take, values, segs, other, cache)
+        keep = tiles[3] > 0
+        out.append(tuple(a[keep] for a in tiles))
     om, olo, ohi, ost, oop, ord_ = (np.concatenate(a) for a in zip(*out, strict=True))
-    keep = ost > 0
-    om, olo, ohi, ost, oop, ord_ = (a[keep] for a in (om, olo, ohi, ost, oop, ord_))
     rmask = ord_ & (ost != eng.FULL)
-    # the segments and the other tiles, each sorted by (row, start) and disjoint: a stable sort merges them
-    order = np.argsort(om * (nkb + 1) + olo, kind="stable")
-    om, olo, ohi, ost, oop, rmask = (a[order] for a in (om, olo, ohi, ost, oop, rmask))
+    if len(out) > 1:
+        # the segments and the other tiles, each sorted by (row, start) and disjoint: a stable sort merges them
+        order = np.argsort(om * (nkb + 1) + olo, kind="stable")
+        om, olo, ohi, ost, oop, rmask = (a[order] for a in (om, olo, ohi, ost, oop, rmask))
     new = np.ones(len(om), bool)
     new[1:] = (om[1:] != om[:-1]) | (olo[1:] != ohi[:-1]) | (ost[1:] != ost[:-1])
     new[1:] |= (oop[1:] != oop[:-1]) | (rmask[1:] != rmask[:-1])

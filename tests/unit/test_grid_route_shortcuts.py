@@ -119,6 +119,8 @@ def test_an_overlay_reads_every_function_on_the_union_of_their_segments(seed):
     nqb, nkb = 5, 9
     steps = [routeruns.ranges(*_random_ranges(gen, nqb, nkb, 12), 1, nqb, nkb) for _ in range(4)]
     steps.append(steps[1])  # the same object twice
+    rows = np.arange(nqb)
+    steps.append(routeruns.ranges(rows, rows * 0, rows * 0 + nkb, 2, nqb, nkb))  # one value everywhere
     m, lo, hi, values = routeruns.overlay(steps, nkb)
     width = nkb + 1
     want = routeruns.sorted_unique(np.concatenate([s.key for s in steps]))
@@ -158,3 +160,12 @@ def test_tiles_a_box_covers_are_over_the_cap_where_they_hold_more_blocks_than_it
     # the tiles of 4 only
     route = "route(topk = 3, block = (1, 3), qblock = (1, 4), among = neighborhood((1, 31)))"
     equal_to_pairs(f"pattern p {{ layout grid(y = 4, x = 48)\n neighborhood(3) | {route} }}", 4 * 48, (4, 8))
+
+
+def test_an_overlay_of_functions_of_one_value_each_has_the_rows_segments():
+    nqb, nkb = 4, 6
+    rows = np.arange(nqb)
+    steps = [routeruns.ranges(rows, rows * 0, rows * 0 + nkb, w, nqb, nkb) for w in (0, 3)]
+    m, lo, hi, values = routeruns.overlay(steps, nkb)
+    assert m.tolist() == rows.tolist() and not lo.any() and (hi == nkb).all()
+    assert [v.tolist() for v in values] == [[0] * nqb, [3] * nqb]
