@@ -5,7 +5,8 @@ Comes in: a static node (a grid route's bound: the route as empty or full) and t
 grid row of keys, as tiles of a sub-engine); or a route's ``among`` and its (group box x block box)
 engine. Goes out: :func:`cell_states`, the node's states on the cells, the same as the engine's on every
 cell, the engine being run on one cell per class only; :func:`route_box_candidates`, the candidate
-(group, block) pairs, the engine being run on one group box per class only.
+(group, block) pairs, the engine being run on one group box per class only; :func:`static_tiles`, a static
+node's non-empty tiles and states, the engine being run on one query row per class only.
 
 A neighborhood on axis ``a`` holds ``(y, y')`` when ``y' = y (mod d)`` and
 ``y + lo[y] <= y' <= y + hi[y]``, its window relative to the query (``lo``, ``hi`` from
@@ -245,12 +246,79 @@ def cell_states(sub: eng.Engine, nodes, r: np.ndarray, col: np.ndarray, states) 
     return [states(sub, node, uniq)[inv] for node in nodes]
 
 
+def static_tiles(engine: eng.Engine, node: ir.Node) -> tuple[np.ndarray, np.ndarray] | None:
+    """``engine.run(node)`` on a grid (sorted non-empty tile keys and their states), the engine being run on the
+    query tiles of one grid row per class only; None when that does not apply (see below).
+
+    Tiles lie in grid rows (a row of the grid holds whole query and key tiles, queries and keys the same
+    grid in identity order). A query row repeating its class's first row ``P`` rows lower (on the outer
+    axes) has that row's non-empty key tiles ``P`` rows lower, with their states: ``node`` made of
+    neighborhoods allowing no pair outside their windows (which lie inside the grid), its non-empty key
+    tiles are in those windows, shifted inside the grid too. The representative rows are planned on the key
+    rows their windows reach."""
+    layout, ctx = engine.env.layout, engine.ctx
+    if layout is None or len(layout.shape) < 2 or ctx.offset != 0 or not (ctx.q_len == ctx.kv_len == layout.size):
+        return None
+    q, k = engine.q, engine.k
+    w = layout.shape[-1]
+    if not (q.identity and k.identity) or q.order is not None or k.order is not None or w % q.block or w % k.block:
+        return None
+    prims = _neighborhoods(node)
+    if not prims or _allows_outside(node):
+        return None
+    prims = tuple(dict.fromkeys(prims))
+    classes = _outer_classes(prims, layout)
+    if classes is None:
+        return None
+    outer = tuple(layout.shape[:-1])
+    tq, tk = w // q.block, w // k.block
+    coords = np.unravel_index(np.arange(math.prod(outer), dtype=np.int64), outer)
+    rep_row = np.ravel_multi_index(tuple(rep[c] for rep, c in zip(classes, coords, strict=True)), outer)
+    reps = np.flatnonzero(rep_row == np.arange(len(rep_row)))
+    if len(reps) * 4 > len(rep_row):  # too few rows repeat to pay
+        return None
+    # the key tiles the windows of each representative's query tiles reach: a box of key rows on the outer
+    # axes, a range of key tiles along the rows
+    reach = []
+    for a, n in enumerate(layout.shape):
+        sig, _period = _signature(prims, layout, a)
+        y = np.arange(n, dtype=np.int64)
+        reach.append(((y + sig[:, 1::2].T).min(0), (y + sig[:, 2::2].T).max(0)))
+    row, key_row = reps, np.zeros(len(reps), np.int64)
+    for a, n in enumerate(outer):
+        lo, hi = reach[a]
+        c = coords[a][row]
+        at, x = eng.expand_runs(np.arange(len(row), dtype=np.int64), lo[c], hi[c] + 1)
+        row, key_row = row[at], key_row[at] * n + x
+    lo, hi = reach[-1]
+    first = np.minimum.reduceat(lo, np.arange(0, w, q.block)) // k.block  # per query tile of a row
+    last = np.maximum.reduceat(hi, np.arange(0, w, q.block)) // k.block
+    pair = np.repeat(np.arange(len(row), dtype=np.int64), tq)
+    col = np.tile(np.arange(tq, dtype=np.int64), len(row))
+    at, kcol = eng.expand_runs(np.arange(len(pair), dtype=np.int64), first[col], last[col] + 1)
+    pair, col = pair[at], col[at]
+    domain = np.sort((row[pair] * tq + col) * engine.nkb + key_row[pair] * tk + kcol)
+    keys, state = engine.run(node, domain)
+    # every query tile reads its representative's, shifted by as many key rows as it lies below it
+    rm = keys // engine.nkb
+    start = np.searchsorted(rm, np.arange(engine.nqb + 1, dtype=np.int64))
+    mm = np.arange(engine.nqb, dtype=np.int64)
+    grid_row = mm // tq
+    m0 = rep_row[grid_row] * tq + mm % tq
+    mm, pos = eng.expand_runs(mm, start[m0], start[m0 + 1])
+    shift = (grid_row - rep_row[grid_row]) * tk  # per query tile, its key tiles' offset from its representative's
+    out = (mm - rm[pos]) * engine.nkb + keys[pos] + shift[mm]
+    TALLY.tiles += len(pos) - len(keys)
+    return out, state[pos]
+
+
 class _Tally:
     """Cells whose state was copied from their class's representative, candidate pairs copied from their
-    group's (tests read them)."""
+    group's, tiles copied from their query row's representative (tests read them)."""
 
     shifted = 0
     copied = 0
+    tiles = 0
 
 
 TALLY = _Tally()

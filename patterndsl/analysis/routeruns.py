@@ -194,7 +194,8 @@ def static_steps(engine: eng.Engine, node: ir.Node) -> Steps:
     if hierarchy.usable(node, engine.q, engine.k, engine.env.layout):
         lay = hierarchy.classify(engine, node)
     if lay is None:
-        keys, state = engine.run(node)
+        found = cellshift.static_tiles(engine, node)  # grids: one query row per translation class
+        keys, state = engine.run(node) if found is None else found
         return tile_steps(keys, state, nqb, nkb)
     pr, plo, phi = lay.partial
     m = np.concatenate([lay.keys // nkb, lay.row, pr])
