@@ -308,17 +308,17 @@ def static_tiles(engine: eng.Engine, node: ir.Node) -> tuple[np.ndarray, np.ndar
     mm, pos = eng.expand_runs(mm, start[m0], start[m0 + 1])
     shift = (grid_row - rep_row[grid_row]) * tk  # per query tile, its key tiles' offset from its representative's
     out = (mm - rm[pos]) * engine.nkb + keys[pos] + shift[mm]
-    TALLY.tiles += len(pos) - len(keys)
+    TALLY.static += len(pos) - len(keys)
     return out, state[pos]
 
 
 class _Tally:
     """Cells whose state was copied from their class's representative, candidate pairs copied from their
-    group's, tiles copied from their query row's representative (tests read them)."""
+    group's, a static node's tiles copied from their query row's representative (tests read them)."""
 
     shifted = 0
     copied = 0
-    tiles = 0
+    static = 0
 
 
 TALLY = _Tally()

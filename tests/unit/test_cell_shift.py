@@ -134,9 +134,9 @@ def test_static_tiles_by_row_class_equal_the_engines(grid, node, tile):
     pir = patterndsl.compile(f"pattern p {{ layout grid({grid})\n {node} }}").ir
     length = pir.layout.size
     rewritten = eng.rewrite_for_plan(pir.default)
-    before = cellshift.TALLY.tiles
+    before = cellshift.TALLY.static
     got = cellshift.static_tiles(eng.identity_engine(Sizes(length, length, pir.layout), 0, tile), rewritten)
-    assert got is not None and cellshift.TALLY.tiles > before
+    assert got is not None and cellshift.TALLY.static > before
     keys, state = eng.identity_engine(Sizes(length, length, pir.layout), 0, tile).run(rewritten)
     assert got[0].tolist() == keys.tolist() and got[1].tolist() == state.tolist() and got[1].dtype == state.dtype
 
