@@ -2,7 +2,8 @@
 
 For every pattern in ``examples/`` and in ``benchmarks/tile_efficiency.py`` (and the grid routes of
 :data:`ROUTES`) this plans at L = 16K, 128K and 1M tokens (4 heads, 128x128 tiles; grid patterns on a
-grid scaled to that many tokens, or at their own layout size when they fix it),
+grid scaled to that many tokens, or at their own layout size when they fix it; every grid case also
+on an odd grid (:data:`ODD`: 125 x 125 near 16K, 1000 x 1000 near 1M),
 each measurement in a fresh subprocess so memory starts from the interpreter's
 baseline after imports and a small warm-up plan. Per pattern and length it prints
 the plan time (wall clock, and the CPU time of the first run, which a loaded machine inflates
@@ -106,6 +107,21 @@ def _scaled(dims: dict, length: int) -> dict | None:
     return dims if math.prod(dims.values()) == length else None
 
 
+#: Label suffix of a grid case's variant on an odd grid: every axis of ``n >= 40`` cells cut by ``n // 40``,
+#: of 16 to 39 cells by 2 (128 x 128 -> 125 x 125, 1024 x 1024 -> 1000 x 1000, 16 x 32 x 32 -> 14 x 30 x 30),
+#: so grid rows no longer hold whole tiles and boxes are cut at the grid's edges, as on the grids users
+#: have (NAT's 56 x 56, a video's 30 x 40).
+ODD = " (odd grid)"
+
+
+def _odd(dims: dict | None) -> dict | None:
+    """``dims`` cut as :data:`ODD` says; None when no axis changes."""
+    if dims is None:
+        return None
+    out = {axis: n - (n // 40 if n >= 40 else 2 if n >= 16 else 0) for axis, n in dims.items()}
+    return None if out == dims else out
+
+
 def cases() -> list[tuple[str, str, str | None, dict | None]]:
     """``(label, source, pattern name, grid parameters at 16K or None)`` of every pattern measured."""
     out = []
@@ -121,17 +137,19 @@ def cases() -> list[tuple[str, str, str | None, dict | None]]:
         dims = None if grid is None else {k: int(v) for k, v in re.findall(r"(\w+) = (\d+)", grid.group(1))}
         out.append((f"suite:{label}", source, None, dims))
     out.extend((f"route:{label}", source, None, dims) for label, source, dims in ROUTES)
-    return out
+    return out + [(label + ODD, *rest) for label, *rest in out if rest[2] is not None]
 
 
 def _bind(case, length: int):
     """The compiled pattern of ``case`` for ``length`` tokens, or None when the pattern cannot take it."""
     import patterndsl as pd
 
-    _label, source, name, dims = case
+    label, source, name, dims = case
     if dims is None:
         return pd.compile(source, name)
     scaled = _scaled(dims, length)
+    if scaled is not None and label.endswith(ODD):
+        scaled = _odd(scaled)
     if scaled is None:
         return None
     if name is not None:
@@ -159,7 +177,9 @@ def child(kind: str, index: int, length: int, repeat: int) -> dict:
     pattern = _bind(case, length)
     if pattern is None:
         return {"skipped": True}
-    if pattern.ir.layout is not None and pattern.ir.layout.size != length:
+    if case[0].endswith(ODD):
+        length = pattern.ir.layout.size  # the odd grid's tokens
+    elif pattern.ir.layout is not None and pattern.ir.layout.size != length:
         return {"skipped": True}  # a grid fixed by the pattern at another size
     traced_only = kind == "patterndsl-memory"
     kind = "patterndsl" if traced_only else kind
@@ -230,6 +250,7 @@ def child(kind: str, index: int, length: int, repeat: int) -> dict:
         del out
     times.sort()
     return {
+        "length": length,
         "ms": times[len(times) // 2] * 1e3,
         "cpu_ms": cpu * 1e3,
         "rss_mb": max(peak, 0.0),
@@ -345,8 +366,9 @@ def plan_scaling(args) -> list[str]:
             scale = "" if base is None else f"{per_tile / base:7.2f}x"
             base = per_tile if base is None else base
             ratio = ours["elements"] / ours["partial_pairs"] if ours["partial_pairs"] else 0.0
+            tokens = ours.get("length", length)
             row = (
-                f"{label:44s} {length:8d} | {ours['ms']:9.1f} {ours['cpu_ms']:8.1f} {mb:7.1f} {ours['tiles']:9d} "
+                f"{label:44s} {tokens:8d} | {ours['ms']:9.1f} {ours['cpu_ms']:8.1f} {mb:7.1f} {ours['tiles']:9d} "
                 f"{scale:>8s} {ratio:9.3f} |"
             )
             if flex and "ms" in flex:

@@ -205,9 +205,11 @@ def format_stats(plan: BlockPlan, head_dim: int = 64) -> str:
             )
         )
     if s.tiles_dynamic:
+        bound = s.extra.get("dynamic_pairs_bound")
+        more = "" if bound is None else f" (the others hold up to {bound:,} more)"
         rows.append(
-            ("note", "route(...) tiles are decided at run time: allowed pairs count the static part only, visited "
-             "pairs count every candidate tile")
+            ("note", "route(...) tiles are decided at run time: allowed pairs count only the tiles no open route "
+             f"candidate reaches{more}; visited pairs count every candidate tile")
         )  # fmt: skip
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)

@@ -96,6 +96,10 @@ class AxisSplit:
 
     def _axis_counts(self, engine, x: int, uniq: np.ndarray) -> tuple[np.ndarray, int]:
         # Positions with every other coordinate 0: the part reads axis x alone.
+        sizes = uniq[:, 2] * uniq[:, 5]
+        nq, nk = engine.q.extents[x], engine.k.extents[x]
+        if nq * nk <= min(int(sizes.sum()), _DENSE_AXIS):
+            return _lattice_counts(self._axis_matrix(engine, x, nq, nk), uniq), nq * nk
         stride = engine.q.strides[x]
         out = np.zeros(len(uniq), np.int64)
         sizes = uniq[:, 2] * uniq[:, 5]
@@ -114,3 +118,36 @@ class AxisSplit:
             out[start : start + len(part)] = val.flatten(1).sum(1).numpy()
             start += len(part)
         return out, int(sizes.sum())
+
+    def _axis_matrix(self, engine, x: int, nq: int, nk: int) -> np.ndarray:
+        """The part of axis ``x`` on every (query coordinate, key coordinate) of that axis, ``[nq, nk]`` bool."""
+        stride = engine.q.strides[x]
+        i = torch.arange(nq, dtype=torch.int64)[:, None] * stride - engine.env.offset
+        j = torch.arange(nk, dtype=torch.int64)[None, :] * engine.k.strides[x]
+        val = semantics.evaluate(self.parts[x], i, j, engine.env.head, engine.ctx)
+        return val.expand(nq, nk).numpy()
+
+
+#: Most elements of one axis's (query coordinate, key coordinate) matrix :meth:`AxisSplit._axis_counts`
+#: evaluates whole (when that is fewer than the distinct progressions' pairs).
+_DENSE_AXIS = 1 << 24
+
+
+def _lattice_counts(matrix: np.ndarray, uniq: np.ndarray) -> np.ndarray:
+    """Per row ``(aq, sq, nq, ak, sk, nk)`` of ``uniq``, the true entries of ``matrix`` at rows ``aq + sq * t``
+    (``t < nq``) and columns ``ak + sk * u`` (``u < nk``): four lookups in the 2-D prefix sums of the
+    sub-lattice ``matrix[aq % sq :: sq, ak % sk :: sk]``, one table per distinct (steps, residues)."""
+    aq, sq, nq, ak, sk, nk = (uniq[:, c].astype(np.int64) for c in range(6))
+    sq, sk = np.where(nq > 1, sq, 1), np.where(nk > 1, sk, 1)  # one coordinate: any step
+    rq, rk = aq % sq, ak % sk
+    out = np.zeros(len(uniq), np.int64)
+    lattices, which = distinct_rows(np.stack([sq, rq, sk, rk], 1))
+    for g, (step_q, res_q, step_k, res_k) in enumerate(lattices.tolist()):
+        rows = np.flatnonzero(which == g)
+        sub = matrix[res_q::step_q, res_k::step_k]
+        prefix = np.zeros((sub.shape[0] + 1, sub.shape[1] + 1), np.int64)
+        np.cumsum(np.cumsum(sub, 0), 1, out=prefix[1:, 1:])
+        i0, j0 = (aq[rows] - res_q) // step_q, (ak[rows] - res_k) // step_k
+        i1, j1 = i0 + nq[rows], j0 + nk[rows]
+        out[rows] = prefix[i1, j1] - prefix[i0, j1] - prefix[i1, j0] + prefix[i0, j0]
+    return out

@@ -314,10 +314,12 @@ def static_tiles(engine: eng.Engine, node: ir.Node) -> tuple[np.ndarray, np.ndar
 
 class _Tally:
     """Cells whose state was copied from their class's representative, candidate pairs copied from their
-    group's, a static node's tiles copied from their query row's representative (tests read them)."""
+    group's, tiles whose states were copied from their class's (:mod:`~patterndsl.analysis.tileshift`), a
+    static node's tiles copied from their query row's representative (tests read them)."""
 
     shifted = 0
     copied = 0
+    tiles = 0
     static = 0
 
 

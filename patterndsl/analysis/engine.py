@@ -127,6 +127,10 @@ class Tally:
                 raise OverBudget
 
 
+#: Piece pairs :meth:`Engine.classify_pairs` gives a tile rule at a time.
+CLASSIFY_CHUNK = 1 << 17
+
+
 class _Caches:
     """What an engine computes once for its sides and sizes: shared by the engines derived from it."""
 
@@ -381,6 +385,11 @@ class Engine:
         (``[alo[i], ahi[i]]`` for ``rows[i]``): for tile rules that know which key tiles can pair at all."""
         return self._overlap_axes(alo, ahi, rows, cols)
 
+    def overlap_pieces(self, prim: ir.Prim, qgroup: np.ndarray, kgroup: np.ndarray) -> np.ndarray | None:
+        """Candidate tiles of ``prim`` from its needed key ranges piece by piece, pieces meeting only within
+        the same group (``qgroup`` / ``kgroup``, one number per piece); see :meth:`_overlap_pieces`."""
+        return self._overlap_pieces(prim, qgroup, kgroup)
+
     def bounds(self):
         """``((qlo, qhi, qalo, qahi), (klo, khi, kalo, kahi))``: per tile, flattened and per-axis position bounds."""
         return self._bounds()
@@ -519,8 +528,35 @@ class Engine:
         lo, hi, alo, ahi = need
         if alo is not None:
             # per-axis ranges: a flattened range of a grid box spans whole planes of other tiles
-            return self._overlap_axes(alo, ahi)
+            keys = None if self.q.single_piece and self.k.single_piece else self._overlap_pieces(prim)
+            return self._overlap_axes(alo, ahi) if keys is None else keys
         return self._overlap(lo, hi)
+
+    def _overlap_pieces(self, prim: ir.Prim, qgroup=None, kgroup=None) -> np.ndarray | None:
+        """:meth:`_overlap_axes` of the needed key ranges over the sides' :meth:`~Side.boxes`: a tile far
+        smaller than the box bounding it is searched piece by piece (None when the key boxes are too
+        sparse to bin).
+
+        A tile across grid rows or boxes (boxes cut at the grid's edges, a tile across dilation
+        groups, across planes of a 3-D grid) can be bounded by a box far larger than its pieces, up to
+        every column of its rows: its pieces' ranges find the key tiles their union can reach.
+        ``qgroup`` / ``kgroup``: one more coordinate per piece that must be equal (a dilation group)."""
+        from patterndsl.analysis.gridcands import Cells
+
+        (qt, qlo, qhi, qalo, qahi, qg), qcut = self.q.boxes(qgroup)
+        (kt, _, _, kalo, kahi, kg), kcut = self.k.boxes(kgroup)
+        need = cls.needed_keys(prim, qlo, qhi, qalo, qahi, self.env)
+        if need is None or need[2] is None:
+            return None
+        alo, ahi = need[2], need[3]
+        if qgroup is not None:
+            alo, ahi = np.column_stack([alo, qg]), np.column_stack([ahi, qg])
+            kalo, kahi = np.column_stack([kalo, kg]), np.column_stack([kahi, kg])
+        cells = Cells(kalo, kahi)
+        if not cells.usable:
+            return None
+        keys = cells.meeting(alo, ahi, qt, kt, self.nkb)
+        return np.unique(keys) if qcut or kcut else keys
 
     # ----------------------------------------------------------------- primitives
 
@@ -548,30 +584,47 @@ class Engine:
         """States of the tiles ``keys`` under one static primitive (symbolic, evaluation where needed).
 
         With ``settle`` False, tiles the rule cannot decide are :data:`OPEN` instead of evaluated.
+        The rule sees :data:`CLASSIFY_CHUNK` piece pairs at a time (a rule's temporaries are a few
+        dozen numbers per pair: at a million tokens in tiles of several pieces, hundreds of MB at once).
         """
-        m, n = keys // self.nkb, keys % self.nkb
         self.tally.classified += len(keys)
-        if self.q.single_piece and self.k.single_piece:
+        m, n = keys // self.nkb, keys % self.nkb
+        per = None
+        if not (self.q.single_piece and self.k.single_piece):
+            per = np.diff(self.q.ptr)[m] * np.diff(self.k.ptr)[n]
+        ends = np.arange(1, len(keys) + 1) if per is None else np.cumsum(per)
+        state = np.empty(len(keys), np.int8)
+        ok = np.empty(len(keys), bool)
+        t0 = 0
+        while t0 < len(keys):
+            before = int(ends[t0 - 1]) if t0 else 0
+            t1 = max(t0 + 1, int(np.searchsorted(ends, before + CLASSIFY_CHUNK, "right")))
+            part = slice(t0, t1)
+            state[part], ok[part] = self._classify_chunk(prim, m[part], n[part], None if per is None else per[part])
+            t0 = t1
+        bad = np.nonzero(~ok)[0]
+        if len(bad):
+            state[bad] = self.evaluate(prim, keys[bad]) if settle else OPEN
+        return state
+
+    def _classify_chunk(self, prim: ir.Prim, m: np.ndarray, n: np.ndarray, per) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`classify_pairs` on tiles ``(m, n)`` (``per``: their piece pairs, None for one each): the
+        rule's states and where the rule decided."""
+        if per is None:
             qi, ki, seg = m, n, None
         else:
-            cq = np.diff(self.q.ptr)[m]
             ck = np.diff(self.k.ptr)[n]
-            per = cq * ck
-            pair = np.repeat(np.arange(len(keys)), per)
+            pair = np.repeat(np.arange(len(m)), per)
             local = np.arange(int(per.sum()), dtype=np.int64) - np.repeat(np.cumsum(per) - per, per)
             qi = self.q.ptr[m][pair] + local // ck[pair]
             ki = self.k.ptr[n][pair] + local % ck[pair]
             seg = np.cumsum(per) - per
         nonempty, full, ok = cls.classify(prim, self.q.piece_view(qi), self.k.piece_view(ki), self.env)
-        if seg is not None and len(keys):
+        if seg is not None and len(m):
             nonempty = np.logical_or.reduceat(nonempty, seg)
             full = np.logical_and.reduceat(full, seg)
             ok = np.logical_and.reduceat(ok, seg)
-        state = np.where(full, FULL, np.where(nonempty, PARTIAL, EMPTY)).astype(np.int8)
-        bad = np.nonzero(~ok)[0]
-        if len(bad):
-            state[bad] = self.evaluate(prim, keys[bad]) if settle else OPEN
-        return state
+        return np.where(full, FULL, np.where(nonempty, PARTIAL, EMPTY)).astype(np.int8), ok
 
     # ----------------------------------------------------------------- evaluation
 
@@ -1292,22 +1345,14 @@ def _box_side(fine: Side, shape: tuple[int, ...], box: tuple[int, ...]) -> Side:
 
 def _runs_side(group, count, fine: Side, order, starts) -> Side:
     # Groups that are runs of flattened grid positions: cut each run into sub-boxes.
-    from patterndsl.analysis.tiles import _range_boxes
+    from patterndsl.analysis.tiles import range_boxes
 
-    tiles, pa, pn = [], [], []
     lo = order[starts[:-1]]
     hi = order[starts[1:] - 1] + 1
-    for t in range(count):
-        for st, ct in _range_boxes(fine.extents, int(lo[t]), int(hi[t])):
-            tiles.append(t)
-            pa.append(st)
-            pn.append(ct)
-    d = len(fine.extents)
-    tile = np.asarray(tiles, np.int64)
+    shape = np.asarray(fine.extents, np.int64)[None, :]
+    tile, a, n = range_boxes(shape, lo, np.where(starts[1:] > starts[:-1], hi, lo))
     ptr = np.zeros(count + 1, np.int64)
     ptr[1:] = np.cumsum(np.bincount(tile, minlength=count))
-    a = np.asarray(pa, np.int64).reshape(-1, d)
-    n = np.asarray(pn, np.int64).reshape(-1, d)
     return Side(fine.length, 1, 0, fine.extents, fine.strides, order, ptr, tile, a, np.ones_like(a), n, False, starts)
 
 

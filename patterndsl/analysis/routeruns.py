@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from patterndsl import ir
-from patterndsl.analysis import cellshift, hierarchy, routeedges, routegroups, routetiles, tiles
+from patterndsl.analysis import cellshift, hierarchy, routeedges, routegroups, routetiles, tiles, tileshift
 from patterndsl.analysis import engine as eng
 
 #: Rows of query groups a first-level candidate tile holds at most (as a power of two times ``qblock``).
@@ -662,10 +662,15 @@ def _tile_bounds(engine: eng.Engine, node: ir.Node, geo, keys: np.ndarray, table
     On a grid (``geo`` from :mod:`~patterndsl.analysis.routegrid`) a cell's rows and columns are pieces
     of one row of the grid (``qblock``, ``block``: the boxes' extents on the last axis), the groups of
     a cell row consecutive group columns of one outer box (``geo.cell_groups``), and a cell column
-    one block's piece (``geo.cell_blocks``).
+    one block's piece (``geo.cell_blocks``). Tiles equal up to a shift of the grid's outer axes (the
+    windows and the choices repeating) are decided once per class (:mod:`~patterndsl.analysis.tileshift`).
     """
     rewrite = eng.rewrite_for_plan
     low_node, up_node = rewrite(ir.route_bound(node, True)), rewrite(ir.route_bound(node, False))
+    # tiles equal up to a shift of the grid (away from its borders): decided once per class
+    shift = tileshift.tile_classes(engine, geo, (low_node, up_node), keys, tables, static)
+    if shift is not None:
+        keys, static, inverse = shift
     per_q, per_k = engine.q.block // geo.qblock, engine.k.block // geo.block
     top = (per_q & -per_q).bit_length() - 1  # cells of 2**top groups tile a query tile
     n_t = len(keys)
@@ -683,7 +688,8 @@ def _tile_bounds(engine: eng.Engine, node: ir.Node, geo, keys: np.ndarray, table
             engine, geo, (owner, r, n), (per_k, top), (low_node, up_node), counters, sign, (full, some), cache
         )
     states = zip(full, some, strict=True)
-    return [np.where(f, eng.FULL, np.where(sm, eng.PARTIAL, eng.EMPTY)).astype(np.int8) for f, sm in states]
+    out = [np.where(f, eng.FULL, np.where(sm, eng.PARTIAL, eng.EMPTY)).astype(np.int8) for f, sm in states]
+    return out if shift is None else [s[inverse] for s in out]
 
 
 #: Cells :func:`_tile_bounds` lays out at once (a chunk of tiles; several int64 arrays per cell).

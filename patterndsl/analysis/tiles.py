@@ -26,6 +26,11 @@ from patterndsl.primitives.common import distinct_rows
 Segment = tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]
 
 
+#: A tile whose bounding box holds more than this many times its positions is searched piece by piece
+#: (:meth:`Side.boxes`).
+LOOSE = 2
+
+
 @dataclass
 class Side:
     """The tiles of one side (queries or keys) in a chosen token order.
@@ -100,6 +105,44 @@ class Side:
     def piece_view(self, idx: np.ndarray) -> Pieces:
         """Attributes of pieces ``idx`` (an int array), for the classifiers."""
         return Pieces(self, idx)
+
+    def piece_bounds(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Per piece: min and max flattened position, and per-axis min/max coordinates ``[P, D]``
+        (the tile of piece ``p`` is ``tile[p]``). A tile of several pieces (a tile across grid rows
+        or boxes) is their union, often far smaller than the box bounding them all."""
+        w = np.asarray(self.strides, dtype=np.int64)
+        last = self.a + self.s * (self.n - 1)
+        return (self.a * w).sum(1), (last * w).sum(1), self.a, last
+
+    def boxes(self, group: np.ndarray | None = None):
+        """The tiles as boxes for candidate searches: a tile whose bounding box holds at most
+        :data:`LOOSE` times its positions is that box, any other tile its pieces' boxes.
+
+        ``group``: one number per piece (a dilation group); a tile whose pieces differ in it is cut
+        into its pieces too. Returns ``(tile, lo, hi, alo, ahi, group)`` per box (flattened and per-axis
+        bounds; ``group`` None when not given) and whether some tile is cut (its boxes may find the
+        same key tile twice).
+        """
+        tlo, thi, talo, tahi = self.tile_bounds()
+        plo, phi, palo, pahi = self.piece_bounds()
+        if self.single_piece:
+            return (self.tile, plo, phi, palo, pahi, group), False
+        loose = (tahi - talo + 1).prod(1) > LOOSE * np.diff(self.starts)
+        if group is not None:
+            gmin = np.minimum.reduceat(group, self.ptr[:-1]) if len(group) else group
+            gmax = np.maximum.reduceat(group, self.ptr[:-1]) if len(group) else group
+            loose |= gmin != gmax
+        whole = np.flatnonzero(~loose)
+        cut = np.flatnonzero(loose[self.tile])
+        out = (
+            np.concatenate([whole, self.tile[cut]]),
+            np.concatenate([tlo[whole], plo[cut]]),
+            np.concatenate([thi[whole], phi[cut]]),
+            np.concatenate([talo[whole], palo[cut]]),
+            np.concatenate([tahi[whole], pahi[cut]]),
+            None if group is None else np.concatenate([group[self.ptr[whole]], group[cut]]),
+        )
+        return out, bool(loose.any())
 
     def tile_bounds(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Per tile: min and max flattened position, and per-axis min/max coordinates ``[T, D]``."""
@@ -227,92 +270,128 @@ def _cut_1d(segments: list[Segment], block: int, offset: int, identity: bool):
     return tile, *pieces, order, int(n0.sum())
 
 
-def _range_boxes(n: tuple[int, ...], lo: int, hi: int):
-    """Split the row-major offsets ``[lo, hi)`` of a box of shape ``n`` into sub-boxes.
+def range_boxes(shape: np.ndarray, lo: np.ndarray, hi: np.ndarray):
+    """Split the row-major offsets ``[lo[i], hi[i])`` of boxes of shape ``shape[i]`` into sub-boxes, all at once.
 
-    Yields ``(start, count)`` per-axis tuples (at most ``2 * len(n) - 1`` boxes).
+    Args:
+        shape: int64 ``[R, D]``, each range's box shape (or ``[1, D]``, one shape for all).
+        lo, hi: int64 ``[R]``, the ranges' first and past-the-end offsets (an empty range gives no box).
+
+    Returns:
+        ``(row, start, count)``: per sub-box its range, and its per-axis start and extent (``[B, D]``),
+        sorted by range then by first offset. A range gives at most ``2 * D - 1`` sub-boxes: the
+        end of its first row at every level, one box of whole rows, the start of its last row at
+        every level (the decomposition a recursion over the axes gives, level by level here).
     """
-    if lo >= hi:
-        return
-    if len(n) == 1:
-        yield (lo,), (hi - lo,)
-        return
-    inner = 1
-    for e in n[1:]:
-        inner *= e
-    a, r1 = divmod(lo, inner)
-    b, r2 = divmod(hi, inner)
-    if a == b:
-        for st, ct in _range_boxes(n[1:], r1, r2):
-            yield (a, *st), (1, *ct)
-        return
-    if r1:
-        for st, ct in _range_boxes(n[1:], r1, inner):
-            yield (a, *st), (1, *ct)
-        a += 1
-    if b > a:
-        yield (a,) + (0,) * (len(n) - 1), (b - a, *n[1:])
-    if r2:
-        for st, ct in _range_boxes(n[1:], 0, r2):
-            yield (b, *st), (1, *ct)
+    shape = np.asarray(shape, np.int64)
+    lo, hi = np.asarray(lo, np.int64), np.asarray(hi, np.int64)
+    r, d = len(lo), shape.shape[1]
+    if len(shape) != r:
+        shape = np.broadcast_to(shape, (r, d))
+    # inner[:, x]: offsets per step of axis x (the product of the later extents)
+    inner = np.ones((r, d), np.int64)
+    for x in range(d - 2, -1, -1):
+        inner[:, x] = inner[:, x + 1] * shape[:, x + 1]
+    out_row, out_start, out_count = [], [], []
+
+    def emit(rows, prefix, x, first, extent):
+        start = prefix.copy()
+        start[:, x] = first
+        count = np.ones((len(rows), d), np.int64)
+        count[:, x] = extent
+        count[:, x + 1 :] = shape[rows, x + 1 :]
+        out_row.append(rows)
+        out_start.append(start)
+        out_count.append(count)
+
+    live = lo < hi
+    rows, a_lo, a_hi = np.flatnonzero(live), lo[live], hi[live]
+    prefix = np.zeros((len(rows), d), np.int64)
+    for x in range(d):
+        if x == d - 1:
+            emit(rows, prefix, x, a_lo, a_hi - a_lo)
+            break
+        a, r1 = np.divmod(a_lo, inner[rows, x])
+        b, r2 = np.divmod(a_hi, inner[rows, x])
+        same = a == b
+        head = ~same & (r1 > 0)
+        mid_first = a + head
+        mid = ~same & (b > mid_first)
+        tail = ~same & (r2 > 0)
+        emit(rows[mid], prefix[mid], x, mid_first[mid], (b - mid_first)[mid])
+        # the next level: a range inside one row (same), the end of the first row (head), the start of the last (tail)
+        nxt = [(same, a, r1, r2), (head, a, r1, inner[rows, x]), (tail, b, 0 * r2, r2)]
+        rows_n, prefix_n, lo_n, hi_n = [], [], [], []
+        for sel, at, l_, h_ in nxt:
+            p = prefix[sel]
+            p[:, x] = at[sel]
+            rows_n.append(rows[sel])
+            prefix_n.append(p)
+            lo_n.append(l_[sel])
+            hi_n.append(h_[sel])
+        rows, prefix, a_lo, a_hi = (np.concatenate(v) for v in (rows_n, prefix_n, lo_n, hi_n))
+    row = np.concatenate(out_row)
+    start = np.concatenate(out_start).reshape(-1, d)
+    count = np.concatenate(out_count).reshape(-1, d)
+    first = (start * inner[row]).sum(1)
+    order = np.lexsort((first, row))
+    return row[order], start[order], count[order]
 
 
-def _cut_aligned(seg: Segment, r0: int, block: int):
-    """:func:`_cut_nd` when every tile of the segment is one box (None otherwise), without a loop.
+def _cut_segments(a: np.ndarray, s: np.ndarray, n: np.ndarray, block: int):
+    """Pieces of grid segments (``[K, D]`` each) laid end to end, cut at tile boundaries (all at once).
 
-    That holds when the segment starts on a tile boundary, its size is a multiple of the tile,
-    and for some axis ``x`` the tile covers whole rows of the axes after ``x`` and divides the
-    rows of axis ``x``: then tile ``t`` is a box at the coordinates of offset ``t * block``.
+    Returns ``(tile, a, s, n)``: every tile's pieces, sorted by tile, then segment, then position in it.
     """
-    a, s, n = (np.asarray(v, np.int64) for v in seg)
-    size = int(n.prod())
-    if r0 % block or size % block:
-        return None
-    inner = [math.prod(n[x + 1 :].tolist()) for x in range(len(n))]
-    axis = next((x for x in range(len(n)) if block % inner[x] == 0 and (n[x] * inner[x]) % block == 0), None)
-    if axis is None:
-        return None
-    count = size // block
-    coords = np.stack(np.unravel_index(np.arange(count, dtype=np.int64) * block, tuple(n.tolist())), 1)
-    span = n.copy()
-    span[:axis] = 1
-    span[axis] = block // inner[axis]
-    tiles = r0 // block + np.arange(count, dtype=np.int64)
-    return tiles, a + s * coords, np.broadcast_to(s, coords.shape).copy(), np.broadcast_to(span, coords.shape).copy()
+    size = n.prod(1)
+    live = np.flatnonzero(size > 0)
+    a, s, n, size = a[live], s[live], n[live], size[live]
+    r0 = np.cumsum(size) - size
+    t0, t1 = r0 // block, (r0 + size - 1) // block
+    cnt = t1 - t0 + 1
+    seg = np.repeat(np.arange(len(size), dtype=np.int64), cnt)
+    tile = t0[seg] + np.arange(len(seg), dtype=np.int64) - np.repeat(np.cumsum(cnt) - cnt, cnt)
+    lo = np.maximum(r0[seg], tile * block) - r0[seg]
+    hi = np.minimum(r0[seg] + size[seg], (tile + 1) * block) - r0[seg]
+    # sorted by (segment, tile), then offset: by tile too, the segments lying end to end
+    row, start, count = range_boxes(n[seg], lo, hi)
+    owner = seg[row]
+    return tile[row], a[owner] + s[owner] * start, s[owner], count
 
 
-def _cut_nd(seg: Segment, r0: int, block: int):
-    aligned = _cut_aligned(seg, r0, block)
-    if aligned is not None:
-        return aligned
-    a, s, n = seg
-    size = int(np.prod(n))
-    tiles, pa, ps, pn = [], [], [], []
-    t = r0 // block
-    while t * block < r0 + size:
-        lo = max(r0, t * block) - r0
-        hi = min(r0 + size, (t + 1) * block) - r0
-        for st, ct in _range_boxes(n, lo, hi):
-            tiles.append(t)
-            pa.append([a[x] + s[x] * st[x] for x in range(len(n))])
-            ps.append(list(s))
-            pn.append(list(ct))
-        t += 1
-    d = len(n)
-    return (
-        np.asarray(tiles, np.int64),
-        np.asarray(pa, np.int64).reshape(-1, d),
-        np.asarray(ps, np.int64).reshape(-1, d),
-        np.asarray(pn, np.int64).reshape(-1, d),
-    )
+#: Most distinct segment shapes :func:`_positions` lays out one shape at a time.
+_MAX_SHAPES = 64
 
 
-def _segment_positions(seg: Segment, strides: tuple[int, ...]) -> np.ndarray:
-    a, s, n = seg
-    pos = np.zeros(1, dtype=np.int64)
-    for x in range(len(n)):
-        coord = a[x] + s[x] * np.arange(n[x], dtype=np.int64)
-        pos = (pos[:, None] + coord[None, :] * strides[x]).reshape(-1)
+def _positions(a: np.ndarray, s: np.ndarray, n: np.ndarray, strides: tuple[int, ...]) -> np.ndarray:
+    """Flattened positions of grid segments (``[K, D]`` each), each in row-major order, end to end."""
+    size = n.prod(1)
+    total = int(size.sum())
+    first = np.cumsum(size) - size
+    w = np.asarray(strides, np.int64)
+    shapes, which = distinct_rows(np.concatenate([n, s], 1))
+    d = n.shape[1]
+    pos = np.empty(total, np.int64)
+    if len(shapes) <= _MAX_SHAPES:
+        # segments of one shape and step: one start each plus the same offsets
+        for x, shape in enumerate(shapes):
+            rows = np.flatnonzero(which == x)
+            ext = tuple(int(e) for e in shape[:d])
+            count = math.prod(ext)
+            if not count:
+                continue
+            coords = np.stack(np.unravel_index(np.arange(count), ext), 1)
+            inner = (shape[d:] * coords * w).sum(1)
+            at = first[rows][:, None] + np.arange(count, dtype=np.int64)[None, :]
+            pos[at] = (a[rows] * w).sum(1)[:, None] + inner[None, :]
+        return pos
+    seg = np.repeat(np.arange(len(size), dtype=np.int64), size)
+    local = np.arange(total, dtype=np.int64) - np.repeat(first, size)
+    pos[:] = 0
+    for x in range(d - 1, -1, -1):
+        ext = n[seg, x]
+        pos += (a[seg, x] + s[seg, x] * (local % ext)) * w[x]
+        local //= ext
     return pos
 
 
@@ -348,22 +427,15 @@ def build_side(
     if d == 1:
         tile, a, s, n, order, r0 = _cut_1d(segments, block, offset, identity)
     else:
-        parts, orders = [], []
-        r0 = 0
-        for seg in segments:
-            size = int(np.prod(seg[2]))
-            if size == 0:
-                continue
-            parts.append(_cut_nd(seg, r0, block))
-            if not identity:
-                orders.append(_segment_positions(seg, strides) - offset)
-            r0 += size
-        tile, a, s, n = (np.concatenate([p[f] for p in parts]) for f in range(4))
-        order = None if identity else np.concatenate(orders)
+        if arrays is None:
+            arrays = tuple(np.asarray([seg[f] for seg in segments], np.int64).reshape(-1, d) for f in range(3))
+        tile, a, s, n = _cut_segments(*arrays, block)
+        r0 = int(arrays[2].prod(1).sum())
+        order = None if identity else _positions(*arrays, strides) - offset
     if r0 != length:
         raise AssertionError(f"segments cover {r0} positions, expected {length}")
-    # Pieces are produced tile by tile within a segment; sort so a tile's pieces are adjacent.
-    if len(segments) > 1:
+    # 1-D pieces are produced tile by tile within a segment; sort so a tile's pieces are adjacent.
+    if d == 1 and len(segments) > 1:
         srt = np.argsort(tile, kind="stable")
         tile, a, s, n = tile[srt], a[srt], s[srt], n[srt]
     nt = -(-length // block)
@@ -447,7 +519,11 @@ def box_segments(extents: tuple[int, ...], dilation: tuple[int, ...], box: tuple
         box: per-axis box size in group coordinates.
 
     Returns:
-        Segments, one per (group, box), groups row-major, boxes row-major inside a group.
+        Segments, one per (group, box): first every whole box (groups row-major, boxes row-major inside
+        a group), then the boxes cut short at the grid's edges, in the same order. Whole boxes of one
+        tile each then stay one tile each on a grid whose extents the boxes do not divide (edge boxes
+        in between shifted every later tile off its box: two or three pieces a tile, on 999 x 999
+        five times the plan time).
     """
     out = SegmentList()
     d = len(extents)
@@ -466,5 +542,11 @@ def box_segments(extents: tuple[int, ...], dilation: tuple[int, ...], box: tuple
         sizes.append(n.astype(np.int64))
     a = np.concatenate(starts) if starts else np.zeros((0, d), np.int64)
     n = np.concatenate(sizes) if sizes else np.zeros((0, d), np.int64)
+    edge = (n != np.asarray(box, np.int64)).any(1)
+    if edge.any():
+        first = np.concatenate([np.flatnonzero(~edge), np.flatnonzero(edge)])
+        a, n = a[first], n[first]
+        listed = SegmentList(out[i] for i in first.tolist())
+        out = listed
     out.arrays = (a, np.broadcast_to(np.asarray(dilation, np.int64), a.shape).copy(), n)
     return out

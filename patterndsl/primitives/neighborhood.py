@@ -185,8 +185,8 @@ def _needed_keys(prim, qlo, qhi, qalo, qahi, env):
 
 
 def _groups(side, dil: np.ndarray) -> np.ndarray | None:
-    # The dilation group of every tile (one number per tile), when each tile lies in one group.
-    if not side.single_piece or not ((side.n == 1) | (side.s % dil == 0)).all():
+    # The dilation group of every piece (one number per piece), when each piece lies in one group.
+    if not ((side.n == 1) | (side.s % dil == 0)).all():
         return None
     radix = np.cumprod(np.concatenate([[1], dil[:-1]])).astype(np.int64)
     return ((side.a % dil) * radix).sum(1)
@@ -204,6 +204,8 @@ def _candidates(engine, prim):
     gk = None if gq is None else _groups(engine.k, dil)
     if gk is None:
         return None
+    if not (engine.q.single_piece and engine.k.single_piece):  # tiles across boxes or groups: piece by piece
+        return engine.overlap_pieces(prim, gq, gk)
     from patterndsl.analysis.gridcands import Cells
 
     (qlo, qhi, qalo, qahi), (_, _, kalo, kahi) = engine.bounds()

@@ -155,6 +155,7 @@ def test_show_plan_marks_run_time_tiles(capsys):
     # empty; the first topk = 2 query blocks have at most 2 candidates, all always chosen (full).
     assert _map_rows(out) == [("█" if m <= 2 else "?") * m + "░" + " " * (7 - m) for m in range(8)]
     assert "25 run-time" in out and "decided at run time" in out
+    assert "up to 102,400 more" in out  # the 25 run-time tiles' 64 x 64 pairs, bounded and not counted
 
 
 def test_show_plan_subsamples_large_maps(capsys):
