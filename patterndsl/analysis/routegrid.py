@@ -318,6 +318,8 @@ class GridSpans:
         i, v = geo.shared_rows(group[self.w_run[w]])
         m, lo, hi, weight = [v], [self.w_first[w][i]], [self.w_last[w][i]], [np.ones(len(i), np.int64)]
         b = np.flatnonzero(self._selected(self.b_run, which) & (b_lo < b_hi))
+        if not len(b):  # whole grid rows only (among = full)
+            return ranges(m[0], lo[0], hi[0], 1, geo.n_shared, geo.nkb)
         j, v = geo.shared_rows(group[self.b_run[b]])
         b = b[j]
         # boxes alike (same shared tile, block row and tiles): one range a grid row, weighted by their number
@@ -384,18 +386,40 @@ class GridSpans:
         out_lo.append(f0[whole])
         out_hi.append(f1[whole])
         mixed = np.flatnonzero(live & ~whole)
-        b0, b1 = self.b_f
-        b_live = keep[self.b_run] & (c[self.b_run] < nb.max()) & (b0 < b1)
-        b_whole = np.flatnonzero(b_live & (c[self.b_run] < nb.min()))
-        b_mixed = np.flatnonzero(b_live & (c[self.b_run] >= nb.min()))
-        if len(mixed) or len(b_mixed):
-            _check(int((f1[mixed] - f0[mixed]).sum() + (self.b_rows[b_mixed] * (b1[b_mixed] - b0[b_mixed])).sum()))
+        listed = self._box_over(keep, c, nb, (out_g, out_lo, out_hi))
+        _check(int((f1[mixed] - f0[mixed]).sum()) + listed)  # tiles tested one by one, as if listed per row
         if len(mixed):
             at, n = eng.expand_runs(mixed, f0[mixed], f1[mixed])
             hot = nb[n % geo.tk] > c[run[at]]
             out_g.append(g[run[at[hot]]])
             out_lo.append(n[hot])
             out_hi.append(n[hot] + 1)
+        if len(self.b_run):  # end tiles of the boxes: touched, not covered
+            key, total = self._ends(keep)
+            hot = total > cap[key // (self.n_outer * geo.tk)]
+            group, rest = np.divmod(key[hot], self.n_outer * geo.tk)
+            outer, t = np.divmod(rest, geo.tk)
+            k, base = self._rows(outer)
+            out_g.append(group[k])
+            out_lo.append(base + t[k])
+            out_hi.append(base + t[k] + 1)
+        group, lo, hi = (np.concatenate(a) for a in (out_g, out_lo, out_hi))
+        idx, v = geo.shared_rows(group)
+        _check(len(v))
+        s = ranges(v, lo[idx], hi[idx], 1, geo.n_shared, geo.nkb)
+        return _compact(s.key, (s.value > 0).astype(np.int64), s.width)
+
+    def _box_over(self, keep: np.ndarray, c: np.ndarray, nb: np.ndarray, out) -> int:
+        """:meth:`over` on the tiles the kept runs' boxes cover (``c``: each run's cap): the ranges over it
+        appended to ``out``; returns the tiles listed one by one, counted per grid row (for the size check)."""
+        if not len(self.b_run):
+            return 0
+        g = self.cand.group
+        out_g, out_lo, out_hi = out
+        b0, b1 = self.b_f
+        b_live = keep[self.b_run] & (c[self.b_run] < nb.max()) & (b0 < b1)
+        b_whole = np.flatnonzero(b_live & (c[self.b_run] < nb.min()))
+        b_mixed = np.flatnonzero(b_live & (c[self.b_run] >= nb.min()))
         at, t = eng.expand_runs(b_mixed, b0[b_mixed], b1[b_mixed])
         hot = nb[t] > c[self.b_run[at]]
         box = np.concatenate([b_whole, at[hot]])
@@ -405,21 +429,7 @@ class GridSpans:
         out_g.append(g[self.b_run[box[k]]])
         out_lo.append(base + lo_t[k])
         out_hi.append(base + hi_t[k])
-        # end tiles of the boxes: touched, not covered
-        key, total = self._ends(keep)
-        hot = total > cap[key // (self.n_outer * geo.tk)]
-        key = key[hot]
-        group, rest = np.divmod(key, self.n_outer * geo.tk)
-        outer, t = np.divmod(rest, geo.tk)
-        k, base = self._rows(outer)
-        out_g.append(group[k])
-        out_lo.append(base + t[k])
-        out_hi.append(base + t[k] + 1)
-        group, lo, hi = (np.concatenate(a) for a in (out_g, out_lo, out_hi))
-        idx, v = geo.shared_rows(group)
-        _check(len(v))
-        s = ranges(v, lo[idx], hi[idx], 1, geo.n_shared, geo.nkb)
-        return _compact(s.key, (s.value > 0).astype(np.int64), s.width)
+        return int((self.b_rows[b_mixed] * (b1[b_mixed] - b0[b_mixed])).sum())
 
 
 def read_at(values: list[np.ndarray], index: np.ndarray) -> list[np.ndarray]:
