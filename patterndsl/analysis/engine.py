@@ -1538,8 +1538,9 @@ def count_tiles(engine: Engine, node: ir.Node, keys: np.ndarray, state: np.ndarr
 
 
 def _separable_count(engine: Engine, node: ir.Node, keys: np.ndarray) -> np.ndarray | None:
-    """Counts for primitives that test the key (or query) alone: rows x allowed keys per tile."""
-    if not isinstance(node, ir.Prim) or len(engine.q.extents) != 1:
+    """Counts for primitives that test the key (or query) alone: rows x allowed keys per tile (a rule
+    returns None where it cannot count: the per-piece rules of 1-D progressions on a grid)."""
+    if not isinstance(node, ir.Prim):
         return None
     rule = primitives.lookup(node.name).count
     return None if rule is None else rule(node, engine, keys)
