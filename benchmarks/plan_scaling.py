@@ -1,10 +1,10 @@
 """Plan time and memory of every example pattern vs FlexAttention's ``create_block_mask``.
 
-For every pattern in ``examples/`` and in ``benchmarks/tile_efficiency.py`` (and the grid routes of
-:data:`ROUTES`) this plans at L = 16K, 128K and 1M tokens (4 heads, 128x128 tiles; grid patterns on a
-grid scaled to that many tokens, or at their own layout size when they fix it; every grid case also
-on an odd grid (:data:`ODD`: 125 x 125 near 16K, 1000 x 1000 near 1M),
-each measurement in a fresh subprocess so memory starts from the interpreter's
+For every pattern in ``examples/`` and in ``benchmarks/tile_efficiency.py`` (and the grid compositions
+of :data:`COMPOSITES` and grid routes of :data:`ROUTES`) this plans at L = 16K, 128K and 1M tokens
+(4 heads, 128x128 tiles; grid patterns on a grid scaled to that many tokens, or at their own layout
+size when they fix it; every grid case also on an odd grid, :data:`ODD`: 125 x 125 near 16K,
+1000 x 1000 near 1M), each measurement in a fresh subprocess so memory starts from the interpreter's
 baseline after imports and a small warm-up plan. Per pattern and length it prints
 the plan time (wall clock, and the CPU time of the first run, which a loaded machine inflates
 less), the peak memory above the baseline (traced and RSS; the traced peak comes from a second
@@ -73,6 +73,14 @@ GRID_PARAMS = {
 }
 
 
+#: Grid compositions users write that no example holds: a neighborhood with row attention, with global
+#: tokens, and raster-causal (autoregressive image generation); ``(label, source, grid at 16K)``.
+COMPOSITES = (
+    ("neighborhood + row", "pattern p { layout grid(y = 128, x = 128)\n neighborhood(7) | where(k.y == q.y) }"),
+    ("neighborhood + global", "pattern p { layout grid(y = 128, x = 128)\n neighborhood(7) | global(16) }"),
+    ("causal neighborhood", "pattern p { layout grid(y = 128, x = 128)\n causal & neighborhood(7) }"),
+)
+
 #: Route patterns of issue 19 outside ``examples/`` and the tile-efficiency suite: a grid route whose static
 #: part and route are both partial (planned on cells), and routing between 3-D boxes of video frames (two
 #: frames by 8 x 8); ``(label, source, grid at 16K or {length: grid})``.
@@ -136,6 +144,7 @@ def cases() -> list[tuple[str, str, str | None, dict | None]]:
         grid = re.search(r"grid\(([^)]*)\)", source)
         dims = None if grid is None else {k: int(v) for k, v in re.findall(r"(\w+) = (\d+)", grid.group(1))}
         out.append((f"suite:{label}", source, None, dims))
+    out.extend((f"grid:{label}", source, None, {"y": 128, "x": 128}) for label, source in COMPOSITES)
     out.extend((f"route:{label}", source, None, dims) for label, source, dims in ROUTES)
     return out + [(label + ODD, *rest) for label, *rest in out if rest[2] is not None]
 
