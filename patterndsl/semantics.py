@@ -16,6 +16,7 @@ choice.
 from __future__ import annotations
 
 import functools
+import math
 import operator
 from collections.abc import Iterable, Sequence
 
@@ -327,14 +328,14 @@ def route_blocks(prim: ir.Prim, ctx: Context) -> tuple[int, int, torch.Tensor, t
     block = prim.arg("block")
     qblock = prim.arg("qblock")
     qblock = block if qblock is None else qblock
-    qpos = torch.arange(ctx.q_len, dtype=torch.int64) + ctx.offset
-    kpos = torch.arange(ctx.kv_len, dtype=torch.int64)
     if isinstance(block, tuple) or isinstance(qblock, tuple):
         layout = _need_layout(ctx, prim)
         rank = len(layout.shape)
-        qgroup, n_q = _box_ids(qpos, layout, _per_axis(qblock, rank, "route qblock"))
-        kblock, n_k = _box_ids(kpos, layout, _per_axis(block, rank, "route block"))
+        qgroup, n_q = _box_ids(ctx.offset, ctx.q_len, layout, _per_axis(qblock, rank, "route qblock"))
+        kblock, n_k = _box_ids(0, ctx.kv_len, layout, _per_axis(block, rank, "route block"))
         return n_q, n_k, qgroup, kblock
+    qpos = torch.arange(ctx.q_len, dtype=torch.int64) + ctx.offset
+    kpos = torch.arange(ctx.kv_len, dtype=torch.int64)
     first = ctx.offset // qblock
     qgroup = torch.div(qpos, qblock, rounding_mode="floor") - first
     n_q = (ctx.kv_len - 1) // qblock - first + 1
@@ -342,14 +343,24 @@ def route_blocks(prim: ir.Prim, ctx: Context) -> tuple[int, int, torch.Tensor, t
     return n_q, n_k, qgroup, torch.div(kpos, block, rounding_mode="floor")
 
 
-def _box_ids(pos: torch.Tensor, layout: ir.Layout, box: Sequence[int]) -> tuple[torch.Tensor, int]:
-    ids = torch.zeros_like(pos)
-    total = 1
-    for coord, extent, side in zip(grid_coords(pos, layout), layout.shape, box, strict=True):
-        n_boxes = -(-extent // side)
-        ids = ids * n_boxes + torch.div(coord, side, rounding_mode="floor")
-        total *= n_boxes
-    return ids, total
+def _box_ids(first: int, count: int, layout: ir.Layout, box: Sequence[int]) -> tuple[torch.Tensor, int]:
+    """The box (row-major over boxes) of the positions ``first, ..., first + count - 1`` and the number of boxes."""
+    n_boxes = [-(-extent // side) for extent, side in zip(layout.shape, box, strict=True)]
+    if count < math.prod(layout.shape):  # fewer positions than the grid: from their coordinates
+        ids = torch.zeros(count, dtype=torch.int64)
+        coords = grid_coords(torch.arange(count, dtype=torch.int64) + first, layout)
+        for coord, side, n in zip(coords, box, n_boxes, strict=True):
+            ids = ids * n + torch.div(coord, side, rounding_mode="floor")
+        return ids, math.prod(n_boxes)
+    # The box of every cell of the grid, row-major (one pass over the grid), looked up at each position:
+    # positions wrap around the grid as in grid_coords.
+    ids = torch.zeros((), dtype=torch.int64)
+    for extent, side, n in zip(layout.shape, box, n_boxes, strict=True):
+        ids = ids[..., None] * n + torch.div(torch.arange(extent), side, rounding_mode="floor")
+    ids = ids.reshape(-1)
+    if first == 0 and count == len(ids):
+        return ids, math.prod(n_boxes)
+    return ids[torch.remainder(torch.arange(count, dtype=torch.int64) + first, len(ids))], math.prod(n_boxes)
 
 
 def route_selection(prim: ir.Prim, q: torch.Tensor, k: torch.Tensor, ctx: Context, heads=None) -> torch.Tensor:

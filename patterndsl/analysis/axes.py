@@ -12,11 +12,15 @@ millions of pairs.
 
 from __future__ import annotations
 
+import functools
+import itertools
+
 import numpy as np
 import torch
 
 from patterndsl import ir, primitives, semantics
 from patterndsl.primitives.common import distinct_rows
+from patterndsl.primitives.neighborhood import neighborhood_axes
 
 #: Elements evaluated at a time.
 _CHUNK = 1 << 22
@@ -49,6 +53,7 @@ class AxisSplit:
         items = node.items if isinstance(node, (ir.Inter, ir.Union)) else (node,)
         groups: dict[int, list[ir.Node]] = {}
         self.usable = layout is not None and not ir.is_dynamic(node)
+        static = self.usable
         for item in items if self.usable else ():
             axes = _axes_of(item, layout)
             if axes is None or len(axes) != 1:
@@ -58,6 +63,12 @@ class AxisSplit:
         self.usable = self.usable and len(groups) > 1
         combine = ir.union if self.union else ir.inter
         self.parts = {x: combine(*group) for x, group in groups.items()} if self.usable else {}
+        #: A union of products over axes (:func:`_product_terms`), counted by inclusion-exclusion; None
+        #: when the parts above apply or the node is not of that form.
+        self.terms = None
+        if static and not self.usable and isinstance(node, (ir.Inter, ir.Union)):
+            self.terms = _product_terms(node, layout)
+            self.usable = self.terms is not None
 
     def count_pieces(self, engine, qi: np.ndarray, ki: np.ndarray) -> tuple[np.ndarray, int]:
         """Allowed pairs of every pair of pieces ``(engine.q piece qi[i], engine.k piece ki[i])`` and the
@@ -68,6 +79,8 @@ class AxisSplit:
         sides' pieces (a few thousand) and a pair of pieces is a pair of their indices, so no
         ``[pairs, 6]`` rows are built and sorted (HaloNet at a million tokens: 314,000 tiles a head).
         """
+        if self.terms is not None:
+            return self._count_terms(engine, qi, ki)
         q, k = engine.q, engine.k
         total = np.ones(len(qi), np.int64)
         elements = 0
@@ -75,24 +88,52 @@ class AxisSplit:
             if x not in self.parts:
                 total *= q.n[qi, x] * k.n[ki, x]
                 continue
-            quniq, qid = distinct_rows(np.stack([q.a[:, x], q.s[:, x], q.n[:, x]], 1))
-            kuniq, kid = distinct_rows(np.stack([k.a[:, x], k.s[:, x], k.n[:, x]], 1))
-            code = qid[qi] * len(kuniq) + kid[ki]
-            if len(quniq) * len(kuniq) <= 4 * len(code) + 4096:
-                present = np.zeros(len(quniq) * len(kuniq), bool)
-                present[code] = True
-                codes = np.flatnonzero(present)
-                inv = (np.cumsum(present) - 1)[code]
-            else:
-                codes, inv = np.unique(code, return_inverse=True)
-            uniq = np.concatenate([quniq[codes // len(kuniq)], kuniq[codes % len(kuniq)]], 1)
+            uniq, inv = _axis_pairs(q, k, qi, ki, x)
             allowed, spent = self._axis_counts(engine, x, uniq)
             elements += spent
-            c = allowed[inv.reshape(-1)]
+            c = allowed[inv]
             total *= q.n[qi, x] * k.n[ki, x] - c if self.union else c
         if self.union:
             total = q.n[qi].prod(1) * k.n[ki].prod(1) - total
         return total, elements
+
+    def _count_terms(self, engine, qi: np.ndarray, ki: np.ndarray) -> tuple[np.ndarray, int]:
+        """:meth:`count_pieces` of a union of products over axes: by inclusion-exclusion over the terms,
+        the pairs of an intersection of terms being the product over axes of its per-axis counts (each
+        term's factor on an axis is one ``[n, n]`` matrix, a subset's the AND of its terms')."""
+        q, k = engine.q, engine.k
+        rank = q.n.shape[1]
+        mats = [{x: self._term_matrix(engine, x, factors) for x, factors in term.items()} for term in self.terms]
+        elements = sum(m.size for term in mats for m in term.values())
+        pairs = {}
+        total = np.zeros(len(qi), np.int64)
+        for r in range(1, len(mats) + 1):
+            for subset in itertools.combinations(mats, r):
+                prod = np.ones(len(qi), np.int64)
+                for x in range(rank):
+                    found = [m[x] for m in subset if x in m]
+                    if not found:
+                        prod *= q.n[qi, x] * k.n[ki, x]
+                        continue
+                    if x not in pairs:
+                        pairs[x] = _axis_pairs(q, k, qi, ki, x)
+                    uniq, inv = pairs[x]
+                    prod *= _lattice_counts(functools.reduce(np.logical_and, found), uniq)[inv]
+                total += prod if r % 2 else -prod
+        return total, elements
+
+    def _term_matrix(self, engine, x: int, factors) -> np.ndarray:
+        """The AND of a term's factors on axis ``x``, ``[n, n]`` bool over (query, key) coordinates."""
+        n = engine.q.extents[x]
+        out = np.ones((n, n), bool)
+        for factor in factors:
+            if isinstance(factor, ir.Prim) and factor.name == "neighborhood":  # NATTEN's rule on this axis
+                _n, size, dil, stride, causal = neighborhood_axes(factor, engine.env.layout)[x]
+                c = torch.arange(n, dtype=torch.int64)
+                out &= semantics.neighborhood_axis(c[:, None], c[None, :], n, size, dil, stride, causal).numpy()
+            else:
+                out &= _node_axis_matrix(factor, engine, x, n, n)
+        return out
 
     def _axis_counts(self, engine, x: int, uniq: np.ndarray) -> tuple[np.ndarray, int]:
         # Positions with every other coordinate 0: the part reads axis x alone.
@@ -121,11 +162,77 @@ class AxisSplit:
 
     def _axis_matrix(self, engine, x: int, nq: int, nk: int) -> np.ndarray:
         """The part of axis ``x`` on every (query coordinate, key coordinate) of that axis, ``[nq, nk]`` bool."""
-        stride = engine.q.strides[x]
-        i = torch.arange(nq, dtype=torch.int64)[:, None] * stride - engine.env.offset
-        j = torch.arange(nk, dtype=torch.int64)[None, :] * engine.k.strides[x]
-        val = semantics.evaluate(self.parts[x], i, j, engine.env.head, engine.ctx)
-        return val.expand(nq, nk).numpy()
+        return _node_axis_matrix(self.parts[x], engine, x, nq, nk)
+
+
+def _node_axis_matrix(node: ir.Node, engine, x: int, nq: int, nk: int) -> np.ndarray:
+    """``node`` (reading axis ``x`` alone) on every (query coordinate, key coordinate) of that axis, ``[nq, nk]``
+    bool: positions with every other coordinate 0."""
+    i = torch.arange(nq, dtype=torch.int64)[:, None] * engine.q.strides[x] - engine.env.offset
+    j = torch.arange(nk, dtype=torch.int64)[None, :] * engine.k.strides[x]
+    val = semantics.evaluate(node, i, j, engine.env.head, engine.ctx)
+    return val.expand(nq, nk).numpy()
+
+
+def _axis_pairs(q, k, qi: np.ndarray, ki: np.ndarray, x: int) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct (query progression, key progression) pairs on axis ``x`` of the piece pairs ``(qi, ki)``
+    (rows ``(aq, sq, nq, ak, sk, nk)``) and each piece pair's row."""
+    quniq, qid = distinct_rows(np.stack([q.a[:, x], q.s[:, x], q.n[:, x]], 1))
+    kuniq, kid = distinct_rows(np.stack([k.a[:, x], k.s[:, x], k.n[:, x]], 1))
+    code = qid[qi] * len(kuniq) + kid[ki]
+    if len(quniq) * len(kuniq) <= 4 * len(code) + 4096:
+        present = np.zeros(len(quniq) * len(kuniq), bool)
+        present[code] = True
+        codes = np.flatnonzero(present)
+        inv = (np.cumsum(present) - 1)[code]
+    else:
+        codes, inv = np.unique(code, return_inverse=True)
+    uniq = np.concatenate([quniq[codes // len(kuniq)], kuniq[codes % len(kuniq)]], 1)
+    return uniq, inv.reshape(-1)
+
+
+#: Most terms a union of products over axes may have (its intersections: ``2 ** terms - 1``).
+MAX_TERMS = 4
+
+
+def _product_terms(node: ir.Node, layout: ir.Layout) -> list[dict] | None:
+    """``node`` as a union of products over axes, or None.
+
+    A term is an intersection of factors, each a neighborhood (NATTEN's rule is a product over axes of a
+    rule on one axis) or a node reading one grid axis; terms reading one axis alone are joined into one
+    term per axis (``where(k.y == q.y) | where(k.y == q.y + 1)``). Returns per term ``{axis: [factors]}``,
+    a neighborhood listed on every axis; None without a neighborhood (the parts of :class:`AxisSplit`
+    cover the rest), with more than :data:`MAX_TERMS` terms, with axes the terms cannot be laid out
+    over (more than :data:`_DENSE_AXIS` coordinate pairs), or with any other factor.
+    """
+    rank = len(layout.shape)
+    if rank < 2 or any(n * n > _DENSE_AXIS for n in layout.shape):
+        return None
+    items = node.items if isinstance(node, ir.Union) else (node,)
+    terms, single, product = [], {}, False
+    for item in items:
+        atoms = item.items if isinstance(item, ir.Inter) else (item,)
+        term: dict[int, list] = {}
+        for atom in atoms:
+            if isinstance(atom, ir.Prim) and atom.name == "neighborhood":
+                product = True
+                for x in range(rank):
+                    term.setdefault(x, []).append(atom)
+                continue
+            axes = _axes_of(atom, layout)
+            if axes is None or len(axes) != 1:
+                return None
+            term.setdefault(next(iter(axes)), []).append(atom)
+        if len(term) == 1 and not any(isinstance(f, ir.Prim) and f.name == "neighborhood" for f in atoms):
+            ((x, factors),) = term.items()
+            single.setdefault(x, []).append(factors)
+        else:
+            terms.append(term)
+    # one term per axis: its factors as they are (their key ranges bound it), or the union of several
+    terms += [
+        {x: group[0] if len(group) == 1 else [ir.union(*(ir.inter(*f) for f in group))]} for x, group in single.items()
+    ]
+    return terms if product and len(terms) <= MAX_TERMS else None
 
 
 #: Most elements of one axis's (query coordinate, key coordinate) matrix :meth:`AxisSplit._axis_counts`

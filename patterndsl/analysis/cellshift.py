@@ -5,7 +5,8 @@ Comes in: a static node (a grid route's bound: the route as empty or full) and t
 grid row of keys, as tiles of a sub-engine); or a route's ``among`` and its (group box x block box)
 engine. Goes out: :func:`cell_states`, the node's states on the cells, the same as the engine's on every
 cell, the engine being run on one cell per class only; :func:`route_box_candidates`, the candidate
-(group, block) pairs, the engine being run on one group box per class only.
+(group, block) pairs, the engine being run on one group box per class only; :func:`static_tiles`, a static
+node's non-empty tiles and states, the engine being run on one query row per class only.
 
 A neighborhood on axis ``a`` holds ``(y, y')`` when ``y' = y (mod d)`` and
 ``y + lo[y] <= y' <= y + hi[y]``, its window relative to the query (``lo``, ``hi`` from
@@ -139,10 +140,11 @@ def box_candidates(node: ir.Node, layout: ir.Layout, qbox, kbox, run) -> np.ndar
     ng = tuple(-(-n // b) for n, b in zip(shape, qbox, strict=True))
     nb = tuple(-(-n // b) for n, b in zip(shape, kbox, strict=True))
     n_q, n_k = math.prod(ng), math.prod(nb)
-    reps, shifts = [], []
+    reps, shifts, reach = [], [], []
     for a, n in enumerate(shape):
         qb, kb = qbox[a], kbox[a]
         sig, _period = _signature(prims, layout, a)
+        reach.append(_block_reach(sig, qb, kb))
         shift = math.lcm(qb, kb)
         step = shift // qb
         i = np.arange(ng[a], dtype=np.int64)
@@ -161,7 +163,14 @@ def box_candidates(node: ir.Node, layout: ir.Layout, qbox, kbox, run) -> np.ndar
     heads = np.unique(rep_g)
     if len(heads) * n_k > MAX_REP_PAIRS:
         return None
-    found = run((heads[:, None] * n_k + np.arange(n_k, dtype=np.int64)[None, :]).reshape(-1))
+    # each representative's pairs with the blocks its groups' windows reach (the node allows no pair outside
+    # every window of its neighborhoods): the engine's answer on every block, for a fraction of the pairs
+    owner, block = np.arange(len(heads), dtype=np.int64), np.zeros(len(heads), np.int64)
+    for a, digit in enumerate(np.unravel_index(heads, ng)):
+        lo, hi = reach[a]
+        at, x = eng.expand_runs(np.arange(len(owner), dtype=np.int64), lo[digit[owner]], hi[digit[owner]] + 1)
+        owner, block = owner[at], block[at] * nb[a] + x
+    found = run(heads[owner] * n_k + block)
     ptr = np.searchsorted(found // n_k, np.append(heads, n_q))  # each representative's candidates
     at = np.searchsorted(heads, rep_g)
     g, pos = eng.expand_runs(np.arange(n_q, dtype=np.int64), ptr[at], ptr[at + 1])
@@ -174,6 +183,17 @@ def box_candidates(node: ir.Node, layout: ir.Layout, qbox, kbox, run) -> np.ndar
         moved.append(x)
     TALLY.copied += len(g) - len(found)
     return g * n_k + np.ravel_multi_index(tuple(moved), nb)
+
+
+def _block_reach(sig: np.ndarray, qb: int, kb: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per group box on an axis (of ``qb`` coordinates), the first and last block (of ``kb``) some window
+    of its coordinates reaches (``sig``: :func:`_signature`'s relative windows, lows and highs alternating)."""
+    n = len(sig)
+    y = np.arange(n, dtype=np.int64)[:, None]
+    starts = np.arange(0, n, qb)
+    lo = np.minimum.reduceat((y + sig[:, 1::2]).min(1), starts)
+    hi = np.maximum.reduceat((y + sig[:, 2::2]).max(1), starts)
+    return lo // kb, hi // kb
 
 
 def canonical(classes, layout: ir.Layout, qsize: int, ksize: int, r: np.ndarray, col: np.ndarray):
@@ -226,14 +246,81 @@ def cell_states(sub: eng.Engine, nodes, r: np.ndarray, col: np.ndarray, states) 
     return [states(sub, node, uniq)[inv] for node in nodes]
 
 
+def static_tiles(engine: eng.Engine, node: ir.Node) -> tuple[np.ndarray, np.ndarray] | None:
+    """``engine.run(node)`` on a grid (sorted non-empty tile keys and their states), the engine being run on the
+    query tiles of one grid row per class only; None when that does not apply (see below).
+
+    Tiles lie in grid rows (a row of the grid holds whole query and key tiles, queries and keys the same
+    grid in identity order). A query row repeating its class's first row ``P`` rows lower (on the outer
+    axes) has that row's non-empty key tiles ``P`` rows lower, with their states: ``node`` made of
+    neighborhoods allowing no pair outside their windows (which lie inside the grid), its non-empty key
+    tiles are in those windows, shifted inside the grid too. The representative rows are planned on the key
+    rows their windows reach."""
+    layout, ctx = engine.env.layout, engine.ctx
+    if layout is None or len(layout.shape) < 2 or ctx.offset != 0 or not (ctx.q_len == ctx.kv_len == layout.size):
+        return None
+    q, k = engine.q, engine.k
+    w = layout.shape[-1]
+    if not (q.identity and k.identity) or q.order is not None or k.order is not None or w % q.block or w % k.block:
+        return None
+    prims = _neighborhoods(node)
+    if not prims or _allows_outside(node):
+        return None
+    prims = tuple(dict.fromkeys(prims))
+    classes = _outer_classes(prims, layout)
+    if classes is None:
+        return None
+    outer = tuple(layout.shape[:-1])
+    tq, tk = w // q.block, w // k.block
+    coords = np.unravel_index(np.arange(math.prod(outer), dtype=np.int64), outer)
+    rep_row = np.ravel_multi_index(tuple(rep[c] for rep, c in zip(classes, coords, strict=True)), outer)
+    reps = np.flatnonzero(rep_row == np.arange(len(rep_row)))
+    if len(reps) * 4 > len(rep_row):  # too few rows repeat to pay
+        return None
+    # the key tiles the windows of each representative's query tiles reach: a box of key rows on the outer
+    # axes, a range of key tiles along the rows
+    reach = []
+    for a, n in enumerate(layout.shape):
+        sig, _period = _signature(prims, layout, a)
+        y = np.arange(n, dtype=np.int64)
+        reach.append(((y + sig[:, 1::2].T).min(0), (y + sig[:, 2::2].T).max(0)))
+    row, key_row = reps, np.zeros(len(reps), np.int64)
+    for a, n in enumerate(outer):
+        lo, hi = reach[a]
+        c = coords[a][row]
+        at, x = eng.expand_runs(np.arange(len(row), dtype=np.int64), lo[c], hi[c] + 1)
+        row, key_row = row[at], key_row[at] * n + x
+    lo, hi = reach[-1]
+    first = np.minimum.reduceat(lo, np.arange(0, w, q.block)) // k.block  # per query tile of a row
+    last = np.maximum.reduceat(hi, np.arange(0, w, q.block)) // k.block
+    pair = np.repeat(np.arange(len(row), dtype=np.int64), tq)
+    col = np.tile(np.arange(tq, dtype=np.int64), len(row))
+    at, kcol = eng.expand_runs(np.arange(len(pair), dtype=np.int64), first[col], last[col] + 1)
+    pair, col = pair[at], col[at]
+    domain = np.sort((row[pair] * tq + col) * engine.nkb + key_row[pair] * tk + kcol)
+    keys, state = engine.run(node, domain)
+    # every query tile reads its representative's, shifted by as many key rows as it lies below it
+    rm = keys // engine.nkb
+    start = np.searchsorted(rm, np.arange(engine.nqb + 1, dtype=np.int64))
+    mm = np.arange(engine.nqb, dtype=np.int64)
+    grid_row = mm // tq
+    m0 = rep_row[grid_row] * tq + mm % tq
+    mm, pos = eng.expand_runs(mm, start[m0], start[m0 + 1])
+    shift = (grid_row - rep_row[grid_row]) * tk  # per query tile, its key tiles' offset from its representative's
+    out = (mm - rm[pos]) * engine.nkb + keys[pos] + shift[mm]
+    TALLY.static += len(pos) - len(keys)
+    return out, state[pos]
+
+
 class _Tally:
     """Cells whose state was copied from their class's representative, candidate pairs copied from their
-    group's, tiles whose states were copied from their class's (:mod:`~patterndsl.analysis.tileshift`;
-    tests read them)."""
+    group's, tiles whose states were copied from their class's (:mod:`~patterndsl.analysis.tileshift`), a
+    static node's tiles copied from their query row's representative (tests read them)."""
 
     shifted = 0
     copied = 0
     tiles = 0
+    static = 0
 
 
 TALLY = _Tally()

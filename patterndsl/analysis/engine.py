@@ -85,6 +85,15 @@ def expand_runs(rows: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> tuple[np.nd
     return r, starts + np.arange(total, dtype=np.int64)
 
 
+def sorted_set(keys: np.ndarray) -> np.ndarray:
+    """``np.unique(keys)`` of integers by a sort (numpy 2's hashed unique took 0.26 s on 800,000 random int64
+    keys here, the sort 5 ms)."""
+    keys = np.sort(keys)
+    new = np.ones(len(keys), bool)
+    new[1:] = keys[1:] != keys[:-1]
+    return keys[new]
+
+
 class OverBudget(Exception):
     """Raised when a candidate order would need more element-wise evaluation than it may spend."""
 
@@ -125,7 +134,7 @@ CLASSIFY_CHUNK = 1 << 17
 class _Caches:
     """What an engine computes once for its sides and sizes: shared by the engines derived from it."""
 
-    __slots__ = ("axis_counts", "bounds", "chains", "memo", "reach", "routes")
+    __slots__ = ("axis_counts", "bounds", "chains", "memo", "reach", "route_tiles", "routes")
 
     def __init__(self):
         self.bounds = None
@@ -134,8 +143,10 @@ class _Caches:
         #: ``{node: {tile key: (some allowed, some not, allowed pairs)}}`` of tiles evaluated element-wise.
         self.memo: dict[ir.Node, dict[int, tuple[bool, bool, int]]] = {}
         self.chains = None
-        #: ``{route: (cand, n_q, n_k, qgroup, kblock, gq, gk)}`` (see :meth:`Engine.route_candidates`).
+        #: ``{route: (cand, n_q, n_k, qgroup, kblock)}`` (see :meth:`Engine.route_candidates`).
         self.routes: dict[ir.Prim, tuple] = {}
+        #: ``{route: (gq, gk)}`` (see :meth:`Engine._route_tiles`).
+        self.route_tiles: dict[ir.Prim, tuple] = {}
         #: ``{node: (sorted tile keys, allowed pairs)}`` counted axis by axis while classifying.
         self.axis_counts: dict[ir.Node, tuple[np.ndarray, np.ndarray]] = {}
 
@@ -888,6 +899,9 @@ class Engine:
         # states at once (no operand classified on its own, no tile left open).
         if domain is None:
             domain = self._bounded_domain(node)
+        terms = AxisSplit(node, self.env.layout).terms
+        if domain is None and terms is not None:
+            domain = self._terms_domain(terms)
         if domain is None:
             domain = self.search(self.node_decide(node))
         ref = self.refine(node, domain, counting=True)
@@ -906,6 +920,32 @@ class Engine:
         known, count = found
         pos = np.minimum(np.searchsorted(known, keys), max(len(known) - 1, 0))
         return count[pos] if len(known) and (known[pos] == keys).all() else None
+
+    def _terms_domain(self, terms: list[dict]) -> np.ndarray | None:
+        """Candidate tiles of a union of products over axes (:attr:`AxisSplit.terms`): per term, the key
+        tiles within every factor's needed-key ranges (per axis, as :meth:`_bounded_domain`), over the
+        sides' :meth:`~Side.boxes`; the union over terms. None when some term has no factor bounding its
+        keys (a branch and bound over key-tile ranges then)."""
+        from patterndsl.analysis.gridcands import Cells
+
+        (qt, qlo, qhi, qalo, qahi, _), _ = self.q.boxes()
+        (kt, _, _, kalo, kahi, _), _ = self.k.boxes()
+        cells = Cells(kalo, kahi)
+        if not cells.usable:
+            return None
+        parts = []
+        for term in terms:
+            alo = ahi = None
+            for factor in dict.fromkeys(f for factors in term.values() for f in factors):
+                need = cls.needed_keys(factor, qlo, qhi, qalo, qahi, self.env) if isinstance(factor, ir.Prim) else None
+                if need is None or need[2] is None:
+                    continue
+                alo = need[2] if alo is None else np.maximum(alo, need[2])
+                ahi = need[3] if ahi is None else np.minimum(ahi, need[3])
+            if alo is None:
+                return None
+            parts.append(cells.meeting(alo, ahi, qt, kt, self.nkb))
+        return np.unique(np.concatenate(parts)) if parts else np.zeros(0, np.int64)
 
     def _bounded_domain(self, node: ir.Node) -> np.ndarray | None:
         # An intersection on a grid whose operands bound the key coordinates (each its needed-key
@@ -962,15 +1002,21 @@ class Engine:
             key index (as in :func:`patterndsl.semantics.route_blocks`).
         """
         if prim in self._caches.routes:
-            return self._caches.routes[prim][:5]
+            return self._caches.routes[prim]
         among = prim.arg("among")
         if ir.is_dynamic(among):
             raise PatternError("route(among = ...) cannot itself contain route(...)", prim.span)
         n_q, n_k, qgroup, kblock = semantics.route_blocks(prim, self.ctx)
         qgroup, kblock = qgroup.numpy(), kblock.numpy()
         boxes = isinstance(prim.arg("block"), tuple) or isinstance(prim.arg("qblock"), tuple)
-        qcoarse = _group_side(qgroup, n_q, self.q, self.env.offset, self.env.layout, boxes)
-        kcoarse = _group_side(kblock, n_k, self.k, 0, self.env.layout, boxes)
+        qbox = kbox = None
+        if boxes:
+            rank = len(self.env.layout.shape)
+            block, qblock = prim.arg("block"), prim.arg("qblock")
+            kbox = tuple(semantics._per_axis(block, rank, "route block"))
+            qbox = tuple(semantics._per_axis(block if qblock is None else qblock, rank, "route qblock"))
+        qcoarse = _group_side(qgroup, n_q, self.q, self.env.offset, self.env.layout, boxes, qbox)
+        kcoarse = _group_side(kblock, n_k, self.k, 0, self.env.layout, boxes, kbox)
         # Under grouped-query attention the heads sharing a key-value head share one choice
         # among the union of their candidates, and a plan does not know the grouping: when
         # among reads h, a head's candidates are the union over every head (a superset of any
@@ -989,20 +1035,26 @@ class Engine:
             found.append(sub.run(node, None)[0] if shifted is None else shifted)
             self.tally.evaluated += sub.evaluated
         ckeys = found[0] if len(found) == 1 else np.unique(np.concatenate(found))
-        # Which tiles each group / block meets: sorted ``group * n_tiles + tile`` (one entry per pair).
-        qtile = np.empty(len(qgroup), np.int64)
-        qtile[slice(None) if self.q.order is None else self.q.order] = np.repeat(
-            np.arange(self.nqb), np.diff(self.q.starts)
-        )
-        ktile = np.empty(len(kblock), np.int64)
-        ktile[slice(None) if self.k.order is None else self.k.order] = np.repeat(
-            np.arange(self.nkb), np.diff(self.k.starts)
-        )
-        gq = np.unique(qgroup * self.nqb + qtile)
-        gk = np.unique(kblock * self.nkb + ktile)
-        info = (ckeys, n_q, n_k, qgroup, kblock, gq, gk)
+        info = (ckeys, n_q, n_k, qgroup, kblock)
         self._caches.routes[prim] = info
-        return info[:5]
+        return info
+
+    def _route_tiles(self, prim: ir.Prim) -> tuple[np.ndarray, np.ndarray]:
+        """``(gq, gk)``: which tiles each group / block of ``prim`` meets, sorted ``group * n_tiles + tile`` (one
+        entry per pair); listed on first use (a grid route planned as runs never reads them)."""
+        if prim not in self._caches.route_tiles:
+            _, _, _, qgroup, kblock = self.route_candidates(prim)
+            qtile = np.empty(len(qgroup), np.int64)
+            qtile[slice(None) if self.q.order is None else self.q.order] = np.repeat(
+                np.arange(self.nqb), np.diff(self.q.starts)
+            )
+            ktile = np.empty(len(kblock), np.int64)
+            ktile[slice(None) if self.k.order is None else self.k.order] = np.repeat(
+                np.arange(self.nkb), np.diff(self.k.starts)
+            )
+            gq, gk = sorted_set(qgroup * self.nqb + qtile), sorted_set(kblock * self.nkb + ktile)
+            self._caches.route_tiles[prim] = (gq, gk)
+        return self._caches.route_tiles[prim]
 
     def route_incidence(self, prim: ir.Prim, pairs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Tiles met by (query group, key block) pairs of a route, one entry per (pair, tile).
@@ -1015,8 +1067,8 @@ class Engine:
             ``(owner, keys)``: ``pairs[owner[t]]`` meets tile ``keys[t]`` (``m * n_key_tiles + n``);
             each (pair, tile) once, so counting entries per tile counts the pairs meeting it.
         """
-        self.route_candidates(prim)
-        _, n_q, n_k, _, _, gq, gk = self._caches.routes[prim]
+        _, n_q, n_k, _, _ = self.route_candidates(prim)
+        gq, gk = self._route_tiles(prim)
         a, b = pairs // n_k, pairs % n_k
         gq_ptr = np.searchsorted(gq // self.nqb, np.arange(n_q + 1))
         gk_ptr = np.searchsorted(gk // self.nkb, np.arange(n_k + 1))
@@ -1027,14 +1079,13 @@ class Engine:
 
     def route_pairs_per_tile(self, prim: ir.Prim) -> tuple[np.ndarray, np.ndarray]:
         """``(groups, blocks)``: how many query groups meet each query tile, key blocks each key tile."""
-        self.route_candidates(prim)
-        gq, gk = self._caches.routes[prim][5:]
+        gq, gk = self._route_tiles(prim)
         return np.bincount(gq % self.nqb, minlength=self.nqb), np.bincount(gk % self.nkb, minlength=self.nkb)
 
     def route_tiles_per_group(self, prim: ir.Prim) -> np.ndarray:
         """How many query tiles each query group of ``prim`` meets."""
         n_q = self.route_candidates(prim)[1]
-        return np.bincount(self._caches.routes[prim][5] // self.nqb, minlength=n_q)
+        return np.bincount(self._route_tiles(prim)[0] // self.nqb, minlength=n_q)
 
     def selection(self, node: ir.Node) -> dict | None:
         """The fixed choice of every route in ``node`` as :func:`semantics.evaluate` takes it, or None."""
@@ -1267,8 +1318,10 @@ class PairTable:
         return self.keys[pos] == want
 
 
-def _group_side(group: np.ndarray, count: int, fine: Side, offset: int, layout, boxes: bool) -> Side:
-    """A side whose tiles are route's query groups / key blocks (boxes, or runs of positions)."""
+def _group_side(group: np.ndarray, count: int, fine: Side, offset: int, layout, boxes: bool, box=None) -> Side:
+    """A side whose tiles are route's query groups / key blocks (boxes of extents ``box``, or runs of positions)."""
+    if box is not None and offset == 0 and len(group) == math.prod(layout.shape):
+        return _box_side(fine, tuple(layout.shape), box)
     order = np.argsort(group, kind="stable").astype(np.int64)
     starts = np.searchsorted(group[order], np.arange(count + 1)).astype(np.int64)
     idx = order
@@ -1295,6 +1348,28 @@ def _group_side(group: np.ndarray, count: int, fine: Side, offset: int, layout, 
     tile = np.arange(count, dtype=np.int64)
     ptr = np.arange(count + 1, dtype=np.int64)
     return Side(fine.length, 1, offset, fine.extents, fine.strides, order, ptr, tile, a, s, n, False, starts)
+
+
+def _box_side(fine: Side, shape: tuple[int, ...], box: tuple[int, ...]) -> Side:
+    """:func:`_group_side` of the boxes of a whole grid (every position once, in order), without a sort: the
+    positions of each box row-major, box after box (the grid padded to whole boxes, its axes regrouped)."""
+    n_boxes = [-(-n // b) for n, b in zip(shape, box, strict=True)]
+    d = len(shape)
+    padded = np.full([g * b for g, b in zip(n_boxes, box, strict=True)], -1, np.int64)
+    padded[tuple(slice(0, n) for n in shape)] = np.arange(math.prod(shape), dtype=np.int64).reshape(shape)
+    split = padded.reshape([x for g, b in zip(n_boxes, box, strict=True) for x in (g, b)])
+    order = split.transpose(list(range(0, 2 * d, 2)) + list(range(1, 2 * d, 2))).reshape(-1)
+    order = order[order >= 0]
+    # each box's first coordinates and extents per axis
+    digits = np.unravel_index(np.arange(math.prod(n_boxes), dtype=np.int64), n_boxes)
+    a = np.stack([g * b for g, b in zip(digits, box, strict=True)], 1).astype(np.int64)
+    n = np.minimum(a + np.asarray(box, np.int64), np.asarray(shape, np.int64)) - a
+    count = len(a)
+    starts = np.zeros(count + 1, np.int64)
+    np.cumsum(n.prod(1), out=starts[1:])
+    tile = np.arange(count, dtype=np.int64)
+    ptr = np.arange(count + 1, dtype=np.int64)
+    return Side(fine.length, 1, 0, fine.extents, fine.strides, order, ptr, tile, a, np.ones_like(a), n, False, starts)
 
 
 def _runs_side(group, count, fine: Side, order, starts) -> Side:

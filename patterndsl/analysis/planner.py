@@ -488,6 +488,9 @@ def _assemble(pir, cand: _Candidate, groups, head_group, sizes: Sizes, bm, bn, s
     evaluated = 0
     for (node, hs), found in zip(groups, cand.groups, strict=True):
         keys, state, engine, routed = found.keys, found.state, found.engine, found.routed
+        # The order is chosen: its counts are due whatever budget its classification had left (a
+        # budgeted order that won raised OverBudget here, out of Pattern.plan, when its counts needed more).
+        engine.tally.budget = None
         if isinstance(routed, routeruns.RoutedRuns):
             out_groups.append(_routed_runs_group(pir, node, hs, found, stats, rows, cols, cand))
             evaluated += engine.tally.evaluated

@@ -44,7 +44,7 @@ import numpy as np
 from patterndsl import ir
 from patterndsl.analysis import engine as eng
 from patterndsl.analysis import routetiles
-from patterndsl.analysis.routeruns import Steps, _compact, _rle, end_tiles, ranges
+from patterndsl.analysis.routeruns import Steps, _compact, _summed, end_tiles, merged, ranges
 
 #: Most candidate (group, block) pairs listed (``among`` other than ``full``).
 MAX_CANDIDATE_PAIRS = 1 << 25
@@ -93,6 +93,7 @@ class GridGeometry:
         gx = np.arange(self.ngx, dtype=np.int64)
         self.gt0 = gx * self.qx // bm
         self.gt1 = (np.minimum((gx + 1) * self.qx, self.w) - 1) // bm + 1
+        self.one_tile = bool((self.gt1 - self.gt0 == 1).all())
 
     def shared_rows(self, group: np.ndarray):
         """``(index, v)``: every *shared* query tile ``v`` of each ``group[index]``: one per outer group box and
@@ -100,20 +101,36 @@ class GridGeometry:
         the same, so is every per-tile quantity of the candidates: built once, copied by :meth:`spread`)."""
         gx = group % self.ngx
         base = group // self.ngx * self.tq
+        if self.one_tile:  # every group column inside one tile: one shared tile a group
+            return np.arange(len(group), dtype=np.int64), base + self.gt0[gx]
         return eng.expand_runs(np.arange(len(group), dtype=np.int64), base + self.gt0[gx], base + self.gt1[gx])
 
     @property
     def n_shared(self) -> int:
         return self.n_q // self.ngx * self.tq
 
+    def spread_all(self, steps: list[Steps]) -> tuple[Steps, list[np.ndarray]]:
+        """Functions over the shared query tiles, overlaid there and copied to every query tile once:
+        ``(index, values)``, Steps over every query tile of the index of its segment among the overlaid
+        ones (the segments the functions copied one by one would overlay into), and each function's
+        value on those (read at the index)."""
+        key, values = merged(steps)
+        key, index = self._spread(key, steps[0].width)
+        return Steps(key, index, steps[0].width), values
+
     def spread(self, s: Steps) -> Steps:
         """Steps over the shared query tiles (:meth:`shared_rows`) as Steps over every query tile."""
-        width = s.width
+        key, index = self._spread(s.key, s.width)
+        return Steps(key, s.value[index], s.width)
+
+    def _spread(self, key: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
+        """The segment starts ``key`` over the shared query tiles copied to every query tile, and the index
+        of the start each copy comes from."""
         m = np.arange(self.nqb, dtype=np.int64)
         v = self._outer(m // self.tq, self.qbox, self.ng) * self.tq + m % self.tq
-        start = np.searchsorted(s.key, np.arange(self.n_shared + 1, dtype=np.int64) * width)
-        mm, pos = eng.expand_runs(m, start[v], start[v + 1])
-        return Steps(mm * width + s.key[pos] % width, s.value[pos], width)
+        start = np.searchsorted(key, np.arange(self.n_shared + 1, dtype=np.int64) * width)
+        mm, index = eng.expand_runs(m, start[v], start[v + 1])
+        return mm * width + (key % width)[index], index
 
     def _box_rows(self, outer: np.ndarray, box: tuple[int, ...], radix: tuple[int, ...], axes: int | None = None):
         """``(index, row)``: every row of the grid holding the outer box ``outer[index]`` (row-major over
@@ -263,90 +280,171 @@ def candidates(engine: eng.Engine, prim: ir.Prim, geo: GridGeometry) -> routetil
 
 class GridSpans:
     """The candidate runs' key tiles (touched, covered, end counts) on the query tiles of their groups:
-    the grid form of :class:`routeruns._Spans` (same :meth:`cover` and :meth:`over`)."""
+    the grid form of :class:`routeruns._Spans` (same :meth:`cover` and :meth:`over`).
+
+    A run's blocks of one block row that are not whole grid rows (a *box*, :meth:`GridGeometry.pieces`)
+    touch, cover and end in the same key tiles of every grid row the block row spans: those are found per
+    box and laid out on the rows last (for the ranges of :meth:`cover`, once per set of boxes alike on a
+    shared query tile; for :meth:`over`, only where the cap is passed)."""
 
     def __init__(self, geo: GridGeometry, cand: routetiles.RunTable, run_open: np.ndarray):
         self.geo, self.cand, self.run_open = geo, cand, run_open
         (self.w_run, self.w_first, self.w_last), part = geo.pieces(cand)
-        pr, outer, u0, u1 = part
+        self.b_run, self.b_outer, self.b_u0, self.b_u1 = part
         bx0, bx1 = geo.bx0, geo.bx1
-        t0 = np.searchsorted(bx1, u0, "right")
-        t1 = np.searchsorted(bx0, u1, "left")
-        f0 = np.searchsorted(bx0, u0, "left")
-        f1 = np.searchsorted(bx1, u1, "right")
-        # one range of key tiles per row of the grid the blocks span
-        piece, row = geo._box_rows(outer, geo.kbox[:-1], geo.nbk[:-1])
-        base = row * geo.tk
-        self.p_run = pr[piece]
-        self.p_t0, self.p_t1 = base + t0[piece], base + t1[piece]
-        self.p_f0, self.p_f1 = base + f0[piece], base + f1[piece]
-        self.p_u0, self.p_u1, self.p_base = u0[piece], u1[piece], base
-        # ranges of one run: (run, touched lo, hi, covered lo, hi)
-        self.r_run = np.concatenate([self.w_run, self.p_run])
-        self.r_t = (np.concatenate([self.w_first, self.p_t0]), np.concatenate([self.w_last, self.p_t1]))
-        self.r_f = (np.concatenate([self.w_first, self.p_f0]), np.concatenate([self.w_last, self.p_f1]))
-        self._rows = None
+        # per box, the key tiles of a grid row (0 to tk) it touches and covers whole
+        self.b_t = (np.searchsorted(bx1, self.b_u0, "right"), np.searchsorted(bx0, self.b_u1, "left"))
+        self.b_f = (np.searchsorted(bx0, self.b_u0, "left"), np.searchsorted(bx1, self.b_u1, "right"))
+        digits = np.unravel_index(self.b_outer, geo.nbk[:-1]) if len(geo.outer) else ()
+        self.b_rows = np.ones(len(self.b_outer), np.int64)  # grid rows of each box's block row
+        for d, box, n in zip(digits, geo.kbox[:-1], geo.outer, strict=True):
+            self.b_rows *= np.minimum(d * box + box, n) - d * box
+        self.n_outer = math.prod(geo.nbk[:-1])
+        self._covers = {}
+        self._end_tiles = None
+        self._checked = False
 
-    def _on_tiles(self, sel: np.ndarray, lo: np.ndarray, hi: np.ndarray, weight=1) -> Steps:
-        """Steps summing ``weight`` over the ranges ``[lo, hi)`` of the selected ranges, on every query
-        tile of their run's group."""
+    def _rows(self, outer: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(index, base)``: the first key tile of every grid row of the block rows ``outer[index]``."""
         geo = self.geo
-        if self._rows is None:  # (range, shared query tile) pairs: listed once for every Steps built
-            idx, v = geo.shared_rows(self.cand.group[self.r_run])
-            _check(len(v))
-            self._rows = idx, v
-        idx, v = self._rows
-        keep = sel[idx]
-        idx = idx[keep]
-        return geo.spread(ranges(v[keep], lo[idx], hi[idx], weight, geo.n_shared, geo.nkb))
+        index, row = geo._box_rows(outer, geo.kbox[:-1], geo.nbk[:-1])
+        return index, row * geo.tk
+
+    def _on_tiles(self, which: bool | None, b_lo: np.ndarray, b_hi: np.ndarray) -> Steps:
+        """Steps over the shared query tiles of the selected runs' groups counting the runs whose whole grid
+        rows, or whose boxes' tiles ``[b_lo, b_hi)`` (per grid row), hold each tile."""
+        geo, group = self.geo, self.cand.group
+        per_group = geo.gt1 - geo.gt0  # shared query tiles of a group column
+        if not self._checked:  # (range, shared tile) pairs the ranges stand for, as if listed row by row
+            w_pairs = int(per_group[group[self.w_run] % geo.ngx].sum())
+            _check(w_pairs + int((self.b_rows * per_group[group[self.b_run] % geo.ngx]).sum()))
+            self._checked = True
+        w = np.flatnonzero(self._selected(self.w_run, which))
+        i, v = geo.shared_rows(group[self.w_run[w]])
+        m, lo, hi, weight = [v], [self.w_first[w][i]], [self.w_last[w][i]], [np.ones(len(i), np.int64)]
+        b = np.flatnonzero(self._selected(self.b_run, which) & (b_lo < b_hi))
+        if not len(b):  # whole grid rows only (among = full)
+            return ranges(m[0], lo[0], hi[0], 1, geo.n_shared, geo.nkb)
+        j, v = geo.shared_rows(group[self.b_run[b]])
+        b = b[j]
+        # boxes alike (same shared tile, block row and tiles): one range a grid row, weighted by their number
+        radix = geo.tk + 1
+        if geo.n_shared * self.n_outer * radix * radix < 1 << 62:
+            key, count = _summed(
+                ((v * self.n_outer + self.b_outer[b]) * radix + b_lo[b]) * radix + b_hi[b], np.ones(len(b), np.int64)
+            )
+            key, bhi = np.divmod(key, radix)
+            key, blo = np.divmod(key, radix)
+            v, outer = np.divmod(key, self.n_outer)
+        else:
+            outer, blo, bhi, count = self.b_outer[b], b_lo[b], b_hi[b], np.ones(len(b), np.int64)
+        k, base = self._rows(outer)
+        m.append(v[k])
+        lo.append(base + blo[k])
+        hi.append(base + bhi[k])
+        weight.append(count[k])
+        m, lo, hi, weight = (np.concatenate(a) for a in (m, lo, hi, weight))
+        return ranges(m, lo, hi, weight, geo.n_shared, geo.nkb)
+
+    def _selected(self, run: np.ndarray, which: bool | None) -> np.ndarray:
+        return np.ones(len(run), bool) if which is None else self.run_open[run] == which
 
     def cover(self, which: bool | None, covered: bool = True):
-        """``(touched, covered)`` Steps of the groups' runs (all; open only: True; forced only: False);
-        ``covered=False``: ``(touched, None)``."""
-        open_ = self.run_open[self.r_run]
-        sel = np.ones(len(self.r_run), bool) if which is None else open_ == which
-        return self._on_tiles(sel, *self.r_t), self._on_tiles(sel, *self.r_f) if covered else None
+        """``(touched, covered)`` Steps over the shared query tiles (:meth:`GridGeometry.shared_rows`) of the
+        groups' runs (all; open only: True; forced only: False); ``covered=False``: ``(touched, None)``.
+        A selection of every run gives the Steps of all of them, the same object."""
+        if which is not None and (self.run_open == which).all():
+            which = None
+        out = []
+        for name, ends in (("touched", self.b_t), ("covered", self.b_f))[: 2 if covered else 1]:
+            if (which, name) not in self._covers:
+                self._covers[which, name] = self._on_tiles(which, *ends)
+            out.append(self._covers[which, name])
+        return out[0], out[1] if covered else None
+
+    def _ends(self, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(key, blocks)``: the end tiles of the kept runs' boxes (touched, not covered: at most two a box)
+        as distinct ``(group * n_outer + block row) * tk + tile of the grid row``, with the group's candidate
+        blocks there (summed over its boxes of the block row; the same in every grid row of the block row
+        and for every cap: found once for the runs ``keep``)."""
+        if self._end_tiles is None or self._end_tiles[0] is not keep:
+            geo = self.geo
+            er, t = end_tiles(keep[self.b_run], *self.b_t, *self.b_f)
+            overlap = np.minimum(self.b_u1[er], geo.bx1[t]) - np.maximum(self.b_u0[er], geo.bx0[t])
+            key = (self.cand.group[self.b_run[er]] * self.n_outer + self.b_outer[er]) * geo.tk + t
+            self._end_tiles = (keep, *_summed(key, overlap))
+        return self._end_tiles[1:]
 
     def over(self, keep: np.ndarray, cap: np.ndarray) -> Steps:
-        """Bool Steps: some group of the kept runs has more than ``cap[group]`` candidate blocks in the tile."""
+        """Bool Steps over the shared query tiles: some group of the kept runs has more than ``cap[group]``
+        candidate blocks in the tile."""
         geo, g = self.geo, self.cand.group
         nb = geo.nb
         c = cap[g]
         out_g, out_lo, out_hi = [], [], []
         # covered tiles hold nb[t] of the run's blocks: over everywhere (cap below every nb), nowhere
-        # (cap at least every nb) or tile by tile
-        run = self.r_run
-        f0, f1 = self.r_f
+        # (cap at least every nb) or tile by tile; whole grid rows as ranges of tiles, boxes per grid row
+        run, f0, f1 = self.w_run, self.w_first, self.w_last
         live = keep[run] & (c[run] < nb.max()) & (f0 < f1)
         whole = live & (c[run] < nb.min())
         out_g.append(g[run[whole]])
         out_lo.append(f0[whole])
         out_hi.append(f1[whole])
         mixed = np.flatnonzero(live & ~whole)
+        listed = self._box_over(keep, c, nb, (out_g, out_lo, out_hi))
+        _check(int((f1[mixed] - f0[mixed]).sum()) + listed)  # tiles tested one by one, as if listed per row
         if len(mixed):
-            _check(int((f1[mixed] - f0[mixed]).sum()))
             at, n = eng.expand_runs(mixed, f0[mixed], f1[mixed])
             hot = nb[n % geo.tk] > c[run[at]]
             out_g.append(g[run[at[hot]]])
             out_lo.append(n[hot])
             out_hi.append(n[hot] + 1)
-        # end tiles of the partial block rows: touched, not covered (at most two per grid row and run)
-        er, en = end_tiles(keep[self.p_run], self.p_t0, self.p_t1, self.p_f0, self.p_f1)
-        if len(er):
-            t = en - self.p_base[er]
-            overlap = np.minimum(self.p_u1[er], geo.bx1[t]) - np.maximum(self.p_u0[er], geo.bx0[t])
-            key = g[self.p_run[er]] * geo.nkb + en
-            order = np.argsort(key, kind="stable")
-            key, total = _rle(key[order], overlap[order])
-            hot = total > cap[key // geo.nkb]
-            out_g.append(key[hot] // geo.nkb)
-            out_lo.append(key[hot] % geo.nkb)
-            out_hi.append(key[hot] % geo.nkb + 1)
+        if len(self.b_run):  # end tiles of the boxes: touched, not covered
+            key, total = self._ends(keep)
+            hot = total > cap[key // (self.n_outer * geo.tk)]
+            group, rest = np.divmod(key[hot], self.n_outer * geo.tk)
+            outer, t = np.divmod(rest, geo.tk)
+            k, base = self._rows(outer)
+            out_g.append(group[k])
+            out_lo.append(base + t[k])
+            out_hi.append(base + t[k] + 1)
         group, lo, hi = (np.concatenate(a) for a in (out_g, out_lo, out_hi))
         idx, v = geo.shared_rows(group)
         _check(len(v))
-        s = geo.spread(ranges(v, lo[idx], hi[idx], 1, geo.n_shared, geo.nkb))
+        s = ranges(v, lo[idx], hi[idx], 1, geo.n_shared, geo.nkb)
         return _compact(s.key, (s.value > 0).astype(np.int64), s.width)
+
+    def _box_over(self, keep: np.ndarray, c: np.ndarray, nb: np.ndarray, out) -> int:
+        """:meth:`over` on the tiles the kept runs' boxes cover (``c``: each run's cap): the ranges over it
+        appended to ``out``; returns the tiles listed one by one, counted per grid row (for the size check)."""
+        if not len(self.b_run):
+            return 0
+        g = self.cand.group
+        out_g, out_lo, out_hi = out
+        b0, b1 = self.b_f
+        b_live = keep[self.b_run] & (c[self.b_run] < nb.max()) & (b0 < b1)
+        b_whole = np.flatnonzero(b_live & (c[self.b_run] < nb.min()))
+        b_mixed = np.flatnonzero(b_live & (c[self.b_run] >= nb.min()))
+        at, t = eng.expand_runs(b_mixed, b0[b_mixed], b1[b_mixed])
+        hot = nb[t] > c[self.b_run[at]]
+        box = np.concatenate([b_whole, at[hot]])
+        lo_t = np.concatenate([b0[b_whole], t[hot]])
+        hi_t = np.concatenate([b1[b_whole], t[hot] + 1])
+        k, base = self._rows(self.b_outer[box])
+        out_g.append(g[self.b_run[box[k]]])
+        out_lo.append(base + lo_t[k])
+        out_hi.append(base + hi_t[k])
+        return int((self.b_rows[b_mixed] * (b1[b_mixed] - b0[b_mixed])).sum())
+
+
+def read_at(values: list[np.ndarray], index: np.ndarray) -> list[np.ndarray]:
+    """``[v[index] for v in values]``, an array given twice read once, a constant one a read-only broadcast
+    (the route's counts on the shared segments, read on every segment: the forced ones are often none)."""
+    found = {}
+    for v in values:
+        if id(v) not in found:
+            found[id(v)] = np.broadcast_to(v[0], len(index)) if len(v) and v.min() == v.max() else v[index]
+    return [found[id(v)] for v in values]
 
 
 def classify(engine: eng.Engine, node: ir.Node):

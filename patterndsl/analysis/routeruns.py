@@ -63,7 +63,10 @@ def _rle(key: np.ndarray, weight: np.ndarray):
     """Consecutive equal keys summed (events come grouped by row: most collapse before the sort)."""
     if len(key) < 2:
         return key, weight
-    first = np.flatnonzero(np.concatenate([[True], key[1:] != key[:-1]]))
+    new = np.concatenate([[True], key[1:] != key[:-1]])
+    if new.all():  # nothing collapses (a grid route's events): no copies
+        return key, weight
+    first = np.flatnonzero(new)
     return key[first], np.add.reduceat(weight, first)
 
 
@@ -76,30 +79,100 @@ def ranges(m, lo, hi, weight, nqb: int, nkb: int) -> Steps:
     k1, w1 = _rle(m * width + lo, weight)
     k2, w2 = _rle(m * width + hi, -weight)
     rows = np.arange(nqb, dtype=np.int64) * width
-    keys = np.concatenate([rows, k1, k2])
-    key, inv = np.unique(keys, return_inverse=True)
-    delta = np.bincount(inv, weights=np.concatenate([np.zeros(nqb), w1, w2]), minlength=len(key))
-    value = np.rint(np.cumsum(delta)).astype(np.int64)
-    keep = key % width < nkb
-    return _compact(key[keep], value[keep], width)
+    key, delta = _summed(np.concatenate([rows, k1, k2]), np.concatenate([np.zeros(nqb, np.int64), w1, w2]))
+    value = np.cumsum(delta)
+    col = key % width
+    keep = col < nkb
+    key, value, col = key[keep], value[keep], col[keep]
+    new = np.ones(len(key), bool)  # _compact, every row starting at col 0
+    new[1:] = (value[1:] != value[:-1]) | (col[1:] == 0)
+    return Steps(key[new], value[new], width)
+
+
+def _summed(keys: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct ``keys`` (non-negative) sorted, with the ``weights`` (integers) of each summed.
+
+    Each weight rides in the low digits of its key, so that one plain sort (numpy's vectorised one,
+    a few times faster than an argsort or ``np.unique(return_inverse=True)`` on a million keys) orders
+    both; an argsort when the packed keys would not fit in 62 bits."""
+    if not len(keys):
+        return keys, weights
+    bound = int(np.abs(weights).max())
+    shift = (2 * bound).bit_length()
+    if int(keys.max()) < (1 << (62 - shift)):
+        packed = np.sort((keys << shift) | (weights + bound))
+        keys, weights = packed >> shift, (packed & ((1 << shift) - 1)) - bound
+    else:
+        order = np.argsort(keys, kind="stable")
+        keys, weights = keys[order], weights[order]
+    first = np.flatnonzero(np.concatenate([[True], keys[1:] != keys[:-1]]))
+    return keys[first], np.add.reduceat(weights, first)
 
 
 def tile_steps(keys: np.ndarray, value: np.ndarray, nqb: int, nkb: int) -> Steps:
     """Values on single tiles ``keys`` (``m * nkb + n``), 0 elsewhere."""
-    m, n = keys // nkb, keys % nkb
-    return ranges(m, n, n + 1, value.astype(np.int64), nqb, nkb)
+    m = keys // nkb
+    n = keys - m * nkb
+    value = value.astype(np.int64)
+    if len(keys) > 1 and not (keys[1:] > keys[:-1]).all():
+        return ranges(m, n, n + 1, value, nqb, nkb)
+    # sorted distinct tiles (an engine's plan): each tile's segment, then a zero one unless the next tile
+    # follows or the row ends, already in order; the rows' zero segments inserted before their first tile
+    width = nkb + 1
+    start = m * width + n
+    ends = n < nkb - 1
+    ends[:-1] &= start[1:] != start[:-1] + 1
+    take = np.stack([np.ones(len(start), bool), ends], 1)
+    key = np.stack([start, start + 1], 1)[take]
+    val = np.stack([value, np.zeros_like(value)], 1)[take]
+    bare = np.ones(nqb, bool)
+    bare[m[n == 0]] = False
+    rows = np.flatnonzero(bare) * width
+    at = np.searchsorted(key, rows)
+    key, val = np.insert(key, at, rows), np.insert(val, at, 0)
+    return _compact(key, val, width)
 
 
 def overlay(steps: list[Steps], nkb: int):
     """A common segmentation: ``(m, lo, hi, values)`` with each function's value per segment."""
     width = nkb + 1
-    key = sorted_unique(np.concatenate([s.key for s in steps]))
+    key, values = merged(steps)
     m = key // width
-    lo = key % width
-    nxt = np.append(key[1:], -1)
-    hi = np.where(nxt // width == m, nxt % width, nkb)
-    hi[-1:] = nkb
-    return m, lo, hi, [s.at(key) for s in steps]
+    lo = key - m * width
+    # a segment ends where the next one starts, unless that one starts a row (every function has a
+    # segment at the start of every row, so they all do)
+    hi = np.append(lo[1:], 0)
+    hi[hi == 0] = nkb
+    return m, lo, hi, values
+
+
+def merged(steps: list[Steps]) -> tuple[np.ndarray, list[np.ndarray]]:
+    """The segment starts of every function of ``steps`` (over the same query tiles) together, sorted, and
+    each function's value on them (the same object given twice is read once).
+
+    Each start carries the index of its function in its low bits: one sort merges them, and a function's
+    segment at a start is the count of its own starts up to there (no binary search per function)."""
+    distinct = list({id(s): s for s in steps}.values())
+    # a function of one value everywhere (its starts those of the rows, which every function has) is no
+    # part of the merge
+    rows = min(len(s.key) for s in distinct)
+    flat = {id(s): s.value[0] for s in distinct if 0 < rows == len(s.key) and s.value.min() == s.value.max()}
+    if len(flat) == len(distinct):
+        flat.pop(id(distinct[0]))
+    distinct = [s for s in distinct if id(s) not in flat]
+    shift = max(1, (len(distinct) - 1).bit_length())
+    top = max((int(s.key[-1]) for s in distinct if len(s.key)), default=0)
+    if top >= 1 << (62 - shift):
+        key = sorted_unique(np.concatenate([s.key for s in distinct]))
+        found = {id(s): s.at(key) for s in distinct}
+    else:
+        tagged = np.sort(np.concatenate([(s.key << shift) | i for i, s in enumerate(distinct)]))
+        every, source = tagged >> shift, tagged & ((1 << shift) - 1)
+        last = np.flatnonzero(np.append(every[1:] != every[:-1], True))  # the last entry of each start
+        key = every[last]
+        found = {id(s): s.value[np.cumsum(source == i)[last] - 1] for i, s in enumerate(distinct)}
+    found.update({i: np.full(len(key), v) for i, v in flat.items()})
+    return key, [found[id(s)] for s in steps]
 
 
 def sorted_unique(keys: np.ndarray) -> np.ndarray:
@@ -121,7 +194,8 @@ def static_steps(engine: eng.Engine, node: ir.Node) -> Steps:
     if hierarchy.usable(node, engine.q, engine.k, engine.env.layout):
         lay = hierarchy.classify(engine, node)
     if lay is None:
-        keys, state = engine.run(node)
+        found = cellshift.static_tiles(engine, node)  # grids: one query row per translation class
+        keys, state = engine.run(node) if found is None else found
         return tile_steps(keys, state, nqb, nkb)
     pr, plo, phi = lay.partial
     m = np.concatenate([lay.keys // nkb, lay.row, pr])
@@ -401,11 +475,17 @@ def classify(engine: eng.Engine, node: ir.Node, geo=None) -> RoutedRuns:
     open_touch = spans.cover(True, covered=False)[0]
     all_bad, none_bad = spans.over(run_open, take), spans.over(run_open, n_cand - take)
     del spans  # per-run arrays (a million runs at qblock = 1): not needed past here
+    route = [*cand_cover, *forced_cover, open_touch, all_bad, none_bad]
+    if grid:  # over the shared query tiles: overlaid there, copied to every query tile once
+        index, shared = geo.spread_all(route)
+        route = [index]
+        forced_cover = tuple(geo.spread(s) for s in forced_cover)
     rewrite = eng.rewrite_for_plan
     s_up = static_steps(engine, rewrite(ir.route_bound(node, False)))
     s_low = static_steps(engine, rewrite(ir.route_bound(node, True)))
-    steps = [s_up, s_low, *cand_cover, *forced_cover, open_touch, all_bad, none_bad]
-    m, lo, hi, values = overlay(steps, nkb)
+    m, lo, hi, values = overlay([s_up, s_low, *route], nkb)
+    if grid:
+        values = values[:2] + routegrid.read_at(shared, values[2])
     up_s, low_s, ct, cc, ft, fc, ot, ab, nb_ = values
     gpt = geo.groups_per_tile[m]
     fix = {"cand": (ct > 0, cc == gpt), "forced": (ft > 0, fc == gpt)}
@@ -427,16 +507,19 @@ def classify(engine: eng.Engine, node: ir.Node, geo=None) -> RoutedRuns:
         hi_full = hi_fix[1][rest] if sign > 0 else ~hi_fix[0][rest]
         state[rest] = routeplan.states_from_counts(sign, fixed_on, hi_full, ot[rest] > 0, ab[rest] == 0, nb_[rest] == 0)
     reads, opened = ct > 0, ot > 0
-    out = [(m[~other], lo[~other], hi[~other], state[~other], opened[~other], reads[~other])]
+    keep = ~other & (state > 0)  # empty segments are no runs
+    out = [(m[keep], lo[keep], hi[keep], state[keep], opened[keep], reads[keep])]
     if other.any():
         segs = (m, lo, hi)
-        out.append(_other_tiles(engine, node, prim, sign, geo, cand, n_cand, take, values, segs, other, cache))
+        tiles = _other_tiles(engine, node, prim, sign, geo, cand, n_cand, take, values, segs, other, cache)
+        keep = tiles[3] > 0
+        out.append(tuple(a[keep] for a in tiles))
     om, olo, ohi, ost, oop, ord_ = (np.concatenate(a) for a in zip(*out, strict=True))
-    keep = ost > 0
-    om, olo, ohi, ost, oop, ord_ = (a[keep] for a in (om, olo, ohi, ost, oop, ord_))
     rmask = ord_ & (ost != eng.FULL)
-    order = np.lexsort((olo, om))
-    om, olo, ohi, ost, oop, rmask = (a[order] for a in (om, olo, ohi, ost, oop, rmask))
+    if len(out) > 1:
+        # the segments and the other tiles, each sorted by (row, start) and disjoint: a stable sort merges them
+        order = np.argsort(om * (nkb + 1) + olo, kind="stable")
+        om, olo, ohi, ost, oop, rmask = (a[order] for a in (om, olo, ohi, ost, oop, rmask))
     new = np.ones(len(om), bool)
     new[1:] = (om[1:] != om[:-1]) | (olo[1:] != ohi[:-1]) | (ost[1:] != ost[:-1])
     new[1:] |= (oop[1:] != oop[:-1]) | (rmask[1:] != rmask[:-1])

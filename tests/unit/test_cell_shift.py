@@ -1,7 +1,8 @@
 """Cells of a grid route's static bounds decided once per class of cells equal up to a shift of the grid's
 outer axes (analysis/cellshift.py, issue 19): the states must be the engine's on every cell, where the
 borders reach the interior too (small grids, large, dilated, strided and causal neighborhoods, uneven
-extents, 3-D grids), and the shortcut must be taken where rows repeat."""
+extents, 3-D grids), and the shortcut must be taken where rows repeat; likewise a static node's tiles
+planned on one query row per class (``cellshift.static_tiles``) and a route's candidates on one group box."""
 
 from __future__ import annotations
 
@@ -115,3 +116,38 @@ def test_route_candidates_by_class_equal_the_engines(grid, among, block, qblock,
     monkeypatch.setattr(cellshift, "route_box_candidates", lambda *a: None)
     want = _candidates(grid, among, block, qblock)
     assert len(want) and got.tolist() == want.tolist()
+
+
+STATIC = [
+    # (grid, static node, tile): the query rows repeat, the tiles of one row per class planned
+    ("y = 40, x = 48", "neighborhood(7)", (16, 16)),
+    ("y = 37, x = 48", "neighborhood(5)", (24, 24)),  # rows not a multiple of anything
+    ("y = 64, x = 64", "neighborhood(7, dilation = 2)", (64, 64)),
+    ("t = 4, y = 32, x = 128", "neighborhood((3, 7, 7))", (128, 64)),
+    ("y = 40, x = 40", "neighborhood(9) - neighborhood(3)", (8, 8)),
+    ("y = 33, x = 16", "neighborhood((4, 3), causal = (true, false)) & ~neighborhood(1)", (4, 8)),
+]
+
+
+@pytest.mark.parametrize("grid, node, tile", STATIC)
+def test_static_tiles_by_row_class_equal_the_engines(grid, node, tile):
+    pir = patterndsl.compile(f"pattern p {{ layout grid({grid})\n {node} }}").ir
+    length = pir.layout.size
+    rewritten = eng.rewrite_for_plan(pir.default)
+    before = cellshift.TALLY.static
+    got = cellshift.static_tiles(eng.identity_engine(Sizes(length, length, pir.layout), 0, tile), rewritten)
+    assert got is not None and cellshift.TALLY.static > before
+    keys, state = eng.identity_engine(Sizes(length, length, pir.layout), 0, tile).run(rewritten)
+    assert got[0].tolist() == keys.tolist() and got[1].tolist() == state.tolist() and got[1].dtype == state.dtype
+
+
+def test_static_tiles_need_rows_that_repeat_and_windows():
+    for grid, node, tile in [
+        ("y = 12, x = 12", "neighborhood(11)", (4, 4)),  # windows as wide as the grid: no row repeats
+        ("y = 40, x = 40", "~neighborhood(3)", (8, 8)),  # pairs outside every window
+        ("y = 40, x = 40", "neighborhood(5) | where(k.y <= q.y)", (8, 8)),
+        ("y = 40, x = 36", "neighborhood(5)", (8, 8)),  # a row of 36 keys holds no whole tile of 8
+    ]:
+        pir = patterndsl.compile(f"pattern p {{ layout grid({grid})\n {node} }}").ir
+        engine = eng.identity_engine(Sizes(pir.layout.size, pir.layout.size, pir.layout), 0, tile)
+        assert cellshift.static_tiles(engine, eng.rewrite_for_plan(pir.default)) is None, (grid, node)

@@ -257,3 +257,36 @@ def test_classify_pairs_in_chunks_gives_the_same_plan(monkeypatch):
     assert torch.equal(whole.tiles(), chunked.tiles())
     assert whole.stats.allowed_pairs == chunked.stats.allowed_pairs
     _exact(source, 585, orders=("identity",))
+
+
+PRODUCT_UNIONS = [
+    ((16, 24), "neighborhood(5) | where(k.y == q.y)"),  # a neighborhood and row attention
+    ((20, 13), "neighborhood(3) | where(k.x // 4 == q.x // 4)"),
+    ((18, 18), "neighborhood(3) | neighborhood(5, dilation = 2)"),
+    ((17, 22), "neighborhood(5) & where(k.x <= q.x)"),
+    ((12, 20), "(neighborhood(3) & where(k.x >= q.x)) | where(k.y == q.y) | where(k.y == q.y + 2)"),
+    ((6, 7, 9), "neighborhood((3, 3, 5), causal = (true, false, false)) | where(k.t == q.t and k.t < 2)"),
+]
+
+
+@pytest.mark.parametrize("grid, body", PRODUCT_UNIONS)
+def test_unions_of_products_over_axes_are_counted_exactly(grid, body):
+    # a neighborhood is a product over axes of NATTEN's rule on each axis: a union of such products
+    # (and of nodes reading one axis) is counted by inclusion-exclusion from one matrix per axis and term
+    import math
+
+    import patterndsl as pd
+    from patterndsl.analysis.axes import AxisSplit
+
+    dims = ", ".join(f"{a} = {n}" for a, n in zip("tyx"[-len(grid) :], grid, strict=True))
+    source = f"pattern p {{ layout grid({dims})\n {body} }}"
+    pattern = pd.compile(source)
+    assert AxisSplit(pattern.ir.default, pattern.ir.layout).terms is not None
+    length = math.prod(grid)
+    _exact(source, length, orders=("identity", "auto"))
+    plan = pattern.plan(length, block=(16, 16), order="identity")
+    assert plan.stats.elements_evaluated <= 8 * sum(n * n for n in grid)  # a few matrices, no tile's pairs
+    if body.count("where") <= 1:
+        # every term bounds its keys (a neighborhood's windows, `k.y == q.y`): candidates from those
+        # ranges, no branch and bound over key-tile ranges
+        assert plan.stats.extra["boxes_searched"] == 0
