@@ -40,7 +40,7 @@ import numpy as np
 from patterndsl import ir
 from patterndsl.analysis import engine as eng
 from patterndsl.analysis import routegrid, routetiles
-from patterndsl.analysis.routeruns import Steps, _compact, ranges
+from patterndsl.analysis.routeruns import Steps, _compact, merged, ranges
 
 
 class PieceGeometry:
@@ -73,6 +73,16 @@ class PieceGeometry:
     def run_spans(self, cand: routetiles.RunTable, run_open: np.ndarray):
         """The spans :func:`routeruns.classify` reads (in the place of :class:`routegrid.GridSpans`)."""
         return FullSpans(self, cand, run_open) if self.full else PieceSpans(self, cand, run_open)
+
+    # the spans' Steps are over every query tile already (no shared tiles): GridGeometry's copies as none
+
+    def spread_all(self, steps: list[Steps]) -> tuple[Steps, list[np.ndarray]]:
+        """:meth:`routegrid.GridGeometry.spread_all` without copies: the functions overlaid."""
+        key, values = merged(steps)
+        return Steps(key, np.arange(len(key), dtype=np.int64), steps[0].width), values
+
+    def spread(self, s: Steps) -> Steps:
+        return s
 
 
 def tile_boxes(shape: tuple[int, ...], box: tuple[int, ...], tile: int, length: int):

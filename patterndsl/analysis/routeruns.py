@@ -465,7 +465,7 @@ def classify(engine: eng.Engine, node: ir.Node, geo=None) -> RoutedRuns:
         n_cand = np.bincount(cand.group, weights=cand.hi - cand.lo, minlength=cand.segments).astype(np.int64)
     take = np.minimum(prim.arg("topk"), n_cand)
     run_open = (n_cand > take)[cand.group]
-    if hasattr(geo, "run_spans"):  # routefull's geometry: tiles across grid rows
+    if hasattr(geo, "run_spans"):  # routepieces' geometry: tiles across grid rows
         spans = geo.run_spans(cand, run_open)
     elif grid:
         spans = routegrid.GridSpans(geo, cand, run_open)
