@@ -22,13 +22,16 @@ of the open groups, and whether an open group has more than ``cap[a]`` of them (
 - another ``among`` (:class:`PieceSpans`): the candidate pairs ``(a, b)`` and the key tiles each block
   meets give ``c(a, n)``, the candidate blocks of ``a`` meeting ``n`` (a block's tiles listed once),
   so ``a`` touches ``n`` when ``c > 0``, covers it when ``c`` is the blocks meeting ``n``, and passes the
-  cap when ``c > cap[a]``; spread to the query tiles of ``a`` and summed per ``(m, n)``. Its cost follows
-  the (group, key tile) pairs the candidates touch times the query tiles of a group; past
-  :data:`routegrid.MAX_ENTRIES` such entries the other plans take over.
+  cap when ``c > cap[a]``; summed over consecutive groups meeting the same query tiles (:func:`_segments`;
+  few on such grids, the tiles' edges moving from row to row: 2.9M entries for 3.7M on 999 x 999), spread
+  to those query tiles and summed per ``(m, n)``. Its cost follows the (group, key tile) pairs the
+  candidates touch times the query tiles of a group; past :data:`routegrid.MAX_ENTRIES` such entries the
+  other plans take over (``among = neighborhood((3, 9, 9))`` on 14 x 250 x 250: 17M).
 
 Tiles where a static part and the route are both partial have their elements evaluated with the
 choices fixed by :func:`routeruns._other_tiles` (no cells: a cell of ``qblock`` queries would cross rows
-here), at most :data:`routegrid.MAX_ELEMENTS` of them.
+here); when that could pass :data:`routegrid.MAX_ELEMENTS` (two bounds, whole tiles) the other plans
+take over.
 """
 
 from __future__ import annotations
