@@ -12,6 +12,7 @@ millions of pairs.
 
 from __future__ import annotations
 
+import collections
 import functools
 import itertools
 
@@ -66,7 +67,8 @@ class AxisSplit:
         #: A union of products over axes (:func:`_product_terms`), counted by inclusion-exclusion; None
         #: when the parts above apply or the node is not of that form.
         self.terms = None
-        if static and not self.usable and isinstance(node, (ir.Inter, ir.Union)):
+        lone = isinstance(node, ir.Prim) and node.name == "neighborhood"  # counted as one product
+        if static and not self.usable and (isinstance(node, (ir.Inter, ir.Union)) or lone):
             self.terms = _product_terms(node, layout)
             self.usable = self.terms is not None
 
@@ -100,27 +102,42 @@ class AxisSplit:
     def _count_terms(self, engine, qi: np.ndarray, ki: np.ndarray) -> tuple[np.ndarray, int]:
         """:meth:`count_pieces` of a union of products over axes: by inclusion-exclusion over the terms,
         the pairs of an intersection of terms being the product over axes of its per-axis counts (each
-        term's factor on an axis is one ``[n, n]`` matrix, a subset's the AND of its terms')."""
+        term's factor on an axis is one ``[n, n]`` matrix, a subset's the AND of its terms'). The matrices
+        and their prefix sums are kept (:func:`_cached`) for the next engine of the same plan (every
+        candidate order and sample asks for the same ones)."""
         q, k = engine.q, engine.k
         rank = q.n.shape[1]
-        mats = [{x: self._term_matrix(engine, x, factors) for x, factors in term.items()} for term in self.terms]
-        elements = sum(m.size for term in mats for m in term.values())
+        where = (engine.env.layout, engine.env.head, engine.env.offset, engine.ctx.q_len, engine.ctx.kv_len)
+        spent = [0]
+
+        def term_matrix(x, factors):
+            def make():
+                out = self._term_matrix(engine, x, factors)
+                spent[0] += out.size
+                return out
+
+            return _cached(("term", tuple(factors), x, *where), make)
+
         pairs = {}
         total = np.zeros(len(qi), np.int64)
-        for r in range(1, len(mats) + 1):
-            for subset in itertools.combinations(mats, r):
+        for r in range(1, len(self.terms) + 1):
+            for subset in itertools.combinations(self.terms, r):
                 prod = np.ones(len(qi), np.int64)
                 for x in range(rank):
-                    found = [m[x] for m in subset if x in m]
+                    found = tuple(tuple(term[x]) for term in subset if x in term)
                     if not found:
                         prod *= q.n[qi, x] * k.n[ki, x]
                         continue
                     if x not in pairs:
                         pairs[x] = _axis_pairs(q, k, qi, ki, x)
                     uniq, inv = pairs[x]
-                    prod *= _lattice_counts(functools.reduce(np.logical_and, found), uniq)[inv]
+
+                    def matrix(x=x, found=found):
+                        return functools.reduce(np.logical_and, [term_matrix(x, f) for f in found])
+
+                    prod *= _lattice_counts(matrix, uniq, ("and", found, x, *where))[inv]
                 total += prod if r % 2 else -prod
-        return total, elements
+        return total, spent[0]
 
     def _term_matrix(self, engine, x: int, factors) -> np.ndarray:
         """The AND of a term's factors on axis ``x``, ``[n, n]`` bool over (query, key) coordinates."""
@@ -191,19 +208,41 @@ def _axis_pairs(q, k, qi: np.ndarray, ki: np.ndarray, x: int) -> tuple[np.ndarra
     return uniq, inv.reshape(-1)
 
 
-#: Most terms a union of products over axes may have (its intersections: ``2 ** terms - 1``).
-MAX_TERMS = 4
+#: Most terms a union of products over axes may have (its intersections: ``2 ** terms - 1``, 63 at most).
+MAX_TERMS = 6
+
+
+def _causal_alternatives(layout: ir.Layout) -> list[dict]:
+    """``causal`` (``k <= q`` in row-major positions) on a grid as disjoint products over axes: the key's
+    first differing coordinate is lower, or every coordinate is equal up to a last one not higher."""
+    names = layout.names
+    out = []
+    for i in range(len(names)):
+        term = {}
+        for j in range(i + 1):
+            op = "==" if j < i else ("<=" if i == len(names) - 1 else "<")
+            pred = ir.Cmp(op, ir.Coord("k", names[j]), ir.Coord("q", names[j]))
+            term[j] = [ir.Prim("where", (("pred", pred),))]
+        out.append(term)
+    return out
+
+
+def _joined(a: dict, b: dict) -> dict:
+    """The intersection of two products over axes: per axis, both factor lists."""
+    return {x: a.get(x, []) + b.get(x, []) for x in sorted(a.keys() | b.keys())}
 
 
 def _product_terms(node: ir.Node, layout: ir.Layout) -> list[dict] | None:
     """``node`` as a union of products over axes, or None.
 
     A term is an intersection of factors, each a neighborhood (NATTEN's rule is a product over axes of a
-    rule on one axis) or a node reading one grid axis; terms reading one axis alone are joined into one
-    term per axis (``where(k.y == q.y) | where(k.y == q.y + 1)``). Returns per term ``{axis: [factors]}``,
-    a neighborhood listed on every axis; None without a neighborhood (the parts of :class:`AxisSplit`
-    cover the rest), with more than :data:`MAX_TERMS` terms, with axes the terms cannot be laid out
-    over (more than :data:`_DENSE_AXIS` coordinate pairs), or with any other factor.
+    rule on one axis) or a node reading one grid axis; ``causal`` stands for its disjoint products over
+    axes (:func:`_causal_alternatives`), distributed over the other factors of its intersection
+    (``causal & neighborhood(7)``: two terms on a 2-D grid). Terms reading one axis alone are joined into
+    one term per axis (``where(k.y == q.y) | where(k.y == q.y + 1)``). Returns per term
+    ``{axis: [factors]}``, a neighborhood listed on every axis; None without a neighborhood (the parts of
+    :class:`AxisSplit` cover the rest), with more than :data:`MAX_TERMS` terms, with axes the terms cannot
+    be laid out over (more than :data:`_DENSE_AXIS` coordinate pairs), or with any other factor.
     """
     rank = len(layout.shape)
     if rank < 2 or any(n * n > _DENSE_AXIS for n in layout.shape):
@@ -212,22 +251,27 @@ def _product_terms(node: ir.Node, layout: ir.Layout) -> list[dict] | None:
     terms, single, product = [], {}, False
     for item in items:
         atoms = item.items if isinstance(item, ir.Inter) else (item,)
-        term: dict[int, list] = {}
+        alternatives: list[dict[int, list]] = [{}]  # the item's terms: products over axes
         for atom in atoms:
-            if isinstance(atom, ir.Prim) and atom.name == "neighborhood":
+            if isinstance(atom, ir.Prim) and atom.name == "causal":
+                choices = _causal_alternatives(layout)
+            elif isinstance(atom, ir.Prim) and atom.name == "neighborhood":
                 product = True
-                for x in range(rank):
-                    term.setdefault(x, []).append(atom)
-                continue
-            axes = _axes_of(atom, layout)
-            if axes is None or len(axes) != 1:
+                choices = [{x: [atom] for x in range(rank)}]
+            else:
+                axes = _axes_of(atom, layout)
+                if axes is None or len(axes) != 1:
+                    return None
+                choices = [{next(iter(axes)): [atom]}]
+            alternatives = [_joined(a, c) for a in alternatives for c in choices]
+            if len(alternatives) > MAX_TERMS:
                 return None
-            term.setdefault(next(iter(axes)), []).append(atom)
-        if len(term) == 1 and not any(isinstance(f, ir.Prim) and f.name == "neighborhood" for f in atoms):
-            ((x, factors),) = term.items()
-            single.setdefault(x, []).append(factors)
-        else:
-            terms.append(term)
+        for term in alternatives:
+            if len(term) == 1 and not any(isinstance(f, ir.Prim) and f.name == "neighborhood" for f in atoms):
+                ((x, factors),) = term.items()
+                single.setdefault(x, []).append(factors)
+            else:
+                terms.append(term)
     # one term per axis: its factors as they are (their key ranges bound it), or the union of several
     terms += [
         {x: group[0] if len(group) == 1 else [ir.union(*(ir.inter(*f) for f in group))]} for x, group in single.items()
@@ -240,21 +284,63 @@ def _product_terms(node: ir.Node, layout: ir.Layout) -> list[dict] | None:
 _DENSE_AXIS = 1 << 24
 
 
-def _lattice_counts(matrix: np.ndarray, uniq: np.ndarray) -> np.ndarray:
+def _lattice_counts(matrix, uniq: np.ndarray, key=None) -> np.ndarray:
     """Per row ``(aq, sq, nq, ak, sk, nk)`` of ``uniq``, the true entries of ``matrix`` at rows ``aq + sq * t``
     (``t < nq``) and columns ``ak + sk * u`` (``u < nk``): four lookups in the 2-D prefix sums of the
-    sub-lattice ``matrix[aq % sq :: sq, ak % sk :: sk]``, one table per distinct (steps, residues)."""
+    sub-lattice ``matrix[aq % sq :: sq, ak % sk :: sk]``, one table per distinct (steps, residues).
+    ``matrix``: the bool matrix, or a function making it (not called when every table is kept under
+    ``key``)."""
     aq, sq, nq, ak, sk, nk = (uniq[:, c].astype(np.int64) for c in range(6))
     sq, sk = np.where(nq > 1, sq, 1), np.where(nk > 1, sk, 1)  # one coordinate: any step
     rq, rk = aq % sq, ak % sk
     out = np.zeros(len(uniq), np.int64)
     lattices, which = distinct_rows(np.stack([sq, rq, sk, rk], 1))
-    for g, (step_q, res_q, step_k, res_k) in enumerate(lattices.tolist()):
+    made = []
+
+    def prefix_of(step_q, res_q, step_k, res_k):
+        if not made:
+            made.append(matrix() if callable(matrix) else matrix)
+        sub = made[0][res_q::step_q, res_k::step_k]
+        dtype = np.int32 if sub.size < 2**31 else np.int64
+        prefix = np.zeros((sub.shape[0] + 1, sub.shape[1] + 1), dtype)
+        np.cumsum(np.cumsum(sub, 0, dtype=dtype), 1, out=prefix[1:, 1:])
+        return prefix
+
+    for g, lattice in enumerate(lattices.tolist()):
+        step_q, res_q, step_k, res_k = lattice
         rows = np.flatnonzero(which == g)
-        sub = matrix[res_q::step_q, res_k::step_k]
-        prefix = np.zeros((sub.shape[0] + 1, sub.shape[1] + 1), np.int64)
-        np.cumsum(np.cumsum(sub, 0), 1, out=prefix[1:, 1:])
+        if key is None:
+            prefix = prefix_of(*lattice)
+        else:
+            prefix = _cached((key, tuple(lattice)), lambda lattice=lattice: prefix_of(*lattice))
         i0, j0 = (aq[rows] - res_q) // step_q, (ak[rows] - res_k) // step_k
         i1, j1 = i0 + nq[rows], j0 + nk[rows]
-        out[rows] = prefix[i1, j1] - prefix[i0, j1] - prefix[i1, j0] + prefix[i0, j0]
+        out[rows] = prefix[i1, j1].astype(np.int64) - prefix[i0, j1] - prefix[i1, j0] + prefix[i0, j0]
     return out
+
+
+#: Bytes of axis matrices and prefix tables :func:`_cached` keeps (least recently used dropped first).
+MAX_TABLE_BYTES = 64 << 20
+_TABLES: collections.OrderedDict = collections.OrderedDict()
+
+
+def clear_tables() -> None:
+    """Drop the tables :func:`_cached` keeps (the planner does, before and after each plan)."""
+    _TABLES.clear()
+
+
+def _cached(key, make):
+    """``make()``, kept under ``key`` (matrices and prefix sums of axis counts: a plan's candidate orders
+    and samples ask for the same ones), up to :data:`MAX_TABLE_BYTES`."""
+    hit = _TABLES.get(key)
+    if hit is not None:
+        _TABLES.move_to_end(key)
+        return hit
+    value = make()
+    value.flags.writeable = False
+    _TABLES[key] = value
+    total = sum(v.nbytes for v in _TABLES.values())
+    while total > MAX_TABLE_BYTES and len(_TABLES) > 1:
+        _, dropped = _TABLES.popitem(last=False)
+        total -= dropped.nbytes
+    return value

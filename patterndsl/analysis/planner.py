@@ -20,8 +20,8 @@ import numpy as np
 import torch
 
 from patterndsl import config, ir
+from patterndsl.analysis import axes, hierarchy, reorder, routeplan, routeruns, tiles
 from patterndsl.analysis import engine as eng
-from patterndsl.analysis import hierarchy, reorder, routeplan, routeruns, tiles
 from patterndsl.analysis.classify import Env
 from patterndsl.analysis.plan import BlockPlan, HeadGroup, PlanStats, Runs, RunTiles, TileFlags, TileList
 from patterndsl.analysis.rewrite import simplify
@@ -390,9 +390,19 @@ def plan(
     Raises:
         PatternError: bad sizes, block or order, a layout that does not fit, heads not covered.
     """
-    from patterndsl import check
 
     start = time.perf_counter()
+    axes.clear_tables()  # the axis tables of one plan, shared by its candidate orders and samples
+    try:
+        return _plan(pir, q_len, kv_len, heads, block, order, orders, parts, start)
+    finally:
+        axes.clear_tables()
+
+
+def _plan(pir, q_len, kv_len, heads, block, order, orders, parts, start):
+    """:func:`plan` (its arguments, and the time it started)."""
+    from patterndsl import check
+
     bm, bn = _validate(block, order)
     _representable(q_len, kv_len, heads, bm, bn)
     check.check_lengths(pir, q_len, kv_len, heads)

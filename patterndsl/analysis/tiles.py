@@ -106,6 +106,36 @@ class Side:
         """Attributes of pieces ``idx`` (an int array), for the classifiers."""
         return Pieces(self, idx)
 
+    def below(self, limit: int) -> np.ndarray:
+        """Per piece, how many of its positions are below ``limit`` (flattened row-major positions).
+
+        A piece's positions increase with its index vector in lexicographic order (a piece lies in the
+        grid: an axis's step exceeds the span of the axes after it), so along each axis at most one
+        index holds positions on both sides of the limit: the indices before it count whole, and the
+        count goes on inside that one (``sink``, ``global`` on a grid: first rows whole, one row in part).
+        """
+        w = np.asarray(self.strides, np.int64)
+        step = self.s * w  # [P, D]
+        span = np.zeros_like(step)  # positions an index of axis x spans through the later axes
+        for x in range(step.shape[1] - 2, -1, -1):
+            span[:, x] = span[:, x + 1] + step[:, x + 1] * np.maximum(self.n[:, x + 1] - 1, 0)
+        inner = np.ones_like(step)
+        for x in range(step.shape[1] - 2, -1, -1):
+            inner[:, x] = inner[:, x + 1] * self.n[:, x + 1]
+        rest = limit - (self.a * w).sum(1)  # the limit relative to the piece's first position
+        out = np.zeros(len(self.a), np.int64)
+        live = rest > 0
+        for x in range(step.shape[1]):
+            st = step[:, x]
+            # indices whose positions all lie below: t * step + span < rest
+            whole = np.clip(-np.floor_divide(-(rest - span[:, x]), st), 0, self.n[:, x])
+            out += np.where(live, whole * inner[:, x], 0)
+            # the next index, when it starts below the limit, holds some
+            part = live & (whole < self.n[:, x]) & (whole * st < rest)
+            rest = np.where(part, rest - whole * st, 0)
+            live = part
+        return out
+
     def piece_bounds(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Per piece: min and max flattened position, and per-axis min/max coordinates ``[P, D]``
         (the tile of piece ``p`` is ``tile[p]``). A tile of several pieces (a tile across grid rows

@@ -25,6 +25,8 @@ def _by_keys(per_piece):
 
     def count(prim, engine, keys):
         q, k = engine.q, engine.k
+        if k.a.shape[1] != 1:
+            return None  # per-piece rules of 1-D progressions only
         got = per_piece(prim, k.a[:, 0], k.s[:, 0], k.n[:, 0])
         if got is None:
             return None
@@ -42,6 +44,13 @@ def _by_keys(per_piece):
 def _sink_keys(prim, a, s, n):
     lim = prim.arg("n")
     return np.clip(-np.floor_divide(-(lim - a), s), 0, n)
+
+
+def _sink_count(prim, engine, keys):
+    # rows x the keys below n in the key tile (any layout: Side.below)
+    m, n = keys // engine.nkb, keys % engine.nkb
+    per_tile = np.bincount(engine.k.tile, engine.k.below(prim.arg("n")), engine.k.n_tiles).astype(np.int64)
+    return np.diff(engine.q.starts)[m] * per_tile[n]
 
 
 SINK = register(
@@ -64,7 +73,7 @@ SINK = register(
         cost=2,
         band=None,
         total=lambda prim, q_len, kv_len, layout, env: q_len * max(0, min(prim.arg("n"), kv_len)),
-        count=_by_keys(_sink_keys),
+        count=_sink_count,
         triton=lambda r, p: f"k < {p.arg('n')}",
     )
 )
@@ -91,11 +100,9 @@ def _global_count(prim, engine, keys):
     rows = np.diff(q.starts)[m]
     cols = np.diff(k.starts)[n]
     lim = prim.arg("n")
-    # pairs with q >= n and k >= n are the only ones refused
-    qa, qs, qn = q.a[:, 0], q.s[:, 0], q.n[:, 0]
-    ka, ks, kn = k.a[:, 0], k.s[:, 0], k.n[:, 0]
-    q_low = np.bincount(q.tile, np.clip(-np.floor_divide(-(lim - qa), qs), 0, qn), q.n_tiles)
-    k_low = np.bincount(k.tile, np.clip(-np.floor_divide(-(lim - ka), ks), 0, kn), k.n_tiles)
+    # pairs with q >= n and k >= n are the only ones refused (any layout: Side.below)
+    q_low = np.bincount(q.tile, q.below(lim), q.n_tiles)
+    k_low = np.bincount(k.tile, k.below(lim), k.n_tiles)
     refused = (rows - q_low.astype(np.int64)[m]) * (cols - k_low.astype(np.int64)[n])
     return rows * cols - refused
 

@@ -292,7 +292,7 @@ def _where_candidates(engine, prim):
 
 
 def _where_count(prim, engine, keys):
-    if isinstance(prim.arg("pred"), ir.Const):
+    if isinstance(prim.arg("pred"), ir.Const) or len(engine.q.extents) != 1:
         return None
     periodic = residues.tile_counts(prim, engine, keys)
     if periodic is not None:

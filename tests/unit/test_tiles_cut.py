@@ -132,3 +132,23 @@ def test_box_orders_keep_whole_boxes_one_tile_each(extents, dilation, box):
     pieces = np.diff(side.ptr)
     assert (pieces[:whole] == 1).all() and (side.n[:whole] == np.asarray(box)).all()
     assert sorted(side.order.tolist()) == list(range(math.prod(extents)))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_positions_below_a_limit_per_piece(seed):
+    # Side.below (sink and global counts on a grid) against the pieces' positions listed
+    rng = np.random.default_rng(seed)
+    for trial in range(40):
+        d = 1 + trial % 3
+        ext = tuple(int(v) for v in rng.integers(2, 9, d))
+        strides = tuple(math.prod(ext[x + 1 :]) for x in range(d))
+        dil = tuple(int(v) for v in rng.integers(1, 3, d))
+        box = tuple(int(v) for v in rng.integers(1, 4, d))
+        segments = tiles.box_segments(ext, dil, box)
+        side = tiles.build_side(segments, math.prod(ext), int(rng.integers(1, 9)), 0, ext, False)
+        limit = int(rng.integers(-2, math.prod(ext) + 3))
+        got = side.below(limit)
+        for p in range(len(side.a)):
+            axes = [side.a[p, x] + side.s[p, x] * np.arange(side.n[p, x]) for x in range(d)]
+            pos = sum(g * w for g, w in zip(np.meshgrid(*axes, indexing="ij"), strides, strict=True))
+            assert got[p] == int((pos < limit).sum())
