@@ -6,6 +6,7 @@ the identity-order engine of one head group, one ``route`` of one polarity, ``am
 ``h``, ``Lq = Lk``, and every tile within one row of the grid (a line along the last axis, whose
 length is a multiple of both tile sizes). Goes out: the geometry :func:`routeruns.classify` works with
 (:class:`GridGeometry`), so the tiles come back as :class:`~patterndsl.analysis.routeruns.RoutedRuns`.
+Grids whose rows do not hold whole tiles: :mod:`~patterndsl.analysis.routepieces`.
 
 Blocks are numbered row-major over boxes. A key tile of row ``y`` holding columns ``[c0, c1)``
 meets the blocks of the block row over ``y`` (the boxes holding it on the axes before the last) with
@@ -224,8 +225,9 @@ def mixed_radix_boxes(lo: np.ndarray, hi: np.ndarray, radix: tuple[int, ...]):
     return tuple(np.concatenate(a) for a in zip(*out, strict=True))
 
 
-def geometry(engine: eng.Engine, node: ir.Node) -> GridGeometry | None:
-    """The :class:`GridGeometry` when the module applies (see the module notes), else None."""
+def geometry(engine: eng.Engine, node: ir.Node):
+    """The :class:`GridGeometry` when the module applies (see the module notes), on a grid whose rows do not
+    hold whole tiles a :class:`routepieces.PieceGeometry`, else None."""
     from patterndsl import semantics
 
     layout = engine.env.layout
@@ -247,14 +249,17 @@ def geometry(engine: eng.Engine, node: ir.Node) -> GridGeometry | None:
         or engine.k.order is not None
         or ctx.offset != 0
         or ctx.q_len != ctx.kv_len
-        or layout.shape[-1] % engine.q.block
-        or layout.shape[-1] % engine.k.block
     ):
         return None
     rank = len(layout.shape)
     qbox = tuple(semantics._per_axis(qblock, rank, "route qblock"))
     kbox = tuple(semantics._per_axis(block, rank, "route block"))
-    geo = GridGeometry(engine, prim, qbox, kbox)
+    if layout.shape[-1] % engine.q.block or layout.shape[-1] % engine.k.block:
+        from patterndsl.analysis import routepieces
+
+        geo = routepieces.PieceGeometry(engine, prim, qbox, kbox)  # tiles across rows
+    else:
+        geo = GridGeometry(engine, prim, qbox, kbox)
     # The candidates are listed anyway by every plan of this route (the pairs' one counts its entries from
     # them, routelimit.incidences; the engine keeps them): taken when there are few.
     many = eng.rewrite_for_plan(among) != ir.FULL and geo.n_q * geo.n_k > MAX_CANDIDATE_PAIRS

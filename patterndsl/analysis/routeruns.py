@@ -465,7 +465,9 @@ def classify(engine: eng.Engine, node: ir.Node, geo=None) -> RoutedRuns:
         n_cand = np.bincount(cand.group, weights=cand.hi - cand.lo, minlength=cand.segments).astype(np.int64)
     take = np.minimum(prim.arg("topk"), n_cand)
     run_open = (n_cand > take)[cand.group]
-    if grid:
+    if hasattr(geo, "run_spans"):  # routepieces' geometry: tiles across grid rows
+        spans = geo.run_spans(cand, run_open)
+    elif grid:
         spans = routegrid.GridSpans(geo, cand, run_open)
     else:
         spans = _Spans(routegroups.SegmentGeometry(geo, cand), cand, run_open, cand.sizes)
@@ -541,7 +543,7 @@ def classify(engine: eng.Engine, node: ir.Node, geo=None) -> RoutedRuns:
 
 def _other_tiles(engine, node, prim, sign, geo, cand, n_cand, take, values, segs, other, cache):
     """Segments where the static bounds neither agree nor are the route alone, tile by tile (as before)."""
-    from patterndsl.analysis import routeplan
+    from patterndsl.analysis import routegrid, routeplan
 
     m, lo, hi = (a[other] for a in segs)
     counts = hi - lo
@@ -558,7 +560,9 @@ def _other_tiles(engine, node, prim, sign, geo, cand, n_cand, take, values, segs
     lower, upper = rewrite(ir.route_bound(node, True, ())), rewrite(ir.route_bound(node, False, ()))
     # groups and blocks nest in the tiles (on a grid: along a row, ``geo.qblock`` / ``geo.block`` being
     # the boxes' extents on the last axis)
-    nested = engine.q.block % geo.qblock == 0 and engine.k.block % geo.block == 0
+    if not getattr(geo, "cells", True) and 2 * len(keys) * engine.q.block * engine.k.block > routegrid.MAX_ELEMENTS:
+        raise routegrid.TooMany  # tiles across grid rows (routepieces) are decided on elements: too many
+    nested = getattr(geo, "cells", True) and engine.q.block % geo.qblock == 0 and engine.k.block % geo.block == 0
     if nested:
         static = (low_s, up_s)
         up, low = _tile_bounds(engine, node, geo, keys, [tables[up_name], tables[low_name]], sign, static, cache)
