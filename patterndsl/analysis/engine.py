@@ -1369,6 +1369,7 @@ def _group_side(group: np.ndarray, count: int, fine: Side, offset: int, layout, 
 def _box_side(fine: Side, shape: tuple[int, ...], box: tuple[int, ...]) -> Side:
     """:func:`_group_side` of the boxes of a whole grid (every position once, in order), without a sort: the
     positions of each box row-major, box after box (the grid padded to whole boxes, its axes regrouped)."""
+    box = tuple(min(b, n) for n, b in zip(shape, box, strict=True))  # a box past an axis is that axis
     n_boxes = [-(-n // b) for n, b in zip(shape, box, strict=True)]
     d = len(shape)
     padded = np.full([g * b for g, b in zip(n_boxes, box, strict=True)], -1, np.int64)

@@ -223,6 +223,8 @@ class PieceSpans:
         per_sn = np.bincount(self.to_sn, weights=per_record, minlength=self.n_sn)
         value = np.bincount(self.inv, weights=per_sn[self.rec], minlength=self.n_keys)
         value = np.rint(value).astype(np.int64)
+        if not len(value):  # no (query tile, key tile) entry: every segment holds 0
+            return _compact(self.seg_key, np.zeros(len(self.seg_key), np.int64), self.geo.nkb + 1)
         seg = np.where(self.seg_tile >= 0, value[np.maximum(self.seg_tile, 0)], 0)
         return _compact(self.seg_key, seg, self.geo.nkb + 1)
 

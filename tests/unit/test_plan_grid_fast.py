@@ -318,3 +318,17 @@ def test_an_intersection_on_a_grid_starts_from_its_neighborhood():
     nonempty = plan.stats.tiles_full + plan.stats.tiles_partial
     # each of the three operands classifies the neighborhood's candidates: 11,864 (from causal: 64,476)
     assert plan.stats.extra["tiles_classified"] <= 12 * nonempty
+
+
+def test_route_boxes_larger_than_the_grid_are_its_axes():
+    # a route box past an axis is that axis: the boxes' side was laid out on the grid padded to whole
+    # boxes, 112 GiB for qblock = (7, 2147483647) on a 2 x 3 grid (a fuzz case; MemoryError)
+    import numpy as np
+
+    import patterndsl as pd
+
+    source = "pattern p {{ layout grid(y = 6, x = 5)\n route(1, block = 2, qblock = {}, among = neighborhood(3)) }}"
+    big, same = (pd.compile(source.format(q)) for q in ("(7, 2147483647)", "(6, 5)"))
+    a, b = (p.plan(30, block=(16, 16)) for p in (big, same))
+    assert np.array_equal(a.tiles().numpy(), b.tiles().numpy())
+    assert a.stats.visited_pairs == b.stats.visited_pairs
