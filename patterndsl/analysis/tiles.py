@@ -115,7 +115,7 @@ class Side:
         count goes on inside that one (``sink``, ``global`` on a grid: first rows whole, one row in part).
         """
         w = np.asarray(self.strides, np.int64)
-        step = self.s * w  # [P, D]
+        step = np.where(self.n > 1, self.s, 1) * w  # [P, D] (one index: any step, never 0)
         span = np.zeros_like(step)  # positions an index of axis x spans through the later axes
         for x in range(step.shape[1] - 2, -1, -1):
             span[:, x] = span[:, x + 1] + step[:, x + 1] * np.maximum(self.n[:, x + 1] - 1, 0)
