@@ -572,7 +572,7 @@ class Engine:
         if not cells.usable:
             return None
         keys = cells.meeting(alo, ahi, qt, kt, self.nkb)
-        return np.unique(keys) if qcut or kcut else keys
+        return sorted_set(keys) if qcut or kcut else keys
 
     # ----------------------------------------------------------------- primitives
 
@@ -951,32 +951,32 @@ class Engine:
             return None
         parts = []
         for term in terms:
-            alo = ahi = None
-            for factor in dict.fromkeys(f for factors in term.values() for f in factors):
-                need = cls.needed_keys(factor, qlo, qhi, qalo, qahi, self.env) if isinstance(factor, ir.Prim) else None
-                if need is None or need[2] is None:
-                    continue
-                alo = need[2] if alo is None else np.maximum(alo, need[2])
-                ahi = need[3] if ahi is None else np.minimum(ahi, need[3])
-            if alo is None:
+            factors = dict.fromkeys(f for fs in term.values() for f in fs)
+            ranges = self._joint_ranges(factors, (qlo, qhi, qalo, qahi))
+            if ranges is None:
                 return None
-            parts.append(cells.meeting(alo, ahi, qt, kt, self.nkb))
-        return np.unique(np.concatenate(parts)) if parts else np.zeros(0, np.int64)
+            parts.append(cells.meeting(*ranges, qt, kt, self.nkb))
+        return sorted_set(np.concatenate(parts)) if parts else np.zeros(0, np.int64)
+
+    def _joint_ranges(self, items, bounds) -> tuple[np.ndarray, np.ndarray] | None:
+        """The per-axis key ranges within every one of ``items``' needed-key ranges, for query boxes
+        ``bounds = (lo, hi, alo, ahi)``; None when no item bounds the keys per axis."""
+        alo = ahi = None
+        for item in items:
+            need = cls.needed_keys(item, *bounds, self.env) if isinstance(item, ir.Prim) else None
+            if need is None or need[2] is None:
+                continue
+            alo = need[2] if alo is None else np.maximum(alo, need[2])
+            ahi = need[3] if ahi is None else np.minimum(ahi, need[3])
+        return None if alo is None else (alo, ahi)
 
     def _bounded_domain(self, node: ir.Node) -> np.ndarray | None:
         # An intersection on a grid whose operands bound the key coordinates (each its needed-key
         # ranges): the key tiles within every operand's ranges, per axis; None when none bounds them.
         if not isinstance(node, ir.Inter) or self.env.layout is None:
             return None
-        (qlo, qhi, qalo, qahi), _ = self._bounds()
-        alo = ahi = None
-        for item in node.items:
-            need = cls.needed_keys(item, qlo, qhi, qalo, qahi, self.env) if isinstance(item, ir.Prim) else None
-            if need is None or need[2] is None:
-                continue
-            alo = need[2] if alo is None else np.maximum(alo, need[2])
-            ahi = need[3] if ahi is None else np.minimum(ahi, need[3])
-        return None if alo is None else self._overlap_axes(alo, ahi)
+        ranges = self._joint_ranges(node.items, self._bounds()[0])
+        return None if ranges is None else self._overlap_axes(*ranges)
 
     def _union(self, node: ir.Union, domain):
         results = [self._operand(node, item, domain) for item in node.items]
