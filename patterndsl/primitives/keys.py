@@ -41,11 +41,6 @@ def _by_keys(per_piece):
 # --------------------------------------------------------------------------- sink(n)
 
 
-def _sink_keys(prim, a, s, n):
-    lim = prim.arg("n")
-    return np.clip(-np.floor_divide(-(lim - a), s), 0, n)
-
-
 def _sink_count(prim, engine, keys):
     # rows x the keys below n in the key tile (any layout: Side.below)
     m, n = keys // engine.nkb, keys % engine.nkb
