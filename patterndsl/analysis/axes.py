@@ -116,7 +116,7 @@ class AxisSplit:
                 spent[0] += out.size
                 return out
 
-            return _cached(("term", tuple(factors), x, *where), make)
+            return _cached(_key(("term", tuple(factors), x, *where), factors), make)
 
         pairs = {}
         total = np.zeros(len(qi), np.int64)
@@ -135,7 +135,8 @@ class AxisSplit:
                     def matrix(x=x, found=found):
                         return functools.reduce(np.logical_and, [term_matrix(x, f) for f in found])
 
-                    prod *= _lattice_counts(matrix, uniq, ("and", found, x, *where))[inv]
+                    key = _key(("and", found, x, *where), [f for fs in found for f in fs])
+                    prod *= _lattice_counts(matrix, uniq, key)[inv]
                 total += prod if r % 2 else -prod
         return total, spent[0]
 
@@ -157,7 +158,15 @@ class AxisSplit:
         sizes = uniq[:, 2] * uniq[:, 5]
         nq, nk = engine.q.extents[x], engine.k.extents[x]
         if nq * nk <= min(int(sizes.sum()), _DENSE_AXIS):
-            return _lattice_counts(self._axis_matrix(engine, x, nq, nk), uniq), nq * nk
+            spent = []  # the matrix is evaluated once per plan (kept, as a product union's are)
+
+            def matrix():
+                spent.append(nq * nk)
+                return self._axis_matrix(engine, x, nq, nk)
+
+            where = (engine.env.layout, engine.env.head, engine.env.offset, engine.ctx.q_len, engine.ctx.kv_len)
+            key = _key(("part", self.parts[x], x, *where), [self.parts[x]])
+            return _lattice_counts(matrix, uniq, key), sum(spent)
         stride = engine.q.strides[x]
         out = np.zeros(len(uniq), np.int64)
         sizes = uniq[:, 2] * uniq[:, 5]
@@ -329,9 +338,17 @@ def clear_tables() -> None:
     _TABLES.clear()
 
 
+def _key(key: tuple, nodes) -> tuple | None:
+    """``key``, or None (nothing kept) when one of ``nodes`` reads a run-time input: its matrix follows
+    the call's data, which no key holds."""
+    return None if any(ir.reads_inputs(node) for node in nodes) else key
+
+
 def _cached(key, make):
     """``make()``, kept under ``key`` (matrices and prefix sums of axis counts: a plan's candidate orders
-    and samples ask for the same ones), up to :data:`MAX_TABLE_BYTES`."""
+    and samples ask for the same ones), up to :data:`MAX_TABLE_BYTES`; not kept when ``key`` is None."""
+    if key is None:
+        return make()
     hit = _TABLES.get(key)
     if hit is not None:
         _TABLES.move_to_end(key)
