@@ -28,10 +28,10 @@ of the open groups, and whether an open group has more than ``cap[a]`` of them (
   candidates touch times the query tiles of a group; past :data:`routegrid.MAX_ENTRIES` such entries the
   other plans take over (``among = neighborhood((3, 9, 9))`` on 14 x 250 x 250: 17M).
 
-Tiles where a static part and the route are both partial have their elements evaluated with the
-choices fixed by :func:`routeruns._other_tiles` (no cells: a cell of ``qblock`` queries would cross rows
-here); when that could pass :data:`routegrid.MAX_ELEMENTS` (two bounds, whole tiles) the other plans
-take over.
+Tiles where a static part and the route are both partial are decided on cells (:func:`tile_bounds`: a
+piece of one grid row of queries holding consecutive group columns of one box row by a piece of one grid
+row of keys inside one block, on which the route is all or nothing), the static bounds' states on cells
+from an engine whose tiles are the distinct cells (one per translation class of :mod:`cellshift`).
 """
 
 from __future__ import annotations
@@ -41,8 +41,8 @@ import math
 import numpy as np
 
 from patterndsl import ir
+from patterndsl.analysis import cellshift, routegrid, routeruns, routetiles, tiles
 from patterndsl.analysis import engine as eng
-from patterndsl.analysis import routegrid, routetiles
 from patterndsl.analysis.routeruns import Steps, _compact, merged, ranges
 
 
@@ -241,3 +241,155 @@ class PieceSpans:
         kept[self.cand.group[keep]] = True
         s = self._steps((kept[self.g] & (self.count > cap[self.g])).astype(np.int64))
         return _compact(s.key, (s.value > 0).astype(np.int64), s.width)
+
+
+def tile_bounds(
+    engine: eng.Engine, node: ir.Node, geo: PieceGeometry, keys: np.ndarray, tables: list, sign: int, static
+):
+    """:func:`routeruns._tile_bounds` on a grid whose rows do not hold whole tiles: per tile ``keys`` and per
+    choice in ``tables``, the pattern's state with the route fixed to it, decided on cells, not elements.
+
+    A *cell* is a piece of one grid row of queries inside one query tile, holding a range of consecutive
+    group columns of one outer box (cut at the tile's edges and the box columns), by a piece of one grid
+    row of keys inside one key tile and one block. The route is all or nothing on the pairs of one group
+    and one block, so a cell is decided as :func:`routeruns._cells_of_tiles` decides one: where the static
+    bounds agree that is its state; where they are empty and full the route alone (counted groups); else
+    the upper bound's where every group takes it, the lower one's where none does, and cells mixing both
+    halved in their group columns (down to one group). The static bounds' states on cells come from an
+    engine whose tiles are the distinct cells (:func:`_cell_states`, one cell per translation class)."""
+    rewrite = eng.rewrite_for_plan
+    low_node, up_node = rewrite(ir.route_bound(node, True)), rewrite(ir.route_bound(node, False))
+    low_s, up_s = static
+    n_t = len(keys)
+    full = [up_s == eng.FULL for _ in tables]
+    some = [low_s > eng.EMPTY for _ in tables]
+    counters = [routeruns._counter(table, geo.n_q) for table in tables]
+    qcells = _query_cells(geo, engine.q.block)  # per query tile: (start, row, g0 column, g1 column, c0, c1)
+    kcells = _key_cells(geo, engine.k.block)  # per key tile: (start, row, e0, e1, block)
+    m, n = keys // geo.nkb, keys % geo.nkb
+    chunk = max(1, routeruns.CELL_CHUNK // 64)
+    for t0 in range(0, n_t, chunk):
+        part = np.arange(t0, min(t0 + chunk, n_t), dtype=np.int64)
+        _cells(
+            engine, geo, (part, m[part], n[part]), (qcells, kcells), (low_node, up_node), counters, sign, (full, some)
+        )
+    states = zip(full, some, strict=True)
+    out = [np.where(f, eng.FULL, np.where(sm, eng.PARTIAL, eng.EMPTY)).astype(np.int8) for f, sm in states]
+    return out
+
+
+def _pieces(geo: PieceGeometry, tile: int):
+    """Per tile of ``tile`` positions: ``(start, row, c0, c1)``, its pieces of grid rows (tile ``t``'s are
+    ``start[t]:start[t + 1]``), each grid row ``row`` (row-major over the outer axes) columns ``[c0, c1)``."""
+    w, length = geo.shape[-1], math.prod(geo.shape)
+    n_t = -(-length // tile)
+    t = np.arange(n_t, dtype=np.int64)
+    p0, p1 = t * tile, np.minimum((t + 1) * tile, length)
+    r0, r1 = p0 // w, (p1 - 1) // w + 1
+    start = np.zeros(n_t + 1, np.int64)
+    np.cumsum(r1 - r0, out=start[1:])
+    at, row = eng.expand_runs(t, r0, r1)
+    return start, row, np.maximum(p0[at] - row * w, 0), np.minimum(p1[at] - row * w, w)
+
+
+def _box_base(geo: PieceGeometry, row: np.ndarray, box: tuple[int, ...]) -> np.ndarray:
+    """The index of the first box (row-major over boxes of extents ``box``) of each grid row's box row."""
+    shape = geo.shape
+    radix = tuple(-(-s // b) for s, b in zip(shape, box, strict=True))
+    coords = np.unravel_index(row, shape[:-1])
+    outer = np.ravel_multi_index(tuple(x // b for x, b in zip(coords, box, strict=False)), radix[:-1])
+    return outer * radix[-1]
+
+
+def _query_cells(geo: PieceGeometry, tile: int):
+    """Per query tile, its pieces of rows as cells of every group column they meet: ``(start, row, ga, gb, c0,
+    c1, base)``: groups ``base + [ga, gb)``, columns ``[c0, c1)``."""
+    start, row, c0, c1 = _pieces(geo, tile)
+    qx = geo.qbox[-1]
+    return start, row, c0 // qx, (c1 - 1) // qx + 1, c0, c1, _box_base(geo, row, geo.qbox)
+
+
+def _key_cells(geo: PieceGeometry, tile: int):
+    """Per key tile, its pieces of rows cut at the block columns: ``(start, row, e0, e1, block)``."""
+    start, row, c0, c1 = _pieces(geo, tile)
+    rx = geo.kbox[-1]
+    piece, col = eng.expand_runs(np.arange(len(row), dtype=np.int64), c0 // rx, (c1 - 1) // rx + 1)
+    counts = np.bincount(piece, minlength=len(row))
+    pstart = np.zeros(len(row) + 1, np.int64)
+    np.cumsum(counts, out=pstart[1:])
+    row_ = row[piece]
+    e0, e1 = np.maximum(c0[piece], col * rx), np.minimum(c1[piece], (col + 1) * rx)
+    return pstart[start], row_, e0, e1, _box_base(geo, row_, geo.kbox) + col
+
+
+def _cells(engine, geo, tiles, cells, bounds, counters, sign, acc) -> None:
+    """:func:`tile_bounds` on the tiles ``(index, m, n)``, folded into ``acc`` (per table, full and some)."""
+    idx, m, n = tiles
+    (qs, qrow, qga, qgb, qc0, qc1, qbase), (ks, krow, ke0, ke1, kblock) = cells
+    # every (tile, query piece, key cell)
+    j, qp = eng.expand_runs(np.arange(len(idx), dtype=np.int64), qs[m], qs[m + 1])
+    pair, kc = eng.expand_runs(np.arange(len(j), dtype=np.int64), ks[n[j]], ks[n[j] + 1])
+    owner, qp = idx[j[pair]], qp[pair]
+    ga, gb = qga[qp], qgb[qp]
+    b = kblock[kc]
+    low_node, up_node = bounds
+    while len(owner):
+        a0, a1 = np.maximum(qc0[qp], ga * geo.qbox[-1]), np.minimum(qc1[qp], gb * geo.qbox[-1])
+        low, up = _cell_states(engine, (low_node, up_node), (qrow[qp], a0, a1), (krow[kc], ke0[kc], ke1[kc]))
+        g0, g1 = qbase[qp] + ga, qbase[qp] + gb
+        rest = routeruns.decide_cells((low, up), (g0, g1, b), owner, counters, sign, acc)
+        if not rest.any():
+            break
+        sel = np.flatnonzero(rest)
+        mid = (ga[sel] + gb[sel]) // 2
+        owner, qp, kc, b = (np.repeat(a[sel], 2) for a in (owner, qp, kc, b))
+        ga = np.stack([ga[sel], mid], 1).reshape(-1)
+        gb = np.stack([mid, gb[sel]], 1).reshape(-1)
+
+
+def _cell_states(engine: eng.Engine, nodes, q, k) -> list[np.ndarray]:
+    """States of each static node of ``nodes`` on the cells ``q`` x ``k`` (each ``(row, c0, c1)``: columns
+    ``[c0, c1)`` of a grid row), from an engine whose tiles are the distinct cells, the query's rows moved to
+    their translation class's first row and the key's by the same offsets (:mod:`cellshift`) when every
+    node is made of neighborhoods."""
+    qrow, a0, a1 = q
+    krow, e0, e1 = k
+    if all(node in (ir.FULL, ir.EMPTY) for node in nodes):
+        return [np.full(len(qrow), eng.FULL if node == ir.FULL else eng.EMPTY, np.int8) for node in nodes]
+    layout = engine.env.layout
+    found = [cellshift._neighborhoods(node) for node in nodes]
+    if all(p is not None for p in found):
+        prims = tuple(dict.fromkeys(p for ps in found for p in ps))
+        classes = cellshift._outer_classes(prims, layout) if prims else None
+        if classes is not None:
+            qrow, krow = cellshift.canonical_rows(classes, tuple(layout.shape[:-1]), qrow, krow)
+    radix = layout.shape[-1] + 1
+    uq, qi = np.unique((qrow * radix + a0) * radix + a1, return_inverse=True)
+    uk, ki = np.unique((krow * radix + e0) * radix + e1, return_inverse=True)
+    pairs, inverse = np.unique(qi.reshape(-1) * len(uk) + ki.reshape(-1), return_inverse=True)
+    cellshift.TALLY.shifted += len(qrow) - len(pairs)
+    sub = eng.Engine(_cell_side(layout, uq, radix), _cell_side(layout, uk, radix), engine.env, tally=engine.tally)
+    inverse = inverse.reshape(-1)
+    return [routeruns._cell_states(sub, node, pairs)[inverse] for node in nodes]
+
+
+def _cell_side(layout: ir.Layout, cells: np.ndarray, radix: int) -> tiles.Side:
+    """A side whose tiles are ``cells`` (keys ``(row * radix + c0) * radix + c1``: columns ``[c0, c1)`` of a grid
+    row), one piece each, its token indices listed (not an identity order)."""
+    shape = tuple(layout.shape)
+    w = shape[-1]
+    rest, c1 = np.divmod(cells, radix)
+    row, c0 = np.divmod(rest, radix)
+    size = c1 - c0
+    starts = np.zeros(len(cells) + 1, np.int64)
+    np.cumsum(size, out=starts[1:])
+    _, order = eng.expand_runs(row, row * w + c0, row * w + c1)
+    a = np.stack([*np.unravel_index(row, shape[:-1]), c0], 1).astype(np.int64)
+    count = np.ones_like(a)
+    count[:, -1] = size
+    strides = tuple(math.prod(shape[x + 1 :]) for x in range(len(shape)))
+    every = np.arange(len(cells) + 1, dtype=np.int64)
+    return tiles.Side(
+        int(starts[-1]), int(size.max()), 0, shape, strides, order, every, every[:-1], a, np.ones_like(a), count,
+        False, starts,
+    )  # fmt: skip

@@ -120,3 +120,78 @@ def test_biformer_on_a_999_grid_is_planned_as_runs():
     assert runs.row.tolist() == list(range(nqb))
     assert (runs.lo == 0).all() and (runs.hi == nqb).all() and (runs.state == eng.DYNAMIC).all()
     assert runs.open.all() and runs.route_mask.all()
+
+
+@pytest.mark.parametrize(
+    ("source", "length", "tile"),
+    [
+        # the benchmark's route (neighborhood(7) | route(among = neighborhood(17) - neighborhood(7))), scaled down
+        (
+            "pattern p { layout grid(y = 31, x = 29)\n"
+            " neighborhood(2) | route(topk = 3, block = (4, 4), among = neighborhood(5) - neighborhood(2)) }",
+            31 * 29,
+            (16, 16),
+        ),
+        # boxes dividing neither axis, other tile sizes on each side
+        (
+            "pattern p { layout grid(y = 26, x = 23)\n"
+            " neighborhood(3) | route(topk = 2, block = (7, 5), among = neighborhood(6) - neighborhood(3)) }",
+            26 * 23,
+            (16, 32),
+        ),
+        (
+            "pattern p { layout grid(y = 19, x = 27)\n"
+            " neighborhood(2) | route(topk = 4, block = (3, 4), qblock = (5, 2), among = neighborhood((4, 7))) }",
+            19 * 27,
+            (32, 8),
+        ),
+        # among a union reaching past the windows, the static part an intersection
+        (
+            "pattern p { layout grid(y = 22, x = 19)\n"
+            " (neighborhood(4) & ~neighborhood(1)) | route(topk = 3, block = (4, 3),"
+            " among = neighborhood(3) | where(k.y <= q.y - 6)) }",
+            22 * 19,
+            (16, 16),
+        ),
+        # dilation, the route subtracted
+        (
+            "pattern p { layout grid(y = 21, x = 22)\n"
+            " neighborhood(5, dilation = (1, 2)) - route(topk = 2, block = (3, 3), among = neighborhood(4)) }",
+            21 * 22,
+            (16, 16),
+        ),
+        # 3-D video: tiles across rows of frames, boxes across frames
+        (
+            "pattern p { layout grid(t = 5, y = 7, x = 11)\n"
+            " neighborhood((1, 2, 2)) | route(topk = 3, block = (2, 3, 4), among = neighborhood((2, 3, 5))) }",
+            5 * 7 * 11,
+            (16, 16),
+        ),
+        # the static part no neighborhood: no translation classes, still cells
+        (
+            "pattern p { layout grid(y = 17, x = 21)\n"
+            " where(k.x <= q.x) & (neighborhood(3) | route(topk = 2, block = (4, 4), among = neighborhood(6))) }",
+            17 * 21,
+            (16, 16),
+        ),
+    ],
+)
+def test_tiles_where_a_static_part_and_the_route_are_both_partial_are_decided_on_cells(
+    source, length, tile, monkeypatch
+):
+    """Such tiles (a neighborhood's band) are decided from cells of row pieces by one block, as the
+    pair-by-pair plan decides them; with neighborhood bounds no element is evaluated there."""
+    seen = []
+    decide = routepieces.tile_bounds
+
+    def counted(engine, *args):
+        before = engine.tally.elements
+        out = decide(engine, *args)
+        seen.append((len(args[2]), engine.tally.elements - before))
+        return out
+
+    monkeypatch.setattr(routepieces, "tile_bounds", counted)
+    equal_to_pairs(source, length, tile)
+    assert seen and seen[0][0] > 0, source  # some tiles were decided on cells
+    if "where" not in source:
+        assert seen[0][1] == 0, source
