@@ -41,7 +41,7 @@ import math
 import numpy as np
 
 from patterndsl import ir
-from patterndsl.analysis import cellshift, routegrid, routeruns, routetiles, tiles
+from patterndsl.analysis import cellshift, routegrid, routeruns, routetiles, tiles, tileshift
 from patterndsl.analysis import engine as eng
 from patterndsl.analysis.routeruns import Steps, _compact, merged, ranges
 
@@ -66,6 +66,9 @@ class PieceGeometry:
         self.qbox, self.kbox = tuple(qbox), tuple(kbox)
         self.n_q = math.prod(-(-n // b) for n, b in zip(shape, qbox, strict=True))
         self.n_k = math.prod(-(-n // b) for n, b in zip(shape, kbox, strict=True))
+        self.ng = tuple(-(-n // b) for n, b in zip(shape, qbox, strict=True))  # groups per axis
+        self.nbk = tuple(-(-n // b) for n, b in zip(shape, kbox, strict=True))  # blocks per axis
+        self.ngx = self.ng[-1]
         self.full = eng.rewrite_for_plan(prim.arg("among")) == ir.FULL
         length = math.prod(shape)
         self.q_pairs = tile_boxes(shape, self.qbox, engine.q.block, length)  # (query tile, group)
@@ -259,6 +262,9 @@ def tile_bounds(
     engine whose tiles are the distinct cells (:func:`_cell_states`, one cell per translation class)."""
     rewrite = eng.rewrite_for_plan
     low_node, up_node = rewrite(ir.route_bound(node, True)), rewrite(ir.route_bound(node, False))
+    shift = _tile_classes(engine, geo, (low_node, up_node), keys, tables, static)
+    if shift is not None:
+        keys, static, inverse = shift
     low_s, up_s = static
     n_t = len(keys)
     full = [up_s == eng.FULL for _ in tables]
@@ -275,7 +281,7 @@ def tile_bounds(
         )
     states = zip(full, some, strict=True)
     out = [np.where(f, eng.FULL, np.where(sm, eng.PARTIAL, eng.EMPTY)).astype(np.int8) for f, sm in states]
-    return out
+    return out if shift is None else [s[inverse] for s in out]
 
 
 def _pieces(geo: PieceGeometry, tile: int):
@@ -393,3 +399,48 @@ def _cell_side(layout: ir.Layout, cells: np.ndarray, radix: int) -> tiles.Side:
         int(starts[-1]), int(size.max()), 0, shape, strides, order, every, every[:-1], a, np.ones_like(a), count,
         False, starts,
     )  # fmt: skip
+
+
+def _tile_classes(engine: eng.Engine, geo: PieceGeometry, bounds, keys: np.ndarray, tables: list, static):
+    """``(rep_keys, rep_static, inverse)`` as :func:`tileshift.tile_classes` gives them, for tiles across grid
+    rows: a tile moves with its grid rows when the shift is whole tiles on both sides (a shift of ``P`` rows on
+    an outer axis of stride ``s`` positions moves the tiles' pieces, their cells and boxes alike, when ``P * s``
+    is a multiple of both tile sizes), every query row of the tile has the same offset to its class's first row
+    and every key row of the key tile stays in the grid; None when no tile shares a class."""
+    layout = engine.env.layout
+    if layout is None or len(layout.shape) < 2 or not len(keys):
+        return None
+    found = [cellshift._neighborhoods(b) for b in bounds]
+    if any(p is None for p in found):
+        return None
+    prims = tuple(dict.fromkeys(p for ps in found for p in ps))
+    shape = tuple(layout.shape)
+    outer = shape[:-1]
+    strides = [math.prod(shape[a + 1 :]) for a in range(len(outer))]
+    tq, tk = engine.q.block, engine.k.block
+    whole = tuple(math.lcm(tq // math.gcd(s, tq), tk // math.gcd(s, tk)) for s in strides)
+    reps = tileshift.classes(prims, layout, geo, tables, whole)
+    m, n = keys // geo.nkb, keys % geo.nkb
+    w, length = shape[-1], math.prod(shape)
+    qr0, qr1 = m * tq // w, (np.minimum((m + 1) * tq, length) - 1) // w
+    kr0, kr1 = n * tk // w, (np.minimum((n + 1) * tk, length) - 1) // w
+    first = np.unravel_index(qr0, outer)
+    delta = [y - rep[y] for y, rep in zip(first, reps, strict=True)]
+    ok = np.ones(len(keys), bool)
+    for step in range(1, int((qr1 - qr0).max()) + 1):  # a tile's rows: a few
+        at = np.minimum(qr0 + step, qr1)
+        for y, rep, d in zip(np.unravel_index(at, outer), reps, delta, strict=True):
+            ok &= y - rep[y] == d
+    for step in range(int((kr1 - kr0).max()) + 1):
+        at = np.minimum(kr0 + step, kr1)
+        for y, d in zip(np.unravel_index(at, outer), delta, strict=True):
+            ok &= y >= d
+    moved = sum(np.where(ok, d, 0) * s for d, s in zip(delta, strides, strict=True))
+    cm, cn = m - moved // tq, n - moved // tk
+    low, up = (np.asarray(s, np.int64) for s in static)
+    code = ((cm * geo.nkb + cn) * 3 + low) * 3 + up
+    uniq, first_of, inverse = np.unique(code, return_index=True, return_inverse=True)
+    if len(uniq) == len(keys):
+        return None
+    cellshift.TALLY.tiles += len(keys) - len(uniq)
+    return uniq // 9, (static[0][first_of], static[1][first_of]), inverse.reshape(-1)

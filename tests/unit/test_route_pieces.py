@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 import patterndsl
+from patterndsl.analysis import cellshift, routegrid, routepieces, routeplan
 from patterndsl.analysis import engine as eng
-from patterndsl.analysis import routegrid, routepieces, routeplan
 from patterndsl.sizes import Sizes
 from tests.unit.test_route_grid_runs import equal_to_pairs
 
@@ -195,3 +195,34 @@ def test_tiles_where_a_static_part_and_the_route_are_both_partial_are_decided_on
     assert seen and seen[0][0] > 0, source  # some tiles were decided on cells
     if "where" not in source:
         assert seen[0][1] == 0, source
+
+
+@pytest.mark.parametrize(
+    ("source", "length", "tile"),
+    [
+        # 4 rows of 20 are 5 tiles of 16: tiles 4 rows apart are alike away from the borders
+        (
+            "pattern p { layout grid(y = 40, x = 20)\n"
+            " neighborhood(2) | route(topk = 3, block = (4, 4), among = neighborhood(5) - neighborhood(2)) }",
+            800,
+            (16, 16),
+        ),
+        (
+            "pattern p { layout grid(y = 44, x = 10)\n"
+            " neighborhood(3) | route(topk = 2, block = (2, 3), qblock = (4, 2), among = neighborhood(4)) }",
+            440,
+            (16, 8),
+        ),
+        # frames of 60 positions: 4 frames are 15 tiles of 16
+        (
+            "pattern p { layout grid(t = 10, y = 5, x = 12)\n"
+            " neighborhood((1, 2, 2)) | route(topk = 3, block = (2, 2, 3), among = neighborhood((2, 3, 5))) }",
+            600,
+            (16, 16),
+        ),
+    ],
+)
+def test_tiles_across_rows_alike_up_to_a_shift_of_whole_tiles_are_decided_once(source, length, tile):
+    before = cellshift.TALLY.tiles
+    equal_to_pairs(source, length, tile)
+    assert cellshift.TALLY.tiles > before, source
