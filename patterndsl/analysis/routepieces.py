@@ -205,12 +205,21 @@ class PieceSpans:
         s_of, n_of = sn // nkb, sn % nkb
         routegrid._check(int((q_start[s_of + 1] - q_start[s_of]).sum()))
         per_sn = q_start[s_of + 1] - q_start[s_of]
-        self.rec, pos = eng.expand_runs(np.arange(len(sn), dtype=np.int64), q_start[s_of], q_start[s_of + 1])
+        rec, pos = eng.expand_runs(np.arange(len(sn), dtype=np.int64), q_start[s_of], q_start[s_of + 1])
         self.n_sn = len(sn)
         self.rec_start = np.zeros(len(sn) + 1, np.int64)  # record s's entries: rec_start[s]:rec_start[s + 1]
         np.cumsum(per_sn, out=self.rec_start[1:])
-        keys, self.inv = unique_inverse(q_tiles[pos] * nkb + n_of[self.rec])
-        del pos, s_of, n_of, sn
+        # millions of entries at a million tokens: built in place, kept as int32 (indices below 2**31)
+        entry = q_tiles[pos]
+        del pos
+        entry *= nkb
+        entry += n_of[rec]
+        self.rec = rec.astype(np.int32)
+        del rec, s_of, n_of, sn
+        keys, inv = unique_inverse(entry, scratch=True)
+        del entry
+        self.inv = inv.astype(np.int32)
+        del inv
         # the segments of every Steps built here: each listed tile, the gaps between them, each row's start
         width = nkb + 1
         start = keys // nkb * width + keys % nkb
@@ -419,10 +428,8 @@ def _cell_side(layout: ir.Layout, cells: np.ndarray, radix: int) -> tiles.Side:
 
 def _tile_classes(engine: eng.Engine, geo: PieceGeometry, bounds, keys: np.ndarray, tables: list, static):
     """``(rep_keys, rep_static, inverse)`` as :func:`tileshift.tile_classes` gives them, for tiles across grid
-    rows: a tile moves with its grid rows when the shift is whole tiles on both sides (a shift of ``P`` rows on
-    an outer axis of stride ``s`` positions moves the tiles' pieces, their cells and boxes alike, when ``P * s``
-    is a multiple of both tile sizes), every query row of the tile has the same offset to its class's first row
-    and every key row of the key tile stays in the grid; None when no tile shares a class."""
+    rows (:func:`_row_moves`: the query tile and the key tile moved by the same rows, whole tiles on both sides),
+    every key row of the key tile staying in the grid; None when no tile shares a class."""
     layout = engine.env.layout
     if layout is None or len(layout.shape) < 2 or not len(keys):
         return None
@@ -430,54 +437,74 @@ def _tile_classes(engine: eng.Engine, geo: PieceGeometry, bounds, keys: np.ndarr
     if any(p is None for p in found):
         return None
     prims = tuple(dict.fromkeys(p for ps in found for p in ps))
+    m, n = keys // geo.nkb, keys % geo.nkb
+    delta, moved = _row_moves(engine, geo, prims, tables, m)
+    outer = tuple(layout.shape[:-1])
+    kr0, kr1 = _tile_rows(n, engine.k.block, layout.shape)
+    ok = np.ones(len(keys), bool)
+    for step in range(int((kr1 - kr0).max()) + 1):
+        at = np.minimum(kr0 + step, kr1)
+        for y, d in zip(np.unravel_index(at, outer), delta, strict=True):
+            ok &= y >= d
+    moved = np.where(ok, moved, 0)
+    cm, cn = m - moved // engine.q.block, n - moved // engine.k.block
+    low, up = (np.asarray(s, np.int64) for s in static)
+    uniq, inverse = unique_inverse(((cm * geo.nkb + cn) * 3 + low) * 3 + up)  # a static state: 0, 1 or 2
+    if len(uniq) == len(keys):
+        return None
+    cellshift.TALLY.tiles += len(keys) - len(uniq)
+    return uniq // 9, ((uniq // 3 % 3).astype(np.int8), (uniq % 3).astype(np.int8)), inverse
+
+
+def _tile_rows(t: np.ndarray, tile: int, shape) -> tuple[np.ndarray, np.ndarray]:
+    """The first and last grid row (row-major over the outer axes) of each tile ``t`` of ``tile`` positions."""
+    w, length = shape[-1], math.prod(shape)
+    return t * tile // w, (np.minimum((t + 1) * tile, length) - 1) // w
+
+
+def _row_moves(engine: eng.Engine, geo: PieceGeometry, prims: tuple, tables: list, m: np.ndarray):
+    """``(delta, moved)``: per outer axis, the rows each query tile ``m`` moves by to its class's first rows
+    (:func:`tileshift.classes` of the neighborhoods ``prims`` and the choices ``tables``, the shift also a multiple
+    of the rows that hold whole tiles on both sides: a shift of ``P`` rows on an axis of stride ``s`` positions
+    moves the tiles' pieces, their cells and boxes alike when ``P * s`` is a multiple of both tile sizes), and
+    the positions that is; 0 where the tile's rows do not all have the same offset."""
+    layout = engine.env.layout
     shape = tuple(layout.shape)
     outer = shape[:-1]
     strides = [math.prod(shape[a + 1 :]) for a in range(len(outer))]
     tq, tk = engine.q.block, engine.k.block
     whole = tuple(math.lcm(tq // math.gcd(s, tq), tk // math.gcd(s, tk)) for s in strides)
     reps = tileshift.classes(prims, layout, geo, tables, whole)
-    m, n = keys // geo.nkb, keys % geo.nkb
-    w, length = shape[-1], math.prod(shape)
-    qr0, qr1 = m * tq // w, (np.minimum((m + 1) * tq, length) - 1) // w
-    kr0, kr1 = n * tk // w, (np.minimum((n + 1) * tk, length) - 1) // w
-    first = np.unravel_index(qr0, outer)
-    delta = [y - rep[y] for y, rep in zip(first, reps, strict=True)]
-    ok = np.ones(len(keys), bool)
-    for step in range(1, int((qr1 - qr0).max()) + 1):  # a tile's rows: a few
+    qr0, qr1 = _tile_rows(m, tq, shape)
+    delta = [y - rep[y] for y, rep in zip(np.unravel_index(qr0, outer), reps, strict=True)]
+    ok = np.ones(len(m), bool)
+    for step in range(1, int((qr1 - qr0).max(initial=0)) + 1):  # a tile's rows: a few
         at = np.minimum(qr0 + step, qr1)
         for y, rep, d in zip(np.unravel_index(at, outer), reps, delta, strict=True):
             ok &= y - rep[y] == d
-    for step in range(int((kr1 - kr0).max()) + 1):
-        at = np.minimum(kr0 + step, kr1)
-        for y, d in zip(np.unravel_index(at, outer), delta, strict=True):
-            ok &= y >= d
-    moved = sum(np.where(ok, d, 0) * s for d, s in zip(delta, strides, strict=True))
-    cm, cn = m - moved // tq, n - moved // tk
-    low, up = (np.asarray(s, np.int64) for s in static)
-    code = ((cm * geo.nkb + cn) * 3 + low) * 3 + up
-    uniq, inverse = unique_inverse(code)
-    first_of = np.zeros(len(uniq), np.int64)
-    first_of[inverse[::-1]] = np.arange(len(code) - 1, -1, -1)  # the last store wins: each class's first tile
-    if len(uniq) == len(keys):
-        return None
-    cellshift.TALLY.tiles += len(keys) - len(uniq)
-    return uniq // 9, (static[0][first_of], static[1][first_of]), inverse
+    delta = [np.where(ok, d, 0) for d in delta]
+    return delta, sum(d * s for d, s in zip(delta, strides, strict=True))
 
 
-def unique_inverse(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def unique_inverse(keys: np.ndarray, scratch: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """``np.unique(keys, return_inverse=True)`` of non-negative integers by one plain sort: each key carries its
     index in its low bits (numpy's ``unique`` took 0.4 s on the 2.9M keys of a 999 x 999 route, the sort 25 ms);
-    an argsort when the packed keys would not fit in 62 bits."""
+    an argsort when the packed keys would not fit in 62 bits. ``scratch``: ``keys`` (int64) may be overwritten."""
     n = len(keys)
     bits = max(1, (n - 1).bit_length())
     if n and int(keys.max()) < 1 << (62 - bits):
-        packed = np.sort((keys << bits) | np.arange(n, dtype=np.int64))
-        ordered, index = packed >> bits, packed & ((1 << bits) - 1)
+        packed = np.left_shift(keys, bits, out=keys if scratch else None)
+        packed |= np.arange(n, dtype=np.int64)
+        packed.sort()
+        index = packed & ((1 << bits) - 1)
+        ordered = np.right_shift(packed, bits, out=packed)
     else:
         index = np.argsort(keys, kind="stable")
         ordered = keys[index]
     new = np.ones(n, bool)
-    new[1:] = ordered[1:] != ordered[:-1]
+    np.not_equal(ordered[1:], ordered[:-1], out=new[1:])
+    rank = np.cumsum(new)
+    rank -= 1
     inverse = np.empty(n, np.int64)
-    inverse[index] = np.cumsum(new) - 1
+    inverse[index] = rank
     return ordered[new], inverse
