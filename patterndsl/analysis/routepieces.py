@@ -63,6 +63,7 @@ class PieceGeometry:
     def __init__(self, engine: eng.Engine, prim: ir.Prim, qbox: tuple[int, ...], kbox: tuple[int, ...]):
         shape = tuple(engine.env.layout.shape)
         self.shape, self.nqb, self.nkb = shape, engine.nqb, engine.nkb
+        self.layout, self.tq, self.tk = engine.env.layout, engine.q.block, engine.k.block
         self.qbox, self.kbox = tuple(qbox), tuple(kbox)
         self.n_q = math.prod(-(-n // b) for n, b in zip(shape, qbox, strict=True))
         self.n_k = math.prod(-(-n // b) for n, b in zip(shape, kbox, strict=True))
@@ -198,9 +199,20 @@ class PieceSpans:
         self.covers = self.count == geo.blocks_per_tile[n]
         self.group_open = np.zeros(geo.n_q, bool)
         self.group_open[cand.group] = run_open
+        # query tiles alike up to a shift of whole tiles (the candidates repeating): only the first of each
+        # class is listed, the others copy its Steps (:meth:`_copied`)
+        q_pairs, self.copy = geo.q_pairs, None
+        if len(geo.shape) > 1:
+            m = np.arange(geo.nqb, dtype=np.int64)
+            moved = _row_moves(geo, (), [cand], m)[1]
+            moved[_odd_reach(geo, cand, k_start, k_tiles)] = 0
+            if moved.any():
+                self.copy = (m - moved // geo.tq, moved // geo.tk)
+                keep = (moved == 0)[q_pairs[0]]
+                q_pairs = (q_pairs[0][keep], q_pairs[1][keep])
         # groups meeting the same query tiles (neighbours in a box row between tiles' edges) summed first:
         # (segment, key tile) records, then spread to the segment's query tiles as (query tile, key tile)
-        q_start, q_tiles, segment = _segments(geo.q_pairs, geo.n_q)
+        q_start, q_tiles, segment = _segments(q_pairs, geo.n_q)
         sn, self.to_sn = unique_inverse(segment[self.g] * nkb + n)
         s_of, n_of = sn // nkb, sn % nkb
         routegrid._check(int((q_start[s_of + 1] - q_start[s_of]).sum()))
@@ -240,7 +252,7 @@ class PieceSpans:
         per_sn = np.bincount(self.to_sn, weights=per_record, minlength=self.n_sn)
         live = np.flatnonzero(per_sn)
         if not len(live) or not self.n_keys:  # every segment holds 0
-            return _compact(self.seg_key, np.zeros(len(self.seg_key), np.int64), self.geo.nkb + 1)
+            return self._copied(_compact(self.seg_key, np.zeros(len(self.seg_key), np.int64), self.geo.nkb + 1))
         if 2 * len(live) < self.n_sn:  # few records weigh (the forced groups, the tiles over a large cap)
             _, at = eng.expand_runs(live, self.rec_start[live], self.rec_start[live + 1])
             value = np.bincount(self.inv[at], weights=per_sn[self.rec[at]], minlength=self.n_keys)
@@ -248,7 +260,29 @@ class PieceSpans:
             value = np.bincount(self.inv, weights=per_sn[self.rec], minlength=self.n_keys)
         value = np.rint(value).astype(np.int64)
         seg = np.where(self.seg_tile >= 0, value[np.maximum(self.seg_tile, 0)], 0)
-        return _compact(self.seg_key, seg, self.geo.nkb + 1)
+        return self._copied(_compact(self.seg_key, seg, self.geo.nkb + 1))
+
+    def _copied(self, s: Steps) -> Steps:
+        """``s`` (listed on the first query tile of each class) with every other query tile's row the row of its
+        class's first tile moved by its shift in key tiles: the groups of the tile are those of the first one
+        moved by whole box rows, each with the candidates of its partner moved by whole block rows (the links
+        of :func:`tileshift.classes`), so every count moves with them (none falls outside the grid: the
+        partner's candidates moved are the tile's own)."""
+        if self.copy is None:
+            return s
+        src, dk = self.copy
+        nqb, nkb = self.geo.nqb, self.geo.nkb
+        width = nkb + 1
+        row_start = np.searchsorted(s.key, np.arange(nqb + 1, dtype=np.int64) * width)
+        m, idx = eng.expand_runs(np.arange(nqb, dtype=np.int64), row_start[src], row_start[src + 1])
+        n = s.key[idx] % width + dk[m]
+        keep = n < nkb
+        # what falls past the last key tile is 0 (the moved candidates lie inside the grid)
+        assert not s.value[idx[~keep]].any()
+        key, value = m[keep] * width + n[keep], s.value[idx[keep]]
+        rows = np.flatnonzero(dk > 0) * width  # a moved row starts with the 0 below its first segment
+        at = np.searchsorted(key, rows)
+        return _compact(np.insert(key, at, rows), np.insert(value, at, 0), width)
 
     def cover(self, which: bool | None, covered: bool = True):
         """``(touched, covered)`` Steps: groups of the query tile (all; open only: True; forced only: False)
@@ -438,7 +472,7 @@ def _tile_classes(engine: eng.Engine, geo: PieceGeometry, bounds, keys: np.ndarr
         return None
     prims = tuple(dict.fromkeys(p for ps in found for p in ps))
     m, n = keys // geo.nkb, keys % geo.nkb
-    delta, moved = _row_moves(engine, geo, prims, tables, m)
+    delta, moved = _row_moves(geo, prims, tables, m)
     outer = tuple(layout.shape[:-1])
     kr0, kr1 = _tile_rows(n, engine.k.block, layout.shape)
     ok = np.ones(len(keys), bool)
@@ -446,6 +480,8 @@ def _tile_classes(engine: eng.Engine, geo: PieceGeometry, bounds, keys: np.ndarr
         at = np.minimum(kr0 + step, kr1)
         for y, d in zip(np.unravel_index(at, outer), delta, strict=True):
             ok &= y >= d
+    length = math.prod(layout.shape)
+    ok &= (n < geo.nkb - 1) | (length % engine.k.block == 0)  # a last tile cut short is no shifted tile
     moved = np.where(ok, moved, 0)
     cm, cn = m - moved // engine.q.block, n - moved // engine.k.block
     low, up = (np.asarray(s, np.int64) for s in static)
@@ -456,23 +492,43 @@ def _tile_classes(engine: eng.Engine, geo: PieceGeometry, bounds, keys: np.ndarr
     return uniq // 9, ((uniq // 3 % 3).astype(np.int8), (uniq % 3).astype(np.int8)), inverse
 
 
+def _odd_reach(geo: PieceGeometry, cand: routetiles.RunTable, k_start: np.ndarray, k_tiles: np.ndarray) -> np.ndarray:
+    """Per query tile, whether a group meeting it has a candidate block cut short by the grid's border on an
+    outer axis or meeting the last key tile when that one is cut short: such a tile's counts are no shifted copy
+    of another's (a whole block moved there would reach past the grid)."""
+    outer = geo.nbk[:-1]
+    digits = np.unravel_index(np.arange(geo.n_k, dtype=np.int64) // geo.nbk[-1], outer)
+    odd = np.zeros(geo.n_k, bool)
+    for d, n, b, count in zip(digits, geo.shape[:-1], geo.kbox[:-1], outer, strict=True):
+        if n % b:
+            odd |= d == count - 1
+    if math.prod(geo.shape) % geo.tk:
+        last = np.flatnonzero(k_tiles == geo.nkb - 1)
+        odd[np.searchsorted(k_start, last, "right") - 1] = True  # the blocks whose tiles list it
+    prefix = np.concatenate([[0], np.cumsum(odd)])
+    runs = prefix[cand.hi] > prefix[cand.lo]
+    group = np.zeros(geo.n_q, bool)
+    group[cand.group[runs]] = True
+    tile = np.zeros(geo.nqb, bool)
+    tile[geo.q_pairs[0][group[geo.q_pairs[1]]]] = True
+    return tile
+
+
 def _tile_rows(t: np.ndarray, tile: int, shape) -> tuple[np.ndarray, np.ndarray]:
     """The first and last grid row (row-major over the outer axes) of each tile ``t`` of ``tile`` positions."""
     w, length = shape[-1], math.prod(shape)
     return t * tile // w, (np.minimum((t + 1) * tile, length) - 1) // w
 
 
-def _row_moves(engine: eng.Engine, geo: PieceGeometry, prims: tuple, tables: list, m: np.ndarray):
+def _row_moves(geo: PieceGeometry, prims: tuple, tables: list, m: np.ndarray):
     """``(delta, moved)``: per outer axis, the rows each query tile ``m`` moves by to its class's first rows
     (:func:`tileshift.classes` of the neighborhoods ``prims`` and the choices ``tables``, the shift also a multiple
     of the rows that hold whole tiles on both sides: a shift of ``P`` rows on an axis of stride ``s`` positions
     moves the tiles' pieces, their cells and boxes alike when ``P * s`` is a multiple of both tile sizes), and
     the positions that is; 0 where the tile's rows do not all have the same offset."""
-    layout = engine.env.layout
-    shape = tuple(layout.shape)
+    layout, shape, tq, tk = geo.layout, geo.shape, geo.tq, geo.tk
     outer = shape[:-1]
     strides = [math.prod(shape[a + 1 :]) for a in range(len(outer))]
-    tq, tk = engine.q.block, engine.k.block
     whole = tuple(math.lcm(tq // math.gcd(s, tq), tk // math.gcd(s, tk)) for s in strides)
     reps = tileshift.classes(prims, layout, geo, tables, whole)
     qr0, qr1 = _tile_rows(m, tq, shape)
@@ -482,6 +538,7 @@ def _row_moves(engine: eng.Engine, geo: PieceGeometry, prims: tuple, tables: lis
         at = np.minimum(qr0 + step, qr1)
         for y, rep, d in zip(np.unravel_index(at, outer), reps, delta, strict=True):
             ok &= y - rep[y] == d
+    ok &= (m < geo.nqb - 1) | (math.prod(shape) % tq == 0)  # a last tile cut short is no shifted tile
     delta = [np.where(ok, d, 0) for d in delta]
     return delta, sum(d * s for d, s in zip(delta, strides, strict=True))
 

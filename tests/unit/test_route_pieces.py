@@ -220,6 +220,19 @@ def test_tiles_where_a_static_part_and_the_route_are_both_partial_are_decided_on
             600,
             (16, 16),
         ),
+        # the last tile cut short (820 = 51 x 16 + 4): no shifted copy of a whole one, whatever the links
+        (
+            "pattern p { layout grid(y = 41, x = 20)\n neighborhood(5, causal = true) | route(topk = 2, block = (1, 4),"
+            " among = where(k.y <= q.y - 1) & where(k.y >= q.y - 2)) }",
+            820,
+            (16, 16),
+        ),
+        (
+            "pattern p { layout grid(y = 43, x = 12)\n neighborhood(3, causal = true) | route(topk = 2, block = (2, 4),"
+            " among = neighborhood(5, causal = true) - neighborhood(3, causal = true)) }",
+            43 * 12,
+            (16, 8),
+        ),
     ],
 )
 def test_tiles_across_rows_alike_up_to_a_shift_of_whole_tiles_are_decided_once(source, length, tile):
