@@ -81,15 +81,44 @@ class PieceGeometry:
         """The spans :func:`routeruns.classify` reads (in the place of :class:`routegrid.GridSpans`)."""
         return FullSpans(self, cand, run_open) if self.full else PieceSpans(self, cand, run_open)
 
-    # the spans' Steps are over every query tile already (no shared tiles): GridGeometry's copies as none
+    #: ``(src, dk)`` set by :class:`PieceSpans`: query tile ``m`` is row ``src[m]`` of the spans' Steps moved by
+    #: ``dk[m]`` key tiles (None: every row its own); the moved rows are one segment of zeros there.
+    copy = None
 
     def spread_all(self, steps: list[Steps]) -> tuple[Steps, list[np.ndarray]]:
-        """:meth:`routegrid.GridGeometry.spread_all` without copies: the functions overlaid."""
+        """:meth:`routegrid.GridGeometry.spread_all`: the functions overlaid, then every moved query tile's row
+        copied from its class's first tile (:class:`PieceSpans`) once for all of them."""
         key, values = merged(steps)
-        return Steps(key, np.arange(len(key), dtype=np.int64), steps[0].width), values
+        key, index, dropped = self._spread(key, steps[0].width)
+        assert not any(v[dropped].any() for v in values)  # nothing copied past the last key tile
+        return Steps(key, index, steps[0].width), values
 
     def spread(self, s: Steps) -> Steps:
-        return s
+        """The spans' Steps with the moved query tiles' rows copied (:meth:`spread_all` of one function)."""
+        key, index, dropped = self._spread(s.key, s.width)
+        assert not s.value[dropped].any()
+        return s if self.copy is None else _compact(key, s.value[index], s.width)
+
+    def _spread(self, key: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Segment starts ``key`` with every moved query tile's row copied from its class's first tile, moved by
+        its shift in key tiles (what would pass the last key tile is 0: the moved candidates lie inside the
+        grid), the index of the start each copy comes from (a moved row starts with a segment of its own row,
+        one segment of zeros, below the first copied one) and those of the starts not copied past the last tile."""
+        if self.copy is None:
+            return key, np.arange(len(key), dtype=np.int64), np.zeros(0, np.int64)
+        src, dk = self.copy
+        nqb, nkb = self.nqb, self.nkb
+        row_start = np.searchsorted(key, np.arange(nqb + 1, dtype=np.int64) * width)
+        moved = dk > 0
+        rows = np.arange(nqb, dtype=np.int64)
+        m, idx = eng.expand_runs(rows, row_start[src], row_start[src + 1])
+        n = key[idx] % width + dk[m]
+        keep = n < nkb
+        dropped = idx[~keep]
+        m, idx, n = m[keep], idx[keep], n[keep]
+        out = m * width + n
+        at = np.searchsorted(out, rows[moved] * width)
+        return np.insert(out, at, rows[moved] * width), np.insert(idx, at, row_start[rows[moved]]), dropped
 
 
 def tile_boxes(shape: tuple[int, ...], box: tuple[int, ...], tile: int, length: int):
@@ -200,14 +229,14 @@ class PieceSpans:
         self.group_open = np.zeros(geo.n_q, bool)
         self.group_open[cand.group] = run_open
         # query tiles alike up to a shift of whole tiles (the candidates repeating): only the first of each
-        # class is listed, the others copy its Steps (:meth:`_copied`)
-        q_pairs, self.copy = geo.q_pairs, None
+        # class is listed, the others copy its Steps (:meth:`PieceGeometry.spread_all`)
+        q_pairs, geo.copy = geo.q_pairs, None
         if len(geo.shape) > 1:
             m = np.arange(geo.nqb, dtype=np.int64)
             moved = _row_moves(geo, (), [cand], m)[1]
             moved[_odd_reach(geo, cand, k_start, k_tiles)] = 0
             if moved.any():
-                self.copy = (m - moved // geo.tq, moved // geo.tk)
+                geo.copy = (m - moved // geo.tq, moved // geo.tk)
                 keep = (moved == 0)[q_pairs[0]]
                 q_pairs = (q_pairs[0][keep], q_pairs[1][keep])
         # groups meeting the same query tiles (neighbours in a box row between tiles' edges) summed first:
@@ -252,7 +281,7 @@ class PieceSpans:
         per_sn = np.bincount(self.to_sn, weights=per_record, minlength=self.n_sn)
         live = np.flatnonzero(per_sn)
         if not len(live) or not self.n_keys:  # every segment holds 0
-            return self._copied(_compact(self.seg_key, np.zeros(len(self.seg_key), np.int64), self.geo.nkb + 1))
+            return _compact(self.seg_key, np.zeros(len(self.seg_key), np.int64), self.geo.nkb + 1)
         if 2 * len(live) < self.n_sn:  # few records weigh (the forced groups, the tiles over a large cap)
             _, at = eng.expand_runs(live, self.rec_start[live], self.rec_start[live + 1])
             value = np.bincount(self.inv[at], weights=per_sn[self.rec[at]], minlength=self.n_keys)
@@ -260,29 +289,7 @@ class PieceSpans:
             value = np.bincount(self.inv, weights=per_sn[self.rec], minlength=self.n_keys)
         value = np.rint(value).astype(np.int64)
         seg = np.where(self.seg_tile >= 0, value[np.maximum(self.seg_tile, 0)], 0)
-        return self._copied(_compact(self.seg_key, seg, self.geo.nkb + 1))
-
-    def _copied(self, s: Steps) -> Steps:
-        """``s`` (listed on the first query tile of each class) with every other query tile's row the row of its
-        class's first tile moved by its shift in key tiles: the groups of the tile are those of the first one
-        moved by whole box rows, each with the candidates of its partner moved by whole block rows (the links
-        of :func:`tileshift.classes`), so every count moves with them (none falls outside the grid: the
-        partner's candidates moved are the tile's own)."""
-        if self.copy is None:
-            return s
-        src, dk = self.copy
-        nqb, nkb = self.geo.nqb, self.geo.nkb
-        width = nkb + 1
-        row_start = np.searchsorted(s.key, np.arange(nqb + 1, dtype=np.int64) * width)
-        m, idx = eng.expand_runs(np.arange(nqb, dtype=np.int64), row_start[src], row_start[src + 1])
-        n = s.key[idx] % width + dk[m]
-        keep = n < nkb
-        # what falls past the last key tile is 0 (the moved candidates lie inside the grid)
-        assert not s.value[idx[~keep]].any()
-        key, value = m[keep] * width + n[keep], s.value[idx[keep]]
-        rows = np.flatnonzero(dk > 0) * width  # a moved row starts with the 0 below its first segment
-        at = np.searchsorted(key, rows)
-        return _compact(np.insert(key, at, rows), np.insert(value, at, 0), width)
+        return _compact(self.seg_key, seg, self.geo.nkb + 1)
 
     def cover(self, which: bool | None, covered: bool = True):
         """``(touched, covered)`` Steps: groups of the query tile (all; open only: True; forced only: False)
