@@ -423,8 +423,8 @@ def _cells(engine, geo, tiles, cells, bounds, counters, sign, acc) -> None:
 def _cell_states(engine: eng.Engine, nodes, q, k) -> list[np.ndarray]:
     """States of each static node of ``nodes`` on the cells ``q`` x ``k`` (each ``(row, c0, c1)``: columns
     ``[c0, c1)`` of a grid row), from an engine whose tiles are the distinct cells, the query's rows moved to
-    their translation class's first row and the key's by the same offsets (:mod:`cellshift`) when every
-    node is made of neighborhoods."""
+    their translation class's first row and the key's by the same offsets (:mod:`cellshift`), and so their
+    columns (:func:`_canonical_columns`), when every node is made of neighborhoods."""
     qrow, a0, a1 = q
     krow, e0, e1 = k
     if all(node in (ir.FULL, ir.EMPTY) for node in nodes):
@@ -436,6 +436,8 @@ def _cell_states(engine: eng.Engine, nodes, q, k) -> list[np.ndarray]:
         classes = cellshift._outer_classes(prims, layout) if prims else None
         if classes is not None:
             qrow, krow = cellshift.canonical_rows(classes, tuple(layout.shape[:-1]), qrow, krow)
+        if prims:
+            a0, a1, e0, e1 = _canonical_columns(prims, layout, a0, a1, e0, e1)
     radix = layout.shape[-1] + 1
     uq, qi = unique_inverse((qrow * radix + a0) * radix + a1)
     uk, ki = unique_inverse((krow * radix + e0) * radix + e1)
@@ -443,6 +445,22 @@ def _cell_states(engine: eng.Engine, nodes, q, k) -> list[np.ndarray]:
     cellshift.TALLY.shifted += len(qrow) - len(pairs)
     sub = eng.Engine(_cell_side(layout, uq, radix), _cell_side(layout, uk, radix), engine.env, tally=engine.tally)
     return [routeruns._cell_states(sub, node, pairs)[inverse] for node in nodes]
+
+
+def _canonical_columns(prims: tuple, layout: ir.Layout, a0, a1, e0, e1):
+    """Cells' columns moved along the last axis as :mod:`cellshift` moves rows along the others: where every
+    neighborhood's window relative to the query column is the same from column to column (period 1: no dilation
+    or stride there), a pair of columns holds exactly when the pair moved by one column does, so a cell whose
+    query columns ``[a0, a1)`` lie in one such run of columns moves with its key columns towards the run's first
+    column, as far as the key's stay in the grid (the same place for every cell of its class)."""
+    sig, period = cellshift._signature(prims, layout, len(layout.shape) - 1)
+    if period != 1:
+        return a0, a1, e0, e1
+    link = np.zeros(len(sig), bool)
+    link[1:] = (sig[1:] == sig[:-1]).all(1)
+    start = np.maximum.accumulate(np.where(link, 0, np.arange(len(sig))))  # the first column of each run
+    d = np.where(start[a1 - 1] == start[a0], np.minimum(a0 - start[a0], e0), 0)
+    return a0 - d, a1 - d, e0 - d, e1 - d
 
 
 def _cell_side(layout: ir.Layout, cells: np.ndarray, radix: int) -> tiles.Side:

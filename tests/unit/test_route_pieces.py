@@ -167,6 +167,19 @@ def test_biformer_on_a_999_grid_is_planned_as_runs():
             5 * 7 * 11,
             (16, 16),
         ),
+        # cells moved along the rows (the windows' relative columns repeating): not across the border columns
+        (
+            "pattern p { layout grid(y = 13, x = 21)\n neighborhood((3, 9)) | route(topk = 2, block = (2, 3),"
+            " among = neighborhood((5, 13)) - neighborhood((3, 9))) }",
+            13 * 21,
+            (16, 8),
+        ),
+        (
+            "pattern p { layout grid(y = 13, x = 23)\n neighborhood((3, 9)) | route(topk = 2, block = (2, 5),"
+            " among = neighborhood((5, 13)) - neighborhood((3, 9))) }",
+            13 * 23,
+            (16, 16),
+        ),
         # the static part no neighborhood: no translation classes, still cells
         (
             "pattern p { layout grid(y = 17, x = 21)\n"
