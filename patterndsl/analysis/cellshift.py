@@ -209,10 +209,17 @@ def canonical(classes, layout: ir.Layout, qsize: int, ksize: int, r: np.ndarray,
         delta = yq - rep[yq]
         delta[(yk < delta) | (yk - delta >= outer[0])] = 0  # key rows leaving the grid: not moved
         return r - delta * (w // qsize), col - delta * (w // ksize)
-    yq = np.unravel_index(pq // w, outer)
-    yk = np.unravel_index(pk // w, outer)
+    rq, rk = canonical_rows(classes, outer, pq // w, pk // w)
+    return (rq * w + pq % w) // qsize, (rk * w + pk % w) // ksize
+
+
+def canonical_rows(classes, outer: tuple[int, ...], qrow: np.ndarray, krow: np.ndarray):
+    """Grid rows (row-major over the ``outer`` axes) of query and key: the query's moved to their
+    representatives per axis, the key's by the same offsets; a pair whose key row would leave the grid is
+    not moved."""
+    yq, yk = np.unravel_index(qrow, outer), np.unravel_index(krow, outer)
     shifted_q, shifted_k = [], []
-    inside = np.ones(len(r), bool)
+    inside = np.ones(len(qrow), bool)
     for a, rep in enumerate(classes):
         delta = yq[a] - rep[yq[a]]
         k2 = yk[a] - delta
@@ -221,7 +228,7 @@ def canonical(classes, layout: ir.Layout, qsize: int, ksize: int, r: np.ndarray,
         shifted_k.append(k2)
     rq = np.ravel_multi_index(tuple(np.where(inside, s, y) for s, y in zip(shifted_q, yq, strict=True)), outer)
     rk = np.ravel_multi_index(tuple(np.where(inside, s, y) for s, y in zip(shifted_k, yk, strict=True)), outer)
-    return (rq * w + pq % w) // qsize, (rk * w + pk % w) // ksize
+    return rq, rk
 
 
 def cell_states(sub: eng.Engine, nodes, r: np.ndarray, col: np.ndarray, states) -> list[np.ndarray]:

@@ -543,7 +543,7 @@ def classify(engine: eng.Engine, node: ir.Node, geo=None) -> RoutedRuns:
 
 def _other_tiles(engine, node, prim, sign, geo, cand, n_cand, take, values, segs, other, cache):
     """Segments where the static bounds neither agree nor are the route alone, tile by tile (as before)."""
-    from patterndsl.analysis import routegrid, routeplan
+    from patterndsl.analysis import routeplan
 
     m, lo, hi = (a[other] for a in segs)
     counts = hi - lo
@@ -560,10 +560,13 @@ def _other_tiles(engine, node, prim, sign, geo, cand, n_cand, take, values, segs
     lower, upper = rewrite(ir.route_bound(node, True, ())), rewrite(ir.route_bound(node, False, ()))
     # groups and blocks nest in the tiles (on a grid: along a row, ``geo.qblock`` / ``geo.block`` being
     # the boxes' extents on the last axis)
-    if not getattr(geo, "cells", True) and 2 * len(keys) * engine.q.block * engine.k.block > routegrid.MAX_ELEMENTS:
-        raise routegrid.TooMany  # tiles across grid rows (routepieces) are decided on elements: too many
     nested = getattr(geo, "cells", True) and engine.q.block % geo.qblock == 0 and engine.k.block % geo.block == 0
-    if nested:
+    if not getattr(geo, "cells", True):  # tiles across grid rows: cells of row pieces (routepieces)
+        from patterndsl.analysis import routepieces
+
+        tabs = [tables[up_name], tables[low_name]]
+        up, low = routepieces.tile_bounds(engine, node, geo, keys, tabs, sign, (low_s, up_s))
+    elif nested:
         static = (low_s, up_s)
         up, low = _tile_bounds(engine, node, geo, keys, [tables[up_name], tables[low_name]], sign, static, cache)
     else:
@@ -707,7 +710,6 @@ def _cells_of_tiles(engine, geo, rows, shape, bounds, counters, sign, acc, cache
     per_k, top = shape
     low_node, up_node = bounds
     full, some = acc
-    n_t = len(full[0])
     # col: a cell's column of keys (a block in 1-D; on a grid a block's piece of one row)
     at, col = eng.expand_runs(np.arange(len(owner), dtype=np.int64), n[owner] * per_k, (n[owner] + 1) * per_k)
     owner, r = owner[at], r[at]
@@ -727,38 +729,51 @@ def _cells_of_tiles(engine, geo, rows, shape, bounds, counters, sign, acc, cache
         else:
             low, up = (_cell_states(sub, bound, ck) for bound in (low_node, up_node))
         g0, g1 = geo.cell_groups(r, j) if grid else (r << j, np.minimum((r + 1) << j, geo.n_q))
-        alone = (low == eng.EMPTY) & (up == eng.FULL)
-        between = np.flatnonzero((low != up) & ~alone)
-        size = g1 - g0
-        rest = np.zeros(len(low), bool)
-        for i, count in enumerate(counters):
-            state = low.copy()
-            done = ~rest
-            if alone.any():
-                c = count(g0[alone], g1[alone], b[alone])
-                if sign < 0:
-                    c = size[alone] - c
-                state[alone] = np.where(c == size[alone], eng.FULL, np.where(c > 0, eng.PARTIAL, eng.EMPTY))
-            if len(between):
-                # rows taking the upper bound (the route chosen at +1, not chosen at -1): all of them,
-                # the cell is the upper bound's; none, the lower one's; else its rows are halved
-                c = count(g0[between], g1[between], b[between])
-                u = c if sign > 0 else size[between] - c
-                state[between] = np.where(u == size[between], up[between], low[between])
-                mixed = between[(u > 0) & (u < size[between])]
-                done[mixed] = False
-                rest[mixed] = True
-            # a cell done for this table but halved for another: its halves repeat its state (all / any)
-            d = np.flatnonzero(done)
-            full[i][owner[d[state[d] != eng.FULL]]] = False  # (ufunc.at's and / or, as plain stores)
-            some[i][owner[d[state[d] > eng.EMPTY]]] = True
-        # a tile found neither full nor empty under every choice is settled: its other cells need no halving
-        unsettled = np.zeros(n_t, bool)
-        for f, sm in zip(full, some, strict=True):
-            unsettled |= f | ~sm
-        rest &= unsettled[owner]
+        rest = decide_cells((low, up), (g0, g1, b), owner, counters, sign, (full, some))
         if not rest.any():
             break
         owner = np.repeat(owner[rest], 2)
         b, col = np.repeat(b[rest], 2), np.repeat(col[rest], 2)
         r = (r[rest][:, None] * 2 + np.arange(2)[None, :]).reshape(-1)
+
+
+def decide_cells(bounds, cells, owner, counters, sign, acc) -> np.ndarray:
+    """One level of :func:`_cells_of_tiles`: the cells' states under each choice (the static bounds ``(low, up)``
+    on each cell, its groups ``[g0, g1)`` and block ``b`` in ``cells``) folded into ``acc`` (per table, full and
+    some per tile ``owner``); returns the cells to halve (mixing groups that take the upper bound and groups
+    that take the lower one, in tiles not yet settled)."""
+    low, up = bounds
+    g0, g1, b = cells
+    full, some = acc
+    n_t = len(full[0])
+    alone = (low == eng.EMPTY) & (up == eng.FULL)
+    between = np.flatnonzero((low != up) & ~alone)
+    size = g1 - g0
+    rest = np.zeros(len(low), bool)
+    for i, count in enumerate(counters):
+        state = low.copy()
+        done = ~rest
+        if alone.any():
+            c = count(g0[alone], g1[alone], b[alone])
+            if sign < 0:
+                c = size[alone] - c
+            state[alone] = np.where(c == size[alone], eng.FULL, np.where(c > 0, eng.PARTIAL, eng.EMPTY))
+        if len(between):
+            # rows taking the upper bound (the route chosen at +1, not chosen at -1): all of them,
+            # the cell is the upper bound's; none, the lower one's; else its rows are halved
+            c = count(g0[between], g1[between], b[between])
+            u = c if sign > 0 else size[between] - c
+            state[between] = np.where(u == size[between], up[between], low[between])
+            mixed = between[(u > 0) & (u < size[between])]
+            done[mixed] = False
+            rest[mixed] = True
+        # a cell done for this table but halved for another: its halves repeat its state (all / any)
+        d = np.flatnonzero(done)
+        full[i][owner[d[state[d] != eng.FULL]]] = False  # (ufunc.at's and / or, as plain stores)
+        some[i][owner[d[state[d] > eng.EMPTY]]] = True
+    # a tile found neither full nor empty under every choice is settled: its other cells need no halving
+    unsettled = np.zeros(n_t, bool)
+    for f, sm in zip(full, some, strict=True):
+        unsettled |= f | ~sm
+    rest &= unsettled[owner]
+    return rest

@@ -69,14 +69,15 @@ def tile_classes(engine, geo, bounds, keys: np.ndarray, tables: list, static):
     return uniq // 9, (static[0][first], static[1][first]), inverse.reshape(-1)
 
 
-def classes(prims: tuple, layout, geo, tables: list) -> tuple[np.ndarray, ...]:
+def classes(prims: tuple, layout, geo, tables: list, whole: tuple[int, ...] | None = None) -> tuple[np.ndarray, ...]:
     """Per outer axis, ``rep[y] <= y``: the first row of the chain ``y, y - P, ...`` of linked rows (every
-    neighborhood's relative window the same, every table's runs the shifted ones: the module notes)."""
+    neighborhood's relative window the same, every table's runs the shifted ones: the module notes; ``P``
+    also a multiple of ``whole[a]`` when given)."""
     out = []
     for a, n in enumerate(layout.shape[:-1]):
         sig, period = cellshift._signature(prims, layout, a)
         qb, kb = geo.qbox[a], geo.kbox[a]
-        step = math.lcm(period, qb, kb)
+        step = math.lcm(period, qb, kb, 1 if whole is None else whole[a])
         link = np.zeros(n, bool)
         if step < n:
             link[step:] = (sig[step:] == sig[:-step]).all(1)

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 import patterndsl
+from patterndsl.analysis import cellshift, routegrid, routepieces, routeplan
 from patterndsl.analysis import engine as eng
-from patterndsl.analysis import routegrid, routepieces, routeplan
 from patterndsl.sizes import Sizes
 from tests.unit.test_route_grid_runs import equal_to_pairs
 
@@ -120,3 +120,135 @@ def test_biformer_on_a_999_grid_is_planned_as_runs():
     assert runs.row.tolist() == list(range(nqb))
     assert (runs.lo == 0).all() and (runs.hi == nqb).all() and (runs.state == eng.DYNAMIC).all()
     assert runs.open.all() and runs.route_mask.all()
+
+
+@pytest.mark.parametrize(
+    ("source", "length", "tile"),
+    [
+        # the benchmark's route (neighborhood(7) | route(among = neighborhood(17) - neighborhood(7))), scaled down
+        (
+            "pattern p { layout grid(y = 31, x = 29)\n"
+            " neighborhood(2) | route(topk = 3, block = (4, 4), among = neighborhood(5) - neighborhood(2)) }",
+            31 * 29,
+            (16, 16),
+        ),
+        # boxes dividing neither axis, other tile sizes on each side
+        (
+            "pattern p { layout grid(y = 26, x = 23)\n"
+            " neighborhood(3) | route(topk = 2, block = (7, 5), among = neighborhood(6) - neighborhood(3)) }",
+            26 * 23,
+            (16, 32),
+        ),
+        (
+            "pattern p { layout grid(y = 19, x = 27)\n"
+            " neighborhood(2) | route(topk = 4, block = (3, 4), qblock = (5, 2), among = neighborhood((4, 7))) }",
+            19 * 27,
+            (32, 8),
+        ),
+        # among a union reaching past the windows, the static part an intersection
+        (
+            "pattern p { layout grid(y = 22, x = 19)\n"
+            " (neighborhood(4) & ~neighborhood(1)) | route(topk = 3, block = (4, 3),"
+            " among = neighborhood(3) | where(k.y <= q.y - 6)) }",
+            22 * 19,
+            (16, 16),
+        ),
+        # dilation, the route subtracted
+        (
+            "pattern p { layout grid(y = 21, x = 22)\n"
+            " neighborhood(5, dilation = (1, 2)) - route(topk = 2, block = (3, 3), among = neighborhood(4)) }",
+            21 * 22,
+            (16, 16),
+        ),
+        # 3-D video: tiles across rows of frames, boxes across frames
+        (
+            "pattern p { layout grid(t = 5, y = 7, x = 11)\n"
+            " neighborhood((1, 2, 2)) | route(topk = 3, block = (2, 3, 4), among = neighborhood((2, 3, 5))) }",
+            5 * 7 * 11,
+            (16, 16),
+        ),
+        # cells moved along the rows (the windows' relative columns repeating): not across the border columns
+        (
+            "pattern p { layout grid(y = 13, x = 21)\n neighborhood((3, 9)) | route(topk = 2, block = (2, 3),"
+            " among = neighborhood((5, 13)) - neighborhood((3, 9))) }",
+            13 * 21,
+            (16, 8),
+        ),
+        (
+            "pattern p { layout grid(y = 13, x = 23)\n neighborhood((3, 9)) | route(topk = 2, block = (2, 5),"
+            " among = neighborhood((5, 13)) - neighborhood((3, 9))) }",
+            13 * 23,
+            (16, 16),
+        ),
+        # the static part no neighborhood: no translation classes, still cells
+        (
+            "pattern p { layout grid(y = 17, x = 21)\n"
+            " where(k.x <= q.x) & (neighborhood(3) | route(topk = 2, block = (4, 4), among = neighborhood(6))) }",
+            17 * 21,
+            (16, 16),
+        ),
+    ],
+)
+def test_tiles_where_a_static_part_and_the_route_are_both_partial_are_decided_on_cells(
+    source, length, tile, monkeypatch
+):
+    """Such tiles (a neighborhood's band) are decided from cells of row pieces by one block, as the
+    pair-by-pair plan decides them; with neighborhood bounds no element is evaluated there."""
+    seen = []
+    decide = routepieces.tile_bounds
+
+    def counted(engine, *args):
+        before = engine.tally.elements
+        out = decide(engine, *args)
+        seen.append((len(args[2]), engine.tally.elements - before))
+        return out
+
+    monkeypatch.setattr(routepieces, "tile_bounds", counted)
+    equal_to_pairs(source, length, tile)
+    assert seen and seen[0][0] > 0, source  # some tiles were decided on cells
+    if "where" not in source:
+        assert seen[0][1] == 0, source
+
+
+@pytest.mark.parametrize(
+    ("source", "length", "tile"),
+    [
+        # 4 rows of 20 are 5 tiles of 16: tiles 4 rows apart are alike away from the borders
+        (
+            "pattern p { layout grid(y = 40, x = 20)\n"
+            " neighborhood(2) | route(topk = 3, block = (4, 4), among = neighborhood(5) - neighborhood(2)) }",
+            800,
+            (16, 16),
+        ),
+        (
+            "pattern p { layout grid(y = 44, x = 10)\n"
+            " neighborhood(3) | route(topk = 2, block = (2, 3), qblock = (4, 2), among = neighborhood(4)) }",
+            440,
+            (16, 8),
+        ),
+        # frames of 60 positions: 4 frames are 15 tiles of 16
+        (
+            "pattern p { layout grid(t = 10, y = 5, x = 12)\n"
+            " neighborhood((1, 2, 2)) | route(topk = 3, block = (2, 2, 3), among = neighborhood((2, 3, 5))) }",
+            600,
+            (16, 16),
+        ),
+        # the last tile cut short (820 = 51 x 16 + 4): no shifted copy of a whole one, whatever the links
+        (
+            "pattern p { layout grid(y = 41, x = 20)\n neighborhood(5, causal = true) | route(topk = 2, block = (1, 4),"
+            " among = where(k.y <= q.y - 1) & where(k.y >= q.y - 2)) }",
+            820,
+            (16, 16),
+        ),
+        (
+            "pattern p { layout grid(y = 43, x = 12)\n neighborhood(3, causal = true) | route(topk = 2, block = (2, 4),"
+            " among = neighborhood(5, causal = true) - neighborhood(3, causal = true)) }",
+            43 * 12,
+            (16, 8),
+        ),
+    ],
+)
+def test_tiles_across_rows_alike_up_to_a_shift_of_whole_tiles_are_decided_once(source, length, tile):
+    before = cellshift.TALLY.tiles
+    equal_to_pairs(source, length, tile)
+    assert cellshift.TALLY.tiles > before, source
