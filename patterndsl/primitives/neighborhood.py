@@ -126,7 +126,7 @@ def _classify(prim, qp, kp, env):
     if env.layout is None:
         return None
     axes = neighborhood_axes(prim, env.layout)
-    size = len(qp.fa)
+    size = len(qp.a)  # not qp.fa: the flattened view is never read here
     nonempty = np.ones(size, dtype=bool)
     full = np.ones(size, dtype=bool)
     ok = np.ones(size, dtype=bool)
@@ -134,6 +134,15 @@ def _classify(prim, qp, kp, env):
         tlo, thi = window_table(n, s, d, r, causal)
         xa, xs, xn = qp.a[:, x], qp.s[:, x], qp.n[:, x]
         ya, ys, yn = kp.a[:, x], kp.s[:, x], kp.n[:, x]
+        if d == 1:
+            # No dilation: one group, no residues (the general case below, with its modulo passes,
+            # was most of a 3-D plan's time on grids whose rows do not hold whole tiles).
+            xf, xl = np.clip(xa, 0, n - 1), np.clip(xa + xs * (xn - 1), 0, n - 1)
+            yl = ya + ys * (yn - 1)
+            nonempty &= (tlo[xf] <= yl) & (ya <= thi[xl])
+            full &= (tlo[xl] <= ya) & (yl <= thi[xf])
+            ok &= ((xn == 1) | ((xs == 1) & (r <= s))) & ((yn == 1) | (ys == 1))
+            continue
         # Within a group, windows move monotonically with the query and consecutive windows
         # overlap (stride <= size), so the union over a run of queries is one interval.
         q_ok = (xn == 1) | (((xs == 1) | (xs == d)) & (r <= s))
