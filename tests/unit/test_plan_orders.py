@@ -102,7 +102,7 @@ def test_a_bound_expression_reading_another_key_coordinate_gives_no_key_bounds(p
         check_plan(pir, 56, 56, 1, block, "identity")
 
 
-def test_orders_after_the_first_are_planned_by_their_estimates(monkeypatch):
+def test_orders_after_the_first_are_planned_by_their_estimates(monkeypatch, planned_orders):
     # the best estimate after the identity bounds the other orders from the start: a 2-D dilated
     # neighborhood on 125 x 125 plans the identity, the box order with the fewest estimated pairs and the
     # one order tying with it, not every box order estimated within the margin of the identity; the tie
@@ -110,14 +110,7 @@ def test_orders_after_the_first_are_planned_by_their_estimates(monkeypatch):
     from patterndsl.analysis import planner
 
     source = "pattern p { layout grid(y = 125, x = 125)\n neighborhood(7, dilation = 4) }"
-    planned = []
-    plan_order = planner._plan_order
-
-    def spy(desc, *args, **kwargs):
-        planned.append(desc)
-        return plan_order(desc, *args, **kwargs)
-
-    monkeypatch.setattr(planner, "_plan_order", spy)
+    planned = planned_orders
     by_estimate = patterndsl.compile(source).plan(125 * 125, heads=4)
     assert planned == ["identity", "boxes 4x32, dilation groups 4x4", "boxes 32x32, dilation groups 4x4"]
     assert by_estimate.order == "boxes 4x32, dilation groups 4x4"
