@@ -345,6 +345,7 @@ def test_route_boxes_larger_than_the_grid_are_its_axes():
         ((7, 6, 11), "(3, 3, 5), causal = (true, false, false)"),
         ((12, 10), "(5, 3), stride = (2, 1)"),
         ((14, 11), "3, dilation = (2, 1)"),
+        ((17, 14), "3, dilation = (4, 3)"),  # residues by mask (a power of two) and by division
     ],
 )
 def test_the_neighborhood_tile_rule_matches_its_meaning_on_pieces(grid, args):
