@@ -102,7 +102,12 @@ class Side:
     def largest(self) -> np.ndarray:
         """Per tile, the index of its piece holding the most positions (the first such)."""
         size = self.n.prod(1)
-        return np.lexsort((-size, self.tile))[self.ptr[:-1]]
+        if self.single_piece:
+            return np.arange(self.n_tiles, dtype=np.int64)
+        # every tile holds a piece: the first piece of each tile whose size is its tile's largest
+        top = np.maximum.reduceat(size, self.ptr[:-1])
+        at = np.where(size == top[self.tile], np.arange(len(size), dtype=np.int64), len(size))
+        return np.minimum.reduceat(at, self.ptr[:-1])
 
     @property
     def single_piece(self) -> bool:
@@ -402,6 +407,8 @@ def _cut_segments(a: np.ndarray, s: np.ndarray, n: np.ndarray, block: int):
 
 #: Most distinct segment shapes :func:`_positions` lays out one shape at a time.
 _MAX_SHAPES = 64
+#: Most runs of consecutive segments of one shape :func:`_positions` writes as slices (more are scattered).
+_MAX_RUNS = 4
 
 
 def _positions(a: np.ndarray, s: np.ndarray, n: np.ndarray, strides: tuple[int, ...]) -> np.ndarray:
@@ -427,9 +434,10 @@ def _positions(a: np.ndarray, s: np.ndarray, n: np.ndarray, strides: tuple[int, 
                 step = np.arange(ext[axis], dtype=np.int64) * int(shape[d + axis] * w[axis])
                 inner = (inner[:, None] + step[None, :]).reshape(-1)
             start = (a[rows] * w).sum(1)
-            # runs of consecutive segments lie end to end: written as slices, not scattered
+            # a few runs of consecutive segments lie end to end: written as slices, not scattered (many
+            # short runs, the boxes cut at the edges, are scattered at once: a loop over them cost more)
             cut = np.flatnonzero(np.diff(rows) != 1) + 1
-            if len(cut) >= _MAX_SHAPES:
+            if len(cut) >= _MAX_RUNS:
                 at = first[rows][:, None] + np.arange(count, dtype=np.int64)[None, :]
                 pos[at] = start[:, None] + inner[None, :]
                 continue

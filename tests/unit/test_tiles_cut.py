@@ -154,21 +154,24 @@ def test_positions_below_a_limit_per_piece(seed):
             assert got[p] == int((pos < limit).sum())
 
 
-@pytest.mark.parametrize("limit", [0, 3, 64])
-def test_positions_of_interleaved_shapes_equal_the_general_layout(limit, monkeypatch):
-    # segments of a few shapes in any order: runs of consecutive segments of one shape are written as
-    # slices, many runs of one shape scattered; both equal the general layout (limit 0)
-    rng = np.random.default_rng(limit)
+@pytest.mark.parametrize("runs", [0, 3, 64])
+def test_positions_of_interleaved_shapes_equal_the_general_layout(runs, monkeypatch):
+    # segments of a few shapes in any order: a few runs of consecutive segments of one shape are written
+    # as slices, many scattered (runs 0: every shape scattered, 64: every one in slices); all equal the
+    # general layout
+    rng = np.random.default_rng(runs)
     shapes = np.asarray([[2, 3], [1, 5], [3, 1]])
     which = rng.integers(0, 3, 40)
     which[10:20] = 0  # one long run
+    which[:2], which[30:] = 2, 2  # two runs only
     n = shapes[which]
     s = np.asarray([[1, 2], [2, 1], [1, 1]])[which]  # one step per shape: three shapes in all
     a = rng.integers(0, 5, (40, 2))
     strides = (50, 1)
     monkeypatch.setattr(tiles, "_MAX_SHAPES", 0)
     general = tiles._positions(a, s, n, strides)
-    monkeypatch.setattr(tiles, "_MAX_SHAPES", max(limit, 3))
+    monkeypatch.setattr(tiles, "_MAX_SHAPES", 3)
+    monkeypatch.setattr(tiles, "_MAX_RUNS", runs)
     assert tiles._positions(a, s, n, strides).tolist() == general.tolist()
     rows = [(i, y, x) for i in range(40) for y in range(n[i, 0]) for x in range(n[i, 1])]
     want = [50 * (a[i, 0] + s[i, 0] * y) + a[i, 1] + s[i, 1] * x for i, y, x in rows]
