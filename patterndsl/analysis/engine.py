@@ -605,18 +605,29 @@ class Engine:
         """
         self.tally.classified += len(keys)
         m, n = keys // self.nkb, keys % self.nkb
+        state = np.empty(len(keys), np.int8)
+        ok = np.empty(len(keys), bool)
         per = None
         if not (self.q.single_piece and self.k.single_piece):
             per = np.diff(self.q.ptr)[m] * np.diff(self.k.ptr)[n]
-        ends = np.arange(1, len(keys) + 1) if per is None else np.cumsum(per)
-        state = np.empty(len(keys), np.int8)
-        ok = np.empty(len(keys), bool)
+        rest = np.arange(len(keys))
+        if per is not None and (per > 1).any():
+            # Tiles of several pieces: first one piece pair per tile, the largest pieces. A pair holding
+            # both an allowed and a blocked pair makes its tile partial whatever the other pairs hold (and
+            # a tile of one piece pair is decided by it): only the other tiles are classified pair by pair.
+            qi, ki = self.q.largest[m], self.k.largest[n]
+            for t0 in range(0, len(keys), CLASSIFY_CHUNK):
+                part = slice(t0, t0 + CLASSIFY_CHUNK)
+                state[part], ok[part] = self._classify_chunk(prim, qi[part], ki[part], None)
+            rest = np.flatnonzero(~ok | ((per > 1) & (state != PARTIAL)))
+            m, n, per = m[rest], n[rest], per[rest]
+        ends = np.arange(1, len(rest) + 1) if per is None else np.cumsum(per)
         t0 = 0
-        while t0 < len(keys):
+        while t0 < len(rest):
             before = int(ends[t0 - 1]) if t0 else 0
             t1 = max(t0 + 1, int(np.searchsorted(ends, before + CLASSIFY_CHUNK, "right")))
-            part = slice(t0, t1)
-            state[part], ok[part] = self._classify_chunk(prim, m[part], n[part], None if per is None else per[part])
+            part = rest[t0:t1]
+            state[part], ok[part] = self._classify_chunk(prim, m[t0:t1], n[t0:t1], None if per is None else per[t0:t1])
             t0 = t1
         bad = np.nonzero(~ok)[0]
         if len(bad):
@@ -624,8 +635,8 @@ class Engine:
         return state
 
     def _classify_chunk(self, prim: ir.Prim, m: np.ndarray, n: np.ndarray, per) -> tuple[np.ndarray, np.ndarray]:
-        """:meth:`classify_pairs` on tiles ``(m, n)`` (``per``: their piece pairs, None for one each): the
-        rule's states and where the rule decided."""
+        """:meth:`classify_pairs` on tiles ``(m, n)`` (``per``: their piece pairs; None: one piece pair each,
+        ``m`` and ``n`` then being piece indices): the rule's states and where the rule decided."""
         if per is None:
             qi, ki, seg = m, n, None
         else:

@@ -239,11 +239,18 @@ def _plan_sequence(cands: list, groups, sizes: Sizes, bm: int, bn: int):
         return found[i]
 
     tiles_ = -(-sizes.q_len // bm) * -(-sizes.kv_len // bn)
-    if len(cands) == 1 or tiles_ <= ESTIMATE_FIRST_TILES:
-        return estimate, list(range(len(cands)))
-    low = min(estimate(i) for i in range(len(cands)))
-    first = 0 if estimate(0) <= SAMPLE_MARGIN * low else [estimate(i) for i in range(len(cands))].index(low)
-    return estimate, [first] + [i for i in range(len(cands)) if i != first]
+    if len(cands) == 1:
+        return estimate, [0]
+    if tiles_ <= ESTIMATE_FIRST_TILES:
+        first = 0
+    else:
+        low = min(estimate(i) for i in range(len(cands)))
+        first = 0 if estimate(0) <= SAMPLE_MARGIN * low else [estimate(i) for i in range(len(cands))].index(low)
+    # the others by their estimates, fewest pairs first: the best of them bounds the rest from the start
+    # (in list order, a 2-D dilated neighborhood's 16K plan planned three box orders whole, where the
+    # best one alone skips the others on their estimates); ties go to the earlier order as before
+    rest = sorted((i for i in range(len(cands)) if i != first), key=lambda i: (estimate(i), i))
+    return estimate, [first, *rest]
 
 
 def _sampled_work(desc, qsegs, ksegs, identity, groups, sizes: Sizes, bm, bn) -> float:
@@ -422,19 +429,33 @@ def _plan(pir, q_len, kv_len, heads, block, order, orders, parts, start):
         best = None
         tried = 0
         estimate, sequence = _plan_sequence(cands, groups, sizes, bm, bn)
+        best_index = sequence[0]
+
+        def rank(i: int) -> int:
+            return -1 if i == sequence[0] else i
+
         for i in sequence:
             desc, qsegs, ksegs, identity = cands[i]
-            if best is not None and all((g.state == eng.FULL).all() and not g.runs_tiles(False) for g in best.groups):
-                break  # every visited pair is allowed: no order visits fewer
+            if (
+                best is not None
+                and rank(i) > rank(best_index)
+                and all((g.state == eng.FULL).all() and not g.runs_tiles(False) for g in best.groups)
+            ):
+                continue  # every visited pair is allowed: no order visits fewer (an earlier one may tie)
             tried += 1
             bound = None if best is None else best.work
             if bound is not None and estimate(i) >= SAMPLE_MARGIN * bound:
                 continue  # its sampled query tiles visit clearly more than the best order: it will not win
             # planned before the identity (a better estimate): budgeted, the identity remains
             limit = bound is None and not identity and any(c[3] for c in cands)
-            cand = _plan_order(desc, qsegs, ksegs, identity, groups, sizes, bm, bn, bound, limit)
+            # ties go to the order planned first when the others were planned in list order: the first
+            # of the sequence, then the earlier in the list (whatever order they are planned in now)
+            tie = 1 if bound is not None and rank(i) < rank(best_index) else 0
+            cand = _plan_order(
+                desc, qsegs, ksegs, identity, groups, sizes, bm, bn, None if bound is None else bound + tie, limit
+            )
             if cand is not None:
-                best = cand
+                best, best_index = cand, i
         out = _assemble(pir, best, groups, head_group, sizes, bm, bn, start, tried)
         if order == "auto" and orders is None:
             out = _with_parts(pir, out, parts)

@@ -98,15 +98,26 @@ def _meaning(prim, q, k, h, ctx, selection):
 # --------------------------------------------------------------------------- tile rules
 
 
+def _mod(x, d: int):
+    """``x % d`` (floored) of an int64 array: a mask when ``d`` is a power of two (a division per element
+    was half of a dilated neighborhood's plan in identity order)."""
+    return x & (d - 1) if d & (d - 1) == 0 else x % d
+
+
+def _div(x, d: int):
+    """``x // d`` (floored) of an int64 array: a shift when ``d`` is a power of two."""
+    return x >> (d.bit_length() - 1) if d & (d - 1) == 0 else x // d
+
+
 def _residue_range(a, s, n, d: int, g: int):
     """First and last element ``== g (mod d)`` of a progression (step 1 or a multiple of d)."""
     last = a + s * (n - 1)
     if d == 1:  # one group: every progression is in it (the modulo passes cost most of a plan's time)
         return np.ones(np.shape(a), bool), a, last
-    first = a + (g - a) % d
-    end = last - (last - g) % d
-    single = (s % d == 0) | (n == 1)
-    present = np.where(single, a % d == g, first <= last)
+    first = a + _mod(g - a, d)
+    end = last - _mod(last - g, d)
+    single = (_mod(s, d) == 0) | (n == 1)
+    present = np.where(single, _mod(a, d) == g, first <= last)
     first = np.where(single, a, first)
     end = np.where(single, last, end)
     return present, first, end
@@ -119,14 +130,14 @@ def _group_hit(tlo, thi, n: int, d: int, g, q, k) -> np.ndarray:
     x0c, x1c = np.clip(x0, 0, n - 1), np.clip(x1, 0, n - 1)
     if d == 1:
         return (tlo[x0c] <= y1) & (y0 <= thi[x1c])
-    return qpres & kpres & (tlo[x0c] <= y1 // d) & (y0 // d <= thi[x1c])
+    return qpres & kpres & (tlo[x0c] <= _div(y1, d)) & (_div(y0, d) <= thi[x1c])
 
 
 def _classify(prim, qp, kp, env):
     if env.layout is None:
         return None
     axes = neighborhood_axes(prim, env.layout)
-    size = len(qp.fa)
+    size = len(qp.a)  # not qp.fa: the flattened view is never read here
     nonempty = np.ones(size, dtype=bool)
     full = np.ones(size, dtype=bool)
     ok = np.ones(size, dtype=bool)
@@ -134,26 +145,35 @@ def _classify(prim, qp, kp, env):
         tlo, thi = window_table(n, s, d, r, causal)
         xa, xs, xn = qp.a[:, x], qp.s[:, x], qp.n[:, x]
         ya, ys, yn = kp.a[:, x], kp.s[:, x], kp.n[:, x]
+        if d == 1:
+            # No dilation: one group, no residues (the general case below, with its modulo passes,
+            # was most of a 3-D plan's time on grids whose rows do not hold whole tiles).
+            xf, xl = np.clip(xa, 0, n - 1), np.clip(xa + xs * (xn - 1), 0, n - 1)
+            yl = ya + ys * (yn - 1)
+            nonempty &= (tlo[xf] <= yl) & (ya <= thi[xl])
+            full &= (tlo[xl] <= ya) & (yl <= thi[xf])
+            ok &= ((xn == 1) | ((xs == 1) & (r <= s))) & ((yn == 1) | (ys == 1))
+            continue
         # Within a group, windows move monotonically with the query and consecutive windows
         # overlap (stride <= size), so the union over a run of queries is one interval.
         q_ok = (xn == 1) | (((xs == 1) | (xs == d)) & (r <= s))
         k_ok = (yn == 1) | (ys == 1) | (ys == d)
-        q_single = (xn == 1) | (xs % d == 0)
-        k_single = (yn == 1) | (ys % d == 0)
+        q_single = (xn == 1) | (_mod(xs, d) == 0)
+        k_single = (yn == 1) | (_mod(ys, d) == 0)
         # A piece inside one dilation group (a single position, or a step of whole groups, as in
         # the dilation-group orders) meets only its own group: one residue per pair, not d.
-        group = 0 if d == 1 else np.where(q_single, xa % d, ya % d)
+        group = 0 if d == 1 else np.where(q_single, _mod(xa, d), _mod(ya, d))
         axis_n = _group_hit(tlo, thi, n, d, group, (xa, xs, xn), (ya, ys, yn))
         mixed = np.flatnonzero(~q_single & ~k_single)
         for g in range(d if len(mixed) else 0):
             axis_n[mixed] |= _group_hit(
                 tlo, thi, n, d, g, (xa[mixed], xs[mixed], xn[mixed]), (ya[mixed], ys[mixed], yn[mixed])
             )
-        same = q_single & k_single if d == 1 else q_single & k_single & (xa % d == ya % d)
+        same = q_single & k_single if d == 1 else q_single & k_single & (_mod(xa, d) == _mod(ya, d))
         xl = np.clip(xa + xs * (xn - 1), 0, n - 1)
         xf = np.clip(xa, 0, n - 1)
         yl = ya + ys * (yn - 1)
-        axis_f = same & ((tlo[xl] <= ya) & (yl <= thi[xf]) if d == 1 else (tlo[xl] <= ya // d) & (yl // d <= thi[xf]))
+        axis_f = same & ((tlo[xl] <= _div(ya, d)) & (_div(yl, d) <= thi[xf]))
         nonempty &= axis_n
         full &= axis_f
         ok &= q_ok & k_ok
@@ -174,8 +194,8 @@ def _needed_keys(prim, qlo, qhi, qalo, qahi, env):
         lo_best = np.full(len(qalo), BIG)
         hi_best = np.full(len(qalo), -BIG)
         for g in range(d):
-            x0 = qalo[:, x] + (g - qalo[:, x]) % d
-            x1 = qahi[:, x] - (qahi[:, x] - g) % d
+            x0 = qalo[:, x] + _mod(g - qalo[:, x], d)
+            x1 = qahi[:, x] - _mod(qahi[:, x] - g, d)
             live = x0 <= x1
             lo_best = np.where(live, np.minimum(lo_best, ylo[np.clip(x0, 0, n - 1)]), lo_best)
             hi_best = np.where(live, np.maximum(hi_best, yhi[np.clip(x1, 0, n - 1)]), hi_best)

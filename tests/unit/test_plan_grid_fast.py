@@ -33,6 +33,12 @@ def test_cells_meeting_matches_brute_force(seed):
     np.testing.assert_array_equal(got, _brute(kalo, kahi, alo, ahi, rows, cols, 200))
 
 
+def _grid_source(grid, body: str) -> str:
+    """A pattern of ``body`` on a grid of axes ``t, y, x`` (the last ``len(grid)`` of them)."""
+    dims = ", ".join(f"{a} = {n}" for a, n in zip("tyx"[-len(grid) :], grid, strict=True))
+    return f"pattern p {{ layout grid({dims})\n {body} }}"
+
+
 def _exact(source, length, heads=1, block=(16, 16), orders=("auto",)):
     import torch
 
@@ -198,8 +204,7 @@ def test_odd_grid_candidates_piece_by_piece(size, grid, block):
 
     import patterndsl as pd
 
-    dims = ", ".join(f"{a} = {n}" for a, n in zip("tyx"[-len(grid) :], grid, strict=True))
-    source = f"pattern p {{ layout grid({dims})\n neighborhood({size}) }}"
+    source = _grid_source(grid, f"neighborhood({size})")
     length = math.prod(grid)
     _exact(source, length, block=block, orders=("identity", "auto"))
     for order in ("identity", "auto"):
@@ -280,8 +285,7 @@ def test_unions_of_products_over_axes_are_counted_exactly(grid, body):
     import patterndsl as pd
     from patterndsl.analysis.axes import AxisSplit
 
-    dims = ", ".join(f"{a} = {n}" for a, n in zip("tyx"[-len(grid) :], grid, strict=True))
-    source = f"pattern p {{ layout grid({dims})\n {body} }}"
+    source = _grid_source(grid, body)
     pattern = pd.compile(source)
     assert AxisSplit(pattern.ir.default, pattern.ir.layout).terms is not None
     length = math.prod(grid)
@@ -332,3 +336,104 @@ def test_route_boxes_larger_than_the_grid_are_its_axes():
     a, b = (p.plan(30, block=(16, 16)) for p in (big, same))
     assert np.array_equal(a.tiles().numpy(), b.tiles().numpy())
     assert a.stats.visited_pairs == b.stats.visited_pairs
+
+
+@pytest.mark.parametrize(
+    "grid, args",
+    [
+        ((9, 13), "(3, 5)"),
+        ((7, 6, 11), "(3, 3, 5), causal = (true, false, false)"),
+        ((12, 10), "(5, 3), stride = (2, 1)"),
+        ((14, 11), "3, dilation = (2, 1)"),
+        ((17, 14), "3, dilation = (4, 3)"),  # residues by mask (a power of two) and by division
+    ],
+)
+def test_the_neighborhood_tile_rule_matches_its_meaning_on_pieces(grid, args):
+    # random per-axis progressions (steps 1 to 3) as query and key pieces: where the rule says it is
+    # exact, some pair / every pair allowed is what the elements say (the undilated axes take a path of
+    # their own, without residues)
+    import itertools
+    import math
+
+    import torch
+
+    import patterndsl as pd
+    from patterndsl import semantics
+    from patterndsl.analysis.classify import Env, classify
+    from patterndsl.analysis.tiles import Pieces
+    from patterndsl.sizes import Sizes
+
+    pir = pd.compile(_grid_source(grid, f"neighborhood({args})")).ir
+    length = math.prod(grid)
+    node = pir.node_for_head(0)
+    env = Env(Sizes(length, length, pir.layout, 1), 0)
+    rng = np.random.default_rng(len(grid) + len(args))
+    strides = np.asarray([math.prod(grid[x + 1 :]) for x in range(len(grid))])
+
+    def pieces(count):
+        a, s, n = (np.zeros((count, len(grid)), np.int64) for _ in range(3))
+        for x, ext in enumerate(grid):
+            s[:, x] = np.where(rng.random(count) < 0.8, 1, rng.integers(2, 4, count))
+            a[:, x] = rng.integers(0, ext, count)
+            n[:, x] = 1 + rng.integers(0, (ext - 1 - a[:, x]) // s[:, x] + 1)
+        return a, s, n
+
+    side = type("S", (), {"strides": tuple(strides.tolist()), "extents": grid})()
+    qa, qs, qn = pieces(300)
+    ka, ks, kn = pieces(300)
+    nonempty, full, ok = classify(node, Pieces.of(qa, qs, qn, side), Pieces.of(ka, ks, kn, side), env)
+    assert ok.mean() > 0.3, ok.mean()
+    for p in np.flatnonzero(ok).tolist():
+
+        def positions(a, s, n, p=p):
+            axes = [a[p, x] + s[p, x] * np.arange(n[p, x]) for x in range(len(grid))]
+            return torch.tensor([int((np.asarray(c) * strides).sum()) for c in itertools.product(*axes)])
+
+        i, j = positions(qa, qs, qn), positions(ka, ks, kn)
+        dense = semantics.evaluate(node, i[:, None], j[None, :], 0, Sizes(length, length, pir.layout, 1))
+        assert bool(nonempty[p]) == bool(dense.any()), p
+        assert bool(full[p]) == bool(dense.all()), p
+
+
+@pytest.mark.parametrize(
+    "grid, body",
+    [
+        ((13, 21), "neighborhood(5)"),
+        ((5, 9, 13), "neighborhood((3, 3, 5))"),
+        ((13, 21), "where(k.y <= q.y and k.x >= q.x - 2)"),
+        ((13, 21), "where(k.x == q.x)"),
+        ((11, 23), "global(20)"),
+        ((11, 23), "sink(20)"),
+        ((13, 21), "causal"),
+    ],
+)
+def test_tiles_of_several_pieces_are_classified_first_by_their_largest_pieces(grid, body, monkeypatch):
+    # a tile across grid rows is partial as soon as its largest query and key pieces hold both kinds of
+    # pair: the others are classified piece pair by piece pair, the plan is the dense mask's, and the
+    # rule sees fewer piece pairs than the tiles' products of pieces
+    import math
+
+    import patterndsl as pd
+    from patterndsl.analysis import classify as cls
+    from patterndsl.analysis import engine
+
+    source = _grid_source(grid, body)
+    length = math.prod(grid)
+    _exact(source, length, heads=2, orders=("identity", "auto"))
+    seen = {"pairs": 0, "products": 0}
+    rule = cls.classify
+    pairs = engine.Engine.classify_pairs
+
+    def counting(prim, qp, kp, env):
+        seen["pairs"] += len(qp.a)
+        return rule(prim, qp, kp, env)
+
+    def products(self, prim, keys, settle=True):
+        seen["products"] += int((np.diff(self.q.ptr)[keys // self.nkb] * np.diff(self.k.ptr)[keys % self.nkb]).sum())
+        return pairs(self, prim, keys, settle)
+
+    monkeypatch.setattr(engine.cls, "classify", counting)
+    monkeypatch.setattr(engine.Engine, "classify_pairs", products)
+    pd.compile(source).plan(length, block=(16, 16), order="identity")
+    if body.startswith("neighborhood"):
+        assert seen["pairs"] < 0.7 * seen["products"], seen

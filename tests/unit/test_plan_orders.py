@@ -100,3 +100,37 @@ def test_a_bound_expression_reading_another_key_coordinate_gives_no_key_bounds(p
     pir = patterndsl.compile(f"pattern p {{ layout grid(y = 7, x = 8)\n where({pred}) }}").ir
     for block in ((5, 1), (8, 8), (3, 7)):
         check_plan(pir, 56, 56, 1, block, "identity")
+
+
+def test_orders_after_the_first_are_planned_by_their_estimates(monkeypatch, planned_orders):
+    # the best estimate after the identity bounds the other orders from the start: a 2-D dilated
+    # neighborhood on 125 x 125 plans the identity, the box order with the fewest estimated pairs and the
+    # one order tying with it, not every box order estimated within the margin of the identity; the tie
+    # goes to the order earlier in list order, so the plan is the one planning in list order gives
+    from patterndsl.analysis import planner
+
+    source = "pattern p { layout grid(y = 125, x = 125)\n neighborhood(7, dilation = 4) }"
+    planned = planned_orders
+    by_estimate = patterndsl.compile(source).plan(125 * 125, heads=4)
+    assert planned == ["identity", "boxes 4x32, dilation groups 4x4", "boxes 32x32, dilation groups 4x4"]
+    assert by_estimate.order == "boxes 4x32, dilation groups 4x4"
+
+    sequence = planner._plan_sequence
+    monkeypatch.setattr(planner, "_plan_sequence", lambda cands, *a: (sequence(cands, *a)[0], list(range(len(cands)))))
+    planned.clear()
+    in_list_order = patterndsl.compile(source).plan(125 * 125, heads=4)
+    assert len(planned) > 3 and in_list_order.order == by_estimate.order
+    assert torch.equal(in_list_order.tiles(), by_estimate.tiles())
+    # planned the other way round, the tie still goes to the order earlier in list order
+    names = [
+        c[0]
+        for c in reorder.candidates(
+            list(by_estimate.pattern.nodes()), by_estimate.pattern.layout, 15625, 15625, (128, 128)
+        )
+    ]
+    late, early = names.index("boxes 32x32, dilation groups 4x4"), names.index("boxes 4x32, dilation groups 4x4")
+    monkeypatch.setattr(planner, "_plan_sequence", lambda cands, *a: (sequence(cands, *a)[0], [0, late, early]))
+    planned.clear()
+    reversed_ = patterndsl.compile(source).plan(125 * 125, heads=4)
+    assert planned[1:] == ["boxes 32x32, dilation groups 4x4", "boxes 4x32, dilation groups 4x4"]
+    assert reversed_.order == by_estimate.order

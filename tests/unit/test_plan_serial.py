@@ -26,17 +26,10 @@ def test_plan_evaluates_serially_and_restores_threads(monkeypatch):
         torch.set_num_threads(before)
 
 
-def test_sampled_order_is_skipped_only_when_it_loses(monkeypatch):
+def test_sampled_order_is_skipped_only_when_it_loses(monkeypatch, planned_orders):
     from patterndsl.analysis import planner
 
-    planned = []
-    plan_order = planner._plan_order
-
-    def spy(desc, *args, **kwargs):
-        planned.append(desc)
-        return plan_order(desc, *args, **kwargs)
-
-    monkeypatch.setattr(planner, "_plan_order", spy)
+    planned = planned_orders
     # residue classes mod 128 make the window scatter over every tile: sampled, never planned whole
     strided = pd.compile("pattern p { causal & (window(127) | strided(128)) }").plan(2048, block=(16, 16))
     assert strided.order == "identity" and planned == ["identity"]

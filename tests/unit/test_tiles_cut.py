@@ -152,3 +152,37 @@ def test_positions_below_a_limit_per_piece(seed):
             axes = [side.a[p, x] + side.s[p, x] * np.arange(side.n[p, x]) for x in range(d)]
             pos = sum(g * w for g, w in zip(np.meshgrid(*axes, indexing="ij"), strides, strict=True))
             assert got[p] == int((pos < limit).sum())
+
+
+@pytest.mark.parametrize("runs", [0, 3, 64])
+def test_positions_of_interleaved_shapes_equal_the_general_layout(runs, monkeypatch):
+    # segments of a few shapes in any order: a few runs of consecutive segments of one shape are written
+    # as slices, many scattered (runs 0: every shape scattered, 64: every one in slices); all equal the
+    # general layout
+    rng = np.random.default_rng(runs)
+    shapes = np.asarray([[2, 3], [1, 5], [3, 1]])
+    which = rng.integers(0, 3, 40)
+    which[10:20] = 0  # one long run
+    which[:2], which[30:] = 2, 2  # two runs only
+    n = shapes[which]
+    s = np.asarray([[1, 2], [2, 1], [1, 1]])[which]  # one step per shape: three shapes in all
+    a = rng.integers(0, 5, (40, 2))
+    strides = (50, 1)
+    monkeypatch.setattr(tiles, "_MAX_SHAPES", 0)
+    general = tiles._positions(a, s, n, strides)
+    monkeypatch.setattr(tiles, "_MAX_SHAPES", 3)
+    monkeypatch.setattr(tiles, "_MAX_RUNS", runs)
+    assert tiles._positions(a, s, n, strides).tolist() == general.tolist()
+    rows = [(i, y, x) for i in range(40) for y in range(n[i, 0]) for x in range(n[i, 1])]
+    want = [50 * (a[i, 0] + s[i, 0] * y) + a[i, 1] + s[i, 1] * x for i, y, x in rows]
+    assert general.tolist() == want
+
+
+def test_largest_piece_of_every_tile():
+    segments = tiles.box_segments((13, 11), (1, 1), (4, 4))
+    side = tiles.build_side(segments, 143, 16, 0, (13, 11), identity=False)
+    size = side.n.prod(1)
+    assert (side.tile[side.largest] == np.arange(side.n_tiles)).all()
+    for t in range(side.n_tiles):
+        mine = size[side.ptr[t] : side.ptr[t + 1]]
+        assert side.largest[t] == side.ptr[t] + int(np.argmax(mine))
