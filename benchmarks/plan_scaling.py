@@ -4,7 +4,7 @@ For every pattern in ``examples/`` and in ``benchmarks/tile_efficiency.py`` (and
 of :data:`COMPOSITES` and grid routes of :data:`ROUTES`) this plans at L = 16K, 128K and 1M tokens
 (4 heads, 128x128 tiles; grid patterns on a grid scaled to that many tokens, or at their own layout
 size when they fix it; every grid case also on an odd grid, :data:`ODD`: 125 x 125 near 16K,
-1000 x 1000 near 1M), each measurement in a fresh subprocess so memory starts from the interpreter's
+999 x 999 near 1M), each measurement in a fresh subprocess so memory starts from the interpreter's
 baseline after imports and a small warm-up plan. Per pattern and length it prints
 the plan time (wall clock, and the CPU time of the first run, which a loaded machine inflates
 less), the peak memory above the baseline (traced and RSS; the traced peak comes from a second
@@ -116,7 +116,7 @@ def _scaled(dims: dict, length: int) -> dict | None:
 
 
 #: Label suffix of a grid case's variant on an odd grid: every axis of ``n >= 40`` cells cut by ``n // 40``,
-#: of 16 to 39 cells by 2 (128 x 128 -> 125 x 125, 1024 x 1024 -> 1000 x 1000, 16 x 32 x 32 -> 14 x 30 x 30),
+#: of 16 to 39 cells by 2 (128 x 128 -> 125 x 125, 1024 x 1024 -> 999 x 999, 16 x 32 x 32 -> 14 x 30 x 30),
 #: so grid rows no longer hold whole tiles and boxes are cut at the grid's edges, as on the grids users
 #: have (NAT's 56 x 56, a video's 30 x 40).
 ODD = " (odd grid)"
