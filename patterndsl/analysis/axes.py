@@ -72,6 +72,24 @@ class AxisSplit:
             self.terms = _product_terms(node, layout)
             self.usable = self.terms is not None
 
+    @classmethod
+    def counting(cls, node: ir.Node, layout: ir.Layout | None) -> AxisSplit | None:
+        """A split that counts ``node`` (holding a ``global``) as a union of products over axes, the
+        global's rows and columns among the terms (:func:`_product_terms` with ``keys_too``); None
+        when it is not one. For counting only: the terms of a global's rows bound no key."""
+        if (
+            layout is None
+            or ir.is_dynamic(node)
+            or not any(isinstance(p, ir.Prim) and p.name == "global" for p in ir.walk(node))
+        ):
+            return None
+        terms = _product_terms(node, layout, keys_too=True)
+        if terms is None:
+            return None
+        split = cls(ir.EMPTY, None)
+        split.union, split.usable, split.terms = True, True, terms
+        return split
+
     def count_pieces(self, engine, qi: np.ndarray, ki: np.ndarray) -> tuple[np.ndarray, int]:
         """Allowed pairs of every pair of pieces ``(engine.q piece qi[i], engine.k piece ki[i])`` and the
         elements evaluated for them.
@@ -107,17 +125,7 @@ class AxisSplit:
         candidate order and sample asks for the same ones)."""
         q, k = engine.q, engine.k
         rank = q.n.shape[1]
-        where = (engine.env.layout, engine.env.head, engine.env.offset, engine.ctx.q_len, engine.ctx.kv_len)
-        spent = [0]
-
-        def term_matrix(x, factors):
-            def make():
-                out = self._term_matrix(engine, x, factors)
-                spent[0] += out.size
-                return out
-
-            return _cached(_key(("term", tuple(factors), x, *where), factors), make)
-
+        where, term_matrix, spent = self._term_tables(engine)
         pairs = {}
         total = np.zeros(len(qi), np.int64)
         for r in range(1, len(self.terms) + 1):
@@ -137,6 +145,45 @@ class AxisSplit:
 
                     key = _key(("and", found, x, *where), [f for fs in found for f in fs])
                     prod *= _lattice_counts(matrix, uniq, key)[inv]
+                total += prod if r % 2 else -prod
+        return total, spent[0]
+
+    def _term_tables(self, engine):
+        """``(where, term_matrix, spent)``: the plan's key of the tables, ``term_matrix(x, factors)`` (the
+        kept matrix of a term's factors on axis ``x``) and the elements evaluated making them (``spent[0]``)."""
+        where = (engine.env.layout, engine.env.head, engine.env.offset, engine.ctx.q_len, engine.ctx.kv_len)
+        spent = [0]
+
+        def term_matrix(x, factors):
+            def make():
+                out = self._term_matrix(engine, x, factors)
+                spent[0] += out.size
+                return out
+
+            return _cached(_key(("term", tuple(factors), x, *where), factors), make)
+
+        return where, term_matrix, spent
+
+    def total(self, engine) -> tuple[int, int] | None:
+        """Allowed pairs of a union of products over axes over the whole grid (every query and key), and
+        the elements evaluated for them: by inclusion-exclusion over the terms, an intersection's pairs
+        being the product over axes of its AND matrix's true entries. None when the queries are not the
+        whole grid (``Lq < Lk``) or the node is not such a union."""
+        layout = engine.env.layout
+        if self.terms is None or layout is None or not engine.ctx.q_len == engine.ctx.kv_len == layout.size:
+            return None
+        _, term_matrix, spent = self._term_tables(engine)
+        total = 0
+        for r in range(1, len(self.terms) + 1):
+            for subset in itertools.combinations(self.terms, r):
+                prod = 1
+                for x, extent in enumerate(layout.shape):
+                    found = [tuple(term[x]) for term in subset if x in term]
+                    if not found:
+                        prod *= extent * extent
+                        continue
+                    matrix = functools.reduce(np.logical_and, [term_matrix(x, f) for f in found])
+                    prod *= int(np.count_nonzero(matrix))
                 total += prod if r % 2 else -prod
         return total, spent[0]
 
@@ -236,12 +283,43 @@ def _causal_alternatives(layout: ir.Layout) -> list[dict]:
     return out
 
 
+def _below_terms(side: str, n: int, layout: ir.Layout) -> list[dict] | None:
+    """``side < n`` (a row-major position) on a grid as disjoint products over axes: the coordinates equal
+    to ``n``'s mixed-radix digits up to one that is lower (``q < 16`` on a 125-wide grid: ``q.y == 0 and
+    q.x < 16``); digits 0 give no term. None when ``n`` covers the grid (the node is then simpler)."""
+    if n >= layout.size:
+        return None
+    digits, rest = [], max(n, 0)
+    for extent in reversed(layout.shape):
+        digits.append(rest % extent)
+        rest //= extent
+    digits.reverse()
+    out = []
+    for i, digit in enumerate(digits):
+        if digit == 0:
+            continue
+        term = {}
+        for j in range(i + 1):
+            op, value = ("==", digits[j]) if j < i else ("<", digit)
+            pred = ir.Cmp(op, ir.Coord(side, layout.names[j]), ir.Const(value))
+            term[j] = [ir.Prim("where", (("pred", pred),))]
+        out.append(term)
+    return out
+
+
+def _global_alternatives(atom: ir.Prim, layout: ir.Layout) -> list[dict] | None:
+    """``global(n)`` (``q < n or k < n``) on a grid as products over axes (:func:`_below_terms` of each side)."""
+    rows = _below_terms("q", atom.arg("n"), layout)
+    cols = _below_terms("k", atom.arg("n"), layout)
+    return None if rows is None or cols is None else rows + cols
+
+
 def _joined(a: dict, b: dict) -> dict:
     """The intersection of two products over axes: per axis, both factor lists."""
     return {x: a.get(x, []) + b.get(x, []) for x in sorted(a.keys() | b.keys())}
 
 
-def _product_terms(node: ir.Node, layout: ir.Layout) -> list[dict] | None:
+def _product_terms(node: ir.Node, layout: ir.Layout, keys_too: bool = False) -> list[dict] | None:
     """``node`` as a union of products over axes, or None.
 
     A term is an intersection of factors, each a neighborhood (NATTEN's rule is a product over axes of a
@@ -252,6 +330,8 @@ def _product_terms(node: ir.Node, layout: ir.Layout) -> list[dict] | None:
     ``{axis: [factors]}``, a neighborhood listed on every axis; None without a neighborhood (the parts of
     :class:`AxisSplit` cover the rest), with more than :data:`MAX_TERMS` terms, with axes the terms cannot
     be laid out over (more than :data:`_DENSE_AXIS` coordinate pairs), or with any other factor.
+    With ``keys_too``, ``global(n)`` stands for its products over axes too (:func:`_global_alternatives`;
+    for counting only: the terms of its rows bound no key).
     """
     rank = len(layout.shape)
     if rank < 2 or any(n * n > _DENSE_AXIS for n in layout.shape):
@@ -264,6 +344,10 @@ def _product_terms(node: ir.Node, layout: ir.Layout) -> list[dict] | None:
         for atom in atoms:
             if isinstance(atom, ir.Prim) and atom.name == "causal":
                 choices = _causal_alternatives(layout)
+            elif keys_too and isinstance(atom, ir.Prim) and atom.name == "global":
+                choices = _global_alternatives(atom, layout)
+                if choices is None:
+                    return None
             elif isinstance(atom, ir.Prim) and atom.name == "neighborhood":
                 product = True
                 choices = [{x: [atom] for x in range(rank)}]

@@ -774,23 +774,11 @@ class Engine:
             The :class:`Refined` boxes: per tile whether some box is all allowed / all
             disallowed and the allowed area found, and the boxes left undecided.
         """
-        m, n = keys // self.nkb, keys % self.nkb
-        if self.q.single_piece and self.k.single_piece:
-            owner, qi, ki = np.arange(len(keys)), m, n
-        else:
-            cq, ck = np.diff(self.q.ptr)[m], np.diff(self.k.ptr)[n]
-            owner, local = expand_runs(np.arange(len(keys)), np.zeros(len(keys), np.int64), cq * ck)
-            qi = self.q.ptr[m][owner] + local // ck[owner]
-            ki = self.k.ptr[n][owner] + local % ck[owner]
+        owner, qi, ki = self._piece_pairs(keys)
         split = AxisSplit(node, self.env.layout)
         if split.usable:
             # Parts that read one grid axis each: every box counted axis by axis, none left open.
-            count, spent = split.count_pieces(self, qi, ki)
-            self.tally.elements += spent
-            if self.tally.budget is not None:
-                self.tally.budget -= spent
-                if self.tally.budget < 0:
-                    raise OverBudget
+            count = self._split_count(split, qi, ki)
             area = self.q.n[qi].prod(1) * self.k.n[ki].prod(1)
             size = len(keys)
             if len(owner) == size:
@@ -856,6 +844,48 @@ class Engine:
             qb = _BoxSide.cat([qb.take(keep), q1, q2])
             kb = _BoxSide.cat([kb.take(keep), k1, k2])
         return Refined(any_t, any_f, true_area, owner, qb, kb)
+
+    def _piece_pairs(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(owner, qi, ki)``: every (query piece, key piece) pair of tiles ``keys`` and the tile's index."""
+        m, n = keys // self.nkb, keys % self.nkb
+        if self.q.single_piece and self.k.single_piece:
+            return np.arange(len(keys)), m, n
+        cq, ck = np.diff(self.q.ptr)[m], np.diff(self.k.ptr)[n]
+        owner, local = expand_runs(np.arange(len(keys)), np.zeros(len(keys), np.int64), cq * ck)
+        return owner, self.q.ptr[m][owner] + local // ck[owner], self.k.ptr[n][owner] + local % ck[owner]
+
+    def _split_count(self, split: AxisSplit, qi: np.ndarray, ki: np.ndarray) -> np.ndarray:
+        """:meth:`AxisSplit.count_pieces`, its elements tallied against the budget."""
+        count, spent = split.count_pieces(self, qi, ki)
+        self.tally.elements += spent
+        if self.tally.budget is not None:
+            self.tally.budget -= spent
+            if self.tally.budget < 0:
+                raise OverBudget
+        return count
+
+    def count_by_terms(self, node: ir.Node, keys: np.ndarray) -> np.ndarray | None:
+        """Allowed pairs of tiles ``keys`` when ``node`` holds a ``global`` and is, on the grid, a union of
+        products over axes with it (:meth:`AxisSplit.counting`): every piece pair counted by
+        inclusion-exclusion over the terms, nothing refined or evaluated element by element; else None.
+        ``neighborhood(7) | global(16)`` on a 125 x 125 grid: its tiles where the global rows and the
+        neighborhood are both partial were halved 8 times and then evaluated (4.4 ms of a 20 ms plan)."""
+        split = AxisSplit.counting(node, self.env.layout)
+        if split is None:
+            return None
+        owner, qi, ki = self._piece_pairs(keys)
+        return np.bincount(owner, self._split_count(split, qi, ki), len(keys)).astype(np.int64)
+
+    def total_by_terms(self, node: ir.Node) -> int | None:
+        """Allowed pairs of ``node`` over every query and key when it holds a ``global`` and is, on the
+        grid, a union of products over axes with it (:meth:`AxisSplit.counting`, :meth:`AxisSplit.total`):
+        the plan's total without counting a tile; else None."""
+        split = AxisSplit.counting(node, self.env.layout)
+        found = None if split is None else split.total(self)
+        if found is None:
+            return None
+        self.tally.elements += found[1]
+        return found[0]
 
     def _combination(self, node: ir.Node) -> Combination:
         return Combination(node, lambda prim: band_of(prim, self.env))
@@ -1544,7 +1574,9 @@ def count_tiles(engine: Engine, node: ir.Node, keys: np.ndarray, state: np.ndarr
                 out[sel] = count_tiles(engine, item, keys[sel])
         rest = np.flatnonzero(~single)
         if len(rest):
-            out[rest] = count_allowed(engine, node, keys[rest])
+            # several partial operands: by products over axes when the node is one, else by refining
+            counted = engine.count_by_terms(node, keys[rest])
+            out[rest] = count_allowed(engine, node, keys[rest]) if counted is None else counted
         return out
     return count_allowed(engine, node, keys)
 

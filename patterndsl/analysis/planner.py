@@ -540,6 +540,8 @@ def _assemble(pir, cand: _Candidate, groups, head_group, sizes: Sizes, bm, bn, s
             unproven = routed.unproven * len(hs)
             stats.extra["tiles_dynamic_unproven"] = stats.extra.get("tiles_dynamic_unproven", 0) + unproven
         allowed = eng.symbolic_total(rewritten, q_len, kv_len, pir.layout, engine.env)
+        if allowed is None and routed is None:
+            allowed = engine.total_by_terms(rewritten)  # a grid's union with a global: by products over axes
         if allowed is None and routed is not None:
             # Tiles no route reaches count without the routes (cheaper than with the choice).
             forced = engine.fixing(routed.forced)

@@ -437,3 +437,72 @@ def test_tiles_of_several_pieces_are_classified_first_by_their_largest_pieces(gr
     pd.compile(source).plan(length, block=(16, 16), order="identity")
     if body.startswith("neighborhood"):
         assert seen["pairs"] < 0.7 * seen["products"], seen
+
+
+GLOBAL_UNIONS = [
+    ((13, 11), "neighborhood(5) | global(7)"),  # fewer global tokens than a row
+    ((13, 11), "neighborhood(3) | global(29)"),  # two rows and a part
+    ((9, 12), "neighborhood(5) | global(24)"),  # whole rows only
+    ((5, 7, 6), "neighborhood(3) | global(50)"),  # 3-D: a plane, a row and a part
+    ((5, 7, 6), "neighborhood((3, 5, 3)) | global(4) | where(k.x == q.x)"),
+    ((11, 10), "(neighborhood(5) & where(k.x <= q.x)) | global(13)"),
+    ((12, 9), "neighborhood(3, dilation = 2) | global(0)"),
+]
+
+
+@pytest.mark.parametrize("grid, body", GLOBAL_UNIONS)
+@pytest.mark.parametrize("block", [(16, 16), (24, 16)])
+def test_a_grid_union_with_a_global_is_counted_by_products_over_axes(grid, body, block):
+    # global(n) is q < n or k < n: on a grid, raster prefixes (q.y == 0 and q.x < n), products over axes
+    # joining the neighborhood's terms; the plan's allowed pairs are their inclusion-exclusion over the
+    # whole grid, and tiles where several operands are partial are counted by the same terms
+    import math
+
+    import patterndsl as pd
+    from patterndsl.analysis import axes, engine
+
+    source = _grid_source(grid, body)
+    length = math.prod(grid)
+    _exact(source, length, block=block, orders=("identity", "auto"))
+    node = pd.compile(source).ir.default
+    eng = engine.identity_engine(engine.Sizes(length, length, pd.compile(source).ir.layout, 1), 0, block)
+    assert axes.AxisSplit.counting(node, eng.env.layout) is not None
+    keys, state = eng.run(node)
+    partial = keys[state == engine.PARTIAL]
+    by_terms = eng.count_by_terms(node, partial)
+    assert by_terms is not None
+    np.testing.assert_array_equal(by_terms, engine.count_allowed(eng, node, partial))
+    full = keys[state == engine.FULL]
+    area = (np.diff(eng.q.starts)[full // eng.nkb] * np.diff(eng.k.starts)[full % eng.nkb]).sum()
+    assert eng.total_by_terms(node) == int(area) + int(by_terms.sum())
+
+
+def test_a_global_covering_the_grid_is_left_to_the_tiles():
+    # global(n >= Lk) allows every pair: no raster prefix to write, the other counts apply
+    import patterndsl as pd
+    from patterndsl.analysis import axes
+
+    pattern = pd.compile(_grid_source((4, 5), "neighborhood(3) | global(20)"))
+    assert axes.AxisSplit.counting(pattern.ir.default, pattern.ir.layout) is None
+    _exact(_grid_source((4, 5), "neighborhood(3) | global(20)"), 20, block=(8, 8))
+
+
+@pytest.mark.parametrize(
+    "body", ["where(k.x <= q.x) & (neighborhood(5) | global(13))", "~(neighborhood(3) | global(7)) | where(k.y == 0)"]
+)
+def test_a_nested_union_with_a_global_counts_its_shared_tiles_by_terms(body, monkeypatch):
+    # under an intersection or a complement the plan's total is not one product union: its tiles are
+    # counted, a tile where the neighborhood and the global are both partial by the union's terms
+    from patterndsl.analysis import engine
+
+    calls = []
+    real = engine.Engine.count_by_terms
+
+    def spy(self, node, keys):
+        out = real(self, node, keys)
+        calls.append(out is not None and len(keys) > 0)
+        return out
+
+    monkeypatch.setattr(engine.Engine, "count_by_terms", spy)
+    _exact(_grid_source((11, 10), body), 110, block=(16, 16), orders=("identity", "auto"))
+    assert any(calls)
