@@ -134,3 +134,19 @@ def test_orders_after_the_first_are_planned_by_their_estimates(monkeypatch, plan
     reversed_ = patterndsl.compile(source).plan(125 * 125, heads=4)
     assert planned[1:] == ["boxes 32x32, dilation groups 4x4", "boxes 4x32, dilation groups 4x4"]
     assert reversed_.order == by_estimate.order
+
+
+def test_an_order_is_laid_out_once_for_its_sample_and_its_plan(monkeypatch, planned_orders):
+    # the sides of a sampled order are reused when it is planned whole (in one plan, never across plans)
+    from patterndsl.analysis import planner, tiles
+
+    source = "pattern p { layout grid(y = 45, x = 37)\n neighborhood(7, dilation = 2) }"
+    built = []
+    build = tiles.build_side
+    monkeypatch.setattr(tiles, "build_side", lambda segs, *a: built.append(id(segs)) or build(segs, *a))
+    monkeypatch.setattr(planner, "ESTIMATE_FIRST_TILES", 0)  # every order sampled first
+    got = patterndsl.compile(source).plan(45 * 37, heads=2, block=(16, 16), order="auto")
+    assert planned_orders and len(built) == len(set(built))
+    dense = semantics.mask(got.pattern, 45 * 37, 45 * 37, 2)
+    assert torch.equal(got.tiles(), tile_reduce(dense[:, got.q_order][:, :, got.kv_order], 16, 16))
+    assert planner._laid_out is None
