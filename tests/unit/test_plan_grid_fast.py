@@ -436,9 +436,9 @@ def test_tiles_of_several_pieces_are_classified_first_by_their_largest_pieces(gr
         seen["pairs"] += len(qp.a)
         return rule(prim, qp, kp, env)
 
-    def products(self, prim, keys, settle=True):
+    def products(self, prim, keys, *args, **kwargs):
         seen["products"] += int((np.diff(self.q.ptr)[keys // self.nkb] * np.diff(self.k.ptr)[keys % self.nkb]).sum())
-        return pairs(self, prim, keys, settle)
+        return pairs(self, prim, keys, *args, **kwargs)
 
     monkeypatch.setattr(engine.cls, "classify", counting)
     monkeypatch.setattr(engine.Engine, "classify_pairs", products)
