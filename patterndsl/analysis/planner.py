@@ -359,6 +359,8 @@ def _plan_order(desc, qsegs, ksegs, identity, groups, sizes: Sizes, bm, bn, boun
                     keys, state = layered.keys, layered.state
         except eng.OverBudget:
             return None
+        finally:
+            engine.watch = None  # the engine counts later (assembly): never against this bound
         budget = engine.budget
         got = _Classified(keys, state, engine, routed, layered)
         work += got.area(rows, cols) * len(heads)

@@ -229,3 +229,22 @@ def test_the_tiles_a_floor_is_given_are_non_empty(monkeypatch, source, length, b
     for reported, keys in zip(seen, runs, strict=True):
         got = np.concatenate(reported) if reported else np.zeros(0, np.int64)
         assert np.isin(got, keys).all()
+
+
+def test_a_watch_left_unused_is_cleared(monkeypatch):
+    # an engine whose run never reached the watched primitive's own candidates (a domain from the
+    # order's classes) keeps no watch for the counts after it
+    from patterndsl.analysis import engine as eng
+
+    engines = []
+    init = eng.Engine.__init__
+
+    def spy(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        engines.append(self)
+
+    monkeypatch.setattr(eng.Engine, "__init__", spy)
+    # the identity first, then the classes mod 8 against its bound, their candidates from the classes
+    got = patterndsl.compile("pattern p { window(32, dilation = 8) }").plan(4096, heads=2, block=(64, 64))
+    assert got.order == "classes mod 8"
+    assert engines and all(e.watch is None for e in engines)
