@@ -236,6 +236,12 @@ def _plan_sequence(cands: list, groups, sizes: Sizes, bm: int, bn: int):
     def estimate(i: int) -> float:
         if i not in found:
             found[i] = _sampled_work(*cands[i], groups, sizes, bm, bn)
+            # the sides kept for a whole plan: the identity's and the lowest estimate's, the orders that
+            # may be planned first (every order's at once held 25 MB more at a million tokens)
+            low = min(found, key=lambda j: (found[j], j))
+            for j in found:
+                if j not in (0, low):
+                    _forget(cands[j], sizes, bm, bn)
         return found[i]
 
     tiles_ = -(-sizes.q_len // bm) * -(-sizes.kv_len // bn)
@@ -303,18 +309,34 @@ def _sampled_work(desc, qsegs, ksegs, identity, groups, sizes: Sizes, bm, bn) ->
 _laid_out: dict | None = None
 
 
-def _sides(qsegs, ksegs, identity, sizes: Sizes, bm: int, bn: int) -> tuple[tiles.Side, tiles.Side]:
-    """The query and key sides of a candidate order (laid out once per :func:`plan`)."""
+def _sides(qsegs, ksegs, identity, sizes: Sizes, bm: int, bn: int, last=False) -> tuple[tiles.Side, tiles.Side]:
+    """The query and key sides of a candidate order (laid out once per :func:`plan`; ``last``: its last
+    use, the entry is dropped)."""
     key = (id(qsegs), id(ksegs), identity, sizes, bm, bn)
     hit = None if _laid_out is None else _laid_out.get(key)
     if hit is not None and hit[0] is qsegs and hit[1] is ksegs:
+        if last:
+            del _laid_out[key]
         return hit[2], hit[3]
-    extents = sizes.layout.shape if sizes.layout is not None else (sizes.kv_len,)
-    qside = tiles.build_side(qsegs, sizes.q_len, bm, sizes.offset, extents, identity)
-    kside = _key_side(qside, qsegs, ksegs, sizes, bn, extents, identity)
+    if last:
+        return _lay_out(qsegs, ksegs, identity, sizes, bm, bn)
+    qside, kside = _lay_out(qsegs, ksegs, identity, sizes, bm, bn)
     if _laid_out is not None:
         _laid_out[key] = (qsegs, ksegs, qside, kside)
     return qside, kside
+
+
+def _forget(candidate: tuple, sizes: Sizes, bm: int, bn: int) -> None:
+    """Drops the sides of ``candidate`` (an order skipped: they are not used again)."""
+    _, qsegs, ksegs, identity = candidate
+    if _laid_out is not None:
+        _laid_out.pop((id(qsegs), id(ksegs), identity, sizes, bm, bn), None)
+
+
+def _lay_out(qsegs, ksegs, identity, sizes: Sizes, bm: int, bn: int) -> tuple[tiles.Side, tiles.Side]:
+    extents = sizes.layout.shape if sizes.layout is not None else (sizes.kv_len,)
+    qside = tiles.build_side(qsegs, sizes.q_len, bm, sizes.offset, extents, identity)
+    return qside, _key_side(qside, qsegs, ksegs, sizes, bn, extents, identity)
 
 
 def _key_side(qside: tiles.Side, qsegs, ksegs, sizes: Sizes, bn: int, extents, identity) -> tiles.Side:
@@ -330,7 +352,7 @@ def _plan_order(desc, qsegs, ksegs, identity, groups, sizes: Sizes, bm, bn, boun
     With a bound (or ``limit``: an order planned before the identity, which remains to fall back
     on), at most :data:`CANDIDATE_BUDGET` elements are evaluated, else None.
     """
-    qside, kside = _sides(qsegs, ksegs, identity, sizes, bm, bn)
+    qside, kside = _sides(qsegs, ksegs, identity, sizes, bm, bn, last=True)
     rows, cols = np.diff(qside.starts), np.diff(kside.starts)
     found = []
     work = 0
@@ -483,10 +505,12 @@ def _plan(pir, q_len, kv_len, heads, block, order, orders, parts, start):
                 and rank(i) > rank(best_index)
                 and all((g.state == eng.FULL).all() and not g.runs_tiles(False) for g in best.groups)
             ):
+                _forget(cands[i], sizes, bm, bn)
                 continue  # every visited pair is allowed: no order visits fewer (an earlier one may tie)
             tried += 1
             bound = None if best is None else best.work
             if bound is not None and estimate(i) >= SAMPLE_MARGIN * bound:
+                _forget(cands[i], sizes, bm, bn)
                 continue  # its sampled query tiles visit clearly more than the best order: it will not win
             # planned before the identity (a better estimate): budgeted, the identity remains
             limit = bound is None and not identity and any(c[3] for c in cands)

@@ -145,8 +145,18 @@ def test_an_order_is_laid_out_once_for_its_sample_and_its_plan(monkeypatch, plan
     build = tiles.build_side
     monkeypatch.setattr(tiles, "build_side", lambda segs, *a: built.append(id(segs)) or build(segs, *a))
     monkeypatch.setattr(planner, "ESTIMATE_FIRST_TILES", 0)  # every order sampled first
+    kept = []
+    sequence = planner._plan_sequence
+
+    def keeping(*args):
+        out = sequence(*args)
+        kept.append(len(planner._laid_out))
+        return out
+
+    monkeypatch.setattr(planner, "_plan_sequence", keeping)
     got = patterndsl.compile(source).plan(45 * 37, heads=2, block=(16, 16), order="auto")
-    assert planned_orders and len(built) == len(set(built))
+    # only the sides of the orders that may be planned first are kept: the identity's, the lowest estimate's
+    assert planned_orders and len(built) == len(set(built)) and kept == [2]
     dense = semantics.mask(got.pattern, 45 * 37, 45 * 37, 2)
     assert torch.equal(got.tiles(), tile_reduce(dense[:, got.q_order][:, :, got.kv_order], 16, 16))
     assert planner._laid_out is None
