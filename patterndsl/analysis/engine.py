@@ -33,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -192,6 +193,11 @@ class Engine:
         self.tally = Tally(budget=budget) if tally is None else tally
         self.coarse = coarse
         self._caches = _Caches() if _caches is None else _caches
+        #: ``(prim, floor)``, set by a planner comparing orders: the run of ``prim`` at the top (its candidates
+        #: from its own bounds) calls ``floor(keys)`` once with tiles known non-empty after the first piece
+        #: pair of each tile, before the others are classified pair by pair; ``floor`` may raise
+        #: :class:`OverBudget` (an order whose known tiles alone visit more pairs than the best order's).
+        self.watch: tuple[ir.Prim, Callable[[np.ndarray], None]] | None = None
 
     def fixing(self, fixed: dict[ir.Prim, Fixed] | None) -> Engine:
         """This engine with each route of ``fixed`` classified as a static pattern with that choice.
@@ -582,11 +588,14 @@ class Engine:
         keys = self._candidates(prim) if domain is None else domain
         if prim == ir.FULL:
             return keys, np.full(len(keys), FULL, np.int8)
+        floor = None
+        if self.watch is not None and self.watch[0] is prim and domain is None:
+            floor, self.watch = self.watch[1], None  # once: every candidate is in one chunk below
         # Chunks bound the temporaries of the classifiers to a few times the chunk, not the candidates.
         out_k, out_s = [], []
         for s in range(0, len(keys), _PAIR_CHUNK):
             part = keys[s : s + _PAIR_CHUNK]
-            state = self.classify_pairs(prim, part, settle=False)
+            state = self.classify_pairs(prim, part, settle=False, floor=floor)
             keep = state > 0
             out_k.append(part[keep])
             out_s.append(state[keep])
@@ -596,10 +605,12 @@ class Engine:
             return keys[:0], np.zeros(0, np.int8)
         return np.concatenate(out_k), np.concatenate(out_s)
 
-    def classify_pairs(self, prim: ir.Prim, keys: np.ndarray, settle: bool = True) -> np.ndarray:
+    def classify_pairs(self, prim: ir.Prim, keys: np.ndarray, settle: bool = True, floor=None) -> np.ndarray:
         """States of the tiles ``keys`` under one static primitive (symbolic, evaluation where needed).
 
         With ``settle`` False, tiles the rule cannot decide are :data:`OPEN` instead of evaluated.
+        ``floor``: called with the tiles of several pieces that their first piece pair shows non-empty
+        (see :attr:`watch`).
         The rule sees :data:`CLASSIFY_CHUNK` piece pairs at a time (a rule's temporaries are a few
         dozen numbers per pair: at a million tokens in tiles of several pieces, hundreds of MB at once).
         """
@@ -619,6 +630,8 @@ class Engine:
             for t0 in range(0, len(keys), CLASSIFY_CHUNK):
                 part = slice(t0, t0 + CLASSIFY_CHUNK)
                 state[part], ok[part] = self._classify_chunk(prim, qi[part], ki[part], None)
+            if floor is not None:
+                floor(keys[ok & (state != EMPTY)])
             rest = np.flatnonzero(~ok | ((per > 1) & (state != PARTIAL)))
             m, n, per = m[rest], n[rest], per[rest]
         ends = np.arange(1, len(rest) + 1) if per is None else np.cumsum(per)

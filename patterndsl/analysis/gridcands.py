@@ -22,6 +22,9 @@ import numpy as np
 _CHUNK = 1 << 20
 #: More cells than this many times the key tiles (sparse, unevenly sized tiles): not binned.
 _MAX_CELLS_PER_TILE = 8
+#: Cells are as long as this quantile of the tiles' extents on each axis, when that is at most half their
+#: longest extent there; the longer tiles are binned apart in cells of their own.
+_WIDE_QUANTILE = 95
 
 
 class Cells:
@@ -31,8 +34,13 @@ class Cells:
         kalo, kahi: int64 ``[N, D]`` per-axis bounds of the key tiles (inclusive).
     """
 
-    def __init__(self, kalo: np.ndarray, kahi: np.ndarray):
+    def __init__(self, kalo: np.ndarray, kahi: np.ndarray, split: bool = True):
         self.kalo, self.kahi = kalo, kahi
+        # (tiles binned in short cells, the long ones): each a Cells and the indices of its tiles
+        self.parts: list[tuple[Cells, np.ndarray]] | None = self._split(kalo, kahi) if split else None
+        if self.parts is not None:
+            self.usable = True
+            return
         d = kalo.shape[1]
         if len(kalo):
             self.size = np.maximum((kahi - kalo).max(0) + 1, 1)
@@ -55,6 +63,28 @@ class Cells:
         self.ptr = np.zeros(self.n_cells + 1, np.int64)
         np.cumsum(np.bincount(linear, minlength=self.n_cells), out=self.ptr[1:])
 
+    @staticmethod
+    def _split(kalo: np.ndarray, kahi: np.ndarray) -> list[tuple[Cells, np.ndarray]] | None:
+        # The tiles within the quantile's extents on every axis, and the others; None when no axis's
+        # quantile is at most half the longest extent, or when either part could not be binned.
+        if len(kalo) < 2:
+            return None
+        extent = kahi - kalo + 1
+        size = np.percentile(extent, _WIDE_QUANTILE, axis=0, method="higher").astype(np.int64)
+        if not (2 * size <= extent.max(0)).any():
+            return None
+        short = (extent <= size).all(1)
+        if short.all() or not short.any():
+            return None
+        # the short tiles in cells of the quantile's size; the long ones split again by their own extents
+        parts = []
+        for sel, again in ((np.flatnonzero(short), False), (np.flatnonzero(~short), True)):
+            cells = Cells(kalo[sel], kahi[sel], split=again)
+            if not cells.usable:
+                return None
+            parts.append((cells, sel))
+        return parts
+
     def _cell_ranges(self, alo: np.ndarray, ahi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         # Per query and axis, the cells a meeting tile may start in: one cell before the range's
         # first (a tile is at most one cell long), clipped to the grid of cells; empty when none.
@@ -66,6 +96,10 @@ class Cells:
         """Sorted keys ``rows[i] * nkb + cols[t]`` of the key tiles ``t`` meeting ``[alo[i], ahi[i]]`` on every axis."""
         if not len(alo) or not len(self.kalo):
             return np.zeros(0, np.int64)
+        if self.parts is not None:
+            # no tile is in both parts: no key is found twice
+            keys = np.concatenate([cells.meeting(alo, ahi, rows, cols[sel], nkb) for cells, sel in self.parts])
+            return np.sort(keys)
         c0, c1 = self._cell_ranges(alo, ahi)
         span = np.maximum(c1 - c0 + 1, 0)
         d = alo.shape[1]

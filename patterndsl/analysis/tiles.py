@@ -186,7 +186,15 @@ class Side:
         return out, bool(loose.any())
 
     def tile_bounds(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """Per tile: min and max flattened position, and per-axis min/max coordinates ``[T, D]``."""
+        """Per tile: min and max flattened position, and per-axis min/max coordinates ``[T, D]``.
+
+        Computed once per side (read, never written): a planner's candidate order is sampled and
+        then planned on the same sides, each by an engine of its own.
+        """
+        return self._tile_bounds
+
+    @functools.cached_property
+    def _tile_bounds(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         w = np.asarray(self.strides, dtype=np.int64)
         last = self.a + self.s * (self.n - 1)
         fmin = (self.a * w).sum(1)

@@ -15,20 +15,28 @@ def _brute(kalo, kahi, alo, ahi, rows, cols, nkb):
     return np.sort(rows[i] * nkb + cols[t])
 
 
+@pytest.mark.parametrize("long_tiles", [False, True])
 @pytest.mark.parametrize("seed", range(6))
-def test_cells_meeting_matches_brute_force(seed):
+def test_cells_meeting_matches_brute_force(seed, long_tiles):
+    # with long tiles, a few span every column (box-order tiles across grid rows on an odd grid): they are
+    # binned in cells of their own, in one or two levels, the others in short cells; the same pairs
     rng = np.random.default_rng(seed)
-    d = 1 + seed % 3
-    n = int(rng.integers(1, 60))
+    d = 2 + seed % 2 if long_tiles else 1 + seed % 3
+    n = int(rng.integers(40, 90) if long_tiles else rng.integers(1, 60))
     kalo = rng.integers(0, 40, (n, d))
-    kahi = kalo + rng.integers(0, 9, (n, d))
+    kahi = kalo + rng.integers(0, 4 if long_tiles else 9, (n, d))
+    if long_tiles:
+        long_ = rng.choice(n, 1 + seed % 3, replace=False)
+        kalo[long_, -1], kahi[long_, -1] = 0, 60
+        if seed % 2:
+            kahi[long_[:1], 0] = kalo[long_[:1], 0] + 30  # one tile longer still, on another axis
     nq = int(rng.integers(1, 30))
     alo = rng.integers(-5, 45, (nq, d))
     ahi = alo + rng.integers(-2, 12, (nq, d))
     rows = np.sort(rng.choice(100, nq, replace=False)).astype(np.int64)
     cols = np.sort(rng.choice(200, n, replace=False)).astype(np.int64)
     cells = Cells(kalo, kahi)
-    assert cells.usable
+    assert cells.usable and (cells.parts is not None) == long_tiles
     got = cells.meeting(alo, ahi, rows, cols, 200)
     np.testing.assert_array_equal(got, _brute(kalo, kahi, alo, ahi, rows, cols, 200))
 
@@ -428,9 +436,9 @@ def test_tiles_of_several_pieces_are_classified_first_by_their_largest_pieces(gr
         seen["pairs"] += len(qp.a)
         return rule(prim, qp, kp, env)
 
-    def products(self, prim, keys, settle=True):
+    def products(self, prim, keys, *args, **kwargs):
         seen["products"] += int((np.diff(self.q.ptr)[keys // self.nkb] * np.diff(self.k.ptr)[keys % self.nkb]).sum())
-        return pairs(self, prim, keys, settle)
+        return pairs(self, prim, keys, *args, **kwargs)
 
     monkeypatch.setattr(engine.cls, "classify", counting)
     monkeypatch.setattr(engine.Engine, "classify_pairs", products)

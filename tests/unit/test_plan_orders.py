@@ -134,3 +134,127 @@ def test_orders_after_the_first_are_planned_by_their_estimates(monkeypatch, plan
     reversed_ = patterndsl.compile(source).plan(125 * 125, heads=4)
     assert planned[1:] == ["boxes 32x32, dilation groups 4x4", "boxes 4x32, dilation groups 4x4"]
     assert reversed_.order == by_estimate.order
+
+
+def test_an_order_is_laid_out_once_for_its_sample_and_its_plan(monkeypatch, planned_orders):
+    # the sides of a sampled order are reused when it is planned whole (in one plan, never across plans)
+    from patterndsl.analysis import planner, tiles
+
+    source = "pattern p { layout grid(y = 45, x = 37)\n neighborhood(7, dilation = 2) }"
+    built = []
+    build = tiles.build_side
+    monkeypatch.setattr(tiles, "build_side", lambda segs, *a: built.append(id(segs)) or build(segs, *a))
+    monkeypatch.setattr(planner, "ESTIMATE_FIRST_TILES", 0)  # every order sampled first
+    kept = []
+    sequence = planner._plan_sequence
+
+    def keeping(*args):
+        out = sequence(*args)
+        kept.append(len(planner._laid_out))
+        return out
+
+    monkeypatch.setattr(planner, "_plan_sequence", keeping)
+    got = patterndsl.compile(source).plan(45 * 37, heads=2, block=(16, 16), order="auto")
+    # only the sides of the orders that may be planned first are kept: the identity's, the lowest estimate's
+    assert planned_orders and len(built) == len(set(built)) and kept == [2]
+    dense = semantics.mask(got.pattern, 45 * 37, 45 * 37, 2)
+    assert torch.equal(got.tiles(), tile_reduce(dense[:, got.q_order][:, :, got.kv_order], 16, 16))
+    assert planner._laid_out is None
+
+
+#: The video example's 3-D neighborhood (causal in time) on a grid ``t x y x x``.
+_VIDEO = (
+    "pattern p {{ layout grid(t = {t}, y = {y}, x = {x})\n neighborhood((3, 7, 7), causal = (true, false, false)) }}"
+)
+
+
+@pytest.mark.parametrize(
+    "source, length, block",
+    [
+        (_VIDEO.format(t=9, y=17, x=13), 9 * 17 * 13, (32, 32)),
+        (_VIDEO.format(t=4, y=30, x=29), 4 * 30 * 29, (16, 16)),
+        ("pattern p { layout grid(y = 31, x = 29)\n neighborhood(7) }", 31 * 29, (32, 32)),
+    ],
+)
+def test_an_order_is_given_up_once_its_known_tiles_exceed_the_best(monkeypatch, source, length, block):
+    # an order planned against a bound stops once the tiles its first piece pairs show non-empty visit
+    # as many pairs as the best order: the plan is the one planning it whole gives (order, tiles, counts)
+    from patterndsl.analysis import engine as eng
+    from patterndsl.analysis import planner
+
+    floor, gave_up = planner._floor, []
+
+    def spy(*args):
+        inner = floor(*args)
+
+        def check(keys):
+            try:
+                inner(keys)
+            except eng.OverBudget:
+                gave_up.append(len(keys))
+                raise
+
+        return check
+
+    monkeypatch.setattr(planner, "_floor", spy)
+    early = patterndsl.compile(source).plan(length, heads=2, block=block)
+    assert gave_up
+    monkeypatch.setattr(planner, "_floor", lambda *args: lambda keys: None)
+    whole = patterndsl.compile(source).plan(length, heads=2, block=block)
+    assert early.order == whole.order
+    assert torch.equal(early.tiles(), whole.tiles())
+    assert early.stats.visited_pairs == whole.stats.visited_pairs
+    assert early.stats.allowed_pairs == whole.stats.allowed_pairs
+
+
+@pytest.mark.parametrize(
+    "source, length, block",
+    [
+        (_VIDEO.format(t=4, y=30, x=29), 4 * 30 * 29, (16, 16)),
+        ("pattern p { layout grid(y = 31, x = 29)\n neighborhood(7) }", 31 * 29, (32, 32)),
+        ("pattern p { layout grid(y = 45, x = 37)\n neighborhood(7, dilation = 2) }", 45 * 37, (16, 16)),
+    ],
+)
+def test_the_tiles_a_floor_is_given_are_non_empty(monkeypatch, source, length, block):
+    # whatever the bound, every tile an engine's watch reports is among the run's non-empty tiles
+    import numpy as np
+
+    from patterndsl.analysis import engine as eng
+    from patterndsl.analysis import planner
+
+    seen, runs = [], []
+    monkeypatch.setattr(planner, "_floor", lambda *args: seen.append([]) or seen[-1].append)
+    run = eng.Engine.run
+
+    def spy(self, node, domain=None):
+        watched = self.watch is not None
+        out = run(self, node, domain)
+        if watched:
+            runs.append(out[0])
+        return out
+
+    monkeypatch.setattr(eng.Engine, "run", spy)
+    patterndsl.compile(source).plan(length, heads=2, block=block)
+    assert len(seen) == len(runs) and any(len(k) for s in seen for k in s)
+    for reported, keys in zip(seen, runs, strict=True):
+        got = np.concatenate(reported) if reported else np.zeros(0, np.int64)
+        assert np.isin(got, keys).all()
+
+
+def test_a_watch_left_unused_is_cleared(monkeypatch):
+    # an engine whose run never reached the watched primitive's own candidates (a domain from the
+    # order's classes) keeps no watch for the counts after it
+    from patterndsl.analysis import engine as eng
+
+    engines = []
+    init = eng.Engine.__init__
+
+    def spy(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        engines.append(self)
+
+    monkeypatch.setattr(eng.Engine, "__init__", spy)
+    # the identity first, then the classes mod 8 against its bound, their candidates from the classes
+    got = patterndsl.compile("pattern p { window(32, dilation = 8) }").plan(4096, heads=2, block=(64, 64))
+    assert got.order == "classes mod 8"
+    assert engines and all(e.watch is None for e in engines)
